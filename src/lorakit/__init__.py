@@ -1,0 +1,74 @@
+"""lorakit: Low-Rank Adaptation for PyTorch and Hugging Face models, in PEFT's file format.
+
+    >>> import lorakit
+    >>> model, tok = lorakit.load_model()                        # default SmolLM2-135M-Instruct
+    >>> lorakit.inject(model, lorakit.LoraConfig(r=8, targets=["q_proj", "v_proj"]))
+    >>> lorakit.save_adapter(model, "out/adapter")
+"""
+
+from __future__ import annotations
+
+from lorakit.config import LoraConfig
+from lorakit.control import active_adapters, disabled, merge, set_active, unmerge
+from lorakit.errors import (
+    AdapterError,
+    AdapterFileError,
+    ConfigError,
+    LorakitError,
+    ModelLoadError,
+    TargetError,
+)
+from lorakit.inject import adapter_names, delete_adapter, inject, lora_layers, unload
+from lorakit.io import adapter_state_dict, describe_adapter, load_adapter, read_adapter, save_adapter
+from lorakit.layers import LoraLayer, delta_weight
+from lorakit.report import format_report, parameter_report
+from lorakit.targeting import select_modules
+
+
+def load_model(spec=None, **kwargs):
+    """Load a base model and tokenizer: None for the default SmolLM2-135M-Instruct, a HF folder or a .gguf file."""
+    from lorakit.models import load_model as _load_model
+
+    return _load_model(spec, **kwargs)
+
+
+def adapter_parameters(model, name: str | None = None):
+    """The parameters of adapter `name` (all adapters if None), declared by the LoRA layers, not found by name."""
+    for _, layer in lora_layers(model):
+        for aname, adapter in layer.adapters.items():
+            if name is None or aname == name:
+                yield from adapter.parameters()
+
+
+__version__ = "0.1.0"
+__all__ = [
+    "AdapterError",
+    "AdapterFileError",
+    "ConfigError",
+    "LoraConfig",
+    "LoraLayer",
+    "LorakitError",
+    "ModelLoadError",
+    "TargetError",
+    "active_adapters",
+    "adapter_names",
+    "adapter_parameters",
+    "adapter_state_dict",
+    "delete_adapter",
+    "delta_weight",
+    "describe_adapter",
+    "disabled",
+    "format_report",
+    "inject",
+    "load_adapter",
+    "load_model",
+    "lora_layers",
+    "merge",
+    "parameter_report",
+    "read_adapter",
+    "save_adapter",
+    "select_modules",
+    "set_active",
+    "unload",
+    "unmerge",
+]

@@ -1,0 +1,203 @@
+"""`LoraConfig`: what to adapt and how, plus the mapping to and from PEFT's `adapter_config.json`.
+
+Field names are short (`alpha`, `targets`, `dropout`); PEFT's names (`lora_alpha`, `target_modules`,
+`lora_dropout`, ...) appear only in `to_peft_dict` / `from_peft_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from lorakit.errors import ConfigError
+
+ALL_LINEAR = "all-linear"
+BIAS_MODES = ("none", "all", "lora_only")
+INITS = ("default", "gaussian", "pissa", "random")
+
+# PEFT's `init_lora_weights` values <-> ours.
+_INIT_TO_PEFT: dict[str, Any] = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "random": False}
+
+# PEFT LoRA keys that carry no numerics we need, accepted whatever their value.
+_PEFT_IGNORED_KEYS = {
+    "auto_mapping", "revision", "inference_mode", "megatron_config", "megatron_core", "runtime_config",
+    "peft_version", "fan_in_fan_out", "base_model_name_or_path", "task_type", "lora_dropout",
+}
+# PEFT keys for features we do not implement: fine when unset (None/False/empty), an error otherwise.
+_PEFT_UNSUPPORTED_KEYS = {
+    "lora_bias", "use_qalora", "qalora_group_size", "target_parameters", "trainable_token_indices",
+    "layer_replication", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "use_bdlora",
+    "bdlora_config", "alora_invocation_tokens", "arrow_config", "ensure_weight_tying", "modules_to_tie",
+    "monteclora_config", "velora_config", "use_mica", "modules_to_save",
+}
+
+
+@dataclass
+class LoraConfig:
+    """Settings for one LoRA adapter. ΔW = s·B·A with s = alpha/r (or alpha/√r with `use_rslora`)."""
+
+    r: int = 8
+    """Rank of the update: A is (r × in_features), B is (out_features × r)."""
+    alpha: float = 8.0
+    """Scaling numerator: the update is multiplied by alpha/r (alpha/√r with rsLoRA)."""
+    dropout: float = 0.0
+    """Dropout probability on the input of A (ignored for Embedding targets, as in PEFT)."""
+    targets: str | list[str] = ALL_LINEAR
+    """Modules to adapt: a list of exact names or name suffixes, one regex string (full match), or "all-linear"."""
+    exclude: str | list[str] | None = None
+    """Modules never to adapt: names/suffixes (list) or a full-match regex (str)."""
+    layers: list[int] | None = None
+    """Only adapt modules in these layer indices (the number after `layers_pattern`, e.g. `layers.3.`)."""
+    layers_pattern: str | list[str] | None = None
+    """Name of the module list holding the layers (e.g. "layers", "h"); guessed when None."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank overrides: regex matched against the end of the module name."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alpha overrides: regex matched against the end of the module name."""
+    bias: str = "none"
+    """Which base biases train and get saved with the adapter: "none", "all" or "lora_only"."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling alpha/√r instead of alpha/r."""
+    init: str = "default"
+    """"default" (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r)), "pissa" (top-r SVD of W0), "random"."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA: a trainable magnitude per output feature times the normalised W0 + ΔW."""
+    task_type: str | None = "CAUSAL_LM"
+    """PEFT task type written to adapter_config.json."""
+    base_model: str | None = None
+    """Name or path of the base model, written to adapter_config.json as base_model_name_or_path."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.targets, (tuple, set)):
+            self.targets = sorted(self.targets)
+        if isinstance(self.exclude, (tuple, set)):
+            self.exclude = sorted(self.exclude)
+        if isinstance(self.layers, int):
+            self.layers = [self.layers]
+        _check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1, f"r must be a positive integer, got {self.r!r}")
+        _check(isinstance(self.alpha, (int, float)) and self.alpha > 0, f"alpha must be > 0, got {self.alpha!r}")
+        _check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout!r}")
+        _check(bool(self.targets), "targets must name at least one module (or be 'all-linear')")
+        _check(isinstance(self.targets, (str, list)), f"targets must be a string or a list, got {type(self.targets).__name__}")
+        _check(self.bias in BIAS_MODES, f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        _check(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
+        _check(
+            self.layers is None or (isinstance(self.targets, list) or self.targets == ALL_LINEAR),
+            "layers cannot be combined with a regex string in targets (put the layer index in the regex instead)",
+        )
+        for k, v in self.rank_pattern.items():
+            _check(isinstance(v, int) and v >= 1, f"rank_pattern[{k!r}] must be a positive integer, got {v!r}")
+        for k, v in self.alpha_pattern.items():
+            _check(isinstance(v, (int, float)) and v > 0, f"alpha_pattern[{k!r}] must be > 0, got {v!r}")
+        for pattern in [*self.rank_pattern, *self.alpha_pattern] + ([self.targets] if isinstance(self.targets, str) else []):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"invalid regex {pattern!r}: {e}") from None
+
+    # -- per-module values -------------------------------------------------------------------------------
+    def rank_for(self, module_name: str) -> int:
+        """Rank for `module_name`, honouring `rank_pattern`."""
+        key = _pattern_key(self.rank_pattern, module_name)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        """Alpha for `module_name`, honouring `alpha_pattern`."""
+        key = _pattern_key(self.alpha_pattern, module_name)
+        return self.alpha_pattern[key] if key is not None else self.alpha
+
+    def scaling_for(self, module_name: str) -> float:
+        """The factor s in ΔW = s·B·A for `module_name`."""
+        r, alpha = self.rank_for(module_name), self.alpha_for(module_name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def replace(self, **changes: Any) -> LoraConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # -- PEFT json ----------------------------------------------------------------------------------------
+    def to_peft_dict(self) -> dict[str, Any]:
+        """The `adapter_config.json` content PEFT expects for this config."""
+        return {
+            "peft_type": "LORA",
+            "task_type": self.task_type,
+            "base_model_name_or_path": self.base_model,
+            "r": self.r,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "target_modules": self.targets,
+            "exclude_modules": self.exclude,
+            "layers_to_transform": self.layers,
+            "layers_pattern": self.layers_pattern,
+            "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern),
+            "bias": self.bias,
+            "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora,
+            "init_lora_weights": _INIT_TO_PEFT[self.init],
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, d: dict[str, Any], *, source: str = "adapter_config.json") -> LoraConfig:
+        """Parse PEFT's `adapter_config.json`. Unknown keys warn; missing required keys and unsupported features raise."""
+        peft_type = d.get("peft_type")
+        if peft_type is None:
+            raise ConfigError(f"{source}: missing required key 'peft_type'")
+        if str(peft_type).upper() != "LORA":
+            raise ConfigError(f"{source}: unsupported peft_type {peft_type!r} (lorakit loads LORA adapters)")
+        for key in ("r", "lora_alpha", "target_modules"):
+            if key not in d:
+                raise ConfigError(f"{source}: missing required key {key!r}")
+        mapping = {
+            "r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
+            "exclude_modules": "exclude", "layers_to_transform": "layers", "layers_pattern": "layers_pattern",
+            "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern", "bias": "bias",
+            "use_rslora": "use_rslora", "use_dora": "use_dora",
+            "task_type": "task_type", "base_model_name_or_path": "base_model",
+        }
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key in mapping:
+                if value is not None or key in ("task_type", "base_model_name_or_path", "exclude_modules"):
+                    kwargs[mapping[key]] = value
+            elif key == "init_lora_weights":
+                kwargs["init"] = _init_from_peft(value, source)
+            elif key in _PEFT_UNSUPPORTED_KEYS:
+                if value not in (None, False, {}, [], "", 0) and not (key == "qalora_group_size"):
+                    raise ConfigError(f"{source}: {key}={value!r} is a PEFT feature lorakit does not support")
+            elif key not in _PEFT_IGNORED_KEYS and key != "peft_type" and not key.startswith("lorakit_"):
+                warnings.warn(f"{source}: ignoring unknown key {key!r}", stacklevel=2)
+        if isinstance(kwargs.get("targets"), list) and kwargs["targets"] == [ALL_LINEAR]:
+            kwargs["targets"] = ALL_LINEAR
+        kwargs["rank_pattern"] = kwargs.get("rank_pattern") or {}
+        kwargs["alpha_pattern"] = kwargs.get("alpha_pattern") or {}
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+def _init_from_peft(value: Any, source: str) -> str:
+    for ours, theirs in _INIT_TO_PEFT.items():
+        if value == theirs and type(value) is type(theirs):
+            return ours
+    raise ConfigError(f"{source}: init_lora_weights={value!r} is not supported (use true, false, 'gaussian' or 'pissa')")
+
+
+def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
+    """PEFT's rule: the first pattern key that matches the end of the module name (`(.*\\.)?(key)$`)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)

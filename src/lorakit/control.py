@@ -1,0 +1,108 @@
+"""Many adapters on one base: activate, weight, disable, merge and unmerge.
+
+Switching is a change of small per-layer dicts; base weights are never copied or reloaded. Merging folds the
+active adapters into the base weights (exact up to fp rounding) and is undone by `unmerge`, in reverse order.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+from lorakit.errors import AdapterError
+from lorakit.inject import adapter_names, lora_layers, registry
+
+log = logging.getLogger(__name__)
+
+
+def set_active(model: nn.Module, adapters: str | list[str] | dict[str, float]) -> None:
+    """Activate one adapter, several (weight 1 each), or several with weights: {name: weight}.
+
+    If adapters are merged and the active set changes, they are unmerged first so the base weights stay exact.
+    """
+    wanted = _as_weights(adapters)
+    known = adapter_names(model)
+    for name in wanted:
+        if name not in known:
+            raise AdapterError(f"no adapter {name!r} on {type(model).__name__}; adapters: {known}")
+    if any(layer.merged for _, layer in lora_layers(model)) and active_adapters(model) != wanted:
+        unmerge(model)
+    for _, layer in lora_layers(model):
+        layer.active = {n: w for n, w in wanted.items() if n in layer.adapters}
+        layer.refresh()
+    registry(model).active = dict(wanted)
+
+
+def active_adapters(model: nn.Module) -> dict[str, float]:
+    """The active adapters and their weights."""
+    reg = model.__dict__.get("_lorakit")
+    return dict(getattr(reg, "active", {}) or {})
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the plain base model inside the block; merged adapters are unmerged and merged back afterwards."""
+    layers = [layer for _, layer in lora_layers(model)]
+    was_merged = any(layer.merged for layer in layers)
+    if was_merged:
+        unmerge(model)
+    for layer in layers:
+        layer.disabled = True
+        layer.refresh()
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+            layer.refresh()
+        if was_merged:
+            merge(model)
+
+
+def merge(model: nn.Module) -> None:
+    """Fold the active adapters (with their weights) into the base weights. Merging twice changes nothing."""
+    for name, layer in lora_layers(model):
+        dora = [n for n in layer.active if getattr(layer.adapters[n], "magnitude", None) is not None]
+        if dora and len(layer.active) > 1:
+            raise AdapterError(f"cannot merge DoRA adapter {dora[0]!r} together with others in {name!r}; merge one at a time")
+    _untie_merged_weights(model)
+    for _, layer in lora_layers(model):
+        layer.merge_active()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo `merge`: subtract the merged adapters from the base weights, newest first. No-op if nothing is merged."""
+    for _, layer in lora_layers(model):
+        layer.unmerge_all()
+
+
+def _untie_merged_weights(model: nn.Module) -> None:
+    """Give each layer about to merge its own weight if the weight is shared (tied input/output embeddings).
+
+    Merging into a tied embedding would otherwise change the output head too. The model config is marked untied so
+    that `save_pretrained` writes both tensors.
+    """
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    for name, layer in lora_layers(model):
+        w = layer.handler.weight(layer.base_layer)
+        if layer.active and not layer.merged and counts.get(id(w), 1) > 1:
+            layer.base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+            cfg = getattr(model, "config", None)
+            if getattr(cfg, "tie_word_embeddings", False):
+                cfg.tie_word_embeddings = False
+            log.warning("untied %s.weight from the weights it shared before merging into it", name)
+
+
+def _as_weights(adapters: str | list[str] | dict[str, float]) -> dict[str, float]:
+    if isinstance(adapters, str):
+        return {adapters: 1.0}
+    if isinstance(adapters, dict):
+        return {str(k): float(v) for k, v in adapters.items()}
+    if isinstance(adapters, (list, tuple)):
+        return {str(n): 1.0 for n in adapters}
+    raise AdapterError(f"set_active takes a name, a list of names or a {{name: weight}} dict, not {type(adapters).__name__}")

@@ -1,0 +1,30 @@
+"""Exceptions raised by lorakit.
+
+Every error carries a one-line message that names the culprit (module, file, key) so a user can act on it.
+"""
+
+from __future__ import annotations
+
+
+class LorakitError(Exception):
+    """Base class for all lorakit errors."""
+
+
+class ConfigError(LorakitError, ValueError):
+    """A configuration value or key is invalid."""
+
+
+class TargetError(LorakitError, ValueError):
+    """Target selection matched nothing or matched an unsupported module."""
+
+
+class AdapterError(LorakitError, ValueError):
+    """An adapter is unknown, duplicated, or does not fit the model."""
+
+
+class AdapterFileError(LorakitError, OSError):
+    """An adapter file is missing, corrupt, truncated, or in a refused format."""
+
+
+class ModelLoadError(LorakitError, OSError):
+    """A base model could not be located or loaded."""

@@ -1,0 +1,270 @@
+"""Adapter files in PEFT's layout: `adapter_config.json` + `adapter_model.safetensors`.
+
+Tensor keys drop the adapter name: `base_model.model.<module>.lora_A.weight` (r, in), `...lora_B.weight` (out, r);
+Embedding targets use `lora_embedding_A` (r, vocab) and `lora_embedding_B` (dim, r); DoRA adds
+`lora_magnitude_vector`. Scaling is never stored. Writes are atomic; pickled files are refused by default.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorakit.atomic import atomic_dir
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterError, AdapterFileError, ConfigError, TargetError
+from lorakit.inject import check_new_name, delete_adapter, inject, lora_layers, registry
+from lorakit.layers import Handler, handler_for
+from lorakit.targeting import select_modules
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+_SUFFIXES = {
+    "lora_A.weight": "lora_A", "lora_B.weight": "lora_B",
+    "lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B", "lora_magnitude_vector": "magnitude",
+}
+
+
+def tensor_key(module: str, handler: Handler, param: str) -> str:
+    """The file key of adapter parameter `param` ('lora_A', 'lora_B', 'magnitude') of `module`."""
+    if param == "magnitude":
+        return f"{PREFIX}{module}.lora_magnitude_vector"
+    if handler.embedding:
+        return f"{PREFIX}{module}.lora_embedding_{param[-1]}"
+    return f"{PREFIX}{module}.{param}.weight"
+
+
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors PEFT saves for adapter `name` (keys without the adapter name), detached copies."""
+    info = registry(model).adapters.get(name)
+    if info is None:
+        raise AdapterError(f"no adapter {name!r} on {type(model).__name__}; adapters: {list(registry(model).adapters)}")
+    out: dict[str, torch.Tensor] = {}
+    for mname, layer in lora_layers(model):
+        adapter = layer.adapters[name] if name in layer.adapters else None
+        if adapter is None:
+            continue
+        for param in ("lora_A", "lora_B", "magnitude"):
+            t = getattr(adapter, param)
+            if t is not None:
+                out[tensor_key(mname, layer.handler, param)] = t.detach().clone().contiguous()
+    if info.config.bias == "all":
+        for pname, p in model.named_parameters():
+            if pname == "bias" or pname.endswith(".bias"):
+                out[PREFIX + pname] = p.detach().clone().contiguous()
+    elif info.config.bias == "lora_only":
+        for mname in info.modules:
+            bias = getattr(model.get_submodule(mname).base_layer, "bias", None)
+            if bias is not None:
+                out[f"{PREFIX}{mname}.base_layer.bias"] = bias.detach().clone().contiguous()
+    return out
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+    """Write adapter `name` as a PEFT folder at `path`, atomically: a crash leaves any previous folder intact."""
+    info = registry(model).adapters.get(name)
+    tensors = adapter_state_dict(model, name)
+    config = info.config.replace(targets=_targets_for_file(model, info.config, info.modules))
+    if config.targets != info.config.targets and isinstance(config.targets, str):
+        config = config.replace(layers=None, layers_pattern=None)
+    if config.base_model is None:
+        config = config.replace(base_model=getattr(getattr(model, "config", None), "_name_or_path", None) or None)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n")
+
+    path = Path(path)
+    atomic_dir(path, write, keep_others=True)
+    log.info("saved adapter %r (%d tensors) to %s", name, len(tensors), path)
+    return path
+
+
+def read_adapter(path: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read and validate an adapter folder: (config, tensors). Raises AdapterFileError / ConfigError with the file named."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterFileError(f"{path}: not an adapter folder (expected a directory with {CONFIG_NAME})")
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise AdapterFileError(f"{cfg_file}: missing")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{cfg_file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise AdapterFileError(f"{cfg_file}: expected a JSON object, got {type(raw).__name__}")
+    config = LoraConfig.from_peft_dict(raw, source=str(cfg_file))
+    return config, _read_tensors(path, allow_pickle)
+
+
+def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    st, pt = path / WEIGHTS_NAME, path / PICKLE_NAME
+    if st.is_file():
+        try:
+            return load_file(str(st), device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise AdapterFileError(f"{st}: corrupt or truncated safetensors file ({e})") from None
+    if pt.is_file():
+        if not allow_pickle:
+            raise AdapterFileError(
+                f"{pt}: pickled adapter refused (pickle can run code); pass allow_pickle=True / --allow-pickle to load "
+                "it with torch.load(weights_only=True), or convert it to safetensors"
+            )
+        try:
+            tensors = torch.load(str(pt), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+            raise AdapterFileError(f"{pt}: cannot be loaded with weights_only=True ({type(e).__name__}: {e})") from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+            raise AdapterFileError(f"{pt}: expected a dict of tensors")
+        return tensors
+    raise AdapterFileError(f"{path}: no {WEIGHTS_NAME} (or {PICKLE_NAME})")
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str | None = None,
+    *,
+    allow_pickle: bool = False,
+    activate: bool = True,
+    trainable: bool = False,
+) -> str:
+    """Load a PEFT-layout adapter into `model` (injecting wrappers as needed). Returns the adapter name.
+
+    Everything is checked before the model changes: on any error the model is left exactly as it was.
+    """
+    name = name or "default"
+    check_new_name(model, name)
+    config, tensors = read_adapter(path, allow_pickle=allow_pickle)
+    plan = _plan_load(model, config, tensors, Path(path))
+    inject(model, config, name, activate=False, trainable=trainable)
+    try:
+        with torch.no_grad():
+            for module, param, tensor in plan:
+                if param == "bias":
+                    target = _bias_param(model, module)
+                else:
+                    target = getattr(model.get_submodule(module).adapters[name], param)
+                target.copy_(tensor.to(target.dtype))
+    except Exception:
+        delete_adapter(model, name)
+        raise
+    if activate:
+        from lorakit.control import set_active
+
+        set_active(model, name)
+    return name
+
+
+def _plan_load(
+    model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], path: Path
+) -> list[tuple[str, str, torch.Tensor]]:
+    """Match file tensors to modules and check every shape. Returns (module, param, tensor) to copy."""
+    try:
+        modules = select_modules(model, config)
+    except TargetError as e:
+        raise AdapterError(f"{path}: adapter does not fit {type(model).__name__}: {e}") from None
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    biases: list[tuple[str, str, torch.Tensor]] = []
+    for key, t in tensors.items():
+        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        for suffix, param in _SUFFIXES.items():
+            if k.endswith("." + suffix):
+                by_module.setdefault(k[: -len(suffix) - 1], {})[param] = t
+                break
+        else:
+            if k.endswith(".bias") and config.bias != "none":
+                biases.append(_plan_bias(model, k, t, path))
+            else:
+                log.warning("%s: ignoring tensor %s (not a LoRA weight)", path, key)
+    stray = sorted(set(by_module) - set(modules))
+    if stray:
+        raise AdapterError(f"{path}: tensors for modules the config does not select in {type(model).__name__}: {stray[:3]}")
+    plan: list[tuple[str, str, torch.Tensor]] = []
+    for m in modules:
+        plan += _plan_module(model, config, m, by_module.get(m, {}), path)
+    return plan + biases
+
+
+def _plan_module(
+    model: nn.Module, config: LoraConfig, m: str, found: dict[str, torch.Tensor], path: Path
+) -> list[tuple[str, str, torch.Tensor]]:
+    module = model.get_submodule(m)
+    handler = handler_for(module)
+    base = getattr(module, "base_layer", module)
+    a_shape, b_shape = handler.shapes(base, config.rank_for(m))
+    expected = {"lora_A": a_shape, "lora_B": b_shape}
+    if config.use_dora:
+        expected["magnitude"] = handler.magnitude_shape(handler.dims(base)[0])
+    out = []
+    for param, shape in expected.items():
+        t = found.get(param)
+        if t is None:
+            raise AdapterError(f"{path}: missing tensor {tensor_key(m, handler, param)}")
+        if tuple(t.shape) != tuple(shape):
+            raise AdapterError(
+                f"{path}: {m}.{param} has shape {tuple(t.shape)} but {type(base).__name__} "
+                f"{tuple(handler.weight(base).shape)} with r={config.rank_for(m)} needs {tuple(shape)}"
+            )
+        out.append((m, param, t))
+    return out
+
+
+def _plan_bias(model: nn.Module, key: str, t: torch.Tensor, path: Path) -> tuple[str, str, torch.Tensor]:
+    module = key[: -len(".bias")].replace(".base_layer", "")
+    p = _bias_param(model, module)
+    if p is None:
+        raise AdapterError(f"{path}: bias {key} has no matching parameter in {type(model).__name__}")
+    if p.shape != t.shape:
+        raise AdapterError(f"{path}: bias {key} has shape {tuple(t.shape)}, model has {tuple(p.shape)}")
+    return module, "bias", t
+
+
+def _bias_param(model: nn.Module, module: str) -> torch.Tensor | None:
+    try:
+        m = model.get_submodule(module)
+    except AttributeError:
+        return None
+    bias = getattr(getattr(m, "base_layer", m), "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
+def _targets_for_file(model: nn.Module, config: LoraConfig, modules: list[str]) -> str | list[str]:
+    """A `target_modules` value that re-selects exactly `modules` on this model (PEFT's rules)."""
+    leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    for candidate in (leaves, config.targets):
+        if candidate == "all-linear":
+            continue
+        try:
+            if select_modules(model, config.replace(targets=candidate)) == modules:
+                return candidate
+        except (TargetError, ConfigError):
+            pass
+    return "(" + "|".join(re.escape(m) for m in modules) + ")"
+
+
+def describe_adapter(path: str | os.PathLike) -> dict[str, Any]:
+    """Config and per-module shapes of an adapter folder, without a model."""
+    config, tensors = read_adapter(path)
+    rows: dict[str, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        for suffix, param in _SUFFIXES.items():
+            if k.endswith("." + suffix):
+                rows.setdefault(k[: -len(suffix) - 1], {})[param] = tuple(t.shape)
+    return {"config": config, "modules": rows, "tensors": len(tensors),
+            "parameters": sum(t.numel() for t in tensors.values())}

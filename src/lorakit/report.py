@@ -1,0 +1,62 @@
+"""What was adapted: trainable vs total parameters, and per layer the seed's reduction r·(d+k) vs d·k."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from lorakit.inject import lora_layers
+
+
+def parameter_report(model: nn.Module) -> dict[str, Any]:
+    """Counts for `model` with its adapters.
+
+    Returns a dict with `total`, `trainable`, `trainable_percent`, `adapters` ({name: parameter count}) and
+    `layers`: one row per (module, adapter) with `d` (out features), `k` (fan-in), `r`, `full` = d·k,
+    `lora` = r·(d+k) and `reduction` = full / lora.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    rows: list[dict[str, Any]] = []
+    per_adapter: dict[str, int] = {}
+    for name, layer in lora_layers(model):
+        d, k = layer.handler.dims(layer.base_layer)
+        for aname, adapter in layer.adapters.items():
+            r = adapter.r
+            n_params = sum(p.numel() for p in adapter.parameters())
+            per_adapter[aname] = per_adapter.get(aname, 0) + n_params
+            rows.append({
+                "module": name, "type": type(layer.base_layer).__name__, "adapter": aname, "variant": adapter.variant.name,
+                "r": r, "alpha": adapter.alpha, "d": d, "k": k, "full": d * k, "lora": r * (d + k),
+                "reduction": d * k / (r * (d + k)),
+            })
+    return {
+        "total": total,
+        "trainable": trainable,
+        "trainable_percent": 100.0 * trainable / total if total else 0.0,
+        "adapters": per_adapter,
+        "layers": rows,
+    }
+
+
+def format_report(report: dict[str, Any], *, max_rows: int = 40) -> str:
+    """A plain-text table of `parameter_report`'s result."""
+    lines = [f"{'module':<48} {'type':<10} {'adapter':<10} {'r':>4} {'d':>6} {'k':>6} {'d·k':>10} {'r·(d+k)':>9} {'×less':>7}"]
+    rows = report["layers"]
+    for row in rows[:max_rows]:
+        lines.append(
+            f"{row['module'][-48:]:<48} {row['type'][:10]:<10} {row['adapter'][:10]:<10} {row['r']:>4} {row['d']:>6} "
+            f"{row['k']:>6} {row['full']:>10,} {row['lora']:>9,} {row['reduction']:>7.1f}"
+        )
+    if len(rows) > max_rows:
+        lines.append(f"... {len(rows) - max_rows} more rows")
+    full = sum(r["full"] for r in rows)
+    lora = sum(r["lora"] for r in rows)
+    if rows:
+        lines.append(f"adapted weights: {full:,} -> LoRA parameters: {lora:,} ({full / lora:.1f}x fewer)")
+    lines.append(
+        f"trainable params: {report['trainable']:,} || all params: {report['total']:,} "
+        f"|| trainable%: {report['trainable_percent']:.4f}"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,115 @@
+"""Which modules a `LoraConfig` selects. Pure functions over `model.named_modules()`.
+
+The matching rules are PEFT's, so that a config means the same module set in both tools:
+- `targets` as a list: a module matches if its name equals an entry or ends with `.` + entry;
+- `targets` as a string: a full regex match on the module name; "all-linear" means every linear layer
+  (nn.Linear, GPT-2 Conv1D) except the output head;
+- `exclude` the same way; `layers` keeps modules whose layer index (first number after `layers_pattern`) is listed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+from torch import nn
+
+from lorakit.config import ALL_LINEAR, LoraConfig
+from lorakit.errors import TargetError
+from lorakit.layers import LoraLayer, handler_for, supported_type_names
+
+
+def select_modules(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules `config` adapts, in model order. Raises `TargetError` if none, or if one is unsupported."""
+    names = candidate_names(model)
+    if config.targets == ALL_LINEAR:
+        linear = set(all_linear_names(model))
+        matched = [n for n in names if n in linear]
+    else:
+        matched = [n for n in names if _matches(config.targets, n)]
+    matched = [n for n in matched if not _excluded(config, n)]
+    if config.layers is not None:
+        matched = [n for n in matched if layer_index(n, config.layers_pattern) in set(config.layers)]
+    if not matched:
+        raise TargetError(_no_match_message(model, config, names))
+    modules = dict(model.named_modules())
+    for n in matched:
+        if handler_for(modules[n]) is None:
+            raise TargetError(
+                f"target {n!r} is a {type(modules[n]).__name__}, which LoRA cannot wrap "
+                f"(supported: {supported_type_names()})"
+            )
+    return matched
+
+
+def candidate_names(model: nn.Module) -> list[str]:
+    """All module names, without the internals of existing LoRA layers (their base_layer and adapters)."""
+    inner: list[str] = []
+    names = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p) for p in inner):
+            continue
+        names.append(name)
+        if isinstance(module, LoraLayer):
+            inner.append(name + ".")
+    return names
+
+
+def all_linear_names(model: nn.Module) -> list[str]:
+    """Every linear layer (per the handler table) except the model's output head."""
+    head = _output_head(model)
+    out = []
+    for name in candidate_names(model):
+        module = model.get_submodule(name)
+        handler = handler_for(module)
+        if handler is not None and handler.linear and module is not head and _base(module) is not head:
+            out.append(name)
+    return out
+
+
+def layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None:
+    """The layer number in `name`: first number after `layers_pattern` (or after any segment, if None)."""
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        m = None
+        for pattern in patterns:
+            m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if m:
+                break
+    return int(m.group("idx")) if m else None
+
+
+def _matches(spec: str | list[str], name: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == key or name.endswith("." + key) for key in spec)
+
+
+def _excluded(config: LoraConfig, name: str) -> bool:
+    return bool(config.exclude) and _matches(config.exclude, name)
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return _base(head) if head is not None else None
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, LoraLayer) else module
+
+
+def _no_match_message(model: nn.Module, config: LoraConfig, names: list[str]) -> str:
+    wanted = [config.targets] if isinstance(config.targets, str) else list(config.targets)
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names if handler_for(model.get_submodule(n)) is not None})
+    near: list[str] = []
+    for w in wanted:
+        near += difflib.get_close_matches(w.rsplit(".", 1)[-1], leaves, n=3, cutoff=0.4)
+    near = list(dict.fromkeys(near)) or leaves[:8]
+    extra = f" (after exclude={config.exclude!r}, layers={config.layers!r})" if config.exclude or config.layers else ""
+    return (
+        f"targets {config.targets!r} matched no module in {type(model).__name__}{extra}; "
+        f"nearest adaptable module names: {', '.join(near) or 'none'}"
+    )

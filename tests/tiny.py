@@ -1,0 +1,58 @@
+"""Tiny randomly initialised models built from configs (no download), shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def tiny_llama(seed: int = 0, vocab: int = 128):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0, vocab: int = 128):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+class ConvNet(nn.Module):
+    """Embedding, Conv1d, Conv2d and Linear in one plain PyTorch model."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(20, 8)
+        self.conv1 = nn.Conv1d(8, 12, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(1, 6, kernel_size=3, stride=1, padding=1, dilation=1)
+        self.head = nn.Linear(12 + 6 * 4 * 12, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids).transpose(1, 2)  # (b, 8, t)
+        c1 = self.conv1(h)  # (b, 12, t)
+        c2 = self.conv2(c1[:, None, :4, :])  # (b, 6, 4, t)
+        return self.head(torch.cat([c1.mean(-1), c2.flatten(1)], dim=1))
+
+
+def ids(batch: int = 2, seq: int = 12, vocab: int = 128, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+def randomize(model: nn.Module, std: float = 0.1, seed: int = 3) -> None:
+    """Give every adapter parameter a random value so that adapters change the output."""
+    from lorakit import adapter_parameters
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter_parameters(model):
+            p.add_(torch.randn(p.shape, generator=g) * std)

@@ -8,6 +8,7 @@ import torch
 
 import lorakit
 from lorakit import AdapterError, LoraConfig
+
 from tiny import ids, randomize, tiny_llama
 
 ATOL = 1e-5  # fp32 logits of a 2-layer model; sums of the same terms in another order

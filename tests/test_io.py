@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import lorakit
 from lorakit import AdapterError, AdapterFileError, ConfigError, LoraConfig
+
 from tiny import ids, randomize, tiny_llama
 
 TESTS = Path(__file__).parent
@@ -81,7 +82,9 @@ def test_shape_mismatch_names_module_and_shapes(tmp_path, victim):
     t[key] = torch.zeros(99, 4)
     save_file(t, str(f), metadata={"format": "pt"})
     model, before = victim
-    with pytest.raises(AdapterError, match=r"layers\.1\.self_attn\.v_proj\.lora_B has shape \(99, 4\).*needs \(16, 4\)"):
+    with pytest.raises(
+        AdapterError, match=r"layers\.1\.self_attn\.v_proj\.lora_B has shape \(99, 4\).*needs \(16, 4\)"
+    ):
         lorakit.load_adapter(model, path)
     _assert_untouched(model, before)
 
@@ -89,8 +92,16 @@ def test_shape_mismatch_names_module_and_shapes(tmp_path, victim):
 def test_adapter_for_another_model(tmp_path, victim):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    wide = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2))
+    wide = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     lorakit.inject(wide, LoraConfig(r=4, targets=["q_proj"]))
     lorakit.save_adapter(wide, tmp_path / "wide")
     model, before = victim
@@ -248,7 +259,9 @@ KILLER = textwrap.dedent("""
 def test_killed_save_leaves_previous_adapter_intact(tmp_path):
     model, path = _saved(tmp_path)
     before = {f.name: f.read_bytes() for f in path.iterdir()}
-    proc = subprocess.run([sys.executable, "-c", KILLER.format(tests=str(TESTS), path=str(path))], capture_output=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER.format(tests=str(TESTS), path=str(path))], capture_output=True
+    )
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     after = {f.name: f.read_bytes() for f in path.iterdir()}
     assert after == before

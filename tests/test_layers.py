@@ -10,6 +10,7 @@ from torch import nn
 
 import lorakit
 from lorakit import LoraConfig
+
 from tiny import ConvNet, ids, randomize, tiny_gpt2, tiny_llama
 
 # fp32 merge/unmerge: W + ΔW - ΔW differs from W by rounding only, ~1 ulp of |W| (~0.1) => 1e-6 is generous.
@@ -27,7 +28,9 @@ def test_init_equals_base(init):
     model, x = tiny_llama(), ids()
     base = model(x).logits
     lorakit.inject(model, LoraConfig(r=4, targets="all-linear", init=init))
-    atol = 1e-5 if init == "pissa" else 0.0  # PiSSA moves the top-r part from W0 into B·A: equal up to rounding
+    atol = (
+        1e-5 if init == "pissa" else 0.0
+    )  # PiSSA moves the top-r part from W0 into B·A: equal up to rounding
     torch.testing.assert_close(model(x).logits, base, atol=atol, rtol=0)
 
 
@@ -51,13 +54,18 @@ def test_rslora_scaling():
     assert model[0].adapters["default"].scaling == pytest.approx(8 / math.sqrt(16))
 
 
-@pytest.mark.parametrize("make,cfg", [
-    pytest.param(tiny_llama, LoraConfig(r=4, targets="all-linear"), id="llama-linear"),
-    pytest.param(tiny_llama, LoraConfig(r=4, targets=["embed_tokens", "q_proj"]), id="llama-embedding"),
-    pytest.param(tiny_llama, LoraConfig(r=4, targets="all-linear", use_dora=True), id="llama-dora"),
-    pytest.param(tiny_gpt2, LoraConfig(r=4, targets=["c_attn", "c_proj", "c_fc"]), id="gpt2-conv1d"),
-    pytest.param(tiny_gpt2, LoraConfig(r=4, targets=["c_attn", "wte"], use_dora=True), id="gpt2-conv1d-dora"),
-])
+@pytest.mark.parametrize(
+    "make,cfg",
+    [
+        pytest.param(tiny_llama, LoraConfig(r=4, targets="all-linear"), id="llama-linear"),
+        pytest.param(tiny_llama, LoraConfig(r=4, targets=["embed_tokens", "q_proj"]), id="llama-embedding"),
+        pytest.param(tiny_llama, LoraConfig(r=4, targets="all-linear", use_dora=True), id="llama-dora"),
+        pytest.param(tiny_gpt2, LoraConfig(r=4, targets=["c_attn", "c_proj", "c_fc"]), id="gpt2-conv1d"),
+        pytest.param(
+            tiny_gpt2, LoraConfig(r=4, targets=["c_attn", "wte"], use_dora=True), id="gpt2-conv1d-dora"
+        ),
+    ],
+)
 def test_merge_unmerge_roundtrip(make, cfg):
     model, x = make(), ids()
     lorakit.inject(model, cfg)
@@ -82,7 +90,9 @@ def test_merge_unmerge_roundtrip(make, cfg):
 def test_conv_and_embedding_layers(use_dora):
     model, x = ConvNet(), _conv_input()
     base = model(x)
-    lorakit.inject(model, LoraConfig(r=2, alpha=4, targets=["emb", "conv1", "conv2", "head"], use_dora=use_dora))
+    lorakit.inject(
+        model, LoraConfig(r=2, alpha=4, targets=["emb", "conv1", "conv2", "head"], use_dora=use_dora)
+    )
     torch.testing.assert_close(model(x), base, atol=1e-6, rtol=0)
     randomize(model, std=0.3)
     out = model(x)
@@ -122,7 +132,9 @@ def test_only_adapters_get_gradients():
 
 @pytest.mark.parametrize("bias,expect", [("none", 0), ("lora_only", 4), ("all", 4)])
 def test_bias_modes(bias, expect):
-    model = tiny_gpt2()  # GPT-2's Conv1D layers have biases; c_attn is in 2 layers, c_proj in 2 (+ mlp c_proj 2)
+    model = (
+        tiny_gpt2()
+    )  # GPT-2's Conv1D layers have biases; c_attn is in 2 layers, c_proj in 2 (+ mlp c_proj 2)
     lorakit.inject(model, LoraConfig(r=2, targets=["c_attn", "c_fc"], bias=bias))
     trainable_biases = [n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")]
     if bias == "all":

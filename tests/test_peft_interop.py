@@ -11,6 +11,7 @@ import torch
 
 import lorakit
 from lorakit import LoraConfig
+
 from tiny import ids, randomize, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")
@@ -20,28 +21,49 @@ ATOL = 1e-5
 LLAMA_CASES = [
     pytest.param(LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"]), id="lora-qv"),
     pytest.param(LoraConfig(r=4, alpha=16, targets="all-linear", use_rslora=True), id="rslora-all-linear"),
-    pytest.param(LoraConfig(r=4, alpha=8, targets=["q_proj", "o_proj", "down_proj"], use_dora=True), id="dora"),
+    pytest.param(
+        LoraConfig(r=4, alpha=8, targets=["q_proj", "o_proj", "down_proj"], use_dora=True), id="dora"
+    ),
     pytest.param(LoraConfig(r=4, alpha=8, targets=["embed_tokens", "q_proj"]), id="embedding"),
     pytest.param(
-        LoraConfig(r=4, alpha=8, targets="all-linear", rank_pattern={"k_proj": 2, r"layers\.1\.mlp\.up_proj": 6},
-                   alpha_pattern={"v_proj": 3.0}),
+        LoraConfig(
+            r=4,
+            alpha=8,
+            targets="all-linear",
+            rank_pattern={"k_proj": 2, r"layers\.1\.mlp\.up_proj": 6},
+            alpha_pattern={"v_proj": 3.0},
+        ),
         id="rank-alpha-pattern",
     ),
-    pytest.param(LoraConfig(r=2, alpha=4, targets=["q_proj", "gate_proj"], layers=[1], layers_pattern="layers"), id="layers"),
-    pytest.param(LoraConfig(r=4, alpha=8, targets=r".*\.(q|v)_proj", exclude=["model.layers.0.self_attn.v_proj"]), id="regex-exclude"),
+    pytest.param(
+        LoraConfig(r=2, alpha=4, targets=["q_proj", "gate_proj"], layers=[1], layers_pattern="layers"),
+        id="layers",
+    ),
+    pytest.param(
+        LoraConfig(r=4, alpha=8, targets=r".*\.(q|v)_proj", exclude=["model.layers.0.self_attn.v_proj"]),
+        id="regex-exclude",
+    ),
     pytest.param(LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], init="pissa"), id="pissa"),
 ]
 GPT2_CASES = [
     pytest.param(LoraConfig(r=4, alpha=8, targets=["c_attn", "c_proj"]), id="conv1d"),
-    pytest.param(LoraConfig(r=4, alpha=8, targets=["c_attn", "c_fc"], use_dora=True, bias="lora_only"), id="conv1d-dora-bias"),
-    pytest.param(LoraConfig(r=4, alpha=8, targets=["wte", "c_attn"], use_rslora=True, bias="all"), id="conv1d-embedding-rslora"),
+    pytest.param(
+        LoraConfig(r=4, alpha=8, targets=["c_attn", "c_fc"], use_dora=True, bias="lora_only"),
+        id="conv1d-dora-bias",
+    ),
+    pytest.param(
+        LoraConfig(r=4, alpha=8, targets=["wte", "c_attn"], use_rslora=True, bias="all"),
+        id="conv1d-embedding-rslora",
+    ),
 ]
 
 
 def _to_peft_config(cfg: LoraConfig) -> peft.LoraConfig:
     d = cfg.to_peft_dict()
     d.pop("peft_type")
-    return peft.LoraConfig(**{k: v for k, v in d.items() if k not in ("inference_mode", "base_model_name_or_path")})
+    return peft.LoraConfig(
+        **{k: v for k, v in d.items() if k not in ("inference_mode", "base_model_name_or_path")}
+    )
 
 
 def _ours_to_peft(make, cfg: LoraConfig, tmp_path, x: torch.Tensor) -> None:
@@ -58,7 +80,9 @@ def _ours_to_peft(make, cfg: LoraConfig, tmp_path, x: torch.Tensor) -> None:
     loaded = peft.PeftModel.from_pretrained(make(), tmp_path / "ours").eval()
     theirs = loaded(x).logits
     torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
-    assert (ours - make()(x).logits).abs().max() > 1e-3, "the adapter must change the output, or the test proves nothing"
+    assert (ours - make()(x).logits).abs().max() > 1e-3, (
+        "the adapter must change the output, or the test proves nothing"
+    )
 
 
 def _peft_to_ours(make, cfg: LoraConfig, tmp_path, x: torch.Tensor) -> None:

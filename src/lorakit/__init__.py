@@ -1,9 +1,9 @@
 """lorakit: Low-Rank Adaptation for PyTorch and Hugging Face models, in PEFT's file format.
 
-    >>> import lorakit
-    >>> model, tok = lorakit.load_model()                        # default SmolLM2-135M-Instruct
-    >>> lorakit.inject(model, lorakit.LoraConfig(r=8, targets=["q_proj", "v_proj"]))
-    >>> lorakit.save_adapter(model, "out/adapter")
+>>> import lorakit
+>>> model, tok = lorakit.load_model()                        # default SmolLM2-135M-Instruct
+>>> lorakit.inject(model, lorakit.LoraConfig(r=8, targets=["q_proj", "v_proj"]))
+>>> lorakit.save_adapter(model, "out/adapter")
 """
 
 from __future__ import annotations

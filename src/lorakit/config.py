@@ -24,15 +24,40 @@ _INIT_TO_PEFT: dict[str, Any] = {"default": True, "gaussian": "gaussian", "pissa
 
 # PEFT LoRA keys that carry no numerics we need, accepted whatever their value.
 _PEFT_IGNORED_KEYS = {
-    "auto_mapping", "revision", "inference_mode", "megatron_config", "megatron_core", "runtime_config",
-    "peft_version", "fan_in_fan_out", "base_model_name_or_path", "task_type", "lora_dropout",
+    "auto_mapping",
+    "revision",
+    "inference_mode",
+    "megatron_config",
+    "megatron_core",
+    "runtime_config",
+    "peft_version",
+    "fan_in_fan_out",
+    "base_model_name_or_path",
+    "task_type",
+    "lora_dropout",
 }
 # PEFT keys for features we do not implement: fine when unset (None/False/empty), an error otherwise.
 _PEFT_UNSUPPORTED_KEYS = {
-    "lora_bias", "use_qalora", "qalora_group_size", "target_parameters", "trainable_token_indices",
-    "layer_replication", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "use_bdlora",
-    "bdlora_config", "alora_invocation_tokens", "arrow_config", "ensure_weight_tying", "modules_to_tie",
-    "monteclora_config", "velora_config", "use_mica", "modules_to_save",
+    "lora_bias",
+    "use_qalora",
+    "qalora_group_size",
+    "target_parameters",
+    "trainable_token_indices",
+    "layer_replication",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "use_bdlora",
+    "bdlora_config",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "ensure_weight_tying",
+    "modules_to_tie",
+    "monteclora_config",
+    "velora_config",
+    "use_mica",
+    "modules_to_save",
 }
 
 
@@ -78,11 +103,22 @@ class LoraConfig:
             self.exclude = sorted(self.exclude)
         if isinstance(self.layers, int):
             self.layers = [self.layers]
-        _check(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1, f"r must be a positive integer, got {self.r!r}")
-        _check(isinstance(self.alpha, (int, float)) and self.alpha > 0, f"alpha must be > 0, got {self.alpha!r}")
-        _check(isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout!r}")
+        _check(
+            isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1,
+            f"r must be a positive integer, got {self.r!r}",
+        )
+        _check(
+            isinstance(self.alpha, (int, float)) and self.alpha > 0, f"alpha must be > 0, got {self.alpha!r}"
+        )
+        _check(
+            isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1,
+            f"dropout must be in [0, 1), got {self.dropout!r}",
+        )
         _check(bool(self.targets), "targets must name at least one module (or be 'all-linear')")
-        _check(isinstance(self.targets, (str, list)), f"targets must be a string or a list, got {type(self.targets).__name__}")
+        _check(
+            isinstance(self.targets, (str, list)),
+            f"targets must be a string or a list, got {type(self.targets).__name__}",
+        )
         _check(self.bias in BIAS_MODES, f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
         _check(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
         _check(
@@ -90,10 +126,14 @@ class LoraConfig:
             "layers cannot be combined with a regex string in targets (put the layer index in the regex instead)",
         )
         for k, v in self.rank_pattern.items():
-            _check(isinstance(v, int) and v >= 1, f"rank_pattern[{k!r}] must be a positive integer, got {v!r}")
+            _check(
+                isinstance(v, int) and v >= 1, f"rank_pattern[{k!r}] must be a positive integer, got {v!r}"
+            )
         for k, v in self.alpha_pattern.items():
             _check(isinstance(v, (int, float)) and v > 0, f"alpha_pattern[{k!r}] must be > 0, got {v!r}")
-        for pattern in [*self.rank_pattern, *self.alpha_pattern] + ([self.targets] if isinstance(self.targets, str) else []):
+        for pattern in [*self.rank_pattern, *self.alpha_pattern] + (
+            [self.targets] if isinstance(self.targets, str) else []
+        ):
             try:
                 re.compile(pattern)
             except re.error as e:
@@ -155,11 +195,20 @@ class LoraConfig:
             if key not in d:
                 raise ConfigError(f"{source}: missing required key {key!r}")
         mapping = {
-            "r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
-            "exclude_modules": "exclude", "layers_to_transform": "layers", "layers_pattern": "layers_pattern",
-            "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern", "bias": "bias",
-            "use_rslora": "use_rslora", "use_dora": "use_dora",
-            "task_type": "task_type", "base_model_name_or_path": "base_model",
+            "r": "r",
+            "lora_alpha": "alpha",
+            "lora_dropout": "dropout",
+            "target_modules": "targets",
+            "exclude_modules": "exclude",
+            "layers_to_transform": "layers",
+            "layers_pattern": "layers_pattern",
+            "rank_pattern": "rank_pattern",
+            "alpha_pattern": "alpha_pattern",
+            "bias": "bias",
+            "use_rslora": "use_rslora",
+            "use_dora": "use_dora",
+            "task_type": "task_type",
+            "base_model_name_or_path": "base_model",
         }
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
@@ -187,7 +236,9 @@ def _init_from_peft(value: Any, source: str) -> str:
     for ours, theirs in _INIT_TO_PEFT.items():
         if value == theirs and type(value) is type(theirs):
             return ours
-    raise ConfigError(f"{source}: init_lora_weights={value!r} is not supported (use true, false, 'gaussian' or 'pissa')")
+    raise ConfigError(
+        f"{source}: init_lora_weights={value!r} is not supported (use true, false, 'gaussian' or 'pissa')"
+    )
 
 
 def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:

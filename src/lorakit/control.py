@@ -67,7 +67,9 @@ def merge(model: nn.Module) -> None:
     for name, layer in lora_layers(model):
         dora = [n for n in layer.active if getattr(layer.adapters[n], "magnitude", None) is not None]
         if dora and len(layer.active) > 1:
-            raise AdapterError(f"cannot merge DoRA adapter {dora[0]!r} together with others in {name!r}; merge one at a time")
+            raise AdapterError(
+                f"cannot merge DoRA adapter {dora[0]!r} together with others in {name!r}; merge one at a time"
+            )
     _untie_merged_weights(model)
     for _, layer in lora_layers(model):
         layer.merge_active()
@@ -105,4 +107,6 @@ def _as_weights(adapters: str | list[str] | dict[str, float]) -> dict[str, float
         return {str(k): float(v) for k, v in adapters.items()}
     if isinstance(adapters, (list, tuple)):
         return {str(n): 1.0 for n in adapters}
-    raise AdapterError(f"set_active takes a name, a list of names or a {{name: weight}} dict, not {type(adapters).__name__}")
+    raise AdapterError(
+        f"set_active takes a name, a list of names or a {{name: weight}} dict, not {type(adapters).__name__}"
+    )

@@ -43,7 +43,9 @@ def registry(model: nn.Module, *, create: bool = False) -> Registry:
     reg = model.__dict__.get("_lorakit")
     if reg is None:
         if not create:
-            raise AdapterError(f"{type(model).__name__} has no LoRA adapters (use lorakit.inject or load_adapter first)")
+            raise AdapterError(
+                f"{type(model).__name__} has no LoRA adapters (use lorakit.inject or load_adapter first)"
+            )
         reg = Registry(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
         model.__dict__["_lorakit"] = reg
     return reg
@@ -63,7 +65,12 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
 
 
 def inject(
-    model: nn.Module, config: LoraConfig, name: str = "default", *, activate: bool = True, trainable: bool = True
+    model: nn.Module,
+    config: LoraConfig,
+    name: str = "default",
+    *,
+    activate: bool = True,
+    trainable: bool = True,
 ) -> nn.Module:
     """Add adapter `name` to every module `config` selects; freeze everything else. Returns `model` (changed in place).
 
@@ -81,8 +88,13 @@ def inject(
         for n in names:
             layer = _wrap(model, n)
             layer.add_adapter(
-                name, r=config.rank_for(n), alpha=config.alpha_for(n), scaling=config.scaling_for(n),
-                dropout=config.dropout, init=config.init, use_dora=config.use_dora,
+                name,
+                r=config.rank_for(n),
+                alpha=config.alpha_for(n),
+                scaling=config.scaling_for(n),
+                dropout=config.dropout,
+                init=config.init,
+                use_dora=config.use_dora,
             )
     except Exception:
         _remove_from_layers(model, name)
@@ -101,7 +113,9 @@ def check_new_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise AdapterError(f"adapter name {name!r} must be letters, digits, '_' or '-'")
     if name in adapter_names(model):
-        raise AdapterError(f"adapter {name!r} already exists on {type(model).__name__}; delete it or pick another name")
+        raise AdapterError(
+            f"adapter {name!r} already exists on {type(model).__name__}; delete it or pick another name"
+        )
 
 
 def set_trainable(model: nn.Module) -> None:

@@ -33,8 +33,11 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 _SUFFIXES = {
-    "lora_A.weight": "lora_A", "lora_B.weight": "lora_B",
-    "lora_embedding_A": "lora_A", "lora_embedding_B": "lora_B", "lora_magnitude_vector": "magnitude",
+    "lora_A.weight": "lora_A",
+    "lora_B.weight": "lora_B",
+    "lora_embedding_A": "lora_A",
+    "lora_embedding_B": "lora_B",
+    "lora_magnitude_vector": "magnitude",
 }
 
 
@@ -51,12 +54,14 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     """The tensors PEFT saves for adapter `name` (keys without the adapter name), detached copies."""
     info = registry(model).adapters.get(name)
     if info is None:
-        raise AdapterError(f"no adapter {name!r} on {type(model).__name__}; adapters: {list(registry(model).adapters)}")
+        raise AdapterError(
+            f"no adapter {name!r} on {type(model).__name__}; adapters: {list(registry(model).adapters)}"
+        )
     out: dict[str, torch.Tensor] = {}
     for mname, layer in lora_layers(model):
-        adapter = layer.adapters[name] if name in layer.adapters else None
-        if adapter is None:
+        if name not in layer.adapters:
             continue
+        adapter = layer.adapters[name]
         for param in ("lora_A", "lora_B", "magnitude"):
             t = getattr(adapter, param)
             if t is not None:
@@ -81,7 +86,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     if config.targets != info.config.targets and isinstance(config.targets, str):
         config = config.replace(layers=None, layers_pattern=None)
     if config.base_model is None:
-        config = config.replace(base_model=getattr(getattr(model, "config", None), "_name_or_path", None) or None)
+        config = config.replace(
+            base_model=getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        )
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -93,7 +100,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     return path
 
 
-def read_adapter(path: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+def read_adapter(
+    path: str | os.PathLike, *, allow_pickle: bool = False
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """Read and validate an adapter folder: (config, tensors). Raises AdapterFileError / ConfigError with the file named."""
     path = Path(path)
     if not path.is_dir():
@@ -127,7 +136,9 @@ def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         try:
             tensors = torch.load(str(pt), map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-            raise AdapterFileError(f"{pt}: cannot be loaded with weights_only=True ({type(e).__name__}: {e})") from None
+            raise AdapterFileError(
+                f"{pt}: cannot be loaded with weights_only=True ({type(e).__name__}: {e})"
+            ) from None
         if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
             raise AdapterFileError(f"{pt}: expected a dict of tensors")
         return tensors
@@ -181,7 +192,7 @@ def _plan_load(
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     biases: list[tuple[str, str, torch.Tensor]] = []
     for key, t in tensors.items():
-        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         for suffix, param in _SUFFIXES.items():
             if k.endswith("." + suffix):
                 by_module.setdefault(k[: -len(suffix) - 1], {})[param] = t
@@ -193,7 +204,9 @@ def _plan_load(
                 log.warning("%s: ignoring tensor %s (not a LoRA weight)", path, key)
     stray = sorted(set(by_module) - set(modules))
     if stray:
-        raise AdapterError(f"{path}: tensors for modules the config does not select in {type(model).__name__}: {stray[:3]}")
+        raise AdapterError(
+            f"{path}: tensors for modules the config does not select in {type(model).__name__}: {stray[:3]}"
+        )
     plan: list[tuple[str, str, torch.Tensor]] = []
     for m in modules:
         plan += _plan_module(model, config, m, by_module.get(m, {}), path)
@@ -262,9 +275,13 @@ def describe_adapter(path: str | os.PathLike) -> dict[str, Any]:
     config, tensors = read_adapter(path)
     rows: dict[str, dict[str, Any]] = {}
     for key, t in tensors.items():
-        k = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         for suffix, param in _SUFFIXES.items():
             if k.endswith("." + suffix):
                 rows.setdefault(k[: -len(suffix) - 1], {})[param] = tuple(t.shape)
-    return {"config": config, "modules": rows, "tensors": len(tensors),
-            "parameters": sum(t.numel() for t in tensors.values())}
+    return {
+        "config": config,
+        "modules": rows,
+        "tensors": len(tensors),
+        "parameters": sum(t.numel() for t in tensors.values()),
+    }

@@ -53,7 +53,9 @@ class Handler:
         """A reason this base layer cannot be wrapped, or None."""
         return None
 
-    def lora(self, base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    def lora(
+        self, base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float
+    ) -> torch.Tensor:
         """s·B·A·x in the output layout. x: (..., in_features) -> (..., out_features)."""
         return F.linear(F.linear(x, A) * s, B)
 
@@ -106,8 +108,12 @@ class EmbeddingHandler(Handler):
     def from_2d(self, d2: torch.Tensor, base: nn.Module) -> torch.Tensor:
         return d2.T
 
-    def lora(self, base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
-        after_a = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+    def lora(
+        self, base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float
+    ) -> torch.Tensor:
+        after_a = F.embedding(
+            x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+        )
         return (after_a * s) @ B.T
 
     def base_nobias(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -150,7 +156,9 @@ class ConvHandler(Handler):
     def _conv(self, base: nn.Module):
         return {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[self.ndim]
 
-    def lora(self, base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    def lora(
+        self, base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float
+    ) -> torch.Tensor:
         conv = self._conv(base)
         return conv(conv(x, A, None, base.stride, base.padding, base.dilation) * s, B)
 
@@ -211,7 +219,9 @@ class Variant:
     def init(self, layer: LoraLayer, adapter: LoraAdapter) -> None:
         """Create variant state on `adapter` after A and B are initialised."""
 
-    def forward(self, layer: LoraLayer, adapter: LoraAdapter, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, layer: LoraLayer, adapter: LoraAdapter, x: torch.Tensor, base_out: torch.Tensor
+    ) -> torch.Tensor:
         """The adapter's contribution to the output (to be added to base_out)."""
         A, B = adapter.lora_A, adapter.lora_B
         if x.is_floating_point() and x.dtype != A.dtype:
@@ -292,15 +302,24 @@ class LoraLayer(nn.Module):
         self.disabled = False
         self._run: tuple[tuple[str, float], ...] = ()
 
-    def add_adapter(self, name: str, *, r: int, alpha: float, scaling: float, dropout: float, init: str, use_dora: bool) -> None:
+    def add_adapter(
+        self, name: str, *, r: int, alpha: float, scaling: float, dropout: float, init: str, use_dora: bool
+    ) -> None:
         if self.handler.embedding:
             dropout = 0.0
         a_shape, b_shape = self.handler.shapes(self.base_layer, r)
         w = self.handler.weight(self.base_layer)
         dtype = w.dtype if w.dtype.is_floating_point else torch.float32
         adapter = LoraAdapter(
-            a_shape, b_shape, r=r, alpha=alpha, scaling=scaling, dropout=dropout,
-            variant=make_variant(use_dora), dtype=dtype, device=w.device,
+            a_shape,
+            b_shape,
+            r=r,
+            alpha=alpha,
+            scaling=scaling,
+            dropout=dropout,
+            variant=make_variant(use_dora),
+            dtype=dtype,
+            device=w.device,
         )
         if init == "pissa":
             from lorakit.variants.pissa import pissa_init
@@ -325,7 +344,11 @@ class LoraLayer(nn.Module):
     def refresh(self) -> None:
         """Recompute which adapters the forward runs (active, not merged, not disabled)."""
         merged = {m[0] for m in self.merged}
-        self._run = () if self.disabled else tuple((n, w) for n, w in self.active.items() if n not in merged and n in self.adapters)
+        self._run = (
+            ()
+            if self.disabled
+            else tuple((n, w) for n, w in self.active.items() if n not in merged and n in self.adapters)
+        )
 
     def merge_active(self) -> None:
         for name, weight in self.active.items():

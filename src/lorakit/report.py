@@ -26,11 +26,21 @@ def parameter_report(model: nn.Module) -> dict[str, Any]:
             r = adapter.r
             n_params = sum(p.numel() for p in adapter.parameters())
             per_adapter[aname] = per_adapter.get(aname, 0) + n_params
-            rows.append({
-                "module": name, "type": type(layer.base_layer).__name__, "adapter": aname, "variant": adapter.variant.name,
-                "r": r, "alpha": adapter.alpha, "d": d, "k": k, "full": d * k, "lora": r * (d + k),
-                "reduction": d * k / (r * (d + k)),
-            })
+            rows.append(
+                {
+                    "module": name,
+                    "type": type(layer.base_layer).__name__,
+                    "adapter": aname,
+                    "variant": adapter.variant.name,
+                    "r": r,
+                    "alpha": adapter.alpha,
+                    "d": d,
+                    "k": k,
+                    "full": d * k,
+                    "lora": r * (d + k),
+                    "reduction": d * k / (r * (d + k)),
+                }
+            )
     return {
         "total": total,
         "trainable": trainable,
@@ -42,7 +52,9 @@ def parameter_report(model: nn.Module) -> dict[str, Any]:
 
 def format_report(report: dict[str, Any], *, max_rows: int = 40) -> str:
     """A plain-text table of `parameter_report`'s result."""
-    lines = [f"{'module':<48} {'type':<10} {'adapter':<10} {'r':>4} {'d':>6} {'k':>6} {'d·k':>10} {'r·(d+k)':>9} {'×less':>7}"]
+    lines = [
+        f"{'module':<48} {'type':<10} {'adapter':<10} {'r':>4} {'d':>6} {'k':>6} {'d·k':>10} {'r·(d+k)':>9} {'×less':>7}"
+    ]
     rows = report["layers"]
     for row in rows[:max_rows]:
         lines.append(

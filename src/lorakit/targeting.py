@@ -108,7 +108,11 @@ def _no_match_message(model: nn.Module, config: LoraConfig, names: list[str]) ->
     for w in wanted:
         near += difflib.get_close_matches(w.rsplit(".", 1)[-1], leaves, n=3, cutoff=0.4)
     near = list(dict.fromkeys(near)) or leaves[:8]
-    extra = f" (after exclude={config.exclude!r}, layers={config.layers!r})" if config.exclude or config.layers else ""
+    extra = (
+        f" (after exclude={config.exclude!r}, layers={config.layers!r})"
+        if config.exclude or config.layers
+        else ""
+    )
     return (
         f"targets {config.targets!r} matched no module in {type(model).__name__}{extra}; "
         f"nearest adaptable module names: {', '.join(near) or 'none'}"

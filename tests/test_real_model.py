@@ -1,0 +1,221 @@
+"""The core on the real pretrained default model, SmolLM2-135M-Instruct: PEFT interop both ways, merge to a
+Hugging Face folder that loads without lorakit, inspect, and the README's demo.
+
+Tolerances: logits (magnitude ~20) over 30 fp32 layers. PEFT scales B·A·x after B, lorakit scales the rank-r
+intermediate, a different rounding order that grows through the layers to ~1e-5..8e-5 (relative ~4e-6); merged vs
+unmerged weights change the summation order inside each matmul, giving differences up to ~1e-4 on logits of
+magnitude ~20, so we allow atol=5e-4 there.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lorakit
+from lorakit import LoraConfig
+
+from tiny import randomize
+
+peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")
+pytestmark = pytest.mark.real_model
+
+PEFT_ATOL = 1.5e-4
+MERGE_ATOL = 5e-4
+
+
+@pytest.fixture(scope="module")
+def smol(default_model_dir):
+    model, tok = lorakit.load_model(default_model_dir)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def batch(smol):
+    _, tok = smol
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Name three colours."}], tokenize=False, add_generation_prompt=True
+    )
+    return tok(text, return_tensors="pt")["input_ids"]
+
+
+def _fresh(default_model_dir):
+    return lorakit.load_model(default_model_dir)[0]
+
+
+CASES = [
+    pytest.param(LoraConfig(r=8, alpha=16, targets="all-linear"), id="lora-all-linear"),
+    pytest.param(
+        LoraConfig(
+            r=8,
+            alpha=16,
+            targets=["q_proj", "v_proj", "up_proj"],
+            use_rslora=True,
+            rank_pattern={r"layers\.(1|2)\.self_attn\.q_proj": 4},
+            alpha_pattern={"up_proj": 4.0},
+        ),
+        id="rslora-patterns",
+    ),
+    pytest.param(LoraConfig(r=4, alpha=8, targets=["q_proj", "down_proj"], use_dora=True), id="dora"),
+    pytest.param(LoraConfig(r=4, alpha=8, targets=["embed_tokens", "o_proj"]), id="embedding-tied"),
+]
+
+
+@pytest.mark.parametrize("cfg", CASES)
+def test_smollm2_lorakit_adapter_loads_in_peft(cfg, default_model_dir, batch, tmp_path):
+    model = _fresh(default_model_dir)
+    lorakit.inject(model, cfg)
+    randomize(model, std=0.02)
+    with torch.no_grad():
+        ours = model(batch).logits
+        lorakit.save_adapter(model, tmp_path / "a")
+        theirs = (
+            peft.PeftModel.from_pretrained(_fresh(default_model_dir), tmp_path / "a").eval()(batch).logits
+        )
+    torch.testing.assert_close(theirs, ours, atol=PEFT_ATOL, rtol=0)
+    with torch.no_grad(), lorakit.disabled(model):
+        assert (model(batch).logits - ours).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("cfg", CASES)
+def test_smollm2_peft_adapter_loads_in_lorakit(cfg, default_model_dir, batch, tmp_path):
+    d = cfg.to_peft_dict()
+    pcfg = peft.LoraConfig(**{k: v for k, v in d.items() if k not in ("peft_type", "inference_mode")})
+    pmodel = peft.get_peft_model(_fresh(default_model_dir), pcfg).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in pmodel.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn_like(p) * 0.02)
+        theirs = pmodel(batch).logits
+    pmodel.save_pretrained(tmp_path / "p")
+    model = _fresh(default_model_dir)
+    lorakit.load_adapter(model, tmp_path / "p")
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch).logits, theirs, atol=PEFT_ATOL, rtol=0)
+
+
+CHECK_WITHOUT_LORAKIT = textwrap.dedent("""
+    import sys
+    sys.modules["lorakit"] = None          # any import of lorakit now fails
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], local_files_only=True, dtype=torch.float32).eval()
+    ids = load_file(sys.argv[2])["ids"]
+    with torch.no_grad():
+        save_file({"logits": model(ids).logits.contiguous()}, sys.argv[3])
+""")
+
+
+def test_merge_cli_writes_folder_transformers_loads_without_lorakit(default_model_dir, batch, tmp_path):
+    model = _fresh(default_model_dir)
+    lorakit.inject(
+        model, LoraConfig(r=8, alpha=16, targets=["embed_tokens", "q_proj", "v_proj", "down_proj"])
+    )
+    randomize(model, std=0.02)
+    with torch.no_grad():
+        unmerged = model(batch).logits
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    env = {**os.environ, "LORAKIT_CACHE": os.environ.get("LORAKIT_CACHE", "")}
+    cli = [
+        sys.executable,
+        "-m",
+        "lorakit",
+        "merge",
+        "--model",
+        str(default_model_dir),
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--out",
+        str(tmp_path / "merged"),
+    ]
+    proc = subprocess.run(cli, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    save_file({"ids": batch.contiguous()}, str(tmp_path / "ids.safetensors"))
+    check = [
+        sys.executable,
+        "-c",
+        CHECK_WITHOUT_LORAKIT,
+        str(tmp_path / "merged"),
+        str(tmp_path / "ids.safetensors"),
+        str(tmp_path / "out.safetensors"),
+    ]
+    proc = subprocess.run(check, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    merged = load_file(str(tmp_path / "out.safetensors"))["logits"]
+    torch.testing.assert_close(merged, unmerged, atol=MERGE_ATOL, rtol=0)
+    with torch.no_grad(), lorakit.disabled(model):
+        assert (model(batch).logits - unmerged).abs().max() > 1e-2  # the adapter mattered
+
+
+def test_merge_and_unload_in_process(default_model_dir, batch):
+    model = _fresh(default_model_dir)
+    lorakit.inject(model, LoraConfig(r=8, targets="all-linear", use_dora=True))
+    randomize(model, std=0.02)
+    with torch.no_grad():
+        out = model(batch).logits
+        plain = lorakit.unload(model, merge=True)
+        assert not any(isinstance(m, lorakit.LoraLayer) for m in plain.modules())
+        torch.testing.assert_close(plain(batch).logits, out, atol=MERGE_ATOL, rtol=0)
+
+
+def test_inspect_cli_on_adapter_and_model(default_model_dir, tmp_path):
+    model = _fresh(default_model_dir)
+    lorakit.inject(model, LoraConfig(r=16, targets=["q_proj", "v_proj"]))
+    lorakit.save_adapter(model, tmp_path / "a")
+    out = subprocess.run(
+        [sys.executable, "-m", "lorakit", "inspect", str(tmp_path / "a")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "60 modules" in out.stdout and "model.layers.0.self_attn.q_proj" in out.stdout
+    assert "r=16" in out.stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "lorakit", "inspect", str(default_model_dir), "--r", "8"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    # r·(d+k) per layer: q,o 8·(576+576)=9,216; k,v 8·(192+576)=6,144; gate,up,down 8·(1536+576)=16,896; × 30 layers
+    assert "9,216" in out.stdout and "trainable params: 2,442,240" in out.stdout
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "merge",
+            "--model",
+            str(tmp_path / "missing"),
+            "--adapter",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing" in lines[0] and lines[0].startswith("lorakit merge: error:")
+    assert not (tmp_path / "o").exists()
+
+
+def test_demo_main_job(tmp_path):
+    """The README's main-job command: inject, train a few steps, save, reload, generate."""
+    out = subprocess.run(
+        [sys.executable, "-m", "lorakit", "demo", "--steps", "15", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "demo OK" in out.stdout and "Blue Pelican" in out.stdout
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

@@ -12,10 +12,17 @@ ids, fixed seed), fp32, on the CPU. Variants:
 
 Method. Peak RSS (``ru_maxrss``) only ever grows, so each measurement runs in its own subprocess
 (``--worker VARIANT``), which loads the model, sets the thread count, runs one untimed warm-up step, times
-``--steps`` steps with ``time.perf_counter()`` and prints one JSON line. The parent runs ``--rounds`` rounds of
-all variants, rotating the order each round so slow drift of the machine hits every variant alike, and reports
-the median over rounds of each worker's median step time, the peak RSS, and the lorakit/peft and lorakit/bound
-ratios (median and min-max of the per-round paired ratios).
+``--steps`` steps with ``time.perf_counter()`` and prints one JSON line. It also reports its RSS after load and
+its peak RSS during the steps alone (``VmHWM`` reset after load). The parent runs ``--rounds`` rounds of all
+variants, rotating the order each round (and reversing it every other cycle of rotations, so a variant does not
+always follow the same one) so that drift of the machine hits every variant alike. It reports the median over
+rounds of each worker's median step time, the peak RSS, and the lorakit/peft and lorakit/bound ratios as median
+[min–max] of the per-round paired ratios.
+
+Noise. On the 2-core VM a step allocates ~0.85 GB of fresh pages (glibc hands large freed blocks back to the
+kernel), and first-touch page faults there cost 1–2 s per GB, depending on what ran before; worker-to-worker
+spread is about ±7 %. Three rounds cannot resolve differences under ~5 %: use ``--rounds 6`` or more (6 rounds
+of 3 variants run all 6 orders) before drawing conclusions from small ratios.
 
 Usage::
 
@@ -199,13 +206,22 @@ def spawn(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
+def round_order(variants: list[str], i: int) -> list[str]:
+    """Round ``i``'s order: rotated by ``i``, so each variant takes each position once every ``n`` rounds.
+
+    Rotation alone keeps the cyclic order, so a variant would always follow the same one; every other cycle of
+    ``n`` rounds is therefore reversed (rounds n..2n-1 of 3 variants: BPL, LBP, PLB), which mixes predecessors.
+    """
+    n = len(variants)
+    order = variants[i % n :] + variants[: i % n]
+    return order[::-1] if (i // n) % 2 else order
+
+
 def run_rounds(args: argparse.Namespace) -> list[dict[str, dict[str, Any]]]:
-    """``args.rounds`` rounds of every variant, the order rotated by one each round."""
-    variants = list(args.variants)
+    """``args.rounds`` rounds of every variant in ``round_order``."""
     rounds = []
     for i in range(args.rounds):
-        k = i % len(variants)
-        order = variants[k:] + variants[:k]
+        order = round_order(list(args.variants), i)
         results = {}
         for variant in order:
             res = spawn(args, variant)
@@ -221,9 +237,9 @@ def run_rounds(args: argparse.Namespace) -> list[dict[str, dict[str, Any]]]:
     return rounds
 
 
-def spread(values: list[float], fmt: str) -> str:
-    """``median [min–max]``, or just the value when there is one."""
-    med = format(statistics.median(values), fmt)
+def spread(values: list[float], fmt: str, unit: str = "") -> str:
+    """``median [min–max]``, or just the median when there is one value."""
+    med = format(statistics.median(values), fmt) + unit
     if len(values) == 1:
         return med
     return f"{med} [{format(min(values), fmt)}–{format(max(values), fmt)}]"
@@ -253,21 +269,12 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], variants: list[str]) -> t
         (a, b) for a, b in (("lorakit", "peft"), ("lorakit", "bound")) if a in variants and b in variants
     ]
     if pairs:
-        lines += [
-            "",
-            "| ratio | step time | peak RSS |" + (" peak RSS during steps |" if has_train_peak else ""),
-            "|---|---:|---:|" + ("---:|" if has_train_peak else ""),
-        ]
+        lines += ["", "| ratio | step time | peak RSS |", "|---|---:|---:|"]
     for a, b in pairs:
         t = [r[a]["step_s"] / r[b]["step_s"] for r in rounds]
         m = [r[a]["peak_rss_gb"] / r[b]["peak_rss_gb"] for r in rounds]
-        ratios[f"{a}/{b}"] = {"time": statistics.median(t), "mem": statistics.median(m)}
-        row = f"| {a} / {b} | {spread(t, '.3f')}× | {spread(m, '.3f')}× |"
-        if has_train_peak:
-            tm = [r[a]["train_peak_gb"] / r[b]["train_peak_gb"] for r in rounds]
-            ratios[f"{a}/{b}"]["train_mem"] = statistics.median(tm)
-            row += f" {spread(tm, '.3f')}× |"
-        lines.append(row)
+        ratios[f"{a}/{b}"] = {"time": t, "mem": m}
+        lines.append(f"| {a} / {b} | {spread(t, '.3f', '×')} | {spread(m, '.3f', '×')} |")
 
     losses = {v: rounds[0][v]["first_loss"] for v in variants}
     if len({round(x, 4) for x in losses.values()}) > 1:
@@ -275,20 +282,32 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], variants: list[str]) -> t
     return "\n".join(lines), ratios
 
 
+def verdict(values: list[float], what: str, less: str, more: str) -> str:
+    """A ``"0.926× the time of a PEFT step (faster in every round)"``-style phrase for paired ratios."""
+    med = statistics.median(values)
+    if all(v < 1 for v in values):
+        tail = f"{less} in every round" if len(values) > 1 else less
+    elif all(v > 1 for v in values):
+        tail = f"{more} in every round" if len(values) > 1 else more
+    else:
+        tail = "the rounds disagree"
+    return f"{med:.3f}× {what} ({tail})"
+
+
 def interpretation(ratios: dict[str, Any]) -> str:
+    """One sentence on the lorakit/peft (and lorakit/bound) ratios."""
     lp, lb = ratios.get("lorakit/peft"), ratios.get("lorakit/bound")
     if not lp:
         return ""
-    verdict = "no slower" if lp["time"] <= 1.0 else "slower"
-    mem = "no larger" if lp["mem"] <= 1.0 else "larger"
     text = (
-        f"A lorakit step is {verdict} than PEFT's ({lp['time']:.3f}× the time) and its peak memory is {mem} "
-        f"({lp['mem']:.3f}×)"
+        f"A lorakit step takes {verdict(lp['time'], 'the time of a PEFT step', 'faster', 'slower')} and "
+        f"{verdict(lp['mem'], 'its peak RSS', 'smaller', 'larger')}"
     )
     if lb:
         text += (
-            f"; against the frozen-base lower bound it costs {lb['time']:.2f}× the time and {lb['mem']:.2f}× the "
-            "peak memory, the price of the adapter matmuls, their weight gradients and AdamW"
+            f"; over the frozen-base lower bound, LoRA training (adapter matmuls, their weight gradients, AdamW) "
+            f"costs {statistics.median(lb['time']):.2f}× the time and {statistics.median(lb['mem']):.2f}× the "
+            "peak memory"
         )
     return text + "."
 
@@ -317,9 +336,7 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def docs_section(
-    args: argparse.Namespace, table: str, ratios: dict[str, Any], loads: tuple[float, float]
-) -> str:
+def docs_section(args: argparse.Namespace, table: str, ratios: dict[str, Any], load_before: float) -> str:
     setup = (
         f"{args.rounds} rounds × {len(args.variants)} variants, {args.steps} timed steps per worker after 1 warm-up, "
         f"batch {args.batch} × {args.seq} tokens, r={args.r}, alpha={args.r}, dropout={args.dropout}, fp32, "
@@ -333,7 +350,7 @@ def docs_section(
             f"- machine: {os.cpu_count()} CPUs ({cpu_name()}), Python {platform.python_version()}, "
             f"torch {version('torch')}, transformers {version('transformers')}, peft {version('peft')}",
             f"- command: `{display_command()}`",
-            f"- 1-minute load average: {loads[0]:.2f} before the run, {loads[1]:.2f} after",
+            f"- 1-minute load average before the run: {load_before:.2f}",
             f"- setup: {setup}" + (" (**--quick** smoke run, not a measurement)" if args.quick else ""),
             "- step time: median over rounds of each worker's median step; peak RSS: `ru_maxrss` of the worker "
             "process (imports and load included); peak RSS during steps: `VmHWM` reset after load, so it covers "
@@ -377,9 +394,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="HF folder or .gguf file (default: lorakit's default)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per worker")
-    parser.add_argument("--quick", action="store_true", help="smoke check: batch 1, seq 32, 1 round, 2 steps")
-    parser.add_argument("--write-docs", action="store_true", help=f"update the bench_step section of {DOCS}")
-    parser.add_argument("--docs", type=Path, default=DOCS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke check: batch 1, seq 32, 1 round, 2 steps (overrides those options)",
+    )
+    parser.add_argument(
+        "--write-docs", action="store_true", help="update the bench_step section of the --docs file"
+    )
+    parser.add_argument("--json", type=Path, help="also write every worker's raw result to this file")
+    parser.add_argument("--docs", type=Path, default=DOCS, help="the file --write-docs updates")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -399,13 +423,14 @@ def main(argv: list[str] | None = None) -> None:
     if load_before > 0.5:
         print(f"warning: load average {load_before:.2f} > 0.5; timings will be disturbed", file=sys.stderr)
     rounds = run_rounds(args)
-    loads = (load_before, os.getloadavg()[0])
     table, ratios = summarize(rounds, args.variants)
+    if args.json:
+        args.json.write_text(json.dumps({"command": display_command(), "rounds": rounds}, indent=1) + "\n")
     print(table)
     if sentence := interpretation(ratios):
         print(f"\n{sentence}")
     if args.write_docs:
-        write_docs(args.docs, docs_section(args, table, ratios, loads))
+        write_docs(args.docs, docs_section(args, table, ratios, load_before))
         print(f"\nupdated {args.docs}")
 
 

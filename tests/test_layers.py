@@ -166,3 +166,13 @@ def test_input_dtype_is_preserved():
     lorakit.inject(model, LoraConfig(r=2, targets=["0"]))
     assert model[0].adapters["default"].lora_A.dtype == torch.bfloat16
     assert model(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_unload_with_inactive_pissa_adapter_restores_base(merge):
+    model, x = tiny_llama(), ids()
+    base = model(x).logits
+    lorakit.inject(model, LoraConfig(r=4, targets=["q_proj"], init="pissa"), "p")
+    lorakit.inject(model, LoraConfig(r=4, targets=["v_proj"]), "plain")  # now "plain" is the only active one
+    plain = lorakit.unload(model, merge=merge)
+    torch.testing.assert_close(plain(x).logits, base, atol=1e-5, rtol=0)

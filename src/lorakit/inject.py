@@ -174,8 +174,9 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
 
         unmerge(model)
     for name, layer in list(lora_layers(model)):
-        if not merge:  # PiSSA adapters moved part of W0 into B·A: give it back
-            for aname in list(layer.adapters):
+        merged = {m[0] for m in layer.merged}
+        for aname in list(layer.adapters):
+            if aname not in merged:  # gives back what PiSSA moved from W0 into B·A
                 layer.remove_adapter(aname)
         _set_submodule(model, name, layer.base_layer)
     _restore_requires_grad(model, reg)

@@ -25,6 +25,13 @@ from lorakit.report import format_report, parameter_report
 from lorakit.targeting import select_modules
 
 
+def run_training(config, **kwargs):
+    """Train a LoRA adapter as a `RunConfig` says (what `lorakit train` runs); returns the summary dict."""
+    from lorakit.train.run import run_training as _run
+
+    return _run(config, **kwargs)
+
+
 def load_model(spec=None, **kwargs):
     """Load a base model and tokenizer: None for the default SmolLM2-135M-Instruct, a HF folder or a .gguf file."""
     from lorakit.models import load_model as _load_model
@@ -66,6 +73,7 @@ __all__ = [
     "merge",
     "parameter_report",
     "read_adapter",
+    "run_training",
     "save_adapter",
     "select_modules",
     "set_active",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -152,6 +153,81 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from lorakit.train.config import load_config
+    from lorakit.train.run import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    bars: list = []  # created at the first step, so the clock and ETA start there and errors leave no bar
+
+    def on_record(rec: dict) -> None:
+        if "loss" in rec:
+            if not bars:
+                quiet = os.environ.get("RANK", "0") != "0"
+                bars.append(
+                    tqdm(
+                        total=cfg.train.steps,
+                        initial=rec["step"] - 1,
+                        desc="train",
+                        unit="step",
+                        disable=quiet,
+                    )
+                )
+            bars[0].n = rec["step"]
+            bars[0].set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            bars[0].refresh()
+        elif "eval_loss" in rec:
+            tqdm.write(
+                f"step {rec['step']}: eval loss {rec['eval_loss']:.4f}"
+                + (f", accuracy {100 * rec['eval_accuracy']:.1f}%" if "eval_accuracy" in rec else "")
+            )
+
+    try:
+        summary = run_training(cfg, callbacks=[on_record], say=tqdm.write)
+    finally:
+        for bar in bars:
+            bar.close()
+    if "rank" in summary:  # torchrun: only rank 0 reports
+        return 0
+    b, a = summary["before"], summary["after"]
+    print("\n               before      after")
+    if "accuracy" in a:
+        print(f"accuracy     {100 * b['accuracy']:7.1f}%   {100 * a['accuracy']:7.1f}%")
+    print(f"eval loss    {b['loss']:8.4f}   {a['loss']:8.4f}")
+    print(
+        f"\n{summary['tokens'] / summary['train_seconds']:.0f} tokens/s over {summary['train_seconds']:.0f} s, "
+        f"peak memory {summary['peak_rss_gb']:.2f} GB"
+    )
+    print(f"adapter:   {summary['adapter']}")
+    print(f"run folder: {summary['run_dir']} (config.yaml, metrics.jsonl, loss.png, summary.json)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import lorakit
+    from lorakit.data.jsonl import read_jsonl
+    from lorakit.data.tokenize import encode_dataset
+    from lorakit.train.evaluate import eval_loss, exact_match
+
+    examples = read_jsonl(args.data)
+    model, tok = _load(args.model)
+    if args.adapter:
+        lorakit.load_adapter(model, args.adapter, allow_pickle=args.allow_pickle)
+    rows, stats = encode_dataset(tok, examples, max_len=args.max_len, chat=not args.no_chat)
+    print(f"{len(rows)} examples ({stats['truncated']} truncated to {args.max_len} tokens)")
+    print(f"eval loss: {eval_loss(model, rows, tok.pad_token_id):.4f}")
+    acc, samples = exact_match(
+        model, tok, examples[: args.limit], max_new_tokens=args.max_new_tokens, chat=not args.no_chat
+    )
+    if acc is not None:
+        print(f"exact-match accuracy: {100 * acc:.1f}% on {len(samples)} examples")
+        for s in samples[:3]:
+            print(f"  expected {s['expected']!r}, got {s['got']!r}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lorakit", description="Low-Rank Adaptation toolkit (PEFT-compatible adapters)."
@@ -166,6 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     d.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
     d.set_defaults(func=cmd_demo)
+
+    from lorakit.train.config import help_text
+
+    t = sub.add_parser(
+        "train",
+        help="fine-tune a LoRA adapter (default: SmolLM2-135M-Instruct on the built-in 'dates' task)",
+        usage="lorakit train [CONFIG.yaml] [--section.key value ...]",
+        epilog="settings (YAML sections; override any with --section.key value):\n" + help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.set_defaults(func=cmd_train)
 
     i = sub.add_parser(
         "inspect", help="show what an adapter or a LoRA on a model adapts: r·(d+k) vs d·k per layer"
@@ -194,6 +281,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.set_defaults(func=cmd_merge)
 
+    e = sub.add_parser(
+        "eval", help="eval loss and exact-match accuracy of a model (+ adapter) on a JSONL file"
+    )
+    e.add_argument(
+        "--data", required=True, help="JSONL file: {prompt,completion}, {messages} or {text} per line"
+    )
+    e.add_argument("--model", help=MODEL_HELP)
+    e.add_argument("--adapter", help="adapter folder (PEFT layout)")
+    e.add_argument("--max-len", type=int, default=256, help="maximum tokens per example (default: 256)")
+    e.add_argument("--limit", type=int, default=100, help="examples generated for accuracy (default: 100)")
+    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    e.add_argument(
+        "--allow-pickle", action="store_true", help="accept a pickled adapter_model.bin (weights_only)"
+    )
+    e.set_defaults(func=cmd_eval)
+
     g = sub.add_parser("generate", help="generate text with the chat template, optionally with adapters")
     g.add_argument("prompt")
     g.add_argument("--model", help=MODEL_HELP)
@@ -209,7 +313,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":  # lorakit train [CONFIG.yaml] [--section.key value ...]
+        has_config = bool(rest) and not rest[0].startswith("--")
+        args.config, args.overrides = (rest[0], rest[1:]) if has_config else (None, rest)
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

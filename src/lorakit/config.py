@@ -58,6 +58,7 @@ _PEFT_UNSUPPORTED_KEYS = {
     "velora_config",
     "use_mica",
     "modules_to_save",
+    "kasa_config",
 }
 
 

@@ -62,6 +62,18 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
             merge(model)
 
 
+@contextmanager
+def merged(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the block with the active adapters merged (fast inference), then restore the previous state."""
+    was_merged = any(layer.merged for _, layer in lora_layers(model))
+    merge(model)
+    try:
+        yield model
+    finally:
+        if not was_merged:
+            unmerge(model)
+
+
 def merge(model: nn.Module) -> None:
     """Fold the active adapters (with their weights) into the base weights. Merging twice changes nothing."""
     for name, layer in lora_layers(model):

@@ -1,0 +1,62 @@
+"""Built-in tasks: generated procedurally from a seed, with answers that can be checked by exact match.
+
+`dates`: rewrite a date written in words ("the 5th of March, 2021", "Mar 5 2021", ...) as ISO 8601
+("2021-03-05"). The base model knows month names but not this exact output, so it mostly fails; a LoRA learns the
+mapping in a few hundred short steps.
+"""
+
+from __future__ import annotations
+
+import calendar
+import random
+from typing import Any
+
+MONTHS = list(calendar.month_name)[1:]
+INSTRUCTION = "Rewrite this date in ISO format (YYYY-MM-DD), answer with the date only: "
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 11 <= n % 100 <= 13 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+FORMATS = [
+    lambda d, m, y: f"{MONTHS[m - 1]} {d}, {y}",
+    lambda d, m, y: f"{d} {MONTHS[m - 1]} {y}",
+    lambda d, m, y: f"the {_ordinal(d)} of {MONTHS[m - 1]}, {y}",
+    lambda d, m, y: f"{MONTHS[m - 1][:3]} {d} {y}",
+    lambda d, m, y: f"{MONTHS[m - 1]} {_ordinal(d)} {y}",
+]
+
+
+def dates_example(rng: random.Random) -> dict[str, Any]:
+    y, m = rng.randint(1900, 2099), rng.randint(1, 12)
+    d = rng.randint(1, calendar.monthrange(y, m)[1])
+    text = rng.choice(FORMATS)(d, m, y)
+    return {"prompt": INSTRUCTION + text, "completion": f"{y:04d}-{m:02d}-{d:02d}"}
+
+
+TASKS = {"dates": dates_example}
+
+
+def make_task(name: str = "dates", *, n_train: int = 2000, n_eval: int = 100, seed: int = 0):
+    """(train, eval) example lists for built-in task `name`; eval prompts never occur in train."""
+    if name not in TASKS:
+        from lorakit.data.jsonl import DataError
+
+        raise DataError(f"unknown built-in task {name!r}; available: {sorted(TASKS)}")
+    rng = random.Random(seed)
+    gen = TASKS[name]
+    eval_set: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    while len(eval_set) < n_eval:
+        ex = gen(rng)
+        if ex["prompt"] not in seen:
+            seen.add(ex["prompt"])
+            eval_set.append(ex)
+    train: list[dict[str, Any]] = []
+    while len(train) < n_train:
+        ex = gen(rng)
+        if ex["prompt"] not in seen:
+            train.append(ex)
+    return train, eval_set

@@ -1,0 +1,255 @@
+"""Run configuration for `lorakit train`: typed sections, a YAML file, and `--section.key value` overrides.
+
+Every field has a one-line docstring; `lorakit train --help` lists them all. Unknown keys are errors with a
+"did you mean". The resolved config is written into the run folder and can be used as the config of a new run.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorakit.config import LoraConfig
+from lorakit.errors import ConfigError
+
+
+@dataclass
+class ModelSection:
+    path: str | None = None
+    """Base model: a Hugging Face folder or a .gguf file; empty for the default SmolLM2-135M-Instruct."""
+    dtype: str = "float32"
+    """Compute dtype: float32 (fast on CPU) or bfloat16."""
+
+
+@dataclass
+class DataSection:
+    task: str | None = "dates"
+    """Built-in task to train on when no train_file is given ("dates")."""
+    train_file: str | None = None
+    """JSONL training file: {prompt,completion}, {messages} or {text} per line."""
+    eval_file: str | None = None
+    """JSONL evaluation file; if empty, eval_split of the training data is held out."""
+    eval_split: float = 0.05
+    """Fraction of train_file held out for evaluation when eval_file is empty."""
+    n_train: int = 2000
+    """Built-in task: number of training examples generated."""
+    n_eval: int = 100
+    """Built-in task: number of held-out evaluation examples."""
+    max_len: int = 256
+    """Maximum tokens per example (longer ones are cut, and counted)."""
+    chat: bool = True
+    """Apply the tokenizer's chat template to prompts and messages."""
+    train_on_all: bool = False
+    """Learn every token, prompts and user turns included (default: completions and assistant turns only)."""
+    pack: bool = False
+    """Concatenate short examples into rows of max_len tokens."""
+
+
+@dataclass
+class TrainSection:
+    out_dir: str = "runs/train"
+    """Run folder: config.yaml, metrics.jsonl, loss.png, adapter/, checkpoints/."""
+    steps: int = 40
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Examples per micro-batch (per process)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 2e-3
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warmup: cosine, linear or constant."""
+    warmup_steps: int = 4
+    """Linear warmup steps."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    grad_checkpointing: bool = False
+    """Non-reentrant gradient checkpointing (less memory, ~30% slower)."""
+    seed: int = 0
+    """Seed for initialisation, data order and dropout."""
+    eval_every: int = 0
+    """Evaluate every N steps (0: only before and after training)."""
+    save_every: int = 20
+    """Write a resumable checkpoint every N steps (0: never)."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+    resume: str | None = None
+    """Checkpoint folder to resume from, or "auto" for the newest in out_dir/checkpoints."""
+    threads: int = 0
+    """CPU threads for torch (0: all cores)."""
+
+
+@dataclass
+class EvalSection:
+    max_new_tokens: int = 16
+    """Tokens generated per eval example for exact-match accuracy."""
+    limit: int = 100
+    """Eval examples used for accuracy (eval loss uses all)."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(r=16, alpha=32, targets="all-linear"))
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f for f in fields(RunConfig)}
+
+
+def _section_fields(name: str) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in fields(SECTIONS[name].default_factory())}
+
+
+def _did_you_mean(word: str, options: list[str]) -> str:
+    near = difflib.get_close_matches(word, options, n=1)
+    return f"; did you mean {near[0]!r}?" if near else f"; known: {', '.join(options)}"
+
+
+def from_dict(d: dict[str, Any], *, source: str = "config") -> RunConfig:
+    """Build a RunConfig from nested dicts; unknown sections or keys are errors with a suggestion."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(d).__name__}")
+    kwargs: dict[str, Any] = {}
+    for section, values in d.items():
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"{source}: unknown section {section!r}{_did_you_mean(section, list(SECTIONS))}"
+            )
+        values = values or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+        known = _section_fields(section)
+        for key in values:
+            if key not in known:
+                raise ConfigError(f"{source}: unknown key {section}.{key}{_did_you_mean(key, list(known))}")
+        try:
+            defaults = SECTIONS[section].default_factory()  # the run's defaults; the file's values win
+            kwargs[section] = type(defaults)(**{**dataclasses.asdict(defaults), **values})
+        except TypeError as e:
+            raise ConfigError(f"{source}: section {section!r}: {e}") from None
+    cfg = RunConfig(**kwargs)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    t, dsec = cfg.train, cfg.data
+    checks = [
+        (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
+        (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
+        (t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}"),
+        (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
+        (
+            t.schedule in ("cosine", "linear", "constant"),
+            f"train.schedule must be cosine, linear or constant, got {t.schedule!r}",
+        ),
+        (
+            cfg.model.dtype in ("float32", "bfloat16"),
+            f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}",
+        ),
+        (dsec.max_len >= 8, f"data.max_len must be >= 8, got {dsec.max_len}"),
+        (0 < dsec.eval_split < 1, f"data.eval_split must be in (0, 1), got {dsec.eval_split}"),
+        (dsec.train_file or dsec.task, "set data.train_file or data.task"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: YAML scalars and lists ("3", "2e-4", "true", "[q_proj, v_proj]", "null")."""
+    for number in (int, float):  # YAML 1.1 reads "2e-4" as a string
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str]) -> RunConfig:
+    """A YAML file (or the defaults) plus `--section.key value` overrides."""
+    data: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    data = {k: dict(v or {}) for k, v in data.items()} if isinstance(data, dict) else data
+    i = 0
+    while i < len(overrides):
+        arg = overrides[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(f"override {arg!r} must look like --section.key value")
+        key, _, inline = arg[2:].partition("=")
+        if inline == "" and "=" not in arg:
+            if i + 1 >= len(overrides):
+                raise ConfigError(f"override {arg} needs a value")
+            value, i = overrides[i + 1], i + 2
+        else:
+            value, i = inline, i + 1
+        section, _, name = key.partition(".")
+        data.setdefault(section, {})[name.replace("-", "_")] = parse_value(value)
+    return from_dict(data, source=str(path) if path else "command line")
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    from lorakit.atomic import atomic_file
+
+    atomic_file(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+
+
+def help_text() -> str:
+    """Every field with its default and docstring, for `lorakit train --help`."""
+    lines = []
+    for section, f in SECTIONS.items():
+        obj = f.default_factory()
+        lines.append(f"{section}:")
+        docs = _field_docs(type(obj))
+        for fld in fields(obj):
+            default = getattr(obj, fld.name)
+            lines.append(f"  --{section}.{fld.name} (default: {default!r})  {docs.get(fld.name, '')}")
+    return "\n".join(lines)
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The string literal after each field in the class body: our one-line field docs."""
+    import inspect
+
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    out = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(getattr(nxt, "value", None), ast.Constant)
+        ):
+            out[node.target.id] = " ".join(str(nxt.value.value).split())
+    return out

@@ -1,0 +1,100 @@
+"""Evaluation: token-weighted loss on held-out examples, and exact-match accuracy of greedy generations."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.control import merged
+from lorakit.data.tokenize import IGNORE, Encoded
+from lorakit.generate import format_prompt
+from lorakit.inject import adapter_names
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, rows: list[Encoded], pad_id: int, batch_size: int = 8) -> float:
+    """Mean cross-entropy per learned token over `rows`."""
+    from lorakit.train.loop import collate
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        batch = collate(rows[i : i + batch_size], pad_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        total += F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(),
+            labels.reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
+        ).item()
+        count += int((labels != IGNORE).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def prompt_and_answer(ex: dict[str, Any]) -> tuple[str | list[dict[str, str]], str] | None:
+    """What to prompt with and the expected answer, or None for plain-text examples."""
+    if "prompt" in ex:
+        return ex["prompt"], ex["completion"]
+    if "messages" in ex:
+        msgs = ex["messages"]
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        return msgs[:last], msgs[last]["content"]
+    return None
+
+
+@torch.no_grad()
+def exact_match(
+    model: nn.Module,
+    tokenizer,
+    examples: list[dict[str, Any]],
+    *,
+    max_new_tokens: int = 16,
+    chat: bool = True,
+    batch_size: int = 16,
+) -> tuple[float | None, list[dict[str, str]]]:
+    """Share of examples whose greedy answer equals the expected one (whitespace-stripped), and the samples."""
+    pairs = [p for p in (prompt_and_answer(ex) for ex in examples) if p is not None]
+    if not pairs:
+        return None, []
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    samples = []
+    try:
+        with merged(model) if adapter_names(model) else nullcontext():  # merged: faster decoding
+            for i in range(0, len(pairs), batch_size):
+                chunk = pairs[i : i + batch_size]
+                texts = [_prompt_text(tokenizer, p, chat) for p, _ in chunk]
+                enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+                for (_, want), row in zip(chunk, out[:, enc["input_ids"].shape[1] :], strict=True):
+                    got = tokenizer.decode(row, skip_special_tokens=True).strip()
+                    samples.append({"expected": want.strip(), "got": got})
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return sum(s["expected"] == s["got"] for s in samples) / len(samples), samples
+
+
+def _prompt_text(tokenizer, prompt, chat: bool) -> str:
+    if isinstance(prompt, str):
+        return format_prompt(tokenizer, prompt, chat=chat)
+    if chat and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "

@@ -1,0 +1,177 @@
+"""The training loop: one plain function, top to bottom.
+
+AdamW, warmup then cosine/linear/constant, gradient accumulation and clipping, optional non-reentrant gradient
+checkpointing, determinism from a seed, periodic eval and checkpoints with exact resume, a stop on a non-finite
+loss, metrics.jsonl. Callbacks receive every metrics record, so any tracker can plug in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.data.tokenize import IGNORE, Encoded
+from lorakit.errors import LorakitError
+from lorakit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lorakit.train.config import RunConfig
+
+log = logging.getLogger(__name__)
+Callback = Callable[[dict[str, Any]], None]
+
+
+class TrainingError(LorakitError, RuntimeError):
+    """Training cannot go on (non-finite loss, bad resume)."""
+
+
+def collate(rows: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of examples into input_ids, attention_mask and labels tensors (batch, seq)."""
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r.input_ids)
+        ids[i, :n] = torch.tensor(r.input_ids)
+        labels[i, :n] = torch.tensor(r.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def lr_factor(step: int, cfg: RunConfig) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, then the schedule."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return (step + 1) / (t.warmup_steps + 1)
+    if t.schedule == "constant":
+        return 1.0
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    if t.schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def batch_order(n: int, step: int, micro: int, cfg: RunConfig, world: int = 1, rank: int = 0) -> list[int]:
+    """Example indices of micro-batch `micro` of optimizer step `step` on `rank`: a pure function of the seed, so
+    a resumed run sees exactly the batches the uninterrupted one would have."""
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * world
+    start = step * per_step + (micro * world + rank) * cfg.train.batch_size
+    out = []
+    for pos in range(start, start + cfg.train.batch_size):
+        epoch, i = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch))
+        out.append(int(perm[i]))
+    return out
+
+
+def train_loop(
+    model: nn.Module,
+    train_rows: list[Encoded],
+    cfg: RunConfig,
+    *,
+    pad_id: int,
+    out_dir: Path,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    callbacks: list[Callback] | None = None,
+    world: int = 1,
+    rank: int = 0,
+    base_model_id: str | None = None,
+) -> dict[str, Any]:
+    """Train the model's trainable parameters on `train_rows`. Returns a summary dict."""
+    t = cfg.train
+    callbacks = list(callbacks or [])
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("the model has no trainable parameters (inject an adapter first)")
+    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    inner = getattr(model, "module", model)  # under DDP, the wrapped model
+    if t.grad_checkpointing and hasattr(inner, "gradient_checkpointing_enable"):
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(inner, "enable_input_require_grads"):
+            inner.enable_input_require_grads()
+    start = 0
+    resume = latest_checkpoint(out_dir) if t.resume == "auto" else t.resume
+    if resume:
+        start = load_checkpoint(Path(resume), inner, opt, sched, base_model_id=base_model_id)
+        log.info("resumed from %s at step %d", resume, start)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_file = out_dir / "metrics.jsonl"
+    emit = _emitter(metrics_file if rank == 0 else None, callbacks)
+    model.train()
+    tokens_seen, t0, last = 0, time.perf_counter(), None
+    step = start
+    try:
+        for step in range(start, t.steps):
+            torch.manual_seed(t.seed * 7919 + step)  # dropout masks depend on the step only: exact resume
+            loss_sum, n_tok = 0.0, 0
+            for micro in range(t.grad_accum):
+                batch = collate(
+                    [train_rows[i] for i in batch_order(len(train_rows), step, micro, cfg, world, rank)],
+                    pad_id,
+                )
+                loss = model(**batch).loss / t.grad_accum
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"loss became {loss.item()} at step {step + 1}; lower train.lr (now {t.lr}) or check the data"
+                    )
+                loss.backward()
+                loss_sum += loss.item()
+                n_tok += int(batch["attention_mask"].sum())
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else None
+            )
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            tokens_seen += n_tok * world
+            last = {
+                "step": step + 1,
+                "loss": loss_sum,
+                "lr": sched.get_last_lr()[0],
+                "tokens_per_s": tokens_seen / (time.perf_counter() - t0),
+                "elapsed_s": time.perf_counter() - t0,
+            }
+            if grad_norm is not None:
+                last["grad_norm"] = float(grad_norm)
+            if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+                emit(last)
+            if evaluate and t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:
+                emit({"step": step + 1, **{f"eval_{k}": v for k, v in evaluate().items()}})
+                model.train()
+            if rank == 0 and t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.steps:
+                save_checkpoint(out_dir, step + 1, inner, opt, sched, cfg, base_model_id=base_model_id)
+    except KeyboardInterrupt:
+        if rank == 0 and last is not None:
+            path = save_checkpoint(out_dir, last["step"], inner, opt, sched, cfg, base_model_id=base_model_id)
+            log.warning("interrupted: saved a resumable checkpoint to %s", path)
+            raise TrainingError(
+                f"interrupted at step {last['step']}; resume with --train.resume {path}"
+            ) from None
+        raise
+    model.eval()
+    return {
+        "steps": t.steps,
+        "resumed_from": start,
+        "tokens": tokens_seen,
+        "train_seconds": time.perf_counter() - t0,
+        "last": last,
+    }
+
+
+def _emitter(path: Path | None, callbacks: list[Callback]) -> Callback:
+    def emit(record: dict[str, Any]) -> None:
+        if path is not None:
+            with path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        for cb in callbacks:
+            cb(record)
+
+    return emit

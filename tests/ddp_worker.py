@@ -1,0 +1,42 @@
+"""Run by test_ddp.py, alone or under torchrun: train a tiny model a few steps and save the adapter (rank 0)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import lorakit  # noqa: E402
+from lorakit.data.tokenize import IGNORE, Encoded  # noqa: E402
+from lorakit.train.config import RunConfig, TrainSection  # noqa: E402
+from lorakit.train.loop import train_loop  # noqa: E402
+from lorakit.train.run import init_distributed  # noqa: E402
+
+from tiny import tiny_llama  # noqa: E402
+
+out, accum = Path(sys.argv[1]), int(sys.argv[2])
+torch.set_num_threads(1)
+world, rank = init_distributed()
+torch.manual_seed(0)
+model = tiny_llama()
+lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"))
+g = torch.Generator().manual_seed(0)
+rows = []
+for _ in range(16):
+    ids = torch.randint(0, 128, (10,), generator=g).tolist()
+    rows.append(Encoded(ids, [IGNORE] * 3 + ids[3:]))
+cfg = RunConfig(
+    train=TrainSection(
+        out_dir=str(out), steps=4, batch_size=2, grad_accum=accum, lr=1e-2, warmup_steps=1, save_every=0
+    )
+)
+trained = model
+if world > 1:
+    trained = torch.nn.parallel.DistributedDataParallel(model)
+train_loop(trained, rows, cfg, pad_id=0, out_dir=out, world=world, rank=rank)
+if rank == 0:
+    save_file(lorakit.adapter_state_dict(model), str(out / "adapter.safetensors"))

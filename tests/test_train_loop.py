@@ -1,0 +1,139 @@
+"""The training loop on a tiny model: it learns, resumes exactly, stops on NaN, saves atomically, refuses a
+checkpoint of another base model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lorakit
+from lorakit import LoraConfig
+from lorakit.data.tokenize import IGNORE, Encoded
+from lorakit.train.checkpoint import CheckpointError, latest_checkpoint
+from lorakit.train.config import RunConfig, TrainSection
+from lorakit.train.loop import TrainingError, batch_order, lr_factor, train_loop
+
+from tiny import tiny_llama
+
+# Resume: the same ops on the same data in the same order; only the process differs, so the adapters must agree
+# to the last bit on the same machine. We allow 1e-6 for safety across BLAS thread scheduling.
+RESUME_ATOL = 1e-6
+
+
+def _rows(n=24, seq=10, vocab=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (seq,), generator=g).tolist()
+        out.append(Encoded(ids, [IGNORE] * 3 + ids[3:]))
+    return out
+
+
+def _cfg(tmp_path, **train):
+    base = dict(out_dir=str(tmp_path), steps=6, batch_size=4, lr=1e-2, warmup_steps=1, save_every=0)
+    return RunConfig(
+        lora=LoraConfig(r=4, alpha=8, targets="all-linear", dropout=0.1),
+        train=TrainSection(**{**base, **train}),
+    )
+
+
+def _model():
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets="all-linear", dropout=0.1))
+    return model
+
+
+def _adapter(model):
+    return {k: v.clone() for k, v in lorakit.adapter_state_dict(model).items()}
+
+
+def test_loss_goes_down_and_metrics_are_written(tmp_path):
+    model = _model()
+    cfg = _cfg(tmp_path, steps=20, lr=3e-2)
+    seen = []
+    result = train_loop(
+        model, _rows(n=4), cfg, pad_id=0, out_dir=tmp_path, callbacks=[seen.append]
+    )  # memorise 4 rows
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 21)) and lines == seen
+    assert lines[-1]["loss"] < lines[0]["loss"] - 0.2  # 20 steps of memorising 4 rows: ~4.8 -> ~4.5
+    assert result["tokens"] > 0 and all(k in lines[0] for k in ("lr", "tokens_per_s", "grad_norm"))
+
+
+def test_interrupted_and_resumed_run_ends_with_the_same_adapter(tmp_path):
+    torch.manual_seed(0)
+    full = _model()
+    train_loop(full, _rows(), _cfg(tmp_path / "a"), pad_id=0, out_dir=tmp_path / "a")
+
+    torch.manual_seed(0)
+    first = _model()
+
+    def interrupt(rec):
+        if rec.get("step") == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingError, match="interrupted at step 4; resume with"):
+        train_loop(
+            first, _rows(), _cfg(tmp_path / "b"), pad_id=0, out_dir=tmp_path / "b", callbacks=[interrupt]
+        )
+    assert latest_checkpoint(tmp_path / "b").name == "step-000004"
+
+    torch.manual_seed(123)  # a different init: everything must come from the checkpoint
+    second = _model()
+    out = train_loop(second, _rows(), _cfg(tmp_path / "b", resume="auto"), pad_id=0, out_dir=tmp_path / "b")
+    assert out["resumed_from"] == 4
+    a, b = _adapter(full), _adapter(second)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=RESUME_ATOL, rtol=0)
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
+    model = _model()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.adapters["default"].lora_B.fill_(float("nan"))
+    with pytest.raises(TrainingError, match=r"loss became nan at step 1; lower train\.lr"):
+        train_loop(model, _rows(), _cfg(tmp_path), pad_id=0, out_dir=tmp_path)
+
+
+def test_resume_with_another_base_model_is_refused(tmp_path):
+    model = _model()
+    train_loop(
+        model, _rows(), _cfg(tmp_path, save_every=2), pad_id=0, out_dir=tmp_path, base_model_id="base-A"
+    )
+    ckpt = latest_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="made with base model 'base-A', but this run uses 'base-B'"):
+        train_loop(
+            _model(),
+            _rows(),
+            _cfg(tmp_path, resume=str(ckpt)),
+            pad_id=0,
+            out_dir=tmp_path,
+            base_model_id="base-B",
+        )
+
+
+def test_schedules():
+    cfg = RunConfig(train=TrainSection(steps=110, warmup_steps=10, schedule="cosine"))
+    assert lr_factor(0, cfg) == pytest.approx(1 / 11) and lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.5) and lr_factor(109, cfg) < 0.01
+    cfg.train.schedule = "linear"
+    assert lr_factor(60, cfg) == pytest.approx(0.5)
+    cfg.train.schedule = "constant"
+    assert lr_factor(100, cfg) == 1.0
+
+
+def test_batch_order_covers_each_epoch_once_and_shards_by_rank():
+    cfg = RunConfig(train=TrainSection(batch_size=3, grad_accum=2, seed=5))
+    n = 12
+    one = [i for s in range(2) for m in range(2) for i in batch_order(n, s, m, cfg)]
+    assert sorted(one[:12]) == list(range(12))
+    two = [
+        i
+        for s in range(1)
+        for m in range(2)
+        for r in range(2)
+        for i in batch_order(n, s, m, cfg, world=2, rank=r)
+    ]
+    assert sorted(two) == list(range(12))  # one step on 2 ranks covers the same examples as 2 steps on 1

@@ -1,0 +1,103 @@
+"""`lorakit train`, `eval` and `generate` end to end on the real default model (a short run of the main job)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from lorakit.data.tasks import make_task
+
+pytestmark = pytest.mark.real_model
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    proc = _cli(
+        "train",
+        "--train.out_dir",
+        str(out),
+        "--train.steps",
+        "10",
+        "--data.n_eval",
+        "24",
+        "--eval.limit",
+        "24",
+        "--train.save_every",
+        "5",
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_train_writes_the_run_folder_and_improves(short_run):
+    out, stdout = short_run
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "loss.png",
+        "summary.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    before, after = summary["before"], summary["after"]
+    assert before["accuracy"] < 0.2, "the built-in task must be one the base model gets wrong"
+    assert after["accuracy"] > before["accuracy"] + 0.3 and after["loss"] < before["loss"]
+    assert "accuracy" in stdout and "tokens/s" in stdout and str(out / "adapter") in stdout
+    assert (out / "checkpoints" / "step-000005").is_dir()
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["train"]["steps"] == 10 and cfg["lora"]["r"] == 16
+
+
+def test_saved_config_reruns_as_a_config(short_run, tmp_path):
+    out, _ = short_run
+    proc = _cli(
+        "train",
+        str(out / "config.yaml"),
+        "--train.out_dir",
+        str(tmp_path),
+        "--train.steps",
+        "1",
+        "--data.n_eval",
+        "2",
+        "--eval.limit",
+        "2",
+        "--data.n_train",
+        "8",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_eval_and_generate_with_the_adapter(short_run, tmp_path):
+    out, _ = short_run
+    _, ev = make_task("dates", n_train=1, n_eval=8, seed=99)
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(e) + "\n" for e in ev))
+    proc = _cli("eval", "--data", str(data), "--adapter", str(out / "adapter"), "--max-new-tokens", "16")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "exact-match accuracy" in proc.stdout and "eval loss" in proc.stdout
+    proc = _cli("generate", "--adapter", str(out / "adapter"), "--max-new-tokens", "12", ev[0]["prompt"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip()[:4].isdigit()  # an ISO date starts with the year
+
+
+def test_train_bad_input_is_one_clear_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"question": "x"}\n')
+    proc = _cli("train", "--data.train_file", str(bad), "--train.out_dir", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("lorakit train: error:")
+    assert "bad.jsonl:2: unknown fields" in proc.stderr
+    proc = _cli("train", "--train.lrr", "1")
+    assert proc.returncode == 2 and "did you mean 'lr'?" in proc.stderr

@@ -82,31 +82,29 @@ class LinearHandler(Handler):
     linear = True
 
 
-class Conv1DHandler(Handler):
-    """transformers' GPT-2 `Conv1D`: weight stored (in, out), i.e. fan-in-fan-out."""
-
-    linear = True
+class TransposedHandler(Handler):
+    """Base weights stored (fan_in, out_features): the 2-D view is the transpose."""
 
     def to_2d(self, w: torch.Tensor) -> torch.Tensor:
         return w.T
 
     def from_2d(self, d2: torch.Tensor, base: nn.Module) -> torch.Tensor:
         return d2.T
+
+
+class Conv1DHandler(TransposedHandler):
+    """transformers' GPT-2 `Conv1D`: weight stored (in, out), i.e. fan-in-fan-out."""
+
+    linear = True
 
     def base_nobias(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return x @ base.weight
 
 
-class EmbeddingHandler(Handler):
+class EmbeddingHandler(TransposedHandler):
     """nn.Embedding (vocab, dim): A is (r, vocab), B is (dim, r); no dropout. PEFT's init: A zero, B normal."""
 
     embedding = True
-
-    def to_2d(self, w: torch.Tensor) -> torch.Tensor:
-        return w.T
-
-    def from_2d(self, d2: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        return d2.T
 
     def lora(
         self, base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float

@@ -4,6 +4,7 @@ checkpoint of another base model."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -137,3 +138,31 @@ def test_batch_order_covers_each_epoch_once_and_shards_by_rank():
         for i in batch_order(n, s, m, cfg, world=2, rank=r)
     ]
     assert sorted(two) == list(range(12))  # one step on 2 ranks covers the same examples as 2 steps on 1
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(tmp_path):
+    """Non-reentrant checkpointing recomputes the forward (with the same dropout RNG state) in backward: the same
+    numbers in the same order, so the adapters agree to float32 rounding (atol 1e-6)."""
+    results = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = _model()
+        train_loop(
+            model,
+            _rows(),
+            _cfg(tmp_path / str(ckpt), steps=3, grad_checkpointing=ckpt),
+            pad_id=0,
+            out_dir=tmp_path / str(ckpt),
+        )
+        results.append(_adapter(model))
+    for k in results[0]:
+        torch.testing.assert_close(results[1][k], results[0][k], atol=1e-6, rtol=0)
+
+
+def test_bf16_training_runs_and_keeps_dtype(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_llama().to(torch.bfloat16)
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets="all-linear"))
+    out = train_loop(model, _rows(), _cfg(tmp_path, steps=3), pad_id=0, out_dir=tmp_path)
+    assert math.isfinite(out["last"]["loss"])
+    assert all(p.dtype == torch.bfloat16 for p in lorakit.adapter_parameters(model))

@@ -363,13 +363,13 @@ def docs_section(args: argparse.Namespace, table: str, ratios: dict[str, Any], l
     ).rstrip()
 
 
-def write_docs(path: Path, section: str) -> None:
-    """Replace the text between the bench_step markers in ``path`` (appending them if missing), atomically."""
+def write_docs(path: Path, section: str, start: str = START, end: str = END) -> None:
+    """Replace the text between the markers in ``path`` (appending them if missing), atomically."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section}\n{END}"
-    if START in text and END in text and text.index(START) < text.index(END):
-        head, rest = text.split(START, 1)
-        text = head + block + rest.split(END, 1)[1]
+    block = f"{start}\n{section}\n{end}"
+    if start in text and end in text and text.index(start) < text.index(end):
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ loss, metrics.jsonl. Callbacks receive every metrics record, so any tracker can 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -66,9 +67,14 @@ def batch_order(n: int, step: int, micro: int, cfg: RunConfig, world: int = 1, r
     out = []
     for pos in range(start, start + cfg.train.batch_size):
         epoch, i = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch))
-        out.append(int(perm[i]))
+        out.append(_epoch_order(n, cfg.train.seed, epoch)[i])
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """The shuffled order of the n training rows in `epoch`."""
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist())
 
 
 def train_loop(

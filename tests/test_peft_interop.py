@@ -12,7 +12,7 @@ import torch
 import lorakit
 from lorakit import LoraConfig
 
-from tiny import ids, randomize, tiny_gpt2, tiny_llama
+from tiny import ids, peft_config, perturb_peft, randomize, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")
 
@@ -58,14 +58,6 @@ GPT2_CASES = [
 ]
 
 
-def _to_peft_config(cfg: LoraConfig) -> peft.LoraConfig:
-    d = cfg.to_peft_dict()
-    d.pop("peft_type")
-    return peft.LoraConfig(
-        **{k: v for k, v in d.items() if k not in ("inference_mode", "base_model_name_or_path")}
-    )
-
-
 def _ours_to_peft(make, cfg: LoraConfig, tmp_path, x: torch.Tensor) -> None:
     model = make()
     lorakit.inject(model, cfg)
@@ -86,15 +78,12 @@ def _ours_to_peft(make, cfg: LoraConfig, tmp_path, x: torch.Tensor) -> None:
 
 
 def _peft_to_ours(make, cfg: LoraConfig, tmp_path, x: torch.Tensor) -> None:
-    pcfg = _to_peft_config(cfg)
+    pcfg = peft_config(cfg)
     if cfg.init != "pissa":
         pcfg.init_lora_weights = False  # random A and B: a non-trivial adapter
     pmodel = peft.get_peft_model(make(), pcfg).eval()
     if cfg.use_dora or cfg.init == "pissa":  # move off the init so magnitude / PiSSA factors are non-trivial
-        with torch.no_grad():
-            for n, p in pmodel.named_parameters():
-                if "lora_" in n:
-                    p.add_(torch.randn_like(p) * 0.05)
+        perturb_peft(pmodel, std=0.05)
     theirs = pmodel(x).logits
     pmodel.save_pretrained(tmp_path / "peft")
     model = make()

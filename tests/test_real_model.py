@@ -9,7 +9,6 @@ magnitude ~20, so we allow atol=5e-4 there.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -21,7 +20,7 @@ from safetensors.torch import load_file, save_file
 import lorakit
 from lorakit import LoraConfig
 
-from tiny import randomize
+from tiny import peft_config, perturb_peft, randomize
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")
 pytestmark = pytest.mark.real_model
@@ -85,14 +84,9 @@ def test_smollm2_lorakit_adapter_loads_in_peft(cfg, default_model_dir, batch, tm
 
 @pytest.mark.parametrize("cfg", CASES)
 def test_smollm2_peft_adapter_loads_in_lorakit(cfg, default_model_dir, batch, tmp_path):
-    d = cfg.to_peft_dict()
-    pcfg = peft.LoraConfig(**{k: v for k, v in d.items() if k not in ("peft_type", "inference_mode")})
-    pmodel = peft.get_peft_model(_fresh(default_model_dir), pcfg).eval()
-    torch.manual_seed(0)
+    pmodel = peft.get_peft_model(_fresh(default_model_dir), peft_config(cfg)).eval()
+    perturb_peft(pmodel, std=0.02)
     with torch.no_grad():
-        for n, p in pmodel.named_parameters():
-            if "lora_" in n:
-                p.add_(torch.randn_like(p) * 0.02)
         theirs = pmodel(batch).logits
     pmodel.save_pretrained(tmp_path / "p")
     model = _fresh(default_model_dir)
@@ -123,7 +117,6 @@ def test_merge_cli_writes_folder_transformers_loads_without_lorakit(default_mode
     with torch.no_grad():
         unmerged = model(batch).logits
     lorakit.save_adapter(model, tmp_path / "adapter")
-    env = {**os.environ, "LORAKIT_CACHE": os.environ.get("LORAKIT_CACHE", "")}
     cli = [
         sys.executable,
         "-m",
@@ -136,7 +129,7 @@ def test_merge_cli_writes_folder_transformers_loads_without_lorakit(default_mode
         "--out",
         str(tmp_path / "merged"),
     ]
-    proc = subprocess.run(cli, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cli, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     save_file({"ids": batch.contiguous()}, str(tmp_path / "ids.safetensors"))
     check = [

@@ -62,3 +62,20 @@ def randomize(model: nn.Module, std: float = 0.1, seed: int = 3) -> None:
     with torch.no_grad():
         for p in adapter_parameters(model):
             p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def peft_config(cfg):
+    """The `peft.LoraConfig` that means the same as lorakit's `cfg` (built from our PEFT json mapping)."""
+    import peft
+
+    d = cfg.to_peft_dict()
+    return peft.LoraConfig(**{k: v for k, v in d.items() if k not in ("peft_type", "inference_mode")})
+
+
+def perturb_peft(model: nn.Module, std: float, seed: int = 0) -> None:
+    """Add Gaussian noise to every LoRA tensor of a PEFT model, so the adapter is non-trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.add_(torch.randn(p.shape, generator=g) * std)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit import fused
+
 # --------------------------------------------------------------------------------------------------------------
 # Handlers: one per base layer type. A and B are stored in PEFT's shapes; `to_2d` views any base weight as
 # (out_features, fan_in) so that ΔW = B2 @ A2 with A2 = A.flatten(1) (r, fan_in) and B2 = B.flatten(1) (out, r).
@@ -363,6 +365,14 @@ class LoraLayer(nn.Module):
         self.refresh()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if len(self._run) == 1 and not args and not kwargs and fused.fused_enabled():
+            name, w = self._run[0]
+            adapter = self.adapters[name]
+            if type(adapter.variant) is Variant and fused.can_fuse(self.base_layer, x, adapter.lora_A):
+                drop = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) else 0.0
+                return fused.lora_linear(
+                    x, self.base_layer, adapter.lora_A, adapter.lora_B, adapter.scaling * w, drop, self.training
+                )
         out = self.base_layer(x, *args, **kwargs)
         if not self._run:
             return out

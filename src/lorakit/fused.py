@@ -1,0 +1,210 @@
+"""Fused training kernels: a LoRA linear layer and a chunked LM-head cross-entropy, as autograd functions.
+
+Plain autograd runs ``base(x) + s·B(A(dropout(x)))`` as five or six ops, each allocating its output and saving
+its inputs; with dropout it also keeps the dropped copy of x for every adapted layer. `lora_linear` does the same
+math in one function:
+
+* forward: ``out = x·W0ᵀ + b`` then ``out += s·(x̃·Aᵀ)·Bᵀ`` in place (one output buffer, no separate ΔW output);
+* saved for backward: x (a reference: layers that read the same input, e.g. q/k/v, share it), the rank-r
+  product x̃·Aᵀ, and, with dropout, a 64-bit seed from which the mask is regenerated instead of stored;
+* backward, rank first: ``gB = g·B`` (N×r) once, then ``∂x = g·W0 + s·gB·A`` accumulated in one buffer,
+  ``∂A = s·gBᵀ·x̃`` and ``∂B = s·gᵀ·(x̃·Aᵀ)``. W0 gets no gradient: it is frozen.
+
+`lm_head_loss` computes the mean token cross-entropy of ``h·Wᵀ`` against labels without ever holding the
+N×V logits: it walks the rows in chunks and, since the loss is the last op, computes ∂h in the same pass, so
+backward only scales a stored N×d tensor. Only rows whose label is not ignored are computed at all.
+
+Both have a plain-autograd fallback: `set_fused(False)` (or LORAKIT_FUSED=0) switches the LoRA layers back, and
+`causal_lm_loss(..., fused=False)` calls the model's own loss.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from lorakit.data.tokenize import IGNORE
+
+_FUSED = os.environ.get("LORAKIT_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def set_fused(enabled: bool) -> bool:
+    """Turn the fused LoRA path on or off for all layers (off: plain autograd, for debugging); returns the old value."""
+    global _FUSED
+    old, _FUSED = _FUSED, bool(enabled)
+    return old
+
+
+def fused_enabled() -> bool:
+    return _FUSED
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LoRA linear
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _dropout_mask(seed: int, shape: torch.Size, p: float, like: torch.Tensor) -> torch.Tensor:
+    """The keep-mask scaled by 1/(1-p), regenerated bit-identically from `seed`."""
+    gen = torch.Generator(device=like.device).manual_seed(seed)
+    mask = torch.empty(shape, dtype=like.dtype, device=like.device)
+    mask.bernoulli_(1.0 - p, generator=gen)
+    return mask.mul_(1.0 / (1.0 - p))
+
+
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scaling: float, p: float, seed: int):
+        k = x.shape[-1]
+        x2 = x.reshape(-1, k)
+        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        xd = x2 if p == 0.0 else x2 * _dropout_mask(seed, x2.shape, p, x2)
+        xa = xd @ A.t()  # (N, r)
+        out.addmm_(xa, B.t(), alpha=scaling)
+        ctx.save_for_backward(x, weight, A, B, xa)
+        ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, A, B, xa = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.p
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        gb = g @ B  # (N, r): the rank-first product every gradient below reuses
+        mask = _dropout_mask(ctx.seed, x2.shape, p, x2) if p != 0.0 else None
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ weight
+            if mask is None:
+                grad_x.addmm_(gb, A, alpha=s)
+            else:
+                grad_x.add_((gb @ A).mul_(mask), alpha=s)
+            grad_x = grad_x.view(x.shape)
+        if ctx.needs_input_grad[3]:
+            xd = x2 if mask is None else x2 * mask
+            grad_a = (gb.t() @ xd).mul_(s)
+        if ctx.needs_input_grad[4]:
+            grad_b = (g.t() @ xa).mul_(s)
+        return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    base: nn.Linear,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    training: bool = True,
+) -> torch.Tensor:
+    """``base(x) + scaling·B·A·dropout(x)`` for a frozen nn.Linear, in one autograd node."""
+    p = dropout if training else 0.0
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+    return _LoraLinear.apply(x, base.weight, base.bias, A, B, float(scaling), float(p), seed)
+
+
+def can_fuse(base: nn.Module, x: torch.Tensor, A: torch.Tensor) -> bool:
+    """Whether `lora_linear` computes exactly what the plain path would for this call."""
+    if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+        return False
+    w = base.weight
+    if w.requires_grad or (base.bias is not None and base.bias.requires_grad):
+        return False
+    # same dtype everywhere; plain tensors only (no DTensor / quantized / meta subclasses)
+    return (
+        x.dtype == w.dtype == A.dtype
+        and type(w.data) is torch.Tensor
+        and type(A.data) is torch.Tensor
+        and type(x) is torch.Tensor
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Chunked LM-head cross-entropy
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _chunk_rows(vocab: int, budget_bytes: int = 16 << 20) -> int:
+    """Rows per chunk so that one float32 logits chunk stays near `budget_bytes` (below glibc's mmap threshold,
+    so chunks reuse heap memory instead of faulting in fresh pages)."""
+    return max(16, budget_bytes // (4 * vocab))
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk: int):
+        n = hidden.shape[0]
+        need_grad = ctx.needs_input_grad[0]
+        grad_h = torch.empty_like(hidden) if need_grad else None
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # bf16/fp16 logits are upcast, as HF does
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        buf = torch.empty((min(chunk, n), weight.shape[0]), dtype=acc, device=hidden.device)
+        for i in range(0, n, chunk):
+            h = hidden[i : i + chunk]
+            y = labels[i : i + chunk]
+            rows = torch.arange(len(y), device=y.device)
+            logits = buf[: len(y)]
+            if acc == hidden.dtype:
+                torch.mm(h, weight.t(), out=logits)
+            else:
+                logits.copy_(h @ weight.t())
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits[rows, y]).sum(dtype=torch.float64)
+            if need_grad:
+                probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
+                probs[rows, y] -= 1.0
+                if acc == hidden.dtype:
+                    torch.mm(probs, weight, out=grad_h[i : i + chunk])
+                else:
+                    grad_h[i : i + chunk] = probs.to(hidden.dtype) @ weight
+        ctx.save_for_backward(grad_h) if need_grad else None
+        ctx.n = n
+        return (total / max(n, 1)).to(acc)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * (grad_loss / max(ctx.n, 1)).to(grad_h.dtype), None, None, None
+
+
+def lm_head_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk: int | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy of ``hidden·weightᵀ`` at the positions whose label is not IGNORE, for causal LMs:
+    hidden (batch, seq, d) predicts labels shifted by one. The weight must be frozen (no gradient)."""
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    keep = (y != IGNORE).nonzero().squeeze(1)
+    if keep.numel() == 0:
+        return (hidden.sum() * 0.0).float()  # no token to learn: a zero loss still connected to the graph
+    h, y = h.index_select(0, keep), y.index_select(0, keep)
+    return _HeadCrossEntropy.apply(h, weight, y, chunk or _chunk_rows(weight.shape[0]))
+
+
+def _fusable_head(model: nn.Module) -> nn.Linear | None:
+    """The model's LM head if the chunked loss computes exactly the model's own loss, else None."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if getter else None
+    base = getattr(model, "base_model", None)
+    if type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad:
+        return None
+    if base is None or base is model or type(head.weight.data) is not torch.Tensor:
+        return None
+    cfg = getattr(model, "config", None)
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
+        if getattr(cfg, attr, None) not in (None, 1, 1.0):
+            return None
+    return head
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool = True) -> torch.Tensor:
+    """The causal-LM training loss of `batch` (input_ids, attention_mask, labels): the chunked head loss when the
+    model allows it (a frozen, plain LM head on a Hugging Face backbone), else the model's own loss."""
+    head = _fusable_head(model) if fused else None
+    if head is None:
+        return model(**batch).loss
+    out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    return lm_head_loss(out.last_hidden_state, head.weight, batch["labels"])

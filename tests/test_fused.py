@@ -1,0 +1,214 @@
+"""The fused LoRA linear and chunked LM-head loss compute the plain autograd path's values and gradients.
+
+Tolerances: float64 checks use torch.autograd.gradcheck (finite differences, its defaults). float32 comparisons
+of fused vs plain use atol 2e-6 / rtol 1e-5: the two paths add the same products in another order (e.g. the
+scaling is applied inside addmm instead of on x·Aᵀ), so they differ by float32 rounding, ~1e-7 relative per op,
+accumulated over two decoder layers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lorakit
+from lorakit import LoraConfig, fused
+from lorakit.data.tokenize import IGNORE
+from lorakit.fused import _LoraLinear, causal_lm_loss, lm_head_loss
+
+from tiny import ids, randomize, tiny_gpt2, tiny_llama
+
+ATOL, RTOL = 2e-6, 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _fused_on():
+    old = fused.set_fused(True)
+    yield
+    fused.set_fused(old)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [True, False])
+def test_lora_linear_gradcheck(p, bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(6, 8, dtype=torch.float64, generator=g)
+    b = torch.randn(6, dtype=torch.float64, generator=g) if bias else None
+    a = torch.randn(4, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    bb = torch.randn(6, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    # the dropout mask is regenerated from the seed in backward; gradcheck fails if it differed from forward's
+    assert torch.autograd.gradcheck(
+        lambda x, a, bb: _LoraLinear.apply(x, w, b, a, bb, 0.7, p, 123), (x, a, bb)
+    )
+
+
+def test_lora_linear_is_the_seed_formula_with_dropout():
+    """Forward equals W0·x + b + s·B·A·(x⊙m/(1-p)) with the mask an independent Bernoulli draw from the seed."""
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(7, 8, generator=g), torch.randn(6, 8, generator=g), torch.randn(6, generator=g)
+    a, bb = torch.randn(4, 8, generator=g), torch.randn(6, 4, generator=g)
+    p, seed = 0.25, 99
+    keep = torch.empty(7, 8).bernoulli_(1 - p, generator=torch.Generator().manual_seed(seed))
+    want = x @ w.T + b + 0.5 * ((x * keep / (1 - p)) @ a.T) @ bb.T
+    got = _LoraLinear.apply(x, w, b, a, bb, 0.5, p, seed)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    assert 0.6 < keep.mean() < 0.9  # p=0.25 of 56 entries dropped, loosely
+
+
+def _loss_and_grads(model, x, *, use_fused: bool, chunked: bool = False):
+    fused.set_fused(use_fused)
+    model.zero_grad(set_to_none=True)
+    batch = {"input_ids": x, "labels": x}
+    loss = causal_lm_loss(model, batch, fused=chunked)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_model_gradients_equal_plain(dropout):
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets="all-linear", dropout=dropout))
+    randomize(model)
+    model.train()
+    x = ids()
+    torch.manual_seed(5)
+    loss_f, grads_f = _loss_and_grads(model, x, use_fused=True)
+    if dropout:
+        # plain nn.Dropout draws other masks: compare the fused path with itself (determinism) and check the
+        # gradients differ from the no-dropout ones, i.e. dropout is really applied.
+        torch.manual_seed(5)
+        loss_f2, grads_f2 = _loss_and_grads(model, x, use_fused=True)
+        assert torch.equal(loss_f, loss_f2)
+        model.eval()
+        loss_eval, _ = _loss_and_grads(model, x, use_fused=True)
+        assert not torch.allclose(loss_eval, loss_f)
+        return
+    loss_p, grads_p = _loss_and_grads(model, x, use_fused=False)
+    torch.testing.assert_close(loss_f, loss_p, atol=ATOL, rtol=RTOL)
+    assert grads_f.keys() == grads_p.keys()
+    for n in grads_f:
+        torch.testing.assert_close(grads_f[n], grads_p[n], atol=ATOL, rtol=RTOL, msg=n)
+
+
+def test_fused_path_is_taken_and_saves_less_with_dropout():
+    """The fused node replaces the plain ops, and it keeps no dropped copy of x for backward."""
+    x = torch.randn(64, 32, requires_grad=True)
+
+    def saved_bytes(use_fused: bool) -> int:
+        fused.set_fused(use_fused)
+        lin = nn.Sequential(nn.Linear(32, 32))
+        lorakit.inject(lin, LoraConfig(r=4, targets=["0"], dropout=0.1))
+        lin.train()
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = lin(x)
+        assert ("LoraLinear" in type(out.grad_fn).__name__) == use_fused
+        return sum(seen.values()) - sum(p.numel() * 4 for p in lin.parameters())
+
+    plain, fast = saved_bytes(False), saved_bytes(True)
+    assert fast < plain, (fast, plain)
+
+
+def test_fallbacks_use_the_plain_path():
+    x = ids()
+    for cfg in (
+        LoraConfig(r=4, targets=["q_proj"], use_dora=True),  # a variant
+    ):
+        model = tiny_llama()
+        lorakit.inject(model, cfg)
+        out = model.model.layers[0].self_attn.q_proj(torch.randn(2, 3, 32, requires_grad=True))
+        assert "LoraLinear" not in type(out.grad_fn).__name__
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(r=4, targets=["q_proj"]))
+    lorakit.inject(model, LoraConfig(r=4, targets=["q_proj"]), name="second")
+    lorakit.set_active(model, ["default", "second"])  # two adapters at once
+    q = model.model.layers[0].self_attn.q_proj
+    assert "LoraLinear" not in type(q(torch.randn(2, 3, 32, requires_grad=True)).grad_fn).__name__
+    lorakit.set_active(model, "default")
+    assert "LoraLinear" in type(q(torch.randn(2, 3, 32, requires_grad=True)).grad_fn).__name__
+    q.base_layer.register_forward_hook(lambda *a: None)  # a hook on the base layer must still run
+    assert "LoraLinear" not in type(q(torch.randn(2, 3, 32, requires_grad=True)).grad_fn).__name__
+    model(x)  # still runs
+
+
+def test_chunked_loss_equals_model_loss_and_gradients():
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(r=4, targets="all-linear"))
+    randomize(model)
+    x = ids(batch=3, seq=10)
+    labels = x.clone()
+    labels[0, :4] = IGNORE  # a prompt that is not learned
+    labels[2, 7:] = IGNORE  # padding
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": labels}
+    for chunk_fused in (True, False):
+        model.zero_grad(set_to_none=True)
+        loss = causal_lm_loss(model, batch, fused=chunk_fused)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        if chunk_fused:
+            ref_loss, ref_grads = loss.detach(), grads
+    torch.testing.assert_close(ref_loss, loss.detach(), atol=ATOL, rtol=RTOL)
+    for n in grads:
+        torch.testing.assert_close(ref_grads[n], grads[n], atol=ATOL, rtol=RTOL, msg=n)
+
+
+def test_lm_head_loss_chunks_and_edge_cases():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 9, 8, generator=g, requires_grad=True)
+    w = torch.randn(50, 8, generator=g)
+    y = torch.randint(0, 50, (2, 9), generator=g)
+    ref = F.cross_entropy((h @ w.T)[:, :-1].reshape(-1, 50), y[:, 1:].reshape(-1))
+    for chunk in (1, 3, 16, 1000):
+        torch.testing.assert_close(lm_head_loss(h, w, y, chunk=chunk), ref, atol=ATOL, rtol=RTOL)
+    none = lm_head_loss(h, w, torch.full_like(y, IGNORE))
+    none.backward()  # nothing to learn: zero loss, zero gradient, no error
+    assert none.item() == 0.0 and h.grad.abs().max() == 0
+    hb = h.detach().bfloat16().requires_grad_(True)
+    lb = lm_head_loss(hb, w.bfloat16(), y)
+    assert lb.dtype == torch.float32  # bf16 logits are upcast, as the HF loss does
+    torch.testing.assert_close(lb, ref.detach(), atol=0.05, rtol=0.02)  # bf16 inputs: ~3 significant digits
+
+
+def test_chunked_loss_falls_back_when_it_would_differ():
+    x = ids()
+    batch = {"input_ids": x, "labels": x}
+    gpt2 = tiny_gpt2()  # Conv1D blocks, tied nn.Linear head: the chunked loss applies and equals HF's
+    torch.testing.assert_close(causal_lm_loss(gpt2, batch), gpt2(**batch).loss, atol=ATOL, rtol=RTOL)
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(r=4, targets=["lm_head"]))  # LoRA on the head: it is no longer plain
+    randomize(model)
+    torch.testing.assert_close(causal_lm_loss(model, batch), model(**batch).loss, atol=0, rtol=0)
+    capped = tiny_llama()
+    capped.config.final_logit_softcapping = 30.0
+    assert fused._fusable_head(capped) is None
+
+
+@pytest.mark.real_model
+def test_real_model_fused_step_equals_plain(default_model_dir):
+    """One training step's gradients on SmolLM2-135M (30 layers, tied head): fused + chunked vs plain autograd.
+    Tolerance 1e-5 absolute on gradients of magnitude up to ~1: float32 rounding through 30 layers."""
+    model, _ = lorakit.load_model(str(default_model_dir))
+    lorakit.inject(model, LoraConfig(r=8, alpha=16, targets="all-linear"))
+    randomize(model, std=0.02)
+    model.train()
+    x = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": x, "labels": x}
+    results = []
+    for on in (True, False):
+        fused.set_fused(on)
+        model.zero_grad(set_to_none=True)
+        loss = causal_lm_loss(model, batch, fused=on)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (lf, gf), (lp, gp) = results
+    torch.testing.assert_close(lf, lp, atol=1e-5, rtol=1e-5)
+    for a, b in zip(gf, gp, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -1,14 +1,17 @@
-"""Benchmark: one LoRA training step, lorakit vs PEFT vs the frozen-base lower bound.
+"""Benchmark: one LoRA training step, lorakit vs PEFT vs the frozen-base lower bound (`lorakit bench`).
 
 A step is forward, backward, ``AdamW.step()`` and ``zero_grad()`` on a causal-LM loss (labels = the random input
 ids, fixed seed), fp32, on the CPU. Variants:
 
 * ``lorakit``: ``lorakit.inject`` with r, alpha=r, the given dropout, on all seven projections
-  (q/k/v/o/gate/up/down);
-* ``peft``: ``peft.get_peft_model`` with the same config;
+  (q/k/v/o/gate/up/down), trained the way ``lorakit train`` does: fused LoRA kernels and the chunked LM-head loss;
+* ``lorakit-plain``: the same adapter on plain autograd and the model's own loss (``train.fused: false``);
+* ``peft``: ``peft.get_peft_model`` with the same config, the model's own loss;
 * ``bound``: the same model with every weight frozen, fed detached ``inputs_embeds`` that require grad, so the
   backward pass reaches the inputs through every layer but computes no weight gradient. There is no optimizer.
-  No LoRA implementation can beat this: it is the cost of the frozen base alone.
+  No LoRA implementation with the model's own loss can beat this: it is the cost of the frozen base alone;
+* ``bound-ours``: the bound with lorakit's chunked LM-head loss, which lowers the bound itself (the N×V logits
+  are never held at once).
 
 Method. Peak RSS (``ru_maxrss``) only ever grows, so each measurement runs in its own subprocess
 (``--worker VARIANT``), which loads the model, sets the thread count, runs one untimed warm-up step, times
@@ -16,19 +19,20 @@ Method. Peak RSS (``ru_maxrss``) only ever grows, so each measurement runs in it
 its peak RSS during the steps alone (``VmHWM`` reset after load). The parent runs ``--rounds`` rounds of all
 variants, rotating the order each round (and reversing it every other cycle of rotations, so a variant does not
 always follow the same one) so that drift of the machine hits every variant alike. It reports the median over
-rounds of each worker's median step time, the peak RSS, and the lorakit/peft and lorakit/bound ratios as median
-[min–max] of the per-round paired ratios.
+rounds of each worker's median step time, the peak RSS, and the paired ratios as median [min–max] of the
+per-round ratios.
 
 Noise. On the 2-core VM a step allocates ~0.85 GB of fresh pages (glibc hands large freed blocks back to the
 kernel), and first-touch page faults there cost 1–2 s per GB, depending on what ran before; worker-to-worker
-spread is about ±7 %. Three rounds cannot resolve differences under ~5 %: use ``--rounds 6`` or more (6 rounds
-of 3 variants run all 6 orders) before drawing conclusions from small ratios.
+spread is about ±7 %. Three rounds cannot resolve differences under ~5 %: use ``--rounds 6`` or more before
+drawing conclusions from small ratios.
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_step.py                 # defaults: 3 rounds x 3 steps, batch 4 x 256
-    .venv/bin/python benchmarks/bench_step.py --write-docs    # also update docs/benchmarks.md
-    .venv/bin/python benchmarks/bench_step.py --quick         # smoke check, < 1 minute
+    lorakit bench                                  # defaults: 3 rounds x 3 steps, batch 4 x 256, default model
+    lorakit bench --model path/to/hf-folder --r 64 --dropout 0.05
+    lorakit bench --quick                          # smoke check, < 1 minute
+    .venv/bin/python benchmarks/bench_step.py --write-docs    # the same, also updating docs/benchmarks.md
 
 The defaults take several minutes on 2 CPU cores (about 10 s a step). Run it on an otherwise idle machine.
 """
@@ -51,10 +55,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("lorakit", "peft", "bound")
+VARIANTS = ("lorakit", "lorakit-plain", "peft", "bound", "bound-ours")
+DEFAULT_VARIANTS = ["lorakit", "peft", "bound", "bound-ours"]
+RATIOS = [
+    ("lorakit", "peft"),
+    ("lorakit", "bound"),
+    ("lorakit", "bound-ours"),
+    ("lorakit-plain", "bound"),
+    ("lorakit", "lorakit-plain"),
+]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-REPO = Path(__file__).resolve().parent.parent
-DOCS = REPO / "docs" / "benchmarks.md"
+DOCS = Path("docs") / "benchmarks.md"
 START, END = "<!-- bench_step:start -->", "<!-- bench_step:end -->"
 QUICK = {"batch": 1, "seq": 32, "rounds": 1, "steps": 2}
 
@@ -109,13 +120,15 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     import lorakit
+    from lorakit.fused import causal_lm_loss, lm_head_loss, set_fused
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, _ = lorakit.load_model(args.model)
     variant = args.worker
+    set_fused(variant != "lorakit-plain")
 
-    if variant == "lorakit":
+    if variant.startswith("lorakit"):
         lorakit.inject(
             model, lorakit.LoraConfig(r=args.r, alpha=args.r, dropout=args.dropout, targets=TARGETS)
         )
@@ -140,16 +153,21 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     embed = model.get_input_embeddings()
+    batch = {"input_ids": ids, "labels": ids}
 
     def step() -> float:
-        if variant == "bound":
+        if variant.startswith("bound"):
             with torch.no_grad():
                 inputs_embeds = embed(ids)
             inputs_embeds.requires_grad_(True)
-            loss = model(inputs_embeds=inputs_embeds, labels=ids).loss
+            if variant == "bound-ours":
+                hidden = model.base_model(inputs_embeds=inputs_embeds).last_hidden_state
+                loss = lm_head_loss(hidden, model.get_output_embeddings().weight, ids)
+            else:
+                loss = model(inputs_embeds=inputs_embeds, labels=ids).loss
             loss.backward()
         else:
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = causal_lm_loss(model, batch, fused=variant == "lorakit")
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -186,7 +204,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def worker_command(args: argparse.Namespace, variant: str) -> list[str]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant]
+    cmd = [sys.executable, "-m", "lorakit.bench", "--worker", variant]
     cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
     cmd += ["--r", str(args.r), "--dropout", str(args.dropout), "--threads", str(args.threads)]
     if args.model:
@@ -196,6 +214,8 @@ def worker_command(args: argparse.Namespace, variant: str) -> list[str]:
 
 def spawn(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    src = str(Path(__file__).resolve().parent.parent)  # the worker imports this same lorakit
+    env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else src
     proc = subprocess.run(worker_command(args, variant), capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)
@@ -265,9 +285,7 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], variants: list[str]) -> t
         lines.append(row)
 
     ratios: dict[str, Any] = {}
-    pairs = [
-        (a, b) for a, b in (("lorakit", "peft"), ("lorakit", "bound")) if a in variants and b in variants
-    ]
+    pairs = [(a, b) for a, b in RATIOS if a in variants and b in variants]
     if pairs:
         lines += ["", "| ratio | step time | peak RSS |", "|---|---:|---:|"]
     for a, b in pairs:
@@ -295,21 +313,26 @@ def verdict(values: list[float], what: str, less: str, more: str) -> str:
 
 
 def interpretation(ratios: dict[str, Any]) -> str:
-    """One sentence on the lorakit/peft (and lorakit/bound) ratios."""
-    lp, lb = ratios.get("lorakit/peft"), ratios.get("lorakit/bound")
-    if not lp:
-        return ""
-    text = (
-        f"A lorakit step takes {verdict(lp['time'], 'the time of a PEFT step', 'faster', 'slower')} and "
-        f"{verdict(lp['mem'], 'its peak RSS', 'smaller', 'larger')}"
-    )
-    if lb:
-        text += (
-            f"; over the frozen-base lower bound, LoRA training (adapter matmuls, their weight gradients, AdamW) "
-            f"costs {statistics.median(lb['time']):.2f}× the time and {statistics.median(lb['mem']):.2f}× the "
-            "peak memory"
+    """Sentences on the lorakit/peft and lorakit/bound ratios."""
+    lp, lb, lo = ratios.get("lorakit/peft"), ratios.get("lorakit/bound"), ratios.get("lorakit/bound-ours")
+    parts = []
+    if lp:
+        parts.append(
+            f"A lorakit step takes {verdict(lp['time'], 'the time of a PEFT step', 'faster', 'slower')} and "
+            f"{verdict(lp['mem'], 'its peak RSS', 'smaller', 'larger')}."
         )
-    return text + "."
+    if lb:
+        parts.append(
+            f"Against the frozen-base lower bound (the model's own loss), lorakit LoRA training costs "
+            f"{statistics.median(lb['time']):.3f}× the time and {statistics.median(lb['mem']):.3f}× the peak memory"
+            + (
+                f"; against the bound with lorakit's chunked loss, {statistics.median(lo['time']):.3f}× and "
+                f"{statistics.median(lo['mem']):.3f}×."
+                if lo
+                else "."
+            )
+        )
+    return " ".join(parts)
 
 
 def display_command() -> str:
@@ -383,8 +406,8 @@ def write_docs(path: Path, section: str, start: str = START, end: str = END) -> 
         raise
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all variants")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per worker (after 1 warm-up)")
     parser.add_argument("--batch", type=int, default=4)
@@ -392,7 +415,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--r", type=int, default=16, help="LoRA rank (alpha = r)")
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
     parser.add_argument("--model", default=None, help="HF folder or .gguf file (default: lorakit's default)")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        help=f"default: {' '.join(DEFAULT_VARIANTS)} (peft if installed)",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per worker")
     parser.add_argument(
         "--quick",
@@ -409,12 +437,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         for key, value in QUICK.items():
             setattr(args, key, value)
+    if not args.variants:
+        args.variants = [v for v in DEFAULT_VARIANTS if v != "peft" or version("peft") != "not installed"]
     args.variants = list(dict.fromkeys(args.variants))  # drop repeats, keep order
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
+    args = parse_args(argv, prog)
     if args.worker:
         print(json.dumps(run_worker(args)), flush=True)
         return

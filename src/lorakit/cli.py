@@ -205,6 +205,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(argv: list[str]) -> int:
+    from lorakit.bench import main as bench_main
+
+    bench_main(argv, prog="lorakit bench")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import lorakit
     from lorakit.data.jsonl import read_jsonl
@@ -309,12 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-pickle", action="store_true", help="accept pickled adapter_model.bin files (weights_only)"
     )
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser(
+        "bench",
+        help="time a LoRA training step against PEFT and the frozen-base bound (lorakit bench --help)",
+        add_help=False,
+    )
+    b.set_defaults(func=cmd_bench)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":  # options belong to lorakit.bench's own parser
+        return args.func(rest)
     if args.command == "train":  # lorakit train [CONFIG.yaml] [--section.key value ...]
         has_config = bool(rest) and not rest[0].startswith("--")
         args.config, args.overrides = (rest[0], rest[1:]) if has_config else (None, rest)

@@ -301,6 +301,8 @@ class LoraLayer(nn.Module):
         self.merged: list[tuple[str, float, object]] = []  # (name, weight, unmerge state), in merge order
         self.disabled = False
         self._run: tuple[tuple[str, float], ...] = ()
+        self.row_plan = None  # lorakit.mixed.RowPlan while a mixed-adapter batch runs
+        self.row_cache: tuple | None = None
 
     def add_adapter(
         self, name: str, *, r: int, alpha: float, scaling: float, dropout: float, init: str, use_dora: bool
@@ -365,13 +367,23 @@ class LoraLayer(nn.Module):
         self.refresh()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.row_plan is not None and not self.disabled:
+            from lorakit.mixed import mixed_forward
+
+            return mixed_forward(self, x, self.base_layer(x, *args, **kwargs))
         if len(self._run) == 1 and not args and not kwargs and fused.fused_enabled():
             name, w = self._run[0]
             adapter = self.adapters[name]
             if type(adapter.variant) is Variant and fused.can_fuse(self.base_layer, x, adapter.lora_A):
                 drop = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) else 0.0
                 return fused.lora_linear(
-                    x, self.base_layer, adapter.lora_A, adapter.lora_B, adapter.scaling * w, drop, self.training
+                    x,
+                    self.base_layer,
+                    adapter.lora_A,
+                    adapter.lora_B,
+                    adapter.scaling * w,
+                    drop,
+                    self.training,
                 )
         out = self.base_layer(x, *args, **kwargs)
         if not self._run:

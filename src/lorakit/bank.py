@@ -1,0 +1,155 @@
+"""An adapter bank: many adapters resident over one base model, for serving and for switching.
+
+    bank = AdapterBank(model, max_adapters=8)
+    bank.load("fr", "adapters/fr"); bank.load("de", "adapters/de", pin=True)
+    with bank.use(["fr", "de", None]):      # a mixed batch: one adapter per row (None: base model)
+        logits = model(input_ids).logits
+    bank.activate("fr")                     # hot swap for plain forward calls: a pointer change
+    bank.unload("fr")
+
+Loading beyond `max_adapters` evicts the least recently used adapter that is neither pinned nor in use. An
+adapter unloaded while batches use it stays until the last of them ends, so in-flight requests finish. All
+methods are thread-safe; forward passes themselves are the caller's to serialise.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+from torch import nn
+
+from lorakit.control import disabled, set_active
+from lorakit.errors import AdapterError
+from lorakit.inject import adapter_names, delete_adapter
+from lorakit.io import load_adapter
+from lorakit.mixed import row_adapters
+
+
+class AdapterBank:
+    def __init__(self, model: nn.Module, *, max_adapters: int | None = None) -> None:
+        if max_adapters is not None and max_adapters < 1:
+            raise AdapterError(f"max_adapters must be at least 1, got {max_adapters}")
+        self.model = model
+        self.max_adapters = max_adapters
+        self.paths: dict[str, Path | None] = {n: None for n in adapter_names(model)}
+        self.pinned: set[str] = set()
+        self._lru: OrderedDict[str, float] = OrderedDict((n, time.monotonic()) for n in self.paths)
+        self._in_use: Counter[str] = Counter()
+        self._doomed: set[str] = set()  # unloaded while in use: deleted when released
+        self._lock = threading.RLock()
+        if self.paths:
+            set_active(model, {})
+
+    # -- contents ---------------------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return [n for n in self.paths if n not in self._doomed]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names()
+
+    def load(self, name: str, path: str | Path, *, pin: bool = False, allow_pickle: bool = False) -> float:
+        """Load the adapter folder `path` as `name`; returns the seconds it took. Evicts if the bank is full."""
+        with self._lock:
+            if name in self.paths and name not in self._doomed:
+                raise AdapterError(f"adapter {name!r} is already loaded (from {self.paths[name]})")
+            if name in self._doomed:
+                raise AdapterError(f"adapter {name!r} is still being unloaded (requests in flight); retry")
+            if self.max_adapters is not None and len(self.names()) >= self.max_adapters:
+                self._evict_one()
+            t0 = time.perf_counter()
+            load_adapter(self.model, path, name, allow_pickle=allow_pickle, activate=False)
+            self.paths[name] = Path(path)
+            self._lru[name] = time.monotonic()
+            if pin:
+                self.pinned.add(name)
+            return time.perf_counter() - t0
+
+    def unload(self, name: str) -> None:
+        """Remove `name`; if batches are using it, it goes when the last of them ends."""
+        with self._lock:
+            self._known(name)
+            self.pinned.discard(name)
+            if self._in_use[name]:
+                self._doomed.add(name)
+            else:
+                self._delete(name)
+
+    def pin(self, name: str, pinned: bool = True) -> None:
+        with self._lock:
+            self._known(name)
+            (self.pinned.add if pinned else self.pinned.discard)(name)
+
+    # -- use --------------------------------------------------------------------------------------------------
+
+    def activate(self, name: str | None) -> None:
+        """Make `name` the adapter of plain forward calls (None: the base model). No weights move."""
+        with self._lock:
+            if name is not None:
+                self._known(name)
+                self._touch(name)
+            if self.names():
+                set_active(self.model, {} if name is None else name)
+
+    @contextmanager
+    def use(self, names: Sequence[str | None]) -> Iterator[None]:
+        """Run the block's forward passes with adapter `names[i]` for batch row i (None: no adapter).
+
+        A batch of one adapter takes the single-adapter path; a mixed batch the stacked mixed-adapter path."""
+        distinct = set(names)
+        with self._lock:
+            for n in distinct - {None}:
+                self._known(n)
+            for n in distinct - {None}:
+                self._in_use[n] += 1
+                self._touch(n)
+        try:
+            if distinct == {None}:
+                ctx = disabled(self.model)
+            elif len(distinct) == 1:
+                set_active(self.model, next(iter(distinct)))
+                ctx = nullcontext()
+            else:
+                ctx = row_adapters(self.model, list(names))
+            with ctx:
+                yield
+        finally:
+            with self._lock:
+                for n in distinct - {None}:
+                    self._in_use[n] -= 1
+                    if not self._in_use[n] and n in self._doomed:
+                        self._delete(n)
+
+    # -- internals --------------------------------------------------------------------------------------------
+
+    def _known(self, name: str) -> None:
+        if name not in self.paths or name in self._doomed:
+            raise AdapterError(f"no adapter {name!r} in the bank; loaded: {self.names()}")
+
+    def _touch(self, name: str) -> None:
+        self._lru[name] = time.monotonic()
+        self._lru.move_to_end(name)
+
+    def _evict_one(self) -> None:
+        for name in self._lru:  # oldest first
+            if name not in self.pinned and not self._in_use[name] and name not in self._doomed:
+                self._delete(name)
+                return
+        raise AdapterError(
+            f"the bank is full ({self.max_adapters} adapters) and every adapter is pinned or in use; "
+            "unload one first"
+        )
+
+    def _delete(self, name: str) -> None:
+        delete_adapter(self.model, name)
+        self.paths.pop(name, None)
+        self._lru.pop(name, None)
+        self._doomed.discard(name)
+        self._in_use.pop(name, None)
+        self.pinned.discard(name)

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from lorakit.bank import AdapterBank
 from lorakit.config import LoraConfig
 from lorakit.control import active_adapters, disabled, merge, set_active, unmerge
 from lorakit.errors import (
@@ -20,7 +21,9 @@ from lorakit.errors import (
 )
 from lorakit.inject import adapter_names, delete_adapter, inject, lora_layers, unload
 from lorakit.io import adapter_state_dict, describe_adapter, load_adapter, read_adapter, save_adapter
+from lorakit.fused import set_fused
 from lorakit.layers import LoraLayer, delta_weight
+from lorakit.mixed import row_adapters
 from lorakit.report import format_report, parameter_report
 from lorakit.targeting import select_modules
 
@@ -49,6 +52,7 @@ def adapter_parameters(model, name: str | None = None):
 
 __version__ = "0.1.0"
 __all__ = [
+    "AdapterBank",
     "AdapterError",
     "AdapterFileError",
     "ConfigError",
@@ -73,10 +77,12 @@ __all__ = [
     "merge",
     "parameter_report",
     "read_adapter",
+    "row_adapters",
     "run_training",
     "save_adapter",
     "select_modules",
     "set_active",
+    "set_fused",
     "unload",
     "unmerge",
 ]

@@ -19,9 +19,9 @@ from lorakit.errors import (
     ModelLoadError,
     TargetError,
 )
+from lorakit.fused import set_fused
 from lorakit.inject import adapter_names, delete_adapter, inject, lora_layers, unload
 from lorakit.io import adapter_state_dict, describe_adapter, load_adapter, read_adapter, save_adapter
-from lorakit.fused import set_fused
 from lorakit.layers import LoraLayer, delta_weight
 from lorakit.mixed import row_adapters
 from lorakit.report import format_report, parameter_report

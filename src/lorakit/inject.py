@@ -37,6 +37,7 @@ class Registry:
     adapters: dict[str, AdapterInfo] = field(default_factory=dict)
     requires_grad: dict[str, bool] = field(default_factory=dict)  # base parameters' flags before injection
     active: dict[str, float] = field(default_factory=dict)  # adapter name -> weight
+    layers: list | None = None  # cached (name, LoraLayer) list; None after the set of wrappers changed
 
 
 def registry(model: nn.Module, *, create: bool = False) -> Registry:
@@ -58,10 +59,15 @@ def adapter_names(model: nn.Module) -> list[str]:
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    """(name, layer) for every LoRA layer in `model`."""
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            yield name, module
+    """(name, layer) for every LoRA layer in `model` (cached in the registry: switching adapters walks no tree)."""
+    reg = model.__dict__.get("_lorakit")
+    if reg is not None and reg.layers is not None:
+        yield from reg.layers
+        return
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+    if reg is not None:
+        reg.layers = found
+    yield from found
 
 
 def inject(
@@ -84,6 +90,7 @@ def inject(
         if reason:
             raise TargetError(f"cannot add LoRA to {n!r} ({type(module).__name__}): {reason}")
     reg = registry(model, create=True)
+    reg.layers = None
     try:
         for n in names:
             layer = _wrap(model, n)
@@ -98,7 +105,9 @@ def inject(
             )
     except Exception:
         _remove_from_layers(model, name)
+        reg.layers = None
         raise
+    reg.layers = None
     reg.adapters[name] = AdapterInfo(config=config, modules=names, trainable=trainable)
     set_trainable(model)
     if activate:
@@ -150,6 +159,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
     unmerge(model)
     _remove_from_layers(model, name)
+    reg.layers = None
     del reg.adapters[name]
     reg.active.pop(name, None)
     if not reg.adapters:

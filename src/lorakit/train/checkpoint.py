@@ -2,12 +2,21 @@
 
 Each checkpoint is a folder `checkpoints/step-000050/`, written atomically; the two newest are kept. Optimizer
 state is saved with torch.save and read back with `weights_only=True` (tensors and numbers only, no code).
+
+Under FSDP2 the parameters and optimizer state are sharded DTensors. Saving gathers full tensors on every rank
+(a collective: all ranks must call `save_checkpoint`), then rank 0 writes the same files a single process
+writes; loading cuts each rank's shard out of the full tensors. So a checkpoint resumes under 1 process, DDP or
+FSDP with any number of processes alike.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,29 +28,119 @@ from lorakit.atomic import atomic_dir
 from lorakit.errors import LorakitError
 
 KEEP = 2
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
 
 
 class CheckpointError(LorakitError, RuntimeError):
-    """A checkpoint cannot be used to resume this run."""
+    """A checkpoint cannot be used to resume this run, or cannot be written."""
+
+
+def _dtensor() -> type:
+    """The DTensor class, or a stand-in nothing is an instance of where torch has no distributed support."""
+    if not torch.distributed.is_available():
+        return type("NoDTensor", (), {})
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter of `model` is a DTensor (sharded by FSDP2)."""
+    dtensor = _dtensor()
+    return any(isinstance(p, dtensor) for p in model.parameters())
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself, or the whole tensor of a DTensor (a collective: every rank must call it in the same order)."""
+    return t.full_tensor() if isinstance(t, _dtensor()) else t
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached full copies of the trainable parameters by name (a collective under FSDP2)."""
+    return {
+        n: full_tensor(p.detach()).clone().contiguous()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+@contextmanager
+def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, the trainable DTensor parameters of an FSDP2 model are plain full tensors.
+
+    A collective: every rank enters it. Meant for reading the model (saving an adapter), not for running it;
+    the sharded parameters are put back on exit. Without DTensors this does nothing.
+    """
+    dtensor = _dtensor()
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    try:
+        for name, p in list(model.named_parameters()):
+            if p.requires_grad and isinstance(p, dtensor):
+                owner, _, leaf = name.rpartition(".")
+                module = model.get_submodule(owner)
+                full = nn.Parameter(p.detach().full_tensor(), requires_grad=False)
+                module._parameters[leaf] = full
+                swapped.append((module, leaf, p))
+        yield model
+    finally:
+        for module, leaf, p in reversed(swapped):
+            module._parameters[leaf] = p
 
 
 def save_checkpoint(
-    out_dir: Path, step: int, model: nn.Module, opt, sched, cfg, *, base_model_id: str | None
-) -> Path:
+    out_dir: Path, step: int, model: nn.Module, opt, sched, cfg, *, base_model_id: str | None, rank: int = 0
+) -> Path | None:
+    """Write `checkpoints/step-NNNNNN` (rank 0) and return its path; other ranks return None.
+
+    Under FSDP2 every rank must call this (the tensors are gathered first). A full disk is a CheckpointError
+    that names the folder; the previous checkpoints are left as they were.
+    """
+    sharded = is_sharded(model)
+    if rank != 0 and not sharded:
+        return None
     root = Path(out_dir) / "checkpoints"
     path = root / f"step-{step:06d}"
-    tensors = {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    tensors = trainable_state(model)
+    optimizer = _full_optimizer_state(opt) if sharded else opt.state_dict()
+    if rank != 0:
+        return None
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
-        torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, tmp / "optimizer.pt")
+        buf = io.BytesIO()  # serialised in memory, then written by Python: a full disk is a plain OSError
+        torch.save({"optimizer": optimizer, "scheduler": sched.state_dict()}, buf)
+        with (tmp / "optimizer.pt").open("wb") as f:
+            f.write(buf.getbuffer())
         state: dict[str, Any] = {"step": step, "base_model": base_model_id, "config": cfg.to_dict()}
         (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
 
-    atomic_dir(path, write)
+    try:
+        atomic_dir(path, write)
+    except Exception as e:
+        if not _disk_full(e):
+            raise
+        raise CheckpointError(
+            f"{path}: cannot write the checkpoint: no space left on device (or quota exceeded); "
+            "earlier checkpoints are intact, free some space and resume with --train.resume auto"
+        ) from e
     for old in sorted(root.glob("step-*"))[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _disk_full(e: BaseException) -> bool:
+    """Whether `e` says the disk is full: an OSError ENOSPC/EDQUOT, or safetensors' wrapped form of one."""
+    if isinstance(e, OSError) and e.errno in _DISK_FULL:
+        return True
+    return any(s in str(e) for s in _DISK_FULL_TEXT)
+
+
+def _full_optimizer_state(opt) -> dict[str, Any]:
+    """`opt.state_dict()` with every DTensor gathered into a full tensor (collective, same order on all ranks)."""
+    sd = opt.state_dict()
+    state = {idx: {k: full_tensor(v) for k, v in sorted(s.items())} for idx, s in sorted(sd["state"].items())}
+    return {**sd, "state": state}
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -50,7 +149,9 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: nn.Module, opt, sched, *, base_model_id: str | None) -> int:
-    """Restore trainable tensors, optimizer and scheduler from `path`; return the step to continue from."""
+    """Restore trainable tensors, optimizer and scheduler from `path`; return the step to continue from.
+
+    Every rank reads the files; under FSDP2 each keeps its own shard (no communication)."""
     if not (path / "state.json").is_file():
         raise CheckpointError(f"{path}: not a lorakit checkpoint (no state.json)")
     state = json.loads((path / "state.json").read_text())
@@ -72,8 +173,30 @@ def load_checkpoint(path: Path, model: nn.Module, opt, sched, *, base_model_id: 
                 raise CheckpointError(
                     f"{path}: {n} has shape {tuple(tensors[n].shape)}, this run has {tuple(p.shape)}"
                 )
-            p.copy_(tensors[n])
+            p.copy_(_like(tensors[n].to(p.dtype), p))
     blob = torch.load(path / "optimizer.pt", weights_only=True)
-    opt.load_state_dict(blob["optimizer"])
+    opt.load_state_dict(_shard_optimizer_state(blob["optimizer"], opt))
     sched.load_state_dict(blob["scheduler"])
     return int(state["step"])
+
+
+def _like(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`full` as `p` holds it: for a DTensor, this rank's shard of it (cut locally, no communication)."""
+    if isinstance(p, _dtensor()):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+    return full
+
+
+def _shard_optimizer_state(sd: dict[str, Any], opt) -> dict[str, Any]:
+    """A full optimizer state dict, with per-parameter tensors turned into shards where the parameter is one."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    state = {}
+    for idx, s in sd["state"].items():
+        p = params[int(idx)] if int(idx) < len(params) else None
+        state[idx] = {
+            k: _like(v, p) if p is not None and isinstance(v, torch.Tensor) and v.shape == p.shape else v
+            for k, v in s.items()
+        }
+    return {**sd, "state": state}

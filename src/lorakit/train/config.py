@@ -86,6 +86,10 @@ class TrainSection:
     """Checkpoint folder to resume from, or "auto" for the newest in out_dir/checkpoints."""
     threads: int = 0
     """CPU threads for torch (0: all cores)."""
+    fused: bool = True
+    """Fused LoRA kernels and a chunked LM-head loss (false: plain autograd, for debugging)."""
+    fsdp: bool = False
+    """Shard the model with FSDP2 (fully_shard) across torchrun processes instead of DDP."""
 
 
 @dataclass

@@ -58,8 +58,15 @@ def exact_match(
     max_new_tokens: int = 16,
     chat: bool = True,
     batch_size: int = 16,
+    merge: bool = True,
+    synced: bool = False,
 ) -> tuple[float | None, list[dict[str, str]]]:
-    """Share of examples whose greedy answer equals the expected one (whitespace-stripped), and the samples."""
+    """Share of examples whose greedy answer equals the expected one (whitespace-stripped), and the samples.
+
+    `merge`: fold the adapters into the base weights while decoding (faster; impossible on sharded weights).
+    `synced`: every process of a sharded (FSDP) model runs this together; each keeps running forward passes
+    until all are done (Hugging Face's `synced_gpus`), since a forward pass is a collective.
+    """
     pairs = [p for p in (prompt_and_answer(ex) for ex in examples) if p is not None]
     if not pairs:
         return None, []
@@ -69,7 +76,7 @@ def exact_match(
     tokenizer.padding_side = "left"
     samples = []
     try:
-        with merged(model) if adapter_names(model) else nullcontext():  # merged: faster decoding
+        with merged(model) if merge and adapter_names(model) else nullcontext():  # merged: faster decoding
             for i in range(0, len(pairs), batch_size):
                 chunk = pairs[i : i + batch_size]
                 texts = [_prompt_text(tokenizer, p, chat) for p, _ in chunk]
@@ -82,6 +89,7 @@ def exact_match(
                     top_p=None,
                     top_k=None,
                     pad_token_id=tokenizer.pad_token_id,
+                    **({"synced_gpus": True} if synced else {}),
                 )
                 for (_, want), row in zip(chunk, out[:, enc["input_ids"].shape[1] :], strict=True):
                     got = tokenizer.decode(row, skip_special_tokens=True).strip()

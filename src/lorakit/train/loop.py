@@ -21,7 +21,14 @@ from torch import nn
 
 from lorakit.data.tokenize import IGNORE, Encoded
 from lorakit.errors import LorakitError
-from lorakit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lorakit.fused import causal_lm_loss, set_fused
+from lorakit.train.checkpoint import (
+    full_tensor,
+    is_sharded,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from lorakit.train.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -90,7 +97,11 @@ def train_loop(
     rank: int = 0,
     base_model_id: str | None = None,
 ) -> dict[str, Any]:
-    """Train the model's trainable parameters on `train_rows`. Returns a summary dict."""
+    """Train the model's trainable parameters on `train_rows`. Returns a summary dict.
+
+    Under DDP pass the wrapped model; under FSDP2 the sharded one, and `evaluate` on every rank (its forward
+    passes are collectives); rank 0 alone writes metrics and checkpoint files.
+    """
     t = cfg.train
     callbacks = list(callbacks or [])
     params = [p for p in model.parameters() if p.requires_grad]
@@ -99,6 +110,7 @@ def train_loop(
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     inner = getattr(model, "module", model)  # under DDP, the wrapped model
+    sharded = is_sharded(inner)  # FSDP2: saving is a collective, every rank takes part
     if t.grad_checkpointing and hasattr(inner, "gradient_checkpointing_enable"):
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(inner, "enable_input_require_grads"):
@@ -114,6 +126,7 @@ def train_loop(
     model.train()
     tokens_seen, t0, last = 0, time.perf_counter(), None
     step = start
+    prev_fused = set_fused(t.fused)
     try:
         for step in range(start, t.steps):
             torch.manual_seed(t.seed * 7919 + step)  # dropout masks depend on the step only: exact resume
@@ -123,7 +136,9 @@ def train_loop(
                     [train_rows[i] for i in batch_order(len(train_rows), step, micro, cfg, world, rank)],
                     pad_id,
                 )
-                loss = model(**batch).loss / t.grad_accum
+                # FSDP2: the model's own forward, so that the root module's hooks run (the chunked head loss
+                # would call the backbone directly, around them)
+                loss = causal_lm_loss(model, batch, fused=t.fused and not sharded) / t.grad_accum
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"loss became {loss.item()} at step {step + 1}; lower train.lr (now {t.lr}) or check the data"
@@ -146,15 +161,28 @@ def train_loop(
                 "elapsed_s": time.perf_counter() - t0,
             }
             if grad_norm is not None:
-                last["grad_norm"] = float(grad_norm)
+                last["grad_norm"] = float(full_tensor(grad_norm))  # FSDP2: a replicated DTensor
             if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
                 emit(last)
             if evaluate and t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:
-                emit({"step": step + 1, **{f"eval_{k}": v for k, v in evaluate().items()}})
+                measured = evaluate()
+                if rank == 0:
+                    emit({"step": step + 1, **{f"eval_{k}": v for k, v in measured.items()}})
                 model.train()
-            if rank == 0 and t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.steps:
-                save_checkpoint(out_dir, step + 1, inner, opt, sched, cfg, base_model_id=base_model_id)
+            if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.steps:
+                save_checkpoint(
+                    out_dir, step + 1, inner, opt, sched, cfg, base_model_id=base_model_id, rank=rank
+                )
     except KeyboardInterrupt:
+        if sharded:  # gathering the shards needs every rank in step, and an interrupt stops them anywhere
+            if rank == 0:
+                newest = latest_checkpoint(out_dir)
+                where = f"resume from {newest} with --train.resume auto" if newest else "no checkpoint yet"
+                done = last["step"] if last else start
+                raise TrainingError(
+                    f"interrupted after step {done} (FSDP writes no checkpoint on interrupt); {where}"
+                ) from None
+            raise
         if rank == 0 and last is not None:
             path = save_checkpoint(out_dir, last["step"], inner, opt, sched, cfg, base_model_id=base_model_id)
             log.warning("interrupted: saved a resumable checkpoint to %s", path)
@@ -162,6 +190,8 @@ def train_loop(
                 f"interrupted at step {last['step']}; resume with --train.resume {path}"
             ) from None
         raise
+    finally:
+        set_fused(prev_fused)
     model.eval()
     return {
         "steps": t.steps,

@@ -10,13 +10,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from lorakit.data.jsonl import DataError, read_jsonl
 from lorakit.data.tasks import make_task
 from lorakit.data.tokenize import encode_dataset, pack
 from lorakit.inject import inject
 from lorakit.io import save_adapter
+from lorakit.layers import LoraLayer
 from lorakit.report import parameter_report
+from lorakit.train.checkpoint import full_parameters
 from lorakit.train.config import RunConfig, save_config
 from lorakit.train.evaluate import eval_loss, exact_match
 from lorakit.train.loop import Callback, train_loop
@@ -43,7 +46,11 @@ def load_examples(cfg: RunConfig) -> tuple[list[dict[str, Any]], list[dict[str, 
     return [train[i] for i in order[n_eval:]], ev, f"{d.train_file} ({n_eval} held out for eval)"
 
 
-def evaluate(model, tokenizer, eval_rows, eval_examples, cfg: RunConfig) -> dict[str, float]:
+def evaluate(
+    model, tokenizer, eval_rows, eval_examples, cfg: RunConfig, *, sharded: bool = False
+) -> dict[str, float]:
+    """Eval loss and exact-match accuracy. `sharded` (FSDP2): every rank calls this with the same data and gets the
+    same numbers; adapters are not merged (the base weights are shards) and generation runs in lockstep."""
     out: dict[str, float] = {"loss": eval_loss(model, eval_rows, tokenizer.pad_token_id)}
     acc, _ = exact_match(
         model,
@@ -51,6 +58,8 @@ def evaluate(model, tokenizer, eval_rows, eval_examples, cfg: RunConfig) -> dict
         eval_examples[: cfg.eval.limit],
         max_new_tokens=cfg.eval.max_new_tokens,
         chat=cfg.data.chat,
+        merge=not sharded,
+        synced=sharded,
     )
     if acc is not None:
         out["accuracy"] = acc
@@ -65,6 +74,12 @@ def run_training(
     world, rank = init_distributed()
     if rank != 0:
         say = log.debug
+    fsdp = cfg.train.fsdp and world > 1
+    if cfg.train.fsdp and world == 1:
+        log.warning(
+            "train.fsdp is on but this is a single process: training unsharded "
+            "(start several with torchrun --nproc_per_node N)"
+        )
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
@@ -102,33 +117,41 @@ def run_training(
     )
     if rank == 0:
         save_config(cfg, out_dir / "config.yaml")
-    before = evaluate(model, tokenizer, eval_rows, eval_ex, cfg) if rank == 0 else {}
+    before = evaluate(model, tokenizer, eval_rows, eval_ex, cfg) if rank == 0 else {}  # unsharded yet
     say(f"before: {_fmt(before)}" if before else "before: (rank 0 evaluates)")
     trained = model
-    if world > 1:
+    if fsdp:
+        blocks = shard_model(model)
+        say(f"FSDP2: {blocks} blocks and the rest of the model sharded across {world} processes")
+    elif world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         trained = DistributedDataParallel(model)
+
+    def evaluate_now() -> dict[str, float]:
+        return evaluate(model, tokenizer, eval_rows, eval_ex, cfg, sharded=fsdp)
+
     result = train_loop(
         trained,
         train_rows,
         cfg,
         pad_id=tokenizer.pad_token_id,
         out_dir=out_dir,
-        evaluate=(lambda: evaluate(model, tokenizer, eval_rows, eval_ex, cfg)) if rank == 0 else None,
+        evaluate=evaluate_now if rank == 0 or fsdp else None,  # sharded: forward passes need every rank
         callbacks=callbacks,
         base_model_id=base_id,
         world=world,
         rank=rank,
     )
+    after = evaluate_now() if rank == 0 or fsdp else {}
+    with full_parameters(model):  # FSDP2: every rank gathers the adapter, rank 0 writes it
+        adapter_dir = save_adapter(model, out_dir / "adapter") if rank == 0 else None
     if rank != 0:
         return {"rank": rank, **result}
-    after = evaluate(model, tokenizer, eval_rows, eval_ex, cfg)
     say(f"after:  {_fmt(after)}")
     with (out_dir / "metrics.jsonl").open("a") as f:  # before/after evals on the same curve as training
         for step, m in ((result["resumed_from"], before), (cfg.train.steps, after)):
             f.write(json.dumps({"step": step, **{f"eval_{k}": v for k, v in m.items()}}) + "\n")
-    adapter_dir = save_adapter(model, out_dir / "adapter")
     plot = plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
     summary = {
         "before": before,
@@ -156,6 +179,35 @@ def init_distributed() -> tuple[int, int]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return world, dist.get_rank()
+
+
+def shard_model(model: nn.Module) -> int:
+    """Apply FSDP2 `fully_shard` to each transformer block, then to the whole model (in place); returns the
+    number of blocks. Blocks: the items of every outermost nn.ModuleList that holds LoRA layers (for Hugging
+    Face decoders, `model.model.layers`)."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = transformer_blocks(model)
+    if not blocks:
+        log.warning(
+            "FSDP2: no list of transformer blocks with LoRA layers found; sharding the model as one unit"
+        )
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return len(blocks)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The items of every outermost nn.ModuleList whose items contain LoRA layers, in model order."""
+    lists = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList)
+        and any(isinstance(x, LoraLayer) for item in m for x in item.modules())
+    ]
+    outer = [(n, m) for n, m in lists if not any(n.startswith(o + ".") for o, _ in lists if o != n)]
+    return [item for _, m in outer for item in m]
 
 
 def _fmt(m: dict[str, float]) -> str:

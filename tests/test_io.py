@@ -268,3 +268,30 @@ def test_killed_save_leaves_previous_adapter_intact(tmp_path):
     fresh = tiny_llama()
     lorakit.load_adapter(fresh, path)
     assert torch.equal(fresh(ids()).logits, model(ids()).logits)
+
+
+def test_full_disk_save_is_one_clear_error_and_keeps_the_old_adapter(tmp_path, monkeypatch):
+    """ENOSPC from the OS mid-write (simulated in safetensors' writer, a library call): one line naming the folder,
+    the previous adapter byte-identical, no temporary folder left behind."""
+    import errno
+
+    import lorakit.io as lio
+    from lorakit.errors import DiskFullError
+
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(r=4, targets=["q_proj"]))
+    out = lorakit.save_adapter(model, tmp_path / "adapter")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)  # a partial file, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lio, "save_file", full_disk)
+    randomize(model)
+    with pytest.raises(DiskFullError) as info:
+        lorakit.save_adapter(model, out)
+    msg = str(info.value)
+    assert "\n" not in msg and "no space left on device" in msg and str(out) in msg
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]

@@ -7,11 +7,14 @@ On Linux an existing folder is exchanged with `renameat2(RENAME_EXCHANGE)`; else
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from lorakit.errors import DiskFullError
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -44,8 +47,9 @@ def atomic_dir(path: Path, write: Callable[[Path], None], *, keep_others: bool =
             os.rename(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_if_disk_full(e, path)
         raise
 
 
@@ -60,9 +64,23 @@ def atomic_file(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        _raise_if_disk_full(e, path)
         raise
+
+
+_DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+
+
+def _raise_if_disk_full(e: BaseException, path: Path) -> None:
+    """Re-raise a full-disk failure (an OSError ENOSPC/EDQUOT, or a library's wrapped form) as one clear line."""
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(e, DiskFullError) or not (full or any(s in str(e) for s in _DISK_FULL_TEXT)):
+        return
+    raise DiskFullError(
+        errno.ENOSPC, f"{path}: no space left on device while writing; the previous content is unchanged"
+    ) from e
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -28,3 +28,10 @@ class AdapterFileError(LorakitError, OSError):
 
 class ModelLoadError(LorakitError, OSError):
     """A base model could not be located or loaded."""
+
+
+class DiskFullError(LorakitError, OSError):
+    """A write ran out of disk space (or quota); the destination was left as it was."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)

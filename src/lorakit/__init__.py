@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from lorakit.bank import AdapterBank
+from lorakit.combine import combine
 from lorakit.config import LoraConfig
 from lorakit.control import active_adapters, disabled, merge, set_active, unmerge
 from lorakit.errors import (
@@ -65,6 +66,7 @@ __all__ = [
     "adapter_names",
     "adapter_parameters",
     "adapter_state_dict",
+    "combine",
     "delete_adapter",
     "delta_weight",
     "describe_adapter",

@@ -367,7 +367,8 @@ def docs_section(args: argparse.Namespace, table: str, ratios: dict[str, Any], l
     )
     return "\n".join(
         [
-            "## One LoRA training step: lorakit vs PEFT vs frozen-base bound",
+            "## One LoRA training step: lorakit vs PEFT vs frozen-base bound"
+            + (f" ({args.tag})" if args.tag else ""),
             "",
             f"- date: {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
             f"- machine: {os.cpu_count()} CPUs ({cpu_name()}), Python {platform.python_version()}, "
@@ -430,6 +431,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     parser.add_argument(
         "--write-docs", action="store_true", help="update the bench_step section of the --docs file"
     )
+    parser.add_argument(
+        "--tag", default="", help="name of the docs section to write (several configurations side by side)"
+    )
     parser.add_argument("--json", type=Path, help="also write every worker's raw result to this file")
     parser.add_argument("--docs", type=Path, default=DOCS, help="the file --write-docs updates")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -460,7 +464,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     if sentence := interpretation(ratios):
         print(f"\n{sentence}")
     if args.write_docs:
-        write_docs(args.docs, docs_section(args, table, ratios, load_before))
+        tag = f"bench_step-{args.tag}" if args.tag else "bench_step"
+        section = docs_section(args, table, ratios, load_before)
+        write_docs(args.docs, section, f"<!-- {tag}:start -->", f"<!-- {tag}:end -->")
         print(f"\nupdated {args.docs}")
 
 

@@ -235,6 +235,64 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_combine(args: argparse.Namespace) -> int:
+    from lorakit.combine import combine
+
+    out = combine(
+        args.adapters,
+        args.weights,
+        args.method,
+        args.out,
+        density=args.density,
+        svd_rank=args.svd_rank,
+        majority_sign_method=args.majority_sign,
+        seed=args.seed,
+        allow_missing=args.allow_missing,
+        ignore_base_model=args.ignore_base_model,
+        allow_pickle=args.allow_pickle,
+    )
+    print(f"combined {len(args.adapters)} adapters with {args.method}; wrote {out}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lorakit.errors import ConfigError
+    from lorakit.serve import ServeConfig, build, run
+
+    adapters: dict[str, str] = {}
+    for spec in args.adapter or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter {spec!r}: expected NAME=DIR")
+        if name in adapters:
+            raise ConfigError(f"--adapter {name!r} is given twice")
+        adapters[name] = path
+    cfg = ServeConfig(
+        model=args.model,
+        adapters=adapters,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        adapter_root=args.adapter_root,
+        max_adapters=args.max_adapters,
+        served_model_name=args.served_model_name,
+        max_batch=args.max_batch,
+        wait_ms=args.wait_ms,
+        max_model_len=args.max_model_len,
+    )
+    t0 = time.perf_counter()
+    app = build(cfg)
+    print(
+        f"lorakit serve: {cfg.base_name()} + adapters {list(adapters)} ready in {time.perf_counter() - t0:.1f} s; "
+        f"listening on http://{cfg.host}:{cfg.port}/v1"
+        + (f", runtime loading from {cfg.adapter_root}" if cfg.adapter_root else ""),
+        file=sys.stderr,
+        flush=True,
+    )
+    run(app, cfg, log_level="info" if args.verbose else "warning")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lorakit", description="Low-Rank Adaptation toolkit (PEFT-compatible adapters)."
@@ -323,6 +381,65 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     b.set_defaults(func=cmd_bench)
+
+    c = sub.add_parser(
+        "combine", help="combine adapters into a new adapter: cat, linear, svd, ties, dare_*, magnitude_prune"
+    )
+    c.add_argument("adapters", nargs="+", help="adapter folders (PEFT layout) to combine")
+    c.add_argument("--out", required=True, help="output adapter folder (written atomically)")
+    c.add_argument(
+        "--method",
+        required=True,
+        help="cat (exact), linear, svd, ties, dare_linear, dare_ties or magnitude_prune (docs/combine.md)",
+    )
+    c.add_argument(
+        "--weights", type=float, nargs="+", help="one weight per adapter, may be negative (default: 1 each)"
+    )
+    c.add_argument(
+        "--density", type=float, help="fraction of ΔW entries kept, in (0, 1]: ties, dare_*, magnitude_prune"
+    )
+    c.add_argument(
+        "--svd-rank", type=int, help="rank after the SVD (default: the largest source rank per module)"
+    )
+    c.add_argument(
+        "--majority-sign", default="total", help="TIES sign election: total (default) or frequency"
+    )
+    c.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks (default: 0)")
+    c.add_argument(
+        "--allow-missing", action="store_true", help="a module missing from an adapter counts as ΔW = 0"
+    )
+    c.add_argument(
+        "--ignore-base-model", action="store_true", help="combine adapters whose configs name different bases"
+    )
+    c.add_argument(
+        "--allow-pickle", action="store_true", help="accept pickled adapter_model.bin files (weights_only)"
+    )
+    c.set_defaults(func=cmd_combine)
+
+    s = sub.add_parser("serve", help="serve the model and adapters over an OpenAI-compatible HTTP API")
+    s.add_argument("--model", help=MODEL_HELP)
+    s.add_argument(
+        "--adapter", action="append", metavar="NAME=DIR", help="adapter to serve as model NAME; repeatable"
+    )
+    s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    s.add_argument(
+        "--api-key",
+        default=os.environ.get("LORAKIT_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $LORAKIT_API_KEY)",
+    )
+    s.add_argument(
+        "--adapter-root",
+        help="allow /v1/load_lora_adapter and unloading, loading only from under this folder",
+    )
+    s.add_argument("--max-adapters", type=int, help="most adapters resident at once (LRU eviction)")
+    s.add_argument("--served-model-name", help="the base model's id (default: the model folder's name)")
+    s.add_argument("--max-batch", type=int, default=8, help="most requests decoded together (default: 8)")
+    s.add_argument(
+        "--wait-ms", type=float, default=5.0, help="batching window of an idle server, ms (default: 5)"
+    )
+    s.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    s.set_defaults(func=cmd_serve)
     return p
 
 
@@ -344,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
     except LorakitError as e:
         print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside the training loop (which saves a checkpoint and raises LorakitError)
+        print(f"lorakit {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

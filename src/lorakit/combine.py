@@ -1,0 +1,429 @@
+"""Combine LoRA adapters into one new adapter, from their files alone (no base model needed).
+
+Every method reasons about each module's update seen as a matrix (out_features, fan_in):
+ΔW_i = s_i · B_i · A_i, with each source's *own* scaling s_i = α_i/r_i (α_i/√r_i with rsLoRA), per module
+(rank_pattern, alpha_pattern). The result is always written with scaling 1 (alpha = r, no rsLoRA, a
+rank_pattern/alpha_pattern entry for every module whose rank differs from the default), so nothing of the
+sources' α, r or rsLoRA has to survive in the output config.
+
+    cat              A = [A_1; …; A_n], B = [w_1 s_1 B_1 … w_n s_n B_n], r = Σ r_i: exact, ΔW = Σ w_i ΔW_i
+    linear           A = Σ ±√|w_i s_i|·A_i, B = Σ √|w_i s_i|·B_i (PEFT's "linear"): equal ranks, NOT exact
+    svd              Σ w_i ΔW_i, truncated SVD
+    ties             TIES-Merging (Yadav et al. 2023) of τ_i = w_i ΔW_i: trim, elect sign, disjoint mean; SVD
+    dare_linear      DARE (Yu et al. 2023): Σ w_i · (m_i ⊙ ΔW_i)/density, m_i ~ Bernoulli(density); SVD
+    dare_ties        DARE masks, then TIES' sign election and disjoint mean; SVD
+    magnitude_prune  Σ w_i · trim(ΔW_i): top-density magnitudes of each; SVD
+
+A module missing from some source is an error, unless `allow_missing`: it then counts as ΔW = 0 there.
+The dense methods compute ΔW in float64 and write A, B in the sources' (promoted) dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import numbers
+import os
+import re
+import zlib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from lorakit.atomic import atomic_dir
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterError, AdapterFileError, ConfigError
+from lorakit.io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_adapter
+
+log = logging.getLogger(__name__)
+
+METHODS = ("cat", "linear", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+DENSITY_METHODS = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+SVD_METHODS = ("svd", *DENSITY_METHODS)
+SIGN_METHODS = ("total", "frequency")
+RECORD_NAME = "combine.json"
+_KEYS = {  # file key suffix -> (A or B, embedding?)
+    "lora_A.weight": ("A", False),
+    "lora_B.weight": ("B", False),
+    "lora_embedding_A": ("A", True),
+    "lora_embedding_B": ("B", True),
+}
+
+Source = tuple[LoraConfig, dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class _Lora:
+    """One source's LoRA on one module: A (r, fan_in[, *kernel]), B (out, r[, 1, …]), scaling s."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+    embedding: bool
+
+    @property
+    def r(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """ΔW's shape as the file defines it: (out, fan_in[, *kernel])."""
+        return (self.B.shape[0], *self.A.shape[1:])
+
+    def delta(self) -> torch.Tensor:
+        """s·B·A as an (out, fan_in) float64 matrix."""
+        return (self.B.flatten(1).double() @ self.A.flatten(1).double()) * self.scaling
+
+
+def combine(
+    sources: Sequence[str | os.PathLike],
+    weights: Sequence[float] | None,
+    method: str,
+    out: str | os.PathLike,
+    *,
+    density: float | None = None,
+    svd_rank: int | None = None,
+    majority_sign_method: str = "total",
+    seed: int = 0,
+    allow_missing: bool = False,
+    ignore_base_model: bool = False,
+    allow_pickle: bool = False,
+) -> Path:
+    """Combine the adapter folders `sources` into a new adapter folder `out` (written atomically). Returns `out`.
+
+    `weights` (default: 1 each) multiply each source's ΔW. Everything is read and checked before anything is
+    written: on any error `out` is left as it was. See `combine_tensors` for the options.
+    """
+    if isinstance(sources, (str, os.PathLike)):
+        raise ConfigError(f"sources must be a list of adapter folders, got the single path {str(sources)!r}")
+    out = Path(out)
+    _check_options(len(sources), weights, method, density, svd_rank, majority_sign_method)
+    if out.exists() and not out.is_dir():
+        raise AdapterFileError(f"{out}: exists and is not a folder")
+    loaded = [read_adapter(p, allow_pickle=allow_pickle) for p in sources]
+    config, tensors = combine_tensors(
+        loaded,
+        weights,
+        method,
+        density=density,
+        svd_rank=svd_rank,
+        majority_sign_method=majority_sign_method,
+        seed=seed,
+        allow_missing=allow_missing,
+        ignore_base_model=ignore_base_model,
+        names=[str(p) for p in sources],
+    )
+    record = {
+        "method": method,
+        "sources": [str(p) for p in sources],
+        "weights": [float(w) for w in weights] if weights is not None else None,
+        "density": density,
+        "svd_rank": svd_rank,
+        "majority_sign_method": majority_sign_method,
+        "seed": seed,
+    }
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n")
+        (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+
+    atomic_dir(out, write, keep_others=True)
+    log.info("combined %d adapters with %s into %s (%d tensors)", len(sources), method, out, len(tensors))
+    return out
+
+
+@torch.no_grad()
+def combine_tensors(
+    sources: Sequence[Source],
+    weights: Sequence[float] | None = None,
+    method: str = "cat",
+    *,
+    density: float | None = None,
+    svd_rank: int | None = None,
+    majority_sign_method: str = "total",
+    seed: int = 0,
+    allow_missing: bool = False,
+    ignore_base_model: bool = False,
+    names: Sequence[str] | None = None,
+) -> Source:
+    """Combine adapters given as (config, tensors) pairs (PEFT file keys). Returns the new (config, tensors).
+
+    density: fraction of ΔW entries kept, in (0, 1]; required by ties, dare_linear, dare_ties, magnitude_prune.
+    svd_rank: rank of the truncated SVD ending the dense methods (default: per module, the largest source rank
+        there); capped at min(out, fan_in). The factors are balanced: B = U·√S, A = √S·Vᵀ.
+    majority_sign_method: TIES sign election by "total" mass Σ τ_i or by "frequency" Σ sign(τ_i).
+    seed: DARE's masks for module m are `torch.rand((n, out, fan_in), dtype=float64,
+        generator=torch.Generator().manual_seed(zlib.crc32(f"{seed}:{m}".encode()))) < density`.
+    allow_missing: a module absent from some sources counts as ΔW = 0 there (otherwise an error).
+    ignore_base_model: combine even when the configs name different base models.
+    names: how errors refer to the sources (default "adapter 0", "adapter 1", ...).
+    """
+    weights = _check_options(len(sources), weights, method, density, svd_rank, majority_sign_method)
+    names = list(names) if names is not None else [f"adapter {i}" for i in range(len(sources))]
+    if len(names) != len(sources):
+        raise ConfigError(f"got {len(names)} names for {len(sources)} adapters")
+    tables = [_modules(cfg, tensors, name) for (cfg, tensors), name in zip(sources, names, strict=True)]
+    _check_base_models([cfg for cfg, _ in sources], names, ignore_base_model)
+    modules = _check_modules(tables, names, allow_missing)
+    dtypes = {t.dtype for table in tables for lora in table.values() for t in (lora.A, lora.B)}
+    dtype = dtypes.pop()
+    for d in dtypes:
+        dtype = torch.promote_types(dtype, d)
+    out: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    for m in modules:
+        parts = [(name, w, table.get(m)) for name, w, table in zip(names, weights, tables, strict=True)]
+        like = next(p for _, _, p in parts if p is not None)
+        if method == "cat":
+            A, B = _cat(parts)
+        elif method == "linear":
+            A, B = _linear(m, parts)
+        else:
+            delta = _dense(method, m, parts, density, majority_sign_method, seed)
+            A, B = _truncate(delta, _svd_rank(svd_rank, parts), like)
+        a_key, b_key = (
+            ("lora_embedding_A", "lora_embedding_B") if like.embedding else ("lora_A.weight", "lora_B.weight")
+        )
+        out[f"{PREFIX}{m}.{a_key}"] = A.to(dtype).contiguous()
+        out[f"{PREFIX}{m}.{b_key}"] = B.to(dtype).contiguous()
+        ranks[m] = A.shape[0]
+    same_modules = all(len(table) == len(modules) for table in tables)
+    return _output_config([cfg for cfg, _ in sources], ranks, same_modules), out
+
+
+# -- checks -------------------------------------------------------------------------------------------------------
+def _check_options(
+    n: int,
+    weights: Sequence[float] | None,
+    method: str,
+    density: float | None,
+    svd_rank: int | None,
+    sign: str,
+) -> list[float]:
+    """Validate the arguments that need no file; return the weights (default 1 each)."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown combine method {method!r}; choose one of {', '.join(METHODS)}")
+    if n == 0:
+        raise ConfigError("no adapters to combine")
+    weights = [1.0] * n if weights is None else list(weights)
+    if len(weights) != n:
+        raise ConfigError(f"got {len(weights)} weights for {n} adapters; give one weight per adapter")
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
+            raise ConfigError(f"weights must be finite numbers, got {w!r}")
+    if method in DENSITY_METHODS:
+        if density is None:
+            raise ConfigError(
+                f"method {method!r} needs a density in (0, 1] (the fraction of ΔW entries kept)"
+            )
+        if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 < density <= 1:
+            raise ConfigError(f"density must be in (0, 1], got {density!r}")
+    elif density is not None:
+        raise ConfigError(f"density applies to {', '.join(DENSITY_METHODS)}, not to {method!r}")
+    if svd_rank is not None:
+        if method not in SVD_METHODS:
+            raise ConfigError(f"svd_rank applies to {', '.join(SVD_METHODS)}, not to {method!r}")
+        if isinstance(svd_rank, bool) or not isinstance(svd_rank, numbers.Integral) or svd_rank < 1:
+            raise ConfigError(f"svd_rank must be a positive integer, got {svd_rank!r}")
+    if sign not in SIGN_METHODS:
+        raise ConfigError(f"majority_sign_method must be one of {SIGN_METHODS}, got {sign!r}")
+    return [float(w) for w in weights]
+
+
+def _modules(config: LoraConfig, tensors: dict[str, torch.Tensor], name: str) -> dict[str, _Lora]:
+    """Module name -> its LoRA, checked against the config (which sets each module's r and scaling)."""
+    if config.use_dora:
+        raise AdapterError(f"{name}: DoRA adapters cannot be combined (their update is not s·B·A)")
+    if config.init == "pissa":
+        raise AdapterError(
+            f"{name}: PiSSA adapters are relative to a modified base weight; convert to plain LoRA first"
+        )
+    if config.bias != "none":
+        raise AdapterError(
+            f"{name}: bias={config.bias!r} adapters carry trained base biases, which cannot be combined"
+        )
+    found: dict[str, dict[str, tuple[torch.Tensor, bool]]] = {}
+    for key, t in tensors.items():
+        k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        for suffix, (param, embedding) in _KEYS.items():
+            if k.endswith("." + suffix):
+                found.setdefault(k[: -len(suffix) - 1], {})[param] = (t, embedding)
+                break
+        else:
+            log.warning("%s: ignoring tensor %s (not a LoRA A or B weight)", name, key)
+    if not found:
+        raise AdapterError(f"{name}: no LoRA tensors (lora_A / lora_B) in the adapter")
+    table = {}
+    for m, parts in sorted(found.items()):
+        if len(parts) != 2:
+            have = next(iter(parts))
+            raise AdapterError(f"{name}: {m} has lora_{have} but no lora_{'B' if have == 'A' else 'A'}")
+        (A, emb_a), (B, emb_b) = parts["A"], parts["B"]
+        if (
+            emb_a != emb_b
+            or A.dim() < 2
+            or B.dim() != A.dim()
+            or B.shape[1] != A.shape[0]
+            or any(s != 1 for s in B.shape[2:])
+        ):
+            raise AdapterError(
+                f"{name}: {m} has inconsistent LoRA tensors A {tuple(A.shape)} and B {tuple(B.shape)}"
+            )
+        if A.shape[0] != config.rank_for(m):
+            raise AdapterError(
+                f"{name}: {m} has rank {A.shape[0]} in its tensors but r={config.rank_for(m)} in {CONFIG_NAME}"
+            )
+        table[m] = _Lora(A, B, config.scaling_for(m), emb_a)
+    return table
+
+
+def _check_base_models(configs: list[LoraConfig], names: list[str], ignore: bool) -> None:
+    first = configs[0].base_model
+    for cfg, name in zip(configs, names, strict=True):
+        if ignore or cfg.base_model is None:
+            continue
+        if first is None:
+            first = cfg.base_model
+        elif cfg.base_model.rstrip("/") != first.rstrip("/"):
+            raise AdapterError(
+                f"{name}: made for base model {cfg.base_model!r}, another adapter for {first!r}; "
+                "pass ignore_base_model=True (--ignore-base-model) if they are the same model"
+            )
+
+
+def _check_modules(tables: list[dict[str, _Lora]], names: list[str], allow_missing: bool) -> list[str]:
+    """The modules to combine (sorted); every source's LoRA on a module must have the same ΔW shape."""
+    modules = sorted(set().union(*tables))
+    for m in modules:
+        present = [(name, table[m]) for name, table in zip(names, tables, strict=True) if m in table]
+        if len(present) < len(tables) and not allow_missing:
+            lacking = next(name for name, table in zip(names, tables, strict=True) if m not in table)
+            raise AdapterError(
+                f"{lacking}: has no LoRA on {m}, which {present[0][0]} adapts; the adapters target different "
+                "modules (pass allow_missing=True / --allow-missing to count a missing module as ΔW = 0)"
+            )
+        name0, first = present[0]
+        for name, lora in present[1:]:
+            if lora.shape != first.shape or lora.embedding != first.embedding:
+                raise AdapterError(
+                    f"{m}: ΔW is {_kind(first)} {first.shape} in {name0} but {_kind(lora)} {lora.shape} in "
+                    f"{name}; are the adapters for the same base model?"
+                )
+    return modules
+
+
+def _kind(lora: _Lora) -> str:
+    return "an embedding" if lora.embedding else "a weight"
+
+
+# -- methods ------------------------------------------------------------------------------------------------------
+Parts = list[tuple[str, float, "_Lora | None"]]  # (source name, weight, LoRA or None where missing)
+
+
+def _cat(parts: Parts) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = [A_1; …; A_n], B = [c_1 B_1 … c_n B_n] with c_i = w_i·s_i (the output's s is 1): exact."""
+    present = [(w, p) for _, w, p in parts if p is not None]
+    A = torch.cat([p.A.double() for _, p in present], dim=0)
+    B = torch.cat([p.B.double() * (w * p.scaling) for w, p in present], dim=1)
+    return A, B
+
+
+def _linear(module: str, parts: Parts) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's "linear": A = Σ sign(c_i)·√|c_i|·A_i, B = Σ √|c_i|·B_i, c_i = w_i·s_i. Cross terms make it inexact."""
+    present = [(name, w, p) for name, w, p in parts if p is not None]
+    ranks = {p.r for _, _, p in present}
+    if len(ranks) > 1:
+        detail = ", ".join(f"r={p.r} in {name}" for name, _, p in present)
+        raise AdapterError(
+            f"method 'linear' needs equal ranks, but {module} has {detail}; use 'cat' (exact) or 'svd' instead"
+        )
+    A = sum(math.copysign(math.sqrt(abs(w * p.scaling)), w * p.scaling) * p.A.double() for _, w, p in present)
+    B = sum(math.sqrt(abs(w * p.scaling)) * p.B.double() for _, w, p in present)
+    return A, B
+
+
+def _dense(
+    method: str, module: str, parts: Parts, density: float | None, sign: str, seed: int
+) -> torch.Tensor:
+    """The combined ΔW (out, fan_in), float64, before truncation."""
+    shape = next(p for _, _, p in parts if p is not None).delta().shape
+    deltas = torch.stack(
+        [p.delta() if p is not None else torch.zeros(shape, dtype=torch.float64) for *_, p in parts]
+    )
+    w = torch.tensor([w for _, w, _ in parts], dtype=torch.float64).view(-1, 1, 1)
+    if method == "svd":
+        return (w * deltas).sum(0)
+    if method == "magnitude_prune":
+        return (w * _trim(deltas, density)).sum(0)
+    if method == "ties":
+        return _disjoint_mean(w * _trim(deltas, density), sign)
+    g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{module}".encode()))
+    keep = torch.rand(deltas.shape, generator=g, dtype=torch.float64) < density
+    tau = w * deltas * keep / density
+    return tau.sum(0) if method == "dare_linear" else _disjoint_mean(tau, sign)
+
+
+def _trim(deltas: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the round(density·numel) (at least 1) largest-magnitude entries of each deltas[i], zero the rest."""
+    flat = deltas.flatten(1)
+    k = max(1, round(density * flat.shape[1]))
+    if k >= flat.shape[1]:
+        return deltas
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    keep.scatter_(1, flat.abs().topk(k, dim=1).indices, True)
+    return (flat * keep).view_as(deltas)
+
+
+def _disjoint_mean(tau: torch.Tensor, sign: str) -> torch.Tensor:
+    """TIES: elect γ = sign(Σ τ_i) (or of Σ sign(τ_i)), ties to +; mean of the τ_i whose sign is γ, per entry."""
+    mass = tau.sum(0) if sign == "total" else tau.sign().sum(0)
+    elected = torch.where(mass >= 0, 1.0, -1.0).to(tau.dtype)
+    agree = tau.sign() == elected
+    return (tau * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def _svd_rank(svd_rank: int | None, parts: Parts) -> int:
+    return svd_rank if svd_rank is not None else max(p.r for _, _, p in parts if p is not None)
+
+
+def _truncate(delta: torch.Tensor, rank: int, like: _Lora) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-`rank` factors of `delta` (out, fan_in), shaped like `like`'s A and B: B = U·√S, A = √S·Vᵀ."""
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    rank = min(rank, S.shape[0])
+    root = S[:rank].sqrt()
+    B = U[:, :rank] * root
+    A = root[:, None] * Vh[:rank]
+    return A.reshape(rank, *like.A.shape[1:]), B.reshape(B.shape[0], rank, *like.B.shape[2:])
+
+
+# -- output config ------------------------------------------------------------------------------------------------
+def _output_config(configs: list[LoraConfig], ranks: dict[str, int], same_modules: bool) -> LoraConfig:
+    """Scaling 1 everywhere: alpha = r, with a rank_pattern/alpha_pattern entry per module off the default r."""
+    first = configs[0]
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {re.escape(m): rm for m, rm in ranks.items() if rm != r}
+    targeting = ("targets", "exclude", "layers", "layers_pattern")
+    if same_modules and all(getattr(c, f) == getattr(first, f) for c in configs for f in targeting):
+        where = {f: getattr(first, f) for f in targeting}
+    else:  # the exact module set, as one full-match regex
+        where = {"targets": "(" + "|".join(re.escape(m) for m in ranks) + ")", "exclude": None}
+        where |= {"layers": None, "layers_pattern": None}
+    base = next((c.base_model for c in configs if c.base_model is not None), None)
+    return LoraConfig(
+        r=r,
+        alpha=r,
+        dropout=first.dropout,
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        use_rslora=False,
+        init="default",
+        task_type=first.task_type,
+        base_model=base,
+        **where,
+    )

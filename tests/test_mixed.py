@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import lorakit
+import lorakit.mixed
 from lorakit import AdapterError, LoraConfig
 from lorakit.bank import AdapterBank
 from lorakit.mixed import row_adapters
@@ -57,6 +58,23 @@ def test_mixed_batch_equals_each_row_alone(names):
         again = model(x).logits  # second pass: the cached stacks
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
     torch.testing.assert_close(again, got, atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_cached_stacks_follow_weight_changes():
+    """The per-layer stacks are reused across batches of the same rows, but an in-place change of an adapter's
+    weights (as training or copy_ makes) rebuilds them."""
+    model = tiny_llama()
+    _three_adapters(model)
+    names, x = ["a", "b", "c"], ids(batch=3, seq=5)
+    with row_adapters(model, names):
+        model(x)
+    randomize(model, std=0.5, seed=9)  # in place
+    want = _per_row(model, x, names)
+    with row_adapters(model, names):
+        torch.testing.assert_close(model(x).logits, want, atol=ATOL, rtol=0)
+    lorakit.mixed.clear_row_cache(model)
+    assert all(layer.row_cache is None for _, layer in lorakit.lora_layers(model))
 
 
 @torch.no_grad()

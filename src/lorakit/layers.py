@@ -331,6 +331,7 @@ class LoraLayer(nn.Module):
             self.handler.init(adapter.lora_A.data, adapter.lora_B.data, init, r)
         adapter.variant.init(self, adapter)
         self.adapters[name] = adapter
+        self.row_cache = None
 
     def remove_adapter(self, name: str) -> None:
         adapter = self.adapters[name]
@@ -341,6 +342,7 @@ class LoraLayer(nn.Module):
                 w.add_(residual.to(w.dtype))
         del self.adapters[name]
         self.active.pop(name, None)
+        self.row_cache = None
         self.refresh()
 
     def refresh(self) -> None:

@@ -6,8 +6,9 @@
 The base matmul runs once for the whole batch. Each LoRA layer then adds its low-rank products with two batched
 matmuls, whatever the number of distinct adapters: the plan stacks, per row, the row's A and s·B (zero-padded to
 the largest rank, so adapters of different ranks mix) and computes ``bmm(bmm(x, Aᵀ), (s·B)ᵀ)`` for all rows at
-once (Punica's gather-then-bmm). The gathered stacks are cached per layer for the life of the plan, so the
-decode steps of one batch reuse them and pay only the two small bmms. Rows without an adapter are skipped.
+once (Punica's gather-then-bmm). The gathered stacks are cached per layer for the last batch composition
+(`clear_row_cache` frees them), so the decode steps of a batch reuse them and pay only the two small bmms.
+Rows without an adapter are skipped.
 
 Layers whose adapters the stacked path cannot express (DoRA, embeddings, convolutions, dropout while training)
 fall back to one masked pass per distinct adapter, which is exact but loops.
@@ -56,7 +57,12 @@ def row_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[RowP
     finally:
         for layer in layers:
             layer.row_plan = None
-            layer.row_cache = None
+
+
+def clear_row_cache(model: nn.Module) -> None:
+    """Free the stacked per-row adapter weights that LoRA layers keep for the last batch composition."""
+    for _, layer in lora_layers(model):
+        layer.row_cache = None
 
 
 def make_plan(model: nn.Module, names: Sequence[str | None]) -> RowPlan:
@@ -120,8 +126,12 @@ def mixed_forward(layer: LoraLayer, x: torch.Tensor, out: torch.Tensor) -> torch
         return out
     if not _stackable(layer, used):
         return _looped(layer, x, out, plan, used)
-    if layer.row_cache is None or layer.row_cache[0] is not plan:
-        layer.row_cache = (plan, *_row_stacks(layer, plan, x))
+    # The stacks are cached per layer for the last batch composition, so the decode steps of a batch (and later
+    # batches with the same rows) reuse them. The key holds the adapters' tensor versions: any in-place change of
+    # their weights (training, copy_) rebuilds the stacks.
+    key = (plan.names, x.dtype, tuple(_version(layer.adapters[n]) for n in sorted(used)))
+    if layer.row_cache is None or layer.row_cache[0] != key:
+        layer.row_cache = (key, *_row_stacks(layer, plan, x))
     _, a_rows, b_rows = layer.row_cache
     shape = x.shape
     xs = x if plan.all_rows else x.index_select(0, plan.rows)
@@ -132,6 +142,10 @@ def mixed_forward(layer: LoraLayer, x: torch.Tensor, out: torch.Tensor) -> torch
     if plan.all_rows:
         return out + y.view(out.shape)
     return out.index_add(0, plan.rows, y.view(len(plan.rows), *out.shape[1:]))
+
+
+def _version(adapter) -> tuple[int, int]:
+    return adapter.lora_A._version, adapter.lora_B._version
 
 
 def _looped(

@@ -186,6 +186,12 @@ def lm_head_loss(
 
 def _fusable_head(model: nn.Module) -> nn.Linear | None:
     """The model's LM head if the chunked loss computes exactly the model's own loss, else None."""
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return None
+    if not isinstance(model, PreTrainedModel):  # e.g. PEFT's or DDP's wrappers: their own forward must run
+        return None
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if getter else None
     base = getattr(model, "base_model", None)

@@ -18,6 +18,7 @@ from lorakit.errors import (
     ConfigError,
     LorakitError,
     ModelLoadError,
+    QuantizationError,
     TargetError,
 )
 from lorakit.fused import set_fused
@@ -25,6 +26,7 @@ from lorakit.inject import adapter_names, delete_adapter, inject, lora_layers, u
 from lorakit.io import adapter_state_dict, describe_adapter, load_adapter, read_adapter, save_adapter
 from lorakit.layers import LoraLayer, delta_weight
 from lorakit.mixed import row_adapters
+from lorakit.quant import dequantize, quantize
 from lorakit.report import format_report, parameter_report
 from lorakit.targeting import select_modules
 
@@ -61,6 +63,7 @@ __all__ = [
     "LoraLayer",
     "LorakitError",
     "ModelLoadError",
+    "QuantizationError",
     "TargetError",
     "active_adapters",
     "adapter_names",
@@ -69,6 +72,7 @@ __all__ = [
     "combine",
     "delete_adapter",
     "delta_weight",
+    "dequantize",
     "describe_adapter",
     "disabled",
     "format_report",
@@ -78,6 +82,7 @@ __all__ = [
     "lora_layers",
     "merge",
     "parameter_report",
+    "quantize",
     "read_adapter",
     "row_adapters",
     "run_training",

@@ -75,9 +75,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(json.dumps({**info, "config": info["config"].to_peft_dict()}, indent=2, default=str))
             return 0
         _print_adapter(info)
+        base_q = lorakit.quant.adapter_base_quantization(target)
+        if base_q:
+            print(f"trained on a 4-bit base: {json.dumps(base_q, sort_keys=True)}")
         return 0
     model_spec = args.model if target is None or (target / "adapter_config.json").is_file() else str(target)
     model, _ = _load(model_spec)
+    if args.quantize:
+        print(lorakit.quantize(model, args.quantize).summary())
     if target is not None and (target / "adapter_config.json").is_file():
         lorakit.load_adapter(model, target)
     else:
@@ -333,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("--rows", type=int, default=40, help="table rows to print (default: 40)")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.add_argument("--quantize", choices=["nf4"], help="quantize to 4 bits first (QLoRA): bits/param")
     i.set_defaults(func=cmd_inspect)
 
     m = sub.add_parser(

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from lorakit.errors import AdapterError
+from lorakit.errors import AdapterError, QuantizationError
 from lorakit.inject import adapter_names, lora_layers, registry
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,10 @@ def merged(model: nn.Module) -> Iterator[nn.Module]:
 def merge(model: nn.Module) -> None:
     """Fold the active adapters (with their weights) into the base weights. Merging twice changes nothing."""
     for name, layer in lora_layers(model):
+        if layer.handler.quantized and any(n in layer.adapters for n in layer.active):  # 4-bit base: refuse
+            from lorakit.layers import merge_refusal
+
+            raise QuantizationError(f"{name}: {merge_refusal(layer.base_layer)}")
         dora = [n for n in layer.active if getattr(layer.adapters[n], "magnitude", None) is not None]
         if dora and len(layer.active) > 1:
             raise AdapterError(

@@ -30,6 +30,10 @@ class ModelLoadError(LorakitError, OSError):
     """A base model could not be located or loaded."""
 
 
+class QuantizationError(LorakitError, ValueError):
+    """A model cannot be quantized as asked, or an operation needs full-precision weights (merge into 4 bits)."""
+
+
 class DiskFullError(LorakitError, OSError):
     """A write ran out of disk space (or quota); the destination was left as it was."""
 

@@ -23,11 +23,39 @@ def merge_to_folder(
     *,
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
+    dequantized_base: bool = True,
 ) -> Path:
-    """Load the base model, merge `adapter` into it, and write model + tokenizer to `out` atomically."""
+    """Load the base model, merge `adapter` into it, and write model + tokenizer to `out` atomically.
+
+    An adapter trained on a 4-bit base (QLoRA; recorded in its safetensors metadata) learned ΔW against the
+    dequantized weights. With `dequantized_base` the base is quantized the same way and dequantized again before
+    merging, so the merged model is exactly the training-time model, W = dequant(quant(W0)) + ΔW, in `dtype`;
+    otherwise ΔW goes onto the original full-precision W0. The written model is full precision either way:
+    re-quantizing W + ΔW would round away much of the update (see docs/qlora.md).
+    """
     from lorakit.models import load_model
+    from lorakit.quant import adapter_base_quantization, dequantize, quantize
 
     model, tokenizer = load_model(model_spec, dtype=dtype)
+    quant = adapter_base_quantization(adapter)
+    if quant and dequantized_base:
+        if quant.get("method") in ("nf4", "bitsandbytes-nf4"):  # our NF4 is bitsandbytes' (CPU) bit for bit
+            quantize(
+                model,
+                "nf4",
+                bool(quant.get("double_quant", True)),
+                quant.get("skip", ["lm_head"]),
+                block_size=int(quant.get("block_size", 64)),
+            )
+            dequantize(model)
+            log.info("merging into the dequantized %s base the adapter was trained on", quant["method"])
+        else:
+            log.warning(
+                "%s was trained on a %s base, which lorakit cannot reproduce; merging into the full-precision "
+                "base instead",
+                adapter,
+                quant.get("method"),
+            )
     load_adapter(model, adapter, allow_pickle=allow_pickle)
     model = unload(model, merge=True)
 

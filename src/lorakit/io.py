@@ -90,8 +90,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
             base_model=getattr(getattr(model, "config", None), "_name_or_path", None) or None
         )
 
+    from lorakit.quant import adapter_metadata
+
+    metadata = {"format": "pt", **adapter_metadata(model)}  # + the quantized base it was trained on, if any
+
     def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
         (tmp / CONFIG_NAME).write_text(json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n")
 
     path = Path(path)
@@ -174,6 +178,9 @@ def load_adapter(
     except Exception:
         delete_adapter(model, name)
         raise
+    from lorakit.quant import note_adapter_base
+
+    note_adapter_base(model, path)
     if activate:
         from lorakit.control import set_active
 

@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit import fused
+from lorakit.errors import AdapterError, QuantizationError
+from lorakit.quant import bnb as bnb_interop
+from lorakit.quant.nf4 import NF4Linear
 
 # --------------------------------------------------------------------------------------------------------------
 # Handlers: one per base layer type. A and B are stored in PEFT's shapes; `to_2d` views any base weight as
@@ -32,6 +35,7 @@ class Handler:
     linear: ClassVar[bool] = False  # counts for targets="all-linear"
     embedding: ClassVar[bool] = False  # PEFT names its tensors lora_embedding_A/B, no dropout
     feature_dim: ClassVar[int] = -1  # where out_features sits in the output tensor
+    quantized: ClassVar[bool] = False  # a 4-bit base: weight() is a dequantized copy; merging is refused
 
     def dims(self, base: nn.Module) -> tuple[int, int]:
         """(out_features d, fan_in k) of the base weight seen as a d×k matrix."""
@@ -44,6 +48,11 @@ class Handler:
 
     def weight(self, base: nn.Module) -> torch.Tensor:
         return base.weight
+
+    def dtype_device(self, base: nn.Module) -> tuple[torch.dtype, torch.device]:
+        """dtype and device for new adapters: the base weight's (float32 if it is not floating point)."""
+        w = self.weight(base)
+        return (w.dtype if w.dtype.is_floating_point else torch.float32), w.device
 
     def to_2d(self, w: torch.Tensor) -> torch.Tensor:
         return w
@@ -82,6 +91,47 @@ class Handler:
 
 class LinearHandler(Handler):
     linear = True
+
+
+class QuantLinearHandler(LinearHandler):
+    """lorakit's 4-bit `NF4Linear`: `weight` dequantizes a full-precision copy (read-only use: DoRA norms, export);
+    merging into the base is refused, since it would have to re-quantize W0 + ΔW."""
+
+    quantized = True
+
+    def dims(self, base: nn.Module) -> tuple[int, int]:
+        return base.out_features, base.in_features
+
+    def weight(self, base: nn.Module) -> torch.Tensor:
+        return base.dequantize()
+
+    def dtype_device(self, base: nn.Module) -> tuple[torch.dtype, torch.device]:
+        return base.weight_dtype, base.qweight.device
+
+    def base_nobias(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, base.dequantize(x.dtype))
+
+
+class Bnb4bitHandler(QuantLinearHandler):
+    """bitsandbytes' `Linear4bit` (transformers' `BitsAndBytesConfig(load_in_4bit=True)`), NF4 or FP4."""
+
+    def weight(self, base: nn.Module) -> torch.Tensor:
+        return bnb_interop.dequantize_linear4bit(base, bnb_interop.weight_dtype(base))
+
+    def dtype_device(self, base: nn.Module) -> tuple[torch.dtype, torch.device]:
+        return bnb_interop.weight_dtype(base), base.weight.device
+
+    def base_nobias(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, bnb_interop.dequantize_linear4bit(base, x.dtype))
+
+
+def merge_refusal(base: nn.Module) -> str:
+    return (
+        f"cannot merge into a 4-bit base layer ({type(base).__name__}): the merged weight W0 + ΔW would have to "
+        "be re-quantized, which rounds away most of the update. Write a merged full-precision model instead with "
+        "`lorakit merge --adapter ADAPTER --out DIR` (it dequantizes the base, then merges), or call "
+        "lorakit.dequantize(model) first"
+    )
 
 
 class TransposedHandler(Handler):
@@ -172,6 +222,7 @@ class ConvHandler(Handler):
 def _handler_table() -> list[tuple[type, Handler]]:
     table: list[tuple[type, Handler]] = [
         (nn.Linear, LinearHandler()),
+        (NF4Linear, QuantLinearHandler()),
         (nn.Embedding, EmbeddingHandler()),
         (nn.Conv1d, ConvHandler(3)),
         (nn.Conv2d, ConvHandler(4)),
@@ -189,10 +240,39 @@ def _handler_table() -> list[tuple[type, Handler]]:
 HANDLERS = _handler_table()
 
 
+class RefusedHandler(LinearHandler):
+    """A linear layer type LoRA must not wrap as a plain nn.Linear (its weight is not a float matrix)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def check(self, base: nn.Module) -> str | None:
+        return self.reason
+
+
+def _register_bnb() -> None:
+    """Add bitsandbytes' layers to the table once bitsandbytes is imported (they subclass nn.Linear, so they must
+    come before nn.Linear's isinstance fallback)."""
+    global _bnb_pending
+    cls = bnb_interop.linear4bit_class()
+    if cls is not None:
+        import bitsandbytes as bnb
+
+        HANDLERS.insert(0, (cls, Bnb4bitHandler()))
+        refused = RefusedHandler("bitsandbytes 8-bit layers are not supported (4-bit Linear4bit layers are)")
+        HANDLERS.insert(1, (bnb.nn.Linear8bitLt, refused))
+        _bnb_pending = False
+
+
+_bnb_pending = True
+
+
 def handler_for(module: nn.Module) -> Handler | None:
     """The handler for `module` (a LoraLayer answers for its base), or None if LoRA cannot wrap it."""
     if isinstance(module, LoraLayer):
         return module.handler
+    if _bnb_pending:
+        _register_bnb()
     for cls, handler in HANDLERS:
         if type(module) is cls:
             return handler
@@ -309,9 +389,13 @@ class LoraLayer(nn.Module):
     ) -> None:
         if self.handler.embedding:
             dropout = 0.0
+        if init == "pissa" and self.handler.quantized:
+            raise AdapterError(
+                "PiSSA init moves the top-r part out of W0, which a 4-bit base cannot take; initialise PiSSA on "
+                "the full-precision model (or use another init)"
+            )
         a_shape, b_shape = self.handler.shapes(self.base_layer, r)
-        w = self.handler.weight(self.base_layer)
-        dtype = w.dtype if w.dtype.is_floating_point else torch.float32
+        dtype, device = self.handler.dtype_device(self.base_layer)
         adapter = LoraAdapter(
             a_shape,
             b_shape,
@@ -321,7 +405,7 @@ class LoraLayer(nn.Module):
             dropout=dropout,
             variant=make_variant(use_dora),
             dtype=dtype,
-            device=w.device,
+            device=device,
         )
         if init == "pissa":
             from lorakit.variants.pissa import pissa_init
@@ -355,6 +439,8 @@ class LoraLayer(nn.Module):
         )
 
     def merge_active(self) -> None:
+        if self.handler.quantized and any(n in self.adapters for n in self.active):
+            raise QuantizationError(merge_refusal(self.base_layer))
         for name, weight in self.active.items():
             if name in self.adapters and all(m[0] != name for m in self.merged):
                 adapter = self.adapters[name]

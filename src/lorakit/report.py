@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from lorakit.inject import lora_layers
+from lorakit.quant import quant_stats, quantized_modules
 
 
 def parameter_report(model: nn.Module) -> dict[str, Any]:
@@ -14,9 +15,14 @@ def parameter_report(model: nn.Module) -> dict[str, Any]:
 
     Returns a dict with `total`, `trainable`, `trainable_percent`, `adapters` ({name: parameter count}) and
     `layers`: one row per (module, adapter) with `d` (out features), `k` (fan-in), `r`, `full` = d·k,
-    `lora` = r·(d+k) and `reduction` = full / lora.
+    `lora` = r·(d+k) and `reduction` = full / lora. A 4-bit base adds `quantization` (see
+    `lorakit.quant.quant_stats`: bits per parameter of its quantized layers); `total` counts the weights those
+    layers encode, not their packed bytes.
     """
-    total = sum(p.numel() for p in model.parameters())
+    found = quantized_modules(model)
+    packed = {id(getattr(m, "weight", None)) for _, m in found}  # bitsandbytes' Params4bit hold packed bytes
+    total = sum(p.numel() for p in model.parameters() if id(p) not in packed)
+    total += sum(m.in_features * m.out_features for _, m in found)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     rows: list[dict[str, Any]] = []
     per_adapter: dict[str, int] = {}
@@ -47,6 +53,7 @@ def parameter_report(model: nn.Module) -> dict[str, Any]:
         "trainable_percent": 100.0 * trainable / total if total else 0.0,
         "adapters": per_adapter,
         "layers": rows,
+        "quantization": quant_stats(model),
     }
 
 
@@ -71,4 +78,11 @@ def format_report(report: dict[str, Any], *, max_rows: int = 40) -> str:
         f"trainable params: {report['trainable']:,} || all params: {report['total']:,} "
         f"|| trainable%: {report['trainable_percent']:.4f}"
     )
+    q = report.get("quantization")
+    if q:
+        dq = {True: ", double quant", False: ""}.get(q["double_quant"], "")
+        lines.append(
+            f"4-bit base: {q['method']}{dq}: {q['layers']} layers, {q['params']:,} weights in "
+            f"{q['bytes'] / 2**20:.1f} MiB = {q['bits_per_param']:.3f} bits/param"
+        )
     return "\n".join(lines)

@@ -26,6 +26,12 @@ class ModelSection:
     """Base model: a Hugging Face folder or a .gguf file; empty for the default SmolLM2-135M-Instruct."""
     dtype: str = "float32"
     """Compute dtype: float32 (fast on CPU) or bfloat16."""
+    quantize: str | None = None
+    """QLoRA: quantize the base's linear layers to 4 bits before adding LoRA ("nf4"); empty: full precision."""
+    quantize_skip: list[str] = field(default_factory=lambda: ["lm_head"])
+    """With quantize: linear layers kept in full precision (module names or name suffixes)."""
+    double_quant: bool = True
+    """With quantize: store the block scales in 8 bits too (~4.13 bits per weight instead of 4.5)."""
 
 
 @dataclass
@@ -165,6 +171,14 @@ def validate(cfg: RunConfig) -> None:
         (
             cfg.model.dtype in ("float32", "bfloat16"),
             f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}",
+        ),
+        (
+            cfg.model.quantize in (None, "nf4"),
+            f"model.quantize must be nf4 or empty, got {cfg.model.quantize!r}",
+        ),
+        (
+            isinstance(cfg.model.quantize_skip, list),
+            f"model.quantize_skip must be a list of module names, got {cfg.model.quantize_skip!r}",
         ),
         (dsec.max_len >= 8, f"data.max_len must be >= 8, got {dsec.max_len}"),
         (0 < dsec.eval_split < 1, f"data.eval_split must be in (0, 1), got {dsec.eval_split}"),

@@ -18,6 +18,7 @@ from lorakit.data.tokenize import encode_dataset, pack
 from lorakit.inject import inject
 from lorakit.io import save_adapter
 from lorakit.layers import LoraLayer
+from lorakit.quant import is_quantized, quantize
 from lorakit.report import parameter_report
 from lorakit.train.checkpoint import full_parameters
 from lorakit.train.config import RunConfig, save_config
@@ -58,7 +59,7 @@ def evaluate(
         eval_examples[: cfg.eval.limit],
         max_new_tokens=cfg.eval.max_new_tokens,
         chat=cfg.data.chat,
-        merge=not sharded,
+        merge=not sharded and not is_quantized(model),  # a 4-bit base cannot take a merge
         synced=sharded,
     )
     if acc is not None:
@@ -90,6 +91,10 @@ def run_training(
 
         model, tokenizer = load_model(cfg.model.path, dtype=getattr(torch, cfg.model.dtype))
     base_id = cfg.model.path or "SmolLM2-135M-Instruct"
+    quant = None
+    if cfg.model.quantize:  # QLoRA: a frozen 4-bit base under the LoRA adapters
+        quant = quantize(model, cfg.model.quantize, cfg.model.double_quant, cfg.model.quantize_skip)
+        say(f"quantized the base: {quant.summary()}")
     train_ex, eval_ex, source = load_examples(cfg)
     enc = dict(max_len=cfg.data.max_len, chat=cfg.data.chat, train_on_all=cfg.data.train_on_all)
     train_rows, stats = encode_dataset(tokenizer, train_ex, **enc)
@@ -126,7 +131,7 @@ def run_training(
     elif world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        trained = DistributedDataParallel(model)
+        trained = DistributedDataParallel(model, broadcast_buffers=quant is None)  # 4-bit codes are constant
 
     def evaluate_now() -> dict[str, float]:
         return evaluate(model, tokenizer, eval_rows, eval_ex, cfg, sharded=fsdp)
@@ -164,6 +169,7 @@ def run_training(
         "run_dir": str(out_dir),
         "loss_plot": str(plot) if plot else None,
         "peak_rss_gb": _peak_rss_gb(),
+        "quantization": report.get("quantization"),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

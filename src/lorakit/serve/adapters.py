@@ -1,0 +1,158 @@
+"""The adapter routes: /v1/models (the base and each adapter, with vLLM's `parent` and `root`) and vLLM's
+/v1/load_lora_adapter {"lora_name", "lora_path"} and /v1/unload_lora_adapter {"lora_name"}.
+
+Runtime loading is the server's biggest attack surface (a client names a folder on the server), so it is off
+unless the server was started with an adapter root, and then `lora_path` must resolve, symlinks followed, to a
+folder inside that root; a path with `..` is refused outright. Loads and unloads run on the engine thread,
+between decode steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from lorakit.errors import AdapterError, LorakitError
+from lorakit.serve import protocol as P
+from lorakit.serve.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class AdapterRoutes:
+    def __init__(self, engine: Engine, base_name: str, base_path: str, adapter_root: Path | None) -> None:
+        self.engine, self.bank = engine, engine.bank
+        self.base_name, self.base_path, self.adapter_root = base_name, base_path, adapter_root
+        self.created = int(time.time())
+
+    def router(self) -> APIRouter:
+        r = APIRouter()
+        r.add_api_route("/v1/models", self.models, methods=["GET"])
+        r.add_api_route("/v1/models/{model:path}", self.model, methods=["GET"])
+        r.add_api_route("/v1/load_lora_adapter", self.load, methods=["POST"])
+        r.add_api_route("/v1/unload_lora_adapter", self.unload, methods=["POST"])
+        return r
+
+    def adapter_for(self, model: str | None) -> str | None:
+        """The adapter a request's `model` names (None: the base model); 404 listing the choices if unknown."""
+        if model is None or model == self.base_name:
+            return None
+        if model in self.bank:
+            return model
+        available = [self.base_name, *self.bank.names()]
+        raise P.APIError(
+            404, f"the model {model!r} does not exist; available: {available}", "model_not_found", "model"
+        )
+
+    # -- /v1/models --------------------------------------------------------------------------------------------
+
+    def cards(self) -> list[dict[str, Any]]:
+        out = [self._card(self.base_name, self.base_path, None)]
+        for name in self.bank.names():
+            out.append(self._card(name, str(self.bank.paths.get(name) or ""), self.base_name))
+        return out
+
+    def _card(self, name: str, root: str, parent: str | None) -> dict[str, Any]:
+        return {
+            "id": name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "lorakit",
+            "root": root,
+            "parent": parent,
+            "max_model_len": self.engine.max_model_len,
+            "permission": [],
+        }
+
+    async def models(self) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": self.cards()})
+
+    async def model(self, model: str) -> JSONResponse:
+        for card in self.cards():
+            if card["id"] == model:
+                return JSONResponse(card)
+        self.adapter_for(model)  # raises the 404 with the list
+        raise AssertionError("unreachable")
+
+    # -- load and unload ---------------------------------------------------------------------------------------
+
+    async def load(self, request: Request) -> PlainTextResponse:
+        body = await P.read_json(request)
+        root = self._root()
+        name = self._name(body)
+        path = inside(root, body.get("lora_path"))
+        if name in self.bank:
+            raise P.bad(f"the adapter {name!r} has already been loaded; unload it first", "lora_name")
+        try:
+            seconds = await asyncio.wrap_future(self.engine.call(lambda: self.bank.load(name, path)))
+        except AdapterError as e:
+            busy = "being unloaded" in str(e) or "bank is full" in str(e)  # AdapterBank's wording
+            raise P.APIError(
+                409 if busy else 400, str(e), "adapter_busy" if busy else "adapter_invalid"
+            ) from None
+        except LorakitError as e:  # a missing, corrupt or refused adapter file
+            raise P.APIError(400, str(e), "adapter_invalid", "lora_path") from None
+        log.info("loaded adapter %r from %s in %.2f s", name, path, seconds)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload(self, request: Request) -> PlainTextResponse:
+        body = await P.read_json(request)
+        self._root()
+        name = self._name(body)
+        try:
+            await asyncio.wrap_future(self.engine.call(lambda: self.bank.unload(name)))
+        except AdapterError:
+            loaded = self.bank.names()
+            raise P.APIError(
+                404, f"the adapter {name!r} cannot be found; loaded: {loaded}", "model_not_found"
+            ) from None
+        log.info("unloaded adapter %r (requests in flight finish first)", name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    def _root(self) -> Path:
+        if self.adapter_root is None:
+            raise P.APIError(
+                403,
+                "loading and unloading adapters at runtime is disabled; start the server with --adapter-root DIR "
+                "to allow it (adapters load only from under DIR)",
+                "runtime_updates_disabled",
+            )
+        return self.adapter_root
+
+    def _name(self, body: dict[str, Any]) -> str:
+        name = body.get("lora_name")
+        if not isinstance(name, str) or not name.strip() or len(name) > 256:
+            raise P.bad("'lora_name' must be a non-empty string (at most 256 characters)", "lora_name")
+        if name == self.base_name:
+            raise P.bad(f"{name!r} is the base model's name", "lora_name")
+        return name
+
+
+def inside(root: Path, lora_path: Any) -> Path:
+    """`lora_path` (absolute, or relative to `root`) resolved through symlinks; refused unless under `root`."""
+    if not isinstance(lora_path, str) or not lora_path.strip():
+        raise P.bad("'lora_path' must be a non-empty string", "lora_path")
+    given = Path(lora_path)
+    if ".." in given.parts:
+        raise P.APIError(
+            403, f"lora_path {lora_path!r} refused: it may not contain '..'", "adapter_path_refused"
+        )
+    try:
+        real = (given if given.is_absolute() else root / given).resolve()
+        real_root = root.resolve()
+    except (OSError, ValueError, RuntimeError) as e:
+        raise P.bad(f"lora_path {lora_path!r} cannot be resolved: {e}", "lora_path") from None
+    if real != real_root and real_root not in real.parents:
+        raise P.APIError(
+            403,
+            f"lora_path {lora_path!r} refused: it is outside --adapter-root",
+            "adapter_path_refused",
+            "lora_path",
+        )
+    return real

@@ -1,0 +1,276 @@
+"""The HTTP layer: an OpenAI-compatible FastAPI app in front of an `Engine`.
+
+    app = create_app(engine, AppConfig(base_name="SmolLM2-135M-Instruct", base_path="...", api_key="sk-1"))
+
+Routes: POST /v1/completions and /v1/chat/completions (both stream with SSE), GET /health, and the adapter
+routes of `lorakit.serve.adapters`. The request's `model` names the adapter; the base model's name means no
+adapter. Handlers validate and tokenize, then hand the request to the engine thread and read its tokens back
+from an asyncio queue the engine feeds (`loop.call_soon_threadsafe`). Every error is JSON in OpenAI's shape, and
+nothing a client sends stops the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lorakit.serve import protocol as P
+from lorakit.serve.adapters import AdapterRoutes
+from lorakit.serve.engine import Engine
+from lorakit.serve.requests import Delta, Done, Event, Failed, GenRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """What the HTTP layer needs besides the engine."""
+
+    base_name: str
+    """The id of the base model in /v1/models; a request naming it runs without an adapter."""
+    base_path: str
+    """Where the base model was loaded from (the `root` of its /v1/models entry)."""
+    api_key: str | None = None
+    """If set, /v1/* requests need `Authorization: Bearer <api_key>`."""
+    adapter_root: Path | None = None
+    """Runtime loading and unloading are allowed only when set, and loading only from under it."""
+
+
+def create_app(engine: Engine, config: AppConfig) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if not engine.alive:
+            engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="lorakit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(P.APIError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+    adapters = AdapterRoutes(engine, config.base_name, config.base_path, config.adapter_root)
+    generation = GenerationRoutes(engine, adapters)
+    auth = [Depends(_auth(config.api_key))]
+    app.add_api_route("/v1/completions", generation.completions, methods=["POST"], dependencies=auth)
+    app.add_api_route(
+        "/v1/chat/completions", generation.chat_completions, methods=["POST"], dependencies=auth
+    )
+    app.include_router(adapters.router(), dependencies=auth)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = engine.alive
+        body = {"status": "ok" if ok else "engine stopped", **engine.load(), **engine.stats}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    return app
+
+
+# -- errors and auth -------------------------------------------------------------------------------------------
+
+
+async def _api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, P.APIError)
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    what = {404: "no route", 405: "method not allowed"}.get(exc.status_code, str(exc.detail))
+    err = P.APIError(exc.status_code, f"{what}: {request.method} {request.url.path}", str(exc.status_code))
+    return JSONResponse(err.body(), status_code=exc.status_code)
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error")
+    err = P.APIError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+    return JSONResponse(err.body(), status_code=500)
+
+
+def _auth(api_key: str | None) -> Callable:
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise P.APIError(
+                401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key"
+            )
+
+    return check
+
+
+# -- generation ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """A request handed to the engine: its events arrive on `events`; `first` is already taken from it."""
+
+    req: GenRequest
+    events: asyncio.Queue
+    first: Event
+    model: str  # the name answered in responses
+
+    async def events_until_done(self) -> AsyncIterator[Event]:
+        """`first`, then the rest, up to and including Done or Failed."""
+        event = self.first
+        while True:
+            yield event
+            if isinstance(event, (Done, Failed)):
+                return
+            event = await self.events.get()
+
+
+class GenerationRoutes:
+    def __init__(self, engine: Engine, adapters: AdapterRoutes) -> None:
+        self.engine, self.adapters, self.tok = engine, adapters, engine.tokenizer
+
+    async def completions(self, request: Request) -> Response:
+        parsed = P.parse_completion(await P.read_json(request))
+        run = await self._start(parsed)
+        rid = P.new_id("cmpl")
+        if parsed.stream:
+
+            def chunk(text: str, finish: str | None) -> dict:
+                return P.completion_body(rid, run.model, text, finish, None)
+
+            return _sse_response(self._stream(run, rid, chunk, parsed.include_usage, chat=False))
+        text, done = await _collect(run)
+        use = P.usage(done.prompt_tokens, done.completion_tokens)
+        return JSONResponse(P.completion_body(rid, run.model, text, done.finish_reason, use))
+
+    async def chat_completions(self, request: Request) -> Response:
+        parsed = P.parse_chat(await P.read_json(request))
+        run = await self._start(parsed)
+        rid = P.new_id("chatcmpl")
+        if parsed.stream:
+
+            def chunk(text: str, finish: str | None) -> dict:
+                return P.chat_chunk(rid, run.model, {"content": text} if text or not finish else {}, finish)
+
+            return _sse_response(self._stream(run, rid, chunk, parsed.include_usage, chat=True))
+        text, done = await _collect(run)
+        use = P.usage(done.prompt_tokens, done.completion_tokens)
+        return JSONResponse(P.chat_body(rid, run.model, text, done.finish_reason, use))
+
+    async def _start(self, parsed: P.Parsed) -> _Run:
+        """Submit the request and wait for its first event, so that early failures get their own status."""
+        adapter = self.adapters.adapter_for(parsed.model)
+        ids = await asyncio.to_thread(self._encode, parsed)  # a long prompt must not stall the event loop
+        params = P.sampling_params(parsed, self._budget(parsed, len(ids)))
+        if not self.engine.alive:
+            raise P.APIError(503, "the engine is not running", "server_error")
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+        def emit(event: Event) -> None:  # called on the engine thread
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        req = GenRequest(ids, adapter, params, emit)
+        self.engine.submit(req)
+        try:
+            first = await events.get()
+        except BaseException:
+            req.cancelled = True
+            raise
+        if isinstance(first, Failed):
+            raise P.APIError(first.status, first.message, first.code)
+        return _Run(req, events, first, parsed.model or self.adapters.base_name)
+
+    def _encode(self, parsed: P.Parsed) -> list[int]:
+        """Prompt token ids: chat messages through the chat template, text as is, or the ids given."""
+        tok = self.tok
+        with self.engine.tokenizer_lock:
+            if parsed.messages is not None:
+                if not getattr(tok, "chat_template", None):
+                    raise P.bad("this model has no chat template; use /v1/completions", "messages")
+                try:
+                    text = tok.apply_chat_template(
+                        parsed.messages, tokenize=False, add_generation_prompt=True
+                    )
+                except Exception as e:  # noqa: BLE001 - the template rejects these messages (jinja errors)
+                    raise P.bad(f"the chat template rejects these messages: {e}", "messages") from None
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+            elif isinstance(parsed.prompt, str):
+                ids = tok(parsed.prompt, add_special_tokens=True)["input_ids"]
+            else:
+                ids = list(parsed.prompt)
+                wrong = [t for t in ids if not 0 <= t < self.engine.vocab_size]
+                if wrong:
+                    raise P.bad(
+                        f"token ids out of range [0, {self.engine.vocab_size}): {wrong[:5]}", "prompt"
+                    )
+        if not ids:
+            raise P.bad("the prompt is empty", "prompt" if parsed.messages is None else "messages")
+        return ids
+
+    def _budget(self, parsed: P.Parsed, n_prompt: int) -> int:
+        """max_tokens for this request; 400 if prompt + max_tokens exceed the context length."""
+        limit, want = self.engine.max_model_len, parsed.max_tokens
+        if want is None and n_prompt < limit:
+            return limit - n_prompt
+        if want is None or n_prompt + want > limit:
+            raise P.APIError(
+                400,
+                f"this model's maximum context length is {limit} tokens; you requested {n_prompt + (want or 0)} "
+                f"tokens ({n_prompt} in the prompt, {want or 0} for the completion): shorten the prompt or "
+                "max_tokens",
+                "context_length_exceeded",
+                "messages" if parsed.messages is not None else "prompt",
+            )
+        return want
+
+    async def _stream(
+        self,
+        run: _Run,
+        rid: str,
+        chunk: Callable[[str, str | None], dict],
+        include_usage: bool,
+        *,
+        chat: bool,
+    ) -> AsyncIterator[str]:
+        try:
+            if chat:
+                yield P.sse(P.chat_chunk(rid, run.model, {"role": "assistant", "content": ""}, None))
+            async for event in run.events_until_done():
+                if isinstance(event, Delta):
+                    yield P.sse(chunk(event.text, None))
+                elif isinstance(event, Done):
+                    yield P.sse(chunk("", event.finish_reason))
+                    if include_usage:
+                        use = P.usage(event.prompt_tokens, event.completion_tokens)
+                        yield P.sse(P.usage_chunk(rid, run.model, chat, use))
+                else:  # the openai client raises APIError on an "error" event
+                    yield P.sse(P.APIError(event.status, event.message, event.code).body())
+            yield "data: [DONE]\n\n"
+        finally:
+            run.req.cancelled = True  # done (no-op), or the client went away: its row leaves the batch
+
+
+async def _collect(run: _Run) -> tuple[str, Done]:
+    parts: list[str] = []
+    try:
+        async for event in run.events_until_done():
+            if isinstance(event, Delta):
+                parts.append(event.text)
+            elif isinstance(event, Done):
+                return "".join(parts), event
+            else:
+                raise P.APIError(event.status, event.message, event.code)
+    finally:
+        run.req.cancelled = True
+    raise AssertionError("unreachable: events end with Done or Failed")
+
+
+def _sse_response(body: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,284 @@
+"""The OpenAI wire format: request parsing (with clear 400s), errors, response and stream chunk shapes.
+
+Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the HTTP status set.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+
+from lorakit.serve.requests import SamplingParams
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    500: "server_error",
+    503: "server_error",
+}
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_BODY = 16 * 2**20  # bytes of request body; a prompt filling a 128k context is ~1 MB of text
+
+
+class APIError(Exception):
+    """An error answered as HTTP `status` with an OpenAI-shaped JSON body."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def body(self) -> dict[str, Any]:
+        kind = ERROR_TYPES.get(self.status, "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str = "invalid_request") -> APIError:
+    return APIError(400, message, code, param)
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    """The request body as a JSON object; 413 past MAX_BODY bytes (read no further), 400 if not JSON."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise APIError(413, f"the request body is over {MAX_BODY // 2**20} MiB", "request_too_large")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", "invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", "invalid_json")
+    return body
+
+
+def sse(data: dict[str, Any]) -> str:
+    """One server-sent event."""
+    return f"data: {json.dumps(data)}\n\n"
+
+
+@dataclass
+class Parsed:
+    """A validated generation request: the model named, the prompt (text or token ids) and sampling."""
+
+    model: str | None
+    prompt: str | list[int] | None  # completions
+    messages: list[dict[str, str]] | None  # chat
+    max_tokens: int | None  # None: whatever context is left
+    params: dict[str, Any]  # SamplingParams fields except max_tokens
+    stream: bool
+    include_usage: bool
+
+
+def parse_completion(body: dict[str, Any]) -> Parsed:
+    unsupported = {
+        "suffix": bool(body.get("suffix")),
+        "echo": bool(body.get("echo")),
+        "logprobs": body.get("logprobs") is not None,
+        "best_of": body.get("best_of") not in (None, 1),
+    }
+    for key, used in unsupported.items():
+        if used:
+            raise bad(f"{key!r} is not supported by lorakit serve", key, "unsupported_parameter")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
+        pass
+    elif not isinstance(prompt, str):
+        raise bad("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
+    max_tokens = _int(body, "max_tokens", default=COMPLETION_DEFAULT_MAX_TOKENS, low=1)
+    return Parsed(_model(body), prompt, None, max_tokens, _sampling(body), *_stream(body))
+
+
+def parse_chat(body: dict[str, Any]) -> Parsed:
+    for key in ("logprobs", "tools", "functions", "audio"):
+        if body.get(key):
+            raise bad(f"{key!r} is not supported by lorakit serve", key, "unsupported_parameter")
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise bad("'messages' must be a non-empty list of {role, content} objects", "messages")
+    messages = [_message(m, i) for i, m in enumerate(raw)]
+    max_tokens = _int(body, "max_completion_tokens", default=None, low=1)
+    if max_tokens is None:
+        max_tokens = _int(body, "max_tokens", default=None, low=1)
+    return Parsed(_model(body), None, messages, max_tokens, _sampling(body), *_stream(body))
+
+
+def _message(m: Any, i: int) -> dict[str, str]:
+    if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+        raise bad(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]")
+    content = m.get("content")
+    if isinstance(content, list):  # content parts: only text
+        texts = []
+        for part in content:
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise bad(f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+            texts.append(part["text"])
+        content = "".join(texts)
+    if content is None:
+        content = ""
+    if not isinstance(content, str):
+        raise bad(f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
+    return {"role": m["role"], "content": content}
+
+
+def _model(body: dict[str, Any]) -> str | None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad("'model' must be a string", "model")
+    return model
+
+
+def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise bad("'stream' must be a boolean", "stream")
+    opts = body.get("stream_options") or {}
+    if not isinstance(opts, dict):
+        raise bad("'stream_options' must be an object", "stream_options")
+    return stream, bool(opts.get("include_usage"))
+
+
+def _sampling(body: dict[str, Any]) -> dict[str, Any]:
+    for key in ("frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias"):
+        if body.get(key) not in (None, 0, 0.0, {}) and not (key == "repetition_penalty" and body[key] == 1):
+            raise bad(f"{key!r} is not supported by lorakit serve", key, "unsupported_parameter")
+    n = _int(body, "n", default=1, low=1)
+    if n != 1:
+        raise bad(f"only n=1 is supported, got n={n}", "n", "unsupported_parameter")
+    temperature = _num(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _num(body, "top_p", 1.0, 0.0, 1.0)
+    if top_p == 0.0:
+        raise bad("'top_p' must be in (0, 1]", "top_p")
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+        raise bad("'stop' must be a non-empty string or a list of up to 4 of them", "stop")
+    stop_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or not all(isinstance(t, int) for t in stop_ids):
+        raise bad("'stop_token_ids' must be a list of token ids", "stop_token_ids")
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise bad("'seed' must be an integer", "seed")
+    return {
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+        "stop": tuple(stop),
+        "stop_token_ids": tuple(stop_ids),
+        "ignore_eos": bool(body.get("ignore_eos", False)),
+    }
+
+
+def _int(body: dict[str, Any], key: str, *, default: int | None, low: int) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise bad(f"{key!r} must be an integer >= {low}, got {value!r}", key)
+    return value
+
+
+def _num(body: dict[str, Any], key: str, default: float, low: float, high: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+        raise bad(f"{key!r} must be a number in [{low}, {high}], got {value!r}", key)
+    return float(value)
+
+
+def sampling_params(parsed: Parsed, max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, **parsed.params)
+
+
+# -- responses ---------------------------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_body(rid: str, model: str, text: str, finish: str | None, use: dict | None) -> dict[str, Any]:
+    """A /v1/completions response, or (use None) one stream chunk of it."""
+    body = {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+    }
+    if use is not None:
+        body["usage"] = use
+    return body
+
+
+def chat_body(rid: str, model: str, text: str, finish: str, use: dict) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        ],
+        "usage": use,
+    }
+
+
+def chat_chunk(rid: str, model: str, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
+
+
+def usage_chunk(rid: str, model: str, chat: bool, use: dict[str, int]) -> dict[str, Any]:
+    """The last chunk of a stream with stream_options.include_usage: no choices, only usage."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    return {
+        "id": rid,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [],
+        "usage": use,
+    }

@@ -1,0 +1,81 @@
+"""What a generation request is, the events it produces, and how the next token is picked.
+
+    req = GenRequest(prompt_ids, "fr", SamplingParams(max_tokens=16, temperature=0), emit=events.append)
+
+The engine calls `emit` on its own thread: Delta events (new text), then exactly one Done or Failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request decodes."""
+
+    max_tokens: int
+    """Most tokens to generate."""
+    temperature: float = 1.0
+    """0 means greedy (argmax)."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p."""
+    seed: int | None = None
+    """Seed of this request's own random generator (None: the engine's global one)."""
+    stop: tuple[str, ...] = ()
+    """Generation stops before the first of these strings; it is not part of the output."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Token ids that end generation, besides end-of-sequence."""
+    ignore_eos: bool = False
+    """Keep generating past end-of-sequence (for benchmarks)."""
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Done:
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    status: int  # the HTTP status it maps to
+    message: str
+    code: str
+
+
+Event = Delta | Done | Failed
+
+
+@dataclass(eq=False)
+class GenRequest:
+    """One generation: prompt token ids, the adapter (None: the base model), sampling, and where events go.
+
+    `emit` is called on the engine thread with Delta events, then exactly one Done or Failed."""
+
+    prompt_ids: list[int]
+    adapter: str | None
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    cancelled: bool = False  # set by the server when the client goes away; the row leaves at the next step
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """The next token from `logits` (vocab,): argmax when temperature is 0, else temperature + top-p sampling."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # tokens after the nucleus is already full
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -218,6 +218,18 @@ def test_bank_unload_while_in_use_waits(adapter_dirs):
         pass
 
 
+def test_bank_full_bad_load_evicts_nothing(adapter_dirs, tmp_path):
+    model = tiny_llama()
+    bank = AdapterBank(model, max_adapters=1)
+    bank.load("p", adapter_dirs["p"])
+    wrong = tiny_gpt2()  # an adapter for another architecture: its modules are not in this model
+    lorakit.inject(wrong, LoraConfig(r=2, targets=["c_attn"]))
+    bad = lorakit.save_adapter(wrong, tmp_path / "gpt2")
+    with pytest.raises(lorakit.LorakitError):
+        bank.load("bad", bad)
+    assert bank.names() == ["p"]
+
+
 def test_bank_bad_load_changes_nothing(adapter_dirs, tmp_path):
     model = tiny_llama()
     bank = AdapterBank(model)

@@ -26,7 +26,7 @@ from torch import nn
 from lorakit.control import disabled, set_active
 from lorakit.errors import AdapterError
 from lorakit.inject import adapter_names, delete_adapter
-from lorakit.io import load_adapter
+from lorakit.io import check_adapter, load_adapter
 from lorakit.mixed import row_adapters
 
 
@@ -62,6 +62,7 @@ class AdapterBank:
             if name in self._doomed:
                 raise AdapterError(f"adapter {name!r} is still being unloaded (requests in flight); retry")
             if self.max_adapters is not None and len(self.names()) >= self.max_adapters:
+                check_adapter(self.model, path, allow_pickle=allow_pickle)  # a bad file must not evict anyone
                 self._evict_one()
             t0 = time.perf_counter()
             load_adapter(self.model, path, name, allow_pickle=allow_pickle, activate=False)

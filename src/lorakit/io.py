@@ -149,6 +149,12 @@ def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     raise AdapterFileError(f"{path}: no {WEIGHTS_NAME} (or {PICKLE_NAME})")
 
 
+def check_adapter(model: nn.Module, path: str | os.PathLike, *, allow_pickle: bool = False) -> None:
+    """Raise the error `load_adapter` would raise for this file on this model, without changing the model."""
+    config, tensors = read_adapter(path, allow_pickle=allow_pickle)
+    _plan_load(model, config, tensors, Path(path))
+
+
 def load_adapter(
     model: nn.Module,
     path: str | os.PathLike,

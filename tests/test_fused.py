@@ -25,9 +25,10 @@ ATOL, RTOL = 2e-6, 1e-5
 
 @pytest.fixture(autouse=True)
 def _fused_on():
-    old = fused.set_fused(True)
+    old, old_groups = fused.set_fused(True), fused.set_groups(True)
     yield
     fused.set_fused(old)
+    fused.set_groups(old_groups)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -219,3 +220,29 @@ def test_real_model_fused_step_equals_plain(default_model_dir):
     torch.testing.assert_close(lf, lp, atol=1e-5, rtol=1e-5)
     for a, b in zip(gf, gp, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_sibling_groups_share_one_product_and_keep_gradients():
+    """After probing, q/k/v (and gate/up) compute x·Aᵀ once, stacked; o_proj, under the same parent with the same
+    input width but another input, stays out. Loss and gradients equal the plain path's (ATOL/RTOL above)."""
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets="all-linear", rank_pattern={"k_proj": 2}))
+    randomize(model)
+    model.train()
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    h = torch.randn(2, 3, 32, requires_grad=True)
+    attn.q_proj(h)
+    assert "LoraFromXA" not in type(attn.k_proj(h).grad_fn).__name__  # not probed yet: inactive
+    assert fused.probe_groups(model, ids()) == 4  # 2 layers x (q/k/v, gate/up)
+    assert attn.q_proj.group.members == [attn.q_proj, attn.k_proj, attn.v_proj]
+    assert mlp.gate_proj.group.members == [mlp.gate_proj, mlp.up_proj] and mlp.down_proj.group is None
+    x = ids()
+    loss_f, grads_f = _loss_and_grads(model, x, use_fused=True)
+    q, k = attn.q_proj(h), attn.k_proj(h)
+    assert "LoraFromXA" in type(k.grad_fn).__name__ and "LoraFromXA" in type(q.grad_fn).__name__
+    k.sum().backward()  # a member's output alone still carries its gradient through the stacked product
+    assert attn.k_proj.adapters["default"].lora_A.grad is not None
+    loss_p, grads_p = _loss_and_grads(model, x, use_fused=False)
+    torch.testing.assert_close(loss_f, loss_p, atol=ATOL, rtol=RTOL)
+    for n in grads_f:
+        torch.testing.assert_close(grads_f[n], grads_p[n], atol=ATOL, rtol=RTOL, msg=n)

@@ -5,6 +5,7 @@ ids, fixed seed), fp32, on the CPU. Variants:
 
 * ``lorakit``: ``lorakit.inject`` with r, alpha=r, the given dropout, on all seven projections
   (q/k/v/o/gate/up/down), trained the way ``lorakit train`` does: fused LoRA kernels and the chunked LM-head loss;
+* ``lorakit-grouped``: as ``lorakit`` plus one shared x·Aᵀ for q/k/v and gate/up (``LORAKIT_GROUPS=1``);
 * ``lorakit-plain``: the same adapter on plain autograd and the model's own loss (``train.fused: false``);
 * ``peft``: ``peft.get_peft_model`` with the same config, the model's own loss;
 * ``bound``: the same model with every weight frozen, fed detached ``inputs_embeds`` that require grad, so the
@@ -55,7 +56,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("lorakit", "lorakit-plain", "peft", "bound", "bound-ours")
+VARIANTS = ("lorakit", "lorakit-grouped", "lorakit-plain", "peft", "bound", "bound-ours")
 DEFAULT_VARIANTS = ["lorakit", "peft", "bound", "bound-ours"]
 RATIOS = [
     ("lorakit", "peft"),
@@ -63,6 +64,7 @@ RATIOS = [
     ("lorakit", "bound-ours"),
     ("lorakit-plain", "bound"),
     ("lorakit", "lorakit-plain"),
+    ("lorakit-grouped", "lorakit"),
 ]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DOCS = Path("docs") / "benchmarks.md"
@@ -120,13 +122,14 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     import lorakit
-    from lorakit.fused import causal_lm_loss, lm_head_loss, set_fused
+    from lorakit.fused import causal_lm_loss, lm_head_loss, probe_groups, set_fused, set_groups
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, _ = lorakit.load_model(args.model)
     variant = args.worker
     set_fused(variant != "lorakit-plain")
+    set_groups(variant == "lorakit-grouped")
 
     if variant.startswith("lorakit"):
         lorakit.inject(
@@ -154,6 +157,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     embed = model.get_input_embeddings()
     batch = {"input_ids": ids, "labels": ids}
+    if variant.startswith("lorakit"):
+        probe_groups(model, ids)  # as lorakit train does before its first step
 
     def step() -> float:
         if variant.startswith("bound"):
@@ -167,7 +172,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
                 loss = model(inputs_embeds=inputs_embeds, labels=ids).loss
             loss.backward()
         else:
-            loss = causal_lm_loss(model, batch, fused=variant == "lorakit")
+            loss = causal_lm_loss(model, batch, fused=variant != "lorakit-plain")
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -30,6 +30,21 @@ from lorakit.data.tokenize import IGNORE
 _FUSED = os.environ.get("LORAKIT_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+# Off by default: measured no gain on SmolLM2 at r=16 (lorakit / lorakit-ungrouped 1.015× [0.868–1.077]).
+_GROUPS = os.environ.get("LORAKIT_GROUPS", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def set_groups(enabled: bool) -> bool:
+    """Turn the shared x·Aᵀ of sibling projections (q/k/v, gate/up) on or off; returns the old value."""
+    global _GROUPS
+    old, _GROUPS = _GROUPS, bool(enabled)
+    return old
+
+
+def groups_enabled() -> bool:
+    return _GROUPS
+
+
 def set_fused(enabled: bool) -> bool:
     """Turn the fused LoRA path on or off for all layers (off: plain autograd, for debugging); returns the old value."""
     global _FUSED
@@ -214,3 +229,141 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, fused: b
         return model(**batch).loss
     out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
     return lm_head_loss(out.last_hidden_state, head.weight, batch["labels"])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sibling groups: one x·Aᵀ for projections that read the same input (q/k/v, gate/up)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _LoraFromXA(torch.autograd.Function):
+    """``x·W0ᵀ + b + s·xa·Bᵀ`` where xa = x·Aᵀ was computed outside (as a slice of a stacked product)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, xa, B, scaling: float):
+        x2 = x.reshape(-1, x.shape[-1])
+        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        out.addmm_(xa, B.t(), alpha=scaling)
+        ctx.save_for_backward(weight, B, xa)
+        ctx.scaling, ctx.x_shape = scaling, x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weight, B, xa = ctx.saved_tensors
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = (g @ weight).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_xa = (g @ B).mul_(ctx.scaling) if ctx.needs_input_grad[3] else None
+        grad_b = (g.t() @ xa).mul_(ctx.scaling) if ctx.needs_input_grad[4] else None
+        return grad_x, None, None, grad_xa, grad_b, None
+
+
+class SiblingGroup:
+    """LoRA layers under one parent that take the same input (a decoder's q/k/v, or gate/up).
+
+    When the first member is called with x, it computes ``x·[A₁;A₂;…]ᵀ`` for every member at once (one GEMM of
+    width Σr instead of several skinny ones; in backward, one GEMM for ∂x and one for the stacked ∂A) and leaves
+    the slices for the others, which pick them up if they are called with the very same tensor. A member called
+    with another input, or any member that cannot take the fused path, falls back to its own computation.
+
+    Which siblings really share the input is observed, not guessed: a group does nothing until `probe_groups`
+    has run one forward pass and seen which members receive the lead member's tensor (o_proj, under the same
+    parent as q/k/v with the same width, does not). Membership then stays fixed, so a recomputing backward
+    (gradient checkpointing) sees the same graph as the forward it replays.
+    """
+
+    def __init__(self, members: list) -> None:
+        self.candidates = members
+        self.members: list = []  # confirmed by probe_groups; empty: inactive
+        self.probe: list | None = None  # while probing: [lead's input, members seen with it]
+        self.cache: tuple | None = (
+            None  # (x, x version, xa_all, {member: (offset, r)}, members still to serve)
+        )
+
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor | None:
+        if self.probe is not None:
+            if layer is self.candidates[0]:
+                self.probe[:] = [x, [layer]]
+            elif self.probe and self.probe[0] is x:
+                self.probe[1].append(layer)
+            return None
+        if len(self.members) < 2:
+            return None
+        c = self.cache
+        if c is not None and c[0] is x and c[1] == x._version and layer in c[4]:
+            c[4].discard(layer)
+            if not c[4]:
+                self.cache = None
+            off, r = c[3][layer]
+            return self._apply(layer, x, c[2][:, off : off + r])
+        if layer is not self.members[0]:
+            return None
+        specs = []
+        for m in self.members:
+            ok = len(m._run) == 1 and m.row_plan is None and not m.disabled
+            adapter = m.adapters[m._run[0][0]] if ok else None
+            if adapter is None or not _plain_no_dropout(adapter, m.training):
+                return None
+            if not can_fuse(m.base_layer, x, adapter.lora_A):
+                return None
+            specs.append(adapter.lora_A)
+        xa_all = x.reshape(-1, x.shape[-1]) @ torch.cat(specs).t()
+        offsets, off = {}, 0
+        for m, a in zip(self.members, specs, strict=True):
+            offsets[m] = (off, a.shape[0])
+            off += a.shape[0]
+        self.cache = (x, x._version, xa_all, offsets, set(self.members[1:]))
+        return self._apply(layer, x, xa_all[:, : specs[0].shape[0]])
+
+    @staticmethod
+    def _apply(layer, x: torch.Tensor, xa: torch.Tensor) -> torch.Tensor:
+        name, weight = layer._run[0]
+        adapter = layer.adapters[name]
+        base = layer.base_layer
+        return _LoraFromXA.apply(x, base.weight, base.bias, xa, adapter.lora_B, adapter.scaling * weight)
+
+
+@torch.no_grad()
+def probe_groups(model: nn.Module, input_ids: torch.Tensor) -> int:
+    """Run one small forward pass to see which sibling projections share an input, and switch their shared
+    x·Aᵀ on; returns the number of active groups. `lorakit train` calls it before its first step."""
+    from lorakit.inject import lora_layers
+
+    groups = {id(g): g for _, layer in lora_layers(model) if (g := layer.group) is not None}.values()
+    for g in groups:
+        g.probe, g.members, g.cache = [], [], None
+    was = model.training
+    try:
+        model.eval()
+        model(input_ids=input_ids[:1, : min(8, input_ids.shape[1])])
+    finally:
+        model.train(was)
+        for g in groups:
+            seen = g.probe[1] if g.probe else []
+            g.members = [m for m in g.candidates if m in seen]
+            g.probe = None
+    return sum(len(g.members) > 1 for g in groups)
+
+
+def _plain_no_dropout(adapter, training: bool) -> bool:
+    from lorakit.layers import Variant
+
+    if type(adapter.variant) is not Variant:
+        return False
+    return not (training and isinstance(adapter.dropout, nn.Dropout) and adapter.dropout.p > 0)
+
+
+def assign_sibling_groups(layers: list) -> None:
+    """Group LoRA layers that share a parent module and an input width (q/k/v; gate/up); set `layer.group`."""
+    by_parent: dict[tuple[str, int], list] = {}
+    for name, layer in layers:
+        layer.group = None
+        if type(layer.base_layer) is not nn.Linear:
+            continue
+        parent = name.rpartition(".")[0]
+        by_parent.setdefault((parent, layer.base_layer.in_features), []).append(layer)
+    for members in by_parent.values():
+        if len(members) > 1:
+            group = SiblingGroup(members)
+            for m in members:
+                m.group = group

@@ -15,6 +15,7 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, TargetError
+from lorakit.fused import assign_sibling_groups
 from lorakit.layers import LoraLayer, handler_for
 from lorakit.targeting import select_modules
 
@@ -108,6 +109,7 @@ def inject(
         reg.layers = None
         raise
     reg.layers = None
+    assign_sibling_groups(list(lora_layers(model)))
     reg.adapters[name] = AdapterInfo(config=config, modules=names, trainable=trainable)
     set_trainable(model)
     if activate:
@@ -160,6 +162,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     unmerge(model)
     _remove_from_layers(model, name)
     reg.layers = None
+    assign_sibling_groups(list(lora_layers(model)))
     del reg.adapters[name]
     reg.active.pop(name, None)
     if not reg.adapters:

@@ -381,6 +381,7 @@ class LoraLayer(nn.Module):
         self.merged: list[tuple[str, float, object]] = []  # (name, weight, unmerge state), in merge order
         self.disabled = False
         self._run: tuple[tuple[str, float], ...] = ()
+        self.group = None  # lorakit.fused.SiblingGroup: layers sharing this layer's input (q/k/v, gate/up)
         self.row_plan = None  # lorakit.mixed.RowPlan while a mixed-adapter batch runs
         self.row_cache: tuple | None = None
 
@@ -464,6 +465,10 @@ class LoraLayer(nn.Module):
             adapter = self.adapters[name]
             if type(adapter.variant) is Variant and fused.can_fuse(self.base_layer, x, adapter.lora_A):
                 drop = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) else 0.0
+                if self.group is not None and fused.groups_enabled() and (drop == 0.0 or not self.training):
+                    y = self.group.forward(self, x)
+                    if y is not None:
+                        return y
                 return fused.lora_linear(
                     x,
                     self.base_layer,

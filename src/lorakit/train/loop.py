@@ -21,7 +21,7 @@ from torch import nn
 
 from lorakit.data.tokenize import IGNORE, Encoded
 from lorakit.errors import LorakitError
-from lorakit.fused import causal_lm_loss, set_fused
+from lorakit.fused import causal_lm_loss, groups_enabled, probe_groups, set_fused
 from lorakit.train.checkpoint import (
     full_tensor,
     is_sharded,
@@ -127,6 +127,10 @@ def train_loop(
     tokens_seen, t0, last = 0, time.perf_counter(), None
     step = start
     prev_fused = set_fused(t.fused)
+    if (
+        t.fused and groups_enabled() and not sharded and train_rows
+    ):  # which projections share an input (q/k/v, gate/up)
+        probe_groups(inner, collate([train_rows[0]], pad_id)["input_ids"])
     try:
         for step in range(start, t.steps):
             torch.manual_seed(t.seed * 7919 + step)  # dropout masks depend on the step only: exact resume

@@ -11,12 +11,11 @@ import torch
 
 import lorakit
 from lorakit import LoraConfig
-from lorakit.data.tokenize import IGNORE, Encoded
 from lorakit.train.checkpoint import CheckpointError, latest_checkpoint
 from lorakit.train.config import RunConfig, TrainSection
 from lorakit.train.loop import TrainingError, batch_order, lr_factor, train_loop
 
-from tiny import tiny_llama
+from tiny import tiny_llama, token_rows
 
 # Resume: the same ops on the same data in the same order; only the process differs, so the adapters must agree
 # to the last bit on the same machine. We allow 1e-6 for safety across BLAS thread scheduling.
@@ -24,12 +23,7 @@ RESUME_ATOL = 1e-6
 
 
 def _rows(n=24, seq=10, vocab=128, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, vocab, (seq,), generator=g).tolist()
-        out.append(Encoded(ids, [IGNORE] * 3 + ids[3:]))
-    return out
+    return token_rows(n, seq, vocab, seed)
 
 
 def _cfg(tmp_path, **train):

@@ -20,19 +20,17 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors import SafetensorError
 
 import lorakit
 from lorakit import LoraConfig
-from lorakit.data.tokenize import IGNORE, Encoded
 from lorakit.errors import LorakitError
 from lorakit.train import checkpoint
 from lorakit.train.checkpoint import CheckpointError, latest_checkpoint
 from lorakit.train.config import RunConfig, TrainSection
 from lorakit.train.loop import train_loop
 
-from tiny import tiny_llama
+from tiny import tiny_llama, token_rows
 
 STEPS = 150
 INTERRUPT = re.compile(
@@ -110,12 +108,7 @@ def test_ctrl_c_saves_a_checkpoint_exits_with_one_line_and_resumes(tiny_run_args
 
 
 def _rows(n=24, seq=10, vocab=128, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, vocab, (seq,), generator=g).tolist()
-        out.append(Encoded(ids, [IGNORE] * 3 + ids[3:]))
-    return out
+    return token_rows(n, seq, vocab, seed)
 
 
 def _cfg(out: Path, **train) -> RunConfig:

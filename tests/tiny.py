@@ -49,6 +49,18 @@ class ConvNet(nn.Module):
         return self.head(torch.cat([c1.mean(-1), c2.flatten(1)], dim=1))
 
 
+def token_rows(n: int = 24, seq: int = 10, vocab: int = 128, seed: int = 0, prompt: int = 3):
+    """`n` random training rows of `seq` tokens whose first `prompt` tokens are not learned."""
+    from lorakit.data.tokenize import IGNORE, Encoded
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        row = torch.randint(0, vocab, (seq,), generator=g).tolist()
+        out.append(Encoded(row, [IGNORE] * prompt + row[prompt:]))
+    return out
+
+
 def ids(batch: int = 2, seq: int = 12, vocab: int = 128, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)

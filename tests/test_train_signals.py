@@ -68,7 +68,13 @@ def _files(folder: Path) -> dict[str, str]:
 def test_ctrl_c_saves_a_checkpoint_exits_with_one_line_and_resumes(tiny_run_args, tmp_path):
     args = [*tiny_run_args, "--train.out_dir", str(tmp_path), "--train.steps", str(STEPS)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lorakit", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "lorakit", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # A shell's background job inherits SIGINT ignored, and Python then installs no KeyboardInterrupt
+        # handler: give the child the default disposition, as a terminal's Ctrl-C would find it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.monotonic() + 60

@@ -73,3 +73,25 @@ def test_help_lists_every_field_with_its_doc():
     text = help_text()
     assert "--train.lr (default: 0.002)  Peak learning rate (AdamW)." in text
     assert "--lora.r (default: 16)" in text and "--data.pack" in text
+
+
+def test_method_alias_and_composition():
+    cfg = load_config(None, ["--method", "adalora+loraplus", "--adalora.target_r", "4"])
+    assert cfg.train.method == "adalora+loraplus" and cfg.methods == ("adalora", True)
+    assert load_config(None, ["--method=loraplus"]).methods == ("lora", True)
+    assert load_config(None, []).methods == ("lora", False)
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--method", "dyloar"], "unknown method 'dyloar'; did you mean 'dylora'"),
+        (["--method", "dylora+adalora"], "give one of lora, dylora, adalora, ladder"),
+        (["--adalora.init_r", "6"], r"adalora.init_r is set but train.method is 'lora'; use --method adalora"),
+        (["--method", "dylora", "--ladder.every", "2"], "ladder.every is set but train.method is 'dylora'"),
+        (["--loraplus.ratio", "8"], "loraplus.ratio is set but train.method is 'lora'; use --method loraplus"),
+    ],
+)
+def test_variant_options_need_their_method(args, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, args)

@@ -96,6 +96,60 @@ class TrainSection:
     """Fused LoRA kernels and a chunked LM-head loss (false: plain autograd, for debugging)."""
     fsdp: bool = False
     """Shard the model with FSDP2 (fully_shard) across torchrun processes instead of DDP."""
+    method: str = "lora"
+    """Training method: lora, dylora, adalora or ladder; add "+loraplus" (or give just loraplus) for LoRA+."""
+
+
+@dataclass
+class LoraPlusSection:
+    ratio: float = 16.0
+    """LoRA+: learning rate of every B matrix = ratio x train.lr (A keeps train.lr)."""
+    lr_embedding: float = 1e-6
+    """LoRA+: learning rate of embedding-layer adapters."""
+
+
+@dataclass
+class DyLoraSection:
+    min_rank: int = 1
+    """DyLoRA: smallest rank sampled each step (the largest is lora.r)."""
+    mode: str = "frozen"
+    """DyLoRA: "frozen" updates only the sampled rank's row/column, "unfrozen" all rows up to it."""
+
+
+@dataclass
+class AdaLoraSection:
+    init_r: int = 12
+    """AdaLoRA: starting rank of every adapted layer."""
+    target_r: int = 8
+    """AdaLoRA: average rank per layer after the budget schedule."""
+    tinit: int = 0
+    """AdaLoRA: warmup steps before ranks are pruned."""
+    tfinal: int = 0
+    """AdaLoRA: final steps at the target budget (the mask is fixed)."""
+    deltaT: int = 1
+    """AdaLoRA: steps between budget allocations."""
+    beta1: float = 0.85
+    """AdaLoRA: EMA coefficient of the sensitivity."""
+    beta2: float = 0.85
+    """AdaLoRA: EMA coefficient of the uncertainty."""
+    orth_reg_weight: float = 0.5
+    """AdaLoRA: weight of the orthogonality regulariser added to the loss."""
+    total_step: int | None = None
+    """AdaLoRA: total optimizer steps of the schedule (default: train.steps)."""
+
+
+@dataclass
+class LadderSection:
+    reduction: int = 8
+    """Ladder: the side network is hidden_size / reduction wide."""
+    rank: int = 16
+    """Ladder: rank of each low-rank down-projection from a backbone layer into the side network."""
+    every: int = 1
+    """Ladder: a ladder from every k-th backbone layer (the last layer always gets one)."""
+    block: str = "mlp"
+    """Ladder: side block type, "mlp" or "transformer"."""
+    temperature: float = 0.1
+    """Ladder: temperature T of the gates mu_i = sigmoid(alpha_i / T)."""
 
 
 @dataclass
@@ -113,6 +167,18 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    loraplus: LoraPlusSection = field(default_factory=LoraPlusSection)
+    dylora: DyLoraSection = field(default_factory=DyLoraSection)
+    adalora: AdaLoraSection = field(default_factory=AdaLoraSection)
+    ladder: LadderSection = field(default_factory=LadderSection)
+
+    @property
+    def methods(self) -> tuple[str, bool]:
+        """(base method, LoRA+ on?) from train.method, e.g. "adalora+loraplus" -> ("adalora", True)."""
+        parts = [p.strip() for p in self.train.method.split("+") if p.strip()]
+        plus = "loraplus" in parts
+        rest = [p for p in parts if p != "loraplus"]
+        return (rest[0] if rest else "lora"), plus
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -187,6 +253,36 @@ def validate(cfg: RunConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    _validate_method(cfg)
+
+
+METHODS = ("lora", "dylora", "adalora", "ladder")
+# which method each variant section belongs to; loraplus composes with any base method
+_SECTION_METHOD = {"dylora": "dylora", "adalora": "adalora", "ladder": "ladder", "loraplus": "loraplus"}
+
+
+def _validate_method(cfg: RunConfig) -> None:
+    """train.method names known methods, and no variant section is set for a method that is not selected."""
+    parts = [p.strip() for p in cfg.train.method.split("+") if p.strip()]
+    base = [p for p in parts if p != "loraplus"]
+    for p in parts:
+        if p not in (*METHODS, "loraplus"):
+            raise ConfigError(f"train.method: unknown method {p!r}{_did_you_mean(p, [*METHODS, 'loraplus'])}")
+    if len(base) > 1 or not parts or len(parts) != len(set(parts)):
+        raise ConfigError(
+            f"train.method {cfg.train.method!r}: give one of {', '.join(METHODS)}, optionally with +loraplus"
+        )
+    chosen = set(parts)
+    for section, method in _SECTION_METHOD.items():
+        obj = getattr(cfg, section)
+        default = type(obj)()
+        changed = [f.name for f in fields(obj) if getattr(obj, f.name) != getattr(default, f.name)]
+        if changed and method not in chosen:
+            raise ConfigError(
+                f"{section}.{changed[0]} is set but train.method is {cfg.train.method!r}; "
+                f"use --method {method}"
+                + ("" if method == "loraplus" else f" (or drop the {section} options)")
+            )
 
 
 def parse_value(text: str) -> Any:
@@ -220,7 +316,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str]) -> RunConf
     i = 0
     while i < len(overrides):
         arg = overrides[i]
-        if not arg.startswith("--") or "." not in arg:
+        if not arg.startswith("--") or ("." not in arg and arg.partition("=")[0] != "--method"):
             raise ConfigError(f"override {arg!r} must look like --section.key value")
         key, _, inline = arg[2:].partition("=")
         if inline == "" and "=" not in arg:
@@ -229,6 +325,8 @@ def load_config(path: str | os.PathLike | None, overrides: list[str]) -> RunConf
             value, i = overrides[i + 1], i + 2
         else:
             value, i = inline, i + 1
+        if key == "method":  # --method X is short for --train.method X
+            key = "train.method"
         section, _, name = key.partition(".")
         data.setdefault(section, {})[name.replace("-", "_")] = parse_value(value)
     return from_dict(data, source=str(path) if path else "command line")

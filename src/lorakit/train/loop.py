@@ -30,6 +30,7 @@ from lorakit.train.checkpoint import (
     save_checkpoint,
 )
 from lorakit.train.config import RunConfig
+from lorakit.train.methods import Method, param_groups
 
 log = logging.getLogger(__name__)
 Callback = Callable[[dict[str, Any]], None]
@@ -96,20 +97,23 @@ def train_loop(
     world: int = 1,
     rank: int = 0,
     base_model_id: str | None = None,
+    method: Method | None = None,
 ) -> dict[str, Any]:
     """Train the model's trainable parameters on `train_rows`. Returns a summary dict.
 
     Under DDP pass the wrapped model; under FSDP2 the sharded one, and `evaluate` on every rank (its forward
-    passes are collectives); rank 0 alone writes metrics and checkpoint files.
+    passes are collectives); rank 0 alone writes metrics and checkpoint files. `method` (default: plain LoRA)
+    gets its hooks called around each step (see lorakit.train.methods).
     """
     t = cfg.train
+    method = method or Method(cfg)
     callbacks = list(callbacks or [])
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise TrainingError("the model has no trainable parameters (inject an adapter first)")
-    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     inner = getattr(model, "module", model)  # under DDP, the wrapped model
+    opt = torch.optim.AdamW(param_groups(inner, cfg), lr=t.lr, weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     sharded = is_sharded(inner)  # FSDP2: saving is a collective, every rank takes part
     if t.grad_checkpointing and hasattr(inner, "gradient_checkpointing_enable"):
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -135,6 +139,7 @@ def train_loop(
         for step in range(start, t.steps):
             torch.manual_seed(t.seed * 7919 + step)  # dropout masks depend on the step only: exact resume
             loss_sum, n_tok = 0.0, 0
+            method.before_step(inner, step)
             for micro in range(t.grad_accum):
                 batch = collate(
                     [train_rows[i] for i in batch_order(len(train_rows), step, micro, cfg, world, rank)],
@@ -142,7 +147,11 @@ def train_loop(
                 )
                 # FSDP2: the model's own forward, so that the root module's hooks run (the chunked head loss
                 # would call the backbone directly, around them)
-                loss = causal_lm_loss(model, batch, fused=t.fused and not sharded) / t.grad_accum
+                loss = causal_lm_loss(model, batch, fused=t.fused and not sharded)
+                extra = method.extra_loss(inner)
+                if extra is not None:
+                    loss = loss + extra
+                loss = loss / t.grad_accum
                 if not torch.isfinite(loss):
                     raise TrainingError(
                         f"loss became {loss.item()} at step {step + 1}; lower train.lr (now {t.lr}) or check the data"
@@ -154,6 +163,7 @@ def train_loop(
                 torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else None
             )
             opt.step()
+            method.after_step(inner, step)  # gradients still present (AdaLoRA's importance scores)
             sched.step()
             opt.zero_grad(set_to_none=True)
             tokens_seen += n_tok * world
@@ -196,6 +206,7 @@ def train_loop(
         raise
     finally:
         set_fused(prev_fused)
+    method.finish(inner)
     model.eval()
     return {
         "steps": t.steps,

@@ -15,8 +15,6 @@ from torch import nn
 from lorakit.data.jsonl import DataError, read_jsonl
 from lorakit.data.tasks import make_task
 from lorakit.data.tokenize import encode_dataset, pack
-from lorakit.inject import inject
-from lorakit.io import save_adapter
 from lorakit.layers import LoraLayer
 from lorakit.quant import is_quantized, quantize
 from lorakit.report import parameter_report
@@ -24,6 +22,7 @@ from lorakit.train.checkpoint import full_parameters
 from lorakit.train.config import RunConfig, save_config
 from lorakit.train.evaluate import eval_loss, exact_match
 from lorakit.train.loop import Callback, train_loop
+from lorakit.train.methods import make_method
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,14 @@ def load_examples(cfg: RunConfig) -> tuple[list[dict[str, Any]], list[dict[str, 
 
 
 def evaluate(
-    model, tokenizer, eval_rows, eval_examples, cfg: RunConfig, *, sharded: bool = False
+    model,
+    tokenizer,
+    eval_rows,
+    eval_examples,
+    cfg: RunConfig,
+    *,
+    sharded: bool = False,
+    can_merge: bool = True,
 ) -> dict[str, float]:
     """Eval loss and exact-match accuracy. `sharded` (FSDP2): every rank calls this with the same data and gets the
     same numbers; adapters are not merged (the base weights are shards) and generation runs in lockstep."""
@@ -59,7 +65,7 @@ def evaluate(
         eval_examples[: cfg.eval.limit],
         max_new_tokens=cfg.eval.max_new_tokens,
         chat=cfg.data.chat,
-        merge=not sharded and not is_quantized(model),  # a 4-bit base cannot take a merge
+        merge=can_merge and not sharded and not is_quantized(model),  # a 4-bit base cannot take a merge
         synced=sharded,
     )
     if acc is not None:
@@ -109,7 +115,8 @@ def run_training(
         f"data: {source}: {len(train_rows)} train rows, {len(eval_rows)} eval; "
         f"{stats['truncated']} train / {eval_stats['truncated']} eval examples truncated to {cfg.data.max_len} tokens"
     )
-    inject(model, cfg.lora.replace(base_model=base_id))
+    method = make_method(cfg)
+    method.prepare(model, base_id)
     report = parameter_report(model)
     say(
         f"LoRA: {report['trainable']:,} trainable of {report['total']:,} parameters "
@@ -122,7 +129,9 @@ def run_training(
     )
     if rank == 0:
         save_config(cfg, out_dir / "config.yaml")
-    before = evaluate(model, tokenizer, eval_rows, eval_ex, cfg) if rank == 0 else {}  # unsharded yet
+    before = (  # unsharded yet
+        evaluate(model, tokenizer, eval_rows, eval_ex, cfg, can_merge=method.can_merge) if rank == 0 else {}
+    )
     say(f"before: {_fmt(before)}" if before else "before: (rank 0 evaluates)")
     trained = model
     if fsdp:
@@ -134,7 +143,7 @@ def run_training(
         trained = DistributedDataParallel(model, broadcast_buffers=quant is None)  # 4-bit codes are constant
 
     def evaluate_now() -> dict[str, float]:
-        return evaluate(model, tokenizer, eval_rows, eval_ex, cfg, sharded=fsdp)
+        return evaluate(model, tokenizer, eval_rows, eval_ex, cfg, sharded=fsdp, can_merge=method.can_merge)
 
     result = train_loop(
         trained,
@@ -147,10 +156,11 @@ def run_training(
         base_model_id=base_id,
         world=world,
         rank=rank,
+        method=method,
     )
     after = evaluate_now() if rank == 0 or fsdp else {}
     with full_parameters(model):  # FSDP2: every rank gathers the adapter, rank 0 writes it
-        adapter_dir = save_adapter(model, out_dir / "adapter") if rank == 0 else None
+        adapter_dir = method.save(model, out_dir / "adapter") if rank == 0 else None
     if rank != 0:
         return {"rank": rank, **result}
     say(f"after:  {_fmt(after)}")

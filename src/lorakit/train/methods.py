@@ -1,0 +1,102 @@
+"""Training methods behind one small interface, so the loop and `run_training` stay unbranched.
+
+A `Method` decides how adapters are put on the model and what the loop does around each step. Plain LoRA is the
+base class; DyLoRA, AdaLoRA and Ladder override the hooks they need (their code lives in `lorakit.variants`).
+LoRA+ is not a method of its own: it changes the optimizer's parameter groups and composes with any method.
+
+The loop calls, per optimizer step:
+
+    method.before_step(model, step)            # e.g. DyLoRA samples this step's rank
+    loss = task_loss + method.extra_loss(model) # e.g. AdaLoRA's orthogonality regulariser (per micro-batch)
+    loss.backward()
+    clip; opt.step()
+    method.after_step(model, step)              # gradients still present: e.g. AdaLoRA's rank allocation
+    opt.zero_grad()
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from lorakit.train.config import RunConfig
+
+
+class Method:
+    """Plain LoRA: inject `cfg.lora`, one parameter group, no per-step work."""
+
+    name = "lora"
+    can_merge = True
+    """Whether the trained adapter can be merged into the base (evaluation merges it for speed when it can)."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+
+    def prepare(self, model: nn.Module, base_model_id: str | None) -> None:
+        """Put the trainable adapter(s) on `model` (and freeze everything else)."""
+        from lorakit.inject import inject
+
+        inject(model, self.cfg.lora.replace(base_model=base_model_id))
+
+    def before_step(self, model: nn.Module, step: int) -> None:
+        """Called before the first micro-batch of optimizer step `step` (0-based)."""
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to each micro-batch's loss (before division by grad_accum), or None."""
+        return None
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Called after optimizer.step() of step `step`, while the gradients are still present."""
+
+    def finish(self, model: nn.Module) -> None:
+        """Called once after the last step, before the final evaluation and saving."""
+
+    def save(self, model: nn.Module, path: Path) -> Path:
+        """Write the trained adapter folder."""
+        from lorakit.io import save_adapter
+
+        return save_adapter(model, path)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra state that a resumable checkpoint must carry (tensors or JSON-able values)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned."""
+
+
+def param_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
+    """The optimizer's parameter groups: all trainable parameters at train.lr, or LoRA+'s groups."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    _, plus = cfg.methods
+    if not plus:
+        return [{"params": params, "lr": cfg.train.lr}]
+    from lorakit.variants.loraplus import loraplus_groups
+
+    return loraplus_groups(
+        model, lr=cfg.train.lr, ratio=cfg.loraplus.ratio, lr_embedding=cfg.loraplus.lr_embedding
+    )
+
+
+def make_method(cfg: RunConfig) -> Method:
+    """The Method object for `cfg.train.method`."""
+    base, _ = cfg.methods
+    if base == "lora":
+        return Method(cfg)
+    if base == "dylora":
+        from lorakit.variants.dylora import DyLoraMethod
+
+        return DyLoraMethod(cfg)
+    if base == "adalora":
+        from lorakit.variants.adalora import AdaLoraMethod
+
+        return AdaLoraMethod(cfg)
+    if base == "ladder":
+        from lorakit.variants.ladder import LadderMethod
+
+        return LadderMethod(cfg)
+    raise ValueError(f"unknown method {base!r}")  # validate() rejects these first

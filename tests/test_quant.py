@@ -546,3 +546,60 @@ def test_real_model_nf4_storage_and_logits(default_model_dir):
         f"{agree:.1%} ({agree_conf:.1%} where fp32 is confident, {int(confident.sum())} positions)"
     )
     assert agree >= 0.65 and agree_conf >= 0.85 and kl < 0.5
+    streamed, _, _ = lorakit.load_quantized(default_model_dir)  # straight into 4 bits: the same model
+    a, b = model.state_dict(), streamed.state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _model_folder(tmp_path, default_model_dir, *, tied: bool, name: str = "m"):
+    """A tiny Llama saved as a Hugging Face folder, with the default model's tokenizer files next to it."""
+    import shutil
+
+    model = tiny_llama()
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+    folder = tmp_path / name
+    model.save_pretrained(folder)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir / f, folder / f)
+    return folder
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_load_quantized_equals_load_then_quantize(tmp_path, default_model_dir, tied):
+    """Streaming the checkpoint into 4 bits gives exactly the model that loading in full precision and then
+    quantizing gives: the same tensors, bit for bit, and the same logits (exact: same codes, same arithmetic)."""
+    folder = _model_folder(tmp_path, default_model_dir, tied=tied)
+    ref, _ = lorakit.load_model(folder)
+    ref_report = lorakit.quantize(ref, skip=())
+    got, tok, report = lorakit.load_quantized(folder, skip=())
+    assert report.quantized == ref_report.quantized and tok.pad_token is not None
+    assert report.bits_per_param == ref_report.bits_per_param
+    if tied:  # the tied head stays full precision and tied
+        assert "lm_head" in report.skipped and got.lm_head.weight is got.model.embed_tokens.weight
+    a, b = ref.state_dict(), got.state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    x = ids(vocab=ref.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(ref(x).logits, got(x).logits)
+    assert lorakit.quant.base_quantization(got)["method"] == "nf4"
+
+
+def test_load_quantized_falls_back_when_checkpoint_names_differ(tmp_path, default_model_dir, caplog):
+    """A checkpoint with a tensor the model does not have cannot be streamed name by name: it is loaded the
+    normal way and then quantized, with a warning, and the result is the same."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _model_folder(tmp_path, default_model_dir, tied=False)
+    tensors = load_file(folder / "model.safetensors")
+    save_file(
+        {**tensors, "extra.unused": torch.zeros(3)}, folder / "model.safetensors", metadata={"format": "pt"}
+    )
+    ref, _ = lorakit.load_model(folder)
+    lorakit.quantize(ref)
+    with caplog.at_level(logging.WARNING):
+        got, _, _ = lorakit.load_quantized(folder)
+    assert "checkpoint names differ" in caplog.text and "extra.unused" in caplog.text
+    a, b = ref.state_dict(), got.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -27,6 +27,7 @@ from lorakit.io import adapter_state_dict, describe_adapter, load_adapter, read_
 from lorakit.layers import LoraLayer, delta_weight
 from lorakit.mixed import row_adapters
 from lorakit.quant import dequantize, quantize
+from lorakit.quant.load import load_quantized
 from lorakit.report import format_report, parameter_report
 from lorakit.targeting import select_modules
 
@@ -79,6 +80,7 @@ __all__ = [
     "inject",
     "load_adapter",
     "load_model",
+    "load_quantized",
     "lora_layers",
     "merge",
     "parameter_report",

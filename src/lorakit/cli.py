@@ -80,9 +80,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             print(f"trained on a 4-bit base: {json.dumps(base_q, sort_keys=True)}")
         return 0
     model_spec = args.model if target is None or (target / "adapter_config.json").is_file() else str(target)
-    model, _ = _load(model_spec)
-    if args.quantize:
-        print(lorakit.quantize(model, args.quantize).summary())
+    if args.quantize:  # straight into 4 bits, as lorakit train --model.quantize does
+        model, _, qreport = lorakit.load_quantized(model_spec, method=args.quantize)
+        print(qreport.summary())
+    else:
+        model, _ = _load(model_spec)
     if target is not None and (target / "adapter_config.json").is_file():
         lorakit.load_adapter(model, target)
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,12 +95,17 @@ def quantize(
     skip: tuple[str, ...] | list[str] = ("lm_head",),
     *,
     block_size: int = BLOCK_SIZE,
+    source: Callable[[str], torch.Tensor] | None = None,
 ) -> QuantReport:
     """Replace the model's `nn.Linear` layers in place with 4-bit `NF4Linear` ones (QLoRA's frozen base).
 
     `skip`: module names (exact, or a suffix after a dot) to keep in full precision; the output head by default.
     Quantize before injecting LoRA. Raises QuantizationError on an unknown method, a model that is already
     quantized, or one that already carries LoRA adapters.
+
+    `source` (used by `load_quantized`): called with "<module>.weight" to read each weight just before it is
+    quantized, so the model's own full-precision weights can be left unmaterialised; one layer is in full
+    precision at a time.
     """
     if method not in METHODS:
         raise QuantizationError(f"unknown quantization method {method!r}; supported: {', '.join(METHODS)}")
@@ -125,11 +131,15 @@ def quantize(
         if why:
             report.skipped[name] = why
             continue
-        q = NF4Linear.from_linear(m, double_quant=double_quant, block_size=block_size)
-        _set_submodule(model, name, q)
-        report.quantized.append(name)
         report.params += m.weight.numel()
         report.bytes_before += m.weight.numel() * m.weight.element_size()
+        if source is not None:
+            m.weight.data = source(f"{name}.weight")
+        q = NF4Linear.from_linear(m, double_quant=double_quant, block_size=block_size)
+        if source is not None:
+            m.weight.data = torch.empty(0, dtype=m.weight.dtype)  # free the full-precision copy now
+        _set_submodule(model, name, q)
+        report.quantized.append(name)
         report.bytes_after += q.storage_bytes()
     if not report.quantized:
         raise QuantizationError(

@@ -17,6 +17,7 @@ from lorakit.data.tasks import make_task
 from lorakit.data.tokenize import encode_dataset, pack
 from lorakit.layers import LoraLayer
 from lorakit.quant import is_quantized, quantize
+from lorakit.quant.load import load_quantized
 from lorakit.report import parameter_report
 from lorakit.train.checkpoint import full_parameters
 from lorakit.train.config import RunConfig, save_config
@@ -92,14 +93,21 @@ def run_training(
     torch.manual_seed(cfg.train.seed)
     out_dir = Path(cfg.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if model is None:
+    base_id = cfg.model.path or "SmolLM2-135M-Instruct"
+    dtype = getattr(torch, cfg.model.dtype)
+    q = cfg.model
+    quant = None
+    if model is None and q.quantize:  # QLoRA: straight into 4 bits, never the whole model in full precision
+        model, tokenizer, quant = load_quantized(
+            q.path, method=q.quantize, double_quant=q.double_quant, skip=q.quantize_skip, dtype=dtype
+        )
+    elif model is None:
         from lorakit.models import load_model
 
-        model, tokenizer = load_model(cfg.model.path, dtype=getattr(torch, cfg.model.dtype))
-    base_id = cfg.model.path or "SmolLM2-135M-Instruct"
-    quant = None
-    if cfg.model.quantize:  # QLoRA: a frozen 4-bit base under the LoRA adapters
-        quant = quantize(model, cfg.model.quantize, cfg.model.double_quant, cfg.model.quantize_skip)
+        model, tokenizer = load_model(q.path, dtype=dtype)
+    elif q.quantize:  # a model passed in: quantize it in place
+        quant = quantize(model, q.quantize, q.double_quant, q.quantize_skip)
+    if quant is not None:
         say(f"quantized the base: {quant.summary()}")
     train_ex, eval_ex, source = load_examples(cfg)
     enc = dict(max_len=cfg.data.max_len, chat=cfg.data.chat, train_on_all=cfg.data.train_on_all)

@@ -56,7 +56,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("lorakit", "lorakit-grouped", "lorakit-plain", "peft", "bound", "bound-ours")
+VARIANTS = (
+    "lorakit",
+    "lorakit-grouped",
+    "lorakit-plain",
+    "peft",
+    "bound",
+    "bound-ours",
+    "lorakit-nf4",
+    "peft-bnb",
+)
+QLORA_VARIANTS = ["lorakit", "lorakit-nf4", "peft", "peft-bnb"]
 DEFAULT_VARIANTS = ["lorakit", "peft", "bound", "bound-ours"]
 RATIOS = [
     ("lorakit", "peft"),
@@ -65,6 +75,9 @@ RATIOS = [
     ("lorakit-plain", "bound"),
     ("lorakit", "lorakit-plain"),
     ("lorakit-grouped", "lorakit"),
+    ("lorakit-nf4", "lorakit"),
+    ("peft-bnb", "lorakit"),
+    ("lorakit-nf4", "peft-bnb"),
 ]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DOCS = Path("docs") / "benchmarks.md"
@@ -126,8 +139,25 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, _ = lorakit.load_model(args.model)
     variant = args.worker
+    if variant == "lorakit-nf4":  # QLoRA: our NF4 base, loaded straight into 4 bits
+        model, _, _ = lorakit.load_quantized(args.model)
+    elif variant == "peft-bnb":  # QLoRA as transformers + bitsandbytes + PEFT do it
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        from lorakit.models import resolve_model_dir
+
+        bnb_config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model_dir(args.model), quantization_config=bnb_config, device_map="cpu"
+        )
+    else:
+        model, _ = lorakit.load_model(args.model)
     set_fused(variant != "lorakit-plain")
     set_groups(variant == "lorakit-grouped")
 
@@ -135,7 +165,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         lorakit.inject(
             model, lorakit.LoraConfig(r=args.r, alpha=args.r, dropout=args.dropout, targets=TARGETS)
         )
-    elif variant == "peft":
+    elif variant.startswith("peft"):
         import peft
 
         config = peft.LoraConfig(
@@ -334,6 +364,27 @@ def interpretation(ratios: dict[str, Any]) -> str:
                 f"; against the bound with lorakit's chunked loss, {statistics.median(lo['time']):.3f}× and "
                 f"{statistics.median(lo['mem']):.3f}×."
                 if lo
+                else "."
+            )
+        )
+    nl, bl, nb = (
+        ratios.get("lorakit-nf4/lorakit"),
+        ratios.get("peft-bnb/lorakit"),
+        ratios.get("lorakit-nf4/peft-bnb"),
+    )
+    if nl:
+        parts.append(
+            f"QLoRA (lorakit NF4 base) takes {verdict(nl['time'], 'the time of fp32 LoRA', 'faster', 'slower')} "
+            f"and {verdict(nl['mem'], 'its peak RSS', 'smaller', 'larger')}."
+        )
+    if bl:
+        parts.append(
+            f"bitsandbytes + PEFT QLoRA takes {statistics.median(bl['time']):.3f}× the time of lorakit fp32 LoRA "
+            f"and {statistics.median(bl['mem']):.3f}× its peak RSS"
+            + (
+                f"; lorakit QLoRA / bitsandbytes QLoRA: {statistics.median(nb['time']):.3f}× time, "
+                f"{statistics.median(nb['mem']):.3f}× peak RSS."
+                if nb
                 else "."
             )
         )

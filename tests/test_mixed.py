@@ -218,6 +218,30 @@ def test_bank_unload_while_in_use_waits(adapter_dirs):
         pass
 
 
+@torch.no_grad()
+def test_bank_use_restores_routing_and_hold_only_leases(adapter_dirs):
+    """`use` of one adapter leaves the adapter that was active before active again; `hold` keeps an adapter
+    loaded through an unload without touching which adapter plain calls use."""
+    model = tiny_llama()
+    x = ids(batch=2)
+    bank = AdapterBank(model)
+    bank.load("p", adapter_dirs["p"])
+    bank.load("q", adapter_dirs["q"])
+    bank.activate("p")
+    only_p = model(x).logits
+    with bank.use(["q", "q"]):
+        assert lorakit.active_adapters(model) == {"q": 1.0}
+    assert lorakit.active_adapters(model) == {"p": 1.0}
+    torch.testing.assert_close(model(x).logits, only_p, atol=0, rtol=0)
+    with bank.hold(["q"]):
+        assert lorakit.active_adapters(model) == {"p": 1.0}
+        bank.unload("q")
+        assert "q" not in bank.names() and "q" in lorakit.adapter_names(model)
+    assert lorakit.adapter_names(model) == ["p"]
+    with pytest.raises(AdapterError, match="no adapter 'q' in the bank"), bank.hold(["q"]):
+        pass
+
+
 def test_bank_full_bad_load_evicts_nothing(adapter_dirs, tmp_path):
     model = tiny_llama()
     bank = AdapterBank(model, max_adapters=1)

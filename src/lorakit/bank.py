@@ -18,12 +18,12 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 from torch import nn
 
-from lorakit.control import disabled, set_active
+from lorakit.control import active_adapters, disabled, set_active
 from lorakit.errors import AdapterError
 from lorakit.inject import adapter_names, delete_adapter
 from lorakit.io import check_adapter, load_adapter
@@ -99,33 +99,41 @@ class AdapterBank:
                 set_active(self.model, {} if name is None else name)
 
     @contextmanager
-    def use(self, names: Sequence[str | None]) -> Iterator[None]:
-        """Run the block's forward passes with adapter `names[i]` for batch row i (None: no adapter).
-
-        A batch of one adapter takes the single-adapter path; a mixed batch the stacked mixed-adapter path."""
-        distinct = set(names)
+    def hold(self, names: Sequence[str | None]) -> Iterator[None]:
+        """A lease: the adapters in `names` stay loaded until the block ends (an unload meanwhile waits for it),
+        and count as recently used. Routing is left as it is: see `use`."""
+        distinct = {n for n in names if n is not None}
         with self._lock:
-            for n in distinct - {None}:
+            for n in distinct:
                 self._known(n)
-            for n in distinct - {None}:
+            for n in distinct:
                 self._in_use[n] += 1
                 self._touch(n)
         try:
+            yield
+        finally:
+            with self._lock:
+                for n in distinct:
+                    self._in_use[n] -= 1
+                    if not self._in_use[n] and n in self._doomed:
+                        self._delete(n)
+
+    @contextmanager
+    def use(self, names: Sequence[str | None]) -> Iterator[None]:
+        """Run the block's forward passes with adapter `names[i]` for batch row i (None: no adapter), holding
+        them (`hold`) meanwhile. The adapters active before are active again afterwards.
+
+        A batch of one adapter takes the single-adapter path; a mixed batch the stacked mixed-adapter path."""
+        with self.hold(names):
+            distinct = set(names)
             if distinct == {None}:
                 ctx = disabled(self.model)
             elif len(distinct) == 1:
-                set_active(self.model, next(iter(distinct)))
-                ctx = nullcontext()
+                ctx = _activated(self.model, next(iter(distinct)))
             else:
                 ctx = row_adapters(self.model, list(names))
             with ctx:
                 yield
-        finally:
-            with self._lock:
-                for n in distinct - {None}:
-                    self._in_use[n] -= 1
-                    if not self._in_use[n] and n in self._doomed:
-                        self._delete(n)
 
     # -- internals --------------------------------------------------------------------------------------------
 
@@ -154,3 +162,14 @@ class AdapterBank:
         self._doomed.discard(name)
         self._in_use.pop(name, None)
         self.pinned.discard(name)
+
+
+@contextmanager
+def _activated(model: nn.Module, name: str) -> Iterator[None]:
+    """`name` active inside the block, the previous active set restored after it."""
+    before = active_adapters(model)
+    set_active(model, name)
+    try:
+        yield
+    finally:
+        set_active(model, before)

@@ -16,7 +16,7 @@ each row's positions its own, so a row decodes as it would alone.
 
 Torch is not thread-safe for concurrent forwards and loading or deleting an adapter rewires modules, so anything
 that touches the model (`call`) runs on this thread, between steps. Each admitted request holds its adapter in
-the bank until it ends (a lease: `bank.use([name])` kept open), so an adapter unloaded meanwhile goes when its
+the bank until it ends (a lease: `bank.hold([name])` kept open), so an adapter unloaded meanwhile goes when its
 last request finishes; requests still waiting for it fail with 404.
 """
 
@@ -211,7 +211,7 @@ class Engine:
             lease = ExitStack()
             if req.adapter is not None:
                 try:
-                    lease.enter_context(self.bank.use([req.adapter]))
+                    lease.enter_context(self.bank.hold([req.adapter]))
                 except AdapterError:
                     gone = f"the model {req.adapter!r} was unloaded; adapters: {self.bank.names()}"
                     req.emit(Failed(404, gone, "model_not_found"))
@@ -287,7 +287,8 @@ class Engine:
     def _adapters(self, names: list[str | None]) -> AbstractContextManager:
         """Row i of the next forward passes uses adapter names[i] (None: the base model).
 
-        Not `bank.use`: that refuses adapters unloaded meanwhile, which the rows' leases still hold."""
+        Not `bank.use`: that refuses adapters unloaded meanwhile, which the rows' leases (`bank.hold`) still
+        keep."""
         distinct = set(names)
         if distinct == {None}:
             return disabled(self.model)

@@ -29,6 +29,15 @@ from tiny import ids, randomize, tiny_llama, token_rows
 ATOL = 1e-5
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls: more threads only add overhead (and the CI machine has 2 shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _cfg(tmp_path, mode="frozen", r=4, **train) -> RunConfig:
     base = dict(out_dir=str(tmp_path), steps=4, batch_size=4, lr=1e-2, warmup_steps=0, save_every=0)
     return RunConfig(
@@ -252,13 +261,8 @@ def test_dylora_holds_its_quality_at_low_rank_where_truncated_lora_collapses(mod
     stay below 0.12 at every rank 1..8 (measured max: 0.065 frozen, 0.103 unfrozen at b=2; full rank 0.02 and
     0.004); plain LoRA of the same r_max, better at full rank (0.000), must be above 0.25 at ranks 1..4 (measured:
     0.89, 0.69, 0.48, 0.31) and at least 3x DyLoRA's error there."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 64x64 matmuls: more threads only add overhead (and the CI machine is shared)
-    try:
-        dy, best = _train_regression("dylora", mode)
-        lora, _ = _train_regression("lora", mode)
-    finally:
-        torch.set_num_threads(threads)
+    dy, best = _train_regression("dylora", mode)
+    lora, _ = _train_regression("lora", mode)
     assert best[0] == pytest.approx(0.0625, abs=1e-3) and lora[-1] < 0.01  # LoRA itself trained fine
     assert max(dy) < 0.12, dy
     for b in range(1, 5):

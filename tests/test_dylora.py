@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -154,7 +152,7 @@ def test_file_loads_in_peft_as_full_rank_and_exports_at_every_rank(tmp_path):
     assert lorakit.read_adapter(tmp_path / "r1")[0].r == 1
 
 
-def test_bad_inputs_are_one_line_errors(tmp_path):
+def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     model, _ = _dylora_model(_cfg(tmp_path, r=4))
     lorakit.save_adapter(model, tmp_path / "dy")
     with pytest.raises(
@@ -179,24 +177,12 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=msg):
             load_config(None, args)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lorakit",
-            "convert",
-            "--adapter",
-            str(tmp_path / "dy"),
-            "--rank",
-            "7",
-            "--out",
-            str(tmp_path / "o"),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert "lorakit convert: error:" in proc.stderr and "--rank 7 is outside 1..4" in proc.stderr
+    from lorakit.cli import main as cli
+
+    rc = cli(["convert", "--adapter", str(tmp_path / "dy"), "--rank", "7", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip().count("\n") == 0, err
+    assert "lorakit convert: error:" in err and "--rank 7 is outside 1..4" in err
 
 
 # --------------------------------------------------------------------------------------------------------------

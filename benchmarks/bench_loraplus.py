@@ -7,6 +7,9 @@ only difference is the learning rate of B: lr_A for LoRA, ratio · lr_A for LoRA
 
     python benchmarks/bench_loraplus.py --out docs/loraplus.png --json docs/loraplus.json
 
+With `--real`, instead: LoRA and LoRA+ on the built-in `dates` task with the default SmolLM2-135M model (same
+seed, data and lr_A), printing the training loss every 5 steps and the eval loss at the end.
+
 Prints a markdown table: for every lr_A, the step at which the training loss (a running mean over 10 steps)
 first falls to each `--target` × its initial value, for LoRA and for LoRA+, and the final loss of each.
 """
@@ -104,6 +107,47 @@ def plot(results: dict, args: argparse.Namespace, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def real(args: argparse.Namespace) -> None:
+    """LoRA vs LoRA+ with `run_training` on the default model and the built-in task."""
+    import tempfile
+
+    from lorakit.train.config import load_config
+    from lorakit.train.run import run_training
+
+    curves = {}
+    for lr in args.lrs:
+        for method in ("lora", "loraplus"):
+            out = tempfile.mkdtemp(prefix=f"loraplus-{method}-")
+            overrides = ["--method", method, "--train.lr", str(lr), "--train.steps", str(args.steps)]
+            overrides += [
+                "--train.out_dir",
+                out,
+                "--train.threads",
+                str(args.threads),
+                "--train.save_every",
+                "0",
+            ]
+            overrides += ["--data.max_len", "96", "--train.batch_size", "8", "--train.schedule", "constant"]
+            overrides += ["--eval.limit", "0", "--data.n_eval", "32", "--train.warmup_steps", "0"]
+            if method == "loraplus":
+                overrides += ["--loraplus.ratio", str(args.ratio)]
+            losses = []
+            summary = run_training(
+                load_config(None, overrides), callbacks=[lambda r, ls=losses: ls.append(r)]
+            )
+            train = [r["loss"] for r in losses if "loss" in r]
+            curves[(lr, method)] = (train, summary["before"]["loss"], summary["after"]["loss"])
+            print(
+                f"lr_A={lr:g} {method}: eval loss {summary['before']['loss']:.4f} -> {summary['after']['loss']:.4f}"
+            )
+    steps = ", ".join(str(s) for s in range(5, args.steps + 1, 5))
+    print(f"\n| lr_A | method | train loss at steps {steps} | eval loss before -> after |")
+    print("|---|---|---|---|")
+    for (lr, method), (train, before, after) in curves.items():
+        pts = " ".join(f"{train[s - 1]:.3f}" for s in range(5, len(train) + 1, 5))
+        print(f"| {lr:g} | {method} | {pts} | {before:.4f} -> {after:.4f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--width", type=int, default=1024)
@@ -125,8 +169,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", help="PNG of the loss curves")
     p.add_argument("--json", help="write all losses here")
+    p.add_argument("--real", action="store_true", help="the built-in task on the default model instead")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.real:
+        return real(args)
     results = {"args": vars(args), "runs": []}
     rows = []
     t0 = time.perf_counter()

@@ -30,6 +30,7 @@ from lorakit.quant import dequantize, quantize
 from lorakit.quant.load import load_quantized
 from lorakit.report import format_report, parameter_report
 from lorakit.targeting import select_modules
+from lorakit.variants.loraplus import loraplus_groups, loraplus_optimizer
 
 
 def run_training(config, **kwargs):
@@ -44,6 +45,20 @@ def load_model(spec=None, **kwargs):
     from lorakit.models import load_model as _load_model
 
     return _load_model(spec, **kwargs)
+
+
+def set_rank(model, rank: int, name: str | None = None) -> None:
+    """Run DyLoRA adapter `name` (all DyLoRA adapters if None) at rank `rank` ≤ r_max (lorakit.variants.dylora)."""
+    from lorakit.variants.dylora import set_rank as _set_rank
+
+    _set_rank(model, rank, name)
+
+
+def export_rank(adapter, rank: int, out):
+    """Write DyLoRA adapter folder `adapter` at rank `rank` as a plain PEFT LoRA folder `out` (`lorakit convert`)."""
+    from lorakit.variants.dylora import export_rank as _export_rank
+
+    return _export_rank(adapter, rank, out)
 
 
 def adapter_parameters(model, name: str | None = None):
@@ -76,12 +91,15 @@ __all__ = [
     "dequantize",
     "describe_adapter",
     "disabled",
+    "export_rank",
     "format_report",
     "inject",
     "load_adapter",
     "load_model",
     "load_quantized",
     "lora_layers",
+    "loraplus_groups",
+    "loraplus_optimizer",
     "merge",
     "parameter_report",
     "quantize",
@@ -92,6 +110,7 @@ __all__ = [
     "select_modules",
     "set_active",
     "set_fused",
+    "set_rank",
     "unload",
     "unmerge",
 ]

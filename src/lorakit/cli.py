@@ -138,6 +138,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from lorakit.variants.dylora import export_rank
+
+    out = export_rank(args.adapter, args.rank, args.out)
+    print(f"wrote {args.adapter} at rank {args.rank} as a PEFT LoRA adapter: {out}")
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import lorakit
     from lorakit.generate import generate
@@ -353,6 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-pickle", action="store_true", help="accept a pickled adapter_model.bin (weights_only)"
     )
     m.set_defaults(func=cmd_merge)
+
+    cv = sub.add_parser(
+        "convert", help="export a DyLoRA adapter at rank b as a plain PEFT LoRA adapter (docs/dylora.md)"
+    )
+    cv.add_argument("--adapter", required=True, help="DyLoRA adapter folder (trained with --method dylora)")
+    cv.add_argument("--rank", type=int, required=True, help="rank b of the exported adapter, 1..r_max")
+    cv.add_argument("--out", required=True, help="output adapter folder (written atomically)")
+    cv.set_defaults(func=cmd_convert)
 
     e = sub.add_parser(
         "eval", help="eval loss and exact-match accuracy of a model (+ adapter) on a JSONL file"

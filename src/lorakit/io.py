@@ -91,8 +91,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         )
 
     from lorakit.quant import adapter_metadata
+    from lorakit.variants import variant_metadata
 
-    metadata = {"format": "pt", **adapter_metadata(model)}  # + the quantized base it was trained on, if any
+    # + the quantized base it was trained on, and variant records (DyLoRA), if any
+    metadata = {"format": "pt", **adapter_metadata(model), **variant_metadata(model, name)}
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
@@ -181,6 +183,9 @@ def load_adapter(
                 else:
                     target = getattr(model.get_submodule(module).adapters[name], param)
                 target.copy_(tensor.to(target.dtype))
+        from lorakit.variants import restore_variants
+
+        restore_variants(model, name, Path(path))  # e.g. a DyLoRA adapter gets its variant back (set_rank)
     except Exception:
         delete_adapter(model, name)
         raise

@@ -299,6 +299,14 @@ class Variant:
     def init(self, layer: LoraLayer, adapter: LoraAdapter) -> None:
         """Create variant state on `adapter` after A and B are initialised."""
 
+    def factors(self, adapter: LoraAdapter) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, s) with ΔW = s·B·A at inference; DyLoRA returns the first b components and α/b."""
+        return adapter.lora_A, adapter.lora_B, adapter.scaling
+
+    def metadata(self) -> dict[str, str]:
+        """Safetensors metadata the adapter file carries for this variant (read back by lorakit.variants)."""
+        return {}
+
     def forward(
         self, layer: LoraLayer, adapter: LoraAdapter, x: torch.Tensor, base_out: torch.Tensor
     ) -> torch.Tensor:
@@ -365,8 +373,8 @@ class LoraAdapter(nn.Module):
 
 def delta_weight(layer: LoraLayer, adapter: LoraAdapter) -> torch.Tensor:
     """ΔW = s·B·A for `adapter`, in the base weight's layout and the adapter's dtype."""
-    a2, b2 = adapter.lora_A.flatten(1), adapter.lora_B.flatten(1)
-    return layer.handler.from_2d((b2 @ a2) * adapter.scaling, layer.base_layer)
+    A, B, s = adapter.variant.factors(adapter)
+    return layer.handler.from_2d((B.flatten(1) @ A.flatten(1)) * s, layer.base_layer)
 
 
 class LoraLayer(nn.Module):

@@ -249,6 +249,11 @@ def validate(cfg: RunConfig) -> None:
         (dsec.max_len >= 8, f"data.max_len must be >= 8, got {dsec.max_len}"),
         (0 < dsec.eval_split < 1, f"data.eval_split must be in (0, 1), got {dsec.eval_split}"),
         (dsec.train_file or dsec.task, "set data.train_file or data.task"),
+        (cfg.loraplus.ratio > 0, f"loraplus.ratio must be > 0, got {cfg.loraplus.ratio}"),
+        (
+            cfg.loraplus.lr_embedding >= 0,
+            f"loraplus.lr_embedding must be >= 0, got {cfg.loraplus.lr_embedding}",
+        ),
     ]
     for ok, msg in checks:
         if not ok:
@@ -283,6 +288,10 @@ def _validate_method(cfg: RunConfig) -> None:
                 f"use --method {method}"
                 + ("" if method == "loraplus" else f" (or drop the {section} options)")
             )
+    if "dylora" in chosen:
+        from lorakit.variants.dylora import check_run_config
+
+        check_run_config(cfg)
 
 
 def parse_value(text: str) -> Any:

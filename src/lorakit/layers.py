@@ -358,6 +358,7 @@ class LoraAdapter(nn.Module):
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.variant = variant
         self.magnitude: nn.Parameter | None = None
+        self.lora_E: nn.Parameter | None = None  # AdaLoRA's singular values Λ (r, 1): ΔW = s·B·(Λ·A)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, variant={self.variant.name}"
@@ -366,6 +367,8 @@ class LoraAdapter(nn.Module):
 def delta_weight(layer: LoraLayer, adapter: LoraAdapter) -> torch.Tensor:
     """ΔW = s·B·A for `adapter`, in the base weight's layout and the adapter's dtype."""
     a2, b2 = adapter.lora_A.flatten(1), adapter.lora_B.flatten(1)
+    if adapter.lora_E is not None:
+        a2 = a2 * adapter.lora_E
     return layer.handler.from_2d((b2 @ a2) * adapter.scaling, layer.base_layer)
 
 

@@ -283,6 +283,12 @@ def _validate_method(cfg: RunConfig) -> None:
                 f"use --method {method}"
                 + ("" if method == "loraplus" else f" (or drop the {section} options)")
             )
+    if (
+        "adalora" in chosen
+    ):  # the schedule's own checks (target_r <= init_r, tinit < total_step - tfinal, ...)
+        from lorakit.variants.adalora import config_from_run
+
+        config_from_run(cfg)
 
 
 def parse_value(text: str) -> Any:

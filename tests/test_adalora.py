@@ -19,6 +19,7 @@ import lorakit
 from lorakit import LoraConfig
 from lorakit.errors import AdapterError, AdapterFileError, ConfigError, TargetError
 from lorakit.inject import lora_layers
+from lorakit.io import check_adapter
 from lorakit.train.config import AdaLoraSection, RunConfig, TrainSection, load_config
 from lorakit.train.loop import TrainingError, train_loop
 from lorakit.train.methods import make_method
@@ -248,4 +249,6 @@ def test_bad_python_inputs(tmp_path):
     fresh = tiny_llama()
     with pytest.raises(AdapterError, match=r"lora_A has shape \(4, 32\) but .* needs \(5, 32\)"):
         lorakit.load_adapter(fresh, tmp_path / "ada")
+    with pytest.raises(AdapterError, match="needs"):  # the adapter bank's pre-check says the same
+        check_adapter(fresh, tmp_path / "ada")
     assert not lorakit.adapter_names(fresh)

@@ -22,18 +22,18 @@ pytestmark = pytest.mark.real_model
 
 def test_train_adalora_cli_writes_a_peft_adalora_adapter(tmp_path, default_model_dir):
     out = tmp_path / "run"
-    args = ["--train.out_dir", str(out), "--data.max_len", "64", "--train.steps", "3", "--data.n_train", "16"]
-    args += [
-        "--data.n_eval",
-        "4",
-        "--eval.limit",
-        "2",
+    args = [
+        "--train.out_dir",
+        str(out),
+        "--train.steps",
+        "3",
         "--train.batch_size",
-        "4",
+        "2",
         "--train.warmup_steps",
         "0",
     ]
-    args += ["--data.n_eval", "2", "--eval.max_new_tokens", "4", "--lora.targets", "[q_proj, v_proj]"]
+    args += ["--data.max_len", "64", "--data.n_train", "16", "--data.n_eval", "2"]
+    args += ["--eval.limit", "1", "--eval.max_new_tokens", "2", "--lora.targets", "[q_proj, v_proj]"]
     args += ["--adalora.init_r", "4", "--adalora.target_r", "2", "--adalora.tfinal", "1"]
     proc = subprocess.run(
         [sys.executable, "-m", "lorakit", "train", "--method", "adalora", *args],

@@ -87,15 +87,9 @@ def test_method_alias_and_composition():
     [
         (["--method", "dyloar"], "unknown method 'dyloar'; did you mean 'dylora'"),
         (["--method", "dylora+adalora"], "give one of lora, dylora, adalora, ladder"),
-        (
-            ["--adalora.init_r", "6"],
-            r"adalora.init_r is set but train.method is 'lora'; use --method adalora",
-        ),
+        (["--adalora.init_r", "6"], r"adalora.init_r is set but train.method is 'lora'; use --method adalora"),
         (["--method", "dylora", "--ladder.every", "2"], "ladder.every is set but train.method is 'dylora'"),
-        (
-            ["--loraplus.ratio", "8"],
-            "loraplus.ratio is set but train.method is 'lora'; use --method loraplus",
-        ),
+        (["--loraplus.ratio", "8"], "loraplus.ratio is set but train.method is 'lora'; use --method loraplus"),
     ],
 )
 def test_variant_options_need_their_method(args, match):

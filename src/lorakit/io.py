@@ -57,6 +57,10 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
         raise AdapterError(
             f"no adapter {name!r} on {type(model).__name__}; adapters: {list(registry(model).adapters)}"
         )
+    if _is_adalora(model, name):
+        from lorakit.variants.adalora_io import adalora_state_dict
+
+        return adalora_state_dict(model, name)
     out: dict[str, torch.Tensor] = {}
     for mname, layer in lora_layers(model):
         if name not in layer.adapters:
@@ -81,6 +85,10 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
     """Write adapter `name` as a PEFT folder at `path`, atomically: a crash leaves any previous folder intact."""
     info = registry(model).adapters.get(name)
+    if info is not None and _is_adalora(model, name):  # PEFT's ADALORA layout (lora_E, rank_pattern)
+        from lorakit.variants.adalora_io import save_adalora
+
+        return save_adalora(model, path, name)
     tensors = adapter_state_dict(model, name)
     config = info.config.replace(targets=_targets_for_file(model, info.config, info.modules))
     if config.targets != info.config.targets and isinstance(config.targets, str):
@@ -110,6 +118,19 @@ def read_adapter(
     path: str | os.PathLike, *, allow_pickle: bool = False
 ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """Read and validate an adapter folder: (config, tensors). Raises AdapterFileError / ConfigError with the file named."""
+    raw = read_config_json(path)
+    cfg_file = Path(path) / CONFIG_NAME
+    if _is_adalora_file(raw):
+        raise AdapterFileError(
+            f"{cfg_file}: an AdaLoRA adapter (peft_type ADALORA), not plain LoRA; this reads LoRA files only "
+            "(lorakit.load_adapter loads AdaLoRA adapters onto a model)"
+        )
+    config = LoraConfig.from_peft_dict(raw, source=str(cfg_file))
+    return config, _read_tensors(Path(path), allow_pickle)
+
+
+def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed adapter_config.json of an adapter folder (any peft_type)."""
     path = Path(path)
     if not path.is_dir():
         raise AdapterFileError(f"{path}: not an adapter folder (expected a directory with {CONFIG_NAME})")
@@ -122,8 +143,19 @@ def read_adapter(
         raise AdapterFileError(f"{cfg_file}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise AdapterFileError(f"{cfg_file}: expected a JSON object, got {type(raw).__name__}")
-    config = LoraConfig.from_peft_dict(raw, source=str(cfg_file))
-    return config, _read_tensors(path, allow_pickle)
+    return raw
+
+
+def _is_adalora_file(raw: dict[str, Any]) -> bool:
+    return str(raw.get("peft_type", "")).upper() == "ADALORA"
+
+
+def _is_adalora(model: nn.Module, name: str) -> bool:
+    """Whether adapter `name` on `model` is an AdaLoRA adapter (lorakit.variants.adalora)."""
+    for _, layer in lora_layers(model):
+        if name in layer.adapters:
+            return layer.adapters[name].variant.name == "adalora"
+    return False
 
 
 def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -153,6 +185,11 @@ def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
 
 def check_adapter(model: nn.Module, path: str | os.PathLike, *, allow_pickle: bool = False) -> None:
     """Raise the error `load_adapter` would raise for this file on this model, without changing the model."""
+    if _is_adalora_file(read_config_json(path)):
+        from lorakit.variants.adalora_io import plan_load
+
+        plan_load(model, read_config_json(path), _read_tensors(Path(path), allow_pickle), Path(path))
+        return
     config, tensors = read_adapter(path, allow_pickle=allow_pickle)
     _plan_load(model, config, tensors, Path(path))
 
@@ -172,6 +209,13 @@ def load_adapter(
     """
     name = name or "default"
     check_new_name(model, name)
+    raw = read_config_json(path)
+    if _is_adalora_file(raw):  # PEFT's ADALORA layout: SVD triplets and a rank pattern
+        from lorakit.variants.adalora_io import load_adalora
+
+        return load_adalora(
+            model, path, raw, name, allow_pickle=allow_pickle, activate=activate, trainable=trainable
+        )
     config, tensors = read_adapter(path, allow_pickle=allow_pickle)
     plan = _plan_load(model, config, tensors, Path(path))
     inject(model, config, name, activate=False, trainable=trainable)

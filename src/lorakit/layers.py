@@ -366,6 +366,7 @@ class LoraAdapter(nn.Module):
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.variant = variant
         self.magnitude: nn.Parameter | None = None
+        self.lora_E: nn.Parameter | None = None  # AdaLoRA's singular values Λ (r, 1): ΔW = s·B·(Λ·A)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, variant={self.variant.name}"
@@ -374,7 +375,10 @@ class LoraAdapter(nn.Module):
 def delta_weight(layer: LoraLayer, adapter: LoraAdapter) -> torch.Tensor:
     """ΔW = s·B·A for `adapter`, in the base weight's layout and the adapter's dtype."""
     A, B, s = adapter.variant.factors(adapter)
-    return layer.handler.from_2d((B.flatten(1) @ A.flatten(1)) * s, layer.base_layer)
+    a2 = A.flatten(1)
+    if adapter.lora_E is not None:  # AdaLoRA: ΔW = s·P·(Λ⊙Q)
+        a2 = a2 * adapter.lora_E
+    return layer.handler.from_2d((B.flatten(1) @ a2) * s, layer.base_layer)
 
 
 class LoraLayer(nn.Module):

@@ -89,7 +89,16 @@ def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def save_checkpoint(
-    out_dir: Path, step: int, model: nn.Module, opt, sched, cfg, *, base_model_id: str | None, rank: int = 0
+    out_dir: Path,
+    step: int,
+    model: nn.Module,
+    opt,
+    sched,
+    cfg,
+    *,
+    base_model_id: str | None,
+    rank: int = 0,
+    method=None,
 ) -> Path | None:
     """Write `checkpoints/step-NNNNNN` (rank 0) and return its path; other ranks return None.
 
@@ -105,6 +114,8 @@ def save_checkpoint(
     optimizer = _full_optimizer_state(opt) if sharded else opt.state_dict()
     if rank != 0:
         return None
+    extra = method.state_dict() if method is not None else {}  # e.g. AdaLoRA's importance EMAs
+    extra_tensors = {k: v.detach().contiguous() for k, v in extra.items() if isinstance(v, torch.Tensor)}
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
@@ -113,6 +124,10 @@ def save_checkpoint(
         with (tmp / "optimizer.pt").open("wb") as f:
             f.write(buf.getbuffer())
         state: dict[str, Any] = {"step": step, "base_model": base_model_id, "config": cfg.to_dict()}
+        if extra:
+            state["method"] = {k: v for k, v in extra.items() if k not in extra_tensors}
+        if extra_tensors:
+            save_file(extra_tensors, str(tmp / "method.safetensors"), metadata={"format": "pt"})
         (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
 
     try:
@@ -148,7 +163,9 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: Path, model: nn.Module, opt, sched, *, base_model_id: str | None) -> int:
+def load_checkpoint(
+    path: Path, model: nn.Module, opt, sched, *, base_model_id: str | None, method=None
+) -> int:
     """Restore trainable tensors, optimizer and scheduler from `path`; return the step to continue from.
 
     Every rank reads the files; under FSDP2 each keeps its own shard (no communication)."""
@@ -177,6 +194,11 @@ def load_checkpoint(path: Path, model: nn.Module, opt, sched, *, base_model_id: 
     blob = torch.load(path / "optimizer.pt", weights_only=True)
     opt.load_state_dict(_shard_optimizer_state(blob["optimizer"], opt))
     sched.load_state_dict(blob["scheduler"])
+    if method is not None and ("method" in state or (path / "method.safetensors").is_file()):
+        extra = dict(state.get("method", {}))
+        if (path / "method.safetensors").is_file():
+            extra.update(load_file(str(path / "method.safetensors")))
+        method.load_state_dict(extra)
     return int(state["step"])
 
 

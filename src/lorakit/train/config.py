@@ -292,6 +292,12 @@ def _validate_method(cfg: RunConfig) -> None:
         from lorakit.variants.dylora import check_run_config
 
         check_run_config(cfg)
+    if (
+        "adalora" in chosen
+    ):  # the schedule's own checks (target_r <= init_r, tinit < total_step - tfinal, ...)
+        from lorakit.variants.adalora import config_from_run
+
+        config_from_run(cfg)
 
 
 def parse_value(text: str) -> Any:

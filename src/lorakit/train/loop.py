@@ -122,7 +122,7 @@ def train_loop(
     start = 0
     resume = latest_checkpoint(out_dir) if t.resume == "auto" else t.resume
     if resume:
-        start = load_checkpoint(Path(resume), inner, opt, sched, base_model_id=base_model_id)
+        start = load_checkpoint(Path(resume), inner, opt, sched, base_model_id=base_model_id, method=method)
         log.info("resumed from %s at step %d", resume, start)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = out_dir / "metrics.jsonl"
@@ -185,7 +185,15 @@ def train_loop(
                 model.train()
             if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.steps:
                 save_checkpoint(
-                    out_dir, step + 1, inner, opt, sched, cfg, base_model_id=base_model_id, rank=rank
+                    out_dir,
+                    step + 1,
+                    inner,
+                    opt,
+                    sched,
+                    cfg,
+                    base_model_id=base_model_id,
+                    rank=rank,
+                    method=method,
                 )
     except KeyboardInterrupt:
         if sharded:  # gathering the shards needs every rank in step, and an interrupt stops them anywhere
@@ -198,7 +206,9 @@ def train_loop(
                 ) from None
             raise
         if rank == 0 and last is not None:
-            path = save_checkpoint(out_dir, last["step"], inner, opt, sched, cfg, base_model_id=base_model_id)
+            path = save_checkpoint(
+                out_dir, last["step"], inner, opt, sched, cfg, base_model_id=base_model_id, method=method
+            )
             log.warning("interrupted: saved a resumable checkpoint to %s", path)
             raise TrainingError(
                 f"interrupted at step {last['step']}; resume with --train.resume {path}"

@@ -1,0 +1,204 @@
+"""AdaLoRA adapter files in PEFT's ADALORA layout, written and read by `lorakit.save_adapter` / `load_adapter`.
+
+`adapter_config.json` has peft_type "ADALORA", PEFT's LoRA keys (targets, lora_alpha, dropout, ...), the schedule
+(init_r, target_r, tinit, tfinal, deltaT, beta1, beta2, orth_reg_weight, total_step) and `rank_pattern`:
+"<module>.lora_E" -> one bool per initial rank row, True where the triplet was kept. Tensors (no ".weight"):
+`base_model.model.<module>.lora_A` (r, in), `.lora_E` (r, 1), `.lora_B` (out, r). As PEFT does, only the kept
+rows are saved (r = the number of True values; 0 is possible), and the scaling stays alpha / (init_r + 1e-5).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lorakit.atomic import atomic_dir
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterError, ConfigError, TargetError
+from lorakit.inject import delete_adapter, lora_layers, registry
+from lorakit.io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _read_tensors, _targets_for_file
+from lorakit.layers import handler_for
+from lorakit.targeting import select_modules
+from lorakit.variants.adalora import (
+    ADALORA_KEYS,
+    AdaLoraConfig,
+    adalora_config,
+    check_lora_for_adalora,
+    inject_adalora,
+)
+
+log = logging.getLogger(__name__)
+
+PARAMS = ("lora_A", "lora_B", "lora_E")
+
+
+def _keep(config: AdaLoraConfig, module: str) -> list[bool] | None:
+    pattern = config.rank_pattern or {}
+    return pattern.get(f"{module}.lora_E")
+
+
+def adalora_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors PEFT saves for AdaLoRA adapter `name`: the kept rows of A, E and B of every layer."""
+    config = adalora_config(model, name)
+    out: dict[str, torch.Tensor] = {}
+    for m, layer in lora_layers(model):
+        if name not in layer.adapters:
+            continue
+        a = layer.adapters[name]
+        A, B, E = a.lora_A.detach(), a.lora_B.detach(), a.lora_E.detach()
+        keep = _keep(config, m)
+        if keep is not None and sum(keep) != A.shape[0]:
+            idx = torch.tensor(keep, dtype=torch.bool, device=A.device)
+            A, E, B = A[idx], E[idx], B[:, idx]
+        for pname, t in (("lora_A", A), ("lora_B", B), ("lora_E", E)):
+            out[f"{PREFIX}{m}.{pname}"] = t.clone().contiguous()
+    return out
+
+
+def peft_config_dict(model: nn.Module, name: str = "default") -> dict[str, Any]:
+    """The adapter_config.json of AdaLoRA adapter `name`, as PEFT writes it."""
+    info = registry(model).adapters[name]
+    config = adalora_config(model, name)
+    lora = info.config.replace(targets=_targets_for_file(model, info.config, info.modules))
+    if lora.targets != info.config.targets and isinstance(lora.targets, str):
+        lora = lora.replace(layers=None, layers_pattern=None)
+    if lora.base_model is None:
+        lora = lora.replace(base_model=getattr(getattr(model, "config", None), "_name_or_path", None) or None)
+    d = lora.to_peft_dict()
+    d.update(config.to_dict())
+    # PEFT's default r, which AdaLoRA ignores (init_r and rank_pattern give the shapes); another value warns
+    d.update(peft_type="ADALORA", r=8, alpha_pattern={})
+    return d
+
+
+def save_adalora(model: nn.Module, path: str | Path, name: str = "default") -> Path:
+    """Write AdaLoRA adapter `name` as PEFT's ADALORA folder, atomically."""
+    from lorakit.quant import adapter_metadata
+
+    tensors = adalora_state_dict(model, name)
+    config = peft_config_dict(model, name)
+    metadata = {"format": "pt", **adapter_metadata(model)}
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    path = Path(path)
+    atomic_dir(path, write, keep_others=True)
+    log.info("saved AdaLoRA adapter %r (%d tensors) to %s", name, len(tensors), path)
+    return path
+
+
+def parse_config(raw: dict[str, Any], source: str) -> tuple[LoraConfig, AdaLoraConfig]:
+    """(LoRA settings, AdaLoRA settings) from an ADALORA adapter_config.json."""
+    ada = {k: raw[k] for k in ADALORA_KEYS if raw.get(k) is not None}
+    rest = {k: v for k, v in raw.items() if k not in ADALORA_KEYS and k != "r"}
+    try:
+        config = AdaLoraConfig(**ada)
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"{source}: {e}") from None
+    pattern = config.rank_pattern
+    if pattern is not None and (
+        not isinstance(pattern, dict)
+        or not all(isinstance(v, list) and all(isinstance(b, bool) for b in v) for v in pattern.values())
+    ):
+        raise ConfigError(f"{source}: rank_pattern must map '<module>.lora_E' to lists of true/false")
+    rest.update(peft_type="LORA", r=config.init_r)
+    lora = LoraConfig.from_peft_dict(rest, source=source)
+    return lora, config
+
+
+def _module_of(key: str) -> str:
+    """'<module>.lora_E' or '<module>.lora_E.<adapter>' (an untruncated PEFT key) -> '<module>'."""
+    head, sep, _ = key.rpartition(".lora_E")
+    return head if sep else key
+
+
+def plan_load(
+    model: nn.Module, raw: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path
+) -> tuple[LoraConfig, AdaLoraConfig, dict[str, int], list[tuple[str, str, torch.Tensor]]]:
+    """Check the file against the model without changing it: (lora, config, ranks, (module, param, tensor))."""
+    lora, config = parse_config(raw, str(path / CONFIG_NAME))
+    try:
+        check_lora_for_adalora(lora)
+    except ConfigError as e:
+        raise ConfigError(f"{path / CONFIG_NAME}: {e}") from None
+    try:
+        modules = select_modules(model, lora)
+    except TargetError as e:
+        raise AdapterError(f"{path}: adapter does not fit {type(model).__name__}: {e}") from None
+    pattern = {_module_of(k): v for k, v in (config.rank_pattern or {}).items()}
+    config.rank_pattern = {f"{m}.lora_E": v for m, v in pattern.items()} if config.rank_pattern else None
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        module, _, param = k.rpartition(".")
+        if param in PARAMS:
+            found.setdefault(module, {})[param] = t
+        else:
+            log.warning("%s: ignoring tensor %s (not an AdaLoRA weight)", path, key)
+    stray = sorted(set(found) - set(modules))
+    if stray:
+        raise AdapterError(
+            f"{path}: tensors for modules the config does not select in {type(model).__name__}: {stray[:3]}"
+        )
+    ranks, plan = {}, []
+    for m in modules:
+        module = model.get_submodule(m)
+        handler = handler_for(module)
+        if handler is None or not handler.linear:
+            raise AdapterError(f"{path}: {m} is a {type(module).__name__}; AdaLoRA adapts linear layers only")
+        d, k = handler.dims(getattr(module, "base_layer", module))
+        r = sum(pattern[m]) if m in pattern else config.init_r
+        ranks[m] = r
+        for param, shape in (("lora_A", (r, k)), ("lora_B", (d, r)), ("lora_E", (r, 1))):
+            t = found.get(m, {}).get(param)
+            if t is None:
+                raise AdapterError(f"{path}: missing tensor {PREFIX}{m}.{param}")
+            if tuple(t.shape) != shape:
+                raise AdapterError(
+                    f"{path}: {m}.{param} has shape {tuple(t.shape)} but {type(module).__name__} with "
+                    f"r={r} (init_r={config.init_r}, rank_pattern) needs {shape}"
+                )
+            plan.append((m, param, t))
+    return lora, config, ranks, plan
+
+
+def load_adalora(
+    model: nn.Module,
+    path: str | Path,
+    raw: dict[str, Any],
+    name: str,
+    *,
+    allow_pickle: bool = False,
+    activate: bool = True,
+    trainable: bool = False,
+) -> str:
+    """Load an ADALORA folder (config json already read into `raw`) as adapter `name`; the model is unchanged
+    on any error."""
+    path = Path(path)
+    tensors = _read_tensors(path, allow_pickle)
+    lora, config, ranks, plan = plan_load(model, raw, tensors, path)
+    inject_adalora(model, lora, config, name, ranks=ranks, activate=False, trainable=trainable)
+    try:
+        with torch.no_grad():
+            for module, param, tensor in plan:
+                target = getattr(model.get_submodule(module).adapters[name], param)
+                target.copy_(tensor.to(target.dtype))
+    except Exception:
+        delete_adapter(model, name)
+        raise
+    from lorakit.quant import note_adapter_base
+
+    note_adapter_base(model, path)
+    if activate:
+        from lorakit.control import set_active
+
+        set_active(model, name)
+    return name

@@ -30,6 +30,7 @@ from lorakit.quant import dequantize, quantize
 from lorakit.quant.load import load_quantized
 from lorakit.report import format_report, parameter_report
 from lorakit.targeting import select_modules
+from lorakit.variants.adalora import AdaLoraAllocator, AdaLoraConfig, inject_adalora, orth_loss
 from lorakit.variants.loraplus import loraplus_groups, loraplus_optimizer
 
 
@@ -71,6 +72,8 @@ def adapter_parameters(model, name: str | None = None):
 
 __version__ = "0.1.0"
 __all__ = [
+    "AdaLoraAllocator",
+    "AdaLoraConfig",
     "AdapterBank",
     "AdapterError",
     "AdapterFileError",
@@ -94,6 +97,7 @@ __all__ = [
     "export_rank",
     "format_report",
     "inject",
+    "inject_adalora",
     "load_adapter",
     "load_model",
     "load_quantized",
@@ -101,6 +105,7 @@ __all__ = [
     "loraplus_groups",
     "loraplus_optimizer",
     "merge",
+    "orth_loss",
     "parameter_report",
     "quantize",
     "read_adapter",

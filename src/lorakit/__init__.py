@@ -29,6 +29,14 @@ from lorakit.mixed import row_adapters
 from lorakit.quant import dequantize, quantize
 from lorakit.report import format_report, parameter_report
 from lorakit.targeting import select_modules
+from lorakit.variants.ladder import (
+    LadderConfig,
+    attach_ladder,
+    detach_ladder,
+    format_ladder,
+    is_ladder_folder,
+    save_ladder,
+)
 
 
 def run_training(config, **kwargs):
@@ -59,6 +67,7 @@ __all__ = [
     "AdapterError",
     "AdapterFileError",
     "ConfigError",
+    "LadderConfig",
     "LoraConfig",
     "LoraLayer",
     "LorakitError",
@@ -69,14 +78,18 @@ __all__ = [
     "adapter_names",
     "adapter_parameters",
     "adapter_state_dict",
+    "attach_ladder",
     "combine",
     "delete_adapter",
     "delta_weight",
+    "detach_ladder",
     "dequantize",
     "describe_adapter",
     "disabled",
+    "format_ladder",
     "format_report",
     "inject",
+    "is_ladder_folder",
     "load_adapter",
     "load_model",
     "lora_layers",
@@ -87,6 +100,7 @@ __all__ = [
     "row_adapters",
     "run_training",
     "save_adapter",
+    "save_ladder",
     "select_modules",
     "set_active",
     "set_fused",

@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-from tiny import ConvNet, ids, tiny_gpt2, tiny_llama
 
 import lorakit
 from lorakit import LadderConfig, attach_ladder
 from lorakit.fused import causal_lm_loss
 from lorakit.variants.ladder import ladder_of
+
+from tiny import ConvNet, ids, tiny_gpt2, tiny_llama
 
 BLOCKS = ["mlp", "transformer"]
 
@@ -179,7 +180,9 @@ def test_save_load_round_trip_and_inspect(tmp_path, block, capsys):
     with torch.no_grad():
         assert torch.equal(fresh(x).logits, want)  # bit for bit
     info = lorakit.describe_adapter(path)
-    assert info["kind"] == "ladder" and info["parameters"] == sum(p.numel() for p in ladder_of(fresh).parameters())
+    assert info["kind"] == "ladder" and info["parameters"] == sum(
+        p.numel() for p in ladder_of(fresh).parameters()
+    )
     from lorakit.cli import main
 
     assert main(["inspect", str(path)]) == 0
@@ -204,7 +207,9 @@ def test_load_refuses_a_ladder_for_another_model_and_leaves_it_unchanged(tmp_pat
 
 
 def test_bad_input_messages(tmp_path):
-    with pytest.raises(lorakit.TargetError, match=r"cannot find the decoder blocks of ConvNet.*model\.model\.layers"):
+    with pytest.raises(
+        lorakit.TargetError, match=r"cannot find the decoder blocks of ConvNet.*model\.model\.layers"
+    ):
         attach_ladder(ConvNet(), LadderConfig())
     with pytest.raises(lorakit.ConfigError, match="reduction 5 does not divide hidden size 32"):
         attach_ladder(tiny_llama(), LadderConfig(reduction=5))
@@ -257,7 +262,12 @@ def test_run_training_with_ladder_on_a_tiny_model(tmp_path, quantize):
         [
             *("--method", "ladder", "--ladder.reduction", "4", "--ladder.block", "transformer"),
             *(["--model.quantize", quantize] if quantize else []),
-            *("--data.train_file", str(tmp_path / "train.jsonl"), "--data.eval_file", str(tmp_path / "eval.jsonl")),
+            *(
+                "--data.train_file",
+                str(tmp_path / "train.jsonl"),
+                "--data.eval_file",
+                str(tmp_path / "eval.jsonl"),
+            ),
             *("--data.chat", "false", "--data.max_len", "16", "--train.lr", "1e-2"),
             *("--train.out_dir", str(tmp_path / "run"), "--train.steps", "6", "--train.batch_size", "4"),
             *("--train.save_every", "3", "--eval.max_new_tokens", "2", "--eval.limit", "4"),
@@ -281,3 +291,48 @@ def test_run_training_with_ladder_on_a_tiny_model(tmp_path, quantize):
     lorakit.load_adapter(fresh, adapter)
     with torch.no_grad():
         assert torch.equal(fresh(x).logits, want)
+
+
+@pytest.mark.real_model
+def test_real_model_start_equals_base_then_train_save_reload_generate(tmp_path, capsys):
+    """On SmolLM2-135M: logits equal the base at init; a few ladder steps through run_training; the adapter reloads
+    bit for bit onto a fresh copy; cached generation equals uncached; `lorakit generate --adapter` runs."""
+    from lorakit.cli import main
+    from lorakit.generate import generate
+    from lorakit.train.config import load_config
+    from lorakit.train.run import run_training
+
+    model, tok = lorakit.load_model()
+    x = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        base = model(x).logits
+    attach_ladder(model, LadderConfig(block="transformer"))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, base)
+    lorakit.detach_ladder(model)
+    cfg = load_config(
+        None,
+        [
+            *("--method", "ladder", "--ladder.block", "transformer", "--ladder.every", "3"),
+            *("--train.out_dir", str(tmp_path / "run"), "--train.steps", "3", "--train.batch_size", "2"),
+            *("--data.n_train", "8", "--data.n_eval", "2", "--eval.limit", "2", "--eval.max_new_tokens", "4"),
+            *("--train.save_every", "0", "--train.lr", "1e-2"),
+        ],
+    )
+    summary = run_training(cfg, model=model, tokenizer=tok)
+    assert summary["after"]["loss"] != summary["before"]["loss"]
+    with torch.no_grad():
+        trained = model(x).logits
+    assert not torch.equal(trained, base)
+    lorakit.detach_ladder(model)
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, base)  # the backbone is exactly as it was
+    adapter = tmp_path / "run" / "adapter"
+    assert lorakit.load_adapter(model, adapter) == "ladder"
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, trained)
+    cached = generate(model, tok, "What is 2+2?", max_new_tokens=8)
+    model.generation_config.use_cache = False
+    assert generate(model, tok, "What is 2+2?", max_new_tokens=8) == cached
+    assert main(["generate", "What is 2+2?", "--adapter", str(adapter), "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.strip() == cached

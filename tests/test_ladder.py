@@ -295,8 +295,8 @@ def test_run_training_with_ladder_on_a_tiny_model(tmp_path, quantize):
 
 @pytest.mark.real_model
 def test_real_model_start_equals_base_then_train_save_reload_generate(tmp_path, capsys):
-    """On SmolLM2-135M: logits equal the base at init; a few ladder steps through run_training; the adapter reloads
-    bit for bit onto a fresh copy; cached generation equals uncached; `lorakit generate --adapter` runs."""
+    """On SmolLM2-135M: logits equal the base at init; a few ladder steps through run_training; the saved adapter
+    reloads bit for bit; cached generation equals uncached; `lorakit generate --adapter` runs."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # on a busy 2-core machine two OpenMP threads can be 10x slower than one
     try:

@@ -2,7 +2,8 @@
 
 Step (default mode). Variants, each in its own subprocess, in interleaved rounds (order rotated, see
 `lorakit.bench.round_order`), all on the default model (SmolLM2-135M-Instruct, fp32, CPU), a batch of random ids
-(`--batch` x `--seq`, default 4 x 256, labels = ids), lorakit's training path (`causal_lm_loss`: fused LoRA
+(`--batch` x `--seq`, default 4 x 256, labels = ids; `--labelled N`: only the last N positions of each
+row learned, as with prompt/completion data, which makes the LM-head loss, a cost both variants pay, smaller), lorakit's training path (`causal_lm_loss`: fused LoRA
 kernels and the chunked LM-head loss), AdamW:
 
 * ``lora``: `lorakit.inject`, r=16, alpha=16, all seven projections (q/k/v/o/gate/up/down);
@@ -18,7 +19,7 @@ median step time, the peak RSS of the whole process (`ru_maxrss`: model load inc
 
 Quality (``--quality SECONDS``): each of ``lora`` and ``ladder`` trains on the built-in ``dates`` task (batch 8,
 the `lorakit train` defaults otherwise, constant learning rate after 4 warm-up steps) for the same wall-clock
-budget, then reports greedy exact-match accuracy on ``--n-eval`` held-out examples.
+budget (the ladder at each `--ladder-lr`; LoRA at the default 2e-3), then reports greedy exact-match accuracy on ``--n-eval`` held-out examples.
 
     .venv/bin/python benchmarks/bench_ladder.py [--rounds 3] [--steps 3] [--write-docs]
     .venv/bin/python benchmarks/bench_ladder.py --quality 300 [--ladder-lr 5e-3] [--write-docs]
@@ -67,7 +68,12 @@ def step_worker(args: argparse.Namespace) -> dict[str, Any]:
     ids = torch.randint(
         0, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(1)
     )
-    batch = {"input_ids": ids, "labels": ids}
+    labels = ids.clone()
+    if (
+        args.labelled
+    ):  # only the last `labelled` positions of each row are learned, as in prompt/completion data
+        labels[:, : -args.labelled] = -100
+    batch = {"input_ids": ids, "labels": labels}
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     load_rss, load_peak = rss_now_gb(), peak_rss_gb()
@@ -120,7 +126,7 @@ def quality_worker(args: argparse.Namespace) -> dict[str, Any]:
         lorakit.attach_ladder(
             model, lorakit.LadderConfig(block="transformer" if "transformer" in args.worker else "mlp")
         )
-    lr = args.ladder_lr if args.worker.startswith("ladder") else cfg.train.lr
+    lr = float(args.worker.partition("@")[2] or cfg.train.lr)  # "ladder@0.002": at that learning rate
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.train.warmup_steps + 1)))
@@ -153,7 +159,8 @@ def quality_worker(args: argparse.Namespace) -> dict[str, Any]:
 def spawn(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", variant, "--threads", str(args.threads)]
     cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
-    cmd += ["--quality", str(args.quality), "--n-eval", str(args.n_eval), "--ladder-lr", str(args.ladder_lr)]
+    cmd += ["--labelled", str(args.labelled)]
+    cmd += ["--quality", str(args.quality), "--n-eval", str(args.n_eval)]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     src = str(Path(__file__).resolve().parent.parent / "src")  # the workers import this checkout's lorakit
     env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else src
@@ -196,13 +203,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per worker after 1 warm-up (default: 3)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
+    p.add_argument(
+        "--labelled", type=int, default=0, help="learn only the last N positions of each row (default: all)"
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per worker")
     p.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS, help="lora always runs")
     p.add_argument(
         "--quality", type=float, default=0.0, help="instead: train each for this many seconds, then eval"
     )
     p.add_argument("--n-eval", type=int, default=100, help="quality: held-out examples for accuracy")
-    p.add_argument("--ladder-lr", type=float, default=2e-3, help="quality: learning rate of the ladder")
+    p.add_argument(
+        "--ladder-lr", type=float, nargs="+", default=[2e-3], help="quality: learning rate(s) of the ladder"
+    )
     p.add_argument("--write-docs", action="store_true", help="update docs/ladder.md")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -212,7 +224,7 @@ def main() -> None:
         return
     variants = ["lora", *[v for v in args.variants if v != "lora"]]
     if args.quality:
-        variants = ["lora", "ladder"]
+        variants = ["lora", *(f"ladder@{lr:g}" for lr in args.ladder_lr)]
     rounds = []
     for i in range(args.rounds):
         res = {}
@@ -222,12 +234,16 @@ def main() -> None:
         rounds.append(res)
     cmd = "python benchmarks/bench_ladder.py " + " ".join(a for a in sys.argv[1:] if a != "--write-docs")
     if args.quality:
-        lines = ["| variant | lr | steps in budget | accuracy |", "|---|---:|---:|---:|"]
+        lines = [
+            "| variant | lr | steps in budget | train loss (last 5) | accuracy |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for v in variants:
             rs = [r[v] for r in rounds]
             acc = [100 * r["accuracy"] for r in rs]
             lines.append(
-                f"| {v} | {rs[0]['lr']:g} | {_mmm([r['steps'] for r in rs], '.0f')} | {_mmm(acc, '.1f')} % |"
+                f"| {v} | {rs[0]['lr']:g} | {_mmm([r['steps'] for r in rs], '.0f')} | "
+                f"{_mmm([r['last_loss'] for r in rs], '.3f')} | {_mmm(acc, '.1f')} % |"
             )
         table = "\n".join(lines)
         marker = "quality"
@@ -238,10 +254,16 @@ def main() -> None:
         )
     else:
         table = step_table(rounds, variants)
-        marker = "step"
+        marker = "step_labelled" if args.labelled else "step"
         section = (
             f"Command: `{cmd}` ({os.cpu_count()} CPUs, shared with other work: numbers are noisy). Batch "
-            f"{args.batch}x{args.seq}, fp32, {args.steps} timed steps per worker after a warm-up step, "
+            f"{args.batch}x{args.seq}, "
+            + (
+                f"labels on the last {args.labelled} positions of each row"
+                if args.labelled
+                else "every position labelled"
+            )
+            + f", fp32, {args.steps} timed steps per worker after a warm-up step, "
             f"{args.rounds} interleaved round(s), median [min–max]; ratios paired per round.\n\n{table}"
         )
     print(table)

@@ -156,6 +156,37 @@ def quality_worker(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def saved_bytes(args: argparse.Namespace) -> str:
+    """Bytes autograd saves for backward during one training forward, LoRA vs ladder (one process; no timing)."""
+    import torch
+
+    import lorakit
+    from lorakit.fused import causal_lm_loss
+
+    torch.set_num_threads(args.threads)
+    ids = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+    lines = ["| variant | tensors saved | bytes saved, MB |", "|---|---:|---:|"]
+    for variant in VARIANTS:
+        model, _ = lorakit.load_model()
+        build(model, variant)
+        model.train()
+        seen: dict[int, torch.Tensor] = {}
+
+        def pack(t: torch.Tensor, seen=seen) -> torch.Tensor:
+            seen.setdefault(id(t), t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = causal_lm_loss(model, {"input_ids": ids, "labels": ids})
+        loss.backward()
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in seen.values()}
+        lines.append(f"| {variant} | {len(seen)} | {sum(storages.values()) / 1e6:.1f} |")
+    return (
+        f"Command: `python benchmarks/bench_ladder.py --saved --batch {args.batch} --seq {args.seq}` (default model, "
+        "fp32, every position labelled; distinct storages counted once).\n\n" + "\n".join(lines)
+    )
+
+
 def spawn(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", variant, "--threads", str(args.threads)]
     cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
@@ -215,12 +246,19 @@ def main() -> None:
     p.add_argument(
         "--ladder-lr", type=float, nargs="+", default=[2e-3], help="quality: learning rate(s) of the ladder"
     )
+    p.add_argument("--saved", action="store_true", help="instead: bytes saved for backward, LoRA vs ladder")
     p.add_argument("--write-docs", action="store_true", help="update docs/ladder.md")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         result = quality_worker(args) if args.quality else step_worker(args)
         print(json.dumps(result))
+        return
+    if args.saved:
+        section = saved_bytes(args)
+        print(section)
+        if args.write_docs:
+            write_docs(DOCS, section, "<!-- saved_bytes:start -->", "<!-- saved_bytes:end -->")
         return
     variants = ["lora", *[v for v in args.variants if v != "lora"]]
     if args.quality:

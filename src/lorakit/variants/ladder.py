@@ -196,7 +196,11 @@ def refuse_merge(model: nn.Module) -> None:
 def _enter(side: SideNetwork):
     def hook(module, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        side.begin(kwargs.get("attention_mask"), cache if hasattr(cache, "get_seq_length") else None)
+        mask = kwargs.get("attention_mask")
+        mask = (
+            mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        )  # (batch, keys) padding masks
+        side.begin(mask, cache if hasattr(cache, "get_seq_length") else None)
         torch.set_grad_enabled(False)  # the frozen backbone keeps no activations for backward
 
     return hook

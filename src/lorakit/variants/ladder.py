@@ -18,6 +18,7 @@ Ladder adapters are not weight deltas: they cannot be merged into the base.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -161,7 +162,9 @@ def attach_ladder(
     model.add_module(ATTR, side)
     side.config, side.layers = cfg, layers
     handles = [
-        body.register_forward_pre_hook(_enter(side), with_kwargs=True),
+        body.register_forward_pre_hook(
+            _enter(side, "use_cache" in inspect.signature(body.forward).parameters), with_kwargs=True
+        ),
         body.register_forward_hook(_leave(side), always_call=True),
         norm.register_forward_hook(_add_side(side)),
     ]
@@ -193,7 +196,7 @@ def refuse_merge(model: nn.Module) -> None:
         raise AdapterError(MERGE_REFUSAL)
 
 
-def _enter(side: SideNetwork):
+def _enter(side: SideNetwork, takes_use_cache: bool):
     def hook(module, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         mask = kwargs.get("attention_mask")
@@ -202,6 +205,12 @@ def _enter(side: SideNetwork):
         )  # (batch, keys) padding masks
         side.begin(mask, cache if hasattr(cache, "get_seq_length") else None)
         torch.set_grad_enabled(False)  # the frozen backbone keeps no activations for backward
+        if side.outer_grad and cache is None and takes_use_cache:
+            return args, {
+                **kwargs,
+                "use_cache": False,
+            }  # training: no KV cache to fill (~47 MB at 4x256 here)
+        return None
 
     return hook
 

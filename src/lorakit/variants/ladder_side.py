@@ -51,7 +51,7 @@ class SideAttention(nn.Module):
         b, t, w = s.shape
         q, k, v = self.qkv(self.norm(s)).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
         k, v = ctx.extend(slot, k, v)  # (b, heads, past + t, head_dim)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask(t, k.shape[2]))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask(t, k.shape[2], s.device))
         s = s + self.out(a.transpose(1, 2).reshape(b, t, w))
         return self.mlp(s, ctx, slot)
 
@@ -74,16 +74,15 @@ class _Context:
         self.cache[slot] = (k, v)
         return k, v
 
-    def mask(self, t: int, n_keys: int) -> torch.Tensor:
+    def mask(self, t: int, n_keys: int, device: torch.device) -> torch.Tensor:
         """(batch or 1, 1, t, n_keys) boolean: causal, padding keys hidden, and every query sees itself (so a
         padding query has one key and no NaN)."""
         if self._mask is None or self._mask.shape[-2:] != (t, n_keys):
-            dev = self.attention_mask.device if self.attention_mask is not None else None
-            qpos = torch.arange(n_keys - t, n_keys, device=dev)[:, None]
-            kpos = torch.arange(n_keys, device=dev)[None, :]
+            qpos = torch.arange(n_keys - t, n_keys, device=device)[:, None]
+            kpos = torch.arange(n_keys, device=device)[None, :]
             allowed = (kpos <= qpos)[None, None]
             if self.attention_mask is not None:
-                valid = self.attention_mask[:, -n_keys:].bool()[:, None, None, :]
+                valid = self.attention_mask[:, -n_keys:].to(device=device, dtype=torch.bool)[:, None, None, :]
                 allowed = (allowed & valid) | (kpos == qpos)[None, None]
             self._mask = allowed
         return self._mask

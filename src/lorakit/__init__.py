@@ -31,6 +31,14 @@ from lorakit.quant.load import load_quantized
 from lorakit.report import format_report, parameter_report
 from lorakit.targeting import select_modules
 from lorakit.variants.adalora import AdaLoraAllocator, AdaLoraConfig, inject_adalora, orth_loss
+from lorakit.variants.ladder import (
+    LadderConfig,
+    attach_ladder,
+    detach_ladder,
+    format_ladder,
+    is_ladder_folder,
+    save_ladder,
+)
 from lorakit.variants.loraplus import loraplus_groups, loraplus_optimizer
 
 
@@ -78,6 +86,7 @@ __all__ = [
     "AdapterError",
     "AdapterFileError",
     "ConfigError",
+    "LadderConfig",
     "LoraConfig",
     "LoraLayer",
     "LorakitError",
@@ -88,16 +97,20 @@ __all__ = [
     "adapter_names",
     "adapter_parameters",
     "adapter_state_dict",
+    "attach_ladder",
     "combine",
     "delete_adapter",
     "delta_weight",
+    "detach_ladder",
     "dequantize",
     "describe_adapter",
     "disabled",
     "export_rank",
+    "format_ladder",
     "format_report",
     "inject",
     "inject_adalora",
+    "is_ladder_folder",
     "load_adapter",
     "load_model",
     "load_quantized",
@@ -112,6 +125,7 @@ __all__ = [
     "row_adapters",
     "run_training",
     "save_adapter",
+    "save_ladder",
     "select_modules",
     "set_active",
     "set_fused",

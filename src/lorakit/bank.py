@@ -56,6 +56,13 @@ class AdapterBank:
 
     def load(self, name: str, path: str | Path, *, pin: bool = False, allow_pickle: bool = False) -> float:
         """Load the adapter folder `path` as `name`; returns the seconds it took. Evicts if the bank is full."""
+        from lorakit.variants.ladder import is_ladder_folder
+
+        if is_ladder_folder(path):  # a side network acts on every row; the bank switches adapters per row
+            raise AdapterError(
+                f"{path}: a ladder adapter cannot be served from an adapter bank (it is a side network for the "
+                "whole model, not a per-request LoRA); use lorakit generate --adapter DIR"
+            )
         with self._lock:
             if name in self.paths and name not in self._doomed:
                 raise AdapterError(f"adapter {name!r} is already loaded (from {self.paths[name]})")

@@ -64,6 +64,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import lorakit
 
     target = Path(args.target) if args.target else None
+    if target is not None and args.model is None and not args.apply and lorakit.is_ladder_folder(target):
+        info = lorakit.describe_adapter(target)
+        print(json.dumps(info, indent=2, default=str) if args.json else lorakit.format_ladder(info))
+        return 0
     if (
         target is not None
         and (target / "adapter_config.json").is_file()

@@ -76,6 +76,9 @@ def merged(model: nn.Module) -> Iterator[nn.Module]:
 
 def merge(model: nn.Module) -> None:
     """Fold the active adapters (with their weights) into the base weights. Merging twice changes nothing."""
+    from lorakit.variants.ladder import refuse_merge
+
+    refuse_merge(model)  # a ladder side network is no weight delta
     for name, layer in lora_layers(model):
         if layer.handler.quantized and any(n in layer.adapters for n in layer.active):  # 4-bit base: refuse
             from lorakit.layers import merge_refusal

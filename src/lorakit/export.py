@@ -35,7 +35,12 @@ def merge_to_folder(
     """
     from lorakit.models import load_model
     from lorakit.quant import adapter_base_quantization, dequantize, quantize
+    from lorakit.variants.ladder import MERGE_REFUSAL, is_ladder_folder
 
+    if is_ladder_folder(adapter):
+        from lorakit.errors import AdapterError
+
+        raise AdapterError(f"{adapter}: {MERGE_REFUSAL}")
     model, tokenizer = load_model(model_spec, dtype=dtype)
     quant = adapter_base_quantization(adapter)
     if quant and dequantized_base:

@@ -206,7 +206,12 @@ def load_adapter(
     """Load a PEFT-layout adapter into `model` (injecting wrappers as needed). Returns the adapter name.
 
     Everything is checked before the model changes: on any error the model is left exactly as it was.
+    A ladder folder (peft_type LADDER) attaches its side network instead and returns "ladder".
     """
+    from lorakit.variants.ladder import is_ladder_folder, load_ladder
+
+    if is_ladder_folder(path):
+        return load_ladder(model, path, trainable=trainable)
     name = name or "default"
     check_new_name(model, name)
     raw = read_config_json(path)
@@ -333,7 +338,11 @@ def _targets_for_file(model: nn.Module, config: LoraConfig, modules: list[str]) 
 
 
 def describe_adapter(path: str | os.PathLike) -> dict[str, Any]:
-    """Config and per-module shapes of an adapter folder, without a model."""
+    """Config and per-module shapes of an adapter folder, without a model (a ladder folder: its description)."""
+    from lorakit.variants.ladder import describe_ladder, is_ladder_folder
+
+    if is_ladder_folder(path):
+        return describe_ladder(path)
     config, tensors = read_adapter(path)
     rows: dict[str, dict[str, Any]] = {}
     for key, t in tensors.items():

@@ -127,7 +127,7 @@ def run_training(
     method.prepare(model, base_id)
     report = parameter_report(model)
     say(
-        f"LoRA: {report['trainable']:,} trainable of {report['total']:,} parameters "
+        f"{method.name}: {report['trainable']:,} trainable of {report['total']:,} parameters "
         f"({report['trainable_percent']:.2f}%)"
     )
     t = cfg.train

@@ -1,0 +1,397 @@
+"""Ladder LoRA: a low-rank ladder side network on a frozen Hugging Face decoder (our reading; docs/ladder.md).
+
+>>> import lorakit
+>>> model, tok = lorakit.load_model()
+>>> lorakit.attach_ladder(model, lorakit.LadderConfig(reduction=8, rank=16, every=1))   # doctest: +SKIP
+>>> lorakit.save_ladder(model, "out/ladder")                                          # doctest: +SKIP
+>>> lorakit.load_adapter(fresh_model, "out/ladder")                                   # doctest: +SKIP
+
+How it attaches, without changing the model's code or weights:
+- a forward pre-hook on the decoder body (e.g. `model.model`) turns autograd off for the whole backbone, so it keeps
+  no activation for backward; a forward hook (always called, errors included) turns it back to what it was;
+- a forward hook on each selected decoder block records its output hidden state (no copy, no graph);
+- a forward hook on the final norm runs the side network (with autograd as the caller had it) and returns the
+  norm's output plus the side output, which the unchanged LM head turns into logits.
+The side network is registered as `model.lorakit_ladder`, so its parameters are the model's only trainable ones.
+Ladder adapters are not weight deltas: they cannot be merged into the base.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from lorakit.errors import AdapterError, AdapterFileError, ConfigError, TargetError
+from lorakit.train.methods import Method
+from lorakit.variants.ladder_side import BLOCKS, SideNetwork
+
+log = logging.getLogger(__name__)
+
+ATTR = "lorakit_ladder"
+PEFT_TYPE = "LADDER"
+MERGE_REFUSAL = (
+    "ladder adapters cannot be merged into the base: the side network is a separate module on top of the frozen "
+    "backbone, not a weight delta; run it unmerged (lorakit generate --adapter DIR)"
+)
+# (decoder body, its list of blocks, its final norm), tried in order
+_LAYOUTS = (
+    ("model", "layers", "norm"),  # Llama, Mistral, Qwen2/3, Gemma, Phi-3, SmolLM
+    ("transformer", "h", "ln_f"),  # GPT-2, GPT-J, Falcon, Bloom
+    ("gpt_neox", "layers", "final_layer_norm"),  # GPT-NeoX, Pythia
+)
+EXPECTED = (
+    "model.model.layers + model.model.norm (or transformer.h + ln_f, gpt_neox.layers + final_layer_norm)"
+)
+
+
+@dataclass
+class LadderConfig:
+    """Shape of a ladder side network (the `ladder` section of `lorakit train`)."""
+
+    reduction: int = 8
+    """The side network is hidden_size / reduction wide (must divide)."""
+    rank: int = 16
+    """Rank of each low-rank down-projection (ladder) from a backbone layer into the side network."""
+    every: int = 1
+    """A ladder from every k-th backbone block, i.e. one per group of k blocks (the last block always has one)."""
+    block: str = "mlp"
+    """Side block type: "mlp" (per token, light) or "transformer" (small causal attention + MLP)."""
+    temperature: float = 0.1
+    """Temperature T of the gates μ_i = σ(α_i / T)."""
+    mlp_ratio: int = 4
+    """Hidden width of a side MLP, in multiples of the side width."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (
+                isinstance(self.reduction, int) and self.reduction >= 1,
+                f"reduction must be an int >= 1, got {self.reduction!r}",
+            ),
+            (isinstance(self.rank, int) and self.rank >= 1, f"rank must be an int >= 1, got {self.rank!r}"),
+            (
+                isinstance(self.every, int) and self.every >= 1,
+                f"every must be an int >= 1, got {self.every!r}",
+            ),
+            (self.block in BLOCKS, f"block must be one of {', '.join(BLOCKS)}, got {self.block!r}"),
+            (self.temperature > 0, f"temperature must be > 0, got {self.temperature!r}"),
+            (
+                isinstance(self.mlp_ratio, int) and self.mlp_ratio >= 1,
+                f"mlp_ratio must be an int >= 1, got {self.mlp_ratio!r}",
+            ),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"ladder.{msg}")
+
+    def layers(self, n_layers: int) -> list[int]:
+        """Indices of the backbone blocks that feed a ladder: the last of each group of `every` blocks."""
+        picked = list(range(self.every - 1, n_layers, self.every))
+        return picked if picked and picked[-1] == n_layers - 1 else [*picked, n_layers - 1]
+
+
+def find_decoder(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, nn.Module]:
+    """(decoder body, its blocks, its final norm) of a Hugging Face causal LM; TargetError naming the layout."""
+    for body_name, list_name, norm_name in _LAYOUTS:
+        body = getattr(model, body_name, None)
+        blocks = getattr(body, list_name, None) if isinstance(body, nn.Module) else None
+        norm = getattr(body, norm_name, None) if isinstance(body, nn.Module) else None
+        if isinstance(blocks, nn.ModuleList) and len(blocks) and isinstance(norm, nn.Module):
+            return body, blocks, norm
+    raise TargetError(
+        f"ladder: cannot find the decoder blocks of {type(model).__name__}; expected a Hugging Face decoder with "
+        f"{EXPECTED}"
+    )
+
+
+def _hidden_size(model: nn.Module, norm: nn.Module) -> int:
+    weight = getattr(norm, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        return weight.shape[0]
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if not isinstance(hidden, int):
+        raise TargetError(
+            f"ladder: cannot tell the hidden size of {type(model).__name__} (no config.hidden_size)"
+        )
+    return hidden
+
+
+def build_side(model: nn.Module, cfg: LadderConfig) -> tuple[SideNetwork, list[int]]:
+    """A fresh side network sized for `model` (not attached), and the block indices its ladders read."""
+    _, blocks, norm = find_decoder(model)
+    hidden = _hidden_size(model, norm)
+    if hidden % cfg.reduction:
+        raise ConfigError(
+            f"ladder.reduction {cfg.reduction} does not divide hidden size {hidden} of {type(model).__name__}; "
+            f"pick a divisor (e.g. {', '.join(str(d) for d in range(2, 17) if hidden % d == 0)})"
+        )
+    layers = cfg.layers(len(blocks))
+    side = SideNetwork(
+        hidden, hidden // cfg.reduction, cfg.rank, len(layers), cfg.block, cfg.temperature, cfg.mlp_ratio
+    )
+    ref = getattr(norm, "weight", None)
+    if isinstance(ref, torch.Tensor) and ref.is_floating_point():
+        side.to(device=ref.device, dtype=ref.dtype)
+    return side, layers
+
+
+def attach_ladder(
+    model: nn.Module, cfg: LadderConfig | None = None, *, side: SideNetwork | None = None
+) -> SideNetwork:
+    """Freeze `model` and attach a (new, or the given) side network; returns it. Its parameters are trainable."""
+    cfg = cfg or LadderConfig()
+    if ladder_of(model) is not None:
+        raise AdapterError(
+            f"{type(model).__name__} already has a ladder side network; detach_ladder it first"
+        )
+    body, blocks, norm = find_decoder(model)
+    if side is None:
+        side, layers = build_side(model, cfg)
+    else:
+        layers = cfg.layers(len(blocks))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.add_module(ATTR, side)
+    side.config, side.layers = cfg, layers
+    handles = [
+        body.register_forward_pre_hook(
+            _enter(side, "use_cache" in inspect.signature(body.forward).parameters), with_kwargs=True
+        ),
+        body.register_forward_hook(_leave(side), always_call=True),
+        norm.register_forward_hook(_add_side(side)),
+    ]
+    handles += [blocks[i].register_forward_hook(_tap(side)) for i in layers]
+    side.handles = handles
+    return side
+
+
+def detach_ladder(model: nn.Module) -> SideNetwork:
+    """Remove the side network and its hooks; the model is its plain base again. Returns the side network."""
+    side = ladder_of(model)
+    if side is None:
+        raise AdapterError(f"{type(model).__name__} has no ladder side network")
+    for h in side.handles:
+        h.remove()
+    delattr(model, ATTR)
+    return side
+
+
+def ladder_of(model: nn.Module) -> SideNetwork | None:
+    """The attached side network, or None."""
+    side = model._modules.get(ATTR) if isinstance(model, nn.Module) else None
+    return side if isinstance(side, SideNetwork) else None
+
+
+def refuse_merge(model: nn.Module) -> None:
+    """AdapterError if `model` carries a ladder (called by `lorakit.merge`)."""
+    if ladder_of(model) is not None:
+        raise AdapterError(MERGE_REFUSAL)
+
+
+def _enter(side: SideNetwork, takes_use_cache: bool):
+    def hook(module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        mask = kwargs.get("attention_mask")
+        mask = (
+            mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        )  # (batch, keys) padding masks
+        side.begin(mask, cache if hasattr(cache, "get_seq_length") else None)
+        torch.set_grad_enabled(False)  # the frozen backbone keeps no activations for backward
+        if side.outer_grad and cache is None and takes_use_cache:
+            return args, {
+                **kwargs,
+                "use_cache": False,
+            }  # training: no KV cache to fill (~47 MB at 4x256 here)
+        return None
+
+    return hook
+
+
+def _leave(side: SideNetwork):
+    def hook(module, args, output):
+        torch.set_grad_enabled(side.outer_grad)
+        side.taps.clear()
+
+    return hook
+
+
+def _tap(side: SideNetwork):
+    def hook(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        side.taps.append((h, h._version))
+
+    return hook
+
+
+def _add_side(side: SideNetwork):
+    def hook(module, args, output):
+        torch.set_grad_enabled(
+            side.outer_grad
+        )  # the rest of the body (e.g. GPT-2's reshape) is on the side's path
+        return side(output)
+
+    return hook
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files: adapter_config.json with our own keys + adapter_model.safetensors
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def is_ladder_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is an adapter folder whose config says peft_type LADDER."""
+    cfg = Path(path) / "adapter_config.json"
+    try:
+        return json.loads(cfg.read_text()).get("peft_type") == PEFT_TYPE
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def save_ladder(model: nn.Module, path: str | os.PathLike, *, base_model: str | None = None) -> Path:
+    """Write the attached side network as an adapter folder, atomically."""
+    from lorakit.atomic import atomic_dir
+    from lorakit.io import CONFIG_NAME, WEIGHTS_NAME
+    from lorakit.quant import adapter_metadata
+
+    side = ladder_of(model)
+    if side is None:
+        raise AdapterError(f"{type(model).__name__} has no ladder side network to save")
+    tensors = {k: v.detach().clone().contiguous() for k, v in side.state_dict().items()}
+    base = base_model or getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    config = {
+        "peft_type": PEFT_TYPE,
+        "lorakit_method": "ladder",
+        "base_model_name_or_path": base,
+        **asdict(side.config),
+        "hidden_size": side.hidden,
+        "side_width": side.width,
+        "ladder_layers": side.layers,
+        "num_layers": len(find_decoder(model)[1]),
+    }
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **adapter_metadata(model)})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    path = Path(path)
+    atomic_dir(path, write, keep_others=True)
+    log.info("saved ladder side network (%d tensors) to %s", len(tensors), path)
+    return path
+
+
+def read_ladder(path: str | os.PathLike) -> tuple[LadderConfig, dict[str, Any], dict[str, torch.Tensor]]:
+    """(config, raw json, tensors) of a ladder folder."""
+    from lorakit.io import CONFIG_NAME, _read_tensors
+
+    path = Path(path)
+    raw = json.loads((path / CONFIG_NAME).read_text())
+    known = {f.name for f in fields(LadderConfig)}
+    try:
+        cfg = LadderConfig(**{k: v for k, v in raw.items() if k in known})
+    except (TypeError, ConfigError) as e:
+        raise AdapterFileError(f"{path / CONFIG_NAME}: {e}") from None
+    return cfg, raw, _read_tensors(path, allow_pickle=False)
+
+
+def load_ladder(model: nn.Module, path: str | os.PathLike, *, trainable: bool = False) -> str:
+    """Attach the side network stored at `path` to `model`; checked before the model changes. Returns "ladder"."""
+    cfg, raw, tensors = read_ladder(path)
+    side, layers = build_side(model, cfg)
+    n_layers = len(find_decoder(model)[1])
+    if raw.get("num_layers", n_layers) != n_layers or raw.get("hidden_size", side.hidden) != side.hidden:
+        raise AdapterError(
+            f"{path}: ladder was trained on a model with {raw.get('num_layers')} blocks of size "
+            f"{raw.get('hidden_size')}, but {type(model).__name__} has {n_layers} of size {side.hidden}"
+        )
+    expected = side.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    bad = [k for k in expected if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)]
+    if missing or extra or bad:
+        what = (
+            f"missing {missing[:3]}"
+            if missing
+            else f"unexpected {extra[:3]}"
+            if extra
+            else f"shape of {bad[:3]}"
+        )
+        raise AdapterError(f"{path}: ladder tensors do not fit {type(model).__name__}: {what}")
+    ref = next(iter(expected.values()))
+    with torch.no_grad():
+        side.load_state_dict({k: t.to(ref.dtype) for k, t in tensors.items()})
+    attach_ladder(model, cfg, side=side)
+    side.requires_grad_(trainable)
+    return "ladder"
+
+
+def describe_ladder(path: str | os.PathLike) -> dict[str, Any]:
+    """Config and parameter counts of a ladder folder, without a model."""
+    cfg, raw, tensors = read_ladder(path)
+    return {
+        "kind": "ladder",
+        "config": {k: v for k, v in raw.items()},
+        "tensors": len(tensors),
+        "parameters": sum(t.numel() for t in tensors.values()),
+        "gates": torch.sigmoid(tensors["alpha"].float() / cfg.temperature).tolist()
+        if "alpha" in tensors
+        else [],
+    }
+
+
+def format_ladder(info: dict[str, Any]) -> str:
+    """A few lines describing a ladder folder (for `lorakit inspect`)."""
+    c = info["config"]
+    gates = " ".join(f"{g:.2f}" for g in info["gates"])
+    return "\n".join(
+        [
+            f"Ladder side network: block={c.get('block')} width={c.get('side_width')} (hidden {c.get('hidden_size')} "
+            f"/ reduction {c.get('reduction')}) rank={c.get('rank')} every={c.get('every')} T={c.get('temperature')}",
+            f"ladders from blocks {c.get('ladder_layers')} of {c.get('num_layers')}; base model: "
+            f"{c.get('base_model_name_or_path')}",
+            f"gates μ: {gates}",
+            f"{info['parameters']:,} parameters in {info['tensors']} tensors; not mergeable into the base",
+        ]
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training method
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class LadderMethod(Method):
+    """`--method ladder`: a frozen base (no backward through it) and a trainable side network."""
+
+    name = "ladder"
+    can_merge = False
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        if cfg.methods[1]:
+            raise ConfigError(
+                "train.method ladder+loraplus: LoRA+ applies to LoRA's A/B matrices; use --method ladder"
+            )
+        s = cfg.ladder
+        self.config = LadderConfig(
+            reduction=s.reduction, rank=s.rank, every=s.every, block=s.block, temperature=s.temperature
+        )
+        self.base_model: str | None = None
+
+    def prepare(self, model: nn.Module, base_model_id: str | None) -> None:
+        if self.cfg.train.grad_checkpointing:
+            log.warning(
+                "train.grad_checkpointing does nothing for a ladder: the backbone keeps no activations"
+            )
+        self.base_model = base_model_id
+        attach_ladder(model, self.config)
+
+    def save(self, model: nn.Module, path: Path) -> Path:
+        return save_ladder(model, path, base_model=self.base_model)

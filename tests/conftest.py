@@ -20,3 +20,14 @@ def default_model_dir() -> Path:
     from lorakit.models import resolve_model_dir
 
     return resolve_model_dir(None)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test: tiny matmuls only pay overhead for more (and CI has 2 shared cores)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -27,13 +27,7 @@ from tiny import ids, randomize, tiny_llama, token_rows
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: more threads only add overhead (and the CI machine has 2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(tmp_path, mode="frozen", r=4, **train) -> RunConfig:

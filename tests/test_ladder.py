@@ -12,7 +12,7 @@ from lorakit import LadderConfig, attach_ladder
 from lorakit.fused import causal_lm_loss
 from lorakit.variants.ladder import ladder_of
 
-from tiny import ConvNet, ids, tiny_gpt2, tiny_llama
+from tiny import ConvNet, addition_run, ids, tiny_gpt2, tiny_llama
 
 BLOCKS = ["mlp", "transformer"]
 
@@ -248,34 +248,12 @@ def test_train_config_method_ladder():
 @pytest.mark.parametrize("quantize", [None, "nf4"], ids=["fp32", "nf4"])
 def test_run_training_with_ladder_on_a_tiny_model(tmp_path, quantize):
     """`lorakit train --method ladder` (and on an NF4 base: QLoRA + ladder) through run_training, then reload."""
-    from fsdp_worker import char_tokenizer
-
-    from lorakit.train.config import load_config
-    from lorakit.train.run import run_training
-
-    rows = [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(40)]
-    for name, part in (("train", rows[:32]), ("eval", rows[32:])):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    cfg = load_config(
-        None,
-        [
-            *("--method", "ladder", "--ladder.reduction", "4", "--ladder.block", "transformer"),
-            *(["--model.quantize", quantize] if quantize else []),
-            *(
-                "--data.train_file",
-                str(tmp_path / "train.jsonl"),
-                "--data.eval_file",
-                str(tmp_path / "eval.jsonl"),
-            ),
-            *("--data.chat", "false", "--data.max_len", "16", "--train.lr", "1e-2"),
-            *("--train.out_dir", str(tmp_path / "run"), "--train.steps", "6", "--train.batch_size", "4"),
-            *("--train.save_every", "3", "--eval.max_new_tokens", "2", "--eval.limit", "4"),
-        ],
+    summary, model = addition_run(
+        tmp_path,
+        *("--method", "ladder", "--ladder.reduction", "4", "--ladder.block", "transformer"),
+        *(["--model.quantize", quantize] if quantize else []),
+        *("--train.lr", "1e-2", "--train.steps", "6", "--train.save_every", "3"),
     )
-    model = tiny_llama()
-    model.generation_config.eos_token_id = model.config.eos_token_id = 1
-    model.generation_config.pad_token_id = model.config.pad_token_id = 0
-    summary = run_training(cfg, model=model, tokenizer=char_tokenizer())
     assert summary["after"]["loss"] < summary["before"]["loss"]
     assert (quantize is not None) == (summary["quantization"] is not None)
     adapter = tmp_path / "run" / "adapter"

@@ -15,14 +15,7 @@ from lorakit.train.methods import param_groups
 
 from tiny import peft_config, tiny_gpt2, tiny_llama, token_rows
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: more threads only add overhead (and the CI machine has 2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lr_by_param(groups) -> dict[int, float]:

@@ -27,7 +27,7 @@ from lorakit.layers import QuantLinearHandler, handler_for
 from lorakit.quant import nf4
 from lorakit.quant.nf4 import NF4_CODE, NF4Linear
 
-from tiny import ids, randomize, tiny_llama
+from tiny import addition_run, ids, randomize, tiny_llama
 
 try:
     import bitsandbytes as bnb
@@ -468,38 +468,15 @@ def test_bitsandbytes_8bit_layers_are_refused():
 
 def test_train_with_model_quantize_nf4(tmp_path):
     """`lorakit train --model.quantize nf4` through run_training on a tiny model: QLoRA end to end."""
-    from fsdp_worker import char_tokenizer
-
-    from lorakit.train.config import load_config
-    from lorakit.train.run import run_training
-
-    rows = [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(40)]
-    for name, part in (("train", rows[:32]), ("eval", rows[32:])):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    cfg = load_config(
-        None,
-        [
-            *("--model.quantize", "nf4"),
-            *(
-                "--data.train_file",
-                str(tmp_path / "train.jsonl"),
-                "--data.eval_file",
-                str(tmp_path / "eval.jsonl"),
-            ),
-            *("--data.chat", "false", "--data.max_len", "16"),
-            *("--train.out_dir", str(tmp_path / "run"), "--train.steps", "4", "--train.batch_size", "4"),
-            *("--train.save_every", "0", "--eval.max_new_tokens", "2", "--eval.limit", "4"),
-            *("--lora.r", "4"),
-        ],
+    summary, model = addition_run(
+        tmp_path, "--model.quantize", "nf4", "--train.steps", "4", "--train.save_every", "0", "--lora.r", "4"
     )
-    model = tiny_llama()
-    model.generation_config.eos_token_id = model.config.eos_token_id = 1
-    model.generation_config.pad_token_id = model.config.pad_token_id = 0
-    summary = run_training(cfg, model=model, tokenizer=char_tokenizer())
     assert summary["quantization"]["layers"] == 14 and summary["quantization"]["bits_per_param"] < 4.2
     assert any(isinstance(m, NF4Linear) for m in model.modules())
     with safe_open(str(tmp_path / "run/adapter/adapter_model.safetensors"), "pt") as f:
         assert "lorakit.base_quantization" in f.metadata()
+    from lorakit.train.config import load_config
+
     with pytest.raises(lorakit.ConfigError, match="model.quantize must be nf4"):
         load_config(None, ["--model.quantize", "int8"])
 

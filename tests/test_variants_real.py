@@ -11,22 +11,13 @@ import torch
 import lorakit
 from lorakit.cli import main as cli
 
-pytestmark = pytest.mark.real_model
+pytestmark = [pytest.mark.real_model, pytest.mark.usefixtures("one_thread")]
 
 SHORT = [
     "--data.max_len", "64", "--data.n_train", "16", "--data.n_eval", "4", "--eval.limit", "2",
     "--eval.max_new_tokens", "4", "--train.steps", "2", "--train.batch_size", "4", "--train.save_every", "0",
     "--train.warmup_steps", "0", "--train.threads", "1",
 ]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CI machine has 2 shared cores; more threads only oversubscribe them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _train(out, *args):

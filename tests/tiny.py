@@ -91,3 +91,37 @@ def perturb_peft(model: nn.Module, std: float, seed: int = 0) -> None:
         for n, p in model.named_parameters():
             if "lora_" in n:
                 p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def addition_run(tmp_path, *overrides: str):
+    """`lorakit train` through `run_training` on a tiny Llama with a character tokenizer, learning "i+1=" ->
+    "i+1" from JSONL files in tmp_path (32 train, 8 eval rows); `overrides` are more `--section.key value`s.
+    Returns (summary, model)."""
+    import json
+
+    from fsdp_worker import char_tokenizer
+
+    from lorakit.train.config import load_config
+    from lorakit.train.run import run_training
+
+    rows = [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(40)]
+    for name, part in (("train", rows[:32]), ("eval", rows[32:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    cfg = load_config(
+        None,
+        [
+            *(
+                "--data.train_file",
+                str(tmp_path / "train.jsonl"),
+                "--data.eval_file",
+                str(tmp_path / "eval.jsonl"),
+            ),
+            *("--data.chat", "false", "--data.max_len", "16", "--train.out_dir", str(tmp_path / "run")),
+            *("--train.batch_size", "4", "--eval.max_new_tokens", "2", "--eval.limit", "4"),
+            *overrides,
+        ],
+    )
+    model = tiny_llama()
+    model.generation_config.eos_token_id = model.config.eos_token_id = 1
+    model.generation_config.pad_token_id = model.config.pad_token_id = 0
+    return run_training(cfg, model=model, tokenizer=char_tokenizer()), model

@@ -45,6 +45,16 @@ from lorakit.variants.ladder import detach_ladder, ladder_of, ladder_rows
 from tiny import tiny_llama
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread here: the server runs beside this process on 2 shared cores, where two threads that wait
+    on each other made each offline generation ~6x slower (measured; restored after the module)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _randomise_up(model, seed: int, std: float) -> None:
     """A nonzero up-projection, so the ladder changes the model's outputs (it starts at zero)."""
     g = torch.Generator().manual_seed(seed)

@@ -77,22 +77,18 @@ class AdapterBank:
             if name in self._doomed:
                 raise AdapterError(f"adapter {name!r} is still being unloaded (requests in flight); retry")
             t0 = time.perf_counter()
-            side = (
-                self._plan_ladder(path) if ladder else None
-            )  # refusals and file checks come before evicting
+            # refusals and file checks come before evicting: a bad file must not evict anyone
+            side = self._plan_ladder(path) if ladder else None
             if self.max_adapters is not None and len(self.names()) >= self.max_adapters:
                 if side is None:
-                    check_adapter(
-                        self.model, path, allow_pickle=allow_pickle
-                    )  # a bad file must not evict anyone
+                    check_adapter(self.model, path, allow_pickle=allow_pickle)
                 self._evict_one()
             if side is None:
                 load_adapter(self.model, path, name, allow_pickle=allow_pickle, activate=False)
             else:
                 attach_ladder(self.model, side[0], side=side[1])
-                side[1].set_rows(
-                    False
-                )  # plain forward calls stay the base model's until routed (`use`, `activate`)
+                # plain forward calls stay the base's until routed (`use`, `activate`)
+                side[1].set_rows(False)
                 self.ladder = name
             self.paths[name] = Path(path)
             self._lru[name] = time.monotonic()

@@ -215,7 +215,8 @@ def test_engine_mixed_batch_ladder_lora_and_base(engine, offline):
 def test_engine_unloads_a_ladder_in_flight(engine, offline):
     """The request in flight finishes; new ones fail with 404; the side network goes when the last one ends."""
     running = _submit(engine, "lad", "text", max_tokens=16, ignore_eos=True)
-    while engine.stats["steps"] < 1:
+    deadline = time.monotonic() + 60
+    while engine.stats["steps"] < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     engine.call(lambda: engine.bank.unload("lad")).result()
     text, failed = _drain(_submit(engine, "lad", "text"))

@@ -226,8 +226,11 @@ def test_bad_input_messages(tmp_path):
     assert not (tmp_path / "merged").exists()
     from lorakit.bank import AdapterBank
 
-    with pytest.raises(lorakit.AdapterError, match="cannot be served from an adapter bank"):
-        AdapterBank(tiny_llama()).load("x", path)
+    lorakit.detach_ladder(model)
+    attach_ladder(model, LadderConfig(reduction=4, block="transformer"))
+    path = lorakit.save_ladder(model, tmp_path / "transformer")
+    with pytest.raises(lorakit.AdapterError, match="transformer side blocks cannot be served"):
+        AdapterBank(tiny_llama()).load("x", path)  # serving: mlp ladders only (tests/test_serve_ladder.py)
 
 
 def test_train_config_method_ladder():

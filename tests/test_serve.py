@@ -70,23 +70,19 @@ def dirs(tmp_path_factory, default_model_dir) -> dict[str, Path]:
     return {"tmp": tmp, "root": root, "outside": outside}
 
 
-@pytest.fixture(scope="module")
-def server(dirs, default_model_dir):
-    """Start `python -m lorakit serve` (always killed at the end); yields (base url, process, log file)."""
+@contextlib.contextmanager
+def serve_process(args: list[str], log: Path):
+    """`python -m lorakit serve ARGS` on a free loopback port (always killed at the end); yields (url, process)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    root = dirs["root"]
-    cmd = [sys.executable, "-m", "lorakit", "serve", "--model", str(default_model_dir)]
-    cmd += ["--adapter", f"a={root / 'a'}", "--adapter", f"b={root / 'b'}", "--adapter-root", str(root)]
-    cmd += ["--api-key", KEY, "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "lorakit", "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
     # one thread: the server shares 2 busy cores with this process (OpenMP's spinning threads lose badly there)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    log = dirs["tmp"] / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        yield f"http://127.0.0.1:{port}", proc, log
+        yield f"http://127.0.0.1:{port}", proc
     finally:
         proc.terminate()
         try:
@@ -94,6 +90,32 @@ def server(dirs, default_model_dir):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
+
+
+def wait_until_up(base: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> str:
+    """`base` once /health answers 200; fails the test with the server's log if it exits or takes too long."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"the server did not come up in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(dirs, default_model_dir):
+    """Start `python -m lorakit serve` (always killed at the end); yields (base url, process, log file)."""
+    root = dirs["root"]
+    args = ["--model", str(default_model_dir), "--adapter", f"a={root / 'a'}", "--adapter", f"b={root / 'b'}"]
+    args += ["--adapter-root", str(root), "--api-key", KEY]
+    log = dirs["tmp"] / "server.log"
+    with serve_process(args, log) as (url, proc):
+        yield url, proc, log
 
 
 @pytest.fixture(scope="module")
@@ -121,18 +143,7 @@ def offline(ref_model) -> dict:
 
 @pytest.fixture(scope="module")
 def url(server) -> str:
-    base, proc, log = server
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                return base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    pytest.fail(f"the server did not come up in 180 s:\n{log.read_text()[-3000:]}")
+    return wait_until_up(*server)
 
 
 @pytest.fixture(scope="module")

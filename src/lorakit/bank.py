@@ -10,6 +10,9 @@
 Loading beyond `max_adapters` evicts the least recently used adapter that is neither pinned nor in use. An
 adapter unloaded while batches use it stays until the last of them ends, so in-flight requests finish. All
 methods are thread-safe; forward passes themselves are the caller's to serialise.
+
+One ladder adapter (a side network with mlp blocks, `lorakit.variants.ladder`) may be loaded too: it is attached
+once, and its output reaches only the rows that name it (`ladder_rows`); for LoRA routing those rows are base rows.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from torch import nn
@@ -28,6 +31,16 @@ from lorakit.errors import AdapterError
 from lorakit.inject import adapter_names, delete_adapter
 from lorakit.io import check_adapter, load_adapter
 from lorakit.mixed import row_adapters
+from lorakit.variants.ladder import (
+    LadderConfig,
+    attach_ladder,
+    detach_ladder,
+    is_ladder_folder,
+    ladder_of,
+    ladder_rows,
+    plan_ladder,
+)
+from lorakit.variants.ladder_side import SideNetwork
 
 
 class AdapterBank:
@@ -42,6 +55,7 @@ class AdapterBank:
         self._in_use: Counter[str] = Counter()
         self._doomed: set[str] = set()  # unloaded while in use: deleted when released
         self._lock = threading.RLock()
+        self.ladder: str | None = None  # the name of the loaded ladder adapter, if any
         if self.paths:
             set_active(model, {})
 
@@ -56,23 +70,26 @@ class AdapterBank:
 
     def load(self, name: str, path: str | Path, *, pin: bool = False, allow_pickle: bool = False) -> float:
         """Load the adapter folder `path` as `name`; returns the seconds it took. Evicts if the bank is full."""
-        from lorakit.variants.ladder import is_ladder_folder
-
-        if is_ladder_folder(path):  # a side network acts on every row; the bank switches adapters per row
-            raise AdapterError(
-                f"{path}: a ladder adapter cannot be served from an adapter bank (it is a side network for the "
-                "whole model, not a per-request LoRA); use lorakit generate --adapter DIR"
-            )
+        ladder = is_ladder_folder(path)
         with self._lock:
             if name in self.paths and name not in self._doomed:
                 raise AdapterError(f"adapter {name!r} is already loaded (from {self.paths[name]})")
             if name in self._doomed:
                 raise AdapterError(f"adapter {name!r} is still being unloaded (requests in flight); retry")
-            if self.max_adapters is not None and len(self.names()) >= self.max_adapters:
-                check_adapter(self.model, path, allow_pickle=allow_pickle)  # a bad file must not evict anyone
-                self._evict_one()
             t0 = time.perf_counter()
-            load_adapter(self.model, path, name, allow_pickle=allow_pickle, activate=False)
+            # refusals and file checks come before evicting: a bad file must not evict anyone
+            side = self._plan_ladder(path) if ladder else None
+            if self.max_adapters is not None and len(self.names()) >= self.max_adapters:
+                if side is None:
+                    check_adapter(self.model, path, allow_pickle=allow_pickle)
+                self._evict_one()
+            if side is None:
+                load_adapter(self.model, path, name, allow_pickle=allow_pickle, activate=False)
+            else:
+                attach_ladder(self.model, side[0], side=side[1])
+                # plain forward calls stay the base's until routed (`use`, `activate`)
+                side[1].set_rows(False)
+                self.ladder = name
             self.paths[name] = Path(path)
             self._lru[name] = time.monotonic()
             if pin:
@@ -102,7 +119,10 @@ class AdapterBank:
             if name is not None:
                 self._known(name)
                 self._touch(name)
-            if self.names():
+            if self.ladder is not None:
+                ladder_of(self.model).set_rows(name == self.ladder)
+                name = None if name == self.ladder else name
+            if any(n != self.ladder for n in self.paths):  # LoRA adapters are loaded
                 set_active(self.model, {} if name is None else name)
 
     @contextmanager
@@ -131,7 +151,10 @@ class AdapterBank:
         them (`hold`) meanwhile. The adapters active before are active again afterwards.
 
         A batch of one adapter takes the single-adapter path; a mixed batch the stacked mixed-adapter path."""
-        with self.hold(names):
+        with self.hold(names), ExitStack() as stack:
+            if self.ladder is not None:  # the ladder's rows get its side output and no LoRA
+                stack.enter_context(ladder_rows(self.model, [n == self.ladder for n in names]))
+                names = [None if n == self.ladder else n for n in names]
             distinct = set(names)
             if distinct == {None}:
                 ctx = disabled(self.model)
@@ -148,6 +171,31 @@ class AdapterBank:
         if name not in self.paths or name in self._doomed:
             raise AdapterError(f"no adapter {name!r} in the bank; loaded: {self.names()}")
 
+    def _plan_ladder(self, path: str | Path) -> tuple[LadderConfig, SideNetwork]:
+        """The ladder at `path`, checked and built but not attached; AdapterError if the bank cannot serve it."""
+        cfg, side = plan_ladder(self.model, path)
+        if cfg.block != "mlp":
+            raise AdapterError(
+                f"{path}: a ladder with {cfg.block} side blocks cannot be served: they keep their own KV cache, "
+                "which the batch's cache surgery (rows joining and leaving) does not mirror; serve a ladder with "
+                "mlp side blocks, or use lorakit generate --adapter DIR"
+            )
+        if self.ladder is not None:
+            state = (
+                " and is still being unloaded (requests in flight); retry"
+                if self.ladder in self._doomed
+                else ""
+            )
+            raise AdapterError(
+                f"{path}: ladder adapter {self.ladder!r} is already loaded{state}; one ladder side network can be "
+                "attached to a model, so unload it first"
+            )
+        if ladder_of(self.model) is not None:
+            raise AdapterError(
+                f"{path}: the model already carries a ladder side network attached outside the bank"
+            )
+        return cfg, side
+
     def _touch(self, name: str) -> None:
         self._lru[name] = time.monotonic()
         self._lru.move_to_end(name)
@@ -163,7 +211,11 @@ class AdapterBank:
         )
 
     def _delete(self, name: str) -> None:
-        delete_adapter(self.model, name)
+        if name == self.ladder:
+            detach_ladder(self.model)
+            self.ladder = None
+        else:
+            delete_adapter(self.model, name)
         self.paths.pop(name, None)
         self._lru.pop(name, None)
         self._doomed.discard(name)

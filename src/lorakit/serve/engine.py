@@ -9,7 +9,8 @@
 Every iteration of the loop takes the waiting requests (up to `max_batch` rows in all; when the batch is empty it
 waits up to `wait_ms` for more to arrive), prefills the new ones together (left padding, one adapter per row),
 appends their KV cache to the running batch's and then runs one decode step for all rows, each row with its
-own adapter (`lorakit.mixed.row_adapters`; a batch of one adapter takes the plain single-adapter path). New
+own adapter (`lorakit.mixed.row_adapters`; a batch of one adapter takes the plain single-adapter path; a ladder
+adapter's side output is gated to its rows, `lorakit.variants.ladder.ladder_rows`). New
 requests join between decode steps, finished ones leave. Rows of different lengths share one left-padded cache
 of shape (batch, kv_heads, T, head_dim); the 2D attention mask hides the padding and explicit position ids keep
 each row's positions its own, so a row decodes as it would alone.
@@ -42,6 +43,7 @@ from lorakit.control import disabled, set_active
 from lorakit.errors import AdapterError
 from lorakit.mixed import row_adapters
 from lorakit.serve.requests import Delta, Done, Failed, GenRequest, sample
+from lorakit.variants.ladder import ladder_rows
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +290,16 @@ class Engine:
         """Row i of the next forward passes uses adapter names[i] (None: the base model).
 
         Not `bank.use`: that refuses adapters unloaded meanwhile, which the rows' leases (`bank.hold`) still
-        keep."""
+        keep. The bank's ladder, if any, reaches only its own rows, which are base rows for LoRA."""
+        ladder = self.bank.ladder
+        if ladder is None:
+            return self._lora(names)
+        stack = ExitStack()
+        stack.enter_context(ladder_rows(self.model, [n == ladder for n in names]))
+        stack.enter_context(self._lora([None if n == ladder else n for n in names]))
+        return stack
+
+    def _lora(self, names: list[str | None]) -> AbstractContextManager:
         distinct = set(names)
         if distinct == {None}:
             return disabled(self.model)

@@ -22,6 +22,8 @@ import inspect
 import json
 import logging
 import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -301,10 +303,11 @@ def read_ladder(path: str | os.PathLike) -> tuple[LadderConfig, dict[str, Any], 
     return cfg, raw, _read_tensors(path, allow_pickle=False)
 
 
-def load_ladder(model: nn.Module, path: str | os.PathLike, *, trainable: bool = False) -> str:
-    """Attach the side network stored at `path` to `model`; checked before the model changes. Returns "ladder"."""
+def plan_ladder(model: nn.Module, path: str | os.PathLike) -> tuple[LadderConfig, SideNetwork]:
+    """The side network stored at `path`, built and filled for `model` but not attached; the model is unchanged.
+    AdapterError if it does not fit."""
     cfg, raw, tensors = read_ladder(path)
-    side, layers = build_side(model, cfg)
+    side, _ = build_side(model, cfg)
     n_layers = len(find_decoder(model)[1])
     if raw.get("num_layers", n_layers) != n_layers or raw.get("hidden_size", side.hidden) != side.hidden:
         raise AdapterError(
@@ -327,9 +330,30 @@ def load_ladder(model: nn.Module, path: str | os.PathLike, *, trainable: bool = 
     ref = next(iter(expected.values()))
     with torch.no_grad():
         side.load_state_dict({k: t.to(ref.dtype) for k, t in tensors.items()})
+    return cfg, side
+
+
+def load_ladder(model: nn.Module, path: str | os.PathLike, *, trainable: bool = False) -> str:
+    """Attach the side network stored at `path` to `model`; checked before the model changes. Returns "ladder"."""
+    cfg, side = plan_ladder(model, path)
     attach_ladder(model, cfg, side=side)
     side.requires_grad_(trainable)
     return "ladder"
+
+
+@contextmanager
+def ladder_rows(model: nn.Module, rows: torch.Tensor | Sequence[bool] | bool | None) -> Iterator[None]:
+    """Inside the block, the attached ladder's output reaches only the batch rows `rows` selects
+    (`SideNetwork.set_rows`); the previous gate is restored afterwards."""
+    side = ladder_of(model)
+    if side is None:
+        raise AdapterError(f"{type(model).__name__} has no ladder side network")
+    before = side.rows
+    side.set_rows(rows)
+    try:
+        yield
+    finally:
+        side.rows = before
 
 
 def describe_ladder(path: str | os.PathLike) -> dict[str, Any]:

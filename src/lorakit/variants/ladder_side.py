@@ -18,9 +18,13 @@ model's cache (see `SideNetwork.begin`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lorakit.errors import AdapterError
 
 
 class SideMLP(nn.Module):
@@ -124,6 +128,28 @@ class SideNetwork(nn.Module):
         self.kv: list | None = None
         self.ctx = _Context(None, 0, None)
         self.outer_grad = False
+        self.rows: torch.Tensor | bool = True
+
+    def set_rows(self, rows: torch.Tensor | Sequence[bool] | bool | None) -> None:
+        """Gate the side output per batch row, for mixed batches (serving).
+
+        None or True: every row gets it (the default: offline use is unchanged); False: no row (the model is its
+        base); a (batch,) bool mask: only the True rows get it, the side network runs on those rows alone and the
+        other rows keep exactly the backbone's state. Only per-token (MLP) side blocks can be gated: an attention
+        block's own KV cache would fall out of step with the model's.
+        """
+        if rows is None or rows is True:
+            self.rows = True
+            return
+        if not isinstance(self.blocks[0], SideMLP):
+            raise AdapterError("ladder: only a side network of mlp blocks can be gated per row (set_rows)")
+        if rows is False:
+            self.rows = False
+            return
+        rows = torch.as_tensor(rows, dtype=torch.bool)
+        if rows.dim() != 1:
+            raise AdapterError(f"ladder: set_rows takes a (batch,) bool mask, got shape {tuple(rows.shape)}")
+        self.rows = rows
 
     def gates(self) -> torch.Tensor:
         """μ_j = σ(α_j / T), one per ladder."""
@@ -153,17 +179,39 @@ class SideNetwork(nn.Module):
         self.ctx = _Context(attention_mask, past, self.kv)
 
     def forward(self, final: torch.Tensor) -> torch.Tensor:
-        """`final` (batch, seq, hidden), the backbone's normalised last state, plus the side network's output."""
+        """`final` (batch, seq, hidden), the backbone's normalised last state, plus the side network's output
+        (on the rows `set_rows` selects)."""
         if len(self.taps) != len(self.blocks):
             raise RuntimeError(f"ladder: expected {len(self.blocks)} tapped layers, got {len(self.taps)}")
+        idx = self._row_index(final.shape[0], final.device)
+        if idx is not None and not len(idx):
+            self.taps.clear()
+            return final
         mu = self.gates()
         s = None
         for j, (tap, version) in enumerate(self.taps):
             if tap._version != version:
                 raise RuntimeError(f"ladder: the hidden state tapped for ladder {j} was modified in place")
+            if idx is not None:
+                tap = tap.index_select(0, idx)
             x = F.rms_norm(tap, (tap.shape[-1],), eps=1e-6)
             z = self.down_b[j](self.down_a[j](x))
             s = mu[j] * z if s is None else torch.lerp(s, z, mu[j])
             s = self.blocks[j](s, self.ctx, j)
         self.taps.clear()
-        return final + self.up(self.norm(s))
+        y = self.up(self.norm(s))
+        return final + y if idx is None else final.index_add(0, idx, y.to(final.dtype))
+
+    def _row_index(self, batch: int, device: torch.device) -> torch.Tensor | None:
+        """None: every row; else the indices of the gated-in rows (maybe none)."""
+        if self.rows is True:
+            return None
+        if self.rows is False:
+            return torch.empty(0, dtype=torch.long, device=device)
+        if self.rows.shape[0] != batch:
+            raise RuntimeError(
+                f"ladder: set_rows gave a mask of {self.rows.shape[0]} rows for a batch of {batch}"
+            )
+        if bool(self.rows.all()):
+            return None
+        return self.rows.nonzero().flatten().to(device)

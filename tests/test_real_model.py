@@ -25,7 +25,10 @@ from tiny import peft_config, perturb_peft, randomize
 peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")
 pytestmark = pytest.mark.real_model
 
-PEFT_ATOL = 1.5e-4
+# fp32 logits (magnitude up to ~30) after 30 layers, where the two libraries add LoRA and base in different orders
+# (our fused addmm vs PEFT's separate add): one CI run measured max |diff| 1.9e-4 (5 of 1.7M logits above 1.5e-4).
+# A wrong scale, a missing module or a swapped A/B moves logits by more than 1e-2.
+PEFT_ATOL = 3e-4
 MERGE_ATOL = 5e-4
 
 

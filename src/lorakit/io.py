@@ -238,6 +238,11 @@ def load_adapter(
     except Exception:
         delete_adapter(model, name)
         raise
+    return finish_load(model, path, name, activate)
+
+
+def finish_load(model: nn.Module, path: str | os.PathLike, name: str, activate: bool) -> str:
+    """After an adapter's tensors are in place: note a quantized-base mismatch, activate if asked; returns name."""
     from lorakit.quant import note_adapter_base
 
     note_adapter_base(model, path)

@@ -194,11 +194,6 @@ def load_adalora(
     except Exception:
         delete_adapter(model, name)
         raise
-    from lorakit.quant import note_adapter_base
+    from lorakit.io import finish_load
 
-    note_adapter_base(model, path)
-    if activate:
-        from lorakit.control import set_active
-
-        set_active(model, name)
-    return name
+    return finish_load(model, path, name, activate)

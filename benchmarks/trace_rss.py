@@ -24,9 +24,15 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--r", type=int, default=16)
+    p.add_argument(
+        "--eager", action="store_true", help="nf4: load in full precision, then quantize (not load_quantized)"
+    )
     args = p.parse_args()
     print(f"after imports: RSS {rss_now_gb():.3f} GB")
-    if args.base == "nf4":
+    if args.base == "nf4" and args.eager:
+        model, _ = lorakit.load_model()
+        lorakit.quantize(model)
+    elif args.base == "nf4":
         model, _, _ = lorakit.load_quantized()
     else:
         model, _ = lorakit.load_model()

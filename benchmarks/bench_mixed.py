@@ -10,8 +10,9 @@ and repeated `--repeats` times (medians reported):
 * ``peft``: PEFT's mixed batch, ``model(..., adapter_names=names)`` / ``generate(..., adapter_names=names)``.
 
 Prefill is one forward over `--batch` × `--prompt` tokens that keeps only the last position's logits (as
-generation does); decode is the time of `--new` extra greedy tokens with the KV cache: ``generate(new+1)`` minus
-``generate(1)``. Throughput is tokens per second; the ratio column is lorakit (or PEFT) over merged.
+generation does; median of 2 calls); decode is one greedy step of all rows with the KV cache (median over `--new`
+steps). Throughput is tokens per second (medians over repeats); the ratio columns are lorakit (or PEFT) over
+merged, paired within each repeat: median [min–max] over repeats, so drift of the machine between repeats cancels.
 
 Also measured: adapter switch latency (``AdapterBank.activate``, a pointer change; median of 200) and the time to
 load an r=16 all-linear adapter from disk (median of 5).
@@ -22,6 +23,7 @@ load an r=16 all-linear adapter from disk (median of 5).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.quick:
         args.batch, args.prompt, args.new, args.adapters, args.repeats = 4, 8, 2, [1, 2], 1
+    load_before = os.getloadavg()[0]
     torch.manual_seed(0)
     model, tok = lorakit.load_model()
     model.eval()
@@ -138,8 +141,11 @@ def main(argv: list[str] | None = None) -> None:
             row = {"n": n}
             for way, kinds in res.items():
                 for kind, secs in kinds.items():
-                    tokens = args.batch * (args.prompt if kind == "prefill" else args.new)
+                    tokens = args.batch * (args.prompt if kind == "prefill" else 1)
                     row[f"{way}_{kind}"] = tokens / statistics.median(secs)
+                    if way != "merged":  # paired ratios: throughput / merged's in the same repeat
+                        pairs = [m / t for m, t in zip(res["merged"][kind], secs, strict=True)]
+                        row[f"{way}_{kind}_ratio"] = (statistics.median(pairs), min(pairs), max(pairs))
             rows.append(row)
             print(_row_text(row), file=sys.stderr, flush=True)
 
@@ -169,7 +175,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"- command: `{display_command()}`",
                 f"- setup: default model (SmolLM2-135M-Instruct), fp32, batch {args.batch}, prompt {args.prompt} "
                 f"tokens, {args.new} decode steps, r={args.r} on 7 projections, row i uses adapter i mod N; "
-                f"medians of {args.repeats} interleaved repeats; tokens/s",
+                f"throughput in tokens/s, medians of {args.repeats} interleaved repeats; ratios: median [min–max] of "
+                "the per-repeat ratios to merged",
+                f"- 1-minute load average before the run: {load_before:.2f}",
                 "",
                 table,
                 "",
@@ -183,17 +191,23 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _work(model, ids, mask, kind, new, gen, **extra) -> float:
+    """Prefill: seconds per forward (median of 2). Decode: seconds per greedy step of the whole batch with the KV
+    cache (median over `new` steps)."""
     if kind == "prefill":
-        return timed(lambda: model(input_ids=ids, attention_mask=mask, logits_to_keep=1, **extra))
-    full = timed(
-        lambda: model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=new + 1, min_new_tokens=new + 1, **gen, **extra
-        )
-    )
-    first = timed(
-        lambda: model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, **gen, **extra)
-    )
-    return max(full - first, 1e-9)
+        return timed(lambda: model(input_ids=ids, attention_mask=mask, logits_to_keep=1, **extra), repeats=2)
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    kw = dict(past_key_values=cache, use_cache=True, logits_to_keep=1, **extra)
+    out = model(input_ids=ids, attention_mask=mask, **kw)
+    steps = []
+    for _ in range(new):
+        nxt = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+        t0 = time.perf_counter()
+        out = model(input_ids=nxt, attention_mask=mask, **kw)
+        steps.append(time.perf_counter() - t0)
+    return statistics.median(steps)
 
 
 def _row_text(row) -> str:
@@ -211,17 +225,21 @@ def _table(rows, with_peft: bool) -> str:
     out = [head, sep]
     for r in rows:
         line = (
-            f"| {r['n']} | {r['merged_prefill']:.0f} | {r['lorakit_prefill']:.0f} "
-            f"| {r['lorakit_prefill'] / r['merged_prefill']:.2f}× | {r['merged_decode']:.1f} "
-            f"| {r['lorakit_decode']:.1f} | {r['lorakit_decode'] / r['merged_decode']:.2f}× |"
+            f"| {r['n']} | {r['merged_prefill']:.0f} | {r['lorakit_prefill']:.0f} | {_ratio(r['lorakit_prefill_ratio'])} "
+            f"| {r['merged_decode']:.1f} | {r['lorakit_decode']:.1f} | {_ratio(r['lorakit_decode_ratio'])} |"
         )
         if with_peft:
             line += (
-                f" {r['peft_prefill']:.0f} | {r['peft_prefill'] / r['merged_prefill']:.2f}× "
-                f"| {r['peft_decode']:.1f} | {r['peft_decode'] / r['merged_decode']:.2f}× |"
+                f" {r['peft_prefill']:.0f} | {_ratio(r['peft_prefill_ratio'])} "
+                f"| {r['peft_decode']:.1f} | {_ratio(r['peft_decode_ratio'])} |"
             )
         out.append(line)
     return "\n".join(out)
+
+
+def _ratio(stats: tuple[float, float, float]) -> str:
+    med, lo, hi = stats
+    return f"{med:.2f}× [{lo:.2f}–{hi:.2f}]"
 
 
 def _plot(rows, path: Path, with_peft: bool) -> Path | None:
@@ -236,7 +254,12 @@ def _plot(rows, path: Path, with_peft: bool) -> Path | None:
     ns = [r["n"] for r in rows]
     for ax, kind in zip(axes, ("prefill", "decode"), strict=True):
         for way in ("lorakit", "peft") if with_peft else ("lorakit",):
-            ax.plot(ns, [r[f"{way}_{kind}"] / r[f"merged_{kind}"] for r in rows], "o-", label=way)
+            med = [r[f"{way}_{kind}_ratio"][0] for r in rows]
+            err = [
+                [m - r[f"{way}_{kind}_ratio"][1] for m, r in zip(med, rows, strict=True)],
+                [r[f"{way}_{kind}_ratio"][2] - m for m, r in zip(med, rows, strict=True)],
+            ]
+            ax.errorbar(ns, med, yerr=err, fmt="o-", capsize=3, label=way)
         ax.axhline(1.0, color="grey", lw=0.8, ls="--", label="one merged adapter")
         ax.axhline(0.8, color="red", lw=0.8, ls=":", label="target 0.8×")
         ax.set_xscale("log", base=2)

@@ -45,7 +45,15 @@ def _per_row(model, x, names, **kw):
 
 
 @pytest.mark.parametrize(
-    "names", [["a", "b", None, "c", "a"], ["c", "c"], [None, "b"], ["a", "b", "c", "a", "b"]]
+    "names",
+    [
+        ["a", "b", None, "c", "a"],
+        ["c", "c"],
+        [None, "b"],
+        ["a", "b", "c", "a", "b"],
+        ["c", "c", "a", "c", "b", "c"],  # skewed: the short segments are padded to c's four rows
+        ["a", "b", "c"],  # one row per adapter in the model's order: no gather or scatter
+    ],
 )
 @torch.no_grad()
 def test_mixed_batch_equals_each_row_alone(names):
@@ -75,6 +83,47 @@ def test_cached_stacks_follow_weight_changes():
         torch.testing.assert_close(model(x).logits, want, atol=ATOL, rtol=0)
     lorakit.mixed.clear_row_cache(model)
     assert all(layer.row_cache is None for _, layer in lorakit.lora_layers(model))
+
+
+@torch.no_grad()
+def test_stacks_hold_each_adapter_once_and_serve_later_batches():
+    """A layer stacks the batch's distinct adapters once (not one copy per row), and a later batch over the same
+    adapters in another row order (as the serving engine's decode steps are) reuses those stacks."""
+    model = tiny_llama()
+    _three_adapters(model)
+    x = ids(batch=6, seq=4)
+    layer = model.model.layers[0].self_attn.q_proj
+    first, second = ["b", "a", "b", "a", "b", "a"], ["a", None, "a", "a", "b", "b"]
+    want_first, want_second = _per_row(model, x, first), _per_row(model, x, second)
+    with row_adapters(model, first):
+        torch.testing.assert_close(model(x).logits, want_first, atol=ATOL, rtol=0)
+    stacks = layer.row_cache.a
+    assert stacks.shape[0] == 2  # two adapters, six rows
+    with row_adapters(model, second):
+        torch.testing.assert_close(model(x).logits, want_second, atol=ATOL, rtol=0)
+    assert layer.row_cache.a is stacks
+    with row_adapters(model, ["c", "a", "c", None, "a", "b"]):  # another set of adapters: new stacks
+        model(x)
+    assert layer.row_cache.a is not stacks and layer.row_cache.a.shape[0] == 3
+
+
+def test_mixed_batch_with_grad_on_and_frozen_adapters():
+    """Grad mode on (e.g. gradients w.r.t. the input) but adapters frozen: the stacked path, without in-place
+    adds, gives the per-row answer and a gradient."""
+    model = tiny_llama()
+    _three_adapters(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = ["a", None, "c", "b", "a"]
+    x = ids(batch=5, seq=4)
+    with torch.no_grad():
+        want = _per_row(model, x, names)
+    emb = model.get_input_embeddings()(x).requires_grad_(True)
+    with row_adapters(model, names):
+        got = model(inputs_embeds=emb).logits
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    got.sum().backward()
+    assert emb.grad is not None and emb.grad.abs().sum() > 0
 
 
 @torch.no_grad()

@@ -4,14 +4,27 @@
         logits = model(input_ids).logits          # row 0 and 3 with "fr", row 1 with "de", row 2 plain base
 
 The base matmul runs once for the whole batch. Each LoRA layer then adds its low-rank products with two batched
-matmuls, whatever the number of distinct adapters: the plan stacks, per row, the row's A and s·B (zero-padded to
-the largest rank, so adapters of different ranks mix) and computes ``bmm(bmm(x, Aᵀ), (s·B)ᵀ)`` for all rows at
-once (Punica's gather-then-bmm). The gathered stacks are cached per layer for the last batch composition
-(`clear_row_cache` frees them), so the decode steps of a batch reuse them and pay only the two small bmms.
-Rows without an adapter are skipped.
+matmuls, whatever the number of distinct adapters (segmented gather-and-bmm, as Punica and S-LoRA do):
 
-Layers whose adapters the stacked path cannot express (DoRA, embeddings, convolutions, dropout while training)
-fall back to one masked pass per distinct adapter, which is exact but loops.
+* the plan sorts the rows that have an adapter into one segment per distinct adapter (in the order the adapters
+  were added to the model), each padded to the longest segment's row count (`RowPlan.width`); the plan is built
+  once per batch and shared by every layer;
+* each layer stacks its copy of the batch's G distinct adapters once, as Aᵀ (G, k, r) and (s·B)ᵀ (G, r, d),
+  zero-padded to the largest rank (so adapters of different ranks mix, and a layer without one of the adapters
+  contributes zeros for its rows);
+* the forward gathers x into the segments (G, width·tokens, k), computes ``bmm(bmm(x, Aᵀ), (s·B)ᵀ)`` and scatters
+  the rows back onto the base output.
+
+Each adapter's weights are read once per forward however many rows use it: with few distinct adapters a decode
+step reads G adapters, not one copy per row. The stacks are cached per layer and reused by later batches over the
+same set of adapters (the engine's decode steps); the cache key holds the adapters' tensor versions and scalings,
+so an in-place change of their weights (training, copy_) rebuilds it. `clear_row_cache` frees the stacks.
+Rows without an adapter are skipped. Padding costs compute only: with one long segment and many short ones, the
+short ones are padded to its length.
+
+Layers whose adapters the stacked path cannot express (DoRA, embeddings, convolutions, dropout while training,
+adapters that require grad while grad is on) fall back to one masked pass per distinct adapter, which is exact but
+loops.
 """
 
 from __future__ import annotations
@@ -30,15 +43,41 @@ from lorakit.layers import Handler, LoraLayer, Variant
 
 @dataclass(eq=False)
 class RowPlan:
-    """Which adapter each batch row uses; shared by every LoRA layer of the model during one batch."""
+    """Which adapter each batch row uses, and the segment layout every LoRA layer of the model shares."""
 
     names: tuple[str | None, ...]
-    rows: torch.Tensor = field(init=False)  # indices of rows that have an adapter
+    order: Sequence[
+        str
+    ] = ()  # the stacks' adapter order (the model's, stable across batches); default: sorted
+    groups: tuple[str, ...] = field(init=False)  # the batch's distinct adapters, in `order`
+    rows: torch.Tensor = field(init=False)  # indices of rows that have an adapter, ascending
     all_rows: bool = field(init=False)
+    width: int = field(init=False)  # rows per segment (the largest group's row count)
+    gather: torch.Tensor = field(init=False)  # (G·width,) segment slot -> batch row (pads repeat a real row)
+    scatter: torch.Tensor = field(init=False)  # (len(rows),) row -> its segment slot
+    identity: bool = field(init=False)  # one row per adapter, rows in group order: no gather or scatter
 
     def __post_init__(self) -> None:
-        self.rows = torch.tensor([i for i, n in enumerate(self.names) if n is not None], dtype=torch.long)
-        self.all_rows = len(self.rows) == len(self.names)
+        present = {n for n in self.names if n is not None}
+        self.groups = tuple(n for n in self.order if n in present) or tuple(sorted(present))
+        if len(self.groups) != len(present):
+            raise AdapterError(f"row adapters: the order {list(self.order)} lacks some of {sorted(present)}")
+        members = {g: [i for i, n in enumerate(self.names) if n == g] for g in self.groups}
+        rows = [i for i, n in enumerate(self.names) if n is not None]
+        self.rows = torch.tensor(rows, dtype=torch.long)
+        self.all_rows = len(rows) == len(self.names)
+        self.width = max((len(m) for m in members.values()), default=0)
+        gather, slot = [], {}
+        for g in self.groups:
+            for j in range(self.width):
+                if j < len(members[g]):
+                    slot[members[g][j]] = len(gather)
+                    gather.append(members[g][j])
+                else:
+                    gather.append(rows[0])
+        self.gather = torch.tensor(gather, dtype=torch.long)
+        self.scatter = torch.tensor([slot[i] for i in rows], dtype=torch.long)
+        self.identity = gather == list(range(len(self.names)))
 
     @property
     def batch(self) -> int:
@@ -60,7 +99,7 @@ def row_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[RowP
 
 
 def clear_row_cache(model: nn.Module) -> None:
-    """Free the stacked per-row adapter weights that LoRA layers keep for the last batch composition."""
+    """Free the stacked adapter weights that LoRA layers keep for the last set of batch adapters."""
     for _, layer in lora_layers(model):
         layer.row_cache = None
 
@@ -74,10 +113,26 @@ def make_plan(model: nn.Module, names: Sequence[str | None]) -> RowPlan:
             raise AdapterError(f"row adapters: no adapter {n!r} on {type(model).__name__}; adapters: {known}")
     if any(layer.merged for _, layer in lora_layers(model)):
         raise AdapterError("row adapters: adapters are merged into the base weights; unmerge(model) first")
-    return RowPlan(tuple(names))
+    return RowPlan(tuple(names), known)
 
 
-def _stackable(layer: LoraLayer, names: set[str]) -> bool:
+@dataclass(eq=False)
+class _LayerState:
+    """What one layer decided for one plan (so later calls with the same plan skip every check), and its stacks."""
+
+    plan: RowPlan
+    grad: bool
+    training: bool
+    dtype: torch.dtype
+    used: tuple[str, ...]  # the plan's adapters this layer has
+    stacked: bool
+    tensors: tuple = ()  # per used adapter: (A, B), the tensors the stacks were built from
+    stamp: tuple = ()  # their versions and scalings: an in-place change or a new scaling rebuilds the stacks
+    a: torch.Tensor | None = None  # (G, k, r_max): Aᵀ per group
+    b: torch.Tensor | None = None  # (G, r_max, d): (s·B)ᵀ per group
+
+
+def _stackable(layer: LoraLayer, names: Sequence[str]) -> bool:
     if type(layer.handler).lora is not Handler.lora:  # embedding / conv forms
         return False
     grad = torch.is_grad_enabled()
@@ -92,26 +147,46 @@ def _stackable(layer: LoraLayer, names: set[str]) -> bool:
     return True
 
 
-def _row_stacks(layer: LoraLayer, plan: RowPlan, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Aᵀ per row (M, k, r), (s·B)ᵀ per row (M, r, d)) for the rows that have an adapter here; zero rows where
-    this layer lacks the row's adapter; ranks zero-padded to the largest."""
-    present = [n for n in dict.fromkeys(plan.names) if n is not None and n in layer.adapters]
-    r_max = max((layer.adapters[n].lora_A.shape[0] for n in present), default=1)
-    k = layer.adapters[present[0]].lora_A.shape[1] if present else like.shape[-1]
-    d = layer.adapters[present[0]].lora_B.shape[0] if present else 1
-    slot = {n: i for i, n in enumerate(present)}
-    a_stack = like.new_zeros(
-        (len(present) + 1, k, r_max)
-    )  # last slot: zeros, for rows without an adapter here
-    b_stack = like.new_zeros((len(present) + 1, r_max, d))
+def _state(layer: LoraLayer, plan: RowPlan, dtype: torch.dtype) -> _LayerState:
+    used = tuple(n for n in plan.groups if n in layer.adapters)
+    state = _LayerState(plan, torch.is_grad_enabled(), layer.training, dtype, used, False)
+    if not used or not _stackable(layer, used):
+        return state
+    state.stacked = True
+    adapters = [layer.adapters[n] for n in used]
+    state.tensors = tuple((ad.lora_A, ad.lora_B) for ad in adapters)
+    state.stamp = tuple((ad.lora_A._version, ad.lora_B._version, ad.scaling) for ad in adapters)
+    old = layer.row_cache
+    if old is not None and old.a is not None and _same_stacks(old, state):
+        state.a, state.b = old.a, old.b
+    else:
+        state.a, state.b = _stacks(layer, plan.groups, dtype)
+    return state
+
+
+def _same_stacks(old: _LayerState, new: _LayerState) -> bool:
+    """Would `new` build the same stacks as `old` has: same adapters, dtype, tensors, versions and scalings?"""
+    if old.plan.groups != new.plan.groups or old.dtype != new.dtype or old.stamp != new.stamp:
+        return False
+    return all(a0 is a1 and b0 is b1 for (a0, b0), (a1, b1) in zip(old.tensors, new.tensors, strict=True))
+
+
+def _stacks(layer: LoraLayer, groups: tuple[str, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """(Aᵀ (G, k, r_max), (s·B)ᵀ (G, r_max, d)) for the groups; zeros for groups this layer lacks."""
+    present = [n for n in groups if n in layer.adapters]
+    first = layer.adapters[present[0]]
+    k, d = first.lora_A.shape[1], first.lora_B.shape[0]
+    r_max = max(layer.adapters[n].lora_A.shape[0] for n in present)
+    a_stack = first.lora_A.new_zeros((len(groups), k, r_max), dtype=dtype)
+    b_stack = first.lora_A.new_zeros((len(groups), r_max, d), dtype=dtype)
     with torch.no_grad():
-        for n, i in slot.items():
-            ad = layer.adapters[n]
-            r = ad.lora_A.shape[0]
-            a_stack[i, :, :r] = ad.lora_A.T.to(like.dtype)
-            b_stack[i, :r, :] = (ad.lora_B.T * ad.scaling).to(like.dtype)
-    idx = torch.tensor([slot.get(plan.names[int(j)], len(present)) for j in plan.rows], dtype=torch.long)
-    return a_stack.index_select(0, idx), b_stack.index_select(0, idx)
+        for i, n in enumerate(groups):
+            if n in layer.adapters:
+                ad = layer.adapters[n]
+                r = ad.lora_A.shape[0]
+                a_stack[i, :, :r] = ad.lora_A.T.to(dtype)
+                b_stack[i, :r, :] = (ad.lora_B.T * ad.scaling).to(dtype)
+    return a_stack, b_stack
 
 
 def mixed_forward(layer: LoraLayer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -121,38 +196,50 @@ def mixed_forward(layer: LoraLayer, x: torch.Tensor, out: torch.Tensor) -> torch
         raise AdapterError(
             f"row adapters name {plan.batch} rows, but the batch has {x.shape[0]} (one adapter name per row)"
         )
-    used = {n for n in plan.names if n is not None and n in layer.adapters}
-    if not used:
+    state = layer.row_cache
+    grad = torch.is_grad_enabled()
+    if (
+        state is None
+        or state.plan is not plan
+        or state.grad != grad
+        or state.training != layer.training
+        or state.dtype != x.dtype
+    ):
+        state = layer.row_cache = _state(layer, plan, x.dtype)
+    if not state.used:
         return out
-    if not _stackable(layer, used):
-        return _looped(layer, x, out, plan, used)
-    # The stacks are cached per layer for the last batch composition, so the decode steps of a batch (and later
-    # batches with the same rows) reuse them. The key holds the adapters' tensor versions: any in-place change of
-    # their weights (training, copy_) rebuilds the stacks.
-    key = (plan.names, x.dtype, tuple(_version(layer.adapters[n]) for n in sorted(used)))
-    if layer.row_cache is None or layer.row_cache[0] != key:
-        layer.row_cache = (key, *_row_stacks(layer, plan, x))
-    _, a_rows, b_rows = layer.row_cache
-    shape = x.shape
-    xs = x if plan.all_rows else x.index_select(0, plan.rows)
-    xs = xs.reshape(xs.shape[0], -1, shape[-1])  # (M, tokens, k)
-    if xs.dtype != a_rows.dtype:
-        xs = xs.to(a_rows.dtype)
-    y = torch.bmm(torch.bmm(xs, a_rows), b_rows).to(out.dtype)  # (M, tokens, d)
+    if not state.stacked:
+        return _looped(layer, x, out, plan, state.used)
+    a, b = state.a, state.b
+    groups, k, d = a.shape[0], x.shape[-1], b.shape[-1]
+    xs = x.reshape(plan.batch, -1, k)  # (M, tokens, k)
+    tokens = xs.shape[1]
+    if not plan.identity:
+        xs = xs.index_select(0, plan.gather)  # (G·width, tokens, k)
+    if xs.dtype != a.dtype:
+        xs = xs.to(a.dtype)
+    h = torch.bmm(xs.reshape(groups, plan.width * tokens, k), a)  # (G, width·tokens, r)
+    if plan.identity and not grad and out.is_contiguous() and out.dtype == b.dtype:  # rows in segment order
+        return out.view(groups, plan.width * tokens, d).baddbmm_(h, b).view(out.shape)
+    y = torch.bmm(h, b)  # (G, width·tokens, d)
+    y = y.view(groups * plan.width, tokens, d)
+    if not plan.identity:
+        y = y.index_select(0, plan.scatter)  # (rows with an adapter, tokens, d)
+    y = y.to(out.dtype)
     if plan.all_rows:
-        return out + y.view(out.shape)
-    return out.index_add(0, plan.rows, y.view(len(plan.rows), *out.shape[1:]))
-
-
-def _version(adapter) -> tuple[int, int]:
-    return adapter.lora_A._version, adapter.lora_B._version
+        y = y.view(out.shape)
+        return out.add_(y) if not grad else out + y
+    if not grad and out.is_contiguous():
+        out.view(plan.batch, tokens, d).index_add_(0, plan.rows, y)
+        return out
+    return out.reshape(plan.batch, tokens, d).index_add(0, plan.rows, y).view(out.shape)
 
 
 def _looped(
-    layer: LoraLayer, x: torch.Tensor, out: torch.Tensor, plan: RowPlan, used: set[str]
+    layer: LoraLayer, x: torch.Tensor, out: torch.Tensor, plan: RowPlan, used: Sequence[str]
 ) -> torch.Tensor:
     """One pass per distinct adapter over its rows: for variants and layer types without a stacked form."""
-    for name in sorted(used):
+    for name in used:
         rows = torch.tensor([i for i, n in enumerate(plan.names) if n == name], dtype=torch.long)
         adapter = layer.adapters[name]
         xs, base = x.index_select(0, rows), out.index_select(0, rows)

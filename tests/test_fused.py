@@ -46,17 +46,59 @@ def test_lora_linear_gradcheck(p, bias):
     )
 
 
+def _splitmix64_reference(seed: int, count: int) -> list[int]:
+    """splitmix64 as published (Steele, Lea, Flood 2014), in Python integers: outputs 1..count."""
+    m = (1 << 64) - 1
+    out = []
+    for i in range(1, count + 1):
+        z = (seed + i * 0x9E3779B97F4A7C15) & m
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+        out.append(z ^ (z >> 31))
+    return out
+
+
+def _keep_reference(seed: int, n: int, p: float) -> torch.Tensor:
+    """Each 64-bit output gives four 16-bit fields, low first; a field read as a signed int16 plus 32768 (i.e. with
+    its top bit flipped) below round(p·65536) drops the entry."""
+    fields = [(z >> (16 * j)) & 0xFFFF for z in _splitmix64_reference(seed, (n + 3) // 4) for j in range(4)]
+    draws = [f ^ 0x8000 for f in fields]
+    return torch.tensor([d >= round(p * 65536) for d in draws[:n]])
+
+
+@pytest.mark.parametrize("seed", [0, 99, 2**62 - 1])
+def test_splitmix64_matches_the_published_algorithm(seed):
+    got = fused.splitmix64(seed, 50)
+    assert [v & ((1 << 64) - 1) for v in got.tolist()] == _splitmix64_reference(seed, 50)
+
+
+def test_dropout_keep_rate_and_independence():
+    """Over 2**20 draws the kept fraction is 1 - p within 5 standard deviations (sd = sqrt(p(1-p)/n) ≈ 2e-4);
+    neighbouring entries are uncorrelated (|r| < 5/sqrt(n) ≈ 0.005); other seeds give other masks."""
+    n = 1 << 20
+    for p in (0.05, 0.3):
+        keep, scale = fused.dropout_keep(7, torch.Size([n]), p)
+        sd = (p * (1 - p) / n) ** 0.5
+        assert abs(keep.float().mean().item() - (1 - p)) < 5 * sd, p
+        assert scale == pytest.approx(1 / (1 - p), rel=1e-4)
+        k = keep.float()
+        r = torch.corrcoef(torch.stack([k[:-1], k[1:]]))[0, 1].item()
+        assert abs(r) < 5 / n**0.5, (p, r)
+        other, _ = fused.dropout_keep(8, torch.Size([n]), p)
+        assert (other != keep).float().mean() > p  # independent masks differ in about 2p(1-p) of entries
+
+
 def test_lora_linear_is_the_seed_formula_with_dropout():
-    """Forward equals W0·x + b + s·B·A·(x⊙m/(1-p)) with the mask an independent Bernoulli draw from the seed."""
+    """Forward equals W0·x + b + s·B·A·(x⊙m/(1-p)), with m the mask the published generator gives for the seed."""
     g = torch.Generator().manual_seed(1)
     x, w, b = torch.randn(7, 8, generator=g), torch.randn(6, 8, generator=g), torch.randn(6, generator=g)
     a, bb = torch.randn(4, 8, generator=g), torch.randn(6, 4, generator=g)
     p, seed = 0.25, 99
-    keep = torch.empty(7, 8).bernoulli_(1 - p, generator=torch.Generator().manual_seed(seed))
+    keep = _keep_reference(seed, 56, p).view(7, 8)
     want = x @ w.T + b + 0.5 * ((x * keep / (1 - p)) @ a.T) @ bb.T
     got = _LoraLinear.apply(x, w, b, a, bb, 0.5, p, seed)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
-    assert 0.6 < keep.mean() < 0.9  # p=0.25 of 56 entries dropped, loosely
+    assert 0.6 < keep.float().mean() < 0.9  # p=0.25 of 56 entries dropped, loosely
 
 
 def _loss_and_grads(model, x, *, use_fused: bool, chunked: bool = False):

@@ -6,7 +6,8 @@ math in one function:
 
 * forward: ``out = x·W0ᵀ + b`` then ``out += s·(x̃·Aᵀ)·Bᵀ`` in place (one output buffer, no separate ΔW output);
 * saved for backward: x (a reference: layers that read the same input, e.g. q/k/v, share it), the rank-r
-  product x̃·Aᵀ, and, with dropout, a 64-bit seed from which the mask is regenerated instead of stored;
+  product x̃·Aᵀ, and, with dropout, a 64-bit seed from which the mask is regenerated instead of stored (a
+  counter-based generator, `dropout_keep`, so regenerating costs a few elementwise ops);
 * backward, rank first: ``gB = g·B`` (N×r) once, then ``∂x = g·W0 + s·gB·A`` accumulated in one buffer,
   ``∂A = s·gBᵀ·x̃`` and ``∂B = s·gᵀ·(x̃·Aᵀ)``. W0 gets no gradient: it is frozen.
 
@@ -61,12 +62,34 @@ def fused_enabled() -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _dropout_mask(seed: int, shape: torch.Size, p: float, like: torch.Tensor) -> torch.Tensor:
-    """The keep-mask scaled by 1/(1-p), regenerated bit-identically from `seed`."""
-    gen = torch.Generator(device=like.device).manual_seed(seed)
-    mask = torch.empty(shape, dtype=like.dtype, device=like.device)
-    mask.bernoulli_(1.0 - p, generator=gen)
-    return mask.mul_(1.0 / (1.0 - p))
+# Dropout masks come from splitmix64 (Steele, Lea and Flood, "Fast splittable pseudorandom number generators",
+# OOPSLA 2014) applied to a counter: output i is mix(seed + i·γ), and each 64-bit output gives four 16-bit draws.
+# Being counter-based, the mask is a pure function of (seed, position), so backward regenerates forward's mask
+# instead of storing it; and it is six elementwise integer ops that run on every thread, about 4× faster on CPU
+# than torch's bernoulli_ (a serial mt19937 stream). torch has no logical right shift for int64, so each
+# arithmetic shift is masked to its low bits; the outputs equal the reference algorithm's (tested).
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def splitmix64(seed: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Outputs 1..count of splitmix64 seeded with `seed` (int64 tensor holding the unsigned 64-bit values)."""
+    z = torch.arange(1, count + 1, dtype=torch.int64, device=device).mul_(_GOLDEN).add_(seed)
+    z.bitwise_xor_((z >> 30).bitwise_and_((1 << 34) - 1)).mul_(_MIX1)
+    z.bitwise_xor_((z >> 27).bitwise_and_((1 << 37) - 1)).mul_(_MIX2)
+    return z.bitwise_xor_((z >> 31).bitwise_and_((1 << 33) - 1))
+
+
+def dropout_keep(
+    seed: int, shape: torch.Size, p: float, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, float]:
+    """(keep mask (bool, `shape`), scale): each entry is kept with probability 1 - p, p rounded to 1/65536, and
+    the scale is 1/(1 - that rounded p), so kept·scale is unbiased. Regenerated bit-identically from `seed`."""
+    n = shape.numel()
+    cut = round(p * 65536)  # a draw (a 16-bit field as int16, plus 32768) below cut drops the entry
+    draws = splitmix64(seed, (n + 3) // 4, device).view(torch.int16)[:n]
+    return draws.ge(cut - 32768).view(shape), 65536.0 / (65536 - cut)
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -75,8 +98,12 @@ class _LoraLinear(torch.autograd.Function):
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
         out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
-        xd = x2 if p == 0.0 else x2 * _dropout_mask(seed, x2.shape, p, x2)
-        xa = xd @ A.t()  # (N, r)
+        if p == 0.0:
+            xa = x2 @ A.t()  # (N, r)
+        else:
+            keep, scale = dropout_keep(seed, x2.shape, p, x2.device)
+            xa = (x2 * keep) @ A.t()
+            xa.mul_(scale)  # the dropout scale, applied on the rank side
         out.addmm_(xa, B.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, A, B, xa)
         ctx.scaling, ctx.p, ctx.seed = scaling, p, seed
@@ -89,18 +116,18 @@ class _LoraLinear(torch.autograd.Function):
         g = grad_out.reshape(-1, grad_out.shape[-1])
         x2 = x.reshape(-1, x.shape[-1])
         gb = g @ B  # (N, r): the rank-first product every gradient below reuses
-        mask = _dropout_mask(ctx.seed, x2.shape, p, x2) if p != 0.0 else None
+        keep, scale = dropout_keep(ctx.seed, x2.shape, p, x2.device) if p != 0.0 else (None, 1.0)
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = g @ weight
-            if mask is None:
+            if keep is None:
                 grad_x.addmm_(gb, A, alpha=s)
             else:
-                grad_x.add_((gb @ A).mul_(mask), alpha=s)
+                grad_x.add_((gb @ A).mul_(keep), alpha=s * scale)
             grad_x = grad_x.view(x.shape)
         if ctx.needs_input_grad[3]:
-            xd = x2 if mask is None else x2 * mask
-            grad_a = (gb.t() @ xd).mul_(s)
+            xd = x2 if keep is None else x2 * keep
+            grad_a = (gb.t() @ xd).mul_(s * scale)
         if ctx.needs_input_grad[4]:
             grad_b = (g.t() @ xa).mul_(s)
         return grad_x, None, None, grad_a, grad_b, None, None, None

@@ -76,7 +76,9 @@ _ROUNDS = ((30, 34, _MIX1), (27, 37, _MIX2), (31, 33, None))  # (shift, bits kep
 
 class _Workspace(threading.local):
     """Per-thread scratch buffers for the dropout path, grown to the largest size seen and sliced: a training step
-    draws two masks per adapted layer, and fresh temporaries of that size cost page faults on every step."""
+    draws a mask and masks the input twice per adapted layer, and fresh temporaries of that size cost page faults
+    on every step. They stay allocated (6 bytes per entry of the largest adapted input, plus one dropped
+    copy of it) for the life of the thread."""
 
     def __init__(self) -> None:
         self.buffers: dict[tuple, torch.Tensor] = {}

@@ -55,7 +55,7 @@ class RowPlan:
     width: int = field(init=False)  # rows per segment (the largest group's row count)
     gather: torch.Tensor = field(init=False)  # (G·width,) segment slot -> batch row (pads repeat a real row)
     scatter: torch.Tensor = field(init=False)  # (len(rows),) row -> its segment slot
-    identity: bool = field(init=False)  # one row per adapter, rows in group order: no gather or scatter
+    identity: bool = field(init=False)  # rows already in segment order, no padding: no gather or scatter
 
     def __post_init__(self) -> None:
         present = {n for n in self.names if n is not None}

@@ -16,6 +16,7 @@ from torch import nn
 import lorakit
 from lorakit import LoraConfig, fused
 from lorakit.data.tokenize import IGNORE
+from lorakit.dropout import dropout_keep, dropout_scale, splitmix64
 from lorakit.fused import _LoraLinear, causal_lm_loss, lm_head_loss
 
 from tiny import ids, randomize, tiny_gpt2, tiny_llama
@@ -68,7 +69,7 @@ def _keep_reference(seed: int, n: int, p: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("seed", [0, 99, 2**62 - 1])
 def test_splitmix64_matches_the_published_algorithm(seed):
-    got = fused.splitmix64(seed, 50)
+    got = splitmix64(seed, 50)
     assert [v & ((1 << 64) - 1) for v in got.tolist()] == _splitmix64_reference(seed, 50)
 
 
@@ -77,15 +78,15 @@ def test_dropout_keep_rate_and_independence():
     neighbouring entries are uncorrelated (|r| < 5/sqrt(n) ≈ 0.005); other seeds give other masks."""
     n = 1 << 20
     for p in (0.05, 0.3):
-        keep = fused.dropout_keep(7, torch.Size([n]), p)
+        keep = dropout_keep(7, torch.Size([n]), p)
         sd = (p * (1 - p) / n) ** 0.5
         assert abs(keep.float().mean().item() - (1 - p)) < 5 * sd, p
-        assert fused.dropout_scale(p) == pytest.approx(1 / (1 - p), rel=1e-4)
-        assert torch.equal(fused.dropout_keep(7, torch.Size([n]), p), keep)  # a function of (seed, shape, p)
+        assert dropout_scale(p) == pytest.approx(1 / (1 - p), rel=1e-4)
+        assert torch.equal(dropout_keep(7, torch.Size([n]), p), keep)  # a function of (seed, shape, p)
         k = keep.float()
         r = torch.corrcoef(torch.stack([k[:-1], k[1:]]))[0, 1].item()
         assert abs(r) < 5 / n**0.5, (p, r)
-        other = fused.dropout_keep(8, torch.Size([n]), p)
+        other = dropout_keep(8, torch.Size([n]), p)
         assert (other != keep).float().mean() > p  # independent masks differ in about 2p(1-p) of entries
 
 

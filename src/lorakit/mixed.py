@@ -59,7 +59,7 @@ class RowPlan:
 
     def __post_init__(self) -> None:
         present = {n for n in self.names if n is not None}
-        self.groups = tuple(n for n in self.order if n in present) or tuple(sorted(present))
+        self.groups = tuple(n for n in (self.order or sorted(present)) if n in present)
         if len(self.groups) != len(present):
             raise AdapterError(f"row adapters: the order {list(self.order)} lacks some of {sorted(present)}")
         members = {g: [i for i, n in enumerate(self.names) if n == g] for g in self.groups}
@@ -160,7 +160,7 @@ def _state(layer: LoraLayer, plan: RowPlan, dtype: torch.dtype) -> _LayerState:
     if old is not None and old.a is not None and _same_stacks(old, state):
         state.a, state.b = old.a, old.b
     else:
-        state.a, state.b = _stacks(layer, plan.groups, dtype)
+        state.a, state.b = _stacks(layer, plan.groups, used, dtype)
     return state
 
 
@@ -171,12 +171,13 @@ def _same_stacks(old: _LayerState, new: _LayerState) -> bool:
     return all(a0 is a1 and b0 is b1 for (a0, b0), (a1, b1) in zip(old.tensors, new.tensors, strict=True))
 
 
-def _stacks(layer: LoraLayer, groups: tuple[str, ...], dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """(Aᵀ (G, k, r_max), (s·B)ᵀ (G, r_max, d)) for the groups; zeros for groups this layer lacks."""
-    present = [n for n in groups if n in layer.adapters]
-    first = layer.adapters[present[0]]
+def _stacks(
+    layer: LoraLayer, groups: tuple[str, ...], used: tuple[str, ...], dtype: torch.dtype
+) -> tuple[torch.Tensor, ...]:
+    """(Aᵀ (G, k, r_max), (s·B)ᵀ (G, r_max, d)) for the groups; zeros for groups this layer lacks (not in `used`)."""
+    first = layer.adapters[used[0]]
     k, d = first.lora_A.shape[1], first.lora_B.shape[0]
-    r_max = max(layer.adapters[n].lora_A.shape[0] for n in present)
+    r_max = max(layer.adapters[n].lora_A.shape[0] for n in used)
     a_stack = first.lora_A.new_zeros((len(groups), k, r_max), dtype=dtype)
     b_stack = first.lora_A.new_zeros((len(groups), r_max, d), dtype=dtype)
     with torch.no_grad():

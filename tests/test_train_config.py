@@ -82,6 +82,14 @@ def test_method_alias_and_composition():
     assert load_config(None, []).methods == ("lora", False)
 
 
+
+def test_model_shorthand_is_model_path(tmp_path):
+    assert load_config(None, ["--model", "some/hf_folder"]).model.path == "some/hf_folder"
+    assert load_config(None, ["--model=x.gguf", "--train.steps", "3"]).model.path == "x.gguf"
+    with pytest.raises(ConfigError, match=r"override '--steps' must look like --section.key value"):
+        load_config(None, ["--steps", "3"])
+
+
 @pytest.mark.parametrize(
     "args, match",
     [

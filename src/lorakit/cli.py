@@ -332,8 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "train",
         help="fine-tune a LoRA adapter (default: SmolLM2-135M-Instruct on the built-in 'dates' task)",
-        usage="lorakit train [CONFIG.yaml] [--section.key value ...]",
-        epilog="settings (YAML sections; override any with --section.key value):\n" + help_text(),
+        usage="lorakit train [CONFIG.yaml] [--section.key value ...] [--model PATH] [--method NAME]",
+        epilog="settings (YAML sections; override any with --section.key value; --model PATH is short for\n"
+        "--model.path PATH, --method NAME for --train.method NAME):\n" + help_text(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     t.set_defaults(func=cmd_train)

@@ -316,6 +316,10 @@ def parse_value(text: str) -> Any:
             return text
 
 
+# --method X is short for --train.method X, --model PATH for --model.path PATH
+SHORTHANDS = {"method": "train.method", "model": "model.path"}
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str]) -> RunConfig:
     """A YAML file (or the defaults) plus `--section.key value` overrides."""
     data: dict[str, Any] = {}
@@ -331,8 +335,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str]) -> RunConf
     i = 0
     while i < len(overrides):
         arg = overrides[i]
-        if not arg.startswith("--") or ("." not in arg and arg.partition("=")[0] != "--method"):
-            raise ConfigError(f"override {arg!r} must look like --section.key value")
+        if not arg.startswith("--") or ("." not in arg and arg[2:].partition("=")[0] not in SHORTHANDS):
+            raise ConfigError(
+                f"override {arg!r} must look like --section.key value (or {', '.join('--' + s for s in SHORTHANDS)})"
+            )
         key, _, inline = arg[2:].partition("=")
         if inline == "" and "=" not in arg:
             if i + 1 >= len(overrides):
@@ -340,8 +346,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str]) -> RunConf
             value, i = overrides[i + 1], i + 2
         else:
             value, i = inline, i + 1
-        if key == "method":  # --method X is short for --train.method X
-            key = "train.method"
+        key = SHORTHANDS.get(key, key)
         section, _, name = key.partition(".")
         data.setdefault(section, {})[name.replace("-", "_")] = parse_value(value)
     return from_dict(data, source=str(path) if path else "command line")

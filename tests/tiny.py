@@ -6,14 +6,14 @@ import torch
 from torch import nn
 
 
-def tiny_llama(seed: int = 0, vocab: int = 128):
+def tiny_llama(seed: int = 0, vocab: int = 128, hidden: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -40,6 +40,13 @@ class TrainingError(LorakitError, RuntimeError):
     """Training cannot go on (non-finite loss, bad resume)."""
 
 
+def _grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """The total L2 norm of the gradients, clipped to `max_norm` when it is > 0."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
 def collate(rows: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of examples into input_ids, attention_mask and labels tensors (batch, seq)."""
     width = max(len(r.input_ids) for r in rows)
@@ -159,9 +166,12 @@ def train_loop(
                 loss.backward()
                 loss_sum += loss.item()
                 n_tok += int(batch["attention_mask"].sum())
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else None
-            )
+            grad_norm = float(full_tensor(_grad_norm(params, t.max_grad_norm)))  # FSDP2: a replicated DTensor
+            if not math.isfinite(grad_norm):  # a finite loss can have non-finite gradients (NaN weights)
+                raise TrainingError(
+                    f"gradient norm became {grad_norm} at step {step + 1} (loss {loss_sum:.4g}); the step was not "
+                    f"applied; lower train.lr (now {t.lr}) or check the data and the adapter's weights"
+                )
             opt.step()
             method.after_step(inner, step)  # gradients still present (AdaLoRA's importance scores)
             sched.step()
@@ -174,8 +184,8 @@ def train_loop(
                 "tokens_per_s": tokens_seen / (time.perf_counter() - t0),
                 "elapsed_s": time.perf_counter() - t0,
             }
-            if grad_norm is not None:
-                last["grad_norm"] = float(full_tensor(grad_norm))  # FSDP2: a replicated DTensor
+            if t.max_grad_norm > 0:
+                last["grad_norm"] = grad_norm
             if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
                 emit(last)
             if evaluate and t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:

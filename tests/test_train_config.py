@@ -88,6 +88,8 @@ def test_model_shorthand_is_model_path(tmp_path):
     assert load_config(None, ["--model=x.gguf", "--train.steps", "3"]).model.path == "x.gguf"
     with pytest.raises(ConfigError, match=r"override '--steps' must look like --section.key value"):
         load_config(None, ["--steps", "3"])
+    with pytest.raises(ConfigError, match=r"^override --model needs a value$"):
+        load_config(None, ["--model", "--train.steps", "3"])
 
 
 @pytest.mark.parametrize(

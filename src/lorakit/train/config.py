@@ -341,7 +341,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str]) -> RunConf
             )
         key, _, inline = arg[2:].partition("=")
         if inline == "" and "=" not in arg:
-            if i + 1 >= len(overrides):
+            if i + 1 >= len(overrides) or overrides[i + 1].startswith("--"):
                 raise ConfigError(f"override {arg} needs a value")
             value, i = overrides[i + 1], i + 2
         else:

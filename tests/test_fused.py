@@ -290,3 +290,30 @@ def test_sibling_groups_share_one_product_and_keep_gradients():
     torch.testing.assert_close(loss_f, loss_p, atol=ATOL, rtol=RTOL)
     for n in grads_f:
         torch.testing.assert_close(grads_f[n], grads_p[n], atol=ATOL, rtol=RTOL, msg=n)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_bf16_autocast_runs_forward_and_backward(dropout):
+    """Under `torch.autocast("cpu", bfloat16)` (what transformers' Trainer does with bf16=True) an injected model
+    trains: the fused function's in-place ops cannot follow autocast's per-op dtypes, so layers take the plain
+    path there. Loss and adapter gradients match fp32 within bf16 precision (8 significant bits, so 2^-5
+    relative after a two-layer model's rounding), and B's gradients exist for every adapted layer."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets="all-linear", dropout=dropout))
+    randomize(model)
+    model.train(dropout == 0.0)  # with dropout: eval, so that both runs compute the same function
+    t = ids()
+    ref = model(t, labels=t).loss
+    ref.backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(t, labels=t).loss
+    loss.backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and any("lora_B" in n for n in got)
+    torch.testing.assert_close(loss.float(), ref, rtol=2**-5, atol=0)
+    for n in want:
+        scale = want[n].abs().max().item()
+        torch.testing.assert_close(got[n].float(), want[n], atol=scale * 2**-4, rtol=0, msg=n)

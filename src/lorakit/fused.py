@@ -129,6 +129,8 @@ def can_fuse(base: nn.Module, x: torch.Tensor, A: torch.Tensor) -> bool:
     w = base.weight
     if w.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return False
+    if torch.is_autocast_enabled(x.device.type):  # autocast picks each op's dtype; the plain path follows it
+        return False
     # same dtype everywhere; plain tensors only (no DTensor / quantized / meta subclasses)
     return (
         x.dtype == w.dtype == A.dtype

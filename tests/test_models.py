@@ -342,3 +342,28 @@ def test_lost_race_keeps_the_winner(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert isinstance(model, LlamaForCausalLM)
     assert (target / "winner.txt").is_file()
     assert [p.name for p in target.parent.iterdir()] == [target.name]
+
+
+@pytest.mark.parametrize("kind", ["file", "missing_parent", "disk_full"])
+def test_unwritable_cache_is_one_line(
+    fake_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """A cache root that is a file, lies under a missing read-only mount, or fills up mid-conversion: one line
+    that names the folder and says what to do, and no half-written cache."""
+    if kind == "file":
+        cache = tmp_path / "cache-file"
+        cache.write_text("")
+    elif kind == "missing_parent":
+        cache = Path("/proc/lorakit-cache")  # /proc refuses new entries, even to root
+    else:
+        cache = tmp_path / "cache"
+
+        def full(self: PreTrainedModel, folder: str | os.PathLike, **kwargs: Any) -> None:
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(LlamaForCausalLM, "save_pretrained", full)
+    with pytest.raises(ModelLoadError, match=r"cannot write the model cache in .*; free some space or set") as e:
+        load_model(fake_gguf, cache_dir=cache)
+    assert "\n" not in str(e.value) and "LORAKIT_CACHE" in str(e.value)
+    if kind == "disk_full":
+        assert list((cache / "models").iterdir()) == []

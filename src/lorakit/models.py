@@ -140,18 +140,32 @@ def _sweep_stale_tmp(target: Path, max_age_s: float = 3600.0) -> None:
 def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantise ``gguf`` into a temp folder next to ``target`` and rename it into place."""
     logger.info("converting %s to a Hugging Face folder (one-off, takes ~30 s)", gguf)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name}-", dir=target.parent))
+    except OSError as exc:
+        raise ModelLoadError(_cache_error(target.parent, exc)) from exc
     try:
         model, tokenizer = _load_gguf(gguf)
         _strip_quantizer(model)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        _make_readable(tmp)
-        _publish(tmp, target)
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            _make_readable(tmp)
+            _publish(tmp, target)
+        except OSError as exc:  # e.g. a full disk: nothing is published, the temp folder goes
+            raise ModelLoadError(_cache_error(target.parent, exc)) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("cached %s as %s", gguf.name, target)
+
+
+def _cache_error(folder: Path, exc: OSError) -> str:
+    reason = exc.strerror or _one_line(exc)
+    return (
+        f"cannot write the model cache in {str(folder)!r}: {reason}; free some space or set {CACHE_ENV} to a "
+        "writable folder"
+    )
 
 
 def _load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

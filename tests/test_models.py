@@ -362,7 +362,9 @@ def test_unwritable_cache_is_one_line(
             raise OSError(28, "No space left on device")
 
         monkeypatch.setattr(LlamaForCausalLM, "save_pretrained", full)
-    with pytest.raises(ModelLoadError, match=r"cannot write the model cache in .*; free some space or set") as e:
+    with pytest.raises(
+        ModelLoadError, match=r"cannot write the model cache in .*; free some space or set"
+    ) as e:
         load_model(fake_gguf, cache_dir=cache)
     assert "\n" not in str(e.value) and "LORAKIT_CACHE" in str(e.value)
     if kind == "disk_full":

@@ -26,6 +26,7 @@ ERROR_TYPES = {
     503: "server_error",
 }
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes (negatives wrap around)
 MAX_BODY = 16 * 2**20  # bytes of request body; a prompt filling a 128k context is ~1 MB of text
 
 
@@ -180,8 +181,10 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(stop_ids, list) or not all(isinstance(t, int) for t in stop_ids):
         raise bad("'stop_token_ids' must be a list of token ids", "stop_token_ids")
     seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise bad("'seed' must be an integer", "seed")
+    if seed is not None and (
+        not isinstance(seed, int) or isinstance(seed, bool) or not SEED_MIN <= seed <= SEED_MAX
+    ):
+        raise bad(f"'seed' must be a 64-bit integer, in [-2**63, 2**64 - 1], got {seed!r}", "seed")
     return {
         "temperature": temperature,
         "top_p": top_p,

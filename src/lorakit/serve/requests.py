@@ -7,10 +7,13 @@ The engine calls `emit` on its own thread: Delta events (new text), then exactly
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,23 @@ class GenRequest:
     params: SamplingParams
     emit: Callable[[Event], None]
     cancelled: bool = False  # set by the server when the client goes away; the row leaves at the next step
+
+
+SHUTDOWN = Failed(503, "the server is shutting down", "server_shutdown")
+
+
+def failure(e: BaseException) -> Failed:
+    """The event of a request that an exception failed (HTTP 500), naming the exception."""
+    return Failed(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
+
+
+def deliver(req: GenRequest, event: Event) -> None:
+    """Hand `event` to the request's callback; a callback that raises cancels its own request, nothing else."""
+    try:
+        req.emit(event)
+    except Exception:  # noqa: BLE001 - a broken consumer must not stop the engine
+        log.exception("a request's event callback failed; cancelling the request")
+        req.cancelled = True
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:

@@ -1,0 +1,196 @@
+"""`lorakit serve` under attack: one request must never hurt another, and bad input gets a one-line 400.
+
+Three layers, each against real code: `sample` on hand-made logits; the engine in this process on the real default
+model (requests that fail while being admitted, prefilled or decoded, next to requests that must not notice);
+and the real server on loopback (`python -m lorakit serve`, as in test_serve.py) driven over HTTP: seeds out of
+torch's range, tiny temperatures beside a stream, symlinked adapter files, a client that hangs up on a
+non-streaming request, and bodies that used to answer 500.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+from test_serve import KEY, PROMPT, _drain, _error, _random_adapter, serve_process, wait_until_up
+
+import lorakit
+from lorakit.bank import AdapterBank
+from lorakit.generate import generate
+from lorakit.serve.engine import Engine, EngineConfig, EngineStopped
+from lorakit.serve.requests import Done, Failed, GenRequest, SamplingParams
+
+pytestmark = pytest.mark.real_model
+
+TOKENS = 8
+FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The engine in this process: a request that fails takes no other with it
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_a(tmp_path_factory, default_model_dir):
+    """The default model with adapter a (random), and a's greedy offline continuation of PROMPT."""
+    model, tok = lorakit.load_model(str(default_model_dir))
+    _random_adapter(model, "a", seed=0)
+    lorakit.set_active(model, "a")
+    want = generate(model, tok, PROMPT, max_new_tokens=TOKENS, chat=False)
+    return model, tok, want
+
+
+@pytest.fixture
+def engine(model_a):
+    model, tok, _ = model_a
+    eng = Engine(model, tok, AdapterBank(model), EngineConfig(max_batch=4, wait_ms=200))
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+def _request(engine, *, ids=None, **params) -> tuple[GenRequest, queue.Queue]:
+    events: queue.Queue = queue.Queue()
+    ids = ids if ids is not None else engine.tokenizer(PROMPT)["input_ids"]
+    sp = SamplingParams(**{"max_tokens": TOKENS, "temperature": 0, **params})
+    return GenRequest(ids, "a", sp, events.put), events
+
+
+def _good_and_bad(engine, want: str, bad: GenRequest, bad_events: queue.Queue, match: str) -> None:
+    """Submitted together (one prefill: wait_ms is 200): the good request is untouched, the bad fails alone."""
+    good, good_events = _request(engine)
+    engine.submit(good)
+    engine.submit(bad)
+    text, done = _drain(good_events)
+    assert isinstance(done, Done) and text.strip() == want
+    _, failed = _drain(bad_events)
+    assert isinstance(failed, Failed) and failed.status == 500 and match in failed.message, failed
+    assert engine.alive
+    text, done = _drain(_submit_one(engine))
+    assert isinstance(done, Done) and text.strip() == want  # and it keeps serving
+
+
+def _submit_one(engine) -> queue.Queue:
+    req, events = _request(engine)
+    engine.submit(req)
+    return events
+
+
+def test_engine_failing_admission_fails_alone(engine, model_a):
+    bad, events = _request(engine, seed=2**70, temperature=1.0)  # torch refuses it in manual_seed
+    _good_and_bad(engine, model_a[2], bad, events, "Overflow")
+
+
+def test_engine_failing_prefill_fails_alone(engine, model_a):
+    bad, events = _request(engine, ids=[engine.vocab_size + 5])  # the embedding lookup raises
+    _good_and_bad(engine, model_a[2], bad, events, "generation failed")
+
+
+def test_engine_failing_row_fails_alone(engine, model_a):
+    bad, events = _request(engine, stop=(5,))  # type: ignore[arg-type]  # str.find(5) raises in that row only
+    _good_and_bad(engine, model_a[2], bad, events, "TypeError")
+
+
+def test_engine_stopped_fails_work_instead_of_hanging(model_a):
+    model, tok, _ = model_a
+    eng = Engine(model, tok, AdapterBank(model), EngineConfig(wait_ms=0))
+    eng.start()
+    eng.stop()
+    with pytest.raises(EngineStopped):
+        eng.call(lambda: 1).result(timeout=5)
+    req, events = _request(eng)
+    eng.submit(req)
+    failed = events.get(timeout=5)
+    assert isinstance(failed, Failed) and failed.status == 503
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The real server
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fdirs(tmp_path_factory, default_model_dir) -> dict[str, Path]:
+    """root/{a,b}; root holds real folders with symlinked files (out of the root, or inside it), a FIFO for a
+    config, a wrongly typed rank_pattern, a config nested past json's recursion limit; outside/c fits the base."""
+    tmp = tmp_path_factory.mktemp("faults")
+    root, outside = tmp / "root", tmp / "outside"
+    model, _ = lorakit.load_model(str(default_model_dir))
+    for i, name in enumerate("ab"):
+        _random_adapter(model, name, seed=i)
+        lorakit.save_adapter(model, root / name, name)
+    lorakit.save_adapter(model, outside / "c", "a")
+    for name, out in [("both_out", FILES), ("weights_out", FILES[1:]), ("config_out", FILES[:1])]:
+        (root / name).mkdir()
+        for f in FILES:
+            src = outside / "c" / f
+            if f in out:
+                (root / name / f).symlink_to(src)
+            else:
+                shutil.copy(src, root / name / f)
+    (root / "inside_links").mkdir()
+    for f in FILES:
+        (root / "inside_links" / f).symlink_to(root / "a" / f)
+    (root / "fifo").mkdir()
+    os.mkfifo(root / "fifo" / FILES[0])
+    shutil.copy(root / "a" / FILES[1], root / "fifo" / FILES[1])
+    (root / "devzero").mkdir()
+    (root / "devzero" / FILES[0]).symlink_to("/dev/zero")
+    config = json.loads((root / "a" / FILES[0]).read_text())
+    for name, value in [("rank_list", [4]), ("rank_str", "x")]:
+        shutil.copytree(root / "a", root / name)
+        (root / name / FILES[0]).write_text(json.dumps({**config, "rank_pattern": value}))
+    shutil.copytree(root / "a", root / "deep")
+    (root / "deep" / FILES[0]).write_text("[" * 100_000 + "]" * 100_000)
+    shutil.copytree(root / "a", root / "r_zero")
+    (root / "r_zero" / FILES[0]).write_text(json.dumps({**config, "r": 0}))
+    return {"tmp": tmp, "root": root, "outside": outside}
+
+
+@pytest.fixture(scope="module")
+def url(fdirs, default_model_dir):
+    root = fdirs["root"]
+    args = ["--model", str(default_model_dir), "--adapter", f"a={root / 'a'}", "--adapter", f"b={root / 'b'}"]
+    args += ["--adapter-root", str(root), "--api-key", KEY, "--max-batch", "4"]
+    log = fdirs["tmp"] / "server.log"
+    with serve_process(args, log) as (base, proc):
+        yield wait_until_up(base, proc, log)
+
+
+@pytest.fixture(scope="module")
+def http(url):
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+        yield c
+
+
+def _ok(http) -> None:
+    """The server is up and still generates."""
+    assert http.get("/health").status_code == 200
+    r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1, "temperature": 0})
+    assert r.status_code == 200, r.text
+
+
+def _text(http, **body) -> str:
+    r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, **body})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def test_seed_range(http):
+    for seed in (2**64, -(2**63) - 1, 10**30):
+        err = _error(
+            http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "seed": seed}, timeout=30),
+            400,
+        )
+        assert err["param"] == "seed" and "64-bit" in err["message"]
+    _ok(http)
+    for seed in (2**64 - 1, -(2**63), -1):  # the ends of the range work, and repeat
+        a, b = (_text(http, seed=seed, temperature=1.0) for _ in range(2))
+        assert a == b
+    _ok(http)

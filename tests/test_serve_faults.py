@@ -17,18 +17,49 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from test_serve import KEY, PROMPT, _drain, _error, _random_adapter, serve_process, wait_until_up
 
 import lorakit
 from lorakit.bank import AdapterBank
 from lorakit.generate import generate
 from lorakit.serve.engine import Engine, EngineConfig, EngineStopped
-from lorakit.serve.requests import Done, Failed, GenRequest, SamplingParams
+from lorakit.serve.requests import Done, Failed, GenRequest, SamplingParams, sample
 
 pytestmark = pytest.mark.real_model
 
 TOKENS = 8
 FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sampling: numerically safe for any temperature the API accepts
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-45, 5e-324, 1e-7, 9.9e-6])
+def test_tiny_temperature_is_argmax(temperature):
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0)) * 10
+    g = torch.Generator().manual_seed(1)
+    assert sample(logits, temperature, 1.0, g) == int(logits.argmax())
+    assert sample(logits.half(), temperature, 0.5, g) == int(logits.half().argmax())
+
+
+def test_sampling_edge_cases():
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    assert sample(logits, 1.0, 1e-300, g) == int(logits.argmax())  # top_p under float32's smallest: top token
+    hot = logits.clone()
+    hot[7] = float("inf")
+    assert sample(hot, 0.7, 1.0, g) == 7  # +inf is the sure token, not a NaN softmax
+    cold = logits.clone()
+    cold[:999] = float("-inf")
+    assert sample(cold, 1.0, 0.9, g) == 999
+    counts = torch.bincount(torch.tensor([sample(logits[:4], 2.0, 1.0, g) for _ in range(400)]), minlength=4)
+    assert (counts > 0).all()  # real sampling still samples
+    for bad in (torch.full((10,), float("nan")), torch.full((10,), float("-inf"))):
+        with pytest.raises(ValueError, match="logits"):
+            sample(bad, 1.0, 1.0, g)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -193,4 +224,22 @@ def test_seed_range(http):
     for seed in (2**64 - 1, -(2**63), -1):  # the ends of the range work, and repeat
         a, b = (_text(http, seed=seed, temperature=1.0) for _ in range(2))
         assert a == b
+    _ok(http)
+
+
+def test_tiny_temperature_beside_a_stream(http):
+    """A near-zero temperature is greedy, and a stream on another adapter in the same steps runs to the end."""
+    greedy = _text(http, model="b")
+    body = {"model": "a", "prompt": PROMPT, "max_tokens": 64, "stream": True, "ignore_eos": True}
+    with http.stream("POST", "/v1/completions", json=body) as stream:
+        assert stream.status_code == 200
+        lines = stream.iter_lines()
+        first = next(lines)
+        for t in (1e-38, 1e-45, 1e-7):
+            assert _text(http, model="b", temperature=t) == greedy, t
+        assert _text(http, model="b", temperature=1.0, top_p=1e-300) == greedy  # only the top token is left
+        events = [e for e in (first, *lines) if e]  # SSE events are separated by blank lines
+    chunks = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
+    assert all("error" not in c for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length" and events[-1] == "data: [DONE]"
     _ok(http)

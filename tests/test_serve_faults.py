@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import shutil
+import socket
 import threading
 import time
 from pathlib import Path
@@ -320,6 +321,31 @@ def test_symlinks_inside_the_root_load(http, fdirs):
     assert cards["links"]["root"] == str((fdirs["root"] / "inside_links").resolve())
     assert _text(http, model="links") == want
     assert http.post("/v1/unload_lora_adapter", json={"lora_name": "links"}).status_code == 200
+
+
+def test_client_hanging_up_on_a_non_streaming_request_frees_its_row(http, url):
+    """A chat request without max_tokens may decode the rest of the context (~8k tokens): the hang-up stops it."""
+    body = json.dumps(
+        {"model": "a", "messages": [{"role": "user", "content": "Count."}], "ignore_eos": True}
+    ).encode()
+    host, port = url.removeprefix("http://").split(":")
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(head + body)
+        deadline = time.monotonic() + 30
+        while http.get("/health").json()["running"] == 0:
+            assert time.monotonic() < deadline, "the request never started decoding"
+            time.sleep(0.05)
+    steps = http.get("/health").json()["steps"]
+    deadline = time.monotonic() + 15  # a few decode steps; 8k steps take minutes here
+    while http.get("/health").json()["running"]:
+        assert time.monotonic() < deadline, "the row of a client that hung up kept decoding"
+        time.sleep(0.1)
+    assert http.get("/health").json()["steps"] - steps < 1000
+    _ok(http)
 
 
 @pytest.mark.parametrize(

@@ -348,6 +348,51 @@ def test_client_hanging_up_on_a_non_streaming_request_frees_its_row(http, url):
     _ok(http)
 
 
+def _deep(n: int) -> bytes:
+    return b'{"prompt": "Hi", "max_tokens": 1, "x": ' + b"[" * n + b"]" * n + b"}"
+
+
+@pytest.mark.parametrize(
+    "route, raw, param",
+    [
+        pytest.param("/v1/completions", _deep(100_000), None, id="nested-100k"),
+        pytest.param("/v1/completions", b"[" * 5000 + b"]" * 5000, None, id="nested-5k-top"),
+        pytest.param(
+            "/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 1}', "prompt", id="surrogate-prompt"
+        ),
+        pytest.param(
+            "/v1/completions",
+            b'{"prompt": "a", "max_tokens": 1, "stop": ["\\udfff"]}',
+            "stop[0]",
+            id="surrogate-stop",
+        ),
+        pytest.param(
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "\\udc00"}], "max_tokens": 1}',
+            "messages[0].content",
+            id="surrogate-chat",
+        ),
+        pytest.param(
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "\\ud800", "content": "x"}], "max_tokens": 1}',
+            "messages[0].role",
+            id="surrogate-role",
+        ),
+        pytest.param(
+            "/v1/completions",
+            b'{"prompt": "\xed\xa0\x80", "max_tokens": 1}',
+            "prompt",
+            id="surrogate-raw-bytes",
+        ),
+    ],
+)
+def test_bad_bodies_400(http, route, raw, param):
+    err = _error(http.post(route, content=raw, headers={"Content-Type": "application/json"}), 400)
+    assert err["param"] == param
+    assert ("nested" in err["message"]) if param is None else ("surrogate" in err["message"])
+    _ok(http)
+
+
 @pytest.mark.parametrize(
     "path, match",
     [
@@ -368,6 +413,23 @@ def test_adapter_load_errors_400(http, path, match):
     assert err["code"] == "adapter_invalid" and "'x'" in err["message"] and match in err["message"], err
     assert "\n" not in err["message"] and "lorakit-adapter-" not in err["message"]  # no private copy's path
     _ok(http)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("ignore_eos", "false"),
+        ("ignore_eos", 1),
+        ("stream_options", {"include_usage": "no"}),
+        ("stop_token_ids", [True]),
+    ],
+)
+def test_wrongly_typed_flags_400(http, field, value):
+    body = {"prompt": "Hi", "max_tokens": 1, field: value}
+    if field == "stream_options":
+        body["stream"] = True
+    err = _error(http.post("/v1/completions", json=body), 400)
+    assert err["param"].startswith(field)
 
 
 def test_concurrent_load_and_unload_of_one_name(http):

@@ -132,6 +132,16 @@ def test_engine_failing_row_fails_alone(engine, model_a):
     _good_and_bad(engine, model_a[2], bad, events, "TypeError")
 
 
+def test_engine_row_done_in_its_prefill_takes_no_decode_step(engine):
+    """max_tokens=1 ends in the prefill: the row leaves before the next decode and emits nothing after Done."""
+    req, events = _request(engine, max_tokens=1)
+    engine.submit(req)
+    _, done = _drain(events)
+    assert isinstance(done, Done) and done.completion_tokens == 1
+    time.sleep(0.5)  # the engine would decode the finished row right after the prefill
+    assert events.empty() and engine.stats["steps"] == 0 and engine.load()["running"] == 0
+
+
 def test_engine_stopped_fails_work_instead_of_hanging(model_a):
     model, tok, _ = model_a
     eng = Engine(model, tok, AdapterBank(model), EngineConfig(wait_ms=0))

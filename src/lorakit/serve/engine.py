@@ -185,6 +185,7 @@ class Engine:
         new = self._admit()
         if new:
             self._prefill_isolated(new)
+            self._drop_finished()  # rows done in their prefill (max_tokens=1, a stop) take no decode step
         if self._rows:
             rows = list(self._rows)
             try:

@@ -68,8 +68,18 @@ class AdapterBank:
     def __contains__(self, name: object) -> bool:
         return name in self.names()
 
-    def load(self, name: str, path: str | Path, *, pin: bool = False, allow_pickle: bool = False) -> float:
-        """Load the adapter folder `path` as `name`; returns the seconds it took. Evicts if the bank is full."""
+    def load(
+        self,
+        name: str,
+        path: str | Path,
+        *,
+        pin: bool = False,
+        allow_pickle: bool = False,
+        source: str | Path | None = None,
+    ) -> float:
+        """Load the adapter folder `path` as `name`; returns the seconds it took. Evicts if the bank is full.
+
+        `source` is the folder recorded in `paths` when `path` is a copy of it (default: `path`)."""
         ladder = is_ladder_folder(path)
         with self._lock:
             if name in self.paths and name not in self._doomed:
@@ -90,7 +100,7 @@ class AdapterBank:
                 # plain forward calls stay the base's until routed (`use`, `activate`)
                 side[1].set_rows(False)
                 self.ladder = name
-            self.paths[name] = Path(path)
+            self.paths[name] = Path(source if source is not None else path)
             self._lru[name] = time.monotonic()
             if pin:
                 self.pinned.add(name)

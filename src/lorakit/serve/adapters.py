@@ -2,14 +2,17 @@
 /v1/load_lora_adapter {"lora_name", "lora_path"} and /v1/unload_lora_adapter {"lora_name"}.
 
 Runtime loading is the server's biggest attack surface (a client names a folder on the server), so it is off
-unless the server was started with an adapter root, and then `lora_path` must resolve, symlinks followed, to a
-folder inside that root; a path with `..` is refused outright. Loads and unloads run on the engine thread,
-between decode steps.
+unless the server was started with an adapter root, and then the folder and every adapter file in it must lie,
+symlinks followed, inside that root, checked on the files as opened (`lorakit.serve.confine`: no window between
+check and use); a path with `..` is refused outright. The checked files are copied to a private folder, which
+the engine thread loads between decode steps. Any error from loading a requested adapter is that adapter's: a
+one-line 400 naming it (409 if the bank is busy), never a 500. Unloads run on the engine thread too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -20,7 +23,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from lorakit.errors import AdapterError, LorakitError
 from lorakit.serve import protocol as P
-from lorakit.serve.engine import Engine
+from lorakit.serve.confine import PathRefused, PathUnreadable, private_copy
+from lorakit.serve.engine import Engine, EngineStopped
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +90,27 @@ class AdapterRoutes:
         body = await P.read_json(request)
         root = self._root()
         name = self._name(body)
-        path = inside(root, body.get("lora_path"))
+        lora_path = checked_path(body.get("lora_path"))
         if name in self.bank:
             raise P.bad(f"the adapter {name!r} has already been loaded; unload it first", "lora_name")
-        try:
-            seconds = await asyncio.wrap_future(self.engine.call(lambda: self.bank.load(name, path)))
-        except AdapterError as e:
-            busy = "being unloaded" in str(e) or "bank is full" in str(e)  # AdapterBank's wording
-            raise P.APIError(
-                409 if busy else 400, str(e), "adapter_busy" if busy else "adapter_invalid"
-            ) from None
-        except LorakitError as e:  # a missing, corrupt or refused adapter file
-            raise P.APIError(400, str(e), "adapter_invalid", "lora_path") from None
-        log.info("loaded adapter %r from %s in %.2f s", name, path, seconds)
+        with contextlib.ExitStack() as stack:
+            try:  # every file opened once and checked as opened (confine.py); copying runs off the event loop
+                real, copy = await asyncio.to_thread(stack.enter_context, private_copy(root, lora_path))
+            except PathRefused as e:
+                raise P.APIError(403, str(e), "adapter_path_refused", "lora_path") from None
+            except PathUnreadable as e:
+                raise P.APIError(
+                    400, f"cannot load adapter {name!r}: {e}", "adapter_invalid", "lora_path"
+                ) from None
+            try:
+                seconds = await asyncio.wrap_future(
+                    self.engine.call(lambda: self.bank.load(name, copy, source=real))
+                )
+            except EngineStopped:
+                raise P.APIError(503, "the engine is not running", "server_error") from None
+            except Exception as e:  # noqa: BLE001 - whatever the adapter's files make the loaders raise
+                raise _load_error(name, lora_path, e, copy, real) from None
+        log.info("loaded adapter %r from %s in %.2f s", name, real, seconds)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     async def unload(self, request: Request) -> PlainTextResponse:
@@ -107,6 +119,8 @@ class AdapterRoutes:
         name = self._name(body)
         try:
             await asyncio.wrap_future(self.engine.call(lambda: self.bank.unload(name)))
+        except EngineStopped:
+            raise P.APIError(503, "the engine is not running", "server_error") from None
         except AdapterError:
             loaded = self.bank.names()
             raise P.APIError(
@@ -134,25 +148,29 @@ class AdapterRoutes:
         return name
 
 
-def inside(root: Path, lora_path: Any) -> Path:
-    """`lora_path` (absolute, or relative to `root`) resolved through symlinks; refused unless under `root`."""
+def checked_path(lora_path: Any) -> str:
+    """`lora_path` if it is a non-empty string without `..`; where it leads is checked as it is opened
+    (`lorakit.serve.confine`)."""
     if not isinstance(lora_path, str) or not lora_path.strip():
         raise P.bad("'lora_path' must be a non-empty string", "lora_path")
-    given = Path(lora_path)
-    if ".." in given.parts:
-        raise P.APIError(
-            403, f"lora_path {lora_path!r} refused: it may not contain '..'", "adapter_path_refused"
-        )
-    try:
-        real = (given if given.is_absolute() else root / given).resolve()
-        real_root = root.resolve()
-    except (OSError, ValueError, RuntimeError) as e:
-        raise P.bad(f"lora_path {lora_path!r} cannot be resolved: {e}", "lora_path") from None
-    if real != real_root and real_root not in real.parents:
+    if ".." in Path(lora_path).parts:
         raise P.APIError(
             403,
-            f"lora_path {lora_path!r} refused: it is outside --adapter-root",
+            f"lora_path {lora_path!r} refused: it may not contain '..'",
             "adapter_path_refused",
             "lora_path",
         )
-    return real
+    return lora_path
+
+
+def _load_error(name: str, lora_path: str, e: Exception, copy: Path, real: Path) -> P.APIError:
+    """A one-line 400 naming the adapter (409 if the bank is busy); the private copy's path reads as the real one."""
+    message = " ".join(str(e).replace(str(copy), str(real)).split())
+    if isinstance(e, AdapterError) and ("being unloaded" in message or "bank is full" in message):
+        return P.APIError(409, message, "adapter_busy")  # AdapterBank's wording
+    if not isinstance(e, LorakitError):  # not a refusal we wrote: keep the traceback for the operator
+        log.warning("loading adapter %r from %s failed", name, real, exc_info=e)
+        message = f"{type(e).__name__}: {message}"
+    return P.APIError(
+        400, f"cannot load adapter {name!r} from {lora_path!r}: {message}", "adapter_invalid", "lora_path"
+    )

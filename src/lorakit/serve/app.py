@@ -15,9 +15,10 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -29,6 +30,13 @@ from lorakit.serve.engine import Engine
 from lorakit.serve.requests import Delta, Done, Event, Failed, GenRequest
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+DISCONNECT_POLL_S = 0.2
+"""How often a handler waiting for the engine checks whether its client is still there."""
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer was ready; its request was cancelled."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,7 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
     app = FastAPI(title="lorakit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(P.APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ClientGone, _client_gone)
     app.add_exception_handler(Exception, _unexpected)
     adapters = AdapterRoutes(engine, config.base_name, config.base_path, config.adapter_root)
     generation = GenerationRoutes(engine, adapters)
@@ -88,6 +97,11 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     what = {404: "no route", 405: "method not allowed"}.get(exc.status_code, str(exc.detail))
     err = P.APIError(exc.status_code, f"{what}: {request.method} {request.url.path}", str(exc.status_code))
     return JSONResponse(err.body(), status_code=exc.status_code)
+
+
+async def _client_gone(request: Request, _: Exception) -> Response:
+    log.info("client went away: %s %s cancelled", request.method, request.url.path)
+    return Response(status_code=499)  # nginx's "client closed request": nobody reads it
 
 
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -137,7 +151,7 @@ class GenerationRoutes:
 
     async def completions(self, request: Request) -> Response:
         parsed = P.parse_completion(await P.read_json(request))
-        run = await self._start(parsed)
+        run = await self._start(parsed, request)
         rid = P.new_id("cmpl")
         if parsed.stream:
 
@@ -145,13 +159,13 @@ class GenerationRoutes:
                 return P.completion_body(rid, run.model, text, finish, None)
 
             return _sse_response(self._stream(run, rid, chunk, parsed.include_usage, chat=False))
-        text, done = await _collect(run)
+        text, done = await _unless_gone(request, run.req, _collect(run))
         use = P.usage(done.prompt_tokens, done.completion_tokens)
         return JSONResponse(P.completion_body(rid, run.model, text, done.finish_reason, use))
 
     async def chat_completions(self, request: Request) -> Response:
         parsed = P.parse_chat(await P.read_json(request))
-        run = await self._start(parsed)
+        run = await self._start(parsed, request)
         rid = P.new_id("chatcmpl")
         if parsed.stream:
 
@@ -159,12 +173,14 @@ class GenerationRoutes:
                 return P.chat_chunk(rid, run.model, {"content": text} if text or not finish else {}, finish)
 
             return _sse_response(self._stream(run, rid, chunk, parsed.include_usage, chat=True))
-        text, done = await _collect(run)
+        text, done = await _unless_gone(request, run.req, _collect(run))
         use = P.usage(done.prompt_tokens, done.completion_tokens)
         return JSONResponse(P.chat_body(rid, run.model, text, done.finish_reason, use))
 
-    async def _start(self, parsed: P.Parsed) -> _Run:
-        """Submit the request and wait for its first event, so that early failures get their own status."""
+    async def _start(self, parsed: P.Parsed, request: Request) -> _Run:
+        """Submit the request and wait for its first event, so that early failures get their own status.
+
+        A client that disconnects meanwhile cancels it (it may still be queued behind a full batch)."""
         adapter = self.adapters.adapter_for(parsed.model)
         ids = await asyncio.to_thread(self._encode, parsed)  # a long prompt must not stall the event loop
         params = P.sampling_params(parsed, self._budget(parsed, len(ids)))
@@ -178,11 +194,7 @@ class GenerationRoutes:
 
         req = GenRequest(ids, adapter, params, emit)
         self.engine.submit(req)
-        try:
-            first = await events.get()
-        except BaseException:
-            req.cancelled = True
-            raise
+        first = await _unless_gone(request, req, events.get())
         if isinstance(first, Failed):
             raise P.APIError(first.status, first.message, first.code)
         return _Run(req, events, first, parsed.model or self.adapters.base_name)
@@ -255,6 +267,29 @@ class GenerationRoutes:
             yield "data: [DONE]\n\n"
         finally:
             run.req.cancelled = True  # done (no-op), or the client went away: its row leaves the batch
+
+
+async def _unless_gone(request: Request, req: GenRequest, waiting: Awaitable[T]) -> T:
+    """`await waiting`, unless the client disconnects first: then `req` is cancelled (its row leaves the batch at
+    the next step; the engine sends it nothing more) and ClientGone is raised. Streams need none of this:
+    Starlette ends a stream whose client went away, and `_stream`'s `finally` cancels the request."""
+    task = asyncio.ensure_future(waiting)
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            req.cancelled = True
+            task.cancel()
+    if not task.done() or task.cancelled():
+        raise ClientGone
+    return task.result()
 
 
 async def _collect(run: _Run) -> tuple[str, Done]:

@@ -19,6 +19,13 @@ Torch is not thread-safe for concurrent forwards and loading or deleting an adap
 that touches the model (`call`) runs on this thread, between steps. Each admitted request holds its adapter in
 the bank until it ends (a lease: `bank.hold([name])` kept open), so an adapter unloaded meanwhile goes when its
 last request finishes; requests still waiting for it fail with 404.
+
+A failure is its request's alone: an exception while admitting a request (its seed, its adapter's lease) fails
+that request (HTTP 500); a failed batched prefill is retried row by row, so only the rows that fail alone fail;
+the per-row work of a step (sampling, detokenizing, stop strings, emitting) is guarded row by row. Only a failed
+decode forward, which no row can be blamed for and which may leave the shared cache half-updated, fails the
+whole batch. Nothing a request carries stops the loop; once stopped, new work fails at once (`EngineStopped`,
+503) instead of waiting forever.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,13 +46,16 @@ import torch
 from transformers import DynamicCache
 
 from lorakit.bank import AdapterBank
-from lorakit.control import disabled, set_active
 from lorakit.errors import AdapterError
-from lorakit.mixed import row_adapters
-from lorakit.serve.requests import Delta, Done, Failed, GenRequest, sample
-from lorakit.variants.ladder import ladder_rows
+from lorakit.serve import kvcache
+from lorakit.serve.requests import SHUTDOWN, Delta, Done, Failed, GenRequest, deliver, failure, sample
+from lorakit.serve.routing import route
 
 log = logging.getLogger(__name__)
+
+
+class EngineStopped(RuntimeError):
+    """Work handed to an engine that has stopped (or is stopping)."""
 
 
 @dataclass(eq=False)
@@ -53,6 +63,7 @@ class _Row:
     req: GenRequest
     lease: ExitStack
     generator: torch.Generator | None
+    stop_ids: frozenset[int] = frozenset()
     out_ids: list[int] = field(default_factory=list)
     n_real: int = 0  # tokens of this row in the cache (prompt + generated tokens fed back)
     sent: int = 0  # characters of output already emitted
@@ -117,11 +128,19 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     def submit(self, req: GenRequest) -> None:
+        """Queue a request; on a stopped engine it fails at once (503)."""
+        if self._stopping.is_set():
+            deliver(req, SHUTDOWN)
+            return
         self._inbox.put(req)
 
     def call(self, fn: Callable[[], Any]) -> Future:
-        """Run `fn` on the engine thread between steps; the future holds its result or exception."""
+        """Run `fn` on the engine thread between steps; the future holds its result or exception
+        (`EngineStopped` if the engine stops first)."""
         fut: Future = Future()
+        if self._stopping.is_set():
+            fut.set_exception(EngineStopped("the engine has stopped"))
+            return fut
         self._inbox.put((fn, fut))
         return fut
 
@@ -139,33 +158,83 @@ class Engine:
     def _run(self) -> None:
         log.info("engine started: max_batch=%d wait_ms=%.1f", self.config.max_batch, self.config.wait_ms)
         while not self._stopping.is_set():
-            self._take()
-            new = self._admit()
-            if new:
-                self._guarded(self._prefill, new)
-            if self._rows:
-                self._guarded(self._decode, list(self._rows))
-        gone = Failed(503, "the server is shutting down", "server_shutdown")
+            try:
+                self._iteration()
+            except Exception as e:  # noqa: BLE001 - the last guard: the loop must outlive any bug
+                log.exception("engine iteration failed")
+                self._fail_batch(failure(e))
+                time.sleep(0.01)  # should it repeat, the log stays readable and the CPU free
+        self._stopping.set()
         for row in self._rows:
-            self._finish(row, gone)
+            self._finish(row, SHUTDOWN)
         self._drop_finished()
-        for req in self._pending:
-            req.emit(gone)
+        while self._pending:
+            deliver(self._pending.popleft(), SHUTDOWN)
+        while True:  # work that arrived while stopping
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, tuple):
+                item[1].set_exception(EngineStopped("the engine has stopped"))
+            else:
+                deliver(item, SHUTDOWN)
 
-    def _guarded(self, step: Callable[[list[_Row]], None], rows: list[_Row]) -> None:
-        """Run a prefill or decode step; if it raises, its rows fail (HTTP 500) and the engine keeps serving."""
+    def _iteration(self) -> None:
+        self._take()
+        new = self._admit()
+        if new:
+            self._prefill_isolated(new)
+            self._drop_finished()  # rows done in their prefill (max_tokens=1, a stop) take no decode step
+        if self._rows:
+            rows = list(self._rows)
+            try:
+                self._decode(rows)
+            except Exception as e:  # noqa: BLE001 - a failed forward must not take the server down
+                log.exception("decode step failed")
+                # no row to blame, and the shared cache may be half-updated: the whole batch starts afresh
+                self._fail_batch(failure(e))
+        self._drop_finished()
+
+    def _prefill_isolated(self, rows: list[_Row]) -> None:
+        """Prefill the new rows together; if that raises, each alone, so that only the rows that fail alone fail.
+
+        A prefill that raises has changed nothing shared (its cache joins the batch's only once it succeeded)."""
         try:
-            step(rows)
-        except Exception as e:  # noqa: BLE001 - a failed forward must not take the server down
-            log.exception("engine step failed")
-            self.stats["errors"] += 1
-            failed = Failed(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
-            # after a failed decode the shared cache may be half-updated: the whole batch starts afresh
-            for row in rows + (self._rows if step == self._decode else []):
-                if not row.finished:
-                    self._finish(row, failed)
-                if row not in self._rows:
-                    row.lease.close()
+            self._prefill(rows)
+            return
+        except Exception as e:  # noqa: BLE001 - one bad row must not fail the others
+            if len(rows) == 1:
+                log.exception("prefill failed")
+                self._fail_rows(rows, failure(e))
+                return
+            log.warning(
+                "a prefill of %d rows failed (%s: %s); prefilling them one by one",
+                len(rows),
+                type(e).__name__,
+                e,
+            )
+        for row in rows:
+            try:
+                self._prefill([row])
+            except Exception as e:  # noqa: BLE001
+                log.exception("prefill failed")
+                self._fail_rows([row], failure(e))
+
+    def _fail_rows(self, rows: list[_Row], event: Failed) -> None:
+        """Fail rows that are not (or no longer) in the batch, releasing their adapters."""
+        self.stats["errors"] += 1
+        for row in rows:
+            if not row.finished:
+                self._finish(row, event)
+            if row not in self._rows:
+                row.lease.close()
+
+    def _fail_batch(self, event: Failed) -> None:
+        self.stats["errors"] += 1
+        for row in self._rows:
+            if not row.finished:
+                self._finish(row, event)
         self._drop_finished()
 
     def _take(self) -> None:
@@ -210,21 +279,33 @@ class Engine:
             if new and longest_if * (len(new) + 1) > self.config.max_prefill_tokens:
                 break
             self._pending.popleft()
-            lease = ExitStack()
+            row = self._row(req)
+            if row is not None:
+                new.append(row)
+                longest = longest_if
+        return new
+
+    def _row(self, req: GenRequest) -> _Row | None:
+        """The batch row of `req`, holding its adapter; None (and the request failed) if that is not possible."""
+        self.stats["requests"] += 1
+        lease = ExitStack()
+        try:
             if req.adapter is not None:
                 try:
                     lease.enter_context(self.bank.hold([req.adapter]))
                 except AdapterError:
                     gone = f"the model {req.adapter!r} was unloaded; adapters: {self.bank.names()}"
-                    req.emit(Failed(404, gone, "model_not_found"))
-                    continue
-            gen = None
-            if req.params.seed is not None:
-                gen = torch.Generator().manual_seed(req.params.seed)
-            new.append(_Row(req, lease, gen))
-            longest = longest_if
-            self.stats["requests"] += 1
-        return new
+                    deliver(req, Failed(404, gone, "model_not_found"))
+                    return None
+            p = req.params
+            gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
+            return _Row(req, lease, gen, frozenset(p.stop_token_ids))
+        except Exception as e:  # noqa: BLE001 - this request alone fails
+            log.exception("admitting a request failed")
+            lease.close()
+            self.stats["errors"] += 1
+            deliver(req, failure(e))
+            return None
 
     # -- forward passes ----------------------------------------------------------------------------------------
 
@@ -245,7 +326,7 @@ class Engine:
         self._append(cache, mask, rows)
         self.stats["prefills"] += 1
         for i, r in enumerate(rows):
-            self._accept(r, logits[i])
+            self._accept_guarded(r, logits[i])
 
     @torch.no_grad()
     def _decode(self, rows: list[_Row]) -> None:
@@ -258,7 +339,7 @@ class Engine:
         self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
         for i, r in enumerate(rows):
             r.n_real += 1
-            self._accept(r, logits[i])
+            self._accept_guarded(r, logits[i])
 
     def _forward(
         self,
@@ -277,7 +358,7 @@ class Engine:
         kwargs = {self._cache_kw: cache, "use_cache": True}
         if last_only and self._keep_kw:
             kwargs[self._keep_kw] = 1
-        with self._adapters([r.req.adapter for r in rows]):
+        with route(self.model, self.bank, [r.req.adapter for r in rows]):
             out = self.model(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
@@ -286,44 +367,12 @@ class Engine:
             )
         return out.logits[:, -1].float().cpu()
 
-    def _adapters(self, names: list[str | None]) -> AbstractContextManager:
-        """Row i of the next forward passes uses adapter names[i] (None: the base model).
-
-        Not `bank.use`: that refuses adapters unloaded meanwhile, which the rows' leases (`bank.hold`) still
-        keep. The bank's ladder, if any, reaches only its own rows, which are base rows for LoRA."""
-        ladder = self.bank.ladder
-        if ladder is None:
-            return self._lora(names)
-        stack = ExitStack()
-        stack.enter_context(ladder_rows(self.model, [n == ladder for n in names]))
-        stack.enter_context(self._lora([None if n == ladder else n for n in names]))
-        return stack
-
-    def _lora(self, names: list[str | None]) -> AbstractContextManager:
-        distinct = set(names)
-        if distinct == {None}:
-            return disabled(self.model)
-        if len(distinct) == 1:  # the single-adapter path, as offline generation takes
-            set_active(self.model, names[0])
-            return nullcontext()
-        return row_adapters(self.model, names)
-
     def _append(self, cache: DynamicCache, mask: torch.Tensor, rows: list[_Row]) -> None:
         """Join the new rows' cache and mask to the running batch's, left-padding the shorter to a common T."""
         if self._cache is None:
             self._cache, self._mask, self._rows = cache, mask, list(rows)
             return
-        old, new = _kv(self._cache), _kv(cache)
-        t = max(self._mask.shape[1], mask.shape[1])
-        merged = [
-            tuple(
-                torch.cat([_pad_left(a, t, dim=2), _pad_left(b, t, dim=2)], dim=0)
-                for a, b in zip(x, y, strict=True)
-            )
-            for x, y in zip(old, new, strict=True)
-        ]
-        self._cache = _make_cache(merged)
-        self._mask = torch.cat([_pad_left(self._mask, t, dim=1), _pad_left(mask, t, dim=1)], dim=0)
+        self._cache, self._mask = kvcache.join(self._cache, self._mask, cache, mask)
         self._rows = self._rows + list(rows)
 
     def _drop_finished(self) -> None:
@@ -341,21 +390,19 @@ class Engine:
         if not keep:
             self._cache, self._mask = None, None
             return
-        idx = torch.tensor(keep, dtype=torch.long)
-        mask = self._mask.index_select(0, idx)
-        start = int(mask.any(0).nonzero()[0, 0])  # leading columns that are padding in every remaining row
-        self._mask = mask[:, start:]
-        self._cache = _make_cache(
-            [
-                (
-                    k.index_select(0, idx.to(k.device))[:, :, start:],
-                    v.index_select(0, idx.to(v.device))[:, :, start:],
-                )
-                for k, v in _kv(self._cache)
-            ]
-        )
+        self._cache, self._mask = kvcache.select(self._cache, self._mask, keep)
 
     # -- tokens to text ----------------------------------------------------------------------------------------
+
+    def _accept_guarded(self, row: _Row, logits: torch.Tensor) -> None:
+        """`_accept`; if it raises, this row alone fails (it leaves the batch at the next drop)."""
+        try:
+            self._accept(row, logits)
+        except Exception as e:  # noqa: BLE001 - one row's sampling or text must not fail the others
+            log.exception("a row failed")
+            self.stats["errors"] += 1
+            if not row.finished:
+                self._finish(row, failure(e))
 
     def _accept(self, row: _Row, logits: torch.Tensor) -> None:
         """Sample the row's next token, emit the new text, and decide whether the row is done."""
@@ -363,7 +410,7 @@ class Engine:
         tok = sample(logits, p.temperature, p.top_p, row.generator)
         row.out_ids.append(tok)
         reason = None
-        if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+        if (tok in self.eos_ids and not p.ignore_eos) or tok in row.stop_ids:
             reason = "stop"
         with self.tokenizer_lock:
             text = self.tokenizer.decode(row.out_ids, skip_special_tokens=True)
@@ -374,19 +421,19 @@ class Engine:
             reason = "length"
         if reason is not None:
             if len(text) > row.sent:
-                row.req.emit(Delta(text[row.sent :]))
+                deliver(row.req, Delta(text[row.sent :]))
             self._finish(row, Done(reason, len(row.req.prompt_ids), len(row.out_ids)))
             return
         safe = len(text) - max((len(s) - 1 for s in p.stop), default=0)  # a stop string may be starting
         if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next byte
             safe = min(safe, len(text) - 1)
         if safe > row.sent:
-            row.req.emit(Delta(text[row.sent : safe]))
+            deliver(row.req, Delta(text[row.sent : safe]))
             row.sent = safe
 
     def _finish(self, row: _Row, event: Done | Failed) -> None:
         row.finished = True
-        row.req.emit(event)
+        deliver(row.req, event)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -397,29 +444,3 @@ def _eos_ids(model, tokenizer) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
-
-
-# -- KV cache tensors ------------------------------------------------------------------------------------------
-
-
-def _kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (keys, values), each (batch, kv_heads, T, head_dim)."""
-    if hasattr(cache, "layers"):  # transformers >= 4.56
-        return [(layer.keys, layer.values) for layer in cache.layers]
-    return list(zip(cache.key_cache, cache.value_cache, strict=True))
-
-
-def _make_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    cache = DynamicCache()
-    for i, (k, v) in enumerate(kv):
-        cache.update(k, v, i)
-    return cache
-
-
-def _pad_left(x: torch.Tensor, length: int, *, dim: int) -> torch.Tensor:
-    missing = length - x.shape[dim]
-    if missing <= 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([x.new_zeros(shape), x], dim=dim)

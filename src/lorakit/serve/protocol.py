@@ -6,6 +6,7 @@ Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``,
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ ERROR_TYPES = {
     503: "server_error",
 }
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes (negatives wrap around)
 MAX_BODY = 16 * 2**20  # bytes of request body; a prompt filling a 128k context is ~1 MB of text
 
 
@@ -53,13 +55,51 @@ async def read_json(request: Request) -> dict[str, Any]:
         if size > MAX_BODY:
             raise APIError(413, f"the request body is over {MAX_BODY // 2**20} MiB", "request_too_large")
         chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
-        body = json.loads(b"".join(chunks))
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}", "invalid_json") from None
+    except RecursionError:
+        raise APIError(
+            400, "the request body is nested too deeply (over ~1000 levels of [ or {)", "invalid_json"
+        ) from None
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object", "invalid_json")
+    _no_surrogates(body, raw)
     return body
+
+
+_MAYBE_SURROGATE = re.compile(
+    rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]"
+)  # "\ud800" escaped, or raw (surrogatepass)
+
+
+def _no_surrogates(body: dict[str, Any], raw: bytes) -> None:
+    """400 naming the field if a string holds a lone UTF-16 surrogate ("\ud800"): JSON allows the escape, but it is
+    no character, and the tokenizer (and any UTF-8 encoder) fails on it."""
+    if json.detect_encoding(raw) == "utf-8" and not _MAYBE_SURROGATE.search(raw):
+        return  # the common case: no string can hold one, skip the walk
+    stack: list[tuple[Any, str]] = [(body, "")]
+    while stack:  # iterative: the body may be nested deep
+        value, where = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                sub = f"{where}.{key}" if where else str(key)
+                stack += [(key, sub), (item, sub)]
+        elif isinstance(value, list):
+            stack += [(item, f"{where}[{i}]") for i, item in enumerate(value)]
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                char = f"\\u{ord(value[e.start]):04x}"
+                raise bad(
+                    f"{where!r} holds a lone UTF-16 surrogate ({char}) at character {e.start}, which is not valid "
+                    "Unicode; send the character's surrogate pair or UTF-8",
+                    where,
+                    "invalid_unicode",
+                ) from None
 
 
 def sse(data: dict[str, Any]) -> str:
@@ -155,7 +195,7 @@ def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise bad("'stream_options' must be an object", "stream_options")
-    return stream, bool(opts.get("include_usage"))
+    return stream, _bool(opts, "include_usage", "stream_options.")
 
 
 def _sampling(body: dict[str, Any]) -> dict[str, Any]:
@@ -177,19 +217,33 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
         raise bad("'stop' must be a non-empty string or a list of up to 4 of them", "stop")
     stop_ids = body.get("stop_token_ids") or []
-    if not isinstance(stop_ids, list) or not all(isinstance(t, int) for t in stop_ids):
+    if not isinstance(stop_ids, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in stop_ids
+    ):
         raise bad("'stop_token_ids' must be a list of token ids", "stop_token_ids")
     seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise bad("'seed' must be an integer", "seed")
+    if seed is not None and (
+        not isinstance(seed, int) or isinstance(seed, bool) or not SEED_MIN <= seed <= SEED_MAX
+    ):
+        raise bad(f"'seed' must be a 64-bit integer, in [-2**63, 2**64 - 1], got {seed!r}", "seed")
     return {
         "temperature": temperature,
         "top_p": top_p,
         "seed": seed,
         "stop": tuple(stop),
         "stop_token_ids": tuple(stop_ids),
-        "ignore_eos": bool(body.get("ignore_eos", False)),
+        "ignore_eos": _bool(body, "ignore_eos"),
     }
+
+
+def _bool(body: dict[str, Any], key: str, prefix: str = "") -> bool:
+    """A JSON boolean (missing or null: false); 400 for anything else ("false" as a string is truthy in Python)."""
+    value = body.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise bad(f"'{prefix}{key}' must be a boolean (true or false), got {value!r}", prefix + key)
+    return value
 
 
 def _int(body: dict[str, Any], key: str, *, default: int | None, low: int) -> int | None:

@@ -7,10 +7,13 @@ The engine calls `emit` on its own thread: Delta events (new text), then exactly
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -20,7 +23,7 @@ class SamplingParams:
     max_tokens: int
     """Most tokens to generate."""
     temperature: float = 1.0
-    """0 means greedy (argmax)."""
+    """0 (or anything below `GREEDY_BELOW`) means greedy (argmax)."""
     top_p: float = 1.0
     """Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p."""
     seed: int | None = None
@@ -68,14 +71,48 @@ class GenRequest:
     cancelled: bool = False  # set by the server when the client goes away; the row leaves at the next step
 
 
+SHUTDOWN = Failed(503, "the server is shutting down", "server_shutdown")
+
+
+def failure(e: BaseException) -> Failed:
+    """The event of a request that an exception failed (HTTP 500), naming the exception."""
+    return Failed(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
+
+
+def deliver(req: GenRequest, event: Event) -> None:
+    """Hand `event` to the request's callback; a callback that raises cancels its own request, nothing else."""
+    try:
+        req.emit(event)
+    except Exception:  # noqa: BLE001 - a broken consumer must not stop the engine
+        log.exception("a request's event callback failed; cancelling the request")
+        req.cancelled = True
+
+
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily, as vLLM does: dividing by them overflows float32 (1e-38 does, and
+1e-46 rounds to 0), and their distribution is the argmax's anyway."""
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """The next token from `logits` (vocab,): argmax when temperature is 0, else temperature + top-p sampling."""
-    if temperature <= 0:
+    """The next token from `logits` (vocab,): argmax when temperature is below GREEDY_BELOW, else temperature +
+    top-p sampling, in float32 whatever the logits' dtype.
+
+    Safe for any temperature and top_p in range: logits are shifted so that their largest is 0 before the
+    division (so nothing overflows to NaN), +inf logits are the sure tokens, and the nucleus always keeps the top
+    token (a top_p under float32's smallest number rounds to 0). Raises ValueError if the logits are NaN or all
+    -inf: the row that produced them fails, not the batch."""
+    logits = logits.float()
+    if torch.isnan(logits).any() or not (logits > float("-inf")).any():
+        raise ValueError("the model produced NaN or all -inf logits for this request; no token can be picked")
+    if temperature < GREEDY_BELOW:
         return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)
+    if torch.isposinf(logits).any():
+        logits = torch.where(torch.isposinf(logits), 0.0, float("-inf"))
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # tokens after the nucleus is already full
+        drop[0] = False
         sorted_p[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,68 @@
+"""The batch's KV cache as plain tensors: per layer (keys, values), each (batch, kv_heads, T, head_dim).
+
+The engine joins the caches of rows prefilled at different times (left-padding the shorter to a common T) and
+drops rows and leading all-padding columns when requests finish; these helpers move between `DynamicCache` and
+tensors across transformers versions.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+def kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer (keys, values), each (batch, kv_heads, T, head_dim)."""
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))
+
+
+def make_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        cache.update(k, v, i)
+    return cache
+
+
+def pad_left(x: torch.Tensor, length: int, *, dim: int) -> torch.Tensor:
+    missing = length - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
+def join(
+    cache: DynamicCache, mask: torch.Tensor, new_cache: DynamicCache, new_mask: torch.Tensor
+) -> tuple[DynamicCache, torch.Tensor]:
+    """The rows of `cache` then those of `new_cache`, the shorter left-padded to a common T; masks (batch, T)."""
+    t = max(mask.shape[1], new_mask.shape[1])
+    merged = [
+        tuple(
+            torch.cat([pad_left(a, t, dim=2), pad_left(b, t, dim=2)], dim=0)
+            for a, b in zip(x, y, strict=True)
+        )
+        for x, y in zip(kv(cache), kv(new_cache), strict=True)
+    ]
+    return make_cache(merged), torch.cat([pad_left(mask, t, dim=1), pad_left(new_mask, t, dim=1)], dim=0)
+
+
+def select(cache: DynamicCache, mask: torch.Tensor, keep: list[int]) -> tuple[DynamicCache, torch.Tensor]:
+    """Rows `keep` of the cache, without the leading columns that are padding in every one of them."""
+    idx = torch.tensor(keep, dtype=torch.long)
+    mask = mask.index_select(0, idx)
+    start = int(mask.any(0).nonzero()[0, 0])
+    return (
+        make_cache(
+            [
+                (
+                    k.index_select(0, idx.to(k.device))[:, :, start:],
+                    v.index_select(0, idx.to(v.device))[:, :, start:],
+                )
+                for k, v in kv(cache)
+            ]
+        ),
+        mask[:, start:],
+    )

@@ -11,7 +11,11 @@ class LorakitError(Exception):
 
 
 class ConfigError(LorakitError, ValueError):
-    """A configuration value or key is invalid."""
+    """A configuration value or key is invalid. `key`: the field at fault, when one is (for file-level messages)."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class TargetError(LorakitError, ValueError):

@@ -113,3 +113,48 @@ def test_adalora_config_values(adalora_dir, changes, match):
 def test_ladder_config_values(ladder_dir, changes, match):
     _edit(ladder_dir, **changes)
     _refused(ladder_dir, rf"^{ladder_dir / 'adapter_config.json'}: {match}")
+
+
+def _as_pickle(path, obj):
+    (path / "adapter_model.safetensors").unlink()
+    torch.save(obj, path / "adapter_model.bin")
+
+
+def test_refused_pickle_is_one_line_naming_the_file(lora_dir, tmp_path):
+    import os
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    _as_pickle(lora_dir, {"x": Evil()})
+    msg = _refused(
+        lora_dir,
+        rf"^{lora_dir / 'adapter_model.bin'}: refused by torch.load\(weights_only=True\)",
+        allow_pickle=True,
+    )
+    assert "GLOBAL posix.system" in msg  # what was refused, from torch's multi-line message
+    assert "weights_only` set to `False`" not in msg  # not torch's advice to load it unsafely
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        ("truncated", r"adapter_model\.bin: cannot be loaded with weights_only=True"),
+        ("not-a-dict", r"adapter_model\.bin: expected a dict of tensors"),
+        ("int-keys", r"adapter_model\.bin: expected a dict of tensors"),
+    ],
+)
+def test_bad_pickles_are_one_line(lora_dir, damage, match):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(lora_dir / "adapter_model.safetensors"))
+    _as_pickle(
+        lora_dir,
+        {"truncated": tensors, "not-a-dict": list(tensors.values()), "int-keys": {1: torch.ones(1)}}[damage],
+    )
+    if damage == "truncated":
+        f = lora_dir / "adapter_model.bin"
+        f.write_bytes(f.read_bytes()[:100])
+    _refused(lora_dir, match, allow_pickle=True)

@@ -64,16 +64,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import lorakit
 
     target = Path(args.target) if args.target else None
+    is_adapter = target is not None and (target / "adapter_config.json").exists()  # even a broken one
     if target is not None and args.model is None and not args.apply and lorakit.is_ladder_folder(target):
         info = lorakit.describe_adapter(target)
         print(json.dumps(info, indent=2, default=str) if args.json else lorakit.format_ladder(info))
         return 0
-    if (
-        target is not None
-        and (target / "adapter_config.json").is_file()
-        and args.model is None
-        and not args.apply
-    ):
+    if is_adapter and args.model is None and not args.apply:
         info = lorakit.describe_adapter(target)
         if args.json:
             print(json.dumps({**info, "config": info["config"].to_peft_dict()}, indent=2, default=str))
@@ -83,13 +79,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if base_q:
             print(f"trained on a 4-bit base: {json.dumps(base_q, sort_keys=True)}")
         return 0
-    model_spec = args.model if target is None or (target / "adapter_config.json").is_file() else str(target)
+    model_spec = args.model if target is None or is_adapter else str(target)
     if args.quantize:  # straight into 4 bits, as lorakit train --model.quantize does
         model, _, qreport = lorakit.load_quantized(model_spec, method=args.quantize)
         print(qreport.summary())
     else:
         model, _ = _load(model_spec)
-    if target is not None and (target / "adapter_config.json").is_file():
+    if is_adapter:
         lorakit.load_adapter(model, target)
     else:
         lorakit.inject(model, lorakit.LoraConfig(r=args.r, alpha=args.r, targets=_targets(args.targets)))

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.atomic import atomic_dir
@@ -24,6 +23,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, AdapterFileError, ConfigError, TargetError
 from lorakit.inject import check_new_name, delete_adapter, inject, lora_layers, registry
 from lorakit.layers import Handler, handler_for
+from lorakit.readers import load_weights_only, read_json, read_safetensors
 from lorakit.targeting import select_modules
 
 log = logging.getLogger(__name__)
@@ -135,12 +135,7 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_dir():
         raise AdapterFileError(f"{path}: not an adapter folder (expected a directory with {CONFIG_NAME})")
     cfg_file = path / CONFIG_NAME
-    if not cfg_file.is_file():
-        raise AdapterFileError(f"{cfg_file}: missing")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{cfg_file}: not valid JSON ({e})") from None
+    raw = read_json(cfg_file)
     if not isinstance(raw, dict):
         raise AdapterFileError(f"{cfg_file}: expected a JSON object, got {type(raw).__name__}")
     return raw
@@ -160,24 +155,18 @@ def _is_adalora(model: nn.Module, name: str) -> bool:
 
 def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     st, pt = path / WEIGHTS_NAME, path / PICKLE_NAME
-    if st.is_file():
-        try:
-            return load_file(str(st), device="cpu")
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise AdapterFileError(f"{st}: corrupt or truncated safetensors file ({e})") from None
-    if pt.is_file():
+    if st.exists():
+        return read_safetensors(st)
+    if pt.exists():
         if not allow_pickle:
             raise AdapterFileError(
                 f"{pt}: pickled adapter refused (pickle can run code); pass allow_pickle=True / --allow-pickle to load "
                 "it with torch.load(weights_only=True), or convert it to safetensors"
             )
-        try:
-            tensors = torch.load(str(pt), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-            raise AdapterFileError(
-                f"{pt}: cannot be loaded with weights_only=True ({type(e).__name__}: {e})"
-            ) from None
-        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        tensors = load_weights_only(pt)
+        if not isinstance(tensors, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+        ):
             raise AdapterFileError(f"{pt}: expected a dict of tensors")
         return tensors
     raise AdapterFileError(f"{path}: no {WEIGHTS_NAME} (or {PICKLE_NAME})")

@@ -296,9 +296,10 @@ def save_ladder(model: nn.Module, path: str | os.PathLike, *, base_model: str | 
 def read_ladder(path: str | os.PathLike) -> tuple[LadderConfig, dict[str, Any], dict[str, torch.Tensor]]:
     """(config, raw json, tensors) of a ladder folder."""
     from lorakit.io import CONFIG_NAME, _read_tensors
+    from lorakit.readers import read_json
 
     path = Path(path)
-    raw = json.loads((path / CONFIG_NAME).read_text())
+    raw = read_json(path / CONFIG_NAME)
     known = {f.name for f in fields(LadderConfig)}
     try:
         cfg = LadderConfig(**{k: v for k, v in raw.items() if k in known})

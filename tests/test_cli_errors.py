@@ -99,3 +99,42 @@ def test_bad_adapter_file_is_one_line_for_every_command(files, tmp_path, capsys,
     assert last.startswith(f"lorakit {name}: error: {adapter}"), err[-5:]
     assert [line for line in err if line.startswith("lorakit ")] == [last]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["merge", "combine"])
+def test_output_path_that_is_a_file_is_one_line(files, tmp_path, capsys, command):
+    out = tmp_path / "out"
+    out.write_text("not a folder")
+    argv = _commands(files, files["good"], out)[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == f"lorakit {command}: error: {out}: exists and is not a folder"
+    assert out.read_text() == "not a folder"
+
+
+def test_missing_data_file_and_model_are_one_line(files, tmp_path, capsys):
+    assert main(["eval", "--data", str(tmp_path / "none.jsonl"), "--model", str(files["model"])]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"lorakit eval: error: {tmp_path / 'none.jsonl'}: data file not found"
+    )
+    assert main(["generate", "hi", "--model", str(tmp_path / "nomodel")]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .startswith(f"lorakit generate: error: model path {str(tmp_path / 'nomodel')!r} does not exist")
+    )
+
+
+def test_a_system_refusal_is_one_line_naming_the_path(files, tmp_path, capsys):
+    """An OSError no lorakit check foresaw (here: the output's parent is a file, so mkdir fails) still ends as
+    one line naming the path, not a traceback."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    out = blocker / "sub" / "out"
+    assert (
+        main(["combine", str(files["good"]), str(files["good"]), "--method", "cat", "--out", str(out)]) == 2
+    )
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("lorakit combine: error: ") and str(blocker) in last, last

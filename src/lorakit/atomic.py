@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from lorakit.errors import DiskFullError
+from lorakit.errors import DiskFullError, OutputError
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -27,7 +27,7 @@ def atomic_dir(path: Path, write: Callable[[Path], None], *, keep_others: bool =
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path}: exists and is not a folder")
+        raise OutputError(f"{path}: exists and is not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:

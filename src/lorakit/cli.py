@@ -485,9 +485,23 @@ def main(argv: list[str] | None = None) -> int:
     except LorakitError as e:
         print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (
+        OSError
+    ) as e:  # the system refused a file (permissions, a folder for a file, ...): its one line names it
+        if args.verbose:
+            raise
+        print(f"lorakit {args.command}: error: {_os_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # outside the training loop (which saves a checkpoint and raises LorakitError)
         print(f"lorakit {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _os_error(e: OSError) -> str:
+    """'PATH: reason' for an OSError from the system, else its text on one line."""
+    if e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}" + (f" -> {e.filename2}" if e.filename2 else "")
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -38,6 +38,10 @@ class QuantizationError(LorakitError, ValueError):
     """A model cannot be quantized as asked, or an operation needs full-precision weights (merge into 4 bits)."""
 
 
+class OutputError(LorakitError, FileExistsError):
+    """A destination cannot be written as asked (e.g. a file stands where an output folder goes)."""
+
+
 class DiskFullError(LorakitError, OSError):
     """A write ran out of disk space (or quota); the destination was left as it was."""
 

@@ -26,7 +26,7 @@ from lorakit.train.checkpoint import (
     full_tensor,
     is_sharded,
     latest_checkpoint,
-    load_checkpoint,
+    resume_from,
     save_checkpoint,
 )
 from lorakit.train.config import RunConfig
@@ -120,10 +120,12 @@ def train_loop(
         if hasattr(inner, "enable_input_require_grads"):
             inner.enable_input_require_grads()
     start = 0
-    resume = latest_checkpoint(out_dir) if t.resume == "auto" else t.resume
-    if resume:
-        start = load_checkpoint(Path(resume), inner, opt, sched, base_model_id=base_model_id, method=method)
-        log.info("resumed from %s at step %d", resume, start)
+    if t.resume:  # "auto": the newest intact checkpoint (a truncated one is skipped, with a warning)
+        start, resumed = resume_from(
+            t.resume, out_dir, inner, opt, sched, base_model_id=base_model_id, method=method
+        )
+        if resumed is not None:
+            log.info("resumed from %s at step %d", resumed, start)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = out_dir / "metrics.jsonl"
     emit = _emitter(metrics_file if rank == 0 else None, callbacks)

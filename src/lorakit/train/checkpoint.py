@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lorakit.atomic import atomic_dir
+from lorakit.atomic import atomic_dir, remove_stale_temporaries
 from lorakit.errors import LorakitError
 from lorakit.readers import load_weights_only, read_json, read_safetensors
 
@@ -134,6 +134,7 @@ def save_checkpoint(
             save_file(extra_tensors, str(tmp / "method.safetensors"), metadata={"format": "pt"})
         (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
 
+    remove_stale_temporaries(root, "step-*")  # a killed save of an earlier step left its temporary
     try:
         atomic_dir(path, write)
     except Exception as e:

@@ -138,3 +138,23 @@ def test_a_system_refusal_is_one_line_naming_the_path(files, tmp_path, capsys):
     )
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("lorakit combine: error: ") and str(blocker) in last, last
+
+
+def test_eval_with_nothing_left_after_truncation_says_so(files, tmp_path, capsys):
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"prompt": "what is one plus one? ", "completion": "2"}) + "\n")
+    argv = [
+        "eval",
+        "--data",
+        str(data),
+        "--model",
+        str(files["model"]),
+        "--max-len",
+        "4",
+        "--max-new-tokens",
+        "1",
+    ]
+    assert main([*argv, "--no-chat"]) == 0
+    out = capsys.readouterr().out
+    assert "eval loss: n/a (no example has a token left to evaluate after truncation to 4 tokens)" in out
+    assert "eval loss: 0.0000" not in out

@@ -226,3 +226,36 @@ def test_resume_from_a_named_truncated_checkpoint_is_one_line(tmp_path):
         train_loop(model, _rows(), _cfg(tmp_path, resume=str(ckpt)), pad_id=0, out_dir=tmp_path)
     assert "\n" not in str(info.value)
     assert all(torch.equal(before[k], v) for k, v in _adapter(model).items())  # nothing half-restored
+
+
+def test_an_eval_set_emptied_by_truncation_reports_no_loss_not_zero(tmp_path, caplog):
+    """Every eval prompt is longer than data.max_len (16), so truncation leaves no eval token to score: the run
+    warns at the start and reports no eval loss, instead of a mean over nothing printed as 0.0000."""
+    from tiny import addition_run
+
+    long = [{"prompt": "what is " * 3 + f"{i}+1=", "completion": str(i + 1)} for i in range(4)]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in long))
+    with caplog.at_level("WARNING", logger="lorakit"):
+        summary, _ = addition_run(
+            tmp_path,
+            "--train.steps",
+            "2",
+            "--train.eval_every",
+            "1",
+            "--data.eval_file",
+            str(tmp_path / "long.jsonl"),
+        )
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        "no eval example has a token left to evaluate after truncation to 16 tokens" in w for w in warned
+    )
+    assert "loss" not in summary["before"] and "loss" not in summary["after"]
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("eval_loss" in r for r in records)
+    assert summary["data"]["eval"]["truncated"] == 4
+
+
+def test_eval_loss_of_nothing_is_none():
+    from lorakit.train.evaluate import eval_loss
+
+    assert eval_loss(tiny_llama(), [], pad_id=0) is None

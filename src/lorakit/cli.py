@@ -210,7 +210,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     print("\n               before      after")
     if "accuracy" in a:
         print(f"accuracy     {100 * b['accuracy']:7.1f}%   {100 * a['accuracy']:7.1f}%")
-    print(f"eval loss    {b['loss']:8.4f}   {a['loss']:8.4f}")
+    if "loss" in a:
+        print(f"eval loss    {b['loss']:8.4f}   {a['loss']:8.4f}")
+    else:
+        print("eval loss         n/a        n/a   (no eval token left after truncation: raise data.max_len)")
     print(
         f"\n{summary['tokens'] / summary['train_seconds']:.0f} tokens/s over {summary['train_seconds']:.0f} s, "
         f"peak memory {summary['peak_rss_gb']:.2f} GB"
@@ -239,7 +242,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         lorakit.load_adapter(model, args.adapter, allow_pickle=args.allow_pickle)
     rows, stats = encode_dataset(tok, examples, max_len=args.max_len, chat=not args.no_chat)
     print(f"{len(rows)} examples ({stats['truncated']} truncated to {args.max_len} tokens)")
-    print(f"eval loss: {eval_loss(model, rows, tok.pad_token_id):.4f}")
+    loss = eval_loss(model, rows, tok.pad_token_id)
+    print(
+        f"eval loss: {loss:.4f}"
+        if loss is not None
+        else f"eval loss: n/a (no example has a token left to evaluate after truncation to {args.max_len} tokens)"
+    )
     acc, samples = exact_match(
         model, tok, examples[: args.limit], max_new_tokens=args.max_new_tokens, chat=not args.no_chat
     )

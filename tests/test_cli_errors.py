@@ -158,3 +158,28 @@ def test_eval_with_nothing_left_after_truncation_says_so(files, tmp_path, capsys
     out = capsys.readouterr().out
     assert "eval loss: n/a (no example has a token left to evaluate after truncation to 4 tokens)" in out
     assert "eval loss: 0.0000" not in out
+
+
+@pytest.mark.parametrize(
+    "argv,option,value",
+    [
+        (["generate", "hi", "--max-new-tokens", "-3"], "--max-new-tokens", "-3"),
+        (["generate", "hi", "--temperature", "nan"], "--temperature", "nan"),
+        (["generate", "hi", "--temperature", "-1"], "--temperature", "-1"),
+        (["eval", "--data", "x.jsonl", "--max-len", "0"], "--max-len", "0"),
+        (["eval", "--data", "x.jsonl", "--limit", "-1"], "--limit", "-1"),
+        (["inspect", "--r", "0"], "--r", "0"),
+        (["demo", "--steps", "0"], "--steps", "0"),
+        (["serve", "--port", "70000"], "--port", "70000"),
+        (["serve", "--wait-ms", "inf"], "--wait-ms", "inf"),
+        (["serve", "--max-batch", "0"], "--max-batch", "0"),
+    ],
+)
+def test_bad_numeric_options_are_refused_before_anything_loads(capsys, argv, option, value):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        last.startswith(f"lorakit {argv[0]}: error: argument {option}: expected ") and repr(value) in last
+    ), last

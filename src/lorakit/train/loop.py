@@ -11,8 +11,11 @@ import functools
 import json
 import logging
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +134,7 @@ def train_loop(
     emit = _emitter(metrics_file if rank == 0 else None, callbacks)
     model.train()
     tokens_seen, t0, last = 0, time.perf_counter(), None
-    step = start
+    step = done = start  # done: optimizer steps the weights have taken
     prev_fused = set_fused(t.fused)
     if (
         t.fused and groups_enabled() and not sharded and train_rows
@@ -164,22 +167,24 @@ def train_loop(
             grad_norm = (
                 torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else None
             )
-            opt.step()
-            method.after_step(inner, step)  # gradients still present (AdaLoRA's importance scores)
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            tokens_seen += n_tok * world
-            last = {
-                "step": step + 1,
-                "loss": loss_sum,
-                "lr": sched.get_last_lr()[0],
-                "tokens_per_s": tokens_seen / (time.perf_counter() - t0),
-                "elapsed_s": time.perf_counter() - t0,
-            }
-            if grad_norm is not None:
-                last["grad_norm"] = float(full_tensor(grad_norm))  # FSDP2: a replicated DTensor
-            if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-                emit(last)
+            with step_boundary():  # a Ctrl-C here waits until weights, optimizer, scheduler and `done` agree
+                opt.step()
+                method.after_step(inner, step)  # gradients still present (AdaLoRA's importance scores)
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                done = step + 1
+                tokens_seen += n_tok * world
+                last = {
+                    "step": done,
+                    "loss": loss_sum,
+                    "lr": sched.get_last_lr()[0],
+                    "tokens_per_s": tokens_seen / (time.perf_counter() - t0),
+                    "elapsed_s": time.perf_counter() - t0,
+                }
+                if grad_norm is not None:
+                    last["grad_norm"] = float(full_tensor(grad_norm))  # FSDP2: a replicated DTensor
+                if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+                    emit(last)
             if evaluate and t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:
                 measured = evaluate()
                 if rank == 0:
@@ -202,19 +207,16 @@ def train_loop(
             if rank == 0:
                 newest = latest_checkpoint(out_dir)
                 where = f"resume from {newest} with --train.resume auto" if newest else "no checkpoint yet"
-                done = last["step"] if last else start
                 raise TrainingError(
                     f"interrupted after step {done} (FSDP writes no checkpoint on interrupt); {where}"
                 ) from None
             raise
-        if rank == 0 and last is not None:
+        if rank == 0 and done > start:
             path = save_checkpoint(
-                out_dir, last["step"], inner, opt, sched, cfg, base_model_id=base_model_id, method=method
+                out_dir, done, inner, opt, sched, cfg, base_model_id=base_model_id, method=method
             )
             log.warning("interrupted: saved a resumable checkpoint to %s", path)
-            raise TrainingError(
-                f"interrupted at step {last['step']}; resume with --train.resume {path}"
-            ) from None
+            raise TrainingError(f"interrupted at step {done}; resume with --train.resume {path}") from None
         raise
     finally:
         set_fused(prev_fused)
@@ -227,6 +229,27 @@ def train_loop(
         "train_seconds": time.perf_counter() - t0,
         "last": last,
     }
+
+
+@contextmanager
+def step_boundary() -> Iterator[None]:
+    """Hold a SIGINT (Ctrl-C) that arrives inside the block until the block's end, then raise it.
+
+    Around an optimizer step and the bookkeeping that goes with it, so that an interrupt never finds updated
+    weights with the previous step number (a checkpoint would then repeat that step on resume). Only the main
+    thread can handle signals; elsewhere, or when SIGINT is not Python's to handle, this does nothing."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield
+        return
+    held: list[Any] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        previous(signal.SIGINT, held[0])  # Python's default handler raises KeyboardInterrupt
 
 
 def _emitter(path: Path | None, callbacks: list[Callback]) -> Callback:

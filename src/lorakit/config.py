@@ -36,6 +36,7 @@ _PEFT_IGNORED_KEYS = {
     "base_model_name_or_path",
     "task_type",
     "lora_dropout",
+    "modules_to_save",  # its tensors are checked against the model at load (a trained copy is refused)
 }
 # PEFT keys for features we do not implement: fine when unset (None/False/empty), an error otherwise.
 _PEFT_UNSUPPORTED_KEYS = {
@@ -58,7 +59,6 @@ _PEFT_UNSUPPORTED_KEYS = {
     "monteclora_config",
     "velora_config",
     "use_mica",
-    "modules_to_save",
     "kasa_config",
 }
 
@@ -113,8 +113,9 @@ class LoraConfig:
     """"default" (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r)), "pissa" (top-r SVD of W0), "random"."""
     use_dora: bool = False
     """Weight-decomposed LoRA: a trainable magnitude per output feature times the normalised W0 + ΔW."""
-    task_type: str | None = "CAUSAL_LM"
-    """PEFT task type written to adapter_config.json."""
+    task_type: str | None = None
+    """PEFT task type written to adapter_config.json; None: the one that fits the model, at save (CAUSAL_LM,
+    SEQ_CLS, TOKEN_CLS, QUESTION_ANS, SEQ_2_SEQ_LM, or null for a bare model, as PEFT writes when unset)."""
     base_model: str | None = None
     """Name or path of the base model, written to adapter_config.json as base_model_name_or_path."""
 

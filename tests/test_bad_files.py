@@ -158,3 +158,50 @@ def test_bad_pickles_are_one_line(lora_dir, damage, match):
         f = lora_dir / "adapter_model.bin"
         f.write_bytes(f.read_bytes()[:100])
     _refused(lora_dir, match, allow_pickle=True)
+
+
+KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda t: torch.full_like(t, float("nan")), r"has non-finite values \(nan or inf\)"),
+        (lambda t: torch.full_like(t, float("inf")), r"has non-finite values \(nan or inf\)"),
+        (
+            lambda t: torch.ones_like(t, dtype=torch.int32),
+            r"has dtype torch\.int32, not a floating-point type",
+        ),
+        (lambda t: torch.ones_like(t, dtype=torch.bool), r"has dtype torch\.bool, not a floating-point type"),
+    ],
+    ids=["nan", "inf", "int32", "bool"],
+)
+def test_non_finite_or_non_float_tensors_are_refused(lora_dir, make, match):
+    from safetensors.torch import load_file, save_file
+
+    f = lora_dir / "adapter_model.safetensors"
+    tensors = load_file(str(f))
+    tensors[KEY] = make(tensors[KEY])
+    save_file(tensors, str(f))
+    _refused(lora_dir, rf"^{lora_dir}: {KEY} {match}")
+
+
+def test_half_precision_files_load(lora_dir):
+    from safetensors.torch import load_file, save_file
+
+    f = lora_dir / "adapter_model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}, str(f))
+    model = tiny_llama()
+    lorakit.load_adapter(model, lora_dir)  # converted to the model's dtype, as PEFT does
+
+
+def test_adalora_and_ladder_tensors_are_checked_too(adalora_dir, ladder_dir):
+    from safetensors.torch import load_file, save_file
+
+    for path in (adalora_dir, ladder_dir):
+        f = path / "adapter_model.safetensors"
+        tensors = load_file(str(f))
+        key = sorted(tensors)[0]
+        tensors[key] = torch.full_like(tensors[key], float("nan"))
+        save_file(tensors, str(f))
+        _refused(path, rf"^{path}: {key} has non-finite values")

@@ -209,6 +209,17 @@ def _is_adalora(model: nn.Module, name: str) -> bool:
 
 
 def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """The adapter folder's tensors, each a floating-point tensor of finite values (else AdapterFileError)."""
+    tensors = _read_tensor_file(path, allow_pickle)
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise AdapterFileError(f"{path}: {key} has dtype {t.dtype}, not a floating-point type")
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterFileError(f"{path}: {key} has non-finite values (nan or inf)")
+    return tensors
+
+
+def _read_tensor_file(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     st, pt = path / WEIGHTS_NAME, path / PICKLE_NAME
     if st.exists():
         return read_safetensors(st)

@@ -5,48 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import time
 from pathlib import Path
 
+from lorakit.cliargs import non_negative, os_error_line, positive_int, tcp_port
 from lorakit.errors import LorakitError
 
 MODEL_HELP = "a Hugging Face model folder or a .gguf file (default: the bundled SmolLM2-135M-Instruct)"
-
-
-def _count(text: str) -> int:
-    """argparse type: an integer >= 1 (steps, ranks, lengths, batch sizes)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    """argparse type: a TCP port, 1..65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a TCP port 1..65535, got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    """argparse type: a finite number >= 0 (a temperature, a wait in ms)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
 
 
 def _load(model_spec: str | None):
@@ -362,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--model", help=MODEL_HELP)
     d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    d.add_argument("--steps", type=_count, default=30, help="training steps (default: 30)")
+    d.add_argument("--steps", type=positive_int, default=30, help="training steps (default: 30)")
     d.set_defaults(func=cmd_demo)
 
     from lorakit.train.config import help_text
@@ -384,11 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("--model", help="apply the adapter to this model and report trainable vs total parameters")
     i.add_argument("--apply", action="store_true", help="apply the adapter to the default model and report")
-    i.add_argument("--r", type=_count, default=8, help="rank for a hypothetical LoRA on a model (default: 8)")
+    i.add_argument(
+        "--r", type=positive_int, default=8, help="rank for a hypothetical LoRA on a model (default: 8)"
+    )
     i.add_argument(
         "--targets", default="all-linear", help="targets for a hypothetical LoRA, comma-separated or a regex"
     )
-    i.add_argument("--rows", type=_count, default=40, help="table rows to print (default: 40)")
+    i.add_argument("--rows", type=positive_int, default=40, help="table rows to print (default: 40)")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.add_argument("--quantize", choices=["nf4"], help="quantize to 4 bits first (QLoRA): bits/param")
     i.set_defaults(func=cmd_inspect)
@@ -420,9 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--model", help=MODEL_HELP)
     e.add_argument("--adapter", help="adapter folder (PEFT layout)")
-    e.add_argument("--max-len", type=_count, default=256, help="maximum tokens per example (default: 256)")
-    e.add_argument("--limit", type=_count, default=100, help="examples generated for accuracy (default: 100)")
-    e.add_argument("--max-new-tokens", type=_count, default=32)
+    e.add_argument(
+        "--max-len", type=positive_int, default=256, help="maximum tokens per example (default: 256)"
+    )
+    e.add_argument(
+        "--limit", type=positive_int, default=100, help="examples generated for accuracy (default: 100)"
+    )
+    e.add_argument("--max-new-tokens", type=positive_int, default=32)
     e.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     e.add_argument(
         "--allow-pickle", action="store_true", help="accept a pickled adapter_model.bin (weights_only)"
@@ -433,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--model", help=MODEL_HELP)
     g.add_argument("--adapter", action="append", help="adapter folder; repeat to activate several")
-    g.add_argument("--max-new-tokens", type=_count, default=64)
-    g.add_argument("--temperature", type=_non_negative, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=64)
+    g.add_argument("--temperature", type=non_negative, default=0.0, help="0 = greedy (default)")
     g.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
     g.add_argument(
         "--allow-pickle", action="store_true", help="accept pickled adapter_model.bin files (weights_only)"
@@ -488,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter", action="append", metavar="NAME=DIR", help="adapter to serve as model NAME; repeatable"
     )
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
-    s.add_argument("--port", type=_port, default=8000, help="TCP port (default: 8000)")
+    s.add_argument("--port", type=tcp_port, default=8000, help="TCP port (default: 8000)")
     s.add_argument(
         "--api-key",
         default=os.environ.get("LORAKIT_API_KEY"),
@@ -498,16 +471,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter-root",
         help="allow /v1/load_lora_adapter and unloading, loading only from under this folder",
     )
-    s.add_argument("--max-adapters", type=_count, help="most adapters resident at once (LRU eviction)")
+    s.add_argument("--max-adapters", type=positive_int, help="most adapters resident at once (LRU eviction)")
     s.add_argument("--served-model-name", help="the base model's id (default: the model folder's name)")
-    s.add_argument("--max-batch", type=_count, default=8, help="most requests decoded together (default: 8)")
+    s.add_argument(
+        "--max-batch", type=positive_int, default=8, help="most requests decoded together (default: 8)"
+    )
     s.add_argument(
         "--wait-ms",
-        type=_non_negative,
+        type=non_negative,
         default=5.0,
         help="batching window of an idle server, ms (default: 5)",
     )
-    s.add_argument("--max-model-len", type=_count, help="context length (default: the model's)")
+    s.add_argument("--max-model-len", type=positive_int, help="context length (default: the model's)")
     s.set_defaults(func=cmd_serve)
     return p
 
@@ -535,18 +510,11 @@ def main(argv: list[str] | None = None) -> int:
     ) as e:  # the system refused a file (permissions, a folder for a file, ...): its one line names it
         if args.verbose:
             raise
-        print(f"lorakit {args.command}: error: {_os_error(e)}", file=sys.stderr)
+        print(f"lorakit {args.command}: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside the training loop (which saves a checkpoint and raises LorakitError)
         print(f"lorakit {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-def _os_error(e: OSError) -> str:
-    """'PATH: reason' for an OSError from the system, else its text on one line."""
-    if e.filename is not None and e.strerror:
-        return f"{e.filename}: {e.strerror}" + (f" -> {e.filename2}" if e.filename2 else "")
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

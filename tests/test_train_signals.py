@@ -243,3 +243,28 @@ def test_sigint_right_after_opt_step_checkpoints_a_consistent_step(tmp_path):
     a, b = _adapter(full), _adapter(second)
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+
+
+def test_a_second_sigint_inside_a_step_stops_at_once_without_a_checkpoint(tmp_path):
+    """The first Ctrl-C waits for the step's end; a second one inside the same step stops at once, and since the
+    step is half done (weights updated, counter not), no checkpoint is written."""
+    import os
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    calls = {"n": 0}
+
+    def interrupt_twice(opt, args, kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    handle = register_optimizer_step_post_hook(interrupt_twice)
+    try:
+        with pytest.raises(TrainingError, match=r"^interrupted again during step 4: no checkpoint written"):
+            train_loop(_model(), _rows(), _cfg(tmp_path, save_every=0), pad_id=0, out_dir=tmp_path)
+    finally:
+        handle.remove()
+    assert latest_checkpoint(tmp_path) is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop put the handler back

@@ -14,8 +14,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,10 +139,12 @@ def train_loop(
         t.fused and groups_enabled() and not sharded and train_rows
     ):  # which projections share an input (q/k/v, gate/up)
         probe_groups(inner, collate([train_rows[0]], pad_id)["input_ids"])
+    interrupts = StepGuard()
     try:
         for step in range(start, t.steps):
             torch.manual_seed(t.seed * 7919 + step)  # dropout masks depend on the step only: exact resume
             loss_sum, n_tok = 0.0, 0
+            interrupts.enter()  # from here to `done = step + 1`, Ctrl-C waits for the step's end
             method.before_step(inner, step)
             for micro in range(t.grad_accum):
                 batch = collate(
@@ -167,24 +168,24 @@ def train_loop(
             grad_norm = (
                 torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm) if t.max_grad_norm > 0 else None
             )
-            with step_boundary():  # a Ctrl-C here waits until weights, optimizer, scheduler and `done` agree
-                opt.step()
-                method.after_step(inner, step)  # gradients still present (AdaLoRA's importance scores)
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                done = step + 1
-                tokens_seen += n_tok * world
-                last = {
-                    "step": done,
-                    "loss": loss_sum,
-                    "lr": sched.get_last_lr()[0],
-                    "tokens_per_s": tokens_seen / (time.perf_counter() - t0),
-                    "elapsed_s": time.perf_counter() - t0,
-                }
-                if grad_norm is not None:
-                    last["grad_norm"] = float(full_tensor(grad_norm))  # FSDP2: a replicated DTensor
-                if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-                    emit(last)
+            opt.step()
+            method.after_step(inner, step)  # gradients still present (AdaLoRA's importance scores)
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            done = step + 1
+            interrupts.leave()  # a Ctrl-C held since the step began is raised here, with `done` up to date
+            tokens_seen += n_tok * world
+            last = {
+                "step": step + 1,
+                "loss": loss_sum,
+                "lr": sched.get_last_lr()[0],
+                "tokens_per_s": tokens_seen / (time.perf_counter() - t0),
+                "elapsed_s": time.perf_counter() - t0,
+            }
+            if grad_norm is not None:
+                last["grad_norm"] = float(full_tensor(grad_norm))  # FSDP2: a replicated DTensor
+            if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
+                emit(last)
             if evaluate and t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:
                 measured = evaluate()
                 if rank == 0:
@@ -203,6 +204,12 @@ def train_loop(
                     method=method,
                 )
     except KeyboardInterrupt:
+        if interrupts.forced and rank == 0:  # a second Ctrl-C stopped a step half-way: nothing to save
+            newest = latest_checkpoint(out_dir)
+            where = f"resume from {newest} with --train.resume auto" if newest else "no checkpoint yet"
+            raise TrainingError(
+                f"interrupted again during step {done + 1}: no checkpoint written (the step was half done); {where}"
+            ) from None
         if sharded:  # gathering the shards needs every rank in step, and an interrupt stops them anywhere
             if rank == 0:
                 newest = latest_checkpoint(out_dir)
@@ -219,6 +226,7 @@ def train_loop(
             raise TrainingError(f"interrupted at step {done}; resume with --train.resume {path}") from None
         raise
     finally:
+        interrupts.restore()
         set_fused(prev_fused)
     method.finish(inner)
     model.eval()
@@ -231,25 +239,42 @@ def train_loop(
     }
 
 
-@contextmanager
-def step_boundary() -> Iterator[None]:
-    """Hold a SIGINT (Ctrl-C) that arrives inside the block until the block's end, then raise it.
+class StepGuard:
+    """Ctrl-C (SIGINT) during an optimizer step is held until the step is complete, then raised.
 
-    Around an optimizer step and the bookkeeping that goes with it, so that an interrupt never finds updated
-    weights with the previous step number (a checkpoint would then repeat that step on resume). Only the main
-    thread can handle signals; elsewhere, or when SIGINT is not Python's to handle, this does nothing."""
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or not callable(previous):
-        yield
-        return
-    held: list[Any] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if held:
-        previous(signal.SIGINT, held[0])  # Python's default handler raises KeyboardInterrupt
+    Between `enter()` (a step begins) and `leave()` (weights, optimizer, scheduler, method hooks and the step
+    counter all agree), a SIGINT only sets a flag; `leave()` raises it. So an interrupt never finds updated
+    weights under the previous step number, which a checkpoint would repeat on resume. A second Ctrl-C inside a
+    step stops at once (`forced`: the step is half done, no checkpoint can be trusted). Only the main thread
+    handles signals; elsewhere, or when SIGINT is not Python's to handle, this does nothing."""
+
+    def __init__(self) -> None:
+        self.inside = self.held = self.forced = False
+        self.previous = signal.getsignal(signal.SIGINT)
+        self.active = threading.current_thread() is threading.main_thread() and callable(self.previous)
+        if self.active:
+            signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.inside and not self.held:
+            self.held = True
+            log.warning("Ctrl-C: stopping when this step is complete (Ctrl-C again to stop at once, unsaved)")
+            return
+        self.forced = self.inside
+        self.previous(signum, frame)  # Python's default handler: raises KeyboardInterrupt
+
+    def enter(self) -> None:
+        self.inside = True
+
+    def leave(self) -> None:
+        self.inside = False
+        if self.held:
+            self.held = False
+            self.previous(signal.SIGINT, None)
+
+    def restore(self) -> None:
+        if self.active:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def _emitter(path: Path | None, callbacks: list[Callback]) -> Callback:

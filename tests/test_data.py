@@ -131,3 +131,28 @@ def test_builtin_task_is_seeded_and_disjoint():
         assert len(y) == 4 and 1 <= int(m) <= 12 and 1 <= int(d) <= 31
     with pytest.raises(DataError, match="unknown built-in task 'nope'"):
         make_task("nope")
+
+
+def test_invalid_utf8_names_the_file_and_line(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_bytes(b'{"text": "fine"}\n{"text": "also fine"}\n{"text": "caf\xe9"}\n')  # Latin-1, not UTF-8
+    with pytest.raises(DataError, match=r"^.*x\.jsonl:3: not valid UTF-8 text \(byte 14 of the line\)$"):
+        read_jsonl(f)
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf{"text": "from notepad"}\n')
+    assert read_jsonl(f) == [{"text": "from notepad"}]
+
+
+def test_a_folder_is_not_a_data_file(tmp_path):
+    (tmp_path / "d.jsonl").mkdir()
+    with pytest.raises(DataError, match=r"d\.jsonl: not a file \(a folder\)"):
+        read_jsonl(tmp_path / "d.jsonl")
+
+
+def test_an_unhashable_role_is_a_clear_error(tmp_path):
+    rows = [{"messages": [{"role": ["user"], "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
+    with pytest.raises(DataError, match=r"x\.jsonl:1: messages\[0\] needs a 'role'"):
+        read_jsonl(_write(tmp_path / "x.jsonl", rows))

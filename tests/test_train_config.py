@@ -111,3 +111,96 @@ def test_model_shorthand_is_model_path(tmp_path):
 def test_variant_options_need_their_method(args, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, args)
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--train.steps", "abc"], r"^--train\.steps: expected an integer, got 'abc'$"),
+        (["--train.steps", "2.5"], r"^--train\.steps: expected an integer, got '2\.5'$"),
+        (["--train.lr", "fast"], r"^--train\.lr: expected a number, got 'fast'$"),
+        (["--train.lr", "inf"], r"^--train\.lr: expected a finite number, got 'inf'$"),
+        (["--train.lr", "nan"], r"^--train\.lr: expected a finite number, got 'nan'$"),
+        (["--data.chat", "maybe"], r"^--data\.chat: expected true or false, got 'maybe'$"),
+        (["--data.pack", "2"], r"^--data\.pack: expected true or false, got '2'$"),
+        (
+            ["--adalora.total_step", "many"],
+            r"^--adalora\.total_step: expected an integer or null, got 'many'$",
+        ),
+        (["--model.quantize_skip", "lm_head"], r"^--model\.quantize_skip: expected a list of strings"),
+        (["--model.quantize_skip", "[1, 2]"], r"^--model\.quantize_skip: expected a list of strings"),
+        (["--lora.r", "big"], r"^--lora\.r: expected an integer, got 'big'$"),
+        (["--lora.alpha", "1e999"], r"^--lora\.alpha: expected a finite number, got '1e999'$"),
+        (["--lora.rank_pattern", "[4]"], r"^--lora\.rank_pattern: expected a mapping of string -> integer"),
+        (
+            ["--lora.alpha_pattern", "{q_proj: x}"],
+            r"^--lora\.alpha_pattern: expected a mapping of string -> number",
+        ),
+        (["--lora.layers", "[0, x]"], r"^--lora\.layers: expected a list of integers or null"),
+        (["--lora.use_dora", "yes please"], r"^--lora\.use_dora: expected true or false"),
+        (["--lora.targets", "[q_proj, 3]"], r"^--lora\.targets: expected a string or a list of strings"),
+    ],
+)
+def test_override_values_are_checked_against_the_field_type(args, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        load_config(None, args)
+    assert "\n" not in str(info.value)
+
+
+def test_override_values_typed_by_the_field():
+    cfg = load_config(
+        None,
+        [
+            *("--train.out_dir", "2024", "--train.resume", "null", "--train.lr", "1", "--data.chat", "no"),
+            *("--lora.alpha", "16", "--lora.targets", "q_proj", "--model.quantize_skip", "[lm_head, '0']"),
+            *("--train.max_grad_norm", "0", "--adalora.total_step", "null", "--data.eval_split", "1e-1"),
+        ],
+    )
+    assert cfg.train.out_dir == "2024" and cfg.train.resume is None  # a str field keeps the text as given
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float) and cfg.data.chat is False
+    assert (
+        cfg.lora.alpha == 16 and cfg.lora.targets == "q_proj" and cfg.model.quantize_skip == ["lm_head", "0"]
+    )
+    assert cfg.train.max_grad_norm == 0.0 and cfg.adalora.total_step is None and cfg.data.eval_split == 0.1
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("train:\n  steps: abc\n", r"my\.yaml: train\.steps: expected an integer, got 'abc'$"),
+        ("train:\n  steps: 2.0\n", r"my\.yaml: train\.steps: expected an integer, got 2\.0$"),
+        ("train:\n  lr: .inf\n", r"my\.yaml: train\.lr: expected a finite number, got inf$"),
+        ("train:\n  out_dir: 2024\n", r"my\.yaml: train\.out_dir: expected a string, got 2024$"),
+        ("data:\n  chat: 'yes'\n", r"my\.yaml: data\.chat: expected true or false, got 'yes'$"),
+        (
+            "lora:\n  rank_pattern: [4]\n",
+            r"my\.yaml: lora\.rank_pattern: expected a mapping of string -> integer",
+        ),
+        ("- train\n- lora\n", r"my\.yaml: expected a mapping of sections, got list$"),
+        ("just text\n", r"my\.yaml: expected a mapping of sections, got str$"),
+        ("train: 5\n", r"my\.yaml: section 'train' must be a mapping, got int$"),
+        ("train: [steps, 3]\n", r"my\.yaml: section 'train' must be a mapping, got list$"),
+    ],
+)
+def test_yaml_values_are_checked_against_the_field_type(tmp_path, text, match):
+    f = tmp_path / "my.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=match) as info:
+        load_config(f, [])
+    assert "\n" not in str(info.value)
+
+
+def test_yaml_floats_without_a_dot_are_numbers(tmp_path):
+    f = tmp_path / "my.yaml"
+    f.write_text("train:\n  lr: 2e-4\n  weight_decay: 0\n")  # YAML 1.1 reads 2e-4 as a string
+    cfg = load_config(f, [])
+    assert cfg.train.lr == 2e-4 and cfg.train.weight_decay == 0.0
+
+
+def test_unreadable_config_files_are_one_line(tmp_path):
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(ConfigError, match=r"dir\.yaml: not a file"):
+        load_config(tmp_path / "dir.yaml", [])
+    (tmp_path / "bin.yaml").write_bytes(b"train:\n  steps: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"bin\.yaml: not UTF-8 text"):
+        load_config(tmp_path / "bin.yaml", [])

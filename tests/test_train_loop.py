@@ -180,3 +180,102 @@ def test_bf16_training_runs_and_keeps_dtype(tmp_path):
     out = train_loop(model, _rows(), _cfg(tmp_path, steps=3), pad_id=0, out_dir=tmp_path)
     assert math.isfinite(out["last"]["loss"])
     assert all(p.dtype == torch.bfloat16 for p in lorakit.adapter_parameters(model))
+
+
+def _damage(ckpt, file: str) -> None:
+    f = ckpt / file
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("file", ["trainable.safetensors", "optimizer.pt", "state.json"])
+def test_resume_auto_skips_a_truncated_newest_checkpoint(tmp_path, caplog, file):
+    """A run killed while the disk was failing left a truncated newest checkpoint: "auto" warns and resumes from
+    the newest intact one, and ends with the adapter of an uninterrupted run (same tolerance as above)."""
+    torch.manual_seed(0)
+    full = _model()
+    train_loop(full, _rows(), _cfg(tmp_path / "a"), pad_id=0, out_dir=tmp_path / "a")
+
+    torch.manual_seed(0)
+    train_loop(_model(), _rows(), _cfg(tmp_path / "b", save_every=2), pad_id=0, out_dir=tmp_path / "b")
+    ckpts = tmp_path / "b" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-000002", "step-000004"]
+    _damage(ckpts / "step-000004", file)
+    damaged = (ckpts / "step-000004" / file).read_bytes()
+
+    torch.manual_seed(123)
+    second = _model()
+    with caplog.at_level("WARNING", logger="lorakit"):
+        out = train_loop(
+            second, _rows(), _cfg(tmp_path / "b", resume="auto"), pad_id=0, out_dir=tmp_path / "b"
+        )
+    assert out["resumed_from"] == 2
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        str(ckpts / "step-000004" / file) in w and f"resuming from {ckpts / 'step-000002'}" in w
+        for w in warned
+    ), warned
+    assert (ckpts / "step-000004" / file).read_bytes() == damaged  # left as it was
+    a, b = _adapter(full), _adapter(second)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=RESUME_ATOL, rtol=0)
+
+
+def test_resume_auto_with_no_intact_checkpoint_is_one_line_and_changes_nothing(tmp_path):
+    train_loop(_model(), _rows(), _cfg(tmp_path, save_every=2), pad_id=0, out_dir=tmp_path)
+    ckpts = tmp_path / "checkpoints"
+    _damage(ckpts / "step-000002", "trainable.safetensors")
+    _damage(ckpts / "step-000004", "optimizer.pt")
+    model = _model()
+    before = _adapter(model)
+    with pytest.raises(CheckpointError) as info:
+        train_loop(model, _rows(), _cfg(tmp_path, resume="auto"), pad_id=0, out_dir=tmp_path)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"{ckpts}: no intact checkpoint to resume from")
+    assert str(ckpts / "step-000004" / "optimizer.pt") in msg
+    assert all(torch.equal(before[k], v) for k, v in _adapter(model).items())
+
+
+def test_resume_from_a_named_truncated_checkpoint_is_one_line(tmp_path):
+    train_loop(_model(), _rows(), _cfg(tmp_path, save_every=2), pad_id=0, out_dir=tmp_path)
+    ckpt = tmp_path / "checkpoints" / "step-000004"
+    _damage(ckpt, "optimizer.pt")
+    model = _model()
+    before = _adapter(model)
+    with pytest.raises(CheckpointError, match=rf"^{ckpt / 'optimizer.pt'}: cannot be loaded") as info:
+        train_loop(model, _rows(), _cfg(tmp_path, resume=str(ckpt)), pad_id=0, out_dir=tmp_path)
+    assert "\n" not in str(info.value)
+    assert all(torch.equal(before[k], v) for k, v in _adapter(model).items())  # nothing half-restored
+
+
+def test_an_eval_set_emptied_by_truncation_reports_no_loss_not_zero(tmp_path, caplog):
+    """Every eval prompt is longer than data.max_len (16), so truncation leaves no eval token to score: the run
+    warns at the start and reports no eval loss, instead of a mean over nothing printed as 0.0000."""
+    from tiny import addition_run
+
+    long = [{"prompt": "what is " * 3 + f"{i}+1=", "completion": str(i + 1)} for i in range(4)]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in long))
+    with caplog.at_level("WARNING", logger="lorakit"):
+        summary, _ = addition_run(
+            tmp_path,
+            "--train.steps",
+            "2",
+            "--train.eval_every",
+            "1",
+            "--data.eval_file",
+            str(tmp_path / "long.jsonl"),
+        )
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(
+        "no eval example has a token left to evaluate after truncation to 16 tokens" in w for w in warned
+    )
+    assert "loss" not in summary["before"] and "loss" not in summary["after"]
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("eval_loss" in r for r in records)
+    assert summary["data"]["eval"]["truncated"] == 4
+
+
+def test_eval_loss_of_nothing_is_none():
+    from lorakit.train.evaluate import eval_loss
+
+    assert eval_loss(tiny_llama(), [], pad_id=0) is None

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import SafetensorError
 
 import lorakit
@@ -28,7 +29,7 @@ from lorakit.errors import LorakitError
 from lorakit.train import checkpoint
 from lorakit.train.checkpoint import CheckpointError, latest_checkpoint
 from lorakit.train.config import RunConfig, TrainSection
-from lorakit.train.loop import train_loop
+from lorakit.train.loop import TrainingError, train_loop
 
 from tiny import tiny_llama, token_rows
 
@@ -192,3 +193,78 @@ def test_full_disk_through_the_cli_is_one_line(monkeypatch, capsys, tiny_run_arg
         "left on device (or quota exceeded); earlier checkpoints are intact, free some space and resume with "
         "--train.resume auto"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ctrl-C right after the optimizer step
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _adapter(model):
+    return {k: v.clone() for k, v in lorakit.adapter_state_dict(model).items()}
+
+
+def test_sigint_right_after_opt_step_checkpoints_a_consistent_step(tmp_path):
+    """A real SIGINT delivered inside optimizer.step() of the 4th step (a torch post-step hook sends it): the
+    weights have taken that step. The checkpoint must carry the step number the weights, optimizer and scheduler
+    are at, so the resumed run ends with the adapter of an uninterrupted one (same ops, same order: atol 1e-6
+    only for BLAS thread scheduling, as in test_train_loop)."""
+    import os
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    torch.manual_seed(0)
+    full = _model()
+    train_loop(full, _rows(), _cfg(tmp_path / "a", save_every=0), pad_id=0, out_dir=tmp_path / "a")
+
+    calls = {"n": 0}
+
+    def interrupt_after_step(opt, args, kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # handled by Python at the next bytecode: right here
+
+    torch.manual_seed(0)
+    first = _model()
+    handle = register_optimizer_step_post_hook(interrupt_after_step)
+    try:
+        with pytest.raises(TrainingError, match=r"interrupted at step (\d+)") as info:
+            train_loop(first, _rows(), _cfg(tmp_path / "b", save_every=0), pad_id=0, out_dir=tmp_path / "b")
+    finally:
+        handle.remove()
+    assert "interrupted at step 4;" in str(info.value)  # the 4th step had updated the weights
+    ckpt = latest_checkpoint(tmp_path / "b")
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 4
+
+    torch.manual_seed(123)
+    second = _model()
+    out = train_loop(second, _rows(), _cfg(tmp_path / "b", resume="auto"), pad_id=0, out_dir=tmp_path / "b")
+    assert out["resumed_from"] == 4
+    a, b = _adapter(full), _adapter(second)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+
+
+def test_a_second_sigint_inside_a_step_stops_at_once_without_a_checkpoint(tmp_path):
+    """The first Ctrl-C waits for the step's end; a second one inside the same step stops at once, and since the
+    step is half done (weights updated, counter not), no checkpoint is written."""
+    import os
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    calls = {"n": 0}
+
+    def interrupt_twice(opt, args, kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    handle = register_optimizer_step_post_hook(interrupt_twice)
+    try:
+        with pytest.raises(TrainingError, match=r"^interrupted again during step 4: no checkpoint written"):
+            train_loop(_model(), _rows(), _cfg(tmp_path, save_every=0), pad_id=0, out_dir=tmp_path)
+    finally:
+        handle.remove()
+    assert latest_checkpoint(tmp_path) is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop put the handler back

@@ -2,22 +2,87 @@
 
 A process killed at any point leaves either the old content or the new one at the destination, never a mix.
 On Linux an existing folder is exchanged with `renameat2(RENAME_EXCHANGE)`; elsewhere a two-step rename is used.
+
+A kill does leave the temporary behind (`.NAME.tmp-PID@HOST-XXXX`, up to an adapter's size). The next write to
+the same destination removes those whose process is gone: same host and the pid is not alive, or older than
+`STALE_AFTER_S` (another host, a reused pid, or a name without a pid from an older lorakit). A temporary that
+a live process is writing right now is left alone.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from lorakit.errors import DiskFullError
+from lorakit.errors import DiskFullError, OutputError
+
+log = logging.getLogger(__name__)
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+STALE_AFTER_S = 24 * 3600
+"""A temporary whose writer cannot be checked (other host, no pid in its name) is stale after this long."""
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+def temp_prefix(name: str, pid: int | None = None, kind: str = "tmp") -> str:
+    """The prefix of a temporary for destination `name`, written by process `pid` (default: this one)."""
+    return f".{name}.{kind}-{os.getpid() if pid is None else pid}@{_HOST}-"
+
+
+def remove_stale_temporaries(parent: Path, name: str) -> None:
+    """Remove the temporaries that killed writers left in `parent` for destination `name` (a glob: "step-*")."""
+    pattern = re.compile(rf"^\.({_glob_regex(name)})\.(tmp|old)-(?:(\d+)@([A-Za-z0-9]+)-)?.+$")
+    try:
+        entries = list(Path(parent).iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m is None or not _stale(entry, m[3], m[4]):
+            continue
+        log.info("removing %s, left by an interrupted write", entry)
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _glob_regex(name: str) -> str:
+    return ".*".join(re.escape(part) for part in name.split("*"))
+
+
+def _stale(entry: Path, pid: str | None, host: str | None) -> bool:
+    try:
+        age = time.time() - entry.lstat().st_mtime
+    except OSError:
+        return False
+    if age > STALE_AFTER_S:
+        return True
+    if pid is None or host != _HOST:
+        return False  # no way to ask whether its writer lives: wait until it is old
+    return not _alive(int(pid))
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # exists, owned by someone else (OverflowError: not a pid at all, but err on keeping it)
+    return True
 
 
 def atomic_dir(path: Path, write: Callable[[Path], None], *, keep_others: bool = False) -> None:
@@ -27,9 +92,10 @@ def atomic_dir(path: Path, write: Callable[[Path], None], *, keep_others: bool =
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path}: exists and is not a folder")
+        raise OutputError(f"{path}: exists and is not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    remove_stale_temporaries(path.parent, path.name)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), dir=path.parent))
     try:
         write(tmp)
         if keep_others and path.is_dir():
@@ -42,7 +108,7 @@ def atomic_dir(path: Path, write: Callable[[Path], None], *, keep_others: bool =
         elif _exchange(tmp, path):
             shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
         else:
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name, kind="old"), dir=path.parent))
             os.rename(path, old / "d")
             os.rename(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
@@ -57,7 +123,8 @@ def atomic_file(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a temporary file and os.replace."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    remove_stale_temporaries(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from lorakit.cliargs import non_negative, os_error_line, positive_int, tcp_port
 from lorakit.errors import LorakitError
 
 MODEL_HELP = "a Hugging Face model folder or a .gguf file (default: the bundled SmolLM2-135M-Instruct)"
@@ -64,16 +65,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import lorakit
 
     target = Path(args.target) if args.target else None
+    is_adapter = target is not None and (target / "adapter_config.json").exists()  # even a broken one
     if target is not None and args.model is None and not args.apply and lorakit.is_ladder_folder(target):
         info = lorakit.describe_adapter(target)
         print(json.dumps(info, indent=2, default=str) if args.json else lorakit.format_ladder(info))
         return 0
-    if (
-        target is not None
-        and (target / "adapter_config.json").is_file()
-        and args.model is None
-        and not args.apply
-    ):
+    if is_adapter and args.model is None and not args.apply:
         info = lorakit.describe_adapter(target)
         if args.json:
             print(json.dumps({**info, "config": info["config"].to_peft_dict()}, indent=2, default=str))
@@ -83,13 +80,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if base_q:
             print(f"trained on a 4-bit base: {json.dumps(base_q, sort_keys=True)}")
         return 0
-    model_spec = args.model if target is None or (target / "adapter_config.json").is_file() else str(target)
+    model_spec = args.model if target is None or is_adapter else str(target)
     if args.quantize:  # straight into 4 bits, as lorakit train --model.quantize does
         model, _, qreport = lorakit.load_quantized(model_spec, method=args.quantize)
         print(qreport.summary())
     else:
         model, _ = _load(model_spec)
-    if target is not None and (target / "adapter_config.json").is_file():
+    if is_adapter:
         lorakit.load_adapter(model, target)
     else:
         lorakit.inject(model, lorakit.LoraConfig(r=args.r, alpha=args.r, targets=_targets(args.targets)))
@@ -214,7 +211,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     print("\n               before      after")
     if "accuracy" in a:
         print(f"accuracy     {100 * b['accuracy']:7.1f}%   {100 * a['accuracy']:7.1f}%")
-    print(f"eval loss    {b['loss']:8.4f}   {a['loss']:8.4f}")
+    if "loss" in a:
+        print(f"eval loss    {b['loss']:8.4f}   {a['loss']:8.4f}")
+    else:
+        print("eval loss         n/a        n/a   (no eval token left after truncation: raise data.max_len)")
     print(
         f"\n{summary['tokens'] / summary['train_seconds']:.0f} tokens/s over {summary['train_seconds']:.0f} s, "
         f"peak memory {summary['peak_rss_gb']:.2f} GB"
@@ -243,7 +243,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         lorakit.load_adapter(model, args.adapter, allow_pickle=args.allow_pickle)
     rows, stats = encode_dataset(tok, examples, max_len=args.max_len, chat=not args.no_chat)
     print(f"{len(rows)} examples ({stats['truncated']} truncated to {args.max_len} tokens)")
-    print(f"eval loss: {eval_loss(model, rows, tok.pad_token_id):.4f}")
+    loss = eval_loss(model, rows, tok.pad_token_id)
+    print(
+        f"eval loss: {loss:.4f}"
+        if loss is not None
+        else f"eval loss: n/a (no example has a token left to evaluate after truncation to {args.max_len} tokens)"
+    )
     acc, samples = exact_match(
         model, tok, examples[: args.limit], max_new_tokens=args.max_new_tokens, chat=not args.no_chat
     )
@@ -324,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--model", help=MODEL_HELP)
     d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    d.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
+    d.add_argument("--steps", type=positive_int, default=30, help="training steps (default: 30)")
     d.set_defaults(func=cmd_demo)
 
     from lorakit.train.config import help_text
@@ -347,11 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("--model", help="apply the adapter to this model and report trainable vs total parameters")
     i.add_argument("--apply", action="store_true", help="apply the adapter to the default model and report")
-    i.add_argument("--r", type=int, default=8, help="rank for a hypothetical LoRA on a model (default: 8)")
+    i.add_argument(
+        "--r", type=positive_int, default=8, help="rank for a hypothetical LoRA on a model (default: 8)"
+    )
     i.add_argument(
         "--targets", default="all-linear", help="targets for a hypothetical LoRA, comma-separated or a regex"
     )
-    i.add_argument("--rows", type=int, default=40, help="table rows to print (default: 40)")
+    i.add_argument("--rows", type=positive_int, default=40, help="table rows to print (default: 40)")
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.add_argument("--quantize", choices=["nf4"], help="quantize to 4 bits first (QLoRA): bits/param")
     i.set_defaults(func=cmd_inspect)
@@ -383,9 +390,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--model", help=MODEL_HELP)
     e.add_argument("--adapter", help="adapter folder (PEFT layout)")
-    e.add_argument("--max-len", type=int, default=256, help="maximum tokens per example (default: 256)")
-    e.add_argument("--limit", type=int, default=100, help="examples generated for accuracy (default: 100)")
-    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument(
+        "--max-len", type=positive_int, default=256, help="maximum tokens per example (default: 256)"
+    )
+    e.add_argument(
+        "--limit", type=positive_int, default=100, help="examples generated for accuracy (default: 100)"
+    )
+    e.add_argument("--max-new-tokens", type=positive_int, default=32)
     e.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     e.add_argument(
         "--allow-pickle", action="store_true", help="accept a pickled adapter_model.bin (weights_only)"
@@ -396,8 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--model", help=MODEL_HELP)
     g.add_argument("--adapter", action="append", help="adapter folder; repeat to activate several")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=64)
+    g.add_argument("--temperature", type=non_negative, default=0.0, help="0 = greedy (default)")
     g.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
     g.add_argument(
         "--allow-pickle", action="store_true", help="accept pickled adapter_model.bin files (weights_only)"
@@ -451,7 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter", action="append", metavar="NAME=DIR", help="adapter to serve as model NAME; repeatable"
     )
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    s.add_argument("--port", type=tcp_port, default=8000, help="TCP port (default: 8000)")
     s.add_argument(
         "--api-key",
         default=os.environ.get("LORAKIT_API_KEY"),
@@ -461,13 +472,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter-root",
         help="allow /v1/load_lora_adapter and unloading, loading only from under this folder",
     )
-    s.add_argument("--max-adapters", type=int, help="most adapters resident at once (LRU eviction)")
+    s.add_argument("--max-adapters", type=positive_int, help="most adapters resident at once (LRU eviction)")
     s.add_argument("--served-model-name", help="the base model's id (default: the model folder's name)")
-    s.add_argument("--max-batch", type=int, default=8, help="most requests decoded together (default: 8)")
     s.add_argument(
-        "--wait-ms", type=float, default=5.0, help="batching window of an idle server, ms (default: 5)"
+        "--max-batch", type=positive_int, default=8, help="most requests decoded together (default: 8)"
     )
-    s.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    s.add_argument(
+        "--wait-ms",
+        type=non_negative,
+        default=5.0,
+        help="batching window of an idle server, ms (default: 5)",
+    )
+    s.add_argument("--max-model-len", type=positive_int, help="context length (default: the model's)")
     s.set_defaults(func=cmd_serve)
     return p
 
@@ -489,6 +505,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except LorakitError as e:
         print(f"lorakit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (
+        OSError
+    ) as e:  # the system refused a file (permissions, a folder for a file, ...): its one line names it
+        if args.verbose:
+            raise
+        print(f"lorakit {args.command}: error: {os_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # outside the training loop (which saves a checkpoint and raises LorakitError)
         print(f"lorakit {args.command}: interrupted", file=sys.stderr)

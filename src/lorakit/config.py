@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from lorakit.checks import is_int, is_number, is_str_list, short
 from lorakit.errors import ConfigError
 
 ALL_LINEAR = "all-linear"
@@ -35,6 +36,7 @@ _PEFT_IGNORED_KEYS = {
     "base_model_name_or_path",
     "task_type",
     "lora_dropout",
+    "modules_to_save",  # its tensors are checked against the model at load (a trained copy is refused)
 }
 # PEFT keys for features we do not implement: fine when unset (None/False/empty), an error otherwise.
 _PEFT_UNSUPPORTED_KEYS = {
@@ -57,9 +59,28 @@ _PEFT_UNSUPPORTED_KEYS = {
     "monteclora_config",
     "velora_config",
     "use_mica",
-    "modules_to_save",
     "kasa_config",
 }
+
+
+# PEFT's adapter_config.json keys -> LoraConfig fields, and back (for messages that name the file's key)
+_FROM_PEFT: dict[str, str] = {
+    "r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "target_modules": "targets",
+    "exclude_modules": "exclude",
+    "layers_to_transform": "layers",
+    "layers_pattern": "layers_pattern",
+    "rank_pattern": "rank_pattern",
+    "alpha_pattern": "alpha_pattern",
+    "bias": "bias",
+    "use_rslora": "use_rslora",
+    "use_dora": "use_dora",
+    "task_type": "task_type",
+    "base_model_name_or_path": "base_model",
+}
+_PEFT_KEY = {ours: theirs for theirs, ours in _FROM_PEFT.items()}
 
 
 @dataclass
@@ -92,8 +113,9 @@ class LoraConfig:
     """"default" (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r)), "pissa" (top-r SVD of W0), "random"."""
     use_dora: bool = False
     """Weight-decomposed LoRA: a trainable magnitude per output feature times the normalised W0 + ΔW."""
-    task_type: str | None = "CAUSAL_LM"
-    """PEFT task type written to adapter_config.json."""
+    task_type: str | None = None
+    """PEFT task type written to adapter_config.json; None: the one that fits the model, at save (CAUSAL_LM,
+    SEQ_CLS, TOKEN_CLS, QUESTION_ANS, SEQ_2_SEQ_LM, or null for a bare model, as PEFT writes when unset)."""
     base_model: str | None = None
     """Name or path of the base model, written to adapter_config.json as base_model_name_or_path."""
 
@@ -104,34 +126,15 @@ class LoraConfig:
             self.exclude = sorted(self.exclude)
         if isinstance(self.layers, int):
             self.layers = [self.layers]
-        _check(
-            isinstance(self.r, int) and not isinstance(self.r, bool) and self.r >= 1,
-            f"r must be a positive integer, got {self.r!r}",
-        )
-        _check(
-            isinstance(self.alpha, (int, float)) and self.alpha > 0, f"alpha must be > 0, got {self.alpha!r}"
-        )
-        _check(
-            isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1,
-            f"dropout must be in [0, 1), got {self.dropout!r}",
-        )
-        _check(bool(self.targets), "targets must name at least one module (or be 'all-linear')")
-        _check(
-            isinstance(self.targets, (str, list)),
-            f"targets must be a string or a list, got {type(self.targets).__name__}",
-        )
-        _check(self.bias in BIAS_MODES, f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
-        _check(self.init in INITS, f"init must be one of {INITS}, got {self.init!r}")
+        self._check_types()
+        _check(bool(self.targets), "targets must name at least one module (or be 'all-linear')", "targets")
+        _check(self.bias in BIAS_MODES, f"bias must be one of {BIAS_MODES}, got {short(self.bias)}", "bias")
+        _check(self.init in INITS, f"init must be one of {INITS}, got {short(self.init)}", "init")
         _check(
             self.layers is None or (isinstance(self.targets, list) or self.targets == ALL_LINEAR),
             "layers cannot be combined with a regex string in targets (put the layer index in the regex instead)",
+            "layers",
         )
-        for k, v in self.rank_pattern.items():
-            _check(
-                isinstance(v, int) and v >= 1, f"rank_pattern[{k!r}] must be a positive integer, got {v!r}"
-            )
-        for k, v in self.alpha_pattern.items():
-            _check(isinstance(v, (int, float)) and v > 0, f"alpha_pattern[{k!r}] must be > 0, got {v!r}")
         for pattern in [*self.rank_pattern, *self.alpha_pattern] + (
             [self.targets] if isinstance(self.targets, str) else []
         ):
@@ -139,6 +142,58 @@ class LoraConfig:
                 re.compile(pattern)
             except re.error as e:
                 raise ConfigError(f"invalid regex {pattern!r}: {e}") from None
+
+    def _check_types(self) -> None:
+        """Every field has the type and range it is documented with (JSON gives any type, and `Infinity`)."""
+        _check(is_int(self.r, 1), f"r must be a positive integer, got {short(self.r)}", "r")
+        _check(
+            is_number(self.alpha) and self.alpha > 0,
+            f"alpha must be a finite number > 0, got {short(self.alpha)}",
+            "alpha",
+        )
+        _check(
+            is_number(self.dropout) and 0 <= self.dropout < 1,
+            f"dropout must be a finite number in [0, 1), got {short(self.dropout)}",
+            "dropout",
+        )
+        _check(
+            isinstance(self.targets, str) or is_str_list(self.targets),
+            f"targets must be a string or a list of strings, got {short(self.targets)}",
+            "targets",
+        )
+        for name in ("exclude", "layers_pattern"):
+            v = getattr(self, name)
+            _check(
+                v is None or isinstance(v, str) or is_str_list(v),
+                f"{name} must be a string, a list of strings or null, got {short(v)}",
+                name,
+            )
+        _check(
+            self.layers is None or (isinstance(self.layers, list) and all(is_int(i, 0) for i in self.layers)),
+            f"layers must be a list of layer indices (integers >= 0) or null, got {short(self.layers)}",
+            "layers",
+        )
+        for name in ("use_rslora", "use_dora"):
+            v = getattr(self, name)
+            _check(isinstance(v, bool), f"{name} must be true or false, got {short(v)}", name)
+        for name in ("task_type", "base_model"):
+            v = getattr(self, name)
+            _check(v is None or isinstance(v, str), f"{name} must be a string or null, got {short(v)}", name)
+        for name, what, ok, need in (
+            ("rank_pattern", "rank", lambda v: is_int(v, 1), "a positive integer"),
+            ("alpha_pattern", "alpha", lambda v: is_number(v) and v > 0, "a finite number > 0"),
+        ):
+            patterns = getattr(self, name)
+            _check(
+                isinstance(patterns, dict),
+                f"{name} must be a mapping of module pattern -> {what}, got {type(patterns).__name__}",
+                name,
+            )
+            for k, v in patterns.items():
+                _check(
+                    isinstance(k, str), f"{name} keys must be strings (module patterns), got {short(k)}", name
+                )
+                _check(ok(v), f"{name}[{k!r}] must be {need}, got {short(v)}", name)
 
     # -- per-module values -------------------------------------------------------------------------------
     def rank_for(self, module_name: str) -> int:
@@ -195,27 +250,11 @@ class LoraConfig:
         for key in ("r", "lora_alpha", "target_modules"):
             if key not in d:
                 raise ConfigError(f"{source}: missing required key {key!r}")
-        mapping = {
-            "r": "r",
-            "lora_alpha": "alpha",
-            "lora_dropout": "dropout",
-            "target_modules": "targets",
-            "exclude_modules": "exclude",
-            "layers_to_transform": "layers",
-            "layers_pattern": "layers_pattern",
-            "rank_pattern": "rank_pattern",
-            "alpha_pattern": "alpha_pattern",
-            "bias": "bias",
-            "use_rslora": "use_rslora",
-            "use_dora": "use_dora",
-            "task_type": "task_type",
-            "base_model_name_or_path": "base_model",
-        }
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
-            if key in mapping:
+            if key in _FROM_PEFT:
                 if value is not None or key in ("task_type", "base_model_name_or_path", "exclude_modules"):
-                    kwargs[mapping[key]] = value
+                    kwargs[_FROM_PEFT[key]] = value
             elif key == "init_lora_weights":
                 kwargs["init"] = _init_from_peft(value, source)
             elif key in _PEFT_UNSUPPORTED_KEYS:
@@ -229,8 +268,11 @@ class LoraConfig:
         kwargs["alpha_pattern"] = kwargs.get("alpha_pattern") or {}
         try:
             return cls(**kwargs)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+        except ConfigError as e:  # say the key as the file spells it: lora_alpha, not alpha
+            msg, peft_key = str(e), _PEFT_KEY.get(e.key or "", e.key)
+            if e.key and peft_key and msg.startswith(e.key):
+                msg = peft_key + msg[len(e.key) :]
+            raise ConfigError(f"{source}: {msg}", key=peft_key) from None
 
 
 def _init_from_peft(value: Any, source: str) -> str:
@@ -250,6 +292,6 @@ def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
     return None
 
 
-def _check(ok: bool, message: str) -> None:
+def _check(ok: bool, message: str, key: str | None = None) -> None:
     if not ok:
-        raise ConfigError(message)
+        raise ConfigError(message, key=key)

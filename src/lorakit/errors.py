@@ -11,7 +11,11 @@ class LorakitError(Exception):
 
 
 class ConfigError(LorakitError, ValueError):
-    """A configuration value or key is invalid."""
+    """A configuration value or key is invalid. `key`: the field at fault, when one is (for file-level messages)."""
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class TargetError(LorakitError, ValueError):
@@ -32,6 +36,10 @@ class ModelLoadError(LorakitError, OSError):
 
 class QuantizationError(LorakitError, ValueError):
     """A model cannot be quantized as asked, or an operation needs full-precision weights (merge into 4 bits)."""
+
+
+class OutputError(LorakitError, FileExistsError):
+    """A destination cannot be written as asked (e.g. a file stands where an output folder goes)."""
 
 
 class DiskFullError(LorakitError, OSError):

@@ -41,8 +41,8 @@ def merge_to_folder(
         from lorakit.errors import AdapterError
 
         raise AdapterError(f"{adapter}: {MERGE_REFUSAL}")
+    quant = adapter_base_quantization(adapter)  # a corrupt adapter file fails here, before the model loads
     model, tokenizer = load_model(model_spec, dtype=dtype)
-    quant = adapter_base_quantization(adapter)
     if quant and dequantized_base:
         if quant.get("method") in ("nf4", "bitsandbytes-nf4"):  # our NF4 is bitsandbytes' (CPU) bit for bit
             quantize(

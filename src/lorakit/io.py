@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.atomic import atomic_dir
@@ -24,6 +23,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, AdapterFileError, ConfigError, TargetError
 from lorakit.inject import check_new_name, delete_adapter, inject, lora_layers, registry
 from lorakit.layers import Handler, handler_for
+from lorakit.readers import load_weights_only, read_json, read_safetensors
 from lorakit.targeting import select_modules
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
         config = config.replace(
             base_model=getattr(getattr(model, "config", None), "_name_or_path", None) or None
         )
+    if config.task_type is None:
+        config = config.replace(task_type=task_type_for(model))
 
     from lorakit.quant import adapter_metadata
     from lorakit.variants import variant_metadata
@@ -104,14 +106,67 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default
     # + the quantized base it was trained on, and variant records (DyLoRA), if any
     metadata = {"format": "pt", **adapter_metadata(model), **variant_metadata(model, name)}
 
+    peft_dict = config.to_peft_dict()
+    heads = _heads(model, config.task_type)
+    if heads:  # PEFT's classification wrappers load the head from the file: the model's own, unchanged
+        peft_dict["modules_to_save"] = sorted(heads)
+        for h, module in heads.items():
+            for pname, p in module.named_parameters():
+                tensors[f"{PREFIX}{h}.{pname}"] = p.detach().clone().contiguous()
+
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n")
+        (tmp / CONFIG_NAME).write_text(json.dumps(peft_dict, indent=2, sort_keys=True) + "\n")
 
     path = Path(path)
     atomic_dir(path, write, keep_others=True)
     log.info("saved adapter %r (%d tensors) to %s", name, len(tensors), path)
     return path
+
+
+# transformers' head-class suffixes -> PEFT task types (PeftModel.from_pretrained builds its wrapper by these)
+_TASK_SUFFIXES = {
+    "ForCausalLM": "CAUSAL_LM",
+    "LMHeadModel": "CAUSAL_LM",
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+    "ForSeq2SeqLM": "SEQ_2_SEQ_LM",
+}
+
+
+# the heads PEFT adds to modules_to_save for each classification task type (and expects in the file)
+_HEAD_NAMES = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+
+def _heads(model: nn.Module, task_type: str | None) -> dict[str, nn.Module]:
+    """The task's head modules that `model` has, by name (top-level names, as PEFT matches them)."""
+    return {
+        n: m
+        for n in _HEAD_NAMES.get(task_type or "", ())
+        if isinstance(m := getattr(model, n, None), nn.Module)
+    }
+
+
+def task_type_for(model: nn.Module) -> str | None:
+    """The PEFT task_type that fits `model`, so that PEFT wraps it in the right class when loading the adapter.
+
+    None (PEFT's default, the plain PeftModel) for a bare encoder/decoder or anything else: PEFT's CAUSAL_LM
+    wrapper needs `prepare_inputs_for_generation`, which e.g. BertModel lacks."""
+    name = type(model).__name__
+    if name.endswith(
+        "ForConditionalGeneration"
+    ):  # T5, BART: seq2seq; multimodal decoders generate like an LM
+        encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+        return "SEQ_2_SEQ_LM" if encoder_decoder else "CAUSAL_LM"
+    for suffix, task in _TASK_SUFFIXES.items():
+        if name.endswith(suffix):
+            return task
+    return None
 
 
 def read_adapter(
@@ -135,12 +190,7 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_dir():
         raise AdapterFileError(f"{path}: not an adapter folder (expected a directory with {CONFIG_NAME})")
     cfg_file = path / CONFIG_NAME
-    if not cfg_file.is_file():
-        raise AdapterFileError(f"{cfg_file}: missing")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{cfg_file}: not valid JSON ({e})") from None
+    raw = read_json(cfg_file)
     if not isinstance(raw, dict):
         raise AdapterFileError(f"{cfg_file}: expected a JSON object, got {type(raw).__name__}")
     return raw
@@ -159,25 +209,30 @@ def _is_adalora(model: nn.Module, name: str) -> bool:
 
 
 def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    """The adapter folder's tensors, each a floating-point tensor of finite values (else AdapterFileError)."""
+    tensors = _read_tensor_file(path, allow_pickle)
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise AdapterFileError(f"{path}: {key} has dtype {t.dtype}, not a floating-point type")
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterFileError(f"{path}: {key} has non-finite values (nan or inf)")
+    return tensors
+
+
+def _read_tensor_file(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
     st, pt = path / WEIGHTS_NAME, path / PICKLE_NAME
-    if st.is_file():
-        try:
-            return load_file(str(st), device="cpu")
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise AdapterFileError(f"{st}: corrupt or truncated safetensors file ({e})") from None
-    if pt.is_file():
+    if st.exists():
+        return read_safetensors(st)
+    if pt.exists():
         if not allow_pickle:
             raise AdapterFileError(
                 f"{pt}: pickled adapter refused (pickle can run code); pass allow_pickle=True / --allow-pickle to load "
                 "it with torch.load(weights_only=True), or convert it to safetensors"
             )
-        try:
-            tensors = torch.load(str(pt), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-            raise AdapterFileError(
-                f"{pt}: cannot be loaded with weights_only=True ({type(e).__name__}: {e})"
-            ) from None
-        if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        tensors = load_weights_only(pt)
+        if not isinstance(tensors, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+        ):
             raise AdapterFileError(f"{pt}: expected a dict of tensors")
         return tensors
     raise AdapterFileError(f"{path}: no {WEIGHTS_NAME} (or {PICKLE_NAME})")
@@ -263,6 +318,7 @@ def _plan_load(
         raise AdapterError(f"{path}: adapter does not fit {type(model).__name__}: {e}") from None
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     biases: list[tuple[str, str, torch.Tensor]] = []
+    params = dict(model.named_parameters())
     for key, t in tensors.items():
         k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         for suffix, param in _SUFFIXES.items():
@@ -272,6 +328,8 @@ def _plan_load(
         else:
             if k.endswith(".bias") and config.bias != "none":
                 biases.append(_plan_bias(model, k, t, path))
+            elif k in params:  # a copy of a model weight (PEFT's modules_to_save, e.g. a classifier head)
+                _check_copy(model, key, k, t, params[k], path)
             else:
                 log.warning("%s: ignoring tensor %s (not a LoRA weight)", path, key)
     stray = sorted(set(by_module) - set(modules))
@@ -307,6 +365,16 @@ def _plan_module(
             )
         out.append((m, param, t))
     return out
+
+
+def _check_copy(model: nn.Module, key: str, name: str, t: torch.Tensor, p: torch.Tensor, path: Path) -> None:
+    """A file tensor that copies model weight `name` (PEFT's modules_to_save) must equal it: lorakit keeps no
+    trained copies of whole modules, and silently using the model's own instead would change the adapter."""
+    if t.shape != p.shape or not torch.equal(t.to(p.dtype), p.detach().cpu()):
+        raise AdapterError(
+            f"{path}: {key} is a trained copy of {type(model).__name__}.{name} (PEFT modules_to_save), which "
+            "lorakit does not load (only LoRA weights); its values differ from the model's own"
+        )
 
 
 def _plan_bias(model: nn.Module, key: str, t: torch.Tensor, path: Path) -> tuple[str, str, torch.Tensor]:

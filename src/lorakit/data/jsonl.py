@@ -35,31 +35,44 @@ def shape_of(example: dict[str, Any]) -> str | None:
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """All examples of a JSONL file, validated. Raises DataError naming the file and line."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: data file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file ({'a folder' if path.is_dir() else 'a special file'})")
     examples: list[dict[str, Any]] = []
     shape: str | None = None
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(ex, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(ex).__name__}")
-            this = shape_of(ex)
-            if this is None:
-                raise DataError(
-                    f'{path}:{lineno}: unknown fields {sorted(ex)}; expected {{"prompt","completion"}}, '
-                    '{"messages"} or {"text"}'
-                )
-            if shape is not None and this != shape:
-                raise DataError(f"{path}:{lineno}: a {this} example in a file of {shape} examples")
-            shape = this
-            _check(ex, this, f"{path}:{lineno}")
-            examples.append(ex)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    for lineno, raw in enumerate(
+        data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1
+    ):  # a BOM (Notepad) is fine
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(
+                f"{path}:{lineno}: not valid UTF-8 text (byte {e.start + 1} of the line)"
+            ) from None
+        if not line.strip():
+            continue
+        try:
+            ex = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(ex, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(ex).__name__}")
+        this = shape_of(ex)
+        if this is None:
+            raise DataError(
+                f'{path}:{lineno}: unknown fields {sorted(ex)}; expected {{"prompt","completion"}}, '
+                '{"messages"} or {"text"}'
+            )
+        if shape is not None and this != shape:
+            raise DataError(f"{path}:{lineno}: a {this} example in a file of {shape} examples")
+        shape = this
+        _check(ex, this, f"{path}:{lineno}")
+        examples.append(ex)
     if not examples:
         raise DataError(f"{path}: no examples (the file is empty)")
     return examples
@@ -71,7 +84,11 @@ def _check(ex: dict[str, Any], shape: str, where: str) -> None:
         if not isinstance(msgs, list) or not msgs:
             raise DataError(f"{where}: 'messages' must be a non-empty list")
         for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("content"), str)
+                or not _is_role(m.get("role"))
+            ):
                 raise DataError(
                     f"{where}: messages[{i}] needs a 'role' in {sorted(ROLES)} and a string 'content'"
                 )
@@ -81,3 +98,7 @@ def _check(ex: dict[str, Any], shape: str, where: str) -> None:
         for k in SHAPES[shape]:
             if not isinstance(ex[k], str):
                 raise DataError(f"{where}: {k!r} must be a string, got {type(ex[k]).__name__}")
+
+
+def _is_role(role: Any) -> bool:
+    return isinstance(role, str) and role in ROLES

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.errors import QuantizationError
+from lorakit.errors import AdapterFileError, QuantizationError
 from lorakit.quant import bnb
 from lorakit.quant.nf4 import BLOCK_SIZE, NF4Linear
 
@@ -247,19 +247,18 @@ def adapter_metadata(model: nn.Module) -> dict[str, str]:
 
 def adapter_base_quantization(path: str | os.PathLike) -> dict[str, Any] | None:
     """The quantized base recorded in an adapter folder's safetensors metadata, or None."""
-    from safetensors import safe_open
-
     from lorakit.io import WEIGHTS_NAME
+    from lorakit.readers import safetensors_metadata
 
     file = Path(path) / WEIGHTS_NAME
-    if not file.is_file():
+    if not file.exists():
         return None
+    raw = safetensors_metadata(file).get(METADATA_KEY)  # a corrupt file: AdapterFileError naming it
     try:
-        with safe_open(str(file), "pt") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
-        return json.loads(raw) if raw else None
-    except (OSError, ValueError):
-        return None
+        info = json.loads(raw) if raw else None
+    except ValueError:
+        raise AdapterFileError(f"{file}: unreadable {METADATA_KEY} metadata {raw[:60]!r}") from None
+    return info if isinstance(info, dict) else None
 
 
 def note_adapter_base(model: nn.Module, path: str | os.PathLike) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import logging
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,11 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from lorakit.atomic import atomic_dir
+from lorakit.atomic import atomic_dir, remove_stale_temporaries
 from lorakit.errors import LorakitError
+from lorakit.readers import load_weights_only, read_json, read_safetensors
+
+log = logging.getLogger(__name__)
 
 KEEP = 2
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -130,6 +134,7 @@ def save_checkpoint(
             save_file(extra_tensors, str(tmp / "method.safetensors"), metadata={"format": "pt"})
         (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
 
+    remove_stale_temporaries(root, "step-*")  # a killed save of an earlier step left its temporary
     try:
         atomic_dir(path, write)
     except Exception as e:
@@ -163,20 +168,78 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_from(
+    resume: str, out_dir: Path, model: nn.Module, opt, sched, *, base_model_id: str | None, method=None
+) -> tuple[int, Path | None]:
+    """Restore the checkpoint `resume` names (a folder, or "auto": the newest intact one in out_dir/checkpoints)
+    and return (step to continue from, its folder); (0, None) for "auto" with no checkpoint yet.
+
+    "auto" skips a checkpoint whose files are truncated or corrupt (a run killed mid-write by a failing disk),
+    with a warning naming the bad file, and refuses in one line if none is intact. A checkpoint that is intact but
+    belongs to another run (base model, parameters) is an error either way, not a reason to fall back."""
+    if resume != "auto":
+        files = read_checkpoint(Path(resume))
+        return restore_checkpoint(files, model, opt, sched, base_model_id=base_model_id, method=method), Path(
+            resume
+        )
+    found = sorted((Path(out_dir) / "checkpoints").glob("step-*"), reverse=True)
+    problems: list[str] = []
+    for path in found:
+        try:
+            files = read_checkpoint(path)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            log.warning("%s; resuming from %s instead", "; ".join(problems), path)
+        return restore_checkpoint(files, model, opt, sched, base_model_id=base_model_id, method=method), path
+    if found:
+        raise CheckpointError(
+            f"{Path(out_dir) / 'checkpoints'}: no intact checkpoint to resume from ({'; '.join(problems)})"
+        )
+    return 0, None
+
+
 def load_checkpoint(
     path: Path, model: nn.Module, opt, sched, *, base_model_id: str | None, method=None
 ) -> int:
     """Restore trainable tensors, optimizer and scheduler from `path`; return the step to continue from.
 
-    Every rank reads the files; under FSDP2 each keeps its own shard (no communication)."""
+    Every file is read and checked before anything changes. Every rank reads the files; under FSDP2 each keeps
+    its own shard (no communication)."""
+    files = read_checkpoint(Path(path))
+    return restore_checkpoint(files, model, opt, sched, base_model_id=base_model_id, method=method)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The parsed files of checkpoint folder `path`; CheckpointError naming the file that is missing or corrupt."""
     if not (path / "state.json").is_file():
         raise CheckpointError(f"{path}: not a lorakit checkpoint (no state.json)")
-    state = json.loads((path / "state.json").read_text())
+    state = read_json(path / "state.json", CheckpointError)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{path / 'state.json'}: expected an object with an integer 'step'")
+    blob = load_weights_only(path / "optimizer.pt", CheckpointError)
+    if not isinstance(blob, dict) or not {"optimizer", "scheduler"} <= set(blob):
+        raise CheckpointError(f"{path / 'optimizer.pt'}: expected the optimizer and scheduler state")
+    extra = path / "method.safetensors"
+    return {
+        "path": path,
+        "state": state,
+        "tensors": read_safetensors(path / "trainable.safetensors", CheckpointError),
+        "blob": blob,
+        "method_tensors": read_safetensors(extra, CheckpointError) if extra.exists() else None,
+    }
+
+
+def restore_checkpoint(
+    files: dict[str, Any], model: nn.Module, opt, sched, *, base_model_id: str | None, method=None
+) -> int:
+    """Put what `read_checkpoint` read into the model, optimizer, scheduler and method; return its step."""
+    path, state, tensors = files["path"], files["state"], files["tensors"]
     if base_model_id is not None and state.get("base_model") not in (None, base_model_id):
         raise CheckpointError(
             f"{path}: made with base model {state['base_model']!r}, but this run uses {base_model_id!r}"
         )
-    tensors = load_file(str(path / "trainable.safetensors"))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(tensors) != set(params):
         missing = sorted(set(params) - set(tensors))[:3]
@@ -184,20 +247,19 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path}: trainable parameters differ from this run's (missing {missing}, extra {extra})"
         )
+    for n, p in params.items():
+        if tensors[n].shape != p.shape:
+            raise CheckpointError(
+                f"{path}: {n} has shape {tuple(tensors[n].shape)}, this run has {tuple(p.shape)}"
+            )
     with torch.no_grad():
         for n, p in params.items():
-            if tensors[n].shape != p.shape:
-                raise CheckpointError(
-                    f"{path}: {n} has shape {tuple(tensors[n].shape)}, this run has {tuple(p.shape)}"
-                )
             p.copy_(_like(tensors[n].to(p.dtype), p))
-    blob = torch.load(path / "optimizer.pt", weights_only=True)
-    opt.load_state_dict(_shard_optimizer_state(blob["optimizer"], opt))
-    sched.load_state_dict(blob["scheduler"])
-    if method is not None and ("method" in state or (path / "method.safetensors").is_file()):
+    opt.load_state_dict(_shard_optimizer_state(files["blob"]["optimizer"], opt))
+    sched.load_state_dict(files["blob"]["scheduler"])
+    if method is not None and ("method" in state or files["method_tensors"] is not None):
         extra = dict(state.get("method", {}))
-        if (path / "method.safetensors").is_file():
-            extra.update(load_file(str(path / "method.safetensors")))
+        extra.update(files["method_tensors"] or {})
         method.load_state_dict(extra)
     return int(state["step"])
 

@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import difflib
 import os
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import yaml
 
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError
+from lorakit.train.fieldtypes import CommandLineValue, check
 
 
 @dataclass
@@ -208,13 +210,22 @@ def from_dict(d: dict[str, Any], *, source: str = "config") -> RunConfig:
             )
         values = values or {}
         if not isinstance(values, dict):
-            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+            raise ConfigError(f"{source}: section {section!r} must be a mapping, got {type(values).__name__}")
         known = _section_fields(section)
         for key in values:
             if key not in known:
                 raise ConfigError(f"{source}: unknown key {section}.{key}{_did_you_mean(key, list(known))}")
+        defaults = SECTIONS[section].default_factory()  # the run's defaults; the file's values win
+        hints = typing.get_type_hints(type(defaults))
+        values = {
+            key: check(
+                v,
+                hints[key],
+                f"--{section}.{key}" if isinstance(v, CommandLineValue) else f"{source}: {section}.{key}",
+            )
+            for key, v in values.items()
+        }
         try:
-            defaults = SECTIONS[section].default_factory()  # the run's defaults; the file's values win
             kwargs[section] = type(defaults)(**{**dataclasses.asdict(defaults), **values})
         except TypeError as e:
             raise ConfigError(f"{source}: section {section!r}: {e}") from None
@@ -301,19 +312,9 @@ def _validate_method(cfg: RunConfig) -> None:
 
 
 def parse_value(text: str) -> Any:
-    """A command-line value: YAML scalars and lists ("3", "2e-4", "true", "[q_proj, v_proj]", "null")."""
-    for number in (int, float):  # YAML 1.1 reads "2e-4" as a string
-        try:
-            return number(text)
-        except ValueError:
-            pass
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        try:
-            return ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            return text
+    """A command-line value, kept as its text until `from_dict` converts it by its field's type (int, float, bool,
+    str, null, lists "[q_proj, v_proj]", mappings "{q_proj: 2}"): lorakit.train.fieldtypes."""
+    return CommandLineValue(text)
 
 
 # --method X is short for --train.method X, --model PATH for --model.path PATH
@@ -322,16 +323,7 @@ SHORTHANDS = {"method": "train.method", "model": "model.path"}
 
 def load_config(path: str | os.PathLike | None, overrides: list[str]) -> RunConfig:
     """A YAML file (or the defaults) plus `--section.key value` overrides."""
-    data: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    data = {k: dict(v or {}) for k, v in data.items()} if isinstance(data, dict) else data
+    data = read_yaml(Path(path)) if path else {}
     i = 0
     while i < len(overrides):
         arg = overrides[i]
@@ -350,6 +342,28 @@ def load_config(path: str | os.PathLike | None, overrides: list[str]) -> RunConf
         section, _, name = key.partition(".")
         data.setdefault(section, {})[name.replace("-", "_")] = parse_value(value)
     return from_dict(data, source=str(path) if path else "command line")
+
+
+def read_yaml(p: Path) -> dict[str, Any]:
+    """A YAML config file as {section: {key: value}}; ConfigError naming the file if it is not one."""
+    if not p.exists():
+        raise ConfigError(f"{p}: config file not found")
+    if not p.is_file():
+        raise ConfigError(f"{p}: not a file")
+    try:
+        data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections, got {type(data).__name__}")
+    for section, values in data.items():
+        if values is not None and not isinstance(values, dict):
+            raise ConfigError(f"{p}: section {section!r} must be a mapping, got {type(values).__name__}")
+    return {k: dict(v or {}) for k, v in data.items()}
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

@@ -16,8 +16,9 @@ from lorakit.inject import adapter_names
 
 
 @torch.no_grad()
-def eval_loss(model: nn.Module, rows: list[Encoded], pad_id: int, batch_size: int = 8) -> float:
-    """Mean cross-entropy per learned token over `rows`."""
+def eval_loss(model: nn.Module, rows: list[Encoded], pad_id: int, batch_size: int = 8) -> float | None:
+    """Mean cross-entropy per learned token over `rows`; None when they hold no learned token (nothing to
+    evaluate: a mean over nothing is not a loss of 0)."""
     from lorakit.train.loop import collate
 
     was_training = model.training
@@ -35,7 +36,7 @@ def eval_loss(model: nn.Module, rows: list[Encoded], pad_id: int, batch_size: in
         ).item()
         count += int((labels != IGNORE).sum())
     model.train(was_training)
-    return total / max(count, 1)
+    return total / count if count else None
 
 
 def prompt_and_answer(ex: dict[str, Any]) -> tuple[str | list[dict[str, str]], str] | None:

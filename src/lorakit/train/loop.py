@@ -11,6 +11,8 @@ import functools
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +28,7 @@ from lorakit.train.checkpoint import (
     full_tensor,
     is_sharded,
     latest_checkpoint,
-    load_checkpoint,
+    resume_from,
     save_checkpoint,
 )
 from lorakit.train.config import RunConfig
@@ -127,25 +129,29 @@ def train_loop(
         if hasattr(inner, "enable_input_require_grads"):
             inner.enable_input_require_grads()
     start = 0
-    resume = latest_checkpoint(out_dir) if t.resume == "auto" else t.resume
-    if resume:
-        start = load_checkpoint(Path(resume), inner, opt, sched, base_model_id=base_model_id, method=method)
-        log.info("resumed from %s at step %d", resume, start)
+    if t.resume:  # "auto": the newest intact checkpoint (a truncated one is skipped, with a warning)
+        start, resumed = resume_from(
+            t.resume, out_dir, inner, opt, sched, base_model_id=base_model_id, method=method
+        )
+        if resumed is not None:
+            log.info("resumed from %s at step %d", resumed, start)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_file = out_dir / "metrics.jsonl"
     emit = _emitter(metrics_file if rank == 0 else None, callbacks)
     model.train()
     tokens_seen, t0, last = 0, time.perf_counter(), None
-    step = start
+    step = done = start  # done: optimizer steps the weights have taken
     prev_fused = set_fused(t.fused)
     if (
         t.fused and groups_enabled() and not sharded and train_rows
     ):  # which projections share an input (q/k/v, gate/up)
         probe_groups(inner, collate([train_rows[0]], pad_id)["input_ids"])
+    interrupts = StepGuard()
     try:
         for step in range(start, t.steps):
             torch.manual_seed(t.seed * 7919 + step)  # dropout masks depend on the step only: exact resume
             loss_sum, n_tok = 0.0, 0
+            interrupts.enter()  # from here to `done = step + 1`, Ctrl-C waits for the step's end
             method.before_step(inner, step)
             for micro in range(t.grad_accum):
                 batch = collate(
@@ -176,6 +182,8 @@ def train_loop(
             method.after_step(inner, step)  # gradients still present (AdaLoRA's importance scores)
             sched.step()
             opt.zero_grad(set_to_none=True)
+            done = step + 1
+            interrupts.leave()  # a Ctrl-C held since the step began is raised here, with `done` up to date
             tokens_seen += n_tok * world
             last = {
                 "step": step + 1,
@@ -206,25 +214,29 @@ def train_loop(
                     method=method,
                 )
     except KeyboardInterrupt:
+        if interrupts.forced and rank == 0:  # a second Ctrl-C stopped a step half-way: nothing to save
+            newest = latest_checkpoint(out_dir)
+            where = f"resume from {newest} with --train.resume auto" if newest else "no checkpoint yet"
+            raise TrainingError(
+                f"interrupted again during step {done + 1}: no checkpoint written (the step was half done); {where}"
+            ) from None
         if sharded:  # gathering the shards needs every rank in step, and an interrupt stops them anywhere
             if rank == 0:
                 newest = latest_checkpoint(out_dir)
                 where = f"resume from {newest} with --train.resume auto" if newest else "no checkpoint yet"
-                done = last["step"] if last else start
                 raise TrainingError(
                     f"interrupted after step {done} (FSDP writes no checkpoint on interrupt); {where}"
                 ) from None
             raise
-        if rank == 0 and last is not None:
+        if rank == 0 and done > start:
             path = save_checkpoint(
-                out_dir, last["step"], inner, opt, sched, cfg, base_model_id=base_model_id, method=method
+                out_dir, done, inner, opt, sched, cfg, base_model_id=base_model_id, method=method
             )
             log.warning("interrupted: saved a resumable checkpoint to %s", path)
-            raise TrainingError(
-                f"interrupted at step {last['step']}; resume with --train.resume {path}"
-            ) from None
+            raise TrainingError(f"interrupted at step {done}; resume with --train.resume {path}") from None
         raise
     finally:
+        interrupts.restore()
         set_fused(prev_fused)
     method.finish(inner)
     model.eval()
@@ -235,6 +247,44 @@ def train_loop(
         "train_seconds": time.perf_counter() - t0,
         "last": last,
     }
+
+
+class StepGuard:
+    """Ctrl-C (SIGINT) during an optimizer step is held until the step is complete, then raised.
+
+    Between `enter()` (a step begins) and `leave()` (weights, optimizer, scheduler, method hooks and the step
+    counter all agree), a SIGINT only sets a flag; `leave()` raises it. So an interrupt never finds updated
+    weights under the previous step number, which a checkpoint would repeat on resume. A second Ctrl-C inside a
+    step stops at once (`forced`: the step is half done, no checkpoint can be trusted). Only the main thread
+    handles signals; elsewhere, or when SIGINT is not Python's to handle, this does nothing."""
+
+    def __init__(self) -> None:
+        self.inside = self.held = self.forced = False
+        self.previous = signal.getsignal(signal.SIGINT)
+        self.active = threading.current_thread() is threading.main_thread() and callable(self.previous)
+        if self.active:
+            signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self.inside and not self.held:
+            self.held = True
+            log.warning("Ctrl-C: stopping when this step is complete (Ctrl-C again to stop at once, unsaved)")
+            return
+        self.forced = self.inside
+        self.previous(signum, frame)  # Python's default handler: raises KeyboardInterrupt
+
+    def enter(self) -> None:
+        self.inside = True
+
+    def leave(self) -> None:
+        self.inside = False
+        if self.held:
+            self.held = False
+            self.previous(signal.SIGINT, None)
+
+    def restore(self) -> None:
+        if self.active:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def _emitter(path: Path | None, callbacks: list[Callback]) -> Callback:

@@ -14,7 +14,7 @@ from torch import nn
 
 from lorakit.data.jsonl import DataError, read_jsonl
 from lorakit.data.tasks import make_task
-from lorakit.data.tokenize import encode_dataset, pack
+from lorakit.data.tokenize import IGNORE, encode_dataset, pack
 from lorakit.layers import LoraLayer
 from lorakit.quant import is_quantized, quantize
 from lorakit.quant.load import load_quantized
@@ -59,7 +59,10 @@ def evaluate(
 ) -> dict[str, float]:
     """Eval loss and exact-match accuracy. `sharded` (FSDP2): every rank calls this with the same data and gets the
     same numbers; adapters are not merged (the base weights are shards) and generation runs in lockstep."""
-    out: dict[str, float] = {"loss": eval_loss(model, eval_rows, tokenizer.pad_token_id)}
+    out: dict[str, float] = {}
+    loss = eval_loss(model, eval_rows, tokenizer.pad_token_id)
+    if loss is not None:  # None: truncation left no eval token (warned at the start)
+        out["loss"] = loss
     acc, _ = exact_match(
         model,
         tokenizer,
@@ -116,6 +119,15 @@ def run_training(
     if not train_rows:
         raise DataError(
             f"{source}: no example has anything to learn after truncation to {cfg.data.max_len} tokens"
+        )
+    if not any(lab != IGNORE for r in eval_rows for lab in r.labels):
+        log.warning(
+            "%s: no eval example has a token left to evaluate after truncation to %d tokens (%d of %d examples "
+            "truncated): eval loss is not measured; raise data.max_len or shorten the eval prompts",
+            source,
+            cfg.data.max_len,
+            eval_stats["truncated"],
+            len(eval_ex),
         )
     if cfg.data.pack:
         train_rows = pack(train_rows, cfg.data.max_len)
@@ -239,7 +251,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 def _fmt(m: dict[str, float]) -> str:
     acc = f"accuracy {100 * m['accuracy']:.1f}%, " if "accuracy" in m else ""
-    return f"{acc}eval loss {m['loss']:.4f}"
+    return f"{acc}eval loss {m['loss']:.4f}" if "loss" in m else f"{acc}no eval loss (nothing to evaluate)"
 
 
 def _peak_rss_gb() -> float:

@@ -29,15 +29,11 @@ def variant_metadata(model: nn.Module, name: str) -> dict[str, str]:
 
 def read_metadata(path: Path) -> dict[str, str]:
     """The safetensors metadata of the adapter folder `path` ({} if there is none)."""
-    from safetensors import safe_open
-
     from lorakit.io import WEIGHTS_NAME
+    from lorakit.readers import safetensors_metadata
 
     file = Path(path) / WEIGHTS_NAME
-    if not file.is_file():
-        return {}
-    with safe_open(str(file), "pt") as f:
-        return dict(f.metadata() or {})
+    return safetensors_metadata(file) if file.exists() else {}
 
 
 def restore_variants(model: nn.Module, name: str, path: Path) -> None:

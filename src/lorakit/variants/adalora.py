@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lorakit.checks import is_int, is_number
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, ConfigError, TargetError
 from lorakit.inject import inject, lora_layers, set_trainable
@@ -66,9 +67,7 @@ class AdaLoraConfig:
     """Kept triplets per layer ("<module>.lora_E" -> one bool per row), set by the allocator."""
 
     def __post_init__(self) -> None:
-        def pos_int(v: Any, low: int) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
+        pos_int = is_int
         checks = [
             (pos_int(self.init_r, 1), f"init_r must be a positive integer, got {self.init_r!r}"),
             (pos_int(self.target_r, 1), f"target_r must be a positive integer, got {self.target_r!r}"),
@@ -79,9 +78,18 @@ class AdaLoraConfig:
             (pos_int(self.tinit, 0), f"tinit must be an integer >= 0, got {self.tinit!r}"),
             (pos_int(self.tfinal, 0), f"tfinal must be an integer >= 0, got {self.tfinal!r}"),
             (pos_int(self.deltaT, 1), f"deltaT must be an integer >= 1, got {self.deltaT!r}"),
-            (0 < self.beta1 < 1, f"beta1 must be in (0, 1), got {self.beta1!r}"),
-            (0 < self.beta2 < 1, f"beta2 must be in (0, 1), got {self.beta2!r}"),
-            (self.orth_reg_weight >= 0, f"orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}"),
+            (
+                is_number(self.beta1) and 0 < self.beta1 < 1,
+                f"beta1 must be in (0, 1), got {self.beta1!r}",
+            ),
+            (
+                is_number(self.beta2) and 0 < self.beta2 < 1,
+                f"beta2 must be in (0, 1), got {self.beta2!r}",
+            ),
+            (
+                is_number(self.orth_reg_weight) and self.orth_reg_weight >= 0,
+                f"orth_reg_weight must be a finite number >= 0, got {self.orth_reg_weight!r}",
+            ),
             (
                 self.total_step is not None,
                 "total_step is required: AdaLoRA's budget schedule needs the total number of optimizer steps "

@@ -22,7 +22,7 @@ from lorakit.atomic import atomic_dir
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, ConfigError, TargetError
 from lorakit.inject import delete_adapter, lora_layers, registry
-from lorakit.io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _read_tensors, _targets_for_file
+from lorakit.io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _read_tensors, _targets_for_file, task_type_for
 from lorakit.layers import handler_for
 from lorakit.targeting import select_modules
 from lorakit.variants.adalora import (
@@ -70,6 +70,8 @@ def peft_config_dict(model: nn.Module, name: str = "default") -> dict[str, Any]:
         lora = lora.replace(layers=None, layers_pattern=None)
     if lora.base_model is None:
         lora = lora.replace(base_model=getattr(getattr(model, "config", None), "_name_or_path", None) or None)
+    if lora.task_type is None:
+        lora = lora.replace(task_type=task_type_for(model))
     d = lora.to_peft_dict()
     d.update(config.to_dict())
     # PEFT's default r, which AdaLoRA ignores (init_r and rank_pattern give the shapes); another value warns

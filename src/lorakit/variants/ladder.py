@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from lorakit.checks import is_int, is_number
 from lorakit.errors import AdapterError, AdapterFileError, ConfigError, TargetError
 from lorakit.train.methods import Method
 from lorakit.variants.ladder_side import BLOCKS, SideNetwork
@@ -75,18 +76,21 @@ class LadderConfig:
     def __post_init__(self) -> None:
         checks = [
             (
-                isinstance(self.reduction, int) and self.reduction >= 1,
+                is_int(self.reduction, 1),
                 f"reduction must be an int >= 1, got {self.reduction!r}",
             ),
-            (isinstance(self.rank, int) and self.rank >= 1, f"rank must be an int >= 1, got {self.rank!r}"),
+            (is_int(self.rank, 1), f"rank must be an int >= 1, got {self.rank!r}"),
             (
-                isinstance(self.every, int) and self.every >= 1,
+                is_int(self.every, 1),
                 f"every must be an int >= 1, got {self.every!r}",
             ),
             (self.block in BLOCKS, f"block must be one of {', '.join(BLOCKS)}, got {self.block!r}"),
-            (self.temperature > 0, f"temperature must be > 0, got {self.temperature!r}"),
             (
-                isinstance(self.mlp_ratio, int) and self.mlp_ratio >= 1,
+                is_number(self.temperature) and self.temperature > 0,
+                f"temperature must be a finite number > 0, got {self.temperature!r}",
+            ),
+            (
+                is_int(self.mlp_ratio, 1),
                 f"mlp_ratio must be an int >= 1, got {self.mlp_ratio!r}",
             ),
         ]
@@ -292,9 +296,10 @@ def save_ladder(model: nn.Module, path: str | os.PathLike, *, base_model: str | 
 def read_ladder(path: str | os.PathLike) -> tuple[LadderConfig, dict[str, Any], dict[str, torch.Tensor]]:
     """(config, raw json, tensors) of a ladder folder."""
     from lorakit.io import CONFIG_NAME, _read_tensors
+    from lorakit.readers import read_json
 
     path = Path(path)
-    raw = json.loads((path / CONFIG_NAME).read_text())
+    raw = read_json(path / CONFIG_NAME)
     known = {f.name for f in fields(LadderConfig)}
     try:
         cfg = LadderConfig(**{k: v for k, v in raw.items() if k in known})

@@ -1,0 +1,47 @@
+"""Argument types and error text for the `lorakit` command line: numbers checked where argparse reads them, so
+a bad value is argparse's one error line before any model loads."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (steps, ranks, lengths, batch sizes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def tcp_port(text: str) -> int:
+    """argparse type: a TCP port, 1..65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port 1..65535, got {text!r}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """argparse type: a finite number >= 0 (a temperature, a wait in ms)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def os_error_line(e: OSError) -> str:
+    """'PATH: reason' for an OSError from the system, else its text on one line."""
+    if e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}" + (f" -> {e.filename2}" if e.filename2 else "")
+    return " ".join(str(e).split()) or type(e).__name__

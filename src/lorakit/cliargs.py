@@ -7,26 +7,23 @@ import argparse
 import math
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (steps, ranks, lengths, batch sizes)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _int_in(low: int, high: int | None, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def tcp_port(text: str) -> int:
-    """argparse type: a TCP port, 1..65535."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a TCP port 1..65535, got {text!r}")
-    return value
+positive_int = _int_in(1, None, "a positive integer")
+"""argparse type: an integer >= 1 (steps, ranks, lengths, batch sizes)."""
+tcp_port = _int_in(1, 65535, "a TCP port 1..65535")
+"""argparse type: a TCP port, 1..65535."""
 
 
 def non_negative(text: str) -> float:

@@ -77,6 +77,8 @@ def documented() -> list[tuple[str, str, bool]]:
     found = []
     for path in DOCS:
         for n, cmd, whole in _commands(path.read_text()):
+            if not whole and "<" in cmd:  # output shown in running text (`lorakit <cmd>: error: ...`)
+                continue
             if LORAKIT.match(cmd) or SCRIPT.match(cmd):
                 found.append((f"{path.relative_to(ROOT)}:{n}", cmd, whole))
     return found

@@ -123,10 +123,19 @@ def build(config: ServeConfig) -> FastAPI:
 
 
 def run(app: FastAPI, config: ServeConfig, *, log_level: str = "warning") -> None:
-    """Serve `app` with uvicorn until interrupted."""
+    """Serve `app` with uvicorn until interrupted. Idle keep-alive connections stay open 30 s (uvicorn's default
+    is 5 s): a client that pools connections, as the OpenAI SDK does, then rarely reuses one just as the server
+    closes it, which it sees as a connection error."""
     import uvicorn
 
-    uvicorn.run(app, host=config.host, port=config.port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=30,
+    )
 
 
 __all__ = ["ServeConfig", "build", "run"]

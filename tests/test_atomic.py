@@ -121,3 +121,32 @@ def test_a_killed_checkpoint_save_is_cleaned_by_the_next_checkpoint(tmp_path):
     cfg = RunConfig(train=TrainSection(out_dir=str(tmp_path), steps=4, batch_size=2, save_every=2))
     train_loop(model, token_rows(8), cfg, pad_id=0, out_dir=tmp_path)
     assert not stale.exists() and sorted(p.name for p in ckpts.iterdir()) == ["step-000002"]
+
+
+def _write_model_like(tmp: Path) -> None:
+    (tmp / "config.json").write_text("{}")
+    (tmp / "model.safetensors").write_bytes(b"new")
+
+
+def test_replacing_a_folder_of_other_things_is_refused(tmp_path):
+    """`lorakit merge --out ~/models` must not wipe a folder of unrelated files: refused, and nothing in it
+    changes; an empty folder, or an earlier output of the same kind, is replaced (its stale files go)."""
+    mine = tmp_path / "models"
+    (mine / "llama").mkdir(parents=True)
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(
+        lorakit.LorakitError, match=r"models: exists and holds other files \(llama, notes.txt\)"
+    ):
+        atomic_dir(mine, _write_model_like)
+    assert sorted(p.name for p in mine.iterdir()) == ["llama", "notes.txt"]
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert _temporaries(tmp_path) == []  # the refused write's temporary is gone too
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    atomic_dir(empty, _write_model_like)
+    earlier = tmp_path / "merged"
+    earlier.mkdir()
+    (earlier / "config.json").write_text("{old}")
+    (earlier / "model-00001-of-00002.safetensors").write_bytes(b"old shard")
+    atomic_dir(earlier, _write_model_like)
+    assert sorted(p.name for p in earlier.iterdir()) == ["config.json", "model.safetensors"]

@@ -88,7 +88,10 @@ def _alive(pid: int) -> bool:
 def atomic_dir(path: Path, write: Callable[[Path], None], *, keep_others: bool = False) -> None:
     """Create or replace folder `path` with what `write(tmp)` puts into a fresh temporary folder.
 
-    With `keep_others`, files already in `path` that `write` did not produce are carried over.
+    With `keep_others`, files already in `path` that `write` did not produce are carried over. Without it, an
+    existing folder is replaced only if it is empty or shares a name with what `write` produced (an earlier
+    output of the same kind, whose stale files then go); a folder of other things (`--out ~/models`) is refused
+    with an OutputError, before anything in it changes.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -98,6 +101,8 @@ def atomic_dir(path: Path, write: Callable[[Path], None], *, keep_others: bool =
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path.name), dir=path.parent))
     try:
         write(tmp)
+        if not keep_others and path.is_dir():
+            _refuse_foreign(path, tmp)
         if keep_others and path.is_dir():
             for entry in path.iterdir():
                 if not (tmp / entry.name).exists() and not entry.name.startswith("."):
@@ -117,6 +122,17 @@ def atomic_dir(path: Path, write: Callable[[Path], None], *, keep_others: bool =
         shutil.rmtree(tmp, ignore_errors=True)
         _raise_if_disk_full(e, path)
         raise
+
+
+def _refuse_foreign(path: Path, new: Path) -> None:
+    """OutputError if replacing `path` by `new` would delete a folder that is not an earlier output like it."""
+    old = {e.name for e in path.iterdir()}
+    if old and not old & {e.name for e in new.iterdir()}:
+        shown = ", ".join(sorted(old)[:3]) + (", ..." if len(old) > 3 else "")
+        raise OutputError(
+            f"{path}: exists and holds other files ({shown}), which writing here would delete; "
+            "choose a new or empty folder"
+        )
 
 
 def atomic_file(path: Path, data: bytes) -> None:

@@ -183,3 +183,20 @@ def test_bad_numeric_options_are_refused_before_anything_loads(capsys, argv, opt
     assert (
         last.startswith(f"lorakit {argv[0]}: error: argument {option}: expected ") and repr(value) in last
     ), last
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["generate"], ["merge", "--adapter", "x"], ["nosuch"], ["inspect", "--r", "0"], ["eval", "--data"]],
+    ids=["missing-positional", "missing-option", "unknown-command", "bad-value", "option-without-value"],
+)
+def test_argument_errors_are_one_line(capsys, argv):
+    """argparse's own errors too: one line on stderr, naming the command, with a pointer to --help (no usage
+    block above it)."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    prog = "lorakit" if argv[0] == "nosuch" else f"lorakit {argv[0]}"
+    assert err.startswith(f"{prog}: error: ") and err.rstrip().endswith(f"(see {prog} --help)")

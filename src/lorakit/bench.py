@@ -464,7 +464,9 @@ def write_docs(path: Path, section: str, start: str = START, end: str = END) -> 
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    from lorakit.cliargs import OneLineParser
+
+    parser = OneLineParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of all variants")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per worker (after 1 warm-up)")
     parser.add_argument("--batch", type=int, default=4)

@@ -9,9 +9,8 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
 
-from lorakit.cliargs import non_negative, os_error_line, positive_int, tcp_port
+from lorakit.cliargs import OneLineParser, non_negative, os_error_line, positive_int, tcp_port
 from lorakit.errors import LorakitError
 
 MODEL_HELP = "a Hugging Face model folder or a .gguf file (default: the bundled SmolLM2-135M-Instruct)"
@@ -318,16 +317,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors, like every other error of the CLI: `lorakit train: error: ...`, and a
-    pointer to --help instead of the usage block."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="lorakit", description="Low-Rank Adaptation toolkit (PEFT-compatible adapters).")
+    p = OneLineParser(prog="lorakit", description="Low-Rank Adaptation toolkit (PEFT-compatible adapters).")
     p.add_argument("-v", "--verbose", action="store_true", help="log library messages at INFO level")
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -5,6 +5,15 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import NoReturn
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with one-line errors, like every other error of the CLI: `lorakit train: error: ...`, and a
+    pointer to --help instead of the usage block. Subcommand parsers inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _int_in(low: int, high: int | None, what: str):

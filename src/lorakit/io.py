@@ -158,9 +158,8 @@ def task_type_for(model: nn.Module) -> str | None:
     None (PEFT's default, the plain PeftModel) for a bare encoder/decoder or anything else: PEFT's CAUSAL_LM
     wrapper needs `prepare_inputs_for_generation`, which e.g. BertModel lacks."""
     name = type(model).__name__
-    if name.endswith(
-        "ForConditionalGeneration"
-    ):  # T5, BART: seq2seq; multimodal decoders generate like an LM
+    # ...ForConditionalGeneration: T5 and BART are seq2seq; multimodal decoders generate like an LM
+    if name.endswith("ForConditionalGeneration"):
         encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
         return "SEQ_2_SEQ_LM" if encoder_decoder else "CAUSAL_LM"
     for suffix, task in _TASK_SUFFIXES.items():

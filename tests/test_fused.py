@@ -18,6 +18,7 @@ from lorakit import LoraConfig, fused
 from lorakit.data.tokenize import IGNORE
 from lorakit.dropout import dropout_keep, dropout_scale, splitmix64
 from lorakit.fused import _LoraLinear, causal_lm_loss, lm_head_loss
+from lorakit.siblings import probe_groups
 
 from tiny import ids, randomize, tiny_gpt2, tiny_llama
 
@@ -277,7 +278,7 @@ def test_sibling_groups_share_one_product_and_keep_gradients():
     h = torch.randn(2, 3, 32, requires_grad=True)
     attn.q_proj(h)
     assert "LoraFromXA" not in type(attn.k_proj(h).grad_fn).__name__  # not probed yet: inactive
-    assert fused.probe_groups(model, ids()) == 4  # 2 layers x (q/k/v, gate/up)
+    assert probe_groups(model, ids()) == 4  # 2 layers x (q/k/v, gate/up)
     assert attn.q_proj.group.members == [attn.q_proj, attn.k_proj, attn.v_proj]
     assert mlp.gate_proj.group.members == [mlp.gate_proj, mlp.up_proj] and mlp.down_proj.group is None
     x = ids()

@@ -14,8 +14,9 @@ from torch import nn
 import lorakit
 from lorakit import LoraConfig, QuantizationError
 from lorakit.export import merge_to_folder
-from lorakit.layers import QuantLinearHandler, handler_for
+from lorakit.handlers import handler_for
 from lorakit.quant import bnb as bnb_interop
+from lorakit.quant.handlers import QuantLinearHandler
 
 from tiny import ids, randomize, tiny_llama
 

@@ -12,7 +12,7 @@ import torch
 import lorakit
 from lorakit import LoraConfig
 from lorakit.errors import AdapterError
-from lorakit.io import task_type_for
+from lorakit.formats import task_type_for
 
 from tiny import randomize, tiny_gpt2, tiny_llama
 

@@ -28,19 +28,12 @@ from torch import nn
 
 from lorakit.control import active_adapters, disabled, set_active
 from lorakit.errors import AdapterError
-from lorakit.inject import adapter_names, delete_adapter
-from lorakit.io import check_adapter, load_adapter
+from lorakit.inject import delete_adapter
+from lorakit.io import LoadPlan, apply_plan, plan_adapter
 from lorakit.mixed import row_adapters
-from lorakit.variants.ladder import (
-    LadderConfig,
-    attach_ladder,
-    detach_ladder,
-    is_ladder_folder,
-    ladder_of,
-    ladder_rows,
-    plan_ladder,
-)
-from lorakit.variants.ladder_side import SideNetwork
+from lorakit.registry import adapter_names
+from lorakit.variants.ladder import PEFT_TYPE as LADDER
+from lorakit.variants.ladder import detach_ladder, ladder_of, ladder_rows
 
 
 class AdapterBank:
@@ -80,25 +73,21 @@ class AdapterBank:
         """Load the adapter folder `path` as `name`; returns the seconds it took. Evicts if the bank is full.
 
         `source` is the folder recorded in `paths` when `path` is a copy of it (default: `path`)."""
-        ladder = is_ladder_folder(path)
         with self._lock:
             if name in self.paths and name not in self._doomed:
                 raise AdapterError(f"adapter {name!r} is already loaded (from {self.paths[name]})")
             if name in self._doomed:
                 raise AdapterError(f"adapter {name!r} is still being unloaded (requests in flight); retry")
             t0 = time.perf_counter()
-            # refusals and file checks come before evicting: a bad file must not evict anyone
-            side = self._plan_ladder(path) if ladder else None
+            # the file is read and checked, and refusals made, before evicting: a bad file must not evict anyone
+            plan = plan_adapter(self.model, path, name, allow_pickle=allow_pickle)
+            if plan.peft_type == LADDER:
+                self._check_ladder(plan)
             if self.max_adapters is not None and len(self.names()) >= self.max_adapters:
-                if side is None:
-                    check_adapter(self.model, path, allow_pickle=allow_pickle)
                 self._evict_one()
-            if side is None:
-                load_adapter(self.model, path, name, allow_pickle=allow_pickle, activate=False)
-            else:
-                attach_ladder(self.model, side[0], side=side[1])
-                # plain forward calls stay the base's until routed (`use`, `activate`)
-                side[1].set_rows(False)
+            apply_plan(self.model, plan, name, activate=False)
+            if plan.peft_type == LADDER:  # plain forward calls stay the base's until routed (use, activate)
+                ladder_of(self.model).set_rows(False)
                 self.ladder = name
             self.paths[name] = Path(source if source is not None else path)
             self._lru[name] = time.monotonic()
@@ -181,14 +170,14 @@ class AdapterBank:
         if name not in self.paths or name in self._doomed:
             raise AdapterError(f"no adapter {name!r} in the bank; loaded: {self.names()}")
 
-    def _plan_ladder(self, path: str | Path) -> tuple[LadderConfig, SideNetwork]:
-        """The ladder at `path`, checked and built but not attached; AdapterError if the bank cannot serve it."""
-        cfg, side = plan_ladder(self.model, path)
+    def _check_ladder(self, plan: LoadPlan) -> None:
+        """AdapterError if the bank cannot serve the planned ladder."""
+        cfg, _ = plan.payload
         if cfg.block != "mlp":
             raise AdapterError(
-                f"{path}: a ladder with {cfg.block} side blocks cannot be served: they keep their own KV cache, "
-                "which the batch's cache surgery (rows joining and leaving) does not mirror; serve a ladder with "
-                "mlp side blocks, or use lorakit generate --adapter DIR"
+                f"{plan.path}: a ladder with {cfg.block} side blocks cannot be served: they keep their own KV "
+                "cache, which the batch's cache surgery (rows joining and leaving) does not mirror; serve a ladder "
+                "with mlp side blocks, or use lorakit generate --adapter DIR"
             )
         if self.ladder is not None:
             state = (
@@ -197,14 +186,13 @@ class AdapterBank:
                 else ""
             )
             raise AdapterError(
-                f"{path}: ladder adapter {self.ladder!r} is already loaded{state}; one ladder side network can be "
-                "attached to a model, so unload it first"
+                f"{plan.path}: ladder adapter {self.ladder!r} is already loaded{state}; one ladder side network "
+                "can be attached to a model, so unload it first"
             )
         if ladder_of(self.model) is not None:
             raise AdapterError(
-                f"{path}: the model already carries a ladder side network attached outside the bank"
+                f"{plan.path}: the model already carries a ladder side network attached outside the bank"
             )
-        return cfg, side
 
     def _touch(self, name: str) -> None:
         self._lru[name] = time.monotonic()

@@ -135,7 +135,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     import lorakit
-    from lorakit.fused import causal_lm_loss, lm_head_loss, probe_groups, set_fused, set_groups
+    from lorakit.fused import causal_lm_loss, lm_head_loss, set_fused, set_groups
+    from lorakit.siblings import probe_groups
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

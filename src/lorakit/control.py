@@ -2,20 +2,30 @@
 
 Switching is a change of small per-layer dicts; base weights are never copied or reloaded. Merging folds the
 active adapters into the base weights (exact up to fp rounding) and is undone by `unmerge`, in reverse order.
+A merge is all or nothing: every layer's merged weight is computed in a copy and checked finite before any is
+assigned. Plug-ins whose adapters are no weight delta (the ladder) refuse merging through `register_merge_guard`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from torch import nn
 
 from lorakit.errors import AdapterError, QuantizationError
-from lorakit.inject import adapter_names, lora_layers, registry
+from lorakit.registry import adapter_names, lora_layers, registry
 
 log = logging.getLogger(__name__)
+
+MERGE_GUARDS: list[Callable[[nn.Module], str | None]] = []
+"""Functions model -> a reason the model's adapters cannot be merged, or None; `merge` asks each first."""
+
+
+def register_merge_guard(guard: Callable[[nn.Module], str | None]) -> None:
+    """Make `merge` refuse (AdapterError with the reason) whenever `guard(model)` returns a reason."""
+    MERGE_GUARDS.append(guard)
 
 
 def set_active(model: nn.Module, adapters: str | list[str] | dict[str, float]) -> None:
@@ -75,23 +85,38 @@ def merged(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def merge(model: nn.Module) -> None:
-    """Fold the active adapters (with their weights) into the base weights. Merging twice changes nothing."""
-    from lorakit.variants.ladder import refuse_merge
+    """Fold the active adapters (with their weights) into the base weights. Merging twice changes nothing.
 
-    refuse_merge(model)  # a ladder side network is no weight delta
-    for name, layer in lora_layers(model):
-        if layer.handler.quantized and any(n in layer.adapters for n in layer.active):  # 4-bit base: refuse
-            from lorakit.layers import merge_refusal
-
-            raise QuantizationError(f"{name}: {merge_refusal(layer.base_layer)}")
-        dora = [n for n in layer.active if getattr(layer.adapters[n], "magnitude", None) is not None]
-        if dora and len(layer.active) > 1:
-            raise AdapterError(
-                f"cannot merge DoRA adapter {dora[0]!r} together with others in {name!r}; merge one at a time"
-            )
+    All or nothing: a refusal, or a layer whose merged weight would not be finite, leaves every weight as it was.
+    """
+    _check_mergeable(model)
+    layers = list(lora_layers(model))
+    for name, layer in layers:  # every result checked before any weight changes (one layer's copy at a time)
+        try:
+            layer.merged_weight()
+        except AdapterError as e:
+            raise AdapterError(f"{name}: {e}") from None
     _untie_merged_weights(model)
-    for _, layer in lora_layers(model):
+    for _, layer in layers:
         layer.merge_active()
+
+
+def _check_mergeable(model: nn.Module) -> None:
+    for guard in MERGE_GUARDS:
+        reason = guard(model)
+        if reason:
+            raise AdapterError(reason)
+    for name, layer in lora_layers(model):
+        active = [n for n in layer.active if n in layer.adapters]
+        refusal = layer.handler.merge_refusal(layer.base_layer) if active else None
+        if refusal:  # e.g. a 4-bit base
+            raise QuantizationError(f"{name}: {refusal}")
+        alone = [n for n in active if layer.adapters[n].variant.merges_alone]
+        if alone and len(layer.active) > 1:
+            label = layer.adapters[alone[0]].variant.label
+            raise AdapterError(
+                f"cannot merge {label} adapter {alone[0]!r} together with others in {name!r}; merge one at a time"
+            )
 
 
 def unmerge(model: nn.Module) -> None:

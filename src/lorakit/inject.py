@@ -1,74 +1,30 @@
 """Put LoRA wrappers into a model, freeze the base, remove adapters, unload.
 
-The model keeps a small registry (`model._lorakit`) with each adapter's config and the module names it adapted,
-so that saving writes the exact target set and unloading restores the original `requires_grad` flags.
+The model keeps a small registry (`model._lorakit`, lorakit.registry) with each adapter's config and the module
+names it adapted, so that saving writes the exact target set and unloading restores the original `requires_grad`
+flags.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 from torch import nn
 
 from lorakit.config import LoraConfig
+from lorakit.control import merge as merge_active
+from lorakit.control import set_active, unmerge
 from lorakit.errors import AdapterError, TargetError
-from lorakit.fused import assign_sibling_groups
-from lorakit.layers import LoraLayer, handler_for
+from lorakit.handlers import handler_for
+from lorakit.layers import LoraLayer, variant_class
+from lorakit.registry import AdapterInfo, Registry, adapter_names, lora_layers, registry
+from lorakit.siblings import assign_sibling_groups
 from lorakit.targeting import select_modules
 
 log = logging.getLogger(__name__)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
-
-
-@dataclass
-class AdapterInfo:
-    """What the model remembers about one adapter."""
-
-    config: LoraConfig
-    modules: list[str]
-    trainable: bool = True
-
-
-@dataclass
-class Registry:
-    adapters: dict[str, AdapterInfo] = field(default_factory=dict)
-    requires_grad: dict[str, bool] = field(default_factory=dict)  # base parameters' flags before injection
-    active: dict[str, float] = field(default_factory=dict)  # adapter name -> weight
-    layers: list | None = None  # cached (name, LoraLayer) list; None after the set of wrappers changed
-
-
-def registry(model: nn.Module, *, create: bool = False) -> Registry:
-    reg = model.__dict__.get("_lorakit")
-    if reg is None:
-        if not create:
-            raise AdapterError(
-                f"{type(model).__name__} has no LoRA adapters (use lorakit.inject or load_adapter first)"
-            )
-        reg = Registry(requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
-        model.__dict__["_lorakit"] = reg
-    return reg
-
-
-def adapter_names(model: nn.Module) -> list[str]:
-    """Names of the adapters on `model`, in the order they were added."""
-    reg = model.__dict__.get("_lorakit")
-    return list(reg.adapters) if reg else []
-
-
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    """(name, layer) for every LoRA layer in `model` (cached in the registry: switching adapters walks no tree)."""
-    reg = model.__dict__.get("_lorakit")
-    if reg is not None and reg.layers is not None:
-        yield from reg.layers
-        return
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
-    if reg is not None:
-        reg.layers = found
-    yield from found
 
 
 def inject(
@@ -78,12 +34,16 @@ def inject(
     *,
     activate: bool = True,
     trainable: bool = True,
+    variant: str | None = None,
 ) -> nn.Module:
     """Add adapter `name` to every module `config` selects; freeze everything else. Returns `model` (changed in place).
 
-    All checks run before the model is touched: a bad name, no match, or an unsupported layer leaves it as it was.
+    `variant`: the name of a registered LoRA variant (`lorakit.layers.register_variant`); None picks the one the
+    config selects (DoRA with `use_dora`, else plain LoRA). All checks run before the model is touched: a bad
+    name, no match, an unsupported layer or an unknown variant leaves it as it was.
     """
     check_new_name(model, name)
+    cls = variant_class(config, variant)
     names = select_modules(model, config)
     for n in names:
         module = model.get_submodule(n)
@@ -102,7 +62,7 @@ def inject(
                 scaling=config.scaling_for(n),
                 dropout=config.dropout,
                 init=config.init,
-                use_dora=config.use_dora,
+                variant=cls.create(config, n),
             )
     except Exception:
         _remove_from_layers(model, name)
@@ -113,8 +73,6 @@ def inject(
     reg.adapters[name] = AdapterInfo(config=config, modules=names, trainable=trainable)
     set_trainable(model)
     if activate:
-        from lorakit.control import set_active
-
         set_active(model, name)
     log.info("injected adapter %r into %d modules", name, len(names))
     return model
@@ -157,8 +115,6 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     reg = registry(model)
     if name not in reg.adapters:
         raise AdapterError(f"no adapter {name!r} on {type(model).__name__}; adapters: {list(reg.adapters)}")
-    from lorakit.control import unmerge
-
     unmerge(model)
     _remove_from_layers(model, name)
     reg.layers = None
@@ -178,14 +134,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     Returns the plain model (the same object), with the base parameters' original `requires_grad` flags.
     """
     reg = registry(model)
-    if merge:
-        from lorakit.control import merge as merge_active
-
-        merge_active(model)
-    else:
-        from lorakit.control import unmerge
-
-        unmerge(model)
+    (merge_active if merge else unmerge)(model)
     for name, layer in list(lora_layers(model)):
         merged = {m[0] for m in layer.merged}
         for aname in list(layer.adapters):

@@ -2,7 +2,11 @@
 
 Tensor keys drop the adapter name: `base_model.model.<module>.lora_A.weight` (r, in), `...lora_B.weight` (out, r);
 Embedding targets use `lora_embedding_A` (r, vocab) and `lora_embedding_B` (dim, r); DoRA adds
-`lora_magnitude_vector`. Scaling is never stored. Writes are atomic; pickled files are refused by default.
+`lora_magnitude_vector`: each variant declares its tensors (`Variant.tensor_names`). Scaling is never stored.
+Writes are atomic; pickled files are refused by default.
+
+The public functions ask the folder's format once (`lorakit.formats`) and hand over to it; this module is also the
+LORA format itself. A load is planned (every file and shape check) before the model changes, then applied.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,232 +24,69 @@ from torch import nn
 
 from lorakit.atomic import atomic_dir
 from lorakit.config import LoraConfig
-from lorakit.errors import AdapterError, AdapterFileError, ConfigError, TargetError
-from lorakit.inject import check_new_name, delete_adapter, inject, lora_layers, registry
-from lorakit.layers import Handler, handler_for
-from lorakit.readers import load_weights_only, read_json, read_safetensors
+from lorakit.control import set_active
+from lorakit.errors import AdapterError, AdapterFileError, TargetError
+from lorakit.formats import (
+    CONFIG_NAME,
+    DEFAULT,
+    PREFIX,
+    WEIGHTS_NAME,
+    AdapterFormat,
+    after_load,
+    file_config,
+    file_metadata,
+    folder_format,
+    model_format,
+    read_metadata,
+    read_tensors,
+    register_format,
+    task_heads,
+)
+from lorakit.handlers import all_handlers, handler_for
+from lorakit.inject import check_new_name, delete_adapter, inject
+from lorakit.layers import VARIANTS, Variant, variant_class
+from lorakit.registry import adapter_layers, registry
 from lorakit.targeting import select_modules
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
-_SUFFIXES = {
-    "lora_A.weight": "lora_A",
-    "lora_B.weight": "lora_B",
-    "lora_embedding_A": "lora_A",
-    "lora_embedding_B": "lora_B",
-    "lora_magnitude_vector": "magnitude",
-}
+
+# --------------------------------------------------------------------------------------------------------------
+# The public functions: one question to the folder's (or the adapter's) format, then its hooks
+# --------------------------------------------------------------------------------------------------------------
 
 
-def tensor_key(module: str, handler: Handler, param: str) -> str:
-    """The file key of adapter parameter `param` ('lora_A', 'lora_B', 'magnitude') of `module`."""
-    if param == "magnitude":
-        return f"{PREFIX}{module}.lora_magnitude_vector"
-    if handler.embedding:
-        return f"{PREFIX}{module}.lora_embedding_{param[-1]}"
-    return f"{PREFIX}{module}.{param}.weight"
+@dataclass
+class LoadPlan:
+    """A folder read and checked against a model, ready to apply: its format, and what the format needs."""
+
+    path: Path
+    format: AdapterFormat
+    payload: Any
+
+    @property
+    def peft_type(self) -> str:
+        return self.format.peft_type
 
 
-def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
-    """The tensors PEFT saves for adapter `name` (keys without the adapter name), detached copies."""
-    info = registry(model).adapters.get(name)
-    if info is None:
-        raise AdapterError(
-            f"no adapter {name!r} on {type(model).__name__}; adapters: {list(registry(model).adapters)}"
-        )
-    if _is_adalora(model, name):
-        from lorakit.variants.adalora_io import adalora_state_dict
-
-        return adalora_state_dict(model, name)
-    out: dict[str, torch.Tensor] = {}
-    for mname, layer in lora_layers(model):
-        if name not in layer.adapters:
-            continue
-        adapter = layer.adapters[name]
-        for param in ("lora_A", "lora_B", "magnitude"):
-            t = getattr(adapter, param)
-            if t is not None:
-                out[tensor_key(mname, layer.handler, param)] = t.detach().clone().contiguous()
-    if info.config.bias == "all":
-        for pname, p in model.named_parameters():
-            if pname == "bias" or pname.endswith(".bias"):
-                out[PREFIX + pname] = p.detach().clone().contiguous()
-    elif info.config.bias == "lora_only":
-        for mname in info.modules:
-            bias = getattr(model.get_submodule(mname).base_layer, "bias", None)
-            if bias is not None:
-                out[f"{PREFIX}{mname}.base_layer.bias"] = bias.detach().clone().contiguous()
-    return out
-
-
-def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter `name` as a PEFT folder at `path`, atomically: a crash leaves any previous folder intact."""
-    info = registry(model).adapters.get(name)
-    if info is not None and _is_adalora(model, name):  # PEFT's ADALORA layout (lora_E, rank_pattern)
-        from lorakit.variants.adalora_io import save_adalora
-
-        return save_adalora(model, path, name)
-    tensors = adapter_state_dict(model, name)
-    config = info.config.replace(targets=_targets_for_file(model, info.config, info.modules))
-    if config.targets != info.config.targets and isinstance(config.targets, str):
-        config = config.replace(layers=None, layers_pattern=None)
-    if config.base_model is None:
-        config = config.replace(
-            base_model=getattr(getattr(model, "config", None), "_name_or_path", None) or None
-        )
-    if config.task_type is None:
-        config = config.replace(task_type=task_type_for(model))
-
-    from lorakit.quant import adapter_metadata
-    from lorakit.variants import variant_metadata
-
-    # + the quantized base it was trained on, and variant records (DyLoRA), if any
-    metadata = {"format": "pt", **adapter_metadata(model), **variant_metadata(model, name)}
-
-    peft_dict = config.to_peft_dict()
-    heads = _heads(model, config.task_type)
-    if heads:  # PEFT's classification wrappers load the head from the file: the model's own, unchanged
-        peft_dict["modules_to_save"] = sorted(heads)
-        for h, module in heads.items():
-            for pname, p in module.named_parameters():
-                tensors[f"{PREFIX}{h}.{pname}"] = p.detach().clone().contiguous()
-
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
-        (tmp / CONFIG_NAME).write_text(json.dumps(peft_dict, indent=2, sort_keys=True) + "\n")
-
+def plan_adapter(
+    model: nn.Module, path: str | os.PathLike, name: str | None = None, *, allow_pickle: bool = False
+) -> LoadPlan:
+    """Read adapter folder `path` and check it against `model` as adapter `name`, without changing the model."""
     path = Path(path)
-    atomic_dir(path, write, keep_others=True)
-    log.info("saved adapter %r (%d tensors) to %s", name, len(tensors), path)
-    return path
+    fmt, raw = folder_format(path)
+    return LoadPlan(path, fmt, fmt.plan(model, path, raw, name or "default", allow_pickle))
 
 
-# transformers' head-class suffixes -> PEFT task types (PeftModel.from_pretrained builds its wrapper by these)
-_TASK_SUFFIXES = {
-    "ForCausalLM": "CAUSAL_LM",
-    "LMHeadModel": "CAUSAL_LM",
-    "ForSequenceClassification": "SEQ_CLS",
-    "ForTokenClassification": "TOKEN_CLS",
-    "ForQuestionAnswering": "QUESTION_ANS",
-    "ForSeq2SeqLM": "SEQ_2_SEQ_LM",
-}
-
-
-# the heads PEFT adds to modules_to_save for each classification task type (and expects in the file)
-_HEAD_NAMES = {
-    "SEQ_CLS": ("classifier", "score"),
-    "TOKEN_CLS": ("classifier", "score"),
-    "QUESTION_ANS": ("qa_outputs",),
-}
-
-
-def _heads(model: nn.Module, task_type: str | None) -> dict[str, nn.Module]:
-    """The task's head modules that `model` has, by name (top-level names, as PEFT matches them)."""
-    return {
-        n: m
-        for n in _HEAD_NAMES.get(task_type or "", ())
-        if isinstance(m := getattr(model, n, None), nn.Module)
-    }
-
-
-def task_type_for(model: nn.Module) -> str | None:
-    """The PEFT task_type that fits `model`, so that PEFT wraps it in the right class when loading the adapter.
-
-    None (PEFT's default, the plain PeftModel) for a bare encoder/decoder or anything else: PEFT's CAUSAL_LM
-    wrapper needs `prepare_inputs_for_generation`, which e.g. BertModel lacks."""
-    name = type(model).__name__
-    # ...ForConditionalGeneration: T5 and BART are seq2seq; multimodal decoders generate like an LM
-    if name.endswith("ForConditionalGeneration"):
-        encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
-        return "SEQ_2_SEQ_LM" if encoder_decoder else "CAUSAL_LM"
-    for suffix, task in _TASK_SUFFIXES.items():
-        if name.endswith(suffix):
-            return task
-    return None
-
-
-def read_adapter(
-    path: str | os.PathLike, *, allow_pickle: bool = False
-) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """Read and validate an adapter folder: (config, tensors). Raises AdapterFileError / ConfigError with the file named."""
-    raw = read_config_json(path)
-    cfg_file = Path(path) / CONFIG_NAME
-    if _is_adalora_file(raw):
-        raise AdapterFileError(
-            f"{cfg_file}: an AdaLoRA adapter (peft_type ADALORA), not plain LoRA; this reads LoRA files only "
-            "(lorakit.load_adapter loads AdaLoRA adapters onto a model)"
-        )
-    config = LoraConfig.from_peft_dict(raw, source=str(cfg_file))
-    return config, _read_tensors(Path(path), allow_pickle)
-
-
-def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
-    """The parsed adapter_config.json of an adapter folder (any peft_type)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise AdapterFileError(f"{path}: not an adapter folder (expected a directory with {CONFIG_NAME})")
-    cfg_file = path / CONFIG_NAME
-    raw = read_json(cfg_file)
-    if not isinstance(raw, dict):
-        raise AdapterFileError(f"{cfg_file}: expected a JSON object, got {type(raw).__name__}")
-    return raw
-
-
-def _is_adalora_file(raw: dict[str, Any]) -> bool:
-    return str(raw.get("peft_type", "")).upper() == "ADALORA"
-
-
-def _is_adalora(model: nn.Module, name: str) -> bool:
-    """Whether adapter `name` on `model` is an AdaLoRA adapter (lorakit.variants.adalora)."""
-    for _, layer in lora_layers(model):
-        if name in layer.adapters:
-            return layer.adapters[name].variant.name == "adalora"
-    return False
-
-
-def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    """The adapter folder's tensors, each a floating-point tensor of finite values (else AdapterFileError)."""
-    tensors = _read_tensor_file(path, allow_pickle)
-    for key, t in tensors.items():
-        if not t.is_floating_point():
-            raise AdapterFileError(f"{path}: {key} has dtype {t.dtype}, not a floating-point type")
-        if not bool(torch.isfinite(t).all()):
-            raise AdapterFileError(f"{path}: {key} has non-finite values (nan or inf)")
-    return tensors
-
-
-def _read_tensor_file(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    st, pt = path / WEIGHTS_NAME, path / PICKLE_NAME
-    if st.exists():
-        return read_safetensors(st)
-    if pt.exists():
-        if not allow_pickle:
-            raise AdapterFileError(
-                f"{pt}: pickled adapter refused (pickle can run code); pass allow_pickle=True / --allow-pickle to load "
-                "it with torch.load(weights_only=True), or convert it to safetensors"
-            )
-        tensors = load_weights_only(pt)
-        if not isinstance(tensors, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
-        ):
-            raise AdapterFileError(f"{pt}: expected a dict of tensors")
-        return tensors
-    raise AdapterFileError(f"{path}: no {WEIGHTS_NAME} (or {PICKLE_NAME})")
-
-
-def check_adapter(model: nn.Module, path: str | os.PathLike, *, allow_pickle: bool = False) -> None:
-    """Raise the error `load_adapter` would raise for this file on this model, without changing the model."""
-    if _is_adalora_file(read_config_json(path)):
-        from lorakit.variants.adalora_io import plan_load
-
-        plan_load(model, read_config_json(path), _read_tensors(Path(path), allow_pickle), Path(path))
-        return
-    config, tensors = read_adapter(path, allow_pickle=allow_pickle)
-    _plan_load(model, config, tensors, Path(path))
+def apply_plan(
+    model: nn.Module, plan: LoadPlan, name: str | None = None, *, activate=True, trainable=False
+) -> str:
+    """Put a planned adapter on `model`; returns its name there. On any error the model is left as it was."""
+    name = plan.format.apply(model, plan.payload, name or "default", trainable)
+    after_load(model, plan.path)
+    if activate and plan.format.activates:
+        set_active(model, name)
+    return name
 
 
 def load_adapter(
@@ -262,75 +103,201 @@ def load_adapter(
     Everything is checked before the model changes: on any error the model is left exactly as it was.
     A ladder folder (peft_type LADDER) attaches its side network instead and returns "ladder".
     """
-    from lorakit.variants.ladder import is_ladder_folder, load_ladder
+    plan = plan_adapter(model, path, name, allow_pickle=allow_pickle)
+    return apply_plan(model, plan, name, activate=activate, trainable=trainable)
 
-    if is_ladder_folder(path):
-        return load_ladder(model, path, trainable=trainable)
-    name = name or "default"
-    check_new_name(model, name)
-    raw = read_config_json(path)
-    if _is_adalora_file(raw):  # PEFT's ADALORA layout: SVD triplets and a rank pattern
-        from lorakit.variants.adalora_io import load_adalora
 
-        return load_adalora(
-            model, path, raw, name, allow_pickle=allow_pickle, activate=activate, trainable=trainable
+def check_adapter(model: nn.Module, path: str | os.PathLike, *, allow_pickle: bool = False) -> None:
+    """Raise the error `load_adapter` would raise for this file on this model, without changing the model."""
+    fmt, raw = folder_format(path)
+    fmt.plan(model, Path(path), raw, "default", allow_pickle)
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
+    """Write adapter `name` as a PEFT folder at `path`, atomically: a crash leaves any previous folder intact."""
+    return model_format(model, name).save(model, Path(path), name)
+
+
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors PEFT saves for adapter `name` (keys without the adapter name), detached copies."""
+    fmt = model_format(model, name)
+    if fmt.state_dict is None:
+        raise AdapterError(f"{fmt.label} adapter {name!r} has no PEFT state dict; save it with save_adapter")
+    return fmt.state_dict(model, name)
+
+
+def describe_adapter(path: str | os.PathLike) -> dict[str, Any]:
+    """Config and per-module shapes of an adapter folder, without a model (a ladder folder: its description)."""
+    fmt, raw = folder_format(path)
+    return fmt.describe(Path(path), raw)
+
+
+def read_adapter(
+    path: str | os.PathLike, *, allow_pickle: bool = False
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read and validate a LoRA adapter folder: (config, tensors). Raises AdapterFileError / ConfigError with the
+    file named."""
+    fmt, raw = folder_format(path)
+    cfg_file = Path(path) / CONFIG_NAME
+    if fmt.peft_type != DEFAULT:
+        article = "an" if fmt.label[0] in "AEIOUaeiou" else "a"
+        raise AdapterFileError(
+            f"{cfg_file}: {article} {fmt.label} adapter (peft_type {fmt.peft_type}), not plain LoRA; this reads "
+            f"LoRA files only (lorakit.load_adapter loads {fmt.label} adapters onto a model)"
         )
-    config, tensors = read_adapter(path, allow_pickle=allow_pickle)
-    plan = _plan_load(model, config, tensors, Path(path))
-    inject(model, config, name, activate=False, trainable=trainable)
+    config = LoraConfig.from_peft_dict(raw, source=str(cfg_file))
+    return config, read_tensors(Path(path), allow_pickle)
+
+
+def write_folder(
+    path: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], metadata: dict[str, str]
+) -> Path:
+    """Write an adapter folder (safetensors + adapter_config.json) atomically, keeping other files in it."""
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    path = Path(path)
+    atomic_dir(path, write, keep_others=True)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The LORA format
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _lora_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    info = registry(model).adapters.get(name)
+    if info is None:
+        raise AdapterError(
+            f"no adapter {name!r} on {type(model).__name__}; adapters: {list(registry(model).adapters)}"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for mname, layer in adapter_layers(model, name):
+        for suffix, t in layer.adapters[name].adapter_params(layer.handler).items():
+            out[f"{PREFIX}{mname}.{suffix}"] = t.detach().clone().contiguous()
+    if info.config.bias == "all":
+        for pname, p in model.named_parameters():
+            if pname == "bias" or pname.endswith(".bias"):
+                out[PREFIX + pname] = p.detach().clone().contiguous()
+    elif info.config.bias == "lora_only":
+        for mname in info.modules:
+            bias = getattr(model.get_submodule(mname).base_layer, "bias", None)
+            if bias is not None:
+                out[f"{PREFIX}{mname}.base_layer.bias"] = bias.detach().clone().contiguous()
+    return out
+
+
+def _save_lora(model: nn.Module, path: Path, name: str) -> Path:
+    tensors = _lora_state_dict(model, name)
+    config = file_config(model, registry(model).adapters[name])
+    metadata = {**file_metadata(model, name), **_variant_metadata(model, name)}  # e.g. DyLoRA's nesting
+    peft_dict = config.to_peft_dict()
+    heads = task_heads(model, config.task_type)
+    if heads:  # PEFT's classification wrappers load the head from the file: the model's own, unchanged
+        peft_dict["modules_to_save"] = sorted(heads)
+        for h, module in heads.items():
+            for pname, p in module.named_parameters():
+                tensors[f"{PREFIX}{h}.{pname}"] = p.detach().clone().contiguous()
+    write_folder(path, tensors, peft_dict, metadata)
+    log.info("saved adapter %r (%d tensors) to %s", name, len(tensors), path)
+    return path
+
+
+def _variant_metadata(model: nn.Module, name: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for _, layer in adapter_layers(model, name):
+        out.update(layer.adapters[name].variant.metadata())
+    return out
+
+
+def _recorded_variant(meta: dict[str, str]) -> str | None:
+    """The registered variant an adapter file's metadata records ("lorakit.<variant name>"), if any."""
+    return next((k[8:] for k in meta if k.startswith("lorakit.") and k[8:] in VARIANTS), None)
+
+
+def _restore_variants(model: nn.Module, name: str, meta: dict[str, str]) -> None:
+    """Give adapter `name` the state beyond its tensors that its file's metadata records (e.g. DyLoRA's mode)."""
+    variant = _recorded_variant(meta)
+    if variant is not None:
+        VARIANTS[variant].restore(model, name, meta[f"lorakit.{variant}"])
+
+
+@dataclass
+class _LoraPlan:
+    config: LoraConfig
+    variant: str | None  # the registered variant the file's metadata names, if any (e.g. "dylora")
+    copies: list[tuple[str, str, torch.Tensor]]  # (module, adapter attribute or "bias", tensor)
+    metadata: dict[str, str]
+
+
+def _plan_lora(model: nn.Module, path: Path, raw: dict[str, Any], name: str, allow_pickle: bool) -> _LoraPlan:
+    check_new_name(model, name)
+    config = LoraConfig.from_peft_dict(raw, source=str(path / CONFIG_NAME))
+    tensors = read_tensors(path, allow_pickle)
+    meta = read_metadata(path)
+    variant = _recorded_variant(meta)
+    cls = variant_class(config, variant)
+    return _LoraPlan(config, variant, _plan_copies(model, config, cls, tensors, path), meta)
+
+
+def _apply_lora(model: nn.Module, plan: _LoraPlan, name: str, trainable: bool) -> str:
+    inject(model, plan.config, name, activate=False, trainable=trainable, variant=plan.variant)
     try:
         with torch.no_grad():
-            for module, param, tensor in plan:
-                if param == "bias":
+            for module, attr, tensor in plan.copies:
+                if attr == "bias":
                     target = _bias_param(model, module)
                 else:
-                    target = getattr(model.get_submodule(module).adapters[name], param)
+                    target = getattr(model.get_submodule(module).adapters[name], attr)
                 target.copy_(tensor.to(target.dtype))
-        from lorakit.variants import restore_variants
-
-        restore_variants(model, name, Path(path))  # e.g. a DyLoRA adapter gets its variant back (set_rank)
+        _restore_variants(model, name, plan.metadata)  # e.g. DyLoRA's mode and min_rank
     except Exception:
         delete_adapter(model, name)
         raise
-    return finish_load(model, path, name, activate)
-
-
-def finish_load(model: nn.Module, path: str | os.PathLike, name: str, activate: bool) -> str:
-    """After an adapter's tensors are in place: note a quantized-base mismatch, activate if asked; returns name."""
-    from lorakit.quant import note_adapter_base
-
-    note_adapter_base(model, path)
-    if activate:
-        from lorakit.control import set_active
-
-        set_active(model, name)
     return name
 
 
-def _plan_load(
-    model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], path: Path
+def _suffixes(variant: Variant) -> dict[str, str]:
+    """PEFT key suffix -> adapter attribute, for every kind of base layer."""
+    return {key: attr for h in all_handlers() for attr, key in variant.tensor_names(h).items()}
+
+
+def _split_key(key: str, suffixes: dict[str, str]) -> tuple[str, str] | None:
+    """'base_model.model.<module>.<suffix>' -> (module, attribute), or None if it is not an adapter tensor."""
+    k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+    for suffix, attr in suffixes.items():
+        if k.endswith("." + suffix):
+            return k[: -len(suffix) - 1], attr
+    return None
+
+
+def _plan_copies(
+    model: nn.Module, config: LoraConfig, cls: type[Variant], tensors: dict[str, torch.Tensor], path: Path
 ) -> list[tuple[str, str, torch.Tensor]]:
-    """Match file tensors to modules and check every shape. Returns (module, param, tensor) to copy."""
+    """Match file tensors to modules and check every shape. Returns (module, attribute, tensor) to copy."""
     try:
         modules = select_modules(model, config)
     except TargetError as e:
         raise AdapterError(f"{path}: adapter does not fit {type(model).__name__}: {e}") from None
+    variant = cls.create(config, "")
+    suffixes = _suffixes(variant)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     biases: list[tuple[str, str, torch.Tensor]] = []
     params = dict(model.named_parameters())
     for key, t in tensors.items():
+        split = _split_key(key, suffixes)
         k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        for suffix, param in _SUFFIXES.items():
-            if k.endswith("." + suffix):
-                by_module.setdefault(k[: -len(suffix) - 1], {})[param] = t
-                break
+        if split is not None:
+            by_module.setdefault(split[0], {})[split[1]] = t
+        elif k.endswith(".bias") and config.bias != "none":
+            biases.append(_plan_bias(model, k, t, path))
+        elif k in params:  # a copy of a model weight (PEFT's modules_to_save, e.g. a classifier head)
+            _check_copy(model, key, k, t, params[k], path)
         else:
-            if k.endswith(".bias") and config.bias != "none":
-                biases.append(_plan_bias(model, k, t, path))
-            elif k in params:  # a copy of a model weight (PEFT's modules_to_save, e.g. a classifier head)
-                _check_copy(model, key, k, t, params[k], path)
-            else:
-                log.warning("%s: ignoring tensor %s (not a LoRA weight)", path, key)
+            log.warning("%s: ignoring tensor %s (not a LoRA weight)", path, key)
     stray = sorted(set(by_module) - set(modules))
     if stray:
         raise AdapterError(
@@ -338,31 +305,28 @@ def _plan_load(
         )
     plan: list[tuple[str, str, torch.Tensor]] = []
     for m in modules:
-        plan += _plan_module(model, config, m, by_module.get(m, {}), path)
+        plan += _plan_module(model, config, variant, m, by_module.get(m, {}), path)
     return plan + biases
 
 
 def _plan_module(
-    model: nn.Module, config: LoraConfig, m: str, found: dict[str, torch.Tensor], path: Path
+    model: nn.Module, config: LoraConfig, variant: Variant, m: str, found: dict[str, torch.Tensor], path: Path
 ) -> list[tuple[str, str, torch.Tensor]]:
     module = model.get_submodule(m)
     handler = handler_for(module)
     base = getattr(module, "base_layer", module)
-    a_shape, b_shape = handler.shapes(base, config.rank_for(m))
-    expected = {"lora_A": a_shape, "lora_B": b_shape}
-    if config.use_dora:
-        expected["magnitude"] = handler.magnitude_shape(handler.dims(base)[0])
+    names = variant.tensor_names(handler)
     out = []
-    for param, shape in expected.items():
-        t = found.get(param)
+    for attr, shape in variant.tensor_shapes(handler, base, config.rank_for(m)).items():
+        t = found.get(attr)
         if t is None:
-            raise AdapterError(f"{path}: missing tensor {tensor_key(m, handler, param)}")
+            raise AdapterError(f"{path}: missing tensor {PREFIX}{m}.{names[attr]}")
         if tuple(t.shape) != tuple(shape):
             raise AdapterError(
-                f"{path}: {m}.{param} has shape {tuple(t.shape)} but {type(base).__name__} "
+                f"{path}: {m}.{attr} has shape {tuple(t.shape)} but {type(base).__name__} "
                 f"{tuple(handler.weight(base).shape)} with r={config.rank_for(m)} needs {tuple(shape)}"
             )
-        out.append((m, param, t))
+        out.append((m, attr, t))
     return out
 
 
@@ -395,36 +359,31 @@ def _bias_param(model: nn.Module, module: str) -> torch.Tensor | None:
     return bias if isinstance(bias, torch.Tensor) else None
 
 
-def _targets_for_file(model: nn.Module, config: LoraConfig, modules: list[str]) -> str | list[str]:
-    """A `target_modules` value that re-selects exactly `modules` on this model (PEFT's rules)."""
-    leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
-    for candidate in (leaves, config.targets):
-        if candidate == "all-linear":
-            continue
-        try:
-            if select_modules(model, config.replace(targets=candidate)) == modules:
-                return candidate
-        except (TargetError, ConfigError):
-            pass
-    return "(" + "|".join(re.escape(m) for m in modules) + ")"
-
-
-def describe_adapter(path: str | os.PathLike) -> dict[str, Any]:
-    """Config and per-module shapes of an adapter folder, without a model (a ladder folder: its description)."""
-    from lorakit.variants.ladder import describe_ladder, is_ladder_folder
-
-    if is_ladder_folder(path):
-        return describe_ladder(path)
+def _describe_lora(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
     config, tensors = read_adapter(path)
+    suffixes = _suffixes(variant_class(config).create(config, ""))
     rows: dict[str, dict[str, Any]] = {}
     for key, t in tensors.items():
-        k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        for suffix, param in _SUFFIXES.items():
-            if k.endswith("." + suffix):
-                rows.setdefault(k[: -len(suffix) - 1], {})[param] = tuple(t.shape)
+        split = _split_key(key, suffixes)
+        if split is not None:
+            rows.setdefault(split[0], {})[split[1]] = tuple(t.shape)
     return {
         "config": config,
         "modules": rows,
         "tensors": len(tensors),
         "parameters": sum(t.numel() for t in tensors.values()),
     }
+
+
+register_format(
+    AdapterFormat(
+        peft_type=DEFAULT,
+        label="LoRA",
+        plan=_plan_lora,
+        apply=_apply_lora,
+        owns=lambda model, name: True,
+        save=_save_lora,
+        describe=_describe_lora,
+        state_dict=_lora_state_dict,
+    )
+)

@@ -4,297 +4,63 @@ A `LoraLayer` wraps (never subclasses) a base module and holds named adapters:
 
     forward(x) = base(x) + Σ_{active a} w_a · s_a · B_a(A_a(dropout(x)))
 
-What differs between base layer types (Linear, Embedding, ConvNd, GPT-2 Conv1D) lives in a small `Handler`
-picked from a table by type. What differs between LoRA flavours (plain, DoRA) lives in a `Variant` strategy, so the
-plain path has no variant branches. All weight math goes through `delta_weight`, in the base weight's layout.
+What differs between base layer types (Linear, Embedding, ConvNd, GPT-2 Conv1D, 4-bit linears) lives in a small
+`Handler` (lorakit.handlers). What differs between LoRA flavours (plain, DoRA, DyLoRA, AdaLoRA) lives in a
+`Variant` strategy, so the plain path has no variant branches; flavours register themselves with
+`register_variant`, and initialisations other than the handler's (PiSSA) with `register_init`. All weight math goes
+through `delta_weight`, in the base weight's layout. Merging writes into a copy of the weight, checks that it is
+finite, and only then assigns it (after PEFT's `safe_merge`).
 """
 
 from __future__ import annotations
 
-import math
-from typing import ClassVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lorakit import fused
 from lorakit.errors import AdapterError, QuantizationError
-from lorakit.quant import bnb as bnb_interop
-from lorakit.quant.nf4 import NF4Linear
+from lorakit.handlers import Handler
+
+if TYPE_CHECKING:
+    from lorakit.config import LoraConfig
 
 # --------------------------------------------------------------------------------------------------------------
-# Handlers: one per base layer type. A and B are stored in PEFT's shapes; `to_2d` views any base weight as
-# (out_features, fan_in) so that ΔW = B2 @ A2 with A2 = A.flatten(1) (r, fan_in) and B2 = B.flatten(1) (out, r).
-# --------------------------------------------------------------------------------------------------------------
-
-
-class Handler:
-    """How LoRA attaches to one kind of base layer."""
-
-    linear: ClassVar[bool] = False  # counts for targets="all-linear"
-    embedding: ClassVar[bool] = False  # PEFT names its tensors lora_embedding_A/B, no dropout
-    feature_dim: ClassVar[int] = -1  # where out_features sits in the output tensor
-    quantized: ClassVar[bool] = False  # a 4-bit base: weight() is a dequantized copy; merging is refused
-
-    def dims(self, base: nn.Module) -> tuple[int, int]:
-        """(out_features d, fan_in k) of the base weight seen as a d×k matrix."""
-        w = self.to_2d(self.weight(base))
-        return w.shape[0], w.shape[1]
-
-    def shapes(self, base: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        d, k = self.dims(base)
-        return (r, k), (d, r)
-
-    def weight(self, base: nn.Module) -> torch.Tensor:
-        return base.weight
-
-    def dtype_device(self, base: nn.Module) -> tuple[torch.dtype, torch.device]:
-        """dtype and device for new adapters: the base weight's (float32 if it is not floating point)."""
-        w = self.weight(base)
-        return (w.dtype if w.dtype.is_floating_point else torch.float32), w.device
-
-    def to_2d(self, w: torch.Tensor) -> torch.Tensor:
-        return w
-
-    def from_2d(self, d2: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        return d2
-
-    def check(self, base: nn.Module) -> str | None:
-        """A reason this base layer cannot be wrapped, or None."""
-        return None
-
-    def lora(
-        self, base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float
-    ) -> torch.Tensor:
-        """s·B·A·x in the output layout. x: (..., in_features) -> (..., out_features)."""
-        return F.linear(F.linear(x, A) * s, B)
-
-    def base_nobias(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """W0·x without bias (DoRA needs it when dropout changed x)."""
-        return F.linear(x, base.weight)
-
-    def init(self, A: torch.Tensor, B: torch.Tensor, init: str, r: int) -> None:
-        if init == "random":
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-            return
-        if init == "gaussian":
-            nn.init.normal_(A, std=1 / r)
-        else:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-        nn.init.zeros_(B)
-
-    def magnitude_shape(self, d: int) -> tuple[int, ...]:
-        return (d,)
-
-
-class LinearHandler(Handler):
-    linear = True
-
-
-class QuantLinearHandler(LinearHandler):
-    """lorakit's 4-bit `NF4Linear`: `weight` dequantizes a full-precision copy (read-only use: DoRA norms, export);
-    merging into the base is refused, since it would have to re-quantize W0 + ΔW."""
-
-    quantized = True
-
-    def dims(self, base: nn.Module) -> tuple[int, int]:
-        return base.out_features, base.in_features
-
-    def weight(self, base: nn.Module) -> torch.Tensor:
-        return base.dequantize()
-
-    def dtype_device(self, base: nn.Module) -> tuple[torch.dtype, torch.device]:
-        return base.weight_dtype, base.qweight.device
-
-    def base_nobias(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, base.dequantize(x.dtype))
-
-
-class Bnb4bitHandler(QuantLinearHandler):
-    """bitsandbytes' `Linear4bit` (transformers' `BitsAndBytesConfig(load_in_4bit=True)`), NF4 or FP4."""
-
-    def weight(self, base: nn.Module) -> torch.Tensor:
-        return bnb_interop.dequantize_linear4bit(base, bnb_interop.weight_dtype(base))
-
-    def dtype_device(self, base: nn.Module) -> tuple[torch.dtype, torch.device]:
-        return bnb_interop.weight_dtype(base), base.weight.device
-
-    def base_nobias(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, bnb_interop.dequantize_linear4bit(base, x.dtype))
-
-
-def merge_refusal(base: nn.Module) -> str:
-    return (
-        f"cannot merge into a 4-bit base layer ({type(base).__name__}): the merged weight W0 + ΔW would have to "
-        "be re-quantized, which rounds away most of the update. Write a merged full-precision model instead with "
-        "`lorakit merge --adapter ADAPTER --out DIR` (it dequantizes the base, then merges), or call "
-        "lorakit.dequantize(model) first"
-    )
-
-
-class TransposedHandler(Handler):
-    """Base weights stored (fan_in, out_features): the 2-D view is the transpose."""
-
-    def to_2d(self, w: torch.Tensor) -> torch.Tensor:
-        return w.T
-
-    def from_2d(self, d2: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        return d2.T
-
-
-class Conv1DHandler(TransposedHandler):
-    """transformers' GPT-2 `Conv1D`: weight stored (in, out), i.e. fan-in-fan-out."""
-
-    linear = True
-
-    def base_nobias(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return x @ base.weight
-
-
-class EmbeddingHandler(TransposedHandler):
-    """nn.Embedding (vocab, dim): A is (r, vocab), B is (dim, r); no dropout. PEFT's init: A zero, B normal."""
-
-    embedding = True
-
-    def lora(
-        self, base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float
-    ) -> torch.Tensor:
-        after_a = F.embedding(
-            x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
-        )
-        return (after_a * s) @ B.T
-
-    def base_nobias(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return base(x)
-
-    def init(self, A: torch.Tensor, B: torch.Tensor, init: str, r: int) -> None:
-        if init == "random":
-            nn.init.normal_(A)
-        else:
-            nn.init.zeros_(A)
-        nn.init.normal_(B)
-
-
-class ConvHandler(Handler):
-    """nn.Conv1d/2d/3d: A is a conv with the base's kernel, stride, padding, dilation; B a 1×…×1 conv."""
-
-    feature_dim = 1
-
-    def __init__(self, ndim: int) -> None:
-        self.ndim = ndim  # weight dims: 3 for Conv1d, 4 for Conv2d, 5 for Conv3d
-
-    def shapes(self, base: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        w = base.weight
-        ones = (1,) * (w.dim() - 2)
-        return (r, w.shape[1], *w.shape[2:]), (w.shape[0], r, *ones)
-
-    def to_2d(self, w: torch.Tensor) -> torch.Tensor:
-        return w.flatten(1)
-
-    def from_2d(self, d2: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        return d2.reshape(base.weight.shape)
-
-    def check(self, base: nn.Module) -> str | None:
-        if base.groups != 1:
-            return f"groups={base.groups} (only groups=1 convolutions can take LoRA)"
-        if base.padding_mode != "zeros":
-            return f"padding_mode={base.padding_mode!r} (only 'zeros' is supported)"
-        return None
-
-    def _conv(self, base: nn.Module):
-        return {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[self.ndim]
-
-    def lora(
-        self, base: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float
-    ) -> torch.Tensor:
-        conv = self._conv(base)
-        return conv(conv(x, A, None, base.stride, base.padding, base.dilation) * s, B)
-
-    def base_nobias(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return self._conv(base)(x, base.weight, None, base.stride, base.padding, base.dilation, base.groups)
-
-    def magnitude_shape(self, d: int) -> tuple[int, ...]:
-        return (1, d) + (1,) * (self.ndim - 2)
-
-
-def _handler_table() -> list[tuple[type, Handler]]:
-    table: list[tuple[type, Handler]] = [
-        (nn.Linear, LinearHandler()),
-        (NF4Linear, QuantLinearHandler()),
-        (nn.Embedding, EmbeddingHandler()),
-        (nn.Conv1d, ConvHandler(3)),
-        (nn.Conv2d, ConvHandler(4)),
-        (nn.Conv3d, ConvHandler(5)),
-    ]
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # transformers is optional for plain PyTorch models
-        pass
-    else:
-        table.append((Conv1D, Conv1DHandler()))
-    return table
-
-
-HANDLERS = _handler_table()
-
-
-class RefusedHandler(LinearHandler):
-    """A linear layer type LoRA must not wrap as a plain nn.Linear (its weight is not a float matrix)."""
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-    def check(self, base: nn.Module) -> str | None:
-        return self.reason
-
-
-def _register_bnb() -> None:
-    """Add bitsandbytes' layers to the table once bitsandbytes is imported (they subclass nn.Linear, so they must
-    come before nn.Linear's isinstance fallback)."""
-    global _bnb_pending
-    cls = bnb_interop.linear4bit_class()
-    if cls is not None:
-        import bitsandbytes as bnb
-
-        HANDLERS.insert(0, (cls, Bnb4bitHandler()))
-        refused = RefusedHandler("bitsandbytes 8-bit layers are not supported (4-bit Linear4bit layers are)")
-        HANDLERS.insert(1, (bnb.nn.Linear8bitLt, refused))
-        _bnb_pending = False
-
-
-_bnb_pending = True
-
-
-def handler_for(module: nn.Module) -> Handler | None:
-    """The handler for `module` (a LoraLayer answers for its base), or None if LoRA cannot wrap it."""
-    if isinstance(module, LoraLayer):
-        return module.handler
-    if _bnb_pending:
-        _register_bnb()
-    for cls, handler in HANDLERS:
-        if type(module) is cls:
-            return handler
-    for cls, handler in HANDLERS:
-        if isinstance(module, cls):
-            return handler
-    return None
-
-
-def supported_type_names() -> str:
-    return ", ".join(cls.__name__ for cls, _ in HANDLERS)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Variants: plain LoRA here; DoRA and others in lorakit.variants.
+# Variants: plain LoRA here; DoRA and the others in lorakit.variants, registered by name.
 # --------------------------------------------------------------------------------------------------------------
 
 
 class Variant:
-    """Strategy for one LoRA flavour: extra state, forward delta, merge and unmerge. Plain LoRA is this class."""
+    """Strategy for one LoRA flavour: its tensors, extra state, forward delta, merge and unmerge. Plain LoRA is
+    this class. A flavour subclasses it and calls `register_variant`."""
 
     name: ClassVar[str] = "lora"
+    label: ClassVar[str] = "LoRA"
+    merges_alone: ClassVar[bool] = False
+    """Whether merging this adapter together with others into one layer is refused (DoRA's normalisation)."""
+
+    @classmethod
+    def selects(cls, config: LoraConfig) -> bool:
+        """Whether `inject` picks this variant for `config` by itself (DoRA: `use_dora`)."""
+        return False
+
+    @classmethod
+    def create(cls, config: LoraConfig, module: str) -> Variant:
+        """The variant object for one adapted module (one object may serve all of an adapter's layers)."""
+        return cls()
+
+    def tensor_names(self, handler: Handler) -> dict[str, str]:
+        """The adapter's tensors: attribute on the adapter -> PEFT's key suffix in the file."""
+        if handler.embedding:
+            return {"lora_A": "lora_embedding_A", "lora_B": "lora_embedding_B"}
+        return {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+
+    def tensor_shapes(self, handler: Handler, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+        """The shape of each tensor in `tensor_names`, for a base layer and rank (checked when loading)."""
+        a_shape, b_shape = handler.shapes(base, r)
+        return {"lora_A": a_shape, "lora_B": b_shape}
 
     def init(self, layer: LoraLayer, adapter: LoraAdapter) -> None:
         """Create variant state on `adapter` after A and B are initialised."""
@@ -304,8 +70,13 @@ class Variant:
         return adapter.lora_A, adapter.lora_B, adapter.scaling
 
     def metadata(self) -> dict[str, str]:
-        """Safetensors metadata the adapter file carries for this variant (read back by lorakit.variants)."""
+        """Safetensors metadata the adapter file carries for this variant; `restore` reads it back."""
         return {}
+
+    @classmethod
+    def restore(cls, model: nn.Module, name: str, value: str) -> None:
+        """After adapter `name` was loaded with this variant and its tensors: set the state beyond its tensors
+        from the metadata `value` that `metadata` wrote (nothing by default)."""
 
     def forward(
         self, layer: LoraLayer, adapter: LoraAdapter, x: torch.Tensor, base_out: torch.Tensor
@@ -318,9 +89,9 @@ class Variant:
         return y if y.dtype == base_out.dtype else y.to(base_out.dtype)
 
     @torch.no_grad()
-    def merge(self, layer: LoraLayer, adapter: LoraAdapter, weight: float) -> object:
-        """Fold the adapter (times `weight`) into the base weight in place; return what unmerge needs."""
-        w = layer.handler.weight(layer.base_layer)
+    def merge(self, layer: LoraLayer, adapter: LoraAdapter, weight: float, w: torch.Tensor) -> object:
+        """Fold the adapter (times `weight`) into `w`, a copy of the base weight, in place; return what unmerge
+        needs."""
         w.add_(delta_weight(layer, adapter).to(w.dtype), alpha=weight)
         return None
 
@@ -330,12 +101,34 @@ class Variant:
         w.sub_(delta_weight(layer, adapter).to(w.dtype), alpha=weight)
 
 
-def make_variant(use_dora: bool) -> Variant:
-    if use_dora:
-        from lorakit.variants.dora import DoraVariant
+VARIANTS: dict[str, type[Variant]] = {"lora": Variant}
+"""Registered variants by name (their metadata key is "lorakit.<name>")."""
+INITS: dict[str, Callable[[LoraLayer, LoraAdapter], None]] = {}
+"""Registered initialisations beyond the handler's own (default, gaussian, random): name -> init(layer, adapter)."""
 
-        return DoraVariant()
-    return Variant()
+
+def register_variant(cls: type[Variant]) -> type[Variant]:
+    """Make variant class `cls` known by its `name`: `inject(..., variant=name)` picks it, `cls.selects(config)`
+    lets a config pick it, and a file whose metadata has "lorakit.<name>" gets it back on load. A decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, Variant)):
+        raise TypeError(f"register_variant takes a Variant subclass, not {cls!r}")
+    VARIANTS[cls.name] = cls
+    return cls
+
+
+def register_init(name: str, init: Callable[[LoraLayer, LoraAdapter], None]) -> None:
+    """Make `init(layer, adapter)` the initialisation for `LoraConfig(init=name)` (it sets A and B)."""
+    INITS[name] = init
+
+
+def variant_class(config: LoraConfig, name: str | None = None) -> type[Variant]:
+    """The variant `inject` uses: the one named, else the first registered that selects `config`, else plain."""
+    if name is not None:
+        cls = VARIANTS.get(name)
+        if cls is None:
+            raise AdapterError(f"unknown LoRA variant {name!r}; registered: {', '.join(VARIANTS)}")
+        return cls
+    return next((cls for cls in VARIANTS.values() if cls.selects(config)), Variant)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -344,7 +137,7 @@ def make_variant(use_dora: bool) -> Variant:
 
 
 class LoraAdapter(nn.Module):
-    """One named adapter in one layer: A, B, scaling, dropout and optional variant state (e.g. DoRA magnitude)."""
+    """One named adapter in one layer: A, B, scaling, dropout and the variant's state (e.g. DoRA's magnitude)."""
 
     def __init__(
         self,
@@ -365,8 +158,12 @@ class LoraAdapter(nn.Module):
         self.r, self.alpha, self.scaling = r, alpha, scaling
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.variant = variant
-        self.magnitude: nn.Parameter | None = None
-        self.lora_E: nn.Parameter | None = None  # AdaLoRA's singular values Λ (r, 1): ΔW = s·B·(Λ·A)
+        # a part of W0 the init moved into B·A (PiSSA), given back to W0 when the adapter is removed
+        self.register_buffer("base_residual", None, persistent=False)
+
+    def adapter_params(self, handler: Handler) -> dict[str, torch.Tensor]:
+        """The adapter's tensors as its variant declares them: PEFT key suffix -> tensor (torchtune's protocol)."""
+        return {key: getattr(self, attr) for attr, key in self.variant.tensor_names(handler).items()}
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:.4g}, variant={self.variant.name}"
@@ -375,10 +172,7 @@ class LoraAdapter(nn.Module):
 def delta_weight(layer: LoraLayer, adapter: LoraAdapter) -> torch.Tensor:
     """ΔW = s·B·A for `adapter`, in the base weight's layout and the adapter's dtype."""
     A, B, s = adapter.variant.factors(adapter)
-    a2 = A.flatten(1)
-    if adapter.lora_E is not None:  # AdaLoRA: ΔW = s·P·(Λ⊙Q)
-        a2 = a2 * adapter.lora_E
-    return layer.handler.from_2d((B.flatten(1) @ a2) * s, layer.base_layer)
+    return layer.handler.from_2d((B.flatten(1) @ A.flatten(1)) * s, layer.base_layer)
 
 
 class LoraLayer(nn.Module):
@@ -393,20 +187,27 @@ class LoraLayer(nn.Module):
         self.merged: list[tuple[str, float, object]] = []  # (name, weight, unmerge state), in merge order
         self.disabled = False
         self._run: tuple[tuple[str, float], ...] = ()
-        self.group = None  # lorakit.fused.SiblingGroup: layers sharing this layer's input (q/k/v, gate/up)
-        self.row_plan = None  # lorakit.mixed.RowPlan while a mixed-adapter batch runs
+        self.group = (
+            None  # a sibling group (lorakit.siblings): layers sharing this layer's input (q/k/v, gate/up)
+        )
+        self.row_plan = (
+            None  # while a mixed-adapter batch runs: an object whose .forward(layer, x, out) takes over
+        )
         self.row_cache: tuple | None = None
 
     def add_adapter(
-        self, name: str, *, r: int, alpha: float, scaling: float, dropout: float, init: str, use_dora: bool
+        self,
+        name: str,
+        *,
+        r: int,
+        alpha: float,
+        scaling: float,
+        dropout: float,
+        init: str,
+        variant: Variant | None = None,
     ) -> None:
         if self.handler.embedding:
             dropout = 0.0
-        if init == "pissa" and self.handler.quantized:
-            raise AdapterError(
-                "PiSSA init moves the top-r part out of W0, which a 4-bit base cannot take; initialise PiSSA on "
-                "the full-precision model (or use another init)"
-            )
         a_shape, b_shape = self.handler.shapes(self.base_layer, r)
         dtype, device = self.handler.dtype_device(self.base_layer)
         adapter = LoraAdapter(
@@ -416,14 +217,12 @@ class LoraLayer(nn.Module):
             alpha=alpha,
             scaling=scaling,
             dropout=dropout,
-            variant=make_variant(use_dora),
+            variant=variant if variant is not None else Variant(),
             dtype=dtype,
             device=device,
         )
-        if init == "pissa":
-            from lorakit.variants.pissa import pissa_init
-
-            pissa_init(self, adapter)
+        if init in INITS:
+            INITS[init](self, adapter)
         else:
             self.handler.init(adapter.lora_A.data, adapter.lora_B.data, init, r)
         adapter.variant.init(self, adapter)
@@ -432,11 +231,10 @@ class LoraLayer(nn.Module):
 
     def remove_adapter(self, name: str) -> None:
         adapter = self.adapters[name]
-        residual = getattr(adapter, "pissa_residual", None)
-        if residual is not None:  # PiSSA moved the top-r part out of W0: put it back
+        if adapter.base_residual is not None:  # the init moved a part of W0 into B·A: put it back
             with torch.no_grad():
                 w = self.handler.weight(self.base_layer)
-                w.add_(residual.to(w.dtype))
+                w.add_(adapter.base_residual.to(w.dtype))
         del self.adapters[name]
         self.active.pop(name, None)
         self.row_cache = None
@@ -451,13 +249,42 @@ class LoraLayer(nn.Module):
             else tuple((n, w) for n, w in self.active.items() if n not in merged and n in self.adapters)
         )
 
+    def _to_merge(self) -> list[tuple[str, float]]:
+        merged = {m[0] for m in self.merged}
+        return [(n, w) for n, w in self.active.items() if n in self.adapters and n not in merged]
+
+    @torch.no_grad()
+    def merged_weight(self) -> tuple[torch.Tensor, list[tuple[str, float, object]]] | None:
+        """(the base weight with the active unmerged adapters folded in, as a new tensor; the merge records), or
+        None if there is nothing to merge. The layer is unchanged. Raises if the result would not be finite."""
+        todo = self._to_merge()
+        if not todo:
+            return None
+        refusal = self.handler.merge_refusal(self.base_layer)
+        if refusal:
+            raise QuantizationError(refusal)
+        w = self.handler.weight(self.base_layer).detach().clone()
+        records = []
+        for name, weight in todo:
+            adapter = self.adapters[name]
+            records.append((name, weight, adapter.variant.merge(self, adapter, weight, w)))
+        if not bool(torch.isfinite(w).all()):
+            names = ", ".join(repr(n) for n, _ in todo)
+            raise AdapterError(
+                f"merging adapter {names} into {type(self.base_layer).__name__} gives non-finite weights (nan or "
+                "inf); nothing was merged"
+            )
+        return w, records
+
+    @torch.no_grad()
     def merge_active(self) -> None:
-        if self.handler.quantized and any(n in self.adapters for n in self.active):
-            raise QuantizationError(merge_refusal(self.base_layer))
-        for name, weight in self.active.items():
-            if name in self.adapters and all(m[0] != name for m in self.merged):
-                adapter = self.adapters[name]
-                self.merged.append((name, weight, adapter.variant.merge(self, adapter, weight)))
+        """Fold the active adapters into the base weight: computed in a copy, checked finite, then assigned."""
+        result = self.merged_weight()
+        if result is None:
+            return
+        w, records = result
+        self.handler.weight(self.base_layer).copy_(w)
+        self.merged += records
         self.refresh()
 
     def unmerge_all(self) -> None:
@@ -469,27 +296,11 @@ class LoraLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.row_plan is not None and not self.disabled:
-            from lorakit.mixed import mixed_forward
-
-            return mixed_forward(self, x, self.base_layer(x, *args, **kwargs))
+            return self.row_plan.forward(self, x, self.base_layer(x, *args, **kwargs))
         if len(self._run) == 1 and not args and not kwargs and fused.fused_enabled():
-            name, w = self._run[0]
-            adapter = self.adapters[name]
-            if type(adapter.variant) is Variant and fused.can_fuse(self.base_layer, x, adapter.lora_A):
-                drop = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) else 0.0
-                if self.group is not None and fused.groups_enabled() and (drop == 0.0 or not self.training):
-                    y = self.group.forward(self, x)
-                    if y is not None:
-                        return y
-                return fused.lora_linear(
-                    x,
-                    self.base_layer,
-                    adapter.lora_A,
-                    adapter.lora_B,
-                    adapter.scaling * w,
-                    drop,
-                    self.training,
-                )
+            y = self._fused(x)
+            if y is not None:
+                return y
         out = self.base_layer(x, *args, **kwargs)
         if not self._run:
             return out
@@ -499,6 +310,21 @@ class LoraLayer(nn.Module):
             delta = adapter.variant.forward(self, adapter, x, base_out)
             out = out + delta if w == 1.0 else out + w * delta
         return out
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor | None:
+        """One plain adapter on a frozen nn.Linear: the fused autograd function (None: take the plain path)."""
+        name, w = self._run[0]
+        adapter = self.adapters[name]
+        if type(adapter.variant) is not Variant or not fused.can_fuse(self.base_layer, x, adapter.lora_A):
+            return None
+        drop = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) else 0.0
+        if self.group is not None and fused.groups_enabled() and (drop == 0.0 or not self.training):
+            y = self.group.forward(self, x)
+            if y is not None:
+                return y
+        return fused.lora_linear(
+            x, self.base_layer, adapter.lora_A, adapter.lora_B, adapter.scaling * w, drop, self.training
+        )
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={[m[0] for m in self.merged]}"

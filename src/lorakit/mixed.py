@@ -37,8 +37,9 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterError
-from lorakit.inject import adapter_names, lora_layers
-from lorakit.layers import Handler, LoraLayer, Variant
+from lorakit.handlers import Handler
+from lorakit.layers import LoraLayer, Variant
+from lorakit.registry import adapter_names, lora_layers
 
 
 @dataclass(eq=False)
@@ -82,6 +83,10 @@ class RowPlan:
     @property
     def batch(self) -> int:
         return len(self.names)
+
+    def forward(self, layer: LoraLayer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """What a LoRA layer running under this plan returns: `mixed_forward` (the layer calls it)."""
+        return mixed_forward(layer, x, out)
 
 
 @contextmanager

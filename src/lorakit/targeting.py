@@ -16,7 +16,8 @@ from torch import nn
 
 from lorakit.config import ALL_LINEAR, LoraConfig
 from lorakit.errors import TargetError
-from lorakit.layers import LoraLayer, handler_for, supported_type_names
+from lorakit.handlers import handler_for, supported_type_names
+from lorakit.layers import LoraLayer
 
 
 def select_modules(model: nn.Module, config: LoraConfig) -> list[str]:

@@ -19,8 +19,12 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterFileError, QuantizationError
+from lorakit.formats import WEIGHTS_NAME
+from lorakit.handlers import handler_for
+from lorakit.layers import LoraLayer
 from lorakit.quant import bnb
 from lorakit.quant.nf4 import BLOCK_SIZE, NF4Linear
+from lorakit.readers import safetensors_metadata
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +199,6 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def dequantize(model: nn.Module) -> nn.Module:
     """Replace every 4-bit linear layer (ours or bitsandbytes') with an `nn.Linear` holding its dequantized
     weight, in place; LoRA wrappers keep their adapters. Merging is then possible. Returns `model`."""
-    from lorakit.layers import LoraLayer, handler_for
-
     wrappers = {id(m.base_layer): m for _, m in model.named_modules() if isinstance(m, LoraLayer)}
     for name, q in quantized_modules(model):
         w = q.dequantize() if isinstance(q, NF4Linear) else bnb.dequantize_linear4bit(q, bnb.weight_dtype(q))
@@ -222,8 +224,6 @@ def base_quantization(model: nn.Module) -> dict[str, Any] | None:
     found = quantized_modules(model)
     if not found:
         return None
-    from lorakit.layers import LoraLayer
-
     first = found[0][1]
     if bnb.is_linear4bit(first):
         info = bnb.settings(first)
@@ -247,8 +247,6 @@ def adapter_metadata(model: nn.Module) -> dict[str, str]:
 
 def adapter_base_quantization(path: str | os.PathLike) -> dict[str, Any] | None:
     """The quantized base recorded in an adapter folder's safetensors metadata, or None."""
-    from lorakit.io import WEIGHTS_NAME
-    from lorakit.readers import safetensors_metadata
 
     file = Path(path) / WEIGHTS_NAME
     if not file.exists():

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from lorakit.io import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
+from lorakit.formats import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
 
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME)
 """What the loaders read from an adapter folder (a pickle is copied only to be refused with its own message)."""

@@ -23,7 +23,8 @@ from torch import nn
 
 from lorakit.data.tokenize import IGNORE, Encoded
 from lorakit.errors import LorakitError
-from lorakit.fused import causal_lm_loss, groups_enabled, probe_groups, set_fused
+from lorakit.fused import causal_lm_loss, groups_enabled, set_fused
+from lorakit.siblings import probe_groups
 from lorakit.train.checkpoint import (
     full_tensor,
     is_sharded,

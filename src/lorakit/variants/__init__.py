@@ -1,45 +1,14 @@
-"""LoRA flavours, one small file each, plugged into `LoraLayer` through the `Variant` strategy interface.
+"""LoRA flavours and adapter kinds, one small file each, plugged into the core through its registries.
 
-Variants whose state is not in PEFT's tensors (DyLoRA's nesting of ranks) record it in the adapter file's
-safetensors metadata, which PEFT never reads: the folder stays exactly what PEFT writes and loads silently.
-`RESTORERS` maps a metadata key to the function that puts the variant back on a freshly loaded adapter.
+Importing this package registers them: DoRA (a `Variant`, picked by `use_dora`), PiSSA (an init), DyLoRA (a
+variant restored from the adapter file's safetensors metadata, which PEFT never reads: the folder stays exactly
+what PEFT writes and loads), AdaLoRA (a variant and PEFT's ADALORA file format) and the ladder side network (our
+LADDER format, and a merge guard). LoRA+ is an optimizer setting (`loraplus`). `lorakit/__init__.py` imports this.
 """
 
 from __future__ import annotations
 
-import importlib
-from pathlib import Path
+from lorakit.formats import read_metadata
+from lorakit.variants import adalora_io, dora, dylora, ladder, pissa
 
-from torch import nn
-
-RESTORERS = {"lorakit.dylora": "lorakit.variants.dylora:restore"}
-"""Safetensors metadata key -> "module:function(model, adapter_name, value)" called after loading."""
-
-
-def variant_metadata(model: nn.Module, name: str) -> dict[str, str]:
-    """The metadata the variants of adapter `name` want written into its safetensors file."""
-    from lorakit.inject import lora_layers
-
-    out: dict[str, str] = {}
-    for _, layer in lora_layers(model):
-        if name in layer.adapters:
-            out.update(layer.adapters[name].variant.metadata())
-    return out
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    """The safetensors metadata of the adapter folder `path` ({} if there is none)."""
-    from lorakit.io import WEIGHTS_NAME
-    from lorakit.readers import safetensors_metadata
-
-    file = Path(path) / WEIGHTS_NAME
-    return safetensors_metadata(file) if file.exists() else {}
-
-
-def restore_variants(model: nn.Module, name: str, path: Path) -> None:
-    """After `load_adapter` copied the tensors: give adapter `name` back the variants its file records."""
-    meta = read_metadata(path)
-    for key, target in RESTORERS.items():
-        if key in meta:
-            module, _, func = target.partition(":")
-            getattr(importlib.import_module(module), func)(model, name, meta[key])
+__all__ = ["adalora_io", "dora", "dylora", "ladder", "pissa", "read_metadata"]

@@ -28,8 +28,9 @@ from torch import nn
 from lorakit.checks import is_int, is_number
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, ConfigError, TargetError
+from lorakit.handlers import Handler, handler_for
 from lorakit.inject import inject, lora_layers, set_trainable
-from lorakit.layers import LoraAdapter, LoraLayer, Variant, handler_for
+from lorakit.layers import LoraAdapter, LoraLayer, Variant
 from lorakit.targeting import select_modules
 from lorakit.train.methods import Method
 
@@ -123,9 +124,16 @@ class AdaLoraVariant(Variant):
     shared by all layers of an adapter and carries its `AdaLoraConfig` (rank_pattern included)."""
 
     name = "adalora"
+    label = "AdaLoRA"
 
     def __init__(self, config: AdaLoraConfig) -> None:
         self.config = config
+
+    def tensor_names(self, handler: Handler) -> dict[str, str]:
+        return {"lora_A": "lora_A", "lora_E": "lora_E", "lora_B": "lora_B"}  # PEFT's ADALORA keys: no ".weight"
+
+    def factors(self, adapter: LoraAdapter) -> tuple[torch.Tensor, torch.Tensor, float]:
+        return adapter.lora_A * adapter.lora_E, adapter.lora_B, adapter.scaling  # ΔW = s·P·(Λ⊙Q)
 
     def forward(
         self, layer: LoraLayer, adapter: LoraAdapter, x: torch.Tensor, base_out: torch.Tensor

@@ -5,29 +5,41 @@
 "<module>.lora_E" -> one bool per initial rank row, True where the triplet was kept. Tensors (no ".weight"):
 `base_model.model.<module>.lora_A` (r, in), `.lora_E` (r, 1), `.lora_B` (out, r). As PEFT does, only the kept
 rows are saved (r = the number of True values; 0 is possible), and the scaling stays alpha / (init_r + 1e-5).
+
+Registered in lorakit.formats as the format of peft_type "ADALORA": `save_adapter`, `load_adapter`,
+`check_adapter` and `describe_adapter` hand such folders and adapters over to the hooks here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from lorakit.atomic import atomic_dir
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, ConfigError, TargetError
-from lorakit.inject import delete_adapter, lora_layers, registry
-from lorakit.io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, _read_tensors, _targets_for_file, task_type_for
-from lorakit.layers import handler_for
+from lorakit.formats import (
+    CONFIG_NAME,
+    PREFIX,
+    AdapterFormat,
+    file_config,
+    file_metadata,
+    read_tensors,
+    register_format,
+)
+from lorakit.handlers import handler_for
+from lorakit.inject import check_new_name, delete_adapter
+from lorakit.io import read_adapter, write_folder
+from lorakit.registry import adapter_layers, lora_layers, registry
 from lorakit.targeting import select_modules
 from lorakit.variants.adalora import (
     ADALORA_KEYS,
     AdaLoraConfig,
+    AdaLoraVariant,
     adalora_config,
     check_lora_for_adalora,
     inject_adalora,
@@ -35,7 +47,7 @@ from lorakit.variants.adalora import (
 
 log = logging.getLogger(__name__)
 
-PARAMS = ("lora_A", "lora_B", "lora_E")
+PARAMS = tuple(AdaLoraVariant.tensor_names(None, None))  # declared by the variant: lora_A, lora_E, lora_B
 
 
 def _keep(config: AdaLoraConfig, module: str) -> list[bool] | None:
@@ -63,16 +75,8 @@ def adalora_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
 
 def peft_config_dict(model: nn.Module, name: str = "default") -> dict[str, Any]:
     """The adapter_config.json of AdaLoRA adapter `name`, as PEFT writes it."""
-    info = registry(model).adapters[name]
     config = adalora_config(model, name)
-    lora = info.config.replace(targets=_targets_for_file(model, info.config, info.modules))
-    if lora.targets != info.config.targets and isinstance(lora.targets, str):
-        lora = lora.replace(layers=None, layers_pattern=None)
-    if lora.base_model is None:
-        lora = lora.replace(base_model=getattr(getattr(model, "config", None), "_name_or_path", None) or None)
-    if lora.task_type is None:
-        lora = lora.replace(task_type=task_type_for(model))
-    d = lora.to_peft_dict()
+    d = file_config(model, registry(model).adapters[name]).to_peft_dict()
     d.update(config.to_dict())
     # PEFT's default r, which AdaLoRA ignores (init_r and rank_pattern give the shapes); another value warns
     d.update(peft_type="ADALORA", r=8, alpha_pattern={})
@@ -81,20 +85,10 @@ def peft_config_dict(model: nn.Module, name: str = "default") -> dict[str, Any]:
 
 def save_adalora(model: nn.Module, path: str | Path, name: str = "default") -> Path:
     """Write AdaLoRA adapter `name` as PEFT's ADALORA folder, atomically."""
-    from lorakit.quant import adapter_metadata
-
     tensors = adalora_state_dict(model, name)
-    config = peft_config_dict(model, name)
-    metadata = {"format": "pt", **adapter_metadata(model)}
-
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-    path = Path(path)
-    atomic_dir(path, write, keep_others=True)
+    write_folder(Path(path), tensors, peft_config_dict(model, name), file_metadata(model, name))
     log.info("saved AdaLoRA adapter %r (%d tensors) to %s", name, len(tensors), path)
-    return path
+    return Path(path)
 
 
 def parse_config(raw: dict[str, Any], source: str) -> tuple[LoraConfig, AdaLoraConfig]:
@@ -172,30 +166,55 @@ def plan_load(
     return lora, config, ranks, plan
 
 
-def load_adalora(
-    model: nn.Module,
-    path: str | Path,
-    raw: dict[str, Any],
-    name: str,
-    *,
-    allow_pickle: bool = False,
-    activate: bool = True,
-    trainable: bool = False,
-) -> str:
-    """Load an ADALORA folder (config json already read into `raw`) as adapter `name`; the model is unchanged
-    on any error."""
-    path = Path(path)
-    tensors = _read_tensors(path, allow_pickle)
-    lora, config, ranks, plan = plan_load(model, raw, tensors, path)
-    inject_adalora(model, lora, config, name, ranks=ranks, activate=False, trainable=trainable)
+@dataclass
+class _Plan:
+    lora: LoraConfig
+    config: AdaLoraConfig
+    ranks: dict[str, int]
+    copies: list[tuple[str, str, torch.Tensor]]
+
+
+def _plan(model: nn.Module, path: Path, raw: dict[str, Any], name: str, allow_pickle: bool) -> _Plan:
+    check_new_name(model, name)
+    return _Plan(*plan_load(model, raw, read_tensors(path, allow_pickle), path))
+
+
+def _apply(model: nn.Module, plan: _Plan, name: str, trainable: bool) -> str:
+    """Inject adapter `name` as the plan says and copy its tensors; the model is unchanged on any error."""
+    inject_adalora(model, plan.lora, plan.config, name, ranks=plan.ranks, activate=False, trainable=trainable)
     try:
         with torch.no_grad():
-            for module, param, tensor in plan:
+            for module, param, tensor in plan.copies:
                 target = getattr(model.get_submodule(module).adapters[name], param)
                 target.copy_(tensor.to(target.dtype))
     except Exception:
         delete_adapter(model, name)
         raise
-    from lorakit.io import finish_load
+    return name
 
-    return finish_load(model, path, name, activate)
+
+def _owns(model: nn.Module, name: str) -> bool:
+    layers = adapter_layers(model, name)
+    return bool(layers) and isinstance(layers[0][1].adapters[name].variant, AdaLoraVariant)
+
+
+def _describe(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    """`lorakit inspect` describes plain LoRA folders only: the same clear refusal as `read_adapter`."""
+    read_adapter(path)
+    raise AssertionError(
+        "read_adapter accepted an ADALORA folder"
+    )  # unreachable: it refuses every non-LORA one
+
+
+register_format(
+    AdapterFormat(
+        peft_type="ADALORA",
+        label="AdaLoRA",
+        plan=_plan,
+        apply=_apply,
+        owns=_owns,
+        save=save_adalora,
+        describe=_describe,
+        state_dict=adalora_state_dict,
+    )
+)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lorakit.layers import LoraAdapter, LoraLayer, Variant, delta_weight
+from lorakit.config import LoraConfig
+from lorakit.handlers import Handler
+from lorakit.layers import LoraAdapter, LoraLayer, Variant, delta_weight, register_variant
 
 
 def _norm(layer: LoraLayer, adapter: LoraAdapter, base_weight: torch.Tensor) -> torch.Tensor:
@@ -20,8 +22,22 @@ def _norm(layer: LoraLayer, adapter: LoraAdapter, base_weight: torch.Tensor) -> 
     return torch.linalg.norm(w2, dim=1).detach().reshape(h.magnitude_shape(d))
 
 
+@register_variant
 class DoraVariant(Variant):
     name = "dora"
+    label = "DoRA"
+    merges_alone = True  # each merge renormalises the whole weight: two DoRA merges do not commute
+
+    @classmethod
+    def selects(cls, config: LoraConfig) -> bool:
+        return config.use_dora
+
+    def tensor_names(self, handler: Handler) -> dict[str, str]:
+        return {**super().tensor_names(handler), "magnitude": "lora_magnitude_vector"}
+
+    def tensor_shapes(self, handler: Handler, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+        magnitude = handler.magnitude_shape(handler.dims(base)[0])
+        return {**super().tensor_shapes(handler, base, r), "magnitude": magnitude}
 
     def init(self, layer: LoraLayer, adapter: LoraAdapter) -> None:
         with torch.no_grad():
@@ -49,9 +65,8 @@ class DoraVariant(Variant):
         return y if y.dtype == base_out.dtype else y.to(base_out.dtype)
 
     @torch.no_grad()
-    def merge(self, layer: LoraLayer, adapter: LoraAdapter, weight: float) -> object:
+    def merge(self, layer: LoraLayer, adapter: LoraAdapter, weight: float, w: torch.Tensor) -> object:
         h = layer.handler
-        w = h.weight(layer.base_layer)
         factor = (adapter.magnitude / _norm(layer, adapter, w.to(adapter.lora_A.dtype))).to(w.dtype)
         f2 = factor.reshape(-1, 1)
         # W' = W + weight·(f·(W + ΔW) − W), row-wise

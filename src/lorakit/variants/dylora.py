@@ -27,8 +27,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.layers import LoraAdapter, LoraLayer, Variant
+from lorakit.layers import LoraAdapter, LoraLayer, Variant, register_variant
 from lorakit.train.methods import Method
 
 if TYPE_CHECKING:
@@ -40,11 +41,13 @@ METADATA_KEY = "lorakit.dylora"
 MODES = ("frozen", "unfrozen")
 
 
+@register_variant
 class DyLoraVariant(Variant):
     """Plain LoRA truncated to the first `rank` components with scaling α/rank; while training, this step's
     sampled rank and update mode instead."""
 
     name = "dylora"
+    label = "DyLoRA"
 
     def __init__(
         self, r_max: int, alpha: float, rslora: bool, mode: str = "frozen", min_rank: int = 1
@@ -54,6 +57,10 @@ class DyLoraVariant(Variant):
         """Rank used at inference (eval mode, merge, export): `set_rank` changes it."""
         self.train_rank: int | None = None
         """This optimizer step's sampled rank, used in training mode (set by DyLoraMethod.before_step)."""
+
+    @classmethod
+    def create(cls, config: LoraConfig, module: str) -> DyLoraVariant:
+        return cls(config.rank_for(module), config.alpha_for(module), config.use_rslora)
 
     def scaling(self, b: int) -> float:
         return self.alpha / math.sqrt(b) if self.rslora else self.alpha / b
@@ -86,6 +93,10 @@ class DyLoraVariant(Variant):
     def metadata(self) -> dict[str, str]:
         record = {"r_max": self.r_max, "mode": self.mode, "min_rank": self.min_rank}
         return {METADATA_KEY: json.dumps(record, sort_keys=True)}
+
+    @classmethod
+    def restore(cls, model: nn.Module, name: str, value: str) -> None:
+        restore(model, name, value)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -200,8 +211,8 @@ def export_rank(adapter: str | os.PathLike, rank: int, out: str | os.PathLike) -
     from safetensors.torch import save_file
 
     from lorakit.atomic import atomic_dir
+    from lorakit.formats import read_metadata
     from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, read_adapter
-    from lorakit.variants import read_metadata
 
     adapter = Path(adapter)
     config, tensors = read_adapter(adapter)

@@ -13,7 +13,9 @@ How it attaches, without changing the model's code or weights:
 - a forward hook on the final norm runs the side network (with autograd as the caller had it) and returns the
   norm's output plus the side output, which the unchanged LM head turns into logits.
 The side network is registered as `model.lorakit_ladder`, so its parameters are the model's only trainable ones.
-Ladder adapters are not weight deltas: they cannot be merged into the base.
+Ladder adapters are not weight deltas: they cannot be merged into the base (a merge guard says so).
+Folders say peft_type "LADDER", a format registered in lorakit.formats: `load_adapter`, `check_adapter`,
+`describe_adapter` and `save_adapter(model, path, "ladder")` work on them.
 """
 
 from __future__ import annotations
@@ -29,11 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from lorakit.checks import is_int, is_number
+from lorakit.control import register_merge_guard
 from lorakit.errors import AdapterError, AdapterFileError, ConfigError, TargetError
+from lorakit.formats import CONFIG_NAME, AdapterFormat, file_metadata, read_tensors, register_format
+from lorakit.io import write_folder
+from lorakit.readers import read_json
+from lorakit.registry import adapter_names
 from lorakit.train.methods import Method
 from lorakit.variants.ladder_side import BLOCKS, SideNetwork
 
@@ -41,6 +47,7 @@ log = logging.getLogger(__name__)
 
 ATTR = "lorakit_ladder"
 PEFT_TYPE = "LADDER"
+NAME = "ladder"  # the name load_adapter returns for a ladder, and save_adapter takes
 MERGE_REFUSAL = (
     "ladder adapters cannot be merged into the base: the side network is a separate module on top of the frozen "
     "backbone, not a weight delta; run it unmerged (lorakit generate --adapter DIR)"
@@ -197,9 +204,17 @@ def ladder_of(model: nn.Module) -> SideNetwork | None:
 
 
 def refuse_merge(model: nn.Module) -> None:
-    """AdapterError if `model` carries a ladder (called by `lorakit.merge`)."""
-    if ladder_of(model) is not None:
-        raise AdapterError(MERGE_REFUSAL)
+    """AdapterError if `model` carries a ladder (what `lorakit.merge` does, through its merge guard)."""
+    reason = _merge_guard(model)
+    if reason:
+        raise AdapterError(reason)
+
+
+def _merge_guard(model: nn.Module) -> str | None:
+    return MERGE_REFUSAL if ladder_of(model) is not None else None
+
+
+register_merge_guard(_merge_guard)
 
 
 def _enter(side: SideNetwork, takes_use_cache: bool):
@@ -263,10 +278,6 @@ def is_ladder_folder(path: str | os.PathLike) -> bool:
 
 def save_ladder(model: nn.Module, path: str | os.PathLike, *, base_model: str | None = None) -> Path:
     """Write the attached side network as an adapter folder, atomically."""
-    from lorakit.atomic import atomic_dir
-    from lorakit.io import CONFIG_NAME, WEIGHTS_NAME
-    from lorakit.quant import adapter_metadata
-
     side = ladder_of(model)
     if side is None:
         raise AdapterError(f"{type(model).__name__} has no ladder side network to save")
@@ -282,22 +293,13 @@ def save_ladder(model: nn.Module, path: str | os.PathLike, *, base_model: str | 
         "ladder_layers": side.layers,
         "num_layers": len(find_decoder(model)[1]),
     }
-
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **adapter_metadata(model)})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-    path = Path(path)
-    atomic_dir(path, write, keep_others=True)
+    write_folder(Path(path), tensors, config, file_metadata(model, NAME))
     log.info("saved ladder side network (%d tensors) to %s", len(tensors), path)
-    return path
+    return Path(path)
 
 
 def read_ladder(path: str | os.PathLike) -> tuple[LadderConfig, dict[str, Any], dict[str, torch.Tensor]]:
     """(config, raw json, tensors) of a ladder folder."""
-    from lorakit.io import CONFIG_NAME, _read_tensors
-    from lorakit.readers import read_json
-
     path = Path(path)
     raw = read_json(path / CONFIG_NAME)
     known = {f.name for f in fields(LadderConfig)}
@@ -305,7 +307,7 @@ def read_ladder(path: str | os.PathLike) -> tuple[LadderConfig, dict[str, Any], 
         cfg = LadderConfig(**{k: v for k, v in raw.items() if k in known})
     except (TypeError, ConfigError) as e:
         raise AdapterFileError(f"{path / CONFIG_NAME}: {e}") from None
-    return cfg, raw, _read_tensors(path, allow_pickle=False)
+    return cfg, raw, read_tensors(path, allow_pickle=False)
 
 
 def plan_ladder(model: nn.Module, path: str | os.PathLike) -> tuple[LadderConfig, SideNetwork]:
@@ -340,10 +342,18 @@ def plan_ladder(model: nn.Module, path: str | os.PathLike) -> tuple[LadderConfig
 
 def load_ladder(model: nn.Module, path: str | os.PathLike, *, trainable: bool = False) -> str:
     """Attach the side network stored at `path` to `model`; checked before the model changes. Returns "ladder"."""
-    cfg, side = plan_ladder(model, path)
+    return _apply(model, plan_ladder(model, path), NAME, trainable)
+
+
+def _apply(model: nn.Module, plan: tuple[LadderConfig, SideNetwork], name: str, trainable: bool) -> str:
+    cfg, side = plan
     attach_ladder(model, cfg, side=side)
     side.requires_grad_(trainable)
-    return "ladder"
+    return NAME
+
+
+def _owns(model: nn.Module, name: str) -> bool:
+    return name == NAME and ladder_of(model) is not None and name not in adapter_names(model)
 
 
 @contextmanager
@@ -389,6 +399,20 @@ def format_ladder(info: dict[str, Any]) -> str:
             f"{info['parameters']:,} parameters in {info['tensors']} tensors; not mergeable into the base",
         ]
     )
+
+
+register_format(
+    AdapterFormat(
+        peft_type=PEFT_TYPE,
+        label="ladder",
+        plan=lambda model, path, raw, name, allow_pickle: plan_ladder(model, path),
+        apply=_apply,
+        owns=_owns,
+        save=lambda model, path, name: save_ladder(model, path),
+        describe=lambda path, raw: describe_ladder(path),
+        activates=False,
+    )
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------

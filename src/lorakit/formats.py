@@ -1,0 +1,244 @@
+"""Adapter folders: the table of formats, keyed by PEFT's `peft_type`, and what the formats share.
+
+A folder is `adapter_config.json` + `adapter_model.safetensors` (PEFT's layout). Its `peft_type` picks the format
+once (`folder_format`); the format's hooks then plan a load (every check, the model untouched), apply the plan,
+save, and describe. `lorakit.io` registers PEFT's LORA layout; plug-ins register theirs (lorakit.variants: ADALORA,
+and our LADDER). Plug-ins also add safetensors metadata to every saved adapter (`register_metadata`: the quantized
+base it was trained on) and look at every loaded one (`register_load_hook`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterFileError, ConfigError, TargetError
+from lorakit.readers import load_weights_only, read_json, read_safetensors, safetensors_metadata
+from lorakit.registry import AdapterInfo
+from lorakit.targeting import select_modules
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+DEFAULT = "LORA"
+
+
+@dataclass(frozen=True)
+class AdapterFormat:
+    """One adapter format: its peft_type and its hooks."""
+
+    peft_type: str
+    label: str
+    """How messages name it ("LoRA", "AdaLoRA", "ladder")."""
+    plan: Callable[[nn.Module, Path, dict[str, Any], str, bool], Any]
+    """(model, folder, its parsed config, adapter name, allow_pickle) -> what `apply` needs. Reads and checks
+    everything; raises if the folder does not fit the model, which it never changes."""
+    apply: Callable[[nn.Module, Any, str, bool], str]
+    """(model, plan, name, trainable) -> the adapter's name on the model. All or nothing."""
+    owns: Callable[[nn.Module, str], bool]
+    """Whether adapter `name` on `model` is saved in this format."""
+    save: Callable[[nn.Module, Path, str], Path]
+    """Write adapter `name` of `model` as a folder, atomically."""
+    describe: Callable[[Path, dict[str, Any]], dict[str, Any]]
+    """What `lorakit inspect` shows of a folder (its parsed config given), without a model."""
+    state_dict: Callable[[nn.Module, str], dict[str, torch.Tensor]] | None = None
+    """The tensors `save` writes for adapter `name`, keyed as in the file."""
+    activates: bool = True
+    """Whether loading can activate the adapter (a ladder is attached, not activated)."""
+
+
+FORMATS: dict[str, AdapterFormat] = {}
+METADATA: list[Callable[[nn.Module, str], dict[str, str]]] = []
+LOAD_HOOKS: list[Callable[[nn.Module, Path], None]] = []
+
+
+def register_format(fmt: AdapterFormat) -> AdapterFormat:
+    """Make `fmt` the format of folders whose adapter_config.json says `peft_type: fmt.peft_type`."""
+    FORMATS[fmt.peft_type.upper()] = fmt
+    return fmt
+
+
+def register_metadata(provider: Callable[[nn.Module, str], dict[str, str]]) -> None:
+    """Add `provider(model, adapter_name)`'s entries to the safetensors metadata of every adapter saved."""
+    METADATA.append(provider)
+
+
+def register_load_hook(hook: Callable[[nn.Module, Path], None]) -> None:
+    """Call `hook(model, folder)` after every adapter is loaded (e.g. to note a quantized-base mismatch)."""
+    LOAD_HOOKS.append(hook)
+
+
+def folder_format(path: str | os.PathLike) -> tuple[AdapterFormat, dict[str, Any]]:
+    """(the format of adapter folder `path`, its parsed adapter_config.json). The one place that asks."""
+    raw = read_config_json(path)
+    peft_type = raw.get("peft_type")
+    if peft_type is None:  # LORA's parser names the missing key
+        return FORMATS[DEFAULT], raw
+    fmt = FORMATS.get(str(peft_type).upper())
+    if fmt is None:
+        raise ConfigError(
+            f"{Path(path) / CONFIG_NAME}: unsupported peft_type {peft_type!r} (lorakit loads "
+            f"{', '.join(FORMATS)} adapters)"
+        )
+    return fmt, raw
+
+
+def model_format(model: nn.Module, name: str) -> AdapterFormat:
+    """The format adapter `name` on `model` is saved in: the first non-default format that owns it, else LORA."""
+    for fmt in FORMATS.values():
+        if fmt.peft_type != DEFAULT and fmt.owns(model, name):
+            return fmt
+    return FORMATS[DEFAULT]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed adapter_config.json of an adapter folder (any peft_type)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterFileError(f"{path}: not an adapter folder (expected a directory with {CONFIG_NAME})")
+    cfg_file = path / CONFIG_NAME
+    raw = read_json(cfg_file)
+    if not isinstance(raw, dict):
+        raise AdapterFileError(f"{cfg_file}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def read_tensors(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter folder's tensors, each a floating-point tensor of finite values (else AdapterFileError)."""
+    tensors = _read_tensor_file(Path(path), allow_pickle)
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise AdapterFileError(f"{path}: {key} has dtype {t.dtype}, not a floating-point type")
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterFileError(f"{path}: {key} has non-finite values (nan or inf)")
+    return tensors
+
+
+def _read_tensor_file(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    st, pt = path / WEIGHTS_NAME, path / PICKLE_NAME
+    if st.exists():
+        return read_safetensors(st)
+    if pt.exists():
+        if not allow_pickle:
+            raise AdapterFileError(
+                f"{pt}: pickled adapter refused (pickle can run code); pass allow_pickle=True / --allow-pickle to load "
+                "it with torch.load(weights_only=True), or convert it to safetensors"
+            )
+        tensors = load_weights_only(pt)
+        if not isinstance(tensors, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+        ):
+            raise AdapterFileError(f"{pt}: expected a dict of tensors")
+        return tensors
+    raise AdapterFileError(f"{path}: no {WEIGHTS_NAME} (or {PICKLE_NAME})")
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The safetensors metadata of the adapter folder `path` ({} if there is none)."""
+    file = Path(path) / WEIGHTS_NAME
+    return safetensors_metadata(file) if file.exists() else {}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing: what every format's config and metadata share
+# --------------------------------------------------------------------------------------------------------------
+
+
+def file_metadata(model: nn.Module, name: str) -> dict[str, str]:
+    """The safetensors metadata of a saved adapter: "format": "pt" plus what the plug-ins record."""
+    out = {"format": "pt"}
+    for provider in METADATA:
+        out.update(provider(model, name))
+    return out
+
+
+def after_load(model: nn.Module, path: Path) -> None:
+    for hook in LOAD_HOOKS:
+        hook(model, path)
+
+
+def file_config(model: nn.Module, info: AdapterInfo) -> LoraConfig:
+    """The adapter's LoraConfig as the file records it: targets that re-select exactly its modules, the base
+    model's name and the task type filled in where unset."""
+    config = info.config.replace(targets=targets_for_file(model, info.config, info.modules))
+    if config.targets != info.config.targets and isinstance(config.targets, str):
+        config = config.replace(layers=None, layers_pattern=None)
+    if config.base_model is None:
+        config = config.replace(
+            base_model=getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        )
+    if config.task_type is None:
+        config = config.replace(task_type=task_type_for(model))
+    return config
+
+
+def targets_for_file(model: nn.Module, config: LoraConfig, modules: list[str]) -> str | list[str]:
+    """A `target_modules` value that re-selects exactly `modules` on this model (PEFT's rules)."""
+    leaves = sorted({m.rsplit(".", 1)[-1] for m in modules})
+    for candidate in (leaves, config.targets):
+        if candidate == "all-linear":
+            continue
+        try:
+            if select_modules(model, config.replace(targets=candidate)) == modules:
+                return candidate
+        except (TargetError, ConfigError):
+            pass
+    return "(" + "|".join(re.escape(m) for m in modules) + ")"
+
+
+# transformers' head-class suffixes -> PEFT task types (PeftModel.from_pretrained builds its wrapper by these)
+_TASK_SUFFIXES = {
+    "ForCausalLM": "CAUSAL_LM",
+    "LMHeadModel": "CAUSAL_LM",
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+    "ForSeq2SeqLM": "SEQ_2_SEQ_LM",
+}
+
+
+def task_type_for(model: nn.Module) -> str | None:
+    """The PEFT task_type that fits `model`, so that PEFT wraps it in the right class when loading the adapter.
+
+    None (PEFT's default, the plain PeftModel) for a bare encoder/decoder or anything else: PEFT's CAUSAL_LM
+    wrapper needs `prepare_inputs_for_generation`, which e.g. BertModel lacks."""
+    name = type(model).__name__
+    # ...ForConditionalGeneration: T5 and BART are seq2seq; multimodal decoders generate like an LM
+    if name.endswith("ForConditionalGeneration"):
+        encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+        return "SEQ_2_SEQ_LM" if encoder_decoder else "CAUSAL_LM"
+    for suffix, task in _TASK_SUFFIXES.items():
+        if name.endswith(suffix):
+            return task
+    return None
+
+
+# the heads PEFT adds to modules_to_save for each classification task type (and expects in the file)
+_HEAD_NAMES = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+
+def task_heads(model: nn.Module, task_type: str | None) -> dict[str, nn.Module]:
+    """The task's head modules that `model` has, by name (top-level names, as PEFT matches them)."""
+    return {
+        n: m
+        for n in _HEAD_NAMES.get(task_type or "", ())
+        if isinstance(m := getattr(model, n, None), nn.Module)
+    }

@@ -10,8 +10,11 @@ from pathlib import Path
 import torch
 
 from lorakit.atomic import atomic_dir
+from lorakit.errors import AdapterError
 from lorakit.inject import unload
 from lorakit.io import load_adapter
+from lorakit.quant import adapter_base_quantization, dequantize, quantize
+from lorakit.variants.ladder import MERGE_REFUSAL, is_ladder_folder
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +36,9 @@ def merge_to_folder(
     otherwise ΔW goes onto the original full-precision W0. The written model is full precision either way:
     re-quantizing W + ΔW would round away much of the update (see docs/qlora.md).
     """
-    from lorakit.models import load_model
-    from lorakit.quant import adapter_base_quantization, dequantize, quantize
-    from lorakit.variants.ladder import MERGE_REFUSAL, is_ladder_folder
+    from lorakit.models import load_model  # transformers, only when a model is loaded
 
     if is_ladder_folder(adapter):
-        from lorakit.errors import AdapterError
-
         raise AdapterError(f"{adapter}: {MERGE_REFUSAL}")
     quant = adapter_base_quantization(adapter)  # a corrupt adapter file fails here, before the model loads
     model, tokenizer = load_model(model_spec, dtype=dtype)

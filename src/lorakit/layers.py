@@ -15,17 +15,15 @@ finite, and only then assigns it (after PEFT's `safe_merge`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from lorakit import fused
+from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, QuantizationError
 from lorakit.handlers import Handler
-
-if TYPE_CHECKING:
-    from lorakit.config import LoraConfig
 
 # --------------------------------------------------------------------------------------------------------------
 # Variants: plain LoRA here; DoRA and the others in lorakit.variants, registered by name.

@@ -199,11 +199,9 @@ def _owns(model: nn.Module, name: str) -> bool:
 
 
 def _describe(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
-    """`lorakit inspect` describes plain LoRA folders only: the same clear refusal as `read_adapter`."""
-    read_adapter(path)
-    raise AssertionError(
-        "read_adapter accepted an ADALORA folder"
-    )  # unreachable: it refuses every non-LORA one
+    """`lorakit inspect` describes plain LoRA folders only: the same one-line refusal as `read_adapter`."""
+    read_adapter(path)  # refuses every folder that is not peft_type LORA
+    raise AssertionError(f"{path}: read an ADALORA folder as LoRA")
 
 
 register_format(

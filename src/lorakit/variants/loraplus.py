@@ -24,6 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.errors import AdapterError, ConfigError
+from lorakit.registry import lora_layers
+
 
 def loraplus_groups(
     model: nn.Module, *, lr: float, ratio: float = 16.0, lr_embedding: float = 1e-6
@@ -32,8 +35,6 @@ def loraplus_groups(
 
     Only trainable parameters are included; empty groups are left out. Each group carries a "name" key.
     """
-    from lorakit.inject import lora_layers
-
     groups: dict[str, list[nn.Parameter]] = {"lora_A": [], "lora_B": [], "embedding": []}
     seen: set[int] = set()
     for _, layer in lora_layers(model):
@@ -70,12 +71,8 @@ def loraplus_optimizer(
     >>> opt = lorakit.loraplus_optimizer(model, lr=2e-4, ratio=16)    # B learns at 3.2e-3
     """
     if not ratio > 0:
-        from lorakit.errors import ConfigError
-
         raise ConfigError(f"LoRA+ ratio must be > 0, got {ratio!r}")
     groups = loraplus_groups(model, lr=lr, ratio=ratio, lr_embedding=lr_embedding)
     if not groups:
-        from lorakit.errors import AdapterError
-
         raise AdapterError(f"{type(model).__name__} has no trainable parameters (inject an adapter first)")
     return optimizer_cls(groups, lr=lr, **kwargs)

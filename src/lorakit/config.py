@@ -218,22 +218,11 @@ class LoraConfig:
     # -- PEFT json ----------------------------------------------------------------------------------------
     def to_peft_dict(self) -> dict[str, Any]:
         """The `adapter_config.json` content PEFT expects for this config."""
+        fields = {theirs: getattr(self, ours) for theirs, ours in _FROM_PEFT.items()}
+        fields.update(rank_pattern=dict(self.rank_pattern), alpha_pattern=dict(self.alpha_pattern))
         return {
             "peft_type": "LORA",
-            "task_type": self.task_type,
-            "base_model_name_or_path": self.base_model,
-            "r": self.r,
-            "lora_alpha": self.alpha,
-            "lora_dropout": self.dropout,
-            "target_modules": self.targets,
-            "exclude_modules": self.exclude,
-            "layers_to_transform": self.layers,
-            "layers_pattern": self.layers_pattern,
-            "rank_pattern": dict(self.rank_pattern),
-            "alpha_pattern": dict(self.alpha_pattern),
-            "bias": self.bias,
-            "use_rslora": self.use_rslora,
-            "use_dora": self.use_dora,
+            **fields,
             "init_lora_weights": _INIT_TO_PEFT[self.init],
             "fan_in_fan_out": False,
             "inference_mode": True,

@@ -272,13 +272,15 @@ def validate(cfg: RunConfig) -> None:
     _validate_method(cfg)
 
 
-METHODS = ("lora", "dylora", "adalora", "ladder")
 # which method each variant section belongs to; loraplus composes with any base method
 _SECTION_METHOD = {"dylora": "dylora", "adalora": "adalora", "ladder": "ladder", "loraplus": "loraplus"}
 
 
 def _validate_method(cfg: RunConfig) -> None:
-    """train.method names known methods, and no variant section is set for a method that is not selected."""
+    """train.method names known methods, no variant section is set for a method that is not selected, and the
+    chosen method accepts the settings (`Method.check_config`)."""
+    from lorakit.train.methods import METHODS
+
     parts = [p.strip() for p in cfg.train.method.split("+") if p.strip()]
     base = [p for p in parts if p != "loraplus"]
     for p in parts:
@@ -299,16 +301,7 @@ def _validate_method(cfg: RunConfig) -> None:
                 f"use --method {method}"
                 + ("" if method == "loraplus" else f" (or drop the {section} options)")
             )
-    if "dylora" in chosen:
-        from lorakit.variants.dylora import check_run_config
-
-        check_run_config(cfg)
-    if (
-        "adalora" in chosen
-    ):  # the schedule's own checks (target_r <= init_r, tinit < total_step - tfinal, ...)
-        from lorakit.variants.adalora import config_from_run
-
-        config_from_run(cfg)
+    METHODS[cfg.methods[0]].check_config(cfg)
 
 
 def parse_value(text: str) -> Any:

@@ -139,7 +139,7 @@ def run_training(
     method.prepare(model, base_id)
     report = parameter_report(model)
     say(
-        f"{_LABELS.get(method.name, method.name)}: {report['trainable']:,} trainable of {report['total']:,} parameters "
+        f"{method.label}: {report['trainable']:,} trainable of {report['total']:,} parameters "
         f"({report['trainable_percent']:.2f}%)"
     )
     t = cfg.train
@@ -203,9 +203,6 @@ def run_training(
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
-
-
-_LABELS = {"lora": "LoRA", "dylora": "DyLoRA", "adalora": "AdaLoRA", "ladder": "Ladder side network"}
 
 
 def init_distributed() -> tuple[int, int]:

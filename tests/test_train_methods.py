@@ -4,6 +4,7 @@ the trainer (lorakit.train.methods imports lorakit.variants, never the other way
 from __future__ import annotations
 
 import ast
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,11 @@ import pytest
 import lorakit
 from lorakit.errors import ConfigError
 from lorakit.train import methods
-from lorakit.train.config import load_config
+from lorakit.train.config import RunConfig, help_text, load_config
 from lorakit.train.methods import Method, make_method, register_method
+from lorakit.variants.adalora import AdaLoraConfig
+from lorakit.variants.dylora import DyLoraConfig
+from lorakit.variants.ladder import LadderConfig
 
 VARIANTS = Path(lorakit.__file__).parent / "variants"
 
@@ -38,6 +42,33 @@ def test_variants_import_nothing_from_the_trainer():
         if m == "lorakit.train" or m.startswith("lorakit.train.")
     }
     assert bad == {}
+
+
+@pytest.mark.parametrize(
+    "section, source, left_out",
+    [
+        ("dylora", DyLoraConfig, ()),
+        ("adalora", AdaLoraConfig, ("rank_pattern",)),
+        ("ladder", LadderConfig, ("mlp_ratio",)),
+    ],
+)
+def test_method_sections_are_made_of_the_variant_configs_fields(section, source, left_out):
+    """The run config's section of a method has its variant config's fields (defaults, docs), not copies."""
+    obj = getattr(RunConfig(), section)
+    assert {f.name: getattr(obj, f.name) for f in fields(obj)} == {
+        f.name: f.default for f in fields(source) if f.name not in left_out
+    }
+    text = help_text()
+    for f in fields(obj):
+        assert (
+            f.metadata["doc"]
+            and f"--{section}.{f.name} (default: {getattr(obj, f.name)!r})  {f.metadata['doc']}" in text
+        )
+    assert "--adalora.init_r (default: 12)  Starting rank of every adapted layer." in text
+    assert (
+        "--adalora.total_step (default: None)  Total optimizer steps of the schedule (default: train.steps)."
+        in text
+    )
 
 
 class CountingMethod(Method):

@@ -23,7 +23,7 @@ from torch import nn
 import lorakit
 from lorakit.train.config import DyLoraSection, RunConfig, TrainSection
 from lorakit.train.methods import Method
-from lorakit.variants.dylora import DyLoraMethod
+from lorakit.train.methods.dylora import DyLoraMethod
 
 
 class Layer(nn.Module):

@@ -17,8 +17,9 @@ from lorakit.errors import AdapterError, ConfigError
 from lorakit.train.config import DyLoraSection, RunConfig, TrainSection, load_config
 from lorakit.train.loop import TrainingError, train_loop
 from lorakit.train.methods import Method, make_method
+from lorakit.train.methods.dylora import DyLoraMethod, sample_rank
 from lorakit.variants import read_metadata
-from lorakit.variants.dylora import DyLoraMethod, export_rank, sample_rank, set_rank
+from lorakit.variants.dylora import export_rank, set_rank
 
 from tiny import ids, randomize, tiny_llama, token_rows
 

@@ -20,6 +20,9 @@ import yaml
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError
 from lorakit.train.fieldtypes import CommandLineValue, check
+from lorakit.variants.adalora import AdaLoraConfig
+from lorakit.variants.dylora import DyLoraConfig
+from lorakit.variants.ladder import LadderConfig
 
 
 @dataclass
@@ -110,48 +113,62 @@ class LoraPlusSection:
     """LoRA+: learning rate of embedding-layer adapters."""
 
 
-@dataclass
-class DyLoraSection:
-    min_rank: int = 1
-    """DyLoRA: smallest rank sampled each step (the largest is lora.r)."""
-    mode: str = "frozen"
-    """DyLoRA: "frozen" updates only the sampled rank's row/column, "unfrozen" all rows up to it."""
+def _field_docs(cls: type) -> dict[str, str]:
+    """The string literal after each field in the class body: our one-line field docs ({} for a class made by
+    `section_from`, whose fields carry their docs in their metadata)."""
+    import inspect
+
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    out = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(getattr(nxt, "value", None), ast.Constant)
+        ):
+            out[node.target.id] = " ".join(str(nxt.value.value).split())
+    return out
 
 
-@dataclass
-class AdaLoraSection:
-    init_r: int = 12
-    """AdaLoRA: starting rank of every adapted layer."""
-    target_r: int = 8
-    """AdaLoRA: average rank per layer after the budget schedule."""
-    tinit: int = 0
-    """AdaLoRA: warmup steps before ranks are pruned."""
-    tfinal: int = 0
-    """AdaLoRA: final steps at the target budget (the mask is fixed)."""
-    deltaT: int = 1
-    """AdaLoRA: steps between budget allocations."""
-    beta1: float = 0.85
-    """AdaLoRA: EMA coefficient of the sensitivity."""
-    beta2: float = 0.85
-    """AdaLoRA: EMA coefficient of the uncertainty."""
-    orth_reg_weight: float = 0.5
-    """AdaLoRA: weight of the orthogonality regulariser added to the loss."""
-    total_step: int | None = None
-    """AdaLoRA: total optimizer steps of the schedule (default: train.steps)."""
+def section_from(
+    source: type, name: str, *, skip: tuple[str, ...] = (), docs: dict[str, str] | None = None
+) -> type:
+    """A run-config section class `name` made of the fields of dataclass `source` (a variant's own config) but
+    `skip`: the same names, order, types, defaults and field docs (`docs` replaces some). It only holds values:
+    `source`'s own checks run when the method builds its config from the section (`Method.check_config`), where
+    run-wide settings can fill in, e.g. AdaLoRA's total_step from train.steps."""
+    hints = typing.get_type_hints(source)
+    notes = {**_field_docs(source), **(docs or {})}
+
+    def copy(f: dataclasses.Field) -> tuple[str, Any, dataclasses.Field]:
+        doc = {"doc": notes.get(f.name, "")}
+        return (
+            f.name,
+            hints[f.name],
+            field(default=f.default, default_factory=f.default_factory, metadata=doc),
+        )
+
+    specs = [copy(f) for f in fields(source) if f.name not in skip]
+    cls = dataclasses.make_dataclass(name, specs)
+    cls.__module__ = __name__  # importable (and picklable) as lorakit.train.config.<name>
+    cls.__doc__ = f"The fields of {source.__module__}.{source.__qualname__}" + (
+        f" but {', '.join(skip)}." if skip else "."
+    )
+    return cls
 
 
-@dataclass
-class LadderSection:
-    reduction: int = 8
-    """Ladder: the side network is hidden_size / reduction wide."""
-    rank: int = 16
-    """Ladder: rank of each low-rank down-projection from a backbone layer into the side network."""
-    every: int = 1
-    """Ladder: a ladder from every k-th backbone layer (the last layer always gets one)."""
-    block: str = "mlp"
-    """Ladder: side block type, "mlp" or "transformer"."""
-    temperature: float = 0.1
-    """Ladder: temperature T of the gates mu_i = sigmoid(alpha_i / T)."""
+DyLoraSection = section_from(DyLoraConfig, "DyLoraSection")
+AdaLoraSection = section_from(
+    AdaLoraConfig,
+    "AdaLoraSection",
+    skip=("rank_pattern",),  # the allocator's result, not a setting
+    docs={"total_step": "Total optimizer steps of the schedule (default: train.steps)."},
+)
+LadderSection = section_from(LadderConfig, "LadderSection", skip=("mlp_ratio",))
 
 
 @dataclass
@@ -272,13 +289,15 @@ def validate(cfg: RunConfig) -> None:
     _validate_method(cfg)
 
 
-METHODS = ("lora", "dylora", "adalora", "ladder")
 # which method each variant section belongs to; loraplus composes with any base method
 _SECTION_METHOD = {"dylora": "dylora", "adalora": "adalora", "ladder": "ladder", "loraplus": "loraplus"}
 
 
 def _validate_method(cfg: RunConfig) -> None:
-    """train.method names known methods, and no variant section is set for a method that is not selected."""
+    """train.method names known methods, no variant section is set for a method that is not selected, and the
+    chosen method accepts the settings (`Method.check_config`)."""
+    from lorakit.train.methods import METHODS
+
     parts = [p.strip() for p in cfg.train.method.split("+") if p.strip()]
     base = [p for p in parts if p != "loraplus"]
     for p in parts:
@@ -299,16 +318,7 @@ def _validate_method(cfg: RunConfig) -> None:
                 f"use --method {method}"
                 + ("" if method == "loraplus" else f" (or drop the {section} options)")
             )
-    if "dylora" in chosen:
-        from lorakit.variants.dylora import check_run_config
-
-        check_run_config(cfg)
-    if (
-        "adalora" in chosen
-    ):  # the schedule's own checks (target_r <= init_r, tinit < total_step - tfinal, ...)
-        from lorakit.variants.adalora import config_from_run
-
-        config_from_run(cfg)
+    METHODS[cfg.methods[0]].check_config(cfg)
 
 
 def parse_value(text: str) -> Any:
@@ -380,26 +390,6 @@ def help_text() -> str:
         lines.append(f"{section}:")
         docs = _field_docs(type(obj))
         for fld in fields(obj):
-            default = getattr(obj, fld.name)
-            lines.append(f"  --{section}.{fld.name} (default: {default!r})  {docs.get(fld.name, '')}")
+            default, doc = getattr(obj, fld.name), fld.metadata.get("doc", docs.get(fld.name, ""))
+            lines.append(f"  --{section}.{fld.name} (default: {default!r})  {doc}")
     return "\n".join(lines)
-
-
-def _field_docs(cls: type) -> dict[str, str]:
-    """The string literal after each field in the class body: our one-line field docs."""
-    import inspect
-
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
-    body = tree.body[0].body
-    out = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(getattr(nxt, "value", None), ast.Constant)
-        ):
-            out[node.target.id] = " ".join(str(nxt.value.value).split())
-    return out

@@ -91,19 +91,7 @@ def _convert(value: Any, tp: Any) -> Any:
     if tp is Any:
         return _parse(value) if cli else value
     if _is_union(tp):
-        args = typing.get_args(tp)
-        if type(None) in args and (value is None or (cli and value.strip().lower() in _NULLS)):
-            return None
-        # strings last: "[a, b]" for `str | list[str]` is the list (never the string), "q_proj" the string
-        arms = sorted((a for a in args if a is not type(None)), key=lambda a: a is str)
-        if cli and isinstance(_parse(value), (list, dict)):
-            arms = [a for a in arms if a is not str]
-        for arm in arms:
-            try:
-                return _convert(value, arm)
-            except _Mismatch:
-                pass
-        raise _Mismatch
+        return _union(value, typing.get_args(tp), cli)
     origin = typing.get_origin(tp)
     if origin is Literal:
         for choice in typing.get_args(tp):
@@ -111,44 +99,79 @@ def _convert(value: Any, tp: Any) -> Any:
                 return choice
         raise _Mismatch
     if origin in (list, dict):
-        parsed = _parse(value) if cli else value
-        if not isinstance(parsed, origin):
-            raise _Mismatch
-        args = typing.get_args(tp)
-        if origin is list:
-            return [_convert(x, args[0]) for x in parsed] if args else parsed
-        return {_convert(k, args[0]): _convert(v, args[1]) for k, v in parsed.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if cli and value.strip().lower() in _TRUE + _FALSE:
-            return value.strip().lower() in _TRUE
-        raise _Mismatch
-    if tp is int:
-        if cli:
-            try:
-                return int(value)
-            except ValueError:
-                raise _Mismatch from None
-        if is_int(value):
-            return value
-        raise _Mismatch
-    if tp is float:
-        if isinstance(value, str):  # the command line, or YAML 1.1's "2e-4"
-            try:
-                value = float(value)
-            except ValueError:
-                raise _Mismatch from None
-        if is_number(value):
-            return float(value)
-        raise _Mismatch
-    if tp is str:
-        if isinstance(value, str):
-            return str(value)
-        raise _Mismatch
+        return _container(value, origin, typing.get_args(tp), cli)
+    if tp in _SCALARS:
+        return _SCALARS[tp](value, cli)
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     raise _Mismatch
+
+
+def _union(value: Any, args: tuple[Any, ...], cli: bool) -> Any:
+    """The first arm of the union that takes `value` (None for null); strings last: "[a, b]" for
+    `str | list[str]` is the list (never the string), "q_proj" the string."""
+    if type(None) in args and (value is None or (cli and value.strip().lower() in _NULLS)):
+        return None
+    arms = sorted((a for a in args if a is not type(None)), key=lambda a: a is str)
+    if cli and isinstance(_parse(value), (list, dict)):
+        arms = [a for a in arms if a is not str]
+    for arm in arms:
+        try:
+            return _convert(value, arm)
+        except _Mismatch:
+            pass
+    raise _Mismatch
+
+
+def _container(value: Any, origin: type, args: tuple[Any, ...], cli: bool) -> Any:
+    """A list or dict, its items converted by their declared types."""
+    parsed = _parse(value) if cli else value
+    if not isinstance(parsed, origin):
+        raise _Mismatch
+    if not args:
+        return parsed
+    if origin is list:
+        return [_convert(x, args[0]) for x in parsed]
+    return {_convert(k, args[0]): _convert(v, args[1]) for k, v in parsed.items()}
+
+
+def _to_bool(value: Any, cli: bool) -> bool:
+    if isinstance(value, bool):
+        return value
+    if cli and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise _Mismatch
+
+
+def _to_int(value: Any, cli: bool) -> int:
+    if cli:
+        try:
+            return int(value)
+        except ValueError:
+            raise _Mismatch from None
+    if is_int(value):
+        return value
+    raise _Mismatch
+
+
+def _to_float(value: Any, cli: bool) -> float:
+    if isinstance(value, str):  # the command line, or YAML 1.1's "2e-4"
+        try:
+            value = float(value)
+        except ValueError:
+            raise _Mismatch from None
+    if is_number(value):
+        return float(value)
+    raise _Mismatch
+
+
+def _to_str(value: Any, cli: bool) -> str:
+    if isinstance(value, str):
+        return str(value)
+    raise _Mismatch
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
 def _parse(text: str) -> Any:

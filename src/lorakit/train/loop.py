@@ -14,7 +14,8 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from lorakit.train.checkpoint import (
     resume_from,
     save_checkpoint,
 )
-from lorakit.train.config import RunConfig
+from lorakit.train.config import RunConfig, TrainSection
 from lorakit.train.methods import Method, param_groups
 
 log = logging.getLogger(__name__)
@@ -115,61 +116,28 @@ def train_loop(
     passes are collectives); rank 0 alone writes metrics and checkpoint files. `method` (default: plain LoRA)
     gets its hooks called around each step (see lorakit.train.methods).
     """
-    t = cfg.train
-    method = method or Method(cfg)
-    callbacks = list(callbacks or [])
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise TrainingError("the model has no trainable parameters (inject an adapter first)")
+    t, method = cfg.train, method or Method(cfg)
     inner = getattr(model, "module", model)  # under DDP, the wrapped model
-    opt = torch.optim.AdamW(param_groups(inner, cfg), lr=t.lr, weight_decay=t.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    params, opt, sched = _optimizer(inner, cfg)
     sharded = is_sharded(inner)  # FSDP2: saving is a collective, every rank takes part
-    if t.grad_checkpointing and hasattr(inner, "gradient_checkpointing_enable"):
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(inner, "enable_input_require_grads"):
-            inner.enable_input_require_grads()
-    start = 0
-    if t.resume:  # "auto": the newest intact checkpoint (a truncated one is skipped, with a warning)
-        start, resumed = resume_from(
-            t.resume, out_dir, inner, opt, sched, base_model_id=base_model_id, method=method
-        )
-        if resumed is not None:
-            log.info("resumed from %s at step %d", resumed, start)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    metrics_file = out_dir / "metrics.jsonl"
-    emit = _emitter(metrics_file if rank == 0 else None, callbacks)
-    model.train()
-    tokens_seen, t0, last = 0, time.perf_counter(), None
-    step = done = start  # done: optimizer steps the weights have taken
-    prev_fused = set_fused(t.fused)
-    if (
-        t.fused and groups_enabled() and not sharded and train_rows
-    ):  # which projections share an input (q/k/v, gate/up)
-        probe_groups(inner, collate([train_rows[0]], pad_id)["input_ids"])
-    interrupts = StepGuard()
-    try:
+    checkpoints = _Checkpoints(out_dir, inner, opt, sched, cfg, method, base_model_id, rank)
+    start = checkpoints.resume()
+    metrics = _Metrics(out_dir, rank, callbacks, t)
+    with _training(model, train_rows, pad_id, t, sharded), checkpoints.on_interrupt(start, sharded) as guard:
         for step in range(start, t.steps):
             torch.manual_seed(t.seed * 7919 + step)  # dropout masks depend on the step only: exact resume
             loss_sum, n_tok = 0.0, 0
-            interrupts.enter()  # from here to `done = step + 1`, Ctrl-C waits for the step's end
+            guard.enter()  # from here to `guard.leave`, Ctrl-C waits for the step's end
             method.before_step(inner, step)
             for micro in range(t.grad_accum):
-                batch = collate(
-                    [train_rows[i] for i in batch_order(len(train_rows), step, micro, cfg, world, rank)],
-                    pad_id,
-                )
-                # FSDP2: the model's own forward, so that the root module's hooks run (the chunked head loss
-                # would call the backbone directly, around them)
+                order = batch_order(len(train_rows), step, micro, cfg, world, rank)
+                batch = collate([train_rows[i] for i in order], pad_id)
+                # FSDP2: the model's own forward, so that the root module's hooks run (not the chunked head loss)
                 loss = causal_lm_loss(model, batch, fused=t.fused and not sharded)
                 extra = method.extra_loss(inner)
-                if extra is not None:
-                    loss = loss + extra
-                loss = loss / t.grad_accum
+                loss = (loss if extra is None else loss + extra) / t.grad_accum
                 if not torch.isfinite(loss):
-                    raise TrainingError(
-                        f"loss became {loss.item()} at step {step + 1}; lower train.lr (now {t.lr}) or check the data"
-                    )
+                    raise TrainingError(f"loss became {loss.item()} at step {step + 1}; {_ADVICE % t.lr}")
                 loss.backward()
                 loss_sum += loss.item()
                 n_tok += int(batch["attention_mask"].sum())
@@ -177,77 +145,179 @@ def train_loop(
             if not math.isfinite(grad_norm):  # a finite loss can have non-finite gradients (NaN weights)
                 raise TrainingError(
                     f"gradient norm became {grad_norm} at step {step + 1} (loss {loss_sum:.4g}); the step was not "
-                    f"applied; lower train.lr (now {t.lr}) or check the data and the adapter's weights"
+                    f"applied; {_ADVICE % t.lr} and the adapter's weights"
                 )
             opt.step()
             method.after_step(inner, step)  # gradients still present (AdaLoRA's importance scores)
             sched.step()
             opt.zero_grad(set_to_none=True)
             done = step + 1
-            interrupts.leave()  # a Ctrl-C held since the step began is raised here, with `done` up to date
-            tokens_seen += n_tok * world
-            last = {
-                "step": step + 1,
-                "loss": loss_sum,
-                "lr": sched.get_last_lr()[0],
-                "tokens_per_s": tokens_seen / (time.perf_counter() - t0),
-                "elapsed_s": time.perf_counter() - t0,
-            }
-            if t.max_grad_norm > 0:
-                last["grad_norm"] = grad_norm
-            if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-                emit(last)
-            if evaluate and t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:
-                measured = evaluate()
-                if rank == 0:
-                    emit({"step": step + 1, **{f"eval_{k}": v for k, v in measured.items()}})
-                model.train()
-            if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.steps:
-                save_checkpoint(
-                    out_dir,
-                    step + 1,
-                    inner,
-                    opt,
-                    sched,
-                    cfg,
-                    base_model_id=base_model_id,
-                    rank=rank,
-                    method=method,
-                )
-    except KeyboardInterrupt:
-        if interrupts.forced and rank == 0:  # a second Ctrl-C stopped a step half-way: nothing to save
-            newest = latest_checkpoint(out_dir)
-            where = f"resume from {newest} with --train.resume auto" if newest else "no checkpoint yet"
-            raise TrainingError(
-                f"interrupted again during step {done + 1}: no checkpoint written (the step was half done); {where}"
-            ) from None
-        if sharded:  # gathering the shards needs every rank in step, and an interrupt stops them anywhere
-            if rank == 0:
-                newest = latest_checkpoint(out_dir)
-                where = f"resume from {newest} with --train.resume auto" if newest else "no checkpoint yet"
-                raise TrainingError(
-                    f"interrupted after step {done} (FSDP writes no checkpoint on interrupt); {where}"
-                ) from None
-            raise
-        if rank == 0 and done > start:
-            path = save_checkpoint(
-                out_dir, done, inner, opt, sched, cfg, base_model_id=base_model_id, method=method
-            )
-            log.warning("interrupted: saved a resumable checkpoint to %s", path)
-            raise TrainingError(f"interrupted at step {done}; resume with --train.resume {path}") from None
-        raise
-    finally:
-        interrupts.restore()
-        set_fused(prev_fused)
+            guard.leave(done)  # a Ctrl-C held since the step began is raised here, with `done` up to date
+            metrics.step(done, loss_sum, sched.get_last_lr()[0], n_tok * world, grad_norm)
+            _periodic(done, t, model, evaluate, metrics, checkpoints)
     method.finish(inner)
     model.eval()
-    return {
-        "steps": t.steps,
-        "resumed_from": start,
-        "tokens": tokens_seen,
-        "train_seconds": time.perf_counter() - t0,
-        "last": last,
-    }
+    return {"steps": t.steps, "resumed_from": start, **metrics.summary()}
+
+
+_ADVICE = "lower train.lr (now %s) or check the data"
+
+
+def _optimizer(model: nn.Module, cfg: RunConfig) -> tuple[list[torch.Tensor], torch.optim.Optimizer, Any]:
+    """(the trainable parameters, AdamW over them, its warmup-then-schedule learning rate)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("the model has no trainable parameters (inject an adapter first)")
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    return params, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+
+
+@contextmanager
+def _training(
+    model: nn.Module, train_rows: list[Encoded], pad_id: int, t: TrainSection, sharded: bool
+) -> Iterator[None]:
+    """The model in training mode, with gradient checkpointing if asked, and the fused path as train.fused says
+    until the block ends; fused, a probe first of which projections share an input (q/k/v, gate/up)."""
+    inner = getattr(model, "module", model)
+    if t.grad_checkpointing and hasattr(inner, "gradient_checkpointing_enable"):
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(inner, "enable_input_require_grads"):
+            inner.enable_input_require_grads()
+    model.train()
+    prev_fused = set_fused(t.fused)
+    try:
+        if t.fused and groups_enabled() and not sharded and train_rows:
+            probe_groups(inner, collate([train_rows[0]], pad_id)["input_ids"])
+        yield
+    finally:
+        set_fused(prev_fused)
+
+
+def _periodic(
+    done: int,
+    t: TrainSection,
+    model: nn.Module,
+    evaluate: Callable[[], dict[str, float]] | None,
+    metrics: _Metrics,
+    checkpoints: _Checkpoints,
+) -> None:
+    """After step `done`: the evaluation every train.eval_every steps and the checkpoint every train.save_every
+    steps (none after the last step: the run's end evaluates, and saves the adapter)."""
+    if evaluate and _due(t.eval_every, done, t.steps):
+        metrics.eval(done, evaluate())
+        model.train()
+    if _due(t.save_every, done, t.steps):
+        checkpoints.save(done)
+
+
+def _due(every: int, done: int, steps: int) -> bool:
+    return bool(every) and done % every == 0 and done < steps
+
+
+class _Metrics:
+    """metrics.jsonl (rank 0) and the callbacks: a record every train.log_every steps and after the last, and
+    one per periodic evaluation; the token count and clock of the summary."""
+
+    def __init__(self, out_dir: Path, rank: int, callbacks: list[Callback] | None, t: TrainSection) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.rank, self.t, self.tokens, self.last = rank, t, 0, None
+        self.emit = _emitter(out_dir / "metrics.jsonl" if rank == 0 else None, list(callbacks or []))
+        self.t0 = time.perf_counter()
+
+    def step(self, done: int, loss: float, lr: float, tokens: int, grad_norm: float) -> None:
+        self.tokens += tokens
+        elapsed = time.perf_counter() - self.t0
+        self.last = {
+            "step": done,
+            "loss": loss,
+            "lr": lr,
+            "tokens_per_s": self.tokens / elapsed,
+            "elapsed_s": elapsed,
+        }
+        if self.t.max_grad_norm > 0:
+            self.last["grad_norm"] = grad_norm
+        if done % self.t.log_every == 0 or done == self.t.steps:
+            self.emit(self.last)
+
+    def eval(self, done: int, measured: dict[str, float]) -> None:
+        if self.rank == 0:
+            self.emit({"step": done, **{f"eval_{k}": v for k, v in measured.items()}})
+
+    def summary(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "train_seconds": time.perf_counter() - self.t0, "last": self.last}
+
+
+class _Checkpoints:
+    """A run's resumable checkpoints: resuming at the start, saving on the cadence, and what a Ctrl-C leaves."""
+
+    def __init__(self, out_dir, model, opt, sched, cfg, method, base_model_id, rank) -> None:
+        self.out_dir, self.model, self.opt, self.sched, self.cfg = out_dir, model, opt, sched, cfg
+        self.method, self.base_model_id, self.rank = method, base_model_id, rank
+
+    def resume(self) -> int:
+        """The step to start from: 0, or that of the checkpoint train.resume names ("auto": the newest intact
+        one; a truncated one is skipped, with a warning)."""
+        if not self.cfg.train.resume:
+            return 0
+        start, resumed = resume_from(
+            self.cfg.train.resume,
+            self.out_dir,
+            self.model,
+            self.opt,
+            self.sched,
+            base_model_id=self.base_model_id,
+            method=self.method,
+        )
+        if resumed is not None:
+            log.info("resumed from %s at step %d", resumed, start)
+        return start
+
+    def save(self, step: int) -> Path | None:
+        """Write the checkpoint of step `step` (under FSDP2 every rank calls this; rank 0 writes)."""
+        return save_checkpoint(
+            self.out_dir,
+            step,
+            self.model,
+            self.opt,
+            self.sched,
+            self.cfg,
+            base_model_id=self.base_model_id,
+            rank=self.rank,
+            method=self.method,
+        )
+
+    @contextmanager
+    def on_interrupt(self, start: int, sharded: bool) -> Iterator[StepGuard]:
+        """Inside the block, Ctrl-C waits for the end of a step (`StepGuard`). Then rank 0 saves the checkpoint
+        of the last complete step and raises a one-line TrainingError saying how to resume; under FSDP2 nothing
+        is saved (gathering the shards needs every rank in step, and an interrupt stops them anywhere)."""
+        guard = StepGuard(start)
+        try:
+            yield guard
+        except KeyboardInterrupt:
+            done = guard.done
+            if guard.forced and self.rank == 0:  # a second Ctrl-C stopped a step half-way: nothing to save
+                raise TrainingError(
+                    f"interrupted again during step {done + 1}: no checkpoint written (the step was half done); "
+                    f"{self._newest()}"
+                ) from None
+            if sharded and self.rank == 0:
+                raise TrainingError(
+                    f"interrupted after step {done} (FSDP writes no checkpoint on interrupt); {self._newest()}"
+                ) from None
+            if not sharded and self.rank == 0 and done > start:
+                path = self.save(done)
+                log.warning("interrupted: saved a resumable checkpoint to %s", path)
+                raise TrainingError(
+                    f"interrupted at step {done}; resume with --train.resume {path}"
+                ) from None
+            raise
+        finally:
+            guard.restore()
+
+    def _newest(self) -> str:
+        newest = latest_checkpoint(self.out_dir)
+        return f"resume from {newest} with --train.resume auto" if newest else "no checkpoint yet"
 
 
 class StepGuard:
@@ -259,7 +329,9 @@ class StepGuard:
     step stops at once (`forced`: the step is half done, no checkpoint can be trusted). Only the main thread
     handles signals; elsewhere, or when SIGINT is not Python's to handle, this does nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, done: int = 0) -> None:
+        self.done = done
+        """Optimizer steps complete (as of the last `leave`)."""
         self.inside = self.held = self.forced = False
         self.previous = signal.getsignal(signal.SIGINT)
         self.active = threading.current_thread() is threading.main_thread() and callable(self.previous)
@@ -277,8 +349,9 @@ class StepGuard:
     def enter(self) -> None:
         self.inside = True
 
-    def leave(self) -> None:
-        self.inside = False
+    def leave(self, done: int) -> None:
+        """Step `done` is complete (weights, optimizer, scheduler, method hooks); a held Ctrl-C is raised here."""
+        self.inside, self.done = False, done
         if self.held:
             self.held = False
             self.previous(signal.SIGINT, None)

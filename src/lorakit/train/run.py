@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from torch import nn
 
 from lorakit.data.jsonl import DataError, read_jsonl
 from lorakit.data.tasks import make_task
-from lorakit.data.tokenize import IGNORE, encode_dataset, pack
+from lorakit.data.tokenize import IGNORE, Encoded, encode_dataset, pack
 from lorakit.layers import LoraLayer
 from lorakit.quant import is_quantized, quantize
 from lorakit.quant.load import load_quantized
@@ -23,7 +24,7 @@ from lorakit.train.checkpoint import full_parameters
 from lorakit.train.config import RunConfig, save_config
 from lorakit.train.evaluate import eval_loss, exact_match
 from lorakit.train.loop import Callback, train_loop
-from lorakit.train.methods import make_method
+from lorakit.train.methods import Method, make_method
 
 log = logging.getLogger(__name__)
 
@@ -81,93 +82,36 @@ def run_training(
     cfg: RunConfig, *, callbacks: list[Callback] | None = None, model=None, tokenizer=None, say=None
 ) -> dict[str, Any]:
     """Train a LoRA adapter as `cfg` says; returns the summary also written to summary.json."""
-    say = say or log.info
     world, rank = init_distributed()
-    if rank != 0:
-        say = log.debug
-    fsdp = cfg.train.fsdp and world > 1
-    if cfg.train.fsdp and world == 1:
-        log.warning(
-            "train.fsdp is on but this is a single process: training unsharded "
-            "(start several with torchrun --nproc_per_node N)"
-        )
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.train.seed)
+    say = (say or log.info) if rank == 0 else log.debug
+    fsdp = _process_settings(cfg, world)
     out_dir = Path(cfg.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base_id = cfg.model.path or "SmolLM2-135M-Instruct"
-    dtype = getattr(torch, cfg.model.dtype)
-    q = cfg.model
-    quant = None
-    if model is None and q.quantize:  # QLoRA: straight into 4 bits, never the whole model in full precision
-        model, tokenizer, quant = load_quantized(
-            q.path, method=q.quantize, double_quant=q.double_quant, skip=q.quantize_skip, dtype=dtype
-        )
-    elif model is None:
-        from lorakit.models import load_model
-
-        model, tokenizer = load_model(q.path, dtype=dtype)
-    elif q.quantize:  # a model passed in: quantize it in place
-        quant = quantize(model, q.quantize, q.double_quant, q.quantize_skip)
-    if quant is not None:
-        say(f"quantized the base: {quant.summary()}")
-    train_ex, eval_ex, source = load_examples(cfg)
-    enc = dict(max_len=cfg.data.max_len, chat=cfg.data.chat, train_on_all=cfg.data.train_on_all)
-    train_rows, stats = encode_dataset(tokenizer, train_ex, **enc)
-    eval_rows, eval_stats = encode_dataset(tokenizer, eval_ex, **enc)
-    if not train_rows:
-        raise DataError(
-            f"{source}: no example has anything to learn after truncation to {cfg.data.max_len} tokens"
-        )
-    if not any(lab != IGNORE for r in eval_rows for lab in r.labels):
-        log.warning(
-            "%s: no eval example has a token left to evaluate after truncation to %d tokens (%d of %d examples "
-            "truncated): eval loss is not measured; raise data.max_len or shorten the eval prompts",
-            source,
-            cfg.data.max_len,
-            eval_stats["truncated"],
-            len(eval_ex),
-        )
-    if cfg.data.pack:
-        train_rows = pack(train_rows, cfg.data.max_len)
-    say(
-        f"data: {source}: {len(train_rows)} train rows, {len(eval_rows)} eval; "
-        f"{stats['truncated']} train / {eval_stats['truncated']} eval examples truncated to {cfg.data.max_len} tokens"
-    )
+    model, tokenizer, quant = _base_model(cfg, model, tokenizer, say)
+    data = _encode(cfg, tokenizer, say)
     method = make_method(cfg)
-    method.prepare(model, base_id)
-    report = parameter_report(model)
-    say(
-        f"{_LABELS.get(method.name, method.name)}: {report['trainable']:,} trainable of {report['total']:,} parameters "
-        f"({report['trainable_percent']:.2f}%)"
-    )
-    t = cfg.train
-    say(
-        f"global batch: {t.batch_size} per process x {t.grad_accum} accumulation x {world} process(es) = "
-        f"{t.batch_size * t.grad_accum * world} examples per step"
-    )
+    report = _prepare(method, model, base_id, cfg, world, say)
     if rank == 0:
         save_config(cfg, out_dir / "config.yaml")
-    before = (  # unsharded yet
-        evaluate(model, tokenizer, eval_rows, eval_ex, cfg, can_merge=method.can_merge) if rank == 0 else {}
-    )
+
+    def evaluate_now(sharded: bool = fsdp) -> dict[str, float]:
+        return evaluate(
+            model,
+            tokenizer,
+            data.eval_rows,
+            data.eval_examples,
+            cfg,
+            sharded=sharded,
+            can_merge=method.can_merge,
+        )
+
+    before = evaluate_now(sharded=False) if rank == 0 else {}  # unsharded yet
     say(f"before: {_fmt(before)}" if before else "before: (rank 0 evaluates)")
-    trained = model
-    if fsdp:
-        blocks = shard_model(model)
-        say(f"FSDP2: {blocks} blocks and the rest of the model sharded across {world} processes")
-    elif world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        trained = DistributedDataParallel(model, broadcast_buffers=quant is None)  # 4-bit codes are constant
-
-    def evaluate_now() -> dict[str, float]:
-        return evaluate(model, tokenizer, eval_rows, eval_ex, cfg, sharded=fsdp, can_merge=method.can_merge)
-
+    trained = _distribute(model, world, fsdp, broadcast_buffers=quant is None, say=say)
     result = train_loop(
         trained,
-        train_rows,
+        data.train_rows,
         cfg,
         pad_id=tokenizer.pad_token_id,
         out_dir=out_dir,
@@ -184,14 +128,134 @@ def run_training(
     if rank != 0:
         return {"rank": rank, **result}
     say(f"after:  {_fmt(after)}")
-    with (out_dir / "metrics.jsonl").open("a") as f:  # before/after evals on the same curve as training
+    return _write_summary(out_dir, cfg, result, before, after, data, report, adapter_dir)
+
+
+def _prepare(
+    method: Method, model: nn.Module, base_id: str, cfg: RunConfig, world: int, say
+) -> dict[str, Any]:
+    """Put the method's trainable adapter on `model`, say how much it trains and how large a step's batch is;
+    returns the parameter report."""
+    method.prepare(model, base_id)
+    report = parameter_report(model)
+    t = cfg.train
+    say(
+        f"{method.label}: {report['trainable']:,} trainable of {report['total']:,} parameters "
+        f"({report['trainable_percent']:.2f}%)"
+    )
+    say(
+        f"global batch: {t.batch_size} per process x {t.grad_accum} accumulation x {world} process(es) = "
+        f"{t.batch_size * t.grad_accum * world} examples per step"
+    )
+    return report
+
+
+def _process_settings(cfg: RunConfig, world: int) -> bool:
+    """Threads and seed of this process; returns whether to shard with FSDP2 (train.fsdp with several processes)."""
+    if cfg.train.fsdp and world == 1:
+        log.warning(
+            "train.fsdp is on but this is a single process: training unsharded "
+            "(start several with torchrun --nproc_per_node N)"
+        )
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    return cfg.train.fsdp and world > 1
+
+
+def _base_model(cfg: RunConfig, model, tokenizer, say) -> tuple[nn.Module, Any, Any]:
+    """(model, tokenizer, quantization report or None): the model passed in, or the one model.path names; QLoRA
+    (model.quantize) quantizes it, loading a model straight into 4 bits, never whole in full precision."""
+    q = cfg.model
+    dtype = getattr(torch, q.dtype)
+    quant = None
+    if model is None and q.quantize:
+        model, tokenizer, quant = load_quantized(
+            q.path, method=q.quantize, double_quant=q.double_quant, skip=q.quantize_skip, dtype=dtype
+        )
+    elif model is None:
+        from lorakit.models import load_model
+
+        model, tokenizer = load_model(q.path, dtype=dtype)
+    elif q.quantize:  # a model passed in: quantize it in place
+        quant = quantize(model, q.quantize, q.double_quant, q.quantize_skip)
+    if quant is not None:
+        say(f"quantized the base: {quant.summary()}")
+    return model, tokenizer, quant
+
+
+@dataclass
+class _Data:
+    """A run's tokenized data."""
+
+    train_rows: list[Encoded]
+    eval_rows: list[Encoded]
+    eval_examples: list[dict[str, Any]]
+    """The eval examples as read (exact-match accuracy generates from their prompts)."""
+    stats: dict[str, dict[str, Any]]
+    """{"train": ..., "eval": ...}: encode_dataset's counts (truncated examples, ...)."""
+
+
+def _encode(cfg: RunConfig, tokenizer, say) -> _Data:
+    """The data section's examples, tokenized (and packed if data.pack); DataError if nothing is left to learn,
+    a warning if nothing is left to evaluate."""
+    d = cfg.data
+    train_ex, eval_ex, source = load_examples(cfg)
+    enc = dict(max_len=d.max_len, chat=d.chat, train_on_all=d.train_on_all)
+    train_rows, stats = encode_dataset(tokenizer, train_ex, **enc)
+    eval_rows, eval_stats = encode_dataset(tokenizer, eval_ex, **enc)
+    if not train_rows:
+        raise DataError(f"{source}: no example has anything to learn after truncation to {d.max_len} tokens")
+    if not any(lab != IGNORE for r in eval_rows for lab in r.labels):
+        log.warning(
+            "%s: no eval example has a token left to evaluate after truncation to %d tokens (%d of %d examples "
+            "truncated): eval loss is not measured; raise data.max_len or shorten the eval prompts",
+            source,
+            d.max_len,
+            eval_stats["truncated"],
+            len(eval_ex),
+        )
+    if d.pack:
+        train_rows = pack(train_rows, d.max_len)
+    say(
+        f"data: {source}: {len(train_rows)} train rows, {len(eval_rows)} eval; "
+        f"{stats['truncated']} train / {eval_stats['truncated']} eval examples truncated to {d.max_len} tokens"
+    )
+    return _Data(train_rows, eval_rows, eval_ex, {"train": stats, "eval": eval_stats})
+
+
+def _distribute(model: nn.Module, world: int, fsdp: bool, *, broadcast_buffers: bool, say) -> nn.Module:
+    """The model the loop trains: sharded in place with FSDP2, wrapped in DDP with several processes, or itself.
+    `broadcast_buffers` is off for a 4-bit base, whose codes are constant."""
+    if fsdp:
+        blocks = shard_model(model)
+        say(f"FSDP2: {blocks} blocks and the rest of the model sharded across {world} processes")
+    elif world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, broadcast_buffers=broadcast_buffers)
+    return model
+
+
+def _write_summary(
+    out_dir: Path,
+    cfg: RunConfig,
+    result: dict[str, Any],
+    before: dict[str, float],
+    after: dict[str, float],
+    data: _Data,
+    report: dict[str, Any],
+    adapter_dir: Path | None,
+) -> dict[str, Any]:
+    """Rank 0's end of a run: the evals before and after on the curve of metrics.jsonl, loss.png, summary.json."""
+    with (out_dir / "metrics.jsonl").open("a") as f:
         for step, m in ((result["resumed_from"], before), (cfg.train.steps, after)):
             f.write(json.dumps({"step": step, **{f"eval_{k}": v for k, v in m.items()}}) + "\n")
     plot = plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
     summary = {
         "before": before,
         "after": after,
-        "data": {"train": stats, "eval": eval_stats},
+        "data": data.stats,
         **result,
         "trainable": report["trainable"],
         "total": report["total"],
@@ -203,9 +267,6 @@ def run_training(
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
-
-
-_LABELS = {"lora": "LoRA", "dylora": "DyLoRA", "adalora": "AdaLoRA", "ladder": "Ladder side network"}
 
 
 def init_distributed() -> tuple[int, int]:

@@ -20,9 +20,8 @@ import json
 import logging
 import math
 import os
-import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -30,10 +29,6 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.layers import LoraAdapter, LoraLayer, Variant, register_variant
-from lorakit.train.methods import Method
-
-if TYPE_CHECKING:
-    from lorakit.train.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -131,15 +126,6 @@ def check_lora_config(config, min_rank: int) -> None:
         raise ConfigError("DyLoRA cannot use PiSSA init: truncating B·A would leave W0 missing its top part")
     if not (isinstance(min_rank, int) and 1 <= min_rank <= config.r):
         raise ConfigError(f"dylora.min_rank must be in 1..lora.r ({config.r}), got {min_rank!r}")
-
-
-def check_run_config(cfg: RunConfig) -> None:
-    """`--method dylora` settings: a known mode, min_rank in 1..lora.r, LoRA settings it can nest, no FSDP."""
-    if cfg.dylora.mode not in MODES:
-        raise ConfigError(f"dylora.mode must be one of {', '.join(MODES)}, got {cfg.dylora.mode!r}")
-    check_lora_config(cfg.lora, cfg.dylora.min_rank)
-    if cfg.train.fsdp:
-        raise ConfigError("DyLoRA does not support train.fsdp (its rows are sliced per step); use DDP")
 
 
 def dylora_variants(model: nn.Module, name: str | None = None) -> list[tuple[str, DyLoraVariant]]:
@@ -246,56 +232,22 @@ def export_rank(adapter: str | os.PathLike, rank: int, out: str | os.PathLike) -
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The training method
+# Training settings (the `dylora` section of `lorakit train`; the method is lorakit.train.methods.dylora)
 # --------------------------------------------------------------------------------------------------------------
 
 
-def sample_rank(seed: int, step: int, min_rank: int, r_max: int) -> int:
-    """Step `step`'s rank: a pure function of (seed, step), so a resumed run samples what the first would."""
-    return random.Random(seed * 1_000_003 + step).randint(min_rank, r_max)
+@dataclass
+class DyLoraConfig:
+    """How DyLoRA samples and updates ranks while training. The largest rank r_max is the adapter's rank."""
 
+    min_rank: int = 1
+    """Smallest rank sampled each step (the largest is r_max, the adapter's rank: lora.r)."""
+    mode: str = "frozen"
+    """Update rule: "frozen" updates only the sampled rank's row/column, "unfrozen" all rows up to it."""
 
-class DyLoraMethod(Method):
-    """`--method dylora`: LoRA of rank lora.r whose rank is resampled every optimizer step."""
-
-    name = "dylora"
-    can_merge = True
-
-    def __init__(self, cfg: RunConfig) -> None:
-        super().__init__(cfg)
-        self._before: list[tuple[nn.Parameter, torch.Tensor, int]] = []  # (A or B, its value, rank dim)
-        self._b = 0
-
-    def prepare(self, model: nn.Module, base_model_id: str | None) -> None:
-        super().prepare(model, base_model_id)
-        attach(model, "default", mode=self.cfg.dylora.mode, min_rank=self.cfg.dylora.min_rank)
-
-    def before_step(self, model: nn.Module, step: int) -> None:
-        self._b = b = sample_rank(self.cfg.train.seed, step, self.cfg.dylora.min_rank, self.cfg.lora.r)
-        self._before = []
-        for _, v, a in _dylora_adapters(model):
-            v.train_rank = b
-            self._before += [
-                (a.lora_A, a.lora_A.detach().clone(), 0),
-                (a.lora_B, a.lora_B.detach().clone(), 1),
-            ]
-
-    @torch.no_grad()
-    def after_step(self, model: nn.Module, step: int) -> None:
-        """Put back the components this step must not change: all but the b-th (frozen) or those after b."""
-        b = self._b
-        for p, old, dim in self._before:
-            if self.cfg.dylora.mode == "frozen":
-                new = p.narrow(dim, b - 1, 1).clone()
-                p.copy_(old)
-                p.narrow(dim, b - 1, 1).copy_(new)
-            elif b < p.shape[dim]:
-                p.narrow(dim, b, p.shape[dim] - b).copy_(old.narrow(dim, b, p.shape[dim] - b))
-        self._before = []
-
-    def finish(self, model: nn.Module) -> None:
-        for _, v, _ in _dylora_adapters(model):
-            v.train_rank = None
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"dylora.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
 
 
 def _dylora_adapters(model: nn.Module) -> list[tuple[str, DyLoraVariant, LoraAdapter]]:

@@ -40,7 +40,6 @@ from lorakit.formats import CONFIG_NAME, AdapterFormat, file_metadata, read_tens
 from lorakit.io import write_folder
 from lorakit.readers import read_json
 from lorakit.registry import adapter_names
-from lorakit.train.methods import Method
 from lorakit.variants.ladder_side import BLOCKS, SideNetwork
 
 log = logging.getLogger(__name__)
@@ -413,38 +412,3 @@ register_format(
         activates=False,
     )
 )
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training method
-# ----------------------------------------------------------------------------------------------------------------
-
-
-class LadderMethod(Method):
-    """`--method ladder`: a frozen base (no backward through it) and a trainable side network."""
-
-    name = "ladder"
-    can_merge = False
-
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
-        if cfg.methods[1]:
-            raise ConfigError(
-                "train.method ladder+loraplus: LoRA+ applies to LoRA's A/B matrices; use --method ladder"
-            )
-        s = cfg.ladder
-        self.config = LadderConfig(
-            reduction=s.reduction, rank=s.rank, every=s.every, block=s.block, temperature=s.temperature
-        )
-        self.base_model: str | None = None
-
-    def prepare(self, model: nn.Module, base_model_id: str | None) -> None:
-        if self.cfg.train.grad_checkpointing:
-            log.warning(
-                "train.grad_checkpointing does nothing for a ladder: the backbone keeps no activations"
-            )
-        self.base_model = base_model_id
-        attach_ladder(model, self.config)
-
-    def save(self, model: nn.Module, path: Path) -> Path:
-        return save_ladder(model, path, base_model=self.base_model)

@@ -1,18 +1,4 @@
-"""Training methods behind one small interface, so the loop and `run_training` stay unbranched.
-
-A `Method` decides how adapters are put on the model and what the loop does around each step. Plain LoRA is the
-base class; DyLoRA, AdaLoRA and Ladder override the hooks they need (their code lives in `lorakit.variants`).
-LoRA+ is not a method of its own: it changes the optimizer's parameter groups and composes with any method.
-
-The loop calls, per optimizer step:
-
-    method.before_step(model, step)            # e.g. DyLoRA samples this step's rank
-    loss = task_loss + method.extra_loss(model) # e.g. AdaLoRA's orthogonality regulariser (per micro-batch)
-    loss.backward()
-    clip; opt.step()
-    method.after_step(model, step)              # gradients still present: e.g. AdaLoRA's rank allocation
-    opt.zero_grad()
-"""
+"""The `Method` interface (plain LoRA is the base class itself) and the optimizer's parameter groups."""
 
 from __future__ import annotations
 
@@ -30,11 +16,19 @@ class Method:
     """Plain LoRA: inject `cfg.lora`, one parameter group, no per-step work."""
 
     name = "lora"
+    """What `--method` calls it (the key of `lorakit.train.methods.METHODS`)."""
+    label = "LoRA"
+    """How the run's log names what it trains."""
     can_merge = True
     """Whether the trained adapter can be merged into the base (evaluation merges it for speed when it can)."""
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """Raise ConfigError for settings of `cfg` this method cannot train with; called by the run config's
+        validation, before any model is loaded."""
 
     def prepare(self, model: nn.Module, base_model_id: str | None) -> None:
         """Put the trainable adapter(s) on `model` (and freeze everything else)."""
@@ -80,23 +74,3 @@ def param_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
     return loraplus_groups(
         model, lr=cfg.train.lr, ratio=cfg.loraplus.ratio, lr_embedding=cfg.loraplus.lr_embedding
     )
-
-
-def make_method(cfg: RunConfig) -> Method:
-    """The Method object for `cfg.train.method`."""
-    base, _ = cfg.methods
-    if base == "lora":
-        return Method(cfg)
-    if base == "dylora":
-        from lorakit.variants.dylora import DyLoraMethod
-
-        return DyLoraMethod(cfg)
-    if base == "adalora":
-        from lorakit.variants.adalora import AdaLoraMethod
-
-        return AdaLoraMethod(cfg)
-    if base == "ladder":
-        from lorakit.variants.ladder import LadderMethod
-
-        return LadderMethod(cfg)
-    raise ValueError(f"unknown method {base!r}")  # validate() rejects these first

@@ -1,7 +1,7 @@
 """Benchmark: one LoRA training step, lorakit vs PEFT vs the frozen-base lower bound (`lorakit bench`).
 
 A step is forward, backward, ``AdamW.step()`` and ``zero_grad()`` on a causal-LM loss (labels = the random input
-ids, fixed seed), fp32, on the CPU. Variants:
+ids, fixed seed), fp32, on the CPU. Variants (each one entry of ``lorakit.bench_worker.VARIANT_BUILDERS``):
 
 * ``lorakit``: ``lorakit.inject`` with r, alpha=r, the given dropout, on all seven projections
   (q/k/v/o/gate/up/down), trained the way ``lorakit train`` does: fused LoRA kernels and the chunked LM-head loss;
@@ -46,26 +46,25 @@ import importlib.metadata
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS = (
-    "lorakit",
-    "lorakit-grouped",
-    "lorakit-plain",
-    "peft",
-    "bound",
-    "bound-ours",
-    "lorakit-nf4",
-    "peft-bnb",
+from lorakit.bench_worker import (  # noqa: F401 - the worker's helpers, also for benchmarks/*.py
+    TARGETS,
+    VARIANT_BUILDERS,
+    hwm_gb,
+    peak_rss_gb,
+    reset_peak_rss,
+    rss_now_gb,
+    run_worker,
 )
+
+VARIANTS = tuple(VARIANT_BUILDERS)
 QLORA_VARIANTS = ["lorakit", "lorakit-nf4", "peft", "peft-bnb"]
 DEFAULT_VARIANTS = ["lorakit", "peft", "bound", "bound-ours"]
 RATIOS = [
@@ -79,159 +78,9 @@ RATIOS = [
     ("peft-bnb", "lorakit"),
     ("lorakit-nf4", "peft-bnb"),
 ]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DOCS = Path("docs") / "benchmarks.md"
 START, END = "<!-- bench_step:start -->", "<!-- bench_step:end -->"
 QUICK = {"batch": 1, "seq": 32, "rounds": 1, "steps": 2}
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Worker: one variant, one process
-# --------------------------------------------------------------------------------------------------------------
-
-
-def rss_now_gb() -> float:
-    """Current resident set size in GB (Linux ``/proc``; falls back to the peak elsewhere)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024 / 1e9
-    except OSError:
-        pass
-    return peak_rss_gb()
-
-
-def peak_rss_gb() -> float:
-    """Peak resident set size of this process in GB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (``VmHWM``) to the current RSS; False where that is impossible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def hwm_gb() -> float | None:
-    """``VmHWM`` (peak RSS since start or since the last reset) in GB, or None off Linux."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024 / 1e9
-    except OSError:
-        pass
-    return None
-
-
-def run_worker(args: argparse.Namespace) -> dict[str, Any]:
-    """Build one variant, warm up, time ``args.steps`` steps; return the measurements."""
-    import torch
-
-    import lorakit
-    from lorakit.fused import causal_lm_loss, lm_head_loss, set_fused, set_groups
-    from lorakit.siblings import probe_groups
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    variant = args.worker
-    if variant == "lorakit-nf4":  # QLoRA: our NF4 base, loaded straight into 4 bits
-        model, _, _ = lorakit.load_quantized(args.model)
-    elif variant == "peft-bnb":  # QLoRA as transformers + bitsandbytes + PEFT do it
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-        from lorakit.models import resolve_model_dir
-
-        bnb_config = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-        )
-        model = AutoModelForCausalLM.from_pretrained(
-            resolve_model_dir(args.model), quantization_config=bnb_config, device_map="cpu"
-        )
-    else:
-        model, _ = lorakit.load_model(args.model)
-    set_fused(variant != "lorakit-plain")
-    set_groups(variant == "lorakit-grouped")
-
-    if variant.startswith("lorakit"):
-        lorakit.inject(
-            model, lorakit.LoraConfig(r=args.r, alpha=args.r, dropout=args.dropout, targets=TARGETS)
-        )
-    elif variant.startswith("peft"):
-        import peft
-
-        config = peft.LoraConfig(
-            r=args.r,
-            lora_alpha=args.r,
-            lora_dropout=args.dropout,
-            target_modules=TARGETS,
-            task_type="CAUSAL_LM",
-        )
-        model = peft.get_peft_model(model, config)
-    else:
-        model.requires_grad_(False)
-    model.train()
-    load_rss = rss_now_gb()
-
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1234))
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-    embed = model.get_input_embeddings()
-    batch = {"input_ids": ids, "labels": ids}
-    if variant.startswith("lorakit"):
-        probe_groups(model, ids)  # as lorakit train does before its first step
-
-    def step() -> float:
-        if variant.startswith("bound"):
-            with torch.no_grad():
-                inputs_embeds = embed(ids)
-            inputs_embeds.requires_grad_(True)
-            if variant == "bound-ours":
-                hidden = model.base_model(inputs_embeds=inputs_embeds).last_hidden_state
-                loss = lm_head_loss(hidden, model.get_output_embeddings().weight, ids)
-            else:
-                loss = model(inputs_embeds=inputs_embeds, labels=ids).loss
-            loss.backward()
-        else:
-            loss = causal_lm_loss(model, batch, fused=variant != "lorakit-plain")
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
-    # Resetting VmHWM can also lower ru_maxrss, so keep the load-time peak and take the max at the end.
-    load_peak = peak_rss_gb()
-    can_reset = reset_peak_rss()
-
-    first_loss = step()  # warm-up, not timed; B = 0 at init, so every variant sees the base model's loss
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-
-    return {
-        "variant": variant,
-        "step_s": statistics.median(times),
-        "steps_s": times,
-        "peak_rss_gb": max(load_peak, peak_rss_gb()),
-        "train_peak_gb": hwm_gb() if can_reset else None,
-        "load_rss_gb": load_rss,
-        "load_peak_gb": load_peak,
-        "first_loss": first_loss,
-        "trainable": sum(p.numel() for p in params),
-        "threads": torch.get_num_threads(),
-    }
 
 
 # --------------------------------------------------------------------------------------------------------------

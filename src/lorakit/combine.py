@@ -15,7 +15,8 @@ sources' α, r or rsLoRA has to survive in the output config.
     magnitude_prune  Σ w_i · trim(ΔW_i): top-density magnitudes of each; SVD
 
 A module missing from some source is an error, unless `allow_missing`: it then counts as ΔW = 0 there.
-The dense methods compute ΔW in float64 and write A, B in the sources' (promoted) dtype.
+The dense methods compute ΔW in float64 and write A, B in the sources' (promoted) dtype. The arithmetic on each
+module is `lorakit.combine_math`; this module reads, checks and writes the adapters.
 """
 
 from __future__ import annotations
@@ -26,16 +27,15 @@ import math
 import numbers
 import os
 import re
-import zlib
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from lorakit.atomic import atomic_dir
+from lorakit.combine_math import Lora, combine_module
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, AdapterFileError, ConfigError
 from lorakit.io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_adapter
@@ -55,29 +55,6 @@ _KEYS = {  # file key suffix -> (A or B, embedding?)
 }
 
 Source = tuple[LoraConfig, dict[str, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class _Lora:
-    """One source's LoRA on one module: A (r, fan_in[, *kernel]), B (out, r[, 1, …]), scaling s."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    scaling: float
-    embedding: bool
-
-    @property
-    def r(self) -> int:
-        return self.A.shape[0]
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """ΔW's shape as the file defines it: (out, fan_in[, *kernel])."""
-        return (self.B.shape[0], *self.A.shape[1:])
-
-    def delta(self) -> torch.Tensor:
-        """s·B·A as an (out, fan_in) float64 matrix."""
-        return (self.B.flatten(1).double() @ self.A.flatten(1).double()) * self.scaling
 
 
 def combine(
@@ -180,13 +157,7 @@ def combine_tensors(
     for m in modules:
         parts = [(name, w, table.get(m)) for name, w, table in zip(names, weights, tables, strict=True)]
         like = next(p for _, _, p in parts if p is not None)
-        if method == "cat":
-            A, B = _cat(parts)
-        elif method == "linear":
-            A, B = _linear(m, parts)
-        else:
-            delta = _dense(method, m, parts, density, majority_sign_method, seed)
-            A, B = _truncate(delta, _svd_rank(svd_rank, parts), like)
+        A, B = combine_module(method, m, parts, density, svd_rank, majority_sign_method, seed)
         a_key, b_key = (
             ("lora_embedding_A", "lora_embedding_B") if like.embedding else ("lora_A.weight", "lora_B.weight")
         )
@@ -236,7 +207,7 @@ def _check_options(
     return [float(w) for w in weights]
 
 
-def _modules(config: LoraConfig, tensors: dict[str, torch.Tensor], name: str) -> dict[str, _Lora]:
+def _modules(config: LoraConfig, tensors: dict[str, torch.Tensor], name: str) -> dict[str, Lora]:
     """Module name -> its LoRA, checked against the config (which sets each module's r and scaling)."""
     if config.use_dora:
         raise AdapterError(f"{name}: DoRA adapters cannot be combined (their update is not s·B·A)")
@@ -279,7 +250,7 @@ def _modules(config: LoraConfig, tensors: dict[str, torch.Tensor], name: str) ->
             raise AdapterError(
                 f"{name}: {m} has rank {A.shape[0]} in its tensors but r={config.rank_for(m)} in {CONFIG_NAME}"
             )
-        table[m] = _Lora(A, B, config.scaling_for(m), emb_a)
+        table[m] = Lora(A, B, config.scaling_for(m), emb_a)
     return table
 
 
@@ -297,7 +268,7 @@ def _check_base_models(configs: list[LoraConfig], names: list[str], ignore: bool
             )
 
 
-def _check_modules(tables: list[dict[str, _Lora]], names: list[str], allow_missing: bool) -> list[str]:
+def _check_modules(tables: list[dict[str, Lora]], names: list[str], allow_missing: bool) -> list[str]:
     """The modules to combine (sorted); every source's LoRA on a module must have the same ΔW shape."""
     modules = sorted(set().union(*tables))
     for m in modules:
@@ -318,88 +289,8 @@ def _check_modules(tables: list[dict[str, _Lora]], names: list[str], allow_missi
     return modules
 
 
-def _kind(lora: _Lora) -> str:
+def _kind(lora: Lora) -> str:
     return "an embedding" if lora.embedding else "a weight"
-
-
-# -- methods ------------------------------------------------------------------------------------------------------
-Parts = list[tuple[str, float, "_Lora | None"]]  # (source name, weight, LoRA or None where missing)
-
-
-def _cat(parts: Parts) -> tuple[torch.Tensor, torch.Tensor]:
-    """A = [A_1; …; A_n], B = [c_1 B_1 … c_n B_n] with c_i = w_i·s_i (the output's s is 1): exact."""
-    present = [(w, p) for _, w, p in parts if p is not None]
-    A = torch.cat([p.A.double() for _, p in present], dim=0)
-    B = torch.cat([p.B.double() * (w * p.scaling) for w, p in present], dim=1)
-    return A, B
-
-
-def _linear(module: str, parts: Parts) -> tuple[torch.Tensor, torch.Tensor]:
-    """PEFT's "linear": A = Σ sign(c_i)·√|c_i|·A_i, B = Σ √|c_i|·B_i, c_i = w_i·s_i. Cross terms make it inexact."""
-    present = [(name, w, p) for name, w, p in parts if p is not None]
-    ranks = {p.r for _, _, p in present}
-    if len(ranks) > 1:
-        detail = ", ".join(f"r={p.r} in {name}" for name, _, p in present)
-        raise AdapterError(
-            f"method 'linear' needs equal ranks, but {module} has {detail}; use 'cat' (exact) or 'svd' instead"
-        )
-    A = sum(math.copysign(math.sqrt(abs(w * p.scaling)), w * p.scaling) * p.A.double() for _, w, p in present)
-    B = sum(math.sqrt(abs(w * p.scaling)) * p.B.double() for _, w, p in present)
-    return A, B
-
-
-def _dense(
-    method: str, module: str, parts: Parts, density: float | None, sign: str, seed: int
-) -> torch.Tensor:
-    """The combined ΔW (out, fan_in), float64, before truncation."""
-    shape = next(p for _, _, p in parts if p is not None).delta().shape
-    deltas = torch.stack(
-        [p.delta() if p is not None else torch.zeros(shape, dtype=torch.float64) for *_, p in parts]
-    )
-    w = torch.tensor([w for _, w, _ in parts], dtype=torch.float64).view(-1, 1, 1)
-    if method == "svd":
-        return (w * deltas).sum(0)
-    if method == "magnitude_prune":
-        return (w * _trim(deltas, density)).sum(0)
-    if method == "ties":
-        return _disjoint_mean(w * _trim(deltas, density), sign)
-    g = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{module}".encode()))
-    keep = torch.rand(deltas.shape, generator=g, dtype=torch.float64) < density
-    tau = w * deltas * keep / density
-    return tau.sum(0) if method == "dare_linear" else _disjoint_mean(tau, sign)
-
-
-def _trim(deltas: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the round(density·numel) (at least 1) largest-magnitude entries of each deltas[i], zero the rest."""
-    flat = deltas.flatten(1)
-    k = max(1, round(density * flat.shape[1]))
-    if k >= flat.shape[1]:
-        return deltas
-    keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep.scatter_(1, flat.abs().topk(k, dim=1).indices, True)
-    return (flat * keep).view_as(deltas)
-
-
-def _disjoint_mean(tau: torch.Tensor, sign: str) -> torch.Tensor:
-    """TIES: elect γ = sign(Σ τ_i) (or of Σ sign(τ_i)), ties to +; mean of the τ_i whose sign is γ, per entry."""
-    mass = tau.sum(0) if sign == "total" else tau.sign().sum(0)
-    elected = torch.where(mass >= 0, 1.0, -1.0).to(tau.dtype)
-    agree = tau.sign() == elected
-    return (tau * agree).sum(0) / agree.sum(0).clamp(min=1)
-
-
-def _svd_rank(svd_rank: int | None, parts: Parts) -> int:
-    return svd_rank if svd_rank is not None else max(p.r for _, _, p in parts if p is not None)
-
-
-def _truncate(delta: torch.Tensor, rank: int, like: _Lora) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best rank-`rank` factors of `delta` (out, fan_in), shaped like `like`'s A and B: B = U·√S, A = √S·Vᵀ."""
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    rank = min(rank, S.shape[0])
-    root = S[:rank].sqrt()
-    B = U[:, :rank] * root
-    A = root[:, None] * Vh[:rank]
-    return A.reshape(rank, *like.A.shape[1:]), B.reshape(B.shape[0], rank, *like.B.shape[2:])
 
 
 # -- output config ------------------------------------------------------------------------------------------------

@@ -111,21 +111,9 @@ def quantize(
     quantized, so the model's own full-precision weights can be left unmaterialised; one layer is in full
     precision at a time.
     """
-    if method not in METHODS:
-        raise QuantizationError(f"unknown quantization method {method!r}; supported: {', '.join(METHODS)}")
+    _check_quantizable(model, method)
     if isinstance(skip, str):
         skip = (skip,)
-    done = quantized_modules(model)
-    if done:
-        name, m = done[0]
-        raise QuantizationError(
-            f"{type(model).__name__} is already quantized ({len(done)} 4-bit layers, e.g. {name!r}: "
-            f"{type(m).__name__}); quantize a full-precision model, once"
-        )
-    if "_lorakit" in model.__dict__:
-        raise QuantizationError(
-            "the model already has LoRA adapters: quantize the base first, then inject or load adapters"
-        )
     report = QuantReport(method=method, double_quant=double_quant, block_size=block_size)
     shared = _shared_weights(model)
     for name, m in list(model.named_modules()):
@@ -160,6 +148,23 @@ def quantize(
             log.warning("left %s in full precision: %s", name, why)
     log.info("quantized %s", report.summary())
     return report
+
+
+def _check_quantizable(model: nn.Module, method: str) -> None:
+    """Raise QuantizationError on an unknown method, an already quantized model, or one with LoRA adapters."""
+    if method not in METHODS:
+        raise QuantizationError(f"unknown quantization method {method!r}; supported: {', '.join(METHODS)}")
+    done = quantized_modules(model)
+    if done:
+        name, m = done[0]
+        raise QuantizationError(
+            f"{type(model).__name__} is already quantized ({len(done)} 4-bit layers, e.g. {name!r}: "
+            f"{type(m).__name__}); quantize a full-precision model, once"
+        )
+    if "_lorakit" in model.__dict__:
+        raise QuantizationError(
+            "the model already has LoRA adapters: quantize the base first, then inject or load adapters"
+        )
 
 
 def _reason_to_skip(name: str, m: nn.Linear, skip, block_size: int, shared: set[int]) -> str | None:

@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,26 +48,15 @@ from transformers import DynamicCache
 from lorakit.bank import AdapterBank
 from lorakit.errors import AdapterError
 from lorakit.serve import kvcache
-from lorakit.serve.requests import SHUTDOWN, Delta, Done, Failed, GenRequest, deliver, failure, sample
+from lorakit.serve.requests import SHUTDOWN, Failed, GenRequest, deliver, failure
 from lorakit.serve.routing import route
+from lorakit.serve.rows import Row, eos_ids
 
 log = logging.getLogger(__name__)
 
 
 class EngineStopped(RuntimeError):
     """Work handed to an engine that has stopped (or is stopping)."""
-
-
-@dataclass(eq=False)
-class _Row:
-    req: GenRequest
-    lease: ExitStack
-    generator: torch.Generator | None
-    stop_ids: frozenset[int] = frozenset()
-    out_ids: list[int] = field(default_factory=list)
-    n_real: int = 0  # tokens of this row in the cache (prompt + generated tokens fed back)
-    sent: int = 0  # characters of output already emitted
-    finished: bool = False
 
 
 @dataclass(frozen=True)
@@ -97,7 +86,7 @@ class Engine:
         self.max_model_len = self.config.max_model_len or model_len
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_ids(model, tokenizer)
         # the server encodes on its threads, the engine decodes on this one: one tokenizer call at a time
         self.tokenizer_lock = threading.Lock()
         params = inspect.signature(model.forward).parameters
@@ -105,7 +94,7 @@ class Engine:
         self._keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
         self._inbox: queue.Queue = queue.Queue()
         self._pending: deque[GenRequest] = deque()
-        self._rows: list[_Row] = []
+        self._rows: list[Row] = []
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # (batch, T): 1 for real tokens, 0 for left padding
         self._thread: threading.Thread | None = None
@@ -166,7 +155,7 @@ class Engine:
                 time.sleep(0.01)  # should it repeat, the log stays readable and the CPU free
         self._stopping.set()
         for row in self._rows:
-            self._finish(row, SHUTDOWN)
+            row.finish(SHUTDOWN)
         self._drop_finished()
         while self._pending:
             deliver(self._pending.popleft(), SHUTDOWN)
@@ -196,7 +185,7 @@ class Engine:
                 self._fail_batch(failure(e))
         self._drop_finished()
 
-    def _prefill_isolated(self, rows: list[_Row]) -> None:
+    def _prefill_isolated(self, rows: list[Row]) -> None:
         """Prefill the new rows together; if that raises, each alone, so that only the rows that fail alone fail.
 
         A prefill that raises has changed nothing shared (its cache joins the batch's only once it succeeded)."""
@@ -221,12 +210,12 @@ class Engine:
                 log.exception("prefill failed")
                 self._fail_rows([row], failure(e))
 
-    def _fail_rows(self, rows: list[_Row], event: Failed) -> None:
+    def _fail_rows(self, rows: list[Row], event: Failed) -> None:
         """Fail rows that are not (or no longer) in the batch, releasing their adapters."""
         self.stats["errors"] += 1
         for row in rows:
             if not row.finished:
-                self._finish(row, event)
+                row.finish(event)
             if row not in self._rows:
                 row.lease.close()
 
@@ -234,7 +223,7 @@ class Engine:
         self.stats["errors"] += 1
         for row in self._rows:
             if not row.finished:
-                self._finish(row, event)
+                row.finish(event)
         self._drop_finished()
 
     def _take(self) -> None:
@@ -266,9 +255,9 @@ class Engine:
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             fut.set_exception(e)
 
-    def _admit(self) -> list[_Row]:
+    def _admit(self) -> list[Row]:
         """Pending requests that join now: up to max_batch rows in all, and the prefill token budget."""
-        new: list[_Row] = []
+        new: list[Row] = []
         longest = 0
         while self._pending and len(self._rows) + len(new) < self.config.max_batch:
             req = self._pending[0]
@@ -285,7 +274,7 @@ class Engine:
                 longest = longest_if
         return new
 
-    def _row(self, req: GenRequest) -> _Row | None:
+    def _row(self, req: GenRequest) -> Row | None:
         """The batch row of `req`, holding its adapter; None (and the request failed) if that is not possible."""
         self.stats["requests"] += 1
         lease = ExitStack()
@@ -299,7 +288,7 @@ class Engine:
                     return None
             p = req.params
             gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
-            return _Row(req, lease, gen, frozenset(p.stop_token_ids))
+            return Row(req, lease, gen, frozenset(p.stop_token_ids))
         except Exception as e:  # noqa: BLE001 - this request alone fails
             log.exception("admitting a request failed")
             lease.close()
@@ -310,7 +299,7 @@ class Engine:
     # -- forward passes ----------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _prefill(self, rows: list[_Row]) -> None:
+    def _prefill(self, rows: list[Row]) -> None:
         """Run the new rows' prompts (left-padded) and append their cache to the running batch's."""
         length = max(len(r.req.prompt_ids) for r in rows)
         ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
@@ -329,7 +318,7 @@ class Engine:
             self._accept_guarded(r, logits[i])
 
     @torch.no_grad()
-    def _decode(self, rows: list[_Row]) -> None:
+    def _decode(self, rows: list[Row]) -> None:
         """One decode step for every running row: feed each row's last token."""
         ids = torch.tensor([[r.out_ids[-1]] for r in rows], dtype=torch.long)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
@@ -343,7 +332,7 @@ class Engine:
 
     def _forward(
         self,
-        rows: list[_Row],
+        rows: list[Row],
         ids: torch.Tensor,
         mask: torch.Tensor,
         positions: torch.Tensor,
@@ -367,7 +356,7 @@ class Engine:
             )
         return out.logits[:, -1].float().cpu()
 
-    def _append(self, cache: DynamicCache, mask: torch.Tensor, rows: list[_Row]) -> None:
+    def _append(self, cache: DynamicCache, mask: torch.Tensor, rows: list[Row]) -> None:
         """Join the new rows' cache and mask to the running batch's, left-padding the shorter to a common T."""
         if self._cache is None:
             self._cache, self._mask, self._rows = cache, mask, list(rows)
@@ -394,53 +383,16 @@ class Engine:
 
     # -- tokens to text ----------------------------------------------------------------------------------------
 
-    def _accept_guarded(self, row: _Row, logits: torch.Tensor) -> None:
-        """`_accept`; if it raises, this row alone fails (it leaves the batch at the next drop)."""
+    def _accept_guarded(self, row: Row, logits: torch.Tensor) -> None:
+        """`Row.accept`; if it raises, this row alone fails (it leaves the batch at the next drop)."""
         try:
-            self._accept(row, logits)
+            row.accept(logits, self._detokenize, self.eos_ids, self.max_model_len)
         except Exception as e:  # noqa: BLE001 - one row's sampling or text must not fail the others
             log.exception("a row failed")
             self.stats["errors"] += 1
             if not row.finished:
-                self._finish(row, failure(e))
+                row.finish(failure(e))
 
-    def _accept(self, row: _Row, logits: torch.Tensor) -> None:
-        """Sample the row's next token, emit the new text, and decide whether the row is done."""
-        p = row.req.params
-        tok = sample(logits, p.temperature, p.top_p, row.generator)
-        row.out_ids.append(tok)
-        reason = None
-        if (tok in self.eos_ids and not p.ignore_eos) or tok in row.stop_ids:
-            reason = "stop"
+    def _detokenize(self, ids: list[int]) -> str:
         with self.tokenizer_lock:
-            text = self.tokenizer.decode(row.out_ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            text, reason = text[:cut], "stop"
-        if reason is None and (len(row.out_ids) >= p.max_tokens or row.n_real + 1 >= self.max_model_len):
-            reason = "length"
-        if reason is not None:
-            if len(text) > row.sent:
-                deliver(row.req, Delta(text[row.sent :]))
-            self._finish(row, Done(reason, len(row.req.prompt_ids), len(row.out_ids)))
-            return
-        safe = len(text) - max((len(s) - 1 for s in p.stop), default=0)  # a stop string may be starting
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next byte
-            safe = min(safe, len(text) - 1)
-        if safe > row.sent:
-            deliver(row.req, Delta(text[row.sent : safe]))
-            row.sent = safe
-
-    def _finish(self, row: _Row, event: Done | Failed) -> None:
-        row.finished = True
-        deliver(row.req, event)
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None)
-    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
+            return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -66,9 +66,7 @@ class AdaLoraMethod(Method):
         config_from_run(cfg)
 
     def prepare(self, model: nn.Module, base_model_id: str | None) -> None:
-        from lorakit.train.config import RunConfig
-
-        if self.cfg.lora.r != RunConfig().lora.r:
+        if self.cfg.lora.r != type(self.cfg)().lora.r:  # set away from the run config's default
             log.warning("lora.r=%d is not used by AdaLoRA (adalora.init_r is)", self.cfg.lora.r)
         inject_adalora(model, self.cfg.lora.replace(base_model=base_model_id), self.config)
         self.allocator = AdaLoraAllocator(model)

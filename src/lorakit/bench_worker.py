@@ -1,0 +1,245 @@
+"""The worker side of `lorakit bench`: one variant, one process (`python -m lorakit.bench --worker VARIANT`).
+
+`VARIANT_BUILDERS` maps each variant's name to the function that loads the model and sets the variant up on
+it; adding a variant is one entry there (`lorakit.bench` documents the variants and runs the workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------------------------
+
+
+def rss_now_gb() -> float:
+    """Current resident set size in GB (Linux ``/proc``; falls back to the peak elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return peak_rss_gb()
+
+
+def peak_rss_gb() -> float:
+    """Peak resident set size of this process in GB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (``VmHWM``) to the current RSS; False where that is impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def hwm_gb() -> float | None:
+    """``VmHWM`` (peak RSS since start or since the last reset) in GB, or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Variants: load the model, set the variant up on it
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Setup(NamedTuple):
+    model: Any
+    loss: Callable[[Any], Any]
+    """The training loss of a batch of ids (labels = the ids)."""
+    probe: bool = False
+    """Probe the sibling groups before the first step, as `lorakit train` does (lorakit's adapters)."""
+
+
+def _load_fp32(args: argparse.Namespace):
+    import lorakit
+
+    return lorakit.load_model(args.model)[0]
+
+
+def _load_nf4(args: argparse.Namespace):
+    """Our NF4 base, loaded straight into 4 bits (QLoRA)."""
+    import lorakit
+
+    return lorakit.load_quantized(args.model)[0]
+
+
+def _load_bnb(args: argparse.Namespace):
+    """A 4-bit base as transformers + bitsandbytes load it for PEFT's QLoRA."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lorakit.models import resolve_model_dir
+
+    bnb_config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        resolve_model_dir(args.model), quantization_config=bnb_config, device_map="cpu"
+    )
+
+
+def _lorakit(load=_load_fp32, *, fused: bool = True, groups: bool = False):
+    """``lorakit.inject`` on TARGETS; the fused kernels and chunked loss unless ``fused`` is off."""
+
+    def build(args: argparse.Namespace) -> Setup:
+        import lorakit
+        from lorakit.fused import causal_lm_loss, set_fused, set_groups
+
+        model = load(args)
+        set_fused(fused)
+        set_groups(groups)
+        config = lorakit.LoraConfig(r=args.r, alpha=args.r, dropout=args.dropout, targets=TARGETS)
+        lorakit.inject(model, config)
+        return Setup(model, lambda ids: causal_lm_loss(model, _batch(ids), fused=fused), probe=True)
+
+    return build
+
+
+def _peft(load=_load_fp32):
+    """``peft.get_peft_model`` with the same config; the model's own loss."""
+
+    def build(args: argparse.Namespace) -> Setup:
+        import peft
+
+        from lorakit.fused import causal_lm_loss
+
+        model = load(args)
+        config = peft.LoraConfig(
+            r=args.r,
+            lora_alpha=args.r,
+            lora_dropout=args.dropout,
+            target_modules=TARGETS,
+            task_type="CAUSAL_LM",
+        )
+        model = peft.get_peft_model(model, config)
+        return Setup(model, lambda ids: causal_lm_loss(model, _batch(ids), fused=True))
+
+    return build
+
+
+def _bound(*, chunked: bool):
+    """Every weight frozen, detached input embeddings that require grad: the cost of the frozen base alone;
+    ``chunked``: with lorakit's chunked LM-head loss instead of the model's own."""
+
+    def build(args: argparse.Namespace) -> Setup:
+        import torch
+
+        from lorakit.fused import lm_head_loss
+
+        model = _load_fp32(args)
+        model.requires_grad_(False)
+        embed = model.get_input_embeddings()
+
+        def loss(ids):
+            with torch.no_grad():
+                inputs_embeds = embed(ids)
+            inputs_embeds.requires_grad_(True)
+            if not chunked:
+                return model(inputs_embeds=inputs_embeds, labels=ids).loss
+            hidden = model.base_model(inputs_embeds=inputs_embeds).last_hidden_state
+            return lm_head_loss(hidden, model.get_output_embeddings().weight, ids)
+
+        return Setup(model, loss)
+
+    return build
+
+
+def _batch(ids) -> dict[str, Any]:
+    return {"input_ids": ids, "labels": ids}
+
+
+VARIANT_BUILDERS: dict[str, Callable[[argparse.Namespace], Setup]] = {
+    "lorakit": _lorakit(),
+    "lorakit-grouped": _lorakit(groups=True),
+    "lorakit-plain": _lorakit(fused=False),
+    "peft": _peft(),
+    "bound": _bound(chunked=False),
+    "bound-ours": _bound(chunked=True),
+    "lorakit-nf4": _lorakit(_load_nf4),
+    "peft-bnb": _peft(_load_bnb),
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The measurement
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Build one variant, warm up, time ``args.steps`` steps; return the measurements."""
+    import torch
+
+    from lorakit.siblings import probe_groups
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model, loss_of, probe = VARIANT_BUILDERS[args.worker](args)
+    model.train()
+    load_rss = rss_now_gb()
+
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1234))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None  # none for the bounds
+    if probe:
+        probe_groups(model, ids)  # as lorakit train does before its first step
+
+    def step() -> float:
+        loss = loss_of(ids)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    # Resetting VmHWM can also lower ru_maxrss, so keep the load-time peak and take the max at the end.
+    load_peak = peak_rss_gb()
+    can_reset = reset_peak_rss()
+
+    first_loss = step()  # warm-up, not timed; B = 0 at init, so every variant sees the base model's loss
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+
+    return {
+        "variant": args.worker,
+        "step_s": statistics.median(times),
+        "steps_s": times,
+        "peak_rss_gb": max(load_peak, peak_rss_gb()),
+        "train_peak_gb": hwm_gb() if can_reset else None,
+        "load_rss_gb": load_rss,
+        "load_peak_gb": load_peak,
+        "first_loss": first_loss,
+        "trainable": sum(p.numel() for p in params),
+        "threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,176 @@
+"""`lorakit inspect`, `merge`, `convert` and `combine`: the commands that read, write or report adapter files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lorakit.cli.common import MODEL_HELP, add_allow_pickle, load
+from lorakit.cliargs import positive_int
+
+
+def configure_inspect(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "target", nargs="?", help="an adapter folder, or a model (folder/.gguf); default: the default model"
+    )
+    p.add_argument("--model", help="apply the adapter to this model and report trainable vs total parameters")
+    p.add_argument("--apply", action="store_true", help="apply the adapter to the default model and report")
+    p.add_argument(
+        "--r", type=positive_int, default=8, help="rank for a hypothetical LoRA on a model (default: 8)"
+    )
+    p.add_argument(
+        "--targets", default="all-linear", help="targets for a hypothetical LoRA, comma-separated or a regex"
+    )
+    p.add_argument("--rows", type=positive_int, default=40, help="table rows to print (default: 40)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--quantize", choices=["nf4"], help="quantize to 4 bits first (QLoRA): bits/param")
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import lorakit
+
+    target = Path(args.target) if args.target else None
+    is_adapter = target is not None and (target / "adapter_config.json").exists()  # even a broken one
+    if target is not None and args.model is None and not args.apply and lorakit.is_ladder_folder(target):
+        info = lorakit.describe_adapter(target)
+        print(json.dumps(info, indent=2, default=str) if args.json else lorakit.format_ladder(info))
+        return 0
+    if is_adapter and args.model is None and not args.apply:
+        info = lorakit.describe_adapter(target)
+        if args.json:
+            print(json.dumps({**info, "config": info["config"].to_peft_dict()}, indent=2, default=str))
+            return 0
+        _print_adapter(info)
+        base_q = lorakit.quant.adapter_base_quantization(target)
+        if base_q:
+            print(f"trained on a 4-bit base: {json.dumps(base_q, sort_keys=True)}")
+        return 0
+    model_spec = args.model if target is None or is_adapter else str(target)
+    if args.quantize:  # straight into 4 bits, as lorakit train --model.quantize does
+        model, _, qreport = lorakit.load_quantized(model_spec, method=args.quantize)
+        print(qreport.summary())
+    else:
+        model, _ = load(model_spec)
+    if is_adapter:
+        lorakit.load_adapter(model, target)
+    else:
+        lorakit.inject(model, lorakit.LoraConfig(r=args.r, alpha=args.r, targets=_targets(args.targets)))
+        print(f"(what a LoRA of r={args.r} on {args.targets} would add)")
+    report = lorakit.parameter_report(model)
+    print(json.dumps(report, indent=2) if args.json else lorakit.format_report(report, max_rows=args.rows))
+    return 0
+
+
+def _print_adapter(info: dict) -> None:
+    cfg = info["config"]
+    print(
+        f"LoRA adapter: r={cfg.r} alpha={cfg.alpha} rslora={cfg.use_rslora} dora={cfg.use_dora} init={cfg.init} "
+        f"bias={cfg.bias}"
+    )
+    print(f"targets: {cfg.targets}  base model: {cfg.base_model}")
+    print(f"{'module':<52} {'r':>4} {'d':>6} {'k':>6} {'d·k':>10} {'r·(d+k)':>9}")
+    full = lora = 0
+    for module, shapes in sorted(info["modules"].items()):
+        r, k = shapes["lora_A"][0], _prod(shapes["lora_A"][1:])
+        d = shapes["lora_B"][0]
+        full, lora = full + d * k, lora + r * (d + k)
+        print(f"{module[-52:]:<52} {r:>4} {d:>6} {k:>6} {d * k:>10,} {r * (d + k):>9,}")
+    print(
+        f"{len(info['modules'])} modules, {info['parameters']:,} parameters in {info['tensors']} tensors; "
+        f"adapted weights {full:,} -> {lora:,} ({full / max(lora, 1):.1f}x fewer)"
+    )
+
+
+def _prod(xs) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+def _targets(spec: str) -> str | list[str]:
+    return (
+        spec
+        if spec == "all-linear" or not spec.replace("_", "").replace(",", "").isalnum()
+        else spec.split(",")
+    )
+
+
+def configure_merge(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--adapter", required=True, help="adapter folder (PEFT layout)")
+    p.add_argument("--out", required=True, help="output folder for the merged model")
+    add_allow_pickle(p)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lorakit.export import merge_to_folder
+
+    out = merge_to_folder(args.model, args.adapter, args.out, allow_pickle=args.allow_pickle)
+    print(f"merged {args.adapter} into {args.model or 'the default model'}; wrote {out}")
+    return 0
+
+
+def configure_convert(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", required=True, help="DyLoRA adapter folder (trained with --method dylora)")
+    p.add_argument("--rank", type=int, required=True, help="rank b of the exported adapter, 1..r_max")
+    p.add_argument("--out", required=True, help="output adapter folder (written atomically)")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from lorakit.variants.dylora import export_rank
+
+    out = export_rank(args.adapter, args.rank, args.out)
+    print(f"wrote {args.adapter} at rank {args.rank} as a PEFT LoRA adapter: {out}")
+    return 0
+
+
+def configure_combine(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapters", nargs="+", help="adapter folders (PEFT layout) to combine")
+    p.add_argument("--out", required=True, help="output adapter folder (written atomically)")
+    p.add_argument(
+        "--method",
+        required=True,
+        help="cat (exact), linear, svd, ties, dare_linear, dare_ties or magnitude_prune (docs/combine.md)",
+    )
+    p.add_argument(
+        "--weights", type=float, nargs="+", help="one weight per adapter, may be negative (default: 1 each)"
+    )
+    p.add_argument(
+        "--density", type=float, help="fraction of ΔW entries kept, in (0, 1]: ties, dare_*, magnitude_prune"
+    )
+    p.add_argument(
+        "--svd-rank", type=int, help="rank after the SVD (default: the largest source rank per module)"
+    )
+    p.add_argument(
+        "--majority-sign", default="total", help="TIES sign election: total (default) or frequency"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks (default: 0)")
+    p.add_argument(
+        "--allow-missing", action="store_true", help="a module missing from an adapter counts as ΔW = 0"
+    )
+    p.add_argument(
+        "--ignore-base-model", action="store_true", help="combine adapters whose configs name different bases"
+    )
+    add_allow_pickle(p, several=True)
+
+
+def cmd_combine(args: argparse.Namespace) -> int:
+    from lorakit.combine import combine
+
+    out = combine(
+        args.adapters,
+        args.weights,
+        args.method,
+        args.out,
+        density=args.density,
+        svd_rank=args.svd_rank,
+        majority_sign_method=args.majority_sign,
+        seed=args.seed,
+        allow_missing=args.allow_missing,
+        ignore_base_model=args.ignore_base_model,
+        allow_pickle=args.allow_pickle,
+    )
+    print(f"combined {len(args.adapters)} adapters with {args.method}; wrote {out}")
+    return 0

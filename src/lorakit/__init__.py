@@ -31,14 +31,8 @@ from lorakit.quant.load import load_quantized
 from lorakit.report import format_report, parameter_report
 from lorakit.targeting import select_modules
 from lorakit.variants.adalora import AdaLoraAllocator, AdaLoraConfig, inject_adalora, orth_loss
-from lorakit.variants.ladder import (
-    LadderConfig,
-    attach_ladder,
-    detach_ladder,
-    format_ladder,
-    is_ladder_folder,
-    save_ladder,
-)
+from lorakit.variants.ladder import LadderConfig, attach_ladder, detach_ladder
+from lorakit.variants.ladder_io import format_ladder, is_ladder_folder, save_ladder
 from lorakit.variants.loraplus import loraplus_groups, loraplus_optimizer
 
 

@@ -14,7 +14,8 @@ from lorakit.errors import AdapterError
 from lorakit.inject import unload
 from lorakit.io import load_adapter
 from lorakit.quant import adapter_base_quantization, dequantize, quantize
-from lorakit.variants.ladder import MERGE_REFUSAL, is_ladder_folder
+from lorakit.variants.ladder import MERGE_REFUSAL
+from lorakit.variants.ladder_io import is_ladder_folder
 
 log = logging.getLogger(__name__)
 

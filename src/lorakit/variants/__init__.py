@@ -9,6 +9,6 @@ LADDER format, and a merge guard). LoRA+ is an optimizer setting (`loraplus`). `
 from __future__ import annotations
 
 from lorakit.formats import read_metadata
-from lorakit.variants import adalora_io, dora, dylora, ladder, pissa
+from lorakit.variants import adalora_io, dora, dylora, ladder, ladder_io, pissa
 
-__all__ = ["adalora_io", "dora", "dylora", "ladder", "pissa", "read_metadata"]
+__all__ = ["adalora_io", "dora", "dylora", "ladder", "ladder_io", "pissa", "read_metadata"]

@@ -10,7 +10,8 @@ from torch import nn
 
 from lorakit.errors import ConfigError
 from lorakit.train.methods.base import Method
-from lorakit.variants.ladder import LadderConfig, attach_ladder, save_ladder
+from lorakit.variants.ladder import LadderConfig, attach_ladder
+from lorakit.variants.ladder_io import save_ladder
 
 if TYPE_CHECKING:
     from pathlib import Path

@@ -18,7 +18,6 @@ orth_reg_weight to the loss (the method does). Files are in PEFT's ADALORA layou
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -32,8 +31,6 @@ from lorakit.handlers import Handler, handler_for
 from lorakit.inject import inject, lora_layers, set_trainable
 from lorakit.layers import LoraAdapter, LoraLayer, Variant
 from lorakit.targeting import select_modules
-
-log = logging.getLogger(__name__)
 
 
 @dataclass

@@ -24,11 +24,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from lorakit.atomic import atomic_dir
 from lorakit.config import LoraConfig
+from lorakit.control import merge, unmerge
 from lorakit.errors import AdapterError, ConfigError
+from lorakit.formats import CONFIG_NAME, WEIGHTS_NAME, read_metadata
+from lorakit.io import read_adapter
 from lorakit.layers import LoraAdapter, LoraLayer, Variant, register_variant
+from lorakit.registry import lora_layers, registry
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +107,6 @@ class DyLoraVariant(Variant):
 
 def attach(model: nn.Module, name: str = "default", *, mode: str = "frozen", min_rank: int = 1) -> None:
     """Make adapter `name` (already injected or loaded) a DyLoRA adapter of r_max = its rank, at full rank."""
-    from lorakit.inject import lora_layers, registry
-
     if mode not in MODES:
         raise ConfigError(f"dylora.mode must be one of {', '.join(MODES)}, got {mode!r}")
     info = registry(model).adapters.get(name)
@@ -130,7 +134,7 @@ def check_lora_config(config, min_rank: int) -> None:
 
 def dylora_variants(model: nn.Module, name: str | None = None) -> list[tuple[str, DyLoraVariant]]:
     """(adapter name, variant) of every DyLoRA adapter in every layer (only adapter `name` if given)."""
-    return [(n, v) for n, v, _ in _dylora_adapters(model) if name is None or n == name]
+    return [(n, v) for n, v, _ in dylora_adapters(model) if name is None or n == name]
 
 
 def set_rank(model: nn.Module, rank: int, name: str | None = None) -> None:
@@ -152,9 +156,6 @@ def set_rank(model: nn.Module, rank: int, name: str | None = None) -> None:
             raise AdapterError(
                 f"rank {rank} is above r_max={v.r_max} of DyLoRA adapter {n!r} (choose 1..{v.r_max})"
             )
-    from lorakit.control import merge, unmerge
-    from lorakit.inject import lora_layers
-
     was_merged = any(layer.merged for _, layer in lora_layers(model))
     if was_merged:
         unmerge(model)
@@ -194,12 +195,6 @@ def export_rank(adapter: str | os.PathLike, rank: int, out: str | os.PathLike) -
     A: first `rank` rows, B: first `rank` columns, lora_alpha unchanged (PEFT scales rank b by α/b, as DyLoRA
     does at b). The output still records its nesting, so it can be truncated further. Written atomically.
     """
-    from safetensors.torch import save_file
-
-    from lorakit.atomic import atomic_dir
-    from lorakit.formats import read_metadata
-    from lorakit.io import CONFIG_NAME, WEIGHTS_NAME, read_adapter
-
     adapter = Path(adapter)
     config, tensors = read_adapter(adapter)
     meta = read_metadata(adapter)
@@ -250,9 +245,8 @@ class DyLoraConfig:
             raise ConfigError(f"dylora.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
 
 
-def _dylora_adapters(model: nn.Module) -> list[tuple[str, DyLoraVariant, LoraAdapter]]:
-    from lorakit.inject import lora_layers
-
+def dylora_adapters(model: nn.Module) -> list[tuple[str, DyLoraVariant, LoraAdapter]]:
+    """(adapter name, variant, adapter) of every DyLoRA adapter in every layer."""
     return [
         (n, a.variant, a)
         for _, layer in lora_layers(model)

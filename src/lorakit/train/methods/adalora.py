@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import ConfigError
+from lorakit.io import save_adapter
 from lorakit.train.methods.base import Method
 from lorakit.variants.adalora import (
     AdaLoraAllocator,
@@ -84,8 +85,6 @@ class AdaLoraMethod(Method):
             log.info("AdaLoRA final ranks: %s", ranks)
 
     def save(self, model: nn.Module, path: Path) -> Path:
-        from lorakit.io import save_adapter
-
         return save_adapter(model, path)  # recognises the AdaLoRA adapter: PEFT's ADALORA layout
 
     def state_dict(self) -> dict[str, Any]:

@@ -8,6 +8,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lorakit.inject import inject
+from lorakit.io import save_adapter
+from lorakit.variants.loraplus import loraplus_groups
+
 if TYPE_CHECKING:
     from lorakit.train.config import RunConfig
 
@@ -32,8 +36,6 @@ class Method:
 
     def prepare(self, model: nn.Module, base_model_id: str | None) -> None:
         """Put the trainable adapter(s) on `model` (and freeze everything else)."""
-        from lorakit.inject import inject
-
         inject(model, self.cfg.lora.replace(base_model=base_model_id))
 
     def before_step(self, model: nn.Module, step: int) -> None:
@@ -51,8 +53,6 @@ class Method:
 
     def save(self, model: nn.Module, path: Path) -> Path:
         """Write the trained adapter folder."""
-        from lorakit.io import save_adapter
-
         return save_adapter(model, path)
 
     def state_dict(self) -> dict[str, Any]:
@@ -69,8 +69,6 @@ def param_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
     _, plus = cfg.methods
     if not plus:
         return [{"params": params, "lr": cfg.train.lr}]
-    from lorakit.variants.loraplus import loraplus_groups
-
     return loraplus_groups(
         model, lr=cfg.train.lr, ratio=cfg.loraplus.ratio, lr_embedding=cfg.loraplus.lr_embedding
     )

@@ -10,7 +10,7 @@ from torch import nn
 
 from lorakit.errors import ConfigError
 from lorakit.train.methods.base import Method
-from lorakit.variants.dylora import DyLoraConfig, _dylora_adapters, attach, check_lora_config
+from lorakit.variants.dylora import DyLoraConfig, attach, check_lora_config, dylora_adapters
 
 if TYPE_CHECKING:
     from lorakit.train.config import RunConfig
@@ -48,7 +48,7 @@ class DyLoraMethod(Method):
     def before_step(self, model: nn.Module, step: int) -> None:
         self._b = b = sample_rank(self.cfg.train.seed, step, self.cfg.dylora.min_rank, self.cfg.lora.r)
         self._before = []
-        for _, v, a in _dylora_adapters(model):
+        for _, v, a in dylora_adapters(model):
             v.train_rank = b
             self._before += [
                 (a.lora_A, a.lora_A.detach().clone(), 0),
@@ -69,5 +69,5 @@ class DyLoraMethod(Method):
         self._before = []
 
     def finish(self, model: nn.Module) -> None:
-        for _, v, _ in _dylora_adapters(model):
+        for _, v, _ in dylora_adapters(model):
             v.train_rank = None

@@ -199,14 +199,14 @@ def register_handler(cls: type | str, handler: Handler) -> None:
     `cls` may be a dotted name such as "bitsandbytes.nn.Linear4bit": it is resolved when that module is imported
     by someone else; registering it imports nothing. A later registration for the same type replaces the earlier.
     """
+    if not isinstance(handler, Handler):  # checked first: a refused registration leaves the table as it was
+        raise TypeError(f"register_handler takes a lorakit Handler, not {type(handler).__name__}")
     if isinstance(cls, str):
         _PENDING[cls] = handler
     elif isinstance(cls, type) and issubclass(cls, nn.Module):
         _TYPES[cls] = handler
     else:
         raise TypeError(f"register_handler takes an nn.Module subclass or its dotted name, not {cls!r}")
-    if not isinstance(handler, Handler):
-        raise TypeError(f"register_handler takes a lorakit Handler, not {type(handler).__name__}")
 
 
 def _resolve_pending() -> None:

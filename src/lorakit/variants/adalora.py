@@ -103,6 +103,8 @@ class AdaLoraConfig:
 
 
 ADALORA_KEYS = tuple(f.name for f in fields(AdaLoraConfig))
+TENSORS = {"lora_A": "lora_A", "lora_E": "lora_E", "lora_B": "lora_B"}
+"""An AdaLoRA adapter's tensors: attribute -> PEFT's ADALORA key suffix (no ".weight")."""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -121,7 +123,7 @@ class AdaLoraVariant(Variant):
         self.config = config
 
     def tensor_names(self, handler: Handler) -> dict[str, str]:
-        return {"lora_A": "lora_A", "lora_E": "lora_E", "lora_B": "lora_B"}  # PEFT's ADALORA keys: no ".weight"
+        return dict(TENSORS)
 
     def factors(self, adapter: LoraAdapter) -> tuple[torch.Tensor, torch.Tensor, float]:
         return adapter.lora_A * adapter.lora_E, adapter.lora_B, adapter.scaling  # ΔW = s·P·(Λ⊙Q)

@@ -38,6 +38,7 @@ from lorakit.registry import adapter_layers, lora_layers, registry
 from lorakit.targeting import select_modules
 from lorakit.variants.adalora import (
     ADALORA_KEYS,
+    TENSORS,
     AdaLoraConfig,
     AdaLoraVariant,
     adalora_config,
@@ -47,7 +48,7 @@ from lorakit.variants.adalora import (
 
 log = logging.getLogger(__name__)
 
-PARAMS = tuple(AdaLoraVariant.tensor_names(None, None))  # declared by the variant: lora_A, lora_E, lora_B
+PARAMS = tuple(TENSORS)  # the variant's tensors: lora_A, lora_E, lora_B
 
 
 def _keep(config: AdaLoraConfig, module: str) -> list[bool] | None:

@@ -23,6 +23,24 @@ def tiny_llama(seed: int = 0, vocab: int = 128, hidden: int = 32):
     return LlamaForCausalLM(cfg).eval()
 
 
+def tiny_qwen2(seed: int = 0, vocab: int = 128, hidden: int = 64):
+    """A Qwen2: no RoPE row interleaving in GGUF, and biases on q, k and v."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    return Qwen2ForCausalLM(cfg).eval()
+
+
 def tiny_gpt2(seed: int = 0, vocab: int = 128):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -26,6 +26,7 @@ from lorakit.inject import adapter_names, delete_adapter, inject, lora_layers, u
 from lorakit.io import adapter_state_dict, describe_adapter, load_adapter, read_adapter, save_adapter
 from lorakit.layers import LoraLayer, delta_weight
 from lorakit.mixed import row_adapters
+from lorakit.ondevice import export_gguf
 from lorakit.quant import dequantize, quantize
 from lorakit.quant.load import load_quantized
 from lorakit.report import format_report, parameter_report
@@ -97,6 +98,7 @@ __all__ = [
     "delta_weight",
     "detach_ladder",
     "dequantize",
+    "export_gguf",
     "describe_adapter",
     "disabled",
     "export_rank",

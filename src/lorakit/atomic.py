@@ -137,14 +137,25 @@ def _refuse_foreign(path: Path, new: Path) -> None:
 
 def atomic_file(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a temporary file and os.replace."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(path, write)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Create or replace file `path` with what `write(tmp)` writes to a temporary file beside it (fsynced, then
+    renamed over `path`). On any error the temporary goes and `path` is as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent, path.name)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:

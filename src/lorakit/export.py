@@ -20,21 +20,20 @@ from lorakit.variants.ladder_io import is_ladder_folder
 log = logging.getLogger(__name__)
 
 
-def merge_to_folder(
+def merged_model(
     model_spec: str | os.PathLike | None,
     adapter: str | os.PathLike,
-    out: str | os.PathLike,
     *,
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
     dequantized_base: bool = True,
-) -> Path:
-    """Load the base model, merge `adapter` into it, and write model + tokenizer to `out` atomically.
+):
+    """(the base with `adapter` merged in, as a plain transformers model; its tokenizer).
 
     An adapter trained on a 4-bit base (QLoRA; recorded in its safetensors metadata) learned ΔW against the
     dequantized weights. With `dequantized_base` the base is quantized the same way and dequantized again before
     merging, so the merged model is exactly the training-time model, W = dequant(quant(W0)) + ΔW, in `dtype`;
-    otherwise ΔW goes onto the original full-precision W0. The written model is full precision either way:
+    otherwise ΔW goes onto the original full-precision W0. The model is full precision either way:
     re-quantizing W + ΔW would round away much of the update (see docs/qlora.md).
     """
     from lorakit.models import load_model  # transformers, only when a model is loaded
@@ -62,7 +61,23 @@ def merge_to_folder(
                 quant.get("method"),
             )
     load_adapter(model, adapter, allow_pickle=allow_pickle)
-    model = unload(model, merge=True)
+    return unload(model, merge=True), tokenizer
+
+
+def merge_to_folder(
+    model_spec: str | os.PathLike | None,
+    adapter: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+    dequantized_base: bool = True,
+) -> Path:
+    """Load the base model, merge `adapter` into it (`merged_model`), and write model + tokenizer to `out`
+    atomically: a plain Hugging Face folder."""
+    model, tokenizer = merged_model(
+        model_spec, adapter, dtype=dtype, allow_pickle=allow_pickle, dequantized_base=dequantized_base
+    )
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)

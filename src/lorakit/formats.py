@@ -54,6 +54,8 @@ class AdapterFormat:
     """The tensors `save` writes for adapter `name`, keyed as in the file."""
     activates: bool = True
     """Whether loading can activate the adapter (a ladder is attached, not activated)."""
+    suffix: str | None = None
+    """A single-file format (not a folder): the file name's suffix, e.g. ".gguf" (llama.cpp's LoRA files)."""
 
 
 FORMATS: dict[str, AdapterFormat] = {}
@@ -78,7 +80,13 @@ def register_load_hook(hook: Callable[[nn.Module, Path], None]) -> None:
 
 
 def folder_format(path: str | os.PathLike) -> tuple[AdapterFormat, dict[str, Any]]:
-    """(the format of adapter folder `path`, its parsed adapter_config.json). The one place that asks."""
+    """(the format of adapter folder `path`, its parsed adapter_config.json). The one place that asks.
+
+    A file whose suffix a single-file format registered (".gguf") is that format's, with an empty config."""
+    if Path(path).is_file():
+        fmt = next((f for f in FORMATS.values() if f.suffix == Path(path).suffix.lower()), None)
+        if fmt is not None:
+            return fmt, {}
     raw = read_config_json(path)
     peft_type = raw.get("peft_type")
     if peft_type is None:  # LORA's parser names the missing key
@@ -95,7 +103,7 @@ def folder_format(path: str | os.PathLike) -> tuple[AdapterFormat, dict[str, Any
 def model_format(model: nn.Module, name: str) -> AdapterFormat:
     """The format adapter `name` on `model` is saved in: the first non-default format that owns it, else LORA."""
     for fmt in FORMATS.values():
-        if fmt.peft_type != DEFAULT and fmt.owns(model, name):
+        if fmt.peft_type != DEFAULT and fmt.suffix is None and fmt.owns(model, name):
             return fmt
     return FORMATS[DEFAULT]
 

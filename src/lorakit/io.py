@@ -243,6 +243,15 @@ def _plan_lora(model: nn.Module, path: Path, raw: dict[str, Any], name: str, all
     return _LoraPlan(config, variant, _plan_copies(model, config, cls, tensors, path), meta)
 
 
+def plan_lora_tensors(
+    model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], source: Path, name: str
+) -> _LoraPlan:
+    """A plain-LoRA load plan from tensors keyed as in PEFT's file (for formats that read another layout and
+    translate it, such as llama.cpp's GGUF adapters). Checks every shape; the model is not changed."""
+    check_new_name(model, name)
+    return _LoraPlan(config, None, _plan_copies(model, config, Variant, tensors, source), {})
+
+
 def _apply_lora(model: nn.Module, plan: _LoraPlan, name: str, trainable: bool) -> str:
     inject(model, plan.config, name, activate=False, trainable=trainable, variant=plan.variant)
     try:
@@ -374,6 +383,9 @@ def _describe_lora(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
         "parameters": sum(t.numel() for t in tensors.values()),
     }
 
+
+apply_lora_plan = _apply_lora
+"""Apply a plan from `plan_lora_tensors` (or the LORA format's own): inject, copy, all or nothing."""
 
 register_format(
     AdapterFormat(

@@ -38,6 +38,9 @@ class Variant:
     label: ClassVar[str] = "LoRA"
     merges_alone: ClassVar[bool] = False
     """Whether merging this adapter together with others into one layer is refused (DoRA's normalisation)."""
+    plain: ClassVar[bool] = True
+    """Whether the adapter at inference is exactly s·B·A of `factors` added to the base output, so that a runtime
+    that knows only plain LoRA pairs (llama.cpp's GGUF adapters) computes it. False: DoRA's normalisation."""
 
     @classmethod
     def selects(cls, config: LoraConfig) -> bool:

@@ -50,6 +50,11 @@ COMMANDS: dict[str, Command] = {
         adapters.configure_merge,
         adapters.cmd_merge,
     ),
+    "export": Command(
+        "export an adapter (or the merged model) for on-device runtimes: lorakit export gguf (docs/gguf.md)",
+        adapters.configure_export,
+        adapters.cmd_export,
+    ),
     "convert": Command(
         "export a DyLoRA adapter at rank b as a plain PEFT LoRA adapter (docs/dylora.md)",
         adapters.configure_convert,

@@ -31,7 +31,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import lorakit
 
     target = Path(args.target) if args.target else None
-    is_adapter = target is not None and (target / "adapter_config.json").exists()  # even a broken one
+    gguf_adapter = target is not None and lorakit.ondevice.is_gguf_adapter(target)
+    is_adapter = target is not None and (
+        (target / "adapter_config.json").exists() or gguf_adapter
+    )  # even broken
+    if gguf_adapter and args.model is None and not args.apply:
+        info = lorakit.describe_adapter(target)
+        print(json.dumps(info, indent=2, default=str) if args.json else _format_gguf(info, args.rows))
+        return 0
     if target is not None and args.model is None and not args.apply and lorakit.is_ladder_folder(target):
         info = lorakit.describe_adapter(target)
         print(json.dumps(info, indent=2, default=str) if args.json else lorakit.format_ladder(info))
@@ -80,6 +87,22 @@ def _print_adapter(info: dict) -> None:
         f"{len(info['modules'])} modules, {info['parameters']:,} parameters in {info['tensors']} tensors; "
         f"adapted weights {full:,} -> {lora:,} ({full / max(lora, 1):.1f}x fewer)"
     )
+
+
+def _format_gguf(info: dict, rows: int) -> str:
+    lines = [
+        f"{info['format']}: architecture {info['architecture']}, alpha {info['alpha']:g}",
+        f"{'tensor':<40} {'r':>4} {'lora_a':>14} {'lora_b':>14} {'type':>6} {'scale':>8}",
+    ]
+    for name, row in list(info["modules"].items())[:rows]:
+        a, b = "x".join(map(str, row["lora_a"])), "x".join(map(str, row["lora_b"]))
+        lines.append(f"{name[-40:]:<40} {row['r']:>4} {a:>14} {b:>14} {row['type']:>6} {row['scale']:>8.4g}")
+    if len(info["modules"]) > rows:
+        lines.append(f"... {len(info['modules']) - rows} more (--rows)")
+    lines.append(
+        f"{len(info['modules'])} weights, {info['parameters']:,} parameters in {info['tensors']} tensors"
+    )
+    return "\n".join(lines)
 
 
 def _prod(xs) -> int:
@@ -173,4 +196,56 @@ def cmd_combine(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
     )
     print(f"combined {len(args.adapters)} adapters with {args.method}; wrote {out}")
+    return 0
+
+
+def configure_export(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    g = sub.add_parser(
+        "gguf", help="llama.cpp's GGUF: a LoRA adapter file, or with --merged a whole model (docs/gguf.md)"
+    )
+    g.add_argument(
+        "--adapter", help="adapter folder (PEFT layout); optional with --merged (then: the base alone)"
+    )
+    g.add_argument(
+        "--out", required=True, help="the .gguf file to write (atomically), in a folder that exists"
+    )
+    g.add_argument("--model", help=MODEL_HELP)
+    g.add_argument(
+        "--merged",
+        action="store_true",
+        help="write the base with the adapter merged in, a model llama.cpp runs alone",
+    )
+    g.add_argument(
+        "--outtype",
+        choices=["f32", "f16", "bf16", "q8_0"],
+        default="f32",
+        help="GGUF tensor type (default: f32)",
+    )
+    g.add_argument(
+        "--no-modelfile", action="store_true", help="do not write an Ollama Modelfile beside --out"
+    )
+    add_allow_pickle(g)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from lorakit.ondevice import export_gguf
+
+    done = export_gguf(
+        args.out,
+        args.adapter,
+        model=args.model,
+        merged=args.merged,
+        outtype=args.outtype,
+        modelfile=not args.no_modelfile,
+        allow_pickle=args.allow_pickle,
+    )
+    what = "model" if args.merged else "LoRA adapter"
+    print(f"wrote {done.path}: a GGUF {what}, {done.tensors} tensors ({args.outtype})")
+    if args.merged:
+        print(f"run it: llama-cli -m {done.path}")
+    else:
+        print(f"run it: llama-cli -m BASE.gguf --lora {done.path}   (BASE: the model it was trained on)")
+    if done.modelfile is not None:
+        print(f"Ollama: ollama create NAME -f {done.modelfile}")
     return 0

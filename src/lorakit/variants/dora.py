@@ -27,6 +27,7 @@ class DoraVariant(Variant):
     name = "dora"
     label = "DoRA"
     merges_alone = True  # each merge renormalises the whole weight: two DoRA merges do not commute
+    plain = False  # the magnitude rescales W0 + ΔW: no (A, B) pair alone expresses it
 
     @classmethod
     def selects(cls, config: LoraConfig) -> bool:

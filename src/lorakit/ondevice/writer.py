@@ -1,0 +1,126 @@
+"""Writing GGUF files: tensor encodings (f32, f16, bf16, q8_0), key-value entries, one atomic file.
+
+Vectors (norms, biases) stay f32, as llama.cpp's converter keeps them. A q8_0 tensor whose rows are not a
+multiple of its 32-value blocks (a LoRA B of rank 16, say) is written as f16 instead, as the converter does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from lorakit.atomic import atomic_write
+from lorakit.errors import OutputError
+
+log = logging.getLogger(__name__)
+
+Q = gguf.GGMLQuantizationType
+OUTTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
+    "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+}
+
+
+def check_outtype(outtype: str) -> str:
+    if outtype not in OUTTYPES:
+        raise OutputError(f"GGUF tensor type {outtype!r} is not one lorakit writes: {', '.join(OUTTYPES)}")
+    return outtype
+
+
+def encode(t: torch.Tensor, outtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """A tensor as the array GGUFWriter stores, and its GGML type."""
+    x = t.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+    qtype = OUTTYPES[outtype][0]
+    if x.ndim < 2 or qtype == Q.F32:
+        return x, Q.F32
+    if qtype == Q.Q8_0 and x.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
+        qtype = Q.F16
+    if qtype == Q.F16:
+        return x.astype(np.float16), Q.F16
+    return gguf.quants.quantize(x, qtype), qtype
+
+
+def decode(tensor: Any) -> torch.Tensor:
+    """A GGUFReader tensor as fp32 in numpy's (row-major, reversed-ne) shape."""
+    data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    return torch.from_numpy(np.array(data, dtype=np.float32))  # a copy: the reader maps the file read-only
+
+
+@dataclass
+class Entry:
+    key: str
+    value: Any
+    vtype: gguf.GGUFValueType
+    sub_type: gguf.GGUFValueType | None = None
+
+
+@dataclass
+class GgufFile:
+    """What one GGUF file holds before it is written: its architecture, key-value entries and tensors."""
+
+    arch: str
+    entries: list[Entry] = field(default_factory=list)
+    tensors: list[tuple[str, np.ndarray, gguf.GGMLQuantizationType]] = field(default_factory=list)
+
+    def add(self, key: str, value: Any, vtype: gguf.GGUFValueType, sub_type=None) -> None:
+        self.entries = [e for e in self.entries if e.key != key] + [Entry(key, value, vtype, sub_type)]
+
+    def add_tensor(self, name: str, t: torch.Tensor, outtype: str) -> None:
+        data, qtype = encode(t, outtype)
+        self.tensors.append((name, data, qtype))
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write the file atomically: a failure leaves any earlier file at `path` as it was."""
+        path = Path(path)
+        check_parent(path)
+
+        def write(tmp: Path) -> None:
+            w = gguf.GGUFWriter(tmp, self.arch)
+            for e in self.entries:
+                if e.key != gguf.Keys.General.ARCHITECTURE:
+                    w.add_key_value(e.key, e.value, e.vtype, sub_type=e.sub_type)
+            for name, data, qtype in self.tensors:
+                w.add_tensor(name, data, raw_dtype=qtype)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+
+        atomic_write(path, write)
+        log.info("wrote %s (%d tensors)", path, len(self.tensors))
+        return path
+
+
+def check_parent(path: Path) -> None:
+    """OutputError unless `path`'s folder exists and `path` is not a folder."""
+    if not path.parent.is_dir():
+        raise OutputError(f"{path}: the folder {str(path.parent)!r} does not exist")
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; give the path of a .gguf file to write")
+
+
+def copy_entries(reader: gguf.GGUFReader, skip: Iterable[str] = ()) -> list[Entry]:
+    """A GGUF file's key-value entries (not the GGUF.* header fields, not `skip`), to write into another."""
+    out = []
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key in skip:
+            continue
+        vtype = f.types[0]
+        sub = f.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(f.types) > 1 else None
+        out.append(Entry(key, f.contents(), vtype, sub))
+    return out
+
+
+def read_field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()

@@ -13,7 +13,6 @@ import sys
 import gguf
 import pytest
 import torch
-from tiny import ids, randomize, tiny_gpt2, tiny_llama, tiny_qwen2
 
 import lorakit
 from lorakit import LoraConfig
@@ -22,6 +21,8 @@ from lorakit.ondevice.adapter import describe_gguf, read_adapter_gguf, save_adap
 from lorakit.ondevice.model import save_model_gguf, tokenizer_entries
 from lorakit.ondevice.modelfile import modelfile_text
 from lorakit.ondevice.names import ExportError, NameMap, permute_rows, unpermute_rows
+
+from tiny import ids, randomize, tiny_gpt2, tiny_llama, tiny_qwen2
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FULL = LoraConfig(

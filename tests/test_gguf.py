@@ -141,9 +141,24 @@ def _untouched(path):
 @pytest.mark.parametrize(
     "make, config, match",
     [
-        pytest.param(tiny_llama, LoraConfig(r=4, targets=["q_proj"], use_dora=True), r"q_proj: a DoRA adapter has no plain", id="dora"),
-        pytest.param(tiny_llama, LoraConfig(r=4, targets=["q_proj"], bias="all"), r"trains biases \(bias='all'\)", id="bias"),
-        pytest.param(tiny_gpt2, LoraConfig(r=4, targets=["c_attn"]), r"model type 'gpt2' has no GGUF export", id="unknown-arch"),
+        pytest.param(
+            tiny_llama,
+            LoraConfig(r=4, targets=["q_proj"], use_dora=True),
+            r"q_proj: a DoRA adapter has no plain",
+            id="dora",
+        ),
+        pytest.param(
+            tiny_llama,
+            LoraConfig(r=4, targets=["q_proj"], bias="all"),
+            r"trains biases \(bias='all'\)",
+            id="bias",
+        ),
+        pytest.param(
+            tiny_gpt2,
+            LoraConfig(r=4, targets=["c_attn"]),
+            r"model type 'gpt2' has no GGUF export",
+            id="unknown-arch",
+        ),
     ],
 )
 def test_what_llama_cpp_cannot_run_is_refused_in_one_line(tmp_path, make, config, match):
@@ -279,17 +294,36 @@ def test_cli_export_inspect_and_its_errors(tmp_path, default_model_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "a GGUF LoRA adapter, 120 tensors (f32)" in proc.stdout and "ollama create" in proc.stdout
     mf = (tmp_path / "a.Modelfile").read_text()
-    assert "ADAPTER ./a.gguf" in mf and "FROM /" in mf and mf.split("FROM ")[1].split("\n")[0].endswith(".gguf")
+    assert (
+        "ADAPTER ./a.gguf" in mf and "FROM /" in mf and mf.split("FROM ")[1].split("\n")[0].endswith(".gguf")
+    )
     proc = _cli("inspect", str(tmp_path / "a.gguf"), "--rows", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "architecture llama, alpha 8" in proc.stdout and "60 weights, 230,400 parameters" in proc.stdout
     # the GGUF adapter loads back onto the model, and inspect reports what it adds
     proc = _cli("inspect", str(tmp_path / "a.gguf"), "--model", str(default_model_dir))
     assert proc.returncode == 0 and "230,400" in proc.stdout, proc.stderr[-2000:]
+    proc = _cli(
+        "generate",
+        "--model",
+        str(default_model_dir),
+        "--adapter",
+        str(tmp_path / "a.gguf"),
+        "--max-new-tokens",
+        "4",
+        "Hi",
+    )
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
     for args, match in [
         (["export", "gguf", "--out", str(tmp_path / "x.gguf")], "an adapter is needed"),
-        (["export", "gguf", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "no/x.gguf")], "does not exist"),
-        (["export", "gguf", "--adapter", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.gguf")], "not an adapter folder"),
+        (
+            ["export", "gguf", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "no/x.gguf")],
+            "does not exist",
+        ),
+        (
+            ["export", "gguf", "--adapter", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.gguf")],
+            "not an adapter folder",
+        ),
     ]:
         proc = _cli(*args)
         assert proc.returncode == 2 and match in proc.stderr, proc.stderr

@@ -204,7 +204,7 @@ def test_a_failed_write_keeps_the_earlier_file(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", boom)  # after the header, mid-file
     with pytest.raises(OSError, match="no space left on device"):
         save_adapter_gguf(_adapted(seed=1, hidden=64), out)
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf"]

@@ -239,6 +239,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         outtype=args.outtype,
         modelfile=not args.no_modelfile,
         allow_pickle=args.allow_pickle,
+        progress=True,
     )
     what = "model" if args.merged else "LoRA adapter"
     print(f"wrote {done.path}: a GGUF {what}, {done.tensors} tensors ({args.outtype})")

@@ -41,13 +41,14 @@ def export_gguf(
     outtype: str = "f32",
     modelfile: bool = True,
     allow_pickle: bool = False,
+    progress: bool = False,
 ) -> Exported:
     """Write `adapter` (a folder, PEFT layout) as a llama.cpp GGUF LoRA file at `out`; with `merged`, write the
     base `model` with the adapter merged in (or the base alone, without an adapter) as a complete GGUF model.
 
     `model` is the base: None for the default SmolLM2, a .gguf file or a Hugging Face folder. `outtype` is f32,
     f16, bf16 or q8_0. With `modelfile`, an Ollama Modelfile is written beside `out`. Writes are atomic; every
-    refusal is one line naming the layer and what to do instead.
+    refusal is one line naming the layer and what to do instead. `progress`: a progress bar on stderr.
     """
     from lorakit.io import load_adapter
     from lorakit.models import default_gguf_path, load_model
@@ -76,11 +77,13 @@ def export_gguf(
             from lorakit.export import merged_model
 
             m, tok = merged_model(model, adapter, allow_pickle=allow_pickle)
-        written = save_model_gguf(m, out, outtype, base_gguf=base_gguf, tokenizer=tok, name=out.stem)
+        written = save_model_gguf(
+            m, out, outtype, base_gguf=base_gguf, tokenizer=tok, name=out.stem, progress=progress
+        )
     else:
         m, tok = load_model(model)
         load_adapter(m, adapter, allow_pickle=allow_pickle)
-        written = save_adapter_gguf(m, out, outtype=outtype)
+        written = save_adapter_gguf(m, out, outtype=outtype, progress=progress)
     n = _tensor_count(written)
     mf = None
     if modelfile:

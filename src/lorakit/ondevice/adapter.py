@@ -72,10 +72,15 @@ def adapter_gguf(model: nn.Module, name: str = "default", outtype: str = "f32") 
 
 
 def save_adapter_gguf(
-    model: nn.Module, path: str | os.PathLike, name: str = "default", outtype: str = "f32"
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str = "default",
+    outtype: str = "f32",
+    *,
+    progress: bool = False,
 ) -> Path:
     """Write adapter `name` of `model` to `path` as a llama.cpp GGUF LoRA file, atomically."""
-    return adapter_gguf(model, name, outtype).write(path)
+    return adapter_gguf(model, name, outtype).write(path, progress=progress)
 
 
 def _check_adapter(config: LoraConfig, name: str) -> None:

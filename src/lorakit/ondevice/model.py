@@ -9,6 +9,7 @@ Qwen 2, SmolLM, ...).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -16,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-import torch
 from torch import nn
 
 from lorakit.ondevice.names import ExportError, NameMap, permute_rows
@@ -64,12 +64,10 @@ def model_gguf(
         if gname is None:
             raise ExportError(f"{hf_name}: llama.cpp's {names.arch.gguf} model has no tensor for this weight")
         heads = names.heads(hf_name)
-        out.add_tensor(gname, _permuted(t, heads), outtype)
+        out.add_tensor(
+            gname, t, outtype, None if heads is None else functools.partial(permute_rows, n_head=heads)
+        )
     return out
-
-
-def _permuted(t: torch.Tensor, heads: int | None) -> torch.Tensor:
-    return permute_rows(t, heads) if heads is not None else t
 
 
 def hparams(config: Any, arch: str) -> list[Entry]:
@@ -168,6 +166,8 @@ def save_model_gguf(
     base_gguf: str | os.PathLike | None = None,
     tokenizer: Any = None,
     name: str | None = None,
+    progress: bool = False,
 ) -> Path:
     """Write `model` (adapters merged or unloaded) to `path` as a GGUF model llama.cpp runs alone, atomically."""
-    return model_gguf(model, outtype, base_gguf=base_gguf, tokenizer=tokenizer, name=name).write(Path(path))
+    gf = model_gguf(model, outtype, base_gguf=base_gguf, tokenizer=tokenizer, name=name)
+    return gf.write(Path(path), progress=progress)

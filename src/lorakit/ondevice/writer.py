@@ -7,8 +7,9 @@ multiple of its 32-value blocks (a LoRA B of rank 16, say) is written as f16 ins
 from __future__ import annotations
 
 import logging
+import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from lorakit.atomic import atomic_write
 from lorakit.errors import OutputError
@@ -64,23 +66,44 @@ class Entry:
     sub_type: gguf.GGUFValueType | None = None
 
 
+def encoded_type(shape: tuple[int, ...], outtype: str) -> tuple[gguf.GGMLQuantizationType, int]:
+    """(the GGML type `encode` picks for a tensor of `shape`, its size in bytes), without encoding it."""
+    qtype = OUTTYPES[outtype][0]
+    if len(shape) < 2:
+        qtype = Q.F32
+    elif qtype == Q.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
+        qtype = Q.F16
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    return qtype, math.prod(shape) // block * size
+
+
 @dataclass
 class GgufFile:
-    """What one GGUF file holds before it is written: its architecture, key-value entries and tensors."""
+    """What one GGUF file holds before it is written: its architecture, key-value entries and tensors. Tensors
+    are kept as they are (a model's own weights, not copies) and encoded one at a time while the file is
+    written, so that writing a model costs one tensor's worth of memory beyond the model."""
 
     arch: str
     entries: list[Entry] = field(default_factory=list)
-    tensors: list[tuple[str, np.ndarray, gguf.GGMLQuantizationType]] = field(default_factory=list)
+    tensors: list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor], str]] = field(default_factory=list)
 
     def add(self, key: str, value: Any, vtype: gguf.GGUFValueType, sub_type=None) -> None:
         self.entries = [e for e in self.entries if e.key != key] + [Entry(key, value, vtype, sub_type)]
 
-    def add_tensor(self, name: str, t: torch.Tensor, outtype: str) -> None:
-        data, qtype = encode(t, outtype)
-        self.tensors.append((name, data, qtype))
+    def add_tensor(
+        self,
+        name: str,
+        t: torch.Tensor,
+        outtype: str,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        """Add tensor `name`: `t`, or `transform(t)` (computed when written; it must keep the shape)."""
+        make = (lambda: t) if transform is None else (lambda: transform(t))
+        self.tensors.append((name, tuple(t.shape), make, outtype))
 
-    def write(self, path: str | os.PathLike) -> Path:
-        """Write the file atomically: a failure leaves any earlier file at `path` as it was."""
+    def write(self, path: str | os.PathLike, *, progress: bool = False) -> Path:
+        """Write the file atomically: a failure leaves any earlier file at `path` as it was. `progress`: a bar on
+        stderr (for the CLI)."""
         path = Path(path)
         check_parent(path)
 
@@ -89,11 +112,17 @@ class GgufFile:
             for e in self.entries:
                 if e.key != gguf.Keys.General.ARCHITECTURE:
                     w.add_key_value(e.key, e.value, e.vtype, sub_type=e.sub_type)
-            for name, data, qtype in self.tensors:
-                w.add_tensor(name, data, raw_dtype=qtype)
+            for name, shape, _, outtype in self.tensors:
+                qtype, nbytes = encoded_type(shape, outtype)
+                w.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
             w.write_header_to_file()
             w.write_kv_data_to_file()
-            w.write_tensors_to_file()
+            w.write_ti_data_to_file()
+            for _, _, make, outtype in tqdm(
+                self.tensors, desc="writing", unit="tensor", disable=not progress
+            ):
+                data, _ = encode(make(), outtype)
+                w.write_tensor_data(data)
             w.close()
 
         atomic_write(path, write)

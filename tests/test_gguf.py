@@ -22,17 +22,9 @@ from lorakit.ondevice.model import save_model_gguf, tokenizer_entries
 from lorakit.ondevice.modelfile import modelfile_text
 from lorakit.ondevice.names import ExportError, NameMap, permute_rows, unpermute_rows
 
-from tiny import ids, randomize, tiny_gpt2, tiny_llama, tiny_qwen2
+from tiny import SEVEN, every_kind_of_lora, ids, randomize, tiny_gpt2, tiny_llama, tiny_qwen2
 
-SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-FULL = LoraConfig(
-    r=4,
-    alpha=8,
-    targets=[*SEVEN, "embed_tokens"],
-    use_rslora=True,
-    rank_pattern={"v_proj": 2, "layers.1.mlp.up_proj": 6},
-    alpha_pattern={"down_proj": 3.0},
-)
+FULL = every_kind_of_lora()
 
 
 def _adapted(make=tiny_llama, config=FULL, **kw):

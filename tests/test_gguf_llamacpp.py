@@ -22,11 +22,10 @@ from lorakit.ondevice.adapter import save_adapter_gguf
 from lorakit.ondevice.model import save_model_gguf
 
 from llamacpp import greedy, llama, logits
-from tiny import randomize, tiny_llama, tiny_qwen2
+from tiny import SEVEN, every_kind_of_lora, randomize, tiny_llama, tiny_qwen2
 
 pytestmark = pytest.mark.llama_cpp
 
-SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TOKENS = [1, 5, 9, 33, 77, 100, 3, 64, 12, 90]
 
 
@@ -39,15 +38,7 @@ def _ours(model, ids):
 def test_llama_cpp_runs_our_adapter_with_our_logits(tmp_path, make):
     model = make(hidden=64)
     save_model_gguf(model, tmp_path / "base.gguf")  # no tokenizer: llama.cpp runs on token ids
-    config = LoraConfig(
-        r=4,
-        alpha=8,
-        targets=[*SEVEN, "embed_tokens"],
-        use_rslora=True,
-        rank_pattern={"v_proj": 2, "layers.1.mlp.up_proj": 6},
-        alpha_pattern={"down_proj": 3.0},
-    )
-    lorakit.inject(model, config)
+    lorakit.inject(model, every_kind_of_lora())
     randomize(model, std=0.3)
     save_adapter_gguf(model, tmp_path / "a.gguf")
     want = _ours(model, TOKENS)

@@ -6,11 +6,9 @@ import torch
 from torch import nn
 
 
-def tiny_llama(seed: int = 0, vocab: int = 128, hidden: int = 32):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def _tiny_decoder(config_cls, model_cls, seed: int, vocab: int, hidden: int):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    cfg = config_cls(
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -20,25 +18,39 @@ def tiny_llama(seed: int = 0, vocab: int = 128, hidden: int = 32):
         max_position_embeddings=64,
         tie_word_embeddings=False,
     )
-    return LlamaForCausalLM(cfg).eval()
+    return model_cls(cfg).eval()
+
+
+def tiny_llama(seed: int = 0, vocab: int = 128, hidden: int = 32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _tiny_decoder(LlamaConfig, LlamaForCausalLM, seed, vocab, hidden)
 
 
 def tiny_qwen2(seed: int = 0, vocab: int = 128, hidden: int = 64):
     """A Qwen2: no RoPE row interleaving in GGUF, and biases on q, k and v."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
+    return _tiny_decoder(Qwen2Config, Qwen2ForCausalLM, seed, vocab, hidden)
+
+
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+"""The seven projections of a Llama-family block."""
+
+
+def every_kind_of_lora():
+    """A LoraConfig with every per-layer scale lorakit must get right: rsLoRA, a rank and an alpha pattern, and
+    an embedding target beside the seven projections."""
+    from lorakit import LoraConfig
+
+    return LoraConfig(
+        r=4,
+        alpha=8,
+        targets=[*SEVEN, "embed_tokens"],
+        use_rslora=True,
+        rank_pattern={"v_proj": 2, "layers.1.mlp.up_proj": 6},
+        alpha_pattern={"down_proj": 3.0},
     )
-    return Qwen2ForCausalLM(cfg).eval()
 
 
 def tiny_gpt2(seed: int = 0, vocab: int = 128):

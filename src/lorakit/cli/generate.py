@@ -11,7 +11,7 @@ from lorakit.cliargs import non_negative, positive_int
 def configure_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt")
     p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument("--adapter", action="append", help="adapter folder; repeat to activate several")
+    p.add_argument("--adapter", action="append", help="adapter folder (or a GGUF LoRA file); repeat to activate several")
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=non_negative, default=0.0, help="0 = greedy (default)")
     p.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
@@ -45,7 +45,7 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
         "--data", required=True, help="JSONL file: {prompt,completion}, {messages} or {text} per line"
     )
     p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument("--adapter", help="adapter folder (PEFT layout)")
+    p.add_argument("--adapter", help="adapter folder (PEFT layout) or a GGUF LoRA file")
     p.add_argument(
         "--max-len", type=positive_int, default=256, help="maximum tokens per example (default: 256)"
     )

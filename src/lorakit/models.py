@@ -22,6 +22,7 @@ import transformers
 from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from lorakit.device import resolve_device
 from lorakit.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -88,12 +89,15 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     cache_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer, in ``eval()`` mode and in ``dtype``.
+    """Load a causal LM and its tokenizer, in ``eval()`` mode, in ``dtype``, on ``device``.
 
     ``spec`` is ``None`` (the default SmolLM2-135M-Instruct), a ``.gguf`` file (dequantised once and cached
-    under ``cache_dir``) or a local Hugging Face folder. The tokenizer always has a pad token.
+    under ``cache_dir``) or a local Hugging Face folder. ``device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``
+    (lorakit.device); None keeps the CPU. The tokenizer always has a pad token.
     """
+    target = None if device is None else resolve_device(device)  # a missing GPU fails before the load
     folder = resolve_model_dir(spec, cache_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **_dtype_kwargs(dtype))
@@ -104,6 +108,8 @@ def load_model(
     except _LOAD_ERRORS as exc:
         raise ModelLoadError(f"cannot load the tokenizer in {str(folder)!r}: {_one_line(exc)}") from exc
     _ensure_pad_token(model, tokenizer)
+    if target is not None and target.type != "cpu":
+        model.to(target)
     return model.eval(), tokenizer
 
 

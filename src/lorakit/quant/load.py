@@ -98,9 +98,14 @@ def load_quantized(
     skip: tuple[str, ...] | list[str] = ("lm_head",),
     dtype: torch.dtype = torch.float32,
     cache_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[nn.Module, object, QuantReport]:
     """`(model, tokenizer, report)`: `lorakit.load_model(spec)` followed by `lorakit.quantize(model, ...)`, with
-    the same result (tested bit for bit) but without the full-precision model ever in memory."""
+    the same result (tested bit for bit) but without the full-precision model ever in memory. With `device`
+    (a GPU), the 4-bit model moves there tensor by tensor: the GPU never holds a full-precision linear weight."""
+    from lorakit.device import resolve_device
+
+    target = None if device is None else resolve_device(device)  # a missing GPU fails before the load
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
@@ -127,7 +132,8 @@ def load_quantized(
             model = None
     if model is None:
         model, tokenizer = load_model(folder, dtype=dtype)
-        return model, tokenizer, quantize(model, method, double_quant, skip)
+        report = quantize(model, method, double_quant, skip)
+        return _moved(model, target), tokenizer, report
     report = quantize(model, method, double_quant, skip, source=lambda name: index.read(name, dtype))
     _fill(model, index, dtype)
     try:
@@ -135,7 +141,11 @@ def load_quantized(
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
         raise ModelLoadError(f"cannot load the tokenizer in {str(folder)!r}: {_one_line(exc)}") from exc
     _ensure_pad_token(model, tokenizer)
-    return model.eval(), tokenizer, report
+    return _moved(model, target).eval(), tokenizer, report
+
+
+def _moved(model: nn.Module, device: torch.device | None) -> nn.Module:
+    return model.to(device) if device is not None and device.type != "cpu" else model
 
 
 def _groups(model: nn.Module) -> list[list[str]]:

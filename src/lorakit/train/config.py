@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,8 +30,14 @@ from lorakit.variants.ladder import LadderConfig
 class ModelSection:
     path: str | None = None
     """Base model: a Hugging Face folder or a .gguf file; empty for the default SmolLM2-135M-Instruct."""
-    dtype: str = "float32"
-    """Compute dtype: float32 (fast on CPU) or bfloat16."""
+    device: str = "auto"
+    """Where to train: auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)."""
+    dtype: str = "auto"
+    """The frozen base's dtype: auto (bfloat16 on a GPU, float16 on one without bf16, float32 on the CPU), float32,
+    bfloat16 or float16. config.yaml records the one chosen."""
+    adapter_dtype: str = "float32"
+    """The adapters' dtype: float32 (AdamW's small updates survive; the GPU computes under autocast) or same (the
+    base's dtype: less memory, coarser updates)."""
     quantize: str | None = None
     """QLoRA: quantize the base's linear layers to 4 bits before adding LoRA ("nf4"); empty: full precision."""
     quantize_skip: list[str] = field(default_factory=lambda: ["lm_head"])
@@ -263,8 +270,16 @@ def validate(cfg: RunConfig) -> None:
             f"train.schedule must be cosine, linear or constant, got {t.schedule!r}",
         ),
         (
-            cfg.model.dtype in ("float32", "bfloat16"),
-            f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}",
+            cfg.model.dtype in ("auto", "float32", "bfloat16", "float16"),
+            f"model.dtype must be auto, float32, bfloat16 or float16, got {cfg.model.dtype!r}",
+        ),
+        (
+            cfg.model.adapter_dtype in ("float32", "same"),
+            f"model.adapter_dtype must be float32 or same, got {cfg.model.adapter_dtype!r}",
+        ),
+        (
+            re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.model.device)) is not None,
+            f"model.device must be auto, cpu, cuda or cuda:N, got {cfg.model.device!r}",
         ),
         (
             cfg.model.quantize in (None, "nf4"),

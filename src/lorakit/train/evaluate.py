@@ -11,6 +11,7 @@ from torch import nn
 
 from lorakit.control import merged
 from lorakit.data.tokenize import IGNORE, Encoded
+from lorakit.device import model_device, to_device
 from lorakit.generate import format_prompt
 from lorakit.inject import adapter_names
 
@@ -24,8 +25,9 @@ def eval_loss(model: nn.Module, rows: list[Encoded], pad_id: int, batch_size: in
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = model_device(model)
     for i in range(0, len(rows), batch_size):
-        batch = collate(rows[i : i + batch_size], pad_id)
+        batch = to_device(collate(rows[i : i + batch_size], pad_id), device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         labels = batch["labels"][:, 1:]
         total += F.cross_entropy(
@@ -82,6 +84,7 @@ def exact_match(
                 chunk = pairs[i : i + batch_size]
                 texts = [_prompt_text(tokenizer, p, chat) for p, _ in chunk]
                 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+                enc = to_device(dict(enc), model_device(model))
                 out = model.generate(
                     **enc,
                     max_new_tokens=max_new_tokens,

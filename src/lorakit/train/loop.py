@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lorakit.data.tokenize import IGNORE, Encoded
+from lorakit.device import autocast, model_device, to_device
 from lorakit.errors import LorakitError
 from lorakit.fused import causal_lm_loss, groups_enabled, set_fused
 from lorakit.siblings import probe_groups
@@ -123,6 +124,7 @@ def train_loop(
     checkpoints = _Checkpoints(out_dir, inner, opt, sched, cfg, method, base_model_id, rank)
     start = checkpoints.resume()
     metrics = _Metrics(out_dir, rank, callbacks, t)
+    device, compute = model_device(inner), _base_dtype(inner)
     with _training(model, train_rows, pad_id, t, sharded), checkpoints.on_interrupt(start, sharded) as guard:
         for step in range(start, t.steps):
             torch.manual_seed(t.seed * 7919 + step)  # dropout masks depend on the step only: exact resume
@@ -131,9 +133,10 @@ def train_loop(
             method.before_step(inner, step)
             for micro in range(t.grad_accum):
                 order = batch_order(len(train_rows), step, micro, cfg, world, rank)
-                batch = collate([train_rows[i] for i in order], pad_id)
+                batch = to_device(collate([train_rows[i] for i in order], pad_id), device)
                 # FSDP2: the model's own forward, so that the root module's hooks run (not the chunked head loss)
-                loss = causal_lm_loss(model, batch, fused=t.fused and not sharded)
+                with autocast(device, compute):
+                    loss = causal_lm_loss(model, batch, fused=t.fused and not sharded)
                 extra = method.extra_loss(inner)
                 loss = (loss if extra is None else loss + extra) / t.grad_accum
                 if not torch.isfinite(loss):
@@ -163,6 +166,12 @@ def train_loop(
 _ADVICE = "lower train.lr (now %s) or check the data"
 
 
+def _base_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the frozen base (its first frozen floating-point parameter): what autocast computes in."""
+    frozen = (p for p in model.parameters() if not p.requires_grad and p.is_floating_point())
+    return next((p.dtype for p in frozen), torch.float32)
+
+
 def _optimizer(model: nn.Module, cfg: RunConfig) -> tuple[list[torch.Tensor], torch.optim.Optimizer, Any]:
     """(the trainable parameters, AdamW over them, its warmup-then-schedule learning rate)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -187,7 +196,7 @@ def _training(
     prev_fused = set_fused(t.fused)
     try:
         if t.fused and groups_enabled() and not sharded and train_rows:
-            probe_groups(inner, collate([train_rows[0]], pad_id)["input_ids"])
+            probe_groups(inner, collate([train_rows[0]], pad_id)["input_ids"].to(model_device(inner)))
         yield
     finally:
         set_fused(prev_fused)

@@ -16,6 +16,7 @@ from torch import nn
 from lorakit.data.jsonl import DataError, read_jsonl
 from lorakit.data.tasks import make_task
 from lorakit.data.tokenize import IGNORE, Encoded, encode_dataset, pack
+from lorakit.device import dtype_name, model_device, peak_memory_gb, resolve_device, resolve_dtype
 from lorakit.layers import LoraLayer
 from lorakit.quant import is_quantized, quantize
 from lorakit.quant.load import load_quantized
@@ -137,6 +138,12 @@ def _prepare(
     """Put the method's trainable adapter on `model`, say how much it trains and how large a step's batch is;
     returns the parameter report."""
     method.prepare(model, base_id)
+    if (
+        cfg.model.adapter_dtype == "float32"
+    ):  # the optimizer's master weights; autocast computes in the base dtype
+        for p in model.parameters():
+            if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
     report = parameter_report(model)
     t = cfg.train
     say(
@@ -167,18 +174,31 @@ def _base_model(cfg: RunConfig, model, tokenizer, say) -> tuple[nn.Module, Any, 
     """(model, tokenizer, quantization report or None): the model passed in, or the one model.path names; QLoRA
     (model.quantize) quantizes it, loading a model straight into 4 bits, never whole in full precision."""
     q = cfg.model
-    dtype = getattr(torch, q.dtype)
+    if model is None:
+        device = resolve_device(q.device)
+        dtype = resolve_dtype(q.dtype, device)
+    else:  # a model passed in runs where and as it is
+        device = model_device(model)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    q.device, q.dtype = str(device), dtype_name(dtype)  # config.yaml records what was chosen
     quant = None
     if model is None and q.quantize:
         model, tokenizer, quant = load_quantized(
-            q.path, method=q.quantize, double_quant=q.double_quant, skip=q.quantize_skip, dtype=dtype
+            q.path,
+            method=q.quantize,
+            double_quant=q.double_quant,
+            skip=q.quantize_skip,
+            dtype=dtype,
+            device=device,
         )
     elif model is None:
         from lorakit.models import load_model
 
-        model, tokenizer = load_model(q.path, dtype=dtype)
+        model, tokenizer = load_model(q.path, dtype=dtype, device=device)
     elif q.quantize:  # a model passed in: quantize it in place
         quant = quantize(model, q.quantize, q.double_quant, q.quantize_skip)
+    if device.type != "cpu":
+        say(f"device: {device} ({torch.cuda.get_device_name(device)}), base in {q.dtype}")
     if quant is not None:
         say(f"quantized the base: {quant.summary()}")
     return model, tokenizer, quant
@@ -233,7 +253,9 @@ def _distribute(model: nn.Module, world: int, fsdp: bool, *, broadcast_buffers: 
     elif world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, broadcast_buffers=broadcast_buffers)
+        device = model_device(model)
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=broadcast_buffers)
     return model
 
 
@@ -263,6 +285,7 @@ def _write_summary(
         "run_dir": str(out_dir),
         "loss_plot": str(plot) if plot else None,
         "peak_rss_gb": _peak_rss_gb(),
+        "peak_gpu_gb": peak_memory_gb(torch.device(cfg.model.device)),
         "quantization": report.get("quantization"),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -277,6 +300,8 @@ def init_distributed() -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
+        if torch.cuda.is_available():  # one GPU per process: cuda:LOCAL_RANK
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return world, dist.get_rank()
 

@@ -92,6 +92,9 @@ def worker_command(args: argparse.Namespace, variant: str) -> list[str]:
     cmd = [sys.executable, "-m", "lorakit.bench", "--worker", variant]
     cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
     cmd += ["--r", str(args.r), "--dropout", str(args.dropout), "--threads", str(args.threads)]
+    cmd += ["--device", args.device, "--dtype", args.dtype] + (
+        ["--grad-checkpointing"] if args.grad_checkpointing else []
+    )
     if args.model:
         cmd += ["--model", args.model]
     return cmd
@@ -133,7 +136,8 @@ def run_rounds(args: argparse.Namespace) -> list[dict[str, dict[str, Any]]]:
             results[variant] = res
             print(
                 f"round {i + 1}/{args.rounds} {variant:8s} step {res['step_s']:.3f} s "
-                f"(steps {', '.join(f'{t:.3f}' for t in res['steps_s'])}), peak RSS {res['peak_rss_gb']:.3f} GB, "
+                f"(steps {', '.join(f'{t:.3f}' for t in res['steps_s'])}), peak {_peak_name(res)} "
+                f"{_peak(res):.3f} GB, "
                 f"loss {res['first_loss']:.4f}",
                 file=sys.stderr,
                 flush=True,
@@ -150,8 +154,20 @@ def spread(values: list[float], fmt: str, unit: str = "") -> str:
     return f"{med} [{format(min(values), fmt)}–{format(max(values), fmt)}]"
 
 
+def _peak(res: dict[str, Any]) -> float:
+    """The memory figure that counts where the worker ran: peak GPU memory on a GPU, peak RSS on the CPU."""
+    return res["peak_gpu_gb"] if res.get("peak_gpu_gb") is not None else res["peak_rss_gb"]
+
+
+def _peak_name(res: dict[str, Any]) -> str:
+    return "GPU memory" if res.get("peak_gpu_gb") is not None else "RSS"
+
+
 def summarize(rounds: list[dict[str, dict[str, Any]]], variants: list[str]) -> tuple[str, dict[str, Any]]:
     """The markdown tables and the key numbers (medians of the per-round paired ratios)."""
+    gpu = all(r[v].get("peak_gpu_gb") is not None for r in rounds for v in variants)
+    if gpu:  # torch.cuda.max_memory_allocated during the steps, and after the load
+        return _summarize_gpu(rounds, variants)
     has_train_peak = all(r[v]["train_peak_gb"] is not None for r in rounds for v in variants)
     lines = [
         "| variant | trainable params | step time, s | peak RSS, GB | RSS after load, GB"
@@ -182,6 +198,31 @@ def summarize(rounds: list[dict[str, dict[str, Any]]], variants: list[str]) -> t
     losses = {v: rounds[0][v]["first_loss"] for v in variants}
     if len({round(x, 4) for x in losses.values()}) > 1:
         lines.append(f"\nWarning: the variants' first-step losses differ: {losses}")
+    return "\n".join(lines), ratios
+
+
+def _summarize_gpu(
+    rounds: list[dict[str, dict[str, Any]]], variants: list[str]
+) -> tuple[str, dict[str, Any]]:
+    lines = [
+        "| variant | trainable params | step time, s | peak GPU memory, GB | GPU memory after load, GB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for v in variants:
+        runs = [r[v] for r in rounds]
+        lines.append(
+            f"| {v} | {runs[0]['trainable']:,} | {spread([x['step_s'] for x in runs], '.3f')} "
+            f"| {spread([x['peak_gpu_gb'] for x in runs], '.3f')} | {spread([x['load_gpu_gb'] for x in runs], '.3f')} |"
+        )
+    ratios: dict[str, Any] = {}
+    pairs = [(a, b) for a, b in RATIOS if a in variants and b in variants]
+    if pairs:
+        lines += ["", "| ratio | step time | peak GPU memory |", "|---|---:|---:|"]
+    for a, b in pairs:
+        t = [r[a]["step_s"] / r[b]["step_s"] for r in rounds]
+        m = [r[a]["peak_gpu_gb"] / r[b]["peak_gpu_gb"] for r in rounds]
+        ratios[f"{a}/{b}"] = {"time": t, "mem": m}
+        lines.append(f"| {a} / {b} | {spread(t, '.3f', '×')} | {spread(m, '.3f', '×')} |")
     return "\n".join(lines), ratios
 
 
@@ -254,6 +295,23 @@ def version(dist: str) -> str:
         return "not installed"
 
 
+def torch_capability() -> str:
+    """torch's CPU kernel level (AVX2, AVX512, ...): the kind of CPU a figure comes from."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def gpu_name(device: str) -> str:
+    """ ", GPU: NAME" when the run used a GPU, else ""."""
+    import torch
+
+    from lorakit.device import resolve_device
+
+    d = resolve_device(device)
+    return f", GPU: {torch.cuda.get_device_name(d)}" if d.type == "cuda" else ""
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -268,8 +326,10 @@ def cpu_name() -> str:
 def docs_section(args: argparse.Namespace, table: str, ratios: dict[str, Any], load_before: float) -> str:
     setup = (
         f"{args.rounds} rounds × {len(args.variants)} variants, {args.steps} timed steps per worker after 1 warm-up, "
-        f"batch {args.batch} × {args.seq} tokens, r={args.r}, alpha={args.r}, dropout={args.dropout}, fp32, "
-        f"{args.threads} threads, model: {args.model or 'lorakit default (SmolLM2-135M-Instruct)'}"
+        f"batch {args.batch} × {args.seq} tokens, r={args.r}, alpha={args.r}, dropout={args.dropout}, "
+        f"device {args.device}, base dtype {args.dtype} (adapters fp32)"
+        + (", gradient checkpointing" if args.grad_checkpointing else "")
+        + f", {args.threads} threads, model: {args.model or 'lorakit default (SmolLM2-135M-Instruct)'}"
     )
     return "\n".join(
         [
@@ -277,7 +337,8 @@ def docs_section(args: argparse.Namespace, table: str, ratios: dict[str, Any], l
             + (f" ({args.tag})" if args.tag else ""),
             "",
             f"- date: {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-            f"- machine: {os.cpu_count()} CPUs ({cpu_name()}), Python {platform.python_version()}, "
+            f"- machine: {os.cpu_count()} CPUs ({cpu_name()}, torch CPU capability "
+            f"{torch_capability()}){gpu_name(args.device)}, Python {platform.python_version()}, "
             f"torch {version('torch')}, transformers {version('transformers')}, peft {version('peft')}",
             f"- command: `{display_command()}`",
             f"- 1-minute load average before the run: {load_before:.2f}",
@@ -331,6 +392,19 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
         help=f"default: {' '.join(DEFAULT_VARIANTS)} (peft if installed)",
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads per worker")
+    parser.add_argument(
+        "--device", default="auto", help="auto (default: a CUDA GPU if present), cpu, cuda or cuda:N"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="the base's dtype: auto (bf16 on a GPU, fp32 on the CPU), float32, bfloat16",
+    )
+    parser.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="non-reentrant gradient checkpointing in every variant",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",

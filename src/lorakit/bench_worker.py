@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from lorakit.device import upcast_trainable
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -75,17 +77,28 @@ class Setup(NamedTuple):
     """Probe the sibling groups before the first step, as `lorakit train` does (lorakit's adapters)."""
 
 
+def _placement(args: argparse.Namespace):
+    """(device, base dtype) of this worker: `--device` and `--dtype`, resolved as `lorakit train` does."""
+    from lorakit.device import resolve_device, resolve_dtype
+
+    device = resolve_device(getattr(args, "device", "cpu"))
+    return device, resolve_dtype(getattr(args, "dtype", "auto"), device)
+
+
 def _load_fp32(args: argparse.Namespace):
+    """The full-precision (or 16-bit, with --dtype) base on --device."""
     import lorakit
 
-    return lorakit.load_model(args.model)[0]
+    device, dtype = _placement(args)
+    return lorakit.load_model(args.model, dtype=dtype, device=device)[0]
 
 
 def _load_nf4(args: argparse.Namespace):
     """Our NF4 base, loaded straight into 4 bits (QLoRA)."""
     import lorakit
 
-    return lorakit.load_quantized(args.model)[0]
+    device, dtype = _placement(args)
+    return lorakit.load_quantized(args.model, dtype=dtype, device=device)[0]
 
 
 def _load_bnb(args: argparse.Namespace):
@@ -95,14 +108,21 @@ def _load_bnb(args: argparse.Namespace):
 
     from lorakit.models import resolve_model_dir
 
+    device, dtype = _placement(args)
     bnb_config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_compute_dtype=dtype,
     )
+    non_linear = (
+        {} if dtype == torch.float32 else {"dtype": dtype}
+    )  # norms and embeddings in the base dtype too
     return AutoModelForCausalLM.from_pretrained(
-        resolve_model_dir(args.model), quantization_config=bnb_config, device_map="cpu"
+        resolve_model_dir(args.model),
+        quantization_config=bnb_config,
+        device_map={"": str(device)},
+        **non_linear,
     )
 
 
@@ -118,6 +138,7 @@ def _lorakit(load=_load_fp32, *, fused: bool = True, groups: bool = False):
         set_groups(groups)
         config = lorakit.LoraConfig(r=args.r, alpha=args.r, dropout=args.dropout, targets=TARGETS)
         lorakit.inject(model, config)
+        upcast_trainable(model)  # fp32 adapters on a 16-bit base, as lorakit train (and PEFT) keep them
         return Setup(model, lambda ids: causal_lm_loss(model, _batch(ids), fused=fused), probe=True)
 
     return build
@@ -197,32 +218,45 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Build one variant, warm up, time ``args.steps`` steps; return the measurements."""
     import torch
 
+    from lorakit.device import autocast, peak_memory_gb
     from lorakit.siblings import probe_groups
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device, dtype = _placement(args)
     model, loss_of, probe = VARIANT_BUILDERS[args.worker](args)
     model.train()
+    if getattr(
+        args, "grad_checkpointing", False
+    ):  # non-reentrant, as lorakit train's --train.grad_checkpointing
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     load_rss = rss_now_gb()
+    load_gpu = peak_memory_gb(device)
 
     vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1234))
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1234)).to(
+        device
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None  # none for the bounds
     if probe:
         probe_groups(model, ids)  # as lorakit train does before its first step
 
     def step() -> float:
-        loss = loss_of(ids)
+        with autocast(device, dtype):  # both lorakit and PEFT compute in the base dtype on a GPU
+            loss = loss_of(ids)
         loss.backward()
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return loss.item()  # waits for the GPU
 
     # Resetting VmHWM can also lower ru_maxrss, so keep the load-time peak and take the max at the end.
     load_peak = peak_rss_gb()
     can_reset = reset_peak_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
     first_loss = step()  # warm-up, not timed; B = 0 at init, so every variant sees the base model's loss
     times = []
@@ -238,6 +272,10 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_gb": max(load_peak, peak_rss_gb()),
         "train_peak_gb": hwm_gb() if can_reset else None,
         "load_rss_gb": load_rss,
+        "peak_gpu_gb": peak_memory_gb(device),
+        "load_gpu_gb": load_gpu,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
         "load_peak_gb": load_peak,
         "first_loss": first_loss,
         "trainable": sum(p.numel() for p in params),

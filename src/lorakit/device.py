@@ -99,6 +99,17 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     }
 
 
+def upcast_trainable(model: torch.nn.Module) -> int:
+    """Put the trainable floating-point parameters (the adapters) in float32, in place; returns how many moved.
+    They are the optimizer's master weights: in bf16 AdamW's small updates would mostly round away."""
+    moved = 0
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
+            moved += 1
+    return moved
+
+
 def peak_memory_gb(device: torch.device) -> float | None:
     """The peak of `torch.cuda.max_memory_allocated` on a GPU, in GB; None on the CPU (where RSS is reported)."""
     if device.type != "cuda":

@@ -27,6 +27,7 @@ def merged_model(
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
     dequantized_base: bool = True,
+    device: str | None = None,
 ):
     """(the base with `adapter` merged in, as a plain transformers model; its tokenizer).
 
@@ -41,7 +42,7 @@ def merged_model(
     if is_ladder_folder(adapter):
         raise AdapterError(f"{adapter}: {MERGE_REFUSAL}")
     quant = adapter_base_quantization(adapter)  # a corrupt adapter file fails here, before the model loads
-    model, tokenizer = load_model(model_spec, dtype=dtype)
+    model, tokenizer = load_model(model_spec, dtype=dtype, device=device)
     if quant and dequantized_base:
         if quant.get("method") in ("nf4", "bitsandbytes-nf4"):  # our NF4 is bitsandbytes' (CPU) bit for bit
             quantize(
@@ -72,11 +73,17 @@ def merge_to_folder(
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
     dequantized_base: bool = True,
+    device: str | None = None,
 ) -> Path:
     """Load the base model, merge `adapter` into it (`merged_model`), and write model + tokenizer to `out`
     atomically: a plain Hugging Face folder."""
     model, tokenizer = merged_model(
-        model_spec, adapter, dtype=dtype, allow_pickle=allow_pickle, dequantized_base=dequantized_base
+        model_spec,
+        adapter,
+        dtype=dtype,
+        allow_pickle=allow_pickle,
+        dequantized_base=dequantized_base,
+        device=device,
     )
 
     def write(tmp: Path) -> None:

@@ -124,13 +124,16 @@ def configure_merge(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--adapter", required=True, help="adapter folder (PEFT layout)")
     p.add_argument("--out", required=True, help="output folder for the merged model")
+    p.add_argument("--device", default="cpu", help="where to merge: cpu (default), auto, cuda or cuda:N")
     add_allow_pickle(p)
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from lorakit.export import merge_to_folder
 
-    out = merge_to_folder(args.model, args.adapter, args.out, allow_pickle=args.allow_pickle)
+    out = merge_to_folder(
+        args.model, args.adapter, args.out, allow_pickle=args.allow_pickle, device=args.device
+    )
     print(f"merged {args.adapter} into {args.model or 'the default model'}; wrote {out}")
     return 0
 

@@ -9,17 +9,32 @@ import time
 MODEL_HELP = "a Hugging Face model folder or a .gguf file (default: the bundled SmolLM2-135M-Instruct)"
 
 
-def load(model_spec: str | None):
-    """`lorakit.models.load_model`, saying on stderr what was loaded and how long it took."""
+def load(model_spec: str | None, device: str | None = None, dtype: str | None = None):
+    """`lorakit.models.load_model` on `device` (auto: a GPU if there is one) in `dtype` (auto: bf16 on a GPU,
+    fp32 on the CPU), saying on stderr what was loaded, where, and how long it took."""
+    from lorakit.device import dtype_name, resolve_device, resolve_dtype
     from lorakit.models import load_model
 
     t0 = time.perf_counter()
-    model, tok = load_model(model_spec)
+    where = resolve_device(device)
+    precision = resolve_dtype(dtype, where)
+    model, tok = load_model(model_spec, dtype=precision, device=where)
     print(
-        f"loaded {model_spec or 'SmolLM2-135M-Instruct (default)'} in {time.perf_counter() - t0:.1f} s",
+        f"loaded {model_spec or 'SmolLM2-135M-Instruct (default)'} in {time.perf_counter() - t0:.1f} s"
+        + ("" if where.type == "cpu" else f" on {where} in {dtype_name(precision)}"),
         file=sys.stderr,
     )
     return model, tok
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    """--device and --dtype, for the commands that load a model."""
+    p.add_argument(
+        "--device", default="auto", help="auto (default: a CUDA GPU if there is one), cpu, cuda, cuda:N"
+    )
+    p.add_argument(
+        "--dtype", default="auto", help="auto (bf16 on a GPU, fp32 on the CPU), float32, bfloat16, float16"
+    )
 
 
 def add_allow_pickle(p: argparse.ArgumentParser, *, several: bool = False) -> None:

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from lorakit.cli.common import MODEL_HELP, add_allow_pickle, load
+from lorakit.cli.common import MODEL_HELP, add_allow_pickle, add_device, load
 from lorakit.cliargs import non_negative, positive_int
 
 
 def configure_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt")
     p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument("--adapter", action="append", help="adapter folder (or a GGUF LoRA file); repeat to activate several")
+    p.add_argument(
+        "--adapter", action="append", help="adapter folder (or a GGUF LoRA file); repeat to activate several"
+    )
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=non_negative, default=0.0, help="0 = greedy (default)")
     p.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
+    add_device(p)
     add_allow_pickle(p, several=True)
 
 
@@ -22,7 +25,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import lorakit
     from lorakit.generate import generate
 
-    model, tok = load(args.model)
+    model, tok = load(args.model, args.device, args.dtype)
     for i, path in enumerate(args.adapter or []):
         lorakit.load_adapter(model, path, f"a{i}", allow_pickle=args.allow_pickle)
     if args.adapter and len(args.adapter) > 1:
@@ -54,6 +57,7 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    add_device(p)
     add_allow_pickle(p)
 
 
@@ -64,7 +68,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lorakit.train.evaluate import eval_loss, exact_match
 
     examples = read_jsonl(args.data)
-    model, tok = load(args.model)
+    model, tok = load(args.model, args.device, args.dtype)
     if args.adapter:
         lorakit.load_adapter(model, args.adapter, allow_pickle=args.allow_pickle)
     rows, stats = encode_dataset(tok, examples, max_len=args.max_len, chat=not args.no_chat)

@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from lorakit.cli.common import MODEL_HELP
+from lorakit.cli.common import MODEL_HELP, add_device
 from lorakit.cliargs import non_negative, positive_int, tcp_port
 
 
@@ -39,6 +39,7 @@ def configure_serve(p: argparse.ArgumentParser) -> None:
         help="batching window of an idle server, ms (default: 5)",
     )
     p.add_argument("--max-model-len", type=positive_int, help="context length (default: the model's)")
+    add_device(p)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -57,6 +58,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         wait_ms=args.wait_ms,
         max_model_len=args.max_model_len,
+        device=args.device,
+        dtype=args.dtype,
     )
     t0 = time.perf_counter()
     app = build(cfg)

@@ -53,6 +53,10 @@ class ServeConfig:
     """How long a request arriving at an idle server waits for others to batch with."""
     max_model_len: int | None = None
     """Context length, prompt plus completion (default: the model's max_position_embeddings)."""
+    device: str = "auto"
+    """Where the model runs: auto (a CUDA GPU if there is one), cpu, cuda or cuda:N."""
+    dtype: str = "auto"
+    """The model's dtype: auto (bf16 on a GPU, fp32 on the CPU), float32, bfloat16 or float16."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -100,7 +104,10 @@ def build(config: ServeConfig) -> FastAPI:
         raise ConfigError(
             f"adapter name {base!r} is also the base model's name; pick another (or --served-model-name)"
         )
-    model, tokenizer = load_model(config.model)
+    from lorakit.device import resolve_device, resolve_dtype
+
+    device = resolve_device(config.device)
+    model, tokenizer = load_model(config.model, dtype=resolve_dtype(config.dtype, device), device=device)
     bank = AdapterBank(model, max_adapters=config.max_adapters)
     for name, path in config.adapters.items():
         seconds = bank.load(name, Path(path).resolve())

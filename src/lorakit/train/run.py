@@ -16,7 +16,14 @@ from torch import nn
 from lorakit.data.jsonl import DataError, read_jsonl
 from lorakit.data.tasks import make_task
 from lorakit.data.tokenize import IGNORE, Encoded, encode_dataset, pack
-from lorakit.device import dtype_name, model_device, peak_memory_gb, resolve_device, resolve_dtype
+from lorakit.device import (
+    dtype_name,
+    model_device,
+    peak_memory_gb,
+    resolve_device,
+    resolve_dtype,
+    upcast_trainable,
+)
 from lorakit.layers import LoraLayer
 from lorakit.quant import is_quantized, quantize
 from lorakit.quant.load import load_quantized
@@ -138,12 +145,8 @@ def _prepare(
     """Put the method's trainable adapter on `model`, say how much it trains and how large a step's batch is;
     returns the parameter report."""
     method.prepare(model, base_id)
-    if (
-        cfg.model.adapter_dtype == "float32"
-    ):  # the optimizer's master weights; autocast computes in the base dtype
-        for p in model.parameters():
-            if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
-                p.data = p.data.float()
+    if cfg.model.adapter_dtype == "float32":  # the optimizer's master weights (autocast computes in 16 bits)
+        upcast_trainable(model)
     report = parameter_report(model)
     t = cfg.train
     say(

@@ -11,9 +11,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # rule: nothing downloads at run t
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_report_header(config):
+    import torch
+
+    if torch.cuda.is_available():
+        return f"gpu: {torch.cuda.get_device_name(0)}: the `gpu` tests run"
+    return "gpu: no CUDA GPU: the `gpu` tests are deselected (on a machine with one: pytest -m gpu)"
+
+
 def pytest_collection_modifyitems(config, items):
-    """`llama_cpp` tests need llama-cpp-python (bash scripts/setup.sh test installs it). Where it is missing they
-    are skipped with the reason shown, never in silence; CI installs it, so there they always run."""
+    """`gpu` tests run only where torch sees a CUDA GPU: elsewhere they are deselected, which pytest's summary
+    counts, and the header says why. `llama_cpp` tests need llama-cpp-python (bash scripts/setup.sh test
+    installs it). Where it is missing they are skipped with the reason shown, never in silence; CI installs it,
+    so there they always run."""
+    import torch
+
+    if not torch.cuda.is_available():
+        gpu = [item for item in items if "gpu" in item.keywords]
+        if gpu:
+            config.hook.pytest_deselected(items=gpu)
+            items[:] = [item for item in items if "gpu" not in item.keywords]
     try:
         import llama_cpp  # noqa: F401
     except ImportError:

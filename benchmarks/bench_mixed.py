@@ -34,7 +34,8 @@ import torch
 
 import lorakit
 from lorakit.bank import AdapterBank
-from lorakit.bench import cpu_name, display_command, version, write_docs
+from lorakit.bench import cpu_name, display_command, gpu_name, version, write_docs
+from lorakit.device import dtype_name, resolve_device, resolve_dtype
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -55,11 +56,19 @@ def make_adapters(model, n: int, r: int, out: Path) -> list[Path]:
     return dirs
 
 
+def sync() -> None:
+    """Wait for the GPU (its work is asynchronous), so that host clocks time the work itself."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn, repeats: int = 1) -> float:
     best = []
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         best.append(time.perf_counter() - t0)
     return statistics.median(best)
 
@@ -76,6 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--quick", action="store_true", help="smoke run: batch 4, prompt 8, new 2, N 1 2, 1 repeat"
     )
+    ap.add_argument("--model", help="HF folder or .gguf file (default: lorakit's default model)")
+    ap.add_argument("--device", default="auto", help="auto (a CUDA GPU if there is one), cpu, cuda or cuda:N")
+    ap.add_argument(
+        "--dtype", default="auto", help="auto (bf16 on a GPU, fp32 on the CPU), float32, bfloat16"
+    )
     ap.add_argument("--write-docs", action="store_true")
     ap.add_argument("--plot", type=Path, default=Path("docs/bench_mixed.png"))
     args = ap.parse_args(argv)
@@ -83,7 +97,9 @@ def main(argv: list[str] | None = None) -> None:
         args.batch, args.prompt, args.new, args.adapters, args.repeats = 4, 8, 2, [1, 2], 1
     load_before = os.getloadavg()[0]
     torch.manual_seed(0)
-    model, tok = lorakit.load_model()
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model, tok = lorakit.load_model(args.model, dtype=dtype, device=device)
     model.eval()
     tmp = Path(tempfile.mkdtemp(prefix="bench_mixed-"))
     n_max = max(args.adapters)
@@ -92,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     load_s = [bank.load(f"a{i}", d) for i, d in enumerate(dirs)]
     ids = torch.randint(
         100, model.config.vocab_size, (args.batch, args.prompt), generator=torch.Generator().manual_seed(1)
-    )
+    ).to(device)
     mask = torch.ones_like(ids)
     gen = dict(do_sample=False, pad_token_id=tok.pad_token_id or 0)
 
@@ -100,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_peft:
         import peft
 
-        base2, _ = lorakit.load_model()
+        base2, _ = lorakit.load_model(args.model, dtype=dtype, device=device)
         peft_model = peft.PeftModel.from_pretrained(base2, str(dirs[0]), adapter_name="a0")
         for i, d in enumerate(dirs[1:], start=1):
             peft_model.load_adapter(str(d), adapter_name=f"a{i}")
@@ -170,10 +186,12 @@ def main(argv: list[str] | None = None) -> None:
             [
                 "## Mixed-adapter batches: lorakit vs one merged adapter vs PEFT `adapter_names`",
                 "",
-                f"- machine: {cpu_name()}, torch {version('torch')}, transformers {version('transformers')}, "
+                f"- machine: {cpu_name()}{gpu_name(args.device)}, torch {version('torch')}, "
+                f"transformers {version('transformers')}, "
                 f"peft {version('peft')}",
                 f"- command: `{display_command()}`",
-                f"- setup: default model (SmolLM2-135M-Instruct), fp32, batch {args.batch}, prompt {args.prompt} "
+                f"- setup: {args.model or 'default model (SmolLM2-135M-Instruct)'}, {dtype_name(dtype)} on {device}, "
+                f"batch {args.batch}, prompt {args.prompt} "
                 f"tokens, {args.new} decode steps, r={args.r} on 7 projections, row i uses adapter i mod N; "
                 f"throughput in tokens/s, medians of {args.repeats} interleaved repeats; ratios: median [min–max] of "
                 "the per-repeat ratios to merged",
@@ -204,8 +222,10 @@ def _work(model, ids, mask, kind, new, gen, **extra) -> float:
     for _ in range(new):
         nxt = out.logits[:, -1:].argmax(-1)
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+        sync()
         t0 = time.perf_counter()
         out = model(input_ids=nxt, attention_mask=mask, **kw)
+        sync()
         steps.append(time.perf_counter() - t0)
     return statistics.median(steps)
 

@@ -103,14 +103,13 @@ def load_quantized(
     """`(model, tokenizer, report)`: `lorakit.load_model(spec)` followed by `lorakit.quantize(model, ...)`, with
     the same result (tested bit for bit) but without the full-precision model ever in memory. With `device`
     (a GPU), the 4-bit model moves there tensor by tensor: the GPU never holds a full-precision linear weight."""
-    from lorakit.device import resolve_device
-
-    target = None if device is None else resolve_device(device)  # a missing GPU fails before the load
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
+    from lorakit.device import resolve_device
     from lorakit.models import _dtype_kwargs, _ensure_pad_token, _one_line, load_model, resolve_model_dir
 
+    target = None if device is None else resolve_device(device)  # a missing GPU fails before the load
     folder = resolve_model_dir(spec, cache_dir)
     index = TensorIndex.of_folder(folder)
     model = None

@@ -116,6 +116,11 @@ def _print_summary(summary: dict) -> None:
     print(
         f"\n{summary['tokens'] / summary['train_seconds']:.0f} tokens/s over {summary['train_seconds']:.0f} s, "
         f"peak memory {summary['peak_rss_gb']:.2f} GB"
+        + (
+            f", peak GPU memory {summary['peak_gpu_gb']:.2f} GB"
+            if summary.get("peak_gpu_gb") is not None
+            else ""
+        )
     )
     print(f"adapter:   {summary['adapter']}")
     print(f"run folder: {summary['run_dir']} (config.yaml, metrics.jsonl, loss.png, summary.json)")

@@ -102,7 +102,8 @@ def load_quantized(
 ) -> tuple[nn.Module, object, QuantReport]:
     """`(model, tokenizer, report)`: `lorakit.load_model(spec)` followed by `lorakit.quantize(model, ...)`, with
     the same result (tested bit for bit) but without the full-precision model ever in memory. With `device`
-    (a GPU), the 4-bit model moves there tensor by tensor: the GPU never holds a full-precision linear weight."""
+    (a GPU), each linear weight goes there alone and is quantized there, then the rest of the model follows: no
+    full-precision copy of the linear layers exists on the GPU or the CPU."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
@@ -133,7 +134,14 @@ def load_quantized(
         model, tokenizer = load_model(folder, dtype=dtype)
         report = quantize(model, method, double_quant, skip)
         return _moved(model, target), tokenizer, report
-    report = quantize(model, method, double_quant, skip, source=lambda name: index.read(name, dtype))
+    on_gpu = target is not None and target.type != "cpu"  # each weight quantized where it will run
+    report = quantize(
+        model,
+        method,
+        double_quant,
+        skip,
+        source=lambda name: index.read(name, dtype).to(target) if on_gpu else index.read(name, dtype),
+    )
     _fill(model, index, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)

@@ -158,3 +158,18 @@ def test_a_16_bit_training_step_keeps_fp32_adapters_and_learns(device):
         losses.append(loss.item())
     assert {p.dtype for p in params} == {torch.float32} and model.lm_head.weight.dtype == torch.bfloat16
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_4_bit_base_loads_onto_the_device_as_on_the_cpu(device, tmp_path):
+    from fsdp_worker import char_tokenizer
+
+    tiny_llama(hidden=64).save_pretrained(tmp_path)
+    char_tokenizer().save_pretrained(tmp_path)
+    dev = resolve_device(device)
+    model, _, _ = lorakit.load_quantized(tmp_path, device=dev)  # quantized on the device, layer by layer
+    ref, _, _ = lorakit.load_quantized(tmp_path)  # on the CPU
+    got, want = model.state_dict(), ref.state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].device.type == dev.type and torch.equal(got[k].cpu(), want[k]), k

@@ -370,7 +370,7 @@ class _NoTokenizer:
 def _tiny_loader(monkeypatch, hidden: int = 32):
     """`merge_to_folder` loads `tiny_llama()` (same seed: the base the adapters were made on), no tokenizer."""
     monkeypatch.setattr(
-        lorakit.models, "load_model", lambda spec, dtype: (tiny_llama(hidden=hidden), _NoTokenizer())
+        lorakit.models, "load_model", lambda spec, dtype, device=None: (tiny_llama(hidden=hidden), _NoTokenizer())
     )
 
 

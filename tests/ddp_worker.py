@@ -14,7 +14,7 @@ import lorakit  # noqa: E402
 from lorakit.data.tokenize import IGNORE, Encoded  # noqa: E402
 from lorakit.train.config import RunConfig, TrainSection  # noqa: E402
 from lorakit.train.loop import train_loop  # noqa: E402
-from lorakit.train.run import init_distributed  # noqa: E402
+from lorakit.train.run import finish_distributed, init_distributed  # noqa: E402
 
 from tiny import tiny_llama  # noqa: E402
 
@@ -40,3 +40,4 @@ if world > 1:
 train_loop(trained, rows, cfg, pad_id=0, out_dir=out, world=world, rank=rank)
 if rank == 0:
     save_file(lorakit.adapter_state_dict(model), str(out / "adapter.safetensors"))
+finish_distributed()

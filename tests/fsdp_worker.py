@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from lorakit import LoraConfig  # noqa: E402
 from lorakit.train.config import DataSection, EvalSection, RunConfig, TrainSection  # noqa: E402
-from lorakit.train.run import run_training  # noqa: E402
+from lorakit.train.run import finish_distributed, run_training  # noqa: E402
 
 from tiny import tiny_llama  # noqa: E402
 
@@ -66,3 +66,4 @@ if __name__ == "__main__":
     for spec in sys.argv[3:]:
         out, _, resume = spec.partition("=")
         train(Path(out), Path(sys.argv[1]), int(sys.argv[2]), resume or None)
+    finish_distributed()

@@ -64,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from lorakit.train.config import load_config
-    from lorakit.train.run import run_training
+    from lorakit.train.run import finish_distributed, run_training
 
     rest = args.extra  # lorakit train [CONFIG.yaml] [--section.key value ...]
     has_config = bool(rest) and not rest[0].startswith("--")
@@ -99,6 +99,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         for bar in bars:
             bar.close()
+    finish_distributed()  # under torchrun: every rank here, then the process group ends
     if "rank" not in summary:  # under torchrun only rank 0 reports
         _print_summary(summary)
     return 0

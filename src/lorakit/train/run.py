@@ -306,7 +306,25 @@ def init_distributed() -> tuple[int, int]:
         if torch.cuda.is_available():  # one GPU per process: cuda:LOCAL_RANK
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        _STARTED.append(True)
     return world, dist.get_rank()
+
+
+_STARTED: list[bool] = []  # whether init_distributed started the process group (and so ends it)
+
+
+def finish_distributed() -> None:
+    """End the process group `init_distributed` started, once every rank is here: what a process does before it
+    exits (`lorakit train` does), after its last run. Without it, a process can exit while gloo's threads still
+    run, and die with "terminate called without an active exception"."""
+    if not _STARTED:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _STARTED.clear()
 
 
 def shard_model(model: nn.Module) -> int:

@@ -173,3 +173,38 @@ def test_a_4_bit_base_loads_onto_the_device_as_on_the_cpu(device, tmp_path):
     assert got.keys() == want.keys()
     for k in want:
         assert got[k].device.type == dev.type and torch.equal(got[k].cpu(), want[k]), k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "method",
+    [
+        ["--method", "lora", "--train.grad_checkpointing", "true"],
+        ["--lora.use_dora", "true"],
+        ["--method", "dylora"],
+        [
+            "--method",
+            "adalora",
+            "--adalora.init_r",
+            "6",
+            "--adalora.target_r",
+            "2",
+            "--adalora.tinit",
+            "1",
+            "--adalora.tfinal",
+            "1",
+            "--adalora.deltaT",
+            "1",
+        ],
+        ["--method", "loraplus"],
+        ["--method", "ladder"],
+    ],
+    ids=["lora-checkpointing", "dora", "dylora", "adalora", "loraplus", "ladder"],
+)
+def test_every_method_trains_and_evaluates_on_the_device(device, method, tmp_path, one_thread):
+    from tiny import addition_run
+
+    summary, model = addition_run(tmp_path, "--train.steps", "4", *method, device=str(resolve_device(device)))
+    assert summary["last"]["loss"] == summary["last"]["loss"]  # finite: the loop stops on NaN anyway
+    assert {p.device.type for p in model.parameters()} == {resolve_device(device).type}
+    assert "accuracy" in summary["after"] and (tmp_path / "run" / "adapter").is_dir()

@@ -123,7 +123,7 @@ def perturb_peft(model: nn.Module, std: float, seed: int = 0) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * std)
 
 
-def addition_run(tmp_path, *overrides: str):
+def addition_run(tmp_path, *overrides: str, device: str | None = None):
     """`lorakit train` through `run_training` on a tiny Llama with a character tokenizer, learning "i+1=" ->
     "i+1" from JSONL files in tmp_path (32 train, 8 eval rows); `overrides` are more `--section.key value`s.
     Returns (summary, model)."""
@@ -154,4 +154,6 @@ def addition_run(tmp_path, *overrides: str):
     model = tiny_llama()
     model.generation_config.eos_token_id = model.config.eos_token_id = 1
     model.generation_config.pad_token_id = model.config.pad_token_id = 0
+    if device is not None:
+        model.to(device)
     return run_training(cfg, model=model, tokenizer=char_tokenizer()), model

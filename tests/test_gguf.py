@@ -330,3 +330,17 @@ def test_the_gguf_format_is_registered_for_files_only():
     assert fmt.suffix == ".gguf" and not fmt.owns(None, "default")
     with pytest.raises(ConfigError, match="export_gguf"):
         fmt.save(None, None, "default")
+
+
+def test_the_modelfile_knows_llama_3s_template():
+    from fsdp_worker import char_tokenizer
+
+    tok = char_tokenizer()
+    tok.chat_template = (  # Llama 3's layout, with no default system prompt
+        "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+        "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    )
+    lines = modelfile_text("./m.gguf", None, tok).splitlines()
+    assert "FROM ./m.gguf" in lines and not any(line.startswith("ADAPTER") for line in lines)
+    assert "{{ .Content }}<|eot_id|>" in "\n".join(lines)
+    assert 'PARAMETER stop "<|eot_id|>"' in lines and not any(line.startswith("SYSTEM") for line in lines)

@@ -35,3 +35,24 @@ def test_lorakit_bench_quick(default_model_dir, tmp_path):
     assert lk["trainable"] > 0 and bound["trainable"] == 0
     # B = 0 at init: the first step of every variant sees the base model's loss (same model, same batch)
     assert abs(lk["first_loss"] - bound["first_loss"]) < 1e-3
+
+
+def test_on_a_gpu_the_memory_figure_is_peak_gpu_memory():
+    from lorakit.bench import interpretation, summarize
+
+    def res(step, gpu, rss):
+        return {
+            "step_s": step, "peak_gpu_gb": gpu, "load_gpu_gb": gpu / 2, "peak_rss_gb": rss, "load_rss_gb": rss,
+            "train_peak_gb": rss, "trainable": 10, "first_loss": 1.0,
+        }  # fmt: skip
+
+    rounds = [{"lorakit": res(1.0, 4.0, 9.0), "peft": res(2.0, 8.0, 3.0)} for _ in range(2)]
+    table, ratios = summarize(rounds, ["lorakit", "peft"])
+    assert "peak GPU memory, GB" in table and "RSS" not in table
+    assert ratios["lorakit/peft"]["mem"] == [0.5, 0.5]  # from GPU memory, not from RSS (which says 3.0)
+    assert "0.500× its peak GPU memory (smaller in every round)" in interpretation(ratios)
+    for r in rounds:  # CPU workers report no GPU memory: RSS again
+        for v in r.values():
+            v["peak_gpu_gb"] = None
+    table, ratios = summarize(rounds, ["lorakit", "peft"])
+    assert "peak RSS, GB" in table and ratios["lorakit/peft"]["mem"] == [3.0, 3.0]

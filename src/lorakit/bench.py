@@ -164,65 +164,41 @@ def _peak_name(res: dict[str, Any]) -> str:
 
 
 def summarize(rounds: list[dict[str, dict[str, Any]]], variants: list[str]) -> tuple[str, dict[str, Any]]:
-    """The markdown tables and the key numbers (medians of the per-round paired ratios)."""
+    """The markdown tables and the key numbers (medians of the per-round paired ratios). Memory is the peak GPU
+    memory (`torch.cuda.max_memory_allocated` during the steps) where the workers ran on a GPU, else peak RSS."""
     gpu = all(r[v].get("peak_gpu_gb") is not None for r in rounds for v in variants)
-    if gpu:  # torch.cuda.max_memory_allocated during the steps, and after the load
-        return _summarize_gpu(rounds, variants)
-    has_train_peak = all(r[v]["train_peak_gb"] is not None for r in rounds for v in variants)
+    has_train_peak = not gpu and all(r[v]["train_peak_gb"] is not None for r in rounds for v in variants)
+    mem, what = ("peak_gpu_gb", "peak GPU memory") if gpu else ("peak_rss_gb", "peak RSS")
+    after_load = ("load_gpu_gb", "GPU memory after load") if gpu else ("load_rss_gb", "RSS after load")
     lines = [
-        "| variant | trainable params | step time, s | peak RSS, GB | RSS after load, GB"
+        f"| variant | trainable params | step time, s | {what}, GB | {after_load[1]}, GB"
         + (" | peak RSS during steps, GB |" if has_train_peak else " |"),
         "|---|---:|---:|---:|---:|" + ("---:|" if has_train_peak else ""),
     ]
     for v in variants:
         runs = [r[v] for r in rounds]
         row = (
-            f"| {v} | {runs[0]['trainable']:,} | {spread([x['step_s'] for x in runs], '.2f')} "
-            f"| {spread([x['peak_rss_gb'] for x in runs], '.3f')} "
-            f"| {spread([x['load_rss_gb'] for x in runs], '.3f')} |"
+            f"| {v} | {runs[0]['trainable']:,} | {spread([x['step_s'] for x in runs], '.3f' if gpu else '.2f')} "
+            f"| {spread([x[mem] for x in runs], '.3f')} "
+            f"| {spread([x[after_load[0]] for x in runs], '.3f')} |"
         )
         if has_train_peak:
             row += f" {spread([x['train_peak_gb'] for x in runs], '.3f')} |"
         lines.append(row)
 
-    ratios: dict[str, Any] = {}
+    ratios: dict[str, Any] = {"memory": what}  # what the "mem" ratios measure
     pairs = [(a, b) for a, b in RATIOS if a in variants and b in variants]
     if pairs:
-        lines += ["", "| ratio | step time | peak RSS |", "|---|---:|---:|"]
+        lines += ["", f"| ratio | step time | {what} |", "|---|---:|---:|"]
     for a, b in pairs:
         t = [r[a]["step_s"] / r[b]["step_s"] for r in rounds]
-        m = [r[a]["peak_rss_gb"] / r[b]["peak_rss_gb"] for r in rounds]
+        m = [r[a][mem] / r[b][mem] for r in rounds]
         ratios[f"{a}/{b}"] = {"time": t, "mem": m}
         lines.append(f"| {a} / {b} | {spread(t, '.3f', '×')} | {spread(m, '.3f', '×')} |")
 
     losses = {v: rounds[0][v]["first_loss"] for v in variants}
     if len({round(x, 4) for x in losses.values()}) > 1:
         lines.append(f"\nWarning: the variants' first-step losses differ: {losses}")
-    return "\n".join(lines), ratios
-
-
-def _summarize_gpu(
-    rounds: list[dict[str, dict[str, Any]]], variants: list[str]
-) -> tuple[str, dict[str, Any]]:
-    lines = [
-        "| variant | trainable params | step time, s | peak GPU memory, GB | GPU memory after load, GB |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for v in variants:
-        runs = [r[v] for r in rounds]
-        lines.append(
-            f"| {v} | {runs[0]['trainable']:,} | {spread([x['step_s'] for x in runs], '.3f')} "
-            f"| {spread([x['peak_gpu_gb'] for x in runs], '.3f')} | {spread([x['load_gpu_gb'] for x in runs], '.3f')} |"
-        )
-    ratios: dict[str, Any] = {}
-    pairs = [(a, b) for a, b in RATIOS if a in variants and b in variants]
-    if pairs:
-        lines += ["", "| ratio | step time | peak GPU memory |", "|---|---:|---:|"]
-    for a, b in pairs:
-        t = [r[a]["step_s"] / r[b]["step_s"] for r in rounds]
-        m = [r[a]["peak_gpu_gb"] / r[b]["peak_gpu_gb"] for r in rounds]
-        ratios[f"{a}/{b}"] = {"time": t, "mem": m}
-        lines.append(f"| {a} / {b} | {spread(t, '.3f', '×')} | {spread(m, '.3f', '×')} |")
     return "\n".join(lines), ratios
 
 
@@ -241,11 +217,12 @@ def verdict(values: list[float], what: str, less: str, more: str) -> str:
 def interpretation(ratios: dict[str, Any]) -> str:
     """Sentences on the lorakit/peft and lorakit/bound ratios."""
     lp, lb, lo = ratios.get("lorakit/peft"), ratios.get("lorakit/bound"), ratios.get("lorakit/bound-ours")
+    mem = ratios.get("memory", "peak RSS")
     parts = []
     if lp:
         parts.append(
             f"A lorakit step takes {verdict(lp['time'], 'the time of a PEFT step', 'faster', 'slower')} and "
-            f"{verdict(lp['mem'], 'its peak RSS', 'smaller', 'larger')}."
+            f"{verdict(lp['mem'], f'its {mem}', 'smaller', 'larger')}."
         )
     if lb:
         parts.append(
@@ -265,16 +242,16 @@ def interpretation(ratios: dict[str, Any]) -> str:
     )
     if nl:
         parts.append(
-            f"QLoRA (lorakit NF4 base) takes {verdict(nl['time'], 'the time of fp32 LoRA', 'faster', 'slower')} "
-            f"and {verdict(nl['mem'], 'its peak RSS', 'smaller', 'larger')}."
+            f"QLoRA (lorakit NF4 base) takes {verdict(nl['time'], 'the time of LoRA', 'faster', 'slower')} "
+            f"and {verdict(nl['mem'], f'its {mem}', 'smaller', 'larger')}."
         )
     if bl:
         parts.append(
-            f"bitsandbytes + PEFT QLoRA takes {statistics.median(bl['time']):.3f}× the time of lorakit fp32 LoRA "
-            f"and {statistics.median(bl['mem']):.3f}× its peak RSS"
+            f"bitsandbytes + PEFT QLoRA takes {statistics.median(bl['time']):.3f}× the time of lorakit LoRA "
+            f"and {statistics.median(bl['mem']):.3f}× its {mem}"
             + (
                 f"; lorakit QLoRA / bitsandbytes QLoRA: {statistics.median(nb['time']):.3f}× time, "
-                f"{statistics.median(nb['mem']):.3f}× peak RSS."
+                f"{statistics.median(nb['mem']):.3f}× {mem}."
                 if nb
                 else "."
             )

@@ -52,8 +52,8 @@ def export_gguf(
     """
     from lorakit.io import load_adapter
     from lorakit.models import default_gguf_path, load_model
-    from lorakit.ondevice.adapter import save_adapter_gguf
-    from lorakit.ondevice.model import save_model_gguf
+    from lorakit.ondevice.adapter import adapter_gguf
+    from lorakit.ondevice.model import model_gguf
     from lorakit.ondevice.modelfile import write_modelfile
     from lorakit.ondevice.writer import check_outtype, check_parent
     from lorakit.variants.ladder_io import is_ladder_folder
@@ -77,19 +77,17 @@ def export_gguf(
             from lorakit.export import merged_model
 
             m, tok = merged_model(model, adapter, allow_pickle=allow_pickle)
-        written = save_model_gguf(
-            m, out, outtype, base_gguf=base_gguf, tokenizer=tok, name=out.stem, progress=progress
-        )
+        gf = model_gguf(m, outtype, base_gguf=base_gguf, tokenizer=tok, name=out.stem)
     else:
         m, tok = load_model(model)
         load_adapter(m, adapter, allow_pickle=allow_pickle)
-        written = save_adapter_gguf(m, out, outtype=outtype, progress=progress)
-    n = _tensor_count(written)
+        gf = adapter_gguf(m, outtype=outtype)
+    written = gf.write(out, progress=progress)
     mf = None
     if modelfile:
         base = base_gguf if base_gguf is not None else Path(model)
         mf = write_modelfile(written, base, adapter=not merged, tokenizer=tok)
-    return Exported(written, mf, n)
+    return Exported(written, mf, len(gf.tensors))
 
 
 def is_gguf_adapter(path: str | os.PathLike) -> bool:
@@ -104,12 +102,6 @@ def is_gguf_adapter(path: str | os.PathLike) -> bool:
         return field is not None and field.contents() == "adapter"
     except (ValueError, OSError, KeyError, IndexError, TypeError):
         return False
-
-
-def _tensor_count(path: Path) -> int:
-    import gguf
-
-    return len(gguf.GGUFReader(path).tensors)
 
 
 def _plan(model: Any, path: Path, raw: dict[str, Any], name: str, allow_pickle: bool) -> Any:

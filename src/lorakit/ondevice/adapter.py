@@ -31,7 +31,7 @@ from lorakit.errors import AdapterError, AdapterFileError
 from lorakit.formats import PREFIX
 from lorakit.io import plan_lora_tensors
 from lorakit.ondevice.names import ExportError, NameMap, permute_rows, unpermute_rows
-from lorakit.ondevice.writer import GgufFile, check_outtype, decode, read_field
+from lorakit.ondevice.writer import GgufFile, check_outtype, decode, open_gguf, read_field
 from lorakit.registry import adapter_layers, registry
 
 log = logging.getLogger(__name__)
@@ -175,16 +175,6 @@ def read_adapter_gguf(path: str | os.PathLike) -> GgufAdapter:
         pairs[base] = (ab["a"], ab["b"])
     alpha = float(read_field(reader, K.Adapter.LORA_ALPHA, 0.0))
     return GgufAdapter(path, str(read_field(reader, K.General.ARCHITECTURE)), alpha, pairs, types)
-
-
-def open_gguf(path: Path) -> gguf.GGUFReader:
-    if not path.is_file():
-        raise AdapterFileError(f"{path}: no such GGUF file")
-    try:
-        return gguf.GGUFReader(path)
-    except (ValueError, OSError, KeyError, IndexError, TypeError) as e:
-        reason = " ".join(str(e).split())[:200] or type(e).__name__
-        raise AdapterFileError(f"{path}: not a readable GGUF file ({reason})") from None
 
 
 def lora_from_gguf(model: nn.Module, ga: GgufAdapter) -> tuple[LoraConfig, dict[str, torch.Tensor]]:

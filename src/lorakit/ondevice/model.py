@@ -19,8 +19,9 @@ from typing import Any
 import gguf
 from torch import nn
 
+from lorakit.errors import ModelLoadError
 from lorakit.ondevice.names import ExportError, NameMap, permute_rows
-from lorakit.ondevice.writer import OUTTYPES, Entry, GgufFile, check_outtype, copy_entries
+from lorakit.ondevice.writer import OUTTYPES, Entry, GgufFile, check_outtype, copy_entries, open_gguf
 
 log = logging.getLogger(__name__)
 K = gguf.Keys
@@ -42,7 +43,7 @@ def model_gguf(
     names = NameMap(model.config)
     out = GgufFile(names.arch.gguf)
     if base_gguf is not None:
-        reader = gguf.GGUFReader(base_gguf)
+        reader = open_gguf(base_gguf, ModelLoadError)
         base_arch = reader.fields[K.General.ARCHITECTURE].contents()
         if base_arch != names.arch.gguf:
             raise ExportError(

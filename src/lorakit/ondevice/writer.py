@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from lorakit.atomic import atomic_write
-from lorakit.errors import OutputError
+from lorakit.errors import AdapterFileError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,9 @@ def check_outtype(outtype: str) -> str:
 def encode(t: torch.Tensor, outtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     """A tensor as the array GGUFWriter stores, and its GGML type."""
     x = t.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
-    qtype = OUTTYPES[outtype][0]
-    if x.ndim < 2 or qtype == Q.F32:
+    qtype, _ = encoded_type(x.shape, outtype)
+    if qtype == Q.F32:
         return x, Q.F32
-    if qtype == Q.Q8_0 and x.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0]:
-        qtype = Q.F16
     if qtype == Q.F16:
         return x.astype(np.float16), Q.F16
     return gguf.quants.quantize(x, qtype), qtype
@@ -148,6 +146,18 @@ def copy_entries(reader: gguf.GGUFReader, skip: Iterable[str] = ()) -> list[Entr
         sub = f.types[1] if vtype == gguf.GGUFValueType.ARRAY and len(f.types) > 1 else None
         out.append(Entry(key, f.contents(), vtype, sub))
     return out
+
+
+def open_gguf(path: str | os.PathLike, error: type[Exception] = AdapterFileError) -> gguf.GGUFReader:
+    """A reader of GGUF file `path`; `error`, in one line, if it is missing or not a readable GGUF."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: no such GGUF file")
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, OSError, KeyError, IndexError, TypeError) as e:
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise error(f"{path}: not a readable GGUF file ({reason})") from None
 
 
 def read_field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:

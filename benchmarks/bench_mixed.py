@@ -35,7 +35,7 @@ import torch
 import lorakit
 from lorakit.bank import AdapterBank
 from lorakit.bench import cpu_name, display_command, gpu_name, version, write_docs
-from lorakit.device import dtype_name, resolve_device, resolve_dtype
+from lorakit.device import dtype_name, placement
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -97,8 +97,7 @@ def main(argv: list[str] | None = None) -> None:
         args.batch, args.prompt, args.new, args.adapters, args.repeats = 4, 8, 2, [1, 2], 1
     load_before = os.getloadavg()[0]
     torch.manual_seed(0)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    device, dtype = placement(args.device, args.dtype)
     model, tok = lorakit.load_model(args.model, dtype=dtype, device=device)
     model.eval()
     tmp = Path(tempfile.mkdtemp(prefix="bench_mixed-"))

@@ -79,10 +79,9 @@ class Setup(NamedTuple):
 
 def _placement(args: argparse.Namespace):
     """(device, base dtype) of this worker: `--device` and `--dtype`, resolved as `lorakit train` does."""
-    from lorakit.device import resolve_device, resolve_dtype
+    from lorakit.device import placement
 
-    device = resolve_device(getattr(args, "device", "cpu"))
-    return device, resolve_dtype(getattr(args, "dtype", "auto"), device)
+    return placement(getattr(args, "device", "cpu"), getattr(args, "dtype", "auto"))
 
 
 def _load_fp32(args: argparse.Namespace):

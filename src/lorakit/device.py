@@ -73,6 +73,14 @@ def resolve_dtype(spec: str | torch.dtype | None, device: torch.device) -> torch
     return DTYPES[text]
 
 
+def placement(
+    device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = "auto"
+) -> tuple[torch.device, torch.dtype]:
+    """(device, base dtype) as `--device` and `--dtype` name them: `resolve_device`, then `resolve_dtype` for it."""
+    where = resolve_device(device)
+    return where, resolve_dtype(dtype, where)
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     """torch.bfloat16 -> "bfloat16" (the name `resolve_dtype` takes back)."""
     return str(dtype).removeprefix("torch.")

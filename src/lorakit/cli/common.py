@@ -12,12 +12,11 @@ MODEL_HELP = "a Hugging Face model folder or a .gguf file (default: the bundled 
 def load(model_spec: str | None, device: str | None = None, dtype: str | None = None):
     """`lorakit.models.load_model` on `device` (auto: a GPU if there is one) in `dtype` (auto: bf16 on a GPU,
     fp32 on the CPU), saying on stderr what was loaded, where, and how long it took."""
-    from lorakit.device import dtype_name, resolve_device, resolve_dtype
+    from lorakit.device import dtype_name, placement
     from lorakit.models import load_model
 
     t0 = time.perf_counter()
-    where = resolve_device(device)
-    precision = resolve_dtype(dtype, where)
+    where, precision = placement(device, dtype)
     model, tok = load_model(model_spec, dtype=precision, device=where)
     print(
         f"loaded {model_spec or 'SmolLM2-135M-Instruct (default)'} in {time.perf_counter() - t0:.1f} s"

@@ -11,16 +11,13 @@ Importing this package registers the ".gguf" adapter file format with `lorakit.f
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorakit.errors import ConfigError
+from lorakit.errors import AdapterFileError, ConfigError
 from lorakit.formats import AdapterFormat, folder_format, register_format
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -95,12 +92,11 @@ def is_gguf_adapter(path: str | os.PathLike) -> bool:
     path = Path(path)
     if not (path.is_file() and path.suffix.lower() == ".gguf"):
         return False
-    try:
-        import gguf
+    from lorakit.ondevice.writer import open_gguf, read_field
 
-        field = gguf.GGUFReader(path).fields.get("general.type")
-        return field is not None and field.contents() == "adapter"
-    except (ValueError, OSError, KeyError, IndexError, TypeError):
+    try:
+        return read_field(open_gguf(path), "general.type") == "adapter"
+    except AdapterFileError:
         return False
 
 

@@ -14,7 +14,6 @@ The layout, as llama.cpp's own `convert_lora_to_gguf.py` writes it and `llama-ad
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from collections import Counter
@@ -34,7 +33,6 @@ from lorakit.ondevice.names import ExportError, NameMap, permute_rows, unpermute
 from lorakit.ondevice.writer import GgufFile, check_outtype, decode, open_gguf, read_field
 from lorakit.registry import adapter_layers, registry
 
-log = logging.getLogger(__name__)
 K = gguf.Keys
 V = gguf.GGUFValueType
 CAUSAL = (None, "CAUSAL_LM")
@@ -64,8 +62,7 @@ def adapter_gguf(model: nn.Module, name: str = "default", outtype: str = "f32") 
     out.add(K.Adapter.TYPE, "lora", V.STRING)
     out.add(K.Adapter.LORA_ALPHA, alpha, V.FLOAT32)
     for module, layer in adapter_layers(model, name):
-        a, b = _pair(model, names, tied, module, layer, name, alpha)
-        base = names.tensor(module + ".weight")
+        base, a, b = _pair(model, names, tied, module, layer, name, alpha)
         out.add_tensor(base + ".lora_a", a, outtype)
         out.add_tensor(base + ".lora_b", b, outtype)
     return out
@@ -97,8 +94,9 @@ def _check_adapter(config: LoraConfig, name: str) -> None:
 
 def _pair(
     model: nn.Module, names: NameMap, tied: bool, module: str, layer: Any, name: str, alpha: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(lora_a, lora_b) of one layer as llama.cpp stores them, with the layer's scale folded into B."""
+) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """(GGUF name of the base tensor, lora_a, lora_b) of one layer as llama.cpp stores them, with the layer's
+    scale folded into B."""
     adapter = layer.adapters[name]
     variant = adapter.variant
     if not variant.plain:
@@ -128,7 +126,7 @@ def _pair(
     heads = names.heads(module + ".weight")
     if heads is not None:
         B = permute_rows(B, heads)
-    return (A.T.contiguous() if embedding else A), B
+    return gname, (A.T.contiguous() if embedding else A), B
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from lorakit.errors import ModelLoadError
 from lorakit.ondevice.names import ExportError, NameMap, permute_rows
 from lorakit.ondevice.writer import OUTTYPES, Entry, GgufFile, check_outtype, copy_entries, open_gguf
 
-log = logging.getLogger(__name__)
 K = gguf.Keys
 V = gguf.GGUFValueType
 _SKIP = (K.General.FILE_TYPE, K.General.QUANTIZATION_VERSION, K.General.ARCHITECTURE)

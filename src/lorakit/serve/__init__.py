@@ -104,10 +104,10 @@ def build(config: ServeConfig) -> FastAPI:
         raise ConfigError(
             f"adapter name {base!r} is also the base model's name; pick another (or --served-model-name)"
         )
-    from lorakit.device import resolve_device, resolve_dtype
+    from lorakit.device import placement
 
-    device = resolve_device(config.device)
-    model, tokenizer = load_model(config.model, dtype=resolve_dtype(config.dtype, device), device=device)
+    device, dtype = placement(config.device, config.dtype)
+    model, tokenizer = load_model(config.model, dtype=dtype, device=device)
     bank = AdapterBank(model, max_adapters=config.max_adapters)
     for name, path in config.adapters.items():
         seconds = bank.load(name, Path(path).resolve())

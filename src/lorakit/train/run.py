@@ -20,8 +20,7 @@ from lorakit.device import (
     dtype_name,
     model_device,
     peak_memory_gb,
-    resolve_device,
-    resolve_dtype,
+    placement,
     upcast_trainable,
 )
 from lorakit.layers import LoraLayer
@@ -178,8 +177,7 @@ def _base_model(cfg: RunConfig, model, tokenizer, say) -> tuple[nn.Module, Any, 
     (model.quantize) quantizes it, loading a model straight into 4 bits, never whole in full precision."""
     q = cfg.model
     if model is None:
-        device = resolve_device(q.device)
-        dtype = resolve_dtype(q.dtype, device)
+        device, dtype = placement(q.device, q.dtype)
     else:  # a model passed in runs where and as it is
         device = model_device(model)
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

@@ -15,9 +15,13 @@ double quantization (fp32 absmax per 64 weights). The lookup tables are shared, 
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lorakit.quant import native
 
 BLOCK_SIZE = 64
 NESTED_BLOCK_SIZE = 256
@@ -113,7 +117,15 @@ def dequantize_4bit(
     dtype: torch.dtype = torch.float32,
     block_size: int = BLOCK_SIZE,
 ) -> torch.Tensor:
-    """The weight of `shape` in `dtype`: level · absmax per block, computed in fp32 and then cast."""
+    """The weight of `shape` in `dtype`: level · absmax per block, computed in fp32 and then cast (by the native
+    kernels on the CPU, with the same result)."""
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    if native.dequant_into(packed.reshape(-1), absmax, block_size, out):
+        return out
+    return _dequantize_torch(packed, absmax, shape, dtype, block_size)
+
+
+def _dequantize_torch(packed, absmax, shape, dtype, block_size):
     pairs = _table("pairs", packed.device).index_select(0, packed.reshape(-1).to(torch.int32))  # (n/2, 2)
     w = pairs.view(-1, block_size).mul_(absmax.float().unsqueeze(1))
     return w.view(shape).to(dtype)
@@ -137,13 +149,46 @@ def quantize_8bit(x: torch.Tensor, block_size: int = NESTED_BLOCK_SIZE) -> tuple
 
 
 def dequantize_8bit(
-    codes: torch.Tensor, absmax: torch.Tensor, block_size: int = NESTED_BLOCK_SIZE
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    block_size: int = NESTED_BLOCK_SIZE,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """fp32 values of `quantize_8bit`'s codes: level · absmax of the block."""
+    """fp32 values of `quantize_8bit`'s codes: level · absmax of the block (+ `offset`, added after rounding)."""
     n = codes.numel()
+    if codes.dtype == torch.uint8 and absmax.dtype == torch.float32 and offset is not None:
+        fast = native.dq8(
+            codes.reshape(-1), _table("dynamic", codes.device), absmax, block_size, float(offset)
+        )
+        if fast is not None:
+            return fast
     vals = _table("dynamic", codes.device)[codes.reshape(-1).long()]
     vals = F.pad(vals, (0, -n % block_size)).view(-1, block_size) * absmax.unsqueeze(1)
-    return vals.view(-1)[:n]
+    vals = vals.view(-1)[:n]
+    return vals if offset is None else vals + offset
+
+
+_scratch = threading.local()
+
+
+def _scratch_weight(layer: NF4Linear, dtype: torch.dtype) -> torch.Tensor:
+    """`layer`'s weight in `dtype`, dequantized by the native kernels into a buffer that this thread reuses for
+    every layer (so a step allocates, and page-faults, no weight-sized memory); a fresh tensor where the kernels
+    do not apply. The result is only valid until the next call in this thread: use it at once, never keep it."""
+    shape = (layer.out_features, layer.in_features)
+    device = layer.qweight.device
+    if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and native.library() is not None:
+        bufs = getattr(_scratch, "bufs", None)
+        if bufs is None:
+            bufs = _scratch.bufs = {}
+        n = shape[0] * shape[1]
+        buf = bufs.get(dtype)
+        if buf is None or buf.numel() < n:
+            buf = bufs[dtype] = torch.empty(n, dtype=dtype)
+        out = buf[:n].view(shape)
+        if native.dequant_into(layer.qweight, layer.absmax_fp32(), layer.block_size, out):
+            return out
+    return layer.dequantize(dtype)
 
 
 class _DequantLinear(torch.autograd.Function):
@@ -153,11 +198,11 @@ class _DequantLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
         ctx.layer = layer
-        return F.linear(x, layer.dequantize(x.dtype))
+        return F.linear(x, _scratch_weight(layer, x.dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad @ ctx.layer.dequantize(grad.dtype), None
+        return grad @ _scratch_weight(ctx.layer, grad.dtype), None
 
 
 class NF4Linear(nn.Module):
@@ -227,7 +272,7 @@ class NF4Linear(nn.Module):
         """The per-block scales (blocks,) in fp32 (decoded from 8 bits with double quantization)."""
         if not self.double_quant:
             return self.absmax
-        return dequantize_8bit(self.absmax, self.absmax_scale) + self.absmax_offset
+        return dequantize_8bit(self.absmax, self.absmax_scale, offset=self.absmax_offset)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight (out_features, in_features) in `dtype` (default: the original weight's dtype)."""
@@ -258,7 +303,21 @@ class NF4Linear(nn.Module):
         if x.requires_grad and torch.is_grad_enabled():
             y = _DequantLinear.apply(x, self)
             return y if bias is None else y + bias
-        return F.linear(x, self.dequantize(x.dtype), bias)
+        rows = x.numel() // self.in_features
+        if rows <= native.GEMV_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
+            # decoding: a few rows multiply straight from the 4-bit codes (the weight is never written out)
+            y = native.gemv(
+                self.qweight,
+                self.absmax_fp32(),
+                self.out_features,
+                self.in_features,
+                self.block_size,
+                x.reshape(rows, -1),
+            )
+            if y is not None:
+                y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+                return y if bias is None else y + bias
+        return F.linear(x, _scratch_weight(self, x.dtype), bias)
 
     def extra_repr(self) -> str:
         return (

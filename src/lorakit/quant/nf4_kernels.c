@@ -1,0 +1,154 @@
+/* NF4 kernels for the CPU: dequantize into a buffer, and a matrix-vector product straight from the 4-bit codes.
+ *
+ * Compiled on first use by lorakit.quant.native (the machine's C compiler, -O3 -march=native, OpenMP where the
+ * compiler has it) and called through ctypes; torch ops are the fallback wherever this does not build.
+ *
+ * Layout (lorakit.quant.nf4, bitsandbytes' own): a row-major weight cut into blocks of `bs` values, two 4-bit
+ * level indices per byte (the first value in the high nibble), one fp32 scale (absmax) per block.
+ *
+ * Dequantization is exact: each value is the fp32 product level * absmax, as torch computes it, and the bfloat16
+ * output rounds that product to nearest even, as torch's float32 -> bfloat16 cast does for finite values.
+ * With AVX-512 the 16 levels sit in one register and `vpermps` looks 16 indices up at once.
+ */
+#include <stdint.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define LK_AVX512 1
+#else
+#define LK_AVX512 0
+#endif
+
+static const float NF4[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f,
+};
+
+int lk_nf4_simd(void) { return LK_AVX512; }
+
+static inline uint16_t bf16_rne(float f) {
+    union { float f; uint32_t u; } v = {f};
+    return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+#if LK_AVX512
+static inline __m256i bf16_rne16(__m512 x) {
+    __m512i u = _mm512_castps_si512(x);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+/* The 32 levels of 16 code bytes, in weight order: (lo16, hi16) = weights 0..15, 16..31. */
+static inline void levels32(const uint8_t *c, __m512 lut, __m512 *w0, __m512 *w1) {
+    const __m512i i0 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i i1 = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)c));
+    __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+    __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)), lut);
+    *w0 = _mm512_permutex2var_ps(hi, i0, lo);
+    *w1 = _mm512_permutex2var_ps(hi, i1, lo);
+}
+#endif
+
+/* out (n_blocks * bs values, fp32 if bf16 == 0 else bfloat16 bits) = level * absmax, block by block. */
+void lk_nf4_dequant(const uint8_t *codes, const float *absmax, int64_t n_blocks, int64_t bs, void *out,
+                    int bf16, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < n_blocks; b++) {
+        const uint8_t *c = codes + b * (bs / 2);
+        const float s = absmax[b];
+        int64_t j = 0;
+#if LK_AVX512
+        const __m512 lut = _mm512_loadu_ps(NF4);
+        const __m512 sv = _mm512_set1_ps(s);
+        for (; j + 16 <= bs / 2; j += 16) {
+            __m512 w0, w1;
+            levels32(c + j, lut, &w0, &w1);
+            w0 = _mm512_mul_ps(w0, sv);
+            w1 = _mm512_mul_ps(w1, sv);
+            if (bf16) {
+                uint16_t *o = (uint16_t *)out + b * bs + 2 * j;
+                _mm256_storeu_si256((__m256i *)o, bf16_rne16(w0));
+                _mm256_storeu_si256((__m256i *)(o + 16), bf16_rne16(w1));
+            } else {
+                float *o = (float *)out + b * bs + 2 * j;
+                _mm512_storeu_ps(o, w0);
+                _mm512_storeu_ps(o + 16, w1);
+            }
+        }
+#endif
+        for (; j < bs / 2; j++) {
+            const float a = NF4[c[j] >> 4] * s, z = NF4[c[j] & 15] * s;
+            if (bf16) {
+                uint16_t *o = (uint16_t *)out + b * bs + 2 * j;
+                o[0] = bf16_rne(a);
+                o[1] = bf16_rne(z);
+            } else {
+                float *o = (float *)out + b * bs + 2 * j;
+                o[0] = a;
+                o[1] = z;
+            }
+        }
+    }
+}
+
+/* absmax (n fp32) = dynamic[code] * scale[i / nested] + offset: the per-block constants of a double-quantized
+ * weight, as two separately rounded fp32 operations (the build turns off FMA contraction). */
+void lk_dq8(const uint8_t *codes, int64_t n, const float *dynamic, const float *scale, int64_t nested,
+            float offset, float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        const float v = dynamic[codes[i]] * scale[i / nested];
+        out[i] = v + offset;
+    }
+}
+
+/* y (T x rows, fp32) = x · dequant(W)ᵀ for a weight of `rows` x `cols` (cols a multiple of bs), without ever
+ * writing the weight out: each row's codes are read once and multiplied into all T inputs. The inputs come
+ * split into their even and odd columns, xe and xo (T x cols/2 each), which is the order the two nibbles of a
+ * byte hold. T is at most 8. */
+void lk_nf4_gemv(const uint8_t *codes, const float *absmax, int64_t rows, int64_t cols, int64_t bs,
+                 const float *xe, const float *xo, int64_t T, float *y, int threads) {
+    const int64_t half = cols / 2, per_row = cols / bs;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *c = codes + r * half;
+        const float *s = absmax + r * per_row;
+        float total[8] = {0};
+        int64_t j = 0;
+#if LK_AVX512
+        if (bs % 32 == 0) {
+            const __m512 lut = _mm512_loadu_ps(NF4);
+            const __m512i m15 = _mm512_set1_epi32(15);
+            __m512 acc[8];
+            for (int64_t t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
+            for (int64_t b = 0; b < per_row; b++) {
+                const __m512 sv = _mm512_set1_ps(s[b]);
+                for (int64_t k = b * (bs / 2); k < (b + 1) * (bs / 2); k += 16) {
+                    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + k)));
+                    __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
+                    __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(v, m15), lut);
+                    for (int64_t t = 0; t < T; t++) {
+                        __m512 p = _mm512_mul_ps(hi, _mm512_loadu_ps(xe + t * half + k));
+                        p = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xo + t * half + k), p);
+                        acc[t] = _mm512_fmadd_ps(p, sv, acc[t]);
+                    }
+                }
+            }
+            for (int64_t t = 0; t < T; t++) total[t] = _mm512_reduce_add_ps(acc[t]);
+            j = half;
+        }
+#endif
+        for (int64_t b = j / (bs / 2); b < per_row; b++) {
+            float part[8] = {0};
+            for (int64_t k = b * (bs / 2); k < (b + 1) * (bs / 2); k++) {
+                const float hi = NF4[c[k] >> 4], lo = NF4[c[k] & 15];
+                for (int64_t t = 0; t < T; t++) part[t] += hi * xe[t * half + k] + lo * xo[t * half + k];
+            }
+            for (int64_t t = 0; t < T; t++) total[t] += part[t] * s[b];
+        }
+        for (int64_t t = 0; t < T; t++) y[t * rows + r] = total[t];
+    }
+}

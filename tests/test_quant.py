@@ -370,7 +370,9 @@ class _NoTokenizer:
 def _tiny_loader(monkeypatch, hidden: int = 32):
     """`merge_to_folder` loads `tiny_llama()` (same seed: the base the adapters were made on), no tokenizer."""
     monkeypatch.setattr(
-        lorakit.models, "load_model", lambda spec, dtype, device=None: (tiny_llama(hidden=hidden), _NoTokenizer())
+        lorakit.models,
+        "load_model",
+        lambda spec, dtype, device=None: (tiny_llama(hidden=hidden), _NoTokenizer()),
     )
 
 
@@ -520,3 +522,119 @@ def test_load_quantized_falls_back_when_checkpoint_names_differ(tmp_path, defaul
     assert "checkpoint names differ" in caplog.text and "extra.unused" in caplog.text
     a, b = ref.state_dict(), got.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The native kernels (lorakit.quant.native): the same numbers as the torch ops
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def torch_ops():
+    """Run a block with the native kernels off (the torch ops), then put them back."""
+    from lorakit.quant import native
+
+    class Off:
+        def __enter__(self):
+            self.old = native.set_enabled(False)
+
+        def __exit__(self, *exc):
+            native.set_enabled(self.old)
+
+    return Off()
+
+
+def test_the_native_kernels_build_where_a_compiler_is(tmp_path):
+    import shutil
+
+    from lorakit.quant import native
+
+    if shutil.which("cc") or shutil.which("gcc"):  # every machine of this project has one; CI proves it
+        assert native.library() is not None
+    assert native.set_enabled(False) is True and native.library() is None
+    native.set_enabled(True)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(96, 130), (256, 512), (7, 64)])
+def test_native_kernels_equal_the_torch_ops_bit_for_bit(shape, double_quant, torch_ops):
+    w = _weights(shape, torch.float32)
+    w.view(-1)[:64] = 0  # an all-zero block
+    flat = w.view(-1)[64:128]
+    flat[:15] = (
+        nf4._table("bounds", "cpu") * flat.abs().max()
+    )  # values on midpoints: ties go to the lower level
+    layer = NF4Linear.from_linear(_linear(w), double_quant=double_quant)
+    got = {
+        "codes": nf4.quantize_4bit(w),
+        "absmax": layer.absmax_fp32(),
+        "fp32": layer.dequantize(torch.float32),
+        "bf16": layer.dequantize(torch.bfloat16),
+    }
+    with torch_ops:
+        want_layer = NF4Linear.from_linear(_linear(w), double_quant=double_quant)
+        want = {
+            "codes": nf4.quantize_4bit(w),
+            "absmax": want_layer.absmax_fp32(),
+            "fp32": want_layer.dequantize(torch.float32),
+            "bf16": want_layer.dequantize(torch.bfloat16),
+        }
+    assert torch.equal(layer.qweight, want_layer.qweight)
+    for key in got:
+        a, b = got[key], want[key]
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) if key == "codes" else torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9])
+def test_decoding_rows_multiply_from_the_codes_like_linear(rows, dtype, torch_ops):
+    """A few rows under no_grad take the kernels' matrix-vector product (the weight never written out); more
+    rows dequantize into the scratch buffer. Reference: the fp32 product with the fp32 weight. Tolerance: fp32
+    sums in another order than the matmul (1e-5 on outputs of ~0.5); bf16 rounds the product and then the bias
+    sum, each by at most half a bf16 step, and a step is at most 2^-7 of the value: 2^-7 relative (plus 4e-3
+    for outputs near zero, where the product's rounding is relative to the larger of the two addends)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(512, 384)
+    layer = NF4Linear.from_linear(lin)
+    x = torch.randn(rows, 512).to(dtype)
+    with torch.no_grad():
+        got = layer(x)
+        with torch_ops:
+            want = F.linear(x.float(), layer.dequantize(torch.float32), lin.bias)
+    assert got.dtype == dtype and got.shape == (rows, 384)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    else:
+        torch.testing.assert_close(got.float(), want, atol=4e-3, rtol=2**-7)
+
+
+def test_without_a_compiler_a_warning_and_the_torch_ops(tmp_path):
+    """A machine where the kernels do not build (here: a compiler that always fails) still quantizes and runs,
+    says so in one line, and gets the same numbers."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, lorakit\n"
+        "from lorakit.quant.nf4 import NF4Linear\n"
+        "from lorakit.quant import native\n"
+        "torch.manual_seed(0)\n"
+        "layer = NF4Linear.from_linear(torch.nn.Linear(128, 64))\n"
+        "y = layer(torch.ones(2, 128))\n"
+        "assert native.library() is None\n"
+        "print(float(y.sum()))\n"
+    )
+    env = {**os.environ, "CC": "false", "LORAKIT_CACHE": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "NF4 native kernels unavailable, using torch ops: false failed" in done.stderr
+    ours = subprocess.run(
+        [sys.executable, "-c", code.replace("is None", "is not None")],
+        env={**os.environ, "LORAKIT_CACHE": str(tmp_path / "ok")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ours.returncode == 0, ours.stderr[-2000:]
+    assert float(ours.stdout) == pytest.approx(float(done.stdout), abs=1e-4)

@@ -40,25 +40,30 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
 
-def enabled() -> bool:
-    """False when ``LORAKIT_NATIVE`` says 0/false/no/off."""
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+_ENABLED = os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def set_enabled(enabled: bool) -> bool:
+    """Use the kernels (True, the default unless ``LORAKIT_NATIVE=0``) or the torch ops; returns the old value."""
+    global _ENABLED
+    old, _ENABLED = _ENABLED, bool(enabled)
+    return old
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernels, building them first if needed; None where they cannot be had (logged once)."""
+    """The loaded kernels, building them first if needed; None where they are off or cannot be had (the reason
+    is logged once)."""
     global _lib, _tried
+    if not _ENABLED:
+        return None
     if _tried:
         return _lib
     with _lock:
         if not _tried:
-            if enabled():
-                try:
-                    _lib = _load()
-                except (OSError, subprocess.SubprocessError) as exc:
-                    log.warning(
-                        "NF4 native kernels unavailable, using torch ops: %s", str(exc).splitlines()[0]
-                    )
+            try:
+                _lib = _load()
+            except (OSError, subprocess.SubprocessError) as exc:
+                log.warning("NF4 native kernels unavailable, using torch ops: %s", str(exc).splitlines()[0])
             _tried = True
     return _lib
 
@@ -117,6 +122,8 @@ def _load() -> ctypes.CDLL:
     lib.lk_nf4_simd.restype = ctypes.c_int
     lib.lk_nf4_dequant.argtypes = [_P, _P, _I, _I, _P, ctypes.c_int, ctypes.c_int]
     lib.lk_nf4_dequant.restype = None
+    lib.lk_nf4_quant.argtypes = [_P, _I, _I, _P, _P, ctypes.c_int]
+    lib.lk_nf4_quant.restype = None
     lib.lk_dq8.argtypes = [_P, _I, _P, _P, _I, ctypes.c_float, _P]
     lib.lk_dq8.restype = None
     lib.lk_nf4_gemv.argtypes = [_P, _P, _I, _I, _I, _P, _P, _I, _P, ctypes.c_int]
@@ -148,6 +155,29 @@ def dequant_into(packed: torch.Tensor, absmax: torch.Tensor, block_size: int, ou
         torch.get_num_threads(),
     )
     return True
+
+
+def quantize(w: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(packed codes, absmax) of `w` (any shape, fp32 values) as `nf4.quantize_4bit` computes them, or None
+    where the kernels cannot do it."""
+    flat = w.detach().reshape(-1)
+    if flat.dtype != torch.float32 or block_size % 2 or flat.numel() % block_size:
+        return None
+    flat = flat.contiguous()
+    lib = _usable(flat)
+    if lib is None:
+        return None
+    packed = torch.empty(flat.numel() // 2, dtype=torch.uint8)
+    absmax = torch.empty(flat.numel() // block_size, dtype=torch.float32)
+    lib.lk_nf4_quant(
+        flat.data_ptr(),
+        absmax.numel(),
+        block_size,
+        packed.data_ptr(),
+        absmax.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return packed, absmax
 
 
 def dq8(

@@ -103,6 +103,9 @@ def quantize_4bit(w: torch.Tensor, block_size: int = BLOCK_SIZE) -> tuple[torch.
     """
     flat = w.detach().reshape(-1).float()
     _check_size(flat.numel(), block_size)
+    fast = native.quantize(flat, block_size)
+    if fast is not None:
+        return fast
     blocks = flat.view(-1, block_size)
     absmax = blocks.abs().amax(dim=1)
     scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp_(-1, 1)
@@ -122,10 +125,6 @@ def dequantize_4bit(
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     if native.dequant_into(packed.reshape(-1), absmax, block_size, out):
         return out
-    return _dequantize_torch(packed, absmax, shape, dtype, block_size)
-
-
-def _dequantize_torch(packed, absmax, shape, dtype, block_size):
     pairs = _table("pairs", packed.device).index_select(0, packed.reshape(-1).to(torch.int32))  # (n/2, 2)
     w = pairs.view(-1, block_size).mul_(absmax.float().unsqueeze(1))
     return w.view(shape).to(dtype)

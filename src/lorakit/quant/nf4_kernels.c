@@ -95,6 +95,51 @@ void lk_nf4_dequant(const uint8_t *codes, const float *absmax, int64_t n_blocks,
     }
 }
 
+/* Quantize w (n_blocks * bs fp32 values) as quantize_4bit does in torch: per block absmax = max |w|,
+ * v = clamp(w * (1 / max(absmax, 1e-38)), -1, 1), index = the number of level midpoints strictly below v
+ * (a value on a midpoint goes to the lower level); two indices a byte, the first in the high nibble. */
+void lk_nf4_quant(const float *w, int64_t n_blocks, int64_t bs, uint8_t *codes, float *absmax, int threads) {
+    float mid[15];
+    for (int i = 0; i < 15; i++) mid[i] = (NF4[i] + NF4[i + 1]) / 2;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < n_blocks; b++) {
+        const float *x = w + b * bs;
+        float m = 0.0f;
+        for (int64_t j = 0; j < bs; j++) {
+            const float a = x[j] < 0 ? -x[j] : x[j];
+            m = a > m ? a : m;
+        }
+        absmax[b] = m;
+        const float inv = 1.0f / (m > 1e-38f ? m : 1e-38f);
+        int64_t j = 0;
+#if LK_AVX512
+        const __m512 iv = _mm512_set1_ps(inv), lo = _mm512_set1_ps(-1.0f), hi = _mm512_set1_ps(1.0f);
+        for (; j + 16 <= bs; j += 16) {
+            __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(_mm512_loadu_ps(x + j), iv), lo), hi);
+            __m512i idx = _mm512_setzero_si512();
+            for (int i = 0; i < 15; i++) {
+                __mmask16 below = _mm512_cmp_ps_mask(_mm512_set1_ps(mid[i]), v, _CMP_LT_OQ);
+                idx = _mm512_mask_add_epi32(idx, below, idx, _mm512_set1_epi32(1));
+            }
+            int32_t lane[16];
+            _mm512_storeu_si512((void *)lane, idx);
+            for (int k = 0; k < 8; k++) codes[(b * bs + j) / 2 + k] = (uint8_t)((lane[2 * k] << 4) | lane[2 * k + 1]);
+        }
+#endif
+        for (; j < bs; j += 2) {
+            uint8_t pair = 0;
+            for (int k = 0; k < 2; k++) {
+                float v = x[j + k] * inv;
+                v = v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v);
+                int idx = 0;
+                for (int i = 0; i < 15; i++) idx += mid[i] < v;
+                pair = (uint8_t)((pair << 4) | idx);
+            }
+            codes[(b * bs + j) / 2] = pair;
+        }
+    }
+}
+
 /* absmax (n fp32) = dynamic[code] * scale[i / nested] + offset: the per-block constants of a double-quantized
  * weight, as two separately rounded fp32 operations (the build turns off FMA contraction). */
 void lk_dq8(const uint8_t *codes, int64_t n, const float *dynamic, const float *scale, int64_t nested,

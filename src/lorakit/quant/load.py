@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import mmap
 import os
 import struct
+import time
 from pathlib import Path
 
 import torch
@@ -25,7 +28,7 @@ from torch import nn
 
 from lorakit.errors import ModelLoadError
 from lorakit.quant.apply import QuantReport, quantize
-from lorakit.quant.nf4 import NF4Linear
+from lorakit.quant.nf4 import BLOCK_SIZE, NF4Linear
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,33 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+MEMORY_ENV = (
+    "LORAKIT_MEMORY_LIMIT"  # GB lorakit may plan a load for (default: the machine's available memory)
+)
+
+
+def available_bytes() -> int | None:
+    """Memory a load may use: ``$LORAKIT_MEMORY_LIMIT`` (GB) if set, else Linux's MemAvailable, else None."""
+    limit = os.environ.get(MEMORY_ENV)
+    if limit:
+        try:
+            return int(float(limit) * 1e9)
+        except ValueError as exc:
+            raise ModelLoadError(f"{MEMORY_ENV}={limit!r} is not a number of GB") from exc
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 class TensorIndex:
@@ -62,18 +92,44 @@ class TensorIndex:
             return None
         entries: dict[str, tuple[Path, torch.dtype, list[int], int, int]] = {}
         for file in files:
-            with open(file, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                dtype = _DTYPES.get(info["dtype"])
+            if not file.is_file():
+                raise ModelLoadError(f"{file}: shard named by {sharded.name} is missing")
+            size = file.stat().st_size
+            try:
+                with open(file, "rb") as f:
+                    (n,) = struct.unpack("<Q", f.read(8))
+                    if n > size - 8:
+                        raise ValueError(f"header of {n} bytes in a {size}-byte file")
+                    header = json.loads(f.read(n))
+                items = [(k, v) for k, v in header.items() if k != "__metadata__"]
+                spans = [(k, v["dtype"], v["shape"], *v["data_offsets"]) for k, v in items]
+            except (struct.error, ValueError, TypeError, KeyError, AttributeError) as exc:
+                raise ModelLoadError(f"{file}: not a safetensors file ({_first_line(exc)})") from exc
+            for name, kind, shape, start, end in spans:
+                dtype = _DTYPES.get(kind)
                 if dtype is None:
                     return None
-                start, end = info["data_offsets"]
-                entries[name] = (file, dtype, info["shape"], 8 + n + start, 8 + n + end)
+                if 8 + n + end > size:
+                    raise ModelLoadError(
+                        f"{file}: truncated: tensor {name!r} ends at byte {8 + n + end:,}, the file has {size:,}"
+                    )
+                entries[name] = (file, dtype, shape, 8 + n + start, 8 + n + end)
         return cls(entries)
+
+    def numel(self, name: str) -> int:
+        return math.prod(self.entries[name][2])
+
+    def mapped(self, name: str) -> torch.Tensor:
+        """The tensor `name` as stored, memory-mapped copy-on-write: only the pages that are read become
+        resident, and a write changes this process's copy, never the file."""
+        file, stored, shape, start, end = self.entries[name]
+        with open(file, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        if end == start:
+            return torch.empty(shape, dtype=stored)
+        return (
+            torch.frombuffer(mm, dtype=torch.uint8, count=end - start, offset=start).view(stored).view(shape)
+        )
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -135,14 +191,34 @@ def load_quantized(
         report = quantize(model, method, double_quant, skip)
         return _moved(model, target), tokenizer, report
     on_gpu = target is not None and target.type != "cpu"  # each weight quantized where it will run
-    report = quantize(
-        model,
-        method,
-        double_quant,
-        skip,
-        source=lambda name: index.read(name, dtype).to(target) if on_gpu else index.read(name, dtype),
+    need = estimate_bytes(model, index, dtype, double_quant, skip)
+    have = available_bytes()
+    if not on_gpu and have is not None and need > have:
+        raise ModelLoadError(
+            f"{folder}: loading it in 4 bits needs about {need / 1e9:.2f} GB, and {have / 1e9:.2f} GB is available"
+            f"{f' (${MEMORY_ENV})' if os.environ.get(MEMORY_ENV) else ''}"
+        )
+    start = time.perf_counter()
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+    def source(name: str) -> torch.Tensor:
+        value = index.read(name, dtype)
+        if tuple(value.shape) != shapes[name]:
+            raise ModelLoadError(
+                f"tensor {name!r} has shape {tuple(value.shape)} in the checkpoint, the model's config wants "
+                f"{shapes[name]}"
+            )
+        return value.to(target) if on_gpu else value
+
+    report = quantize(model, method, double_quant, skip, source=source)
+    _fill(model, index, dtype, map_embedding=not on_gpu)
+    log.info(
+        "loaded %s in 4 bits in %.1f s (estimated %.2f GB: %s)",
+        folder,
+        time.perf_counter() - start,
+        need / 1e9,
+        report.summary(),
     )
-    _fill(model, index, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
@@ -172,9 +248,36 @@ def _unmatched(model: nn.Module, index: TensorIndex) -> list[str]:
     ]
 
 
+def estimate_bytes(model: nn.Module, index: TensorIndex, dtype: torch.dtype, double_quant: bool, skip) -> int:
+    """Bytes of the loaded model: the linear layers `quantize` will take at NF4's bits per weight, the rest in
+    `dtype` (a tied tensor once), plus the largest single weight, which is read in full precision before it is
+    quantized. An estimate made from the model's skeleton before any weight is read."""
+    from lorakit.quant.apply import _reason_to_skip, _shared_weights
+
+    bits = 4 + 8 / 64 + 32 / (64 * 256) if double_quant else 4.5
+    size = 1 if dtype == torch.bool else torch.empty((), dtype=dtype).element_size()
+    shared = _shared_weights(model)
+    four_bit = {
+        f"{name}.weight"
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear and _reason_to_skip(name, m, skip, BLOCK_SIZE, shared) is None
+    }
+    total = largest = 0
+    for name, p in model.named_parameters():  # tied parameters are listed once
+        if name in four_bit:
+            total += math.ceil(p.numel() * bits / 8)
+            largest = max(largest, p.numel() * size)
+        else:
+            total += p.numel() * size
+    total += sum(b.numel() * b.element_size() for b in model.buffers())
+    return total + largest
+
+
 @torch.no_grad()
-def _fill(model: nn.Module, index: TensorIndex, dtype: torch.dtype) -> None:
-    """Read every tensor that quantization did not already consume into the model."""
+def _fill(model: nn.Module, index: TensorIndex, dtype: torch.dtype, map_embedding: bool = True) -> None:
+    """Read every tensor that quantization did not already consume into the model. The input embedding, when
+    it is stored in `dtype` and is not tied to the output head, stays memory-mapped from the file: a batch
+    touches only the rows it looks up, so only those become resident (7B: 0.4 GB not read)."""
     quant_buffers = {
         f"{prefix}.{b}" if prefix else b
         for prefix, m in model.named_modules()
@@ -182,12 +285,20 @@ def _fill(model: nn.Module, index: TensorIndex, dtype: torch.dtype) -> None:
         for b, _ in m.named_buffers(recurse=False)
     }
     tensors = model.state_dict(keep_vars=True)
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is embedding:
+        embedding = None  # tied: the head reads every row each step
     for group in _groups(model):
         if group[0] in quant_buffers:
             continue
         name = next(n for n in group if n in index)
         target = tensors[group[0]]
-        value = index.read(name, dtype if target.is_floating_point() else None)
+        stored = index.entries[name][1]
+        if map_embedding and target is embedding and stored == dtype:
+            value = index.mapped(name)
+        else:
+            value = index.read(name, dtype if target.is_floating_point() else None)
         if tuple(value.shape) != tuple(target.shape):
             raise ModelLoadError(
                 f"tensor {name!r} has shape {tuple(value.shape)} in the checkpoint, the model wants "

@@ -570,6 +570,9 @@ def test_native_kernels_equal_the_torch_ops_bit_for_bit(shape, double_quant, tor
         "absmax": layer.absmax_fp32(),
         "fp32": layer.dequantize(torch.float32),
         "bf16": layer.dequantize(torch.bfloat16),
+        # the training path: 8-bit block constants decoded inside the kernel, into the reused buffer
+        "scratch_fp32": nf4._scratch_weight(layer, torch.float32).clone(),
+        "scratch_bf16": nf4._scratch_weight(layer, torch.bfloat16).clone(),
     }
     with torch_ops:
         want_layer = NF4Linear.from_linear(_linear(w), double_quant=double_quant)
@@ -579,6 +582,7 @@ def test_native_kernels_equal_the_torch_ops_bit_for_bit(shape, double_quant, tor
             "fp32": want_layer.dequantize(torch.float32),
             "bf16": want_layer.dequantize(torch.bfloat16),
         }
+        want["scratch_fp32"], want["scratch_bf16"] = want["fp32"], want["bf16"]
     assert torch.equal(layer.qweight, want_layer.qweight)
     for key in got:
         a, b = got[key], want[key]

@@ -361,7 +361,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     parser.add_argument("--seq", type=int, default=256, help="tokens per sequence")
     parser.add_argument("--r", type=int, default=16, help="LoRA rank (alpha = r)")
     parser.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
-    parser.add_argument("--model", default=None, help="HF folder or .gguf file (default: lorakit's default)")
+    parser.add_argument(
+        "--model", "--model.path", dest="model", default=None, help="HF folder or .gguf file (default: lorakit's default)"
+    )
     parser.add_argument(
         "--variants",
         nargs="+",

@@ -40,6 +40,30 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int64
 
 
+class _Scales(ctypes.Structure):
+    """The kernels' view of a layer's block scales: fp32 absmax, or the 8-bit codes of double quantization."""
+
+    _fields_ = [
+        ("absmax", _P),
+        ("dq", _P),
+        ("dynamic", _P),
+        ("nested_scale", _P),
+        ("nested", _I),
+        ("offset", ctypes.c_float),
+    ]
+
+
+def scales(
+    absmax: torch.Tensor, nested: tuple[torch.Tensor, torch.Tensor, int, float] | None = None
+) -> _Scales:
+    """absmax: fp32 per block; or, with `nested` = (dynamic map, nested scales, nested block size, offset), the
+    uint8 codes of double quantization, decoded by the kernels block by block. The tensors must stay alive."""
+    if nested is None:
+        return _Scales(absmax.data_ptr(), None, None, None, 1, 0.0)
+    dynamic, nested_scale, block, offset = nested
+    return _Scales(None, absmax.data_ptr(), dynamic.data_ptr(), nested_scale.data_ptr(), block, offset)
+
+
 _ENABLED = os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
@@ -120,13 +144,13 @@ def _load() -> ctypes.CDLL:
             os.replace(built, target)  # atomic: a second process sees the whole file or none
     lib = ctypes.CDLL(str(target))
     lib.lk_nf4_simd.restype = ctypes.c_int
-    lib.lk_nf4_dequant.argtypes = [_P, _P, _I, _I, _P, ctypes.c_int, ctypes.c_int]
+    lib.lk_nf4_dequant.argtypes = [_P, ctypes.POINTER(_Scales), _I, _I, _P, ctypes.c_int, ctypes.c_int]
     lib.lk_nf4_dequant.restype = None
     lib.lk_nf4_quant.argtypes = [_P, _I, _I, _P, _P, ctypes.c_int]
     lib.lk_nf4_quant.restype = None
     lib.lk_dq8.argtypes = [_P, _I, _P, _P, _I, ctypes.c_float, _P]
     lib.lk_dq8.restype = None
-    lib.lk_nf4_gemv.argtypes = [_P, _P, _I, _I, _I, _P, _P, _I, _P, ctypes.c_int]
+    lib.lk_nf4_gemv.argtypes = [_P, ctypes.POINTER(_Scales), _I, _I, _I, _P, _P, _I, _P, ctypes.c_int]
     lib.lk_nf4_gemv.restype = None
     return lib
 
@@ -137,17 +161,37 @@ def _usable(*tensors: torch.Tensor) -> ctypes.CDLL | None:
     return library()
 
 
-def dequant_into(packed: torch.Tensor, absmax: torch.Tensor, block_size: int, out: torch.Tensor) -> bool:
+Nested = tuple[
+    torch.Tensor, torch.Tensor, int, float
+]  # double quantization: dynamic map, scales, block, offset
+
+
+def _scales_ok(absmax: torch.Tensor, nested: Nested | None) -> bool:
+    if nested is None:
+        return absmax.dtype == torch.float32
+    dynamic, nested_scale, _, _ = nested
+    return absmax.dtype == torch.uint8 and dynamic.dtype == nested_scale.dtype == torch.float32
+
+
+def dequant_into(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    block_size: int,
+    out: torch.Tensor,
+    nested: Nested | None = None,
+) -> bool:
     """out (packed.numel()·2 values, fp32 or bf16) = level · absmax; False (nothing written) where the kernels
-    cannot do it: not on the CPU, another dtype, an odd block size, or no kernels."""
-    if out.dtype not in (torch.float32, torch.bfloat16) or block_size % 2 or absmax.dtype != torch.float32:
+    cannot do it: not on the CPU, another dtype, an odd block size, or no kernels. `absmax` is fp32, or with
+    `nested` the 8-bit codes of double quantization (see `scales`)."""
+    if out.dtype not in (torch.float32, torch.bfloat16) or block_size % 2 or not _scales_ok(absmax, nested):
         return False
-    lib = _usable(packed, absmax, out)
+    lib = _usable(packed, absmax, out, *(nested[:2] if nested else ()))
     if lib is None:
         return False
+    sc = scales(absmax, nested)
     lib.lk_nf4_dequant(
         packed.data_ptr(),
-        absmax.data_ptr(),
+        ctypes.byref(sc),
         absmax.numel(),
         block_size,
         out.data_ptr(),
@@ -195,24 +239,31 @@ def dq8(
 
 
 def gemv(
-    packed: torch.Tensor, absmax: torch.Tensor, rows: int, cols: int, block_size: int, x: torch.Tensor
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    rows: int,
+    cols: int,
+    block_size: int,
+    x: torch.Tensor,
+    nested: Nested | None = None,
 ) -> torch.Tensor | None:
     """x (T, cols) · dequant(W)ᵀ in fp32 (T ≤ GEMV_MAX_ROWS), straight from the codes; None where the kernels
-    cannot do it (then dequantize and multiply)."""
+    cannot do it (then dequantize and multiply). `absmax` and `nested` as for `dequant_into`."""
     t = x.shape[0]
-    if t > GEMV_MAX_ROWS or block_size % 2 or cols % block_size or absmax.dtype != torch.float32:
+    if t > GEMV_MAX_ROWS or block_size % 2 or cols % block_size or not _scales_ok(absmax, nested):
         return None
     if x.device.type != "cpu":
         return None
     x32 = x.float()
     xe, xo = x32[:, 0::2].contiguous(), x32[:, 1::2].contiguous()
-    lib = _usable(packed, absmax, xe)
+    lib = _usable(packed, absmax, xe, *(nested[:2] if nested else ()))
     if lib is None:
         return None
     y = torch.empty(t, rows, dtype=torch.float32)
+    sc = scales(absmax, nested)
     lib.lk_nf4_gemv(
         packed.data_ptr(),
-        absmax.data_ptr(),
+        ctypes.byref(sc),
         rows,
         cols,
         block_size,

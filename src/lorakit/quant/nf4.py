@@ -185,7 +185,8 @@ def _scratch_weight(layer: NF4Linear, dtype: torch.dtype) -> torch.Tensor:
         if buf is None or buf.numel() < n:
             buf = bufs[dtype] = torch.empty(n, dtype=dtype)
         out = buf[:n].view(shape)
-        if native.dequant_into(layer.qweight, layer.absmax_fp32(), layer.block_size, out):
+        absmax, nested = layer.kernel_scales()
+        if native.dequant_into(layer.qweight, absmax, layer.block_size, out, nested):
             return out
     return layer.dequantize(dtype)
 
@@ -273,6 +274,13 @@ class NF4Linear(nn.Module):
             return self.absmax
         return dequantize_8bit(self.absmax, self.absmax_scale, offset=self.absmax_offset)
 
+    def kernel_scales(self) -> tuple[torch.Tensor, native.Nested | None]:
+        """(absmax, nested) as the native kernels take them: the 8-bit codes are decoded inside the kernels."""
+        if not self.double_quant:
+            return self.absmax, None
+        dynamic = _table("dynamic", self.absmax.device)
+        return self.absmax, (dynamic, self.absmax_scale, NESTED_BLOCK_SIZE, float(self.absmax_offset))
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight (out_features, in_features) in `dtype` (default: the original weight's dtype)."""
         shape = (self.out_features, self.in_features)
@@ -303,15 +311,21 @@ class NF4Linear(nn.Module):
             y = _DequantLinear.apply(x, self)
             return y if bias is None else y + bias
         rows = x.numel() // self.in_features
-        if rows <= native.GEMV_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
+        if (
+            rows <= native.GEMV_MAX_ROWS
+            and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16)
+        ):
             # decoding: a few rows multiply straight from the 4-bit codes (the weight is never written out)
+            absmax, nested = self.kernel_scales()
             y = native.gemv(
                 self.qweight,
-                self.absmax_fp32(),
+                absmax,
                 self.out_features,
                 self.in_features,
                 self.block_size,
                 x.reshape(rows, -1),
+                nested,
             )
             if y is not None:
                 y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)

@@ -28,6 +28,22 @@ static const float NF4[16] = {
 
 int lk_nf4_simd(void) { return LK_AVX512; }
 
+/* The scale of block b: absmax[b], or with double quantization (dq != NULL) dynamic[dq[b]] * nested_scale[b /
+ * nested] + offset, two separately rounded fp32 operations as in torch (the build turns off FMA contraction). */
+typedef struct {
+    const float *absmax;
+    const uint8_t *dq;
+    const float *dynamic, *nested_scale;
+    int64_t nested;
+    float offset;
+} Scales;
+
+static inline float block_scale(const Scales *sc, int64_t b) {
+    if (!sc->dq) return sc->absmax[b];
+    const float v = sc->dynamic[sc->dq[b]] * sc->nested_scale[b / sc->nested];
+    return v + sc->offset;
+}
+
 static inline uint16_t bf16_rne(float f) {
     union { float f; uint32_t u; } v = {f};
     return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
@@ -54,12 +70,12 @@ static inline void levels32(const uint8_t *c, __m512 lut, __m512 *w0, __m512 *w1
 #endif
 
 /* out (n_blocks * bs values, fp32 if bf16 == 0 else bfloat16 bits) = level * absmax, block by block. */
-void lk_nf4_dequant(const uint8_t *codes, const float *absmax, int64_t n_blocks, int64_t bs, void *out,
-                    int bf16, int threads) {
+void lk_nf4_dequant(const uint8_t *codes, const Scales *sc, int64_t n_blocks, int64_t bs, void *out, int bf16,
+                    int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < n_blocks; b++) {
         const uint8_t *c = codes + b * (bs / 2);
-        const float s = absmax[b];
+        const float s = block_scale(sc, b);
         int64_t j = 0;
 #if LK_AVX512
         const __m512 lut = _mm512_loadu_ps(NF4);
@@ -154,13 +170,13 @@ void lk_dq8(const uint8_t *codes, int64_t n, const float *dynamic, const float *
  * writing the weight out: each row's codes are read once and multiplied into all T inputs. The inputs come
  * split into their even and odd columns, xe and xo (T x cols/2 each), which is the order the two nibbles of a
  * byte hold. T is at most 8. */
-void lk_nf4_gemv(const uint8_t *codes, const float *absmax, int64_t rows, int64_t cols, int64_t bs,
+void lk_nf4_gemv(const uint8_t *codes, const Scales *sc, int64_t rows, int64_t cols, int64_t bs,
                  const float *xe, const float *xo, int64_t T, float *y, int threads) {
     const int64_t half = cols / 2, per_row = cols / bs;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const uint8_t *c = codes + r * half;
-        const float *s = absmax + r * per_row;
+        const int64_t b0 = r * per_row;
         float total[8] = {0};
         int64_t j = 0;
 #if LK_AVX512
@@ -170,7 +186,7 @@ void lk_nf4_gemv(const uint8_t *codes, const float *absmax, int64_t rows, int64_
             __m512 acc[8];
             for (int64_t t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
             for (int64_t b = 0; b < per_row; b++) {
-                const __m512 sv = _mm512_set1_ps(s[b]);
+                const __m512 sv = _mm512_set1_ps(block_scale(sc, b0 + b));
                 for (int64_t k = b * (bs / 2); k < (b + 1) * (bs / 2); k += 16) {
                     __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + k)));
                     __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
@@ -192,7 +208,8 @@ void lk_nf4_gemv(const uint8_t *codes, const float *absmax, int64_t rows, int64_
                 const float hi = NF4[c[k] >> 4], lo = NF4[c[k] & 15];
                 for (int64_t t = 0; t < T; t++) part[t] += hi * xe[t * half + k] + lo * xo[t * half + k];
             }
-            for (int64_t t = 0; t < T; t++) total[t] += part[t] * s[b];
+            const float sb = block_scale(sc, b0 + b);
+            for (int64_t t = 0; t < T; t++) total[t] += part[t] * sb;
         }
         for (int64_t t = 0; t < T; t++) y[t * rows + r] = total[t];
     }

@@ -56,3 +56,21 @@ def test_on_a_gpu_the_memory_figure_is_peak_gpu_memory():
             v["peak_gpu_gb"] = None
     table, ratios = summarize(rounds, ["lorakit", "peft"])
     assert "peak RSS, GB" in table and ratios["lorakit/peft"]["mem"] == [3.0, 3.0]
+
+
+@pytest.mark.real_model
+def test_bench_scale_decode_workers_greedy_decode_the_same_tokens_count(default_model_dir):
+    """benchmarks/bench_scale.py's decode worker (a smoke run on the default model, not a measurement): our NF4
+    base and bitsandbytes' each load, prefill and decode, and report positive rates."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scale.py"
+    for variant in ("lorakit-nf4", "bnb"):
+        cmd = [sys.executable, str(script), "worker", "--variant", variant, "--path", str(default_model_dir)]
+        proc = subprocess.run(
+            cmd + ["--tokens", "2", "--prompt", "4"], capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert r["variant"] == variant and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
+        assert 0 < r["rss_after_load_gb"] <= r["load_peak_gb"]

@@ -28,7 +28,7 @@ static const float NF4[16] = {
 
 int lk_nf4_simd(void) { return LK_AVX512; }
 
-/* The scale of block b: absmax[b], or with double quantization (dq != NULL) dynamic[dq[b]] * nested_scale[b /
+/* A layer's block scales: absmax[b], or with double quantization (dq != NULL) dynamic[dq[b]] * nested_scale[b /
  * nested] + offset, two separately rounded fp32 operations as in torch (the build turns off FMA contraction). */
 typedef struct {
     const float *absmax;
@@ -38,10 +38,19 @@ typedef struct {
     float offset;
 } Scales;
 
-static inline float block_scale(const Scales *sc, int64_t b) {
-    if (!sc->dq) return sc->absmax[b];
-    const float v = sc->dynamic[sc->dq[b]] * sc->nested_scale[b / sc->nested];
-    return v + sc->offset;
+/* The scales of blocks [b0, b0 + n) into out: no division per block (an integer division costs more than the
+ * 64 multiply-adds of a block). */
+static void block_scales(const Scales *sc, int64_t b0, int64_t n, float *out) {
+    if (!sc->dq) {
+        for (int64_t i = 0; i < n; i++) out[i] = sc->absmax[b0 + i];
+        return;
+    }
+    int64_t g = b0 / sc->nested, k = b0 % sc->nested;
+    for (int64_t i = 0; i < n; i++) {
+        const float v = sc->dynamic[sc->dq[b0 + i]] * sc->nested_scale[g];
+        out[i] = v + sc->offset;
+        if (++k == sc->nested) k = 0, g++;
+    }
 }
 
 static inline uint16_t bf16_rne(float f) {
@@ -72,40 +81,46 @@ static inline void levels32(const uint8_t *c, __m512 lut, __m512 *w0, __m512 *w1
 /* out (n_blocks * bs values, fp32 if bf16 == 0 else bfloat16 bits) = level * absmax, block by block. */
 void lk_nf4_dequant(const uint8_t *codes, const Scales *sc, int64_t n_blocks, int64_t bs, void *out, int bf16,
                     int threads) {
+    const int64_t chunks = (n_blocks + 255) / 256; /* the scales of 256 blocks at a time */
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < n_blocks; b++) {
-        const uint8_t *c = codes + b * (bs / 2);
-        const float s = block_scale(sc, b);
-        int64_t j = 0;
+    for (int64_t ch = 0; ch < chunks; ch++) {
+        const int64_t first = ch * 256, n = n_blocks - first < 256 ? n_blocks - first : 256;
+        float scale[256];
+        block_scales(sc, first, n, scale);
+        for (int64_t b = first; b < first + n; b++) {
+            const uint8_t *c = codes + b * (bs / 2);
+            const float s = scale[b - first];
+            int64_t j = 0;
 #if LK_AVX512
-        const __m512 lut = _mm512_loadu_ps(NF4);
-        const __m512 sv = _mm512_set1_ps(s);
-        for (; j + 16 <= bs / 2; j += 16) {
-            __m512 w0, w1;
-            levels32(c + j, lut, &w0, &w1);
-            w0 = _mm512_mul_ps(w0, sv);
-            w1 = _mm512_mul_ps(w1, sv);
-            if (bf16) {
-                uint16_t *o = (uint16_t *)out + b * bs + 2 * j;
-                _mm256_storeu_si256((__m256i *)o, bf16_rne16(w0));
-                _mm256_storeu_si256((__m256i *)(o + 16), bf16_rne16(w1));
-            } else {
-                float *o = (float *)out + b * bs + 2 * j;
-                _mm512_storeu_ps(o, w0);
-                _mm512_storeu_ps(o + 16, w1);
+            const __m512 lut = _mm512_loadu_ps(NF4);
+            const __m512 sv = _mm512_set1_ps(s);
+            for (; j + 16 <= bs / 2; j += 16) {
+                __m512 w0, w1;
+                levels32(c + j, lut, &w0, &w1);
+                w0 = _mm512_mul_ps(w0, sv);
+                w1 = _mm512_mul_ps(w1, sv);
+                if (bf16) {
+                    uint16_t *o = (uint16_t *)out + b * bs + 2 * j;
+                    _mm256_storeu_si256((__m256i *)o, bf16_rne16(w0));
+                    _mm256_storeu_si256((__m256i *)(o + 16), bf16_rne16(w1));
+                } else {
+                    float *o = (float *)out + b * bs + 2 * j;
+                    _mm512_storeu_ps(o, w0);
+                    _mm512_storeu_ps(o + 16, w1);
+                }
             }
-        }
 #endif
-        for (; j < bs / 2; j++) {
-            const float a = NF4[c[j] >> 4] * s, z = NF4[c[j] & 15] * s;
-            if (bf16) {
-                uint16_t *o = (uint16_t *)out + b * bs + 2 * j;
-                o[0] = bf16_rne(a);
-                o[1] = bf16_rne(z);
-            } else {
-                float *o = (float *)out + b * bs + 2 * j;
-                o[0] = a;
-                o[1] = z;
+            for (; j < bs / 2; j++) {
+                const float a = NF4[c[j] >> 4] * s, z = NF4[c[j] & 15] * s;
+                if (bf16) {
+                    uint16_t *o = (uint16_t *)out + b * bs + 2 * j;
+                    o[0] = bf16_rne(a);
+                    o[1] = bf16_rne(z);
+                } else {
+                    float *o = (float *)out + b * bs + 2 * j;
+                    o[0] = a;
+                    o[1] = z;
+                }
             }
         }
     }
@@ -166,6 +181,42 @@ void lk_dq8(const uint8_t *codes, int64_t n, const float *dynamic, const float *
     }
 }
 
+#if LK_AVX512
+/* One row of the product for T inputs (T a constant after inlining, so the accumulators live in registers):
+ * a block of 64 weights is two loads of 16 code bytes; the levels times the inputs are summed over the block
+ * first and scaled once, and two accumulators per input alternate between blocks to hide the FMA latency. */
+static inline __attribute__((always_inline)) void row_dot(const uint8_t *c, const float *srow, int64_t per_row,
+                                                          int64_t half, const float *xe, const float *xo,
+                                                          const int T, float *total) {
+    const __m512 lut = _mm512_loadu_ps(NF4);
+    const __m512i m15 = _mm512_set1_epi32(15);
+    __m512 acc0[8], acc1[8];
+    for (int t = 0; t < T; t++) acc0[t] = acc1[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < per_row; b++) {
+        const int64_t k = b * 32;
+        __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + k)));
+        __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + k + 16)));
+        __m512 h0 = _mm512_permutexvar_ps(_mm512_srli_epi32(v0, 4), lut);
+        __m512 l0 = _mm512_permutexvar_ps(_mm512_and_si512(v0, m15), lut);
+        __m512 h1 = _mm512_permutexvar_ps(_mm512_srli_epi32(v1, 4), lut);
+        __m512 l1 = _mm512_permutexvar_ps(_mm512_and_si512(v1, m15), lut);
+        const __m512 sv = _mm512_set1_ps(srow[b]);
+        for (int t = 0; t < T; t++) {
+            const float *e = xe + t * half + k, *o = xo + t * half + k;
+            __m512 p = _mm512_mul_ps(h0, _mm512_loadu_ps(e));
+            p = _mm512_fmadd_ps(l0, _mm512_loadu_ps(o), p);
+            p = _mm512_fmadd_ps(h1, _mm512_loadu_ps(e + 16), p);
+            p = _mm512_fmadd_ps(l1, _mm512_loadu_ps(o + 16), p);
+            if (b & 1)
+                acc1[t] = _mm512_fmadd_ps(p, sv, acc1[t]);
+            else
+                acc0[t] = _mm512_fmadd_ps(p, sv, acc0[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) total[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t]));
+}
+#endif
+
 /* y (T x rows, fp32) = x · dequant(W)ᵀ for a weight of `rows` x `cols` (cols a multiple of bs), without ever
  * writing the weight out: each row's codes are read once and multiplied into all T inputs. The inputs come
  * split into their even and odd columns, xe and xo (T x cols/2 each), which is the order the two nibbles of a
@@ -176,29 +227,22 @@ void lk_nf4_gemv(const uint8_t *codes, const Scales *sc, int64_t rows, int64_t c
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const uint8_t *c = codes + r * half;
-        const int64_t b0 = r * per_row;
+        float srow[per_row];
+        block_scales(sc, r * per_row, per_row, srow);
         float total[8] = {0};
         int64_t j = 0;
 #if LK_AVX512
-        if (bs % 32 == 0) {
-            const __m512 lut = _mm512_loadu_ps(NF4);
-            const __m512i m15 = _mm512_set1_epi32(15);
-            __m512 acc[8];
-            for (int64_t t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
-            for (int64_t b = 0; b < per_row; b++) {
-                const __m512 sv = _mm512_set1_ps(block_scale(sc, b0 + b));
-                for (int64_t k = b * (bs / 2); k < (b + 1) * (bs / 2); k += 16) {
-                    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + k)));
-                    __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), lut);
-                    __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(v, m15), lut);
-                    for (int64_t t = 0; t < T; t++) {
-                        __m512 p = _mm512_mul_ps(hi, _mm512_loadu_ps(xe + t * half + k));
-                        p = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xo + t * half + k), p);
-                        acc[t] = _mm512_fmadd_ps(p, sv, acc[t]);
-                    }
-                }
+        if (bs == 64) {
+            switch (T) { /* a constant T for each call, so row_dot's loops unroll */
+            case 1: row_dot(c, srow, per_row, half, xe, xo, 1, total); break;
+            case 2: row_dot(c, srow, per_row, half, xe, xo, 2, total); break;
+            case 3: row_dot(c, srow, per_row, half, xe, xo, 3, total); break;
+            case 4: row_dot(c, srow, per_row, half, xe, xo, 4, total); break;
+            case 5: row_dot(c, srow, per_row, half, xe, xo, 5, total); break;
+            case 6: row_dot(c, srow, per_row, half, xe, xo, 6, total); break;
+            case 7: row_dot(c, srow, per_row, half, xe, xo, 7, total); break;
+            default: row_dot(c, srow, per_row, half, xe, xo, 8, total); break;
             }
-            for (int64_t t = 0; t < T; t++) total[t] = _mm512_reduce_add_ps(acc[t]);
             j = half;
         }
 #endif
@@ -208,7 +252,7 @@ void lk_nf4_gemv(const uint8_t *codes, const Scales *sc, int64_t rows, int64_t c
                 const float hi = NF4[c[k] >> 4], lo = NF4[c[k] & 15];
                 for (int64_t t = 0; t < T; t++) part[t] += hi * xe[t * half + k] + lo * xo[t * half + k];
             }
-            const float sb = block_scale(sc, b0 + b);
+            const float sb = srow[b];
             for (int64_t t = 0; t < T; t++) total[t] += part[t] * sb;
         }
         for (int64_t t = 0; t < T; t++) y[t * rows + r] = total[t];

@@ -78,18 +78,18 @@ static inline void levels32(const uint8_t *c, __m512 lut, __m512 *w0, __m512 *w1
 }
 #endif
 
-/* out (n_blocks * bs values, fp32 if bf16 == 0 else bfloat16 bits) = level * absmax, block by block. */
-void lk_nf4_dequant(const uint8_t *codes, const Scales *sc, int64_t n_blocks, int64_t bs, void *out, int bf16,
-                    int threads) {
-    const int64_t chunks = (n_blocks + 255) / 256; /* the scales of 256 blocks at a time */
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t ch = 0; ch < chunks; ch++) {
-        const int64_t first = ch * 256, n = n_blocks - first < 256 ? n_blocks - first : 256;
-        float scale[256];
-        block_scales(sc, first, n, scale);
-        for (int64_t b = first; b < first + n; b++) {
+/* Blocks [first, first + n) of a layer (codes and scales indexed from the layer's first block) into out, one
+ * value per weight: fp32 if bf16 == 0, else bfloat16 bits. Single-threaded; callers split the work. */
+static void dequant_blocks(const uint8_t *codes, const Scales *sc, int64_t first, int64_t n, int64_t bs, void *out,
+                           int bf16) {
+    float scale[256];
+    for (int64_t done = 0; done < n; done += 256) {
+        const int64_t m = n - done < 256 ? n - done : 256;
+        block_scales(sc, first + done, m, scale);
+        for (int64_t i = done; i < done + m; i++) {
+            const int64_t b = first + i;
             const uint8_t *c = codes + b * (bs / 2);
-            const float s = scale[b - first];
+            const float s = scale[i - done];
             int64_t j = 0;
 #if LK_AVX512
             const __m512 lut = _mm512_loadu_ps(NF4);
@@ -100,11 +100,11 @@ void lk_nf4_dequant(const uint8_t *codes, const Scales *sc, int64_t n_blocks, in
                 w0 = _mm512_mul_ps(w0, sv);
                 w1 = _mm512_mul_ps(w1, sv);
                 if (bf16) {
-                    uint16_t *o = (uint16_t *)out + b * bs + 2 * j;
+                    uint16_t *o = (uint16_t *)out + i * bs + 2 * j;
                     _mm256_storeu_si256((__m256i *)o, bf16_rne16(w0));
                     _mm256_storeu_si256((__m256i *)(o + 16), bf16_rne16(w1));
                 } else {
-                    float *o = (float *)out + b * bs + 2 * j;
+                    float *o = (float *)out + i * bs + 2 * j;
                     _mm512_storeu_ps(o, w0);
                     _mm512_storeu_ps(o + 16, w1);
                 }
@@ -113,17 +113,38 @@ void lk_nf4_dequant(const uint8_t *codes, const Scales *sc, int64_t n_blocks, in
             for (; j < bs / 2; j++) {
                 const float a = NF4[c[j] >> 4] * s, z = NF4[c[j] & 15] * s;
                 if (bf16) {
-                    uint16_t *o = (uint16_t *)out + b * bs + 2 * j;
+                    uint16_t *o = (uint16_t *)out + i * bs + 2 * j;
                     o[0] = bf16_rne(a);
                     o[1] = bf16_rne(z);
                 } else {
-                    float *o = (float *)out + b * bs + 2 * j;
+                    float *o = (float *)out + i * bs + 2 * j;
                     o[0] = a;
                     o[1] = z;
                 }
             }
         }
     }
+}
+
+/* The level * absmax values of blocks [b_first, b_first + n_blocks) of a layer into out (contiguous). */
+void lk_nf4_dequant(const uint8_t *codes, const Scales *sc, int64_t b_first, int64_t n_blocks, int64_t bs,
+                    void *out, int bf16, int threads) {
+    const int64_t chunks = (n_blocks + 255) / 256, size = bf16 ? 2 : 4;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t ch = 0; ch < chunks; ch++) {
+        const int64_t n = n_blocks - ch * 256 < 256 ? n_blocks - ch * 256 : 256;
+        dequant_blocks(codes, sc, b_first + ch * 256, n, bs, (char *)out + ch * 256 * bs * size, bf16);
+    }
+}
+
+/* Columns [c0, c1) of every row of a rows x cols layer (c0, c1 and cols multiples of bs) into out, a contiguous
+ * rows x (c1 - c0) matrix: the backward pass's slice of W for one slice of the input gradient. */
+void lk_nf4_dequant_cols(const uint8_t *codes, const Scales *sc, int64_t rows, int64_t cols, int64_t bs, int64_t c0,
+                         int64_t c1, void *out, int bf16, int threads) {
+    const int64_t size = bf16 ? 2 : 4, per_row = cols / bs;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++)
+        dequant_blocks(codes, sc, r * per_row + c0 / bs, (c1 - c0) / bs, bs, (char *)out + r * (c1 - c0) * size, bf16);
 }
 
 /* Quantize w (n_blocks * bs fp32 values) as quantize_4bit does in torch: per block absmax = max |w|,

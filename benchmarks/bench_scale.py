@@ -301,18 +301,18 @@ def cmd_report(ns: argparse.Namespace) -> None:
             f"| {_ratio(q.get('decode_tok_s'), d.get('decode_tok_s'))} | {pre} | {e['machine']['cpu_capability']} "
             f"| `{e['command']}` |"
         )
-    load = [e for e in entries if e["kind"] == "load"]
     llines = [
-        "| model | lorakit NF4 load, s | bnb load, s | lorakit peak RSS in load, GB | bnb peak RSS in load, GB | command |",
-        "|---|---:|---:|---:|---:|---|",
+        "| model | load, s: lorakit NF4 / bnb NF4 / dense | peak RSS in load, GB: lorakit NF4 / bnb NF4 / dense "
+        "| command |",
+        "|---|---|---|---|",
     ]
-    for model in dict.fromkeys(e["model"] for e in load):
-        e = _newest(load, model=model)
-        q, b = e["summary"]["lorakit-nf4"], e["summary"]["bnb"]
-        llines.append(
-            f"| {model} | {q['load_s']:.1f} | {b['load_s']:.1f} | {q['load_peak_gb']:.3f} | {b['load_peak_gb']:.3f} "
-            f"| `{e['command']}` |"
-        )
+    loads = [e for e in entries if e["kind"] in ("decode", "load")]  # decode workers time their load too
+    for model in dict.fromkeys(e["model"] for e in loads):
+        e = _newest(loads, model=model)
+        s = e["summary"]
+        secs = " / ".join(f"{s[v]['load_s']:.1f}" if v in s else "–" for v in DECODE_VARIANTS)
+        peaks = " / ".join(f"{s[v]['load_peak_gb']:.2f}" if v in s else "–" for v in DECODE_VARIANTS)
+        llines.append(f"| {model} | {secs} | {peaks} | `{e['command']}` |")
     _plot(train)
     text = DOC.read_text() if DOC.exists() else ""
     for tag, body in (("train", lines), ("decode", dlines), ("load", llines)):

@@ -644,32 +644,3 @@ def test_without_a_compiler_a_warning_and_the_torch_ops(tmp_path):
     )
     assert ours.returncode == 0, ours.stderr[-2000:]
     assert float(ours.stdout) == pytest.approx(float(done.stdout), abs=1e-4)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(
-    "in_features", [512, 96]
-)  # 96: a block of 64 spans two rows; chunks cut on whole blocks
-def test_training_matmuls_by_chunks_of_rows_equal_the_whole_weight(
-    in_features, dtype, monkeypatch, torch_ops
-):
-    """Forward and backward dequantize and multiply a few rows at a time (CHUNK_BYTES, made small here so a
-    layer takes many chunks and a partial last one). Reference: the same products with the whole weight from
-    the torch ops. Tolerance: fp32 sums in another order (1e-5); bf16 products are the same bf16 matmuls of
-    the same bf16 weights, so assert_close's bf16 default."""
-    monkeypatch.setattr(nf4, "CHUNK_BYTES", 3000)
-    torch.manual_seed(0)
-    layer = NF4Linear.from_linear(nn.Linear(in_features, 200, bias=False))
-    chunks = nf4._row_chunks(layer, dtype)
-    assert len(chunks) > 3 and chunks[-1][1] == 200 and all(a * in_features % 64 == 0 for a, _ in chunks)
-    x = torch.randn(2, 24, in_features).to(dtype).requires_grad_(True)
-    y = layer(x)
-    g = torch.randn_like(y)
-    y.backward(g)
-    with torch_ops:
-        w = layer.dequantize(dtype)
-    tol = {"atol": 1e-5, "rtol": 0} if dtype == torch.float32 else {}
-    torch.testing.assert_close(y, F.linear(x.detach(), w), **tol)
-    torch.testing.assert_close(x.grad, g @ w, **tol)
-    with torch.no_grad():  # more rows than decoding takes: the chunked product too
-        torch.testing.assert_close(layer(x), F.linear(x.detach(), w), **tol)

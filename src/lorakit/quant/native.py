@@ -146,19 +146,6 @@ def _load() -> ctypes.CDLL:
     lib.lk_nf4_simd.restype = ctypes.c_int
     lib.lk_nf4_dequant.argtypes = [_P, ctypes.POINTER(_Scales), _I, _I, _I, _P, ctypes.c_int, ctypes.c_int]
     lib.lk_nf4_dequant.restype = None
-    lib.lk_nf4_dequant_cols.argtypes = [
-        _P,
-        ctypes.POINTER(_Scales),
-        _I,
-        _I,
-        _I,
-        _I,
-        _I,
-        _P,
-        ctypes.c_int,
-        ctypes.c_int,
-    ]
-    lib.lk_nf4_dequant_cols.restype = None
     lib.lk_nf4_quant.argtypes = [_P, _I, _I, _P, _P, ctypes.c_int]
     lib.lk_nf4_quant.restype = None
     lib.lk_dq8.argtypes = [_P, _I, _P, _P, _I, ctypes.c_float, _P]
@@ -213,42 +200,6 @@ def dequant_into(
         first_block,
         n_blocks,
         block_size,
-        out.data_ptr(),
-        int(out.dtype == torch.bfloat16),
-        torch.get_num_threads(),
-    )
-    return True
-
-
-def dequant_cols_into(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    shape: tuple[int, int],
-    block_size: int,
-    first: int,
-    last: int,
-    out: torch.Tensor,
-    nested: Nested | None = None,
-) -> bool:
-    """out (rows, last - first), contiguous = columns [first, last) of the weight of `shape`; False where the
-    kernels cannot do it (also: the columns or the row length not whole blocks)."""
-    rows, cols = shape
-    if out.dtype not in (torch.float32, torch.bfloat16) or block_size % 2 or not _scales_ok(absmax, nested):
-        return False
-    if cols % block_size or first % block_size or last % block_size or out.numel() != rows * (last - first):
-        return False
-    lib = _usable(packed, absmax, out, *(nested[:2] if nested else ()))
-    if lib is None:
-        return False
-    sc = scales(absmax, nested)
-    lib.lk_nf4_dequant_cols(
-        packed.data_ptr(),
-        ctypes.byref(sc),
-        rows,
-        cols,
-        block_size,
-        first,
-        last,
         out.data_ptr(),
         int(out.dtype == torch.bfloat16),
         torch.get_num_threads(),

@@ -15,7 +15,6 @@ double quantization (fp32 absmax per 64 weights). The lookup tables are shared, 
 
 from __future__ import annotations
 
-import math
 import threading
 
 import torch
@@ -169,9 +168,6 @@ def dequantize_8bit(
 
 
 _scratch = threading.local()
-CHUNK_BYTES = 8 << 20
-"""Training matmuls dequantize this many bytes of weight rows at a time and multiply them at once, so the
-dequantized rows are still in the cache when the matmul reads them (a 7B MLP weight is 90 MB in bf16)."""
 
 
 def _buffer(dtype: torch.dtype, n: int) -> torch.Tensor:
@@ -202,14 +198,6 @@ def _rows(layer: NF4Linear, dtype: torch.dtype, first: int, last: int) -> torch.
     return out if native.dequant_into(layer.qweight, absmax, layer.block_size, out, nested, block) else None
 
 
-def _row_chunks(layer: NF4Linear, dtype: torch.dtype) -> list[tuple[int, int]]:
-    """[first, last) row ranges of about CHUNK_BYTES each, cut on whole blocks."""
-    step = layer.block_size // math.gcd(layer.in_features, layer.block_size)
-    size = torch.empty((), dtype=dtype).element_size()
-    rows = max(step, CHUNK_BYTES // (layer.in_features * size) // step * step)
-    return [(r, min(r + rows, layer.out_features)) for r in range(0, layer.out_features, rows)]
-
-
 def _scratch_weight(layer: NF4Linear, dtype: torch.dtype) -> torch.Tensor:
     """`layer`'s whole weight in `dtype`, dequantized by the native kernels into a buffer that this thread reuses
     for every layer (so a step allocates, and page-faults, no weight-sized memory); a fresh tensor where the
@@ -221,74 +209,18 @@ def _scratch_weight(layer: NF4Linear, dtype: torch.dtype) -> torch.Tensor:
     return layer.dequantize(dtype)
 
 
-def _matmul_chunked(
-    x2: torch.Tensor, layer: NF4Linear, bias: torch.Tensor | None = None
-) -> torch.Tensor | None:
-    """x2 (N, in) · Wᵀ (+ bias), W dequantized a chunk of rows at a time, each output entry from one matmul
-    over the whole input (so rounded once, as F.linear does); None where the kernels cannot."""
-    out = torch.empty(x2.shape[0], layer.out_features, dtype=x2.dtype)
-    for first, last in _row_chunks(layer, x2.dtype):
-        w = _rows(layer, x2.dtype, first, last)
-        if w is None:
-            return None
-        if bias is None:
-            torch.mm(x2, w.t(), out=out[:, first:last])
-        else:
-            torch.addmm(bias[first:last], x2, w.t(), out=out[:, first:last])
-    return out
-
-
-def _col_chunks(layer: NF4Linear, dtype: torch.dtype) -> list[tuple[int, int]]:
-    """[first, last) column ranges of about CHUNK_BYTES each, on whole blocks ([] if a row is not whole blocks)."""
-    if layer.in_features % layer.block_size:
-        return []
-    size = torch.empty((), dtype=dtype).element_size()
-    step = layer.block_size
-    cols = max(step, CHUNK_BYTES // (layer.out_features * size) // step * step)
-    return [(c, min(c + cols, layer.in_features)) for c in range(0, layer.in_features, cols)]
-
-
-def _grad_input_chunked(g2: torch.Tensor, layer: NF4Linear) -> torch.Tensor | None:
-    """g2 (N, out) · W, W dequantized a chunk of columns at a time: each entry of the input gradient comes from
-    one matmul over all of W's rows (rounded once); None where the kernels cannot."""
-    chunks = _col_chunks(layer, g2.dtype)
-    if not chunks:
-        return None
-    grad = torch.empty(g2.shape[0], layer.in_features, dtype=g2.dtype)
-    absmax, nested = layer.kernel_scales()
-    shape = (layer.out_features, layer.in_features)
-    for first, last in chunks:
-        w = _buffer(g2.dtype, layer.out_features * (last - first)).view(layer.out_features, last - first)
-        if not native.dequant_cols_into(
-            layer.qweight, absmax, shape, layer.block_size, first, last, w, nested
-        ):
-            return None
-        torch.mm(g2, w, out=grad[:, first:last])
-    return grad
-
-
 class _DequantLinear(torch.autograd.Function):
     """y = x·Wᵀ with W dequantized on the fly; W is not saved for backward but dequantized again there, so no
-    full-precision copy lives between the passes. Gradients flow to x only. With the native kernels, W is
-    dequantized and multiplied a cache-sized chunk of rows at a time."""
+    full-precision copy lives between the passes. Gradients flow to x only."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
         ctx.layer = layer
-        if _kernels_for(layer, x.dtype):
-            y = _matmul_chunked(x.reshape(-1, layer.in_features), layer)
-            if y is not None:
-                return y.view(*x.shape[:-1], layer.out_features)
         return F.linear(x, _scratch_weight(layer, x.dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        layer = ctx.layer
-        if _kernels_for(layer, grad.dtype):
-            g = _grad_input_chunked(grad.reshape(-1, layer.out_features), layer)
-            if g is not None:
-                return g.view(*grad.shape[:-1], layer.in_features), None
-        return grad @ _scratch_weight(layer, grad.dtype), None
+        return grad @ _scratch_weight(ctx.layer, grad.dtype), None
 
 
 class NF4Linear(nn.Module):
@@ -416,11 +348,6 @@ class NF4Linear(nn.Module):
             if y is not None:
                 y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
                 return y if bias is None else y + bias
-        trained_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled()
-        if _kernels_for(self, x.dtype) and not trained_bias:  # prefill: a cache-sized chunk of rows at a time
-            y = _matmul_chunked(x.reshape(-1, self.in_features), self, bias)
-            if y is not None:
-                return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, _scratch_weight(self, x.dtype), bias)
 
     def extra_repr(self) -> str:

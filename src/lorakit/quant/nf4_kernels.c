@@ -137,16 +137,6 @@ void lk_nf4_dequant(const uint8_t *codes, const Scales *sc, int64_t b_first, int
     }
 }
 
-/* Columns [c0, c1) of every row of a rows x cols layer (c0, c1 and cols multiples of bs) into out, a contiguous
- * rows x (c1 - c0) matrix: the backward pass's slice of W for one slice of the input gradient. */
-void lk_nf4_dequant_cols(const uint8_t *codes, const Scales *sc, int64_t rows, int64_t cols, int64_t bs, int64_t c0,
-                         int64_t c1, void *out, int bf16, int threads) {
-    const int64_t size = bf16 ? 2 : 4, per_row = cols / bs;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++)
-        dequant_blocks(codes, sc, r * per_row + c0 / bs, (c1 - c0) / bs, bs, (char *)out + r * (c1 - c0) * size, bf16);
-}
-
 /* Quantize w (n_blocks * bs fp32 values) as quantize_4bit does in torch: per block absmax = max |w|,
  * v = clamp(w * (1 / max(absmax, 1e-38)), -1, 1), index = the number of level midpoints strictly below v
  * (a value on a midpoint goes to the lower level); two indices a byte, the first in the high nibble. */

@@ -55,7 +55,8 @@ def machine() -> dict:
 
 def record(kind: str, payload: dict) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    entry = {"kind": kind, "time": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv), **payload}
+    command = "python " + " ".join(sys.argv)
+    entry = {"kind": kind, "time": time.strftime("%Y-%m-%d %H:%M"), "command": command, **payload}
     with open(RESULTS, "a") as f:
         f.write(json.dumps(entry) + "\n")
 
@@ -260,6 +261,8 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 def cmd_report(ns: argparse.Namespace) -> None:
     entries = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    for e in entries:  # results recorded before the command carried its interpreter
+        e["command"] = e["command"] if e["command"].startswith("python") else "python " + e["command"]
     lines = []
     train = [e for e in entries if e["kind"] == "train"]
     keyset = list(dict.fromkeys((e["model"], e["dtype"], e["grad_checkpointing"]) for e in train))
@@ -334,6 +337,7 @@ def _plot(train: list[dict]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     series = {"lorakit-nf4": "lorakit QLoRA", "peft-bnb": "PEFT + bnb QLoRA", "lorakit": "lorakit LoRA"}
@@ -346,18 +350,22 @@ def _plot(train: list[dict]) -> None:
                     xs.append(PARAMS[model])
                     ts.append(e["summary"][v]["step_s"])
                     ms.append(e["summary"][v]["peak_rss_gb"])
-            if len(xs) > 1:
+            if xs:
                 name = f"{label}, {dtype}{', ckpt' if gc else ''}"
-                ax_t.plot(xs, ts, style, marker="o", label=name)
-                ax_m.plot(xs, ms, style, marker="o", label=name)
+                marker = "o" if not gc else "s"
+                color = {"lorakit-nf4": "C0", "peft-bnb": "C1", "lorakit": "C2"}[v]  # one colour a variant
+                ax_t.plot(xs, ts, style, marker=marker, color=color, label=name)
+                ax_m.plot(xs, ms, style, marker=marker, color=color, label=name)
     for ax, title in ((ax_t, "step time at batch 1×256, s"), (ax_m, "peak RSS, GB")):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(list(PARAMS.values()), [f"{v:g}" for v in PARAMS.values()])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("parameters, billions")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
     ax_m.axhline(24, color="grey", lw=0.8)
-    ax_m.text(0.14, 25, "this machine's 24 GB", fontsize=8, color="grey")
+    ax_m.text(0.14, 20, "this machine's 24 GB", fontsize=8, color="grey")
     ax_t.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(PLOT, dpi=110)

@@ -564,31 +564,31 @@ def test_native_kernels_equal_the_torch_ops_bit_for_bit(shape, double_quant, tor
     flat[:15] = (
         nf4._table("bounds", "cpu") * flat.abs().max()
     )  # values on midpoints: ties go to the lower level
-    layer = NF4Linear.from_linear(_linear(w), double_quant=double_quant)
-    got = {
-        "codes": nf4.quantize_4bit(w),
-        "absmax": layer.absmax_fp32(),
-        "fp32": layer.dequantize(torch.float32),
-        "bf16": layer.dequantize(torch.bfloat16),
-        # the training path: 8-bit block constants decoded inside the kernel, into the reused buffer
-        "scratch_fp32": nf4._scratch_weight(layer, torch.float32).clone(),
-        "scratch_bf16": nf4._scratch_weight(layer, torch.bfloat16).clone(),
-    }
+    layer, got = _forms(w, double_quant)
+    got["scratch_fp32"] = nf4._scratch_weight(layer, torch.float32).clone()  # the training path: 8-bit block
+    got["scratch_bf16"] = nf4._scratch_weight(
+        layer, torch.bfloat16
+    ).clone()  # constants decoded in the kernel
     with torch_ops:
-        want_layer = NF4Linear.from_linear(_linear(w), double_quant=double_quant)
-        want = {
-            "codes": nf4.quantize_4bit(w),
-            "absmax": want_layer.absmax_fp32(),
-            "fp32": want_layer.dequantize(torch.float32),
-            "bf16": want_layer.dequantize(torch.bfloat16),
-        }
-        want["scratch_fp32"], want["scratch_bf16"] = want["fp32"], want["bf16"]
+        want_layer, want = _forms(w, double_quant)
+    want["scratch_fp32"], want["scratch_bf16"] = want["fp32"], want["bf16"]
     assert torch.equal(layer.qweight, want_layer.qweight)
     for key in got:
         a, b = got[key], want[key]
         assert (
             all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) if key == "codes" else torch.equal(a, b)
         ), key
+
+
+def _forms(w: torch.Tensor, double_quant: bool) -> tuple[NF4Linear, dict]:
+    """An NF4 layer of `w` and what it computes: codes, block constants, and the weight in fp32 and bf16."""
+    layer = NF4Linear.from_linear(_linear(w), double_quant=double_quant)
+    return layer, {
+        "codes": nf4.quantize_4bit(w),
+        "absmax": layer.absmax_fp32(),
+        "fp32": layer.dequantize(torch.float32),
+        "bf16": layer.dequantize(torch.bfloat16),
+    }
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import platform
 
 import pytest
 import torch
@@ -644,3 +645,25 @@ def test_without_a_compiler_a_warning_and_the_torch_ops(tmp_path):
     )
     assert ours.returncode == 0, ours.stderr[-2000:]
     assert float(ours.stdout) == pytest.approx(float(done.stdout), abs=1e-4)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="-mno-avx512f is an x86 flag")
+def test_the_portable_kernels_equal_the_torch_ops_too(tmp_path):
+    """CPUs without AVX-512 (the AVX2 machines of this project) run the kernels' portable C loops: build them
+    here with AVX-512 off and run the bit-for-bit and decoding tests on them."""
+    import os
+    import subprocess
+    import sys
+
+    cc = tmp_path / "cc-no-avx512"
+    cc.write_text('#!/bin/sh\nexec gcc "$@" -mno-avx512f\n')
+    cc.chmod(0o755)
+    env = {**os.environ, "CC": str(cc), "LORAKIT_CACHE": str(tmp_path / "cache")}
+    check = "from lorakit.quant import native; assert native.library() is not None and not native.simd()"
+    done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tests = f"{__file__}::test_native_kernels_equal_the_torch_ops_bit_for_bit"
+    decoding = f"{__file__}::test_decoding_rows_multiply_from_the_codes_like_linear"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", tests, decoding]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:]

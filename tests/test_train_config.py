@@ -127,7 +127,6 @@ def test_variant_options_need_their_method(args, match):
             ["--adalora.total_step", "many"],
             r"^--adalora\.total_step: expected an integer or null, got 'many'$",
         ),
-        (["--model.quantize_skip", "lm_head"], r"^--model\.quantize_skip: expected a list of strings"),
         (["--model.quantize_skip", "[1, 2]"], r"^--model\.quantize_skip: expected a list of strings"),
         (["--lora.r", "big"], r"^--lora\.r: expected an integer, got 'big'$"),
         (["--lora.alpha", "1e999"], r"^--lora\.alpha: expected a finite number, got '1e999'$"),
@@ -154,12 +153,14 @@ def test_override_values_typed_by_the_field():
             *("--train.out_dir", "2024", "--train.resume", "null", "--train.lr", "1", "--data.chat", "no"),
             *("--lora.alpha", "16", "--lora.targets", "q_proj", "--model.quantize_skip", "[lm_head, '0']"),
             *("--train.max_grad_norm", "0", "--adalora.total_step", "null", "--data.eval_split", "1e-1"),
+            *("--lora.modules_to_save", "lm_head, score"),  # a plain list of strings also takes a,b
         ],
     )
     assert cfg.train.out_dir == "2024" and cfg.train.resume is None  # a str field keeps the text as given
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float) and cfg.data.chat is False
     assert (
         cfg.lora.alpha == 16 and cfg.lora.targets == "q_proj" and cfg.model.quantize_skip == ["lm_head", "0"]
+        and cfg.lora.modules_to_save == ["lm_head", "score"]
     )
     assert cfg.train.max_grad_norm == 0.0 and cfg.adalora.total_step is None and cfg.data.eval_split == 0.1
 

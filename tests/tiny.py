@@ -119,7 +119,7 @@ def perturb_peft(model: nn.Module, std: float, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "lora_" in n:
+            if "lora_" in n or ".modules_to_save." in n:
                 p.add_(torch.randn(p.shape, generator=g) * std)
 
 

@@ -15,6 +15,9 @@ sources' α, r or rsLoRA has to survive in the output config.
     magnitude_prune  Σ w_i · trim(ΔW_i): top-density magnitudes of each; SVD
 
 A module missing from some source is an error, unless `allow_missing`: it then counts as ΔW = 0 there.
+A module that one source saves whole (PEFT's modules_to_save, e.g. a classification head) is carried into the
+result unchanged, if that source's weight is 1; two sources saving the same module whole cannot be combined (there
+is no sum of two replaced modules), and the error names the module.
 The dense methods compute ΔW in float64 and write A, B in the sources' (promoted) dtype. The arithmetic on each
 module is `lorakit.combine_math`; this module reads, checks and writes the adapters.
 """
@@ -38,7 +41,7 @@ from lorakit.atomic import atomic_dir
 from lorakit.combine_math import Lora, combine_module
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, AdapterFileError, ConfigError
-from lorakit.io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_adapter
+from lorakit.io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_adapter, saved_tensors
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +168,33 @@ def combine_tensors(
         out[f"{PREFIX}{m}.{b_key}"] = B.to(dtype).contiguous()
         ranks[m] = A.shape[0]
     same_modules = all(len(table) == len(modules) for table in tables)
-    return _output_config([cfg for cfg, _ in sources], ranks, same_modules), out
+    carried = _carry_saved(sources, weights, names)
+    for m, found in carried.items():
+        out.update({f"{PREFIX}{m}.{k}": t.contiguous() for k, t in found.items()})
+    config = _output_config([cfg for cfg, _ in sources], ranks, same_modules)
+    return config.replace(modules_to_save=sorted(carried) if carried else None), out
+
+
+def _carry_saved(
+    sources: Sequence[Source], weights: list[float], names: list[str]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The modules saved whole that the result carries: each from the one source that saves it."""
+    owner: dict[str, str] = {}
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for (cfg, tensors), w, name in zip(sources, weights, names, strict=True):
+        for m, found in saved_tensors(cfg, tensors).items():
+            if m in owner:
+                raise AdapterError(
+                    f"{name}: saves {m!r} whole (modules_to_save), and so does {owner[m]}; two trained copies of "
+                    "one module cannot be combined (combine adapters that save it in at most one)"
+                )
+            if w != 1.0:
+                raise AdapterError(
+                    f"{name}: saves {m!r} whole (modules_to_save), which is carried unchanged and cannot be "
+                    f"weighted; give this adapter weight 1, not {w:g}"
+                )
+            owner[m], out[m] = name, found
+    return out
 
 
 # -- checks -------------------------------------------------------------------------------------------------------
@@ -220,8 +249,11 @@ def _modules(config: LoraConfig, tensors: dict[str, torch.Tensor], name: str) ->
             f"{name}: bias={config.bias!r} adapters carry trained base biases, which cannot be combined"
         )
     found: dict[str, dict[str, tuple[torch.Tensor, bool]]] = {}
+    whole = {f"{m}.{k}" for m, part in saved_tensors(config, tensors).items() for k in part}
     for key, t in tensors.items():
         k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        if k in whole:  # a module saved whole: carried by _carry_saved
+            continue
         for suffix, (param, embedding) in _KEYS.items():
             if k.endswith("." + suffix):
                 found.setdefault(k[: -len(suffix) - 1], {})[param] = (t, embedding)

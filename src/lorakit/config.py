@@ -36,7 +36,6 @@ _PEFT_IGNORED_KEYS = {
     "base_model_name_or_path",
     "task_type",
     "lora_dropout",
-    "modules_to_save",  # its tensors are checked against the model at load (a trained copy is refused)
 }
 # PEFT keys for features we do not implement: fine when unset (None/False/empty), an error otherwise.
 _PEFT_UNSUPPORTED_KEYS = {
@@ -79,6 +78,7 @@ _FROM_PEFT: dict[str, str] = {
     "use_dora": "use_dora",
     "task_type": "task_type",
     "base_model_name_or_path": "base_model",
+    "modules_to_save": "modules_to_save",
 }
 _PEFT_KEY = {ours: theirs for theirs, ours in _FROM_PEFT.items()}
 
@@ -118,6 +118,10 @@ class LoraConfig:
     SEQ_CLS, TOKEN_CLS, QUESTION_ANS, SEQ_2_SEQ_LM, or null for a bare model, as PEFT writes when unset)."""
     base_model: str | None = None
     """Name or path of the base model, written to adapter_config.json as base_model_name_or_path."""
+    modules_to_save: list[str] | None = None
+    """Modules the adapter trains and saves whole, each in its own copy (PEFT's modules_to_save): a module is
+    saved when its name ends with one of these, as in PEFT, e.g. ["score"] or ["lm_head"]. None: a classification model's head (score/classifier/qa_outputs),
+    as PEFT adds it, and nothing for other models."""
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, (tuple, set)):
@@ -126,6 +130,10 @@ class LoraConfig:
             self.exclude = sorted(self.exclude)
         if isinstance(self.layers, int):
             self.layers = [self.layers]
+        if isinstance(self.modules_to_save, (tuple, set)):
+            self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
         self._check_types()
         _check(bool(self.targets), "targets must name at least one module (or be 'all-linear')", "targets")
         _check(self.bias in BIAS_MODES, f"bias must be one of {BIAS_MODES}, got {short(self.bias)}", "bias")
@@ -179,6 +187,11 @@ class LoraConfig:
         for name in ("task_type", "base_model"):
             v = getattr(self, name)
             _check(v is None or isinstance(v, str), f"{name} must be a string or null, got {short(v)}", name)
+        _check(
+            self.modules_to_save is None or is_str_list(self.modules_to_save),
+            f"modules_to_save must be a list of module names or null, got {short(self.modules_to_save)}",
+            "modules_to_save",
+        )
         for name, what, ok, need in (
             ("rank_pattern", "rank", lambda v: is_int(v, 1), "a positive integer"),
             ("alpha_pattern", "alpha", lambda v: is_number(v) and v > 0, "a finite number > 0"),

@@ -16,6 +16,7 @@ from torch import nn
 
 from lorakit.errors import AdapterError, QuantizationError
 from lorakit.registry import adapter_names, lora_layers, registry
+from lorakit.saved import activate, check_activation, set_disabled
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +33,21 @@ def set_active(model: nn.Module, adapters: str | list[str] | dict[str, float]) -
     """Activate one adapter, several (weight 1 each), or several with weights: {name: weight}.
 
     If adapters are merged and the active set changes, they are unmerged first so the base weights stay exact.
+    A module that adapters save whole (modules_to_save) runs the copy of the one active adapter that has it; two
+    active adapters with copies of the same module, or a copy at a weight other than 1, are refused.
     """
     wanted = _as_weights(adapters)
     known = adapter_names(model)
     for name in wanted:
         if name not in known:
             raise AdapterError(f"no adapter {name!r} on {type(model).__name__}; adapters: {known}")
+    check_activation(model, wanted)
     if any(layer.merged for _, layer in lora_layers(model)) and active_adapters(model) != wanted:
         unmerge(model)
     for _, layer in lora_layers(model):
         layer.active = {n: w for n, w in wanted.items() if n in layer.adapters}
         layer.refresh()
+    activate(model, wanted)
     registry(model).active = dict(wanted)
 
 
@@ -62,9 +67,11 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     for layer in layers:
         layer.disabled = True
         layer.refresh()
+    set_disabled(model, True)
     try:
         yield model
     finally:
+        set_disabled(model, False)
         for layer in layers:
             layer.disabled = False
             layer.refresh()

@@ -19,8 +19,10 @@ from lorakit.errors import AdapterError, TargetError
 from lorakit.handlers import handler_for
 from lorakit.layers import LoraLayer, variant_class
 from lorakit.registry import AdapterInfo, Registry, adapter_names, lora_layers, registry
+from lorakit.saved import add_copies, check_targets, copy_parameters, remove_copies, unwrap_all
 from lorakit.siblings import assign_sibling_groups
-from lorakit.targeting import select_modules
+from lorakit.targeting import select_modules, select_saved
+from lorakit.task_types import CLASSIFICATION, task_heads, task_type_for
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,9 @@ def inject(
     `variant`: the name of a registered LoRA variant (`lorakit.layers.register_variant`); None picks the one the
     config selects (DoRA with `use_dora`, else plain LoRA). All checks run before the model is touched: a bad
     name, no match, an unsupported layer or an unknown variant leaves it as it was.
+
+    `config.modules_to_save` names modules the adapter trains and saves whole, in its own copy (PEFT's
+    `modules_to_save`; lorakit.saved); by default a classification model's head.
     """
     check_new_name(model, name)
     cls = variant_class(config, variant)
@@ -50,9 +55,11 @@ def inject(
         reason = handler_for(module).check(module.base_layer if isinstance(module, LoraLayer) else module)
         if reason:
             raise TargetError(f"cannot add LoRA to {n!r} ({type(module).__name__}): {reason}")
+    saved = modules_to_save(model, config, names)
     reg = registry(model, create=True)
     reg.layers = None
     try:
+        add_copies(model, name, saved)
         for n in names:
             layer = _wrap(model, n)
             layer.add_adapter(
@@ -66,16 +73,33 @@ def inject(
             )
     except Exception:
         _remove_from_layers(model, name)
+        remove_copies(model, name)
         reg.layers = None
+        if not reg.adapters:
+            del model.__dict__["_lorakit"]
         raise
     reg.layers = None
     assign_sibling_groups(list(lora_layers(model)))
-    reg.adapters[name] = AdapterInfo(config=config, modules=names, trainable=trainable)
+    reg.adapters[name] = AdapterInfo(config=config, modules=names, trainable=trainable, saved=saved)
     set_trainable(model)
     if activate:
         set_active(model, name)
     log.info("injected adapter %r into %d modules", name, len(names))
     return model
+
+
+def modules_to_save(model: nn.Module, config: LoraConfig, lora_modules: list[str]) -> list[str]:
+    """The modules an adapter with `config` saves whole: those `config.modules_to_save` names (each must match),
+    or by default the head of a classification model that LoRA does not adapt (PEFT adds it the same way)."""
+    if config.modules_to_save is None:
+        task = config.task_type or task_type_for(model)
+        if task not in CLASSIFICATION:
+            return []
+        names = select_saved(model, sorted(task_heads(model, task)), strict=False)
+        return [n for n in names if not any(m == n or m.startswith(n + ".") for m in lora_modules)]
+    names = select_saved(model, config.modules_to_save)
+    check_targets(model, names, lora_modules)
+    return names
 
 
 def check_new_name(model: nn.Module, name: str) -> None:
@@ -96,6 +120,9 @@ def set_trainable(model: nn.Module) -> None:
         for aname, adapter in layer.adapters.items():
             info = reg.adapters.get(aname)
             adapter.requires_grad_(bool(info and info.trainable))
+    for aname, info in reg.adapters.items():
+        for p in copy_parameters(model, aname):
+            p.requires_grad_(info.trainable)
     for info in reg.adapters.values():
         if not info.trainable:
             continue
@@ -117,6 +144,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         raise AdapterError(f"no adapter {name!r} on {type(model).__name__}; adapters: {list(reg.adapters)}")
     unmerge(model)
     _remove_from_layers(model, name)
+    remove_copies(model, name)
     reg.layers = None
     assign_sibling_groups(list(lora_layers(model)))
     del reg.adapters[name]
@@ -131,10 +159,12 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Remove all LoRA wrappers. With `merge`, the active adapters are folded into the base weights first.
 
-    Returns the plain model (the same object), with the base parameters' original `requires_grad` flags.
+    Returns the plain model (the same object), with the base parameters' original `requires_grad` flags. A module
+    an adapter saves whole (modules_to_save) becomes, with `merge`, the active adapter's copy, else the original.
     """
     reg = registry(model)
     (merge_active if merge else unmerge)(model)
+    unwrap_all(model, merge)
     for name, layer in list(lora_layers(model)):
         merged = {m[0] for m in layer.merged}
         for aname in list(layer.adapters):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,8 @@ from lorakit.handlers import all_handlers, handler_for
 from lorakit.inject import check_new_name, delete_adapter, inject
 from lorakit.layers import VARIANTS, Variant, variant_class
 from lorakit.registry import adapter_layers, registry
-from lorakit.targeting import select_modules
+from lorakit.saved import check_targets, copies_of, in_saved_module, original
+from lorakit.targeting import select_modules, select_saved
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +181,16 @@ def _lora_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
             out[f"{PREFIX}{mname}.{suffix}"] = t.detach().clone().contiguous()
     if info.config.bias == "all":
         for pname, p in model.named_parameters():
-            if pname == "bias" or pname.endswith(".bias"):
+            if (pname == "bias" or pname.endswith(".bias")) and not in_saved_module(pname):
                 out[PREFIX + pname] = p.detach().clone().contiguous()
     elif info.config.bias == "lora_only":
         for mname in info.modules:
             bias = getattr(model.get_submodule(mname).base_layer, "bias", None)
             if bias is not None:
                 out[f"{PREFIX}{mname}.base_layer.bias"] = bias.detach().clone().contiguous()
+    for mname, module in copies_of(model, name).items():  # modules_to_save, keyed as PEFT saves them
+        for k, t in module.state_dict().items():
+            out[f"{PREFIX}{mname}.{k}"] = t.detach().clone().contiguous()
     return out
 
 
@@ -195,8 +199,11 @@ def _save_lora(model: nn.Module, path: Path, name: str) -> Path:
     config = file_config(model, registry(model).adapters[name])
     metadata = {**file_metadata(model, name), **_variant_metadata(model, name)}  # e.g. DyLoRA's nesting
     peft_dict = config.to_peft_dict()
-    heads = task_heads(model, config.task_type)
-    if heads:  # PEFT's classification wrappers load the head from the file: the model's own, unchanged
+    saved = registry(model).adapters[name].saved
+    heads = {} if saved else task_heads(model, config.task_type)
+    if saved:
+        peft_dict["modules_to_save"] = list(saved)
+    elif heads:  # PEFT's classification wrappers load the head from the file: the model's own, unchanged
         peft_dict["modules_to_save"] = sorted(heads)
         for h, module in heads.items():
             for pname, p in module.named_parameters():
@@ -231,6 +238,7 @@ class _LoraPlan:
     variant: str | None  # the registered variant the file's metadata names, if any (e.g. "dylora")
     copies: list[tuple[str, str, torch.Tensor]]  # (module, adapter attribute or "bias", tensor)
     metadata: dict[str, str]
+    saved: list[tuple[str, str, torch.Tensor]] = field(default_factory=list)  # (module, state key, tensor)
 
 
 def _plan_lora(model: nn.Module, path: Path, raw: dict[str, Any], name: str, allow_pickle: bool) -> _LoraPlan:
@@ -240,7 +248,8 @@ def _plan_lora(model: nn.Module, path: Path, raw: dict[str, Any], name: str, all
     meta = read_metadata(path)
     variant = _recorded_variant(meta)
     cls = variant_class(config, variant)
-    return _LoraPlan(config, variant, _plan_copies(model, config, cls, tensors, path), meta)
+    config, saved, tensors = _plan_saved(model, config, tensors, path)
+    return _LoraPlan(config, variant, _plan_copies(model, config, cls, tensors, path), meta, saved)
 
 
 def plan_lora_tensors(
@@ -249,13 +258,49 @@ def plan_lora_tensors(
     """A plain-LoRA load plan from tensors keyed as in PEFT's file (for formats that read another layout and
     translate it, such as llama.cpp's GGUF adapters). Checks every shape; the model is not changed."""
     check_new_name(model, name)
-    return _LoraPlan(config, None, _plan_copies(model, config, Variant, tensors, source), {})
+    config, saved, tensors = _plan_saved(model, config, tensors, source)
+    return _LoraPlan(config, None, _plan_copies(model, config, Variant, tensors, source), {}, saved)
+
+
+def _plan_saved(
+    model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], path: Path
+) -> tuple[LoraConfig, list[tuple[str, str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The modules the file saves whole (modules_to_save): (config naming exactly those modules, their tensors,
+    the other tensors). PEFT lists head names the model may lack (["classifier", "score"]), so names that match
+    nothing are skipped; a matched module whose tensors are missing or misshapen is an error."""
+    if config.modules_to_save is None:
+        return config, [], tensors
+    try:
+        lora_modules = select_modules(model, config)
+        modules = select_saved(model, config.modules_to_save, strict=False)
+        check_targets(model, modules, lora_modules)
+    except TargetError as e:
+        raise AdapterError(f"{path}: adapter does not fit {type(model).__name__}: {e}") from None
+    rest = dict(tensors)
+    saved: list[tuple[str, str, torch.Tensor]] = []
+    for m in modules:
+        for k, v in original(model.get_submodule(m)).state_dict().items():
+            key = f"{PREFIX}{m}.{k}"
+            t = rest.pop(key, rest.pop(f"{m}.{k}", None))
+            if t is None:
+                raise AdapterError(f"{path}: modules_to_save names {m!r} but the file lacks its tensor {key}")
+            if tuple(t.shape) != tuple(v.shape):
+                raise AdapterError(
+                    f"{path}: {key} has shape {tuple(t.shape)} but {type(model).__name__}.{m}.{k} has "
+                    f"{tuple(v.shape)} (a head for another number of labels, or another vocabulary?)"
+                )
+            saved.append((m, k, t))
+    return config.replace(modules_to_save=modules), saved, rest
 
 
 def _apply_lora(model: nn.Module, plan: _LoraPlan, name: str, trainable: bool) -> str:
     inject(model, plan.config, name, activate=False, trainable=trainable, variant=plan.variant)
     try:
         with torch.no_grad():
+            copies = copies_of(model, name)
+            for module, key, tensor in plan.saved:
+                target = copies[module].state_dict()[key]
+                target.copy_(tensor.to(target.dtype))
             for module, attr, tensor in plan.copies:
                 if attr == "bias":
                     target = _bias_param(model, module)
@@ -376,12 +421,37 @@ def _describe_lora(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
         split = _split_key(key, suffixes)
         if split is not None:
             rows.setdefault(split[0], {})[split[1]] = tuple(t.shape)
+    saved = {
+        m: {k: tuple(t.shape) for k, t in found.items()}
+        for m, found in saved_tensors(config, tensors).items()
+    }
     return {
         "config": config,
         "modules": rows,
+        "saved": saved,
         "tensors": len(tensors),
         "parameters": sum(t.numel() for t in tensors.values()),
     }
+
+
+def saved_tensors(config: LoraConfig, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The file's tensors of the modules it saves whole (modules_to_save), without a model: module name ->
+    {tensor name within the module: tensor}."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        k = key.removeprefix(PREFIX)
+        for w in config.modules_to_save or []:
+            tail = _after(k, w)
+            if tail is not None and "lora_" not in tail:
+                out.setdefault(k[: -len(tail) - 1], {})[tail] = t
+                break
+    return out
+
+
+def _after(key: str, module: str) -> str | None:
+    """The tensor name in `key` after the first module whose name ends with `module` (PEFT's rule), or None."""
+    i = key.find(module + ".")
+    return key[i + len(module) + 1 :] if i >= 0 else None
 
 
 apply_lora_plan = _apply_lora

@@ -40,6 +40,7 @@ from lorakit.errors import AdapterError
 from lorakit.handlers import Handler
 from lorakit.layers import LoraLayer, Variant
 from lorakit.registry import adapter_names, lora_layers
+from lorakit.saved import set_rows
 
 
 @dataclass(eq=False)
@@ -96,9 +97,11 @@ def row_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[RowP
     layers = [layer for _, layer in lora_layers(model)]
     for layer in layers:
         layer.row_plan = plan
+    set_rows(model, plan.names)  # modules saved whole run each row through its adapter's copy
     try:
         yield plan
     finally:
+        set_rows(model, None)
         for layer in layers:
             layer.row_plan = None
 

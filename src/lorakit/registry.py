@@ -24,6 +24,9 @@ class AdapterInfo:
     config: LoraConfig
     modules: list[str]
     trainable: bool = True
+    saved: list[str] = field(
+        default_factory=list
+    )  # modules it saves whole, in its own copies (modules_to_save)
 
 
 @dataclass

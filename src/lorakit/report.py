@@ -8,6 +8,7 @@ from torch import nn
 
 from lorakit.inject import lora_layers
 from lorakit.quant import quant_stats, quantized_modules
+from lorakit.saved import saved_modules
 
 
 def parameter_report(model: nn.Module) -> dict[str, Any]:
@@ -15,7 +16,8 @@ def parameter_report(model: nn.Module) -> dict[str, Any]:
 
     Returns a dict with `total`, `trainable`, `trainable_percent`, `adapters` ({name: parameter count}) and
     `layers`: one row per (module, adapter) with `d` (out features), `k` (fan-in), `r`, `full` = d·k,
-    `lora` = r·(d+k) and `reduction` = full / lora. A 4-bit base adds `quantization` (see
+    `lora` = r·(d+k) and `reduction` = full / lora; `saved`: one row per (module, adapter) that an adapter saves
+    whole in its own copy (modules_to_save), with its parameter count. A 4-bit base adds `quantization` (see
     `lorakit.quant.quant_stats`: bits per parameter of its quantized layers); `total` counts the weights those
     layers encode, not their packed bytes.
     """
@@ -47,12 +49,21 @@ def parameter_report(model: nn.Module) -> dict[str, Any]:
                     "reduction": d * k / (r * (d + k)),
                 }
             )
+    saved = []
+    for name, wrapper in saved_modules(model):
+        for aname, module in wrapper.modules_to_save.items():
+            n_params = sum(p.numel() for p in module.parameters())
+            per_adapter[aname] = per_adapter.get(aname, 0) + n_params
+            saved.append(
+                {"module": name, "type": type(module).__name__, "adapter": aname, "params": n_params}
+            )
     return {
         "total": total,
         "trainable": trainable,
         "trainable_percent": 100.0 * trainable / total if total else 0.0,
         "adapters": per_adapter,
         "layers": rows,
+        "saved": saved,
         "quantization": quant_stats(model),
     }
 
@@ -74,6 +85,11 @@ def format_report(report: dict[str, Any], *, max_rows: int = 40) -> str:
     lora = sum(r["lora"] for r in rows)
     if rows:
         lines.append(f"adapted weights: {full:,} -> LoRA parameters: {lora:,} ({full / lora:.1f}x fewer)")
+    for row in report.get("saved", []):
+        lines.append(
+            f"saved whole (modules_to_save): {row['module']} ({row['type']}) for adapter {row['adapter']!r}: "
+            f"{row['params']:,} params"
+        )
     lines.append(
         f"trainable params: {report['trainable']:,} || all params: {report['total']:,} "
         f"|| trainable%: {report['trainable_percent']:.4f}"

@@ -18,6 +18,8 @@ from lorakit.config import ALL_LINEAR, LoraConfig
 from lorakit.errors import TargetError
 from lorakit.handlers import handler_for, supported_type_names
 from lorakit.layers import LoraLayer
+from lorakit.saved import SavedModule
+from lorakit.task_types import CLASSIFICATION, task_heads, task_type_for
 
 
 def select_modules(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -51,21 +53,44 @@ def candidate_names(model: nn.Module) -> list[str]:
         if not name or any(name.startswith(p) for p in inner):
             continue
         names.append(name)
-        if isinstance(module, LoraLayer):
+        if isinstance(module, (LoraLayer, SavedModule)):
             inner.append(name + ".")
     return names
 
 
 def all_linear_names(model: nn.Module) -> list[str]:
-    """Every linear layer (per the handler table) except the model's output head."""
+    """Every linear layer (per the handler table) except the model's output head, or, in a classification model,
+    its classification head (which the adapter saves whole instead, as in PEFT)."""
     head = _output_head(model)
+    task = task_type_for(model)
+    heads = {id(_base(m)) for m in task_heads(model, task).values()} if task in CLASSIFICATION else set()
     out = []
     for name in candidate_names(model):
         module = model.get_submodule(name)
         handler = handler_for(module)
-        if handler is not None and handler.linear and module is not head and _base(module) is not head:
+        if handler is None or not handler.linear or id(_base(module)) in heads:
+            continue
+        if module is not head and _base(module) is not head:
             out.append(name)
     return out
+
+
+def select_saved(model: nn.Module, names: list[str], *, strict: bool = True) -> list[str]:
+    """The modules `names` select to save whole (modules_to_save), in model order. PEFT's rule: a module is selected
+    when its full name ends with one of `names` (so "norm" selects every `*norm`, "lm_head" the head). With
+    `strict`, a name that matches nothing is an error."""
+    found: set[str] = set()
+    candidates = candidate_names(model)
+    for want in names:
+        hits = [n for n in candidates if n.endswith(want)]
+        if not hits and strict:
+            near = difflib.get_close_matches(want, sorted({n.rsplit(".", 1)[-1] for n in candidates}), n=3)
+            raise TargetError(
+                f"modules_to_save: {want!r} matches no module of {type(model).__name__}"
+                + (f"; nearest module names: {', '.join(near)}" if near else "")
+            )
+        found.update(hits)
+    return [n for n in candidates if n in found]
 
 
 def layer_index(name: str, layers_pattern: str | list[str] | None) -> int | None:

@@ -83,6 +83,10 @@ def _print_adapter(info: dict) -> None:
         d = shapes["lora_B"][0]
         full, lora = full + d * k, lora + r * (d + k)
         print(f"{module[-52:]:<52} {r:>4} {d:>6} {k:>6} {d * k:>10,} {r * (d + k):>9,}")
+    for module, shapes in sorted(info.get("saved", {}).items()):
+        n = sum(_prod(shape) for shape in shapes.values())
+        what = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in shapes.items())
+        print(f"saved whole (modules_to_save): {module}: {n:,} parameters ({what})")
     print(
         f"{len(info['modules'])} modules, {info['parameters']:,} parameters in {info['tensors']} tensors; "
         f"adapted weights {full:,} -> {lora:,} ({full / max(lora, 1):.1f}x fewer)"

@@ -115,6 +115,8 @@ def _union(value: Any, args: tuple[Any, ...], cli: bool) -> Any:
     arms = sorted((a for a in args if a is not type(None)), key=lambda a: a is str)
     if cli and isinstance(_parse(value), (list, dict)):
         arms = [a for a in arms if a is not str]
+    elif cli and str in arms and isinstance(_parse(value), str):
+        arms = [str]  # "q_proj" for `str | list[str]` is the string, not a list split at commas
     for arm in arms:
         try:
             return _convert(value, arm)
@@ -126,6 +128,8 @@ def _union(value: Any, args: tuple[Any, ...], cli: bool) -> Any:
 def _container(value: Any, origin: type, args: tuple[Any, ...], cli: bool) -> Any:
     """A list or dict, its items converted by their declared types."""
     parsed = _parse(value) if cli else value
+    if cli and origin is list and isinstance(parsed, str):  # "--x a,b": the list [a, b]
+        parsed = [p.strip() for p in parsed.split(",") if p.strip()]
     if not isinstance(parsed, origin):
         raise _Mismatch
     if not args:

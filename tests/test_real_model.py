@@ -220,3 +220,38 @@ def test_demo_main_job(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "demo OK" in out.stdout and "Blue Pelican" in out.stdout
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_smollm2_new_tokens_and_a_saved_head_load_in_peft(default_model_dir, tmp_path):
+    """The real SmolLM2 (tied head) with two new special tokens: their embedding rows trained alone
+    (trainable_token_indices, the tied head sharing them) in one adapter, lm_head saved whole (modules_to_save)
+    in another; PEFT loads each onto a base resized the same way and gives our logits."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir)
+    tok.add_tokens(["<tool>", "</tool>"], special_tokens=True)
+    new = tok.convert_tokens_to_ids(["<tool>", "</tool>"])
+    text = "Call <tool>search</tool> now."
+    x = tok(text, return_tensors="pt")["input_ids"]
+    assert set(new) <= set(x[0].tolist())
+
+    def fresh():
+        model = _fresh(default_model_dir)
+        model.resize_token_embeddings(len(tok))
+        return model
+
+    cases = {
+        "rows": LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], trainable_token_indices=new),
+        "head": LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+    }
+    for name, cfg in cases.items():
+        model = fresh()
+        lorakit.inject(model, cfg)
+        randomize(model, std=ADAPTER_STD)
+        with torch.no_grad():
+            ours = model(x).logits
+            lorakit.save_adapter(model, tmp_path / name)
+            theirs = peft.PeftModel.from_pretrained(fresh(), tmp_path / name).eval()(x).logits
+            torch.testing.assert_close(theirs, ours, atol=PEFT_ATOL, rtol=0, msg=name)
+            with lorakit.disabled(model):
+                assert (model(x).logits - ours).abs().max() > 1e-2, name

@@ -67,14 +67,15 @@ def export_rank(adapter, rank: int, out):
 
 def adapter_parameters(model, name: str | None = None):
     """The parameters of adapter `name` (all adapters if None), declared by the LoRA layers and the adapter's
-    copies of the modules it saves whole (modules_to_save), not found by name."""
-    from lorakit.saved import copy_parameters
+    copies of the modules it saves whole (modules_to_save) and its token rows, not found by name."""
+    from lorakit.saved import copy_parameters, token_parameters
 
     for _, layer in lora_layers(model):
         for aname, adapter in layer.adapters.items():
             if name is None or aname == name:
                 yield from adapter.parameters()
     yield from copy_parameters(model, name)
+    yield from token_parameters(model, name)
 
 
 __version__ = "0.1.0"

@@ -41,7 +41,15 @@ from lorakit.atomic import atomic_dir
 from lorakit.combine_math import Lora, combine_module
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, AdapterFileError, ConfigError
-from lorakit.io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_adapter, saved_tensors
+from lorakit.io import (
+    CONFIG_NAME,
+    PREFIX,
+    TOKEN_KEY,
+    WEIGHTS_NAME,
+    read_adapter,
+    saved_tensors,
+    token_tensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +179,44 @@ def combine_tensors(
     carried = _carry_saved(sources, weights, names)
     for m, found in carried.items():
         out.update({f"{PREFIX}{m}.{k}": t.contiguous() for k, t in found.items()})
+    rows, token_ids = _carry_tokens(sources, weights, names)
+    out.update({f"{PREFIX}{m}.{TOKEN_KEY}": t.contiguous() for m, t in rows.items()})
     config = _output_config([cfg for cfg, _ in sources], ranks, same_modules)
-    return config.replace(modules_to_save=sorted(carried) if carried else None), out
+    return config.replace(
+        modules_to_save=sorted(carried) if carried else None, trainable_token_indices=token_ids
+    ), out
+
+
+def _carry_tokens(
+    sources: Sequence[Source], weights: list[float], names: list[str]
+) -> tuple[dict[str, torch.Tensor], list[int] | dict[str, list[int]] | None]:
+    """The token rows (trainable_token_indices) the result carries, each module's from the one source that has
+    rows there, and the config value that names them."""
+    owner: dict[str, str] = {}
+    rows: dict[str, torch.Tensor] = {}
+    ids: dict[str, list[int]] = {}
+    value = None
+    for (cfg, tensors), w, name in zip(sources, weights, names, strict=True):
+        for m, t in token_tensors(tensors).items():
+            if m in owner:
+                raise AdapterError(
+                    f"{name}: trains token rows of {m!r} (trainable_token_indices), and so does {owner[m]}; two "
+                    "sets of trained rows of one embedding cannot be combined"
+                )
+            if w != 1.0:
+                raise AdapterError(
+                    f"{name}: trains token rows of {m!r} (trainable_token_indices), which are carried unchanged "
+                    f"and cannot be weighted; give this adapter weight 1, not {w:g}"
+                )
+            spec = cfg.trainable_token_indices
+            mine = (
+                spec if isinstance(spec, list) else next(v for k, v in (spec or {}).items() if m.endswith(k))
+            )
+            owner[m], rows[m], ids[m] = name, t, list(mine)
+            value = list(mine) if isinstance(spec, list) else None
+    if not rows:
+        return rows, None
+    return rows, value if value is not None and len(rows) == 1 else ids
 
 
 def _carry_saved(
@@ -252,7 +296,7 @@ def _modules(config: LoraConfig, tensors: dict[str, torch.Tensor], name: str) ->
     whole = {f"{m}.{k}" for m, part in saved_tensors(config, tensors).items() for k in part}
     for key, t in tensors.items():
         k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-        if k in whole:  # a module saved whole: carried by _carry_saved
+        if k in whole or k.endswith("." + TOKEN_KEY):  # carried by _carry_saved / _carry_tokens
             continue
         for suffix, (param, embedding) in _KEYS.items():
             if k.endswith("." + suffix):

@@ -43,7 +43,6 @@ _PEFT_UNSUPPORTED_KEYS = {
     "use_qalora",
     "qalora_group_size",
     "target_parameters",
-    "trainable_token_indices",
     "layer_replication",
     "loftq_config",
     "eva_config",
@@ -79,6 +78,7 @@ _FROM_PEFT: dict[str, str] = {
     "task_type": "task_type",
     "base_model_name_or_path": "base_model",
     "modules_to_save": "modules_to_save",
+    "trainable_token_indices": "trainable_token_indices",
 }
 _PEFT_KEY = {ours: theirs for theirs, ours in _FROM_PEFT.items()}
 
@@ -122,6 +122,9 @@ class LoraConfig:
     """Modules the adapter trains and saves whole, each in its own copy (PEFT's modules_to_save): a module is
     saved when its name ends with one of these, as in PEFT, e.g. ["score"] or ["lm_head"]. None: a classification model's head (score/classifier/qa_outputs),
     as PEFT adds it, and nothing for other models."""
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    """Embedding rows the adapter trains alone, e.g. new special tokens (PEFT's trainable_token_indices): a list of
+    token ids for the input embedding (and the output head tied to it), or {module name: token ids}."""
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, (tuple, set)):
@@ -187,6 +190,7 @@ class LoraConfig:
         for name in ("task_type", "base_model"):
             v = getattr(self, name)
             _check(v is None or isinstance(v, str), f"{name} must be a string or null, got {short(v)}", name)
+        self._check_token_indices()
         _check(
             self.modules_to_save is None or is_str_list(self.modules_to_save),
             f"modules_to_save must be a list of module names or null, got {short(self.modules_to_save)}",
@@ -207,6 +211,27 @@ class LoraConfig:
                     isinstance(k, str), f"{name} keys must be strings (module patterns), got {short(k)}", name
                 )
                 _check(ok(v), f"{name}[{k!r}] must be {need}, got {short(v)}", name)
+
+    def _check_token_indices(self) -> None:
+        t = self.trainable_token_indices
+        key = "trainable_token_indices"
+        if t is None:
+            return
+        lists = t.values() if isinstance(t, dict) else [t]
+        _check(
+            isinstance(t, (list, dict))
+            and all(isinstance(k, str) for k in (t if isinstance(t, dict) else [])),
+            f"{key} must be a list of token ids or a mapping of module name -> token ids, got {short(t)}",
+            key,
+        )
+        for ids in lists:
+            _check(
+                isinstance(ids, list) and bool(ids) and all(is_int(i, 0) for i in ids),
+                f"{key} must hold non-empty lists of token ids (integers >= 0), got {short(ids)}",
+                key,
+            )
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            _check(not dup, f"{key} names token id {dup[0] if dup else 0} more than once", key)
 
     # -- per-module values -------------------------------------------------------------------------------
     def rank_for(self, module_name: str) -> int:

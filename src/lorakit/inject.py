@@ -19,7 +19,18 @@ from lorakit.errors import AdapterError, TargetError
 from lorakit.handlers import handler_for
 from lorakit.layers import LoraLayer, variant_class
 from lorakit.registry import AdapterInfo, Registry, adapter_names, lora_layers, registry
-from lorakit.saved import add_copies, check_targets, copy_parameters, remove_copies, unwrap_all
+from lorakit.saved import (
+    TokenRows,
+    add_copies,
+    add_token_rows,
+    check_targets,
+    copy_parameters,
+    remove_copies,
+    remove_token_rows,
+    token_parameters,
+    unwrap_all,
+    unwrap_tokens,
+)
 from lorakit.siblings import assign_sibling_groups
 from lorakit.targeting import select_modules, select_saved
 from lorakit.task_types import CLASSIFICATION, task_heads, task_type_for
@@ -56,10 +67,12 @@ def inject(
         if reason:
             raise TargetError(f"cannot add LoRA to {n!r} ({type(module).__name__}): {reason}")
     saved = modules_to_save(model, config, names)
+    tokens, tied = token_plan(model, config, names, saved)
     reg = registry(model, create=True)
     reg.layers = None
     try:
         add_copies(model, name, saved)
+        add_token_rows(model, name, tokens, tied)
         for n in names:
             layer = _wrap(model, n)
             layer.add_adapter(
@@ -74,13 +87,16 @@ def inject(
     except Exception:
         _remove_from_layers(model, name)
         remove_copies(model, name)
+        remove_token_rows(model, name)
         reg.layers = None
         if not reg.adapters:
             del model.__dict__["_lorakit"]
         raise
     reg.layers = None
     assign_sibling_groups(list(lora_layers(model)))
-    reg.adapters[name] = AdapterInfo(config=config, modules=names, trainable=trainable, saved=saved)
+    reg.adapters[name] = AdapterInfo(
+        config=config, modules=names, trainable=trainable, saved=saved, tokens=tokens
+    )
     set_trainable(model)
     if activate:
         set_active(model, name)
@@ -102,6 +118,68 @@ def modules_to_save(model: nn.Module, config: LoraConfig, lora_modules: list[str
     return names
 
 
+def token_plan(
+    model: nn.Module, config: LoraConfig, lora_modules: list[str], saved: list[str]
+) -> tuple[dict[str, list[int]], list[str]]:
+    """({module: token ids} an adapter with `config` trains row by row, [output heads tied to those rows]).
+
+    A list of ids means the input embedding (and, when the output head shares its weight, the head too, as in
+    PEFT); a dict names modules as `modules_to_save` does. Every id must be a row of its module."""
+    spec = config.trainable_token_indices
+    if spec is None:
+        return {}, []
+    key = "trainable_token_indices"
+    if isinstance(spec, list):
+        get = getattr(model, "get_input_embeddings", None)
+        embedding = get() if callable(get) else None
+        where = next((n for n, m in model.named_modules() if m is embedding and n), None)
+        if where is None:
+            raise TargetError(
+                f"{key}: {type(model).__name__} has no input embedding; name the module in a dict"
+            )
+        plan = {where: list(spec)}
+    else:
+        plan = {}
+        for want, ids in spec.items():
+            for m in select_saved(model, [want], what=key):
+                plan[m] = list(ids)
+    for m, ids in plan.items():
+        module = model.get_submodule(m)
+        base = module.base_layer if isinstance(module, TokenRows) else module
+        if not isinstance(base, (nn.Embedding, nn.Linear)):
+            raise TargetError(f"{key}: {m!r} is a {type(base).__name__}, not an embedding or a linear head")
+        if m in saved or any(lm == m or lm.startswith(m + ".") for lm in lora_modules):
+            raise TargetError(f"{key}: {m!r} is also saved whole or adapted with LoRA; give it one of them")
+        rows = base.weight.shape[0]
+        bad = [i for i in ids if i >= rows]
+        if bad:
+            raise TargetError(
+                f"{key}: token id {bad[0]} is out of range for {m!r} ({rows} rows); resize the model's embeddings "
+                "to the tokenizer first (model.resize_token_embeddings(len(tokenizer)))"
+            )
+    tied = []
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if head is not None and embedding is not None:
+        e = embedding.base_layer if isinstance(embedding, TokenRows) else embedding
+        h = head.base_layer if isinstance(head, TokenRows) else head
+        head_name = next(n for n, m in model.named_modules() if m is head)
+        emb_name = next(n for n, m in model.named_modules() if m is embedding)
+        if getattr(h, "weight", None) is e.weight and emb_name in plan:
+            if head_name in plan:
+                raise TargetError(
+                    f"{key}: {head_name!r} shares its weight with {emb_name!r}; name the embedding only"
+                )
+            if head_name in saved or any(lm == head_name for lm in lora_modules):
+                raise TargetError(
+                    f"{key}: {head_name!r} shares its weight with {emb_name!r}, and is also saved whole or adapted "
+                    "with LoRA; give it one of them"
+                )
+            tied.append(head_name)
+    return plan, tied
+
+
 def check_new_name(model: nn.Module, name: str) -> None:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise AdapterError(f"adapter name {name!r} must be letters, digits, '_' or '-'")
@@ -121,7 +199,7 @@ def set_trainable(model: nn.Module) -> None:
             info = reg.adapters.get(aname)
             adapter.requires_grad_(bool(info and info.trainable))
     for aname, info in reg.adapters.items():
-        for p in copy_parameters(model, aname):
+        for p in [*copy_parameters(model, aname), *token_parameters(model, aname)]:
             p.requires_grad_(info.trainable)
     for info in reg.adapters.values():
         if not info.trainable:
@@ -145,6 +223,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     unmerge(model)
     _remove_from_layers(model, name)
     remove_copies(model, name)
+    remove_token_rows(model, name)
     reg.layers = None
     assign_sibling_groups(list(lora_layers(model)))
     del reg.adapters[name]
@@ -160,11 +239,13 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Remove all LoRA wrappers. With `merge`, the active adapters are folded into the base weights first.
 
     Returns the plain model (the same object), with the base parameters' original `requires_grad` flags. A module
-    an adapter saves whole (modules_to_save) becomes, with `merge`, the active adapter's copy, else the original.
+    an adapter saves whole (modules_to_save) becomes, with `merge`, the active adapter's copy, else the original;
+    rows an adapter trains alone (trainable_token_indices) are, with `merge`, written into the embedding.
     """
     reg = registry(model)
     (merge_active if merge else unmerge)(model)
     unwrap_all(model, merge)
+    unwrap_tokens(model, merge)
     for name, layer in list(lora_layers(model)):
         merged = {m[0] for m in layer.merged}
         for aname in list(layer.adapters):

@@ -43,10 +43,10 @@ from lorakit.formats import (
     task_heads,
 )
 from lorakit.handlers import all_handlers, handler_for
-from lorakit.inject import check_new_name, delete_adapter, inject
+from lorakit.inject import check_new_name, delete_adapter, inject, token_plan
 from lorakit.layers import VARIANTS, Variant, variant_class
 from lorakit.registry import adapter_layers, registry
-from lorakit.saved import check_targets, copies_of, in_saved_module, original
+from lorakit.saved import check_targets, copies_of, in_saved_module, original, token_rows_of
 from lorakit.targeting import select_modules, select_saved
 
 log = logging.getLogger(__name__)
@@ -191,7 +191,12 @@ def _lora_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     for mname, module in copies_of(model, name).items():  # modules_to_save, keyed as PEFT saves them
         for k, t in module.state_dict().items():
             out[f"{PREFIX}{mname}.{k}"] = t.detach().clone().contiguous()
+    for mname, rows in token_rows_of(model, name).items():  # trainable_token_indices: the rows' values
+        out[f"{PREFIX}{mname}.{TOKEN_KEY}"] = rows.detach().clone().contiguous()
     return out
+
+
+TOKEN_KEY = "token_adapter.trainable_tokens_delta"  # PEFT's key for an adapter's token rows
 
 
 def _save_lora(model: nn.Module, path: Path, name: str) -> Path:
@@ -199,8 +204,13 @@ def _save_lora(model: nn.Module, path: Path, name: str) -> Path:
     config = file_config(model, registry(model).adapters[name])
     metadata = {**file_metadata(model, name), **_variant_metadata(model, name)}  # e.g. DyLoRA's nesting
     peft_dict = config.to_peft_dict()
-    saved = registry(model).adapters[name].saved
+    info = registry(model).adapters[name]
+    saved = info.saved
     heads = {} if saved else task_heads(model, config.task_type)
+    if info.tokens and isinstance(config.trainable_token_indices, dict):
+        peft_dict["trainable_token_indices"] = dict(
+            info.tokens
+        )  # full module names: PEFT re-selects exactly them
     if saved:
         peft_dict["modules_to_save"] = list(saved)
     elif heads:  # PEFT's classification wrappers load the head from the file: the model's own, unchanged
@@ -268,16 +278,31 @@ def _plan_saved(
     """The modules the file saves whole (modules_to_save): (config naming exactly those modules, their tensors,
     the other tensors). PEFT lists head names the model may lack (["classifier", "score"]), so names that match
     nothing are skipped; a matched module whose tensors are missing or misshapen is an error."""
-    if config.modules_to_save is None:
+    if config.modules_to_save is None and config.trainable_token_indices is None:
         return config, [], tensors
     try:
         lora_modules = select_modules(model, config)
-        modules = select_saved(model, config.modules_to_save, strict=False)
+        modules = select_saved(model, config.modules_to_save or [], strict=False)
         check_targets(model, modules, lora_modules)
+        tokens, _ = token_plan(model, config, lora_modules, modules)
     except TargetError as e:
         raise AdapterError(f"{path}: adapter does not fit {type(model).__name__}: {e}") from None
     rest = dict(tensors)
     saved: list[tuple[str, str, torch.Tensor]] = []
+    for m, ids in tokens.items():
+        key = f"{PREFIX}{m}.{TOKEN_KEY}"
+        t = rest.pop(key, None)
+        width = original(model.get_submodule(m)).weight.shape[1]
+        if t is None:
+            raise AdapterError(
+                f"{path}: trainable_token_indices names rows of {m!r} but the file lacks {key}"
+            )
+        if tuple(t.shape) != (len(ids), width):
+            raise AdapterError(
+                f"{path}: {key} has shape {tuple(t.shape)}, but {len(ids)} token ids of a {width}-wide {m!r} "
+                f"need {(len(ids), width)}"
+            )
+        saved.append((m, TOKEN_KEY, t))
     for m in modules:
         for k, v in original(model.get_submodule(m)).state_dict().items():
             key = f"{PREFIX}{m}.{k}"
@@ -290,16 +315,18 @@ def _plan_saved(
                     f"{tuple(v.shape)} (a head for another number of labels, or another vocabulary?)"
                 )
             saved.append((m, k, t))
-    return config.replace(modules_to_save=modules), saved, rest
+    if config.modules_to_save is not None:
+        config = config.replace(modules_to_save=modules)
+    return config, saved, rest
 
 
 def _apply_lora(model: nn.Module, plan: _LoraPlan, name: str, trainable: bool) -> str:
     inject(model, plan.config, name, activate=False, trainable=trainable, variant=plan.variant)
     try:
         with torch.no_grad():
-            copies = copies_of(model, name)
+            copies, rows = copies_of(model, name), token_rows_of(model, name)
             for module, key, tensor in plan.saved:
-                target = copies[module].state_dict()[key]
+                target = rows[module] if key == TOKEN_KEY else copies[module].state_dict()[key]
                 target.copy_(tensor.to(target.dtype))
             for module, attr, tensor in plan.copies:
                 if attr == "bias":
@@ -429,6 +456,7 @@ def _describe_lora(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
         "config": config,
         "modules": rows,
         "saved": saved,
+        "tokens": {m: tuple(t.shape) for m, t in token_tensors(tensors).items()},
         "tensors": len(tensors),
         "parameters": sum(t.numel() for t in tensors.values()),
     }
@@ -446,6 +474,12 @@ def saved_tensors(config: LoraConfig, tensors: dict[str, torch.Tensor]) -> dict[
                 out.setdefault(k[: -len(tail) - 1], {})[tail] = t
                 break
     return out
+
+
+def token_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's token rows (trainable_token_indices): module name -> (n, dim) rows."""
+    suffix = "." + TOKEN_KEY
+    return {k.removeprefix(PREFIX)[: -len(suffix)]: t for k, t in tensors.items() if k.endswith(suffix)}
 
 
 def _after(key: str, module: str) -> str | None:

@@ -24,9 +24,10 @@ class AdapterInfo:
     config: LoraConfig
     modules: list[str]
     trainable: bool = True
-    saved: list[str] = field(
-        default_factory=list
-    )  # modules it saves whole, in its own copies (modules_to_save)
+    saved: list[str] = field(default_factory=list)
+    """Modules it saves whole, in its own copies (modules_to_save)."""
+    tokens: dict[str, list[int]] = field(default_factory=dict)
+    """Module -> the rows it trains alone (trainable_token_indices), for the modules that own the rows."""
 
 
 @dataclass

@@ -8,7 +8,7 @@ from torch import nn
 
 from lorakit.inject import lora_layers
 from lorakit.quant import quant_stats, quantized_modules
-from lorakit.saved import saved_modules
+from lorakit.saved import saved_modules, token_wrappers
 
 
 def parameter_report(model: nn.Module) -> dict[str, Any]:
@@ -17,7 +17,8 @@ def parameter_report(model: nn.Module) -> dict[str, Any]:
     Returns a dict with `total`, `trainable`, `trainable_percent`, `adapters` ({name: parameter count}) and
     `layers`: one row per (module, adapter) with `d` (out features), `k` (fan-in), `r`, `full` = d·k,
     `lora` = r·(d+k) and `reduction` = full / lora; `saved`: one row per (module, adapter) that an adapter saves
-    whole in its own copy (modules_to_save), with its parameter count. A 4-bit base adds `quantization` (see
+    whole in its own copy (modules_to_save), with its parameter count; `tokens`: one row per (embedding, adapter)
+    with rows trained alone (trainable_token_indices), and the heads tied to them. A 4-bit base adds `quantization` (see
     `lorakit.quant.quant_stats`: bits per parameter of its quantized layers); `total` counts the weights those
     layers encode, not their packed bytes.
     """
@@ -57,6 +58,22 @@ def parameter_report(model: nn.Module) -> dict[str, Any]:
             saved.append(
                 {"module": name, "type": type(module).__name__, "adapter": aname, "params": n_params}
             )
+    tokens = []
+    for name, wrapper in token_wrappers(model):
+        if wrapper.tied is not None:
+            continue
+        tied = [n for n, w in token_wrappers(model) if w.tied is wrapper]
+        for aname, delta in wrapper.trainable_tokens_delta.items():
+            per_adapter[aname] = per_adapter.get(aname, 0) + delta.numel()
+            tokens.append(
+                {
+                    "module": name,
+                    "adapter": aname,
+                    "rows": delta.shape[0],
+                    "params": delta.numel(),
+                    "tied": tied,
+                }
+            )
     return {
         "total": total,
         "trainable": trainable,
@@ -64,6 +81,7 @@ def parameter_report(model: nn.Module) -> dict[str, Any]:
         "adapters": per_adapter,
         "layers": rows,
         "saved": saved,
+        "tokens": tokens,
         "quantization": quant_stats(model),
     }
 
@@ -89,6 +107,12 @@ def format_report(report: dict[str, Any], *, max_rows: int = 40) -> str:
         lines.append(
             f"saved whole (modules_to_save): {row['module']} ({row['type']}) for adapter {row['adapter']!r}: "
             f"{row['params']:,} params"
+        )
+    for row in report.get("tokens", []):
+        tied = f" (shared by the tied {', '.join(row['tied'])})" if row["tied"] else ""
+        lines.append(
+            f"token rows (trainable_token_indices): {row['module']} for adapter {row['adapter']!r}: "
+            f"{row['rows']} rows, {row['params']:,} params{tied}"
         )
     lines.append(
         f"trainable params: {report['trainable']:,} || all params: {report['total']:,} "

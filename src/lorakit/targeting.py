@@ -18,7 +18,7 @@ from lorakit.config import ALL_LINEAR, LoraConfig
 from lorakit.errors import TargetError
 from lorakit.handlers import handler_for, supported_type_names
 from lorakit.layers import LoraLayer
-from lorakit.saved import SavedModule
+from lorakit.saved import SavedModule, TokenRows
 from lorakit.task_types import CLASSIFICATION, task_heads, task_type_for
 
 
@@ -53,7 +53,7 @@ def candidate_names(model: nn.Module) -> list[str]:
         if not name or any(name.startswith(p) for p in inner):
             continue
         names.append(name)
-        if isinstance(module, (LoraLayer, SavedModule)):
+        if isinstance(module, (LoraLayer, SavedModule, TokenRows)):
             inner.append(name + ".")
     return names
 
@@ -75,7 +75,9 @@ def all_linear_names(model: nn.Module) -> list[str]:
     return out
 
 
-def select_saved(model: nn.Module, names: list[str], *, strict: bool = True) -> list[str]:
+def select_saved(
+    model: nn.Module, names: list[str], *, strict: bool = True, what: str = "modules_to_save"
+) -> list[str]:
     """The modules `names` select to save whole (modules_to_save), in model order. PEFT's rule: a module is selected
     when its full name ends with one of `names` (so "norm" selects every `*norm`, "lm_head" the head). With
     `strict`, a name that matches nothing is an error."""
@@ -86,7 +88,7 @@ def select_saved(model: nn.Module, names: list[str], *, strict: bool = True) -> 
         if not hits and strict:
             near = difflib.get_close_matches(want, sorted({n.rsplit(".", 1)[-1] for n in candidates}), n=3)
             raise TargetError(
-                f"modules_to_save: {want!r} matches no module of {type(model).__name__}"
+                f"{what}: {want!r} matches no module of {type(model).__name__}"
                 + (f"; nearest module names: {', '.join(near)}" if near else "")
             )
         found.update(hits)

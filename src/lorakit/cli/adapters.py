@@ -87,6 +87,11 @@ def _print_adapter(info: dict) -> None:
         n = sum(_prod(shape) for shape in shapes.values())
         what = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in shapes.items())
         print(f"saved whole (modules_to_save): {module}: {n:,} parameters ({what})")
+    ids = cfg.trainable_token_indices
+    for module, shape in sorted(info.get("tokens", {}).items()):
+        listed = ids if isinstance(ids, list) else next((v for k, v in (ids or {}).items() if module.endswith(k)), [])
+        shown = ", ".join(map(str, listed[:8])) + (", ..." if len(listed) > 8 else "")
+        print(f"token rows (trainable_token_indices): {module}: {shape[0]} rows x {shape[1]} (token ids {shown})")
     print(
         f"{len(info['modules'])} modules, {info['parameters']:,} parameters in {info['tensors']} tensors; "
         f"adapted weights {full:,} -> {lora:,} ({full / max(lora, 1):.1f}x fewer)"

@@ -68,6 +68,9 @@ class DataSection:
     """Learn every token, prompts and user turns included (default: completions and assistant turns only)."""
     pack: bool = False
     """Concatenate short examples into rows of max_len tokens."""
+    add_tokens: list[str] = field(default_factory=list)
+    """New tokens for the tokenizer (e.g. "<tool>,</tool>"): the embeddings are resized, only those rows train
+    (and the output head's, where tied), and the tokenizer is saved beside the adapter (method lora only)."""
 
 
 @dataclass
@@ -292,6 +295,15 @@ def validate(cfg: RunConfig) -> None:
         (dsec.max_len >= 8, f"data.max_len must be >= 8, got {dsec.max_len}"),
         (0 < dsec.eval_split < 1, f"data.eval_split must be in (0, 1), got {dsec.eval_split}"),
         (dsec.train_file or dsec.task, "set data.train_file or data.task"),
+        (
+            not dsec.add_tokens or cfg.methods[0] == "lora",
+            f"data.add_tokens trains token rows with method lora, not {cfg.train.method!r}",
+        ),
+        (
+            all(isinstance(t, str) and t.strip() for t in dsec.add_tokens)
+            and len(set(dsec.add_tokens)) == len(dsec.add_tokens),
+            f"data.add_tokens must be distinct non-empty strings, got {dsec.add_tokens!r}",
+        ),
         (cfg.loraplus.ratio > 0, f"loraplus.ratio must be > 0, got {cfg.loraplus.ratio}"),
         (
             cfg.loraplus.lr_embedding >= 0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from lorakit.device import (
     placement,
     upcast_trainable,
 )
+from lorakit.errors import ConfigError
 from lorakit.layers import LoraLayer
 from lorakit.quant import is_quantized, quantize
 from lorakit.quant.load import load_quantized
@@ -96,6 +98,8 @@ def run_training(
     out_dir.mkdir(parents=True, exist_ok=True)
     base_id = cfg.model.path or "SmolLM2-135M-Instruct"
     model, tokenizer, quant = _base_model(cfg, model, tokenizer, say)
+    if cfg.data.add_tokens:
+        cfg = _add_tokens(cfg, model, tokenizer, say)
     data = _encode(cfg, tokenizer, say)
     method = make_method(cfg)
     report = _prepare(method, model, base_id, cfg, world, say)
@@ -132,10 +136,31 @@ def run_training(
     after = evaluate_now() if rank == 0 or fsdp else {}
     with full_parameters(model):  # FSDP2: every rank gathers the adapter, rank 0 writes it
         adapter_dir = method.save(model, out_dir / "adapter") if rank == 0 else None
+    if adapter_dir is not None and cfg.data.add_tokens:  # the new tokens' ids live in this tokenizer
+        tokenizer.save_pretrained(str(adapter_dir))
     if rank != 0:
         return {"rank": rank, **result}
     say(f"after:  {_fmt(after)}")
     return _write_summary(out_dir, cfg, result, before, after, data, report, adapter_dir)
+
+
+def _add_tokens(cfg: RunConfig, model: nn.Module, tokenizer, say) -> RunConfig:
+    """Add data.add_tokens to the tokenizer (as special tokens: never split), resize the model's embeddings to
+    it, and return the config whose lora.trainable_token_indices also names the new tokens' rows."""
+    known = [t for t in cfg.data.add_tokens if t in tokenizer.get_vocab()]
+    added = tokenizer.add_tokens(list(cfg.data.add_tokens), special_tokens=True)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # never shrink a padded vocabulary
+        model.resize_token_embeddings(len(tokenizer))
+    ids = tokenizer.convert_tokens_to_ids(list(cfg.data.add_tokens))
+    spec = cfg.lora.trainable_token_indices
+    if isinstance(spec, dict):
+        raise ConfigError("data.add_tokens takes lora.trainable_token_indices as a list of ids, not a mapping")
+    merged = list(dict.fromkeys([*(spec or []), *ids]))
+    say(
+        f"tokens: added {added} new token(s) to the tokenizer ({len(known)} already known), "
+        f"{model.get_input_embeddings().weight.shape[0]} embedding rows; training rows {ids}"
+    )
+    return dataclasses.replace(cfg, lora=cfg.lora.replace(trainable_token_indices=merged))
 
 
 def _prepare(

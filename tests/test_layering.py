@@ -27,6 +27,7 @@ CORE = [  # bottom up: each may import only what stands before it (and the found
     "layers",
     "task_types",
     "saved",
+    "params",
     "targeting",
     "registry",
     "siblings",

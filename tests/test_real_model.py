@@ -222,10 +222,11 @@ def test_demo_main_job(tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_smollm2_new_tokens_and_a_saved_head_load_in_peft(default_model_dir, tmp_path):
+def test_smollm2_new_tokens_a_saved_head_and_a_parameter_load_in_peft(default_model_dir, tmp_path):
     """The real SmolLM2 (tied head) with two new special tokens: their embedding rows trained alone
     (trainable_token_indices, the tied head sharing them) in one adapter, lm_head saved whole (modules_to_save)
-    in another; PEFT loads each onto a base resized the same way and gives our logits."""
+    in another, LoRA on the down projections' weights as parameters (target_parameters) in a third; PEFT loads
+    each onto a base resized the same way and gives our logits."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(default_model_dir)
@@ -243,6 +244,7 @@ def test_smollm2_new_tokens_and_a_saved_head_load_in_peft(default_model_dir, tmp
     cases = {
         "rows": LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], trainable_token_indices=new),
         "head": LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], modules_to_save=["lm_head"]),
+        "param": LoraConfig(r=4, alpha=8, targets=["q_proj"], target_parameters=["mlp.down_proj.weight"]),
     }
     for name, cfg in cases.items():
         model = fresh()

@@ -67,7 +67,9 @@ def export_rank(adapter, rank: int, out):
 
 def adapter_parameters(model, name: str | None = None):
     """The parameters of adapter `name` (all adapters if None), declared by the LoRA layers and the adapter's
-    copies of the modules it saves whole (modules_to_save) and its token rows, not found by name."""
+    copies of the modules it saves whole (modules_to_save), its token rows and its factors on parameters
+    (target_parameters), not found by name."""
+    from lorakit.params import param_parameters
     from lorakit.saved import copy_parameters, token_parameters
 
     for _, layer in lora_layers(model):
@@ -76,6 +78,7 @@ def adapter_parameters(model, name: str | None = None):
                 yield from adapter.parameters()
     yield from copy_parameters(model, name)
     yield from token_parameters(model, name)
+    yield from param_parameters(model, name)
 
 
 __version__ = "0.1.0"

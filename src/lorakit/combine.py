@@ -288,6 +288,11 @@ def _modules(config: LoraConfig, tensors: dict[str, torch.Tensor], name: str) ->
         raise AdapterError(
             f"{name}: PiSSA adapters are relative to a modified base weight; convert to plain LoRA first"
         )
+    if config.target_parameters:
+        raise AdapterError(
+            f"{name}: adapts parameters (target_parameters {config.target_parameters}), which combine does not "
+            "support (PEFT's add_weighted_adapter refuses them too)"
+        )
     if config.bias != "none":
         raise AdapterError(
             f"{name}: bias={config.bias!r} adapters carry trained base biases, which cannot be combined"

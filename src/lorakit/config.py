@@ -42,7 +42,6 @@ _PEFT_UNSUPPORTED_KEYS = {
     "lora_bias",
     "use_qalora",
     "qalora_group_size",
-    "target_parameters",
     "layer_replication",
     "loftq_config",
     "eva_config",
@@ -79,6 +78,7 @@ _FROM_PEFT: dict[str, str] = {
     "base_model_name_or_path": "base_model",
     "modules_to_save": "modules_to_save",
     "trainable_token_indices": "trainable_token_indices",
+    "target_parameters": "target_parameters",
 }
 _PEFT_KEY = {ours: theirs for theirs, ours in _FROM_PEFT.items()}
 
@@ -122,6 +122,10 @@ class LoraConfig:
     """Modules the adapter trains and saves whole, each in its own copy (PEFT's modules_to_save): a module is
     saved when its name ends with one of these, as in PEFT, e.g. ["score"] or ["lm_head"]. None: a classification model's head (score/classifier/qa_outputs),
     as PEFT adds it, and nothing for other models."""
+    target_parameters: list[str] | None = None
+    """Parameters to adapt that are no Linear (PEFT's target_parameters): `<module>.<parameter>` names or their
+    ends, e.g. ["experts.gate_up_proj", "experts.down_proj"] for mixture-of-experts weights stored as one 3-D
+    parameter; 2-D parameters too. targets may then be [] (no modules)."""
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     """Embedding rows the adapter trains alone, e.g. new special tokens (PEFT's trainable_token_indices): a list of
     token ids for the input embedding (and the output head tied to it), or {module name: token ids}."""
@@ -138,7 +142,18 @@ class LoraConfig:
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
         self._check_types()
-        _check(bool(self.targets), "targets must name at least one module (or be 'all-linear')", "targets")
+        _check(
+            bool(self.targets) or bool(self.target_parameters),
+            "targets must name at least one module (or be 'all-linear'), unless target_parameters names parameters",
+            "targets",
+        )
+        if self.target_parameters:
+            for bad, why in (
+                (self.dropout > 0, f"dropout={self.dropout}"),
+                (self.use_dora, "use_dora"),
+                (self.init not in ("default", "gaussian"), f"init={self.init!r}"),
+            ):
+                _check(not bad, f"target_parameters does not work with {why} (as in PEFT)", "target_parameters")
         _check(self.bias in BIAS_MODES, f"bias must be one of {BIAS_MODES}, got {short(self.bias)}", "bias")
         _check(self.init in INITS, f"init must be one of {INITS}, got {short(self.init)}", "init")
         _check(
@@ -191,6 +206,11 @@ class LoraConfig:
             v = getattr(self, name)
             _check(v is None or isinstance(v, str), f"{name} must be a string or null, got {short(v)}", name)
         self._check_token_indices()
+        _check(
+            self.target_parameters is None or is_str_list(self.target_parameters),
+            f"target_parameters must be a list of parameter names or null, got {short(self.target_parameters)}",
+            "target_parameters",
+        )
         _check(
             self.modules_to_save is None or is_str_list(self.modules_to_save),
             f"modules_to_save must be a list of module names or null, got {short(self.modules_to_save)}",

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from lorakit.errors import AdapterError, QuantizationError
+from lorakit.params import param_wrappers
 from lorakit.registry import adapter_names, lora_layers, registry
 from lorakit.saved import activate, check_activation, set_disabled
 
@@ -42,12 +43,14 @@ def set_active(model: nn.Module, adapters: str | list[str] | dict[str, float]) -
         if name not in known:
             raise AdapterError(f"no adapter {name!r} on {type(model).__name__}; adapters: {known}")
     check_activation(model, wanted)
-    if any(layer.merged for _, layer in lora_layers(model)) and active_adapters(model) != wanted:
+    if _any_merged(model) and active_adapters(model) != wanted:
         unmerge(model)
     for _, layer in lora_layers(model):
         layer.active = {n: w for n, w in wanted.items() if n in layer.adapters}
         layer.refresh()
     activate(model, wanted)
+    for _, wrapper in param_wrappers(model):
+        wrapper.active = {n: w for n, w in wanted.items() if n in wrapper.lora}
     registry(model).active = dict(wanted)
 
 
@@ -61,16 +64,20 @@ def active_adapters(model: nn.Module) -> dict[str, float]:
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the plain base model inside the block; merged adapters are unmerged and merged back afterwards."""
     layers = [layer for _, layer in lora_layers(model)]
-    was_merged = any(layer.merged for layer in layers)
+    was_merged = _any_merged(model)
     if was_merged:
         unmerge(model)
     for layer in layers:
         layer.disabled = True
         layer.refresh()
     set_disabled(model, True)
+    for _, wrapper in param_wrappers(model):
+        wrapper.disabled = True
     try:
         yield model
     finally:
+        for _, wrapper in param_wrappers(model):
+            wrapper.disabled = False
         set_disabled(model, False)
         for layer in layers:
             layer.disabled = False
@@ -82,7 +89,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 @contextmanager
 def merged(model: nn.Module) -> Iterator[nn.Module]:
     """Run the block with the active adapters merged (fast inference), then restore the previous state."""
-    was_merged = any(layer.merged for _, layer in lora_layers(model))
+    was_merged = _any_merged(model)
     merge(model)
     try:
         yield model
@@ -106,6 +113,8 @@ def merge(model: nn.Module) -> None:
     _untie_merged_weights(model)
     for _, layer in layers:
         layer.merge_active()
+    for _, wrapper in param_wrappers(model):  # target_parameters
+        wrapper.merge()
 
 
 def _check_mergeable(model: nn.Module) -> None:
@@ -130,6 +139,14 @@ def unmerge(model: nn.Module) -> None:
     """Undo `merge`: subtract the merged adapters from the base weights, newest first. No-op if nothing is merged."""
     for _, layer in lora_layers(model):
         layer.unmerge_all()
+    for _, wrapper in param_wrappers(model):
+        wrapper.unmerge()
+
+
+def _any_merged(model: nn.Module) -> bool:
+    return any(layer.merged for _, layer in lora_layers(model)) or any(
+        w.merged for _, w in param_wrappers(model)
+    )
 
 
 def _untie_merged_weights(model: nn.Module) -> None:

@@ -183,7 +183,8 @@ def after_load(model: nn.Module, path: Path) -> None:
 def file_config(model: nn.Module, info: AdapterInfo) -> LoraConfig:
     """The adapter's LoraConfig as the file records it: targets that re-select exactly its modules, the base
     model's name and the task type filled in where unset."""
-    config = info.config.replace(targets=targets_for_file(model, info.config, info.modules))
+    targets = targets_for_file(model, info.config, info.modules) if info.modules else []  # [] : parameters only
+    config = info.config.replace(targets=targets)
     if config.targets != info.config.targets and isinstance(config.targets, str):
         config = config.replace(layers=None, layers_pattern=None)
     if config.base_model is None:

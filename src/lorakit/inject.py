@@ -18,8 +18,16 @@ from lorakit.control import set_active, unmerge
 from lorakit.errors import AdapterError, TargetError
 from lorakit.handlers import handler_for
 from lorakit.layers import LoraLayer, variant_class
+from lorakit.params import (
+    add_param_adapters,
+    param_parameters,
+    remove_param_adapters,
+    select_params,
+    unwrap_params,
+)
 from lorakit.registry import AdapterInfo, Registry, adapter_names, lora_layers, registry
 from lorakit.saved import (
+    SavedModule,
     TokenRows,
     add_copies,
     add_token_rows,
@@ -60,7 +68,7 @@ def inject(
     """
     check_new_name(model, name)
     cls = variant_class(config, variant)
-    names = select_modules(model, config)
+    names = [] if config.target_parameters and not config.targets else select_modules(model, config)
     for n in names:
         module = model.get_submodule(n)
         reason = handler_for(module).check(module.base_layer if isinstance(module, LoraLayer) else module)
@@ -68,11 +76,13 @@ def inject(
             raise TargetError(f"cannot add LoRA to {n!r} ({type(module).__name__}): {reason}")
     saved = modules_to_save(model, config, names)
     tokens, tied = token_plan(model, config, names, saved)
+    params = param_plan(model, config, names, [*saved, *tokens, *tied])
     reg = registry(model, create=True)
     reg.layers = None
     try:
         add_copies(model, name, saved)
         add_token_rows(model, name, tokens, tied)
+        add_param_adapters(model, name, params, config)
         for n in names:
             layer = _wrap(model, n)
             layer.add_adapter(
@@ -88,6 +98,7 @@ def inject(
         _remove_from_layers(model, name)
         remove_copies(model, name)
         remove_token_rows(model, name)
+        remove_param_adapters(model, name)
         reg.layers = None
         if not reg.adapters:
             del model.__dict__["_lorakit"]
@@ -95,7 +106,7 @@ def inject(
     reg.layers = None
     assign_sibling_groups(list(lora_layers(model)))
     reg.adapters[name] = AdapterInfo(
-        config=config, modules=names, trainable=trainable, saved=saved, tokens=tokens
+        config=config, modules=names, trainable=trainable, saved=saved, tokens=tokens, params=params
     )
     set_trainable(model)
     if activate:
@@ -116,6 +127,26 @@ def modules_to_save(model: nn.Module, config: LoraConfig, lora_modules: list[str
     names = select_saved(model, config.modules_to_save)
     check_targets(model, names, lora_modules)
     return names
+
+
+def param_plan(
+    model: nn.Module, config: LoraConfig, lora_modules: list[str], others: list[str]
+) -> dict[str, list[str]]:
+    """{owner module: [its parameters]} that `config.target_parameters` adapts; `others`: modules saved whole or
+    with token rows, which cannot also hold adapted parameters."""
+    if not config.target_parameters:
+        return {}
+    wrapped = [n for n, m in model.named_modules() if isinstance(m, (LoraLayer, SavedModule, TokenRows))]
+    plan = select_params(model, config.target_parameters, inner=wrapped)
+    for m in plan:
+        module = model.get_submodule(m)
+        clash = [o for o in [*lora_modules, *others] if o == m or o.startswith(m + ".") or m.startswith(o + ".")]
+        if clash or isinstance(module, (LoraLayer, SavedModule, TokenRows)):
+            raise TargetError(
+                f"target_parameters: {m!r} is also adapted with LoRA, saved whole or trained by rows "
+                f"({(clash or [m])[0]!r}); adapt its parameters or the module, not both"
+            )
+    return plan
 
 
 def token_plan(
@@ -199,7 +230,7 @@ def set_trainable(model: nn.Module) -> None:
             info = reg.adapters.get(aname)
             adapter.requires_grad_(bool(info and info.trainable))
     for aname, info in reg.adapters.items():
-        for p in [*copy_parameters(model, aname), *token_parameters(model, aname)]:
+        for p in [*copy_parameters(model, aname), *token_parameters(model, aname), *param_parameters(model, aname)]:
             p.requires_grad_(info.trainable)
     for info in reg.adapters.values():
         if not info.trainable:
@@ -224,6 +255,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     _remove_from_layers(model, name)
     remove_copies(model, name)
     remove_token_rows(model, name)
+    remove_param_adapters(model, name)
     reg.layers = None
     assign_sibling_groups(list(lora_layers(model)))
     del reg.adapters[name]
@@ -246,6 +278,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     (merge_active if merge else unmerge)(model)
     unwrap_all(model, merge)
     unwrap_tokens(model, merge)
+    unwrap_params(model, merge)
     for name, layer in list(lora_layers(model)):
         merged = {m[0] for m in layer.merged}
         for aname in list(layer.adapters):

@@ -43,8 +43,9 @@ from lorakit.formats import (
     task_heads,
 )
 from lorakit.handlers import all_handlers, handler_for
-from lorakit.inject import check_new_name, delete_adapter, inject, token_plan
+from lorakit.inject import check_new_name, delete_adapter, inject, param_plan, token_plan
 from lorakit.layers import VARIANTS, Variant, variant_class
+from lorakit.params import ParamLora, factor_shapes, file_keys, param_wrappers
 from lorakit.registry import adapter_layers, registry
 from lorakit.saved import check_targets, copies_of, in_saved_module, original, token_rows_of
 from lorakit.targeting import select_modules, select_saved
@@ -193,6 +194,12 @@ def _lora_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
             out[f"{PREFIX}{mname}.{k}"] = t.detach().clone().contiguous()
     for mname, rows in token_rows_of(model, name).items():  # trainable_token_indices: the rows' values
         out[f"{PREFIX}{mname}.{TOKEN_KEY}"] = rows.detach().clone().contiguous()
+    for mname, wrapper in param_wrappers(model):  # target_parameters, nested as PEFT nests its wrappers
+        if name in wrapper.lora:
+            factors = wrapper.lora[name]
+            for p, where in file_keys(mname, list(factors)).items():
+                out[f"{PREFIX}{where}.lora_A.weight"] = factors[p].lora_A.detach().clone().contiguous()
+                out[f"{PREFIX}{where}.lora_B.weight"] = factors[p].lora_B.detach().clone().contiguous()
     return out
 
 
@@ -278,13 +285,14 @@ def _plan_saved(
     """The modules the file saves whole (modules_to_save): (config naming exactly those modules, their tensors,
     the other tensors). PEFT lists head names the model may lack (["classifier", "score"]), so names that match
     nothing are skipped; a matched module whose tensors are missing or misshapen is an error."""
-    if config.modules_to_save is None and config.trainable_token_indices is None:
+    if config.modules_to_save is None and config.trainable_token_indices is None and not config.target_parameters:
         return config, [], tensors
     try:
-        lora_modules = select_modules(model, config)
+        lora_modules = [] if config.target_parameters and not config.targets else select_modules(model, config)
         modules = select_saved(model, config.modules_to_save or [], strict=False)
         check_targets(model, modules, lora_modules)
-        tokens, _ = token_plan(model, config, lora_modules, modules)
+        tokens, tied = token_plan(model, config, lora_modules, modules)
+        params = param_plan(model, config, lora_modules, [*modules, *tokens, *tied])
     except TargetError as e:
         raise AdapterError(f"{path}: adapter does not fit {type(model).__name__}: {e}") from None
     rest = dict(tensors)
@@ -303,6 +311,24 @@ def _plan_saved(
                 f"need {(len(ids), width)}"
             )
         saved.append((m, TOKEN_KEY, t))
+    for m, names in params.items():
+        owner = model.get_submodule(m)
+        owner = owner.base_layer if isinstance(owner, ParamLora) else owner
+        transposed = bool(getattr(owner, "is_transposed", False))
+        r = config.rank_for(m)
+        for p, where in file_keys(m, names).items():
+            shapes = factor_shapes(getattr(owner, p), r, transposed)
+            for which, shape in zip(("lora_A", "lora_B"), shapes, strict=True):
+                key = f"{PREFIX}{where}.{which}.weight"
+                t = rest.pop(key, None)
+                if t is None:
+                    raise AdapterError(f"{path}: target_parameters adapts {m}.{p} but the file lacks {key}")
+                if tuple(t.shape) != tuple(shape):
+                    raise AdapterError(
+                        f"{path}: {key} has shape {tuple(t.shape)}, but {m}.{p} {tuple(getattr(owner, p).shape)} "
+                        f"with r={r} needs {shape}"
+                    )
+                saved.append((m, f"param:{p}:{which}", t))
     for m in modules:
         for k, v in original(model.get_submodule(m)).state_dict().items():
             key = f"{PREFIX}{m}.{k}"
@@ -326,7 +352,11 @@ def _apply_lora(model: nn.Module, plan: _LoraPlan, name: str, trainable: bool) -
         with torch.no_grad():
             copies, rows = copies_of(model, name), token_rows_of(model, name)
             for module, key, tensor in plan.saved:
-                target = rows[module] if key == TOKEN_KEY else copies[module].state_dict()[key]
+                if key.startswith("param:"):
+                    _, p, which = key.split(":")
+                    target = getattr(model.get_submodule(module).lora[name][p], which)
+                else:
+                    target = rows[module] if key == TOKEN_KEY else copies[module].state_dict()[key]
                 target.copy_(tensor.to(target.dtype))
             for module, attr, tensor in plan.copies:
                 if attr == "bias":
@@ -360,7 +390,7 @@ def _plan_copies(
 ) -> list[tuple[str, str, torch.Tensor]]:
     """Match file tensors to modules and check every shape. Returns (module, attribute, tensor) to copy."""
     try:
-        modules = select_modules(model, config)
+        modules = [] if config.target_parameters and not config.targets else select_modules(model, config)
     except TargetError as e:
         raise AdapterError(f"{path}: adapter does not fit {type(model).__name__}: {e}") from None
     variant = cls.create(config, "")
@@ -444,10 +474,14 @@ def _describe_lora(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
     config, tensors = read_adapter(path)
     suffixes = _suffixes(variant_class(config).create(config, ""))
     rows: dict[str, dict[str, Any]] = {}
+    owners = [t.rpartition(".")[0] for t in config.target_parameters or []]
+    params: dict[str, dict[str, Any]] = {}  # target_parameters: owner path (PEFT's nesting) -> factor shapes
     for key, t in tensors.items():
         split = _split_key(key, suffixes)
         if split is not None:
-            rows.setdefault(split[0], {})[split[1]] = tuple(t.shape)
+            bare = split[0].replace(".base_layer", "")
+            where = params if any(bare == o or bare.endswith("." + o) for o in owners if o) else rows
+            where.setdefault(split[0], {})[split[1]] = tuple(t.shape)
     saved = {
         m: {k: tuple(t.shape) for k, t in found.items()}
         for m, found in saved_tensors(config, tensors).items()
@@ -457,6 +491,7 @@ def _describe_lora(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
         "modules": rows,
         "saved": saved,
         "tokens": {m: tuple(t.shape) for m, t in token_tensors(tensors).items()},
+        "params": params,
         "tensors": len(tensors),
         "parameters": sum(t.numel() for t in tensors.values()),
     }

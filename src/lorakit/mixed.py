@@ -39,6 +39,7 @@ from torch import nn
 from lorakit.errors import AdapterError
 from lorakit.handlers import Handler
 from lorakit.layers import LoraLayer, Variant
+from lorakit.params import param_wrappers
 from lorakit.registry import adapter_names, lora_layers
 from lorakit.saved import set_rows
 
@@ -121,6 +122,13 @@ def make_plan(model: nn.Module, names: Sequence[str | None]) -> RowPlan:
             raise AdapterError(f"row adapters: no adapter {n!r} on {type(model).__name__}; adapters: {known}")
     if any(layer.merged for _, layer in lora_layers(model)):
         raise AdapterError("row adapters: adapters are merged into the base weights; unmerge(model) first")
+    for where, wrapper in param_wrappers(model):
+        used = [n for n in names if n is not None and n in wrapper.lora]
+        if used:
+            raise AdapterError(
+                f"row adapters: adapter {used[0]!r} adapts parameters of {where!r} (target_parameters), which a "
+                "mixed-adapter batch cannot split by row; run its rows with set_active"
+            )
     return RowPlan(tuple(names), known)
 
 

@@ -26,6 +26,8 @@ class AdapterInfo:
     trainable: bool = True
     saved: list[str] = field(default_factory=list)
     """Modules it saves whole, in its own copies (modules_to_save)."""
+    params: dict[str, list[str]] = field(default_factory=dict)
+    """Module -> its parameters the adapter adapts (target_parameters), in the module's order."""
     tokens: dict[str, list[int]] = field(default_factory=dict)
     """Module -> the rows it trains alone (trainable_token_indices), for the modules that own the rows."""
 

@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from lorakit.inject import lora_layers
+from lorakit.params import param_wrappers
 from lorakit.quant import quant_stats, quantized_modules
 from lorakit.saved import saved_modules, token_wrappers
 
@@ -18,7 +19,8 @@ def parameter_report(model: nn.Module) -> dict[str, Any]:
     `layers`: one row per (module, adapter) with `d` (out features), `k` (fan-in), `r`, `full` = d·k,
     `lora` = r·(d+k) and `reduction` = full / lora; `saved`: one row per (module, adapter) that an adapter saves
     whole in its own copy (modules_to_save), with its parameter count; `tokens`: one row per (embedding, adapter)
-    with rows trained alone (trainable_token_indices), and the heads tied to them. A 4-bit base adds `quantization` (see
+    with rows trained alone (trainable_token_indices), and the heads tied to them; `params`: one row per
+    (parameter, adapter) adapted through target_parameters. A 4-bit base adds `quantization` (see
     `lorakit.quant.quant_stats`: bits per parameter of its quantized layers); `total` counts the weights those
     layers encode, not their packed bytes.
     """
@@ -58,6 +60,16 @@ def parameter_report(model: nn.Module) -> dict[str, Any]:
             saved.append(
                 {"module": name, "type": type(module).__name__, "adapter": aname, "params": n_params}
             )
+    params = []
+    for name, wrapper in param_wrappers(model):
+        for aname, factors in wrapper.lora.items():
+            for p, f in factors.items():
+                n_params = f.lora_A.numel() + f.lora_B.numel()
+                per_adapter[aname] = per_adapter.get(aname, 0) + n_params
+                shape = tuple(getattr(wrapper.base_layer, p).shape)
+                params.append(
+                    {"parameter": f"{name}.{p}", "shape": shape, "adapter": aname, "r": f.r, "params": n_params}
+                )
     tokens = []
     for name, wrapper in token_wrappers(model):
         if wrapper.tied is not None:
@@ -82,6 +94,7 @@ def parameter_report(model: nn.Module) -> dict[str, Any]:
         "layers": rows,
         "saved": saved,
         "tokens": tokens,
+        "params": params,
         "quantization": quant_stats(model),
     }
 
@@ -107,6 +120,12 @@ def format_report(report: dict[str, Any], *, max_rows: int = 40) -> str:
         lines.append(
             f"saved whole (modules_to_save): {row['module']} ({row['type']}) for adapter {row['adapter']!r}: "
             f"{row['params']:,} params"
+        )
+    for row in report.get("params", []):
+        shape = "x".join(map(str, row["shape"]))
+        lines.append(
+            f"parameter (target_parameters): {row['parameter']} ({shape}) for adapter {row['adapter']!r}: "
+            f"r={row['r']}, {row['params']:,} params"
         )
     for row in report.get("tokens", []):
         tied = f" (shared by the tied {', '.join(row['tied'])})" if row["tied"] else ""

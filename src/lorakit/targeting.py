@@ -18,6 +18,7 @@ from lorakit.config import ALL_LINEAR, LoraConfig
 from lorakit.errors import TargetError
 from lorakit.handlers import handler_for, supported_type_names
 from lorakit.layers import LoraLayer
+from lorakit.params import ParamLora
 from lorakit.saved import SavedModule, TokenRows
 from lorakit.task_types import CLASSIFICATION, task_heads, task_type_for
 
@@ -53,7 +54,7 @@ def candidate_names(model: nn.Module) -> list[str]:
         if not name or any(name.startswith(p) for p in inner):
             continue
         names.append(name)
-        if isinstance(module, (LoraLayer, SavedModule, TokenRows)):
+        if isinstance(module, (LoraLayer, SavedModule, TokenRows, ParamLora)):
             inner.append(name + ".")
     return names
 

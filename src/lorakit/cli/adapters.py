@@ -87,6 +87,9 @@ def _print_adapter(info: dict) -> None:
         n = sum(_prod(shape) for shape in shapes.values())
         what = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in shapes.items())
         print(f"saved whole (modules_to_save): {module}: {n:,} parameters ({what})")
+    for where, shapes in sorted(info.get("params", {}).items()):
+        a, b = ("x".join(map(str, shapes[k])) for k in ("lora_A", "lora_B"))
+        print(f"parameters (target_parameters {cfg.target_parameters}): {where}: lora_A {a}, lora_B {b}")
     ids = cfg.trainable_token_indices
     for module, shape in sorted(info.get("tokens", {}).items()):
         listed = ids if isinstance(ids, list) else next((v for k, v in (ids or {}).items() if module.endswith(k)), [])

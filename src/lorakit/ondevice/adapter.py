@@ -90,6 +90,11 @@ def _check_adapter(config: LoraConfig, name: str) -> None:
         raise ExportError(
             f"adapter {name!r} is a {config.task_type} adapter; llama.cpp runs causal language models only"
         )
+    if config.target_parameters:
+        raise ExportError(
+            f"adapter {name!r} adapts parameters (target_parameters), which llama.cpp's LoRA files cannot hold; "
+            "export --merged instead"
+        )
     if config.modules_to_save:
         raise ExportError(
             f"adapter {name!r} saves {', '.join(config.modules_to_save)} whole (modules_to_save), which llama.cpp's "

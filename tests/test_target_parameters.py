@@ -97,7 +97,9 @@ def test_the_file_nests_as_peft_does(tmp_path):
     model = mixtral()
     lorakit.inject(model, LoraConfig(r=2, targets=[], target_parameters=EXPERTS))
     lorakit.save_adapter(model, tmp_path / "a")
-    shapes = {k: tuple(v.shape) for k, v in load_file(str(tmp_path / "a" / "adapter_model.safetensors")).items()}
+    shapes = {
+        k: tuple(v.shape) for k, v in load_file(str(tmp_path / "a" / "adapter_model.safetensors")).items()
+    }
     pre = "base_model.model.model.layers.0.mlp.experts"
     assert shapes[f"{pre}.base_layer.lora_A.weight"] == (8, 32)  # gate_up_proj: r·E × in
     assert shapes[f"{pre}.base_layer.lora_B.weight"] == (96, 8)  # out × r·E
@@ -162,7 +164,9 @@ def test_mixed_batches_and_combine_refuse_clearly(tmp_path):
     lorakit.inject(model, LoraConfig(r=2, targets=[], target_parameters=EXPERTS), "a")
     lorakit.inject(model, LoraConfig(r=2, targets=["q_proj"]), "b")
     with (
-        pytest.raises(AdapterError, match=r"adapter 'a' adapts parameters of .*experts.* cannot split by row"),
+        pytest.raises(
+            AdapterError, match=r"adapter 'a' adapts parameters of .*experts.* cannot split by row"
+        ),
         lorakit.row_adapters(model, ["a", "b"]),
     ):
         pass
@@ -186,8 +190,14 @@ def _same(model, before):
 @pytest.mark.parametrize(
     "cfg,match",
     [
-        (LoraConfig(targets=[], target_parameters=["experts.up_proj"]), r"'experts.up_proj' matches no parameter"),
-        (LoraConfig(targets=[], target_parameters=["mlp.experts"]), r"'.*mlp\.experts' is a module: name its"),
+        (
+            LoraConfig(targets=[], target_parameters=["experts.up_proj"]),
+            r"'experts.up_proj' matches no parameter",
+        ),
+        (
+            LoraConfig(targets=[], target_parameters=["mlp.experts"]),
+            r"'.*mlp\.experts' is a module: name its",
+        ),
         (LoraConfig(targets=["q_proj"], target_parameters=["q_proj.weight"]), r"also adapted with LoRA"),
     ],
     ids=["no-parameter", "a-module", "lora-target-too"],
@@ -202,7 +212,11 @@ def test_bad_target_parameters_are_refused_and_the_model_is_unchanged(cfg, match
 
 
 def test_settings_peft_refuses_too_are_config_errors():
-    for kw, what in ((dict(dropout=0.1), "dropout"), (dict(use_dora=True), "use_dora"), (dict(init="pissa"), "init")):
+    for kw, what in (
+        (dict(dropout=0.1), "dropout"),
+        (dict(use_dora=True), "use_dora"),
+        (dict(init="pissa"), "init"),
+    ):
         with pytest.raises(ConfigError, match=rf"target_parameters does not work with {what}"):
             LoraConfig(targets=[], target_parameters=EXPERTS, **kw)
 
@@ -222,7 +236,9 @@ def test_a_file_with_misshaped_factors_is_refused_and_the_model_is_unchanged(tmp
     with pytest.raises(AdapterError, match=r"experts\.lora_B\.weight has shape \(32, 4\), but .*down_proj"):
         lorakit.load_adapter(fresh, tmp_path / "a")
     save_file({k: v for k, v in tensors.items() if k != key}, str(weights))
-    with pytest.raises(AdapterError, match=r"adapts model\.layers\.1\.mlp\.experts\.down_proj but the file lacks"):
+    with pytest.raises(
+        AdapterError, match=r"adapts model\.layers\.1\.mlp\.experts\.down_proj but the file lacks"
+    ):
         lorakit.load_adapter(fresh, tmp_path / "a")
     assert lorakit.adapter_names(fresh) == [] and _same(fresh, before)
 

@@ -18,10 +18,16 @@ from lorakit.errors import ConfigError
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-INITS = ("default", "gaussian", "pissa", "random")
+INITS = ("default", "gaussian", "pissa", "loftq", "random")
 
 # PEFT's `init_lora_weights` values <-> ours.
-_INIT_TO_PEFT: dict[str, Any] = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "random": False}
+_INIT_TO_PEFT: dict[str, Any] = {
+    "default": True,
+    "gaussian": "gaussian",
+    "pissa": "pissa",
+    "loftq": "loftq",
+    "random": False,
+}
 
 # PEFT LoRA keys that carry no numerics we need, accepted whatever their value.
 _PEFT_IGNORED_KEYS = {
@@ -110,7 +116,10 @@ class LoraConfig:
     use_rslora: bool = False
     """Rank-stabilised scaling alpha/√r instead of alpha/r."""
     init: str = "default"
-    """"default" (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r)), "pissa" (top-r SVD of W0), "random"."""
+    """"default" (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r)), "pissa" (top-r SVD of W0), "loftq"
+    (for a 4-bit base: Q + s·B·A ≈ W0, LoftQ), "random"."""
+    loftq_iter: int = 1
+    """LoftQ's alternating steps (init "loftq"): 1 keeps the base's NF4 codes; more re-quantize W0 - s·B·A."""
     use_dora: bool = False
     """Weight-decomposed LoRA: a trainable magnitude per output feature times the normalised W0 + ΔW."""
     task_type: str | None = None
@@ -172,6 +181,9 @@ class LoraConfig:
     def _check_types(self) -> None:
         """Every field has the type and range it is documented with (JSON gives any type, and `Infinity`)."""
         _check(is_int(self.r, 1), f"r must be a positive integer, got {short(self.r)}", "r")
+        _check(
+            is_int(self.loftq_iter, 1), f"loftq_iter must be a positive integer, got {short(self.loftq_iter)}", "loftq_iter"
+        )
         _check(
             is_number(self.alpha) and self.alpha > 0,
             f"alpha must be a finite number > 0, got {short(self.alpha)}",
@@ -281,7 +293,8 @@ class LoraConfig:
         return {
             "peft_type": "LORA",
             **fields,
-            "init_lora_weights": _INIT_TO_PEFT[self.init],
+            # LoftQ's work is in the trained weights; "loftq" here would make PEFT re-run it at load (on CUDA)
+            "init_lora_weights": True if self.init == "loftq" else _INIT_TO_PEFT[self.init],
             "fan_in_fan_out": False,
             "inference_mode": True,
         }
@@ -304,6 +317,10 @@ class LoraConfig:
                     kwargs[_FROM_PEFT[key]] = value
             elif key == "init_lora_weights":
                 kwargs["init"] = _init_from_peft(value, source)
+            elif key == "loftq_config" and value:
+                if not isinstance(value, dict) or value.get("loftq_bits", 4) != 4:
+                    raise ConfigError(f"{source}: loftq_config={value!r}: lorakit's LoftQ is for 4-bit (NF4) bases")
+                kwargs["loftq_iter"] = value.get("loftq_iter", 1)
             elif key in _PEFT_UNSUPPORTED_KEYS:
                 if value not in (None, False, {}, [], "", 0) and not (key == "qalora_group_size"):
                     raise ConfigError(f"{source}: {key}={value!r} is a PEFT feature lorakit does not support")
@@ -327,7 +344,7 @@ def _init_from_peft(value: Any, source: str) -> str:
         if value == theirs and type(value) is type(theirs):
             return ours
     raise ConfigError(
-        f"{source}: init_lora_weights={value!r} is not supported (use true, false, 'gaussian' or 'pissa')"
+        f"{source}: init_lora_weights={value!r} is not supported (use true, false, 'gaussian', 'pissa' or 'loftq')"
     )
 
 

@@ -93,6 +93,7 @@ def inject(
                 dropout=config.dropout,
                 init=config.init,
                 variant=cls.create(config, n),
+                config=config,
             )
     except Exception:
         _remove_from_layers(model, name)

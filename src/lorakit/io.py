@@ -347,7 +347,8 @@ def _plan_saved(
 
 
 def _apply_lora(model: nn.Module, plan: _LoraPlan, name: str, trainable: bool) -> str:
-    inject(model, plan.config, name, activate=False, trainable=trainable, variant=plan.variant)
+    config = plan.config.replace(init="default") if plan.config.init == "loftq" else plan.config  # A, B: the file's
+    inject(model, config, name, activate=False, trainable=trainable, variant=plan.variant)
     try:
         with torch.no_grad():
             copies, rows = copies_of(model, name), token_rows_of(model, name)

@@ -161,6 +161,8 @@ class LoraAdapter(nn.Module):
         self.variant = variant
         # a part of W0 the init moved into B·A (PiSSA), given back to W0 when the adapter is removed
         self.register_buffer("base_residual", None, persistent=False)
+        self.on_remove = None  # set by an init that changed the base some other way (LoftQ): undoes it
+        self.init_config: LoraConfig | None = None  # the adapter's config, for inits that need more than r and s
 
     def adapter_params(self, handler: Handler) -> dict[str, torch.Tensor]:
         """The adapter's tensors as its variant declares them: PEFT key suffix -> tensor (torchtune's protocol)."""
@@ -206,6 +208,7 @@ class LoraLayer(nn.Module):
         dropout: float,
         init: str,
         variant: Variant | None = None,
+        config: LoraConfig | None = None,
     ) -> None:
         if self.handler.embedding:
             dropout = 0.0
@@ -222,6 +225,7 @@ class LoraLayer(nn.Module):
             dtype=dtype,
             device=device,
         )
+        adapter.init_config = config
         if init in INITS:
             INITS[init](self, adapter)
         else:
@@ -236,6 +240,8 @@ class LoraLayer(nn.Module):
             with torch.no_grad():
                 w = self.handler.weight(self.base_layer)
                 w.add_(adapter.base_residual.to(w.dtype))
+        if adapter.on_remove is not None:
+            adapter.on_remove()
         del self.adapters[name]
         self.active.pop(name, None)
         self.row_cache = None

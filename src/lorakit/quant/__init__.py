@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from lorakit.formats import register_load_hook, register_metadata
 from lorakit.quant import handlers as _handlers  # noqa: F401 (registers the 4-bit layers as LoRA bases)
+from lorakit.quant import loftq as _loftq  # noqa: F401 (registers the "loftq" init)
 from lorakit.quant.apply import (
     QuantReport,
     adapter_base_quantization,

@@ -7,6 +7,7 @@ embeddings); those stay in full precision and the report says why. LoRA is injec
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -130,6 +131,7 @@ def quantize(
         q = NF4Linear.from_linear(m, double_quant=double_quant, block_size=block_size)
         if source is not None:
             m.weight.data = torch.empty(0, dtype=m.weight.dtype)  # free the full-precision copy now
+            q.source = functools.partial(source, f"{name}.weight")  # W0 read again on demand (LoftQ init)
         _set_submodule(model, name, q)
         report.quantized.append(name)
         report.bytes_after += q.storage_bytes()

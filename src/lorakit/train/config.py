@@ -296,6 +296,10 @@ def validate(cfg: RunConfig) -> None:
         (0 < dsec.eval_split < 1, f"data.eval_split must be in (0, 1), got {dsec.eval_split}"),
         (dsec.train_file or dsec.task, "set data.train_file or data.task"),
         (
+            cfg.lora.init != "loftq" or cfg.model.quantize,
+            "lora.init loftq starts an adapter on a 4-bit base: add --model.quantize nf4",
+        ),
+        (
             not dsec.add_tokens or cfg.methods[0] == "lora",
             f"data.add_tokens trains token rows with method lora, not {cfg.train.method!r}",
         ),

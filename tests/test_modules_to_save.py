@@ -8,8 +8,6 @@ to float32 rounding; 1e-5 fails on any wrong copy, scaling or missed module (tho
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +17,16 @@ import lorakit
 from lorakit import AdapterError, LoraConfig, TargetError
 from lorakit.saved import SavedModule
 
-from tiny import ids, peft_config, perturb_peft, randomize, tiny_gpt2, tiny_llama
+from tiny import (
+    both_ways_with_peft,
+    ids,
+    inspect_stdout,
+    randomize,
+    snapshot,
+    tiny_gpt2,
+    tiny_llama,
+    unchanged,
+)
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")
 
@@ -50,34 +57,20 @@ def _peft_two_adapters(model, tmp_path):
     "make,cfg",
     [
         (tiny_llama, LoraConfig(r=4, alpha=8, targets=["q_proj"], modules_to_save=["lm_head"])),
-        (tiny_llama, LoraConfig(r=4, alpha=8, targets="all-linear", modules_to_save=["norm", "embed_tokens"])),
+        (
+            tiny_llama,
+            LoraConfig(r=4, alpha=8, targets="all-linear", modules_to_save=["norm", "embed_tokens"]),
+        ),
         (tiny_gpt2, LoraConfig(r=4, alpha=8, targets=["c_attn"], modules_to_save=["ln_f"])),
     ],
     ids=["llama-lm_head", "llama-norm-embedding", "gpt2-layernorm"],
 )
 def test_both_ways_with_peft(make, cfg, tmp_path):
-    x = ids()
+    both_ways_with_peft(make, cfg, tmp_path, ids())
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["modules_to_save"]
     model = make()
     lorakit.inject(model, cfg)
-    randomize(model, std=0.1)
-    with torch.no_grad():
-        ours = model(x).logits
-        lorakit.save_adapter(model, tmp_path / "ours")
-        theirs = peft.PeftModel.from_pretrained(make(), tmp_path / "ours").eval()(x).logits
-        torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
-        with lorakit.disabled(model):
-            assert (model(x).logits - ours).abs().max() > 1e-2
-    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["modules_to_save"]
     assert saved == [row["module"] for row in lorakit.parameter_report(model)["saved"]]  # full module names
-    pm = peft.get_peft_model(make(), peft_config(cfg))
-    perturb_peft(pm, std=0.1)
-    pm.eval()
-    with torch.no_grad():
-        theirs = pm(x).logits
-        pm.save_pretrained(tmp_path / "peft")
-        back = make()
-        lorakit.load_adapter(back, tmp_path / "peft")
-        torch.testing.assert_close(back(x).logits, theirs, atol=ATOL, rtol=0)
 
 
 def test_switching_matches_peft_and_two_copies_of_one_module_are_refused(tmp_path):
@@ -111,7 +104,9 @@ def test_disabled_runs_the_original_module_and_delete_unwraps(tmp_path):
     with torch.no_grad(), lorakit.disabled(model):
         torch.testing.assert_close(model(x).logits, want, atol=ATOL, rtol=0)
     assert isinstance(model.lm_head, SavedModule)
-    assert torch.equal(model.lm_head.weight, model.lm_head.modules_to_save["a"].weight)  # attributes: the copy
+    assert torch.equal(
+        model.lm_head.weight, model.lm_head.modules_to_save["a"].weight
+    )  # attributes: the copy
     for n in "abc":
         lorakit.delete_adapter(model, n)
     assert type(model.lm_head) is nn.Linear
@@ -194,19 +189,13 @@ def test_combine_carries_one_copy_and_refuses_two(tmp_path):
     assert not (tmp_path / "ab").exists() and not (tmp_path / "x").exists()
 
 
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _same(model, before):
-    after = model.state_dict()
-    return set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
-
-
 @pytest.mark.parametrize(
     "cfg,match",
     [
-        (LoraConfig(targets=["q_proj"], modules_to_save=["score"]), r"'score' matches no module of LlamaForCausalLM"),
+        (
+            LoraConfig(targets=["q_proj"], modules_to_save=["score"]),
+            r"'score' matches no module of LlamaForCausalLM",
+        ),
         (LoraConfig(targets=["q_proj"], modules_to_save=["q_proj"]), r"'.*q_proj' is also adapted with LoRA"),
         (LoraConfig(targets=["q_proj"], layers=[1], modules_to_save=["layers.0", "0.mlp"]), r"lies inside"),
     ],
@@ -214,11 +203,11 @@ def _same(model, before):
 )
 def test_bad_modules_to_save_is_refused_and_the_model_is_unchanged(cfg, match):
     model = tiny_llama()
-    before = _state(model)
+    before = snapshot(model)
     with pytest.raises(TargetError, match=match) as info:
         lorakit.inject(model, cfg)
     assert "\n" not in str(info.value)
-    assert lorakit.adapter_names(model) == [] and _same(model, before)
+    assert lorakit.adapter_names(model) == [] and unchanged(model, before)
 
 
 def test_a_file_lacking_or_misshaping_a_saved_module_is_refused_and_the_model_is_unchanged(tmp_path):
@@ -231,25 +220,24 @@ def test_a_file_lacking_or_misshaping_a_saved_module_is_refused_and_the_model_is
     tensors = load_file(str(weights))
     key = "base_model.model.lm_head.weight"
     fresh = tiny_llama()
-    before = _state(fresh)
+    before = snapshot(fresh)
     save_file({k: v for k, v in tensors.items() if k != key}, str(weights))
-    with pytest.raises(AdapterError, match=r"modules_to_save names 'lm_head' but the file lacks .*lm_head\.weight"):
+    with pytest.raises(
+        AdapterError, match=r"modules_to_save names 'lm_head' but the file lacks .*lm_head\.weight"
+    ):
         lorakit.load_adapter(fresh, tmp_path / "a")
     save_file({**tensors, key: tensors[key][:5]}, str(weights))
     with pytest.raises(AdapterError, match=r"lm_head\.weight has shape \(5, 32\) but .* has \(128, 32\)"):
         lorakit.load_adapter(fresh, tmp_path / "a")
-    assert lorakit.adapter_names(fresh) == [] and _same(fresh, before)
+    assert lorakit.adapter_names(fresh) == [] and unchanged(fresh, before)
 
 
 def test_inspect_shows_the_saved_modules(tmp_path):
     model = tiny_llama()
     lorakit.inject(model, LoraConfig(r=4, targets=["q_proj"], modules_to_save=["lm_head"]))
     lorakit.save_adapter(model, tmp_path / "a")
-    out = subprocess.run(
-        [sys.executable, "-m", "lorakit", "inspect", str(tmp_path / "a")], capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    assert "saved whole (modules_to_save): lm_head: 4,096 parameters (weight 128x32)" in out.stdout
+    out = inspect_stdout(tmp_path / "a")
+    assert "saved whole (modules_to_save): lm_head: 4,096 parameters (weight 128x32)" in out
     report = lorakit.format_report(lorakit.parameter_report(model))
     assert "saved whole (modules_to_save): lm_head (Linear) for adapter 'default': 4,096 params" in report
 
@@ -286,7 +274,9 @@ def test_sequence_classifier_on_real_minilm_both_ways_with_peft(tmp_path):
 
     def fresh(seed):
         torch.manual_seed(seed)  # the head is new: its init draws from the global generator
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=3, local_files_only=True).eval()
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=3, local_files_only=True
+        ).eval()
 
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     enc = tok(["The food was great.", "What an awful film it was!"], return_tensors="pt", padding=True)

@@ -9,8 +9,6 @@ Tolerance: the same float32 operations as PEFT (W + ΔW, then the experts' own f
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,7 +18,14 @@ import lorakit
 from lorakit import AdapterError, ConfigError, LoraConfig, TargetError
 from lorakit.params import ParamLora
 
-from tiny import ids, peft_config, perturb_peft, randomize
+from tiny import (
+    both_ways_with_peft,
+    ids,
+    inspect_stdout,
+    randomize,
+    snapshot,
+    unchanged,
+)
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")
 
@@ -69,25 +74,7 @@ def _differs(model, x, out):
     ids=["mixtral-experts", "mixtral-down-only-rslora", "2d-router", "gpt-oss-transposed"],
 )
 def test_both_ways_with_peft(make, cfg, tmp_path):
-    x = ids()
-    model = make()
-    lorakit.inject(model, cfg)
-    randomize(model, std=0.1)
-    with torch.no_grad():
-        ours = model(x).logits
-        assert _differs(model, x, ours)
-        lorakit.save_adapter(model, tmp_path / "ours")
-        theirs = peft.PeftModel.from_pretrained(make(), tmp_path / "ours").eval()(x).logits
-    torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
-    pm = peft.get_peft_model(make(), peft_config(cfg))
-    perturb_peft(pm, std=0.1)
-    pm.eval()
-    with torch.no_grad():
-        theirs = pm(x).logits
-        pm.save_pretrained(tmp_path / "peft")
-        back = make()
-        lorakit.load_adapter(back, tmp_path / "peft")
-        torch.testing.assert_close(back(x).logits, theirs, atol=ATOL, rtol=0)
+    both_ways_with_peft(make, cfg, tmp_path, ids())
     assert set(load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))) == set(
         load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
     )  # the same keys, PEFT's nesting included
@@ -178,15 +165,6 @@ def test_mixed_batches_and_combine_refuse_clearly(tmp_path):
         lorakit.combine([tmp_path / "a", tmp_path / "b"], None, "cat", tmp_path / "ab", allow_missing=True)
 
 
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _same(model, before):
-    after = model.state_dict()
-    return set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
-
-
 @pytest.mark.parametrize(
     "cfg,match",
     [
@@ -204,11 +182,11 @@ def _same(model, before):
 )
 def test_bad_target_parameters_are_refused_and_the_model_is_unchanged(cfg, match):
     model = mixtral()
-    before = _state(model)
+    before = snapshot(model)
     with pytest.raises(TargetError, match=match) as info:
         lorakit.inject(model, cfg)
     assert "\n" not in str(info.value)
-    assert lorakit.adapter_names(model) == [] and _same(model, before)
+    assert lorakit.adapter_names(model) == [] and unchanged(model, before)
 
 
 def test_settings_peft_refuses_too_are_config_errors():
@@ -232,7 +210,7 @@ def test_a_file_with_misshaped_factors_is_refused_and_the_model_is_unchanged(tmp
     key = "base_model.model.model.layers.1.mlp.experts.lora_B.weight"
     save_file({**tensors, key: tensors[key][:, :4].contiguous()}, str(weights))
     fresh = mixtral()
-    before = _state(fresh)
+    before = snapshot(fresh)
     with pytest.raises(AdapterError, match=r"experts\.lora_B\.weight has shape \(32, 4\), but .*down_proj"):
         lorakit.load_adapter(fresh, tmp_path / "a")
     save_file({k: v for k, v in tensors.items() if k != key}, str(weights))
@@ -240,18 +218,15 @@ def test_a_file_with_misshaped_factors_is_refused_and_the_model_is_unchanged(tmp
         AdapterError, match=r"adapts model\.layers\.1\.mlp\.experts\.down_proj but the file lacks"
     ):
         lorakit.load_adapter(fresh, tmp_path / "a")
-    assert lorakit.adapter_names(fresh) == [] and _same(fresh, before)
+    assert lorakit.adapter_names(fresh) == [] and unchanged(fresh, before)
 
 
 def test_inspect_shows_the_adapted_parameters(tmp_path):
     model = mixtral()
     lorakit.inject(model, LoraConfig(r=2, targets=["q_proj"], target_parameters=EXPERTS))
     lorakit.save_adapter(model, tmp_path / "a")
-    out = subprocess.run(
-        [sys.executable, "-m", "lorakit", "inspect", str(tmp_path / "a")], capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    assert "model.layers.0.mlp.experts.base_layer: lora_A 8x32, lora_B 96x8" in out.stdout
-    assert "model.layers.0.self_attn.q_proj" in out.stdout
+    out = inspect_stdout(tmp_path / "a")
+    assert "model.layers.0.mlp.experts.base_layer: lora_A 8x32, lora_B 96x8" in out
+    assert "model.layers.0.self_attn.q_proj" in out
     text = lorakit.format_report(lorakit.parameter_report(model))
     assert "parameter (target_parameters): model.layers.0.mlp.experts.gate_up_proj (4x96x32)" in text

@@ -19,7 +19,16 @@ import lorakit
 from lorakit import AdapterError, ConfigError, LoraConfig, TargetError
 from lorakit.saved import TokenRows
 
-from tiny import addition_run, ids, peft_config, randomize, tiny_llama
+from tiny import (
+    addition_run,
+    both_ways_with_peft,
+    ids,
+    inspect_stdout,
+    randomize,
+    snapshot,
+    tiny_llama,
+    unchanged,
+)
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")
 
@@ -42,43 +51,14 @@ def _x():
     return x
 
 
-def _peft_with_rows(make, cfg):
-    pm = peft.get_peft_model(make(), peft_config(cfg))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n or "trainable_tokens_delta" in n:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return pm.eval()
-
-
 @pytest.mark.parametrize("make", [tiny_llama, tied_llama], ids=["untied", "tied-head"])
-@pytest.mark.parametrize(
-    "spec", [ROWS, {"embed_tokens": ROWS}], ids=["list", "dict"]
-)
+@pytest.mark.parametrize("spec", [ROWS, {"embed_tokens": ROWS}], ids=["list", "dict"])
 def test_both_ways_with_peft(make, spec, tmp_path):
     cfg = LoraConfig(r=4, alpha=8, targets=["q_proj"], trainable_token_indices=spec)
-    x = _x()
-    model = make()
-    lorakit.inject(model, cfg)
-    randomize(model, std=0.3)
-    with torch.no_grad():
-        ours = model(x).logits
-        with lorakit.disabled(model):
-            assert (model(x).logits - ours).abs().max() > 1e-2
-        lorakit.save_adapter(model, tmp_path / "ours")
-        theirs = peft.PeftModel.from_pretrained(make(), tmp_path / "ours").eval()(x).logits
-    torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
+    both_ways_with_peft(make, cfg, tmp_path, _x(), std=0.3)
     tensors = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
     rows = tensors["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
     assert rows.shape == (3, 32) and not any("lm_head" in k for k in tensors)  # the rows, once; no embedding
-    pm = _peft_with_rows(make, cfg)
-    with torch.no_grad():
-        theirs = pm(x).logits
-        pm.save_pretrained(tmp_path / "peft")
-        back = make()
-        lorakit.load_adapter(back, tmp_path / "peft")
-        torch.testing.assert_close(back(x).logits, theirs, atol=ATOL, rtol=0)
 
 
 def test_the_tied_head_uses_the_rows_for_those_logits_only():
@@ -126,7 +106,9 @@ def test_switching_disabling_deleting_and_unloading(tmp_path):
     lorakit.inject(model, LoraConfig(r=2, targets=["o_proj"]), "c")
     randomize(model, std=0.3)
     with torch.no_grad():
-        with pytest.raises(AdapterError, match=r"'a' and 'b' both have their own token rows in 'model\.embed_tokens'"):
+        with pytest.raises(
+            AdapterError, match=r"'a' and 'b' both have their own token rows in 'model\.embed_tokens'"
+        ):
             lorakit.set_active(model, ["a", "b"])
         with pytest.raises(AdapterError, match=r"token rows in 'model\.embed_tokens' .* cannot be weighted"):
             lorakit.set_active(model, {"b": 2.0})
@@ -171,21 +153,20 @@ def test_combine_carries_rows_of_one_source_and_refuses_two(tmp_path):
         lorakit.combine([tmp_path / "a", tmp_path / "c"], [0.5, 1.0], "cat", tmp_path / "x")
 
 
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _same(model, before):
-    after = model.state_dict()
-    return set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
-
-
 @pytest.mark.parametrize(
     "spec,error,match",
     [
-        ([3, 128], TargetError, r"token id 128 is out of range for 'model\.embed_tokens' \(128 rows\); resize"),
+        (
+            [3, 128],
+            TargetError,
+            r"token id 128 is out of range for 'model\.embed_tokens' \(128 rows\); resize",
+        ),
         ({"nothing": [1]}, TargetError, r"trainable_token_indices: 'nothing' matches no module"),
-        ({"norm": [1]}, TargetError, r"'model\.layers\.0\.input_layernorm' is a LlamaRMSNorm, not an embedding"),
+        (
+            {"norm": [1]},
+            TargetError,
+            r"'model\.layers\.0\.input_layernorm' is a LlamaRMSNorm, not an embedding",
+        ),
         ({"q_proj": [1]}, TargetError, r"also saved whole or adapted with LoRA"),
         ([1, 1], ConfigError, r"names token id 1 more than once"),
         ([], ConfigError, r"non-empty lists of token ids"),
@@ -194,11 +175,11 @@ def _same(model, before):
 )
 def test_bad_token_indices_are_refused_and_the_model_is_unchanged(spec, error, match):
     model = tied_llama()
-    before = _state(model)
+    before = snapshot(model)
     with pytest.raises(error, match=match) as info:
         lorakit.inject(model, LoraConfig(r=2, targets=["q_proj"], trainable_token_indices=spec))
     assert "\n" not in str(info.value)
-    assert lorakit.adapter_names(model) == [] and _same(model, before)
+    assert lorakit.adapter_names(model) == [] and unchanged(model, before)
 
 
 def test_a_file_for_a_larger_vocabulary_is_refused_with_the_fix(tmp_path):
@@ -207,10 +188,10 @@ def test_a_file_for_a_larger_vocabulary_is_refused_with_the_fix(tmp_path):
     lorakit.inject(model, LoraConfig(r=2, targets=["q_proj"], trainable_token_indices=[128, 129]))
     lorakit.save_adapter(model, tmp_path / "a")
     small = tied_llama()
-    before = _state(small)
+    before = snapshot(small)
     with pytest.raises(AdapterError, match=r"token id 128 is out of range .*resize_token_embeddings"):
         lorakit.load_adapter(small, tmp_path / "a")
-    assert lorakit.adapter_names(small) == [] and _same(small, before)
+    assert lorakit.adapter_names(small) == [] and unchanged(small, before)
     weights = tmp_path / "a" / "adapter_model.safetensors"
     tensors = load_file(str(weights))
     key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
@@ -243,23 +224,19 @@ def test_train_add_tokens_trains_their_rows_and_saves_the_tokenizer(tmp_path):
 
 
 def test_inspect_shows_the_token_rows(tmp_path):
-    import subprocess
-    import sys
-
     model = tied_llama()
     lorakit.inject(model, LoraConfig(r=2, targets=["q_proj"], trainable_token_indices=ROWS))
     lorakit.save_adapter(model, tmp_path / "a")
-    out = subprocess.run(
-        [sys.executable, "-m", "lorakit", "inspect", str(tmp_path / "a")], capture_output=True, text=True
-    )
-    assert out.returncode == 0, out.stderr
-    assert "token rows (trainable_token_indices): model.embed_tokens: 3 rows x 32 (token ids 3, 5, 7)" in out.stdout
+    out = inspect_stdout(tmp_path / "a")
+    assert "token rows (trainable_token_indices): model.embed_tokens: 3 rows x 32 (token ids 3, 5, 7)" in out
 
 
 def test_add_tokens_is_checked_before_anything_loads():
     from lorakit.train.config import load_config
 
-    with pytest.raises(ConfigError, match=r"data\.add_tokens trains token rows with method lora, not 'dylora'"):
+    with pytest.raises(
+        ConfigError, match=r"data\.add_tokens trains token rows with method lora, not 'dylora'"
+    ):
         load_config(None, ["--data.add_tokens", "<x>", "--train.method", "dylora"])
     with pytest.raises(ConfigError, match=r"data\.add_tokens must be distinct non-empty strings"):
         load_config(None, ["--data.add_tokens", "<x>,<x>"])

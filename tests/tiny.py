@@ -106,6 +106,54 @@ def randomize(model: nn.Module, std: float = 0.1, seed: int = 3) -> None:
             p.add_(torch.randn(p.shape, generator=g) * std)
 
 
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the model's state dict, to check later that a refused operation left the model as it was."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> bool:
+    """Whether `model` has the same state-dict keys and values as at `snapshot`."""
+    after = model.state_dict()
+    return set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def inspect_stdout(path) -> str:
+    """What `lorakit inspect PATH` prints (it must succeed)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "lorakit", "inspect", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def both_ways_with_peft(make, cfg, folder, x: torch.Tensor, *, std: float = 0.1, atol: float = 1e-5) -> None:
+    """lorakit's adapter (random values of `std`) loads in PEFT, and PEFT's (perturbed the same way) in lorakit,
+    with the same logits on `x` within `atol`; the adapter must move the logits by more than 1e-3. Writes
+    `folder`/ours and `folder`/peft."""
+    import peft
+
+    import lorakit
+
+    model = make()
+    lorakit.inject(model, cfg)
+    randomize(model, std=std)
+    with torch.no_grad():
+        ours = model(x).logits
+        with lorakit.disabled(model):
+            assert (model(x).logits - ours).abs().max() > 1e-3, "the adapter must change the output"
+        lorakit.save_adapter(model, folder / "ours")
+        theirs = peft.PeftModel.from_pretrained(make(), folder / "ours").eval()(x).logits
+        torch.testing.assert_close(theirs, ours, atol=atol, rtol=0)
+        pm = peft.get_peft_model(make(), peft_config(cfg))
+        perturb_peft(pm, std=std)
+        theirs = pm.eval()(x).logits
+        pm.save_pretrained(folder / "peft")
+        back = make()
+        lorakit.load_adapter(back, folder / "peft")
+        torch.testing.assert_close(back(x).logits, theirs, atol=atol, rtol=0)
+
+
 def peft_config(cfg):
     """The `peft.LoraConfig` that means the same as lorakit's `cfg` (built from our PEFT json mapping)."""
     import peft
@@ -119,7 +167,7 @@ def perturb_peft(model: nn.Module, std: float, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "lora_" in n or ".modules_to_save." in n:
+            if "lora_" in n or ".modules_to_save." in n or "trainable_tokens_delta" in n:
                 p.add_(torch.randn(p.shape, generator=g) * std)
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterError, TargetError
+from lorakit.saved import Wrapper
 
 
 class ParamFactors(nn.Module):
@@ -59,7 +60,7 @@ class ParamFactors(nn.Module):
         return torch.einsum(spec, b, a) * self.scaling
 
 
-class ParamLora(nn.Module):
+class ParamLora(Wrapper):
     """The owner of adapted parameters, with each adapter's factors: `lora[adapter][parameter]`."""
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -123,14 +124,6 @@ class ParamLora(nn.Module):
             for p, f in self.lora[name].items():
                 weight = getattr(self.base_layer, p)
                 weight.sub_((f.delta() * w).to(weight.dtype))
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name.startswith("__") or "base_layer" not in self.__dict__["_modules"]:
-                raise
-            return getattr(self.base_layer, name)
 
     def extra_repr(self) -> str:
         return f"adapters={ {a: list(f) for a, f in self.lora.items()} }, active={self.active}"

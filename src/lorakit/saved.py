@@ -26,8 +26,28 @@ from torch import nn
 from lorakit.errors import AdapterError, TargetError
 
 
-class SavedModule(nn.Module):
+class Wrapper(nn.Module):
+    """A module that stands where another was: attribute reads it lacks (`weight`, `out_features`, ...) go to the
+    module it wraps (`target()`), so code that inspects the model keeps working."""
+
+    _inner = "base_layer"  # the submodule that must exist before reads are forwarded (during __init__ it does not)
+
+    def target(self) -> nn.Module:
+        return self.base_layer
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or self._inner not in self.__dict__["_modules"]:
+                raise
+            return getattr(self.target(), name)
+
+
+class SavedModule(Wrapper):
     """A module with per-adapter trainable copies (PEFT's ModulesToSaveWrapper)."""
+
+    _inner = "original_module"
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
@@ -78,14 +98,8 @@ class SavedModule(nn.Module):
             out.index_copy_(0, rows, y)
         return out
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self.__dict__["_modules"]
-            if name.startswith("__") or "original_module" not in modules:
-                raise
-            return getattr(self.current(), name)
+    def target(self) -> nn.Module:
+        return self.current()
 
     def extra_repr(self) -> str:
         return f"copies={list(self.modules_to_save)}, active={self.active!r}"
@@ -234,7 +248,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class TokenRows(nn.Module):
+class TokenRows(Wrapper):
     """An embedding (or the output head tied to it) in which adapters train only some rows: PEFT's
     TrainableTokensWrapper. Each adapter holds the new values of its rows, `trainable_tokens_delta[adapter]`
     (n, dim), as PEFT names and saves them (the values themselves, not a difference).
@@ -324,14 +338,6 @@ class TokenRows(nn.Module):
         weight = self.base_layer.weight
         idx = torch.tensor(self.token_indices[name], dtype=torch.long, device=weight.device)
         weight.index_copy_(0, idx, self.rows()[name].detach().to(weight.dtype))
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name.startswith("__") or "base_layer" not in self.__dict__["_modules"]:
-                raise
-            return getattr(self.base_layer, name)
 
     def extra_repr(self) -> str:
         rows = {a: len(i) for a, i in self.token_indices.items()}

@@ -298,3 +298,64 @@ def test_sequence_classifier_on_real_minilm_both_ways_with_peft(tmp_path):
     # float32 through a 6-layer encoder, logits of size ~1: the same ops in another order (PEFT's forward vs ours)
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
     torch.testing.assert_close(again, ours, atol=1e-6, rtol=0)
+
+
+@pytest.mark.real_model
+def test_the_serving_engine_batches_adapters_with_head_copies_and_token_rows(default_model_dir):
+    """`lorakit serve`'s engine on the real SmolLM2: one adapter with its own lm_head (modules_to_save), one
+    with trained token rows (the tied head sharing them), one plain; concurrent requests in one running batch
+    give each adapter's own greedy text, as generating with it alone does."""
+    import queue
+
+    from lorakit.bank import AdapterBank
+    from lorakit.generate import format_prompt, generate
+    from lorakit.serve.engine import Engine, EngineConfig
+    from lorakit.serve.requests import Done, GenRequest, SamplingParams
+
+    model, tok = lorakit.load_model(str(default_model_dir))
+    torch.manual_seed(0)
+    rows = tok(" Banana fruit", add_special_tokens=False)["input_ids"]  # tokens of the base's own answer
+    configs = {
+        "head": LoraConfig(r=4, targets=["q_proj"], modules_to_save=["lm_head"]),
+        "rows": LoraConfig(r=4, targets=["v_proj"], trainable_token_indices=rows),
+        "plain": LoraConfig(r=4, targets=["o_proj"]),
+    }
+    for name, cfg in configs.items():
+        lorakit.inject(model, cfg, name)
+        randomize_one(model, name)
+    prompt = "Name a fruit."
+    want = {}
+    for name in (*configs, None):
+        with lorakit.disabled(model) if name is None else torch.no_grad():
+            if name is not None:
+                lorakit.set_active(model, name)
+            want[name] = generate(model, tok, prompt, max_new_tokens=8)
+    assert len(set(want.values())) == 4, want  # every adapter changes the text
+    engine = Engine(model, tok, AdapterBank(model), EngineConfig(max_batch=4, wait_ms=50))
+    engine.start()
+    try:
+        ids = tok(format_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+        queues = {}
+        for name in want:
+            queues[name] = queue.Queue()
+            engine.submit(GenRequest(ids, name, SamplingParams(max_tokens=8, temperature=0), queues[name].put))
+        for name, events in queues.items():
+            parts = []
+            while not isinstance(ev := events.get(timeout=120), Done):
+                parts.append(ev.text)
+            assert "".join(parts).strip() == want[name], name
+        assert engine.stats["max_rows"] >= 2
+    finally:
+        engine.stop()
+
+
+def randomize_one(model, name: str) -> None:
+    """Random values for adapter `name` (LoRA factors, head copy, token rows) big enough to change greedy text."""
+    from lorakit.saved import token_parameters
+
+    g = torch.Generator().manual_seed(len(name))
+    rows = {id(p) for p in token_parameters(model, name)}
+    with torch.no_grad():
+        for p in lorakit.adapter_parameters(model, name):
+            std = 1.0 if id(p) in rows else 0.02 if p.shape[0] > 1000 else 0.05  # rows, the head copy, A and B
+            p.add_(torch.randn(p.shape, generator=g) * std)

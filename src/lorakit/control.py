@@ -16,7 +16,7 @@ from torch import nn
 
 from lorakit.errors import AdapterError, QuantizationError
 from lorakit.params import param_wrappers
-from lorakit.registry import adapter_names, lora_layers, registry
+from lorakit.registry import adapter_names, lora_layers, registry, uses_wrappers
 from lorakit.saved import activate, check_activation, set_disabled
 
 log = logging.getLogger(__name__)
@@ -42,15 +42,18 @@ def set_active(model: nn.Module, adapters: str | list[str] | dict[str, float]) -
     for name in wanted:
         if name not in known:
             raise AdapterError(f"no adapter {name!r} on {type(model).__name__}; adapters: {known}")
-    check_activation(model, wanted)
+    wrapped = uses_wrappers(model)
+    if wrapped:
+        check_activation(model, wanted)
     if _any_merged(model) and active_adapters(model) != wanted:
         unmerge(model)
     for _, layer in lora_layers(model):
         layer.active = {n: w for n, w in wanted.items() if n in layer.adapters}
         layer.refresh()
-    activate(model, wanted)
-    for _, wrapper in param_wrappers(model):
-        wrapper.active = {n: w for n, w in wanted.items() if n in wrapper.lora}
+    if wrapped:
+        activate(model, wanted)
+        for _, wrapper in param_wrappers(model):
+            wrapper.active = {n: w for n, w in wanted.items() if n in wrapper.lora}
     registry(model).active = dict(wanted)
 
 
@@ -70,15 +73,16 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     for layer in layers:
         layer.disabled = True
         layer.refresh()
-    set_disabled(model, True)
-    for _, wrapper in param_wrappers(model):
+    params = [w for _, w in param_wrappers(model)] if uses_wrappers(model) else []
+    set_disabled(model, True, walk=uses_wrappers(model))
+    for wrapper in params:
         wrapper.disabled = True
     try:
         yield model
     finally:
-        for _, wrapper in param_wrappers(model):
+        for wrapper in params:
             wrapper.disabled = False
-        set_disabled(model, False)
+        set_disabled(model, False, walk=uses_wrappers(model))
         for layer in layers:
             layer.disabled = False
             layer.refresh()
@@ -113,7 +117,7 @@ def merge(model: nn.Module) -> None:
     _untie_merged_weights(model)
     for _, layer in layers:
         layer.merge_active()
-    for _, wrapper in param_wrappers(model):  # target_parameters
+    for _, wrapper in param_wrappers(model) if uses_wrappers(model) else ():  # target_parameters
         wrapper.merge()
 
 
@@ -139,13 +143,13 @@ def unmerge(model: nn.Module) -> None:
     """Undo `merge`: subtract the merged adapters from the base weights, newest first. No-op if nothing is merged."""
     for _, layer in lora_layers(model):
         layer.unmerge_all()
-    for _, wrapper in param_wrappers(model):
+    for _, wrapper in param_wrappers(model) if uses_wrappers(model) else ():
         wrapper.unmerge()
 
 
 def _any_merged(model: nn.Module) -> bool:
     return any(layer.merged for _, layer in lora_layers(model)) or any(
-        w.merged for _, w in param_wrappers(model)
+        w.merged for _, w in (param_wrappers(model) if uses_wrappers(model) else ())
     )
 
 

@@ -40,7 +40,7 @@ from lorakit.errors import AdapterError
 from lorakit.handlers import Handler
 from lorakit.layers import LoraLayer, Variant
 from lorakit.params import param_wrappers
-from lorakit.registry import adapter_names, lora_layers
+from lorakit.registry import adapter_names, lora_layers, uses_wrappers
 from lorakit.saved import set_rows
 
 
@@ -98,11 +98,14 @@ def row_adapters(model: nn.Module, names: Sequence[str | None]) -> Iterator[RowP
     layers = [layer for _, layer in lora_layers(model)]
     for layer in layers:
         layer.row_plan = plan
-    set_rows(model, plan.names)  # modules saved whole run each row through its adapter's copy
+    wrapped = uses_wrappers(model)
+    if wrapped:
+        set_rows(model, plan.names)  # modules saved whole run each row through its adapter's copy
     try:
         yield plan
     finally:
-        set_rows(model, None)
+        if wrapped:
+            set_rows(model, None)
         for layer in layers:
             layer.row_plan = None
 
@@ -122,7 +125,7 @@ def make_plan(model: nn.Module, names: Sequence[str | None]) -> RowPlan:
             raise AdapterError(f"row adapters: no adapter {n!r} on {type(model).__name__}; adapters: {known}")
     if any(layer.merged for _, layer in lora_layers(model)):
         raise AdapterError("row adapters: adapters are merged into the base weights; unmerge(model) first")
-    for where, wrapper in param_wrappers(model):
+    for where, wrapper in param_wrappers(model) if uses_wrappers(model) else ():
         used = [n for n in names if n is not None and n in wrapper.lora]
         if used:
             raise AdapterError(

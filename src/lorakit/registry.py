@@ -52,6 +52,13 @@ def registry(model: nn.Module, *, create: bool = False) -> Registry:
     return reg
 
 
+def uses_wrappers(model: nn.Module) -> bool:
+    """Whether an adapter on `model` saves modules whole, trains token rows or adapts parameters: only then do
+    switching and mixing look for those wrappers (plain LoRA switching walks no module tree)."""
+    reg = model.__dict__.get("_lorakit")
+    return reg is not None and any(i.saved or i.tokens or i.params for i in reg.adapters.values())
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     """Names of the adapters on `model`, in the order they were added."""
     reg = model.__dict__.get("_lorakit")

@@ -30,7 +30,8 @@ class Wrapper(nn.Module):
     """A module that stands where another was: attribute reads it lacks (`weight`, `out_features`, ...) go to the
     module it wraps (`target()`), so code that inspects the model keeps working."""
 
-    _inner = "base_layer"  # the submodule that must exist before reads are forwarded (during __init__ it does not)
+    # the submodule that must exist before reads are forwarded (during __init__ it does not yet)
+    _inner = "base_layer"
 
     def target(self) -> nn.Module:
         return self.base_layer
@@ -214,7 +215,9 @@ def activate(model: nn.Module, wanted: dict[str, float]) -> None:
         wrapper.active = next((a for a in wanted if a in _owners(wrapper)), None)
 
 
-def set_disabled(model: nn.Module, disabled: bool) -> None:
+def set_disabled(model: nn.Module, disabled: bool, *, walk: bool = True) -> None:
+    if not walk:
+        return
     for _, wrapper in _wrappers(model):
         wrapper.disabled = disabled
 

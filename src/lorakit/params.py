@@ -106,13 +106,10 @@ class ParamLora(Wrapper):
     def merge(self) -> None:
         merged = {n for n, _ in self.merged}
         todo = [(n, w) for n, w in self.active.items() if n in self.lora and n not in merged]
-        new = {}
-        for name, w in todo:  # every result checked before any parameter changes
-            for p, f in self.lora[name].items():
-                base = new.get(p, getattr(self.base_layer, p).detach())
-                new[p] = base + (f.delta() * w).to(base.dtype)
-                if not torch.isfinite(new[p]).all():
-                    raise AdapterError(f"merging adapter {name!r} into {p} gives non-finite weights")
+        new = self.deltas()  # every result checked before any parameter changes
+        for p, value in new.items():
+            if not torch.isfinite(value).all():
+                raise AdapterError(f"merging adapters {[n for n, _ in todo]} into {p} gives non-finite weights")
         for p, value in new.items():
             getattr(self.base_layer, p).copy_(value)
         self.merged += todo

@@ -234,13 +234,13 @@ def test_chunked_loss_falls_back_when_it_would_differ():
     torch.testing.assert_close(causal_lm_loss(model, batch), model(**batch).loss, atol=0, rtol=0)
     capped = tiny_llama()
     capped.config.final_logit_softcapping = 30.0
-    assert fused._fusable_head(capped) is None
+    assert fused.fusable_head(capped) is None
     import peft
 
     from tiny import peft_config
 
     wrapped = peft.get_peft_model(tiny_llama(), peft_config(LoraConfig(r=4, targets=["q_proj"])))
-    assert fused._fusable_head(wrapped) is None  # PEFT's wrapper: its own forward runs
+    assert fused.fusable_head(wrapped) is None  # PEFT's wrapper: its own forward runs
     torch.testing.assert_close(causal_lm_loss(wrapped, batch), wrapped(**batch).loss, atol=0, rtol=0)
 
 

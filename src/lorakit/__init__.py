@@ -25,6 +25,7 @@ from lorakit.fused import set_fused
 from lorakit.inject import adapter_names, delete_adapter, inject, lora_layers, unload
 from lorakit.io import adapter_state_dict, describe_adapter, load_adapter, read_adapter, save_adapter
 from lorakit.layers import LoraLayer, delta_weight
+from lorakit.lean import lean_loss_enabled, set_lean_loss
 from lorakit.mixed import row_adapters
 from lorakit.ondevice import export_gguf
 from lorakit.quant import dequantize, quantize
@@ -115,6 +116,7 @@ __all__ = [
     "inject",
     "inject_adalora",
     "is_ladder_folder",
+    "lean_loss_enabled",
     "load_adapter",
     "load_model",
     "load_quantized",
@@ -133,6 +135,7 @@ __all__ = [
     "select_modules",
     "set_active",
     "set_fused",
+    "set_lean_loss",
     "set_rank",
     "unload",
     "unmerge",

@@ -143,6 +143,22 @@ def _lorakit(load=_load_fp32, *, fused: bool = True, groups: bool = False):
     return build
 
 
+def _library(load=_load_fp32):
+    """``lorakit.inject`` as a library user calls it, then the model's own ``forward(input_ids, labels=...)``:
+    the lean loss that `inject` installs (lorakit.lean) and the fused LoRA layers, in a plain loop."""
+
+    def build(args: argparse.Namespace) -> Setup:
+        import lorakit
+
+        model = load(args)
+        config = lorakit.LoraConfig(r=args.r, alpha=args.r, dropout=args.dropout, targets=TARGETS)
+        lorakit.inject(model, config)
+        upcast_trainable(model)
+        return Setup(model, lambda ids: model(**_batch(ids)).loss)
+
+    return build
+
+
 def _peft(load=_load_fp32):
     """``peft.get_peft_model`` with the same config; the model's own loss."""
 
@@ -200,6 +216,7 @@ VARIANT_BUILDERS: dict[str, Callable[[argparse.Namespace], Setup]] = {
     "lorakit": _lorakit(),
     "lorakit-grouped": _lorakit(groups=True),
     "lorakit-plain": _lorakit(fused=False),
+    "lorakit-lib": _library(),
     "peft": _peft(),
     "bound": _bound(chunked=False),
     "bound-ours": _bound(chunked=True),

@@ -152,6 +152,9 @@ def _chunk_rows(vocab: int, budget_bytes: int = 16 << 20) -> int:
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
+    """The summed token cross-entropy of ``hidden·weightᵀ`` against labels, chunk by chunk; ∂hidden is computed
+    in the forward pass, so the backward only scales it."""
+
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk: int):
         n = hidden.shape[0]
@@ -179,30 +182,49 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 else:
                     grad_h[i : i + chunk] = probs.to(hidden.dtype) @ weight
         ctx.save_for_backward(grad_h) if need_grad else None
-        ctx.n = n
-        return (total / max(n, 1)).to(acc)
+        return total.to(acc)
 
     @staticmethod
     def backward(ctx, grad_loss):
         (grad_h,) = ctx.saved_tensors
-        return grad_h * (grad_loss / max(ctx.n, 1)).to(grad_h.dtype), None, None, None
+        return grad_h * grad_loss.to(grad_h.dtype), None, None, None
 
 
 def lm_head_loss(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk: int | None = None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk: int | None = None,
+    ignore_index: int = IGNORE,
+    shift_labels: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
-    """Mean cross-entropy of ``hidden·weightᵀ`` at the positions whose label is not IGNORE, for causal LMs:
-    hidden (batch, seq, d) predicts labels shifted by one. The weight must be frozen (no gradient)."""
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    y = labels[:, 1:].reshape(-1)
-    keep = (y != IGNORE).nonzero().squeeze(1)
+    """Token cross-entropy of ``hidden·weightᵀ`` at the positions whose label is not `ignore_index`, for causal
+    LMs, as transformers' `ForCausalLMLoss` computes it: hidden (batch, seq, d) predicts `labels` shifted by one,
+    or `shift_labels` (already shifted) as given; the mean over learned tokens, or their sum divided by
+    `num_items_in_batch`. The weight must be frozen (no gradient). No learned token: 0, connected to the graph."""
+    if shift_labels is None:
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        y = labels[:, 1:].reshape(-1)
+    else:
+        h, y = hidden.reshape(-1, hidden.shape[-1]), shift_labels.reshape(-1)
+    y = y.to(h.device)
+    keep = (y != ignore_index).nonzero().squeeze(1)
     if keep.numel() == 0:
         return (hidden.sum() * 0.0).float()  # no token to learn: a zero loss still connected to the graph
     h, y = h.index_select(0, keep), y.index_select(0, keep)
-    return _HeadCrossEntropy.apply(h, weight, y, chunk or _chunk_rows(weight.shape[0]))
+    if h.dtype != weight.dtype:  # e.g. a float32 norm output before a bf16 head: the head's precision, as autocast
+        h = h.to(weight.dtype)
+    total = _HeadCrossEntropy.apply(h, weight, y, chunk or _chunk_rows(weight.shape[0]))
+    if num_items_in_batch is None:
+        return total / keep.numel()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
 
 
-def _fusable_head(model: nn.Module) -> nn.Linear | None:
+def fusable_head(model: nn.Module) -> nn.Linear | None:
     """The model's LM head if the chunked loss computes exactly the model's own loss, else None."""
     try:
         from transformers import PreTrainedModel
@@ -227,7 +249,7 @@ def _fusable_head(model: nn.Module) -> nn.Linear | None:
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool = True) -> torch.Tensor:
     """The causal-LM training loss of `batch` (input_ids, attention_mask, labels): the chunked head loss when the
     model allows it (a frozen, plain LM head on a Hugging Face backbone), else the model's own loss."""
-    head = _fusable_head(model) if fused else None
+    head = fusable_head(model) if fused else None
     if head is None:
         return model(**batch).loss
     out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))

@@ -18,6 +18,7 @@ from lorakit.control import set_active, unmerge
 from lorakit.errors import AdapterError, TargetError
 from lorakit.handlers import handler_for
 from lorakit.layers import LoraLayer, variant_class
+from lorakit.lean import set_lean_loss
 from lorakit.params import (
     add_param_adapters,
     param_parameters,
@@ -56,6 +57,7 @@ def inject(
     activate: bool = True,
     trainable: bool = True,
     variant: str | None = None,
+    lean_loss: bool = True,
 ) -> nn.Module:
     """Add adapter `name` to every module `config` selects; freeze everything else. Returns `model` (changed in place).
 
@@ -65,6 +67,10 @@ def inject(
 
     `config.modules_to_save` names modules the adapter trains and saves whole, in its own copy (PEFT's
     `modules_to_save`; lorakit.saved); by default a classification model's head.
+
+    `lean_loss` (default True): a Hugging Face causal LM's own forward with `labels`, in training, computes its
+    loss without building the logits (lorakit.lean), in any training loop; False leaves the model's forward as it
+    is, and removes the lean forward an earlier `inject` installed.
     """
     check_new_name(model, name)
     cls = variant_class(config, variant)
@@ -112,6 +118,7 @@ def inject(
     set_trainable(model)
     if activate:
         set_active(model, name)
+    set_lean_loss(model, lean_loss)
     log.info("injected adapter %r into %d modules", name, len(names))
     return model
 
@@ -264,6 +271,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if not reg.adapters:
         _restore_requires_grad(model, reg)
         del model.__dict__["_lorakit"]
+        set_lean_loss(model, False)
     else:
         set_trainable(model)
 
@@ -288,6 +296,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         _set_submodule(model, name, layer.base_layer)
     _restore_requires_grad(model, reg)
     del model.__dict__["_lorakit"]
+    set_lean_loss(model, False)
     return model
 
 

@@ -24,6 +24,7 @@ CORE = [  # bottom up: each may import only what stands before it (and the found
     "config",
     "handlers",
     "fused",
+    "lean",
     "layers",
     "task_types",
     "saved",

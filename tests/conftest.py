@@ -9,6 +9,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # rule: nothing downloads at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# `--dtype auto` on the CPU is bf16 where the CPU has native bf16 (lorakit.device.cpu_bf16_native). The suite pins
+# it to float32, so that the same tests check the same numbers on CPUs with and without it; the bf16 path and the
+# choice itself are tested explicitly (tests/test_cpu_bf16.py), and CI's newcomer run uses the real default.
+os.environ.setdefault("LORAKIT_CPU_BF16", "0")
 
 
 def pytest_report_header(config):

@@ -78,8 +78,10 @@ def test_bad_dtypes_are_refused():
         resolve_dtype("fp8", torch.device("cpu"))
 
 
-def test_autocast_only_on_a_gpu_in_16_bits():
+def test_autocast_only_in_16_bits():
     with autocast(torch.device("cpu"), torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with autocast(torch.device("cpu"), torch.float32):
         assert not torch.is_autocast_enabled("cpu")
     assert type(autocast(torch.device("cuda"), torch.float32)).__name__ == "nullcontext"
 

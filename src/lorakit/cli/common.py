@@ -32,7 +32,7 @@ def add_device(p: argparse.ArgumentParser) -> None:
         "--device", default="auto", help="auto (default: a CUDA GPU if there is one), cpu, cuda, cuda:N"
     )
     p.add_argument(
-        "--dtype", default="auto", help="auto (bf16 on a GPU, fp32 on the CPU), float32, bfloat16, float16"
+        "--dtype", default="auto", help="auto (bf16 on a GPU, and on a CPU with native bf16; else fp32), float32, bfloat16, float16"
     )
 
 

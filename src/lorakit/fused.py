@@ -116,28 +116,42 @@ def lora_linear(
     dropout: float = 0.0,
     training: bool = True,
 ) -> torch.Tensor:
-    """``base(x) + scaling·B·A·dropout(x)`` for a frozen nn.Linear, in one autograd node."""
+    """``base(x) + scaling·B·A·dropout(x)`` for a frozen nn.Linear, in one autograd node.
+
+    Mixed precision follows autocast: under `torch.autocast` every operand is cast to the autocast dtype, and
+    without it a 16-bit base takes float32 adapters (the optimizer's master weights) cast to its dtype. Either
+    way the casts are autograd ops, so the adapters' gradients come back in float32."""
     p = dropout if training else 0.0
     seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        dt = torch.get_autocast_dtype(kind)
+        with torch.autocast(kind, enabled=False):
+            w, b = base.weight.to(dt), None if base.bias is None else base.bias.to(dt)
+            return _LoraLinear.apply(x.to(dt), w, b, A.to(dt), B.to(dt), float(scaling), float(p), seed)
+    if A.dtype != x.dtype:
+        A, B = A.to(x.dtype), B.to(x.dtype)
     return _LoraLinear.apply(x, base.weight, base.bias, A, B, float(scaling), float(p), seed)
 
 
-def can_fuse(base: nn.Module, x: torch.Tensor, A: torch.Tensor) -> bool:
-    """Whether `lora_linear` computes exactly what the plain path would for this call."""
+def can_fuse(base: nn.Module, x: torch.Tensor, A: torch.Tensor, *, mixed: bool = True) -> bool:
+    """Whether `lora_linear` computes what the plain path would for this call. `mixed`: also under autocast,
+    and with float32 adapters on a 16-bit base (cast to its dtype, as autocast would)."""
     if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
         return False
     w = base.weight
     if w.requires_grad or (base.bias is not None and base.bias.requires_grad):
         return False
-    if torch.is_autocast_enabled(x.device.type):  # autocast picks each op's dtype; the plain path follows it
+    # plain tensors only (no DTensor / quantized / meta subclasses)
+    if type(w.data) is not torch.Tensor or type(A.data) is not torch.Tensor or type(x) is not torch.Tensor:
         return False
-    # same dtype everywhere; plain tensors only (no DTensor / quantized / meta subclasses)
-    return (
-        x.dtype == w.dtype == A.dtype
-        and type(w.data) is torch.Tensor
-        and type(A.data) is torch.Tensor
-        and type(x) is torch.Tensor
-    )
+    if not (x.is_floating_point() and w.is_floating_point() and A.is_floating_point()):
+        return False
+    if torch.is_autocast_enabled(x.device.type):  # autocast picks each op's dtype
+        return mixed
+    if x.dtype != w.dtype:
+        return False
+    return A.dtype == w.dtype or (mixed and A.dtype == torch.float32 and w.element_size() == 2)
 
 
 # --------------------------------------------------------------------------------------------------------------

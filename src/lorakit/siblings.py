@@ -61,7 +61,7 @@ class SiblingGroup:
             adapter = m.adapters[m._run[0][0]] if ok else None
             if adapter is None or not _plain_no_dropout(adapter, m.training):
                 return None
-            if not fused.can_fuse(m.base_layer, x, adapter.lora_A):
+            if not fused.can_fuse(m.base_layer, x, adapter.lora_A, mixed=False):
                 return None
             specs.append(adapter.lora_A)
         xa_all = x.reshape(-1, x.shape[-1]) @ torch.cat(specs).t()

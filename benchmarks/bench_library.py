@@ -121,6 +121,8 @@ def worker(args) -> dict:
     import torch
     from transformers import TrainerCallback
 
+    from lorakit.device import autocast
+
     torch.set_num_threads(args.threads)
     model, tok, dtype = _model(args)
     model.train()
@@ -137,7 +139,8 @@ def worker(args) -> dict:
                     timer.reset = reset_peak_rss()
                 ids = torch.tensor(rows[i * args.batch : (i + 1) * args.batch])
                 t0 = time.perf_counter()
-                loss = model(input_ids=ids, labels=ids).loss
+                with autocast(torch.device("cpu"), dtype):  # bf16: both under autocast, as Trainer's bf16=True
+                    loss = model(input_ids=ids, labels=ids).loss
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)

@@ -64,3 +64,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+TRAINED_STEPS, TRAINED_EVAL, TRAINED_SAVE_EVERY = 20, 40, 10
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One real run of the main job, shared by the tests that need a trained adapter on the default model
+    (test_train_real, the llama.cpp comparison): `lorakit train` for TRAINED_STEPS steps in a subprocess,
+    evaluated on TRAINED_EVAL held-out examples, checkpointing every TRAINED_SAVE_EVERY. (run folder, stdout)."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("run")
+    args = ["--train.out_dir", str(out), "--train.steps", str(TRAINED_STEPS), "--data.n_eval", str(TRAINED_EVAL)]
+    args += ["--eval.limit", str(TRAINED_EVAL), "--train.save_every", str(TRAINED_SAVE_EVERY)]
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "train", *args], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return out, proc.stdout

@@ -277,7 +277,9 @@ def _cli(*args):
 
 
 @pytest.mark.real_model
-def test_cli_export_inspect_and_its_errors(tmp_path, default_model_dir):
+def test_cli_export_inspect_and_its_errors(tmp_path, default_model_dir, capsys):
+    from lorakit import cli
+
     model, _ = lorakit.load_model(default_model_dir)
     lorakit.inject(model, LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"]))
     randomize(model, std=0.02)
@@ -306,6 +308,7 @@ def test_cli_export_inspect_and_its_errors(tmp_path, default_model_dir):
         "Hi",
     )
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
+    capsys.readouterr()  # what the loads above printed
     for args, match in [
         (["export", "gguf", "--out", str(tmp_path / "x.gguf")], "an adapter is needed"),
         (
@@ -317,9 +320,13 @@ def test_cli_export_inspect_and_its_errors(tmp_path, default_model_dir):
             "not an adapter folder",
         ),
     ]:
-        proc = _cli(*args)
-        assert proc.returncode == 2 and match in proc.stderr, proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        try:  # in-process: the same entry point as the console script, without a start-up
+            code = cli.main(args)
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2 and match in err, err
+        assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x.gguf").exists()
 
 

@@ -116,19 +116,20 @@ def test_smollm2_merged_generates_what_lorakit_generates(smol, default_model_dir
     assert done.modelfile is not None and "FROM ./m.gguf" in done.modelfile.read_text()
     ids = _prompt_ids(tok, "Write a short poem about the sea.")
     want = _ours(model, ids)
-    assert np.abs(logits(tmp_path / "m.gguf", ids) - want).max() < 1e-3  # as above
+    llm = llama(tmp_path / "m.gguf")  # one load of the 0.5 GB f32 file for every check below
+    llm.eval(ids)
+    assert np.abs(np.array(llm.scores[: len(ids)], dtype=np.float32) - want).max() < 1e-3  # as above
     merged = lorakit.unload(model, merge=True)
     with torch.no_grad():
         ours = merged.generate(
             torch.tensor([ids]), max_new_tokens=32, do_sample=False, top_p=None, top_k=None
         )
     ours = ours[0, len(ids) :].tolist()
-    theirs = greedy(llama(tmp_path / "m.gguf"), ids, 32, tok.eos_token_id)
+    theirs = greedy(llm, ids, 32, tok.eos_token_id)
     assert theirs == [t for t in ours if t != tok.eos_token_id][: len(theirs)] and len(theirs) >= min(
         len(ours), 8
     )
     # the standalone file carries the tokenizer and chat template: llama.cpp tokenizes as transformers does
-    llm = llama(tmp_path / "m.gguf")
     text = "The 5th of March, 2021: rewrite it as 2021-03-05!"
     assert (
         llm.tokenize(text.encode(), add_bos=False, special=False)
@@ -167,17 +168,14 @@ def _cli(*args):
 
 @pytest.mark.real_model
 @pytest.mark.slow
-def test_a_trained_adapter_answers_as_well_in_llama_cpp(tmp_path):
+def test_a_trained_adapter_answers_as_well_in_llama_cpp(trained_run, tmp_path):
+    from conftest import TRAINED_EVAL
+
     from lorakit.data.tasks import make_task
     from lorakit.models import default_gguf_path
 
-    n_eval = 40
-    run = tmp_path / "run"
-    proc = _cli(
-        "train", "--train.out_dir", str(run), "--train.steps", "20", "--data.n_eval", str(n_eval),
-        "--eval.limit", str(n_eval),
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    n_eval = TRAINED_EVAL
+    run, _ = trained_run  # lorakit train on the default model (conftest), evaluated on n_eval examples
     proc = _cli("export", "gguf", "--adapter", str(run / "adapter"), "--out", str(tmp_path / "dates.gguf"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours = json.loads((run / "summary.json").read_text())["after"]["accuracy"]

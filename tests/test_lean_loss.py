@@ -16,7 +16,8 @@ import torch
 import lorakit
 from lorakit import LoraConfig
 from lorakit.lean import LogitsNotComputed, lean_loss_enabled
-from tests.tiny import SEVEN, randomize, tiny_gpt2, tiny_llama, tiny_qwen2
+
+from tiny import SEVEN, randomize, tiny_gpt2, tiny_llama, tiny_qwen2
 
 RTOL, ATOL = 1e-5, 1e-5
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import yaml
+from conftest import TRAINED_SAVE_EVERY, TRAINED_STEPS
 
 from lorakit.data.tasks import make_task
 
@@ -18,28 +19,8 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True)
 
 
-@pytest.fixture(scope="module")
-def short_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    proc = _cli(
-        "train",
-        "--train.out_dir",
-        str(out),
-        "--train.steps",
-        "10",
-        "--data.n_eval",
-        "24",
-        "--eval.limit",
-        "24",
-        "--train.save_every",
-        "5",
-    )
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return out, proc.stdout
-
-
-def test_train_writes_the_run_folder_and_improves(short_run):
-    out, stdout = short_run
+def test_train_writes_the_run_folder_and_improves(trained_run):
+    out, stdout = trained_run
     for name in (
         "config.yaml",
         "metrics.jsonl",
@@ -54,13 +35,13 @@ def test_train_writes_the_run_folder_and_improves(short_run):
     assert before["accuracy"] < 0.2, "the built-in task must be one the base model gets wrong"
     assert after["accuracy"] > before["accuracy"] + 0.3 and after["loss"] < before["loss"]
     assert "accuracy" in stdout and "tokens/s" in stdout and str(out / "adapter") in stdout
-    assert (out / "checkpoints" / "step-000005").is_dir()
+    assert (out / "checkpoints" / f"step-{TRAINED_SAVE_EVERY:06d}").is_dir()
     cfg = yaml.safe_load((out / "config.yaml").read_text())
-    assert cfg["train"]["steps"] == 10 and cfg["lora"]["r"] == 16
+    assert cfg["train"]["steps"] == TRAINED_STEPS and cfg["lora"]["r"] == 16
 
 
-def test_saved_config_reruns_as_a_config(short_run, tmp_path):
-    out, _ = short_run
+def test_saved_config_reruns_as_a_config(trained_run, tmp_path):
+    out, _ = trained_run
     proc = _cli(
         "train",
         str(out / "config.yaml"),
@@ -79,8 +60,8 @@ def test_saved_config_reruns_as_a_config(short_run, tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_eval_and_generate_with_the_adapter(short_run, tmp_path):
-    out, _ = short_run
+def test_eval_and_generate_with_the_adapter(trained_run, tmp_path):
+    out, _ = trained_run
     _, ev = make_task("dates", n_train=1, n_eval=8, seed=99)
     data = tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps(e) + "\n" for e in ev))

@@ -303,11 +303,20 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def resolved_dtype(args: argparse.Namespace) -> str:
+    """The base dtype the workers use: `--dtype`, with `auto` resolved as on this machine ("auto = bfloat16")."""
+    from lorakit.device import dtype_name, placement
+
+    chosen = dtype_name(placement(args.device, args.dtype)[1])
+    return f"auto = {chosen}" if args.dtype == "auto" else chosen
+
+
 def docs_section(args: argparse.Namespace, table: str, ratios: dict[str, Any], load_before: float) -> str:
     setup = (
         f"{args.rounds} rounds × {len(args.variants)} variants, {args.steps} timed steps per worker after 1 warm-up, "
         f"batch {args.batch} × {args.seq} tokens, r={args.r}, alpha={args.r}, dropout={args.dropout}, "
-        f"device {args.device}, base dtype {args.dtype} (adapters fp32)"
+        f"device {args.device}, base dtype {resolved_dtype(args)} (adapters fp32; a 16-bit base under autocast, "
+        "for lorakit and PEFT alike)"
         + (", gradient checkpointing" if args.grad_checkpointing else "")
         + f", {args.threads} threads, model: {args.model or 'lorakit default (SmolLM2-135M-Instruct)'}"
     )
@@ -380,7 +389,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
     parser.add_argument(
         "--dtype",
         default="auto",
-        help="the base's dtype: auto (bf16 on a GPU, fp32 on the CPU), float32, bfloat16",
+        help="the base's dtype: auto (bf16 on a GPU and on a CPU with native bf16, else fp32), float32, bfloat16",
     )
     parser.add_argument(
         "--grad-checkpointing",
@@ -417,6 +426,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
         print(json.dumps(run_worker(args)), flush=True)
         return
 
+    print(
+        f"CPU: {cpu_name()}, torch CPU capability {torch_capability()}; base dtype {resolved_dtype(args)}",
+        file=sys.stderr,
+    )
     load_before = os.getloadavg()[0]
     if load_before > 0.5:
         print(f"warning: load average {load_before:.2f} > 0.5; timings will be disturbed", file=sys.stderr)

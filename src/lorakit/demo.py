@@ -15,6 +15,7 @@ import torch
 
 from lorakit.config import LoraConfig
 from lorakit.control import disabled
+from lorakit.device import autocast, model_device, upcast_trainable
 from lorakit.generate import format_prompt, generate
 from lorakit.inject import inject
 from lorakit.io import load_adapter, save_adapter
@@ -61,7 +62,9 @@ def run_demo(
     torch.manual_seed(0)
     config = config or LoraConfig(r=8, alpha=16, targets="all-linear")
     before = generate(model, tokenizer, QUESTION, max_new_tokens=24)
-    inject(model, config)
+    device, dtype = model_device(model), next(p.dtype for p in model.parameters() if p.is_floating_point())
+    inject(model, config)  # also the lean training loss of the model's own forward (lorakit.lean)
+    upcast_trainable(model)  # fp32 adapters on a 16-bit base, as `lorakit train` keeps them
     report = parameter_report(model)
     batch = _batch(tokenizer)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -69,7 +72,8 @@ def run_demo(
     model.train()
     losses, t0 = [], time.perf_counter()
     for step in range(steps):
-        loss = model(**batch).loss
+        with autocast(device, dtype):  # a 16-bit base computes in its dtype, as in `lorakit train`
+            loss = model(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -11,7 +11,7 @@ MODEL_HELP = "a Hugging Face model folder or a .gguf file (default: the bundled 
 
 def load(model_spec: str | None, device: str | None = None, dtype: str | None = None):
     """`lorakit.models.load_model` on `device` (auto: a GPU if there is one) in `dtype` (auto: bf16 on a GPU,
-    fp32 on the CPU), saying on stderr what was loaded, where, and how long it took."""
+    and on a CPU with native bf16; else fp32), saying on stderr what was loaded, where, and how long it took."""
     from lorakit.device import dtype_name, placement
     from lorakit.models import load_model
 

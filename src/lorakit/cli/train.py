@@ -19,7 +19,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from lorakit.demo import ANSWER, QUESTION, run_demo
-    from lorakit.models import load_model
     from lorakit.report import format_report
 
     model, tok = load(args.model)
@@ -30,8 +29,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         bar.update(1)
 
     result = run_demo(
-        model, tok, args.out, steps=args.steps, on_step=on_step, reload=lambda: load_model(args.model)
-    )
+        model, tok, args.out, steps=args.steps, on_step=on_step, reload=lambda: load(args.model)
+    )  # the reload in the same dtype (`auto`: bf16 on a CPU with native bf16)
     bar.close()
     print(format_report(result["report"], max_rows=7))
     print(f"\nQ: {QUESTION}")

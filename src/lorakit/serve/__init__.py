@@ -56,7 +56,8 @@ class ServeConfig:
     device: str = "auto"
     """Where the model runs: auto (a CUDA GPU if there is one), cpu, cuda or cuda:N."""
     dtype: str = "auto"
-    """The model's dtype: auto (bf16 on a GPU, fp32 on the CPU), float32, bfloat16 or float16."""
+    """The model's dtype: auto (bf16 on a GPU, and on a CPU with native bf16: lorakit.device; else fp32),
+    float32, bfloat16 or float16."""
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:

@@ -33,11 +33,12 @@ class ModelSection:
     device: str = "auto"
     """Where to train: auto (a CUDA GPU if torch sees one, else the CPU), cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)."""
     dtype: str = "auto"
-    """The frozen base's dtype: auto (bfloat16 on a GPU, float16 on one without bf16, float32 on the CPU), float32,
-    bfloat16 or float16. config.yaml records the one chosen."""
+    """The frozen base's dtype: auto (bfloat16 on a GPU, float16 on one without bf16; on the CPU bfloat16 where it
+    is native and a timed probe finds it faster, else float32), float32, bfloat16 or float16. config.yaml records
+    the one chosen."""
     adapter_dtype: str = "float32"
-    """The adapters' dtype: float32 (AdamW's small updates survive; the GPU computes under autocast) or same (the
-    base's dtype: less memory, coarser updates)."""
+    """The adapters' dtype: float32 (AdamW's small updates survive; a 16-bit base computes under autocast) or same
+    (the base's dtype: less memory, coarser updates)."""
     quantize: str | None = None
     """QLoRA: quantize the base's linear layers to 4 bits before adding LoRA ("nf4"); empty: full precision."""
     quantize_skip: list[str] = field(default_factory=lambda: ["lm_head"])

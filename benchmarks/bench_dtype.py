@@ -11,9 +11,6 @@ and peak RSS. It prints the CPU's torch capability and what ``--model.dtype auto
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,18 +20,11 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from lorakit.bench import cpu_name, display_command, torch_capability, write_docs  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_qlora_quality import run  # noqa: E402  (one `lorakit train` run, its summary.json)
+
 DTYPES = ("float32", "bfloat16")
 DOC = ROOT / "docs" / "performance.md"
-
-
-def run(dtype: str, out: Path, steps: int, overrides: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "lorakit", "train", "--train.out_dir", str(out), "--train.steps", str(steps)]
-    cmd += ["--train.save_every", "0", "--model.dtype", dtype, *overrides]
-    print(f"{dtype}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
-    subprocess.run(
-        cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    )
-    return json.loads((out / "summary.json").read_text())
 
 
 def main() -> None:
@@ -51,7 +41,7 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in DTYPES:
-            rows[dtype] = run(dtype, Path(tmp) / dtype, args.steps, args.overrides)
+            rows[dtype] = run(dtype, ["--model.dtype", dtype], Path(tmp) / dtype, args.steps, args.overrides)
     lines = [
         f"CPU: {cpu_name()} (torch capability {torch_capability()}); native bf16 here: "
         f"{'yes' if cpu_bf16_native() else 'no'}, so `--model.dtype auto` is {auto}.",

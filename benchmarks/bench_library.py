@@ -44,7 +44,6 @@ from lorakit.bench_worker import TARGETS, hwm_gb, peak_rss_gb, reset_peak_rss  #
 LOOPS = ("loop", "trainer", "sft")
 LIBS = ("lorakit", "peft")
 DOC = ROOT / "docs" / "performance.md"
-BEGIN, END = "<!-- bench_library:begin -->", "<!-- bench_library:end -->"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -139,7 +138,9 @@ def worker(args) -> dict:
                     timer.reset = reset_peak_rss()
                 ids = torch.tensor(rows[i * args.batch : (i + 1) * args.batch])
                 t0 = time.perf_counter()
-                with autocast(torch.device("cpu"), dtype):  # bf16: both under autocast, as Trainer's bf16=True
+                with autocast(
+                    torch.device("cpu"), dtype
+                ):  # bf16: both under autocast, as Trainer's bf16=True
                     loss = model(input_ids=ids, labels=ids).loss
                 loss.backward()
                 opt.step()
@@ -250,7 +251,12 @@ def main() -> None:
     table = _table(args, results)
     print(table)
     if args.write_docs:
-        write_docs(DOC, table, BEGIN, END)
+        write_docs(
+            DOC,
+            table,
+            f"<!-- bench_library:{args.dtype}:begin -->",
+            f"<!-- bench_library:{args.dtype}:end -->",
+        )
 
 
 def _table(args, results) -> str:

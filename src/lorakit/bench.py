@@ -293,14 +293,9 @@ def gpu_name(device: str) -> str:
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    from lorakit.device import cpu_model
+
+    return cpu_model() or "unknown CPU"
 
 
 def resolved_dtype(args: argparse.Namespace) -> str:

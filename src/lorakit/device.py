@@ -107,7 +107,7 @@ def cpu_bf16_native(*, refresh: bool = False) -> bool:
     flags = cpu_flags()
     if not flags & set(BF16_FLAGS):
         return False
-    key = f"{_cpu_model()}|{','.join(sorted(flags & set(BF16_FLAGS)))}|{torch.__version__}|{torch.get_num_threads()}"
+    key = f"{cpu_model()}|{','.join(sorted(flags & set(BF16_FLAGS)))}|{torch.__version__}|{torch.get_num_threads()}"
     path = _cache_root() / "cpu_bf16.json"
     cached: dict = {}
     with suppress(OSError, ValueError):  # a missing or garbled cache is probed again and rewritten
@@ -146,7 +146,8 @@ def probe_bf16_speedup(reps: int = 5) -> float:
     return best(a32, b32) / best(a16, b16)
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

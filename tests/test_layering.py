@@ -25,6 +25,7 @@ CORE = [  # bottom up: each may import only what stands before it (and the found
     "handlers",
     "fused",
     "lean",
+    "blocks",
     "layers",
     "task_types",
     "saved",

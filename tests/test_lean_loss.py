@@ -124,7 +124,7 @@ def test_reading_the_missing_logits_says_how_to_get_them():
     lean, _ = _pair()
     ids, mask, labels = _batch()
     out = lean(input_ids=ids, attention_mask=mask, labels=labels)
-    with pytest.raises(AttributeError, match="lean_loss=False"):
+    with pytest.raises(AttributeError, match="lean=False"):
         out.logits.argmax(-1)
     with pytest.raises(TypeError, match="torch.no_grad"):
         out.logits[:, -1]
@@ -144,7 +144,7 @@ def test_a_trainable_or_adapted_head_and_soft_capping_take_the_models_own_loss()
 
 def test_opt_out_unload_and_delete_restore_the_class_forward():
     model = tiny_llama()
-    lorakit.inject(model, LoraConfig(r=4, targets=SEVEN), lean_loss=False)
+    lorakit.inject(model, LoraConfig(r=4, targets=SEVEN), lean=False)
     assert not lean_loss_enabled(model) and "forward" not in model.__dict__
     lorakit.inject(model, LoraConfig(r=4, targets=SEVEN), "b")
     assert lean_loss_enabled(model)
@@ -178,7 +178,7 @@ def test_transformers_trainer_trains_the_same_adapter(tmp_path):
     results = []
     for lean in (True, False):
         model = tiny_llama()
-        lorakit.inject(model, LoraConfig(r=4, targets=SEVEN), lean_loss=lean)
+        lorakit.inject(model, LoraConfig(r=4, targets=SEVEN), lean=lean)
         randomize(model, std=0.1)
         args = TrainingArguments(
             output_dir=str(tmp_path / str(lean)),

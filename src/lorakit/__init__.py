@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from lorakit.bank import AdapterBank
+from lorakit.blocks import lean_blocks, set_lean_blocks
 from lorakit.combine import combine
 from lorakit.config import LoraConfig
 from lorakit.control import active_adapters, disabled, merge, set_active, unmerge
@@ -116,6 +117,7 @@ __all__ = [
     "inject",
     "inject_adalora",
     "is_ladder_folder",
+    "lean_blocks",
     "lean_loss_enabled",
     "load_adapter",
     "load_model",
@@ -136,6 +138,7 @@ __all__ = [
     "set_active",
     "set_fused",
     "set_lean_loss",
+    "set_lean_blocks",
     "set_rank",
     "unload",
     "unmerge",

@@ -8,7 +8,8 @@ ids, fixed seed), fp32, on the CPU. Variants (each one entry of ``lorakit.bench_
 * ``lorakit-grouped``: as ``lorakit`` plus one shared x·Aᵀ for q/k/v and gate/up (``LORAKIT_GROUPS=1``);
 * ``lorakit-plain``: the same adapter on plain autograd and the model's own loss (``train.fused: false``);
 * ``lorakit-lib``: the library path: ``lorakit.inject`` and then the model's own ``forward(input_ids, labels=…)``
-  in a plain loop, as a PEFT user would switch (the lean loss `inject` installs, lorakit.lean);
+  in a plain loop, as a PEFT user would switch (the lean loss and block rewrites `inject` installs);
+* ``lorakit-lib-noblocks``: as ``lorakit-lib`` without the block rewrites (lorakit.blocks);
 * ``peft``: ``peft.get_peft_model`` with the same config, the model's own loss;
 * ``bound``: the same model with every weight frozen, fed detached ``inputs_embeds`` that require grad, so the
   backward pass reaches the inputs through every layer but computes no weight gradient. There is no optimizer.
@@ -72,6 +73,7 @@ DEFAULT_VARIANTS = ["lorakit", "peft", "bound", "bound-ours"]
 RATIOS = [
     ("lorakit", "peft"),
     ("lorakit-lib", "peft"),
+    ("lorakit-lib", "lorakit-lib-noblocks"),
     ("lorakit", "bound"),
     ("lorakit", "bound-ours"),
     ("lorakit-plain", "bound"),

@@ -143,9 +143,10 @@ def _lorakit(load=_load_fp32, *, fused: bool = True, groups: bool = False):
     return build
 
 
-def _library(load=_load_fp32):
+def _library(load=_load_fp32, *, blocks: bool = True):
     """``lorakit.inject`` as a library user calls it, then the model's own ``forward(input_ids, labels=...)``:
-    the lean loss that `inject` installs (lorakit.lean) and the fused LoRA layers, in a plain loop."""
+    the lean loss and block rewrites that `inject` installs (lorakit.lean, lorakit.blocks) and the fused LoRA
+    layers, in a plain loop; ``blocks=False``: without the block rewrites."""
 
     def build(args: argparse.Namespace) -> Setup:
         import lorakit
@@ -153,6 +154,7 @@ def _library(load=_load_fp32):
         model = load(args)
         config = lorakit.LoraConfig(r=args.r, alpha=args.r, dropout=args.dropout, targets=TARGETS)
         lorakit.inject(model, config)
+        lorakit.set_lean_blocks(model, blocks)
         upcast_trainable(model)
         return Setup(model, lambda ids: model(**_batch(ids)).loss)
 
@@ -217,6 +219,7 @@ VARIANT_BUILDERS: dict[str, Callable[[argparse.Namespace], Setup]] = {
     "lorakit-grouped": _lorakit(groups=True),
     "lorakit-plain": _lorakit(fused=False),
     "lorakit-lib": _library(),
+    "lorakit-lib-noblocks": _library(blocks=False),
     "peft": _peft(),
     "bound": _bound(chunked=False),
     "bound-ours": _bound(chunked=True),

@@ -12,6 +12,7 @@ import re
 
 from torch import nn
 
+from lorakit.blocks import set_lean_blocks
 from lorakit.config import LoraConfig
 from lorakit.control import merge as merge_active
 from lorakit.control import set_active, unmerge
@@ -57,7 +58,7 @@ def inject(
     activate: bool = True,
     trainable: bool = True,
     variant: str | None = None,
-    lean_loss: bool = True,
+    lean: bool = True,
 ) -> nn.Module:
     """Add adapter `name` to every module `config` selects; freeze everything else. Returns `model` (changed in place).
 
@@ -68,9 +69,10 @@ def inject(
     `config.modules_to_save` names modules the adapter trains and saves whole, in its own copy (PEFT's
     `modules_to_save`; lorakit.saved); by default a classification model's head.
 
-    `lean_loss` (default True): a Hugging Face causal LM's own forward with `labels`, in training, computes its
-    loss without building the logits (lorakit.lean), in any training loop; False leaves the model's forward as it
-    is, and removes the lean forward an earlier `inject` installed.
+    `lean` (default True): in training, a Hugging Face causal LM's own forward with `labels` computes its loss
+    without building the logits (lorakit.lean), and Llama-family SwiGLU blocks save less for backward
+    (lorakit.blocks), in any training loop; both are exact. False leaves the model's forwards as they are, and
+    removes what an earlier `inject` installed.
     """
     check_new_name(model, name)
     cls = variant_class(config, variant)
@@ -118,7 +120,8 @@ def inject(
     set_trainable(model)
     if activate:
         set_active(model, name)
-    set_lean_loss(model, lean_loss)
+    set_lean_loss(model, lean)
+    set_lean_blocks(model, lean)
     log.info("injected adapter %r into %d modules", name, len(names))
     return model
 
@@ -272,6 +275,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         _restore_requires_grad(model, reg)
         del model.__dict__["_lorakit"]
         set_lean_loss(model, False)
+        set_lean_blocks(model, False)
     else:
         set_trainable(model)
 
@@ -297,6 +301,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     _restore_requires_grad(model, reg)
     del model.__dict__["_lorakit"]
     set_lean_loss(model, False)
+    set_lean_blocks(model, False)
     return model
 
 

@@ -18,7 +18,7 @@ no gradients, a trainable or adapted LM head, logit soft-capping or scaling, rou
 models, and models that are not a Hugging Face causal LM with a plain head.
 
 The patch is an instance attribute, `model.forward`, that keeps the class forward's signature (transformers'
-`generate` and `Trainer` inspect it). `inject(..., lean_loss=False)` or `set_lean_loss(model, False)` removes it,
+`generate` and `Trainer` inspect it). `inject(..., lean=False)` or `set_lean_loss(model, False)` removes it,
 and so do `unload` and deleting the last adapter.
 """
 
@@ -43,7 +43,7 @@ class LogitsNotComputed:
 
     MESSAGE = (
         "logits are not computed by lorakit's lean loss in training with labels; call the model in eval mode or "
-        "under torch.no_grad() for logits, or inject(..., lean_loss=False) / lorakit.set_lean_loss(model, False)"
+        "under torch.no_grad() for logits, or inject(..., lean=False) / lorakit.set_lean_loss(model, False)"
     )
 
     def __getattr__(self, name: str) -> Any:

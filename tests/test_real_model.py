@@ -257,3 +257,39 @@ def test_smollm2_new_tokens_a_saved_head_and_a_parameter_load_in_peft(default_mo
             torch.testing.assert_close(theirs, ours, atol=PEFT_ATOL, rtol=0, msg=name)
             with lorakit.disabled(model):
                 assert (model(x).logits - ours).abs().max() > 1e-2, name
+
+
+def test_smollm2_lean_training_forward_gives_the_models_own_loss_and_gradients(default_model_dir, batch):
+    # inject's lean loss and SwiGLU rewrite (lorakit.lean, lorakit.blocks) against the opt-out model's logits and
+    # transformers' causal-LM cross-entropy, on the real model in float64, so that the comparison tests the math,
+    # not the rounding. The backward pass through 30 layers amplifies rounding: in float64 the gradients agree to
+    # ~1e-13 of their largest entry in the last layer and ~3e-7 in the first (measured; in float32, 1.2e-4 in the
+    # first), so the last layer is held to 1e-10 and every layer to 1e-5. A wrong formula moves the last layer by
+    # O(1). The SwiGLU rewrite alone is bitwise equal. (transformers' own loss casts a float64 model's logits to
+    # float32, so the reference loss is computed here.)
+    ids = batch
+    labels = ids.clone()
+    labels[:, : ids.shape[1] // 2] = -100  # the prompt half is not learned
+    runs = []
+    for lean in (True, False):
+        torch.manual_seed(0)
+        model = lorakit.load_model(default_model_dir, dtype=torch.float64)[0]
+        lorakit.inject(model, LoraConfig(r=8, alpha=16, targets="all-linear"), lean=lean)
+        randomize(model, std=ADAPTER_STD)
+        model.train()
+        if lean:
+            loss = model(input_ids=ids, labels=labels).loss
+        else:
+            logits = model(input_ids=ids).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        loss.backward()
+        assert lorakit.lean_loss_enabled(model) == lean and (lorakit.lean_blocks(model) == 30) == lean
+        runs.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (la, ga), (lb, gb) = runs
+    torch.testing.assert_close(la, lb, rtol=1e-10, atol=0)
+    assert ga.keys() == gb.keys() and len(ga) == 2 * 7 * 30
+    for n in ga:
+        tol = 1e-10 if n.startswith("model.layers.29.") else 1e-5
+        torch.testing.assert_close(ga[n], gb[n], rtol=0, atol=tol * gb[n].abs().max().item(), msg=n)

@@ -10,6 +10,7 @@ and peak RSS. It prints the CPU's torch capability and what ``--model.dtype auto
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -20,14 +21,18 @@ sys.path.insert(0, str(ROOT / "src"))
 from lorakit.bench import cpu_name, display_command, torch_capability, write_docs  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_qlora_quality import run, run_args  # noqa: E402  (one `lorakit train` run, its summary.json)
+from bench_qlora_quality import run  # noqa: E402  (one `lorakit train` run, its summary.json)
 
 DTYPES = ("float32", "bfloat16")
 DOC = ROOT / "docs" / "performance.md"
 
 
 def main() -> None:
-    args = run_args(__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--write-docs", action="store_true")
+    p.add_argument("overrides", nargs="*", help="more `lorakit train` overrides, after --")
+    args = p.parse_args()
     import torch
 
     from lorakit.device import cpu_bf16_native, resolve_dtype

@@ -29,17 +29,12 @@ def run(name: str, extra: list[str], out: Path, steps: int, overrides: list[str]
     return json.loads((out / "summary.json").read_text())
 
 
-def run_args(doc: str, steps: int = 40) -> argparse.Namespace:
-    """--steps, --write-docs and `lorakit train` overrides after --: the options of a benchmark of train runs."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=steps)
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--write-docs", action="store_true")
     p.add_argument("overrides", nargs="*", help="more `lorakit train` overrides, after --")
-    return p.parse_args()
-
-
-def main() -> None:
-    args = run_args(__doc__)
+    args = p.parse_args()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in VARIANTS.items():

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import fields, is_dataclass
+from dataclasses import fields
 from typing import Any
 
 import torch
@@ -149,8 +149,6 @@ def _lean(model: nn.Module, head: nn.Linear, signature: inspect.Signature, args:
 def _output(backbone_out: Any, loss: torch.Tensor) -> Any:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    names = (
-        {f.name for f in fields(CausalLMOutputWithPast)} if is_dataclass(CausalLMOutputWithPast) else set()
-    )
+    names = {f.name for f in fields(CausalLMOutputWithPast)}
     rest = {k: v for k, v in backbone_out.items() if k in names and k not in ("loss", "logits")}
     return CausalLMOutputWithPast(loss=loss, logits=LogitsNotComputed(), **rest)

@@ -46,6 +46,14 @@ def non_negative(text: str) -> float:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (a size limit in MB)."""
+    value = non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 def os_error_line(e: OSError) -> str:
     """'PATH: reason' for an OSError from the system, else its text on one line."""
     if e.filename is not None and e.strerror:

@@ -44,11 +44,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def configure_eval(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--data", required=True, help="JSONL file: {prompt,completion}, {messages} or {text} per line"
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", help="JSONL file: {prompt,completion}, {messages} or {text} per line")
+    data.add_argument(
+        "--task", help="a built-in task's held-out examples (as lorakit train holds them out: 'dates')"
     )
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--adapter", help="adapter folder (PEFT layout) or a GGUF LoRA file")
+    p.add_argument(
+        "--compare-base",
+        action="store_true",
+        help="with --adapter: also evaluate the base model alone, on the same examples",
+    )
     p.add_argument(
         "--max-len", type=positive_int, default=256, help="maximum tokens per example (default: 256)"
     )
@@ -57,33 +64,65 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     add_device(p)
     add_allow_pickle(p)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
     import lorakit
     from lorakit.data.jsonl import read_jsonl
+    from lorakit.data.tasks import make_task
     from lorakit.data.tokenize import encode_dataset
+    from lorakit.errors import ConfigError
     from lorakit.train.evaluate import eval_loss, exact_match
 
-    examples = read_jsonl(args.data)
+    if args.compare_base and not args.adapter:
+        raise ConfigError("--compare-base compares an adapter with its base: give --adapter too")
+    # a task: the held-out examples `lorakit train` evaluates on (seed 0, generated first)
+    examples = read_jsonl(args.data) if args.data else make_task(args.task, n_train=0, n_eval=args.limit)[1]
     model, tok = load(args.model, args.device, args.dtype)
+    rows, stats = encode_dataset(tok, examples, max_len=args.max_len, chat=not args.no_chat)
+    report = {"examples": len(rows), "truncated": stats["truncated"], "max_len": args.max_len}
+
+    def measure(label: str) -> dict:
+        loss = eval_loss(model, rows, tok.pad_token_id)
+        acc, samples = exact_match(
+            model, tok, examples[: args.limit], max_new_tokens=args.max_new_tokens, chat=not args.no_chat
+        )
+        report[label] = {
+            "loss": loss,
+            "accuracy": acc,
+            "accuracy_examples": len(samples),
+            "samples": samples[:3],
+        }
+        return report[label]
+
+    if not args.adapter or args.compare_base:
+        measure("base")
     if args.adapter:
         lorakit.load_adapter(model, args.adapter, allow_pickle=args.allow_pickle)
-    rows, stats = encode_dataset(tok, examples, max_len=args.max_len, chat=not args.no_chat)
+        measure("adapter")
+    if args.json:
+        print(json.dumps(report))
+        return 0
     print(f"{len(rows)} examples ({stats['truncated']} truncated to {args.max_len} tokens)")
-    loss = eval_loss(model, rows, tok.pad_token_id)
-    print(
-        f"eval loss: {loss:.4f}"
-        if loss is not None
-        else f"eval loss: n/a (no example has a token left to evaluate after truncation to {args.max_len} tokens)"
-    )
-    acc, samples = exact_match(
-        model, tok, examples[: args.limit], max_new_tokens=args.max_new_tokens, chat=not args.no_chat
-    )
-    if acc is not None:
-        print(f"exact-match accuracy: {100 * acc:.1f}% on {len(samples)} examples")
-        for s in samples[:3]:
-            print(f"  expected {s['expected']!r}, got {s['got']!r}")
+    for label in ("base", "adapter"):
+        if label not in report:
+            continue
+        m, who = report[label], f"{label}: " if args.compare_base else ""
+        print(
+            f"{who}eval loss: {m['loss']:.4f}"
+            if m["loss"] is not None
+            else f"{who}eval loss: n/a (no example has a token left to evaluate after truncation to "
+            f"{args.max_len} tokens)"
+        )
+        if m["accuracy"] is not None:
+            print(
+                f"{who}exact-match accuracy: {100 * m['accuracy']:.1f}% on {m['accuracy_examples']} examples"
+            )
+            for s in m["samples"]:
+                print(f"  expected {s['expected']!r}, got {s['got']!r}")
     return 0

@@ -39,12 +39,18 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
         raise DataError(f"{path}: data file not found")
     if not path.is_file():
         raise DataError(f"{path}: not a file ({'a folder' if path.is_dir() else 'a special file'})")
-    examples: list[dict[str, Any]] = []
-    shape: str | None = None
     try:
         data = path.read_bytes()
     except OSError as e:
         raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    return parse_jsonl(data, str(path))
+
+
+def parse_jsonl(data: bytes, source: str) -> list[dict[str, Any]]:
+    """All examples of JSONL bytes, validated. Raises DataError naming `source` and the line ("x.jsonl:3: ...")."""
+    examples: list[dict[str, Any]] = []
+    shape: str | None = None
+    path = source
     for lineno, raw in enumerate(
         data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1
     ):  # a BOM (Notepad) is fine

@@ -71,6 +71,14 @@ def _segments(tokenizer, ex: dict[str, Any], chat: bool) -> list[tuple[str, bool
     return pieces
 
 
+def learned_segments(
+    tokenizer, ex: dict[str, Any], *, chat: bool = True, train_on_all: bool = False
+) -> list[tuple[str, bool]]:
+    """The example's text as training sees it (chat template applied), in (text, learned) pieces: what the loss
+    learns (completions and assistant turns; everything with `train_on_all`) and what it only reads."""
+    return [(text, learn or train_on_all) for text, learn in _segments(tokenizer, ex, chat) if text]
+
+
 def encode_example(
     tokenizer, ex: dict[str, Any], *, max_len: int, chat: bool = True, train_on_all: bool = False
 ) -> Encoded:

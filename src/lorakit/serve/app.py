@@ -62,13 +62,14 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
         engine.stop()
 
     app = FastAPI(title="lorakit serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine  # for what builds on this app (lorakit ui)
     app.add_exception_handler(P.APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ClientGone, _client_gone)
     app.add_exception_handler(Exception, _unexpected)
     adapters = AdapterRoutes(engine, config.base_name, config.base_path, config.adapter_root)
     generation = GenerationRoutes(engine, adapters)
-    auth = [Depends(_auth(config.api_key))]
+    auth = [Depends(require_key(config.api_key))]
     app.add_api_route("/v1/completions", generation.completions, methods=["POST"], dependencies=auth)
     app.add_api_route(
         "/v1/chat/completions", generation.chat_completions, methods=["POST"], dependencies=auth
@@ -110,7 +111,9 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(err.body(), status_code=500)
 
 
-def _auth(api_key: str | None) -> Callable:
+def require_key(api_key: str | None) -> Callable:
+    """A FastAPI dependency: with `api_key` set, a request without `Authorization: Bearer <api_key>` gets a 401."""
+
     async def check(request: Request) -> None:
         if api_key is None:
             return

@@ -414,14 +414,45 @@ def save_config(cfg: RunConfig, path: Path) -> None:
     atomic_file(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
 
 
+@dataclass(frozen=True)
+class FieldSpec:
+    """One run-config field as `lorakit train --help` and `lorakit ui`'s form show it."""
+
+    section: str
+    name: str
+    type: Any
+    default: Any
+    doc: str
+
+
+def field_specs() -> dict[str, list[FieldSpec]]:
+    """Every field of every section, in order, with its type, default and one-line doc: {section: [FieldSpec]}."""
+    out: dict[str, list[FieldSpec]] = {}
+    for section, f in SECTIONS.items():
+        obj = f.default_factory()
+        docs, hints = _field_docs(type(obj)), typing.get_type_hints(type(obj))
+        out[section] = [
+            FieldSpec(
+                section,
+                fld.name,
+                hints[fld.name],
+                getattr(obj, fld.name),
+                fld.metadata.get("doc", docs.get(fld.name, "")),
+            )
+            for fld in fields(obj)
+        ]
+    return out
+
+
+SECTION_METHOD = _SECTION_METHOD
+"""Which train.method part each method-specific section belongs to (the others apply to every method)."""
+
+
 def help_text() -> str:
     """Every field with its default and docstring, for `lorakit train --help`."""
     lines = []
-    for section, f in SECTIONS.items():
-        obj = f.default_factory()
+    for section, specs in field_specs().items():
         lines.append(f"{section}:")
-        docs = _field_docs(type(obj))
-        for fld in fields(obj):
-            default, doc = getattr(obj, fld.name), fld.metadata.get("doc", docs.get(fld.name, ""))
-            lines.append(f"  --{section}.{fld.name} (default: {default!r})  {doc}")
+        for spec in specs:
+            lines.append(f"  --{section}.{spec.name} (default: {spec.default!r})  {spec.doc}")
     return "\n".join(lines)

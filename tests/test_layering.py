@@ -38,7 +38,7 @@ CORE = [  # bottom up: each may import only what stands before it (and the found
     "formats",
     "io",
 ]
-PLUGINS_AND_ABOVE = ("quant", "variants", "mixed", "bank", "train", "serve")
+PLUGINS_AND_ABOVE = ("quant", "variants", "mixed", "bank", "train", "serve", "ui")
 
 
 def _modules() -> dict[str, Path]:

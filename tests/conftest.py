@@ -26,8 +26,8 @@ def pytest_report_header(config):
 def pytest_collection_modifyitems(config, items):
     """`gpu` tests run only where torch sees a CUDA GPU: elsewhere they are deselected, which pytest's summary
     counts, and the header says why. `llama_cpp` tests need llama-cpp-python (bash scripts/setup.sh test
-    installs it). Where it is missing they are skipped with the reason shown, never in silence; CI installs it,
-    so there they always run."""
+    installs it), `browser` tests Playwright and Chromium (the same). Where they are missing they are skipped
+    with the reason shown, never in silence; CI installs them, so there they always run."""
     import torch
 
     if not torch.cuda.is_available():
@@ -41,6 +41,14 @@ def pytest_collection_modifyitems(config, items):
         skip = pytest.mark.skip(reason="llama-cpp-python is not installed: bash scripts/setup.sh test")
         for item in items:
             if "llama_cpp" in item.keywords:
+                item.add_marker(skip)
+    from uiserver import browser_missing
+
+    missing = browser_missing()
+    if missing:
+        skip = pytest.mark.skip(reason=f"{missing}: bash scripts/setup.sh test installs it")
+        for item in items:
+            if "browser" in item.keywords:
                 item.add_marker(skip)
 
 
@@ -78,7 +86,14 @@ def trained_run(tmp_path_factory):
     import sys
 
     out = tmp_path_factory.mktemp("run")
-    args = ["--train.out_dir", str(out), "--train.steps", str(TRAINED_STEPS), "--data.n_eval", str(TRAINED_EVAL)]
+    args = [
+        "--train.out_dir",
+        str(out),
+        "--train.steps",
+        str(TRAINED_STEPS),
+        "--data.n_eval",
+        str(TRAINED_EVAL),
+    ]
     args += ["--eval.limit", str(TRAINED_EVAL), "--train.save_every", str(TRAINED_SAVE_EVERY)]
     proc = subprocess.run([sys.executable, "-m", "lorakit", "train", *args], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -157,6 +157,7 @@ def test_a_run_streams_its_curve_stops_with_a_checkpoint_and_resumes(ui, http):
     r = http.post("/api/runs", json={"name": "long", "values": values})
     assert r.status_code == 200 and r.json()["status"] == "starting"
     assert _error(http.post("/api/runs", json={"name": "long", "values": values}), 409)
+
     def running_with_points(pairs) -> bool:
         points = sum(k == "metric" and "loss" in d for k, d in pairs)
         return points >= 5 and any(k == "status" and d["status"] == "running" for k, d in pairs)

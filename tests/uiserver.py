@@ -109,3 +109,21 @@ def events(http: httpx.Client, name: str, *, until, timeout: float = 180) -> lis
             if time.monotonic() > deadline:
                 break
     return pairs
+
+
+def browser_missing() -> str | None:
+    """Why the `browser` tests cannot run here (None: Playwright and a Chromium are installed)."""
+    import importlib.util
+
+    if importlib.util.find_spec("playwright") is None:
+        return "playwright is not installed"
+    if chromium_path() is None:
+        return "no chromium on PATH (Debian's chromium package)"
+    return None
+
+
+def chromium_path() -> str | None:
+    """Debian's Chromium (Playwright's own browser download is not reachable from here)."""
+    import shutil
+
+    return next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)

@@ -1,0 +1,136 @@
+"""The playground's page in a real headless Chromium (Debian's package, driven by Playwright), against a real
+`lorakit ui` on a tiny model with the real tokenizer (tests/uiserver.py), with an API key the page asks for.
+
+One walk through the page, as a person would: key, train from the form, watch the curve grow, stop, resume,
+chat with the base and the adapter side by side, load and unload an adapter, and see a path out of the workspace
+refused. Every wait has a deadline; a failure saves a screenshot beside the server's log.
+"""
+
+from __future__ import annotations
+
+import pytest
+from uiserver import KEY, chromium_path, tiny_chat_model, ui_process
+
+pytestmark = pytest.mark.browser
+WAIT_MS = 120_000
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory, default_model_dir):
+    tmp = tmp_path_factory.mktemp("uibrowser")
+    model = tiny_chat_model(tmp / "tiny", default_model_dir)
+    (tmp / "outside" / "evil").mkdir(parents=True)
+    args = ["--model", str(model), "--workspace", str(tmp / "ws"), "--api-key", KEY, "--dtype", "float32"]
+    with ui_process(args, tmp / "ui.log") as (url, _):
+        yield url, tmp
+
+
+@pytest.fixture(scope="module")
+def page(ui):
+    from playwright.sync_api import sync_playwright
+
+    url, tmp = ui
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.set_default_timeout(WAIT_MS)
+        page.goto(url + "/")
+        yield page
+        if errors:
+            page.screenshot(path=str(tmp / "failure.png"))
+        assert not errors, f"JavaScript errors on the page: {errors}"
+        browser.close()
+
+
+def _shoot_on_failure(page, tmp, name: str):
+    page.screenshot(path=str(tmp / f"{name}.png"), full_page=True)
+
+
+def test_a_walk_through_the_playground(ui, page):
+    url, tmp = ui
+    try:
+        _walk(page)
+    except Exception:
+        _shoot_on_failure(page, tmp, "failure")
+        raise
+
+
+def _walk(page) -> None:
+    # the key: the page asks for it once the API answers 401
+    page.wait_for_selector("#api-key", state="visible")
+    page.fill("#api-key", KEY)
+    page.click("#api-key-btn")
+    page.wait_for_function("document.querySelector('#base-name').textContent.includes('tiny')")
+
+    # 2. a short training run from the form (long enough to stop half-way)
+    page.click("#tab-train")
+    page.wait_for_selector("[name='train.steps']")
+    page.click("details[data-section=eval] > summary")  # closed by default: model, lora, data, train are open
+    page.fill("#run-name", "b1")
+    for name, value in {
+        "train.steps": "300",
+        "train.batch_size": "2",
+        "train.save_every": "0",
+        "data.n_train": "64",
+        "data.n_eval": "4",
+        "eval.limit": "2",
+        "eval.max_new_tokens": "4",
+    }.items():
+        page.fill(f"[name='{name}']", value)
+    page.click("#start-btn")
+
+    # 3. the loss curve gets points while it runs
+    page.wait_for_function("window.lorakitChart && window.lorakitChart.points('b1') >= 5")
+    page.wait_for_function("document.querySelector('#progress-text').textContent.includes('/300')")
+
+    # 4. stop (a checkpoint), then resume to the end
+    page.click("#stop-btn")
+    page.wait_for_function("document.querySelector('#runs-list').textContent.includes('stopped')")
+    stopped_at = page.evaluate("window.lorakitChart.points('b1')")
+    assert 5 <= stopped_at < 300
+    page.click("#resume-btn")
+    page.wait_for_function("document.querySelector('#runs-list').textContent.includes('finished')")
+    page.wait_for_function("window.lorakitChart.points('b1') === 300")
+
+    # 6. load the run's adapter from the workspace
+    page.click("#tab-adapters")
+    page.fill("#load-name", "b1")
+    page.fill("#load-path", "runs/b1/adapter")
+    page.click("#load-btn")
+    page.wait_for_selector("#adapters-table >> text=b1")
+
+    # 5. chat with the base and the adapter side by side: one prompt, two streams, different text
+    page.click("#tab-chat")
+    page.wait_for_selector("#chat-models input[value='b1']")
+    for box in page.query_selector_all("#chat-models input[type=checkbox]"):
+        want = box.get_attribute("value") in ("tiny", "b1")
+        if box.is_checked() != want:
+            box.click()
+    page.fill("#prompt", "When is it?")
+    page.fill("#max-tokens", "8")
+    page.click("#send-btn")
+    replies = "[...document.querySelectorAll('#chat-columns .chat-col .turn-reply')]"
+    page.wait_for_function(f"{replies}.length === 2 && !document.querySelector('#send-btn').disabled")
+    texts = page.eval_on_selector_all(
+        "#chat-columns .chat-col .turn-reply", "els => els.map(e => e.textContent)"
+    )
+    heads = page.eval_on_selector_all("#chat-columns .chat-col", "els => els.map(e => e.dataset.model)")
+    assert sorted(heads) == ["b1", "tiny"] and texts[0] != texts[1] and any(t.strip() for t in texts), (
+        heads,
+        texts,
+    )
+
+    # 6. unload it again
+    page.click("#tab-adapters")
+    page.click("#adapters-table tr:has-text('b1') .unload-btn")
+    page.wait_for_function("!document.querySelector('#adapters-table').textContent.includes('b1')")
+
+    # 7. a path out of the workspace is refused, and the page says so
+    page.fill("#load-name", "evil")
+    page.fill("#load-path", "../outside/evil")
+    page.click("#load-btn")
+    page.wait_for_selector("#adapters-error:has-text('refused')")
+    page.click("#tab-train")
+    page.wait_for_selector("#runs-list >> text=b1")

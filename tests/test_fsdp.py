@@ -86,7 +86,7 @@ def test_two_fsdp_processes_equal_one_process(runs):
     assert norms2 == pytest.approx(norms1, rel=1e-5)
     evals1 = [(r["step"], r["eval_loss"], r["eval_accuracy"]) for r in m1 if "eval_loss" in r]
     evals2 = [(r["step"], r["eval_loss"], r["eval_accuracy"]) for r in m2 if "eval_loss" in r]
-    assert [e[0] for e in evals2] == [2, 0, 4]  # during training (every rank evaluates), before, after
+    assert [e[0] for e in evals2] == [0, 2, 4]  # before, during training (every rank evaluates), after
     for (s1, loss1, acc1), (s2, loss2, acc2) in zip(evals1, evals2, strict=True):
         assert s1 == s2 and loss2 == pytest.approx(loss1, rel=1e-5) and acc2 == acc1
 

@@ -155,8 +155,9 @@ def train_loop(
             sched.step()
             opt.zero_grad(set_to_none=True)
             done = step + 1
-            metrics.step(done, loss_sum, sched.get_last_lr()[0], n_tok * world, grad_norm)  # recorded before
-            guard.leave(done)  # a Ctrl-C held since the step began is raised here, with `done` up to date
+            guard.complete(done)  # weights, optimizer, scheduler and hooks agree: an interrupt now saves `done`
+            metrics.step(done, loss_sum, sched.get_last_lr()[0], n_tok * world, grad_norm)  # on record before...
+            guard.leave(done)  # ... a Ctrl-C held since the step began is raised here
             _periodic(done, t, model, evaluate, metrics, checkpoints)
     method.finish(inner)
     model.eval()
@@ -358,6 +359,11 @@ class StepGuard:
     def enter(self) -> None:
         self.inside = True
 
+    def complete(self, done: int) -> None:
+        """Step `done` is complete; a Ctrl-C is still held (until `leave`), but anything raised from here on (a
+        callback's KeyboardInterrupt) finds `done` up to date."""
+        self.done = done
+
     def leave(self, done: int) -> None:
         """Step `done` is complete (weights, optimizer, scheduler, method hooks); a held Ctrl-C is raised here."""
         self.inside, self.done = False, done
@@ -368,6 +374,22 @@ class StepGuard:
     def restore(self) -> None:
         if self.active:
             signal.signal(signal.SIGINT, self.previous)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (none if it does not exist yet). A line that does not parse is left out: the
+    last one while its run is writing it, or one cut short by a killed run."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
 
 
 def _emitter(path: Path | None, callbacks: list[Callback]) -> Callback:

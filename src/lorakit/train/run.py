@@ -32,7 +32,7 @@ from lorakit.report import parameter_report
 from lorakit.train.checkpoint import full_parameters
 from lorakit.train.config import RunConfig, save_config
 from lorakit.train.evaluate import eval_loss, exact_match
-from lorakit.train.loop import Callback, train_loop
+from lorakit.train.loop import Callback, read_metrics, train_loop
 from lorakit.train.methods import Method, make_method
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,8 @@ def run_training(
 
     before = evaluate_now(sharded=False) if rank == 0 else {}  # unsharded yet
     say(f"before: {_fmt(before)}" if before else "before: (rank 0 evaluates)")
+    if rank == 0:
+        _record_before(out_dir, before)
     trained = _distribute(model, world, fsdp, broadcast_buffers=quant is None, say=say)
     result = train_loop(
         trained,
@@ -154,7 +156,9 @@ def _add_tokens(cfg: RunConfig, model: nn.Module, tokenizer, say) -> RunConfig:
     ids = tokenizer.convert_tokens_to_ids(list(cfg.data.add_tokens))
     spec = cfg.lora.trainable_token_indices
     if isinstance(spec, dict):
-        raise ConfigError("data.add_tokens takes lora.trainable_token_indices as a list of ids, not a mapping")
+        raise ConfigError(
+            "data.add_tokens takes lora.trainable_token_indices as a list of ids, not a mapping"
+        )
     merged = list(dict.fromkeys([*(spec or []), *ids]))
     say(
         f"tokens: added {added} new token(s) to the tokenizer ({len(known)} already known), "
@@ -295,10 +299,8 @@ def _write_summary(
     report: dict[str, Any],
     adapter_dir: Path | None,
 ) -> dict[str, Any]:
-    """Rank 0's end of a run: the evals before and after on the curve of metrics.jsonl, loss.png, summary.json."""
-    with (out_dir / "metrics.jsonl").open("a") as f:
-        for step, m in ((result["resumed_from"], before), (cfg.train.steps, after)):
-            f.write(json.dumps({"step": step, **{f"eval_{k}": v for k, v in m.items()}}) + "\n")
+    """Rank 0's end of a run: the eval after on the curve of metrics.jsonl, loss.png, summary.json."""
+    _append_eval(out_dir, cfg.train.steps, after)
     plot = plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
     summary = {
         "before": before,
@@ -316,6 +318,23 @@ def _write_summary(
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _record_before(out_dir: Path, before: dict[str, float]) -> None:
+    """The eval before training as step 0 of metrics.jsonl's curve, written at once, so that a run stopped early
+    keeps it. It measures the adapter as initialised (a resumed run restores its checkpoint later), so a resumed
+    run whose folder already has it adds nothing."""
+    metrics = out_dir / "metrics.jsonl"
+    recorded = any(
+        r.get("step") == 0 and any(k.startswith("eval_") for k in r) for r in read_metrics(metrics)
+    )
+    if before and not recorded:
+        _append_eval(out_dir, 0, before)
+
+
+def _append_eval(out_dir: Path, step: int, measured: dict[str, float]) -> None:
+    with (out_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": step, **{f"eval_{k}": v for k, v in measured.items()}}) + "\n")
 
 
 def init_distributed() -> tuple[int, int]:

@@ -355,3 +355,28 @@ def test_runs_from_an_earlier_session_show_up(tmp_path):
     assert a["status"] == "finished" and a["step"] == 1  # the half-written line is not read yet
     assert b["status"] == "stopped" and b["has_checkpoint"] and b["steps"] == 4
     assert runs.names() == ["a", "b"] and not runs.live
+
+
+# -- the real default model ------------------------------------------------------------------------------------
+
+
+@pytest.mark.real_model
+def test_the_playground_on_the_default_model(tmp_path):
+    """`lorakit ui` with no --model serves SmolLM2-135M-Instruct: the page's info, a preview through its chat
+    template, and a chat answer. (scripts/ui_screenshots.py trains, chats and evaluates on it in the browser.)"""
+    log = tmp_path / "ui.log"
+    with (
+        ui_process(["--workspace", str(tmp_path / "ws")], log) as (url, _),
+        httpx.Client(base_url=url, timeout=120) as c,
+    ):
+        info = c.get("/api/info").json()
+        assert info["base_name"] == "SmolLM2-135M-Instruct" and info["model_path"] is None
+        (ex,) = c.post("/api/preview", json={"task": "dates", "n": 1}).json()["examples"]
+        assert "<|im_start|>assistant" in "".join(s["text"] for s in ex["segments"] if not s["learned"])
+        body = {
+            "model": info["base_name"],
+            "messages": [{"role": "user", "content": "Say hi."}],
+            "max_tokens": 4,
+        }
+        answer = c.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        assert answer.strip()

@@ -8,6 +8,7 @@ refused. Every wait has a deadline; a failure saves a screenshot beside the serv
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from uiserver import KEY, chromium_path, tiny_chat_model, ui_process
 
@@ -51,13 +52,13 @@ def _shoot_on_failure(page, tmp, name: str):
 def test_a_walk_through_the_playground(ui, page):
     url, tmp = ui
     try:
-        _walk(page)
+        _walk(page, url)
     except Exception:
         _shoot_on_failure(page, tmp, "failure")
         raise
 
 
-def _walk(page) -> None:
+def _walk(page, url: str) -> None:
     # the key: the page asks for it once the API answers 401
     page.wait_for_selector("#api-key", state="visible")
     page.fill("#api-key", KEY)
@@ -73,6 +74,7 @@ def _walk(page) -> None:
         "train.steps": "300",
         "train.batch_size": "2",
         "train.save_every": "0",
+        "train.eval_every": "100",
         "data.n_train": "64",
         "data.n_eval": "4",
         "eval.limit": "2",
@@ -93,6 +95,11 @@ def _walk(page) -> None:
     page.click("#resume-btn")
     page.wait_for_function("document.querySelector('#runs-list').textContent.includes('finished')")
     page.wait_for_function("window.lorakitChart.points('b1') === 300")
+    assert page.evaluate("window.lorakitChart.steps('b1')") == list(range(1, 301))
+    # eval loss: before training (once, although the resumed process evaluates its start too), every 100 steps,
+    # and at the end
+    page.wait_for_function("window.lorakitChart.steps('b1', true).includes(300)")
+    assert page.evaluate("window.lorakitChart.steps('b1', true)") == [0, 100, 200, 300]
 
     # 6. load the run's adapter from the workspace
     page.click("#tab-adapters")
@@ -121,6 +128,7 @@ def _walk(page) -> None:
         heads,
         texts,
     )
+    assert httpx.get(url + "/health").json()["max_rows"] >= 2  # the two columns were decoded in one batch
 
     # 6. unload it again
     page.click("#tab-adapters")

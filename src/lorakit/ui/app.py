@@ -208,7 +208,7 @@ class _Routes:
         metrics = self.runs.folder(name) / "metrics.jsonl"
 
         async def stream():
-            pos, partial, last = 0, b"", None
+            pos, partial, last, was_running = 0, b"", None, None
             while True:
                 running = self.runs.running(name)  # before the read: what a finished run wrote is read after
                 try:
@@ -222,10 +222,12 @@ class _Routes:
                 for line in lines:
                     if line.strip():
                         yield f"event: metric\ndata: {line.decode('utf-8', 'replace')}\n\n"
-                state = self.runs.state(name)
-                if (state["status"], state["step"]) != last:
-                    last = (state["status"], state["step"])
-                    yield f"event: status\ndata: {json.dumps(state)}\n\n"
+                if lines or running != was_running:  # the run's folder is read again only when it moved
+                    state = self.runs.state(name)
+                    if (state["status"], state["step"]) != last:
+                        last = (state["status"], state["step"])
+                        yield f"event: status\ndata: {json.dumps(state)}\n\n"
+                was_running = running
                 if not running:
                     yield "event: end\ndata: {}\n\n"
                     return

@@ -31,6 +31,7 @@ from lorakit.errors import LorakitError
 from lorakit.serve import protocol as P
 from lorakit.train.checkpoint import latest_checkpoint
 from lorakit.train.config import SHORTHANDS, load_config, read_yaml, save_config
+from lorakit.train.loop import read_metrics
 from lorakit.ui.workspace import Workspace, check_name
 
 LOCKED = {("train", "out_dir"), ("train", "resume")}
@@ -67,19 +68,6 @@ def _error_line(log: Path, command: str) -> str | None:
         if line.startswith(f"lorakit {command}: "):
             return line.removeprefix(f"lorakit {command}: ")
     return lines[-1] if lines else None
-
-
-def read_records(metrics: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's records (a half-written last line is left for the next read)."""
-    try:
-        text = metrics.read_text()
-    except OSError:
-        return []
-    out = []
-    for line in text[: text.rfind("\n") + 1].splitlines():
-        with contextlib.suppress(ValueError):
-            out.append(json.loads(line))
-    return out
 
 
 @dataclass
@@ -148,7 +136,7 @@ class Runs:
                     "no_checkpoint",
                     "name",
                 )
-            records = [r for r in read_records(folder / "metrics.jsonl") if "loss" in r]
+            records = [r for r in read_metrics(folder / "metrics.jsonl") if "loss" in r]
             base = records[-1]["step"] if records else 0
             self._spawn(name, [str(folder / "config.yaml"), "--train.resume", "auto"], base_step=base)
         return self.state(name)
@@ -199,7 +187,7 @@ class Runs:
         if not (folder / "request.yaml").is_file():
             raise P.APIError(404, f"no run named {name!r}", "not_found", "name")
         steps = (read_yaml(folder / "request.yaml").get("train") or {}).get("steps")
-        records = [r for r in read_records(folder / "metrics.jsonl") if "loss" in r]
+        records = [r for r in read_metrics(folder / "metrics.jsonl") if "loss" in r]
         last = records[-1] if records else None
         live = self.live.get(name)
         running = live is not None and live.proc.poll() is None
@@ -340,4 +328,4 @@ class Jobs:
                 job.proc.kill()
 
 
-__all__ = ["Jobs", "Runs", "read_records"]
+__all__ = ["Jobs", "Runs"]

@@ -713,9 +713,18 @@ function pushPoint(points, step, value) {
   points.push([step, value]);
 }
 
+/** Put [step, value] into a series kept sorted by step (the same step again replaces it). Eval records do not
+ * arrive in step order: the run writes its "before" evaluation (step 0, or the resumed step) at the end. */
+function upsertPoint(points, step, value) {
+  if (!Number.isFinite(value)) return;
+  const at = points.findIndex((p) => p[0] >= step);
+  if (at === -1) points.push([step, value]);
+  else points.splice(at, points[at][0] === step ? 1 : 0, [step, value]);
+}
+
 function addMetric(stream, m) {
   const { data } = stream;
-  if ("eval_loss" in m) pushPoint(data.eval, m.step, m.eval_loss);
+  if ("eval_loss" in m) upsertPoint(data.eval, m.step, m.eval_loss);
   if ("loss" in m) {
     pushPoint(data.loss, m.step, m.loss);
     pushPoint(data.lr, m.step, m.lr);
@@ -844,7 +853,9 @@ function drawCharts() {
     if (!stream) continue;
     const color = colorFor(name);
     loss.push({ name: `${name} train`, run: name, color, points: stream.data.loss });
-    if (stream.data.eval.length) loss.push({ name: `${name} eval`, color, dashed: true, markers: true, points: stream.data.eval });
+    if (stream.data.eval.length) {
+      loss.push({ name: `${name} eval`, run: name, eval: true, color, dashed: true, markers: true, points: stream.data.eval });
+    }
     lr.push({ name, color, points: stream.data.lr });
     tps.push({ name, color, points: stream.data.tps });
   }
@@ -853,12 +864,15 @@ function drawCharts() {
   charts.tps.setSeries(tps);
 }
 
-// For browser tests: how many train-loss points the loss chart holds for a run.
+// For browser tests: the steps of the train-loss (or, with eval, the eval-loss) points the loss chart draws.
 window.lorakitChart = {
-  points(runName) {
+  steps(runName, evalLoss = false) {
     if (chartsPending) drawCharts();
-    const series = charts.loss?.series.find((s) => s.run === runName);
-    return series ? series.points.length : 0;
+    const series = charts.loss?.series.find((s) => s.run === runName && !s.eval === !evalLoss);
+    return series ? series.points.map((p) => p[0]) : [];
+  },
+  points(runName) {
+    return this.steps(runName).length;
   },
 };
 
@@ -1135,6 +1149,7 @@ $("#eval-form").addEventListener("submit", (event) => {
     const limit = parseInt($("#eval-limit").value, 10);
     if (Number.isFinite(limit)) body.limit = limit;
     $("#eval-result").hidden = true;
+    $("#eval-samples").hidden = true;
     const { job } = await postJSON("/api/eval", body);
     const done = await waitForJob(job, (j) => showJob(j, $("#eval-status"), $("#eval-log")));
     renderEval(done.result);
@@ -1146,6 +1161,14 @@ function renderEval(result) {
     el("tr", {}, el("th", { text: label }), el("td", { class: "num", text: fmt(result.base?.[key]) }), el("td", { class: "num", text: fmt(result.adapter?.[key]) }));
   $("#eval-result tbody").replaceChildren(row("loss", "loss", fmtLoss), row("accuracy", "accuracy", fmtPercent));
   $("#eval-result").hidden = false;
+  // the first examples side by side: what was expected, what each model generated
+  const base = result.base?.samples || [];
+  const adapted = result.adapter?.samples || [];
+  const samples = adapted.map((s, i) =>
+    el("tr", {}, el("td", { class: "mono", text: s.expected }), el("td", { class: "mono", text: base[i]?.got ?? "" }), el("td", { class: "mono", text: s.got })),
+  );
+  $("#eval-samples tbody").replaceChildren(...samples);
+  $("#eval-samples").hidden = samples.length === 0;
   $("#eval-status").textContent = `done: ${fmtInt(result.examples)} examples`;
 }
 

@@ -223,7 +223,11 @@ def test_chat_base_adapter_and_an_exact_weighted_mix(http, trained):
     half = http.post("/api/mix", json={"weights": {trained: 0.5}}).json()
     assert half["name"] != whole["name"]
     rows = {a["name"]: a for a in http.get("/api/adapters").json()["adapters"]}
-    assert rows[half["name"]]["mix"] == "t1=0.5" and rows[trained]["rank"] == 16
+    assert (
+        rows[half["name"]]["mix"] == "t1=0.5"
+        and rows[trained]["rank"] == 16
+        and rows[trained]["kind"] == "LoRA"
+    )
     assert rows[trained]["path"] == "runs/t1/adapter" and rows[trained]["size_bytes"] > 0
     assert "q_proj" in rows[trained]["targets"]
     assert "not a loaded adapter" in _error(http.post("/api/mix", json={"weights": {"nope": 1}}), 404)

@@ -102,10 +102,7 @@ def _walk(page, url: str) -> None:
     assert page.evaluate("window.lorakitChart.steps('b1', true)") == [0, 100, 200, 300]
 
     # 6. load the run's adapter from the workspace
-    page.click("#tab-adapters")
-    page.fill("#load-name", "b1")
-    page.fill("#load-path", "runs/b1/adapter")
-    page.click("#load-btn")
+    _load(page, "b1", "runs/b1/adapter")
     page.wait_for_selector("#adapters-table >> text=b1")
 
     # 5. chat with the base and the adapter side by side: one prompt, two streams, different text
@@ -136,9 +133,15 @@ def _walk(page, url: str) -> None:
     page.wait_for_function("!document.querySelector('#adapters-table').textContent.includes('b1')")
 
     # 7. a path out of the workspace is refused, and the page says so
-    page.fill("#load-name", "evil")
-    page.fill("#load-path", "../outside/evil")
-    page.click("#load-btn")
+    _load(page, "evil", "../outside/evil")
     page.wait_for_selector("#adapters-error:has-text('refused')")
     page.click("#tab-train")
     page.wait_for_selector("#runs-list >> text=b1")
+
+
+def _load(page, name: str, path: str) -> None:
+    """Fill the Adapters view's load form and press Load."""
+    page.click("#tab-adapters")
+    page.fill("#load-name", name)
+    page.fill("#load-path", path)
+    page.click("#load-btn")

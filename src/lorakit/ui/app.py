@@ -243,7 +243,7 @@ class _Routes:
         return {"base": self.settings.base_name, "adapters": await asyncio.to_thread(self._adapter_rows)}
 
     def _adapter_rows(self) -> list[dict[str, Any]]:
-        from lorakit.io import describe_adapter
+        from lorakit.io import describe_adapter, folder_format
 
         rows = []
         for name in self.bank.names():
@@ -254,7 +254,7 @@ class _Routes:
                 row["mix"] = label
             if path is not None:
                 try:
-                    info = describe_adapter(path)
+                    info, (fmt, _) = describe_adapter(path), folder_format(path)
                 except LorakitError as e:  # the folder changed since it was loaded: say so, list the rest
                     row["error"] = str(e)
                 else:
@@ -265,7 +265,7 @@ class _Routes:
                         targets=sorted({m.rsplit(".", 1)[-1] for m in info.get("modules", {})})
                         or getattr(cfg, "targets", None),
                         params=info.get("parameters"),
-                        kind=info.get("peft_type", "LORA") if not cfg or not cfg.use_dora else "DORA",
+                        kind=fmt.label + (" + DoRA" if getattr(cfg, "use_dora", False) else ""),
                         size_bytes=sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file()),
                     )
             rows.append(row)

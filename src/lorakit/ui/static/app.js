@@ -1165,7 +1165,7 @@ function renderEval(result) {
   const base = result.base?.samples || [];
   const adapted = result.adapter?.samples || [];
   const samples = adapted.map((s, i) =>
-    el("tr", {}, el("td", { class: "mono", text: s.expected }), el("td", { class: "mono", text: base[i]?.got ?? "" }), el("td", { class: "mono", text: s.got })),
+    el("tr", {}, el("td", { class: "mono nowrap", text: s.expected }), el("td", { class: "mono", text: base[i]?.got ?? "" }), el("td", { class: "mono", text: s.got })),
   );
   $("#eval-samples tbody").replaceChildren(...samples);
   $("#eval-samples").hidden = samples.length === 0;

@@ -14,7 +14,7 @@ from uiserver import KEY, events, tiny_chat_model, ui_process, wait_for
 
 from lorakit.serve import protocol as P
 from lorakit.train.config import field_specs, load_config
-from lorakit.ui.app import form_schema
+from lorakit.ui.schema import form_schema
 from lorakit.ui.workspace import Workspace, check_name
 
 UPLOAD_LIMIT_MB = 0.02  # 20 KB: a test can exceed it cheaply

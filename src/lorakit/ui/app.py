@@ -14,8 +14,6 @@ import asyncio
 import itertools
 import json
 import math
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,8 @@ from lorakit.errors import LorakitError
 from lorakit.serve import protocol as P
 from lorakit.serve.app import require_key
 from lorakit.serve.engine import Engine, EngineStopped
-from lorakit.ui.runs import LOCKED, Jobs, Runs
+from lorakit.ui.runs import Jobs, Runs
+from lorakit.ui.schema import form_schema
 from lorakit.ui.workspace import Workspace, check_name
 
 STATIC = Path(__file__).parent / "static"
@@ -433,82 +432,4 @@ def _next_name(existing: list[str]) -> str:
     return f"run-{n}"
 
 
-# -- the training form -----------------------------------------------------------------------------------------
-
-CHOICES: dict[tuple[str, str], list[Any]] = {
-    ("model", "dtype"): ["auto", "float32", "bfloat16", "float16"],
-    ("model", "adapter_dtype"): ["float32", "same"],
-    ("model", "quantize"): [None, "nf4"],
-    ("train", "schedule"): ["cosine", "linear", "constant"],
-}
-
-
-def form_schema() -> dict[str, Any]:
-    """The training form, from the run-config dataclasses (as `lorakit train --help` lists them): each section
-    with its fields' type, default (as command-line text for lists and mappings), doc and choices."""
-    from lorakit.data.tasks import TASKS
-    from lorakit.train.config import SECTION_METHOD, field_specs
-    from lorakit.train.methods import METHODS
-
-    choices = {
-        **CHOICES,
-        ("data", "task"): [None, *sorted(TASKS)],
-        ("train", "method"): [*METHODS, "loraplus", *(f"{m}+loraplus" for m in METHODS)],
-    }
-    sections = []
-    for section, specs in field_specs().items():
-        fields = []
-        for spec in specs:
-            kind, optional, literal = _kind(spec.type)
-            fields.append(
-                {
-                    "name": spec.name,
-                    "type": kind,
-                    "optional": optional,
-                    "default": _as_text(spec.default) if kind in ("list", "dict") else spec.default,
-                    "doc": spec.doc,
-                    "choices": choices.get((section, spec.name), literal),
-                    "locked": (section, spec.name) in LOCKED,
-                }
-            )
-        sections.append({"name": section, "method": SECTION_METHOD.get(section), "fields": fields})
-    return {"sections": sections}
-
-
-def _kind(tp: Any) -> tuple[str, bool, list[Any] | None]:
-    """(form type, null allowed, Literal choices) of a field type."""
-    union = typing.get_origin(tp) is typing.Union or isinstance(tp, types.UnionType)
-    args = typing.get_args(tp) if union else (tp,)
-    optional = type(None) in args
-    arms = [a for a in args if a is not type(None)]
-    literal = None
-    names = []
-    for arm in arms:
-        origin = typing.get_origin(arm)
-        if origin is typing.Literal:
-            literal = list(typing.get_args(arm))
-            names.append("str")
-        elif origin is list or arm is list:
-            names.append("list")
-        elif origin is dict or arm is dict:
-            names.append("dict")
-        else:
-            names.append({bool: "bool", int: "int", float: "float", str: "str"}.get(arm, "any"))
-    kind = names[0] if len(set(names)) == 1 else ("str" if "str" in names else "any")
-    if literal and optional:
-        literal = [None, *literal]
-    return kind, optional, literal
-
-
-def _as_text(value: Any) -> str:
-    """A list or mapping as `lorakit train` takes it on the command line ("[q_proj, v_proj]", "{q_proj: 4}")."""
-    if value is None:
-        return ""
-    if isinstance(value, list):
-        return "[" + ", ".join(str(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {v}" for k, v in value.items()) + "}"
-    return str(value)
-
-
-__all__ = ["Settings", "add_ui", "form_schema"]
+__all__ = ["Settings", "add_ui"]

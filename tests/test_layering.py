@@ -23,6 +23,7 @@ FOUNDATION = ["errors", "checks", "atomic", "readers", "dropout", "device", "dat
 CORE = [  # bottom up: each may import only what stands before it (and the foundation)
     "config",
     "handlers",
+    "attention",
     "fused",
     "lean",
     "blocks",

@@ -1,0 +1,180 @@
+"""Attention for training on the CPU in bf16: the forward in bf16, the backward in fp32 where that is faster.
+
+PyTorch's CPU flash-attention backward is slow in bf16 (and fp16) on short sequences: at 77 tokens, 9 heads of 64,
+it took 18 ms against 5 ms for the same backward in fp32 on the upcast tensors, and about 2× at 128 tokens
+(`benchmarks/bench_attention.py`). From about 256 tokens on, bf16 is as fast or faster. lorakit's main job trains on
+rows of about 80 tokens, so under bf16 a third of its step went to this one kernel.
+
+`training_attention(model)` switches a Hugging Face model that uses ``sdpa`` to ``lorakit_sdpa`` for the duration of
+a training forward. That implementation runs transformers' own SDPA function, except in one case: on the CPU, in a
+16-bit dtype, with gradients, no dropout, and keys short enough (``kv_len × head_dim ≤ 8192``) that the fp32
+backward wins. There it calls the same flash kernel forward (so the output is bitwise the same) and computes the
+backward with the fp32 kernel on upcast copies of q, k, v, the output and its gradient, then rounds the gradients
+back. The backward is then more exact than the bf16 kernel's, not less. Masks and everything else are transformers'.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+NAME = "lorakit_sdpa"
+MAX_KV_TIMES_HEAD_DIM = 8192  # the fp32 backward wins below this (bench_attention.py), loses from about 2× above
+_FLASH = 1  # torch._fused_sdp_choice's code for the flash kernel (SDPBackend.FLASH_ATTENTION)
+_FIELD = "_attn_implementation_internal"  # what PretrainedConfig._attn_implementation reads
+_registered = False
+_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+class _FlashUpcastBackward(torch.autograd.Function):
+    """CPU flash attention: the forward in the inputs' dtype, the backward in fp32."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, is_causal: bool, scale: float | None):
+        out, lse = _fwd(q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.is_causal, ctx.scale = is_causal, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        f = torch.float32
+        gq, gk, gv = _bwd(
+            grad.to(f),
+            q.to(f),
+            k.to(f),
+            v.to(f),
+            out.to(f),
+            lse,
+            0.0,
+            ctx.is_causal,
+            attn_mask=None if mask is None else mask.to(f),
+            scale=ctx.scale,
+        )
+        return gq.to(q.dtype), gk.to(k.dtype), gv.to(v.dtype), None, None, None
+
+
+def upcast_backward_wins(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Whether the fp32 backward is the faster one for these shapes and dtype (on the CPU, 16-bit, short keys)."""
+    return (
+        query.device.type == "cpu"
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and key.shape[-2] * key.shape[-1] <= MAX_KV_TIMES_HEAD_DIM
+    )
+
+
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, scale: float | None
+) -> torch.Tensor:
+    """``scaled_dot_product_attention(q, k, v, mask, is_causal=..., scale=...)`` (B, H, T, D), through the CPU flash
+    kernel with the fp32 backward. `mask` is None or boolean (True: attend), broadcast over heads."""
+    if mask is not None:  # what scaled_dot_product_attention does with a boolean mask: 0 where kept, -inf elsewhere
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+    return _FlashUpcastBackward.apply(q, k, v, mask, is_causal, scale)
+
+
+def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
+    if n == 1:
+        return x
+    b, h, t, d = x.shape
+    return x[:, :, None].expand(b, h, n, t, d).reshape(b, h * n, t, d)
+
+
+def lorakit_sdpa(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' ``sdpa`` attention, with the fp32 backward where `upcast_backward_wins`."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_len = query.shape[2]
+    plain = (
+        dropout == 0.0
+        and kwargs.get("position_bias") is None
+        and kwargs.get("softcap") is None
+        and not kwargs.get("output_attentions", False)
+        and q_len == key.shape[2]
+        and (attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.ndim == 4))
+    )
+    grads = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+    if not (plain and grads and upcast_backward_wins(query, key)):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(q_len > 1 and attention_mask is None and causal)
+    if torch._fused_sdp_choice(query, key, value, attention_mask, 0.0, causal) != _FLASH:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    out = flash_attention(query, key, value, attention_mask, causal, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, lorakit_sdpa)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    _registered = True
+
+
+def _sdpa_configs(model: nn.Module, checkpointed: bool) -> list[Any]:
+    """The distinct configs of `model`'s modules that select transformers' ``sdpa`` attention; none under
+    gradient checkpointing unless `checkpointed` (the backward runs in the block too)."""
+    seen: dict[int, Any] = {}
+    for m in model.modules():
+        if not checkpointed and getattr(m, "gradient_checkpointing", False) is True:
+            return []  # its recomputation in backward must save what the forward saved: the same attention
+        cfg = getattr(m, "config", None)
+        if id(cfg) not in seen and getattr(cfg, _FIELD, None) == "sdpa":
+            seen[id(cfg)] = cfg
+    return list(seen.values())
+
+
+@contextmanager
+def training_attention(model: nn.Module, *, with_backward: bool = False) -> Iterator[None]:
+    """Within the block, `model`'s ``sdpa`` attention is ``lorakit_sdpa`` (on the CPU, with gradients; elsewhere a
+    no-op). The model's config is restored afterwards, also on error. A block that holds only the forward leaves a
+    gradient-checkpointed model alone; `with_backward` says the backward runs in the block too, so that the
+    recomputed forward takes the same attention."""
+    if not torch.is_grad_enabled() or _on_accelerator(model):
+        yield
+        return
+    try:
+        configs = _sdpa_configs(model, with_backward)
+        if configs:
+            _register()
+    except ImportError:  # not a transformers model
+        configs = []
+    for cfg in configs:  # the field itself: the property's setter would also overwrite sub-configs
+        setattr(cfg, _FIELD, NAME)
+    try:
+        yield
+    finally:
+        for cfg in configs:
+            setattr(cfg, _FIELD, "sdpa")
+
+
+def _on_accelerator(model: nn.Module) -> bool:
+    p = next(model.parameters(), None)
+    return p is not None and p.device.type != "cpu"

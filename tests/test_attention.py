@@ -10,12 +10,14 @@ norm, and within 1.2× the error of the plain bf16 path.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import lorakit
-from lorakit.attention import NAME, flash_attention, training_attention, upcast_backward_wins
+from lorakit.attention import NAME, flash_attention, upcast_backward_wins
 from lorakit.device import autocast, upcast_trainable
 from lorakit.fused import causal_lm_loss
 
@@ -115,14 +117,15 @@ def _lora_grads(model, batch, dtype):
 def test_training_forward_uses_it_with_the_same_loss_and_exact_gradients(left):
     batch = _batch(left)
     model = _model(torch.bfloat16)
+    assert model.config._attn_implementation == NAME and lorakit.lean_attention(model) == 1
     loss, grads, names = _lora_grads(model, batch, torch.bfloat16)
     assert "_FlashUpcastBackwardBackward" in names
-    assert model.config._attn_implementation == "sdpa"  # restored after the forward
     with torch.no_grad(), autocast(torch.device("cpu"), torch.bfloat16):  # no gradients: transformers' sdpa
         assert torch.equal(loss, causal_lm_loss(model, batch))  # the same forward kernel: the same loss, bitwise
-    # the plain bf16 path's gradients (the model's own forward), and the float64 model's
+    # the plain bf16 path's gradients (transformers' sdpa, the model's own loss), and the float64 model's
     model.zero_grad(set_to_none=True)
-    lorakit.set_lean_loss(model, False)  # the model's own forward: transformers' sdpa
+    lorakit.set_lean_loss(model, False)
+    assert lorakit.set_lean_attention(model, False) == 0 and model.config._attn_implementation == "sdpa"
     with autocast(torch.device("cpu"), torch.bfloat16):
         plain_loss = model(**batch).loss
     assert "_FlashUpcastBackwardBackward" not in _graph_names(plain_loss)
@@ -138,56 +141,60 @@ def test_training_forward_uses_it_with_the_same_loss_and_exact_gradients(left):
     assert ours_err <= 5e-2 and ours_err <= 1.2 * plain_err, (ours_err, plain_err)
 
 
+def test_gradient_checkpointing_recomputes_the_same_attention():
+    """The switch lasts while the adapter is injected, so the forward that checkpointing recomputes in backward
+    (as TRL's SFTTrainer turns on by default) takes the same kernels: the gradients are bitwise the same."""
+    batch = _batch(True)
+    model = _model(torch.bfloat16)
+    _, plain_grads, _ = _lora_grads(model, batch, torch.bfloat16)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _, grads, names = _lora_grads(model, batch, torch.bfloat16)
+    assert "_FlashUpcastBackwardBackward" in names and grads.keys() == plain_grads.keys()
+    for n, g in grads.items():
+        assert torch.equal(g, plain_grads[n]), n
+
+
 def test_not_used_where_it_does_not_apply():
     batch = _batch(False)
     model = _model(torch.float32)
     *_, names = _lora_grads(model, batch, torch.float32)
     assert "_FlashUpcastBackwardBackward" not in names  # fp32 base
-    model = _model(torch.bfloat16)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    loss, grads, names = _lora_grads(model, batch, torch.bfloat16)  # recomputation must see the same attention
-    assert "_FlashUpcastBackwardBackward" not in names and len(grads) == 28
-    model.gradient_checkpointing_disable()
-    with torch.no_grad(), training_attention(model):
-        assert model.config._attn_implementation == "sdpa"  # no gradients: nothing to change
-    model.config._attn_implementation = "eager"
-    with training_attention(model):
-        assert model.config._attn_implementation == "eager"  # only sdpa is replaced
-    model.config._attn_implementation = "sdpa"
+    for lean in (False, None):  # opted out, or never injected (PEFT's models in `lorakit bench`)
+        model = tiny_llama(hidden=64).to(torch.bfloat16).train()
+        if lean is False:
+            lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets=SEVEN), lean=False)
+        else:
+            model.model.embed_tokens.weight.requires_grad_(True)
+        *_, names = _lora_grads(model, batch, torch.bfloat16)
+        assert "_FlashUpcastBackwardBackward" not in names and lorakit.lean_attention(model) == 0
+        assert model.config._attn_implementation == "sdpa"
+    eager = tiny_llama(hidden=64).to(torch.bfloat16)
+    eager.config._attn_implementation = "eager"
+    lorakit.inject(eager, lorakit.LoraConfig(r=4, alpha=8, targets=SEVEN))
+    assert eager.config._attn_implementation == "eager"  # only transformers' sdpa is replaced
 
 
-def test_checkpointed_training_uses_it_when_the_backward_is_in_the_block():
-    """`lorakit train` holds the block over forward and backward, so the recomputed forward matches the first."""
-    batch = _batch(True)
-    model = _model(torch.bfloat16)
-    _, plain_grads, _ = _lora_grads(model, batch, torch.bfloat16)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.zero_grad(set_to_none=True)
-    with training_attention(model, with_backward=True):
-        with autocast(torch.device("cpu"), torch.bfloat16):
-            loss = causal_lm_loss(model, batch)
-        loss.backward()
-    assert "_FlashUpcastBackwardBackward" in _graph_names(loss)
-    for n, p in model.named_parameters():
-        if p.grad is not None:
-            assert torch.equal(p.grad, plain_grads[n]), n  # recomputation repeats the same kernels exactly
-    assert model.config._attn_implementation == "sdpa"
+def test_the_library_path_uses_it_and_unload_switches_back(tmp_path):
+    """`inject` + the model's own forward with labels (the lean loss), or a loop's own call of the backbone (as
+    TRL's SFTTrainer makes): the same attention as `lorakit train`. Nothing of it is saved; `unload` and deleting
+    the last adapter switch back."""
+    import json
 
-
-def test_the_config_is_restored_on_error():
-    model = _model(torch.bfloat16)
-    with pytest.raises(RuntimeError, match="boom"), training_attention(model):
-        assert model.config._attn_implementation == NAME
-        raise RuntimeError("boom")
-    assert model.config._attn_implementation == "sdpa"
-
-
-def test_the_library_path_uses_it():
-    """`inject` + the model's own forward with labels (the lean loss): the same attention as `lorakit train`."""
     model = _model(torch.bfloat16)
     batch = _batch(True)
     with autocast(torch.device("cpu"), torch.bfloat16):
         out = model(**batch)
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
     assert "_FlashUpcastBackwardBackward" in _graph_names(out.loss)
+    assert "_FlashUpcastBackwardBackward" in _graph_names(hidden)
     out.loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    model.config.save_pretrained(tmp_path)
+    assert NAME not in (tmp_path / "config.json").read_text()
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llama"
+    twin = copy.deepcopy(model)
+    assert lorakit.lean_attention(twin) == 1
+    lorakit.unload(model)
+    assert lorakit.lean_attention(model) == 0 and model.config._attn_implementation == "sdpa"
+    lorakit.delete_adapter(twin, "default")
+    assert twin.config._attn_implementation == "sdpa"

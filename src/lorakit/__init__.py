@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from lorakit.attention import lean_attention, set_lean_attention
 from lorakit.bank import AdapterBank
 from lorakit.blocks import lean_blocks, set_lean_blocks
 from lorakit.combine import combine
@@ -117,6 +118,7 @@ __all__ = [
     "inject",
     "inject_adalora",
     "is_ladder_folder",
+    "lean_attention",
     "lean_blocks",
     "lean_loss_enabled",
     "load_adapter",
@@ -139,6 +141,7 @@ __all__ = [
     "set_fused",
     "set_lean_loss",
     "set_lean_blocks",
+    "set_lean_attention",
     "set_rank",
     "unload",
     "unmerge",

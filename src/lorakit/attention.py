@@ -5,18 +5,18 @@ it took 18 ms against 5 ms for the same backward in fp32 on the upcast tensors, 
 (`benchmarks/bench_attention.py`). From about 256 tokens on, bf16 is as fast or faster. lorakit's main job trains on
 rows of about 80 tokens, so under bf16 a third of its step went to this one kernel.
 
-`training_attention(model)` switches a Hugging Face model that uses ``sdpa`` to ``lorakit_sdpa`` for the duration of
-a training forward. That implementation runs transformers' own SDPA function, except in one case: on the CPU, in a
-16-bit dtype, with gradients, no dropout, and keys short enough (``kv_len × head_dim ≤ 8192``) that the fp32
-backward wins. There it calls the same flash kernel forward (so the output is bitwise the same) and computes the
-backward with the fp32 kernel on upcast copies of q, k, v, the output and its gradient, then rounds the gradients
-back. The backward is then more exact than the bf16 kernel's, not less. Masks and everything else are transformers'.
+`inject` switches a Hugging Face model that uses transformers' ``sdpa`` attention to ``lorakit_sdpa``
+(`set_lean_attention`, with the lean loss and blocks; `inject(..., lean=False)` leaves it out; `unload` switches
+back). That implementation is transformers' own SDPA function except in one case: on the CPU, in a 16-bit dtype,
+with gradients, no dropout, and keys short enough (``kv_len × head_dim ≤ 8192``) that the fp32 backward wins. There
+it calls the same flash kernel forward (so the output is bitwise the same) and computes the backward with the fp32
+kernel on upcast copies of q, k, v, the output and its gradient, then rounds the gradients back. The backward is
+then more exact than the bf16 kernel's, not less. Masks and everything else are transformers'. Every training loop
+gets it: lorakit's, a plain loop, `Trainer`, and TRL's `SFTTrainer` (with its default gradient checkpointing).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -138,43 +138,40 @@ def _register() -> None:
     _registered = True
 
 
-def _sdpa_configs(model: nn.Module, checkpointed: bool) -> list[Any]:
-    """The distinct configs of `model`'s modules that select transformers' ``sdpa`` attention; none under
-    gradient checkpointing unless `checkpointed` (the backward runs in the block too)."""
+def _configs(model: nn.Module, implementation: str) -> list[Any]:
+    """The distinct configs of `model`'s modules whose attention implementation is `implementation`."""
     seen: dict[int, Any] = {}
     for m in model.modules():
-        if not checkpointed and getattr(m, "gradient_checkpointing", False) is True:
-            return []  # its recomputation in backward must save what the forward saved: the same attention
         cfg = getattr(m, "config", None)
-        if id(cfg) not in seen and getattr(cfg, _FIELD, None) == "sdpa":
+        if id(cfg) not in seen and getattr(cfg, _FIELD, None) == implementation:
             seen[id(cfg)] = cfg
     return list(seen.values())
 
 
-@contextmanager
-def training_attention(model: nn.Module, *, with_backward: bool = False) -> Iterator[None]:
-    """Within the block, `model`'s ``sdpa`` attention is ``lorakit_sdpa`` (on the CPU, with gradients; elsewhere a
-    no-op). The model's config is restored afterwards, also on error. A block that holds only the forward leaves a
-    gradient-checkpointed model alone; `with_backward` says the backward runs in the block too, so that the
-    recomputed forward takes the same attention."""
-    if not torch.is_grad_enabled() or _on_accelerator(model):
-        yield
-        return
-    try:
-        configs = _sdpa_configs(model, with_backward)
-        if configs:
-            _register()
-    except ImportError:  # not a transformers model
-        configs = []
-    for cfg in configs:  # the field itself: the property's setter would also overwrite sub-configs
-        setattr(cfg, _FIELD, NAME)
-    try:
-        yield
-    finally:
-        for cfg in configs:
+def set_lean_attention(model: nn.Module, enabled: bool) -> int:
+    """Switch `model`'s transformers ``sdpa`` attention to ``lorakit_sdpa`` (True) or back (False); returns how
+    many of its configs use ``lorakit_sdpa`` afterwards.
+
+    The switch lasts while the adapter is injected, not one forward: gradient checkpointing recomputes a layer's
+    forward during backward, and that must take the attention the first forward took. ``lorakit_sdpa`` is
+    transformers' function wherever the fp32 backward does not apply, so inference, generation and other devices
+    run exactly as before. The field is the config's private ``_attn_implementation_internal``, which
+    `save_pretrained` never writes (the property's setter would also overwrite sub-configs)."""
+    if enabled:
+        try:
+            found = _configs(model, "sdpa")
+            if found:
+                _register()
+        except ImportError:  # not a transformers model
+            return 0
+        for cfg in found:
+            setattr(cfg, _FIELD, NAME)
+    else:
+        for cfg in _configs(model, NAME):
             setattr(cfg, _FIELD, "sdpa")
+    return lean_attention(model)
 
 
-def _on_accelerator(model: nn.Module) -> bool:
-    p = next(model.parameters(), None)
-    return p is not None and p.device.type != "cpu"
+def lean_attention(model: nn.Module) -> int:
+    """How many of `model`'s configs select ``lorakit_sdpa``."""
+    return len(_configs(model, NAME))

@@ -26,7 +26,6 @@ import os
 import torch
 from torch import nn
 
-from lorakit.attention import training_attention
 from lorakit.data.tokenize import IGNORE
 from lorakit.dropout import dropout_keep, dropout_scale, dropped, scratch
 
@@ -265,10 +264,9 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, fused: b
     """The causal-LM training loss of `batch` (input_ids, attention_mask, labels): the chunked head loss when the
     model allows it (a frozen, plain LM head on a Hugging Face backbone), else the model's own loss."""
     head = fusable_head(model) if fused else None
-    with training_attention(model):
-        if head is None:
-            return model(**batch).loss
-        out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    if head is None:
+        return model(**batch).loss
+    out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
     return lm_head_loss(out.last_hidden_state, head.weight, batch["labels"])
 
 

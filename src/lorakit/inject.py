@@ -12,6 +12,7 @@ import re
 
 from torch import nn
 
+from lorakit.attention import set_lean_attention
 from lorakit.blocks import set_lean_blocks
 from lorakit.config import LoraConfig
 from lorakit.control import merge as merge_active
@@ -70,8 +71,9 @@ def inject(
     `modules_to_save`; lorakit.saved); by default a classification model's head.
 
     `lean` (default True): in training, a Hugging Face causal LM's own forward with `labels` computes its loss
-    without building the logits (lorakit.lean), and Llama-family SwiGLU blocks save less for backward
-    (lorakit.blocks), in any training loop; both are exact. False leaves the model's forwards as they are, and
+    without building the logits (lorakit.lean), Llama-family SwiGLU blocks save less for backward
+    (lorakit.blocks), and bf16 attention on the CPU takes the faster fp32 backward on short rows
+    (lorakit.attention), in any training loop; all are exact to the dtype. False leaves the model's forwards as they are, and
     removes what an earlier `inject` installed.
     """
     check_new_name(model, name)
@@ -122,6 +124,7 @@ def inject(
         set_active(model, name)
     set_lean_loss(model, lean)
     set_lean_blocks(model, lean)
+    set_lean_attention(model, lean)
     log.info("injected adapter %r into %d modules", name, len(names))
     return model
 
@@ -276,6 +279,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         del model.__dict__["_lorakit"]
         set_lean_loss(model, False)
         set_lean_blocks(model, False)
+        set_lean_attention(model, False)
     else:
         set_trainable(model)
 
@@ -302,6 +306,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     del model.__dict__["_lorakit"]
     set_lean_loss(model, False)
     set_lean_blocks(model, False)
+    set_lean_attention(model, False)
     return model
 
 

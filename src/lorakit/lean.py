@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.attention import training_attention
 from lorakit.fused import fusable_head, lm_head_loss
 
 _MARK = "_lorakit_lean_forward"
@@ -133,8 +132,7 @@ def _lean(model: nn.Module, head: nn.Linear, signature: inspect.Signature, args:
     bound.pop("logits_to_keep", None)
     bound.pop("num_logits_to_keep", None)
     bound.setdefault("use_cache", False)  # a training forward keeps no cache
-    with training_attention(model):
-        out = model.base_model(**bound)
+    out = model.base_model(**bound)
     hidden = out[0]
     loss = lm_head_loss(
         hidden,

@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.attention import training_attention
 from lorakit.data.tokenize import IGNORE, Encoded
 from lorakit.device import autocast, model_device, to_device
 from lorakit.errors import LorakitError
@@ -136,14 +135,13 @@ def train_loop(
                 order = batch_order(len(train_rows), step, micro, cfg, world, rank)
                 batch = to_device(collate([train_rows[i] for i in order], pad_id), device)
                 # FSDP2: the model's own forward, so that the root module's hooks run (not the chunked head loss)
-                with training_attention(inner, with_backward=True):  # also the checkpointed recomputation
-                    with autocast(device, compute):
-                        loss = causal_lm_loss(model, batch, fused=t.fused and not sharded)
-                    extra = method.extra_loss(inner)
-                    loss = (loss if extra is None else loss + extra) / t.grad_accum
-                    if not torch.isfinite(loss):
-                        raise TrainingError(f"loss became {loss.item()} at step {step + 1}; {_ADVICE % t.lr}")
-                    loss.backward()
+                with autocast(device, compute):
+                    loss = causal_lm_loss(model, batch, fused=t.fused and not sharded)
+                extra = method.extra_loss(inner)
+                loss = (loss if extra is None else loss + extra) / t.grad_accum
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"loss became {loss.item()} at step {step + 1}; {_ADVICE % t.lr}")
+                loss.backward()
                 loss_sum += loss.item()
                 n_tok += int(batch["attention_mask"].sum())
             grad_norm = float(full_tensor(_grad_norm(params, t.max_grad_norm)))  # FSDP2: a replicated DTensor

@@ -131,6 +131,7 @@ def _lorakit(load=_load_fp32, *, fused: bool = True, groups: bool = False):
     def build(args: argparse.Namespace) -> Setup:
         import lorakit
         from lorakit.fused import causal_lm_loss, set_fused, set_groups
+        from lorakit.memory import trim_between_layers
 
         model = load(args)
         set_fused(fused)
@@ -138,6 +139,7 @@ def _lorakit(load=_load_fp32, *, fused: bool = True, groups: bool = False):
         config = lorakit.LoraConfig(r=args.r, alpha=args.r, dropout=args.dropout, targets=TARGETS)
         lorakit.inject(model, config)
         upcast_trainable(model)  # fp32 adapters on a 16-bit base, as lorakit train (and PEFT) keep them
+        trim_between_layers(model)  # as lorakit train does: on for a quantized base (lorakit.memory)
         return Setup(model, lambda ids: causal_lm_loss(model, _batch(ids), fused=fused), probe=True)
 
     return build

@@ -26,6 +26,7 @@ from lorakit.data.tokenize import IGNORE, Encoded
 from lorakit.device import autocast, model_device, to_device
 from lorakit.errors import LorakitError
 from lorakit.fused import causal_lm_loss, groups_enabled, set_fused
+from lorakit.memory import trim_between_layers
 from lorakit.siblings import probe_groups
 from lorakit.train.checkpoint import (
     full_tensor,
@@ -187,7 +188,8 @@ def _training(
     model: nn.Module, train_rows: list[Encoded], pad_id: int, t: TrainSection, sharded: bool
 ) -> Iterator[None]:
     """The model in training mode, with gradient checkpointing if asked, and the fused path as train.fused says
-    until the block ends; fused, a probe first of which projections share an input (q/k/v, gate/up)."""
+    until the block ends; fused, a probe first of which projections share an input (q/k/v, gate/up). A quantized
+    base has the heap trimmed after each decoder layer (lorakit.memory)."""
     inner = getattr(model, "module", model)
     if t.grad_checkpointing and hasattr(inner, "gradient_checkpointing_enable"):
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -195,11 +197,13 @@ def _training(
             inner.enable_input_require_grads()
     model.train()
     prev_fused = set_fused(t.fused)
+    trimming = trim_between_layers(inner)  # a quantized base: free heap back to the OS layer by layer
     try:
         if t.fused and groups_enabled() and not sharded and train_rows:
             probe_groups(inner, collate([train_rows[0]], pad_id)["input_ids"].to(model_device(inner)))
         yield
     finally:
+        trimming.remove()
         set_fused(prev_fused)
 
 

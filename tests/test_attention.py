@@ -21,7 +21,7 @@ from lorakit.attention import NAME, flash_attention, upcast_backward_wins
 from lorakit.device import autocast, upcast_trainable
 from lorakit.fused import causal_lm_loss
 
-from tiny import SEVEN, randomize, tiny_llama
+from tiny import SEVEN, graph_names, randomize, tiny_llama
 
 
 def _qkv(b=3, h=4, t=20, d=16, dtype=torch.bfloat16, seed=0):
@@ -71,18 +71,6 @@ def test_the_fp32_backward_is_chosen_only_where_it_wins():
     assert not upcast_backward_wins(long, long)  # from ~256 tokens the bf16 kernel is as fast or faster
 
 
-def _graph_names(t: torch.Tensor) -> set[str]:
-    seen, todo, names = set(), [t.grad_fn], set()
-    while todo:
-        fn = todo.pop()
-        if fn is None or fn in seen:
-            continue
-        seen.add(fn)
-        names.add(type(fn).__name__)
-        todo.extend(f for f, _ in fn.next_functions)
-    return names
-
-
 def _model(dtype):
     model = tiny_llama(hidden=64).to(dtype)  # 4 heads of 16, 2 kv heads (grouped-query attention)
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets=SEVEN))
@@ -110,7 +98,7 @@ def _lora_grads(model, batch, dtype):
         loss = causal_lm_loss(model, batch)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return loss.detach(), grads, _graph_names(loss)
+    return loss.detach(), grads, graph_names(loss)
 
 
 @pytest.mark.parametrize("left", [False, True])
@@ -128,7 +116,7 @@ def test_training_forward_uses_it_with_the_same_loss_and_exact_gradients(left):
     assert lorakit.set_lean_attention(model, False) == 0 and model.config._attn_implementation == "sdpa"
     with autocast(torch.device("cpu"), torch.bfloat16):
         plain_loss = model(**batch).loss
-    assert "_FlashUpcastBackwardBackward" not in _graph_names(plain_loss)
+    assert "_FlashUpcastBackwardBackward" not in graph_names(plain_loss)
     plain_loss.backward()
     plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     exact_model = _model(torch.float64)
@@ -185,8 +173,8 @@ def test_the_library_path_uses_it_and_unload_switches_back(tmp_path):
     with autocast(torch.device("cpu"), torch.bfloat16):
         out = model(**batch)
         hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
-    assert "_FlashUpcastBackwardBackward" in _graph_names(out.loss)
-    assert "_FlashUpcastBackwardBackward" in _graph_names(hidden)
+    assert "_FlashUpcastBackwardBackward" in graph_names(out.loss)
+    assert "_FlashUpcastBackwardBackward" in graph_names(hidden)
     out.loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
     model.config.save_pretrained(tmp_path)

@@ -205,3 +205,16 @@ def addition_run(tmp_path, *overrides: str, device: str | None = None):
     if device is not None:
         model.to(device)
     return run_training(cfg, model=model, tokenizer=char_tokenizer()), model
+
+
+def graph_names(t: torch.Tensor) -> set[str]:
+    """The class names of every autograd node behind `t` (e.g. "_SiluMulBackward")."""
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        todo.extend(f for f, _ in fn.next_functions)
+    return names

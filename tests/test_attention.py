@@ -162,6 +162,21 @@ def test_not_used_where_it_does_not_apply():
     assert eager.config._attn_implementation == "eager"  # only transformers' sdpa is replaced
 
 
+def test_where_torch_would_not_pick_the_flash_kernel_transformers_runs_as_is():
+    """Under `sdpa_kernel(MATH)` torch's choice is not the flash kernel: lorakit_sdpa hands the call, with the
+    grouped-query keys as they came, to transformers' function, which gives the plain model's loss bitwise."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    batch = _batch(False)
+    model = _model(torch.bfloat16)
+    with sdpa_kernel([SDPBackend.MATH]):
+        loss, grads, names = _lora_grads(model, batch, torch.bfloat16)
+        assert "_FlashUpcastBackwardBackward" not in names and len(grads) == 28
+        lorakit.set_lean_attention(model, False)
+        with torch.no_grad(), autocast(torch.device("cpu"), torch.bfloat16):
+            assert torch.equal(loss, causal_lm_loss(model, batch))
+
+
 def test_the_library_path_uses_it_and_unload_switches_back(tmp_path):
     """`inject` + the model's own forward with labels (the lean loss), or a loop's own call of the backbone (as
     TRL's SFTTrainer makes): the same attention as `lorakit train`. Nothing of it is saved; `unload` and deleting

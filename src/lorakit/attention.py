@@ -110,20 +110,17 @@ def lorakit_sdpa(
         and (attention_mask is None or (attention_mask.dtype == torch.bool and attention_mask.ndim == 4))
     )
     grads = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
-    if not (plain and grads and upcast_backward_wins(query, key)):
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
-        )
-    groups = getattr(module, "num_key_value_groups", 1)
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    causal = bool(q_len > 1 and attention_mask is None and causal)
-    if torch._fused_sdp_choice(query, key, value, attention_mask, 0.0, causal) != _FLASH:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
-        )
-    out = flash_attention(query, key, value, attention_mask, causal, scaling)
-    return out.transpose(1, 2).contiguous(), None
+    if plain and grads and upcast_backward_wins(query, key):
+        groups = getattr(module, "num_key_value_groups", 1)
+        k, v = _repeat_kv(key, groups), _repeat_kv(value, groups)  # the fallback below repeats its own
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        causal = bool(q_len > 1 and attention_mask is None and causal)
+        if torch._fused_sdp_choice(query, k, v, attention_mask, 0.0, causal) == _FLASH:
+            out = flash_attention(query, k, v, attention_mask, causal, scaling)
+            return out.transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+    )
 
 
 def _register() -> None:

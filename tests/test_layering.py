@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "lorakit"
 
 # no lorakit imports of their own beyond each other (and data.tokenize for the IGNORE label)
-FOUNDATION = ["errors", "checks", "atomic", "readers", "dropout", "device", "memory", "data.tokenize", "data.jsonl", "data"]
+FOUNDATION = ["errors", "checks", "atomic", "readers", "dropout", "device", "data.tokenize", "data.jsonl", "data"]
 CORE = [  # bottom up: each may import only what stands before it (and the foundation)
     "config",
     "handlers",
@@ -39,7 +39,7 @@ CORE = [  # bottom up: each may import only what stands before it (and the found
     "formats",
     "io",
 ]
-PLUGINS_AND_ABOVE = ("quant", "variants", "mixed", "bank", "train", "serve", "ui")
+PLUGINS_AND_ABOVE = ("quant", "variants", "mixed", "memory", "bank", "train", "serve", "ui")
 
 
 def _modules() -> dict[str, Path]:

@@ -17,6 +17,7 @@ gets it: lorakit's, a plain loop, `Trainer`, and TRL's `SFTTrainer` (with its de
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -26,7 +27,6 @@ NAME = "lorakit_sdpa"
 MAX_KV_TIMES_HEAD_DIM = 8192  # the fp32 backward wins below this (bench_attention.py), loses from about 2× above
 _FLASH = 1  # torch._fused_sdp_choice's code for the flash kernel (SDPBackend.FLASH_ATTENTION)
 _FIELD = "_attn_implementation_internal"  # what PretrainedConfig._attn_implementation reads
-_registered = False
 _fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
@@ -79,13 +79,6 @@ def flash_attention(
     return _FlashUpcastBackward.apply(q, k, v, mask, is_causal, scale)
 
 
-def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
-    if n == 1:
-        return x
-    b, h, t, d = x.shape
-    return x[:, :, None].expand(b, h, n, t, d).reshape(b, h * n, t, d)
-
-
 def lorakit_sdpa(
     module: nn.Module,
     query: torch.Tensor,
@@ -98,7 +91,7 @@ def lorakit_sdpa(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' ``sdpa`` attention, with the fp32 backward where `upcast_backward_wins`."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     q_len = query.shape[2]
     plain = (
@@ -112,7 +105,7 @@ def lorakit_sdpa(
     grads = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     if plain and grads and upcast_backward_wins(query, key):
         groups = getattr(module, "num_key_value_groups", 1)
-        k, v = _repeat_kv(key, groups), _repeat_kv(value, groups)  # the fallback below repeats its own
+        k, v = repeat_kv(key, groups), repeat_kv(value, groups)  # the fallback below repeats its own
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         causal = bool(q_len > 1 and attention_mask is None and causal)
         if torch._fused_sdp_choice(query, k, v, attention_mask, 0.0, causal) == _FLASH:
@@ -123,16 +116,13 @@ def lorakit_sdpa(
     )
 
 
+@functools.cache
 def _register() -> None:
-    global _registered
-    if _registered:
-        return
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(NAME, lorakit_sdpa)
     AttentionMaskInterface.register(NAME, sdpa_mask)
-    _registered = True
 
 
 def _configs(model: nn.Module, implementation: str) -> list[Any]:
@@ -155,12 +145,9 @@ def set_lean_attention(model: nn.Module, enabled: bool) -> int:
     run exactly as before. The field is the config's private ``_attn_implementation_internal``, which
     `save_pretrained` never writes (the property's setter would also overwrite sub-configs)."""
     if enabled:
-        try:
-            found = _configs(model, "sdpa")
-            if found:
-                _register()
-        except ImportError:  # not a transformers model
-            return 0
+        found = _configs(model, "sdpa")  # only transformers' configs carry the field
+        if found:
+            _register()
         for cfg in found:
             setattr(cfg, _FIELD, NAME)
     else:

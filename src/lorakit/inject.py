@@ -73,8 +73,8 @@ def inject(
     `lean` (default True): in training, a Hugging Face causal LM's own forward with `labels` computes its loss
     without building the logits (lorakit.lean), Llama-family SwiGLU blocks save less for backward
     (lorakit.blocks), and bf16 attention on the CPU takes the faster fp32 backward on short rows
-    (lorakit.attention), in any training loop; all are exact to the dtype. False leaves the model's forwards as they are, and
-    removes what an earlier `inject` installed.
+    (lorakit.attention), in any training loop; all are exact to the dtype. False leaves the model's forwards as
+    they are, and removes what an earlier `inject` installed.
     """
     check_new_name(model, name)
     cls = variant_class(config, variant)

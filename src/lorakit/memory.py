@@ -5,7 +5,7 @@ model) in every decoder layer. glibc serves them from its heap (its mmap thresho
 large free), and the freed chunks are not reused well: on a generated Llama-2-7B at batch 1x256 with gradient
 checkpointing, the heap grew by ~35 MB a layer while the memory in use grew by ~5 MB, so 1.1-1.3 GB of the step's
 peak RSS was free heap (`mallinfo2`). `malloc_trim(0)` after each decoder layer's forward (also the recomputed
-forward under checkpointing) hands those pages back: peak RSS 5.40 GB instead of 6.02 GB in the same probe.
+forward under checkpointing) hands those pages back: peak RSS 5.35 GB instead of 6.00 GB (docs/scale.md).
 
 `trim_between_layers(model)` installs that as forward hooks on the model's decoder layers (transformers'
 `GradientCheckpointingLayer`s) and returns a handle that removes them. `trim_wanted(model)` decides: the
@@ -54,7 +54,9 @@ def trim_wanted(model: nn.Module) -> bool:
         return True
     if env in ("0", "false", "no", "off"):
         return False
-    return any(type(m).__name__ in ("NF4Linear", "Linear4bit") for m in model.modules())
+    from lorakit.quant.apply import is_quantized
+
+    return is_quantized(model)
 
 
 class _Handles:

@@ -16,6 +16,7 @@ double quantization (fp32 absmax per 64 weights). The lookup tables are shared, 
 from __future__ import annotations
 
 import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +50,9 @@ NF4_CODE = (
 )
 
 _tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # NF4Linear -> its decoding plan
 
 
 def _table(kind: str, device: torch.device) -> torch.Tensor:
@@ -299,6 +303,21 @@ class NF4Linear(nn.Module):
         dynamic = _table("dynamic", self.absmax.device)
         return self.absmax, (dynamic, self.absmax_scale, NESTED_BLOCK_SIZE, float(self.absmax_offset))
 
+    def _kernel_plan(self) -> tuple[torch.Tensor, native.Nested | None, native._Scales]:
+        """kernel_scales and its ctypes struct, kept while the scale buffers stay the same tensor objects, unmodified
+        (their version counters): decoding asks for them hundreds of times a token, and `float(absmax_offset)`
+        alone is a tensor read each time. The plan holds the tensors, so none can be freed and its address
+        reused while the plan points at it. Plans live outside the module (`_PLANS`), so that copying or
+        pickling a layer never meets the ctypes struct."""
+        names = ("absmax", "absmax_scale", "absmax_offset") if self.double_quant else ("absmax",)
+        now = [self._buffers[n] for n in names]
+        plan = _PLANS.get(self)
+        if plan is None or any(a is not b or a._version != v for (a, v), b in zip(plan[0], now, strict=True)):
+            absmax, nested = self.kernel_scales()
+            plan = ([(b, b._version) for b in now], (absmax, nested, native.scales(absmax, nested)))
+            _PLANS[self] = plan
+        return plan[1]
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight (out_features, in_features) in `dtype` (default: the original weight's dtype)."""
         shape = (self.out_features, self.in_features)
@@ -310,6 +329,7 @@ class NF4Linear(nn.Module):
         """`.to(device)` moves the buffers; a dtype cast (`model.to(torch.bfloat16)`, `.half()`) changes the
         compute dtype (and the bias) but leaves the fp32 block constants as they are."""
         consts = {n: b for n, b in self._buffers.items() if b is not None and b.is_floating_point()}
+        _PLANS.pop(self, None)  # it would hold the old buffers
         super()._apply(fn, recurse)
         for n, old in consts.items():
             new = self._buffers[n]
@@ -335,7 +355,7 @@ class NF4Linear(nn.Module):
             and x.dtype in (torch.float32, torch.bfloat16)
         ):
             # decoding: a few rows multiply straight from the 4-bit codes (the weight is never written out)
-            absmax, nested = self.kernel_scales()
+            absmax, nested, sc = self._kernel_plan()
             y = native.gemv(
                 self.qweight,
                 absmax,
@@ -344,9 +364,10 @@ class NF4Linear(nn.Module):
                 self.block_size,
                 x.reshape(rows, -1),
                 nested,
+                sc,
             )
             if y is not None:
-                y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+                y = y.view(*x.shape[:-1], self.out_features)
                 return y if bias is None else y + bias
         return F.linear(x, _scratch_weight(self, x.dtype), bias)
 

@@ -180,3 +180,61 @@ def test_lorakit_gemv_fp32_turns_the_int8_route_off(tmp_path):
         assert torch.equal(outs["off"], layer(x))
     if native.vnni():
         assert not torch.equal(outs["default"], outs["off"])  # the default is the int8 route here
+
+
+def _teacher_forced(model, ids: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities of the next token at each position, fed one token at a time with the KV cache (each
+    step a one-row product: the decoding path)."""
+    out = model(input_ids=ids[:, :1], use_cache=True)
+    steps, cache = [out.logits[0, -1]], out.past_key_values
+    for i in range(1, ids.shape[1]):
+        out = model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+        steps.append(out.logits[0, -1])
+        cache = out.past_key_values
+    return torch.log_softmax(torch.stack(steps).double(), -1)
+
+
+def _kl(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Mean KL(p || q) over positions, from log-probabilities."""
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@pytest.mark.real_model
+def test_on_the_real_model_the_int8_routes_error_is_small_beside_nf4s_own(default_model_dir):
+    """The default model (SmolLM2-135M-Instruct), unquantized and loaded straight into NF4. Real chat prompts and
+    the NF4 model's own greedy replies are fed one token at a time (each step a one-row product, the decoding
+    path) through the unquantized model and through both routes. Measured (docs/scale.md): NF4 itself moves the
+    next-token distribution by a KL of 0.74-0.84 nats a position from the unquantized model's; the int8 route
+    moves it by 0.020-0.022 from the exact route's, and its KL from the unquantized model is 1.003-1.006x the
+    exact route's. Bounds: a tenth of NF4's own KL, and 1.02x; and it agrees with the unquantized model's choice
+    of next token as often as the exact route does (within 5 points). A wrong level or scale breaks all three."""
+    import lorakit
+
+    model, tok, _ = lorakit.load_quantized(default_model_dir)
+    full, _ = lorakit.load_model(default_model_dir)
+    model.eval(), full.eval()
+    runs = {"full": [], "exact": [], "int8": []}
+    for question in (
+        "What is the capital of France, and why is it famous?",
+        "How do I sort a list in Python?",
+    ):
+        messages = [{"role": "user", "content": question}]
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+        prompt = prompt if isinstance(prompt, torch.Tensor) else prompt["input_ids"]
+        with torch.no_grad(), route(int8=False):
+            reply = model.generate(prompt, max_new_tokens=40, do_sample=False)
+            runs["exact"].append(_teacher_forced(model, reply))
+            runs["full"].append(_teacher_forced(full, reply))
+        with torch.no_grad(), route(int8=True):
+            runs["int8"].append(_teacher_forced(model, reply))
+    full_lp, exact, int8 = (torch.cat(runs[k]) for k in ("full", "exact", "int8"))
+    if not native.vnni():  # no int8 route here: the setting must change nothing
+        assert torch.equal(exact, int8)
+        return
+    nf4_own, ours = _kl(full_lp, exact), _kl(exact, int8)
+    assert ours <= 0.1 * nf4_own, (ours, nf4_own)
+    assert _kl(full_lp, int8) <= 1.02 * nf4_own, (_kl(full_lp, int8), nf4_own)
+    picks = full_lp.argmax(-1)
+    agree_exact = float((exact.argmax(-1) == picks).double().mean())
+    agree_int8 = float((int8.argmax(-1) == picks).double().mean())
+    assert agree_int8 >= agree_exact - 0.05, (agree_int8, agree_exact)

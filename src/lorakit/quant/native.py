@@ -6,8 +6,8 @@ unpacked all of them. The kernels do the same arithmetic (bit for bit: the tests
 path) at memory speed, and `gemv` multiplies a few input rows straight from the 4-bit codes, never writing the
 weight out, which is what decoding needs. `gemv` has two routes: fp32 throughout, and, where the CPU has
 AVX512-VNNI (the default there), an int8 route that rounds each input block to int8 and sums integer products
-(`set_gemv_int8`, ``LORAKIT_GEMV=fp32``): it adds about 1 % to NF4's own error in a layer's output and decodes a
-4-bit 7B model about 1.3x as fast (docs/scale.md).
+(`set_gemv_int8`, ``LORAKIT_GEMV=fp32``). It adds about 1 % to NF4's own error in a layer's output, and with a
+software prefetch it took decoding on a 4-bit 7B base from 0.94x bitsandbytes' tokens/s to 1.38x (docs/scale.md).
 
 The library is compiled on first use with ``$CC`` (else ``cc``, ``gcc`` or ``clang``), ``-O3 -march=native``,
 OpenMP where the compiler has it, and no floating-point contraction, into ``<lorakit cache>/kernels/`` under a
@@ -280,6 +280,52 @@ def dq8(
     return out
 
 
+class GemvPlan:
+    """One weight's matrix-vector product with everything but the input checked and converted once: decoding
+    calls it hundreds of times a token (224 calls for a 7B model), so each microsecond of Python counts. It
+    holds the tensors it points at, so none can be freed while it lives."""
+
+    __slots__ = ("_fn", "_head", "_keep", "rows", "cols")
+
+    def __init__(self, lib: ctypes.CDLL, packed, absmax, rows: int, cols: int, block_size: int, nested):
+        sc = scales(absmax, nested)
+        self._keep = (packed, absmax, nested, sc)
+        self._fn = lib.lk_nf4_gemv
+        self._head = (packed.data_ptr(), ctypes.byref(sc), rows, cols, block_size)
+        self.rows, self.cols = rows, cols
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x (T ≤ GEMV_MAX_ROWS, cols), fp32 or bf16 on the CPU (the caller checks) -> (T, rows) in x's dtype;
+        None where the kernels are now off or could not allocate."""
+        if not _ENABLED:
+            return None
+        x = x.contiguous()
+        t = x.shape[0]
+        y = torch.empty(t, self.rows, dtype=x.dtype)
+        bf16 = x.dtype == torch.bfloat16
+        if not self._fn(
+            *self._head, x.data_ptr(), t, y.data_ptr(), bf16, torch.get_num_threads(), _GEMV_INT8
+        ):
+            return None
+        return y
+
+
+def gemv_plan(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    rows: int,
+    cols: int,
+    block_size: int,
+    nested: Nested | None = None,
+) -> GemvPlan | None:
+    """The plan of x · dequant(W)ᵀ for a weight of `rows` x `cols`; None where the kernels cannot do it (then
+    dequantize and multiply). `absmax` and `nested` as for `dequant_into`."""
+    if block_size % 2 or cols % block_size or not _scales_ok(absmax, nested):
+        return None
+    lib = _usable(packed, absmax, *(nested[:2] if nested else ()))
+    return None if lib is None else GemvPlan(lib, packed, absmax, rows, cols, block_size, nested)
+
+
 def gemv(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -288,40 +334,11 @@ def gemv(
     block_size: int,
     x: torch.Tensor,
     nested: Nested | None = None,
-    sc: _Scales | None = None,
 ) -> torch.Tensor | None:
     """x (T, cols) · dequant(W)ᵀ (T ≤ GEMV_MAX_ROWS) in x's dtype (fp32 or bf16; sums in fp32), straight from
     the codes; None where the kernels cannot do it (then dequantize and multiply). `absmax` and `nested` as for
-    `dequant_into`; `sc`, their `scales` struct where the caller keeps one (decoding calls this hundreds of
-    times a token, so every microsecond of Python here counts)."""
-    t = x.shape[0]
-    if (
-        t > GEMV_MAX_ROWS
-        or x.dtype not in (torch.float32, torch.bfloat16)
-        or block_size % 2
-        or cols % block_size
-        or x.device.type != "cpu"
-        or not _scales_ok(absmax, nested)
-    ):
+    `dequant_into`. A caller that multiplies by the same weight again keeps its `gemv_plan`."""
+    if x.shape[0] > GEMV_MAX_ROWS or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
         return None
-    x = x.contiguous()
-    lib = _usable(packed, absmax, *(nested[:2] if nested else ()))
-    if lib is None:
-        return None
-    y = torch.empty(t, rows, dtype=x.dtype)
-    if sc is None:
-        sc = scales(absmax, nested)
-    done = lib.lk_nf4_gemv(
-        packed.data_ptr(),
-        ctypes.byref(sc),
-        rows,
-        cols,
-        block_size,
-        x.data_ptr(),
-        t,
-        y.data_ptr(),
-        int(x.dtype == torch.bfloat16),
-        torch.get_num_threads(),
-        int(_GEMV_INT8),
-    )
-    return y if done else None
+    plan = gemv_plan(packed, absmax, rows, cols, block_size, nested)
+    return None if plan is None else plan(x)

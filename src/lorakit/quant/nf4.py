@@ -52,7 +52,8 @@ NF4_CODE = (
 _tables: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # NF4Linear -> its decoding plan
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # NF4Linear -> (its buffers, its GemvPlan)
+_GEMV_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _table(kind: str, device: torch.device) -> torch.Tensor:
@@ -303,20 +304,26 @@ class NF4Linear(nn.Module):
         dynamic = _table("dynamic", self.absmax.device)
         return self.absmax, (dynamic, self.absmax_scale, NESTED_BLOCK_SIZE, float(self.absmax_offset))
 
-    def _kernel_plan(self) -> tuple[torch.Tensor, native.Nested | None, native._Scales]:
-        """kernel_scales and its ctypes struct, kept while the scale buffers stay the same tensor objects, unmodified
-        (their version counters): decoding asks for them hundreds of times a token, and `float(absmax_offset)`
-        alone is a tensor read each time. The plan holds the tensors, so none can be freed and its address
-        reused while the plan points at it. Plans live outside the module (`_PLANS`), so that copying or
-        pickling a layer never meets the ctypes struct."""
-        names = ("absmax", "absmax_scale", "absmax_offset") if self.double_quant else ("absmax",)
-        now = [self._buffers[n] for n in names]
-        plan = _PLANS.get(self)
-        if plan is None or any(a is not b or a._version != v for (a, v), b in zip(plan[0], now, strict=True)):
-            absmax, nested = self.kernel_scales()
-            plan = ([(b, b._version) for b in now], (absmax, nested, native.scales(absmax, nested)))
-            _PLANS[self] = plan
-        return plan[1]
+    def _gemv_plan(self) -> native.GemvPlan | None:
+        """The native matrix-vector product of this weight, kept while the buffers stay the same tensor objects,
+        unmodified (their version counters): decoding asks for it hundreds of times a token, and
+        `float(absmax_offset)` alone is a tensor read each time. Plans live outside the module (`_PLANS`), so
+        that copying or pickling a layer never meets their ctypes struct; `_apply` drops this layer's plan."""
+        now = [b for b in self._buffers.values() if b is not None]
+        kept = _PLANS.get(self)
+        if (
+            kept is not None
+            and len(kept[0]) == len(now)
+            and all(a is b and a._version == v for (a, v), b in zip(kept[0], now, strict=True))
+        ):
+            return kept[1]
+        absmax, nested = self.kernel_scales()
+        plan = native.gemv_plan(
+            self.qweight, absmax, self.out_features, self.in_features, self.block_size, nested
+        )
+        if plan is not None:
+            _PLANS[self] = ([(b, b._version) for b in now], plan)
+        return plan
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight (out_features, in_features) in `dtype` (default: the original weight's dtype)."""
@@ -348,24 +355,14 @@ class NF4Linear(nn.Module):
         if x.requires_grad and torch.is_grad_enabled():
             y = _DequantLinear.apply(x, self)
             return y if bias is None else y + bias
-        rows = x.numel() // self.in_features
         if (
-            rows <= native.GEMV_MAX_ROWS
+            x.numel() <= native.GEMV_MAX_ROWS * self.in_features
             and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.bfloat16)
+            and x.dtype in _GEMV_DTYPES
         ):
             # decoding: a few rows multiply straight from the 4-bit codes (the weight is never written out)
-            absmax, nested, sc = self._kernel_plan()
-            y = native.gemv(
-                self.qweight,
-                absmax,
-                self.out_features,
-                self.in_features,
-                self.block_size,
-                x.reshape(rows, -1),
-                nested,
-                sc,
-            )
+            plan = self._gemv_plan()
+            y = None if plan is None else plan(x.reshape(-1, self.in_features))
             if y is not None:
                 y = y.view(*x.shape[:-1], self.out_features)
                 return y if bias is None else y + bias

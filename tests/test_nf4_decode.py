@@ -150,6 +150,28 @@ def test_each_row_of_a_batch_decodes_as_it_would_alone():
             assert torch.equal(batch[i], layer(x[i : i + 1])[0]), i
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_nan_or_an_infinity_comes_out_where_a_matmul_puts_it(bad, dtype):
+    """int8 cannot carry a NaN or an infinity, so a call whose input holds one takes the fp32 route, and the
+    output has NaN and infinities where the float64 matmul with the dequantized weight has them (an infinity
+    times a zero weight is NaN there too). The other rows still come out finite."""
+    layer, _ = _layer(64, 256)
+    x = _inputs(2, 256)
+    x[0, 10] = bad
+    x = x.to(dtype)
+    with torch.no_grad():
+        with route(int8=True):
+            got = layer(x)
+        with route(int8=False):
+            exact = layer(x)
+    want = x.double() @ layer.dequantize(torch.float64).T
+    torch.testing.assert_close(got, exact, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    assert got[0].isnan().any() or got[0].isinf().all()
+    assert got[1].isfinite().all()
+
+
 def test_lorakit_gemv_fp32_turns_the_int8_route_off(tmp_path):
     """`LORAKIT_GEMV=fp32` in the environment: the fp32 route's numbers, bit for bit."""
     code = (

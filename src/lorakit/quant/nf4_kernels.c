@@ -76,10 +76,10 @@ static inline uint16_t bf16_rne(float f) {
     return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
 }
 
-/* out[i] = v, as fp32 or (bf16 != 0) as bfloat16 rounded to nearest even. */
+/* out[i] = v, as fp32 or (bf16 != 0) as bfloat16 rounded to nearest even (a NaN as torch's quiet NaN). */
 static inline void store(void *out, int64_t i, float v, int bf16) {
     if (bf16)
-        ((uint16_t *)out)[i] = bf16_rne(v);
+        ((uint16_t *)out)[i] = v != v ? 0x7fc0 : bf16_rne(v);
     else
         ((float *)out)[i] = v;
 }
@@ -272,15 +272,22 @@ static inline __attribute__((always_inline)) void row_dot(const uint8_t *c, cons
 static const uint8_t U8LEVELS[16] = {0, 39, 60, 77, 91, 104, 115, 127, 137, 147, 158, 170, 183, 198, 219, 254};
 
 /* One input row's blocks to int8: q = round(x * 127 / absmax) (to nearest even), scale = absmax / 127² (the
- * level's 1/127 folded in), sum = the sum of the block's q times 127. */
-static void q8_row(const float *xe, const float *xo, int64_t per_row, int8_t *qe, int8_t *qo, float *scale,
-                   float *sum127) {
-    const __m512 sign = _mm512_set1_ps(-0.0f);
+ * level's 1/127 folded in), sum = the sum of the block's q times 127. Returns 0 where the row holds a NaN or an
+ * infinity, which int8 cannot carry (the caller takes the fp32 route, which passes them on as a matmul would). */
+static int q8_row(const float *xe, const float *xo, int64_t per_row, int8_t *qe, int8_t *qo, float *scale,
+                  float *sum127) {
+    const __m512 sign = _mm512_set1_ps(-0.0f), big = _mm512_set1_ps(3.4028234663852886e38f);
     for (int64_t b = 0; b < per_row; b++) {
         const float *e = xe + b * 32, *o = xo + b * 32;
         __m512 v[4] = {_mm512_loadu_ps(e), _mm512_loadu_ps(e + 16), _mm512_loadu_ps(o), _mm512_loadu_ps(o + 16)};
-        __m512 m = _mm512_andnot_ps(sign, v[0]);
-        for (int i = 1; i < 4; i++) m = _mm512_max_ps(m, _mm512_andnot_ps(sign, v[i]));
+        __mmask16 bad = 0;
+        __m512 m = _mm512_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            const __m512 a = _mm512_andnot_ps(sign, v[i]);
+            bad |= _mm512_cmp_ps_mask(a, big, _CMP_NLE_UQ); /* NaN (unordered) or above the largest float */
+            m = _mm512_max_ps(m, a);
+        }
+        if (bad) return 0;
         const float amax = _mm512_reduce_max_ps(m);
         const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
         __m512i total = _mm512_setzero_si512();
@@ -293,6 +300,7 @@ static void q8_row(const float *xe, const float *xo, int64_t per_row, int8_t *qe
         scale[b] = amax / (127.0f * 127.0f);
         sum127[b] = 127.0f * (float)_mm512_reduce_add_epi32(total);
     }
+    return 1;
 }
 
 /* One row's product for T inputs: 64 code bytes (two blocks) a step; lanes 0-7 of the int32 sums belong to the
@@ -338,8 +346,8 @@ static inline __attribute__((always_inline)) void row_dot_q8(const uint8_t *c, c
     for (int t = 0; t < T; t++) total[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[t], acc1[t]));
 }
 
-/* The int8 route of lk_nf4_gemv (block size 64); returns 0 where it could not allocate (the caller then takes
- * the fp32 route). */
+/* The int8 route of lk_nf4_gemv (block size 64); returns 0 where it could not allocate or an input is not finite
+ * (the caller then takes the fp32 route). */
 static int gemv_q8(const uint8_t *codes, const Scales *sc, int64_t rows, int64_t cols, const float *xe,
                    const float *xo, int64_t T, void *y, int bf16, int threads) {
     const int64_t half = cols / 2, per_row = cols / 64;
@@ -353,8 +361,12 @@ static int gemv_q8(const uint8_t *codes, const Scales *sc, int64_t rows, int64_t
     int8_t *qe = q, *qo = q + T * half;
     float *xs = f, *xk = f + T * per_row;
     for (int64_t t = 0; t < T; t++)
-        q8_row(xe + t * half, xo + t * half, per_row, qe + t * half, qo + t * half, xs + t * per_row,
-               xk + t * per_row);
+        if (!q8_row(xe + t * half, xo + t * half, per_row, qe + t * half, qo + t * half, xs + t * per_row,
+                    xk + t * per_row)) {
+            free(q);
+            free(f);
+            return 0;
+        }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         float srow[per_row], comb[8 * per_row], total[8] = {0}, corr[8] = {0};

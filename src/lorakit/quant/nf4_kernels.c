@@ -218,6 +218,20 @@ void lk_dq8(const uint8_t *codes, int64_t n, const float *dynamic, const float *
     }
 }
 
+/* Runs CALL with T_ a compile-time constant equal to T (1..8), so that the row functions, inlined, unroll their
+ * loops over the inputs and keep the accumulators in registers. */
+#define WITH_CONSTANT_T(T, CALL)                                                                                  \
+    switch (T) {                                                                                                   \
+    case 1: { enum { T_ = 1 }; CALL; } break;                                                                      \
+    case 2: { enum { T_ = 2 }; CALL; } break;                                                                      \
+    case 3: { enum { T_ = 3 }; CALL; } break;                                                                      \
+    case 4: { enum { T_ = 4 }; CALL; } break;                                                                      \
+    case 5: { enum { T_ = 5 }; CALL; } break;                                                                      \
+    case 6: { enum { T_ = 6 }; CALL; } break;                                                                      \
+    case 7: { enum { T_ = 7 }; CALL; } break;                                                                      \
+    default: { enum { T_ = 8 }; CALL; } break;                                                                     \
+    }
+
 #if LK_AVX512
 /* How far ahead of the product (in code bytes) the codes are prefetched. A 7B model's 3.3 GB of codes stream
  * from memory once per decoded token, and the hardware prefetcher alone kept two cores at about 11 GB/s; 4 kB
@@ -383,16 +397,7 @@ static int gemv_q8(const uint8_t *codes, const Scales *sc, int64_t rows, int64_t
             corr[t] = _mm512_reduce_add_ps(cs);
         }
         const uint8_t *c = codes + r * half;
-        switch (T) { /* a constant T for each call, so row_dot_q8's loops unroll */
-        case 1: row_dot_q8(c, comb, per_row, half, qe, qo, 1, total); break;
-        case 2: row_dot_q8(c, comb, per_row, half, qe, qo, 2, total); break;
-        case 3: row_dot_q8(c, comb, per_row, half, qe, qo, 3, total); break;
-        case 4: row_dot_q8(c, comb, per_row, half, qe, qo, 4, total); break;
-        case 5: row_dot_q8(c, comb, per_row, half, qe, qo, 5, total); break;
-        case 6: row_dot_q8(c, comb, per_row, half, qe, qo, 6, total); break;
-        case 7: row_dot_q8(c, comb, per_row, half, qe, qo, 7, total); break;
-        default: row_dot_q8(c, comb, per_row, half, qe, qo, 8, total); break;
-        }
+        WITH_CONSTANT_T(T, row_dot_q8(c, comb, per_row, half, qe, qo, T_, total));
         for (int64_t t = 0; t < T; t++) store(y, t * rows + r, total[t] - corr[t], bf16);
     }
     free(q);
@@ -414,16 +419,7 @@ static void gemv_fp32(const uint8_t *codes, const Scales *sc, int64_t rows, int6
         int64_t j = 0;
 #if LK_AVX512
         if (bs == 64) {
-            switch (T) { /* a constant T for each call, so row_dot's loops unroll */
-            case 1: row_dot(c, srow, per_row, half, xe, xo, 1, total); break;
-            case 2: row_dot(c, srow, per_row, half, xe, xo, 2, total); break;
-            case 3: row_dot(c, srow, per_row, half, xe, xo, 3, total); break;
-            case 4: row_dot(c, srow, per_row, half, xe, xo, 4, total); break;
-            case 5: row_dot(c, srow, per_row, half, xe, xo, 5, total); break;
-            case 6: row_dot(c, srow, per_row, half, xe, xo, 6, total); break;
-            case 7: row_dot(c, srow, per_row, half, xe, xo, 7, total); break;
-            default: row_dot(c, srow, per_row, half, xe, xo, 8, total); break;
-            }
+            WITH_CONSTANT_T(T, row_dot(c, srow, per_row, half, xe, xo, T_, total));
             j = half;
         }
 #endif

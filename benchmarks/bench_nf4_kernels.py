@@ -33,7 +33,8 @@ def main() -> None:
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}, 2 threads, kernels' AVX-512 path: {native.simd()}"
     )
     print(
-        "| layer | dtype | dequantize: kernels / torch ops / bnb, ms | 1 token: kernels / bnb matmul_4bit, ms |"
+        "| layer | dtype | dequantize: kernels / torch ops / bnb, ms "
+        "| 1 token: kernels' int8 route / fp32 route / bnb matmul_4bit, ms |"
     )
     print("|---|---|---|---|")
     for out_f, in_f in ((8192, 2048), (11008, 4096)):
@@ -48,11 +49,14 @@ def main() -> None:
             theirs = best(lambda q=q, state=state: bf.dequantize_4bit(q, state))
             x = torch.randn(1, in_f).to(dtype)
             with torch.no_grad():
-                tok = best(lambda x=x, layer=layer: layer(x))
+                tok = best(lambda x=x, layer=layer: layer(x))  # the int8 route where the CPU has VNNI
+                old = native.set_gemv_int8(False)
+                tok_fp32 = best(lambda x=x, layer=layer: layer(x))
+                native.set_gemv_int8(old)
                 tok_bnb = best(lambda x=x, q=q, state=state: bnb.matmul_4bit(x, q.t(), quant_state=state))
             name = str(dtype).removeprefix("torch.")
             print(
-                f"| {out_f}×{in_f} | {name} | {ours:.1f} / {torch_ops:.1f} / {theirs:.1f} | {tok:.2f} / {tok_bnb:.2f} |"
+                f"| {out_f}×{in_f} | {name} | {ours:.1f} / {torch_ops:.1f} / {theirs:.1f} | {tok:.2f} / {tok_fp32:.2f} / {tok_bnb:.2f} |"
             )
 
 

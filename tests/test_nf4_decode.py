@@ -1,4 +1,4 @@
-"""Decoding on a 4-bit base (lorakit.quant.native.gemv): a few rows under no_grad multiply straight from the NF4
+"""Decoding on a 4-bit base (lorakit.quant.native.gemv_plan): a few rows under no_grad multiply straight from the NF4
 codes, and the weight is never written out.
 
 Two routes. The fp32 route is exact up to the order of its sums. The int8 route (the default where the CPU has

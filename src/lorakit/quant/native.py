@@ -3,8 +3,8 @@
 Dequantizing NF4 with torch ops costs a gather from a 256-entry table per byte; on 2 CPU cores that ran at
 about 0.3 G weights/s, so a 7B model spent seconds a step just unpacking weights, and every decoded token
 unpacked all of them. The kernels do the same arithmetic (bit for bit: the tests compare them with the torch
-path) at memory speed, and `gemv` multiplies a few input rows straight from the 4-bit codes, never writing the
-weight out, which is what decoding needs. `gemv` has two routes: fp32 throughout, and, where the CPU has
+path) at memory speed, and a `gemv_plan` multiplies a few input rows straight from the 4-bit codes, never
+writing the weight out, which is what decoding needs. It has two routes: fp32 throughout, and, where the CPU has
 AVX512-VNNI (the default there), an int8 route that rounds each input block to int8 and sums integer products
 (`set_gemv_int8`, ``LORAKIT_GEMV=fp32``). It adds about 1 % to NF4's own error in a layer's output, and with a
 software prefetch it took decoding on a 4-bit 7B base from 0.94x bitsandbytes' tokens/s to 1.38x (docs/scale.md).
@@ -285,14 +285,14 @@ class GemvPlan:
     calls it hundreds of times a token (224 calls for a 7B model), so each microsecond of Python counts. It
     holds the tensors it points at, so none can be freed while it lives."""
 
-    __slots__ = ("_fn", "_head", "_keep", "rows", "cols")
+    __slots__ = ("_fn", "_head", "_keep", "rows")
 
     def __init__(self, lib: ctypes.CDLL, packed, absmax, rows: int, cols: int, block_size: int, nested):
         sc = scales(absmax, nested)
         self._keep = (packed, absmax, nested, sc)
         self._fn = lib.lk_nf4_gemv
         self._head = (packed.data_ptr(), ctypes.byref(sc), rows, cols, block_size)
-        self.rows, self.cols = rows, cols
+        self.rows = rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
         """x (T ≤ GEMV_MAX_ROWS, cols), fp32 or bf16 on the CPU (the caller checks) -> (T, rows) in x's dtype;
@@ -324,21 +324,3 @@ def gemv_plan(
         return None
     lib = _usable(packed, absmax, *(nested[:2] if nested else ()))
     return None if lib is None else GemvPlan(lib, packed, absmax, rows, cols, block_size, nested)
-
-
-def gemv(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    rows: int,
-    cols: int,
-    block_size: int,
-    x: torch.Tensor,
-    nested: Nested | None = None,
-) -> torch.Tensor | None:
-    """x (T, cols) · dequant(W)ᵀ (T ≤ GEMV_MAX_ROWS) in x's dtype (fp32 or bf16; sums in fp32), straight from
-    the codes; None where the kernels cannot do it (then dequantize and multiply). `absmax` and `nested` as for
-    `dequant_into`. A caller that multiplies by the same weight again keeps its `gemv_plan`."""
-    if x.shape[0] > GEMV_MAX_ROWS or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu":
-        return None
-    plan = gemv_plan(packed, absmax, rows, cols, block_size, nested)
-    return None if plan is None else plan(x)

@@ -1,28 +1,52 @@
-"""Exact rewrites of a frozen base's blocks, for training: the Llama family's SwiGLU MLP.
+"""Exact rewrites of a frozen base's blocks, for training: the Llama family's SwiGLU MLP, RMSNorm and RoPE.
 
 The bound of a LoRA step is the base model's own forward and backward, and part of it is not matmuls: autograd
-runs and saves what each elementwise op needs. In a SwiGLU MLP, ``down(silu(gate(x)) * up(x))``, it keeps gate's
-output for SiLU's backward, SiLU's output and up's output for the product's: three N×I tensors per layer (I, the
-MLP width, is 2.7× the model width on SmolLM2), and it allocates SiLU's output and the product separately. The
-rewrite computes the product in one autograd node (`silu_mul`) that keeps only gate's and up's outputs and
-recomputes SiLU in backward; SiLU's derivative is PyTorch's own ``silu_backward`` kernel, as in autograd.
+runs each elementwise op as its own pass over memory, allocates its output, and saves what its backward needs.
+Three rewrites do the same math in fewer passes, each as one autograd node:
 
-It applies to modules whose class is one of `SWIGLU_CLASSES` (their forward is exactly that expression) with a
-SiLU activation, only when gradients are being recorded; inference runs the module's own forward. `inject`
-installs it with the lean loss (`inject(..., lean=False)` leaves the blocks alone too); `set_lean_blocks`
-switches it.
+* ``swiglu``: ``down(silu(gate(x)) * up(x))``. Autograd keeps gate's output for SiLU's backward, SiLU's output
+  and up's output for the product's: three N×I tensors per layer (I, the MLP width, is 2.7× the model width on
+  SmolLM2). `silu_mul` keeps only gate's and up's outputs and recomputes SiLU in backward; SiLU's derivative is
+  PyTorch's own ``silu_backward`` kernel, as in autograd.
+* ``rmsnorm``: ``w · (x / rms(x))``. Autograd runs it as six ops forward and about ten backward (pow, mean,
+  rsqrt, two products, their gradients, and the sum of the two paths into ∂x). `rms_norm` computes the forward
+  in three passes and ∂x = r·(g·w) − x·r³·mean(g·w·x) in four, saving x and the N×1 reciprocal r only; the
+  bf16 case keeps x in bf16 instead of autograd's float32 copy.
+* ``rope``: ``q·cos + rotate_half(q)·sin`` for q and k. Autograd allocates the rotated copy (two slices, a
+  negation, a cat), two products and a sum, and the same again backward. `rope` writes ``q·cos`` and adds the
+  two rotated halves into it in place; backward is the transposed rotation, the same way. It saves cos and sin
+  only. It lives in a training forward of the attention module (`ATTENTION_CLASSES`: the same code as
+  transformers', with `rope` in place of ``apply_rotary_pos_emb``).
 
-RMSNorm and RoPE were measured as candidates too (docs/performance.md): see there for what earned its place.
+Each applies to modules whose class is listed here (their forward is exactly that expression), with frozen
+weights, and only while gradients are being recorded; inference and generation run the module's own forward.
+`inject` installs them with the lean loss (`inject(..., lean=False)` leaves the blocks alone too);
+`set_lean_blocks` switches them, all or by kind. What each saves is measured in `benchmarks/bench_blocks.py`
+and docs/performance.md.
 """
 
 from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 SWIGLU_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "SmolLM3MLP", "Olmo2MLP"})
-_MARK = "_lorakit_lean_block"
+RMSNORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+# attention classes whose forward is Llama's; the value says where their sliding window comes from
+ATTENTION_CLASSES = {"LlamaAttention": None, "MistralAttention": "config", "Qwen2Attention": "module"}
+KINDS = ("swiglu", "rmsnorm", "rope")
+_HALF_OR_SINGLE = (torch.float32, torch.bfloat16, torch.float16)
+_MARK = "_lorakit_lean_block"  # on a rewritten forward: its kind
+_KIND = "_lorakit_block"  # on a rewritten module: its kind (kept while something else removes the forward)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SwiGLU
+# --------------------------------------------------------------------------------------------------------------
 
 
 class _SiluMul(torch.autograd.Function):
@@ -50,16 +74,13 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _SiluMul.apply(gate, up)
 
 
-def _swiglu_forward(module: nn.Module, cls_forward):
-    """The rewrite, bound to `module` (a bound method: `copy.deepcopy` of the model rebinds it to the copy)."""
-
+def _swiglu_forward(cls_forward):
     def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return cls_forward(self, x)
         return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
-    setattr(forward, _MARK, True)
-    return forward.__get__(module, type(module))
+    return forward
 
 
 def _is_swiglu(module: nn.Module) -> bool:
@@ -71,25 +92,251 @@ def _is_swiglu(module: nn.Module) -> bool:
     )
 
 
-def set_lean_blocks(model: nn.Module, enabled: bool) -> int:
-    """Install (True) or remove (False) the training rewrites of `model`'s blocks; returns how many blocks carry
-    one afterwards."""
-    count = 0
-    for module in model.modules():
-        current = module.__dict__.get("forward")
-        ours = getattr(current, _MARK, False)
-        if not enabled:
-            if ours:
-                del module.__dict__["forward"]
-            continue
-        if ours:
-            count += 1
-        elif current is None and _is_swiglu(module):
-            module.forward = _swiglu_forward(module, type(module).forward)
-            count += 1
+# --------------------------------------------------------------------------------------------------------------
+# RMSNorm
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.to(_acc(x))  # x itself when it is float32, as in transformers' forward
+        r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))
+        ctx.save_for_backward(x, weight, r)
+        return (xf * r).to(x.dtype).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, r = ctx.saved_tensors
+        acc = _acc(x)
+        gw = (grad * weight).to(acc)  # as transformers' graph: the product in the input dtype, then float32
+        xf = x.to(acc)
+        coef = torch.linalg.vecdot(gw, xf).unsqueeze(-1).mul_(r.pow(3)).div_(-x.shape[-1])
+        return gw.mul_(r).addcmul_(xf, coef).to(x.dtype), None, None
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    """float32, or float64 for a float64 input (transformers would round it to float32; gradcheck needs float64)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama RMSNorm, ``weight · (x·rsqrt(mean(x²) + eps))`` (computed in float32, cast back to x's
+    dtype before the weight), in one autograd node that saves x and the N×1 reciprocal only. The weight is frozen:
+    it gets no gradient."""
+    return _RMSNorm.apply(x, weight, float(eps))
+
+
+def _rmsnorm_forward(cls_forward):
+    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        # float64 too keeps the module's own forward: transformers rounds it to float32, the function would not
+        if (
+            not torch.is_grad_enabled()
+            or w.requires_grad
+            or w.dtype != x.dtype
+            or x.dtype not in _HALF_OR_SINGLE
+        ):
+            return cls_forward(self, x)
+        return rms_norm(x, w, self.variance_epsilon)
+
+    return forward
+
+
+def _is_rmsnorm(module: nn.Module) -> bool:
+    return type(module).__name__ in RMSNORM_CLASSES and hasattr(module, "variance_epsilon")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# RoPE
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _rotate_into(
+    out: torch.Tensor, x: torch.Tensor, sin: torch.Tensor, transpose: bool = False
+) -> torch.Tensor:
+    """``out += rotate_half(x)·sin`` (rotate_half(x) = (−x₂, x₁)), or with `transpose` the transposed map,
+    ``out += (x₂·sin₂, −x₁·sin₁)``, in place on the two halves."""
+    h = x.shape[-1] // 2
+    if not transpose:
+        out[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1)
+        out[..., h:].addcmul_(x[..., :h], sin[..., h:])
+    else:
+        out[..., :h].addcmul_(x[..., h:], sin[..., h:])
+        out[..., h:].addcmul_(x[..., :h], sin[..., :h], value=-1)
+    return out
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        ctx.save_for_backward(cos, sin)
+        return _rotate_into(q * cos, q, sin), _rotate_into(k * cos, k, sin)
+
+    @staticmethod
+    def backward(ctx, grad_q: torch.Tensor, grad_k: torch.Tensor):
+        cos, sin = ctx.saved_tensors  # the map is linear: its gradient is the transposed map
+        gq = None if grad_q is None else _rotate_into(grad_q * cos, grad_q, sin, transpose=True)
+        gk = None if grad_k is None else _rotate_into(grad_k * cos, grad_k, sin, transpose=True)
+        return gq, gk, None, None
+
+
+def rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``apply_rotary_pos_emb(q, k, cos, sin)`` in one autograd node that saves cos and sin only
+    (they take no gradient)."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    if not (q.dtype == k.dtype == cos.dtype == sin.dtype) or q.shape[-1] % 2:
+        return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
+    return _Rope.apply(q, k, cos, sin)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def _attention_forward(cls_forward, window_from):
+    """Training forward of a Llama-style attention module: transformers' code, with `rope`."""
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if not torch.is_grad_enabled() or args or cache is not None or position_embeddings is None:
+            return cls_forward(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        kwargs.pop("cache", None)
+        kwargs.pop("past_key_values", None)
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = rope(query, key, cos, sin)
+        eager = sys.modules[type(self).__module__].eager_attention_forward
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
+        if window_from == "config":
+            kwargs["sliding_window"] = getattr(self.config, "sliding_window", None)
+        elif window_from == "module":
+            kwargs["sliding_window"] = self.sliding_window
+        out, weights = interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        out = out.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(out), weights
+
+    return forward
+
+
+def _is_attention(module: nn.Module) -> bool:
+    name = type(module).__name__
+    if name not in ATTENTION_CLASSES:
+        return False
+    needed = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "config", "attention_dropout")
+    if ATTENTION_CLASSES[name] == "module":
+        needed += ("sliding_window",)
+    owner = sys.modules.get(type(module).__module__)
+    return all(hasattr(module, n) for n in needed) and hasattr(owner, "eager_attention_forward")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Installing them
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _rewrite(module: nn.Module):
+    """(kind, the rewritten forward's factory) for a module that has a rewrite, else None."""
+    if _is_swiglu(module):
+        return "swiglu", _swiglu_forward
+    if _is_rmsnorm(module):
+        return "rmsnorm", _rmsnorm_forward
+    if _is_attention(module):
+        window_from = ATTENTION_CLASSES[type(module).__name__]
+        return "rope", lambda cls_forward: _attention_forward(cls_forward, window_from)
+    return None
+
+
+def _kinds(enabled: bool | Iterable[str]) -> frozenset[str]:
+    if isinstance(enabled, bool):
+        return frozenset(KINDS) if enabled else frozenset()
+    kinds = frozenset(enabled)
+    unknown = kinds - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown block rewrite {sorted(unknown)[0]!r}; known: {', '.join(KINDS)}")
+    return kinds
+
+
+def _install(module: nn.Module, kind: str) -> bool:
+    rewrite = _rewrite(module)
+    if rewrite is None or rewrite[0] != kind:
+        return False
+    forward = rewrite[1](type(module).forward)
+    setattr(forward, _MARK, kind)
+    # bound to the module: `copy.deepcopy` of the model rebinds it to the copy
+    module.forward = forward.__get__(module, type(module))
+    module.__dict__[_KIND] = kind
+    return True
+
+
+def _restore_children(parent: nn.Module, args) -> None:
+    """Forward pre-hook on the parent of a rewritten block: put the rewrite back if something took it away.
+
+    transformers (5.x, with the `kernels` package it depends on) re-"kernelizes" a model on every switch between
+    train and eval mode, and where no hub kernel is mapped for a decorated class (RMSNorm, on the CPU or offline)
+    it restores the class forward by deleting the instance's. A block whose instance forward is missing is given
+    ours back before its parent runs it; a block that has another forward (a hub kernel) is left alone."""
+    for child in parent.children():
+        kind = child.__dict__.get(_KIND)
+        if kind is not None and "forward" not in child.__dict__:
+            _install(child, kind)
+
+
+def _sync(module: nn.Module, kinds: frozenset[str]) -> bool:
+    """Install or remove `module`'s rewrite as `kinds` says; return whether it carries one afterwards."""
+    current = module.__dict__.get("forward")
+    if current is not None and not getattr(current, _MARK, None):  # someone else's forward (a hub kernel)
+        module.__dict__.pop(_KIND, None)
+        return False
+    ours = module.__dict__.get(_KIND)
+    if ours and ours in kinds:
+        return current is not None or _install(module, ours)
+    if ours:  # a kind no longer wanted
+        module.__dict__.pop("forward", None)
+        module.__dict__.pop(_KIND, None)
+        return False
+    rewrite = _rewrite(module)
+    return rewrite is not None and rewrite[0] in kinds and _install(module, rewrite[0])
+
+
+def set_lean_blocks(model: nn.Module, enabled: bool | Iterable[str]) -> int:
+    """Install the training rewrites of `model`'s blocks: all (True), none (False), or the kinds named (a subset
+    of `KINDS`: "swiglu", "rmsnorm", "rope"); the others are removed. Returns how many blocks carry one
+    afterwards."""
+    kinds = _kinds(enabled)
+    count = int(_sync(model, kinds))
+    for parent in model.modules():
+        carried = [_sync(child, kinds) for child in parent.children()]
+        count += sum(carried)
+        hooks = parent._forward_pre_hooks
+        ours = [key for key, hook in hooks.items() if hook is _restore_children]
+        if any(carried) and not ours:
+            parent.register_forward_pre_hook(_restore_children)
+        elif not any(carried):
+            for key in ours:
+                del hooks[key]
     return count
 
 
-def lean_blocks(model: nn.Module) -> int:
-    """How many of `model`'s blocks run a training rewrite."""
-    return sum(getattr(m.__dict__.get("forward"), _MARK, False) for m in model.modules())
+def lean_blocks(model: nn.Module, kind: str | None = None) -> int:
+    """How many of `model`'s blocks run a training rewrite (of `kind` only, if given)."""
+    marks = (m.__dict__.get(_KIND) for m in model.modules())
+    return sum(1 for mark in marks if mark and (kind is None or mark == kind))

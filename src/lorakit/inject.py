@@ -71,8 +71,8 @@ def inject(
     `modules_to_save`; lorakit.saved); by default a classification model's head.
 
     `lean` (default True): in training, a Hugging Face causal LM's own forward with `labels` computes its loss
-    without building the logits (lorakit.lean), Llama-family SwiGLU blocks save less for backward
-    (lorakit.blocks), and bf16 attention on the CPU takes the faster fp32 backward on short rows
+    without building the logits (lorakit.lean), Llama-family SwiGLU, RMSNorm and RoPE blocks run in fewer passes
+    and save less for backward (lorakit.blocks), and bf16 attention on the CPU takes the faster fp32 backward on short rows
     (lorakit.attention), in any training loop; all are exact to the dtype. False leaves the model's forwards as
     they are, and removes what an earlier `inject` installed.
     """

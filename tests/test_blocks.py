@@ -194,6 +194,7 @@ def test_kinds_can_be_chosen_and_generation_is_untouched():
     model = tiny_llama()
     assert set_lean_blocks(model, ["rmsnorm"]) == 5 and lean_blocks(model, "swiglu") == 0
     assert set_lean_blocks(model, {"rope", "swiglu"}) == 4 and lean_blocks(model, "rmsnorm") == 0
+    assert set_lean_blocks(model, "rope") == 2 and set_lean_blocks(model, {"rope", "swiglu"}) == 4  # one kind
     with pytest.raises(ValueError, match="unknown block rewrite 'gelu'"):
         set_lean_blocks(model, ["gelu"])
     assert lean_blocks(model) == 4  # a bad call changes nothing

@@ -265,10 +265,10 @@ def _rewrite(module: nn.Module):
     return None
 
 
-def _kinds(enabled: bool | Iterable[str]) -> frozenset[str]:
+def _kinds(enabled: bool | str | Iterable[str]) -> frozenset[str]:
     if isinstance(enabled, bool):
         return frozenset(KINDS) if enabled else frozenset()
-    kinds = frozenset(enabled)
+    kinds = frozenset([enabled] if isinstance(enabled, str) else enabled)
     unknown = kinds - set(KINDS)
     if unknown:
         raise ValueError(f"unknown block rewrite {sorted(unknown)[0]!r}; known: {', '.join(KINDS)}")
@@ -317,10 +317,10 @@ def _sync(module: nn.Module, kinds: frozenset[str]) -> bool:
     return rewrite is not None and rewrite[0] in kinds and _install(module, rewrite[0])
 
 
-def set_lean_blocks(model: nn.Module, enabled: bool | Iterable[str]) -> int:
-    """Install the training rewrites of `model`'s blocks: all (True), none (False), or the kinds named (a subset
-    of `KINDS`: "swiglu", "rmsnorm", "rope"); the others are removed. Returns how many blocks carry one
-    afterwards."""
+def set_lean_blocks(model: nn.Module, enabled: bool | str | Iterable[str]) -> int:
+    """Install the training rewrites of `model`'s blocks: all (True), none (False), or the kinds named (one, or a
+    collection of `KINDS`: "swiglu", "rmsnorm", "rope"); the others are removed. An unknown kind raises ValueError
+    before anything changes. Returns how many blocks carry one afterwards."""
     kinds = _kinds(enabled)
     count = int(_sync(model, kinds))
     for parent in model.modules():

@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager, nullcontext, suppress
 
 import torch
 
+from lorakit.envflags import env_flag
 from lorakit.errors import ConfigError
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
@@ -101,9 +102,9 @@ def cpu_bf16_native(*, refresh: bool = False) -> bool:
     PROBE_MIN_SPEEDUP times faster. `LORAKIT_CPU_BF16=1/0` decides instead. The verdict is cached in
     ``$LORAKIT_CACHE/cpu_bf16.json`` (default ``~/.cache/lorakit``), keyed by CPU model, flags, torch version
     and thread count; `refresh` probes again."""
-    forced = os.environ.get("LORAKIT_CPU_BF16", "").strip().lower()
-    if forced in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        return forced in ("1", "true", "yes", "on")
+    forced = env_flag("LORAKIT_CPU_BF16")
+    if forced is not None:
+        return forced
     flags = cpu_flags()
     if not flags & set(BF16_FLAGS):
         return False

@@ -21,19 +21,18 @@ Both have a plain-autograd fallback: `set_fused(False)` (or LORAKIT_FUSED=0) swi
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from lorakit.data.tokenize import IGNORE
 from lorakit.dropout import dropout_keep, dropout_scale, dropped, scratch
+from lorakit.envflags import env_flag
 
-_FUSED = os.environ.get("LORAKIT_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
+_FUSED = env_flag("LORAKIT_FUSED", True)
 
 
 # Off by default: measured no gain on SmolLM2 at r=16 (lorakit / lorakit-ungrouped 1.015× [0.868–1.077]).
-_GROUPS = os.environ.get("LORAKIT_GROUPS", "0").strip().lower() in ("1", "true", "yes", "on")
+_GROUPS = env_flag("LORAKIT_GROUPS", False)
 
 
 def set_groups(enabled: bool) -> bool:
@@ -228,7 +227,9 @@ def lm_head_loss(
     if keep.numel() == 0:
         return (hidden.sum() * 0.0).float()  # no token to learn: a zero loss still connected to the graph
     h, y = h.index_select(0, keep), y.index_select(0, keep)
-    if h.dtype != weight.dtype:  # e.g. a float32 norm output before a bf16 head: the head's precision, as autocast
+    if (
+        h.dtype != weight.dtype
+    ):  # e.g. a float32 norm output before a bf16 head: the head's precision, as autocast
         h = h.to(weight.dtype)
     total = _HeadCrossEntropy.apply(h, weight, y, chunk or _chunk_rows(weight.shape[0]))
     if num_items_in_batch is None:

@@ -18,10 +18,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-import os
 from typing import Any
 
 from torch import nn
+
+from lorakit.envflags import env_flag
 
 ENV = "LORAKIT_TRIM"
 
@@ -49,11 +50,9 @@ def trim() -> bool:
 
 def trim_wanted(model: nn.Module) -> bool:
     """`LORAKIT_TRIM` (1 or 0) where set; else True for a quantized base."""
-    env = os.environ.get(ENV, "").strip().lower()
-    if env in ("1", "true", "yes", "on"):
-        return True
-    if env in ("0", "false", "no", "off"):
-        return False
+    forced = env_flag(ENV)
+    if forced is not None:
+        return forced
     from lorakit.quant.apply import is_quantized
 
     return is_quantized(model)

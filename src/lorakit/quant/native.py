@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from lorakit.envflags import env_flag
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("nf4_kernels.c")
@@ -67,7 +69,7 @@ def scales(
     return _Scales(None, absmax.data_ptr(), dynamic.data_ptr(), nested_scale.data_ptr(), block, offset)
 
 
-_ENABLED = os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+_ENABLED = env_flag(ENV, True)
 
 
 def set_enabled(enabled: bool) -> bool:

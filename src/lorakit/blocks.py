@@ -14,7 +14,8 @@ Three rewrites do the same math in fewer passes, each as one autograd node:
   bf16 case keeps x in bf16 instead of autograd's float32 copy.
 * ``rope``: ``q·cos + rotate_half(q)·sin`` for q and k. Autograd allocates the rotated copy (two slices, a
   negation, a cat), two products and a sum, and the same again backward. `rope` writes ``q·cos`` and adds the
-  two rotated halves into it in place; backward is the transposed rotation, the same way. It saves cos and sin
+  two rotated half-products into it in place, bitwise as transformers computes them; backward is the transposed
+  map, the same way. It saves cos and sin
   only. It lives in a training forward of the attention module (`ATTENTION_CLASSES`: the same code as
   transformers', with `rope` in place of ``apply_rotary_pos_emb``).
 
@@ -156,14 +157,19 @@ def _rotate_into(
     out: torch.Tensor, x: torch.Tensor, sin: torch.Tensor, transpose: bool = False
 ) -> torch.Tensor:
     """``out += rotate_half(x)·sin`` (rotate_half(x) = (−x₂, x₁)), or with `transpose` the transposed map,
-    ``out += (x₂·sin₂, −x₁·sin₁)``, in place on the two halves."""
+    ``out += (x₂·sin₂, −x₁·sin₁)``, in place on the two halves. Each product is rounded before it is added, as in
+    transformers' expression (no fused multiply-add), so the result is bitwise theirs and does not depend on
+    which elements a vectorised kernel reaches."""
     h = x.shape[-1] // 2
-    if not transpose:
-        out[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-1)
-        out[..., h:].addcmul_(x[..., :h], sin[..., h:])
+    lo, hi = (slice(h, None), slice(None, h)) if transpose else (slice(None, h), slice(h, None))
+    first = x[..., h:] * sin[..., lo]
+    second = x[..., :h] * sin[..., hi]
+    if transpose:
+        out[..., :h].add_(first)
+        out[..., h:].sub_(second)
     else:
-        out[..., :h].addcmul_(x[..., h:], sin[..., h:])
-        out[..., h:].addcmul_(x[..., :h], sin[..., :h], value=-1)
+        out[..., :h].sub_(first)
+        out[..., h:].add_(second)
     return out
 
 

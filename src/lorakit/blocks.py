@@ -158,8 +158,7 @@ def _rotate_into(
 ) -> torch.Tensor:
     """``out += rotate_half(x)·sin`` (rotate_half(x) = (−x₂, x₁)), or with `transpose` the transposed map,
     ``out += (x₂·sin₂, −x₁·sin₁)``, in place on the two halves. Each product is rounded before it is added, as in
-    transformers' expression (no fused multiply-add), so the result is bitwise theirs and does not depend on
-    which elements a vectorised kernel reaches."""
+    transformers' expression (no fused multiply-add), so the result is bitwise theirs."""
     h = x.shape[-1] // 2
     lo, hi = (slice(h, None), slice(None, h)) if transpose else (slice(None, h), slice(h, None))
     first = x[..., h:] * sin[..., lo]

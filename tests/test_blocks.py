@@ -18,7 +18,7 @@ import lorakit
 from lorakit import LoraConfig
 from lorakit.blocks import KINDS, lean_blocks, rms_norm, rope, set_lean_blocks, silu_mul
 
-from tiny import SEVEN, _tiny_decoder, graph_names, randomize, tiny_gpt2, tiny_llama, tiny_qwen2
+from tiny import SEVEN, graph_names, randomize, tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2
 
 
 def test_silu_mul_gradcheck_and_equals_the_autograd_expression():
@@ -55,15 +55,6 @@ def test_opt_out_and_unload_leave_the_blocks_alone():
     assert lean_blocks(model) == 9
     lorakit.unload(model)
     assert lean_blocks(model) == 0
-
-
-def tiny_mistral(window: int = 4):
-    """A Mistral whose sliding window (4) is shorter than the test rows: the window must reach the kernel."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    model = _tiny_decoder(MistralConfig, MistralForCausalLM, 0, 128, 32)
-    model.config.sliding_window = window
-    return model
 
 
 def test_rms_norm_gradcheck_and_equals_transformers_forward():

@@ -34,6 +34,15 @@ def tiny_qwen2(seed: int = 0, vocab: int = 128, hidden: int = 64):
     return _tiny_decoder(Qwen2Config, Qwen2ForCausalLM, seed, vocab, hidden)
 
 
+def tiny_mistral(window: int = 4):
+    """A Mistral whose sliding window (default 4) is shorter than the test rows: the window must reach the kernel."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model = _tiny_decoder(MistralConfig, MistralForCausalLM, 0, 128, 32)
+    model.config.sliding_window = window
+    return model
+
+
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 """The seven projections of a Llama-family block."""
 
@@ -122,7 +131,9 @@ def inspect_stdout(path) -> str:
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "lorakit", "inspect", str(path)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "lorakit", "inspect", str(path)], capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout
 

@@ -29,7 +29,7 @@ and docs/performance.md.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -156,19 +156,16 @@ def _is_rmsnorm(module: nn.Module) -> bool:
 def _rotate_into(
     out: torch.Tensor, x: torch.Tensor, sin: torch.Tensor, transpose: bool = False
 ) -> torch.Tensor:
-    """``out += rotate_half(x)·sin`` (rotate_half(x) = (−x₂, x₁)), or with `transpose` the transposed map,
-    ``out += (x₂·sin₂, −x₁·sin₁)``, in place on the two halves. Each product is rounded before it is added, as in
+    """``out += rotate_half(x)·sin`` = ``(−x₂·s₁, x₁·s₂)``, or with `transpose` the transposed map,
+    ``out += (x₂·s₂, −x₁·s₁)``, in place on the two halves. Each product is rounded before it is added, as in
     transformers' expression (no fused multiply-add), so the result is bitwise theirs."""
     h = x.shape[-1] // 2
-    lo, hi = (slice(h, None), slice(None, h)) if transpose else (slice(None, h), slice(h, None))
-    first = x[..., h:] * sin[..., lo]
-    second = x[..., :h] * sin[..., hi]
     if transpose:
-        out[..., :h].add_(first)
-        out[..., h:].sub_(second)
+        out[..., :h].add_(x[..., h:] * sin[..., h:])
+        out[..., h:].sub_(x[..., :h] * sin[..., :h])
     else:
-        out[..., :h].sub_(first)
-        out[..., h:].add_(second)
+        out[..., :h].sub_(x[..., h:] * sin[..., :h])
+        out[..., h:].add_(x[..., :h] * sin[..., h:])
     return out
 
 
@@ -191,15 +188,11 @@ def rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' ``apply_rotary_pos_emb(q, k, cos, sin)`` in one autograd node that saves cos and sin only
     (they take no gradient)."""
-    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    if not (q.dtype == k.dtype == cos.dtype == sin.dtype) or q.shape[-1] % 2:
-        return (q * cos) + (_rotate_half(q) * sin), (k * cos) + (_rotate_half(k) * sin)
-    return _Rope.apply(q, k, cos, sin)
+    if not (q.dtype == k.dtype == cos.dtype == sin.dtype) or q.shape[-1] % 2:  # mixed dtypes promote: theirs
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+        return apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)
+    return _Rope.apply(q, k, cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim))
 
 
 def _attention_forward(cls_forward, window_from):
@@ -280,11 +273,12 @@ def _kinds(enabled: bool | str | Iterable[str]) -> frozenset[str]:
     return kinds
 
 
-def _install(module: nn.Module, kind: str) -> bool:
-    rewrite = _rewrite(module)
-    if rewrite is None or rewrite[0] != kind:
+def _install(module: nn.Module, rewrite: tuple[str, Callable] | None) -> bool:
+    """Put `rewrite` (kind, factory; from `_rewrite`) on `module` as its instance forward; False for None."""
+    if rewrite is None:
         return False
-    forward = rewrite[1](type(module).forward)
+    kind, factory = rewrite
+    forward = factory(type(module).forward)
     setattr(forward, _MARK, kind)
     # bound to the module: `copy.deepcopy` of the model rebinds it to the copy
     module.forward = forward.__get__(module, type(module))
@@ -298,11 +292,15 @@ def _restore_children(parent: nn.Module, args) -> None:
     transformers (5.x, with the `kernels` package it depends on) re-"kernelizes" a model on every switch between
     train and eval mode, and where no hub kernel is mapped for a decorated class (RMSNorm, on the CPU or offline)
     it restores the class forward by deleting the instance's. A block whose instance forward is missing is given
-    ours back before its parent runs it; a block that has another forward (a hub kernel) is left alone."""
+    ours back before its parent runs it in training; a block that has another forward (a hub kernel) is left
+    alone."""
+    if (
+        not torch.is_grad_enabled()
+    ):  # the rewrites only act while gradients are recorded: no cost in inference
+        return
     for child in parent.children():
-        kind = child.__dict__.get(_KIND)
-        if kind is not None and "forward" not in child.__dict__:
-            _install(child, kind)
+        if _KIND in child.__dict__ and "forward" not in child.__dict__:
+            _install(child, _rewrite(child))
 
 
 def _sync(module: nn.Module, kinds: frozenset[str]) -> bool:
@@ -313,13 +311,13 @@ def _sync(module: nn.Module, kinds: frozenset[str]) -> bool:
         return False
     ours = module.__dict__.get(_KIND)
     if ours and ours in kinds:
-        return current is not None or _install(module, ours)
+        return current is not None or _install(module, _rewrite(module))
     if ours:  # a kind no longer wanted
         module.__dict__.pop("forward", None)
         module.__dict__.pop(_KIND, None)
         return False
     rewrite = _rewrite(module)
-    return rewrite is not None and rewrite[0] in kinds and _install(module, rewrite[0])
+    return rewrite is not None and rewrite[0] in kinds and _install(module, rewrite)
 
 
 def set_lean_blocks(model: nn.Module, enabled: bool | str | Iterable[str]) -> int:

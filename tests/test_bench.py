@@ -74,3 +74,54 @@ def test_bench_scale_decode_workers_greedy_decode_the_same_tokens_count(default_
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         assert r["variant"] == variant and r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0
         assert 0 < r["rss_after_load_gb"] <= r["load_peak_gb"]
+
+
+def test_profile_step_puts_each_operator_in_its_category():
+    """benchmarks/profile_step.py's categories: the model's own loss (log-softmax) is the loss, not attention,
+    whose pattern also ends in "softmax"."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import profile_step
+    finally:
+        sys.path.pop(0)
+    cases = {
+        "aten::_log_softmax": "loss",
+        "aten::_log_softmax_backward_data": "loss",
+        "aten::nll_loss_forward": "loss",
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward": "attention",
+        "aten::_softmax": "attention",
+        "aten::mm": "matmuls",
+        "aten::addmm_": "matmuls",
+        "aten::silu_backward": "norms and activations",
+        "_LoraLinearBackward": "autograd and Python",
+        "aten::empty": "allocation",
+    }
+    assert {name: profile_step.categorize(name) for name in cases} == cases
+
+
+@pytest.mark.real_model
+def test_profile_step_profiles_lorakit_peft_and_the_bound_side_by_side(default_model_dir, tmp_path):
+    """A smoke run of benchmarks/profile_step.py on the default model (1×16 tokens; not a measurement): one
+    column a variant, the categories add up to the total, and the floor line is there."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_step.py"
+    chart = tmp_path / "profile.png"
+    cmd = [sys.executable, str(script), "--model", str(default_model_dir), "--batch", "1", "--seq", "16"]
+    proc = subprocess.run(
+        cmd + ["--steps", "1", "--plot", str(chart)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert "| category | `lorakit train`'s step | PEFT | frozen-base bound |" in lines
+    rows = [
+        line for line in lines if line.startswith("| ") and "(" in line and "matmuls + attention" not in line
+    ]
+    totals = next(line for line in lines if line.startswith("| **all operators**"))
+    for col, total in enumerate(totals.replace("*", "").split("|")[2:5]):
+        parts = sum(float(row.split("|")[2 + col].split()[0]) for row in rows)
+        assert abs(parts - float(total)) <= 0.002 * len(rows)  # each cell rounded to 1 ms
+    assert any("matmuls and attention alone" in line for line in lines)
+    assert chart.stat().st_size > 0

@@ -77,7 +77,7 @@ def profile(args) -> dict[str, tuple[dict[str, float], float, list[tuple[str, fl
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-    from lorakit.bench_worker import VARIANT_BUILDERS
+    from lorakit.bench_worker import VARIANT_BUILDERS, _placement
     from lorakit.device import autocast
     from lorakit.siblings import probe_groups
 
@@ -94,8 +94,7 @@ def profile(args) -> dict[str, tuple[dict[str, float], float, list[tuple[str, fl
         opt = torch.optim.AdamW(params, lr=1e-4) if params else None  # none for the bound
         if probe:
             probe_groups(model, ids)
-        device = next(model.parameters()).device
-        dtype = getattr(torch, args.dtype)
+        device, dtype = _placement(args)  # as the bench resolves it, `auto` included
 
         def step(loss_of=loss_of, opt=opt, ids=ids, device=device, dtype=dtype):
             with autocast(device, dtype):

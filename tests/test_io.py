@@ -239,7 +239,7 @@ KILLER = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, {tests!r})
     import safetensors.torch as st
-    import lorakit, lorakit.io
+    import lorakit, lorakit.formats
     from tiny import tiny_llama, randomize
 
     real = st.save_file
@@ -248,7 +248,7 @@ KILLER = textwrap.dedent("""
         with open(filename, "r+b") as f:   # leave a half-written file behind, then die without cleanup
             f.truncate(os.path.getsize(filename) // 2)
         os.kill(os.getpid(), signal.SIGKILL)
-    lorakit.io.save_file = dying_save
+    lorakit.formats.save_file = dying_save
     model = tiny_llama()
     lorakit.inject(model, lorakit.LoraConfig(r=4, targets=["q_proj", "v_proj"]))
     randomize(model, seed=42)

@@ -37,6 +37,7 @@ CORE = [  # bottom up: each may import only what stands before it (and the found
     "control",
     "inject",
     "formats",
+    "lora_format",
     "io",
 ]
 PLUGINS_AND_ABOVE = ("quant", "variants", "mixed", "memory", "bank", "train", "serve", "ui")

@@ -41,15 +41,8 @@ from lorakit.atomic import atomic_dir
 from lorakit.combine_math import Lora, combine_module
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, AdapterFileError, ConfigError
-from lorakit.io import (
-    CONFIG_NAME,
-    PREFIX,
-    TOKEN_KEY,
-    WEIGHTS_NAME,
-    read_adapter,
-    saved_tensors,
-    token_tensors,
-)
+from lorakit.formats import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from lorakit.lora_format import TOKEN_KEY, read_adapter, saved_tensors, token_tensors
 
 log = logging.getLogger(__name__)
 

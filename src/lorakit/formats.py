@@ -2,13 +2,14 @@
 
 A folder is `adapter_config.json` + `adapter_model.safetensors` (PEFT's layout). Its `peft_type` picks the format
 once (`folder_format`); the format's hooks then plan a load (every check, the model untouched), apply the plan,
-save, and describe. `lorakit.io` registers PEFT's LORA layout; plug-ins register theirs (lorakit.variants: ADALORA,
+save, and describe. `lorakit.lora_format` registers PEFT's LORA layout; plug-ins register theirs (lorakit.variants: ADALORA,
 and our LADDER). Plug-ins also add safetensors metadata to every saved adapter (`register_metadata`: the quantized
 base it was trained on) and look at every loaded one (`register_load_hook`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable
@@ -17,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from lorakit.atomic import atomic_dir
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterFileError, ConfigError, TargetError
 from lorakit.readers import load_weights_only, read_json, read_safetensors, safetensors_metadata
@@ -167,6 +170,20 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def write_folder(
+    path: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], metadata: dict[str, str]
+) -> Path:
+    """Write an adapter folder (safetensors + adapter_config.json) atomically, keeping other files in it."""
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    path = Path(path)
+    atomic_dir(path, write, keep_others=True)
+    return path
+
+
 def file_metadata(model: nn.Module, name: str) -> dict[str, str]:
     """The safetensors metadata of a saved adapter: "format": "pt" plus what the plug-ins record."""
     out = {"format": "pt"}
@@ -183,7 +200,9 @@ def after_load(model: nn.Module, path: Path) -> None:
 def file_config(model: nn.Module, info: AdapterInfo) -> LoraConfig:
     """The adapter's LoraConfig as the file records it: targets that re-select exactly its modules, the base
     model's name and the task type filled in where unset."""
-    targets = targets_for_file(model, info.config, info.modules) if info.modules else []  # [] : parameters only
+    targets = (
+        targets_for_file(model, info.config, info.modules) if info.modules else []
+    )  # [] : parameters only
     config = info.config.replace(targets=targets)
     if config.targets != info.config.targets and isinstance(config.targets, str):
         config = config.replace(layers=None, layers_pattern=None)

@@ -107,7 +107,7 @@ def _plan(model: Any, path: Path, raw: dict[str, Any], name: str, allow_pickle: 
 
 
 def _apply(model: Any, plan: Any, name: str, trainable: bool) -> str:
-    from lorakit.io import apply_lora_plan
+    from lorakit.lora_format import apply_lora_plan
 
     return apply_lora_plan(model, plan, name, trainable)
 

@@ -28,7 +28,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, AdapterFileError
 from lorakit.formats import PREFIX
-from lorakit.io import plan_lora_tensors
+from lorakit.lora_format import plan_lora_tensors
 from lorakit.ondevice.names import ExportError, NameMap, permute_rows, unpermute_rows
 from lorakit.ondevice.writer import GgufFile, check_outtype, decode, open_gguf, read_field
 from lorakit.registry import adapter_layers, registry

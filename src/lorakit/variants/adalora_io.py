@@ -30,10 +30,11 @@ from lorakit.formats import (
     file_metadata,
     read_tensors,
     register_format,
+    write_folder,
 )
 from lorakit.handlers import handler_for
 from lorakit.inject import check_new_name, delete_adapter
-from lorakit.io import read_adapter, write_folder
+from lorakit.lora_format import read_adapter
 from lorakit.registry import adapter_layers, lora_layers, registry
 from lorakit.targeting import select_modules
 from lorakit.variants.adalora import (

@@ -32,8 +32,8 @@ from lorakit.config import LoraConfig
 from lorakit.control import merge, unmerge
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.formats import CONFIG_NAME, WEIGHTS_NAME, read_metadata
-from lorakit.io import read_adapter
 from lorakit.layers import LoraAdapter, LoraLayer, Variant, register_variant
+from lorakit.lora_format import read_adapter
 from lorakit.registry import lora_layers, registry
 
 log = logging.getLogger(__name__)

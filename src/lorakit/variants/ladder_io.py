@@ -17,8 +17,14 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterError, AdapterFileError, ConfigError
-from lorakit.formats import CONFIG_NAME, AdapterFormat, file_metadata, read_tensors, register_format
-from lorakit.io import write_folder
+from lorakit.formats import (
+    CONFIG_NAME,
+    AdapterFormat,
+    file_metadata,
+    read_tensors,
+    register_format,
+    write_folder,
+)
 from lorakit.readers import read_json
 from lorakit.registry import adapter_names
 from lorakit.variants.ladder import (

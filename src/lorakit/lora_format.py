@@ -1,0 +1,441 @@
+"""PEFT's LORA adapter layout: the format that `lorakit.formats` picks for `peft_type` "LORA".
+
+Tensor keys drop the adapter name: `base_model.model.<module>.lora_A.weight` (r, in), `...lora_B.weight` (out, r);
+Embedding targets use `lora_embedding_A` (r, vocab) and `lora_embedding_B` (dim, r); DoRA adds
+`lora_magnitude_vector`: each variant declares its tensors (`Variant.tensor_names`). Scaling is never stored.
+modules_to_save, trainable token rows and target_parameters are keyed as PEFT keys them. A load is planned (every
+file and shape check) before the model changes, then applied all or nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterError, AdapterFileError, TargetError
+from lorakit.formats import (
+    CONFIG_NAME,
+    DEFAULT,
+    PREFIX,
+    AdapterFormat,
+    file_config,
+    file_metadata,
+    folder_format,
+    read_metadata,
+    read_tensors,
+    register_format,
+    task_heads,
+    write_folder,
+)
+from lorakit.handlers import all_handlers, handler_for
+from lorakit.inject import check_new_name, delete_adapter, inject, param_plan, token_plan
+from lorakit.layers import VARIANTS, Variant, variant_class
+from lorakit.params import ParamLora, factor_shapes, file_keys, param_wrappers
+from lorakit.registry import adapter_layers, registry
+from lorakit.saved import check_targets, copies_of, in_saved_module, original, token_rows_of
+from lorakit.targeting import select_modules, select_saved
+
+log = logging.getLogger(__name__)
+
+
+def read_adapter(
+    path: str | os.PathLike, *, allow_pickle: bool = False
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read and validate a LoRA adapter folder: (config, tensors). Raises AdapterFileError / ConfigError with the
+    file named."""
+    fmt, raw = folder_format(path)
+    cfg_file = Path(path) / CONFIG_NAME
+    if fmt.peft_type != DEFAULT:
+        article = "an" if fmt.label[0] in "AEIOUaeiou" else "a"
+        raise AdapterFileError(
+            f"{cfg_file}: {article} {fmt.label} adapter (peft_type {fmt.peft_type}), not plain LoRA; this reads "
+            f"LoRA files only (lorakit.load_adapter loads {fmt.label} adapters onto a model)"
+        )
+    config = LoraConfig.from_peft_dict(raw, source=str(cfg_file))
+    return config, read_tensors(Path(path), allow_pickle)
+
+
+def _lora_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    info = registry(model).adapters.get(name)
+    if info is None:
+        raise AdapterError(
+            f"no adapter {name!r} on {type(model).__name__}; adapters: {list(registry(model).adapters)}"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for mname, layer in adapter_layers(model, name):
+        for suffix, t in layer.adapters[name].adapter_params(layer.handler).items():
+            out[f"{PREFIX}{mname}.{suffix}"] = t.detach().clone().contiguous()
+    if info.config.bias == "all":
+        for pname, p in model.named_parameters():
+            if (pname == "bias" or pname.endswith(".bias")) and not in_saved_module(pname):
+                out[PREFIX + pname] = p.detach().clone().contiguous()
+    elif info.config.bias == "lora_only":
+        for mname in info.modules:
+            bias = getattr(model.get_submodule(mname).base_layer, "bias", None)
+            if bias is not None:
+                out[f"{PREFIX}{mname}.base_layer.bias"] = bias.detach().clone().contiguous()
+    for mname, module in copies_of(model, name).items():  # modules_to_save, keyed as PEFT saves them
+        for k, t in module.state_dict().items():
+            out[f"{PREFIX}{mname}.{k}"] = t.detach().clone().contiguous()
+    for mname, rows in token_rows_of(model, name).items():  # trainable_token_indices: the rows' values
+        out[f"{PREFIX}{mname}.{TOKEN_KEY}"] = rows.detach().clone().contiguous()
+    for mname, wrapper in param_wrappers(model):  # target_parameters, nested as PEFT nests its wrappers
+        if name in wrapper.lora:
+            factors = wrapper.lora[name]
+            for p, where in file_keys(mname, list(factors)).items():
+                out[f"{PREFIX}{where}.lora_A.weight"] = factors[p].lora_A.detach().clone().contiguous()
+                out[f"{PREFIX}{where}.lora_B.weight"] = factors[p].lora_B.detach().clone().contiguous()
+    return out
+
+
+TOKEN_KEY = "token_adapter.trainable_tokens_delta"  # PEFT's key for an adapter's token rows
+
+
+def _save_lora(model: nn.Module, path: Path, name: str) -> Path:
+    tensors = _lora_state_dict(model, name)
+    config = file_config(model, registry(model).adapters[name])
+    metadata = {**file_metadata(model, name), **_variant_metadata(model, name)}  # e.g. DyLoRA's nesting
+    peft_dict = config.to_peft_dict()
+    info = registry(model).adapters[name]
+    saved = info.saved
+    heads = {} if saved else task_heads(model, config.task_type)
+    if info.tokens and isinstance(config.trainable_token_indices, dict):
+        peft_dict["trainable_token_indices"] = dict(
+            info.tokens
+        )  # full module names: PEFT re-selects exactly them
+    if saved:
+        peft_dict["modules_to_save"] = list(saved)
+    elif heads:  # PEFT's classification wrappers load the head from the file: the model's own, unchanged
+        peft_dict["modules_to_save"] = sorted(heads)
+        for h, module in heads.items():
+            for pname, p in module.named_parameters():
+                tensors[f"{PREFIX}{h}.{pname}"] = p.detach().clone().contiguous()
+    write_folder(path, tensors, peft_dict, metadata)
+    log.info("saved adapter %r (%d tensors) to %s", name, len(tensors), path)
+    return path
+
+
+def _variant_metadata(model: nn.Module, name: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for _, layer in adapter_layers(model, name):
+        out.update(layer.adapters[name].variant.metadata())
+    return out
+
+
+def _recorded_variant(meta: dict[str, str]) -> str | None:
+    """The registered variant an adapter file's metadata records ("lorakit.<variant name>"), if any."""
+    return next((k[8:] for k in meta if k.startswith("lorakit.") and k[8:] in VARIANTS), None)
+
+
+def _restore_variants(model: nn.Module, name: str, meta: dict[str, str]) -> None:
+    """Give adapter `name` the state beyond its tensors that its file's metadata records (e.g. DyLoRA's mode)."""
+    variant = _recorded_variant(meta)
+    if variant is not None:
+        VARIANTS[variant].restore(model, name, meta[f"lorakit.{variant}"])
+
+
+@dataclass
+class _LoraPlan:
+    config: LoraConfig
+    variant: str | None  # the registered variant the file's metadata names, if any (e.g. "dylora")
+    copies: list[tuple[str, str, torch.Tensor]]  # (module, adapter attribute or "bias", tensor)
+    metadata: dict[str, str]
+    saved: list[tuple[str, str, torch.Tensor]] = field(default_factory=list)  # (module, state key, tensor)
+
+
+def _plan_lora(model: nn.Module, path: Path, raw: dict[str, Any], name: str, allow_pickle: bool) -> _LoraPlan:
+    check_new_name(model, name)
+    config = LoraConfig.from_peft_dict(raw, source=str(path / CONFIG_NAME))
+    tensors = read_tensors(path, allow_pickle)
+    meta = read_metadata(path)
+    variant = _recorded_variant(meta)
+    cls = variant_class(config, variant)
+    config, saved, tensors = _plan_saved(model, config, tensors, path)
+    return _LoraPlan(config, variant, _plan_copies(model, config, cls, tensors, path), meta, saved)
+
+
+def plan_lora_tensors(
+    model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], source: Path, name: str
+) -> _LoraPlan:
+    """A plain-LoRA load plan from tensors keyed as in PEFT's file (for formats that read another layout and
+    translate it, such as llama.cpp's GGUF adapters). Checks every shape; the model is not changed."""
+    check_new_name(model, name)
+    config, saved, tensors = _plan_saved(model, config, tensors, source)
+    return _LoraPlan(config, None, _plan_copies(model, config, Variant, tensors, source), {}, saved)
+
+
+def _plan_saved(
+    model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], path: Path
+) -> tuple[LoraConfig, list[tuple[str, str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The modules the file saves whole (modules_to_save): (config naming exactly those modules, their tensors,
+    the other tensors). PEFT lists head names the model may lack (["classifier", "score"]), so names that match
+    nothing are skipped; a matched module whose tensors are missing or misshapen is an error."""
+    if (
+        config.modules_to_save is None
+        and config.trainable_token_indices is None
+        and not config.target_parameters
+    ):
+        return config, [], tensors
+    try:
+        lora_modules = (
+            [] if config.target_parameters and not config.targets else select_modules(model, config)
+        )
+        modules = select_saved(model, config.modules_to_save or [], strict=False)
+        check_targets(model, modules, lora_modules)
+        tokens, tied = token_plan(model, config, lora_modules, modules)
+        params = param_plan(model, config, lora_modules, [*modules, *tokens, *tied])
+    except TargetError as e:
+        raise AdapterError(f"{path}: adapter does not fit {type(model).__name__}: {e}") from None
+    rest = dict(tensors)
+    saved: list[tuple[str, str, torch.Tensor]] = []
+    for m, ids in tokens.items():
+        key = f"{PREFIX}{m}.{TOKEN_KEY}"
+        t = rest.pop(key, None)
+        width = original(model.get_submodule(m)).weight.shape[1]
+        if t is None:
+            raise AdapterError(
+                f"{path}: trainable_token_indices names rows of {m!r} but the file lacks {key}"
+            )
+        if tuple(t.shape) != (len(ids), width):
+            raise AdapterError(
+                f"{path}: {key} has shape {tuple(t.shape)}, but {len(ids)} token ids of a {width}-wide {m!r} "
+                f"need {(len(ids), width)}"
+            )
+        saved.append((m, TOKEN_KEY, t))
+    for m, names in params.items():
+        owner = model.get_submodule(m)
+        owner = owner.base_layer if isinstance(owner, ParamLora) else owner
+        transposed = bool(getattr(owner, "is_transposed", False))
+        r = config.rank_for(m)
+        for p, where in file_keys(m, names).items():
+            shapes = factor_shapes(getattr(owner, p), r, transposed)
+            for which, shape in zip(("lora_A", "lora_B"), shapes, strict=True):
+                key = f"{PREFIX}{where}.{which}.weight"
+                t = rest.pop(key, None)
+                if t is None:
+                    raise AdapterError(f"{path}: target_parameters adapts {m}.{p} but the file lacks {key}")
+                if tuple(t.shape) != tuple(shape):
+                    raise AdapterError(
+                        f"{path}: {key} has shape {tuple(t.shape)}, but {m}.{p} {tuple(getattr(owner, p).shape)} "
+                        f"with r={r} needs {shape}"
+                    )
+                saved.append((m, f"param:{p}:{which}", t))
+    for m in modules:
+        for k, v in original(model.get_submodule(m)).state_dict().items():
+            key = f"{PREFIX}{m}.{k}"
+            t = rest.pop(key, rest.pop(f"{m}.{k}", None))
+            if t is None:
+                raise AdapterError(f"{path}: modules_to_save names {m!r} but the file lacks its tensor {key}")
+            if tuple(t.shape) != tuple(v.shape):
+                raise AdapterError(
+                    f"{path}: {key} has shape {tuple(t.shape)} but {type(model).__name__}.{m}.{k} has "
+                    f"{tuple(v.shape)} (a head for another number of labels, or another vocabulary?)"
+                )
+            saved.append((m, k, t))
+    if config.modules_to_save is not None:
+        config = config.replace(modules_to_save=modules)
+    return config, saved, rest
+
+
+def _apply_lora(model: nn.Module, plan: _LoraPlan, name: str, trainable: bool) -> str:
+    config = (
+        plan.config.replace(init="default") if plan.config.init == "loftq" else plan.config
+    )  # A, B: the file's
+    inject(model, config, name, activate=False, trainable=trainable, variant=plan.variant)
+    try:
+        with torch.no_grad():
+            copies, rows = copies_of(model, name), token_rows_of(model, name)
+            for module, key, tensor in plan.saved:
+                if key.startswith("param:"):
+                    _, p, which = key.split(":")
+                    target = getattr(model.get_submodule(module).lora[name][p], which)
+                else:
+                    target = rows[module] if key == TOKEN_KEY else copies[module].state_dict()[key]
+                target.copy_(tensor.to(target.dtype))
+            for module, attr, tensor in plan.copies:
+                if attr == "bias":
+                    target = _bias_param(model, module)
+                else:
+                    target = getattr(model.get_submodule(module).adapters[name], attr)
+                target.copy_(tensor.to(target.dtype))
+        _restore_variants(model, name, plan.metadata)  # e.g. DyLoRA's mode and min_rank
+    except Exception:
+        delete_adapter(model, name)
+        raise
+    return name
+
+
+def _suffixes(variant: Variant) -> dict[str, str]:
+    """PEFT key suffix -> adapter attribute, for every kind of base layer."""
+    return {key: attr for h in all_handlers() for attr, key in variant.tensor_names(h).items()}
+
+
+def _split_key(key: str, suffixes: dict[str, str]) -> tuple[str, str] | None:
+    """'base_model.model.<module>.<suffix>' -> (module, attribute), or None if it is not an adapter tensor."""
+    k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+    for suffix, attr in suffixes.items():
+        if k.endswith("." + suffix):
+            return k[: -len(suffix) - 1], attr
+    return None
+
+
+def _plan_copies(
+    model: nn.Module, config: LoraConfig, cls: type[Variant], tensors: dict[str, torch.Tensor], path: Path
+) -> list[tuple[str, str, torch.Tensor]]:
+    """Match file tensors to modules and check every shape. Returns (module, attribute, tensor) to copy."""
+    try:
+        modules = [] if config.target_parameters and not config.targets else select_modules(model, config)
+    except TargetError as e:
+        raise AdapterError(f"{path}: adapter does not fit {type(model).__name__}: {e}") from None
+    variant = cls.create(config, "")
+    suffixes = _suffixes(variant)
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    biases: list[tuple[str, str, torch.Tensor]] = []
+    params = dict(model.named_parameters())
+    for key, t in tensors.items():
+        split = _split_key(key, suffixes)
+        k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+        if split is not None:
+            by_module.setdefault(split[0], {})[split[1]] = t
+        elif k.endswith(".bias") and config.bias != "none":
+            biases.append(_plan_bias(model, k, t, path))
+        elif k in params:  # a copy of a model weight (PEFT's modules_to_save, e.g. a classifier head)
+            _check_copy(model, key, k, t, params[k], path)
+        else:
+            log.warning("%s: ignoring tensor %s (not a LoRA weight)", path, key)
+    stray = sorted(set(by_module) - set(modules))
+    if stray:
+        raise AdapterError(
+            f"{path}: tensors for modules the config does not select in {type(model).__name__}: {stray[:3]}"
+        )
+    plan: list[tuple[str, str, torch.Tensor]] = []
+    for m in modules:
+        plan += _plan_module(model, config, variant, m, by_module.get(m, {}), path)
+    return plan + biases
+
+
+def _plan_module(
+    model: nn.Module, config: LoraConfig, variant: Variant, m: str, found: dict[str, torch.Tensor], path: Path
+) -> list[tuple[str, str, torch.Tensor]]:
+    module = model.get_submodule(m)
+    handler = handler_for(module)
+    base = getattr(module, "base_layer", module)
+    names = variant.tensor_names(handler)
+    out = []
+    for attr, shape in variant.tensor_shapes(handler, base, config.rank_for(m)).items():
+        t = found.get(attr)
+        if t is None:
+            raise AdapterError(f"{path}: missing tensor {PREFIX}{m}.{names[attr]}")
+        if tuple(t.shape) != tuple(shape):
+            raise AdapterError(
+                f"{path}: {m}.{attr} has shape {tuple(t.shape)} but {type(base).__name__} "
+                f"{tuple(handler.weight(base).shape)} with r={config.rank_for(m)} needs {tuple(shape)}"
+            )
+        out.append((m, attr, t))
+    return out
+
+
+def _check_copy(model: nn.Module, key: str, name: str, t: torch.Tensor, p: torch.Tensor, path: Path) -> None:
+    """A file tensor that copies model weight `name` (PEFT's modules_to_save) must equal it: lorakit keeps no
+    trained copies of whole modules, and silently using the model's own instead would change the adapter."""
+    if t.shape != p.shape or not torch.equal(t.to(p.dtype), p.detach().cpu()):
+        raise AdapterError(
+            f"{path}: {key} is a trained copy of {type(model).__name__}.{name} (PEFT modules_to_save), which "
+            "lorakit does not load (only LoRA weights); its values differ from the model's own"
+        )
+
+
+def _plan_bias(model: nn.Module, key: str, t: torch.Tensor, path: Path) -> tuple[str, str, torch.Tensor]:
+    module = key[: -len(".bias")].replace(".base_layer", "")
+    p = _bias_param(model, module)
+    if p is None:
+        raise AdapterError(f"{path}: bias {key} has no matching parameter in {type(model).__name__}")
+    if p.shape != t.shape:
+        raise AdapterError(f"{path}: bias {key} has shape {tuple(t.shape)}, model has {tuple(p.shape)}")
+    return module, "bias", t
+
+
+def _bias_param(model: nn.Module, module: str) -> torch.Tensor | None:
+    try:
+        m = model.get_submodule(module)
+    except AttributeError:
+        return None
+    bias = getattr(getattr(m, "base_layer", m), "bias", None)
+    return bias if isinstance(bias, torch.Tensor) else None
+
+
+def _describe_lora(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
+    config, tensors = read_adapter(path)
+    suffixes = _suffixes(variant_class(config).create(config, ""))
+    rows: dict[str, dict[str, Any]] = {}
+    owners = [t.rpartition(".")[0] for t in config.target_parameters or []]
+    params: dict[str, dict[str, Any]] = {}  # target_parameters: owner path (PEFT's nesting) -> factor shapes
+    for key, t in tensors.items():
+        split = _split_key(key, suffixes)
+        if split is not None:
+            bare = split[0].replace(".base_layer", "")
+            where = params if any(bare == o or bare.endswith("." + o) for o in owners if o) else rows
+            where.setdefault(split[0], {})[split[1]] = tuple(t.shape)
+    saved = {
+        m: {k: tuple(t.shape) for k, t in found.items()}
+        for m, found in saved_tensors(config, tensors).items()
+    }
+    return {
+        "config": config,
+        "modules": rows,
+        "saved": saved,
+        "tokens": {m: tuple(t.shape) for m, t in token_tensors(tensors).items()},
+        "params": params,
+        "tensors": len(tensors),
+        "parameters": sum(t.numel() for t in tensors.values()),
+    }
+
+
+def saved_tensors(config: LoraConfig, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The file's tensors of the modules it saves whole (modules_to_save), without a model: module name ->
+    {tensor name within the module: tensor}."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        k = key.removeprefix(PREFIX)
+        for w in config.modules_to_save or []:
+            tail = _after(k, w)
+            if tail is not None and "lora_" not in tail:
+                out.setdefault(k[: -len(tail) - 1], {})[tail] = t
+                break
+    return out
+
+
+def token_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's token rows (trainable_token_indices): module name -> (n, dim) rows."""
+    suffix = "." + TOKEN_KEY
+    return {k.removeprefix(PREFIX)[: -len(suffix)]: t for k, t in tensors.items() if k.endswith(suffix)}
+
+
+def _after(key: str, module: str) -> str | None:
+    """The tensor name in `key` after the first module whose name ends with `module` (PEFT's rule), or None."""
+    i = key.find(module + ".")
+    return key[i + len(module) + 1 :] if i >= 0 else None
+
+
+apply_lora_plan = _apply_lora
+"""Apply a plan from `plan_lora_tensors` (or the LORA format's own): inject, copy, all or nothing."""
+
+register_format(
+    AdapterFormat(
+        peft_type=DEFAULT,
+        label="LoRA",
+        plan=_plan_lora,
+        apply=_apply_lora,
+        owns=lambda model, name: True,
+        save=_save_lora,
+        describe=_describe_lora,
+        state_dict=_lora_state_dict,
+    )
+)

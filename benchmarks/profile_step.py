@@ -77,9 +77,7 @@ def profile(args) -> dict[str, tuple[dict[str, float], float, list[tuple[str, fl
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-    from lorakit.bench_worker import VARIANT_BUILDERS, _placement
-    from lorakit.device import autocast
-    from lorakit.siblings import probe_groups
+    from lorakit.bench_worker import VARIANT_BUILDERS, _placement, make_step
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -90,20 +88,8 @@ def profile(args) -> dict[str, tuple[dict[str, float], float, list[tuple[str, fl
         ids = torch.randint(
             0, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)
         )
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4) if params else None  # none for the bound
-        if probe:
-            probe_groups(model, ids)
         device, dtype = _placement(args)  # as the bench resolves it, `auto` included
-
-        def step(loss_of=loss_of, opt=opt, ids=ids, device=device, dtype=dtype):
-            with autocast(device, dtype):
-                loss = loss_of(ids)
-            loss.backward()
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
+        step, _ = make_step(model, loss_of, probe, ids, device, dtype)  # the bench's own step
         step()  # warm-up
         steps[name] = step
 

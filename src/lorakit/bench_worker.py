@@ -235,12 +235,37 @@ VARIANT_BUILDERS: dict[str, Callable[[argparse.Namespace], Setup]] = {
 # --------------------------------------------------------------------------------------------------------------
 
 
+def make_step(model, loss_of, probe: bool, ids, device, dtype) -> tuple[Callable[[], float], list]:
+    """The timed training step of one variant: (step, its trainable parameters). A step is the variant's loss on
+    `ids` under autocast to `dtype`, its backward, and an AdamW step (none for the bounds, which train nothing);
+    it returns the loss. With `probe`, sibling groups are probed first, as `lorakit train` does."""
+    import torch
+
+    from lorakit.device import autocast
+    from lorakit.siblings import probe_groups
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None  # none for the bounds
+    if probe:
+        probe_groups(model, ids)  # as lorakit train does before its first step
+
+    def step() -> float:
+        with autocast(device, dtype):  # both lorakit and PEFT compute in the base dtype on a GPU
+            loss = loss_of(ids)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss.item()  # waits for the GPU
+
+    return step, params
+
+
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Build one variant, warm up, time ``args.steps`` steps; return the measurements."""
     import torch
 
-    from lorakit.device import autocast, peak_memory_gb
-    from lorakit.siblings import probe_groups
+    from lorakit.device import peak_memory_gb
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -259,19 +284,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1234)).to(
         device
     )
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None  # none for the bounds
-    if probe:
-        probe_groups(model, ids)  # as lorakit train does before its first step
-
-    def step() -> float:
-        with autocast(device, dtype):  # both lorakit and PEFT compute in the base dtype on a GPU
-            loss = loss_of(ids)
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return loss.item()  # waits for the GPU
+    step, params = make_step(model, loss_of, probe, ids, device, dtype)
 
     # Resetting VmHWM can also lower ru_maxrss, so keep the load-time peak and take the max at the end.
     load_peak = peak_rss_gb()

@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import platform
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +26,7 @@ from lorakit.export import merge_to_folder
 from lorakit.quant import nf4
 from lorakit.quant.nf4 import NF4_CODE, NF4Linear
 
-from tiny import addition_run, ids, randomize, tiny_llama
+from tiny import addition_run, ids, linear_of, nf4_weights, randomize, tiny_llama
 
 try:
     import bitsandbytes as bnb
@@ -73,16 +71,6 @@ def test_dynamic_map_is_bitsandbytes():
     assert torch.equal(torch.tensor(NF4_CODE), bnbf.get_4bit_type("nf4", device="cpu"))
 
 
-def _weights(shape, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(shape, generator=g) * 0.02
-    flat = w.view(-1)
-    flat[:64] = 0  # an all-zero block (absmax 0)
-    flat[64:128] = torch.linspace(-1, 1, 64) * 0.05  # exact ±absmax and evenly spread values
-    flat[200] = 0.3  # an outlier
-    return w.to(dtype)
-
-
 @needs_bnb
 @pytest.mark.parametrize(
     "shape,dtype",
@@ -94,7 +82,7 @@ def _weights(shape, dtype, seed=0):
     ],
 )
 def test_codes_and_dequantized_weights_equal_bitsandbytes(shape, dtype):
-    w = _weights(shape, dtype)
+    w = nf4_weights(shape, dtype)
     packed, absmax = nf4.quantize_4bit(w)
     # double quantization off
     b_packed, st = bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=False)
@@ -102,7 +90,7 @@ def test_codes_and_dequantized_weights_equal_bitsandbytes(shape, dtype):
     assert torch.equal(absmax, st.absmax)
     assert torch.equal(nf4.dequantize_4bit(packed, absmax, shape, dtype), bnbf.dequantize_4bit(b_packed, st))
     # double quantization on: 8-bit absmax codes, their per-256 scales, the subtracted mean
-    layer = NF4Linear.from_linear(_linear(w), double_quant=True)
+    layer = NF4Linear.fromlinear_of(linear_of(w), double_quant=True)
     b_packed, st = bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True)
     assert torch.equal(layer.qweight, b_packed.view(-1))
     assert torch.equal(layer.absmax, st.absmax), "8-bit absmax codes"
@@ -123,20 +111,13 @@ def test_8bit_absmax_quantizer_equals_bitsandbytes_on_many_values():
     assert torch.equal(nf4.dequantize_8bit(codes, absmax), bnbf.dequantize_blockwise(b_codes, st))
 
 
-def _linear(w: torch.Tensor, bias: bool = False) -> nn.Linear:
-    lin = nn.Linear(w.shape[1], w.shape[0], bias=bias, dtype=w.dtype)
-    with torch.no_grad():
-        lin.weight.copy_(w)
-    return lin
-
-
 def test_error_lower_than_int4_absmax_at_the_same_block_size():
     w = torch.randn(512, 1024, generator=torch.Generator().manual_seed(2))
     blocks = w.view(-1, 64)
     scale = blocks.abs().amax(1, keepdim=True) / 7  # int4 absmax: 15 symmetric levels
     int4 = ((blocks / scale).round().clamp(-7, 7) * scale).view_as(w)
-    plain = NF4Linear.from_linear(_linear(w), double_quant=False).dequantize()
-    double = NF4Linear.from_linear(_linear(w), double_quant=True).dequantize()
+    plain = NF4Linear.fromlinear_of(linear_of(w), double_quant=False).dequantize()
+    double = NF4Linear.fromlinear_of(linear_of(w), double_quant=True).dequantize()
     mse_int4, mse_nf4, mse_dq = (
         ((int4 - w) ** 2).mean(),
         ((plain - w) ** 2).mean(),
@@ -148,7 +129,7 @@ def test_error_lower_than_int4_absmax_at_the_same_block_size():
 
 @pytest.mark.parametrize("double_quant,bound", [(True, 4.13), (False, 4.5)])
 def test_storage_bits_per_parameter(double_quant, bound):
-    layer = NF4Linear.from_linear(nn.Linear(576, 1536), double_quant=double_quant)
+    layer = NF4Linear.fromlinear_of(nn.Linear(576, 1536), double_quant=double_quant)
     buffers = dict(layer.named_buffers())
     nbytes = sum(b.numel() * b.element_size() for b in buffers.values())
     assert nbytes == layer.storage_bytes()
@@ -164,7 +145,7 @@ def test_storage_bits_per_parameter(double_quant, bound):
 def test_forward_is_linear_with_the_dequantized_weight_in_the_input_dtype():
     torch.manual_seed(0)
     lin = nn.Linear(128, 64)
-    layer = NF4Linear.from_linear(lin)
+    layer = NF4Linear.fromlinear_of(lin)
     x = torch.randn(3, 5, 128)
     torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize(), lin.bias), atol=LAYER_ATOL, rtol=0)
     xb = x.bfloat16()
@@ -176,7 +157,7 @@ def test_forward_is_linear_with_the_dequantized_weight_in_the_input_dtype():
 def test_backward_reaches_the_input_only_and_saves_no_weight():
     torch.manual_seed(0)
     lin = nn.Linear(128, 256, bias=False)
-    layer = NF4Linear.from_linear(lin)
+    layer = NF4Linear.fromlinear_of(lin)
     x = torch.randn(4, 128, requires_grad=True)
     saved: list[torch.Size] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
@@ -524,126 +505,3 @@ def test_load_quantized_falls_back_when_checkpoint_names_differ(tmp_path, defaul
     assert "checkpoint names differ" in caplog.text and "extra.unused" in caplog.text
     a, b = ref.state_dict(), got.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The native kernels (lorakit.quant.native): the same numbers as the torch ops
-# --------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def torch_ops():
-    """Run a block with the native kernels off (the torch ops), then put them back."""
-    from lorakit.quant import native
-
-    class Off:
-        def __enter__(self):
-            self.old = native.set_enabled(False)
-
-        def __exit__(self, *exc):
-            native.set_enabled(self.old)
-
-    return Off()
-
-
-def test_the_native_kernels_build_where_a_compiler_is(tmp_path):
-    import shutil
-
-    from lorakit.quant import native
-
-    if shutil.which("cc") or shutil.which("gcc"):  # every machine of this project has one; CI proves it
-        assert native.library() is not None
-    assert native.set_enabled(False) is True and native.library() is None
-    native.set_enabled(True)
-
-
-@pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("shape", [(96, 130), (256, 512), (7, 64)])
-def test_native_kernels_equal_the_torch_ops_bit_for_bit(shape, double_quant, torch_ops):
-    w = _weights(shape, torch.float32)
-    w.view(-1)[:64] = 0  # an all-zero block
-    flat = w.view(-1)[64:128]
-    flat[:15] = (
-        nf4._table("bounds", "cpu") * flat.abs().max()
-    )  # values on midpoints: ties go to the lower level
-    layer, got = _forms(w, double_quant)
-    got["scratch_fp32"] = nf4._scratch_weight(layer, torch.float32).clone()  # the training path: 8-bit block
-    got["scratch_bf16"] = nf4._scratch_weight(
-        layer, torch.bfloat16
-    ).clone()  # constants decoded in the kernel
-    with torch_ops:
-        want_layer, want = _forms(w, double_quant)
-    want["scratch_fp32"], want["scratch_bf16"] = want["fp32"], want["bf16"]
-    assert torch.equal(layer.qweight, want_layer.qweight)
-    for key in got:
-        a, b = got[key], want[key]
-        assert (
-            all(torch.equal(x, y) for x, y in zip(a, b, strict=True)) if key == "codes" else torch.equal(a, b)
-        ), key
-
-
-def _forms(w: torch.Tensor, double_quant: bool) -> tuple[NF4Linear, dict]:
-    """An NF4 layer of `w` and what it computes: codes, block constants, and the weight in fp32 and bf16."""
-    layer = NF4Linear.from_linear(_linear(w), double_quant=double_quant)
-    return layer, {
-        "codes": nf4.quantize_4bit(w),
-        "absmax": layer.absmax_fp32(),
-        "fp32": layer.dequantize(torch.float32),
-        "bf16": layer.dequantize(torch.bfloat16),
-    }
-
-
-def test_without_a_compiler_a_warning_and_the_torch_ops(tmp_path):
-    """A machine where the kernels do not build (here: a compiler that always fails) still quantizes and runs,
-    says so in one line, and gets the same numbers."""
-    import os
-    import subprocess
-    import sys
-
-    code = (
-        "import torch, lorakit\n"
-        "from lorakit.quant.nf4 import NF4Linear\n"
-        "from lorakit.quant import native\n"
-        "torch.manual_seed(0)\n"
-        "layer = NF4Linear.from_linear(torch.nn.Linear(128, 64))\n"
-        "y = layer(torch.ones(2, 128))\n"
-        "assert native.library() is None\n"
-        "print(float(y.sum()))\n"
-    )
-    env = {**os.environ, "CC": "false", "LORAKIT_CACHE": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "NF4 native kernels unavailable, using torch ops: false failed" in done.stderr
-    ours = subprocess.run(
-        [sys.executable, "-c", code.replace("is None", "is not None")],
-        env={**os.environ, "LORAKIT_CACHE": str(tmp_path / "ok"), "LORAKIT_GEMV": "fp32"},  # the exact route
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert ours.returncode == 0, ours.stderr[-2000:]
-    assert float(ours.stdout) == pytest.approx(float(done.stdout), abs=1e-4)
-
-
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="-mno-avx512f is an x86 flag")
-def test_the_portable_kernels_equal_the_torch_ops_too(tmp_path):
-    """CPUs without AVX-512 (the AVX2 machines of this project) run the kernels' portable C loops: build them
-    here with AVX-512 off and run the bit-for-bit and decoding tests on them (where the int8 setting must
-    change nothing)."""
-    import os
-    import subprocess
-    import sys
-
-    cc = tmp_path / "cc-no-avx512"
-    cc.write_text('#!/bin/sh\nexec gcc "$@" -mno-avx512f\n')
-    cc.chmod(0o755)
-    env = {**os.environ, "CC": str(cc), "LORAKIT_CACHE": str(tmp_path / "cache")}
-    check = "from lorakit.quant import native; assert native.library() is not None and not native.simd()"
-    done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    tests = f"{__file__}::test_native_kernels_equal_the_torch_ops_bit_for_bit"
-    decoding = str(Path(__file__).with_name("test_nf4_decode.py"))  # all of it: no VNNI there either
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", tests, decoding]
-    cmd += ["-m", "not real_model", "-k", "not lorakit_gemv_fp32"]  # those two run a model or a fresh process
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:]

@@ -229,3 +229,22 @@ def graph_names(t: torch.Tensor) -> set[str]:
         names.add(type(fn).__name__)
         todo.extend(f for f, _ in fn.next_functions)
     return names
+
+
+def nf4_weights(shape, dtype, seed=0):
+    """Weights that exercise NF4's edge cases: an all-zero block, exact ±absmax values, an outlier."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * 0.02
+    flat = w.view(-1)
+    flat[:64] = 0  # an all-zero block (absmax 0)
+    flat[64:128] = torch.linspace(-1, 1, 64) * 0.05  # exact ±absmax and evenly spread values
+    flat[200] = 0.3  # an outlier
+    return w.to(dtype)
+
+
+def linear_of(w: torch.Tensor, bias: bool = False) -> nn.Linear:
+    """An nn.Linear holding weight `w` (out, in)."""
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=bias, dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    return lin

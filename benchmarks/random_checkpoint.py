@@ -61,7 +61,8 @@ def checkpoint(shape: str, cache_dir: str | None = None, seed: int = 0) -> Path:
     """The folder of random checkpoint `shape`, written first if it is not in the cache."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from lorakit.models import cache_root, resolve_model_dir
+    from lorakit.envflags import cache_root
+    from lorakit.models import resolve_model_dir
 
     out = cache_root(cache_dir) / "models" / f"random-{shape}"
     if (out / "config.json").is_file():

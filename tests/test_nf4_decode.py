@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,18 +198,6 @@ def test_lorakit_gemv_fp32_turns_the_int8_route_off(tmp_path):
                 assert not torch.equal(torch.load(out), layer(x))
 
 
-def _teacher_forced(model, ids: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities of the next token at each position, fed one token at a time with the KV cache (each
-    step a one-row product: the decoding path)."""
-    out = model(input_ids=ids[:, :1], use_cache=True)
-    steps, cache = [out.logits[0, -1]], out.past_key_values
-    for i in range(1, ids.shape[1]):
-        out = model(input_ids=ids[:, i : i + 1], past_key_values=cache, use_cache=True)
-        steps.append(out.logits[0, -1])
-        cache = out.past_key_values
-    return torch.log_softmax(torch.stack(steps).double(), -1)
-
-
 def _kl(p: torch.Tensor, q: torch.Tensor) -> float:
     """Mean KL(p || q) over positions, from log-probabilities."""
     return float((p.exp() * (p - q)).sum(-1).mean())
@@ -225,6 +214,11 @@ def test_on_the_real_model_the_int8_routes_error_is_small_beside_nf4s_own(defaul
     of next token as often as the exact route does (within 5 points). A wrong level or scale breaks all three."""
     import lorakit
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from bench_gemv_quality import teacher_forced  # the benchmark's measure: both see one thing
+    finally:
+        sys.path.pop(0)
     model, tok, _ = lorakit.load_quantized(default_model_dir)
     full, _ = lorakit.load_model(default_model_dir)
     model.eval(), full.eval()
@@ -238,10 +232,10 @@ def test_on_the_real_model_the_int8_routes_error_is_small_beside_nf4s_own(defaul
         prompt = prompt if isinstance(prompt, torch.Tensor) else prompt["input_ids"]
         with torch.no_grad(), route(int8=False):
             reply = model.generate(prompt, max_new_tokens=40, do_sample=False)
-            runs["exact"].append(_teacher_forced(model, reply))
-            runs["full"].append(_teacher_forced(full, reply))
+            runs["exact"].append(teacher_forced(model, reply))
+            runs["full"].append(teacher_forced(full, reply))
         with torch.no_grad(), route(int8=True):
-            runs["int8"].append(_teacher_forced(model, reply))
+            runs["int8"].append(teacher_forced(model, reply))
     full_lp, exact, int8 = (torch.cat(runs[k]) for k in ("full", "exact", "int8"))
     if not native.vnni():  # no int8 route here: the setting must change nothing
         assert torch.equal(exact, int8)

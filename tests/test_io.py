@@ -275,7 +275,7 @@ def test_full_disk_save_is_one_clear_error_and_keeps_the_old_adapter(tmp_path, m
     the previous adapter byte-identical, no temporary folder left behind."""
     import errno
 
-    import lorakit.io as lio
+    import lorakit.formats as formats
     from lorakit.errors import DiskFullError
 
     model = tiny_llama()
@@ -287,7 +287,7 @@ def test_full_disk_save_is_one_clear_error_and_keeps_the_old_adapter(tmp_path, m
         Path(filename).write_bytes(b"\0" * 100)  # a partial file, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(lio, "save_file", full_disk)
+    monkeypatch.setattr(formats, "save_file", full_disk)  # the adapter folder writer's call
     randomize(model)
     with pytest.raises(DiskFullError) as info:
         lorakit.save_adapter(model, out)

@@ -90,7 +90,7 @@ def test_codes_and_dequantized_weights_equal_bitsandbytes(shape, dtype):
     assert torch.equal(absmax, st.absmax)
     assert torch.equal(nf4.dequantize_4bit(packed, absmax, shape, dtype), bnbf.dequantize_4bit(b_packed, st))
     # double quantization on: 8-bit absmax codes, their per-256 scales, the subtracted mean
-    layer = NF4Linear.fromlinear_of(linear_of(w), double_quant=True)
+    layer = NF4Linear.from_linear(linear_of(w), double_quant=True)
     b_packed, st = bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True)
     assert torch.equal(layer.qweight, b_packed.view(-1))
     assert torch.equal(layer.absmax, st.absmax), "8-bit absmax codes"
@@ -116,8 +116,8 @@ def test_error_lower_than_int4_absmax_at_the_same_block_size():
     blocks = w.view(-1, 64)
     scale = blocks.abs().amax(1, keepdim=True) / 7  # int4 absmax: 15 symmetric levels
     int4 = ((blocks / scale).round().clamp(-7, 7) * scale).view_as(w)
-    plain = NF4Linear.fromlinear_of(linear_of(w), double_quant=False).dequantize()
-    double = NF4Linear.fromlinear_of(linear_of(w), double_quant=True).dequantize()
+    plain = NF4Linear.from_linear(linear_of(w), double_quant=False).dequantize()
+    double = NF4Linear.from_linear(linear_of(w), double_quant=True).dequantize()
     mse_int4, mse_nf4, mse_dq = (
         ((int4 - w) ** 2).mean(),
         ((plain - w) ** 2).mean(),
@@ -129,7 +129,7 @@ def test_error_lower_than_int4_absmax_at_the_same_block_size():
 
 @pytest.mark.parametrize("double_quant,bound", [(True, 4.13), (False, 4.5)])
 def test_storage_bits_per_parameter(double_quant, bound):
-    layer = NF4Linear.fromlinear_of(nn.Linear(576, 1536), double_quant=double_quant)
+    layer = NF4Linear.from_linear(nn.Linear(576, 1536), double_quant=double_quant)
     buffers = dict(layer.named_buffers())
     nbytes = sum(b.numel() * b.element_size() for b in buffers.values())
     assert nbytes == layer.storage_bytes()
@@ -145,7 +145,7 @@ def test_storage_bits_per_parameter(double_quant, bound):
 def test_forward_is_linear_with_the_dequantized_weight_in_the_input_dtype():
     torch.manual_seed(0)
     lin = nn.Linear(128, 64)
-    layer = NF4Linear.fromlinear_of(lin)
+    layer = NF4Linear.from_linear(lin)
     x = torch.randn(3, 5, 128)
     torch.testing.assert_close(layer(x), F.linear(x, layer.dequantize(), lin.bias), atol=LAYER_ATOL, rtol=0)
     xb = x.bfloat16()
@@ -157,7 +157,7 @@ def test_forward_is_linear_with_the_dequantized_weight_in_the_input_dtype():
 def test_backward_reaches_the_input_only_and_saves_no_weight():
     torch.manual_seed(0)
     lin = nn.Linear(128, 256, bias=False)
-    layer = NF4Linear.fromlinear_of(lin)
+    layer = NF4Linear.from_linear(lin)
     x = torch.randn(4, 128, requires_grad=True)
     saved: list[torch.Size] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):

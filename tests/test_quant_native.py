@@ -70,7 +70,7 @@ def test_native_kernels_equal_the_torch_ops_bit_for_bit(shape, double_quant, tor
 
 def _forms(w: torch.Tensor, double_quant: bool) -> tuple[NF4Linear, dict]:
     """An NF4 layer of `w` and what it computes: codes, block constants, and the weight in fp32 and bf16."""
-    layer = NF4Linear.fromlinear_of(linear_of(w), double_quant=double_quant)
+    layer = NF4Linear.from_linear(linear_of(w), double_quant=double_quant)
     return layer, {
         "codes": nf4.quantize_4bit(w),
         "absmax": layer.absmax_fp32(),
@@ -91,7 +91,7 @@ def test_without_a_compiler_a_warning_and_the_torch_ops(tmp_path):
         "from lorakit.quant.nf4 import NF4Linear\n"
         "from lorakit.quant import native\n"
         "torch.manual_seed(0)\n"
-        "layer = NF4Linear.fromlinear_of(torch.nn.Linear(128, 64))\n"
+        "layer = NF4Linear.from_linear(torch.nn.Linear(128, 64))\n"
         "y = layer(torch.ones(2, 128))\n"
         "assert native.library() is None\n"
         "print(float(y.sum()))\n"

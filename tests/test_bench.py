@@ -125,3 +125,22 @@ def test_profile_step_profiles_lorakit_peft_and_the_bound_side_by_side(default_m
         assert abs(parts - float(total)) <= 0.002 * len(rows)  # each cell rounded to 1 ms
     assert any("matmuls and attention alone" in line for line in lines)
     assert chart.stat().st_size > 0
+
+
+def test_bench_head_checks_every_chunk_against_transformers_loss_then_times_it():
+    """A smoke run of benchmarks/bench_head.py (1×33 tokens; not a measurement). Before timing, the script asserts
+    that the chunked loss and its ∂h equal transformers' at every chunk size, including chunks that do not divide
+    the rows; so a wrong chunk boundary fails here. Then one table row a chunk size, the default among them."""
+    from pathlib import Path
+
+    from lorakit.fused import _chunk_rows
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_head.py"
+    cmd = [sys.executable, str(script), "--batch", "1", "--seq", "33", "--chunks", "7", "32", "--rounds", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split("|")[1:3] for line in proc.stdout.splitlines() if line.startswith("| lorakit")]
+    assert [int(n) for _, n in rows] == sorted([7, 32, _chunk_rows(49152)])
+    assert any(line.startswith("| transformers (full logits) | 33 |") for line in proc.stdout.splitlines())
+    bad = subprocess.run(cmd[:2] + ["--rounds", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--rounds" in bad.stderr.strip().splitlines()[-1]

@@ -161,10 +161,10 @@ def can_fuse(base: nn.Module, x: torch.Tensor, A: torch.Tensor, *, mixed: bool =
 def _chunk_rows(vocab: int, budget_bytes: int = 64 << 20, min_rows: int = 256) -> int:
     """Rows per chunk: one float32 logits chunk near `budget_bytes`, and never fewer than `min_rows`, because the
     two head GEMMs of a chunk (rows×d by d×V, rows×V by V×d) run well below the cores' rate on short row
-    counts. Measured on SmolLM2's head (V=49,152, d=576, 1,020 rows, fp32, 2 AVX2 cores, 11 interleaved rounds):
-    the loss with its ∂h took 1.54 s in chunks of 85 rows (16 MB, the old budget), 1.27 s at 256 rows and
-    1.22 s at 384 rows. The buffer is allocated once a step, so the page faults of a chunk above glibc's mmap
-    threshold are paid once, not per chunk."""
+    counts. `benchmarks/bench_head.py` on SmolLM2's head (V=49,152, d=576, 1,020 rows, fp32, 2 AVX2 cores): the
+    loss with its ∂h took 1.24× transformers' full-logits loss in chunks of 85 rows (16 MB, the old budget), 0.91×
+    at this default (341 rows) and 0.87× in one chunk of all 1,020. The buffer is allocated once a step, so the
+    page faults of a chunk above glibc's mmap threshold are paid once, not per chunk."""
     return max(min_rows, budget_bytes // (4 * vocab))
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from lorakit.bench import cpu_name, display_command, torch_capability, write_docs  # noqa: E402
+from lorakit.bench import LABELS, cpu_name, display_command, torch_capability, write_docs  # noqa: E402
 
 CATEGORIES = [  # first match wins; patterns on the aten op name
     ("matmuls", r"^aten::(mm|addmm_?|bmm|matmul|linear|baddbmm|_addmm_activation)$"),
@@ -115,14 +115,6 @@ def profile(args) -> dict[str, tuple[dict[str, float], float, list[tuple[str, fl
 
 
 # What each variant is, in the table's words.
-LABELS = {
-    "lorakit": "`lorakit train`'s step",
-    "lorakit-lib": "`inject` + the model's own loss",
-    "lorakit-lib-noblocks": "`inject`, no block rewrites",
-    "peft": "PEFT",
-    "bound": "frozen-base bound",
-    "bound-ours": "frozen base, chunked loss",
-}
 FIXED = ("matmuls", "attention")  # what exact rewrites of the other ops cannot make cheaper
 
 

@@ -144,3 +144,23 @@ def test_bench_head_checks_every_chunk_against_transformers_loss_then_times_it()
     assert any(line.startswith("| transformers (full logits) | 33 |") for line in proc.stdout.splitlines())
     bad = subprocess.run(cmd[:2] + ["--rounds", "0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--rounds" in bad.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.real_model
+def test_bench_interleaved_alternates_steps_of_the_variants_in_one_process(default_model_dir):
+    """A smoke run of benchmarks/bench_interleaved.py on the default model (1×16 tokens; not a measurement): each
+    round times one step of every variant, and the ratio row counts the rounds. Fewer than two variants is refused."""
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_interleaved.py"
+    cmd = [sys.executable, str(script), "--model", str(default_model_dir), "--batch", "1", "--seq", "16"]
+    proc = subprocess.run(
+        cmd + ["--rounds", "3", "--variants", "lorakit", "bound"], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert sum(line.startswith("round ") and "lorakit" in line and "bound" in line for line in lines) == 3
+    ratio = next(line for line in lines if line.startswith("| frozen-base bound |") and "×" in line)
+    assert ratio.rstrip(" |").endswith("of 3")
+    bad = subprocess.run(cmd + ["--variants", "lorakit"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--variants" in bad.stderr.strip().splitlines()[-1]

@@ -70,8 +70,8 @@ def measure(steps: dict, rounds: int) -> list[dict[str, float]]:
 
 
 def table(rounds: list[dict[str, float]], args) -> str:
-    def mr(xs: list[float], fmt: str) -> str:
-        return f"{statistics.median(xs):{fmt}} [{min(xs):{fmt}}–{max(xs):{fmt}}]"
+    def mr(xs: list[float], fmt: str, unit: str = "") -> str:
+        return f"{statistics.median(xs):{fmt}}{unit} [{min(xs):{fmt}}–{max(xs):{fmt}}]"
 
     first, others = args.variants[0], args.variants[1:]
     lines = [
@@ -89,7 +89,7 @@ def table(rounds: list[dict[str, float]], args) -> str:
     for n in others:
         ratios = [r[first] / r[n] for r in rounds]
         faster = sum(x < 1 for x in ratios)
-        lines.append(f"| {LABELS.get(n, n)} | {mr(ratios, '.3f')}× | {faster} of {len(ratios)} |")
+        lines.append(f"| {LABELS.get(n, n)} | {mr(ratios, '.3f', '×')} | {faster} of {len(ratios)} |")
     lines += ["", f"Command: `{display_command()}`"]
     return "\n".join(lines)
 

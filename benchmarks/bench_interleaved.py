@@ -35,26 +35,6 @@ from lorakit.bench import (  # noqa: E402
 DOC = ROOT / "docs" / "performance.md"
 
 
-def build_steps(args) -> dict:
-    """{variant: its training step}, each built, warmed up once, and ready to alternate with the others."""
-    import torch
-
-    from lorakit.bench_worker import VARIANT_BUILDERS, _placement, make_step
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    device, dtype = _placement(args)  # as the bench resolves it, `auto` included
-    steps = {}
-    for name in args.variants:
-        model, loss_of, probe = VARIANT_BUILDERS[name](args)
-        model.train()
-        vocab = model.config.vocab_size
-        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1234))
-        steps[name], _ = make_step(model, loss_of, probe, ids.to(device), device, dtype)
-        steps[name]()  # warm-up, not timed
-    return steps
-
-
 def measure(steps: dict, rounds: int) -> list[dict[str, float]]:
     """`rounds` rounds of one step of every variant, in `lorakit bench`'s rotating order: seconds a step."""
     out = []
@@ -109,7 +89,9 @@ def main() -> None:
     if args.rounds < 1 or len(set(args.variants)) < 2 or len(set(args.variants)) != len(args.variants):
         p.error("--rounds must be at least 1 and --variants must name two or more different variants")
     args.dropout, args.device = 0.0, "cpu"  # what the bench variants read
-    text = table(measure(build_steps(args), args.rounds), args)
+    from lorakit.bench_worker import in_process_steps
+
+    text = table(measure(in_process_steps(args), args.rounds), args)
     print(text)
     if args.write_docs:
         marker = f"bench_interleaved:{args.dtype}"

@@ -73,25 +73,12 @@ def categorize(name: str) -> str:
 def profile(args) -> dict[str, tuple[dict[str, float], float, list[tuple[str, float]]]]:
     """{variant: (seconds a step by category, wall seconds a step, the largest operators)}; the variants are
     built once and profiled in interleaved rounds, one step each, so that a slow spell hits all of them."""
-    import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
-    from lorakit.bench_worker import VARIANT_BUILDERS, _placement, make_step
+    from lorakit.bench_worker import in_process_steps
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    steps = {}
-    for name in args.variants:
-        model, loss_of, probe = VARIANT_BUILDERS[name](args)
-        model.train()
-        ids = torch.randint(
-            0, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)
-        )
-        device, dtype = _placement(args)  # as the bench resolves it, `auto` included
-        step, _ = make_step(model, loss_of, probe, ids, device, dtype)  # the bench's own step
-        step()  # warm-up
-        steps[name] = step
+    steps = in_process_steps(args)  # built and warmed up as bench_interleaved.py builds them
 
     per_cat = {n: defaultdict(float) for n in args.variants}
     per_op = {n: defaultdict(float) for n in args.variants}

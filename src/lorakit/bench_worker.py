@@ -261,6 +261,26 @@ def make_step(model, loss_of, probe: bool, ids, device, dtype) -> tuple[Callable
     return step, params
 
 
+def in_process_steps(args: argparse.Namespace) -> dict[str, Callable[[], float]]:
+    """{variant: its training step} for every name in ``args.variants``, all built in this process with the
+    bench's setups and `make_step`, each warmed up once: for benchmarks that alternate the variants step by step
+    (benchmarks/bench_interleaved.py, benchmarks/profile_step.py)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    device, dtype = _placement(args)
+    steps = {}
+    for name in args.variants:
+        model, loss_of, probe = VARIANT_BUILDERS[name](args)
+        model.train()
+        vocab = model.config.vocab_size
+        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1234))
+        steps[name], _ = make_step(model, loss_of, probe, ids.to(device), device, dtype)
+        steps[name]()  # warm-up, not timed
+    return steps
+
+
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Build one variant, warm up, time ``args.steps`` steps; return the measurements."""
     import torch

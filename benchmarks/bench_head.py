@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from lorakit.bench import cpu_name, display_command, torch_capability, write_docs  # noqa: E402
+from lorakit.bench import cpu_name, display_command, spread, torch_capability, write_docs  # noqa: E402
 
 DOC = ROOT / "docs" / "performance.md"
 WIDTH, VOCAB = 576, 49152  # SmolLM2-135M-Instruct
@@ -95,15 +95,15 @@ def main() -> None:
         "",
         "| loss | rows a chunk | logits buffer, MB | seconds | / transformers |",
         "|---|---:|---:|---:|---:|",
-        f"| transformers (full logits) | {full} | {full * VOCAB * 4 / 2**20:.0f} | {hf:.3f} "
-        f"[{min(times[None]):.3f}–{max(times[None]):.3f}] | 1.00× |",
+        f"| transformers (full logits) | {full} | {full * VOCAB * 4 / 2**20:.0f} | {spread(times[None], '.3f')} "
+        "| 1.00× |",
     ]
     for chunk in chunks:
         t = times[chunk]
         label = "lorakit, default" if chunk == default else "lorakit"
         lines.append(
-            f"| {label} | {chunk} | {min(chunk, rows) * VOCAB * 4 / 2**20:.0f} | {statistics.median(t):.3f} "
-            f"[{min(t):.3f}–{max(t):.3f}] | {statistics.median(t) / hf:.2f}× |"
+            f"| {label} | {chunk} | {min(chunk, rows) * VOCAB * 4 / 2**20:.0f} | {spread(t, '.3f')} "
+            f"| {statistics.median(t) / hf:.2f}× |"
         )
     lines += ["", f"Command: `{display_command()}`"]
     text = "\n".join(lines)

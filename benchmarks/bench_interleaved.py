@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from lorakit.bench import (  # noqa: E402
     cpu_name,
     display_command,
     round_order,
+    spread,
     torch_capability,
     write_docs,
 )
@@ -50,9 +50,6 @@ def measure(steps: dict, rounds: int) -> list[dict[str, float]]:
 
 
 def table(rounds: list[dict[str, float]], args) -> str:
-    def mr(xs: list[float], fmt: str, unit: str = "") -> str:
-        return f"{statistics.median(xs):{fmt}}{unit} [{min(xs):{fmt}}–{max(xs):{fmt}}]"
-
     first, others = args.variants[0], args.variants[1:]
     lines = [
         f"CPU: {cpu_name()} (torch capability {torch_capability()}), {args.threads} threads; default model, batch "
@@ -61,7 +58,7 @@ def table(rounds: list[dict[str, float]], args) -> str:
         "",
         "| variant | step, s |",
         "|---|---:|",
-        *(f"| {LABELS.get(n, n)} | {mr([r[n] for r in rounds], '.3f')} |" for n in args.variants),
+        *(f"| {LABELS.get(n, n)} | {spread([r[n] for r in rounds], '.3f')} |" for n in args.variants),
         "",
         f"| ratio, per round | {LABELS.get(first, first)} / it | rounds where {first} is faster |",
         "|---|---:|---:|",
@@ -69,7 +66,7 @@ def table(rounds: list[dict[str, float]], args) -> str:
     for n in others:
         ratios = [r[first] / r[n] for r in rounds]
         faster = sum(x < 1 for x in ratios)
-        lines.append(f"| {LABELS.get(n, n)} | {mr(ratios, '.3f', '×')} | {faster} of {len(ratios)} |")
+        lines.append(f"| {LABELS.get(n, n)} | {spread(ratios, '.3f', '×')} | {faster} of {len(ratios)} |")
     lines += ["", f"Command: `{display_command()}`"]
     return "\n".join(lines)
 

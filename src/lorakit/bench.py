@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.bench_worker import (  # noqa: F401 - the worker's helpers, also for benchmarks/*.py
+    LABELS,
     TARGETS,
     VARIANT_BUILDERS,
     hwm_gb,
@@ -68,14 +69,6 @@ from lorakit.bench_worker import (  # noqa: F401 - the worker's helpers, also fo
 )
 
 VARIANTS = tuple(VARIANT_BUILDERS)
-LABELS = {  # how the benchmarks' tables name the step variants
-    "lorakit": "`lorakit train`'s step",
-    "lorakit-lib": "`inject` + the model's own loss",
-    "lorakit-lib-noblocks": "`inject`, no block rewrites",
-    "peft": "PEFT",
-    "bound": "frozen-base bound",
-    "bound-ours": "frozen base, chunked loss",
-}
 QLORA_VARIANTS = ["lorakit", "lorakit-nf4", "peft", "peft-bnb"]
 DEFAULT_VARIANTS = ["lorakit", "peft", "bound", "bound-ours"]
 RATIOS = [

@@ -229,10 +229,27 @@ VARIANT_BUILDERS: dict[str, Callable[[argparse.Namespace], Setup]] = {
     "peft-bnb": _peft(_load_bnb),
 }
 
+LABELS = {  # how the benchmarks' tables name the step variants
+    "lorakit": "`lorakit train`'s step",
+    "lorakit-lib": "`inject` + the model's own loss",
+    "lorakit-lib-noblocks": "`inject`, no block rewrites",
+    "peft": "PEFT",
+    "bound": "frozen-base bound",
+    "bound-ours": "frozen base, chunked loss",
+}
+
 
 # --------------------------------------------------------------------------------------------------------------
 # The measurement
 # --------------------------------------------------------------------------------------------------------------
+
+
+def bench_batch(args: argparse.Namespace, model, device):
+    """The benchmark's batch: ``args.batch`` × ``args.seq`` random token ids (a fixed seed), on `device`."""
+    import torch
+
+    shape, gen = (args.batch, args.seq), torch.Generator().manual_seed(1234)
+    return torch.randint(0, model.config.vocab_size, shape, generator=gen).to(device)
 
 
 def make_step(model, loss_of, probe: bool, ids, device, dtype) -> tuple[Callable[[], float], list]:
@@ -274,9 +291,7 @@ def in_process_steps(args: argparse.Namespace) -> dict[str, Callable[[], float]]
     for name in args.variants:
         model, loss_of, probe = VARIANT_BUILDERS[name](args)
         model.train()
-        vocab = model.config.vocab_size
-        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1234))
-        steps[name], _ = make_step(model, loss_of, probe, ids.to(device), device, dtype)
+        steps[name], _ = make_step(model, loss_of, probe, bench_batch(args, model, device), device, dtype)
         steps[name]()  # warm-up, not timed
     return steps
 
@@ -300,10 +315,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     load_rss = rss_now_gb()
     load_gpu = peak_memory_gb(device)
 
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(1234)).to(
-        device
-    )
+    ids = bench_batch(args, model, device)
     step, params = make_step(model, loss_of, probe, ids, device, dtype)
 
     # Resetting VmHWM can also lower ru_maxrss, so keep the load-time peak and take the max at the end.

@@ -2,9 +2,9 @@
 
 A folder is `adapter_config.json` + `adapter_model.safetensors` (PEFT's layout). Its `peft_type` picks the format
 once (`folder_format`); the format's hooks then plan a load (every check, the model untouched), apply the plan,
-save, and describe. `lorakit.lora_format` registers PEFT's LORA layout; plug-ins register theirs (lorakit.variants: ADALORA,
-and our LADDER). Plug-ins also add safetensors metadata to every saved adapter (`register_metadata`: the quantized
-base it was trained on) and look at every loaded one (`register_load_hook`).
+save, and describe. `lorakit.lora_format` registers PEFT's LORA layout; plug-ins register theirs
+(lorakit.variants: ADALORA, and our LADDER). Plug-ins also add safetensors metadata to every saved adapter
+(`register_metadata`: the quantized base it was trained on) and look at every loaded one (`register_load_hook`).
 """
 
 from __future__ import annotations
@@ -200,9 +200,7 @@ def after_load(model: nn.Module, path: Path) -> None:
 def file_config(model: nn.Module, info: AdapterInfo) -> LoraConfig:
     """The adapter's LoraConfig as the file records it: targets that re-select exactly its modules, the base
     model's name and the task type filled in where unset."""
-    targets = (
-        targets_for_file(model, info.config, info.modules) if info.modules else []
-    )  # [] : parameters only
+    targets = targets_for_file(model, info.config, info.modules) if info.modules else []  # [] : parameters only
     config = info.config.replace(targets=targets)
     if config.targets != info.config.targets and isinstance(config.targets, str):
         config = config.replace(layers=None, layers_pattern=None)

@@ -177,16 +177,10 @@ def _plan_saved(
     """The modules the file saves whole (modules_to_save): (config naming exactly those modules, their tensors,
     the other tensors). PEFT lists head names the model may lack (["classifier", "score"]), so names that match
     nothing are skipped; a matched module whose tensors are missing or misshapen is an error."""
-    if (
-        config.modules_to_save is None
-        and config.trainable_token_indices is None
-        and not config.target_parameters
-    ):
+    if config.modules_to_save is None and config.trainable_token_indices is None and not config.target_parameters:
         return config, [], tensors
     try:
-        lora_modules = (
-            [] if config.target_parameters and not config.targets else select_modules(model, config)
-        )
+        lora_modules = [] if config.target_parameters and not config.targets else select_modules(model, config)
         modules = select_saved(model, config.modules_to_save or [], strict=False)
         check_targets(model, modules, lora_modules)
         tokens, tied = token_plan(model, config, lora_modules, modules)
@@ -245,9 +239,7 @@ def _plan_saved(
 
 
 def _apply_lora(model: nn.Module, plan: _LoraPlan, name: str, trainable: bool) -> str:
-    config = (
-        plan.config.replace(init="default") if plan.config.init == "loftq" else plan.config
-    )  # A, B: the file's
+    config = plan.config.replace(init="default") if plan.config.init == "loftq" else plan.config  # A, B: the file's
     inject(model, config, name, activate=False, trainable=trainable, variant=plan.variant)
     try:
         with torch.no_grad():

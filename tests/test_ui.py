@@ -6,7 +6,9 @@ are also tested in-process below.
 
 from __future__ import annotations
 
+import json
 import os
+import time
 
 import httpx
 import pytest
@@ -190,6 +192,36 @@ def test_a_run_streams_its_curve_stops_with_a_checkpoint_and_resumes(ui, http):
     assert again.train.steps == 400 and again.model.path.endswith("tiny") and again.model.dtype == "float32"
 
 
+def _records(http, name: str, last_event_id: str | None = None) -> list[tuple[str | None, dict]]:
+    """(id, record) of each metric event of a finished run's stream, read to its end."""
+    headers = {} if last_event_id is None else {"Last-Event-ID": last_event_id}
+    out, event_id = [], None
+    with http.stream("GET", f"/api/runs/{name}/events", headers=headers) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("id: "):
+                event_id = line.removeprefix("id: ")
+            elif line.startswith("data: ") and event_id is not None:
+                out.append((event_id, json.loads(line.removeprefix("data: "))))
+                event_id = None
+    return out
+
+
+def test_a_reconnecting_stream_resumes_after_its_last_event_id(ui, http, trained):
+    every = _records(http, trained)
+    assert [d["step"] for _, d in every if "loss" in d] == list(range(1, 31))
+    metrics = (ui["ws"] / "runs" / trained / "metrics.jsonl").read_bytes()
+    assert int(every[-1][0]) == len(metrics)  # each id is the byte offset after its line
+    for k in (0, 9, len(every) - 1):
+        again = _records(http, trained, every[k][0])
+        assert again == every[k + 1 :], k  # exactly the records after the one named, with the same ids
+    assert _records(http, trained, "0") == every
+    # an offset that is not a line end this stream gave out: one line, naming the header and the file
+    for bad in ("x", "-1", str(len(metrics) + 1), str(int(every[0][0]) - 1), b"\xb2", "1e3"):
+        r = http.get(f"/api/runs/{trained}/events", headers={"Last-Event-ID": bad})
+        assert "Last-Event-ID" in _error(r, 400) and "metrics.jsonl" in r.json()["error"]["message"], bad
+
+
 def test_a_crashing_run_fails_alone_with_its_error(ui, http):
     values = {**SMALL_RUN, "lora": {"targets": "[no_such_proj]"}}
     assert http.post("/api/runs", json={"name": "crash", "values": values}).status_code == 200
@@ -303,6 +335,27 @@ def test_evaluate_an_adapter_against_the_base(http, trained):
     assert "unknown built-in task" in _error(
         http.post("/api/eval", json={"adapter": trained, "task": "x"}), 400
     )
+
+
+def test_a_job_can_be_cancelled_and_leaves_nothing_behind(ui, http, trained):
+    exports = ui["ws"] / "exports"
+    before = sorted(p.name for p in exports.iterdir()) if exports.is_dir() else []
+    job = http.post("/api/eval", json={"adapter": trained, "task": "dates", "limit": 10_000}).json()["job"]
+    # a moment to get into its work (the export below is cancelled during its imports)
+    time.sleep(3)
+    state = http.post(f"/api/jobs/{job}/cancel")
+    assert state.status_code == 200 and state.json()["status"] in ("cancelling", "cancelled"), state.text
+    assert "not running" in _error(http.post(f"/api/jobs/{job}/cancel"), 409)
+    done = wait_for(http, f"/api/jobs/{job}", lambda s: s["status"] != "cancelling", timeout=30)
+    assert done["status"] == "cancelled" and done["result"] is None and done["error"] is None, done
+    # an export cancelled at once: no file, no temporary
+    job = http.post("/api/export", json={"adapter": trained, "kind": "merged", "out": "never"}).json()["job"]
+    assert http.post(f"/api/jobs/{job}/cancel").status_code == 200
+    done = wait_for(http, f"/api/jobs/{job}", lambda s: s["status"] != "cancelling", timeout=30)
+    assert done["status"] == "cancelled", done
+    assert sorted(p.name for p in exports.iterdir()) == before
+    assert "no job" in _error(http.post("/api/jobs/nope-1/cancel"), 404)
+    assert http.get("/health").status_code == 200 and ui["proc"].poll() is None
 
 
 def test_the_workspace_lists_what_the_page_can_pick(http, trained):

@@ -1,9 +1,9 @@
 """The playground's page in a real headless Chromium (Debian's package, driven by Playwright), against a real
 `lorakit ui` on a tiny model with the real tokenizer (tests/uiserver.py), with an API key the page asks for.
 
-One walk through the page, as a person would: key, train from the form, watch the curve grow, stop, resume,
-chat with the base and the adapter side by side, load and unload an adapter, and see a path out of the workspace
-refused. Every wait has a deadline; a failure saves a screenshot beside the server's log.
+One walk through the page, as a person would: key, train from the form, watch the curve grow, stop, resume (the
+reopened stream continues after its last event), chat with the base and the adapter side by side for two turns,
+load and unload an adapter, cancel an evaluation, and see a path out of the workspace refused. Every wait has a deadline; a failure saves a screenshot beside the server's log.
 """
 
 from __future__ import annotations
@@ -59,6 +59,15 @@ def test_a_walk_through_the_playground(ui, page):
 
 
 def _walk(page, url: str) -> None:
+    resumed_after: list[str] = []  # the Last-Event-ID of each reopened event stream
+    page.on(
+        "request",
+        lambda r: (
+            "/events" in r.url
+            and "last-event-id" in r.headers
+            and resumed_after.append(r.headers["last-event-id"])
+        ),
+    )
     # the key: the page asks for it once the API answers 401
     page.wait_for_selector("#api-key", state="visible")
     page.fill("#api-key", KEY)
@@ -100,6 +109,8 @@ def _walk(page, url: str) -> None:
     # and at the end
     page.wait_for_function("window.lorakitChart.steps('b1', true).includes(300)")
     assert page.evaluate("window.lorakitChart.steps('b1', true)") == [0, 100, 200, 300]
+    # the stream reopened for the resumed process asked only for what came after the records it had
+    assert resumed_after and all(int(i) > 0 for i in resumed_after), resumed_after
 
     # 6. load the run's adapter from the workspace
     _load(page, "b1", "runs/b1/adapter")
@@ -127,6 +138,39 @@ def _walk(page, url: str) -> None:
     )
     assert httpx.get(url + "/health").json()["max_rows"] >= 2  # the two columns were decoded in one batch
 
+    # a second turn: each column sends its own conversation, so its answer is the API's answer to the history
+    first = dict(zip(heads, texts, strict=True))
+    page.fill("#prompt", "And the year?")
+    page.press("#prompt", "Control+Enter")
+    page.wait_for_function(f"{replies}.length === 4 && !document.querySelector('#send-btn').disabled")
+    cols = page.eval_on_selector_all(
+        "#chat-columns .chat-col",
+        "els => els.map(e => [e.dataset.model, [...e.querySelectorAll('.turn-reply')].map(r => r.textContent)])",
+    )
+    assert page.input_value("#prompt") == ""  # sent, so cleared
+    for model, (reply1, reply2) in cols:
+        assert reply1 == first[model]
+        history = [
+            {"role": "user", "content": "When is it?"},
+            {"role": "assistant", "content": reply1},
+            {"role": "user", "content": "And the year?"},
+        ]
+        assert reply2 == _greedy(url, model, history), model
+    alone = [_greedy(url, m, [{"role": "user", "content": "And the year?"}]) for m, _ in cols]
+    assert alone != [r[1] for _, r in cols], "the history changed no answer: this walk cannot tell"
+
+    # an evaluation cancelled from the page: the button shows while it runs, the status says so, no result
+    page.click("#tab-eval")
+    page.wait_for_selector("#eval-adapter option[value='b1']", state="attached")
+    page.select_option("#eval-adapter", "b1")
+    page.select_option("#eval-data", "task:dates")
+    page.fill("#eval-limit", "10000")
+    page.click("#eval-btn")
+    page.wait_for_selector("#eval-cancel", state="visible")
+    page.click("#eval-cancel")
+    page.wait_for_function("document.querySelector('#eval-status').textContent === 'cancelled'")
+    assert page.is_hidden("#eval-cancel") and page.is_enabled("#eval-btn") and page.is_hidden("#eval-result")
+
     # 6. unload it again
     page.click("#tab-adapters")
     page.click("#adapters-table tr:has-text('b1') .unload-btn")
@@ -137,6 +181,16 @@ def _walk(page, url: str) -> None:
     page.wait_for_selector("#adapters-error:has-text('refused')")
     page.click("#tab-train")
     page.wait_for_selector("#runs-list >> text=b1")
+
+
+def _greedy(url: str, model: str, messages: list[dict]) -> str:
+    """The server's answer to `messages` at the page's settings (8 tokens, temperature 0, top_p 1)."""
+    body = {"model": model, "messages": messages, "max_tokens": 8, "temperature": 0, "top_p": 1}
+    r = httpx.post(
+        url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
 
 
 def _load(page, name: str, path: str) -> None:

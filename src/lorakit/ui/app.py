@@ -86,6 +86,7 @@ class _Routes:
             ("/export", self.export, "POST"),
             ("/eval", self.evaluate, "POST"),
             ("/jobs/{job_id}", self.job, "GET"),
+            ("/jobs/{job_id}/cancel", self.cancel_job, "POST"),
             ("/download", self.download, "GET"),
         ]:
             r.add_api_route(path, fn, methods=[method])
@@ -200,14 +201,16 @@ class _Routes:
             headers={"Content-Disposition": f'attachment; filename="{name}-config.yaml"'},
         )
 
-    async def run_events(self, name: str) -> StreamingResponse:
+    async def run_events(self, name: str, request: Request) -> StreamingResponse:
         """The run's records (replayed from metrics.jsonl, then live), its status when it changes, and `end` once
-        it no longer runs."""
+        it no longer runs. Each record's event id is the byte offset in metrics.jsonl after it: a client that
+        reconnects with `Last-Event-ID` (as EventSource does) gets only the records after that one."""
         self.runs.state(name)  # 404 before the stream starts
         metrics = self.runs.folder(name) / "metrics.jsonl"
+        start = await asyncio.to_thread(_resume_offset, request.headers.get("last-event-id"), metrics, name)
 
         async def stream():
-            pos, partial, last, was_running = 0, b"", None, None
+            pos, last, was_running = start, None, None  # pos: the end of the last whole line sent
             while True:
                 running = self.runs.running(name)  # before the read: what a finished run wrote is read after
                 try:
@@ -216,11 +219,11 @@ class _Routes:
                         chunk = f.read()
                 except FileNotFoundError:
                     chunk = b""
-                pos += len(chunk)
-                *lines, partial = (partial + chunk).split(b"\n")
+                *lines, _partial = chunk.split(b"\n")  # a line still being written is read again next time
                 for line in lines:
+                    pos += len(line) + 1
                     if line.strip():
-                        yield f"event: metric\ndata: {line.decode('utf-8', 'replace')}\n\n"
+                        yield f"event: metric\nid: {pos}\ndata: {line.decode('utf-8', 'replace')}\n\n"
                 if lines or running != was_running:  # the run's folder is read again only when it moved
                     state = self.runs.state(name)
                     if (state["status"], state["step"]) != last:
@@ -414,9 +417,38 @@ class _Routes:
     async def job(self, job_id: str) -> dict[str, Any]:
         return self.jobs.state(job_id)
 
+    async def cancel_job(self, job_id: str) -> dict[str, Any]:
+        return self.jobs.cancel(job_id)
+
     async def download(self, path: str = "") -> FileResponse:
         real, filename = await asyncio.to_thread(self.ws.download, path)
         return FileResponse(real, filename=filename)
+
+
+def _resume_offset(header: str | None, metrics: Path, name: str) -> int:
+    """Where a run's event stream starts: 0, or the `Last-Event-ID` a reconnecting client sends, which must be
+    an offset this stream gave out (the end of a line of metrics.jsonl)."""
+    if header is None or not header.strip():
+        return 0
+    where = f"runs/{name}/metrics.jsonl"
+    try:
+        size = metrics.stat().st_size
+    except FileNotFoundError:
+        size = 0
+    text = header.strip()
+    offset = int(text) if text.isascii() and text.isdigit() else -1
+    ok = 0 <= offset <= size
+    if ok and offset > 0:
+        with metrics.open("rb") as f:
+            f.seek(offset - 1)
+            ok = f.read(1) == b"\n"
+    if not ok:
+        raise P.bad(
+            f"Last-Event-ID {text[:40]!r} is not a line end of {where} ({size} bytes): "
+            "reconnect without it to replay the whole run",
+            "Last-Event-ID",
+        )
+    return offset
 
 
 def _int(value: Any, what: str, lo: int, hi: int) -> int:

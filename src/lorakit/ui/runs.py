@@ -40,6 +40,8 @@ PATH_FIELDS = {("data", "train_file"), ("data", "eval_file"), ("model", "path")}
 """Fields that name files: they must lie inside the workspace."""
 STOP_GRACE_S = 120.0
 """How long `shutdown` waits for runs to write their checkpoint before killing them."""
+CANCEL_GRACE_S = 10.0
+"""How long a cancelled job has to unwind (remove its temporaries) after Ctrl-C before it is killed."""
 
 
 def _child_env() -> dict[str, str]:
@@ -266,6 +268,7 @@ class Job:
     """The lorakit subcommand it runs (its errors read "lorakit <command>: error: ...")."""
     result_file: Path | None = None
     """The job's result is this file (an export); None: the last stdout line, as JSON (an evaluation)."""
+    cancelled: bool = False
 
 
 class Jobs:
@@ -307,6 +310,10 @@ class Jobs:
         }
         out["log_tail"] = _tail(job.folder / "output.log", 8)
         if rc is None:
+            out["status"] = "cancelling" if job.cancelled else "running"
+            return out
+        if job.cancelled and rc != 0:  # rc 0: it had finished before the signal came
+            out["status"] = "cancelled"
             return out
         if rc != 0:
             out["status"] = "failed"
@@ -322,10 +329,46 @@ class Jobs:
             out["status"], out["error"] = "failed", "the job printed no result"
         return out
 
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        """Ctrl-C for the job's process group: it stops where it is and removes its temporaries (an export's
+        output is written atomically, so it is either whole or absent); killed if it has not exited after
+        `CANCEL_GRACE_S`. A job that ended already answers 409."""
+        with self.lock:
+            job = self.jobs.get(job_id)
+            if job is None:
+                raise P.APIError(404, f"no job {job_id!r}", "not_found", "id")
+            if job.proc.poll() is not None or job.cancelled:
+                raise P.APIError(409, f"job {job_id!r} is not running", "not_running", "id")
+            job.cancelled = True
+            _interrupt(job.proc)
+        threading.Thread(target=_reap, args=(job.proc, CANCEL_GRACE_S), daemon=True).start()
+        return self.state(job_id)
+
     def shutdown(self) -> None:
-        for job in self.jobs.values():
-            if job.proc.poll() is None:
-                job.proc.kill()
+        """Cancel every running job and wait for them (each gets `CANCEL_GRACE_S`, then is killed)."""
+        live = [job for job in self.jobs.values() if job.proc.poll() is None]
+        for job in live:
+            job.cancelled = True
+            _interrupt(job.proc)
+        deadline = time.monotonic() + CANCEL_GRACE_S
+        for job in live:
+            _reap(job.proc, max(0.1, deadline - time.monotonic()))
+
+
+def _interrupt(proc: subprocess.Popen) -> None:
+    """SIGINT to a child's process group (children run in their own session), as Ctrl-C in its terminal."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+
+
+def _reap(proc: subprocess.Popen, grace_s: float) -> None:
+    """Wait up to `grace_s` for an interrupted child, then kill its process group."""
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 __all__ = ["Jobs", "Runs"]

@@ -111,7 +111,8 @@ async function errorFrom(res) {
 const getJSON = async (path, opts) => (await request(path, opts)).json();
 const postJSON = (path, json) => getJSON(path, { method: "POST", json });
 
-/** Read a text/event-stream response, calling onEvent(event, data) per event (default event "message"). */
+/** Read a text/event-stream response, calling onEvent(event, data, id) per event (default event "message"; id
+ * null when the event has none). */
 async function readSSE(res, onEvent) {
   const reader = res.body.getReader();
   const decoder = new TextDecoder();
@@ -132,6 +133,7 @@ async function readSSE(res, onEvent) {
 
 function dispatchSSE(block, onEvent) {
   let event = "message";
+  let id = null;
   const data = [];
   for (const line of block.split(/\r?\n/)) {
     if (line.startsWith(":")) continue; // a comment / keep-alive
@@ -139,19 +141,34 @@ function dispatchSSE(block, onEvent) {
     const field = colon < 0 ? line : line.slice(0, colon);
     const value = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
     if (field === "event") event = value;
+    else if (field === "id") id = value;
     else if (field === "data") data.push(value);
   }
-  if (data.length) onEvent(event, data.join("\n"));
+  if (data.length) onEvent(event, data.join("\n"), id);
 }
 
-/** Poll /api/jobs/{id} every second until it is no longer running; onUpdate(job) each time. */
-async function waitForJob(id, onUpdate) {
-  for (;;) {
-    const job = await getJSON(`/api/jobs/${enc(id)}`);
-    onUpdate(job);
-    if (job.status === "failed") throw new ApiError(job.error || "the job failed");
-    if (job.status !== "running") return job;
-    await sleep(1000);
+const JOB_LIVE = new Set(["running", "cancelling"]);
+
+/** Start a job (POST `path` with `body`), show its state in `view` ({status, log, cancel} elements) while it
+ * runs, with `cancel` offering to stop it; resolve to the finished job: status "done" or "cancelled". */
+async function runJob(path, body, view) {
+  const { job: id } = await postJSON(path, body);
+  view.cancel.hidden = false;
+  view.cancel.disabled = false;
+  view.cancel.onclick = () => {
+    view.cancel.disabled = true;
+    postJSON(`/api/jobs/${enc(id)}/cancel`).catch((err) => (view.status.textContent = err.message));
+  };
+  try {
+    for (;;) {
+      const job = await getJSON(`/api/jobs/${enc(id)}`);
+      showJob(job, view.status, view.log);
+      if (job.status === "failed") throw new ApiError(job.error || "the job failed");
+      if (!JOB_LIVE.has(job.status)) return job;
+      await sleep(1000);
+    }
+  } finally {
+    view.cancel.hidden = true;
   }
 }
 
@@ -645,7 +662,7 @@ function selectRun(name) {
 }
 
 /** Open the event streams of the current and the overlaid runs; close the others. A stream that ended while
- * its run is live again (resumed, or the connection dropped) is reopened: it replays the whole history. */
+ * its run is live again (resumed, or the connection dropped) is reopened after its last record. */
 function ensureStreams() {
   const wanted = new Set([runs.current, ...runs.overlays].filter((n) => n && runByName(n)));
   for (const [name, stream] of runs.streams) {
@@ -671,28 +688,34 @@ function closeStreams() {
   }
 }
 
-function openStream(name) {
-  const old = runs.streams.get(name);
-  old?.controller.abort();
+/** (Re)open a run's event stream. A reopened stream keeps its points and asks only for the records after the
+ * last one it got (Last-Event-ID: the server's byte offset in metrics.jsonl); if the server refuses that offset,
+ * the whole history is replayed instead. */
+function openStream(name, { replay = false } = {}) {
+  const old = replay ? null : runs.streams.get(name);
+  runs.streams.get(name)?.controller.abort();
   const stream = {
-    // the replay rewrites the old points in place (see pushPoint), so a reopened chart does not flicker
     data: old ? old.data : { loss: [], eval: [], lr: [], tps: [] },
     lastMetric: old ? old.lastMetric : null,
+    lastId: old ? old.lastId : null,
     controller: new AbortController(),
     active: true,
     openedAt: Date.now(),
   };
   runs.streams.set(name, stream);
-  request(`/api/runs/${enc(name)}/events`, { signal: stream.controller.signal })
-    .then((res) => readSSE(res, (event, data) => onRunEvent(name, stream, event, data)))
+  const headers = stream.lastId ? { "Last-Event-ID": stream.lastId } : {};
+  request(`/api/runs/${enc(name)}/events`, { signal: stream.controller.signal, headers })
+    .then((res) => readSSE(res, (event, data, id) => onRunEvent(name, stream, event, data, id)))
     .catch((err) => {
-      if (err.name !== "AbortError") showError("train", err);
+      if (err.status === 400 && stream.lastId && runs.streams.get(name) === stream) openStream(name, { replay: true });
+      else if (err.name !== "AbortError") showError("train", err);
     })
     .finally(() => (stream.active = false));
 }
 
-function onRunEvent(name, stream, event, text) {
+function onRunEvent(name, stream, event, text, id) {
   if (runs.streams.get(name) !== stream) return; // a replaced stream's last words
+  if (id !== null) stream.lastId = id;
   const data = text ? JSON.parse(text) : {};
   if (event === "metric") addMetric(stream, data);
   else if (event === "status") {
@@ -896,7 +919,7 @@ const chat = {
   models: [], // [{id, parent}] from /v1/models, plus the mixes added here
   mixes: [],
   checked: null, // Set of ids; null until the first list arrives (then the base is checked)
-  columns: new Map(), // model id -> {root, out, error}
+  columns: new Map(), // model id -> {root, out, error, history: the finished turns as chat messages}
 };
 
 ON_OPEN.chat = () => refreshModels().catch((err) => showError("chat", err));
@@ -957,7 +980,7 @@ function chatColumn(model) {
     const out = el("pre", { class: "chat-out" });
     const error = el("div", { class: "error", role: "alert", hidden: true });
     const root = el("div", { class: "chat-col", dataset: { model } }, el("div", { class: "chat-head", text: model }), error, out);
-    chat.columns.set(model, { root, out, error });
+    chat.columns.set(model, { root, out, error, history: [] });
   }
   return chat.columns.get(model);
 }
@@ -977,7 +1000,6 @@ $("#chat-form").addEventListener("submit", (event) => {
     if (!prompt.trim()) throw new Error("write a prompt first");
     const system = $("#system-prompt").value;
     const params = {
-      messages: [...(system.trim() ? [{ role: "system", content: system }] : []), { role: "user", content: prompt }],
       stream: true,
       max_tokens: numberInput("max-tokens", (v) => parseInt(v, 10)),
       temperature: numberInput("temperature", parseFloat),
@@ -985,30 +1007,51 @@ $("#chat-form").addEventListener("submit", (event) => {
     };
     const columns = models.map(chatColumn);
     $("#chat-columns").replaceChildren(...columns.map((c) => c.root));
-    // all requests leave at once, so the server can batch them
-    await Promise.all(models.map((model, i) => streamChat(columns[i], { model, ...params }, prompt)));
+    // all requests leave at once, so the server can batch them; each column sends its own conversation
+    const turn = { role: "user", content: prompt };
+    const sent = columns.map((c) => {
+      const messages = [...(system.trim() ? [{ role: "system", content: system }] : []), ...c.history, turn];
+      return streamChat(c, { model: c.root.dataset.model, ...params, messages }, prompt);
+    });
+    const replies = await Promise.all(sent);
+    columns.forEach((c, i) => replies[i] !== null && c.history.push(turn, { role: "assistant", content: replies[i] }));
+    if (replies.every((r) => r !== null)) $("#prompt").value = "";
   });
 });
 
-/** One turn in one column: the prompt, then the reply as it streams; an error stays in this column. */
+// Ctrl+Enter (or Cmd+Enter) in the prompt sends it
+$("#prompt").addEventListener("keydown", (event) => {
+  if (event.key !== "Enter" || !(event.ctrlKey || event.metaKey)) return;
+  event.preventDefault();
+  $("#chat-form").requestSubmit();
+});
+
+/** One turn in one column: the prompt, then the reply as it streams; resolves to the reply's text, or null
+ * when it failed (the error stays in this column, and the turn stays out of its conversation). */
 async function streamChat(column, body, prompt) {
   column.error.hidden = true;
   const reply = el("span", { class: "turn-reply" });
   column.out.append(el("span", { class: "turn-prompt", text: `› ${prompt}\n` }), reply, "\n\n");
+  let text = "";
   try {
     const res = await request("/v1/chat/completions", { method: "POST", json: body });
     await readSSE(res, (event, data) => {
       if (data.trim() === "[DONE]") return;
       const chunk = JSON.parse(data);
       if (chunk.error) throw new ApiError(chunk.error.message || "generation failed");
-      const text = chunk.choices?.[0]?.delta?.content;
-      if (text) reply.append(text);
+      const delta = chunk.choices?.[0]?.delta?.content;
+      if (delta) {
+        reply.append(delta);
+        text += delta;
+      }
       column.out.scrollTop = column.out.scrollHeight;
     });
+    return text;
   } catch (err) {
     column.error.textContent = err.message;
     column.error.hidden = false;
     reply.classList.add("failed");
+    return null;
   }
 }
 
@@ -1120,8 +1163,8 @@ $("#export-form").addEventListener("submit", (event) => {
     const out = $("#export-out").value.trim();
     if (out) body.out = out;
     $("#export-result").replaceChildren();
-    const { job } = await postJSON("/api/export", body);
-    const done = await waitForJob(job, (j) => showJob(j, $("#export-status"), $("#export-log")));
+    const done = await runJob("/api/export", body, { status: $("#export-status"), log: $("#export-log"), cancel: $("#export-cancel") });
+    if (done.status === "cancelled") return;
     $("#export-result").replaceChildren(el("span", { class: "note", text: "ready: " }), fileLink(done.result.path, done.result.path));
     await refreshWorkspace();
   });
@@ -1129,8 +1172,8 @@ $("#export-form").addEventListener("submit", (event) => {
 
 /** A job's status line and, while it runs or once it failed, the end of its log. */
 function showJob(job, statusEl, logEl) {
-  statusEl.textContent = job.status === "running" ? "running…" : job.status;
-  logEl.hidden = !job.log_tail || job.status === "done";
+  statusEl.textContent = JOB_LIVE.has(job.status) ? `${job.status}…` : job.status;
+  logEl.hidden = !job.log_tail || job.status === "done" || job.status === "cancelled";
   logEl.textContent = job.log_tail || "";
   logEl.scrollTop = logEl.scrollHeight;
 }
@@ -1150,9 +1193,8 @@ $("#eval-form").addEventListener("submit", (event) => {
     if (Number.isFinite(limit)) body.limit = limit;
     $("#eval-result").hidden = true;
     $("#eval-samples").hidden = true;
-    const { job } = await postJSON("/api/eval", body);
-    const done = await waitForJob(job, (j) => showJob(j, $("#eval-status"), $("#eval-log")));
-    renderEval(done.result);
+    const done = await runJob("/api/eval", body, { status: $("#eval-status"), log: $("#eval-log"), cancel: $("#eval-cancel") });
+    if (done.status !== "cancelled") renderEval(done.result);
   });
 });
 

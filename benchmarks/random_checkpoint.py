@@ -62,7 +62,7 @@ def checkpoint(shape: str, cache_dir: str | None = None, seed: int = 0) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from lorakit.envflags import cache_root
-    from lorakit.models import resolve_model_dir
+    from lorakit.models import SOURCE_FILE, resolve_model_dir
 
     out = cache_root(cache_dir) / "models" / f"random-{shape}"
     if (out / "config.json").is_file():
@@ -87,6 +87,8 @@ def checkpoint(shape: str, cache_dir: str | None = None, seed: int = 0) -> Path:
         config.architectures = ["LlamaForCausalLM"]
         config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        record = {"generated": f"random-{shape}", "by": "benchmarks/random_checkpoint.py", "seed": seed}
+        (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=1) + "\n")  # `lorakit cache` keeps it
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -14,19 +15,26 @@ from typing import Any
 
 import pytest
 import torch
-from tokenizers import Tokenizer, pre_tokenizers
-from tokenizers import models as tk_models
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
 )
 
 from lorakit import models
 from lorakit.errors import ModelLoadError
-from lorakit.models import default_gguf_path, gguf_cache_dir, load_model, resolve_model_dir
+from lorakit.models import (
+    CONVERSION,
+    DIGESTS,
+    SOURCE_FILE,
+    default_gguf_path,
+    gguf_cache_dir,
+    load_model,
+    resolve_model_dir,
+)
+
+from tiny import word_tokenizer
 
 PROMPT = "The capital of France is"
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -119,7 +127,13 @@ def test_cache_folder_is_a_clean_hf_folder(converted: Converted) -> None:
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config
     assert config["architectures"] == ["LlamaForCausalLM"]
-    assert [p.name for p in folder.parent.iterdir()] == [folder.name], "temp folder left behind"
+    assert sorted(p.name for p in folder.parent.iterdir()) == [DIGESTS, folder.name], (
+        "temp folder left behind"
+    )
+    # the record of where it came from: the GGUF's path, its sha256 (read here independently), the version
+    source = json.loads((folder / SOURCE_FILE).read_text())
+    digest = hashlib.sha256(default_gguf_path().read_bytes()).hexdigest()
+    assert source == {"gguf": str(default_gguf_path().resolve()), "sha256": digest, "conversion": CONVERSION}
 
 
 @pytest.mark.real_model
@@ -180,14 +194,6 @@ def test_missing_default_package(monkeypatch: pytest.MonkeyPatch) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer with an EOS but no pad token."""
-    vocab = {"<unk>": 0, "</s>": 1, "hello": 2, "world": 3, "the": 4, "cat": 5}
-    backend = Tokenizer(tk_models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
-
-
 def _tiny_model() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -210,7 +216,7 @@ def tiny_folder(tmp_path: Path) -> tuple[Path, LlamaForCausalLM]:
     folder = tmp_path / "tiny"
     model = _tiny_model()
     model.save_pretrained(folder)
-    _tiny_tokenizer().save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
     return folder, model
 
 
@@ -219,7 +225,7 @@ def fake_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A dummy .gguf file whose 'GGUF load' is stubbed to return the tiny model and tokenizer."""
     path = tmp_path / "fake-model.gguf"
     path.write_bytes(b"GGUF not really")
-    monkeypatch.setattr(models, "_load_gguf", lambda gguf: (_tiny_model(), _tiny_tokenizer()))
+    monkeypatch.setattr(models, "_load_gguf", lambda gguf: (_tiny_model(), word_tokenizer()))
     return path
 
 
@@ -278,8 +284,15 @@ def test_gguf_cache_location_and_key(
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert gguf_cache_dir(fake_gguf).parent == tmp_path / "home" / ".cache" / "lorakit" / "models"
     before = gguf_cache_dir(fake_gguf, explicit)
+    # the key is the content: a reinstalled (touched) or copied file reuses the folder, a modified one does not
     st = fake_gguf.stat()
     os.utime(fake_gguf, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert gguf_cache_dir(fake_gguf, explicit) == before
+    copy = tmp_path / "elsewhere" / fake_gguf.name
+    copy.parent.mkdir()
+    shutil.copy(fake_gguf, copy)
+    assert gguf_cache_dir(copy, explicit) == before
+    fake_gguf.write_bytes(fake_gguf.read_bytes() + b"!")
     assert gguf_cache_dir(fake_gguf, explicit) != before, "a modified file must not reuse the old cache"
 
 
@@ -311,11 +324,12 @@ def test_killed_conversion_leaves_no_cache(
     with pytest.raises(RuntimeError, match="killed mid-save"):
         load_model(fake_gguf, cache_dir=tmp_path / "cache")
     models_dir = tmp_path / "cache" / "models"
-    assert list(models_dir.iterdir()) == []
+    assert [p.name for p in models_dir.iterdir()] == [DIGESTS]  # only the GGUF's remembered hash
     monkeypatch.undo()
-    monkeypatch.setattr(models, "_load_gguf", lambda gguf: (_tiny_model(), _tiny_tokenizer()))
+    monkeypatch.setattr(models, "_load_gguf", lambda gguf: (_tiny_model(), word_tokenizer()))
     load_model(fake_gguf, cache_dir=tmp_path / "cache")
-    assert [p.name for p in models_dir.iterdir()] == [gguf_cache_dir(fake_gguf, tmp_path / "cache").name]
+    target = gguf_cache_dir(fake_gguf, tmp_path / "cache")
+    assert sorted(p.name for p in models_dir.iterdir()) == [DIGESTS, target.name]
 
 
 def test_incomplete_target_is_rebuilt(fake_gguf: Path, tmp_path: Path) -> None:
@@ -333,15 +347,15 @@ def test_lost_race_keeps_the_winner(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
     def competitor_finishes_first(path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         _tiny_model().save_pretrained(target)
-        _tiny_tokenizer().save_pretrained(target)
+        word_tokenizer().save_pretrained(target)
         (target / "winner.txt").write_text("other process")
-        return _tiny_model(), _tiny_tokenizer()
+        return _tiny_model(), word_tokenizer()
 
     monkeypatch.setattr(models, "_load_gguf", competitor_finishes_first)
     model, _ = load_model(gguf, cache_dir=tmp_path / "cache")
     assert isinstance(model, LlamaForCausalLM)
     assert (target / "winner.txt").is_file()
-    assert [p.name for p in target.parent.iterdir()] == [target.name]
+    assert sorted(p.name for p in target.parent.iterdir()) == [DIGESTS, target.name]
 
 
 @pytest.mark.parametrize("kind", ["file", "missing_parent", "disk_full"])
@@ -367,5 +381,5 @@ def test_unwritable_cache_is_one_line(
     ) as e:
         load_model(fake_gguf, cache_dir=cache)
     assert "\n" not in str(e.value) and "LORAKIT_CACHE" in str(e.value)
-    if kind == "disk_full":
-        assert list((cache / "models").iterdir()) == []
+    if kind == "disk_full":  # no conversion, no temporary: only the GGUF's remembered hash
+        assert [p.name for p in (cache / "models").iterdir()] == [DIGESTS]

@@ -35,6 +35,11 @@ def test_a_random_checkpoint_is_written_once_and_loads(script, tmp_path, default
     assert report.summary()
     mtime = shards[0].stat().st_mtime_ns
     assert script.checkpoint("tiny", cache_dir=str(tmp_path)) == out and shards[0].stat().st_mtime_ns == mtime
+    # `lorakit cache` knows it for what it is, and `clean` leaves it (only --all removes it)
+    from lorakit.model_cache import clean, entries
+
+    assert [(e.kind, e.stale) for e in entries(tmp_path) if e.path == out] == [("checkpoint", None)]
+    assert out not in [e.path for e in clean(tmp_path, dry_run=True)]
 
 
 @pytest.fixture

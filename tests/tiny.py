@@ -248,3 +248,15 @@ def linear_of(w: torch.Tensor, bias: bool = False) -> nn.Linear:
     with torch.no_grad():
         lin.weight.copy_(w)
     return lin
+
+
+def word_tokenizer():
+    """A word-level tokenizer with an EOS but no pad token (six words: enough for save, load and a prompt)."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tk_models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1, "hello": 2, "world": 3, "the": 4, "cat": 5}
+    backend = Tokenizer(tk_models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")

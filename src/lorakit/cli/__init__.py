@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from lorakit.cli import adapters, generate, serve, train, ui
+from lorakit.cli import adapters, cache, generate, serve, train, ui
 from lorakit.cliargs import OneLineParser, os_error_line
 from lorakit.errors import LorakitError
 
@@ -89,6 +89,11 @@ COMMANDS: dict[str, Command] = {
         "a web playground: train with live curves, chat side by side, manage adapters (docs/ui.md)",
         ui.configure_ui,
         ui.cmd_ui,
+    ),
+    "cache": Command(
+        "list lorakit's cache (converted models, kernels) and clean what nothing needs any more",
+        cache.configure_cache,
+        cache.cmd_cache,
     ),
 }
 

@@ -135,15 +135,23 @@ def _cpu_flags() -> str:
         return ""
 
 
-def _load() -> ctypes.CDLL:
+def kernel_path(root: Path | None = None) -> Path | None:
+    """Where the kernels built from this source, by this compiler, for this CPU live in the cache ``root``
+    (default: lorakit's cache); None without a C compiler."""
     from lorakit.envflags import cache_root
 
     cc = _compiler()
     if cc is None:
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + cc.encode() + _cpu_flags().encode()).hexdigest()[:16]
+    return (root or cache_root()) / "kernels" / f"nf4-{key}.so"
+
+
+def _load() -> ctypes.CDLL:
+    target = kernel_path()
+    if target is None:
         raise OSError("no C compiler (cc, gcc or clang) on PATH")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + cc.encode() + _cpu_flags().encode()).hexdigest()[:16]
-    target = cache_root() / "kernels" / f"nf4-{key}.so"
+    cc = _compiler()
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lorakit import ConfigError
-from lorakit.train.config import help_text, load_config, save_config
+from lorakit.train.config import load_config, save_config
+from lorakit.train.fields import help_text
 
 
 def test_defaults_and_overrides():

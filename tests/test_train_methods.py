@@ -12,7 +12,8 @@ import pytest
 import lorakit
 from lorakit.errors import ConfigError
 from lorakit.train import methods
-from lorakit.train.config import RunConfig, help_text, load_config
+from lorakit.train.config import RunConfig, load_config
+from lorakit.train.fields import help_text
 from lorakit.train.methods import Method, make_method, register_method
 from lorakit.variants.adalora import AdaLoraConfig
 from lorakit.variants.dylora import DyLoraConfig

@@ -15,7 +15,8 @@ import pytest
 from uiserver import KEY, events, tiny_chat_model, ui_process, wait_for
 
 from lorakit.serve import protocol as P
-from lorakit.train.config import field_specs, load_config
+from lorakit.train.config import load_config
+from lorakit.train.fields import field_specs
 from lorakit.ui.schema import form_schema
 from lorakit.ui.workspace import Workspace, check_name
 

@@ -49,7 +49,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def configure_train(p: argparse.ArgumentParser) -> None:
     """No options of its own: `[CONFIG.yaml] [--section.key value ...]` reach `cmd_train` as `args.extra`."""
-    from lorakit.train.config import help_text
+    from lorakit.train.fields import help_text
 
     p.usage = "lorakit train [CONFIG.yaml] [--section.key value ...] [--model PATH] [--method NAME]"
     p.epilog = (

@@ -6,7 +6,6 @@ Every field has a one-line docstring; `lorakit train --help` lists them all. Unk
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
 import os
@@ -20,7 +19,7 @@ import yaml
 
 from lorakit.config import LoraConfig
 from lorakit.errors import ConfigError
-from lorakit.train.fieldtypes import CommandLineValue, check
+from lorakit.train.fieldtypes import CommandLineValue, check, field_docs
 from lorakit.variants.adalora import AdaLoraConfig
 from lorakit.variants.dylora import DyLoraConfig
 from lorakit.variants.ladder import LadderConfig
@@ -124,27 +123,6 @@ class LoraPlusSection:
     """LoRA+: learning rate of embedding-layer adapters."""
 
 
-def _field_docs(cls: type) -> dict[str, str]:
-    """The string literal after each field in the class body: our one-line field docs ({} for a class made by
-    `section_from`, whose fields carry their docs in their metadata)."""
-    import inspect
-
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
-    body = tree.body[0].body
-    out = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(getattr(nxt, "value", None), ast.Constant)
-        ):
-            out[node.target.id] = " ".join(str(nxt.value.value).split())
-    return out
-
-
 def section_from(
     source: type, name: str, *, skip: tuple[str, ...] = (), docs: dict[str, str] | None = None
 ) -> type:
@@ -153,7 +131,7 @@ def section_from(
     `source`'s own checks run when the method builds its config from the section (`Method.check_config`), where
     run-wide settings can fill in, e.g. AdaLoRA's total_step from train.steps."""
     hints = typing.get_type_hints(source)
-    notes = {**_field_docs(source), **(docs or {})}
+    notes = {**field_docs(source), **(docs or {})}
 
     def copy(f: dataclasses.Field) -> tuple[str, Any, dataclasses.Field]:
         doc = {"doc": notes.get(f.name, "")}
@@ -322,7 +300,7 @@ def validate(cfg: RunConfig) -> None:
 
 
 # which method each variant section belongs to; loraplus composes with any base method
-_SECTION_METHOD = {"dylora": "dylora", "adalora": "adalora", "ladder": "ladder", "loraplus": "loraplus"}
+SECTION_METHOD = {"dylora": "dylora", "adalora": "adalora", "ladder": "ladder", "loraplus": "loraplus"}
 
 
 def _validate_method(cfg: RunConfig) -> None:
@@ -340,7 +318,7 @@ def _validate_method(cfg: RunConfig) -> None:
             f"train.method {cfg.train.method!r}: give one of {', '.join(METHODS)}, optionally with +loraplus"
         )
     chosen = set(parts)
-    for section, method in _SECTION_METHOD.items():
+    for section, method in SECTION_METHOD.items():
         obj = getattr(cfg, section)
         default = type(obj)()
         changed = [f.name for f in fields(obj) if getattr(obj, f.name) != getattr(default, f.name)]
@@ -412,47 +390,3 @@ def save_config(cfg: RunConfig, path: Path) -> None:
     from lorakit.atomic import atomic_file
 
     atomic_file(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-
-
-@dataclass(frozen=True)
-class FieldSpec:
-    """One run-config field as `lorakit train --help` and `lorakit ui`'s form show it."""
-
-    section: str
-    name: str
-    type: Any
-    default: Any
-    doc: str
-
-
-def field_specs() -> dict[str, list[FieldSpec]]:
-    """Every field of every section, in order, with its type, default and one-line doc: {section: [FieldSpec]}."""
-    out: dict[str, list[FieldSpec]] = {}
-    for section, f in SECTIONS.items():
-        obj = f.default_factory()
-        docs, hints = _field_docs(type(obj)), typing.get_type_hints(type(obj))
-        out[section] = [
-            FieldSpec(
-                section,
-                fld.name,
-                hints[fld.name],
-                getattr(obj, fld.name),
-                fld.metadata.get("doc", docs.get(fld.name, "")),
-            )
-            for fld in fields(obj)
-        ]
-    return out
-
-
-SECTION_METHOD = _SECTION_METHOD
-"""Which train.method part each method-specific section belongs to (the others apply to every method)."""
-
-
-def help_text() -> str:
-    """Every field with its default and docstring, for `lorakit train --help`."""
-    lines = []
-    for section, specs in field_specs().items():
-        lines.append(f"{section}:")
-        for spec in specs:
-            lines.append(f"  --{section}.{spec.name} (default: {spec.default!r})  {spec.doc}")
-    return "\n".join(lines)

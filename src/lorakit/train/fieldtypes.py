@@ -1,5 +1,5 @@
 """Values checked against the type a run-config field declares: int, float, bool, str, None (Optional), Literal,
-list[X], dict[K, V] and unions of these.
+list[X], dict[K, V] and unions of these; and each field's one-line doc, read from its class body (`field_docs`).
 
 A command-line override arrives as text (`CommandLineValue`) and is converted by the field's type, so "2024"
 stays a string for a str field and "abc" for an int field is "--train.steps: expected an integer, got 'abc'".
@@ -9,6 +9,7 @@ Floats must be finite everywhere: inf and nan are never a sensible rate, ratio o
 
 from __future__ import annotations
 
+import ast
 import math
 import types
 import typing
@@ -184,3 +185,24 @@ def _parse(text: str) -> Any:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         return str(text)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The string literal after each field in the class body: our one-line field docs ({} for a class made by
+    `section_from`, whose fields carry their docs in their metadata)."""
+    import inspect
+
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    out = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(getattr(nxt, "value", None), ast.Constant)
+        ):
+            out[node.target.id] = " ".join(str(nxt.value.value).split())
+    return out

@@ -1,4 +1,4 @@
-"""The training form of `lorakit ui`, from the run-config dataclasses (`lorakit.train.config.field_specs`, which
+"""The training form of `lorakit ui`, from the run-config dataclasses (`lorakit.train.fields.field_specs`, which
 `lorakit train --help` lists too): each section with its fields' type, default, doc and choices."""
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ def form_schema() -> dict[str, Any]:
     """The training form, from the run-config dataclasses (as `lorakit train --help` lists them): each section
     with its fields' type, default (as command-line text for lists and mappings), doc and choices."""
     from lorakit.data.tasks import TASKS
-    from lorakit.train.config import SECTION_METHOD, field_specs
+    from lorakit.train.config import SECTION_METHOD
+    from lorakit.train.fields import field_specs
     from lorakit.train.methods import METHODS
 
     choices = {

@@ -42,7 +42,7 @@ def compare(p: torch.Tensor, q: torch.Tensor) -> tuple[float, float]:
 
 def main() -> None:
     torch.set_num_threads(2)
-    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, int8 route available: {native.vnni()}")
+    print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}, int8 route available: {native.int8_route()}")
     nf4, tok, _ = lorakit.load_quantized(None)
     full, _ = lorakit.load_model(None)
     nf4.eval(), full.eval()

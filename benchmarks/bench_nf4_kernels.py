@@ -30,7 +30,7 @@ def main() -> None:
 
     torch.set_num_threads(2)
     print(
-        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, 2 threads, kernels' AVX-512 path: {native.simd()}"
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}, 2 threads, kernels' vector width: {native.simd()}, int8 route: {native.int8_route()}"
     )
     print(
         "| layer | dtype | dequantize: kernels / torch ops / bnb, ms "
@@ -49,7 +49,7 @@ def main() -> None:
             theirs = best(lambda q=q, state=state: bf.dequantize_4bit(q, state))
             x = torch.randn(1, in_f).to(dtype)
             with torch.no_grad():
-                tok = best(lambda x=x, layer=layer: layer(x))  # the int8 route where the CPU has VNNI
+                tok = best(lambda x=x, layer=layer: layer(x))  # the int8 route where the kernels have one
                 old = native.set_gemv_int8(False)
                 tok_fp32 = best(lambda x=x, layer=layer: layer(x))
                 native.set_gemv_int8(old)

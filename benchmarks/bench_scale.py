@@ -30,6 +30,8 @@ DOC = ROOT / "docs" / "scale.md"
 PLOT = ROOT / "docs" / "scale.png"
 SHAPES = {"135m": None, "1.7b": "smollm2-1.7b", "7b": "llama2-7b"}
 DECODE_VARIANTS = ["lorakit-nf4", "bnb", "bf16"]
+EXTRA_DECODE_VARIANTS = ["lorakit-nf4-fp32"]
+"""lorakit-nf4-fp32: lorakit's NF4 decoding through the exact fp32 route (LORAKIT_GEMV=fp32), not the int8 one."""
 
 
 def model_path(size: str) -> str | None:
@@ -81,7 +83,10 @@ def _load(variant: str, path: str | None, dtype):
     import lorakit
     from lorakit.models import resolve_model_dir
 
-    if variant == "lorakit-nf4":
+    if variant in ("lorakit-nf4", "lorakit-nf4-fp32"):
+        from lorakit.quant import native
+
+        native.set_gemv_int8(variant == "lorakit-nf4")
         return lorakit.load_quantized(path, dtype=dtype)[0]
     if variant == "bnb":
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -384,7 +389,9 @@ def main() -> None:
         if name == "decode":
             s.add_argument("--tokens", type=int, default=16)
             s.add_argument("--prompt", type=int, default=32)
-            s.add_argument("--variants", nargs="+", default=DECODE_VARIANTS, choices=DECODE_VARIANTS)
+            s.add_argument(
+                "--variants", nargs="+", default=DECODE_VARIANTS, choices=DECODE_VARIANTS + EXTRA_DECODE_VARIANTS
+            )
         if name == "train":
             s.add_argument("--variants", nargs="+", default=["lorakit-nf4", "peft-bnb", "lorakit"])
             s.add_argument("--batch", type=int, default=1)

@@ -114,7 +114,7 @@ def test_the_int8_route_computes_what_it_says(rows, shape, double_quant):
     x = _inputs(rows, shape[1])
     with torch.no_grad(), route(int8=True):
         got = layer(x).double()
-    if not native.vnni():  # no int8 route on this CPU: the setting must leave the fp32 route's numbers
+    if not native.int8_route():  # no int8 route on this CPU: the setting must leave the fp32 route's numbers
         with torch.no_grad(), route(int8=False):
             assert torch.equal(got, layer(x).double())
         return
@@ -193,7 +193,7 @@ def test_lorakit_gemv_fp32_turns_the_int8_route_off(tmp_path):
     with torch.no_grad():
         with route(int8=False):
             assert torch.equal(torch.load(out), layer(x))
-        if native.vnni():
+        if native.int8_route():
             with route(int8=True):  # the default here, and another result
                 assert not torch.equal(torch.load(out), layer(x))
 
@@ -237,7 +237,7 @@ def test_on_the_real_model_the_int8_routes_error_is_small_beside_nf4s_own(defaul
         with torch.no_grad(), route(int8=True):
             runs["int8"].append(teacher_forced(model, reply))
     full_lp, exact, int8 = (torch.cat(runs[k]) for k in ("full", "exact", "int8"))
-    if not native.vnni():  # no int8 route here: the setting must change nothing
+    if not native.int8_route():  # no int8 route here: the setting must change nothing
         assert torch.equal(exact, int8)
         return
     nf4_own, ours = _kl(full_lp, exact), _kl(exact, int8)

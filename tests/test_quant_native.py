@@ -111,24 +111,43 @@ def test_without_a_compiler_a_warning_and_the_torch_ops(tmp_path):
     assert float(ours.stdout) == pytest.approx(float(done.stdout), abs=1e-4)
 
 
+def _cpu_has(flag: str) -> bool:
+    try:
+        return f" {flag} " in next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")) + " "
+    except (OSError, StopIteration):
+        return False
+
+
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="-mno-avx512f is an x86 flag")
-def test_the_portable_kernels_equal_the_torch_ops_too(tmp_path):
-    """CPUs without AVX-512 (the AVX2 machines of this project) run the kernels' portable C loops: build them
-    here with AVX-512 off and run the bit-for-bit and decoding tests on them (where the int8 setting must
-    change nothing)."""
+@pytest.mark.parametrize(
+    ("flags", "width"),
+    [("-mno-avx512f", 256), ("-mno-avx512f -mno-avx2", 0)],
+    ids=["avx2", "portable"],
+)
+def test_the_kernels_without_avx512_equal_the_torch_ops_too(tmp_path, flags, width):
+    """The kernels have three builds: AVX-512 (this machine's, where it has it), AVX2 with its own int8 route
+    (the AVX2 machines of this project), and portable C loops. Build the other two here, with those instruction
+    sets turned off, and run the bit-for-bit and decoding tests on them (on the portable build, where there is
+    no int8 route, the int8 setting must change nothing)."""
     import os
     import subprocess
     import sys
 
-    cc = tmp_path / "cc-no-avx512"
-    cc.write_text('#!/bin/sh\nexec gcc "$@" -mno-avx512f\n')
+    if width == 256 and not (_cpu_has("avx2") and _cpu_has("fma")):
+        width = 0  # a CPU without AVX2 builds the portable loops either way
+    cc = tmp_path / "cc-narrow"
+    cc.write_text(f'#!/bin/sh\nexec gcc "$@" {flags}\n')
     cc.chmod(0o755)
     env = {**os.environ, "CC": str(cc), "LORAKIT_CACHE": str(tmp_path / "cache")}
-    check = "from lorakit.quant import native; assert native.library() is not None and not native.simd()"
+    check = (
+        "from lorakit.quant import native; assert native.library() is not None; "
+        "print(native.simd(), native.int8_route(), native.vnni())"
+    )
     done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(width), str(width == 256), "False"], done.stdout
     tests = f"{__file__}::test_native_kernels_equal_the_torch_ops_bit_for_bit"
-    decoding = str(Path(__file__).with_name("test_nf4_decode.py"))  # all of it: no VNNI there either
+    decoding = str(Path(__file__).with_name("test_nf4_decode.py"))  # all of it, int8 route or none
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", tests, decoding]
     cmd += ["-m", "not real_model", "-k", "not lorakit_gemv_fp32"]  # those two run a model or a fresh process
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -5,9 +5,10 @@ about 0.3 G weights/s, so a 7B model spent seconds a step just unpacking weights
 unpacked all of them. The kernels do the same arithmetic (bit for bit: the tests compare them with the torch
 path) at memory speed, and a `gemv_plan` multiplies a few input rows straight from the 4-bit codes, never
 writing the weight out, which is what decoding needs. It has two routes: fp32 throughout, and, where the CPU has
-AVX512-VNNI (the default there), an int8 route that rounds each input block to int8 and sums integer products
-(`set_gemv_int8`, ``LORAKIT_GEMV=fp32``). It adds about 1 % to NF4's own error in a layer's output, and with a
-software prefetch it took decoding on a 4-bit 7B base from 0.94x bitsandbytes' tokens/s to 1.38x (docs/scale.md).
+AVX512-VNNI or AVX2 (the default there), an int8 route that rounds each input block to int8 and sums integer
+products (`set_gemv_int8`, ``LORAKIT_GEMV=fp32``). It adds about 1 % to NF4's own error in a layer's output, and
+with a software prefetch it took decoding on a 4-bit 7B base from 0.94x bitsandbytes' tokens/s to 1.38x on
+AVX512-VNNI (docs/scale.md). Both int8 routes compute the same integer sums.
 
 The library is compiled on first use with ``$CC`` (else ``cc``, ``gcc`` or ``clang``), ``-O3 -march=native``,
 OpenMP where the compiler has it, and no floating-point contraction, into ``<lorakit cache>/kernels/`` under a
@@ -84,8 +85,8 @@ _GEMV_INT8 = os.environ.get(GEMV_ENV, "int8").strip().lower() != "fp32"
 
 
 def set_gemv_int8(enabled: bool) -> bool:
-    """Decode through the int8 route where the CPU has AVX512-VNNI (True, the default unless
-    ``LORAKIT_GEMV=fp32``), or the fp32 one everywhere; returns the old value. The int8 route rounds each input
+    """Decode through the int8 route where the kernels have one (`int8_route`: AVX512-VNNI or AVX2; True, the
+    default unless ``LORAKIT_GEMV=fp32``), or the fp32 one everywhere; returns the old value. The int8 route rounds each input
     block of 64 to int8 against its absmax and each NF4 level to 1/127, as llama.cpp does with its 4-bit formats
     and bitsandbytes does with bf16 inputs; the fp32 route is exact up to the order of the sums."""
     global _GEMV_INT8
@@ -111,16 +112,23 @@ def library() -> ctypes.CDLL | None:
     return _lib
 
 
-def simd() -> bool:
-    """True when the kernels were built with their AVX-512 paths (else portable C loops)."""
+def simd() -> int:
+    """The vector width the kernels were built for: 512 (AVX-512), 256 (AVX2 and FMA) or 0 (portable C loops,
+    or no kernels)."""
     lib = library()
-    return bool(lib is not None and lib.lk_nf4_simd())
+    return int(lib.lk_nf4_simd()) if lib is not None else 0
 
 
 def vnni() -> bool:
-    """True when the kernels were built with the int8 (AVX512-VNNI) route of the matrix-vector product."""
+    """True when the kernels were built with the AVX512-VNNI int8 route of the matrix-vector product."""
     lib = library()
     return bool(lib is not None and lib.lk_nf4_vnni())
+
+
+def int8_route() -> bool:
+    """True when the kernels have an int8 route for the matrix-vector product (AVX512-VNNI, or AVX2 and FMA)."""
+    lib = library()
+    return bool(lib is not None and lib.lk_nf4_q8())
 
 
 def _compiler() -> str | None:
@@ -184,6 +192,7 @@ def _load() -> ctypes.CDLL:
     lib.lk_dq8.argtypes = [_P, _I, _P, _P, _I, ctypes.c_float, _P]
     lib.lk_dq8.restype = None
     lib.lk_nf4_vnni.restype = ctypes.c_int
+    lib.lk_nf4_q8.restype = ctypes.c_int
     lib.lk_nf4_gemv.argtypes = [
         _P,
         ctypes.POINTER(_Scales),

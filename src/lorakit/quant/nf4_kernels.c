@@ -23,6 +23,19 @@
 #else
 #define LK_VNNI 0
 #endif
+#if !LK_AVX512 && defined(__AVX2__) && defined(__FMA__)
+#define LK_AVX2 1 /* AVX2 paths where there is no AVX-512 (most CPUs without it) */
+#else
+#define LK_AVX2 0
+#endif
+#if !LK_VNNI && defined(__AVX2__) && defined(__FMA__)
+#define LK_AVX2_Q8 1 /* the int8 route with AVX2 alone */
+#else
+#define LK_AVX2_Q8 0
+#endif
+#if LK_AVX2 || LK_AVX2_Q8
+#include <immintrin.h>
+#endif
 #include <stdlib.h>
 
 static const float NF4[16] = {
@@ -32,8 +45,9 @@ static const float NF4[16] = {
     0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f,
 };
 
-int lk_nf4_simd(void) { return LK_AVX512; }
+int lk_nf4_simd(void) { return LK_AVX512 ? 512 : LK_AVX2 ? 256 : 0; }
 int lk_nf4_vnni(void) { return LK_VNNI; }
+int lk_nf4_q8(void) { return LK_VNNI || LK_AVX2_Q8; }
 
 /* A layer's block scales: absmax[b], or with double quantization (dq != NULL) dynamic[dq[b]] * nested_scale[b /
  * nested] + offset, two separately rounded fp32 operations as in torch (the build turns off FMA contraction). */
@@ -104,6 +118,33 @@ static inline void levels32(const uint8_t *c, __m512 lut, __m512 *w0, __m512 *w1
 }
 #endif
 
+#if LK_AVX2
+/* The levels of 8 indices (0..15, one per int32 lane): AVX2 permutes 8 floats at a time, so both halves of the
+ * table are looked up and bit 3 of the index (moved to the sign bit) picks between them. */
+static inline __m256 lookup8(__m256i idx, __m256 lut_lo, __m256 lut_hi) {
+    const __m256 a = _mm256_permutevar8x32_ps(lut_lo, idx), b = _mm256_permutevar8x32_ps(lut_hi, idx);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+/* The 16 levels of 8 code bytes, in weight order: w0 = weights 0..7, w1 = 8..15 (high nibble first). */
+static inline void levels16(const uint8_t *c, __m256 lut_lo, __m256 lut_hi, __m256 *w0, __m256 *w1) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)c));
+    const __m256 hi = lookup8(_mm256_srli_epi32(v, 4), lut_lo, lut_hi);
+    const __m256 lo = lookup8(_mm256_and_si256(v, _mm256_set1_epi32(15)), lut_lo, lut_hi);
+    const __m256 a = _mm256_unpacklo_ps(hi, lo), b = _mm256_unpackhi_ps(hi, lo); /* h0 l0 h1 l1 | h4 l4 h5 l5 */
+    *w0 = _mm256_permute2f128_ps(a, b, 0x20);
+    *w1 = _mm256_permute2f128_ps(a, b, 0x31);
+}
+
+/* 8 floats to bfloat16 bits, rounded to nearest even (as bf16_rne). */
+static inline __m128i bf16_rne8(__m256 x) {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+#endif
+
 /* Blocks [first, first + n) of a layer (codes and scales indexed from the layer's first block) into out, one
  * value per weight: fp32 if bf16 == 0, else bfloat16 bits. Single-threaded; callers split the work. */
 static void dequant_blocks(const uint8_t *codes, const Scales *sc, int64_t first, int64_t n, int64_t bs, void *out,
@@ -133,6 +174,24 @@ static void dequant_blocks(const uint8_t *codes, const Scales *sc, int64_t first
                     float *o = (float *)out + i * bs + 2 * j;
                     _mm512_storeu_ps(o, w0);
                     _mm512_storeu_ps(o + 16, w1);
+                }
+            }
+#elif LK_AVX2
+            const __m256 lut_lo = _mm256_loadu_ps(NF4), lut_hi = _mm256_loadu_ps(NF4 + 8);
+            const __m256 sv = _mm256_set1_ps(s);
+            for (; j + 8 <= bs / 2; j += 8) {
+                __m256 w0, w1;
+                levels16(c + j, lut_lo, lut_hi, &w0, &w1);
+                w0 = _mm256_mul_ps(w0, sv);
+                w1 = _mm256_mul_ps(w1, sv);
+                if (bf16) {
+                    uint16_t *o = (uint16_t *)out + i * bs + 2 * j;
+                    _mm_storeu_si128((__m128i *)o, bf16_rne8(w0));
+                    _mm_storeu_si128((__m128i *)(o + 8), bf16_rne8(w1));
+                } else {
+                    float *o = (float *)out + i * bs + 2 * j;
+                    _mm256_storeu_ps(o, w0);
+                    _mm256_storeu_ps(o + 8, w1);
                 }
             }
 #endif
@@ -232,13 +291,14 @@ void lk_dq8(const uint8_t *codes, int64_t n, const float *dynamic, const float *
     default: { enum { T_ = 8 }; CALL; } break;                                                                     \
     }
 
-#if LK_AVX512
 /* How far ahead of the product (in code bytes) the codes are prefetched. A 7B model's 3.3 GB of codes stream
  * from memory once per decoded token, and the hardware prefetcher alone kept two cores at about 11 GB/s; 4 kB
  * ahead (one to three rows, measured against 1, 2, 6 and 8 kB with a C harness that cycles through more codes
- * than the L3 holds) took them to 14 (fp32 route) and 16-22 GB/s (int8 route). Prefetches past the end are
- * harmless: prefetching never faults. */
+ * than the L3 holds, on AVX-512) took them to 14 (fp32 route) and 16-22 GB/s (int8 route). Prefetches past the
+ * end are harmless: prefetching never faults. */
 #define PREFETCH 4096
+
+#if LK_AVX512
 
 /* One row of the product for T inputs (T a constant after inlining, so the accumulators live in registers):
  * a block of 64 weights is two loads of 16 code bytes; the levels times the inputs are summed over the block
@@ -406,6 +466,108 @@ static int gemv_q8(const uint8_t *codes, const Scales *sc, int64_t rows, int64_t
 }
 #endif
 
+#if LK_AVX2_Q8
+/* The int8 route with AVX2 alone. AVX2 has no `vpdpbusd`, and its `vpmaddubsw` (unsigned byte times signed byte,
+ * adjacent pairs summed into int16, saturating) would saturate on the VNNI route's unsigned levels (254 * 127 * 2
+ * > 32767). So the levels are signed here, s = round(127 * level) (-127..127, the VNNI route's u - 127), and
+ * llama.cpp's trick takes their signs off: |s| times (q with s's sign) is s * q, each pair at most 2 * 127 * 127
+ * = 32258, which int16 holds. The integer sum of a block is then exactly the VNNI route's sum minus its offset,
+ * and there is no offset to take off. */
+static const int8_t S8LEVELS[16] = {-127, -88, -67, -50, -36, -23, -12, 0, 10, 20, 31, 43, 56, 71, 92, 127};
+
+/* One input row's blocks to int8, as the VNNI route's q8_row rounds them (x * (127 / absmax), to nearest even),
+ * with scale = absmax / 127² per block; 0 where the row holds a NaN or an infinity. */
+static int q8_row_avx2(const float *xe, const float *xo, int64_t per_row, int8_t *qe, int8_t *qo, float *scale) {
+    for (int64_t b = 0; b < per_row; b++) {
+        const float *e = xe + b * 32, *o = xo + b * 32;
+        float amax = 0.0f;
+        for (int i = 0; i < 32; i++) {
+            const float a = e[i] < 0.0f ? -e[i] : e[i], c = o[i] < 0.0f ? -o[i] : o[i];
+            if (!(a <= 3.4028234663852886e38f) || !(c <= 3.4028234663852886e38f)) return 0; /* NaN, infinity */
+            amax = a > amax ? a : amax;
+            amax = c > amax ? c : amax;
+        }
+        const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        for (int i = 0; i < 32; i++) {
+            int qa = _mm_cvtss_si32(_mm_set_ss(e[i] * inv)), qb = _mm_cvtss_si32(_mm_set_ss(o[i] * inv));
+            qe[b * 32 + i] = (int8_t)(qa > 127 ? 127 : qa < -127 ? -127 : qa);
+            qo[b * 32 + i] = (int8_t)(qb > 127 ? 127 : qb < -127 ? -127 : qb);
+        }
+        scale[b] = amax / (127.0f * 127.0f);
+    }
+    return 1;
+}
+
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* One row's product for T inputs: one block (32 code bytes, 64 weights) a step; the even columns' levels sit in
+ * the high nibbles, the odd columns' in the low ones. Two accumulators per input alternate between blocks. */
+static inline __attribute__((always_inline)) void row_dot_avx2(const uint8_t *c, const float *comb,
+                                                               int64_t per_row, int64_t half, const int8_t *qe,
+                                                               const int8_t *qo, const int T, float *total) {
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)S8LEVELS));
+    const __m256i m15 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    __m256 acc0[8], acc1[8];
+    for (int t = 0; t < T; t++) acc0[t] = acc1[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < per_row; b++) {
+        _mm_prefetch((const char *)(c + b * 32 + PREFETCH), _MM_HINT_T0);
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(c + b * 32));
+        const __m256i sh = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(v, 4), m15));
+        const __m256i sl = _mm256_shuffle_epi8(lut, _mm256_and_si256(v, m15));
+        const __m256i ah = _mm256_sign_epi8(sh, sh), al = _mm256_sign_epi8(sl, sl);
+        for (int t = 0; t < T; t++) {
+            const int64_t at = t * half + b * 32;
+            const __m256i xh = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(qe + at)), sh);
+            const __m256i xl = _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(qo + at)), sl);
+            const __m256i d = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(ah, xh), ones),
+                                               _mm256_madd_epi16(_mm256_maddubs_epi16(al, xl), ones));
+            const __m256 sv = _mm256_set1_ps(comb[t * per_row + b]);
+            if (b & 1)
+                acc1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sv, acc1[t]);
+            else
+                acc0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), sv, acc0[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) total[t] = hsum256(_mm256_add_ps(acc0[t], acc1[t]));
+}
+
+/* The AVX2 int8 route of lk_nf4_gemv (block size 64); 0 where it could not allocate or an input is not finite. */
+static int gemv_q8_avx2(const uint8_t *codes, const Scales *sc, int64_t rows, int64_t cols, const float *xe,
+                        const float *xo, int64_t T, void *y, int bf16, int threads) {
+    const int64_t half = cols / 2, per_row = cols / 64;
+    int8_t *q = malloc((size_t)(2 * T * half));
+    float *xs = malloc(sizeof(float) * (size_t)(T * per_row));
+    if (!q || !xs) {
+        free(q);
+        free(xs);
+        return 0;
+    }
+    int8_t *qe = q, *qo = q + T * half;
+    for (int64_t t = 0; t < T; t++)
+        if (!q8_row_avx2(xe + t * half, xo + t * half, per_row, qe + t * half, qo + t * half, xs + t * per_row)) {
+            free(q);
+            free(xs);
+            return 0;
+        }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        float srow[per_row], comb[8 * per_row], total[8] = {0};
+        block_scales(sc, r * per_row, per_row, srow);
+        for (int64_t t = 0; t < T; t++) /* weight scale times input scale, per block */
+            for (int64_t b = 0; b < per_row; b++) comb[t * per_row + b] = srow[b] * xs[t * per_row + b];
+        WITH_CONSTANT_T(T, row_dot_avx2(codes + r * half, comb, per_row, half, qe, qo, T_, total));
+        for (int64_t t = 0; t < T; t++) store(y, t * rows + r, total[t], bf16);
+    }
+    free(q);
+    free(xs);
+    return 1;
+}
+#endif
+
 /* The fp32 route: y (T x rows) = x · dequant(W)ᵀ from the even and odd columns of x (xe, xo: T x cols/2). */
 static void gemv_fp32(const uint8_t *codes, const Scales *sc, int64_t rows, int64_t cols, int64_t bs,
                       const float *xe, const float *xo, int64_t T, void *y, int bf16, int threads) {
@@ -439,8 +601,8 @@ static void gemv_fp32(const uint8_t *codes, const Scales *sc, int64_t rows, int6
 /* y (T x rows) = x · dequant(W)ᵀ for a weight of `rows` x `cols` (cols a multiple of bs), without ever writing
  * the weight out: each row's codes are read once and multiplied into all T <= 8 inputs. x (T x cols) and y are
  * fp32, or both bfloat16 (bf16 != 0; y rounded to nearest even, as torch casts). x is first split into its even
- * and odd columns, the order the two nibbles of a byte hold. With q8 != 0, block size 64 and VNNI, the int8
- * route; else fp32 throughout. Returns 0 where it could not allocate (nothing written). */
+ * and odd columns, the order the two nibbles of a byte hold. With q8 != 0, block size 64 and VNNI (or AVX2),
+ * the int8 route; else fp32 throughout. Returns 0 where it could not allocate (nothing written). */
 int lk_nf4_gemv(const uint8_t *codes, const Scales *sc, int64_t rows, int64_t cols, int64_t bs, const void *x,
                 int64_t T, void *y, int bf16, int threads, int q8) {
     const int64_t half = cols / 2;
@@ -460,6 +622,11 @@ int lk_nf4_gemv(const uint8_t *codes, const Scales *sc, int64_t rows, int64_t co
         }
 #if LK_VNNI
     if (q8 && bs == 64 && gemv_q8(codes, sc, rows, cols, xe, xo, T, y, bf16, threads)) {
+        free(xe);
+        return 1;
+    }
+#elif LK_AVX2_Q8
+    if (q8 && bs == 64 && gemv_q8_avx2(codes, sc, rows, cols, xe, xo, T, y, bf16, threads)) {
         free(xe);
         return 1;
     }

@@ -118,6 +118,14 @@ static inline void levels32(const uint8_t *c, __m512 lut, __m512 *w0, __m512 *w1
 }
 #endif
 
+#if LK_AVX2 || LK_AVX2_Q8
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
 #if LK_AVX2
 /* The levels of 8 indices (0..15, one per int32 lane): AVX2 permutes 8 floats at a time, so both halves of the
  * table are looked up and bit 3 of the index (moved to the sign bit) picks between them. */
@@ -336,6 +344,42 @@ static inline __attribute__((always_inline)) void row_dot(const uint8_t *c, cons
 }
 #endif
 
+#if LK_AVX2
+/* row_dot with AVX2: a block of 64 weights is four loads of 8 code bytes; per input, the levels times the even
+ * and odd columns are summed over the block first and scaled once, as with AVX-512. */
+static inline __attribute__((always_inline)) void row_dot_avx2_fp32(const uint8_t *c, const float *srow,
+                                                                    int64_t per_row, int64_t half, const float *xe,
+                                                                    const float *xo, const int T, float *total) {
+    const __m256 lut_lo = _mm256_loadu_ps(NF4), lut_hi = _mm256_loadu_ps(NF4 + 8);
+    const __m256i m15 = _mm256_set1_epi32(15);
+    __m256 acc0[8], acc1[8];
+    for (int t = 0; t < T; t++) acc0[t] = acc1[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < per_row; b++) {
+        const int64_t k = b * 32;
+        _mm_prefetch((const char *)(c + k + PREFETCH), _MM_HINT_T0);
+        __m256 p[8];
+        for (int t = 0; t < T; t++) p[t] = _mm256_setzero_ps();
+        for (int j = 0; j < 32; j += 8) {
+            const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(c + k + j)));
+            const __m256 h = lookup8(_mm256_srli_epi32(v, 4), lut_lo, lut_hi);
+            const __m256 l = lookup8(_mm256_and_si256(v, m15), lut_lo, lut_hi);
+            for (int t = 0; t < T; t++) {
+                p[t] = _mm256_fmadd_ps(h, _mm256_loadu_ps(xe + t * half + k + j), p[t]);
+                p[t] = _mm256_fmadd_ps(l, _mm256_loadu_ps(xo + t * half + k + j), p[t]);
+            }
+        }
+        const __m256 sv = _mm256_set1_ps(srow[b]);
+        for (int t = 0; t < T; t++) {
+            if (b & 1)
+                acc1[t] = _mm256_fmadd_ps(p[t], sv, acc1[t]);
+            else
+                acc0[t] = _mm256_fmadd_ps(p[t], sv, acc0[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) total[t] = hsum256(_mm256_add_ps(acc0[t], acc1[t]));
+}
+#endif
+
 #if LK_VNNI
 /* The int8 route for decoding (llama.cpp's, for IQ4_NL and Q8 activations): each level as an unsigned byte,
  * u = round(127 * level) + 127 (0..254; the rounding moves a level by at most 0.004 of its block's absmax, an
@@ -498,12 +542,6 @@ static int q8_row_avx2(const float *xe, const float *xo, int64_t per_row, int8_t
     return 1;
 }
 
-static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 /* One row's product for T inputs: one block (32 code bytes, 64 weights) a step; the even columns' levels sit in
  * the high nibbles, the odd columns' in the low ones. Two accumulators per input alternate between blocks. */
 static inline __attribute__((always_inline)) void row_dot_avx2(const uint8_t *c, const float *comb,
@@ -582,6 +620,11 @@ static void gemv_fp32(const uint8_t *codes, const Scales *sc, int64_t rows, int6
 #if LK_AVX512
         if (bs == 64) {
             WITH_CONSTANT_T(T, row_dot(c, srow, per_row, half, xe, xo, T_, total));
+            j = half;
+        }
+#elif LK_AVX2
+        if (bs == 64) {
+            WITH_CONSTANT_T(T, row_dot_avx2_fp32(c, srow, per_row, half, xe, xo, T_, total));
             j = half;
         }
 #endif

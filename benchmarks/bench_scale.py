@@ -310,17 +310,17 @@ def cmd_report(ns: argparse.Namespace) -> None:
             f"| `{e['command']}` |"
         )
     llines = [
-        "| model | load, s: lorakit NF4 / bnb NF4 / dense | peak RSS in load, GB: lorakit NF4 / bnb NF4 / dense "
-        "| command |",
-        "|---|---|---|---|",
+        "| model | dtype | load, s: lorakit NF4 / bnb NF4 / dense | peak RSS in load, GB: lorakit NF4 / bnb NF4 "
+        "/ dense | command |",
+        "|---|---|---|---|---|",
     ]
     loads = [e for e in entries if e["kind"] in ("decode", "load")]  # decode workers time their load too
-    for model in dict.fromkeys(e["model"] for e in loads):
-        e = _newest(loads, model=model)
+    for model, dtype in dict.fromkeys((e["model"], e["dtype"]) for e in loads):
+        e = _newest(loads, model=model, dtype=dtype)
         s = e["summary"]
         secs = " / ".join(f"{s[v]['load_s']:.1f}" if v in s else "–" for v in DECODE_VARIANTS)
         peaks = " / ".join(f"{s[v]['load_peak_gb']:.2f}" if v in s else "–" for v in DECODE_VARIANTS)
-        llines.append(f"| {model} | {secs} | {peaks} | `{e['command']}` |")
+        llines.append(f"| {model} | {dtype} | {secs} | {peaks} | `{e['command']}` |")
     _plot(train)
     text = DOC.read_text() if DOC.exists() else ""
     for tag, body in (("train", lines), ("decode", dlines), ("load", llines)):

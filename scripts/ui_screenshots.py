@@ -4,7 +4,8 @@
 
 It starts `lorakit ui` on SmolLM2-135M-Instruct with a fresh workspace, then drives the page in headless
 Chromium as a person would: trains an adapter on the built-in task from the form (watching the curves), loads
-it, asks base and adapter the same question side by side, and evaluates the adapter against the base. About five
+it, asks base and adapter the same question side by side and a follow-up, and evaluates the adapter against
+the base; it prints the evaluation's figures and the chat's answers. About five
 minutes on 2 CPU cores. Needs Playwright and Debian's chromium (bash scripts/setup.sh test).
 """
 
@@ -26,6 +27,9 @@ from playwright.sync_api import sync_playwright
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "Rewrite this date in ISO format (YYYY-MM-DD), answer with the date only: the 2nd of July, 1998"  # the task's phrasing
+FOLLOW_UP = (
+    "And the 14th of March, 2001?"  # a second turn: each column answers with its own first answer in view
+)
 
 
 def main() -> None:
@@ -48,6 +52,11 @@ def main() -> None:
         page.screenshot(path=str(out / "ui-adapters.png"), full_page=True)
         _evaluate(page)
         page.screenshot(path=str(out / "ui-eval.png"), full_page=True)
+        print(
+            "evaluation:",
+            " | ".join(page.eval_on_selector_all("#eval-result tr", "rs => rs.map(r => r.innerText)")),
+        )
+        print("chat:", page.eval_on_selector_all("#chat-columns .chat-col", "cs => cs.map(c => c.innerText)"))
         browser.close()
     print(f"wrote {out}/ui-{{train,chat,adapters,eval}}.png")
 
@@ -80,13 +89,14 @@ def _chat(page) -> None:
     for box in page.query_selector_all("#chat-models input[type=checkbox]"):
         if not box.is_checked():
             box.click()
-    page.fill("#prompt", QUESTION)
     page.fill("#max-tokens", "24")
-    page.click("#send-btn")
-    page.wait_for_function(
-        "document.querySelectorAll('#chat-columns .turn-reply').length >= 2 && "
-        "!document.querySelector('#send-btn').disabled"
-    )
+    for turn, prompt in enumerate((QUESTION, FOLLOW_UP), 1):
+        page.fill("#prompt", prompt)
+        page.click("#send-btn")
+        page.wait_for_function(
+            f"document.querySelectorAll('#chat-columns .turn-reply').length >= {2 * turn} && "
+            "!document.querySelector('#send-btn').disabled"
+        )
 
 
 def _evaluate(page) -> None:

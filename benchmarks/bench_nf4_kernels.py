@@ -11,7 +11,7 @@ import time
 import torch
 
 from lorakit.quant import native
-from lorakit.quant.nf4 import NF4Linear, _scratch_weight
+from lorakit.quant.nf4 import NF4Linear, scratch_weight
 
 
 def best(fn, n: int = 5) -> float:
@@ -41,7 +41,7 @@ def main() -> None:
         w = torch.randn(out_f, in_f) * 0.02
         layer = NF4Linear.from_linear(_with_weight(in_f, out_f, w))
         for dtype in (torch.float32, torch.bfloat16):
-            ours = best(lambda dtype=dtype, layer=layer: _scratch_weight(layer, dtype))
+            ours = best(lambda dtype=dtype, layer=layer: scratch_weight(layer, dtype))
             old = native.set_enabled(False)
             torch_ops = best(lambda dtype=dtype, layer=layer: layer.dequantize(dtype))
             native.set_enabled(old)

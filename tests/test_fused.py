@@ -363,3 +363,61 @@ def test_mixed_precision_takes_the_fused_path_and_matches_plain(where):
     torch.testing.assert_close(lf, lp, rtol=2**-6, atol=0)
     for n in gf:
         torch.testing.assert_close(gf[n], gp[n], atol=gp[n].abs().max().item() * 2**-4, rtol=0, msg=n)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_a_4bit_base_trains_through_the_fused_layer_and_matches_plain(dropout):
+    """On a 4-bit NF4 base, training takes the fused layer with the weight dequantized for each use (forward and
+    again backward), and gives the plain path's loss and gradients (the same tolerance as above: the same
+    products in another order). Inference keeps the base's own forward (its matrix-vector product straight from
+    the codes for a few rows), so outputs under no_grad are the plain path's bit for bit."""
+    model = tiny_llama()
+    lorakit.quantize(model)
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets="all-linear", dropout=dropout))
+    randomize(model)
+    model.train()
+    q = model.model.layers[1].self_attn.q_proj
+    h = torch.randn(2, 3, 32, requires_grad=True)
+    assert "LoraLinear" in type(q(h).grad_fn).__name__
+    x = ids()
+    torch.manual_seed(5)
+    loss_f, grads_f = _loss_and_grads(model, x, use_fused=True)
+    if dropout:  # plain nn.Dropout draws other masks: the fused path is deterministic and does drop
+        torch.manual_seed(5)
+        assert torch.equal(loss_f, _loss_and_grads(model, x, use_fused=True)[0])
+        model.eval()
+        assert not torch.allclose(_loss_and_grads(model, x, use_fused=True)[0], loss_f)
+        return
+    loss_p, grads_p = _loss_and_grads(model, x, use_fused=False)
+    torch.testing.assert_close(loss_f, loss_p, atol=ATOL, rtol=RTOL)
+    assert grads_f.keys() == grads_p.keys() and grads_f
+    for n in grads_f:
+        torch.testing.assert_close(grads_f[n], grads_p[n], atol=ATOL, rtol=RTOL, msg=n)
+    model.eval()
+    with torch.no_grad():
+        fused.set_fused(True)
+        y_f = q(h)
+        fused.set_fused(False)
+        assert torch.equal(y_f, q(h))
+
+
+def test_the_fused_layer_on_a_4bit_base_keeps_no_dense_weight():
+    """What the fused node saves for backward: x, the rank-r product and the adapters, never a dense copy of the
+    4-bit weight (it is dequantized again in backward)."""
+    model = nn.Sequential(nn.Linear(64, 96, bias=True))
+    lorakit.quantize(model)
+    lorakit.inject(model, LoraConfig(r=4, targets=["0"]))
+    model.train()
+    x = torch.randn(5, 64, requires_grad=True)
+    shapes: list[tuple[int, ...]] = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    assert "LoraLinear" in type(out.grad_fn).__name__
+    assert (96, 64) not in shapes and (64, 96) not in shapes, shapes
+    out.sum().backward()
+    assert x.grad is not None and model[0].adapters["default"].lora_A.grad is not None

@@ -53,8 +53,8 @@ def test_native_kernels_equal_the_torch_ops_bit_for_bit(shape, double_quant, tor
         nf4._table("bounds", "cpu") * flat.abs().max()
     )  # values on midpoints: ties go to the lower level
     layer, got = _forms(w, double_quant)
-    got["scratch_fp32"] = nf4._scratch_weight(layer, torch.float32).clone()  # the training path: 8-bit block
-    got["scratch_bf16"] = nf4._scratch_weight(
+    got["scratch_fp32"] = nf4.scratch_weight(layer, torch.float32).clone()  # the training path: 8-bit block
+    got["scratch_bf16"] = nf4.scratch_weight(
         layer, torch.bfloat16
     ).clone()  # constants decoded in the kernel
     with torch_ops:

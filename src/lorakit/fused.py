@@ -21,6 +21,8 @@ Both have a plain-autograd fallback: `set_fused(False)` (or LORAKIT_FUSED=0) swi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -64,10 +66,11 @@ def fused_enabled() -> bool:
 
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scaling: float, p: float, seed: int):
+    def forward(ctx, x, weight, bias, A, B, scaling: float, p: float, seed: int, weight_of=None):
         k = x.shape[-1]
         x2 = x.reshape(-1, k)
-        out = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
+        w = weight if weight_of is None else weight_of(x.dtype)  # a 4-bit base: dense for this use only
+        out = torch.addmm(bias, x2, w.t()) if bias is not None else x2 @ w.t()
         keep = None
         if p == 0.0:
             xa = x2 @ A.t()  # (N, r)
@@ -77,7 +80,7 @@ class _LoraLinear(torch.autograd.Function):
             xa.mul_(dropout_scale(p))  # the dropout scale, applied on the rank side
         out.addmm_(xa, B.t(), alpha=scaling)
         ctx.save_for_backward(x, weight, A, B, xa, keep)
-        ctx.scaling, ctx.p = scaling, p
+        ctx.scaling, ctx.p, ctx.weight_of = scaling, p, weight_of
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -90,7 +93,7 @@ class _LoraLinear(torch.autograd.Function):
         scale = dropout_scale(p) if keep is not None else 1.0
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ weight
+            grad_x = g @ (weight if ctx.weight_of is None else ctx.weight_of(g.dtype))  # dequantized again
             if keep is None:
                 grad_x.addmm_(gb, A, alpha=s)
             else:
@@ -103,7 +106,7 @@ class _LoraLinear(torch.autograd.Function):
             grad_a = (gb.t() @ xd).mul_(s * scale)
         if ctx.needs_input_grad[4]:
             grad_b = (g.t() @ xa).mul_(s)
-        return grad_x, None, None, grad_a, grad_b, None, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, None, None
 
 
 def lora_linear(
@@ -120,17 +123,60 @@ def lora_linear(
     Mixed precision follows autocast: under `torch.autocast` every operand is cast to the autocast dtype, and
     without it a 16-bit base takes float32 adapters (the optimizer's master weights) cast to its dtype. Either
     way the casts are autograd ops, so the adapters' gradients come back in float32."""
+    return _lora(x, base.weight, None, base.bias, A, B, scaling, dropout, training)
+
+
+def lora_linear_dense(
+    x: torch.Tensor,
+    weight_of: Callable[[torch.dtype], torch.Tensor],
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    training: bool = True,
+) -> torch.Tensor:
+    """`lora_linear` for a frozen base that stores its weight in another form (a 4-bit NF4 layer):
+    ``weight_of(dtype)`` gives the dense weight for one use, in the forward and again in the backward, so no
+    dense copy lives between the passes (what the base's own training forward does, lorakit.quant.nf4)."""
+    return _lora(x, None, weight_of, bias, A, B, scaling, dropout, training)
+
+
+def _lora(x, weight, weight_of, bias, A, B, scaling, dropout, training) -> torch.Tensor:
     p = dropout if training else 0.0
     seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0 else 0
     kind = x.device.type
     if torch.is_autocast_enabled(kind):
         dt = torch.get_autocast_dtype(kind)
         with torch.autocast(kind, enabled=False):
-            w, b = base.weight.to(dt), None if base.bias is None else base.bias.to(dt)
-            return _LoraLinear.apply(x.to(dt), w, b, A.to(dt), B.to(dt), float(scaling), float(p), seed)
+            w = None if weight is None else weight.to(dt)
+            b = None if bias is None else bias.to(dt)
+            return _LoraLinear.apply(
+                x.to(dt), w, b, A.to(dt), B.to(dt), float(scaling), float(p), seed, weight_of
+            )
     if A.dtype != x.dtype:
         A, B = A.to(x.dtype), B.to(x.dtype)
-    return _LoraLinear.apply(x, base.weight, base.bias, A, B, float(scaling), float(p), seed)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    return _LoraLinear.apply(x, weight, bias, A, B, float(scaling), float(p), seed, weight_of)
+
+
+def can_fuse_dense(base: nn.Module, x: torch.Tensor, A: torch.Tensor) -> bool:
+    """Whether `lora_linear_dense` computes what the plain path would for a base whose handler gives a dense
+    weight: in training only (inference keeps the base's own forward, which for a 4-bit base multiplies a few
+    rows straight from the codes), plain float tensors, a frozen bias."""
+    if not torch.is_grad_enabled() or base._forward_hooks or base._forward_pre_hooks:
+        return False
+    bias = getattr(base, "bias", None)
+    if bias is not None and bias.requires_grad:
+        return False
+    if type(A.data) is not torch.Tensor or type(x) is not torch.Tensor:
+        return False
+    if not (x.is_floating_point() and A.is_floating_point()):
+        return False
+    if torch.is_autocast_enabled(x.device.type):
+        return True
+    return A.dtype == x.dtype or (A.dtype == torch.float32 and x.element_size() == 2)
 
 
 def can_fuse(base: nn.Module, x: torch.Tensor, A: torch.Tensor, *, mixed: bool = True) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import math
 import sys
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -70,6 +71,12 @@ class Handler:
     def base_nobias(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """W0·x without bias (DoRA needs it when dropout changed x)."""
         return F.linear(x, base.weight)
+
+    def dense_weight(self, base: nn.Module) -> Callable[[torch.dtype], torch.Tensor] | None:
+        """For a base that stores its weight in another form (4 bits): a function that gives the weight, dense,
+        in a dtype, for one use at once (it may reuse a buffer), so that training can run the fused LoRA layer
+        on it (lorakit.fused). None: no such function (nn.Linear's own weight is used directly)."""
+        return None
 
     def init(self, A: torch.Tensor, B: torch.Tensor, init: str, r: int) -> None:
         if init == "random":

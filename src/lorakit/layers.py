@@ -319,12 +319,21 @@ class LoraLayer(nn.Module):
         return out
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor | None:
-        """One plain adapter on a frozen nn.Linear: the fused autograd function (None: take the plain path)."""
+        """One plain adapter on a frozen nn.Linear, or in training on a base whose handler gives its weight dense
+        (a 4-bit one): the fused autograd function (None: take the plain path)."""
         name, w = self._run[0]
         adapter = self.adapters[name]
-        if type(adapter.variant) is not Variant or not fused.can_fuse(self.base_layer, x, adapter.lora_A):
+        if type(adapter.variant) is not Variant:
             return None
         drop = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) else 0.0
+        if not fused.can_fuse(self.base_layer, x, adapter.lora_A):
+            weight_of = self.handler.dense_weight(self.base_layer)
+            if weight_of is None or not fused.can_fuse_dense(self.base_layer, x, adapter.lora_A):
+                return None
+            bias = getattr(self.base_layer, "bias", None)
+            return fused.lora_linear_dense(
+                x, weight_of, bias, adapter.lora_A, adapter.lora_B, adapter.scaling * w, drop, self.training
+            )
         if self.group is not None and fused.groups_enabled() and (drop == 0.0 or not self.training):
             y = self.group.forward(self, x)
             if y is not None:

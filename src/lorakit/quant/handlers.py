@@ -5,13 +5,16 @@ use: DoRA norms, export), and merging into them is refused, since it would have 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lorakit.handlers import LinearHandler, RefusedHandler, register_handler
 from lorakit.quant import bnb as bnb_interop
-from lorakit.quant.nf4 import NF4Linear
+from lorakit.quant.nf4 import NF4Linear, scratch_weight
 
 
 class QuantLinearHandler(LinearHandler):
@@ -31,6 +34,11 @@ class QuantLinearHandler(LinearHandler):
     def base_nobias(self, base: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, base.dequantize(x.dtype))
 
+    def dense_weight(self, base: nn.Module) -> Callable[[torch.dtype], torch.Tensor] | None:
+        """The weight dequantized by the native kernels into a per-thread buffer, as the layer's own training
+        forward does (`scratch_weight`): the fused LoRA layer uses it at once, forward and again backward."""
+        return functools.partial(scratch_weight, base) if type(base) is NF4Linear else None
+
     def merge_refusal(self, base: nn.Module) -> str | None:
         return (
             f"cannot merge into a 4-bit base layer ({type(base).__name__}): the merged weight W0 + ΔW would have "
@@ -41,7 +49,11 @@ class QuantLinearHandler(LinearHandler):
 
 
 class Bnb4bitHandler(QuantLinearHandler):
-    """bitsandbytes' `Linear4bit` (transformers' `BitsAndBytesConfig(load_in_4bit=True)`), NF4 or FP4."""
+    """bitsandbytes' `Linear4bit` (transformers' `BitsAndBytesConfig(load_in_4bit=True)`), NF4 or FP4. Its
+    forward stays bitsandbytes' own (its compute dtype, its kernels): no fused layer."""
+
+    def dense_weight(self, base: nn.Module) -> None:
+        return None
 
     def weight(self, base: nn.Module) -> torch.Tensor:
         return bnb_interop.dequantize_linear4bit(base, bnb_interop.weight_dtype(base))

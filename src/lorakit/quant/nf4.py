@@ -203,7 +203,7 @@ def _rows(layer: NF4Linear, dtype: torch.dtype, first: int, last: int) -> torch.
     return out if native.dequant_into(layer.qweight, absmax, layer.block_size, out, nested, block) else None
 
 
-def _scratch_weight(layer: NF4Linear, dtype: torch.dtype) -> torch.Tensor:
+def scratch_weight(layer: NF4Linear, dtype: torch.dtype) -> torch.Tensor:
     """`layer`'s whole weight in `dtype`, dequantized by the native kernels into a buffer that this thread reuses
     for every layer (so a step allocates, and page-faults, no weight-sized memory); a fresh tensor where the
     kernels do not apply. The result is only valid until the next call in this thread: use it at once."""
@@ -221,11 +221,11 @@ class _DequantLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
         ctx.layer = layer
-        return F.linear(x, _scratch_weight(layer, x.dtype))
+        return F.linear(x, scratch_weight(layer, x.dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad @ _scratch_weight(ctx.layer, grad.dtype), None
+        return grad @ scratch_weight(ctx.layer, grad.dtype), None
 
 
 class NF4Linear(nn.Module):
@@ -366,7 +366,7 @@ class NF4Linear(nn.Module):
             if y is not None:
                 y = y.view(*x.shape[:-1], self.out_features)
                 return y if bias is None else y + bias
-        return F.linear(x, _scratch_weight(self, x.dtype), bias)
+        return F.linear(x, scratch_weight(self, x.dtype), bias)
 
     def extra_repr(self) -> str:
         return (

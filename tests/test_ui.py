@@ -359,6 +359,57 @@ def test_a_job_can_be_cancelled_and_leaves_nothing_behind(ui, http, trained):
     assert http.get("/health").status_code == 200 and ui["proc"].poll() is None
 
 
+def test_runs_and_workspace_entries_can_be_deleted_and_nothing_else(ui, http, trained):
+    ws = ui["ws"]
+    values = {**SMALL_RUN, "train": {"steps": "2", "batch_size": "2"}}
+    assert http.post("/api/runs", json={"name": "gone", "values": values}).status_code == 200
+    assert "is running: stop it first" in _error(http.delete("/api/runs/gone"), 409)
+    assert wait_for(http, "/api/runs/gone", lambda s: s["status"] not in ("starting", "running"))[
+        "status"
+    ] == ("finished")
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "gone", "lora_path": "runs/gone/adapter"})
+    assert r.status_code == 200, r.text
+    assert "adapter 'gone' is loaded from it: unload it first" in _error(http.delete("/api/runs/gone"), 409)
+    assert http.post("/v1/unload_lora_adapter", json={"lora_name": "gone"}).status_code == 200
+    assert http.delete("/api/runs/gone").json() == {"deleted": "runs/gone"}
+    assert not (ws / "runs" / "gone").exists() and "gone" not in [
+        r["name"] for r in http.get("/api/runs").json()["runs"]
+    ]
+    assert not [p for p in (ws / "runs").iterdir() if p.name.startswith(".")]  # nothing half-deleted left
+    assert "no run named" in _error(http.delete("/api/runs/gone"), 404)
+    # workspace entries: a data file, and a combined adapter (refused while it is loaded)
+    assert (
+        http.post("/api/upload", params={"name": "del.jsonl"}, content=b'{"text": "x"}\n').status_code == 200
+    )
+    assert http.delete("/api/files", params={"path": "data/del.jsonl"}).json() == {
+        "deleted": "data/del.jsonl"
+    }
+    assert not (ws / "data" / "del.jsonl").exists()
+    assert http.post("/api/combine", json={"sources": [trained], "out": "delme"}).status_code == 200
+    assert (
+        http.post(
+            "/v1/load_lora_adapter", json={"lora_name": "dm", "lora_path": "adapters/delme"}
+        ).status_code
+        == 200
+    )
+    assert "unload it first" in _error(http.delete("/api/files", params={"path": "adapters/delme"}), 409)
+    assert http.post("/v1/unload_lora_adapter", json={"lora_name": "dm"}).status_code == 200
+    assert http.delete("/api/files", params={"path": "adapters/delme"}).status_code == 200
+    assert not (ws / "adapters" / "delme").exists()
+    # a symlink goes, not what it points at
+    (ws / "exports" / "keep.txt").write_text("kept")
+    (ws / "data" / "link.jsonl").symlink_to(ws / "exports" / "keep.txt")
+    assert http.delete("/api/files", params={"path": "data/link.jsonl"}).status_code == 200
+    assert (
+        not (ws / "data" / "link.jsonl").is_symlink() and (ws / "exports" / "keep.txt").read_text() == "kept"
+    )
+    # never a run's files, a top folder, or anything outside; a missing entry is a 404
+    for path in ("runs/t1", "runs/t1/adapter", "data", "jobs", "../outside/secret.jsonl", "/etc/passwd"):
+        assert "refused" in _error(http.delete("/api/files", params={"path": path}), 403), path
+    assert (ws / "runs" / "t1" / "adapter").is_dir() and (ui["tmp"] / "outside" / "secret.jsonl").is_file()
+    assert "no such file" in _error(http.delete("/api/files", params={"path": "data/none.jsonl"}), 404)
+
+
 def test_the_workspace_lists_what_the_page_can_pick(http, trained):
     listing = http.get("/api/workspace").json()
     assert {"path": "runs/t1/adapter"} in listing["adapters"]

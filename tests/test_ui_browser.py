@@ -1,12 +1,15 @@
 """The playground's page in a real headless Chromium (Debian's package, driven by Playwright), against a real
 `lorakit ui` on a tiny model with the real tokenizer (tests/uiserver.py), with an API key the page asks for.
 
-One walk through the page, as a person would: key, train from the form, watch the curve grow, stop, resume (the
-reopened stream continues after its last event), chat with the base and the adapter side by side for two turns,
-load and unload an adapter, cancel an evaluation, and see a path out of the workspace refused. Every wait has a deadline; a failure saves a screenshot beside the server's log.
+One walk through the page, as a person would: key, train from the form, watch the curve grow, stop, resume, see
+the streams reopened after a view change continue after their last event, chat with the base and the adapter
+side by side for two turns, cancel an evaluation, load and unload an adapter, see a path out of the workspace
+refused, and delete the run. Every wait has a deadline; a failure saves a screenshot beside the server's log.
 """
 
 from __future__ import annotations
+
+import time
 
 import httpx
 import pytest
@@ -109,8 +112,17 @@ def _walk(page, url: str) -> None:
     # and at the end
     page.wait_for_function("window.lorakitChart.steps('b1', true).includes(300)")
     assert page.evaluate("window.lorakitChart.steps('b1', true)") == [0, 100, 200, 300]
-    # the stream reopened for the resumed process asked only for what came after the records it had
+    # leaving the Train view closes its streams, and coming back reopens them asking only for what came after
+    # the records they had (Last-Event-ID). (Resume may reopen one too, or keep the same connection when the
+    # resumed process starts before the server's stream noticed the stop: that depends on timing.)
+    page.click("#tab-chat")
+    page.click("#tab-train")
+    deadline = time.monotonic() + 30
+    while not resumed_after and time.monotonic() < deadline:
+        page.wait_for_timeout(100)
     assert resumed_after and all(int(i) > 0 for i in resumed_after), resumed_after
+    page.wait_for_timeout(1000)
+    assert page.evaluate("window.lorakitChart.steps('b1')") == list(range(1, 301))
 
     # 6. load the run's adapter from the workspace
     _load(page, "b1", "runs/b1/adapter")
@@ -182,6 +194,13 @@ def _walk(page, url: str) -> None:
     page.click("#tab-train")
     page.wait_for_selector("#runs-list >> text=b1")
 
+    # 8. delete the run from the page (after its confirmation): gone from the list and from the workspace
+    page.click("#runs-list .run-link:has-text('b1')")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#delete-btn")
+    page.wait_for_function("!document.querySelector('#runs-list').textContent.includes('b1')")
+    assert "b1" not in [r["name"] for r in _get(url, "/api/runs")["runs"]]
+
 
 def _greedy(url: str, model: str, messages: list[dict]) -> str:
     """The server's answer to `messages` at the page's settings (8 tokens, temperature 0, top_p 1)."""
@@ -191,6 +210,12 @@ def _greedy(url: str, model: str, messages: list[dict]) -> str:
     )
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["message"]["content"]
+
+
+def _get(url: str, path: str) -> dict:
+    r = httpx.get(url + path, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
 
 
 def _load(page, name: str, path: str) -> None:

@@ -14,6 +14,7 @@ import asyncio
 import itertools
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ class _Routes:
             ("/runs/{name}/resume", self.resume_run, "POST"),
             ("/runs/{name}/config.yaml", self.run_config, "GET"),
             ("/runs/{name}/events", self.run_events, "GET"),
+            ("/runs/{name}", self.delete_run, "DELETE"),
             ("/adapters", self.adapters, "GET"),
             ("/mix", self.mix, "POST"),
             ("/combine", self.combine, "POST"),
@@ -88,6 +90,7 @@ class _Routes:
             ("/jobs/{job_id}", self.job, "GET"),
             ("/jobs/{job_id}/cancel", self.cancel_job, "POST"),
             ("/download", self.download, "GET"),
+            ("/files", self.delete_file, "DELETE"),
         ]:
             r.add_api_route(path, fn, methods=[method])
         return r
@@ -187,6 +190,10 @@ class _Routes:
 
     async def stop_run(self, name: str) -> dict[str, Any]:
         return self.runs.stop(name)
+
+    async def delete_run(self, name: str) -> dict[str, Any]:
+        await asyncio.to_thread(self.runs.delete, name, self._loaded_from)
+        return {"deleted": f"runs/{name}"}
 
     async def resume_run(self, name: str) -> dict[str, Any]:
         return await asyncio.to_thread(self.runs.resume, name)
@@ -419,6 +426,20 @@ class _Routes:
 
     async def cancel_job(self, job_id: str) -> dict[str, Any]:
         return self.jobs.cancel(job_id)
+
+    async def delete_file(self, path: str = "") -> dict[str, Any]:
+        return {"deleted": await asyncio.to_thread(self.ws.remove, path, self._loaded_from)}
+
+    def _loaded_from(self, real: Path) -> str | None:
+        """Why `real` may not be deleted: an adapter is loaded from it or from inside it (None: it may)."""
+        for name in self.bank.names():
+            path = self.bank.paths.get(name)
+            if path is None:
+                continue
+            loaded = Path(os.path.realpath(path))
+            if loaded == real or real in loaded.parents:
+                return f"adapter {name!r} is loaded from it: unload it first"
+        return None
 
     async def download(self, path: str = "") -> FileResponse:
         real, filename = await asyncio.to_thread(self.ws.download, path)

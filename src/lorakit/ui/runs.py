@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from lorakit.serve import protocol as P
 from lorakit.train.checkpoint import latest_checkpoint
 from lorakit.train.config import SHORTHANDS, load_config, read_yaml, save_config
 from lorakit.train.loop import read_metrics
-from lorakit.ui.workspace import Workspace, check_name
+from lorakit.ui.workspace import Workspace, check_name, discard
 
 LOCKED = {("train", "out_dir"), ("train", "resume")}
 """Fields the UI sets itself: the run folder is runs/<name>, resuming is the Resume button."""
@@ -123,6 +124,21 @@ class Runs:
             live.proc.send_signal(signal.SIGINT)
         return self.state(name)
 
+    def delete(self, name: str, in_use: Callable[[Path], str | None]) -> None:
+        """Delete a run's folder (checkpoints, adapter, curves): 409 while it runs or while an adapter is loaded
+        from it (`in_use` gives the reason)."""
+        folder = self.folder(name)
+        with self.lock:
+            if not (folder / "request.yaml").is_file():
+                raise P.APIError(404, f"no run named {name!r}", "not_found", "name")
+            if self.running(name):
+                raise P.APIError(409, f"run {name!r} is running: stop it first", "running", "name")
+            reason = in_use(folder)
+            if reason:
+                raise P.APIError(409, f"run {name!r}: {reason}", "in_use", "name")
+            discard(folder)
+            self.live.pop(name, None)
+
     def resume(self, name: str) -> dict[str, Any]:
         folder = self.folder(name)
         with self.lock:
@@ -181,7 +197,9 @@ class Runs:
 
     def names(self) -> list[str]:
         return sorted(
-            d.name for d in (self.ws.root / "runs").iterdir() if d.is_dir() and (d / "request.yaml").is_file()
+            d.name
+            for d in (self.ws.root / "runs").iterdir()
+            if d.is_dir() and not d.name.startswith(".") and (d / "request.yaml").is_file()
         )
 
     def state(self, name: str) -> dict[str, Any]:

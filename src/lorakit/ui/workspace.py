@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
+import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,8 @@ from lorakit.formats import CONFIG_NAME
 from lorakit.serve import protocol as P
 
 FOLDERS = ("data", "runs", "adapters", "mixes", "exports", "jobs")
+DELETABLE = ("data", "adapters", "mixes", "exports")
+"""The folders whose entries the page may delete (a run is deleted as a run: `Runs.delete`)."""
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """A run's, an upload's or an output's name: a single path component, no dot-files."""
 SCAN_DEPTH = 4
@@ -123,6 +128,29 @@ class Workspace:
         walk(self.root, SCAN_DEPTH)
         return [f for f in found if "/checkpoints/" not in f["path"]]
 
+    # -- deleting ----------------------------------------------------------------------------------------------
+
+    def remove(self, rel: Any, in_use: Callable[[Path], str | None]) -> str:
+        """Delete a file or folder of data/, adapters/, mixes/ or exports/; a symlink there goes, not what it
+        points at. 403 elsewhere (or for those folders themselves), 409 where `in_use(real path)` gives a reason
+        (an adapter loaded from it). Returns the workspace-relative path that went."""
+        real = self.path(rel, what="path")
+        link = self.root / rel
+        parts = Path(rel).parts
+        if len(parts) != 2 or parts[0] not in DELETABLE:
+            raise P.APIError(
+                403,
+                f"path {rel!r} refused: only the entries of {', '.join(f'{d}/' for d in DELETABLE)} can be "
+                "deleted here (a run is deleted from the runs list)",
+                "path_refused",
+                "path",
+            )
+        reason = None if link.is_symlink() else in_use(real)
+        if reason:
+            raise P.APIError(409, f"{rel}: {reason}", "in_use", "path")
+        discard(link)
+        return str(rel)
+
     # -- uploads and downloads ---------------------------------------------------------------------------------
 
     def save_upload(self, name: Any, data: bytes) -> tuple[str, int]:
@@ -161,6 +189,17 @@ class Workspace:
 
         atomic_write(out, write)
         return out, real.name + ".zip"
+
+
+def discard(path: Path) -> None:
+    """Remove a file, a symlink or a folder: first renamed to a dot-name beside it (one atomic step, so no listing
+    ever shows it half-deleted), then deleted."""
+    tmp = path.with_name(f".deleting-{path.name}-{os.getpid()}-{secrets.token_hex(4)}")
+    os.rename(path, tmp)
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
 
 
 def _size(p: Path) -> int:

@@ -335,6 +335,28 @@ function fillAdapterSelect(select) {
   restoreChoice(select, previous);
 }
 
+const DELETABLE = ["data", "adapters", "mixes", "exports"];
+
+/** A delete button for a workspace entry the server lets the page delete (an entry of DELETABLE's folders). */
+function deleteButton(path) {
+  const parts = path.split("/");
+  if (parts.length !== 2 || !DELETABLE.includes(parts[0])) return null;
+  return el("button", {
+    type: "button",
+    class: "link delete-file",
+    title: `delete ${path}`,
+    text: "delete",
+    dataset: { path },
+    onclick: (event) => {
+      if (!confirm(`Delete ${path}?`)) return;
+      busy(event.target, "adapters", async () => {
+        await request(`/api/files?path=${enc(path)}`, { method: "DELETE" });
+        await refreshWorkspace();
+      });
+    },
+  });
+}
+
 function renderWorkspaceFiles() {
   const ws = state.workspace;
   const group = (title, items, describe) =>
@@ -343,7 +365,7 @@ function renderWorkspaceFiles() {
       { class: "file-group" },
       el("h3", { text: title }),
       items.length
-        ? el("ul", { class: "files" }, ...items.map((item) => el("li", {}, fileLink(item.path, item.path), describe(item))))
+        ? el("ul", { class: "files" }, ...items.map((item) => el("li", {}, fileLink(item.path, item.path), describe(item), deleteButton(item.path))))
         : el("p", { class: "note", text: "none" }),
     );
   const size = (item) => el("span", { class: "note", text: ` ${fmtBytes(item.size)}` });
@@ -786,6 +808,7 @@ function updateRunButtons() {
   $("#resume-btn").disabled =
     !idle || LIVE.has(run?.status) || run?.status === "finished" || run?.has_checkpoint === false;
   $("#config-btn").disabled = !runs.current;
+  $("#delete-btn").disabled = !idle || LIVE.has(run?.status);
 }
 
 /** Run Start/Stop/Resume: POST, merge the run it answers, make it current. */
@@ -817,6 +840,23 @@ $("#start-btn").addEventListener("click", (event) => {
 });
 $("#stop-btn").addEventListener("click", (e) => runAction(e.target, `/api/runs/${enc(runs.current)}/stop`));
 $("#resume-btn").addEventListener("click", (e) => runAction(e.target, `/api/runs/${enc(runs.current)}/resume`));
+
+$("#delete-btn").addEventListener("click", (event) => {
+  const name = runs.current;
+  if (!name || !confirm(`Delete run ${name}, with its checkpoints, adapter and curves?`)) return;
+  busy(event.target, "train", async () => {
+    await request(`/api/runs/${enc(name)}`, { method: "DELETE" });
+    runs.streams.get(name)?.controller.abort();
+    runs.streams.delete(name);
+    runs.overlays.delete(name);
+    runs.list = runs.list.filter((r) => r.name !== name);
+    runs.current = null;
+    $("#run-details").hidden = true;
+    await refreshRuns();
+    ensureStreams();
+    await refreshWorkspace();
+  });
+});
 
 $("#config-btn").addEventListener("click", (event) =>
   busy(event.target, "train", async () => renderRunDetails(await getJSON(`/api/runs/${enc(runs.current)}`), true)),

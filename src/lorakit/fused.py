@@ -164,8 +164,29 @@ def _lora(x, weight, weight_of, bias, A, B, scaling, dropout, training) -> torch
 def can_fuse_dense(base: nn.Module, x: torch.Tensor, A: torch.Tensor) -> bool:
     """Whether `lora_linear_dense` computes what the plain path would for a base whose handler gives a dense
     weight: in training only (inference keeps the base's own forward, which for a 4-bit base multiplies a few
-    rows straight from the codes), plain float tensors, a frozen bias."""
-    if not torch.is_grad_enabled() or base._forward_hooks or base._forward_pre_hooks:
+    rows straight from the codes), and a call both fused paths take (`_fusable_call`)."""
+    return torch.is_grad_enabled() and _fusable_call(base, x, A, mixed=True)
+
+
+def can_fuse(base: nn.Module, x: torch.Tensor, A: torch.Tensor, *, mixed: bool = True) -> bool:
+    """Whether `lora_linear` computes what the plain path would for this call. `mixed`: also under autocast,
+    and with float32 adapters on a 16-bit base (cast to its dtype, as autocast would)."""
+    if type(base) is not nn.Linear:
+        return False
+    w = base.weight
+    # a frozen weight, a plain tensor (no DTensor / quantized / meta subclass), in x's dtype unless autocast picks
+    if w.requires_grad or type(w.data) is not torch.Tensor or not w.is_floating_point():
+        return False
+    if not torch.is_autocast_enabled(x.device.type) and x.dtype != w.dtype:
+        return False
+    return _fusable_call(base, x, A, mixed=mixed)
+
+
+def _fusable_call(base: nn.Module, x: torch.Tensor, A: torch.Tensor, *, mixed: bool) -> bool:
+    """What both fused paths need of a call: no hooks on the base, a frozen bias, plain floating-point x and
+    adapters, and adapters in x's dtype (with `mixed`: also under autocast, or float32 adapters on a 16-bit x,
+    cast as autocast would)."""
+    if base._forward_hooks or base._forward_pre_hooks:
         return False
     bias = getattr(base, "bias", None)
     if bias is not None and bias.requires_grad:
@@ -174,29 +195,9 @@ def can_fuse_dense(base: nn.Module, x: torch.Tensor, A: torch.Tensor) -> bool:
         return False
     if not (x.is_floating_point() and A.is_floating_point()):
         return False
-    if torch.is_autocast_enabled(x.device.type):
-        return True
-    return A.dtype == x.dtype or (A.dtype == torch.float32 and x.element_size() == 2)
-
-
-def can_fuse(base: nn.Module, x: torch.Tensor, A: torch.Tensor, *, mixed: bool = True) -> bool:
-    """Whether `lora_linear` computes what the plain path would for this call. `mixed`: also under autocast,
-    and with float32 adapters on a 16-bit base (cast to its dtype, as autocast would)."""
-    if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
-        return False
-    w = base.weight
-    if w.requires_grad or (base.bias is not None and base.bias.requires_grad):
-        return False
-    # plain tensors only (no DTensor / quantized / meta subclasses)
-    if type(w.data) is not torch.Tensor or type(A.data) is not torch.Tensor or type(x) is not torch.Tensor:
-        return False
-    if not (x.is_floating_point() and w.is_floating_point() and A.is_floating_point()):
-        return False
     if torch.is_autocast_enabled(x.device.type):  # autocast picks each op's dtype
         return mixed
-    if x.dtype != w.dtype:
-        return False
-    return A.dtype == w.dtype or (mixed and A.dtype == torch.float32 and w.element_size() == 2)
+    return A.dtype == x.dtype or (mixed and A.dtype == torch.float32 and x.element_size() == 2)
 
 
 # --------------------------------------------------------------------------------------------------------------

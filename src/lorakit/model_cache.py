@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lorakit.envflags import cache_root
-from lorakit.models import CONVERSION, DIGESTS, SOURCE_FILE, TMP_PREFIX
+from lorakit.models import CONVERSION, DIGESTS, SOURCE_FILE, TMP_PREFIX, is_complete
 
 _CONVERSION_NAME = re.compile(r"^.+-[0-9a-f]{12}$")
 """How lorakit names a converted model (the GGUF's stem, then its key)."""
@@ -96,14 +96,12 @@ def _models(models: Path) -> Iterable[Entry]:
     if not models.is_dir():
         return
     memos = _memos(models / DIGESTS)
-    now = time.time()
     for d in sorted(models.iterdir()):
         if d.name == DIGESTS:
             continue
         mtime = _mtime(d)
         if d.name.startswith(TMP_PREFIX):
-            young = now - mtime < TEMP_GRACE_S
-            yield Entry(d, "temporary", _size(d), mtime, None if young else "left by a killed conversion")
+            yield _temporary(d, "left by a killed conversion")
             continue
         source = _read_json(d / SOURCE_FILE) or {}
         if "generated" in source:  # a random-weight checkpoint of benchmarks/random_checkpoint.py
@@ -112,7 +110,7 @@ def _models(models: Path) -> Iterable[Entry]:
         if "sha256" not in source and not _CONVERSION_NAME.match(d.name):
             yield Entry(d, "folder", _size(d), mtime, None)  # not ours to judge: only --all removes it
             continue
-        if not (d / "config.json").is_file() or not any(d.glob("*.safetensors")):
+        if not is_complete(d):
             yield Entry(d, "model", _size(d), mtime, "incomplete conversion")
             continue
         if "sha256" not in source:
@@ -166,11 +164,9 @@ def _kernels(folder: Path) -> Iterable[Entry]:
     from lorakit.quant.native import kernel_path
 
     current = kernel_path(folder.parent)
-    now = time.time()
     for f in sorted(folder.iterdir()):
         if f.is_dir():  # a build's temporary folder
-            young = now - _mtime(f) < TEMP_GRACE_S
-            yield Entry(f, "temporary", _size(f), _mtime(f), None if young else "left by a killed build")
+            yield _temporary(f, "left by a killed build")
             continue
         mine = current is not None and f.name == current.name
         stale = None if mine else "built from other source, by another compiler or for another CPU"
@@ -183,6 +179,12 @@ def _probes(root: Path) -> Iterable[Entry]:
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _temporary(path: Path, why: str) -> Entry:
+    """A temporary: stale (`why`) once older than TEMP_GRACE_S, before that perhaps still being written."""
+    mtime = _mtime(path)
+    return Entry(path, "temporary", _size(path), mtime, why if time.time() - mtime >= TEMP_GRACE_S else None)
 
 
 def _read_json(path: Path) -> dict | None:

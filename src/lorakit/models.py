@@ -68,11 +68,15 @@ def default_gguf_path() -> Path:
 
 def gguf_cache_dir(gguf: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """Return the cache folder for ``gguf``, keyed on its content (sha256) and the conversion's version."""
-    gguf = Path(gguf).resolve()
+    return _cache_target(Path(gguf).resolve(), cache_dir)[0]
+
+
+def _cache_target(gguf: Path, cache_dir: str | os.PathLike | None) -> tuple[Path, str]:
+    """(the cache folder of the resolved ``gguf``, its content's sha256)."""
     models = cache_root(cache_dir) / "models"
     digest = content_digest(gguf, models / DIGESTS)
     key = hashlib.sha256(f"{CONVERSION}\0{digest}".encode()).hexdigest()[:12]
-    return models / f"{gguf.stem}-{key}"
+    return models / f"{gguf.stem}-{key}", digest
 
 
 def content_digest(path: Path, memo_dir: Path) -> str:
@@ -156,19 +160,19 @@ def load_model(
 
 def _cached_gguf(gguf: Path, cache_dir: str | os.PathLike | None) -> Path:
     """Return the cache folder of ``gguf``, converting the file first if the cache is missing."""
-    target = gguf_cache_dir(gguf, cache_dir)
-    if _is_complete(target):
+    target, digest = _cache_target(gguf.resolve(), cache_dir)
+    if is_complete(target):
         logger.debug("using cached conversion %s of %s", target, gguf)
         return target
     if target.exists():
         logger.warning("discarding incomplete model cache %s", target)
         shutil.rmtree(target, ignore_errors=True)
     _sweep_stale_tmp(target)
-    _convert_gguf(gguf.resolve(), target)
+    _convert_gguf(gguf.resolve(), target, digest)
     return target
 
 
-def _is_complete(folder: Path) -> bool:
+def is_complete(folder: Path) -> bool:
     """Whether ``folder`` is a finished conversion (only ever true after the atomic rename)."""
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
@@ -184,7 +188,7 @@ def _sweep_stale_tmp(target: Path, max_age_s: float = 3600.0) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _convert_gguf(gguf: Path, target: Path) -> None:
+def _convert_gguf(gguf: Path, target: Path, digest: str) -> None:
     """Dequantise ``gguf`` into a temp folder next to ``target`` and rename it into place."""
     logger.info("converting %s to a Hugging Face folder (one-off, takes ~30 s)", gguf)
     try:
@@ -198,8 +202,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         try:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            source = {"gguf": str(gguf), "sha256": content_digest(gguf, target.parent / DIGESTS)}
-            (tmp / SOURCE_FILE).write_text(json.dumps({**source, "conversion": CONVERSION}, indent=1) + "\n")
+            source = {"gguf": str(gguf), "sha256": digest, "conversion": CONVERSION}
+            (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=1) + "\n")
             _make_readable(tmp)
             _publish(tmp, target)
         except OSError as exc:  # e.g. a full disk: nothing is published, the temp folder goes
@@ -258,7 +262,7 @@ def _publish(tmp: Path, target: Path) -> None:
     try:
         os.rename(tmp, target)
     except OSError:
-        if not _is_complete(target):
+        if not is_complete(target):
             raise
         logger.info("another process cached %s first; discarding this conversion", target)
 

@@ -37,7 +37,7 @@ class QuantLinearHandler(LinearHandler):
     def dense_weight(self, base: nn.Module) -> Callable[[torch.dtype], torch.Tensor] | None:
         """The weight dequantized by the native kernels into a per-thread buffer, as the layer's own training
         forward does (`scratch_weight`): the fused LoRA layer uses it at once, forward and again backward."""
-        return functools.partial(scratch_weight, base) if type(base) is NF4Linear else None
+        return functools.partial(scratch_weight, base)
 
     def merge_refusal(self, base: nn.Module) -> str | None:
         return (

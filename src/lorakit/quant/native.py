@@ -86,9 +86,10 @@ _GEMV_INT8 = os.environ.get(GEMV_ENV, "int8").strip().lower() != "fp32"
 
 def set_gemv_int8(enabled: bool) -> bool:
     """Decode through the int8 route where the kernels have one (`int8_route`: AVX512-VNNI or AVX2; True, the
-    default unless ``LORAKIT_GEMV=fp32``), or the fp32 one everywhere; returns the old value. The int8 route rounds each input
-    block of 64 to int8 against its absmax and each NF4 level to 1/127, as llama.cpp does with its 4-bit formats
-    and bitsandbytes does with bf16 inputs; the fp32 route is exact up to the order of the sums."""
+    default unless ``LORAKIT_GEMV=fp32``), or the fp32 one everywhere; returns the old value. The int8 route
+    rounds each input block of 64 to int8 against its absmax and each NF4 level to 1/127, as llama.cpp does with
+    its 4-bit formats and bitsandbytes does with bf16 inputs; the fp32 route is exact up to the order of the
+    sums."""
     global _GEMV_INT8
     old, _GEMV_INT8 = _GEMV_INT8, bool(enabled)
     return old

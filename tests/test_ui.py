@@ -80,6 +80,7 @@ def test_the_page_needs_no_key_and_the_api_does(ui, http):
     info = http.get("/api/info").json()
     assert info["base_name"] == "tiny" and info["auth"] and info["dtype"] == "float32"
     assert "cat" in info["combine_methods"] and info["tasks"] == ["dates"]
+    assert info["max_model_len"] == 512  # the tiny model's max_position_embeddings: no --max-model-len here
 
 
 def test_the_form_is_every_train_option_with_its_default_and_doc():

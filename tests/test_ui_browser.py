@@ -17,6 +17,7 @@ from uiserver import KEY, chromium_path, tiny_chat_model, ui_process
 
 pytestmark = pytest.mark.browser
 WAIT_MS = 120_000
+CONTEXT = 256  # the chat's context length (--max-model-len): a long third turn outgrows it
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,7 @@ def ui(tmp_path_factory, default_model_dir):
     model = tiny_chat_model(tmp / "tiny", default_model_dir)
     (tmp / "outside" / "evil").mkdir(parents=True)
     args = ["--model", str(model), "--workspace", str(tmp / "ws"), "--api-key", KEY, "--dtype", "float32"]
+    args += ["--max-model-len", str(CONTEXT)]
     with ui_process(args, tmp / "ui.log") as (url, _):
         yield url, tmp
 
@@ -55,14 +57,16 @@ def _shoot_on_failure(page, tmp, name: str):
 def test_a_walk_through_the_playground(ui, page):
     url, tmp = ui
     try:
-        _walk(page, url)
+        _walk(page, url, tmp / "tiny")
     except Exception:
         _shoot_on_failure(page, tmp, "failure")
         raise
 
 
-def _walk(page, url: str) -> None:
+def _walk(page, url: str, model_dir) -> None:
     resumed_after: list[str] = []  # the Last-Event-ID of each reopened event stream
+    chats: list[dict] = []  # the body of each chat request the page sent
+    page.on("request", lambda r: r.url.endswith("/v1/chat/completions") and chats.append(r.post_data_json))
     page.on(
         "request",
         lambda r: (
@@ -170,6 +174,16 @@ def _walk(page, url: str) -> None:
         assert reply2 == _greedy(url, model, history), model
     alone = [_greedy(url, m, [{"role": "user", "content": "And the year?"}]) for m, _ in cols]
     assert alone != [r[1] for _, r in cols], "the history changed no answer: this walk cannot tell"
+    conversations = {
+        model: [
+            {"role": "user", "content": "When is it?"},
+            {"role": "assistant", "content": reply1},
+            {"role": "user", "content": "And the year?"},
+            {"role": "assistant", "content": reply2},
+        ]
+        for model, (reply1, reply2) in cols
+    }
+    _outgrow_the_context(page, url, model_dir, chats, conversations)
 
     # an evaluation cancelled from the page: the button shows while it runs, the status says so, no result
     page.click("#tab-eval")
@@ -202,12 +216,73 @@ def _walk(page, url: str) -> None:
     assert "b1" not in [r["name"] for r in _get(url, "/api/runs")["runs"]]
 
 
-def _greedy(url: str, model: str, messages: list[dict]) -> str:
-    """The server's answer to `messages` at the page's settings (8 tokens, temperature 0, top_p 1)."""
-    body = {"model": model, "messages": messages, "max_tokens": 8, "temperature": 0, "top_p": 1}
-    r = httpx.post(
+def _outgrow_the_context(page, url: str, model_dir, chats: list[dict], conversations: dict) -> None:
+    """A third turn that fits the context alone but not with the conversation: each column leaves out its oldest
+    turns, as few as it must, says so, and shows the API's answer to what it sent. Then a prompt too long on its
+    own fails in each column, and the conversation stays as it was."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+
+    def needs(messages: list[dict]) -> int:  # as the server counts: prompt tokens plus max_tokens (8)
+        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return len(tok(text, add_special_tokens=False)["input_ids"]) + 8
+
+    def long(n: int) -> dict:
+        return {"role": "user", "content": "Tell me the date again. " * n}
+
+    n = 1  # the shortest such prompt that no column's whole conversation leaves room for
+    while min(needs([*c, long(n)]) for c in conversations.values()) <= CONTEXT:
+        n += 1
+    turn = long(n)
+    assert needs([turn]) <= CONTEXT, "the prompt alone must fit: this walk cannot tell"
+    chats.clear()
+    page.fill("#prompt", turn["content"])
+    page.click("#send-btn")
+    page.wait_for_function(
+        "[...document.querySelectorAll('#chat-columns .turn-reply')].length === 6"
+        " && !document.querySelector('#send-btn').disabled"
+    )
+    for model, conversation in conversations.items():
+        col = f"#chat-columns .chat-col[data-model='{model}']"
+        sent = [b["messages"] for b in chats if b["model"] == model]
+        assert sent[0] == [*conversation, turn], "the first try sends the whole conversation"
+        fitted = sent[-1]
+        left_out = len(conversation) + 1 - len(fitted)
+        assert left_out in (2, 4) and fitted == [*conversation[left_out:], turn], (model, fitted)
+        too_long = _post(url, {"model": model, "messages": sent[-2], "max_tokens": 8})  # one turn fewer out
+        assert too_long.status_code == 400 and "maximum context length" in too_long.text, too_long.text
+        replies = page.eval_on_selector_all(f"{col} .turn-reply", "els => els.map(e => e.textContent)")
+        assert replies[2] == _greedy(url, model, fitted), model
+        note = page.text_content(f"{col} .chat-trimmed")
+        assert page.is_visible(f"{col} .chat-trimmed") and f"The {left_out // 2} oldest turn" in note, note
+        assert f"context of {CONTEXT} tokens" in note, note
+
+    # a prompt that cannot fit even alone: the server's error in each column, the conversation kept
+    notes = page.eval_on_selector_all("#chat-columns .chat-trimmed", "els => els.map(e => e.textContent)")
+    page.fill("#prompt", "Tell me the date again. " * (2 * n))
+    page.click("#send-btn")
+    page.wait_for_function(
+        "[...document.querySelectorAll('#chat-columns .chat-col .error')].every(e => !e.hidden)"
+        " && !document.querySelector('#send-btn').disabled"
+    )
+    errors = page.eval_on_selector_all("#chat-columns .chat-col .error", "els => els.map(e => e.textContent)")
+    assert all(f"maximum context length is {CONTEXT} tokens" in e for e in errors), errors
+    assert page.input_value("#prompt").startswith("Tell me"), "a failed prompt stays in the box"
+    assert notes == page.eval_on_selector_all(
+        "#chat-columns .chat-trimmed", "els => els.map(e => e.textContent)"
+    )
+
+
+def _post(url: str, body: dict) -> httpx.Response:
+    return httpx.post(
         url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
     )
+
+
+def _greedy(url: str, model: str, messages: list[dict]) -> str:
+    """The server's answer to `messages` at the page's settings (8 tokens, temperature 0, top_p 1)."""
+    r = _post(url, {"model": model, "messages": messages, "max_tokens": 8, "temperature": 0, "top_p": 1})
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["message"]["content"]
 

@@ -8,7 +8,7 @@ import sys
 import time
 
 from lorakit.cli.common import MODEL_HELP, add_device
-from lorakit.cliargs import positive_float, tcp_port
+from lorakit.cliargs import positive_float, positive_int, tcp_port
 
 
 def configure_ui(p: argparse.ArgumentParser) -> None:
@@ -30,6 +30,12 @@ def configure_ui(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-upload-mb", type=positive_float, default=50.0, help="largest data upload, MB (default: 50)"
     )
+    p.add_argument(
+        "--max-model-len",
+        type=positive_int,
+        help="the chat's context length, prompt plus completion (default: the model's); a longer "
+        "conversation leaves out its oldest turns",
+    )
     add_device(p)
 
 
@@ -43,6 +49,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         port=args.port,
         api_key=args.api_key,
         max_upload_mb=args.max_upload_mb,
+        max_model_len=args.max_model_len,
         device=args.device,
         dtype=args.dtype,
     )

@@ -48,6 +48,9 @@ class UIConfig:
     """Most chat requests decoded together in one batch."""
     wait_ms: float = 50.0
     """How long a chat request waits for the others sent with it, to share one mixed batch."""
+    max_model_len: int | None = None
+    """The chat's context length, prompt plus completion (None: the model's max_position_embeddings). A
+    conversation that outgrows it leaves out its oldest turns."""
     device: str = "auto"
     """Where the chat model runs: auto, cpu, cuda or cuda:N."""
     dtype: str = "auto"
@@ -78,6 +81,7 @@ def build(config: UIConfig) -> FastAPI:
         adapter_root=str(ws.root),
         max_batch=config.max_batch,
         wait_ms=config.wait_ms,
+        max_model_len=config.max_model_len,
         device=config.device,
         dtype=config.dtype,
     )

@@ -113,6 +113,7 @@ class _Routes:
             "device": str(param.device),
             "dtype": dtype_name(param.dtype),
             "max_upload_mb": self.settings.max_upload_mb,
+            "max_model_len": self.engine.max_model_len,
             "combine_methods": list(METHODS),
             "tasks": sorted(TASKS),
             "auth": self.settings.api_key is not None,

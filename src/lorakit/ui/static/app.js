@@ -77,9 +77,10 @@ const state = {
 };
 
 class ApiError extends Error {
-  constructor(message, status = 0) {
+  constructor(message, status = 0, code = null) {
     super(message);
     this.status = status;
+    this.code = code; // the OpenAI-shaped error's code, such as "context_length_exceeded"
   }
 }
 
@@ -98,14 +99,16 @@ async function request(path, { method = "GET", json, body, headers = {}, signal 
 /** The OpenAI-shaped error body's message, or the HTTP status when there is none. */
 async function errorFrom(res) {
   let message = `${res.status} ${res.statusText}`.trim();
+  let code = null;
   try {
     const data = JSON.parse(await res.text());
     message = data?.error?.message || message;
+    code = data?.error?.code ?? null;
   } catch {
     /* not JSON: keep the status line */
   }
   if (res.status === 401) showAuth(message);
-  return new ApiError(message, res.status);
+  return new ApiError(message, res.status, code);
 }
 
 const getJSON = async (path, opts) => (await request(path, opts)).json();
@@ -1018,9 +1021,19 @@ $("#mix-weights").addEventListener("keydown", (event) => {
 function chatColumn(model) {
   if (!chat.columns.has(model)) {
     const out = el("pre", { class: "chat-out" });
+    const note = el("p", { class: "note chat-trimmed", hidden: true });
     const error = el("div", { class: "error", role: "alert", hidden: true });
-    const root = el("div", { class: "chat-col", dataset: { model } }, el("div", { class: "chat-head", text: model }), error, out);
-    chat.columns.set(model, { root, out, error, history: [] });
+    const root = el(
+      "div",
+      { class: "chat-col", dataset: { model } },
+      el("div", { class: "chat-head", text: model }),
+      note,
+      error,
+      out,
+    );
+    // history: the finished turns as chat messages; skip: how many of them (oldest first, whole turns) are left
+    // out of what is sent, because the conversation outgrew the model's context
+    chat.columns.set(model, { root, out, error, note, history: [], skip: 0 });
   }
   return chat.columns.get(model);
 }
@@ -1049,10 +1062,8 @@ $("#chat-form").addEventListener("submit", (event) => {
     $("#chat-columns").replaceChildren(...columns.map((c) => c.root));
     // all requests leave at once, so the server can batch them; each column sends its own conversation
     const turn = { role: "user", content: prompt };
-    const sent = columns.map((c) => {
-      const messages = [...(system.trim() ? [{ role: "system", content: system }] : []), ...c.history, turn];
-      return streamChat(c, { model: c.root.dataset.model, ...params, messages }, prompt);
-    });
+    const head = system.trim() ? [{ role: "system", content: system }] : [];
+    const sent = columns.map((c) => streamChat(c, { model: c.root.dataset.model, ...params }, head, turn));
     const replies = await Promise.all(sent);
     columns.forEach((c, i) => replies[i] !== null && c.history.push(turn, { role: "assistant", content: replies[i] }));
     if (replies.every((r) => r !== null)) $("#prompt").value = "";
@@ -1067,14 +1078,31 @@ $("#prompt").addEventListener("keydown", (event) => {
 });
 
 /** One turn in one column: the prompt, then the reply as it streams; resolves to the reply's text, or null
- * when it failed (the error stays in this column, and the turn stays out of its conversation). */
-async function streamChat(column, body, prompt) {
+ * when it failed (the error stays in this column, and the turn stays out of its conversation). The request
+ * carries the system prompt (`head`), the column's earlier turns and `turn`; when the server answers that this
+ * outgrows the model's context, the oldest turn is left out and the request sent again, down to `turn` alone. */
+async function streamChat(column, params, head, turn) {
   column.error.hidden = true;
   const reply = el("span", { class: "turn-reply" });
-  column.out.append(el("span", { class: "turn-prompt", text: `› ${prompt}\n` }), reply, "\n\n");
+  column.out.append(el("span", { class: "turn-prompt", text: `› ${turn.content}\n` }), reply, "\n\n");
   let text = "";
   try {
-    const res = await request("/v1/chat/completions", { method: "POST", json: body });
+    let res;
+    let skip = column.skip;
+    for (;;) {
+      const messages = [...head, ...column.history.slice(skip), turn];
+      try {
+        res = await request("/v1/chat/completions", { method: "POST", json: { ...params, messages } });
+        break;
+      } catch (err) {
+        if (err.code !== "context_length_exceeded" || skip >= column.history.length) throw err;
+        skip += 2; // the oldest turn left: its prompt and its reply
+      }
+    }
+    column.skip = skip; // kept only once a request fits: a failed turn leaves the conversation as it was
+    const left = skip / 2;
+    column.note.hidden = left === 0;
+    column.note.textContent = `The ${left} oldest turn${left === 1 ? " is" : "s are"} left out: the conversation outgrew the model's context of ${state.info?.max_model_len} tokens.`;
     await readSSE(res, (event, data) => {
       if (data.trim() === "[DONE]") return;
       const chunk = JSON.parse(data);

@@ -98,3 +98,47 @@ def trained_run(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "lorakit", "train", *args], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return out, proc.stdout
+
+
+# -- one real `lorakit ui` (tests/uiserver.py) for the HTTP tests of the playground (test_ui, test_ui_jobs) -------
+
+
+@pytest.fixture(scope="session")
+def ui(tmp_path_factory, default_model_dir):
+    """`lorakit ui` on a tiny model with the real tokenizer, an API key and a small upload limit, with a folder
+    outside its workspace holding a file it must never serve. {url, proc, ws, tmp}."""
+    from uiserver import KEY, UPLOAD_LIMIT_MB, tiny_chat_model, ui_process
+
+    tmp = tmp_path_factory.mktemp("ui")
+    model = tiny_chat_model(tmp / "tiny", default_model_dir)
+    ws = tmp / "ws"
+    (tmp / "outside").mkdir()
+    (tmp / "outside" / "secret.jsonl").write_text('{"text": "secret"}\n')
+    args = ["--model", str(model), "--workspace", str(ws), "--api-key", KEY]
+    args += ["--max-upload-mb", str(UPLOAD_LIMIT_MB), "--dtype", "float32"]
+    with ui_process(args, tmp / "ui.log") as (url, proc):
+        yield {"url": url, "proc": proc, "ws": ws, "tmp": tmp}
+
+
+@pytest.fixture(scope="session")
+def http(ui):
+    """An HTTP client of `ui` with its key."""
+    import httpx
+    from uiserver import KEY
+
+    with httpx.Client(base_url=ui["url"], headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def trained(http):
+    """A finished 30-step run "t1" of `ui` on the built-in task, its adapter loaded as "t1"."""
+    from uiserver import SMALL_RUN, wait_for
+
+    values = {**SMALL_RUN, "train": {"steps": "30", "batch_size": "2", "lr": "0.01"}}
+    assert http.post("/api/runs", json={"name": "t1", "values": values}).status_code == 200
+    state = wait_for(http, "/api/runs/t1", lambda s: s["status"] not in ("starting", "running"))
+    assert state["status"] == "finished", state
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "t1", "lora_path": "runs/t1/adapter"})
+    assert r.status_code == 200, r.text
+    return "t1"

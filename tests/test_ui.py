@@ -8,62 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import httpx
 import pytest
-from uiserver import KEY, events, tiny_chat_model, ui_process, wait_for
+from uiserver import SMALL_RUN, UPLOAD_LIMIT_MB, error, events, ui_process, wait_for
 
 from lorakit.serve import protocol as P
 from lorakit.train.config import load_config
 from lorakit.train.fields import field_specs
 from lorakit.ui.schema import form_schema
 from lorakit.ui.workspace import Workspace, check_name
-
-UPLOAD_LIMIT_MB = 0.02  # 20 KB: a test can exceed it cheaply
-
-
-@pytest.fixture(scope="module")
-def ui(tmp_path_factory, default_model_dir):
-    tmp = tmp_path_factory.mktemp("ui")
-    model = tiny_chat_model(tmp / "tiny", default_model_dir)
-    ws = tmp / "ws"
-    (tmp / "outside").mkdir()
-    (tmp / "outside" / "secret.jsonl").write_text('{"text": "secret"}\n')
-    args = ["--model", str(model), "--workspace", str(ws), "--api-key", KEY]
-    args += ["--max-upload-mb", str(UPLOAD_LIMIT_MB), "--dtype", "float32"]
-    with ui_process(args, tmp / "ui.log") as (url, proc):
-        yield {"url": url, "proc": proc, "ws": ws, "tmp": tmp}
-
-
-@pytest.fixture(scope="module")
-def http(ui):
-    with httpx.Client(base_url=ui["url"], headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as c:
-        yield c
-
-
-def _error(r: httpx.Response, status: int) -> str:
-    """The one-line message of an OpenAI-shaped error answer with `status`."""
-    assert r.status_code == status, (r.status_code, r.text[:500])
-    message = r.json()["error"]["message"]
-    assert "\n" not in message
-    return message
-
-
-SMALL_RUN = {"data": {"n_train": "64", "n_eval": "4"}, "eval": {"limit": "2", "max_new_tokens": "4"}}
-
-
-@pytest.fixture(scope="module")
-def trained(http):
-    """A finished 30-step run "t1" on the built-in task, its adapter loaded as "t1"."""
-    values = {**SMALL_RUN, "train": {"steps": "30", "batch_size": "2", "lr": "0.01"}}
-    assert http.post("/api/runs", json={"name": "t1", "values": values}).status_code == 200
-    state = wait_for(http, "/api/runs/t1", lambda s: s["status"] not in ("starting", "running"))
-    assert state["status"] == "finished", state
-    r = http.post("/v1/load_lora_adapter", json={"lora_name": "t1", "lora_path": "runs/t1/adapter"})
-    assert r.status_code == 200, r.text
-    return "t1"
-
 
 # -- the page, the key, the form -------------------------------------------------------------------------------
 
@@ -75,7 +29,7 @@ def test_the_page_needs_no_key_and_the_api_does(ui, http):
         assert f"static/{src}" in page.text
         assert httpx.get(f"{ui['url']}/static/{src}").status_code == 200
     assert "http://" not in page.text.replace("http://www.w3.org", "") and "https://" not in page.text
-    assert _error(httpx.get(ui["url"] + "/api/info"), 401).startswith("missing or wrong API key")
+    assert error(httpx.get(ui["url"] + "/api/info"), 401).startswith("missing or wrong API key")
     assert httpx.get(ui["url"] + "/v1/models").status_code == 401
     info = http.get("/api/info").json()
     assert info["base_name"] == "tiny" and info["auth"] and info["dtype"] == "float32"
@@ -110,14 +64,14 @@ def test_an_upload_is_checked_line_by_line_and_written_whole(ui, http):
     assert r.json() == {"path": "data/sums.jsonl", "examples": 2}
     assert (ui["ws"] / "data" / "sums.jsonl").read_bytes() == good
     bad = b'{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n'
-    message = _error(http.post("/api/upload", params={"name": "bad.jsonl"}, content=bad), 400)
+    message = error(http.post("/api/upload", params={"name": "bad.jsonl"}, content=bad), 400)
     assert message.startswith("bad.jsonl:2: unknown fields ['prompt']")
     assert not (ui["ws"] / "data" / "bad.jsonl").exists()
     big = b'{"text": "' + b"x" * int(UPLOAD_LIMIT_MB * 2**20) + b'"}\n'
-    assert "limit" in _error(http.post("/api/upload", params={"name": "big.jsonl"}, content=big), 413)
-    assert _error(http.post("/api/upload", params={"name": "sums.jsonl"}, content=good), 409)
+    assert "limit" in error(http.post("/api/upload", params={"name": "big.jsonl"}, content=big), 413)
+    assert error(http.post("/api/upload", params={"name": "sums.jsonl"}, content=good), 409)
     for name in ("../x.jsonl", "x.txt", ".hidden.jsonl", ""):
-        assert _error(http.post("/api/upload", params={"name": name}, content=good), 400)
+        assert error(http.post("/api/upload", params={"name": name}, content=good), 400)
     assert sorted(p.name for p in (ui["ws"] / "data").iterdir()) == ["sums.jsonl"]
 
 
@@ -144,7 +98,7 @@ def test_the_preview_marks_what_the_loss_learns(http):
 
 def test_bad_form_values_are_one_line_errors_and_start_nothing(ui, http):
     def start(values, name="bad", status=400):
-        return _error(http.post("/api/runs", json={"name": name, "values": values}), status)
+        return error(http.post("/api/runs", json={"name": name, "values": values}), status)
 
     assert start({"train": {"steps": "abc"}}) == "--train.steps: expected an integer, got 'abc'"
     assert "did you mean 'steps'" in start({"train": {"stepz": "3"}})
@@ -160,7 +114,7 @@ def test_a_run_streams_its_curve_stops_with_a_checkpoint_and_resumes(ui, http):
     values = {**SMALL_RUN, "train": {"steps": "400", "batch_size": "2", "save_every": "0"}}
     r = http.post("/api/runs", json={"name": "long", "values": values})
     assert r.status_code == 200 and r.json()["status"] == "starting"
-    assert _error(http.post("/api/runs", json={"name": "long", "values": values}), 409)
+    assert error(http.post("/api/runs", json={"name": "long", "values": values}), 409)
 
     def running_with_points(pairs) -> bool:
         points = sum(k == "metric" and "loss" in d for k, d in pairs)
@@ -175,10 +129,10 @@ def test_a_run_streams_its_curve_stops_with_a_checkpoint_and_resumes(ui, http):
     stopped = wait_for(http, "/api/runs/long", lambda s: s["status"] not in ("running", "stopping"))
     assert stopped["status"] == "stopped" and stopped["has_checkpoint"], stopped
     assert 5 <= stopped["step"] < 400
-    assert _error(http.post("/api/runs/long/stop"), 409)
+    assert error(http.post("/api/runs/long/stop"), 409)
 
     assert http.post("/api/runs/long/resume").json()["status"] in ("starting", "running")
-    assert _error(http.post("/api/runs/long/resume"), 409)  # running already
+    assert error(http.post("/api/runs/long/resume"), 409)  # running already
     done = wait_for(http, "/api/runs/long", lambda s: s["status"] not in ("starting", "running"), timeout=300)
     assert done["status"] == "finished" and done["summary"]["after"], done
     # the page replays the whole curve after a reload: every step once, the resumed ones continuing the count
@@ -221,7 +175,7 @@ def test_a_reconnecting_stream_resumes_after_its_last_event_id(ui, http, trained
     # an offset that is not a line end this stream gave out: one line, naming the header and the file
     for bad in ("x", "-1", str(len(metrics) + 1), str(int(every[0][0]) - 1), b"\xb2", "1e3"):
         r = http.get(f"/api/runs/{trained}/events", headers={"Last-Event-ID": bad})
-        assert "Last-Event-ID" in _error(r, 400) and "metrics.jsonl" in r.json()["error"]["message"], bad
+        assert "Last-Event-ID" in error(r, 400) and "metrics.jsonl" in r.json()["error"]["message"], bad
 
 
 def test_a_crashing_run_fails_alone_with_its_error(ui, http):
@@ -229,7 +183,7 @@ def test_a_crashing_run_fails_alone_with_its_error(ui, http):
     assert http.post("/api/runs", json={"name": "crash", "values": values}).status_code == 200
     state = wait_for(http, "/api/runs/crash", lambda s: s["status"] not in ("starting", "running"))
     assert state["status"] == "failed" and "no_such_proj" in state["error"], state
-    assert _error(http.post("/api/runs/crash/resume"), 409).endswith("start a new run")
+    assert error(http.post("/api/runs/crash/resume"), 409).endswith("start a new run")
     assert httpx.get(ui["url"] + "/health").status_code == 200 and ui["proc"].poll() is None
 
 
@@ -264,8 +218,8 @@ def test_chat_base_adapter_and_an_exact_weighted_mix(http, trained):
     )
     assert rows[trained]["path"] == "runs/t1/adapter" and rows[trained]["size_bytes"] > 0
     assert "q_proj" in rows[trained]["targets"]
-    assert "not a loaded adapter" in _error(http.post("/api/mix", json={"weights": {"nope": 1}}), 404)
-    assert "finite number" in _error(http.post("/api/mix", json={"weights": {trained: "x"}}), 400)
+    assert "not a loaded adapter" in error(http.post("/api/mix", json={"weights": {"nope": 1}}), 404)
+    assert "finite number" in error(http.post("/api/mix", json={"weights": {trained: "x"}}), 400)
 
 
 def test_load_and_unload_from_the_workspace(http, trained):
@@ -283,12 +237,12 @@ def test_paths_out_of_the_workspace_are_refused_everywhere(ui, http, trained):
         r = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path})
         assert r.status_code == 403, (path, r.text)
     for path in ("../outside/secret.jsonl", str(outside / "secret.jsonl"), "data/escape/secret.jsonl"):
-        assert _error(http.get("/api/download", params={"path": path}), 403)
-        assert _error(http.post("/api/preview", json={"file": path}), 403)
-        assert _error(http.post("/api/eval", json={"adapter": trained, "file": path}), 403)
-    assert _error(http.post("/api/combine", json={"sources": [trained], "out": "../x"}), 400)
-    assert _error(http.post("/api/export", json={"adapter": "../outside", "kind": "gguf"}), 403)
-    assert "use 1-64 letters" in _error(http.get("/api/runs/.hidden"), 400)
+        assert error(http.get("/api/download", params={"path": path}), 403)
+        assert error(http.post("/api/preview", json={"file": path}), 403)
+        assert error(http.post("/api/eval", json={"adapter": trained, "file": path}), 403)
+    assert error(http.post("/api/combine", json={"sources": [trained], "out": "../x"}), 400)
+    assert error(http.post("/api/export", json={"adapter": "../outside", "kind": "gguf"}), 403)
+    assert "use 1-64 letters" in error(http.get("/api/runs/.hidden"), 400)
 
 
 # -- combine, export, evaluate ---------------------------------------------------------------------------------
@@ -306,10 +260,10 @@ def test_combine_then_export_gguf_and_download_it(ui, http, trained):
     )
     assert r.json() == {"path": "adapters/avg"}, r.text
     assert (ui["ws"] / "adapters" / "avg" / "adapter_model.safetensors").is_file()
-    assert "exists already" in _error(
+    assert "exists already" in error(
         http.post("/api/combine", json={"sources": [trained], "out": "avg"}), 409
     )
-    assert "unknown combine method" in _error(
+    assert "unknown combine method" in error(
         http.post("/api/combine", json={"sources": [trained], "method": "nope", "out": "x"}), 400
     )
     job = http.post("/api/export", json={"adapter": "adapters/avg", "kind": "gguf"}).json()["job"]
@@ -321,63 +275,24 @@ def test_combine_then_export_gguf_and_download_it(ui, http, trained):
     assert folder.headers["content-disposition"].endswith('avg.zip"') and folder.content[:2] == b"PK"
 
 
-def test_an_export_that_fails_says_why(http):
-    job = http.post("/api/export", json={"adapter": "data", "kind": "gguf", "out": "nothing"}).json()["job"]
-    state = wait_for(http, f"/api/jobs/{job}", lambda s: s["status"] != "running")
-    assert state["status"] == "failed" and "adapter_config.json" in state["error"], state
-
-
-def test_evaluate_an_adapter_against_the_base(http, trained):
-    job = http.post("/api/eval", json={"adapter": trained, "task": "dates", "limit": 4}).json()["job"]
-    state = wait_for(http, f"/api/jobs/{job}", lambda s: s["status"] != "running")
-    assert state["status"] == "done", state
-    result = state["result"]
-    assert result["examples"] == 4 and result["adapter"]["loss"] < result["base"]["loss"]
-    assert result["base"]["accuracy"] is not None
-    assert "unknown built-in task" in _error(
-        http.post("/api/eval", json={"adapter": trained, "task": "x"}), 400
-    )
-
-
-def test_a_job_can_be_cancelled_and_leaves_nothing_behind(ui, http, trained):
-    exports = ui["ws"] / "exports"
-    before = sorted(p.name for p in exports.iterdir()) if exports.is_dir() else []
-    job = http.post("/api/eval", json={"adapter": trained, "task": "dates", "limit": 10_000}).json()["job"]
-    # a moment to get into its work (the export below is cancelled during its imports)
-    time.sleep(3)
-    state = http.post(f"/api/jobs/{job}/cancel")
-    assert state.status_code == 200 and state.json()["status"] in ("cancelling", "cancelled"), state.text
-    assert "not running" in _error(http.post(f"/api/jobs/{job}/cancel"), 409)
-    done = wait_for(http, f"/api/jobs/{job}", lambda s: s["status"] != "cancelling", timeout=30)
-    assert done["status"] == "cancelled" and done["result"] is None and done["error"] is None, done
-    # an export cancelled at once: no file, no temporary
-    job = http.post("/api/export", json={"adapter": trained, "kind": "merged", "out": "never"}).json()["job"]
-    assert http.post(f"/api/jobs/{job}/cancel").status_code == 200
-    done = wait_for(http, f"/api/jobs/{job}", lambda s: s["status"] != "cancelling", timeout=30)
-    assert done["status"] == "cancelled", done
-    assert sorted(p.name for p in exports.iterdir()) == before
-    assert "no job" in _error(http.post("/api/jobs/nope-1/cancel"), 404)
-    assert http.get("/health").status_code == 200 and ui["proc"].poll() is None
-
-
 def test_runs_and_workspace_entries_can_be_deleted_and_nothing_else(ui, http, trained):
     ws = ui["ws"]
     values = {**SMALL_RUN, "train": {"steps": "2", "batch_size": "2"}}
     assert http.post("/api/runs", json={"name": "gone", "values": values}).status_code == 200
-    assert "is running: stop it first" in _error(http.delete("/api/runs/gone"), 409)
+    assert "is running: stop it first" in error(http.delete("/api/runs/gone"), 409)
     assert wait_for(http, "/api/runs/gone", lambda s: s["status"] not in ("starting", "running"))[
         "status"
     ] == ("finished")
     r = http.post("/v1/load_lora_adapter", json={"lora_name": "gone", "lora_path": "runs/gone/adapter"})
     assert r.status_code == 200, r.text
-    assert "adapter 'gone' is loaded from it: unload it first" in _error(http.delete("/api/runs/gone"), 409)
+    assert "adapter 'gone' is loaded from it: unload it first" in error(http.delete("/api/runs/gone"), 409)
     assert http.post("/v1/unload_lora_adapter", json={"lora_name": "gone"}).status_code == 200
     assert http.delete("/api/runs/gone").json() == {"deleted": "runs/gone"}
     assert not (ws / "runs" / "gone").exists() and "gone" not in [
         r["name"] for r in http.get("/api/runs").json()["runs"]
     ]
     assert not [p for p in (ws / "runs").iterdir() if p.name.startswith(".")]  # nothing half-deleted left
-    assert "no run named" in _error(http.delete("/api/runs/gone"), 404)
+    assert "no run named" in error(http.delete("/api/runs/gone"), 404)
     # workspace entries: a data file, and a combined adapter (refused while it is loaded)
     assert (
         http.post("/api/upload", params={"name": "del.jsonl"}, content=b'{"text": "x"}\n').status_code == 200
@@ -393,7 +308,7 @@ def test_runs_and_workspace_entries_can_be_deleted_and_nothing_else(ui, http, tr
         ).status_code
         == 200
     )
-    assert "unload it first" in _error(http.delete("/api/files", params={"path": "adapters/delme"}), 409)
+    assert "unload it first" in error(http.delete("/api/files", params={"path": "adapters/delme"}), 409)
     assert http.post("/v1/unload_lora_adapter", json={"lora_name": "dm"}).status_code == 200
     assert http.delete("/api/files", params={"path": "adapters/delme"}).status_code == 200
     assert not (ws / "adapters" / "delme").exists()
@@ -406,9 +321,9 @@ def test_runs_and_workspace_entries_can_be_deleted_and_nothing_else(ui, http, tr
     )
     # never a run's files, a top folder, or anything outside; a missing entry is a 404
     for path in ("runs/t1", "runs/t1/adapter", "data", "jobs", "../outside/secret.jsonl", "/etc/passwd"):
-        assert "refused" in _error(http.delete("/api/files", params={"path": path}), 403), path
+        assert "refused" in error(http.delete("/api/files", params={"path": path}), 403), path
     assert (ws / "runs" / "t1" / "adapter").is_dir() and (ui["tmp"] / "outside" / "secret.jsonl").is_file()
-    assert "no such file" in _error(http.delete("/api/files", params={"path": "data/none.jsonl"}), 404)
+    assert "no such file" in error(http.delete("/api/files", params={"path": "data/none.jsonl"}), 404)
 
 
 def test_the_workspace_lists_what_the_page_can_pick(http, trained):

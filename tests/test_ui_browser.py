@@ -3,8 +3,8 @@
 
 One walk through the page, as a person would: key, train from the form, watch the curve grow, stop, resume, see
 the streams reopened after a view change continue after their last event, chat with the base and the adapter
-side by side for two turns, cancel an evaluation, load and unload an adapter, see a path out of the workspace
-refused, and delete the run. Every wait has a deadline; a failure saves a screenshot beside the server's log.
+side by side for two turns and past the context, cancel an evaluation, see the evaluations listed, show and
+delete them, load and unload an adapter, see a path out of the workspace refused, and delete the run. Every wait has a deadline; a failure saves a screenshot beside the server's log.
 """
 
 from __future__ import annotations
@@ -196,6 +196,29 @@ def _walk(page, url: str, model_dir) -> None:
     page.click("#eval-cancel")
     page.wait_for_function("document.querySelector('#eval-status').textContent === 'cancelled'")
     assert page.is_hidden("#eval-cancel") and page.is_enabled("#eval-btn") and page.is_hidden("#eval-result")
+
+    # the history: the cancelled evaluation is listed; a finished one is too, with its figures, and shows again
+    history = "#eval-history tbody tr[data-job]"
+    page.wait_for_selector(f"{history} td.status-cancelled")
+    page.fill("#eval-limit", "2")
+    page.click("#eval-btn")
+    page.wait_for_function(
+        f"document.querySelectorAll('{history}').length === 2 && document.querySelector('{history} td.status-done')"
+    )
+    done = page.get_attribute(f"{history}:has(td.status-done)", "data-job")
+    state = _get(url, f"/api/jobs/{done}")
+    row = page.eval_on_selector(f"{history}[data-job='{done}']", "r => [...r.cells].map(c => c.textContent)")
+    assert row[1:4] == ["b1", "task:dates", "2"] and row[5].endswith(" %"), row
+    assert row[5] == f"{100 * state['result']['adapter']['accuracy']:.1f} %", (row, state)
+    page.evaluate("document.querySelector('#eval-result').hidden = true")
+    page.click(f"{history}[data-job='{done}'] .show-job")
+    assert page.is_visible("#eval-result") and done in page.text_content("#eval-status")
+    # a job's record deleted from the page (after its confirmation): gone from the table and from the server
+    cancelled = page.get_attribute(f"{history}:has(td.status-cancelled)", "data-job")
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click(f"{history}[data-job='{cancelled}'] .delete-job")
+    page.wait_for_function(f"document.querySelectorAll('{history}').length === 1")
+    assert cancelled not in [j["id"] for j in _get(url, "/api/jobs")["jobs"]]
 
     # 6. unload it again
     page.click("#tab-adapters")

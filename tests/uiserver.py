@@ -21,6 +21,19 @@ import httpx
 import pytest
 
 KEY = "sk-ui-test"
+UPLOAD_LIMIT_MB = (
+    0.02  # the shared server's (conftest's `ui`) upload limit, 20 KB: a test can exceed it cheaply
+)
+SMALL_RUN = {"data": {"n_train": "64", "n_eval": "4"}, "eval": {"limit": "2", "max_new_tokens": "4"}}
+"""Form values for a run that takes seconds on the tiny model."""
+
+
+def error(r: httpx.Response, status: int) -> str:
+    """The one-line message of an OpenAI-shaped error answer with `status`."""
+    assert r.status_code == status, (r.status_code, r.text[:500])
+    message = r.json()["error"]["message"]
+    assert "\n" not in message
+    return message
 
 
 def tiny_chat_model(folder: Path, default_model_dir: Path) -> Path:

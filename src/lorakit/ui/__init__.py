@@ -69,7 +69,8 @@ def build(config: UIConfig) -> FastAPI:
     from lorakit.serve import ServeConfig
     from lorakit.serve import build as build_serve
     from lorakit.ui.app import Settings, add_ui
-    from lorakit.ui.runs import Jobs, Runs
+    from lorakit.ui.jobs import Jobs
+    from lorakit.ui.runs import Runs
     from lorakit.ui.workspace import Workspace
 
     ws = Workspace(config.workspace)

@@ -3,16 +3,16 @@
 The chat goes through serve's own /v1/chat/completions (so the page's side-by-side requests are batched by the
 same engine, in one mixed batch), and loading and unloading adapters through serve's /v1/load_lora_adapter and
 /v1/unload_lora_adapter with the workspace as the adapter root. The routes here add what only the page needs:
-the training form's schema, uploads, data previews, runs and their live curves (SSE), weighted mixes, combining,
-exports, evaluations and downloads. Every /api route takes the same API key as /v1; the page and its static
-files do not (they hold no data). Errors are OpenAI-shaped JSON, one line, as in serve.
+the training form's schema, uploads, data previews, runs and their live curves (SSE, in run_routes), weighted
+mixes, combining, exports and evaluations (jobs, listed and deletable), and downloads. Every /api route takes the
+same API key as /v1; the page and its static files do not (they hold no data). Errors are OpenAI-shaped JSON,
+one line, as in serve.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -20,20 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from lorakit.errors import LorakitError
 from lorakit.serve import protocol as P
 from lorakit.serve.app import require_key
 from lorakit.serve.engine import Engine, EngineStopped
-from lorakit.ui.runs import Jobs, Runs
+from lorakit.ui.jobs import Jobs
+from lorakit.ui.run_routes import RunRoutes
+from lorakit.ui.runs import Runs
 from lorakit.ui.schema import form_schema
 from lorakit.ui.workspace import Workspace, check_name
 
 STATIC = Path(__file__).parent / "static"
-EVENTS_POLL_S = 0.5
-"""How often a run's event stream looks for new records in metrics.jsonl."""
 PREVIEW_MAX = 20
 """Most examples one preview renders."""
 
@@ -74,21 +74,16 @@ class _Routes:
             ("/workspace", self.workspace, "GET"),
             ("/upload", self.upload, "POST"),
             ("/preview", self.preview, "POST"),
-            ("/runs", self.list_runs, "GET"),
-            ("/runs", self.start_run, "POST"),
-            ("/runs/{name}", self.run_detail, "GET"),
-            ("/runs/{name}/stop", self.stop_run, "POST"),
-            ("/runs/{name}/resume", self.resume_run, "POST"),
-            ("/runs/{name}/config.yaml", self.run_config, "GET"),
-            ("/runs/{name}/events", self.run_events, "GET"),
-            ("/runs/{name}", self.delete_run, "DELETE"),
+            *RunRoutes(self.runs, self._loaded_from).routes(),
             ("/adapters", self.adapters, "GET"),
             ("/mix", self.mix, "POST"),
             ("/combine", self.combine, "POST"),
             ("/export", self.export, "POST"),
             ("/eval", self.evaluate, "POST"),
+            ("/jobs", self.list_jobs, "GET"),
             ("/jobs/{job_id}", self.job, "GET"),
             ("/jobs/{job_id}/cancel", self.cancel_job, "POST"),
+            ("/jobs/{job_id}", self.delete_job, "DELETE"),
             ("/download", self.download, "GET"),
             ("/files", self.delete_file, "DELETE"),
         ]:
@@ -175,77 +170,6 @@ class _Routes:
                     }
                 )
         return {"total": len(examples), "examples": out}
-
-    # -- runs --------------------------------------------------------------------------------------------------
-
-    async def list_runs(self) -> dict[str, Any]:
-        return {"runs": [self.runs.state(n) for n in self.runs.names()]}
-
-    async def start_run(self, request: Request) -> dict[str, Any]:
-        body = await P.read_json(request)
-        name = body.get("name") or _next_name(self.runs.names())
-        return await asyncio.to_thread(self.runs.start, name, body.get("values"))
-
-    async def run_detail(self, name: str) -> dict[str, Any]:
-        return await asyncio.to_thread(self.runs.detail, name)
-
-    async def stop_run(self, name: str) -> dict[str, Any]:
-        return self.runs.stop(name)
-
-    async def delete_run(self, name: str) -> dict[str, Any]:
-        await asyncio.to_thread(self.runs.delete, name, self._loaded_from)
-        return {"deleted": f"runs/{name}"}
-
-    async def resume_run(self, name: str) -> dict[str, Any]:
-        return await asyncio.to_thread(self.runs.resume, name)
-
-    async def run_config(self, name: str) -> Response:
-        folder = self.runs.folder(name)
-        self.runs.state(name)  # 404 for an unknown run
-        path = folder / ("config.yaml" if (folder / "config.yaml").is_file() else "request.yaml")
-        return Response(
-            path.read_bytes(),
-            media_type="application/x-yaml",
-            headers={"Content-Disposition": f'attachment; filename="{name}-config.yaml"'},
-        )
-
-    async def run_events(self, name: str, request: Request) -> StreamingResponse:
-        """The run's records (replayed from metrics.jsonl, then live), its status when it changes, and `end` once
-        it no longer runs. Each record's event id is the byte offset in metrics.jsonl after it: a client that
-        reconnects with `Last-Event-ID` (as EventSource does) gets only the records after that one."""
-        self.runs.state(name)  # 404 before the stream starts
-        metrics = self.runs.folder(name) / "metrics.jsonl"
-        start = await asyncio.to_thread(_resume_offset, request.headers.get("last-event-id"), metrics, name)
-
-        async def stream():
-            pos, last, was_running = start, None, None  # pos: the end of the last whole line sent
-            while True:
-                running = self.runs.running(name)  # before the read: what a finished run wrote is read after
-                try:
-                    with metrics.open("rb") as f:
-                        f.seek(pos)
-                        chunk = f.read()
-                except FileNotFoundError:
-                    chunk = b""
-                *lines, _partial = chunk.split(b"\n")  # a line still being written is read again next time
-                for line in lines:
-                    pos += len(line) + 1
-                    if line.strip():
-                        yield f"event: metric\nid: {pos}\ndata: {line.decode('utf-8', 'replace')}\n\n"
-                if lines or running != was_running:  # the run's folder is read again only when it moved
-                    state = self.runs.state(name)
-                    if (state["status"], state["step"]) != last:
-                        last = (state["status"], state["step"])
-                        yield f"event: status\ndata: {json.dumps(state)}\n\n"
-                was_running = running
-                if not running:
-                    yield "event: end\ndata: {}\n\n"
-                    return
-                await asyncio.sleep(EVENTS_POLL_S)
-
-        return StreamingResponse(
-            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
 
     # -- adapters ----------------------------------------------------------------------------------------------
 
@@ -393,7 +317,8 @@ class _Routes:
         else:
             argv = ["export", "gguf", "--adapter", str(adapter), "--out", str(out), *model]
             argv += ["--merged"] if kind == "gguf-merged" else []
-        return {"job": self.jobs.start("export", argv, result_file=out)}
+        summary = {"adapter": body.get("adapter"), "kind": kind, "out": self.ws.rel(out)}
+        return {"job": self.jobs.start("export", argv, result_file=out, summary=summary)}
 
     async def evaluate(self, request: Request) -> dict[str, Any]:
         from lorakit.data.tasks import TASKS
@@ -403,11 +328,12 @@ class _Routes:
         limit = _int(body.get("limit", 50), "limit", 1, 10_000)
         if body.get("file"):
             data = ["--data", str(self.ws.path(body["file"], what="file"))]
+            shown = self.ws.rel(Path(data[1]))
         else:
             task = body.get("task") or "dates"
             if task not in TASKS:
                 raise P.bad(f"unknown built-in task {task!r}; available: {sorted(TASKS)}", "task")
-            data = ["--task", task]
+            data, shown = ["--task", task], f"task:{task}"
         model = ["--model", self.settings.model] if self.settings.model else []
         argv = [
             "eval",
@@ -420,10 +346,19 @@ class _Routes:
             str(limit),
             *model,
         ]
-        return {"job": self.jobs.start("eval", argv)}
+        summary = {"adapter": body.get("adapter"), "data": shown, "limit": limit}
+        return {"job": self.jobs.start("eval", argv, summary=summary)}
+
+    async def list_jobs(self, kind: str = "") -> dict[str, Any]:
+        if kind not in ("", "eval", "export"):
+            raise P.bad(f"kind must be eval or export, got {kind!r}", "kind")
+        return {"jobs": await asyncio.to_thread(self.jobs.list, kind or None)}
 
     async def job(self, job_id: str) -> dict[str, Any]:
         return self.jobs.state(job_id)
+
+    async def delete_job(self, job_id: str) -> dict[str, Any]:
+        return {"deleted": await asyncio.to_thread(self.jobs.delete, job_id)}
 
     async def cancel_job(self, job_id: str) -> dict[str, Any]:
         return self.jobs.cancel(job_id)
@@ -447,43 +382,10 @@ class _Routes:
         return FileResponse(real, filename=filename)
 
 
-def _resume_offset(header: str | None, metrics: Path, name: str) -> int:
-    """Where a run's event stream starts: 0, or the `Last-Event-ID` a reconnecting client sends, which must be
-    an offset this stream gave out (the end of a line of metrics.jsonl)."""
-    if header is None or not header.strip():
-        return 0
-    where = f"runs/{name}/metrics.jsonl"
-    try:
-        size = metrics.stat().st_size
-    except FileNotFoundError:
-        size = 0
-    text = header.strip()
-    offset = int(text) if text.isascii() and text.isdigit() else -1
-    ok = 0 <= offset <= size
-    if ok and offset > 0:
-        with metrics.open("rb") as f:
-            f.seek(offset - 1)
-            ok = f.read(1) == b"\n"
-    if not ok:
-        raise P.bad(
-            f"Last-Event-ID {text[:40]!r} is not a line end of {where} ({size} bytes): "
-            "reconnect without it to replay the whole run",
-            "Last-Event-ID",
-        )
-    return offset
-
-
 def _int(value: Any, what: str, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise P.bad(f"{what} must be an integer in {lo}..{hi}, got {value!r}", what)
     return value
-
-
-def _next_name(existing: list[str]) -> str:
-    n = len(existing) + 1
-    while f"run-{n}" in existing:
-        n += 1
-    return f"run-{n}"
 
 
 __all__ = ["Settings", "add_ui"]

@@ -8,16 +8,13 @@ of a run (or of the Python that runs it) cannot take the UI down.
 
 A run is a `lorakit train` process writing its run folder (config.yaml, metrics.jsonl, checkpoints/, adapter/);
 its state is read back from that folder, so runs from an earlier session of the UI show up too. Jobs (evaluation,
-merge and GGUF export) are `lorakit` processes whose last stdout line is their JSON result, or whose output file
-is their result.
+merge and GGUF export) are in lorakit.ui.jobs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -33,6 +30,7 @@ from lorakit.serve import protocol as P
 from lorakit.train.checkpoint import latest_checkpoint
 from lorakit.train.config import SHORTHANDS, load_config, read_yaml, save_config
 from lorakit.train.loop import read_metrics
+from lorakit.ui.procs import child_env, error_line, tail
 from lorakit.ui.workspace import Workspace, check_name, discard
 
 LOCKED = {("train", "out_dir"), ("train", "resume")}
@@ -41,36 +39,6 @@ PATH_FIELDS = {("data", "train_file"), ("data", "eval_file"), ("model", "path")}
 """Fields that name files: they must lie inside the workspace."""
 STOP_GRACE_S = 120.0
 """How long `shutdown` waits for runs to write their checkpoint before killing them."""
-CANCEL_GRACE_S = 10.0
-"""How long a cancelled job has to unwind (remove its temporaries) after Ctrl-C before it is killed."""
-
-
-def _child_env() -> dict[str, str]:
-    """A run's or job's environment: unbuffered output, and no progress bars in its log (the page draws them)."""
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1"}
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    """The last `lines` lines of a log, progress-bar redraws (\\r) collapsed to their last state."""
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            text = f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
-    out = [line.rsplit("\r", 1)[-1] for line in text.replace("\r\n", "\n").split("\n")]
-    return "\n".join([line for line in out if line.strip()][-lines:])
-
-
-def _error_line(log: Path, command: str) -> str | None:
-    """The one-line error a `lorakit` command printed ("lorakit train: error: ..."), or the last line of a
-    traceback."""
-    lines = _tail(log, 60).splitlines()
-    for line in reversed(lines):
-        if line.startswith(f"lorakit {command}: "):
-            return line.removeprefix(f"lorakit {command}: ")
-    return lines[-1] if lines else None
 
 
 @dataclass
@@ -168,7 +136,7 @@ class Runs:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=_child_env(),
+                env=child_env(),
                 start_new_session=True,  # a Ctrl-C in the UI's terminal is the UI's; it stops its runs itself
             )
         self.live[name] = _Process(proc, base_step)
@@ -223,7 +191,7 @@ class Runs:
             status = "stopped"  # from an earlier session of the UI
         else:
             status = "failed"
-            error = _error_line(folder / "output.log", "train") or "the run ended without a summary"
+            error = error_line(folder / "output.log", "train") or "the run ended without a summary"
         eta = None
         if running and last and live is not None and last["step"] > live.base_step and steps:
             per_step = last["elapsed_s"] / (last["step"] - live.base_step)
@@ -255,7 +223,7 @@ class Runs:
             **state,
             "config": read_yaml(config),
             "summary": summary,
-            "log_tail": _tail(folder / "output.log"),
+            "log_tail": tail(folder / "output.log"),
         }
 
     def shutdown(self) -> None:
@@ -273,120 +241,4 @@ class Runs:
                 p.proc.kill()
 
 
-# -- jobs: evaluation and export -------------------------------------------------------------------------------
-
-
-@dataclass
-class Job:
-    id: str
-    kind: str
-    folder: Path
-    proc: subprocess.Popen
-    command: str
-    """The lorakit subcommand it runs (its errors read "lorakit <command>: error: ...")."""
-    result_file: Path | None = None
-    """The job's result is this file (an export); None: the last stdout line, as JSON (an evaluation)."""
-    cancelled: bool = False
-
-
-class Jobs:
-    def __init__(self, ws: Workspace) -> None:
-        self.ws = ws
-        self.jobs: dict[str, Job] = {}
-        self.counter = itertools.count(1)
-        self.lock = threading.Lock()
-
-    def start(self, kind: str, argv: list[str], *, result_file: Path | None = None) -> str:
-        with self.lock:
-            job_id = f"{kind}-{int(time.time())}-{next(self.counter)}"
-            folder = self.ws.root / "jobs" / job_id
-            folder.mkdir(parents=True)
-            with (folder / "stdout.txt").open("wb") as out, (folder / "output.log").open("wb") as log:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "lorakit", *argv],
-                    cwd=self.ws.root,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=log,
-                    env=_child_env(),
-                    start_new_session=True,
-                )
-            self.jobs[job_id] = Job(job_id, kind, folder, proc, argv[0], result_file)
-        return job_id
-
-    def state(self, job_id: str) -> dict[str, Any]:
-        job = self.jobs.get(job_id)
-        if job is None:
-            raise P.APIError(404, f"no job {job_id!r}", "not_found", "id")
-        rc = job.proc.poll()
-        out: dict[str, Any] = {
-            "id": job.id,
-            "kind": job.kind,
-            "status": "running",
-            "result": None,
-            "error": None,
-        }
-        out["log_tail"] = _tail(job.folder / "output.log", 8)
-        if rc is None:
-            out["status"] = "cancelling" if job.cancelled else "running"
-            return out
-        if job.cancelled and rc != 0:  # rc 0: it had finished before the signal came
-            out["status"] = "cancelled"
-            return out
-        if rc != 0:
-            out["status"] = "failed"
-            out["error"] = _error_line(job.folder / "output.log", job.command) or f"exit status {rc}"
-            return out
-        if job.result_file is not None:
-            out["status"], out["result"] = "done", {"path": self.ws.rel(job.result_file)}
-            return out
-        lines = (job.folder / "stdout.txt").read_text().strip().splitlines()
-        try:
-            out["status"], out["result"] = "done", json.loads(lines[-1])
-        except (IndexError, ValueError):
-            out["status"], out["error"] = "failed", "the job printed no result"
-        return out
-
-    def cancel(self, job_id: str) -> dict[str, Any]:
-        """Ctrl-C for the job's process group: it stops where it is and removes its temporaries (an export's
-        output is written atomically, so it is either whole or absent); killed if it has not exited after
-        `CANCEL_GRACE_S`. A job that ended already answers 409."""
-        with self.lock:
-            job = self.jobs.get(job_id)
-            if job is None:
-                raise P.APIError(404, f"no job {job_id!r}", "not_found", "id")
-            if job.proc.poll() is not None or job.cancelled:
-                raise P.APIError(409, f"job {job_id!r} is not running", "not_running", "id")
-            job.cancelled = True
-            _interrupt(job.proc)
-        threading.Thread(target=_reap, args=(job.proc, CANCEL_GRACE_S), daemon=True).start()
-        return self.state(job_id)
-
-    def shutdown(self) -> None:
-        """Cancel every running job and wait for them (each gets `CANCEL_GRACE_S`, then is killed)."""
-        live = [job for job in self.jobs.values() if job.proc.poll() is None]
-        for job in live:
-            job.cancelled = True
-            _interrupt(job.proc)
-        deadline = time.monotonic() + CANCEL_GRACE_S
-        for job in live:
-            _reap(job.proc, max(0.1, deadline - time.monotonic()))
-
-
-def _interrupt(proc: subprocess.Popen) -> None:
-    """SIGINT to a child's process group (children run in their own session), as Ctrl-C in its terminal."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGINT)
-
-
-def _reap(proc: subprocess.Popen, grace_s: float) -> None:
-    """Wait up to `grace_s` for an interrupted child, then kill its process group."""
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-__all__ = ["Jobs", "Runs"]
+__all__ = ["Runs"]

@@ -354,7 +354,7 @@ function deleteButton(path) {
       if (!confirm(`Delete ${path}?`)) return;
       busy(event.target, "adapters", async () => {
         await request(`/api/files?path=${enc(path)}`, { method: "DELETE" });
-        await refreshWorkspace();
+        await Promise.all([refreshWorkspace(), refreshJobs("export")]); // an export's row says its file is gone
       });
     },
   });
@@ -1141,8 +1141,10 @@ async function refreshAdapters() {
   renderCombineSources();
 }
 
-ON_OPEN.adapters = ON_OPEN.eval = () =>
-  Promise.all([refreshAdapters(), refreshWorkspace()]).catch((err) => showError(currentView(), err));
+ON_OPEN.adapters = () =>
+  Promise.all([refreshAdapters(), refreshWorkspace(), refreshJobs("export")]).catch((err) => showError("adapters", err));
+ON_OPEN.eval = () =>
+  Promise.all([refreshAdapters(), refreshWorkspace(), refreshJobs("eval")]).catch((err) => showError("eval", err));
 
 function renderAdapters() {
   const rows = state.adapters.map((a) =>
@@ -1231,7 +1233,8 @@ $("#export-form").addEventListener("submit", (event) => {
     const out = $("#export-out").value.trim();
     if (out) body.out = out;
     $("#export-result").replaceChildren();
-    const done = await runJob("/api/export", body, { status: $("#export-status"), log: $("#export-log"), cancel: $("#export-cancel") });
+    const view = { status: $("#export-status"), log: $("#export-log"), cancel: $("#export-cancel") };
+    const done = await runJob("/api/export", body, view).finally(() => refreshJobs("export"));
     if (done.status === "cancelled") return;
     $("#export-result").replaceChildren(el("span", { class: "note", text: "ready: " }), fileLink(done.result.path, done.result.path));
     await refreshWorkspace();
@@ -1261,7 +1264,8 @@ $("#eval-form").addEventListener("submit", (event) => {
     if (Number.isFinite(limit)) body.limit = limit;
     $("#eval-result").hidden = true;
     $("#eval-samples").hidden = true;
-    const done = await runJob("/api/eval", body, { status: $("#eval-status"), log: $("#eval-log"), cancel: $("#eval-cancel") });
+    const view = { status: $("#eval-status"), log: $("#eval-log"), cancel: $("#eval-cancel") };
+    const done = await runJob("/api/eval", body, view).finally(() => refreshJobs("eval"));
     if (done.status !== "cancelled") renderEval(done.result);
   });
 });
@@ -1280,6 +1284,77 @@ function renderEval(result) {
   $("#eval-samples tbody").replaceChildren(...samples);
   $("#eval-samples").hidden = samples.length === 0;
   $("#eval-status").textContent = `done: ${fmtInt(result.examples)} examples`;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Job history: past evaluations and exports, kept in the workspace's jobs/ (across sessions of the UI)
+
+/** 1733312400 -> "2024-12-04 12:40" in the browser's time zone. */
+const fmtTime = (t) => (Number.isFinite(t) ? new Date(t * 1000).toLocaleString("sv-SE").slice(0, 16) : "–");
+
+const HISTORY = {
+  eval: {
+    view: "eval",
+    columns: 8,
+    cells: (job) => [
+      el("td", { class: "mono", text: job.summary?.data ?? "" }),
+      el("td", { class: "num", text: fmtInt(job.result?.examples) }),
+      el("td", { class: "num", text: fmtPercent(job.result?.base?.accuracy) }),
+      el("td", { class: "num", text: fmtPercent(job.result?.adapter?.accuracy) }),
+    ],
+    show: (job) => {
+      renderEval(job.result);
+      $("#eval-status").textContent = `${job.id}, ${fmtTime(job.started)}: ${fmtInt(job.result.examples)} examples`;
+    },
+  },
+  export: {
+    view: "adapters",
+    columns: 6,
+    cells: (job) => {
+      const result = job.result;
+      let output = el("span", { class: "mono", text: job.summary?.out ?? "" });
+      if (result?.exists) output = fileLink(result.path, result.path);
+      else if (result) output = el("span", { class: "mono note", text: `${result.path} (deleted)` });
+      return [el("td", { text: job.summary?.kind ?? "" }), el("td", {}, output)];
+    },
+  },
+};
+
+async function refreshJobs(kind) {
+  const { jobs } = await getJSON(`/api/jobs?kind=${kind}`);
+  const kindOf = HISTORY[kind];
+  const rows = jobs.map((job) =>
+    el(
+      "tr",
+      { dataset: { job: job.id } },
+      el("td", { class: "nowrap", text: fmtTime(job.started), title: job.id }),
+      el("td", { class: "mono", text: job.summary?.adapter ?? "" }),
+      ...kindOf.cells(job),
+      el("td", { class: `status-${job.status}` }, job.status, job.error ? el("span", { class: "job-error", text: job.error }) : null),
+      el(
+        "td",
+        { class: "nowrap" },
+        kindOf.show && job.status === "done"
+          ? el("button", { type: "button", class: "link show-job", text: "show", onclick: () => kindOf.show(job) })
+          : null,
+        " ",
+        JOB_LIVE.has(job.status)
+          ? null
+          : el("button", { type: "button", class: "link delete-job", text: "delete", onclick: (e) => deleteJob(e.target, job, kind) }),
+      ),
+    ),
+  );
+  if (!rows.length) rows.push(el("tr", {}, el("td", { colSpan: kindOf.columns, class: "note", text: "none yet" })));
+  $(`#${kind}-history tbody`).replaceChildren(...rows);
+}
+
+function deleteJob(button, job, kind) {
+  const what = kind === "export" ? " (its output file stays: delete that under Workspace files)" : "";
+  if (!confirm(`Delete the record of ${job.id}${what}?`)) return;
+  busy(button, HISTORY[kind].view, async () => {
+    await request(`/api/jobs/${enc(job.id)}`, { method: "DELETE" });
+    await refreshJobs(kind);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------------

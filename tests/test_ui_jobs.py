@@ -1,0 +1,167 @@
+"""The playground's jobs (evaluations and exports) over HTTP, on conftest's real `lorakit ui`: results, failures,
+cancelling, the history (listed, kept across sessions of the UI, deletable). The history's reading of jobs/ from
+an earlier session is also tested in-process, with a second `Jobs` over the same workspace, as a restarted UI
+reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from uiserver import error, wait_for
+
+from lorakit.ui.jobs import EXIT, RECORD, Jobs
+from lorakit.ui.workspace import Workspace
+
+
+def test_an_export_that_fails_says_why(http):
+    job = http.post("/api/export", json={"adapter": "data", "kind": "gguf", "out": "nothing"}).json()["job"]
+    state = wait_for(http, f"/api/jobs/{job}", lambda s: s["status"] != "running")
+    assert state["status"] == "failed" and "adapter_config.json" in state["error"], state
+
+
+def test_evaluate_an_adapter_against_the_base(http, trained):
+    job = http.post("/api/eval", json={"adapter": trained, "task": "dates", "limit": 4}).json()["job"]
+    state = wait_for(http, f"/api/jobs/{job}", lambda s: s["status"] != "running")
+    assert state["status"] == "done", state
+    result = state["result"]
+    assert result["examples"] == 4 and result["adapter"]["loss"] < result["base"]["loss"]
+    assert result["base"]["accuracy"] is not None
+    assert "unknown built-in task" in error(
+        http.post("/api/eval", json={"adapter": trained, "task": "x"}), 400
+    )
+
+
+def test_a_job_can_be_cancelled_and_leaves_nothing_behind(ui, http, trained):
+    exports = ui["ws"] / "exports"
+    before = sorted(p.name for p in exports.iterdir()) if exports.is_dir() else []
+    job = http.post("/api/eval", json={"adapter": trained, "task": "dates", "limit": 10_000}).json()["job"]
+    # a moment to get into its work (the export below is cancelled during its imports)
+    time.sleep(3)
+    state = http.post(f"/api/jobs/{job}/cancel")
+    assert state.status_code == 200 and state.json()["status"] in ("cancelling", "cancelled"), state.text
+    assert "not running" in error(http.post(f"/api/jobs/{job}/cancel"), 409)
+    done = wait_for(http, f"/api/jobs/{job}", lambda s: s["status"] != "cancelling", timeout=30)
+    assert done["status"] == "cancelled" and done["result"] is None and done["error"] is None, done
+    # an export cancelled at once: no file, no temporary
+    job = http.post("/api/export", json={"adapter": trained, "kind": "merged", "out": "never"}).json()["job"]
+    assert http.post(f"/api/jobs/{job}/cancel").status_code == 200
+    done = wait_for(http, f"/api/jobs/{job}", lambda s: s["status"] != "cancelling", timeout=30)
+    assert done["status"] == "cancelled", done
+    assert sorted(p.name for p in exports.iterdir()) == before
+    assert "no job" in error(http.post("/api/jobs/nope-1/cancel"), 404)
+    assert http.get("/health").status_code == 200 and ui["proc"].poll() is None
+
+
+def test_jobs_are_listed_newest_first_with_what_they_ran(ui, http, trained):
+    ev = http.post("/api/eval", json={"adapter": trained, "task": "dates", "limit": 2}).json()["job"]
+    out = http.post("/api/export", json={"adapter": trained, "kind": "merged", "out": "listed"}).json()["job"]
+    for job in (ev, out):
+        assert wait_for(http, f"/api/jobs/{job}", lambda s: s["status"] != "running")["status"] == "done"
+    jobs = http.get("/api/jobs").json()["jobs"]
+    ids = [j["id"] for j in jobs]
+    assert ids.index(out) < ids.index(ev), "newest first"
+    started = [j["started"] for j in jobs]
+    assert started == sorted(started, reverse=True)
+    (e,) = [j for j in jobs if j["id"] == ev]
+    assert e["kind"] == "eval" and e["summary"] == {"adapter": "t1", "data": "task:dates", "limit": 2}, e
+    assert e["result"]["examples"] == 2 and "log_tail" not in e and e["started"] <= e["ended"], e
+    (x,) = [j for j in jobs if j["id"] == out]
+    assert x["summary"] == {"adapter": "t1", "kind": "merged", "out": "exports/listed"}, x
+    assert x["result"] == {"path": "exports/listed", "exists": True}, x
+    evals = http.get("/api/jobs", params={"kind": "eval"}).json()["jobs"]
+    assert ev in [j["id"] for j in evals] and {j["kind"] for j in evals} == {"eval"}
+    assert "kind must be eval or export" in error(http.get("/api/jobs", params={"kind": "train"}), 400)
+    # the export's file deleted from the workspace: the job stays, and says its file is gone
+    assert http.delete("/api/files", params={"path": "exports/listed"}).status_code == 200
+    assert http.get(f"/api/jobs/{out}").json()["result"] == {"path": "exports/listed", "exists": False}
+
+
+def test_a_restarted_ui_reads_the_same_history(ui, http, trained):
+    job = http.post("/api/eval", json={"adapter": trained, "task": "dates", "limit": 2}).json()["job"]
+    wait_for(http, f"/api/jobs/{job}", lambda s: s["status"] != "running")
+    # the record of its end is written by a watcher as the process exits: give it a moment
+    deadline = time.monotonic() + 10
+    while not (ui["ws"] / "jobs" / job / EXIT).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    served = {j["id"]: j for j in http.get("/api/jobs").json()["jobs"] if j["status"] != "running"}
+    again = {j["id"]: j for j in Jobs(Workspace(ui["ws"])).list() if j["id"] in served}
+    assert job in served and again == served
+
+
+def test_a_job_whose_ui_stopped_shows_as_interrupted_and_can_go(ui, trained):
+    """A job running under one `Jobs` is what a restarted UI finds of a job its predecessor was running when it
+    died: a record, no end, no process of its own."""
+    ws = Workspace(ui["tmp"] / "ws-interrupted")
+    first = Jobs(ws)
+    adapter = str(ui["ws"] / "runs" / trained / "adapter")
+    argv = [
+        "eval",
+        "--task",
+        "dates",
+        "--adapter",
+        adapter,
+        "--limit",
+        "10000",
+        "--model",
+        str(ui["tmp"] / "tiny"),
+    ]
+    job = first.start("eval", argv, summary={"adapter": trained})
+    try:
+        later = Jobs(ws)
+        state = later.state(job)
+        assert state["status"] == "interrupted" and "the UI stopped" in state["error"], state
+        assert state["summary"] == {"adapter": trained} and state["result"] is None
+        assert "not running" in str(_raises(lambda: later.cancel(job), 409))
+    finally:
+        first.cancel(job)
+    deadline = time.monotonic() + 30
+    while not (ws.root / "jobs" / job / EXIT).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert Jobs(ws).state(job)["status"] == "cancelled"  # once it ended, its end is on record
+    assert later.delete(job) == job and not (ws.root / "jobs" / job).exists()
+    assert "no job" in str(_raises(lambda: later.state(job), 404))
+
+
+def test_jobs_can_be_deleted_once_they_ended(ui, http, trained):
+    job = http.post("/api/eval", json={"adapter": trained, "task": "dates", "limit": 10_000}).json()["job"]
+    assert "is running: cancel it first" in error(http.delete(f"/api/jobs/{job}"), 409)
+    assert (ui["ws"] / "jobs" / job).is_dir()
+    http.post(f"/api/jobs/{job}/cancel")
+    wait_for(http, f"/api/jobs/{job}", lambda s: s["status"] not in ("running", "cancelling"), timeout=30)
+    assert http.delete(f"/api/jobs/{job}").json() == {"deleted": job}
+    assert not (ui["ws"] / "jobs" / job).exists()
+    assert job not in [j["id"] for j in http.get("/api/jobs").json()["jobs"]]
+    assert "no job" in error(http.get(f"/api/jobs/{job}"), 404)
+    assert "no job" in error(http.delete(f"/api/jobs/{job}"), 404)
+
+
+def test_a_folder_of_jobs_without_a_record_is_listed_as_unknown(tmp_path):
+    """An older lorakit's job folder (output, no job.json), or a record that is not one of ours: listed, so the
+    page can delete it, and never read as a result; a record naming a file outside the workspace is refused."""
+    ws = Workspace(tmp_path / "ws")
+    (ws.root / "jobs" / "eval-1700000000-1").mkdir()
+    (ws.root / "jobs" / "eval-1700000000-1" / "stdout.txt").write_text('{"examples": 1}\n')
+    bad = ws.root / "jobs" / "export-1700000000-2"
+    bad.mkdir()
+    record = {"kind": "export", "command": "merge", "started": 1.0, "summary": {}, "result_file": "../../etc"}
+    (bad / RECORD).write_text(json.dumps(record))
+    (ws.root / "jobs" / ".zips").mkdir()  # downloads' zips: not a job
+    jobs = Jobs(ws)
+    listed = {j["id"]: j for j in jobs.list()}
+    assert sorted(listed) == ["eval-1700000000-1", "export-1700000000-2"]
+    assert all(j["status"] == "unknown" and j["result"] is None for j in listed.values()), listed
+    assert jobs.delete("eval-1700000000-1") == "eval-1700000000-1"
+    assert sorted(p.name for p in (ws.root / "jobs").iterdir()) == [".zips", "export-1700000000-2"]
+
+
+def _raises(fn, status: int):
+    from lorakit.serve import protocol as P
+
+    try:
+        fn()
+    except P.APIError as e:
+        assert e.status == status, (e.status, e)
+        return e
+    raise AssertionError(f"expected an error {status}")

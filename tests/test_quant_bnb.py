@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_quant import LAYER_ATOL, _tiny_loader, bnb, bnbf, needs_bnb
+from test_quant import LAYER_ATOL, bnb, bnbf, needs_bnb
+from test_quant_files import _tiny_loader
 from torch import nn
 
 import lorakit

@@ -150,3 +150,20 @@ def test_replacing_a_folder_of_other_things_is_refused(tmp_path):
     (earlier / "model-00001-of-00002.safetensors").write_bytes(b"old shard")
     atomic_dir(earlier, _write_model_like)
     assert sorted(p.name for p in earlier.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_tree_size_counts_files_once_and_follows_no_link(tmp_path):
+    from lorakit.atomic import tree_size
+
+    (tmp_path / "a").write_bytes(b"x" * 10)
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    (tmp_path / "sub" / "deeper" / "b").write_bytes(b"y" * 7)
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (outside / "big").write_bytes(b"z" * 1000)
+    (tmp_path / "to-file").symlink_to(outside / "big")
+    (tmp_path / "to-folder").symlink_to(outside)
+    assert tree_size(tmp_path) == 17  # the links count nothing: their targets are not ours
+    assert tree_size(tmp_path / "a") == 10 and tree_size(tmp_path / "sub") == 7
+    assert 0 < tree_size(tmp_path / "to-file") < 1000  # a link alone: its own size
+    assert tree_size(tmp_path / "gone") == 0

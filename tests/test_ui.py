@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import httpx
 import pytest
@@ -380,6 +381,35 @@ def test_runs_from_an_earlier_session_show_up(tmp_path):
     assert a["status"] == "finished" and a["step"] == 1  # the half-written line is not read yet
     assert b["status"] == "stopped" and b["has_checkpoint"] and b["steps"] == 4
     assert runs.names() == ["a", "b"] and not runs.live
+
+
+def test_stopping_the_ui_stops_its_runs_with_a_checkpoint_and_cancels_its_jobs(ui, trained, tmp_path):
+    """What `lorakit ui` does on its way out (ui.run's finally), in-process on a workspace of its own: each run
+    gets Ctrl-C, writes its checkpoint and stops; each job is cancelled; no process of either group is left."""
+    from lorakit.ui.jobs import Jobs
+    from lorakit.ui.runs import Runs
+
+    tiny = str(ui["tmp"] / "tiny")
+    ws = Workspace(tmp_path / "ws")
+    runs, jobs = Runs(ws, train_args=["--model.path", tiny, "--model.dtype", "float32"]), Jobs(ws)
+    values = {**SMALL_RUN, "train": {"steps": "400", "batch_size": "2", "save_every": "0"}}
+    runs.start("r", values)
+    adapter = str(ui["ws"] / "runs" / trained / "adapter")
+    job = jobs.start(
+        "eval", ["eval", "--task", "dates", "--adapter", adapter, "--limit", "10000", "--model", tiny]
+    )
+    deadline = time.monotonic() + 120
+    while runs.state("r")["step"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    pids = [runs.live["r"].proc.pid, jobs.jobs[job].proc.pid]
+    jobs.shutdown()
+    runs.shutdown()
+    state = runs.state("r")
+    assert state["status"] == "stopped" and state["has_checkpoint"] and 3 <= state["step"] < 400, state
+    assert jobs.state(job)["status"] == "cancelled" and Jobs(ws).state(job)["status"] == "cancelled"
+    for pid in pids:  # each child led its own process group: none of it is left
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)
 
 
 # -- the real default model ------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -165,6 +166,26 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 _DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+
+
+def tree_size(path: Path) -> int:
+    """Bytes of a file, or of the regular files in a folder. Links are never followed (what they point at is not
+    this tree's): a link alone counts its own few bytes, a link inside a folder nothing. What vanishes or cannot
+    be read meanwhile counts 0 (a listing beside a writer or a deleter)."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            return path.lstat().st_size
+    except OSError:
+        return 0
+    total = 0
+    for folder, _, files in os.walk(path):  # links to folders are not followed; unreadable folders are skipped
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(folder, name))
+            except OSError:
+                continue
+            total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return total
 
 
 def _raise_if_disk_full(e: BaseException, path: Path) -> None:

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lorakit.atomic import tree_size
 from lorakit.envflags import cache_root
 from lorakit.models import CONVERSION, DIGESTS, SOURCE_FILE, TMP_PREFIX, is_complete
 
@@ -105,22 +106,22 @@ def _models(models: Path) -> Iterable[Entry]:
             continue
         source = _read_json(d / SOURCE_FILE) or {}
         if "generated" in source:  # a random-weight checkpoint of benchmarks/random_checkpoint.py
-            yield Entry(d, "checkpoint", _size(d), mtime, None)
+            yield Entry(d, "checkpoint", tree_size(d), mtime, None)
             continue
         if "sha256" not in source and not _CONVERSION_NAME.match(d.name):
-            yield Entry(d, "folder", _size(d), mtime, None)  # not ours to judge: only --all removes it
+            yield Entry(d, "folder", tree_size(d), mtime, None)  # not ours to judge: only --all removes it
             continue
         if not is_complete(d):
-            yield Entry(d, "model", _size(d), mtime, "incomplete conversion")
+            yield Entry(d, "model", tree_size(d), mtime, "incomplete conversion")
             continue
         if "sha256" not in source:
-            yield Entry(d, "model", _size(d), mtime, "made by an older lorakit (no source record)")
+            yield Entry(d, "model", tree_size(d), mtime, "made by an older lorakit (no source record)")
             continue
         if source.get("conversion") != CONVERSION:
             yield Entry(
                 d,
                 "model",
-                _size(d),
+                tree_size(d),
                 mtime,
                 f"conversion version {source.get('conversion')}, now {CONVERSION}",
             )
@@ -128,10 +129,14 @@ def _models(models: Path) -> Iterable[Entry]:
         mine = [m for m in memos if m["sha256"] == source["sha256"]]
         live = tuple(sorted({m["path"] for m in mine if m["live"]}))
         last = max([mtime, *(m["used"] for m in mine)])
-        yield Entry(d, "model", _size(d), last, None if live else "its GGUF file is gone or changed", live)
+        yield Entry(
+            d, "model", tree_size(d), last, None if live else "its GGUF file is gone or changed", live
+        )
     for m in memos:
         if not m["live"]:
-            yield Entry(m["file"], "digest", _size(m["file"]), m["used"], "its GGUF file is gone or changed")
+            yield Entry(
+                m["file"], "digest", tree_size(m["file"]), m["used"], "its GGUF file is gone or changed"
+            )
 
 
 def _memos(folder: Path) -> list[dict]:
@@ -170,12 +175,12 @@ def _kernels(folder: Path) -> Iterable[Entry]:
             continue
         mine = current is not None and f.name == current.name
         stale = None if mine else "built from other source, by another compiler or for another CPU"
-        yield Entry(f, "kernel", _size(f), _mtime(f), stale)
+        yield Entry(f, "kernel", tree_size(f), _mtime(f), stale)
 
 
 def _probes(root: Path) -> Iterable[Entry]:
     for f in sorted(root.glob("*.json")) if root.is_dir() else []:
-        yield Entry(f, "probe", _size(f), _mtime(f), None)
+        yield Entry(f, "probe", tree_size(f), _mtime(f), None)
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
@@ -184,7 +189,9 @@ def _probes(root: Path) -> Iterable[Entry]:
 def _temporary(path: Path, why: str) -> Entry:
     """A temporary: stale (`why`) once older than TEMP_GRACE_S, before that perhaps still being written."""
     mtime = _mtime(path)
-    return Entry(path, "temporary", _size(path), mtime, why if time.time() - mtime >= TEMP_GRACE_S else None)
+    return Entry(
+        path, "temporary", tree_size(path), mtime, why if time.time() - mtime >= TEMP_GRACE_S else None
+    )
 
 
 def _read_json(path: Path) -> dict | None:
@@ -193,15 +200,6 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _size(path: Path) -> int:
-    try:
-        if path.is_file() or path.is_symlink():
-            return path.lstat().st_size
-        return sum(f.lstat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
-    except OSError:
-        return 0
 
 
 def _mtime(path: Path) -> float:

@@ -29,7 +29,7 @@ from typing import Any
 
 from lorakit.atomic import atomic_file
 from lorakit.serve import protocol as P
-from lorakit.ui.procs import child_env, error_line, interrupt, reap, tail
+from lorakit.ui.procs import child_env, error_line, interrupt, reap, stop_all, tail
 from lorakit.ui.workspace import Workspace, discard
 
 log = logging.getLogger(__name__)
@@ -238,10 +238,7 @@ class Jobs:
         live = [job for job in self.jobs.values() if job.proc is not None and job.proc.poll() is None]
         for job in live:
             job.cancelled = True
-            interrupt(job.proc)
-        deadline = time.monotonic() + CANCEL_GRACE_S
-        for job in live:
-            reap(job.proc, max(0.1, deadline - time.monotonic()))
+        stop_all([job.proc for job in live], CANCEL_GRACE_S)
         for (
             job
         ) in self.jobs.values():  # the watchers are daemon threads: the process may end before they write

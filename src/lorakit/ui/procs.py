@@ -1,5 +1,5 @@
 """The playground's child processes: their environment, their logs' last lines and one-line errors, Ctrl-C for
-a process group and killing one that does not stop."""
+a process group (as in a terminal: the child and anything it started) and killing one that does not stop."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 
@@ -54,4 +55,14 @@ def reap(proc: subprocess.Popen, grace_s: float) -> None:
         proc.wait()
 
 
-__all__ = ["child_env", "error_line", "interrupt", "reap", "tail"]
+def stop_all(procs: list[subprocess.Popen], grace_s: float) -> None:
+    """Ctrl-C for each child's process group, then wait for them all, together at most `grace_s`; kill the
+    groups of those still there."""
+    for proc in procs:
+        interrupt(proc)
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        reap(proc, max(0.1, deadline - time.monotonic()))
+
+
+__all__ = ["child_env", "error_line", "interrupt", "reap", "stop_all", "tail"]

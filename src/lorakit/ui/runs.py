@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +28,7 @@ from lorakit.serve import protocol as P
 from lorakit.train.checkpoint import latest_checkpoint
 from lorakit.train.config import SHORTHANDS, load_config, read_yaml, save_config
 from lorakit.train.loop import read_metrics
-from lorakit.ui.procs import child_env, error_line, tail
+from lorakit.ui.procs import child_env, error_line, interrupt, stop_all, tail
 from lorakit.ui.workspace import Workspace, check_name, discard
 
 LOCKED = {("train", "out_dir"), ("train", "resume")}
@@ -89,7 +87,7 @@ class Runs:
             if live is None or live.proc.poll() is not None:
                 raise P.APIError(409, f"run {name!r} is not running", "not_running", "name")
             live.stop_requested = True
-            live.proc.send_signal(signal.SIGINT)
+            interrupt(live.proc)
         return self.state(name)
 
     def delete(self, name: str, in_use: Callable[[Path], str | None]) -> None:
@@ -232,13 +230,7 @@ class Runs:
             live = [p for p in self.live.values() if p.proc.poll() is None]
             for p in live:
                 p.stop_requested = True
-                p.proc.send_signal(signal.SIGINT)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for p in live:
-            try:
-                p.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.proc.kill()
+        stop_all([p.proc for p in live], STOP_GRACE_S)
 
 
 __all__ = ["Runs"]

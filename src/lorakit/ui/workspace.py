@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lorakit.atomic import atomic_file, atomic_write
+from lorakit.atomic import atomic_file, atomic_write, tree_size
 from lorakit.data.jsonl import DataError, parse_jsonl
 from lorakit.formats import CONFIG_NAME
 from lorakit.serve import protocol as P
@@ -100,7 +100,7 @@ class Workspace:
             if f.is_file() and self.inside(Path(os.path.realpath(f)))
         ]
         exports = [
-            {"path": self.rel(f), "size": _size(f)}
+            {"path": self.rel(f), "size": tree_size(f)}
             for f in sorted((self.root / "exports").iterdir())
             if not f.name.startswith(".") and self.inside(Path(os.path.realpath(f)))
         ]
@@ -200,12 +200,6 @@ def discard(path: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         tmp.unlink(missing_ok=True)
-
-
-def _size(p: Path) -> int:
-    if p.is_file():
-        return p.stat().st_size
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
 __all__ = ["Workspace", "check_name"]

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lorakit.serve import protocol as P
 from lorakit.serve.adapters import AdapterRoutes
 from lorakit.serve.engine import Engine
-from lorakit.serve.requests import Delta, Done, Event, Failed, GenRequest
+from lorakit.serve.requests import Delta, Done, Event, Failed, GenRequest, TokenLogprob
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -156,29 +156,51 @@ class GenerationRoutes:
         parsed = P.parse_completion(await P.read_json(request))
         run = await self._start(parsed, request)
         rid = P.new_id("cmpl")
+        wanted, token_text = run.req.params.logprobs is not None, self._token_text()
         if parsed.stream:
+            offset = 0  # text_offset continues across chunks
 
-            def chunk(text: str, finish: str | None) -> dict:
-                return P.completion_body(rid, run.model, text, finish, None)
+            def chunk(text: str, finish: str | None, entries: tuple[TokenLogprob, ...] = ()) -> dict:
+                nonlocal offset
+                lps = P.completion_logprobs(entries, token_text, offset) if wanted else None
+                offset += sum(len(t) for t in lps["tokens"]) if lps else 0
+                return P.completion_body(rid, run.model, text, finish, None, lps)
 
             return _sse_response(self._stream(run, rid, chunk, parsed.include_usage, chat=False))
-        text, done = await _unless_gone(request, run.req, _collect(run))
+        text, done, entries = await _unless_gone(request, run.req, _collect(run))
         use = P.usage(done.prompt_tokens, done.completion_tokens)
-        return JSONResponse(P.completion_body(rid, run.model, text, done.finish_reason, use))
+        lps = P.completion_logprobs(entries, token_text) if wanted else None
+        return JSONResponse(P.completion_body(rid, run.model, text, done.finish_reason, use, lps))
 
     async def chat_completions(self, request: Request) -> Response:
         parsed = P.parse_chat(await P.read_json(request))
         run = await self._start(parsed, request)
         rid = P.new_id("chatcmpl")
+        wanted, token_text = run.req.params.logprobs is not None, self._token_text()
         if parsed.stream:
 
-            def chunk(text: str, finish: str | None) -> dict:
-                return P.chat_chunk(rid, run.model, {"content": text} if text or not finish else {}, finish)
+            def chunk(text: str, finish: str | None, entries: tuple[TokenLogprob, ...] = ()) -> dict:
+                delta = {"content": text} if text or not finish else {}
+                lps = P.chat_logprobs(entries, token_text) if wanted and entries else None
+                return P.chat_chunk(rid, run.model, delta, finish, lps)
 
             return _sse_response(self._stream(run, rid, chunk, parsed.include_usage, chat=True))
-        text, done = await _unless_gone(request, run.req, _collect(run))
+        text, done, entries = await _unless_gone(request, run.req, _collect(run))
         use = P.usage(done.prompt_tokens, done.completion_tokens)
-        return JSONResponse(P.chat_body(rid, run.model, text, done.finish_reason, use))
+        lps = P.chat_logprobs(entries, token_text) if wanted else None
+        return JSONResponse(P.chat_body(rid, run.model, text, done.finish_reason, use, lps))
+
+    def _token_text(self) -> Callable[[int], str]:
+        """A token id's text for logprobs (special tokens included), remembered for the request."""
+        memo: dict[int, str] = {}
+
+        def text(token: int) -> str:
+            if token not in memo:
+                with self.engine.tokenizer_lock:
+                    memo[token] = self.tok.decode([token])
+            return memo[token]
+
+        return text
 
     async def _start(self, parsed: P.Parsed, request: Request) -> _Run:
         """Submit the request and wait for its first event, so that early failures get their own status.
@@ -187,6 +209,11 @@ class GenerationRoutes:
         adapter = self.adapters.adapter_for(parsed.model)
         ids = await asyncio.to_thread(self._encode, parsed)  # a long prompt must not stall the event loop
         params = P.sampling_params(parsed, self._budget(parsed, len(ids)))
+        wrong = [t for t, _ in params.logit_bias if t >= self.engine.vocab_size]
+        if wrong:
+            raise P.bad(
+                f"logit_bias: token ids out of range [0, {self.engine.vocab_size}): {wrong[:5]}", "logit_bias"
+            )
         if not self.engine.alive:
             raise P.APIError(503, "the engine is not running", "server_error")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
@@ -249,7 +276,7 @@ class GenerationRoutes:
         self,
         run: _Run,
         rid: str,
-        chunk: Callable[[str, str | None], dict],
+        chunk: Callable[..., dict],
         include_usage: bool,
         *,
         chat: bool,
@@ -259,7 +286,7 @@ class GenerationRoutes:
                 yield P.sse(P.chat_chunk(rid, run.model, {"role": "assistant", "content": ""}, None))
             async for event in run.events_until_done():
                 if isinstance(event, Delta):
-                    yield P.sse(chunk(event.text, None))
+                    yield P.sse(chunk(event.text, None, event.logprobs))
                 elif isinstance(event, Done):
                     yield P.sse(chunk("", event.finish_reason))
                     if include_usage:
@@ -295,14 +322,16 @@ async def _unless_gone(request: Request, req: GenRequest, waiting: Awaitable[T])
     return task.result()
 
 
-async def _collect(run: _Run) -> tuple[str, Done]:
+async def _collect(run: _Run) -> tuple[str, Done, list[TokenLogprob]]:
     parts: list[str] = []
+    entries: list[TokenLogprob] = []
     try:
         async for event in run.events_until_done():
             if isinstance(event, Delta):
                 parts.append(event.text)
+                entries.extend(event.logprobs)
             elif isinstance(event, Done):
-                return "".join(parts), event
+                return "".join(parts), event, entries
             else:
                 raise P.APIError(event.status, event.message, event.code)
     finally:

@@ -9,12 +9,13 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import Request
 
-from lorakit.serve.requests import SamplingParams
+from lorakit.serve.requests import SamplingParams, TokenLogprob
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -29,6 +30,8 @@ ERROR_TYPES = {
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes (negatives wrap around)
 MAX_BODY = 16 * 2**20  # bytes of request body; a prompt filling a 128k context is ~1 MB of text
+MAX_LOGPROBS = 20  # most top_logprobs (chat) or logprobs (completions): OpenAI's chat limit
+MAX_LOGIT_BIAS = 1024  # most entries of logit_bias
 
 
 class APIError(Exception):
@@ -124,7 +127,6 @@ def parse_completion(body: dict[str, Any]) -> Parsed:
     unsupported = {
         "suffix": bool(body.get("suffix")),
         "echo": bool(body.get("echo")),
-        "logprobs": body.get("logprobs") is not None,
         "best_of": body.get("best_of") not in (None, 1),
     }
     for key, used in unsupported.items():
@@ -142,13 +144,18 @@ def parse_completion(body: dict[str, Any]) -> Parsed:
     elif not isinstance(prompt, str):
         raise bad("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
     max_tokens = _int(body, "max_tokens", default=COMPLETION_DEFAULT_MAX_TOKENS, low=1)
-    return Parsed(_model(body), prompt, None, max_tokens, _sampling(body), *_stream(body))
+    params = {**_sampling(body), "logprobs": _int(body, "logprobs", default=None, low=0, high=MAX_LOGPROBS)}
+    return Parsed(_model(body), prompt, None, max_tokens, params, *_stream(body))
 
 
 def parse_chat(body: dict[str, Any]) -> Parsed:
-    for key in ("logprobs", "tools", "functions", "audio"):
+    for key in ("tools", "functions", "audio"):
         if body.get(key):
             raise bad(f"{key!r} is not supported by lorakit serve", key, "unsupported_parameter")
+    top = _int(body, "top_logprobs", default=None, low=0, high=MAX_LOGPROBS)
+    logprobs = _bool(body, "logprobs")
+    if top is not None and not logprobs:
+        raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise bad("'messages' must be a non-empty list of {role, content} objects", "messages")
@@ -156,7 +163,8 @@ def parse_chat(body: dict[str, Any]) -> Parsed:
     max_tokens = _int(body, "max_completion_tokens", default=None, low=1)
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", default=None, low=1)
-    return Parsed(_model(body), None, messages, max_tokens, _sampling(body), *_stream(body))
+    params = {**_sampling(body), "logprobs": (top or 0) if logprobs else None}
+    return Parsed(_model(body), None, messages, max_tokens, params, *_stream(body))
 
 
 def _message(m: Any, i: int) -> dict[str, str]:
@@ -199,9 +207,6 @@ def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
 
 
 def _sampling(body: dict[str, Any]) -> dict[str, Any]:
-    for key in ("frequency_penalty", "presence_penalty", "repetition_penalty", "logit_bias"):
-        if body.get(key) not in (None, 0, 0.0, {}) and not (key == "repetition_penalty" and body[key] == 1):
-            raise bad(f"{key!r} is not supported by lorakit serve", key, "unsupported_parameter")
     n = _int(body, "n", default=1, low=1)
     if n != 1:
         raise bad(f"only n=1 is supported, got n={n}", "n", "unsupported_parameter")
@@ -233,7 +238,41 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
         "stop": tuple(stop),
         "stop_token_ids": tuple(stop_ids),
         "ignore_eos": _bool(body, "ignore_eos"),
+        "frequency_penalty": _num(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        "presence_penalty": _num(body, "presence_penalty", 0.0, -2.0, 2.0),
+        "repetition_penalty": _repetition_penalty(body),
+        "logit_bias": _logit_bias(body),
     }
+
+
+def _repetition_penalty(body: dict[str, Any]) -> float:
+    value = body.get("repetition_penalty")
+    if value is None:
+        return 1.0
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 100:
+        raise bad(
+            f"'repetition_penalty' must be a number in (0, 100] (1: off), got {value!r}", "repetition_penalty"
+        )
+    return float(value)
+
+
+def _logit_bias(body: dict[str, Any]) -> tuple[tuple[int, float], ...]:
+    """{"token id": bias} as sorted (id, bias) pairs; the ids' range is checked against the vocabulary later."""
+    value = body.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict) or len(value) > MAX_LOGIT_BIAS:
+        raise bad(
+            f"'logit_bias' must be an object of at most {MAX_LOGIT_BIAS} token ids to biases", "logit_bias"
+        )
+    out = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
+            raise bad(f"'logit_bias': {key[:40]!r} is not a token id (a non-negative integer)", "logit_bias")
+        if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not -100 <= bias <= 100:
+            raise bad(f"'logit_bias'[{key!r}] must be a number in [-100, 100], got {bias!r}", "logit_bias")
+        out.append((int(key), float(bias)))
+    return tuple(sorted(out))
 
 
 def _bool(body: dict[str, Any], key: str, prefix: str = "") -> bool:
@@ -246,12 +285,21 @@ def _bool(body: dict[str, Any], key: str, prefix: str = "") -> bool:
     return value
 
 
-def _int(body: dict[str, Any], key: str, *, default: int | None, low: int) -> int | None:
+def _int(
+    body: dict[str, Any], key: str, *, default: int | None, low: int, high: int | None = None
+) -> int | None:
     value = body.get(key)
     if value is None:
         return default
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise bad(f"{key!r} must be an integer >= {low}, got {value!r}", key)
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or value < low
+        or high is not None
+        and value > high
+    ):
+        within = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise bad(f"{key!r} must be an integer {within}, got {value!r}", key)
     return value
 
 
@@ -283,21 +331,56 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def completion_body(rid: str, model: str, text: str, finish: str | None, use: dict | None) -> dict[str, Any]:
+def completion_logprobs(
+    entries: Sequence[TokenLogprob], token_text: Callable[[int], str], offset: int = 0
+) -> dict[str, Any]:
+    """The legacy completions `logprobs` object: each token's text, its log-probability, the top ones (with the
+    chosen token's, so up to k + 1) and where it starts, counting from `offset` (the text already sent)."""
+    tokens, top, offsets = [], [], []
+    for e in entries:
+        text = token_text(e.token)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        top.append({token_text(t): lp for t, lp in (*e.top, (e.token, e.logprob))})
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(entries: Sequence[TokenLogprob], token_text: Callable[[int], str]) -> dict[str, Any]:
+    """The chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs: [...]}], "refusal": None}."""
+
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        text = token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    content = [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries]
+    return {"content": content, "refusal": None}
+
+
+def completion_body(
+    rid: str, model: str, text: str, finish: str | None, use: dict | None, logprobs: dict | None = None
+) -> dict[str, Any]:
     """A /v1/completions response, or (use None) one stream chunk of it."""
     body = {
         "id": rid,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
     }
     if use is not None:
         body["usage"] = use
     return body
 
 
-def chat_body(rid: str, model: str, text: str, finish: str, use: dict) -> dict[str, Any]:
+def chat_body(
+    rid: str, model: str, text: str, finish: str, use: dict, logprobs: dict | None = None
+) -> dict[str, Any]:
     return {
         "id": rid,
         "object": "chat.completion",
@@ -307,7 +390,7 @@ def chat_body(rid: str, model: str, text: str, finish: str, use: dict) -> dict[s
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": text},
-                "logprobs": None,
+                "logprobs": logprobs,
                 "finish_reason": finish,
             }
         ],
@@ -315,13 +398,15 @@ def chat_body(rid: str, model: str, text: str, finish: str, use: dict) -> dict[s
     }
 
 
-def chat_chunk(rid: str, model: str, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+def chat_chunk(
+    rid: str, model: str, delta: dict[str, str], finish: str | None, logprobs: dict | None = None
+) -> dict[str, Any]:
     return {
         "id": rid,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
     }
 
 

@@ -34,11 +34,39 @@ class SamplingParams:
     """Token ids that end generation, besides end-of-sequence."""
     ignore_eos: bool = False
     """Keep generating past end-of-sequence (for benchmarks)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once for each time it was generated already (OpenAI's, in [-2, 2])."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token generated already (OpenAI's, in [-2, 2])."""
+    repetition_penalty: float = 1.0
+    """Tokens of the prompt or the output so far: a positive logit divided by it, a negative one multiplied
+    (Hugging Face's and vLLM's; 1: off)."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits (OpenAI's, each in [-100, 100])."""
+    logprobs: int | None = None
+    """None: no log-probabilities; k >= 0: each generated token's, and the k most likely tokens' at its position,
+    from the model's logits before penalties, bias and temperature."""
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability, and the `top` most likely tokens at its position."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
 
 
 @dataclass
 class Delta:
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """The tokens this text came from (with SamplingParams.logprobs set): text that was held back (a stop string
+    might start there, or half a UTF-8 character) comes with a later token's Delta."""
 
 
 @dataclass
@@ -91,6 +119,23 @@ def deliver(req: GenRequest, event: Event) -> None:
 GREEDY_BELOW = 1e-5
 """Temperatures below this decode greedily, as vLLM does: dividing by them overflows float32 (1e-38 does, and
 1e-46 rounds to 0), and their distribution is the argmax's anyway."""
+
+
+def adjust(
+    logits: torch.Tensor, p: SamplingParams, counts: torch.Tensor | None, seen: torch.Tensor | None
+) -> torch.Tensor:
+    """`logits` (vocab,) float32 with `p`'s repetition penalty over `seen` (a bool mask of the prompt's and the
+    output's tokens), frequency and presence penalties over `counts` (how often each token was generated), then
+    the logit bias. Returns a new tensor; the model's logits stay as they were (for logprobs)."""
+    out = logits.clone()
+    if p.repetition_penalty != 1.0 and seen is not None:
+        hit = out[seen]
+        out[seen] = torch.where(hit > 0, hit / p.repetition_penalty, hit * p.repetition_penalty)
+    if (p.frequency_penalty or p.presence_penalty) and counts is not None:
+        out -= counts * p.frequency_penalty + (counts > 0).float() * p.presence_penalty
+    for token, bias in p.logit_bias:
+        out[token] += bias
+    return out
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:

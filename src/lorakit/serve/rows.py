@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorakit.serve.requests import Delta, Done, Failed, GenRequest, deliver, sample
+from lorakit.serve.requests import Delta, Done, Failed, GenRequest, TokenLogprob, adjust, deliver, sample
 
 
 @dataclass(eq=False)
@@ -25,6 +25,15 @@ class Row:
     n_real: int = 0  # tokens of this row in the cache (prompt + generated tokens fed back)
     sent: int = 0  # characters of output already emitted
     finished: bool = False
+    counts: torch.Tensor | None = None
+    """(vocab,) how often each token was generated (frequency and presence penalties only)."""
+    seen: torch.Tensor | None = None
+    """(vocab,) bool: the prompt's and the output's tokens (repetition penalty only)."""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """With SamplingParams.logprobs: each output token's (not an end-of-sequence or stop token's)."""
+    ends: list[int] = field(default_factory=list)
+    """The output text's length after each of those tokens: where the next one starts."""
+    logprobs_sent: int = 0
 
     def finish(self, event: Done | Failed) -> None:
         self.finished = True
@@ -39,28 +48,79 @@ class Row:
     ) -> None:
         """Sample the row's next token, emit the new text, and decide whether the row is done."""
         p = self.req.params
-        tok = sample(logits, p.temperature, p.top_p, self.generator)
+        tok = sample(self._adjusted(logits), p.temperature, p.top_p, self.generator)
         self.out_ids.append(tok)
+        if self.counts is not None:
+            self.counts[tok] += 1
+        if self.seen is not None:
+            self.seen[tok] = True
         reason = None
         if (tok in eos_ids and not p.ignore_eos) or tok in self.stop_ids:
             reason = "stop"
         text = decode(self.out_ids)
+        if p.logprobs is not None and reason is None:  # an end-of-sequence or stop token is no output text
+            self.logprobs.append(_logprob(logits, tok, p.logprobs))
+            self.ends.append(len(text))
         cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
         if cut >= 0:
             text, reason = text[:cut], "stop"
         if reason is None and (len(self.out_ids) >= p.max_tokens or self.n_real + 1 >= max_model_len):
             reason = "length"
         if reason is not None:
-            if len(text) > self.sent:
-                deliver(self.req, Delta(text[self.sent :]))
+            # the tokens that start before the end of the output (not at or past a stop string)
+            lps = self._logprobs_before(len(text) if cut >= 0 else None)
+            if len(text) > self.sent or lps:
+                deliver(self.req, Delta(text[self.sent :], lps))
             self.finish(Done(reason, len(self.req.prompt_ids), len(self.out_ids)))
             return
         safe = len(text) - max((len(s) - 1 for s in p.stop), default=0)  # a stop string may be starting
         if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next byte
             safe = min(safe, len(text) - 1)
         if safe > self.sent:
-            deliver(self.req, Delta(text[self.sent : safe]))
+            deliver(self.req, Delta(text[self.sent : safe], self._logprobs_before(safe)))
             self.sent = safe
+
+    def _logprobs_before(self, end: int | None) -> tuple[TokenLogprob, ...]:
+        """The log-probabilities not sent yet of the tokens that start before `end` (None: all), marked sent."""
+        k = self.logprobs_sent
+        while k < len(self.logprobs) and (end is None or (self.ends[k - 1] if k else 0) < end):
+            k += 1
+        out = tuple(self.logprobs[self.logprobs_sent : k])
+        self.logprobs_sent = k
+        return out
+
+    def _adjusted(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits to sample from: with the request's penalties and bias, if any (its counts start here)."""
+        p = self.req.params
+        if not (p.penalized or p.logit_bias):
+            return logits
+        logits = logits.float()
+        vocab = logits.shape[-1]
+        if self.counts is None and (p.frequency_penalty or p.presence_penalty):
+            self.counts = torch.zeros(vocab)
+            self.counts.index_add_(
+                0, torch.tensor(self.out_ids, dtype=torch.long), torch.ones(len(self.out_ids))
+            )
+        if self.seen is None and p.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab, dtype=torch.bool)
+            ids = [t for t in self.req.prompt_ids + self.out_ids if 0 <= t < vocab]
+            self.seen[torch.tensor(ids, dtype=torch.long)] = True
+        return adjust(logits, p, self.counts, self.seen)
+
+
+LOGPROB_FLOOR = -9999.0
+"""A log-probability of -inf (a token the model rules out) is sent as this: JSON has no infinities."""
+
+
+def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s log-probability under the model's own distribution (before penalties, bias and temperature),
+    and the `top` most likely tokens'."""
+    lp = torch.log_softmax(logits.float(), dim=-1).clamp(min=LOGPROB_FLOOR)
+    best: tuple[tuple[int, float], ...] = ()
+    if top:
+        values, ids = lp.topk(min(top, lp.shape[-1]))
+        best = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token, float(lp[token]), best)
 
 
 def eos_ids(model, tokenizer) -> set[int]:

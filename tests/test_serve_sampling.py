@@ -11,6 +11,7 @@ differences are ~1e-5; a wrong position or a wrong token is off by > 0.1).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import inspect
 
 import pytest
@@ -234,5 +235,60 @@ def test_bad_completion_logprobs_are_refused(http, base):  # noqa: F811
     for value, message in [(-1, "in [0, 20]"), (21, "in [0, 20]"), (True, "must be an integer")]:
         r = http.post("/v1/completions", json={"model": base, "prompt": PROMPT, "logprobs": value})
         assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
-    r = http.post("/v1/completions", json={"model": base, "prompt": PROMPT, "echo": True, "logprobs": 1})
+    r = http.post("/v1/completions", json={"model": base, "prompt": PROMPT, "suffix": "x"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter", r.text
+
+
+@torch.no_grad()
+def _scored(model, ids: list[int], adapter: str | None) -> list[float]:
+    """Each token's log-probability given the ones before it, from one forward pass over the whole prompt."""
+    if adapter is not None:
+        lorakit.set_active(model, adapter)
+    with lorakit.disabled(model) if adapter is None else contextlib.nullcontext():
+        dist = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return [float(dist[i - 1, ids[i]]) for i in range(1, len(ids))]
+
+
+@pytest.mark.parametrize("adapter", [None, "a"])
+def test_echo_scores_the_prompt_as_lm_eval_asks(client, base, ref_model, adapter):  # noqa: F811
+    """lm-evaluation-harness's local-completions loglikelihood request: token ids, echo, logprobs 1, max_tokens 1
+    (and 0, which scores only)."""
+    model, tok = ref_model
+    ids = _prompt_ids(tok, prompt=PROMPT)
+    want = _scored(model, ids, adapter)
+    kw = {"model": adapter or base, "echo": True, "logprobs": 1, "temperature": 0}
+    for max_tokens in (0, 1):
+        got = client.completions.create(prompt=[ids], max_tokens=max_tokens, **kw).choices[0]
+        lp = got.logprobs
+        assert (
+            lp.tokens[: len(ids)] == [tok.decode([t]) for t in ids]
+            and len(lp.tokens) == len(ids) + max_tokens
+        )
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        diff = max(abs(a - b) for a, b in zip(lp.token_logprobs[1 : len(ids)], want, strict=True))
+        assert diff < LOGPROB_ATOL, diff
+        for token, top in zip(lp.tokens[1:], lp.top_logprobs[1:], strict=True):
+            assert token in top and len(top) <= 2
+        assert got.text.startswith(tok.decode(ids)) and (max_tokens or got.text == tok.decode(ids))
+    if adapter is not None:  # the adapter's own scores: they differ from the base's
+        assert max(abs(a - b) for a, b in zip(want, _scored(model, ids, None), strict=True)) > 1e-3
+
+
+def test_echo_streamed_and_whole_agree(client, base):  # noqa: F811
+    kw = {"model": base, "prompt": PROMPT, "echo": True, "max_tokens": 4, "temperature": 0}
+    for logprobs in (None, 2):
+        whole = client.completions.create(**kw, logprobs=logprobs).choices[0]
+        assert whole.text.startswith(PROMPT) and len(whole.text) > len(PROMPT)
+        chunks = [
+            c.choices[0] for c in client.completions.create(**kw, logprobs=logprobs, stream=True) if c.choices
+        ]
+        assert "".join(c.text for c in chunks) == whole.text
+        if logprobs:
+            assert [t for c in chunks if c.logprobs for t in c.logprobs.tokens] == whole.logprobs.tokens
+
+
+def test_max_tokens_zero_needs_echo(http, base):  # noqa: F811
+    r = http.post("/v1/completions", json={"model": base, "prompt": PROMPT, "max_tokens": 0})
+    assert r.status_code == 400 and "'max_tokens' must be an integer >= 1" in r.json()["error"]["message"], (
+        r.text
+    )

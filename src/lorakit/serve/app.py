@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lorakit.serve import protocol as P
 from lorakit.serve.adapters import AdapterRoutes
 from lorakit.serve.engine import Engine
-from lorakit.serve.requests import Delta, Done, Event, Failed, GenRequest, TokenLogprob
+from lorakit.serve.requests import Delta, Done, Event, Failed, GenRequest, Prompt, TokenLogprob
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -157,6 +157,9 @@ class GenerationRoutes:
         run = await self._start(parsed, request)
         rid = P.new_id("cmpl")
         wanted, token_text = run.req.params.logprobs is not None, self._token_text()
+        echoed = (
+            await asyncio.to_thread(self._prompt_text, parsed, run.req.prompt_ids) if parsed.echo else None
+        )
         if parsed.stream:
             offset = 0  # text_offset continues across chunks
 
@@ -166,11 +169,21 @@ class GenerationRoutes:
                 offset += sum(len(t) for t in lps["tokens"]) if lps else 0
                 return P.completion_body(rid, run.model, text, finish, None, lps)
 
-            return _sse_response(self._stream(run, rid, chunk, parsed.include_usage, chat=False))
+            stream = self._stream(run, rid, chunk, parsed.include_usage, chat=False, echoed=echoed)
+            return _sse_response(stream)
         text, done, entries = await _unless_gone(request, run.req, _collect(run))
         use = P.usage(done.prompt_tokens, done.completion_tokens)
+        if echoed is not None:
+            text = echoed + text
         lps = P.completion_logprobs(entries, token_text) if wanted else None
         return JSONResponse(P.completion_body(rid, run.model, text, done.finish_reason, use, lps))
+
+    def _prompt_text(self, parsed: P.Parsed, ids: list[int]) -> str:
+        """What `echo` puts first: the prompt as given, or its token ids' text."""
+        if isinstance(parsed.prompt, str):
+            return parsed.prompt
+        with self.engine.tokenizer_lock:
+            return self.tok.decode(ids)
 
     async def chat_completions(self, request: Request) -> Response:
         parsed = P.parse_chat(await P.read_json(request))
@@ -280,12 +293,17 @@ class GenerationRoutes:
         include_usage: bool,
         *,
         chat: bool,
+        echoed: str | None = None,
     ) -> AsyncIterator[str]:
         try:
             if chat:
                 yield P.sse(P.chat_chunk(rid, run.model, {"role": "assistant", "content": ""}, None))
+            elif echoed is not None and run.req.params.prompt_logprobs is None:
+                yield P.sse(chunk(echoed, None))  # with logprobs, the Prompt event brings it
             async for event in run.events_until_done():
-                if isinstance(event, Delta):
+                if isinstance(event, Prompt):
+                    yield P.sse(chunk(echoed or "", None, event.logprobs))
+                elif isinstance(event, Delta):
                     yield P.sse(chunk(event.text, None, event.logprobs))
                 elif isinstance(event, Done):
                     yield P.sse(chunk("", event.finish_reason))
@@ -327,7 +345,9 @@ async def _collect(run: _Run) -> tuple[str, Done, list[TokenLogprob]]:
     entries: list[TokenLogprob] = []
     try:
         async for event in run.events_until_done():
-            if isinstance(event, Delta):
+            if isinstance(event, Prompt):
+                entries.extend(event.logprobs)
+            elif isinstance(event, Delta):
                 parts.append(event.text)
                 entries.extend(event.logprobs)
             elif isinstance(event, Done):

@@ -48,9 +48,9 @@ from transformers import DynamicCache
 from lorakit.bank import AdapterBank
 from lorakit.errors import AdapterError
 from lorakit.serve import kvcache
-from lorakit.serve.requests import SHUTDOWN, Failed, GenRequest, deliver, failure
+from lorakit.serve.requests import SHUTDOWN, Done, Failed, GenRequest, Prompt, deliver, failure
 from lorakit.serve.routing import route
-from lorakit.serve.rows import Row, eos_ids
+from lorakit.serve.rows import Row, eos_ids, prompt_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -311,11 +311,16 @@ class Engine:
             r.n_real = n
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        logits = self._forward(rows, ids, mask, positions, cache, last_only=True)
+        scored = [r.req.params.prompt_logprobs is not None for r in rows]
+        logits = self._forward(rows, ids, mask, positions, cache, last_only=not any(scored))
+        if logits.dim() == 2:  # (batch, vocab): the last positions only (or prompts of one token)
+            logits = logits[:, None]
         self._append(cache, mask, rows)
         self.stats["prefills"] += 1
         for i, r in enumerate(rows):
-            self._accept_guarded(r, logits[i])
+            if scored[i] and not self._score_guarded(r, logits[i, length - r.n_real :]):
+                continue
+            self._accept_guarded(r, logits[i, -1])
 
     @torch.no_grad()
     def _decode(self, rows: list[Row]) -> None:
@@ -340,7 +345,8 @@ class Engine:
         *,
         last_only: bool,
     ) -> torch.Tensor:
-        """Logits of each row's last position, (batch, vocab), with each row's adapter.
+        """Logits of each row's last position, (batch, vocab), with each row's adapter; without `last_only`, of
+        every position (batch, new tokens, vocab) when there is more than one.
 
         ids and positions are (batch, new tokens), mask (batch, cached + new tokens); `cache` grows in place."""
         device = next(self.model.parameters()).device
@@ -354,7 +360,9 @@ class Engine:
                 position_ids=positions.to(device),
                 **kwargs,
             )
-        return out.logits[:, -1].float().cpu()
+        if last_only or ids.shape[1] == 1:
+            return out.logits[:, -1].float().cpu()
+        return out.logits.float().cpu()
 
     def _append(self, cache: DynamicCache, mask: torch.Tensor, rows: list[Row]) -> None:
         """Join the new rows' cache and mask to the running batch's, left-padding the shorter to a common T."""
@@ -382,6 +390,22 @@ class Engine:
         self._cache, self._mask = kvcache.select(self._cache, self._mask, keep)
 
     # -- tokens to text ----------------------------------------------------------------------------------------
+
+    def _score_guarded(self, row: Row, logits: torch.Tensor) -> bool:
+        """Send the row's prompt log-probabilities (`logits`: its own positions); False when the row is done: it
+        asked for no tokens, or this failed (for this row alone)."""
+        p = row.req.params
+        try:
+            deliver(row.req, Prompt(prompt_logprobs(row.req.prompt_ids, logits, p.prompt_logprobs or 0)))
+        except Exception as e:  # noqa: BLE001 - one row's scoring must not fail the others
+            log.exception("scoring a prompt failed")
+            self.stats["errors"] += 1
+            row.finish(failure(e))
+            return False
+        if p.max_tokens == 0:  # scored, nothing to generate
+            row.finish(Done("length", row.n_real, 0))
+            return False
+        return True
 
     def _accept_guarded(self, row: Row, logits: torch.Tensor) -> None:
         """`Row.accept`; if it raises, this row alone fails (it leaves the batch at the next drop)."""

@@ -121,14 +121,11 @@ class Parsed:
     params: dict[str, Any]  # SamplingParams fields except max_tokens
     stream: bool
     include_usage: bool
+    echo: bool = False  # completions: the prompt comes first in the text (and its tokens in the logprobs)
 
 
 def parse_completion(body: dict[str, Any]) -> Parsed:
-    unsupported = {
-        "suffix": bool(body.get("suffix")),
-        "echo": bool(body.get("echo")),
-        "best_of": body.get("best_of") not in (None, 1),
-    }
+    unsupported = {"suffix": bool(body.get("suffix")), "best_of": body.get("best_of") not in (None, 1)}
     for key, used in unsupported.items():
         if used:
             raise bad(f"{key!r} is not supported by lorakit serve", key, "unsupported_parameter")
@@ -143,9 +140,11 @@ def parse_completion(body: dict[str, Any]) -> Parsed:
         pass
     elif not isinstance(prompt, str):
         raise bad("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
-    max_tokens = _int(body, "max_tokens", default=COMPLETION_DEFAULT_MAX_TOKENS, low=1)
-    params = {**_sampling(body), "logprobs": _int(body, "logprobs", default=None, low=0, high=MAX_LOGPROBS)}
-    return Parsed(_model(body), prompt, None, max_tokens, params, *_stream(body))
+    echo = _bool(body, "echo")
+    max_tokens = _int(body, "max_tokens", default=COMPLETION_DEFAULT_MAX_TOKENS, low=0 if echo else 1)
+    logprobs = _int(body, "logprobs", default=None, low=0, high=MAX_LOGPROBS)
+    params = {**_sampling(body), "logprobs": logprobs, "prompt_logprobs": logprobs if echo else None}
+    return Parsed(_model(body), prompt, None, max_tokens, params, *_stream(body), echo=echo)
 
 
 def parse_chat(body: dict[str, Any]) -> Parsed:
@@ -342,7 +341,10 @@ def completion_logprobs(
         tokens.append(text)
         offsets.append(offset)
         offset += len(text)
-        top.append({token_text(t): lp for t, lp in (*e.top, (e.token, e.logprob))})
+        # a prompt's first token has no log-probability, nor alternatives
+        top.append(
+            None if e.logprob is None else {token_text(t): lp for t, lp in (*e.top, (e.token, e.logprob))}
+        )
     return {
         "tokens": tokens,
         "token_logprobs": [e.logprob for e in entries],

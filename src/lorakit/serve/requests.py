@@ -46,6 +46,9 @@ class SamplingParams:
     logprobs: int | None = None
     """None: no log-probabilities; k >= 0: each generated token's, and the k most likely tokens' at its position,
     from the model's logits before penalties, bias and temperature."""
+    prompt_logprobs: int | None = None
+    """None: none; k >= 0: each prompt token's log-probability given the tokens before it, and the k most likely
+    there (a Prompt event before any text). With max_tokens 0 nothing is generated: the prompt is only scored."""
 
     @property
     def penalized(self) -> bool:
@@ -57,7 +60,8 @@ class TokenLogprob:
     """One generated token's log-probability, and the `top` most likely tokens at its position."""
 
     token: int
-    logprob: float
+    logprob: float | None
+    """None for a prompt's first token: nothing comes before it."""
     top: tuple[tuple[int, float], ...]
 
 
@@ -67,6 +71,13 @@ class Delta:
     logprobs: tuple[TokenLogprob, ...] = ()
     """The tokens this text came from (with SamplingParams.logprobs set): text that was held back (a stop string
     might start there, or half a UTF-8 character) comes with a later token's Delta."""
+
+
+@dataclass
+class Prompt:
+    """The prompt's tokens with their log-probabilities (SamplingParams.prompt_logprobs), before any Delta."""
+
+    logprobs: tuple[TokenLogprob, ...]
 
 
 @dataclass
@@ -83,14 +94,15 @@ class Failed:
     code: str
 
 
-Event = Delta | Done | Failed
+Event = Prompt | Delta | Done | Failed
 
 
 @dataclass(eq=False)
 class GenRequest:
     """One generation: prompt token ids, the adapter (None: the base model), sampling, and where events go.
 
-    `emit` is called on the engine thread with Delta events, then exactly one Done or Failed."""
+    `emit` is called on the engine thread with a Prompt event (if asked for), Delta events, then exactly one Done
+    or Failed."""
 
     prompt_ids: list[int]
     adapter: str | None

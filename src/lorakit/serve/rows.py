@@ -108,6 +108,13 @@ class Row:
         return adjust(logits, p, self.counts, self.seen)
 
 
+def prompt_logprobs(ids: list[int], logits: torch.Tensor, top: int) -> tuple[TokenLogprob, ...]:
+    """Each prompt token's log-probability given the ones before it, from `logits` (len(ids), vocab): the model's
+    outputs at the prompt's positions (the last one predicts the first generated token and is not used)."""
+    first = TokenLogprob(ids[0], None, ())
+    return (first, *(_logprob(logits[i - 1], ids[i], top) for i in range(1, len(ids))))
+
+
 LOGPROB_FLOOR = -9999.0
 """A log-probability of -inf (a token the model rules out) is sent as this: JSON has no infinities."""
 

@@ -178,7 +178,8 @@ def tree_size(path: Path) -> int:
     except OSError:
         return 0
     total = 0
-    for folder, _, files in os.walk(path):  # links to folders are not followed; unreadable folders are skipped
+    # os.walk follows no link to a folder, and skips folders it cannot read
+    for folder, _, files in os.walk(path):
         for name in files:
             try:
                 st = os.lstat(os.path.join(folder, name))
@@ -186,6 +187,14 @@ def tree_size(path: Path) -> int:
                 continue
             total += st.st_size if stat.S_ISREG(st.st_mode) else 0
     return total
+
+
+def mtime_of(path: Path) -> float:
+    """The last change of `path` itself (a link's, not its target's); 0.0 when it is gone or unreadable."""
+    try:
+        return path.lstat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _raise_if_disk_full(e: BaseException, path: Path) -> None:

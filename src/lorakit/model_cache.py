@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lorakit.atomic import tree_size
+from lorakit.atomic import mtime_of, tree_size
 from lorakit.envflags import cache_root
 from lorakit.models import CONVERSION, DIGESTS, SOURCE_FILE, TMP_PREFIX, is_complete
 
@@ -100,7 +100,7 @@ def _models(models: Path) -> Iterable[Entry]:
     for d in sorted(models.iterdir()):
         if d.name == DIGESTS:
             continue
-        mtime = _mtime(d)
+        mtime = mtime_of(d)
         if d.name.startswith(TMP_PREFIX):
             yield _temporary(d, "left by a killed conversion")
             continue
@@ -147,7 +147,7 @@ def _memos(folder: Path) -> list[dict]:
     for f in sorted(folder.glob("*.json")):
         record = _read_json(f)
         if not record or not isinstance(record.get("sha256"), str) or not isinstance(record.get("path"), str):
-            out.append({"file": f, "sha256": None, "path": "?", "live": False, "used": _mtime(f)})
+            out.append({"file": f, "sha256": None, "path": "?", "live": False, "used": mtime_of(f)})
             continue
         try:
             st = Path(record["path"]).stat()
@@ -155,7 +155,7 @@ def _memos(folder: Path) -> list[dict]:
         except OSError:
             live = False
         out.append(
-            {"file": f, "sha256": record["sha256"], "path": record["path"], "live": live, "used": _mtime(f)}
+            {"file": f, "sha256": record["sha256"], "path": record["path"], "live": live, "used": mtime_of(f)}
         )
     return out
 
@@ -175,12 +175,12 @@ def _kernels(folder: Path) -> Iterable[Entry]:
             continue
         mine = current is not None and f.name == current.name
         stale = None if mine else "built from other source, by another compiler or for another CPU"
-        yield Entry(f, "kernel", tree_size(f), _mtime(f), stale)
+        yield Entry(f, "kernel", tree_size(f), mtime_of(f), stale)
 
 
 def _probes(root: Path) -> Iterable[Entry]:
     for f in sorted(root.glob("*.json")) if root.is_dir() else []:
-        yield Entry(f, "probe", tree_size(f), _mtime(f), None)
+        yield Entry(f, "probe", tree_size(f), mtime_of(f), None)
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def _probes(root: Path) -> Iterable[Entry]:
 
 def _temporary(path: Path, why: str) -> Entry:
     """A temporary: stale (`why`) once older than TEMP_GRACE_S, before that perhaps still being written."""
-    mtime = _mtime(path)
+    mtime = mtime_of(path)
     return Entry(
         path, "temporary", tree_size(path), mtime, why if time.time() - mtime >= TEMP_GRACE_S else None
     )
@@ -200,13 +200,6 @@ def _read_json(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.lstat().st_mtime
-    except OSError:
-        return 0.0
 
 
 __all__ = ["Entry", "clean", "entries"]

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorakit.atomic import atomic_file
+from lorakit.atomic import atomic_file, mtime_of
 from lorakit.serve import protocol as P
 from lorakit.ui.procs import child_env, error_line, interrupt, reap, stop_all, tail
 from lorakit.ui.workspace import Workspace, discard
@@ -183,7 +183,7 @@ class Jobs:
                 None if result is None else self.ws.path(result, must_exist=False),
             )
         except (OSError, ValueError, TypeError, KeyError, P.APIError):
-            return Job(folder.name, "unknown", folder, "", _mtime(folder))
+            return Job(folder.name, "unknown", folder, "", mtime_of(folder))
         with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
             end = json.loads((folder / EXIT).read_text())
             job.returncode, job.cancelled = _typed(end["returncode"], int), bool(end["cancelled"])
@@ -263,13 +263,6 @@ def _typed(value: Any, kind: type) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
         raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
     return value
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
 
 
 __all__ = ["CANCEL_GRACE_S", "Job", "Jobs"]

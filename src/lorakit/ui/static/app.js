@@ -1102,7 +1102,9 @@ async function streamChat(column, params, head, turn) {
     column.skip = skip; // kept only once a request fits: a failed turn leaves the conversation as it was
     const left = skip / 2;
     column.note.hidden = left === 0;
-    column.note.textContent = `The ${left} oldest turn${left === 1 ? " is" : "s are"} left out: the conversation outgrew the model's context of ${state.info?.max_model_len} tokens.`;
+    column.note.textContent = left
+      ? `The ${left} oldest turn${left === 1 ? " is" : "s are"} left out: the conversation outgrew the model's context of ${state.info?.max_model_len} tokens.`
+      : "";
     await readSSE(res, (event, data) => {
       if (data.trim() === "[DONE]") return;
       const chunk = JSON.parse(data);

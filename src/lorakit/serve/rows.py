@@ -90,7 +90,8 @@ class Row:
         return out
 
     def _adjusted(self, logits: torch.Tensor) -> torch.Tensor:
-        """The logits to sample from: with the request's penalties and bias, if any (its counts start here)."""
+        """The logits to sample from: with the request's penalties and bias, if any. Called first for the first
+        output token, so the counts start empty and `seen` with the prompt."""
         p = self.req.params
         if not (p.penalized or p.logit_bias):
             return logits
@@ -98,12 +99,9 @@ class Row:
         vocab = logits.shape[-1]
         if self.counts is None and (p.frequency_penalty or p.presence_penalty):
             self.counts = torch.zeros(vocab)
-            self.counts.index_add_(
-                0, torch.tensor(self.out_ids, dtype=torch.long), torch.ones(len(self.out_ids))
-            )
         if self.seen is None and p.repetition_penalty != 1.0:
             self.seen = torch.zeros(vocab, dtype=torch.bool)
-            ids = [t for t in self.req.prompt_ids + self.out_ids if 0 <= t < vocab]
+            ids = [t for t in self.req.prompt_ids if 0 <= t < vocab]
             self.seen[torch.tensor(ids, dtype=torch.long)] = True
         return adjust(logits, p, self.counts, self.seen)
 

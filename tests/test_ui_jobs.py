@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 from uiserver import error, wait_for
 
+from lorakit.serve import protocol as P
 from lorakit.ui.jobs import EXIT, RECORD, Jobs
 from lorakit.ui.workspace import Workspace
 
@@ -113,7 +115,9 @@ def test_a_job_whose_ui_stopped_shows_as_interrupted_and_can_go(ui, trained):
         state = later.state(job)
         assert state["status"] == "interrupted" and "the UI stopped" in state["error"], state
         assert state["summary"] == {"adapter": trained} and state["result"] is None
-        assert "not running" in str(_raises(lambda: later.cancel(job), 409))
+        with pytest.raises(P.APIError, match="not running") as refused:
+            later.cancel(job)
+        assert refused.value.status == 409
     finally:
         first.cancel(job)
     deadline = time.monotonic() + 30
@@ -121,7 +125,9 @@ def test_a_job_whose_ui_stopped_shows_as_interrupted_and_can_go(ui, trained):
         time.sleep(0.1)
     assert Jobs(ws).state(job)["status"] == "cancelled"  # once it ended, its end is on record
     assert later.delete(job) == job and not (ws.root / "jobs" / job).exists()
-    assert "no job" in str(_raises(lambda: later.state(job), 404))
+    with pytest.raises(P.APIError, match="no job") as gone:
+        later.state(job)
+    assert gone.value.status == 404
 
 
 def test_jobs_can_be_deleted_once_they_ended(ui, http, trained):
@@ -154,14 +160,3 @@ def test_a_folder_of_jobs_without_a_record_is_listed_as_unknown(tmp_path):
     assert all(j["status"] == "unknown" and j["result"] is None for j in listed.values()), listed
     assert jobs.delete("eval-1700000000-1") == "eval-1700000000-1"
     assert sorted(p.name for p in (ws.root / "jobs").iterdir()) == [".zips", "export-1700000000-2"]
-
-
-def _raises(fn, status: int):
-    from lorakit.serve import protocol as P
-
-    try:
-        fn()
-    except P.APIError as e:
-        assert e.status == status, (e.status, e)
-        return e
-    raise AssertionError(f"expected an error {status}")

@@ -311,11 +311,6 @@ def test_unknown_adapter_404_lists_available(client, base):
     assert e.value.body["code"] == "model_not_found"
 
 
-def test_n_greater_than_one_refused(client):
-    with pytest.raises(openai.BadRequestError, match="n=1"):
-        _text(client, "a", n=2)
-
-
 def test_prompt_over_context_length(client, base):
     with pytest.raises(openai.BadRequestError, match="maximum context length") as e:
         client.completions.create(model=base, prompt="hello " * 9000, max_tokens=4)

@@ -158,10 +158,12 @@ def test_symlinks_inside_the_root_load(http, fdirs):
     assert http.post("/v1/unload_lora_adapter", json={"lora_name": "links"}).status_code == 200
 
 
-def test_client_hanging_up_on_a_non_streaming_request_frees_its_row(http, url):
-    """A chat request without max_tokens may decode the rest of the context (~8k tokens): the hang-up stops it."""
+@pytest.mark.parametrize("n", [1, 3])
+def test_client_hanging_up_on_a_non_streaming_request_frees_its_row(http, url, n):
+    """A chat request without max_tokens may decode the rest of the context (~8k tokens): the hang-up stops it,
+    every choice's row."""
     body = json.dumps(
-        {"model": "a", "messages": [{"role": "user", "content": "Count."}], "ignore_eos": True}
+        {"model": "a", "messages": [{"role": "user", "content": "Count."}], "ignore_eos": True, "n": n}
     ).encode()
     host, port = url.removeprefix("http://").split(":")
     head = (
@@ -171,8 +173,8 @@ def test_client_hanging_up_on_a_non_streaming_request_frees_its_row(http, url):
     with socket.create_connection((host, int(port))) as s:
         s.sendall(head + body)
         deadline = time.monotonic() + 30
-        while http.get("/health").json()["running"] == 0:
-            assert time.monotonic() < deadline, "the request never started decoding"
+        while http.get("/health").json()["running"] < n:
+            assert time.monotonic() < deadline, "the request's rows never started decoding"
             time.sleep(0.05)
     steps = http.get("/health").json()["steps"]
     deadline = time.monotonic() + 15  # a few decode steps; 8k steps take minutes here

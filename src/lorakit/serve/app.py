@@ -131,21 +131,35 @@ def require_key(api_key: str | None) -> Callable:
 
 @dataclass
 class _Run:
-    """A request handed to the engine: its events arrive on `events`; `first` is already taken from it."""
+    """A request handed to the engine, one row per choice generated: its events arrive on `events` as (choice,
+    event) pairs; `first` is already taken from it."""
 
-    req: GenRequest
+    reqs: list[GenRequest]
     events: asyncio.Queue
-    first: Event
+    first: tuple[int, Event]
     model: str  # the name answered in responses
 
-    async def events_until_done(self) -> AsyncIterator[Event]:
-        """`first`, then the rest, up to and including Done or Failed."""
-        event = self.first
+    def cancel(self) -> None:
+        """Every choice's row leaves the batch (a no-op for those already done)."""
+        for req in self.reqs:
+            req.cancelled = True
+
+    async def events_until_done(self) -> AsyncIterator[tuple[int, Event]]:
+        """`first`, then the rest, until every choice is Done or one has Failed."""
+        left, item = len(self.reqs), self.first
         while True:
-            yield event
-            if isinstance(event, (Done, Failed)):
+            yield item
+            if isinstance(item[1], Failed):
                 return
-            event = await self.events.get()
+            if isinstance(item[1], Done):
+                left -= 1
+                if not left:
+                    return
+            item = await self.events.get()
+
+
+_Result = tuple[str, Done, list[TokenLogprob]]
+"""One choice's text, its end, and its log-probabilities (the prompt's first, with echo)."""
 
 
 class GenerationRoutes:
@@ -156,27 +170,33 @@ class GenerationRoutes:
         parsed = P.parse_completion(await P.read_json(request))
         run = await self._start(parsed, request)
         rid = P.new_id("cmpl")
-        wanted, token_text = run.req.params.logprobs is not None, self._token_text()
+        wanted, token_text = parsed.params["logprobs"] is not None, self._token_text()
         echoed = (
-            await asyncio.to_thread(self._prompt_text, parsed, run.req.prompt_ids) if parsed.echo else None
+            await asyncio.to_thread(self._prompt_text, parsed, run.reqs[0].prompt_ids)
+            if parsed.echo
+            else None
         )
         if parsed.stream:
-            offset = 0  # text_offset continues across chunks
+            offsets = [0] * len(run.reqs)  # text_offset continues across chunks, per choice
 
-            def chunk(text: str, finish: str | None, entries: tuple[TokenLogprob, ...] = ()) -> dict:
-                nonlocal offset
-                lps = P.completion_logprobs(entries, token_text, offset) if wanted else None
-                offset += sum(len(t) for t in lps["tokens"]) if lps else 0
-                return P.completion_body(rid, run.model, text, finish, None, lps)
+            def chunk(i: int, text: str, finish: str | None, entries: tuple[TokenLogprob, ...] = ()) -> dict:
+                lps = P.completion_logprobs(entries, token_text, offsets[i]) if wanted else None
+                offsets[i] += sum(len(t) for t in lps["tokens"]) if lps else 0
+                return P.completion_body(rid, run.model, [P.completion_choice(i, text, finish, lps)], None)
 
             stream = self._stream(run, rid, chunk, parsed.include_usage, chat=False, echoed=echoed)
             return _sse_response(stream)
-        text, done, entries = await _unless_gone(request, run.req, _collect(run))
-        use = P.usage(done.prompt_tokens, done.completion_tokens)
-        if echoed is not None:
-            text = echoed + text
-        lps = P.completion_logprobs(entries, token_text) if wanted else None
-        return JSONResponse(P.completion_body(rid, run.model, text, done.finish_reason, use, lps))
+        results = await _unless_gone(request, run.reqs, _collect(run))
+        picked = range(parsed.n)
+        if parsed.best_of > parsed.n:
+            sums = [done.logprob_sum or 0.0 for _, done, _ in results]
+            picked = P.best(sums, [done.completion_tokens for _, done, _ in results], parsed.n)
+        choices = []
+        for index, k in enumerate(picked):
+            text, done, entries = results[k]
+            lps = P.completion_logprobs(entries, token_text) if wanted else None
+            choices.append(P.completion_choice(index, (echoed or "") + text, done.finish_reason, lps))
+        return JSONResponse(P.completion_body(rid, run.model, choices, _usage(results)))
 
     def _prompt_text(self, parsed: P.Parsed, ids: list[int]) -> str:
         """What `echo` puts first: the prompt as given, or its token ids' text."""
@@ -189,19 +209,23 @@ class GenerationRoutes:
         parsed = P.parse_chat(await P.read_json(request))
         run = await self._start(parsed, request)
         rid = P.new_id("chatcmpl")
-        wanted, token_text = run.req.params.logprobs is not None, self._token_text()
+        wanted, token_text = parsed.params["logprobs"] is not None, self._token_text()
         if parsed.stream:
 
-            def chunk(text: str, finish: str | None, entries: tuple[TokenLogprob, ...] = ()) -> dict:
+            def chunk(i: int, text: str, finish: str | None, entries: tuple[TokenLogprob, ...] = ()) -> dict:
                 delta = {"content": text} if text or not finish else {}
                 lps = P.chat_logprobs(entries, token_text) if wanted and entries else None
-                return P.chat_chunk(rid, run.model, delta, finish, lps)
+                return P.chat_chunk(rid, run.model, delta, finish, lps, i)
 
             return _sse_response(self._stream(run, rid, chunk, parsed.include_usage, chat=True))
-        text, done, entries = await _unless_gone(request, run.req, _collect(run))
-        use = P.usage(done.prompt_tokens, done.completion_tokens)
-        lps = P.chat_logprobs(entries, token_text) if wanted else None
-        return JSONResponse(P.chat_body(rid, run.model, text, done.finish_reason, use, lps))
+        results = await _unless_gone(request, run.reqs, _collect(run))
+        choices = [
+            P.chat_choice(
+                i, text, done.finish_reason, P.chat_logprobs(entries, token_text) if wanted else None
+            )
+            for i, (text, done, entries) in enumerate(results)
+        ]
+        return JSONResponse(P.chat_body(rid, run.model, choices, _usage(results)))
 
     def _token_text(self) -> Callable[[int], str]:
         """A token id's text for logprobs (special tokens included), remembered for the request."""
@@ -221,8 +245,8 @@ class GenerationRoutes:
         A client that disconnects meanwhile cancels it (it may still be queued behind a full batch)."""
         adapter = self.adapters.adapter_for(parsed.model)
         ids = await asyncio.to_thread(self._encode, parsed)  # a long prompt must not stall the event loop
-        params = P.sampling_params(parsed, self._budget(parsed, len(ids)))
-        wrong = [t for t, _ in params.logit_bias if t >= self.engine.vocab_size]
+        params = P.choice_params(parsed, self._budget(parsed, len(ids)))
+        wrong = [t for t, _ in params[0].logit_bias if t >= self.engine.vocab_size]
         if wrong:
             raise P.bad(
                 f"logit_bias: token ids out of range [0, {self.engine.vocab_size}): {wrong[:5]}", "logit_bias"
@@ -231,16 +255,22 @@ class GenerationRoutes:
             raise P.APIError(503, "the engine is not running", "server_error")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
-        def emit(event: Event) -> None:  # called on the engine thread
-            with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
-                loop.call_soon_threadsafe(events.put_nowait, event)
+        def emitter(choice: int) -> Callable[[Event], None]:
+            def emit(event: Event) -> None:  # called on the engine thread
+                with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
+                    loop.call_soon_threadsafe(events.put_nowait, (choice, event))
 
-        req = GenRequest(ids, adapter, params, emit)
-        self.engine.submit(req)
-        first = await _unless_gone(request, req, events.get())
-        if isinstance(first, Failed):
-            raise P.APIError(first.status, first.message, first.code)
-        return _Run(req, events, first, parsed.model or self.adapters.base_name)
+            return emit
+
+        reqs = [GenRequest(ids, adapter, p, emitter(i)) for i, p in enumerate(params)]
+        for req in reqs:  # submitted together, they share one prefill (the engine computes a prompt once)
+            self.engine.submit(req)
+        first = await _unless_gone(request, reqs, events.get())
+        if isinstance(first[1], Failed):
+            for req in reqs:
+                req.cancelled = True
+            raise P.APIError(first[1].status, first[1].message, first[1].code)
+        return _Run(reqs, events, first, parsed.model or self.adapters.base_name)
 
     def _encode(self, parsed: P.Parsed) -> list[int]:
         """Prompt token ids: chat messages through the chat template, text as is, or the ids given."""
@@ -295,31 +325,36 @@ class GenerationRoutes:
         chat: bool,
         echoed: str | None = None,
     ) -> AsyncIterator[str]:
+        dones: list[Done] = []
         try:
-            if chat:
-                yield P.sse(P.chat_chunk(rid, run.model, {"role": "assistant", "content": ""}, None))
-            elif echoed is not None and run.req.params.prompt_logprobs is None:
-                yield P.sse(chunk(echoed, None))  # with logprobs, the Prompt event brings it
-            async for event in run.events_until_done():
+            for i in range(len(run.reqs)):
+                if chat:
+                    yield P.sse(
+                        P.chat_chunk(rid, run.model, {"role": "assistant", "content": ""}, None, index=i)
+                    )
+                elif echoed is not None and run.reqs[i].params.prompt_logprobs is None:
+                    yield P.sse(chunk(i, echoed, None))  # with logprobs, the Prompt event brings it
+            async for i, event in run.events_until_done():
                 if isinstance(event, Prompt):
-                    yield P.sse(chunk(echoed or "", None, event.logprobs))
+                    yield P.sse(chunk(i, echoed or "", None, event.logprobs))
                 elif isinstance(event, Delta):
-                    yield P.sse(chunk(event.text, None, event.logprobs))
+                    yield P.sse(chunk(i, event.text, None, event.logprobs))
                 elif isinstance(event, Done):
-                    yield P.sse(chunk("", event.finish_reason))
-                    if include_usage:
-                        use = P.usage(event.prompt_tokens, event.completion_tokens)
-                        yield P.sse(P.usage_chunk(rid, run.model, chat, use))
+                    yield P.sse(chunk(i, "", event.finish_reason))
+                    dones.append(event)
                 else:  # the openai client raises APIError on an "error" event
                     yield P.sse(P.APIError(event.status, event.message, event.code).body())
+            if include_usage and len(dones) == len(run.reqs):
+                use = P.usage(dones[0].prompt_tokens, sum(d.completion_tokens for d in dones))
+                yield P.sse(P.usage_chunk(rid, run.model, chat, use))
             yield "data: [DONE]\n\n"
         finally:
-            run.req.cancelled = True  # done (no-op), or the client went away: its row leaves the batch
+            run.cancel()  # done (no-op), or the client went away: the rows leave the batch
 
 
-async def _unless_gone(request: Request, req: GenRequest, waiting: Awaitable[T]) -> T:
-    """`await waiting`, unless the client disconnects first: then `req` is cancelled (its row leaves the batch at
-    the next step; the engine sends it nothing more) and ClientGone is raised. Streams need none of this:
+async def _unless_gone(request: Request, reqs: list[GenRequest], waiting: Awaitable[T]) -> T:
+    """`await waiting`, unless the client disconnects first: then `reqs` are cancelled (their rows leave the batch
+    at the next step; the engine sends them nothing more) and ClientGone is raised. Streams need none of this:
     Starlette ends a stream whose client went away, and `_stream`'s `finally` cancels the request."""
     task = asyncio.ensure_future(waiting)
 
@@ -333,30 +368,38 @@ async def _unless_gone(request: Request, req: GenRequest, waiting: Awaitable[T])
     finally:
         watcher.cancel()
         if not task.done():
-            req.cancelled = True
+            for req in reqs:
+                req.cancelled = True
             task.cancel()
     if not task.done() or task.cancelled():
         raise ClientGone
     return task.result()
 
 
-async def _collect(run: _Run) -> tuple[str, Done, list[TokenLogprob]]:
-    parts: list[str] = []
-    entries: list[TokenLogprob] = []
+async def _collect(run: _Run) -> list[_Result]:
+    """Each choice's result, in choice order; the first failure fails the request (and cancels the rest)."""
+    parts: list[list[str]] = [[] for _ in run.reqs]
+    entries: list[list[TokenLogprob]] = [[] for _ in run.reqs]
+    dones: dict[int, Done] = {}
     try:
-        async for event in run.events_until_done():
+        async for i, event in run.events_until_done():
             if isinstance(event, Prompt):
-                entries.extend(event.logprobs)
+                entries[i].extend(event.logprobs)
             elif isinstance(event, Delta):
-                parts.append(event.text)
-                entries.extend(event.logprobs)
+                parts[i].append(event.text)
+                entries[i].extend(event.logprobs)
             elif isinstance(event, Done):
-                return "".join(parts), event, entries
+                dones[i] = event
             else:
                 raise P.APIError(event.status, event.message, event.code)
     finally:
-        run.req.cancelled = True
-    raise AssertionError("unreachable: events end with Done or Failed")
+        run.cancel()
+    return [("".join(parts[i]), dones[i], entries[i]) for i in range(len(run.reqs))]
+
+
+def _usage(results: list[_Result]) -> dict[str, int]:
+    """The prompt once, and every choice's tokens (with best_of, those not returned too: they were generated)."""
+    return P.usage(results[0][1].prompt_tokens, sum(done.completion_tokens for _, done, _ in results))
 
 
 def _sse_response(body: AsyncIterator[str]) -> StreamingResponse:

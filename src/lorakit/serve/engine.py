@@ -99,7 +99,14 @@ class Engine:
         self._mask: torch.Tensor | None = None  # (batch, T): 1 for real tokens, 0 for left padding
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self.stats = {"steps": 0, "prefills": 0, "max_rows": 0, "requests": 0, "errors": 0}
+        self.stats = {
+            "steps": 0,
+            "prefills": 0,
+            "shared_prefills": 0,
+            "max_rows": 0,
+            "requests": 0,
+            "errors": 0,
+        }
 
     # -- public, any thread ------------------------------------------------------------------------------------
 
@@ -256,22 +263,26 @@ class Engine:
             fut.set_exception(e)
 
     def _admit(self) -> list[Row]:
-        """Pending requests that join now: up to max_batch rows in all, and the prefill token budget."""
+        """Pending requests that join now: up to max_batch rows in all, and the prefill token budget (counted over
+        distinct prompts: equal ones share a forward, `_prefill`)."""
         new: list[Row] = []
-        longest = 0
+        longest, distinct = 0, set()
         while self._pending and len(self._rows) + len(new) < self.config.max_batch:
             req = self._pending[0]
             if req.cancelled:
                 self._pending.popleft()
                 continue
+            key = _prompt_key(req)
             longest_if = max(longest, len(req.prompt_ids))
-            if new and longest_if * (len(new) + 1) > self.config.max_prefill_tokens:
+            forwards = len(distinct | {key})
+            if new and longest_if * forwards > self.config.max_prefill_tokens:
                 break
             self._pending.popleft()
             row = self._row(req)
             if row is not None:
                 new.append(row)
                 longest = longest_if
+                distinct.add(key)
         return new
 
     def _row(self, req: GenRequest) -> Row | None:
@@ -300,21 +311,32 @@ class Engine:
 
     @torch.no_grad()
     def _prefill(self, rows: list[Row]) -> None:
-        """Run the new rows' prompts (left-padded) and append their cache to the running batch's."""
-        length = max(len(r.req.prompt_ids) for r in rows)
-        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, r in enumerate(rows):
+        """Run the new rows' prompts (left-padded) and append their cache to the running batch's.
+
+        Rows with the same prompt and adapter (the choices of one request with `n` > 1, or equal requests) are
+        computed once: the forward runs over the distinct ones, and their cache and logits are copied to the rest."""
+        distinct: dict[tuple, int] = {}
+        source = [distinct.setdefault(_prompt_key(r.req), len(distinct)) for r in rows]
+        firsts = [rows[source.index(j)] for j in range(len(distinct))]
+        length = max(len(r.req.prompt_ids) for r in firsts)
+        ids = torch.full((len(firsts), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(firsts), length), dtype=torch.long)
+        for i, r in enumerate(firsts):
             n = len(r.req.prompt_ids)
             ids[i, length - n :] = torch.tensor(r.req.prompt_ids, dtype=torch.long)
             mask[i, length - n :] = 1
-            r.n_real = n
+        for r in rows:
+            r.n_real = len(r.req.prompt_ids)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         scored = [r.req.params.prompt_logprobs is not None for r in rows]
-        logits = self._forward(rows, ids, mask, positions, cache, last_only=not any(scored))
+        logits = self._forward(firsts, ids, mask, positions, cache, last_only=not any(scored))
         if logits.dim() == 2:  # (batch, vocab): the last positions only (or prompts of one token)
             logits = logits[:, None]
+        if len(firsts) < len(rows):
+            cache, mask = kvcache.select(cache, mask, source)
+            logits = logits[torch.tensor(source)]  # every distinct row is kept: no column is trimmed
+        self.stats["shared_prefills"] += len(rows) - len(firsts)
         self._append(cache, mask, rows)
         self.stats["prefills"] += 1
         for i, r in enumerate(rows):
@@ -420,3 +442,8 @@ class Engine:
     def _detokenize(self, ids: list[int]) -> str:
         with self.tokenizer_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _prompt_key(req: GenRequest) -> tuple:
+    """Requests with equal keys have equal prefills: the same adapter and prompt."""
+    return (req.adapter, tuple(req.prompt_ids))

@@ -10,7 +10,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.requests import Request
@@ -32,6 +32,7 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed tak
 MAX_BODY = 16 * 2**20  # bytes of request body; a prompt filling a 128k context is ~1 MB of text
 MAX_LOGPROBS = 20  # most top_logprobs (chat) or logprobs (completions): OpenAI's chat limit
 MAX_LOGIT_BIAS = 1024  # most entries of logit_bias
+MAX_N = 128  # most choices (`n`, and `best_of`) of one request: OpenAI's limit for `n`
 
 
 class APIError(Exception):
@@ -122,13 +123,13 @@ class Parsed:
     stream: bool
     include_usage: bool
     echo: bool = False  # completions: the prompt comes first in the text (and its tokens in the logprobs)
+    n: int = 1  # choices returned
+    best_of: int = 1  # completions: choices generated, of which the n best (per-token log-probability) return
 
 
 def parse_completion(body: dict[str, Any]) -> Parsed:
-    unsupported = {"suffix": bool(body.get("suffix")), "best_of": body.get("best_of") not in (None, 1)}
-    for key, used in unsupported.items():
-        if used:
-            raise bad(f"{key!r} is not supported by lorakit serve", key, "unsupported_parameter")
+    if body.get("suffix"):
+        raise bad("'suffix' is not supported by lorakit serve", "suffix", "unsupported_parameter")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
@@ -144,7 +145,14 @@ def parse_completion(body: dict[str, Any]) -> Parsed:
     max_tokens = _int(body, "max_tokens", default=COMPLETION_DEFAULT_MAX_TOKENS, low=0 if echo else 1)
     logprobs = _int(body, "logprobs", default=None, low=0, high=MAX_LOGPROBS)
     params = {**_sampling(body), "logprobs": logprobs, "prompt_logprobs": logprobs if echo else None}
-    return Parsed(_model(body), prompt, None, max_tokens, params, *_stream(body), echo=echo)
+    stream = _stream(body)
+    n = _n(body)
+    best_of = _int(body, "best_of", default=n, low=1, high=MAX_N)
+    if best_of < n:
+        raise bad(f"'best_of' must be at least 'n' ({n}), got {best_of}", "best_of")
+    if best_of > n and stream[0]:
+        raise bad("'best_of' greater than 'n' cannot stream: the best are known only at the end", "best_of")
+    return Parsed(_model(body), prompt, None, max_tokens, params, *stream, echo=echo, n=n, best_of=best_of)
 
 
 def parse_chat(body: dict[str, Any]) -> Parsed:
@@ -163,7 +171,11 @@ def parse_chat(body: dict[str, Any]) -> Parsed:
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", default=None, low=1)
     params = {**_sampling(body), "logprobs": (top or 0) if logprobs else None}
-    return Parsed(_model(body), None, messages, max_tokens, params, *_stream(body))
+    return Parsed(_model(body), None, messages, max_tokens, params, *_stream(body), n=_n(body))
+
+
+def _n(body: dict[str, Any]) -> int:
+    return _int(body, "n", default=1, low=1, high=MAX_N)
 
 
 def _message(m: Any, i: int) -> dict[str, str]:
@@ -206,9 +218,6 @@ def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
 
 
 def _sampling(body: dict[str, Any]) -> dict[str, Any]:
-    n = _int(body, "n", default=1, low=1)
-    if n != 1:
-        raise bad(f"only n=1 is supported, got n={n}", "n", "unsupported_parameter")
     temperature = _num(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _num(body, "top_p", 1.0, 0.0, 1.0)
     if top_p == 0.0:
@@ -311,8 +320,31 @@ def _num(body: dict[str, Any], key: str, default: float, low: float, high: float
     return float(value)
 
 
-def sampling_params(parsed: Parsed, max_tokens: int) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, **parsed.params)
+def choice_params(parsed: Parsed, max_tokens: int) -> list[SamplingParams]:
+    """The sampling of each choice generated (`best_of` of them where set, else `n`).
+
+    Choice i draws from seed + i (wrapped into 64 bits), as vLLM does: a request is reproducible, and its first
+    choice is what the same request with n=1 gives. Ranking `best_of` needs each choice's log-probabilities, so
+    they are computed even when the request does not ask for them (they are not returned then)."""
+    base = SamplingParams(max_tokens=max_tokens, **parsed.params)
+    if parsed.best_of > parsed.n and base.logprobs is None:
+        base = replace(base, logprobs=0)
+    out = []
+    for i in range(max(parsed.n, parsed.best_of)):
+        seed = base.seed
+        if seed is not None and i:
+            seed += i
+            if seed > SEED_MAX:
+                seed -= 2**64  # the same seed to torch.Generator, which takes it modulo 2**64
+        out.append(replace(base, seed=seed))
+    return out
+
+
+def best(logprob_sums: Sequence[float], lengths: Sequence[int], n: int) -> list[int]:
+    """The indices of the `n` choices with the highest log-probability per generated token (OpenAI's `best_of`
+    rule), best first; ties keep the earlier choice first. A choice of no token ranks last."""
+    score = [s / k if k else float("-inf") for s, k in zip(logprob_sums, lengths, strict=True)]
+    return sorted(range(len(score)), key=lambda i: -score[i])[:n]
 
 
 # -- responses ---------------------------------------------------------------------------------------------------
@@ -364,51 +396,60 @@ def chat_logprobs(entries: Sequence[TokenLogprob], token_text: Callable[[int], s
     return {"content": content, "refusal": None}
 
 
-def completion_body(
-    rid: str, model: str, text: str, finish: str | None, use: dict | None, logprobs: dict | None = None
+def completion_choice(
+    index: int, text: str, finish: str | None, logprobs: dict | None = None
 ) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def completion_body(rid: str, model: str, choices: list[dict[str, Any]], use: dict | None) -> dict[str, Any]:
     """A /v1/completions response, or (use None) one stream chunk of it."""
     body = {
         "id": rid,
         "object": "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+        "choices": choices,
     }
     if use is not None:
         body["usage"] = use
     return body
 
 
-def chat_body(
-    rid: str, model: str, text: str, finish: str, use: dict, logprobs: dict | None = None
-) -> dict[str, Any]:
+def chat_choice(index: int, text: str, finish: str, logprobs: dict | None = None) -> dict[str, Any]:
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": logprobs,
+        "finish_reason": finish,
+    }
+
+
+def chat_body(rid: str, model: str, choices: list[dict[str, Any]], use: dict) -> dict[str, Any]:
     return {
         "id": rid,
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": logprobs,
-                "finish_reason": finish,
-            }
-        ],
+        "choices": choices,
         "usage": use,
     }
 
 
 def chat_chunk(
-    rid: str, model: str, delta: dict[str, str], finish: str | None, logprobs: dict | None = None
+    rid: str,
+    model: str,
+    delta: dict[str, str],
+    finish: str | None,
+    logprobs: dict | None = None,
+    index: int = 0,
 ) -> dict[str, Any]:
     return {
         "id": rid,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
     }
 
 

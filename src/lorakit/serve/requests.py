@@ -85,6 +85,9 @@ class Done:
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int
     completion_tokens: int
+    logprob_sum: float | None = None
+    """With SamplingParams.logprobs: the sum of every generated token's log-probability, an end-of-sequence or
+    stop token's included (what `best_of` ranks by, per token)."""
 
 
 @dataclass

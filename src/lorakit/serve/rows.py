@@ -34,6 +34,8 @@ class Row:
     ends: list[int] = field(default_factory=list)
     """The output text's length after each of those tokens: where the next one starts."""
     logprobs_sent: int = 0
+    logprob_sum: float = 0.0
+    """With SamplingParams.logprobs: the sum over every sampled token, end-of-sequence and stop tokens included."""
 
     def finish(self, event: Done | Failed) -> None:
         self.finished = True
@@ -58,9 +60,12 @@ class Row:
         if (tok in eos_ids and not p.ignore_eos) or tok in self.stop_ids:
             reason = "stop"
         text = decode(self.out_ids)
-        if p.logprobs is not None and reason is None:  # an end-of-sequence or stop token is no output text
-            self.logprobs.append(_logprob(logits, tok, p.logprobs))
-            self.ends.append(len(text))
+        if p.logprobs is not None:
+            entry = _logprob(logits, tok, p.logprobs)
+            self.logprob_sum += entry.logprob
+            if reason is None:  # an end-of-sequence or stop token is no output text
+                self.logprobs.append(entry)
+                self.ends.append(len(text))
         cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
         if cut >= 0:
             text, reason = text[:cut], "stop"
@@ -71,7 +76,8 @@ class Row:
             lps = self._logprobs_before(len(text) if cut >= 0 else None)
             if len(text) > self.sent or lps:
                 deliver(self.req, Delta(text[self.sent :], lps))
-            self.finish(Done(reason, len(self.req.prompt_ids), len(self.out_ids)))
+            total = self.logprob_sum if p.logprobs is not None else None
+            self.finish(Done(reason, len(self.req.prompt_ids), len(self.out_ids), total))
             return
         safe = len(text) - max((len(s) - 1 for s in p.stop), default=0)  # a stop string may be starting
         if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its next byte

@@ -1063,12 +1063,23 @@ $("#chat-form").addEventListener("submit", (event) => {
     // all requests leave at once, so the server can batch them; each column sends its own conversation
     const turn = { role: "user", content: prompt };
     const head = system.trim() ? [{ role: "system", content: system }] : [];
-    const sent = columns.map((c) => streamChat(c, { model: c.root.dataset.model, ...params }, head, turn));
-    const replies = await Promise.all(sent);
-    columns.forEach((c, i) => replies[i] !== null && c.history.push(turn, { role: "assistant", content: replies[i] }));
-    if (replies.every((r) => r !== null)) $("#prompt").value = "";
+    chat.stopper = new AbortController();
+    $("#chat-stop").hidden = false;
+    try {
+      const signal = chat.stopper.signal;
+      const sent = columns.map((c) => streamChat(c, { model: c.root.dataset.model, ...params }, head, turn, signal));
+      const replies = await Promise.all(sent);
+      columns.forEach((c, i) => replies[i] !== null && c.history.push(turn, { role: "assistant", content: replies[i] }));
+      if (replies.every((r) => r !== null)) $("#prompt").value = "";
+    } finally {
+      $("#chat-stop").hidden = true;
+      chat.stopper = null;
+    }
   });
 });
+
+// Stop: every column's stream is cut where it is (the server frees their rows when the connections close)
+$("#chat-stop").addEventListener("click", () => chat.stopper?.abort());
 
 // Ctrl+Enter (or Cmd+Enter) in the prompt sends it
 $("#prompt").addEventListener("keydown", (event) => {
@@ -1080,8 +1091,10 @@ $("#prompt").addEventListener("keydown", (event) => {
 /** One turn in one column: the prompt, then the reply as it streams; resolves to the reply's text, or null
  * when it failed (the error stays in this column, and the turn stays out of its conversation). The request
  * carries the system prompt (`head`), the column's earlier turns and `turn`; when the server answers that this
- * outgrows the model's context, the oldest turn is left out and the request sent again, down to `turn` alone. */
-async function streamChat(column, params, head, turn) {
+ * outgrows the model's context, the oldest turn is left out and the request sent again, down to `turn` alone.
+ * Stopped (`signal` aborted), the reply keeps the text that came, marked as stopped, and the turn joins the
+ * conversation with it; stopped before any text, the turn stays out, as a failed one. */
+async function streamChat(column, params, head, turn, signal) {
   column.error.hidden = true;
   const reply = el("span", { class: "turn-reply" });
   column.out.append(el("span", { class: "turn-prompt", text: `› ${turn.content}\n` }), reply, "\n\n");
@@ -1092,7 +1105,7 @@ async function streamChat(column, params, head, turn) {
     for (;;) {
       const messages = [...head, ...column.history.slice(skip), turn];
       try {
-        res = await request("/v1/chat/completions", { method: "POST", json: { ...params, messages } });
+        res = await request("/v1/chat/completions", { method: "POST", json: { ...params, messages }, signal });
         break;
       } catch (err) {
         if (err.code !== "context_length_exceeded" || skip >= column.history.length) throw err;
@@ -1118,6 +1131,11 @@ async function streamChat(column, params, head, turn) {
     });
     return text;
   } catch (err) {
+    if (err.name === "AbortError") {
+      reply.classList.add("stopped");
+      reply.after(el("span", { class: "turn-stopped", text: " [stopped]" }));
+      return text || null;
+    }
     column.error.textContent = err.message;
     column.error.hidden = false;
     reply.classList.add("failed");

@@ -7,13 +7,17 @@ reads it.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 
+import httpx
 import pytest
-from uiserver import error, wait_for
+from uiserver import KEY, SMALL_RUN, error, ui_process, wait_for
 
 from lorakit.serve import protocol as P
-from lorakit.ui.jobs import EXIT, RECORD, Jobs
+from lorakit.ui.jobs import EXIT, PROCESS, RECORD, Jobs
+from lorakit.ui.runs import PROCESS as RUN_PROCESS
 from lorakit.ui.workspace import Workspace
 
 
@@ -92,9 +96,9 @@ def test_a_restarted_ui_reads_the_same_history(ui, http, trained):
     assert job in served and again == served
 
 
-def test_a_job_whose_ui_stopped_shows_as_interrupted_and_can_go(ui, trained):
-    """A job running under one `Jobs` is what a restarted UI finds of a job its predecessor was running when it
-    died: a record, no end, no process of its own."""
+def test_a_job_whose_process_is_gone_without_an_end_shows_as_interrupted(ui, trained):
+    """What a restarted UI finds of a job that died with its UI (the machine went down): a record, a process
+    that is gone, no end. It cannot be cancelled, and can be deleted."""
     ws = Workspace(ui["tmp"] / "ws-interrupted")
     first = Jobs(ws)
     adapter = str(ui["ws"] / "runs" / trained / "adapter")
@@ -105,29 +109,91 @@ def test_a_job_whose_ui_stopped_shows_as_interrupted_and_can_go(ui, trained):
         "--adapter",
         adapter,
         "--limit",
-        "10000",
+        "1",
         "--model",
         str(ui["tmp"] / "tiny"),
     ]
     job = first.start("eval", argv, summary={"adapter": trained})
-    try:
-        later = Jobs(ws)
-        state = later.state(job)
-        assert state["status"] == "interrupted" and "the UI stopped" in state["error"], state
-        assert state["summary"] == {"adapter": trained} and state["result"] is None
-        with pytest.raises(P.APIError, match="not running") as refused:
-            later.cancel(job)
-        assert refused.value.status == 409
-    finally:
-        first.cancel(job)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while not (ws.root / "jobs" / job / EXIT).exists() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert Jobs(ws).state(job)["status"] == "cancelled"  # once it ended, its end is on record
+    (ws.root / "jobs" / job / EXIT).unlink()  # its end was never written
+    later = Jobs(ws)
+    state = later.state(job)
+    assert state["status"] == "interrupted" and "the UI stopped" in state["error"], state
+    assert state["summary"] == {"adapter": trained} and state["result"] is None
+    with pytest.raises(P.APIError, match="not running") as refused:
+        later.cancel(job)
+    assert refused.value.status == 409
     assert later.delete(job) == job and not (ws.root / "jobs" / job).exists()
     with pytest.raises(P.APIError, match="no job") as gone:
         later.state(job)
     assert gone.value.status == 404
+
+
+def test_a_ui_killed_mid_work_leaves_its_run_and_job_to_the_next(ui, trained, tmp_path):
+    """`kill -9` of a real `lorakit ui` while a run trains and an evaluation runs: both go on (they run in their
+    own sessions), and the next `lorakit ui` on the workspace adopts them. It shows them running (the run's steps
+    still growing), Stop and cancel reach them, their ends are recorded, and no process of either is left. A
+    process that merely has the recorded pid is not adopted (tests/test_ui_procs.py)."""
+    ws = tmp_path / "ws"
+    shutil.copytree(ui["ws"] / "runs" / trained / "adapter", ws / "adapters" / "t1")
+    args = [
+        "--model",
+        str(ui["tmp"] / "tiny"),
+        "--workspace",
+        str(ws),
+        "--api-key",
+        KEY,
+        "--dtype",
+        "float32",
+    ]
+    values = {**SMALL_RUN, "train": {"steps": "5000", "batch_size": "2", "save_every": "0"}}
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with ui_process(args, tmp_path / "first.log") as (url, first):
+        with httpx.Client(base_url=url, headers=auth, timeout=60) as c:
+            assert c.post("/api/runs", json={"name": "r", "values": values}).status_code == 200
+            body = {"adapter": "adapters/t1", "task": "dates", "limit": 10_000}
+            job = c.post("/api/eval", json=body).json()["job"]
+            wait_for(c, "/api/runs/r", lambda s: s["step"] >= 3)
+        first.kill()  # no shutdown: nothing stops the children
+        first.wait()
+    pids = [
+        json.loads((ws / "runs" / "r" / RUN_PROCESS).read_text())["pid"],
+        json.loads((ws / "jobs" / job / PROCESS).read_text())["pid"],
+    ]
+    for pid in pids:
+        os.killpg(pid, 0)  # both still run
+    assert not (ws / "jobs" / job / EXIT).exists()
+    with ui_process(args, tmp_path / "second.log") as (url, _), httpx.Client(base_url=url, headers=auth) as c:
+        run = c.get("/api/runs/r").json()
+        assert run["status"] == "running", run
+        wait_for(c, "/api/runs/r", lambda s: s["step"] > run["step"] and s["eta_s"] is not None)
+        assert c.get(f"/api/jobs/{job}").json()["status"] == "running"
+        assert c.post(f"/api/jobs/{job}/cancel").status_code == 200
+        assert c.post("/api/runs/r/stop").status_code == 200
+        done = wait_for(
+            c, f"/api/jobs/{job}", lambda s: s["status"] not in ("running", "cancelling"), timeout=60
+        )
+        assert done["status"] == "cancelled", done
+        stopped = wait_for(c, "/api/runs/r", lambda s: s["status"] != "stopping", timeout=150)
+        assert stopped["status"] == "stopped" and stopped["has_checkpoint"], stopped
+        end = json.loads((ws / "jobs" / job / EXIT).read_text())
+        assert end["cancelled"] and end["adopted"], end
+    for pid in pids:  # no process of either group is left (exited orphans are reaped by init: a moment)
+        deadline = time.monotonic() + 10
+        while _group_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_jobs_can_be_deleted_once_they_ended(ui, http, trained):

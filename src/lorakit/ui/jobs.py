@@ -7,10 +7,13 @@ result (an evaluation), or whose output file is their result (a merge or GGUF ex
     jobs.cancel(job_id)                   # Ctrl-C for its process group; killed after CANCEL_GRACE_S
     jobs.delete(job_id)                   # its folder goes (409 while it runs)
 
-Each job has a folder, jobs/<id>/: job.json (what it runs, for what, when it started), its stdout and log, and
-exit.json once it has ended (its exit status, whether it was cancelled, when). A job's state is read back from
-that folder, so the jobs of an earlier session of the UI are listed with their results; a job that has a record
-but no exit.json and no process in this session was running when its UI stopped: it shows as interrupted.
+Each job has a folder, jobs/<id>/: job.json (what it runs, for what, when it started), process.json (which
+process runs it), its stdout and log, and exit.json once it has ended (its exit status, whether it was
+cancelled, when). A job's state is read back from that folder, so the jobs of an earlier session of the UI are
+listed with their results. A job of an earlier UI that died while it ran, and that still runs, is adopted
+(`lorakit.ui.procs.adopt`): it is running here, can be cancelled, and its end is recorded (its exit status is
+not ours to read: it counts as done when its result is there). One with no exit.json whose process is gone
+shows as interrupted.
 """
 
 from __future__ import annotations
@@ -29,15 +32,25 @@ from typing import Any
 
 from lorakit.atomic import atomic_file, mtime_of
 from lorakit.serve import protocol as P
-from lorakit.ui.procs import child_env, error_line, interrupt, reap, stop_all, tail
+from lorakit.ui.procs import (
+    Adopted,
+    adopt,
+    child_env,
+    error_line,
+    interrupt,
+    reap,
+    record_process,
+    stop_all,
+    tail,
+)
 from lorakit.ui.workspace import Workspace, discard
 
 log = logging.getLogger(__name__)
 
 CANCEL_GRACE_S = 10.0
 """How long a cancelled job has to unwind (remove its temporaries) after Ctrl-C before it is killed."""
-RECORD, EXIT = "job.json", "exit.json"
-"""A job's record, written before it starts, and its end, written when it has exited."""
+RECORD, PROCESS, EXIT = "job.json", "process.json", "exit.json"
+"""A job's record, written before it starts; its process's identity, once started; its end, once it has exited."""
 
 
 @dataclass
@@ -53,8 +66,8 @@ class Job:
     """What the page shows of it: the adapter, the data, the output (workspace paths and names)."""
     result_file: Path | None = None
     """The job's result is this file (an export); None: the last stdout line, as JSON (an evaluation)."""
-    proc: subprocess.Popen | None = None
-    """None: the job was started by an earlier session of the UI."""
+    proc: subprocess.Popen | Adopted | None = None
+    """None: the job was started by an earlier session of the UI, and its process is gone."""
     cancelled: bool = False
     returncode: int | None = None
     """Its exit status once exit.json records it."""
@@ -74,6 +87,8 @@ class Jobs:
             if folder.is_dir() and not folder.is_symlink() and not folder.name.startswith("."):
                 job = self._read(folder)
                 self.jobs[job.id] = job
+                if isinstance(job.proc, Adopted):  # watched as our own are, once listed
+                    threading.Thread(target=self._watch, args=(job,), daemon=True).start()
 
     def start(
         self,
@@ -109,6 +124,7 @@ class Jobs:
                     env=child_env(),
                     start_new_session=True,
                 )
+            record_process(folder / PROCESS, job.proc)
             self.jobs[job_id] = job
         threading.Thread(target=self._watch, args=(job,), daemon=True).start()
         return job_id
@@ -188,7 +204,21 @@ class Jobs:
             end = json.loads((folder / EXIT).read_text())
             job.returncode, job.cancelled = _typed(end["returncode"], int), bool(end["cancelled"])
             job.ended = float(end["ended"])
+        if not (folder / EXIT).exists():
+            job.proc = adopt(folder / PROCESS, judge=lambda: 0 if self._has_result(job) else 1)
+            if job.proc is not None:
+                log.info("job %s: adopted its process %d, started by an earlier UI", job.id, job.proc.pid)
         return job
+
+    def _has_result(self, job: Job) -> bool:
+        """Whether an ended job left its result: its output file, or a JSON object as its last stdout line."""
+        if job.result_file is not None:
+            return job.result_file.exists()
+        try:
+            lines = (job.folder / "stdout.txt").read_text().strip().splitlines()
+            return isinstance(json.loads(lines[-1]), dict)
+        except (OSError, IndexError, ValueError):
+            return False
 
     # -- cancelling, deleting, ending --------------------------------------------------------------------------
 
@@ -228,6 +258,8 @@ class Jobs:
                 return
             job.returncode, job.ended = job.proc.wait(), time.time()
             end = {"returncode": job.returncode, "cancelled": job.cancelled, "ended": job.ended}
+            if isinstance(job.proc, Adopted):
+                end["adopted"] = True  # its exit status is judged from its result
             try:
                 atomic_file(job.folder / EXIT, json.dumps(end).encode())
             except OSError as e:
@@ -265,4 +297,4 @@ def _typed(value: Any, kind: type) -> Any:
     return value
 
 
-__all__ = ["CANCEL_GRACE_S", "Job", "Jobs"]
+__all__ = ["CANCEL_GRACE_S", "EXIT", "PROCESS", "RECORD", "Job", "Jobs"]

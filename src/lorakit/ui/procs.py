@@ -1,14 +1,24 @@
 """The playground's child processes: their environment, their logs' last lines and one-line errors, Ctrl-C for
-a process group (as in a terminal: the child and anything it started) and killing one that does not stop."""
+a process group (as in a terminal: the child and anything it started) and killing one that does not stop.
+
+Children run in their own session, so a UI that dies (killed, out of memory) leaves its runs and jobs running.
+Each child's identity is recorded beside its output (`record_process`), and the next UI on that workspace
+adopts the ones still running (`adopt`): it shows them live, can stop them, and records their end.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from lorakit.atomic import atomic_file
 
 
 def child_env() -> dict[str, str]:
@@ -65,4 +75,81 @@ def stop_all(procs: list[subprocess.Popen], grace_s: float) -> None:
         reap(proc, max(0.1, deadline - time.monotonic()))
 
 
-__all__ = ["child_env", "error_line", "interrupt", "reap", "stop_all", "tail"]
+def identity(pid: int) -> dict[str, Any] | None:
+    """What tells process `pid` apart from a later one given the same pid: its start time (clock ticks after
+    boot) and the boot's id. None if it is not running (or has exited and is not yet reaped), or where there is
+    no /proc (not Linux: there nothing is adopted)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()  # after the command name, which may hold spaces
+    if fields[0] in ("Z", "X"):  # exited
+        return None
+    return {"pid": pid, "start": int(fields[19]), "boot": boot}
+
+
+def record_process(path: Path, proc: subprocess.Popen, **extra: Any) -> None:
+    """Write the identity of a child just started to `path`, with `extra` (what its adopter needs to know)."""
+    found = identity(proc.pid)
+    if found is not None:
+        atomic_file(path, json.dumps({**found, **extra}).encode())
+
+
+class Adopted:
+    """The part of `subprocess.Popen` the playground uses, for a process an earlier UI started: it is polled
+    through /proc (it is not our child: its exit status is not ours to read, so `judge()` gives one once it has
+    gone: 0 when its result is there). Its process group is its pid, as for every child started here."""
+
+    def __init__(self, record: dict[str, Any], judge: Callable[[], int]) -> None:
+        self.record = record
+        self.pid: int = record["pid"]
+        self.judge = judge
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and identity(self.pid) != _key(self.record):
+            self.returncode = self.judge()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (rc := self.poll()) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"pid {self.pid}", timeout or 0.0)
+            time.sleep(0.2)
+        return rc
+
+
+def adopt(path: Path, judge: Callable[[], int]) -> Adopted | None:
+    """The process recorded in `path` if that very process still runs (not another that got its pid), else
+    None: no record, an unreadable one, or the process is gone."""
+    try:
+        record = json.loads(path.read_text())
+        pid = record.get("pid") if isinstance(record, dict) else None
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            return None
+    except (OSError, ValueError):
+        return None
+    if identity(record["pid"]) != _key(record):
+        return None
+    return Adopted(record, judge)
+
+
+def _key(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: record.get(k) for k in ("pid", "start", "boot")}
+
+
+__all__ = [
+    "Adopted",
+    "adopt",
+    "child_env",
+    "error_line",
+    "identity",
+    "interrupt",
+    "reap",
+    "record_process",
+    "stop_all",
+    "tail",
+]

@@ -7,7 +7,9 @@ of a run (or of the Python that runs it) cannot take the UI down.
     runs.resume("r1")                               # `lorakit train runs/r1/config.yaml --train.resume auto`
 
 A run is a `lorakit train` process writing its run folder (config.yaml, metrics.jsonl, checkpoints/, adapter/);
-its state is read back from that folder, so runs from an earlier session of the UI show up too. Jobs (evaluation,
+its state is read back from that folder, so runs from an earlier session of the UI show up too. A run whose UI
+died keeps training; the next UI adopts it (`lorakit.ui.procs.adopt`, through the run's .process.json): it is
+running there, with its curve, and Stop works on it. Jobs (evaluation,
 merge and GGUF export) are in lorakit.ui.jobs.
 """
 
@@ -28,20 +30,22 @@ from lorakit.serve import protocol as P
 from lorakit.train.checkpoint import latest_checkpoint
 from lorakit.train.config import SHORTHANDS, load_config, read_yaml, save_config
 from lorakit.train.loop import read_metrics
-from lorakit.ui.procs import child_env, error_line, interrupt, stop_all, tail
+from lorakit.ui.procs import Adopted, adopt, child_env, error_line, interrupt, record_process, stop_all, tail
 from lorakit.ui.workspace import Workspace, check_name, discard
 
 LOCKED = {("train", "out_dir"), ("train", "resume")}
 """Fields the UI sets itself: the run folder is runs/<name>, resuming is the Resume button."""
 PATH_FIELDS = {("data", "train_file"), ("data", "eval_file"), ("model", "path")}
 """Fields that name files: they must lie inside the workspace."""
+PROCESS = ".process.json"
+"""In a run folder: the identity of the process training it (and the step it started from), for adoption."""
 STOP_GRACE_S = 120.0
 """How long `shutdown` waits for runs to write their checkpoint before killing them."""
 
 
 @dataclass
 class _Process:
-    proc: subprocess.Popen
+    proc: subprocess.Popen | Adopted
     base_step: int
     """The last step recorded when this process started (0, or the resumed checkpoint's)."""
     stop_requested: bool = False
@@ -54,6 +58,11 @@ class Runs:
         """Overrides every run gets first (the UI's model, device and dtype); the form's come after."""
         self.lock = threading.Lock()
         self.live: dict[str, _Process] = {}
+        for name in self.names() if (ws.root / "runs").is_dir() else []:
+            adopted = adopt(self.folder(name) / PROCESS, judge=lambda: 1)  # runs read their state from files
+            if adopted is not None:
+                base = adopted.record.get("base_step")
+                self.live[name] = _Process(adopted, base if isinstance(base, int) else 0)
 
     def folder(self, name: str) -> Path:
         return self.ws.root / "runs" / check_name(name, "run")
@@ -137,6 +146,7 @@ class Runs:
                 env=child_env(),
                 start_new_session=True,  # a Ctrl-C in the UI's terminal is the UI's; it stops its runs itself
             )
+        record_process(folder / PROCESS, proc, base_step=base_step)
         self.live[name] = _Process(proc, base_step)
 
     def _overrides(self, values: Any) -> list[str]:

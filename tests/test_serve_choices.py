@@ -109,6 +109,63 @@ def test_best_of_returns_the_choices_most_likely_per_token(client):  # noqa: F81
     assert with_lps.logprobs.token_logprobs == pytest.approx(every.choices[order[0]].logprobs.token_logprobs)
 
 
+PROMPTS = [PROMPT, "The capital of France is", "1, 2, 3, 4,"]
+
+
+def test_a_batch_of_prompts_answers_each_as_alone(client, base):  # noqa: F811
+    """OpenAI's order: the n choices of prompt 0, then prompt 1's, ...; each as the prompt alone would get them."""
+    kw = {"model": "a", "max_tokens": TOKENS, "temperature": 1.0, "seed": SEED}
+    batch = client.completions.create(prompt=PROMPTS, n=2, **kw)
+    alone = [client.completions.create(prompt=p, n=2, **kw) for p in PROMPTS]
+    assert [c.index for c in batch.choices] == list(range(6))
+    assert [c.text for c in batch.choices] == [c.text for r in alone for c in r.choices]
+    assert batch.usage.prompt_tokens == sum(r.usage.prompt_tokens for r in alone)
+    assert batch.usage.completion_tokens == sum(r.usage.completion_tokens for r in alone)
+    # streamed, the same choices by index; with echo, each choice starts with its own prompt
+    chunks = [c.choices[0] for c in client.completions.create(prompt=PROMPTS, n=2, stream=True, **kw)]
+    assert ["".join(c.text for c in chunks if c.index == i) for i in range(6)] == [
+        c.text for c in batch.choices
+    ]
+    # best_of picks within each prompt's candidates
+    best = client.completions.create(prompt=PROMPTS, n=1, best_of=3, **kw)
+    assert [c.text for c in best.choices] == [
+        client.completions.create(prompt=p, n=1, best_of=3, **kw).choices[0].text for p in PROMPTS
+    ]
+    echoed = client.completions.create(prompt=PROMPTS, echo=True, max_tokens=2, temperature=0, model=base)
+    assert [c.text[: len(p)] for c, p in zip(echoed.choices, PROMPTS, strict=True)] == PROMPTS
+
+
+def test_a_batch_of_token_id_prompts(client, base):  # noqa: F811
+    tok_ids = [[1, 2, 3], [504, 3458, 282]]
+    whole = client.completions.create(prompt=tok_ids, model=base, max_tokens=4, temperature=0)
+    alone = [client.completions.create(prompt=[t], model=base, max_tokens=4, temperature=0) for t in tok_ids]
+    assert [c.text for c in whole.choices] == [r.choices[0].text for r in alone]
+    assert whole.usage.prompt_tokens == 6
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ([PROMPT, [1, 2]], "non-empty list of strings or of token-id lists"),
+        ([], "non-empty list"),
+        ([[1, 2], []], "non-empty list"),
+        ([PROMPT, ""], "prompt[1] is empty"),
+        ([PROMPT, "hello " * 9000], "prompt[1]: this model's maximum context length"),
+        ([[1, 2], [3, 10**9]], "prompt[1]: token ids out of range"),
+        (["x"] * 9, "9 prompts x 128 choices is 1152 sequences, over 1024"),
+    ],
+)
+def test_bad_prompt_batches_are_one_line_400s(http, base, prompt, message):  # noqa: F811
+    body = {"model": base, "prompt": prompt, "max_tokens": 2}
+    if len(prompt) == 9:
+        body["n"] = 128
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert message in err["message"] and "\n" not in err["message"], err
+    assert http.get("/health").json()["running"] == 0  # nothing of a refused batch was started
+
+
 @pytest.mark.parametrize(
     "path, body, param, message",
     [

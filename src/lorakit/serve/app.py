@@ -131,13 +131,14 @@ def require_key(api_key: str | None) -> Callable:
 
 @dataclass
 class _Run:
-    """A request handed to the engine, one row per choice generated: its events arrive on `events` as (choice,
-    event) pairs; `first` is already taken from it."""
+    """A request handed to the engine, one row per choice generated (`width` per prompt, prompt by prompt): its
+    events arrive on `events` as (row, event) pairs; `first` is already taken from it."""
 
     reqs: list[GenRequest]
     events: asyncio.Queue
     first: tuple[int, Event]
     model: str  # the name answered in responses
+    width: int  # rows per prompt: best_of (n unless set)
 
     def cancel(self) -> None:
         """Every choice's row leaves the batch (a no-op for those already done)."""
@@ -171,12 +172,15 @@ class GenerationRoutes:
         run = await self._start(parsed, request)
         rid = P.new_id("cmpl")
         wanted, token_text = parsed.params["logprobs"] is not None, self._token_text()
-        echoed = (
-            await asyncio.to_thread(self._prompt_text, parsed, run.reqs[0].prompt_ids)
-            if parsed.echo
-            else None
-        )
-        if parsed.stream:
+        echoed = None
+        if parsed.echo:  # each prompt's text, which its choices start with
+            firsts = run.reqs[:: run.width]
+            echoed = await asyncio.to_thread(
+                lambda: [
+                    self._prompt_text(p, r.prompt_ids) for p, r in zip(parsed.prompts, firsts, strict=True)
+                ]
+            )
+        if parsed.stream:  # (best_of = n here: row i is choice i)
             offsets = [0] * len(run.reqs)  # text_offset continues across chunks, per choice
 
             def chunk(i: int, text: str, finish: str | None, entries: tuple[TokenLogprob, ...] = ()) -> dict:
@@ -187,21 +191,24 @@ class GenerationRoutes:
             stream = self._stream(run, rid, chunk, parsed.include_usage, chat=False, echoed=echoed)
             return _sse_response(stream)
         results = await _unless_gone(request, run.reqs, _collect(run))
-        picked = range(parsed.n)
-        if parsed.best_of > parsed.n:
-            sums = [done.logprob_sum or 0.0 for _, done, _ in results]
-            picked = P.best(sums, [done.completion_tokens for _, done, _ in results], parsed.n)
         choices = []
-        for index, k in enumerate(picked):
-            text, done, entries = results[k]
-            lps = P.completion_logprobs(entries, token_text) if wanted else None
-            choices.append(P.completion_choice(index, (echoed or "") + text, done.finish_reason, lps))
-        return JSONResponse(P.completion_body(rid, run.model, choices, _usage(results)))
+        for p in range(len(results) // run.width):  # choices of prompt p: indices p*n to p*n + n - 1
+            rows = results[p * run.width : (p + 1) * run.width]
+            picked = range(parsed.n)
+            if run.width > parsed.n:
+                sums = [done.logprob_sum or 0.0 for _, done, _ in rows]
+                picked = P.best(sums, [done.completion_tokens for _, done, _ in rows], parsed.n)
+            for k in picked:
+                text, done, entries = rows[k]
+                lps = P.completion_logprobs(entries, token_text) if wanted else None
+                head = echoed[p] if echoed else ""
+                choices.append(P.completion_choice(len(choices), head + text, done.finish_reason, lps))
+        return JSONResponse(P.completion_body(rid, run.model, choices, _usage(results, run.width)))
 
-    def _prompt_text(self, parsed: P.Parsed, ids: list[int]) -> str:
+    def _prompt_text(self, prompt: str | list[int], ids: list[int]) -> str:
         """What `echo` puts first: the prompt as given, or its token ids' text."""
-        if isinstance(parsed.prompt, str):
-            return parsed.prompt
+        if isinstance(prompt, str):
+            return prompt
         with self.engine.tokenizer_lock:
             return self.tok.decode(ids)
 
@@ -225,7 +232,7 @@ class GenerationRoutes:
             )
             for i, (text, done, entries) in enumerate(results)
         ]
-        return JSONResponse(P.chat_body(rid, run.model, choices, _usage(results)))
+        return JSONResponse(P.chat_body(rid, run.model, choices, _usage(results, run.width)))
 
     def _token_text(self) -> Callable[[int], str]:
         """A token id's text for logprobs (special tokens included), remembered for the request."""
@@ -240,13 +247,19 @@ class GenerationRoutes:
         return text
 
     async def _start(self, parsed: P.Parsed, request: Request) -> _Run:
-        """Submit the request and wait for its first event, so that early failures get their own status.
+        """Submit the request (a row per choice of each prompt) and wait for its first event, so that early
+        failures get their own status.
 
         A client that disconnects meanwhile cancels it (it may still be queued behind a full batch)."""
         adapter = self.adapters.adapter_for(parsed.model)
-        ids = await asyncio.to_thread(self._encode, parsed)  # a long prompt must not stall the event loop
-        params = P.choice_params(parsed, self._budget(parsed, len(ids)))
-        wrong = [t for t, _ in params[0].logit_bias if t >= self.engine.vocab_size]
+        prompts = await asyncio.to_thread(self._encode, parsed)  # long prompts must not stall the event loop
+        batch = len(prompts) > 1
+        rows = [
+            (ids, params)
+            for k, ids in enumerate(prompts)
+            for params in P.choice_params(parsed, self._budget(parsed, len(ids), k if batch else None))
+        ]
+        wrong = [t for t, _ in rows[0][1].logit_bias if t >= self.engine.vocab_size]
         if wrong:
             raise P.bad(
                 f"logit_bias: token ids out of range [0, {self.engine.vocab_size}): {wrong[:5]}", "logit_bias"
@@ -255,25 +268,26 @@ class GenerationRoutes:
             raise P.APIError(503, "the engine is not running", "server_error")
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
-        def emitter(choice: int) -> Callable[[Event], None]:
+        def emitter(row: int) -> Callable[[Event], None]:
             def emit(event: Event) -> None:  # called on the engine thread
                 with contextlib.suppress(RuntimeError):  # the loop is closed: the server is shutting down
-                    loop.call_soon_threadsafe(events.put_nowait, (choice, event))
+                    loop.call_soon_threadsafe(events.put_nowait, (row, event))
 
             return emit
 
-        reqs = [GenRequest(ids, adapter, p, emitter(i)) for i, p in enumerate(params)]
-        for req in reqs:  # submitted together, they share one prefill (the engine computes a prompt once)
+        reqs = [GenRequest(ids, adapter, p, emitter(i)) for i, (ids, p) in enumerate(rows)]
+        for req in reqs:  # submitted together: the rows of one prompt share its prefill (the engine's rule)
             self.engine.submit(req)
         first = await _unless_gone(request, reqs, events.get())
         if isinstance(first[1], Failed):
             for req in reqs:
                 req.cancelled = True
             raise P.APIError(first[1].status, first[1].message, first[1].code)
-        return _Run(reqs, events, first, parsed.model or self.adapters.base_name)
+        width = len(reqs) // len(prompts)
+        return _Run(reqs, events, first, parsed.model or self.adapters.base_name, width)
 
-    def _encode(self, parsed: P.Parsed) -> list[int]:
-        """Prompt token ids: chat messages through the chat template, text as is, or the ids given."""
+    def _encode(self, parsed: P.Parsed) -> list[list[int]]:
+        """Each prompt's token ids: chat messages through the chat template, text as is, or the ids given."""
         tok = self.tok
         with self.engine.tokenizer_lock:
             if parsed.messages is not None:
@@ -286,30 +300,39 @@ class GenerationRoutes:
                 except Exception as e:  # noqa: BLE001 - the template rejects these messages (jinja errors)
                     raise P.bad(f"the chat template rejects these messages: {e}", "messages") from None
                 ids = tok(text, add_special_tokens=False)["input_ids"]
-            elif isinstance(parsed.prompt, str):
-                ids = tok(parsed.prompt, add_special_tokens=True)["input_ids"]
-            else:
-                ids = list(parsed.prompt)
-                wrong = [t for t in ids if not 0 <= t < self.engine.vocab_size]
-                if wrong:
-                    raise P.bad(
-                        f"token ids out of range [0, {self.engine.vocab_size}): {wrong[:5]}", "prompt"
-                    )
-        if not ids:
-            raise P.bad("the prompt is empty", "prompt" if parsed.messages is None else "messages")
-        return ids
+                if not ids:
+                    raise P.bad("the prompt is empty", "messages")
+                return [ids]
+            out = []
+            for k, prompt in enumerate(parsed.prompts or []):
+                where = f"prompt[{k}]" if len(parsed.prompts) > 1 else "prompt"
+                if isinstance(prompt, str):
+                    ids = tok(prompt, add_special_tokens=True)["input_ids"]
+                else:
+                    ids = list(prompt)
+                    wrong = [t for t in ids if not 0 <= t < self.engine.vocab_size]
+                    if wrong:
+                        raise P.bad(
+                            f"{where}: token ids out of range [0, {self.engine.vocab_size}): {wrong[:5]}",
+                            "prompt",
+                        )
+                if not ids:
+                    raise P.bad(f"{where} is empty", "prompt")
+                out.append(ids)
+        return out
 
-    def _budget(self, parsed: P.Parsed, n_prompt: int) -> int:
-        """max_tokens for this request; 400 if prompt + max_tokens exceed the context length."""
+    def _budget(self, parsed: P.Parsed, n_prompt: int, which: int | None = None) -> int:
+        """max_tokens for a prompt (`which` of a batch); 400 if prompt + max_tokens exceed the context length."""
         limit, want = self.engine.max_model_len, parsed.max_tokens
         if want is None and n_prompt < limit:
             return limit - n_prompt
         if want is None or n_prompt + want > limit:
+            where = "" if which is None else f"prompt[{which}]: "
             raise P.APIError(
                 400,
-                f"this model's maximum context length is {limit} tokens; you requested {n_prompt + (want or 0)} "
-                f"tokens ({n_prompt} in the prompt, {want or 0} for the completion): shorten the prompt or "
-                "max_tokens",
+                f"{where}this model's maximum context length is {limit} tokens; you requested "
+                f"{n_prompt + (want or 0)} tokens ({n_prompt} in the prompt, {want or 0} for the completion): "
+                "shorten the prompt or max_tokens",
                 "context_length_exceeded",
                 "messages" if parsed.messages is not None else "prompt",
             )
@@ -323,7 +346,7 @@ class GenerationRoutes:
         include_usage: bool,
         *,
         chat: bool,
-        echoed: str | None = None,
+        echoed: list[str] | None = None,
     ) -> AsyncIterator[str]:
         dones: list[Done] = []
         try:
@@ -333,10 +356,12 @@ class GenerationRoutes:
                         P.chat_chunk(rid, run.model, {"role": "assistant", "content": ""}, None, index=i)
                     )
                 elif echoed is not None and run.reqs[i].params.prompt_logprobs is None:
-                    yield P.sse(chunk(i, echoed, None))  # with logprobs, the Prompt event brings it
+                    yield P.sse(
+                        chunk(i, echoed[i // run.width], None)
+                    )  # with logprobs, the Prompt event does
             async for i, event in run.events_until_done():
                 if isinstance(event, Prompt):
-                    yield P.sse(chunk(i, echoed or "", None, event.logprobs))
+                    yield P.sse(chunk(i, echoed[i // run.width] if echoed else "", None, event.logprobs))
                 elif isinstance(event, Delta):
                     yield P.sse(chunk(i, event.text, None, event.logprobs))
                 elif isinstance(event, Done):
@@ -345,7 +370,8 @@ class GenerationRoutes:
                 else:  # the openai client raises APIError on an "error" event
                     yield P.sse(P.APIError(event.status, event.message, event.code).body())
             if include_usage and len(dones) == len(run.reqs):
-                use = P.usage(dones[0].prompt_tokens, sum(d.completion_tokens for d in dones))
+                prompt_tokens = sum(len(r.prompt_ids) for r in run.reqs[:: run.width])
+                use = P.usage(prompt_tokens, sum(d.completion_tokens for d in dones))
                 yield P.sse(P.usage_chunk(rid, run.model, chat, use))
             yield "data: [DONE]\n\n"
         finally:
@@ -397,9 +423,10 @@ async def _collect(run: _Run) -> list[_Result]:
     return [("".join(parts[i]), dones[i], entries[i]) for i in range(len(run.reqs))]
 
 
-def _usage(results: list[_Result]) -> dict[str, int]:
-    """The prompt once, and every choice's tokens (with best_of, those not returned too: they were generated)."""
-    return P.usage(results[0][1].prompt_tokens, sum(done.completion_tokens for _, done, _ in results))
+def _usage(results: list[_Result], width: int) -> dict[str, int]:
+    """Each prompt once, and every choice's tokens (with best_of, those not returned too: they were generated)."""
+    prompt_tokens = sum(done.prompt_tokens for _, done, _ in results[::width])
+    return P.usage(prompt_tokens, sum(done.completion_tokens for _, done, _ in results))
 
 
 def _sse_response(body: AsyncIterator[str]) -> StreamingResponse:

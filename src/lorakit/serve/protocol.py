@@ -33,6 +33,7 @@ MAX_BODY = 16 * 2**20  # bytes of request body; a prompt filling a 128k context 
 MAX_LOGPROBS = 20  # most top_logprobs (chat) or logprobs (completions): OpenAI's chat limit
 MAX_LOGIT_BIAS = 1024  # most entries of logit_bias
 MAX_N = 128  # most choices (`n`, and `best_of`) of one request: OpenAI's limit for `n`
+MAX_ROWS = 1024  # most sequences (prompts x best_of) of one completions request
 
 
 class APIError(Exception):
@@ -116,7 +117,7 @@ class Parsed:
     """A validated generation request: the model named, the prompt (text or token ids) and sampling."""
 
     model: str | None
-    prompt: str | list[int] | None  # completions
+    prompts: list[str | list[int]] | None  # completions: each prompt, text or token ids (a batch, or one)
     messages: list[dict[str, str]] | None  # chat
     max_tokens: int | None  # None: whatever context is left
     params: dict[str, Any]  # SamplingParams fields except max_tokens
@@ -130,17 +131,7 @@ class Parsed:
 def parse_completion(body: dict[str, Any]) -> Parsed:
     if body.get("suffix"):
         raise bad("'suffix' is not supported by lorakit serve", "suffix", "unsupported_parameter")
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-    ):
-        pass
-    elif not isinstance(prompt, str):
-        raise bad("'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
+    prompts = _prompts(body.get("prompt"))
     echo = _bool(body, "echo")
     max_tokens = _int(body, "max_tokens", default=COMPLETION_DEFAULT_MAX_TOKENS, low=0 if echo else 1)
     logprobs = _int(body, "logprobs", default=None, low=0, high=MAX_LOGPROBS)
@@ -152,7 +143,35 @@ def parse_completion(body: dict[str, Any]) -> Parsed:
         raise bad(f"'best_of' must be at least 'n' ({n}), got {best_of}", "best_of")
     if best_of > n and stream[0]:
         raise bad("'best_of' greater than 'n' cannot stream: the best are known only at the end", "best_of")
-    return Parsed(_model(body), prompt, None, max_tokens, params, *stream, echo=echo, n=n, best_of=best_of)
+    if len(prompts) * best_of > MAX_ROWS:
+        raise bad(
+            f"{len(prompts)} prompts x {best_of} choices is {len(prompts) * best_of} sequences, over {MAX_ROWS} "
+            "in one request: send fewer",
+            "prompt",
+        )
+    return Parsed(_model(body), prompts, None, max_tokens, params, *stream, echo=echo, n=n, best_of=best_of)
+
+
+def _prompts(prompt: Any) -> list[str | list[int]]:
+    """A prompt (text, or token ids), or a batch of them: all texts or all token-id lists."""
+
+    def ids(x: Any) -> bool:
+        return (
+            isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+        )
+
+    if isinstance(prompt, str) or ids(prompt):
+        return [prompt]
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and (all(isinstance(p, str) for p in prompt) or all(map(ids, prompt)))
+    ):
+        return list(prompt)
+    raise bad(
+        "'prompt' must be a string, a list of token ids, or a non-empty list of strings or of token-id lists",
+        "prompt",
+    )
 
 
 def parse_chat(body: dict[str, Any]) -> Parsed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -42,3 +43,25 @@ def test_classify_trains_a_minilm_classifier_above_chance(tmp_path):
     assert after >= 0.8 and after > before, proc.stdout  # chance is 0.5 (balanced labels)
     assert "saved whole (modules_to_save): classifier (Linear)" in proc.stdout
     assert (tmp_path / "classifier" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.real_model
+def test_the_lm_eval_dates_file_is_what_lorakit_eval_scores():
+    """examples/lm_eval/dates.jsonl holds `lorakit eval --task dates`'s examples, rendered as it renders them
+    (make_dates.py regenerates it): a change to the task or the template that the file missed fails here. And the
+    server encodes each text as `lorakit eval` does (no special token added to a completions prompt)."""
+    sys.path.insert(0, str(ROOT / "examples" / "lm_eval"))
+    try:
+        import make_dates
+    finally:
+        sys.path.pop(0)
+    from transformers import AutoTokenizer
+
+    from lorakit.models import resolve_model_dir
+
+    want = make_dates.rows()
+    lines = (ROOT / "examples" / "lm_eval" / "dates.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == want and len(want) == 100
+    tok = AutoTokenizer.from_pretrained(resolve_model_dir(None))
+    text = want[0]["prompt_text"]
+    assert tok(text, add_special_tokens=True)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
 import os
 import platform
 import shlex
@@ -90,8 +91,11 @@ def start_server(
     raise SystemExit(f"the server did not come up in 180 s:\n{log.read_text()[-2000:]}")
 
 
-async def one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+async def one(
+    client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    body.update(extra or {})
     t0 = time.perf_counter()
     try:
         r = await client.post("/v1/completions", json=body)
@@ -104,7 +108,12 @@ async def one(client: httpx.AsyncClient, model: str, prompt: str, max_tokens: in
 
 
 async def load(
-    url: str, names: list[str], requests: int, concurrency: int, max_tokens: int
+    url: str,
+    names: list[str],
+    requests: int,
+    concurrency: int,
+    max_tokens: int,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=concurrency)
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -113,7 +122,7 @@ async def load(
 
         async def job(i: int) -> dict[str, Any]:
             async with gate:
-                return await one(client, names[i % len(names)], PROMPTS[i % len(PROMPTS)], max_tokens)
+                return await one(client, names[i % len(names)], PROMPTS[i % len(PROMPTS)], max_tokens, extra)
 
         t0 = time.perf_counter()
         results = await asyncio.gather(*(job(i) for i in range(requests)))
@@ -172,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sequential", type=int, default=16, help="requests sent one at a time first (0: none)")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS of the server (default: torch's default)")
     p.add_argument("--model", help="HF folder or .gguf file (default: lorakit's default model)")
+    p.add_argument(
+        "--extra",
+        type=json.loads,
+        default={},
+        help='JSON fields added to every request, e.g. \'{"frequency_penalty": 0.5, "logprobs": 5}\'',
+    )
     p.add_argument("--write-docs", action="store_true", help=f"update the section of {DOCS}")
     args = p.parse_args(argv)
     load_avg = os.getloadavg()[0]
@@ -180,13 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         names = [n for n, _ in adapters]
         proc, url = start_server(args, adapters, Path(tmp) / "server.log")
         try:
-            asyncio.run(load(url, names, len(names), len(names), args.max_tokens))  # warm-up
+            asyncio.run(load(url, names, len(names), len(names), args.max_tokens, args.extra))  # warm-up
             runs = []
             plan = [("one at a time", args.sequential, 1), ("concurrent", args.requests, args.concurrency)]
             for label, requests, concurrency in plan:
                 if requests:
                     before = httpx.get(f"{url}/health").json()
-                    run = asyncio.run(load(url, names, requests, concurrency, args.max_tokens))
+                    run = asyncio.run(load(url, names, requests, concurrency, args.max_tokens, args.extra))
                     runs.append(
                         {"label": label, **run, **batching(before, httpx.get(f"{url}/health").json(), run)}
                     )
@@ -223,7 +238,8 @@ def report(args: argparse.Namespace, runs: list[dict[str, Any]], load_avg: tuple
         f"- command: `.venv/bin/python {command.strip()}`",
         f"- setup: {args.adapters} adapters (r=16, q_proj/v_proj) on {args.model or 'SmolLM2-135M-Instruct'}, "
         f"round-robin; /v1/completions, greedy, exactly {args.max_tokens} tokens each (`ignore_eos`); server "
-        f"--max-batch {args.max_batch}, threads: {args.threads or 'torch default'}; latency is send to last byte",
+        f"--max-batch {args.max_batch}, threads: {args.threads or 'torch default'}; latency is send to last byte"
+        + (f"; every request also sends {json.dumps(args.extra)}" if args.extra else ""),
         "",
         table(runs),
     ]

@@ -18,7 +18,6 @@ import datetime as dt
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_serve import KEY, start_server  # noqa: E402
+from bench_serve import KEY, start_server, stop_server  # noqa: E402
 
 DOCS = Path("docs") / "benchmarks.md"
 START, END = "<!-- bench_choices:start -->", "<!-- bench_choices:end -->"
@@ -88,11 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             times = asyncio.run(rounds(url, args, prompt))
             shared = httpx.get(f"{url}/health").json()["shared_prefills"] - before
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
     section = report(args, tokens, times, shared, (load_avg, os.getloadavg()[0]))
     print(section)
     if args.write_docs:

@@ -91,6 +91,16 @@ def start_server(
     raise SystemExit(f"the server did not come up in 180 s:\n{log.read_text()[-2000:]}")
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    """Ctrl-C's twin (SIGTERM: requests in flight get 5 s), then a kill if it takes longer than 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 async def one(
     client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -206,11 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                         {"label": label, **run, **batching(before, httpx.get(f"{url}/health").json(), run)}
                     )
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
     for r in runs:
         for e in r["first_errors"]:
             print(f"error ({r['label']}): {e}", file=sys.stderr)

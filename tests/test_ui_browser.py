@@ -13,7 +13,7 @@ import time
 
 import httpx
 import pytest
-from uiserver import KEY, chromium_path, tiny_chat_model, ui_process
+from uiserver import KEY, browser_page, tiny_chat_model, ui_process
 
 pytestmark = pytest.mark.browser
 WAIT_MS = 120_000
@@ -33,21 +33,10 @@ def ui(tmp_path_factory, default_model_dir):
 
 @pytest.fixture(scope="module")
 def page(ui):
-    from playwright.sync_api import sync_playwright
-
     url, tmp = ui
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.set_default_timeout(WAIT_MS)
+    with browser_page(tmp, WAIT_MS) as page:
         page.goto(url + "/")
         yield page
-        if errors:
-            page.screenshot(path=str(tmp / "failure.png"))
-        assert not errors, f"JavaScript errors on the page: {errors}"
-        browser.close()
 
 
 def _shoot_on_failure(page, tmp, name: str):

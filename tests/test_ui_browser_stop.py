@@ -14,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from uiserver import KEY, chromium_path, ui_process
+from uiserver import KEY, browser_page, ui_process
 
 pytestmark = [pytest.mark.browser, pytest.mark.real_model]
 WAIT_MS = 120_000
@@ -34,63 +34,49 @@ def _running(url: str) -> int:
 
 
 def test_stop_cuts_every_stream_and_keeps_what_came(ui):
-    from playwright.sync_api import sync_playwright
-
     url, tmp = ui
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.set_default_timeout(WAIT_MS)
-        sent: list[dict] = []
+    sent: list[dict] = []
 
-        def no_end(route):  # the server stops only at max_tokens
-            body = {**json.loads(route.request.post_data), "ignore_eos": True}
-            sent.append(body)
-            route.continue_(post_data=json.dumps(body))
+    def no_end(route):  # the server stops only at max_tokens
+        body = {**json.loads(route.request.post_data), "ignore_eos": True}
+        sent.append(body)
+        route.continue_(post_data=json.dumps(body))
 
+    with browser_page(tmp, WAIT_MS) as page:
         page.route("**/v1/chat/completions", no_end)
-        try:
-            page.goto(url + "/")
-            page.wait_for_selector("#api-key", state="visible")
-            page.fill("#api-key", KEY)
-            page.click("#api-key-btn")
-            page.click("#tab-chat")
-            page.wait_for_selector("#chat-models input[type=checkbox]:checked")
-            assert page.is_hidden("#chat-stop")  # nothing to stop yet
-            page.fill("#max-tokens", "2000")
-            page.fill("#prompt", "Count from one to one thousand.")
-            page.click("#send-btn")
-            page.wait_for_function("document.querySelector('.turn-reply')?.textContent.length > 40")
-            assert page.is_visible("#chat-stop") and page.is_disabled("#send-btn")
-            assert _running(url) == 1
-            page.click("#chat-stop")
-            page.wait_for_selector(".turn-stopped")
-            page.wait_for_function("!document.querySelector('#send-btn').disabled")
-            assert page.is_hidden("#chat-stop") and page.is_hidden(".chat-col .error")
-            # the server's row is gone: a few decode steps, not the rest of the 2,000 tokens
-            deadline = time.monotonic() + 15
-            while _running(url):
-                assert time.monotonic() < deadline, "the stopped stream's row kept decoding"
-                time.sleep(0.1)
-            kept = page.text_content(".turn-reply")
-            page.wait_for_timeout(1000)
-            assert page.text_content(".turn-reply") == kept and len(kept) > 40  # nothing more arrives
-            assert page.input_value("#prompt") == ""  # the turn was taken
-            # the next turn carries the stopped reply as the assistant's
-            page.fill("#max-tokens", "4")
-            page.fill("#prompt", "Go on.")
-            page.click("#send-btn")
-            page.wait_for_function("document.querySelectorAll('.turn-reply').length === 2")
-            page.wait_for_function("!document.querySelector('#send-btn').disabled")
-            messages = sent[-1]["messages"]
-            assert [m["role"] for m in messages] == ["user", "assistant", "user"]
-            assert messages[1]["content"] == kept and messages[2]["content"] == "Go on."
-            assert page.query_selector_all(".turn-stopped").__len__() == 1  # the second turn ran to its end
-        except Exception:
-            page.screenshot(path=str(tmp / "failure.png"), full_page=True)
-            raise
-        finally:
-            browser.close()
-        assert not errors, f"JavaScript errors on the page: {errors}"
+        page.goto(url + "/")
+        page.wait_for_selector("#api-key", state="visible")
+        page.fill("#api-key", KEY)
+        page.click("#api-key-btn")
+        page.click("#tab-chat")
+        page.wait_for_selector("#chat-models input[type=checkbox]:checked")
+        assert page.is_hidden("#chat-stop")  # nothing to stop yet
+        page.fill("#max-tokens", "2000")
+        page.fill("#prompt", "Count from one to one thousand.")
+        page.click("#send-btn")
+        page.wait_for_function("document.querySelector('.turn-reply')?.textContent.length > 40")
+        assert page.is_visible("#chat-stop") and page.is_disabled("#send-btn")
+        assert _running(url) == 1
+        page.click("#chat-stop")
+        page.wait_for_selector(".turn-stopped")
+        page.wait_for_function("!document.querySelector('#send-btn').disabled")
+        assert page.is_hidden("#chat-stop") and page.is_hidden(".chat-col .error")
+        # the server's row is gone: a few decode steps, not the rest of the 2,000 tokens
+        deadline = time.monotonic() + 15
+        while _running(url):
+            assert time.monotonic() < deadline, "the stopped stream's row kept decoding"
+            time.sleep(0.1)
+        kept = page.text_content(".turn-reply")
+        page.wait_for_timeout(1000)
+        assert page.text_content(".turn-reply") == kept and len(kept) > 40  # nothing more arrives
+        assert page.input_value("#prompt") == ""  # the turn was taken
+        # the next turn carries the stopped reply as the assistant's
+        page.fill("#max-tokens", "4")
+        page.fill("#prompt", "Go on.")
+        page.click("#send-btn")
+        page.wait_for_function("document.querySelectorAll('.turn-reply').length === 2")
+        page.wait_for_function("!document.querySelector('#send-btn').disabled")
+        messages = sent[-1]["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+        assert messages[1]["content"] == kept and messages[2]["content"] == "Go on."
+        assert len(page.query_selector_all(".turn-stopped")) == 1  # the second turn ran to its end

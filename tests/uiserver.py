@@ -124,6 +124,31 @@ def events(http: httpx.Client, name: str, *, until, timeout: float = 180) -> lis
     return pairs
 
 
+@contextlib.contextmanager
+def browser_page(shots: Path, wait_ms: int = 120_000) -> Iterator:
+    """A page of a headless Chromium (Playwright driving Debian's browser), 1280x900, `wait_ms` for every wait.
+    A JavaScript error on the page fails the test at the end, and an exception inside saves a screenshot to
+    `shots`/failure.png first."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.set_default_timeout(wait_ms)
+        try:
+            yield page
+        except BaseException:
+            page.screenshot(path=str(shots / "failure.png"), full_page=True)
+            raise
+        finally:
+            if errors:
+                page.screenshot(path=str(shots / "failure.png"))
+            browser.close()
+        assert not errors, f"JavaScript errors on the page: {errors}"
+
+
 def browser_missing() -> str | None:
     """Why the `browser` tests cannot run here (None: Playwright and a Chromium are installed)."""
     import importlib.util

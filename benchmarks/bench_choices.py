@@ -123,7 +123,7 @@ def report(args, tokens: int, times: dict[str, list[float]], shared: int, load_a
             f"{fmt(f'{t:.2f}' for t in times['separate'])} |",
             "",
             f"`n` = {args.n} took {n / sep:.2f}x the time of {args.n} separate requests "
-            f"({sep / n:.1f}x faster); the server counted {shared} shared prefill rows over the "
+            f"({f'{sep / n:.1f}x faster' if n < sep else 'not faster'}); the server counted {shared} shared prefill rows over the "
             f"{args.rounds + 1} requests with n={args.n} (warm-up included): {shared / (args.rounds + 1):g} per "
             f"request, one forward for {args.n} rows.",
         ]

@@ -20,6 +20,7 @@ import lorakit
 from lorakit.bank import AdapterBank
 from lorakit.serve.engine import Engine, EngineConfig
 from lorakit.serve.requests import Delta, Done, GenRequest, Prompt, SamplingParams
+from lorakit.serve.rows import SCORE_CHUNK
 
 pytestmark = pytest.mark.real_model
 
@@ -256,3 +257,41 @@ def test_equal_prompts_share_one_prefill(default_model_dir):
             assert (s.logprob is None) == (r.logprob is None)
             assert s.logprob is None or abs(s.logprob - r.logprob) < 2e-4
     assert torch.equal(torch.tensor(ids), torch.tensor(plans[0][0]))  # the prompts were not touched
+
+
+def test_long_prompts_are_scored_a_chunk_at_a_time(default_model_dir):
+    """Prompt scoring with a plain LM head runs from the last hidden states, SCORE_CHUNK positions at a time;
+    with another head (adapted, softcapped) from the whole batch's logits. Both paths, on a 600-token prompt (three
+    chunks) prefilled beside a short one (so the long row has no padding and the short one much), give the same
+    scores within float32 rounding (1e-4 nats; a position off by one is off by > 0.1)."""
+    model, tok = lorakit.load_model(str(default_model_dir))
+    _random_adapter(model, "a", seed=0)
+    long_ids = tok(" ".join(["The cat sat on the mat, and then it slept."] * 80))["input_ids"][:600]
+    plans = [(long_ids, "a", 2), (tok(PROMPT)["input_ids"], None, 0)]
+    assert len(long_ids) == 600 > 2 * SCORE_CHUNK
+
+    def scores(plain: bool) -> list[list]:
+        eng = Engine(model, tok, AdapterBank(model), EngineConfig(max_batch=4, wait_ms=0))
+        assert eng._head is not None  # the default model's head is plain
+        if not plain:
+            eng._head = None  # the engine's other path, as for a head that is not plain
+        queues = []
+        for prompt, adapter, top in plans:
+            q: queue.Queue = queue.Queue()
+            p = SamplingParams(max_tokens=0, prompt_logprobs=top)
+            eng.submit(GenRequest(list(prompt), adapter, p, q.put))
+            queues.append(q)
+        eng.start()
+        got = [[lp for e in _collect(q)[0] for lp in e.logprobs] for q in queues]
+        assert eng.stats["prefills"] == 1  # together, in one batch
+        eng.stop()
+        return got
+
+    chunked, whole = scores(plain=True), scores(plain=False)
+    for a, b, (prompt, _, top) in zip(chunked, whole, plans, strict=True):
+        assert [e.token for e in a] == [e.token for e in b] == prompt
+        assert a[0].logprob is None and b[0].logprob is None
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a[1:], b[1:], strict=True)) < 1e-4
+        for x, y in zip(a[1:], b[1:], strict=True):
+            assert len(x.top) == len(y.top) == top
+            assert max((abs(u[1] - v[1]) for u, v in zip(x.top, y.top, strict=True)), default=0.0) < 1e-4

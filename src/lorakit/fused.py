@@ -290,8 +290,10 @@ def lm_head_loss(
     return total / num_items_in_batch
 
 
-def fusable_head(model: nn.Module) -> nn.Linear | None:
-    """The model's LM head if the chunked loss computes exactly the model's own loss, else None."""
+def plain_head(model: nn.Module) -> nn.Linear | None:
+    """The model's LM head if its logits are exactly `base_model(...).last_hidden_state @ head.weight.T`: a plain
+    `nn.Linear` without bias (not adapted, not quantized) on a Hugging Face backbone, and no scaling or softcap of
+    the logits after it. Else None."""
     try:
         from transformers import PreTrainedModel
     except ImportError:
@@ -301,7 +303,7 @@ def fusable_head(model: nn.Module) -> nn.Linear | None:
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if getter else None
     base = getattr(model, "base_model", None)
-    if type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad:
+    if type(head) is not nn.Linear or head.bias is not None:
         return None
     if base is None or base is model or type(head.weight.data) is not torch.Tensor:
         return None
@@ -310,6 +312,13 @@ def fusable_head(model: nn.Module) -> nn.Linear | None:
         if getattr(cfg, attr, None) not in (None, 1, 1.0):
             return None
     return head
+
+
+def fusable_head(model: nn.Module) -> nn.Linear | None:
+    """The model's LM head if the chunked loss computes exactly the model's own loss (a plain head, frozen),
+    else None."""
+    head = plain_head(model)
+    return None if head is None or head.weight.requires_grad else head
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool = True) -> torch.Tensor:

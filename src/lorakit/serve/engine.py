@@ -47,10 +47,11 @@ from transformers import DynamicCache
 
 from lorakit.bank import AdapterBank
 from lorakit.errors import AdapterError
+from lorakit.fused import plain_head
 from lorakit.serve import kvcache
 from lorakit.serve.requests import SHUTDOWN, Done, Failed, GenRequest, Prompt, deliver, failure
 from lorakit.serve.routing import route
-from lorakit.serve.rows import Row, eos_ids, prompt_logprobs
+from lorakit.serve.rows import Row, eos_ids, prompt_logprobs, prompt_logprobs_from_hidden
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ class Engine:
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
+        # scoring prompts a chunk at a time needs the last hidden states, the head, and logits_to_keep
+        self._head = plain_head(model) if self._keep_kw else None
         self._inbox: queue.Queue = queue.Queue()
         self._pending: deque[GenRequest] = deque()
         self._rows: list[Row] = []
@@ -330,18 +333,33 @@ class Engine:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         scored = [r.req.params.prompt_logprobs is not None for r in rows]
-        logits = self._forward(firsts, ids, mask, positions, cache, last_only=not any(scored))
+        # prompts to score: with a plain LM head, from the last hidden states, a chunk of positions at a time;
+        # else from the logits of every position of the batch
+        head = self._head if any(scored) else None
+        hidden: list[torch.Tensor] = []
+        hook = None if head is None else self.model.base_model.register_forward_hook(_keep_hidden(hidden))
+        try:
+            logits = self._forward(
+                firsts, ids, mask, positions, cache, last_only=head is not None or not any(scored)
+            )
+        finally:
+            if hook is not None:
+                hook.remove()
         if logits.dim() == 2:  # (batch, vocab): the last positions only (or prompts of one token)
             logits = logits[:, None]
         if len(firsts) < len(rows):
             cache, mask = kvcache.select(cache, mask, source)
             logits = logits[torch.tensor(source)]  # every distinct row is kept: no column is trimmed
+            hidden = [h[torch.tensor(source, device=h.device)] for h in hidden]
         self.stats["shared_prefills"] += len(rows) - len(firsts)
         self._append(cache, mask, rows)
         self.stats["prefills"] += 1
         for i, r in enumerate(rows):
-            if scored[i] and not self._score_guarded(r, logits[i, length - r.n_real :]):
-                continue
+            if scored[i]:
+                own = slice(length - r.n_real, None)  # the row's own positions (after its left padding)
+                source_of = (hidden[0][i, own], head.weight) if head is not None else logits[i, own]
+                if not self._score_guarded(r, source_of):
+                    continue
             self._accept_guarded(r, logits[i, -1])
 
     @torch.no_grad()
@@ -413,12 +431,18 @@ class Engine:
 
     # -- tokens to text ----------------------------------------------------------------------------------------
 
-    def _score_guarded(self, row: Row, logits: torch.Tensor) -> bool:
-        """Send the row's prompt log-probabilities (`logits`: its own positions); False when the row is done: it
-        asked for no tokens, or this failed (for this row alone)."""
+    def _score_guarded(self, row: Row, source: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> bool:
+        """Send the row's prompt log-probabilities, from `source`: the logits of its own positions, or their last
+        hidden states and the LM head's weight; False when the row is done: it asked for no tokens, or this failed
+        (for this row alone)."""
         p = row.req.params
+        ids, top = row.req.prompt_ids, p.prompt_logprobs or 0
         try:
-            deliver(row.req, Prompt(prompt_logprobs(row.req.prompt_ids, logits, p.prompt_logprobs or 0)))
+            if isinstance(source, tuple):
+                entries = prompt_logprobs_from_hidden(ids, *source, top)
+            else:
+                entries = prompt_logprobs(ids, source, top)
+            deliver(row.req, Prompt(entries))
         except Exception as e:  # noqa: BLE001 - one row's scoring must not fail the others
             log.exception("scoring a prompt failed")
             self.stats["errors"] += 1
@@ -447,3 +471,12 @@ class Engine:
 def _prompt_key(req: GenRequest) -> tuple:
     """Requests with equal keys have equal prefills: the same adapter and prompt."""
     return (req.adapter, tuple(req.prompt_ids))
+
+
+def _keep_hidden(out: list[torch.Tensor]) -> Callable:
+    """A forward hook on the backbone that keeps its last hidden states (batch, T, hidden): the LM head's input."""
+
+    def hook(module, args, output) -> None:
+        out.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    return hook

@@ -112,11 +112,46 @@ class Row:
         return adjust(logits, p, self.counts, self.seen)
 
 
+SCORE_CHUNK = 256
+"""Prompt positions scored at once: 256 x vocabulary floats (50 MB for a 49k vocabulary), whatever the prompt's
+length."""
+
+
 def prompt_logprobs(ids: list[int], logits: torch.Tensor, top: int) -> tuple[TokenLogprob, ...]:
     """Each prompt token's log-probability given the ones before it, from `logits` (len(ids), vocab): the model's
     outputs at the prompt's positions (the last one predicts the first generated token and is not used)."""
-    first = TokenLogprob(ids[0], None, ())
-    return (first, *(_logprob(logits[i - 1], ids[i], top) for i in range(1, len(ids))))
+    out = [TokenLogprob(ids[0], None, ())]
+    for start in range(0, len(ids) - 1, SCORE_CHUNK):
+        stop = min(start + SCORE_CHUNK, len(ids) - 1)
+        out += _logprobs(logits[start:stop], ids[start + 1 : stop + 1], top)
+    return tuple(out)
+
+
+def prompt_logprobs_from_hidden(
+    ids: list[int], hidden: torch.Tensor, head: torch.Tensor, top: int
+) -> tuple[TokenLogprob, ...]:
+    """`prompt_logprobs` from the model's last hidden states at the prompt's positions (len(ids), hidden) and its
+    plain LM head's weight (vocab, hidden), SCORE_CHUNK positions at a time: the whole prompt's logits never exist
+    at once."""
+    out = [TokenLogprob(ids[0], None, ())]
+    for start in range(0, len(ids) - 1, SCORE_CHUNK):
+        stop = min(start + SCORE_CHUNK, len(ids) - 1)
+        logits = torch.nn.functional.linear(hidden[start:stop].to(head.dtype), head)
+        out += _logprobs(logits, ids[start + 1 : stop + 1], top)
+    return tuple(out)
+
+
+def _logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """`_logprob` of each row of `logits` (n, vocab) for its token, in one pass over the chunk."""
+    lp = torch.log_softmax(logits.float(), dim=-1).clamp_(min=LOGPROB_FLOOR).cpu()
+    chosen = lp.gather(1, torch.tensor(tokens, dtype=torch.long)[:, None])[:, 0].tolist()
+    if not top:
+        return [TokenLogprob(t, v, ()) for t, v in zip(tokens, chosen, strict=True)]
+    values, best = lp.topk(min(top, lp.shape[-1]), dim=-1)
+    return [
+        TokenLogprob(t, v, tuple(zip(b, w, strict=True)))
+        for t, v, b, w in zip(tokens, chosen, best.tolist(), values.tolist(), strict=True)
+    ]
 
 
 LOGPROB_FLOOR = -9999.0

@@ -320,6 +320,49 @@ def test_prompt_over_context_length(client, base):
     _serves(client, base)
 
 
+def _scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """/metrics (no key needed) through prometheus_client's own parser: {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(f"{url}/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
+
+
+def test_metrics_count_what_was_served(url, client, base):
+    before = _scrape(url)
+    r = client.completions.create(model="a", prompt=PROMPT, max_tokens=4, extra_body={"ignore_eos": True})
+    c = _chat(client, base, max_tokens=3)
+    after = _scrape(url)
+
+    def grew(name: str, labels: tuple = ()) -> float:
+        return after[name, labels] - before.get((name, labels), 0.0)
+
+    assert grew("lorakit_requests_total") == 2
+    assert grew("lorakit_prompt_tokens_total") == r.usage.prompt_tokens + c.usage.prompt_tokens
+    # every sampled token, an end-of-sequence one included (which usage does not count)
+    sampled = grew("lorakit_generated_tokens_total")
+    assert 4 + c.usage.completion_tokens <= sampled <= 4 + c.usage.completion_tokens + 1
+    assert grew("lorakit_prefills_total") >= 1 and grew("lorakit_decode_steps_total") >= 3
+    for endpoint in ("completions", "chat"):
+        for phase in ("first_event", "total"):
+            labels = (("endpoint", endpoint), ("phase", phase))
+            assert grew("lorakit_request_seconds_count", labels) == 1, (endpoint, phase)
+            inf = tuple(sorted((*labels, ("le", "+Inf"))))
+            assert (
+                after["lorakit_request_seconds_bucket", inf] == after["lorakit_request_seconds_count", labels]
+            )
+    total = (("endpoint", "completions"), ("phase", "total"))
+    assert 0 < grew("lorakit_request_seconds_sum", total) < 120
+    assert after["lorakit_engine_up", ()] == 1 and after["lorakit_running_rows", ()] == 0
+    served = [m.id for m in client.models.list().data if m.parent is not None]
+    assert after["lorakit_adapters_loaded", ()] == len(served) >= 2
+
+
 def test_api_key(url, client, base):
     assert httpx.get(f"{url}/health").status_code == 200  # health needs no key
     _error(httpx.get(f"{url}/v1/models"), 401)

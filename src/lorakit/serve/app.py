@@ -2,8 +2,8 @@
 
     app = create_app(engine, AppConfig(base_name="SmolLM2-135M-Instruct", base_path="...", api_key="sk-1"))
 
-Routes: POST /v1/completions and /v1/chat/completions (both stream with SSE), GET /health, and the adapter
-routes of `lorakit.serve.adapters`. The request's `model` names the adapter; the base model's name means no
+Routes: POST /v1/completions and /v1/chat/completions (both stream with SSE), GET /health, GET /metrics
+(Prometheus), and the adapter routes of `lorakit.serve.adapters`. The request's `model` names the adapter; the base model's name means no
 adapter. Handlers validate and tokenize, then hand the request to the engine thread and read its tokens back
 from an asyncio queue the engine feeds (`loop.call_soon_threadsafe`). Every error is JSON in OpenAI's shape, and
 nothing a client sends stops the server.
@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lorakit.serve import protocol as P
 from lorakit.serve.adapters import AdapterRoutes
 from lorakit.serve.engine import Engine
+from lorakit.serve.metrics import Latency
+from lorakit.serve.metrics import render as render_metrics
 from lorakit.serve.requests import Delta, Done, Event, Failed, GenRequest, Prompt, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,11 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
         "/v1/chat/completions", generation.chat_completions, methods=["POST"], dependencies=auth
     )
     app.include_router(adapters.router(), dependencies=auth)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        text = render_metrics(engine, generation.latency)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -139,6 +147,8 @@ class _Run:
     first: tuple[int, Event]
     model: str  # the name answered in responses
     width: int  # rows per prompt: best_of (n unless set)
+    endpoint: str  # "completions" or "chat", for the latency metrics
+    started: float  # time.monotonic() when the handler had read the request
 
     def cancel(self) -> None:
         """Every choice's row leaves the batch (a no-op for those already done)."""
@@ -166,10 +176,11 @@ _Result = tuple[str, Done, list[TokenLogprob]]
 class GenerationRoutes:
     def __init__(self, engine: Engine, adapters: AdapterRoutes) -> None:
         self.engine, self.adapters, self.tok = engine, adapters, engine.tokenizer
+        self.latency = Latency()
 
     async def completions(self, request: Request) -> Response:
         parsed = P.parse_completion(await P.read_json(request))
-        run = await self._start(parsed, request)
+        run = await self._start(parsed, request, "completions")
         rid = P.new_id("cmpl")
         wanted, token_text = parsed.params["logprobs"] is not None, self._token_text()
         echoed = None
@@ -203,6 +214,7 @@ class GenerationRoutes:
                 lps = P.completion_logprobs(entries, token_text) if wanted else None
                 head = echoed[p] if echoed else ""
                 choices.append(P.completion_choice(len(choices), head + text, done.finish_reason, lps))
+        self._observe_total(run)
         return JSONResponse(P.completion_body(rid, run.model, choices, _usage(results, run.width)))
 
     def _prompt_text(self, prompt: str | list[int], ids: list[int]) -> str:
@@ -214,7 +226,7 @@ class GenerationRoutes:
 
     async def chat_completions(self, request: Request) -> Response:
         parsed = P.parse_chat(await P.read_json(request))
-        run = await self._start(parsed, request)
+        run = await self._start(parsed, request, "chat")
         rid = P.new_id("chatcmpl")
         wanted, token_text = parsed.params["logprobs"] is not None, self._token_text()
         if parsed.stream:
@@ -232,7 +244,11 @@ class GenerationRoutes:
             )
             for i, (text, done, entries) in enumerate(results)
         ]
+        self._observe_total(run)
         return JSONResponse(P.chat_body(rid, run.model, choices, _usage(results, run.width)))
+
+    def _observe_total(self, run: _Run) -> None:
+        self.latency.observe(run.endpoint, "total", time.monotonic() - run.started)
 
     def _token_text(self) -> Callable[[int], str]:
         """A token id's text for logprobs (special tokens included), remembered for the request."""
@@ -246,11 +262,12 @@ class GenerationRoutes:
 
         return text
 
-    async def _start(self, parsed: P.Parsed, request: Request) -> _Run:
+    async def _start(self, parsed: P.Parsed, request: Request, endpoint: str) -> _Run:
         """Submit the request (a row per choice of each prompt) and wait for its first event, so that early
         failures get their own status.
 
         A client that disconnects meanwhile cancels it (it may still be queued behind a full batch)."""
+        started = time.monotonic()
         adapter = self.adapters.adapter_for(parsed.model)
         prompts = await asyncio.to_thread(self._encode, parsed)  # long prompts must not stall the event loop
         batch = len(prompts) > 1
@@ -283,8 +300,10 @@ class GenerationRoutes:
             for req in reqs:
                 req.cancelled = True
             raise P.APIError(first[1].status, first[1].message, first[1].code)
+        self.latency.observe(endpoint, "first_event", time.monotonic() - started)
         width = len(reqs) // len(prompts)
-        return _Run(reqs, events, first, parsed.model or self.adapters.base_name, width)
+        model = parsed.model or self.adapters.base_name
+        return _Run(reqs, events, first, model, width, endpoint, started)
 
     def _encode(self, parsed: P.Parsed) -> list[list[int]]:
         """Each prompt's token ids: chat messages through the chat template, text as is, or the ids given."""
@@ -374,6 +393,7 @@ class GenerationRoutes:
                 use = P.usage(prompt_tokens, sum(d.completion_tokens for d in dones))
                 yield P.sse(P.usage_chunk(rid, run.model, chat, use))
             yield "data: [DONE]\n\n"
+            self._observe_total(run)
         finally:
             run.cancel()  # done (no-op), or the client went away: the rows leave the batch
 

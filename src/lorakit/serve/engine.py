@@ -106,6 +106,8 @@ class Engine:
             "steps": 0,
             "prefills": 0,
             "shared_prefills": 0,
+            "prompt_tokens": 0,
+            "generated_tokens": 0,
             "max_rows": 0,
             "requests": 0,
             "errors": 0,
@@ -352,6 +354,7 @@ class Engine:
             logits = logits[torch.tensor(source)]  # every distinct row is kept: no column is trimmed
             hidden = [h[torch.tensor(source, device=h.device)] for h in hidden]
         self.stats["shared_prefills"] += len(rows) - len(firsts)
+        self.stats["prompt_tokens"] += sum(r.n_real for r in rows)
         self._append(cache, mask, rows)
         self.stats["prefills"] += 1
         for i, r in enumerate(rows):
@@ -457,6 +460,7 @@ class Engine:
         """`Row.accept`; if it raises, this row alone fails (it leaves the batch at the next drop)."""
         try:
             row.accept(logits, self._detokenize, self.eos_ids, self.max_model_len)
+            self.stats["generated_tokens"] += 1
         except Exception as e:  # noqa: BLE001 - one row's sampling or text must not fail the others
             log.exception("a row failed")
             self.stats["errors"] += 1

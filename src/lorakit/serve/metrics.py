@@ -1,0 +1,94 @@
+"""`GET /metrics` of `lorakit serve`: the engine's counters and gauges, and request latencies, in Prometheus's text
+exposition format (version 0.0.4), for a Prometheus server or any scraper that reads it.
+
+    latency = Latency()
+    latency.observe("chat", "first_event", 0.12)       # by the generation routes
+    text = render(engine, latency)                     # what /metrics answers
+
+Counters only grow while the server runs (a restart starts them at 0, as Prometheus expects of counters).
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from typing import Any
+
+BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+"""Upper bounds (seconds) of the latency histograms' buckets, and +Inf."""
+
+COUNTERS = {
+    "requests": ("lorakit_requests", "Generation rows admitted (one per choice of each prompt)."),
+    "errors": ("lorakit_request_errors", "Failures: requests, rows or batches that failed."),
+    "prompt_tokens": ("lorakit_prompt_tokens", "Prompt tokens of the rows prefilled."),
+    "generated_tokens": ("lorakit_generated_tokens", "Tokens sampled (end-of-sequence tokens included)."),
+    "prefills": ("lorakit_prefills", "Prefill forward passes."),
+    "shared_prefills": (
+        "lorakit_shared_prefill_rows",
+        "Rows whose prompt another row of the prefill computed.",
+    ),
+    "steps": ("lorakit_decode_steps", "Decode steps (one forward pass for every running row)."),
+}
+
+
+class Latency:
+    """Histograms of request latencies by endpoint and phase: `first_event` (from the request's arrival to the
+    engine's first answer for it: a token, its prompt's scores or an error) and `total` (to the last byte)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hist: dict[tuple[str, str], list[Any]] = {}  # (endpoint, phase) -> [bucket counts, count, sum]
+
+    def observe(self, endpoint: str, phase: str, seconds: float) -> None:
+        with self._lock:
+            counts, total = self._hist.setdefault((endpoint, phase), [[0] * (len(BUCKETS) + 1), [0, 0.0]])
+            counts[bisect.bisect_left(BUCKETS, seconds)] += 1
+            total[0] += 1
+            total[1] += seconds
+
+    def lines(self) -> list[str]:
+        out = [
+            "# HELP lorakit_request_seconds Request latency by endpoint and phase (first_event, total).",
+            "# TYPE lorakit_request_seconds histogram",
+        ]
+        with self._lock:
+            items = sorted((k, [list(v[0]), list(v[1])]) for k, v in self._hist.items())
+        for (endpoint, phase), (counts, (count, seconds)) in items:
+            labels = f'endpoint="{endpoint}",phase="{phase}"'
+            running = 0
+            for bound, n in zip((*BUCKETS, float("inf")), counts, strict=True):
+                running += n
+                le = "+Inf" if bound == float("inf") else repr(bound)
+                out.append(f'lorakit_request_seconds_bucket{{{labels},le="{le}"}} {running}')
+            out.append(f"lorakit_request_seconds_count{{{labels}}} {count}")
+            out.append(f"lorakit_request_seconds_sum{{{labels}}} {seconds!r}")
+        return out
+
+
+def render(engine, latency: Latency) -> str:
+    """The exposition text: counters from `engine.stats`, gauges of its load and bank, the latency histograms."""
+    stats, load = dict(engine.stats), engine.load()
+    lines = []
+    for key, (name, doc) in COUNTERS.items():
+        lines += [
+            f"# HELP {name}_total {doc}",
+            f"# TYPE {name}_total counter",
+            f"{name}_total {stats.get(key, 0)}",
+        ]
+    gauges = {
+        "lorakit_engine_up": ("1 while the engine thread runs, else 0.", int(engine.alive)),
+        "lorakit_running_rows": ("Rows decoding now.", load["running"]),
+        "lorakit_waiting_requests": ("Rows queued for a place in the batch.", load["waiting"]),
+        "lorakit_adapters_loaded": ("Adapters the server serves by name.", len(engine.bank.names())),
+        "lorakit_adapters_unloading": (
+            "Adapters unloaded but kept for requests in flight.",
+            len(load["unloading"]),
+        ),
+        "lorakit_max_batch_rows_seen": ("Most rows decoded in one step so far.", stats.get("max_rows", 0)),
+    }
+    for name, (doc, value) in gauges.items():
+        lines += [f"# HELP {name} {doc}", f"# TYPE {name} gauge", f"{name} {value}"]
+    return "\n".join(lines + latency.lines()) + "\n"
+
+
+__all__ = ["BUCKETS", "Latency", "render"]

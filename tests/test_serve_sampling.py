@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import inspect
+import json
 
 import pytest
 import torch
@@ -292,3 +293,91 @@ def test_max_tokens_zero_needs_echo(http, base):  # noqa: F811
     assert r.status_code == 400 and "'max_tokens' must be an integer >= 1" in r.json()["error"]["message"], (
         r.text
     )
+
+
+JSON_QUESTIONS = ["Describe a cat as a JSON object with its name and age.", "List three fruits.", "Hello!"]
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_json_mode_answers_are_json_objects(client, base, temperature):  # noqa: F811
+    """Whatever the question, the answer is one JSON object (a prefix of one when max_tokens cuts it), on the base
+    and on an adapter; without JSON mode the greedy answer to "Hello!" is no JSON at all."""
+    from lorakit.serve.guide import JsonPrefix
+
+    fmt = {"type": "json_object"}
+    stopped = 0
+    for model in (base, "a"):
+        for q in JSON_QUESTIONS:
+            messages = [{"role": "user", "content": q}]
+            kw = {
+                "model": model,
+                "messages": messages,
+                "max_tokens": 120,
+                "temperature": temperature,
+                "seed": 3,
+            }
+            choice = client.chat.completions.create(**kw, response_format=fmt).choices[0]
+            text = choice.message.content
+            if choice.finish_reason == "stop":
+                assert isinstance(json.loads(text), dict), text
+                stopped += 1
+            else:
+                assert choice.finish_reason == "length" and JsonPrefix().feed(text), text
+    assert stopped >= 3, "most answers should end as whole objects within 120 tokens"
+    plain = client.chat.completions.create(
+        model=base, messages=[{"role": "user", "content": "Hello!"}], max_tokens=40, temperature=0
+    )
+    with pytest.raises(ValueError):
+        json.loads(plain.choices[0].message.content)
+
+
+def test_json_mode_streams_and_works_on_completions(client, base):  # noqa: F811
+    from lorakit.serve.guide import JsonPrefix
+
+    fmt = {"type": "json_object"}
+    kw = {"model": base, "messages": [{"role": "user", "content": JSON_QUESTIONS[0]}], "max_tokens": 120}
+    whole = (
+        client.chat.completions.create(**kw, temperature=0, response_format=fmt).choices[0].message.content
+    )
+    chunks = client.chat.completions.create(**kw, temperature=0, response_format=fmt, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+    assert isinstance(json.loads(whole), dict)
+    done = client.completions.create(
+        model=base,
+        prompt="A JSON object describing a dog:",
+        max_tokens=100,
+        temperature=0,
+        extra_body={
+            "response_format": fmt
+        },  # vLLM's extension on completions: the client has no such argument
+    ).choices[0]
+    if done.finish_reason == "stop":
+        assert isinstance(json.loads(done.text), dict), done.text
+    else:  # the model may list a dog's features past max_tokens: then a prefix of one object
+        assert (
+            done.finish_reason == "length" and JsonPrefix().feed(done.text) and done.text.lstrip()[0] == "{"
+        )
+
+
+@pytest.mark.parametrize(
+    "extra, message, code",
+    [
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {}}},
+            "'json_object' is",
+            "unsupported_parameter",
+        ),
+        ({"response_format": {"type": "xml"}}, 'must be {"type": "text"}', "invalid_request"),
+        ({"response_format": "json"}, 'must be {"type": "text"}', "invalid_request"),
+        (
+            {"response_format": {"type": "json_object"}, "ignore_eos": True},
+            "cannot be used",
+            "invalid_request",
+        ),
+    ],
+)
+def test_bad_response_formats_are_one_line_400s(http, base, extra, message, code):  # noqa: F811
+    r = http.post("/v1/chat/completions", json={"model": base, "messages": CHAT, "max_tokens": 2, **extra})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert message in err["message"] and err["code"] == code and "\n" not in err["message"], err

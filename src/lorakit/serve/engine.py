@@ -49,6 +49,7 @@ from lorakit.bank import AdapterBank
 from lorakit.errors import AdapterError
 from lorakit.fused import plain_head
 from lorakit.serve import kvcache
+from lorakit.serve.guide import JsonGuide
 from lorakit.serve.requests import SHUTDOWN, Done, Failed, GenRequest, Prompt, deliver, failure
 from lorakit.serve.routing import route
 from lorakit.serve.rows import Row, eos_ids, prompt_logprobs, prompt_logprobs_from_hidden
@@ -90,6 +91,7 @@ class Engine:
         self.eos_ids = eos_ids(model, tokenizer)
         # the server encodes on its threads, the engine decodes on this one: one tokenizer call at a time
         self.tokenizer_lock = threading.Lock()
+        self._token_texts: dict[int, str] = {}
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
@@ -304,7 +306,8 @@ class Engine:
                     return None
             p = req.params
             gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
-            return Row(req, lease, gen, frozenset(p.stop_token_ids))
+            guide = JsonGuide(self._token_text) if p.json_mode else None
+            return Row(req, lease, gen, frozenset(p.stop_token_ids), guide=guide)
         except Exception as e:  # noqa: BLE001 - this request alone fails
             log.exception("admitting a request failed")
             lease.close()
@@ -466,6 +469,14 @@ class Engine:
             self.stats["errors"] += 1
             if not row.finished:
                 row.finish(failure(e))
+
+    def _token_text(self, token: int) -> str:
+        """A token's own text, special tokens as "" (JSON mode's candidates), remembered."""
+        text = self._token_texts.get(token)
+        if text is None:
+            with self.tokenizer_lock:
+                text = self._token_texts[token] = self.tokenizer.decode([token], skip_special_tokens=True)
+        return text
 
     def _detokenize(self, ids: list[int]) -> str:
         with self.tokenizer_lock:

@@ -258,7 +258,13 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
         not isinstance(seed, int) or isinstance(seed, bool) or not SEED_MIN <= seed <= SEED_MAX
     ):
         raise bad(f"'seed' must be a 64-bit integer, in [-2**63, 2**64 - 1], got {seed!r}", "seed")
+    json_mode = _response_format(body)
+    if json_mode and _bool(body, "ignore_eos"):
+        raise bad(
+            "'ignore_eos' cannot be used with a JSON response_format: the object's end ends it", "ignore_eos"
+        )
     return {
+        "json_mode": json_mode,
         "temperature": temperature,
         "top_p": top_p,
         "seed": seed,
@@ -270,6 +276,28 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
         "repetition_penalty": _repetition_penalty(body),
         "logit_bias": _logit_bias(body),
     }
+
+
+def _response_format(body: dict[str, Any]) -> bool:
+    """JSON mode: `{"type": "json_object"}`; `{"type": "text"}` or none: off. A JSON schema is refused."""
+    value = body.get("response_format")
+    if value is None:
+        return False
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "json_schema":
+        raise bad(
+            "response_format 'json_schema' is not supported by lorakit serve; 'json_object' is",
+            "response_format",
+            "unsupported_parameter",
+        )
+    if kind not in ("text", "json_object"):
+        raise bad(
+            f'\'response_format\' must be {{"type": "text"}} or {{"type": "json_object"}}, got {value!r}'[
+                :200
+            ],
+            "response_format",
+        )
+    return kind == "json_object"
 
 
 def _repetition_penalty(body: dict[str, Any]) -> float:

@@ -50,6 +50,10 @@ class SamplingParams:
     """None: none; k >= 0: each prompt token's log-probability given the tokens before it, and the k most likely
     there (a Prompt event before any text). With max_tokens 0 nothing is generated: the prompt is only scored."""
 
+    json_mode: bool = False
+    """Every token keeps the output a prefix of one JSON object; the row ends when the object is complete
+    (`response_format: {"type": "json_object"}`, lorakit.serve.guide)."""
+
     @property
     def penalized(self) -> bool:
         return bool(self.frequency_penalty or self.presence_penalty or self.repetition_penalty != 1.0)

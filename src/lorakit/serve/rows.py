@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lorakit.serve.guide import JsonGuide
 from lorakit.serve.requests import Delta, Done, Failed, GenRequest, TokenLogprob, adjust, deliver, sample
 
 
@@ -34,6 +35,8 @@ class Row:
     ends: list[int] = field(default_factory=list)
     """The output text's length after each of those tokens: where the next one starts."""
     logprobs_sent: int = 0
+    guide: JsonGuide | None = None
+    """JSON mode: what the output may continue with."""
     logprob_sum: float = 0.0
     """With SamplingParams.logprobs: the sum over every sampled token, end-of-sequence and stop tokens included."""
 
@@ -50,7 +53,11 @@ class Row:
     ) -> None:
         """Sample the row's next token, emit the new text, and decide whether the row is done."""
         p = self.req.params
-        tok = sample(self._adjusted(logits), p.temperature, p.top_p, self.generator)
+        if self.guide is not None:
+            tok = self.guide.pick(self._adjusted(logits), p.temperature, p.top_p, self.generator, eos_ids)
+            self.guide.advance(tok, eos_ids)
+        else:
+            tok = sample(self._adjusted(logits), p.temperature, p.top_p, self.generator)
         self.out_ids.append(tok)
         if self.counts is not None:
             self.counts[tok] += 1

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from lorakit.serve.requests import sample
+from lorakit.serve.requests import GREEDY_BELOW, sample
 
 MAX_SPACE = 4
 """Most whitespace characters in a row outside strings."""
@@ -258,6 +258,15 @@ class JsonGuide:
             return eos[0]
         logits = logits.float()
         values, ids = logits.topk(min(CANDIDATES, logits.numel()))
+        if temperature < GREEDY_BELOW:  # the first valid token in order: usually the first one
+            token = next((t for t in ids.tolist() if self.valid(t, eos_ids)), None)
+            if token is None:
+                token = next(
+                    (t for t in logits.argsort(descending=True).tolist() if self.valid(t, eos_ids)), None
+                )
+            if token is None or logits[token] == float("-inf"):
+                raise ValueError("JSON mode: no token of this model's vocabulary continues the JSON output")
+            return token
         ok = [self.valid(t, eos_ids) for t in ids.tolist()]
         if not any(ok):  # rare: scan the whole vocabulary
             values, ids = logits.sort(descending=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import httpx
@@ -156,7 +158,16 @@ def test_a_ui_killed_mid_work_leaves_its_run_and_job_to_the_next(ui, trained, tm
             body = {"adapter": "adapters/t1", "task": "dates", "limit": 10_000}
             job = c.post("/api/eval", json=body).json()["job"]
             wait_for(c, "/api/runs/r", lambda s: s["step"] >= 3)
-        first.kill()  # no shutdown: nothing stops the children
+        # a second UI on the same workspace is refused while the first lives (each would adopt the other's runs)
+        busy = subprocess.run(
+            [sys.executable, "-m", "lorakit", "ui", "--workspace", str(ws), "--port", "7999"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert busy.returncode != 0, busy.stdout
+        assert f"is in use by another lorakit ui (pid {first.pid})" in busy.stderr, busy.stderr[-2000:]
+        first.kill()  # no shutdown: nothing stops the children; its claim on the workspace stays, stale
         first.wait()
     pids = [
         json.loads((ws / "runs" / "r" / RUN_PROCESS).read_text())["pid"],

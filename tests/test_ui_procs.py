@@ -74,3 +74,22 @@ def test_an_exited_process_has_no_identity():
     assert identity(proc.pid) is None
     proc.wait()
     assert identity(os.getpid()) is not None
+
+
+def test_a_workspace_is_claimed_by_one_live_ui(sleeper, tmp_path):
+    from lorakit.ui.procs import WorkspaceBusy, claim, release
+
+    path = tmp_path / ".ui.json"
+    record_process(path, sleeper)  # another live process holds it
+    with pytest.raises(WorkspaceBusy, match=f"pid {sleeper.pid}"):
+        claim(path)
+    assert json.loads(path.read_text())["pid"] == sleeper.pid  # refused: the record stays the other's
+    release(path)
+    assert path.exists()  # not ours to remove
+    os.killpg(sleeper.pid, signal.SIGKILL)
+    sleeper.wait()
+    claim(path)  # the holder is gone: taken over
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    claim(path)  # ours already: fine
+    release(path)
+    assert not path.exists()

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
 log = logging.getLogger(__name__)
+LOCK = ".ui.json"
+"""In the workspace: which `lorakit ui` process uses it (one at a time; lorakit.ui.procs.claim)."""
 
 
 @dataclass
@@ -70,10 +72,18 @@ def build(config: UIConfig) -> FastAPI:
     from lorakit.serve import build as build_serve
     from lorakit.ui.app import Settings, add_ui
     from lorakit.ui.jobs import Jobs
+    from lorakit.ui.procs import WorkspaceBusy, claim, release
     from lorakit.ui.runs import Runs
     from lorakit.ui.workspace import Workspace
 
     ws = Workspace(config.workspace)
+    try:
+        claim(ws.root / LOCK)
+    except WorkspaceBusy as e:
+        raise ConfigError(
+            f"--workspace {str(ws.root)!r} is in use by another lorakit ui ({e}): stop it, or give another "
+            "--workspace"
+        ) from None
     serve = ServeConfig(
         model=config.model,
         host=config.host,
@@ -86,7 +96,11 @@ def build(config: UIConfig) -> FastAPI:
         device=config.device,
         dtype=config.dtype,
     )
-    app = build_serve(serve)
+    try:
+        app = build_serve(serve)
+    except BaseException:
+        release(ws.root / LOCK)
+        raise
     model = str(Path(config.model).resolve()) if config.model else None
     # runs train the model the page chats with, on its device and in its dtype, unless the form says otherwise
     train_args = ["--model.path", model] if model else []
@@ -104,12 +118,14 @@ def run(app: FastAPI, config: UIConfig, *, log_level: str = "warning") -> None:
     """Serve until interrupted; then live runs write a checkpoint and stop (resumable from the page)."""
     from lorakit.serve import ServeConfig
     from lorakit.serve import run as run_serve
+    from lorakit.ui.procs import release
 
     try:
         run_serve(app, ServeConfig(host=config.host, port=config.port), log_level=log_level)
     finally:
         app.state.jobs.shutdown()
         app.state.runs.shutdown()
+        release(app.state.workspace.root / LOCK)
 
 
 __all__ = ["UIConfig", "build", "run"]

@@ -137,19 +137,45 @@ def adopt(path: Path, judge: Callable[[], int]) -> Adopted | None:
     return Adopted(record, judge)
 
 
+class WorkspaceBusy(Exception):
+    """Another live `lorakit ui` holds the workspace."""
+
+
+def claim(path: Path) -> None:
+    """Record this process as the workspace's UI in `path`; WorkspaceBusy if another process that is still running
+    recorded itself there (a record of a process that is gone, a UI that was killed, is taken over). Two UIs on
+    one workspace would each adopt and stop the other's runs."""
+    other = adopt(path, judge=lambda: 0)
+    if other is not None and other.pid != os.getpid():
+        raise WorkspaceBusy(f"pid {other.pid}")
+    me = identity(os.getpid())
+    if me is not None:
+        atomic_file(path, json.dumps(me).encode())
+
+
+def release(path: Path) -> None:
+    """Remove `path` if it records this process (what `claim` wrote)."""
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+
+
 def _key(record: dict[str, Any]) -> dict[str, Any]:
     return {k: record.get(k) for k in ("pid", "start", "boot")}
 
 
 __all__ = [
     "Adopted",
+    "WorkspaceBusy",
     "adopt",
+    "claim",
     "child_env",
     "error_line",
     "identity",
     "interrupt",
     "reap",
     "record_process",
+    "release",
     "stop_all",
     "tail",
 ]

@@ -363,6 +363,29 @@ def test_metrics_count_what_was_served(url, client, base):
     assert after["lorakit_adapters_loaded", ()] == len(served) >= 2
 
 
+def test_tokenize_counts_what_generation_counts(http, client, base):
+    """vLLM's /tokenize and /detokenize: a prompt's count is the completion's prompt_tokens, chat messages' the
+    chat's; detokenize gives the text back."""
+    msgs = [{"role": "user", "content": CHAT}]
+    t = http.post("/tokenize", json={"model": "a", "prompt": PROMPT}).json()
+    assert t["count"] == len(t["tokens"]) == _text(client, "a", max_tokens=1).usage.prompt_tokens
+    assert t["max_model_len"] > t["count"]
+    chat = http.post("/tokenize", json={"model": base, "messages": msgs}).json()
+    assert chat["count"] == _chat(client, base, max_tokens=1).usage.prompt_tokens
+    bare = http.post("/tokenize", json={"messages": msgs, "add_generation_prompt": False}).json()
+    assert bare["tokens"] == chat["tokens"][: bare["count"]] and bare["count"] < chat["count"]
+    assert http.post("/detokenize", json={"tokens": t["tokens"]}).json() == {"prompt": PROMPT}
+    for path, body, status, needle in [
+        ("/tokenize", {"prompt": 5}, 400, "'prompt' must be a string"),
+        ("/tokenize", {"messages": []}, 400, "non-empty list"),
+        ("/tokenize", {"prompt": "x", "model": "nope"}, 404, "does not exist"),
+        ("/detokenize", {"tokens": [1, 10**9]}, 400, "out of range"),
+        ("/detokenize", {"tokens": "1 2"}, 400, "list of token ids"),
+    ]:
+        assert needle in _error(http.post(path, json=body), status)["message"], (path, body)
+    assert httpx.post(f"{http.base_url}/tokenize", json={"prompt": "x"}).status_code == 401  # the key
+
+
 def test_api_key(url, client, base):
     assert httpx.get(f"{url}/health").status_code == 200  # health needs no key
     _error(httpx.get(f"{url}/v1/models"), 401)

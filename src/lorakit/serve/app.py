@@ -2,8 +2,8 @@
 
     app = create_app(engine, AppConfig(base_name="SmolLM2-135M-Instruct", base_path="...", api_key="sk-1"))
 
-Routes: POST /v1/completions and /v1/chat/completions (both stream with SSE), GET /health, GET /metrics
-(Prometheus), and the adapter routes of `lorakit.serve.adapters`. The request's `model` names the adapter; the base model's name means no
+Routes: POST /v1/completions and /v1/chat/completions (both stream with SSE), POST /tokenize and /detokenize
+(vLLM's), GET /health, GET /metrics (Prometheus), and the adapter routes of `lorakit.serve.adapters`. The request's `model` names the adapter; the base model's name means no
 adapter. Handlers validate and tokenize, then hand the request to the engine thread and read its tokens back
 from an asyncio queue the engine feeds (`loop.call_soon_threadsafe`). Every error is JSON in OpenAI's shape, and
 nothing a client sends stops the server.
@@ -77,6 +77,8 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
     app.add_api_route(
         "/v1/chat/completions", generation.chat_completions, methods=["POST"], dependencies=auth
     )
+    app.add_api_route("/tokenize", generation.tokenize, methods=["POST"], dependencies=auth)
+    app.add_api_route("/detokenize", generation.detokenize, methods=["POST"], dependencies=auth)
     app.include_router(adapters.router(), dependencies=auth)
 
     @app.get("/metrics")
@@ -249,6 +251,49 @@ class GenerationRoutes:
 
     def _observe_total(self, run: _Run) -> None:
         self.latency.observe(run.endpoint, "total", time.monotonic() - run.started)
+
+    async def tokenize(self, request: Request) -> dict:
+        """vLLM's /tokenize: the token ids a prompt (or chat messages) becomes here, as generation encodes it."""
+        parsed = P.parse_tokenize(await P.read_json(request))
+        self.adapters.adapter_for(parsed.model)  # 404 for an unknown model, as generation answers
+
+        def encode() -> list[int]:
+            tok = self.tok
+            with self.engine.tokenizer_lock:
+                if parsed.messages is None:
+                    add = parsed.params["add_special_tokens"]
+                    return tok(parsed.prompts[0], add_special_tokens=add)["input_ids"]
+                if not getattr(tok, "chat_template", None):
+                    raise P.bad("this model has no chat template; send 'prompt'", "messages")
+                try:
+                    text = tok.apply_chat_template(
+                        parsed.messages,
+                        tokenize=False,
+                        add_generation_prompt=parsed.params["add_generation_prompt"],
+                    )
+                except Exception as e:  # noqa: BLE001 - the template rejects these messages (jinja errors)
+                    raise P.bad(f"the chat template rejects these messages: {e}", "messages") from None
+                return tok(text, add_special_tokens=False)["input_ids"]
+
+        ids = await asyncio.to_thread(encode)
+        return {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids}
+
+    async def detokenize(self, request: Request) -> dict:
+        """vLLM's /detokenize: {"tokens": [ids]} -> {"prompt": text} (special tokens kept)."""
+        body = await P.read_json(request)
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise P.bad("'tokens' must be a list of token ids", "tokens")
+        self.adapters.adapter_for(P.model_of(body))  # 404 for an unknown model
+        wrong = [t for t in ids if not 0 <= t < self.engine.vocab_size]
+        if wrong:
+            raise P.bad(f"token ids out of range [0, {self.engine.vocab_size}): {wrong[:5]}", "tokens")
+
+        def decode() -> str:
+            with self.engine.tokenizer_lock:
+                return self.tok.decode(ids)
+
+        return {"prompt": await asyncio.to_thread(decode)}
 
     def _token_text(self) -> Callable[[int], str]:
         """A token id's text for logprobs (special tokens included), remembered for the request."""

@@ -197,6 +197,25 @@ def _n(body: dict[str, Any]) -> int:
     return _int(body, "n", default=1, low=1, high=MAX_N)
 
 
+def parse_tokenize(body: dict[str, Any]) -> Parsed:
+    """vLLM's /tokenize: {"prompt": text} (`add_special_tokens`, default true) or {"messages": [...]} through the
+    chat template (`add_generation_prompt`, default true)."""
+    if body.get("messages") is not None:
+        raw = body["messages"]
+        if not isinstance(raw, list) or not raw:
+            raise bad("'messages' must be a non-empty list of {role, content} objects", "messages")
+        messages = [_message(m, i) for i, m in enumerate(raw)]
+        add = body.get("add_generation_prompt")
+        params = {"add_generation_prompt": True if add is None else _bool(body, "add_generation_prompt")}
+        return Parsed(_model(body), None, messages, None, params, False, False)
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise bad("'prompt' must be a string (or send 'messages')", "prompt")
+    add = body.get("add_special_tokens")
+    params = {"add_special_tokens": True if add is None else _bool(body, "add_special_tokens")}
+    return Parsed(_model(body), [prompt], None, None, params, False, False)
+
+
 def _message(m: Any, i: int) -> dict[str, str]:
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
         raise bad(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]")
@@ -217,6 +236,11 @@ def _message(m: Any, i: int) -> dict[str, str]:
     if not isinstance(content, str):
         raise bad(f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
     return {"role": m["role"], "content": content}
+
+
+def model_of(body: dict[str, Any]) -> str | None:
+    """The request's `model` (None: the base); 400 if it is not a string."""
+    return _model(body)
 
 
 def _model(body: dict[str, Any]) -> str | None:

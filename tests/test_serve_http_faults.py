@@ -69,11 +69,23 @@ def fdirs(tmp_path_factory, default_model_dir) -> dict[str, Path]:
     return {"tmp": tmp, "root": root, "outside": outside}
 
 
+MAX_WAITING = 4  # with --max-batch 4: 8 sequences at once
+
+
 @pytest.fixture(scope="module")
 def url(fdirs, default_model_dir):
     root = fdirs["root"]
     args = ["--model", str(default_model_dir), "--adapter", f"a={root / 'a'}", "--adapter", f"b={root / 'b'}"]
-    args += ["--adapter-root", str(root), "--api-key", KEY, "--max-batch", "4"]
+    args += [
+        "--adapter-root",
+        str(root),
+        "--api-key",
+        KEY,
+        "--max-batch",
+        "4",
+        "--max-waiting",
+        str(MAX_WAITING),
+    ]
     log = fdirs["tmp"] / "server.log"
     with serve_process(args, log) as (base, proc):
         yield wait_until_up(base, proc, log)
@@ -288,4 +300,52 @@ def test_concurrent_load_and_unload_of_one_name(http):
         t.join()
     assert set(statuses) <= {200, 400, 404} and 200 in statuses, statuses
     http.post("/v1/unload_lora_adapter", json={"lora_name": "race"})
+    _ok(http)
+
+
+def test_a_full_queue_answers_503_and_hurts_no_one(http, url):
+    """--max-batch 4 and --max-waiting 4: eight long streams fill the batch and the queue; a ninth request gets a
+    503 at once (the openai client retries those), a request that could never fit a 400, and the eight streams
+    go on untouched; once they are gone, requests are served again."""
+    assert (
+        "takes at most 8 at once"
+        in _error(http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1, "n": 9}), 400)[
+            "message"
+        ]
+    )
+    body = {"prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True, "stream": True, "temperature": 0}
+    stop, chunks = threading.Event(), [0] * 8
+
+    def stream(i: int) -> None:  # a queued stream's headers come only once it is admitted: one thread each
+        with (
+            httpx.Client(base_url=url, timeout=120) as c,
+            c.stream("POST", "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r,
+        ):
+            for line in r.iter_lines():
+                chunks[i] += line.startswith("data: {")
+                if stop.is_set():
+                    return
+
+    threads = [threading.Thread(target=stream, args=(i,), daemon=True) for i in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while (load := http.get("/health").json())["running"] + load["waiting"] < 8:
+            assert time.monotonic() < deadline, load
+            time.sleep(0.05)
+        err = _error(http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1}), 503)
+        assert err["code"] == "server_overloaded" and "(--max-waiting 4); retry later" in err["message"], err
+        before = sum(chunks)
+        time.sleep(1)
+        assert sum(chunks) > before  # the running streams go on
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    deadline = time.monotonic() + 30  # the streams closed: their rows leave
+    while (load := http.get("/health").json())["running"] + load["waiting"]:
+        assert time.monotonic() < deadline, load
+        time.sleep(0.1)
     _ok(http)

@@ -39,6 +39,12 @@ def configure_serve(p: argparse.ArgumentParser) -> None:
         help="batching window of an idle server, ms (default: 5)",
     )
     p.add_argument("--max-model-len", type=positive_int, help="context length (default: the model's)")
+    p.add_argument(
+        "--max-waiting",
+        type=positive_int,
+        default=1024,
+        help="most sequences queued behind a full batch; more get a 503 to retry (default: 1024)",
+    )
     add_device(p)
 
 
@@ -58,6 +64,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         wait_ms=args.wait_ms,
         max_model_len=args.max_model_len,
+        max_waiting=args.max_waiting,
         device=args.device,
         dtype=args.dtype,
     )

@@ -53,6 +53,8 @@ class ServeConfig:
     """How long a request arriving at an idle server waits for others to batch with."""
     max_model_len: int | None = None
     """Context length, prompt plus completion (default: the model's max_position_embeddings)."""
+    max_waiting: int = 1024
+    """Most sequences queued for a place in the batch; a request that would queue more gets a 503 (try again)."""
     device: str = "auto"
     """Where the model runs: auto (a CUDA GPU if there is one), cpu, cuda or cuda:N."""
     dtype: str = "auto"
@@ -64,6 +66,8 @@ class ServeConfig:
             raise ConfigError(f"--port must be in 1..65535, got {self.port}")
         if self.max_batch < 1:
             raise ConfigError(f"--max-batch must be at least 1, got {self.max_batch}")
+        if self.max_waiting < 1:
+            raise ConfigError(f"--max-waiting must be at least 1, got {self.max_waiting}")
         if self.wait_ms < 0:
             raise ConfigError(f"--wait-ms must be >= 0, got {self.wait_ms}")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -124,6 +128,7 @@ def build(config: ServeConfig) -> FastAPI:
         base_path=str(resolve_model_dir(config.model)),
         api_key=config.api_key,
         adapter_root=Path(config.adapter_root).resolve() if config.adapter_root else None,
+        max_waiting=config.max_waiting,
     )
     if config.api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", config.host)

@@ -54,6 +54,8 @@ class AppConfig:
     """If set, /v1/* requests need `Authorization: Bearer <api_key>`."""
     adapter_root: Path | None = None
     """Runtime loading and unloading are allowed only when set, and loading only from under it."""
+    max_waiting: int = 1024
+    """Most sequences queued behind a full batch: a request that would queue more gets a 503."""
 
 
 def create_app(engine: Engine, config: AppConfig) -> FastAPI:
@@ -71,7 +73,7 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
     app.add_exception_handler(ClientGone, _client_gone)
     app.add_exception_handler(Exception, _unexpected)
     adapters = AdapterRoutes(engine, config.base_name, config.base_path, config.adapter_root)
-    generation = GenerationRoutes(engine, adapters)
+    generation = GenerationRoutes(engine, adapters, config.max_waiting)
     auth = [Depends(require_key(config.api_key))]
     app.add_api_route("/v1/completions", generation.completions, methods=["POST"], dependencies=auth)
     app.add_api_route(
@@ -176,9 +178,10 @@ _Result = tuple[str, Done, list[TokenLogprob]]
 
 
 class GenerationRoutes:
-    def __init__(self, engine: Engine, adapters: AdapterRoutes) -> None:
+    def __init__(self, engine: Engine, adapters: AdapterRoutes, max_waiting: int = 1024) -> None:
         self.engine, self.adapters, self.tok = engine, adapters, engine.tokenizer
         self.latency = Latency()
+        self.max_waiting = max_waiting
 
     async def completions(self, request: Request) -> Response:
         parsed = P.parse_completion(await P.read_json(request))
@@ -328,6 +331,7 @@ class GenerationRoutes:
             )
         if not self.engine.alive:
             raise P.APIError(503, "the engine is not running", "server_error")
+        self._room_for(len(rows))
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def emitter(row: int) -> Callable[[Event], None]:
@@ -349,6 +353,25 @@ class GenerationRoutes:
         width = len(reqs) // len(prompts)
         model = parsed.model or self.adapters.base_name
         return _Run(reqs, events, first, model, width, endpoint, started)
+
+    def _room_for(self, rows: int) -> None:
+        """400 if `rows` sequences could never fit (the batch plus the queue), 503 if they do not fit now: the
+        queue is bounded, so a flood of requests costs memory for at most `max_waiting` of them."""
+        capacity = self.engine.config.max_batch + self.max_waiting
+        if rows > capacity:
+            raise P.bad(
+                f"this request needs {rows} sequences; this server takes at most {capacity} at once "
+                f"(--max-batch {self.engine.config.max_batch} + --max-waiting {self.max_waiting})",
+                "n",
+            )
+        load = self.engine.load()
+        if load["running"] + load["waiting"] + rows > capacity:
+            raise P.APIError(
+                503,
+                f"the server is busy: {load['running']} sequences running and {load['waiting']} waiting "
+                f"(--max-waiting {self.max_waiting}); retry later",
+                "server_overloaded",
+            )
 
     def _encode(self, parsed: P.Parsed) -> list[list[int]]:
         """Each prompt's token ids: chat messages through the chat template, text as is, or the ids given."""

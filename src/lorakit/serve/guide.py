@@ -15,6 +15,7 @@ object is complete, only an end-of-sequence token is valid.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import torch
@@ -187,39 +188,12 @@ class JsonPrefix:
         return False
 
 
+_NUMBER_PREFIX = re.compile(r"-?(?:(?:0|[1-9][0-9]*)(?:\.[0-9]*|(?:\.[0-9]+)?[eE][+-]?[0-9]*)?)?")
+r"""The prefixes of a JSON number, -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?, cut anywhere."""
+
+
 def _number_prefix(s: str) -> bool:
-    """Whether `s` can begin a JSON number: -?(0|[1-9]\\d*)(\\.\\d+)?([eE][+-]?\\d+)?, cut anywhere."""
-    i, n = 0, len(s)
-    if i < n and s[i] == "-":
-        i += 1
-    if i == n:
-        return True
-    if s[i] == "0":
-        i += 1
-    elif s[i].isdigit() and s[i].isascii():
-        while i < n and s[i].isdigit() and s[i].isascii():
-            i += 1
-    else:
-        return False
-    if i < n and s[i] == ".":
-        i += 1
-        if i == n:
-            return True
-        if not (s[i].isdigit() and s[i].isascii()):
-            return False
-        while i < n and s[i].isdigit() and s[i].isascii():
-            i += 1
-    if i < n and s[i] in "eE":
-        i += 1
-        if i < n and s[i] in "+-":
-            i += 1
-        if i == n:
-            return True
-        if not (s[i].isdigit() and s[i].isascii()):
-            return False
-        while i < n and s[i].isdigit() and s[i].isascii():
-            i += 1
-    return i == n
+    return _NUMBER_PREFIX.fullmatch(s) is not None
 
 
 def _number_done(s: str) -> bool:

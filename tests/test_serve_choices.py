@@ -20,7 +20,7 @@ import lorakit
 from lorakit.bank import AdapterBank
 from lorakit.serve.engine import Engine, EngineConfig
 from lorakit.serve.requests import Delta, Done, GenRequest, Prompt, SamplingParams
-from lorakit.serve.rows import SCORE_CHUNK
+from lorakit.serve.scoring import SCORE_CHUNK
 
 pytestmark = pytest.mark.real_model
 

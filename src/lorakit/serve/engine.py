@@ -30,6 +30,7 @@ whole batch. Nothing a request carries stops the loop; once stopped, new work fa
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import queue
@@ -52,7 +53,8 @@ from lorakit.serve import kvcache
 from lorakit.serve.guide import JsonGuide
 from lorakit.serve.requests import SHUTDOWN, Done, Failed, GenRequest, Prompt, deliver, failure
 from lorakit.serve.routing import route
-from lorakit.serve.rows import Row, eos_ids, prompt_logprobs, prompt_logprobs_from_hidden
+from lorakit.serve.rows import Row, eos_ids
+from lorakit.serve.scoring import keep_hidden, prompt_logprobs, row_logits
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,7 @@ class Engine:
         self.eos_ids = eos_ids(model, tokenizer)
         # the server encodes on its threads, the engine decodes on this one: one tokenizer call at a time
         self.tokenizer_lock = threading.Lock()
-        self._token_texts: dict[int, str] = {}
+        self._token_texts: dict[tuple[int, bool], str] = {}
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._keep_kw = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
@@ -306,7 +308,7 @@ class Engine:
                     return None
             p = req.params
             gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
-            guide = JsonGuide(self._token_text) if p.json_mode else None
+            guide = JsonGuide(functools.partial(self.token_text, special=False)) if p.json_mode else None
             return Row(req, lease, gen, frozenset(p.stop_token_ids), guide=guide)
         except Exception as e:  # noqa: BLE001 - this request alone fails
             log.exception("admitting a request failed")
@@ -341,8 +343,8 @@ class Engine:
         # prompts to score: with a plain LM head, from the last hidden states, a chunk of positions at a time;
         # else from the logits of every position of the batch
         head = self._head if any(scored) else None
-        hidden: list[torch.Tensor] = []
-        hook = None if head is None else self.model.base_model.register_forward_hook(_keep_hidden(hidden))
+        hidden: list[torch.Tensor] = []  # the hook's catch: the backbone's last hidden states
+        hook = None if head is None else self.model.base_model.register_forward_hook(keep_hidden(hidden))
         try:
             logits = self._forward(
                 firsts, ids, mask, positions, cache, last_only=head is not None or not any(scored)
@@ -362,9 +364,12 @@ class Engine:
         self.stats["prefills"] += 1
         for i, r in enumerate(rows):
             if scored[i]:
-                own = slice(length - r.n_real, None)  # the row's own positions (after its left padding)
-                source_of = (hidden[0][i, own], head.weight) if head is not None else logits[i, own]
-                if not self._score_guarded(r, source_of):
+                first = length - r.n_real  # the row's first position (after its left padding)
+                plain = head is not None
+                at = row_logits(
+                    first, logits[i], hidden[0][i] if plain else None, head.weight if plain else None
+                )
+                if not self._score_guarded(r, at):
                     continue
             self._accept_guarded(r, logits[i, -1])
 
@@ -437,18 +442,12 @@ class Engine:
 
     # -- tokens to text ----------------------------------------------------------------------------------------
 
-    def _score_guarded(self, row: Row, source: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> bool:
-        """Send the row's prompt log-probabilities, from `source`: the logits of its own positions, or their last
-        hidden states and the LM head's weight; False when the row is done: it asked for no tokens, or this failed
-        (for this row alone)."""
+    def _score_guarded(self, row: Row, logits_at: Callable[[int, int], torch.Tensor]) -> bool:
+        """Send the row's prompt log-probabilities (`rows.prompt_logprobs`); False when the row is done: it asked
+        for no tokens, or this failed (for this row alone)."""
         p = row.req.params
-        ids, top = row.req.prompt_ids, p.prompt_logprobs or 0
         try:
-            if isinstance(source, tuple):
-                entries = prompt_logprobs_from_hidden(ids, *source, top)
-            else:
-                entries = prompt_logprobs(ids, source, top)
-            deliver(row.req, Prompt(entries))
+            deliver(row.req, Prompt(prompt_logprobs(row.req.prompt_ids, logits_at, p.prompt_logprobs or 0)))
         except Exception as e:  # noqa: BLE001 - one row's scoring must not fail the others
             log.exception("scoring a prompt failed")
             self.stats["errors"] += 1
@@ -470,12 +469,14 @@ class Engine:
             if not row.finished:
                 row.finish(failure(e))
 
-    def _token_text(self, token: int) -> str:
-        """A token's own text, special tokens as "" (JSON mode's candidates), remembered."""
-        text = self._token_texts.get(token)
+    def token_text(self, token: int, *, special: bool = True) -> str:
+        """A token's own text, remembered: special tokens as their text (for logprobs), or as "" with
+        `special=False` (JSON mode's candidates). Any thread."""
+        text = self._token_texts.get((token, special))
         if text is None:
             with self.tokenizer_lock:
-                text = self._token_texts[token] = self.tokenizer.decode([token], skip_special_tokens=True)
+                text = self.tokenizer.decode([token], skip_special_tokens=not special)
+            self._token_texts[token, special] = text
         return text
 
     def _detokenize(self, ids: list[int]) -> str:
@@ -486,12 +487,3 @@ class Engine:
 def _prompt_key(req: GenRequest) -> tuple:
     """Requests with equal keys have equal prefills: the same adapter and prompt."""
     return (req.adapter, tuple(req.prompt_ids))
-
-
-def _keep_hidden(out: list[torch.Tensor]) -> Callable:
-    """A forward hook on the backbone that keeps its last hidden states (batch, T, hidden): the LM head's input."""
-
-    def hook(module, args, output) -> None:
-        out.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
-
-    return hook

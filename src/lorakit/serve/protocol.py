@@ -1,4 +1,5 @@
-"""The OpenAI wire format: request parsing (with clear 400s), errors, response and stream chunk shapes.
+"""The OpenAI wire format of requests: parsing (with clear 400s) into sampling parameters, and errors. The
+answers' shapes: lorakit.serve.responses.
 
 Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with the HTTP status set.
 """
@@ -7,15 +8,12 @@ from __future__ import annotations
 
 import json
 import re
-import time
-import uuid
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from starlette.requests import Request
 
-from lorakit.serve.requests import SamplingParams, TokenLogprob
+from lorakit.serve.requests import SamplingParams
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -105,11 +103,6 @@ def _no_surrogates(body: dict[str, Any], raw: bytes) -> None:
                     where,
                     "invalid_unicode",
                 ) from None
-
-
-def sse(data: dict[str, Any]) -> str:
-    """One server-sent event."""
-    return f"data: {json.dumps(data)}\n\n"
 
 
 @dataclass
@@ -409,129 +402,3 @@ def choice_params(parsed: Parsed, max_tokens: int) -> list[SamplingParams]:
                 seed -= 2**64  # the same seed to torch.Generator, which takes it modulo 2**64
         out.append(replace(base, seed=seed))
     return out
-
-
-def best(logprob_sums: Sequence[float], lengths: Sequence[int], n: int) -> list[int]:
-    """The indices of the `n` choices with the highest log-probability per generated token (OpenAI's `best_of`
-    rule), best first; ties keep the earlier choice first. A choice of no token ranks last."""
-    score = [s / k if k else float("-inf") for s, k in zip(logprob_sums, lengths, strict=True)]
-    return sorted(range(len(score)), key=lambda i: -score[i])[:n]
-
-
-# -- responses ---------------------------------------------------------------------------------------------------
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def completion_logprobs(
-    entries: Sequence[TokenLogprob], token_text: Callable[[int], str], offset: int = 0
-) -> dict[str, Any]:
-    """The legacy completions `logprobs` object: each token's text, its log-probability, the top ones (with the
-    chosen token's, so up to k + 1) and where it starts, counting from `offset` (the text already sent)."""
-    tokens, top, offsets = [], [], []
-    for e in entries:
-        text = token_text(e.token)
-        tokens.append(text)
-        offsets.append(offset)
-        offset += len(text)
-        # a prompt's first token has no log-probability, nor alternatives
-        top.append(
-            None if e.logprob is None else {token_text(t): lp for t, lp in (*e.top, (e.token, e.logprob))}
-        )
-    return {
-        "tokens": tokens,
-        "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": top,
-        "text_offset": offsets,
-    }
-
-
-def chat_logprobs(entries: Sequence[TokenLogprob], token_text: Callable[[int], str]) -> dict[str, Any]:
-    """The chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs: [...]}], "refusal": None}."""
-
-    def one(token: int, logprob: float) -> dict[str, Any]:
-        text = token_text(token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-    content = [{**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries]
-    return {"content": content, "refusal": None}
-
-
-def completion_choice(
-    index: int, text: str, finish: str | None, logprobs: dict | None = None
-) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
-
-
-def completion_body(rid: str, model: str, choices: list[dict[str, Any]], use: dict | None) -> dict[str, Any]:
-    """A /v1/completions response, or (use None) one stream chunk of it."""
-    body = {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-    }
-    if use is not None:
-        body["usage"] = use
-    return body
-
-
-def chat_choice(index: int, text: str, finish: str, logprobs: dict | None = None) -> dict[str, Any]:
-    return {
-        "index": index,
-        "message": {"role": "assistant", "content": text},
-        "logprobs": logprobs,
-        "finish_reason": finish,
-    }
-
-
-def chat_body(rid: str, model: str, choices: list[dict[str, Any]], use: dict) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": use,
-    }
-
-
-def chat_chunk(
-    rid: str,
-    model: str,
-    delta: dict[str, str],
-    finish: str | None,
-    logprobs: dict | None = None,
-    index: int = 0,
-) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
-    }
-
-
-def usage_chunk(rid: str, model: str, chat: bool, use: dict[str, int]) -> dict[str, Any]:
-    """The last chunk of a stream with stream_options.include_usage: no choices, only usage."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
-    return {
-        "id": rid,
-        "object": kind,
-        "created": int(time.time()),
-        "model": model,
-        "choices": [],
-        "usage": use,
-    }

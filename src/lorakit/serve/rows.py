@@ -14,6 +14,7 @@ import torch
 
 from lorakit.serve.guide import JsonGuide
 from lorakit.serve.requests import Delta, Done, Failed, GenRequest, TokenLogprob, adjust, deliver, sample
+from lorakit.serve.scoring import logprob
 
 
 @dataclass(eq=False)
@@ -53,11 +54,12 @@ class Row:
     ) -> None:
         """Sample the row's next token, emit the new text, and decide whether the row is done."""
         p = self.req.params
+        adjusted = self._adjusted(logits)
         if self.guide is not None:
-            tok = self.guide.pick(self._adjusted(logits), p.temperature, p.top_p, self.generator, eos_ids)
+            tok = self.guide.pick(adjusted, p.temperature, p.top_p, self.generator, eos_ids)
             self.guide.advance(tok, eos_ids)
         else:
-            tok = sample(self._adjusted(logits), p.temperature, p.top_p, self.generator)
+            tok = sample(adjusted, p.temperature, p.top_p, self.generator)
         self.out_ids.append(tok)
         if self.counts is not None:
             self.counts[tok] += 1
@@ -68,7 +70,7 @@ class Row:
             reason = "stop"
         text = decode(self.out_ids)
         if p.logprobs is not None:
-            entry = _logprob(logits, tok, p.logprobs)
+            entry = logprob(logits, tok, p.logprobs)
             self.logprob_sum += entry.logprob
             if reason is None:  # an end-of-sequence or stop token is no output text
                 self.logprobs.append(entry)
@@ -117,63 +119,6 @@ class Row:
             ids = [t for t in self.req.prompt_ids if 0 <= t < vocab]
             self.seen[torch.tensor(ids, dtype=torch.long)] = True
         return adjust(logits, p, self.counts, self.seen)
-
-
-SCORE_CHUNK = 256
-"""Prompt positions scored at once: 256 x vocabulary floats (50 MB for a 49k vocabulary), whatever the prompt's
-length."""
-
-
-def prompt_logprobs(ids: list[int], logits: torch.Tensor, top: int) -> tuple[TokenLogprob, ...]:
-    """Each prompt token's log-probability given the ones before it, from `logits` (len(ids), vocab): the model's
-    outputs at the prompt's positions (the last one predicts the first generated token and is not used)."""
-    out = [TokenLogprob(ids[0], None, ())]
-    for start in range(0, len(ids) - 1, SCORE_CHUNK):
-        stop = min(start + SCORE_CHUNK, len(ids) - 1)
-        out += _logprobs(logits[start:stop], ids[start + 1 : stop + 1], top)
-    return tuple(out)
-
-
-def prompt_logprobs_from_hidden(
-    ids: list[int], hidden: torch.Tensor, head: torch.Tensor, top: int
-) -> tuple[TokenLogprob, ...]:
-    """`prompt_logprobs` from the model's last hidden states at the prompt's positions (len(ids), hidden) and its
-    plain LM head's weight (vocab, hidden), SCORE_CHUNK positions at a time: the whole prompt's logits never exist
-    at once."""
-    out = [TokenLogprob(ids[0], None, ())]
-    for start in range(0, len(ids) - 1, SCORE_CHUNK):
-        stop = min(start + SCORE_CHUNK, len(ids) - 1)
-        logits = torch.nn.functional.linear(hidden[start:stop].to(head.dtype), head)
-        out += _logprobs(logits, ids[start + 1 : stop + 1], top)
-    return tuple(out)
-
-
-def _logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
-    """`_logprob` of each row of `logits` (n, vocab) for its token, in one pass over the chunk."""
-    lp = torch.log_softmax(logits.float(), dim=-1).clamp_(min=LOGPROB_FLOOR).cpu()
-    chosen = lp.gather(1, torch.tensor(tokens, dtype=torch.long)[:, None])[:, 0].tolist()
-    if not top:
-        return [TokenLogprob(t, v, ()) for t, v in zip(tokens, chosen, strict=True)]
-    values, best = lp.topk(min(top, lp.shape[-1]), dim=-1)
-    return [
-        TokenLogprob(t, v, tuple(zip(b, w, strict=True)))
-        for t, v, b, w in zip(tokens, chosen, best.tolist(), values.tolist(), strict=True)
-    ]
-
-
-LOGPROB_FLOOR = -9999.0
-"""A log-probability of -inf (a token the model rules out) is sent as this: JSON has no infinities."""
-
-
-def _logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
-    """`token`'s log-probability under the model's own distribution (before penalties, bias and temperature),
-    and the `top` most likely tokens'."""
-    lp = torch.log_softmax(logits.float(), dim=-1).clamp(min=LOGPROB_FLOOR)
-    best: tuple[tuple[int, float], ...] = ()
-    if top:
-        values, ids = lp.topk(min(top, lp.shape[-1]))
-        best = tuple(zip(ids.tolist(), values.tolist(), strict=True))
-    return TokenLogprob(token, float(lp[token]), best)
 
 
 def eos_ids(model, tokenizer) -> set[int]:

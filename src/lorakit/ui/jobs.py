@@ -178,9 +178,8 @@ class Jobs:
             out["status"], out["result"] = "done", {"path": path, "exists": job.result_file.exists()}
         else:
             try:
-                lines = (job.folder / "stdout.txt").read_text().strip().splitlines()
-                out["status"], out["result"] = "done", json.loads(lines[-1])
-            except (OSError, IndexError, ValueError):
+                out["status"], out["result"] = "done", _printed_result(job.folder)
+            except (OSError, ValueError):
                 out["status"], out["error"] = "failed", "the job printed no result"
         return out
 
@@ -215,9 +214,8 @@ class Jobs:
         if job.result_file is not None:
             return job.result_file.exists()
         try:
-            lines = (job.folder / "stdout.txt").read_text().strip().splitlines()
-            return isinstance(json.loads(lines[-1]), dict)
-        except (OSError, IndexError, ValueError):
+            return isinstance(_printed_result(job.folder), dict)
+        except (OSError, ValueError):
             return False
 
     # -- cancelling, deleting, ending --------------------------------------------------------------------------
@@ -276,6 +274,14 @@ class Jobs:
         ) in self.jobs.values():  # the watchers are daemon threads: the process may end before they write
             if job.proc is not None:
                 self._record_end(job)
+
+
+def _printed_result(folder: Path) -> Any:
+    """An evaluation's result: the JSON value of the last line it printed. OSError or ValueError if there is none."""
+    lines = (folder / "stdout.txt").read_text().strip().splitlines()
+    if not lines:
+        raise ValueError("no output")
+    return json.loads(lines[-1])
 
 
 def _new_folder(root: Path, kind: str) -> tuple[str, Path]:

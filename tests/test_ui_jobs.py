@@ -189,6 +189,10 @@ def test_a_ui_killed_mid_work_leaves_its_run_and_job_to_the_next(ui, trained, tm
         assert done["status"] == "cancelled", done
         stopped = wait_for(c, "/api/runs/r", lambda s: s["status"] != "stopping", timeout=150)
         assert stopped["status"] == "stopped" and stopped["has_checkpoint"], stopped
+        # the end is recorded by the adopter's watcher, which polls the process: give it a moment
+        deadline = time.monotonic() + 10
+        while not (ws / "jobs" / job / EXIT).exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
         end = json.loads((ws / "jobs" / job / EXIT).read_text())
         assert end["cancelled"] and end["adopted"], end
     for pid in pids:  # no process of either group is left (exited orphans are reaped by init: a moment)

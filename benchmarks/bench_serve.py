@@ -62,8 +62,10 @@ def make_adapters(model_spec: str | None, n: int, out: Path) -> list[tuple[str, 
 
 
 def start_server(
-    args: argparse.Namespace, adapters: list[tuple[str, Path]], log: Path
+    args: argparse.Namespace, adapters: list[tuple[str, Path]], log: Path, extra: list[str] | None = None
 ) -> tuple[subprocess.Popen, str]:
+    """`lorakit serve` on a free port with `args`' model, batch and threads, plus `extra` options; waits until
+    /health answers."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -71,6 +73,7 @@ def start_server(
     cmd += ["--max-batch", str(args.max_batch)] + (["--model", args.model] if args.model else [])
     for name, path in adapters:
         cmd += ["--adapter", f"{name}={path}"]
+    cmd += extra or []
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)

@@ -173,6 +173,7 @@ def test_eval_with_nothing_left_after_truncation_says_so(files, tmp_path, capsys
         (["serve", "--port", "70000"], "--port", "70000"),
         (["serve", "--wait-ms", "inf"], "--wait-ms", "inf"),
         (["serve", "--max-batch", "0"], "--max-batch", "0"),
+        (["serve", "--prefix-cache-mb", "-1"], "--prefix-cache-mb", "-1"),
     ],
 )
 def test_bad_numeric_options_are_refused_before_anything_loads(capsys, argv, option, value):

@@ -86,3 +86,34 @@ def test_tokenize_counts_what_generation_counts(http, client, base):  # noqa: F8
     ]:
         assert needle in _error(http.post(path, json=body), status)["message"], (path, body)
     assert httpx.post(f"{http.base_url}/tokenize", json={"prompt": "x"}).status_code == 401  # the key
+
+
+def test_usage_reports_the_prompt_tokens_the_prefix_cache_spared(url, client, base):  # noqa: F811
+    """A chat's second turn starts with its first turn and reply, which the server kept: usage's
+    prompt_tokens_details.cached_tokens says how many prompt tokens were not computed, and /metrics adds them."""
+    system = "You answer questions about fruit, briefly and kindly, in plain English. " * 6
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": CHAT}]
+    first = client.chat.completions.create(model=base, messages=messages, max_tokens=8, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    messages += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And a vegetable?"},
+    ]
+    before = _scrape(url)
+    second = client.chat.completions.create(
+        model=base,
+        messages=messages,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    usage = [c.usage for c in second if c.usage is not None][-1]
+    cached = usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens <= cached < usage.prompt_tokens
+    after = _scrape(url)
+    assert (
+        after["lorakit_prompt_tokens_cached_total", ()] - before["lorakit_prompt_tokens_cached_total", ()]
+        == cached
+    )
+    assert after["lorakit_prefix_cache_entries", ()] >= 1 and after["lorakit_prefix_cache_bytes", ()] > 0

@@ -17,6 +17,7 @@ once, and its output reaches only the rows that name it (`ladder_rows`); for LoR
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -49,6 +50,9 @@ class AdapterBank:
         self._doomed: set[str] = set()  # unloaded while in use: deleted when released
         self._lock = threading.RLock()
         self.ladder: str | None = None  # the name of the loaded ladder adapter, if any
+        self._loads = itertools.count(1)
+        self.serials: dict[str, int] = {n: next(self._loads) for n in self.paths}
+        """Which load each adapter is: a name unloaded and loaded again gets a new serial (caches key on it)."""
         if self.paths:
             set_active(model, {})
 
@@ -90,6 +94,7 @@ class AdapterBank:
                 ladder_of(self.model).set_rows(False)
                 self.ladder = name
             self.paths[name] = Path(source if source is not None else path)
+            self.serials[name] = next(self._loads)
             self._lru[name] = time.monotonic()
             if pin:
                 self.pinned.add(name)
@@ -215,6 +220,7 @@ class AdapterBank:
         else:
             delete_adapter(self.model, name)
         self.paths.pop(name, None)
+        self.serials.pop(name, None)
         self._lru.pop(name, None)
         self._doomed.discard(name)
         self._in_use.pop(name, None)

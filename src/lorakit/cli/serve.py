@@ -45,6 +45,13 @@ def configure_serve(p: argparse.ArgumentParser) -> None:
         default=1024,
         help="most sequences queued behind a full batch; more get a 503 to retry (default: 1024)",
     )
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=non_negative,
+        default=1024.0,
+        help="MiB of finished requests' KV cache kept for prompts that start the same way, such as a chat's "
+        "next turn (default: 1024; 0: off)",
+    )
     add_device(p)
 
 
@@ -65,6 +72,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         wait_ms=args.wait_ms,
         max_model_len=args.max_model_len,
         max_waiting=args.max_waiting,
+        prefix_cache_mb=args.prefix_cache_mb,
         device=args.device,
         dtype=args.dtype,
     )

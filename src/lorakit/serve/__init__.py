@@ -55,6 +55,9 @@ class ServeConfig:
     """Context length, prompt plus completion (default: the model's max_position_embeddings)."""
     max_waiting: int = 1024
     """Most sequences queued for a place in the batch; a request that would queue more gets a 503 (try again)."""
+    prefix_cache_mb: float = 1024
+    """Most MiB of finished requests' KV cache kept, so that prompts that start the same way skip that start
+    (a chat's next turn, a shared system prompt); 0 turns the prefix cache off."""
     device: str = "auto"
     """Where the model runs: auto (a CUDA GPU if there is one), cpu, cuda or cuda:N."""
     dtype: str = "auto"
@@ -68,6 +71,10 @@ class ServeConfig:
             raise ConfigError(f"--max-batch must be at least 1, got {self.max_batch}")
         if self.max_waiting < 1:
             raise ConfigError(f"--max-waiting must be at least 1, got {self.max_waiting}")
+        if not 0 <= self.prefix_cache_mb < float("inf"):
+            raise ConfigError(
+                f"--prefix-cache-mb must be a number of MiB, 0 or more, got {self.prefix_cache_mb}"
+            )
         if self.wait_ms < 0:
             raise ConfigError(f"--wait-ms must be >= 0, got {self.wait_ms}")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -121,7 +128,12 @@ def build(config: ServeConfig) -> FastAPI:
         model,
         tokenizer,
         bank,
-        EngineConfig(max_batch=config.max_batch, wait_ms=config.wait_ms, max_model_len=config.max_model_len),
+        EngineConfig(
+            max_batch=config.max_batch,
+            wait_ms=config.wait_ms,
+            max_model_len=config.max_model_len,
+            prefix_cache_bytes=int(config.prefix_cache_mb * 2**20),
+        ),
     )
     app_config = AppConfig(
         base_name=base,

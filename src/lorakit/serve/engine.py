@@ -15,6 +15,11 @@ requests join between decode steps, finished ones leave. Rows of different lengt
 of shape (batch, kv_heads, T, head_dim); the 2D attention mask hides the padding and explicit position ids keep
 each row's positions its own, so a row decodes as it would alone.
 
+The KV cache of a finished row (prompt and generated tokens) goes to the prefix cache (`lorakit.serve.prefixes`);
+a new row whose prompt starts like a cached sequence prefills only the rest, its cached start put in front as
+past keys and values (rows of one prefill then have padding between their cached start and their new tokens,
+which the mask hides like any other).
+
 Torch is not thread-safe for concurrent forwards and loading or deleting an adapter rewires modules, so anything
 that touches the model (`call`) runs on this thread, between steps. Each admitted request holds its adapter in
 the bank until it ends (a lease: `bank.hold([name])` kept open), so an adapter unloaded meanwhile goes when its
@@ -51,6 +56,7 @@ from lorakit.errors import AdapterError
 from lorakit.fused import plain_head
 from lorakit.serve import kvcache
 from lorakit.serve.guide import JsonGuide
+from lorakit.serve.prefixes import PrefixStore
 from lorakit.serve.requests import SHUTDOWN, Done, Failed, GenRequest, Prompt, deliver, failure
 from lorakit.serve.routing import route
 from lorakit.serve.rows import Row, eos_ids
@@ -75,6 +81,8 @@ class EngineConfig:
     """Most (padded) prompt tokens prefilled in one forward; a longer single prompt is prefilled alone."""
     max_model_len: int | None = None
     """Context length: prompt plus completion (default: the model's max_position_embeddings)."""
+    prefix_cache_bytes: int = 1 << 30
+    """Most bytes of finished requests' KV cache kept for later prompts that start the same way (0: none)."""
 
 
 # -- the engine ------------------------------------------------------------------------------------------------
@@ -106,11 +114,15 @@ class Engine:
         self._mask: torch.Tensor | None = None  # (batch, T): 1 for real tokens, 0 for left padding
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        if self.config.prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be at least 0, got {self.config.prefix_cache_bytes}")
+        self.prefixes = PrefixStore(self.config.prefix_cache_bytes)
         self.stats = {
             "steps": 0,
             "prefills": 0,
             "shared_prefills": 0,
             "prompt_tokens": 0,
+            "cached_prompt_tokens": 0,
             "generated_tokens": 0,
             "max_rows": 0,
             "requests": 0,
@@ -282,17 +294,30 @@ class Engine:
                 self._pending.popleft()
                 continue
             key = _prompt_key(req)
-            longest_if = max(longest, len(req.prompt_ids))
+            hit = self._lookup(req)
+            longest_if = max(longest, len(req.prompt_ids) - (hit.length if hit else 0))
             forwards = len(distinct | {key})
             if new and longest_if * forwards > self.config.max_prefill_tokens:
                 break
             self._pending.popleft()
             row = self._row(req)
             if row is not None:
+                row.prefix = hit
                 new.append(row)
                 longest = longest_if
                 distinct.add(key)
         return new
+
+    def _cache_key(self, adapter: str | None) -> tuple:
+        """What a row's KV cache was computed with: its adapter, and which load of it."""
+        return (adapter, self.bank.serials.get(adapter, 0) if adapter is not None else 0)
+
+    def _lookup(self, req: GenRequest):
+        """The prefix cache's longest start of the request's prompt (None for prompts to score: every position's
+        logits are wanted)."""
+        if not self.prefixes.enabled or req.params.prompt_logprobs is not None:
+            return None
+        return self.prefixes.lookup(self._cache_key(req.adapter), req.prompt_ids)
 
     def _row(self, req: GenRequest) -> Row | None:
         """The batch row of `req`, holding its adapter; None (and the request failed) if that is not possible."""
@@ -328,18 +353,29 @@ class Engine:
         distinct: dict[tuple, int] = {}
         source = [distinct.setdefault(_prompt_key(r.req), len(distinct)) for r in rows]
         firsts = [rows[source.index(j)] for j in range(len(distinct))]
-        length = max(len(r.req.prompt_ids) for r in firsts)
+        scored = [r.req.params.prompt_logprobs is not None for r in rows]
+        for j, score in zip(source, scored, strict=True):  # a prompt to score runs whole
+            if score:
+                firsts[j].prefix = None
+        for r, j in zip(rows, source, strict=True):  # equal rows share their first's cached start
+            r.prefix = firsts[j].prefix
+        # the tokens to run: each prompt after its cached start, if any, left-padded to a common length
+        length = max(len(r.req.prompt_ids) - r.cached for r in firsts)
         ids = torch.full((len(firsts), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(firsts), length), dtype=torch.long)
         for i, r in enumerate(firsts):
-            n = len(r.req.prompt_ids)
-            ids[i, length - n :] = torch.tensor(r.req.prompt_ids, dtype=torch.long)
+            n = len(r.req.prompt_ids) - r.cached
+            ids[i, length - n :] = torch.tensor(r.req.prompt_ids[r.cached :], dtype=torch.long)
             mask[i, length - n :] = 1
         for r in rows:
             r.n_real = len(r.req.prompt_ids)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        scored = [r.req.params.prompt_logprobs is not None for r in rows]
+        cached = torch.tensor([r.cached for r in firsts])
+        positions = (cached[:, None] + mask.cumsum(-1) - 1).clamp(min=0)
+        if cached.any():  # the cached starts, left-padded: the cache's columns before the new tokens'
+            past, past_mask = kvcache.stack([r.prefix.kv() if r.prefix else None for r in firsts])
+            cache, mask = kvcache.make_cache(past), torch.cat([past_mask, mask], dim=1)
+        else:
+            cache = DynamicCache()
         # prompts to score: with a plain LM head, from the last hidden states, a chunk of positions at a time;
         # else from the logits of every position of the batch
         head = self._head if any(scored) else None
@@ -360,6 +396,7 @@ class Engine:
             hidden = [h[torch.tensor(source, device=h.device)] for h in hidden]
         self.stats["shared_prefills"] += len(rows) - len(firsts)
         self.stats["prompt_tokens"] += sum(r.n_real for r in rows)
+        self.stats["cached_prompt_tokens"] += sum(r.cached for r in rows)
         self._append(cache, mask, rows)
         self.stats["prefills"] += 1
         for i, r in enumerate(rows):
@@ -429,6 +466,8 @@ class Engine:
             if r.req.cancelled and not r.finished:
                 r.finished = True
         keep = [i for i, r in enumerate(self._rows) if not r.finished]
+        if self.prefixes.enabled and len(keep) < len(self._rows):
+            self._remember([i for i, r in enumerate(self._rows) if r.finished and not r.failed])
         for r in self._rows:
             if r.finished:
                 r.lease.close()
@@ -439,6 +478,26 @@ class Engine:
             self._cache, self._mask = None, None
             return
         self._cache, self._mask = kvcache.select(self._cache, self._mask, keep)
+
+    def _remember(self, finished: list[int]) -> None:
+        """Keep the KV cache of these rows of the batch (finished, not failed) in the prefix cache: the prompt
+        and the generated tokens fed back (all but the last one sampled)."""
+        try:
+            live = {self._cache_key(n) for n in [None, *self.bank.names()]}
+            self.prefixes.retain(live)
+            for i in finished:
+                r = self._rows[i]
+                key = self._cache_key(r.req.adapter)
+                tokens = [*r.req.prompt_ids, *r.out_ids][: r.n_real]
+                if key not in live or len(tokens) != r.n_real:
+                    continue
+                cols = self._mask[i].nonzero()[:, 0]
+                if cols.numel() != r.n_real:  # the row's cache is not what it should be: keep nothing
+                    log.warning("row cache holds %d positions, expected %d", cols.numel(), r.n_real)
+                    continue
+                self.prefixes.add(key, tokens, kvcache.row(self._cache, i, cols))
+        except Exception:  # noqa: BLE001 - a cache is an optimisation: never a reason to fail
+            log.exception("keeping a finished row's cache failed")
 
     # -- tokens to text ----------------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -318,7 +318,7 @@ class GenerationRoutes:
         chat: bool,
         echoed: list[str] | None = None,
     ) -> AsyncIterator[str]:
-        dones: list[Done] = []
+        dones: dict[int, Done] = {}
         try:
             for i in range(len(run.reqs)):
                 if chat:
@@ -336,12 +336,11 @@ class GenerationRoutes:
                     yield R.sse(chunk(i, event.text, None, event.logprobs))
                 elif isinstance(event, Done):
                     yield R.sse(chunk(i, "", event.finish_reason))
-                    dones.append(event)
+                    dones[i] = event
                 else:  # the openai client raises APIError on an "error" event
                     yield R.sse(P.APIError(event.status, event.message, event.code).body())
             if include_usage and len(dones) == len(run.reqs):
-                prompt_tokens = sum(len(r.prompt_ids) for r in run.reqs[:: run.width])
-                use = R.usage(prompt_tokens, sum(d.completion_tokens for d in dones))
+                use = _usage([(None, dones[i], None) for i in range(len(run.reqs))], run.width)
                 yield R.sse(R.usage_chunk(rid, run.model, chat, use))
             yield "data: [DONE]\n\n"
             self._observe_total(run)
@@ -394,10 +393,12 @@ async def _collect(run: _Run) -> list[_Result]:
     return [("".join(parts[i]), dones[i], entries[i]) for i in range(len(run.reqs))]
 
 
-def _usage(results: list[_Result], width: int) -> dict[str, int]:
-    """Each prompt once, and every choice's tokens (with best_of, those not returned too: they were generated)."""
+def _usage(results: list[_Result], width: int) -> dict[str, Any]:
+    """Each prompt once, and every choice's tokens (with best_of, those not returned too: they were generated).
+    A prompt's cached tokens are its first choice's (its choices share one prefill)."""
     prompt_tokens = sum(done.prompt_tokens for _, done, _ in results[::width])
-    return R.usage(prompt_tokens, sum(done.completion_tokens for _, done, _ in results))
+    cached = sum(done.cached_tokens for _, done, _ in results[::width])
+    return R.usage(prompt_tokens, sum(done.completion_tokens for _, done, _ in results), cached)
 
 
 def _sse_response(body: AsyncIterator[str]) -> StreamingResponse:

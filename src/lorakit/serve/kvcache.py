@@ -66,3 +66,37 @@ def select(cache: DynamicCache, mask: torch.Tensor, keep: list[int]) -> tuple[Dy
         ),
         mask[:, start:],
     )
+
+
+def stack(
+    parts: list[list[tuple[torch.Tensor, torch.Tensor]] | None],
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """One cache from single rows' caches (each per layer (1, kv_heads, T_i, head_dim), or None for a row with
+    none), each left-padded to the longest: per layer (keys, values) (batch, kv_heads, T, head_dim), and the
+    (batch, T) mask. Always new tensors (never the parts themselves)."""
+    some = next(p for p in parts if p is not None)
+    t = max(p[0][0].shape[2] for p in parts if p is not None)
+    mask = torch.zeros((len(parts), t), dtype=torch.long)
+    for i, p in enumerate(parts):
+        if p is not None:
+            mask[i, t - p[0][0].shape[2] :] = 1
+    layers = []
+    for layer, (k0, v0) in enumerate(some):
+        ks, vs = [], []
+        for p in parts:
+            if p is None:
+                ks.append(k0.new_zeros((1, k0.shape[1], t, k0.shape[3])))
+                vs.append(v0.new_zeros((1, v0.shape[1], t, v0.shape[3])))
+            else:
+                ks.append(pad_left(p[layer][0], t, dim=2))
+                vs.append(pad_left(p[layer][1], t, dim=2))
+        layers.append((torch.cat(ks, dim=0), torch.cat(vs, dim=0)))
+    return layers, mask
+
+
+def row(cache: DynamicCache, i: int, cols: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Row i's columns `cols` of the cache, per layer (1, kv_heads, len(cols), head_dim): copies."""
+    return [
+        (k[i : i + 1].index_select(2, cols.to(k.device)), v[i : i + 1].index_select(2, cols.to(v.device)))
+        for k, v in kv(cache)
+    ]

@@ -21,6 +21,10 @@ COUNTERS = {
     "requests": ("lorakit_requests", "Generation rows admitted (one per choice of each prompt)."),
     "errors": ("lorakit_request_errors", "Failures: requests, rows or batches that failed."),
     "prompt_tokens": ("lorakit_prompt_tokens", "Prompt tokens of the rows prefilled."),
+    "cached_prompt_tokens": (
+        "lorakit_prompt_tokens_cached",
+        "Prompt tokens whose KV cache came from the prefix cache (not computed).",
+    ),
     "generated_tokens": ("lorakit_generated_tokens", "Tokens sampled (end-of-sequence tokens included)."),
     "prefills": ("lorakit_prefills", "Prefill forward passes."),
     "shared_prefills": (
@@ -85,6 +89,8 @@ def render(engine, latency: Latency) -> str:
             len(load["unloading"]),
         ),
         "lorakit_max_batch_rows_seen": ("Most rows decoded in one step so far.", stats.get("max_rows", 0)),
+        "lorakit_prefix_cache_bytes": ("Bytes of KV cache the prefix cache holds.", engine.prefixes.nbytes),
+        "lorakit_prefix_cache_entries": ("Sequences the prefix cache holds.", len(engine.prefixes)),
     }
     for name, (doc, value) in gauges.items():
         lines += [f"# HELP {name} {doc}", f"# TYPE {name} gauge", f"{name} {value}"]

@@ -92,6 +92,9 @@ class Done:
     logprob_sum: float | None = None
     """With SamplingParams.logprobs: the sum of every generated token's log-probability, an end-of-sequence or
     stop token's included (what `best_of` ranks by, per token)."""
+    cached_tokens: int = 0
+    """Prompt tokens whose KV cache came from the prefix cache instead of being computed (`usage`'s
+    prompt_tokens_details.cached_tokens)."""
 
 
 @dataclass

@@ -28,11 +28,13 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; `cached_tokens`: prompt tokens the prefix cache spared computing."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -127,7 +129,7 @@ def chat_chunk(
     }
 
 
-def usage_chunk(rid: str, model: str, chat: bool, use: dict[str, int]) -> dict[str, Any]:
+def usage_chunk(rid: str, model: str, chat: bool, use: dict[str, Any]) -> dict[str, Any]:
     """The last chunk of a stream with stream_options.include_usage: no choices, only usage."""
     kind = "chat.completion.chunk" if chat else "text_completion"
     return {

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorakit.serve.guide import JsonGuide
+from lorakit.serve.prefixes import Hit
 from lorakit.serve.requests import Delta, Done, Failed, GenRequest, TokenLogprob, adjust, deliver, sample
 from lorakit.serve.scoring import logprob
 
@@ -40,9 +41,20 @@ class Row:
     """JSON mode: what the output may continue with."""
     logprob_sum: float = 0.0
     """With SamplingParams.logprobs: the sum over every sampled token, end-of-sequence and stop tokens included."""
+    prefix: Hit | None = None
+    """The start of the prompt whose KV cache the prefix cache holds (set when admitted, used by the prefill)."""
+    failed: bool = False
+
+    @property
+    def cached(self) -> int:
+        """Prompt tokens taken from the prefix cache."""
+        return self.prefix.length if self.prefix is not None else 0
 
     def finish(self, event: Done | Failed) -> None:
         self.finished = True
+        self.failed = isinstance(event, Failed)
+        if isinstance(event, Done):
+            event.cached_tokens = self.cached
         deliver(self.req, event)
 
     def accept(

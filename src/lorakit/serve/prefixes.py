@@ -1,0 +1,136 @@
+"""The prefix cache: the KV cache of finished requests, kept so that later prompts that start the same way skip
+recomputing that start (a chat's next turn, a shared system prompt, few-shot examples).
+
+    store = PrefixStore(max_bytes=1 << 30)
+    store.add(key, tokens, kv)            # a finished row: its tokens and their (1, kv_heads, T, head_dim) cache
+    hit = store.lookup(key, prompt_ids)   # the longest cached start of the prompt, or None
+
+A key names what the cache was computed with (the adapter, and which load of it: `AdapterBank.serials`), so an
+adapter unloaded and loaded again under the same name never meets the old cache. The KV cache at position j
+depends only on tokens 0..j (attention is causal), so any common start of a cached sequence and a prompt is valid
+cache for the prompt, not only whole cached sequences: a match is the longest common prefix over the entries of
+the key, at most the prompt's length minus one (the last prompt token must run to give the next token's logits).
+
+Entries are evicted least recently used first to stay within `max_bytes`; an entry that another one extends is
+dropped (the longer one serves both). The store lives on the engine thread: it is not locked.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+MIN_MATCH = 16
+"""Shortest match worth using: below it, recomputing costs about as little as copying the cache."""
+
+
+@dataclass(eq=False)
+class Entry:
+    key: Hashable
+    tokens: torch.Tensor  # (T,) int64, on the CPU
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each (1, kv_heads, T, head_dim)
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Hit:
+    entry: Entry
+    length: int  # the prompt's first `length` tokens are cached
+
+    def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer the cached (keys, values) of those tokens, each (1, kv_heads, length, head_dim) (views)."""
+        return [(k[:, :, : self.length], v[:, :, : self.length]) for k, v in self.entry.kv]
+
+
+class PrefixStore:
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be at least 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        # id(entry) -> entry, least recently used first
+        self._entries: OrderedDict[int, Entry] = OrderedDict()
+        self.nbytes = 0
+        self.stats = {"lookups": 0, "hits": 0, "hit_tokens": 0, "added": 0, "evicted": 0}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    def lookup(self, key: Hashable, prompt_ids: Sequence[int]) -> Hit | None:
+        """The longest cached start of `prompt_ids` under `key` (at most all but its last token), or None when
+        it is shorter than MIN_MATCH. A hit counts as a use of its entry (for eviction)."""
+        if not self._entries:
+            return None
+        self.stats["lookups"] += 1
+        limit = len(prompt_ids) - 1
+        if limit < MIN_MATCH:
+            return None
+        prompt = torch.tensor(prompt_ids[:limit], dtype=torch.long)
+        best, best_len = None, 0
+        for entry in self._entries.values():
+            if entry.key != key:
+                continue
+            n = min(limit, entry.tokens.shape[0])
+            if n <= best_len:
+                continue
+            m = _common(entry.tokens[:n], prompt[:n])
+            if m > best_len:
+                best, best_len = entry, m
+        if best is None or best_len < MIN_MATCH:
+            return None
+        self._entries.move_to_end(id(best))
+        self.stats["hits"] += 1
+        self.stats["hit_tokens"] += best_len
+        return Hit(best, best_len)
+
+    def add(self, key: Hashable, tokens: Sequence[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+        """Keep `kv`, the cache of `tokens` under `key` (tensors the caller no longer changes). False if it is
+        not kept: too short to be matched, bigger than the whole store, or already covered by an entry."""
+        t = len(tokens)
+        nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+        if not self.enabled or t <= MIN_MATCH or nbytes > self.max_bytes:
+            return False
+        ids = torch.tensor(list(tokens), dtype=torch.long)
+        for old in list(self._entries.values()):
+            if old.key != key:
+                continue
+            n = old.tokens.shape[0]
+            # already cached (maybe as the start of a longer one)
+            if n >= t and _common(old.tokens[:t], ids) == t:
+                self._entries.move_to_end(id(old))
+                return False
+            if n < t and _common(old.tokens, ids[:n]) == n:  # the new one extends it
+                self._remove(old)
+        entry = Entry(key, ids, kv, nbytes)
+        self._entries[id(entry)] = entry
+        self.nbytes += nbytes
+        self.stats["added"] += 1
+        while self.nbytes > self.max_bytes:
+            self._remove(next(iter(self._entries.values())))
+            self.stats["evicted"] += 1
+        return True
+
+    def retain(self, keys: set) -> None:
+        """Drop the entries whose key is not in `keys` (adapters unloaded since)."""
+        for entry in [e for e in self._entries.values() if e.key not in keys]:
+            self._remove(entry)
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
+
+    def _remove(self, entry: Entry) -> None:
+        del self._entries[id(entry)]
+        self.nbytes -= entry.nbytes
+
+
+def _common(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Length of the common start of two equally long 1-D tensors."""
+    differ = (a != b).nonzero()
+    return int(differ[0, 0]) if len(differ) else a.shape[0]

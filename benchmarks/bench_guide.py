@@ -1,13 +1,14 @@
-"""JSON mode's cost per generated token in the serve engine: the same chat requests with and without
-`response_format: {"type": "json_object"}`.
+"""Structured output's cost per generated token in the serve engine: the same chat requests with and without
+`response_format: {"type": "json_object"}` (or, with `--schema`, a JSON Schema of a cat).
 
 The default model in float32, the engine in this process, `--rows` chat requests at once (greedy), `--rounds`
 rounds alternating the two modes. A plain request runs to `--max-tokens` (`ignore_eos`); a JSON one ends with its
 object, so its batch shrinks as objects close and the wall time per token of the two is not the same work. The
-figure that is: the time spent choosing tokens (`JsonGuide.pick`, timed around each call) per JSON token, against
+figure that is: the time spent choosing tokens (`Guide.pick`, timed around each call) per JSON token, against
 the wall time per token of the plain batch.
 
     .venv/bin/python benchmarks/bench_guide.py                       # 8 rows, 64 tokens, 3 rounds
+    .venv/bin/python benchmarks/bench_guide.py --schema              # the same with SCHEMA
 """
 
 from __future__ import annotations
@@ -32,11 +33,25 @@ QUESTIONS = [
 ]
 
 
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer"},
+        "color": {"enum": ["black", "white", "ginger", "grey"]},
+        "indoor": {"type": "boolean"},
+        "toys": {"type": "array", "items": {"type": "string", "maxLength": 15}, "maxItems": 3},
+    },
+    "required": ["name", "age", "color", "indoor", "toys"],
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--schema", action="store_true", help="guide by SCHEMA instead of any JSON object")
     args = p.parse_args(argv)
 
     import torch
@@ -47,9 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     from lorakit.serve.engine import Engine, EngineConfig
     from lorakit.serve.guide import JsonPrefix
     from lorakit.serve.requests import Delta, Done, Failed, GenRequest, SamplingParams
+    from lorakit.serve.schema import JSON_OBJECT, compile_schema
 
-    picking = [0.0, 0]  # seconds in JsonGuide.pick, calls
-    original = guide.JsonGuide.pick
+    grammar = compile_schema(SCHEMA) if args.schema else JSON_OBJECT
+    picking = [0.0, 0]  # seconds in Guide.pick, calls
+    original = guide.Guide.pick
 
     def timed_pick(self, *a, **kw):
         t0 = time.perf_counter()
@@ -59,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             picking[0] += time.perf_counter() - t0
             picking[1] += 1
 
-    guide.JsonGuide.pick = timed_pick
+    guide.Guide.pick = timed_pick
     model, tok = lorakit.load_model(None)
     eng = Engine(model, tok, AdapterBank(model), EngineConfig(max_batch=args.rows, wait_ms=50))
     prompts = []
@@ -76,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         for ids in prompts:
             q: queue.Queue = queue.Queue()
             sp = SamplingParams(
-                max_tokens=args.max_tokens, temperature=0, json_mode=json_mode, ignore_eos=not json_mode
+                max_tokens=args.max_tokens,
+                temperature=0,
+                guide=grammar if json_mode else None,
+                ignore_eos=not json_mode,
             )
             eng.submit(GenRequest(ids, None, sp, q.put))
             queues.append(q)
@@ -95,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 if ev.finish_reason == "stop":
                     json.loads(text)
                     whole += 1
-                elif not JsonPrefix().feed(text):
+                elif not JsonPrefix(grammar).feed(text):
                     raise SystemExit(f"JSON mode produced an invalid prefix: {text!r}")
         return time.perf_counter() - t0, tokens, whole
 
@@ -115,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     plain, guided = statistics.median(per_token["plain"]), statistics.median(per_token["json"])
     print(
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} CPUs; {args.rows} chat rows "
-        f"at once, greedy, up to {args.max_tokens} tokens; {args.rounds} rounds alternating"
+        f"at once, greedy, up to {args.max_tokens} tokens; {args.rounds} rounds alternating; guided by "
+        f"{'the cat schema' if args.schema else 'any JSON object'}"
     )
     print("| mode | ms per generated token of the batch, median (each round) |")
     print("|---|---|")
@@ -123,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {mode} | {value:.1f} ({', '.join(f'{v:.1f}' for v in per_token[mode])}) |")
     pick_ms = picking[0] / max(picking[1], 1) * 1000
     print(
-        f"\nchoosing a JSON token (JsonGuide.pick): {pick_ms:.2f} ms a token over {picking[1]} tokens, "
+        f"\nchoosing a JSON token (Guide.pick): {pick_ms:.2f} ms a token over {picking[1]} tokens, "
         f"{pick_ms / plain:.2f}x the plain batch's wall time per token ({plain:.1f} ms); whole objects per JSON "
         f"round: {whole_objects} of {args.rows} (the rest cut at max_tokens, valid prefixes). The JSON batch's own "
         f"wall time per token, {guided:.1f} ms, also pays for a batch that shrinks as objects close."

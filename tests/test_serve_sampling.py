@@ -359,13 +359,96 @@ def test_json_mode_streams_and_works_on_completions(client, base):  # noqa: F811
         )
 
 
+CAT = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer"},
+        "color": {"enum": ["black", "white", "ginger", "grey"]},
+        "indoor": {"type": "boolean"},
+        "toys": {"type": "array", "items": {"type": "string", "maxLength": 15}, "maxItems": 3},
+    },
+    "required": ["name", "age", "color", "indoor", "toys"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_answers_validate(client, base):  # noqa: F811
+    """response_format json_schema (chat, whole and streamed; base and adapter) and vLLM's guided_json on
+    completions: every answer that ends is a document the schema allows (checked by jsonschema); guided_choice
+    answers one of its choices."""
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "cat", "schema": CAT, "strict": True}}
+    ask = [{"role": "user", "content": "Describe a cat."}]
+    for model in (base, "a"):
+        for temperature in (0, 1.0):
+            choice = client.chat.completions.create(
+                model=model,
+                messages=ask,
+                max_tokens=150,
+                temperature=temperature,
+                seed=5,
+                response_format=fmt,
+            ).choices[0]
+            assert choice.finish_reason == "stop", choice
+            jsonschema.validate(json.loads(choice.message.content), CAT)
+    whole = client.chat.completions.create(
+        model=base, messages=ask, max_tokens=150, temperature=0, response_format=fmt
+    )
+    chunks = client.chat.completions.create(
+        model=base, messages=ask, max_tokens=150, temperature=0, response_format=fmt, stream=True
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == whole.choices[0].message.content
+    )
+    done = client.completions.create(
+        model="a", prompt="A cat:", max_tokens=150, temperature=0, extra_body={"guided_json": json.dumps(CAT)}
+    ).choices[0]
+    assert done.finish_reason == "stop"
+    jsonschema.validate(json.loads(done.text), CAT)
+    choices = ["positive", "negative", "neutral"]
+    for text in ("I love this!", "This is awful."):
+        answer = client.chat.completions.create(
+            model=base,
+            messages=[{"role": "user", "content": f"Sentiment of: {text}"}],
+            max_tokens=10,
+            temperature=0,
+            extra_body={"guided_choice": choices},
+        ).choices[0]
+        assert answer.message.content in choices and answer.finish_reason == "stop", answer
+
+
 @pytest.mark.parametrize(
     "extra, message, code",
     [
         (
             {"response_format": {"type": "json_schema", "json_schema": {}}},
-            "'json_object' is",
-            "unsupported_parameter",
+            'json_schema needs {"json_schema": {"name": ..., "schema": {...}}}',
+            "invalid_request",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"schema": {"type": "string", "pattern": "a"}},
+                }
+            },
+            "response_format.json_schema.schema: unsupported keyword 'pattern' at #",
+            "invalid_request",
+        ),
+        (
+            {"guided_json": {"properties": {"n": {"minimum": 1}}}},
+            "guided_json: unsupported keyword 'minimum'",
+            "invalid_request",
+        ),
+        ({"guided_json": "{not json"}, "'guided_json' is a string but not JSON", "invalid_request"),
+        ({"guided_choice": []}, "guided_choice: choices must be a list of 1 to", "invalid_request"),
+        (
+            {"response_format": {"type": "json_object"}, "guided_choice": ["a"]},
+            "give one of 'response_format' and 'guided_choice', not both",
+            "invalid_request",
         ),
         ({"response_format": {"type": "xml"}}, 'must be {"type": "text"}', "invalid_request"),
         ({"response_format": "json"}, 'must be {"type": "text"}', "invalid_request"),
@@ -374,6 +457,7 @@ def test_json_mode_streams_and_works_on_completions(client, base):  # noqa: F811
             "cannot be used",
             "invalid_request",
         ),
+        ({"guided_choice": ["a", "b"], "ignore_eos": True}, "cannot be used", "invalid_request"),
     ],
 )
 def test_bad_response_formats_are_one_line_400s(http, base, extra, message, code):  # noqa: F811

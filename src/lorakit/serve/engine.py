@@ -55,7 +55,7 @@ from lorakit.bank import AdapterBank
 from lorakit.errors import AdapterError
 from lorakit.fused import plain_head
 from lorakit.serve import kvcache
-from lorakit.serve.guide import JsonGuide
+from lorakit.serve.guide import Guide
 from lorakit.serve.prefixes import PrefixStore
 from lorakit.serve.requests import SHUTDOWN, Done, Failed, GenRequest, Prompt, deliver, failure
 from lorakit.serve.routing import route
@@ -333,7 +333,8 @@ class Engine:
                     return None
             p = req.params
             gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
-            guide = JsonGuide(functools.partial(self.token_text, special=False)) if p.json_mode else None
+            text = functools.partial(self.token_text, special=False)
+            guide = Guide(p.guide, text) if p.guide is not None else None
             return Row(req, lease, gen, frozenset(p.stop_token_ids), guide=guide)
         except Exception as e:  # noqa: BLE001 - this request alone fails
             log.exception("admitting a request failed")

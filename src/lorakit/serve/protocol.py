@@ -14,6 +14,7 @@ from typing import Any
 from starlette.requests import Request
 
 from lorakit.serve.requests import SamplingParams
+from lorakit.serve.schema import JSON_OBJECT, Grammar, SchemaError, compile_choices, compile_schema
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -275,13 +276,15 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
         not isinstance(seed, int) or isinstance(seed, bool) or not SEED_MIN <= seed <= SEED_MAX
     ):
         raise bad(f"'seed' must be a 64-bit integer, in [-2**63, 2**64 - 1], got {seed!r}", "seed")
-    json_mode = _response_format(body)
-    if json_mode and _bool(body, "ignore_eos"):
+    guide = _guide(body)
+    if guide is not None and _bool(body, "ignore_eos"):
         raise bad(
-            "'ignore_eos' cannot be used with a JSON response_format: the object's end ends it", "ignore_eos"
+            "'ignore_eos' cannot be used with structured output (response_format, guided_json, guided_choice): "
+            "the output's end ends it",
+            "ignore_eos",
         )
     return {
-        "json_mode": json_mode,
+        "guide": guide,
         "temperature": temperature,
         "top_p": top_p,
         "seed": seed,
@@ -295,26 +298,54 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _response_format(body: dict[str, Any]) -> bool:
-    """JSON mode: `{"type": "json_object"}`; `{"type": "text"}` or none: off. A JSON schema is refused."""
-    value = body.get("response_format")
-    if value is None:
-        return False
+def _guide(body: dict[str, Any]) -> Grammar | None:
+    """What the output must be, if anything: OpenAI's response_format (`json_object`: any JSON object;
+    `json_schema`: a document its schema allows), or vLLM's guided_json (a schema) or guided_choice (one of a list
+    of strings). At most one of them."""
+    given = [k for k in ("response_format", "guided_json", "guided_choice") if body.get(k) is not None]
+    given = [k for k in given if k != "response_format" or _format_kind(body[k]) != "text"]
+    if len(given) > 1:
+        raise bad(f"give one of {given[0]!r} and {given[1]!r}, not both", given[1])
+    if not given:
+        return None
+    key = given[0]
+    try:
+        if key == "guided_choice":
+            return compile_choices(body[key])
+        if key == "guided_json":
+            schema = body[key]
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except ValueError:
+                    raise bad(
+                        "'guided_json' is a string but not JSON: give the schema as an object", key
+                    ) from None
+            return compile_schema(schema)
+        value = body[key]
+        if _format_kind(value) == "json_object":
+            return JSON_OBJECT
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict | bool):
+            raise bad(
+                'response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}', key
+            )
+        return compile_schema(spec["schema"])
+    except SchemaError as e:
+        where = "response_format.json_schema.schema" if key == "response_format" else key
+        raise bad(f"{where}: {e}"[:500], key) from None
+
+
+def _format_kind(value: Any) -> str:
+    """The type of a response_format: text, json_object or json_schema; 400 for anything else."""
     kind = value.get("type") if isinstance(value, dict) else None
-    if kind == "json_schema":
+    if kind not in ("text", "json_object", "json_schema"):
         raise bad(
-            "response_format 'json_schema' is not supported by lorakit serve; 'json_object' is",
-            "response_format",
-            "unsupported_parameter",
-        )
-    if kind not in ("text", "json_object"):
-        raise bad(
-            f'\'response_format\' must be {{"type": "text"}} or {{"type": "json_object"}}, got {value!r}'[
-                :200
-            ],
+            '\'response_format\' must be {"type": "text"}, {"type": "json_object"} or '
+            f'{{"type": "json_schema", "json_schema": {{...}}}}, got {value!r}'[:200],
             "response_format",
         )
-    return kind == "json_object"
+    return kind
 
 
 def _repetition_penalty(body: dict[str, Any]) -> float:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lorakit.serve.schema import Grammar
+
 log = logging.getLogger(__name__)
 
 
@@ -50,9 +52,9 @@ class SamplingParams:
     """None: none; k >= 0: each prompt token's log-probability given the tokens before it, and the k most likely
     there (a Prompt event before any text). With max_tokens 0 nothing is generated: the prompt is only scored."""
 
-    json_mode: bool = False
-    """Every token keeps the output a prefix of one JSON object; the row ends when the object is complete
-    (`response_format: {"type": "json_object"}`, lorakit.serve.guide)."""
+    guide: Grammar | None = None
+    """Structured output: every token keeps the output a prefix of a text this grammar allows (a JSON object, a
+    JSON Schema's document, one of some choices); the row ends when it is whole (lorakit.serve.guide)."""
 
     @property
     def penalized(self) -> bool:

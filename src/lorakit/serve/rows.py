@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lorakit.serve.guide import JsonGuide
+from lorakit.serve.guide import Guide
 from lorakit.serve.prefixes import Hit
 from lorakit.serve.requests import Delta, Done, Failed, GenRequest, TokenLogprob, adjust, deliver, sample
 from lorakit.serve.scoring import logprob
@@ -37,7 +37,7 @@ class Row:
     ends: list[int] = field(default_factory=list)
     """The output text's length after each of those tokens: where the next one starts."""
     logprobs_sent: int = 0
-    guide: JsonGuide | None = None
+    guide: Guide | None = None
     """JSON mode: what the output may continue with."""
     logprob_sum: float = 0.0
     """With SamplingParams.logprobs: the sum over every sampled token, end-of-sequence and stop tokens included."""

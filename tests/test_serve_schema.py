@@ -1,0 +1,240 @@
+"""Structured output's automaton (`lorakit.serve.schema`) against the reference validator `jsonschema`: random
+walks through the automaton end in documents the validator accepts; documents the schema allows (in the shape we
+generate) are accepted and complete exactly at their end; documents it rejects are refused; schemas we cannot
+enforce are refused at compile time with one line that names the keyword and where it is."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import jsonschema
+import pytest
+
+from lorakit.serve.schema import MAX_SPACE, Matcher, SchemaError, compile_choices, compile_schema
+
+ALPHABET = list('{}[]",:-.0123456789eE+ tfnrulasxyzé\\/bu')  # what JSON texts are made of, and some letters
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 12},
+        "age": {"type": "integer"},
+        "email": {"type": ["string", "null"]},
+        "tags": {"type": "array", "items": {"enum": ["a", "b", 3, None]}, "minItems": 1, "maxItems": 3},
+        "score": {"type": "number"},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+
+TREE = {  # recursive, through "#"
+    "type": "object",
+    "properties": {
+        "v": {"type": "integer"},
+        "kids": {"type": "array", "items": {"$ref": "#"}, "maxItems": 2},
+    },
+    "required": ["v"],
+}
+
+DEFS = {  # as pydantic writes nested models
+    "$defs": {
+        "Point": {
+            "properties": {"x": {"title": "X", "type": "number"}, "y": {"title": "Y", "type": "number"}},
+            "required": ["x", "y"],
+            "title": "Point",
+            "type": "object",
+        },
+        "Kind": {"enum": ["line", "polygon"], "title": "Kind", "type": "string"},
+    },
+    "properties": {
+        "kind": {"$ref": "#/$defs/Kind"},
+        "points": {"items": {"$ref": "#/$defs/Point"}, "title": "Points", "type": "array"},
+        "label": {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None, "title": "Label"},
+    },
+    "required": ["kind", "points"],
+    "title": "Shape",
+    "type": "object",
+}
+
+SCHEMAS = {
+    "person": PERSON,
+    "tree": TREE,
+    "defs": DEFS,
+    "any object": {"type": "object"},
+    "free values": {"type": "object", "additionalProperties": {"type": "integer"}},
+    "top-level array": {"type": "array", "items": {"type": "string", "maxLength": 3}, "maxItems": 4},
+    "top-level number": {"type": "number"},
+    "const": {"const": {"a": [1, "x"]}},
+    "empty object only": {"type": "object", "additionalProperties": False},
+    "one of": {"oneOf": [{"type": "integer"}, {"type": "object", "properties": {"k": {"type": "string"}}}]},
+    "escaped key": {
+        "type": "object",
+        "properties": {'q"uo\\te': {"type": "integer"}},
+        "required": ['q"uo\\te'],
+    },
+}
+
+
+def _walk(schema, rng: random.Random, steps: int = 400) -> str | None:
+    """A random text the automaton allows, character by character, ending where it is complete (None if it did
+    not complete within `steps` characters)."""
+    state = Matcher(compile_schema(schema))
+    alphabet = sorted(set(ALPHABET) | set(json.dumps(schema, ensure_ascii=False)))  # keys and enum values too
+    text = ""
+    for _ in range(steps):
+        if state.complete and (state.finished or rng.random() < 0.3):
+            return text
+        options = [ch for ch in alphabet if state.advance(ch) is not None]
+        assert options, f"a dead end after {text!r}: no character continues it"
+        weights = [6 if ch in '"}]' else 1 for ch in options]  # close things, so walks end
+        ch = rng.choices(options, weights)[0]
+        state, text = state.advance(ch), text + ch
+    return None
+
+
+@pytest.mark.parametrize("name", SCHEMAS)
+def test_random_walks_end_in_documents_the_validator_accepts(name):
+    schema = SCHEMAS[name]
+    rng = random.Random(sum(map(ord, name)))  # (not hash(): it differs between processes)
+    done = 0
+    for _ in range(150):
+        text = _walk(schema, rng)
+        if text is None:
+            continue
+        jsonschema.validate(json.loads(text), schema)  # raises if we generated what the schema rejects
+        done += 1
+    assert done >= 20, done  # enough walks completed for the check to mean something
+
+
+DOCS = [
+    ("person", {"name": "Ada", "age": 36, "tags": ["a", None]}),
+    ("person", {"name": "Ada Lovelace", "age": -1, "email": None, "tags": [3], "score": 1.5e-3, "ok": True}),
+    ("person", {"name": "Al", "age": 0, "email": "al@x.org", "tags": ["b", "b", "a"], "ok": False}),
+    ("tree", {"v": 1, "kids": [{"v": 2}, {"v": 3, "kids": [{"v": 4, "kids": []}]}]}),
+    ("defs", {"kind": "line", "points": [{"x": 0, "y": 1.5}, {"x": -2e3, "y": 0}], "label": None}),
+    ("defs", {"kind": "polygon", "points": []}),
+    ("free values", {"a": 1, "": -3, "é": 0}),
+    ("top-level array", ["", "abc", "é☃"]),
+    ("const", {"a": [1, "x"]}),
+    ("empty object only", {}),
+    ("one of", 12),
+    ("one of", {"k": "v"}),
+    ("escaped key", {'q"uo\\te': 5}),
+]
+
+
+@pytest.mark.parametrize("name, doc", DOCS)
+def test_allowed_documents_are_accepted_and_complete_exactly_at_their_end(name, doc):
+    schema = SCHEMAS[name]
+    jsonschema.validate(doc, schema)  # (the test's own premise)
+    compact = name == "const"  # enum and const values are matched as written compactly
+    texts = [json.dumps(doc, ensure_ascii=False, separators=(",", ":"))]
+    if not compact:
+        texts += [json.dumps(doc), json.dumps(doc, ensure_ascii=False, indent=1)]
+    for text in texts:
+        if "\n" + " " * MAX_SPACE in text:
+            continue  # deeper indentation than the whitespace cap allows
+        state = Matcher(compile_schema(schema))
+        for i, ch in enumerate(text):
+            assert not (state.complete and state.finished), f"finished before the end, at {i}: {text!r}"
+            state = state.advance(ch)
+            assert state is not None, f"refused at {i} ({text[: i + 1]!r})"
+        assert state.complete, text
+
+
+REJECTED = [
+    ("person", '{"age": 3', 2),  # "name" is required and comes first
+    ("person", '{"name": "", ', 10),  # minLength 1
+    ("person", '{"name": "abcdefghijklm', 22),  # maxLength 12
+    ("person", '{"name": "A", "age": 1.5', 22),  # an integer
+    ("person", '{"name": "A", "age": 1, "tags": []', 33),  # minItems 1
+    ("person", '{"name": "A", "age": 1, "tags": ["c"', 34),  # not in the enum
+    ("person", '{"name": "A", "age": 1, "tags": [3, 3, 3, 3', 40),  # maxItems 3
+    ("person", '{"name": "A", "age": 1, "tags": [3], "extra', 38),  # no other keys
+    ("person", '{"name": "A", "age": 1, "tags": [3]}', None),  # fine: the optional ones may be left out
+    ("person", '{"name": "A", "age": 1}', 22),  # "tags" is required
+    ("person", '{"name": 5', 9),
+    ("tree", '{"v": 1, "kids": [{"v": 2}, {"v": 3}, {', 36),  # maxItems 2, deeper too
+    ("defs", '{"kind": "circle', 10),
+    ("defs", '{"kind": "line", "points": [{"y"', 30),  # x comes first and is required
+    ("empty object only", '{"', 1),
+    ("top-level number", "1 ", 1),  # nothing after a whole document
+    ("one of", "[", 0),
+]
+
+
+@pytest.mark.parametrize("name, text, bad_at", REJECTED)
+def test_what_the_schema_rejects_is_refused_where_it_goes_wrong(name, text, bad_at):
+    state = Matcher(compile_schema(SCHEMAS[name]))
+    for i, ch in enumerate(text):
+        nxt = state.advance(ch)
+        if nxt is None:
+            assert i == bad_at, (text, i, text[: i + 1])
+            return
+        state = nxt
+    assert bad_at is None, (text, "accepted whole")
+    assert state.complete
+
+
+def test_choices_are_exactly_one_of_them():
+    g = compile_choices(["yes", "yes please", "no"])
+    for text in ("yes", "yes please", "no"):
+        state = Matcher(g).advance(text)
+        assert state is not None and state.complete
+    assert Matcher(g).advance("yes").finished is False  # "yes please" may still come
+    assert Matcher(g).advance("no").finished
+    for text in (" yes", "ye s", "yes!", "No", "nope"):
+        assert Matcher(g).advance(text) is None, text
+    assert not Matcher(g).advance("yes p").complete
+
+
+@pytest.mark.parametrize(
+    "schema, needle",
+    [
+        ({"type": "string", "pattern": "^a+$"}, "unsupported keyword 'pattern' at #"),
+        ({"properties": {"zip": {"type": "integer", "minimum": 0}}}, "'minimum' at #/properties/zip"),
+        ({"allOf": [{"type": "string"}]}, "unsupported keyword 'allOf'"),
+        ({"type": "object", "required": ["a"]}, "required property 'a' at # is not among its 'properties'"),
+        ({"type": "string", "minLength": 5, "maxLength": 2}, "nothing fits"),
+        ({"type": "array", "maxItems": -1}, "'maxItems' at # must be an integer >= 0"),
+        ({"type": "uuid"}, "'type' at # must be one of"),
+        ({"type": []}, "'type' at # must be one of"),
+        ({"enum": []}, "'enum' at # must be a list of 1 to"),
+        ({"anyOf": []}, "'anyOf' at # must be a non-empty list"),
+        ({"type": "string", "anyOf": [{"type": "string"}]}, "with 'type' beside it is not supported"),
+        ({"$ref": "#/$defs/Nope"}, "does not name a schema of this one"),
+        ({"$ref": "http://example.com/s.json"}, "does not name a schema of this one"),
+        ({"$defs": {"A": {"not": {}}}, "$ref": "#/$defs/A"}, "unsupported keyword 'not' at #/$defs/A"),
+        ({"items": [{"type": "string"}]}, "a list of schemas is not supported"),
+        (False, "allows nothing"),
+        ([1, 2], "must be a JSON object"),
+    ],
+)
+def test_schemas_we_cannot_enforce_are_refused_in_one_line(schema, needle):
+    with pytest.raises(SchemaError) as info:
+        compile_schema(schema)
+    message = str(info.value)
+    assert needle in message and "\n" not in message, message
+
+
+def test_a_pydantic_models_schema_compiles_and_what_it_allows_validates():
+    pydantic = pytest.importorskip("pydantic")  # fastapi's dependency: always installed with lorakit
+
+    class Point(pydantic.BaseModel):
+        x: float
+        y: float
+
+    class Shape(pydantic.BaseModel):
+        name: str
+        closed: bool = False
+        points: list[Point]
+        note: str | None = None
+
+    schema = Shape.model_json_schema()
+    rng = random.Random(7)
+    texts = [t for t in (_walk(schema, rng) for _ in range(100)) if t is not None]
+    assert len(texts) >= 20
+    for text in texts:
+        Shape.model_validate_json(text)  # pydantic itself reads what we allowed

@@ -25,6 +25,7 @@ from lorakit.serve.adapters import AdapterRoutes
 from lorakit.serve.engine import Engine
 from lorakit.serve.metrics import Latency
 from lorakit.serve.requests import Delta, Done, Event, Failed, GenRequest, Prompt, TokenLogprob
+from lorakit.serve.tools import ToolStream, with_tools
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -77,6 +78,9 @@ class GenerationRoutes:
         self.engine, self.adapters, self.tok = engine, adapters, engine.tokenizer
         self.latency = Latency()
         self.max_waiting = max_waiting
+        self._native_tools: bool | None = (
+            None  # whether the chat template renders `tools` (found on first use)
+        )
 
     async def completions(self, request: Request) -> Response:
         parsed = P.parse_completion(await P.read_json(request))
@@ -125,25 +129,43 @@ class GenerationRoutes:
             return self.tok.decode(ids)
 
     async def chat_completions(self, request: Request) -> Response:
-        parsed = P.parse_chat(await P.read_json(request))
+        body = await P.read_json(request)
+        parsed = P.parse_chat(body)
+        parsed.tools = tools = with_tools(parsed, body)
         run = await self._start(parsed, request, "chat")
         rid = R.new_id("chatcmpl")
         wanted, token_text = parsed.params["logprobs"] is not None, self.engine.token_text
         if parsed.stream:
+            held = [ToolStream(tools) if tools is not None and tools.active else None for _ in run.reqs]
 
-            def chunk(i: int, text: str, finish: str | None, entries: tuple[TokenLogprob, ...] = ()) -> dict:
-                delta = {"content": text} if text or not finish else {}
+            def chunk(i: int, text: str, finish: str | None, entries: tuple[TokenLogprob, ...] = ()) -> list:
                 lps = R.chat_logprobs(entries, token_text) if wanted and entries else None
-                return R.chat_chunk(rid, run.model, delta, finish, lps, i)
+                if held[i] is None:
+                    delta = {"content": text} if text or not finish else {}
+                    return [R.chat_chunk(rid, run.model, delta, finish, lps, i)]
+                out = []  # with tools: content once it cannot be a call; calls at the end
+                text = held[i].feed(text)
+                calls = []
+                if finish is not None:
+                    rest, calls = held[i].finish()
+                    text += rest
+                if text:
+                    out.append(R.chat_chunk(rid, run.model, {"content": text}, None, None, i))
+                if calls:
+                    delta = {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
+                    out.append(R.chat_chunk(rid, run.model, delta, None, None, i))
+                if finish is not None:
+                    reason = "tool_calls" if calls and finish == "stop" else finish
+                    out.append(R.chat_chunk(rid, run.model, {}, reason, None, i))
+                return out
 
             return _sse_response(self._stream(run, rid, chunk, parsed.include_usage, chat=True))
         results = await _unless_gone(request, run.reqs, _collect(run))
-        choices = [
-            R.chat_choice(
-                i, text, done.finish_reason, R.chat_logprobs(entries, token_text) if wanted else None
-            )
-            for i, (text, done, entries) in enumerate(results)
-        ]
+        choices = []
+        for i, (text, done, entries) in enumerate(results):
+            calls = tools.calls_of(text) if tools is not None and done.finish_reason == "stop" else []
+            lps = R.chat_logprobs(entries, token_text) if wanted else None
+            choices.append(R.chat_choice(i, text, done.finish_reason, lps, calls))
         self._observe_total(run)
         return JSONResponse(R.chat_body(rid, run.model, choices, _usage(results, run.width)))
 
@@ -263,9 +285,15 @@ class GenerationRoutes:
             if parsed.messages is not None:
                 if not getattr(tok, "chat_template", None):
                     raise P.bad("this model has no chat template; use /v1/completions", "messages")
+                messages, extra = parsed.messages, {}
+                if parsed.tools is not None:
+                    native = self._renders_tools()
+                    messages = parsed.tools.prompt(messages, native)
+                    if native and parsed.tools.tools:
+                        extra = {"tools": parsed.tools.specs()}
                 try:
                     text = tok.apply_chat_template(
-                        parsed.messages, tokenize=False, add_generation_prompt=True
+                        messages, tokenize=False, add_generation_prompt=True, **extra
                     )
                 except Exception as e:  # noqa: BLE001 - the template rejects these messages (jinja errors)
                     raise P.bad(f"the chat template rejects these messages: {e}", "messages") from None
@@ -290,6 +318,29 @@ class GenerationRoutes:
                     raise P.bad(f"{where} is empty", "prompt")
                 out.append(ids)
         return out
+
+    def _renders_tools(self) -> bool:
+        """Whether the chat template puts `tools` into the prompt (it renders a probe differently with them).
+        Called with the tokenizer lock held."""
+        if self._native_tools is None:
+            probe = [{"role": "user", "content": "hi"}]
+            spec = {
+                "name": "probe_fn",
+                "description": "d",
+                "parameters": {"type": "object", "properties": {}},
+            }
+            try:
+                bare = self.tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+                told = self.tok.apply_chat_template(
+                    probe,
+                    tokenize=False,
+                    add_generation_prompt=True,
+                    tools=[{"type": "function", "function": spec}],
+                )
+                self._native_tools = "probe_fn" in told and told != bare
+            except Exception:  # noqa: BLE001 - a template that fails on tools does not render them
+                self._native_tools = False
+        return self._native_tools
 
     def _budget(self, parsed: P.Parsed, n_prompt: int, which: int | None = None) -> int:
         """max_tokens for a prompt (`which` of a batch); 400 if prompt + max_tokens exceed the context length."""
@@ -331,14 +382,20 @@ class GenerationRoutes:
                     )  # with logprobs, the Prompt event does
             async for i, event in run.events_until_done():
                 if isinstance(event, Prompt):
-                    yield R.sse(chunk(i, echoed[i // run.width] if echoed else "", None, event.logprobs))
+                    bodies = chunk(i, echoed[i // run.width] if echoed else "", None, event.logprobs)
                 elif isinstance(event, Delta):
-                    yield R.sse(chunk(i, event.text, None, event.logprobs))
+                    bodies = chunk(i, event.text, None, event.logprobs)
                 elif isinstance(event, Done):
-                    yield R.sse(chunk(i, "", event.finish_reason))
+                    bodies = chunk(i, "", event.finish_reason)
                     dones[i] = event
-                else:  # the openai client raises APIError on an "error" event
-                    yield R.sse(P.APIError(event.status, event.message, event.code).body())
+                else:
+                    bodies = None
+                if bodies is not None:
+                    for b in bodies if isinstance(bodies, list) else [bodies]:  # (chat: a list, maybe empty)
+                        yield R.sse(b)
+                    continue
+                # a Failed event: the openai client raises APIError on an "error" event
+                yield R.sse(P.APIError(event.status, event.message, event.code).body())
             if include_usage and len(dones) == len(run.reqs):
                 use = _usage([(None, dones[i], None) for i in range(len(run.reqs))], run.width)
                 yield R.sse(R.usage_chunk(rid, run.model, chat, use))

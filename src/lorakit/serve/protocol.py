@@ -112,7 +112,7 @@ class Parsed:
 
     model: str | None
     prompts: list[str | list[int]] | None  # completions: each prompt, text or token ids (a batch, or one)
-    messages: list[dict[str, str]] | None  # chat
+    messages: list[dict[str, Any]] | None  # chat
     max_tokens: int | None  # None: whatever context is left
     params: dict[str, Any]  # SamplingParams fields except max_tokens
     stream: bool
@@ -120,6 +120,7 @@ class Parsed:
     echo: bool = False  # completions: the prompt comes first in the text (and its tokens in the logprobs)
     n: int = 1  # choices returned
     best_of: int = 1  # completions: choices generated, of which the n best (per-token log-probability) return
+    tools: Any = None  # chat: lorakit.serve.tools.Tools, when functions are offered or earlier calls rendered
 
 
 def parse_completion(body: dict[str, Any]) -> Parsed:
@@ -169,7 +170,7 @@ def _prompts(prompt: Any) -> list[str | list[int]]:
 
 
 def parse_chat(body: dict[str, Any]) -> Parsed:
-    for key in ("tools", "functions", "audio"):
+    for key in ("audio",):
         if body.get(key):
             raise bad(f"{key!r} is not supported by lorakit serve", key, "unsupported_parameter")
     top = _int(body, "top_logprobs", default=None, low=0, high=MAX_LOGPROBS)
@@ -210,7 +211,7 @@ def parse_tokenize(body: dict[str, Any]) -> Parsed:
     return Parsed(_model(body), [prompt], None, None, params, False, False)
 
 
-def _message(m: Any, i: int) -> dict[str, str]:
+def _message(m: Any, i: int) -> dict[str, Any]:
     if not isinstance(m, dict) or not isinstance(m.get("role"), str):
         raise bad(f"messages[{i}] must be an object with a string 'role'", f"messages[{i}]")
     content = m.get("content")
@@ -229,7 +230,11 @@ def _message(m: Any, i: int) -> dict[str, str]:
         content = ""
     if not isinstance(content, str):
         raise bad(f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
-    return {"role": m["role"], "content": content}
+    out = {"role": m["role"], "content": content}
+    for key in ("tool_calls", "tool_call_id", "name"):  # checked by lorakit.serve.tools
+        if m.get(key) is not None:
+            out[key] = m[key]
+    return out
 
 
 def model_of(body: dict[str, Any]) -> str | None:

@@ -92,13 +92,14 @@ def completion_body(rid: str, model: str, choices: list[dict[str, Any]], use: di
     return body
 
 
-def chat_choice(index: int, text: str, finish: str, logprobs: dict | None = None) -> dict[str, Any]:
-    return {
-        "index": index,
-        "message": {"role": "assistant", "content": text},
-        "logprobs": logprobs,
-        "finish_reason": finish,
-    }
+def chat_choice(
+    index: int, text: str, finish: str, logprobs: dict | None = None, calls: list[dict] | None = None
+) -> dict[str, Any]:
+    """A chat choice: its text as content, or (`calls`) the tool calls it made (finish_reason "tool_calls")."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if calls:
+        message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
 
 def chat_body(rid: str, model: str, choices: list[dict[str, Any]], use: dict) -> dict[str, Any]:

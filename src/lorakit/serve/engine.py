@@ -56,7 +56,7 @@ from lorakit.errors import AdapterError
 from lorakit.fused import plain_head
 from lorakit.serve import kvcache
 from lorakit.serve.guide import Guide
-from lorakit.serve.prefixes import PrefixStore
+from lorakit.serve.prefixes import PrefixCache
 from lorakit.serve.requests import SHUTDOWN, Done, Failed, GenRequest, Prompt, deliver, failure
 from lorakit.serve.routing import route
 from lorakit.serve.rows import Row, eos_ids
@@ -116,7 +116,7 @@ class Engine:
         self._stopping = threading.Event()
         if self.config.prefix_cache_bytes < 0:
             raise ValueError(f"prefix_cache_bytes must be at least 0, got {self.config.prefix_cache_bytes}")
-        self.prefixes = PrefixStore(self.config.prefix_cache_bytes)
+        self.prefixes = PrefixCache(bank, self.config.prefix_cache_bytes)
         self.stats = {
             "steps": 0,
             "prefills": 0,
@@ -294,7 +294,7 @@ class Engine:
                 self._pending.popleft()
                 continue
             key = _prompt_key(req)
-            hit = self._lookup(req)
+            hit = self.prefixes.lookup_request(req)
             longest_if = max(longest, len(req.prompt_ids) - (hit.length if hit else 0))
             forwards = len(distinct | {key})
             if new and longest_if * forwards > self.config.max_prefill_tokens:
@@ -307,17 +307,6 @@ class Engine:
                 longest = longest_if
                 distinct.add(key)
         return new
-
-    def _cache_key(self, adapter: str | None) -> tuple:
-        """What a row's KV cache was computed with: its adapter, and which load of it."""
-        return (adapter, self.bank.serials.get(adapter, 0) if adapter is not None else 0)
-
-    def _lookup(self, req: GenRequest):
-        """The prefix cache's longest start of the request's prompt (None for prompts to score: every position's
-        logits are wanted)."""
-        if not self.prefixes.enabled or req.params.prompt_logprobs is not None:
-            return None
-        return self.prefixes.lookup(self._cache_key(req.adapter), req.prompt_ids)
 
     def _row(self, req: GenRequest) -> Row | None:
         """The batch row of `req`, holding its adapter; None (and the request failed) if that is not possible."""
@@ -468,7 +457,7 @@ class Engine:
                 r.finished = True
         keep = [i for i, r in enumerate(self._rows) if not r.finished]
         if self.prefixes.enabled and len(keep) < len(self._rows):
-            self._remember([i for i, r in enumerate(self._rows) if r.finished and not r.failed])
+            self.prefixes.remember(self._rows, self._cache, self._mask)
         for r in self._rows:
             if r.finished:
                 r.lease.close()
@@ -479,26 +468,6 @@ class Engine:
             self._cache, self._mask = None, None
             return
         self._cache, self._mask = kvcache.select(self._cache, self._mask, keep)
-
-    def _remember(self, finished: list[int]) -> None:
-        """Keep the KV cache of these rows of the batch (finished, not failed) in the prefix cache: the prompt
-        and the generated tokens fed back (all but the last one sampled)."""
-        try:
-            live = {self._cache_key(n) for n in [None, *self.bank.names()]}
-            self.prefixes.retain(live)
-            for i in finished:
-                r = self._rows[i]
-                key = self._cache_key(r.req.adapter)
-                tokens = [*r.req.prompt_ids, *r.out_ids][: r.n_real]
-                if key not in live or len(tokens) != r.n_real:
-                    continue
-                cols = self._mask[i].nonzero()[:, 0]
-                if cols.numel() != r.n_real:  # the row's cache is not what it should be: keep nothing
-                    log.warning("row cache holds %d positions, expected %d", cols.numel(), r.n_real)
-                    continue
-                self.prefixes.add(key, tokens, kvcache.row(self._cache, i, cols))
-        except Exception:  # noqa: BLE001 - a cache is an optimisation: never a reason to fail
-            log.exception("keeping a finished row's cache failed")
 
     # -- tokens to text ----------------------------------------------------------------------------------------
 

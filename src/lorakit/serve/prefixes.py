@@ -12,16 +12,30 @@ cache for the prompt, not only whole cached sequences: a match is the longest co
 the key, at most the prompt's length minus one (the last prompt token must run to give the next token's logits).
 
 Entries are evicted least recently used first to stay within `max_bytes`; an entry that another one extends is
-dropped (the longer one serves both). The store lives on the engine thread: it is not locked.
+dropped (the longer one serves both). `PrefixCache` is the engine's store: keyed by adapter load, and filled from
+the batch's finished rows. It lives on the engine thread: it is not locked.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+from lorakit.serve import kvcache
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
+
+    from lorakit.bank import AdapterBank
+    from lorakit.serve.requests import GenRequest
+    from lorakit.serve.rows import Row
+
+log = logging.getLogger(__name__)
 
 MIN_MATCH = 16
 """Shortest match worth using: below it, recomputing costs about as little as copying the cache."""
@@ -53,7 +67,7 @@ class PrefixStore:
         # id(entry) -> entry, least recently used first
         self._entries: OrderedDict[int, Entry] = OrderedDict()
         self.nbytes = 0
-        self.stats = {"lookups": 0, "hits": 0, "hit_tokens": 0, "added": 0, "evicted": 0}
+        self.stats = {"added": 0, "evicted": 0}  # (hits are counted by the engine, per prefilled row)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -67,7 +81,6 @@ class PrefixStore:
         it is shorter than MIN_MATCH. A hit counts as a use of its entry (for eviction)."""
         if not self._entries:
             return None
-        self.stats["lookups"] += 1
         limit = len(prompt_ids) - 1
         if limit < MIN_MATCH:
             return None
@@ -85,8 +98,6 @@ class PrefixStore:
         if best is None or best_len < MIN_MATCH:
             return None
         self._entries.move_to_end(id(best))
-        self.stats["hits"] += 1
-        self.stats["hit_tokens"] += best_len
         return Hit(best, best_len)
 
     def add(self, key: Hashable, tokens: Sequence[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
@@ -128,6 +139,46 @@ class PrefixStore:
     def _remove(self, entry: Entry) -> None:
         del self._entries[id(entry)]
         self.nbytes -= entry.nbytes
+
+
+class PrefixCache(PrefixStore):
+    """The serve engine's store: keyed by adapter and load (`AdapterBank.serials`), filled from finished rows."""
+
+    def __init__(self, bank: AdapterBank, max_bytes: int) -> None:
+        super().__init__(max_bytes)
+        self.bank = bank
+
+    def key(self, adapter: str | None) -> tuple:
+        """What a row's KV cache was computed with: its adapter, and which load of it."""
+        return (adapter, self.bank.serials.get(adapter, 0) if adapter is not None else 0)
+
+    def lookup_request(self, req: GenRequest) -> Hit | None:
+        """The longest cached start of the request's prompt (None for prompts to score: every position's logits
+        are wanted)."""
+        if not self.enabled or req.params.prompt_logprobs is not None:
+            return None
+        return self.lookup(self.key(req.adapter), req.prompt_ids)
+
+    def remember(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Keep the KV cache of the batch's finished rows that did not fail: the prompt and the generated tokens
+        fed back (all but the last one sampled). Entries of adapters unloaded since go."""
+        try:
+            live = {self.key(n) for n in [None, *self.bank.names()]}
+            self.retain(live)
+            for i, r in enumerate(rows):
+                if not r.finished or r.failed:
+                    continue
+                key = self.key(r.req.adapter)
+                tokens = [*r.req.prompt_ids, *r.out_ids][: r.n_real]
+                if key not in live or len(tokens) != r.n_real:
+                    continue
+                cols = mask[i].nonzero()[:, 0]
+                if cols.numel() != r.n_real:  # the row's cache is not what it should be: keep nothing
+                    log.warning("row cache holds %d positions, expected %d", cols.numel(), r.n_real)
+                    continue
+                self.add(key, tokens, kvcache.row(cache, i, cols))
+        except Exception:  # noqa: BLE001 - a cache is an optimisation: never a reason to fail
+            log.exception("keeping a finished row's cache failed")
 
 
 def _common(a: torch.Tensor, b: torch.Tensor) -> int:

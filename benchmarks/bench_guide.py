@@ -8,7 +8,7 @@ figure that is: the time spent choosing tokens (`Guide.pick`, timed around each 
 the wall time per token of the plain batch.
 
     .venv/bin/python benchmarks/bench_guide.py                       # 8 rows, 64 tokens, 3 rounds
-    .venv/bin/python benchmarks/bench_guide.py --schema              # the same with SCHEMA
+    .venv/bin/python benchmarks/bench_guide.py --schema              # the same with examples/structured's cat
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import queue
 import statistics
 import sys
 import time
+from pathlib import Path
 
 QUESTIONS = [
     "Describe a cat as a JSON object.",
@@ -33,17 +34,7 @@ QUESTIONS = [
 ]
 
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 20},
-        "age": {"type": "integer"},
-        "color": {"enum": ["black", "white", "ginger", "grey"]},
-        "indoor": {"type": "boolean"},
-        "toys": {"type": "array", "items": {"type": "string", "maxLength": 15}, "maxItems": 3},
-    },
-    "required": ["name", "age", "color", "indoor", "toys"],
-}
+SCHEMA = Path(__file__).resolve().parents[1] / "examples" / "structured" / "cat.schema.json"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--schema", action="store_true", help="guide by SCHEMA instead of any JSON object")
+    p.add_argument(
+        "--schema", action="store_true", help="guide by cat.schema.json instead of any JSON object"
+    )
     args = p.parse_args(argv)
 
     import torch
@@ -64,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from lorakit.serve.requests import Delta, Done, Failed, GenRequest, SamplingParams
     from lorakit.serve.schema import JSON_OBJECT, compile_schema
 
-    grammar = compile_schema(SCHEMA) if args.schema else JSON_OBJECT
+    grammar = compile_schema(json.loads(SCHEMA.read_text())) if args.schema else JSON_OBJECT
     picking = [0.0, 0]  # seconds in Guide.pick, calls
     original = guide.Guide.pick
 

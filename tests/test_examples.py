@@ -67,3 +67,34 @@ def test_the_lm_eval_dates_file_is_what_lorakit_eval_scores():
     tok = AutoTokenizer.from_pretrained(resolve_model_dir(None))
     text = want[0]["prompt_text"]
     assert tok(text, add_special_tokens=True)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.real_model
+def test_structured_output_and_tool_calls_through_the_openai_client(tmp_path, default_model_dir):
+    """examples/structured/ask.py against a real server: a schema's document, a pydantic model through the
+    client's own `parse`, and a tool call answered with its result."""
+    from test_serve import serve_process, wait_until_up
+
+    log = tmp_path / "server.log"
+    with serve_process(["--model", str(default_model_dir)], log) as (url, proc):
+        wait_until_up(url, proc, log)
+        run = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "examples" / "structured" / "ask.py"),
+                "--url",
+                f"{url}/v1",
+                "--model",
+                default_model_dir.name,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    cat = json.loads(lines[0].removeprefix("1. json_schema: "))
+    assert set(cat) == {"name", "age", "color", "indoor", "toys"}
+    assert lines[1].startswith("2. pydantic: Cat(name=")
+    assert lines[2].startswith("3. the model called get_weather({") and "-> '18 degrees" in lines[2]
+    assert lines[3].startswith("   and then answered:")

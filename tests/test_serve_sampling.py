@@ -14,6 +14,7 @@ import concurrent.futures as cf
 import contextlib
 import inspect
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -359,18 +360,9 @@ def test_json_mode_streams_and_works_on_completions(client, base):  # noqa: F811
         )
 
 
-CAT = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 20},
-        "age": {"type": "integer"},
-        "color": {"enum": ["black", "white", "ginger", "grey"]},
-        "indoor": {"type": "boolean"},
-        "toys": {"type": "array", "items": {"type": "string", "maxLength": 15}, "maxItems": 3},
-    },
-    "required": ["name", "age", "color", "indoor", "toys"],
-    "additionalProperties": False,
-}
+CAT = json.loads(
+    (Path(__file__).resolve().parents[1] / "examples" / "structured" / "cat.schema.json").read_text()
+)
 
 
 def test_json_schema_answers_validate(client, base):  # noqa: F811

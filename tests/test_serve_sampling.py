@@ -14,6 +14,8 @@ import concurrent.futures as cf
 import contextlib
 import inspect
 import json
+import re
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -400,6 +402,24 @@ def test_json_schema_answers_validate(client, base):  # noqa: F811
     ).choices[0]
     assert done.finish_reason == "stop"
     jsonschema.validate(json.loads(done.text), CAT)
+    phone = r"\(\d{3}\) \d{3}-\d{4}"
+    number = client.completions.create(
+        model=base, prompt="Call us at", max_tokens=20, temperature=0, extra_body={"guided_regex": phone}
+    ).choices[0]
+    assert re.fullmatch(phone, number.text) and number.finish_reason == "stop", number
+    dated = {
+        "type": "object",
+        "properties": {"day": {"type": "string", "format": "date"}},
+        "required": ["day"],
+    }
+    day = client.chat.completions.create(
+        model=base,
+        messages=[{"role": "user", "content": "When did the Berlin wall fall?"}],
+        max_tokens=40,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "day", "schema": dated}},
+    ).choices[0]
+    date.fromisoformat(json.loads(day.message.content)["day"])  # a real calendar date
     choices = ["positive", "negative", "neutral"]
     for text in ("I love this!", "This is awful."):
         answer = client.chat.completions.create(
@@ -424,10 +444,10 @@ def test_json_schema_answers_validate(client, base):  # noqa: F811
             {
                 "response_format": {
                     "type": "json_schema",
-                    "json_schema": {"schema": {"type": "string", "pattern": "a"}},
+                    "json_schema": {"schema": {"type": "integer", "multipleOf": 2}},
                 }
             },
-            "response_format.json_schema.schema: unsupported keyword 'pattern' at #",
+            "response_format.json_schema.schema: unsupported keyword 'multipleOf' at #",
             "invalid_request",
         ),
         (
@@ -437,6 +457,7 @@ def test_json_schema_answers_validate(client, base):  # noqa: F811
         ),
         ({"guided_json": "{not json"}, "'guided_json' is a string but not JSON", "invalid_request"),
         ({"guided_choice": []}, "guided_choice: choices must be a list of 1 to", "invalid_request"),
+        ({"guided_regex": "(a"}, "guided_regex: guided_regex is not a regular expression", "invalid_request"),
         (
             {"response_format": {"type": "json_object"}, "guided_choice": ["a"]},
             "give one of 'response_format' and 'guided_choice', not both",

@@ -7,13 +7,23 @@ from __future__ import annotations
 
 import json
 import random
+from datetime import datetime, time
 
 import jsonschema
 import pytest
 
-from lorakit.serve.schema import MAX_SPACE, Matcher, SchemaError, compile_choices, compile_schema
+from lorakit.serve.schema import (
+    MAX_SPACE,
+    Matcher,
+    SchemaError,
+    compile_choices,
+    compile_pattern,
+    compile_schema,
+)
 
-ALPHABET = list('{}[]",:-.0123456789eE+ tfnrulasxyzé\\/bu')  # what JSON texts are made of, and some letters
+ALPHABET = list('{}[]",:-.0123456789eE+ tfnrulasxyzé\\/buTZ@ABCD')  # what JSON is made of, some letters
+FORMATS = ("date", "time", "date-time", "uuid", "email", "ipv4")
+CHECKER = jsonschema.Draft202012Validator.FORMAT_CHECKER  # (the default one also checks draft 3's "time")
 
 PERSON = {
     "type": "object",
@@ -74,6 +84,20 @@ SCHEMAS = {
         "properties": {'q"uo\\te': {"type": "integer"}},
         "required": ['q"uo\\te'],
     },
+    "patterns": {
+        "type": "object",
+        "properties": {
+            "code": {"type": "string", "pattern": "^[A-Z]{2}-\\d{3}$"},
+            "word": {"type": "string", "pattern": "b"},  # unanchored: anywhere in the value
+            "esc": {"type": "string", "pattern": "^\\\\[a-c]$"},  # a backslash, then a letter
+        },
+        "required": ["code", "word", "esc"],
+    },
+    "formats": {
+        "type": "object",
+        "properties": {f: {"type": "string", "format": f} for f in FORMATS},
+        "required": list(FORMATS),
+    },
 }
 
 
@@ -103,7 +127,11 @@ def test_random_walks_end_in_documents_the_validator_accepts(name):
         text = _walk(schema, rng)
         if text is None:
             continue
-        jsonschema.validate(json.loads(text), schema)  # raises if we generated what the schema rejects
+        doc = json.loads(text)
+        jsonschema.validate(doc, schema, format_checker=CHECKER)  # raises if we generated what it rejects
+        if name == "formats":  # (jsonschema checks RFC 3339 times only with a package we do not need)
+            datetime.fromisoformat(doc["date-time"])
+            time.fromisoformat(doc["time"])
         done += 1
     assert done >= 20, done  # enough walks completed for the check to mean something
 
@@ -122,6 +150,18 @@ DOCS = [
     ("one of", 12),
     ("one of", {"k": "v"}),
     ("escaped key", {'q"uo\\te': 5}),
+    ("patterns", {"code": "AB-123", "word": "xaby", "esc": "\\b"}),
+    (
+        "formats",
+        {
+            "date": "2024-02-28",
+            "time": "12:30:00Z",
+            "date-time": "2024-12-04T19:00:00.5+01:00",
+            "uuid": "123e4567-e89b-12d3-a456-426614174000",
+            "email": "a.b@example.org",
+            "ipv4": "192.168.0.1",
+        },
+    ),
 ]
 
 
@@ -162,6 +202,13 @@ REJECTED = [
     ("empty object only", '{"', 1),
     ("top-level number", "1 ", 1),  # nothing after a whole document
     ("one of", "[", 0),
+    ("patterns", '{"code": "A1', 11),
+    ("patterns", '{"code": "AB-123", "word": "xy"', 30),  # no "b" in it
+    ("patterns", '{"code": "AB-123", "word": "ab", "esc": "\\\\d', 43),
+    ("formats", '{"date": "2024-02-30', 18),  # February has no 30th
+    ("formats", '{"date": "2024-13', 16),
+    ("formats", '{"date": "2024-12-04", "time": "25', 33),
+    ("formats", '{"date": "2024-12-04", "time": "12:00:00"', 40),  # RFC 3339: a time has its offset
 ]
 
 
@@ -176,6 +223,16 @@ def test_what_the_schema_rejects_is_refused_where_it_goes_wrong(name, text, bad_
         state = nxt
     assert bad_at is None, (text, "accepted whole")
     assert state.complete
+
+
+def test_a_regular_expression_guides_the_whole_text():
+    g = compile_pattern(r"(yes|no), because \w+\.")
+    assert Matcher(g).advance("yes, because it.").complete
+    assert not Matcher(g).advance("no, because").complete  # a prefix: fine so far, not whole
+    for text in ("maybe", " yes", "yes,because", "no, because it!"):
+        assert Matcher(g).advance(text) is None, text
+    with pytest.raises(SchemaError, match="guided_regex is not a regular expression"):
+        compile_pattern("(unclosed")
 
 
 def test_choices_are_exactly_one_of_them():
@@ -193,7 +250,8 @@ def test_choices_are_exactly_one_of_them():
 @pytest.mark.parametrize(
     "schema, needle",
     [
-        ({"type": "string", "pattern": "^a+$"}, "unsupported keyword 'pattern' at #"),
+        ({"type": "string", "pattern": "(a"}, "'pattern' at # is not a regular expression"),
+        ({"type": "string", "pattern": "^a+$", "maxLength": 3}, "put the length into the pattern"),
         ({"properties": {"zip": {"type": "integer", "minimum": 0}}}, "'minimum' at #/properties/zip"),
         ({"allOf": [{"type": "string"}]}, "unsupported keyword 'allOf'"),
         ({"type": "object", "required": ["a"]}, "required property 'a' at # is not among its 'properties'"),

@@ -14,7 +14,14 @@ from typing import Any
 from starlette.requests import Request
 
 from lorakit.serve.requests import SamplingParams
-from lorakit.serve.schema import JSON_OBJECT, Grammar, SchemaError, compile_choices, compile_schema
+from lorakit.serve.schema import (
+    JSON_OBJECT,
+    Grammar,
+    SchemaError,
+    compile_choices,
+    compile_pattern,
+    compile_schema,
+)
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -305,9 +312,13 @@ def _sampling(body: dict[str, Any]) -> dict[str, Any]:
 
 def _guide(body: dict[str, Any]) -> Grammar | None:
     """What the output must be, if anything: OpenAI's response_format (`json_object`: any JSON object;
-    `json_schema`: a document its schema allows), or vLLM's guided_json (a schema) or guided_choice (one of a list
-    of strings). At most one of them."""
-    given = [k for k in ("response_format", "guided_json", "guided_choice") if body.get(k) is not None]
+    `json_schema`: a document its schema allows), or vLLM's guided_json (a schema), guided_choice (one of a list
+    of strings) or guided_regex (a text a regular expression fullmatches). At most one of them."""
+    given = [
+        k
+        for k in ("response_format", "guided_json", "guided_choice", "guided_regex")
+        if body.get(k) is not None
+    ]
     given = [k for k in given if k != "response_format" or _format_kind(body[k]) != "text"]
     if len(given) > 1:
         raise bad(f"give one of {given[0]!r} and {given[1]!r}, not both", given[1])
@@ -317,6 +328,8 @@ def _guide(body: dict[str, Any]) -> Grammar | None:
     try:
         if key == "guided_choice":
             return compile_choices(body[key])
+        if key == "guided_regex":
+            return compile_pattern(body[key])
         if key == "guided_json":
             schema = body[key]
             if isinstance(schema, str):

@@ -47,10 +47,11 @@ ANNOTATIONS = frozenset(
     {"title", "description", "default", "examples", "$schema", "$id", "$comment", "format", "readOnly"}
     | {"writeOnly", "deprecated", "contentMediaType", "contentEncoding"}
 )
-"""Keywords that constrain nothing we generate: ignored (`format` is an annotation by default in JSON Schema)."""
+"""Keywords that constrain nothing we generate: ignored (`format` is an annotation by default in JSON Schema;
+those in FORMATS are enforced all the same)."""
 KEYWORDS = frozenset(
     {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "minLength"}
-    | {"maxLength", "enum", "const", "anyOf", "oneOf", "$ref", "$defs", "definitions"}
+    | {"maxLength", "pattern", "enum", "const", "anyOf", "oneOf", "$ref", "$defs", "definitions"}
 )
 """The keywords enforced."""
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
@@ -80,6 +81,12 @@ class Arr:
 class Str:
     min: int = 0
     max: int | None = None
+    pattern: Any = None  # a compiled `regex` pattern the decoded value must fullmatch (pattern, format)
+
+
+@dataclass(eq=False)
+class Rx:
+    pattern: Any  # guided_regex: the whole output, as is, must fullmatch this compiled `regex` pattern
 
 
 @dataclass(eq=False)
@@ -221,7 +228,7 @@ class _Compiler:
             node = self.node(items, f"{where}/items", depth + 1) if hi != 0 else ANY
             return Arr(node, lo, hi)
         if kind == "string":
-            return Str(*_bounds(s, "minLength", "maxLength", where))
+            return Str(*_bounds(s, "minLength", "maxLength", where), _string_pattern(s, where))
         if kind in ("number", "integer"):
             return Num(integer=kind == "integer")
         if kind == "boolean":
@@ -290,6 +297,61 @@ class _Compiler:
         return Ref(ref, self.defs)
 
 
+_DATE = (
+    r"\d{4}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]\d|3[01])|(?:0[469]|11)-(?:0[1-9]|[12]\d|30)"
+    r"|02-(?:0[1-9]|1\d|2[0-8]))"
+)
+"""A calendar date: each month's days (February's 29th never: no leap years in a regular expression)."""
+FORMATS = {
+    "date": _DATE,
+    "time": r"(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d{1,6})?(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)",
+    "date-time": _DATE
+    + r"T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d{1,6})?(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)",
+    "uuid": r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+    "email": r"[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63}){1,8}",
+    "ipv4": r"(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)",
+}
+"""String formats enforced, as the patterns their values fullmatch (RFC 3339 for dates and times, a time with
+its offset); any other format is an annotation."""
+
+
+def compile_regex(pattern: Any, where: str = "guided_regex") -> Any:
+    """`pattern` compiled with the `regex` module (which can tell whether a prefix may still match); SchemaError
+    if it is not a regular expression."""
+    import regex
+
+    if not isinstance(pattern, str) or not pattern or len(pattern) > 4096:
+        raise SchemaError(f"{where} must be a regular expression of 1 to 4096 characters")
+    try:
+        return regex.compile(pattern, regex.V0)
+    except regex.error as e:
+        raise SchemaError(f"{where} is not a regular expression: {e}") from None
+
+
+def compile_pattern(pattern: Any) -> Grammar:
+    """The grammar of texts `pattern` fullmatches, written as is (vLLM's guided_regex)."""
+    return Grammar(Rx(compile_regex(pattern)), space=0, source=str(pattern)[:200])
+
+
+def _string_pattern(s: dict, where: str) -> Any:
+    """What a string's value must fullmatch: its `pattern` (JSON Schema's is a search: unless anchored at both
+    ends it may match anywhere), else the pattern of a known `format`; None if neither."""
+    pattern = s.get("pattern")
+    if pattern is not None and ("minLength" in s or "maxLength" in s):
+        raise SchemaError(
+            f"'pattern' with 'minLength' or 'maxLength' at {where} is not supported (the two could leave no way to "
+            "end the string): put the length into the pattern, as in ^[a-z]{1,8}$"
+        )
+    if pattern is None:
+        known = FORMATS.get(s.get("format"))
+        return compile_regex(known) if known else None
+    if not isinstance(pattern, str):
+        raise SchemaError(f"'pattern' at {where} must be a string")
+    anchored = pattern.startswith("^") and pattern.endswith("$") and not pattern.endswith("\\$")
+    body = pattern[1:-1] if anchored else f"(?s:.*?(?:{pattern}).*)"
+    return compile_regex(body, f"'pattern' at {where}")
+
+
 def _bounds(s: dict, lo_key: str, hi_key: str, where: str) -> tuple[int, int | None]:
     lo, hi = s.get(lo_key, 0), s.get(hi_key)
     for key, value in ((lo_key, lo), (hi_key, hi)):
@@ -318,7 +380,9 @@ def _escape(name: str) -> str:
 #                                     i == -1: any key (esc: the escape state, as in strings)
 #   ("C", node, j)                    a colon comes next, then the value of property j (-1: of any key)
 #   ("A", node, count, stage)         in an array holding `count` values; stage: open, comma, next
-#   ("S", node, length, esc)          in a string value of `length` characters so far
+#   ("S", node, length, esc, value)   in a string value of `length` characters so far (`value`: their decoded
+#                                     text, kept only when the string has a pattern)
+#   ("R", pattern, text)              in a text that a regular expression must fullmatch (guided_regex)
 #   ("N", integer, text)              in a number
 #   ("L", options, typed)             in a literal: `typed` so far, `options` the texts it may still become
 
@@ -372,7 +436,10 @@ def _closed(frame) -> bool:
 
 
 def _value_done(frame) -> bool:
-    """Whether a number or literal frame holds a whole value (it may end at the next character)."""
+    """Whether a number, literal or pattern frame holds a whole value (it may end at the next character)."""
+    if frame[0] == "R":
+        m = frame[1].fullmatch(frame[2], partial=True)
+        return m is not None and not m.partial
     if frame[0] == "N":
         return frame[2][-1:].isdigit()
     if frame[0] == "L":
@@ -390,7 +457,7 @@ def _step(stack, space: int, ch: str, cap: int) -> list:
         return _string(frame, rest, ch)
     if tag == "K":
         return _key(frame, rest, ch)
-    if tag in ("N", "L"):
+    if tag in ("N", "L", "R"):
         out = _extend(frame, rest, ch)
         if _value_done(frame):  # the value may also end here: the character belongs to what follows
             out += _step(rest, space, ch, cap)
@@ -432,7 +499,9 @@ def _value(node, rest, ch: str, seen: set) -> list:
     if isinstance(node, Arr):
         return [((("A", node, 0, "open"), rest), 0)] if ch == "[" else []
     if isinstance(node, Str):
-        return [((("S", node, 0, ""), rest), 0)] if ch == '"' else []
+        return [((("S", node, 0, "", ""), rest), 0)] if ch == '"' else []
+    if isinstance(node, Rx):
+        return _extend(("R", node.pattern, ""), rest, ch)
     if isinstance(node, Num):
         return _extend(("N", node.integer, ""), rest, ch)
     if isinstance(node, Lit):
@@ -441,7 +510,10 @@ def _value(node, rest, ch: str, seen: set) -> list:
 
 
 def _extend(frame, rest, ch: str) -> list:
-    """A number or literal frame with one more character, if that keeps it a prefix of one."""
+    """A number, literal or pattern frame with one more character, if that keeps it a prefix of one."""
+    if frame[0] == "R":
+        text = frame[2] + ch
+        return [((("R", frame[1], text), rest), 0)] if frame[1].fullmatch(text, partial=True) else []
     if frame[0] == "N":
         text = frame[2] + ch
         ok = (_INTEGER if frame[1] else _NUMBER).fullmatch(text) is not None and ch not in _WS
@@ -452,15 +524,49 @@ def _extend(frame, rest, ch: str) -> list:
 
 
 def _string(frame, rest, ch: str) -> list:
-    _, node, length, esc = frame
+    _, node, length, esc, value = frame  # value: the decoded characters so far (kept only with a pattern)
     if esc:
-        esc = _escape_step(esc, ch)
-        return [] if esc is None else [((("S", node, length, esc), rest), 0)]
+        after = _escape_step(esc, ch)
+        if after is None or (node.pattern is not None and after == "u"):  # (no \\u escapes under a pattern)
+            return []
+        if after == "" and node.pattern is not None:  # the escape is over: its character joins the value
+            value += _unescape(esc[1:] + ch if esc == "\\" else esc + ch)
+            if not node.pattern.fullmatch(value, partial=True):
+                return []
+        return [((("S", node, length, after, value), rest), 0)]
     if ch == '"':
-        return [(rest, 0)] if length >= node.min else []
+        if length < node.min:
+            return []
+        if node.pattern is not None:
+            m = node.pattern.fullmatch(value, partial=True)
+            if m is None or m.partial:
+                return []
+        return [(rest, 0)]
     if ord(ch) < 0x20 or (node.max is not None and length >= node.max):
         return []  # control characters must be escaped; a full string takes no more characters
-    return [((("S", node, length + 1, "\\" if ch == "\\" else ""), rest), 0)]
+    if ch == "\\":  # under a pattern, only if some escaped character could come next
+        if node.pattern is not None and not any(
+            node.pattern.fullmatch(value + c, partial=True) for c in _ESCAPED
+        ):
+            return []
+        return [((("S", node, length + 1, "\\", value), rest), 0)]
+    if node.pattern is not None:
+        value += ch
+        if not node.pattern.fullmatch(value, partial=True):
+            return []
+    return [((("S", node, length + 1, "", value), rest), 0)]
+
+
+_ESCAPED = '"\\/\b\f\n\r\t'
+"""The characters of the short escapes (a string with a pattern uses those only: whether some \\uXXXX could continue
+the value cannot be told a digit at a time)."""
+
+
+def _unescape(seq: str) -> str:
+    """The character of an escape sequence, without its backslash ("n", "u00e9", ...)."""
+    if seq[0] == "u":
+        return chr(int(seq[1:], 16))
+    return {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}.get(seq, seq)
 
 
 def _escape_step(esc: str, ch: str) -> str | None:
@@ -540,5 +646,6 @@ __all__ = [
     "Matcher",
     "SchemaError",
     "compile_choices",
+    "compile_pattern",
     "compile_schema",
 ]

@@ -112,6 +112,10 @@ def test_random_documents_and_corruptions_agree_with_json_loads():
         ('{"a": "x\ny"}', 8),  # control characters in strings must be escaped
         ('{"a": "\\x"}', 8),  # not an escape
         ('{"a": "\\u12G4"}', 11),
+        # lone surrogates: valid JSON to Python, not to stricter parsers (pydantic's): never generated
+        ('{"a": "\\ude42"}', 10),  # a low half alone
+        ('{"a": "\\ud83d"}', 13),  # a high half alone
+        ('{"a": "\\ud83d\\u0041"}', 15),  # a high half, then no low half
         ('{"a": 1}}', 8),  # nothing after the object
         ('{"a": 1} ', 8),
         ('{"a": 1]', 7),  # brackets must match

@@ -289,6 +289,8 @@ def test_a_pydantic_models_schema_compiles_and_what_it_allows_validates():
         closed: bool = False
         points: list[Point]
         note: str | None = None
+        drawn: datetime  # format date-time
+        code: str = pydantic.Field(pattern=r"^[a-f]{2}\d$")
 
     schema = Shape.model_json_schema()
     rng = random.Random(7)

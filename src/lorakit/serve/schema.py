@@ -570,14 +570,32 @@ def _unescape(seq: str) -> str:
 
 
 def _escape_step(esc: str, ch: str) -> str | None:
-    """The escape state after `ch` ("" when the escape is over); None if `ch` cannot continue it."""
+    """The escape state after `ch` ("" when the escape is over); None if `ch` cannot continue it.
+
+    States: "\\" after a backslash; "u" and the hex digits so far; "H", "H\\", "Hu"... the same for the low half
+    that must follow a high surrogate (\\ud800 to \\udbff): a lone surrogate is valid JSON to Python but not to
+    stricter parsers (pydantic's, Rust's), so none is generated."""
     if esc == "\\":
         if ch == "u":
             return "u"
         return "" if ch in '"\\/bfnrt' else None
-    if ch not in _HEX:  # esc is "u" plus the hex digits so far
+    if esc == "H":  # a high surrogate's low half: its backslash, then its u
+        return "H\\" if ch == "\\" else None
+    if esc == "H\\":
+        return "Hu" if ch == "u" else None
+    if ch not in _HEX:  # esc is "u" (or "Hu") plus the hex digits so far
         return None
-    return "" if len(esc) == 4 else esc + ch
+    low = esc.startswith("H")
+    digits = esc[2:] if low else esc[1:]
+    if len(digits) == 1 and digits in "dD":  # the surrogates: d800 to dbff high, dc00 to dfff low
+        if low != (ch in "cdefCDEF"):
+            return None  # the low half must come after a high one, and only there
+    elif len(digits) == 0 and low and ch not in "dD":
+        return None
+    if len(digits) < 3:
+        return esc + ch
+    high = not low and digits[0] in "dD" and digits[1] in "89abAB"
+    return "H" if high else ""
 
 
 def _allowed(node: Obj, i: int) -> range:

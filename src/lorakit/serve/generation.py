@@ -78,9 +78,8 @@ class GenerationRoutes:
         self.engine, self.adapters, self.tok = engine, adapters, engine.tokenizer
         self.latency = Latency()
         self.max_waiting = max_waiting
-        self._native_tools: bool | None = (
-            None  # whether the chat template renders `tools` (found on first use)
-        )
+        # whether the chat template renders `tools` (found on first use)
+        self._native_tools: bool | None = None
 
     async def completions(self, request: Request) -> Response:
         parsed = P.parse_completion(await P.read_json(request))
@@ -183,17 +182,7 @@ class GenerationRoutes:
                 if parsed.messages is None:
                     add = parsed.params["add_special_tokens"]
                     return tok(parsed.prompts[0], add_special_tokens=add)["input_ids"]
-                if not getattr(tok, "chat_template", None):
-                    raise P.bad("this model has no chat template; send 'prompt'", "messages")
-                try:
-                    text = tok.apply_chat_template(
-                        parsed.messages,
-                        tokenize=False,
-                        add_generation_prompt=parsed.params["add_generation_prompt"],
-                    )
-                except Exception as e:  # noqa: BLE001 - the template rejects these messages (jinja errors)
-                    raise P.bad(f"the chat template rejects these messages: {e}", "messages") from None
-                return tok(text, add_special_tokens=False)["input_ids"]
+                return self._chat_ids(parsed, parsed.params["add_generation_prompt"], "send 'prompt'")
 
         ids = await asyncio.to_thread(encode)
         return {"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids}
@@ -283,21 +272,7 @@ class GenerationRoutes:
         tok = self.tok
         with self.engine.tokenizer_lock:
             if parsed.messages is not None:
-                if not getattr(tok, "chat_template", None):
-                    raise P.bad("this model has no chat template; use /v1/completions", "messages")
-                messages, extra = parsed.messages, {}
-                if parsed.tools is not None:
-                    native = self._renders_tools()
-                    messages = parsed.tools.prompt(messages, native)
-                    if native and parsed.tools.tools:
-                        extra = {"tools": parsed.tools.specs()}
-                try:
-                    text = tok.apply_chat_template(
-                        messages, tokenize=False, add_generation_prompt=True, **extra
-                    )
-                except Exception as e:  # noqa: BLE001 - the template rejects these messages (jinja errors)
-                    raise P.bad(f"the chat template rejects these messages: {e}", "messages") from None
-                ids = tok(text, add_special_tokens=False)["input_ids"]
+                ids = self._chat_ids(parsed, True, "use /v1/completions")
                 if not ids:
                     raise P.bad("the prompt is empty", "messages")
                 return [ids]
@@ -318,6 +293,26 @@ class GenerationRoutes:
                     raise P.bad(f"{where} is empty", "prompt")
                 out.append(ids)
         return out
+
+    def _chat_ids(self, parsed: P.Parsed, add_generation_prompt: bool, instead: str) -> list[int]:
+        """The chat messages' token ids through the chat template (with the request's tools, if any); 400 naming
+        what to do `instead` when the model has no template. Called with the tokenizer lock held."""
+        tok = self.tok
+        if not getattr(tok, "chat_template", None):
+            raise P.bad(f"this model has no chat template; {instead}", "messages")
+        messages, extra = parsed.messages, {}
+        if parsed.tools is not None:
+            native = self._renders_tools()
+            messages = parsed.tools.prompt(messages, native)
+            if native and parsed.tools.tools:
+                extra = {"tools": parsed.tools.specs()}
+        try:
+            text = tok.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **extra
+            )
+        except Exception as e:  # noqa: BLE001 - the template rejects these messages (jinja errors)
+            raise P.bad(f"the chat template rejects these messages: {e}", "messages") from None
+        return tok(text, add_special_tokens=False)["input_ids"]
 
     def _renders_tools(self) -> bool:
         """Whether the chat template puts `tools` into the prompt (it renders a probe differently with them).

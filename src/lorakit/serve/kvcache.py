@@ -74,23 +74,17 @@ def stack(
     """One cache from single rows' caches (each per layer (1, kv_heads, T_i, head_dim), or None for a row with
     none), each left-padded to the longest: per layer (keys, values) (batch, kv_heads, T, head_dim), and the
     (batch, T) mask. Always new tensors (never the parts themselves)."""
-    some = next(p for p in parts if p is not None)
-    t = max(p[0][0].shape[2] for p in parts if p is not None)
+    empty = [(k[:, :, :0], v[:, :, :0]) for k, v in next(p for p in parts if p is not None)]
+    parts = [empty if p is None else p for p in parts]  # a row with none: all padding
+    lengths = [p[0][0].shape[2] for p in parts]
+    t = max(lengths)
     mask = torch.zeros((len(parts), t), dtype=torch.long)
-    for i, p in enumerate(parts):
-        if p is not None:
-            mask[i, t - p[0][0].shape[2] :] = 1
-    layers = []
-    for layer, (k0, v0) in enumerate(some):
-        ks, vs = [], []
-        for p in parts:
-            if p is None:
-                ks.append(k0.new_zeros((1, k0.shape[1], t, k0.shape[3])))
-                vs.append(v0.new_zeros((1, v0.shape[1], t, v0.shape[3])))
-            else:
-                ks.append(pad_left(p[layer][0], t, dim=2))
-                vs.append(pad_left(p[layer][1], t, dim=2))
-        layers.append((torch.cat(ks, dim=0), torch.cat(vs, dim=0)))
+    for i, n in enumerate(lengths):
+        mask[i, t - n :] = 1
+    layers = [
+        tuple(torch.cat([pad_left(p[layer][j], t, dim=2) for p in parts], dim=0) for j in (0, 1))
+        for layer in range(len(empty))
+    ]
     return layers, mask
 
 

@@ -38,7 +38,7 @@ class Row:
     """The output text's length after each of those tokens: where the next one starts."""
     logprobs_sent: int = 0
     guide: Guide | None = None
-    """JSON mode: what the output may continue with."""
+    """Structured output: what the output may continue with."""
     logprob_sum: float = 0.0
     """With SamplingParams.logprobs: the sum over every sampled token, end-of-sequence and stop tokens included."""
     prefix: Hit | None = None

@@ -127,10 +127,9 @@ ANY = _any()
 class Grammar:
     root: Any
     space: int = MAX_SPACE  # most whitespace characters in a row outside strings
-    source: str = ""  # what it was compiled from, for messages
 
 
-JSON_OBJECT = Grammar(Obj(extra=ANY), source='{"type": "object"}')
+JSON_OBJECT = Grammar(Obj(extra=ANY))
 """JSON mode: any JSON object."""
 
 
@@ -143,7 +142,7 @@ def compile_schema(schema: Any) -> Grammar:
     if isinstance(schema, bool):
         if not schema:
             raise SchemaError("the schema is false: it allows nothing")
-        return Grammar(ANY, source="true")
+        return Grammar(ANY)
     if not isinstance(schema, dict):
         raise SchemaError(f"a schema must be a JSON object, got {type(schema).__name__}")
     compiler = _Compiler(schema)
@@ -152,7 +151,7 @@ def compile_schema(schema: Any) -> Grammar:
         name = next(n for n in compiler.pending if n not in compiler.defs)
         sub, where = compiler.pending[name]
         compiler.defs[name] = compiler.node(sub, where)
-    return Grammar(root, source=json.dumps(schema)[:200])
+    return Grammar(root)
 
 
 def compile_choices(choices: Any) -> Grammar:
@@ -164,7 +163,7 @@ def compile_choices(choices: Any) -> Grammar:
         or not all(isinstance(c, str) and c for c in choices)
     ):
         raise SchemaError(f"choices must be a list of 1 to {MAX_CHOICES} non-empty strings")
-    return Grammar(Lit(tuple(dict.fromkeys(choices))), space=0, source=json.dumps(choices)[:200])
+    return Grammar(Lit(tuple(dict.fromkeys(choices))), space=0)
 
 
 class _Compiler:
@@ -330,7 +329,7 @@ def compile_regex(pattern: Any, where: str = "guided_regex") -> Any:
 
 def compile_pattern(pattern: Any) -> Grammar:
     """The grammar of texts `pattern` fullmatches, written as is (vLLM's guided_regex)."""
-    return Grammar(Rx(compile_regex(pattern)), space=0, source=str(pattern)[:200])
+    return Grammar(Rx(compile_regex(pattern)), space=0)
 
 
 def _string_pattern(s: dict, where: str) -> Any:

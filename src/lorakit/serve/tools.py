@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorakit.serve.protocol import Parsed, bad
-from lorakit.serve.schema import MAX_SPACE, AnyOf, Grammar, Lit, Obj, SchemaError, compile_schema
+from lorakit.serve.schema import AnyOf, Grammar, Lit, Obj, SchemaError, compile_schema
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_TOOLS = 128
@@ -69,9 +69,7 @@ class Tools:
             Obj((("name", Lit((json.dumps(t.name),)), True), ("arguments", t.params.root, True)))
             for t in chosen
         ]
-        return Grammar(
-            calls[0] if len(calls) == 1 else AnyOf(calls), MAX_SPACE, f"tool call of {self.choice}"
-        )
+        return Grammar(calls[0] if len(calls) == 1 else AnyOf(calls))
 
     def calls_of(self, text: str) -> list[dict[str, Any]]:
         """The tool calls `text` makes (OpenAI's shape, arguments as a JSON string), or [] if it is not calls."""
@@ -154,13 +152,12 @@ class Tools:
 
     def describe(self) -> str:
         listed = "\n".join(json.dumps(t.spec, ensure_ascii=False) for t in self.tools)
-        ask = (
-            "To call one, answer with only a JSON object: "
-            '{"name": <the function\'s name>, "arguments": <an object of its arguments>}.'
-        )
-        if self.forced:
+        call = '{"name": <the function\'s name>, "arguments": <an object of its arguments>}.'
+        if not self.forced:
+            ask = f"To call one, answer with only a JSON object: {call}"
+        else:
             which = "one of these functions" if self.choice == "required" else f"the function {self.choice}"
-            ask = f"Answer by calling {which}: with only a JSON object " + ask.split("object: ", 1)[1]
+            ask = f"Answer by calling {which}: with only a JSON object {call}"
         return f"You can call these functions, given as JSON Schemas:\n<tools>\n{listed}\n</tools>\n{ask}"
 
     def specs(self) -> list[dict[str, Any]]:

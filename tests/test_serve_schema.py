@@ -12,9 +12,9 @@ from datetime import datetime, time
 import jsonschema
 import pytest
 
+from lorakit.serve.matcher import Matcher
 from lorakit.serve.schema import (
     MAX_SPACE,
-    Matcher,
     SchemaError,
     compile_choices,
     compile_pattern,

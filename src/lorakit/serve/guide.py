@@ -18,8 +18,9 @@ from collections.abc import Callable
 
 import torch
 
+from lorakit.serve.matcher import Matcher
 from lorakit.serve.requests import GREEDY_BELOW, sample
-from lorakit.serve.schema import JSON_OBJECT, MAX_SPACE, Grammar, Matcher
+from lorakit.serve.schema import JSON_OBJECT, MAX_SPACE, Grammar
 
 CANDIDATES = 256
 """The most likely tokens checked at each step; the whole vocabulary only when none of them is valid."""

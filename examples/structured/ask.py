@@ -1,6 +1,7 @@
 """Structured output and tool calls from `lorakit serve`, through the official OpenAI client.
 
-Start a server (`lorakit serve`, or `lorakit serve --adapter NAME=DIR` and pass --model NAME), then:
+Needs the OpenAI client (`pip install openai`; the test extras have it). Start a server (`lorakit serve`, or
+`lorakit serve --adapter NAME=DIR` and pass --model NAME), then:
 
     python examples/structured/ask.py                       # against http://127.0.0.1:8000/v1
     python examples/structured/ask.py --url http://host:8000/v1 --model dates

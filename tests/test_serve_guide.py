@@ -10,8 +10,10 @@ import json
 import random
 
 import pytest
+import torch
 
-from lorakit.serve.guide import MAX_SPACE, JsonPrefix
+from lorakit.serve.guide import CANDIDATES, MAX_SPACE, Guide, JsonPrefix
+from lorakit.serve.schema import compile_schema
 
 DOCS = [
     {},
@@ -136,3 +138,28 @@ def test_a_refused_text_leaves_the_state_as_it_was():
     state = JsonPrefix()
     assert state.feed('{"a": [1') and not state.feed("x]}") and state.feed(", 2]}") and state.complete
     assert json.loads('{"a": [1, 2]}') == {"a": [1, 2]}
+
+
+def test_sampling_follows_the_valid_part_of_the_distribution_beyond_the_candidates():
+    """Sampling draws from the model's distribution restricted to the valid tokens, also where that mass lies
+    outside the CANDIDATES most likely: here the 256 most likely tokens are invalid but "{" (5 % of the
+    probability), and 20 tokens "[" far down the list hold another 5 %. Exactly: half and half."""
+    vocab = 2000
+    texts = {0: "{"} | {t: "[" for t in range(1, 21)} | {t: "x" for t in range(21, vocab)}  # "x": never valid
+    guide = Guide(compile_schema({"anyOf": [{"type": "object"}, {"type": "array"}]}), lambda t: texts[t])
+    probs = torch.empty(vocab)
+    probs[0] = 0.05
+    probs[1:21] = 0.0025  # each less likely than any candidate
+    probs[21:276] = 0.0035  # 255 invalid candidates
+    probs[276:] = (1 - 0.05 - 20 * 0.0025 - 255 * 0.0035) / (vocab - 276)
+    logits = probs.log()
+    assert set(logits.topk(CANDIDATES).indices.tolist()) == {0, *range(21, 276)}
+    gen = torch.Generator().manual_seed(0)
+    n = 3000
+    draws = [guide.pick(logits, 1.0, 1.0, gen, {vocab}) for _ in range(n)]
+    assert set(draws) <= set(range(21))  # only valid tokens
+    share = draws.count(0) / n
+    # a binomial frequency of 3000 draws has a standard deviation of at most 0.0091: 0.04 is over 4 of them
+    assert abs(share - 0.5) < 0.04, share
+    # with top-p the draw stays among the valid candidates
+    assert {guide.pick(logits, 1.0, 0.99, gen, {vocab}) for _ in range(50)} == {0}

@@ -420,6 +420,25 @@ def test_json_schema_answers_validate(client, base):  # noqa: F811
         response_format={"type": "json_schema", "json_schema": {"name": "day", "schema": dated}},
     ).choices[0]
     date.fromisoformat(json.loads(day.message.content)["day"])  # a real calendar date
+    rated = {
+        "type": "object",
+        "properties": {
+            "stars": {"type": "integer", "minimum": 1, "maximum": 5},
+            "confidence": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        },
+        "required": ["stars", "confidence"],
+    }
+    for temperature in (0, 1.0):
+        rating = client.chat.completions.create(
+            model="a",
+            messages=[{"role": "user", "content": "Rate the film Casablanca."}],
+            max_tokens=40,
+            temperature=temperature,
+            seed=3,
+            response_format={"type": "json_schema", "json_schema": {"name": "rating", "schema": rated}},
+        ).choices[0]
+        assert rating.finish_reason == "stop", rating
+        jsonschema.validate(json.loads(rating.message.content), rated)  # within the bounds
     choices = ["positive", "negative", "neutral"]
     for text in ("I love this!", "This is awful."):
         answer = client.chat.completions.create(
@@ -451,8 +470,8 @@ def test_json_schema_answers_validate(client, base):  # noqa: F811
             "invalid_request",
         ),
         (
-            {"guided_json": {"properties": {"n": {"minimum": 1}}}},
-            "guided_json: unsupported keyword 'minimum'",
+            {"guided_json": {"properties": {"n": {"multipleOf": 3}}}},
+            "guided_json: unsupported keyword 'multipleOf'",
             "invalid_request",
         ),
         ({"guided_json": "{not json"}, "'guided_json' is a string but not JSON", "invalid_request"),

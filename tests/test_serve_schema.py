@@ -79,6 +79,12 @@ SCHEMAS = {
     "const": {"const": {"a": [1, "x"]}},
     "empty object only": {"type": "object", "additionalProperties": False},
     "one of": {"oneOf": [{"type": "integer"}, {"type": "object", "properties": {"k": {"type": "string"}}}]},
+    "all of one": {  # as pydantic 1 wrote a nested model with a description
+        "type": "object",
+        "properties": {"owner": {"allOf": [{"$ref": "#/definitions/P"}], "description": "who"}},
+        "required": ["owner"],
+        "definitions": {"P": {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}},
+    },
     "escaped key": {
         "type": "object",
         "properties": {'q"uo\\te': {"type": "integer"}},
@@ -97,6 +103,19 @@ SCHEMAS = {
         "type": "object",
         "properties": {f: {"type": "string", "format": f} for f in FORMATS},
         "required": list(FORMATS),
+    },
+    "bounds": {
+        "type": "object",
+        "properties": {
+            "age": {"type": "integer", "minimum": 0, "maximum": 150},
+            "score": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+            "temp": {"type": "number", "minimum": -273.15, "maximum": 100},
+            "neg": {"type": "integer", "minimum": -50, "maximum": -10},
+            "pick": {"type": "integer", "minimum": 7, "maximum": 7},
+            "big": {"type": "integer", "minimum": 1000},
+            "below": {"type": "number", "exclusiveMaximum": -2.5},
+        },
+        "required": ["age", "score", "temp", "neg", "pick", "big", "below"],
     },
 }
 
@@ -162,6 +181,11 @@ DOCS = [
             "ipv4": "192.168.0.1",
         },
     ),
+    (
+        "bounds",
+        {"age": 150, "score": 1, "temp": -273.15, "neg": -10, "pick": 7, "big": 123456, "below": -2.51},
+    ),
+    ("bounds", {"age": 0, "score": 0.001, "temp": 99.99, "neg": -50, "pick": 7, "big": 1000, "below": -1000}),
 ]
 
 
@@ -209,6 +233,21 @@ REJECTED = [
     ("formats", '{"date": "2024-13', 16),
     ("formats", '{"date": "2024-12-04", "time": "25', 33),
     ("formats", '{"date": "2024-12-04", "time": "12:00:00"', 40),  # RFC 3339: a time has its offset
+    ("bounds", '{"age": 151', 10),  # at most 150
+    ("bounds", '{"age": -', 8),  # at least 0 (and never -0)
+    ("bounds", '{"age": 1, "score": 0,', 21),  # more than 0 ("0" may still become 0.5)
+    ("bounds", '{"age": 1, "score": 1.5', 22),  # at most 1 ("1." may still become 1.0)
+    ("bounds", '{"age": 1, "score": 2', 20),
+    ("bounds", '{"age": 1, "score": 1, "temp": -273.16', 37),
+    ("bounds", '{"age": 1, "score": 1, "temp": 1e', 32),  # no exponent under bounds
+    ("bounds", '{"age": 1, "score": 1, "temp": 1, "neg": -9', 42),  # -9 and -90 to -99 are out
+    ("bounds", '{"age": 1, "score": 1, "temp": 1, "neg": -10, "pick": 70', 55),
+    (
+        "bounds",
+        '{"age": 1, "score": 1, "temp": 1, "neg": -10, "pick": 7, "big": 999,',
+        67,
+    ),  # ("999" may grow)
+    ("bounds", '{"age": 1, "score": 1, "temp": 1, "neg": -10, "pick": 7, "big": 1000, "below": -2.5}', 83),
 ]
 
 
@@ -252,8 +291,17 @@ def test_choices_are_exactly_one_of_them():
     [
         ({"type": "string", "pattern": "(a"}, "'pattern' at # is not a regular expression"),
         ({"type": "string", "pattern": "^a+$", "maxLength": 3}, "put the length into the pattern"),
-        ({"properties": {"zip": {"type": "integer", "minimum": 0}}}, "'minimum' at #/properties/zip"),
-        ({"allOf": [{"type": "string"}]}, "unsupported keyword 'allOf'"),
+        ({"properties": {"zip": {"type": "integer", "multipleOf": 5}}}, "'multipleOf' at #/properties/zip"),
+        (
+            {"type": "integer", "minimum": 5, "maximum": 3},
+            "no integer is within 'minimum' 5, 'maximum' 3 at #",
+        ),
+        ({"type": "integer", "exclusiveMinimum": 0, "maximum": 0.5}, "nothing fits"),
+        ({"type": "number", "maximum": "10"}, "'maximum' at # must be a number"),
+        ({"type": "number", "exclusiveMaximum": True}, "'exclusiveMaximum' true at # needs 'maximum'"),
+        ({"allOf": [{"type": "string"}, {"maxLength": 3}]}, "'allOf' at # with other than one schema"),
+        ({"allOf": [{"type": "string"}], "type": "string"}, "'allOf' at # with 'type' beside it"),
+        ({"not": {"type": "string"}}, "unsupported keyword 'not'"),
         ({"type": "object", "required": ["a"]}, "required property 'a' at # is not among its 'properties'"),
         ({"type": "string", "minLength": 5, "maxLength": 2}, "nothing fits"),
         ({"type": "array", "maxItems": -1}, "'maxItems' at # must be an integer >= 0"),
@@ -291,6 +339,8 @@ def test_a_pydantic_models_schema_compiles_and_what_it_allows_validates():
         note: str | None = None
         drawn: datetime  # format date-time
         code: str = pydantic.Field(pattern=r"^[a-f]{2}\d$")
+        sides: int = pydantic.Field(ge=3, le=12)
+        opacity: float = pydantic.Field(gt=0, lt=1)
 
     schema = Shape.model_json_schema()
     rng = random.Random(7)
@@ -298,3 +348,65 @@ def test_a_pydantic_models_schema_compiles_and_what_it_allows_validates():
     assert len(texts) >= 20
     for text in texts:
         Shape.model_validate_json(text)  # pydantic itself reads what we allowed
+
+
+def test_numbers_within_bounds_are_exactly_what_the_validator_accepts():
+    """For bounds of every kind (inclusive, exclusive, draft 4's boolean, one side, fractions, negative) and many
+    numbers: the automaton ends on a number exactly when the validator accepts it, and never leads into a dead
+    end (a start that no allowed number continues)."""
+    rng = random.Random(11)
+    limits = [None, -100, -2.5, -1, 0, 0.25, 1, 7, 12.5, 150, 1000]
+    numbers = [
+        "0",
+        "-0",
+        "1",
+        "-1",
+        "7",
+        "10",
+        "12.5",
+        "12.49",
+        "150",
+        "150.0",
+        "151",
+        "999",
+        "1000",
+        "0.001",
+    ]
+    numbers += ["-2.5", "-2.51", "-100", "-100.5", "0.25", "0.2500001", "-0.0"]
+    numbers += [str(rng.randint(-2000, 2000)) for _ in range(40)]
+    numbers += [f"{rng.uniform(-200, 200):.{rng.randint(1, 4)}f}" for _ in range(40)]
+    for _ in range(300):
+        lo, hi = rng.choice(limits), rng.choice(limits)
+        schema: dict = {"type": rng.choice(["integer", "number"])}
+        draft4 = rng.random() < 0.2  # draft 4's way: exclusiveMinimum/-Maximum are booleans beside the bounds
+        for key, limit in (("Minimum", lo), ("Maximum", hi)):
+            if limit is None:
+                continue
+            exclusive = rng.random() < 0.4
+            if draft4:
+                schema[key.lower()] = limit
+                if exclusive:
+                    schema[f"exclusive{key}"] = True
+            else:
+                schema[f"exclusive{key}" if exclusive else key.lower()] = limit
+        validator = jsonschema.Draft4Validator if draft4 else jsonschema.Draft202012Validator
+        try:
+            grammar = compile_schema(schema)
+        except SchemaError as e:
+            assert "nothing fits" in str(e)  # then no number at all may be accepted
+            assert not any(validator(schema).is_valid(json.loads(n)) for n in numbers), schema
+            continue
+        for text in numbers:
+            valid = validator(schema).is_valid(json.loads(text))
+            if schema["type"] == "integer" and "." in text:
+                valid = False  # (JSON Schema takes 150.0 as an integer; we write integers without a point)
+            if text.startswith("-") and float(text) == 0:
+                valid = False  # (nor -0 under bounds)
+            state = Matcher(grammar)
+            for ch in text:
+                # never a dead end: what is allowed so far is a whole number or can still become one
+                assert state.complete or any(state.advance(c) for c in "0123456789.-"), (schema, text)
+                state = state.advance(ch)
+                if state is None:
+                    break
+            assert (state is not None and state.complete) == valid, (schema, text)

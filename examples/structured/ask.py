@@ -41,7 +41,7 @@ WEATHER = {
 
 class Cat(pydantic.BaseModel):
     name: str = pydantic.Field(max_length=20)
-    age: int
+    age: int = pydantic.Field(ge=0, le=30)
     indoor: bool
     toys: list[str] = pydantic.Field(max_length=3)
 

@@ -7,9 +7,12 @@ text is whole.
     guide.advance(token, eos_ids)
 
 `Guide.pick` draws from the row's own distribution (its temperature and top-p) restricted to the tokens that keep
-the output valid, among the `CANDIDATES` most likely (all tokens when none of those is valid): greedily, the most
-likely valid token. An end-of-sequence token is valid once the text is whole; when nothing may follow, it is the
-only choice.
+the output valid: greedily, the most likely valid token. Without top-p the draw is exact, by rejection: a token
+drawn from the whole vocabulary (less the invalid ones among the `CANDIDATES` most likely, checked first) is kept
+if valid, else removed and another drawn, which is the restricted distribution however little of it the
+candidates hold (after `MAX_REJECTIONS` tries, and with top-p, the draw is among the valid candidates; all tokens
+are checked only when none of those is valid). An end-of-sequence token is valid once the text is whole; when
+nothing may follow, it is the only choice.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from lorakit.serve.schema import JSON_OBJECT, MAX_SPACE, Grammar
 
 CANDIDATES = 256
 """The most likely tokens checked at each step; the whole vocabulary only when none of them is valid."""
+MAX_REJECTIONS = 64
+"""Most tokens outside the candidates drawn and found invalid in one exact draw before it settles for the valid
+candidates."""
 
 
 class JsonPrefix:
@@ -66,9 +72,10 @@ class Guide:
         generator: torch.Generator | None,
         eos_ids: set[int],
     ) -> int:
-        """The next token, drawn as `sample` draws (temperature, top-p; greedy below GREEDY_BELOW) from the
-        CANDIDATES most likely tokens of `logits` (vocab,) that keep the output valid; from all valid tokens when
-        none of those is. ValueError if no token is valid."""
+        """The next token that keeps the output valid, drawn as `sample` draws (temperature, top-p; greedy below
+        GREEDY_BELOW) from `logits` (vocab,) restricted to the valid tokens: exactly, greedy or without top-p (as
+        long as MAX_REJECTIONS is not reached); else from the valid ones among the CANDIDATES most likely (all
+        valid tokens when none of those is). ValueError if no token is valid."""
         if self.state.finished:  # the text is whole and nothing may follow: end it
             eos = sorted(eos_ids, key=lambda t: -float(logits[t]))
             if not eos:
@@ -86,6 +93,10 @@ class Guide:
                 raise ValueError("guided decoding: no token of this model's vocabulary continues the output")
             return token
         ok = [self.valid(t, eos_ids) for t in ids.tolist()]
+        if any(ok) and top_p >= 1.0 and len(ids) < logits.numel():
+            token = self._draw(logits, temperature, ids, ok, generator, eos_ids)
+            if token is not None:
+                return token
         if not any(ok):  # rare: scan the whole vocabulary
             values, ids = logits.sort(descending=True)
             ok = [self.valid(t, eos_ids) for t in ids.tolist()]
@@ -93,6 +104,31 @@ class Guide:
                 raise ValueError("guided decoding: no token of this model's vocabulary continues the output")
         masked = torch.where(torch.tensor(ok), values, float("-inf"))
         return int(ids[sample(masked, temperature, top_p, generator)])
+
+    def _draw(
+        self,
+        logits: torch.Tensor,
+        temperature: float,
+        ids: torch.Tensor,
+        ok: list[bool],
+        generator: torch.Generator | None,
+        eos_ids: set[int],
+    ) -> int | None:
+        """An exact draw from the valid part of softmax(logits / temperature), by rejection (see the module's
+        docstring); None after MAX_REJECTIONS invalid tokens outside the candidates."""
+        if torch.isnan(logits).any() or torch.isposinf(logits).any():
+            return None  # (`sample` has the rules for those)
+        probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)
+        probs[ids[~torch.tensor(ok)]] = 0.0  # the candidates known invalid
+        candidates = set(ids.tolist())
+        for _ in range(MAX_REJECTIONS):
+            if not probs.sum() > 0:
+                return None
+            token = int(torch.multinomial(probs, 1, generator=generator))
+            if token in candidates or self.valid(token, eos_ids):
+                return token  # (a candidate still in `probs` is a valid one)
+            probs[token] = 0.0
+        return None
 
     def advance(self, token: int, eos_ids: set[int]) -> None:
         if token not in eos_ids:
@@ -102,4 +138,4 @@ class Guide:
             self.state = nxt
 
 
-__all__ = ["CANDIDATES", "MAX_SPACE", "Guide", "JsonPrefix"]
+__all__ = ["CANDIDATES", "MAX_REJECTIONS", "MAX_SPACE", "Guide", "JsonPrefix"]

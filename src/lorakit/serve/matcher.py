@@ -19,24 +19,20 @@ A stack is None (the document is whole) or (frame, rest). Frames:
     ("S", node, length, esc, value)   in a string value of `length` characters so far (`value`: their decoded
                                       text, kept only when the string has a pattern)
     ("R", pattern, text)              in a text that a regular expression must fullmatch (guided_regex)
-    ("N", integer, text)              in a number
+    ("N", node, text)                 in a number (`node`: its Num, which says what it may become)
     ("L", options, typed)             in a literal: `typed` so far, `options` the texts it may still become
 """
 
 from __future__ import annotations
 
-import re
-
-from lorakit.serve.schema import AnyOf, Arr, Grammar, Lit, Num, Obj, Ref, Rx, Str
+from lorakit.serve.numbers import Num
+from lorakit.serve.schema import AnyOf, Arr, Grammar, Lit, Obj, Ref, Rx, Str
 
 MAX_ALTERNATIVES = 64
 """Most parser stacks followed at once (more are dropped: what is generated stays valid, only less varied)."""
 
 _WS = " \t\n\r"
 _HEX = frozenset("0123456789abcdefABCDEF")
-_NUMBER = re.compile(r"-?(?:(?:0|[1-9][0-9]*)(?:\.[0-9]*|(?:\.[0-9]+)?[eE][+-]?[0-9]*)?)?")
-_INTEGER = re.compile(r"-?(?:0|[1-9][0-9]*)?")
-r"""The prefixes of a JSON number, -?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?, cut anywhere; of an integer."""
 
 
 class Matcher:
@@ -83,7 +79,7 @@ def _can_end(stack) -> bool:
 def _closed(frame) -> bool:
     """Whether a number or literal frame holds a whole value that no character can extend."""
     if frame[0] == "N":
-        return frame[1] and frame[2].lstrip("-") == "0"  # an integer 0: no leading zeros
+        return frame[1].whole(frame[2]) and not any(frame[1].prefix(frame[2] + c) for c in "0123456789.eE")
     return frame[0] == "L" and frame[1] == (frame[2],)
 
 
@@ -93,7 +89,7 @@ def _value_done(frame) -> bool:
         m = frame[1].fullmatch(frame[2], partial=True)
         return m is not None and not m.partial
     if frame[0] == "N":
-        return frame[2][-1:].isdigit()
+        return frame[1].whole(frame[2])
     if frame[0] == "L":
         return frame[2] in frame[1]
     return False
@@ -155,7 +151,7 @@ def _value(node, rest, ch: str, seen: set) -> list:
     if isinstance(node, Rx):
         return _extend(("R", node.pattern, ""), rest, ch)
     if isinstance(node, Num):
-        return _extend(("N", node.integer, ""), rest, ch)
+        return _extend(("N", node, ""), rest, ch)
     if isinstance(node, Lit):
         return _extend(("L", node.options, ""), rest, ch)
     return []
@@ -168,7 +164,7 @@ def _extend(frame, rest, ch: str) -> list:
         return [((("R", frame[1], text), rest), 0)] if frame[1].fullmatch(text, partial=True) else []
     if frame[0] == "N":
         text = frame[2] + ch
-        ok = (_INTEGER if frame[1] else _NUMBER).fullmatch(text) is not None and ch not in _WS
+        ok = ch not in _WS and frame[1].prefix(text)
         return [((("N", frame[1], text), rest), 0)] if ok else []
     typed = frame[2] + ch
     options = tuple(o for o in frame[1] if o.startswith(typed))

@@ -6,8 +6,8 @@ automaton (`lorakit.serve.matcher.Matcher`) accepts exactly the prefixes of the 
     state = Matcher(grammar).advance('{"name": "Ada')   # None if the text cannot start an allowed document
 
 A schema compiles to nodes: objects (their properties in the schema's order; a property not required may be left
-out; no other keys are generated), arrays (minItems, maxItems), strings (minLength, maxLength, pattern, some formats), numbers and
-integers, literals (enum, const, true/false/null) and alternatives (anyOf, oneOf, a list of types), with `$ref`
+out; no other keys are generated), arrays (minItems, maxItems), strings (minLength, maxLength, pattern, some
+formats), numbers and integers (minimum, maximum, exclusiveMinimum, exclusiveMaximum), literals (enum, const, true/false/null) and alternatives (anyOf, oneOf, a list of types), with `$ref`
 to `#`, `#/$defs/...` and `#/definitions/...` (recursion included). Keywords that only annotate (title,
 description, default, examples, format, ...) are ignored; any other keyword is refused with a `SchemaError` that
 names it and where it is, rather than generating output the schema would reject. Everything generated validates:
@@ -21,9 +21,13 @@ that a model cannot pad its answer with blank lines.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
+
+from lorakit.serve.numbers import Num
 
 MAX_SPACE = 4
 """Most whitespace characters in a row outside strings."""
@@ -41,6 +45,7 @@ those in FORMATS are enforced all the same)."""
 KEYWORDS = frozenset(
     {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "minLength"}
     | {"maxLength", "pattern", "enum", "const", "anyOf", "oneOf", "$ref", "$defs", "definitions"}
+    | {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "allOf"}
 )
 """The keywords enforced."""
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
@@ -76,11 +81,6 @@ class Str:
 @dataclass(eq=False)
 class Rx:
     pattern: Any  # guided_regex: the whole output, as is, must fullmatch this compiled `regex` pattern
-
-
-@dataclass(eq=False)
-class Num:
-    integer: bool = False
 
 
 @dataclass(eq=False)
@@ -181,6 +181,16 @@ class _Compiler:
             )
         if "$ref" in s:
             return self._ref(s, where)
+        if "allOf" in s:  # one schema, as generators write a $ref with a description: that schema
+            parts, others = (
+                s["allOf"],
+                sorted(k for k in s if k in KEYWORDS and k not in ("allOf", "$defs", "definitions")),
+            )
+            if not isinstance(parts, list) or len(parts) != 1:
+                raise SchemaError(f"'allOf' at {where} with other than one schema is not supported")
+            if others:
+                raise SchemaError(f"'allOf' at {where} with {others[0]!r} beside it is not supported")
+            return self.node(parts[0], f"{where}/allOf/0", depth + 1)
         for key in ("anyOf", "oneOf"):
             if key in s:
                 return self._alternatives(s, key, where, depth)
@@ -199,6 +209,8 @@ class _Compiler:
             return alts[0] if len(alts) == 1 else AnyOf(alts)
         if kind is None:  # no type: what the other keywords say, else anything
             kind = "object" if "properties" in s else "array" if "items" in s else None
+            if kind is None and any(k in s for k in NUMERIC):
+                kind = "number"  # (the other types ignore the bounds: a number that keeps them is allowed)
             if kind is None:
                 return ANY
         return self._typed(s, kind, where, depth)
@@ -218,7 +230,7 @@ class _Compiler:
         if kind == "string":
             return Str(*_bounds(s, "minLength", "maxLength", where), _string_pattern(s, where))
         if kind in ("number", "integer"):
-            return Num(integer=kind == "integer")
+            return _number(s, kind == "integer", where)
         if kind == "boolean":
             return Lit(("true", "false"))
         if kind == "null":
@@ -338,6 +350,44 @@ def _string_pattern(s: dict, where: str) -> Any:
     anchored = pattern.startswith("^") and pattern.endswith("$") and not pattern.endswith("\\$")
     body = pattern[1:-1] if anchored else f"(?s:.*?(?:{pattern}).*)"
     return compile_regex(body, f"'pattern' at {where}")
+
+
+NUMERIC = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def _number(s: dict, integer: bool, where: str) -> Num:
+    """A number or integer within the schema's bounds: the stricter of `minimum` and `exclusiveMinimum` (a number,
+    or draft 4's boolean that makes `minimum` exclusive), and likewise above."""
+    values = {}
+    for key in NUMERIC:
+        value = s.get(key)
+        if value is None or (isinstance(value, bool) and key.startswith("exclusive")):
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise SchemaError(f"{key!r} at {where} must be a number, got {value!r}"[:200])
+        values[key] = Fraction(repr(value)) if isinstance(value, float) else Fraction(value)
+    node = Num(integer)
+    for side, inclusive, exclusive in (
+        ("lo", "minimum", "exclusiveMinimum"),
+        ("hi", "maximum", "exclusiveMaximum"),
+    ):
+        flag = s.get(exclusive)
+        if isinstance(flag, bool) and flag and inclusive not in values:
+            raise SchemaError(f"{exclusive!r} true at {where} needs {inclusive!r} beside it")
+        options = [(values[inclusive], flag is True)] if inclusive in values else []
+        if exclusive in values:
+            options.append((values[exclusive], True))
+        if options:  # the stricter one: the higher least value, the lower greatest; open before closed
+            sign = 1 if side == "lo" else -1
+            bound, is_open = max(options, key=lambda o: (sign * o[0], o[1]))
+            setattr(node, side, bound)
+            setattr(node, f"{side}_open", is_open)
+    if node.bounded and not node.prefix(""):
+        given = ", ".join(f"{k!r} {s[k]!r}" for k in NUMERIC if k in s)
+        raise SchemaError(
+            f"no {'integer' if integer else 'number'} is within {given} at {where}: nothing fits"[:300]
+        )
+    return node
 
 
 def _bounds(s: dict, lo_key: str, hi_key: str, where: str) -> tuple[int, int | None]:

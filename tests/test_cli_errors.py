@@ -174,6 +174,8 @@ def test_eval_with_nothing_left_after_truncation_says_so(files, tmp_path, capsys
         (["serve", "--wait-ms", "inf"], "--wait-ms", "inf"),
         (["serve", "--max-batch", "0"], "--max-batch", "0"),
         (["serve", "--prefix-cache-mb", "-1"], "--prefix-cache-mb", "-1"),
+        (["serve", "--prefill-chunk", "-5"], "--prefill-chunk", "-5"),
+        (["serve", "--prefill-chunk", "1.5"], "--prefill-chunk", "1.5"),
     ],
 )
 def test_bad_numeric_options_are_refused_before_anything_loads(capsys, argv, option, value):

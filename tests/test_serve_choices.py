@@ -271,7 +271,8 @@ def test_long_prompts_are_scored_a_chunk_at_a_time(default_model_dir):
     assert len(long_ids) == 600 > 2 * SCORE_CHUNK
 
     def scores(plain: bool) -> list[list]:
-        eng = Engine(model, tok, AdapterBank(model), EngineConfig(max_batch=4, wait_ms=0))
+        # (whole prompts: with a prefill chunk, a prompt to score longer than it runs alone)
+        eng = Engine(model, tok, AdapterBank(model), EngineConfig(max_batch=4, wait_ms=0, prefill_chunk=0))
         assert eng._head is not None  # the default model's head is plain
         if not plain:
             eng._head = None  # the engine's other path, as for a head that is not plain

@@ -16,7 +16,7 @@ from test_serve import _random_adapter
 import lorakit
 from lorakit.bank import AdapterBank
 from lorakit.serve.engine import Engine, EngineConfig
-from lorakit.serve.prefixes import MIN_MATCH, PrefixStore
+from lorakit.serve.prefixes import MIN_MATCH, SHARE_MIN, PrefixStore, Start, shared_starts
 from lorakit.serve.requests import Done, Failed, GenRequest, SamplingParams
 
 # Log-probabilities with and without the cache differ by float32 rounding only: the cached keys and values were
@@ -93,6 +93,34 @@ def test_eviction_keeps_the_bytes_under_the_limit_least_recently_used_first():
     assert not off.enabled and not off.add("k", seqs[0], _kv(seqs[0])) and off.lookup("k", seqs[0]) is None
     with pytest.raises(ValueError, match="max_bytes"):
         PrefixStore(-1)
+
+
+def test_shared_starts_are_the_long_common_starts_of_one_prefills_prompts():
+    system = list(range(1000, 1000 + 2 * SHARE_MIN))  # a long system prompt
+    more = list(range(5000, 5000 + SHARE_MIN))  # a long example that two of the prompts add
+    a, b = system + [1, 2], system + [3, 4, 5]
+    c, d = system + more + [6], system + more + [7, 8]
+    other = list(range(9000, 9000 + 3 * SHARE_MIN))
+    got = shared_starts([("k", a, 0), ("k", c, 0), ("k", other, 0), ("k", b, 0), ("k", d, 0)])
+    # c and d share system + more; a, b (and c, d) share system, which system + more extends: one start serves all
+    assert [(s.key, list(s.tokens)) for s in got] == [("k", system + more)]
+    assert got[0].prompt in (1, 4)  # computed as the start of c or d
+    # per key: the same prompts under two adapters are two starts
+    got = shared_starts([("x", a, 0), ("y", a, 0), ("x", b, 0), ("y", b, 0)])
+    assert sorted((s.key, list(s.tokens)) for s in got) == [("x", system), ("y", system)]
+    # what the cache holds already does not count: the shared part must go SHARE_MIN beyond it
+    assert shared_starts([("k", a, len(system) - SHARE_MIN + 1), ("k", b, 0)]) == []
+    got = shared_starts([("k", a, 0), ("k", b, len(system) - SHARE_MIN)])
+    assert [list(s.tokens) for s in got] == [system] and got[0].prompt == 1  # b's cached start is the longer
+    # never a whole prompt: its last token must run in the prefill
+    assert [list(s.tokens) for s in shared_starts([("k", system, 0), ("k", a, 0)])] == [system[:-1]]
+    shortest = [("k", system[:SHARE_MIN] + [1], 0), ("k", system[:SHARE_MIN] + [2], 0)]
+    assert shared_starts(shortest) == [Start("k", tuple(system[:SHARE_MIN]), 0)]
+    assert (
+        shared_starts([("k", system[: SHARE_MIN - 1] + [1], 0), ("k", system[: SHARE_MIN - 1] + [2], 0)])
+        == []
+    )
+    assert shared_starts([("k", a, 0)]) == [] and shared_starts([]) == []
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -268,3 +296,60 @@ def test_an_adapter_loaded_again_never_meets_its_old_cache(model, tmp_path, refe
         eng.stop()
         if "b" in bank:
             bank.unload("b")
+
+
+@pytest.mark.real_model
+def test_prompts_of_one_prefill_compute_their_common_start_once(model, bank, reference):
+    """Requests behind one long system prompt arriving together (two per adapter): the system prompt is computed
+    once per adapter, before their prefill, and each answer is the one it gets alone."""
+    tok = model[1]
+    eng = _engine(model, bank, 1 << 30, wait_ms=300)
+    try:
+        questions = ["Name a river.", "Name a mountain in Europe.", "Which ocean is the largest?", "Hi!"]
+        prompts = [
+            _ids(tok, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}])
+            for q in questions
+        ]
+        adapters = [None, None, "a", "a"]
+
+        def common(x, y):
+            return next(i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q)
+
+        shared = [common(*prompts[:2])] * 2 + [common(*prompts[2:])] * 2  # base, then a
+        assert min(shared) >= SHARE_MIN
+        prefills = eng.stats["prefills"]
+        queues = [_submit(eng, ids, adapter) for ids, adapter in zip(prompts, adapters, strict=True)]
+        got = [_result(q) for q in queues]
+        assert eng.stats["prefills"] == prefills + 1 and eng.stats["shared_starts"] == 2  # one per adapter
+        for ids, adapter, g in zip(prompts, adapters, got, strict=True):
+            _same(g, _result(_submit(reference, ids, adapter)))
+        # each found the start computed for its pair
+        assert [g[3].cached_tokens for g in got] == shared
+    finally:
+        eng.stop()
+
+
+@pytest.mark.real_model
+def test_a_prompt_is_shared_while_its_request_runs(model, bank, reference):
+    """A request arriving while another with the same system prompt decodes uses that prompt's cache at once."""
+    tok = model[1]
+    eng = _engine(model, bank, 1 << 30)
+    try:
+        first = _ids(
+            tok, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Tell a long story."}]
+        )
+        later = _ids(
+            tok, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Name a lake."}]
+        )
+        common = next(i for i, (p, q) in enumerate(zip(first, later, strict=False)) if p != q)
+        running = _submit(eng, first, "a", max_tokens=2000, ignore_eos=True)
+        running.get(timeout=180)  # its first token: it has been prefilled, and decodes on
+        got = _result(_submit(eng, later, "a"))
+        assert got[3].cached_tokens == common
+        events = []
+        while not running.empty():
+            events.append(running.get())
+        assert events and not any(isinstance(e, (Done, Failed)) for e in events)  # the first still runs
+        _same(got, _result(_submit(reference, later, "a")))
+    finally:
+        eng.stop()

@@ -31,6 +31,8 @@ def _int_in(low: int, high: int | None, what: str):
 
 positive_int = _int_in(1, None, "a positive integer")
 """argparse type: an integer >= 1 (steps, ranks, lengths, batch sizes)."""
+non_negative_int = _int_in(0, None, "an integer >= 0")
+"""argparse type: an integer >= 0 (a size where 0 turns something off)."""
 tcp_port = _int_in(1, 65535, "a TCP port 1..65535")
 """argparse type: a TCP port, 1..65535."""
 

@@ -8,7 +8,7 @@ import sys
 import time
 
 from lorakit.cli.common import MODEL_HELP, add_device
-from lorakit.cliargs import non_negative, positive_int, tcp_port
+from lorakit.cliargs import non_negative, non_negative_int, positive_int, tcp_port
 
 
 def configure_serve(p: argparse.ArgumentParser) -> None:
@@ -52,6 +52,13 @@ def configure_serve(p: argparse.ArgumentParser) -> None:
         help="MiB of finished requests' KV cache kept for prompts that start the same way, such as a chat's "
         "next turn (default: 1024; 0: off)",
     )
+    p.add_argument(
+        "--prefill-chunk",
+        type=non_negative_int,
+        default=512,
+        help="most prompt tokens computed between two decode steps: a longer prompt is prefilled a chunk per "
+        "step, so that streaming answers pause for a chunk at a time (default: 512; 0: whole prompts)",
+    )
     add_device(p)
 
 
@@ -73,6 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len,
         max_waiting=args.max_waiting,
         prefix_cache_mb=args.prefix_cache_mb,
+        prefill_chunk=args.prefill_chunk,
         device=args.device,
         dtype=args.dtype,
     )

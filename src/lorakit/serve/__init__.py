@@ -58,6 +58,9 @@ class ServeConfig:
     prefix_cache_mb: float = 1024
     """Most MiB of finished requests' KV cache kept, so that prompts that start the same way skip that start
     (a chat's next turn, a shared system prompt); 0 turns the prefix cache off."""
+    prefill_chunk: int = 512
+    """Most prompt tokens computed between two decode steps: longer prompts are prefilled a chunk per step, so
+    that the answers streaming meanwhile pause for a chunk at a time (0: whole prompts at once)."""
     device: str = "auto"
     """Where the model runs: auto (a CUDA GPU if there is one), cpu, cuda or cuda:N."""
     dtype: str = "auto"
@@ -75,6 +78,8 @@ class ServeConfig:
             raise ConfigError(
                 f"--prefix-cache-mb must be a number of MiB, 0 or more, got {self.prefix_cache_mb}"
             )
+        if self.prefill_chunk < 0:
+            raise ConfigError(f"--prefill-chunk must be 0 or more, got {self.prefill_chunk}")
         if self.wait_ms < 0:
             raise ConfigError(f"--wait-ms must be >= 0, got {self.wait_ms}")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -133,6 +138,7 @@ def build(config: ServeConfig) -> FastAPI:
             wait_ms=config.wait_ms,
             max_model_len=config.max_model_len,
             prefix_cache_bytes=int(config.prefix_cache_mb * 2**20),
+            prefill_chunk=config.prefill_chunk,
         ),
     )
     app_config = AppConfig(

@@ -15,10 +15,12 @@ requests join between decode steps, finished ones leave. Rows of different lengt
 of shape (batch, kv_heads, T, head_dim); the 2D attention mask hides the padding and explicit position ids keep
 each row's positions its own, so a row decodes as it would alone.
 
-The KV cache of a finished row (prompt and generated tokens) goes to the prefix cache (`lorakit.serve.prefixes`);
-a new row whose prompt starts like a cached sequence prefills only the rest, its cached start put in front as
-past keys and values (rows of one prefill then have padding between their cached start and their new tokens,
-which the mask hides like any other).
+The KV cache of each prompt prefilled, and of each finished row (prompt and generated tokens), goes to the prefix
+cache (`lorakit.serve.prefixes`); a new row whose prompt starts like a cached sequence prefills only the rest, its
+cached start put in front as past keys and values (rows of one prefill then have padding between their cached
+start and their new tokens, which the mask hides like any other). Prompts wait for their prefill in a queue
+(`lorakit.serve.prefill`) that computes at most `prefill_chunk` prompt tokens per step: a longer prompt is computed
+a chunk per step, between decode steps, and long starts that new prompts share are computed once.
 
 Torch is not thread-safe for concurrent forwards and loading or deleting an adapter rewires modules, so anything
 that touches the model (`call`) runs on this thread, between steps. Each admitted request holds its adapter in
@@ -56,6 +58,7 @@ from lorakit.errors import AdapterError
 from lorakit.fused import plain_head
 from lorakit.serve import kvcache
 from lorakit.serve.guide import Guide
+from lorakit.serve.prefill import PrefillQueue, prompt_key
 from lorakit.serve.prefixes import PrefixCache
 from lorakit.serve.requests import SHUTDOWN, Done, Failed, GenRequest, Prompt, deliver, failure
 from lorakit.serve.routing import route
@@ -83,6 +86,9 @@ class EngineConfig:
     """Context length: prompt plus completion (default: the model's max_position_embeddings)."""
     prefix_cache_bytes: int = 1 << 30
     """Most bytes of finished requests' KV cache kept for later prompts that start the same way (0: none)."""
+    prefill_chunk: int = 512
+    """Most prompt tokens computed between two decode steps: a longer prompt is prefilled a chunk per step, so
+    that the rows decoding meanwhile pause for one chunk at a time, not for the whole prompt (0: whole prompts)."""
 
 
 # -- the engine ------------------------------------------------------------------------------------------------
@@ -120,7 +126,9 @@ class Engine:
         self.stats = {
             "steps": 0,
             "prefills": 0,
+            "prefill_chunks": 0,
             "shared_prefills": 0,
+            "shared_starts": 0,
             "prompt_tokens": 0,
             "cached_prompt_tokens": 0,
             "generated_tokens": 0,
@@ -128,6 +136,14 @@ class Engine:
             "requests": 0,
             "errors": 0,
         }
+        self._queue = PrefillQueue(  # admitted rows whose prompts are not yet (wholly) computed
+            self._forward,
+            self.prefixes,
+            self._fail_rows,
+            chunk=self.config.prefill_chunk,
+            pad_id=self.pad_id,
+            stats=self.stats,
+        )
 
     # -- public, any thread ------------------------------------------------------------------------------------
 
@@ -165,7 +181,7 @@ class Engine:
         """Rows decoding, requests waiting, and adapters unloaded but kept until their requests finish."""
         unloading = sorted(set(self.bank.paths) - set(self.bank.names()))
         return {
-            "running": len(self._rows),
+            "running": len(self._rows) + len(self._queue),
             "waiting": len(self._pending) + self._inbox.qsize(),
             "unloading": unloading,
         }
@@ -185,6 +201,8 @@ class Engine:
         for row in self._rows:
             row.finish(SHUTDOWN)
         self._drop_finished()
+        self._fail_rows(self._queue.rows, SHUTDOWN, error=False)
+        self._queue.rows = []
         while self._pending:
             deliver(self._pending.popleft(), SHUTDOWN)
         while True:  # work that arrived while stopping
@@ -200,8 +218,11 @@ class Engine:
     def _iteration(self) -> None:
         self._take()
         new = self._admit()
-        if new:
-            self._prefill_isolated(new)
+        spent = self._queue.add(new) if new else 0
+        if self._queue:
+            ready = self._queue.step(spent)
+            if ready:
+                self._prefill_isolated(ready)
             self._drop_finished()  # rows done in their prefill (max_tokens=1, a stop) take no decode step
         if self._rows:
             rows = list(self._rows)
@@ -238,9 +259,10 @@ class Engine:
                 log.exception("prefill failed")
                 self._fail_rows([row], failure(e))
 
-    def _fail_rows(self, rows: list[Row], event: Failed) -> None:
+    def _fail_rows(self, rows: list[Row], event: Failed, *, error: bool = True) -> None:
         """Fail rows that are not (or no longer) in the batch, releasing their adapters."""
-        self.stats["errors"] += 1
+        if error:
+            self.stats["errors"] += 1
         for row in rows:
             if not row.finished:
                 row.finish(event)
@@ -256,7 +278,7 @@ class Engine:
 
     def _take(self) -> None:
         """Move requests from the inbox to the pending queue, running commands on the way. Blocks while idle."""
-        idle = not self._rows and not self._pending
+        idle = not self._rows and not self._pending and not self._queue
         deadline = None
         while True:
             try:
@@ -288,12 +310,12 @@ class Engine:
         distinct prompts: equal ones share a forward, `_prefill`)."""
         new: list[Row] = []
         longest, distinct = 0, set()
-        while self._pending and len(self._rows) + len(new) < self.config.max_batch:
+        while self._pending and len(self._rows) + len(self._queue) + len(new) < self.config.max_batch:
             req = self._pending[0]
             if req.cancelled:
                 self._pending.popleft()
                 continue
-            key = _prompt_key(req)
+            key = prompt_key(req)
             hit = self.prefixes.lookup_request(req)
             longest_if = max(longest, len(req.prompt_ids) - (hit.length if hit else 0))
             forwards = len(distinct | {key})
@@ -341,7 +363,7 @@ class Engine:
         Rows with the same prompt and adapter (the choices of one request with `n` > 1, or equal requests) are
         computed once: the forward runs over the distinct ones, and their cache and logits are copied to the rest."""
         distinct: dict[tuple, int] = {}
-        source = [distinct.setdefault(_prompt_key(r.req), len(distinct)) for r in rows]
+        source = [distinct.setdefault(prompt_key(r.req), len(distinct)) for r in rows]
         firsts = [rows[source.index(j)] for j in range(len(distinct))]
         scored = [r.req.params.prompt_logprobs is not None for r in rows]
         for j, score in zip(source, scored, strict=True):  # a prompt to score runs whole
@@ -349,23 +371,13 @@ class Engine:
                 firsts[j].prefix = None
         for r, j in zip(rows, source, strict=True):  # equal rows share their first's cached start
             r.prefix = firsts[j].prefix
-        # the tokens to run: each prompt after its cached start, if any, left-padded to a common length
-        length = max(len(r.req.prompt_ids) - r.cached for r in firsts)
-        ids = torch.full((len(firsts), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(firsts), length), dtype=torch.long)
-        for i, r in enumerate(firsts):
-            n = len(r.req.prompt_ids) - r.cached
-            ids[i, length - n :] = torch.tensor(r.req.prompt_ids[r.cached :], dtype=torch.long)
-            mask[i, length - n :] = 1
         for r in rows:
             r.n_real = len(r.req.prompt_ids)
-        cached = torch.tensor([r.cached for r in firsts])
-        positions = (cached[:, None] + mask.cumsum(-1) - 1).clamp(min=0)
-        if cached.any():  # the cached starts, left-padded: the cache's columns before the new tokens'
-            past, past_mask = kvcache.stack([r.prefix.kv() if r.prefix else None for r in firsts])
-            cache, mask = kvcache.make_cache(past), torch.cat([past_mask, mask], dim=1)
-        else:
-            cache = DynamicCache()
+        # the tokens to run: each prompt after its cached start, if any, left-padded to a common length
+        ids, mask, positions, cache = kvcache.prompt_inputs(
+            [(r.req.prompt_ids, r.prefix.kv() if r.prefix else None) for r in firsts], self.pad_id
+        )
+        length = ids.shape[1]
         # prompts to score: with a plain LM head, from the last hidden states, a chunk of positions at a time;
         # else from the logits of every position of the batch
         head = self._head if any(scored) else None
@@ -373,11 +385,18 @@ class Engine:
         hook = None if head is None else self.model.base_model.register_forward_hook(keep_hidden(hidden))
         try:
             logits = self._forward(
-                firsts, ids, mask, positions, cache, last_only=head is not None or not any(scored)
+                [r.req.adapter for r in firsts],
+                ids,
+                mask,
+                positions,
+                cache,
+                last_only=head is not None or not any(scored),
             )
         finally:
             if hook is not None:
                 hook.remove()
+        if self.prefixes.enabled:  # requests arriving while these run can share their prompts
+            self.prefixes.remember_prompts(firsts, cache, mask)
         if logits.dim() == 2:  # (batch, vocab): the last positions only (or prompts of one token)
             logits = logits[:, None]
         if len(firsts) < len(rows):
@@ -386,7 +405,7 @@ class Engine:
             hidden = [h[torch.tensor(source, device=h.device)] for h in hidden]
         self.stats["shared_prefills"] += len(rows) - len(firsts)
         self.stats["prompt_tokens"] += sum(r.n_real for r in rows)
-        self.stats["cached_prompt_tokens"] += sum(r.cached for r in rows)
+        self.stats["cached_prompt_tokens"] += sum(r.reused for r in rows)
         self._append(cache, mask, rows)
         self.stats["prefills"] += 1
         for i, r in enumerate(rows):
@@ -406,7 +425,9 @@ class Engine:
         ids = torch.tensor([[r.out_ids[-1]] for r in rows], dtype=torch.long)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
         positions = torch.tensor([[r.n_real] for r in rows], dtype=torch.long)
-        logits = self._forward(rows, ids, self._mask, positions, self._cache, last_only=False)
+        logits = self._forward(
+            [r.req.adapter for r in rows], ids, self._mask, positions, self._cache, last_only=False
+        )
         self.stats["steps"] += 1
         self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
         for i, r in enumerate(rows):
@@ -415,7 +436,7 @@ class Engine:
 
     def _forward(
         self,
-        rows: list[Row],
+        adapters: list[str | None],
         ids: torch.Tensor,
         mask: torch.Tensor,
         positions: torch.Tensor,
@@ -423,7 +444,7 @@ class Engine:
         *,
         last_only: bool,
     ) -> torch.Tensor:
-        """Logits of each row's last position, (batch, vocab), with each row's adapter; without `last_only`, of
+        """Logits of each row's last position, (batch, vocab), with its adapter (`adapters`); without `last_only`, of
         every position (batch, new tokens, vocab) when there is more than one.
 
         ids and positions are (batch, new tokens), mask (batch, cached + new tokens); `cache` grows in place."""
@@ -431,7 +452,7 @@ class Engine:
         kwargs = {self._cache_kw: cache, "use_cache": True}
         if last_only and self._keep_kw:
             kwargs[self._keep_kw] = 1
-        with route(self.model, self.bank, [r.req.adapter for r in rows]):
+        with route(self.model, self.bank, adapters):
             out = self.model(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
@@ -511,8 +532,3 @@ class Engine:
     def _detokenize(self, ids: list[int]) -> str:
         with self.tokenizer_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-
-def _prompt_key(req: GenRequest) -> tuple:
-    """Requests with equal keys have equal prefills: the same adapter and prompt."""
-    return (req.adapter, tuple(req.prompt_ids))

@@ -7,6 +7,8 @@ tensors across transformers versions.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import DynamicCache
 
@@ -86,6 +88,28 @@ def stack(
         for layer in range(len(empty))
     ]
     return layers, mask
+
+
+def prompt_inputs(
+    prompts: list[tuple[Sequence[int], list[tuple[torch.Tensor, torch.Tensor]] | None]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache]:
+    """A prefill's inputs for prompts given as (tokens, the cache of their first tokens or None): the tokens after
+    each cached start, left-padded to a common length, (batch, new) `ids` and `positions` (continuing from the
+    cached length), and the cache holding the cached starts (left-padded: `stack`) with the (batch, cached + new)
+    mask covering both."""
+    cached = torch.tensor([0 if past is None else past[0][0].shape[2] for _, past in prompts])
+    length = max(len(tokens) - int(c) for (tokens, _), c in zip(prompts, cached, strict=True))
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for i, ((tokens, _), c) in enumerate(zip(prompts, cached.tolist(), strict=True)):
+        n = len(tokens) - c
+        ids[i, length - n :] = torch.tensor(list(tokens[c:]), dtype=torch.long)
+        mask[i, length - n :] = 1
+    positions = (cached[:, None] + mask.cumsum(-1) - 1).clamp(min=0)
+    if not cached.any():
+        return ids, mask, positions, DynamicCache()
+    past, past_mask = stack([past for _, past in prompts])
+    return ids, torch.cat([past_mask, mask], dim=1), positions, make_cache(past)
 
 
 def row(cache: DynamicCache, i: int, cols: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -27,9 +27,17 @@ COUNTERS = {
     ),
     "generated_tokens": ("lorakit_generated_tokens", "Tokens sampled (end-of-sequence tokens included)."),
     "prefills": ("lorakit_prefills", "Prefill forward passes."),
+    "prefill_chunks": (
+        "lorakit_prefill_chunks",
+        "Forward passes computing a chunk of a long prompt before its prefill (--prefill-chunk).",
+    ),
     "shared_prefills": (
         "lorakit_shared_prefill_rows",
         "Rows whose prompt another row of the prefill computed.",
+    ),
+    "shared_starts": (
+        "lorakit_shared_prompt_starts",
+        "Starts shared by prompts of one prefill, computed once before it (see the prefix cache).",
     ),
     "steps": ("lorakit_decode_steps", "Decode steps (one forward pass for every running row)."),
 }

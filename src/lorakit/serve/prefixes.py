@@ -12,8 +12,13 @@ cache for the prompt, not only whole cached sequences: a match is the longest co
 the key, at most the prompt's length minus one (the last prompt token must run to give the next token's logits).
 
 Entries are evicted least recently used first to stay within `max_bytes`; an entry that another one extends is
-dropped (the longer one serves both). `PrefixCache` is the engine's store: keyed by adapter load, and filled from
-the batch's finished rows. It lives on the engine thread: it is not locked.
+dropped (the longer one serves both). `PrefixCache` is the engine's store: keyed by adapter load, and filled with
+each prompt as it is prefilled (so that requests arriving while it runs share it) and each row's whole sequence
+when it finishes. It lives on the engine thread: it is not locked.
+
+Prompts that join one prefill cannot use each other's cache that way: `shared_starts` finds the long starts they
+have in common beyond what the store holds, which the engine computes once, in a forward of their own, and adds
+to the store before the prefill looks the prompts up again.
 """
 
 from __future__ import annotations
@@ -40,6 +45,10 @@ log = logging.getLogger(__name__)
 MIN_MATCH = 16
 """Shortest match worth using: below it, recomputing costs about as little as copying the cache."""
 
+SHARE_MIN = 64
+"""Fewest tokens, beyond what the store already holds, that make a cache entry worth a copy at prefill time, and a
+start shared by prompts of one prefill worth a forward of its own."""
+
 
 @dataclass(eq=False)
 class Entry:
@@ -47,6 +56,11 @@ class Entry:
     tokens: torch.Tensor  # (T,) int64, on the CPU
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), each (1, kv_heads, T, head_dim)
     nbytes: int
+
+    @classmethod
+    def of(cls, key: Hashable, tokens: Sequence[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Entry:
+        nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+        return cls(key, torch.tensor(list(tokens), dtype=torch.long), kv, nbytes)
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,45 @@ class Hit:
     def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer the cached (keys, values) of those tokens, each (1, kv_heads, length, head_dim) (views)."""
         return [(k[:, :, : self.length], v[:, :, : self.length]) for k, v in self.entry.kv]
+
+
+@dataclass(frozen=True)
+class Start:
+    """A start that prompts of one prefill share: computed once, then cached under `key`."""
+
+    key: Hashable
+    tokens: tuple[int, ...]
+    prompt: int  # index of a prompt that starts with it, whose cached start (the longest) it continues
+
+
+def shared_starts(prompts: Sequence[tuple[Hashable, Sequence[int], int]]) -> list[Start]:
+    """The starts worth computing once for distinct prompts (key, tokens, cached length) of one prefill.
+
+    Prompts of one key share a start when their longest common start (at most all but the last token of either)
+    goes at least SHARE_MIN tokens beyond what either has cached. Sorted, a prompt's longest common start with any
+    other is the one with a neighbour, so neighbours are compared; a start that another one extends is left out
+    (once the longer one is cached, it serves both: a lookup finds any common start)."""
+    by_key: dict[Hashable, list[int]] = {}
+    for i, (key, _, _) in enumerate(prompts):
+        by_key.setdefault(key, []).append(i)
+    out: list[Start] = []
+    for key, idx in by_key.items():
+        order = sorted(idx, key=lambda i: tuple(prompts[i][1]))
+        found: dict[tuple[int, ...], int] = {}
+        for a, b in zip(order, order[1:], strict=False):
+            (_, pa, ca), (_, pb, cb) = prompts[a], prompts[b]
+            n = min(len(pa), len(pb)) - 1
+            if n - max(ca, cb) < SHARE_MIN:
+                continue
+            n = _common(torch.tensor(pa[:n]), torch.tensor(pb[:n]))
+            if n - max(ca, cb) >= SHARE_MIN:
+                found[tuple(pa[:n])] = a if ca >= cb else b
+        kept: list[tuple[int, ...]] = []
+        for start in sorted(found, key=len, reverse=True):
+            if not any(longer[: len(start)] == start for longer in kept):
+                kept.append(start)
+        out += [Start(key, start, found[start]) for start in kept]
+    return out
 
 
 class PrefixStore:
@@ -103,11 +156,13 @@ class PrefixStore:
     def add(self, key: Hashable, tokens: Sequence[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
         """Keep `kv`, the cache of `tokens` under `key` (tensors the caller no longer changes). False if it is
         not kept: too short to be matched, bigger than the whole store, or already covered by an entry."""
-        t = len(tokens)
-        nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
-        if not self.enabled or t <= MIN_MATCH or nbytes > self.max_bytes:
+        return self.add_entry(Entry.of(key, tokens, kv))
+
+    def add_entry(self, entry: Entry) -> bool:
+        """`add`, of an entry made already."""
+        key, ids, t = entry.key, entry.tokens, entry.tokens.shape[0]
+        if not self.enabled or t <= MIN_MATCH or entry.nbytes > self.max_bytes:
             return False
-        ids = torch.tensor(list(tokens), dtype=torch.long)
         for old in list(self._entries.values()):
             if old.key != key:
                 continue
@@ -118,9 +173,8 @@ class PrefixStore:
                 return False
             if n < t and _common(old.tokens, ids[:n]) == n:  # the new one extends it
                 self._remove(old)
-        entry = Entry(key, ids, kv, nbytes)
         self._entries[id(entry)] = entry
-        self.nbytes += nbytes
+        self.nbytes += entry.nbytes
         self.stats["added"] += 1
         while self.nbytes > self.max_bytes:
             self._remove(next(iter(self._entries.values())))
@@ -158,6 +212,26 @@ class PrefixCache(PrefixStore):
         if not self.enabled or req.params.prompt_logprobs is not None:
             return None
         return self.lookup(self.key(req.adapter), req.prompt_ids)
+
+    def own(self, key: Hashable, tokens: Sequence[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Hit:
+        """A cached start made of `kv` (tensors nobody changes), the cache of all of `tokens`: kept in the store
+        too when it takes it, so that other prompts can use it (a prompt's chunk: `EngineConfig.prefill_chunk`)."""
+        entry = Entry.of(key, tokens, kv)
+        self.add_entry(entry)
+        return Hit(entry, len(tokens))
+
+    def remember_prompts(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+        """Keep the KV cache of the prompts just prefilled (row i of `cache` is `rows[i]`'s) that computed at least
+        SHARE_MIN new tokens, so that requests arriving while they run share them."""
+        try:
+            for i, r in enumerate(rows):
+                if len(r.req.prompt_ids) - r.cached < SHARE_MIN:
+                    continue
+                cols = mask[i].nonzero()[:, 0]
+                if cols.numel() == len(r.req.prompt_ids):
+                    self.add(self.key(r.req.adapter), r.req.prompt_ids, kvcache.row(cache, i, cols))
+        except Exception:  # noqa: BLE001 - a cache is an optimisation: never a reason to fail
+            log.exception("keeping a prefilled prompt's cache failed")
 
     def remember(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor) -> None:
         """Keep the KV cache of the batch's finished rows that did not fail: the prompt and the generated tokens

@@ -42,19 +42,27 @@ class Row:
     logprob_sum: float = 0.0
     """With SamplingParams.logprobs: the sum over every sampled token, end-of-sequence and stop tokens included."""
     prefix: Hit | None = None
-    """The start of the prompt whose KV cache the prefix cache holds (set when admitted, used by the prefill)."""
+    """The start of the prompt whose KV cache is ready (from the prefix cache, and the row's own chunks: set when
+    admitted and after each chunk, used by the prefill)."""
+    chunked: int = 0
+    """Prompt tokens this row computed in chunks before its prefill (`EngineConfig.prefill_chunk`)."""
     failed: bool = False
 
     @property
     def cached(self) -> int:
-        """Prompt tokens taken from the prefix cache."""
+        """Prompt tokens whose KV cache is ready before the prefill."""
         return self.prefix.length if self.prefix is not None else 0
+
+    @property
+    def reused(self) -> int:
+        """Prompt tokens this row did not compute: taken from the prefix cache (OpenAI's cached_tokens)."""
+        return max(self.cached - self.chunked, 0)
 
     def finish(self, event: Done | Failed) -> None:
         self.finished = True
         self.failed = isinstance(event, Failed)
         if isinstance(event, Done):
-            event.cached_tokens = self.cached
+            event.cached_tokens = self.reused
         deliver(self.req, event)
 
     def accept(

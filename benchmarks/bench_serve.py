@@ -104,6 +104,20 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(10)
 
 
+def chat_stream(client: httpx.Client, body: dict[str, Any]):
+    """The chunks (parsed JSON) of one streamed chat completion; RuntimeError on an HTTP error or an error event."""
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"request failed: {r.status_code} {r.read()[:300]!r}")
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"request failed: {chunk['error']}")
+            yield chunk
+
+
 async def one(
     client: httpx.AsyncClient, model: str, prompt: str, max_tokens: int, extra: dict[str, Any] | None = None
 ) -> dict[str, Any]:

@@ -12,8 +12,7 @@ appends their KV cache to the running batch's and then runs one decode step for 
 own adapter (`lorakit.mixed.row_adapters`; a batch of one adapter takes the plain single-adapter path; a ladder
 adapter's side output is gated to its rows, `lorakit.variants.ladder.ladder_rows`). New
 requests join between decode steps, finished ones leave. Rows of different lengths share one left-padded cache
-of shape (batch, kv_heads, T, head_dim); the 2D attention mask hides the padding and explicit position ids keep
-each row's positions its own, so a row decodes as it would alone.
+(`lorakit.serve.batch`), so a row decodes as it would alone.
 
 The KV cache of each prompt prefilled, and of each finished row (prompt and generated tokens), goes to the prefix
 cache (`lorakit.serve.prefixes`); a new row whose prompt starts like a cached sequence prefills only the rest, its
@@ -57,6 +56,7 @@ from lorakit.bank import AdapterBank
 from lorakit.errors import AdapterError
 from lorakit.fused import plain_head
 from lorakit.serve import kvcache
+from lorakit.serve.batch import Batch
 from lorakit.serve.guide import Guide
 from lorakit.serve.prefill import PrefillQueue, prompt_key
 from lorakit.serve.prefixes import PrefixCache
@@ -115,9 +115,7 @@ class Engine:
         self._head = plain_head(model) if self._keep_kw else None
         self._inbox: queue.Queue = queue.Queue()
         self._pending: deque[GenRequest] = deque()
-        self._rows: list[Row] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # (batch, T): 1 for real tokens, 0 for left padding
+        self._batch = Batch()  # the rows decoding, and their cache
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         if self.config.prefix_cache_bytes < 0:
@@ -181,7 +179,7 @@ class Engine:
         """Rows decoding, requests waiting, and adapters unloaded but kept until their requests finish."""
         unloading = sorted(set(self.bank.paths) - set(self.bank.names()))
         return {
-            "running": len(self._rows) + len(self._queue),
+            "running": len(self._batch) + len(self._queue),
             "waiting": len(self._pending) + self._inbox.qsize(),
             "unloading": unloading,
         }
@@ -198,9 +196,9 @@ class Engine:
                 self._fail_batch(failure(e))
                 time.sleep(0.01)  # should it repeat, the log stays readable and the CPU free
         self._stopping.set()
-        for row in self._rows:
+        for row in self._batch.rows:
             row.finish(SHUTDOWN)
-        self._drop_finished()
+        self._batch.drop_finished(self.prefixes)
         self._fail_rows(self._queue.rows, SHUTDOWN, error=False)
         self._queue.rows = []
         while self._pending:
@@ -223,16 +221,18 @@ class Engine:
             ready = self._queue.step(spent)
             if ready:
                 self._prefill_isolated(ready)
-            self._drop_finished()  # rows done in their prefill (max_tokens=1, a stop) take no decode step
-        if self._rows:
-            rows = list(self._rows)
+            self._batch.drop_finished(
+                self.prefixes
+            )  # rows done in their prefill (max_tokens=1, a stop) take no decode step
+        if self._batch.rows:
+            rows = list(self._batch.rows)
             try:
                 self._decode(rows)
             except Exception as e:  # noqa: BLE001 - a failed forward must not take the server down
                 log.exception("decode step failed")
                 # no row to blame, and the shared cache may be half-updated: the whole batch starts afresh
                 self._fail_batch(failure(e))
-        self._drop_finished()
+        self._batch.drop_finished(self.prefixes)
 
     def _prefill_isolated(self, rows: list[Row]) -> None:
         """Prefill the new rows together; if that raises, each alone, so that only the rows that fail alone fail.
@@ -266,19 +266,19 @@ class Engine:
         for row in rows:
             if not row.finished:
                 row.finish(event)
-            if row not in self._rows:
+            if row not in self._batch.rows:
                 row.lease.close()
 
     def _fail_batch(self, event: Failed) -> None:
         self.stats["errors"] += 1
-        for row in self._rows:
+        for row in self._batch.rows:
             if not row.finished:
                 row.finish(event)
-        self._drop_finished()
+        self._batch.drop_finished(self.prefixes)
 
     def _take(self) -> None:
         """Move requests from the inbox to the pending queue, running commands on the way. Blocks while idle."""
-        idle = not self._rows and not self._pending and not self._queue
+        idle = not self._batch.rows and not self._pending and not self._queue
         deadline = None
         while True:
             try:
@@ -310,7 +310,7 @@ class Engine:
         distinct prompts: equal ones share a forward, `_prefill`)."""
         new: list[Row] = []
         longest, distinct = 0, set()
-        while self._pending and len(self._rows) + len(self._queue) + len(new) < self.config.max_batch:
+        while self._pending and len(self._batch) + len(self._queue) + len(new) < self.config.max_batch:
             req = self._pending[0]
             if req.cancelled:
                 self._pending.popleft()
@@ -406,7 +406,7 @@ class Engine:
         self.stats["shared_prefills"] += len(rows) - len(firsts)
         self.stats["prompt_tokens"] += sum(r.n_real for r in rows)
         self.stats["cached_prompt_tokens"] += sum(r.reused for r in rows)
-        self._append(cache, mask, rows)
+        self._batch.join(cache, mask, rows)
         self.stats["prefills"] += 1
         for i, r in enumerate(rows):
             if scored[i]:
@@ -422,11 +422,9 @@ class Engine:
     @torch.no_grad()
     def _decode(self, rows: list[Row]) -> None:
         """One decode step for every running row: feed each row's last token."""
-        ids = torch.tensor([[r.out_ids[-1]] for r in rows], dtype=torch.long)
-        self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
-        positions = torch.tensor([[r.n_real] for r in rows], dtype=torch.long)
+        ids, mask, positions = self._batch.step_inputs()
         logits = self._forward(
-            [r.req.adapter for r in rows], ids, self._mask, positions, self._cache, last_only=False
+            [r.req.adapter for r in rows], ids, mask, positions, self._batch.cache, last_only=False
         )
         self.stats["steps"] += 1
         self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
@@ -462,33 +460,6 @@ class Engine:
         if last_only or ids.shape[1] == 1:
             return out.logits[:, -1].float().cpu()
         return out.logits.float().cpu()
-
-    def _append(self, cache: DynamicCache, mask: torch.Tensor, rows: list[Row]) -> None:
-        """Join the new rows' cache and mask to the running batch's, left-padding the shorter to a common T."""
-        if self._cache is None:
-            self._cache, self._mask, self._rows = cache, mask, list(rows)
-            return
-        self._cache, self._mask = kvcache.join(self._cache, self._mask, cache, mask)
-        self._rows = self._rows + list(rows)
-
-    def _drop_finished(self) -> None:
-        """Remove finished and cancelled rows from the batch, and cache columns no row needs any more."""
-        for r in self._rows:
-            if r.req.cancelled and not r.finished:
-                r.finished = True
-        keep = [i for i, r in enumerate(self._rows) if not r.finished]
-        if self.prefixes.enabled and len(keep) < len(self._rows):
-            self.prefixes.remember(self._rows, self._cache, self._mask)
-        for r in self._rows:
-            if r.finished:
-                r.lease.close()
-        if len(keep) == len(self._rows):
-            return
-        self._rows = [self._rows[i] for i in keep]
-        if not keep:
-            self._cache, self._mask = None, None
-            return
-        self._cache, self._mask = kvcache.select(self._cache, self._mask, keep)
 
     # -- tokens to text ----------------------------------------------------------------------------------------
 

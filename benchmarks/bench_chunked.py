@@ -5,8 +5,9 @@ Two real servers on the default model, one with the default `--prefill-chunk 512
 long prompt afresh. Each round, on each server in alternating order: `--streams` chat answers start (greedy,
 exactly `--stream-tokens` tokens: `ignore_eos`); once each has streamed a few tokens, a request with a long
 prompt (a system prompt of about `--long-words` words) arrives and asks for `--long-tokens` tokens. Recorded: each
-stream's longest pause between two tokens, and the long request's time to its first token. Reported: medians
-over the measured rounds (a warm-up round on each server first) and their ratios.
+stream's longest pause between two tokens, and the long request's time to its first token; then, with nothing
+streaming, the same long request's time to its first token again (the engine prefills whole prompts while nothing
+decodes). Reported: medians over the measured rounds (a warm-up round on each server first) and their ratios.
 
     .venv/bin/python benchmarks/bench_chunked.py                  # 4 streams, a 1,600-word prompt
     .venv/bin/python benchmarks/bench_chunked.py --write-docs     # also update docs/benchmarks.md
@@ -51,8 +52,9 @@ def stream(url: str, messages: list[dict], max_tokens: int, started: threading.E
     return times
 
 
-def one_round(url: str, long_prompt: str, args) -> tuple[list[float], float]:
-    """Each stream's longest pause (s), and the long request's time to its first token (s)."""
+def one_round(url: str, long_prompt: str, args) -> tuple[list[float], float, float]:
+    """Each stream's longest pause (s), the long request's time to its first token (s), and that time again with
+    nothing streaming (s)."""
     starts = [threading.Event() for _ in range(args.streams)]
     with ThreadPoolExecutor(args.streams + 1) as pool:
         futures = [
@@ -78,7 +80,9 @@ def one_round(url: str, long_prompt: str, args) -> tuple[list[float], float]:
         long = pool.submit(stream, url, messages, args.long_tokens, None)
         first = long.result()[0] - t0
         pauses = [max(b - a for a, b in zip(f.result(), f.result()[1:], strict=False)) for f in futures]
-    return pauses, first
+    t0 = time.perf_counter()
+    alone = stream(url, messages, args.long_tokens, None)[0] - t0
+    return pauses, first, alone
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "The history of the river valley, its towns, bridges, mills and floods, told year by year. "
     long_prompt = " ".join((text * (args.long_words // 15 + 1)).split()[: args.long_words])
     load_avg = os.getloadavg()[0]
-    results: dict[str, list[tuple[list[float], float]]] = {"chunked": [], "whole": []}
+    results: dict[str, list[tuple[list[float], float, float]]] = {"chunked": [], "whole": []}
     with tempfile.TemporaryDirectory() as tmp:
         servers = {}
         try:
@@ -110,11 +114,12 @@ def main(argv: list[str] | None = None) -> int:
             servers["whole"] = start_server(args, [], Path(tmp) / "whole.log", [*off, "--prefill-chunk", "0"])
             for r in range(args.rounds + 1):  # round 0: warm-up
                 for label in ["chunked", "whole"] if r % 2 == 0 else ["whole", "chunked"]:
-                    pauses, first = one_round(servers[label][1], long_prompt, args)
+                    pauses, first, alone = one_round(servers[label][1], long_prompt, args)
                     if r:
-                        results[label].append((pauses, first))
+                        results[label].append((pauses, first, alone))
                     print(
-                        f"round {r} {label}: pauses {', '.join(f'{x:.2f}' for x in pauses)} s; first {first:.2f} s"
+                        f"round {r} {label}: pauses {', '.join(f'{x:.2f}' for x in pauses)} s; first {first:.2f} s; "
+                        f"alone {alone:.2f} s"
                     )
         finally:
             for proc, _ in servers.values():
@@ -133,13 +138,14 @@ def report(args, results, load_avg) -> str:
     import torch
 
     def med(label: str, pick) -> float:
-        return statistics.median(pick(pauses, first) for pauses, first in results[label])
+        return statistics.median(pick(*result) for result in results[label])
 
     rows = []
     for name, pick in (
-        ("longest pause of a stream, median over the streams", lambda p, f: statistics.median(p)),
-        ("longest pause of any stream", lambda p, f: max(p)),
-        ("the long prompt's first token", lambda p, f: f),
+        ("longest pause of a stream, median over the streams", lambda p, f, a: statistics.median(p)),
+        ("longest pause of any stream", lambda p, f, a: max(p)),
+        ("the long prompt's first token", lambda p, f, a: f),
+        ("the long prompt's first token, nothing streaming", lambda p, f, a: a),
     ):
         c, w = med("chunked", pick), med("whole", pick)
         rows.append(f"| {name} | {c:.2f} | {w:.2f} | {c / w:.2f}x |")
@@ -156,7 +162,8 @@ def report(args, results, load_avg) -> str:
             f"{args.stream_tokens} tokens each (greedy, `ignore_eos`) when a request with a {args.long_words}-word "
             f"system prompt arrives (asking for {args.long_tokens} tokens); two servers without a prefix cache, "
             f"`--prefill-chunk {args.chunk}` and `--prefill-chunk 0` (whole prompts), {args.rounds} rounds on each "
-            "after a warm-up, alternating; medians over the rounds",
+            "after a warm-up, alternating; then the long request again with nothing streaming; medians over the "
+            "rounds",
             "",
             f"| seconds | chunks of {args.chunk} | whole prompts | ratio |",
             "|---|---|---|---|",

@@ -57,7 +57,8 @@ def configure_serve(p: argparse.ArgumentParser) -> None:
         type=non_negative_int,
         default=512,
         help="most prompt tokens computed between two decode steps: a longer prompt is prefilled a chunk per "
-        "step, so that streaming answers pause for a chunk at a time (default: 512; 0: whole prompts)",
+        "step, so that streaming answers pause for a chunk at a time; while nothing streams, prompts run whole "
+        "(default: 512; 0: whole prompts)",
     )
     add_device(p)
 

@@ -60,7 +60,8 @@ class ServeConfig:
     (a chat's next turn, a shared system prompt); 0 turns the prefix cache off."""
     prefill_chunk: int = 512
     """Most prompt tokens computed between two decode steps: longer prompts are prefilled a chunk per step, so
-    that the answers streaming meanwhile pause for a chunk at a time (0: whole prompts at once)."""
+    that the answers streaming meanwhile pause for a chunk at a time; while nothing streams, prompts run whole
+    (0: whole prompts at once)."""
     device: str = "auto"
     """Where the model runs: auto (a CUDA GPU if there is one), cpu, cuda or cuda:N."""
     dtype: str = "auto"

@@ -19,7 +19,8 @@ cache (`lorakit.serve.prefixes`); a new row whose prompt starts like a cached se
 cached start put in front as past keys and values (rows of one prefill then have padding between their cached
 start and their new tokens, which the mask hides like any other). Prompts wait for their prefill in a queue
 (`lorakit.serve.prefill`) that computes at most `prefill_chunk` prompt tokens per step: a longer prompt is computed
-a chunk per step, between decode steps, and long starts that new prompts share are computed once.
+a chunk per step, between decode steps (while nothing decodes, prompts are prefilled whole), and long starts
+that new prompts share are computed once.
 
 Torch is not thread-safe for concurrent forwards and loading or deleting an adapter rewires modules, so anything
 that touches the model (`call`) runs on this thread, between steps. Each admitted request holds its adapter in
@@ -88,7 +89,8 @@ class EngineConfig:
     """Most bytes of finished requests' KV cache kept for later prompts that start the same way (0: none)."""
     prefill_chunk: int = 512
     """Most prompt tokens computed between two decode steps: a longer prompt is prefilled a chunk per step, so
-    that the rows decoding meanwhile pause for one chunk at a time, not for the whole prompt (0: whole prompts)."""
+    that the rows decoding meanwhile pause for one chunk at a time, not for the whole prompt; while no row decodes,
+    prompts run whole, up to max_prefill_tokens (0: whole prompts)."""
 
 
 # -- the engine ------------------------------------------------------------------------------------------------
@@ -139,6 +141,7 @@ class Engine:
             self.prefixes,
             self._fail_rows,
             chunk=self.config.prefill_chunk,
+            max_tokens=self.config.max_prefill_tokens,
             pad_id=self.pad_id,
             stats=self.stats,
         )
@@ -216,9 +219,10 @@ class Engine:
     def _iteration(self) -> None:
         self._take()
         new = self._admit()
-        spent = self._queue.add(new) if new else 0
+        decoding = len(self._batch) > 0  # else no answer waits: whole prompts, not chunks (`serve.prefill`)
+        spent = self._queue.add(new, decoding=decoding) if new else 0
         if self._queue:
-            ready = self._queue.step(spent)
+            ready = self._queue.step(spent, decoding=decoding)
             if ready:
                 self._prefill_isolated(ready)
             self._batch.drop_finished(

@@ -1,15 +1,21 @@
 """The queue of prompts waiting for their prefill, and how much of them each engine step computes.
 
-    queue = PrefillQueue(forward, prefixes, fail, chunk=512, pad_id=0, stats=engine.stats)
-    queue.add(new_rows)        # admitted rows: long starts they share are computed once (`shared_starts`)
-    ready = queue.step(spent)  # the rows to prefill now (their rest fits this step's chunk), first come first
+    queue = PrefillQueue(forward, prefixes, fail, chunk=512, max_tokens=8192, pad_id=0, stats=engine.stats)
+    spent = queue.add(new_rows, decoding=True)  # admitted rows: long starts they share are computed once
+    ready = queue.step(spent, decoding=True)    # the rows to prefill now, first come first
 
-Each step computes at most `chunk` prompt tokens, so that the rows decoding meanwhile pause for one chunk at a
-time (chunked prefill). The rows whose rest (after what the prefix cache holds) fits in what is left of the chunk
-are handed back to be prefilled and join the batch; of the first one that does not fit, the next chunk of its
-prompt is computed with what is left and kept as its cached start (`Row.prefix`), shared with the rows of the same
-prompt and kept in the prefix cache for later ones. A prompt to score (`prompt_logprobs`) runs whole: alone when it
-does not fit. Without a chunk size (0) every waiting row is ready at once.
+While rows are decoding, each step computes at most `chunk` prompt tokens, so that those rows pause for one
+chunk at a time (chunked prefill). The rows whose rest (after what the prefix cache holds) fits in what is left of
+the chunk are handed back to be prefilled and join the batch; of the first one that does not fit, the next chunk
+of its prompt is computed with what is left and kept as its cached start (`Row.prefix`), shared with the rows of
+the same prompt and kept in the prefix cache for later ones. A prompt to score (`prompt_logprobs`) runs whole:
+alone when it does not fit. Without a chunk size (0) every waiting row is ready at once.
+
+While nothing decodes, no answer waits for the prompts, and chunks only cost time (each attends to the ones
+before it through an explicit mask, and its cached start is copied in: a 2,000-token prompt's first token came
+1.14x later in chunks of 512): waiting rows are prefilled whole, as many as `max_tokens` padded prompt tokens
+allow (the engine's `max_prefill_tokens`, counted as `Engine._admit` counts them); only a longer prompt is
+computed in chunks of `max_tokens`.
 
 The engine thread owns the queue; `forward` is the engine's (`Engine._forward`), `fail` fails rows that are not in
 the batch (releasing their adapters).
@@ -47,28 +53,30 @@ class PrefillQueue:
         fail: Callable[[list[Row], Failed], None],
         *,
         chunk: int,
+        max_tokens: int,
         pad_id: int,
         stats: dict[str, int],
     ) -> None:
         if chunk < 0:
             raise ValueError(f"prefill_chunk must be at least 0, got {chunk}")
         self.forward, self.prefixes, self.fail = forward, prefixes, fail
-        self.chunk, self.pad_id, self.stats = chunk, pad_id, stats
+        self.chunk, self.max_tokens, self.pad_id, self.stats = chunk, max_tokens, pad_id, stats
         self.rows: list[Row] = []  # admitted, their prompts not yet (wholly) computed: first come first
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def add(self, rows: list[Row]) -> int:
+    def add(self, rows: list[Row], *, decoding: bool) -> int:
         """Queue newly admitted rows; when none were waiting, first compute the long starts they share (they then
-        go first). The prompt tokens computed."""
-        spent = 0 if self.rows else self._share_starts(rows)
+        go first). `decoding`: whether rows are decoding (see the module's docstring). The prompt tokens
+        computed."""
+        spent = 0 if self.rows else self._share_starts(rows, self._budget(decoding))
         self.rows += rows
         return spent
 
-    def step(self, spent: int = 0) -> list[Row]:
+    def step(self, spent: int = 0, *, decoding: bool) -> list[Row]:
         """The rows to prefill now, having computed the next chunk of the first that does not fit (see the module's
-        docstring); `spent`: prompt tokens computed already this step."""
+        docstring); `spent`: prompt tokens computed already this step, `decoding`: whether rows are decoding."""
         for r in [r for r in self.rows if r.req.cancelled]:  # gone while waiting
             r.finished = True
             r.lease.close()
@@ -77,25 +85,31 @@ class PrefillQueue:
             self.rows = []
             return waiting
         self._look_up(waiting)  # what others computed since: a later row may find a longer start
-        left, ready, keys = max(self.chunk - spent, 0), [], set()
+        left, ready, keys, longest = max(self._budget(decoding) - spent, 0), [], set(), 0
         for r in waiting:
             key = prompt_key(r.req)
             scored = r.req.params.prompt_logprobs is not None
             rest = 0 if key in keys else len(r.req.prompt_ids) - (0 if scored else r.cached)
-            if rest > left and (ready or not scored):
+            # while nothing decodes: their prefill's padded size, as `Engine._admit` counts it
+            padded = max(longest, rest) * len(keys | {key})
+            fits = rest <= left if decoding else padded <= self.max_tokens
+            if not fits and (ready or not scored):
                 break
             ready.append(r)
             keys.add(key)
-            left -= rest
+            left, longest = left - rest, max(longest, rest)
         self.rows = waiting[len(ready) :]
         nxt = self.rows[0] if self.rows else None
-        if nxt is not None and nxt.req.params.prompt_logprobs is None and left >= (MIN_CHUNK if ready else 1):
-            self._chunk(nxt, left)  # what is left of the chunk goes to the next prompt in line
+        if nxt is not None and nxt.req.params.prompt_logprobs is None:
+            if decoding and left >= (MIN_CHUNK if ready else 1):
+                self._chunk(nxt, left)  # what is left of the chunk goes to the next prompt in line
+            elif not decoding and not ready:  # longer than a whole prefill may be
+                self._chunk(nxt, self.max_tokens)
         return ready
 
-    def fail_all(self, event: Failed) -> None:
-        self.fail(self.rows, event)
-        self.rows = []
+    def _budget(self, decoding: bool) -> int:
+        """Most prompt tokens computed in a step."""
+        return self.chunk if decoding else max(self.chunk, self.max_tokens)
 
     @torch.no_grad()
     def _chunk(self, row: Row, n: int) -> None:
@@ -132,11 +146,11 @@ class PrefillQueue:
                 r.prefix = hit
 
     @torch.no_grad()
-    def _share_starts(self, rows: list[Row]) -> int:
+    def _share_starts(self, rows: list[Row], budget: int) -> int:
         """Compute once, and cache, the long starts that new prompts share beyond what the prefix cache holds
         (`prefixes.shared_starts`: many requests behind one system prompt arriving together), so that their
-        prefill runs each prompt's rest only; with a chunk size, only as many as fit in one chunk (longer ones are
-        shared chunk by chunk: `_chunk` keeps each chunk in the cache). The tokens computed. An optimisation:
+        prefill runs each prompt's rest only; with a chunk size, only as many as fit in `budget` tokens (longer ones
+        are shared chunk by chunk: `_chunk` keeps each chunk in the cache). The tokens computed. An optimisation:
         should it fail, the prompts run whole."""
         if not self.prefixes.enabled or len(rows) < 2:
             return 0
@@ -145,7 +159,7 @@ class PrefillQueue:
         key = self.prefixes.key
         starts = shared_starts([(key(r.req.adapter), r.req.prompt_ids, r.cached) for r in firsts])
         if self.chunk:
-            left, fit = self.chunk, []
+            left, fit = budget, []
             for s in starts:
                 cost = len(s.tokens) - firsts[s.prompt].cached
                 if cost <= left:

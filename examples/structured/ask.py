@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import pydantic
 from openai import OpenAI
@@ -43,7 +44,7 @@ class Cat(pydantic.BaseModel):
     name: str = pydantic.Field(max_length=20)
     age: int = pydantic.Field(ge=0, le=30)
     indoor: bool
-    toys: list[str] = pydantic.Field(max_length=3)
+    toys: list[Annotated[str, pydantic.Field(max_length=15)]] = pydantic.Field(max_length=3)
 
 
 def get_weather(city: str) -> str:

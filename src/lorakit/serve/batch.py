@@ -1,9 +1,9 @@
 """The running batch: the rows decoding together and their shared, left-padded KV cache.
 
-    batch = Batch()
+    batch = Batch(prefixes)
     batch.join(cache, mask, rows)           # rows just prefilled, with their cache and (rows, T) mask
     ids, mask, positions = batch.step_inputs()   # one decode step: each row's last token
-    batch.drop_finished(prefixes)           # finished and cancelled rows leave, their adapters released
+    batch.drop_finished()                   # finished and cancelled rows leave, their adapters released
 
 Rows of different lengths share one cache of shape (batch, kv_heads, T, head_dim) per layer: the (batch, T) mask
 is 1 for a row's real tokens and 0 for its left padding, and explicit position ids keep each row's positions its
@@ -24,7 +24,8 @@ from lorakit.serve.rows import Row
 
 
 class Batch:
-    def __init__(self) -> None:
+    def __init__(self, prefixes: PrefixCache) -> None:
+        self.prefixes = prefixes  # where finished rows' sequences go
         self.rows: list[Row] = []
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # (batch, T): 1 for real tokens, 0 for left padding
@@ -49,15 +50,15 @@ class Batch:
         positions = torch.tensor([[r.n_real] for r in self.rows], dtype=torch.long)
         return ids, self.mask, positions
 
-    def drop_finished(self, prefixes: PrefixCache) -> None:
+    def drop_finished(self) -> None:
         """Remove finished and cancelled rows (their sequences go to the prefix cache, their adapters are
         released), and the cache columns no remaining row needs."""
         for r in self.rows:
             if r.req.cancelled and not r.finished:
                 r.finished = True
         keep = [i for i, r in enumerate(self.rows) if not r.finished]
-        if prefixes.enabled and len(keep) < len(self.rows):
-            prefixes.remember(self.rows, self.cache, self.mask)
+        if self.prefixes.enabled and len(keep) < len(self.rows):
+            self.prefixes.remember(self.rows, self.cache, self.mask)
         for r in self.rows:
             if r.finished:
                 r.lease.close()

@@ -117,12 +117,12 @@ class Engine:
         self._head = plain_head(model) if self._keep_kw else None
         self._inbox: queue.Queue = queue.Queue()
         self._pending: deque[GenRequest] = deque()
-        self._batch = Batch()  # the rows decoding, and their cache
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         if self.config.prefix_cache_bytes < 0:
             raise ValueError(f"prefix_cache_bytes must be at least 0, got {self.config.prefix_cache_bytes}")
         self.prefixes = PrefixCache(bank, self.config.prefix_cache_bytes)
+        self._batch = Batch(self.prefixes)  # the rows decoding, and their cache
         self.stats = {
             "steps": 0,
             "prefills": 0,
@@ -201,7 +201,7 @@ class Engine:
         self._stopping.set()
         for row in self._batch.rows:
             row.finish(SHUTDOWN)
-        self._batch.drop_finished(self.prefixes)
+        self._batch.drop_finished()
         self._fail_rows(self._queue.rows, SHUTDOWN, error=False)
         self._queue.rows = []
         while self._pending:
@@ -225,9 +225,8 @@ class Engine:
             ready = self._queue.step(spent, decoding=decoding)
             if ready:
                 self._prefill_isolated(ready)
-            self._batch.drop_finished(
-                self.prefixes
-            )  # rows done in their prefill (max_tokens=1, a stop) take no decode step
+            # rows done in their prefill (max_tokens=1, a stop) take no decode step
+            self._batch.drop_finished()
         if self._batch.rows:
             rows = list(self._batch.rows)
             try:
@@ -236,7 +235,7 @@ class Engine:
                 log.exception("decode step failed")
                 # no row to blame, and the shared cache may be half-updated: the whole batch starts afresh
                 self._fail_batch(failure(e))
-        self._batch.drop_finished(self.prefixes)
+        self._batch.drop_finished()
 
     def _prefill_isolated(self, rows: list[Row]) -> None:
         """Prefill the new rows together; if that raises, each alone, so that only the rows that fail alone fail.
@@ -278,7 +277,7 @@ class Engine:
         for row in self._batch.rows:
             if not row.finished:
                 row.finish(event)
-        self._batch.drop_finished(self.prefixes)
+        self._batch.drop_finished()
 
     def _take(self) -> None:
         """Move requests from the inbox to the pending queue, running commands on the way. Blocks while idle."""

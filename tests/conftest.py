@@ -13,6 +13,26 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # it to float32, so that the same tests check the same numbers on CPUs with and without it; the bf16 path and the
 # choice itself are tested explicitly (tests/test_cpu_bf16.py), and CI's newcomer run uses the real default.
 os.environ.setdefault("LORAKIT_CPU_BF16", "0")
+# Under pytest-xdist (`pytest -n auto`, the README's test command) each worker, and every process it starts,
+# computes on one thread: two workers of two threads each on CI's 2 cores spin against each other (measured: a
+# unit-test subset took 64 s on 2 workers of 2 threads, 25 s on 2 workers of 1 thread, 34 s serially).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+
+# Test files that share a session fixture run on one worker, so that the fixture is built once: the real
+# training run (trained_run) and the playground server (ui).
+SHARED_SCOPES = {
+    "tests/test_train_real.py": "trained_run",
+    "tests/test_gguf_llamacpp.py": "trained_run",
+    "tests/test_ui.py": "ui",
+    "tests/test_ui_jobs.py": "ui",
+    "tests/test_ui_browser.py": "ui",
+    "tests/test_ui_browser_stop.py": "ui",
+}
+# Marks of tests that take seconds, not milliseconds: their files are handed out first, so that the last file a
+# worker gets is a quick one.
+HEAVY = ("slow", "real_model", "llama_cpp", "browser")
 
 
 def pytest_report_header(config):
@@ -21,6 +41,60 @@ def pytest_report_header(config):
     if torch.cuda.is_available():
         return f"gpu: {torch.cuda.get_device_name(0)}: the `gpu` tests run"
     return "gpu: no CUDA GPU: the `gpu` tests are deselected (on a machine with one: pytest -m gpu)"
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most 4 (each may hold the real model and start servers)."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Hand out whole test files (and SHARED_SCOPES' groups of files), in the order the workers collected them."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduler(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return _scope(nodeid)
+
+    config.option.loadscopereorder = False  # keep collection's order: the heavy files first (below)
+    return Scheduler(config, log)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist's controller collects nothing: it counts the tests its first worker deselected, which every worker
+    deselects alike, so that the summary says "16 deselected" as a serial run's does."""
+    config = node.config
+    deselected = getattr(node, "workeroutput", {}).get("deselected")
+    if deselected and not getattr(config, "_lorakit_deselected", False):
+        config._lorakit_deselected = True
+        config.hook.pytest_deselected(items=deselected)
+
+
+def _scope(nodeid: str) -> str:
+    """The unit of work of a test: its file, or its SHARED_SCOPES group."""
+    path = nodeid.split("::", 1)[0]
+    return SHARED_SCOPES.get(path, path)
+
+
+def _heavy_first(items):
+    """Reorder ``items`` by file, the files with the most HEAVY tests first (only under xdist: a serial run keeps
+    the files' own order)."""
+    weight: dict[str, int] = {}
+    for item in items:
+        scope = _scope(item.nodeid)
+        weight[scope] = weight.get(scope, 0) + any(mark in item.keywords for mark in HEAVY)
+    first = {scope: i for i, scope in enumerate(weight)}
+    items.sort(key=lambda item: (-weight[_scope(item.nodeid)], first[_scope(item.nodeid)]))  # stable
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,6 +109,8 @@ def pytest_collection_modifyitems(config, items):
         if gpu:
             config.hook.pytest_deselected(items=gpu)
             items[:] = [item for item in items if "gpu" not in item.keywords]
+            if hasattr(config, "workeroutput"):  # an xdist worker: the controller's summary counts them
+                config.workeroutput["deselected"] = [item.nodeid for item in gpu]
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -50,6 +126,8 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "browser" in item.keywords:
                 item.add_marker(skip)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _heavy_first(items)
 
 
 @pytest.fixture(scope="session")

@@ -114,6 +114,8 @@ SCHEMAS = {
             "pick": {"type": "integer", "minimum": 7, "maximum": 7},
             "big": {"type": "integer", "minimum": 1000},
             "below": {"type": "number", "exclusiveMaximum": -2.5},
+            "half": {"type": "number", "multipleOf": 0.5, "minimum": -3, "exclusiveMaximum": 100},
+            "dozen": {"type": "integer", "multipleOf": 12, "exclusiveMinimum": 0},
         },
         "required": ["age", "score", "temp", "neg", "pick", "big", "below"],
     },
@@ -183,9 +185,34 @@ DOCS = [
     ),
     (
         "bounds",
-        {"age": 150, "score": 1, "temp": -273.15, "neg": -10, "pick": 7, "big": 123456, "below": -2.51},
+        {
+            "age": 150,
+            "score": 1,
+            "temp": -273.15,
+            "neg": -10,
+            "pick": 7,
+            "big": 123456,
+            "below": -2.51,
+            "half": -3,
+        },
     ),
-    ("bounds", {"age": 0, "score": 0.001, "temp": 99.99, "neg": -50, "pick": 7, "big": 1000, "below": -1000}),
+    (
+        "bounds",
+        {
+            "age": 0,
+            "score": 0.001,
+            "temp": 99.99,
+            "neg": -50,
+            "pick": 7,
+            "big": 1000,
+            "below": -1000,
+            "half": 99.5,
+        },
+    ),
+    (
+        "bounds",
+        {"age": 7, "score": 0.5, "temp": 0, "neg": -20, "pick": 7, "big": 1001, "below": -3, "dozen": 144},
+    ),
 ]
 
 
@@ -208,6 +235,7 @@ def test_allowed_documents_are_accepted_and_complete_exactly_at_their_end(name, 
         assert state.complete, text
 
 
+BELOW = '{"age": 1, "score": 1, "temp": 1, "neg": -10, "pick": 7, "big": 1000, "below": -3, '
 REJECTED = [
     ("person", '{"age": 3', 2),  # "name" is required and comes first
     ("person", '{"name": "", ', 10),  # minLength 1
@@ -248,6 +276,9 @@ REJECTED = [
         67,
     ),  # ("999" may grow)
     ("bounds", '{"age": 1, "score": 1, "temp": 1, "neg": -10, "pick": 7, "big": 1000, "below": -2.5}', 83),
+    ("bounds", BELOW + '"half": 0.3', 93),  # no multiple of 0.5 in [0.3, 0.4)
+    ("bounds", BELOW + '"half": 1.5, "dozen": 0', 105),  # more than 0
+    ("bounds", BELOW + '"dozen": 132}', None),  # 11 dozen
 ]
 
 
@@ -291,7 +322,21 @@ def test_choices_are_exactly_one_of_them():
     [
         ({"type": "string", "pattern": "(a"}, "'pattern' at # is not a regular expression"),
         ({"type": "string", "pattern": "^a+$", "maxLength": 3}, "put the length into the pattern"),
-        ({"properties": {"zip": {"type": "integer", "multipleOf": 5}}}, "'multipleOf' at #/properties/zip"),
+        (
+            {"properties": {"zip": {"type": "integer", "multipleOf": 0}}},
+            "'multipleOf' at #/properties/zip must be more than 0, got 0",
+        ),
+        ({"type": "number", "multipleOf": -0.5}, "'multipleOf' at # must be more than 0"),
+        ({"type": "number", "multipleOf": "5"}, "'multipleOf' at # must be a number"),
+        ({"type": "number", "multipleOf": 1e-12}, "'multipleOf' 1e-12 at # has more than 9 decimal places"),
+        (
+            {"type": "integer", "minimum": 11, "maximum": 19, "multipleOf": 10},
+            "no integer is within 'minimum' 11, 'maximum' 19, 'multipleOf' 10 at #: nothing fits",
+        ),
+        (
+            {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 0.5, "multipleOf": 0.5},
+            "nothing fits",
+        ),
         (
             {"type": "integer", "minimum": 5, "maximum": 3},
             "no integer is within 'minimum' 5, 'maximum' 3 at #",
@@ -302,6 +347,7 @@ def test_choices_are_exactly_one_of_them():
         ({"allOf": [{"type": "string"}, {"maxLength": 3}]}, "'allOf' at # with other than one schema"),
         ({"allOf": [{"type": "string"}], "type": "string"}, "'allOf' at # with 'type' beside it"),
         ({"not": {"type": "string"}}, "unsupported keyword 'not'"),
+        ({"type": "integer", "multipleOf": 2, "not": {"const": 4}}, "unsupported keyword 'not'"),
         ({"type": "object", "required": ["a"]}, "required property 'a' at # is not among its 'properties'"),
         ({"type": "string", "minLength": 5, "maxLength": 2}, "nothing fits"),
         ({"type": "array", "maxItems": -1}, "'maxItems' at # must be an integer >= 0"),
@@ -341,6 +387,9 @@ def test_a_pydantic_models_schema_compiles_and_what_it_allows_validates():
         code: str = pydantic.Field(pattern=r"^[a-f]{2}\d$")
         sides: int = pydantic.Field(ge=3, le=12)
         opacity: float = pydantic.Field(gt=0, lt=1)
+        # (pydantic checks multiple_of in floats: past about 1e6, it refuses some exact multiples of 0.01)
+        price: float = pydantic.Field(ge=0, le=10_000, multiple_of=0.01)
+        eggs: int = pydantic.Field(multiple_of=12)
 
     schema = Shape.model_json_schema()
     rng = random.Random(7)
@@ -410,3 +459,64 @@ def test_numbers_within_bounds_are_exactly_what_the_validator_accepts():
                 if state is None:
                     break
             assert (state is not None and state.complete) == valid, (schema, text)
+
+
+def test_multiples_are_exactly_what_the_validator_accepts():
+    """multipleOf, alone and with bounds of every kind, on integers and numbers: the automaton ends on a number
+    exactly when the validator accepts it, and never leads into a dead end. The steps are exact in binary (0.5,
+    0.25, 2.5) or integers, where jsonschema's float division is exact too (see the next test for 0.1)."""
+    rng = random.Random(12)
+    limits = [None, -100, -2.5, -1, 0, 0.25, 1, 7, 12.5, 150]
+    steps = [2, 3, 5, 7, 10, 12, 0.5, 0.25, 2.5, 1.5]
+    numbers = ["0", "-0", "1", "2", "-2", "3", "7.5", "10", "12", "12.5", "12.75", "12.7", "-7.5", "150"]
+    numbers += ["0.25", "0.5", "1.0", "100", "-100", "21", "35", "49", "60", "1.25", "-1.25", "2.50", "3.75"]
+    numbers += [str(rng.randint(-200, 200)) for _ in range(40)]
+    numbers += [f"{rng.randint(-400, 400) / 4:.2f}" for _ in range(30)]
+    numbers += [f"{rng.uniform(-200, 200):.{rng.randint(1, 3)}f}" for _ in range(20)]
+    compiled = 0
+    for _ in range(300):
+        schema: dict = {"type": rng.choice(["integer", "number"]), "multipleOf": rng.choice(steps)}
+        for key, limit in (("Minimum", rng.choice(limits)), ("Maximum", rng.choice(limits))):
+            if limit is not None:
+                schema[f"exclusive{key}" if rng.random() < 0.4 else key.lower()] = limit
+        validator = jsonschema.Draft202012Validator(schema)
+        try:
+            grammar = compile_schema(schema)
+        except SchemaError as e:
+            assert "nothing fits" in str(e)
+            assert not any(validator.is_valid(json.loads(n)) for n in numbers), schema
+            continue
+        compiled += 1
+        for text in numbers:
+            valid = validator.is_valid(json.loads(text))
+            if schema["type"] == "integer" and "." in text:
+                valid = False  # (we write integers without a point)
+            if text.startswith("-") and float(text) == 0:
+                valid = False  # (nor -0)
+            state = Matcher(grammar)
+            for ch in text:
+                assert state.complete or any(state.advance(c) for c in "0123456789.-"), (schema, text)
+                state = state.advance(ch)
+                if state is None:
+                    break
+            assert (state is not None and state.complete) == valid, (schema, text)
+    assert compiled > 100  # (the others' bounds leave no multiple: checked above)
+
+
+def test_multiples_of_a_decimal_step_count_exactly():
+    """0.3 is a multiple of 0.1 (Python's jsonschema divides floats and says it is not: 0.3 / 0.1 is
+    2.9999999999999996); the integers that are multiples of 2.5 are those of 5."""
+
+    def allows(schema, text):
+        state = Matcher(compile_schema(schema)).advance(text)
+        return state is not None and state.complete
+
+    tenth = {"type": "number", "multipleOf": 0.1}
+    assert allows(tenth, "0.3") and allows(tenth, "12.7") and allows(tenth, "-4") and allows(tenth, "0.30")
+    assert not allows(tenth, "0.35") and Matcher(compile_schema(tenth)).advance("0.35") is None
+    fives = {"type": "integer", "multipleOf": 2.5}
+    assert allows(fives, "15") and not allows(fives, "12") and allows(fives, "-5") and not allows(fives, "2")
+    money = {"type": "number", "minimum": 0, "maximum": 1, "multipleOf": 0.01}
+    assert allows(money, "0.99") and allows(money, "1") and not allows(money, "0.999")
+    state = Matcher(compile_schema(money)).advance("0.99")
+    assert state.advance("0") is not None and state.advance("9") is None  # 0.990 still is 0.99

@@ -144,20 +144,21 @@ def test_json_schema_answers_validate(client, base):  # noqa: F811
         "properties": {
             "stars": {"type": "integer", "minimum": 1, "maximum": 5},
             "confidence": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+            "half_stars": {"type": "number", "minimum": 0, "maximum": 5, "multipleOf": 0.5},
         },
-        "required": ["stars", "confidence"],
+        "required": ["stars", "confidence", "half_stars"],
     }
     for temperature in (0, 1.0):
         rating = client.chat.completions.create(
             model="a",
             messages=[{"role": "user", "content": "Rate the film Casablanca."}],
-            max_tokens=40,
+            max_tokens=60,
             temperature=temperature,
             seed=3,
             response_format={"type": "json_schema", "json_schema": {"name": "rating", "schema": rated}},
         ).choices[0]
         assert rating.finish_reason == "stop", rating
-        jsonschema.validate(json.loads(rating.message.content), rated)  # within the bounds
+        jsonschema.validate(json.loads(rating.message.content), rated)  # within the bounds, in half stars
     choices = ["positive", "negative", "neutral"]
     for text in ("I love this!", "This is awful."):
         answer = client.chat.completions.create(
@@ -182,15 +183,15 @@ def test_json_schema_answers_validate(client, base):  # noqa: F811
             {
                 "response_format": {
                     "type": "json_schema",
-                    "json_schema": {"schema": {"type": "integer", "multipleOf": 2}},
+                    "json_schema": {"schema": {"type": "integer", "not": {"const": 2}}},
                 }
             },
-            "response_format.json_schema.schema: unsupported keyword 'multipleOf' at #",
+            "response_format.json_schema.schema: unsupported keyword 'not' at #",
             "invalid_request",
         ),
         (
-            {"guided_json": {"properties": {"n": {"multipleOf": 3}}}},
-            "guided_json: unsupported keyword 'multipleOf'",
+            {"guided_json": {"properties": {"n": {"multipleOf": 0}}}},
+            "guided_json: 'multipleOf' at #/properties/n must be more than 0, got 0",
             "invalid_request",
         ),
         ({"guided_json": "{not json"}, "'guided_json' is a string but not JSON", "invalid_request"),

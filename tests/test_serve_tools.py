@@ -158,13 +158,13 @@ def test_earlier_calls_and_results_are_rendered_for_a_template_without_tools():
                             "name": "f",
                             "parameters": {
                                 "type": "object",
-                                "properties": {"n": {"type": "integer", "multipleOf": 2}},
+                                "properties": {"n": {"type": "integer", "not": {"const": 2}}},
                             },
                         },
                     }
                 ]
             },
-            "tools[0].function.parameters: unsupported keyword 'multipleOf' at #/properties/n",
+            "tools[0].function.parameters: unsupported keyword 'not' at #/properties/n",
         ),
         ({"tools": [WEATHER], "tool_choice": "always"}, "'tool_choice' must be"),
         (

@@ -43,6 +43,7 @@ WEATHER = {
 class Cat(pydantic.BaseModel):
     name: str = pydantic.Field(max_length=20)
     age: int = pydantic.Field(ge=0, le=30)
+    weight_kg: float = pydantic.Field(gt=0, le=15, multiple_of=0.5)  # to the half kilogram
     indoor: bool
     toys: list[Annotated[str, pydantic.Field(max_length=15)]] = pydantic.Field(max_length=3)
 

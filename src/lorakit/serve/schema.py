@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from lorakit.serve.numbers import Num
+from lorakit.serve.numbers import MAX_STEP_DECIMALS, Num, decimals
 
 MAX_SPACE = 4
 """Most whitespace characters in a row outside strings."""
@@ -45,7 +45,7 @@ those in FORMATS are enforced all the same)."""
 KEYWORDS = frozenset(
     {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "minLength"}
     | {"maxLength", "pattern", "enum", "const", "anyOf", "oneOf", "$ref", "$defs", "definitions"}
-    | {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "allOf"}
+    | {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "allOf"}
 )
 """The keywords enforced."""
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
@@ -352,7 +352,7 @@ def _string_pattern(s: dict, where: str) -> Any:
     return compile_regex(body, f"'pattern' at {where}")
 
 
-NUMERIC = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+NUMERIC = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
 
 
 def _number(s: dict, integer: bool, where: str) -> Num:
@@ -367,6 +367,16 @@ def _number(s: dict, integer: bool, where: str) -> Num:
             raise SchemaError(f"{key!r} at {where} must be a number, got {value!r}"[:200])
         values[key] = Fraction(repr(value)) if isinstance(value, float) else Fraction(value)
     node = Num(integer)
+    if "multipleOf" in values:
+        step = values["multipleOf"]
+        if step <= 0:
+            raise SchemaError(f"'multipleOf' at {where} must be more than 0, got {s['multipleOf']!r}"[:200])
+        node.step = Fraction(step.numerator) if integer else step  # integers that are multiples of 2.5: of 5
+        if not integer and decimals(node.step) > MAX_STEP_DECIMALS:
+            given = s["multipleOf"]
+            raise SchemaError(
+                f"'multipleOf' {given!r} at {where} has more than {MAX_STEP_DECIMALS} decimal places"
+            )
     for side, inclusive, exclusive in (
         ("lo", "minimum", "exclusiveMinimum"),
         ("hi", "maximum", "exclusiveMaximum"),

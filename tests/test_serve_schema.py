@@ -439,26 +439,33 @@ def test_numbers_within_bounds_are_exactly_what_the_validator_accepts():
             else:
                 schema[f"exclusive{key}" if exclusive else key.lower()] = limit
         validator = jsonschema.Draft4Validator if draft4 else jsonschema.Draft202012Validator
-        try:
-            grammar = compile_schema(schema)
-        except SchemaError as e:
-            assert "nothing fits" in str(e)  # then no number at all may be accepted
-            assert not any(validator(schema).is_valid(json.loads(n)) for n in numbers), schema
-            continue
-        for text in numbers:
-            valid = validator(schema).is_valid(json.loads(text))
-            if schema["type"] == "integer" and "." in text:
-                valid = False  # (JSON Schema takes 150.0 as an integer; we write integers without a point)
-            if text.startswith("-") and float(text) == 0:
-                valid = False  # (nor -0 under bounds)
-            state = Matcher(grammar)
-            for ch in text:
-                # never a dead end: what is allowed so far is a whole number or can still become one
-                assert state.complete or any(state.advance(c) for c in "0123456789.-"), (schema, text)
-                state = state.advance(ch)
-                if state is None:
-                    break
-            assert (state is not None and state.complete) == valid, (schema, text)
+        _numbers_agree(schema, validator(schema), numbers)
+
+
+def _numbers_agree(schema: dict, validator, numbers: list[str]) -> bool:
+    """The automaton of `schema` (a number or integer) ends on each of `numbers` exactly when `validator` accepts
+    it, and never leads into a dead end; a schema refused as "nothing fits" accepts none of them. Compiled?"""
+    try:
+        grammar = compile_schema(schema)
+    except SchemaError as e:
+        assert "nothing fits" in str(e)  # then no number at all may be accepted
+        assert not any(validator.is_valid(json.loads(n)) for n in numbers), schema
+        return False
+    for text in numbers:
+        valid = validator.is_valid(json.loads(text))
+        if schema["type"] == "integer" and "." in text:
+            valid = False  # (JSON Schema takes 150.0 as an integer; we write integers without a point)
+        if text.startswith("-") and float(text) == 0:
+            valid = False  # (nor -0 under bounds)
+        state = Matcher(grammar)
+        for ch in text:
+            # never a dead end: what is allowed so far is a whole number or can still become one
+            assert state.complete or any(state.advance(c) for c in "0123456789.-"), (schema, text)
+            state = state.advance(ch)
+            if state is None:
+                break
+        assert (state is not None and state.complete) == valid, (schema, text)
+    return True
 
 
 def test_multiples_are_exactly_what_the_validator_accepts():
@@ -479,27 +486,7 @@ def test_multiples_are_exactly_what_the_validator_accepts():
         for key, limit in (("Minimum", rng.choice(limits)), ("Maximum", rng.choice(limits))):
             if limit is not None:
                 schema[f"exclusive{key}" if rng.random() < 0.4 else key.lower()] = limit
-        validator = jsonschema.Draft202012Validator(schema)
-        try:
-            grammar = compile_schema(schema)
-        except SchemaError as e:
-            assert "nothing fits" in str(e)
-            assert not any(validator.is_valid(json.loads(n)) for n in numbers), schema
-            continue
-        compiled += 1
-        for text in numbers:
-            valid = validator.is_valid(json.loads(text))
-            if schema["type"] == "integer" and "." in text:
-                valid = False  # (we write integers without a point)
-            if text.startswith("-") and float(text) == 0:
-                valid = False  # (nor -0)
-            state = Matcher(grammar)
-            for ch in text:
-                assert state.complete or any(state.advance(c) for c in "0123456789.-"), (schema, text)
-                state = state.advance(ch)
-                if state is None:
-                    break
-            assert (state is not None and state.complete) == valid, (schema, text)
+        compiled += _numbers_agree(schema, jsonschema.Draft202012Validator(schema), numbers)
     assert compiled > 100  # (the others' bounds leave no multiple: checked above)
 
 

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import random
-from datetime import datetime, time
+from datetime import datetime, time, timedelta
+from ipaddress import IPv6Address
 
 import jsonschema
+import pydantic
 import pytest
 
 from lorakit.serve.matcher import Matcher
@@ -21,9 +23,13 @@ from lorakit.serve.schema import (
     compile_schema,
 )
 
-ALPHABET = list('{}[]",:-.0123456789eE+ tfnrulasxyzé\\/buTZ@ABCD')  # what JSON is made of, some letters
-FORMATS = ("date", "time", "date-time", "uuid", "email", "ipv4")
-CHECKER = jsonschema.Draft202012Validator.FORMAT_CHECKER  # (the default one also checks draft 3's "time")
+ALPHABET = list(
+    '{}[]",:-.0123456789eE+ tfnrulasxyzé\\/buTZ@ABCDPYMWHS?#='
+)  # what JSON is made of, some letters
+FORMATS = ("date", "time", "date-time", "uuid", "email", "ipv4", "ipv6", "hostname", "duration", "uri")
+# (the default checker also checks draft 3's "time"; this one checks "hostname" with fqdn, "duration" with
+# isoduration, "ipv6" with ipaddress: test extras)
+CHECKER = jsonschema.Draft202012Validator.FORMAT_CHECKER
 
 PERSON = {
     "type": "object",
@@ -141,6 +147,7 @@ def _walk(schema, rng: random.Random, steps: int = 400) -> str | None:
 
 @pytest.mark.parametrize("name", SCHEMAS)
 def test_random_walks_end_in_documents_the_validator_accepts(name):
+    assert {"hostname", "duration", "ipv6"} <= set(CHECKER.checkers)  # else it would pass them unchecked
     schema = SCHEMAS[name]
     rng = random.Random(sum(map(ord, name)))  # (not hash(): it differs between processes)
     done = 0
@@ -153,6 +160,8 @@ def test_random_walks_end_in_documents_the_validator_accepts(name):
         if name == "formats":  # (jsonschema checks RFC 3339 times only with a package we do not need)
             datetime.fromisoformat(doc["date-time"])
             time.fromisoformat(doc["time"])
+            pydantic.TypeAdapter(pydantic.HttpUrl).validate_python(doc["uri"])  # (jsonschema: a GPL package)
+            pydantic.TypeAdapter(timedelta).validate_python(doc["duration"])
         done += 1
     assert done >= 20, done  # enough walks completed for the check to mean something
 
@@ -181,6 +190,10 @@ DOCS = [
             "uuid": "123e4567-e89b-12d3-a456-426614174000",
             "email": "a.b@example.org",
             "ipv4": "192.168.0.1",
+            "ipv6": "2001:db8::8a2e:370:7334",
+            "hostname": "mail.example.com",
+            "duration": "P1Y2M3DT4H5M6S",
+            "uri": "https://example.com:8080/a/b.html?q=1&r=two#top",
         },
     ),
     (
@@ -323,6 +336,14 @@ def test_choices_are_exactly_one_of_them():
         ({"type": "string", "pattern": "(a"}, "'pattern' at # is not a regular expression"),
         ({"type": "string", "pattern": "^a+$", "maxLength": 3}, "put the length into the pattern"),
         (
+            {"type": "string", "format": "uuid", "maxLength": 10},
+            "'format' 'uuid' with 'maxLength' 10 at # is not supported (its values have 36 to 36 characters here)",
+        ),
+        (
+            {"type": "string", "format": "hostname", "minLength": 3},
+            "'format' 'hostname' with 'minLength' 3 at #",
+        ),
+        (
             {"properties": {"zip": {"type": "integer", "multipleOf": 0}}},
             "'multipleOf' at #/properties/zip must be more than 0, got 0",
         ),
@@ -372,7 +393,6 @@ def test_schemas_we_cannot_enforce_are_refused_in_one_line(schema, needle):
 
 
 def test_a_pydantic_models_schema_compiles_and_what_it_allows_validates():
-    pydantic = pytest.importorskip("pydantic")  # fastapi's dependency: always installed with lorakit
 
     class Point(pydantic.BaseModel):
         x: float
@@ -386,6 +406,9 @@ def test_a_pydantic_models_schema_compiles_and_what_it_allows_validates():
         drawn: datetime  # format date-time
         code: str = pydantic.Field(pattern=r"^[a-f]{2}\d$")
         sides: int = pydantic.Field(ge=3, le=12)
+        site: pydantic.HttpUrl  # format uri, 1 to 2083 characters
+        gateway: IPv6Address  # format ipv6
+        every: timedelta  # format duration
         opacity: float = pydantic.Field(gt=0, lt=1)
         # (pydantic checks multiple_of in floats: past about 1e6, it refuses some exact multiples of 0.01)
         price: float = pydantic.Field(ge=0, le=10_000, multiple_of=0.01)
@@ -507,3 +530,35 @@ def test_multiples_of_a_decimal_step_count_exactly():
     assert allows(money, "0.99") and allows(money, "1") and not allows(money, "0.999")
     state = Matcher(compile_schema(money)).advance("0.99")
     assert state.advance("0") is not None and state.advance("9") is None  # 0.990 still is 0.99
+
+
+def test_each_formats_lengths_are_its_patterns():
+    """FORMAT_LENGTHS, against which a schema's minLength and maxLength are checked, are the shortest and the
+    longest match of each format's pattern (as Python's own regular expression parser measures them)."""
+    import re._parser as parser  # (the stdlib's; our patterns use only its syntax)
+
+    from lorakit.serve.schema import FORMAT_LENGTHS
+    from lorakit.serve.schema import FORMATS as PATTERNS
+
+    assert set(FORMAT_LENGTHS) == set(PATTERNS) == set(FORMATS)
+    for name, pattern in PATTERNS.items():
+        assert parser.parse(pattern).getwidth() == FORMAT_LENGTHS[name], name
+    # lengths every value keeps are no constraint: pydantic's HttpUrl says 1 to 2083 characters
+    state = Matcher(compile_schema({"type": "string", "format": "uri", "minLength": 1, "maxLength": 2083}))
+    assert state.advance('"http://a.b/c"').complete
+
+
+def test_ipv6_addresses_in_every_form_are_allowed():
+    """Every IPv6 address, compressed (as Python writes it) and in full, without an IPv4 part."""
+    rng = random.Random(5)
+    masks = [0, (1 << 128) - 1, (1 << 64) - 1, 0xFFFF << 112, (1 << 128) - (1 << 32), 0xFFFF0000FFFF]
+    g = compile_schema({"type": "string", "format": "ipv6"})
+    for _ in range(2000):
+        address = IPv6Address(rng.getrandbits(128) & rng.choice(masks))
+        for text in {str(address), address.exploded}:
+            if "." not in text:
+                state = Matcher(g).advance(json.dumps(text))
+                assert state is not None and state.complete, text
+    for text in ("1::2::3", "12345::", "1:2:3:4:5:6:7:8:9", ":1", "g::"):
+        state = Matcher(g).advance(json.dumps(text))
+        assert state is None or not state.complete, text

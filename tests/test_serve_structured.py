@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 
+import pydantic
 import pytest
 from test_serve import base, client, dirs, http, server, url  # noqa: F401 - fixtures
 
@@ -139,6 +140,19 @@ def test_json_schema_answers_validate(client, base):  # noqa: F811
         response_format={"type": "json_schema", "json_schema": {"name": "day", "schema": dated}},
     ).choices[0]
     date.fromisoformat(json.loads(day.message.content)["day"])  # a real calendar date
+
+    class Trip(pydantic.BaseModel):  # formats as pydantic writes them: duration, uri (1 to 2083 characters)
+        flight: timedelta
+        airline: pydantic.HttpUrl
+
+    trip = client.chat.completions.parse(
+        model="a",
+        messages=[{"role": "user", "content": "How long is the flight from Paris to Rome, and with whom?"}],
+        max_tokens=80,
+        temperature=0,
+        response_format=Trip,
+    ).choices[0]
+    assert trip.finish_reason == "stop" and isinstance(trip.message.parsed, Trip), trip  # pydantic read it
     rated = {
         "type": "object",
         "properties": {

@@ -23,14 +23,14 @@ def _conv_input():
     return torch.randint(0, 20, (3, 12), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("init", ["default", "gaussian", "pissa"])
+@pytest.mark.parametrize("init", ["default", "gaussian", "pissa", "olora", "orthogonal"])
 def test_init_equals_base(init):
     model, x = tiny_llama(), ids()
     base = model(x).logits
     lorakit.inject(model, LoraConfig(r=4, targets="all-linear", init=init))
-    atol = (
-        1e-5 if init == "pissa" else 0.0
-    )  # PiSSA moves the top-r part from W0 into B·A: equal up to rounding
+    # PiSSA and OLoRA move a part of W0 into B·A, and orthogonal's B·A is 0 as a product of orthogonal rows:
+    # equal up to rounding (logits of order 1 in f32)
+    atol = 1e-5 if init in ("pissa", "olora", "orthogonal") else 0.0
     torch.testing.assert_close(model(x).logits, base, atol=atol, rtol=0)
 
 
@@ -152,10 +152,11 @@ def test_dora_magnitude_initialised_to_row_norms():
     torch.testing.assert_close(m, w0.norm(dim=1))
 
 
-def test_pissa_restores_base_on_delete():
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_restore_the_base_on_delete(init):
     model = tiny_llama()
     w0 = model.model.layers[0].self_attn.q_proj.weight.detach().clone()
-    lorakit.inject(model, LoraConfig(r=4, targets=["q_proj"], init="pissa"))
+    lorakit.inject(model, LoraConfig(r=4, targets=["q_proj"], init=init))
     assert not torch.allclose(model.model.layers[0].self_attn.q_proj.base_layer.weight, w0)
     lorakit.delete_adapter(model, "default")
     torch.testing.assert_close(model.model.layers[0].self_attn.q_proj.weight, w0, atol=1e-6, rtol=0)

@@ -44,6 +44,8 @@ LLAMA_CASES = [
         id="regex-exclude",
     ),
     pytest.param(LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], init="pissa"), id="pissa"),
+    pytest.param(LoraConfig(r=4, alpha=8, targets="all-linear", init="olora"), id="olora"),
+    pytest.param(LoraConfig(r=4, alpha=8, targets=["q_proj", "up_proj"], init="orthogonal"), id="orthogonal"),
 ]
 GPT2_CASES = [
     pytest.param(LoraConfig(r=4, alpha=8, targets=["c_attn", "c_proj"]), id="conv1d"),
@@ -79,10 +81,11 @@ def _ours_to_peft(make, cfg: LoraConfig, tmp_path, x: torch.Tensor) -> None:
 
 def _peft_to_ours(make, cfg: LoraConfig, tmp_path, x: torch.Tensor) -> None:
     pcfg = peft_config(cfg)
-    if cfg.init != "pissa":
+    from_w0 = cfg.init in ("pissa", "olora", "orthogonal")  # PEFT's own init (PiSSA and OLoRA change W0)
+    if not from_w0:
         pcfg.init_lora_weights = False  # random A and B: a non-trivial adapter
     pmodel = peft.get_peft_model(make(), pcfg).eval()
-    if cfg.use_dora or cfg.init == "pissa":  # move off the init so magnitude / PiSSA factors are non-trivial
+    if cfg.use_dora or from_w0:  # move off the init so magnitude / PiSSA factors are non-trivial
         perturb_peft(pmodel, std=0.05)
     theirs = pmodel(x).logits
     pmodel.save_pretrained(tmp_path / "peft")

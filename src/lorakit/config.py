@@ -18,13 +18,15 @@ from lorakit.errors import ConfigError
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-INITS = ("default", "gaussian", "pissa", "loftq", "random")
+INITS = ("default", "gaussian", "pissa", "olora", "orthogonal", "loftq", "random")
 
 # PEFT's `init_lora_weights` values <-> ours.
 _INIT_TO_PEFT: dict[str, Any] = {
     "default": True,
     "gaussian": "gaussian",
     "pissa": "pissa",
+    "olora": "olora",
+    "orthogonal": "orthogonal",
     "loftq": "loftq",
     "random": False,
 }
@@ -116,8 +118,9 @@ class LoraConfig:
     use_rslora: bool = False
     """Rank-stabilised scaling alpha/√r instead of alpha/r."""
     init: str = "default"
-    """"default" (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r)), "pissa" (top-r SVD of W0), "loftq"
-    (for a 4-bit base: Q + s·B·A ≈ W0, LoftQ), "random"."""
+    """"default" (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r)), "pissa" (top-r SVD of W0), "olora" (QR
+    of W0), "orthogonal" (A, B random with B·A = 0; r even), "loftq" (for a 4-bit base: Q + s·B·A ≈ W0, LoftQ),
+    "random"."""
     loftq_iter: int = 1
     """LoftQ's alternating steps (init "loftq"): 1 keeps the base's NF4 codes; more re-quantize W0 - s·B·A."""
     use_dora: bool = False
@@ -344,7 +347,8 @@ def _init_from_peft(value: Any, source: str) -> str:
         if value == theirs and type(value) is type(theirs):
             return ours
     raise ConfigError(
-        f"{source}: init_lora_weights={value!r} is not supported (use true, false, 'gaussian', 'pissa' or 'loftq')"
+        f"{source}: init_lora_weights={value!r} is not supported (use true, false, 'gaussian', 'pissa', 'olora', "
+        "'orthogonal' or 'loftq')"
     )
 
 

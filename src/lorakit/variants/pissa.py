@@ -1,9 +1,14 @@
-"""PiSSA initialisation (Meng et al. 2024): A, B from the top-r singular triplets of W0; W0 keeps the residual.
+"""PiSSA (Meng et al. 2024) and OLoRA (Büyükakyüz 2024) initialisations: A and B from a decomposition of W0, and
+W0 keeps the residual, so that the model's output is unchanged at initialisation.
 
-Matches PEFT's `init_lora_weights="pissa"`: with W0 = U·S·Vh, A = diag(√(S_r/s))·Vh_r and B = U_r·diag(√(S_r/s)),
-and W0 ← W0 − s·B·A, so the model's output is unchanged at initialisation. The removed part is kept on the
-adapter (`base_residual`), so deleting the adapter restores the original base weight. Registered as the init
-"pissa" (`LoraConfig(init="pissa")`).
+- PiSSA matches PEFT's `init_lora_weights="pissa"`: with W0 = U·S·Vh, A = diag(√(S_r/s))·Vh_r and
+  B = U_r·diag(√(S_r/s)) (the top-r singular triplets), and W0 ← W0 − s·B·A.
+- OLoRA matches PEFT's `init_lora_weights="olora"`: with W0 = Q·R (QR decomposition), B = Q[:, :r] and A = R[:r],
+  and W0 ← W0 − s·B·A.
+
+The removed part is kept on the adapter (`base_residual`), so deleting the adapter restores the original base
+weight. Both are deterministic, so loading a saved adapter computes the same residual again from the original
+base (as PEFT does). Registered as the inits "pissa" and "olora" (`LoraConfig(init="olora")`).
 """
 
 from __future__ import annotations
@@ -14,27 +19,52 @@ from lorakit.errors import AdapterError
 from lorakit.layers import LoraAdapter, LoraLayer, delta_weight, register_init
 
 
-@torch.no_grad()
-def pissa_init(layer: LoraLayer, adapter: LoraAdapter) -> None:
+def _base_weight(layer: LoraLayer, adapter: LoraAdapter, what: str) -> torch.Tensor:
+    """The base weight an init decomposes (and then changes in place), after checking it can."""
     h = layer.handler
     if h.quantized:
         raise AdapterError(
-            "PiSSA init moves the top-r part out of W0, which a 4-bit base cannot take; initialise PiSSA on "
+            f"{what} init moves the top-r part out of W0, which a 4-bit base cannot take; initialise {what} on "
             "the full-precision model (or use another init)"
         )
     if not h.linear:
-        raise AdapterError(f"PiSSA init supports linear layers only, not {type(layer.base_layer).__name__}")
+        raise AdapterError(f"{what} init supports linear layers only, not {type(layer.base_layer).__name__}")
     w = h.weight(layer.base_layer)
     if not w.dtype.is_floating_point:
-        raise AdapterError("PiSSA init needs a floating-point base weight (initialise before quantizing)")
-    r, s = adapter.r, adapter.scaling
-    u, sv, vh = torch.linalg.svd(h.to_2d(w).float(), full_matrices=False)
-    root = torch.sqrt(sv[:r] / s)
-    adapter.lora_A.data.copy_(torch.diag(root) @ vh[:r])
-    adapter.lora_B.data.copy_(u[:, :r] @ torch.diag(root))
+        raise AdapterError(f"{what} init needs a floating-point base weight (initialise before quantizing)")
+    if adapter.r > min(w.shape):
+        raise AdapterError(
+            f"{what} init needs r <= {min(w.shape)} (the weight's smaller side), got r={adapter.r}"
+        )
+    return w
+
+
+def _move_into_adapter(layer: LoraLayer, adapter: LoraAdapter, w: torch.Tensor) -> None:
+    """W0 ← W0 − s·B·A, keeping what was removed on the adapter."""
     removed = delta_weight(layer, adapter)
     w.sub_(removed.to(w.dtype))
     adapter.base_residual = removed.to(w.dtype).clone()
 
 
+@torch.no_grad()
+def pissa_init(layer: LoraLayer, adapter: LoraAdapter) -> None:
+    w = _base_weight(layer, adapter, "PiSSA")
+    r, s = adapter.r, adapter.scaling
+    u, sv, vh = torch.linalg.svd(layer.handler.to_2d(w).float(), full_matrices=False)
+    root = torch.sqrt(sv[:r] / s)
+    adapter.lora_A.data.copy_(torch.diag(root) @ vh[:r])
+    adapter.lora_B.data.copy_(u[:, :r] @ torch.diag(root))
+    _move_into_adapter(layer, adapter, w)
+
+
+@torch.no_grad()
+def olora_init(layer: LoraLayer, adapter: LoraAdapter) -> None:
+    w = _base_weight(layer, adapter, "OLoRA")
+    q, rr = torch.linalg.qr(layer.handler.to_2d(w).float())
+    adapter.lora_A.data.copy_(rr[: adapter.r])
+    adapter.lora_B.data.copy_(q[:, : adapter.r])
+    _move_into_adapter(layer, adapter, w)
+
+
 register_init("pissa", pissa_init)
+register_init("olora", olora_init)

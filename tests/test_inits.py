@@ -1,0 +1,155 @@
+"""The OLoRA and orthogonal inits (`lorakit.variants.pissa`, `lorakit.variants.orthogonal`) against PEFT's own:
+the same A, B and (for OLoRA) the same residual base weight; what each promises (an unchanged output, B·A = 0
+with both factors learning from the first step); their bad inputs; and OLoRA on the real default model, saved and
+loaded by PEFT. (Files both ways, for every init, are in test_peft_interop.)"""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit import LoraConfig
+from lorakit.errors import AdapterError
+from lorakit.variants.orthogonal import orthogonal_init
+
+from tiny import ids, peft_config, perturb_peft, randomize, tiny_llama
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _pairs(ours: nn.Module, theirs: nn.Module):
+    """(our LoraLayer, PEFT's LoRA layer) for each targeted module."""
+    mine = {n: m for n, m in ours.named_modules() if isinstance(m, lorakit.LoraLayer)}
+    for name, layer in mine.items():
+        yield layer, theirs.base_model.model.get_submodule(name)
+
+
+def test_olora_is_peft_olora():
+    """QR of the same f32 weight on both sides: A, B and the residual W0 - s·B·A agree to rounding (1e-6 on
+    entries of order 0.1-1; measured: equal)."""
+    cfg = LoraConfig(r=4, alpha=8, targets=TARGETS, init="olora")
+    ours = tiny_llama()
+    lorakit.inject(ours, cfg)
+    theirs = peft.get_peft_model(tiny_llama(), peft_config(cfg))
+    n = 0
+    for layer, p in _pairs(ours, theirs):
+        a = layer.adapters["default"]
+        torch.testing.assert_close(a.lora_A, p.lora_A["default"].weight, atol=1e-6, rtol=0)
+        torch.testing.assert_close(a.lora_B, p.lora_B["default"].weight, atol=1e-6, rtol=0)
+        torch.testing.assert_close(layer.base_layer.weight, p.base_layer.weight, atol=1e-6, rtol=0)
+        assert a.lora_B.abs().max() > 0.1  # a real decomposition, not zeros
+        n += 1
+    assert n == 2 * len(TARGETS)
+
+
+def test_orthogonal_is_peft_orthogonal_for_the_same_seed():
+    """Both draw from torch's global generator in the same order: seeded alike, the factors are equal."""
+    cfg = LoraConfig(r=6, alpha=12, targets=TARGETS, init="orthogonal")
+    ours = tiny_llama()
+    lorakit.inject(ours, cfg)
+    theirs = peft.get_peft_model(tiny_llama(), peft_config(cfg))
+    for i, (layer, p) in enumerate(_pairs(ours, theirs)):
+        torch.manual_seed(100 + i)
+        orthogonal_init(layer, layer.adapters["default"])
+        torch.manual_seed(100 + i)
+        p.orthogonal_init("default")
+        torch.testing.assert_close(
+            layer.adapters["default"].lora_A, p.lora_A["default"].weight, atol=0, rtol=0
+        )
+        torch.testing.assert_close(
+            layer.adapters["default"].lora_B, p.lora_B["default"].weight, atol=0, rtol=0
+        )
+
+
+def test_orthogonal_starts_at_zero_and_both_factors_learn_at_once():
+    """B·A = 0 (the rows of an orthogonal matrix that A and B take are orthogonal to each other), yet A and B are
+    not zero, so both get a gradient from the first step; the default init (B = 0) gives A none."""
+    x = ids()
+    grads = {}
+    for init in ("orthogonal", "default"):
+        model = tiny_llama()
+        lorakit.inject(model, LoraConfig(r=4, targets=["q_proj"], init=init))
+        adapter = model.model.layers[0].self_attn.q_proj.adapters["default"]
+        if init == "orthogonal":
+            product = adapter.lora_B @ adapter.lora_A
+            assert product.abs().max() < 1e-6  # f32 rounding of a zero product (entries of A, B ~ 0.1)
+            assert adapter.lora_A.abs().min() > 0 and adapter.lora_B.abs().max() > 0.01
+        model(x, labels=x).loss.backward()
+        grads[init] = (adapter.lora_A.grad.abs().max().item(), adapter.lora_B.grad.abs().max().item())
+    assert grads["orthogonal"][0] > 1e-6 and grads["orthogonal"][1] > 1e-6
+    assert grads["default"][0] == 0.0 and grads["default"][1] > 1e-6
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (LoraConfig(r=3, targets=["q_proj"], init="orthogonal"), "orthogonal init needs an even rank"),
+        (LoraConfig(r=40, targets=["q_proj"], init="olora"), "OLoRA init needs r <= 32"),
+        (LoraConfig(r=40, targets=["q_proj"], init="pissa"), "PiSSA init needs r <= 32"),
+        (LoraConfig(r=4, targets=["embed_tokens"], init="olora"), "OLoRA init supports linear layers only"),
+        (
+            LoraConfig(r=4, targets=["embed_tokens"], init="orthogonal"),
+            "orthogonal init supports linear layers",
+        ),
+    ],
+)
+def test_bad_inits_are_one_line_and_leave_the_model_as_it_was(cfg, message):
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterError) as info:
+        lorakit.inject(model, cfg)
+    assert message in str(info.value) and "\n" not in str(info.value), info.value
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_peft_file_with_an_unknown_init_is_refused_naming_it(tmp_path):
+    cfg = LoraConfig(r=4, targets=["q_proj"])
+    pmodel = peft.get_peft_model(tiny_llama(), peft_config(cfg))
+    pmodel.save_pretrained(tmp_path / "a")
+    path = tmp_path / "a" / "adapter_config.json"
+    path.write_text(path.read_text().replace('"init_lora_weights": true', '"init_lora_weights": "corda"'))
+    with pytest.raises(lorakit.errors.ConfigError, match="init_lora_weights='corda' is not supported"):
+        lorakit.load_adapter(tiny_llama(), tmp_path / "a")
+
+
+@pytest.mark.real_model
+def test_olora_on_the_real_model_loads_in_peft(default_model_dir, tmp_path):
+    """SmolLM2 with OLoRA on all seven projections: the output is unchanged at init; trained (perturbed) and
+    saved, PEFT's load redoes the same QR on the original weights and computes the same logits."""
+    model, tok = lorakit.load_model(default_model_dir)
+    x = tok(["The capital of France is", "LoRA adapts a frozen model"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        base = model(**x).logits
+    lorakit.inject(model, LoraConfig(r=8, alpha=16, targets="all-linear", init="olora"))
+    with torch.no_grad():
+        start = model(**x).logits
+    # SmolLM2's logits reach ~40 and the residual is W0 - s·B·A in f32: measured ~2e-4
+    torch.testing.assert_close(start, base, atol=2e-3, rtol=0)
+    randomize(model, std=0.01)
+    with torch.no_grad():
+        ours = model(**x).logits
+    assert (ours - base).abs().max() > 0.1  # the adapter matters
+    lorakit.save_adapter(model, tmp_path / "olora")
+    fresh, _ = lorakit.load_model(default_model_dir)
+    theirs_model = peft.PeftModel.from_pretrained(fresh, tmp_path / "olora").eval()
+    with torch.no_grad():
+        theirs = theirs_model(**x).logits
+    torch.testing.assert_close(theirs, ours, atol=2e-3, rtol=0)  # as above
+
+
+def test_perturbed_peft_orthogonal_loads_in_ours(tmp_path):
+    """A PEFT adapter made with init "orthogonal" (its config says so) loads in ours with PEFT's outputs."""
+    cfg = LoraConfig(r=4, alpha=8, targets=TARGETS, init="orthogonal")
+    pmodel = peft.get_peft_model(tiny_llama(), peft_config(cfg)).eval()
+    perturb_peft(pmodel, std=0.05)
+    x = ids()
+    theirs = pmodel(x).logits
+    pmodel.save_pretrained(tmp_path / "p")
+    assert '"init_lora_weights": "orthogonal"' in (tmp_path / "p" / "adapter_config.json").read_text()
+    model = tiny_llama()
+    lorakit.load_adapter(model, tmp_path / "p")
+    torch.testing.assert_close(model(x).logits, theirs, atol=1e-5, rtol=0)  # f32, logits of order 1

@@ -1,7 +1,10 @@
 """The OLoRA and orthogonal inits (`lorakit.variants.pissa`, `lorakit.variants.orthogonal`) against PEFT's own:
 the same A, B and (for OLoRA) the same residual base weight; what each promises (an unchanged output, B·A = 0
 with both factors learning from the first step); their bad inputs; and OLoRA on the real default model, saved and
-loaded by PEFT. (Files both ways, for every init, are in test_peft_interop.)"""
+loaded by PEFT. (Files both ways, for every init, are in test_peft_interop.)
+
+PiSSA and OLoRA files load as plain LoRA on the original base (`lora_format.as_plain_lora`), so that an adapter
+bank can hold them beside other adapters: checked against the trained model, and against PEFT's load."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from torch import nn
 
 import lorakit
 from lorakit import LoraConfig
+from lorakit.bank import AdapterBank
 from lorakit.errors import AdapterError
 from lorakit.variants.orthogonal import orthogonal_init
 
@@ -153,3 +157,91 @@ def test_perturbed_peft_orthogonal_loads_in_ours(tmp_path):
     model = tiny_llama()
     lorakit.load_adapter(model, tmp_path / "p")
     torch.testing.assert_close(model(x).logits, theirs, atol=1e-5, rtol=0)  # f32, logits of order 1
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("rslora", [False, True], ids=["alpha-over-r", "rslora"])
+def test_a_bank_holds_pissa_and_olora_beside_others_without_touching_the_base(init, rslora, tmp_path):
+    """Loaded into a bank, a PiSSA or OLoRA adapter answers as the trained model did, while the base and another
+    adapter answer as before: the file becomes plain LoRA of rank 2r on the original W0 (A' = [A; A0],
+    B' = [B, -B0], the same s), not a change of W0 that every other adapter would see."""
+    x = ids()
+    cfg = LoraConfig(
+        r=4,
+        alpha=8,
+        targets="all-linear",
+        init=init,
+        use_rslora=rslora,
+        rank_pattern={"k_proj": 2},
+        alpha_pattern={"v_proj": 3.0},
+    )
+    trained = tiny_llama()
+    lorakit.inject(trained, cfg, "p")
+    randomize(trained)
+    want = trained(x).logits
+    lorakit.save_adapter(trained, tmp_path / "p", "p")
+    other = tiny_llama()
+    lorakit.inject(other, LoraConfig(r=4, targets=["q_proj", "up_proj"]), "o")
+    randomize(other, seed=9)
+    other_want = other(x).logits
+    lorakit.save_adapter(other, tmp_path / "o", "o")
+
+    model = tiny_llama()
+    with torch.no_grad():
+        base = model(x).logits
+    bank = AdapterBank(model)
+    bank.load("o", tmp_path / "o")
+    bank.load("p", tmp_path / "p")
+    with torch.no_grad():
+        for name, expected in ((None, base), ("o", other_want), ("p", want)):
+            bank.activate(name)
+            # f32 with logits of order 1: the two sides differ in summation order only (measured ~4e-7)
+            torch.testing.assert_close(model(x).logits, expected, atol=1e-5, rtol=0)
+    assert (want - base).abs().max() > 0.1  # the adapter matters
+    layer = model.model.layers[0].self_attn.k_proj
+    assert layer.adapters["p"].lora_A.shape[0] == 4 and layer.adapters["p"].base_residual is None  # 2 x r=2
+    # saved again, it is a plain LoRA file that PEFT runs on the original base
+    lorakit.save_adapter(model, tmp_path / "plain", "p")
+    assert '"init_lora_weights": true' in (tmp_path / "plain" / "adapter_config.json").read_text()
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "plain").eval()
+    torch.testing.assert_close(theirs(x).logits, want, atol=1e-5, rtol=0)  # as above
+
+
+def test_loaded_to_train_on_a_pissa_file_keeps_its_form(tmp_path):
+    """load_adapter(trainable=True) goes on training the adapter as PiSSA: rank r, the residual out of W0."""
+    x = ids()
+    trained = tiny_llama()
+    lorakit.inject(trained, LoraConfig(r=4, targets=["q_proj"], init="pissa"))
+    randomize(trained)
+    want = trained(x).logits
+    lorakit.save_adapter(trained, tmp_path / "p")
+    model = tiny_llama()
+    lorakit.load_adapter(model, tmp_path / "p", trainable=True)
+    adapter = model.model.layers[0].self_attn.q_proj.adapters["default"]
+    assert adapter.lora_A.shape[0] == 4 and adapter.base_residual is not None
+    torch.testing.assert_close(model(x).logits, want, atol=1e-5, rtol=0)  # as above
+
+
+def test_what_cannot_take_a_moved_base_weight_says_how_to_make_it_plain(tmp_path):
+    """An adapter that moved s·B0·A0 out of W0 in this process cannot go to llama.cpp as a pair (llama.cpp adds it
+    to the original W0), nor can its file be combined: both refusals say how to make it plain LoRA, and once it is
+    (saved and loaded), the export takes it."""
+    from lorakit.combine import combine
+    from lorakit.ondevice.adapter import adapter_gguf
+    from lorakit.ondevice.names import ExportError
+
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(r=4, targets=["q_proj"], init="olora"))
+    randomize(model)
+    with pytest.raises(
+        ExportError, match="moved a part of the base weight into itself.*save it and load it again"
+    ):
+        adapter_gguf(model)
+    lorakit.save_adapter(model, tmp_path / "o")
+    with pytest.raises(AdapterError, match="olora adapters are relative to a modified base weight"):
+        combine([tmp_path / "o", tmp_path / "o"], [0.5, 0.5], "cat", tmp_path / "both")
+    assert not (tmp_path / "both").exists()
+    plain = tiny_llama()
+    lorakit.load_adapter(plain, tmp_path / "o")
+    shapes = {shape for name, shape, _, _ in adapter_gguf(plain).tensors if name.endswith(".lora_a")}
+    assert shapes == {(8, 32)}  # rank 2 x 4: the file's pair and the moved part (as llama.cpp reads (r, in))

@@ -277,9 +277,10 @@ def _modules(config: LoraConfig, tensors: dict[str, torch.Tensor], name: str) ->
     """Module name -> its LoRA, checked against the config (which sets each module's r and scaling)."""
     if config.use_dora:
         raise AdapterError(f"{name}: DoRA adapters cannot be combined (their update is not s·B·A)")
-    if config.init == "pissa":
+    if config.init in ("pissa", "olora"):
         raise AdapterError(
-            f"{name}: PiSSA adapters are relative to a modified base weight; convert to plain LoRA first"
+            f"{name}: {config.init} adapters are relative to a modified base weight; convert to plain LoRA first "
+            "(lorakit.load_adapter, then save_adapter)"
         )
     if config.target_parameters:
         raise AdapterError(

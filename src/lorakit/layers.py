@@ -106,6 +106,10 @@ VARIANTS: dict[str, type[Variant]] = {"lora": Variant}
 """Registered variants by name (their metadata key is "lorakit.<name>")."""
 INITS: dict[str, Callable[[LoraLayer, LoraAdapter], None]] = {}
 """Registered initialisations beyond the handler's own (default, gaussian, random): name -> init(layer, adapter)."""
+INIT_FACTORS: dict[str, Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor]]] = {}
+"""Of the inits that move a part of W0 into B·A (PiSSA, OLoRA): name -> factors(W0 as 2-D, r, s) -> (A0, B0), the
+start they compute from W0, deterministically (so that a loaded file can be made relative to the original W0:
+`lora_format.as_plain_lora`)."""
 
 
 def register_variant(cls: type[Variant]) -> type[Variant]:
@@ -117,9 +121,17 @@ def register_variant(cls: type[Variant]) -> type[Variant]:
     return cls
 
 
-def register_init(name: str, init: Callable[[LoraLayer, LoraAdapter], None]) -> None:
-    """Make `init(layer, adapter)` the initialisation for `LoraConfig(init=name)` (it sets A and B)."""
+def register_init(
+    name: str,
+    init: Callable[[LoraLayer, LoraAdapter], None],
+    *,
+    factors: Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> None:
+    """Make `init(layer, adapter)` the initialisation for `LoraConfig(init=name)` (it sets A and B). `factors`:
+    for an init that moves s·B0·A0 out of W0, the (A0, B0) it starts from, given W0 (2-D), r and s."""
     INITS[name] = init
+    if factors is not None:
+        INIT_FACTORS[name] = factors
 
 
 def variant_class(config: LoraConfig, name: str | None = None) -> type[Variant]:

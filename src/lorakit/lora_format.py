@@ -36,7 +36,7 @@ from lorakit.formats import (
 )
 from lorakit.handlers import all_handlers, handler_for
 from lorakit.inject import check_new_name, delete_adapter, inject, param_plan, token_plan
-from lorakit.layers import VARIANTS, Variant, variant_class
+from lorakit.layers import INIT_FACTORS, VARIANTS, LoraLayer, Variant, variant_class
 from lorakit.params import ParamLora, factor_shapes, file_keys, param_wrappers
 from lorakit.registry import adapter_layers, registry
 from lorakit.saved import check_targets, copies_of, in_saved_module, original, token_rows_of
@@ -240,6 +240,9 @@ def _plan_saved(
 
 def _apply_lora(model: nn.Module, plan: _LoraPlan, name: str, trainable: bool) -> str:
     config = plan.config.replace(init="default") if plan.config.init == "loftq" else plan.config  # A, B: the file's
+    tensors = plan.copies
+    if config.init in INIT_FACTORS and not trainable:  # PiSSA, OLoRA: leave W0 alone (for the other adapters)
+        config, tensors = as_plain_lora(model, config, tensors)
     inject(model, config, name, activate=False, trainable=trainable, variant=plan.variant)
     try:
         with torch.no_grad():
@@ -251,7 +254,7 @@ def _apply_lora(model: nn.Module, plan: _LoraPlan, name: str, trainable: bool) -
                 else:
                     target = rows[module] if key == TOKEN_KEY else copies[module].state_dict()[key]
                 target.copy_(tensor.to(target.dtype))
-            for module, attr, tensor in plan.copies:
+            for module, attr, tensor in tensors:
                 if attr == "bias":
                     target = _bias_param(model, module)
                 else:
@@ -262,6 +265,52 @@ def _apply_lora(model: nn.Module, plan: _LoraPlan, name: str, trainable: bool) -
         delete_adapter(model, name)
         raise
     return name
+
+
+@torch.no_grad()
+def as_plain_lora(
+    model: nn.Module, config: LoraConfig, copies: list[tuple[str, str, torch.Tensor]]
+) -> tuple[LoraConfig, list[tuple[str, str, torch.Tensor]]]:
+    """A PiSSA or OLoRA adapter, whose B·A is relative to W0 − s·B0·A0, as plain LoRA on the original W0: rank 2r,
+    A' = [A; A0] and B' = [B, −B0] with the same s (PEFT's conversion at save, with
+    path_initial_model_for_weight_conversion). B0 and A0 are computed again from W0, as its init computed them.
+
+    Loaded so, the adapter leaves the base weight alone, as every other adapter does: an adapter bank (`lorakit
+    serve`) can hold it beside others, it merges and unloads like them, and it exports to llama.cpp as a pair.
+    The config's ranks double and its alphas grow to keep s (2×, or √2× with rsLoRA)."""
+    factors = INIT_FACTORS[config.init]
+    grow = 2.0**0.5 if config.use_rslora else 2.0
+    start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (A0, B0)
+    out = []
+    for module, attr, t in copies:
+        if attr in ("lora_A", "lora_B") and module not in start:
+            layer = model.get_submodule(module)
+            handler = handler_for(layer)
+            base = layer.base_layer if isinstance(layer, LoraLayer) else layer
+            if handler is None or handler.quantized or not handler.linear:
+                raise AdapterError(
+                    f"{module}: a {config.init} adapter needs a full-precision linear base layer, not "
+                    f"{type(base).__name__}"
+                )
+            w = handler.weight(base).float()
+            if isinstance(layer, LoraLayer):  # another PiSSA adapter moved a part of W0: the original is W0 + it
+                for other in layer.adapters.values():
+                    if other.base_residual is not None:
+                        w = w + other.base_residual.float()
+            start[module] = factors(handler.to_2d(w), config.rank_for(module), config.scaling_for(module))
+        if attr == "lora_A":
+            t = torch.cat([t, start[module][0].to(t.dtype)])
+        elif attr == "lora_B":
+            t = torch.cat([t, -start[module][1].to(t.dtype)], dim=1)
+        out.append((module, attr, t))
+    plain = config.replace(
+        init="default",
+        r=2 * config.r,
+        alpha=grow * config.alpha,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: grow * v for k, v in config.alpha_pattern.items()},
+    )
+    return plain, out
 
 
 def _suffixes(variant: Variant) -> dict[str, str]:

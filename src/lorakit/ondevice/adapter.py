@@ -53,6 +53,15 @@ def adapter_gguf(model: nn.Module, name: str = "default", outtype: str = "f32") 
             f"no adapter {name!r} on {type(model).__name__}; adapters: {list(registry(model).adapters)}"
         )
     _check_adapter(info.config, name)
+    if any(
+        getattr(layer.adapters[name], "base_residual", None) is not None
+        for _, layer in adapter_layers(model, name)
+    ):
+        raise ExportError(
+            f"adapter {name!r} moved a part of the base weight into itself (init {info.config.init!r}), and llama.cpp "
+            "applies adapters to the original base: save it and load it again (loaded, it is plain LoRA on the "
+            "original base), or export --merged"
+        )
     names = NameMap(model.config)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     alpha = float(info.config.alpha) or float(info.config.r)

@@ -46,25 +46,32 @@ def _move_into_adapter(layer: LoraLayer, adapter: LoraAdapter, w: torch.Tensor) 
     adapter.base_residual = removed.to(w.dtype).clone()
 
 
-@torch.no_grad()
-def pissa_init(layer: LoraLayer, adapter: LoraAdapter) -> None:
-    w = _base_weight(layer, adapter, "PiSSA")
-    r, s = adapter.r, adapter.scaling
-    u, sv, vh = torch.linalg.svd(layer.handler.to_2d(w).float(), full_matrices=False)
+def pissa_factors(w: torch.Tensor, r: int, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A0, B0) of PiSSA for W0 = `w` (2-D, f32): the top-r singular triplets, each factor with √(S_r/s)."""
+    u, sv, vh = torch.linalg.svd(w, full_matrices=False)
     root = torch.sqrt(sv[:r] / s)
-    adapter.lora_A.data.copy_(torch.diag(root) @ vh[:r])
-    adapter.lora_B.data.copy_(u[:, :r] @ torch.diag(root))
-    _move_into_adapter(layer, adapter, w)
+    return torch.diag(root) @ vh[:r], u[:, :r] @ torch.diag(root)
 
 
-@torch.no_grad()
-def olora_init(layer: LoraLayer, adapter: LoraAdapter) -> None:
-    w = _base_weight(layer, adapter, "OLoRA")
-    q, rr = torch.linalg.qr(layer.handler.to_2d(w).float())
-    adapter.lora_A.data.copy_(rr[: adapter.r])
-    adapter.lora_B.data.copy_(q[:, : adapter.r])
-    _move_into_adapter(layer, adapter, w)
+def olora_factors(w: torch.Tensor, r: int, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A0, B0) of OLoRA for W0 = `w` (2-D, f32): R[:r] and Q[:, :r] of its QR decomposition (s plays no part)."""
+    q, rr = torch.linalg.qr(w)
+    return rr[:r], q[:, :r]
 
 
-register_init("pissa", pissa_init)
-register_init("olora", olora_init)
+def _init(what: str, factors):
+    @torch.no_grad()
+    def init(layer: LoraLayer, adapter: LoraAdapter) -> None:
+        w = _base_weight(layer, adapter, what)
+        a, b = factors(layer.handler.to_2d(w).float(), adapter.r, adapter.scaling)
+        adapter.lora_A.data.copy_(a)
+        adapter.lora_B.data.copy_(b)
+        _move_into_adapter(layer, adapter, w)
+
+    return init
+
+
+pissa_init = _init("PiSSA", pissa_factors)
+olora_init = _init("OLoRA", olora_factors)
+register_init("pissa", pissa_init, factors=pissa_factors)
+register_init("olora", olora_init, factors=olora_factors)

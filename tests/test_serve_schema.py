@@ -537,8 +537,8 @@ def test_each_formats_lengths_are_its_patterns():
     longest match of each format's pattern (as Python's own regular expression parser measures them)."""
     import re._parser as parser  # (the stdlib's; our patterns use only its syntax)
 
-    from lorakit.serve.schema import FORMAT_LENGTHS
-    from lorakit.serve.schema import FORMATS as PATTERNS
+    from lorakit.serve.formats import FORMAT_LENGTHS
+    from lorakit.serve.formats import FORMATS as PATTERNS
 
     assert set(FORMAT_LENGTHS) == set(PATTERNS) == set(FORMATS)
     for name, pattern in PATTERNS.items():

@@ -12,8 +12,8 @@ the same prompt and kept in the prefix cache for later ones. A prompt to score (
 alone when it does not fit. Without a chunk size (0) every waiting row is ready at once.
 
 While nothing decodes, no answer waits for the prompts, and chunks only cost time (each attends to the ones
-before it through an explicit mask, and its cached start is copied in: a 2,000-token prompt's first token came
-1.14x later in chunks of 512): waiting rows are prefilled whole, as many as `max_tokens` padded prompt tokens
+before it through an explicit mask, and its cached start is copied in: with nothing streaming, a long prompt's
+first token came 1.19x later in chunks of 512, benchmarks/bench_chunked.py): waiting rows are prefilled whole, as many as `max_tokens` padded prompt tokens
 allow (the engine's `max_prefill_tokens`, counted as `Engine._admit` counts them); only a longer prompt is
 computed in chunks of `max_tokens`.
 

@@ -19,7 +19,7 @@ from lorakit.bank import AdapterBank
 from lorakit.errors import AdapterError
 from lorakit.variants.orthogonal import orthogonal_init
 
-from tiny import ids, peft_config, perturb_peft, randomize, tiny_llama
+from tiny import ids, peft_config, perturb_peft, randomize, tiny_gpt2, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -245,3 +245,29 @@ def test_what_cannot_take_a_moved_base_weight_says_how_to_make_it_plain(tmp_path
     lorakit.load_adapter(plain, tmp_path / "o")
     shapes = {shape for name, shape, _, _ in adapter_gguf(plain).tensors if name.endswith(".lora_a")}
     assert shapes == {(8, 32)}  # rank 2 x 4: the file's pair and the moved part (as llama.cpp reads (r, in))
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize(
+    "make, cfg",
+    [
+        (tiny_llama, dict(targets=["q_proj", "down_proj"], use_dora=True)),  # DoRA's norm sees W0 + s·B'·A'
+        (tiny_gpt2, dict(targets=["c_attn", "c_fc"])),  # GPT-2's Conv1D keeps its weight transposed
+    ],
+    ids=["llama-dora", "gpt2-conv1d"],
+)
+def test_a_loaded_pissa_or_olora_file_answers_as_trained_with_dora_and_conv1d(init, make, cfg, tmp_path):
+    x = ids()
+    trained = make()
+    lorakit.inject(trained, LoraConfig(r=4, alpha=8, init=init, **cfg))
+    randomize(trained)
+    want = trained(x).logits
+    lorakit.save_adapter(trained, tmp_path / "p")
+    model = make()
+    lorakit.load_adapter(model, tmp_path / "p")
+    # f32, logits of order 1: the two differ in summation order only (~1e-7 seen)
+    torch.testing.assert_close(model(x).logits, want, atol=1e-5, rtol=0)
+    fresh = make()
+    assert (want - fresh(x).logits).abs().max() > 0.01  # the adapter matters
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, lorakit.LoraLayer)]
+    assert layers and all(torch.equal(m.base_layer.weight, fresh.get_submodule(n).weight) for n, m in layers)

@@ -42,6 +42,7 @@ from lorakit.combine_math import Lora, combine_module
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, AdapterFileError, ConfigError
 from lorakit.formats import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from lorakit.layers import INIT_FACTORS
 from lorakit.lora_format import TOKEN_KEY, read_adapter, saved_tensors, token_tensors
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,7 @@ def _modules(config: LoraConfig, tensors: dict[str, torch.Tensor], name: str) ->
     """Module name -> its LoRA, checked against the config (which sets each module's r and scaling)."""
     if config.use_dora:
         raise AdapterError(f"{name}: DoRA adapters cannot be combined (their update is not s·B·A)")
-    if config.init in ("pissa", "olora"):
+    if config.init in INIT_FACTORS:  # PiSSA, OLoRA: B·A is relative to W0 - s·B0·A0
         raise AdapterError(
             f"{name}: {config.init} adapters are relative to a modified base weight; convert to plain LoRA first "
             "(lorakit.load_adapter, then save_adapter)"

@@ -184,7 +184,9 @@ def _walk(page, url: str, model_dir) -> None:
     page.wait_for_selector("#eval-cancel", state="visible")
     page.click("#eval-cancel")
     page.wait_for_function("document.querySelector('#eval-status').textContent === 'cancelled'")
-    assert page.is_hidden("#eval-cancel") and page.is_enabled("#eval-btn") and page.is_hidden("#eval-result")
+    # the button comes back once the history has been fetched again, a request after the status line: wait for it
+    page.wait_for_selector("#eval-btn:enabled")
+    assert page.is_hidden("#eval-cancel") and page.is_hidden("#eval-result")
 
     # the history: the cancelled evaluation is listed; a finished one is too, with its figures, and shows again
     history = "#eval-history tbody tr[data-job]"

@@ -23,6 +23,7 @@ from lorakit.errors import (
     QuantizationError,
     TargetError,
 )
+from lorakit.extract import extract
 from lorakit.fused import set_fused
 from lorakit.inject import adapter_names, delete_adapter, inject, lora_layers, unload
 from lorakit.io import adapter_state_dict, describe_adapter, load_adapter, read_adapter, save_adapter
@@ -110,6 +111,7 @@ __all__ = [
     "detach_ladder",
     "dequantize",
     "export_gguf",
+    "extract",
     "describe_adapter",
     "disabled",
     "export_rank",

@@ -55,6 +55,11 @@ COMMANDS: dict[str, Command] = {
         adapters.configure_export,
         adapters.cmd_export,
     ),
+    "extract": Command(
+        "extract a LoRA adapter from a fully fine-tuned model: ΔW to its base, truncated by SVD (docs/extract.md)",
+        adapters.configure_extract,
+        adapters.cmd_extract,
+    ),
     "convert": Command(
         "export a DyLoRA adapter at rank b as a plain PEFT LoRA adapter (docs/dylora.md)",
         adapters.configure_convert,

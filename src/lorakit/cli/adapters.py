@@ -1,4 +1,4 @@
-"""`lorakit inspect`, `merge`, `convert` and `combine`: the commands that read, write or report adapter files."""
+"""`lorakit inspect`, `merge`, `extract`, `convert` and `combine`: the commands that read, write or report adapter files."""
 
 from __future__ import annotations
 
@@ -92,9 +92,15 @@ def _print_adapter(info: dict) -> None:
         print(f"parameters (target_parameters {cfg.target_parameters}): {where}: lora_A {a}, lora_B {b}")
     ids = cfg.trainable_token_indices
     for module, shape in sorted(info.get("tokens", {}).items()):
-        listed = ids if isinstance(ids, list) else next((v for k, v in (ids or {}).items() if module.endswith(k)), [])
+        listed = (
+            ids
+            if isinstance(ids, list)
+            else next((v for k, v in (ids or {}).items() if module.endswith(k)), [])
+        )
         shown = ", ".join(map(str, listed[:8])) + (", ..." if len(listed) > 8 else "")
-        print(f"token rows (trainable_token_indices): {module}: {shape[0]} rows x {shape[1]} (token ids {shown})")
+        print(
+            f"token rows (trainable_token_indices): {module}: {shape[0]} rows x {shape[1]} (token ids {shown})"
+        )
     print(
         f"{len(info['modules'])} modules, {info['parameters']:,} parameters in {info['tensors']} tensors; "
         f"adapted weights {full:,} -> {lora:,} ({full / max(lora, 1):.1f}x fewer)"
@@ -147,6 +153,65 @@ def cmd_merge(args: argparse.Namespace) -> int:
         args.model, args.adapter, args.out, allow_pickle=args.allow_pickle, device=args.device
     )
     print(f"merged {args.adapter} into {args.model or 'the default model'}; wrote {out}")
+    return 0
+
+
+def configure_extract(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tuned", required=True, help="the fine-tuned model: a Hugging Face folder (safetensors)")
+    p.add_argument("--model", help="its base: " + MODEL_HELP)
+    p.add_argument("--out", required=True, help="output adapter folder (PEFT layout, written atomically)")
+    p.add_argument(
+        "-r", "--rank", type=positive_int, default=16, help="most rank a module gets (default: 16)"
+    )
+    p.add_argument(
+        "--energy",
+        type=float,
+        help="lower each module's rank to the fewest singular values that keep this fraction of ‖ΔW‖², in (0, 1]",
+    )
+    p.add_argument(
+        "--targets",
+        help="the changed modules that get a LoRA: all-linear, names (q_proj,v_proj) or a regex (default: every "
+        "changed weight, embeddings and the output head included)",
+    )
+    p.add_argument(
+        "--no-copies", action="store_true", help="leave changed norms out instead of saving them whole"
+    )
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from lorakit.extract import extract
+
+    done = extract(
+        args.model,
+        args.tuned,
+        args.out,
+        r=args.rank,
+        energy=args.energy,
+        targets=None if args.targets is None else _targets(args.targets),
+        copy_small=not args.no_copies,
+        progress=True,
+    )
+    ranks = sorted({m.rank for m in done.loras})
+    span = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    print(f"{len(done.loras)} modules as LoRA ({span})" if done.loras else "no module as LoRA")
+    if done.loras:
+        worst = max(done.loras, key=lambda m: m.error)
+        print(f"largest relative error ‖ΔW - B·A‖/‖ΔW‖: {worst.error:.3g} ({worst.module})")
+    if done.copies:
+        print(
+            f"{len(done.copies)} modules saved whole: {', '.join(done.copies[:4])}{' …' if len(done.copies) > 4 else ''}"
+        )
+    if done.bias != "none":
+        print(f"biases: {done.bias}")
+    shown = list(done.left_out.items())[:8]
+    for module, change in shown:
+        print(f"left out: {module}, changed by ‖ΔW‖/‖W‖ = {change:.3g}")
+    if len(done.left_out) > len(shown):
+        print(f"left out: {len(done.left_out) - len(shown)} more (extract.json lists them)")
+    share = 100 * done.parameters / max(done.base_parameters, 1)
+    print(
+        f"wrote {done.path}: {done.parameters:,} numbers, {share:.2f}% of the model's {done.base_parameters:,}"
+    )
     return 0
 
 

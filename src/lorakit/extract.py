@@ -1,0 +1,458 @@
+"""Extract a LoRA adapter from a fine-tuned model: the difference to its base, weight by weight, truncated by SVD.
+
+    extracted = extract("base-folder", "tuned-folder", "adapter-folder", r=32)   # lorakit extract
+    model.load_adapter: lorakit.load_adapter(model, "adapter-folder") or PEFT's PeftModel.from_pretrained
+
+For each weight that differs, ΔW = W_tuned − W_base (seen as out × fan_in, `lorakit.handlers`) is factored as
+U·S·Vᵀ and kept to its top k singular values: B = U_k·√S_k, A = √S_k·V_kᵀ, written with scaling 1 (alpha = rank,
+a rank_pattern/alpha_pattern entry for every module off the most common rank). k is `r`, or fewer:
+- the numerical rank: singular values below `RTOL` of the largest are dropped (a ΔW that is itself a rank-8 LoRA
+  comes out at rank 8);
+- with `energy`, the fewest that keep that fraction of ‖ΔW‖²_F.
+What each module loses is reported: ‖ΔW − B·A‖_F / ‖ΔW‖_F, from the dropped singular values.
+
+What else changed is carried as PEFT carries it, so that base + adapter is the tuned model wherever it can be:
+- a changed bias of a module that gets a LoRA: `bias="lora_only"` (every such module's bias, from the tuned model);
+  any other changed bias: `bias="all"` (every bias of the model);
+- a changed module whose parameters are all vectors (a norm): a whole copy (`modules_to_save`), when `copy_small`;
+- weights shared by several modules (tied input and output embeddings): a LoRA on each of them, of one ΔW.
+Every changed weight gets a LoRA by default (`targets=None`), embeddings and the output head included. With
+`targets` (PEFT's rules: a list of names, a regex, or "all-linear"), changed modules outside them are left out,
+and the result names them with their relative change ‖ΔW‖_F / ‖W‖_F.
+
+Both models are Hugging Face folders (a .gguf file is converted once, as for `load_model`) in safetensors, of one
+architecture; they are read one tensor at a time, never whole, so extraction needs about one weight's memory
+(plus its SVD), not a model's. Any mismatch (an architecture, a tensor's shape, a tensor missing from one of
+them) fails in one line naming it, before anything is written; the output folder is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections import Counter
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+from lorakit.atomic import atomic_dir
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterError, ConfigError, ModelLoadError
+from lorakit.formats import CONFIG_NAME, PREFIX, WEIGHTS_NAME, targets_for_file
+from lorakit.handlers import handler_for
+from lorakit.targeting import select_modules
+
+log = logging.getLogger(__name__)
+
+RECORD_NAME = "extract.json"
+RTOL = 1e-4
+"""Singular values below RTOL × the largest count as zero: what they carry is below 1e-8·min(d, k) of ‖ΔW‖²_F."""
+
+
+@dataclass(frozen=True)
+class ModuleLora:
+    module: str
+    rank: int
+    error: float
+    """‖ΔW − B·A‖_F / ‖ΔW‖_F."""
+
+
+@dataclass(frozen=True)
+class Extracted:
+    """What `extract` wrote to `path`."""
+
+    path: Path
+    loras: list[ModuleLora]
+    copies: list[str]
+    """Modules saved whole (modules_to_save)."""
+    bias: str
+    """PEFT's bias mode of the adapter: "none", "lora_only" or "all"."""
+    left_out: dict[str, float] = field(default_factory=dict)
+    """Changed modules the adapter does not carry -> ‖ΔW‖_F / ‖W‖_F of their largest change."""
+    parameters: int = 0
+    """Numbers in the adapter file."""
+    base_parameters: int = 0
+
+    @property
+    def max_error(self) -> float:
+        return max((m.error for m in self.loras), default=0.0)
+
+
+def extract(
+    base: str | os.PathLike | None,
+    tuned: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    r: int = 16,
+    energy: float | None = None,
+    targets: str | list[str] | None = None,
+    copy_small: bool = True,
+    progress: bool = False,
+) -> Extracted:
+    """Write the adapter that turns `base` (None: the default model) into `tuned` as a PEFT folder `out`.
+
+    `r` is the most rank a module gets; `energy` (in (0, 1]) lowers it per module to what keeps that fraction of
+    ‖ΔW‖²_F. `targets`: which changed modules get a LoRA (None: every one LoRA can wrap). `copy_small`: carry
+    changed norms whole. `progress`: a bar on stderr. See the module docstring."""
+    _check_options(r, energy)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise AdapterError(f"{out}: exists and is not a folder")
+    base_dir, tuned_dir = _folder(base, "base"), _folder(tuned, "tuned")
+    if base_dir.resolve() == tuned_dir.resolve():
+        raise ConfigError(
+            f"the base and the tuned model are the same folder ({base_dir}): nothing to extract"
+        )
+    skeleton = _skeleton(base_dir, tuned_dir)
+    with ExitStack() as stack:
+        old = _Checkpoint(base_dir, stack)
+        new = _Checkpoint(tuned_dir, stack)
+        _same_keys(old, new)
+        plan = _Plan(skeleton, targets)
+        for pname, param in _bar(_parameters(skeleton), progress, "comparing"):
+            _compare(plan, pname, param, old, new)
+        tensors, loras = _factors(plan, old, new, r, energy, progress)
+        copies = _copies(plan, new, copy_small, tensors)
+        bias = _biases(plan, new, loras, tensors)
+    if not loras:
+        raise ConfigError(_nothing_message(plan, copies, base_dir, tuned_dir))
+    config = _config(skeleton, {m.module: m.rank for m in loras}, bias, copies, base_dir)
+    record = _record(base_dir, tuned_dir, r, energy, loras, copies, bias, plan.left_out)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n")
+        (tmp / RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n")
+
+    atomic_dir(out, write, keep_others=True)
+    _warn(plan, out)
+    log.info("extracted %d LoRAs and %d copies into %s", len(loras), len(copies), out)
+    numbers = sum(t.numel() for t in tensors.values())
+    return Extracted(out, loras, copies, bias, dict(plan.left_out), numbers, plan.numel)
+
+
+def _record(base_dir, tuned_dir, r, energy, loras, copies, bias, left_out) -> dict:
+    """extract.json: the sources, the options, and what became of each changed module."""
+    return {
+        "base": str(base_dir),
+        "tuned": str(tuned_dir),
+        "r": r,
+        "energy": energy,
+        "modules": {m.module: {"rank": m.rank, "error": round(m.error, 6)} for m in loras},
+        "copies": copies,
+        "bias": bias,
+        "left_out": {m: round(v, 6) for m, v in left_out.items()},
+    }
+
+
+def _warn(plan: _Plan, out: Path) -> None:
+    if plan.dtypes:
+        log.warning(
+            "the base holds %s and the tuned model %s: differences of rounding count as changes", *plan.dtypes
+        )
+    if plan.left_out:
+        worst = max(plan.left_out, key=plan.left_out.__getitem__)
+        log.warning(
+            "%d changed modules are not in the adapter (the most changed: %s, ‖ΔW‖/‖W‖ = %.3g); %s lists them",
+            len(plan.left_out),
+            worst,
+            plan.left_out[worst],
+            out / RECORD_NAME,
+        )
+
+
+# -- inputs ---------------------------------------------------------------------------------------------------
+
+
+def _check_options(r: int, energy: float | None) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ConfigError(f"r must be a whole number of at least 1, got {r!r}")
+    if energy is not None and (
+        isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1
+    ):
+        raise ConfigError(f"energy must be a fraction in (0, 1], got {energy!r}")
+
+
+def _folder(spec: str | os.PathLike | None, which: str) -> Path:
+    from lorakit.models import resolve_model_dir  # transformers, only when a model is read
+
+    try:
+        return resolve_model_dir(spec)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"the {which} model: {e}") from e
+
+
+def _skeleton(base_dir: Path, tuned_dir: Path) -> nn.Module:
+    """The base's module tree without weights (on the meta device): module types and tied parameters."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    configs = []
+    for d in (base_dir, tuned_dir):
+        try:
+            configs.append(AutoConfig.from_pretrained(d, local_files_only=True))
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"{d}: cannot read config.json: {str(e).splitlines()[0]}") from e
+    kinds = [(c.model_type, tuple(c.architectures or ())) for c in configs]
+    if kinds[0] != kinds[1]:
+        raise ConfigError(
+            f"the base ({base_dir}) is {kinds[0][0]} {list(kinds[0][1])} and the tuned model ({tuned_dir}) is "
+            f"{kinds[1][0]} {list(kinds[1][1])}: extraction needs one architecture"
+        )
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(configs[0])
+    except (ValueError, KeyError) as e:
+        raise ModelLoadError(
+            f"{base_dir}: not a causal LM transformers can build: {str(e).splitlines()[0]}"
+        ) from e
+
+
+class _Checkpoint:
+    """A model folder's safetensors (one file or shards), read one tensor at a time."""
+
+    def __init__(self, folder: Path, stack: ExitStack) -> None:
+        self.folder = folder
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ModelLoadError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from e
+            files = {k: folder / v for k, v in weight_map.items()}
+        elif (folder / "model.safetensors").is_file():
+            files = None
+        else:
+            raise ModelLoadError(
+                f"{folder}: no model.safetensors (extraction reads safetensors only; save the model with "
+                "save_pretrained(safe_serialization=True))"
+            )
+        self._handles: dict[Path, object] = {}
+        paths = set(files.values()) if files else {folder / "model.safetensors"}
+        for p in sorted(paths):
+            try:
+                self._handles[p] = stack.enter_context(safe_open(str(p), "pt"))
+            except (OSError, SafetensorError) as e:
+                raise ModelLoadError(f"{p}: cannot read it as safetensors ({e})") from e
+        if files is None:
+            (only,) = self._handles.values()
+            files = {k: folder / "model.safetensors" for k in only.keys()}  # noqa: SIM118 - a safe_open handle
+        self._files = files
+
+    def key(self, name: str, prefix: str) -> str | None:
+        """The checkpoint's key for parameter `name` (some checkpoints leave out the base model's prefix)."""
+        if name in self._files:
+            return name
+        bare = name.removeprefix(prefix + ".")
+        return bare if bare in self._files else None
+
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._handles[self._files[key]].get_tensor(key)
+        except (OSError, SafetensorError) as e:
+            raise ModelLoadError(f"{self._files[key]}: cannot read {key} ({e})") from e
+
+
+def _same_keys(old: _Checkpoint, new: _Checkpoint) -> None:
+    """Both checkpoints hold the same tensor names (a tied head in one and not the other differs here)."""
+    for a, b in ((old, new), (new, old)):
+        extra = sorted(set(a.keys()) - set(b.keys()))
+        if extra:
+            raise ModelLoadError(
+                f"{a.folder} has {extra[0]}, which {b.folder} has not: not the same architecture"
+            )
+
+
+def _parameters(skeleton: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return list(skeleton.named_parameters())  # a tied parameter once, under its first name
+
+
+def _bar(items, progress: bool, desc: str):
+    return tqdm(items, desc=desc, unit="tensor", disable=not progress, leave=False)
+
+
+# -- what changed ---------------------------------------------------------------------------------------------
+
+
+class _Plan:
+    """What changed, and how the adapter carries each change."""
+
+    def __init__(self, skeleton: nn.Module, targets: str | list[str] | None) -> None:
+        self.modules = dict(skeleton.named_modules())
+        self.owners: dict[int, list[str]] = {}  # id(parameter) -> the modules that hold it as their weight
+        for name, module in self.modules.items():
+            w = getattr(module, "weight", None)
+            if isinstance(w, nn.Parameter) and handler_for(module) is not None:
+                self.owners.setdefault(id(w), []).append(name)
+        self.allowed = None if targets is None else set(_select(skeleton, targets))
+        self.key_prefix = getattr(skeleton, "base_model_prefix", "") or ""
+        self.loras: dict[str, str] = {}  # module -> the parameter name its ΔW is read from
+        self.biases: list[str] = []  # LoRA-able modules whose bias changed
+        self.other: dict[str, float] = {}  # modules with other changed parameters -> their largest change
+        self.left_out: dict[str, float] = {}
+        self.dtypes: tuple[str, str] | None = None  # (base, tuned) where a tensor's dtypes differ
+        self.numel = sum(p.numel() for _, p in _parameters(skeleton))
+
+    def lora_ok(self, module: str) -> bool:
+        return self.allowed is None or module in self.allowed
+
+
+def _select(skeleton: nn.Module, targets: str | list[str]) -> list[str]:
+    return select_modules(skeleton, LoraConfig(targets=targets))
+
+
+def _read(plan: _Plan, ckpt: _Checkpoint, pname: str) -> torch.Tensor:
+    key = ckpt.key(pname, plan.key_prefix)
+    if key is None:
+        raise ModelLoadError(f"{ckpt.folder}: has no tensor {pname}, which its config's model has")
+    return ckpt.get(key)
+
+
+def _compare(plan: _Plan, pname: str, param: nn.Parameter, old: _Checkpoint, new: _Checkpoint) -> None:
+    a, b = _read(plan, old, pname), _read(plan, new, pname)
+    for which, t, ckpt in (("base", a, old), ("tuned", b, new)):
+        if tuple(t.shape) != tuple(param.shape):
+            raise ModelLoadError(
+                f"{ckpt.folder}: {pname} has shape {tuple(t.shape)}, the {which} config says {tuple(param.shape)}"
+            )
+    if a.dtype != b.dtype and plan.dtypes is None:
+        plan.dtypes = (str(a.dtype).removeprefix("torch."), str(b.dtype).removeprefix("torch."))
+    if torch.equal(a, b):
+        return
+    module, _, leaf = pname.rpartition(".")
+    change = (b.float() - a.float()).norm().item() / max(a.float().norm().item(), 1e-30)
+    owners = plan.owners.get(id(param), []) if leaf == "weight" else []
+    for m in owners:  # a weight LoRA can carry (several modules' weight, if tied)
+        if plan.lora_ok(m):
+            plan.loras[m] = pname
+        else:
+            plan.left_out[m] = change
+    if owners:
+        return
+    if leaf == "bias" and handler_for(plan.modules[module]) is not None:
+        plan.biases.append(module)
+    else:
+        plan.other[module] = max(plan.other.get(module, 0.0), change)
+
+
+# -- the adapter's tensors ------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _factors(
+    plan: _Plan,
+    old: _Checkpoint,
+    new: _Checkpoint,
+    r: int,
+    energy: float | None,
+    progress: bool,
+) -> tuple[dict[str, torch.Tensor], list[ModuleLora]]:
+    tensors: dict[str, torch.Tensor] = {}
+    loras = []
+    for module, pname in _bar(list(plan.loras.items()), progress, "SVD"):
+        w_old, w_new = _read(plan, old, pname), _read(plan, new, pname)
+        base = plan.modules[module]
+        h = handler_for(base)
+        delta = h.to_2d(w_new.float() - w_old.float()).reshape(h.dims(base))
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        k = _rank(s, r, energy)
+        root = s[:k].sqrt()
+        shape_a, shape_b = h.shapes(base, k)
+        a = (root[:, None] * vh[:k]).reshape(shape_a).to(w_new.dtype).contiguous()
+        b = (u[:, :k] * root).reshape(shape_b).to(w_new.dtype).contiguous()
+        names = (
+            ("lora_embedding_A", "lora_embedding_B") if h.embedding else ("lora_A.weight", "lora_B.weight")
+        )
+        tensors[f"{PREFIX}{module}.{names[0]}"] = a
+        tensors[f"{PREFIX}{module}.{names[1]}"] = b
+        total = s.double().square().sum()
+        error = math.sqrt(s[k:].double().square().sum() / total) if total > 0 else 0.0
+        loras.append(ModuleLora(module, k, error))
+    return tensors, loras
+
+
+def _rank(s: torch.Tensor, r: int, energy: float | None) -> int:
+    """How many singular values (descending) to keep: at most r, none below RTOL·s[0], and with `energy` the fewest
+    that keep that fraction of Σs² (at least 1)."""
+    k = min(r, int((s > s[0] * RTOL).sum()))
+    if energy is not None:
+        kept = s.double().square().cumsum(0) / s.double().square().sum()
+        k = min(k, int((kept < energy - 1e-12).sum()) + 1)
+    return max(k, 1)
+
+
+def _copies(plan: _Plan, new: _Checkpoint, copy_small: bool, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Modules with other changed parameters: copied whole when they hold vectors only (norms) and `copy_small`;
+    else left out."""
+    copies = []
+    for module, change in plan.other.items():
+        params = dict(plan.modules[module].named_parameters())
+        if copy_small and all(p.dim() <= 1 for p in params.values()):
+            for leaf in params:
+                pname = f"{module}.{leaf}" if module else leaf
+                tensors[f"{PREFIX}{pname}"] = _read(plan, new, pname).contiguous()
+            copies.append(module)
+        else:
+            plan.left_out[module] = change
+    return copies
+
+
+def _biases(plan: _Plan, new: _Checkpoint, loras: list[ModuleLora], tensors: dict[str, torch.Tensor]) -> str:
+    """PEFT's bias mode that carries every changed bias of a LoRA-able module, and the bias tensors it saves:
+    "lora_only" (the biases of the modules with a LoRA) when that is enough, else "all" (every bias)."""
+    if not plan.biases:
+        return "none"
+    with_lora = {m.module for m in loras}
+    mode = "lora_only" if all(m in with_lora for m in plan.biases) else "all"
+    for module, m in plan.modules.items():
+        if not isinstance(getattr(m, "bias", None), nn.Parameter):
+            continue
+        if module in with_lora:
+            where = f"{module}.base_layer.bias"
+        elif mode == "all":
+            where = f"{module}.bias"
+        else:
+            continue
+        tensors[f"{PREFIX}{where}"] = _read(plan, new, f"{module}.bias").contiguous()
+    return mode
+
+
+def _config(
+    skeleton: nn.Module, ranks: dict[str, int], bias: str, copies: list[str], base_dir: Path
+) -> LoraConfig:
+    """Scaling 1 everywhere: alpha = r, with a rank_pattern/alpha_pattern entry per module off the default r."""
+    r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    pattern = {re.escape(m): k for m, k in ranks.items() if k != r}
+    config = LoraConfig(
+        r=r,
+        alpha=r,
+        rank_pattern=pattern,
+        alpha_pattern={m: float(k) for m, k in pattern.items()},
+        bias=bias,
+        modules_to_save=list(copies) or None,
+        task_type="CAUSAL_LM",
+        base_model=str(base_dir),
+    )
+    modules = sorted(ranks, key=list(dict(skeleton.named_modules())).index)
+    return config.replace(targets=targets_for_file(skeleton, config, modules) if modules else [])
+
+
+def _nothing_message(plan: _Plan, copies: list[str], base_dir: Path, tuned_dir: Path) -> str:
+    changed = sorted({*plan.left_out, *copies, *plan.biases})
+    if not changed:
+        return f"{tuned_dir} has the same weights as {base_dir}: nothing to extract"
+    names = ", ".join(changed[:4]) + (" …" if len(changed) > 4 else "")
+    if plan.left_out and plan.allowed is not None:
+        return f"no changed weight is in the targets (changed: {names}): nothing to write"
+    return f"no weight matrix changed, only vectors ({names}): a LoRA adapter needs one to adapt"

@@ -207,6 +207,30 @@ def test_a_full_fine_tune_error_falls_with_the_rank_and_is_reported_truly(tmp_pa
     torch.testing.assert_close(ours, want, atol=ATOL, rtol=0)
 
 
+def test_a_randomised_svd_finds_the_same_low_rank_and_nearly_the_same_best(tmp_path):
+    """Known rank: the randomised SVD (niter=2, r + 10 triplets) finds it exactly, as the full one does. A full
+    fine-tune at r=4: its error is within 2 % of the optimal (full SVD) one, and the same inputs give the same
+    file."""
+    changes = {f"{ATTN0}.q_proj.weight": 3, "model.layers.1.mlp.up_proj.weight": 2}
+    base_dir, tuned_dir, tuned = _pair(tmp_path, tiny_llama, changes)
+    done = extract(base_dir, tuned_dir, tmp_path / "low", r=8, niter=2)
+    assert {m.module: m.rank for m in done.loras} == {f"{ATTN0}.q_proj": 3, "model.layers.1.mlp.up_proj": 2}
+    x = ids()
+    with torch.no_grad():
+        want = tuned(x).logits
+    ours, theirs = _logits_in_both(base_dir, tmp_path / "low", x)
+    torch.testing.assert_close(ours, want, atol=ATOL, rtol=0)
+    _fine_tune_every_weight(tiny_llama()).save_pretrained(tmp_path / "full")
+    exact = extract(base_dir, tmp_path / "full", tmp_path / "exact", r=4)
+    fast = [extract(base_dir, tmp_path / "full", tmp_path / f"fast{i}", r=4, niter=2) for i in range(2)]
+    best = {m.module: m.error for m in exact.loras}
+    for m in fast[0].loras:
+        assert best[m.module] <= m.error + 1e-4 and m.error <= 1.02 * best[m.module], (m, best[m.module])
+    a, b = (load_file(tmp_path / f"fast{i}" / "adapter_model.safetensors") for i in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "fast0" / RECORD_NAME).read_text())["svd"] == "randomised, niter=2"
+
+
 def test_energy_lowers_each_module_to_what_keeps_that_share(tmp_path):
     """q_proj's ΔW has singular values 10, 1, 0.1, 0.01 (99.0 % of Σσ² in the first, 99.99 % in two), v_proj's
     four of 1 (25 % each): energy 0.999 keeps 2 and 4; the file's rank_pattern says so, and PEFT agrees."""
@@ -327,6 +351,11 @@ BAD = {
         "energy must be a fraction in (0, 1], got 0",
     ),
     "energy>1": (lambda t, b, u: (b, u, {"energy": 1.5}), ConfigError, "got 1.5"),
+    "niter<0": (
+        lambda t, b, u: (b, u, {"niter": -1}),
+        ConfigError,
+        "niter must be a whole number of at least 0",
+    ),
     "same folder": (lambda t, b, u: (b, b, {}), ConfigError, "are the same folder"),
     "same weights": (
         lambda t, b, u: (b, _other(t, "copy", tiny_llama()), {}),

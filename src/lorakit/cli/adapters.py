@@ -176,6 +176,11 @@ def configure_extract(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-copies", action="store_true", help="leave changed norms out instead of saving them whole"
     )
+    p.add_argument(
+        "--niter",
+        type=int,
+        help="a randomised SVD with this many power iterations (2 is usual): for large models, far faster",
+    )
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -189,6 +194,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         energy=args.energy,
         targets=None if args.targets is None else _targets(args.targets),
         copy_small=not args.no_copies,
+        niter=args.niter,
         progress=True,
     )
     ranks = sorted({m.rank for m in done.loras})

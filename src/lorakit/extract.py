@@ -368,12 +368,17 @@ def _factors(
 ) -> tuple[dict[str, torch.Tensor], list[ModuleLora]]:
     tensors: dict[str, torch.Tensor] = {}
     loras = []
+    shared: dict[str, tuple] = {}  # a tied parameter's SVD, for its other modules
+    sharers = Counter(plan.loras.values())
     for module, pname in _bar(list(plan.loras.items()), progress, "SVD"):
         w_old, w_new = _read(plan, old, pname), _read(plan, new, pname)
         base = plan.modules[module]
         h = handler_for(base)
         delta = h.to_2d(w_new.float() - w_old.float()).reshape(h.dims(base))
-        u, s, vh, total = _svd(delta, r, niter)
+        if sharers[pname] > 1:
+            u, s, vh, total = _svd_once(shared, pname, _flips(h), delta, r, niter)
+        else:
+            u, s, vh, total = _svd(delta, r, niter)
         k = _rank(s, r, energy, total)
         root = s[:k].sqrt()
         shape_a, shape_b = h.shapes(base, k)
@@ -390,6 +395,23 @@ def _factors(
             lost = max(total - s[:k].double().square().sum().item(), 0.0)
         loras.append(ModuleLora(module, k, math.sqrt(lost / total)))
     return tensors, loras
+
+
+def _svd_once(
+    shared: dict[str, tuple], pname: str, flip: bool, delta: torch.Tensor, r: int, niter: int | None
+):
+    """`_svd`, once per tied parameter: its other module (the output head beside the input embedding) sees the
+    same ΔW, or, where one handler transposes the stored weight and the other does not, its transpose, whose SVD
+    swaps U and V."""
+    if pname not in shared:
+        shared[pname] = (flip, _svd(delta, r, niter))
+    was, (u, s, vh, total) = shared[pname]
+    return (u, s, vh, total) if was == flip else (vh.T, s, u.T, total)
+
+
+def _flips(h) -> bool:
+    """Whether the handler's 2-D view of a 2-D weight is its transpose (Embedding, GPT-2's Conv1D)."""
+    return tuple(h.to_2d(torch.empty(2, 3, device="meta")).shape) == (3, 2)
 
 
 def _svd(delta: torch.Tensor, r: int, niter: int | None):

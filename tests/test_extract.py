@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 import subprocess
 import sys
 
@@ -29,7 +30,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import lorakit
 from lorakit import AdapterError, ConfigError, LoraConfig, ModelLoadError
-from lorakit.extract import RECORD_NAME, RTOL, extract
+from lorakit.extract import RECORD_NAME, extract
+from lorakit.extract_math import RTOL
 
 from tiny import every_kind_of_lora, ids, randomize, tiny_gpt2, tiny_llama, tiny_qwen2
 
@@ -386,7 +388,12 @@ BAD = {
     "a pickled checkpoint": (
         lambda t, b, u: (b, _pickled(t), {}),
         ModelLoadError,
-        "no model.safetensors (extraction reads safetensors only",
+        "no model.safetensors (only safetensors are read",
+    ),
+    "a truncated checkpoint": (
+        lambda t, b, u: (b, _truncated(t, u), {}),
+        ModelLoadError,
+        "model.safetensors: cannot read it as safetensors",
     ),
     "an unknown target": (
         lambda t, b, u: (b, u, {"targets": ["nope_proj"]}),
@@ -401,6 +408,13 @@ def _norm_only(tmp_path):
     with torch.no_grad():
         base.model.norm.weight.add_(0.1)
     return _other(tmp_path, "norm", base)
+
+
+def _truncated(tmp_path, tuned_dir):
+    shutil.copytree(tuned_dir, tmp_path / "truncated")
+    f = tmp_path / "truncated" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    return tmp_path / "truncated"
 
 
 def _pickled(tmp_path):

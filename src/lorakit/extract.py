@@ -1,7 +1,7 @@
 """Extract a LoRA adapter from a fine-tuned model: the difference to its base, weight by weight, truncated by SVD.
 
-    extracted = extract("base-folder", "tuned-folder", "adapter-folder", r=32)   # lorakit extract
-    model.load_adapter: lorakit.load_adapter(model, "adapter-folder") or PEFT's PeftModel.from_pretrained
+    done = extract("base-folder", "tuned-folder", "adapter-folder", r=32)   # lorakit extract
+    lorakit.load_adapter(model, "adapter-folder")                            # or PEFT's PeftModel.from_pretrained
 
 For each weight that differs, ΔW = W_tuned − W_base (seen as out × fan_in, `lorakit.handlers`) is factored as
 U·S·Vᵀ and kept to its top k singular values: B = U_k·√S_k, A = √S_k·V_kᵀ, written with scaling 1 (alpha = rank,
@@ -9,7 +9,9 @@ a rank_pattern/alpha_pattern entry for every module off the most common rank). k
 - the numerical rank: singular values below `RTOL` of the largest are dropped (a ΔW that is itself a rank-8 LoRA
   comes out at rank 8);
 - with `energy`, the fewest that keep that fraction of ‖ΔW‖²_F.
-What each module loses is reported: ‖ΔW − B·A‖_F / ‖ΔW‖_F, from the dropped singular values.
+What each module loses is reported: ‖ΔW − B·A‖_F / ‖ΔW‖_F, from the dropped singular values. With `niter`, a
+seeded randomised SVD computes only the top r + 10 triplets, for large models. The arithmetic is
+`lorakit.extract_math`.
 
 What else changed is carried as PEFT carries it, so that base + adapter is the tuned model wherever it can be:
 - a changed bias of a module that gets a LoRA: `bias="lora_only"` (every such module's bias, from the tuned model);
@@ -21,8 +23,8 @@ Every changed weight gets a LoRA by default (`targets=None`), embeddings and the
 and the result names them with their relative change ‖ΔW‖_F / ‖W‖_F.
 
 Both models are Hugging Face folders (a .gguf file is converted once, as for `load_model`) in safetensors, of one
-architecture; they are read one tensor at a time, never whole, so extraction needs about one weight's memory
-(plus its SVD), not a model's. Any mismatch (an architecture, a tensor's shape, a tensor missing from one of
+architecture; they are read one tensor at a time (`lorakit.readers.ModelTensors`), never whole, so extraction
+needs about one weight's memory (plus its SVD, and the adapter it writes), not a model's. Any mismatch (an architecture, a tensor's shape, a tensor missing from one of
 them) fails in one line naming it, before anything is written; the output folder is written atomically.
 """
 
@@ -34,12 +36,10 @@ import math
 import os
 import re
 from collections import Counter
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
@@ -47,17 +47,15 @@ from tqdm import tqdm
 from lorakit.atomic import atomic_dir
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, ConfigError, ModelLoadError
+from lorakit.extract_math import flips, rank_of, svd, svd_once
 from lorakit.formats import CONFIG_NAME, PREFIX, WEIGHTS_NAME, targets_for_file
 from lorakit.handlers import handler_for
+from lorakit.readers import ModelTensors
 from lorakit.targeting import select_modules
 
 log = logging.getLogger(__name__)
 
 RECORD_NAME = "extract.json"
-RTOL = 1e-4
-OVERSAMPLE = 10
-"""Extra singular triplets a randomised SVD computes beyond r (Halko et al.'s usual 5-10), for accuracy."""
-"""Singular values below RTOL × the largest count as zero: what they carry is below 1e-8·min(d, k) of ‖ΔW‖²_F."""
 
 
 @dataclass(frozen=True)
@@ -117,16 +115,14 @@ def extract(
             f"the base and the tuned model are the same folder ({base_dir}): nothing to extract"
         )
     skeleton = _skeleton(base_dir, tuned_dir)
-    with ExitStack() as stack:
-        old = _Checkpoint(base_dir, stack)
-        new = _Checkpoint(tuned_dir, stack)
-        _same_keys(old, new)
-        plan = _Plan(skeleton, targets)
-        for pname, param in _bar(_parameters(skeleton), progress, "comparing"):
-            _compare(plan, pname, param, old, new)
-        tensors, loras = _factors(plan, old, new, r, energy, niter, progress)
-        copies = _copies(plan, new, copy_small, tensors)
-        bias = _biases(plan, new, loras, tensors)
+    old, new = ModelTensors(base_dir), ModelTensors(tuned_dir)
+    _same_keys(old, new)
+    plan = _Plan(skeleton, targets)
+    for pname, param in _bar(_parameters(skeleton), progress, "comparing"):
+        _compare(plan, pname, param, old, new)
+    tensors, loras = _factors(plan, old, new, r, energy, niter, progress)
+    copies = _copies(plan, new, copy_small, tensors)
+    bias = _biases(plan, new, loras, tensors)
     if not loras:
         raise ConfigError(_nothing_message(plan, copies, base_dir, tuned_dir))
     config = _config(skeleton, {m.module: m.rank for m in loras}, bias, copies, base_dir)
@@ -223,55 +219,7 @@ def _skeleton(base_dir: Path, tuned_dir: Path) -> nn.Module:
         ) from e
 
 
-class _Checkpoint:
-    """A model folder's safetensors (one file or shards), read one tensor at a time."""
-
-    def __init__(self, folder: Path, stack: ExitStack) -> None:
-        self.folder = folder
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ModelLoadError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from e
-            files = {k: folder / v for k, v in weight_map.items()}
-        elif (folder / "model.safetensors").is_file():
-            files = None
-        else:
-            raise ModelLoadError(
-                f"{folder}: no model.safetensors (extraction reads safetensors only; save the model with "
-                "save_pretrained(safe_serialization=True))"
-            )
-        self._handles: dict[Path, object] = {}
-        paths = set(files.values()) if files else {folder / "model.safetensors"}
-        for p in sorted(paths):
-            try:
-                self._handles[p] = stack.enter_context(safe_open(str(p), "pt"))
-            except (OSError, SafetensorError) as e:
-                raise ModelLoadError(f"{p}: cannot read it as safetensors ({e})") from e
-        if files is None:
-            (only,) = self._handles.values()
-            files = {k: folder / "model.safetensors" for k in only.keys()}  # noqa: SIM118 - a safe_open handle
-        self._files = files
-
-    def key(self, name: str, prefix: str) -> str | None:
-        """The checkpoint's key for parameter `name` (some checkpoints leave out the base model's prefix)."""
-        if name in self._files:
-            return name
-        bare = name.removeprefix(prefix + ".")
-        return bare if bare in self._files else None
-
-    def keys(self) -> list[str]:
-        return list(self._files)
-
-    def get(self, key: str) -> torch.Tensor:
-        try:
-            return self._handles[self._files[key]].get_tensor(key)
-        except (OSError, SafetensorError) as e:
-            raise ModelLoadError(f"{self._files[key]}: cannot read {key} ({e})") from e
-
-
-def _same_keys(old: _Checkpoint, new: _Checkpoint) -> None:
+def _same_keys(old: ModelTensors, new: ModelTensors) -> None:
     """Both checkpoints hold the same tensor names (a tied head in one and not the other differs here)."""
     for a, b in ((old, new), (new, old)):
         extra = sorted(set(a.keys()) - set(b.keys()))
@@ -319,14 +267,14 @@ def _select(skeleton: nn.Module, targets: str | list[str]) -> list[str]:
     return select_modules(skeleton, LoraConfig(targets=targets))
 
 
-def _read(plan: _Plan, ckpt: _Checkpoint, pname: str) -> torch.Tensor:
+def _read(plan: _Plan, ckpt: ModelTensors, pname: str) -> torch.Tensor:
     key = ckpt.key(pname, plan.key_prefix)
     if key is None:
         raise ModelLoadError(f"{ckpt.folder}: has no tensor {pname}, which its config's model has")
     return ckpt.get(key)
 
 
-def _compare(plan: _Plan, pname: str, param: nn.Parameter, old: _Checkpoint, new: _Checkpoint) -> None:
+def _compare(plan: _Plan, pname: str, param: nn.Parameter, old: ModelTensors, new: ModelTensors) -> None:
     a, b = _read(plan, old, pname), _read(plan, new, pname)
     for which, t, ckpt in (("base", a, old), ("tuned", b, new)):
         if tuple(t.shape) != tuple(param.shape):
@@ -359,8 +307,8 @@ def _compare(plan: _Plan, pname: str, param: nn.Parameter, old: _Checkpoint, new
 @torch.no_grad()
 def _factors(
     plan: _Plan,
-    old: _Checkpoint,
-    new: _Checkpoint,
+    old: ModelTensors,
+    new: ModelTensors,
     r: int,
     energy: float | None,
     niter: int | None,
@@ -376,10 +324,10 @@ def _factors(
         h = handler_for(base)
         delta = h.to_2d(w_new.float() - w_old.float()).reshape(h.dims(base))
         if sharers[pname] > 1:
-            u, s, vh, total = _svd_once(shared, pname, _flips(h), delta, r, niter)
+            u, s, vh, total = svd_once(shared, pname, flips(h), delta, r, niter)
         else:
-            u, s, vh, total = _svd(delta, r, niter)
-        k = _rank(s, r, energy, total)
+            u, s, vh, total = svd(delta, r, niter)
+        k = rank_of(s, r, energy, total)
         root = s[:k].sqrt()
         shape_a, shape_b = h.shapes(base, k)
         a = (root[:, None] * vh[:k]).reshape(shape_a).to(w_new.dtype).contiguous()
@@ -397,48 +345,7 @@ def _factors(
     return tensors, loras
 
 
-def _svd_once(
-    shared: dict[str, tuple], pname: str, flip: bool, delta: torch.Tensor, r: int, niter: int | None
-):
-    """`_svd`, once per tied parameter: its other module (the output head beside the input embedding) sees the
-    same ΔW, or, where one handler transposes the stored weight and the other does not, its transpose, whose SVD
-    swaps U and V."""
-    if pname not in shared:
-        shared[pname] = (flip, _svd(delta, r, niter))
-    was, (u, s, vh, total) = shared[pname]
-    return (u, s, vh, total) if was == flip else (vh.T, s, u.T, total)
-
-
-def _flips(h) -> bool:
-    """Whether the handler's 2-D view of a 2-D weight is its transpose (Embedding, GPT-2's Conv1D)."""
-    return tuple(h.to_2d(torch.empty(2, 3, device="meta")).shape) == (3, 2)
-
-
-def _svd(delta: torch.Tensor, r: int, niter: int | None):
-    """(U, S, Vh, ‖delta‖²_F): the full SVD, or with `niter` the top r + OVERSAMPLE triplets of a randomised one
-    (Halko et al. 2011, `torch.svd_lowrank`), seeded so that the same inputs give the same adapter."""
-    total = delta.double().square().sum().item()
-    if niter is None:
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        return u, s, vh, total
-    q = min(r + OVERSAMPLE, *delta.shape)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        u, s, v = torch.svd_lowrank(delta, q=q, niter=niter)
-    return u, s, v.T, total
-
-
-def _rank(s: torch.Tensor, r: int, energy: float | None, total: float) -> int:
-    """How many singular values (descending) to keep: at most r, none below RTOL·s[0], and with `energy` the fewest
-    that keep that fraction of `total` = ‖ΔW‖²_F (at least 1)."""
-    k = min(r, int((s > s[0] * RTOL).sum()))
-    if energy is not None:
-        kept = s.double().square().cumsum(0) / total
-        k = min(k, int((kept < energy - 1e-12).sum()) + 1)
-    return max(k, 1)
-
-
-def _copies(plan: _Plan, new: _Checkpoint, copy_small: bool, tensors: dict[str, torch.Tensor]) -> list[str]:
+def _copies(plan: _Plan, new: ModelTensors, copy_small: bool, tensors: dict[str, torch.Tensor]) -> list[str]:
     """Modules with other changed parameters: copied whole when they hold vectors only (norms) and `copy_small`;
     else left out."""
     copies = []
@@ -454,7 +361,7 @@ def _copies(plan: _Plan, new: _Checkpoint, copy_small: bool, tensors: dict[str, 
     return copies
 
 
-def _biases(plan: _Plan, new: _Checkpoint, loras: list[ModuleLora], tensors: dict[str, torch.Tensor]) -> str:
+def _biases(plan: _Plan, new: ModelTensors, loras: list[ModuleLora], tensors: dict[str, torch.Tensor]) -> str:
     """PEFT's bias mode that carries every changed bias of a LoRA-able module, and the bias tensors it saves:
     "lora_only" (the biases of the modules with a LoRA) when that is enough, else "all" (every bias)."""
     if not plan.biases:

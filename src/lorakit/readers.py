@@ -2,7 +2,8 @@
 
 Missing, a folder where a file should be, unreadable, not UTF-8, not JSON, a truncated or corrupt safetensors
 file, a pickle that `torch.load(weights_only=True)` refuses: each raises `error` (AdapterFileError unless the
-caller says otherwise, e.g. CheckpointError) with the path first. Nothing here unpickles code.
+caller says otherwise, e.g. CheckpointError) with the path first. Nothing here unpickles code. `ModelTensors` reads
+a model folder's safetensors one tensor at a time (`lorakit extract`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from lorakit.errors import AdapterFileError
+from lorakit.errors import AdapterFileError, ModelLoadError
 
 ErrorType = type[Exception]
 
@@ -98,3 +99,52 @@ def _refusal(e: Exception) -> str:
 def _one_line(e: BaseException, limit: int = 200) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class ModelTensors:
+    """A Hugging Face model folder's safetensors (one file or shards), read one tensor at a time. Each read opens
+    and closes its file, so that no mapping of the files stays resident (reading two 3.4 GB checkpoints through
+    open mappings kept about 9 GB in the process's RSS). Every failure is one line naming the file (`error`)."""
+
+    def __init__(self, folder: Path, error: ErrorType = ModelLoadError) -> None:
+        self.folder = folder
+        self._error = error
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise error(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from e
+            paths = sorted({folder / v for v in weight_map.values()})
+        elif (folder / "model.safetensors").is_file():
+            paths = [folder / "model.safetensors"]
+        else:
+            raise error(
+                f"{folder}: no model.safetensors (only safetensors are read; save the model with "
+                "save_pretrained(safe_serialization=True))"
+            )
+        self._files: dict[str, Path] = {}
+        for p in paths:  # each file's header, checked once; the index must name what the files hold
+            try:
+                with safe_open(str(p), "pt") as f:
+                    self._files.update(dict.fromkeys(f.keys(), p))
+            except (OSError, SafetensorError) as e:
+                raise error(f"{p}: cannot read it as safetensors ({e})") from e
+
+    def key(self, name: str, prefix: str) -> str | None:
+        """The checkpoint's key for parameter `name` (some checkpoints leave out the base model's prefix)."""
+        if name in self._files:
+            return name
+        bare = name.removeprefix(prefix + ".")
+        return bare if bare in self._files else None
+
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def get(self, key: str) -> torch.Tensor:
+        path = self._files[key]
+        try:
+            with safe_open(str(path), "pt") as f:
+                return f.get_tensor(key)
+        except (OSError, SafetensorError) as e:
+            raise self._error(f"{path}: cannot read {key} ({e})") from e

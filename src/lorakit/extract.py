@@ -286,7 +286,7 @@ def _compare(plan: _Plan, pname: str, param: nn.Parameter, old: ModelTensors, ne
     if torch.equal(a, b):
         return
     module, _, leaf = pname.rpartition(".")
-    change = (b.float() - a.float()).norm().item() / max(a.float().norm().item(), 1e-30)
+    change = (b.float() - a.float()).norm().item() / max(a.float().norm().item(), 1e-30)  # for the report
     owners = plan.owners.get(id(param), []) if leaf == "weight" else []
     for m in owners:  # a weight LoRA can carry (several modules' weight, if tied)
         if plan.lora_ok(m):

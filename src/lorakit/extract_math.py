@@ -9,6 +9,7 @@ RTOL = 1e-4
 """Singular values below RTOL × the largest count as zero: what they carry is below 1e-8·min(d, k) of ‖ΔW‖²_F."""
 OVERSAMPLE = 10
 """Extra singular triplets a randomised SVD computes beyond r (Halko et al.'s usual 5-10), for accuracy."""
+CHUNK_ROWS = 4096
 
 
 def svd_once(
@@ -31,7 +32,9 @@ def flips(h) -> bool:
 def svd(delta: torch.Tensor, r: int, niter: int | None):
     """(U, S, Vh, ‖delta‖²_F): the full SVD, or with `niter` the top r + OVERSAMPLE triplets of a randomised one
     (Halko et al. 2011, `torch.svd_lowrank`), seeded so that the same inputs give the same adapter."""
-    total = delta.double().square().sum().item()
+    total = sum(
+        rows.double().square().sum().item() for rows in delta.split(CHUNK_ROWS)
+    )  # no float64 copy of it all
     if niter is None:
         u, s, vh = torch.linalg.svd(delta, full_matrices=False)
         return u, s, vh, total

@@ -197,6 +197,7 @@ RUN = [
     "lorakit inspect out/adapter",
     "lorakit inspect --r 16 --targets q_proj,v_proj",
     "lorakit merge --adapter out/adapter --out merged/",
+    "lorakit extract --tuned merged/ --out back/ -r 32",
     "lorakit train --data.train_file chat.jsonl --data.eval_file dev.jsonl --model path/to/hf_folder",
     "lorakit combine a/ b/ --weights 0.7 0.3 --method cat --out ab/",
     "lorakit train --method dylora",
@@ -254,4 +255,4 @@ def test_readme_main_commands_run(tmp_path, monkeypatch, capsys):
         assert code in (0, None), f"{command}: exit {code}: {captured.err.strip()[-2000:]}"
         _after(command, tmp_path)
     assert (tmp_path / "r4/adapter_config.json").is_file() and (tmp_path / "ab/adapter_config.json").is_file()
-    assert (tmp_path / "merged/config.json").is_file()
+    assert (tmp_path / "merged/config.json").is_file() and (tmp_path / "back/extract.json").is_file()

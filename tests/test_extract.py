@@ -26,7 +26,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 import lorakit
 from lorakit import AdapterError, ConfigError, LoraConfig, ModelLoadError
@@ -39,18 +39,7 @@ ATOL = 1e-5
 
 
 def _tied_llama(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed, tied=True)
 
 
 def _low_rank(shape, rank: int, seed: int, scale: float = 0.05) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 
-def _tiny_decoder(config_cls, model_cls, seed: int, vocab: int, hidden: int):
+def _tiny_decoder(config_cls, model_cls, seed: int, vocab: int, hidden: int, tied: bool = False):
     torch.manual_seed(seed)
     cfg = config_cls(
         vocab_size=vocab,
@@ -16,15 +16,16 @@ def _tiny_decoder(config_cls, model_cls, seed: int, vocab: int, hidden: int):
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     return model_cls(cfg).eval()
 
 
-def tiny_llama(seed: int = 0, vocab: int = 128, hidden: int = 32):
+def tiny_llama(seed: int = 0, vocab: int = 128, hidden: int = 32, tied: bool = False):
+    """`tied`: the output head shares the input embedding's weight (as SmolLM2's does)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return _tiny_decoder(LlamaConfig, LlamaForCausalLM, seed, vocab, hidden)
+    return _tiny_decoder(LlamaConfig, LlamaForCausalLM, seed, vocab, hidden, tied)
 
 
 def tiny_qwen2(seed: int = 0, vocab: int = 128, hidden: int = 64):

@@ -215,9 +215,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if len(done.left_out) > len(shown):
         print(f"left out: {len(done.left_out) - len(shown)} more (extract.json lists them)")
     share = 100 * done.parameters / max(done.base_parameters, 1)
-    print(
-        f"wrote {done.path}: {done.parameters:,} numbers, {share:.2f}% of the model's {done.base_parameters:,}"
-    )
+    shown = f"{share:.2f}%" if share >= 0.01 else "under 0.01%"
+    print(f"wrote {done.path}: {done.parameters:,} numbers, {shown} of the model's {done.base_parameters:,}")
     return 0
 
 

@@ -45,6 +45,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lorakit.atomic import atomic_dir
+from lorakit.checks import is_int, is_number
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, ConfigError, ModelLoadError
 from lorakit.extract_math import flips, rank_of, svd, svd_once
@@ -175,13 +176,11 @@ def _warn(plan: _Plan, out: Path) -> None:
 
 
 def _check_options(r: int, energy: float | None, niter: int | None) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+    if not is_int(r, 1):
         raise ConfigError(f"r must be a whole number of at least 1, got {r!r}")
-    if energy is not None and (
-        isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1
-    ):
+    if energy is not None and not (is_number(energy) and 0 < energy <= 1):
         raise ConfigError(f"energy must be a fraction in (0, 1], got {energy!r}")
-    if niter is not None and (isinstance(niter, bool) or not isinstance(niter, int) or niter < 0):
+    if niter is not None and not is_int(niter, 0):
         raise ConfigError(f"niter must be a whole number of at least 0, got {niter!r}")
 
 
@@ -286,19 +285,22 @@ def _compare(plan: _Plan, pname: str, param: nn.Parameter, old: ModelTensors, ne
     if torch.equal(a, b):
         return
     module, _, leaf = pname.rpartition(".")
-    change = (b.float() - a.float()).norm().item() / max(a.float().norm().item(), 1e-30)  # for the report
+
+    def change() -> float:  # ‖ΔW‖/‖W‖, for the report: only for what the adapter may not carry
+        return (b.float() - a.float()).norm().item() / max(a.float().norm().item(), 1e-30)
+
     owners = plan.owners.get(id(param), []) if leaf == "weight" else []
     for m in owners:  # a weight LoRA can carry (several modules' weight, if tied)
         if plan.lora_ok(m):
             plan.loras[m] = pname
         else:
-            plan.left_out[m] = change
+            plan.left_out[m] = change()
     if owners:
         return
     if leaf == "bias" and handler_for(plan.modules[module]) is not None:
         plan.biases.append(module)
     else:
-        plan.other[module] = max(plan.other.get(module, 0.0), change)
+        plan.other[module] = max(plan.other.get(module, 0.0), change())
 
 
 # -- the adapter's tensors ------------------------------------------------------------------------------------

@@ -67,8 +67,8 @@ def test_peft_names_and_init_mapping():
 
 def test_unsupported_peft_features_are_errors_not_silence():
     d = LoraConfig().to_peft_dict()
-    with pytest.raises(ConfigError, match="lora_bias=True is a PEFT feature lorakit does not support"):
-        LoraConfig.from_peft_dict({**d, "lora_bias": True})
+    with pytest.raises(ConfigError, match="use_qalora=True is a PEFT feature lorakit does not support"):
+        LoraConfig.from_peft_dict({**d, "use_qalora": True})
     with pytest.raises(ConfigError, match="init_lora_weights='corda' is not supported"):
         LoraConfig.from_peft_dict({**d, "init_lora_weights": "corda"})
     # the same keys at their defaults are fine

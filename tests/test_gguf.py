@@ -141,6 +141,12 @@ def _untouched(path):
         ),
         pytest.param(
             tiny_llama,
+            LoraConfig(r=4, targets=["q_proj"], lora_bias=True),
+            r"q_proj: a lora_bias adapter has no plain .*\(its bias on B .*--merged",
+            id="lora-bias",
+        ),
+        pytest.param(
+            tiny_llama,
             LoraConfig(r=4, targets=["q_proj"], bias="all"),
             r"trains biases \(bias='all'\)",
             id="bias",

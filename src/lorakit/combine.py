@@ -15,6 +15,9 @@ sources' α, r or rsLoRA has to survive in the output config.
     magnitude_prune  Σ w_i · trim(ΔW_i): top-density magnitudes of each; SVD
 
 A module missing from some source is an error, unless `allow_missing`: it then counts as ΔW = 0 there.
+Sources with a bias on B (PEFT's `lora_bias`) add s_i·b_i to a module's output; the result carries
+b = Σ w_i s_i b_i on each module (zero where no source has one), whatever the method: a bias is a vector, which
+no method needs to truncate, trim or drop.
 A module that one source saves whole (PEFT's modules_to_save, e.g. a classification head) is carried into the
 result unchanged, if that source's weight is 1; two sources saving the same module whole cannot be combined (there
 is no sum of two replaced modules), and the error names the module.
@@ -150,10 +153,12 @@ def combine_tensors(
     names = list(names) if names is not None else [f"adapter {i}" for i in range(len(sources))]
     if len(names) != len(sources):
         raise ConfigError(f"got {len(names)} names for {len(sources)} adapters")
-    tables = [_modules(cfg, tensors, name) for (cfg, tensors), name in zip(sources, names, strict=True)]
+    read = [_modules(cfg, tensors, name) for (cfg, tensors), name in zip(sources, names, strict=True)]
+    tables, biases = [t for t, _ in read], [b for _, b in read]
     _check_base_models([cfg for cfg, _ in sources], names, ignore_base_model)
     modules = _check_modules(tables, names, allow_missing)
     dtypes = {t.dtype for table in tables for lora in table.values() for t in (lora.A, lora.B)}
+    dtypes |= {b.dtype for found in biases for b in found.values()}
     dtype = dtypes.pop()
     for d in dtypes:
         dtype = torch.promote_types(dtype, d)
@@ -169,6 +174,8 @@ def combine_tensors(
         out[f"{PREFIX}{m}.{a_key}"] = A.to(dtype).contiguous()
         out[f"{PREFIX}{m}.{b_key}"] = B.to(dtype).contiguous()
         ranks[m] = A.shape[0]
+    if any(biases):
+        out.update(_combine_biases(tables, biases, weights, names, modules, dtype))
     same_modules = all(len(table) == len(modules) for table in tables)
     carried = _carry_saved(sources, weights, names)
     for m, found in carried.items():
@@ -177,8 +184,36 @@ def combine_tensors(
     out.update({f"{PREFIX}{m}.{TOKEN_KEY}": t.contiguous() for m, t in rows.items()})
     config = _output_config([cfg for cfg, _ in sources], ranks, same_modules)
     return config.replace(
-        modules_to_save=sorted(carried) if carried else None, trainable_token_indices=token_ids
+        modules_to_save=sorted(carried) if carried else None,
+        trainable_token_indices=token_ids,
+        lora_bias=any(biases),
     ), out
+
+
+def _combine_biases(
+    tables: list[dict[str, Lora]],
+    biases: list[dict[str, torch.Tensor]],
+    weights: list[float],
+    names: list[str],
+    modules: list[str],
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """b = Σ w_i s_i b_i per module (scaling 1 in the result), zero where no source has a bias; file keys."""
+    with_bias = next(name for name, found in zip(names, biases, strict=True) if found)
+    out = {}
+    for m in modules:
+        like = next(table[m] for table in tables if m in table)
+        if like.embedding:
+            raise AdapterError(
+                f"{m}: an embedding LoRA cannot be combined with {with_bias}, which has a bias on B (lora_bias): "
+                "lora_bias does not work with Embedding layers (as in PEFT)"
+            )
+        b = torch.zeros(like.shape[0], dtype=torch.float64)
+        for table, found, w in zip(tables, biases, weights, strict=True):
+            if m in found:
+                b += w * table[m].scaling * found[m].double()
+        out[f"{PREFIX}{m}.lora_B.bias"] = b.to(dtype).contiguous()
+    return out
 
 
 def _carry_tokens(
@@ -274,8 +309,11 @@ def _check_options(
     return [float(w) for w in weights]
 
 
-def _modules(config: LoraConfig, tensors: dict[str, torch.Tensor], name: str) -> dict[str, Lora]:
-    """Module name -> its LoRA, checked against the config (which sets each module's r and scaling)."""
+def _modules(
+    config: LoraConfig, tensors: dict[str, torch.Tensor], name: str
+) -> tuple[dict[str, Lora], dict[str, torch.Tensor]]:
+    """(module name -> its LoRA, checked against the config (which sets each module's r and scaling); module
+    name -> its bias on B, for a lora_bias adapter)."""
     if config.use_dora:
         raise AdapterError(f"{name}: DoRA adapters cannot be combined (their update is not s·B·A)")
     if config.init in INIT_FACTORS:  # PiSSA, OLoRA: B·A is relative to W0 - s·B0·A0
@@ -293,10 +331,14 @@ def _modules(config: LoraConfig, tensors: dict[str, torch.Tensor], name: str) ->
             f"{name}: bias={config.bias!r} adapters carry trained base biases, which cannot be combined"
         )
     found: dict[str, dict[str, tuple[torch.Tensor, bool]]] = {}
+    biases: dict[str, torch.Tensor] = {}
     whole = {f"{m}.{k}" for m, part in saved_tensors(config, tensors).items() for k in part}
     for key, t in tensors.items():
         k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         if k in whole or k.endswith("." + TOKEN_KEY):  # carried by _carry_saved / _carry_tokens
+            continue
+        if config.lora_bias and k.endswith(".lora_B.bias"):
+            biases[k[: -len(".lora_B.bias")]] = t
             continue
         for suffix, (param, embedding) in _KEYS.items():
             if k.endswith("." + suffix):
@@ -327,7 +369,15 @@ def _modules(config: LoraConfig, tensors: dict[str, torch.Tensor], name: str) ->
                 f"{name}: {m} has rank {A.shape[0]} in its tensors but r={config.rank_for(m)} in {CONFIG_NAME}"
             )
         table[m] = Lora(A, B, config.scaling_for(m), emb_a)
-    return table
+    for m, b in biases.items():
+        lora = table.get(m)
+        if lora is None or b.shape != (lora.shape[0],):
+            have = f"shape {tuple(b.shape)}" if lora is not None else "no lora_A / lora_B beside it"
+            raise AdapterError(f"{name}: {m}.lora_B.bias has {have}; expected one value per output feature")
+    if config.lora_bias and set(biases) != set(table):
+        m = sorted(set(table) - set(biases))[0]
+        raise AdapterError(f"{name}: {m} has no lora_B.bias although {CONFIG_NAME} sets lora_bias")
+    return table, biases
 
 
 def _check_base_models(configs: list[LoraConfig], names: list[str], ignore: bool) -> None:

@@ -47,7 +47,6 @@ _PEFT_IGNORED_KEYS = {
 }
 # PEFT keys for features we do not implement: fine when unset (None/False/empty), an error otherwise.
 _PEFT_UNSUPPORTED_KEYS = {
-    "lora_bias",
     "use_qalora",
     "qalora_group_size",
     "layer_replication",
@@ -80,6 +79,7 @@ _FROM_PEFT: dict[str, str] = {
     "rank_pattern": "rank_pattern",
     "alpha_pattern": "alpha_pattern",
     "bias": "bias",
+    "lora_bias": "lora_bias",
     "use_rslora": "use_rslora",
     "use_dora": "use_dora",
     "task_type": "task_type",
@@ -115,6 +115,12 @@ class LoraConfig:
     """Per-module alpha overrides: regex matched against the end of the module name."""
     bias: str = "none"
     """Which base biases train and get saved with the adapter: "none", "all" or "lora_only"."""
+    lora_bias: bool = False
+    """A trainable bias on B, saved with the adapter (PEFT's `lora_bias`, file key `lora_B.bias`): the update is
+    s·(B·A·x + b). Each adapter carries its own b, so switching or mixing adapters never touches the base's bias
+    (unlike `bias`); merging adds s·b to the base's bias, so it needs one. For adapters extracted from a full
+    fine-tune whose biases changed (`lorakit extract`). Not with DoRA, an init other than "default"/"random",
+    Embedding targets or target_parameters (as in PEFT)."""
     use_rslora: bool = False
     """Rank-stabilised scaling alpha/√r instead of alpha/r."""
     init: str = "default"
@@ -168,6 +174,13 @@ class LoraConfig:
                 _check(not bad, f"target_parameters does not work with {why} (as in PEFT)", "target_parameters")
         _check(self.bias in BIAS_MODES, f"bias must be one of {BIAS_MODES}, got {short(self.bias)}", "bias")
         _check(self.init in INITS, f"init must be one of {INITS}, got {short(self.init)}", "init")
+        if self.lora_bias:
+            for bad, why in (
+                (self.use_dora, "use_dora"),
+                (self.init not in ("default", "random"), f"init={self.init!r}"),
+                (bool(self.target_parameters), "target_parameters"),
+            ):
+                _check(not bad, f"lora_bias does not work with {why} (as in PEFT)", "lora_bias")
         _check(
             self.layers is None or (isinstance(self.targets, list) or self.targets == ALL_LINEAR),
             "layers cannot be combined with a regex string in targets (put the layer index in the regex instead)",
@@ -214,7 +227,7 @@ class LoraConfig:
             f"layers must be a list of layer indices (integers >= 0) or null, got {short(self.layers)}",
             "layers",
         )
-        for name in ("use_rslora", "use_dora"):
+        for name in ("use_rslora", "use_dora", "lora_bias"):
             v = getattr(self, name)
             _check(isinstance(v, bool), f"{name} must be true or false, got {short(v)}", name)
         for name in ("task_type", "base_model"):

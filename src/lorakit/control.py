@@ -102,6 +102,24 @@ def merged(model: nn.Module) -> Iterator[nn.Module]:
             unmerge(model)
 
 
+@contextmanager
+def merged_if_possible(model: nn.Module) -> Iterator[nn.Module]:
+    """`merged`, or the model as it is when its active adapters cannot be merged (a lora_bias on a layer without
+    a bias, a 4-bit base, ...): for inference that merges only to be faster. A refused merge changes nothing."""
+    try:
+        was_merged = _any_merged(model)
+        merge(model)
+    except (AdapterError, QuantizationError) as e:  # merge is all or nothing: the model is as it was
+        log.info("running unmerged: %s", e)
+        yield model
+        return
+    try:
+        yield model
+    finally:
+        if not was_merged:
+            unmerge(model)
+
+
 def merge(model: nn.Module) -> None:
     """Fold the active adapters (with their weights) into the base weights. Merging twice changes nothing.
 

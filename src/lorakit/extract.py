@@ -15,7 +15,9 @@ seeded randomised SVD computes only the top r + 10 triplets, for large models. T
 
 What else changed is carried as PEFT carries it, so that base + adapter is the tuned model wherever it can be:
 - a changed bias of a module that gets a LoRA: `bias="lora_only"` (every such module's bias, from the tuned model);
-  any other changed bias: `bias="all"` (every bias of the model);
+  any other changed bias: `bias="all"` (every bias of the model). With `lora_bias`, the biases' changes go into
+  the LoRAs' own biases on B instead (PEFT's `lora_bias`): loading the adapter then leaves the base's biases as
+  they are, so it can share a base with other adapters (a collection, mixed batches);
 - a changed module whose parameters are all vectors (a norm): a whole copy (`modules_to_save`), when `copy_small`;
 - weights shared by several modules (tied input and output embeddings): a LoRA on each of them, of one ΔW.
 Every changed weight gets a LoRA by default (`targets=None`), embeddings and the output head included. With
@@ -82,6 +84,8 @@ class Extracted:
     parameters: int = 0
     """Numbers in the adapter file."""
     base_parameters: int = 0
+    lora_bias: bool = False
+    """Whether the changed biases are carried as the LoRAs' biases on B (PEFT's lora_bias)."""
 
     @property
     def max_error(self) -> float:
@@ -98,6 +102,7 @@ def extract(
     targets: str | list[str] | None = None,
     copy_small: bool = True,
     niter: int | None = None,
+    lora_bias: bool = False,
     progress: bool = False,
 ) -> Extracted:
     """Write the adapter that turns `base` (None: the default model) into `tuned` as a PEFT folder `out`.
@@ -105,8 +110,13 @@ def extract(
     `r` is the most rank a module gets; `energy` (in (0, 1]) lowers it per module to what keeps that fraction of
     ‖ΔW‖²_F. `targets`: which changed modules get a LoRA (None: every one LoRA can wrap). `copy_small`: carry
     changed norms whole. `niter`: a randomised SVD with that many power iterations instead of the full one (for
-    large models: the top r + 10 triplets only). `progress`: a bar on stderr. See the module docstring."""
+    large models: the top r + 10 triplets only). `lora_bias`: carry changed biases as each LoRA's bias on B
+    (b = Δbias), not as the base's bias (`bias="lora_only"`), so that the adapter never changes the base; every
+    changed bias must then belong to a module with a LoRA. `progress`: a bar on stderr. See the module
+    docstring."""
     _check_options(r, energy, niter)
+    if not isinstance(lora_bias, bool):
+        raise ConfigError(f"lora_bias must be true or false, got {lora_bias!r}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise AdapterError(f"{out}: exists and is not a folder")
@@ -123,11 +133,14 @@ def extract(
         _compare(plan, pname, param, old, new)
     tensors, loras = _factors(plan, old, new, r, energy, niter, progress)
     copies = _copies(plan, new, copy_small, tensors)
-    bias = _biases(plan, new, loras, tensors)
     if not loras:
         raise ConfigError(_nothing_message(plan, copies, base_dir, tuned_dir))
+    on_b = lora_bias and bool(plan.biases)
+    bias = _biases_on_b(plan, old, new, loras, tensors) if on_b else _biases(plan, new, loras, tensors)
     config = _config(skeleton, {m.module: m.rank for m in loras}, bias, copies, base_dir)
+    config = config.replace(lora_bias=on_b)
     record = _record(base_dir, tuned_dir, r, energy, niter, loras, copies, bias, plan.left_out)
+    record["lora_bias"] = on_b
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -138,7 +151,7 @@ def extract(
     _warn(plan, out)
     log.info("extracted %d LoRAs and %d copies into %s", len(loras), len(copies), out)
     numbers = sum(t.numel() for t in tensors.values())
-    return Extracted(out, loras, copies, bias, dict(plan.left_out), numbers, plan.numel)
+    return Extracted(out, loras, copies, bias, dict(plan.left_out), numbers, plan.numel, on_b)
 
 
 def _record(base_dir, tuned_dir, r, energy, niter, loras, copies, bias, left_out) -> dict:
@@ -381,6 +394,39 @@ def _biases(plan: _Plan, new: ModelTensors, loras: list[ModuleLora], tensors: di
             continue
         tensors[f"{PREFIX}{where}"] = _read(plan, new, f"{module}.bias").contiguous()
     return mode
+
+
+def _biases_on_b(
+    plan: _Plan,
+    old: ModelTensors,
+    new: ModelTensors,
+    loras: list[ModuleLora],
+    tensors: dict[str, torch.Tensor],
+) -> str:
+    """lora_bias: each LoRA's bias on B is its module's Δbias (zero where the bias did not change or there is
+    none: PEFT's lora_bias gives every LoRA one). Returns the bias mode, "none"."""
+    with_lora = {m.module for m in loras}
+    alone = [m for m in plan.biases if m not in with_lora]
+    if alone:
+        raise ConfigError(
+            f"lora_bias: the bias of {alone[0]} changed but its weight gets no LoRA to carry it; extract without "
+            "lora_bias (the bias is then saved whole, bias='all')"
+        )
+    for m in loras:
+        a_key = f"{PREFIX}{m.module}.lora_A.weight"
+        if a_key not in tensors:  # lora_embedding_A: an embedding has no bias on B
+            raise ConfigError(
+                f"lora_bias does not work with the embedding LoRA on {m.module} (as in PEFT); leave it out with "
+                "targets (e.g. all-linear), or extract without lora_bias"
+            )
+        like = tensors[a_key]
+        if m.module in plan.biases:
+            bias = f"{m.module}.bias"
+            delta = _read(plan, new, bias).float() - _read(plan, old, bias).float()
+        else:
+            delta = torch.zeros(tensors[f"{PREFIX}{m.module}.lora_B.weight"].shape[0])
+        tensors[f"{PREFIX}{m.module}.lora_B.bias"] = delta.to(like.dtype).contiguous()
+    return "none"
 
 
 def _config(

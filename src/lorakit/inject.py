@@ -81,7 +81,9 @@ def inject(
     names = [] if config.target_parameters and not config.targets else select_modules(model, config)
     for n in names:
         module = model.get_submodule(n)
-        reason = handler_for(module).check(module.base_layer if isinstance(module, LoraLayer) else module)
+        handler = handler_for(module)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        reason = handler.check(base) or cls.refusal(handler)
         if reason:
             raise TargetError(f"cannot add LoRA to {n!r} ({type(module).__name__}): {reason}")
     saved = modules_to_save(model, config, names)

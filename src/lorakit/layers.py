@@ -15,7 +15,7 @@ finite, and only then assigns it (after PEFT's `safe_merge`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -41,11 +41,18 @@ class Variant:
     plain: ClassVar[bool] = True
     """Whether the adapter at inference is exactly s·B·A of `factors` added to the base output, so that a runtime
     that knows only plain LoRA pairs (llama.cpp's GGUF adapters) computes it. False: DoRA's normalisation."""
+    not_plain_because: ClassVar[str] = ""
+    """When not `plain`: why, in a few words (e.g. "DoRA's magnitude rescales W0 + ΔW")."""
 
     @classmethod
     def selects(cls, config: LoraConfig) -> bool:
         """Whether `inject` picks this variant for `config` by itself (DoRA: `use_dora`)."""
         return False
+
+    @classmethod
+    def refusal(cls, handler: Handler) -> str | None:
+        """A reason this variant cannot attach to base layers of `handler`'s kind, or None (it can)."""
+        return None
 
     @classmethod
     def create(cls, config: LoraConfig, module: str) -> Variant:
@@ -88,6 +95,10 @@ class Variant:
             x = x.to(A.dtype)
         y = layer.handler.lora(layer.base_layer, adapter.dropout(x), A, B, adapter.scaling)
         return y if y.dtype == base_out.dtype else y.to(base_out.dtype)
+
+    def bias_delta(self, layer: LoraLayer, adapter: LoraAdapter) -> torch.Tensor | None:
+        """What merging adds to the base layer's bias, in its shape (None: nothing; PEFT's lora_bias: s·b)."""
+        return None
 
     @torch.no_grad()
     def merge(self, layer: LoraLayer, adapter: LoraAdapter, weight: float, w: torch.Tensor) -> object:
@@ -190,6 +201,15 @@ def delta_weight(layer: LoraLayer, adapter: LoraAdapter) -> torch.Tensor:
     return layer.handler.from_2d((B.flatten(1) @ A.flatten(1)) * s, layer.base_layer)
 
 
+class Merged(NamedTuple):
+    """What `LoraLayer.merged_weight` computes: the new weight, the new bias (None: unchanged) and the records
+    (name, weight, unmerge state) of the adapters folded in."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    records: list[tuple[str, float, object]]
+
+
 class LoraLayer(nn.Module):
     """A base module plus named adapters. Base weights are never copied; switching adapters changes dicts only."""
 
@@ -273,9 +293,10 @@ class LoraLayer(nn.Module):
         return [(n, w) for n, w in self.active.items() if n in self.adapters and n not in merged]
 
     @torch.no_grad()
-    def merged_weight(self) -> tuple[torch.Tensor, list[tuple[str, float, object]]] | None:
-        """(the base weight with the active unmerged adapters folded in, as a new tensor; the merge records), or
-        None if there is nothing to merge. The layer is unchanged. Raises if the result would not be finite."""
+    def merged_weight(self) -> Merged | None:
+        """The base weight (and bias, where an adapter adds to it) with the active unmerged adapters folded in, as
+        new tensors, and the merge records; None if there is nothing to merge. The layer is unchanged. Raises if
+        the result would not be finite, or if an adapter adds to a bias the base layer does not have."""
         todo = self._to_merge()
         if not todo:
             return None
@@ -283,17 +304,35 @@ class LoraLayer(nn.Module):
         if refusal:
             raise QuantizationError(refusal)
         w = self.handler.weight(self.base_layer).detach().clone()
+        bias = None
         records = []
         for name, weight in todo:
             adapter = self.adapters[name]
             records.append((name, weight, adapter.variant.merge(self, adapter, weight, w)))
-        if not bool(torch.isfinite(w).all()):
+            add = adapter.variant.bias_delta(self, adapter)
+            if add is not None and (self._has_bias() or bool(add.any())):  # a zero b needs no bias to go into
+                if bias is None:
+                    bias = self._base_bias(name).detach().clone()
+                bias.add_(add.to(bias.dtype), alpha=weight)
+        if not bool(torch.isfinite(w).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
             names = ", ".join(repr(n) for n, _ in todo)
             raise AdapterError(
                 f"merging adapter {names} into {type(self.base_layer).__name__} gives non-finite weights (nan or "
                 "inf); nothing was merged"
             )
-        return w, records
+        return Merged(w, bias, records)
+
+    def _has_bias(self) -> bool:
+        return isinstance(getattr(self.base_layer, "bias", None), torch.Tensor)
+
+    def _base_bias(self, adapter: str) -> torch.Tensor:
+        bias = getattr(self.base_layer, "bias", None)
+        if not isinstance(bias, torch.Tensor):
+            raise AdapterError(
+                f"adapter {adapter!r} has a bias on B (lora_bias) but the {type(self.base_layer).__name__} it "
+                "adapts has no bias to merge it into (as in PEFT); nothing was merged"
+            )
+        return bias
 
     @torch.no_grad()
     def merge_active(self) -> None:
@@ -301,16 +340,22 @@ class LoraLayer(nn.Module):
         result = self.merged_weight()
         if result is None:
             return
-        w, records = result
-        self.handler.weight(self.base_layer).copy_(w)
-        self.merged += records
+        self.handler.weight(self.base_layer).copy_(result.weight)
+        if result.bias is not None:
+            self.base_layer.bias.copy_(result.bias)
+        self.merged += result.records
         self.refresh()
 
+    @torch.no_grad()
     def unmerge_all(self) -> None:
         while self.merged:
             name, weight, state = self.merged.pop()
             adapter = self.adapters[name]
             adapter.variant.unmerge(self, adapter, weight, state)
+            add = adapter.variant.bias_delta(self, adapter)
+            if add is not None and self._has_bias():  # without a bias, merging added nothing (b was zero)
+                bias = self.base_layer.bias
+                bias.sub_(add.to(bias.dtype), alpha=weight)
         self.refresh()
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -73,7 +73,7 @@ def _print_adapter(info: dict) -> None:
     cfg = info["config"]
     print(
         f"LoRA adapter: r={cfg.r} alpha={cfg.alpha} rslora={cfg.use_rslora} dora={cfg.use_dora} init={cfg.init} "
-        f"bias={cfg.bias}"
+        f"bias={cfg.bias}" + (" lora_bias=True" if cfg.lora_bias else "")
     )
     print(f"targets: {cfg.targets}  base model: {cfg.base_model}")
     print(f"{'module':<52} {'r':>4} {'d':>6} {'k':>6} {'d·k':>10} {'r·(d+k)':>9}")
@@ -181,6 +181,12 @@ def configure_extract(p: argparse.ArgumentParser) -> None:
         type=int,
         help="a randomised SVD with this many power iterations (2 is usual): for large models, far faster",
     )
+    p.add_argument(
+        "--lora-bias",
+        action="store_true",
+        help="carry changed biases as each LoRA's own bias on B (PEFT's lora_bias), so that loading the adapter "
+        "never changes the base (default: the biases are saved whole, bias=lora_only)",
+    )
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -195,6 +201,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         targets=None if args.targets is None else _targets(args.targets),
         copy_small=not args.no_copies,
         niter=args.niter,
+        lora_bias=args.lora_bias,
         progress=True,
     )
     ranks = sorted({m.rank for m in done.loras})
@@ -209,6 +216,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
         )
     if done.bias != "none":
         print(f"biases: {done.bias}")
+    elif done.lora_bias:
+        print("biases: as each LoRA's bias on B (lora_bias)")
     shown = list(done.left_out.items())[:8]
     for module, change in shown:
         print(f"left out: {module}, changed by ‖ΔW‖/‖W‖ = {change:.3g}")

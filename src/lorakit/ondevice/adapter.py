@@ -120,8 +120,8 @@ def _pair(
     variant = adapter.variant
     if not variant.plain:
         raise ExportError(
-            f"{module}: a {variant.label} adapter has no plain LoRA form that llama.cpp runs (DoRA's magnitude "
-            "rescales W0 + ΔW); export --merged instead"
+            f"{module}: a {variant.label} adapter has no plain LoRA form that llama.cpp runs "
+            f"({variant.not_plain_because}); export --merged instead"
         )
     if not (layer.handler.linear or layer.handler.embedding):
         raise ExportError(

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.control import merged
+from lorakit.control import merged_if_possible
 from lorakit.data.tokenize import IGNORE, Encoded
 from lorakit.device import model_device, to_device
 from lorakit.generate import format_prompt
@@ -79,7 +79,8 @@ def exact_match(
     tokenizer.padding_side = "left"
     samples = []
     try:
-        with merged(model) if merge and adapter_names(model) else nullcontext():  # merged: faster decoding
+        # merged: faster decoding (unless the adapters cannot merge, e.g. a lora_bias on a layer without bias)
+        with merged_if_possible(model) if merge and adapter_names(model) else nullcontext():
             for i in range(0, len(pairs), batch_size):
                 chunk = pairs[i : i + batch_size]
                 texts = [_prompt_text(tokenizer, p, chat) for p, _ in chunk]

@@ -163,6 +163,7 @@ def check_lora_for_adalora(lora: LoraConfig) -> None:
         (bool(lora.rank_pattern), "rank_pattern (AdaLoRA sets its own)"),
         (bool(lora.alpha_pattern), "alpha_pattern"),
         (lora.bias != "none", f"bias={lora.bias!r}"),
+        (lora.lora_bias, "lora_bias"),
     ]
     for bad, what in unsupported:
         if bad:

@@ -28,6 +28,7 @@ class DoraVariant(Variant):
     label = "DoRA"
     merges_alone = True  # each merge renormalises the whole weight: two DoRA merges do not commute
     plain = False  # the magnitude rescales W0 + ΔW: no (A, B) pair alone expresses it
+    not_plain_because = "DoRA's magnitude rescales W0 + ΔW"
 
     @classmethod
     def selects(cls, config: LoraConfig) -> bool:

@@ -126,6 +126,8 @@ def check_lora_config(config, min_rank: int) -> None:
         raise ConfigError("DyLoRA needs one rank r_max for all modules; drop lora.rank_pattern")
     if config.use_dora:
         raise ConfigError("DyLoRA cannot be combined with DoRA (lora.use_dora); pick one")
+    if config.lora_bias:
+        raise ConfigError("DyLoRA does not support lora.lora_bias (a bias on B); drop it")
     if config.init == "pissa":
         raise ConfigError("DyLoRA cannot use PiSSA init: truncating B·A would leave W0 missing its top part")
     if not (isinstance(min_rank, int) and 1 <= min_rank <= config.r):

@@ -70,6 +70,17 @@ def test_no_match_lists_nearest_names():
         lorakit.select_modules(tiny_llama(), LoraConfig(targets=["q_prj"]))
 
 
+def test_a_list_written_as_one_string_gets_a_hint():
+    # "--lora.targets q_proj,v_proj" is one regex string, which matches nothing; the message shows the list form
+    with pytest.raises(TargetError) as e:
+        lorakit.select_modules(tiny_llama(), LoraConfig(targets="q_proj,v_proj"))
+    assert "(a string is one regex; a list of names is written [q_proj, v_proj])" in str(e.value)
+    assert "\n" not in str(e.value)
+    with pytest.raises(TargetError) as e:
+        lorakit.select_modules(tiny_llama(), LoraConfig(targets="q_prj"))
+    assert "a string is one regex" not in str(e.value)
+
+
 def test_unsupported_module_type_is_named():
     with pytest.raises(TargetError, match=r"'model.layers.0.mlp' is a LlamaMLP, which LoRA cannot wrap"):
         lorakit.select_modules(tiny_llama(), LoraConfig(targets=["mlp"]))

@@ -106,17 +106,17 @@ def merged(model: nn.Module) -> Iterator[nn.Module]:
 def merged_if_possible(model: nn.Module) -> Iterator[nn.Module]:
     """`merged`, or the model as it is when its active adapters cannot be merged (a lora_bias on a layer without
     a bias, a 4-bit base, ...): for inference that merges only to be faster. A refused merge changes nothing."""
+    was_merged = _any_merged(model)
     try:
-        was_merged = _any_merged(model)
         merge(model)
+        did = not was_merged
     except (AdapterError, QuantizationError) as e:  # merge is all or nothing: the model is as it was
         log.info("running unmerged: %s", e)
-        yield model
-        return
+        did = False
     try:
         yield model
     finally:
-        if not was_merged:
+        if did:
             unmerge(model)
 
 

@@ -142,7 +142,11 @@ def _no_match_message(model: nn.Module, config: LoraConfig, names: list[str]) ->
         if config.exclude or config.layers
         else ""
     )
+    listed = ""
+    if isinstance(config.targets, str) and "," in config.targets:  # a list written as one string: a regex
+        parts = [p.strip() for p in config.targets.split(",")]
+        listed = f" (a string is one regex; a list of names is written [{', '.join(parts)}])"
     return (
-        f"targets {config.targets!r} matched no module in {type(model).__name__}{extra}; "
+        f"targets {config.targets!r} matched no module in {type(model).__name__}{extra}{listed}; "
         f"nearest adaptable module names: {', '.join(near) or 'none'}"
     )

@@ -230,28 +230,59 @@ def test_a_zero_bias_merges_into_a_layer_without_one():
 # -- many adapters on one base --------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def test_each_adapter_keeps_its_own_bias_and_the_base_is_never_changed():
-    model, x = tiny_qwen2(), ids(batch=4)
-    base_bias = model.get_submodule(f"{ATTN0}.q_proj").bias.clone()
+def _three_biased(model):
     lorakit.inject(model, LoraConfig(r=4, targets=["q_proj", "v_proj"], lora_bias=True), name="a")
     lorakit.inject(model, LoraConfig(r=2, alpha=8, targets=["q_proj", "k_proj"], lora_bias=True), name="b")
-    lorakit.inject(model, LoraConfig(r=4, targets=["q_proj"]), name="c")  # plain: the stacked form
+    lorakit.inject(model, LoraConfig(r=4, targets=["q_proj"]), name="c")  # plain
     randomize(model, std=0.1)
     _biases(model)
+
+
+def _alone(model, x, names):
     alone = {}
     for name in ("a", "b", "c"):
         lorakit.set_active(model, name)
         alone[name] = _out(model, x)
-    assert torch.equal(model.get_submodule(f"{ATTN0}.q_proj").base_layer.bias, base_bias)
-    names = ["b", None, "a", "c"]
     with lorakit.disabled(model):
         off = _out(model, x)
-    want = torch.stack([off[i] if n is None else alone[n][i] for i, n in enumerate(names)])
+    return torch.stack([off[i] if n is None else alone[n][i] for i, n in enumerate(names)])
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["b", None, "a", "c"],  # gathered into segments, and a row without adapter
+        ["a", "b", "c"],  # one row each in the model's order: the in-place path
+        ["a", "a", "c", "b"],  # padded segments, every row adapted
+    ],
+)
+@torch.no_grad()
+def test_each_adapter_keeps_its_own_bias_in_mixed_batches(names):
+    model, x = tiny_qwen2(), ids(batch=len(names))
+    base_bias = model.get_submodule(f"{ATTN0}.q_proj").bias.clone()
+    _three_biased(model)
+    want = _alone(model, x, names)
+    assert torch.equal(model.get_submodule(f"{ATTN0}.q_proj").base_layer.bias, base_bias)
     with row_adapters(model, names):
         got = _out(model, x)
+        state = model.get_submodule(f"{ATTN0}.q_proj").row_cache
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
-    assert (alone["a"] - alone["b"]).abs().max() > 1e-2
+    assert state.stacked and state.c is not None  # the stacked path, with the biases' stack
+    n = len(names)
+    assert (_alone(model, x, ["a"] * n) - _alone(model, x, ["b"] * n)).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_mixed_batch_stacks_follow_a_changed_bias():
+    model, x = tiny_qwen2(), ids(batch=3)
+    _three_biased(model)
+    names = ["a", "b", "c"]
+    with row_adapters(model, names):
+        _out(model, x)
+    _biases(model, seed=11)  # in place: b alone changes
+    want = _alone(model, x, names)
+    with row_adapters(model, names):
+        torch.testing.assert_close(_out(model, x), want, atol=ATOL, rtol=0)
 
 
 # -- training ---------------------------------------------------------------------------------------------------

@@ -43,6 +43,15 @@ class Variant:
     that knows only plain LoRA pairs (llama.cpp's GGUF adapters) computes it. False: DoRA's normalisation."""
     not_plain_because: ClassVar[str] = ""
     """When not `plain`: why, in a few words (e.g. "DoRA's magnitude rescales W0 + ΔW")."""
+    stacks: ClassVar[bool] = True
+    """Whether the adapter's contribution is exactly `handler.lora(x, A, B, scaling)` plus `bias_delta` (broadcast
+    along the output features), so that mixed-adapter batches may stack it with others (lorakit.mixed). A subclass
+    does not inherit it: it says so in its own class body, or it is False."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "stacks" not in cls.__dict__:
+            cls.stacks = False
 
     @classmethod
     def selects(cls, config: LoraConfig) -> bool:

@@ -22,8 +22,9 @@ so an in-place change of their weights (training, copy_) rebuilds it. `clear_row
 Rows without an adapter are skipped. Padding costs compute only: with one long segment and many short ones, the
 short ones are padded to its length.
 
-Layers whose adapters the stacked path cannot express (DoRA, embeddings, convolutions, dropout while training,
-adapters that require grad while grad is on) fall back to one masked pass per distinct adapter, which is exact but
+An adapter with a bias on B (PEFT's lora_bias) stacks too: its s·b sits in a (G, 1, d) stack added with the
+products. Layers whose adapters the stacked path cannot express (DoRA, DyLoRA, AdaLoRA, embeddings, convolutions,
+dropout while training, adapters that require grad while grad is on) fall back to one masked pass per distinct adapter, which is exact but
 loops.
 """
 
@@ -38,7 +39,7 @@ from torch import nn
 
 from lorakit.errors import AdapterError
 from lorakit.handlers import Handler
-from lorakit.layers import LoraLayer, Variant
+from lorakit.layers import LoraLayer
 from lorakit.params import param_wrappers
 from lorakit.registry import adapter_names, lora_layers, uses_wrappers
 from lorakit.saved import set_rows
@@ -145,10 +146,11 @@ class _LayerState:
     dtype: torch.dtype
     used: tuple[str, ...]  # the plan's adapters this layer has
     stacked: bool
-    tensors: tuple = ()  # per used adapter: (A, B), the tensors the stacks were built from
+    tensors: tuple = ()  # per used adapter: its parameters (A, B, ...), the tensors the stacks were built from
     stamp: tuple = ()  # their versions and scalings: an in-place change or a new scaling rebuilds the stacks
     a: torch.Tensor | None = None  # (G, k, r_max): Aᵀ per group
     b: torch.Tensor | None = None  # (G, r_max, d): (s·B)ᵀ per group
+    c: torch.Tensor | None = None  # (G, 1, d): s·b per group (lora_bias), or None when no group has one
 
 
 def _stackable(layer: LoraLayer, names: Sequence[str]) -> bool:
@@ -157,7 +159,7 @@ def _stackable(layer: LoraLayer, names: Sequence[str]) -> bool:
     grad = torch.is_grad_enabled()
     for n in names:
         adapter = layer.adapters[n]
-        if type(adapter.variant) is not Variant:
+        if not adapter.variant.stacks:
             return False
         if grad and adapter.lora_A.requires_grad:  # the cached stacks carry no gradient: train per group
             return False
@@ -173,32 +175,39 @@ def _state(layer: LoraLayer, plan: RowPlan, dtype: torch.dtype) -> _LayerState:
         return state
     state.stacked = True
     adapters = [layer.adapters[n] for n in used]
-    state.tensors = tuple((ad.lora_A, ad.lora_B) for ad in adapters)
-    state.stamp = tuple((ad.lora_A._version, ad.lora_B._version, ad.scaling) for ad in adapters)
+    state.tensors = tuple(tuple(ad.parameters()) for ad in adapters)  # A, B and a variant's own (lora_bias)
+    state.stamp = tuple((*(p._version for p in ad.parameters()), ad.scaling) for ad in adapters)
     old = layer.row_cache
     if old is not None and old.a is not None and _same_stacks(old, state):
-        state.a, state.b = old.a, old.b
+        state.a, state.b, state.c = old.a, old.b, old.c
     else:
-        state.a, state.b = _stacks(layer, plan.groups, used, dtype)
+        state.a, state.b, state.c = _stacks(layer, plan.groups, used, dtype)
     return state
+
 
 
 def _same_stacks(old: _LayerState, new: _LayerState) -> bool:
     """Would `new` build the same stacks as `old` has: same adapters, dtype, tensors, versions and scalings?"""
     if old.plan.groups != new.plan.groups or old.dtype != new.dtype or old.stamp != new.stamp:
         return False
-    return all(a0 is a1 and b0 is b1 for (a0, b0), (a1, b1) in zip(old.tensors, new.tensors, strict=True))
+    return all(
+        all(t0 is t1 for t0, t1 in zip(old_ts, new_ts, strict=True))
+        for old_ts, new_ts in zip(old.tensors, new.tensors, strict=True)
+    )
 
 
 def _stacks(
     layer: LoraLayer, groups: tuple[str, ...], used: tuple[str, ...], dtype: torch.dtype
 ) -> tuple[torch.Tensor, ...]:
-    """(Aᵀ (G, k, r_max), (s·B)ᵀ (G, r_max, d)) for the groups; zeros for groups this layer lacks (not in `used`)."""
+    """(Aᵀ (G, k, r_max), (s·B)ᵀ (G, r_max, d), s·b (G, 1, d) or None) for the groups; zeros for groups this layer
+    lacks (not in `used`), and for groups without a bias when another has one."""
     first = layer.adapters[used[0]]
     k, d = first.lora_A.shape[1], first.lora_B.shape[0]
     r_max = max(layer.adapters[n].lora_A.shape[0] for n in used)
     a_stack = first.lora_A.new_zeros((len(groups), k, r_max), dtype=dtype)
     b_stack = first.lora_A.new_zeros((len(groups), r_max, d), dtype=dtype)
+    biased = any(layer.adapters[n].variant.bias_delta(layer, layer.adapters[n]) is not None for n in used)
+    c_stack = first.lora_A.new_zeros((len(groups), 1, d), dtype=dtype) if biased else None
     with torch.no_grad():
         for i, n in enumerate(groups):
             if n in layer.adapters:
@@ -206,7 +215,10 @@ def _stacks(
                 r = ad.lora_A.shape[0]
                 a_stack[i, :, :r] = ad.lora_A.T.to(dtype)
                 b_stack[i, :r, :] = (ad.lora_B.T * ad.scaling).to(dtype)
-    return a_stack, b_stack
+                add = ad.variant.bias_delta(layer, ad)
+                if add is not None:
+                    c_stack[i, 0] = add.to(dtype)
+    return a_stack, b_stack, c_stack
 
 
 def mixed_forward(layer: LoraLayer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -230,7 +242,7 @@ def mixed_forward(layer: LoraLayer, x: torch.Tensor, out: torch.Tensor) -> torch
         return out
     if not state.stacked:
         return _looped(layer, x, out, plan, state.used)
-    a, b = state.a, state.b
+    a, b, c = state.a, state.b, state.c
     groups, k, d = a.shape[0], x.shape[-1], b.shape[-1]
     xs = x.reshape(plan.batch, -1, k)  # (M, tokens, k)
     tokens = xs.shape[1]
@@ -240,8 +252,9 @@ def mixed_forward(layer: LoraLayer, x: torch.Tensor, out: torch.Tensor) -> torch
         xs = xs.to(a.dtype)
     h = torch.bmm(xs.reshape(groups, plan.width * tokens, k), a)  # (G, width·tokens, r)
     if plan.identity and not grad and out.is_contiguous() and out.dtype == b.dtype:  # rows in segment order
-        return out.view(groups, plan.width * tokens, d).baddbmm_(h, b).view(out.shape)
-    y = torch.bmm(h, b)  # (G, width·tokens, d)
+        y = out.view(groups, plan.width * tokens, d).baddbmm_(h, b)
+        return (y if c is None else y.add_(c)).view(out.shape)
+    y = torch.bmm(h, b) if c is None else torch.baddbmm(c, h, b)  # (G, width·tokens, d)
     y = y.view(groups * plan.width, tokens, d)
     if not plan.identity:
         y = y.index_select(0, plan.scatter)  # (rows with an adapter, tokens, d)

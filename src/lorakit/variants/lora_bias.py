@@ -6,8 +6,9 @@ adapters, or mixing them in one batch, never touches the base layer's bias (PEFT
 overwrites it). Merging adds s·b to the base's bias, which must exist (as in PEFT). The main use is an adapter
 extracted from a full fine-tune whose biases changed (`lorakit extract`).
 
-It is its own variant, so the plain path (the fused kernels, the stacked mixed-batch form) stays free of a bias
-branch; it runs the generic path, which is exact. llama.cpp's LoRA pairs have no bias, so GGUF export refuses it.
+It is its own variant, so the plain path (the fused kernels) stays free of a bias branch; it runs the generic path,
+which is exact. Mixed-adapter batches stack it with plain adapters (`stacks`: the biases go into a (G, d) stack
+beside B's). llama.cpp's LoRA pairs have no bias, so GGUF export refuses it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class LoraBiasVariant(Variant):
     label = "lora_bias"
     plain = False
     not_plain_because = "its bias on B (lora_bias) has no place in llama.cpp's LoRA pairs"
+    stacks = True  # s·B·A·x + s·b: mixed batches stack it, with the biases beside the B stacks
 
     @classmethod
     def selects(cls, config: LoraConfig) -> bool:

@@ -171,43 +171,42 @@ def main() -> None:
         )
     table = "\n".join(lines)
     print(table)
-    if args.write_docs and args.train_file:
-        _write_chat_docs(args, table)
-    elif args.write_docs:
-        import torch
-
-        cmd = " ".join(["python benchmarks/bench_full.py", *sys.argv[1:]])
-        section = (
-            "## LoRA vs full fine-tuning on the built-in task, and LoRA extracted from the full fine-tune\n\n"
-            f"- command: `{cmd}`\n"
-            f"- setup: SmolLM2-135M-Instruct, built-in `dates` task, `lorakit train`'s defaults (batch 8, "
-            f"warmup 4, cosine), {args.steps} steps, seed 0, fp32, {os.cpu_count()} CPUs "
-            f"({torch.backends.cpu.get_cpu_capability()}); the same training loop for both, AdamW. Accuracy: exact "
-            "match of greedy answers on 100 held-out examples. Extraction: `lorakit.extract` of the full "
-            "fine-tune with the best accuracy, every changed weight (embedding included) at most rank r, norms "
-            "copied; its time includes reading both checkpoints.\n\n" + table
-        )
-        docs = Path(__file__).parent.parent / "docs" / "benchmarks.md"
-        write_docs(docs, section, "<!-- bench_full:start -->", "<!-- bench_full:end -->")
+    if args.write_docs:
+        _write_docs(args, table)
 
 
-def _write_chat_docs(args, table: str) -> None:
+def _write_docs(args, table: str) -> None:
     import torch
 
+    machine = f"seed 0, fp32, {os.cpu_count()} CPUs ({torch.backends.cpu.get_cpu_capability()})"
     cmd = " ".join(["python benchmarks/bench_full.py", *sys.argv[1:]])
+    if args.train_file:
+        title, key = "LoRA vs full fine-tuning on real chat data", "bench_full_chat"
+        cmd = f"python benchmarks/chat_corpus.py --out /tmp/chat`, then `{cmd}"
+        what = (
+            f"the English dialogs of `chatterbot-corpus` ({_lines(args.train_file)} train and "
+            f"{_lines(args.eval_file)} held-out conversations, every tenth to eval), `lorakit train`'s defaults "
+            "(batch 8, warmup 4, cosine; loss on the assistant turns)"
+        )
+        measure = (
+            "The measure is the held-out eval loss (no exact-match accuracy: replies are open-ended). Extraction: "
+            "`lorakit.extract` of the full fine-tune with the lowest eval loss"
+        )
+    else:
+        title = "LoRA vs full fine-tuning on the built-in task, and LoRA extracted from the full fine-tune"
+        key = "bench_full"
+        what = "built-in `dates` task, `lorakit train`'s defaults (batch 8, warmup 4, cosine)"
+        measure = (
+            "Accuracy: exact match of greedy answers on 100 held-out examples. Extraction: `lorakit.extract` of "
+            "the full fine-tune with the best accuracy"
+        )
     section = (
-        "## LoRA vs full fine-tuning on real chat data\n\n"
-        f"- command: `python benchmarks/chat_corpus.py --out /tmp/chat`, then `{cmd}`\n"
-        f"- setup: SmolLM2-135M-Instruct, the English dialogs of `chatterbot-corpus` "
-        f"({_lines(args.train_file)} train and {_lines(args.eval_file)} held-out conversations, every tenth to "
-        f"eval), `lorakit train`'s defaults (batch 8, warmup 4, cosine; loss on the assistant turns), "
-        f"{args.steps} steps, seed 0, fp32, {os.cpu_count()} CPUs ({torch.backends.cpu.get_cpu_capability()}); "
-        "the same training loop for both, AdamW. The measure is the held-out eval loss (no exact-match accuracy: "
-        "replies are open-ended). Extraction: `lorakit.extract` of the full fine-tune with the lowest eval loss, "
-        "every changed weight at most rank r, norms copied.\n\n" + table
+        f"## {title}\n\n- command: `{cmd}`\n- setup: SmolLM2-135M-Instruct, {what}, {args.steps} steps, "
+        f"{machine}; the same training loop for both, AdamW. {measure}, every changed weight (embedding "
+        "included) at most rank r, norms copied; its time includes reading both checkpoints.\n\n" + table
     )
     docs = Path(__file__).parent.parent / "docs" / "benchmarks.md"
-    write_docs(docs, section, "<!-- bench_full_chat:start -->", "<!-- bench_full_chat:end -->")
+    write_docs(docs, section, f"<!-- {key}:start -->", f"<!-- {key}:end -->")
 
 
 def _lines(path: str) -> int:

@@ -231,6 +231,28 @@ def test_load_and_unload_from_the_workspace(http, trained):
     assert "again" not in [a["name"] for a in http.get("/api/adapters").json()["adapters"]]
 
 
+def test_a_lora_bias_adapter_is_listed_as_such_and_serves(ui, http):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+
+    model = AutoModelForCausalLM.from_pretrained(ui["tmp"] / "tiny")
+    lorakit.inject(model, lorakit.LoraConfig(r=4, targets=["q_proj", "v_proj"], lora_bias=True))
+    with torch.no_grad():
+        for p in lorakit.adapter_parameters(model):
+            p.add_(0.05)
+    lorakit.save_adapter(model, ui["ws"] / "runs" / "lb" / "adapter")
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "lb", "lora_path": "runs/lb/adapter"})
+    assert r.status_code == 200, r.text
+    try:
+        rows = {a["name"]: a for a in http.get("/api/adapters").json()["adapters"]}
+        assert rows["lb"]["kind"] == "LoRA + lora_bias"
+        assert isinstance(_greedy(http, "lb"), str)
+    finally:
+        assert http.post("/v1/unload_lora_adapter", json={"lora_name": "lb"}).status_code == 200
+
+
 def test_paths_out_of_the_workspace_are_refused_everywhere(ui, http, trained):
     ws, outside = ui["ws"], ui["tmp"] / "outside"
     os.symlink(outside, ws / "data" / "escape")

@@ -199,7 +199,9 @@ class _Routes:
                         targets=sorted({m.rsplit(".", 1)[-1] for m in info.get("modules", {})})
                         or getattr(cfg, "targets", None),
                         params=info.get("parameters"),
-                        kind=fmt.label + (" + DoRA" if getattr(cfg, "use_dora", False) else ""),
+                        kind=fmt.label
+                        + (" + DoRA" if getattr(cfg, "use_dora", False) else "")
+                        + (" + lora_bias" if getattr(cfg, "lora_bias", False) else ""),
                         size_bytes=sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file()),
                     )
             rows.append(row)

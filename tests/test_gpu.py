@@ -20,7 +20,7 @@ from lorakit.fused import _LoraLinear, causal_lm_loss
 from lorakit.mixed import row_adapters
 from lorakit.quant import nf4
 
-from tiny import ids, randomize, tiny_llama
+from tiny import ids, randomize, tiny_llama, tiny_qwen2
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 ATOL = 1e-5
@@ -112,6 +112,30 @@ def test_nf4_equals_bitsandbytes(device):
     assert torch.equal(
         nf4.dequantize_4bit(packed, absmax, w.shape, w.dtype), bnbf.dequantize_4bit(b_packed, st)
     )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@torch.no_grad()
+def test_lora_bias_merges_mixes_and_matches_peft(device, tmp_path):
+    peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")
+    model = _on(tiny_qwen2(), device)
+    for name, r in (("a", 4), ("b", 2)):  # q and v have a bias in Qwen2, so b can merge
+        lorakit.inject(model, LoraConfig(r=r, alpha=8, targets=["q_proj", "v_proj"], lora_bias=True), name=name)
+    randomize(model, std=0.2)
+    x = ids(batch=3).to(model.device)
+    lorakit.set_active(model, "a")
+    want = model(x).logits
+    lorakit.save_adapter(model, tmp_path / "a", name="a")
+    theirs = peft.PeftModel.from_pretrained(_on(tiny_qwen2(), device), tmp_path / "a").eval()
+    torch.testing.assert_close(theirs(x).logits, want, atol=ATOL, rtol=0)
+    lorakit.merge(model)
+    torch.testing.assert_close(model(x).logits, want, atol=ATOL, rtol=0)
+    lorakit.unmerge(model)
+    lorakit.set_active(model, "b")
+    b_rows = model(x).logits
+    with row_adapters(model, ["a", "b", "a"]):
+        got = model(x).logits
+    torch.testing.assert_close(got, torch.stack([want[0], b_rows[1], want[2]]), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -24,8 +24,8 @@ short ones are padded to its length.
 
 An adapter with a bias on B (PEFT's lora_bias) stacks too: its s·b sits in a (G, 1, d) stack added with the
 products. Layers whose adapters the stacked path cannot express (DoRA, DyLoRA, AdaLoRA, embeddings, convolutions,
-dropout while training, adapters that require grad while grad is on) fall back to one masked pass per distinct adapter, which is exact but
-loops.
+dropout while training, adapters that require grad while grad is on) fall back to one masked pass per distinct
+adapter, which is exact but loops.
 """
 
 from __future__ import annotations

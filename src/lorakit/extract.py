@@ -114,9 +114,7 @@ def extract(
     (b = Δbias), not as the base's bias (`bias="lora_only"`), so that the adapter never changes the base; every
     changed bias must then belong to a module with a LoRA. `progress`: a bar on stderr. See the module
     docstring."""
-    _check_options(r, energy, niter)
-    if not isinstance(lora_bias, bool):
-        raise ConfigError(f"lora_bias must be true or false, got {lora_bias!r}")
+    _check_options(r, energy, niter, lora_bias)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise AdapterError(f"{out}: exists and is not a folder")
@@ -136,11 +134,11 @@ def extract(
     if not loras:
         raise ConfigError(_nothing_message(plan, copies, base_dir, tuned_dir))
     on_b = lora_bias and bool(plan.biases)
-    bias = _biases_on_b(plan, old, new, loras, tensors) if on_b else _biases(plan, new, loras, tensors)
-    config = _config(skeleton, {m.module: m.rank for m in loras}, bias, copies, base_dir)
-    config = config.replace(lora_bias=on_b)
-    record = _record(base_dir, tuned_dir, r, energy, niter, loras, copies, bias, plan.left_out)
-    record["lora_bias"] = on_b
+    if on_b:
+        _biases_on_b(plan, old, new, loras, tensors)
+    bias = "none" if on_b else _biases(plan, new, loras, tensors)
+    config = _config(skeleton, {m.module: m.rank for m in loras}, bias, on_b, copies, base_dir)
+    record = _record(base_dir, tuned_dir, r, energy, niter, loras, copies, bias, on_b, plan.left_out)
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -154,7 +152,7 @@ def extract(
     return Extracted(out, loras, copies, bias, dict(plan.left_out), numbers, plan.numel, on_b)
 
 
-def _record(base_dir, tuned_dir, r, energy, niter, loras, copies, bias, left_out) -> dict:
+def _record(base_dir, tuned_dir, r, energy, niter, loras, copies, bias, lora_bias, left_out) -> dict:
     """extract.json: the sources, the options, and what became of each changed module."""
     return {
         "base": str(base_dir),
@@ -165,6 +163,7 @@ def _record(base_dir, tuned_dir, r, energy, niter, loras, copies, bias, left_out
         "modules": {m.module: {"rank": m.rank, "error": round(m.error, 6)} for m in loras},
         "copies": copies,
         "bias": bias,
+        "lora_bias": lora_bias,
         "left_out": {m: round(v, 6) for m, v in left_out.items()},
     }
 
@@ -188,7 +187,9 @@ def _warn(plan: _Plan, out: Path) -> None:
 # -- inputs ---------------------------------------------------------------------------------------------------
 
 
-def _check_options(r: int, energy: float | None, niter: int | None) -> None:
+def _check_options(r: int, energy: float | None, niter: int | None, lora_bias: bool) -> None:
+    if not isinstance(lora_bias, bool):
+        raise ConfigError(f"lora_bias must be true or false, got {lora_bias!r}")
     if not is_int(r, 1):
         raise ConfigError(f"r must be a whole number of at least 1, got {r!r}")
     if energy is not None and not (is_number(energy) and 0 < energy <= 1):
@@ -402,9 +403,9 @@ def _biases_on_b(
     new: ModelTensors,
     loras: list[ModuleLora],
     tensors: dict[str, torch.Tensor],
-) -> str:
+) -> None:
     """lora_bias: each LoRA's bias on B is its module's Δbias (zero where the bias did not change or there is
-    none: PEFT's lora_bias gives every LoRA one). Returns the bias mode, "none"."""
+    none: PEFT's lora_bias gives every LoRA one)."""
     with_lora = {m.module for m in loras}
     alone = [m for m in plan.biases if m not in with_lora]
     if alone:
@@ -426,11 +427,10 @@ def _biases_on_b(
         else:
             delta = torch.zeros(tensors[f"{PREFIX}{m.module}.lora_B.weight"].shape[0])
         tensors[f"{PREFIX}{m.module}.lora_B.bias"] = delta.to(like.dtype).contiguous()
-    return "none"
 
 
 def _config(
-    skeleton: nn.Module, ranks: dict[str, int], bias: str, copies: list[str], base_dir: Path
+    skeleton: nn.Module, ranks: dict[str, int], bias: str, lora_bias: bool, copies: list[str], base_dir: Path
 ) -> LoraConfig:
     """Scaling 1 everywhere: alpha = r, with a rank_pattern/alpha_pattern entry per module off the default r."""
     r = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
@@ -441,6 +441,7 @@ def _config(
         rank_pattern=pattern,
         alpha_pattern={m: float(k) for m, k in pattern.items()},
         bias=bias,
+        lora_bias=lora_bias,
         modules_to_save=list(copies) or None,
         task_type="CAUSAL_LM",
         base_model=str(base_dir),

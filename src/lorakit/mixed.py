@@ -206,18 +206,18 @@ def _stacks(
     r_max = max(layer.adapters[n].lora_A.shape[0] for n in used)
     a_stack = first.lora_A.new_zeros((len(groups), k, r_max), dtype=dtype)
     b_stack = first.lora_A.new_zeros((len(groups), r_max, d), dtype=dtype)
-    biased = any(layer.adapters[n].variant.bias_delta(layer, layer.adapters[n]) is not None for n in used)
-    c_stack = first.lora_A.new_zeros((len(groups), 1, d), dtype=dtype) if biased else None
     with torch.no_grad():
+        adds = {n: layer.adapters[n].variant.bias_delta(layer, layer.adapters[n]) for n in used}
+        biased = any(add is not None for add in adds.values())
+        c_stack = first.lora_A.new_zeros((len(groups), 1, d), dtype=dtype) if biased else None
         for i, n in enumerate(groups):
             if n in layer.adapters:
                 ad = layer.adapters[n]
                 r = ad.lora_A.shape[0]
                 a_stack[i, :, :r] = ad.lora_A.T.to(dtype)
                 b_stack[i, :r, :] = (ad.lora_B.T * ad.scaling).to(dtype)
-                add = ad.variant.bias_delta(layer, ad)
-                if add is not None:
-                    c_stack[i, 0] = add.to(dtype)
+                if adds[n] is not None:
+                    c_stack[i, 0] = adds[n].to(dtype)
     return a_stack, b_stack, c_stack
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 import lorakit
 from lorakit import AdapterError, ConfigError, LoraConfig, TargetError
+from lorakit.control import merged
 from lorakit.mixed import row_adapters
 
 from tiny import (
@@ -334,21 +335,20 @@ def test_real_model_lora_bias_in_peft_and_refused_merge(default_model_dir, tmp_p
 def test_inference_that_merges_for_speed_runs_unmerged_when_it_cannot_merge():
     # the training run's accuracy pass merges to decode faster; a lora_bias on Llama's bias-less projections
     # cannot merge, so it must decode unmerged rather than fail the run after training
-    from lorakit.control import merged_if_possible
 
     model, x = tiny_llama(), ids()
     lorakit.inject(model, LoraConfig(r=4, targets=["q_proj"], lora_bias=True))
     randomize(model, std=0.1)
     _biases(model)
     want, before = _out(model, x), snapshot(model)
-    with merged_if_possible(model):
+    with merged(model, or_unmerged=True):
         assert not any(layer.merged for layer in model.modules() if isinstance(layer, lorakit.LoraLayer))
         torch.testing.assert_close(_out(model, x), want, atol=0, rtol=0)
     for k, v in snapshot(model).items():
         assert torch.equal(v, before[k]), k
     lorakit.inject(model, LoraConfig(r=4, targets=["v_proj"]), name="plain")
     lorakit.set_active(model, "plain")
-    with merged_if_possible(model):  # a plain adapter still merges
+    with merged(model, or_unmerged=True):  # a plain adapter still merges
         assert all(
             layer.merged for layer in model.modules() if isinstance(layer, lorakit.LoraLayer) and layer.active
         )

@@ -91,32 +91,24 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextmanager
-def merged(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the block with the active adapters merged (fast inference), then restore the previous state."""
+def merged(model: nn.Module, *, or_unmerged: bool = False) -> Iterator[nn.Module]:
+    """Run the block with the active adapters merged (fast inference), then restore the previous state.
+
+    `or_unmerged`: when the adapters cannot be merged (a lora_bias on a layer without a bias, a 4-bit base, ...),
+    run the block with the model as it is instead of raising; for inference that merges only to be faster. A
+    refused merge changes nothing."""
     was_merged = _any_merged(model)
-    merge(model)
+    try:
+        merge(model)
+    except (AdapterError, QuantizationError) as e:  # merge is all or nothing: the model is as it was
+        if not or_unmerged:
+            raise
+        log.info("running unmerged: %s", e)
+        was_merged = True  # nothing to undo
     try:
         yield model
     finally:
         if not was_merged:
-            unmerge(model)
-
-
-@contextmanager
-def merged_if_possible(model: nn.Module) -> Iterator[nn.Module]:
-    """`merged`, or the model as it is when its active adapters cannot be merged (a lora_bias on a layer without
-    a bias, a 4-bit base, ...): for inference that merges only to be faster. A refused merge changes nothing."""
-    was_merged = _any_merged(model)
-    try:
-        merge(model)
-        did = not was_merged
-    except (AdapterError, QuantizationError) as e:  # merge is all or nothing: the model is as it was
-        log.info("running unmerged: %s", e)
-        did = False
-    try:
-        yield model
-    finally:
-        if did:
             unmerge(model)
 
 

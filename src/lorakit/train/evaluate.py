@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.control import merged_if_possible
+from lorakit.control import merged
 from lorakit.data.tokenize import IGNORE, Encoded
 from lorakit.device import model_device, to_device
 from lorakit.generate import format_prompt
@@ -80,7 +80,7 @@ def exact_match(
     samples = []
     try:
         # merged: faster decoding (unless the adapters cannot merge, e.g. a lora_bias on a layer without bias)
-        with merged_if_possible(model) if merge and adapter_names(model) else nullcontext():
+        with merged(model, or_unmerged=True) if merge and adapter_names(model) else nullcontext():
             for i in range(0, len(pairs), batch_size):
                 chunk = pairs[i : i + batch_size]
                 texts = [_prompt_text(tokenizer, p, chat) for p, _ in chunk]

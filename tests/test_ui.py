@@ -50,6 +50,8 @@ def test_the_form_is_every_train_option_with_its_default_and_doc():
     assert train["out_dir"]["locked"] and train["resume"]["locked"] and not train["steps"]["locked"]
     assert train["steps"] == {**train["steps"], "type": "int", "default": 40}
     assert "adalora+loraplus" in train["method"]["choices"]
+    init = next(f for f in schema["lora"]["fields"] if f["name"] == "init")
+    assert init["default"] == "default" and {"pissa", "eva", "random"} <= set(init["choices"])
     # lists travel as command-line text, which parses back to the default
     skip = next(f for f in schema["model"]["fields"] if f["name"] == "quantize_skip")
     assert skip["type"] == "list" and skip["default"] == "[lm_head]"

@@ -36,6 +36,7 @@ from lorakit.quant.load import load_quantized
 from lorakit.report import format_report, parameter_report
 from lorakit.targeting import select_modules
 from lorakit.variants.adalora import AdaLoraAllocator, AdaLoraConfig, inject_adalora, orth_loss
+from lorakit.variants.eva import EvaResult, eva_components, inject_eva
 from lorakit.variants.ladder import LadderConfig, attach_ladder, detach_ladder
 from lorakit.variants.ladder_io import format_ladder, is_ladder_folder, save_ladder
 from lorakit.variants.loraplus import loraplus_groups, loraplus_optimizer
@@ -93,6 +94,7 @@ __all__ = [
     "AdapterError",
     "AdapterFileError",
     "ConfigError",
+    "EvaResult",
     "LadderConfig",
     "LoraConfig",
     "LoraLayer",
@@ -114,11 +116,13 @@ __all__ = [
     "extract",
     "describe_adapter",
     "disabled",
+    "eva_components",
     "export_rank",
     "format_ladder",
     "format_report",
     "inject",
     "inject_adalora",
+    "inject_eva",
     "is_ladder_folder",
     "lean_attention",
     "lean_blocks",

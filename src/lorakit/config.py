@@ -18,7 +18,10 @@ from lorakit.errors import ConfigError
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-INITS = ("default", "gaussian", "pissa", "olora", "orthogonal", "loftq", "random")
+INITS = ("default", "gaussian", "pissa", "olora", "orthogonal", "loftq", "eva", "random")
+INITS_IN_WEIGHTS = ("loftq", "eva")
+"""Inits whose result lives wholly in the adapter's saved weights and cannot be computed again at load (LoftQ needs
+the original weights, EVA the data): a loaded adapter takes its A and B from the file."""
 
 # PEFT's `init_lora_weights` values <-> ours.
 _INIT_TO_PEFT: dict[str, Any] = {
@@ -28,6 +31,7 @@ _INIT_TO_PEFT: dict[str, Any] = {
     "olora": "olora",
     "orthogonal": "orthogonal",
     "loftq": "loftq",
+    "eva": "eva",
     "random": False,
 }
 
@@ -51,7 +55,6 @@ _PEFT_UNSUPPORTED_KEYS = {
     "qalora_group_size",
     "layer_replication",
     "loftq_config",
-    "eva_config",
     "corda_config",
     "lora_ga_config",
     "use_bdlora",
@@ -89,6 +92,15 @@ _FROM_PEFT: dict[str, str] = {
     "target_parameters": "target_parameters",
 }
 _PEFT_KEY = {ours: theirs for theirs, ours in _FROM_PEFT.items()}
+# PEFT's eva_config keys -> LoraConfig fields (label_mask_value: lorakit's labels mask with -100, as PEFT's default)
+_EVA_FROM_PEFT = {
+    "rho": "eva_rho",
+    "tau": "eva_tau",
+    "use_label_mask": "eva_label_mask",
+    "whiten": "eva_whiten",
+    "adjust_scaling_factors": "eva_adjust_scaling",
+}
+_PEFT_KEY.update({ours: f"eva_config.{theirs}" for theirs, ours in _EVA_FROM_PEFT.items()})
 
 
 @dataclass
@@ -129,6 +141,20 @@ class LoraConfig:
     "random"."""
     loftq_iter: int = 1
     """LoftQ's alternating steps (init "loftq"): 1 keeps the base's NF4 codes; more re-quantize W0 - s·B·A."""
+    eva_rho: float = 2.0
+    """EVA (init "eva"): a module's rank may grow to round(r·rho) where its inputs' variance is spread out, taken
+    from modules where it is concentrated; the sum of ranks stays that of the config. 1 keeps every rank."""
+    eva_tau: float = 0.99
+    """EVA: a component has converged when its cosine similarity to the previous batch's estimate is >= tau."""
+    eva_label_mask: bool = True
+    """EVA: use only the positions that carry a label (the answer tokens), as PEFT's use_label_mask; false: every
+    non-padding token (for data where few tokens carry labels)."""
+    eva_whiten: bool = False
+    """EVA: divide each component by the square root of its singular value."""
+    eva_adjust_scaling: bool = True
+    """EVA: a module whose rank changed gets alpha·(new rank / r), so every module keeps the scaling alpha/r."""
+    eva_batches: int = 100
+    """EVA: the most batches it reads; a component not converged by then is used as it is, with a warning."""
     use_dora: bool = False
     """Weight-decomposed LoRA: a trainable magnitude per output feature times the normalised W0 + ΔW."""
     task_type: str | None = None
@@ -201,6 +227,17 @@ class LoraConfig:
             is_int(self.loftq_iter, 1), f"loftq_iter must be a positive integer, got {short(self.loftq_iter)}", "loftq_iter"
         )
         _check(
+            is_number(self.eva_rho) and self.eva_rho >= 1, f"eva_rho must be a number >= 1, got {short(self.eva_rho)}", "eva_rho"
+        )
+        _check(
+            is_number(self.eva_tau) and 0 <= self.eva_tau <= 1,
+            f"eva_tau must be a number in [0, 1], got {short(self.eva_tau)}",
+            "eva_tau",
+        )
+        _check(
+            is_int(self.eva_batches, 1), f"eva_batches must be a positive integer, got {short(self.eva_batches)}", "eva_batches"
+        )
+        _check(
             is_number(self.alpha) and self.alpha > 0,
             f"alpha must be a finite number > 0, got {short(self.alpha)}",
             "alpha",
@@ -227,7 +264,7 @@ class LoraConfig:
             f"layers must be a list of layer indices (integers >= 0) or null, got {short(self.layers)}",
             "layers",
         )
-        for name in ("use_rslora", "use_dora", "lora_bias"):
+        for name in ("use_rslora", "use_dora", "lora_bias", "eva_label_mask", "eva_whiten", "eva_adjust_scaling"):
             v = getattr(self, name)
             _check(isinstance(v, bool), f"{name} must be true or false, got {short(v)}", name)
         for name in ("task_type", "base_model"):
@@ -306,6 +343,15 @@ class LoraConfig:
         """The `adapter_config.json` content PEFT expects for this config."""
         fields = {theirs: getattr(self, ours) for theirs, ours in _FROM_PEFT.items()}
         fields.update(rank_pattern=dict(self.rank_pattern), alpha_pattern=dict(self.alpha_pattern))
+        if self.init == "eva":
+            fields["eva_config"] = {
+                "rho": self.eva_rho,
+                "tau": self.eva_tau,
+                "use_label_mask": self.eva_label_mask,
+                "label_mask_value": -100,
+                "whiten": self.eva_whiten,
+                "adjust_scaling_factors": self.eva_adjust_scaling,
+            }
         return {
             "peft_type": "LORA",
             **fields,
@@ -337,6 +383,12 @@ class LoraConfig:
                 if not isinstance(value, dict) or value.get("loftq_bits", 4) != 4:
                     raise ConfigError(f"{source}: loftq_config={value!r}: lorakit's LoftQ is for 4-bit (NF4) bases")
                 kwargs["loftq_iter"] = value.get("loftq_iter", 1)
+            elif key == "eva_config" and value:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{source}: eva_config must be a mapping, got {short(value)}", key=key)
+                for theirs, ours in _EVA_FROM_PEFT.items():
+                    if theirs in value:
+                        kwargs[ours] = value[theirs]
             elif key in _PEFT_UNSUPPORTED_KEYS:
                 if value not in (None, False, {}, [], "", 0) and not (key == "qalora_group_size"):
                     raise ConfigError(f"{source}: {key}={value!r} is a PEFT feature lorakit does not support")
@@ -361,7 +413,7 @@ def _init_from_peft(value: Any, source: str) -> str:
             return ours
     raise ConfigError(
         f"{source}: init_lora_weights={value!r} is not supported (use true, false, 'gaussian', 'pissa', 'olora', "
-        "'orthogonal' or 'loftq')"
+        "'orthogonal', 'loftq' or 'eva')"
     )
 
 

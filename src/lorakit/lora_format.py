@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.config import INITS_IN_WEIGHTS, LoraConfig
 from lorakit.errors import AdapterError, AdapterFileError, TargetError
 from lorakit.formats import (
     CONFIG_NAME,
@@ -239,7 +239,9 @@ def _plan_saved(
 
 
 def _apply_lora(model: nn.Module, plan: _LoraPlan, name: str, trainable: bool) -> str:
-    config = plan.config.replace(init="default") if plan.config.init == "loftq" else plan.config  # A, B: the file's
+    config = plan.config  # LoftQ, EVA: what the init computed is in the file's A and B
+    if config.init in INITS_IN_WEIGHTS:
+        config = config.replace(init="default")
     tensors = plan.copies
     if config.init in INIT_FACTORS and not trainable:  # PiSSA, OLoRA: leave W0 alone (for the other adapters)
         config, tensors = as_plain_lora(model, config, tensors)

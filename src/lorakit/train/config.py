@@ -279,6 +279,10 @@ def validate(cfg: RunConfig) -> None:
             "lora.init loftq starts an adapter on a 4-bit base: add --model.quantize nf4",
         ),
         (
+            cfg.lora.init != "eva" or cfg.methods[0] == "lora",
+            f"lora.init eva works with method lora (and lora+loraplus), not {cfg.train.method!r}",
+        ),
+        (
             not dsec.add_tokens or cfg.methods[0] == "lora",
             f"data.add_tokens trains token rows with method lora, not {cfg.train.method!r}",
         ),

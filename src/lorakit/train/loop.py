@@ -53,6 +53,14 @@ def _grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
+def eva_batches(train_rows: list[Encoded], cfg: RunConfig, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The first lora.eva_batches micro-batches in the order training reads them (those of process 0, so that
+    every process computes EVA from the same data), for EVA's init."""
+    for k in range(cfg.lora.eva_batches):
+        step, micro = divmod(k, cfg.train.grad_accum)
+        yield collate([train_rows[i] for i in batch_order(len(train_rows), step, micro, cfg)], pad_id)
+
+
 def collate(rows: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a list of examples into input_ids, attention_mask and labels tensors (batch, seq)."""
     width = max(len(r.input_ids) for r in rows)

@@ -32,7 +32,7 @@ from lorakit.report import parameter_report
 from lorakit.train.checkpoint import full_parameters
 from lorakit.train.config import RunConfig, save_config
 from lorakit.train.evaluate import eval_loss, exact_match
-from lorakit.train.loop import Callback, read_metrics, train_loop
+from lorakit.train.loop import Callback, eva_batches, read_metrics, train_loop
 from lorakit.train.methods import Method, make_method
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ def run_training(
         cfg = _add_tokens(cfg, model, tokenizer, say)
     data = _encode(cfg, tokenizer, say)
     method = make_method(cfg)
+    method.batches = lambda: eva_batches(data.train_rows, cfg, tokenizer.pad_token_id)
     report = _prepare(method, model, base_id, cfg, world, say)
     if rank == 0:
         save_config(cfg, out_dir / "config.yaml")
@@ -173,9 +174,25 @@ def _prepare(
     """Put the method's trainable adapter on `model`, say how much it trains and how large a step's batch is;
     returns the parameter report."""
     method.prepare(model, base_id)
+    eva = method.eva
+    if eva is not None:
+        ranks = [r for r in eva.ranks.values() if r]
+        say(
+            f"EVA: {eva.batches} batches, {eva.groups} distinct layer inputs, {eva.seconds:.0f} s; ranks "
+            f"{min(ranks)} to {max(ranks)} on {len(ranks)} modules"
+            + ("" if eva.converged else " (some components had not converged: raise lora.eva_batches)")
+        )
     if cfg.model.adapter_dtype == "float32":  # the optimizer's master weights (autocast computes in 16 bits)
         upcast_trainable(model)
     report = parameter_report(model)
+    if eva is not None:
+        report["eva"] = {
+            "batches": eva.batches,
+            "groups": eva.groups,
+            "converged": eva.converged,
+            "seconds": eva.seconds,
+            "modules": sum(1 for r in eva.ranks.values() if r),
+        }
     t = cfg.train
     say(
         f"{method.label}: {report['trainable']:,} trainable of {report['total']:,} parameters "
@@ -315,6 +332,7 @@ def _write_summary(
         "peak_rss_gb": _peak_rss_gb(),
         "peak_gpu_gb": peak_memory_gb(torch.device(cfg.model.device)),
         "quantization": report.get("quantization"),
+        "eva": report.get("eva"),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -20,6 +20,7 @@ CHOICES: dict[tuple[str, str], list[Any]] = {
 def form_schema() -> dict[str, Any]:
     """The training form, from the run-config dataclasses (as `lorakit train --help` lists them): each section
     with its fields' type, default (as command-line text for lists and mappings), doc and choices."""
+    from lorakit.config import INITS
     from lorakit.data.tasks import TASKS
     from lorakit.train.config import SECTION_METHOD
     from lorakit.train.fields import field_specs
@@ -28,6 +29,7 @@ def form_schema() -> dict[str, Any]:
     choices = {
         **CHOICES,
         ("data", "task"): [None, *sorted(TASKS)],
+        ("lora", "init"): list(INITS),
         ("train", "method"): [*METHODS, "loraplus", *(f"{m}+loraplus" for m in METHODS)],
     }
     sections = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from lorakit.inject import inject
 from lorakit.io import save_adapter
+from lorakit.variants.eva import EvaResult, inject_eva
 from lorakit.variants.loraplus import loraplus_groups
 
 if TYPE_CHECKING:
@@ -28,6 +30,10 @@ class Method:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        self.batches: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None
+        """The run's first training batches, for an init that reads data (EVA); set by run_training."""
+        self.eva: EvaResult | None = None
+        """What EVA found, with lora.init eva (after prepare)."""
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
@@ -36,7 +42,14 @@ class Method:
 
     def prepare(self, model: nn.Module, base_model_id: str | None) -> None:
         """Put the trainable adapter(s) on `model` (and freeze everything else)."""
-        inject(model, self.cfg.lora.replace(base_model=base_model_id))
+        config = self.cfg.lora.replace(base_model=base_model_id)
+        if config.init != "eva":
+            inject(model, config)
+            return
+        if self.batches is None:
+            raise ValueError("lora.init eva reads training batches: set method.batches before prepare")
+        self.eva = inject_eva(model, config, self.batches())
+        _same_on_every_process(model)
 
     def before_step(self, model: nn.Module, step: int) -> None:
         """Called before the first micro-batch of optimizer step `step` (0-based)."""
@@ -72,3 +85,20 @@ def param_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
     return loraplus_groups(
         model, lr=cfg.train.lr, ratio=cfg.loraplus.ratio, lr_embedding=cfg.loraplus.lr_embedding
     )
+
+
+def _same_on_every_process(model: nn.Module) -> None:
+    """Under torchrun every process computed EVA from the same batches: check they agree on the ranks, then give
+    every process rank 0's A (an SVD may differ in its last bits between processes)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    params = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    shapes = [(n, tuple(p.shape)) for n, p in params]
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, shapes)
+    if any(s != shapes for s in every):
+        raise RuntimeError("EVA gave different ranks on different processes; run it with one process")
+    for _, p in params:
+        dist.broadcast(p.data, 0)

@@ -147,6 +147,17 @@ def test_dora_with_eva():
     assert registry(model).adapters["default"].config.use_dora
 
 
+@torch.no_grad()
+def test_eva_on_a_4bit_base():
+    model, batches = tiny_llama(hidden=64), _batches()
+    lorakit.quantize(model, "nf4")
+    x = batches[0]["input_ids"]
+    before = model(x).logits
+    res = lorakit.inject_eva(model, _config(), batches, progress=False)
+    assert sum(res.ranks.values()) == 4 * 14
+    torch.testing.assert_close(model(x).logits, before, atol=0, rtol=0)
+
+
 # -- files, both ways with PEFT ---------------------------------------------------------------------------------
 
 

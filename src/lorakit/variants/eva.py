@@ -50,8 +50,6 @@ from lorakit.targeting import select_modules
 log = logging.getLogger(__name__)
 
 
-
-
 class _IncrementalPCA:
     """Principal components of a stream of row batches (the scikit-learn algorithm: the new batch, centred, is
     stacked under the previous components scaled by their singular values and a mean-correction row, and

@@ -140,6 +140,28 @@ def test_lora_bias_merges_mixes_and_matches_peft(device, tmp_path):
 
 @pytest.mark.parametrize("device", DEVICES)
 @torch.no_grad()
+def test_eva_on_the_device_agrees_with_the_cpu(device):
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(20):
+        x = torch.randint(0, 128, (4, 32), generator=g)
+        batches.append({"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x})
+    config = LoraConfig(r=4, alpha=8, targets="all-linear", init="eva")
+    cpu = lorakit.eva_components(tiny_llama(), config, batches, progress=False)
+    model = _on(tiny_llama(), device)
+    x = batches[0]["input_ids"].to(model.device)
+    want = model(x).logits
+    found = lorakit.inject_eva(model, config, batches, progress=False)  # batches move to the model's device
+    assert sum(found.ranks.values()) == sum(cpu.ranks.values()) == 4 * 14
+    torch.testing.assert_close(model(x).logits, want, atol=ATOL, rtol=0)  # B = 0
+    for m, a in found.components.items():
+        assert a.device == model.device
+        if m in cpu.components:  # the leading direction of each input; rounding may reorder close ones
+            assert abs(float(a[0].cpu() @ cpu.components[m][0])) > 0.99, m
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@torch.no_grad()
 def test_a_mixed_batch_equals_each_row_alone(device):
     model = _on(tiny_llama(), device)
     for name, r in (("a", 4), ("b", 2), ("c", 8)):

@@ -176,12 +176,7 @@ def _prepare(
     method.prepare(model, base_id)
     eva = method.eva
     if eva is not None:
-        ranks = [r for r in eva.ranks.values() if r]
-        say(
-            f"EVA: {eva.batches} batches, {eva.groups} distinct layer inputs, {eva.seconds:.0f} s; ranks "
-            f"{min(ranks)} to {max(ranks)} on {len(ranks)} modules"
-            + ("" if eva.converged else " (some components had not converged: raise lora.eva_batches)")
-        )
+        say(f"EVA: {eva.describe()}")
     if cfg.model.adapter_dtype == "float32":  # the optimizer's master weights (autocast computes in 16 bits)
         upcast_trainable(model)
     report = parameter_report(model)

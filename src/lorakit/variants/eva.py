@@ -29,7 +29,7 @@ import logging
 import time
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -93,17 +93,20 @@ class _IncrementalPCA:
         self.ratio = (s[: self.n].double().square() / var_sum.sum().clamp_min(1e-30)).float()
 
 
-@dataclass
 class _Group:
-    """Target modules that read the same input, and the PCA of that input."""
+    """Target modules that read the same input, the PCA of that input (n components) and which have converged."""
 
-    modules: list[str]
-    n: int
-    pca: _IncrementalPCA
-    converged: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.bool))
+    def __init__(self, modules: list[str], n: int) -> None:
+        self.modules, self.n = modules, n
+        self.pca = _IncrementalPCA(n)
+        self.converged = torch.zeros(n, dtype=torch.bool)
 
-    def done(self, rank: int) -> bool:
-        return self.pca.components is not None and bool(self.converged[:rank].all())
+    def need(self, ranks: dict[str, int]) -> int:
+        """The components its modules use at `ranks`."""
+        return max(ranks[m] for m in self.modules)
+
+    def done(self, ranks: dict[str, int]) -> bool:
+        return self.pca.components is not None and bool(self.converged[: self.need(ranks)].all())
 
 
 @dataclass
@@ -120,6 +123,15 @@ class EvaResult:
     """Distinct inputs (layers that read the same input share one PCA)."""
     seconds: float = 0.0
     """Wall time of the passes and decompositions."""
+
+    def describe(self) -> str:
+        """One line: what EVA read and the ranks it gave."""
+        ranks = [r for r in self.ranks.values() if r]
+        return (
+            f"{self.batches} batches, {self.groups} distinct layer inputs, {self.seconds:.0f} s; ranks "
+            f"{min(ranks)} to {max(ranks)} on {len(ranks)} modules"
+            + ("" if self.converged else " (some components had not converged: raise eva_batches)")
+        )
 
 
 class _Stop(Exception):
@@ -225,6 +237,8 @@ def _group_by_input(model: nn.Module, names: list[str], config: LoraConfig, batc
             x = _rows(args[0], keep).double()
             ramp = torch.arange(1, x.shape[-1] + 1, dtype=torch.float64, device=x.device)
             prints[n] = (tuple(x.shape), float(x.sum()), float(x.square().sum()), float((x * ramp).sum()))
+            if len(prints) == len(names):
+                raise _Stop  # nothing after the last target is needed
 
         handles.append(model.get_submodule(n).register_forward_pre_hook(hook))
     try:
@@ -235,14 +249,13 @@ def _group_by_input(model: nn.Module, names: list[str], config: LoraConfig, batc
     missing = [n for n in names if n not in prints]
     if missing:
         raise AdapterError(f"EVA: {missing[0]!r} was not called in a forward pass, so it has no inputs to analyse")
-    groups: dict[tuple, _Group] = {}
+    same: dict[tuple, list[str]] = {}
     for n in names:
-        group = groups.setdefault(prints[n], _Group([], 0, _IncrementalPCA(0)))
-        group.modules.append(n)
-        group.n = max(group.n, min(round(config.rank_for(n) * config.eva_rho), prints[n][0][-1]))
-    for g in groups.values():
-        g.pca, g.converged = _IncrementalPCA(g.n), torch.zeros(g.n, dtype=torch.bool)
-    return list(groups.values())
+        same.setdefault(prints[n], []).append(n)
+    return [
+        _Group(modules, max(min(round(config.rank_for(m) * config.eva_rho), key[0][-1]) for m in modules))
+        for key, modules in same.items()
+    ]
 
 
 def _rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -261,8 +274,7 @@ def _fit(model, config: LoraConfig, groups: list[_Group], batches, stream: _Stre
         for batch in batches:
             if stream.cycled and any(g.pca.components is None for g in groups):
                 break  # a second round cannot help a layer that no batch could update
-            need = {id(g): max(ranks[m] for m in g.modules) for g in groups}
-            active = [g for g in groups if not g.done(need[id(g)])]
+            active = [g for g in groups if not g.done(ranks)]
             if not active:
                 break
             _fit_batch(model, to_device(batch, device), active, config)
@@ -279,9 +291,8 @@ def _fit(model, config: LoraConfig, groups: list[_Group], batches, stream: _Stre
             f"EVA: {empty[0]!r} never saw {group_of[empty[0]].n} positions in one batch (it needs at least as "
             "many as components); use larger batches, or eva_label_mask false to read every token"
         )
-    converged = all(g.done(max(ranks[m] for m in g.modules)) for g in groups)
-    if not converged:
-        late = sum(not g.done(max(ranks[m] for m in g.modules)) for g in groups)
+    late = sum(not g.done(ranks) for g in groups)
+    if late:
         warnings.warn(
             f"EVA: {late} of {len(groups)} layer inputs did not converge to eva_tau={config.eva_tau} within "
             f"{config.eva_batches} batches; their components are used as they are (raise eva_batches)",
@@ -295,7 +306,7 @@ def _fit(model, config: LoraConfig, groups: list[_Group], batches, stream: _Stre
             if config.eva_whiten:
                 a = a / pca.singular[:r].sqrt().clamp_min(1e-12)[:, None]
             components[m] = a
-    return EvaResult(ranks, components, read, converged, len(groups))
+    return EvaResult(ranks, components, read, not late, len(groups))
 
 
 def _fit_batch(model: nn.Module, batch, active: list[_Group], config: LoraConfig) -> None:
@@ -397,14 +408,7 @@ def inject_eva(
             adapter.lora_A.copy_(a.to(adapter.lora_A.dtype))
             adapter.lora_B.zero_()
     registry(model).adapters[name].config = eva
-    log.info(
-        "EVA: %d batches, %d distinct inputs, ranks %d..%d over %d modules",
-        result.batches,
-        result.groups,
-        min(r for r in result.ranks.values() if r),
-        max(result.ranks.values()),
-        sum(1 for r in result.ranks.values() if r),
-    )
+    log.info("EVA: %s", result.describe())
     return result
 
 

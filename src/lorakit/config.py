@@ -18,10 +18,11 @@ from lorakit.errors import ConfigError
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-INITS = ("default", "gaussian", "pissa", "olora", "orthogonal", "loftq", "eva", "random")
-INITS_IN_WEIGHTS = ("loftq", "eva")
-"""Inits whose result lives wholly in the adapter's saved weights and cannot be computed again at load (LoftQ needs
-the original weights, EVA the data): a loaded adapter takes its A and B from the file."""
+INITS = ("default", "gaussian", "pissa", "olora", "orthogonal", "loftq", "eva", "mica", "random")
+INITS_IN_WEIGHTS = ("loftq", "eva", "mica")
+"""Inits whose result lives wholly in the adapter's saved weights, where computing it again at load is impossible
+(LoftQ needs the original weights, EVA the data) or wasted (MiCA's SVD): a loaded adapter takes its A and B from
+the file, and keeps the init's name in its config."""
 
 # PEFT's `init_lora_weights` values <-> ours.
 _INIT_TO_PEFT: dict[str, Any] = {
@@ -32,6 +33,7 @@ _INIT_TO_PEFT: dict[str, Any] = {
     "orthogonal": "orthogonal",
     "loftq": "loftq",
     "eva": "eva",
+    "mica": "mica",
     "random": False,
 }
 
@@ -101,6 +103,7 @@ _EVA_FROM_PEFT = {
     "adjust_scaling_factors": "eva_adjust_scaling",
 }
 _PEFT_KEY.update({ours: f"eva_config.{theirs}" for theirs, ours in _EVA_FROM_PEFT.items()})
+_PEFT_KEY["init"] = "init_lora_weights"
 
 
 @dataclass
@@ -138,7 +141,8 @@ class LoraConfig:
     init: str = "default"
     """"default" (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r)), "pissa" (top-r SVD of W0), "olora" (QR
     of W0), "orthogonal" (A, B random with B·A = 0; r even), "loftq" (for a 4-bit base: Q + s·B·A ≈ W0, LoftQ),
-    "random"."""
+    "eva" (A from the principal components of the layer inputs on data: `inject_eva`), "mica" (B the left singular
+    vectors of W0's r smallest singular values, frozen; A zero and trained), "random"."""
     loftq_iter: int = 1
     """LoftQ's alternating steps (init "loftq"): 1 keeps the base's NF4 codes; more re-quantize W0 - s·B·A."""
     eva_rho: float = 2.0
@@ -207,6 +211,7 @@ class LoraConfig:
                 (bool(self.target_parameters), "target_parameters"),
             ):
                 _check(not bad, f"lora_bias does not work with {why} (as in PEFT)", "lora_bias")
+        _check(not (self.init == "mica" and self.use_dora), "init='mica' does not work with use_dora (as in PEFT)", "init")
         _check(
             self.layers is None or (isinstance(self.targets, list) or self.targets == ALL_LINEAR),
             "layers cannot be combined with a regex string in targets (put the layer index in the regex instead)",
@@ -383,7 +388,9 @@ class LoraConfig:
                 if not isinstance(value, dict) or value.get("loftq_bits", 4) != 4:
                     raise ConfigError(f"{source}: loftq_config={value!r}: lorakit's LoftQ is for 4-bit (NF4) bases")
                 kwargs["loftq_iter"] = value.get("loftq_iter", 1)
-            elif key == "eva_config" and value:
+            elif key == "eva_config":  # PEFT writes null when EVA is not used
+                if value is None:
+                    continue
                 if not isinstance(value, dict):
                     raise ConfigError(f"{source}: eva_config must be a mapping, got {short(value)}", key=key)
                 for theirs, ours in _EVA_FROM_PEFT.items():
@@ -413,7 +420,7 @@ def _init_from_peft(value: Any, source: str) -> str:
             return ours
     raise ConfigError(
         f"{source}: init_lora_weights={value!r} is not supported (use true, false, 'gaussian', 'pissa', 'olora', "
-        "'orthogonal', 'loftq' or 'eva')"
+        "'orthogonal', 'loftq', 'eva' or 'mica')"
     )
 
 

@@ -19,7 +19,7 @@ from lorakit.control import merge as merge_active
 from lorakit.control import set_active, unmerge
 from lorakit.errors import AdapterError, TargetError
 from lorakit.handlers import handler_for
-from lorakit.layers import LoraLayer, variant_class
+from lorakit.layers import INIT_FROZEN, LoraLayer, variant_class
 from lorakit.lean import set_lean_loss
 from lorakit.params import (
     add_param_adapters,
@@ -237,7 +237,8 @@ def check_new_name(model: nn.Module, name: str) -> None:
 
 
 def set_trainable(model: nn.Module) -> None:
-    """Freeze the base; make trainable the adapters marked trainable and the biases their `bias` setting names."""
+    """Freeze the base; make trainable the adapters marked trainable (but the factors their init fixes, MiCA's B)
+    and the biases their `bias` setting names."""
     reg = registry(model)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -245,6 +246,8 @@ def set_trainable(model: nn.Module) -> None:
         for aname, adapter in layer.adapters.items():
             info = reg.adapters.get(aname)
             adapter.requires_grad_(bool(info and info.trainable))
+            for attr in INIT_FROZEN.get(info.config.init, ()) if info else ():  # MiCA's B
+                getattr(adapter, attr).requires_grad_(False)
     for aname, info in reg.adapters.items():
         for p in [*copy_parameters(model, aname), *token_parameters(model, aname), *param_parameters(model, aname)]:
             p.requires_grad_(info.trainable)

@@ -130,6 +130,8 @@ INIT_FACTORS: dict[str, Callable[[torch.Tensor, int, float], tuple[torch.Tensor,
 """Of the inits that move a part of W0 into B·A (PiSSA, OLoRA): name -> factors(W0 as 2-D, r, s) -> (A0, B0), the
 start they compute from W0, deterministically (so that a loaded file can be made relative to the original W0:
 `lora_format.as_plain_lora`)."""
+INIT_FROZEN: dict[str, tuple[str, ...]] = {}
+"""Of the inits that fix a factor for good (MiCA's B): name -> the adapter attributes training leaves frozen."""
 
 
 def register_variant(cls: type[Variant]) -> type[Variant]:
@@ -146,12 +148,16 @@ def register_init(
     init: Callable[[LoraLayer, LoraAdapter], None],
     *,
     factors: Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    frozen: tuple[str, ...] = (),
 ) -> None:
     """Make `init(layer, adapter)` the initialisation for `LoraConfig(init=name)` (it sets A and B). `factors`:
-    for an init that moves s·B0·A0 out of W0, the (A0, B0) it starts from, given W0 (2-D), r and s."""
+    for an init that moves s·B0·A0 out of W0, the (A0, B0) it starts from, given W0 (2-D), r and s. `frozen`: the
+    adapter's attributes ("lora_A", "lora_B") that stay frozen when the adapter is trainable."""
     INITS[name] = init
     if factors is not None:
         INIT_FACTORS[name] = factors
+    if frozen:
+        INIT_FROZEN[name] = tuple(frozen)
 
 
 def variant_class(config: LoraConfig, name: str | None = None) -> type[Variant]:

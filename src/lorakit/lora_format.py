@@ -35,7 +35,7 @@ from lorakit.formats import (
     write_folder,
 )
 from lorakit.handlers import all_handlers, handler_for
-from lorakit.inject import check_new_name, delete_adapter, inject, param_plan, token_plan
+from lorakit.inject import check_new_name, delete_adapter, inject, param_plan, set_trainable, token_plan
 from lorakit.layers import INIT_FACTORS, VARIANTS, LoraLayer, Variant, variant_class
 from lorakit.params import ParamLora, factor_shapes, file_keys, param_wrappers
 from lorakit.registry import adapter_layers, registry
@@ -239,13 +239,17 @@ def _plan_saved(
 
 
 def _apply_lora(model: nn.Module, plan: _LoraPlan, name: str, trainable: bool) -> str:
-    config = plan.config  # LoftQ, EVA: what the init computed is in the file's A and B
-    if config.init in INITS_IN_WEIGHTS:
+    config = plan.config  # LoftQ, EVA, MiCA: what the init computed is in the file's A and B
+    in_weights = config.init in INITS_IN_WEIGHTS
+    if in_weights:
         config = config.replace(init="default")
     tensors = plan.copies
     if config.init in INIT_FACTORS and not trainable:  # PiSSA, OLoRA: leave W0 alone (for the other adapters)
         config, tensors = as_plain_lora(model, config, tensors)
     inject(model, config, name, activate=False, trainable=trainable, variant=plan.variant)
+    if in_weights:  # the adapter keeps its init's name (saved again as such; MiCA's B frozen in training)
+        registry(model).adapters[name].config = plan.config
+        set_trainable(model)
     try:
         with torch.no_grad():
             copies, rows = copies_of(model, name), token_rows_of(model, name)

@@ -1,6 +1,6 @@
 """LoRA flavours and adapter kinds, one small file each, plugged into the core through its registries.
 
-Importing this package registers them: DoRA (a `Variant`, picked by `use_dora`), PEFT's `lora_bias` (a `Variant`), the PiSSA, OLoRA, orthogonal and EVA
+Importing this package registers them: DoRA (a `Variant`, picked by `use_dora`), PEFT's `lora_bias` (a `Variant`), the PiSSA, OLoRA, orthogonal, EVA and MiCA
 inits, DyLoRA (a
 variant restored from the adapter file's safetensors metadata, which PEFT never reads: the folder stays exactly
 what PEFT writes and loads), AdaLoRA (a variant and PEFT's ADALORA file format) and the ladder side network (our
@@ -10,7 +10,18 @@ LADDER format, and a merge guard). LoRA+ is an optimizer setting (`loraplus`). `
 from __future__ import annotations
 
 from lorakit.formats import read_metadata
-from lorakit.variants import adalora_io, dora, dylora, eva, ladder, ladder_io, lora_bias, orthogonal, pissa
+from lorakit.variants import (
+    adalora_io,
+    dora,
+    dylora,
+    eva,
+    ladder,
+    ladder_io,
+    lora_bias,
+    mica,
+    orthogonal,
+    pissa,
+)
 
 __all__ = [
     "adalora_io",
@@ -20,6 +31,7 @@ __all__ = [
     "ladder",
     "ladder_io",
     "lora_bias",
+    "mica",
     "orthogonal",
     "pissa",
     "read_metadata",

@@ -22,13 +22,11 @@ converged); the forward pass computes the logits of the last position only where
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import itertools
 import logging
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -38,14 +36,13 @@ from tqdm import tqdm
 from lorakit.config import LoraConfig
 from lorakit.control import disabled
 from lorakit.data.jsonl import DataError
-from lorakit.data.tokenize import IGNORE
 from lorakit.device import model_device, to_device
 from lorakit.errors import AdapterError
-from lorakit.handlers import handler_for
 from lorakit.inject import check_new_name, inject
 from lorakit.layers import LoraAdapter, LoraLayer, register_init
 from lorakit.registry import registry
 from lorakit.targeting import select_modules
+from lorakit.variants.datapass import Stop, Stream, forward, linear, positions, rows, same_inputs
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +131,6 @@ class EvaResult:
         )
 
 
-class _Stop(Exception):
-    """Raised by the last hook of a pass: nothing after the adapted layers is needed."""
-
-
 def eva_components(
     model: nn.Module,
     config: LoraConfig,
@@ -150,11 +143,11 @@ def eva_components(
     on `batches` (dicts with input_ids, attention_mask and, for the label mask, labels with -100 where nothing is
     learned). Adapters already on the model are switched off for the passes; the model is left as it was."""
     names = modules if modules is not None else select_modules(model, config)
-    names = [n for n in names if _supported(model, n)]
+    names = [n for n in names if linear(model, n)]
     if not names:
         raise AdapterError("EVA: none of the modules it would adapt is a linear layer (EVA initialises those only)")
     device = model_device(model)
-    stream = _Stream(batches, config.eva_batches)
+    stream = Stream(batches, config.eva_batches)
     batches_iter = iter(stream)
     first = next(batches_iter, None)
     if first is None:
@@ -173,97 +166,16 @@ def eva_components(
     return result
 
 
-def _supported(model: nn.Module, name: str) -> bool:
-    module = model.get_submodule(name)
-    handler = handler_for(module)
-    return handler is not None and handler.linear and not handler.embedding
-
-
-class _Stream:
-    """Up to `limit` batches, going round `batches` again (as PEFT cycles its dataloader) when it is shorter;
-    `cycled` tells when every batch has been seen once."""
-
-    def __init__(self, batches: Iterable[dict[str, torch.Tensor]], limit: int) -> None:
-        self.batches, self.limit, self.cycled = batches, limit, False
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        seen: list[dict[str, torch.Tensor]] = []
-        count = 0
-        for b in self.batches:
-            if count == self.limit:
-                return
-            seen.append(b)
-            count += 1
-            yield b
-        self.cycled = True
-        while seen and count < self.limit:
-            for b in seen:
-                if count == self.limit:
-                    return
-                count += 1
-                yield b
-
-
-def _positions(batch: dict[str, torch.Tensor], label_mask: bool) -> torch.Tensor:
-    """Boolean (batch, seq) mask of the positions whose inputs EVA reads: not padding, and with `label_mask`
-    only those that carry a label."""
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    keep = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    labels = batch.get("labels")
-    if label_mask and labels is not None:
-        keep = keep & (labels != IGNORE)
-    return keep
-
-
-def _forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
-    kwargs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        kwargs["logits_to_keep"] = 1
-    with contextlib.suppress(_Stop):
-        model(**kwargs)
-
-
 def _group_by_input(model: nn.Module, names: list[str], config: LoraConfig, batch) -> list[_Group]:
-    """One pass that fingerprints each module's input, then groups the modules whose inputs are equal (the sums
-    of x, x² and x times a fixed ramp, in float64: different inputs that agree on all three do not occur). Every
-    non-padding position counts here, labelled or not."""
-    keep = _positions(batch, label_mask=False)
-    prints: dict[str, tuple] = {}
-    handles = []
-    for n in names:
-
-        def hook(module, args, n=n):
-            x = _rows(args[0], keep).double()
-            ramp = torch.arange(1, x.shape[-1] + 1, dtype=torch.float64, device=x.device)
-            prints[n] = (tuple(x.shape), float(x.sum()), float(x.square().sum()), float((x * ramp).sum()))
-            if len(prints) == len(names):
-                raise _Stop  # nothing after the last target is needed
-
-        handles.append(model.get_submodule(n).register_forward_pre_hook(hook))
-    try:
-        _forward(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in names if n not in prints]
-    if missing:
-        raise AdapterError(f"EVA: {missing[0]!r} was not called in a forward pass, so it has no inputs to analyse")
-    same: dict[tuple, list[str]] = {}
-    for n in names:
-        same.setdefault(prints[n], []).append(n)
+    """The modules that read the same input share one PCA, of as many components as the most any of them may get
+    (round(r·eva_rho), at most the input's width)."""
     return [
-        _Group(modules, max(min(round(config.rank_for(m) * config.eva_rho), key[0][-1]) for m in modules))
-        for key, modules in same.items()
+        _Group(modules, max(min(round(config.rank_for(m) * config.eva_rho), width) for m in modules))
+        for modules, width in same_inputs(model, names, batch, "EVA")
     ]
 
 
-def _rows(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """The (positions, features) rows of a layer input (batch, seq, features) at the kept positions."""
-    return x[keep] if x.dim() == 3 and x.shape[:2] == keep.shape else x.reshape(-1, x.shape[-1])
-
-
-def _fit(model, config: LoraConfig, groups: list[_Group], batches, stream: _Stream, device, progress) -> EvaResult:
+def _fit(model, config: LoraConfig, groups: list[_Group], batches, stream: Stream, device, progress) -> EvaResult:
     group_of = {m: g for g in groups for m in g.modules}
     cap = {m: min(round(config.rank_for(m) * config.eva_rho), group_of[m].n) for m in group_of}
     budget = sum(config.rank_for(m) for m in group_of)
@@ -310,14 +222,14 @@ def _fit(model, config: LoraConfig, groups: list[_Group], batches, stream: _Stre
 
 
 def _fit_batch(model: nn.Module, batch, active: list[_Group], config: LoraConfig) -> None:
-    keep = _positions(batch, config.eva_label_mask)
+    keep = positions(batch, config.eva_label_mask)
     last = len(active) - 1
     handles = []
     order: list[int] = []
     for i, g in enumerate(active):
 
         def hook(module, args, g=g, i=i):
-            x = _rows(args[0], keep)
+            x = rows(args[0], keep)
             if x.shape[0] >= g.n:  # fewer rows than components: this batch cannot update it (as in PEFT)
                 before = g.pca.components
                 g.pca.partial_fit(x)
@@ -325,11 +237,11 @@ def _fit_batch(model: nn.Module, batch, active: list[_Group], config: LoraConfig
                     g.converged = torch.nn.functional.cosine_similarity(g.pca.components, before) >= config.eva_tau
             order.append(i)
             if len(order) == last + 1:
-                raise _Stop
+                raise Stop
 
         handles.append(model.get_submodule(g.modules[0]).register_forward_pre_hook(hook))
     try:
-        _forward(model, batch)
+        forward(model, batch)
     finally:
         for h in handles:
             h.remove()

@@ -44,7 +44,7 @@ def init_child(tool: str, out: Path) -> None:
     import lorakit
     from lorakit.data.tokenize import encode_dataset
     from lorakit.train.config import RunConfig
-    from lorakit.train.loop import eva_batches
+    from lorakit.train.loop import init_batches
     from lorakit.train.run import load_examples
 
     torch.manual_seed(0)
@@ -53,7 +53,7 @@ def init_child(tool: str, out: Path) -> None:
     train, _, _ = load_examples(cfg)
     d = cfg.data
     rows, _ = encode_dataset(tok, train, max_len=d.max_len, chat=d.chat, train_on_all=d.train_on_all)
-    batches = list(eva_batches(rows, cfg, tok.pad_token_id))
+    batches = list(init_batches(rows, cfg, tok.pad_token_id))
     if tool == "lorakit":
         t0 = time.perf_counter()
         res = lorakit.eva_components(model, cfg.lora.replace(init="eva"), batches, progress=False)

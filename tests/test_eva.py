@@ -311,14 +311,14 @@ def test_real_model_eva_matches_peft(default_model_dir):
 
     from lorakit.data.tokenize import encode_dataset
     from lorakit.train.config import RunConfig
-    from lorakit.train.loop import eva_batches
+    from lorakit.train.loop import init_batches
     from lorakit.train.run import load_examples
 
     model, tok = lorakit.load_model(str(default_model_dir))
     cfg = RunConfig()
     train, _, _ = load_examples(cfg)
     rows, _ = encode_dataset(tok, train, max_len=cfg.data.max_len, chat=cfg.data.chat)
-    batches = list(eva_batches(rows, cfg, tok.pad_token_id))
+    batches = list(init_batches(rows, cfg, tok.pad_token_id))
     layers = [0, 1, 2]  # three layers keep the test short; lorakit's pass stops after the last
     ours = lorakit.eva_components(model, LoraConfig(r=16, alpha=32, targets=TARGETS, layers=layers, init="eva"),
                                   batches, progress=False)

@@ -36,6 +36,7 @@ from lorakit.quant.load import load_quantized
 from lorakit.report import format_report, parameter_report
 from lorakit.targeting import select_modules
 from lorakit.variants.adalora import AdaLoraAllocator, AdaLoraConfig, inject_adalora, orth_loss
+from lorakit.variants.corda import CordaResult, corda_covariances, inject_corda
 from lorakit.variants.eva import EvaResult, eva_components, inject_eva
 from lorakit.variants.ladder import LadderConfig, attach_ladder, detach_ladder
 from lorakit.variants.ladder_io import format_ladder, is_ladder_folder, save_ladder
@@ -94,6 +95,7 @@ __all__ = [
     "AdapterError",
     "AdapterFileError",
     "ConfigError",
+    "CordaResult",
     "EvaResult",
     "LadderConfig",
     "LoraConfig",
@@ -116,12 +118,14 @@ __all__ = [
     "extract",
     "describe_adapter",
     "disabled",
+    "corda_covariances",
     "eva_components",
     "export_rank",
     "format_ladder",
     "format_report",
     "inject",
     "inject_adalora",
+    "inject_corda",
     "inject_eva",
     "is_ladder_folder",
     "lean_attention",

@@ -18,7 +18,8 @@ from lorakit.errors import ConfigError
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-INITS = ("default", "gaussian", "pissa", "olora", "orthogonal", "loftq", "eva", "mica", "random")
+INITS = ("default", "gaussian", "pissa", "olora", "orthogonal", "loftq", "eva", "corda", "mica", "random")
+CORDA_MODES = ("ipm", "kpm")
 INITS_IN_WEIGHTS = ("loftq", "eva", "mica")
 """Inits whose result lives wholly in the adapter's saved weights, where computing it again at load is impossible
 (LoftQ needs the original weights, EVA the data) or wasted (MiCA's SVD): a loaded adapter takes its A and B from
@@ -33,6 +34,7 @@ _INIT_TO_PEFT: dict[str, Any] = {
     "orthogonal": "orthogonal",
     "loftq": "loftq",
     "eva": "eva",
+    "corda": "corda",
     "mica": "mica",
     "random": False,
 }
@@ -50,6 +52,7 @@ _PEFT_IGNORED_KEYS = {
     "base_model_name_or_path",
     "task_type",
     "lora_dropout",
+    "corda_config",  # PEFT ignores it unless init_lora_weights is "corda", which is refused (from_peft_dict)
 }
 # PEFT keys for features we do not implement: fine when unset (None/False/empty), an error otherwise.
 _PEFT_UNSUPPORTED_KEYS = {
@@ -57,7 +60,6 @@ _PEFT_UNSUPPORTED_KEYS = {
     "qalora_group_size",
     "layer_replication",
     "loftq_config",
-    "corda_config",
     "lora_ga_config",
     "use_bdlora",
     "bdlora_config",
@@ -141,7 +143,8 @@ class LoraConfig:
     init: str = "default"
     """"default" (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r)), "pissa" (top-r SVD of W0), "olora" (QR
     of W0), "orthogonal" (A, B random with B·A = 0; r even), "loftq" (for a 4-bit base: Q + s·B·A ≈ W0, LoftQ),
-    "eva" (A from the principal components of the layer inputs on data: `inject_eva`), "mica" (B the left singular
+    "eva" (A from the principal components of the layer inputs on data: `inject_eva`), "corda" (A, B from W0
+    oriented by its inputs' covariance on data, W0 keeps the residual: `inject_corda`; saved as plain LoRA), "mica" (B the left singular
     vectors of W0's r smallest singular values, frozen; A zero and trained), "random"."""
     loftq_iter: int = 1
     """LoftQ's alternating steps (init "loftq"): 1 keeps the base's NF4 codes; more re-quantize W0 - s·B·A."""
@@ -159,6 +162,12 @@ class LoraConfig:
     """EVA: a module whose rank changed gets alpha·(new rank / r), so every module keeps the scaling alpha/r."""
     eva_batches: int = 100
     """EVA: the most batches it reads; a component not converged by then is used as it is, with a warning."""
+    corda_mode: str = "ipm"
+    """CorDA (init "corda"): "ipm" (instruction-previewed) starts the adapter from the r directions of W0·C (C:
+    the covariance of the layer's inputs on the training data) the data uses most; "kpm" (knowledge-preserved)
+    from the r it uses least, leaving the others in the frozen W0."""
+    corda_batches: int = 32
+    """CorDA: the batches whose inputs make up C (each row a sample; PEFT suggests a few hundred samples)."""
     use_dora: bool = False
     """Weight-decomposed LoRA: a trainable magnitude per output feature times the normalised W0 + ΔW."""
     task_type: str | None = None
@@ -212,6 +221,18 @@ class LoraConfig:
             ):
                 _check(not bad, f"lora_bias does not work with {why} (as in PEFT)", "lora_bias")
         _check(not (self.init == "mica" and self.use_dora), "init='mica' does not work with use_dora (as in PEFT)", "init")
+        _check(
+            not (self.init == "corda" and self.use_dora),
+            "init='corda' does not work with use_dora (CorDA saves as plain LoRA on the original W0, whose norm DoRA's "
+            "magnitude would not match)",
+            "init",
+        )
+        _check(self.corda_mode in CORDA_MODES, f"corda_mode must be one of {CORDA_MODES}, got {short(self.corda_mode)}", "corda_mode")
+        _check(
+            is_int(self.corda_batches, 1),
+            f"corda_batches must be a positive integer, got {short(self.corda_batches)}",
+            "corda_batches",
+        )
         _check(
             self.layers is None or (isinstance(self.targets, list) or self.targets == ALL_LINEAR),
             "layers cannot be combined with a regex string in targets (put the layer index in the regex instead)",
@@ -357,6 +378,8 @@ class LoraConfig:
                 "whiten": self.eva_whiten,
                 "adjust_scaling_factors": self.eva_adjust_scaling,
             }
+        if self.init == "corda":  # what PEFT's get_peft_model takes; lorakit's files of it are plain LoRA
+            fields["corda_config"] = {"corda_method": self.corda_mode}
         return {
             "peft_type": "LORA",
             **fields,
@@ -377,6 +400,13 @@ class LoraConfig:
         for key in ("r", "lora_alpha", "target_modules"):
             if key not in d:
                 raise ConfigError(f"{source}: missing required key {key!r}")
+        if d.get("init_lora_weights") == "corda":
+            raise ConfigError(
+                f"{source}: init_lora_weights='corda': the adapter is relative to base weights that CorDA changed "
+                "using data, which a load cannot compute again; save it from PEFT with "
+                "path_initial_model_for_weight_conversion (plain LoRA on the original base)",
+                key="init_lora_weights",
+            )
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
             if key in _FROM_PEFT:

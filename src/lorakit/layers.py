@@ -200,6 +200,9 @@ class LoraAdapter(nn.Module):
         # a part of W0 the init moved into B·A (PiSSA), given back to W0 when the adapter is removed
         self.register_buffer("base_residual", None, persistent=False)
         self.on_remove = None  # set by an init that changed the base some other way (LoftQ): undoes it
+        # (A0, B0) of an init that moved s·B0·A0 out of W0 and cannot compute it again at load (CorDA: it came from
+        # data): saving writes the adapter as plain LoRA on the original W0, [A; A0] and [B, −B0]
+        self.start: tuple[torch.Tensor, torch.Tensor] | None = None
         self.init_config: LoraConfig | None = None  # the adapter's config, for inits that need more than r and s
 
     def adapter_params(self, handler: Handler) -> dict[str, torch.Tensor]:

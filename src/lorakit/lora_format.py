@@ -101,6 +101,15 @@ TOKEN_KEY = "token_adapter.trainable_tokens_delta"  # PEFT's key for an adapter'
 def _save_lora(model: nn.Module, path: Path, name: str) -> Path:
     tensors = _lora_state_dict(model, name)
     config = file_config(model, registry(model).adapters[name])
+    started = {m: layer.adapters[name].start for m, layer in adapter_layers(model, name)}
+    if any(v is not None for v in started.values()):  # CorDA: its start came from data, so write it plain
+        if any(v is None for v in started.values()):
+            raise AdapterError(f"adapter {name!r} has a data-driven start on some of its modules only; cannot save it")
+        config = _doubled(config)
+        for m, (a0, b0) in started.items():
+            a, b = f"{PREFIX}{m}.lora_A.weight", f"{PREFIX}{m}.lora_B.weight"
+            tensors[a] = torch.cat([tensors[a], a0.to(tensors[a].dtype)]).contiguous()
+            tensors[b] = torch.cat([tensors[b], -b0.to(tensors[b].dtype)], dim=1).contiguous()
     metadata = {**file_metadata(model, name), **_variant_metadata(model, name)}  # e.g. DyLoRA's nesting
     peft_dict = config.to_peft_dict()
     info = registry(model).adapters[name]
@@ -285,7 +294,6 @@ def as_plain_lora(
     serve`) can hold it beside others, it merges and unloads like them, and it exports to llama.cpp as a pair.
     The config's ranks double and its alphas grow to keep s (2×, or √2× with rsLoRA)."""
     factors = INIT_FACTORS[config.init]
-    grow = 2.0**0.5 if config.use_rslora else 2.0
     start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (A0, B0)
     out = []
     for module, attr, t in copies:
@@ -309,14 +317,20 @@ def as_plain_lora(
         elif attr == "lora_B":
             t = torch.cat([t, -start[module][1].to(t.dtype)], dim=1)
         out.append((module, attr, t))
-    plain = config.replace(
+    return _doubled(config), out
+
+
+def _doubled(config: LoraConfig) -> LoraConfig:
+    """The config of an adapter written as plain LoRA [A; A0], [B, −B0]: init default, ranks doubled, alphas grown
+    to keep s (2×, or √2× with rsLoRA)."""
+    grow = 2.0**0.5 if config.use_rslora else 2.0
+    return config.replace(
         init="default",
         r=2 * config.r,
         alpha=grow * config.alpha,
         rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
         alpha_pattern={k: grow * v for k, v in config.alpha_pattern.items()},
     )
-    return plain, out
 
 
 def _suffixes(variant: Variant) -> dict[str, str]:

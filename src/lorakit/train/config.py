@@ -279,8 +279,8 @@ def validate(cfg: RunConfig) -> None:
             "lora.init loftq starts an adapter on a 4-bit base: add --model.quantize nf4",
         ),
         (
-            cfg.lora.init != "eva" or cfg.methods[0] == "lora",
-            f"lora.init eva works with method lora (and lora+loraplus), not {cfg.train.method!r}",
+            cfg.lora.init not in ("eva", "corda") or cfg.methods[0] == "lora",
+            f"lora.init {cfg.lora.init} works with method lora (and lora+loraplus), not {cfg.train.method!r}",
         ),
         (
             not dsec.add_tokens or cfg.methods[0] == "lora",

@@ -53,10 +53,12 @@ def _grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
-def eva_batches(train_rows: list[Encoded], cfg: RunConfig, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """The first lora.eva_batches micro-batches in the order training reads them (those of process 0, so that
-    every process computes EVA from the same data), for EVA's init."""
-    for k in range(cfg.lora.eva_batches):
+def init_batches(train_rows: list[Encoded], cfg: RunConfig, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The first micro-batches in the order training reads them (those of process 0, so that every process
+    computes the init from the same data), for a data-driven init: lora.eva_batches of them for EVA,
+    lora.corda_batches for CorDA."""
+    count = cfg.lora.corda_batches if cfg.lora.init == "corda" else cfg.lora.eva_batches
+    for k in range(count):
         step, micro = divmod(k, cfg.train.grad_accum)
         yield collate([train_rows[i] for i in batch_order(len(train_rows), step, micro, cfg)], pad_id)
 

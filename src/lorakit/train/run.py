@@ -32,7 +32,7 @@ from lorakit.report import parameter_report
 from lorakit.train.checkpoint import full_parameters
 from lorakit.train.config import RunConfig, save_config
 from lorakit.train.evaluate import eval_loss, exact_match
-from lorakit.train.loop import Callback, eva_batches, read_metrics, train_loop
+from lorakit.train.loop import Callback, init_batches, read_metrics, train_loop
 from lorakit.train.methods import Method, make_method
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def run_training(
         cfg = _add_tokens(cfg, model, tokenizer, say)
     data = _encode(cfg, tokenizer, say)
     method = make_method(cfg)
-    method.batches = lambda: eva_batches(data.train_rows, cfg, tokenizer.pad_token_id)
+    method.batches = lambda: init_batches(data.train_rows, cfg, tokenizer.pad_token_id)
     report = _prepare(method, model, base_id, cfg, world, say)
     if rank == 0:
         save_config(cfg, out_dir / "config.yaml")
@@ -174,20 +174,14 @@ def _prepare(
     """Put the method's trainable adapter on `model`, say how much it trains and how large a step's batch is;
     returns the parameter report."""
     method.prepare(model, base_id)
-    eva = method.eva
-    if eva is not None:
-        say(f"EVA: {eva.describe()}")
+    found = method.data_init
+    if found is not None:
+        say(f"{found.label}: {found.describe()}")
     if cfg.model.adapter_dtype == "float32":  # the optimizer's master weights (autocast computes in 16 bits)
         upcast_trainable(model)
     report = parameter_report(model)
-    if eva is not None:
-        report["eva"] = {
-            "batches": eva.batches,
-            "groups": eva.groups,
-            "converged": eva.converged,
-            "seconds": eva.seconds,
-            "modules": sum(1 for r in eva.ranks.values() if r),
-        }
+    if found is not None:
+        report[found.key] = found.record()
     t = cfg.train
     say(
         f"{method.label}: {report['trainable']:,} trainable of {report['total']:,} parameters "
@@ -328,6 +322,7 @@ def _write_summary(
         "peak_gpu_gb": peak_memory_gb(torch.device(cfg.model.device)),
         "quantization": report.get("quantization"),
         "eva": report.get("eva"),
+        "corda": report.get("corda"),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

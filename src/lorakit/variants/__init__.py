@@ -1,6 +1,6 @@
 """LoRA flavours and adapter kinds, one small file each, plugged into the core through its registries.
 
-Importing this package registers them: DoRA (a `Variant`, picked by `use_dora`), PEFT's `lora_bias` (a `Variant`), the PiSSA, OLoRA, orthogonal, EVA and MiCA
+Importing this package registers them: DoRA (a `Variant`, picked by `use_dora`), PEFT's `lora_bias` (a `Variant`), the PiSSA, OLoRA, orthogonal, EVA, CorDA and MiCA
 inits, DyLoRA (a
 variant restored from the adapter file's safetensors metadata, which PEFT never reads: the folder stays exactly
 what PEFT writes and loads), AdaLoRA (a variant and PEFT's ADALORA file format) and the ladder side network (our
@@ -12,6 +12,7 @@ from __future__ import annotations
 from lorakit.formats import read_metadata
 from lorakit.variants import (
     adalora_io,
+    corda,
     dora,
     dylora,
     eva,
@@ -25,6 +26,7 @@ from lorakit.variants import (
 
 __all__ = [
     "adalora_io",
+    "corda",
     "dora",
     "dylora",
     "eva",

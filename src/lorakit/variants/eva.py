@@ -121,6 +121,19 @@ class EvaResult:
     seconds: float = 0.0
     """Wall time of the passes and decompositions."""
 
+    label = "EVA"
+    key = "eva"
+
+    def record(self) -> dict:
+        """What a run's summary.json keeps of it."""
+        return {
+            "batches": self.batches,
+            "groups": self.groups,
+            "converged": self.converged,
+            "seconds": self.seconds,
+            "modules": sum(1 for r in self.ranks.values() if r),
+        }
+
     def describe(self) -> str:
         """One line: what EVA read and the ranks it gave."""
         ranks = [r for r in self.ranks.values() if r]

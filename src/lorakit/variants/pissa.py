@@ -20,7 +20,7 @@ from lorakit.errors import AdapterError
 from lorakit.layers import LoraAdapter, LoraLayer, delta_weight, register_init
 
 
-def _base_weight(layer: LoraLayer, adapter: LoraAdapter, what: str) -> torch.Tensor:
+def decomposable_weight(layer: LoraLayer, adapter: LoraAdapter, what: str) -> torch.Tensor:
     """The base weight an init decomposes (and then changes in place), after checking it can."""
     h = layer.handler
     if h.quantized:
@@ -40,7 +40,7 @@ def _base_weight(layer: LoraLayer, adapter: LoraAdapter, what: str) -> torch.Ten
     return w
 
 
-def _move_into_adapter(layer: LoraLayer, adapter: LoraAdapter, w: torch.Tensor) -> None:
+def move_into_adapter(layer: LoraLayer, adapter: LoraAdapter, w: torch.Tensor) -> None:
     """W0 ← W0 − s·B·A, keeping what was removed on the adapter."""
     removed = delta_weight(layer, adapter)
     w.sub_(removed.to(w.dtype))
@@ -63,11 +63,11 @@ def olora_factors(w: torch.Tensor, r: int, s: float) -> tuple[torch.Tensor, torc
 def _init(what: str, factors):
     @torch.no_grad()
     def init(layer: LoraLayer, adapter: LoraAdapter) -> None:
-        w = _base_weight(layer, adapter, what)
+        w = decomposable_weight(layer, adapter, what)
         a, b = factors(layer.handler.to_2d(w).float(), adapter.r, adapter.scaling)
         adapter.lora_A.data.copy_(a)
         adapter.lora_B.data.copy_(b)
-        _move_into_adapter(layer, adapter, w)
+        move_into_adapter(layer, adapter, w)
 
     return init
 

@@ -11,6 +11,8 @@ from torch import nn
 
 from lorakit.inject import inject
 from lorakit.io import save_adapter
+from lorakit.registry import lora_layers
+from lorakit.variants.corda import CordaResult, inject_corda
 from lorakit.variants.eva import EvaResult, inject_eva
 from lorakit.variants.loraplus import loraplus_groups
 
@@ -31,9 +33,9 @@ class Method:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.batches: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None
-        """The run's first training batches, for an init that reads data (EVA); set by run_training."""
-        self.eva: EvaResult | None = None
-        """What EVA found, with lora.init eva (after prepare)."""
+        """The run's first training batches, for an init that reads data (EVA, CorDA); set by run_training."""
+        self.data_init: EvaResult | CordaResult | None = None
+        """What the data-driven init found, with lora.init eva or corda (after prepare)."""
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
@@ -43,13 +45,14 @@ class Method:
     def prepare(self, model: nn.Module, base_model_id: str | None) -> None:
         """Put the trainable adapter(s) on `model` (and freeze everything else)."""
         config = self.cfg.lora.replace(base_model=base_model_id)
-        if config.init != "eva":
+        data_init = {"eva": inject_eva, "corda": inject_corda}.get(config.init)
+        if data_init is None:
             inject(model, config)
             return
         if self.batches is None:
-            raise ValueError("lora.init eva reads training batches: set method.batches before prepare")
-        self.eva = inject_eva(model, config, self.batches())
-        _same_on_every_process(model)
+            raise ValueError(f"lora.init {config.init} reads training batches: set method.batches before prepare")
+        self.data_init = data_init(model, config, self.batches())
+        _same_on_every_process(model, self.data_init.label)
 
     def before_step(self, model: nn.Module, step: int) -> None:
         """Called before the first micro-batch of optimizer step `step` (0-based)."""
@@ -87,9 +90,10 @@ def param_groups(model: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
     )
 
 
-def _same_on_every_process(model: nn.Module) -> None:
-    """Under torchrun every process computed EVA from the same batches: check they agree on the ranks, then give
-    every process rank 0's A (an SVD may differ in its last bits between processes)."""
+def _same_on_every_process(model: nn.Module, what: str) -> None:
+    """Under torchrun every process computed the init (EVA, CorDA) from the same batches: check they agree on the
+    shapes (EVA's ranks), then give every process rank 0's adapter and the base weights the init changed (an SVD
+    may differ in its last bits between processes)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -99,6 +103,12 @@ def _same_on_every_process(model: nn.Module) -> None:
     every: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(every, shapes)
     if any(s != shapes for s in every):
-        raise RuntimeError("EVA gave different ranks on different processes; run it with one process")
+        raise RuntimeError(f"{what} gave different ranks on different processes; run it with one process")
     for _, p in params:
         dist.broadcast(p.data, 0)
+    for _, layer in lora_layers(model):  # CorDA moved s·B0·A0 out of W0
+        for adapter in layer.adapters.values():
+            if adapter.start is not None:
+                dist.broadcast(layer.handler.weight(layer.base_layer).data, 0)
+                for t in (*adapter.start, adapter.base_residual):
+                    dist.broadcast(t, 0)

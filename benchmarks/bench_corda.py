@@ -10,8 +10,12 @@ default init in training.
    module.
 2. Training: `lorakit train` with the default init and with `--lora.init corda`, otherwise the same (seed, data,
    schedule, steps), eval loss every `--eval-every` steps; accuracy before and after.
+3. Sensitivity (`--part sensitivity`, not in "both"): PEFT's own decomposition (`collect_eigens_for_layer`) of
+   layers 0 and 1 from its covariance on the first 24 examples, and from that covariance perturbed by Gaussian
+   noise of 1e-7 times its largest entry: how far B·A moves. This is the float32 floor for any two CorDA
+   implementations that compute the covariance in a different order.
 
-    .venv/bin/python benchmarks/bench_corda.py [--part init|train|both] [--repeats 2] [--steps 40]
+    .venv/bin/python benchmarks/bench_corda.py [--part init|train|both|sensitivity] [--repeats 2] [--steps 40]
 
 The machine should be idle (`uptime`).
 """
@@ -123,15 +127,15 @@ def run_init(repeats: int) -> dict:
     }
 
 
-def run_train(steps: int, every: int) -> dict:
+def run_train(steps: int, every: int, inits: list[str], lr: str | None) -> dict:
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for init in ("default", "corda"):
+        for init in inits:
             out = Path(tmp) / init
             cmd = [
                 str(Path(sys.executable).parent / "lorakit"), "train",
                 "--train.steps", str(steps), "--train.eval_every", str(every), "--train.save_every", "0",
-                "--train.out_dir", str(out), "--lora.init", init,
+                "--train.out_dir", str(out), "--lora.init", init, *(["--train.lr", lr] if lr else []),
             ]  # fmt: skip
             print(" ".join(cmd), file=sys.stderr, flush=True)
             t0 = time.perf_counter()
@@ -147,12 +151,56 @@ def run_train(steps: int, every: int) -> dict:
     return runs
 
 
+def run_sensitivity() -> list[tuple[str, float, float]]:
+    import peft
+    import torch
+    from peft.tuners.lora import corda
+
+    import lorakit
+    from lorakit.data.tokenize import encode_dataset
+    from lorakit.train.config import RunConfig
+    from lorakit.train.loop import init_batches
+    from lorakit.train.run import load_examples
+
+    model, tok = lorakit.load_model()
+    cfg = RunConfig(lora=lorakit.LoraConfig(init="corda", corda_batches=3))
+    train, _, _ = load_examples(cfg)
+    rows, _ = encode_dataset(tok, train, max_len=cfg.data.max_len, chat=cfg.data.chat)
+    samples = [
+        b["input_ids"][i][b["attention_mask"][i].bool()]
+        for b in init_batches(rows, cfg, tok.pad_token_id)
+        for i in range(len(b["input_ids"]))
+    ]
+    config = peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=TARGETS, layers_to_transform=[0, 1], init_lora_weights="corda",
+        corda_config=peft.tuners.lora.config.CordaConfig(corda_method="ipm"),
+    )  # fmt: skip
+    with torch.no_grad():
+        corda.calib_cov_distribution(model, config, lambda: [model(s[None]) for s in samples], None, None)
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for name, module in corda.target_modules(model, config):
+        c = module.covariance_matrix
+        products = []
+        for noise in (0.0, 1e-7):
+            e = torch.randn(c.shape, generator=g) * float(c.abs().max()) * noise
+            module.covariance_matrix = c + (e + e.T) / 2
+            eig = corda.collect_eigens_for_layer(module, config)
+            u, sv, v = eig.U_WC[:, :8], eig.S_WC[:8] / 2.0, eig.V_WC[:, :8]  # scaling alpha/r = 2
+            products.append((u * sv.sqrt()) @ (v.T * sv.sqrt()[:, None]))
+        module.covariance_matrix = c
+        out.append((name, float((products[0] - products[1]).abs().max()), float(products[0].abs().max())))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=["init", "train", "both"], default="both")
+    p.add_argument("--part", choices=["init", "train", "both", "sensitivity"], default="both")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--inits", default="default,corda", help="the inits to train with, comma-separated")
+    p.add_argument("--lr", help="--train.lr for every run (default: lorakit train's)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -174,10 +222,18 @@ def main() -> None:
             f"\n{r['modules']} modules; worst module, relative to the largest entry: B·Bᵀ {r['bb_worst']:.1e}, "
             f"B·A {r['ba_worst']:.1e} (median module {r['ba_median']:.1e})"
         )
+    if args.part == "sensitivity":
+        rows = run_sensitivity()
+        print("| module | max change of B·A | largest entry of B·A |\n|---|---:|---:|")
+        for name, change, top in rows:
+            print(f"| {name} | {change:.2e} | {top:.2f} |")
+        worst = max(rows, key=lambda r: r[1] / r[2])
+        print(f"\nworst relative change: {worst[1] / worst[2]:.1e} ({worst[0]})")
     if args.part in ("train", "both"):
-        runs = run_train(args.steps, args.eval_every)
-        print("\n| init | " + " | ".join(f"step {s}" for s, _ in runs["default"]["curve"]) + " | accuracy | wall, s |")
-        print("|---|" + "---:|" * (len(runs["default"]["curve"]) + 2))
+        runs = run_train(args.steps, args.eval_every, args.inits.split(","), args.lr)
+        first = next(iter(runs.values()))["curve"]
+        print("\n| init | " + " | ".join(f"step {s}" for s, _ in first) + " | accuracy | wall, s |")
+        print("|---|" + "---:|" * (len(first) + 2))
         for init, run in runs.items():
             s = run["summary"]
             print(

@@ -43,10 +43,10 @@ from lorakit.device import model_device, to_device
 from lorakit.errors import AdapterError
 from lorakit.handlers import handler_for
 from lorakit.inject import check_new_name, delete_adapter, inject
-from lorakit.layers import LoraAdapter, LoraLayer, register_init
+from lorakit.layers import LoraLayer
 from lorakit.registry import registry
 from lorakit.targeting import select_modules
-from lorakit.variants.datapass import Stop, forward, linear, positions, same_inputs
+from lorakit.variants.datapass import Stop, forward, linear, positions, register_data_init, same_inputs
 from lorakit.variants.pissa import decomposable_weight, move_into_adapter
 
 log = logging.getLogger(__name__)
@@ -257,11 +257,4 @@ def inject_corda(
     return result
 
 
-def _needs_data(layer: LoraLayer, adapter: LoraAdapter) -> None:
-    raise AdapterError(
-        "init 'corda' decomposes W0 by the covariance of its inputs on data: use "
-        "lorakit.inject_corda(model, config, batches) or lorakit train --lora.init corda"
-    )
-
-
-register_init("corda", _needs_data)
+register_data_init("corda", "decomposes W0 by the covariance of its inputs on data", "inject_corda")

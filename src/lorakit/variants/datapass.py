@@ -7,6 +7,8 @@ pre-hooks on the layers they initialise, reading each layer's inputs at the posi
 - `positions` / `rows`: the (positions, features) rows of a layer input at the non-padding (or labelled)
   positions.
 - `same_inputs`: which layers read the same input (q, k, v; gate, up), so that one statistic serves them all.
+- `register_data_init`: the init's name, for configs and files, which a plain `inject` refuses in one line that
+  names the function that runs it on data.
 """
 
 from __future__ import annotations
@@ -21,6 +23,19 @@ from torch import nn
 from lorakit.data.tokenize import IGNORE
 from lorakit.errors import AdapterError
 from lorakit.handlers import handler_for
+from lorakit.layers import LoraAdapter, LoraLayer, register_init
+
+
+def register_data_init(name: str, does: str, entry: str) -> None:
+    """Register init `name` (what it `does`, for the message), which needs data: `inject` refuses it, naming
+    `lorakit.<entry>` and `lorakit train --lora.init <name>`."""
+
+    def refuse(layer: LoraLayer, adapter: LoraAdapter) -> None:
+        raise AdapterError(
+            f"init {name!r} {does}: use lorakit.{entry}(model, config, batches) or lorakit train --lora.init {name}"
+        )
+
+    register_init(name, refuse)
 
 
 class Stop(Exception):

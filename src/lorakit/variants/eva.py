@@ -39,10 +39,18 @@ from lorakit.data.jsonl import DataError
 from lorakit.device import model_device, to_device
 from lorakit.errors import AdapterError
 from lorakit.inject import check_new_name, inject
-from lorakit.layers import LoraAdapter, LoraLayer, register_init
 from lorakit.registry import registry
 from lorakit.targeting import select_modules
-from lorakit.variants.datapass import Stop, Stream, forward, linear, positions, rows, same_inputs
+from lorakit.variants.datapass import (
+    Stop,
+    Stream,
+    forward,
+    linear,
+    positions,
+    register_data_init,
+    rows,
+    same_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -337,11 +345,4 @@ def inject_eva(
     return result
 
 
-def _needs_data(layer: LoraLayer, adapter: LoraAdapter) -> None:
-    raise AdapterError(
-        "init 'eva' computes A from the model's inputs on data: use lorakit.inject_eva(model, config, batches) "
-        "or lorakit train --lora.init eva"
-    )
-
-
-register_init("eva", _needs_data)
+register_data_init("eva", "computes A from the model's inputs on data", "inject_eva")

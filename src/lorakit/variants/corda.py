@@ -26,6 +26,7 @@ rank-r A and B; a resumed run computes CorDA again from the same batches.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -63,17 +64,23 @@ class CordaResult:
     tokens: int
     groups: int
     """Distinct inputs."""
+    modules: int
     seconds: float = 0.0
     """Wall time of the passes (inject_corda adds the decompositions)."""
 
     label = "CorDA"
     key = "corda"
 
+    def lean(self) -> CordaResult:
+        """The same record without the covariances (d_in² floats per distinct input: ~400 MB on SmolLM2), for a
+        caller that keeps it while training."""
+        return dataclasses.replace(self, covariances={})
+
     def describe(self) -> str:
         """One line: what CorDA read."""
         return (
             f"{self.batches} batches, {self.samples} samples ({self.tokens:,} tokens), {self.groups} distinct layer "
-            f"inputs, {len(self.covariances)} modules, {self.seconds:.0f} s"
+            f"inputs, {self.modules} modules, {self.seconds:.0f} s"
         )
 
     def record(self) -> dict:
@@ -83,7 +90,7 @@ class CordaResult:
             "samples": self.samples,
             "tokens": self.tokens,
             "groups": self.groups,
-            "modules": len(self.covariances),
+            "modules": self.modules,
             "seconds": self.seconds,
         }
 
@@ -136,7 +143,7 @@ def corda_covariances(
         for m in group:
             covariances[m] = mean
     covariances = {n: covariances[n] for n in names}  # model order
-    return CordaResult(covariances, read, samples, tokens, len(groups), time.perf_counter() - start)
+    return CordaResult(covariances, read, samples, tokens, len(groups), len(names), time.perf_counter() - start)
 
 
 def _accumulate(model: nn.Module, batch, keep: torch.Tensor, groups, sums: list[torch.Tensor]) -> None:

@@ -22,6 +22,7 @@ converged); the forward pass computes the logits of the last position only where
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -131,6 +132,10 @@ class EvaResult:
 
     label = "EVA"
     key = "eva"
+
+    def lean(self) -> EvaResult:
+        """The same record without the components, for a caller that keeps it while training."""
+        return dataclasses.replace(self, components={})
 
     def record(self) -> dict:
         """What a run's summary.json keeps of it."""

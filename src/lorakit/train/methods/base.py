@@ -51,7 +51,7 @@ class Method:
             return
         if self.batches is None:
             raise ValueError(f"lora.init {config.init} reads training batches: set method.batches before prepare")
-        self.data_init = data_init(model, config, self.batches())
+        self.data_init = data_init(model, config, self.batches()).lean()  # the run keeps what it reports only
         _same_on_every_process(model, self.data_init.label)
 
     def before_step(self, model: nn.Module, step: int) -> None:

@@ -130,12 +130,14 @@ def run_init(repeats: int) -> dict:
 def run_train(steps: int, every: int, inits: list[str], lr: str | None) -> dict:
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for init in inits:
-            out = Path(tmp) / init
+        for spec in inits:  # "default", "corda" or "corda:kpm"
+            init, _, mode = spec.partition(":")
+            out = Path(tmp) / spec.replace(":", "-")
             cmd = [
                 str(Path(sys.executable).parent / "lorakit"), "train",
                 "--train.steps", str(steps), "--train.eval_every", str(every), "--train.save_every", "0",
                 "--train.out_dir", str(out), "--lora.init", init, *(["--train.lr", lr] if lr else []),
+                *(["--lora.corda_mode", mode] if mode else []),
             ]  # fmt: skip
             print(" ".join(cmd), file=sys.stderr, flush=True)
             t0 = time.perf_counter()
@@ -147,7 +149,7 @@ def run_train(steps: int, every: int, inits: list[str], lr: str | None) -> dict:
                 for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
                 if "eval_loss" in r
             ]
-            runs[init] = {"summary": summary, "curve": curve, "wall": wall}
+            runs[spec] = {"summary": summary, "curve": curve, "wall": wall}
     return runs
 
 
@@ -199,7 +201,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--eval-every", type=int, default=10)
-    p.add_argument("--inits", default="default,corda", help="the inits to train with, comma-separated")
+    p.add_argument("--inits", default="default,corda", help="the inits to train with, comma-separated; corda:kpm for the kpm mode")
     p.add_argument("--lr", help="--train.lr for every run (default: lorakit train's)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()

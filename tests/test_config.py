@@ -16,7 +16,7 @@ from lorakit import ConfigError, LoraConfig
         (dict(dropout=1.0), r"dropout must be a finite number in \[0, 1\)"),
         (dict(targets=[]), "targets must name at least one module"),
         (dict(bias="some"), "bias must be one of"),
-        (dict(init="lora_ga"), "init must be one of"),
+        (dict(init="dora"), "init must be one of"),
         (dict(targets=".*q", layers=[0]), "layers cannot be combined with a regex"),
         (dict(rank_pattern={"q": 0}), r"rank_pattern\['q'\] must be a positive integer"),
         (dict(targets="([bad"), "invalid regex"),
@@ -69,7 +69,7 @@ def test_unsupported_peft_features_are_errors_not_silence():
     d = LoraConfig().to_peft_dict()
     with pytest.raises(ConfigError, match="use_qalora=True is a PEFT feature lorakit does not support"):
         LoraConfig.from_peft_dict({**d, "use_qalora": True})
-    with pytest.raises(ConfigError, match="init_lora_weights='lora_ga' is not supported"):
+    with pytest.raises(ConfigError, match="init_lora_weights='lora_ga': the adapter is relative to base weights that LoRA-GA changed"):
         LoraConfig.from_peft_dict({**d, "init_lora_weights": "lora_ga"})
     # the same keys at their defaults are fine
     LoraConfig.from_peft_dict(

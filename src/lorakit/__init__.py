@@ -40,6 +40,7 @@ from lorakit.variants.corda import CordaResult, corda_covariances, inject_corda
 from lorakit.variants.eva import EvaResult, eva_components, inject_eva
 from lorakit.variants.ladder import LadderConfig, attach_ladder, detach_ladder
 from lorakit.variants.ladder_io import format_ladder, is_ladder_folder, save_ladder
+from lorakit.variants.loraga import LoraGaResult, inject_loraga, loraga_gradients
 from lorakit.variants.loraplus import loraplus_groups, loraplus_optimizer
 
 
@@ -96,6 +97,7 @@ __all__ = [
     "AdapterFileError",
     "ConfigError",
     "CordaResult",
+    "LoraGaResult",
     "EvaResult",
     "LadderConfig",
     "LoraConfig",
@@ -119,6 +121,7 @@ __all__ = [
     "describe_adapter",
     "disabled",
     "corda_covariances",
+    "loraga_gradients",
     "eva_components",
     "export_rank",
     "format_ladder",
@@ -126,6 +129,7 @@ __all__ = [
     "inject",
     "inject_adalora",
     "inject_corda",
+    "inject_loraga",
     "inject_eva",
     "is_ladder_folder",
     "lean_attention",

@@ -18,8 +18,10 @@ from lorakit.errors import ConfigError
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-INITS = ("default", "gaussian", "pissa", "olora", "orthogonal", "loftq", "eva", "corda", "mica", "random")
+INITS = ("default", "gaussian", "pissa", "olora", "orthogonal", "loftq", "eva", "corda", "lora_ga", "mica", "random")
 CORDA_MODES = ("ipm", "kpm")
+LORA_GA_DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
+LORA_GA_SCALES = ("stable", "weight_svd", "gd_scale", "unit")
 INITS_IN_WEIGHTS = ("loftq", "eva", "mica")
 """Inits whose result lives wholly in the adapter's saved weights, where computing it again at load is impossible
 (LoftQ needs the original weights, EVA the data) or wasted (MiCA's SVD): a loaded adapter takes its A and B from
@@ -35,6 +37,7 @@ _INIT_TO_PEFT: dict[str, Any] = {
     "loftq": "loftq",
     "eva": "eva",
     "corda": "corda",
+    "lora_ga": "lora_ga",
     "mica": "mica",
     "random": False,
 }
@@ -53,6 +56,7 @@ _PEFT_IGNORED_KEYS = {
     "task_type",
     "lora_dropout",
     "corda_config",  # PEFT ignores it unless init_lora_weights is "corda", which is refused (from_peft_dict)
+    "lora_ga_config",  # the same, for "lora_ga"
 }
 # PEFT keys for features we do not implement: fine when unset (None/False/empty), an error otherwise.
 _PEFT_UNSUPPORTED_KEYS = {
@@ -60,7 +64,6 @@ _PEFT_UNSUPPORTED_KEYS = {
     "qalora_group_size",
     "layer_replication",
     "loftq_config",
-    "lora_ga_config",
     "use_bdlora",
     "bdlora_config",
     "alora_invocation_tokens",
@@ -144,7 +147,9 @@ class LoraConfig:
     """"default" (A Kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r)), "pissa" (top-r SVD of W0), "olora" (QR
     of W0), "orthogonal" (A, B random with B·A = 0; r even), "loftq" (for a 4-bit base: Q + s·B·A ≈ W0, LoftQ),
     "eva" (A from the principal components of the layer inputs on data: `inject_eva`), "corda" (A, B from W0
-    oriented by its inputs' covariance on data, W0 keeps the residual: `inject_corda`; saved as plain LoRA), "mica" (B the left singular
+    oriented by its inputs' covariance on data, W0 keeps the residual: `inject_corda`; saved as plain LoRA),
+    "lora_ga" (A, B from the SVD of W0's gradient on data, W0 keeps the residual: `inject_loraga`; saved as plain
+    LoRA), "mica" (B the left singular
     vectors of W0's r smallest singular values, frozen; A zero and trained), "random"."""
     loftq_iter: int = 1
     """LoftQ's alternating steps (init "loftq"): 1 keeps the base's NF4 codes; more re-quantize W0 - s·B·A."""
@@ -168,6 +173,16 @@ class LoraConfig:
     from the r it uses least, leaving the others in the frozen W0."""
     corda_batches: int = 32
     """CorDA: the batches whose inputs make up C (each row a sample; PEFT suggests a few hundred samples)."""
+    lora_ga_direction: str = "ArB2r"
+    """LoRA-GA (init "lora_ga"): which of the gradient's top 2r singular directions start A and B: "ArB2r" (A the
+    first r, B the next r; the paper's choice), "A2rBr" (the other way round), "ArBr" (alternating), "random"."""
+    lora_ga_scale: str = "stable"
+    """LoRA-GA: "stable" (B times d_out^¼/√gamma, the paper's), "weight_svd" (B's top singular value that of W0),
+    "gd_scale" (A and B divided by the scaling s), "unit" (as the SVD gives them)."""
+    lora_ga_stable_gamma: float = 16
+    """LoRA-GA: gamma of the "stable" scale (larger: a smaller start)."""
+    lora_ga_batches: int = 8
+    """LoRA-GA: the batches whose mean gradient it decomposes."""
     use_dora: bool = False
     """Weight-decomposed LoRA: a trainable magnitude per output feature times the normalised W0 + ΔW."""
     task_type: str | None = None
@@ -226,6 +241,25 @@ class LoraConfig:
             "init='corda' does not work with use_dora (CorDA saves as plain LoRA on the original W0, whose norm DoRA's "
             "magnitude would not match)",
             "init",
+        )
+        _check(
+            not (self.init == "lora_ga" and self.use_dora),
+            "init='lora_ga' does not work with use_dora (LoRA-GA saves as plain LoRA on the original W0, whose norm "
+            "DoRA's magnitude would not match)",
+            "init",
+        )
+        for key, allowed in (("lora_ga_direction", LORA_GA_DIRECTIONS), ("lora_ga_scale", LORA_GA_SCALES)):
+            value = getattr(self, key)
+            _check(value in allowed, f"{key} must be one of {allowed}, got {short(value)}", key)
+        _check(
+            is_number(self.lora_ga_stable_gamma) and self.lora_ga_stable_gamma > 0,
+            f"lora_ga_stable_gamma must be a positive number, got {short(self.lora_ga_stable_gamma)}",
+            "lora_ga_stable_gamma",
+        )
+        _check(
+            is_int(self.lora_ga_batches, 1),
+            f"lora_ga_batches must be a positive integer, got {short(self.lora_ga_batches)}",
+            "lora_ga_batches",
         )
         _check(self.corda_mode in CORDA_MODES, f"corda_mode must be one of {CORDA_MODES}, got {short(self.corda_mode)}", "corda_mode")
         _check(
@@ -380,6 +414,12 @@ class LoraConfig:
             }
         if self.init == "corda":  # what PEFT's get_peft_model takes; lorakit's files of it are plain LoRA
             fields["corda_config"] = {"corda_method": self.corda_mode}
+        if self.init == "lora_ga":  # the same
+            fields["lora_ga_config"] = {
+                "direction": self.lora_ga_direction,
+                "scale": self.lora_ga_scale,
+                "stable_gamma": self.lora_ga_stable_gamma,
+            }
         return {
             "peft_type": "LORA",
             **fields,
@@ -400,10 +440,11 @@ class LoraConfig:
         for key in ("r", "lora_alpha", "target_modules"):
             if key not in d:
                 raise ConfigError(f"{source}: missing required key {key!r}")
-        if d.get("init_lora_weights") == "corda":
+        data_init = {"corda": "CorDA", "lora_ga": "LoRA-GA"}.get(str(d.get("init_lora_weights")))
+        if data_init:
             raise ConfigError(
-                f"{source}: init_lora_weights='corda': the adapter is relative to base weights that CorDA changed "
-                "using data, which a load cannot compute again; save it from PEFT with "
+                f"{source}: init_lora_weights={d['init_lora_weights']!r}: the adapter is relative to base weights "
+                f"that {data_init} changed using data, which a load cannot compute again; save it from PEFT with "
                 "path_initial_model_for_weight_conversion (plain LoRA on the original base)",
                 key="init_lora_weights",
             )

@@ -279,7 +279,7 @@ def validate(cfg: RunConfig) -> None:
             "lora.init loftq starts an adapter on a 4-bit base: add --model.quantize nf4",
         ),
         (
-            cfg.lora.init not in ("eva", "corda") or cfg.methods[0] == "lora",
+            cfg.lora.init not in ("eva", "corda", "lora_ga") or cfg.methods[0] == "lora",
             f"lora.init {cfg.lora.init} works with method lora (and lora+loraplus), not {cfg.train.method!r}",
         ),
         (

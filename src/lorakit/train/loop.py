@@ -56,8 +56,9 @@ def _grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
 def init_batches(train_rows: list[Encoded], cfg: RunConfig, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
     """The first micro-batches in the order training reads them (those of process 0, so that every process
     computes the init from the same data), for a data-driven init: lora.eva_batches of them for EVA,
-    lora.corda_batches for CorDA."""
-    count = cfg.lora.corda_batches if cfg.lora.init == "corda" else cfg.lora.eva_batches
+    lora.corda_batches for CorDA, lora.lora_ga_batches for LoRA-GA."""
+    lora = cfg.lora
+    count = {"corda": lora.corda_batches, "lora_ga": lora.lora_ga_batches}.get(lora.init, lora.eva_batches)
     for k in range(count):
         step, micro = divmod(k, cfg.train.grad_accum)
         yield collate([train_rows[i] for i in batch_order(len(train_rows), step, micro, cfg)], pad_id)

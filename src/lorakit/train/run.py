@@ -323,6 +323,7 @@ def _write_summary(
         "quantization": report.get("quantization"),
         "eva": report.get("eva"),
         "corda": report.get("corda"),
+        "lora_ga": report.get("lora_ga"),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

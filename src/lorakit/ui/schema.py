@@ -20,7 +20,7 @@ CHOICES: dict[tuple[str, str], list[Any]] = {
 def form_schema() -> dict[str, Any]:
     """The training form, from the run-config dataclasses (as `lorakit train --help` lists them): each section
     with its fields' type, default (as command-line text for lists and mappings), doc and choices."""
-    from lorakit.config import CORDA_MODES, INITS
+    from lorakit.config import CORDA_MODES, INITS, LORA_GA_DIRECTIONS, LORA_GA_SCALES
     from lorakit.data.tasks import TASKS
     from lorakit.train.config import SECTION_METHOD
     from lorakit.train.fields import field_specs
@@ -31,6 +31,8 @@ def form_schema() -> dict[str, Any]:
         ("data", "task"): [None, *sorted(TASKS)],
         ("lora", "init"): list(INITS),
         ("lora", "corda_mode"): list(CORDA_MODES),
+        ("lora", "lora_ga_direction"): list(LORA_GA_DIRECTIONS),
+        ("lora", "lora_ga_scale"): list(LORA_GA_SCALES),
         ("train", "method"): [*METHODS, "loraplus", *(f"{m}+loraplus" for m in METHODS)],
     }
     sections = []

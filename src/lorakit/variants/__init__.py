@@ -1,7 +1,7 @@
 """LoRA flavours and adapter kinds, one small file each, plugged into the core through its registries.
 
-Importing this package registers them: DoRA (a `Variant`, picked by `use_dora`), PEFT's `lora_bias` (a `Variant`), the PiSSA, OLoRA, orthogonal, EVA, CorDA and MiCA
-inits, DyLoRA (a
+Importing this package registers them: DoRA (a `Variant`, picked by `use_dora`), PEFT's `lora_bias` (a `Variant`), the PiSSA, OLoRA, orthogonal, EVA, CorDA,
+LoRA-GA and MiCA inits, DyLoRA (a
 variant restored from the adapter file's safetensors metadata, which PEFT never reads: the folder stays exactly
 what PEFT writes and loads), AdaLoRA (a variant and PEFT's ADALORA file format) and the ladder side network (our
 LADDER format, and a merge guard). LoRA+ is an optimizer setting (`loraplus`). `lorakit/__init__.py` imports this.
@@ -19,6 +19,7 @@ from lorakit.variants import (
     ladder,
     ladder_io,
     lora_bias,
+    loraga,
     mica,
     orthogonal,
     pissa,
@@ -33,6 +34,7 @@ __all__ = [
     "ladder",
     "ladder_io",
     "lora_bias",
+    "loraga",
     "mica",
     "orthogonal",
     "pissa",

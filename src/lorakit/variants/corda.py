@@ -42,12 +42,18 @@ from lorakit.control import disabled
 from lorakit.data.jsonl import DataError
 from lorakit.device import model_device, to_device
 from lorakit.errors import AdapterError
-from lorakit.handlers import handler_for
 from lorakit.inject import check_new_name, delete_adapter, inject
-from lorakit.layers import LoraLayer
 from lorakit.registry import registry
 from lorakit.targeting import select_modules
-from lorakit.variants.datapass import Stop, forward, linear, positions, register_data_init, same_inputs
+from lorakit.variants.datapass import (
+    Stop,
+    decomposable_targets,
+    forward,
+    linear,
+    positions,
+    register_data_init,
+    same_inputs,
+)
 from lorakit.variants.pissa import decomposable_weight, move_into_adapter
 
 log = logging.getLogger(__name__)
@@ -218,23 +224,7 @@ def inject_corda(
     on the original W0. Every check runs before the model is touched; a failure leaves it as it was."""
     check_new_name(model, name)
     config = config.replace(init="corda")
-    names = select_modules(model, config)
-    for n in names:
-        module = model.get_submodule(n)
-        handler = handler_for(module)
-        base = module.base_layer if isinstance(module, LoraLayer) else module
-        if not linear(model, n):
-            raise AdapterError(f"CorDA init supports linear layers only, not {type(base).__name__} ({n!r})")
-        if handler.quantized:
-            raise AdapterError(
-                f"CorDA init moves a part of W0 into the adapter, which a 4-bit base ({n!r}) cannot take; "
-                "initialise CorDA on the full-precision model"
-            )
-        if config.rank_for(n) > min(handler.dims(base)):
-            raise AdapterError(
-                f"CorDA init needs r <= {min(handler.dims(base))} (the weight's smaller side) for {n!r}, "
-                f"got r={config.rank_for(n)}"
-            )
+    names = decomposable_targets(model, config, "CorDA")
     result = corda_covariances(model, config, batches, names, progress=progress)
     start = time.perf_counter()
     inject(model, config.replace(init="default"), name, activate=activate, trainable=trainable)

@@ -7,6 +7,7 @@ pre-hooks on the layers they initialise, reading each layer's inputs at the posi
 - `positions` / `rows`: the (positions, features) rows of a layer input at the non-padding (or labelled)
   positions.
 - `same_inputs`: which layers read the same input (q, k, v; gate, up), so that one statistic serves them all.
+- `decomposable_targets`: the checks of an init that moves a part of each W0 into the adapter (CorDA, LoRA-GA).
 - `register_data_init`: the init's name, for configs and files, which a plain `inject` refuses in one line that
   names the function that runs it on data.
 """
@@ -20,10 +21,12 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from lorakit.config import LoraConfig
 from lorakit.data.tokenize import IGNORE
 from lorakit.errors import AdapterError
 from lorakit.handlers import handler_for
 from lorakit.layers import LoraAdapter, LoraLayer, register_init
+from lorakit.targeting import select_modules
 
 
 def register_data_init(name: str, does: str, entry: str) -> None:
@@ -36,6 +39,31 @@ def register_data_init(name: str, does: str, entry: str) -> None:
         )
 
     register_init(name, refuse)
+
+
+def decomposable_targets(model: nn.Module, config: LoraConfig, what: str, *, factor: int = 1) -> list[str]:
+    """The modules `config` selects, after checking that an init which moves s·B0·A0 out of each W0 can start
+    them: linear layers on a full-precision base, with factor·r no larger than the weight's smaller side (LoRA-GA
+    picks its r directions from the top 2r). Raises a one-line AdapterError naming the first that fails."""
+    names = select_modules(model, config)
+    for n in names:
+        module = model.get_submodule(n)
+        handler = handler_for(module)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if not linear(model, n):
+            raise AdapterError(f"{what} init supports linear layers only, not {type(base).__name__} ({n!r})")
+        if handler.quantized:
+            raise AdapterError(
+                f"{what} init moves a part of W0 into the adapter, which a 4-bit base ({n!r}) cannot take; "
+                f"initialise {what} on the full-precision model"
+            )
+        side = min(handler.dims(base))
+        if factor * config.rank_for(n) > side:
+            need = "r" if factor == 1 else f"{factor}r"
+            raise AdapterError(
+                f"{what} init needs {need} <= {side} (the weight's smaller side) for {n!r}, got r={config.rank_for(n)}"
+            )
+    return names
 
 
 class Stop(Exception):

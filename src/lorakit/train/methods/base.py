@@ -14,6 +14,7 @@ from lorakit.io import save_adapter
 from lorakit.registry import lora_layers
 from lorakit.variants.corda import CordaResult, inject_corda
 from lorakit.variants.eva import EvaResult, inject_eva
+from lorakit.variants.loraga import LoraGaResult, inject_loraga
 from lorakit.variants.loraplus import loraplus_groups
 
 if TYPE_CHECKING:
@@ -33,9 +34,9 @@ class Method:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.batches: Callable[[], Iterable[dict[str, torch.Tensor]]] | None = None
-        """The run's first training batches, for an init that reads data (EVA, CorDA); set by run_training."""
-        self.data_init: EvaResult | CordaResult | None = None
-        """What the data-driven init found, with lora.init eva or corda (after prepare)."""
+        """The run's first training batches, for an init that reads data (EVA, CorDA, LoRA-GA); set by run_training."""
+        self.data_init: EvaResult | CordaResult | LoraGaResult | None = None
+        """What the data-driven init found, with lora.init eva, corda or lora_ga (after prepare)."""
 
     @classmethod
     def check_config(cls, cfg: RunConfig) -> None:
@@ -45,7 +46,12 @@ class Method:
     def prepare(self, model: nn.Module, base_model_id: str | None) -> None:
         """Put the trainable adapter(s) on `model` (and freeze everything else)."""
         config = self.cfg.lora.replace(base_model=base_model_id)
-        data_init = {"eva": inject_eva, "corda": inject_corda}.get(config.init)
+        seed = self.cfg.train.seed  # LoRA-GA's randomised SVD
+        data_init = {
+            "eva": inject_eva,
+            "corda": inject_corda,
+            "lora_ga": lambda model, config, batches: inject_loraga(model, config, batches, seed=seed),
+        }.get(config.init)
         if data_init is None:
             inject(model, config)
             return

@@ -151,6 +151,10 @@ class LoraConfig:
     "lora_ga" (A, B from the SVD of W0's gradient on data, W0 keeps the residual: `inject_loraga`; saved as plain
     LoRA), "mica" (B the left singular
     vectors of W0's r smallest singular values, frozen; A zero and trained), "random"."""
+    pissa_niter: int = 0
+    """PiSSA (init "pissa"): 0 takes the exact SVD of W0; N > 0 a randomised SVD with N power iterations (PEFT's
+    "pissa_niter_N"), faster on large weights. Its start comes from random draws that no load repeats, so such an
+    adapter saves as plain LoRA of rank 2r on the original W0 (as CorDA's)."""
     loftq_iter: int = 1
     """LoftQ's alternating steps (init "loftq"): 1 keeps the base's NF4 codes; more re-quantize W0 - s·B·A."""
     eva_rho: float = 2.0
@@ -241,6 +245,14 @@ class LoraConfig:
             "init='corda' does not work with use_dora (CorDA saves as plain LoRA on the original W0, whose norm DoRA's "
             "magnitude would not match)",
             "init",
+        )
+        _check(
+            is_int(self.pissa_niter, 0), f"pissa_niter must be an integer >= 0, got {short(self.pissa_niter)}", "pissa_niter"
+        )
+        _check(
+            not self.pissa_niter or self.init == "pissa",
+            f"pissa_niter is PiSSA's (init='pissa'), not init={self.init!r}",
+            "pissa_niter",
         )
         _check(
             not (self.init == "lora_ga" and self.use_dora),
@@ -425,6 +437,7 @@ class LoraConfig:
             **fields,
             # LoftQ's work is in the trained weights; "loftq" here would make PEFT re-run it at load (on CUDA)
             "init_lora_weights": True if self.init == "loftq" else _INIT_TO_PEFT[self.init],
+            **({"init_lora_weights": f"pissa_niter_{self.pissa_niter}"} if self.pissa_niter else {}),
             "fan_in_fan_out": False,
             "inference_mode": True,
         }
@@ -454,7 +467,11 @@ class LoraConfig:
                 if value is not None or key in ("task_type", "base_model_name_or_path", "exclude_modules"):
                     kwargs[_FROM_PEFT[key]] = value
             elif key == "init_lora_weights":
-                kwargs["init"] = _init_from_peft(value, source)
+                niter = re.fullmatch(r"pissa_niter_(\d+)", value) if isinstance(value, str) else None
+                if niter:  # PiSSA by a randomised SVD
+                    kwargs["init"], kwargs["pissa_niter"] = "pissa", int(niter[1])
+                else:
+                    kwargs["init"] = _init_from_peft(value, source)
             elif key == "loftq_config" and value:
                 if not isinstance(value, dict) or value.get("loftq_bits", 4) != 4:
                     raise ConfigError(f"{source}: loftq_config={value!r}: lorakit's LoftQ is for 4-bit (NF4) bases")
@@ -491,7 +508,7 @@ def _init_from_peft(value: Any, source: str) -> str:
             return ours
     raise ConfigError(
         f"{source}: init_lora_weights={value!r} is not supported (use true, false, 'gaussian', 'pissa', 'olora', "
-        "'orthogonal', 'loftq', 'eva' or 'mica')"
+        "'pissa_niter_N', 'orthogonal', 'loftq', 'eva' or 'mica')"
     )
 
 

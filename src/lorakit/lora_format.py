@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,6 +254,15 @@ def _apply_lora(model: nn.Module, plan: _LoraPlan, name: str, trainable: bool) -
     if in_weights:
         config = config.replace(init="default")
     tensors = plan.copies
+    if config.pissa_niter:
+        warnings.warn(
+            f"init_lora_weights='pissa_niter_{config.pissa_niter}': the start W0 - s·B0·A0 came from random draws the "
+            "file does not hold; it is computed again by the exact SVD, which the randomised one approximated (as "
+            "PEFT's own load computes it again), so the outputs are close to, not equal to, the trained model's",
+            stacklevel=3,
+        )
+        if not trainable:
+            config = config.replace(pissa_niter=0)  # the exact start (as_plain_lora)
     if config.init in INIT_FACTORS and not trainable:  # PiSSA, OLoRA: leave W0 alone (for the other adapters)
         config, tensors = as_plain_lora(model, config, tensors)
     inject(model, config, name, activate=False, trainable=trainable, variant=plan.variant)
@@ -326,6 +336,7 @@ def _doubled(config: LoraConfig) -> LoraConfig:
     grow = 2.0**0.5 if config.use_rslora else 2.0
     return config.replace(
         init="default",
+        pissa_niter=0,
         r=2 * config.r,
         alpha=grow * config.alpha,
         rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},

@@ -52,7 +52,7 @@ from lorakit.inject import check_new_name, delete_adapter, inject
 from lorakit.layers import LoraLayer
 from lorakit.registry import registry
 from lorakit.variants.datapass import decomposable_targets, register_data_init
-from lorakit.variants.pissa import decomposable_weight, move_into_adapter
+from lorakit.variants.pissa import decomposable_weight, move_into_adapter, svd_lowrank
 
 log = logging.getLogger(__name__)
 
@@ -169,25 +169,6 @@ def loraga_gradients(
             p.requires_grad_(wanted)
         model.train(was_training)
     return LoraGaResult(gradients, read, samples, tokens, total / read, len(names), time.perf_counter() - start)
-
-
-def svd_lowrank(
-    a: torch.Tensor, q: int, niter: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`torch.svd_lowrank(a, q, niter)` (Halko et al.'s randomised SVD, the same operations), drawing its random
-    matrix from `generator` instead of torch's global generator: (U, S, V) with a ≈ U·diag(S)·Vᵀ."""
-    m, n = a.shape
-    flip = m < n
-    if flip:
-        a = a.mT
-    r = torch.randn(a.shape[-1], q, dtype=a.dtype, device=a.device, generator=generator)
-    basis = torch.linalg.qr(a @ r).Q
-    for _ in range(niter):
-        basis = torch.linalg.qr(a.mH @ basis).Q
-        basis = torch.linalg.qr(a @ basis).Q
-    u, s, vh = torch.linalg.svd(basis.mH @ a, full_matrices=False)
-    u, v = basis @ u, vh.mH
-    return (v, s, u) if flip else (u, s, v)
 
 
 def loraga_factors(

@@ -2,7 +2,11 @@
 W0 keeps the residual, so that the model's output is unchanged at initialisation.
 
 - PiSSA matches PEFT's `init_lora_weights="pissa"`: with W0 = U·S·Vh, A = diag(√(S_r/s))·Vh_r and
-  B = U_r·diag(√(S_r/s)) (the top-r singular triplets), and W0 ← W0 − s·B·A.
+  B = U_r·diag(√(S_r/s)) (the top-r singular triplets), and W0 ← W0 − s·B·A. With `pissa_niter` N > 0 (PEFT's
+  "pissa_niter_N") the triplets come from a randomised SVD (`torch.svd_lowrank(W0, q=r, niter=N)`'s operations,
+  its draws from a generator seeded with 0 for each layer), faster on large weights. That start is not what a
+  load computes (PEFT's own load draws again), so such an adapter keeps it (`LoraAdapter.start`) and saves as
+  plain LoRA of rank 2r, as CorDA's does; a PEFT "pissa_niter_N" file loads with the exact SVD, with a warning.
 - OLoRA matches PEFT's `init_lora_weights="olora"`: with W0 = Q·R (QR decomposition), B = Q[:, :r] and A = R[:r],
   and W0 ← W0 − s·B·A.
 
@@ -47,6 +51,33 @@ def move_into_adapter(layer: LoraLayer, adapter: LoraAdapter, w: torch.Tensor) -
     adapter.base_residual = removed.to(w.dtype).clone()
 
 
+def svd_lowrank(
+    a: torch.Tensor, q: int, niter: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`torch.svd_lowrank(a, q, niter)` (Halko et al.'s randomised SVD, the same operations), drawing its random
+    matrix from `generator` instead of torch's global generator: (U, S, V) with a ≈ U·diag(S)·Vᵀ."""
+    m, n = a.shape
+    flip = m < n
+    if flip:
+        a = a.mT
+    r = torch.randn(a.shape[-1], q, dtype=a.dtype, device=a.device, generator=generator)
+    basis = torch.linalg.qr(a @ r).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(a.mH @ basis).Q
+        basis = torch.linalg.qr(a @ basis).Q
+    u, s, vh = torch.linalg.svd(basis.mH @ a, full_matrices=False)
+    u, v = basis @ u, vh.mH
+    return (v, s, u) if flip else (u, s, v)
+
+
+def pissa_lowrank_factors(w: torch.Tensor, r: int, s: float, niter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A0, B0) of PiSSA from a randomised SVD of W0 = `w` (2-D, f32) with `niter` power iterations (PEFT's
+    "pissa_niter_N"), its draws from a generator seeded with 0."""
+    u, sv, v = svd_lowrank(w, r, niter, torch.Generator(device=w.device).manual_seed(0))
+    root = torch.sqrt(sv / s)
+    return root[:, None] * v.T, u * root
+
+
 def pissa_factors(w: torch.Tensor, r: int, s: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(A0, B0) of PiSSA for W0 = `w` (2-D, f32): the top-r singular triplets, each factor with √(S_r/s)."""
     u, sv, vh = torch.linalg.svd(w, full_matrices=False)
@@ -72,7 +103,22 @@ def _init(what: str, factors):
     return init
 
 
-pissa_init = _init("PiSSA", pissa_factors)
+@torch.no_grad()
+def pissa_init(layer: LoraLayer, adapter: LoraAdapter) -> None:
+    config = adapter.init_config
+    niter = config.pissa_niter if config is not None else 0
+    if not niter:
+        _exact_pissa(layer, adapter)
+        return
+    w = decomposable_weight(layer, adapter, "PiSSA")
+    a, b = pissa_lowrank_factors(layer.handler.to_2d(w).float(), adapter.r, adapter.scaling, niter)
+    adapter.lora_A.data.copy_(a)
+    adapter.lora_B.data.copy_(b)
+    adapter.start = (adapter.lora_A.detach().clone(), adapter.lora_B.detach().clone())  # saved as plain LoRA
+    move_into_adapter(layer, adapter, w)
+
+
+_exact_pissa = _init("PiSSA", pissa_factors)
 olora_init = _init("OLoRA", olora_factors)
 register_init("pissa", pissa_init, factors=pissa_factors)
 register_init("olora", olora_init, factors=olora_factors)

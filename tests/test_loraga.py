@@ -7,7 +7,6 @@ converted one loads; training, resuming, bad inputs, and the real default model.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import peft
 import pytest
@@ -19,12 +18,11 @@ from lorakit import LoraConfig
 from lorakit.data.jsonl import DataError
 from lorakit.data.tokenize import IGNORE
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.train.config import RunConfig, TrainSection, load_config
-from lorakit.train.loop import TrainingError, init_batches, train_loop
-from lorakit.train.methods import make_method
+from lorakit.train.config import RunConfig, load_config
+from lorakit.train.loop import init_batches
 from lorakit.variants.loraga import svd_lowrank
 
-from tiny import addition_run, ids, peft_config, tiny_llama, token_rows
+from tiny import addition_run, ids, peft_config, resumed_equals_uninterrupted, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -277,32 +275,7 @@ def test_lorakit_train_with_loraga(tmp_path):
 def test_a_resumed_loraga_run_ends_as_an_uninterrupted_one(tmp_path):
     """The checkpoint holds the rank-r A and B; the resumed run computes LoRA-GA again from the same batches and
     seed."""
-
-    def cfg(out, **kw):
-        base = dict(out_dir=str(out), steps=6, batch_size=4, lr=1e-2, warmup_steps=0, save_every=0, seed=3)
-        return RunConfig(lora=CFG.replace(lora_ga_batches=3), train=TrainSection(**{**base, **kw}))
-
-    rows = token_rows()
-
-    def run(c, **kw):
-        model, method = tiny_llama(), make_method(c)
-        method.batches = lambda: init_batches(rows, c, 0)
-        method.prepare(model, None)
-        train_loop(model, rows, c, pad_id=0, out_dir=Path(c.train.out_dir), method=method, **kw)
-        return model
-
-    full = run(cfg(tmp_path / "a"))
-
-    def interrupt(rec):
-        if rec.get("step") == 4:
-            raise KeyboardInterrupt
-
-    with pytest.raises(TrainingError, match="interrupted at step 4"):
-        run(cfg(tmp_path / "b", save_every=3), callbacks=[interrupt])
-    second = run(cfg(tmp_path / "b", resume="auto"))
-    a, b = lorakit.adapter_state_dict(full), lorakit.adapter_state_dict(second)
-    for k in a:  # same ops, same data: equal up to BLAS thread scheduling
-        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+    full, second = resumed_equals_uninterrupted(tmp_path, CFG.replace(lora_ga_batches=3), data_init=True, seed=3)
     for k, v in full.state_dict().items():  # and the same residual W0
         torch.testing.assert_close(second.state_dict()[k], v, atol=1e-6, rtol=0)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from pathlib import Path
 
 import peft
 import pytest
@@ -16,11 +15,15 @@ import torch
 import lorakit
 from lorakit import LoraConfig
 from lorakit.errors import AdapterError, ConfigError
-from lorakit.train.config import RunConfig, TrainSection
-from lorakit.train.loop import TrainingError, train_loop
-from lorakit.train.methods import make_method
 
-from tiny import addition_run, ids, peft_config, perturb_peft, tiny_llama, token_rows
+from tiny import (
+    addition_run,
+    ids,
+    peft_config,
+    perturb_peft,
+    resumed_equals_uninterrupted,
+    tiny_llama,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -191,30 +194,8 @@ def test_lorakit_train_with_mica(tmp_path):
 
 def test_a_resumed_mica_run_ends_as_an_uninterrupted_one(tmp_path):
     """The checkpoint holds A only (B is not trainable); the resumed run computes B again from W0, exactly."""
-
-    def cfg(out, **kw):
-        base = dict(out_dir=str(out), steps=6, batch_size=4, lr=1e-2, warmup_steps=0, save_every=0)
-        return RunConfig(lora=CFG, train=TrainSection(**{**base, **kw}))
-
-    def run(c, **kw):
-        model, method = tiny_llama(), make_method(c)
-        method.prepare(model, None)
-        train_loop(model, token_rows(), c, pad_id=0, out_dir=Path(c.train.out_dir), method=method, **kw)
-        return model
-
-    full = run(cfg(tmp_path / "a"))
-
-    def interrupt(rec):
-        if rec.get("step") == 4:
-            raise KeyboardInterrupt
-
-    with pytest.raises(TrainingError, match="interrupted at step 4"):
-        run(cfg(tmp_path / "b", save_every=3), callbacks=[interrupt])
-    second = run(cfg(tmp_path / "b", resume="auto"))
-    a, b = lorakit.adapter_state_dict(full), lorakit.adapter_state_dict(second)
-    assert any(k.endswith("lora_B.weight") for k in a)
-    for k in a:  # same ops, same data: equal up to BLAS thread scheduling
-        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+    full, _ = resumed_equals_uninterrupted(tmp_path, CFG, data_init=False)
+    assert any(k.endswith("lora_B.weight") for k in lorakit.adapter_state_dict(full))
 
 
 @pytest.mark.real_model

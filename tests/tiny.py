@@ -219,6 +219,48 @@ def addition_run(tmp_path, *overrides: str, device: str | None = None):
     return run_training(cfg, model=model, tokenizer=char_tokenizer()), model
 
 
+def resumed_equals_uninterrupted(tmp_path, lora, *, data_init: bool, **train) -> tuple[nn.Module, nn.Module]:
+    """Train a tiny Llama with `lora` for 6 steps, and again interrupted at step 4 and resumed from its step-3
+    checkpoint: both runs' adapters equal to 1e-6 (the same ops on the same data, up to BLAS thread scheduling).
+    `data_init`: the method reads the run's first batches (EVA, CorDA, LoRA-GA). Returns (uninterrupted, resumed)."""
+    from pathlib import Path
+
+    import pytest
+
+    import lorakit
+    from lorakit.train.config import RunConfig, TrainSection
+    from lorakit.train.loop import TrainingError, init_batches, train_loop
+    from lorakit.train.methods import make_method
+
+    def cfg(out, **kw):
+        base = dict(out_dir=str(out), steps=6, batch_size=4, lr=1e-2, warmup_steps=0, save_every=0, **train)
+        return RunConfig(lora=lora, train=TrainSection(**{**base, **kw}))
+
+    rows = token_rows()
+
+    def run(c, **kw):
+        model, method = tiny_llama(), make_method(c)
+        if data_init:
+            method.batches = lambda: init_batches(rows, c, 0)
+        method.prepare(model, None)
+        train_loop(model, rows, c, pad_id=0, out_dir=Path(c.train.out_dir), method=method, **kw)
+        return model
+
+    full = run(cfg(tmp_path / "a"))
+
+    def interrupt(rec):
+        if rec.get("step") == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingError, match="interrupted at step 4"):
+        run(cfg(tmp_path / "b", save_every=3), callbacks=[interrupt])
+    second = run(cfg(tmp_path / "b", resume="auto"))
+    a, b = lorakit.adapter_state_dict(full), lorakit.adapter_state_dict(second)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+    return full, second
+
+
 def graph_names(t: torch.Tensor) -> set[str]:
     """The class names of every autograd node behind `t` (e.g. "_SiluMulBackward")."""
     seen, todo, names = set(), [t.grad_fn], set()

@@ -26,7 +26,6 @@ rank-r A and B; a resumed run computes CorDA again from the same batches.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import time
@@ -46,6 +45,7 @@ from lorakit.inject import check_new_name, delete_adapter, inject
 from lorakit.registry import registry
 from lorakit.targeting import select_modules
 from lorakit.variants.datapass import (
+    DataInitRecord,
     Stop,
     decomposable_targets,
     forward,
@@ -60,8 +60,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class CordaResult:
-    """What CorDA read: the covariance of each target module's inputs (modules with the same input share one)."""
+class CordaResult(DataInitRecord):
+    """What CorDA read: the covariance of each target module's inputs (modules with the same input share one;
+    d_in² floats per distinct input, ~400 MB on SmolLM2, which `lean` drops)."""
 
     covariances: dict[str, torch.Tensor]
     batches: int
@@ -76,11 +77,7 @@ class CordaResult:
 
     label = "CorDA"
     key = "corda"
-
-    def lean(self) -> CordaResult:
-        """The same record without the covariances (d_in² floats per distinct input: ~400 MB on SmolLM2), for a
-        caller that keeps it while training."""
-        return dataclasses.replace(self, covariances={})
+    heavy = "covariances"
 
     def describe(self) -> str:
         """One line: what CorDA read."""
@@ -88,17 +85,6 @@ class CordaResult:
             f"{self.batches} batches, {self.samples} samples ({self.tokens:,} tokens), {self.groups} distinct layer "
             f"inputs, {self.modules} modules, {self.seconds:.0f} s"
         )
-
-    def record(self) -> dict:
-        """What a run's summary.json keeps of it."""
-        return {
-            "batches": self.batches,
-            "samples": self.samples,
-            "tokens": self.tokens,
-            "groups": self.groups,
-            "modules": self.modules,
-            "seconds": self.seconds,
-        }
 
 
 def corda_covariances(

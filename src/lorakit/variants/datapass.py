@@ -8,6 +8,7 @@ pre-hooks on the layers they initialise, reading each layer's inputs at the posi
   positions.
 - `same_inputs`: which layers read the same input (q, k, v; gate, up), so that one statistic serves them all.
 - `decomposable_targets`: the checks of an init that moves a part of each W0 into the adapter (CorDA, LoRA-GA).
+- `DataInitRecord`: what a training run keeps of such an init's result (`lean`, `record`).
 - `register_data_init`: the init's name, for configs and files, which a plain `inject` refuses in one line that
   names the function that runs it on data.
 """
@@ -15,6 +16,7 @@ pre-hooks on the layers they initialise, reading each layer's inputs at the posi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from collections.abc import Iterable, Iterator
 
@@ -27,6 +29,21 @@ from lorakit.errors import AdapterError
 from lorakit.handlers import handler_for
 from lorakit.layers import LoraAdapter, LoraLayer, register_init
 from lorakit.targeting import select_modules
+
+
+class DataInitRecord:
+    """The base of a data-driven init's result (a dataclass) that a training run keeps: `heavy` names its field
+    of tensors, which `lean` drops and `record` leaves out."""
+
+    heavy = ""
+
+    def lean(self):
+        """The same result without its tensors, for a caller that keeps it while training."""
+        return dataclasses.replace(self, **{self.heavy: {}})
+
+    def record(self) -> dict:
+        """What a run's summary.json keeps of it: every other field."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != self.heavy}
 
 
 def register_data_init(name: str, does: str, entry: str) -> None:

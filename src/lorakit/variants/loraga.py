@@ -29,7 +29,6 @@ still says "lora_ga" is refused in one line that says how to convert it.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import time
@@ -51,15 +50,16 @@ from lorakit.handlers import handler_for
 from lorakit.inject import check_new_name, delete_adapter, inject
 from lorakit.layers import LoraLayer
 from lorakit.registry import registry
-from lorakit.variants.datapass import decomposable_targets, register_data_init
+from lorakit.variants.datapass import DataInitRecord, decomposable_targets, register_data_init
 from lorakit.variants.pissa import decomposable_weight, move_into_adapter, svd_lowrank
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class LoraGaResult:
-    """What LoRA-GA read: the mean gradient of the loss with respect to each target's weight (2-D, float32)."""
+class LoraGaResult(DataInitRecord):
+    """What LoRA-GA read: the mean gradient of the loss with respect to each target's weight (2-D, float32; as
+    many floats as the target weights, which `lean` drops)."""
 
     gradients: dict[str, torch.Tensor]
     batches: int
@@ -75,11 +75,7 @@ class LoraGaResult:
 
     label = "LoRA-GA"
     key = "lora_ga"
-
-    def lean(self) -> LoraGaResult:
-        """The same record without the gradients (as many floats as the target weights), for a caller that keeps
-        it while training."""
-        return dataclasses.replace(self, gradients={})
+    heavy = "gradients"
 
     def describe(self) -> str:
         """One line: what LoRA-GA read."""
@@ -87,17 +83,6 @@ class LoraGaResult:
             f"{self.batches} batches, {self.samples} samples ({self.tokens:,} labelled tokens), loss "
             f"{self.loss:.4f}, {self.modules} modules, {self.seconds:.0f} s"
         )
-
-    def record(self) -> dict:
-        """What a run's summary.json keeps of it."""
-        return {
-            "batches": self.batches,
-            "samples": self.samples,
-            "tokens": self.tokens,
-            "loss": self.loss,
-            "modules": self.modules,
-            "seconds": self.seconds,
-        }
 
 
 def _weight(model: nn.Module, name: str) -> nn.Parameter:

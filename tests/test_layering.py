@@ -21,6 +21,7 @@ PACKAGE = SRC / "lorakit"
 # no lorakit imports of their own beyond each other (and data.tokenize for the IGNORE label)
 FOUNDATION = ["errors", "envflags", "checks", "atomic", "readers", "dropout", "device", "data.tokenize", "data.jsonl", "data"]
 CORE = [  # bottom up: each may import only what stands before it (and the foundation)
+    "peft_keys",
     "config",
     "handlers",
     "attention",

@@ -146,7 +146,9 @@ def loraga_gradients(
         for n, w in weights.items():
             if w.grad is None:
                 raise AdapterError(f"LoRA-GA: {n!r} got no gradient (is it used in the forward pass?)")
-            gradients[n] = handler_for(model.get_submodule(n)).to_2d(w.grad.float() / read)
+            grad, w.grad = w.grad, None  # one copy of each gradient at a time, at most
+            grad = grad.div_(read) if grad.dtype == torch.float32 else grad.float().div_(read)
+            gradients[n] = handler_for(model.get_submodule(n)).to_2d(grad)
     finally:
         for w in weights.values():
             w.grad = None

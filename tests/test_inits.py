@@ -3,7 +3,7 @@ the same A, B and (for OLoRA) the same residual base weight; what each promises 
 with both factors learning from the first step); their bad inputs; and OLoRA on the real default model, saved and
 loaded by PEFT. (Files both ways, for every init, are in test_peft_interop.)
 
-PiSSA and OLoRA files load as plain LoRA on the original base (`lora_format.as_plain_lora`), so that an adapter
+PiSSA and OLoRA files load as plain LoRA on the original base (`plain_lora.as_plain_lora`), so that an adapter
 bank can hold them beside other adapters: checked against the trained model, and against PEFT's load."""
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ CORE = [  # bottom up: each may import only what stands before it (and the found
     "control",
     "inject",
     "formats",
+    "plain_lora",
     "lora_format",
     "io",
 ]

@@ -129,7 +129,7 @@ INITS: dict[str, Callable[[LoraLayer, LoraAdapter], None]] = {}
 INIT_FACTORS: dict[str, Callable[[torch.Tensor, int, float], tuple[torch.Tensor, torch.Tensor]]] = {}
 """Of the inits that move a part of W0 into B·A (PiSSA, OLoRA): name -> factors(W0 as 2-D, r, s) -> (A0, B0), the
 start they compute from W0, deterministically (so that a loaded file can be made relative to the original W0:
-`lora_format.as_plain_lora`)."""
+`plain_lora.as_plain_lora`)."""
 INIT_FROZEN: dict[str, tuple[str, ...]] = {}
 """Of the inits that fix a factor for good (MiCA's B): name -> the adapter attributes training leaves frozen."""
 

@@ -37,8 +37,9 @@ from lorakit.formats import (
 )
 from lorakit.handlers import all_handlers, handler_for
 from lorakit.inject import check_new_name, delete_adapter, inject, param_plan, set_trainable, token_plan
-from lorakit.layers import INIT_FACTORS, VARIANTS, LoraLayer, Variant, variant_class
+from lorakit.layers import INIT_FACTORS, VARIANTS, Variant, variant_class
 from lorakit.params import ParamLora, factor_shapes, file_keys, param_wrappers
+from lorakit.plain_lora import as_plain_lora, with_starts
 from lorakit.registry import adapter_layers, registry
 from lorakit.saved import check_targets, copies_of, in_saved_module, original, token_rows_of
 from lorakit.targeting import select_modules, select_saved
@@ -102,15 +103,7 @@ TOKEN_KEY = "token_adapter.trainable_tokens_delta"  # PEFT's key for an adapter'
 def _save_lora(model: nn.Module, path: Path, name: str) -> Path:
     tensors = _lora_state_dict(model, name)
     config = file_config(model, registry(model).adapters[name])
-    started = {m: layer.adapters[name].start for m, layer in adapter_layers(model, name)}
-    if any(v is not None for v in started.values()):  # CorDA: its start came from data, so write it plain
-        if any(v is None for v in started.values()):
-            raise AdapterError(f"adapter {name!r} has a data-driven start on some of its modules only; cannot save it")
-        config = _doubled(config)
-        for m, (a0, b0) in started.items():
-            a, b = f"{PREFIX}{m}.lora_A.weight", f"{PREFIX}{m}.lora_B.weight"
-            tensors[a] = torch.cat([tensors[a], a0.to(tensors[a].dtype)]).contiguous()
-            tensors[b] = torch.cat([tensors[b], -b0.to(tensors[b].dtype)], dim=1).contiguous()
+    config = with_starts(model, name, config, tensors)  # CorDA, LoRA-GA, ...: written as plain LoRA
     metadata = {**file_metadata(model, name), **_variant_metadata(model, name)}  # e.g. DyLoRA's nesting
     peft_dict = config.to_peft_dict()
     info = registry(model).adapters[name]
@@ -290,58 +283,6 @@ def _apply_lora(model: nn.Module, plan: _LoraPlan, name: str, trainable: bool) -
         delete_adapter(model, name)
         raise
     return name
-
-
-@torch.no_grad()
-def as_plain_lora(
-    model: nn.Module, config: LoraConfig, copies: list[tuple[str, str, torch.Tensor]]
-) -> tuple[LoraConfig, list[tuple[str, str, torch.Tensor]]]:
-    """A PiSSA or OLoRA adapter, whose B·A is relative to W0 − s·B0·A0, as plain LoRA on the original W0: rank 2r,
-    A' = [A; A0] and B' = [B, −B0] with the same s (PEFT's conversion at save, with
-    path_initial_model_for_weight_conversion). B0 and A0 are computed again from W0, as its init computed them.
-
-    Loaded so, the adapter leaves the base weight alone, as every other adapter does: an adapter bank (`lorakit
-    serve`) can hold it beside others, it merges and unloads like them, and it exports to llama.cpp as a pair.
-    The config's ranks double and its alphas grow to keep s (2×, or √2× with rsLoRA)."""
-    factors = INIT_FACTORS[config.init]
-    start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module -> (A0, B0)
-    out = []
-    for module, attr, t in copies:
-        if attr in ("lora_A", "lora_B") and module not in start:
-            layer = model.get_submodule(module)
-            handler = handler_for(layer)
-            base = layer.base_layer if isinstance(layer, LoraLayer) else layer
-            if handler is None or handler.quantized or not handler.linear:
-                raise AdapterError(
-                    f"{module}: a {config.init} adapter needs a full-precision linear base layer, not "
-                    f"{type(base).__name__}"
-                )
-            w = handler.weight(base).float()
-            if isinstance(layer, LoraLayer):  # another PiSSA adapter moved a part of W0: the original is W0 + it
-                for other in layer.adapters.values():
-                    if other.base_residual is not None:
-                        w = w + other.base_residual.float()
-            start[module] = factors(handler.to_2d(w), config.rank_for(module), config.scaling_for(module))
-        if attr == "lora_A":
-            t = torch.cat([t, start[module][0].to(t.dtype)])
-        elif attr == "lora_B":
-            t = torch.cat([t, -start[module][1].to(t.dtype)], dim=1)
-        out.append((module, attr, t))
-    return _doubled(config), out
-
-
-def _doubled(config: LoraConfig) -> LoraConfig:
-    """The config of an adapter written as plain LoRA [A; A0], [B, −B0]: init default, ranks doubled, alphas grown
-    to keep s (2×, or √2× with rsLoRA)."""
-    grow = 2.0**0.5 if config.use_rslora else 2.0
-    return config.replace(
-        init="default",
-        pissa_niter=0,
-        r=2 * config.r,
-        alpha=grow * config.alpha,
-        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
-        alpha_pattern={k: grow * v for k, v in config.alpha_pattern.items()},
-    )
 
 
 def _suffixes(variant: Variant) -> dict[str, str]:

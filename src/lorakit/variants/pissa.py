@@ -12,7 +12,7 @@ W0 keeps the residual, so that the model's output is unchanged at initialisation
 
 The removed part is kept on the adapter (`base_residual`), so deleting the adapter restores the original base
 weight. Both are deterministic, and each registers its `factors` too: a saved adapter loads as plain LoRA on the
-original base, its (A0, B0) computed again from W0 (`lora_format.as_plain_lora`). Registered as the inits "pissa"
+original base, its (A0, B0) computed again from W0 (`plain_lora.as_plain_lora`). Registered as the inits "pissa"
 and "olora" (`LoraConfig(init="olora")`).
 """
 

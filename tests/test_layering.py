@@ -36,6 +36,7 @@ CORE = [  # bottom up: each may import only what stands before it (and the found
     "registry",
     "siblings",
     "control",
+    "replicate",
     "inject",
     "formats",
     "plain_lora",

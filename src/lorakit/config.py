@@ -120,6 +120,10 @@ class LoraConfig:
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     """Embedding rows the adapter trains alone, e.g. new special tokens (PEFT's trainable_token_indices): a list of
     token ids for the input embedding (and the output head tied to it), or {module name: token ids}."""
+    layer_replication: list[list[int]] | None = None
+    """A deeper model from the base's own layers (PEFT's layer_replication): [[0, 20], [10, 30]] makes layers
+    0..19 then 10..29, the copies sharing their weights, each with its own adapter; the file's keys name the new
+    layers, and a load replicates again. Merging is refused (the copies share W0). lorakit.replicate."""
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, (tuple, set)):
@@ -132,6 +136,9 @@ class LoraConfig:
             self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
+        lr = self.layer_replication
+        if isinstance(lr, (list, tuple)) and all(isinstance(p, (list, tuple)) for p in lr):
+            self.layer_replication = [list(p) for p in lr]
         self._check_types()
         _check(
             bool(self.targets) or bool(self.target_parameters),
@@ -210,6 +217,20 @@ class LoraConfig:
     def _check_types(self) -> None:
         """Every field has the type and range it is documented with (JSON gives any type, and `Infinity`)."""
         _check(is_int(self.r, 1), f"r must be a positive integer, got {short(self.r)}", "r")
+        _check(
+            self.layer_replication is None
+            or (
+                isinstance(self.layer_replication, list)
+                and bool(self.layer_replication)
+                and all(
+                    isinstance(p, (list, tuple)) and len(p) == 2 and all(is_int(v, 0) for v in p) and p[0] < p[1]
+                    for p in self.layer_replication
+                )
+            ),
+            f"layer_replication must be a list of [start, end) layer ranges with start < end, e.g. [[0, 20], "
+            f"[10, 30]], got {short(self.layer_replication)}",
+            "layer_replication",
+        )
         _check(
             is_int(self.loftq_iter, 1), f"loftq_iter must be a positive integer, got {short(self.loftq_iter)}", "loftq_iter"
         )

@@ -29,6 +29,7 @@ from lorakit.params import (
     unwrap_params,
 )
 from lorakit.registry import AdapterInfo, Registry, adapter_names, lora_layers, registry
+from lorakit.replicate import replicate_layers, restore_layers
 from lorakit.saved import (
     SavedModule,
     TokenRows,
@@ -78,18 +79,32 @@ def inject(
     """
     check_new_name(model, name)
     cls = variant_class(config, variant)
-    names = [] if config.target_parameters and not config.targets else select_modules(model, config)
-    for n in names:
-        module = model.get_submodule(n)
-        handler = handler_for(module)
-        base = module.base_layer if isinstance(module, LoraLayer) else module
-        reason = handler.check(base) or cls.refusal(handler)
-        if reason:
-            raise TargetError(f"cannot add LoRA to {n!r} ({type(module).__name__}): {reason}")
-    saved = modules_to_save(model, config, names)
-    tokens, tied = token_plan(model, config, names, saved)
-    params = param_plan(model, config, names, [*saved, *tokens, *tied])
+    created = "_lorakit" not in model.__dict__
     reg = registry(model, create=True)
+    try:  # layer_replication first: the selection names the new layers
+        replicated = replicate_layers(model, config.layer_replication, reg)
+    except BaseException:
+        if created:
+            del model.__dict__["_lorakit"]
+        raise
+    try:
+        names = [] if config.target_parameters and not config.targets else select_modules(model, config)
+        for n in names:
+            module = model.get_submodule(n)
+            handler = handler_for(module)
+            base = module.base_layer if isinstance(module, LoraLayer) else module
+            reason = handler.check(base) or cls.refusal(handler)
+            if reason:
+                raise TargetError(f"cannot add LoRA to {n!r} ({type(module).__name__}): {reason}")
+        saved = modules_to_save(model, config, names)
+        tokens, tied = token_plan(model, config, names, saved)
+        params = param_plan(model, config, names, [*saved, *tokens, *tied])
+    except BaseException:
+        if replicated:
+            restore_layers(model, reg)
+        if created:
+            del model.__dict__["_lorakit"]
+        raise
     reg.layers = None
     try:
         add_copies(model, name, saved)
@@ -114,6 +129,7 @@ def inject(
         remove_param_adapters(model, name)
         reg.layers = None
         if not reg.adapters:
+            restore_layers(model, reg)
             del model.__dict__["_lorakit"]
         raise
     reg.layers = None
@@ -280,6 +296,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     del reg.adapters[name]
     reg.active.pop(name, None)
     if not reg.adapters:
+        restore_layers(model, reg)
         _restore_requires_grad(model, reg)
         del model.__dict__["_lorakit"]
         set_lean_loss(model, False)
@@ -307,6 +324,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
             if aname not in merged:  # gives back what PiSSA moved from W0 into B·A
                 layer.remove_adapter(aname)
         _set_submodule(model, name, layer.base_layer)
+    restore_layers(model, reg)
     _restore_requires_grad(model, reg)
     del model.__dict__["_lorakit"]
     set_lean_loss(model, False)

@@ -41,6 +41,7 @@ from lorakit.layers import INIT_FACTORS, VARIANTS, Variant, variant_class
 from lorakit.params import ParamLora, factor_shapes, file_keys, param_wrappers
 from lorakit.plain_lora import as_plain_lora, with_starts
 from lorakit.registry import adapter_layers, registry
+from lorakit.replicate import replicated
 from lorakit.saved import check_targets, copies_of, in_saved_module, original, token_rows_of
 from lorakit.targeting import select_modules, select_saved
 
@@ -160,8 +161,9 @@ def _plan_lora(model: nn.Module, path: Path, raw: dict[str, Any], name: str, all
     meta = read_metadata(path)
     variant = _recorded_variant(meta)
     cls = variant_class(config, variant)
-    config, saved, tensors = _plan_saved(model, config, tensors, path)
-    return _LoraPlan(config, variant, _plan_copies(model, config, cls, tensors, path), meta, saved)
+    with replicated(model, config.layer_replication):  # the file names the replicated layers
+        config, saved, tensors = _plan_saved(model, config, tensors, path)
+        return _LoraPlan(config, variant, _plan_copies(model, config, cls, tensors, path), meta, saved)
 
 
 def plan_lora_tensors(

@@ -50,7 +50,6 @@ _PEFT_IGNORED_KEYS = {
 _PEFT_UNSUPPORTED_KEYS = {
     "use_qalora",
     "qalora_group_size",
-    "layer_replication",
     "loftq_config",
     "use_bdlora",
     "bdlora_config",
@@ -85,6 +84,7 @@ _FROM_PEFT: dict[str, str] = {
     "modules_to_save": "modules_to_save",
     "trainable_token_indices": "trainable_token_indices",
     "target_parameters": "target_parameters",
+    "layer_replication": "layer_replication",
 }
 _PEFT_KEY = {ours: theirs for theirs, ours in _FROM_PEFT.items()}
 # PEFT's eva_config keys -> LoraConfig fields (label_mask_value: lorakit's labels mask with -100, as PEFT's default)

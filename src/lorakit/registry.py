@@ -38,6 +38,7 @@ class Registry:
     requires_grad: dict[str, bool] = field(default_factory=dict)  # base parameters' flags before injection
     active: dict[str, float] = field(default_factory=dict)  # adapter name -> weight
     layers: list | None = None  # cached (name, LoraLayer) list; None after the set of wrappers changed
+    replication: object | None = None  # lorakit.replicate.Replication: the layers layer_replication replaced
 
 
 def registry(model: nn.Module, *, create: bool = False) -> Registry:

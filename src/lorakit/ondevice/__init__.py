@@ -63,7 +63,12 @@ def export_gguf(
     if adapter is not None:
         if is_ladder_folder(adapter):
             raise ConfigError(f"{adapter}: a ladder side network has no llama.cpp form, merged or not")
-        folder_format(adapter)  # a missing or unreadable adapter fails now, before the model loads
+        replication = folder_format(adapter)[1].get("layer_replication")  # a bad folder fails before the model loads
+        if replication:
+            raise ConfigError(
+                f"{adapter}: layer_replication={replication} has no llama.cpp form: its copied layers share the "
+                "base's weights (and cannot be merged), and llama.cpp's model has the base's blocks only"
+            )
     base_gguf = (
         default_gguf_path() if model is None else Path(model) if str(model).endswith(".gguf") else None
     )

@@ -15,6 +15,7 @@ import lorakit
 from lorakit import LoraConfig
 from lorakit.control import merged
 from lorakit.errors import AdapterError, ConfigError
+from lorakit.export import merged_model
 
 from tiny import addition_run, ids, peft_config, perturb_peft, randomize, tiny_llama
 
@@ -188,6 +189,8 @@ def test_banks_llama_cpp_and_mismatched_combines_refuse_it(tmp_path):
     with pytest.raises(ConfigError, match="has no llama.cpp form"):
         lorakit.export_gguf(tmp_path / "a.gguf", tmp_path / "a")
     assert not (tmp_path / "a.gguf").exists()
+    with pytest.raises(AdapterError, match="cannot merge, the copied layers share"):  # lorakit merge: before any load
+        merged_model(tmp_path / "no-such-model", tmp_path / "a")
     other = tiny_llama()
     lorakit.inject(other, CFG.replace(layer_replication=[[0, 2], [0, 1]]))
     lorakit.save_adapter(other, tmp_path / "b")

@@ -62,7 +62,9 @@ def _argv(command: str) -> list[str]:
     """The shell words of a documented command, without comments, `...` and the brackets of optional parts."""
     words = shlex.split(command, comments=True)
     words = [w for w in words if w not in ("...", "[", "]")]
-    return [w.strip("[]") if w.startswith("[") or w.endswith("]") else w for w in words]
+    # an optional part's bracket opens or closes a word ("[--lora.corda_mode", "kpm]"); a value with balanced
+    # brackets ("[[0, 20], [10, 30]]") is a value
+    return [w.strip("[]") if w.count("[") != w.count("]") else w for w in words]
 
 
 def _lorakit_argv(words: list[str]) -> list[str]:

@@ -148,6 +148,16 @@ def test_bad_maps_are_config_errors(value, message):
         CFG.replace(layer_replication=value)
 
 
+@pytest.mark.parametrize("init", ["pissa", "olora", "corda", "lora_ga", "loftq", "eva"])
+def test_inits_that_change_or_read_w0_are_refused_with_it(init):
+    """PiSSA and its kin would move s·B0·A0 out of the shared W0 once per copy; EVA's and the others' data
+    passes read the layers before they are replicated."""
+    with pytest.raises(ConfigError, match=f"layer_replication does not work with init='{init}'"):
+        CFG.replace(init=init)
+    with pytest.raises(ConfigError, match="layer_replication does not work with target_parameters"):
+        CFG.replace(targets=[], target_parameters=["mlp.down_proj.weight"])
+
+
 def _refused(model, fn, error, message):
     state, layers = _state(model), list(model.model.layers)
     names = lorakit.adapter_names(model) if "_lorakit" in model.__dict__ else []

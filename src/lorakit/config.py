@@ -152,6 +152,18 @@ class LoraConfig:
                 (self.init not in ("default", "gaussian"), f"init={self.init!r}"),
             ):
                 _check(not bad, f"target_parameters does not work with {why} (as in PEFT)", "target_parameters")
+        if self.layer_replication:
+            _check(
+                self.init not in ("pissa", "olora", "corda", "lora_ga", "loftq", "eva"),
+                f"layer_replication does not work with init={self.init!r}: the copies share their W0, which that "
+                "init changes (once per copy), or whose inputs it reads before the layers are replicated",
+                "layer_replication",
+            )
+            _check(
+                not self.target_parameters,
+                "layer_replication does not work with target_parameters (the copies share those parameters)",
+                "layer_replication",
+            )
         _check(self.bias in BIAS_MODES, f"bias must be one of {BIAS_MODES}, got {short(self.bias)}", "bias")
         _check(self.init in INITS, f"init must be one of {INITS}, got {short(self.init)}", "init")
         if self.lora_bias:

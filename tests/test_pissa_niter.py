@@ -102,6 +102,14 @@ def test_a_raw_peft_pissa_niter_file_loads_with_a_warning_close_to_the_trained_m
     gap, peft_gap = float((ours - want).abs().max()), float((again - want).abs().max())
     change = float((want - tiny_llama()(x).logits).abs().max())
     assert gap < 0.1 * change and gap < peft_gap, (gap, peft_gap, change)
+    # loaded to go on training: PiSSA's form on the exact start, the same outputs, saved again as exact "pissa"
+    to_train = tiny_llama()
+    with pytest.warns(UserWarning, match="pissa_niter_16"):
+        lorakit.load_adapter(to_train, tmp_path / "raw", trainable=True)
+    with torch.no_grad():
+        torch.testing.assert_close(to_train(x).logits, ours, atol=1e-5, rtol=0)  # f32, the same start
+    lorakit.save_adapter(to_train, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
 
 
 def test_pissa_niter_settings_and_peft_names():

@@ -256,8 +256,7 @@ def _apply_lora(model: nn.Module, plan: _LoraPlan, name: str, trainable: bool) -
             "PEFT's own load computes it again), so the outputs are close to, not equal to, the trained model's",
             stacklevel=3,
         )
-        if not trainable:
-            config = config.replace(pissa_niter=0)  # the exact start (as_plain_lora)
+        config = config.replace(pissa_niter=0)  # the exact start (as_plain_lora, or PiSSA's init to train on)
     if config.init in INIT_FACTORS and not trainable:  # PiSSA, OLoRA: leave W0 alone (for the other adapters)
         config, tensors = as_plain_lora(model, config, tensors)
     inject(model, config, name, activate=False, trainable=trainable, variant=plan.variant)

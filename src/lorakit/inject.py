@@ -81,13 +81,9 @@ def inject(
     cls = variant_class(config, variant)
     created = "_lorakit" not in model.__dict__
     reg = registry(model, create=True)
-    try:  # layer_replication first: the selection names the new layers
-        replicated = replicate_layers(model, config.layer_replication, reg)
-    except BaseException:
-        if created:
-            del model.__dict__["_lorakit"]
-        raise
+    replicated = False
     try:
+        replicated = replicate_layers(model, config.layer_replication, reg)  # first: the selection names new layers
         names = [] if config.target_parameters and not config.targets else select_modules(model, config)
         for n in names:
             module = model.get_submodule(n)

@@ -57,45 +57,34 @@ def layer_stack(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     )
 
 
-def check_layer_map(layer_map: object, count: int) -> list[list[int]]:
-    """The map as [[start, end), ...] after checking it against `count` layers; a one-line ConfigError if not."""
-    ok = isinstance(layer_map, (list, tuple)) and len(layer_map) > 0
-    pairs = []
-    for pair in layer_map if ok else ():
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(type(v) is int for v in pair)):
-            ok = False
-            break
-        start, end = pair
-        if not 0 <= start < end <= count:
+def check_layer_map(layer_map: list[list[int]], count: int) -> None:
+    """A one-line ConfigError for a range of `layer_map` (its shape is LoraConfig's to check) outside the model's
+    `count` layers."""
+    for start, end in layer_map:
+        if end > count:
             raise ConfigError(
                 f"layer_replication: [{start}, {end}] is not a range [start, end) of the model's {count} layers",
                 key="layer_replication",
             )
-        pairs.append([start, end])
-    if not ok:
-        raise ConfigError(
-            f"layer_replication must be a list of [start, end) layer ranges, e.g. [[0, 20], [10, 30]], got {layer_map!r}",
-            key="layer_replication",
-        )
-    return pairs
 
 
 def replicate_layers(model: nn.Module, layer_map: list[list[int]] | None, reg: Registry) -> bool:
     """Make `model`'s layers those of `layer_map` (None: none replicated), sharing weights, unless they already
     are; returns whether it replicated them now. An adapter on a replicated model must name the same map. Checks
     run before anything changes."""
-    done: Replication | None = getattr(reg, "replication", None)
-    if done is not None or layer_map is None:
-        if done is None:
-            return False
+    done: Replication | None = reg.replication
+    if done is not None:
         if layer_map is None or [list(p) for p in layer_map] != done.layer_map:
             raise AdapterError(
                 f"the model's layers are replicated (layer_replication={done.layer_map}): an adapter on it must have "
                 f"the same layer_replication, not {layer_map}"
             )
         return False
+    if layer_map is None:
+        return False
     parent, attr, layers = layer_stack(model)
-    pairs = check_layer_map(layer_map, len(layers))
+    check_layer_map(layer_map, len(layers))
+    pairs = [list(p) for p in layer_map]
     if reg.adapters:
         raise AdapterError(
             f"layer_replication changes the model's layers, which adapters {list(reg.adapters)} already adapt: "
@@ -138,7 +127,7 @@ def replicated(model: nn.Module, layer_map: list[list[int]] | None) -> Iterator[
 
 def restore_layers(model: nn.Module, reg: Registry) -> None:
     """Give the model its original layers back (after its last adapter went)."""
-    done: Replication | None = getattr(reg, "replication", None)
+    done: Replication | None = reg.replication
     if done is None:
         return
     setattr(done.parent, done.attr, done.original)

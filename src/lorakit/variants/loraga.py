@@ -147,7 +147,7 @@ def loraga_gradients(
             if w.grad is None:
                 raise AdapterError(f"LoRA-GA: {n!r} got no gradient (is it used in the forward pass?)")
             grad, w.grad = w.grad, None  # one copy of each gradient at a time, at most
-            grad = grad.div_(read) if grad.dtype == torch.float32 else grad.float().div_(read)
+            grad = grad.float().div_(read)  # float() is the tensor itself when it is float32
             gradients[n] = handler_for(model.get_submodule(n)).to_2d(grad)
     finally:
         for w in weights.values():

@@ -33,14 +33,27 @@ SHARED_SCOPES = {
 # Marks of tests that take seconds, not milliseconds: their files are handed out first, so that the last file a
 # worker gets is a quick one.
 HEAVY = ("slow", "real_model", "llama_cpp", "browser")
+# Below this much free space in the temp folder, the run's header says so: a full disk otherwise shows as
+# hundreds of setup errors far from their cause.
+MIN_FREE_GIB = 5
 
 
 def pytest_report_header(config):
+    import shutil
+    import tempfile
+
     import torch
 
     if torch.cuda.is_available():
-        return f"gpu: {torch.cuda.get_device_name(0)}: the `gpu` tests run"
-    return "gpu: no CUDA GPU: the `gpu` tests are deselected (on a machine with one: pytest -m gpu)"
+        gpu = f"gpu: {torch.cuda.get_device_name(0)}: the `gpu` tests run"
+    else:
+        gpu = "gpu: no CUDA GPU: the `gpu` tests are deselected (on a machine with one: pytest -m gpu)"
+    tmp = tempfile.gettempdir()
+    free = shutil.disk_usage(tmp).free / 2**30
+    disk = f"disk: {free:.1f} GiB free in {tmp}"
+    if free < MIN_FREE_GIB:
+        disk += f" (under {MIN_FREE_GIB} GiB: the real-model tests write GB of files there and may fail for room)"
+    return [gpu, disk]
 
 
 @pytest.hookimpl(optionalhook=True)

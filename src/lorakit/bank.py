@@ -29,7 +29,7 @@ from torch import nn
 
 from lorakit.control import active_adapters, disabled, set_active
 from lorakit.errors import AdapterError
-from lorakit.formats import folder_format
+from lorakit.formats import folder_refusal
 from lorakit.inject import delete_adapter
 from lorakit.io import LoadPlan, apply_plan, plan_adapter
 from lorakit.mixed import row_adapters
@@ -84,12 +84,9 @@ class AdapterBank:
             if name in self._doomed:
                 raise AdapterError(f"adapter {name!r} is still being unloaded (requests in flight); retry")
             t0 = time.perf_counter()
-            replication = folder_format(path)[1].get("layer_replication")
-            if replication:
-                raise AdapterError(
-                    f"{path}: layer_replication={replication} changes the base model's layers, which every adapter "
-                    "in a bank (and lorakit serve) shares; load it alone (lorakit.load_adapter, lorakit generate)"
-                )
+            reason = folder_refusal(path, "bank")
+            if reason:
+                raise AdapterError(reason)
             # the file is read and checked, and refusals made, before evicting: a bad file must not evict anyone
             plan = plan_adapter(self.model, path, name, allow_pickle=allow_pickle)
             if plan.peft_type == LADDER:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from torch import nn
 
@@ -28,6 +29,18 @@ MERGE_GUARDS: list[Callable[[nn.Module], str | None]] = []
 def register_merge_guard(guard: Callable[[nn.Module], str | None]) -> None:
     """Make `merge` refuse (AdapterError with the reason) whenever `guard(model)` returns a reason."""
     MERGE_GUARDS.append(guard)
+
+
+FOLDER_USES = ("bank", "merge", "gguf")
+FOLDER_CHECKS: list[Callable[[dict[str, Any], str], str | None]] = []
+"""Functions (an adapter folder's adapter_config.json content, a use) -> a reason the adapter cannot serve that use,
+or None. The uses: "bank" (an AdapterBank, lorakit serve), "merge" (lorakit merge, merged_model), "gguf" (a
+llama.cpp file). `lorakit.formats.folder_refusal` asks each before any model loads."""
+
+
+def register_folder_check(check: Callable[[dict[str, Any], str], str | None]) -> None:
+    """Make a bank, lorakit merge and GGUF export refuse a folder whenever `check(config, use)` gives a reason."""
+    FOLDER_CHECKS.append(check)
 
 
 def set_active(model: nn.Module, adapters: str | list[str] | dict[str, float]) -> None:

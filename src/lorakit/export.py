@@ -11,7 +11,7 @@ import torch
 
 from lorakit.atomic import atomic_dir
 from lorakit.errors import AdapterError
-from lorakit.formats import folder_format
+from lorakit.formats import folder_refusal
 from lorakit.inject import unload
 from lorakit.io import load_adapter
 from lorakit.quant import adapter_base_quantization, dequantize, quantize
@@ -43,12 +43,9 @@ def merged_model(
     if is_ladder_folder(adapter):
         raise AdapterError(f"{adapter}: {MERGE_REFUSAL}")
     quant = adapter_base_quantization(adapter)  # a corrupt adapter file fails here, before the model loads
-    replication = folder_format(adapter)[1].get("layer_replication")
-    if replication:
-        raise AdapterError(
-            f"{adapter}: layer_replication={replication}: cannot merge, the copied layers share the base's weights, "
-            "so no single weight can hold two copies' updates (as in PEFT)"
-        )
+    reason = folder_refusal(adapter, "merge")
+    if reason:
+        raise AdapterError(reason)
     model, tokenizer = load_model(model_spec, dtype=dtype, device=device)
     if quant and dequantized_base:
         if quant.get("method") in ("nf4", "bitsandbytes-nf4"):  # our NF4 is bitsandbytes' (CPU) bit for bit

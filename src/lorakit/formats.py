@@ -23,6 +23,7 @@ from torch import nn
 
 from lorakit.atomic import atomic_dir
 from lorakit.config import LoraConfig
+from lorakit.control import FOLDER_CHECKS, FOLDER_USES
 from lorakit.errors import AdapterFileError, ConfigError, TargetError
 from lorakit.readers import load_weights_only, read_json, read_safetensors, safetensors_metadata
 from lorakit.registry import AdapterInfo
@@ -81,6 +82,19 @@ def register_metadata(provider: Callable[[nn.Module, str], dict[str, str]]) -> N
 def register_load_hook(hook: Callable[[nn.Module, Path], None]) -> None:
     """Call `hook(model, folder)` after every adapter is loaded (e.g. to note a quantized-base mismatch)."""
     LOAD_HOOKS.append(hook)
+
+
+def folder_refusal(path: str | os.PathLike, use: str) -> str | None:
+    """Why adapter folder `path` cannot serve `use` ("bank", "merge" or "gguf"; lorakit.control.FOLDER_CHECKS),
+    as "<path>: <reason>", or None. Reads the config only: it runs before any model loads."""
+    if use not in FOLDER_USES:
+        raise ValueError(f"use must be one of {FOLDER_USES}, got {use!r}")
+    config = folder_format(path)[1]
+    for check in FOLDER_CHECKS:
+        reason = check(config, use)
+        if reason:
+            return f"{path}: {reason}"
+    return None
 
 
 def folder_format(path: str | os.PathLike) -> tuple[AdapterFormat, dict[str, Any]]:

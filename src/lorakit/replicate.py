@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lorakit.control import register_merge_guard
+from lorakit.control import register_folder_check, register_merge_guard
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.registry import Registry
 
@@ -155,4 +155,20 @@ def _merge_guard(model: nn.Module) -> str | None:
     )
 
 
+def _folder_check(config: dict, use: str) -> str | None:
+    """A replicated adapter, from its folder: no bank, merge or llama.cpp file."""
+    done = config.get("layer_replication")
+    if not done:
+        return None
+    return {
+        "bank": f"layer_replication={done} changes the base model's layers, which every adapter in a bank (and "
+        "lorakit serve) shares; load it alone (lorakit.load_adapter, lorakit generate)",
+        "merge": f"layer_replication={done}: cannot merge, the copied layers share the base's weights, so no single "
+        "weight can hold two copies' updates (as in PEFT)",
+        "gguf": f"layer_replication={done} has no llama.cpp form: its copied layers share the base's weights (and "
+        "cannot be merged), and llama.cpp's model has the base's blocks only",
+    }[use]
+
+
 register_merge_guard(_merge_guard)
+register_folder_check(_folder_check)

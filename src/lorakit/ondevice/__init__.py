@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import AdapterFileError, ConfigError
-from lorakit.formats import AdapterFormat, folder_format, register_format
+from lorakit.formats import AdapterFormat, folder_refusal, register_format
 
 
 @dataclass
@@ -63,12 +63,9 @@ def export_gguf(
     if adapter is not None:
         if is_ladder_folder(adapter):
             raise ConfigError(f"{adapter}: a ladder side network has no llama.cpp form, merged or not")
-        replication = folder_format(adapter)[1].get("layer_replication")  # a bad folder fails before the model loads
-        if replication:
-            raise ConfigError(
-                f"{adapter}: layer_replication={replication} has no llama.cpp form: its copied layers share the "
-                "base's weights (and cannot be merged), and llama.cpp's model has the base's blocks only"
-            )
+        reason = folder_refusal(adapter, "gguf")  # a bad folder fails before the model loads
+        if reason:
+            raise ConfigError(reason)
     base_gguf = (
         default_gguf_path() if model is None else Path(model) if str(model).endswith(".gguf") else None
     )

@@ -64,6 +64,12 @@ _KEYS = {  # file key suffix -> (A or B, embedding?)
 
 Source = tuple[LoraConfig, dict[str, torch.Tensor]]
 
+# Settings every combined adapter must share, as the result keeps them: why adapters that differ cannot combine
+_SHARED = {
+    "layer_replication": "adapters on differently replicated layers cannot be combined",  # keys name other layers
+    "alora_invocation_tokens": "aLoRA adapters combine only with adapters invoked by the same tokens",
+}
+
 
 def combine(
     sources: Sequence[str | os.PathLike],
@@ -156,13 +162,11 @@ def combine_tensors(
     read = [_modules(cfg, tensors, name) for (cfg, tensors), name in zip(sources, names, strict=True)]
     tables, biases = [t for t, _ in read], [b for _, b in read]
     _check_base_models([cfg for cfg, _ in sources], names, ignore_base_model)
-    replication = sources[0][0].layer_replication
+    shared = {key: getattr(sources[0][0], key) for key in _SHARED}
     for (cfg, _), name in zip(sources, names, strict=True):
-        if cfg.layer_replication != replication:  # their keys name the layers of different models
-            raise AdapterError(
-                f"{name}: layer_replication={cfg.layer_replication}, {names[0]}'s is {replication}: adapters on "
-                "differently replicated layers cannot be combined"
-            )
+        for key, why in _SHARED.items():
+            if getattr(cfg, key) != shared[key]:
+                raise AdapterError(f"{name}: {key}={getattr(cfg, key)}, {names[0]}'s is {shared[key]}: {why}")
     modules = _check_modules(tables, names, allow_missing)
     dtypes = {t.dtype for table in tables for lora in table.values() for t in (lora.A, lora.B)}
     dtypes |= {b.dtype for found in biases for b in found.values()}
@@ -194,7 +198,7 @@ def combine_tensors(
         modules_to_save=sorted(carried) if carried else None,
         trainable_token_indices=token_ids,
         lora_bias=any(biases),
-        layer_replication=replication,
+        **shared,
     ), out
 
 

@@ -124,6 +124,10 @@ class LoraConfig:
     """A deeper model from the base's own layers (PEFT's layer_replication): [[0, 20], [10, 30]] makes layers
     0..19 then 10..29, the copies sharing their weights, each with its own adapter; the file's keys name the new
     layers, and a load replicates again. Merging is refused (the copies share W0). lorakit.replicate."""
+    alora_invocation_tokens: list[int] | None = None
+    """Activated LoRA (PEFT's aLoRA): the token ids that invoke the adapter. Each row's tokens before the last
+    occurrence of this sequence see the base model alone, so their KV cache is the base's; the adapter acts from
+    the invocation on. Not mergeable. lorakit.variants.alora."""
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, (tuple, set)):
@@ -139,6 +143,8 @@ class LoraConfig:
         lr = self.layer_replication
         if isinstance(lr, (list, tuple)) and all(isinstance(p, (list, tuple)) for p in lr):
             self.layer_replication = [list(p) for p in lr]
+        if isinstance(self.alora_invocation_tokens, tuple):
+            self.alora_invocation_tokens = list(self.alora_invocation_tokens)
         self._check_types()
         _check(
             bool(self.targets) or bool(self.target_parameters),
@@ -152,6 +158,19 @@ class LoraConfig:
                 (self.init not in ("default", "gaussian"), f"init={self.init!r}"),
             ):
                 _check(not bad, f"target_parameters does not work with {why} (as in PEFT)", "target_parameters")
+        if self.alora_invocation_tokens is not None:
+            for bad, why in (
+                (self.use_dora, "use_dora"),
+                (self.lora_bias, "lora_bias"),
+                (bool(self.target_parameters), "target_parameters"),
+                (self.init in ("pissa", "olora", "corda", "lora_ga", "loftq"), f"init={self.init!r}"),
+            ):
+                _check(
+                    not bad,
+                    f"alora_invocation_tokens does not work with {why}: the tokens before the invocation must see "
+                    "the base model alone",
+                    "alora_invocation_tokens",
+                )
         if self.layer_replication:
             _check(
                 self.init not in ("pissa", "olora", "corda", "lora_ga", "loftq", "eva"),
@@ -242,6 +261,17 @@ class LoraConfig:
             f"layer_replication must be a list of [start, end) layer ranges with start < end, e.g. [[0, 20], "
             f"[10, 30]], got {short(self.layer_replication)}",
             "layer_replication",
+        )
+        _check(
+            self.alora_invocation_tokens is None
+            or (
+                isinstance(self.alora_invocation_tokens, list)
+                and bool(self.alora_invocation_tokens)
+                and all(is_int(t, 0) for t in self.alora_invocation_tokens)
+            ),
+            f"alora_invocation_tokens must be a non-empty list of token ids (integers >= 0) or null, got "
+            f"{short(self.alora_invocation_tokens)}",
+            "alora_invocation_tokens",
         )
         _check(
             is_int(self.loftq_iter, 1), f"loftq_iter must be a positive integer, got {short(self.loftq_iter)}", "loftq_iter"

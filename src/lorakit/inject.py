@@ -85,6 +85,9 @@ def inject(
     try:
         replicated = replicate_layers(model, config.layer_replication, reg)  # first: the selection names new layers
         names = [] if config.target_parameters and not config.targets else select_modules(model, config)
+        reason = cls.model_refusal(model)
+        if reason:
+            raise TargetError(f"cannot add {cls.label} to {type(model).__name__}: {reason}")
         for n in names:
             module = model.get_submodule(n)
             handler = handler_for(module)
@@ -133,6 +136,7 @@ def inject(
     reg.adapters[name] = AdapterInfo(
         config=config, modules=names, trainable=trainable, saved=saved, tokens=tokens, params=params
     )
+    cls.attach(model, name)
     set_trainable(model)
     if activate:
         set_active(model, name)

@@ -64,6 +64,17 @@ class Variant:
         return None
 
     @classmethod
+    def model_refusal(cls, model: nn.Module) -> str | None:
+        """A reason this variant cannot work on `model` as a whole, or None (it can); checked before inject
+        touches the model."""
+        return None
+
+    @classmethod
+    def attach(cls, model: nn.Module, name: str) -> None:
+        """After inject added adapter `name` of this variant to `model`: set up what it needs at the model's level
+        (aLoRA: the hook that finds each row's invocation)."""
+
+    @classmethod
     def create(cls, config: LoraConfig, module: str) -> Variant:
         """The variant object for one adapted module (one object may serve all of an adapter's layers)."""
         return cls()

@@ -53,7 +53,6 @@ _PEFT_UNSUPPORTED_KEYS = {
     "loftq_config",
     "use_bdlora",
     "bdlora_config",
-    "alora_invocation_tokens",
     "arrow_config",
     "ensure_weight_tying",
     "modules_to_tie",
@@ -85,6 +84,7 @@ _FROM_PEFT: dict[str, str] = {
     "trainable_token_indices": "trainable_token_indices",
     "target_parameters": "target_parameters",
     "layer_replication": "layer_replication",
+    "alora_invocation_tokens": "alora_invocation_tokens",
 }
 _PEFT_KEY = {ours: theirs for theirs, ours in _FROM_PEFT.items()}
 # PEFT's eva_config keys -> LoraConfig fields (label_mask_value: lorakit's labels mask with -100, as PEFT's default)

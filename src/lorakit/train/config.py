@@ -71,6 +71,9 @@ class DataSection:
     add_tokens: list[str] = field(default_factory=list)
     """New tokens for the tokenizer (e.g. "<tool>,</tool>"): the embeddings are resized, only those rows train
     (and the output head's, where tied), and the tokenizer is saved beside the adapter (method lora only)."""
+    alora_invocation: str | None = None
+    """aLoRA: the text whose tokens invoke the adapter (e.g. "<|im_start|>assistant"); sets
+    lora.alora_invocation_tokens from the tokenizer. Each example's prompt should contain it (method lora only)."""
 
 
 @dataclass
@@ -290,6 +293,19 @@ def validate(cfg: RunConfig) -> None:
             all(isinstance(t, str) and t.strip() for t in dsec.add_tokens)
             and len(set(dsec.add_tokens)) == len(dsec.add_tokens),
             f"data.add_tokens must be distinct non-empty strings, got {dsec.add_tokens!r}",
+        ),
+        (
+            (dsec.alora_invocation is None and cfg.lora.alora_invocation_tokens is None) or cfg.methods[0] == "lora",
+            f"aLoRA (data.alora_invocation, lora.alora_invocation_tokens) works with method lora, not "
+            f"{cfg.train.method!r}",
+        ),
+        (
+            dsec.alora_invocation is None or (isinstance(dsec.alora_invocation, str) and dsec.alora_invocation.strip()),
+            f"data.alora_invocation must be a non-empty string, got {dsec.alora_invocation!r}",
+        ),
+        (
+            dsec.alora_invocation is None or cfg.lora.alora_invocation_tokens is None,
+            "set data.alora_invocation (a text) or lora.alora_invocation_tokens (its token ids), not both",
         ),
         (cfg.loraplus.ratio > 0, f"loraplus.ratio must be > 0, got {cfg.loraplus.ratio}"),
         (

@@ -1,6 +1,7 @@
 """LoRA flavours and adapter kinds, one small file each, plugged into the core through its registries.
 
-Importing this package registers them: DoRA (a `Variant`, picked by `use_dora`), PEFT's `lora_bias` (a `Variant`), the PiSSA, OLoRA, orthogonal, EVA, CorDA,
+Importing this package registers them: DoRA (a `Variant`, picked by `use_dora`), PEFT's `lora_bias` and aLoRA
+(`Variant`s), the PiSSA, OLoRA, orthogonal, EVA, CorDA,
 LoRA-GA and MiCA inits, DyLoRA (a
 variant restored from the adapter file's safetensors metadata, which PEFT never reads: the folder stays exactly
 what PEFT writes and loads), AdaLoRA (a variant and PEFT's ADALORA file format) and the ladder side network (our
@@ -12,6 +13,7 @@ from __future__ import annotations
 from lorakit.formats import read_metadata
 from lorakit.variants import (
     adalora_io,
+    alora,
     corda,
     dora,
     dylora,
@@ -27,6 +29,7 @@ from lorakit.variants import (
 
 __all__ = [
     "adalora_io",
+    "alora",
     "corda",
     "dora",
     "dylora",

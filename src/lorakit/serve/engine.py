@@ -44,7 +44,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -65,6 +65,7 @@ from lorakit.serve.requests import SHUTDOWN, Done, Failed, GenRequest, Prompt, d
 from lorakit.serve.routing import route
 from lorakit.serve.rows import Row, eos_ids
 from lorakit.serve.scoring import keep_hidden, prompt_logprobs, row_logits
+from lorakit.variants.alora import row_sequences
 
 log = logging.getLogger(__name__)
 
@@ -394,6 +395,7 @@ class Engine:
                 positions,
                 cache,
                 last_only=head is not None or not any(scored),
+                sequences=[r.req.prompt_ids for r in firsts],
             )
         finally:
             if hook is not None:
@@ -427,7 +429,13 @@ class Engine:
         """One decode step for every running row: feed each row's last token."""
         ids, mask, positions = self._batch.step_inputs()
         logits = self._forward(
-            [r.req.adapter for r in rows], ids, mask, positions, self._batch.cache, last_only=False
+            [r.req.adapter for r in rows],
+            ids,
+            mask,
+            positions,
+            self._batch.cache,
+            last_only=False,
+            sequences=[[*r.req.prompt_ids, *r.out_ids] for r in rows],  # ending with the token fed
         )
         self.stats["steps"] += 1
         self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
@@ -444,16 +452,19 @@ class Engine:
         cache: DynamicCache,
         *,
         last_only: bool,
+        sequences: Sequence[Sequence[int]],
     ) -> torch.Tensor:
         """Logits of each row's last position, (batch, vocab), with its adapter (`adapters`); without `last_only`, of
         every position (batch, new tokens, vocab) when there is more than one.
 
-        ids and positions are (batch, new tokens), mask (batch, cached + new tokens); `cache` grows in place."""
+        ids and positions are (batch, new tokens), mask (batch, cached + new tokens); `cache` grows in place.
+        `sequences`: each row's tokens so far, ending with its last in `ids` (where aLoRA adapters find their
+        invocation: lorakit.variants.alora.row_sequences)."""
         device = next(self.model.parameters()).device
         kwargs = {self._cache_kw: cache, "use_cache": True}
         if last_only and self._keep_kw:
             kwargs[self._keep_kw] = 1
-        with route(self.model, self.bank, adapters):
+        with route(self.model, self.bank, adapters), row_sequences(self.model, sequences):
             out = self.model(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),

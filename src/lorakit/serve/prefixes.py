@@ -6,7 +6,8 @@ recomputing that start (a chat's next turn, a shared system prompt, few-shot exa
     hit = store.lookup(key, prompt_ids)   # the longest cached start of the prompt, or None
 
 A key names what the cache was computed with (the adapter, and which load of it: `AdapterBank.serials`), so an
-adapter unloaded and loaded again under the same name never meets the old cache. The KV cache at position j
+adapter unloaded and loaded again under the same name never meets the old cache. An aLoRA adapter's request also
+takes the base model's entries, up to its invocation: the tokens before it are the base model's alone. The KV cache at position j
 depends only on tokens 0..j (attention is causal), so any common start of a cached sequence and a prompt is valid
 cache for the prompt, not only whole cached sequences: a match is the longest common prefix over the entries of
 the key, at most the prompt's length minus one (the last prompt token must run to give the next token's logits).
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lorakit.serve import kvcache
+from lorakit.variants.alora import invocation_of, last_invocation
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
@@ -211,7 +213,14 @@ class PrefixCache(PrefixStore):
         are wanted)."""
         if not self.enabled or req.params.prompt_logprobs is not None:
             return None
-        return self.lookup(self.key(req.adapter), req.prompt_ids)
+        hit = self.lookup(self.key(req.adapter), req.prompt_ids)
+        invocation = invocation_of(self.bank.model, req.adapter)
+        if invocation is not None:  # aLoRA: before its invocation, the adapter's cache is the base model's
+            start = last_invocation(req.prompt_ids, invocation)
+            base = self.lookup(self.key(None), req.prompt_ids[: len(req.prompt_ids) if start is None else start + 1])
+            if base is not None and (hit is None or base.length > hit.length):
+                hit = base
+        return hit
 
     def own(self, key: Hashable, tokens: Sequence[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Hit:
         """A cached start made of `kv` (tensors nobody changes), the cache of all of `tokens`: kept in the store

@@ -28,6 +28,8 @@ and warns, as PEFT does.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -112,6 +114,7 @@ class Activation:
         self.history: torch.Tensor | None = None  # (batch, tokens so far) token ids
         self.shape: tuple[int, int] | None = None  # (batch, tokens) of the last forward
         self.masks: dict[tuple[int, ...], torch.Tensor] = {}
+        self.sequences: list[torch.Tensor] | None = None  # set by `row_sequences`: each row's tokens, given
         decoder = getattr(model, "base_model", model)
         decoder.register_forward_pre_hook(self.before_forward, with_kwargs=True)
 
@@ -127,6 +130,11 @@ class Activation:
             return
         self.masks = {}
         ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.sequences is not None and isinstance(ids, torch.Tensor) and ids.dim() == 2:
+            if len(self.sequences) != ids.shape[0]:
+                raise AdapterError(f"aLoRA: {len(self.sequences)} row sequences for a batch of {ids.shape[0]} rows")
+            self.history, self.shape = None, (ids.shape[0], ids.shape[1])
+            return
         if ids is None or not isinstance(ids, torch.Tensor) or ids.dim() != 2:
             embeds = kwargs.get("inputs_embeds")
             self.history = None
@@ -154,12 +162,45 @@ class Activation:
             return found
         if self.shape is None:
             raise AdapterError("aLoRA: no forward of the model's decoder seen yet (call the model, not a layer)")
-        if self.history is None:  # inputs_embeds: off everywhere
+        if self.sequences is not None:  # given: each row's tokens end with this forward's
+            found = torch.cat([invocation_mask(seq[None], self.shape[1], tokens) for seq in self.sequences])
+        elif self.history is None:  # inputs_embeds: off everywhere
             found = torch.zeros(self.shape, dtype=torch.bool)
         else:
             found = invocation_mask(self.history, self.shape[1], tokens)
         self.masks[tokens] = found
         return found
+
+
+@contextmanager
+def row_sequences(model: nn.Module, sequences: Sequence[Sequence[int]]) -> Iterator[None]:
+    """Inside: the model's forwards take row i's tokens so far to be `sequences[i]` (ending with the forward's
+    last input token; a left-padded row's padding is not in it), instead of what the hook followed. For a caller
+    whose batches join and split rows between forwards (lorakit serve). Nothing happens without aLoRA adapters."""
+    activation = model.__dict__.get(_KEY)
+    if activation is None:
+        yield
+        return
+    activation.sequences = [torch.as_tensor(list(s), dtype=torch.long) for s in sequences]
+    try:
+        yield
+    finally:
+        activation.sequences = None
+
+
+def invocation_of(model: nn.Module, name: str | None) -> tuple[int, ...] | None:
+    """The invocation tokens of adapter `name` on `model`, or None when it is no aLoRA adapter (or None)."""
+    reg = model.__dict__.get("_lorakit")
+    info = reg.adapters.get(name) if reg is not None and name is not None else None
+    tokens = info.config.alora_invocation_tokens if info is not None else None
+    return tuple(tokens) if tokens is not None else None
+
+
+def last_invocation(ids: Sequence[int], tokens: Sequence[int]) -> int | None:
+    """Where the last occurrence of `tokens` starts in `ids`, or None."""
+    n = len(tokens)
+    tokens = list(tokens)
+    return next((i for i in range(len(ids) - n, -1, -1) if list(ids[i : i + n]) == tokens), None)
 
 
 def invocation_mask(history: torch.Tensor, chunk: int, tokens: tuple[int, ...]) -> torch.Tensor:
@@ -203,12 +244,11 @@ def _merge_guard(model: nn.Module) -> str | None:
 
 
 def _folder_check(config: dict, use: str) -> str | None:
-    """An aLoRA adapter, from its folder: no bank yet, no merge, no llama.cpp file."""
+    """An aLoRA adapter, from its folder: no merge, no llama.cpp file."""
     if config.get("alora_invocation_tokens") is None:
         return None
     return {
-        "bank": "an aLoRA adapter (alora_invocation_tokens) is not served by a bank yet (its rows' invocations are "
-        "not tracked across the server's batches); load it alone (lorakit.load_adapter, lorakit generate)",
+        "bank": None,  # lorakit serve gives the rows' tokens (row_sequences)
         "merge": "cannot merge aLoRA adapters: they act only from their invocation tokens on, and a merged weight "
         "acts on every token (as in PEFT)",
         "gguf": "an aLoRA adapter has no llama.cpp form: it acts only after its invocation tokens, which llama.cpp's "

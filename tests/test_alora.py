@@ -1,7 +1,8 @@
 """Activated LoRA (`LoraConfig(alora_invocation_tokens=...)`, PEFT's aLoRA, `lorakit.variants.alora`): the adapter
 acts from the last occurrence of its invocation on, exactly where PEFT's does; files both ways with PEFT; greedy
 generation equal to PEFT's; a base model's KV cache of the text before the invocation reused as is; mixed batches;
-training; and every refusal (merge, banks, llama.cpp, combines, bad configs) in one line, the model left as it was.
+training; and every refusal (merge, llama.cpp, mismatched combines, bad configs) in one line, the model left as it
+was. Serving: tests/test_serve_alora.py.
 """
 
 from __future__ import annotations
@@ -212,13 +213,12 @@ def test_a_deep_copy_has_its_own_hook():
         assert (model(x).logits - base).abs().max() > 1e-3
 
 
-def test_banks_llama_cpp_and_combines(tmp_path):
+def test_banks_take_it_llama_cpp_and_lorakit_merge_refuse_it_and_combines(tmp_path):
     model = _trained()
     lorakit.save_adapter(model, tmp_path / "a")
-    bank = lorakit.AdapterBank(tiny_llama())
-    with pytest.raises(AdapterError, match="not served by a bank yet") as info:
-        bank.load("a", tmp_path / "a")
-    assert "\n" not in str(info.value) and bank.names() == []
+    bank = lorakit.AdapterBank(tiny_llama())  # served (tests/test_serve_alora.py)
+    bank.load("a", tmp_path / "a")
+    assert bank.names() == ["a"]
     with pytest.raises(ConfigError, match="has no llama.cpp form"):
         lorakit.export_gguf(tmp_path / "a.gguf", tmp_path / "a")
     assert not (tmp_path / "a.gguf").exists()

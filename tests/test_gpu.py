@@ -254,3 +254,26 @@ def test_every_method_trains_and_evaluates_on_the_device(device, method, tmp_pat
     assert summary["last"]["loss"] == summary["last"]["loss"]  # finite: the loop stops on NaN anyway
     assert {p.device.type for p in model.parameters()} == {resolve_device(device).type}
     assert "accuracy" in summary["after"] and (tmp_path / "run" / "adapter").is_dir()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@torch.no_grad()
+def test_alora_on_the_device_equals_the_cpu_and_generates_as_peft(device, tmp_path):
+    """aLoRA's masks are built on the device of the input_ids: the logits equal the CPU's, and greedy generation
+    gives PEFT's tokens on the same device."""
+    peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")
+    inv = [5, 6, 7]
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets="all-linear", alora_invocation_tokens=inv))
+    randomize(model, std=0.2)
+    lorakit.save_adapter(model, tmp_path / "a")
+    x = ids(batch=2, seq=12)
+    x[x < 8] += 8
+    x[0, 4:7] = torch.tensor(inv)  # row 1: no invocation, the base model
+    want = model(x).logits
+    model = _on(model, device)
+    x = x.to(model.device)
+    torch.testing.assert_close(model(x).logits.cpu(), want, atol=ATOL, rtol=0)
+    theirs = peft.PeftModel.from_pretrained(_on(tiny_llama(), device), tmp_path / "a").eval()
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(x, **kw), theirs.generate(input_ids=x, **kw))

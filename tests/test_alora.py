@@ -300,6 +300,7 @@ def test_lorakit_train_with_an_invocation(tmp_path):
         (["--data.alora_invocation", "a", "--train.method", "dylora"], "works with method lora"),
         (["--data.alora_invocation", "a", "--lora.alora_invocation_tokens", "[1]"], "not both"),
         (["--data.alora_invocation", "[1]"], "expected a string"),
+        (["--data.alora_invocation", "a", "--data.pack", "true"], "data.pack does not work with aLoRA"),
     ],
 )
 def test_train_config_refusals(overrides, match):

@@ -307,6 +307,11 @@ def validate(cfg: RunConfig) -> None:
             dsec.alora_invocation is None or cfg.lora.alora_invocation_tokens is None,
             "set data.alora_invocation (a text) or lora.alora_invocation_tokens (its token ids), not both",
         ),
+        (
+            not dsec.pack or (dsec.alora_invocation is None and cfg.lora.alora_invocation_tokens is None),
+            "data.pack does not work with aLoRA: an aLoRA adapter acts from the last invocation in a row on, so in a "
+            "packed row it would learn from the last example only",
+        ),
         (cfg.loraplus.ratio > 0, f"loraplus.ratio must be > 0, got {cfg.loraplus.ratio}"),
         (
             cfg.loraplus.lr_embedding >= 0,

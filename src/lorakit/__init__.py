@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from lorakit.arrow import arrow
 from lorakit.attention import lean_attention, set_lean_attention
 from lorakit.bank import AdapterBank
 from lorakit.blocks import lean_blocks, set_lean_blocks
@@ -147,6 +148,7 @@ __all__ = [
     "quantize",
     "read_adapter",
     "row_adapters",
+    "arrow",
     "run_training",
     "save_adapter",
     "save_ladder",

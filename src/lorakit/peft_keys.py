@@ -178,6 +178,12 @@ def config_kwargs(d: dict[str, Any], source: str) -> dict[str, Any]:
             for theirs, ours in _EVA_FROM_PEFT.items():
                 if theirs in value:
                     kwargs[ours] = value[theirs]
+        elif key == "arrow_config" and value:
+            raise ConfigError(
+                f"{source}: arrow_config: a PEFT Arrow router is no adapter of its own; load its task adapters and "
+                "route between them with lorakit.arrow (lorakit generate --adapter ... --arrow K)",
+                key=key,
+            )
         elif key in _PEFT_UNSUPPORTED_KEYS:
             if value not in (None, False, {}, [], "", 0) and not (key == "qalora_group_size"):
                 raise ConfigError(f"{source}: {key}={value!r} is a PEFT feature lorakit does not support")

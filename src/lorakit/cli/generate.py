@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 
 from lorakit.cli.common import MODEL_HELP, add_allow_pickle, add_device, load
 from lorakit.cliargs import non_negative, positive_int
+from lorakit.errors import ConfigError
 
 
 def configure_generate(p: argparse.ArgumentParser) -> None:
@@ -17,6 +19,20 @@ def configure_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=64)
     p.add_argument("--temperature", type=non_negative, default=0.0, help="0 = greedy (default)")
     p.add_argument("--no-chat", action="store_true", help="feed the prompt raw, without the chat template")
+    p.add_argument(
+        "--arrow",
+        type=positive_int,
+        metavar="K",
+        help="route each token to its K best of the --adapter folders (Arrow) instead of activating them all",
+    )
+    p.add_argument(
+        "--arrow-temperature", type=float, default=1.0, help="softmax temperature of Arrow's mixing weights"
+    )
+    p.add_argument(
+        "--general",
+        action="append",
+        help="with --arrow: a general adapter whose mean is subtracted from the routed ones (GenKnowSub); repeat",
+    )
     add_device(p)
     add_allow_pickle(p, several=True)
 
@@ -25,13 +41,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import lorakit
     from lorakit.generate import generate
 
+    if (args.arrow is None) and args.general:
+        raise ConfigError("--general is Arrow's (GenKnowSub): give --arrow K too")
+    if args.arrow is not None and not args.adapter:
+        raise ConfigError("--arrow K routes between adapters: give them with --adapter (repeat)")
     model, tok = load(args.model, args.device, args.dtype)
     for i, path in enumerate(args.adapter or []):
         lorakit.load_adapter(model, path, f"a{i}", allow_pickle=args.allow_pickle)
-    if args.adapter and len(args.adapter) > 1:
-        lorakit.set_active(model, [f"a{i}" for i in range(len(args.adapter))])
-    print(
-        generate(
+    for i, path in enumerate(args.general or []):
+        lorakit.load_adapter(model, path, f"g{i}", allow_pickle=args.allow_pickle)
+    routed = [f"a{i}" for i in range(len(args.adapter or []))]
+    if args.arrow is None and len(routed) > 1:
+        lorakit.set_active(model, routed)
+    general = [f"g{i}" for i in range(len(args.general or []))]
+    routing = (
+        lorakit.arrow(model, routed, top_k=args.arrow, temperature=args.arrow_temperature, general=general)
+        if args.arrow is not None
+        else nullcontext()
+    )
+    with routing:
+        text = generate(
             model,
             tok,
             args.prompt,
@@ -39,7 +68,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             chat=not args.no_chat,
             temperature=args.temperature,
         )
-    )
+    print(text)
     return 0
 
 

@@ -6,9 +6,9 @@ recomputing that start (a chat's next turn, a shared system prompt, few-shot exa
     hit = store.lookup(key, prompt_ids)   # the longest cached start of the prompt, or None
 
 A key names what the cache was computed with (the adapter, and which load of it: `AdapterBank.serials`), so an
-adapter unloaded and loaded again under the same name never meets the old cache. An aLoRA adapter's request also
-takes the base model's entries, up to its invocation: the tokens before it are the base model's alone. The KV cache at position j
-depends only on tokens 0..j (attention is causal), so any common start of a cached sequence and a prompt is valid
+adapter unloaded and loaded again under the same name never meets the old cache (an aLoRA adapter's request also
+takes the base model's entries, up to its invocation: the tokens before it are the base model's). The KV cache at
+position j depends only on tokens 0..j (attention is causal), so any common start of a cached sequence and a prompt is valid
 cache for the prompt, not only whole cached sequences: a match is the longest common prefix over the entries of
 the key, at most the prompt's length minus one (the last prompt token must run to give the next token's logits).
 

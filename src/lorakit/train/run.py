@@ -34,6 +34,7 @@ from lorakit.train.config import RunConfig, save_config
 from lorakit.train.evaluate import eval_loss, exact_match
 from lorakit.train.loop import Callback, init_batches, read_metrics, train_loop
 from lorakit.train.methods import Method, make_method
+from lorakit.variants.alora import check_invocation
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +277,7 @@ def _encode(cfg: RunConfig, tokenizer, say) -> _Data:
         )
     invocation = cfg.lora.alora_invocation_tokens
     if invocation is not None:
-        _check_invocation(invocation, train_rows, tokenizer, source, say)
+        check_invocation(invocation, train_rows, tokenizer, source, say)
     if d.pack:
         train_rows = pack(train_rows, d.max_len)
     say(
@@ -284,35 +285,6 @@ def _encode(cfg: RunConfig, tokenizer, say) -> _Data:
         f"{stats['truncated']} train / {eval_stats['truncated']} eval examples truncated to {d.max_len} tokens"
     )
     return _Data(train_rows, eval_rows, eval_ex, {"train": stats, "eval": eval_stats})
-
-
-def _check_invocation(invocation: list[int], rows: list, tokenizer, source: str, say) -> None:
-    """aLoRA: how many training rows start the invocation tokens before their first learned token (so that the
-    adapter acts where that token is predicted, one position earlier); DataError if none does."""
-    n = len(invocation)
-
-    def invoked(row) -> bool:
-        first = next((i for i, lab in enumerate(row.labels) if lab != IGNORE), len(row.labels))
-        return any(list(row.input_ids[i : i + n]) == invocation for i in range(first))
-
-    hits = sum(invoked(r) for r in rows)
-    text = repr(tokenizer.decode(invocation))
-    if hits == 0:
-        raise DataError(
-            f"{source}: no training example has the aLoRA invocation {text} (tokens {invocation}) at or before its "
-            "first learned token, so the adapter would learn nothing; pick text that every prompt contains as "
-            "these tokens (tokenized in context, it may split differently)"
-        )
-    say(f"aLoRA: invocation {text} = tokens {invocation}, in {hits} of {len(rows)} training examples")
-    if hits < len(rows):
-        log.warning(
-            "%s: %d of %d training examples lack the aLoRA invocation %s before their answer: the adapter learns "
-            "nothing from them",
-            source,
-            len(rows) - hits,
-            len(rows),
-            text,
-        )
 
 
 def _distribute(model: nn.Module, world: int, fsdp: bool, *, broadcast_buffers: bool, say) -> nn.Module:

@@ -27,6 +27,7 @@ and warns, as PEFT does.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -36,10 +37,14 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.control import register_folder_check, register_merge_guard
+from lorakit.data.jsonl import DataError
+from lorakit.data.tokenize import IGNORE
 from lorakit.errors import AdapterError
 from lorakit.handlers import Handler
 from lorakit.layers import LoraAdapter, LoraLayer, Variant, register_variant
 from lorakit.registry import lora_layers
+
+log = logging.getLogger(__name__)
 
 _KEY = "_lorakit_alora"  # model.__dict__ key of the model's Activation
 
@@ -258,3 +263,33 @@ def _folder_check(config: dict, use: str) -> str | None:
 
 register_merge_guard(_merge_guard)
 register_folder_check(_folder_check)
+
+
+def check_invocation(invocation: list[int], rows: list, tokenizer, source: str, say) -> None:
+    """For `lorakit train`: how many training rows start the invocation before their first learned token (so that
+    the adapter acts where that token is predicted, one position earlier), said with `say`; DataError if none does,
+    a warning if some do not."""
+    n = len(invocation)
+
+    def invoked(row) -> bool:
+        first = next((i for i, lab in enumerate(row.labels) if lab != IGNORE), len(row.labels))
+        return any(list(row.input_ids[i : i + n]) == invocation for i in range(first))
+
+    hits = sum(invoked(r) for r in rows)
+    text = repr(tokenizer.decode(invocation))
+    if hits == 0:
+        raise DataError(
+            f"{source}: no training example has the aLoRA invocation {text} (tokens {invocation}) before its "
+            "first learned token, so the adapter would learn nothing; pick text that every prompt contains as "
+            "these tokens (tokenized in context, it may split differently)"
+        )
+    say(f"aLoRA: invocation {text} = tokens {invocation}, in {hits} of {len(rows)} training examples")
+    if hits < len(rows):
+        log.warning(
+            "%s: %d of %d training examples lack the aLoRA invocation %s before their answer: the adapter learns "
+            "nothing from them",
+            source,
+            len(rows) - hits,
+            len(rows),
+            text,
+        )

@@ -139,6 +139,7 @@ def test_what_arrow_cannot_route_is_refused_untouched():
     lorakit.inject(model, LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], use_dora=True), "dora")
     lorakit.inject(model, LoraConfig(r=4, alpha=8, targets=["embed_tokens"]), "emb")
     lorakit.inject(model, LoraConfig(r=2, alpha=8, targets=["q_proj", "v_proj"]), "r2")
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], modules_to_save=["lm_head"]), "head")
     randomize(model)
     before = snapshot(model)
     for names, general, match in (
@@ -146,6 +147,7 @@ def test_what_arrow_cannot_route_is_refused_untouched():
         (["a", "dora"], (), "adapter 'dora' is DoRA, not plain LoRA"),
         (["emb"], (), "is no linear layer"),
         (["a"], ["r2"], "general adapters need the ranks"),
+        (["a", "head"], (), "adapter 'head' also saves modules whole"),
     ):
         with pytest.raises(AdapterError, match=match), lorakit.arrow(model, names, general=general):
             pass

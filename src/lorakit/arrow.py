@@ -125,6 +125,14 @@ def _check(model, names, general, known, top_k, temperature) -> None:
         raise ConfigError(f"arrow: top_k must be a positive integer, got {top_k!r}")
     if not (is_number(temperature) and temperature > 0):
         raise ConfigError(f"arrow: temperature must be a number > 0, got {temperature!r}")
+    reg = model.__dict__["_lorakit"]
+    for n in [*names, *general]:
+        info = reg.adapters[n]
+        if info.saved or info.tokens or info.params:
+            raise AdapterError(
+                f"arrow: adapter {n!r} also saves modules whole, trains token rows or adapts parameters, which Arrow "
+                "does not route (it routes LoRA layers, as PEFT's)"
+            )
     wanted = set(names) | set(general)
     for where, layer in lora_layers(model):
         present = wanted & set(layer.adapters)

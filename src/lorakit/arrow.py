@@ -52,7 +52,7 @@ class ArrowPlan:
         tokens = x.reshape(-1, x.shape[-1]).to(dtype)
         with torch.no_grad():
             protos = self._prototypes(layer).to(device=tokens.device, dtype=dtype)
-            score = (tokens @ protos.T).abs()  # (tokens, experts): sign-free, as a singular vector's sign is
+            score = (tokens @ protos.T).abs()  # (tokens, experts); sign-free: a singular vector's sign is arbitrary
             top, idx = score.topk(min(self.top_k, len(self.names)), dim=1)
             weights = torch.zeros_like(score).scatter_(1, idx, torch.softmax(top / self.temperature, dim=1))
         delta = None
@@ -74,11 +74,11 @@ class ArrowPlan:
 
 
 def top_right_singular_vector(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """The top right singular vector of B·A (A: r×k, B: d×r), without forming it: A = R·Qᵀ (QR of Aᵀ), so
+    """The top right singular vector of B·A (A: r×k, B: d×r), without forming it: Aᵀ = Q·R (QR), so
     B·A = (B·Rᵀ)·Qᵀ and its right singular vectors are Q times those of the small B·Rᵀ. In float64; unit norm,
     sign as the SVD gives it."""
-    q, rt = torch.linalg.qr(A.detach().to(torch.float64).T)  # Aᵀ = Q·R: (k, r), (r, r)
-    _, _, vh = torch.linalg.svd(B.detach().to(torch.float64) @ rt.T, full_matrices=False)
+    q, r = torch.linalg.qr(A.detach().to(torch.float64).T)  # (k, r), (r, r)
+    _, _, vh = torch.linalg.svd(B.detach().to(torch.float64) @ r.T, full_matrices=False)
     return (q @ vh[0]).to(torch.float32)
 
 

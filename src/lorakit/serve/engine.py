@@ -395,7 +395,7 @@ class Engine:
                 positions,
                 cache,
                 last_only=head is not None or not any(scored),
-                sequences=[r.req.prompt_ids for r in firsts],
+                sequences=lambda: [r.req.prompt_ids for r in firsts],
             )
         finally:
             if hook is not None:
@@ -435,7 +435,7 @@ class Engine:
             positions,
             self._batch.cache,
             last_only=False,
-            sequences=[[*r.req.prompt_ids, *r.out_ids] for r in rows],  # ending with the token fed
+            sequences=lambda: [[*r.req.prompt_ids, *r.out_ids] for r in rows],  # ending with the token fed
         )
         self.stats["steps"] += 1
         self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
@@ -452,14 +452,14 @@ class Engine:
         cache: DynamicCache,
         *,
         last_only: bool,
-        sequences: Sequence[Sequence[int]],
+        sequences: Callable[[], Sequence[Sequence[int]]],
     ) -> torch.Tensor:
         """Logits of each row's last position, (batch, vocab), with its adapter (`adapters`); without `last_only`, of
         every position (batch, new tokens, vocab) when there is more than one.
 
         ids and positions are (batch, new tokens), mask (batch, cached + new tokens); `cache` grows in place.
-        `sequences`: each row's tokens so far, ending with its last in `ids` (where aLoRA adapters find their
-        invocation: lorakit.variants.alora.row_sequences)."""
+        `sequences`: gives each row's tokens so far, ending with its last in `ids` (where aLoRA adapters find their
+        invocation: lorakit.variants.alora.row_sequences); called only when an aLoRA adapter is loaded."""
         device = next(self.model.parameters()).device
         kwargs = {self._cache_kw: cache, "use_cache": True}
         if last_only and self._keep_kw:

@@ -122,7 +122,7 @@ class PrefillQueue:
             ids_t, mask, positions, cache = kvcache.prompt_inputs(
                 [(ids[:done], row.prefix.kv() if row.prefix else None)], self.pad_id
             )
-            self.forward([row.req.adapter], ids_t, mask, positions, cache, last_only=True, sequences=[ids[:done]])
+            self.forward([row.req.adapter], ids_t, mask, positions, cache, last_only=True, sequences=lambda: [ids[:done]])
         except Exception as e:  # noqa: BLE001 - this prompt alone fails
             log.exception("a prefill chunk failed")
             self.rows = [r for r in self.rows if r not in same]
@@ -175,7 +175,7 @@ class PrefillQueue:
                 parts.append((s.tokens, hit.kv() if hit else None))
             ids, mask, positions, cache = kvcache.prompt_inputs(parts, self.pad_id)
             adapters = [firsts[s.prompt].req.adapter for s in starts]
-            self.forward(adapters, ids, mask, positions, cache, last_only=True, sequences=[s.tokens for s in starts])
+            self.forward(adapters, ids, mask, positions, cache, last_only=True, sequences=lambda: [s.tokens for s in starts])
             for i, s in enumerate(starts):
                 self.prefixes.add(s.key, s.tokens, kvcache.row(cache, i, mask[i].nonzero()[:, 0]))
         except Exception:  # noqa: BLE001

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -178,15 +178,16 @@ class Activation:
 
 
 @contextmanager
-def row_sequences(model: nn.Module, sequences: Sequence[Sequence[int]]) -> Iterator[None]:
-    """Inside: the model's forwards take row i's tokens so far to be `sequences[i]` (ending with the forward's
+def row_sequences(model: nn.Module, sequences: Callable[[], Sequence[Sequence[int]]]) -> Iterator[None]:
+    """Inside: the model's forwards take row i's tokens so far to be `sequences()[i]` (ending with the forward's
     last input token; a left-padded row's padding is not in it), instead of what the hook followed. For a caller
-    whose batches join and split rows between forwards (lorakit serve). Nothing happens without aLoRA adapters."""
+    whose batches join and split rows between forwards (lorakit serve). Without aLoRA adapters nothing happens,
+    and `sequences` is not called (a server's decode steps do not build the rows' token lists for nothing)."""
     activation = model.__dict__.get(_KEY)
     if activation is None:
         yield
         return
-    activation.sequences = [torch.as_tensor(list(s), dtype=torch.long) for s in sequences]
+    activation.sequences = [torch.as_tensor(list(s), dtype=torch.long) for s in sequences()]
     try:
         yield
     finally:

@@ -10,8 +10,9 @@ and in PEFT.
 - Bad input, and the CLI: tests/test_extract_errors.py.
 
 Tolerances: ΔW is rebuilt from float32 factors of a float32 SVD, so each weight differs from the tuned one by
-~1e-7 relative; through the tiny models' 2 layers the logits (~1) agree to ~1e-6, and we allow 1e-5 (as in
-test_peft_interop.py). The real model's logits (~20) through 30 layers: see that test.
+~1e-7 relative; through the tiny models' 2 layers the logits (~1) agree to ~1e-6 on an AVX2 CPU. On an AVX-512
+one the float32 kernels round otherwise, and 3 logits of 3,072 of the tied case differed by 1.15e-5: we allow
+3e-5. The real model's logits (~20) through 30 layers: see that test.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from lorakit.extract_math import RTOL
 
 from tiny import every_kind_of_lora, ids, randomize, tiny_gpt2, tiny_llama, tiny_qwen2
 
-ATOL = 1e-5
+ATOL = 3e-5
 
 
 def _tied_llama(seed: int = 0):

@@ -35,6 +35,7 @@ CORE = [  # bottom up: each may import only what stands before it (and the found
     "targeting",
     "registry",
     "siblings",
+    "tying",
     "control",
     "replicate",
     "inject",

@@ -47,6 +47,7 @@ from lorakit.errors import AdapterError, AdapterFileError, ConfigError
 from lorakit.formats import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from lorakit.layers import INIT_FACTORS
 from lorakit.lora_format import TOKEN_KEY, read_adapter, saved_tensors, token_tensors
+from lorakit.tying import retie, tied_heads
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ Source = tuple[LoraConfig, dict[str, torch.Tensor]]
 _SHARED = {
     "layer_replication": "adapters on differently replicated layers cannot be combined",  # keys name other layers
     "alora_invocation_tokens": "aLoRA adapters combine only with adapters invoked by the same tokens",
+    "ensure_weight_tying": "an adapter whose head is its embedding's transpose combines only with others so tied",
 }
 
 
@@ -185,6 +187,8 @@ def combine_tensors(
         out[f"{PREFIX}{m}.{a_key}"] = A.to(dtype).contiguous()
         out[f"{PREFIX}{m}.{b_key}"] = B.to(dtype).contiguous()
         ranks[m] = A.shape[0]
+    if shared["ensure_weight_tying"]:  # each method made the head anew: make it the embedding's transpose again
+        retie(out, {h: e for _, tensors in sources for h, e in tied_heads(tensors).items()})
     if any(biases):
         out.update(_combine_biases(tables, biases, weights, names, modules, dtype))
     same_modules = all(len(table) == len(modules) for table in tables)

@@ -128,6 +128,11 @@ class LoraConfig:
     """Activated LoRA (PEFT's aLoRA): the token ids that invoke the adapter. Each row's tokens before the last
     occurrence of this sequence see the base model alone, so their KV cache is the base's; the adapter acts from
     the invocation on. Not mergeable. lorakit.variants.alora."""
+    ensure_weight_tying: bool = False
+    """Where the model ties its output head to its input embedding (SmolLM2, Llama 3.2, GPT-2): give both one
+    update, as they have one weight (PEFT's ensure_weight_tying). A LoRA on either lives on the embedding, and the
+    head's is its transpose; a module saved whole on either is one copy. Merging keeps the model tied. False (as
+    in PEFT): each gets its own update, and merging unties them. lorakit.tying."""
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, (tuple, set)):
@@ -314,7 +319,15 @@ class LoraConfig:
             f"layers must be a list of layer indices (integers >= 0) or null, got {short(self.layers)}",
             "layers",
         )
-        for name in ("use_rslora", "use_dora", "lora_bias", "eva_label_mask", "eva_whiten", "eva_adjust_scaling"):
+        for name in (
+            "use_rslora",
+            "use_dora",
+            "lora_bias",
+            "eva_label_mask",
+            "eva_whiten",
+            "eva_adjust_scaling",
+            "ensure_weight_tying",
+        ):
             v = getattr(self, name)
             _check(isinstance(v, bool), f"{name} must be true or false, got {short(v)}", name)
         for name in ("task_type", "base_model"):

@@ -19,6 +19,7 @@ from lorakit.errors import AdapterError, QuantizationError
 from lorakit.params import param_wrappers
 from lorakit.registry import adapter_names, lora_layers, registry, uses_wrappers
 from lorakit.saved import activate, check_activation, set_disabled
+from lorakit.tying import merges_as_one
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +186,14 @@ def _untie_merged_weights(model: nn.Module) -> None:
     counts: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
+    sharing: dict[int, list] = {}  # weight -> the LoRA layers on it
+    for _, layer in lora_layers(model):
+        sharing.setdefault(id(layer.handler.weight(layer.base_layer)), []).append(layer)
     for name, layer in lora_layers(model):
         w = layer.handler.weight(layer.base_layer)
+        group = sharing[id(w)]
+        if len(group) == counts.get(id(w), 1) and merges_as_one(group):  # ensure_weight_tying: one update
+            continue
         if layer.active and not layer.merged and counts.get(id(w), 1) > 1:
             layer.base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
             cfg = getattr(model, "config", None)

@@ -19,7 +19,7 @@ from lorakit.control import merge as merge_active
 from lorakit.control import set_active, unmerge
 from lorakit.errors import AdapterError, TargetError
 from lorakit.handlers import handler_for
-from lorakit.layers import INIT_FROZEN, LoraLayer, variant_class
+from lorakit.layers import INIT_FROZEN, LoraLayer, Variant, variant_class
 from lorakit.lean import set_lean_loss
 from lorakit.params import (
     add_param_adapters,
@@ -46,6 +46,8 @@ from lorakit.saved import (
 from lorakit.siblings import assign_sibling_groups
 from lorakit.targeting import select_modules, select_saved
 from lorakit.task_types import CLASSIFICATION, task_heads, task_type_for
+from lorakit.tying import add_tied_adapter, add_tied_copy
+from lorakit.tying import plan as tie_plan
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,8 @@ def inject(
             if reason:
                 raise TargetError(f"cannot add LoRA to {n!r} ({type(module).__name__}): {reason}")
         saved = modules_to_save(model, config, names)
+        tie = tie_plan(model, config, names, saved, plain=cls is Variant)
+        names, saved = tie.names, tie.saved
         tokens, tied = token_plan(model, config, names, saved)
         params = param_plan(model, config, names, [*saved, *tokens, *tied])
     except BaseException:
@@ -106,11 +110,16 @@ def inject(
         raise
     reg.layers = None
     try:
-        add_copies(model, name, saved)
+        add_copies(model, name, saved[:-1] if tie.copy else saved)
+        if tie.copy:
+            add_tied_copy(model, tie, name)
         add_token_rows(model, name, tokens, tied)
         add_param_adapters(model, name, params, config)
         for n in names:
             layer = _wrap(model, n)
+            if tie.lora and n == tie.lora[1]:  # last: a view of the embedding's adapter
+                add_tied_adapter(model, tie, name, config.dropout)
+                continue
             layer.add_adapter(
                 name,
                 r=config.rank_for(n),

@@ -44,6 +44,8 @@ from lorakit.registry import adapter_layers, registry
 from lorakit.replicate import replicated
 from lorakit.saved import check_targets, copies_of, in_saved_module, original, token_rows_of
 from lorakit.targeting import select_modules, select_saved
+from lorakit.tying import as_peft_ties, check_file
+from lorakit.tying import plan as tie_plan
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +158,7 @@ class _LoraPlan:
 
 def _plan_lora(model: nn.Module, path: Path, raw: dict[str, Any], name: str, allow_pickle: bool) -> _LoraPlan:
     check_new_name(model, name)
-    config = LoraConfig.from_peft_dict(raw, source=str(path / CONFIG_NAME))
+    config = as_peft_ties(LoraConfig.from_peft_dict(raw, source=str(path / CONFIG_NAME)))
     tensors = read_tensors(path, allow_pickle)
     meta = read_metadata(path)
     variant = _recorded_variant(meta)
@@ -187,6 +189,8 @@ def _plan_saved(
     try:
         lora_modules = [] if config.target_parameters and not config.targets else select_modules(model, config)
         modules = select_saved(model, config.modules_to_save or [], strict=False)
+        tie = tie_plan(model, config, lora_modules, modules, warn=False)
+        lora_modules, modules = tie.names, tie.saved
         check_targets(model, modules, lora_modules)
         tokens, tied = token_plan(model, config, lora_modules, modules)
         params = param_plan(model, config, lora_modules, [*modules, *tokens, *tied])
@@ -226,10 +230,17 @@ def _plan_saved(
                         f"with r={r} needs {shape}"
                     )
                 saved.append((m, f"param:{p}:{which}", t))
+    of_emb: dict[str, torch.Tensor] = {}
     for m in modules:
+        tied_head = tie.copy is not None and m == tie.copy[1]
         for k, v in original(model.get_submodule(m)).state_dict().items():
             key = f"{PREFIX}{m}.{k}"
             t = rest.pop(key, rest.pop(f"{m}.{k}", None))
+            if tied_head:  # the embedding's copy (ensure_weight_tying): the file's, if any, must equal it
+                check_file(str(path), m, tie.copy[0], {} if t is None else {k: t}, of_emb)
+                continue
+            if tie.copy is not None and m == tie.copy[0]:
+                of_emb[k] = t if t is not None else v
             if t is None:
                 raise AdapterError(f"{path}: modules_to_save names {m!r} but the file lacks its tensor {key}")
             if tuple(t.shape) != tuple(v.shape):
@@ -306,13 +317,15 @@ def _plan_copies(
     """Match file tensors to modules and check every shape. Returns (module, attribute, tensor) to copy."""
     try:
         modules = [] if config.target_parameters and not config.targets else select_modules(model, config)
+        tie = tie_plan(model, config, modules, [], plain=cls is Variant, warn=False)
     except TargetError as e:
         raise AdapterError(f"{path}: adapter does not fit {type(model).__name__}: {e}") from None
+    modules = tie.names
     variant = cls.create(config, "")
     suffixes = _suffixes(variant)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     biases: list[tuple[str, str, torch.Tensor]] = []
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     for key, t in tensors.items():
         split = _split_key(key, suffixes)
         k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
@@ -322,6 +335,8 @@ def _plan_copies(
             biases.append(_plan_bias(model, k, t, path))
         elif k in params:  # a copy of a model weight (PEFT's modules_to_save, e.g. a classifier head)
             _check_copy(model, key, k, t, params[k], path)
+        elif (own := k.replace(".base_layer.", ".")) in params:  # PEFT's save_embedding_layers: the base's weight
+            _check_copy(model, key, own, t, params[own], path, base=True)
         else:
             log.warning("%s: ignoring tensor %s (not a LoRA weight)", path, key)
     stray = sorted(set(by_module) - set(modules))
@@ -331,6 +346,9 @@ def _plan_copies(
         )
     plan: list[tuple[str, str, torch.Tensor]] = []
     for m in modules:
+        if tie.lora is not None and m == tie.lora[1]:  # a view of the embedding's (ensure_weight_tying)
+            check_file(str(path), m, tie.lora[0], by_module.get(m, {}), by_module.get(tie.lora[0], {}))
+            continue
         plan += _plan_module(model, config, variant, m, by_module.get(m, {}), path)
     return plan + biases
 
@@ -356,10 +374,18 @@ def _plan_module(
     return out
 
 
-def _check_copy(model: nn.Module, key: str, name: str, t: torch.Tensor, p: torch.Tensor, path: Path) -> None:
+def _check_copy(
+    model: nn.Module, key: str, name: str, t: torch.Tensor, p: torch.Tensor, path: Path, *, base: bool = False
+) -> None:
     """A file tensor that copies model weight `name` (PEFT's modules_to_save) must equal it: lorakit keeps no
-    trained copies of whole modules, and silently using the model's own instead would change the adapter."""
+    trained copies of whole modules, and silently using the model's own instead would change the adapter. `base`:
+    the base weight PEFT writes beside an adapted embedding (save_embedding_layers)."""
     if t.shape != p.shape or not torch.equal(t.to(p.dtype), p.detach().cpu()):
+        if base:
+            raise AdapterError(
+                f"{path}: {key} is {type(model).__name__}.{name} as PEFT saved it beside the adapter "
+                "(save_embedding_layers), and it differs from this model's (another vocabulary, or resized?)"
+            )
         raise AdapterError(
             f"{path}: {key} is a trained copy of {type(model).__name__}.{name} (PEFT modules_to_save), which "
             "lorakit does not load (only LoRA weights); its values differ from the model's own"

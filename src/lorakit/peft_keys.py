@@ -45,6 +45,8 @@ _PEFT_IGNORED_KEYS = {
     "lora_dropout",
     "corda_config",  # PEFT ignores it unless init_lora_weights is "corda", which is refused (from_peft_dict)
     "lora_ga_config",  # the same, for "lora_ga"
+    "modules_to_tie",  # PEFT's own record of the tied modules it found; it finds them again at load, as lorakit does
+    "target_modules_to_tie",
 }
 # PEFT keys for features we do not implement: fine when unset (None/False/empty), an error otherwise.
 _PEFT_UNSUPPORTED_KEYS = {
@@ -54,8 +56,6 @@ _PEFT_UNSUPPORTED_KEYS = {
     "use_bdlora",
     "bdlora_config",
     "arrow_config",
-    "ensure_weight_tying",
-    "modules_to_tie",
     "monteclora_config",
     "velora_config",
     "use_mica",
@@ -85,6 +85,7 @@ _FROM_PEFT: dict[str, str] = {
     "target_parameters": "target_parameters",
     "layer_replication": "layer_replication",
     "alora_invocation_tokens": "alora_invocation_tokens",
+    "ensure_weight_tying": "ensure_weight_tying",
 }
 _PEFT_KEY = {ours: theirs for theirs, ours in _FROM_PEFT.items()}
 # PEFT's eva_config keys -> LoraConfig fields (label_mask_value: lorakit's labels mask with -100, as PEFT's default)

@@ -164,11 +164,16 @@ def remove_copies(model: nn.Module, adapter: str, *, keep: str | None = None) ->
 
 def unwrap_all(model: nn.Module, merge: bool) -> None:
     """Replace every wrapper by the module in use (`merge`: the active adapter's copy) or by the original."""
-    for n, wrapper in list(saved_modules(model)):
-        chosen = wrapper.current() if merge else wrapper.original_module
-        if chosen is not wrapper.original_module:
-            _untie(model, wrapper.original_module, chosen)
-        _set_submodule(model, n, chosen)
+    wrappers = list(saved_modules(model))
+    chosen = [w.current() if merge else w.original_module for _, w in wrappers]
+    held: dict[int, int] = {}  # parameter -> how many chosen modules hold it (ensure_weight_tying: 2)
+    for m in chosen:
+        for p in m.parameters():
+            held[id(p)] = held.get(id(p), 0) + 1
+    for (n, wrapper), m in zip(wrappers, chosen, strict=True):
+        if m is not wrapper.original_module and all(held[id(p)] == 1 for p in m.parameters()):
+            _untie(model, wrapper.original_module, m)
+        _set_submodule(model, n, m)
 
 
 def _untie(model: nn.Module, original: nn.Module, chosen: nn.Module) -> None:

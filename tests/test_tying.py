@@ -1,0 +1,302 @@
+"""ensure_weight_tying (PEFT's): on a model whose output head shares the input embedding's weight, an adapter on
+either gives both one update: a LoRA lives on the embedding and the head's is its transpose; a module saved whole
+is one copy. Files go both ways with PEFT, merging keeps the model tied, training computes the tied gradient.
+
+Tolerance: the same float32 operations as PEFT on tiny models (logits of size ~1): 1e-5; an adapter missing from
+the head, or a head with an update of its own, moves the logits by > 1e-2 (each test checks that its adapter
+matters). Merging and unmerging round the weights once more, on logits up to ~30 with the random adapters of
+std 0.3: 1e-4 (a relative 3e-6).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch.func import functional_call
+
+import lorakit
+from lorakit import AdapterError, LoraConfig, TargetError
+from lorakit.tying import TiedAdapter
+
+from tiny import both_ways_with_peft, ids, perturb_peft, randomize, snapshot, tiny_gpt2, tiny_llama, unchanged
+
+peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")
+
+ATOL = 1e-5
+MERGED = 1e-4
+KINDS = {  # what the adapter names -> (targets, modules_to_save)
+    "lora-embedding": (["q_proj", "embed_tokens"], None),
+    "lora-head": (["q_proj", "lm_head"], None),
+    "saved-embedding": (["q_proj"], ["embed_tokens"]),
+    "saved-head": (["q_proj"], ["lm_head"]),
+}
+
+
+def tied():
+    model = tiny_llama(tied=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def config(kind: str, **kw) -> LoraConfig:
+    targets, saved = KINDS[kind]
+    saved = kw.pop("modules_to_save", saved)
+    return LoraConfig(r=4, alpha=8, targets=targets, modules_to_save=saved, ensure_weight_tying=True, **kw)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_both_ways_with_peft(kind, tmp_path):
+    both_ways_with_peft(tied, config(kind), tmp_path, ids(), std=0.3)
+    tensors = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    if kind.startswith("lora"):  # PEFT's layout: the head's tensors too, the embedding's transposed
+        emb = "base_model.model.model.embed_tokens."
+        assert torch.equal(
+            tensors["base_model.model.lm_head.lora_A.weight"], tensors[emb + "lora_embedding_B"].T
+        )
+        assert torch.equal(
+            tensors["base_model.model.lm_head.lora_B.weight"], tensors[emb + "lora_embedding_A"].T
+        )
+    else:
+        assert torch.equal(
+            tensors["base_model.model.lm_head.weight"], tensors["base_model.model.model.embed_tokens.weight"]
+        )
+    written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert written["ensure_weight_tying"] is True
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_update_for_both_and_merging_keeps_the_tie(kind):
+    model = lorakit.inject(tied(), config(kind))
+    randomize(model, std=0.3)
+    x = ids()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and "q_proj" not in n]
+    assert trainable and all("embed_tokens" in n for n in trainable), trainable  # the head owns nothing
+    with torch.no_grad():
+        out = model(x).logits
+        with lorakit.disabled(model):
+            assert (model(x).logits - out).abs().max() > 1e-2
+        if kind.startswith("lora"):
+            head = model.lm_head.adapters["default"]
+            assert isinstance(head, TiedAdapter)
+            emb = model.model.embed_tokens
+            delta_e = lorakit.layers.delta_weight(emb, emb.adapters["default"])
+            torch.testing.assert_close(
+                lorakit.layers.delta_weight(model.lm_head, head), delta_e, atol=0, rtol=0
+            )
+        lorakit.merge(model)
+        torch.testing.assert_close(model(x).logits, out, atol=MERGED, rtol=0)
+        lorakit.unmerge(model)
+        torch.testing.assert_close(model(x).logits, out, atol=MERGED, rtol=0)
+        plain = lorakit.unload(model, merge=True)
+        assert plain.lm_head.weight is plain.model.embed_tokens.weight and plain.config.tie_word_embeddings
+        torch.testing.assert_close(plain(x).logits, out, atol=MERGED, rtol=0)
+
+
+def test_without_the_setting_each_gets_its_own_update_and_merging_unties(recwarn):
+    model = lorakit.inject(tied(), LoraConfig(r=4, alpha=8, targets=["q_proj", "embed_tokens"]))
+    assert any("ensure_weight_tying=True" in str(w.message) for w in recwarn)
+    randomize(model, std=0.3)
+    with torch.no_grad():
+        out = model(ids()).logits
+        plain = lorakit.unload(model, merge=True)
+        assert (
+            plain.lm_head.weight is not plain.model.embed_tokens.weight
+            and not plain.config.tie_word_embeddings
+        )
+        torch.testing.assert_close(plain(ids()).logits, out, atol=MERGED, rtol=0)
+
+
+def test_the_gradient_is_that_of_the_one_tied_weight():
+    """The embedding's A and B get the gradient of W + ΔE used as both input embedding and output head (computed
+    here by functional_call on the plain tied model)."""
+    cfg = config("lora-embedding", dropout=0.0)
+    model = lorakit.inject(tied(), cfg)
+    randomize(model, std=0.3)
+    x = ids()
+    model.train()
+    model(input_ids=x, labels=x).loss.backward()
+    emb = model.model.embed_tokens.adapters["default"]
+    q = {
+        n: a for n, a in ((n, layer.adapters["default"]) for n, layer in lorakit.registry.lora_layers(model))
+    }
+    plain = tied().train()
+    A, B = emb.lora_A.detach().clone().requires_grad_(), emb.lora_B.detach().clone().requires_grad_()
+    w = plain.model.embed_tokens.weight
+    weights = {"model.embed_tokens.weight": w + emb.scaling * (B @ A).T}
+    for n, a in q.items():  # q_proj's adapters folded in (no gradient needed there)
+        if n.endswith("q_proj"):
+            base = plain.get_submodule(n).weight
+            weights[n + ".weight"] = base + a.scaling * (a.lora_B @ a.lora_A).detach()
+    loss = functional_call(
+        plain, weights, args=(), kwargs={"input_ids": x, "labels": x}, tie_weights=True
+    ).loss
+    loss.backward()
+    torch.testing.assert_close(emb.lora_A.grad, A.grad, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(emb.lora_B.grad, B.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_a_copy_and_a_move_keep_the_head_a_view_of_its_own_embedding():
+    model = lorakit.inject(tied(), config("lora-head"))
+    randomize(model, std=0.3)
+    twin = copy.deepcopy(model).to(torch.float64)
+    assert twin.lm_head.adapters["default"].source is twin.model.embed_tokens
+    with torch.no_grad():
+        before = model(ids()).logits
+        twin.model.embed_tokens.adapters["default"].lora_A.zero_()  # the twin's head loses its update too
+        assert twin.lm_head.adapters["default"].lora_B.abs().max() == 0
+        torch.testing.assert_close(model(ids()).logits, before, atol=0, rtol=0)
+
+
+def test_mixed_batches_equal_each_row_alone():
+    model = tied()
+    for name, seed in (("a", 3), ("b", 4)):
+        lorakit.inject(model, config("lora-embedding"), name)
+        randomize(model, std=0.3, seed=seed)
+    x = ids(batch=3)
+    rows = ["a", None, "b"]
+    with torch.no_grad():
+        alone = []
+        for i, name in enumerate(rows):
+            if name is None:
+                with lorakit.disabled(model):
+                    alone.append(model(x[i : i + 1]).logits)
+            else:
+                lorakit.set_active(model, name)
+                alone.append(model(x[i : i + 1]).logits)
+        with lorakit.row_adapters(model, rows):
+            mixed = model(x).logits
+    torch.testing.assert_close(mixed, torch.cat(alone), atol=ATOL, rtol=0)
+    assert (alone[0] - alone[2]).abs().max() > 1e-2
+
+
+def test_gpt2_ties_its_wte_and_head(tmp_path):
+    """GPT-2's embedding is `wte`: lorakit ties it at inject and writes the head into the file's targets, so that
+    PEFT (which ties by the names embed_tokens and lm_head) ties it too."""
+    cfg = LoraConfig(r=4, alpha=8, targets=["c_attn", "wte"], ensure_weight_tying=True)
+    model = lorakit.inject(tiny_gpt2(), cfg)
+    assert isinstance(model.lm_head.adapters["default"], TiedAdapter)
+    randomize(model, std=0.3)
+    with torch.no_grad():
+        ours = model(ids()).logits
+        lorakit.save_adapter(model, tmp_path)
+        theirs = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path).eval()(ids()).logits
+    torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
+    assert "lm_head" in json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+
+
+def test_a_peft_file_that_peft_does_not_tie_loads_untied(tmp_path):
+    """PEFT ties only where a target or saved module is named embed_tokens or lm_head: its GPT-2 adapter on `wte`
+    alone stays untied (the head keeps its weight), and lorakit loads it so, with PEFT's logits."""
+    pm = peft.get_peft_model(
+        tiny_gpt2(), peft.LoraConfig(r=4, target_modules=["c_attn", "wte"], ensure_weight_tying=True)
+    )
+    perturb_peft(pm, std=0.3)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = pm.eval()(ids()).logits
+        pm.save_pretrained(tmp_path)
+        model = tiny_gpt2()
+        lorakit.load_adapter(model, tmp_path)
+        torch.testing.assert_close(model(ids()).logits, theirs, atol=ATOL, rtol=0)
+    assert "default" not in getattr(model.lm_head, "adapters", {})
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(use_dora=True), "plain LoRA"),
+        (dict(init="pissa"), "init='pissa'"),
+        (dict(rank_pattern={"lm_head": 2}), "rank_pattern"),
+        (dict(modules_to_save=["lm_head"]), "not both"),
+    ],
+    ids=["dora", "pissa", "rank-pattern", "lora-and-saved"],
+)
+def test_what_cannot_be_tied_is_refused_and_the_model_left_as_it_was(kw, words):
+    model = tied()
+    before = snapshot(model)
+    with pytest.raises(TargetError, match="ensure_weight_tying") as e:
+        lorakit.inject(model, config("lora-embedding", **kw))
+    assert words in str(e.value) and "\n" not in str(e.value)
+    assert unchanged(model, before) and "_lorakit" not in model.__dict__
+    assert (
+        type(model.lm_head).__name__ == "Linear" and model.lm_head.weight is model.model.embed_tokens.weight
+    )
+
+
+@pytest.mark.parametrize(
+    "make, targets, words",
+    [
+        (tiny_llama, ["q_proj", "embed_tokens"], "does not tie its output head"),
+        (tied, ["q_proj"], "neither adapts nor saves"),
+    ],
+    ids=["untied-model", "untouched"],
+)
+def test_nothing_to_tie_warns_and_injects(make, targets, words):
+    model = make()
+    with pytest.warns(UserWarning, match=words):
+        lorakit.inject(model, LoraConfig(r=4, targets=targets, ensure_weight_tying=True))
+    assert "default" in lorakit.adapter_names(model)
+
+
+def test_a_file_whose_head_differs_from_its_embedding_is_refused(tmp_path):
+    model = lorakit.inject(tied(), config("lora-head"))
+    randomize(model, std=0.3)
+    lorakit.save_adapter(model, tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    tensors["base_model.model.lm_head.lora_A.weight"] += 0.5
+    save_file(tensors, str(path))
+    fresh = tied()
+    before = snapshot(fresh)
+    with pytest.raises(AdapterError, match=r"lm_head\.lora_A is not .*embed_tokens's transposed lora_B"):
+        lorakit.load_adapter(fresh, tmp_path)
+    assert unchanged(fresh, before) and "_lorakit" not in fresh.__dict__
+
+
+def test_peft_base_weights_beside_an_adapted_embedding_are_checked(tmp_path):
+    """PEFT writes the base embedding beside an adapter on it (save_embedding_layers); lorakit loads the file
+    when that weight is the model's, and refuses it when it is not (a resized vocabulary), instead of ignoring it."""
+    pm = peft.get_peft_model(
+        tied(), peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in tensors
+    lorakit.load_adapter(tied(), tmp_path)
+    tensors["base_model.model.model.embed_tokens.base_layer.weight"] += 1.0
+    save_file(tensors, str(path))
+    with pytest.raises(AdapterError, match="save_embedding_layers"):
+        lorakit.load_adapter(tied(), tmp_path)
+
+
+@pytest.mark.parametrize("method", ["cat", "svd", "dare_linear"])
+def test_combined_tied_adapters_stay_tied(method, tmp_path):
+    """Each method makes every module's A and B anew; the head's are written as the combined embedding's transpose,
+    so the result loads (its head is checked against its embedding) and, for the exact `cat`, gives the sum."""
+    model = tied()
+    for name in ("a", "b"):
+        lorakit.inject(model, config("lora-head"), name, activate=False)
+    randomize(model, std=0.3)
+    for name in ("a", "b"):
+        lorakit.save_adapter(model, tmp_path / name, name)
+    lorakit.set_active(model, {"a": 0.5, "b": 0.5})
+    with torch.no_grad():
+        both = model(ids()).logits
+    density = 0.9 if method == "dare_linear" else None
+    lorakit.combine([tmp_path / "a", tmp_path / "b"], [0.5, 0.5], method, tmp_path / "ab", density=density)
+    written = json.loads((tmp_path / "ab" / "adapter_config.json").read_text())
+    assert written["ensure_weight_tying"] is True
+    back = tied()
+    lorakit.load_adapter(back, tmp_path / "ab")
+    assert isinstance(back.lm_head.adapters["default"], TiedAdapter)
+    if method == "cat":
+        with torch.no_grad():
+            torch.testing.assert_close(back(ids()).logits, both, atol=ATOL, rtol=0)

@@ -20,6 +20,7 @@ import lorakit
 from lorakit import LoraConfig
 from lorakit.ondevice.adapter import save_adapter_gguf
 from lorakit.ondevice.model import save_model_gguf
+from lorakit.ondevice.names import ExportError
 
 from llamacpp import greedy, llama, logits
 from tiny import SEVEN, every_kind_of_lora, randomize, tiny_llama, tiny_qwen2
@@ -62,6 +63,28 @@ def test_llama_cpp_runs_our_merged_model_with_our_logits(tmp_path):
     save_model_gguf(merged, tmp_path / "m.gguf")
     got = logits(tmp_path / "m.gguf", TOKENS)
     assert np.abs(got - want).max() < 2e-3  # as above
+
+
+def test_a_tied_adapter_merges_into_a_tied_gguf_that_llama_cpp_runs(tmp_path):
+    """ensure_weight_tying: the merged model keeps one tensor for the embedding and the head, so its GGUF has no
+    `output.weight` (llama.cpp reuses token_embd, as for the base), and llama.cpp computes our logits."""
+    import gguf
+
+    model = tiny_llama(hidden=64, tied=True)
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets=["q_proj", "embed_tokens"], ensure_weight_tying=True))
+    randomize(model, std=0.3)
+    want = _ours(model, TOKENS)
+    with lorakit.disabled(model):
+        base = _ours(model, TOKENS)
+    with pytest.raises(ExportError, match="export --merged"):  # llama.cpp's one tensor takes no LoRA pair
+        save_adapter_gguf(model, tmp_path / "a.gguf")
+    merged = lorakit.unload(model, merge=True)
+    save_model_gguf(merged, tmp_path / "m.gguf")
+    names = {t.name for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert "token_embd.weight" in names and "output.weight" not in names
+    got = logits(tmp_path / "m.gguf", TOKENS)
+    assert np.abs(got - want).max() < 2e-3  # as above
+    assert np.abs(want - base).max() > 100 * 2e-3
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import queue
 import warnings
 
 import pytest
@@ -300,3 +301,125 @@ def test_combined_tied_adapters_stay_tied(method, tmp_path):
     if method == "cat":
         with torch.no_grad():
             torch.testing.assert_close(back(ids()).logits, both, atol=ATOL, rtol=0)
+
+
+@pytest.mark.real_model
+def test_real_model_both_ways_with_peft_and_merged_into_one_tensor(default_model_dir, tmp_path):
+    """SmolLM2-135M ties its head to its embedding. An adapter on q_proj, v_proj and embed_tokens with
+    ensure_weight_tying loads in PEFT with our logits, PEFT's loads in ours, and `lorakit merge` writes a model
+    that is still tied (one 49152×576 tensor, not two) whose logits in transformers are ours (atol 2e-3: logits
+    ~40, float32 sums over 30 layers)."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    model, tok = lorakit.load_model(default_model_dir)
+    x = tok(["The capital of France is"], return_tensors="pt")["input_ids"]
+    cfg = LoraConfig(r=8, alpha=16, targets=["q_proj", "v_proj", "embed_tokens"], ensure_weight_tying=True)
+    lorakit.inject(model, cfg)
+    randomize(model, std=0.02)
+    with torch.no_grad():
+        ours = model(x).logits
+        with lorakit.disabled(model):
+            assert (model(x).logits - ours).abs().max() > 0.1
+    lorakit.save_adapter(model, tmp_path / "a")
+    fresh, _ = lorakit.load_model(default_model_dir)
+    theirs = peft.PeftModel.from_pretrained(fresh, tmp_path / "a").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours, atol=2e-3, rtol=0)
+    pm = peft.get_peft_model(
+        lorakit.load_model(default_model_dir)[0],
+        peft.LoraConfig(
+            **{k: v for k, v in cfg.to_peft_dict().items() if k not in ("peft_type", "inference_mode")}
+        ),
+    )
+    perturb_peft(pm, std=0.02)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = pm.eval()(x).logits
+        pm.save_pretrained(tmp_path / "p")
+        back, _ = lorakit.load_model(default_model_dir)
+        lorakit.load_adapter(back, tmp_path / "p")
+        torch.testing.assert_close(back(x).logits, want, atol=2e-3, rtol=0)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "merge",
+            "--model",
+            str(default_model_dir),
+            "--adapter",
+            str(tmp_path / "a"),
+            "--out",
+            str(tmp_path / "m"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["tie_word_embeddings"] is True
+    keys = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, ours, atol=2e-3, rtol=0)
+
+
+def test_served_beside_other_adapters_as_offline_generation(tmp_path, one_thread):
+    """`lorakit serve`'s engine: rows of a tied adapter, a plain adapter and the base in one batch each give offline
+    greedy generation's tokens (the bank loads the tied adapter as load_adapter does)."""
+    from fsdp_worker import char_tokenizer
+
+    from lorakit.bank import AdapterBank
+    from lorakit.serve.engine import Engine, EngineConfig
+    from lorakit.serve.requests import Done, GenRequest, SamplingParams
+
+    def make():
+        model = tied()
+        model.generation_config.eos_token_id = model.config.eos_token_id = 1
+        model.generation_config.pad_token_id = model.config.pad_token_id = 0
+        return model
+
+    model = make()
+    lorakit.inject(model, config("lora-embedding"), "t")
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets="all-linear"), "p")
+    randomize(model, std=0.3)
+    for name in ("t", "p"):
+        lorakit.save_adapter(model, tmp_path / name, name)
+    prompts = [
+        torch.randint(10, 100, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 20, 14)
+    ]
+    jobs = list(zip(["t", "p", None], prompts, strict=True))
+    want = []
+    for name, prompt in jobs:
+        offline = make()
+        if name is not None:
+            lorakit.load_adapter(offline, tmp_path / name, name)
+        out = offline.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        want.append(out[0, len(prompt) :].tolist())
+    assert want[0] != want[2]  # the tied adapter changes the tokens
+    served = make()
+    bank = AdapterBank(served)
+    for name in ("t", "p"):
+        bank.load(name, tmp_path / name)
+    eng = Engine(served, char_tokenizer(), bank, EngineConfig(max_batch=4, wait_ms=0, prefix_cache_bytes=0))
+    eng.start()
+    try:
+        queues = []
+        for name, prompt in jobs:
+            events = queue.Queue()
+            params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
+            eng.submit(GenRequest(list(prompt), name, params, events.put))
+            queues.append(events)
+        got = []
+        for events in queues:
+            tokens = []
+            while not isinstance(ev := events.get(timeout=120), Done):
+                tokens += [e.token for e in getattr(ev, "logprobs", ())]
+            got.append(tokens)
+    finally:
+        eng.stop()
+    assert got == want

@@ -65,15 +65,16 @@ def tied_pair(model: nn.Module) -> tuple[str, str] | None:
         return None
     if emb is None or head is None:
         return None
-    weight = getattr(_bare(emb), "weight", None)
-    if weight is None or getattr(_bare(head), "weight", None) is not weight:
+    weight = getattr(base_module(emb), "weight", None)
+    if weight is None or getattr(base_module(head), "weight", None) is not weight:
         return None
     names = {id(m): n for n, m in model.named_modules() if n}
     e, h = names.get(id(emb)), names.get(id(head))
     return (e, h) if e and h else None
 
 
-def _bare(module: nn.Module) -> nn.Module:
+def base_module(module: nn.Module) -> nn.Module:
+    """The model's own module behind lorakit's wrappers (a LoRA layer, a saved copy's wrapper, token rows)."""
     while True:
         if isinstance(module, SavedModule):
             module = module.original_module
@@ -283,7 +284,7 @@ def add_tied_copy(model: nn.Module, tie: Tying, name: str) -> None:
         wrapper = SavedModule(wrapper)
         parent, _, child = head.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, wrapper)
-    shared = _bare(wrapper.original_module).weight
+    shared = base_module(wrapper.original_module).weight
     clone = copy.deepcopy(wrapper.original_module, memo={id(shared): source.weight})
     for p in clone.parameters():
         p.requires_grad_(True)

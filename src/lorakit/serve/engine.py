@@ -65,6 +65,7 @@ from lorakit.serve.requests import SHUTDOWN, Done, Failed, GenRequest, Prompt, d
 from lorakit.serve.routing import route
 from lorakit.serve.rows import Row, eos_ids
 from lorakit.serve.scoring import keep_hidden, prompt_logprobs, row_logits
+from lorakit.tying import base_module
 from lorakit.variants.alora import row_sequences
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class Engine:
             raise ValueError(f"max_batch must be at least 1, got {self.config.max_batch}")
         model_len = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = self.config.max_model_len or model_len
-        self.vocab_size = model.get_input_embeddings().weight.shape[0]
+        self.vocab_size = base_module(model.get_input_embeddings()).weight.shape[0]  # adapted or not
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.eos_ids = eos_ids(model, tokenizer)
         # the server encodes on its threads, the engine decodes on this one: one tokenizer call at a time

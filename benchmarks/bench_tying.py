@@ -54,7 +54,20 @@ def one(out: Path, tied: bool) -> dict:
     merged = out / f"merged_{run.name}"
     _run([*LORAKIT, "merge", "--adapter", summary["adapter"], "--out", str(merged)])
     gguf = out / f"merged_{run.name}.gguf"
-    _run([*LORAKIT, "export", "gguf", "--merged", "--adapter", summary["adapter"], "--out", str(gguf), "--outtype", "f16"])
+    _run(
+        [
+            *LORAKIT,
+            "export",
+            "gguf",
+            "--merged",
+            "--adapter",
+            summary["adapter"],
+            "--out",
+            str(gguf),
+            "--outtype",
+            "f16",
+        ]
+    )
     return {
         "trainable": summary["trainable"],
         "accuracy": (summary["before"].get("accuracy"), summary["after"].get("accuracy")),
@@ -82,8 +95,10 @@ def main() -> None:
     )
     results = {name: one(args.out, name == "tied") for name in ("tied", "untied")}
     print("\n" + head)
-    print("| run | trainable | accuracy before → after | eval loss before → after | train s | peak RSS GB | adapter MB "
-          "| merged folder MB | merged tied | merged f16 GGUF MB |")
+    print(
+        "| run | trainable | accuracy before → after | eval loss before → after | train s | peak RSS GB | adapter MB "
+        "| merged folder MB | merged tied | merged f16 GGUF MB |"
+    )
     print("|---|---:|---|---|---:|---:|---:|---:|---|---:|")
     for name, r in results.items():
         acc = " → ".join(f"{a:.1%}" if a is not None else "-" for a in r["accuracy"])

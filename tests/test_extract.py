@@ -134,6 +134,13 @@ def test_low_rank_changes_come_back_at_their_rank_in_lorakit_and_peft(case, tmp_
     assert {f.name: f.read_bytes() for f in base_dir.iterdir()} == before, "the base is only read"
     tensors = load_file(tmp_path / "ad" / "adapter_model.safetensors")
     assert done.parameters == sum(t.numel() for t in tensors.values())
+    tied = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["ensure_weight_tying"]
+    assert tied is (case == "tied")  # the tied weight's one ΔW: a merge keeps the model tied
+    if tied:
+        model = AutoModelForCausalLM.from_pretrained(base_dir)
+        lorakit.load_adapter(model, tmp_path / "ad")
+        plain = lorakit.unload(model, merge=True)
+        assert plain.lm_head.weight is plain.model.embed_tokens.weight
 
 
 def test_norms_are_saved_whole_and_can_be_left_out(tmp_path):

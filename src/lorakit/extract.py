@@ -19,7 +19,8 @@ What else changed is carried as PEFT carries it, so that base + adapter is the t
   the LoRAs' own biases on B instead (PEFT's `lora_bias`): loading the adapter then leaves the base's biases as
   they are, so it can share a base with other adapters (a collection, mixed batches);
 - a changed module whose parameters are all vectors (a norm): a whole copy (`modules_to_save`), when `copy_small`;
-- weights shared by several modules (tied input and output embeddings): a LoRA on each of them, of one ΔW.
+- weights shared by several modules (tied input and output embeddings): a LoRA on each of them, of one ΔW; the
+  head's the embedding's transposed, so the file says ensure_weight_tying and a merge keeps the model tied.
 Every changed weight gets a LoRA by default (`targets=None`), embeddings and the output head included. With
 `targets` (PEFT's rules: a list of names, a regex, or "all-linear"), changed modules outside them are left out,
 and the result names them with their relative change ‖ΔW‖_F / ‖W‖_F.
@@ -55,6 +56,7 @@ from lorakit.formats import CONFIG_NAME, PREFIX, WEIGHTS_NAME, targets_for_file
 from lorakit.handlers import handler_for
 from lorakit.readers import ModelTensors
 from lorakit.targeting import select_modules
+from lorakit.tying import tied_heads
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +140,8 @@ def extract(
         _biases_on_b(plan, old, new, loras, tensors)
     bias = "none" if on_b else _biases(plan, new, loras, tensors)
     config = _config(skeleton, {m.module: m.rank for m in loras}, bias, on_b, copies, base_dir)
+    if not on_b and tied_heads(tensors):  # a tied weight's one SVD: merging the adapter keeps the model tied
+        config = config.replace(ensure_weight_tying=True)
     record = _record(base_dir, tuned_dir, r, energy, niter, loras, copies, bias, on_b, plan.left_out)
 
     def write(tmp: Path) -> None:

@@ -423,3 +423,17 @@ def test_served_beside_other_adapters_as_offline_generation(tmp_path, one_thread
     finally:
         eng.stop()
     assert got == want
+
+
+@pytest.mark.parametrize("kind", ["lora-embedding", "saved-head"])
+def test_the_report_counts_the_one_weight_once(kind):
+    model = lorakit.inject(tied(), config(kind))
+    report = lorakit.parameter_report(model)
+    counted = sum(report["adapters"].values())
+    assert counted == report["trainable"]  # the head's LoRA or copy adds nothing of its own
+    if kind.startswith("lora"):
+        head = next(row for row in report["layers"] if row["module"] == "lm_head")
+        assert head["tied"] and head["full"] == head["lora"] == 0
+        assert "lm_head" in lorakit.format_report(report) and "ensure_weight_tying" in lorakit.format_report(
+            report
+        )

@@ -10,6 +10,7 @@ from lorakit.inject import lora_layers
 from lorakit.params import param_wrappers
 from lorakit.quant import quant_stats, quantized_modules
 from lorakit.saved import saved_modules, token_wrappers
+from lorakit.tying import TiedAdapter
 
 
 def parameter_report(model: nn.Module) -> dict[str, Any]:
@@ -37,6 +38,7 @@ def parameter_report(model: nn.Module) -> dict[str, Any]:
             r = adapter.r
             n_params = sum(p.numel() for p in adapter.parameters())
             per_adapter[aname] = per_adapter.get(aname, 0) + n_params
+            tied = isinstance(adapter, TiedAdapter)  # the embedding's weight and adapter: counted there
             rows.append(
                 {
                     "module": name,
@@ -47,15 +49,18 @@ def parameter_report(model: nn.Module) -> dict[str, Any]:
                     "alpha": adapter.alpha,
                     "d": d,
                     "k": k,
-                    "full": d * k,
-                    "lora": r * (d + k),
+                    "full": 0 if tied else d * k,
+                    "lora": 0 if tied else r * (d + k),
                     "reduction": d * k / (r * (d + k)),
+                    "tied": tied,
                 }
             )
     saved = []
+    seen: set[int] = set()  # a tied head's copy holds its embedding's copy's weight (ensure_weight_tying)
     for name, wrapper in saved_modules(model):
         for aname, module in wrapper.modules_to_save.items():
-            n_params = sum(p.numel() for p in module.parameters())
+            n_params = sum(p.numel() for p in module.parameters() if id(p) not in seen)
+            seen |= {id(p) for p in module.parameters()}
             per_adapter[aname] = per_adapter.get(aname, 0) + n_params
             saved.append(
                 {"module": name, "type": type(module).__name__, "adapter": aname, "params": n_params}
@@ -106,6 +111,12 @@ def format_report(report: dict[str, Any], *, max_rows: int = 40) -> str:
     ]
     rows = report["layers"]
     for row in rows[:max_rows]:
+        if row.get("tied"):
+            lines.append(
+                f"{row['module'][-48:]:<48} {row['type'][:10]:<10} {row['adapter'][:10]:<10} {row['r']:>4} {row['d']:>6} "
+                f"{row['k']:>6}   the input embedding's weight and adapter, transposed (ensure_weight_tying)"
+            )
+            continue
         lines.append(
             f"{row['module'][-48:]:<48} {row['type'][:10]:<10} {row['adapter'][:10]:<10} {row['r']:>4} {row['d']:>6} "
             f"{row['k']:>6} {row['full']:>10,} {row['lora']:>9,} {row['reduction']:>7.1f}"

@@ -437,3 +437,13 @@ def test_the_report_counts_the_one_weight_once(kind):
         assert "lm_head" in lorakit.format_report(report) and "ensure_weight_tying" in lorakit.format_report(
             report
         )
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    """Checkpoints hold the embedding's A and B once, with their optimizer state; a resumed run ties the head
+    again and ends where the uninterrupted run ends (1e-6)."""
+    from tiny import resumed_equals_uninterrupted
+
+    full, resumed = resumed_equals_uninterrupted(tmp_path, config("lora-head"), data_init=False, make=tied)
+    assert isinstance(resumed.lm_head.adapters["default"], TiedAdapter)
+    assert lorakit.adapter_state_dict(full)["base_model.model.lm_head.lora_A.weight"].abs().max() > 0

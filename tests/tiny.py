@@ -219,10 +219,13 @@ def addition_run(tmp_path, *overrides: str, device: str | None = None):
     return run_training(cfg, model=model, tokenizer=char_tokenizer()), model
 
 
-def resumed_equals_uninterrupted(tmp_path, lora, *, data_init: bool, **train) -> tuple[nn.Module, nn.Module]:
-    """Train a tiny Llama with `lora` for 6 steps, and again interrupted at step 4 and resumed from its step-3
-    checkpoint: both runs' adapters equal to 1e-6 (the same ops on the same data, up to BLAS thread scheduling).
-    `data_init`: the method reads the run's first batches (EVA, CorDA, LoRA-GA). Returns (uninterrupted, resumed)."""
+def resumed_equals_uninterrupted(
+    tmp_path, lora, *, data_init: bool, make=None, **train
+) -> tuple[nn.Module, nn.Module]:
+    """Train a tiny Llama (or `make()`) with `lora` for 6 steps, and again interrupted at step 4 and resumed from
+    its step-3 checkpoint: both runs' adapters equal to 1e-6 (the same ops on the same data, up to BLAS thread
+    scheduling). `data_init`: the method reads the run's first batches (EVA, CorDA, LoRA-GA). Returns
+    (uninterrupted, resumed)."""
     from pathlib import Path
 
     import pytest
@@ -239,7 +242,7 @@ def resumed_equals_uninterrupted(tmp_path, lora, *, data_init: bool, **train) ->
     rows = token_rows()
 
     def run(c, **kw):
-        model, method = tiny_llama(), make_method(c)
+        model, method = (make or tiny_llama)(), make_method(c)
         if data_init:
             method.batches = lambda: init_batches(rows, c, 0)
         method.prepare(model, None)

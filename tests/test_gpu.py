@@ -277,3 +277,26 @@ def test_alora_on_the_device_equals_the_cpu_and_generates_as_peft(device, tmp_pa
     theirs = peft.PeftModel.from_pretrained(_on(tiny_llama(), device), tmp_path / "a").eval()
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(x, **kw), theirs.generate(input_ids=x, **kw))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@torch.no_grad()
+def test_a_tied_adapter_moved_to_the_device_stays_tied(device, tmp_path):
+    """ensure_weight_tying: the head's adapter is a view of the embedding's, so moving the model keeps them one
+    (PEFT's separate parameters on shared storage would part): the logits equal the CPU's and PEFT's on the
+    device, and a merge on the device keeps the model tied."""
+    peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")
+    model = tiny_llama(tied=True)
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets=["q_proj", "embed_tokens"], ensure_weight_tying=True))
+    randomize(model, std=0.2)
+    lorakit.save_adapter(model, tmp_path / "a")
+    x = ids()
+    want = model(x).logits
+    model = _on(model, device)
+    x = x.to(model.device)
+    torch.testing.assert_close(model(x).logits.cpu(), want, atol=ATOL, rtol=0)
+    theirs = peft.PeftModel.from_pretrained(_on(tiny_llama(tied=True), device), tmp_path / "a").eval()
+    torch.testing.assert_close(theirs(x).logits.cpu(), want, atol=ATOL, rtol=0)
+    plain = lorakit.unload(model, merge=True)
+    assert plain.lm_head.weight is plain.model.embed_tokens.weight
+    torch.testing.assert_close(plain(x).logits.cpu(), want, atol=1e-4, rtol=0)  # merged: logits up to ~10

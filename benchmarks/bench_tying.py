@@ -71,7 +71,7 @@ def one(out: Path, tied: bool) -> dict:
     return {
         "trainable": summary["trainable"],
         "accuracy": (summary["before"].get("accuracy"), summary["after"].get("accuracy")),
-        "eval_loss": (summary["before"]["eval_loss"], summary["after"]["eval_loss"]),
+        "eval_loss": (summary["before"]["loss"], summary["after"]["loss"]),
         "train_seconds": summary.get("train_seconds") or summary.get("seconds"),
         "peak_rss_gb": summary["peak_rss_gb"],
         "adapter_mb": _size_mb(Path(summary["adapter"]) / "adapter_model.safetensors"),

@@ -229,8 +229,14 @@ def test_chunked_loss_falls_back_when_it_would_differ():
     gpt2 = tiny_gpt2()  # Conv1D blocks, tied nn.Linear head: the chunked loss applies and equals HF's
     torch.testing.assert_close(causal_lm_loss(gpt2, batch), gpt2(**batch).loss, atol=ATOL, rtol=RTOL)
     model = tiny_llama()
-    lorakit.inject(model, LoraConfig(r=4, targets=["lm_head"]))  # LoRA on the head: it is no longer plain
+    lorakit.inject(model, LoraConfig(r=4, targets=["lm_head"]))  # one plain LoRA on the head: chunked with it
     randomize(model)
+    assert fused.lean_head(model)[1] is not None
+    torch.testing.assert_close(causal_lm_loss(model, batch), model(**batch).loss, atol=ATOL, rtol=RTOL)
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(r=4, targets=["lm_head"], use_dora=True))  # DoRA: no longer plain
+    randomize(model)
+    assert fused.lean_head(model) is None
     torch.testing.assert_close(causal_lm_loss(model, batch), model(**batch).loss, atol=0, rtol=0)
     capped = tiny_llama()
     capped.config.final_logit_softcapping = 30.0

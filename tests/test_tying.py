@@ -447,3 +447,18 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     full, resumed = resumed_equals_uninterrupted(tmp_path, config("lora-head"), data_init=False, make=tied)
     assert isinstance(resumed.lm_head.adapters["default"], TiedAdapter)
     assert lorakit.adapter_state_dict(full)["base_model.model.lm_head.lora_A.weight"].abs().max() > 0
+
+
+def test_merging_beside_an_untied_adapter_unties_and_stays_exact(recwarn):
+    """A tied adapter and an untied one on the same embedding, both active: the head's update is the tied one's
+    only, so the merge gives the head its own weight (with the warning) and merges each update where it belongs."""
+    model = tied()
+    lorakit.inject(model, config("lora-embedding"), "t")
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets=["embed_tokens"]), "u")
+    randomize(model, std=0.3)
+    lorakit.set_active(model, ["t", "u"])
+    with torch.no_grad():
+        out = model(ids()).logits
+        plain = lorakit.unload(model, merge=True)
+        assert plain.lm_head.weight is not plain.model.embed_tokens.weight and not plain.config.tie_word_embeddings
+        torch.testing.assert_close(plain(ids()).logits, out, atol=MERGED, rtol=0)

@@ -254,6 +254,51 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return grad_h * grad_loss.to(grad_h.dtype), None, None, None
 
 
+class _LoraHeadCrossEntropy(torch.autograd.Function):
+    """`_HeadCrossEntropy` for a head with one LoRA adapter: logits ``h·Wᵀ + s·(h·Aᵀ)·Bᵀ``, chunk by chunk, with
+    ∂h, ∂A and ∂B computed in the forward pass (P = softmax − one-hot of a chunk): ∂h = P·W + s·(P·B)·A,
+    ∂A = s·(P·B)ᵀ·h, ∂B = Pᵀ·(s·h·Aᵀ). The adapter computes in its own dtype (fp32 beside a 16-bit base)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, A, B, labels, chunk: int, s: float):
+        n = hidden.shape[0]
+        need = ctx.needs_input_grad
+        grad_h = torch.empty_like(hidden) if need[0] else None
+        grad_a = torch.zeros_like(A) if need[2] else None
+        grad_b = torch.zeros_like(B) if need[3] else None
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+        for i in range(0, n, chunk):
+            h = hidden[i : i + chunk]
+            y = labels[i : i + chunk]
+            rows = torch.arange(len(y), device=y.device)
+            ha = (h.to(A.dtype) @ A.t()) * s  # (rows, r)
+            logits = (h @ weight.t()).to(acc) + (ha @ B.t()).to(acc)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits[rows, y]).sum(dtype=torch.float64)
+            if not (need[0] or need[2] or need[3]):
+                continue
+            probs = logits.sub_(lse.unsqueeze(1)).exp_()
+            probs[rows, y] -= 1.0
+            pb = probs.to(B.dtype) @ B  # (rows, r)
+            if grad_h is not None:
+                grad_h[i : i + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype) + (
+                    (pb * s) @ A
+                ).to(hidden.dtype)
+            if grad_a is not None:
+                grad_a += (pb * s).t() @ h.to(A.dtype)
+            if grad_b is not None:
+                grad_b += probs.to(B.dtype).t() @ ha
+        ctx.save_for_backward(grad_h, grad_a, grad_b)
+        return total.to(acc)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_a, grad_b = ctx.saved_tensors
+        scale = [None if g is None else g * grad_loss.to(g.dtype) for g in (grad_h, grad_a, grad_b)]
+        return scale[0], None, scale[1], scale[2], None, None, None
+
+
 def lm_head_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -263,11 +308,14 @@ def lm_head_loss(
     ignore_index: int = IGNORE,
     shift_labels: torch.Tensor | None = None,
     num_items_in_batch: torch.Tensor | int | None = None,
+    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """Token cross-entropy of ``hidden·weightᵀ`` at the positions whose label is not `ignore_index`, for causal
     LMs, as transformers' `ForCausalLMLoss` computes it: hidden (batch, seq, d) predicts `labels` shifted by one,
     or `shift_labels` (already shifted) as given; the mean over learned tokens, or their sum divided by
-    `num_items_in_batch`. The weight must be frozen (no gradient). No learned token: 0, connected to the graph."""
+    `num_items_in_batch`. The weight must be frozen (no gradient). `lora`: the head's one LoRA adapter (A, B, s),
+    whose logits s·(h·Aᵀ)·Bᵀ are added (A and B get their gradients). No learned token: 0, connected to the
+    graph."""
     if shift_labels is None:
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         y = labels[:, 1:].reshape(-1)
@@ -282,7 +330,11 @@ def lm_head_loss(
         h.dtype != weight.dtype
     ):  # e.g. a float32 norm output before a bf16 head: the head's precision, as autocast
         h = h.to(weight.dtype)
-    total = _HeadCrossEntropy.apply(h, weight, y, chunk or _chunk_rows(weight.shape[0]))
+    rows = chunk or _chunk_rows(weight.shape[0])
+    if lora is None:
+        total = _HeadCrossEntropy.apply(h, weight, y, rows)
+    else:
+        total = _LoraHeadCrossEntropy.apply(h, weight, lora[0], lora[1], y, rows, float(lora[2]))
     if num_items_in_batch is None:
         return total / keep.numel()
     if torch.is_tensor(num_items_in_batch):
@@ -290,10 +342,9 @@ def lm_head_loss(
     return total / num_items_in_batch
 
 
-def plain_head(model: nn.Module) -> nn.Linear | None:
-    """The model's LM head if its logits are exactly `base_model(...).last_hidden_state @ head.weight.T`: a plain
-    `nn.Linear` without bias (not adapted, not quantized) on a Hugging Face backbone, and no scaling or softcap of
-    the logits after it. Else None."""
+def _head(model: nn.Module) -> nn.Module | None:
+    """The output head of a Hugging Face model whose logits are the head's output on
+    `base_model(...).last_hidden_state`, with no scaling or softcap after it; else None."""
     try:
         from transformers import PreTrainedModel
     except ImportError:
@@ -303,15 +354,37 @@ def plain_head(model: nn.Module) -> nn.Linear | None:
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if getter else None
     base = getattr(model, "base_model", None)
-    if type(head) is not nn.Linear or head.bias is not None:
-        return None
-    if base is None or base is model or type(head.weight.data) is not torch.Tensor:
+    if head is None or base is None or base is model:
         return None
     cfg = getattr(model, "config", None)
     for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
         if getattr(cfg, attr, None) not in (None, 1, 1.0):
             return None
     return head
+
+
+def plain_head(model: nn.Module) -> nn.Linear | None:
+    """The model's LM head if its logits are exactly `base_model(...).last_hidden_state @ head.weight.T`: a plain
+    `nn.Linear` without bias (not adapted, not quantized) on a Hugging Face backbone, and no scaling or softcap of
+    the logits after it. Else None."""
+    head = _head(model)
+    if type(head) is not nn.Linear or head.bias is not None or type(head.weight.data) is not torch.Tensor:
+        return None
+    return head
+
+
+def lean_head(model: nn.Module) -> tuple[torch.Tensor, tuple | None] | None:
+    """(the LM head's frozen weight, its one LoRA adapter as (A, B, s) or None) when the chunked loss computes
+    exactly the model's own loss: a plain frozen head, or a LoRA layer on one that says so (`lean_factors`: one
+    plain adapter running, no dropout in training); else None."""
+    head = _head(model)
+    if head is None:
+        return None
+    if type(head) is nn.Linear:
+        plain = plain_head(model)
+        return None if plain is None or plain.weight.requires_grad else (plain.weight, None)
+    factors = getattr(head, "lean_factors", None)
+    return factors() if callable(factors) else None
 
 
 def fusable_head(model: nn.Module) -> nn.Linear | None:
@@ -324,11 +397,11 @@ def fusable_head(model: nn.Module) -> nn.Linear | None:
 def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool = True) -> torch.Tensor:
     """The causal-LM training loss of `batch` (input_ids, attention_mask, labels): the chunked head loss when the
     model allows it (a frozen, plain LM head on a Hugging Face backbone), else the model's own loss."""
-    head = fusable_head(model) if fused else None
+    head = lean_head(model) if fused else None
     if head is None:
         return model(**batch).loss
     out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    return lm_head_loss(out.last_hidden_state, head.weight, batch["labels"])
+    return lm_head_loss(out.last_hidden_state, head[0], batch["labels"], lora=head[1])
 
 
 # --------------------------------------------------------------------------------------------------------------

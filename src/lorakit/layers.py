@@ -404,6 +404,29 @@ class LoraLayer(nn.Module):
             out = out + delta if w == 1.0 else out + w * delta
         return out
 
+    def lean_factors(self) -> tuple[torch.Tensor, tuple | None] | None:
+        """For the chunked LM-head loss (`fused.lean_head`): (the base weight, (A, B, s) of the one adapter now
+        running, or None when none runs) where this layer computes exactly x·W0ᵀ + s·(x·Aᵀ)·Bᵀ: a frozen
+        nn.Linear without bias, under one adapter whose variant keeps plain LoRA's forward, without dropout in
+        training. Else None."""
+        base = self.base_layer
+        if type(base) is not nn.Linear or base.bias is not None or base.weight.requires_grad:
+            return None
+        if self.row_plan is not None or type(base.weight.data) is not torch.Tensor:
+            return None
+        if not self._run:
+            return base.weight, None
+        if len(self._run) > 1:
+            return None
+        name, w = self._run[0]
+        adapter = self.adapters[name]
+        variant = type(adapter.variant)
+        if variant.forward is not Variant.forward or variant.bias_delta is not Variant.bias_delta:
+            return None
+        if self.training and isinstance(adapter.dropout, nn.Dropout) and adapter.dropout.p > 0:
+            return None
+        return base.weight, (adapter.lora_A, adapter.lora_B, adapter.scaling * w)
+
     def _fused(self, x: torch.Tensor) -> torch.Tensor | None:
         """One plain adapter on a frozen nn.Linear, or in training on a base whose handler gives its weight dense
         (a 4-bit one): the fused autograd function (None: take the plain path)."""

@@ -14,7 +14,7 @@ of 0 connected to the graph, where transformers' mean gives NaN (0/0).
 Like liger-kernel's and unsloth's patched forwards, the training output carries no logits: `out.logits` is a
 `LogitsNotComputed` whose every use raises one line that says how to get them (evaluate in `model.eval()` or under
 `torch.no_grad()`, or opt out). Everything else takes the model's own forward, unchanged: no labels, eval mode,
-no gradients, a trainable or adapted LM head, logit soft-capping or scaling, router losses of mixture-of-experts
+no gradients, a trainable LM head (or one whose adapters are not one plain LoRA without dropout), logit soft-capping or scaling, router losses of mixture-of-experts
 models, and models that are not a Hugging Face causal LM with a plain head.
 
 The patch is an instance attribute, `model.forward`, that keeps the class forward's signature (transformers'
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.fused import fusable_head, lm_head_loss
+from lorakit.fused import lean_head, lm_head_loss
 
 _MARK = "_lorakit_lean_forward"
 _LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
@@ -108,17 +108,18 @@ def _candidate(model: nn.Module) -> bool:
     return getter is not None and getter() is not None
 
 
-def _lean_head(model: nn.Module, kwargs: dict[str, Any]) -> nn.Linear | None:
-    """The head to compute the lean loss with, or None where the model's own forward must run."""
+def _lean_head(model: nn.Module, kwargs: dict[str, Any]) -> tuple | None:
+    """(the head's weight, its one LoRA (A, B, s) or None) to compute the lean loss with, or None where the
+    model's own forward must run."""
     if kwargs.get("labels") is None or not model.training or not torch.is_grad_enabled():
         return None
     config = getattr(model, "config", None)
     if kwargs.get("output_router_logits") or getattr(config, "output_router_logits", False):
         return None  # the model adds its router's auxiliary loss
-    return fusable_head(model)
+    return lean_head(model)
 
 
-def _lean(model: nn.Module, head: nn.Linear, signature: inspect.Signature, args: tuple, kwargs: dict) -> Any:
+def _lean(model: nn.Module, head: tuple, signature: inspect.Signature, args: tuple, kwargs: dict) -> Any:
     bound = signature.bind(model, *args, **kwargs).arguments
     bound.pop(next(iter(signature.parameters)))  # self
     for name, p in signature.parameters.items():
@@ -136,8 +137,9 @@ def _lean(model: nn.Module, head: nn.Linear, signature: inspect.Signature, args:
     hidden = out[0]
     loss = lm_head_loss(
         hidden,
-        head.weight,
+        head[0],
         labels,
+        lora=head[1],
         ignore_index=int(loss_kwargs.get("ignore_index", -100)),
         shift_labels=loss_kwargs.get("shift_labels"),
         num_items_in_batch=loss_kwargs.get("num_items_in_batch"),

@@ -129,9 +129,9 @@ def plan(
         names = [n for n in names if n not in pair] + [emb, head]
     else:
         saved = [n for n in saved if n not in pair] + [emb, head]
-    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    names.sort(key=order.__getitem__)
-    saved.sort(key=order.__getitem__)
+    order = {n: i for i, (n, _) in enumerate(model.named_modules(remove_duplicate=False))}
+    names.sort(key=lambda n: order.get(n, len(order)))
+    saved.sort(key=lambda n: order.get(n, len(order)))
     for kept in (names, saved):  # the head last: its adapter is made from the embedding's
         if head in kept:
             kept.remove(head)

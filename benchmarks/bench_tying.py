@@ -6,9 +6,10 @@ projections and on `embed_tokens`:
 - untied (PEFT's default): the embedding alone gets the update, the head keeps the base weight.
 For each: trainable parameters, accuracy and eval loss before and after, training time and peak memory (from the
 run's summary.json), then `lorakit merge` and the merged folder's size and `tie_word_embeddings`, and the merged
-model as an f16 GGUF (`lorakit export gguf --merged`) and its size.
+model as an f16 GGUF (`lorakit export gguf --merged`) and its size. With `--rounds N` the two trainings alternate
+N times (the order turning each round) and the table gives the median training time; the rest is round 1's.
 
-    .venv/bin/python benchmarks/bench_tying.py --out /tmp/tying
+    .venv/bin/python benchmarks/bench_tying.py --out /tmp/tying --rounds 2
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import yaml
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"]
 LORAKIT = [sys.executable, "-m", "lorakit"]
@@ -36,8 +40,8 @@ def _size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in files) / 1e6
 
 
-def one(out: Path, tied: bool) -> dict:
-    run = out / ("tied" if tied else "untied")
+def train(out: Path, tied: bool, round_: int) -> dict:
+    run = out / f"{'tied' if tied else 'untied'}_{round_}"
     _run(
         [
             *LORAKIT,
@@ -50,7 +54,11 @@ def one(out: Path, tied: bool) -> dict:
             str(run),
         ]
     )
-    summary = json.loads((run / "summary.json").read_text())
+    return json.loads((run / "summary.json").read_text())
+
+
+def one(out: Path, summary: dict, seconds: list[float]) -> dict:
+    run = Path(summary["run_dir"])
     merged = out / f"merged_{run.name}"
     _run([*LORAKIT, "merge", "--adapter", summary["adapter"], "--out", str(merged)])
     gguf = out / f"merged_{run.name}.gguf"
@@ -72,7 +80,8 @@ def one(out: Path, tied: bool) -> dict:
         "trainable": summary["trainable"],
         "accuracy": (summary["before"].get("accuracy"), summary["after"].get("accuracy")),
         "eval_loss": (summary["before"]["loss"], summary["after"]["loss"]),
-        "train_seconds": summary.get("train_seconds") or summary.get("seconds"),
+        "train_seconds": statistics.median(seconds),
+        "dtype": yaml.safe_load((run / "config.yaml").read_text())["model"]["dtype"],
         "peak_rss_gb": summary["peak_rss_gb"],
         "adapter_mb": _size_mb(Path(summary["adapter"]) / "adapter_model.safetensors"),
         "merged_mb": _size_mb(merged),
@@ -86,15 +95,22 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--rounds", type=int, default=1)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     head = (
         f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; CPU {platform.processor() or platform.machine()}, "
         f"capability {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} CPUs, torch {torch.__version__}; "
-        f"1-minute load average before: {os.getloadavg()[0]:.2f}"
+        f"1-minute load average before: {os.getloadavg()[0]:.2f}; {args.rounds} round(s)"
     )
-    results = {name: one(args.out, name == "tied") for name in ("tied", "untied")}
-    print("\n" + head)
+    runs: dict[str, list[dict]] = {"tied": [], "untied": []}
+    for i in range(args.rounds):
+        for name in ("tied", "untied") if i % 2 == 0 else ("untied", "tied"):
+            runs[name].append(train(args.out, name == "tied", i))
+    results = {
+        name: one(args.out, done[0], [d["train_seconds"] for d in done]) for name, done in runs.items()
+    }
+    print("\n" + head + f"; base dtype {results['tied']['dtype']} (--model.dtype auto)")
     print(
         "| run | trainable | accuracy before → after | eval loss before → after | train s | peak RSS GB | adapter MB "
         "| merged folder MB | merged tied | merged f16 GGUF MB |"

@@ -65,13 +65,34 @@ def test_llama_cpp_runs_our_merged_model_with_our_logits(tmp_path):
     assert np.abs(got - want).max() < 2e-3  # as above
 
 
+def test_llama_cpp_runs_a_bdlora_adapter_with_our_logits(tmp_path):
+    """BD-LoRA's block-diagonal factor goes to llama.cpp as the dense factor it stands for: a plain LoRA pair."""
+    model = tiny_llama(hidden=64)
+    save_model_gguf(model, tmp_path / "base.gguf")
+    spec = {
+        "target_modules_bd_a": ["o_proj", "down_proj"],
+        "target_modules_bd_b": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"],
+        "nblocks": 2,
+    }
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets=SEVEN, use_bdlora=spec))
+    randomize(model, std=0.3)
+    save_adapter_gguf(model, tmp_path / "a.gguf")
+    want = _ours(model, TOKENS)
+    got_base = logits(tmp_path / "base.gguf", TOKENS)
+    got = logits(tmp_path / "base.gguf", TOKENS, lora=tmp_path / "a.gguf")
+    assert np.abs(got - want).max() < 2e-3  # as above
+    assert np.abs(got - got_base).max() > 100 * 2e-3
+
+
 def test_a_tied_adapter_merges_into_a_tied_gguf_that_llama_cpp_runs(tmp_path):
     """ensure_weight_tying: the merged model keeps one tensor for the embedding and the head, so its GGUF has no
     `output.weight` (llama.cpp reuses token_embd, as for the base), and llama.cpp computes our logits."""
     import gguf
 
     model = tiny_llama(hidden=64, tied=True)
-    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets=["q_proj", "embed_tokens"], ensure_weight_tying=True))
+    lorakit.inject(
+        model, LoraConfig(r=4, alpha=8, targets=["q_proj", "embed_tokens"], ensure_weight_tying=True)
+    )
     randomize(model, std=0.3)
     want = _ours(model, TOKENS)
     with lorakit.disabled(model):

@@ -48,6 +48,7 @@ from lorakit.formats import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from lorakit.layers import INIT_FACTORS
 from lorakit.lora_format import TOKEN_KEY, read_adapter, saved_tensors, token_tensors
 from lorakit.tying import retie, tied_heads
+from lorakit.variants.bdlora import BdLoraVariant
 
 log = logging.getLogger(__name__)
 
@@ -370,6 +371,8 @@ def _modules(
             have = next(iter(parts))
             raise AdapterError(f"{name}: {m} has lora_{have} but no lora_{'B' if have == 'A' else 'A'}")
         (A, emb_a), (B, emb_b) = parts["A"], parts["B"]
+        if config.use_bdlora:  # the stored blocks as the dense factor they stand for: the result is plain LoRA
+            A, B = BdLoraVariant.create(config, m).dense(A, B)
         if (
             emb_a != emb_b
             or A.dim() < 2

@@ -128,6 +128,12 @@ class LoraConfig:
     """Activated LoRA (PEFT's aLoRA): the token ids that invoke the adapter. Each row's tokens before the last
     occurrence of this sequence see the base model alone, so their KV cache is the base's; the adapter acts from
     the invocation on. Not mergeable. lorakit.variants.alora."""
+    use_bdlora: dict[str, Any] | None = None
+    """BD-LoRA (PEFT's use_bdlora): a block-diagonal A or B, for serving many adapters on a model sharded across
+    devices: {"target_modules_bd_a": [...], "target_modules_bd_b": [...], "nblocks": N, "match_strict": true}.
+    A module whose name contains a bd_a pattern gets a block-diagonal A of N blocks, bd_b a block-diagonal B
+    (row-sharded layers: A; column-sharded: B); `match_strict` refuses a target that matches neither.
+    lorakit.variants.bdlora."""
     ensure_weight_tying: bool = False
     """Where the model ties its output head to its input embedding (SmolLM2, Llama 3.2, GPT-2): give both one
     update, as they have one weight (PEFT's ensure_weight_tying). A LoRA on either lives on the embedding, and the
@@ -250,6 +256,40 @@ class LoraConfig:
             except re.error as e:
                 raise ConfigError(f"invalid regex {pattern!r}: {e}") from None
 
+    def _check_bdlora(self) -> None:
+        spec = self.use_bdlora
+        if spec is None:
+            return
+        keys = {"target_modules_bd_a", "target_modules_bd_b", "nblocks", "match_strict"}
+        _check(
+            isinstance(spec, dict) and set(spec) <= keys,
+            f"use_bdlora must be a dict with keys {sorted(keys)} or null, got {short(spec)}",
+            "use_bdlora",
+        )
+        for name in ("target_modules_bd_a", "target_modules_bd_b"):
+            v = spec.get(name)
+            _check(v is None or is_str_list(v), f"use_bdlora.{name} must be a list of strings, got {short(v)}", "use_bdlora")
+        _check(
+            is_int(spec.get("nblocks", 1), 1),
+            f"use_bdlora.nblocks must be a positive integer, got {short(spec.get('nblocks'))}",
+            "use_bdlora",
+        )
+        _check(
+            isinstance(spec.get("match_strict", True), bool),
+            f"use_bdlora.match_strict must be true or false, got {short(spec.get('match_strict'))}",
+            "use_bdlora",
+        )
+        both = set(spec.get("target_modules_bd_a") or []) & set(spec.get("target_modules_bd_b") or [])
+        _check(not both, f"use_bdlora: {sorted(both)} are in both target_modules_bd_a and target_modules_bd_b", "use_bdlora")
+        for bad, why in (
+            (self.use_dora, "use_dora"),
+            (self.lora_bias, "lora_bias"),
+            (self.alora_invocation_tokens is not None, "alora_invocation_tokens"),
+            (bool(self.target_parameters), "target_parameters"),
+            (self.init not in ("default", "gaussian"), f"init={self.init!r}"),
+        ):
+            _check(not bad, f"use_bdlora does not work with {why}", "use_bdlora")
+
     def _check_types(self) -> None:
         """Every field has the type and range it is documented with (JSON gives any type, and `Infinity`)."""
         _check(is_int(self.r, 1), f"r must be a positive integer, got {short(self.r)}", "r")
@@ -334,6 +374,7 @@ class LoraConfig:
             v = getattr(self, name)
             _check(v is None or isinstance(v, str), f"{name} must be a string or null, got {short(v)}", name)
         self._check_token_indices()
+        self._check_bdlora()
         _check(
             self.target_parameters is None or is_str_list(self.target_parameters),
             f"target_parameters must be a list of parameter names or null, got {short(self.target_parameters)}",

@@ -349,7 +349,11 @@ def _plan_copies(
         if tie.lora is not None and m == tie.lora[1]:  # a view of the embedding's (ensure_weight_tying)
             check_file(str(path), m, tie.lora[0], by_module.get(m, {}), by_module.get(tie.lora[0], {}))
             continue
-        plan += _plan_module(model, config, variant, m, by_module.get(m, {}), path)
+        try:
+            own = cls.create(config, m)  # per module: BD-LoRA's block-diagonal factor depends on the name
+        except TargetError as e:
+            raise AdapterError(f"{path}: adapter does not fit {type(model).__name__}: {e}") from None
+        plan += _plan_module(model, config, own, m, by_module.get(m, {}), path)
     return plan + biases
 
 

@@ -53,7 +53,6 @@ _PEFT_UNSUPPORTED_KEYS = {
     "use_qalora",
     "qalora_group_size",
     "loftq_config",
-    "use_bdlora",
     "bdlora_config",
     "arrow_config",
     "monteclora_config",
@@ -86,6 +85,7 @@ _FROM_PEFT: dict[str, str] = {
     "layer_replication": "layer_replication",
     "alora_invocation_tokens": "alora_invocation_tokens",
     "ensure_weight_tying": "ensure_weight_tying",
+    "use_bdlora": "use_bdlora",
 }
 _PEFT_KEY = {ours: theirs for theirs, ours in _FROM_PEFT.items()}
 # PEFT's eva_config keys -> LoraConfig fields (label_mask_value: lorakit's labels mask with -100, as PEFT's default)

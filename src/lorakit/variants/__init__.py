@@ -1,7 +1,7 @@
 """LoRA flavours and adapter kinds, one small file each, plugged into the core through its registries.
 
-Importing this package registers them: DoRA (a `Variant`, picked by `use_dora`), PEFT's `lora_bias` and aLoRA
-(`Variant`s), the PiSSA, OLoRA, orthogonal, EVA, CorDA,
+Importing this package registers them: DoRA (a `Variant`, picked by `use_dora`), PEFT's `lora_bias`, aLoRA and
+BD-LoRA (`Variant`s), the PiSSA, OLoRA, orthogonal, EVA, CorDA,
 LoRA-GA and MiCA inits, DyLoRA (a
 variant restored from the adapter file's safetensors metadata, which PEFT never reads: the folder stays exactly
 what PEFT writes and loads), AdaLoRA (a variant and PEFT's ADALORA file format) and the ladder side network (our
@@ -14,6 +14,7 @@ from lorakit.formats import read_metadata
 from lorakit.variants import (
     adalora_io,
     alora,
+    bdlora,
     corda,
     dora,
     dylora,
@@ -30,6 +31,7 @@ from lorakit.variants import (
 __all__ = [
     "adalora_io",
     "alora",
+    "bdlora",
     "corda",
     "dora",
     "dylora",

@@ -200,3 +200,11 @@ def test_real_model_both_ways_with_peft(default_model_dir, tmp_path):
     theirs = peft.PeftModel.from_pretrained(lorakit.load_model(default_model_dir)[0], tmp_path / "a").eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(x).logits, ours, atol=2e-3, rtol=0)
+
+
+def test_the_report_counts_the_blocks():
+    model = lorakit.inject(tiny_llama(), config(spec={**SPEC, "nblocks": 4}))
+    report = lorakit.parameter_report(model)
+    o = next(row for row in report["layers"] if row["module"].endswith("layers.0.self_attn.o_proj"))
+    assert o["lora"] == 4 * 32 // 4 + 32 * 4  # A's four blocks, a dense B
+    assert sum(row["lora"] for row in report["layers"]) == report["trainable"]

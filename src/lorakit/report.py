@@ -39,6 +39,7 @@ def parameter_report(model: nn.Module) -> dict[str, Any]:
             n_params = sum(p.numel() for p in adapter.parameters())
             per_adapter[aname] = per_adapter.get(aname, 0) + n_params
             tied = isinstance(adapter, TiedAdapter)  # the embedding's weight and adapter: counted there
+            stored = adapter.lora_A.numel() + adapter.lora_B.numel()  # r·(d+k), or BD-LoRA's blocks
             rows.append(
                 {
                     "module": name,
@@ -50,8 +51,8 @@ def parameter_report(model: nn.Module) -> dict[str, Any]:
                     "d": d,
                     "k": k,
                     "full": 0 if tied else d * k,
-                    "lora": 0 if tied else r * (d + k),
-                    "reduction": d * k / (r * (d + k)),
+                    "lora": 0 if tied else stored,
+                    "reduction": d * k / stored,
                     "tied": tied,
                 }
             )

@@ -19,7 +19,17 @@ import lorakit
 from lorakit import AdapterError, ConfigError, LoraConfig, TargetError
 from lorakit.variants.bdlora import BdLoraVariant
 
-from tiny import SEVEN, addition_run, both_ways_with_peft, ids, randomize, snapshot, tiny_llama, unchanged
+from tiny import (
+    SEVEN,
+    addition_run,
+    both_ways_with_peft,
+    each_row_alone,
+    ids,
+    randomize,
+    snapshot,
+    tiny_llama,
+    unchanged,
+)
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")
 
@@ -85,18 +95,11 @@ def test_mixed_batches_equal_each_row_alone():
     randomize(model, std=0.3)
     x = ids(batch=3)
     rows = ["bd", None, "plain"]
-    with torch.no_grad():
-        alone = []
-        for i, name in enumerate(rows):
-            if name is None:
-                with lorakit.disabled(model):
-                    alone.append(model(x[i : i + 1]).logits)
-            else:
-                lorakit.set_active(model, name)
-                alone.append(model(x[i : i + 1]).logits)
-        with lorakit.row_adapters(model, rows):
-            mixed = model(x).logits
-    torch.testing.assert_close(mixed, torch.cat(alone), atol=ATOL, rtol=0)
+    alone = each_row_alone(model, x, rows)
+    with torch.no_grad(), lorakit.row_adapters(model, rows):
+        mixed = model(x).logits
+    torch.testing.assert_close(mixed, alone, atol=ATOL, rtol=0)
+    assert (alone[0] - alone[1]).abs().max() > 1e-2
 
 
 def test_lorakit_train_learns_with_it(tmp_path):

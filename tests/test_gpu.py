@@ -20,7 +20,7 @@ from lorakit.fused import _LoraLinear, causal_lm_loss
 from lorakit.mixed import row_adapters
 from lorakit.quant import nf4
 
-from tiny import ids, randomize, tiny_llama, tiny_qwen2
+from tiny import each_row_alone, ids, randomize, tiny_llama, tiny_qwen2
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 ATOL = 1e-5
@@ -169,17 +169,10 @@ def test_a_mixed_batch_equals_each_row_alone(device):
     randomize(model, std=0.2)
     names = ["a", "b", None, "c", "a"]
     x = ids(batch=len(names), seq=9).to(model.device)
-    rows = []
-    for i, name in enumerate(names):
-        if name is None:
-            with lorakit.disabled(model):
-                rows.append(model(x[i : i + 1]).logits)
-        else:
-            lorakit.set_active(model, name)
-            rows.append(model(x[i : i + 1]).logits)
+    rows = each_row_alone(model, x, names)
     with row_adapters(model, names):
         got = model(x).logits
-    torch.testing.assert_close(got, torch.cat(rows), atol=ATOL, rtol=0)
+    torch.testing.assert_close(got, rows, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

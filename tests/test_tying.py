@@ -24,7 +24,17 @@ import lorakit
 from lorakit import AdapterError, LoraConfig, TargetError
 from lorakit.tying import TiedAdapter
 
-from tiny import both_ways_with_peft, ids, perturb_peft, randomize, snapshot, tiny_gpt2, tiny_llama, unchanged
+from tiny import (
+    both_ways_with_peft,
+    each_row_alone,
+    ids,
+    perturb_peft,
+    randomize,
+    snapshot,
+    tiny_gpt2,
+    tiny_llama,
+    unchanged,
+)
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")
 
@@ -160,18 +170,10 @@ def test_mixed_batches_equal_each_row_alone():
         randomize(model, std=0.3, seed=seed)
     x = ids(batch=3)
     rows = ["a", None, "b"]
-    with torch.no_grad():
-        alone = []
-        for i, name in enumerate(rows):
-            if name is None:
-                with lorakit.disabled(model):
-                    alone.append(model(x[i : i + 1]).logits)
-            else:
-                lorakit.set_active(model, name)
-                alone.append(model(x[i : i + 1]).logits)
-        with lorakit.row_adapters(model, rows):
-            mixed = model(x).logits
-    torch.testing.assert_close(mixed, torch.cat(alone), atol=ATOL, rtol=0)
+    alone = each_row_alone(model, x, rows)
+    with torch.no_grad(), lorakit.row_adapters(model, rows):
+        mixed = model(x).logits
+    torch.testing.assert_close(mixed, alone, atol=ATOL, rtol=0)
     assert (alone[0] - alone[2]).abs().max() > 1e-2
 
 
@@ -460,5 +462,8 @@ def test_merging_beside_an_untied_adapter_unties_and_stays_exact(recwarn):
     with torch.no_grad():
         out = model(ids()).logits
         plain = lorakit.unload(model, merge=True)
-        assert plain.lm_head.weight is not plain.model.embed_tokens.weight and not plain.config.tie_word_embeddings
+        assert (
+            plain.lm_head.weight is not plain.model.embed_tokens.weight
+            and not plain.config.tie_word_embeddings
+        )
         torch.testing.assert_close(plain(ids()).logits, out, atol=MERGED, rtol=0)

@@ -116,6 +116,23 @@ def randomize(model: nn.Module, std: float = 0.1, seed: int = 3) -> None:
             p.add_(torch.randn(p.shape, generator=g) * std)
 
 
+def each_row_alone(model: nn.Module, x: torch.Tensor, names) -> torch.Tensor:
+    """The logits of each row of `x` run alone, row i with adapter `names[i]` active (None: adapters disabled),
+    concatenated: what a mixed-adapter batch (`row_adapters`) must equal."""
+    import lorakit
+
+    rows = []
+    with torch.no_grad():
+        for i, name in enumerate(names):
+            if name is None:
+                with lorakit.disabled(model):
+                    rows.append(model(x[i : i + 1]).logits)
+            else:
+                lorakit.set_active(model, name)
+                rows.append(model(x[i : i + 1]).logits)
+    return torch.cat(rows)
+
+
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """A copy of the model's state dict, to check later that a refused operation left the model as it was."""
     return {k: v.clone() for k, v in model.state_dict().items()}

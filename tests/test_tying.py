@@ -467,3 +467,19 @@ def test_merging_beside_an_untied_adapter_unties_and_stays_exact(recwarn):
             and not plain.config.tie_word_embeddings
         )
         torch.testing.assert_close(plain(ids()).logits, out, atol=MERGED, rtol=0)
+
+
+def test_a_peft_base_weight_that_differs_by_rounding_only_loads(tmp_path):
+    """PEFT's base embedding in bf16 beside a float32 model of the same weights: rounding, not another vocabulary."""
+    pm = peft.get_peft_model(
+        tied(), peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    tensors[key] = tensors[key].bfloat16()
+    save_file(tensors, str(path))
+    lorakit.load_adapter(tied(), tmp_path)

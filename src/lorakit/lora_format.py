@@ -384,6 +384,9 @@ def _check_copy(
     """A file tensor that copies model weight `name` (PEFT's modules_to_save) must equal it: lorakit keeps no
     trained copies of whole modules, and silently using the model's own instead would change the adapter. `base`:
     the base weight PEFT writes beside an adapted embedding (save_embedding_layers)."""
+    if base and t.shape == p.shape and _rounding_apart(t, p.detach().cpu()):
+        log.warning("%s: %s differs from %s.%s by rounding only; using the model's", path, key, type(model).__name__, name)
+        return
     if t.shape != p.shape or not torch.equal(t.to(p.dtype), p.detach().cpu()):
         if base:
             raise AdapterError(
@@ -394,6 +397,14 @@ def _check_copy(
             f"{path}: {key} is a trained copy of {type(model).__name__}.{name} (PEFT modules_to_save), which "
             "lorakit does not load (only LoRA weights); its values differ from the model's own"
         )
+
+
+def _rounding_apart(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two copies of one weight differ by no more than the coarser dtype's rounding (a bf16 checkpoint of an
+    fp32 model, or the model converted from another file of the same weights): 4 units in the last place."""
+    eps = max(torch.finfo(a.dtype).eps, torch.finfo(b.dtype).eps)
+    a, b = a.double(), b.double()
+    return bool(((a - b).abs() <= 4 * eps * torch.maximum(a.abs(), b.abs())).all())
 
 
 def _plan_bias(model: nn.Module, key: str, t: torch.Tensor, path: Path) -> tuple[str, str, torch.Tensor]:

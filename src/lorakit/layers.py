@@ -97,6 +97,12 @@ class Variant:
         """(A, B, s) with ΔW = s·B·A at inference; DyLoRA returns the first b components and α/b."""
         return adapter.lora_A, adapter.lora_B, adapter.scaling
 
+    def fused_factors(self, adapter: LoraAdapter) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A, B) for the fused kernels (`lorakit.fused`), where this variant's forward is exactly plain LoRA's
+        with them; None: the variant's own forward runs. Plain LoRA: its own A and B; a subclass: None unless it
+        says otherwise (BD-LoRA: its dense factors)."""
+        return (adapter.lora_A, adapter.lora_B) if type(self) is Variant else None
+
     def metadata(self) -> dict[str, str]:
         """Safetensors metadata the adapter file carries for this variant; `restore` reads it back."""
         return {}
@@ -432,24 +438,22 @@ class LoraLayer(nn.Module):
         (a 4-bit one): the fused autograd function (None: take the plain path)."""
         name, w = self._run[0]
         adapter = self.adapters[name]
-        if type(adapter.variant) is not Variant:
+        factors = adapter.variant.fused_factors(adapter)
+        if factors is None:
             return None
+        A, B = factors
         drop = adapter.dropout.p if isinstance(adapter.dropout, nn.Dropout) else 0.0
-        if not fused.can_fuse(self.base_layer, x, adapter.lora_A):
+        if not fused.can_fuse(self.base_layer, x, A):
             weight_of = self.handler.dense_weight(self.base_layer)
-            if weight_of is None or not fused.can_fuse_dense(self.base_layer, x, adapter.lora_A):
+            if weight_of is None or not fused.can_fuse_dense(self.base_layer, x, A):
                 return None
             bias = getattr(self.base_layer, "bias", None)
-            return fused.lora_linear_dense(
-                x, weight_of, bias, adapter.lora_A, adapter.lora_B, adapter.scaling * w, drop, self.training
-            )
+            return fused.lora_linear_dense(x, weight_of, bias, A, B, adapter.scaling * w, drop, self.training)
         if self.group is not None and fused.groups_enabled() and (drop == 0.0 or not self.training):
             y = self.group.forward(self, x)
             if y is not None:
                 return y
-        return fused.lora_linear(
-            x, self.base_layer, adapter.lora_A, adapter.lora_B, adapter.scaling * w, drop, self.training
-        )
+        return fused.lora_linear(x, self.base_layer, A, B, adapter.scaling * w, drop, self.training)
 
     def extra_repr(self) -> str:
         return f"active={self.active}, merged={[m[0] for m in self.merged]}"

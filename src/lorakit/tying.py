@@ -183,6 +183,9 @@ class TiedVariant(Variant):
     name = "tied"
     label = "LoRA tied to the input embedding"
 
+    def fused_factors(self, adapter: LoraAdapter) -> tuple[torch.Tensor, torch.Tensor]:
+        return adapter.lora_A, adapter.lora_B  # the embedding's, transposed: plain LoRA's forward
+
     def merge(self, layer: LoraLayer, adapter: LoraAdapter, weight: float, w: torch.Tensor) -> object:
         if _shares_weight(layer, adapter):
             return _SHARED

@@ -102,6 +102,10 @@ class BdLoraVariant(Variant):
         A, B = self.dense(adapter.lora_A, adapter.lora_B)
         return A, B, adapter.scaling
 
+    def fused_factors(self, adapter: LoraAdapter) -> tuple[torch.Tensor, torch.Tensor]:
+        A, B = self.dense(adapter.lora_A, adapter.lora_B)  # the fused kernels' gradients reach the blocks
+        return A, B
+
     def dense(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) as stored (the block-diagonal one as its stacked blocks) -> the dense factors."""
         if self.which == "A":

@@ -483,3 +483,18 @@ def test_a_peft_base_weight_that_differs_by_rounding_only_loads(tmp_path):
     tensors[key] = tensors[key].bfloat16()
     save_file(tensors, str(path))
     lorakit.load_adapter(tied(), tmp_path)
+
+
+def test_deleting_tied_adapters_gives_the_tied_model_back_and_a_copy_over_lora_is_refused():
+    model = tied()
+    before = snapshot(model)
+    lorakit.inject(model, config("lora-head"), "a")
+    lorakit.inject(model, config("lora-embedding"), "c", activate=False)
+    randomize(model, std=0.3)
+    lorakit.delete_adapter(model, "a")
+    assert list(model.lm_head.adapters) == ["c"]
+    with pytest.raises(TargetError, match="holds other adapters' LoRA") as e:
+        lorakit.inject(model, config("saved-embedding"), "b")
+    assert "\n" not in str(e.value) and lorakit.adapter_names(model) == ["c"]
+    lorakit.delete_adapter(model, "c")
+    assert unchanged(model, before) and model.lm_head.weight is model.model.embed_tokens.weight

@@ -128,6 +128,12 @@ def plan(
         _check_lora(config, emb, head, plain)
         names = [n for n in names if n not in pair] + [emb, head]
     else:
+        held = [m for m in pair if isinstance(model.get_submodule(m), LoraLayer)]
+        if held:
+            raise TargetError(
+                f"ensure_weight_tying: {held[0]!r} holds other adapters' LoRA; a tied copy saved whole cannot sit "
+                "over it (delete those adapters first, or save it without ensure_weight_tying)"
+            )
         saved = [n for n in saved if n not in pair] + [emb, head]
     order = {n: i for i, (n, _) in enumerate(model.named_modules(remove_duplicate=False))}
     names.sort(key=lambda n: order.get(n, len(order)))

@@ -41,6 +41,7 @@ CORE = [  # bottom up: each may import only what stands before it (and the found
     "inject",
     "formats",
     "plain_lora",
+    "saved_plan",
     "lora_format",
     "io",
 ]

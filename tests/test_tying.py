@@ -1,6 +1,6 @@
 """ensure_weight_tying (PEFT's): on a model whose output head shares the input embedding's weight, an adapter on
 either gives both one update: a LoRA lives on the embedding and the head's is its transpose; a module saved whole
-is one copy. Files go both ways with PEFT, merging keeps the model tied, training computes the tied gradient.
+is one copy. Merging keeps the model tied, training computes the tied gradient; files: tests/test_tying_files.py.
 
 Tolerance: the same float32 operations as PEFT on tiny models (logits of size ~1): 1e-5; an adapter missing from
 the head, or a head with an update of its own, moves the logits by > 1e-2 (each test checks that its adapter
@@ -11,27 +11,21 @@ std 0.3: 1e-4 (a relative 3e-6).
 from __future__ import annotations
 
 import copy
-import json
 import queue
-import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from torch.func import functional_call
 
 import lorakit
-from lorakit import AdapterError, LoraConfig, TargetError
+from lorakit import LoraConfig, TargetError
 from lorakit.tying import TiedAdapter
 
 from tiny import (
-    both_ways_with_peft,
     each_row_alone,
     ids,
-    perturb_peft,
     randomize,
     snapshot,
-    tiny_gpt2,
     tiny_llama,
     unchanged,
 )
@@ -58,26 +52,6 @@ def config(kind: str, **kw) -> LoraConfig:
     targets, saved = KINDS[kind]
     saved = kw.pop("modules_to_save", saved)
     return LoraConfig(r=4, alpha=8, targets=targets, modules_to_save=saved, ensure_weight_tying=True, **kw)
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_both_ways_with_peft(kind, tmp_path):
-    both_ways_with_peft(tied, config(kind), tmp_path, ids(), std=0.3)
-    tensors = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
-    if kind.startswith("lora"):  # PEFT's layout: the head's tensors too, the embedding's transposed
-        emb = "base_model.model.model.embed_tokens."
-        assert torch.equal(
-            tensors["base_model.model.lm_head.lora_A.weight"], tensors[emb + "lora_embedding_B"].T
-        )
-        assert torch.equal(
-            tensors["base_model.model.lm_head.lora_B.weight"], tensors[emb + "lora_embedding_A"].T
-        )
-    else:
-        assert torch.equal(
-            tensors["base_model.model.lm_head.weight"], tensors["base_model.model.model.embed_tokens.weight"]
-        )
-    written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert written["ensure_weight_tying"] is True
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -177,38 +151,6 @@ def test_mixed_batches_equal_each_row_alone():
     assert (alone[0] - alone[2]).abs().max() > 1e-2
 
 
-def test_gpt2_ties_its_wte_and_head(tmp_path):
-    """GPT-2's embedding is `wte`: lorakit ties it at inject and writes the head into the file's targets, so that
-    PEFT (which ties by the names embed_tokens and lm_head) ties it too."""
-    cfg = LoraConfig(r=4, alpha=8, targets=["c_attn", "wte"], ensure_weight_tying=True)
-    model = lorakit.inject(tiny_gpt2(), cfg)
-    assert isinstance(model.lm_head.adapters["default"], TiedAdapter)
-    randomize(model, std=0.3)
-    with torch.no_grad():
-        ours = model(ids()).logits
-        lorakit.save_adapter(model, tmp_path)
-        theirs = peft.PeftModel.from_pretrained(tiny_gpt2(), tmp_path).eval()(ids()).logits
-    torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=0)
-    assert "lm_head" in json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
-
-
-def test_a_peft_file_that_peft_does_not_tie_loads_untied(tmp_path):
-    """PEFT ties only where a target or saved module is named embed_tokens or lm_head: its GPT-2 adapter on `wte`
-    alone stays untied (the head keeps its weight), and lorakit loads it so, with PEFT's logits."""
-    pm = peft.get_peft_model(
-        tiny_gpt2(), peft.LoraConfig(r=4, target_modules=["c_attn", "wte"], ensure_weight_tying=True)
-    )
-    perturb_peft(pm, std=0.3)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = pm.eval()(ids()).logits
-        pm.save_pretrained(tmp_path)
-        model = tiny_gpt2()
-        lorakit.load_adapter(model, tmp_path)
-        torch.testing.assert_close(model(ids()).logits, theirs, atol=ATOL, rtol=0)
-    assert "default" not in getattr(model.lm_head, "adapters", {})
-
-
 @pytest.mark.parametrize(
     "kw, words",
     [
@@ -244,130 +186,6 @@ def test_nothing_to_tie_warns_and_injects(make, targets, words):
     with pytest.warns(UserWarning, match=words):
         lorakit.inject(model, LoraConfig(r=4, targets=targets, ensure_weight_tying=True))
     assert "default" in lorakit.adapter_names(model)
-
-
-def test_a_file_whose_head_differs_from_its_embedding_is_refused(tmp_path):
-    model = lorakit.inject(tied(), config("lora-head"))
-    randomize(model, std=0.3)
-    lorakit.save_adapter(model, tmp_path)
-    path = tmp_path / "adapter_model.safetensors"
-    tensors = load_file(str(path))
-    tensors["base_model.model.lm_head.lora_A.weight"] += 0.5
-    save_file(tensors, str(path))
-    fresh = tied()
-    before = snapshot(fresh)
-    with pytest.raises(AdapterError, match=r"lm_head\.lora_A is not .*embed_tokens's transposed lora_B"):
-        lorakit.load_adapter(fresh, tmp_path)
-    assert unchanged(fresh, before) and "_lorakit" not in fresh.__dict__
-
-
-def test_peft_base_weights_beside_an_adapted_embedding_are_checked(tmp_path):
-    """PEFT writes the base embedding beside an adapter on it (save_embedding_layers); lorakit loads the file
-    when that weight is the model's, and refuses it when it is not (a resized vocabulary), instead of ignoring it."""
-    pm = peft.get_peft_model(
-        tied(), peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True)
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm.save_pretrained(tmp_path)
-    path = tmp_path / "adapter_model.safetensors"
-    tensors = load_file(str(path))
-    assert "base_model.model.model.embed_tokens.base_layer.weight" in tensors
-    lorakit.load_adapter(tied(), tmp_path)
-    tensors["base_model.model.model.embed_tokens.base_layer.weight"] += 1.0
-    save_file(tensors, str(path))
-    with pytest.raises(AdapterError, match="save_embedding_layers"):
-        lorakit.load_adapter(tied(), tmp_path)
-
-
-@pytest.mark.parametrize("method", ["cat", "svd", "dare_linear"])
-def test_combined_tied_adapters_stay_tied(method, tmp_path):
-    """Each method makes every module's A and B anew; the head's are written as the combined embedding's transpose,
-    so the result loads (its head is checked against its embedding) and, for the exact `cat`, gives the sum."""
-    model = tied()
-    for name in ("a", "b"):
-        lorakit.inject(model, config("lora-head"), name, activate=False)
-    randomize(model, std=0.3)
-    for name in ("a", "b"):
-        lorakit.save_adapter(model, tmp_path / name, name)
-    lorakit.set_active(model, {"a": 0.5, "b": 0.5})
-    with torch.no_grad():
-        both = model(ids()).logits
-    density = 0.9 if method == "dare_linear" else None
-    lorakit.combine([tmp_path / "a", tmp_path / "b"], [0.5, 0.5], method, tmp_path / "ab", density=density)
-    written = json.loads((tmp_path / "ab" / "adapter_config.json").read_text())
-    assert written["ensure_weight_tying"] is True
-    back = tied()
-    lorakit.load_adapter(back, tmp_path / "ab")
-    assert isinstance(back.lm_head.adapters["default"], TiedAdapter)
-    if method == "cat":
-        with torch.no_grad():
-            torch.testing.assert_close(back(ids()).logits, both, atol=ATOL, rtol=0)
-
-
-@pytest.mark.real_model
-def test_real_model_both_ways_with_peft_and_merged_into_one_tensor(default_model_dir, tmp_path):
-    """SmolLM2-135M ties its head to its embedding. An adapter on q_proj, v_proj and embed_tokens with
-    ensure_weight_tying loads in PEFT with our logits, PEFT's loads in ours, and `lorakit merge` writes a model
-    that is still tied (one 49152×576 tensor, not two) whose logits in transformers are ours (atol 2e-3: logits
-    ~40, float32 sums over 30 layers)."""
-    import subprocess
-    import sys
-
-    from transformers import AutoModelForCausalLM
-
-    model, tok = lorakit.load_model(default_model_dir)
-    x = tok(["The capital of France is"], return_tensors="pt")["input_ids"]
-    cfg = LoraConfig(r=8, alpha=16, targets=["q_proj", "v_proj", "embed_tokens"], ensure_weight_tying=True)
-    lorakit.inject(model, cfg)
-    randomize(model, std=0.02)
-    with torch.no_grad():
-        ours = model(x).logits
-        with lorakit.disabled(model):
-            assert (model(x).logits - ours).abs().max() > 0.1
-    lorakit.save_adapter(model, tmp_path / "a")
-    fresh, _ = lorakit.load_model(default_model_dir)
-    theirs = peft.PeftModel.from_pretrained(fresh, tmp_path / "a").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(theirs(x).logits, ours, atol=2e-3, rtol=0)
-    pm = peft.get_peft_model(
-        lorakit.load_model(default_model_dir)[0],
-        peft.LoraConfig(
-            **{k: v for k, v in cfg.to_peft_dict().items() if k not in ("peft_type", "inference_mode")}
-        ),
-    )
-    perturb_peft(pm, std=0.02)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        want = pm.eval()(x).logits
-        pm.save_pretrained(tmp_path / "p")
-        back, _ = lorakit.load_model(default_model_dir)
-        lorakit.load_adapter(back, tmp_path / "p")
-        torch.testing.assert_close(back(x).logits, want, atol=2e-3, rtol=0)
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lorakit",
-            "merge",
-            "--model",
-            str(default_model_dir),
-            "--adapter",
-            str(tmp_path / "a"),
-            "--out",
-            str(tmp_path / "m"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["tie_word_embeddings"] is True
-    keys = load_file(str(tmp_path / "m" / "model.safetensors"))
-    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
-    with torch.no_grad():
-        torch.testing.assert_close(merged(x).logits, ours, atol=2e-3, rtol=0)
 
 
 def test_served_beside_other_adapters_as_offline_generation(tmp_path, one_thread):
@@ -467,22 +285,6 @@ def test_merging_beside_an_untied_adapter_unties_and_stays_exact(recwarn):
             and not plain.config.tie_word_embeddings
         )
         torch.testing.assert_close(plain(ids()).logits, out, atol=MERGED, rtol=0)
-
-
-def test_a_peft_base_weight_that_differs_by_rounding_only_loads(tmp_path):
-    """PEFT's base embedding in bf16 beside a float32 model of the same weights: rounding, not another vocabulary."""
-    pm = peft.get_peft_model(
-        tied(), peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True)
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm.save_pretrained(tmp_path)
-    path = tmp_path / "adapter_model.safetensors"
-    tensors = load_file(str(path))
-    key = "base_model.model.model.embed_tokens.base_layer.weight"
-    tensors[key] = tensors[key].bfloat16()
-    save_file(tensors, str(path))
-    lorakit.load_adapter(tied(), tmp_path)
 
 
 def test_deleting_tied_adapters_gives_the_tied_model_back_and_a_copy_over_lora_is_refused():

@@ -22,10 +22,13 @@ from lorakit import LoraConfig, TargetError
 from lorakit.tying import TiedAdapter
 
 from tiny import (
+    TIE_KINDS,
     each_row_alone,
     ids,
     randomize,
     snapshot,
+    tied_config,
+    tied_llama,
     tiny_llama,
     unchanged,
 )
@@ -34,24 +37,8 @@ peft = pytest.importorskip("peft", reason="peft is a test dependency: pip instal
 
 ATOL = 1e-5
 MERGED = 1e-4
-KINDS = {  # what the adapter names -> (targets, modules_to_save)
-    "lora-embedding": (["q_proj", "embed_tokens"], None),
-    "lora-head": (["q_proj", "lm_head"], None),
-    "saved-embedding": (["q_proj"], ["embed_tokens"]),
-    "saved-head": (["q_proj"], ["lm_head"]),
-}
-
-
-def tied():
-    model = tiny_llama(tied=True)
-    assert model.lm_head.weight is model.model.embed_tokens.weight
-    return model
-
-
-def config(kind: str, **kw) -> LoraConfig:
-    targets, saved = KINDS[kind]
-    saved = kw.pop("modules_to_save", saved)
-    return LoraConfig(r=4, alpha=8, targets=targets, modules_to_save=saved, ensure_weight_tying=True, **kw)
+KINDS = TIE_KINDS
+tied, config = tied_llama, tied_config
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -82,10 +69,8 @@ def test_one_update_for_both_and_merging_keeps_the_tie(kind):
         torch.testing.assert_close(plain(x).logits, out, atol=MERGED, rtol=0)
 
 
-def test_without_the_setting_each_gets_its_own_update_and_merging_unties(recwarn):
-    model = lorakit.inject(tied(), LoraConfig(r=4, alpha=8, targets=["q_proj", "embed_tokens"]))
-    assert any("ensure_weight_tying=True" in str(w.message) for w in recwarn)
-    randomize(model, std=0.3)
+def _merges_untied_and_exact(model):
+    """unload(merge=True) gives the head its own weight (the config says untied) and the unmerged logits."""
     with torch.no_grad():
         out = model(ids()).logits
         plain = lorakit.unload(model, merge=True)
@@ -94,6 +79,13 @@ def test_without_the_setting_each_gets_its_own_update_and_merging_unties(recwarn
             and not plain.config.tie_word_embeddings
         )
         torch.testing.assert_close(plain(ids()).logits, out, atol=MERGED, rtol=0)
+
+
+def test_without_the_setting_each_gets_its_own_update_and_merging_unties(recwarn):
+    model = lorakit.inject(tied(), LoraConfig(r=4, alpha=8, targets=["q_proj", "embed_tokens"]))
+    assert any("ensure_weight_tying=True" in str(w.message) for w in recwarn)
+    randomize(model, std=0.3)
+    _merges_untied_and_exact(model)
 
 
 def test_the_gradient_is_that_of_the_one_tied_weight():
@@ -277,14 +269,7 @@ def test_merging_beside_an_untied_adapter_unties_and_stays_exact(recwarn):
     lorakit.inject(model, LoraConfig(r=4, alpha=8, targets=["embed_tokens"]), "u")
     randomize(model, std=0.3)
     lorakit.set_active(model, ["t", "u"])
-    with torch.no_grad():
-        out = model(ids()).logits
-        plain = lorakit.unload(model, merge=True)
-        assert (
-            plain.lm_head.weight is not plain.model.embed_tokens.weight
-            and not plain.config.tie_word_embeddings
-        )
-        torch.testing.assert_close(plain(ids()).logits, out, atol=MERGED, rtol=0)
+    _merges_untied_and_exact(model)
 
 
 def test_deleting_tied_adapters_gives_the_tied_model_back_and_a_copy_over_lora_is_refused():

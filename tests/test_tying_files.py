@@ -3,10 +3,7 @@ head, on Llama and GPT-2, and on the real SmolLM2, whose merge stays one tensor)
 embedding's is refused; PEFT's base embedding beside the adapter is checked; combine keeps the tie. The behaviour
 on a model: tests/test_tying.py.
 
-Tolerance: the same float32 operations as PEFT on tiny models (logits of size ~1): 1e-5; an adapter missing from
-the head, or a head with an update of its own, moves the logits by > 1e-2 (each test checks that its adapter
-matters). Merging and unmerging round the weights once more, on logits up to ~30 with the random adapters of
-std 0.3: 1e-4 (a relative 3e-6).
+Tolerances: as in tests/test_tying.py (1e-5 on logits of size ~1; merged, 1e-4).
 """
 
 from __future__ import annotations
@@ -23,13 +20,15 @@ from lorakit import AdapterError, LoraConfig
 from lorakit.tying import TiedAdapter
 
 from tiny import (
+    TIE_KINDS,
     both_ways_with_peft,
     ids,
     perturb_peft,
     randomize,
     snapshot,
+    tied_config,
+    tied_llama,
     tiny_gpt2,
-    tiny_llama,
     unchanged,
 )
 
@@ -37,24 +36,8 @@ peft = pytest.importorskip("peft", reason="peft is a test dependency: pip instal
 
 ATOL = 1e-5
 MERGED = 1e-4
-KINDS = {  # what the adapter names -> (targets, modules_to_save)
-    "lora-embedding": (["q_proj", "embed_tokens"], None),
-    "lora-head": (["q_proj", "lm_head"], None),
-    "saved-embedding": (["q_proj"], ["embed_tokens"]),
-    "saved-head": (["q_proj"], ["lm_head"]),
-}
-
-
-def tied():
-    model = tiny_llama(tied=True)
-    assert model.lm_head.weight is model.model.embed_tokens.weight
-    return model
-
-
-def config(kind: str, **kw) -> LoraConfig:
-    targets, saved = KINDS[kind]
-    saved = kw.pop("modules_to_save", saved)
-    return LoraConfig(r=4, alpha=8, targets=targets, modules_to_save=saved, ensure_weight_tying=True, **kw)
+KINDS = TIE_KINDS
+tied, config = tied_llama, tied_config
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -124,9 +107,15 @@ def test_a_file_whose_head_differs_from_its_embedding_is_refused(tmp_path):
     assert unchanged(fresh, before) and "_lorakit" not in fresh.__dict__
 
 
-def test_peft_base_weights_beside_an_adapted_embedding_are_checked(tmp_path):
-    """PEFT writes the base embedding beside an adapter on it (save_embedding_layers); lorakit loads the file
-    when that weight is the model's, and refuses it when it is not (a resized vocabulary), instead of ignoring it."""
+@pytest.mark.parametrize(
+    "change, refused",
+    [(None, False), (lambda t: t.bfloat16(), False), (lambda t: t + 1.0, True)],
+    ids=["the-models", "rounded-to-bf16", "another-vocabulary"],
+)
+def test_peft_base_weights_beside_an_adapted_embedding_are_checked(change, refused, tmp_path):
+    """PEFT writes the base embedding beside an adapter on it (save_embedding_layers). lorakit loads the file when
+    that weight is the model's, or differs from it by rounding only (a bf16 copy of a float32 model), and refuses it
+    otherwise (a resized vocabulary), instead of ignoring it."""
     pm = peft.get_peft_model(
         tied(), peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True)
     )
@@ -135,11 +124,15 @@ def test_peft_base_weights_beside_an_adapted_embedding_are_checked(tmp_path):
         pm.save_pretrained(tmp_path)
     path = tmp_path / "adapter_model.safetensors"
     tensors = load_file(str(path))
-    assert "base_model.model.model.embed_tokens.base_layer.weight" in tensors
-    lorakit.load_adapter(tied(), tmp_path)
-    tensors["base_model.model.model.embed_tokens.base_layer.weight"] += 1.0
-    save_file(tensors, str(path))
-    with pytest.raises(AdapterError, match="save_embedding_layers"):
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert key in tensors
+    if change is not None:
+        tensors[key] = change(tensors[key])
+        save_file(tensors, str(path))
+    if refused:
+        with pytest.raises(AdapterError, match="save_embedding_layers"):
+            lorakit.load_adapter(tied(), tmp_path)
+    else:
         lorakit.load_adapter(tied(), tmp_path)
 
 
@@ -231,19 +224,3 @@ def test_real_model_both_ways_with_peft_and_merged_into_one_tensor(default_model
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(x).logits, ours, atol=2e-3, rtol=0)
-
-
-def test_a_peft_base_weight_that_differs_by_rounding_only_loads(tmp_path):
-    """PEFT's base embedding in bf16 beside a float32 model of the same weights: rounding, not another vocabulary."""
-    pm = peft.get_peft_model(
-        tied(), peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True)
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm.save_pretrained(tmp_path)
-    path = tmp_path / "adapter_model.safetensors"
-    tensors = load_file(str(path))
-    key = "base_model.model.model.embed_tokens.base_layer.weight"
-    tensors[key] = tensors[key].bfloat16()
-    save_file(tensors, str(path))
-    lorakit.load_adapter(tied(), tmp_path)

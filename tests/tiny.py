@@ -28,6 +28,30 @@ def tiny_llama(seed: int = 0, vocab: int = 128, hidden: int = 32, tied: bool = F
     return _tiny_decoder(LlamaConfig, LlamaForCausalLM, seed, vocab, hidden, tied)
 
 
+TIE_KINDS = {  # ensure_weight_tying: what the adapter names -> (targets, modules_to_save)
+    "lora-embedding": (["q_proj", "embed_tokens"], None),
+    "lora-head": (["q_proj", "lm_head"], None),
+    "saved-embedding": (["q_proj"], ["embed_tokens"]),
+    "saved-head": (["q_proj"], ["lm_head"]),
+}
+
+
+def tied_llama():
+    """tiny_llama whose head is its input embedding (as SmolLM2's)."""
+    model = tiny_llama(tied=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def tied_config(kind: str, **kw):
+    """A LoraConfig with ensure_weight_tying on the tied pair as TIE_KINDS[kind] names it (r=4, alpha=8)."""
+    from lorakit import LoraConfig
+
+    targets, saved = TIE_KINDS[kind]
+    saved = kw.pop("modules_to_save", saved)
+    return LoraConfig(r=4, alpha=8, targets=targets, modules_to_save=saved, ensure_weight_tying=True, **kw)
+
+
 def tiny_qwen2(seed: int = 0, vocab: int = 128, hidden: int = 64):
     """A Qwen2: no RoPE row interleaving in GGUF, and biases on q, k and v."""
     from transformers import Qwen2Config, Qwen2ForCausalLM

@@ -414,7 +414,7 @@ class LoraLayer(nn.Module):
         """For the chunked LM-head loss (`fused.lean_head`): (the base weight, (A, B, s) of the one adapter now
         running, or None when none runs) where this layer computes exactly x·W0ᵀ + s·(x·Aᵀ)·Bᵀ: a frozen
         nn.Linear without bias, under one adapter whose variant keeps plain LoRA's forward, without dropout in
-        training. Else None."""
+        training (the variant's `fused_factors`). Else None."""
         base = self.base_layer
         if type(base) is not nn.Linear or base.bias is not None or base.weight.requires_grad:
             return None
@@ -426,12 +426,12 @@ class LoraLayer(nn.Module):
             return None
         name, w = self._run[0]
         adapter = self.adapters[name]
-        variant = type(adapter.variant)
-        if variant.forward is not Variant.forward or variant.bias_delta is not Variant.bias_delta:
+        factors = adapter.variant.fused_factors(adapter)  # the same question the fused kernels ask
+        if factors is None:
             return None
         if self.training and isinstance(adapter.dropout, nn.Dropout) and adapter.dropout.p > 0:
             return None
-        return base.weight, (adapter.lora_A, adapter.lora_B, adapter.scaling * w)
+        return base.weight, (*factors, adapter.scaling * w)
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor | None:
         """One plain adapter on a frozen nn.Linear, or in training on a base whose handler gives its weight dense

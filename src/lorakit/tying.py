@@ -244,8 +244,7 @@ class TiedAdapter(nn.Module):
     def init_config(self) -> LoraConfig | None:
         return self.of.init_config
 
-    def adapter_params(self, handler) -> dict[str, torch.Tensor]:
-        return {"lora_A.weight": self.lora_A, "lora_B.weight": self.lora_B}
+    adapter_params = LoraAdapter.adapter_params  # its variant's tensor names, read through the views above
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:.4g}, tied to the input embedding's adapter {self.name!r}"

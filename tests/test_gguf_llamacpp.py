@@ -65,16 +65,20 @@ def test_llama_cpp_runs_our_merged_model_with_our_logits(tmp_path):
     assert np.abs(got - want).max() < 2e-3  # as above
 
 
-def test_llama_cpp_runs_a_bdlora_adapter_with_our_logits(tmp_path):
-    """BD-LoRA's block-diagonal factor goes to llama.cpp as the dense factor it stands for: a plain LoRA pair."""
+BDLORA = {
+    "target_modules_bd_a": ["o_proj", "down_proj"],
+    "target_modules_bd_b": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"],
+    "nblocks": 2,
+}
+
+
+@pytest.mark.parametrize("variant", [dict(use_bdlora=BDLORA), dict(use_kasa=True)], ids=["bdlora", "kasa"])
+def test_llama_cpp_runs_a_variant_as_the_plain_lora_it_stands_for(tmp_path, variant):
+    """BD-LoRA's block-diagonal factor goes to llama.cpp as the dense factor it stands for; KaSA as the rank-2r
+    pair of its update and W0's dropped part (llama.cpp's base is the original W0)."""
     model = tiny_llama(hidden=64)
     save_model_gguf(model, tmp_path / "base.gguf")
-    spec = {
-        "target_modules_bd_a": ["o_proj", "down_proj"],
-        "target_modules_bd_b": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"],
-        "nblocks": 2,
-    }
-    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets=SEVEN, use_bdlora=spec))
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets=SEVEN, **variant))
     randomize(model, std=0.3)
     save_adapter_gguf(model, tmp_path / "a.gguf")
     want = _ours(model, TOKENS)

@@ -220,6 +220,7 @@ def test_a_4_bit_base_loads_onto_the_device_as_on_the_cpu(device, tmp_path):
     [
         ["--method", "lora", "--train.grad_checkpointing", "true"],
         ["--lora.use_dora", "true"],
+        ["--lora.use_kasa", "true", "--lora.r", "4"],
         ["--method", "dylora"],
         [
             "--method",
@@ -238,7 +239,7 @@ def test_a_4_bit_base_loads_onto_the_device_as_on_the_cpu(device, tmp_path):
         ["--method", "loraplus"],
         ["--method", "ladder"],
     ],
-    ids=["lora-checkpointing", "dora", "dylora", "adalora", "loraplus", "ladder"],
+    ids=["lora-checkpointing", "dora", "kasa", "dylora", "adalora", "loraplus", "ladder"],
 )
 def test_every_method_trains_and_evaluates_on_the_device(device, method, tmp_path, one_thread):
     from tiny import addition_run

@@ -46,6 +46,7 @@ LLAMA_CASES = [
     pytest.param(LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"], init="pissa"), id="pissa"),
     pytest.param(LoraConfig(r=4, alpha=8, targets="all-linear", init="olora"), id="olora"),
     pytest.param(LoraConfig(r=4, alpha=8, targets=["q_proj", "up_proj"], init="orthogonal"), id="orthogonal"),
+    pytest.param(LoraConfig(r=4, alpha=8, targets="all-linear", use_kasa=True), id="kasa"),
 ]
 GPT2_CASES = [
     pytest.param(LoraConfig(r=4, alpha=8, targets=["c_attn", "c_proj"]), id="conv1d"),

@@ -11,7 +11,6 @@ std 0.3: 1e-4 (a relative 3e-6).
 from __future__ import annotations
 
 import copy
-import queue
 
 import pytest
 import torch
@@ -26,6 +25,7 @@ from tiny import (
     each_row_alone,
     ids,
     randomize,
+    served_as_offline,
     snapshot,
     tied_config,
     tied_llama,
@@ -183,12 +183,6 @@ def test_nothing_to_tie_warns_and_injects(make, targets, words):
 def test_served_beside_other_adapters_as_offline_generation(tmp_path, one_thread):
     """`lorakit serve`'s engine: rows of a tied adapter, a plain adapter and the base in one batch each give offline
     greedy generation's tokens (the bank loads the tied adapter as load_adapter does)."""
-    from fsdp_worker import char_tokenizer
-
-    from lorakit.bank import AdapterBank
-    from lorakit.serve.engine import Engine, EngineConfig
-    from lorakit.serve.requests import Done, GenRequest, SamplingParams
-
     def make():
         model = tied()
         model.generation_config.eos_token_id = model.config.eos_token_id = 1
@@ -201,40 +195,7 @@ def test_served_beside_other_adapters_as_offline_generation(tmp_path, one_thread
     randomize(model, std=0.3)
     for name in ("t", "p"):
         lorakit.save_adapter(model, tmp_path / name, name)
-    prompts = [
-        torch.randint(10, 100, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 20, 14)
-    ]
-    jobs = list(zip(["t", "p", None], prompts, strict=True))
-    want = []
-    for name, prompt in jobs:
-        offline = make()
-        if name is not None:
-            lorakit.load_adapter(offline, tmp_path / name, name)
-        out = offline.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
-        want.append(out[0, len(prompt) :].tolist())
-    assert want[0] != want[2]  # the tied adapter changes the tokens
-    served = make()
-    bank = AdapterBank(served)
-    for name in ("t", "p"):
-        bank.load(name, tmp_path / name)
-    eng = Engine(served, char_tokenizer(), bank, EngineConfig(max_batch=4, wait_ms=0, prefix_cache_bytes=0))
-    eng.start()
-    try:
-        queues = []
-        for name, prompt in jobs:
-            events = queue.Queue()
-            params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
-            eng.submit(GenRequest(list(prompt), name, params, events.put))
-            queues.append(events)
-        got = []
-        for events in queues:
-            tokens = []
-            while not isinstance(ev := events.get(timeout=120), Done):
-                tokens += [e.token for e in getattr(ev, "logprobs", ())]
-            got.append(tokens)
-    finally:
-        eng.stop()
-    assert got == want
+    served_as_offline(make, tmp_path, ["t", "p", None])
 
 
 @pytest.mark.parametrize("kind", ["lora-embedding", "saved-head"])

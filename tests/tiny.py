@@ -347,3 +347,57 @@ def word_tokenizer():
     backend = Tokenizer(tk_models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
+
+
+def served_as_offline(make, folder, names) -> None:
+    """`lorakit serve`'s engine, its bank loading the adapters saved at `folder`/<name>: one batch whose rows use
+    `names` (None: the base) gives each row offline greedy generation's 12 tokens (`make()`: a fresh model whose
+    eos is 1 and pad 0, with the adapter loaded by load_adapter). Each adapter must change its row's tokens from
+    the base's, or the comparison would prove nothing."""
+    import queue
+
+    from fsdp_worker import char_tokenizer
+
+    import lorakit
+    from lorakit.bank import AdapterBank
+    from lorakit.serve.engine import Engine, EngineConfig
+    from lorakit.serve.requests import Done, GenRequest, SamplingParams
+
+    prompts = [
+        torch.randint(10, 100, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        for n in (20, 14, 9, 11, 17)[: len(names)]
+    ]
+    jobs = list(zip(names, prompts, strict=True))
+    want = []
+    for name, prompt in jobs:
+        offline = make()
+        if name is not None:
+            lorakit.load_adapter(offline, folder / name, name)
+        out = offline.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        want.append(out[0, len(prompt) :].tolist())
+    base = make()
+    for (name, prompt), tokens in zip(jobs, want, strict=True):
+        out = base.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        assert name is None or tokens != out[0, len(prompt) :].tolist(), f"adapter {name} changes no token"
+    served = make()
+    bank = AdapterBank(served)
+    for name in {n for n in names if n is not None}:
+        bank.load(name, folder / name)
+    eng = Engine(served, char_tokenizer(), bank, EngineConfig(max_batch=4, wait_ms=0, prefix_cache_bytes=0))
+    eng.start()
+    try:
+        queues = []
+        for name, prompt in jobs:
+            events = queue.Queue()
+            params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
+            eng.submit(GenRequest(list(prompt), name, params, events.put))
+            queues.append(events)
+        got = []
+        for events in queues:
+            tokens = []
+            while not isinstance(ev := events.get(timeout=120), Done):
+                tokens += [e.token for e in getattr(ev, "logprobs", ())]
+            got.append(tokens)
+    finally:
+        eng.stop()
+    assert got == want

@@ -39,6 +39,7 @@ from lorakit.targeting import select_modules
 from lorakit.variants.adalora import AdaLoraAllocator, AdaLoraConfig, inject_adalora, orth_loss
 from lorakit.variants.corda import CordaResult, corda_covariances, inject_corda
 from lorakit.variants.eva import EvaResult, eva_components, inject_eva
+from lorakit.variants.kasa import kasa_loss
 from lorakit.variants.ladder import LadderConfig, attach_ladder, detach_ladder
 from lorakit.variants.ladder_io import format_ladder, is_ladder_folder, save_ladder
 from lorakit.variants.loraga import LoraGaResult, inject_loraga, loraga_gradients
@@ -133,6 +134,7 @@ __all__ = [
     "inject_loraga",
     "inject_eva",
     "is_ladder_folder",
+    "kasa_loss",
     "lean_attention",
     "lean_blocks",
     "lean_loss_enabled",

@@ -343,6 +343,11 @@ def _modules(
             f"{name}: adapts parameters (target_parameters {config.target_parameters}), which combine does not "
             "support (PEFT's add_weighted_adapter refuses them too)"
         )
+    if config.use_kasa:
+        raise AdapterError(
+            f"{name}: a KaSA adapter (kasa_config) changes W0 by its SVD, which combine, reading adapter files "
+            "alone, does not have; merge it into the model instead"
+        )
     if config.bias != "none":
         raise AdapterError(
             f"{name}: bias={config.bias!r} adapters carry trained base biases, which cannot be combined"

@@ -139,6 +139,14 @@ class LoraConfig:
     update, as they have one weight (PEFT's ensure_weight_tying). A LoRA on either lives on the embedding, and the
     head's is its transpose; a module saved whole on either is one copy. Merging keeps the model tied. False (as
     in PEFT): each gets its own update, and merging unties them. lorakit.tying."""
+    use_kasa: bool = False
+    """KaSA (PEFT's kasa_config): drop W0's r smallest singular components and train ΔW = s·B·diag(d)·A, a learnable
+    singular value per rank. lorakit keeps W0 and subtracts the dropped part beside the adapter, so switching,
+    disabling and removing stay exact. Linear layers. lorakit.variants.kasa."""
+    kasa_beta: float = 1e-4
+    """KaSA: weight of the training loss's term Σ d² (over the adapted layers)."""
+    kasa_gamma: float = 1e-3
+    """KaSA: weight of the training loss's term ‖BᵀB − I‖_F + ‖AAᵀ − I‖_F (over the adapted layers)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.targets, (tuple, set)):
@@ -290,6 +298,22 @@ class LoraConfig:
         ):
             _check(not bad, f"use_bdlora does not work with {why}", "use_bdlora")
 
+    def _check_kasa(self) -> None:
+        for name in ("kasa_beta", "kasa_gamma"):
+            v = getattr(self, name)
+            _check(is_number(v) and v >= 0, f"{name} must be a finite number >= 0, got {short(v)}", name)
+        if not self.use_kasa:
+            return
+        for bad, why in (
+            (self.use_dora, "use_dora"),
+            (self.lora_bias, "lora_bias"),
+            (self.use_bdlora is not None, "use_bdlora"),
+            (self.alora_invocation_tokens is not None, "alora_invocation_tokens"),
+            (bool(self.target_parameters), "target_parameters"),
+            (self.init not in ("default", "gaussian", "random"), f"init={self.init!r}"),
+        ):
+            _check(not bad, f"use_kasa does not work with {why}", "use_kasa")
+
     def _check_types(self) -> None:
         """Every field has the type and range it is documented with (JSON gives any type, and `Infinity`)."""
         _check(is_int(self.r, 1), f"r must be a positive integer, got {short(self.r)}", "r")
@@ -367,6 +391,7 @@ class LoraConfig:
             "eva_whiten",
             "eva_adjust_scaling",
             "ensure_weight_tying",
+            "use_kasa",
         ):
             v = getattr(self, name)
             _check(isinstance(v, bool), f"{name} must be true or false, got {short(v)}", name)
@@ -375,6 +400,7 @@ class LoraConfig:
             _check(v is None or isinstance(v, str), f"{name} must be a string or null, got {short(v)}", name)
         self._check_token_indices()
         self._check_bdlora()
+        self._check_kasa()
         _check(
             self.target_parameters is None or is_str_list(self.target_parameters),
             f"target_parameters must be a list of parameter names or null, got {short(self.target_parameters)}",

@@ -58,7 +58,6 @@ _PEFT_UNSUPPORTED_KEYS = {
     "monteclora_config",
     "velora_config",
     "use_mica",
-    "kasa_config",
 }
 
 
@@ -97,6 +96,10 @@ _EVA_FROM_PEFT = {
     "adjust_scaling_factors": "eva_adjust_scaling",
 }
 _PEFT_KEY.update({ours: f"eva_config.{theirs}" for theirs, ours in _EVA_FROM_PEFT.items()})
+# PEFT's kasa_config keys -> LoraConfig fields (a kasa_config, even {}, turns KaSA on: use_kasa)
+_KASA_FROM_PEFT = {"beta": "kasa_beta", "gamma": "kasa_gamma"}
+_PEFT_KEY.update({ours: f"kasa_config.{theirs}" for theirs, ours in _KASA_FROM_PEFT.items()})
+_PEFT_KEY["use_kasa"] = "kasa_config"
 _PEFT_KEY["init"] = "init_lora_weights"
 
 def peft_key(field: str | None) -> str | None:
@@ -118,6 +121,8 @@ def peft_fields(config) -> dict[str, Any]:
             "whiten": config.eva_whiten,
             "adjust_scaling_factors": config.eva_adjust_scaling,
         }
+    if config.use_kasa:
+        fields["kasa_config"] = {theirs: getattr(config, ours) for theirs, ours in _KASA_FROM_PEFT.items()}
     if config.init == "corda":  # what PEFT's get_peft_model takes; lorakit's files of it are plain LoRA
         fields["corda_config"] = {"corda_method": config.corda_mode}
     if config.init == "lora_ga":  # the same
@@ -179,6 +184,15 @@ def config_kwargs(d: dict[str, Any], source: str) -> dict[str, Any]:
             for theirs, ours in _EVA_FROM_PEFT.items():
                 if theirs in value:
                     kwargs[ours] = value[theirs]
+        elif key == "kasa_config":  # PEFT writes null when KaSA is not used
+            if value is None:
+                continue
+            if not isinstance(value, dict) or not set(value) <= set(_KASA_FROM_PEFT):
+                raise ConfigError(
+                    f"{source}: kasa_config must be a mapping with keys beta and gamma, got {short(value)}", key=key
+                )
+            kwargs["use_kasa"] = True
+            kwargs.update({_KASA_FROM_PEFT[k]: v for k, v in value.items()})
         elif key == "arrow_config" and value:
             raise ConfigError(
                 f"{source}: arrow_config: a PEFT Arrow router is no adapter of its own; load its task adapters and "

@@ -39,7 +39,8 @@ def parameter_report(model: nn.Module) -> dict[str, Any]:
             n_params = sum(p.numel() for p in adapter.parameters())
             per_adapter[aname] = per_adapter.get(aname, 0) + n_params
             tied = isinstance(adapter, TiedAdapter)  # the embedding's weight and adapter: counted there
-            stored = adapter.lora_A.numel() + adapter.lora_B.numel()  # r·(d+k), or BD-LoRA's blocks
+            # r·(d+k), or BD-LoRA's blocks, plus a variant's own (DoRA's magnitudes, KaSA's singular values)
+            stored = sum(t.numel() for t in adapter.adapter_params(layer.handler).values())
             rows.append(
                 {
                     "module": name,

@@ -312,6 +312,11 @@ def validate(cfg: RunConfig) -> None:
             "data.pack does not work with aLoRA: an aLoRA adapter acts from the last invocation in a row on, so in a "
             "packed row it would learn from the last example only",
         ),
+        (
+            not (cfg.lora.use_kasa or cfg.lora.use_bdlora) or cfg.methods[0] == "lora",
+            f"lora.{'use_kasa' if cfg.lora.use_kasa else 'use_bdlora'} works with method lora (and lora+loraplus), "
+            f"not {cfg.train.method!r}",
+        ),
         (cfg.loraplus.ratio > 0, f"loraplus.ratio must be > 0, got {cfg.loraplus.ratio}"),
         (
             cfg.loraplus.lr_embedding >= 0,

@@ -1,7 +1,7 @@
 """LoRA flavours and adapter kinds, one small file each, plugged into the core through its registries.
 
 Importing this package registers them: DoRA (a `Variant`, picked by `use_dora`), PEFT's `lora_bias`, aLoRA and
-BD-LoRA (`Variant`s), the PiSSA, OLoRA, orthogonal, EVA, CorDA,
+BD-LoRA and KaSA (`Variant`s), the PiSSA, OLoRA, orthogonal, EVA, CorDA,
 LoRA-GA and MiCA inits, DyLoRA (a
 variant restored from the adapter file's safetensors metadata, which PEFT never reads: the folder stays exactly
 what PEFT writes and loads), AdaLoRA (a variant and PEFT's ADALORA file format) and the ladder side network (our
@@ -19,6 +19,7 @@ from lorakit.variants import (
     dora,
     dylora,
     eva,
+    kasa,
     ladder,
     ladder_io,
     lora_bias,
@@ -36,6 +37,7 @@ __all__ = [
     "dora",
     "dylora",
     "eva",
+    "kasa",
     "ladder",
     "ladder_io",
     "lora_bias",

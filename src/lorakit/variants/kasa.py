@@ -1,0 +1,133 @@
+"""KaSA, Knowledge-aware Singular-value Adaptation (Wang et al. 2024, arXiv 2412.06071; PEFT's `kasa_config`).
+
+Two changes to LoRA, on each adapted linear layer with W0 = U·S·Vh (k = min(out, in)):
+
+1. W0 loses its r smallest singular components: the layer computes with W0 − U_d·S_d·Vh_d, the "noisy long tail"
+   the paper drops (d: the last r of the k).
+2. The update has a learnable singular value per rank: ΔW = s·B·diag(d)·A, d a vector of r values (file key
+   `lora_diag`, as PEFT's), B zero at the start so that only the truncation changes the output at first.
+
+Training adds β·Σ d² + γ·(‖BᵀB − I‖_F + ‖AAᵀ − I‖_F) over the adapted layers to the loss (`kasa_loss`; the
+training loop does it, PEFT leaves it to the user as `_get_kasa_loss`).
+
+PEFT truncates W0 in place when the adapter is added: disabling, deleting or switching to another adapter keeps
+the truncated weight, so KaSA cannot sit beside other adapters there. lorakit keeps W0 and holds the dropped part
+on the adapter as two frozen factors (U_d·S_d, out × r, and Vh_d, r × in: a LoRA pair's size), subtracted beside
+the update. So the adapter's whole change to W0 is the rank-2r product
+
+    s·B·diag(d)·A − U_d·S_d·Vh_d  =  s·[B·diag(d), −U_d·S_d/s] · [A; Vh_d]
+
+which `factors` gives: merging, the fused kernels, the chunked head loss and llama.cpp export (a rank-2r LoRA
+file) see plain LoRA. Disabling, deleting, switching and mixed batches are exact; a 4-bit base works too (the SVD
+is of its dequantized weight). A merged KaSA model equals PEFT's (its truncated W0 plus ΔW) within rounding.
+The dropped factors are computed again from W0 at load, never saved: the file is PEFT's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lorakit.config import LoraConfig
+from lorakit.errors import AdapterError
+from lorakit.handlers import Handler, TransposedHandler
+from lorakit.layers import LoraAdapter, LoraLayer, Variant, register_variant
+from lorakit.registry import lora_layers
+
+
+def dropped_part(w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U_d·S_d (out × r), Vh_d (r × in)) of the r smallest singular components of `w` (2-D, float32)."""
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    return u[:, -r:] * s[-r:], vh[-r:]
+
+
+@register_variant
+class KasaVariant(Variant):
+    name = "kasa"
+    label = "KaSA"
+
+    @classmethod
+    def selects(cls, config: LoraConfig) -> bool:
+        return config.use_kasa
+
+    @classmethod
+    def refusal(cls, handler: Handler) -> str | None:
+        if not handler.linear or isinstance(handler, TransposedHandler):
+            return "KaSA adapts nn.Linear layers only (as in PEFT)"
+        return None
+
+    def tensor_names(self, handler: Handler) -> dict[str, str]:
+        return {**super().tensor_names(handler), "lora_diag": "lora_diag"}
+
+    def tensor_shapes(self, handler: Handler, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+        return {**super().tensor_shapes(handler, base, r), "lora_diag": (r,)}
+
+    @torch.no_grad()
+    def init(self, layer: LoraLayer, adapter: LoraAdapter) -> None:
+        h, A = layer.handler, adapter.lora_A
+        w = h.to_2d(h.weight(layer.base_layer)).float()  # a 4-bit base: its dequantized copy
+        r = adapter.r
+        if r >= min(w.shape):
+            raise AdapterError(
+                f"KaSA needs r < {min(w.shape)} (the weight's smaller side), so that a part of W0 is kept; got r={r}"
+            )
+        us, vh = dropped_part(w, r)
+        adapter.register_buffer("kasa_us", us.to(A.dtype), persistent=False)
+        adapter.register_buffer("kasa_vh", vh.to(A.dtype), persistent=False)
+        # d starts as in PEFT (standard normal); B is zero, so the update is zero whatever d is
+        adapter.lora_diag = nn.Parameter(
+            torch.randn(r, dtype=A.dtype, device=A.device), requires_grad=A.requires_grad
+        )
+
+    def factors(self, adapter: LoraAdapter) -> tuple[torch.Tensor, torch.Tensor, float]:
+        A, B = self._joined(adapter, 1.0)
+        return A, B, 1.0
+
+    def fused_factors(self, adapter: LoraAdapter) -> tuple[torch.Tensor, torch.Tensor] | None:
+        # the kernels scale by s and drop out A's whole input; the dropped part sees the undropped input
+        dropout = adapter.dropout
+        if adapter.scaling == 0 or (adapter.training and isinstance(dropout, nn.Dropout) and dropout.p > 0):
+            return None
+        return self._joined(adapter, adapter.scaling)
+
+    def _joined(self, adapter: LoraAdapter, s: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """[A; Vh_d] and [B·diag(d)·(scaling/s), −U_d·S_d/s]: with s, their product is the adapter's change to W0."""
+        b = adapter.lora_B * adapter.lora_diag
+        if s != adapter.scaling:
+            b = b * (adapter.scaling / s)
+        A = torch.cat([adapter.lora_A, adapter.kasa_vh.to(adapter.lora_A.dtype)])
+        B = torch.cat([b, adapter.kasa_us.to(b.dtype) * (-1.0 / s)], dim=1)
+        return A, B
+
+    def forward(
+        self, layer: LoraLayer, adapter: LoraAdapter, x: torch.Tensor, base_out: torch.Tensor
+    ) -> torch.Tensor:
+        A = adapter.lora_A
+        if x.is_floating_point() and x.dtype != A.dtype:
+            x = x.to(A.dtype)
+        h = F.linear(adapter.dropout(x), A) * adapter.lora_diag
+        y = F.linear(h, adapter.lora_B) * adapter.scaling
+        y = y - F.linear(F.linear(x, adapter.kasa_vh.to(A.dtype)), adapter.kasa_us.to(A.dtype))
+        return y if y.dtype == base_out.dtype else y.to(base_out.dtype)
+
+
+def kasa_loss(
+    model: nn.Module, beta: float = 1e-4, gamma: float = 1e-3, adapters=None
+) -> torch.Tensor | None:
+    """KaSA's regulariser over every KaSA adapter of `model` (those named in `adapters`, default the active ones):
+    Σ_layers β·Σ d² + γ·(‖BᵀB − I‖_F + ‖AAᵀ − I‖_F), in float32 (PEFT's `_get_kasa_loss`). None: no KaSA adapter."""
+    total = None
+    for _, layer in lora_layers(model):
+        names = adapters if adapters is not None else list(layer.active)
+        for name in names:
+            if name not in layer.adapters or not isinstance(layer.adapters[name].variant, KasaVariant):
+                continue
+            adapter = layer.adapters[name]
+            A, B, d = adapter.lora_A.float(), adapter.lora_B.float(), adapter.lora_diag.float()
+            eye = torch.eye(d.shape[0], device=d.device)
+            term = beta * (d * d).sum() + gamma * (
+                torch.linalg.norm(B.T @ B - eye) + torch.linalg.norm(A @ A.T - eye)
+            )
+            total = term if total is None else total + term
+    return total

@@ -205,6 +205,16 @@ def test_real_model_both_ways_with_peft(default_model_dir, tmp_path):
         torch.testing.assert_close(theirs(x).logits, ours, atol=2e-3, rtol=0)
 
 
+def test_inspect_gives_the_dense_shape_and_the_stored_blocks(tmp_path):
+    from tiny import inspect_stdout
+
+    lorakit.save_adapter(lorakit.inject(tiny_llama(), config(spec={**SPEC, "nblocks": 4})), tmp_path)
+    out = inspect_stdout(tmp_path)
+    assert "BD-LoRA: 4 blocks" in out
+    row = next(line.split() for line in out.splitlines() if line.startswith("model.layers.0.self_attn.o_proj"))
+    assert row[1:] == ["4", "32", "32", "1,024", str(4 * 32 // 4 + 32 * 4)]  # A's four blocks, a dense B
+
+
 def test_the_report_counts_the_blocks():
     model = lorakit.inject(tiny_llama(), config(spec={**SPEC, "nblocks": 4}))
     report = lorakit.parameter_report(model)

@@ -27,6 +27,7 @@ from tiny import (
     each_row_alone,
     graph_names,
     ids,
+    inspect_stdout,
     peft_config,
     randomize,
     resumed_equals_uninterrupted,
@@ -239,6 +240,14 @@ def test_the_report_counts_the_singular_values():
     q = next(row for row in report["layers"] if row["module"].endswith("layers.0.self_attn.q_proj"))
     assert q["lora"] == 4 * 32 + 32 * 4 + 4 and q["variant"] == "kasa"
     assert sum(row["lora"] for row in report["layers"]) == report["trainable"]
+
+
+def test_inspect_names_it_and_counts_what_the_file_stores(tmp_path):
+    lorakit.save_adapter(lorakit.inject(tiny_llama(), config()), tmp_path)
+    out = inspect_stdout(tmp_path)
+    assert "KaSA: a learnable singular value per rank" in out and "beta=0.0001 gamma=0.001" in out
+    row = next(line.split() for line in out.splitlines() if line.startswith("model.layers.0.mlp.down_proj"))
+    assert row[1:] == ["4", "32", "64", "2,048", str(4 * 64 + 32 * 4 + 4)]
 
 
 @pytest.mark.parametrize(

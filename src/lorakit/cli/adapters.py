@@ -75,14 +75,28 @@ def _print_adapter(info: dict) -> None:
         f"LoRA adapter: r={cfg.r} alpha={cfg.alpha} rslora={cfg.use_rslora} dora={cfg.use_dora} init={cfg.init} "
         f"bias={cfg.bias}" + (" lora_bias=True" if cfg.lora_bias else "")
     )
+    bd = cfg.use_bdlora
+    if bd:
+        print(
+            f"BD-LoRA: {bd.get('nblocks', 1)} blocks (A on {bd.get('target_modules_bd_a')}, B on "
+            f"{bd.get('target_modules_bd_b')}); the file stores the blocks"
+        )
+    if cfg.use_kasa:
+        print(
+            f"KaSA: a learnable singular value per rank (lora_diag); W0 loses its r smallest singular components "
+            f"(recomputed at load); regulariser beta={cfg.kasa_beta} gamma={cfg.kasa_gamma}"
+        )
     print(f"targets: {cfg.targets}  base model: {cfg.base_model}")
-    print(f"{'module':<52} {'r':>4} {'d':>6} {'k':>6} {'d·k':>10} {'r·(d+k)':>9}")
+    print(f"{'module':<52} {'r':>4} {'d':>6} {'k':>6} {'d·k':>10} {'stored':>9}")
     full = lora = 0
     for module, shapes in sorted(info["modules"].items()):
         r, k = shapes["lora_A"][0], _prod(shapes["lora_A"][1:])
+        if bd and any(p in module for p in bd.get("target_modules_bd_a") or []):
+            k *= int(bd.get("nblocks", 1))  # A's blocks: each reads in/N features
         d = shapes["lora_B"][0]
-        full, lora = full + d * k, lora + r * (d + k)
-        print(f"{module[-52:]:<52} {r:>4} {d:>6} {k:>6} {d * k:>10,} {r * (d + k):>9,}")
+        stored = sum(_prod(shape) for shape in shapes.values())
+        full, lora = full + d * k, lora + stored
+        print(f"{module[-52:]:<52} {r:>4} {d:>6} {k:>6} {d * k:>10,} {stored:>9,}")
     for module, shapes in sorted(info.get("saved", {}).items()):
         n = sum(_prod(shape) for shape in shapes.values())
         what = ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in shapes.items())

@@ -132,6 +132,22 @@ def test_combine_gives_plain_lora_of_the_dense_factors(tmp_path):
         torch.testing.assert_close(back(ids()).logits, want, atol=ATOL, rtol=0)
 
 
+def test_saved_plain_it_is_dense_lora_that_loads_without_bdlora(tmp_path):
+    model = lorakit.inject(tiny_llama(), config(spec={"target_modules_bd_a": ["o_proj"], "match_strict": False}))
+    randomize(model, std=0.3)
+    x = ids()
+    with torch.no_grad():
+        ours = model(x).logits
+    lorakit.save_adapter(model, tmp_path, plain=True)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["use_bdlora"] is None and written["r"] == 4
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert tensors["base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight"].shape == (4, 32)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours, atol=ATOL, rtol=0)
+
+
 @pytest.mark.parametrize(
     "kw, words",
     [

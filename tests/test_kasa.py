@@ -11,13 +11,17 @@ and the other subtracts the factors' product beside W0: 1e-4 (float32 rounding o
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.func import functional_call
 
 import lorakit
 from lorakit import AdapterError, ConfigError, LoraConfig, TargetError
+from lorakit.layers import Variant
 from lorakit.variants.kasa import KasaVariant
 
 from tiny import (
@@ -197,6 +201,76 @@ def test_lorakit_train_learns_with_it_and_its_regulariser_acts(tmp_path):
     assert isinstance(model.model.layers[1].mlp.down_proj.adapters["default"].variant, KasaVariant)
     _, pulled = addition_run(tmp_path / "b", *common, "--lora.kasa_beta", "5")  # Σ d² weighs: d shrinks
     assert diag_norm(pulled) < diag_norm(model) - 1.0  # both start from the same d (seen: 25.0 against 27.3)
+
+
+def test_saved_plain_it_is_lora_of_rank_2r_that_loads_without_kasa(tmp_path):
+    """`save_adapter(plain=True)`: [A; Vh_d], [B·diag(d), −U_d·S_d/s] at rank 2r with s kept, for runtimes without
+    KaSA (vLLM): PEFT and lorakit load it as plain LoRA on the original W0 and compute our logits."""
+    model = lorakit.inject(tiny_llama(), config())
+    randomize(model, std=0.3)
+    x = ids()
+    with torch.no_grad():
+        ours = model(x).logits
+    lorakit.save_adapter(model, tmp_path, plain=True)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert "kasa_config" not in written and (written["r"], written["lora_alpha"]) == (8, 16)
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert not any("lora_diag" in k for k in tensors)
+    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (8, 32)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    back = tiny_llama()
+    lorakit.load_adapter(back, tmp_path)
+    assert type(back.model.layers[0].self_attn.q_proj.adapters["default"].variant) is Variant
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, ours, atol=ATOL, rtol=0)
+        torch.testing.assert_close(back(x).logits, ours, atol=ATOL, rtol=0)
+
+
+def test_lorakit_convert_writes_it_plain_from_the_command_line(tmp_path):
+    from fsdp_worker import char_tokenizer
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    char_tokenizer().save_pretrained(tmp_path / "base")
+    model = lorakit.inject(tiny_llama(), config())
+    randomize(model, std=0.3)
+    lorakit.save_adapter(model, tmp_path / "k")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lorakit",
+            "convert",
+            "--adapter",
+            str(tmp_path / "k"),
+            "--model",
+            str(tmp_path / "base"),
+            "--out",
+            str(tmp_path / "p"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "plain PEFT LoRA adapter of r=8 (was r=4)" in out.stdout
+    x = ids()
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "p").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x).logits, model(x).logits, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(use_kasa=False, use_dora=True), "DoRA's magnitude"),
+        (dict(use_kasa=False, lora_bias=True), "lora_bias"),
+    ],
+    ids=["dora", "lora_bias"],
+)
+def test_what_no_lora_pair_expresses_is_not_saved_plain(kw, words, tmp_path):
+    model = lorakit.inject(tiny_llama(), config(**kw))
+    with pytest.raises(AdapterError, match=words) as e:
+        lorakit.save_adapter(model, tmp_path / "p", plain=True)
+    assert "\n" not in str(e.value) and not (tmp_path / "p").exists()
 
 
 def test_resumed_training_equals_uninterrupted(tmp_path):

@@ -25,7 +25,7 @@ from lorakit.formats import (
     folder_format,
     model_format,
 )
-from lorakit.lora_format import read_adapter  # noqa: F401  (re-exported; importing it registers the LORA format)
+from lorakit.lora_format import read_adapter, save_lora  # noqa: F401  (read_adapter re-exported; importing it registers the LORA format)
 
 # --------------------------------------------------------------------------------------------------------------
 # The public functions: one question to the folder's (or the adapter's) format, then its hooks
@@ -89,9 +89,20 @@ def check_adapter(model: nn.Module, path: str | os.PathLike, *, allow_pickle: bo
     fmt.plan(model, Path(path), raw, "default", allow_pickle)
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter `name` as a PEFT folder at `path`, atomically: a crash leaves any previous folder intact."""
-    return model_format(model, name).save(model, Path(path), name)
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, name: str = "default", *, plain: bool = False
+) -> Path:
+    """Write adapter `name` as a PEFT folder at `path`, atomically: a crash leaves any previous folder intact.
+
+    `plain`: write a KaSA or BD-LoRA adapter as the plain LoRA pair of its change to the original W0 (KaSA: rank
+    2r), which runtimes that know plain LoRA only load (vLLM, PEFT without the variant); other LoRA adapters are
+    written as they are, and what no LoRA pair expresses (DoRA, lora_bias, aLoRA) is refused."""
+    fmt = model_format(model, name)
+    if not plain:
+        return fmt.save(model, Path(path), name)
+    if fmt.save is not save_lora:
+        raise AdapterError(f"adapter {name!r} is {fmt.label}, which has no plain LoRA form")
+    return save_lora(model, Path(path), name, plain=True)
 
 
 def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:

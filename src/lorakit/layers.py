@@ -103,6 +103,11 @@ class Variant:
         says otherwise (BD-LoRA: its dense factors)."""
         return (adapter.lora_A, adapter.lora_B) if type(self) is Variant else None
 
+    def plain_pair(self, adapter: LoraAdapter) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A, B) of the plain LoRA pair that, scaled by the adapter's own s, is its change to W0 (KaSA's has rank
+        2r), for a file that runtimes knowing LoRA pairs only can load; None: its file is plain LoRA already."""
+        return None
+
     def metadata(self) -> dict[str, str]:
         """Safetensors metadata the adapter file carries for this variant; `restore` reads it back."""
         return {}

@@ -39,7 +39,7 @@ from lorakit.handlers import all_handlers, handler_for
 from lorakit.inject import check_new_name, delete_adapter, inject, set_trainable
 from lorakit.layers import INIT_FACTORS, VARIANTS, Variant, variant_class
 from lorakit.params import file_keys, param_wrappers
-from lorakit.plain_lora import as_plain_lora, with_starts
+from lorakit.plain_lora import as_plain_lora, plain_file, with_starts
 from lorakit.registry import adapter_layers, registry
 from lorakit.replicate import replicated
 from lorakit.saved import copies_of, in_saved_module, token_rows_of
@@ -103,10 +103,14 @@ def _lora_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
 
 
 
-def _save_lora(model: nn.Module, path: Path, name: str) -> Path:
+def save_lora(model: nn.Module, path: Path, name: str, plain: bool = False) -> Path:
+    """Write LoRA adapter `name` as PEFT's folder at `path`; `plain`: a KaSA or BD-LoRA adapter as the plain LoRA
+    pair of its change to W0 (`plain_lora.plain_file`)."""
     tensors = _lora_state_dict(model, name)
     config = file_config(model, registry(model).adapters[name])
     config = with_starts(model, name, config, tensors)  # CorDA, LoRA-GA, ...: written as plain LoRA
+    if plain:  # KaSA, BD-LoRA: as the LoRA pair of their change to W0
+        config = plain_file(model, name, config, tensors)
     metadata = {**file_metadata(model, name), **_variant_metadata(model, name)}  # e.g. DyLoRA's nesting
     peft_dict = config.to_peft_dict()
     info = registry(model).adapters[name]
@@ -413,7 +417,7 @@ register_format(
         plan=_plan_lora,
         apply=_apply_lora,
         owns=lambda model, name: True,
-        save=_save_lora,
+        save=save_lora,
         describe=_describe_lora,
         state_dict=_lora_state_dict,
     )

@@ -7,6 +7,8 @@ the original W0: rank 2r, A' = [A; A0] and B' = [B, −B0] with the same s (PEFT
 - `as_plain_lora` (load): a PiSSA or OLoRA file, whose start a load computes again from W0, becomes so, which
   leaves the base weight alone for the other adapters.
 - `doubled`: the config of such an adapter.
+- `plain_file` (save with `plain=True`): an adapter of a variant whose change to W0 is a LoRA pair (KaSA, BD-LoRA)
+  written as that pair, for runtimes that know plain LoRA only.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError
 from lorakit.formats import PREFIX
 from lorakit.handlers import handler_for
-from lorakit.layers import INIT_FACTORS, LoraLayer
+from lorakit.layers import INIT_FACTORS, LoraLayer, Variant
 from lorakit.registry import adapter_layers
 
 
@@ -74,6 +76,35 @@ def as_plain_lora(
             t = torch.cat([t, -start[module][1].to(t.dtype)], dim=1)
         out.append((module, attr, t))
     return doubled(config), out
+
+
+@torch.no_grad()
+def plain_file(model: nn.Module, name: str, config: LoraConfig, tensors: dict[str, torch.Tensor]) -> LoraConfig:
+    """Adapter `name`'s file `tensors` (PEFT keys) rewritten in place as plain LoRA with the same change to the
+    original W0, for runtimes that know LoRA pairs only (vLLM, PEFT without the variant): each module's pair from
+    its variant's `plain_pair` (KaSA: rank 2r, BD-LoRA: the dense factors); the variant's own tensors dropped.
+    Returns the file's config. Raises AdapterError, before changing anything, for a variant that is no LoRA pair."""
+    todo = {}
+    for m, layer in adapter_layers(model, name):
+        adapter = layer.adapters[name]
+        variant = adapter.variant
+        if not variant.plain:
+            raise AdapterError(f"adapter {name!r} cannot be written as plain LoRA: {variant.not_plain_because}")
+        pair = variant.plain_pair(adapter)
+        if pair is not None:
+            todo[m] = (layer, variant, pair)
+    grown = {pair[0].shape[0] / layer.adapters[name].r for layer, _, pair in todo.values()}
+    if len(grown) > 1 or not grown <= {1.0, 2.0}:
+        raise AdapterError(f"adapter {name!r}: its modules' plain pairs grow the rank unevenly ({sorted(grown)})")
+    for m, (layer, variant, (A, B)) in todo.items():
+        for suffix in variant.tensor_names(layer.handler).values():
+            tensors.pop(f"{PREFIX}{m}.{suffix}", None)
+        a, b = Variant().tensor_names(layer.handler).values()
+        tensors[f"{PREFIX}{m}.{a}"] = A.detach().clone().contiguous()
+        tensors[f"{PREFIX}{m}.{b}"] = B.detach().clone().contiguous()
+    if grown == {2.0}:
+        config = doubled(config)
+    return config.replace(use_kasa=False, use_bdlora=None)
 
 
 def doubled(config: LoraConfig) -> LoraConfig:

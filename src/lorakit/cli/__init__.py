@@ -61,7 +61,8 @@ COMMANDS: dict[str, Command] = {
         adapters.cmd_extract,
     ),
     "convert": Command(
-        "export a DyLoRA adapter at rank b as a plain PEFT LoRA adapter (docs/dylora.md)",
+        "write an adapter as plain PEFT LoRA: a DyLoRA one at rank b (docs/dylora.md), a KaSA or BD-LoRA one as "
+        "the LoRA pair of its change to W0 (docs/peft-features.md)",
         adapters.configure_convert,
         adapters.cmd_convert,
     ),

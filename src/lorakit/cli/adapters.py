@@ -244,16 +244,32 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def configure_convert(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter", required=True, help="DyLoRA adapter folder (trained with --method dylora)")
-    p.add_argument("--rank", type=int, required=True, help="rank b of the exported adapter, 1..r_max")
+    p.add_argument("--adapter", required=True, help="adapter folder: DyLoRA (with --rank), or KaSA / BD-LoRA")
+    p.add_argument(
+        "--rank", type=int, help="DyLoRA: rank b of the exported adapter, 1..r_max (reads the adapter alone)"
+    )
+    p.add_argument(
+        "--model",
+        help="without --rank: the adapter's base, whose W0 a KaSA adapter's plain form needs: " + MODEL_HELP,
+    )
     p.add_argument("--out", required=True, help="output adapter folder (written atomically)")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from lorakit.variants.dylora import export_rank
+    if args.rank is not None:
+        from lorakit.variants.dylora import export_rank
 
-    out = export_rank(args.adapter, args.rank, args.out)
-    print(f"wrote {args.adapter} at rank {args.rank} as a PEFT LoRA adapter: {out}")
+        out = export_rank(args.adapter, args.rank, args.out)
+        print(f"wrote {args.adapter} at rank {args.rank} as a PEFT LoRA adapter: {out}")
+        return 0
+    import lorakit
+
+    model, _ = load(args.model, "cpu", "float32")  # the SVD of KaSA's dropped part from the float32 weights
+    name = lorakit.load_adapter(model, args.adapter)
+    before = lorakit.describe_adapter(args.adapter)["config"]
+    out = lorakit.save_adapter(model, args.out, name, plain=True)
+    after = lorakit.describe_adapter(out)["config"]
+    print(f"wrote {args.adapter} as a plain PEFT LoRA adapter of r={after.r} (was r={before.r}): {out}")
     return 0
 
 

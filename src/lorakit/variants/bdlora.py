@@ -106,6 +106,9 @@ class BdLoraVariant(Variant):
         A, B = self.dense(adapter.lora_A, adapter.lora_B)  # the fused kernels' gradients reach the blocks
         return A, B
 
+    def plain_pair(self, adapter: LoraAdapter) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None if self.which is None else self.dense(adapter.lora_A, adapter.lora_B)
+
     def dense(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) as stored (the block-diagonal one as its stacked blocks) -> the dense factors."""
         if self.which == "A":

@@ -91,6 +91,11 @@ class KasaVariant(Variant):
             return None
         return self._joined(adapter, adapter.scaling)
 
+    def plain_pair(self, adapter: LoraAdapter) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if adapter.scaling == 0:
+            raise AdapterError("a KaSA adapter with scaling 0 (alpha 0) has no plain LoRA form")
+        return self._joined(adapter, adapter.scaling)
+
     def _joined(self, adapter: LoraAdapter, s: float) -> tuple[torch.Tensor, torch.Tensor]:
         """[A; Vh_d] and [B·diag(d)·(scaling/s), −U_d·S_d/s]: with s, their product is the adapter's change to W0."""
         b = adapter.lora_B * adapter.lora_diag
@@ -116,18 +121,23 @@ def kasa_loss(
     model: nn.Module, beta: float = 1e-4, gamma: float = 1e-3, adapters=None
 ) -> torch.Tensor | None:
     """KaSA's regulariser over every KaSA adapter of `model` (those named in `adapters`, default the active ones):
-    Σ_layers β·Σ d² + γ·(‖BᵀB − I‖_F + ‖AAᵀ − I‖_F), in float32 (PEFT's `_get_kasa_loss`). None: no KaSA adapter."""
-    total = None
+    Σ_layers β·Σ d² + γ·(‖BᵀB − I‖_F + ‖AAᵀ − I‖_F), in float32 (PEFT's `_get_kasa_loss`). None: no KaSA adapter.
+
+    Layers of one shape are stacked and computed as one batch: a dozen operations per shape instead of a dozen per
+    layer (on SmolLM2's 210 layers, per layer it cost a quarter of a training step)."""
+    by_shape: dict[tuple, list[LoraAdapter]] = {}
     for _, layer in lora_layers(model):
-        names = adapters if adapters is not None else list(layer.active)
-        for name in names:
-            if name not in layer.adapters or not isinstance(layer.adapters[name].variant, KasaVariant):
-                continue
-            adapter = layer.adapters[name]
-            A, B, d = adapter.lora_A.float(), adapter.lora_B.float(), adapter.lora_diag.float()
-            eye = torch.eye(d.shape[0], device=d.device)
-            term = beta * (d * d).sum() + gamma * (
-                torch.linalg.norm(B.T @ B - eye) + torch.linalg.norm(A @ A.T - eye)
-            )
-            total = term if total is None else total + term
+        for name in adapters if adapters is not None else list(layer.active):
+            if name in layer.adapters and isinstance(layer.adapters[name].variant, KasaVariant):
+                ad = layer.adapters[name]
+                by_shape.setdefault((ad.lora_A.shape, ad.lora_B.shape, ad.lora_A.device), []).append(ad)
+    total = None
+    for group in by_shape.values():
+        A = torch.stack([ad.lora_A for ad in group]).float()  # (n, r, in)
+        B = torch.stack([ad.lora_B for ad in group]).float()  # (n, out, r)
+        d = torch.stack([ad.lora_diag for ad in group]).float()  # (n, r)
+        eye = torch.eye(d.shape[1], device=d.device)
+        orth = torch.linalg.matrix_norm(B.mT @ B - eye).sum() + torch.linalg.matrix_norm(A @ A.mT - eye).sum()
+        term = beta * (d * d).sum() + gamma * orth
+        total = term if total is None else total + term
     return total

@@ -34,11 +34,10 @@ from tiny import (
     inspect_stdout,
     peft_config,
     randomize,
+    refused_untouched,
     resumed_equals_uninterrupted,
     served_as_offline,
-    snapshot,
     tiny_llama,
-    unchanged,
 )
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")
@@ -334,11 +333,7 @@ def test_inspect_names_it_and_counts_what_the_file_stores(tmp_path):
 )
 def test_what_cannot_be_built_is_refused_and_the_model_left_as_it_was(kw, error, words):
     model = tiny_llama()
-    before = snapshot(model)
-    with pytest.raises(error, match=words) as e:
-        lorakit.inject(model, config(**kw))
-    assert "\n" not in str(e.value)
-    assert unchanged(model, before) and "_lorakit" not in model.__dict__
+    refused_untouched(model, error, words, lambda: lorakit.inject(model, config(**kw)))
 
 
 @pytest.mark.parametrize(
@@ -376,19 +371,13 @@ def test_served_beside_other_adapters_as_offline_generation(tmp_path, one_thread
     """`lorakit serve`'s engine: rows of a KaSA adapter, a plain adapter and the base in one batch each give offline
     greedy generation's tokens."""
 
-    def make():
-        model = tiny_llama()
-        model.generation_config.eos_token_id = model.config.eos_token_id = 1
-        model.generation_config.pad_token_id = model.config.pad_token_id = 0
-        return model
-
-    model = make()
+    model = tiny_llama()
     lorakit.inject(model, config(), "k")
     lorakit.inject(model, LoraConfig(r=4, alpha=8, targets="all-linear"), "p")
     randomize(model, std=0.3)
     for name in ("k", "p"):
         lorakit.save_adapter(model, tmp_path / name, name)
-    served_as_offline(make, tmp_path, ["k", "p", None])
+    served_as_offline(tiny_llama, tmp_path, ["k", "p", None])
 
 
 @pytest.mark.real_model

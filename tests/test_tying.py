@@ -183,19 +183,13 @@ def test_nothing_to_tie_warns_and_injects(make, targets, words):
 def test_served_beside_other_adapters_as_offline_generation(tmp_path, one_thread):
     """`lorakit serve`'s engine: rows of a tied adapter, a plain adapter and the base in one batch each give offline
     greedy generation's tokens (the bank loads the tied adapter as load_adapter does)."""
-    def make():
-        model = tied()
-        model.generation_config.eos_token_id = model.config.eos_token_id = 1
-        model.generation_config.pad_token_id = model.config.pad_token_id = 0
-        return model
-
-    model = make()
+    model = tied()
     lorakit.inject(model, config("lora-embedding"), "t")
     lorakit.inject(model, LoraConfig(r=4, alpha=8, targets="all-linear"), "p")
     randomize(model, std=0.3)
     for name in ("t", "p"):
         lorakit.save_adapter(model, tmp_path / name, name)
-    served_as_offline(make, tmp_path, ["t", "p", None])
+    served_as_offline(tied, tmp_path, ["t", "p", None])
 
 
 @pytest.mark.parametrize("kind", ["lora-embedding", "saved-head"])

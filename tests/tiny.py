@@ -349,12 +349,30 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
 
 
-def served_as_offline(make, folder, names) -> None:
+def refused_untouched(model: nn.Module, error: type[Exception], words: str, act) -> None:
+    """`act()` raises `error` matching `words`, in one line, and leaves `model` as it was: the same state dict and
+    no lorakit registry."""
+    import pytest
+
+    before = snapshot(model)
+    with pytest.raises(error, match=words) as e:
+        act()
+    assert "\n" not in str(e.value)
+    assert unchanged(model, before) and "_lorakit" not in model.__dict__
+
+
+def served_as_offline(base, folder, names) -> None:
     """`lorakit serve`'s engine, its bank loading the adapters saved at `folder`/<name>: one batch whose rows use
-    `names` (None: the base) gives each row offline greedy generation's 12 tokens (`make()`: a fresh model whose
-    eos is 1 and pad 0, with the adapter loaded by load_adapter). Each adapter must change its row's tokens from
-    the base's, or the comparison would prove nothing."""
+    `names` (None: the base) gives each row offline greedy generation's 12 tokens (each a fresh `base()` with eos 1
+    and pad 0, the adapter loaded by load_adapter). Each adapter must change its row's tokens from the base's, or
+    the comparison would prove nothing."""
     import queue
+
+    def make():
+        model = base()
+        model.generation_config.eos_token_id = model.config.eos_token_id = 1
+        model.generation_config.pad_token_id = model.config.pad_token_id = 0
+        return model
 
     from fsdp_worker import char_tokenizer
 
@@ -375,9 +393,9 @@ def served_as_offline(make, folder, names) -> None:
             lorakit.load_adapter(offline, folder / name, name)
         out = offline.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
         want.append(out[0, len(prompt) :].tolist())
-    base = make()
+    plain = make()
     for (name, prompt), tokens in zip(jobs, want, strict=True):
-        out = base.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        out = plain.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
         assert name is None or tokens != out[0, len(prompt) :].tolist(), f"adapter {name} changes no token"
     served = make()
     bank = AdapterBank(served)

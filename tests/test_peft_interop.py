@@ -116,3 +116,31 @@ def test_gpt2_ours_loads_in_peft(cfg, tmp_path):
 @pytest.mark.parametrize("cfg", GPT2_CASES)
 def test_gpt2_peft_loads_in_ours(cfg, tmp_path):
     _peft_to_ours(tiny_gpt2, cfg, tmp_path, ids())
+
+
+@pytest.mark.parametrize(
+    "extra, label",
+    [({"velora_config": {"num_groups": 4}}, "VeLoRA"), ({"monteclora_config": {}}, "MonteCLoRA")],
+    ids=["velora", "monteclora"],
+)
+def test_peft_training_only_variants_load_as_the_plain_lora_they_are_at_inference(extra, label, tmp_path):
+    """PEFT's VeLoRA (A's backward keeps compressed activations) and MonteCLoRA (sampled noise on A) change training
+    only. Trained a step in PEFT and saved, with their training state in the file, they load here with one
+    warning and give PEFT's eval-mode logits."""
+    pcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **extra)
+    pmodel = peft.get_peft_model(tiny_llama(), pcfg)
+    x = ids()
+    pmodel.train()
+    opt = torch.optim.SGD([p for p in pmodel.parameters() if p.requires_grad], lr=0.1)
+    pmodel(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    pmodel.eval()
+    with torch.no_grad():
+        theirs = pmodel(x).logits
+    pmodel.save_pretrained(tmp_path)
+    model = tiny_llama()
+    with pytest.warns(UserWarning, match=f"{label} changes training only"):
+        lorakit.load_adapter(model, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, theirs, atol=ATOL, rtol=0)
+        assert (theirs - tiny_llama()(x).logits).abs().max() > 1e-3

@@ -47,6 +47,7 @@ from lorakit.errors import AdapterError, AdapterFileError, ConfigError
 from lorakit.formats import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 from lorakit.layers import INIT_FACTORS
 from lorakit.lora_format import TOKEN_KEY, read_adapter, saved_tensors, token_tensors
+from lorakit.peft_keys import TRAINING_ONLY_TENSORS
 from lorakit.tying import retie, tied_heads
 from lorakit.variants.bdlora import BdLoraVariant
 
@@ -358,6 +359,8 @@ def _modules(
     for key, t in tensors.items():
         k = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         if k in whole or k.endswith("." + TOKEN_KEY):  # carried by _carry_saved / _carry_tokens
+            continue
+        if any(part in k for part in TRAINING_ONLY_TENSORS):  # VeLoRA's, MonteCLoRA's training state
             continue
         if config.lora_bias and k.endswith(".lora_B.bias"):
             biases[k[: -len(".lora_B.bias")]] = t

@@ -39,6 +39,7 @@ from lorakit.handlers import all_handlers, handler_for
 from lorakit.inject import check_new_name, delete_adapter, inject, set_trainable
 from lorakit.layers import INIT_FACTORS, VARIANTS, Variant, variant_class
 from lorakit.params import file_keys, param_wrappers
+from lorakit.peft_keys import TRAINING_ONLY_TENSORS
 from lorakit.plain_lora import as_plain_lora, plain_file, with_starts
 from lorakit.registry import adapter_layers, registry
 from lorakit.replicate import replicated
@@ -265,6 +266,8 @@ def _plan_copies(
             _check_copy(model, key, k, t, params[k], path)
         elif (own := k.replace(".base_layer.", ".")) in params:  # PEFT's save_embedding_layers: the base's weight
             _check_copy(model, key, own, t, params[own], path, base=True)
+        elif any(part in k for part in TRAINING_ONLY_TENSORS):  # VeLoRA's, MonteCLoRA's: their config warned
+            continue
         else:
             log.warning("%s: ignoring tensor %s (not a LoRA weight)", path, key)
     stray = sorted(set(by_module) - set(modules))

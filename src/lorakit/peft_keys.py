@@ -55,10 +55,13 @@ _PEFT_UNSUPPORTED_KEYS = {
     "loftq_config",
     "bdlora_config",
     "arrow_config",
-    "monteclora_config",
-    "velora_config",
     "use_mica",
 }
+# PEFT keys for features that change training only: at inference their adapter is plain LoRA (VeLoRA compresses
+# the activations A's backward keeps; MonteCLoRA samples A's noise in training, eval mode uses A itself)
+_PEFT_TRAINING_ONLY = {"velora_config": "VeLoRA", "monteclora_config": "MonteCLoRA"}
+TRAINING_ONLY_TENSORS = (".lora_velora_embed", ".lora_monteclora_sampler.")
+"""Key parts of those features' training state in PEFT's files, which a load passes over."""
 
 
 # PEFT's adapter_config.json keys -> LoraConfig fields, and back (for messages that name the file's key)
@@ -193,6 +196,13 @@ def config_kwargs(d: dict[str, Any], source: str) -> dict[str, Any]:
                 )
             kwargs["use_kasa"] = True
             kwargs.update({_KASA_FROM_PEFT[k]: v for k, v in value.items()})
+        elif key in _PEFT_TRAINING_ONLY:
+            if value not in (None, False, {}):
+                warnings.warn(
+                    f"{source}: {key}: PEFT's {_PEFT_TRAINING_ONLY[key]} changes training only, and at inference the "
+                    "adapter is plain LoRA, as lorakit loads it (training it on here trains plain LoRA)",
+                    stacklevel=4,
+                )
         elif key == "arrow_config" and value:
             raise ConfigError(
                 f"{source}: arrow_config: a PEFT Arrow router is no adapter of its own; load its task adapters and "

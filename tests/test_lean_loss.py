@@ -136,12 +136,13 @@ def test_reading_the_missing_logits_says_how_to_get_them():
     [
         (tiny_llama, {"targets": [*SEVEN, "lm_head"]}),
         (lambda: tiny_llama(tied=True), {"targets": [*SEVEN, "embed_tokens"], "ensure_weight_tying": True}),
+        (tiny_llama, {"targets": [*SEVEN, "lm_head"], "use_kasa": True}),
     ],
-    ids=["lora-head", "tied-head"],
+    ids=["lora-head", "tied-head", "kasa-head"],
 )
 def test_a_head_with_one_lora_takes_the_lean_loss_with_its_gradients(make, cfg):
     """The chunked loss adds the head's s·(h·Aᵀ)·Bᵀ and gives A and B their gradients (a tied head's are the
-    embedding's, transposed: its gradients reach the embedding's adapter)."""
+    embedding's, transposed: its gradients reach the embedding's adapter; KaSA's rank-2r pair: A, B and d)."""
     ids, mask, labels = _batch()
     lean, plain = _pair(make, **cfg)
     out, _ = _assert_same(lean, plain, input_ids=ids, attention_mask=mask, labels=labels)

@@ -233,14 +233,17 @@ def test_load_and_unload_from_the_workspace(http, trained):
     assert "again" not in [a["name"] for a in http.get("/api/adapters").json()["adapters"]]
 
 
-def test_a_lora_bias_adapter_is_listed_as_such_and_serves(ui, http):
+@pytest.mark.parametrize(
+    "flag, kind", [("lora_bias", "LoRA + lora_bias"), ("use_kasa", "LoRA + KaSA")], ids=["lora_bias", "kasa"]
+)
+def test_a_variant_adapter_is_listed_as_such_and_serves(ui, http, flag, kind):
     import torch
     from transformers import AutoModelForCausalLM
 
     import lorakit
 
     model = AutoModelForCausalLM.from_pretrained(ui["tmp"] / "tiny")
-    lorakit.inject(model, lorakit.LoraConfig(r=4, targets=["q_proj", "v_proj"], lora_bias=True))
+    lorakit.inject(model, lorakit.LoraConfig(r=4, targets=["q_proj", "v_proj"], **{flag: True}))
     with torch.no_grad():
         for p in lorakit.adapter_parameters(model):
             p.add_(0.05)
@@ -249,7 +252,7 @@ def test_a_lora_bias_adapter_is_listed_as_such_and_serves(ui, http):
     assert r.status_code == 200, r.text
     try:
         rows = {a["name"]: a for a in http.get("/api/adapters").json()["adapters"]}
-        assert rows["lb"]["kind"] == "LoRA + lora_bias"
+        assert rows["lb"]["kind"] == kind
         assert isinstance(_greedy(http, "lb"), str)
     finally:
         assert http.post("/v1/unload_lora_adapter", json={"lora_name": "lb"}).status_code == 200

@@ -201,7 +201,9 @@ class _Routes:
                         params=info.get("parameters"),
                         kind=fmt.label
                         + (" + DoRA" if getattr(cfg, "use_dora", False) else "")
-                        + (" + lora_bias" if getattr(cfg, "lora_bias", False) else ""),
+                        + (" + lora_bias" if getattr(cfg, "lora_bias", False) else "")
+                        + (" + KaSA" if getattr(cfg, "use_kasa", False) else "")
+                        + (" + BD-LoRA" if getattr(cfg, "use_bdlora", None) else ""),
                         size_bytes=sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file()),
                     )
             rows.append(row)

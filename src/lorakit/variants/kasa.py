@@ -133,11 +133,18 @@ def kasa_loss(
                 by_shape.setdefault((ad.lora_A.shape, ad.lora_B.shape, ad.lora_A.device), []).append(ad)
     total = None
     for group in by_shape.values():
-        A = torch.stack([ad.lora_A for ad in group]).float()  # (n, r, in)
-        B = torch.stack([ad.lora_B for ad in group]).float()  # (n, out, r)
-        d = torch.stack([ad.lora_diag for ad in group]).float()  # (n, r)
+        A = torch.stack([_whole(ad.lora_A) for ad in group]).float()  # (n, r, in)
+        B = torch.stack([_whole(ad.lora_B) for ad in group]).float()  # (n, out, r)
+        d = torch.stack([_whole(ad.lora_diag) for ad in group]).float()  # (n, r)
         eye = torch.eye(d.shape[1], device=d.device)
         orth = torch.linalg.matrix_norm(B.mT @ B - eye).sum() + torch.linalg.matrix_norm(A @ A.mT - eye).sum()
         term = beta * (d * d).sum() + gamma * orth
         total = term if total is None else total + term
     return total
+
+
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    """`p`, or under FSDP2, where a parameter outside the forward is a DTensor shard, its whole tensor (an
+    all-gather whose backward gives each process its shard's gradient)."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+

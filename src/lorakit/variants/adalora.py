@@ -221,16 +221,23 @@ def _triplets(model: nn.Module, name: str) -> list[tuple[str, LoraAdapter]]:
 
 
 def orth_loss(model: nn.Module, name: str = "default") -> torch.Tensor:
-    """mean over P and Q of every layer of ‖PᵀP − I‖_F and ‖QQᵀ − I‖_F (PEFT's regulariser, unweighted)."""
+    """mean over P and Q of every layer of ‖PᵀP − I‖_F and ‖QQᵀ − I‖_F (PEFT's regulariser, unweighted).
+
+    Factors of one shape are stacked and computed as one batch: a few operations per shape instead of per layer
+    (on SmolLM2's 210 layers, per layer it cost about half a training step)."""
+    by_shape: dict[tuple, list[torch.Tensor]] = {}
+    for _, adapter in _triplets(model, name):
+        for m in (adapter.lora_A, adapter.lora_B.T):  # P and Qᵀ: each times its transpose gives an r × r matrix
+            by_shape.setdefault((m.shape, m.dtype, m.device), []).append(m)
+    if not by_shape:
+        raise AdapterError(f"no AdaLoRA adapter {name!r} on {type(model).__name__}")
     total: Any = 0
     n = 0
-    for _, adapter in _triplets(model, name):
-        for cov in (adapter.lora_A @ adapter.lora_A.T, adapter.lora_B.T @ adapter.lora_B):
-            eye = torch.eye(*cov.size(), out=torch.empty_like(cov))
-            total = total + torch.norm(cov - eye, p="fro")
-            n += 1
-    if n == 0:
-        raise AdapterError(f"no AdaLoRA adapter {name!r} on {type(model).__name__}")
+    for group in by_shape.values():
+        m = torch.stack(group)  # (k, r, d)
+        eye = torch.eye(m.shape[1], dtype=m.dtype, device=m.device)
+        total = total + torch.linalg.matrix_norm(m @ m.mT - eye).sum()
+        n += len(group)
     return total / n
 
 

@@ -364,6 +364,13 @@ def test_bad_files_and_runs_are_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="use_kasa works with method lora"):
         load_config(None, ["--lora.use_kasa", "true", "--train.method", "dylora"])
+    from lorakit.variants.adalora import AdaLoraConfig, inject_adalora
+    from lorakit.variants.dylora import check_lora_config
+
+    with pytest.raises(ConfigError, match="AdaLoRA does not support use_kasa"):  # the Python API too
+        inject_adalora(tiny_llama(), config(), AdaLoraConfig(init_r=4, target_r=2, total_step=10))
+    with pytest.raises(ConfigError, match="DyLoRA cannot be combined with lora.use_kasa"):
+        check_lora_config(config(), 1)
     assert peft_config(config()).kasa_config is not None
 
 

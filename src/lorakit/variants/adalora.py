@@ -164,6 +164,8 @@ def check_lora_for_adalora(lora: LoraConfig) -> None:
         (bool(lora.alpha_pattern), "alpha_pattern"),
         (lora.bias != "none", f"bias={lora.bias!r}"),
         (lora.lora_bias, "lora_bias"),
+        (lora.use_kasa, "use_kasa"),
+        (lora.use_bdlora is not None, "use_bdlora"),
     ]
     for bad, what in unsupported:
         if bad:

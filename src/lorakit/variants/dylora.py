@@ -128,6 +128,9 @@ def check_lora_config(config, min_rank: int) -> None:
         raise ConfigError("DyLoRA cannot be combined with DoRA (lora.use_dora); pick one")
     if config.lora_bias:
         raise ConfigError("DyLoRA does not support lora.lora_bias (a bias on B); drop it")
+    for flag, what in ((config.use_kasa, "use_kasa (KaSA)"), (config.use_bdlora, "use_bdlora (BD-LoRA)")):
+        if flag:
+            raise ConfigError(f"DyLoRA cannot be combined with lora.{what}; pick one")
     if config.init == "pissa":
         raise ConfigError("DyLoRA cannot use PiSSA init: truncating B·A would leave W0 missing its top part")
     if not (isinstance(min_rank, int) and 1 <= min_rank <= config.r):

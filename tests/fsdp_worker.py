@@ -1,7 +1,6 @@
 """Run by test_fsdp.py, alone or under torchrun: `run_training` (the `lorakit train` path) on a tiny Llama with a
 character-level tokenizer, FSDP2 on. Arguments: data folder, grad_accum, then one or more runs, one after the
-other in this process: a run folder, or FOLDER=CHECKPOINT to resume from a checkpoint. FSDP_WORKER_LORA: more
-LoraConfig settings, as JSON (e.g. {"use_kasa": true}).
+other in this process: a run folder, or FOLDER=CHECKPOINT to resume from a checkpoint.
 
 Everything a real run does happens here: sharding, eval before/during/after (generation included), periodic
 checkpoints, resume, adapter save. Only the model and tokenizer are tiny stand-ins.
@@ -9,8 +8,6 @@ checkpoints, resume, adapter save. Only the model and tokenizer are tiny stand-i
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -42,7 +39,7 @@ def train(out: Path, data: Path, accum: int, resume: str | None) -> None:
     model.generation_config.eos_token_id = model.config.eos_token_id = 1
     model.generation_config.pad_token_id = model.config.pad_token_id = 0
     cfg = RunConfig(
-        lora=LoraConfig(r=4, alpha=8, targets="all-linear", **json.loads(os.environ.get("FSDP_WORKER_LORA", "{}"))),
+        lora=LoraConfig(r=4, alpha=8, targets="all-linear"),
         data=DataSection(
             train_file=str(data / "train.jsonl"), eval_file=str(data / "eval.jsonl"), chat=False, max_len=32
         ),

@@ -364,6 +364,8 @@ def test_bad_files_and_runs_are_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="use_kasa works with method lora"):
         load_config(None, ["--lora.use_kasa", "true", "--train.method", "dylora"])
+    with pytest.raises(ConfigError, match="use_kasa does not support train.fsdp"):
+        load_config(None, ["--lora.use_kasa", "true", "--train.fsdp", "true"])
     from lorakit.variants.adalora import AdaLoraConfig, inject_adalora
     from lorakit.variants.dylora import check_lora_config
 

@@ -317,6 +317,11 @@ def validate(cfg: RunConfig) -> None:
             f"lora.{'use_kasa' if cfg.lora.use_kasa else 'use_bdlora'} works with method lora (and lora+loraplus), "
             f"not {cfg.train.method!r}",
         ),
+        (
+            not (cfg.lora.use_kasa and cfg.train.fsdp),
+            "lora.use_kasa does not support train.fsdp (KaSA's regulariser reads whole A, B and d outside the "
+            "forward, where FSDP2 holds shards); use DDP",
+        ),
         (cfg.loraplus.ratio > 0, f"loraplus.ratio must be > 0, got {cfg.loraplus.ratio}"),
         (
             cfg.loraplus.lr_embedding >= 0,

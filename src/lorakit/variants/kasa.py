@@ -145,7 +145,9 @@ def kasa_loss(
 
 
 def _whole(p: torch.Tensor) -> torch.Tensor:
-    """`p`, or under FSDP2, where a parameter outside the forward is a DTensor shard, its whole tensor (an
-    all-gather whose backward gives each process its shard's gradient)."""
-    return p.full_tensor() if hasattr(p, "full_tensor") else p
+    """`p` itself; refused for a DTensor shard (FSDP2 outside the forward): gathering it here would add collectives
+    to the backward beside FSDP's own, in an order no process agrees on."""
+    if hasattr(p, "full_tensor"):
+        raise AdapterError("kasa_loss needs whole parameters, and FSDP2 holds shards here; train KaSA with DDP")
+    return p
 

@@ -9,6 +9,10 @@ alone and for all of them together:
   (median and largest over the 30 layers), and its share of ‖W‖_F.
 
     .venv/bin/python benchmarks/bench_kasa.py --ranks 4 16
+
+With `--precision R`: instead, how far a new KaSA adapter of rank R on the seven projections is from the model
+truncated in float64, in lorakit (W0 kept, the dropped part subtracted) and in PEFT (W0 rebuilt from its kept
+float32 triplets), as the largest logit difference on one sentence.
 """
 
 from __future__ import annotations
@@ -37,10 +41,46 @@ def loss_of(model, batch) -> float:
         )
 
 
+def precision(r: int) -> None:
+    import tempfile
+
+    import peft
+    from torch.func import functional_call
+
+    model, tok = lorakit.load_model(dtype=torch.float32)
+    x = tok([TEXT[0]], return_tensors="pt")["input_ids"]
+    ref = lorakit.load_model(dtype=torch.float32)[0].double()
+    weights = {}
+    for n, p in ref.named_parameters():
+        if n.endswith(".weight") and n.rsplit(".", 2)[-2] in SEVEN:
+            u, s, vh = torch.linalg.svd(p.detach(), full_matrices=False)
+            k = s.shape[0] - r
+            weights[n] = (u[:, :k] * s[:k]) @ vh[:k]
+    with torch.no_grad():
+        exact = functional_call(ref, weights, (x,)).logits.float()
+        lorakit.inject(model, lorakit.LoraConfig(r=r, alpha=2 * r, targets=SEVEN, use_kasa=True))
+        ours = model(x).logits
+        with tempfile.TemporaryDirectory() as d:
+            lorakit.save_adapter(model, d)
+            theirs = (
+                peft.PeftModel.from_pretrained(lorakit.load_model(dtype=torch.float32)[0], d).eval()(x).logits
+            )
+    print(
+        f"r={r}: largest logit difference to the float64 truncation: lorakit {float((ours - exact).abs().max()):.2e}, "
+        f"PEFT {float((theirs - exact).abs().max()):.2e}"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ranks", type=int, nargs="+", default=[4, 16])
+    p.add_argument(
+        "--precision", type=int, metavar="R", help="measure the truncation's precision at rank R instead"
+    )
     args = p.parse_args()
+    if args.precision:
+        precision(args.precision)
+        return
     torch.manual_seed(0)
     model, tok = lorakit.load_model(dtype=torch.float32)
     model.eval()

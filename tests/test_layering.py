@@ -22,6 +22,7 @@ PACKAGE = SRC / "lorakit"
 FOUNDATION = ["errors", "envflags", "checks", "atomic", "readers", "dropout", "device", "data.tokenize", "data.jsonl", "data"]
 CORE = [  # bottom up: each may import only what stands before it (and the foundation)
     "peft_keys",
+    "config_checks",
     "config",
     "handlers",
     "attention",

@@ -20,7 +20,7 @@ CHOICES: dict[tuple[str, str], list[Any]] = {
 def form_schema() -> dict[str, Any]:
     """The training form, from the run-config dataclasses (as `lorakit train --help` lists them): each section
     with its fields' type, default (as command-line text for lists and mappings), doc and choices."""
-    from lorakit.config import CORDA_MODES, INITS, LORA_GA_DIRECTIONS, LORA_GA_SCALES
+    from lorakit.config_checks import CORDA_MODES, INITS, LORA_GA_DIRECTIONS, LORA_GA_SCALES
     from lorakit.data.tasks import TASKS
     from lorakit.train.config import SECTION_METHOD
     from lorakit.train.fields import field_specs

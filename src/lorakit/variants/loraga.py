@@ -39,7 +39,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lorakit.config import LORA_GA_DIRECTIONS, LORA_GA_SCALES, LoraConfig
+from lorakit.config import LoraConfig
+from lorakit.config_checks import LORA_GA_DIRECTIONS, LORA_GA_SCALES
 from lorakit.control import disabled
 from lorakit.data.jsonl import DataError
 from lorakit.data.tokenize import IGNORE

@@ -1,4 +1,7 @@
-"""Run by test_ddp.py, alone or under torchrun: train a tiny model a few steps and save the adapter (rank 0)."""
+"""Run by test_ddp.py, alone or under torchrun: train a tiny model a few steps and save the adapter (rank 0).
+
+Arguments: the output folder, grad_accum, and the variant ("lora", or "kasa": its regulariser joins the loss).
+"""
 
 from __future__ import annotations
 
@@ -18,18 +21,20 @@ from lorakit.train.run import finish_distributed, init_distributed  # noqa: E402
 
 from tiny import tiny_llama  # noqa: E402
 
-out, accum = Path(sys.argv[1]), int(sys.argv[2])
+out, accum, variant = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 torch.set_num_threads(1)
 world, rank = init_distributed()
 torch.manual_seed(0)
 model = tiny_llama()
-lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"))
+# KaSA's regulariser weighted 0.1 (not 1e-4/1e-3): large beside the task loss, so that a mistake in adding it shows
+kasa = {"use_kasa": True, "kasa_beta": 0.1, "kasa_gamma": 0.1} if variant == "kasa" else {}
+lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets="all-linear", **kasa))
 g = torch.Generator().manual_seed(0)
 rows = []
 for _ in range(16):
     ids = torch.randint(0, 128, (10,), generator=g).tolist()
     rows.append(Encoded(ids, [IGNORE] * 3 + ids[3:]))
-cfg = RunConfig(
+cfg = RunConfig(  # its lora section is the default: the loop adds KaSA's regulariser because the model has it
     train=TrainSection(
         out_dir=str(out), steps=4, batch_size=2, grad_accum=accum, lr=1e-2, warmup_steps=1, save_every=0
     )

@@ -3,6 +3,10 @@
 Tolerance: DDP averages the two ranks' gradients with an all-reduce, one process sums two accumulated halves;
 the same numbers added in another order differ by float32 rounding (~1e-8 relative), amplified a little by
 4 AdamW steps. atol=1e-6 on weights of magnitude ~0.1-1.
+
+KaSA's regulariser is computed outside the DDP forward, from the whole A, B and d every process holds, and added to
+each micro-batch's loss: one process adds it once per half and divides by grad_accum, two processes add it once
+and DDP averages, so the sums agree as for the task loss.
 """
 
 from __future__ import annotations
@@ -11,14 +15,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
+
+import lorakit
+
+from tiny import tiny_llama
 
 WORKER = str(Path(__file__).parent / "ddp_worker.py")
 
 
-def test_two_processes_equal_one_process(tmp_path):
-    one = subprocess.run([sys.executable, WORKER, str(tmp_path / "one"), "2"], capture_output=True, text=True)
+@pytest.mark.parametrize(("variant", "port"), [("lora", 29531), ("kasa", 29532)])
+def test_two_processes_equal_one_process(tmp_path, variant, port):
+    one = subprocess.run(
+        [sys.executable, WORKER, str(tmp_path / "one"), "2", variant], capture_output=True, text=True, timeout=300
+    )
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run(
         [
@@ -28,10 +40,11 @@ def test_two_processes_equal_one_process(tmp_path):
             "--nproc_per_node",
             "2",
             "--master_port",
-            "29531",
+            str(port),
             WORKER,
             str(tmp_path / "two"),
             "1",
+            variant,
         ],
         capture_output=True,
         text=True,
@@ -43,5 +56,10 @@ def test_two_processes_equal_one_process(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
-    start = load_file(str(tmp_path / "one" / "adapter.safetensors"))
-    assert any(v.abs().max() > 0 for k, v in start.items() if "lora_B" in k)  # training moved B off zero
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)  # training moved B off zero
+    if variant == "kasa":  # d is trained too: it moved off the start the worker's seed gives it
+        torch.manual_seed(0)
+        model = tiny_llama()
+        lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets="all-linear", use_kasa=True, kasa_beta=0.1, kasa_gamma=0.1))
+        start = {k: v for k, v in lorakit.adapter_state_dict(model).items() if "lora_diag" in k}
+        assert start and all((a[k] - v).abs().max() > 1e-4 for k, v in start.items())

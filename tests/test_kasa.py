@@ -22,6 +22,8 @@ from torch.func import functional_call
 import lorakit
 from lorakit import AdapterError, ConfigError, LoraConfig, TargetError
 from lorakit.layers import Variant
+from lorakit.train.config import RunConfig
+from lorakit.train.methods import Method
 from lorakit.variants.kasa import KasaVariant
 
 from tiny import (
@@ -180,10 +182,25 @@ def test_the_regulariser_is_peft_kasa_loss(tmp_path):
     model = lorakit.inject(tiny_llama(), config(kasa_beta=0.5, kasa_gamma=0.25))
     randomize(model, std=0.3)
     lorakit.save_adapter(model, tmp_path)
-    ours = lorakit.kasa_loss(model, beta=0.5, gamma=0.25)
+    ours = lorakit.kasa_loss(model)  # beta and gamma: the adapter's own
     theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).base_model._get_kasa_loss()
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=0)
+    torch.testing.assert_close(lorakit.kasa_loss(model, beta=0.5, gamma=0.25), ours, rtol=0, atol=0)
     assert lorakit.kasa_loss(lorakit.inject(tiny_llama(), LoraConfig(r=4, targets=SEVEN))) is None
+
+
+def test_the_training_loss_follows_the_model_not_the_run_config():
+    """The loop's default method adds the regulariser of the KaSA adapters the model trains, with their own weights,
+    whatever its run config says (a model injected by hand, then given to train_loop); frozen KaSA adapters and
+    plain ones add nothing."""
+    method = Method(RunConfig())  # its lora section: plain LoRA
+    model = lorakit.inject(tiny_llama(), config(kasa_beta=0.5, kasa_gamma=0.25))
+    randomize(model, std=0.3)
+    extra = method.extra_loss(model)
+    torch.testing.assert_close(extra, lorakit.kasa_loss(model, beta=0.5, gamma=0.25), rtol=0, atol=0)
+    assert float(extra) > 1.1 * float(lorakit.kasa_loss(model, beta=1e-4, gamma=1e-3))  # not the defaults
+    assert method.extra_loss(lorakit.inject(tiny_llama(), config(), trainable=False)) is None
+    assert method.extra_loss(lorakit.inject(tiny_llama(), LoraConfig(r=4, targets=SEVEN))) is None
 
 
 def test_lorakit_train_learns_with_it_and_its_regulariser_acts(tmp_path):

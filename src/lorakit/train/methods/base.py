@@ -14,7 +14,7 @@ from lorakit.io import save_adapter
 from lorakit.registry import lora_layers
 from lorakit.variants.corda import CordaResult, inject_corda
 from lorakit.variants.eva import EvaResult, inject_eva
-from lorakit.variants.kasa import kasa_loss
+from lorakit.variants.kasa import kasa_loss, trained_kasa
 from lorakit.variants.loraga import LoraGaResult, inject_loraga
 from lorakit.variants.loraplus import loraplus_groups
 
@@ -66,11 +66,11 @@ class Method:
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         """A term added to each micro-batch's loss (before division by grad_accum), or None. Plain LoRA: KaSA's
-        regulariser, when lora.use_kasa."""
-        lora = self.cfg.lora
-        if lora.use_kasa and (lora.kasa_beta > 0 or lora.kasa_gamma > 0):
-            return kasa_loss(model, lora.kasa_beta, lora.kasa_gamma)
-        return None
+        regulariser over the model's active KaSA adapters that train, each weighted by its own kasa_beta and
+        kasa_gamma. The model decides, not `cfg.lora`: a model given to the loop with KaSA injected by hand gets it
+        too."""
+        names = trained_kasa(model)
+        return kasa_loss(model, adapters=names) if names else None
 
     def after_step(self, model: nn.Module, step: int) -> None:
         """Called after optimizer.step() of step `step`, while the gradients are still present."""

@@ -48,14 +48,14 @@ def select_modules(model: nn.Module, config: LoraConfig) -> list[str]:
 
 def candidate_names(model: nn.Module) -> list[str]:
     """All module names, without the internals of existing LoRA layers (their base_layer and adapters)."""
-    inner: list[str] = []
     names = []
+    inside = None  # "name." of the wrapper whose internals come next: named_modules walks a subtree in one piece
     for name, module in model.named_modules():
-        if not name or any(name.startswith(p) for p in inner):
+        if not name or (inside is not None and name.startswith(inside)):
             continue
         names.append(name)
         if isinstance(module, (LoraLayer, SavedModule, TokenRows, ParamLora)):
-            inner.append(name + ".")
+            inside = name + "."
     return names
 
 

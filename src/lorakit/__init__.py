@@ -26,6 +26,7 @@ from lorakit.errors import (
 )
 from lorakit.extract import extract
 from lorakit.fused import set_fused
+from lorakit.hotswap import hotswap, prepare_hotswap
 from lorakit.inject import adapter_names, delete_adapter, inject, lora_layers, unload
 from lorakit.io import adapter_state_dict, describe_adapter, load_adapter, read_adapter, save_adapter
 from lorakit.layers import LoraLayer, delta_weight
@@ -128,6 +129,7 @@ __all__ = [
     "export_rank",
     "format_ladder",
     "format_report",
+    "hotswap",
     "inject",
     "inject_adalora",
     "inject_corda",
@@ -147,6 +149,7 @@ __all__ = [
     "merge",
     "orth_loss",
     "parameter_report",
+    "prepare_hotswap",
     "quantize",
     "read_adapter",
     "row_adapters",

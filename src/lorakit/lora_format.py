@@ -153,7 +153,7 @@ def _restore_variants(model: nn.Module, name: str, meta: dict[str, str]) -> None
 
 
 @dataclass
-class _LoraPlan:
+class LoraPlan:
     config: LoraConfig
     variant: str | None  # the registered variant the file's metadata names, if any (e.g. "dylora")
     copies: list[tuple[str, str, torch.Tensor]]  # (module, adapter attribute or "bias", tensor)
@@ -161,7 +161,7 @@ class _LoraPlan:
     saved: list[tuple[str, str, torch.Tensor]] = field(default_factory=list)  # (module, state key, tensor)
 
 
-def _plan_lora(model: nn.Module, path: Path, raw: dict[str, Any], name: str, allow_pickle: bool) -> _LoraPlan:
+def _plan_lora(model: nn.Module, path: Path, raw: dict[str, Any], name: str, allow_pickle: bool) -> LoraPlan:
     check_new_name(model, name)
     config = as_peft_ties(LoraConfig.from_peft_dict(raw, source=str(path / CONFIG_NAME)))
     tensors = read_tensors(path, allow_pickle)
@@ -170,20 +170,20 @@ def _plan_lora(model: nn.Module, path: Path, raw: dict[str, Any], name: str, all
     cls = variant_class(config, variant)
     with replicated(model, config.layer_replication):  # the file names the replicated layers
         config, saved, tensors = plan_saved(model, config, tensors, path)
-        return _LoraPlan(config, variant, _plan_copies(model, config, cls, tensors, path), meta, saved)
+        return LoraPlan(config, variant, _plan_copies(model, config, cls, tensors, path), meta, saved)
 
 
 def plan_lora_tensors(
     model: nn.Module, config: LoraConfig, tensors: dict[str, torch.Tensor], source: Path, name: str
-) -> _LoraPlan:
+) -> LoraPlan:
     """A plain-LoRA load plan from tensors keyed as in PEFT's file (for formats that read another layout and
     translate it, such as llama.cpp's GGUF adapters). Checks every shape; the model is not changed."""
     check_new_name(model, name)
     config, saved, tensors = plan_saved(model, config, tensors, source)
-    return _LoraPlan(config, None, _plan_copies(model, config, Variant, tensors, source), {}, saved)
+    return LoraPlan(config, None, _plan_copies(model, config, Variant, tensors, source), {}, saved)
 
 
-def _apply_lora(model: nn.Module, plan: _LoraPlan, name: str, trainable: bool) -> str:
+def _apply_lora(model: nn.Module, plan: LoraPlan, name: str, trainable: bool) -> str:
     config = plan.config  # LoftQ, EVA, MiCA: what the init computed is in the file's A and B
     in_weights = config.init in INITS_IN_WEIGHTS
     if in_weights:

@@ -6,8 +6,10 @@ hotswap_adapter, and what each does to a torch.compile'd model.
    swap's logits are checked against the file loaded afresh (atol 1e-3 on logits ~20).
 2. Compilations: the model compiled with a backend that counts the graphs dynamo hands it, then swapped to the
    other file and run again: lorakit, PEFT as is, and PEFT after its prepare_model_for_compiled_hotswap.
+3. With `--inductor`: the same with torch.compile's default backend, timing the first forward after the compile
+   and the first after the swap (a recompilation shows as seconds).
 
-    .venv/bin/python benchmarks/bench_hotswap.py --rounds 7
+    .venv/bin/python benchmarks/bench_hotswap.py --rounds 7 [--inductor]
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class Graphs:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--inductor", action="store_true", help="also time inductor's compilations (minutes)")
     args = p.parse_args()
     print(
         f"cpu: {platform.processor() or platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, "
@@ -90,7 +93,11 @@ def main() -> None:
         lorakit.delete_adapter(reload, f"a{i - 1}")
         return reload
 
-    cases = {"lorakit.hotswap": swap_ours, "PEFT hotswap_adapter": swap_peft, "lorakit load + delete": swap_reload}
+    cases = {
+        "lorakit.hotswap": swap_ours,
+        "PEFT hotswap_adapter": swap_peft,
+        "lorakit load + delete": swap_reload,
+    }
     times: dict[str, list[float]] = {k: [] for k in cases}
     for i in range(1, 2 * args.rounds + 1):  # i odd: file b, even: file a; the first pair warms up
         for label, fn in cases.items():
@@ -127,6 +134,33 @@ def main() -> None:
             hotswap_adapter(compiled, str(files[1]), adapter_name="default", torch_device="cpu")
         same = bool(torch.allclose(logits(compiled), wants[1], rtol=0, atol=1e-3))
         print(f"| {label} | {before} | {graphs.n} | {'yes' if same else 'NO'} |", flush=True)
+        torch._dynamo.reset()
+    if args.inductor:
+        inductor(files, wants)
+
+
+def inductor(files, wants) -> None:
+    print("\n## torch.compile (inductor): seconds of the first forward after compiling, and after one swap\n")
+    print("| model | first forward s | first after the swap s | then s |\n|---|---:|---:|---:|")
+    for label in ("lorakit.hotswap", "PEFT hotswap_adapter"):
+        if label.startswith("lorakit"):
+            model = base()
+            lorakit.load_adapter(model, files[0])
+        else:
+            model = peft.PeftModel.from_pretrained(base(), files[0]).eval()
+        compiled = torch.compile(model)
+        spans = []
+        for step in range(3):
+            if step == 1:
+                if label.startswith("lorakit"):
+                    lorakit.hotswap(compiled, files[1])
+                else:
+                    hotswap_adapter(compiled, str(files[1]), adapter_name="default", torch_device="cpu")
+            t = time.perf_counter()
+            out = logits(compiled)
+            spans.append(time.perf_counter() - t)
+        torch.testing.assert_close(out, wants[1], rtol=0, atol=1e-3, msg=label)
+        print(f"| {label} | {spans[0]:.1f} | {spans[1]:.2f} | {spans[2]:.3f} |", flush=True)
         torch._dynamo.reset()
 
 

@@ -12,7 +12,7 @@ of B, and the rest is zero. So s·B·A is the file's s_file·B_file·A_file, its
 a `torch.compile`d model, whose graph holds the tensors and the constant s, computes the new adapter without
 compiling again. PEFT turns the scalings into tensors for that (`prepare_model_for_compiled_hotswap`); folding the
 ratio into B needs no such step. Its one rounding is B's product by s_file/s (1 when the two adapters share alpha
-and rank). The file may adapt fewer modules than the adapter holds (the others compute zero) and a rank up to the
+and rank). The file may adapt fewer modules than the adapter holds (the others compute their base alone) and a rank up to the
 adapter's; `prepare_hotswap` pads the adapter with zeros to a larger rank first.
 
 Plain LoRA and DoRA (magnitude copied too), on any base layer lorakit adapts, a 4-bit one included. Checked before
@@ -39,7 +39,7 @@ from lorakit.lora_format import LoraPlan
 from lorakit.mixed import clear_row_cache
 from lorakit.plain_lora import as_plain_lora
 from lorakit.registry import adapter_layers, registry
-from lorakit.variants.dora import DoraVariant
+from lorakit.variants.dora import DoraVariant, start_magnitude
 
 _SWAPPABLE = (Variant, DoraVariant)  # exact classes: a subclass (DyLoRA, KaSA, ...) holds more than its pair
 _PROBE = "__hotswap__"  # the name the file is planned under (a plan checks that the name is free)
@@ -93,17 +93,15 @@ def hotswap(
                 f"{source}: r={r} at {module}, above adapter {name!r}'s r={have}; make room first with "
                 f"lorakit.prepare_hotswap(model, {r}, {name!r}), before compiling"
             )
-    if dora and set(found) != set(slot):
-        missing = sorted(set(slot) - set(found))
-        raise AdapterError(
-            f"{source}: a DoRA adapter must adapt every module adapter {name!r} holds; not {missing[0]}"
-        )
+    layers = dict(adapter_layers(model, name))
     with torch.no_grad():
         for module, ad in slot.items():
             tensors = found.get(module)
             ad.lora_A.zero_()
             ad.lora_B.zero_()
-            if tensors is None:
+            if tensors is None:  # the module computes its base alone, as when the file is loaded afresh
+                if dora:
+                    ad.magnitude.copy_(start_magnitude(layers[module], ad))
                 continue
             a, b = tensors["lora_A"], tensors["lora_B"]
             ratio = cfg.scaling_for(module) / ad.scaling

@@ -22,6 +22,13 @@ def _norm(layer: LoraLayer, adapter: LoraAdapter, base_weight: torch.Tensor) -> 
     return torch.linalg.norm(w2, dim=1).detach().reshape(h.magnitude_shape(d))
 
 
+def start_magnitude(layer: LoraLayer, adapter: LoraAdapter) -> torch.Tensor:
+    """The magnitude DoRA starts from: ‖W0 + sBA‖ per output feature with the adapter's current A and B (with B
+    zero, the layer computes W0 exactly)."""
+    w = layer.handler.weight(layer.base_layer).to(adapter.lora_A.dtype)
+    return _norm(layer, adapter, w)
+
+
 @register_variant
 class DoraVariant(Variant):
     name = "dora"
@@ -43,8 +50,7 @@ class DoraVariant(Variant):
 
     def init(self, layer: LoraLayer, adapter: LoraAdapter) -> None:
         with torch.no_grad():
-            w = layer.handler.weight(layer.base_layer).to(adapter.lora_A.dtype)
-            adapter.magnitude = nn.Parameter(_norm(layer, adapter, w).clone())
+            adapter.magnitude = nn.Parameter(start_magnitude(layer, adapter).clone())
 
     def forward(
         self, layer: LoraLayer, adapter: LoraAdapter, x: torch.Tensor, base_out: torch.Tensor

@@ -201,6 +201,7 @@ def test_the_training_loss_follows_the_model_not_the_run_config():
     assert float(extra) > 1.1 * float(lorakit.kasa_loss(model, beta=1e-4, gamma=1e-3))  # not the defaults
     assert method.extra_loss(lorakit.inject(tiny_llama(), config(), trainable=False)) is None
     assert method.extra_loss(lorakit.inject(tiny_llama(), LoraConfig(r=4, targets=SEVEN))) is None
+    assert method.extra_loss(lorakit.inject(tiny_llama(), config(kasa_beta=0, kasa_gamma=0))) is None  # no work
 
 
 def test_lorakit_train_learns_with_it_and_its_regulariser_acts(tmp_path):

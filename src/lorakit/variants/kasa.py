@@ -133,6 +133,7 @@ def kasa_loss(
     for _, layer in lora_layers(model):
         for name in adapters if adapters is not None else list(layer.active):
             if name in layer.adapters and isinstance(layer.adapters[name].variant, KasaVariant):
+                # an adapter outside the registry: LoraConfig's class attributes are the fields' defaults
                 ad, config = layer.adapters[name], infos[name].config if name in infos else LoraConfig
                 weights = (
                     config.kasa_beta if beta is None else beta,
@@ -152,11 +153,19 @@ def kasa_loss(
 
 
 def trained_kasa(model: nn.Module) -> list[str]:
-    """The names of `model`'s active KaSA adapters that train (those whose regulariser a training loss needs)."""
+    """The names of `model`'s active KaSA adapters that train with a regulariser (kasa_beta or kasa_gamma above 0):
+    those whose regulariser a training loss needs."""
     reg = model.__dict__.get("_lorakit")
     if reg is None:
         return []
-    return [n for n, info in reg.adapters.items() if info.config.use_kasa and info.trainable and n in reg.active]
+    return [
+        n
+        for n, info in reg.adapters.items()
+        if info.config.use_kasa
+        and (info.config.kasa_beta > 0 or info.config.kasa_gamma > 0)
+        and info.trainable
+        and n in reg.active
+    ]
 
 
 def _whole(p: torch.Tensor) -> torch.Tensor:

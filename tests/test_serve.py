@@ -354,6 +354,8 @@ def test_load_and_unload_errors(http, base):
     _error(http.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "b"}), 400)  # duplicate
     _error(http.post("/v1/load_lora_adapter", json={"lora_name": base, "lora_path": "b"}), 400)
     _error(http.post("/v1/load_lora_adapter", json={"lora_name": "x"}), 400)
+    err = _error(http.post("/v1/load_lora_adapter", json={"lora_name": "org/x", "lora_path": "b"}), 400)
+    assert "'org/x': use 1 to 256 letters, digits, _ and -" in err["message"] and err["param"] == "lora_name"
     _error(http.post("/v1/unload_lora_adapter", json={"lora_name": "never-loaded"}), 404)
     _error(http.get("/v1/no-such-route"), 404)
 

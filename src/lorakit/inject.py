@@ -51,7 +51,8 @@ from lorakit.tying import plan as tie_plan
 
 log = logging.getLogger(__name__)
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+"""What an adapter's name on a model may be: it keys the LoRA layers' module dicts (no '.') and names folders."""
 
 
 def inject(
@@ -253,7 +254,7 @@ def token_plan(
 
 
 def check_new_name(model: nn.Module, name: str) -> None:
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not ADAPTER_NAME.match(name):
         raise AdapterError(f"adapter name {name!r} must be letters, digits, '_' or '-'")
     if name in adapter_names(model):
         raise AdapterError(

@@ -11,7 +11,6 @@ Needs fastapi and uvicorn (`pip install lorakit`, they are main dependencies). S
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,7 +23,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_BASE_NAME = "SmolLM2-135M-Instruct"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,255}$")
+
+
+def adapter_name_problem(name: object) -> str | None:
+    """Why `name` cannot name a served adapter, or None: a model's adapter names (letters, digits, _ and -; no '.',
+    '/' or ':', which the adapters' module dicts and folders do not take), at most 256 characters."""
+    from lorakit.inject import ADAPTER_NAME
+
+    if isinstance(name, str) and 0 < len(name) <= 256 and ADAPTER_NAME.match(name):
+        return None
+    return f"adapter name {name!r}: use 1 to 256 letters, digits, _ and - (no '.', '/', ':' or spaces)"
 
 
 @dataclass
@@ -94,10 +102,9 @@ class ServeConfig:
         if self.adapter_root is not None and not Path(self.adapter_root).is_dir():
             raise ConfigError(f"--adapter-root {self.adapter_root!r} is not a folder")
         for name in self.adapters:
-            if not _NAME.match(name):
-                raise ConfigError(
-                    f"adapter name {name!r}: use letters, digits and . _ : @ / + - (starting with a letter or digit)"
-                )
+            problem = adapter_name_problem(name)
+            if problem:
+                raise ConfigError(problem)
         if self.served_model_name is not None and self.served_model_name in self.adapters:
             raise ConfigError(f"adapter name {self.served_model_name!r} is also the base model's name")
 

@@ -22,6 +22,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from lorakit.errors import AdapterError, LorakitError
+from lorakit.serve import adapter_name_problem
 from lorakit.serve import protocol as P
 from lorakit.serve.confine import PathRefused, PathUnreadable, private_copy
 from lorakit.serve.engine import Engine, EngineStopped
@@ -143,6 +144,9 @@ class AdapterRoutes:
         name = body.get("lora_name")
         if not isinstance(name, str) or not name.strip() or len(name) > 256:
             raise P.bad("'lora_name' must be a non-empty string (at most 256 characters)", "lora_name")
+        problem = adapter_name_problem(name)
+        if problem:
+            raise P.bad(f"'lora_name': {problem}", "lora_name")
         if name == self.base_name:
             raise P.bad(f"{name!r} is the base model's name", "lora_name")
         return name

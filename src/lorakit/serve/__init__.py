@@ -25,16 +25,6 @@ log = logging.getLogger(__name__)
 DEFAULT_BASE_NAME = "SmolLM2-135M-Instruct"
 
 
-def adapter_name_problem(name: object) -> str | None:
-    """Why `name` cannot name a served adapter, or None: a model's adapter names (letters, digits, _ and -; no '.',
-    '/' or ':', which the adapters' module dicts and folders do not take), at most 256 characters."""
-    from lorakit.inject import ADAPTER_NAME
-
-    if isinstance(name, str) and 0 < len(name) <= 256 and ADAPTER_NAME.match(name):
-        return None
-    return f"adapter name {name!r}: use 1 to 256 letters, digits, _ and - (no '.', '/', ':' or spaces)"
-
-
 @dataclass
 class ServeConfig:
     """Settings of `lorakit serve`."""
@@ -101,6 +91,8 @@ class ServeConfig:
             raise ConfigError("--api-key is empty")
         if self.adapter_root is not None and not Path(self.adapter_root).is_dir():
             raise ConfigError(f"--adapter-root {self.adapter_root!r} is not a folder")
+        from lorakit.serve.names import adapter_name_problem
+
         for name in self.adapters:
             problem = adapter_name_problem(name)
             if problem:

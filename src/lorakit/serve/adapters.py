@@ -22,10 +22,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from lorakit.errors import AdapterError, LorakitError
-from lorakit.serve import adapter_name_problem
 from lorakit.serve import protocol as P
 from lorakit.serve.confine import PathRefused, PathUnreadable, private_copy
 from lorakit.serve.engine import Engine, EngineStopped
+from lorakit.serve.names import adapter_name_problem
 
 log = logging.getLogger(__name__)
 

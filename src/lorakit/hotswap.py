@@ -93,7 +93,8 @@ def hotswap(
                 f"{source}: r={r} at {module}, above adapter {name!r}'s r={have}; make room first with "
                 f"lorakit.prepare_hotswap(model, {r}, {name!r}), before compiling"
             )
-    layers = dict(adapter_layers(model, name))
+    # DoRA resets the magnitudes of the modules the file leaves out, which needs their layers
+    layers = dict(adapter_layers(model, name)) if dora else {}
     with torch.no_grad():
         for module, ad in slot.items():
             tensors = found.get(module)

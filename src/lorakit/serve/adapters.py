@@ -142,9 +142,9 @@ class AdapterRoutes:
 
     def _name(self, body: dict[str, Any]) -> str:
         name = body.get("lora_name")
-        if not isinstance(name, str) or not name.strip() or len(name) > 256:
-            raise P.bad("'lora_name' must be a non-empty string (at most 256 characters)", "lora_name")
-        problem = adapter_name_problem(name)
+        if not isinstance(name, str) or not name.strip():
+            raise P.bad("'lora_name' must be a non-empty string", "lora_name")
+        problem = adapter_name_problem(name)  # the rule, its length included
         if problem:
             raise P.bad(f"'lora_name': {problem}", "lora_name")
         if name == self.base_name:

@@ -11,6 +11,16 @@ Loading beyond `max_adapters` evicts the least recently used adapter that is nei
 adapter unloaded while batches use it stays until the last of them ends, so in-flight requests finish. All
 methods are thread-safe; forward passes themselves are the caller's to serialise.
 
+A name is served by one of the model's adapters, its *slot* (`slot`): the name itself where the model takes it
+(letters, digits, _ and -) and no other adapter holds it, else a free variant of it (`org/fr` is served by
+`org_fr`, a second load of `fr` while the first is still in use by `fr-2`). So names may hold `.`, `/` or `:`,
+and a name can be loaded again at once:
+
+    bank.load("fr", "adapters/fr-step2", replace=True)   # in place: requests running on fr finish on the old
+                                                         # weights, later ones get the new (vLLM's load_inplace)
+
+A lease (`hold`, `use`) takes the slots its names have when it starts and keeps them until it ends.
+
 One ladder adapter (a side network with mlp blocks, `lorakit.variants.ladder`) may be loaded too: it is attached
 once, and its output reaches only the rows that name it (`ladder_rows`); for LoRA routing those rows are base rows.
 """
@@ -18,6 +28,7 @@ once, and its output reaches only the rows that name it (`ladder_rows`); for LoR
 from __future__ import annotations
 
 import itertools
+import re
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -30,7 +41,7 @@ from torch import nn
 from lorakit.control import active_adapters, disabled, set_active
 from lorakit.errors import AdapterError
 from lorakit.formats import folder_refusal
-from lorakit.inject import delete_adapter
+from lorakit.inject import ADAPTER_NAME, delete_adapter
 from lorakit.io import LoadPlan, apply_plan, plan_adapter
 from lorakit.mixed import row_adapters
 from lorakit.registry import adapter_names
@@ -45,15 +56,17 @@ class AdapterBank:
         self.model = model
         self.max_adapters = max_adapters
         self.paths: dict[str, Path | None] = {n: None for n in adapter_names(model)}
+        """The folder each name was loaded from (None: on the model before the bank)."""
         self.pinned: set[str] = set()
+        self._slots: dict[str, str] = {n: n for n in self.paths}  # name -> the model's adapter serving it
         self._lru: OrderedDict[str, float] = OrderedDict((n, time.monotonic()) for n in self.paths)
-        self._in_use: Counter[str] = Counter()
-        self._doomed: set[str] = set()  # unloaded while in use: deleted when released
+        self._in_use: Counter[str] = Counter()  # slot -> leases
+        self._retired: dict[str, str] = {}  # slot -> the name it served: unloaded or replaced while in use
         self._lock = threading.RLock()
-        self.ladder: str | None = None  # the name of the loaded ladder adapter, if any
+        self.ladder: str | None = None  # the slot of the loaded ladder adapter, if any
         self._loads = itertools.count(1)
         self.serials: dict[str, int] = {n: next(self._loads) for n in self.paths}
-        """Which load each adapter is: a name unloaded and loaded again gets a new serial (caches key on it)."""
+        """Which load each slot holds: a slot deleted and used again gets a new serial (caches key on it)."""
         if self.paths:
             set_active(model, {})
 
@@ -61,10 +74,27 @@ class AdapterBank:
 
     def names(self) -> list[str]:
         with self._lock:
-            return [n for n in self.paths if n not in self._doomed]
+            return list(self._slots)
 
     def __contains__(self, name: object) -> bool:
-        return name in self.names()
+        with self._lock:
+            return name in self._slots
+
+    def slot(self, name: str) -> str:
+        """The model's adapter that serves `name` now (AdapterError if no adapter of that name is loaded)."""
+        with self._lock:
+            self._known(name)
+            return self._slots[name]
+
+    def slots(self) -> list[str]:
+        """The model's adapters that serve a name now (not those kept only for requests in flight)."""
+        with self._lock:
+            return list(self._slots.values())
+
+    def unloading(self) -> list[str]:
+        """The names whose old adapter is kept for requests in flight: unloaded, or loaded again in place."""
+        with self._lock:
+            return sorted(set(self._retired.values()))
 
     def load(
         self,
@@ -74,45 +104,51 @@ class AdapterBank:
         pin: bool = False,
         allow_pickle: bool = False,
         source: str | Path | None = None,
+        replace: bool = False,
     ) -> float:
         """Load the adapter folder `path` as `name`; returns the seconds it took. Evicts if the bank is full.
 
+        `replace`: if `name` is loaded, the new file serves it from now on, and leases taken before keep the old
+        adapter until they end (a name not loaded is just loaded). Nothing changes if the file is refused.
         `source` is the folder recorded in `paths` when `path` is a copy of it (default: `path`)."""
         with self._lock:
-            if name in self.paths and name not in self._doomed:
-                raise AdapterError(f"adapter {name!r} is already loaded (from {self.paths[name]})")
-            if name in self._doomed:
-                raise AdapterError(f"adapter {name!r} is still being unloaded (requests in flight); retry")
+            if not isinstance(name, str) or not name:
+                raise AdapterError(f"an adapter name must be a non-empty string, got {name!r}")
+            old = self._slots.get(name)
+            if old is not None and not replace:
+                raise AdapterError(
+                    f"adapter {name!r} is already loaded (from {self.paths[name]}); unload it first, or replace it"
+                )
             t0 = time.perf_counter()
             reason = folder_refusal(path, "bank")
             if reason:
                 raise AdapterError(reason)
+            slot = self._free_slot(name)
             # the file is read and checked, and refusals made, before evicting: a bad file must not evict anyone
-            plan = plan_adapter(self.model, path, name, allow_pickle=allow_pickle)
+            plan = plan_adapter(self.model, path, slot, allow_pickle=allow_pickle)
             if plan.peft_type == LADDER:
-                self._check_ladder(plan)
-            if self.max_adapters is not None and len(self.names()) >= self.max_adapters:
+                self._check_ladder(plan, replacing=old)
+            if old is None and self.max_adapters is not None and len(self._slots) >= self.max_adapters:
                 self._evict_one()
-            apply_plan(self.model, plan, name, activate=False)
+            apply_plan(self.model, plan, slot, activate=False)
             if plan.peft_type == LADDER:  # plain forward calls stay the base's until routed (use, activate)
                 ladder_of(self.model).set_rows(False)
-                self.ladder = name
+                self.ladder = slot
+            if old is not None:
+                self._retire(old, name)
+            self._slots[name] = slot
             self.paths[name] = Path(source if source is not None else path)
-            self.serials[name] = next(self._loads)
-            self._lru[name] = time.monotonic()
+            self.serials[slot] = next(self._loads)
+            self._touch(name)
             if pin:
                 self.pinned.add(name)
             return time.perf_counter() - t0
 
     def unload(self, name: str) -> None:
-        """Remove `name`; if batches are using it, it goes when the last of them ends."""
+        """Remove `name`; if batches are using it, its adapter goes when the last of them ends."""
         with self._lock:
             self._known(name)
-            self.pinned.discard(name)
-            if self._in_use[name]:
-                self._doomed.add(name)
-            else:
-                self._delete(name)
+            self._drop(name)
 
     def pin(self, name: str, pinned: bool = True) -> None:
         with self._lock:
@@ -124,34 +160,39 @@ class AdapterBank:
     def activate(self, name: str | None) -> None:
         """Make `name` the adapter of plain forward calls (None: the base model). No weights move."""
         with self._lock:
+            slot = None
             if name is not None:
-                self._known(name)
+                slot = self.slot(name)
                 self._touch(name)
             if self.ladder is not None:
-                ladder_of(self.model).set_rows(name == self.ladder)
-                name = None if name == self.ladder else name
-            if any(n != self.ladder for n in self.paths):  # LoRA adapters are loaded
-                set_active(self.model, {} if name is None else name)
+                ladder_of(self.model).set_rows(slot == self.ladder)
+                slot = None if slot == self.ladder else slot
+            if any(s != self.ladder for s in self.serials):  # LoRA adapters are loaded
+                set_active(self.model, {} if slot is None else slot)
 
     @contextmanager
-    def hold(self, names: Sequence[str | None]) -> Iterator[None]:
-        """A lease: the adapters in `names` stay loaded until the block ends (an unload meanwhile waits for it),
-        and count as recently used. Routing is left as it is: see `use`."""
-        distinct = {n for n in names if n is not None}
+    def hold(self, names: Sequence[str | None]) -> Iterator[list[str | None]]:
+        """A lease: the adapters serving `names` now stay loaded until the block ends (an unload or a replacement
+        meanwhile waits for it), and count as recently used. Yields their slots, the model's adapter names (None
+        stays None). Routing is left as it is: see `use`."""
         with self._lock:
-            for n in distinct:
-                self._known(n)
-            for n in distinct:
-                self._in_use[n] += 1
+            for n in names:
+                if n is not None:
+                    self._known(n)
+            slots = [None if n is None else self._slots[n] for n in names]
+            distinct = {s for s in slots if s is not None}
+            for s in distinct:
+                self._in_use[s] += 1
+            for n in {n for n in names if n is not None}:
                 self._touch(n)
         try:
-            yield
+            yield slots
         finally:
             with self._lock:
-                for n in distinct:
-                    self._in_use[n] -= 1
-                    if not self._in_use[n] and n in self._doomed:
-                        self._delete(n)
+                for s in distinct:
+                    self._in_use[s] -= 1
+                    if not self._in_use[s] and s in self._retired:
+                        self._delete(s)
 
     @contextmanager
     def use(self, names: Sequence[str | None]) -> Iterator[None]:
@@ -159,28 +200,42 @@ class AdapterBank:
         them (`hold`) meanwhile. The adapters active before are active again afterwards.
 
         A batch of one adapter takes the single-adapter path; a mixed batch the stacked mixed-adapter path."""
-        with self.hold(names), ExitStack() as stack:
+        with self.hold(names) as slots, ExitStack() as stack:
             if self.ladder is not None:  # the ladder's rows get its side output and no LoRA
-                stack.enter_context(ladder_rows(self.model, [n == self.ladder for n in names]))
-                names = [None if n == self.ladder else n for n in names]
-            distinct = set(names)
+                stack.enter_context(ladder_rows(self.model, [s == self.ladder for s in slots]))
+                slots = [None if s == self.ladder else s for s in slots]
+            distinct = set(slots)
             if distinct == {None}:
                 ctx = disabled(self.model)
             elif len(distinct) == 1:
                 ctx = _activated(self.model, next(iter(distinct)))
             else:
-                ctx = row_adapters(self.model, list(names))
+                ctx = row_adapters(self.model, list(slots))
             with ctx:
                 yield
 
     # -- internals --------------------------------------------------------------------------------------------
 
-    def _known(self, name: str) -> None:
-        if name not in self.paths or name in self._doomed:
+    def _known(self, name: str | None) -> None:
+        if name not in self._slots:
             raise AdapterError(f"no adapter {name!r} in the bank; loaded: {self.names()}")
 
-    def _check_ladder(self, plan: LoadPlan) -> None:
-        """AdapterError if the bank cannot serve the planned ladder."""
+    def _free_slot(self, name: str) -> str:
+        """A model adapter name for a new load of `name`: the name where the model takes it and it is free."""
+        base = name if ADAPTER_NAME.match(name) else re.sub(r"[^A-Za-z0-9_-]", "_", name)
+        taken = set(adapter_names(self.model)) | set(self.serials)
+        slot, k = base, 1
+        while slot in taken:
+            k += 1
+            slot = f"{base}-{k}"
+        return slot
+
+    def _name_of(self, slot: str) -> str:
+        """The name `slot` serves, or served before it was retired."""
+        return self._retired.get(slot) or next(n for n, s in self._slots.items() if s == slot)
+
+    def _check_ladder(self, plan: LoadPlan, *, replacing: str | None) -> None:
+        """AdapterError if the bank cannot serve the planned ladder (`replacing`: the slot it would replace)."""
         cfg, _ = plan.payload
         if cfg.block != "mlp":
             raise AdapterError(
@@ -189,13 +244,17 @@ class AdapterBank:
                 "with mlp side blocks, or use lorakit generate --adapter DIR"
             )
         if self.ladder is not None:
+            name = self._name_of(self.ladder)
+            if self.ladder == replacing:
+                raise AdapterError(
+                    f"{plan.path}: ladder adapter {name!r} cannot be replaced in place: a model carries one ladder "
+                    "side network, and requests may be using this one; unload it, then load the new one"
+                )
             state = (
-                " and is still being unloaded (requests in flight); retry"
-                if self.ladder in self._doomed
-                else ""
+                " and is still being unloaded (requests in flight); retry" if self.ladder in self._retired else ""
             )
             raise AdapterError(
-                f"{plan.path}: ladder adapter {self.ladder!r} is already loaded{state}; one ladder side network "
+                f"{plan.path}: ladder adapter {name!r} is already loaded{state}; one ladder side network "
                 "can be attached to a model, so unload it first"
             )
         if ladder_of(self.model) is not None:
@@ -209,26 +268,37 @@ class AdapterBank:
 
     def _evict_one(self) -> None:
         for name in self._lru:  # oldest first
-            if name not in self.pinned and not self._in_use[name] and name not in self._doomed:
-                self._delete(name)
+            if name not in self.pinned and not self._in_use[self._slots[name]]:
+                self._drop(name)
                 return
         raise AdapterError(
             f"the bank is full ({self.max_adapters} adapters) and every adapter is pinned or in use; "
             "unload one first"
         )
 
-    def _delete(self, name: str) -> None:
-        if name == self.ladder:
+    def _drop(self, name: str) -> None:
+        """Stop serving `name`; its adapter goes now, or when its last lease ends."""
+        slot = self._slots.pop(name)
+        self.paths.pop(name, None)
+        self._lru.pop(name, None)
+        self.pinned.discard(name)
+        self._retire(slot, name)
+
+    def _retire(self, slot: str, name: str) -> None:
+        if self._in_use[slot]:
+            self._retired[slot] = name
+        else:
+            self._delete(slot)
+
+    def _delete(self, slot: str) -> None:
+        if slot == self.ladder:
             detach_ladder(self.model)
             self.ladder = None
         else:
-            delete_adapter(self.model, name)
-        self.paths.pop(name, None)
-        self.serials.pop(name, None)
-        self._lru.pop(name, None)
-        self._doomed.discard(name)
-        self._in_use.pop(name, None)
-        self.pinned.discard(name)
+            delete_adapter(self.model, slot)
+        self.serials.pop(slot, None)
+        self._retired.pop(slot, None)
+        self._in_use.pop(slot, None)
 
 
 @contextmanager

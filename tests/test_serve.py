@@ -279,6 +279,35 @@ def test_unload_while_in_flight(client, http, base):
     _serves(client, base)
 
 
+def test_load_inplace_while_in_flight(client, http, base, offline, dirs):
+    """vLLM's load_inplace: the request running on the old file finishes on it; requests after get the new."""
+    assert http.post("/v1/load_lora_adapter", json={"lora_name": "pol", "lora_path": "a"}).status_code == 200
+    stream = _text(client, "pol", max_tokens=32, stream=True, extra_body={"ignore_eos": True})
+    chunks = [next(iter(stream))]  # admitted and generating on a
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": "pol", "lora_path": "b", "load_inplace": True})
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'pol' reloaded in place successfully."
+    assert http.get("/health").json()["unloading"] == ["pol"]  # a is kept for the request in flight
+    assert _text(client, "pol").choices[0].text.strip() == offline["b", "text"]
+    chunks += list(stream)
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert streamed.strip().startswith(offline["a", "text"])
+    cards = {m.id: m for m in client.models.list().data}
+    assert cards["pol"].root == str((dirs["root"] / "b").resolve())
+    assert http.post("/v1/unload_lora_adapter", json={"lora_name": "pol"}).status_code == 200
+    _serves(client, base)
+
+
+def test_names_with_slashes_dots_and_colons(client, http, base, offline):
+    """Served names are the bank's, not the model's: `org/a:v1.0` serves as given, its card at its own URL."""
+    name = "org/a:v1.0"
+    r = http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": "a"})
+    assert r.status_code == 200, r.text
+    assert http.get(f"/v1/models/{name}").json()["parent"] == base
+    assert _text(client, name).choices[0].text.strip() == offline["a", "text"]
+    assert http.post("/v1/unload_lora_adapter", json={"lora_name": name}).status_code == 200
+    _error(http.get(f"/v1/models/{name}"), 404)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Bad input, security, limits: a clear JSON error each, and the server keeps serving
 # --------------------------------------------------------------------------------------------------------------
@@ -351,11 +380,14 @@ def test_load_refused(http, client, base, dirs, path, status):
 
 
 def test_load_and_unload_errors(http, base):
-    _error(http.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "b"}), 400)  # duplicate
+    err = _error(http.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "b"}), 400)  # duplicate
+    assert "already been loaded; unload it first, or pass \"load_inplace\": true" in err["message"]
+    bad = {"lora_name": "a", "lora_path": "b", "load_inplace": "yes"}
+    assert _error(http.post("/v1/load_lora_adapter", json=bad), 400)["param"] == "load_inplace"
     _error(http.post("/v1/load_lora_adapter", json={"lora_name": base, "lora_path": "b"}), 400)
     _error(http.post("/v1/load_lora_adapter", json={"lora_name": "x"}), 400)
-    err = _error(http.post("/v1/load_lora_adapter", json={"lora_name": "org/x", "lora_path": "b"}), 400)
-    assert "'org/x': use 1 to 256 letters, digits, _ and -" in err["message"] and err["param"] == "lora_name"
+    err = _error(http.post("/v1/load_lora_adapter", json={"lora_name": "my x", "lora_path": "b"}), 400)
+    assert "'my x': use 1 to 256 letters, digits and _ - . : / @ +" in err["message"] and err["param"] == "lora_name"
     _error(http.post("/v1/unload_lora_adapter", json={"lora_name": "never-loaded"}), 404)
     _error(http.get("/v1/no-such-route"), 404)
 

@@ -1,5 +1,9 @@
 """The adapter routes: /v1/models (the base and each adapter, with vLLM's `parent` and `root`) and vLLM's
-/v1/load_lora_adapter {"lora_name", "lora_path"} and /v1/unload_lora_adapter {"lora_name"}.
+/v1/load_lora_adapter {"lora_name", "lora_path", "load_inplace"} and /v1/unload_lora_adapter {"lora_name"}.
+
+`load_inplace: true` loads a file over a name already served (what RL loops do after each policy step): requests
+admitted from then on get the new weights, and requests already running finish on the old ones, which go when the
+last of them ends (`AdapterBank.load(replace=True)`). No request ever sees half of each.
 
 Runtime loading is the server's biggest attack surface (a client names a folder on the server), so it is off
 unless the server was started with an adapter root, and then the folder and every adapter file in it must lie,
@@ -92,8 +96,14 @@ class AdapterRoutes:
         root = self._root()
         name = self._name(body)
         lora_path = checked_path(body.get("lora_path"))
-        if name in self.bank:
-            raise P.bad(f"the adapter {name!r} has already been loaded; unload it first", "lora_name")
+        inplace = body.get("load_inplace", False)
+        if not isinstance(inplace, bool):
+            raise P.bad(f"'load_inplace' must be true or false, got {inplace!r}", "load_inplace")
+        if name in self.bank and not inplace:
+            raise P.bad(
+                f"the adapter {name!r} has already been loaded; unload it first, or pass \"load_inplace\": true",
+                "lora_name",
+            )
         with contextlib.ExitStack() as stack:
             try:  # every file opened once and checked as opened (confine.py); copying runs off the event loop
                 real, copy = await asyncio.to_thread(stack.enter_context, private_copy(root, lora_path))
@@ -105,13 +115,15 @@ class AdapterRoutes:
                 ) from None
             try:
                 seconds = await asyncio.wrap_future(
-                    self.engine.call(lambda: self.bank.load(name, copy, source=real))
+                    self.engine.call(lambda: self.bank.load(name, copy, source=real, replace=inplace))
                 )
             except EngineStopped:
                 raise P.APIError(503, "the engine is not running", "server_error") from None
             except Exception as e:  # noqa: BLE001 - whatever the adapter's files make the loaders raise
                 raise _load_error(name, lora_path, e, copy, real) from None
-        log.info("loaded adapter %r from %s in %.2f s", name, real, seconds)
+        log.info("loaded adapter %r from %s in %.2f s%s", name, real, seconds, " (in place)" if inplace else "")
+        if inplace:
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' reloaded in place successfully.")
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     async def unload(self, request: Request) -> PlainTextResponse:

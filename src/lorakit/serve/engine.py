@@ -25,7 +25,9 @@ that new prompts share are computed once.
 Torch is not thread-safe for concurrent forwards and loading or deleting an adapter rewires modules, so anything
 that touches the model (`call`) runs on this thread, between steps. Each admitted request holds its adapter in
 the bank until it ends (a lease: `bank.hold([name])` kept open), so an adapter unloaded meanwhile goes when its
-last request finishes; requests still waiting for it fail with 404.
+last request finishes; requests still waiting for it fail with 404. The lease fixes which of the model's adapters
+the row runs with (`Row.adapter`): a name loaded again in place (`AdapterBank.load(replace=True)`) serves rows
+admitted after it with the new weights, while rows admitted before finish on the old.
 
 A failure is its request's alone: an exception while admitting a request (its seed, its adapter's lease) fails
 that request (HTTP 500); a failed batched prefill is retried row by row, so only the rows that fail alone fail;
@@ -181,8 +183,9 @@ class Engine:
         return fut
 
     def load(self) -> dict[str, Any]:
-        """Rows decoding, requests waiting, and adapters unloaded but kept until their requests finish."""
-        unloading = sorted(set(self.bank.paths) - set(self.bank.names()))
+        """Rows decoding, requests waiting, and adapters unloaded (or loaded again in place) whose old weights are
+        kept until their requests finish."""
+        unloading = self.bank.unloading()
         return {
             "running": len(self._batch) + len(self._queue),
             "waiting": len(self._pending) + self._inbox.qsize(),
@@ -320,8 +323,9 @@ class Engine:
             if req.cancelled:
                 self._pending.popleft()
                 continue
-            key = prompt_key(req)
-            hit = self.prefixes.lookup_request(req)
+            slot = self._slot(req)
+            key = prompt_key(slot, req)
+            hit = self.prefixes.lookup_request(slot, req)
             longest_if = max(longest, len(req.prompt_ids) - (hit.length if hit else 0))
             forwards = len(distinct | {key})
             if new and longest_if * forwards > self.config.max_prefill_tokens:
@@ -329,20 +333,30 @@ class Engine:
             self._pending.popleft()
             row = self._row(req)
             if row is not None:
-                row.prefix = hit
+                row.prefix = hit if row.adapter == slot else None
                 new.append(row)
                 longest = longest_if
                 distinct.add(key)
         return new
 
+    def _slot(self, req: GenRequest) -> str | None:
+        """The model's adapter serving the request's model now (None: the base model, or a name not loaded)."""
+        if req.adapter is None:
+            return None
+        try:
+            return self.bank.slot(req.adapter)
+        except AdapterError:  # `_row` fails the request
+            return None
+
     def _row(self, req: GenRequest) -> Row | None:
         """The batch row of `req`, holding its adapter; None (and the request failed) if that is not possible."""
         self.stats["requests"] += 1
         lease = ExitStack()
+        slot = None
         try:
             if req.adapter is not None:
                 try:
-                    lease.enter_context(self.bank.hold([req.adapter]))
+                    (slot,) = lease.enter_context(self.bank.hold([req.adapter]))
                 except AdapterError:
                     gone = f"the model {req.adapter!r} was unloaded; adapters: {self.bank.names()}"
                     deliver(req, Failed(404, gone, "model_not_found"))
@@ -351,7 +365,7 @@ class Engine:
             gen = torch.Generator().manual_seed(p.seed) if p.seed is not None else None
             text = functools.partial(self.token_text, special=False)
             guide = Guide(p.guide, text) if p.guide is not None else None
-            return Row(req, lease, gen, frozenset(p.stop_token_ids), guide=guide)
+            return Row(req, lease, gen, frozenset(p.stop_token_ids), guide=guide, adapter=slot)
         except Exception as e:  # noqa: BLE001 - this request alone fails
             log.exception("admitting a request failed")
             lease.close()
@@ -368,7 +382,7 @@ class Engine:
         Rows with the same prompt and adapter (the choices of one request with `n` > 1, or equal requests) are
         computed once: the forward runs over the distinct ones, and their cache and logits are copied to the rest."""
         distinct: dict[tuple, int] = {}
-        source = [distinct.setdefault(prompt_key(r.req), len(distinct)) for r in rows]
+        source = [distinct.setdefault(prompt_key(r.adapter, r.req), len(distinct)) for r in rows]
         firsts = [rows[source.index(j)] for j in range(len(distinct))]
         scored = [r.req.params.prompt_logprobs is not None for r in rows]
         for j, score in zip(source, scored, strict=True):  # a prompt to score runs whole
@@ -390,7 +404,7 @@ class Engine:
         hook = None if head is None else self.model.base_model.register_forward_hook(keep_hidden(hidden))
         try:
             logits = self._forward(
-                [r.req.adapter for r in firsts],
+                [r.adapter for r in firsts],
                 ids,
                 mask,
                 positions,
@@ -430,7 +444,7 @@ class Engine:
         """One decode step for every running row: feed each row's last token."""
         ids, mask, positions = self._batch.step_inputs()
         logits = self._forward(
-            [r.req.adapter for r in rows],
+            [r.adapter for r in rows],
             ids,
             mask,
             positions,

@@ -40,9 +40,9 @@ MIN_CHUNK = 32
 the next step)."""
 
 
-def prompt_key(req: GenRequest) -> tuple:
-    """Requests with equal keys have equal prefills: the same adapter and prompt."""
-    return (req.adapter, tuple(req.prompt_ids))
+def prompt_key(adapter: str | None, req: GenRequest) -> tuple:
+    """Requests with equal keys have equal prefills: the same adapter (the model's: `Row.adapter`) and prompt."""
+    return (adapter, tuple(req.prompt_ids))
 
 
 class PrefillQueue:
@@ -87,7 +87,7 @@ class PrefillQueue:
         self._look_up(waiting)  # what others computed since: a later row may find a longer start
         left, ready, keys, longest = max(self._budget(decoding) - spent, 0), [], set(), 0
         for r in waiting:
-            key = prompt_key(r.req)
+            key = prompt_key(r.adapter, r.req)
             scored = r.req.params.prompt_logprobs is not None
             rest = 0 if key in keys else len(r.req.prompt_ids) - (0 if scored else r.cached)
             # while nothing decodes: their prefill's padded size, as `Engine._admit` counts it
@@ -117,19 +117,19 @@ class PrefillQueue:
         start (shared with the rows of the same prompt, and kept in the prefix cache for others)."""
         ids = row.req.prompt_ids
         done = row.cached + n
-        same = [r for r in self.rows if prompt_key(r.req) == prompt_key(row.req)]
+        same = [r for r in self.rows if prompt_key(r.adapter, r.req) == prompt_key(row.adapter, row.req)]
         try:
             ids_t, mask, positions, cache = kvcache.prompt_inputs(
                 [(ids[:done], row.prefix.kv() if row.prefix else None)], self.pad_id
             )
-            self.forward([row.req.adapter], ids_t, mask, positions, cache, last_only=True, sequences=lambda: [ids[:done]])
+            self.forward([row.adapter], ids_t, mask, positions, cache, last_only=True, sequences=lambda: [ids[:done]])
         except Exception as e:  # noqa: BLE001 - this prompt alone fails
             log.exception("a prefill chunk failed")
             self.rows = [r for r in self.rows if r not in same]
             self.fail(same, failure(e))
             return
         # one row, no padding: its whole cache, (1, kv_heads, done, head_dim) per layer
-        hit = self.prefixes.own(self.prefixes.key(row.req.adapter), ids[:done], kvcache.kv(cache))
+        hit = self.prefixes.own(self.prefixes.key(row.adapter), ids[:done], kvcache.kv(cache))
         chunked = row.chunked + n
         for r in same:
             r.prefix, r.chunked = hit, chunked
@@ -141,7 +141,7 @@ class PrefillQueue:
         if not self.prefixes.enabled:
             return
         for r in rows:
-            hit = self.prefixes.lookup_request(r.req)  # (None for a prompt to score)
+            hit = self.prefixes.lookup_request(r.adapter, r.req)  # (None for a prompt to score)
             if hit is not None and hit.length > r.cached:
                 r.prefix = hit
 
@@ -155,9 +155,9 @@ class PrefillQueue:
         if not self.prefixes.enabled or len(rows) < 2:
             return 0
         unscored = [r for r in rows if r.req.params.prompt_logprobs is None]
-        firsts = list({prompt_key(r.req): r for r in unscored}.values())
+        firsts = list({prompt_key(r.adapter, r.req): r for r in unscored}.values())
         key = self.prefixes.key
-        starts = shared_starts([(key(r.req.adapter), r.req.prompt_ids, r.cached) for r in firsts])
+        starts = shared_starts([(key(r.adapter), r.req.prompt_ids, r.cached) for r in firsts])
         if self.chunk:
             left, fit = budget, []
             for s in starts:
@@ -174,7 +174,7 @@ class PrefillQueue:
                 hit = firsts[s.prompt].prefix  # its cached start, shorter than it by SHARE_MIN at least
                 parts.append((s.tokens, hit.kv() if hit else None))
             ids, mask, positions, cache = kvcache.prompt_inputs(parts, self.pad_id)
-            adapters = [firsts[s.prompt].req.adapter for s in starts]
+            adapters = [firsts[s.prompt].adapter for s in starts]
             self.forward(adapters, ids, mask, positions, cache, last_only=True, sequences=lambda: [s.tokens for s in starts])
             for i, s in enumerate(starts):
                 self.prefixes.add(s.key, s.tokens, kvcache.row(cache, i, mask[i].nonzero()[:, 0]))

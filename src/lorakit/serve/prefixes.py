@@ -205,16 +205,17 @@ class PrefixCache(PrefixStore):
         self.bank = bank
 
     def key(self, adapter: str | None) -> tuple:
-        """What a row's KV cache was computed with: its adapter, and which load of it."""
+        """What a row's KV cache was computed with: its adapter (the model's: `Row.adapter`), and which load of
+        it."""
         return (adapter, self.bank.serials.get(adapter, 0) if adapter is not None else 0)
 
-    def lookup_request(self, req: GenRequest) -> Hit | None:
-        """The longest cached start of the request's prompt (None for prompts to score: every position's logits
-        are wanted)."""
+    def lookup_request(self, adapter: str | None, req: GenRequest) -> Hit | None:
+        """The longest cached start of the request's prompt run with the model's `adapter` (None for prompts to
+        score: every position's logits are wanted)."""
         if not self.enabled or req.params.prompt_logprobs is not None:
             return None
-        hit = self.lookup(self.key(req.adapter), req.prompt_ids)
-        invocation = invocation_of(self.bank.model, req.adapter)
+        hit = self.lookup(self.key(adapter), req.prompt_ids)
+        invocation = invocation_of(self.bank.model, adapter)
         if invocation is not None:  # aLoRA: before its invocation, the adapter's cache is the base model's
             start = last_invocation(req.prompt_ids, invocation)
             base = self.lookup(self.key(None), req.prompt_ids[: len(req.prompt_ids) if start is None else start + 1])
@@ -238,7 +239,7 @@ class PrefixCache(PrefixStore):
                     continue
                 cols = mask[i].nonzero()[:, 0]
                 if cols.numel() == len(r.req.prompt_ids):
-                    self.add(self.key(r.req.adapter), r.req.prompt_ids, kvcache.row(cache, i, cols))
+                    self.add(self.key(r.adapter), r.req.prompt_ids, kvcache.row(cache, i, cols))
         except Exception:  # noqa: BLE001 - a cache is an optimisation: never a reason to fail
             log.exception("keeping a prefilled prompt's cache failed")
 
@@ -246,12 +247,12 @@ class PrefixCache(PrefixStore):
         """Keep the KV cache of the batch's finished rows that did not fail: the prompt and the generated tokens
         fed back (all but the last one sampled). Entries of adapters unloaded since go."""
         try:
-            live = {self.key(n) for n in [None, *self.bank.names()]}
+            live = {self.key(n) for n in [None, *self.bank.slots()]}
             self.retain(live)
             for i, r in enumerate(rows):
                 if not r.finished or r.failed:
                     continue
-                key = self.key(r.req.adapter)
+                key = self.key(r.adapter)
                 tokens = [*r.req.prompt_ids, *r.out_ids][: r.n_real]
                 if key not in live or len(tokens) != r.n_real:
                     continue

@@ -46,6 +46,9 @@ class Row:
     admitted and after each chunk, used by the prefill)."""
     chunked: int = 0
     """Prompt tokens this row computed in chunks before its prefill (`EngineConfig.prefill_chunk`)."""
+    adapter: str | None = None
+    """The model's adapter the row runs with: the one serving the request's model when it was admitted
+    (`AdapterBank.hold`), kept by the row's lease even if the name is loaded again meanwhile."""
     failed: bool = False
 
     @property

@@ -380,14 +380,19 @@ def test_load_refused(http, client, base, dirs, path, status):
 
 
 def test_load_and_unload_errors(http, base):
-    err = _error(http.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "b"}), 400)  # duplicate
-    assert "already been loaded; unload it first, or pass \"load_inplace\": true" in err["message"]
+    err = _error(
+        http.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "b"}), 400
+    )  # duplicate
+    assert 'already been loaded; unload it first, or pass "load_inplace": true' in err["message"]
     bad = {"lora_name": "a", "lora_path": "b", "load_inplace": "yes"}
     assert _error(http.post("/v1/load_lora_adapter", json=bad), 400)["param"] == "load_inplace"
     _error(http.post("/v1/load_lora_adapter", json={"lora_name": base, "lora_path": "b"}), 400)
     _error(http.post("/v1/load_lora_adapter", json={"lora_name": "x"}), 400)
     err = _error(http.post("/v1/load_lora_adapter", json={"lora_name": "my x", "lora_path": "b"}), 400)
-    assert "'my x': use 1 to 256 letters, digits and _ - . : / @ +" in err["message"] and err["param"] == "lora_name"
+    assert (
+        "'my x': use 1 to 256 letters, digits and _ - . : / @ +" in err["message"]
+        and err["param"] == "lora_name"
+    )
     _error(http.post("/v1/unload_lora_adapter", json={"lora_name": "never-loaded"}), 404)
     _error(http.get("/v1/no-such-route"), 404)
 

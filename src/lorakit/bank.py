@@ -251,7 +251,9 @@ class AdapterBank:
                     "side network, and requests may be using this one; unload it, then load the new one"
                 )
             state = (
-                " and is still being unloaded (requests in flight); retry" if self.ladder in self._retired else ""
+                " and is still being unloaded (requests in flight); retry"
+                if self.ladder in self._retired
+                else ""
             )
             raise AdapterError(
                 f"{plan.path}: ladder adapter {name!r} is already loaded{state}; one ladder side network "

@@ -101,7 +101,7 @@ class AdapterRoutes:
             raise P.bad(f"'load_inplace' must be true or false, got {inplace!r}", "load_inplace")
         if name in self.bank and not inplace:
             raise P.bad(
-                f"the adapter {name!r} has already been loaded; unload it first, or pass \"load_inplace\": true",
+                f'the adapter {name!r} has already been loaded; unload it first, or pass "load_inplace": true',
                 "lora_name",
             )
         with contextlib.ExitStack() as stack:
@@ -121,7 +121,9 @@ class AdapterRoutes:
                 raise P.APIError(503, "the engine is not running", "server_error") from None
             except Exception as e:  # noqa: BLE001 - whatever the adapter's files make the loaders raise
                 raise _load_error(name, lora_path, e, copy, real) from None
-        log.info("loaded adapter %r from %s in %.2f s%s", name, real, seconds, " (in place)" if inplace else "")
+        log.info(
+            "loaded adapter %r from %s in %.2f s%s", name, real, seconds, " (in place)" if inplace else ""
+        )
         if inplace:
             return PlainTextResponse(f"Success: LoRA adapter '{name}' reloaded in place successfully.")
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")

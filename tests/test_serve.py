@@ -466,7 +466,7 @@ def test_engine_stop_string_is_never_streamed(engine, offline):
 def test_engine_failed_step_fails_its_rows_and_goes_on(engine, dirs, offline):
     bank, model = engine.bank, engine.model
     engine.call(lambda: bank.load("c", dirs["root"] / "a")).result()
-    forward, calls = engine._forward, []
+    forward, calls = engine.runner.forward, []
 
     def boom(*args, **kwargs):
         calls.append(1)
@@ -474,7 +474,7 @@ def test_engine_failed_step_fails_its_rows_and_goes_on(engine, dirs, offline):
             raise RuntimeError("boom")
         return forward(*args, **kwargs)
 
-    engine._forward = boom
+    engine.runner.forward = boom
     text, failed = _drain(_submit(engine, "c", "text"))
     assert isinstance(failed, Failed) and failed.status == 500 and "boom" in failed.message
     engine.call(lambda: bank.unload("c")).result()

@@ -273,9 +273,9 @@ def test_long_prompts_are_scored_a_chunk_at_a_time(default_model_dir):
     def scores(plain: bool) -> list[list]:
         # (whole prompts: with a prefill chunk, a prompt to score longer than it runs alone)
         eng = Engine(model, tok, AdapterBank(model), EngineConfig(max_batch=4, wait_ms=0, prefill_chunk=0))
-        assert eng._head is not None  # the default model's head is plain
+        assert eng.runner.head is not None  # the default model's head is plain
         if not plain:
-            eng._head = None  # the engine's other path, as for a head that is not plain
+            eng.runner.head = None  # the engine's other path, as for a head that is not plain
         queues = []
         for prompt, adapter, top in plans:
             q: queue.Queue = queue.Queue()

@@ -17,7 +17,7 @@ first token came 1.19x later in chunks of 512, benchmarks/bench_chunked.py): wai
 allow (the engine's `max_prefill_tokens`, counted as `Engine._admit` counts them); only a longer prompt is
 computed in chunks of `max_tokens`.
 
-The engine thread owns the queue; `forward` is the engine's (`Engine._forward`), `fail` fails rows that are not in
+The engine thread owns the queue; `forward` is the engine's (`Runner.forward`), `fail` fails rows that are not in
 the batch (releasing their adapters).
 """
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from contextlib import ExitStack
 
 import pytest
 import torch
@@ -241,6 +242,44 @@ def test_the_engine_finishes_running_rows_on_the_old_weights(files, cache):
         tokens, done = _drain(later)
         assert tokens == new and done.cached_tokens == 0  # never v1's cache
         assert [*(e.token for e in first.logprobs), *_drain(running)[0]] == old
+        assert eng.call(lambda: (bank.unloading(), lorakit.adapter_names(model))).result() == ([], ["pol-2"])
+    finally:
+        eng.stop()
+
+
+def test_a_request_holds_the_adapter_it_was_accepted_with(files):
+    """The server takes a hold when it accepts a request (`GenRequest.lease`), which the engine's row takes over:
+    a load in place between acceptance and admission does not change its weights, and a request cancelled before
+    admission lets go of its hold."""
+    prompt = torch.randint(10, 100, (20,), generator=torch.Generator().manual_seed(6)).tolist()
+    n = 10
+    old, new = _offline(files["v1"], prompt, n), _offline(files["v2"], prompt, n)
+    assert old != new
+    model = tiny_llama()
+    model.config.eos_token_id, model.config.pad_token_id = 1, 0
+    bank = AdapterBank(model)
+    bank.load("pol", files["v1"])
+    eng = Engine(model, char_tokenizer(), bank, EngineConfig(max_batch=4, wait_ms=0, prefix_cache_bytes=0))
+    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=0)
+
+    def accepted(**kw) -> tuple[GenRequest, queue.Queue]:
+        lease = ExitStack()
+        (slot,) = lease.enter_context(bank.hold(["pol"]))
+        events = queue.Queue()
+        return GenRequest(list(prompt), "pol", params, events.put, lease=lease, slot=slot, **kw), events
+
+    before, events = accepted()
+    gone, _ = accepted(cancelled=True)
+    bank.load("pol", files["v2"], replace=True)  # before the engine saw either
+    assert bank.unloading() == ["pol"]
+    eng.start()
+    try:
+        eng.submit(gone)
+        eng.submit(before)
+        assert _drain(events)[0] == old
+        after = queue.Queue()
+        eng.submit(GenRequest(list(prompt), "pol", params, after.put))
+        assert _drain(after)[0] == new
         assert eng.call(lambda: (bank.unloading(), lorakit.adapter_names(model))).result() == ([], ["pol-2"])
     finally:
         eng.stop()

@@ -27,6 +27,12 @@ def configure_serve(p: argparse.ArgumentParser) -> None:
         "--adapter-root",
         help="allow /v1/load_lora_adapter and unloading, loading only from under this folder",
     )
+    p.add_argument(
+        "--load-on-demand",
+        action="store_true",
+        help="a request naming no loaded adapter but a folder under --adapter-root (model org/x: ROOT/org/x) "
+        "loads it first",
+    )
     p.add_argument("--max-adapters", type=positive_int, help="most adapters resident at once (LRU eviction)")
     p.add_argument("--served-model-name", help="the base model's id (default: the model folder's name)")
     p.add_argument(
@@ -74,6 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         api_key=args.api_key,
         adapter_root=args.adapter_root,
+        load_on_demand=args.load_on_demand,
         max_adapters=args.max_adapters,
         served_model_name=args.served_model_name,
         max_batch=args.max_batch,
@@ -90,7 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(
         f"lorakit serve: {cfg.base_name()} + adapters {list(adapters)} ready in {time.perf_counter() - t0:.1f} s; "
         f"listening on http://{cfg.host}:{cfg.port}/v1"
-        + (f", runtime loading from {cfg.adapter_root}" if cfg.adapter_root else ""),
+        + (f", runtime loading from {cfg.adapter_root}" if cfg.adapter_root else "")
+        + (" (on demand)" if cfg.load_on_demand else ""),
         file=sys.stderr,
         flush=True,
     )

@@ -41,6 +41,9 @@ class ServeConfig:
     """If set, /v1/* requests need `Authorization: Bearer <api_key>`."""
     adapter_root: str | None = None
     """Allow loading adapters at runtime, only from under this folder (None: no runtime loading/unloading)."""
+    load_on_demand: bool = False
+    """A request whose model is no loaded adapter but a folder under `adapter_root` (`org/x`: ROOT/org/x) loads it
+    first (with `max_adapters`, evicting the least recently used idle adapter)."""
     max_adapters: int | None = None
     """Most adapters resident at once; loading one more evicts the least recently used idle one."""
     served_model_name: str | None = None
@@ -89,6 +92,8 @@ class ServeConfig:
             )
         if self.api_key is not None and not self.api_key.strip():
             raise ConfigError("--api-key is empty")
+        if self.load_on_demand and self.adapter_root is None:
+            raise ConfigError("--load-on-demand needs --adapter-root DIR: the folder adapters load from")
         if self.adapter_root is not None and not Path(self.adapter_root).is_dir():
             raise ConfigError(f"--adapter-root {self.adapter_root!r} is not a folder")
         from lorakit.serve.names import adapter_name_problem
@@ -146,6 +151,7 @@ def build(config: ServeConfig) -> FastAPI:
         base_path=str(resolve_model_dir(config.model)),
         api_key=config.api_key,
         adapter_root=Path(config.adapter_root).resolve() if config.adapter_root else None,
+        load_on_demand=config.load_on_demand,
         max_waiting=config.max_waiting,
     )
     if config.api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):

@@ -1,6 +1,15 @@
 """The adapter routes: /v1/models (the base and each adapter, with vLLM's `parent` and `root`) and vLLM's
 /v1/load_lora_adapter {"lora_name", "lora_path", "load_inplace"} and /v1/unload_lora_adapter {"lora_name"}.
 
+With `load_on_demand` (`lorakit serve --load-on-demand`), a request whose `model` is no loaded adapter but names a
+folder under the adapter root (`org/sql` -> ROOT/org/sql) loads it first, as the load route would, once however many
+requests ask for it at the same time; with `--max-adapters` the least recently used idle adapter makes room
+(LoRAX's and S-LoRA's dynamic loading, vLLM's filesystem resolver).
+
+Every generation request holds its adapter from the moment it is accepted (`resolve`, `leases`: the engine's row
+takes the hold over), so no unload, eviction or load in place between its acceptance and its end changes the
+adapter it runs with.
+
 `load_inplace: true` loads a file over a name already served (what RL loops do after each policy step): requests
 admitted from then on get the new weights, and requests already running finish on the old ones, which go when the
 last of them ends (`AdapterBank.load(replace=True)`). No request ever sees half of each.
@@ -35,10 +44,23 @@ log = logging.getLogger(__name__)
 
 
 class AdapterRoutes:
-    def __init__(self, engine: Engine, base_name: str, base_path: str, adapter_root: Path | None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        base_name: str,
+        base_path: str,
+        adapter_root: Path | None,
+        *,
+        load_on_demand: bool = False,
+    ) -> None:
+        if load_on_demand and adapter_root is None:
+            raise ValueError("load_on_demand needs an adapter root")
         self.engine, self.bank = engine, engine.bank
         self.base_name, self.base_path, self.adapter_root = base_name, base_path, adapter_root
+        self.load_on_demand = load_on_demand
         self.created = int(time.time())
+        self.on_demand_loads = 0
+        self._loading: dict[str, asyncio.Future] = {}  # name -> its on-demand load in progress
 
     def router(self) -> APIRouter:
         r = APIRouter()
@@ -49,15 +71,120 @@ class AdapterRoutes:
         return r
 
     def adapter_for(self, model: str | None) -> str | None:
-        """The adapter a request's `model` names (None: the base model); 404 listing the choices if unknown."""
+        """The adapter a request's `model` names (None: the base model); 404 listing the choices if unknown. With
+        `load_on_demand`, a folder under the root that has that name counts (it is loaded when generation needs it)."""
         if model is None or model == self.base_name:
             return None
-        if model in self.bank:
+        if model in self.bank or (self.load_on_demand and self._on_demand_path(model) is not None):
             return model
+        raise self._not_found(model)
+
+    def _not_found(self, model: str, why: str = "") -> P.APIError:
         available = [self.base_name, *self.bank.names()]
-        raise P.APIError(
-            404, f"the model {model!r} does not exist; available: {available}", "model_not_found", "model"
-        )
+        more = f" (nor a folder under the adapter root: {why})" if why else ""
+        if self.load_on_demand and not why:
+            more = " (nor a folder under the adapter root)"
+        message = f"the model {model!r} does not exist{more}; available: {available}"
+        return P.APIError(404, message, "model_not_found", "model")
+
+    def _on_demand_path(self, model: str) -> str | None:
+        """`model` as a folder under the adapter root, if it is a served name whose folder exists there."""
+        assert self.adapter_root is not None
+        if adapter_name_problem(model) or ".." in Path(model).parts:
+            return None
+        return model if (self.adapter_root / model).is_dir() else None
+
+    # -- holding a request's adapter ---------------------------------------------------------------------------
+
+    async def resolve(self, model: str | None) -> tuple[str | None, contextlib.ExitStack]:
+        """(the adapter a generation request's `model` names, a hold on it until `leases` takes over: close it);
+        loads it first with `load_on_demand`. 404 for an unknown model; a failed on-demand load fails the request
+        as the load route would (400 for a bad file, 403 outside the root, 503 if every adapter is in use)."""
+        hold = contextlib.ExitStack()
+        adapter = self.adapter_for(model)
+        if adapter is None:
+            return None, hold
+        # loaded, then evicted by another on-demand load before it was held (rare): load again
+        for _ in range(3):
+            try:
+                hold.enter_context(self.bank.hold([adapter]))
+                return adapter, hold
+            except AdapterError:
+                if not self.load_on_demand:
+                    raise self._not_found(adapter) from None
+            await self._load_on_demand(adapter)
+        raise P.APIError(503, f"adapter {adapter!r} could not be kept loaded; retry", "server_overloaded")
+
+    def leases(self, adapter: str | None, n: int) -> list[tuple[contextlib.ExitStack | None, str | None]]:
+        """`n` holds on `adapter` (one per row of a request, for `GenRequest.lease` and `.slot`); 404 if it was
+        unloaded since `resolve` (then none is kept)."""
+        if adapter is None:
+            return [(None, None)] * n
+        out = []
+        try:
+            for _ in range(n):
+                stack = contextlib.ExitStack()
+                (slot,) = stack.enter_context(self.bank.hold([adapter]))
+                out.append((stack, slot))
+        except AdapterError:
+            for stack, _ in out:
+                stack.close()
+            raise self._not_found(adapter) from None
+        return out
+
+    async def _load_on_demand(self, name: str) -> None:
+        """Load the root's folder `name` as `name` (if it is not loaded); requests for a name being loaded wait for
+        that load, and share its error."""
+        while (pending := self._loading.get(name)) is not None:
+            try:
+                await asyncio.shield(pending)
+                return
+            except asyncio.CancelledError:
+                if not pending.cancelled():  # this request was cancelled, not the load
+                    raise
+        pending = self._loading[name] = asyncio.get_running_loop().create_future()
+        try:
+            await self._load(name)
+            pending.set_result(None)
+        except asyncio.CancelledError:
+            pending.cancel()  # the request that loaded went away: a waiter loads instead
+            raise
+        except Exception as e:
+            pending.set_exception(e)
+            pending.exception()  # retrieved: each waiter raises it itself
+            raise
+        finally:
+            del self._loading[name]
+
+    async def _load(self, name: str) -> None:
+        root = self._root()
+        with contextlib.ExitStack() as stack:
+            try:
+                real, copy = await asyncio.to_thread(stack.enter_context, private_copy(root, name))
+            except PathRefused as e:
+                raise P.APIError(403, str(e), "adapter_path_refused", "model") from None
+            except PathUnreadable as e:
+                raise self._not_found(name, str(e)) from None
+
+            def load() -> float | None:  # None: another route loaded it meanwhile
+                return None if name in self.bank else self.bank.load(name, copy, source=real)
+
+            try:
+                seconds = await asyncio.wrap_future(self.engine.call(load))
+            except EngineStopped:
+                raise P.APIError(503, "the engine is not running", "server_error") from None
+            except Exception as e:  # noqa: BLE001 - whatever the adapter's files make the loaders raise
+                error = _load_error(name, name, e, copy, real)
+                if error.code == "adapter_busy":  # every adapter in use: capacity, not the request's fault
+                    busy = (
+                        f"adapter {name!r} cannot be loaded now: all {self.bank.max_adapters} adapters "
+                        "(--max-adapters) are in use by requests or pinned; retry"
+                    )
+                    raise P.APIError(503, busy, "server_overloaded") from None
+                raise P.APIError(error.status, error.message, error.code, "model") from None
+        if seconds is not None:
+            self.on_demand_loads += 1
+            log.info("loaded adapter %r on demand from %s in %.2f s", name, real, seconds)
 
     # -- /v1/models --------------------------------------------------------------------------------------------
 

@@ -42,6 +42,8 @@ class AppConfig:
     """If set, /v1/* requests need `Authorization: Bearer <api_key>`."""
     adapter_root: Path | None = None
     """Runtime loading and unloading are allowed only when set, and loading only from under it."""
+    load_on_demand: bool = False
+    """A request naming a folder under `adapter_root` that is not loaded loads it first."""
     max_waiting: int = 1024
     """Most sequences queued behind a full batch: a request that would queue more gets a 503."""
 
@@ -60,7 +62,9 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ClientGone, _client_gone)
     app.add_exception_handler(Exception, _unexpected)
-    adapters = AdapterRoutes(engine, config.base_name, config.base_path, config.adapter_root)
+    adapters = AdapterRoutes(
+        engine, config.base_name, config.base_path, config.adapter_root, load_on_demand=config.load_on_demand
+    )
     generation = GenerationRoutes(engine, adapters, config.max_waiting)
     auth = [Depends(require_key(config.api_key))]
     app.add_api_route("/v1/completions", generation.completions, methods=["POST"], dependencies=auth)
@@ -80,6 +84,7 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
     async def health() -> JSONResponse:
         ok = engine.alive
         body = {"status": "ok" if ok else "engine stopped", **engine.load(), **engine.stats}
+        body["on_demand_loads"] = adapters.on_demand_loads
         return JSONResponse(body, status_code=200 if ok else 503)
 
     return app

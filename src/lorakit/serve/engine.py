@@ -24,11 +24,12 @@ a chunk per step, between decode steps (while nothing decodes, prompts are prefi
 that new prompts share are computed once.
 
 Torch is not thread-safe for concurrent forwards and loading or deleting an adapter rewires modules, so anything
-that touches the model (`call`) runs on this thread, between steps. Each admitted request holds its adapter in
-the bank until it ends (a lease: `bank.hold([name])` kept open), so an adapter unloaded meanwhile goes when its
-last request finishes; requests still waiting for it fail with 404. The lease fixes which of the model's adapters
-the row runs with (`Row.adapter`): a name loaded again in place (`AdapterBank.load(replace=True)`) serves rows
-admitted after it with the new weights, while rows admitted before finish on the old.
+that touches the model (`call`) runs on this thread, between steps. Each request holds its adapter in the bank
+until it ends (a lease: `bank.hold([name])` kept open), taken when the server accepted it (`GenRequest.lease`,
+which the row takes over) or else when the engine admits it; so an adapter unloaded meanwhile goes when its last
+request finishes, and requests that hold no lease yet fail with 404. The lease fixes which of the model's adapters
+the row runs with (`Row.adapter`): a name loaded again in place (`AdapterBank.load(replace=True)`) serves requests
+accepted after it with the new weights, while those accepted before finish on the old.
 
 A failure is its request's alone: an exception while admitting a request (its seed, its adapter's lease) fails
 that request (HTTP 500); a failed batched prefill is retried row by row, so only the rows that fail alone fail;
@@ -60,7 +61,7 @@ from lorakit.serve.batch import Batch
 from lorakit.serve.guide import Guide
 from lorakit.serve.prefill import PrefillQueue, prompt_key
 from lorakit.serve.prefixes import PrefixCache
-from lorakit.serve.requests import SHUTDOWN, Failed, GenRequest, deliver, failure
+from lorakit.serve.requests import SHUTDOWN, Failed, GenRequest, deliver, failure, release
 from lorakit.serve.rows import Row
 from lorakit.serve.runner import Runner
 
@@ -156,6 +157,7 @@ class Engine:
     def submit(self, req: GenRequest) -> None:
         """Queue a request; on a stopped engine it fails at once (503)."""
         if self._stopping.is_set():
+            release(req)
             deliver(req, SHUTDOWN)
             return
         self._inbox.put(req)
@@ -198,7 +200,9 @@ class Engine:
         self._fail_rows(self._queue.rows, SHUTDOWN, error=False)
         self._queue.rows = []
         while self._pending:
-            deliver(self._pending.popleft(), SHUTDOWN)
+            req = self._pending.popleft()
+            release(req)
+            deliver(req, SHUTDOWN)
         while True:  # work that arrived while stopping
             try:
                 item = self._inbox.get_nowait()
@@ -207,6 +211,7 @@ class Engine:
             if isinstance(item, tuple):
                 item[1].set_exception(EngineStopped("the engine has stopped"))
             else:
+                release(item)
                 deliver(item, SHUTDOWN)
 
     def _iteration(self) -> None:
@@ -309,7 +314,7 @@ class Engine:
         while self._pending and len(self._batch) + len(self._queue) + len(new) < self.config.max_batch:
             req = self._pending[0]
             if req.cancelled:
-                self._pending.popleft()
+                release(self._pending.popleft())
                 continue
             slot = self._slot(req)
             key = prompt_key(slot, req)
@@ -328,9 +333,10 @@ class Engine:
         return new
 
     def _slot(self, req: GenRequest) -> str | None:
-        """The model's adapter serving the request's model now (None: the base model, or a name not loaded)."""
-        if req.adapter is None:
-            return None
+        """The model's adapter the request was accepted with, else the one serving its model now (None: the base
+        model, or a name not loaded)."""
+        if req.adapter is None or req.lease is not None:
+            return req.slot
         try:
             return self.bank.slot(req.adapter)
         except AdapterError:  # `_row` fails the request
@@ -339,10 +345,10 @@ class Engine:
     def _row(self, req: GenRequest) -> Row | None:
         """The batch row of `req`, holding its adapter; None (and the request failed) if that is not possible."""
         self.stats["requests"] += 1
-        lease = ExitStack()
-        slot = None
+        # the row takes over the hold the request took when it was accepted, if it did
+        lease, slot, req.lease = req.lease or ExitStack(), req.slot, None
         try:
-            if req.adapter is not None:
+            if req.adapter is not None and slot is None:
                 try:
                     (slot,) = lease.enter_context(self.bank.hold([req.adapter]))
                 except AdapterError:

@@ -208,24 +208,27 @@ class GenerationRoutes:
         """Submit the request (a row per choice of each prompt) and wait for its first event, so that early
         failures get their own status.
 
+        Its adapter is held from here (loaded first with --load-on-demand), each row's hold handed to the engine.
         A client that disconnects meanwhile cancels it (it may still be queued behind a full batch)."""
         started = time.monotonic()
-        adapter = self.adapters.adapter_for(parsed.model)
-        prompts = await asyncio.to_thread(self._encode, parsed)  # long prompts must not stall the event loop
-        batch = len(prompts) > 1
-        rows = [
-            (ids, params)
-            for k, ids in enumerate(prompts)
-            for params in P.choice_params(parsed, self._budget(parsed, len(ids), k if batch else None))
-        ]
-        wrong = [t for t, _ in rows[0][1].logit_bias if t >= self.engine.vocab_size]
-        if wrong:
-            raise P.bad(
-                f"logit_bias: token ids out of range [0, {self.engine.vocab_size}): {wrong[:5]}", "logit_bias"
-            )
-        if not self.engine.alive:
-            raise P.APIError(503, "the engine is not running", "server_error")
-        self._room_for(len(rows))
+        adapter, hold = await self.adapters.resolve(parsed.model)
+        with hold:  # until each row holds the adapter itself
+            # long prompts must not stall the event loop
+            prompts = await asyncio.to_thread(self._encode, parsed)
+            batch = len(prompts) > 1
+            rows = [
+                (ids, params)
+                for k, ids in enumerate(prompts)
+                for params in P.choice_params(parsed, self._budget(parsed, len(ids), k if batch else None))
+            ]
+            wrong = [t for t, _ in rows[0][1].logit_bias if t >= self.engine.vocab_size]
+            if wrong:
+                vocab = self.engine.vocab_size
+                raise P.bad(f"logit_bias: token ids out of range [0, {vocab}): {wrong[:5]}", "logit_bias")
+            if not self.engine.alive:
+                raise P.APIError(503, "the engine is not running", "server_error")
+            self._room_for(len(rows))
+            leases = self.adapters.leases(adapter, len(rows))
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
 
         def emitter(row: int) -> Callable[[Event], None]:
@@ -235,9 +238,12 @@ class GenerationRoutes:
 
             return emit
 
-        reqs = [GenRequest(ids, adapter, p, emitter(i)) for i, (ids, p) in enumerate(rows)]
+        reqs = [
+            GenRequest(ids, adapter, p, emitter(i), lease=lease, slot=slot)
+            for i, ((ids, p), (lease, slot)) in enumerate(zip(rows, leases, strict=True))
+        ]
         for req in reqs:  # submitted together: the rows of one prompt share its prefill (the engine's rule)
-            self.engine.submit(req)
+            self.engine.submit(req)  # (the engine owns each row's hold from here)
         first = await _unless_gone(request, reqs, events.get())
         if isinstance(first[1], Failed):
             for req in reqs:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -121,9 +122,22 @@ class GenRequest:
     params: SamplingParams
     emit: Callable[[Event], None]
     cancelled: bool = False  # set by the server when the client goes away; the row leaves at the next step
+    lease: ExitStack | None = None
+    """A hold on the adapter taken when the server accepted the request (`AdapterBank.hold`), which the engine's row
+    takes over, so that nothing (an unload, an eviction, a load in place) changes the adapter a request was accepted
+    with; None: the engine takes one when it admits the request."""
+    slot: str | None = None
+    """The model's adapter that `lease` holds."""
 
 
 SHUTDOWN = Failed(503, "the server is shutting down", "server_shutdown")
+
+
+def release(req: GenRequest) -> None:
+    """Let go of the hold the request took on its adapter when it was accepted, if no row has taken it over."""
+    lease, req.lease = req.lease, None
+    if lease is not None:
+        lease.close()
 
 
 def failure(e: BaseException) -> Failed:

@@ -11,8 +11,8 @@ takes the hold over), so no unload, eviction or load in place between its accept
 adapter it runs with.
 
 `load_inplace: true` loads a file over a name already served (what RL loops do after each policy step): requests
-admitted from then on get the new weights, and requests already running finish on the old ones, which go when the
-last of them ends (`AdapterBank.load(replace=True)`). No request ever sees half of each.
+accepted from then on get the new weights, and requests accepted before, running or queued, finish on the old ones,
+which go when the last of them ends (`AdapterBank.load(replace=True)`). No request ever sees half of each.
 
 Runtime loading is the server's biggest attack surface (a client names a folder on the server), so it is off
 unless the server was started with an adapter root, and then the folder and every adapter file in it must lie,
@@ -104,16 +104,20 @@ class AdapterRoutes:
         adapter = self.adapter_for(model)
         if adapter is None:
             return None, hold
-        # loaded, then evicted by another on-demand load before it was held (rare): load again
-        for _ in range(3):
+        loads = 0
+        while True:
             try:
                 hold.enter_context(self.bank.hold([adapter]))
                 return adapter, hold
             except AdapterError:
                 if not self.load_on_demand:
                     raise self._not_found(adapter) from None
+            if loads == 3:  # loaded, then evicted by other on-demand loads before it was held, three times
+                raise P.APIError(
+                    503, f"adapter {adapter!r} could not be kept loaded; retry", "server_overloaded"
+                )
             await self._load_on_demand(adapter)
-        raise P.APIError(503, f"adapter {adapter!r} could not be kept loaded; retry", "server_overloaded")
+            loads += 1
 
     def leases(self, adapter: str | None, n: int) -> list[tuple[contextlib.ExitStack | None, str | None]]:
         """`n` holds on `adapter` (one per row of a request, for `GenRequest.lease` and `.slot`); 404 if it was

@@ -155,7 +155,9 @@ def build(config: ServeConfig) -> FastAPI:
         max_waiting=config.max_waiting,
     )
     if config.load_on_demand and config.max_adapters is None:
-        log.warning("--load-on-demand without --max-adapters: every adapter under the root a request names stays")
+        log.warning(
+            "--load-on-demand without --max-adapters: every adapter under the root a request names stays"
+        )
     if config.api_key is None and config.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without --api-key: anyone who can reach it can use it", config.host)
     return create_app(engine, app_config)

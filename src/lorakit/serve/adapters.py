@@ -75,24 +75,23 @@ class AdapterRoutes:
         `load_on_demand`, a folder under the root that has that name counts (it is loaded when generation needs it)."""
         if model is None or model == self.base_name:
             return None
-        if model in self.bank or (self.load_on_demand and self._on_demand_path(model) is not None):
+        if model in self.bank or (self.load_on_demand and self._loadable(model)):
             return model
         raise self._not_found(model)
 
     def _not_found(self, model: str, why: str = "") -> P.APIError:
         available = [self.base_name, *self.bank.names()]
-        more = f" (nor a folder under the adapter root: {why})" if why else ""
-        if self.load_on_demand and not why:
-            more = " (nor a folder under the adapter root)"
+        why = f": {why}" if why else ""
+        more = f" (nor a folder under the adapter root{why})" if self.load_on_demand else ""
         message = f"the model {model!r} does not exist{more}; available: {available}"
         return P.APIError(404, message, "model_not_found", "model")
 
-    def _on_demand_path(self, model: str) -> str | None:
-        """`model` as a folder under the adapter root, if it is a served name whose folder exists there."""
+    def _loadable(self, model: str) -> bool:
+        """Whether `model` is a served name with a folder of that name under the adapter root."""
         assert self.adapter_root is not None
         if adapter_name_problem(model) or ".." in Path(model).parts:
-            return None
-        return model if (self.adapter_root / model).is_dir() else None
+            return False
+        return (self.adapter_root / model).is_dir()
 
     # -- holding a request's adapter ---------------------------------------------------------------------------
 

@@ -157,7 +157,6 @@ class Engine:
     def submit(self, req: GenRequest) -> None:
         """Queue a request; on a stopped engine it fails at once (503)."""
         if self._stopping.is_set():
-            release(req)
             deliver(req, SHUTDOWN)
             return
         self._inbox.put(req)
@@ -175,11 +174,10 @@ class Engine:
     def load(self) -> dict[str, Any]:
         """Rows decoding, requests waiting, and adapters unloaded (or loaded again in place) whose old weights are
         kept until their requests finish."""
-        unloading = self.bank.unloading()
         return {
             "running": len(self._batch) + len(self._queue),
             "waiting": len(self._pending) + self._inbox.qsize(),
-            "unloading": unloading,
+            "unloading": self.bank.unloading(),
         }
 
     # -- the loop ----------------------------------------------------------------------------------------------
@@ -200,9 +198,7 @@ class Engine:
         self._fail_rows(self._queue.rows, SHUTDOWN, error=False)
         self._queue.rows = []
         while self._pending:
-            req = self._pending.popleft()
-            release(req)
-            deliver(req, SHUTDOWN)
+            deliver(self._pending.popleft(), SHUTDOWN)
         while True:  # work that arrived while stopping
             try:
                 item = self._inbox.get_nowait()
@@ -211,7 +207,6 @@ class Engine:
             if isinstance(item, tuple):
                 item[1].set_exception(EngineStopped("the engine has stopped"))
             else:
-                release(item)
                 deliver(item, SHUTDOWN)
 
     def _iteration(self) -> None:

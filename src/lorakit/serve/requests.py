@@ -146,7 +146,10 @@ def failure(e: BaseException) -> Failed:
 
 
 def deliver(req: GenRequest, event: Event) -> None:
-    """Hand `event` to the request's callback; a callback that raises cancels its own request, nothing else."""
+    """Hand `event` to the request's callback; a callback that raises cancels its own request, nothing else. A
+    request's last event (Done or Failed) lets go of the hold it was accepted with, if no row took it over."""
+    if isinstance(event, (Done, Failed)):
+        release(req)
     try:
         req.emit(event)
     except Exception:  # noqa: BLE001 - a broken consumer must not stop the engine

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.walk import base_modules
+
 NAME = "lorakit_sdpa"
 MAX_KV_TIMES_HEAD_DIM = 8192  # the fp32 backward wins below this (bench_attention.py), loses from about 2× above
 _FLASH = 1  # torch._fused_sdp_choice's code for the flash kernel (SDPBackend.FLASH_ATTENTION)
@@ -128,7 +130,7 @@ def _register() -> None:
 def _configs(model: nn.Module, implementation: str) -> list[Any]:
     """The distinct configs of `model`'s modules whose attention implementation is `implementation`."""
     seen: dict[int, Any] = {}
-    for m in model.modules():
+    for _, m in base_modules(model):
         cfg = getattr(m, "config", None)
         if id(cfg) not in seen and getattr(cfg, _FIELD, None) == implementation:
             seen[id(cfg)] = cfg

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.walk import base_modules
+
 SWIGLU_CLASSES = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "SmolLM3MLP", "Olmo2MLP"})
 RMSNORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
 # attention classes whose forward is Llama's; the value says where their sliding window comes from
@@ -326,7 +328,7 @@ def set_lean_blocks(model: nn.Module, enabled: bool | str | Iterable[str]) -> in
     before anything changes. Returns how many blocks carry one afterwards."""
     kinds = _kinds(enabled)
     count = int(_sync(model, kinds))
-    for parent in model.modules():
+    for _, parent in base_modules(model):
         carried = [_sync(child, kinds) for child in parent.children()]
         count += sum(carried)
         hooks = parent._forward_pre_hooks
@@ -341,5 +343,5 @@ def set_lean_blocks(model: nn.Module, enabled: bool | str | Iterable[str]) -> in
 
 def lean_blocks(model: nn.Module, kind: str | None = None) -> int:
     """How many of `model`'s blocks run a training rewrite (of `kind` only, if given)."""
-    marks = (m.__dict__.get(_KIND) for m in model.modules())
+    marks = (m.__dict__.get(_KIND) for _, m in base_modules(model))
     return sum(1 for mark in marks if mark and (kind is None or mark == kind))

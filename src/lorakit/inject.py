@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Collection
 
 from torch import nn
 
@@ -28,7 +29,7 @@ from lorakit.params import (
     select_params,
     unwrap_params,
 )
-from lorakit.registry import AdapterInfo, Registry, adapter_names, lora_layers, registry
+from lorakit.registry import AdapterInfo, Registry, adapter_names, lora_layers, registry, uses_wrappers
 from lorakit.replicate import replicate_layers, restore_layers
 from lorakit.saved import (
     SavedModule,
@@ -48,6 +49,7 @@ from lorakit.targeting import select_modules, select_saved
 from lorakit.task_types import CLASSIFICATION, task_heads, task_type_for
 from lorakit.tying import add_tied_adapter, add_tied_copy
 from lorakit.tying import plan as tie_plan
+from lorakit.walk import base_modules, base_parameters
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ def inject(
     trainable: bool = True,
     variant: str | None = None,
     lean: bool = True,
+    zeros: bool = False,
 ) -> nn.Module:
     """Add adapter `name` to every module `config` selects; freeze everything else. Returns `model` (changed in place).
 
@@ -79,6 +82,9 @@ def inject(
     and save less for backward (lorakit.blocks), and bf16 attention on the CPU takes the faster fp32 backward on short rows
     (lorakit.attention), in any training loop; all are exact to the dtype. False leaves the model's forwards as
     they are, and removes what an earlier `inject` installed.
+
+    `zeros`: start A and B at zero instead of drawing the config's init, for a caller that writes every value next
+    (`load_adapter` does). An init that changes the base weight or is a plug-in's (PiSSA, OLoRA, ...) still runs.
     """
     check_new_name(model, name)
     cls = variant_class(config, variant)
@@ -91,8 +97,9 @@ def inject(
         reason = cls.model_refusal(model)
         if reason:
             raise TargetError(f"cannot add {cls.label} to {type(model).__name__}: {reason}")
+        modules = dict(base_modules(model))
         for n in names:
-            module = model.get_submodule(n)
+            module = modules[n]
             handler = handler_for(module)
             base = module.base_layer if isinstance(module, LoraLayer) else module
             reason = handler.check(base) or cls.refusal(handler)
@@ -116,8 +123,9 @@ def inject(
             add_tied_copy(model, tie, name)
         add_token_rows(model, name, tokens, tied)
         add_param_adapters(model, name, params, config)
+        modules = dict(base_modules(model))  # the copies and rows above are in place
         for n in names:
-            layer = _wrap(model, n)
+            layer = _wrap(model, n, modules)
             if tie.lora and n == tie.lora[1]:  # last: a view of the embedding's adapter
                 add_tied_adapter(model, tie, name, config.dropout)
                 continue
@@ -130,6 +138,7 @@ def inject(
                 init=config.init,
                 variant=cls.create(config, n),
                 config=config,
+                zeros=zeros,
             )
     except Exception:
         _remove_from_layers(model, name)
@@ -147,7 +156,7 @@ def inject(
         config=config, modules=names, trainable=trainable, saved=saved, tokens=tokens, params=params
     )
     cls.attach(model, name)
-    set_trainable(model)
+    set_trainable(model, only=[name])
     if activate:
         set_active(model, name)
     set_lean_loss(model, lean)
@@ -178,7 +187,7 @@ def param_plan(
     with token rows, which cannot also hold adapted parameters."""
     if not config.target_parameters:
         return {}
-    wrapped = [n for n, m in model.named_modules() if isinstance(m, (LoraLayer, SavedModule, TokenRows))]
+    wrapped = [n for n, m in base_modules(model) if isinstance(m, (LoraLayer, SavedModule, TokenRows))]
     plan = select_params(model, config.target_parameters, inner=wrapped)
     for m in plan:
         module = model.get_submodule(m)
@@ -205,7 +214,7 @@ def token_plan(
     if isinstance(spec, list):
         get = getattr(model, "get_input_embeddings", None)
         embedding = get() if callable(get) else None
-        where = next((n for n, m in model.named_modules() if m is embedding and n), None)
+        where = next((n for n, m in base_modules(model) if m is embedding and n), None)
         if where is None:
             raise TargetError(
                 f"{key}: {type(model).__name__} has no input embedding; name the module in a dict"
@@ -237,8 +246,8 @@ def token_plan(
     if head is not None and embedding is not None:
         e = embedding.base_layer if isinstance(embedding, TokenRows) else embedding
         h = head.base_layer if isinstance(head, TokenRows) else head
-        head_name = next(n for n, m in model.named_modules() if m is head)
-        emb_name = next(n for n, m in model.named_modules() if m is embedding)
+        head_name = next(n for n, m in base_modules(model) if m is head)
+        emb_name = next(n for n, m in base_modules(model) if m is embedding)
         if getattr(h, "weight", None) is e.weight and emb_name in plan:
             if head_name in plan:
                 raise TargetError(
@@ -262,26 +271,35 @@ def check_new_name(model: nn.Module, name: str) -> None:
         )
 
 
-def set_trainable(model: nn.Module) -> None:
+def set_trainable(model: nn.Module, only: Collection[str] | None = None) -> None:
     """Freeze the base; make trainable the adapters marked trainable (but the factors their init fixes, MiCA's B)
-    and the biases their `bias` setting names."""
+    and the biases their `bias` setting names.
+
+    `only`: set the flags of those adapters alone, and leave the others' as an earlier call set them (their marks
+    have not changed): what a new adapter needs (or, empty, a deleted one), at a cost that does not grow with the
+    adapters loaded. The base is frozen (and the biases set) either way."""
     reg = registry(model)
-    for p in model.parameters():
+    for _, p in base_parameters(model):  # the per-adapter tensors are not among them: each is set below
         p.requires_grad_(False)
-    for _, layer in lora_layers(model):
-        for aname, adapter in layer.adapters.items():
-            info = reg.adapters.get(aname)
+    names = list(reg.adapters) if only is None else list(only)
+    for _, layer in lora_layers(model) if names else ():
+        for aname in names if only is not None else list(layer.adapters):
+            if aname not in layer.adapters:
+                continue
+            adapter, info = layer.adapters[aname], reg.adapters.get(aname)
             adapter.requires_grad_(bool(info and info.trainable))
             for attr in INIT_FROZEN.get(info.config.init, ()) if info else ():  # MiCA's B
                 getattr(adapter, attr).requires_grad_(False)
-    for aname, info in reg.adapters.items():
-        for p in [*copy_parameters(model, aname), *token_parameters(model, aname), *param_parameters(model, aname)]:
-            p.requires_grad_(info.trainable)
+    if uses_wrappers(model):
+        for aname in names:
+            info = reg.adapters[aname]
+            for p in [*copy_parameters(model, aname), *token_parameters(model, aname), *param_parameters(model, aname)]:
+                p.requires_grad_(info.trainable)
     for info in reg.adapters.values():
         if not info.trainable:
             continue
         if info.config.bias == "all":
-            for pname, p in model.named_parameters():
+            for pname, p in base_parameters(model):
                 if pname == "bias" or pname.endswith(".bias"):
                     p.requires_grad_(True)
         elif info.config.bias == "lora_only":
@@ -313,7 +331,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         set_lean_blocks(model, False)
         set_lean_attention(model, False)
     else:
-        set_trainable(model)
+        set_trainable(model, only=())  # the others' flags are as they were; the base and the biases are set again
 
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
@@ -343,12 +361,15 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     return model
 
 
-def _wrap(model: nn.Module, name: str) -> LoraLayer:
-    module = model.get_submodule(name)
+def _wrap(model: nn.Module, name: str, modules: dict[str, nn.Module]) -> LoraLayer:
+    """The LoRA layer at `name`, wrapping the module there first if needed; `modules`: the model's, by name."""
+    module = modules[name]
     if isinstance(module, LoraLayer):
         return module
     layer = LoraLayer(module, handler_for(module))
-    _set_submodule(model, name, layer)
+    parent, _, child = name.rpartition(".")
+    setattr(modules[parent], child, layer)
+    modules[name] = layer
     return layer
 
 

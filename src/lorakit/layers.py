@@ -253,6 +253,8 @@ class Merged(NamedTuple):
 class LoraLayer(nn.Module):
     """A base module plus named adapters. Base weights are never copied; switching adapters changes dicts only."""
 
+    per_adapter: ClassVar[tuple[str, ...]] = ("adapters",)  # what lorakit.walk.base_modules does not walk
+
     def __init__(self, base_layer: nn.Module, handler: Handler) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -281,7 +283,10 @@ class LoraLayer(nn.Module):
         init: str,
         variant: Variant | None = None,
         config: LoraConfig | None = None,
+        zeros: bool = False,
     ) -> None:
+        """Add adapter `name`: A and B as `init` draws them (`zeros`: at zero, for a caller that writes them next,
+        unless `init` is a registered one, which may change the base), then the variant's own set-up."""
         if self.handler.embedding:
             dropout = 0.0
         a_shape, b_shape = self.handler.shapes(self.base_layer, r)
@@ -300,6 +305,9 @@ class LoraLayer(nn.Module):
         adapter.init_config = config
         if init in INITS:
             INITS[init](self, adapter)
+        elif zeros:
+            adapter.lora_A.data.zero_()
+            adapter.lora_B.data.zero_()
         else:
             self.handler.init(adapter.lora_A.data, adapter.lora_B.data, init, r)
         adapter.variant.init(self, adapter)

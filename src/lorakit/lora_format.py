@@ -41,13 +41,14 @@ from lorakit.layers import INIT_FACTORS, VARIANTS, Variant, variant_class
 from lorakit.params import file_keys, param_wrappers
 from lorakit.peft_keys import TRAINING_ONLY_TENSORS
 from lorakit.plain_lora import as_plain_lora, plain_file, with_starts
-from lorakit.registry import adapter_layers, registry
+from lorakit.registry import adapter_layers, lora_layers, registry
 from lorakit.replicate import replicated
 from lorakit.saved import copies_of, in_saved_module, token_rows_of
 from lorakit.saved_plan import TOKEN_KEY, plan_saved
 from lorakit.targeting import select_modules
 from lorakit.tying import as_peft_ties, check_file
 from lorakit.tying import plan as tie_plan
+from lorakit.walk import base_parameters
 
 log = logging.getLogger(__name__)
 
@@ -199,13 +200,13 @@ def _apply_lora(model: nn.Module, plan: LoraPlan, name: str, trainable: bool) ->
         config = config.replace(pissa_niter=0)  # the exact start (as_plain_lora, or PiSSA's init to train on)
     if config.init in INIT_FACTORS and not trainable:  # PiSSA, OLoRA: leave W0 alone (for the other adapters)
         config, tensors = as_plain_lora(model, config, tensors)
-    inject(model, config, name, activate=False, trainable=trainable, variant=plan.variant)
+    inject(model, config, name, activate=False, trainable=trainable, variant=plan.variant, zeros=True)
     if in_weights:  # the adapter keeps its init's name (saved again as such; MiCA's B frozen in training)
         registry(model).adapters[name].config = plan.config
-        set_trainable(model)
+        set_trainable(model, only=[name])
     try:
         with torch.no_grad():
-            copies, rows = copies_of(model, name), token_rows_of(model, name)
+            copies, rows = (copies_of(model, name), token_rows_of(model, name)) if plan.saved else ({}, {})
             for module, key, tensor in plan.saved:
                 if key.startswith("param:"):
                     _, p, which = key.split(":")
@@ -213,11 +214,12 @@ def _apply_lora(model: nn.Module, plan: LoraPlan, name: str, trainable: bool) ->
                 else:
                     target = rows[module] if key == TOKEN_KEY else copies[module].state_dict()[key]
                 target.copy_(tensor.to(target.dtype))
+            layers = dict(lora_layers(model))
             for module, attr, tensor in tensors:
                 if attr == "bias":
                     target = _bias_param(model, module)
                 else:
-                    target = getattr(model.get_submodule(module).adapters[name], attr)
+                    target = getattr(layers[module].adapters[name], attr)
                 target.copy_(tensor.to(target.dtype))
         _restore_variants(model, name, plan.metadata)  # e.g. DyLoRA's mode and min_rank
     except Exception:
@@ -254,7 +256,7 @@ def _plan_copies(
     suffixes = _suffixes(variant)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     biases: list[tuple[str, str, torch.Tensor]] = []
-    params = dict(model.named_parameters(remove_duplicate=False))
+    params = dict(base_parameters(model, remove_duplicate=False))  # the model's own weights, not the adapters'
     for key, t in tensors.items():
         split = _split_key(key, suffixes)
         k = key[len(PREFIX) :] if key.startswith(PREFIX) else key

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from lorakit.errors import AdapterError, TargetError
 from lorakit.saved import Wrapper
+from lorakit.walk import base_modules
 
 
 class ParamFactors(nn.Module):
@@ -62,6 +64,8 @@ class ParamFactors(nn.Module):
 
 class ParamLora(Wrapper):
     """The owner of adapted parameters, with each adapter's factors: `lora[adapter][parameter]`."""
+
+    per_adapter: ClassVar[tuple[str, ...]] = ("lora",)  # what lorakit.walk.base_modules does not walk
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -127,7 +131,7 @@ class ParamLora(Wrapper):
 
 
 def param_wrappers(model: nn.Module) -> Iterator[tuple[str, ParamLora]]:
-    for n, m in model.named_modules():
+    for n, m in base_modules(model):
         if isinstance(m, ParamLora):
             yield n, m
 
@@ -139,7 +143,7 @@ def select_params(model: nn.Module, names: list[str], inner: list[str]) -> dict[
     found: dict[str, list[str]] = {}
     hit = set()
     wrapped = [w for w, _ in param_wrappers(model)]
-    for mname, module in model.named_modules():
+    for mname, module in base_modules(model):
         if not mname or any(mname == i or mname.startswith(i + ".") for i in inner):
             continue
         if any(mname.startswith(w + ".") for w in wrapped):  # a wrapper's insides: its owner is seen as itself
@@ -155,7 +159,7 @@ def select_params(model: nn.Module, names: list[str], inner: list[str]) -> dict[
                     hit.add(want)
     for want in names:
         if want not in hit:
-            near = [n for n, _ in model.named_modules() if n and (n == want or n.endswith("." + want))]
+            near = [n for n, _ in base_modules(model) if n and (n == want or n.endswith("." + want))]
             hint = f" ({near[0]!r} is a module: name its parameter, e.g. {want}.weight)" if near else ""
             raise TargetError(f"target_parameters: {want!r} matches no parameter of {type(model).__name__}{hint}")
     for mname, params in found.items():  # the owner's own order (PEFT nests its wrappers in it)

@@ -15,6 +15,7 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError
 from lorakit.layers import LoraLayer
+from lorakit.walk import base_modules
 
 
 @dataclass
@@ -72,7 +73,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     if reg is not None and reg.layers is not None:
         yield from reg.layers
         return
-    found = [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+    found = [(name, m) for name, m in base_modules(model) if isinstance(m, LoraLayer)]
     if reg is not None:
         reg.layers = found
     yield from found

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from lorakit.errors import AdapterError, TargetError
+from lorakit.walk import base_modules
 
 
 class Wrapper(nn.Module):
@@ -49,6 +51,9 @@ class SavedModule(Wrapper):
     """A module with per-adapter trainable copies (PEFT's ModulesToSaveWrapper)."""
 
     _inner = "original_module"
+    per_adapter: ClassVar[tuple[str, ...]] = (
+        "modules_to_save",
+    )  # what lorakit.walk.base_modules does not walk
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
@@ -122,7 +127,7 @@ def original(module: nn.Module) -> nn.Module:
 
 def saved_modules(model: nn.Module) -> Iterator[tuple[str, SavedModule]]:
     """(name, wrapper) for every SavedModule in `model`."""
-    for n, m in model.named_modules():
+    for n, m in base_modules(model):
         if isinstance(m, SavedModule):
             yield n, m
 
@@ -190,7 +195,7 @@ def _owners(wrapper: nn.Module) -> Sequence[str]:
 
 
 def _wrappers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    for n, m in model.named_modules():
+    for n, m in base_modules(model):
         if isinstance(m, (SavedModule, TokenRows)):
             yield n, m
 
@@ -268,6 +273,10 @@ class TokenRows(Wrapper):
     training one trains both, and only the embedding's rows are saved. At most one active adapter may have rows
     in one embedding, as in PEFT.
     """
+
+    per_adapter: ClassVar[tuple[str, ...]] = (
+        "trainable_tokens_delta",
+    )  # not walked by lorakit.walk.base_modules
 
     def __init__(self, base_layer: nn.Module, tied: TokenRows | None = None) -> None:
         super().__init__()
@@ -353,7 +362,7 @@ class TokenRows(Wrapper):
 
 
 def token_wrappers(model: nn.Module) -> Iterator[tuple[str, TokenRows]]:
-    for n, m in model.named_modules():
+    for n, m in base_modules(model):
         if isinstance(m, TokenRows):
             yield n, m
 

@@ -1,4 +1,4 @@
-"""Which modules a `LoraConfig` selects. Pure functions over `model.named_modules()`.
+"""Which modules a `LoraConfig` selects. Pure functions over the model's modules (`lorakit.walk.base_modules`).
 
 The matching rules are PEFT's, so that a config means the same module set in both tools:
 - `targets` as a list: a module matches if its name equals an entry or ends with `.` + entry;
@@ -21,6 +21,7 @@ from lorakit.layers import LoraLayer
 from lorakit.params import ParamLora
 from lorakit.saved import SavedModule, TokenRows
 from lorakit.task_types import CLASSIFICATION, task_heads, task_type_for
+from lorakit.walk import base_modules
 
 
 def select_modules(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -36,7 +37,7 @@ def select_modules(model: nn.Module, config: LoraConfig) -> list[str]:
         matched = [n for n in matched if layer_index(n, config.layers_pattern) in set(config.layers)]
     if not matched:
         raise TargetError(_no_match_message(model, config, names))
-    modules = dict(model.named_modules())
+    modules = dict(base_modules(model))
     for n in matched:
         if handler_for(modules[n]) is None:
             raise TargetError(
@@ -50,7 +51,7 @@ def candidate_names(model: nn.Module) -> list[str]:
     """All module names, without the internals of existing LoRA layers (their base_layer and adapters)."""
     names = []
     inside = None  # "name." of the wrapper whose internals come next: named_modules walks a subtree in one piece
-    for name, module in model.named_modules():
+    for name, module in base_modules(model):
         if not name or (inside is not None and name.startswith(inside)):
             continue
         names.append(name)

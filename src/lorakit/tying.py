@@ -31,6 +31,7 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, TargetError
 from lorakit.layers import LoraAdapter, LoraLayer, Variant
 from lorakit.saved import SavedModule, TokenRows
+from lorakit.walk import base_modules
 
 _PEFT_NAMES = ("embed_tokens", "lm_head")  # the names by which PEFT finds what to tie
 _INITS = (
@@ -68,7 +69,7 @@ def tied_pair(model: nn.Module) -> tuple[str, str] | None:
     weight = getattr(base_module(emb), "weight", None)
     if weight is None or getattr(base_module(head), "weight", None) is not weight:
         return None
-    names = {id(m): n for n, m in model.named_modules() if n}
+    names = {id(m): n for n, m in base_modules(model) if n}
     e, h = names.get(id(emb)), names.get(id(head))
     return (e, h) if e and h else None
 

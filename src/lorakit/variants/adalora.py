@@ -201,7 +201,7 @@ def inject_adalora(
         if name in layer.adapters:
             _convert(layer.adapters[name], variant, (ranks or {}).get(m, config.init_r))
             layer.row_cache = None
-    set_trainable(model)  # the new tensors follow the adapter's trainable flag
+    set_trainable(model, only=[name])  # the new tensors follow the adapter's trainable flag
     return model
 
 

@@ -115,6 +115,24 @@ def test_a_load_and_a_delete_do_the_same_work_with_1_adapter_loaded_or_12(tmp_pa
     assert delete_12 <= 1.05 * delete_1, (delete_1, delete_12)
 
 
+def test_saving_and_merging_one_adapter_do_the_same_work_with_1_adapter_loaded_or_12(tmp_path):
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, bias="all"), "src")
+    lorakit.save_adapter(model, tmp_path / "a", "src")
+
+    def save_and_merge():
+        lorakit.save_adapter(model, tmp_path / "out", "src")
+        lorakit.set_active(model, "src")
+        lorakit.merge(model)
+        lorakit.unmerge(model)
+
+    save_and_merge()  # imports and caches, out of the counts
+    one = _calls(save_and_merge)
+    for i in range(11):
+        lorakit.load_adapter(model, tmp_path / "a", f"more{i}")
+    assert _calls(save_and_merge) <= 1.05 * one
+
+
 def test_flags_after_loads_and_deletes_are_as_each_adapters_mark_says(tmp_path):
     model = tiny_qwen2()  # biases on q, k and v
     lorakit.inject(model, lorakit.LoraConfig(r=2, alpha=4, targets=["q_proj"], bias="all"), "src")

@@ -20,6 +20,7 @@ from lorakit.params import param_wrappers
 from lorakit.registry import adapter_names, lora_layers, registry, uses_wrappers
 from lorakit.saved import activate, check_activation, set_disabled
 from lorakit.tying import merges_as_one
+from lorakit.walk import base_parameters
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ def _untie_merged_weights(model: nn.Module) -> None:
     that `save_pretrained` writes both tensors.
     """
     counts: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
+    for _, p in base_parameters(model, remove_duplicate=False):  # the base's weights: adapters share none
         counts[id(p)] = counts.get(id(p), 0) + 1
     sharing: dict[int, list] = {}  # weight -> the LoRA layers on it
     for _, layer in lora_layers(model):

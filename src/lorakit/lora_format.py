@@ -81,7 +81,7 @@ def _lora_state_dict(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         for suffix, t in layer.adapters[name].adapter_params(layer.handler).items():
             out[f"{PREFIX}{mname}.{suffix}"] = t.detach().clone().contiguous()
     if info.config.bias == "all":
-        for pname, p in model.named_parameters():
+        for pname, p in base_parameters(model):
             if (pname == "bias" or pname.endswith(".bias")) and not in_saved_module(pname):
                 out[PREFIX + pname] = p.detach().clone().contiguous()
     elif info.config.bias == "lora_only":

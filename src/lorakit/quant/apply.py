@@ -26,6 +26,7 @@ from lorakit.layers import LoraLayer
 from lorakit.quant import bnb
 from lorakit.quant.nf4 import BLOCK_SIZE, NF4Linear
 from lorakit.readers import safetensors_metadata
+from lorakit.walk import base_modules, base_parameters
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class QuantReport:
 
 def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every 4-bit linear layer: ours and bitsandbytes' `Linear4bit`."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, NF4Linear) or bnb.is_linear4bit(m)]
+    return [(n, m) for n, m in base_modules(model) if isinstance(m, NF4Linear) or bnb.is_linear4bit(m)]
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -191,7 +192,7 @@ def _matches(name: str, pattern: str) -> bool:
 
 def _shared_weights(model: nn.Module) -> set[int]:
     counts: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
+    for _, p in base_parameters(model, remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
     return {k for k, v in counts.items() if v > 1}
 
@@ -206,7 +207,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def dequantize(model: nn.Module) -> nn.Module:
     """Replace every 4-bit linear layer (ours or bitsandbytes') with an `nn.Linear` holding its dequantized
     weight, in place; LoRA wrappers keep their adapters. Merging is then possible. Returns `model`."""
-    wrappers = {id(m.base_layer): m for _, m in model.named_modules() if isinstance(m, LoraLayer)}
+    wrappers = {id(m.base_layer): m for _, m in base_modules(model) if isinstance(m, LoraLayer)}
     for name, q in quantized_modules(model):
         w = q.dequantize() if isinstance(q, NF4Linear) else bnb.dequantize_linear4bit(q, bnb.weight_dtype(q))
         lin = nn.Linear(q.in_features, q.out_features, bias=False, device=w.device, dtype=w.dtype)

@@ -123,6 +123,29 @@ def test_a_refused_replacement_changes_nothing(files, tmp_path):
 
 
 @torch.no_grad()
+def test_the_bank_counts_what_it_did(files, tmp_path):
+    """`bank.stats`, which `lorakit serve`'s /metrics exports: loads and their seconds, refusals, loads in place,
+    unloads and evictions."""
+    bank = AdapterBank(tiny_llama(), max_adapters=2)
+    seconds = [bank.load("a", files["v1"]), bank.load("b", files["other"])]
+    seconds.append(bank.load("c", files["v2"]))  # evicts a
+    seconds.append(bank.load("b", files["v3"], replace=True))
+    with pytest.raises(lorakit.LorakitError, match="not an adapter folder"):
+        bank.load("d", tmp_path / "missing")
+    bank.pin("b")
+    with bank.hold(["c"]), pytest.raises(AdapterError, match="every adapter is pinned or in use"):
+        bank.load("d", files["v1"])  # no room: refused
+    bank.unload("c")
+    assert dict(bank.stats) == {
+        "loads": 4,
+        "load_seconds": pytest.approx(sum(seconds)),
+        "replaced": 1,
+        "evictions": 1,
+        "refused": 2,
+        "unloads": 1,
+    }
+
+
 def test_names_the_model_cannot_take_are_served_by_a_slot(files):
     model = tiny_llama()
     x = ids(batch=3)

@@ -23,7 +23,7 @@ from tiny import tiny_llama
 pytestmark = pytest.mark.real_model
 
 TOKENS = 8
-SAME = ["a", "org/c", "team/v1.2:x", "d1", "d2", "d3", "p", "q", "r", "t"]
+SAME = ["a", "org/c", "team/v1.2:x", "d1", "d2", "d3", "p", "q", "r", "t", "m1", "m2", "m3"]
 """Folders under the root, each holding adapter a's file."""
 
 
@@ -128,6 +128,35 @@ def test_every_adapter_in_use_is_a_503_to_retry(http, offline):
             assert [x for x in lines2 if x][-1] == "data: [DONE]"
         assert [x for x in lines1 if x][-1] == "data: [DONE]"
     assert _text(http, "t") == offline  # and loads once one is free
+
+
+def _metrics(http) -> dict[str, float]:
+    """/metrics through prometheus_client's own parser: {sample name: value} of the unlabelled samples."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = http.get("/metrics").text
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+
+
+def test_metrics_count_the_loads_evictions_and_refusals(http, offline):
+    for name in ("d1", "d2"):  # the bank (2) is full
+        assert _text(http, name) == offline
+    before, on_demand = _metrics(http), _loads(http)
+    for name in ("m1", "m2", "m3"):  # each loads, and evicts the least recently used
+        assert _text(http, name) == offline
+    assert _ask(http, "wrong").status_code == 400  # a file for another model
+    after = _metrics(http)
+
+    def grew(name: str) -> float:
+        return after[name] - before[name]
+
+    assert grew("lorakit_adapter_loads_on_demand_total") == 3 == _loads(http) - on_demand
+    assert grew("lorakit_adapter_loads_total") == 3
+    assert grew("lorakit_adapter_evictions_total") == 3
+    assert grew("lorakit_adapter_loads_refused_total") == 1
+    assert grew("lorakit_adapter_loads_in_place_total") == 0 and grew("lorakit_adapter_unloads_total") == 0
+    assert 0 < grew("lorakit_adapter_load_seconds_total") < 60
+    assert after["lorakit_adapters_loaded"] == 2
 
 
 def test_refusals_name_the_model_and_change_nothing(http, odirs):

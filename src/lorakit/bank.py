@@ -67,6 +67,9 @@ class AdapterBank:
         self._loads = itertools.count(1)
         self.serials: dict[str, int] = {n: next(self._loads) for n in self.paths}
         """Which load each slot holds: a slot deleted and used again gets a new serial (caches key on it)."""
+        self.stats: Counter[str] = Counter()
+        """What the bank has done: `loads` (and `load_seconds`, their total time), `refused` loads, `unloads`,
+        `evictions` (unloads to make room), `replaced` (loads in place). Counts only grow."""
         if self.paths:
             set_active(model, {})
 
@@ -120,17 +123,21 @@ class AdapterBank:
                     f"adapter {name!r} is already loaded (from {self.paths[name]}); unload it first, or replace it"
                 )
             t0 = time.perf_counter()
-            reason = folder_refusal(path, "bank")
-            if reason:
-                raise AdapterError(reason)
-            slot = self._free_slot(name)
-            # the file is read and checked, and refusals made, before evicting: a bad file must not evict anyone
-            plan = plan_adapter(self.model, path, slot, allow_pickle=allow_pickle)
-            if plan.peft_type == LADDER:
-                self._check_ladder(plan, replacing=old)
-            if old is None and self.max_adapters is not None and len(self._slots) >= self.max_adapters:
-                self._evict_one()
-            apply_plan(self.model, plan, slot, activate=False)
+            try:
+                reason = folder_refusal(path, "bank")
+                if reason:
+                    raise AdapterError(reason)
+                slot = self._free_slot(name)
+                # the file is read and checked, and refusals made, before evicting: a bad file must not evict
+                plan = plan_adapter(self.model, path, slot, allow_pickle=allow_pickle)
+                if plan.peft_type == LADDER:
+                    self._check_ladder(plan, replacing=old)
+                if old is None and self.max_adapters is not None and len(self._slots) >= self.max_adapters:
+                    self._evict_one()
+                apply_plan(self.model, plan, slot, activate=False)
+            except Exception:
+                self.stats["refused"] += 1
+                raise
             if plan.peft_type == LADDER:  # plain forward calls stay the base's until routed (use, activate)
                 ladder_of(self.model).set_rows(False)
                 self.ladder = slot
@@ -142,13 +149,18 @@ class AdapterBank:
             self._touch(name)
             if pin:
                 self.pinned.add(name)
-            return time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            self.stats["loads"] += 1
+            self.stats["load_seconds"] += seconds
+            self.stats["replaced"] += old is not None
+            return seconds
 
     def unload(self, name: str) -> None:
         """Remove `name`; if batches are using it, its adapter goes when the last of them ends."""
         with self._lock:
             self._known(name)
             self._drop(name)
+            self.stats["unloads"] += 1
 
     def pin(self, name: str, pinned: bool = True) -> None:
         with self._lock:
@@ -272,6 +284,7 @@ class AdapterBank:
         for name in self._lru:  # oldest first
             if name not in self.pinned and not self._in_use[self._slots[name]]:
                 self._drop(name)
+                self.stats["evictions"] += 1
                 return
         raise AdapterError(
             f"the bank is full ({self.max_adapters} adapters) and every adapter is pinned or in use; "

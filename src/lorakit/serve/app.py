@@ -77,7 +77,7 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        text = render_metrics(engine, generation.latency)
+        text = render_metrics(engine, generation.latency, adapters.on_demand_loads)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/health")

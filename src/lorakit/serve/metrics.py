@@ -41,6 +41,26 @@ COUNTERS = {
     ),
     "steps": ("lorakit_decode_steps", "Decode steps (one forward pass for every running row)."),
 }
+BANK_COUNTERS = {
+    "loads": (
+        "lorakit_adapter_loads",
+        "Adapters loaded: at start-up, by the load route, in place or on demand.",
+    ),
+    "load_seconds": ("lorakit_adapter_load_seconds", "Seconds the loads took (read, check, build), in all."),
+    "refused": (
+        "lorakit_adapter_loads_refused",
+        "Loads refused: a bad file, or a full bank every adapter of which is held.",
+    ),
+    "replaced": (
+        "lorakit_adapter_loads_in_place",
+        "Loads that replaced a loaded adapter in place (load_inplace).",
+    ),
+    "unloads": ("lorakit_adapter_unloads", "Adapters unloaded by the unload route."),
+    "evictions": (
+        "lorakit_adapter_evictions",
+        "Adapters unloaded to make room for another (--max-adapters).",
+    ),
+}
 
 
 class Latency:
@@ -77,16 +97,22 @@ class Latency:
         return out
 
 
-def render(engine, latency: Latency) -> str:
-    """The exposition text: counters from `engine.stats`, gauges of its load and bank, the latency histograms."""
-    stats, load = dict(engine.stats), engine.load()
+def render(engine, latency: Latency, on_demand_loads: int = 0) -> str:
+    """The exposition text: counters from `engine.stats` and its bank's, gauges of its load and bank, the latency
+    histograms. `on_demand_loads`: the loads that requests made (`--load-on-demand`)."""
+    stats, bank, load = dict(engine.stats), dict(engine.bank.stats), engine.load()
     lines = []
-    for key, (name, doc) in COUNTERS.items():
-        lines += [
-            f"# HELP {name}_total {doc}",
-            f"# TYPE {name}_total counter",
-            f"{name}_total {stats.get(key, 0)}",
-        ]
+    counters = [(name, doc, stats.get(key, 0)) for key, (name, doc) in COUNTERS.items()]
+    counters += [(name, doc, bank.get(key, 0)) for key, (name, doc) in BANK_COUNTERS.items()]
+    counters.append(
+        (
+            "lorakit_adapter_loads_on_demand",
+            "Loads made for a request naming an adapter not loaded.",
+            on_demand_loads,
+        )
+    )
+    for name, doc, value in counters:
+        lines += [f"# HELP {name}_total {doc}", f"# TYPE {name}_total counter", f"{name}_total {value!r}"]
     gauges = {
         "lorakit_engine_up": ("1 while the engine thread runs, else 0.", int(engine.alive)),
         "lorakit_running_rows": ("Rows decoding now.", load["running"]),
@@ -105,4 +131,4 @@ def render(engine, latency: Latency) -> str:
     return "\n".join(lines + latency.lines()) + "\n"
 
 
-__all__ = ["BUCKETS", "Latency", "render"]
+__all__ = ["BANK_COUNTERS", "BUCKETS", "COUNTERS", "Latency", "render"]

@@ -44,6 +44,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serve import KEY, start_server, stop_server  # noqa: E402
+from random_adapters import save_random  # noqa: E402
 
 DOCS = Path("docs") / "benchmarks.md"
 START, END = "<!-- bench_inplace:start -->", "<!-- bench_inplace:end -->"
@@ -53,21 +54,12 @@ PHASES = ("steady", "in place", "unload + load")
 
 def make_versions(model_spec: str | None, rank: int, out: Path) -> list[Path]:
     """Two versions of one adapter's file (random weights, r=`rank` on every linear layer): out/v0, out/v1."""
-    import torch
 
     import lorakit
 
     model, _ = lorakit.load_model(model_spec)
-    paths = []
-    for i in range(2):
-        torch.manual_seed(i)
-        lorakit.inject(model, lorakit.LoraConfig(r=rank, alpha=rank, targets="all-linear"), name="pol")
-        with torch.no_grad():
-            for p in lorakit.adapter_parameters(model, "pol"):
-                p.add_(torch.randn_like(p) * 0.01)
-        paths.append(lorakit.save_adapter(model, out / f"v{i}", "pol"))
-        lorakit.delete_adapter(model, "pol")
-    return paths
+    config = lorakit.LoraConfig(r=rank, alpha=rank, targets="all-linear")
+    return save_random(model, [out / "v0", out / "v1"], config, std=0.01)
 
 
 async def stream(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> dict[str, Any]:

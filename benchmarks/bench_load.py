@@ -38,6 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from random_adapters import save_random  # noqa: E402
+
 DOCS = Path("docs") / "benchmarks.md"
 PLOT = Path("docs") / "bench_load.png"
 START, END = "<!-- bench_load:start -->", "<!-- bench_load:end -->"
@@ -53,16 +56,8 @@ def make_adapters(n: int, rank: int, root: Path) -> list[Path]:
     import lorakit
 
     model, _ = lorakit.load_model(dtype=torch.float32)
-    dirs = []
-    for i in range(n):
-        torch.manual_seed(i)
-        lorakit.inject(model, lorakit.LoraConfig(r=rank, alpha=2 * rank, targets="all-linear"), name="x")
-        with torch.no_grad():
-            for p in lorakit.adapter_parameters(model, "x"):
-                p.copy_(torch.randn_like(p) * 0.02)
-        dirs.append(lorakit.save_adapter(model, root / f"a{i}", "x"))
-        lorakit.delete_adapter(model, "x")
-    return dirs
+    config = lorakit.LoraConfig(r=rank, alpha=2 * rank, targets="all-linear")
+    return save_random(model, [root / f"a{i}" for i in range(n)], config, std=0.02)
 
 
 def child(tool: str, root: Path, n: int, out: Path) -> None:

@@ -36,6 +36,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serve import KEY, _quantile, start_server, stop_server  # noqa: E402
+from random_adapters import save_random  # noqa: E402
 
 DOCS = Path("docs") / "benchmarks.md"
 START, END = "<!-- bench_on_demand:start -->", "<!-- bench_on_demand:end -->"
@@ -44,22 +45,13 @@ PROMPTS = ["The capital of France is", "Write a short poem about the sea:", "Lis
 
 def make_adapters(model_spec: str | None, n: int, rank: int, root: Path) -> list[str]:
     """`n` random adapters saved as root/team{i}/a{i}: names with a '/', as a collection's often are."""
-    import torch
 
     import lorakit
 
     model, _ = lorakit.load_model(model_spec)
-    names = []
-    for i in range(n):
-        torch.manual_seed(i)
-        lorakit.inject(model, lorakit.LoraConfig(r=rank, alpha=rank, targets=["q_proj", "v_proj"]), name="x")
-        with torch.no_grad():
-            for p in lorakit.adapter_parameters(model, "x"):
-                p.add_(torch.randn_like(p) * 0.02)
-        name = f"team{i % 4}/a{i}"
-        lorakit.save_adapter(model, root / name, "x")
-        lorakit.delete_adapter(model, "x")
-        names.append(name)
+    names = [f"team{i % 4}/a{i}" for i in range(n)]
+    config = lorakit.LoraConfig(r=rank, alpha=rank, targets=["q_proj", "v_proj"])
+    save_random(model, [root / name for name in names], config, std=0.02)
     return names
 
 

@@ -20,6 +20,7 @@ from lorakit import LoraConfig
 from lorakit.data.jsonl import DataError
 from lorakit.errors import AdapterError, ConfigError, TargetError
 from lorakit.export import merged_model
+from lorakit.memory import enable_checkpointing
 from lorakit.variants.alora import Activation, invocation_mask
 
 from tiny import addition_run, both_ways_with_peft, ids, randomize, snapshot, tiny_gpt2, tiny_llama, unchanged
@@ -169,7 +170,7 @@ def test_gradients_flow_only_from_the_invocation_on():
     plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert plain and any(g.abs().max() > 0 for g in plain.values())
     model.zero_grad(set_to_none=True)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     model.config.use_cache = False
     model(x, labels=x).loss.backward()
     for n, p in model.named_parameters():

@@ -20,6 +20,7 @@ import lorakit
 from lorakit.attention import NAME, flash_attention, upcast_backward_wins
 from lorakit.device import autocast, upcast_trainable
 from lorakit.fused import causal_lm_loss
+from lorakit.memory import enable_checkpointing
 
 from tiny import SEVEN, graph_names, randomize, tiny_llama
 
@@ -135,7 +136,7 @@ def test_gradient_checkpointing_recomputes_the_same_attention():
     batch = _batch(True)
     model = _model(torch.bfloat16)
     _, plain_grads, _ = _lora_grads(model, batch, torch.bfloat16)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     _, grads, names = _lora_grads(model, batch, torch.bfloat16)
     assert "_FlashUpcastBackwardBackward" in names and grads.keys() == plain_grads.keys()
     for n, g in grads.items():

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import lorakit
 from lorakit import LoraConfig
 from lorakit.blocks import KINDS, lean_blocks, rms_norm, rope, set_lean_blocks, silu_mul
+from lorakit.memory import enable_checkpointing
 
 from tiny import SEVEN, graph_names, randomize, tiny_gpt2, tiny_llama, tiny_mistral, tiny_qwen2
 
@@ -156,7 +157,7 @@ def test_every_rewrite_trains_as_transformers_does(make, checkpointing):
     assert [lean_blocks(model, k) for k in KINDS] == [2, 5, 2] and lean_blocks(plain) == 0
     if checkpointing:
         for m in (model, plain):
-            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(m)
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # a left-padded row

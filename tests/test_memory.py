@@ -69,3 +69,34 @@ def test_trim_gives_freed_heap_pages_back():
     assert trim()
     after = rss_now_gb()
     assert after < before - 0.05, (before, after)  # most of the 0.2 GB freed goes back
+
+
+def test_checkpointing_is_turned_on_under_transformers_current_name_and_recomputes_exactly():
+    """`enable_checkpointing` calls transformers 5's `activation_checkpointing_enable` (the older name warns that
+    it goes in v6), and the gradients of the adapter are the same as without checkpointing (non-reentrant, the
+    same kernels run again: exact in float32)."""
+    import warnings
+
+    from lorakit.memory import enable_checkpointing
+
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=4, targets=SEVEN))
+    randomize(model, std=0.1)
+    model.train()
+    x = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model(x, labels=x).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert enable_checkpointing(model)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys() and plain
+    for n, g in plain.items():
+        assert torch.equal(g, checkpointed[n]), n
+    assert not enable_checkpointing(torch.nn.Linear(2, 2))  # no transformers model: nothing to turn on

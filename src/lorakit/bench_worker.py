@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from lorakit.device import upcast_trainable
+from lorakit.memory import enable_checkpointing
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -310,8 +311,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(
         args, "grad_checkpointing", False
     ):  # non-reentrant, as lorakit train's --train.grad_checkpointing
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_checkpointing(model)
     load_rss = rss_now_gb()
     load_gpu = peak_memory_gb(device)
 

@@ -88,3 +88,20 @@ def trim_between_layers(model: nn.Module, enabled: bool | None = None) -> _Handl
         return _Handles([])
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     return _Handles([m.register_forward_hook(_after_layer) for m in layers])
+
+
+def enable_checkpointing(model: nn.Module) -> bool:
+    """Turn on transformers' activation (gradient) checkpointing of `model`'s decoder layers, non-reentrant, and
+    make the inputs require grad (so that a frozen embedding still feeds the checkpointed graph). transformers 5
+    names it `activation_checkpointing_enable` and deprecates the older `gradient_checkpointing_enable` (gone in
+    v6); the older name is used where the newer is missing. Returns False if the model has neither."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        return False
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    return True

@@ -26,7 +26,7 @@ from lorakit.data.tokenize import IGNORE, Encoded
 from lorakit.device import autocast, model_device, to_device
 from lorakit.errors import LorakitError
 from lorakit.fused import causal_lm_loss, groups_enabled, set_fused
-from lorakit.memory import trim_between_layers
+from lorakit.memory import enable_checkpointing, trim_between_layers
 from lorakit.siblings import probe_groups
 from lorakit.train.checkpoint import (
     full_tensor,
@@ -202,10 +202,8 @@ def _training(
     until the block ends; fused, a probe first of which projections share an input (q/k/v, gate/up). A quantized
     base has the heap trimmed after each decoder layer (lorakit.memory)."""
     inner = getattr(model, "module", model)
-    if t.grad_checkpointing and hasattr(inner, "gradient_checkpointing_enable"):
-        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(inner, "enable_input_require_grads"):
-            inner.enable_input_require_grads()
+    if t.grad_checkpointing:
+        enable_checkpointing(inner)
     model.train()
     prev_fused = set_fused(t.fused)
     trimming = trim_between_layers(inner)  # a quantized base: free heap back to the OS layer by layer

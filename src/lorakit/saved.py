@@ -51,9 +51,7 @@ class SavedModule(Wrapper):
     """A module with per-adapter trainable copies (PEFT's ModulesToSaveWrapper)."""
 
     _inner = "original_module"
-    per_adapter: ClassVar[tuple[str, ...]] = (
-        "modules_to_save",
-    )  # what lorakit.walk.base_modules does not walk
+    per_adapter: ClassVar[tuple[str, ...]] = ("modules_to_save",)  # not walked by lorakit.walk.base_modules
 
     def __init__(self, original: nn.Module) -> None:
         super().__init__()
@@ -274,9 +272,8 @@ class TokenRows(Wrapper):
     in one embedding, as in PEFT.
     """
 
-    per_adapter: ClassVar[tuple[str, ...]] = (
-        "trainable_tokens_delta",
-    )  # not walked by lorakit.walk.base_modules
+    # not walked by lorakit.walk.base_modules: each adapter's own
+    per_adapter: ClassVar[tuple[str, ...]] = ("trainable_tokens_delta",)
 
     def __init__(self, base_layer: nn.Module, tied: TokenRows | None = None) -> None:
         super().__init__()

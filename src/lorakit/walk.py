@@ -1,12 +1,12 @@
 """A walk of a model's module tree whose cost does not grow with the adapters it holds.
 
 `model.named_modules()` visits every adapter of every wrapper: with 32 adapters of r=16 on the 210 linear layers of
-SmolLM2-135M it visits about 14,000 modules, 20 times the model's own. Loading, injecting and deleting walk the
-tree dozens of times, so each load got slower with every adapter already loaded. `base_modules` visits the same
-modules in the same order, but not the per-adapter containers of lorakit's wrappers: a wrapper class names them
-in its `per_adapter` attribute (a LoRA layer's `adapters`, a saved module's copies, token rows' deltas, a
-parameter wrapper's factors). What lies there belongs to one adapter, and the callers that want it ask the
-wrapper for it by adapter name.
+SmolLM2-135M it visits 14,257 modules, where the model and its 210 wrappers are 607. Loading, injecting and
+deleting walk the tree dozens of times, so each load got slower with every adapter already loaded. `base_modules`
+visits the same modules in the same order, but not the per-adapter containers of lorakit's wrappers: a wrapper
+class names them in its `per_adapter` attribute (a LoRA layer's `adapters`, a saved module's copies, token rows'
+deltas, a parameter wrapper's factors). What lies there belongs to one adapter, and the callers that want it ask
+the wrapper for it by adapter name.
 """
 
 from __future__ import annotations

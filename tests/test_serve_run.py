@@ -18,7 +18,7 @@ class _Cycle:
 
 def test_run_freezes_what_start_up_made_before_uvicorn_serves(monkeypatch):
     """The model and the start-up adapters live as long as the server: gc.freeze() takes them out of every full
-    collection (about 0.2 s each for SmolLM2, bench_load.py). uvicorn.run is replaced (third-party code) so that
+    collection (about 0.1 s each for SmolLM2, bench_load.py). uvicorn.run is replaced (third-party code) so that
     the test sees the collector's state at the moment serving would start."""
     seen = {}
 

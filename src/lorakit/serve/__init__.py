@@ -168,10 +168,11 @@ def run(app: FastAPI, config: ServeConfig, *, log_level: str = "warning") -> Non
     is 5 s): a client that pools connections, as the OpenAI SDK does, then rarely reuses one just as the server
     closes it, which it sees as a connection error.
 
-    What is alive now (the model, its tokenizer, the start-up adapters: about 600,000 Python objects for
+    What is alive now (the model, its tokenizer, the start-up adapters: about 390,000 Python objects for
     SmolLM2) lives as long as the process, so the garbage collector is told to stop scanning it (`gc.freeze`, as
-    vLLM and SGLang do after start-up). Without that, each full collection scanned all of it, a pause of about
-    0.2 s in decoding, and loading adapters at run time triggers them (one in every 10 to 13 loads)."""
+    vLLM and SGLang do after start-up). Without that, each full collection scanned all of it, a pause in decoding
+    of about 0.1 s (4 ms after the freeze: benchmarks/bench_load.py), and loading adapters at run time triggers
+    them now and then."""
     import gc
 
     import uvicorn

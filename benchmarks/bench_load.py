@@ -12,8 +12,8 @@ Reported: the time of load k (k = 1, 2, 8, 16, 32), a process's median load, all
 median over rounds, and the ratio lorakit / PEFT of the medians; with `--write-docs`, a plot of each load's time
 against k.
 
-The spikes in that plot are Python's full garbage collections, which loads trigger (one in every 10 to 13 here),
-each scanning every object alive: the model's included. A last process measures such a collection with the model
+The spikes in that plot are Python's full garbage collections, which loads trigger now and then, each scanning
+every object alive: the model's included. A last process measures such a collection with the model
 and 2 adapters loaded, then again after `gc.freeze()` (what `lorakit serve` does once it has started) and 8 more
 loads: 3 collections each, the median.
 

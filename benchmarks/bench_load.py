@@ -121,8 +121,9 @@ def gc_child(root: Path, out: Path) -> None:
 
     objects, before = len(gc.get_objects()), collections()
     gc.freeze()
+    n = len(list(root.iterdir()))
     for i in range(8):
-        lorakit.load_adapter(model, root / f"a{(i + 2) % len(list(root.iterdir()))}", f"r{i}")
+        lorakit.load_adapter(model, root / f"a{(i + 2) % n}", f"r{i}")
     result = {"objects": objects, "before": before, "after": collections(), "frozen": gc.get_freeze_count()}
     result["unfrozen"] = len(gc.get_objects())
     (out / "gc.json").write_text(json.dumps(result))

@@ -20,7 +20,7 @@ from lorakit.params import param_wrappers
 from lorakit.registry import adapter_names, lora_layers, registry, uses_wrappers
 from lorakit.saved import activate, check_activation, set_disabled
 from lorakit.tying import merges_as_one
-from lorakit.walk import base_parameters
+from lorakit.walk import parameter_uses
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +184,7 @@ def _untie_merged_weights(model: nn.Module) -> None:
     Merging into a tied embedding would otherwise change the output head too. The model config is marked untied so
     that `save_pretrained` writes both tensors.
     """
-    counts: dict[int, int] = {}
-    for _, p in base_parameters(model, remove_duplicate=False):  # the base's weights: adapters share none
-        counts[id(p)] = counts.get(id(p), 0) + 1
+    counts = parameter_uses(model)
     sharing: dict[int, list] = {}  # weight -> the LoRA layers on it
     for _, layer in lora_layers(model):
         sharing.setdefault(id(layer.handler.weight(layer.base_layer)), []).append(layer)

@@ -283,13 +283,12 @@ def set_trainable(model: nn.Module, only: Collection[str] | None = None) -> None
         p.requires_grad_(False)
     names = list(reg.adapters) if only is None else list(only)
     for _, layer in lora_layers(model) if names else ():
-        for aname in names if only is not None else list(layer.adapters):
-            if aname not in layer.adapters:
-                continue
-            adapter, info = layer.adapters[aname], reg.adapters.get(aname)
-            adapter.requires_grad_(bool(info and info.trainable))
-            for attr in INIT_FROZEN.get(info.config.init, ()) if info else ():  # MiCA's B
-                getattr(adapter, attr).requires_grad_(False)
+        for aname in names:
+            if aname in layer.adapters:
+                info = reg.adapters[aname]
+                layer.adapters[aname].requires_grad_(info.trainable)
+                for attr in INIT_FROZEN.get(info.config.init, ()):  # MiCA's B
+                    getattr(layer.adapters[aname], attr).requires_grad_(False)
     if uses_wrappers(model):
         for aname in names:
             info = reg.adapters[aname]

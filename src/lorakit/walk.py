@@ -11,6 +11,7 @@ the wrapper for it by adapter name.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 
 from torch import nn
@@ -48,3 +49,9 @@ def base_parameters(model: nn.Module, *, remove_duplicate: bool = True) -> Itera
                 continue
             seen.add(id(p))
             yield (f"{prefix}.{key}" if prefix else key), p
+
+
+def parameter_uses(model: nn.Module) -> Counter[int]:
+    """id(parameter) -> how many names the model gives it: above 1 for a weight two modules share (a tied
+    embedding and output head). The base's weights only: adapters share none."""
+    return Counter(id(p) for _, p in base_parameters(model, remove_duplicate=False))

@@ -26,7 +26,7 @@ from lorakit.layers import LoraLayer
 from lorakit.quant import bnb
 from lorakit.quant.nf4 import BLOCK_SIZE, NF4Linear
 from lorakit.readers import safetensors_metadata
-from lorakit.walk import base_modules, base_parameters
+from lorakit.walk import base_modules, parameter_uses
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +191,7 @@ def _matches(name: str, pattern: str) -> bool:
 
 
 def _shared_weights(model: nn.Module) -> set[int]:
-    counts: dict[int, int] = {}
-    for _, p in base_parameters(model, remove_duplicate=False):
-        counts[id(p)] = counts.get(id(p), 0) + 1
-    return {k for k, v in counts.items() if v > 1}
+    return {k for k, uses in parameter_uses(model).items() if uses > 1}
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

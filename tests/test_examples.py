@@ -98,3 +98,26 @@ def test_structured_output_and_tool_calls_through_the_openai_client(tmp_path, de
     assert lines[1].startswith("2. pydantic: Cat(name=")
     assert lines[2].startswith("3. the model called get_weather({") and "-> '18 degrees" in lines[2]
     assert lines[3].startswith("   and then answered:")
+
+
+def test_the_example_data_files_are_the_dates_task_in_three_formats():
+    """examples/data: what make_dates.py writes (so the files and the script agree), read back as the same
+    conversations from an Alpaca JSON array, ShareGPT lines and a CSV whose columns --data.fields renames."""
+    sys.path.insert(0, str(ROOT / "examples" / "data"))
+    try:
+        import make_dates
+    finally:
+        sys.path.pop(0)
+    from lorakit.data.jsonl import read_examples
+
+    data = ROOT / "examples" / "data"
+    for name, text in make_dates.files().items():
+        assert (data / name).read_text() == text, f"{name}: run python examples/data/make_dates.py"
+    alpaca = read_examples(data / "dates_alpaca.json")
+    sharegpt = read_examples(data / "dates_sharegpt.jsonl")
+    table = read_examples(data / "dates.csv", {"prompt": "question", "completion": "answer"})
+    assert len(alpaca) == len(sharegpt) == len(table) == make_dates.N
+    for a, s, t in zip(alpaca, sharegpt, table, strict=True):
+        assert s["messages"] == [{"role": "system", "content": make_dates.SYSTEM}, *a["messages"]]
+        user, answer = a["messages"]
+        assert user["content"].replace("\n", " ") == t["prompt"] and answer["content"] == t["completion"]

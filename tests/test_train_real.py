@@ -73,6 +73,38 @@ def test_eval_and_generate_with_the_adapter(trained_run, tmp_path):
     assert proc.stdout.strip()[:4].isdigit()  # an ISO date starts with the year
 
 
+def test_eval_reads_alpaca_and_csv_files_as_their_jsonl_twin(trained_run, tmp_path):
+    """The same eval examples as JSONL prompt/completion, as an Alpaca JSON array and as a CSV whose columns
+    --fields renames: the same loss and accuracy with the trained adapter (the same tokens, so exactly)."""
+    import csv
+
+    out, _ = trained_run
+    _, ev = make_task("dates", n_train=1, n_eval=6, seed=7)
+    (tmp_path / "ev.jsonl").write_text("".join(json.dumps(e) + "\n" for e in ev))
+    alpaca = [{"instruction": e["prompt"], "input": "", "output": e["completion"]} for e in ev]
+    (tmp_path / "ev.json").write_text(json.dumps(alpaca, indent=1))
+    with open(tmp_path / "ev.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerows([("question", "answer"), *((e["prompt"], e["completion"]) for e in ev)])
+    reports = {}
+    for name, extra in (
+        ("ev.jsonl", ()),
+        ("ev.json", ()),
+        ("ev.csv", ("--fields", "{prompt: question, completion: answer}")),
+    ):
+        proc = _cli(
+            "eval", "--data", str(tmp_path / name), *extra, "--adapter", str(out / "adapter"), "--json"
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        report = json.loads(proc.stdout)
+        reports[name] = (report["examples"], report["adapter"]["loss"], report["adapter"]["accuracy"])
+    assert reports["ev.jsonl"][0] == 6 and reports["ev.jsonl"][2] > 0
+    assert reports["ev.json"] == reports["ev.jsonl"] == reports["ev.csv"]
+    proc = _cli("eval", "--data", str(tmp_path / "ev.csv"), "--fields", "{prompt: q}")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("lorakit eval: error:")
+    assert "ev.csv:2: no column 'q' (data.fields maps 'prompt' to it)" in proc.stderr
+
+
 def test_train_bad_input_is_one_clear_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"question": "x"}\n')

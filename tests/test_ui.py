@@ -96,6 +96,29 @@ def test_the_preview_marks_what_the_loss_learns(http):
     assert len(task["examples"]) == 2
 
 
+def test_alpaca_csv_and_parquet_uploads_are_data_files_too(http):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    alpaca = b'[{"instruction": "Capital of France?", "input": "", "output": "Paris"}]'
+    assert http.post("/api/upload", params={"name": "al.json"}, content=alpaca).json()["examples"] == 1
+    csv = b"prompt,completion\n2+2?,4\n3+3?,6\n"
+    assert http.post("/api/upload", params={"name": "sums.csv"}, content=csv).json()["examples"] == 2
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist([{"text": "hello"}]), buf)
+    r = http.post("/api/upload", params={"name": "t.parquet"}, content=buf.getvalue())
+    assert r.json() == {"path": "data/t.parquet", "examples": 1}
+    listed = {d["path"] for d in http.get("/api/workspace").json()["data"]}
+    assert {"data/al.json", "data/sums.csv", "data/t.parquet"} <= listed
+    out = http.post("/api/preview", json={"file": "data/al.json"}).json()
+    learned = "".join(s["text"] for s in out["examples"][0]["segments"] if s["learned"])
+    assert learned.startswith("Paris")
+    bad = error(http.post("/api/upload", params={"name": "bad.csv"}, content=b"prompt,completion\na\n"), 400)
+    assert bad.startswith("bad.csv:2: 1 cells in a file of 2 columns")
+
+
 # -- runs ------------------------------------------------------------------------------------------------------
 
 

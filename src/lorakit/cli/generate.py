@@ -74,9 +74,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def configure_eval(p: argparse.ArgumentParser) -> None:
     data = p.add_mutually_exclusive_group(required=True)
-    data.add_argument("--data", help="JSONL file: {prompt,completion}, {messages} or {text} per line")
+    data.add_argument(
+        "--data",
+        help="data file: JSONL, a JSON array, CSV/TSV or Parquet of {prompt,completion}, {messages} or {text} "
+        "records, or Alpaca's or ShareGPT's (docs/data.md)",
+    )
     data.add_argument(
         "--task", help="a built-in task's held-out examples (as lorakit train holds them out: 'dates')"
+    )
+    p.add_argument(
+        "--fields",
+        type=_fields,
+        default={},
+        metavar="MAPPING",
+        help="with --data: the file's column names for lorakit's keys, e.g. '{prompt: question, completion: answer}'",
     )
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--adapter", help="adapter folder (PEFT layout) or a GGUF LoRA file")
@@ -98,11 +109,27 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     add_allow_pickle(p)
 
 
+def _fields(text: str) -> dict[str, str]:
+    """--fields: a YAML (or JSON) mapping of lorakit's keys to column names."""
+    import yaml
+
+    from lorakit.data.shapes import fields_problem
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    problem = fields_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     import lorakit
-    from lorakit.data.jsonl import read_jsonl
+    from lorakit.data.jsonl import read_examples
     from lorakit.data.tasks import make_task
     from lorakit.data.tokenize import encode_dataset
     from lorakit.errors import ConfigError
@@ -111,7 +138,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.compare_base and not args.adapter:
         raise ConfigError("--compare-base compares an adapter with its base: give --adapter too")
     # a task: the held-out examples `lorakit train` evaluates on (seed 0, generated first)
-    examples = read_jsonl(args.data) if args.data else make_task(args.task, n_train=0, n_eval=args.limit)[1]
+    if args.fields and not args.data:
+        raise ConfigError("--fields names the columns of a --data file: give --data too")
+    examples = (
+        read_examples(args.data, args.fields)
+        if args.data
+        else make_task(args.task, n_train=0, n_eval=args.limit)[1]
+    )
     model, tok = load(args.model, args.device, args.dtype)
     rows, stats = encode_dataset(tok, examples, max_len=args.max_len, chat=not args.no_chat)
     report = {"examples": len(rows), "truncated": stats["truncated"], "max_len": args.max_len}

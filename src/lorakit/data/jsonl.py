@@ -1,86 +1,85 @@
-"""Read JSONL training files. Each line is one example in one of three shapes:
+"""Read training files. Each record is one example in one of lorakit's three shapes:
 
 - `{"prompt": ..., "completion": ...}`  (loss on the completion by default)
-- `{"messages": [{"role": ..., "content": ...}, ...]}`  (loss on assistant turns by default)
+- `{"messages": [{"role": ..., "content": ...}, ...]}`  (loss on assistant turns by default; OpenAI's
+  `"weight": 0` on an assistant message leaves that message unlearned)
 - `{"text": ...}`  (loss on everything)
 
-Errors name the file and the line number.
+or in another tool's shape that is rewritten into messages as it is read (`lorakit.data.shapes`: Alpaca and
+ShareGPT as LLaMA-Factory reads them, TRL's conversational prompt/completion). Files are JSON Lines, JSON arrays,
+CSV/TSV or Parquet (`lorakit.data.files`). All records of a file have one shape. Errors name the file and the line
+(or record, or row).
 """
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
-from lorakit.errors import LorakitError
+from lorakit.data.files import DataError, parse_records, read_records
+from lorakit.data.shapes import NATIVE, as_native, fields_problem, renamed
+from lorakit.data.shapes import shape_of as any_shape
 
-SHAPES = {"prompt_completion": ("prompt", "completion"), "messages": ("messages",), "text": ("text",)}
+SHAPES = NATIVE
 ROLES = {"system", "user", "assistant", "tool"}
 
-
-class DataError(LorakitError, ValueError):
-    """A data file is missing, empty or malformed."""
+__all__ = ["DataError", "SHAPES", "parse_examples", "parse_jsonl", "read_examples", "read_jsonl", "shape_of"]
 
 
 def shape_of(example: dict[str, Any]) -> str | None:
-    """'prompt_completion', 'messages' or 'text', or None if the keys fit no shape."""
+    """'prompt_completion', 'messages' or 'text' (lorakit's own shapes), or None if the keys fit none."""
     for name, keys in SHAPES.items():
         if all(k in example for k in keys):
             return name
     return None
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All examples of a JSONL file, validated. Raises DataError naming the file and line."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: data file not found")
-    if not path.is_file():
-        raise DataError(f"{path}: not a file ({'a folder' if path.is_dir() else 'a special file'})")
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
-    return parse_jsonl(data, str(path))
+def read_examples(path: str | os.PathLike, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """All examples of a data file (JSONL, JSON, CSV, TSV or Parquet), validated, in lorakit's shapes. `fields`
+    renames the file's columns first ({lorakit's key: the file's column}). Raises DataError naming the file and
+    the line."""
+    _check_fields(fields, str(path))
+    return _examples(read_records(path), str(path), fields or {})
 
 
-def parse_jsonl(data: bytes, source: str) -> list[dict[str, Any]]:
-    """All examples of JSONL bytes, validated. Raises DataError naming `source` and the line ("x.jsonl:3: ...")."""
+def parse_examples(data: bytes, source: str, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """All examples of a data file's bytes, read as `source`'s suffix says; see `read_examples`."""
+    _check_fields(fields, source)
+    return _examples(parse_records(data, source), source, fields or {})
+
+
+read_jsonl = read_examples
+parse_jsonl = parse_examples
+
+
+def _check_fields(fields: Any, source: str) -> None:
+    problem = None if fields is None else fields_problem(fields)
+    if problem:
+        raise DataError(f"{source}: data.fields {problem}")
+
+
+def _examples(records: list[tuple[str, Any]], source: str, fields: dict[str, str]) -> list[dict[str, Any]]:
     examples: list[dict[str, Any]] = []
     shape: str | None = None
-    path = source
-    for lineno, raw in enumerate(
-        data.removeprefix(b"\xef\xbb\xbf").split(b"\n"), 1
-    ):  # a BOM (Notepad) is fine
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(
-                f"{path}:{lineno}: not valid UTF-8 text (byte {e.start + 1} of the line)"
-            ) from None
-        if not line.strip():
-            continue
-        try:
-            ex = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    for where, ex in records:
         if not isinstance(ex, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(ex).__name__}")
-        this = shape_of(ex)
+            raise DataError(f"{where}: expected a JSON object, got {type(ex).__name__}")
+        ex = renamed(ex, fields, where)
+        this = any_shape(ex)
         if this is None:
             raise DataError(
-                f'{path}:{lineno}: unknown fields {sorted(ex)}; expected {{"prompt","completion"}}, '
-                '{"messages"} or {"text"}'
+                f'{where}: unknown fields {sorted(ex)}; expected {{"prompt","completion"}}, {{"messages"}}, '
+                f'{{"text"}}, Alpaca\'s {{"instruction","output"}} or ShareGPT\'s {{"conversations"}} (data.fields '
+                "renames columns)"
             )
         if shape is not None and this != shape:
-            raise DataError(f"{path}:{lineno}: a {this} example in a file of {shape} examples")
+            raise DataError(f"{where}: a {this} example in a file of {shape} examples")
         shape = this
-        _check(ex, this, f"{path}:{lineno}")
-        examples.append(ex)
+        native = as_native(ex, this, where)
+        _check(native, shape_of(native) or this, where)
+        examples.append(native)
     if not examples:
-        raise DataError(f"{path}: no examples (the file is empty)")
+        raise DataError(f"{source}: no examples (the file is empty)")
     return examples
 
 
@@ -98,7 +97,14 @@ def _check(ex: dict[str, Any], shape: str, where: str) -> None:
                 raise DataError(
                     f"{where}: messages[{i}] needs a 'role' in {sorted(ROLES)} and a string 'content'"
                 )
-        if not any(m["role"] == "assistant" for m in msgs):
+            if "weight" in m and (
+                m["weight"] not in (0, 1) or isinstance(m["weight"], float) or m["role"] != "assistant"
+            ):
+                raise DataError(
+                    f"{where}: messages[{i}]: 'weight' is 0 or 1, on assistant messages (OpenAI's rule), got "
+                    f"{m['weight']!r} on a {m['role']} message"
+                )
+        if not any(m["role"] == "assistant" and m.get("weight", 1) for m in msgs):
             raise DataError(f"{where}: no assistant message to learn from")
     else:
         for k in SHAPES[shape]:

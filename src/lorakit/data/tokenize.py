@@ -1,6 +1,7 @@
 """Turn examples into token ids and labels, with the loss only where the model should learn.
 
-Labels are -100 (ignored by the loss) on prompts, system and user turns, unless `train_on_all`. With a chat
+Labels are -100 (ignored by the loss) on prompts, system and user turns, and on assistant messages with
+`"weight": 0` (OpenAI's fine-tuning format), unless `train_on_all`. With a chat
 template, the learned span of an assistant turn is found by rendering the conversation before and after that turn
 and taking the difference, so it includes the template's end-of-turn tokens, whatever the template.
 """
@@ -50,7 +51,7 @@ def _segments(tokenizer, ex: dict[str, Any], chat: bool) -> list[tuple[str, bool
         return [
             (
                 f"{m['role']}: {m['content']}\n" + (eos if m["role"] == "assistant" else ""),
-                m["role"] == "assistant",
+                _learned(m),
             )
             for m in msgs
         ]
@@ -66,9 +67,14 @@ def _segments(tokenizer, ex: dict[str, Any], chat: bool) -> list[tuple[str, bool
                 done + prefix[len(done) :],
                 prefix + m["content"] + eos,
             )  # unusual template: best effort
-        pieces += [(prefix[len(done) :], False), (upto[len(prefix) :], True)]
+        pieces += [(prefix[len(done) :], False), (upto[len(prefix) :], _learned(m))]
         done = upto
     return pieces
+
+
+def _learned(message: dict[str, Any]) -> bool:
+    """An assistant message is learned unless its OpenAI-style `weight` is 0."""
+    return message["role"] == "assistant" and message.get("weight", 1) != 0
 
 
 def learned_segments(

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from lorakit.config import LoraConfig
+from lorakit.data.shapes import fields_problem
 from lorakit.errors import ConfigError
 from lorakit.train.fieldtypes import CommandLineValue, check, field_docs
 from lorakit.variants.adalora import AdaLoraConfig
@@ -51,9 +52,12 @@ class DataSection:
     task: str | None = "dates"
     """Built-in task to train on when no train_file is given ("dates")."""
     train_file: str | None = None
-    """JSONL training file: {prompt,completion}, {messages} or {text} per line."""
+    """Training file: JSONL, a JSON array, CSV/TSV or Parquet, of {prompt,completion}, {messages} or {text}
+    records, or Alpaca's {instruction,input,output} or ShareGPT's {conversations} (docs/data.md)."""
     eval_file: str | None = None
-    """JSONL evaluation file; if empty, eval_split of the training data is held out."""
+    """Evaluation file, in the same formats; if empty, eval_split of the training data is held out."""
+    fields: dict[str, str] = field(default_factory=dict)
+    """The data files' column names for lorakit's keys, e.g. {prompt: question, completion: answer}."""
     eval_split: float = 0.05
     """Fraction of train_file held out for evaluation when eval_file is empty."""
     n_train: int = 2000
@@ -277,6 +281,7 @@ def validate(cfg: RunConfig) -> None:
         (dsec.max_len >= 8, f"data.max_len must be >= 8, got {dsec.max_len}"),
         (0 < dsec.eval_split < 1, f"data.eval_split must be in (0, 1), got {dsec.eval_split}"),
         (dsec.train_file or dsec.task, "set data.train_file or data.task"),
+        (not fields_problem(dsec.fields), f"data.fields {fields_problem(dsec.fields)}"),
         (
             cfg.lora.init != "loftq" or cfg.model.quantize,
             "lora.init loftq starts an adapter on a 4-bit base: add --model.quantize nf4",

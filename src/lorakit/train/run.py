@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.data.jsonl import DataError, read_jsonl
+from lorakit.data.jsonl import DataError, read_examples
 from lorakit.data.tasks import make_task
 from lorakit.data.tokenize import IGNORE, Encoded, encode_dataset, pack
 from lorakit.device import (
@@ -40,14 +40,14 @@ log = logging.getLogger(__name__)
 
 
 def load_examples(cfg: RunConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
-    """(train, eval, description) from the data section: a built-in task, or JSONL files."""
+    """(train, eval, description) from the data section: a built-in task, or data files."""
     d = cfg.data
     if not d.train_file:
         train, ev = make_task(d.task, n_train=d.n_train, n_eval=d.n_eval, seed=cfg.train.seed)
         return train, ev, f"built-in task {d.task!r}"
-    train = read_jsonl(d.train_file)
+    train = read_examples(d.train_file, d.fields)
     if d.eval_file:
-        return train, read_jsonl(d.eval_file), f"{d.train_file} (eval: {d.eval_file})"
+        return train, read_examples(d.eval_file, d.fields), f"{d.train_file} (eval: {d.eval_file})"
     rng = random.Random(cfg.train.seed)
     order = list(range(len(train)))
     rng.shuffle(order)

@@ -139,7 +139,7 @@ class _Routes:
         return {"path": path, "examples": n}
 
     async def preview(self, request: Request) -> dict[str, Any]:
-        from lorakit.data.jsonl import DataError, read_jsonl
+        from lorakit.data.jsonl import DataError, read_examples
         from lorakit.data.tasks import make_task
         from lorakit.data.tokenize import IGNORE, encode_example, learned_segments
 
@@ -149,7 +149,7 @@ class _Routes:
         chat, on_all = bool(body.get("chat", True)), bool(body.get("train_on_all", False))
         try:
             if body.get("file"):
-                examples = await asyncio.to_thread(read_jsonl, self.ws.path(body["file"], what="file"))
+                examples = await asyncio.to_thread(read_examples, self.ws.path(body["file"], what="file"))
                 examples = [{**e} for e in examples]
             else:
                 examples = make_task(str(body.get("task") or "dates"), n_train=0, n_eval=n)[1]

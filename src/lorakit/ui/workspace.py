@@ -2,7 +2,7 @@
 
     ws = Workspace(Path("playground"))
     ws.path("data/chat.jsonl")            # the real path, or a 403 APIError naming what was refused
-    ws.save_upload("chat.jsonl", data)    # checked JSONL, written atomically to data/chat.jsonl
+    ws.save_upload("chat.jsonl", data)    # checked data (JSONL, JSON, CSV, Parquet), written atomically to data/
 
 A path from the page is relative to the workspace. Absolute paths, `..`, NUL bytes and anything that resolves
 (symlinks followed) outside the workspace are refused with a one-line 403; a path that does not exist is a 404.
@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.atomic import atomic_file, atomic_write, tree_size
-from lorakit.data.jsonl import DataError, parse_jsonl
+from lorakit.data.files import SUFFIXES
+from lorakit.data.jsonl import DataError, parse_examples
 from lorakit.formats import CONFIG_NAME
 from lorakit.serve import protocol as P
 
@@ -96,8 +97,8 @@ class Workspace:
         """What the page can pick from: data files, adapter folders, runs and exports."""
         data = [
             {"path": self.rel(f), "size": f.stat().st_size}
-            for f in sorted((self.root / "data").glob("*.jsonl"))
-            if f.is_file() and self.inside(Path(os.path.realpath(f)))
+            for f in sorted((self.root / "data").iterdir())
+            if f.suffix.lower() in SUFFIXES and f.is_file() and self.inside(Path(os.path.realpath(f)))
         ]
         exports = [
             {"path": self.rel(f), "size": tree_size(f)}
@@ -154,14 +155,14 @@ class Workspace:
     # -- uploads and downloads ---------------------------------------------------------------------------------
 
     def save_upload(self, name: Any, data: bytes) -> tuple[str, int]:
-        """Check `data` as a JSONL training file and write it to data/<name> atomically: (path, examples).
-        A bad file is a 400 whose message names the line ("chat.jsonl:3: not valid JSON ..."); nothing is
-        written."""
+        """Check `data` as a training file (JSONL, JSON, CSV, TSV or Parquet, by its name's suffix) and write it
+        to data/<name> atomically: (path, examples). A bad file is a 400 whose message names the line
+        ("chat.jsonl:3: not valid JSON ..."); nothing is written."""
         name = check_name(name, "name")
-        if not name.endswith(".jsonl"):
-            raise P.bad(f"upload {name!r}: the file name must end in .jsonl", "name")
+        if Path(name).suffix.lower() not in SUFFIXES:
+            raise P.bad(f"upload {name!r}: the file name must end in one of {', '.join(SUFFIXES)}", "name")
         try:
-            examples = parse_jsonl(data, name)
+            examples = parse_examples(data, name)
         except DataError as e:
             raise P.bad(str(e), "file") from None
         out = self.root / "data" / name

@@ -1,0 +1,60 @@
+"""Write the built-in "dates" task as the data files of other tools, for `lorakit train --data.train_file`:
+
+- dates_alpaca.json     Alpaca records in a JSON array (LLaMA-Factory's and Stanford Alpaca's layout)
+- dates_sharegpt.jsonl  ShareGPT conversations, with a system prompt, one per line
+- dates.csv             a spreadsheet with its own column names (question, answer): --data.fields renames them
+
+    python examples/data/make_dates.py            # rewrites the three files next to this script
+
+The examples are the task's first 320 training examples (seed 0), the same in every file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+from lorakit.data.tasks import make_task
+
+HERE = Path(__file__).resolve().parent
+N = 320
+SYSTEM = "You convert dates to ISO 8601."
+
+
+def files() -> dict[str, str]:
+    """File name -> its text."""
+    train, _ = make_task("dates", n_train=N, n_eval=1, seed=0)
+    pairs = []
+    for ex in train:
+        instruction, _, date = ex["prompt"].rpartition(": ")
+        pairs.append((instruction + ":", date, ex["completion"]))
+    alpaca = [{"instruction": i, "input": d, "output": a} for i, d, a in pairs]
+    sharegpt = [
+        {
+            "conversations": [{"from": "human", "value": f"{i}\n{d}"}, {"from": "gpt", "value": a}],
+            "system": SYSTEM,
+        }
+        for i, d, a in pairs
+    ]
+    table = io.StringIO(newline="")
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerows([("question", "answer"), *((f"{i} {d}", a) for i, d, a in pairs)])
+    return {
+        "dates_alpaca.json": json.dumps(alpaca, indent=1, ensure_ascii=False) + "\n",
+        "dates_sharegpt.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sharegpt),
+        "dates.csv": table.getvalue(),
+    }
+
+
+def main() -> int:
+    for name, text in files().items():
+        (HERE / name).write_text(text)
+        print(f"wrote {HERE / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

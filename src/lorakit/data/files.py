@@ -1,0 +1,151 @@
+"""Data files as records: JSON Lines, JSON arrays, CSV/TSV and Parquet, each record with where it came from.
+
+    read_records("train.jsonl")    # [("train.jsonl:1", {...}), ("train.jsonl:2", {...}), ...]
+    read_records("alpaca.json")    # a JSON array (LLaMA-Factory's and Stanford Alpaca's files): "alpaca.json: record 1"
+    read_records("qa.csv")         # a header row, then one record per row: "qa.csv:2"
+    read_records("hub.parquet")    # what the Hugging Face Hub serves datasets as (needs pyarrow): "hub.parquet: row 1"
+
+The file's suffix picks the reader; any other suffix is read as JSON Lines. In CSV files, the cells of the columns
+that hold lists (`LIST_COLUMNS`: messages, conversations, history) are JSON text. What a record must hold is
+`lorakit.data.jsonl`'s business; this module only reads. Errors name the file and the line, record or row.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from lorakit.errors import LorakitError
+
+LIST_COLUMNS = ("messages", "conversations", "history")
+"""Columns whose CSV cells are JSON lists."""
+SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
+"""The suffixes with a reader of their own (others are read as JSON Lines)."""
+
+Record = tuple[str, Any]
+"""(where it came from, e.g. "train.jsonl:3", the parsed record)."""
+
+
+class DataError(LorakitError, ValueError):
+    """A data file is missing, empty or malformed."""
+
+
+def read_records(path: str | os.PathLike) -> list[Record]:
+    """The records of a data file, by its suffix. Raises DataError naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: data file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file ({'a folder' if path.is_dir() else 'a special file'})")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    return parse_records(data, str(path))
+
+
+def parse_records(data: bytes, source: str) -> list[Record]:
+    """The records of a data file's bytes, read as `source`'s suffix says."""
+    suffix = Path(source).suffix.lower()
+    if suffix == ".parquet":
+        return _parquet(data, source)
+    text = _text(data, source)
+    if suffix in (".csv", ".tsv"):
+        return _csv(text, source, "\t" if suffix == ".tsv" else ",")
+    if suffix == ".json" and text.lstrip().startswith("["):
+        return _json_array(text, source)
+    return _json_lines(text, source, whole_json=suffix == ".json")
+
+
+def _text(data: bytes, source: str) -> str:
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a BOM (Notepad, Excel's "CSV UTF-8") is fine
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{source}:{line}: not valid UTF-8 text (byte {column} of the line)") from None
+
+
+def _json_lines(text: str, source: str, *, whole_json: bool) -> list[Record]:
+    out: list[Record] = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"{source}:{lineno}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            if whole_json and not out and _is_one_object(text):
+                raise DataError(
+                    f"{source}: one JSON object; expected a JSON array of records, or one record per line"
+                ) from None
+            raise DataError(f"{source}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    return out
+
+
+def _is_one_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _json_array(text: str, source: str) -> list[Record]:
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{source}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(records, list):  # "[1] x": json.loads fails first; kept for clarity
+        raise DataError(f"{source}: expected a JSON array of records")
+    return [(f"{source}: record {i}", r) for i, r in enumerate(records, 1)]
+
+
+def _csv(text: str, source: str, delimiter: str) -> list[Record]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return []
+        names = [h.strip() for h in header]
+        if len(set(names)) != len(names) or not all(names):
+            raise DataError(f"{source}:1: the header row needs distinct, non-empty column names, got {names}")
+        out: list[Record] = []
+        for row in reader:
+            where = f"{source}:{reader.line_num}"
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(names):
+                raise DataError(f"{where}: {len(row)} cells in a file of {len(names)} columns {names}")
+            out.append((where, {n: _cell(n, c, where) for n, c in zip(names, row, strict=True)}))
+    except csv.Error as e:
+        raise DataError(f"{source}:{reader.line_num}: not valid CSV ({e})") from None
+    return out
+
+
+def _cell(name: str, cell: str, where: str) -> Any:
+    if name not in LIST_COLUMNS or not cell.strip():
+        return cell
+    try:
+        return json.loads(cell)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{where}: column {name!r} must hold a JSON list ({e.msg} at column {e.colno})"
+        ) from None
+
+
+def _parquet(data: bytes, source: str) -> list[Record]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{source}: reading Parquet files needs pyarrow (pip install pyarrow)") from None
+    try:
+        rows = pq.read_table(pa.BufferReader(data)).to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{source}: not a readable Parquet file ({reason})") from None
+    return [(f"{source}: row {i}", r) for i, r in enumerate(rows, 1)]

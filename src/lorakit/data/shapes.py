@@ -1,0 +1,189 @@
+"""The data formats of other tools, rewritten into lorakit's own shapes as records are read.
+
+lorakit trains on three shapes (`lorakit.data.jsonl`): `{"prompt", "completion"}`, `{"messages"}` (OpenAI's chat
+format: a `"weight": 0` on an assistant message leaves it unlearned, as in OpenAI's fine-tuning files) and
+`{"text"}`. These are read too, each record becoming `{"messages": [...]}`:
+
+| shape | a record | its messages |
+|---|---|---|
+| `alpaca` (LLaMA-Factory, Stanford Alpaca) | `instruction`, `input` (optional), `output`, `system` and `history` (`[[query, answer], ...]`) optional | the system prompt, each history pair as a user and an assistant turn, then the user's `instruction` and `input` joined by a newline (LLaMA-Factory's rule) and the assistant's `output` |
+| `sharegpt` (LLaMA-Factory, FastChat) | `conversations`: `[{"from": "human" \\| "gpt" \\| "system", "value": ...}]` (or `role`/`content` entries), `system` optional | one message per entry: human and user are user turns; gpt, assistant, chatgpt and model assistant turns |
+| conversational prompt/completion (TRL) | `prompt` and `completion` as lists of messages | the prompt's messages, then the completion's; only the completion's assistant turns are learned |
+
+Every assistant turn is learned (LLaMA-Factory's default, `mask_history: false`) unless a weight says otherwise.
+Tool-calling turns (`function_call`, `observation`, a `tools` column) are refused, named: lorakit does not train
+tool calls yet. `fields` renames a file's columns first, e.g. `{"prompt": "question", "completion": "answer"}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lorakit.data.files import DataError
+
+NATIVE = {"prompt_completion": ("prompt", "completion"), "messages": ("messages",), "text": ("text",)}
+"""lorakit's own shapes and the keys that make each."""
+FOREIGN = {"alpaca": ("instruction", "output"), "sharegpt": ("conversations",)}
+"""The other tools' shapes that are rewritten into messages, and the keys that make each."""
+FIELDS = tuple(
+    dict.fromkeys(
+        k for keys in (*NATIVE.values(), *FOREIGN.values(), ("input", "system", "history")) for k in keys
+    )
+)
+"""The keys `fields` may map a file's columns to."""
+
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+TOOL_ROLES = ("function_call", "observation", "function", "tool")  # in a sharegpt conversation
+
+
+def fields_problem(fields: Any) -> str | None:
+    """Why `fields` is not a mapping of lorakit's keys to column names, or None."""
+    if not isinstance(fields, dict):
+        return f"must map lorakit's keys to column names, e.g. {{prompt: question}}, got {fields!r}"
+    for ours, theirs in fields.items():
+        if ours not in FIELDS:
+            return f"maps {ours!r}, which is none of lorakit's keys {list(FIELDS)}"
+        if not isinstance(theirs, str) or not theirs:
+            return f"must name a column for {ours!r} (a non-empty string), got {theirs!r}"
+    if len(set(fields.values())) != len(fields):
+        return f"maps two keys to one column: {fields!r}"
+    return None
+
+
+def renamed(record: dict[str, Any], fields: dict[str, str], where: str) -> dict[str, Any]:
+    """The record with its columns renamed to lorakit's keys (`fields`: ours -> theirs)."""
+    if not fields:
+        return record
+    missing = [theirs for theirs in fields.values() if theirs not in record]
+    if missing:
+        ours = next(o for o, t in fields.items() if t == missing[0])
+        raise DataError(
+            f"{where}: no column {missing[0]!r} (data.fields maps {ours!r} to it); has {sorted(record)}"
+        )
+    taken = {theirs for theirs in fields.values()}
+    out = {k: v for k, v in record.items() if k not in taken and k not in fields}
+    out.update({ours: record[theirs] for ours, theirs in fields.items()})
+    return out
+
+
+def shape_of(record: dict[str, Any]) -> str | None:
+    """The record's shape: one of NATIVE's or FOREIGN's names, or None if its keys fit none."""
+    for name, keys in {**NATIVE, **FOREIGN}.items():
+        if all(k in record for k in keys):
+            return name
+    return None
+
+
+def as_native(record: dict[str, Any], shape: str, where: str) -> dict[str, Any]:
+    """The record in one of lorakit's own shapes (a native record is returned as it is)."""
+    if shape == "alpaca":
+        return {"messages": _alpaca(record, where)}
+    if shape == "sharegpt":
+        return {"messages": _sharegpt(record, where)}
+    if shape == "prompt_completion" and isinstance(record["prompt"], list):  # TRL's conversational prompt
+        return {"messages": _conversational(record, where)}
+    if shape == "messages" and isinstance(record["messages"], list):  # Parquet gives absent keys as None
+        return {
+            **record,
+            "messages": [
+                {k: v for k, v in m.items() if v is not None or k == "content"} if isinstance(m, dict) else m
+                for m in record["messages"]
+            ],
+        }
+    return record
+
+
+def _given(record: dict[str, Any], key: str, where: str) -> str | None:
+    """An optional text column: None when absent, null or empty."""
+    value = record.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _text(record: dict[str, Any], key: str, where: str) -> str:
+    value = record[key]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _no_tools(record: dict[str, Any], where: str) -> None:
+    if record.get("tools") not in (None, "", "[]", []):
+        raise DataError(f"{where}: a 'tools' column: lorakit does not train tool calls yet")
+
+
+def _alpaca(record: dict[str, Any], where: str) -> list[dict[str, str]]:
+    _no_tools(record, where)
+    msgs = []
+    system = _given(record, "system", where)
+    if system is not None:
+        msgs.append({"role": "system", "content": system})
+    history = record.get("history")
+    if history not in (None, ""):
+        if not isinstance(history, list) or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(s, str) for s in p)
+            for p in history
+        ):
+            raise DataError(f"{where}: 'history' must be a list of [query, answer] string pairs")
+        for query, answer in history:
+            msgs += [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
+    query = "\n".join(t for t in (_text(record, "instruction", where), _given(record, "input", where)) if t)
+    return msgs + [
+        {"role": "user", "content": query},
+        {"role": "assistant", "content": _text(record, "output", where)},
+    ]
+
+
+def _sharegpt(record: dict[str, Any], where: str) -> list[dict[str, str]]:
+    _no_tools(record, where)
+    turns = record["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise DataError(f"{where}: 'conversations' must be a non-empty list")
+    msgs = []
+    system = _given(record, "system", where)
+    if system is not None:
+        msgs.append({"role": "system", "content": system})
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: conversations[{i}] must be an object, got {type(turn).__name__}")
+        role, content = (
+            (turn.get("from"), turn.get("value"))
+            if "from" in turn
+            else (turn.get("role"), turn.get("content"))
+        )
+        if isinstance(role, str) and role in TOOL_ROLES:
+            raise DataError(
+                f"{where}: conversations[{i}] is a {role!r} turn: lorakit does not train tool calls yet"
+            )
+        if not isinstance(role, str) or role not in SHAREGPT_ROLES or not isinstance(content, str):
+            raise DataError(
+                f"{where}: conversations[{i}] needs a 'from' in {sorted(SHAREGPT_ROLES)} and a string 'value' "
+                "(or 'role' and 'content')"
+            )
+        msgs.append({"role": SHAREGPT_ROLES[role], "content": content})
+    return msgs
+
+
+def _conversational(record: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    prompt, completion = record["prompt"], record["completion"]
+    if not isinstance(completion, list) or not completion:
+        raise DataError(
+            f"{where}: a 'prompt' of messages needs a 'completion' of messages (a non-empty list)"
+        )
+    if not all(isinstance(m, dict) for m in prompt + completion):
+        raise DataError(f"{where}: 'prompt' and 'completion' must be lists of messages (objects)")
+    unlearned = [{**m, "weight": 0} if m.get("role") == "assistant" else m for m in prompt]
+    if not any(m.get("role") == "assistant" for m in completion):
+        raise DataError(f"{where}: the 'completion' has no assistant message to learn from")
+    return unlearned + list(completion)

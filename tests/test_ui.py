@@ -96,7 +96,7 @@ def test_the_preview_marks_what_the_loss_learns(http):
     assert len(task["examples"]) == 2
 
 
-def test_alpaca_csv_and_parquet_uploads_are_data_files_too(http):
+def test_alpaca_csv_and_parquet_uploads_are_data_files_too(ui, http):
     import io
 
     import pyarrow as pa
@@ -117,6 +117,18 @@ def test_alpaca_csv_and_parquet_uploads_are_data_files_too(http):
     assert learned.startswith("Paris")
     bad = error(http.post("/api/upload", params={"name": "bad.csv"}, content=b"prompt,completion\na\n"), 400)
     assert bad.startswith("bad.csv:2: 1 cells in a file of 2 columns")
+    qa = b"question,answer\nCapital of Spain?,Madrid\n"
+    assert error(http.post("/api/upload", params={"name": "qa.csv"}, content=qa), 400).startswith(
+        "qa.csv:2: unknown fields ['answer', 'question']"
+    )
+    fields = "{prompt: question, completion: answer}"  # the form's text for data.fields
+    r = http.post("/api/upload", params={"name": "qa.csv", "fields": fields}, content=qa)
+    assert r.json() == {"path": "data/qa.csv", "examples": 1}
+    out = http.post("/api/preview", json={"file": "data/qa.csv", "fields": fields}).json()
+    learned = "".join(s["text"] for s in out["examples"][0]["segments"] if s["learned"])
+    assert learned.startswith("Madrid")
+    for wrong in ("{prompt: nope}", "[1]", "{a: b"):
+        assert "data" in error(http.post("/api/preview", json={"file": "data/qa.csv", "fields": wrong}), 400)
 
 
 # -- runs ------------------------------------------------------------------------------------------------------

@@ -73,6 +73,17 @@ def _walk(page, url: str, model_dir) -> None:
     # 2. a short training run from the form (long enough to stop half-way)
     page.click("#tab-train")
     page.wait_for_selector("[name='train.steps']")
+    # first, a spreadsheet of the user's own: its columns named in data.fields, uploaded, previewed
+    page.fill("[name='data.fields']", "{prompt: question, completion: answer}")
+    csv = b"question,answer\nCapital of Spain?,Madrid\n"
+    page.set_input_files("#upload", files=[{"name": "qa.csv", "mimeType": "text/csv", "buffer": csv}])
+    page.wait_for_function("document.querySelector('#upload-note').textContent.includes('data/qa.csv: 1 ')")
+    page.click("#preview-btn")
+    page.wait_for_function(
+        "[...document.querySelectorAll('#preview .learned')].some(s => s.textContent.startsWith('Madrid'))"
+    )
+    page.fill("[name='data.fields']", "{}")
+    page.select_option("#data-source", "task:dates")
     page.click("details[data-section=eval] > summary")  # closed by default: model, lora, data, train are open
     page.fill("#run-name", "b1")
     for name, value in {

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
@@ -122,7 +123,9 @@ class _Routes:
 
     # -- data --------------------------------------------------------------------------------------------------
 
-    async def upload(self, request: Request, name: str = "") -> dict[str, Any]:
+    async def upload(self, request: Request, name: str = "", fields: str = "") -> dict[str, Any]:
+        """The body is the file; `fields`: the form's data.fields, with which it is checked."""
+        columns = _fields(fields)
         limit = int(self.settings.max_upload_mb * 2**20)
         chunks, size = [], 0
         async for chunk in request.stream():
@@ -135,7 +138,7 @@ class _Routes:
                     "file",
                 )
             chunks.append(chunk)
-        path, n = await asyncio.to_thread(self.ws.save_upload, name, b"".join(chunks))
+        path, n = await asyncio.to_thread(self.ws.save_upload, name, b"".join(chunks), columns)
         return {"path": path, "examples": n}
 
     async def preview(self, request: Request) -> dict[str, Any]:
@@ -147,9 +150,11 @@ class _Routes:
         n = _int(body.get("n", 3), "n", 1, PREVIEW_MAX)
         max_len = _int(body.get("max_len", 256), "max_len", 8, 1 << 20)
         chat, on_all = bool(body.get("chat", True)), bool(body.get("train_on_all", False))
+        fields = _fields(body.get("fields"))
         try:
             if body.get("file"):
-                examples = await asyncio.to_thread(read_examples, self.ws.path(body["file"], what="file"))
+                path = self.ws.path(body["file"], what="file")
+                examples = await asyncio.to_thread(read_examples, path, fields)
                 examples = [{**e} for e in examples]
             else:
                 examples = make_task(str(body.get("task") or "dates"), n_train=0, n_eval=n)[1]
@@ -384,6 +389,23 @@ class _Routes:
     async def download(self, path: str = "") -> FileResponse:
         real, filename = await asyncio.to_thread(self.ws.download, path)
         return FileResponse(real, filename=filename)
+
+
+def _fields(value: Any) -> dict[str, str] | None:
+    """The preview's `fields`: data.fields as the form holds it (YAML text, or a mapping); 400 if it is none."""
+    from lorakit.data.shapes import fields_problem
+
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise P.bad(f"data.fields is not YAML: {str(e).splitlines()[0]}", "fields") from None
+    problem = fields_problem(value)
+    if problem:
+        raise P.bad(f"data.fields {problem}", "fields")
+    return value
 
 
 def _int(value: Any, what: str, lo: int, hi: int) -> int:

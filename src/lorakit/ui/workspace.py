@@ -154,15 +154,15 @@ class Workspace:
 
     # -- uploads and downloads ---------------------------------------------------------------------------------
 
-    def save_upload(self, name: Any, data: bytes) -> tuple[str, int]:
+    def save_upload(self, name: Any, data: bytes, fields: dict[str, str] | None = None) -> tuple[str, int]:
         """Check `data` as a training file (JSONL, JSON, CSV, TSV or Parquet, by its name's suffix) and write it
         to data/<name> atomically: (path, examples). A bad file is a 400 whose message names the line
-        ("chat.jsonl:3: not valid JSON ..."); nothing is written."""
+        ("chat.jsonl:3: not valid JSON ..."); nothing is written. `fields`: data.fields, the file's column names."""
         name = check_name(name, "name")
         if Path(name).suffix.lower() not in SUFFIXES:
             raise P.bad(f"upload {name!r}: the file name must end in one of {', '.join(SUFFIXES)}", "name")
         try:
-            examples = parse_examples(data, name)
+            examples = parse_examples(data, name, fields)
         except DataError as e:
             raise P.bad(str(e), "file") from None
         out = self.root / "data" / name

@@ -520,7 +520,9 @@ $("#upload").addEventListener("change", async (event) => {
   try {
     if (limit && file.size > limit * 1024 * 1024) throw new Error(`${file.name} is larger than ${limit} MB`);
     input.disabled = true;
-    const res = await request(`/api/upload?name=${enc(file.name)}`, {
+    const fields = controls.get("data.fields")?.value?.trim(); // a file with its own column names
+    const query = fields && fields !== "{}" ? `&fields=${enc(fields)}` : "";
+    const res = await request(`/api/upload?name=${enc(file.name)}${query}`, {
       method: "POST",
       body: file,
       headers: { "Content-Type": "application/octet-stream" },
@@ -549,6 +551,8 @@ $("#preview-btn").addEventListener("click", (event) =>
     }
     const maxLen = parseInt(controls.get("data.max_len")?.value, 10);
     if (Number.isFinite(maxLen)) body.max_len = maxLen;
+    const fields = controls.get("data.fields")?.value?.trim();
+    if (fields && fields !== "{}") body.fields = fields; // the file's column names, as the run will read them
     renderPreview(await postJSON("/api/preview", body));
   }),
 );

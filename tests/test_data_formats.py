@@ -138,6 +138,20 @@ def test_trl_conversational_prompt_completion_learns_the_completion_only(tmp_pat
     ]
 
 
+def test_openai_content_parts_are_joined_and_other_parts_refused(tmp_path):
+    parts = [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"}]
+    row = {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": [parts[1]]}]}
+    assert read_examples(_jsonl(tmp_path / "p.jsonl", [row])) == [
+        {"messages": [{"role": "user", "content": "Hello, world"}, {"role": "assistant", "content": "world"}]}
+    ]
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,"}}
+    row["messages"][0]["content"] = [parts[0], image]
+    with pytest.raises(
+        DataError, match=r"p\.jsonl:1: messages\[0\] has a 'image_url' content part: lorakit trains"
+    ):
+        read_examples(_jsonl(tmp_path / "p.jsonl", [row]))
+
+
 def test_fields_rename_columns(tmp_path):
     path = _csv(tmp_path / "qa.csv", [{"question": "2+2?", "answer": "4", "id": "7"}])
     assert read_examples(path, {"prompt": "question", "completion": "answer"}) == [

@@ -89,16 +89,28 @@ def as_native(record: dict[str, Any], shape: str, where: str) -> dict[str, Any]:
     if shape == "sharegpt":
         return {"messages": _sharegpt(record, where)}
     if shape == "prompt_completion" and isinstance(record["prompt"], list):  # TRL's conversational prompt
-        return {"messages": _conversational(record, where)}
-    if shape == "messages" and isinstance(record["messages"], list):  # Parquet gives absent keys as None
-        return {
-            **record,
-            "messages": [
-                {k: v for k, v in m.items() if v is not None or k == "content"} if isinstance(m, dict) else m
-                for m in record["messages"]
-            ],
-        }
+        return {"messages": [_message(m, i, where) for i, m in enumerate(_conversational(record, where))]}
+    if shape == "messages" and isinstance(record["messages"], list):
+        return {**record, "messages": [_message(m, i, where) for i, m in enumerate(record["messages"])]}
     return record
+
+
+def _message(m: Any, i: int, where: str) -> Any:
+    """A message without the keys Parquet gives as None where a row lacks them, and with OpenAI's content parts
+    (`[{"type": "text", "text": ...}]`) as one text, joined as `lorakit serve` joins them."""
+    if not isinstance(m, dict):
+        return m  # named by the check
+    m = {k: v for k, v in m.items() if v is not None or k == "content"}
+    content = m.get("content")
+    if isinstance(content, list):
+        kinds = [p.get("type") if isinstance(p, dict) else type(p).__name__ for p in content]
+        if any(k != "text" for k in kinds) or not all(isinstance(p.get("text"), str) for p in content):
+            other = next((k for k in kinds if k != "text"), "text")
+            raise DataError(
+                f"{where}: messages[{i}] has a {other!r} content part: lorakit trains on text parts only"
+            )
+        m["content"] = "".join(p["text"] for p in content)
+    return m
 
 
 def _given(record: dict[str, Any], key: str, where: str) -> str | None:

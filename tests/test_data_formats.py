@@ -152,6 +152,53 @@ def test_openai_content_parts_are_joined_and_other_parts_refused(tmp_path):
         read_examples(_jsonl(tmp_path / "p.jsonl", [row]))
 
 
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city now",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+CALLED = [
+    {"role": "user", "content": "Is it raining in Oslo?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
+        ],
+    },
+    {"role": "tool", "content": '{"rain": true}'},
+    {"role": "assistant", "content": "Yes, it is raining in Oslo."},
+]
+
+
+def test_sharegpt_function_calls_and_observations_become_openai_tool_messages(tmp_path):
+    """LLaMA-Factory's tool-calling ShareGPT: `tools` as JSON text, function_call and observation turns."""
+    row = {
+        "conversations": [
+            {"from": "human", "value": "Is it raining in Oslo?"},
+            {
+                "from": "function_call",
+                "value": json.dumps({"name": "get_weather", "arguments": {"city": "Oslo"}}),
+            },
+            {"from": "observation", "value": '{"rain": true}'},
+            {"from": "gpt", "value": "Yes, it is raining in Oslo."},
+        ],
+        "tools": json.dumps([WEATHER]),
+    }
+    assert read_examples(_jsonl(tmp_path / "t.jsonl", [row])) == [{"messages": CALLED, "tools": [WEATHER]}]
+
+
+def test_openai_tool_call_records_keep_their_calls_and_functions(tmp_path):
+    """OpenAI's fine-tuning format for function calling: tools in OpenAI's wrapper, arguments as JSON text."""
+    msgs = json.loads(json.dumps(CALLED))
+    msgs[1]["tool_calls"][0] |= {"id": "call_1"}
+    msgs[1]["tool_calls"][0]["function"]["arguments"] = '{"city": "Oslo"}'
+    msgs[2]["tool_call_id"] = "call_1"
+    row = {"messages": msgs, "tools": [{"type": "function", "function": WEATHER}]}
+    (ex,) = read_examples(_jsonl(tmp_path / "t.jsonl", [row]))
+    assert ex == {"messages": msgs, "tools": [WEATHER]}
+
+
 def test_fields_rename_columns(tmp_path):
     path = _csv(tmp_path / "qa.csv", [{"question": "2+2?", "answer": "4", "id": "7"}])
     assert read_examples(path, {"prompt": "question", "completion": "answer"}) == [
@@ -196,13 +243,49 @@ def test_fields_rename_columns(tmp_path):
             "x.jsonl",
             '{"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "{}"}]}',
             None,
-            r"conversations\[1\] is a 'function_call' turn: lorakit does not train tool calls",
+            r"conversations\[1\]: a function_call's value must be \{\"name\"",
         ),
         (
             "x.jsonl",
-            '{"conversations": [{"from": "gpt", "value": "a"}], "tools": "[{\\"name\\": \\"f\\"}]"}',
+            '{"conversations": [{"from": "gpt", "value": "a"}], "tools": "[{\\"name\\": \\"f g\\"}]"}',
             None,
-            r"x\.jsonl:1: a 'tools' column",
+            r"x\.jsonl:1: tools\[0\]'s name must be 1 to 64 letters",
+        ),
+        (
+            "x.jsonl",
+            '{"conversations": [{"from": "gpt", "value": "a"}], "tools": "[oops"}',
+            None,
+            r"'tools' is text that is not JSON",
+        ),
+        (
+            "x.jsonl",
+            '{"conversations": [{"from": "gpt", "value": "a"}], "tools": [{"name": "f"}, {"name": "f"}]}',
+            None,
+            r"tools\[1\]: the function 'f' is listed twice",
+        ),
+        (
+            "x.jsonl",
+            '{"messages": [{"role": "user", "content": "q", "tool_calls": [{"function": {"name": "f"}}]}, {"role": "assistant", "content": "a"}]}',
+            None,
+            r"messages\[0\]: 'tool_calls' must be an assistant's non-empty list",
+        ),
+        (
+            "x.jsonl",
+            '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}]}',
+            None,
+            r"messages\[1\]: the arguments of 'f' must be an object, or its JSON text",
+        ),
+        (
+            "x.jsonl",
+            '{"tools": [{"type": "function", "function": {"name": "g"}}], "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}]}',
+            None,
+            r"messages\[1\]: calls 'f', which the record's 'tools' do not offer: \['g'\]",
+        ),
+        (
+            "x.jsonl",
+            '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": null}]}',
+            None,
+            r"messages\[1\] needs a 'role' in .* and a string 'content' \(or an assistant's 'tool_calls'\)",
         ),
         ("x.jsonl", '{"conversations": []}', None, r"'conversations' must be a non-empty list"),
         (
@@ -369,3 +452,53 @@ def test_training_from_a_csv_with_renamed_columns_equals_training_from_jsonl(tmp
     assert losses(root / "run") == losses(tmp_path / "a" / "run")  # bitwise: the same ops on the same batches
     assert summary["before"] == reference["before"] and summary["after"] == reference["after"]
     assert summary["data"] == reference["data"]
+
+
+@pytest.mark.real_model
+def test_a_tool_call_trains_as_lorakit_serve_renders_it(tok):
+    """SmolLM2's template does not render tools: the functions go into a system message and the call is its JSON,
+    exactly as lorakit serve renders a request with these tools; the loss learns the call and the final answer."""
+    from lorakit.data.toolcalls import renders_tools
+    from lorakit.serve.tools import parse_tools
+    from lorakit.train.evaluate import prompt_and_answer
+
+    assert not renders_tools(tok)
+    ex = {"messages": CALLED, "tools": [WEATHER]}
+    enc = encode_example(tok, ex, max_len=512)
+    served = parse_tools({"tools": [{"type": "function", "function": WEATHER}]}).prompt(CALLED, False)
+    assert tok.decode(enc.input_ids) == tok.apply_chat_template(served, tokenize=False)
+    learned = _learned(tok, enc)
+    call = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+    assert learned == f"{call}<|im_end|>\nYes, it is raining in Oslo.<|im_end|>\n"
+    assert "rain" not in learned.replace("raining", "") and "You can call" not in learned
+    prompt, answer, extra = prompt_and_answer({"messages": CALLED[:2], "tools": [WEATHER]}, tok)
+    assert answer == call and prompt == served[:2] and extra == {}
+
+
+HERMES = (  # a template that renders tools and calls itself (Hermes' and Qwen's way, shortened)
+    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools><|im_end|>\n"
+    "{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content %}{{ m.content }}{% endif %}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.real_model
+def test_a_template_that_renders_tools_gets_them_itself(default_model_dir):
+    from transformers import AutoTokenizer
+
+    from lorakit.data.toolcalls import renders_tools
+    from lorakit.train.evaluate import prompt_and_answer
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir, local_files_only=True)
+    tok.chat_template = HERMES
+    assert renders_tools(tok)
+    enc = encode_example(tok, {"messages": CALLED, "tools": [WEATHER]}, max_len=512)
+    text = tok.decode(enc.input_ids)
+    assert text.startswith("<|im_start|>system\n<tools>{") and '"get_weather"' in text
+    assert "You can call these functions" not in text  # no description of ours: the template has its own
+    learned = _learned(tok, enc)
+    assert learned.startswith('<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>')
+    assert learned.endswith("Yes, it is raining in Oslo.<|im_end|>\n") and '{"rain": true}' not in learned
+    # an answer that is a call the template renders has no text to compare: exact-match accuracy skips it
+    assert prompt_and_answer({"messages": CALLED[:2], "tools": [WEATHER]}, tok) is None

@@ -13,6 +13,7 @@ CSV/TSV or Parquet (`lorakit.data.files`). All records of a file have one shape.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -88,15 +89,20 @@ def _check(ex: dict[str, Any], shape: str, where: str) -> None:
         msgs = ex["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise DataError(f"{where}: 'messages' must be a non-empty list")
+        offered = {t["name"] for t in ex.get("tools", ())}
         for i, m in enumerate(msgs):
+            calls = m.get("tool_calls") if isinstance(m, dict) else None
             if (
                 not isinstance(m, dict)
-                or not isinstance(m.get("content"), str)
+                or not (isinstance(m.get("content"), str) or (calls and m.get("content") is None))
                 or not _is_role(m.get("role"))
             ):
                 raise DataError(
-                    f"{where}: messages[{i}] needs a 'role' in {sorted(ROLES)} and a string 'content'"
+                    f"{where}: messages[{i}] needs a 'role' in {sorted(ROLES)} and a string 'content' (or an "
+                    "assistant's 'tool_calls')"
                 )
+            if calls is not None:
+                _check_calls(calls, m["role"], offered, f"{where}: messages[{i}]")
             if "weight" in m and (
                 m["weight"] not in (0, 1) or isinstance(m["weight"], float) or m["role"] != "assistant"
             ):
@@ -110,6 +116,30 @@ def _check(ex: dict[str, Any], shape: str, where: str) -> None:
         for k in SHAPES[shape]:
             if not isinstance(ex[k], str):
                 raise DataError(f"{where}: {k!r} must be a string, got {type(ex[k]).__name__}")
+
+
+def _check_calls(calls: Any, role: str, offered: set[str], where: str) -> None:
+    """An assistant's `tool_calls`: OpenAI's [{"type": "function", "function": {"name", "arguments"}}], the
+    arguments an object or its JSON text, each naming a function the record offers (where it offers any)."""
+    shape = '[{"type": "function", "function": {"name": ..., "arguments": {...}}}]'
+    if role != "assistant" or not isinstance(calls, list) or not calls:
+        raise DataError(f"{where}: 'tool_calls' must be an assistant's non-empty list {shape}")
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise DataError(f"{where}: 'tool_calls' must be {shape}")
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                args = None
+        if not isinstance(args, dict):
+            raise DataError(f"{where}: the arguments of {fn['name']!r} must be an object, or its JSON text")
+        if offered and fn["name"] not in offered:
+            raise DataError(
+                f"{where}: calls {fn['name']!r}, which the record's 'tools' do not offer: {sorted(offered)}"
+            )
 
 
 def _is_role(role: Any) -> bool:

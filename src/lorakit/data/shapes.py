@@ -11,12 +11,17 @@ format: a `"weight": 0` on an assistant message leaves it unlearned, as in OpenA
 | conversational prompt/completion (TRL) | `prompt` and `completion` as lists of messages | the prompt's messages, then the completion's; only the completion's assistant turns are learned |
 
 Every assistant turn is learned (LLaMA-Factory's default, `mask_history: false`) unless a weight says otherwise.
-Tool-calling turns (`function_call`, `observation`, a `tools` column) are refused, named: lorakit does not train
-tool calls yet. `fields` renames a file's columns first, e.g. `{"prompt": "question", "completion": "answer"}`.
+Tool calls: a record's `tools` (the functions offered: OpenAI's `[{"type": "function", "function": {...}}]`, bare
+function specs, or their JSON text, as LLaMA-Factory stores them) is kept as a list of specs; ShareGPT's
+`function_call` turns (`{"name", "arguments"}` as JSON text, or a list of them) become an assistant's
+`tool_calls`, and `observation` turns `tool` messages (`lorakit.data.toolcalls` renders them for the template).
+`fields` renames a file's columns first, e.g. `{"prompt": "question", "completion": "answer"}`.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 from lorakit.data.files import DataError
@@ -40,8 +45,11 @@ SHAREGPT_ROLES = {
     "chatgpt": "assistant",
     "model": "assistant",
     "system": "system",
+    "function_call": "function_call",  # an assistant's calls (LLaMA-Factory's tags)
+    "observation": "tool",  # their results
+    "tool": "tool",
 }
-TOOL_ROLES = ("function_call", "observation", "function", "tool")  # in a sharegpt conversation
+FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for a function's name
 
 
 def fields_problem(fields: Any) -> str | None:
@@ -84,15 +92,55 @@ def shape_of(record: dict[str, Any]) -> str | None:
 
 def as_native(record: dict[str, Any], shape: str, where: str) -> dict[str, Any]:
     """The record in one of lorakit's own shapes (a native record is returned as it is)."""
+    tools = _tools(record.get("tools"), where) if shape != "text" else []
+    offered = {"tools": tools} if tools else {}
     if shape == "alpaca":
-        return {"messages": _alpaca(record, where)}
+        return {"messages": _alpaca(record, where)} | offered
     if shape == "sharegpt":
-        return {"messages": _sharegpt(record, where)}
+        return {"messages": _sharegpt(record, where)} | offered
     if shape == "prompt_completion" and isinstance(record["prompt"], list):  # TRL's conversational prompt
-        return {"messages": [_message(m, i, where) for i, m in enumerate(_conversational(record, where))]}
+        msgs = _conversational(record, where)
+        return {"messages": [_message(m, i, where) for i, m in enumerate(msgs)]} | offered
     if shape == "messages" and isinstance(record["messages"], list):
-        return {**record, "messages": [_message(m, i, where) for i, m in enumerate(record["messages"])]}
+        rest = {k: v for k, v in record.items() if k != "tools"}
+        return (
+            rest | {"messages": [_message(m, i, where) for i, m in enumerate(record["messages"])]} | offered
+        )
     return record
+
+
+def _tools(value: Any, where: str) -> list[dict[str, Any]]:
+    """A record's functions offered, as specs {"name", "description"?, "parameters"?}; [] for none."""
+    if value is None or value == "" or value == []:
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise DataError(f"{where}: 'tools' is text that is not JSON") from None
+    if not isinstance(value, list):
+        raise DataError(f"{where}: 'tools' must be a list of functions, got {type(value).__name__}")
+    specs = []
+    for i, t in enumerate(value):
+        spec = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else t
+        if not isinstance(spec, dict):
+            raise DataError(f"{where}: tools[{i}] must be a function (an object)")
+        spec = {k: v for k, v in spec.items() if v is not None}
+        name = spec.get("name")
+        if not isinstance(name, str) or not FUNCTION_NAME.match(name):
+            raise DataError(
+                f"{where}: tools[{i}]'s name must be 1 to 64 letters, digits, _ or -, got {name!r}"
+            )
+        if not isinstance(spec.get("parameters", {}), dict) or not isinstance(
+            spec.get("description", ""), str
+        ):
+            raise DataError(
+                f"{where}: tools[{i}] ({name}): 'parameters' must be an object, 'description' a string"
+            )
+        if name in (s["name"] for s in specs):
+            raise DataError(f"{where}: tools[{i}]: the function {name!r} is listed twice")
+        specs.append(spec)
+    return specs
 
 
 def _message(m: Any, i: int, where: str) -> Any:
@@ -130,13 +178,7 @@ def _text(record: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
-def _no_tools(record: dict[str, Any], where: str) -> None:
-    if record.get("tools") not in (None, "", "[]", []):
-        raise DataError(f"{where}: a 'tools' column: lorakit does not train tool calls yet")
-
-
 def _alpaca(record: dict[str, Any], where: str) -> list[dict[str, str]]:
-    _no_tools(record, where)
     msgs = []
     system = _given(record, "system", where)
     if system is not None:
@@ -158,7 +200,6 @@ def _alpaca(record: dict[str, Any], where: str) -> list[dict[str, str]]:
 
 
 def _sharegpt(record: dict[str, Any], where: str) -> list[dict[str, str]]:
-    _no_tools(record, where)
     turns = record["conversations"]
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: 'conversations' must be a non-empty list")
@@ -174,17 +215,36 @@ def _sharegpt(record: dict[str, Any], where: str) -> list[dict[str, str]]:
             if "from" in turn
             else (turn.get("role"), turn.get("content"))
         )
-        if isinstance(role, str) and role in TOOL_ROLES:
-            raise DataError(
-                f"{where}: conversations[{i}] is a {role!r} turn: lorakit does not train tool calls yet"
-            )
         if not isinstance(role, str) or role not in SHAREGPT_ROLES or not isinstance(content, str):
             raise DataError(
                 f"{where}: conversations[{i}] needs a 'from' in {sorted(SHAREGPT_ROLES)} and a string 'value' "
                 "(or 'role' and 'content')"
             )
-        msgs.append({"role": SHAREGPT_ROLES[role], "content": content})
+        if SHAREGPT_ROLES[role] == "function_call":
+            msgs.append(
+                {"role": "assistant", "content": None, "tool_calls": _sharegpt_calls(content, i, where)}
+            )
+        else:
+            msgs.append({"role": SHAREGPT_ROLES[role], "content": content})
     return msgs
+
+
+def _sharegpt_calls(text: str, i: int, where: str) -> list[dict[str, Any]]:
+    """A function_call turn's value (`{"name", "arguments"}` as JSON text, or a list of them) as OpenAI's calls."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    calls = value if isinstance(value, list) else [value]
+    if not calls or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in calls):
+        raise DataError(
+            f'{where}: conversations[{i}]: a function_call\'s value must be {{"name": ..., "arguments": {{...}}}} '
+            "as JSON text (or a list of them)"
+        )
+    return [
+        {"type": "function", "function": {"name": c["name"], "arguments": c.get("arguments", {})}}
+        for c in calls
+    ]
 
 
 def _conversational(record: dict[str, Any], where: str) -> list[dict[str, Any]]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lorakit.data.jsonl import shape_of
+from lorakit.data.toolcalls import has_tools, renders_tools, tool_prompt, tool_specs
 
 IGNORE = -100
 
@@ -26,8 +27,22 @@ class Encoded:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def _render(tokenizer, messages: list[dict[str, Any]], generation_prompt: bool, extra: dict[str, Any]) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt, **extra
+    )
+
+
+def chat_messages(
+    tokenizer, ex: dict[str, Any], use_template: bool
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A messages example as the chat template takes it, and the template's extra arguments: its tool calls,
+    results and functions offered rendered as `lorakit serve` renders a request's (`lorakit.data.toolcalls`)."""
+    if not has_tools(ex):
+        return ex["messages"], {}
+    native = use_template and renders_tools(tokenizer)
+    msgs = tool_prompt(ex["messages"], ex.get("tools", []), native=native)
+    return msgs, ({"tools": tool_specs(ex["tools"])} if native and ex.get("tools") else {})
 
 
 def _segments(tokenizer, ex: dict[str, Any], chat: bool) -> list[tuple[str, bool]]:
@@ -46,7 +61,7 @@ def _segments(tokenizer, ex: dict[str, Any], chat: bool) -> list[tuple[str, bool
                 {"role": "assistant", "content": ex["completion"]},
             ]
         }
-    msgs = ex["messages"]
+    msgs, extra = chat_messages(tokenizer, ex, bool(use_template))
     if not use_template:
         return [
             (
@@ -60,12 +75,12 @@ def _segments(tokenizer, ex: dict[str, Any], chat: bool) -> list[tuple[str, bool
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        prefix = _render(tokenizer, msgs[:i], True)
-        upto = _render(tokenizer, msgs[: i + 1], False)
+        prefix = _render(tokenizer, msgs[:i], True, extra)
+        upto = _render(tokenizer, msgs[: i + 1], False, extra)
         if not (prefix.startswith(done) and upto.startswith(prefix)):
             prefix, upto = (
                 done + prefix[len(done) :],
-                prefix + m["content"] + eos,
+                prefix + (m.get("content") or "") + eos,
             )  # unusual template: best effort
         pieces += [(prefix[len(done) :], False), (upto[len(prefix) :], _learned(m))]
         done = upto

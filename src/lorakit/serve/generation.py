@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from lorakit.data.toolcalls import renders_tools
 from lorakit.serve import protocol as P
 from lorakit.serve import responses as R
 from lorakit.serve.adapters import AdapterRoutes
@@ -321,26 +322,10 @@ class GenerationRoutes:
         return tok(text, add_special_tokens=False)["input_ids"]
 
     def _renders_tools(self) -> bool:
-        """Whether the chat template puts `tools` into the prompt (it renders a probe differently with them).
+        """Whether the chat template puts `tools` into the prompt (`lorakit.data.toolcalls.renders_tools`).
         Called with the tokenizer lock held."""
         if self._native_tools is None:
-            probe = [{"role": "user", "content": "hi"}]
-            spec = {
-                "name": "probe_fn",
-                "description": "d",
-                "parameters": {"type": "object", "properties": {}},
-            }
-            try:
-                bare = self.tok.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
-                told = self.tok.apply_chat_template(
-                    probe,
-                    tokenize=False,
-                    add_generation_prompt=True,
-                    tools=[{"type": "function", "function": spec}],
-                )
-                self._native_tools = "probe_fn" in told and told != bare
-            except Exception:  # noqa: BLE001 - a template that fails on tools does not render them
-                self._native_tools = False
+            self._native_tools = renders_tools(self.tok)
         return self._native_tools
 
     def _budget(self, parsed: P.Parsed, n_prompt: int, which: int | None = None) -> int:

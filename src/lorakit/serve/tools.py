@@ -27,6 +27,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from lorakit.data.toolcalls import describe, tool_prompt, tool_specs
 from lorakit.serve.protocol import Parsed, bad
 from lorakit.serve.schema import AnyOf, Grammar, Lit, Obj, SchemaError, compile_schema
 
@@ -119,69 +120,16 @@ class Tools:
     def prompt(self, messages: list[dict[str, Any]], native: bool) -> list[dict[str, Any]]:
         """The messages for the chat template: as they are, with their calls in Hugging Face's shape, when the
         template renders tools (`native`); else with a system message describing the functions, calls as their
-        JSON, and results as <tool_response> user turns."""
-        if native:
-            return [_hf_message(m) for m in messages]
-        out = []
-        for m in messages:
-            if m["role"] == "assistant" and m.get("tool_calls"):
-                calls = [
-                    json.dumps({"name": c["function"]["name"], "arguments": _args(c)}, ensure_ascii=False)
-                    for c in m["tool_calls"]
-                ]
-                text = (
-                    "\n".join(calls)
-                    if len(calls) == 1
-                    else "\n".join(f"<tool_call>{c}</tool_call>" for c in calls)
-                )
-                out.append({"role": "assistant", "content": ((m.get("content") or "") + "\n" + text).strip()})
-            elif m["role"] == "tool":
-                out.append(
-                    {"role": "user", "content": f"<tool_response>\n{m.get('content', '')}\n</tool_response>"}
-                )
-            else:
-                out.append({"role": m["role"], "content": m.get("content") or ""})
-        if not self.tools:  # a conversation with earlier calls, and no functions offered now
-            return out
-        described = self.describe()
-        if out and out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{described}"}
-        else:
-            out.insert(0, {"role": "system", "content": described})
-        return out
+        JSON, and results as <tool_response> user turns. Training renders its conversations the same way
+        (`lorakit.data.toolcalls`)."""
+        return tool_prompt(messages, [t.spec for t in self.tools], native=native, choice=self.choice)
 
     def describe(self) -> str:
-        listed = "\n".join(json.dumps(t.spec, ensure_ascii=False) for t in self.tools)
-        call = '{"name": <the function\'s name>, "arguments": <an object of its arguments>}.'
-        if not self.forced:
-            ask = f"To call one, answer with only a JSON object: {call}"
-        else:
-            which = "one of these functions" if self.choice == "required" else f"the function {self.choice}"
-            ask = f"Answer by calling {which}: with only a JSON object {call}"
-        return f"You can call these functions, given as JSON Schemas:\n<tools>\n{listed}\n</tools>\n{ask}"
+        return describe([t.spec for t in self.tools], self.choice)
 
     def specs(self) -> list[dict[str, Any]]:
         """The functions as a chat template's `tools` argument takes them."""
-        return [{"type": "function", "function": t.spec} for t in self.tools]
-
-
-def _args(call: dict[str, Any]) -> Any:
-    args = call["function"].get("arguments", "{}")
-    try:
-        return json.loads(args) if isinstance(args, str) else args
-    except ValueError:
-        return args
-
-
-def _hf_message(m: dict[str, Any]) -> dict[str, Any]:
-    """A message as Hugging Face chat templates take it: a call's arguments as an object, not a JSON string."""
-    if not m.get("tool_calls"):
-        return m
-    calls = [
-        {"type": "function", "function": {"name": c["function"]["name"], "arguments": _args(c)}}
-        for c in m["tool_calls"]
-    ]
-    return {**m, "tool_calls": calls}
+        return tool_specs([t.spec for t in self.tools])
 
 
 def parse_tools(body: dict[str, Any]) -> Tools | None:

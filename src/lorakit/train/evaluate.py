@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.control import merged
-from lorakit.data.tokenize import IGNORE, Encoded
+from lorakit.data.tokenize import IGNORE, Encoded, chat_messages
 from lorakit.device import model_device, to_device
 from lorakit.generate import format_prompt
 from lorakit.inject import adapter_names
@@ -41,14 +41,23 @@ def eval_loss(model: nn.Module, rows: list[Encoded], pad_id: int, batch_size: in
     return total / count if count else None
 
 
-def prompt_and_answer(ex: dict[str, Any]) -> tuple[str | list[dict[str, str]], str] | None:
-    """What to prompt with and the expected answer, or None for plain-text examples."""
+def prompt_and_answer(
+    ex: dict[str, Any], tokenizer=None, chat: bool = True
+) -> tuple[str | list[dict[str, Any]], str, dict[str, Any]] | None:
+    """What to prompt with, the expected answer and the chat template's extra arguments; None for plain-text
+    examples, and for an answer that is a tool call a template renders itself (no text to compare). Tool calls,
+    results and functions go through `lorakit.data.tokenize.chat_messages`, as in training."""
     if "prompt" in ex:
-        return ex["prompt"], ex["completion"]
+        return ex["prompt"], ex["completion"], {}
     if "messages" in ex:
-        msgs = ex["messages"]
+        use_template = chat and bool(getattr(tokenizer, "chat_template", None))
+        msgs, extra = (
+            (ex["messages"], {}) if tokenizer is None else chat_messages(tokenizer, ex, use_template)
+        )
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        return msgs[:last], msgs[last]["content"]
+        if msgs[last].get("tool_calls") or not isinstance(msgs[last].get("content"), str):
+            return None
+        return msgs[:last], msgs[last]["content"], extra
     return None
 
 
@@ -70,7 +79,7 @@ def exact_match(
     `synced`: every process of a sharded (FSDP) model runs this together; each keeps running forward passes
     until all are done (Hugging Face's `synced_gpus`), since a forward pass is a collective.
     """
-    pairs = [p for p in (prompt_and_answer(ex) for ex in examples) if p is not None]
+    pairs = [p for p in (prompt_and_answer(ex, tokenizer, chat) for ex in examples) if p is not None]
     if not pairs:
         return None, []
     was_training = model.training
@@ -83,7 +92,7 @@ def exact_match(
         with merged(model, or_unmerged=True) if merge and adapter_names(model) else nullcontext():
             for i in range(0, len(pairs), batch_size):
                 chunk = pairs[i : i + batch_size]
-                texts = [_prompt_text(tokenizer, p, chat) for p, _ in chunk]
+                texts = [_prompt_text(tokenizer, p, chat, extra) for p, _, extra in chunk]
                 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
                 enc = to_device(dict(enc), model_device(model))
                 out = model.generate(
@@ -96,7 +105,7 @@ def exact_match(
                     pad_token_id=tokenizer.pad_token_id,
                     **({"synced_gpus": True} if synced else {}),
                 )
-                for (_, want), row in zip(chunk, out[:, enc["input_ids"].shape[1] :], strict=True):
+                for (_, want, _), row in zip(chunk, out[:, enc["input_ids"].shape[1] :], strict=True):
                     got = tokenizer.decode(row, skip_special_tokens=True).strip()
                     samples.append({"expected": want.strip(), "got": got})
     finally:
@@ -105,9 +114,9 @@ def exact_match(
     return sum(s["expected"] == s["got"] for s in samples) / len(samples), samples
 
 
-def _prompt_text(tokenizer, prompt, chat: bool) -> str:
+def _prompt_text(tokenizer, prompt, chat: bool, extra: dict[str, Any]) -> str:
     if isinstance(prompt, str):
         return format_prompt(tokenizer, prompt, chat=chat)
     if chat and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **extra)
     return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "

@@ -32,7 +32,9 @@ FOREIGN = {"alpaca": ("instruction", "output"), "sharegpt": ("conversations",)}
 """The other tools' shapes that are rewritten into messages, and the keys that make each."""
 FIELDS = tuple(
     dict.fromkeys(
-        k for keys in (*NATIVE.values(), *FOREIGN.values(), ("input", "system", "history", "tools")) for k in keys
+        k
+        for keys in (*NATIVE.values(), *FOREIGN.values(), ("input", "system", "history", "tools"))
+        for k in keys
     )
 )
 """The keys `fields` may map a file's columns to."""

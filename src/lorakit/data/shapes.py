@@ -7,7 +7,7 @@ format: a `"weight": 0` on an assistant message leaves it unlearned, as in OpenA
 | shape | a record | its messages |
 |---|---|---|
 | `alpaca` (LLaMA-Factory, Stanford Alpaca) | `instruction`, `input` (optional), `output`, `system` and `history` (`[[query, answer], ...]`) optional | the system prompt, each history pair as a user and an assistant turn, then the user's `instruction` and `input` joined by a newline (LLaMA-Factory's rule) and the assistant's `output` |
-| `sharegpt` (LLaMA-Factory, FastChat) | `conversations`: `[{"from": "human" \\| "gpt" \\| "system", "value": ...}]` (or `role`/`content` entries), `system` optional | one message per entry: human and user are user turns; gpt, assistant, chatgpt and model assistant turns |
+| `sharegpt` (LLaMA-Factory, FastChat) | `conversations`: `[{"from": "human" \\| "gpt" \\| "system" \\| "function_call" \\| "observation", "value": ...}]` (or `role`/`content` entries), `system` and `tools` optional | one message per entry: human and user are user turns; gpt, assistant, chatgpt and model assistant turns; function_call an assistant's calls, observation a tool message |
 | conversational prompt/completion (TRL) | `prompt` and `completion` as lists of messages | the prompt's messages, then the completion's; only the completion's assistant turns are learned |
 
 Every assistant turn is learned (LLaMA-Factory's default, `mask_history: false`) unless a weight says otherwise.

@@ -194,9 +194,15 @@ def test_openai_tool_call_records_keep_their_calls_and_functions(tmp_path):
     msgs[1]["tool_calls"][0] |= {"id": "call_1"}
     msgs[1]["tool_calls"][0]["function"]["arguments"] = '{"city": "Oslo"}'
     msgs[2]["tool_call_id"] = "call_1"
-    row = {"messages": msgs, "tools": [{"type": "function", "function": WEATHER}]}
+    reordered = {"parameters": WEATHER["parameters"], "strict": True, **WEATHER}  # as some exports write it
+    row = {"messages": msgs, "tools": [{"type": "function", "function": reordered}]}
     (ex,) = read_examples(_jsonl(tmp_path / "t.jsonl", [row]))
     assert ex == {"messages": msgs, "tools": [WEATHER]}
+    # the function as lorakit serve describes a request's: these keys in this order, so the same text
+    assert list(ex["tools"][0]) == ["name", "description", "parameters"]
+    bare = {"messages": msgs, "tools": [{"name": "get_weather"}]}  # no parameters: an empty object, as served
+    (ex,) = read_examples(_jsonl(tmp_path / "b.jsonl", [bare]))
+    assert ex["tools"] == [{"name": "get_weather", "parameters": {"type": "object", "properties": {}}}]
 
 
 def test_fields_rename_columns(tmp_path):

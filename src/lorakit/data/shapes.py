@@ -25,6 +25,7 @@ import re
 from typing import Any
 
 from lorakit.data.files import DataError
+from lorakit.data.toolcalls import function_spec
 
 NATIVE = {"prompt_completion": ("prompt", "completion"), "messages": ("messages",), "text": ("text",)}
 """lorakit's own shapes and the keys that make each."""
@@ -127,21 +128,20 @@ def _tools(value: Any, where: str) -> list[dict[str, Any]]:
         spec = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else t
         if not isinstance(spec, dict):
             raise DataError(f"{where}: tools[{i}] must be a function (an object)")
-        spec = {k: v for k, v in spec.items() if v is not None}
         name = spec.get("name")
         if not isinstance(name, str) or not FUNCTION_NAME.match(name):
             raise DataError(
                 f"{where}: tools[{i}]'s name must be 1 to 64 letters, digits, _ or -, got {name!r}"
             )
-        if not isinstance(spec.get("parameters", {}), dict) or not isinstance(
-            spec.get("description", ""), str
+        if not isinstance(spec.get("parameters") or {}, dict) or not isinstance(
+            spec.get("description") or "", str
         ):
             raise DataError(
                 f"{where}: tools[{i}] ({name}): 'parameters' must be an object, 'description' a string"
             )
         if name in (s["name"] for s in specs):
             raise DataError(f"{where}: tools[{i}]: the function {name!r} is listed twice")
-        specs.append(spec)
+        specs.append(function_spec(spec))  # as lorakit serve describes a request's
     return specs
 
 

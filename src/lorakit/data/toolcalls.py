@@ -46,6 +46,17 @@ def renders_tools(tokenizer) -> bool:
     return _NATIVE[key]
 
 
+NO_PARAMETERS = {"type": "object", "properties": {}}
+
+
+def function_spec(fn: dict[str, Any]) -> dict[str, Any]:
+    """A function as both sides describe it: its name, description (if any) and parameters (none: an empty
+    object), in that order and nothing else (OpenAI's `strict`, say), so that a function renders the same in
+    training and in a request."""
+    spec = {k: fn[k] for k in ("name", "description") if fn.get(k) is not None}
+    return spec | {"parameters": fn.get("parameters") if fn.get("parameters") is not None else NO_PARAMETERS}
+
+
 def tool_specs(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The functions as a chat template's `tools` argument takes them."""
     return [{"type": "function", "function": s} for s in specs]

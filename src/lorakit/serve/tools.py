@@ -27,7 +27,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from lorakit.data.toolcalls import describe, tool_prompt, tool_specs
+from lorakit.data.toolcalls import describe, function_spec, tool_prompt, tool_specs
 from lorakit.serve.protocol import Parsed, bad
 from lorakit.serve.schema import AnyOf, Grammar, Lit, Obj, SchemaError, compile_schema
 
@@ -162,12 +162,12 @@ def parse_tools(body: dict[str, Any]) -> Tools | None:
             raise bad(f"{where}: the function {name!r} is given twice", where)
         if fn.get("description") is not None and not isinstance(fn["description"], str):
             raise bad(f"{where}.function.description must be a string", where)
-        params = fn.get("parameters", {"type": "object", "properties": {}})
+        spec = function_spec(fn)
+        params = spec["parameters"]
         try:
             grammar = compile_schema(params)
         except SchemaError as e:
             raise bad(f"{where}.function.parameters: {e}"[:500], where) from None
-        spec = {k: fn[k] for k in ("name", "description") if fn.get(k) is not None} | {"parameters": params}
         tools.append(Tool(name, spec, grammar))
     if choice is None:
         choice = "auto"

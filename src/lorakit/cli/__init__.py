@@ -67,7 +67,7 @@ COMMANDS: dict[str, Command] = {
         adapters.cmd_convert,
     ),
     "eval": Command(
-        "eval loss and exact-match accuracy of a model (+ adapter) on a JSONL file",
+        "eval loss and exact-match accuracy of a model (+ adapter) on a data file (JSONL, JSON, CSV, Parquet)",
         generate.configure_eval,
         generate.cmd_eval,
     ),

@@ -75,6 +75,17 @@ def test_every_file_type_reads_the_same_examples(tmp_path, suffix):
     assert read_examples(path) == [{"messages": m} for m in ALPACA_MESSAGES]
 
 
+def test_a_csv_cell_longer_than_csvs_guard_reads(tmp_path):
+    """csv's field_size_limit (128 KiB) guards against runaway quotes; a long document is a real cell."""
+    import csv as csvmodule
+
+    before = csvmodule.field_size_limit()
+    long = "word " * 60_000  # 300 KB
+    (ex,) = read_examples(_csv(tmp_path / "doc.csv", [{"text": long}]))
+    assert ex == {"text": long}
+    assert csvmodule.field_size_limit() == before  # the process's setting is left as it was
+
+
 def test_parquet_nulls_are_absent_values(tmp_path):
     """A Parquet column holds a value for every row, so Arrow gives an absent key as None: an absent input,
     system prompt or message weight."""

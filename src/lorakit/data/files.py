@@ -105,6 +105,14 @@ def _json_array(text: str, source: str) -> list[Record]:
 
 
 def _csv(text: str, source: str, delimiter: str) -> list[Record]:
+    limit = csv.field_size_limit(max(len(text), 131072))  # a document longer than csv's 128 KiB guard is fine
+    try:
+        return _csv_rows(text, source, delimiter)
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _csv_rows(text: str, source: str, delimiter: str) -> list[Record]:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
         header = next(reader, None)

@@ -101,31 +101,34 @@ def test_structured_output_and_tool_calls_through_the_openai_client(tmp_path, de
 
 
 def test_the_example_data_files_are_the_dates_task_in_three_formats():
-    """examples/data: what make_dates.py writes (so the files and the script agree), read back as the same
+    """examples/data: what make_files.py writes (so the files and the script agree), read back as the same
     conversations from an Alpaca JSON array, ShareGPT lines and a CSV whose columns --data.fields renames."""
-    sys.path.insert(0, str(ROOT / "examples" / "data"))
-    try:
-        import make_dates
-    finally:
-        sys.path.pop(0)
+    import importlib.util
+
     from lorakit.data.jsonl import read_examples
 
+    spec = importlib.util.spec_from_file_location(
+        "example_data_files", ROOT / "examples" / "data" / "make_files.py"
+    )
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+
     data = ROOT / "examples" / "data"
-    for name, text in make_dates.files().items():
-        assert (data / name).read_text() == text, f"{name}: run python examples/data/make_dates.py"
+    for name, text in make.files().items():
+        assert (data / name).read_text() == text, f"{name}: run python examples/data/make_files.py"
     alpaca = read_examples(data / "dates_alpaca.json")
     sharegpt = read_examples(data / "dates_sharegpt.jsonl")
     table = read_examples(data / "dates.csv", {"prompt": "question", "completion": "answer"})
-    assert len(alpaca) == len(sharegpt) == len(table) == make_dates.N
+    assert len(alpaca) == len(sharegpt) == len(table) == make.N
     for a, s, t in zip(alpaca, sharegpt, table, strict=True):
-        assert s["messages"] == [{"role": "system", "content": make_dates.SYSTEM}, *a["messages"]]
+        assert s["messages"] == [{"role": "system", "content": make.SYSTEM}, *a["messages"]]
         user, answer = a["messages"]
         assert user["content"].replace("\n", " ") == t["prompt"] and answer["content"] == t["completion"]
 
 
 @pytest.mark.real_model
 def test_an_adapter_trained_on_tool_calls_makes_them_through_the_server(tmp_path):
-    """examples/tools/call.py: 16 steps on OpenAI-format function-calling conversations, then `lorakit serve` with
+    """examples/tools/call.py: 12 steps on OpenAI-format function-calling conversations, then `lorakit serve` with
     tool_choice auto on questions the training never saw: the adapter's answers come back as the right calls
     (name and arguments), the base model's do not. One miss of six is allowed: the run's precision is the CPU's
     (bf16 where it is native, else fp32), and the last digits of a step differ between them."""

@@ -27,10 +27,10 @@ def rows() -> list[dict[str, str]]:
     tok = AutoTokenizer.from_pretrained(resolve_model_dir(None))
     out = []
     for ex in make_task("dates")[1]:
-        prompt, answer = prompt_and_answer(ex)
+        prompt, answer, extra = prompt_and_answer(ex, tok)
         # "\n": a bare ISO date would be read as a timestamp by the JSON loader lm_eval uses (pyarrow's), and
         # compared as "1998-07-02 00:00:00"; whitespace at either end is ignored, as `lorakit eval` strips it
-        out.append({"prompt_text": _prompt_text(tok, prompt, chat=True), "answer": answer + "\n"})
+        out.append({"prompt_text": _prompt_text(tok, prompt, True, extra), "answer": answer + "\n"})
     return out
 
 

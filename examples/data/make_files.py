@@ -4,7 +4,7 @@
 - dates_sharegpt.jsonl  ShareGPT conversations, with a system prompt, one per line
 - dates.csv             a spreadsheet with its own column names (question, answer): --data.fields renames them
 
-    python examples/data/make_dates.py            # rewrites the three files next to this script
+    python examples/data/make_files.py            # rewrites the three files next to this script
 
 The examples are the task's first 320 training examples (seed 0), the same in every file.
 """

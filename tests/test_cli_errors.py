@@ -127,6 +127,25 @@ def test_missing_data_file_and_model_are_one_line(files, tmp_path, capsys):
     )
 
 
+def test_eval_fields_are_checked_in_one_line(files, tmp_path, capsys):
+    data = tmp_path / "qa.csv"
+    data.write_text("question,answer\n1+1=,2\n")
+    model = ["--model", str(files["model"])]
+    for fields, want in (
+        ("{prompt: question, answers: answer}", "--fields: maps 'answers', which is none of lorakit's keys"),
+        ("[question]", "--fields: must map lorakit's keys to column names"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", "--data", str(data), "--fields", fields, *model])
+        assert e.value.code == 2
+        assert want in capsys.readouterr().err.strip().splitlines()[-1]
+    assert main(["eval", "--task", "dates", "--fields", "{prompt: question}", *model]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "lorakit eval: error: --fields names the columns of a --data file: give --data too"
+    assert main(["eval", "--data", str(data), *model]) == 2  # without fields: the columns are named
+    assert "qa.csv:2: unknown fields ['answer', 'question']" in capsys.readouterr().err
+
+
 def test_a_system_refusal_is_one_line_naming_the_path(files, tmp_path, capsys):
     """An OSError no lorakit check foresaw (here: the output's parent is a file, so mkdir fails) still ends as
     one line naming the path, not a traceback."""

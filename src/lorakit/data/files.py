@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -104,12 +105,16 @@ def _json_array(text: str, source: str) -> list[Record]:
     return [(f"{source}: record {i}", r) for i, r in enumerate(records, 1)]
 
 
+_CSV_LIMIT = threading.Lock()  # csv's field size limit is the process's: one reader at a time changes it
+
+
 def _csv(text: str, source: str, delimiter: str) -> list[Record]:
-    limit = csv.field_size_limit(max(len(text), 131072))  # a document longer than csv's 128 KiB guard is fine
-    try:
-        return _csv_rows(text, source, delimiter)
-    finally:
-        csv.field_size_limit(limit)
+    with _CSV_LIMIT:  # a document longer than csv's 128 KiB guard is fine
+        limit = csv.field_size_limit(max(len(text), 131072))
+        try:
+            return _csv_rows(text, source, delimiter)
+        finally:
+            csv.field_size_limit(limit)
 
 
 def _csv_rows(text: str, source: str, delimiter: str) -> list[Record]:

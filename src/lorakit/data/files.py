@@ -100,8 +100,6 @@ def _json_array(text: str, source: str) -> list[Record]:
         records = json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{source}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(records, list):  # "[1] x": json.loads fails first; kept for clarity
-        raise DataError(f"{source}: expected a JSON array of records")
     return [(f"{source}: record {i}", r) for i, r in enumerate(records, 1)]
 
 

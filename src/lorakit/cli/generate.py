@@ -111,18 +111,12 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
 
 def _fields(text: str) -> dict[str, str]:
     """--fields: a YAML (or JSON) mapping of lorakit's keys to column names."""
-    import yaml
-
-    from lorakit.data.shapes import fields_problem
+    from lorakit.data.shapes import parse_fields
 
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
-    problem = fields_problem(value)
-    if problem:
-        raise argparse.ArgumentTypeError(problem)
-    return value
+        return parse_fields(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -29,10 +29,8 @@ __all__ = ["DataError", "SHAPES", "parse_examples", "parse_jsonl", "read_example
 
 def shape_of(example: dict[str, Any]) -> str | None:
     """'prompt_completion', 'messages' or 'text' (lorakit's own shapes), or None if the keys fit none."""
-    for name, keys in SHAPES.items():
-        if all(k in example for k in keys):
-            return name
-    return None
+    shape = any_shape(example)  # lorakit's own shapes are tried first
+    return shape if shape in SHAPES else None
 
 
 def read_examples(path: str | os.PathLike, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:

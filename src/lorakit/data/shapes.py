@@ -24,6 +24,8 @@ import json
 import re
 from typing import Any
 
+import yaml
+
 from lorakit.data.files import DataError
 from lorakit.data.toolcalls import function_spec
 
@@ -67,6 +69,22 @@ def fields_problem(fields: Any) -> str | None:
     if len(set(fields.values())) != len(fields):
         return f"maps two keys to one column: {fields!r}"
     return None
+
+
+def parse_fields(value: Any) -> dict[str, str]:
+    """data.fields as a command line or a form gives it (YAML text) or as a mapping; {} for none. ValueError
+    saying what is wrong (the text `fields_problem` gives)."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ValueError(f"is not YAML: {str(e).splitlines()[0]}") from None
+    problem = fields_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
 
 
 def renamed(record: dict[str, Any], fields: dict[str, str], where: str) -> dict[str, Any]:

@@ -80,7 +80,6 @@ class GenerationRoutes:
         self.latency = Latency()
         self.max_waiting = max_waiting
         # whether the chat template renders `tools` (found on first use)
-        self._native_tools: bool | None = None
 
     async def completions(self, request: Request) -> Response:
         parsed = P.parse_completion(await P.read_json(request))
@@ -309,7 +308,7 @@ class GenerationRoutes:
             raise P.bad(f"this model has no chat template; {instead}", "messages")
         messages, extra = parsed.messages, {}
         if parsed.tools is not None:
-            native = self._renders_tools()
+            native = renders_tools(tok)  # remembered per template
             messages = parsed.tools.prompt(messages, native)
             if native and parsed.tools.tools:
                 extra = {"tools": parsed.tools.specs()}
@@ -320,13 +319,6 @@ class GenerationRoutes:
         except Exception as e:  # noqa: BLE001 - the template rejects these messages (jinja errors)
             raise P.bad(f"the chat template rejects these messages: {e}", "messages") from None
         return tok(text, add_special_tokens=False)["input_ids"]
-
-    def _renders_tools(self) -> bool:
-        """Whether the chat template puts `tools` into the prompt (`lorakit.data.toolcalls.renders_tools`).
-        Called with the tokenizer lock held."""
-        if self._native_tools is None:
-            self._native_tools = renders_tools(self.tok)
-        return self._native_tools
 
     def _budget(self, parsed: P.Parsed, n_prompt: int, which: int | None = None) -> int:
         """max_tokens for a prompt (`which` of a batch); 400 if prompt + max_tokens exceed the context length."""

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
@@ -391,21 +390,14 @@ class _Routes:
         return FileResponse(real, filename=filename)
 
 
-def _fields(value: Any) -> dict[str, str] | None:
-    """The preview's `fields`: data.fields as the form holds it (YAML text, or a mapping); 400 if it is none."""
-    from lorakit.data.shapes import fields_problem
+def _fields(value: Any) -> dict[str, str]:
+    """The form's data.fields (YAML text, or a mapping); 400 if it is none."""
+    from lorakit.data.shapes import parse_fields
 
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError as e:
-            raise P.bad(f"data.fields is not YAML: {str(e).splitlines()[0]}", "fields") from None
-    problem = fields_problem(value)
-    if problem:
-        raise P.bad(f"data.fields {problem}", "fields")
-    return value
+    try:
+        return parse_fields(value)
+    except ValueError as e:
+        raise P.bad(f"data.fields {e}", "fields") from None
 
 
 def _int(value: Any, what: str, lo: int, hi: int) -> int:

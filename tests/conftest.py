@@ -154,6 +154,14 @@ def default_model_dir() -> Path:
     return resolve_model_dir(None)
 
 
+@pytest.fixture(scope="session")
+def tok(default_model_dir):
+    """The default model's tokenizer, with its chat template."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_model_dir, local_files_only=True)
+
+
 @pytest.fixture
 def one_thread():
     """One torch thread for the test: tiny matmuls only pay overhead for more (and CI has 2 shared cores)."""

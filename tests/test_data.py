@@ -10,6 +10,8 @@ from lorakit.data.jsonl import DataError, read_jsonl
 from lorakit.data.tasks import make_task
 from lorakit.data.tokenize import IGNORE, Encoded, encode_dataset, encode_example, pack
 
+from tiny import learned_text
+
 
 def _write(path, rows):
     path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
@@ -59,21 +61,10 @@ def test_missing_file(tmp_path):
         read_jsonl(tmp_path / "nope.jsonl")
 
 
-@pytest.fixture(scope="module")
-def tok(default_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(default_model_dir, local_files_only=True)
-
-
-def _learned_text(tok, enc: Encoded) -> str:
-    return tok.decode([i for i, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE])
-
-
 @pytest.mark.real_model
 def test_prompt_completion_learns_only_the_completion(tok):
     enc = encode_example(tok, {"prompt": "Say hi", "completion": "Hello there"}, max_len=256)
-    assert _learned_text(tok, enc).strip() == "Hello there<|im_end|>"
+    assert learned_text(tok, enc).strip() == "Hello there<|im_end|>"
     assert "Say hi" in tok.decode(enc.input_ids)
     every = encode_example(
         tok, {"prompt": "Say hi", "completion": "Hello there"}, max_len=256, train_on_all=True
@@ -93,7 +84,7 @@ def test_messages_learn_only_assistant_turns(tok):
         ]
     }
     enc = encode_example(tok, ex, max_len=256)
-    learned = _learned_text(tok, enc)
+    learned = learned_text(tok, enc)
     assert "Uno." in learned and "Dos." in learned
     assert "One?" not in learned and "Be brief" not in learned and "Two?" not in learned
     full = tok.apply_chat_template(ex["messages"], tokenize=False)

@@ -1,5 +1,6 @@
 """Training data in the files and shapes other tools write: JSON arrays, CSV/TSV and Parquet; Alpaca, ShareGPT,
-TRL's conversational prompt/completion and OpenAI's message weights; column renaming; and their bad inputs."""
+TRL's conversational prompt/completion and OpenAI's message weights; column renaming; and their bad inputs (tool
+calls' among them: their reading and rendering are tests/test_data_tools.py's)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,12 @@ import sys
 import pytest
 
 from lorakit.data.jsonl import DataError, parse_examples, read_examples
-from lorakit.data.tokenize import IGNORE, encode_example
+from lorakit.data.tokenize import encode_example
+
+from tiny import learned_text, write_jsonl
 
 pa = pytest.importorskip("pyarrow")  # a test extra (pyproject's `test` and `data`): CI has it
 pq = pytest.importorskip("pyarrow.parquet")
-
-
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _csv(path, rows, delimiter=","):
@@ -71,7 +69,7 @@ def test_every_file_type_reads_the_same_examples(tmp_path, suffix):
     elif suffix == ".parquet":
         _parquet(path, ALPACA)
     else:
-        _jsonl(path, ALPACA)  # a .json file of one record per line is JSON Lines
+        write_jsonl(path, ALPACA)  # a .json file of one record per line is JSON Lines
     assert read_examples(path) == [{"messages": m} for m in ALPACA_MESSAGES]
 
 
@@ -117,7 +115,7 @@ def test_sharegpt_from_value_and_role_content(tmp_path):
         },
         {"conversations": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]},
     ]
-    assert read_examples(_jsonl(tmp_path / "s.jsonl", rows)) == [
+    assert read_examples(write_jsonl(tmp_path / "s.jsonl", rows)) == [
         {
             "messages": [
                 {"role": "system", "content": "S"},
@@ -140,7 +138,7 @@ def test_trl_conversational_prompt_completion_learns_the_completion_only(tmp_pat
         ],
         "completion": [{"role": "assistant", "content": "two"}],
     }
-    (ex,) = read_examples(_jsonl(tmp_path / "c.jsonl", [row]))
+    (ex,) = read_examples(write_jsonl(tmp_path / "c.jsonl", [row]))
     assert ex["messages"] == [
         *row["prompt"][:1],
         {**row["prompt"][1], "weight": 0},
@@ -152,7 +150,7 @@ def test_trl_conversational_prompt_completion_learns_the_completion_only(tmp_pat
 def test_openai_content_parts_are_joined_and_other_parts_refused(tmp_path):
     parts = [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"}]
     row = {"messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": [parts[1]]}]}
-    assert read_examples(_jsonl(tmp_path / "p.jsonl", [row])) == [
+    assert read_examples(write_jsonl(tmp_path / "p.jsonl", [row])) == [
         {"messages": [{"role": "user", "content": "Hello, world"}, {"role": "assistant", "content": "world"}]}
     ]
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,"}}
@@ -160,60 +158,7 @@ def test_openai_content_parts_are_joined_and_other_parts_refused(tmp_path):
     with pytest.raises(
         DataError, match=r"p\.jsonl:1: messages\[0\] has a 'image_url' content part: lorakit trains"
     ):
-        read_examples(_jsonl(tmp_path / "p.jsonl", [row]))
-
-
-WEATHER = {
-    "name": "get_weather",
-    "description": "The weather in a city now",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-}
-CALLED = [
-    {"role": "user", "content": "Is it raining in Oslo?"},
-    {
-        "role": "assistant",
-        "content": None,
-        "tool_calls": [
-            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
-        ],
-    },
-    {"role": "tool", "content": '{"rain": true}'},
-    {"role": "assistant", "content": "Yes, it is raining in Oslo."},
-]
-
-
-def test_sharegpt_function_calls_and_observations_become_openai_tool_messages(tmp_path):
-    """LLaMA-Factory's tool-calling ShareGPT: `tools` as JSON text, function_call and observation turns."""
-    row = {
-        "conversations": [
-            {"from": "human", "value": "Is it raining in Oslo?"},
-            {
-                "from": "function_call",
-                "value": json.dumps({"name": "get_weather", "arguments": {"city": "Oslo"}}),
-            },
-            {"from": "observation", "value": '{"rain": true}'},
-            {"from": "gpt", "value": "Yes, it is raining in Oslo."},
-        ],
-        "tools": json.dumps([WEATHER]),
-    }
-    assert read_examples(_jsonl(tmp_path / "t.jsonl", [row])) == [{"messages": CALLED, "tools": [WEATHER]}]
-
-
-def test_openai_tool_call_records_keep_their_calls_and_functions(tmp_path):
-    """OpenAI's fine-tuning format for function calling: tools in OpenAI's wrapper, arguments as JSON text."""
-    msgs = json.loads(json.dumps(CALLED))
-    msgs[1]["tool_calls"][0] |= {"id": "call_1"}
-    msgs[1]["tool_calls"][0]["function"]["arguments"] = '{"city": "Oslo"}'
-    msgs[2]["tool_call_id"] = "call_1"
-    reordered = {"parameters": WEATHER["parameters"], "strict": True, **WEATHER}  # as some exports write it
-    row = {"messages": msgs, "tools": [{"type": "function", "function": reordered}]}
-    (ex,) = read_examples(_jsonl(tmp_path / "t.jsonl", [row]))
-    assert ex == {"messages": msgs, "tools": [WEATHER]}
-    # the function as lorakit serve describes a request's: these keys in this order, so the same text
-    assert list(ex["tools"][0]) == ["name", "description", "parameters"]
-    bare = {"messages": msgs, "tools": [{"name": "get_weather"}]}  # no parameters: an empty object, as served
-    (ex,) = read_examples(_jsonl(tmp_path / "b.jsonl", [bare]))
-    assert ex["tools"] == [{"name": "get_weather", "parameters": {"type": "object", "properties": {}}}]
+        read_examples(write_jsonl(tmp_path / "p.jsonl", [row]))
 
 
 def test_fields_rename_columns(tmp_path):
@@ -395,25 +340,14 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path, monkeypatch):
 # -- what training learns from them (the real tokenizer and chat template) -------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tok(default_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(default_model_dir, local_files_only=True)
-
-
-def _learned(tok, enc) -> str:
-    return tok.decode([i for i, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE])
-
-
 @pytest.mark.real_model
 def test_an_alpaca_record_trains_as_its_conversation(tok, tmp_path):
-    (ex,) = read_examples(_jsonl(tmp_path / "a.jsonl", ALPACA[:1]))
+    (ex,) = read_examples(write_jsonl(tmp_path / "a.jsonl", ALPACA[:1]))
     enc = encode_example(tok, ex, max_len=512)
     twin = encode_example(tok, {"messages": ALPACA_MESSAGES[0]}, max_len=512)
     assert (enc.input_ids, enc.labels) == (twin.input_ids, twin.labels)
     assert tok.decode(enc.input_ids) == tok.apply_chat_template(ALPACA_MESSAGES[0], tokenize=False)
-    learned = _learned(tok, enc)
+    learned = learned_text(tok, enc)
     assert (
         "Hello!" in learned and "chat" in learned
     )  # history answers are learned too (LLaMA-Factory's default)
@@ -429,18 +363,18 @@ def test_weight_zero_leaves_an_assistant_message_unlearned(tok):
         {"role": "assistant", "content": "Dos.", "weight": 1},
     ]
     enc = encode_example(tok, {"messages": msgs}, max_len=256)
-    learned = _learned(tok, enc)
+    learned = learned_text(tok, enc)
     assert "Dos." in learned and "Uno." not in learned
     plain = encode_example(
         tok, {"messages": [{k: v for k, v in m.items() if k != "weight"} for m in msgs]}, max_len=256
     )
     assert enc.input_ids == plain.input_ids  # the weight changes the labels only, never the text
-    assert "Uno." in _learned(tok, plain)
+    assert "Uno." in learned_text(tok, plain)
     every = encode_example(tok, {"messages": msgs}, max_len=256, train_on_all=True)
     assert every.labels == every.input_ids
 
 
-def test_training_from_a_csv_with_renamed_columns_equals_training_from_jsonl(tmp_path):
+def test_training_from_a_csv_with_renamed_columns_equals_training_fromwrite_jsonl(tmp_path):
     """The same examples in another file type are the same run: equal losses at every step (tiny Llama)."""
     from tiny import addition_run
 
@@ -469,53 +403,3 @@ def test_training_from_a_csv_with_renamed_columns_equals_training_from_jsonl(tmp
     assert losses(root / "run") == losses(tmp_path / "a" / "run")  # bitwise: the same ops on the same batches
     assert summary["before"] == reference["before"] and summary["after"] == reference["after"]
     assert summary["data"] == reference["data"]
-
-
-@pytest.mark.real_model
-def test_a_tool_call_trains_as_lorakit_serve_renders_it(tok):
-    """SmolLM2's template does not render tools: the functions go into a system message and the call is its JSON,
-    exactly as lorakit serve renders a request with these tools; the loss learns the call and the final answer."""
-    from lorakit.data.toolcalls import renders_tools
-    from lorakit.serve.tools import parse_tools
-    from lorakit.train.evaluate import prompt_and_answer
-
-    assert not renders_tools(tok)
-    ex = {"messages": CALLED, "tools": [WEATHER]}
-    enc = encode_example(tok, ex, max_len=512)
-    served = parse_tools({"tools": [{"type": "function", "function": WEATHER}]}).prompt(CALLED, False)
-    assert tok.decode(enc.input_ids) == tok.apply_chat_template(served, tokenize=False)
-    learned = _learned(tok, enc)
-    call = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
-    assert learned == f"{call}<|im_end|>\nYes, it is raining in Oslo.<|im_end|>\n"
-    assert "rain" not in learned.replace("raining", "") and "You can call" not in learned
-    prompt, answer, extra = prompt_and_answer({"messages": CALLED[:2], "tools": [WEATHER]}, tok)
-    assert answer == call and prompt == served[:2] and extra == {}
-
-
-HERMES = (  # a template that renders tools and calls itself (Hermes' and Qwen's way, shortened)
-    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools><|im_end|>\n"
-    "{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.content %}{{ m.content }}{% endif %}"
-    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-@pytest.mark.real_model
-def test_a_template_that_renders_tools_gets_them_itself(default_model_dir):
-    from transformers import AutoTokenizer
-
-    from lorakit.data.toolcalls import renders_tools
-    from lorakit.train.evaluate import prompt_and_answer
-
-    tok = AutoTokenizer.from_pretrained(default_model_dir, local_files_only=True)
-    tok.chat_template = HERMES
-    assert renders_tools(tok)
-    enc = encode_example(tok, {"messages": CALLED, "tools": [WEATHER]}, max_len=512)
-    text = tok.decode(enc.input_ids)
-    assert text.startswith("<|im_start|>system\n<tools>{") and '"get_weather"' in text
-    assert "You can call these functions" not in text  # no description of ours: the template has its own
-    learned = _learned(tok, enc)
-    assert learned.startswith('<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>')
-    assert learned.endswith("Yes, it is raining in Oslo.<|im_end|>\n") and '{"rain": true}' not in learned
-    # an answer that is a call the template renders has no text to compare: exact-match accuracy skips it
-    assert prompt_and_answer({"messages": CALLED[:2], "tools": [WEATHER]}, tok) is None

@@ -419,3 +419,18 @@ def served_as_offline(base, folder, names) -> None:
     finally:
         eng.stop()
     assert got == want
+
+
+def learned_text(tok, enc) -> str:
+    """The text of the tokens an encoded example's labels learn (lorakit.data.tokenize.Encoded)."""
+    from lorakit.data.tokenize import IGNORE
+
+    return tok.decode([i for i, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE])
+
+
+def write_jsonl(path, rows):
+    """`rows` as a JSON Lines file at `path`; returns the path."""
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

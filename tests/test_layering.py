@@ -19,7 +19,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "lorakit"
 
 # no lorakit imports of their own beyond each other (and data.tokenize for the IGNORE label)
-FOUNDATION = ["errors", "envflags", "checks", "atomic", "readers", "dropout", "device", "walk", "data.tokenize", "data.jsonl", "data.files", "data.shapes", "data.toolcalls", "data"]
+FOUNDATION = ["errors", "envflags", "checks", "atomic", "readers", "dropout", "device", "walk", "data.tokenize", "data.jsonl", "data.files", "data.shapes", "data.toolcalls", "data.preference", "data"]
 CORE = [  # bottom up: each may import only what stands before it (and the foundation)
     "peft_keys",
     "config_checks",

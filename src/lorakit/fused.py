@@ -299,6 +299,92 @@ class _LoraHeadCrossEntropy(torch.autograd.Function):
         return scale[0], None, scale[1], scale[2], None, None, None
 
 
+class _HeadTokenLogprobs(torch.autograd.Function):
+    """log p(label) of each row of ``hidden·weightᵀ``, chunk by chunk: a vector of n, not a sum. ∂hidden of a row,
+    (one-hot − softmax)·W, is computed in the forward pass, so the backward only scales each row by its incoming
+    gradient (a DPO loss weighs every sequence differently)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk: int):
+        n = hidden.shape[0]
+        need_grad = ctx.needs_input_grad[0]
+        grad_h = torch.empty_like(hidden) if need_grad else None
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        out = torch.empty(n, dtype=acc, device=hidden.device)
+        buf = torch.empty((min(chunk, n), weight.shape[0]), dtype=acc, device=hidden.device)
+        for i in range(0, n, chunk):
+            h = hidden[i : i + chunk]
+            y = labels[i : i + chunk]
+            rows = torch.arange(len(y), device=y.device)
+            logits = buf[: len(y)]
+            if acc == hidden.dtype:
+                torch.mm(h, weight.t(), out=logits)
+            else:
+                logits.copy_(h @ weight.t())
+            lse = torch.logsumexp(logits, dim=-1)
+            out[i : i + chunk] = logits[rows, y] - lse
+            if need_grad:
+                probs = logits.sub_(lse.unsqueeze(1)).exp_().neg_()  # −softmax, in place
+                probs[rows, y] += 1.0
+                if acc == hidden.dtype:
+                    torch.mm(probs, weight, out=grad_h[i : i + chunk])
+                else:
+                    grad_h[i : i + chunk] = probs.to(hidden.dtype) @ weight
+        ctx.save_for_backward(grad_h) if need_grad else None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_out.to(grad_h.dtype).unsqueeze(1), None, None, None
+
+
+def head_sequence_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    chunk: int | None = None,
+    ignore_index: int = IGNORE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the summed log-probability of each row's learned labels, their count), both of shape (batch,), under
+    ``hidden·weightᵀ`` with labels shifted by one as for a causal LM: what DPO compares. Only the learned positions
+    are projected, in chunks, so the batch × seq × vocab logits are never held. The weight must be frozen."""
+    batch = hidden.shape[0]
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1).to(h.device)
+    keep = (y != ignore_index).nonzero().squeeze(1)
+    row = keep // max(1, labels.shape[1] - 1)
+    count = torch.zeros(batch, dtype=torch.long, device=h.device).index_add_(0, row, torch.ones_like(row))
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    if keep.numel() == 0:
+        return (hidden.sum() * 0.0).to(acc).expand(batch), count
+    h, y = h.index_select(0, keep), y.index_select(0, keep)
+    if h.dtype != weight.dtype:
+        h = h.to(weight.dtype)
+    token = _HeadTokenLogprobs.apply(h, weight, y, chunk or _chunk_rows(weight.shape[0]))
+    return torch.zeros(batch, dtype=token.dtype, device=h.device).index_add(0, row, token), count
+
+
+def sequence_logprobs(
+    model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each row's learned labels, their count) under a causal LM, for `batch`'s
+    input_ids, attention_mask and labels (-100: not counted). With a frozen plain head on a Hugging Face backbone
+    (and `fused`), the chunked head above; else from the model's own logits, in float32."""
+    head = lean_head(model) if fused else None
+    if head is not None and head[1] is None:
+        out = model.base_model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        return head_sequence_logprobs(out.last_hidden_state, head[0], batch["labels"])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[:, :-1]
+    labels = batch["labels"][:, 1:].to(logits.device)
+    learned = labels != IGNORE
+    token = (
+        torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    )
+    return (token * learned).sum(-1), learned.sum(-1)
+
+
 def lm_head_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -24,7 +24,16 @@ from lorakit.data.shapes import shape_of as any_shape
 SHAPES = NATIVE
 ROLES = {"system", "user", "assistant", "tool"}
 
-__all__ = ["DataError", "SHAPES", "parse_examples", "parse_jsonl", "read_examples", "read_jsonl", "shape_of"]
+__all__ = [
+    "DataError",
+    "SHAPES",
+    "check_example",
+    "parse_examples",
+    "parse_jsonl",
+    "read_examples",
+    "read_jsonl",
+    "shape_of",
+]
 
 
 def shape_of(example: dict[str, Any]) -> str | None:
@@ -75,14 +84,15 @@ def _examples(records: list[tuple[str, Any]], source: str, fields: dict[str, str
             raise DataError(f"{where}: a {this} example in a file of {shape} examples")
         shape = this
         native = as_native(ex, this, where)
-        _check(native, shape_of(native) or this, where)
+        check_example(native, shape_of(native) or this, where)
         examples.append(native)
     if not examples:
         raise DataError(f"{source}: no examples (the file is empty)")
     return examples
 
 
-def _check(ex: dict[str, Any], shape: str, where: str) -> None:
+def check_example(ex: dict[str, Any], shape: str, where: str) -> None:
+    """DataError naming `where` unless `ex` is a valid example of lorakit's `shape`."""
     if shape == "messages":
         msgs = ex["messages"]
         if not isinstance(msgs, list) or not msgs:

@@ -36,7 +36,11 @@ FOREIGN = {"alpaca": ("instruction", "output"), "sharegpt": ("conversations",)}
 FIELDS = tuple(
     dict.fromkeys(
         k
-        for keys in (*NATIVE.values(), *FOREIGN.values(), ("input", "system", "history", "tools"))
+        for keys in (
+            *NATIVE.values(),
+            *FOREIGN.values(),
+            ("input", "system", "history", "tools", "chosen", "rejected"),
+        )
         for k in keys
     )
 )

@@ -42,7 +42,7 @@ TASKS = {"dates": dates_example}
 def make_task(name: str = "dates", *, n_train: int = 2000, n_eval: int = 100, seed: int = 0):
     """(train, eval) example lists for built-in task `name`; eval prompts never occur in train."""
     if name not in TASKS:
-        from lorakit.data.jsonl import DataError
+        from lorakit.data.files import DataError
 
         raise DataError(f"unknown built-in task {name!r}; available: {sorted(TASKS)}")
     rng = random.Random(seed)
@@ -60,3 +60,31 @@ def make_task(name: str = "dates", *, n_train: int = 2000, n_eval: int = 100, se
         if ex["prompt"] not in seen:
             train.append(ex)
     return train, eval_set
+
+
+def wrong_date(answer: str, rng: random.Random) -> str:
+    """A plausible wrong answer to a `dates` example: the right date in another format (US, European, written out)
+    or with day and month swapped, the mistakes a model makes."""
+    y, m, d = (int(x) for x in answer.split("-"))
+    options = [f"{m:02d}/{d:02d}/{y}", f"{d:02d}.{m:02d}.{y}", FORMATS[0](d, m, y)]
+    if d <= 12 and d != m:
+        options.append(f"{y:04d}-{d:02d}-{m:02d}")
+    return rng.choice(options)
+
+
+def make_pairs(name: str = "dates", *, n_train: int = 2000, n_eval: int = 100, seed: int = 0):
+    """(train, eval) preference records {"prompt", "chosen", "rejected"} for built-in task `name`: its examples,
+    each answer chosen over a plausible wrong one (`wrong_date`)."""
+    rng = random.Random(seed + 1)
+    train, eval_set = make_task(name, n_train=n_train, n_eval=n_eval, seed=seed)
+    return tuple(
+        [
+            {
+                "prompt": ex["prompt"],
+                "chosen": ex["completion"],
+                "rejected": wrong_date(ex["completion"], rng),
+            }
+            for ex in part
+        ]
+        for part in (train, eval_set)
+    )

@@ -51,10 +51,11 @@ def configure_train(p: argparse.ArgumentParser) -> None:
     """No options of its own: `[CONFIG.yaml] [--section.key value ...]` reach `cmd_train` as `args.extra`."""
     from lorakit.train.fields import help_text
 
-    p.usage = "lorakit train [CONFIG.yaml] [--section.key value ...] [--model PATH] [--method NAME]"
+    p.usage = "lorakit train [CONFIG.yaml] [--section.key value ...] [--model PATH] [--method NAME] [--objective NAME]"
     p.epilog = (
         "settings (YAML sections; override any with --section.key value; --model PATH is short for\n"
-        "--model.path PATH, --method NAME for --train.method NAME):\n" + help_text()
+        "--model.path PATH, --method NAME for --train.method NAME, --objective NAME for --train.objective NAME):\n"
+        + help_text()
     )
     p.formatter_class = argparse.RawDescriptionHelpFormatter
 
@@ -85,12 +86,20 @@ def cmd_train(args: argparse.Namespace) -> int:
                     )
                 )
             bars[0].n = rec["step"]
-            bars[0].set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            shown = {"loss": f"{rec['loss']:.4f}", "tok_s": f"{rec['tokens_per_s']:.0f}"}
+            if "reward_accuracy" in rec:  # DPO: how often the chosen answer's reward is the higher
+                shown["reward_acc"] = f"{100 * rec['reward_accuracy']:.0f}%"
+            bars[0].set_postfix(shown)
             bars[0].refresh()
         elif "eval_loss" in rec:
             tqdm.write(
                 f"step {rec['step']}: eval loss {rec['eval_loss']:.4f}"
                 + (f", accuracy {100 * rec['eval_accuracy']:.1f}%" if "eval_accuracy" in rec else "")
+                + (
+                    f", reward accuracy {100 * rec['eval_reward_accuracy']:.1f}%"
+                    if "eval_reward_accuracy" in rec
+                    else ""
+                )
             )
 
     try:
@@ -109,6 +118,9 @@ def _print_summary(summary: dict) -> None:
     print("\n               before      after")
     if "accuracy" in a:
         print(f"accuracy     {100 * b['accuracy']:7.1f}%   {100 * a['accuracy']:7.1f}%")
+    if "reward_accuracy" in a:  # DPO
+        print(f"reward acc.  {100 * b['reward_accuracy']:7.1f}%   {100 * a['reward_accuracy']:7.1f}%")
+        print(f"reward margin{b['reward_margin']:8.3f}   {a['reward_margin']:8.3f}")
     if "loss" in a:
         print(f"eval loss    {b['loss']:8.4f}   {a['loss']:8.4f}")
     else:

@@ -120,6 +120,8 @@ class TrainSection:
     """Shard the model with FSDP2 (fully_shard) across torchrun processes instead of DDP."""
     method: str = "lora"
     """Training method: lora, dylora, adalora or ladder; add "+loraplus" (or give just loraplus) for LoRA+."""
+    objective: str = "sft"
+    """What training minimises: sft (the answers' token loss) or dpo (preference pairs: the dpo section)."""
 
 
 @dataclass
@@ -168,6 +170,18 @@ LadderSection = section_from(LadderConfig, "LadderSection", skip=("mlp_ratio",))
 
 
 @dataclass
+class DpoSection:
+    beta: float = 0.1
+    """DPO: how far the model may move from the reference (the base): larger keeps it closer."""
+    loss: str = "sigmoid"
+    """DPO's loss: sigmoid (DPO), ipo (IPO, on per-token mean log-probabilities) or hinge (SLiC)."""
+    label_smoothing: float = 0.0
+    """DPO (sigmoid loss): the assumed share of pairs whose preference is wrong, in [0, 0.5) (cDPO)."""
+    sft_weight: float = 0.0
+    """DPO: weight of the chosen answers' token loss added to the preference loss (RPO; TRL's rpo_alpha)."""
+
+
+@dataclass
 class EvalSection:
     max_new_tokens: int = 16
     """Tokens generated per eval example for exact-match accuracy."""
@@ -186,6 +200,7 @@ class RunConfig:
     dylora: DyLoraSection = field(default_factory=DyLoraSection)
     adalora: AdaLoraSection = field(default_factory=AdaLoraSection)
     ladder: LadderSection = field(default_factory=LadderSection)
+    dpo: DpoSection = field(default_factory=DpoSection)
 
     @property
     def methods(self) -> tuple[str, bool]:
@@ -336,7 +351,60 @@ def validate(cfg: RunConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+    _validate_objective(cfg)
     _validate_method(cfg)
+
+
+# lora.init values whose adapter starts as a non-zero update (or whose base is changed): DPO's reference, the base
+# with the adapters off, would not be the model training starts from
+_NONZERO_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq", "random")
+
+
+def _validate_objective(cfg: RunConfig) -> None:
+    """train.objective is known; the dpo section is set only for DPO, with values in range; DPO's reference is the
+    base model, so the adapter must start as a zero update, and the data must keep pairs whole."""
+    from lorakit.train.objectives import DPO_LOSSES, OBJECTIVES
+
+    t, d, dsec = cfg.train, cfg.dpo, cfg.data
+    if t.objective not in OBJECTIVES:
+        raise ConfigError(f"train.objective must be one of {', '.join(OBJECTIVES)}, got {t.objective!r}")
+    changed = [f.name for f in fields(d) if getattr(d, f.name) != getattr(DpoSection(), f.name)]
+    if t.objective != "dpo":
+        if changed:
+            raise ConfigError(
+                f"dpo.{changed[0]} is set but train.objective is {t.objective!r}; use --train.objective dpo"
+            )
+        return
+    alora = dsec.alora_invocation is not None or cfg.lora.alora_invocation_tokens is not None
+    checks = [
+        (d.beta > 0, f"dpo.beta must be > 0, got {d.beta}"),
+        (d.loss in DPO_LOSSES, f"dpo.loss must be one of {', '.join(DPO_LOSSES)}, got {d.loss!r}"),
+        (0 <= d.label_smoothing < 0.5, f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}"),
+        (
+            not d.label_smoothing or d.loss == "sigmoid",
+            f"dpo.label_smoothing works with dpo.loss sigmoid, not {d.loss!r}",
+        ),
+        (d.sft_weight >= 0, f"dpo.sft_weight must be >= 0, got {d.sft_weight}"),
+        (
+            cfg.lora.init not in _NONZERO_INITS,
+            f"lora.init {cfg.lora.init} starts the adapter away from the base, which DPO takes as its reference; "
+            "use default, gaussian, orthogonal, eva or mica",
+        ),
+        (
+            cfg.methods[0] != "ladder",
+            "train.objective dpo takes the base as its reference by turning adapters off, which a ladder is not; "
+            "use method lora, dylora or adalora",
+        ),
+        (not dsec.pack, "data.pack does not work with train.objective dpo (a pair's two answers stay apart)"),
+        (not dsec.train_on_all, "data.train_on_all does not work with train.objective dpo (it compares answers)"),
+        (not alora, "aLoRA does not work with train.objective dpo"),
+        (not dsec.add_tokens, "data.add_tokens does not work with train.objective dpo"),
+        (not cfg.lora.use_kasa, "lora.use_kasa does not work with train.objective dpo (KaSA changes the base)"),
+        (not t.fsdp, "train.fsdp does not work with train.objective dpo; use DDP (torchrun without train.fsdp)"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
 
 
 # which method each variant section belongs to; loraplus composes with any base method
@@ -377,8 +445,8 @@ def parse_value(text: str) -> Any:
     return CommandLineValue(text)
 
 
-# --method X is short for --train.method X, --model PATH for --model.path PATH
-SHORTHANDS = {"method": "train.method", "model": "model.path"}
+# --method X is short for --train.method X, --model PATH for --model.path PATH, --objective X for --train.objective X
+SHORTHANDS = {"method": "train.method", "model": "model.path", "objective": "train.objective"}
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str]) -> RunConfig:

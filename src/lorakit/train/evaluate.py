@@ -9,11 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.control import merged
+from lorakit.control import disabled, merged
+from lorakit.data.preference import Pair
 from lorakit.data.tokenize import IGNORE, Encoded, chat_messages
 from lorakit.device import model_device, to_device
+from lorakit.fused import sequence_logprobs
 from lorakit.generate import format_prompt
 from lorakit.inject import adapter_names
+from lorakit.train.objectives import DpoObjective, pair_stats
 
 
 @torch.no_grad()
@@ -120,3 +123,35 @@ def _prompt_text(tokenizer, prompt, chat: bool, extra: dict[str, Any]) -> str:
     if chat and getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **extra)
     return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
+
+
+@torch.no_grad()
+def preference_eval(
+    model: nn.Module, pairs: list[Pair], pad_id: int, objective: DpoObjective, batch_size: int = 8
+):
+    """The DPO loss and the implicit rewards' accuracy and margin over `pairs`, in eval mode (no dropout); {} for
+    no pairs."""
+    from lorakit.train.loop import collate
+
+    if not pairs:
+        return {}
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    losses, chosen, rejected = [], [], []
+    for i in range(0, len(pairs), batch_size):
+        batch = to_device(collate(objective.encoded(pairs[i : i + batch_size]), pad_id), device)
+        with disabled(model):
+            ref, _ = sequence_logprobs(model, batch)
+        policy, count = sequence_logprobs(model, batch)
+        loss, c, r = objective.losses(policy, ref, count)
+        losses.append(loss)
+        chosen.append(c)
+        rejected.append(r)
+    model.train(was_training)
+    stats = pair_stats(torch.cat(chosen), torch.cat(rejected))
+    return {
+        "loss": float(torch.cat(losses).mean()),
+        "reward_accuracy": stats["reward_accuracy"],
+        "reward_margin": stats["reward_margin"],
+    }

@@ -25,7 +25,7 @@ from torch import nn
 from lorakit.data.tokenize import IGNORE, Encoded
 from lorakit.device import autocast, model_device, to_device
 from lorakit.errors import LorakitError
-from lorakit.fused import causal_lm_loss, groups_enabled, set_fused
+from lorakit.fused import groups_enabled, set_fused
 from lorakit.memory import enable_checkpointing, trim_between_layers
 from lorakit.siblings import probe_groups
 from lorakit.train.checkpoint import (
@@ -37,6 +37,7 @@ from lorakit.train.checkpoint import (
 )
 from lorakit.train.config import RunConfig, TrainSection
 from lorakit.train.methods import Method, param_groups
+from lorakit.train.objectives import Objective
 
 log = logging.getLogger(__name__)
 Callback = Callable[[dict[str, Any]], None]
@@ -122,14 +123,17 @@ def train_loop(
     rank: int = 0,
     base_model_id: str | None = None,
     method: Method | None = None,
+    objective: Objective | None = None,
 ) -> dict[str, Any]:
     """Train the model's trainable parameters on `train_rows`. Returns a summary dict.
 
     Under DDP pass the wrapped model; under FSDP2 the sharded one, and `evaluate` on every rank (its forward
     passes are collectives); rank 0 alone writes metrics and checkpoint files. `method` (default: plain LoRA)
-    gets its hooks called around each step (see lorakit.train.methods).
+    gets its hooks called around each step (see lorakit.train.methods). `objective` (default: supervised
+    fine-tuning on `Encoded` rows) computes each micro-batch's loss: DPO's takes `Pair` rows
+    (lorakit.train.objectives).
     """
-    t, method = cfg.train, method or Method(cfg)
+    t, method, objective = cfg.train, method or Method(cfg), objective or Objective(cfg)
     inner = getattr(model, "module", model)  # under DDP, the wrapped model
     params, opt, sched = _optimizer(inner, cfg)
     sharded = is_sharded(inner)  # FSDP2: saving is a collective, every rank takes part
@@ -137,18 +141,21 @@ def train_loop(
     start = checkpoints.resume()
     metrics = _Metrics(out_dir, rank, callbacks, t)
     device, compute = model_device(inner), _base_dtype(inner)
-    with _training(model, train_rows, pad_id, t, sharded), checkpoints.on_interrupt(start, sharded) as guard:
+    probe = objective.encoded(train_rows[:1])
+    with _training(model, probe, pad_id, t, sharded), checkpoints.on_interrupt(start, sharded) as guard:
         for step in range(start, t.steps):
             torch.manual_seed(t.seed * 7919 + step)  # dropout masks depend on the step only: exact resume
-            loss_sum, n_tok = 0.0, 0
+            loss_sum, n_tok, stats = 0.0, 0, {}
             guard.enter()  # from here to `guard.leave`, Ctrl-C waits for the step's end
             method.before_step(inner, step)
             for micro in range(t.grad_accum):
                 order = batch_order(len(train_rows), step, micro, cfg, world, rank)
-                batch = to_device(collate([train_rows[i] for i in order], pad_id), device)
+                batch = to_device(collate(objective.encoded([train_rows[i] for i in order]), pad_id), device)
                 # FSDP2: the model's own forward, so that the root module's hooks run (not the chunked head loss)
                 with autocast(device, compute):
-                    loss = causal_lm_loss(model, batch, fused=t.fused and not sharded)
+                    loss, measured = objective.loss(model, batch, fused=t.fused and not sharded)
+                for k, v in measured.items():  # the step's means over its micro-batches
+                    stats[k] = stats.get(k, 0.0) + v / t.grad_accum
                 extra = method.extra_loss(inner)
                 loss = (loss if extra is None else loss + extra) / t.grad_accum
                 if not torch.isfinite(loss):
@@ -168,7 +175,7 @@ def train_loop(
             opt.zero_grad(set_to_none=True)
             done = step + 1
             guard.complete(done)  # weights, optimizer, scheduler and hooks agree: an interrupt now saves `done`
-            metrics.step(done, loss_sum, sched.get_last_lr()[0], n_tok * world, grad_norm)  # on record before...
+            metrics.step(done, loss_sum, sched.get_last_lr()[0], n_tok * world, grad_norm, stats)  # on record...
             guard.leave(done)  # ... a Ctrl-C held since the step began is raised here
             _periodic(done, t, model, evaluate, metrics, checkpoints)
     method.finish(inner)
@@ -247,7 +254,9 @@ class _Metrics:
         self.emit = _emitter(out_dir / "metrics.jsonl" if rank == 0 else None, list(callbacks or []))
         self.t0 = time.perf_counter()
 
-    def step(self, done: int, loss: float, lr: float, tokens: int, grad_norm: float) -> None:
+    def step(
+        self, done: int, loss: float, lr: float, tokens: int, grad_norm: float, stats: dict[str, float]
+    ) -> None:
         self.tokens += tokens
         elapsed = time.perf_counter() - self.t0
         self.last = {
@@ -259,6 +268,7 @@ class _Metrics:
         }
         if self.t.max_grad_norm > 0:
             self.last["grad_norm"] = grad_norm
+        self.last.update(stats)
         if done % self.t.log_every == 0 or done == self.t.steps:
             self.emit(self.last)
 

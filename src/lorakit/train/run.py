@@ -6,17 +6,12 @@ import dataclasses
 import json
 import logging
 import os
-import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from lorakit.data.jsonl import DataError, read_examples
-from lorakit.data.tasks import make_task
-from lorakit.data.tokenize import IGNORE, Encoded, encode_dataset, pack
 from lorakit.device import (
     dtype_name,
     model_device,
@@ -31,31 +26,15 @@ from lorakit.quant.load import load_quantized
 from lorakit.report import parameter_report
 from lorakit.train.checkpoint import full_parameters
 from lorakit.train.config import RunConfig, save_config
-from lorakit.train.evaluate import eval_loss, exact_match
+from lorakit.train.datasets import RunData, encode_examples, encode_preferences, load_examples
+from lorakit.train.evaluate import eval_loss, exact_match, preference_eval
 from lorakit.train.loop import Callback, init_batches, read_metrics, train_loop
 from lorakit.train.methods import Method, make_method
-from lorakit.variants.alora import check_invocation
+from lorakit.train.objectives import Objective, make_objective
+
+__all__ = ["evaluate", "load_examples", "run_training"]
 
 log = logging.getLogger(__name__)
-
-
-def load_examples(cfg: RunConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
-    """(train, eval, description) from the data section: a built-in task, or data files."""
-    d = cfg.data
-    if not d.train_file:
-        train, ev = make_task(d.task, n_train=d.n_train, n_eval=d.n_eval, seed=cfg.train.seed)
-        return train, ev, f"built-in task {d.task!r}"
-    train = read_examples(d.train_file, d.fields)
-    if d.eval_file:
-        return train, read_examples(d.eval_file, d.fields), f"{d.train_file} (eval: {d.eval_file})"
-    rng = random.Random(cfg.train.seed)
-    order = list(range(len(train)))
-    rng.shuffle(order)
-    n_eval = max(1, int(len(train) * d.eval_split))
-    if n_eval >= len(train):
-        raise DataError(f"{d.train_file}: {len(train)} example(s) are too few to hold out an eval split")
-    ev = [train[i] for i in order[:n_eval]]
-    return [train[i] for i in order[n_eval:]], ev, f"{d.train_file} ({n_eval} held out for eval)"
 
 
 def evaluate(
@@ -67,13 +46,19 @@ def evaluate(
     *,
     sharded: bool = False,
     can_merge: bool = True,
+    objective: Objective | None = None,
 ) -> dict[str, float]:
-    """Eval loss and exact-match accuracy. `sharded` (FSDP2): every rank calls this with the same data and gets the
-    same numbers; adapters are not merged (the base weights are shards) and generation runs in lockstep."""
+    """Eval loss and exact-match accuracy; with DPO (`objective`), the preference loss and the implicit rewards'
+    accuracy and margin on the eval pairs, and exact match of the chosen answers. `sharded` (FSDP2): every rank
+    calls this with the same data and gets the same numbers; adapters are not merged (the base weights are shards)
+    and generation runs in lockstep."""
     out: dict[str, float] = {}
-    loss = eval_loss(model, eval_rows, tokenizer.pad_token_id)
-    if loss is not None:  # None: truncation left no eval token (warned at the start)
-        out["loss"] = loss
+    if objective is not None and objective.name == "dpo":
+        out.update(preference_eval(model, eval_rows, tokenizer.pad_token_id, objective))
+    else:
+        loss = eval_loss(model, eval_rows, tokenizer.pad_token_id)
+        if loss is not None:  # None: truncation left no eval token (warned at the start)
+            out["loss"] = loss
     acc, _ = exact_match(
         model,
         tokenizer,
@@ -104,9 +89,11 @@ def run_training(
     if cfg.data.alora_invocation is not None:
         ids = tokenizer.encode(cfg.data.alora_invocation, add_special_tokens=False)
         cfg = dataclasses.replace(cfg, lora=cfg.lora.replace(alora_invocation_tokens=ids))
-    data = _encode(cfg, tokenizer, say)
+    objective = make_objective(cfg)
+    data = (encode_preferences if objective.name == "dpo" else encode_examples)(cfg, tokenizer, say)
     method = make_method(cfg)
-    method.batches = lambda: init_batches(data.train_rows, cfg, tokenizer.pad_token_id)
+    init_rows = objective.encoded(data.train_rows)  # a data-driven init (EVA, CorDA) reads token rows
+    method.batches = lambda: init_batches(init_rows, cfg, tokenizer.pad_token_id)
     report = _prepare(method, model, base_id, cfg, world, say)
     if rank == 0:
         save_config(cfg, out_dir / "config.yaml")
@@ -120,6 +107,7 @@ def run_training(
             cfg,
             sharded=sharded,
             can_merge=method.can_merge,
+            objective=objective,
         )
 
     before = evaluate_now(sharded=False) if rank == 0 else {}  # unsharded yet
@@ -139,6 +127,7 @@ def run_training(
         world=world,
         rank=rank,
         method=method,
+        objective=objective,
     )
     after = evaluate_now() if rank == 0 or fsdp else {}
     with full_parameters(model):  # FSDP2: every rank gathers the adapter, rank 0 writes it
@@ -193,7 +182,7 @@ def _prepare(
     )
     say(
         f"global batch: {t.batch_size} per process x {t.grad_accum} accumulation x {world} process(es) = "
-        f"{t.batch_size * t.grad_accum * world} examples per step"
+        f"{t.batch_size * t.grad_accum * world} {'pairs' if t.objective == 'dpo' else 'examples'} per step"
     )
     return report
 
@@ -244,49 +233,6 @@ def _base_model(cfg: RunConfig, model, tokenizer, say) -> tuple[nn.Module, Any, 
     return model, tokenizer, quant
 
 
-@dataclass
-class _Data:
-    """A run's tokenized data."""
-
-    train_rows: list[Encoded]
-    eval_rows: list[Encoded]
-    eval_examples: list[dict[str, Any]]
-    """The eval examples as read (exact-match accuracy generates from their prompts)."""
-    stats: dict[str, dict[str, Any]]
-    """{"train": ..., "eval": ...}: encode_dataset's counts (truncated examples, ...)."""
-
-
-def _encode(cfg: RunConfig, tokenizer, say) -> _Data:
-    """The data section's examples, tokenized (and packed if data.pack); DataError if nothing is left to learn,
-    a warning if nothing is left to evaluate."""
-    d = cfg.data
-    train_ex, eval_ex, source = load_examples(cfg)
-    enc = dict(max_len=d.max_len, chat=d.chat, train_on_all=d.train_on_all)
-    train_rows, stats = encode_dataset(tokenizer, train_ex, **enc)
-    eval_rows, eval_stats = encode_dataset(tokenizer, eval_ex, **enc)
-    if not train_rows:
-        raise DataError(f"{source}: no example has anything to learn after truncation to {d.max_len} tokens")
-    if not any(lab != IGNORE for r in eval_rows for lab in r.labels):
-        log.warning(
-            "%s: no eval example has a token left to evaluate after truncation to %d tokens (%d of %d examples "
-            "truncated): eval loss is not measured; raise data.max_len or shorten the eval prompts",
-            source,
-            d.max_len,
-            eval_stats["truncated"],
-            len(eval_ex),
-        )
-    invocation = cfg.lora.alora_invocation_tokens
-    if invocation is not None:
-        check_invocation(invocation, train_rows, tokenizer, source, say)
-    if d.pack:
-        train_rows = pack(train_rows, d.max_len)
-    say(
-        f"data: {source}: {len(train_rows)} train rows, {len(eval_rows)} eval; "
-        f"{stats['truncated']} train / {eval_stats['truncated']} eval examples truncated to {d.max_len} tokens"
-    )
-    return _Data(train_rows, eval_rows, eval_ex, {"train": stats, "eval": eval_stats})
-
-
 def _distribute(model: nn.Module, world: int, fsdp: bool, *, broadcast_buffers: bool, say) -> nn.Module:
     """The model the loop trains: sharded in place with FSDP2, wrapped in DDP with several processes, or itself.
     `broadcast_buffers` is off for a 4-bit base, whose codes are constant."""
@@ -308,7 +254,7 @@ def _write_summary(
     result: dict[str, Any],
     before: dict[str, float],
     after: dict[str, float],
-    data: _Data,
+    data: RunData,
     report: dict[str, Any],
     adapter_dir: Path | None,
 ) -> dict[str, Any]:
@@ -416,6 +362,8 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 def _fmt(m: dict[str, float]) -> str:
     acc = f"accuracy {100 * m['accuracy']:.1f}%, " if "accuracy" in m else ""
+    if "reward_accuracy" in m:
+        acc += f"reward accuracy {100 * m['reward_accuracy']:.1f}% (margin {m['reward_margin']:.3f}), "
     return f"{acc}eval loss {m['loss']:.4f}" if "loss" in m else f"{acc}no eval loss (nothing to evaluate)"
 
 

@@ -1,0 +1,117 @@
+"""A run's data: the data section's examples or preference pairs, read, split and tokenized."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lorakit.data.jsonl import DataError, read_examples
+from lorakit.data.preference import Pair, as_pair, encode_pairs, read_pairs
+from lorakit.data.tasks import make_pairs, make_task
+from lorakit.data.tokenize import IGNORE, Encoded, encode_dataset, pack
+from lorakit.train.config import RunConfig
+from lorakit.variants.alora import check_invocation
+
+log = logging.getLogger(__name__)
+
+
+def load_examples(cfg: RunConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """(train, eval, description) from the data section: a built-in task, or data files."""
+    return _load(cfg, read_examples, make_task)
+
+
+def load_pairs(cfg: RunConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """(train, eval, description) preference pairs ({"chosen": example, "rejected": example}) from the data
+    section: a built-in task's answers each preferred to a plausible wrong one, or data files."""
+
+    def task_pairs(name: str, **kw: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        train, ev = make_pairs(name, **kw)
+        return [as_pair(r, "explicit", name) for r in train], [as_pair(r, "explicit", name) for r in ev]
+
+    return _load(cfg, read_pairs, task_pairs)
+
+
+def _load(
+    cfg: RunConfig, read: Callable, task: Callable
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    d = cfg.data
+    if not d.train_file:
+        train, ev = task(d.task, n_train=d.n_train, n_eval=d.n_eval, seed=cfg.train.seed)
+        return train, ev, f"built-in task {d.task!r}"
+    train = read(d.train_file, d.fields)
+    if d.eval_file:
+        return train, read(d.eval_file, d.fields), f"{d.train_file} (eval: {d.eval_file})"
+    rng = random.Random(cfg.train.seed)
+    order = list(range(len(train)))
+    rng.shuffle(order)
+    n_eval = max(1, int(len(train) * d.eval_split))
+    if n_eval >= len(train):
+        raise DataError(f"{d.train_file}: {len(train)} example(s) are too few to hold out an eval split")
+    ev = [train[i] for i in order[:n_eval]]
+    return [train[i] for i in order[n_eval:]], ev, f"{d.train_file} ({n_eval} held out for eval)"
+
+
+@dataclass
+class RunData:
+    """A run's tokenized data."""
+
+    train_rows: list[Encoded] | list[Pair]
+    eval_rows: list[Encoded] | list[Pair]
+    eval_examples: list[dict[str, Any]]
+    """The eval examples as read (exact-match accuracy generates from their prompts; of pairs, the chosen
+    sides)."""
+    stats: dict[str, dict[str, Any]]
+    """{"train": ..., "eval": ...}: encode_dataset's counts (truncated examples, ...)."""
+
+
+def encode_examples(cfg: RunConfig, tokenizer, say) -> RunData:
+    """The data section's examples, tokenized (and packed if data.pack); DataError if nothing is left to learn,
+    a warning if nothing is left to evaluate."""
+    d = cfg.data
+    train_ex, eval_ex, source = load_examples(cfg)
+    enc = dict(max_len=d.max_len, chat=d.chat, train_on_all=d.train_on_all)
+    train_rows, stats = encode_dataset(tokenizer, train_ex, **enc)
+    eval_rows, eval_stats = encode_dataset(tokenizer, eval_ex, **enc)
+    if not train_rows:
+        raise DataError(f"{source}: no example has anything to learn after truncation to {d.max_len} tokens")
+    if not any(lab != IGNORE for r in eval_rows for lab in r.labels):
+        log.warning(
+            "%s: no eval example has a token left to evaluate after truncation to %d tokens (%d of %d examples "
+            "truncated): eval loss is not measured; raise data.max_len or shorten the eval prompts",
+            source,
+            d.max_len,
+            eval_stats["truncated"],
+            len(eval_ex),
+        )
+    invocation = cfg.lora.alora_invocation_tokens
+    if invocation is not None:
+        check_invocation(invocation, train_rows, tokenizer, source, say)
+    if d.pack:
+        train_rows = pack(train_rows, d.max_len)
+    say(
+        f"data: {source}: {len(train_rows)} train rows, {len(eval_rows)} eval; "
+        f"{stats['truncated']} train / {eval_stats['truncated']} eval examples truncated to {d.max_len} tokens"
+    )
+    return RunData(train_rows, eval_rows, eval_ex, {"train": stats, "eval": eval_stats})
+
+
+def encode_preferences(cfg: RunConfig, tokenizer, say) -> RunData:
+    """The data section's preference pairs, tokenized; DataError if no pair is left to learn from."""
+    d = cfg.data
+    train_p, eval_p, source = load_pairs(cfg)
+    train_rows, stats = encode_pairs(tokenizer, train_p, max_len=d.max_len, chat=d.chat)
+    eval_rows, eval_stats = encode_pairs(tokenizer, eval_p, max_len=d.max_len, chat=d.chat)
+    if not train_rows:
+        raise DataError(
+            f"{source}: no pair is left to learn from ({stats['dropped']} of {len(train_p)} dropped: an answer "
+            f"truncated away at data.max_len {d.max_len}, or both answers the same)"
+        )
+    say(
+        f"data: {source}: {len(train_rows)} train pairs, {len(eval_rows)} eval; {stats['truncated']} train / "
+        f"{eval_stats['truncated']} eval pairs truncated to {d.max_len} tokens, {stats['dropped']} train / "
+        f"{eval_stats['dropped']} eval dropped"
+    )
+    return RunData(train_rows, eval_rows, [p["chosen"] for p in eval_p], {"train": stats, "eval": eval_stats})

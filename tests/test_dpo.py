@@ -1,0 +1,302 @@
+"""DPO: preference pairs read in five shapes, the chunked log-probabilities, the loss, the loop and the run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.config import LoraConfig
+from lorakit.data.files import DataError
+from lorakit.data.preference import encode_pairs, parse_pairs, read_pairs
+from lorakit.data.tokenize import IGNORE
+from lorakit.errors import ConfigError
+from lorakit.fused import head_sequence_logprobs, sequence_logprobs
+from lorakit.train.config import load_config
+from lorakit.train.objectives import dpo_losses
+
+from tiny import tiny_llama, write_jsonl
+
+PROMPT = [{"role": "user", "content": "Capital of France?"}]
+CHOSEN = [{"role": "assistant", "content": "Paris."}]
+REJECTED = [{"role": "assistant", "content": "Lyon."}]
+
+
+def _one(record, suffix=".jsonl", fields=None):
+    data = (json.dumps(record) + "\n").encode()
+    return parse_pairs(data, "x" + suffix, fields)[0]
+
+
+# -- shapes -----------------------------------------------------------------------------------------------------------
+
+
+def test_explicit_text_pair_is_two_prompt_completion_examples():
+    pair = _one({"prompt": "2+2=", "chosen": "4", "rejected": "5"})
+    assert pair == {
+        "chosen": {"prompt": "2+2=", "completion": "4"},
+        "rejected": {"prompt": "2+2=", "completion": "5"},
+    }
+
+
+def test_conversational_shapes_agree():
+    """TRL's explicit and implicit prompts, OpenAI's preference format and ShareGPT's all give the same pair."""
+    explicit = _one({"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED})
+    implicit = _one({"chosen": PROMPT + CHOSEN, "rejected": PROMPT + REJECTED})
+    openai = _one(
+        {"input": {"messages": PROMPT}, "preferred_output": CHOSEN, "non_preferred_output": REJECTED}
+    )
+    sharegpt = _one(
+        {
+            "conversations": [{"from": "human", "value": "Capital of France?"}],
+            "chosen": {"from": "gpt", "value": "Paris."},
+            "rejected": {"from": "gpt", "value": "Lyon."},
+        }
+    )
+    assert explicit == implicit == openai == sharegpt
+    assert explicit["chosen"] == {"messages": PROMPT + CHOSEN}
+
+
+def test_earlier_assistant_turns_are_not_learned():
+    """Alpaca's history and a conversation's earlier answers are context: weight 0; the answer is learned."""
+    alpaca = _one(
+        {
+            "instruction": "And of Spain?",
+            "history": [["Capital of France?", "Paris."]],
+            "system": "Be brief.",
+            "chosen": "Madrid.",
+            "rejected": "Barcelona.",
+        }
+    )
+    msgs = alpaca["chosen"]["messages"]
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant"]
+    assert msgs[2]["weight"] == 0 and "weight" not in msgs[4] and msgs[4]["content"] == "Madrid."
+    assert alpaca["rejected"]["messages"][-1]["content"] == "Barcelona."
+    conv = _one({"prompt": PROMPT + CHOSEN + PROMPT, "chosen": CHOSEN, "rejected": REJECTED})
+    assert conv["chosen"]["messages"][1]["weight"] == 0
+
+
+def test_openai_tools_and_csv_with_fields(tmp_path):
+    tools = [{"type": "function", "function": {"name": "capital", "parameters": {"type": "object"}}}]
+    call = [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"type": "function", "function": {"name": "capital", "arguments": {"c": "FR"}}}],
+        }
+    ]
+    pair = _one(
+        {
+            "input": {"messages": PROMPT, "tools": tools},
+            "preferred_output": call,
+            "non_preferred_output": REJECTED,
+        }
+    )
+    assert pair["chosen"]["tools"][0]["name"] == "capital" and pair["chosen"]["messages"][-1]["tool_calls"]
+    csv = tmp_path / "p.csv"
+    csv.write_text("question,good,bad\n2+2=,4,5\n")
+    assert read_pairs(csv, {"prompt": "question", "chosen": "good", "rejected": "bad"}) == [
+        {"chosen": {"prompt": "2+2=", "completion": "4"}, "rejected": {"prompt": "2+2=", "completion": "5"}}
+    ]
+
+
+@pytest.mark.parametrize(
+    "records, words",
+    [
+        ([{"prompt": "a", "completion": "b"}], "p.jsonl:1: not a preference pair (an example for supervised"),
+        ([{"question": "a"}], "p.jsonl:1: not a preference pair; expected"),
+        (
+            [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"chosen": PROMPT, "rejected": PROMPT}],
+            "p.jsonl:2: a pair",
+        ),
+        ([{"prompt": "a", "chosen": 3, "rejected": "c"}], "p.jsonl:1: a text 'prompt' needs a text 'chosen'"),
+        ([{"chosen": "a b", "rejected": "a c"}], "texts need a 'prompt'"),
+        ([{"prompt": PROMPT, "chosen": PROMPT, "rejected": REJECTED}], "'chosen' has no assistant message"),
+        (
+            [{"prompt": PROMPT, "chosen": [{"role": "assistant"}], "rejected": REJECTED}],
+            "p.jsonl:1: chosen: messages",
+        ),
+        (
+            [
+                {
+                    "conversations": [{"from": "human", "value": "q"}],
+                    "chosen": {"from": "human", "value": "a"},
+                    "rejected": "b",
+                }
+            ],
+            "'chosen' must be the assistant's turn",
+        ),
+        (
+            [{"input": "q", "preferred_output": CHOSEN, "non_preferred_output": REJECTED}],
+            "'input' must be an object",
+        ),
+        ([], "no preference pairs (the file is empty)"),
+    ],
+)
+def test_bad_pairs_name_the_record(tmp_path, records, words):
+    path = write_jsonl(tmp_path / "p.jsonl", records)
+    with pytest.raises(DataError) as e:
+        read_pairs(path)
+    assert words in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_labels_cover_the_answers_only(tok):
+    """On SmolLM2's tokenizer: both sides share the prompt's tokens, and only each answer (with the template's
+    end of turn) is learned; a tie teaches nothing and is dropped, counted."""
+    pairs = [_one({"prompt": PROMPT, "chosen": CHOSEN, "rejected": REJECTED})]
+    pairs.append(_one({"prompt": "x", "chosen": "same", "rejected": "other"}))
+    pairs[1]["rejected"] = pairs[1]["chosen"]
+    rows, stats = encode_pairs(tok, pairs, max_len=256)
+    assert stats["dropped"] == 1 and len(rows) == 1
+    c, r = rows[0].chosen, rows[0].rejected
+    start = next(i for i, y in enumerate(c.labels) if y != IGNORE)
+    assert c.input_ids[:start] == r.input_ids[:start] and all(y == IGNORE for y in r.labels[:start])
+    assert tok.decode([y for y in c.labels if y != IGNORE]) == "Paris.<|im_end|>\n"
+    assert tok.decode([y for y in r.labels if y != IGNORE]) == "Lyon.<|im_end|>\n"
+
+
+# -- log-probabilities and the loss -----------------------------------------------------------------------------------
+
+
+def test_chunked_logprobs_equal_full_logits_with_gradients():
+    """Summed per row, in chunks of 5 rows, and their gradient for per-row weights: as log_softmax over the whole
+    logits (float64, so the tolerance 1e-10 is rounding only)."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 7, 16, dtype=torch.float64, generator=g, requires_grad=True)
+    weight = torch.randn(40, 16, dtype=torch.float64, generator=g)
+    labels = torch.randint(0, 40, (3, 7), generator=g)
+    labels[0, :4] = IGNORE
+    labels[2, 1:] = IGNORE  # a row with no learned token: 0, counted 0
+    total, count = head_sequence_logprobs(hidden, weight, labels, chunk=5)
+    logp = torch.log_softmax(hidden[:, :-1] @ weight.t(), -1)
+    y = labels[:, 1:]
+    ref = (logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1) * (y != IGNORE)).sum(-1)
+    torch.testing.assert_close(total, ref, atol=1e-10, rtol=0)
+    assert count.tolist() == [3, 6, 0]
+    w = torch.tensor([0.3, -1.7, 2.0], dtype=torch.float64)
+    (grad,) = torch.autograd.grad((total * w).sum(), hidden)
+    (want,) = torch.autograd.grad((ref * w).sum(), hidden)
+    torch.testing.assert_close(grad, want, atol=1e-10, rtol=0)
+
+
+def test_sequence_logprobs_fused_equals_the_models_logits():
+    """On a tiny Llama with a LoRA: the chunked head's sums equal those of the model's own logits (float32,
+    1e-4 absolute over sums of ~10 terms of size ~5)."""
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets="all-linear", init="random"))
+    ids = torch.randint(2, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :4] = IGNORE
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    fused, n = sequence_logprobs(model, batch)
+    plain, m = sequence_logprobs(model, batch, fused=False)
+    torch.testing.assert_close(fused, plain, atol=1e-4, rtol=0)
+    assert n.tolist() == m.tolist() == [5, 5]
+
+
+def test_loss_at_the_start_is_log_two():
+    """Policy = reference: every margin is 0, so the sigmoid loss is log 2, IPO's (1/2β)², the hinge's 1."""
+    policy = torch.tensor([-3.0, -5.0, -4.0, -6.0])
+    count = torch.tensor([2, 3, 2, 4])
+    for kind, want in (
+        ("sigmoid", torch.log(torch.tensor(2.0))),
+        ("ipo", torch.tensor(25.0)),
+        ("hinge", 1.0),
+    ):
+        losses, chosen, rejected = dpo_losses(policy, policy.clone(), count, beta=0.1, kind=kind)
+        torch.testing.assert_close(losses, torch.full((2,), float(want)), atol=1e-6, rtol=0)
+        assert chosen.tolist() == rejected.tolist() == [0.0, 0.0]
+
+
+# -- config -----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["--objective", "ppo"], "train.objective must be one of sft, dpo, got 'ppo'"),
+        (["--dpo.beta", "0.5"], "dpo.beta is set but train.objective is 'sft'; use --train.objective dpo"),
+        (["--objective", "dpo", "--dpo.beta", "0"], "dpo.beta must be > 0"),
+        (["--objective", "dpo", "--dpo.loss", "kto"], "dpo.loss must be one of sigmoid, ipo, hinge"),
+        (
+            ["--objective", "dpo", "--dpo.loss", "ipo", "--dpo.label_smoothing", "0.1"],
+            "works with dpo.loss sigmoid",
+        ),
+        (["--objective", "dpo", "--dpo.label_smoothing", "0.5"], "dpo.label_smoothing must be in [0, 0.5)"),
+        (
+            ["--objective", "dpo", "--lora.init", "pissa"],
+            "lora.init pissa starts the adapter away from the base",
+        ),
+        (["--objective", "dpo", "--method", "ladder"], "a ladder is not"),
+        (["--objective", "dpo", "--data.pack", "true"], "data.pack does not work with train.objective dpo"),
+    ],
+)
+def test_bad_dpo_settings_are_refused(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert words in str(e.value)
+
+
+# -- training ---------------------------------------------------------------------------------------------------------
+
+
+def _pairs_run(tmp_path, *overrides, callbacks=None):
+    """`run_training` with DPO on a tiny Llama and a character tokenizer: "i+1=" answered with the sum preferred to
+    its echo "i+1" (32 train pairs, 8 eval)."""
+    from fsdp_worker import char_tokenizer
+
+    from lorakit.train.run import run_training
+
+    rows = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": f"{i}+1"} for i in range(40)]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    write_jsonl(tmp_path / "train.jsonl", rows[:32])
+    write_jsonl(tmp_path / "eval.jsonl", rows[32:])
+    cfg = load_config(
+        None,
+        [
+            *("--objective", "dpo", "--data.train_file", str(tmp_path / "train.jsonl")),
+            *("--data.eval_file", str(tmp_path / "eval.jsonl"), "--data.chat", "false"),
+            *("--data.max_len", "16", "--train.out_dir", str(tmp_path / "run"), "--train.batch_size", "4"),
+            *("--eval.max_new_tokens", "2", "--eval.limit", "4", "--train.lr", "1e-2", "--dpo.beta", "0.5"),
+            *overrides,
+        ],
+    )
+    model = tiny_llama()
+    model.generation_config.eos_token_id = model.config.eos_token_id = 1
+    model.generation_config.pad_token_id = model.config.pad_token_id = 0
+    return run_training(cfg, model=model, tokenizer=char_tokenizer(), callbacks=callbacks), model
+
+
+def test_dpo_run_learns_the_preference(tmp_path):
+    """12 steps: the eval pairs' loss falls from log 2 and the implicit rewards rank the chosen answer first; the
+    step records carry the rewards."""
+    summary, _ = _pairs_run(tmp_path, "--train.steps", "12", "--train.eval_every", "6")
+    before, after = summary["before"], summary["after"]
+    assert before["loss"] == pytest.approx(0.6931, abs=1e-4) and before["reward_accuracy"] == 0.0
+    assert after["loss"] < 0.6 and after["reward_accuracy"] >= 0.75 and after["reward_margin"] > 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 12 and all("reward_accuracy" in r and "reward_margin" in r for r in steps)
+    assert any(r.get("step") == 6 and "eval_reward_accuracy" in r for r in records)
+
+
+def test_dpo_resumed_equals_uninterrupted(tmp_path):
+    """Interrupted at step 4 and resumed from its step-3 checkpoint: the adapter of 6 uninterrupted steps
+    (1e-6: the same ops on the same pairs, up to BLAS thread scheduling)."""
+    from lorakit.train.loop import TrainingError
+
+    full, _ = _pairs_run(tmp_path / "a", "--train.steps", "6", "--train.save_every", "0")
+
+    def interrupt(rec):
+        if rec.get("step") == 4:
+            raise KeyboardInterrupt
+
+    b = tmp_path / "b"
+    with pytest.raises(TrainingError, match="interrupted at step 4"):
+        _pairs_run(b, "--train.steps", "6", "--train.save_every", "3", callbacks=[interrupt])
+    _pairs_run(b, "--train.steps", "6", "--train.resume", "auto")
+    a = lorakit.read_adapter(tmp_path / "a" / "run" / "adapter")[1]
+    r = lorakit.read_adapter(b / "run" / "adapter")[1]
+    for k in a:
+        torch.testing.assert_close(r[k], a[k], atol=1e-6, rtol=0)

@@ -1,0 +1,141 @@
+"""lorakit's DPO against TRL's DPOTrainer (the peer and oracle), from the same PEFT adapter on the same model.
+
+A tiny random Llama with SmolLM2's real tokenizer and chat template, and a PEFT adapter whose A and B are both
+random (so the policy differs from the reference at step 1 and the first loss is not log 2). Both train 3 AdamW
+steps on all pairs as one batch, with the base model (adapter off) as the reference. Compared: the token ids,
+every step's loss and implicit rewards, and the adapter after training.
+
+Tolerances: TRL computes log-probabilities from full logits and lorakit from its chunked head, which sums in
+another order (float32); over 3 steps of AdamW these differences stay below 5e-5 in TRL's own plain-torch
+replay (tests/trl_dpo_oracle.py), so metrics are compared to 1e-4 and the adapter to 2e-4.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.data.preference import as_pair, encode_pairs
+from lorakit.data.tokenize import IGNORE
+from lorakit.models import load_model
+from lorakit.train.config import DpoSection, RunConfig, TrainSection
+from lorakit.train.loop import train_loop
+from lorakit.train.objectives import DpoObjective
+
+from trl_dpo_oracle import build_peft_adapter, build_tiny_model, trl_dpo
+
+TEXT_PAIRS = [
+    {"prompt": "Q: the capital of France?\nA:", "chosen": " Paris", "rejected": " Lyon"},
+    {"prompt": "Q: two plus two?\nA:", "chosen": " four", "rejected": " five, or maybe six"},
+    {"prompt": "Q: the colour of the sky?\nA:", "chosen": " blue", "rejected": " green"},
+    {"prompt": "Q: a cat says?\nA:", "chosen": " meow", "rejected": " woof woof"},
+]
+CHAT_PAIRS = [
+    {
+        "prompt": [{"role": "user", "content": p["prompt"][3:-3]}],
+        "chosen": [{"role": "assistant", "content": p["chosen"].strip()}],
+        "rejected": [{"role": "assistant", "content": p["rejected"].strip()}],
+    }
+    for p in TEXT_PAIRS
+]
+STEPS, LR = 3, 5e-3
+METRICS = {
+    "loss": "loss",
+    "rewards/chosen": "reward_chosen",
+    "rewards/rejected": "reward_rejected",
+    "rewards/margins": "reward_margin",
+    "rewards/accuracies": "reward_accuracy",
+}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, default_model_dir):
+    root = tmp_path_factory.mktemp("dpo_trl")
+    model_dir = build_tiny_model(default_model_dir, root / "model")
+    return model_dir, build_peft_adapter(model_dir, root / "adapter")
+
+
+def _lorakit(model_dir: Path, adapter_dir: Path, pairs, *, chat: bool, out: Path, **dpo):
+    model, tok = load_model(str(model_dir), dtype=torch.float32)
+    lorakit.load_adapter(model, adapter_dir, trainable=True)
+    rows, _ = encode_pairs(tok, [as_pair(p, "explicit", "pair") for p in pairs], max_len=512, chat=chat)
+    cfg = RunConfig(
+        train=TrainSection(
+            out_dir=str(out),
+            steps=STEPS,
+            batch_size=len(rows),
+            lr=LR,
+            schedule="constant",
+            warmup_steps=0,
+            save_every=0,
+            max_grad_norm=1.0,
+            objective="dpo",
+        ),
+        dpo=DpoSection(**dpo),
+    )
+    records: list[dict] = []
+    train_loop(
+        model,
+        rows,
+        cfg,
+        pad_id=tok.pad_token_id,
+        out_dir=out,
+        objective=DpoObjective(cfg),
+        callbacks=[records.append],
+    )
+    return rows, records, lorakit.adapter_state_dict(model)
+
+
+@pytest.mark.parametrize(
+    "pairs, chat, loss, smoothing, beta",
+    [
+        (TEXT_PAIRS, False, "sigmoid", 0.0, 0.1),
+        (TEXT_PAIRS, False, "sigmoid", 0.1, 0.1),  # cDPO: TRL gets it from its sigmoid and robust losses
+        (TEXT_PAIRS, False, "ipo", 0.0, 0.5),
+        (CHAT_PAIRS, True, "sigmoid", 0.0, 0.1),
+        (CHAT_PAIRS, True, "ipo", 0.0, 0.5),
+        (CHAT_PAIRS, True, "hinge", 0.0, 0.1),
+    ],
+    ids=["text-sigmoid", "text-cdpo", "text-ipo", "chat-sigmoid", "chat-ipo", "chat-hinge"],
+)
+def test_dpo_equals_trl(folders, tmp_path, pairs, chat, loss, smoothing, beta):
+    model_dir, adapter_dir = folders
+    theirs = trl_dpo(
+        str(model_dir),
+        str(adapter_dir),
+        pairs,
+        steps=STEPS,
+        lr=LR,
+        beta=beta,
+        loss_type=loss,
+        label_smoothing=smoothing,
+        out_dir=str(tmp_path / "trl"),
+    )
+    rows, records, adapter = _lorakit(
+        model_dir,
+        adapter_dir,
+        pairs,
+        chat=chat,
+        out=tmp_path / "ours",
+        beta=beta,
+        loss=loss,
+        label_smoothing=smoothing,
+    )
+    for row, (prompt, chosen, rejected) in zip(rows, theirs["token_ids"], strict=True):
+        for side, answer in ((row.chosen, chosen), (row.rejected, rejected)):
+            assert side.input_ids == prompt + answer
+            assert [t for t in side.labels if t != IGNORE] == answer
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == len(theirs["logs"]) == STEPS
+    assert theirs["logs"][0]["loss"] != pytest.approx(
+        0.6931, abs=1e-3
+    )  # the adapter starts away from the base
+    for ours, trl in zip(steps, theirs["logs"], strict=True):
+        for their_key, our_key in METRICS.items():
+            assert ours[our_key] == pytest.approx(trl[their_key], abs=1e-4), (ours["step"], their_key)
+    assert set(adapter) == set(theirs["adapter"])
+    for key, value in theirs["adapter"].items():
+        torch.testing.assert_close(adapter[key], value, atol=2e-4, rtol=0, msg=key)

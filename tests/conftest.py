@@ -27,6 +27,7 @@ SHARED_SCOPES = {
     "tests/test_gguf_llamacpp.py": "trained_run",
     "tests/test_ui.py": "ui",
     "tests/test_ui_jobs.py": "ui",
+    "tests/test_ui_dpo.py": "ui",
     "tests/test_ui_browser.py": "ui",
     "tests/test_ui_browser_stop.py": "ui",
 }

@@ -109,7 +109,7 @@ def test_alpaca_csv_and_parquet_uploads_are_data_files_too(ui, http):
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist([{"text": "hello"}]), buf)
     r = http.post("/api/upload", params={"name": "t.parquet"}, content=buf.getvalue())
-    assert r.json() == {"path": "data/t.parquet", "examples": 1}
+    assert r.json() == {"path": "data/t.parquet", "examples": 1, "pairs": False}
     listed = {d["path"] for d in http.get("/api/workspace").json()["data"]}
     assert {"data/al.json", "data/sums.csv", "data/t.parquet"} <= listed
     out = http.post("/api/preview", json={"file": "data/al.json"}).json()
@@ -123,7 +123,7 @@ def test_alpaca_csv_and_parquet_uploads_are_data_files_too(ui, http):
     )
     fields = "{prompt: question, completion: answer}"  # the form's text for data.fields
     r = http.post("/api/upload", params={"name": "qa.csv", "fields": fields}, content=qa)
-    assert r.json() == {"path": "data/qa.csv", "examples": 1}
+    assert r.json() == {"path": "data/qa.csv", "examples": 1, "pairs": False}
     out = http.post("/api/preview", json={"file": "data/qa.csv", "fields": fields}).json()
     learned = "".join(s["text"] for s in out["examples"][0]["segments"] if s["learned"])
     assert learned.startswith("Madrid")

@@ -47,13 +47,13 @@ def read_examples(path: str | os.PathLike, fields: dict[str, str] | None = None)
     renames the file's columns first ({lorakit's key: the file's column}). Raises DataError naming the file and
     the line."""
     _check_fields(fields, str(path))
-    return _examples(read_records(path), str(path), fields or {})
+    return examples_of(read_records(path), str(path), fields or {})
 
 
 def parse_examples(data: bytes, source: str, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """All examples of a data file's bytes, read as `source`'s suffix says; see `read_examples`."""
     _check_fields(fields, source)
-    return _examples(parse_records(data, source), source, fields or {})
+    return examples_of(parse_records(data, source), source, fields or {})
 
 
 read_jsonl = read_examples
@@ -66,7 +66,8 @@ def _check_fields(fields: Any, source: str) -> None:
         raise DataError(f"{source}: data.fields {problem}")
 
 
-def _examples(records: list[tuple[str, Any]], source: str, fields: dict[str, str]) -> list[dict[str, Any]]:
+def examples_of(records: list[tuple[str, Any]], source: str, fields: dict[str, str]) -> list[dict[str, Any]]:
+    """The examples of a file's records ((where, record) pairs, as `lorakit.data.files` reads them), validated."""
     examples: list[dict[str, Any]] = []
     shape: str | None = None
     for where, ex in records:

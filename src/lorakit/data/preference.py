@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorakit.data.files import DataError, parse_records, read_records
-from lorakit.data.jsonl import check_example, shape_of
+from lorakit.data.jsonl import check_example, examples_of, shape_of
 from lorakit.data.shapes import as_native, fields_problem, renamed
 from lorakit.data.tokenize import IGNORE, Encoded, encode_example
 
@@ -36,7 +36,17 @@ PAIR_SHAPES = {
 }
 """The shapes of a preference record and the keys that make each, in the order they are tried."""
 
-__all__ = ["PAIR_SHAPES", "Pair", "encode_pairs", "is_pair", "pair_shape", "parse_pairs", "read_pairs"]
+__all__ = [
+    "PAIR_SHAPES",
+    "Pair",
+    "encode_pairs",
+    "is_pair",
+    "pair_shape",
+    "parse_any",
+    "parse_pairs",
+    "read_any",
+    "read_pairs",
+]
 
 
 def pair_shape(record: dict[str, Any]) -> str | None:
@@ -59,6 +69,31 @@ def parse_pairs(data: bytes, source: str, fields: dict[str, str] | None = None) 
     """`read_pairs` of a file's bytes, read as `source`'s suffix says."""
     _check_fields(fields, source)
     return _pairs(parse_records(data, source), source, fields or {})
+
+
+def read_any(
+    path: str | os.PathLike, fields: dict[str, str] | None = None
+) -> tuple[list[dict[str, Any]], bool]:
+    """(the file's items, whether they are preference pairs): pairs when its first record is one (`read_pairs`),
+    else examples (`lorakit.data.jsonl.read_examples`). For a tool that takes either (the playground)."""
+    _check_fields(fields, str(path))
+    return _any(read_records(path), str(path), fields or {})
+
+
+def parse_any(
+    data: bytes, source: str, fields: dict[str, str] | None = None
+) -> tuple[list[dict[str, Any]], bool]:
+    """`read_any` of a file's bytes, read as `source`'s suffix says."""
+    _check_fields(fields, source)
+    return _any(parse_records(data, source), source, fields or {})
+
+
+def _any(
+    records: list[tuple[str, Any]], source: str, fields: dict[str, str]
+) -> tuple[list[dict[str, Any]], bool]:
+    if records and isinstance(records[0][1], dict) and is_pair(renamed(records[0][1], fields, records[0][0])):
+        return _pairs(records, source, fields), True
+    return examples_of(records, source, fields), False
 
 
 def _check_fields(fields: Any, source: str) -> None:

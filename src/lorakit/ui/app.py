@@ -137,12 +137,13 @@ class _Routes:
                     "file",
                 )
             chunks.append(chunk)
-        path, n = await asyncio.to_thread(self.ws.save_upload, name, b"".join(chunks), columns)
-        return {"path": path, "examples": n}
+        path, n, pairs = await asyncio.to_thread(self.ws.save_upload, name, b"".join(chunks), columns)
+        return {"path": path, "examples": n, "pairs": pairs}
 
     async def preview(self, request: Request) -> dict[str, Any]:
-        from lorakit.data.jsonl import DataError, read_examples
-        from lorakit.data.tasks import make_task
+        from lorakit.data.jsonl import DataError
+        from lorakit.data.preference import as_pair, read_any
+        from lorakit.data.tasks import make_pairs, make_task
         from lorakit.data.tokenize import IGNORE, encode_example, learned_segments
 
         body = await P.read_json(request)
@@ -153,16 +154,27 @@ class _Routes:
         try:
             if body.get("file"):
                 path = self.ws.path(body["file"], what="file")
-                examples = await asyncio.to_thread(read_examples, path, fields)
-                examples = [{**e} for e in examples]
+                items, pairs = await asyncio.to_thread(read_any, path, fields)
+            elif body.get("objective") == "dpo":  # the built-in task's preference pairs
+                task = str(body.get("task") or "dates")
+                items, pairs = (
+                    [as_pair(r, "explicit", task) for r in make_pairs(task, n_train=0, n_eval=n)[1]],
+                    True,
+                )
             else:
-                examples = make_task(str(body.get("task") or "dates"), n_train=0, n_eval=n)[1]
+                items, pairs = make_task(str(body.get("task") or "dates"), n_train=0, n_eval=n)[1], False
         except DataError as e:
             raise P.bad(str(e).replace(str(self.ws.root) + "/", ""), "file") from None
+        # a pair shows as its two sides, each with its answer learned
+        sides = (
+            [(p[s], s) for p in items[:n] for s in ("chosen", "rejected")]
+            if pairs
+            else [(e, None) for e in items[:n]]
+        )
         tok = self.engine.tokenizer
         out = []
         with self.engine.tokenizer_lock:
-            for ex in examples[:n]:
+            for ex, side in sides:
                 enc = encode_example(tok, ex, max_len=max_len, chat=chat, train_on_all=on_all)
                 segments = learned_segments(tok, ex, chat=chat, train_on_all=on_all)
                 out.append(
@@ -172,8 +184,9 @@ class _Routes:
                         "learned_tokens": sum(label != IGNORE for label in enc.labels[1:]),
                         "truncated": enc.truncated,
                     }
+                    | ({"side": side} if side else {})
                 )
-        return {"total": len(examples), "examples": out}
+        return {"total": len(items), "examples": out, "pairs": pairs}
 
     # -- adapters ----------------------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ def form_schema() -> dict[str, Any]:
     from lorakit.train.config import SECTION_METHOD
     from lorakit.train.fields import field_specs
     from lorakit.train.methods import METHODS
+    from lorakit.train.objectives import DPO_LOSSES, OBJECTIVES
 
     choices = {
         **CHOICES,
@@ -34,6 +35,8 @@ def form_schema() -> dict[str, Any]:
         ("lora", "lora_ga_direction"): list(LORA_GA_DIRECTIONS),
         ("lora", "lora_ga_scale"): list(LORA_GA_SCALES),
         ("train", "method"): [*METHODS, "loraplus", *(f"{m}+loraplus" for m in METHODS)],
+        ("train", "objective"): list(OBJECTIVES),
+        ("dpo", "loss"): list(DPO_LOSSES),
     }
     sections = []
     for section, specs in field_specs().items():
@@ -51,7 +54,8 @@ def form_schema() -> dict[str, Any]:
                     "locked": (section, spec.name) in LOCKED,
                 }
             )
-        sections.append({"name": section, "method": SECTION_METHOD.get(section), "fields": fields})
+        shown = {"objective": "dpo"} if section == "dpo" else {}  # shown when train.objective is dpo
+        sections.append({"name": section, "method": SECTION_METHOD.get(section), **shown, "fields": fields})
     return {"sections": sections}
 
 

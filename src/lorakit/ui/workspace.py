@@ -25,7 +25,8 @@ from typing import Any
 
 from lorakit.atomic import atomic_file, atomic_write, tree_size
 from lorakit.data.files import SUFFIXES
-from lorakit.data.jsonl import DataError, parse_examples
+from lorakit.data.jsonl import DataError
+from lorakit.data.preference import parse_any
 from lorakit.formats import CONFIG_NAME
 from lorakit.serve import protocol as P
 
@@ -154,22 +155,25 @@ class Workspace:
 
     # -- uploads and downloads ---------------------------------------------------------------------------------
 
-    def save_upload(self, name: Any, data: bytes, fields: dict[str, str] | None = None) -> tuple[str, int]:
-        """Check `data` as a training file (JSONL, JSON, CSV, TSV or Parquet, by its name's suffix) and write it
-        to data/<name> atomically: (path, examples). A bad file is a 400 whose message names the line
-        ("chat.jsonl:3: not valid JSON ..."); nothing is written. `fields`: data.fields, the file's column names."""
+    def save_upload(
+        self, name: Any, data: bytes, fields: dict[str, str] | None = None
+    ) -> tuple[str, int, bool]:
+        """Check `data` as a training file (JSONL, JSON, CSV, TSV or Parquet, by its name's suffix) of examples
+        or of preference pairs (for DPO), and write it to data/<name> atomically: (path, examples or pairs, whether
+        pairs). A bad file is a 400 whose message names the line ("chat.jsonl:3: not valid JSON ..."); nothing is
+        written. `fields`: data.fields, the file's column names."""
         name = check_name(name, "name")
         if Path(name).suffix.lower() not in SUFFIXES:
             raise P.bad(f"upload {name!r}: the file name must end in one of {', '.join(SUFFIXES)}", "name")
         try:
-            examples = parse_examples(data, name, fields)
+            examples, pairs = parse_any(data, name, fields)
         except DataError as e:
             raise P.bad(str(e), "file") from None
         out = self.root / "data" / name
         if out.exists():
             raise P.APIError(409, f"data/{name} exists already: pick another name", "exists", "name")
         atomic_file(out, data)
-        return self.rel(out), len(examples)
+        return self.rel(out), len(examples), pairs
 
     def download(self, rel: Any) -> tuple[Path, str]:
         """(a file to send, its download name) for `rel`; a folder is zipped (atomically, into jobs/.zips)."""

@@ -399,14 +399,15 @@ function sectionElement(section) {
     section.doc ? el("p", { class: "section-doc", text: section.doc }) : null,
     el("div", { class: "fields" }, ...section.fields.map((f) => fieldElement(section.name, f))),
   );
-  const summary = el("summary", {}, section.name, section.method ? el("span", { class: "tag", text: "method" }) : null);
+  const gate = section.method ? "method" : section.objective ? "objective" : null;
+  const summary = el("summary", {}, section.name, gate ? el("span", { class: "tag", text: gate }) : null);
   return el(
     "details",
     {
       class: "section",
       open: OPEN_SECTIONS.has(section.name),
-      hidden: Boolean(section.method), // shown by updateMethodSections when train.method asks for it
-      dataset: { section: section.name, method: section.method || "" },
+      hidden: Boolean(gate), // shown by updateMethodSections when train.method (or train.objective) asks for it
+      dataset: { section: section.name, method: section.method || "", objective: section.objective || "" },
     },
     summary,
     fieldset,
@@ -440,7 +441,8 @@ function fieldElement(sectionName, field) {
   Object.assign(control, { id, name, title: field.doc || "", disabled: Boolean(field.locked) });
   control.dataset.default = initial;
   controls.set(name, control);
-  if (name === "train.method") ["input", "change"].forEach((e) => control.addEventListener(e, updateMethodSections));
+  if (name === "train.method" || name === "train.objective")
+    ["input", "change"].forEach((e) => control.addEventListener(e, updateMethodSections));
 
   const label = el("label", { for: id, text: field.name });
   const isBool = field.type === "bool";
@@ -462,13 +464,16 @@ function setField(name, text) {
   else c.value = text;
 }
 
-/** Show the sections of the methods train.method names ("adalora+loraplus"); a section that appears opens. */
+/** Show the sections of the methods train.method names ("adalora+loraplus"), and the dpo section when
+ * train.objective is dpo; a section that appears opens. */
 function updateMethodSections() {
   const method = controls.get("train.method");
   const methods = (method ? controlText(method) : "lora").split("+").map((m) => m.trim());
+  const objective = controls.get("train.objective");
   for (const details of document.querySelectorAll("#train-fields details.section")) {
-    if (!details.dataset.method) continue;
-    const show = methods.includes(details.dataset.method);
+    const { method: wants, objective: needs } = details.dataset;
+    if (!wants && !needs) continue;
+    const show = wants ? methods.includes(wants) : (objective ? controlText(objective) : "sft") === needs;
     if (show && details.hidden) details.open = true;
     details.hidden = !show;
   }
@@ -527,8 +532,8 @@ $("#upload").addEventListener("change", async (event) => {
       body: file,
       headers: { "Content-Type": "application/octet-stream" },
     });
-    const { path, examples } = await res.json();
-    $("#upload-note").textContent = `uploaded ${path}: ${fmtInt(examples)} examples`;
+    const { path, examples, pairs } = await res.json();
+    $("#upload-note").textContent = `uploaded ${path}: ${fmtInt(examples)} ${pairs ? "preference pairs" : "examples"}`;
     await refreshWorkspace();
     $("#data-source").value = `file:${path}`;
     $("#data-source").dispatchEvent(new Event("change"));
@@ -545,6 +550,8 @@ $("#preview-btn").addEventListener("click", (event) =>
     const choice = dataChoice($("#data-source"));
     if (!choice) throw new Error("choose a task or a data file first");
     const body = { [choice.kind]: choice.value, n: 3 };
+    const objective = controls.get("train.objective");
+    if (objective) body.objective = controlText(objective); // dpo: the built-in task's pairs
     for (const key of ["chat", "train_on_all"]) {
       const c = controls.get(`data.${key}`);
       if (c) body[key] = c.checked;
@@ -557,19 +564,24 @@ $("#preview-btn").addEventListener("click", (event) =>
   }),
 );
 
-function renderPreview({ total, examples }) {
-  const items = examples.slice(0, 3).map((ex, i) =>
+function renderPreview({ total, examples, pairs }) {
+  // a preference pair comes as its two sides, chosen then rejected
+  const items = examples.slice(0, pairs ? 6 : 3).map((ex, i) =>
     el(
       "div",
-      {},
+      { class: ex.side ? `side ${ex.side}` : "" },
       el("div", {
         class: "note",
-        text: `#${i + 1}: ${ex.tokens} tokens, ${ex.learned_tokens} learned${ex.truncated ? ", truncated" : ""}`,
+        text:
+          `#${pairs ? Math.floor(i / 2) + 1 : i + 1}${ex.side ? ` ${ex.side}` : ""}: ${ex.tokens} tokens, ` +
+          `${ex.learned_tokens} learned${ex.truncated ? ", truncated" : ""}`,
       }),
       el("pre", { class: "example" }, ...ex.segments.map((s) => (s.learned ? el("span", { class: "learned", text: s.text }) : s.text))),
     ),
   );
-  const shown = total > items.length ? `${fmtInt(total)} examples, the first ${items.length} here; ` : "";
+  const count = pairs ? items.length / 2 : items.length;
+  const unit = pairs ? "preference pairs" : "examples";
+  const shown = total > count ? `${fmtInt(total)} ${unit}, the first ${count} here; ` : "";
   $("#preview").replaceChildren(
     el("p", { class: "note" }, shown, el("span", { class: "learned", text: "learned tokens" }), " highlighted:"),
     ...items,

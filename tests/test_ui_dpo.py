@@ -1,0 +1,55 @@
+"""The playground with DPO: the form's objective and its gated dpo section, preference files uploaded and
+previewed side by side, and a DPO run started from the form (on the session's `lorakit ui`, a tiny model with the
+real tokenizer)."""
+
+from __future__ import annotations
+
+import json
+
+from uiserver import SMALL_RUN, error, wait_for
+
+PAIR = {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Lyon"}
+
+
+def test_the_form_has_the_objective_and_a_dpo_section_shown_by_it(http):
+    sections = {s["name"]: s for s in http.get("/api/schema").json()["sections"]}
+    objective = next(f for f in sections["train"]["fields"] if f["name"] == "objective")
+    assert objective["choices"] == ["sft", "dpo"] and objective["default"] == "sft"
+    assert sections["dpo"]["objective"] == "dpo" and sections["dpo"]["method"] is None
+    loss = next(f for f in sections["dpo"]["fields"] if f["name"] == "loss")
+    assert loss["choices"] == ["sigmoid", "ipo", "hinge"]
+
+
+def test_preference_files_upload_and_preview_as_pairs(http):
+    body = "".join(
+        json.dumps(p) + "\n" for p in (PAIR, {**PAIR, "prompt": "Capital of Spain?", "chosen": "Madrid"})
+    )
+    r = http.post("/api/upload", params={"name": "prefs.jsonl"}, content=body.encode())
+    assert r.json() == {"path": "data/prefs.jsonl", "examples": 2, "pairs": True}
+    out = http.post("/api/preview", json={"file": "data/prefs.jsonl", "n": 1}).json()
+    assert out["total"] == 2 and out["pairs"] is True
+    assert [e["side"] for e in out["examples"]] == ["chosen", "rejected"]
+    learned = ["".join(s["text"] for s in e["segments"] if s["learned"]) for e in out["examples"]]
+    assert learned[0].startswith("Paris") and learned[1].startswith("Lyon")
+    task = http.post("/api/preview", json={"task": "dates", "n": 2, "objective": "dpo"}).json()
+    assert task["pairs"] is True and len(task["examples"]) == 4
+    bad = b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": 1, "rejected": "c"}\n'
+    message = error(http.post("/api/upload", params={"name": "bad.jsonl"}, content=bad), 400)
+    assert message.startswith("bad.jsonl:2: chosen") or message.startswith("bad.jsonl:2: a text 'prompt'")
+    assert "bad.jsonl" not in {d["path"].split("/")[-1] for d in http.get("/api/workspace").json()["data"]}
+
+
+def test_a_dpo_run_from_the_form(ui, http):
+    """The built-in task's pairs, 4 steps: the run finishes, its steps carry the rewards, its summary the
+    preference accuracy before and after."""
+    values = {**SMALL_RUN, "train": {"steps": "4", "batch_size": "2", "lr": "0.01", "objective": "dpo"}}
+    values["dpo"] = {"beta": "0.5"}
+    assert http.post("/api/runs", json={"name": "dpo1", "values": values}).status_code == 200
+    state = wait_for(http, "/api/runs/dpo1", lambda s: s["status"] not in ("starting", "running"))
+    assert state["status"] == "finished", state
+    run = ui["ws"] / "runs" / "dpo1"
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("reward_accuracy" in r for r in steps if "loss" in r)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["before"]["reward_accuracy"] == 0.0 and "reward_accuracy" in summary["after"]
+    assert "objective: dpo" in (run / "config.yaml").read_text()

@@ -1,6 +1,7 @@
 """Run by test_ddp.py, alone or under torchrun: train a tiny model a few steps and save the adapter (rank 0).
 
-Arguments: the output folder, grad_accum, and the variant ("lora", or "kasa": its regulariser joins the loss).
+Arguments: the output folder, grad_accum, and the variant ("lora"; "kasa": its regulariser joins the loss; "dpo":
+the rows are preference pairs and the loss DPO's, its reference the base with the adapters off).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lorakit  # noqa: E402
+from lorakit.data.preference import Pair  # noqa: E402
 from lorakit.data.tokenize import IGNORE, Encoded  # noqa: E402
 from lorakit.train.config import RunConfig, TrainSection  # noqa: E402
 from lorakit.train.loop import train_loop  # noqa: E402
+from lorakit.train.objectives import make_objective  # noqa: E402
 from lorakit.train.run import finish_distributed, init_distributed  # noqa: E402
 
 from tiny import tiny_llama  # noqa: E402
@@ -34,15 +37,21 @@ rows = []
 for _ in range(16):
     ids = torch.randint(0, 128, (10,), generator=g).tolist()
     rows.append(Encoded(ids, [IGNORE] * 3 + ids[3:]))
+if variant == "dpo":  # each row against the next one, on the same 3-token prompt
+    rows = [
+        Pair(a, Encoded(a.input_ids[:3] + b.input_ids[3:], a.labels[:3] + b.labels[3:]))
+        for a, b in zip(rows, rows[1:] + rows[:1], strict=True)
+    ]
 cfg = RunConfig(  # its lora section is the default: the loop adds KaSA's regulariser because the model has it
     train=TrainSection(
-        out_dir=str(out), steps=4, batch_size=2, grad_accum=accum, lr=1e-2, warmup_steps=1, save_every=0
+        out_dir=str(out), steps=4, batch_size=2, grad_accum=accum, lr=1e-2, warmup_steps=1, save_every=0,
+        objective="dpo" if variant == "dpo" else "sft",
     )
 )
 trained = model
 if world > 1:
     trained = torch.nn.parallel.DistributedDataParallel(model)
-train_loop(trained, rows, cfg, pad_id=0, out_dir=out, world=world, rank=rank)
+train_loop(trained, rows, cfg, pad_id=0, out_dir=out, world=world, rank=rank, objective=make_objective(cfg))
 if rank == 0:
     save_file(lorakit.adapter_state_dict(model), str(out / "adapter.safetensors"))
 finish_distributed()

@@ -4,6 +4,10 @@ Tolerance: DDP averages the two ranks' gradients with an all-reduce, one process
 the same numbers added in another order differ by float32 rounding (~1e-8 relative), amplified a little by
 4 AdamW steps. atol=1e-6 on weights of magnitude ~0.1-1.
 
+DPO's loss is a mean over a micro-batch's pairs, as the token loss is over its tokens; under DDP the policy's
+log-probabilities come from the model's logits (the wrapper's forward), in one process from the chunked head: the
+same sums in another order.
+
 KaSA's regulariser is computed outside the DDP forward, from the whole A, B and d every process holds, and added to
 each micro-batch's loss: one process adds it once per half and divides by grad_accum, two processes add it once
 and DDP averages, so the sums agree as for the task loss.
@@ -26,7 +30,7 @@ from tiny import tiny_llama
 WORKER = str(Path(__file__).parent / "ddp_worker.py")
 
 
-@pytest.mark.parametrize(("variant", "port"), [("lora", 29531), ("kasa", 29532)])
+@pytest.mark.parametrize(("variant", "port"), [("lora", 29531), ("kasa", 29532), ("dpo", 29533)])
 def test_two_processes_equal_one_process(tmp_path, variant, port):
     one = subprocess.run(
         [sys.executable, WORKER, str(tmp_path / "one"), "2", variant], capture_output=True, text=True, timeout=300

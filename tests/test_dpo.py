@@ -11,7 +11,7 @@ import lorakit
 from lorakit.config import LoraConfig
 from lorakit.data.files import DataError
 from lorakit.data.preference import encode_pairs, parse_pairs, read_pairs
-from lorakit.data.tokenize import IGNORE
+from lorakit.data.tokenize import IGNORE, Encoded
 from lorakit.errors import ConfigError
 from lorakit.fused import head_sequence_logprobs, sequence_logprobs
 from lorakit.train.config import load_config
@@ -300,3 +300,89 @@ def test_dpo_resumed_equals_uninterrupted(tmp_path):
     r = lorakit.read_adapter(b / "run" / "adapter")[1]
     for k in a:
         torch.testing.assert_close(r[k], a[k], atol=1e-6, rtol=0)
+
+
+def test_sft_weight_adds_the_chosen_answers_token_loss():
+    """dpo.sft_weight w adds w × the chosen answers' mean token loss (each answer's own mean, then the batch's:
+    RPO's length-normalised NLL), computed here from the model's full logits (float32, 1e-5)."""
+    from lorakit.train.config import DpoSection, RunConfig
+    from lorakit.train.loop import collate
+    from lorakit.train.objectives import DpoObjective
+
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets="all-linear", init="random"))
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for n in (5, 8):
+        ids = torch.randint(2, 128, (n,), generator=g).tolist()
+        rows.append(Encoded(ids, [IGNORE] * 3 + ids[3:]))
+    batch = collate(rows + rows[::-1], 0)  # two pairs: chosen rows first
+    plain, _ = DpoObjective(RunConfig(dpo=DpoSection())).loss(model, batch, fused=True)
+    weighted, _ = DpoObjective(RunConfig(dpo=DpoSection(sft_weight=0.7))).loss(model, batch, fused=True)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:2, :-1]
+    labels = batch["labels"][:2, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none"
+    )
+    per_answer = nll.sum(1) / (labels != IGNORE).sum(1)
+    assert float(weighted - plain) == pytest.approx(0.7 * float(per_answer.mean()), abs=1e-5)
+
+
+@pytest.mark.real_model
+def test_dpo_on_the_default_model(tmp_path):
+    """SmolLM2-135M-Instruct on the built-in task's pairs, 6 steps of 4 pairs with RPO's term: the held-out pairs'
+    preference loss falls from log 2, their implicit rewards rank the ISO answer first, and the run's files are
+    those of any run (the adapter loads back)."""
+    from lorakit.train.run import run_training
+
+    cfg = load_config(
+        None,
+        [
+            *("--objective", "dpo", "--dpo.sft_weight", "1", "--train.steps", "6", "--train.batch_size", "4"),
+            *("--data.n_train", "64", "--data.n_eval", "8", "--eval.limit", "4", "--eval.max_new_tokens", "8"),
+            *("--train.out_dir", str(tmp_path)),
+        ],
+    )
+    summary = run_training(cfg)
+    before, after = summary["before"], summary["after"]
+    assert before["loss"] == pytest.approx(0.6931, abs=1e-3) and before["reward_accuracy"] == 0.0
+    assert after["loss"] < 0.3 and after["reward_accuracy"] >= 0.75 and after["reward_margin"] > 0.5
+    config = lorakit.read_adapter(tmp_path / "adapter")[0]
+    assert config.r == 16
+
+
+@pytest.mark.parametrize(
+    "settings, starts_at_base",
+    [
+        ({}, True),
+        ({"use_dora": True}, True),
+        ({"init": "gaussian"}, True),
+        ({"init": "orthogonal"}, True),
+        ({"init": "mica"}, True),
+        ({"nf4": True}, True),  # QLoRA: a 4-bit base, adapters off is the quantized base
+        ({"init": "pissa"}, False),
+        ({"init": "olora"}, False),
+        ({"init": "random"}, False),
+        ({"use_kasa": True}, False),
+    ],
+    ids=lambda v: str(v) if not isinstance(v, bool) else "",
+)
+def test_the_reference_is_where_training_starts(settings, starts_at_base):
+    """DPO's reference is the model with its adapters off. For the inits DPO accepts, the first loss is log 2 and
+    every reward 0 (the policy is the reference, to float32 rounding: 1e-5); for those the config refuses (and
+    KaSA), it is not, which is why they are refused."""
+    from lorakit.quant import quantize
+    from lorakit.train.config import DpoSection, RunConfig
+    from lorakit.train.loop import collate
+    from lorakit.train.objectives import DpoObjective
+
+    settings = dict(settings)
+    model = tiny_llama()
+    if settings.pop("nf4", False):
+        quantize(model, "nf4", True, ["lm_head"])
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets="all-linear", **settings))
+    g = torch.Generator().manual_seed(3)
+    rows = [Encoded(ids, [IGNORE] * 3 + ids[3:]) for ids in torch.randint(2, 128, (4, 9), generator=g).tolist()]
+    loss, stats = DpoObjective(RunConfig(dpo=DpoSection())).loss(model, collate(rows, 0), fused=True)
+    at_base = abs(float(loss) - 0.693147) < 1e-5 and abs(stats["reward_margin"]) < 1e-5
+    assert at_base == starts_at_base

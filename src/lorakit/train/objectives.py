@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 OBJECTIVES = ("sft", "dpo")
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
-DPO_STATS = ("reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected")
 
 
 class Objective:
@@ -69,12 +68,8 @@ class DpoObjective(Objective):
     def __init__(self, cfg: RunConfig) -> None:
         super().__init__(cfg)
         d = cfg.dpo
-        self.beta, self.kind, self.smoothing, self.sft_weight = (
-            d.beta,
-            d.loss,
-            d.label_smoothing,
-            d.sft_weight,
-        )
+        self.beta, self.kind = d.beta, d.loss
+        self.smoothing, self.sft_weight = d.label_smoothing, d.sft_weight
 
     def encoded(self, rows: list[Pair]) -> list[Encoded]:
         return [p.chosen for p in rows] + [p.rejected for p in rows]

@@ -339,7 +339,16 @@ def test_dpo_on_the_default_model(tmp_path):
         None,
         [
             *("--objective", "dpo", "--dpo.sft_weight", "1", "--train.steps", "6", "--train.batch_size", "4"),
-            *("--data.n_train", "64", "--data.n_eval", "8", "--eval.limit", "4", "--eval.max_new_tokens", "8"),
+            *(
+                "--data.n_train",
+                "64",
+                "--data.n_eval",
+                "8",
+                "--eval.limit",
+                "4",
+                "--eval.max_new_tokens",
+                "8",
+            ),
             *("--train.out_dir", str(tmp_path)),
         ],
     )
@@ -382,7 +391,54 @@ def test_the_reference_is_where_training_starts(settings, starts_at_base):
         quantize(model, "nf4", True, ["lm_head"])
     lorakit.inject(model, LoraConfig(r=4, alpha=8, targets="all-linear", **settings))
     g = torch.Generator().manual_seed(3)
-    rows = [Encoded(ids, [IGNORE] * 3 + ids[3:]) for ids in torch.randint(2, 128, (4, 9), generator=g).tolist()]
+    rows = [
+        Encoded(ids, [IGNORE] * 3 + ids[3:]) for ids in torch.randint(2, 128, (4, 9), generator=g).tolist()
+    ]
     loss, stats = DpoObjective(RunConfig(dpo=DpoSection())).loss(model, collate(rows, 0), fused=True)
     at_base = abs(float(loss) - 0.693147) < 1e-5 and abs(stats["reward_margin"]) < 1e-5
     assert at_base == starts_at_base
+
+
+def test_lorakit_eval_measures_an_adapter_on_pairs(tmp_path, capsys):
+    """`lorakit eval --data pairs.jsonl --adapter A`: the chosen answers' loss and exact match for base and adapter,
+    and the adapter's implicit rewards against the base, as `preference_eval` computes them at --beta."""
+    from fsdp_worker import char_tokenizer
+
+    from lorakit.cli import main
+    from lorakit.train.config import DpoSection, RunConfig
+    from lorakit.train.evaluate import preference_eval
+    from lorakit.train.objectives import DpoObjective
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "model")
+    tok = char_tokenizer()
+    tok.save_pretrained(tmp_path / "model")
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets="all-linear", init="random"))
+    lorakit.save_adapter(model, tmp_path / "adapter")
+    pairs = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": f"{i}+1"} for i in range(5)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    args = [
+        "eval",
+        "--model",
+        str(tmp_path / "model"),
+        "--data",
+        str(data),
+        "--no-chat",
+        "--max-new-tokens",
+        "2",
+    ]
+    assert (
+        main([*args, "--adapter", str(tmp_path / "adapter"), "--compare-base", "--beta", "0.5", "--json"])
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["pairs"] == 5 and report["examples"] == 5
+    assert "preference_loss" not in report["base"]  # the base is the reference: nothing to compare
+    rows, _ = encode_pairs(tok, read_pairs(data), max_len=256, chat=False)
+    want = preference_eval(model, rows, tok.pad_token_id, DpoObjective(RunConfig(dpo=DpoSection(beta=0.5))))
+    for k, v in want.items():
+        assert report["adapter"][f"preference_{k}"] == pytest.approx(v, abs=1e-5)
+    assert main([*args, "--beta", "0"]) == 2
+    assert (
+        capsys.readouterr().err.strip().splitlines()[-1] == "lorakit eval: error: --beta must be > 0, got 0.0"
+    )

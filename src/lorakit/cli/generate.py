@@ -77,7 +77,8 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     data.add_argument(
         "--data",
         help="data file: JSONL, a JSON array, CSV/TSV or Parquet of {prompt,completion}, {messages} or {text} "
-        "records, or Alpaca's or ShareGPT's (docs/data.md)",
+        "records, or Alpaca's or ShareGPT's (docs/data.md); or of preference pairs (docs/dpo.md): then an "
+        "adapter's implicit rewards are measured too",
     )
     data.add_argument(
         "--task", help="a built-in task's held-out examples (as lorakit train holds them out: 'dates')"
@@ -103,6 +104,12 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
         "--limit", type=positive_int, default=100, help="examples generated for accuracy (default: 100)"
     )
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
+    p.add_argument(
+        "--beta",
+        type=float,
+        default=0.1,
+        help="with a --data file of preference pairs: DPO's beta, for the rewards and the loss (default: 0.1)",
+    )
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     add_device(p)
@@ -123,25 +130,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     import lorakit
-    from lorakit.data.jsonl import read_examples
+    from lorakit.data.preference import encode_pairs, read_any
     from lorakit.data.tasks import make_task
     from lorakit.data.tokenize import encode_dataset
     from lorakit.errors import ConfigError
-    from lorakit.train.evaluate import eval_loss, exact_match
+    from lorakit.train.config import DpoSection, RunConfig
+    from lorakit.train.evaluate import eval_loss, exact_match, preference_eval
+    from lorakit.train.objectives import DpoObjective
 
     if args.compare_base and not args.adapter:
         raise ConfigError("--compare-base compares an adapter with its base: give --adapter too")
     # a task: the held-out examples `lorakit train` evaluates on (seed 0, generated first)
     if args.fields and not args.data:
         raise ConfigError("--fields names the columns of a --data file: give --data too")
-    examples = (
-        read_examples(args.data, args.fields)
+    if not args.beta > 0:
+        raise ConfigError(f"--beta must be > 0, got {args.beta}")
+    items, pairs = (
+        read_any(args.data, args.fields)
         if args.data
-        else make_task(args.task, n_train=0, n_eval=args.limit)[1]
+        else (make_task(args.task, n_train=0, n_eval=args.limit)[1], False)
     )
+    examples = (
+        [p["chosen"] for p in items] if pairs else items
+    )  # pairs: loss and accuracy of the chosen answers
     model, tok = load(args.model, args.device, args.dtype)
     rows, stats = encode_dataset(tok, examples, max_len=args.max_len, chat=not args.no_chat)
     report = {"examples": len(rows), "truncated": stats["truncated"], "max_len": args.max_len}
+    if pairs:
+        pair_rows, _ = encode_pairs(tok, items, max_len=args.max_len, chat=not args.no_chat)
+        objective = DpoObjective(RunConfig(dpo=DpoSection(beta=args.beta)))
+        report["pairs"] = len(pair_rows)
 
     def measure(label: str) -> dict:
         loss = eval_loss(model, rows, tok.pad_token_id)
@@ -154,6 +172,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "accuracy_examples": len(samples),
             "samples": samples[:3],
         }
+        if pairs and label == "adapter":  # the adapter against the base as DPO's reference
+            report[label].update(
+                {
+                    f"preference_{k}": v
+                    for k, v in preference_eval(model, pair_rows, tok.pad_token_id, objective).items()
+                }
+            )
         return report[label]
 
     if not args.adapter or args.compare_base:
@@ -165,6 +190,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(report))
         return 0
     print(f"{len(rows)} examples ({stats['truncated']} truncated to {args.max_len} tokens)")
+    if pairs:
+        print(f"{len(pair_rows)} preference pairs: the loss and accuracy below are of the chosen answers")
     for label in ("base", "adapter"):
         if label not in report:
             continue
@@ -181,4 +208,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
             for s in m["samples"]:
                 print(f"  expected {s['expected']!r}, got {s['got']!r}")
+        if "preference_reward_accuracy" in m:
+            print(
+                f"{who}reward accuracy: {100 * m['preference_reward_accuracy']:.1f}% (margin "
+                f"{m['preference_reward_margin']:.3f}), DPO loss {m['preference_loss']:.4f} at beta {args.beta:g}"
+            )
     return 0

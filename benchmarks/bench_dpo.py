@@ -1,0 +1,295 @@
+"""Benchmark: a DPO step, lorakit (`lorakit train --objective dpo`'s loop) against TRL's DPOTrainer with PEFT.
+
+Both train a LoRA (r=16, alpha=16, the seven projections, no dropout) on the default SmolLM2-135M (or
+``--model``) with the base model, adapters off, as the reference (TRL's choice for a PEFT model with
+``ref_model=None``), AdamW, a constant learning rate, no gradient checkpointing. The data: ``--batch`` pairs of
+random words, a prompt of about ``--prompt`` tokens and two answers of about ``--answer`` tokens each, as text
+(no chat template), the same for both. Each worker warms up one step, then times ``--steps`` steps and reports the
+median step time and the peak RSS of the whole process (model, data, both libraries' imports included) and of
+the timed steps (the high-water mark after a reset). Rounds interleave the two in rotating order
+(`lorakit.bench.round_order`); ratios are lorakit/TRL per round, reported as median [min–max].
+
+    .venv/bin/python benchmarks/bench_dpo.py --rounds 3 --write-docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from lorakit.bench import cpu_name, display_command, round_order, spread, torch_capability, write_docs  # noqa: E402
+from lorakit.bench_worker import TARGETS, hwm_gb, peak_rss_gb, reset_peak_rss  # noqa: E402
+
+LIBS = ("lorakit", "trl")
+DOC = ROOT / "docs" / "dpo.md"
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "his",
+    "her",
+    "an",
+    "were",
+    "are",
+    "which",
+    "this",
+    "be",
+]
+
+
+def _pairs(args) -> list[dict]:
+    rng = random.Random(1234)
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(n))
+
+    n = args.batch * (args.steps + 1)
+    return [
+        {"prompt": text(args.prompt), "chosen": " " + text(args.answer), "rejected": " " + text(args.answer)}
+        for _ in range(n)
+    ]
+
+
+def _lorakit(args, pairs, tmp: str) -> tuple[list[float], bool]:
+    import torch
+
+    import lorakit
+    from lorakit.data.preference import as_pair, encode_pairs
+    from lorakit.device import placement, upcast_trainable
+    from lorakit.train.config import RunConfig, TrainSection
+    from lorakit.train.loop import train_loop
+    from lorakit.train.objectives import DpoObjective
+
+    device, dtype = placement("cpu", args.dtype)
+    model, tok = lorakit.load_model(args.model, dtype=dtype, device=device)
+    lorakit.inject(model, lorakit.LoraConfig(r=args.r, alpha=args.r, targets=TARGETS))
+    upcast_trainable(model)
+    rows, _ = encode_pairs(tok, [as_pair(p, "explicit", "pair") for p in pairs], max_len=4096, chat=False)
+    cfg = RunConfig(
+        train=TrainSection(
+            out_dir=tmp,
+            steps=args.steps + 1,
+            batch_size=args.batch,
+            lr=1e-5,
+            schedule="constant",
+            warmup_steps=0,
+            save_every=0,
+            objective="dpo",
+        )
+    )
+    ends: list[float] = []
+    state = {"reset": False}
+
+    def on_record(rec: dict) -> None:
+        ends.append(time.perf_counter())
+        if rec["step"] == 1:
+            state["reset"] = reset_peak_rss()
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    train_loop(
+        model,
+        rows,
+        cfg,
+        pad_id=tok.pad_token_id,
+        out_dir=Path(tmp),
+        objective=DpoObjective(cfg),
+        callbacks=[on_record],
+    )
+    marks = [t0, *ends]
+    return [b - a for a, b in zip(marks, marks[1:], strict=False)], state["reset"]
+
+
+def _trl(args, pairs, tmp: str) -> tuple[list[float], bool]:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import PrinterCallback, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    import lorakit
+    from lorakit.device import placement
+
+    device, dtype = placement("cpu", args.dtype)
+    model, tok = lorakit.load_model(args.model, dtype=dtype, device=device)
+    times: list[float] = []
+    state = {"t0": 0.0, "reset": False}
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, s, c, **kw):
+            if s.global_step == 1 and not state["reset"]:
+                state["reset"] = reset_peak_rss()
+            state["t0"] = time.perf_counter()
+
+        def on_step_end(self, a, s, c, **kw):
+            times.append(time.perf_counter() - state["t0"])
+
+    config = DPOConfig(
+        output_dir=tmp,
+        per_device_train_batch_size=args.batch,
+        max_steps=args.steps + 1,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        bf16=args.dtype == "bfloat16",
+        gradient_checkpointing=False,
+        max_length=None,
+        precompute_ref_log_probs=False,
+        seed=0,
+    )
+    peft_config = LoraConfig(r=args.r, lora_alpha=args.r, target_modules=TARGETS, lora_dropout=0.0)
+    torch.manual_seed(0)
+    trainer = DPOTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(pairs),
+        processing_class=tok,
+        peft_config=peft_config,
+        callbacks=[Timer()],
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return times, state["reset"]
+
+
+def worker(args) -> dict:
+    import tempfile
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    pairs = _pairs(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        times, reset = (_lorakit if args.lib == "lorakit" else _trl)(args, pairs, tmp)
+    timed = times[1:]
+    return {
+        "lib": args.lib,
+        "step_s": statistics.median(timed),
+        "steps_s": timed,
+        "peak_rss_gb": peak_rss_gb(),
+        "train_peak_gb": hwm_gb() if reset else None,
+    }
+
+
+def spawn(args, lib: str) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--lib",
+        lib,
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+    ]
+    cmd += [
+        "--prompt",
+        str(args.prompt),
+        "--answer",
+        str(args.answer),
+        "--r",
+        str(args.r),
+        "--dtype",
+        args.dtype,
+    ]
+    cmd += ["--threads", str(args.threads)] + (["--model", args.model] if args.model else [])
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"worker {lib} failed (exit code {proc.returncode})")
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=4, help="pairs per step")
+    p.add_argument("--prompt", type=int, default=64, help="words per prompt (about one token each)")
+    p.add_argument("--answer", type=int, default=64, help="words per answer")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--dtype", default="float32", help="the base's dtype: float32 or bfloat16")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--model", default=None)
+    p.add_argument("--write-docs", action="store_true")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--lib", choices=LIBS, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    rounds = []
+    for i in range(args.rounds):
+        res = {}
+        for lib in round_order(list(LIBS), i):
+            res[lib] = r = spawn(args, lib)
+            print(
+                f"round {i + 1} {lib:8s} step {r['step_s']:.3f} s, peak {r['peak_rss_gb']:.3f} GB, "
+                f"timed steps' peak {r['train_peak_gb']} GB",
+                file=sys.stderr,
+                flush=True,
+            )
+        rounds.append(res)
+    table = _table(args, rounds)
+    print(table)
+    if args.write_docs:
+        write_docs(
+            DOC, table, f"<!-- bench_dpo:{args.dtype}:begin -->", f"<!-- bench_dpo:{args.dtype}:end -->"
+        )
+
+
+def _table(args, rounds) -> str:
+    head = (
+        f"CPU: {cpu_name()} (torch capability {torch_capability()}), {args.threads} threads; base dtype "
+        f"{args.dtype}; {args.batch} pairs per step, prompts of {args.prompt} words and answers of {args.answer}; "
+        f"r={args.r} on the seven projections; {args.rounds} rounds x {args.steps} steps.\n\n"
+        "| | TRL + PEFT | lorakit | lorakit/TRL |\n|---|---:|---:|---:|"
+    )
+    lines = [head]
+    for label, key, fmt in (
+        ("step time, s", "step_s", ".2f"),
+        ("peak RSS of the process, GB", "peak_rss_gb", ".2f"),
+        ("peak RSS of the timed steps, GB", "train_peak_gb", ".2f"),
+    ):
+        if any(r[lib][key] is None for r in rounds for lib in LIBS):
+            continue
+        t = [r["trl"][key] for r in rounds]
+        lk = [r["lorakit"][key] for r in rounds]
+        ratio = [a / b for a, b in zip(lk, t, strict=True)]
+        lines.append(f"| {label} | {spread(t, fmt)} | {spread(lk, fmt)} | {spread(ratio, '.3f', '×')} |")
+    return "\n".join(lines) + f"\n\nCommand: `{display_command()}`"
+
+
+if __name__ == "__main__":
+    main()

@@ -46,6 +46,7 @@ cfg = RunConfig(  # its lora section is the default: the loop adds KaSA's regula
     train=TrainSection(
         out_dir=str(out), steps=4, batch_size=2, grad_accum=accum, lr=1e-2, warmup_steps=1, save_every=0,
         objective="dpo" if variant == "dpo" else "sft",
+        fused=variant != "dpo",  # DPO under DDP takes the model's logits; so does the one process held to it
     )
 )
 trained = model

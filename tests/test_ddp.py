@@ -4,9 +4,9 @@ Tolerance: DDP averages the two ranks' gradients with an all-reduce, one process
 the same numbers added in another order differ by float32 rounding (~1e-8 relative), amplified a little by
 4 AdamW steps. atol=1e-6 on weights of magnitude ~0.1-1.
 
-DPO's loss is a mean over a micro-batch's pairs, as the token loss is over its tokens; under DDP the policy's
-log-probabilities come from the model's logits (the wrapper's forward), in one process from the chunked head: the
-same sums in another order.
+DPO's loss is a mean over a micro-batch's pairs, as the token loss is over its tokens. Under DDP the policy's
+log-probabilities come from the model's logits (the wrapper's forward), so the one process takes them from its
+logits too (train.fused false): the chunked head sums in another order, which 4 AdamW steps amplify to ~3e-6.
 
 KaSA's regulariser is computed outside the DDP forward, from the whole A, B and d every process holds, and added to
 each micro-batch's loss: one process adds it once per half and divides by grad_accum, two processes add it once

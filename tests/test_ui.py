@@ -64,7 +64,7 @@ def test_the_form_is_every_train_option_with_its_default_and_doc():
 def test_an_upload_is_checked_line_by_line_and_written_whole(ui, http):
     good = b'{"prompt": "2+2?", "completion": "4"}\n{"prompt": "3+3?", "completion": "6"}\n'
     r = http.post("/api/upload", params={"name": "sums.jsonl"}, content=good)
-    assert r.json() == {"path": "data/sums.jsonl", "examples": 2}
+    assert r.json() == {"path": "data/sums.jsonl", "examples": 2, "pairs": False}
     assert (ui["ws"] / "data" / "sums.jsonl").read_bytes() == good
     bad = b'{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n'
     message = error(http.post("/api/upload", params={"name": "bad.jsonl"}, content=bad), 400)

@@ -19,7 +19,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from lorakit.bench import cpu_name, display_command, round_order, spread, torch_capability, write_docs  # noqa: E402
+from lorakit.bench import (  # noqa: E402
+    cpu_name,
+    display_command,
+    round_order,
+    spawn_worker,
+    spread,
+    torch_capability,
+    write_docs,
+)
 from lorakit.bench_worker import TARGETS, hwm_gb, peak_rss_gb, reset_peak_rss  # noqa: E402
 
 LIBS = ("lorakit", "trl")
@@ -222,13 +229,7 @@ def spawn(args, lib: str) -> dict:
         args.dtype,
     ]
     cmd += ["--threads", str(args.threads)] + (["--model", args.model] if args.model else [])
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"worker {lib} failed (exit code {proc.returncode})")
-    return json.loads(lines[-1])
+    return spawn_worker(cmd, lib)
 
 
 def main() -> None:

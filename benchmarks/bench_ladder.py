@@ -31,13 +31,20 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from lorakit.bench import hwm_gb, peak_rss_gb, reset_peak_rss, round_order, rss_now_gb, write_docs
+from lorakit.bench import (
+    hwm_gb,
+    peak_rss_gb,
+    reset_peak_rss,
+    round_order,
+    rss_now_gb,
+    spawn_worker,
+    write_docs,
+)
 
 VARIANTS = ["lora", "ladder", "ladder-transformer"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -192,14 +199,7 @@ def spawn(args: argparse.Namespace, variant: str) -> dict[str, Any]:
     cmd += ["--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
     cmd += ["--labelled", str(args.labelled)]
     cmd += ["--quality", str(args.quality), "--n-eval", str(args.n_eval)]
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    src = str(Path(__file__).resolve().parent.parent / "src")  # the workers import this checkout's lorakit
-    env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else src
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-3000:])
-        raise SystemExit(f"worker {variant!r} failed with exit code {proc.returncode}")
-    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    return spawn_worker(cmd, repr(variant))
 
 
 def _mmm(xs: list[float], fmt: str = ".2f") -> str:

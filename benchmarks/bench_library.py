@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from lorakit.bench import (  # noqa: E402
     cpu_name,
     display_command,
     round_order,
+    spawn_worker,
     spread,
     torch_capability,
     write_docs,
@@ -194,13 +194,7 @@ def spawn(args, loop: str, lib: str, seq: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--loop", loop, "--lib", lib, "--seq", str(seq)]
     cmd += ["--batch", str(args.batch), "--steps", str(args.steps), "--r", str(args.r), "--dtype", args.dtype]
     cmd += ["--threads", str(args.threads)] + (["--model", args.model] if args.model else [])
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"worker {loop}/{lib} at seq {seq} failed (exit code {proc.returncode})")
-    return json.loads(lines[-1])
+    return spawn_worker(cmd, f"{loop}/{lib} at seq {seq}")
 
 
 def main() -> None:

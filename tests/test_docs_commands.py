@@ -202,8 +202,8 @@ RUN = [
     "lorakit extract --tuned merged/ --out back/ -r 32",
     "lorakit train --data.train_file chat.jsonl --data.eval_file dev.jsonl --model path/to/hf_folder",
     "lorakit combine a/ b/ --weights 0.7 0.3 --method cat --out ab/",
+    "lorakit train --objective dpo --dpo.sft_weight 1",  # before dylora's run: convert reads its adapter
     "lorakit train --method dylora",
-    "lorakit train --objective dpo --dpo.sft_weight 1",
     "lorakit convert --adapter runs/train/adapter --rank 4 --out r4/",
     "lorakit inspect --quantize nf4",
     "lorakit train --help",

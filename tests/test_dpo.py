@@ -442,3 +442,63 @@ def test_lorakit_eval_measures_an_adapter_on_pairs(tmp_path, capsys):
     assert (
         capsys.readouterr().err.strip().splitlines()[-1] == "lorakit eval: error: --beta must be > 0, got 0.0"
     )
+
+
+# -- train.init_adapter: training an adapter further ------------------------------------------------------------------
+
+
+def test_init_adapter_starts_where_the_adapter_ended(tmp_path):
+    """SFT, then SFT again from its adapter: the second run's evaluation before training is the first run's after
+    (the same weights, read back from the file: 1e-6), and it trains that adapter further (same keys and shapes,
+    new values)."""
+    from tiny import addition_run
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    first, _ = addition_run(tmp_path / "a", "--train.steps", "6", "--train.lr", "2e-2")
+    adapter = tmp_path / "a" / "run" / "adapter"
+    second, _ = addition_run(
+        tmp_path / "b", "--train.steps", "6", "--train.lr", "2e-2", "--train.init_adapter", str(adapter)
+    )
+    assert second["before"]["loss"] == pytest.approx(first["after"]["loss"], abs=1e-6)
+    (start_cfg, start), (cfg, after) = (
+        lorakit.read_adapter(adapter),
+        lorakit.read_adapter(tmp_path / "b/run/adapter"),
+    )
+    assert cfg.r == start_cfg.r and after.keys() == start.keys()
+    assert all(not torch.equal(after[k], start[k]) for k in start if "lora_B" in k)  # trained further
+
+
+def test_dpo_from_an_adapter_takes_it_as_the_reference(tmp_path):
+    """A random adapter (far from the base) as train.init_adapter: DPO's first evaluation is log 2 with no margin
+    (the reference is the start, not the base), the run learns the preference, and only the trained adapter is
+    saved."""
+    model = tiny_llama()
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets="all-linear", init="random"))
+    start = lorakit.save_adapter(model, tmp_path / "start")
+    summary, trained = _pairs_run(tmp_path / "run", "--train.steps", "12", "--train.init_adapter", str(start))
+    assert (
+        summary["before"]["loss"] == pytest.approx(0.693147, abs=1e-6)
+        and summary["before"]["reward_margin"] == 0
+    )
+    assert summary["after"]["reward_accuracy"] >= 0.75
+    assert set(lorakit.adapter_names(trained)) == {"default", "reference"}
+    saved = lorakit.read_adapter(tmp_path / "run" / "run" / "adapter")[1]
+    assert saved.keys() == lorakit.read_adapter(start)[1].keys()
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (
+            ["--lora.r", "8"],
+            "lora.r is set but train.init_adapter starts from an adapter with its own settings",
+        ),
+        (["--method", "dylora"], "train.init_adapter trains an adapter further with method lora"),
+        (["--data.add_tokens", "[<x>]"], "data.add_tokens does not work with train.init_adapter"),
+    ],
+)
+def test_init_adapter_refuses_settings_it_would_ignore(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["--train.init_adapter", "some/adapter", *overrides])
+    assert words in str(e.value)

@@ -23,7 +23,7 @@ from lorakit.data.tokenize import IGNORE
 from lorakit.models import load_model
 from lorakit.train.config import DpoSection, RunConfig, TrainSection
 from lorakit.train.loop import train_loop
-from lorakit.train.objectives import DpoObjective
+from lorakit.train.objectives import REFERENCE_ADAPTER, DpoObjective
 
 from trl_dpo_oracle import build_peft_adapter, build_tiny_model, trl_dpo
 
@@ -58,9 +58,12 @@ def folders(tmp_path_factory, default_model_dir):
     return model_dir, build_peft_adapter(model_dir, root / "adapter")
 
 
-def _lorakit(model_dir: Path, adapter_dir: Path, pairs, *, chat: bool, out: Path, **dpo):
+def _lorakit(model_dir: Path, adapter_dir: Path, pairs, *, chat: bool, out: Path, start: bool = False, **dpo):
+    """lorakit's run; `start`: the adapter as saved is the reference (train.init_adapter's way), else the base."""
     model, tok = load_model(str(model_dir), dtype=torch.float32)
     lorakit.load_adapter(model, adapter_dir, trainable=True)
+    if start:
+        lorakit.load_adapter(model, adapter_dir, REFERENCE_ADAPTER, activate=False)
     rows, _ = encode_pairs(tok, [as_pair(p, "explicit", "pair") for p in pairs], max_len=512, chat=chat)
     cfg = RunConfig(
         train=TrainSection(
@@ -73,6 +76,7 @@ def _lorakit(model_dir: Path, adapter_dir: Path, pairs, *, chat: bool, out: Path
             save_every=0,
             max_grad_norm=1.0,
             objective="dpo",
+            init_adapter=str(adapter_dir) if start else None,
         ),
         dpo=DpoSection(**dpo),
     )
@@ -137,5 +141,31 @@ def test_dpo_equals_trl(folders, tmp_path, pairs, chat, loss, smoothing, beta):
         for their_key, our_key in METRICS.items():
             assert ours[our_key] == pytest.approx(trl[their_key], abs=1e-4), (ours["step"], their_key)
     assert set(adapter) == set(theirs["adapter"])
+    for key, value in theirs["adapter"].items():
+        torch.testing.assert_close(adapter[key], value, atol=2e-4, rtol=0, msg=key)
+
+
+def test_dpo_from_an_adapter_equals_trl(folders, tmp_path):
+    """Started from a trained adapter (train.init_adapter), the reference is that adapter as it was: TRL's choice
+    for a PEFT model that already has one. The first loss is log 2 although the adapter is far from the base."""
+    model_dir, adapter_dir = folders
+    theirs = trl_dpo(
+        str(model_dir),
+        str(adapter_dir),
+        CHAT_PAIRS,
+        steps=STEPS,
+        lr=LR,
+        beta=0.1,
+        out_dir=str(tmp_path / "trl"),
+        reference="adapter",
+    )
+    _, records, adapter = _lorakit(
+        model_dir, adapter_dir, CHAT_PAIRS, chat=True, out=tmp_path / "ours", start=True
+    )
+    steps = [r for r in records if "loss" in r]
+    assert steps[0]["loss"] == pytest.approx(0.693147, abs=1e-6) and steps[0]["reward_margin"] == 0.0
+    for ours, trl in zip(steps, theirs["logs"], strict=True):
+        for their_key, our_key in METRICS.items():
+            assert ours[our_key] == pytest.approx(trl[their_key], abs=1e-4), (ours["step"], their_key)
     for key, value in theirs["adapter"].items():
         torch.testing.assert_close(adapter[key], value, atol=2e-4, rtol=0, msg=key)

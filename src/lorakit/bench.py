@@ -107,16 +107,20 @@ def worker_command(args: argparse.Namespace, variant: str) -> list[str]:
 
 
 def spawn(args: argparse.Namespace, variant: str) -> dict[str, Any]:
+    return spawn_worker(worker_command(args, variant), repr(variant))
+
+
+def spawn_worker(cmd: list[str], label: str) -> dict[str, Any]:
+    """Run a benchmark's worker process (`cmd`), which imports this same lorakit, and return the JSON object of its
+    last line that starts with "{"; SystemExit naming `label`, with the end of its stderr, if it fails."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    src = str(Path(__file__).resolve().parent.parent)  # the worker imports this same lorakit
+    src = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else src
-    proc = subprocess.run(worker_command(args, variant), capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr)
-        raise SystemExit(f"worker {variant!r} failed with exit code {proc.returncode}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        raise SystemExit(f"worker {variant!r} printed no JSON line:\n{proc.stdout}\n{proc.stderr}")
+    if proc.returncode != 0 or not lines:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"worker {label} failed (exit code {proc.returncode}, {len(lines)} JSON lines)")
     return json.loads(lines[-1])
 
 

@@ -215,6 +215,21 @@ def _chunk_rows(vocab: int, budget_bytes: int = 64 << 20, min_rows: int = 256) -
     return max(min_rows, budget_bytes // (4 * vocab))
 
 
+def _head_logits(buf: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A chunk's logits h·Wᵀ written into `buf` (float32 or wider: 16-bit logits are upcast, as HF does)."""
+    if buf.dtype == h.dtype:
+        return torch.mm(h, weight.t(), out=buf)
+    return buf.copy_(h @ weight.t())
+
+
+def _head_grad(out: torch.Tensor, probs: torch.Tensor, weight: torch.Tensor) -> None:
+    """A chunk's ∂hidden, probs·W, written into `out` (in the hidden states' dtype)."""
+    if out.dtype == probs.dtype:
+        torch.mm(probs, weight, out=out)
+    else:
+        out.copy_(probs.to(out.dtype) @ weight)
+
+
 class _HeadCrossEntropy(torch.autograd.Function):
     """The summed token cross-entropy of ``hidden·weightᵀ`` against labels, chunk by chunk; ∂hidden is computed
     in the forward pass, so the backward only scales it."""
@@ -231,20 +246,13 @@ class _HeadCrossEntropy(torch.autograd.Function):
             h = hidden[i : i + chunk]
             y = labels[i : i + chunk]
             rows = torch.arange(len(y), device=y.device)
-            logits = buf[: len(y)]
-            if acc == hidden.dtype:
-                torch.mm(h, weight.t(), out=logits)
-            else:
-                logits.copy_(h @ weight.t())
+            logits = _head_logits(buf[: len(y)], h, weight)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits[rows, y]).sum(dtype=torch.float64)
             if need_grad:
                 probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
                 probs[rows, y] -= 1.0
-                if acc == hidden.dtype:
-                    torch.mm(probs, weight, out=grad_h[i : i + chunk])
-                else:
-                    grad_h[i : i + chunk] = probs.to(hidden.dtype) @ weight
+                _head_grad(grad_h[i : i + chunk], probs, weight)
         ctx.save_for_backward(grad_h) if need_grad else None
         return total.to(acc)
 
@@ -316,20 +324,13 @@ class _HeadTokenLogprobs(torch.autograd.Function):
             h = hidden[i : i + chunk]
             y = labels[i : i + chunk]
             rows = torch.arange(len(y), device=y.device)
-            logits = buf[: len(y)]
-            if acc == hidden.dtype:
-                torch.mm(h, weight.t(), out=logits)
-            else:
-                logits.copy_(h @ weight.t())
+            logits = _head_logits(buf[: len(y)], h, weight)
             lse = torch.logsumexp(logits, dim=-1)
             out[i : i + chunk] = logits[rows, y] - lse
             if need_grad:
                 probs = logits.sub_(lse.unsqueeze(1)).exp_().neg_()  # −softmax, in place
                 probs[rows, y] += 1.0
-                if acc == hidden.dtype:
-                    torch.mm(probs, weight, out=grad_h[i : i + chunk])
-                else:
-                    grad_h[i : i + chunk] = probs.to(hidden.dtype) @ weight
+                _head_grad(grad_h[i : i + chunk], probs, weight)
         ctx.save_for_backward(grad_h) if need_grad else None
         return out
 

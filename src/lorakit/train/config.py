@@ -122,6 +122,9 @@ class TrainSection:
     """Training method: lora, dylora, adalora or ladder; add "+loraplus" (or give just loraplus) for LoRA+."""
     objective: str = "sft"
     """What training minimises: sft (the answers' token loss) or dpo (preference pairs: the dpo section)."""
+    init_adapter: str | None = None
+    """An adapter folder (PEFT layout) to train further instead of a new adapter, with its own r, alpha and
+    targets (method lora); with objective dpo it is also the reference."""
 
 
 @dataclass
@@ -352,6 +355,7 @@ def validate(cfg: RunConfig) -> None:
         if not ok:
             raise ConfigError(msg)
     _validate_objective(cfg)
+    _validate_init_adapter(cfg)
     _validate_method(cfg)
 
 
@@ -437,6 +441,33 @@ def _validate_method(cfg: RunConfig) -> None:
                 + ("" if method == "loraplus" else f" (or drop the {section} options)")
             )
     METHODS[cfg.methods[0]].check_config(cfg)
+
+
+def _validate_init_adapter(cfg: RunConfig) -> None:
+    """train.init_adapter brings its own adapter settings: the lora section stays at its defaults, the method is
+    plain LoRA (LoRA+ composes), and nothing adds to the adapter (aLoRA's invocation, new tokens)."""
+    t, dsec = cfg.train, cfg.data
+    if not t.init_adapter:
+        return
+    default = RunConfig().lora
+    changed = [f.name for f in fields(cfg.lora) if getattr(cfg.lora, f.name) != getattr(default, f.name)]
+    checks = [
+        (
+            not changed,
+            f"lora.{changed[0] if changed else ''} is set but train.init_adapter starts from an adapter with its "
+            "own settings; drop the lora options",
+        ),
+        (
+            cfg.methods[0] == "lora",
+            f"train.init_adapter trains an adapter further with method lora (and lora+loraplus), not "
+            f"{t.method!r}",
+        ),
+        (not dsec.add_tokens, "data.add_tokens does not work with train.init_adapter"),
+        (dsec.alora_invocation is None, "data.alora_invocation does not work with train.init_adapter"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
 
 
 def parse_value(text: str) -> Any:

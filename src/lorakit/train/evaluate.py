@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.control import disabled, merged
+from lorakit.control import merged
 from lorakit.data.preference import Pair
 from lorakit.data.tokenize import IGNORE, Encoded, chat_messages
 from lorakit.device import model_device, to_device
@@ -141,7 +141,7 @@ def preference_eval(
     losses, chosen, rejected = [], [], []
     for i in range(0, len(pairs), batch_size):
         batch = to_device(collate(objective.encoded(pairs[i : i + batch_size]), pad_id), device)
-        with disabled(model):
+        with objective.reference(model):
             ref, _ = sequence_logprobs(model, batch)
         policy, count = sequence_logprobs(model, batch)
         loss, c, r = objective.losses(policy, ref, count)

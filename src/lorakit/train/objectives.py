@@ -22,13 +22,15 @@ the batch × seq × vocab logits are never held.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.control import disabled
+from lorakit.control import active_adapters, disabled, set_active
 from lorakit.data.preference import Pair
 from lorakit.data.tokenize import Encoded
 from lorakit.fused import causal_lm_loss, sequence_logprobs
@@ -37,6 +39,8 @@ if TYPE_CHECKING:
     from lorakit.train.config import RunConfig
 
 OBJECTIVES = ("sft", "dpo")
+REFERENCE_ADAPTER = "reference"
+"""With train.init_adapter, the name of its frozen copy: DPO's reference (`DpoObjective.reference`)."""
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
 
 
@@ -70,6 +74,22 @@ class DpoObjective(Objective):
         d = cfg.dpo
         self.beta, self.kind = d.beta, d.loss
         self.smoothing, self.sft_weight = d.label_smoothing, d.sft_weight
+        self.reference_adapter = REFERENCE_ADAPTER if cfg.train.init_adapter else None
+
+    @contextmanager
+    def reference(self, model: nn.Module) -> Iterator[None]:
+        """Inside the block `model` is the reference: the base with the adapters off, or, when training started
+        from an adapter (train.init_adapter), that adapter as it was (its frozen copy, switched to and back)."""
+        if self.reference_adapter is None:
+            with disabled(model):
+                yield
+            return
+        before = active_adapters(model)
+        set_active(model, {self.reference_adapter: 1.0})
+        try:
+            yield
+        finally:
+            set_active(model, before)
 
     def encoded(self, rows: list[Pair]) -> list[Encoded]:
         return [p.chosen for p in rows] + [p.rejected for p in rows]
@@ -78,7 +98,7 @@ class DpoObjective(Objective):
         self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool
     ) -> tuple[torch.Tensor, dict]:
         inner = getattr(model, "module", model)  # under DDP the reference needs no gradient sync
-        with torch.no_grad(), disabled(inner):
+        with torch.no_grad(), self.reference(inner):
             ref, _ = sequence_logprobs(inner, batch, fused=fused)
         policy, count = sequence_logprobs(model, batch, fused=fused)
         losses, chosen, rejected = self.losses(policy, ref, count)

@@ -107,6 +107,10 @@ def test_openai_tools_and_csv_with_fields(tmp_path):
         ([{"prompt": "a", "completion": "b"}], "p.jsonl:1: not a preference pair (an example for supervised"),
         ([{"question": "a"}], "p.jsonl:1: not a preference pair; expected"),
         (
+            [{"instruction": "a", "output": "b"}],
+            "p.jsonl:1: not a preference pair (an example for supervised",
+        ),
+        (
             [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"chosen": PROMPT, "rejected": PROMPT}],
             "p.jsonl:2: a pair",
         ),

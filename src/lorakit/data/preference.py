@@ -25,6 +25,7 @@ from typing import Any
 from lorakit.data.files import DataError, parse_records, read_records
 from lorakit.data.jsonl import check_example, examples_of, shape_of
 from lorakit.data.shapes import as_native, fields_problem, renamed
+from lorakit.data.shapes import shape_of as any_shape
 from lorakit.data.tokenize import IGNORE, Encoded, encode_example
 
 PAIR_SHAPES = {
@@ -113,7 +114,7 @@ def _pairs(records: list[tuple[str, Any]], source: str, fields: dict[str, str]) 
         if this is None:
             sft = (
                 " (an example for supervised fine-tuning: train it with train.objective sft)"
-                if shape_of(record)
+                if any_shape(record)
                 else ""
             )
             raise DataError(

@@ -506,3 +506,22 @@ def test_init_adapter_refuses_settings_it_would_ignore(overrides, words):
     with pytest.raises(ConfigError) as e:
         load_config(None, ["--train.init_adapter", "some/adapter", *overrides])
     assert words in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["--method", "lora+loraplus"],
+        ["--method", "dylora"],
+        ["--method", "adalora"],
+        ["--lora.use_dora", "true"],
+        ["--model.quantize", "nf4"],
+        ["--train.grad_checkpointing", "true", "--train.grad_accum", "2"],
+    ],
+    ids=["loraplus", "dylora", "adalora", "dora", "qlora", "checkpointing-accum"],
+)
+def test_dpo_trains_with_each_method(tmp_path, overrides):
+    """8 steps of DPO with each method or setting: the eval pairs' loss falls below log 2 and the rewards rank
+    the chosen answer first more often than not."""
+    summary, _ = _pairs_run(tmp_path, "--train.steps", "8", *overrides)
+    assert summary["after"]["loss"] < 0.69 and summary["after"]["reward_accuracy"] > 0.5, summary["after"]

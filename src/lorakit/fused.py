@@ -21,7 +21,7 @@ Both have a plain-autograd fallback: `set_fused(False)` (or LORAKIT_FUSED=0) swi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -215,6 +215,21 @@ def _chunk_rows(vocab: int, budget_bytes: int = 64 << 20, min_rows: int = 256) -
     return max(min_rows, budget_bytes // (4 * vocab))
 
 
+def _head_chunks(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(first row, row indices, labels, logits, logsumexp) of each chunk of `chunk` rows of hidden·Wᵀ. The logits
+    live in one buffer, allocated once (float32 or wider) and overwritten chunk by chunk: a caller may change them
+    in place (into the softmax) before asking for the next chunk."""
+    n = hidden.shape[0]
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    buf = torch.empty((min(chunk, n), weight.shape[0]), dtype=acc, device=hidden.device)
+    for i in range(0, n, chunk):
+        y = labels[i : i + chunk]
+        logits = _head_logits(buf[: len(y)], hidden[i : i + chunk], weight)
+        yield i, torch.arange(len(y), device=y.device), y, logits, torch.logsumexp(logits, dim=-1)
+
+
 def _head_logits(buf: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """A chunk's logits h·Wᵀ written into `buf` (float32 or wider: 16-bit logits are upcast, as HF does)."""
     if buf.dtype == h.dtype:
@@ -236,18 +251,11 @@ class _HeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk: int):
-        n = hidden.shape[0]
         need_grad = ctx.needs_input_grad[0]
         grad_h = torch.empty_like(hidden) if need_grad else None
         acc = torch.promote_types(hidden.dtype, torch.float32)  # bf16/fp16 logits are upcast, as HF does
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-        buf = torch.empty((min(chunk, n), weight.shape[0]), dtype=acc, device=hidden.device)
-        for i in range(0, n, chunk):
-            h = hidden[i : i + chunk]
-            y = labels[i : i + chunk]
-            rows = torch.arange(len(y), device=y.device)
-            logits = _head_logits(buf[: len(y)], h, weight)
-            lse = torch.logsumexp(logits, dim=-1)
+        for i, rows, y, logits, lse in _head_chunks(hidden, weight, labels, chunk):
             total += (lse - logits[rows, y]).sum(dtype=torch.float64)
             if need_grad:
                 probs = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
@@ -314,18 +322,12 @@ class _HeadTokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk: int):
-        n = hidden.shape[0]
         need_grad = ctx.needs_input_grad[0]
         grad_h = torch.empty_like(hidden) if need_grad else None
-        acc = torch.promote_types(hidden.dtype, torch.float32)
-        out = torch.empty(n, dtype=acc, device=hidden.device)
-        buf = torch.empty((min(chunk, n), weight.shape[0]), dtype=acc, device=hidden.device)
-        for i in range(0, n, chunk):
-            h = hidden[i : i + chunk]
-            y = labels[i : i + chunk]
-            rows = torch.arange(len(y), device=y.device)
-            logits = _head_logits(buf[: len(y)], h, weight)
-            lse = torch.logsumexp(logits, dim=-1)
+        out = torch.empty(
+            hidden.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device
+        )
+        for i, rows, y, logits, lse in _head_chunks(hidden, weight, labels, chunk):
             out[i : i + chunk] = logits[rows, y] - lse
             if need_grad:
                 probs = logits.sub_(lse.unsqueeze(1)).exp_().neg_()  # −softmax, in place

@@ -1,7 +1,8 @@
 """Run by test_ddp.py, alone or under torchrun: train a tiny model a few steps and save the adapter (rank 0).
 
 Arguments: the output folder, grad_accum, and the variant ("lora"; "kasa": its regulariser joins the loss; "dpo":
-the rows are preference pairs and the loss DPO's, its reference the base with the adapters off).
+the rows are preference pairs and the loss DPO's, its reference the base with the adapters off; "orpo": the same
+pairs, ORPO's loss, no reference).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ rows = []
 for _ in range(16):
     ids = torch.randint(0, 128, (10,), generator=g).tolist()
     rows.append(Encoded(ids, [IGNORE] * 3 + ids[3:]))
-if variant == "dpo":  # each row against the next one, on the same 3-token prompt
+pairs = variant in ("dpo", "orpo")
+if pairs:  # each row against the next one, on the same 3-token prompt
     rows = [
         Pair(a, Encoded(a.input_ids[:3] + b.input_ids[3:], a.labels[:3] + b.labels[3:]))
         for a, b in zip(rows, rows[1:] + rows[:1], strict=True)
@@ -45,8 +47,8 @@ if variant == "dpo":  # each row against the next one, on the same 3-token promp
 cfg = RunConfig(  # its lora section is the default: the loop adds KaSA's regulariser because the model has it
     train=TrainSection(
         out_dir=str(out), steps=4, batch_size=2, grad_accum=accum, lr=1e-2, warmup_steps=1, save_every=0,
-        objective="dpo" if variant == "dpo" else "sft",
-        fused=variant != "dpo",  # DPO under DDP takes the model's logits; so does the one process held to it
+        objective=variant if pairs else "sft",
+        fused=not pairs,  # pairs under DDP take the model's logits; so does the one process held to them
     )
 )
 trained = model

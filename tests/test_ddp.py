@@ -30,7 +30,7 @@ from tiny import tiny_llama
 WORKER = str(Path(__file__).parent / "ddp_worker.py")
 
 
-@pytest.mark.parametrize(("variant", "port"), [("lora", 29531), ("kasa", 29532), ("dpo", 29533)])
+@pytest.mark.parametrize(("variant", "port"), [("lora", 29531), ("kasa", 29532), ("dpo", 29533), ("orpo", 29534)])
 def test_two_processes_equal_one_process(tmp_path, variant, port):
     one = subprocess.run(
         [sys.executable, WORKER, str(tmp_path / "one"), "2", variant], capture_output=True, text=True, timeout=300

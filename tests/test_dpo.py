@@ -17,7 +17,7 @@ from lorakit.fused import head_sequence_logprobs, sequence_logprobs
 from lorakit.train.config import load_config
 from lorakit.train.objectives import dpo_losses
 
-from tiny import tiny_llama, write_jsonl
+from tiny import pairs_run, tiny_llama, write_jsonl
 
 # -- log-probabilities and the loss -----------------------------------------------------------------------------------
 
@@ -78,7 +78,7 @@ def test_loss_at_the_start_is_log_two():
 @pytest.mark.parametrize(
     "overrides, words",
     [
-        (["--objective", "ppo"], "train.objective must be one of sft, dpo, got 'ppo'"),
+        (["--objective", "ppo"], "train.objective must be one of sft, dpo, simpo, orpo, got 'ppo'"),
         (["--dpo.beta", "0.5"], "dpo.beta is set but train.objective is 'sft'; use --train.objective dpo"),
         (["--objective", "dpo", "--dpo.beta", "0"], "dpo.beta must be > 0"),
         (["--objective", "dpo", "--dpo.loss", "kto"], "dpo.loss must be one of sigmoid, ipo, hinge"),
@@ -104,37 +104,10 @@ def test_bad_dpo_settings_are_refused(overrides, words):
 # -- training ---------------------------------------------------------------------------------------------------------
 
 
-def _pairs_run(tmp_path, *overrides, callbacks=None):
-    """`run_training` with DPO on a tiny Llama and a character tokenizer: "i+1=" answered with the sum preferred to
-    its echo "i+1" (32 train pairs, 8 eval)."""
-    from fsdp_worker import char_tokenizer
-
-    from lorakit.train.run import run_training
-
-    rows = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": f"{i}+1"} for i in range(40)]
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    write_jsonl(tmp_path / "train.jsonl", rows[:32])
-    write_jsonl(tmp_path / "eval.jsonl", rows[32:])
-    cfg = load_config(
-        None,
-        [
-            *("--objective", "dpo", "--data.train_file", str(tmp_path / "train.jsonl")),
-            *("--data.eval_file", str(tmp_path / "eval.jsonl"), "--data.chat", "false"),
-            *("--data.max_len", "16", "--train.out_dir", str(tmp_path / "run"), "--train.batch_size", "4"),
-            *("--eval.max_new_tokens", "2", "--eval.limit", "4", "--train.lr", "1e-2", "--dpo.beta", "0.5"),
-            *overrides,
-        ],
-    )
-    model = tiny_llama()
-    model.generation_config.eos_token_id = model.config.eos_token_id = 1
-    model.generation_config.pad_token_id = model.config.pad_token_id = 0
-    return run_training(cfg, model=model, tokenizer=char_tokenizer(), callbacks=callbacks), model
-
-
 def test_dpo_run_learns_the_preference(tmp_path):
     """12 steps: the eval pairs' loss falls from log 2 and the implicit rewards rank the chosen answer first; the
     step records carry the rewards."""
-    summary, _ = _pairs_run(tmp_path, "--train.steps", "12", "--train.eval_every", "6")
+    summary, _ = pairs_run(tmp_path, "--train.steps", "12", "--train.eval_every", "6")
     before, after = summary["before"], summary["after"]
     assert before["loss"] == pytest.approx(0.6931, abs=1e-4) and before["reward_accuracy"] == 0.0
     assert after["loss"] < 0.6 and after["reward_accuracy"] >= 0.75 and after["reward_margin"] > 0
@@ -144,12 +117,13 @@ def test_dpo_run_learns_the_preference(tmp_path):
     assert any(r.get("step") == 6 and "eval_reward_accuracy" in r for r in records)
 
 
-def test_dpo_resumed_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("objective", ["dpo", "simpo"])
+def test_preference_run_resumed_equals_uninterrupted(tmp_path, objective):
     """Interrupted at step 4 and resumed from its step-3 checkpoint: the adapter of 6 uninterrupted steps
     (1e-6: the same ops on the same pairs, up to BLAS thread scheduling)."""
     from lorakit.train.loop import TrainingError
 
-    full, _ = _pairs_run(tmp_path / "a", "--train.steps", "6", "--train.save_every", "0")
+    pairs_run(tmp_path / "a", "--train.steps", "6", "--train.save_every", "0", objective=objective)
 
     def interrupt(rec):
         if rec.get("step") == 4:
@@ -157,20 +131,30 @@ def test_dpo_resumed_equals_uninterrupted(tmp_path):
 
     b = tmp_path / "b"
     with pytest.raises(TrainingError, match="interrupted at step 4"):
-        _pairs_run(b, "--train.steps", "6", "--train.save_every", "3", callbacks=[interrupt])
-    _pairs_run(b, "--train.steps", "6", "--train.resume", "auto")
+        pairs_run(
+            b, "--train.steps", "6", "--train.save_every", "3", objective=objective, callbacks=[interrupt]
+        )
+    pairs_run(b, "--train.steps", "6", "--train.resume", "auto", objective=objective)
     a = lorakit.read_adapter(tmp_path / "a" / "run" / "adapter")[1]
     r = lorakit.read_adapter(b / "run" / "adapter")[1]
     for k in a:
         torch.testing.assert_close(r[k], a[k], atol=1e-6, rtol=0)
 
 
-def test_sft_weight_adds_the_chosen_answers_token_loss():
-    """dpo.sft_weight w adds w × the chosen answers' mean token loss (each answer's own mean, then the batch's:
+@pytest.mark.parametrize("objective", ["dpo", "simpo"])
+def test_sft_weight_adds_the_chosen_answers_token_loss(objective):
+    """dpo.sft_weight (and simpo.sft_weight) w adds w × the chosen answers' mean token loss (each answer's own mean, then the batch's:
     RPO's length-normalised NLL), computed here from the model's full logits (float32, 1e-5)."""
-    from lorakit.train.config import DpoSection, RunConfig
+    from lorakit.train.config import DpoSection, RunConfig, SimpoSection
     from lorakit.train.loop import collate
-    from lorakit.train.objectives import DpoObjective
+    from lorakit.train.objectives import make_objective
+
+    section = {"dpo": DpoSection, "simpo": SimpoSection}[objective]
+
+    def loss(**settings):
+        cfg = RunConfig(**{objective: section(**settings)})
+        cfg.train.objective = objective
+        return make_objective(cfg).loss(model, batch, fused=True)[0]
 
     model = tiny_llama()
     lorakit.inject(model, LoraConfig(r=4, alpha=8, targets="all-linear", init="random"))
@@ -180,8 +164,7 @@ def test_sft_weight_adds_the_chosen_answers_token_loss():
         ids = torch.randint(2, 128, (n,), generator=g).tolist()
         rows.append(Encoded(ids, [IGNORE] * 3 + ids[3:]))
     batch = collate(rows + rows[::-1], 0)  # two pairs: chosen rows first
-    plain, _ = DpoObjective(RunConfig(dpo=DpoSection())).loss(model, batch, fused=True)
-    weighted, _ = DpoObjective(RunConfig(dpo=DpoSection(sft_weight=0.7))).loss(model, batch, fused=True)
+    plain, weighted = loss(), loss(sft_weight=0.7)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:2, :-1]
     labels = batch["labels"][:2, 1:]
     nll = torch.nn.functional.cross_entropy(
@@ -339,7 +322,7 @@ def test_dpo_from_an_adapter_takes_it_as_the_reference(tmp_path):
     model = tiny_llama()
     lorakit.inject(model, LoraConfig(r=4, alpha=8, targets="all-linear", init="random"))
     start = lorakit.save_adapter(model, tmp_path / "start")
-    summary, trained = _pairs_run(tmp_path / "run", "--train.steps", "12", "--train.init_adapter", str(start))
+    summary, trained = pairs_run(tmp_path / "run", "--train.steps", "12", "--train.init_adapter", str(start))
     assert (
         summary["before"]["loss"] == pytest.approx(0.693147, abs=1e-6)
         and summary["before"]["reward_margin"] == 0
@@ -382,5 +365,5 @@ def test_init_adapter_refuses_settings_it_would_ignore(overrides, words):
 def test_dpo_trains_with_each_method(tmp_path, overrides):
     """8 steps of DPO with each method or setting: the eval pairs' loss falls below log 2 and the rewards rank
     the chosen answer first more often than not."""
-    summary, _ = _pairs_run(tmp_path, "--train.steps", "8", *overrides)
+    summary, _ = pairs_run(tmp_path, "--train.steps", "8", *overrides)
     assert summary["after"]["loss"] < 0.69 and summary["after"]["reward_accuracy"] > 0.5, summary["after"]

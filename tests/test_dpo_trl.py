@@ -1,4 +1,5 @@
-"""lorakit's DPO against TRL's DPOTrainer (the peer and oracle), from the same PEFT adapter on the same model.
+"""lorakit's DPO against TRL's DPOTrainer (the peer and oracle), and its SimPO and ORPO against TRL's CPOTrainer and
+ORPOTrainer, from the same PEFT adapter on the same model.
 
 A tiny random Llama with SmolLM2's real tokenizer and chat template, and a PEFT adapter whose A and B are both
 random (so the policy differs from the reference at step 1 and the first loss is not log 2). Both train 3 AdamW
@@ -21,11 +22,12 @@ import lorakit
 from lorakit.data.preference import as_pair, encode_pairs
 from lorakit.data.tokenize import IGNORE
 from lorakit.models import load_model
-from lorakit.train.config import DpoSection, RunConfig, TrainSection
+from lorakit.train.config import DpoSection, OrpoSection, RunConfig, SimpoSection, TrainSection
 from lorakit.train.loop import train_loop
-from lorakit.train.objectives import REFERENCE_ADAPTER, DpoObjective
+from lorakit.train.objectives import REFERENCE_ADAPTER, make_objective
 
 from trl_dpo_oracle import build_peft_adapter, build_tiny_model, trl_dpo
+from trl_ref_free_oracle import trl_ref_free
 
 TEXT_PAIRS = [
     {"prompt": "Q: the capital of France?\nA:", "chosen": " Paris", "rejected": " Lyon"},
@@ -58,8 +60,22 @@ def folders(tmp_path_factory, default_model_dir):
     return model_dir, build_peft_adapter(model_dir, root / "adapter")
 
 
-def _lorakit(model_dir: Path, adapter_dir: Path, pairs, *, chat: bool, out: Path, start: bool = False, **dpo):
-    """lorakit's run; `start`: the adapter as saved is the reference (train.init_adapter's way), else the base."""
+SECTIONS = {"dpo": DpoSection, "simpo": SimpoSection, "orpo": OrpoSection}
+
+
+def _lorakit(
+    model_dir: Path,
+    adapter_dir: Path,
+    pairs,
+    *,
+    chat: bool,
+    out: Path,
+    start: bool = False,
+    objective: str = "dpo",
+    **settings,
+):
+    """lorakit's run with `objective` and its section's `settings`; `start`: the adapter as saved is DPO's
+    reference (train.init_adapter's way), else the base."""
     model, tok = load_model(str(model_dir), dtype=torch.float32)
     lorakit.load_adapter(model, adapter_dir, trainable=True)
     if start:
@@ -75,10 +91,10 @@ def _lorakit(model_dir: Path, adapter_dir: Path, pairs, *, chat: bool, out: Path
             warmup_steps=0,
             save_every=0,
             max_grad_norm=1.0,
-            objective="dpo",
+            objective=objective,
             init_adapter=str(adapter_dir) if start else None,
         ),
-        dpo=DpoSection(**dpo),
+        **{objective: SECTIONS[objective](**settings)},
     )
     records: list[dict] = []
     train_loop(
@@ -87,7 +103,7 @@ def _lorakit(model_dir: Path, adapter_dir: Path, pairs, *, chat: bool, out: Path
         cfg,
         pad_id=tok.pad_token_id,
         out_dir=out,
-        objective=DpoObjective(cfg),
+        objective=make_objective(cfg),
         callbacks=[records.append],
     )
     return rows, records, lorakit.adapter_state_dict(model)
@@ -167,5 +183,52 @@ def test_dpo_from_an_adapter_equals_trl(folders, tmp_path):
     for ours, trl in zip(steps, theirs["logs"], strict=True):
         for their_key, our_key in METRICS.items():
             assert ours[our_key] == pytest.approx(trl[their_key], abs=1e-4), (ours["step"], their_key)
+    for key, value in theirs["adapter"].items():
+        torch.testing.assert_close(adapter[key], value, atol=2e-4, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize(
+    "pairs, chat, objective, settings",
+    [
+        (TEXT_PAIRS, False, "orpo", {"beta": 0.1}),
+        (CHAT_PAIRS, True, "orpo", {"beta": 0.5}),
+        (TEXT_PAIRS, False, "simpo", {"beta": 2.0, "gamma": 1.0}),
+        (CHAT_PAIRS, True, "simpo", {"beta": 2.5, "gamma": 0.5, "sft_weight": 1.0}),
+    ],
+    ids=["text-orpo", "chat-orpo", "text-simpo", "chat-simpo-sft"],
+)
+def test_reference_free_objectives_equal_trl(folders, tmp_path, pairs, chat, objective, settings):
+    """SimPO (TRL's CPOTrainer) and ORPO (TRL's ORPOTrainer) on lorakit's token ids (those trainers tokenize
+    their older way; tests/trl_ref_free_oracle.py says how it is replaced, and why the chosen answers' token loss
+    is the ORPO paper's). Each step's loss and rewards to 1e-4, the adapter to 2e-4, as for DPO."""
+    model_dir, adapter_dir = folders
+    rows, records, adapter = _lorakit(
+        model_dir, adapter_dir, pairs, chat=chat, out=tmp_path / "ours", objective=objective, **settings
+    )
+    token_ids = []
+    for row in rows:
+        prompt = [t for t, y in zip(row.chosen.input_ids, row.chosen.labels, strict=True) if y == IGNORE]
+        answers = [[t for t in side.labels if t != IGNORE] for side in (row.chosen, row.rejected)]
+        assert row.rejected.input_ids == prompt + answers[1]
+        token_ids.append((prompt, *answers))
+    theirs = trl_ref_free(
+        str(model_dir),
+        str(adapter_dir),
+        token_ids,
+        kind=objective,
+        steps=STEPS,
+        lr=LR,
+        beta=settings["beta"],
+        gamma=settings.get("gamma", 0.0),
+        sft_weight=settings.get("sft_weight", 0.0),
+        out_dir=str(tmp_path / "trl"),
+    )
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == len(theirs["logs"]) == STEPS
+    for ours, trl in zip(steps, theirs["logs"], strict=True):
+        for their_key, our_key in METRICS.items():
+            assert ours[our_key] == pytest.approx(trl[their_key], abs=1e-4), (ours["step"], their_key)
+    assert theirs["logs"][-1]["rewards/margins"] > theirs["logs"][0]["rewards/margins"]  # it learned
+    assert set(adapter) == set(theirs["adapter"])
     for key, value in theirs["adapter"].items():
         torch.testing.assert_close(adapter[key], value, atol=2e-4, rtol=0, msg=key)

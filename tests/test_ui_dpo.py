@@ -1,6 +1,6 @@
-"""The playground with DPO: the form's objective and its gated dpo section, preference files uploaded and
-previewed side by side, and a DPO run started from the form (on the session's `lorakit ui`, a tiny model with the
-real tokenizer)."""
+"""The playground with DPO (and SimPO, ORPO): the form's objective and the section it shows, preference files
+uploaded and previewed side by side, and a DPO run started from the form (on the session's `lorakit ui`, a tiny
+model with the real tokenizer)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from uiserver import SMALL_RUN, error, wait_for
 PAIR = {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Lyon"}
 
 
-def test_the_form_has_the_objective_and_a_dpo_section_shown_by_it(http):
+def test_the_form_has_the_objective_and_a_section_shown_by_each(http):
     sections = {s["name"]: s for s in http.get("/api/schema").json()["sections"]}
     objective = next(f for f in sections["train"]["fields"] if f["name"] == "objective")
-    assert objective["choices"] == ["sft", "dpo"] and objective["default"] == "sft"
-    assert sections["dpo"]["objective"] == "dpo" and sections["dpo"]["method"] is None
+    assert objective["choices"] == ["sft", "dpo", "simpo", "orpo"] and objective["default"] == "sft"
+    for name in ("dpo", "simpo", "orpo"):
+        assert sections[name]["objective"] == name and sections[name]["method"] is None
+    assert "objective" not in sections["lora"] and "objective" not in sections["train"]
     loss = next(f for f in sections["dpo"]["fields"] if f["name"] == "loss")
     assert loss["choices"] == ["sigmoid", "ipo", "hinge"]
 
@@ -31,8 +33,9 @@ def test_preference_files_upload_and_preview_as_pairs(http):
     assert [e["side"] for e in out["examples"]] == ["chosen", "rejected"]
     learned = ["".join(s["text"] for s in e["segments"] if s["learned"]) for e in out["examples"]]
     assert learned[0].startswith("Paris") and learned[1].startswith("Lyon")
-    task = http.post("/api/preview", json={"task": "dates", "n": 2, "objective": "dpo"}).json()
-    assert task["pairs"] is True and len(task["examples"]) == 4
+    for objective in ("dpo", "orpo"):
+        task = http.post("/api/preview", json={"task": "dates", "n": 2, "objective": objective}).json()
+        assert task["pairs"] is True and len(task["examples"]) == 4
     bad = b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": 1, "rejected": "c"}\n'
     message = error(http.post("/api/upload", params={"name": "bad.jsonl"}, content=bad), 400)
     assert message.startswith("bad.jsonl:2: chosen") or message.startswith("bad.jsonl:2: a text 'prompt'")

@@ -260,6 +260,36 @@ def addition_run(tmp_path, *overrides: str, device: str | None = None):
     return run_training(cfg, model=model, tokenizer=char_tokenizer()), model
 
 
+def pairs_run(tmp_path, *overrides: str, objective: str = "dpo", callbacks=None):
+    """`run_training` with a preference `objective` (dpo: at beta 0.5) on a tiny Llama and a character tokenizer:
+    "i+1=" answered with the sum preferred to its echo "i+1" (32 train pairs, 8 eval, JSONL files in tmp_path);
+    `overrides` are more `--section.key value`s. Returns (summary, model)."""
+    from fsdp_worker import char_tokenizer
+
+    from lorakit.train.config import load_config
+    from lorakit.train.run import run_training
+
+    rows = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": f"{i}+1"} for i in range(40)]
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    write_jsonl(tmp_path / "train.jsonl", rows[:32])
+    write_jsonl(tmp_path / "eval.jsonl", rows[32:])
+    cfg = load_config(
+        None,
+        [
+            *("--objective", objective, "--data.train_file", str(tmp_path / "train.jsonl")),
+            *("--data.eval_file", str(tmp_path / "eval.jsonl"), "--data.chat", "false"),
+            *("--data.max_len", "16", "--train.out_dir", str(tmp_path / "run"), "--train.batch_size", "4"),
+            *("--eval.max_new_tokens", "2", "--eval.limit", "4", "--train.lr", "1e-2"),
+            *(("--dpo.beta", "0.5") if objective == "dpo" else ()),
+            *overrides,
+        ],
+    )
+    model = tiny_llama()
+    model.generation_config.eos_token_id = model.config.eos_token_id = 1
+    model.generation_config.pad_token_id = model.config.pad_token_id = 0
+    return run_training(cfg, model=model, tokenizer=char_tokenizer(), callbacks=callbacks), model
+
+
 def resumed_equals_uninterrupted(
     tmp_path, lora, *, data_init: bool, make=None, **train
 ) -> tuple[nn.Module, nn.Module]:

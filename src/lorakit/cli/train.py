@@ -87,7 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 )
             bars[0].n = rec["step"]
             shown = {"loss": f"{rec['loss']:.4f}", "tok_s": f"{rec['tokens_per_s']:.0f}"}
-            if "reward_accuracy" in rec:  # DPO: how often the chosen answer's reward is the higher
+            if "reward_accuracy" in rec:  # DPO, SimPO, ORPO: how often the chosen answer's reward is the higher
                 shown["reward_acc"] = f"{100 * rec['reward_accuracy']:.0f}%"
             bars[0].set_postfix(shown)
             bars[0].refresh()
@@ -118,7 +118,7 @@ def _print_summary(summary: dict) -> None:
     print("\n               before      after")
     if "accuracy" in a:
         print(f"accuracy     {100 * b['accuracy']:7.1f}%   {100 * a['accuracy']:7.1f}%")
-    if "reward_accuracy" in a:  # DPO
+    if "reward_accuracy" in a:  # a preference objective
         print(f"reward acc.  {100 * b['reward_accuracy']:7.1f}%   {100 * a['reward_accuracy']:7.1f}%")
         print(f"reward margin{b['reward_margin']:8.3f}   {a['reward_margin']:8.3f}")
     if "loss" in a:

@@ -121,7 +121,8 @@ class TrainSection:
     method: str = "lora"
     """Training method: lora, dylora, adalora or ladder; add "+loraplus" (or give just loraplus) for LoRA+."""
     objective: str = "sft"
-    """What training minimises: sft (the answers' token loss) or dpo (preference pairs: the dpo section)."""
+    """What training minimises: sft (the answers' token loss), or on preference pairs dpo, simpo or orpo (each
+    with its own section; simpo and orpo need no reference model)."""
     init_adapter: str | None = None
     """An adapter folder (PEFT layout) to train further instead of a new adapter, with its own r, alpha and
     targets (method lora); with objective dpo it is also the reference."""
@@ -185,6 +186,22 @@ class DpoSection:
 
 
 @dataclass
+class SimpoSection:
+    beta: float = 2.0
+    """SimPO: scale of the reward, beta times an answer's mean token log-probability (the paper uses 2 to 10)."""
+    gamma: float = 1.0
+    """SimPO: the reward margin the chosen answer must win by (the paper's gamma; TRL's simpo_gamma)."""
+    sft_weight: float = 0.0
+    """SimPO: weight of the chosen answers' token loss added to the preference loss (CPO's alpha)."""
+
+
+@dataclass
+class OrpoSection:
+    beta: float = 0.1
+    """ORPO: weight (the paper's lambda) of the odds-ratio loss added to the chosen answers' token loss."""
+
+
+@dataclass
 class EvalSection:
     max_new_tokens: int = 16
     """Tokens generated per eval example for exact-match accuracy."""
@@ -204,6 +221,8 @@ class RunConfig:
     adalora: AdaLoraSection = field(default_factory=AdaLoraSection)
     ladder: LadderSection = field(default_factory=LadderSection)
     dpo: DpoSection = field(default_factory=DpoSection)
+    simpo: SimpoSection = field(default_factory=SimpoSection)
+    orpo: OrpoSection = field(default_factory=OrpoSection)
 
     @property
     def methods(self) -> tuple[str, bool]:
@@ -365,46 +384,69 @@ _NONZERO_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq", "random")
 
 
 def _validate_objective(cfg: RunConfig) -> None:
-    """train.objective is known; the dpo section is set only for DPO, with values in range; DPO's reference is the
-    base model, so the adapter must start as a zero update, and the data must keep pairs whole."""
-    from lorakit.train.objectives import DPO_LOSSES, OBJECTIVES
+    """train.objective is known; a preference objective's section is set only for it, with values in range; the
+    data keeps pairs whole; DPO's reference is the base model, so its adapter must start as a zero update."""
+    from lorakit.train.objectives import DPO_LOSSES, OBJECTIVES, PREFERENCE_OBJECTIVES
 
-    t, d, dsec = cfg.train, cfg.dpo, cfg.data
-    if t.objective not in OBJECTIVES:
-        raise ConfigError(f"train.objective must be one of {', '.join(OBJECTIVES)}, got {t.objective!r}")
-    changed = [f.name for f in fields(d) if getattr(d, f.name) != getattr(DpoSection(), f.name)]
-    if t.objective != "dpo":
-        if changed:
+    t, dsec, objective = cfg.train, cfg.data, cfg.train.objective
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"train.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    for name in PREFERENCE_OBJECTIVES:
+        section = getattr(cfg, name)
+        default = type(section)()
+        changed = [f.name for f in fields(section) if getattr(section, f.name) != getattr(default, f.name)]
+        if changed and name != objective:
             raise ConfigError(
-                f"dpo.{changed[0]} is set but train.objective is {t.objective!r}; use --train.objective dpo"
+                f"{name}.{changed[0]} is set but train.objective is {objective!r}; use --train.objective {name}"
             )
+    if objective not in PREFERENCE_OBJECTIVES:
         return
+    d, s, o = cfg.dpo, cfg.simpo, cfg.orpo
     alora = dsec.alora_invocation is not None or cfg.lora.alora_invocation_tokens is not None
-    checks = [
-        (d.beta > 0, f"dpo.beta must be > 0, got {d.beta}"),
-        (d.loss in DPO_LOSSES, f"dpo.loss must be one of {', '.join(DPO_LOSSES)}, got {d.loss!r}"),
-        (0 <= d.label_smoothing < 0.5, f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}"),
+    checks = {
+        "dpo": [
+            (d.beta > 0, f"dpo.beta must be > 0, got {d.beta}"),
+            (d.loss in DPO_LOSSES, f"dpo.loss must be one of {', '.join(DPO_LOSSES)}, got {d.loss!r}"),
+            (0 <= d.label_smoothing < 0.5, f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}"),
+            (
+                not d.label_smoothing or d.loss == "sigmoid",
+                f"dpo.label_smoothing works with dpo.loss sigmoid, not {d.loss!r}",
+            ),
+            (d.sft_weight >= 0, f"dpo.sft_weight must be >= 0, got {d.sft_weight}"),
+            (
+                cfg.lora.init not in _NONZERO_INITS,
+                f"lora.init {cfg.lora.init} starts the adapter away from the base, which DPO takes as its "
+                "reference; use default, gaussian, orthogonal, eva or mica, or train.objective simpo or orpo",
+            ),
+            (
+                cfg.methods[0] != "ladder",
+                "train.objective dpo takes the base as its reference by turning adapters off, which a ladder is "
+                "not; use method lora, dylora or adalora, or train.objective simpo or orpo",
+            ),
+            (
+                not cfg.lora.use_kasa,
+                "lora.use_kasa does not work with train.objective dpo (KaSA changes the base, DPO's reference)",
+            ),
+        ],
+        "simpo": [
+            (s.beta > 0, f"simpo.beta must be > 0, got {s.beta}"),
+            (s.gamma >= 0, f"simpo.gamma must be >= 0, got {s.gamma}"),
+            (s.sft_weight >= 0, f"simpo.sft_weight must be >= 0, got {s.sft_weight}"),
+        ],
+        "orpo": [(o.beta > 0, f"orpo.beta must be > 0, got {o.beta}")],
+    }[objective]
+    checks += [
+        (not dsec.pack, f"data.pack does not work with train.objective {objective} (a pair's answers stay apart)"),
         (
-            not d.label_smoothing or d.loss == "sigmoid",
-            f"dpo.label_smoothing works with dpo.loss sigmoid, not {d.loss!r}",
+            not dsec.train_on_all,
+            f"data.train_on_all does not work with train.objective {objective} (it compares answers)",
         ),
-        (d.sft_weight >= 0, f"dpo.sft_weight must be >= 0, got {d.sft_weight}"),
+        (not alora, f"aLoRA does not work with train.objective {objective}"),
+        (not dsec.add_tokens, f"data.add_tokens does not work with train.objective {objective}"),
         (
-            cfg.lora.init not in _NONZERO_INITS,
-            f"lora.init {cfg.lora.init} starts the adapter away from the base, which DPO takes as its reference; "
-            "use default, gaussian, orthogonal, eva or mica",
+            not t.fsdp,
+            f"train.fsdp does not work with train.objective {objective}; use DDP (torchrun without train.fsdp)",
         ),
-        (
-            cfg.methods[0] != "ladder",
-            "train.objective dpo takes the base as its reference by turning adapters off, which a ladder is not; "
-            "use method lora, dylora or adalora",
-        ),
-        (not dsec.pack, "data.pack does not work with train.objective dpo (a pair's two answers stay apart)"),
-        (not dsec.train_on_all, "data.train_on_all does not work with train.objective dpo (it compares answers)"),
-        (not alora, "aLoRA does not work with train.objective dpo"),
-        (not dsec.add_tokens, "data.add_tokens does not work with train.objective dpo"),
-        (not cfg.lora.use_kasa, "lora.use_kasa does not work with train.objective dpo (KaSA changes the base)"),
-        (not t.fsdp, "train.fsdp does not work with train.objective dpo; use DDP (torchrun without train.fsdp)"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -13,10 +13,9 @@ from lorakit.control import merged
 from lorakit.data.preference import Pair
 from lorakit.data.tokenize import IGNORE, Encoded, chat_messages
 from lorakit.device import model_device, to_device
-from lorakit.fused import sequence_logprobs
 from lorakit.generate import format_prompt
 from lorakit.inject import adapter_names
-from lorakit.train.objectives import DpoObjective, pair_stats
+from lorakit.train.objectives import PreferenceObjective, pair_stats
 
 
 @torch.no_grad()
@@ -127,10 +126,10 @@ def _prompt_text(tokenizer, prompt, chat: bool, extra: dict[str, Any]) -> str:
 
 @torch.no_grad()
 def preference_eval(
-    model: nn.Module, pairs: list[Pair], pad_id: int, objective: DpoObjective, batch_size: int = 8
+    model: nn.Module, pairs: list[Pair], pad_id: int, objective: PreferenceObjective, batch_size: int = 8
 ):
-    """The DPO loss and the implicit rewards' accuracy and margin over `pairs`, in eval mode (no dropout); {} for
-    no pairs."""
+    """The objective's preference loss (DPO, SimPO or ORPO; without an sft_weight's term) and the implicit
+    rewards' accuracy and margin over `pairs`, in eval mode (no dropout); {} for no pairs."""
     from lorakit.train.loop import collate
 
     if not pairs:
@@ -141,10 +140,7 @@ def preference_eval(
     losses, chosen, rejected = [], [], []
     for i in range(0, len(pairs), batch_size):
         batch = to_device(collate(objective.encoded(pairs[i : i + batch_size]), pad_id), device)
-        with objective.reference(model):
-            ref, _ = sequence_logprobs(model, batch)
-        policy, count = sequence_logprobs(model, batch)
-        loss, c, r = objective.losses(policy, ref, count)
+        loss, c, r, _, _ = objective.scores(model, batch)
         losses.append(loss)
         chosen.append(c)
         rejected.append(r)

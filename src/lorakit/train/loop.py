@@ -130,10 +130,10 @@ def train_loop(
     Under DDP pass the wrapped model; under FSDP2 the sharded one, and `evaluate` on every rank (its forward
     passes are collectives); rank 0 alone writes metrics and checkpoint files. `method` (default: plain LoRA)
     gets its hooks called around each step (see lorakit.train.methods). `objective` (default: supervised
-    fine-tuning on `Encoded` rows) computes each micro-batch's loss: DPO's takes `Pair` rows
-    (lorakit.train.objectives).
+    fine-tuning on `Encoded` rows) computes each micro-batch's loss: the preference objectives (DPO, SimPO,
+    ORPO) take `Pair` rows (lorakit.train.objectives).
     """
-    t, method, objective = cfg.train, method or Method(cfg), objective or Objective(cfg)
+    t, method, objective = cfg.train, method or Method(cfg), objective or Objective()
     inner = getattr(model, "module", model)  # under DDP, the wrapped model
     params, opt, sched = _optimizer(inner, cfg)
     sharded = is_sharded(inner)  # FSDP2: saving is a collective, every rank takes part

@@ -1,11 +1,12 @@
-"""What a training step minimises: supervised fine-tuning's token loss, or DPO's preference loss.
+"""What a training step minimises: supervised fine-tuning's token loss, or a preference loss on pairs (DPO,
+SimPO, ORPO).
 
 The loop asks the objective for a micro-batch's tensors and its loss; everything else (the optimizer, the methods'
-hooks, checkpoints, resume) is the same for both.
+hooks, checkpoints, resume) is the same for all.
 
-DPO (Rafailov et al., 2023) learns from pairs of answers to one prompt, one preferred ("chosen") and one not
-("rejected"). With πθ the model being trained and πref the model it started from, and the log-probabilities of
-each answer's tokens summed:
+The preference objectives learn from pairs of answers to one prompt, one preferred ("chosen") and one not
+("rejected"). DPO (Rafailov et al., 2023), with πθ the model being trained and πref the model it started from,
+and the log-probabilities of each answer's tokens summed:
 
     m = β·[(log πθ(chosen) − log πref(chosen)) − (log πθ(rejected) − log πref(rejected))]
     sigmoid: loss = −(1 − ε)·log σ(m) − ε·log σ(−m)     (ε: dpo.label_smoothing, the conservative DPO of cDPO)
@@ -16,8 +17,17 @@ each answer's tokens summed:
 β·(log πθ − log πref) of an answer is its implicit reward. The reference costs no memory: a LoRA starts as an
 update of zero, so πref is the base model, and its log-probabilities are one more forward pass with the adapters
 off (`lorakit.control.disabled`), without gradients. `dpo.sft_weight` adds the chosen answers' token loss (RPO's
-α, TRL's `rpo_alpha`). The log-probabilities come from the chunked LM head (`lorakit.fused.sequence_logprobs`):
-the batch × seq × vocab logits are never held.
+α, TRL's `rpo_alpha`).
+
+Two objectives need no reference at all, so no second forward and no condition on where the adapter starts. With
+ℓ(y) = the mean log-probability of answer y's tokens under πθ:
+
+    simpo: loss = −log σ(β·ℓ(chosen) − β·ℓ(rejected) − γ)      (SimPO, Meng et al., 2024; reward β·ℓ)
+    orpo:  loss = −ℓ(chosen) − λ·log σ(log odds(chosen) − log odds(rejected)),  odds(y) = e^ℓ / (1 − e^ℓ)
+                                                              (ORPO, Hong et al., 2024; λ: orpo.beta; reward λ·ℓ)
+
+The log-probabilities come from the chunked LM head (`lorakit.fused.sequence_logprobs`): the batch × seq × vocab
+logits are never held.
 """
 
 from __future__ import annotations
@@ -38,7 +48,9 @@ from lorakit.fused import causal_lm_loss, sequence_logprobs
 if TYPE_CHECKING:
     from lorakit.train.config import RunConfig
 
-OBJECTIVES = ("sft", "dpo")
+OBJECTIVES = ("sft", "dpo", "simpo", "orpo")
+PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo")
+"""The objectives that train on preference pairs (each has a config section of its own name)."""
 REFERENCE_ADAPTER = "reference"
 """With train.init_adapter, the name of its frozen copy: DPO's reference (`DpoObjective.reference`)."""
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
@@ -48,9 +60,8 @@ class Objective:
     """Supervised fine-tuning: the mean cross-entropy of the learned tokens (chunked LM head where it can)."""
 
     name = "sft"
-
-    def __init__(self, cfg: RunConfig | None = None) -> None:
-        self.cfg = cfg
+    pairs = False
+    """Whether the training rows are preference pairs (`Pair`), else examples."""
 
     def encoded(self, rows: list[Any]) -> list[Encoded]:
         """The token rows a micro-batch of training rows collates into."""
@@ -63,14 +74,41 @@ class Objective:
         return causal_lm_loss(model, batch, fused=fused), {}
 
 
-class DpoObjective(Objective):
-    """DPO on `Pair` rows: chosen and rejected sides in one batch (the chosen first), the reference with the
-    adapters off (see the module docstring)."""
+class PreferenceObjective(Objective):
+    """Training on `Pair` rows: each micro-batch holds the chosen sides, then the rejected ones. Subclasses say
+    how a pair's loss and its answers' rewards follow from the batch (`scores`); `sft_weight` adds the chosen
+    answers' token loss, each answer's mean over its tokens, averaged over the pairs (RPO's length-normalised
+    NLL)."""
+
+    pairs = True
+    sft_weight = 0.0
+
+    def encoded(self, rows: list[Pair]) -> list[Encoded]:
+        return [p.chosen for p in rows] + [p.rejected for p in rows]
+
+    def scores(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(each pair's loss, the chosen answers' rewards, the rejected ones' (detached), and the policy's summed
+        log-probability and answer-token count of each row)."""
+        raise NotImplementedError
+
+    def loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool
+    ) -> tuple[torch.Tensor, dict]:
+        losses, chosen, rejected, policy, count = self.scores(model, batch, fused=fused)
+        loss = losses.mean()
+        if self.sft_weight:
+            loss = loss + self.sft_weight * chosen_nll(policy, count)
+        return loss, pair_stats(chosen, rejected)
+
+
+class DpoObjective(PreferenceObjective):
+    """DPO on `Pair` rows, the reference with the adapters off (see the module docstring)."""
 
     name = "dpo"
 
     def __init__(self, cfg: RunConfig) -> None:
-        super().__init__(cfg)
         d = cfg.dpo
         self.beta, self.kind = d.beta, d.loss
         self.smoothing, self.sft_weight = d.label_smoothing, d.sft_weight
@@ -91,22 +129,12 @@ class DpoObjective(Objective):
         finally:
             set_active(model, before)
 
-    def encoded(self, rows: list[Pair]) -> list[Encoded]:
-        return [p.chosen for p in rows] + [p.rejected for p in rows]
-
-    def loss(
-        self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool
-    ) -> tuple[torch.Tensor, dict]:
+    def scores(self, model, batch, *, fused=True):
         inner = getattr(model, "module", model)  # under DDP the reference needs no gradient sync
         with torch.no_grad(), self.reference(inner):
             ref, _ = sequence_logprobs(inner, batch, fused=fused)
         policy, count = sequence_logprobs(model, batch, fused=fused)
-        losses, chosen, rejected = self.losses(policy, ref, count)
-        loss = losses.mean()
-        if self.sft_weight:
-            n = len(policy) // 2
-            loss = loss - self.sft_weight * (policy[:n] / count[:n].clamp(min=1)).mean()
-        return loss, pair_stats(chosen, rejected)
+        return (*self.losses(policy, ref, count), policy, count)
 
     def losses(
         self, policy: torch.Tensor, ref: torch.Tensor, count: torch.Tensor
@@ -114,6 +142,34 @@ class DpoObjective(Objective):
         """(each pair's loss, the chosen answers' rewards, the rejected ones'), from the summed log-probabilities
         of a batch's rows (chosen rows first) under the policy and the reference, and each row's token count."""
         return dpo_losses(policy, ref, count, beta=self.beta, kind=self.kind, label_smoothing=self.smoothing)
+
+
+class SimpoObjective(PreferenceObjective):
+    """SimPO: no reference; each answer's reward is β times its mean token log-probability, and the chosen one's
+    must beat the rejected one's by the margin γ (see the module docstring)."""
+
+    name = "simpo"
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.beta, self.gamma, self.sft_weight = cfg.simpo.beta, cfg.simpo.gamma, cfg.simpo.sft_weight
+
+    def scores(self, model, batch, *, fused=True):
+        policy, count = sequence_logprobs(model, batch, fused=fused)
+        return (*simpo_losses(policy, count, beta=self.beta, gamma=self.gamma), policy, count)
+
+
+class OrpoObjective(PreferenceObjective):
+    """ORPO: no reference; the chosen answer's token loss plus λ times the log odds ratio's loss (see the module
+    docstring). The token loss is part of each pair's loss, so sft_weight stays 0."""
+
+    name = "orpo"
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.weight = cfg.orpo.beta
+
+    def scores(self, model, batch, *, fused=True):
+        policy, count = sequence_logprobs(model, batch, fused=fused)
+        return (*orpo_losses(policy, count, weight=self.weight), policy, count)
 
 
 def dpo_losses(
@@ -156,6 +212,49 @@ def pair_stats(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]
     }
 
 
+def simpo_losses(
+    policy: torch.Tensor, count: torch.Tensor, *, beta: float, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(each pair's SimPO loss, the chosen answers' rewards, the rejected ones', both detached) from the summed
+    log-probabilities of 2·n rows (the n chosen first) and their answer-token counts."""
+    n = len(policy) // 2
+    rewards = beta * mean_logprobs(policy, count)
+    losses = -F.logsigmoid(rewards[:n] - rewards[n:] - gamma)
+    return losses, rewards[:n].detach(), rewards[n:].detach()
+
+
+def orpo_losses(
+    policy: torch.Tensor, count: torch.Tensor, *, weight: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(each pair's ORPO loss: the chosen answer's mean token loss plus `weight` times the odds-ratio loss; the
+    chosen answers' rewards, the rejected ones', both `weight` times the mean log-probability, detached), from
+    the summed log-probabilities of 2·n rows (the n chosen first) and their answer-token counts."""
+    n = len(policy) // 2
+    mean = mean_logprobs(policy, count)
+    log_odds = mean - _log1mexp(mean)  # log(p / (1 - p)) with p = exp(mean)
+    losses = -mean[:n] - weight * F.logsigmoid(log_odds[:n] - log_odds[n:])
+    rewards = weight * mean.detach()
+    return losses, rewards[:n], rewards[n:]
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 − exp(x)) for x < 0, without cancellation on either side of −log 2 (Mächler, 2012)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def mean_logprobs(policy: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Each row's mean log-probability per answer token (float32), from its sum and its token count."""
+    return policy.float() / count.to(policy.device).clamp(min=1)
+
+
+def chosen_nll(policy: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The chosen answers' token loss (the first half of the rows): each one's mean over its tokens, averaged."""
+    n = len(policy) // 2
+    return -mean_logprobs(policy[:n], count[:n]).mean()
+
+
 def make_objective(cfg: RunConfig) -> Objective:
     """The objective `cfg.train.objective` names."""
-    return DpoObjective(cfg) if cfg.train.objective == "dpo" else Objective(cfg)
+    kinds = {"dpo": DpoObjective, "simpo": SimpoObjective, "orpo": OrpoObjective}
+    kind = kinds.get(cfg.train.objective)
+    return kind(cfg) if kind else Objective()

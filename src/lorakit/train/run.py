@@ -30,7 +30,7 @@ from lorakit.train.datasets import RunData, encode_examples, encode_preferences,
 from lorakit.train.evaluate import eval_loss, exact_match, preference_eval
 from lorakit.train.loop import Callback, init_batches, read_metrics, train_loop
 from lorakit.train.methods import Method, make_method
-from lorakit.train.objectives import Objective, make_objective
+from lorakit.train.objectives import PREFERENCE_OBJECTIVES, Objective, make_objective
 
 __all__ = ["evaluate", "load_examples", "run_training"]
 
@@ -48,12 +48,12 @@ def evaluate(
     can_merge: bool = True,
     objective: Objective | None = None,
 ) -> dict[str, float]:
-    """Eval loss and exact-match accuracy; with DPO (`objective`), the preference loss and the implicit rewards'
-    accuracy and margin on the eval pairs, and exact match of the chosen answers. `sharded` (FSDP2): every rank
+    """Eval loss and exact-match accuracy; with a preference `objective` (DPO, SimPO, ORPO), its loss and the
+    implicit rewards' accuracy and margin on the eval pairs, and exact match of the chosen answers. `sharded` (FSDP2): every rank
     calls this with the same data and gets the same numbers; adapters are not merged (the base weights are shards)
     and generation runs in lockstep."""
     out: dict[str, float] = {}
-    if objective is not None and objective.name == "dpo":
+    if objective is not None and objective.pairs:
         out.update(preference_eval(model, eval_rows, tokenizer.pad_token_id, objective))
     else:
         loss = eval_loss(model, eval_rows, tokenizer.pad_token_id)
@@ -90,7 +90,7 @@ def run_training(
         ids = tokenizer.encode(cfg.data.alora_invocation, add_special_tokens=False)
         cfg = dataclasses.replace(cfg, lora=cfg.lora.replace(alora_invocation_tokens=ids))
     objective = make_objective(cfg)
-    data = (encode_preferences if objective.name == "dpo" else encode_examples)(cfg, tokenizer, say)
+    data = (encode_preferences if objective.pairs else encode_examples)(cfg, tokenizer, say)
     method = make_method(cfg)
     init_rows = objective.encoded(data.train_rows)  # a data-driven init (EVA, CorDA) reads token rows
     method.batches = lambda: init_batches(init_rows, cfg, tokenizer.pad_token_id)
@@ -182,7 +182,7 @@ def _prepare(
     )
     say(
         f"global batch: {t.batch_size} per process x {t.grad_accum} accumulation x {world} process(es) = "
-        f"{t.batch_size * t.grad_accum * world} {'pairs' if t.objective == 'dpo' else 'examples'} per step"
+        f"{t.batch_size * t.grad_accum * world} {'pairs' if t.objective in PREFERENCE_OBJECTIVES else 'examples'} per step"
     )
     return report
 

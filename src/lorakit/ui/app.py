@@ -145,6 +145,7 @@ class _Routes:
         from lorakit.data.preference import as_pair, read_any
         from lorakit.data.tasks import make_pairs, make_task
         from lorakit.data.tokenize import IGNORE, encode_example, learned_segments
+        from lorakit.train.objectives import PREFERENCE_OBJECTIVES
 
         body = await P.read_json(request)
         n = _int(body.get("n", 3), "n", 1, PREVIEW_MAX)
@@ -155,7 +156,7 @@ class _Routes:
             if body.get("file"):
                 path = self.ws.path(body["file"], what="file")
                 items, pairs = await asyncio.to_thread(read_any, path, fields)
-            elif body.get("objective") == "dpo":  # the built-in task's preference pairs
+            elif body.get("objective") in PREFERENCE_OBJECTIVES:  # the built-in task's preference pairs
                 task = str(body.get("task") or "dates")
                 items, pairs = (
                     [as_pair(r, "explicit", task) for r in make_pairs(task, n_train=0, n_eval=n)[1]],

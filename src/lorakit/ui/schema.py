@@ -25,7 +25,7 @@ def form_schema() -> dict[str, Any]:
     from lorakit.train.config import SECTION_METHOD
     from lorakit.train.fields import field_specs
     from lorakit.train.methods import METHODS
-    from lorakit.train.objectives import DPO_LOSSES, OBJECTIVES
+    from lorakit.train.objectives import DPO_LOSSES, OBJECTIVES, PREFERENCE_OBJECTIVES
 
     choices = {
         **CHOICES,
@@ -54,7 +54,8 @@ def form_schema() -> dict[str, Any]:
                     "locked": (section, spec.name) in LOCKED,
                 }
             )
-        shown = {"objective": "dpo"} if section == "dpo" else {}  # shown when train.objective is dpo
+        # a preference objective's section (dpo, simpo, orpo) is shown when train.objective names it
+        shown = {"objective": section} if section in PREFERENCE_OBJECTIVES else {}
         sections.append({"name": section, "method": SECTION_METHOD.get(section), **shown, "fields": fields})
     return {"sections": sections}
 

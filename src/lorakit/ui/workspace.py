@@ -159,8 +159,8 @@ class Workspace:
         self, name: Any, data: bytes, fields: dict[str, str] | None = None
     ) -> tuple[str, int, bool]:
         """Check `data` as a training file (JSONL, JSON, CSV, TSV or Parquet, by its name's suffix) of examples
-        or of preference pairs (for DPO), and write it to data/<name> atomically: (path, examples or pairs, whether
-        pairs). A bad file is a 400 whose message names the line ("chat.jsonl:3: not valid JSON ..."); nothing is
+        or of preference pairs (for DPO, SimPO, ORPO), and write it to data/<name> atomically: (path, examples or
+        pairs, whether pairs). A bad file is a 400 whose message names the line ("chat.jsonl:3: not valid JSON ..."); nothing is
         written. `fields`: data.fields, the file's column names."""
         name = check_name(name, "name")
         if Path(name).suffix.lower() not in SUFFIXES:

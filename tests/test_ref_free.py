@@ -1,0 +1,130 @@
+"""SimPO and ORPO, the preference objectives without a reference model: their losses, the config, runs that learn,
+and the settings they train with that DPO refuses (against TRL: test_dpo_trl.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakit.errors import ConfigError
+from lorakit.train.config import load_config
+from lorakit.train.objectives import orpo_losses, simpo_losses
+
+from tiny import pairs_run
+
+
+def _sums(seed: int = 0):
+    """Summed log-probabilities and token counts of 3 chosen and 3 rejected rows; one chosen answer is almost
+    certain (mean log-probability -1e-6), where log(1 - p) cancels when computed naively in float32."""
+    g = torch.Generator().manual_seed(seed)
+    count = torch.randint(1, 9, (6,), generator=g)
+    mean = -torch.rand(6, generator=g, dtype=torch.float64) * 3
+    mean[0] = -1e-6
+    return mean * count, count
+
+
+def test_simpo_loss_is_the_papers():
+    """-log σ(β ℓc - β ℓr - γ) with ℓ the mean token log-probability, and rewards β ℓ; computed in float64 here,
+    float32 there (1e-6 absolute)."""
+    policy, count = _sums()
+    losses, chosen, rejected = simpo_losses(policy.float(), count, beta=2.5, gamma=0.7)
+    mean = policy / count
+    want = -torch.nn.functional.logsigmoid(2.5 * (mean[:3] - mean[3:]) - 0.7)
+    torch.testing.assert_close(losses.double(), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(chosen.double(), 2.5 * mean[:3], atol=1e-6, rtol=0)
+    torch.testing.assert_close(rejected.double(), 2.5 * mean[3:], atol=1e-6, rtol=0)
+
+
+def test_orpo_loss_is_the_papers_and_stable_near_certainty():
+    """-ℓc - λ log σ(log odds c - log odds r), odds = p / (1 - p), p = e^ℓ: as float64 computes it naively (1e-5:
+    float32 rounding of log odds up to 14 at p = 1 - 1e-6). Its gradient is finite there too."""
+    policy, count = _sums()
+    x = policy.float().requires_grad_()
+    losses, chosen, _ = orpo_losses(x, count, weight=0.2)
+    mean = policy / count
+    p = mean.exp()
+    odds = (p / (1 - p)).log()
+    want = -mean[:3] - 0.2 * torch.nn.functional.logsigmoid(odds[:3] - odds[3:])
+    torch.testing.assert_close(losses.double(), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chosen.double(), 0.2 * mean[:3], atol=1e-6, rtol=0)
+    losses.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (
+            ["--simpo.beta", "3"],
+            "simpo.beta is set but train.objective is 'sft'; use --train.objective simpo",
+        ),
+        (["--objective", "dpo", "--orpo.beta", "0.2"], "orpo.beta is set but train.objective is 'dpo'"),
+        (["--objective", "orpo", "--dpo.beta", "0.2"], "dpo.beta is set but train.objective is 'orpo'"),
+        (["--objective", "simpo", "--simpo.beta", "0"], "simpo.beta must be > 0, got 0.0"),
+        (["--objective", "simpo", "--simpo.gamma", "-1"], "simpo.gamma must be >= 0, got -1.0"),
+        (["--objective", "simpo", "--simpo.sft_weight", "-1"], "simpo.sft_weight must be >= 0"),
+        (["--objective", "orpo", "--orpo.beta", "-0.1"], "orpo.beta must be > 0, got -0.1"),
+        (["--objective", "orpo", "--data.pack", "true"], "data.pack does not work with train.objective orpo"),
+        (["--objective", "simpo", "--data.train_on_all", "true"], "data.train_on_all does not work"),
+        (
+            ["--objective", "simpo", "--train.fsdp", "true"],
+            "train.fsdp does not work with train.objective simpo",
+        ),
+    ],
+)
+def test_bad_simpo_and_orpo_settings_are_refused(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert words in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["--lora.init", "pissa"],
+        ["--lora.init", "olora"],
+        ["--lora.use_kasa", "true"],
+        ["--method", "ladder"],
+    ],
+    ids=["pissa", "olora", "kasa", "ladder"],
+)
+def test_what_dpo_refuses_for_its_reference_the_reference_free_objectives_accept(overrides):
+    """DPO refuses these (its reference, the model with the adapters off, would not be where training starts);
+    SimPO and ORPO have no reference."""
+    with pytest.raises(ConfigError):
+        load_config(None, ["--objective", "dpo", *overrides])
+    for objective in ("simpo", "orpo"):
+        assert load_config(None, ["--objective", objective, *overrides]).train.objective == objective
+
+
+@pytest.mark.parametrize(
+    "objective, settings",
+    [("simpo", ("--simpo.beta", "2", "--simpo.gamma", "0.5")), ("orpo", ("--orpo.beta", "0.5"))],
+)
+def test_a_run_learns_the_preference(tmp_path, objective, settings):
+    """12 steps on the tiny addition pairs: the held-out pairs' loss falls, the rewards rank the chosen answer
+    first on most of them, and every step's record carries the rewards."""
+    summary, _ = pairs_run(tmp_path, "--train.steps", "12", *settings, objective=objective)
+    before, after = summary["before"], summary["after"]
+    assert after["loss"] < before["loss"]
+    assert after["reward_accuracy"] >= 0.75 and after["reward_margin"] > before["reward_margin"]
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"objective: {objective}" in config and f"{objective}:" in config
+
+
+@pytest.mark.parametrize(
+    "objective, overrides",
+    [
+        ("simpo", ("--lora.init", "pissa")),
+        ("orpo", ("--lora.use_kasa", "true", "--lora.r", "4")),
+        ("orpo", ("--method", "ladder")),
+        ("simpo", ("--method", "dylora")),
+        ("orpo", ("--method", "adalora+loraplus")),
+    ],
+    ids=["simpo-pissa", "orpo-kasa", "orpo-ladder", "simpo-dylora", "orpo-adalora-loraplus"],
+)
+def test_the_reference_free_objectives_train_with_each_method(tmp_path, objective, overrides):
+    """8 steps: the held-out pairs' preference loss falls, and the adapter saved loads back."""
+    summary, _ = pairs_run(tmp_path, "--train.steps", "8", *overrides, objective=objective)
+    assert summary["after"]["loss"] < summary["before"]["loss"]
+    assert (tmp_path / "run" / "adapter").is_dir()

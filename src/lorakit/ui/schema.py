@@ -22,10 +22,10 @@ def form_schema() -> dict[str, Any]:
     with its fields' type, default (as command-line text for lists and mappings), doc and choices."""
     from lorakit.config_checks import CORDA_MODES, INITS, LORA_GA_DIRECTIONS, LORA_GA_SCALES
     from lorakit.data.tasks import TASKS
-    from lorakit.train.config import SECTION_METHOD
     from lorakit.train.fields import field_specs
     from lorakit.train.methods import METHODS
     from lorakit.train.objectives import DPO_LOSSES, OBJECTIVES, PREFERENCE_OBJECTIVES
+    from lorakit.train.validation import SECTION_METHOD
 
     choices = {
         **CHOICES,

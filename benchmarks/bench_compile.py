@@ -33,7 +33,7 @@ def worker(args: argparse.Namespace) -> dict:
     import torch
 
     import lorakit
-    from lorakit.fused import causal_lm_loss
+    from lorakit.head import causal_lm_loss
 
     torch.manual_seed(0)
     model, _ = lorakit.load_model()

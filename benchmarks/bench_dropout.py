@@ -21,7 +21,7 @@ import torch
 import lorakit
 from lorakit.bench import TARGETS, cpu_name, display_command, version, write_docs
 from lorakit.dropout import dropout_keep
-from lorakit.fused import causal_lm_loss
+from lorakit.head import causal_lm_loss
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 START, END = "<!-- bench_dropout:start -->", "<!-- bench_dropout:end -->"

@@ -1,4 +1,4 @@
-"""The chunked LM-head loss (lorakit.fused.lm_head_loss) at several chunk sizes, against transformers' own loss.
+"""The chunked LM-head loss (lorakit.head.lm_head_loss) at several chunk sizes, against transformers' own loss.
 
 transformers computes a causal LM's loss from full logits: one GEMM hidden·Wᵀ of (rows × vocab), a float32
 cross-entropy over it, and in the backward a second GEMM ∂logits·W, keeping the whole logits tensor (and its
@@ -52,7 +52,7 @@ def main() -> None:
         p.error("--rounds and every --chunks value must be at least 1")
     import torch
 
-    from lorakit.fused import _chunk_rows, lm_head_loss
+    from lorakit.head import _chunk_rows, lm_head_loss
 
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)

@@ -65,7 +65,7 @@ def step_worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     import lorakit
-    from lorakit.fused import causal_lm_loss
+    from lorakit.head import causal_lm_loss
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -114,7 +114,7 @@ def quality_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     import lorakit
     from lorakit.data.tokenize import encode_dataset
-    from lorakit.fused import causal_lm_loss
+    from lorakit.head import causal_lm_loss
     from lorakit.train.config import RunConfig
     from lorakit.train.evaluate import exact_match
     from lorakit.train.loop import batch_order, collate
@@ -168,7 +168,7 @@ def saved_bytes(args: argparse.Namespace) -> str:
     import torch
 
     import lorakit
-    from lorakit.fused import causal_lm_loss
+    from lorakit.head import causal_lm_loss
 
     torch.set_num_threads(args.threads)
     ids = torch.randint(0, 49152, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))

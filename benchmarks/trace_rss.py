@@ -14,7 +14,7 @@ import torch
 
 import lorakit
 from lorakit.bench import TARGETS, hwm_gb, reset_peak_rss, rss_now_gb
-from lorakit.fused import causal_lm_loss
+from lorakit.head import causal_lm_loss
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import lorakit
 from lorakit.attention import NAME, flash_attention, upcast_backward_wins
 from lorakit.device import autocast, upcast_trainable
-from lorakit.fused import causal_lm_loss
+from lorakit.head import causal_lm_loss
 from lorakit.memory import enable_checkpointing
 
 from tiny import SEVEN, graph_names, randomize, tiny_llama

@@ -133,7 +133,7 @@ def test_bench_head_checks_every_chunk_against_transformers_loss_then_times_it()
     the rows; so a wrong chunk boundary fails here. Then one table row a chunk size, the default among them."""
     from pathlib import Path
 
-    from lorakit.fused import _chunk_rows
+    from lorakit.head import _chunk_rows
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_head.py"
     cmd = [sys.executable, str(script), "--batch", "1", "--seq", "33", "--chunks", "7", "32", "--rounds", "1"]

@@ -13,7 +13,7 @@ from lorakit.config import LoraConfig
 from lorakit.data.preference import encode_pairs, read_pairs
 from lorakit.data.tokenize import IGNORE, Encoded
 from lorakit.errors import ConfigError
-from lorakit.fused import head_sequence_logprobs, sequence_logprobs
+from lorakit.head import head_sequence_logprobs, sequence_logprobs
 from lorakit.train.config import load_config
 from lorakit.train.objectives import dpo_losses
 

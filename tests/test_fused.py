@@ -17,7 +17,8 @@ import lorakit
 from lorakit import LoraConfig, fused
 from lorakit.data.tokenize import IGNORE
 from lorakit.dropout import dropout_keep, dropout_scale, splitmix64
-from lorakit.fused import _LoraLinear, causal_lm_loss, lm_head_loss, set_fused
+from lorakit.fused import _LoraLinear, set_fused
+from lorakit.head import causal_lm_loss, fusable_head, lean_head, lm_head_loss
 from lorakit.siblings import probe_groups
 
 from tiny import ids, randomize, tiny_gpt2, tiny_llama
@@ -231,22 +232,22 @@ def test_chunked_loss_falls_back_when_it_would_differ():
     model = tiny_llama()
     lorakit.inject(model, LoraConfig(r=4, targets=["lm_head"]))  # one plain LoRA on the head: chunked with it
     randomize(model)
-    assert fused.lean_head(model)[1] is not None
+    assert lean_head(model)[1] is not None
     torch.testing.assert_close(causal_lm_loss(model, batch), model(**batch).loss, atol=ATOL, rtol=RTOL)
     model = tiny_llama()
     lorakit.inject(model, LoraConfig(r=4, targets=["lm_head"], use_dora=True))  # DoRA: no longer plain
     randomize(model)
-    assert fused.lean_head(model) is None
+    assert lean_head(model) is None
     torch.testing.assert_close(causal_lm_loss(model, batch), model(**batch).loss, atol=0, rtol=0)
     capped = tiny_llama()
     capped.config.final_logit_softcapping = 30.0
-    assert fused.fusable_head(capped) is None
+    assert fusable_head(capped) is None
     import peft
 
     from tiny import peft_config
 
     wrapped = peft.get_peft_model(tiny_llama(), peft_config(LoraConfig(r=4, targets=["q_proj"])))
-    assert fused.fusable_head(wrapped) is None  # PEFT's wrapper: its own forward runs
+    assert fusable_head(wrapped) is None  # PEFT's wrapper: its own forward runs
     torch.testing.assert_close(causal_lm_loss(wrapped, batch), wrapped(**batch).loss, atol=0, rtol=0)
 
 

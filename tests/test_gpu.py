@@ -16,7 +16,8 @@ import lorakit
 from lorakit import LoraConfig, fused
 from lorakit.device import resolve_device, upcast_trainable
 from lorakit.dropout import dropout_keep, dropout_scale
-from lorakit.fused import _LoraLinear, causal_lm_loss
+from lorakit.fused import _LoraLinear
+from lorakit.head import causal_lm_loss
 from lorakit.mixed import row_adapters
 from lorakit.quant import nf4
 

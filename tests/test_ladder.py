@@ -9,7 +9,7 @@ import torch
 
 import lorakit
 from lorakit import LadderConfig, attach_ladder
-from lorakit.fused import causal_lm_loss
+from lorakit.head import causal_lm_loss
 from lorakit.variants.ladder import ladder_of
 
 from tiny import ConvNet, addition_run, ids, tiny_gpt2, tiny_llama

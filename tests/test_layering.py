@@ -27,6 +27,7 @@ CORE = [  # bottom up: each may import only what stands before it (and the found
     "handlers",
     "attention",
     "fused",
+    "head",
     "lean",
     "blocks",
     "layers",

@@ -131,7 +131,8 @@ def _lorakit(load=_load_fp32, *, fused: bool = True, groups: bool = False):
 
     def build(args: argparse.Namespace) -> Setup:
         import lorakit
-        from lorakit.fused import causal_lm_loss, set_fused, set_groups
+        from lorakit.fused import set_fused, set_groups
+        from lorakit.head import causal_lm_loss
         from lorakit.memory import trim_between_layers
 
         model = load(args)
@@ -170,7 +171,7 @@ def _peft(load=_load_fp32):
     def build(args: argparse.Namespace) -> Setup:
         import peft
 
-        from lorakit.fused import causal_lm_loss
+        from lorakit.head import causal_lm_loss
 
         model = load(args)
         config = peft.LoraConfig(
@@ -193,7 +194,7 @@ def _bound(*, chunked: bool):
     def build(args: argparse.Namespace) -> Setup:
         import torch
 
-        from lorakit.fused import lm_head_loss
+        from lorakit.head import lm_head_loss
 
         model = _load_fp32(args)
         model.requires_grad_(False)

@@ -424,7 +424,7 @@ class LoraLayer(nn.Module):
         return out
 
     def lean_factors(self) -> tuple[torch.Tensor, tuple | None] | None:
-        """For the chunked LM-head loss (`fused.lean_head`): (the base weight, (A, B, s) of the one adapter now
+        """For the chunked LM-head loss (`lorakit.head.lean_head`): (the base weight, (A, B, s) of the one adapter now
         running, or None when none runs) where this layer computes exactly x·W0ᵀ + s·(x·Aᵀ)·Bᵀ: a frozen
         nn.Linear without bias, under one adapter whose variant keeps plain LoRA's forward, without dropout in
         training (the variant's `fused_factors`). Else None."""

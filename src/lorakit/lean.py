@@ -1,7 +1,7 @@
 """The memory-lean causal-LM loss for everyone who calls `inject`: no change to the user's training loop.
 
 After `lorakit.inject`, a Hugging Face causal LM's ordinary ``model(input_ids, labels=...)`` in training (model in
-train mode, gradients enabled) runs the backbone and then `lorakit.fused.lm_head_loss`: the N×V logits are never
+train mode, gradients enabled) runs the backbone and then `lorakit.head.lm_head_loss`: the N×V logits are never
 held, only the positions whose label is learned are projected, and the gradient of the hidden states is computed
 in the same pass. A plain loop, transformers' `Trainer` and TRL's `SFTTrainer` all call the model's forward, so
 all of them get it. The fused LoRA linear layers need nothing: they are the adapted modules themselves.
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.fused import lean_head, lm_head_loss
+from lorakit.head import lean_head, lm_head_loss
 
 _MARK = "_lorakit_lean_forward"
 _LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")

@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from lorakit.bank import AdapterBank
-from lorakit.fused import plain_head
+from lorakit.head import plain_head
 from lorakit.serve import kvcache
 from lorakit.serve.batch import Batch
 from lorakit.serve.prefill import prompt_key

@@ -26,7 +26,7 @@ Two objectives need no reference at all, so no second forward and no condition o
     orpo:  loss = −ℓ(chosen) − λ·log σ(log odds(chosen) − log odds(rejected)),  odds(y) = e^ℓ / (1 − e^ℓ)
                                                               (ORPO, Hong et al., 2024; λ: orpo.beta; reward λ·ℓ)
 
-The log-probabilities come from the chunked LM head (`lorakit.fused.sequence_logprobs`): the batch × seq × vocab
+The log-probabilities come from the chunked LM head (`lorakit.head.sequence_logprobs`): the batch × seq × vocab
 logits are never held.
 """
 
@@ -43,7 +43,7 @@ from torch import nn
 from lorakit.control import active_adapters, disabled, set_active
 from lorakit.data.preference import Pair
 from lorakit.data.tokenize import Encoded
-from lorakit.fused import causal_lm_loss, sequence_logprobs
+from lorakit.head import causal_lm_loss, sequence_logprobs
 
 if TYPE_CHECKING:
     from lorakit.train.config import RunConfig

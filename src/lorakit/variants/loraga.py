@@ -46,8 +46,8 @@ from lorakit.data.jsonl import DataError
 from lorakit.data.tokenize import IGNORE
 from lorakit.device import model_device, to_device
 from lorakit.errors import AdapterError
-from lorakit.fused import causal_lm_loss
 from lorakit.handlers import handler_for
+from lorakit.head import causal_lm_loss
 from lorakit.inject import check_new_name, delete_adapter, inject
 from lorakit.layers import LoraLayer
 from lorakit.registry import registry

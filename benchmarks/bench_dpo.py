@@ -1,8 +1,11 @@
-"""Benchmark: a DPO step, lorakit (`lorakit train --objective dpo`'s loop) against TRL's DPOTrainer with PEFT.
+"""Benchmark: a preference step, lorakit (`lorakit train --objective dpo`'s loop) against TRL's DPOTrainer with PEFT;
+with ``--objective simpo`` or ``orpo``, against TRL's CPOTrainer (loss_type simpo) or ORPOTrainer.
 
 Both train a LoRA (r=16, alpha=16, the seven projections, no dropout) on the default SmolLM2-135M (or
-``--model``) with the base model, adapters off, as the reference (TRL's choice for a PEFT model with
-``ref_model=None``), AdamW, a constant learning rate, no gradient checkpointing. The data: ``--batch`` pairs of
+``--model``), AdamW, a constant learning rate, no gradient checkpointing. DPO's reference is the base model,
+adapters off, for both (TRL's choice for a PEFT model with ``ref_model=None``); SimPO and ORPO have none. TRL's
+CPO and ORPO trainers tokenize their older way (a BOS where the tokenizer has one, an EOS after each answer): a
+token more or less per row than lorakit, out of about 130. The data: ``--batch`` pairs of
 random words, a prompt of about ``--prompt`` tokens and two answers of about ``--answer`` tokens each, as text
 (no chat template), the same for both. Each worker warms up one step, then times ``--steps`` steps and reports the
 median step time and the peak RSS of the whole process (model, data, both libraries' imports included) and of
@@ -38,6 +41,8 @@ from lorakit.bench import (  # noqa: E402
 from lorakit.bench_worker import TARGETS, hwm_gb, peak_rss_gb, reset_peak_rss  # noqa: E402
 
 LIBS = ("lorakit", "trl")
+TRAINERS = {"dpo": "DPOTrainer", "simpo": "CPOTrainer", "orpo": "ORPOTrainer"}
+NAMES = {"dpo": "DPO", "simpo": "SimPO", "orpo": "ORPO"}
 DOC = ROOT / "docs" / "dpo.md"
 WORDS = [
     "the",
@@ -87,7 +92,7 @@ def _lorakit(args, pairs, tmp: str) -> tuple[list[float], bool]:
     from lorakit.device import placement, upcast_trainable
     from lorakit.train.config import RunConfig, TrainSection
     from lorakit.train.loop import train_loop
-    from lorakit.train.objectives import DpoObjective
+    from lorakit.train.objectives import make_objective
 
     device, dtype = placement("cpu", args.dtype)
     model, tok = lorakit.load_model(args.model, dtype=dtype, device=device)
@@ -103,7 +108,7 @@ def _lorakit(args, pairs, tmp: str) -> tuple[list[float], bool]:
             schedule="constant",
             warmup_steps=0,
             save_every=0,
-            objective="dpo",
+            objective=args.objective,
         )
     )
     ends: list[float] = []
@@ -122,7 +127,7 @@ def _lorakit(args, pairs, tmp: str) -> tuple[list[float], bool]:
         cfg,
         pad_id=tok.pad_token_id,
         out_dir=Path(tmp),
-        objective=DpoObjective(cfg),
+        objective=make_objective(cfg),
         callbacks=[on_record],
     )
     marks = [t0, *ends]
@@ -135,6 +140,8 @@ def _trl(args, pairs, tmp: str) -> tuple[list[float], bool]:
     from peft import LoraConfig
     from transformers import PrinterCallback, TrainerCallback
     from trl import DPOConfig, DPOTrainer
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     import lorakit
     from lorakit.device import placement
@@ -153,7 +160,7 @@ def _trl(args, pairs, tmp: str) -> tuple[list[float], bool]:
         def on_step_end(self, a, s, c, **kw):
             times.append(time.perf_counter() - state["t0"])
 
-    config = DPOConfig(
+    common = dict(
         output_dir=tmp,
         per_device_train_batch_size=args.batch,
         max_steps=args.steps + 1,
@@ -168,13 +175,23 @@ def _trl(args, pairs, tmp: str) -> tuple[list[float], bool]:
         dataloader_num_workers=0,
         bf16=args.dtype == "bfloat16",
         gradient_checkpointing=False,
-        max_length=None,
-        precompute_ref_log_probs=False,
         seed=0,
     )
+    if args.objective == "dpo":
+        config, trainer_class = (
+            DPOConfig(**common, max_length=None, precompute_ref_log_probs=False),
+            DPOTrainer,
+        )
+    elif args.objective == "orpo":
+        config, trainer_class = ORPOConfig(**common, max_length=4096), ORPOTrainer
+    else:  # lorakit's SimPO defaults: beta 2, gamma 1, no token loss
+        config = CPOConfig(
+            **common, max_length=4096, loss_type="simpo", beta=2.0, simpo_gamma=1.0, cpo_alpha=0.0
+        )
+        trainer_class = CPOTrainer
     peft_config = LoraConfig(r=args.r, lora_alpha=args.r, target_modules=TARGETS, lora_dropout=0.0)
     torch.manual_seed(0)
-    trainer = DPOTrainer(
+    trainer = trainer_class(
         model=model,
         args=config,
         train_dataset=Dataset.from_list(pairs),
@@ -217,6 +234,8 @@ def spawn(args, lib: str) -> dict:
         str(args.batch),
         "--steps",
         str(args.steps),
+        "--objective",
+        args.objective,
     ]
     cmd += [
         "--prompt",
@@ -234,6 +253,7 @@ def spawn(args, lib: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--objective", choices=("dpo", "simpo", "orpo"), default="dpo")
     p.add_argument("--batch", type=int, default=4, help="pairs per step")
     p.add_argument("--prompt", type=int, default=64, help="words per prompt (about one token each)")
     p.add_argument("--answer", type=int, default=64, help="words per answer")
@@ -265,17 +285,17 @@ def main() -> None:
     table = _table(args, rounds)
     print(table)
     if args.write_docs:
-        write_docs(
-            DOC, table, f"<!-- bench_dpo:{args.dtype}:begin -->", f"<!-- bench_dpo:{args.dtype}:end -->"
-        )
+        key = args.dtype if args.objective == "dpo" else f"{args.objective}:{args.dtype}"
+        write_docs(DOC, table, f"<!-- bench_dpo:{key}:begin -->", f"<!-- bench_dpo:{key}:end -->")
 
 
 def _table(args, rounds) -> str:
     head = (
-        f"CPU: {cpu_name()} (torch capability {torch_capability()}), {args.threads} threads; base dtype "
+        f"{NAMES[args.objective]}. CPU: {cpu_name()} (torch capability {torch_capability()}), {args.threads} "
+        "threads; base dtype "
         f"{args.dtype}; {args.batch} pairs per step, prompts of {args.prompt} words and answers of {args.answer}; "
         f"r={args.r} on the seven projections; {args.rounds} rounds x {args.steps} steps.\n\n"
-        "| | TRL + PEFT | lorakit | lorakit/TRL |\n|---|---:|---:|---:|"
+        f"| | TRL {TRAINERS[args.objective]} + PEFT | lorakit | lorakit/TRL |\n|---|---:|---:|---:|"
     )
     lines = [head]
     for label, key, fmt in (

@@ -37,7 +37,8 @@ def test_simpo_loss_is_the_papers():
 
 def test_orpo_loss_is_the_papers_and_stable_near_certainty():
     """-ℓc - λ log σ(log odds c - log odds r), odds = p / (1 - p), p = e^ℓ: as float64 computes it naively (1e-5:
-    float32 rounding of log odds up to 14 at p = 1 - 1e-6). Its gradient is finite there too."""
+    float32 rounding of log odds up to 14 at p = 1 - 1e-6). Its gradient is finite there too, and where a chosen
+    answer is certain to float32 (mean log-probability 0: infinite odds without the cap at p = 1 - 1e-6)."""
     policy, count = _sums()
     x = policy.float().requires_grad_()
     losses, chosen, _ = orpo_losses(x, count, weight=0.2)
@@ -49,6 +50,10 @@ def test_orpo_loss_is_the_papers_and_stable_near_certainty():
     torch.testing.assert_close(chosen.double(), 0.2 * mean[:3], atol=1e-6, rtol=0)
     losses.sum().backward()
     assert torch.isfinite(x.grad).all()
+    certain = torch.zeros(2, requires_grad=True)  # a chosen answer certain to float32, and a rejected one not
+    loss = orpo_losses(certain + torch.tensor([0.0, -2.0]), torch.tensor([3, 3]), weight=0.2)[0]
+    loss.backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(certain.grad).all()
 
 
 @pytest.mark.parametrize(

@@ -231,7 +231,10 @@ def orpo_losses(
     the summed log-probabilities of 2·n rows (the n chosen first) and their answer-token counts."""
     n = len(policy) // 2
     mean = mean_logprobs(policy, count)
-    log_odds = mean - _log1mexp(mean)  # log(p / (1 - p)) with p = exp(mean)
+    # log(p / (1 - p)) with p = exp(mean); an answer certain to float32 (mean 0: every token's log-softmax rounds to
+    # 0) would give infinite odds and a NaN gradient, so the odds stop at p = 1 - 1e-6 (log odds 13.8)
+    capped = mean.clamp(max=-1e-6)
+    log_odds = capped - _log1mexp(capped)
     losses = -mean[:n] - weight * F.logsigmoid(log_odds[:n] - log_odds[n:])
     rewards = weight * mean.detach()
     return losses, rewards[:n], rewards[n:]

@@ -109,6 +109,20 @@ def _lorakit(
     return rows, records, lorakit.adapter_state_dict(model)
 
 
+def _same_as_trl(records: list[dict], adapter: dict, theirs: dict) -> list[dict]:
+    """lorakit's run against TRL's: as many steps, each step's loss and rewards to 1e-4, the same adapter keys and
+    each tensor to 2e-4 (the tolerances of the module docstring). Returns lorakit's step records."""
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == len(theirs["logs"]) == STEPS
+    for ours, trl in zip(steps, theirs["logs"], strict=True):
+        for their_key, our_key in METRICS.items():
+            assert ours[our_key] == pytest.approx(trl[their_key], abs=1e-4), (ours["step"], their_key)
+    assert set(adapter) == set(theirs["adapter"])
+    for key, value in theirs["adapter"].items():
+        torch.testing.assert_close(adapter[key], value, atol=2e-4, rtol=0, msg=key)
+    return steps
+
+
 @pytest.mark.parametrize(
     "pairs, chat, loss, smoothing, beta",
     [
@@ -148,17 +162,10 @@ def test_dpo_equals_trl(folders, tmp_path, pairs, chat, loss, smoothing, beta):
         for side, answer in ((row.chosen, chosen), (row.rejected, rejected)):
             assert side.input_ids == prompt + answer
             assert [t for t in side.labels if t != IGNORE] == answer
-    steps = [r for r in records if "loss" in r]
-    assert len(steps) == len(theirs["logs"]) == STEPS
     assert theirs["logs"][0]["loss"] != pytest.approx(
         0.6931, abs=1e-3
     )  # the adapter starts away from the base
-    for ours, trl in zip(steps, theirs["logs"], strict=True):
-        for their_key, our_key in METRICS.items():
-            assert ours[our_key] == pytest.approx(trl[their_key], abs=1e-4), (ours["step"], their_key)
-    assert set(adapter) == set(theirs["adapter"])
-    for key, value in theirs["adapter"].items():
-        torch.testing.assert_close(adapter[key], value, atol=2e-4, rtol=0, msg=key)
+    _same_as_trl(records, adapter, theirs)
 
 
 def test_dpo_from_an_adapter_equals_trl(folders, tmp_path):
@@ -178,13 +185,8 @@ def test_dpo_from_an_adapter_equals_trl(folders, tmp_path):
     _, records, adapter = _lorakit(
         model_dir, adapter_dir, CHAT_PAIRS, chat=True, out=tmp_path / "ours", start=True
     )
-    steps = [r for r in records if "loss" in r]
+    steps = _same_as_trl(records, adapter, theirs)
     assert steps[0]["loss"] == pytest.approx(0.693147, abs=1e-6) and steps[0]["reward_margin"] == 0.0
-    for ours, trl in zip(steps, theirs["logs"], strict=True):
-        for their_key, our_key in METRICS.items():
-            assert ours[our_key] == pytest.approx(trl[their_key], abs=1e-4), (ours["step"], their_key)
-    for key, value in theirs["adapter"].items():
-        torch.testing.assert_close(adapter[key], value, atol=2e-4, rtol=0, msg=key)
 
 
 @pytest.mark.parametrize(
@@ -223,12 +225,5 @@ def test_reference_free_objectives_equal_trl(folders, tmp_path, pairs, chat, obj
         sft_weight=settings.get("sft_weight", 0.0),
         out_dir=str(tmp_path / "trl"),
     )
-    steps = [r for r in records if "loss" in r]
-    assert len(steps) == len(theirs["logs"]) == STEPS
-    for ours, trl in zip(steps, theirs["logs"], strict=True):
-        for their_key, our_key in METRICS.items():
-            assert ours[our_key] == pytest.approx(trl[their_key], abs=1e-4), (ours["step"], their_key)
+    _same_as_trl(records, adapter, theirs)
     assert theirs["logs"][-1]["rewards/margins"] > theirs["logs"][0]["rewards/margins"]  # it learned
-    assert set(adapter) == set(theirs["adapter"])
-    for key, value in theirs["adapter"].items():
-        torch.testing.assert_close(adapter[key], value, atol=2e-4, rtol=0, msg=key)

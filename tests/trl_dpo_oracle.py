@@ -122,6 +122,55 @@ def _loss_settings(loss_type: str, label_smoothing: float) -> dict:
     return {"loss_type": [loss_type], "loss_weights": None, "label_smoothing": label_smoothing}
 
 
+def training_args(out_dir: str, batch: int, steps: int, lr: float, max_grad_norm: float | None) -> dict:
+    """The TrainingArguments every oracle pins (see the module docstring): `steps` AdamW steps on batches of
+    `batch`, constant `lr`, no warmup or weight decay, clipping at `max_grad_norm` (None or 0: none), a log per
+    step, fp32 on CPU, no checkpointing, saving, eval, reporting or tqdm, seed 0."""
+    return dict(
+        output_dir=str(Path(out_dir)),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        optim="adamw_torch",
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        max_grad_norm=max_grad_norm or 0.0,
+        logging_strategy="steps",
+        logging_steps=1,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+    )
+
+
+def trained(trainer, steps: int) -> tuple[list[dict], dict]:
+    """(TRL's logged metrics of each of the `steps` steps, {PEFT state-dict key: tensor} of the trained "default"
+    adapter) after `trainer.train()`."""
+    from peft import get_peft_model_state_dict
+
+    logs = [dict(entry) for entry in trainer.state.log_history if "loss" in entry]
+    if len(logs) != steps:
+        raise RuntimeError(f"expected {steps} logged steps, TRL logged {len(logs)}")
+    adapter = {
+        key: value.detach().clone()
+        for key, value in get_peft_model_state_dict(trainer.model, adapter_name="default").items()
+    }
+    return logs, adapter
+
+
 def _load_adapter(model, adapter_dir: str) -> None:
     """Overwrite the "default" adapter that TRL made from the config with the weights saved in adapter_dir."""
     import torch
@@ -169,37 +218,12 @@ def trl_dpo(
     with _quiet():
         import torch
         from datasets import Dataset
-        from peft import LoraConfig, PeftModel, get_peft_model_state_dict
+        from peft import LoraConfig, PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
         from trl import DPOConfig, DPOTrainer
 
         args = DPOConfig(
-            output_dir=str(Path(out_dir)),
-            per_device_train_batch_size=len(pairs),
-            gradient_accumulation_steps=1,
-            max_steps=steps,
-            learning_rate=lr,
-            lr_scheduler_type="constant",
-            warmup_steps=0,
-            weight_decay=0.0,
-            optim="adamw_torch",
-            adam_beta1=0.9,
-            adam_beta2=0.999,
-            adam_epsilon=1e-8,
-            max_grad_norm=max_grad_norm or 0.0,
-            logging_strategy="steps",
-            logging_steps=1,
-            save_strategy="no",
-            eval_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-            use_cpu=True,
-            bf16=False,
-            fp16=False,
-            gradient_checkpointing=False,
-            seed=0,
-            data_seed=0,
-            dataloader_num_workers=0,
+            **training_args(out_dir, len(pairs), steps, lr, max_grad_norm),
             beta=beta,
             **_loss_settings(loss_type, label_smoothing),
             max_length=None,
@@ -232,13 +256,7 @@ def trl_dpo(
         trainer.remove_callback(PrinterCallback)  # disable_tqdm=True would print every log
         trainer.train()
 
-    logs = [dict(entry) for entry in trainer.state.log_history if "loss" in entry]
-    if len(logs) != steps:
-        raise RuntimeError(f"expected {steps} logged steps, TRL logged {len(logs)}")
-    adapter = {
-        key: value.detach().clone()
-        for key, value in get_peft_model_state_dict(trainer.model, adapter_name="default").items()
-    }
+    logs, adapter = trained(trainer, steps)
     data = trainer.train_dataset
     token_ids = [
         (list(p), list(c), list(r))

@@ -31,9 +31,7 @@ norm clipped to ``max_grad_norm``, dropout off, fp32 on CPU, no gradient checkpo
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from trl_dpo_oracle import _load_adapter, _quiet
+from trl_dpo_oracle import _load_adapter, _quiet, trained, training_args
 
 
 def _given_ids(feature, model=None) -> dict:
@@ -82,38 +80,13 @@ def trl_ref_free(
     with _quiet():
         import torch
         from datasets import Dataset
-        from peft import LoraConfig, get_peft_model_state_dict
+        from peft import LoraConfig
         from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
         from trl.experimental.cpo import CPOConfig, CPOTrainer
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
         common = dict(
-            output_dir=str(Path(out_dir)),
-            per_device_train_batch_size=len(token_ids),
-            gradient_accumulation_steps=1,
-            max_steps=steps,
-            learning_rate=lr,
-            lr_scheduler_type="constant",
-            warmup_steps=0,
-            weight_decay=0.0,
-            optim="adamw_torch",
-            adam_beta1=0.9,
-            adam_beta2=0.999,
-            adam_epsilon=1e-8,
-            max_grad_norm=max_grad_norm or 0.0,
-            logging_strategy="steps",
-            logging_steps=1,
-            save_strategy="no",
-            eval_strategy="no",
-            report_to=[],
-            disable_tqdm=True,
-            use_cpu=True,
-            bf16=False,
-            fp16=False,
-            gradient_checkpointing=False,
-            seed=0,
-            data_seed=0,
-            dataloader_num_workers=0,
+            **training_args(out_dir, len(token_ids), steps, lr, max_grad_norm),
             beta=beta,
             max_length=1 << 16,  # no truncation
             disable_dropout=True,
@@ -157,11 +130,5 @@ def trl_ref_free(
         trainer.remove_callback(PrinterCallback)
         trainer.train()
 
-    logs = [dict(entry) for entry in trainer.state.log_history if "loss" in entry]
-    if len(logs) != steps:
-        raise RuntimeError(f"expected {steps} logged steps, TRL logged {len(logs)}")
-    adapter = {
-        key: value.detach().clone()
-        for key, value in get_peft_model_state_dict(trainer.model, adapter_name="default").items()
-    }
+    logs, adapter = trained(trainer, steps)
     return {"logs": logs, "adapter": adapter}

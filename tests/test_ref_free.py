@@ -133,3 +133,65 @@ def test_the_reference_free_objectives_train_with_each_method(tmp_path, objectiv
     summary, _ = pairs_run(tmp_path, "--train.steps", "8", *overrides, objective=objective)
     assert summary["after"]["loss"] < summary["before"]["loss"]
     assert (tmp_path / "run" / "adapter").is_dir()
+
+
+def test_lorakit_eval_measures_simpo_and_orpo_on_the_base_and_the_adapter(tmp_path, capsys):
+    """`lorakit eval --data pairs --objective orpo|simpo --compare-base`: with no reference, the base has rewards
+    too; both sides' loss, reward accuracy and margin are `preference_eval`'s with that objective (1e-5), at the
+    objective's own beta unless --beta is given. --objective without a file of pairs is refused."""
+    import json
+
+    from fsdp_worker import char_tokenizer
+
+    import lorakit
+    from lorakit.cli import main
+    from lorakit.config import LoraConfig
+    from lorakit.data.preference import encode_pairs, read_pairs
+    from lorakit.train.config import RunConfig, TrainSection
+    from lorakit.train.evaluate import preference_eval
+    from lorakit.train.objectives import make_objective
+
+    from tiny import tiny_llama, write_jsonl
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "model")
+    tok = char_tokenizer()
+    tok.save_pretrained(tmp_path / "model")
+    pairs = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": f"{i}+1"} for i in range(5)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    rows, _ = encode_pairs(tok, read_pairs(data), max_len=256, chat=False)
+    args = [
+        "eval",
+        "--model",
+        str(tmp_path / "model"),
+        "--data",
+        str(data),
+        "--no-chat",
+        "--max-new-tokens",
+        "2",
+    ]
+    want = {}
+    for objective, beta in (("orpo", None), ("simpo", 3.0)):
+        cfg = RunConfig(train=TrainSection(objective=objective))
+        getattr(cfg, objective).beta = beta or getattr(cfg, objective).beta
+        want["base"] = preference_eval(model, rows, tok.pad_token_id, make_objective(cfg))
+        with_adapter = tiny_llama()
+        lorakit.inject(with_adapter, LoraConfig(r=4, alpha=8, targets="all-linear", init="random"))
+        lorakit.save_adapter(with_adapter, tmp_path / "adapter")
+        want["adapter"] = preference_eval(with_adapter, rows, tok.pad_token_id, make_objective(cfg))
+        extra = ["--beta", str(beta)] if beta else []
+        cmd = [*args, "--adapter", str(tmp_path / "adapter"), "--compare-base", "--objective", objective]
+        assert main([*cmd, *extra, "--json"]) == 0
+        report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert report["objective"] == objective and report["beta"] == getattr(cfg, objective).beta
+        for side in ("base", "adapter"):
+            for k, v in want[side].items():
+                assert report[side][f"preference_{k}"] == pytest.approx(v, abs=1e-5), (objective, side, k)
+        assert want["base"]["reward_margin"] != pytest.approx(want["adapter"]["reward_margin"], abs=1e-3)
+    assert main(["eval", "--model", str(tmp_path / "model"), "--task", "dates", "--objective", "orpo"]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith("--objective and --beta measure preference pairs: give a --data file of pairs")
+    )

@@ -72,6 +72,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+NAMES = {"dpo": "DPO", "simpo": "SimPO", "orpo": "ORPO"}
+
+
 def configure_eval(p: argparse.ArgumentParser) -> None:
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument(
@@ -105,10 +108,18 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument(
+        "--objective",
+        choices=("dpo", "simpo", "orpo"),
+        default=None,
+        help="with a --data file of preference pairs: the preference loss and rewards to measure: dpo (the "
+        "adapter's against the base, the default), simpo or orpo (no reference: the base's too)",
+    )
+    p.add_argument(
         "--beta",
         type=float,
-        default=0.1,
-        help="with a --data file of preference pairs: DPO's beta, for the rewards and the loss (default: 0.1)",
+        default=None,
+        help="with --objective: its beta (ORPO's lambda), for the rewards and the loss (default: the objective's, "
+        "as lorakit train's: dpo 0.1, simpo 2, orpo 0.1)",
     )
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -134,22 +145,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lorakit.data.tasks import make_task
     from lorakit.data.tokenize import encode_dataset
     from lorakit.errors import ConfigError
-    from lorakit.train.config import DpoSection, RunConfig
+    from lorakit.train.config import RunConfig, TrainSection
     from lorakit.train.evaluate import eval_loss, exact_match, preference_eval
-    from lorakit.train.objectives import DpoObjective
+    from lorakit.train.objectives import make_objective
 
     if args.compare_base and not args.adapter:
         raise ConfigError("--compare-base compares an adapter with its base: give --adapter too")
     # a task: the held-out examples `lorakit train` evaluates on (seed 0, generated first)
     if args.fields and not args.data:
         raise ConfigError("--fields names the columns of a --data file: give --data too")
-    if not args.beta > 0:
+    if args.beta is not None and not args.beta > 0:
         raise ConfigError(f"--beta must be > 0, got {args.beta}")
     items, pairs = (
         read_any(args.data, args.fields)
         if args.data
         else (make_task(args.task, n_train=0, n_eval=args.limit)[1], False)
     )
+    if (args.objective or args.beta is not None) and not pairs:
+        raise ConfigError("--objective and --beta measure preference pairs: give a --data file of pairs")
+    name = args.objective or "dpo"
     examples = (
         [p["chosen"] for p in items] if pairs else items
     )  # pairs: loss and accuracy of the chosen answers
@@ -158,8 +172,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = {"examples": len(rows), "truncated": stats["truncated"], "max_len": args.max_len}
     if pairs:
         pair_rows, _ = encode_pairs(tok, items, max_len=args.max_len, chat=not args.no_chat)
-        objective = DpoObjective(RunConfig(dpo=DpoSection(beta=args.beta)))
-        report["pairs"] = len(pair_rows)
+        cfg = RunConfig(train=TrainSection(objective=name))
+        if args.beta is not None:
+            getattr(cfg, name).beta = args.beta
+        objective = make_objective(cfg)
+        beta = getattr(cfg, name).beta
+        report.update({"pairs": len(pair_rows), "objective": name, "beta": beta})
 
     def measure(label: str) -> dict:
         loss = eval_loss(model, rows, tok.pad_token_id)
@@ -172,7 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "accuracy_examples": len(samples),
             "samples": samples[:3],
         }
-        if pairs and label == "adapter":  # the adapter against the base as DPO's reference
+        if pairs and (label == "adapter" or name != "dpo"):  # DPO: the adapter against the base as reference
             report[label].update(
                 {
                     f"preference_{k}": v
@@ -211,6 +229,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if "preference_reward_accuracy" in m:
             print(
                 f"{who}reward accuracy: {100 * m['preference_reward_accuracy']:.1f}% (margin "
-                f"{m['preference_reward_margin']:.3f}), DPO loss {m['preference_loss']:.4f} at beta {args.beta:g}"
+                f"{m['preference_reward_margin']:.3f}), {NAMES[name]} loss {m['preference_loss']:.4f} at beta {beta:g}"
             )
     return 0

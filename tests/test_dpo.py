@@ -245,6 +245,38 @@ def test_the_reference_is_where_training_starts(settings, starts_at_base):
     assert at_base == starts_at_base
 
 
+def test_the_reference_pass_has_no_dropout():
+    """GPT-2 has dropout of its own (0.1) and the adapter has 0.5: in train mode the policy's log-probabilities
+    vary from call to call, the reference's do not. They are the base's in eval mode (float32, 1e-6), and every
+    module is back in train mode after the block."""
+    from lorakit.head import sequence_logprobs
+    from lorakit.train.config import RunConfig
+    from lorakit.train.loop import collate
+    from lorakit.train.objectives import DpoObjective
+
+    from tiny import tiny_gpt2
+
+    model = tiny_gpt2()
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets="all-linear", dropout=0.5))
+    g = torch.Generator().manual_seed(4)
+    rows = [
+        Encoded(ids, [IGNORE] * 3 + ids[3:]) for ids in torch.randint(2, 128, (4, 9), generator=g).tolist()
+    ]
+    batch = collate(rows, 0)
+    with lorakit.disabled(model):
+        want, _ = sequence_logprobs(model, batch, fused=False)  # eval mode: tiny_gpt2 returns the model in it
+    model.train()
+    objective = DpoObjective(RunConfig())
+    with torch.no_grad():
+        policy = [sequence_logprobs(model, batch, fused=False)[0] for _ in range(2)]
+        assert not torch.allclose(policy[0], policy[1])
+        for _ in range(2):
+            with objective.reference(model):
+                ref, _ = sequence_logprobs(model, batch, fused=False)
+            torch.testing.assert_close(ref, want, atol=1e-6, rtol=0)
+    assert all(m.training for m in model.modules())
+
+
 def test_lorakit_eval_measures_an_adapter_on_pairs(tmp_path, capsys):
     """`lorakit eval --data pairs.jsonl --adapter A`: the chosen answers' loss and exact match for base and adapter,
     and the adapter's implicit rewards against the base, as `preference_eval` computes them at --beta."""

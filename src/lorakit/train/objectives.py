@@ -117,17 +117,24 @@ class DpoObjective(PreferenceObjective):
     @contextmanager
     def reference(self, model: nn.Module) -> Iterator[None]:
         """Inside the block `model` is the reference: the base with the adapters off, or, when training started
-        from an adapter (train.init_adapter), that adapter as it was (its frozen copy, switched to and back)."""
-        if self.reference_adapter is None:
-            with disabled(model):
-                yield
-            return
-        before = active_adapters(model)
-        set_active(model, {self.reference_adapter: 1.0})
+        from an adapter (train.init_adapter), that adapter as it was (its frozen copy, switched to and back). It
+        is in eval mode there, so that dropout (the base's own, as GPT-2's, or the copied adapter's) leaves the
+        reference's log-probabilities fixed; the training mode of every module is restored after."""
+        modes = {m: m.training for m in model.modules()}
+        model.eval()
+        before = active_adapters(model) if self.reference_adapter is not None else None
         try:
-            yield
+            if before is None:
+                with disabled(model):
+                    yield
+            else:
+                set_active(model, {self.reference_adapter: 1.0})
+                yield
         finally:
-            set_active(model, before)
+            if before is not None:
+                set_active(model, before)
+            for m, mode in modes.items():
+                m.training = mode
 
     def scores(self, model, batch, *, fused=True):
         inner = getattr(model, "module", model)  # under DDP the reference needs no gradient sync

@@ -49,9 +49,9 @@ def evaluate(
     objective: Objective | None = None,
 ) -> dict[str, float]:
     """Eval loss and exact-match accuracy; with a preference `objective` (DPO, SimPO, ORPO), its loss and the
-    implicit rewards' accuracy and margin on the eval pairs, and exact match of the chosen answers. `sharded` (FSDP2): every rank
-    calls this with the same data and gets the same numbers; adapters are not merged (the base weights are shards)
-    and generation runs in lockstep."""
+    implicit rewards' accuracy and margin on the eval pairs, and exact match of the chosen answers. `sharded`
+    (FSDP2): every rank calls this with the same data and gets the same numbers; adapters are not merged (the
+    base weights are shards) and generation runs in lockstep."""
     out: dict[str, float] = {}
     if objective is not None and objective.pairs:
         out.update(preference_eval(model, eval_rows, tokenizer.pad_token_id, objective))

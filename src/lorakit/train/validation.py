@@ -172,7 +172,8 @@ def _validate_objective(cfg: RunConfig) -> None:
             ),
             (
                 not cfg.lora.use_kasa,
-                "lora.use_kasa does not work with train.objective dpo (KaSA changes the base, DPO's reference)",
+                "lora.use_kasa does not work with train.objective dpo (KaSA changes the base, DPO's reference); "
+                "use train.objective simpo or orpo",
             ),
         ],
         "simpo": [

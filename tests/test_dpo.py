@@ -141,6 +141,32 @@ def test_preference_run_resumed_equals_uninterrupted(tmp_path, objective):
         torch.testing.assert_close(r[k], a[k], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("start", [False, True], ids=["base", "init_adapter"])
+def test_a_precomputed_reference_trains_as_the_per_step_one(tmp_path, start):
+    """dpo.precompute_reference: the reference's log-probabilities computed once before training (from the base,
+    or from train.init_adapter's frozen copy) give each step's loss and rewards and the trained adapter of the run
+    that computes them each step (1e-5: the same ops on the same rows; only the padding of the batches the
+    reference sees differs)."""
+    extra = []
+    if start:
+        pairs_run(tmp_path / "start", "--train.steps", "4")
+        extra = ["--train.init_adapter", str(tmp_path / "start" / "run" / "adapter")]
+    runs = {}
+    for name, more in (("each", []), ("once", ["--dpo.precompute_reference", "true"])):
+        pairs_run(tmp_path / name, "--train.steps", "6", *extra, *more)
+        lines = (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()
+        steps = [r for r in map(json.loads, lines) if "loss" in r]
+        runs[name] = steps, lorakit.read_adapter(tmp_path / name / "run" / "adapter")[1]
+    (each, a), (once, b) = runs["each"], runs["once"]
+    assert len(each) == len(once) == 6
+    assert each[0]["loss"] == pytest.approx(0.693147, abs=1e-5)  # the reference is where training starts
+    for x, y in zip(each, once, strict=True):
+        for key in ("loss", "reward_margin", "reward_chosen", "reward_rejected"):
+            assert y[key] == pytest.approx(x[key], abs=1e-5), (x["step"], key)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("objective", ["dpo", "simpo"])
 def test_sft_weight_adds_the_chosen_answers_token_loss(objective):
     """dpo.sft_weight (and simpo.sft_weight) w adds w × the chosen answers' mean token loss (each answer's own mean, then the batch's:

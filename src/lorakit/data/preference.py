@@ -249,6 +249,9 @@ class Pair:
 
     chosen: Encoded
     rejected: Encoded
+    reference: tuple[float, float] | None = None
+    """The reference model's summed log-probabilities of the chosen and the rejected answer, where they were
+    computed ahead of training (DPO's dpo.precompute_reference); else None."""
 
     @property
     def truncated(self) -> bool:

@@ -181,6 +181,9 @@ class DpoSection:
     """DPO (sigmoid loss): the assumed share of pairs whose preference is wrong, in [0, 0.5) (cDPO)."""
     sft_weight: float = 0.0
     """DPO: weight of the chosen answers' token loss added to the preference loss (RPO; TRL's rpo_alpha)."""
+    precompute_reference: bool = False
+    """DPO: the reference's log-probabilities of every train pair computed once before training, not each step
+    (pays off when pairs are seen more than once)."""
 
 
 @dataclass

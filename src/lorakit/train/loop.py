@@ -143,6 +143,8 @@ def train_loop(
     device, compute = model_device(inner), _base_dtype(inner)
     probe = objective.encoded(train_rows[:1])
     with _training(model, probe, pad_id, t, sharded), checkpoints.on_interrupt(start, sharded) as guard:
+        if getattr(objective, "precompute", False):  # DPO's reference, once for all pairs
+            train_rows = _with_reference(inner, train_rows, objective, pad_id, compute, t, rank)
         for step in range(start, t.steps):
             torch.manual_seed(t.seed * 7919 + step)  # dropout masks depend on the step only: exact resume
             loss_sum, n_tok, stats = 0.0, 0, {}
@@ -150,7 +152,10 @@ def train_loop(
             method.before_step(inner, step)
             for micro in range(t.grad_accum):
                 order = batch_order(len(train_rows), step, micro, cfg, world, rank)
-                batch = to_device(collate(objective.encoded([train_rows[i] for i in order]), pad_id), device)
+                rows = [train_rows[i] for i in order]
+                batch = to_device(
+                    {**collate(objective.encoded(rows), pad_id), **objective.extras(rows)}, device
+                )
                 # FSDP2: the model's own forward, so that the root module's hooks run (not the chunked head loss)
                 with autocast(device, compute):
                     loss, measured = objective.loss(model, batch, fused=t.fused and not sharded)
@@ -184,6 +189,34 @@ def train_loop(
 
 
 _ADVICE = "lower train.lr (now %s) or check the data"
+
+
+def _with_reference(
+    model: nn.Module,
+    rows: list,
+    objective: Any,
+    pad_id: int,
+    compute: torch.dtype,
+    t: TrainSection,
+    rank: int,
+) -> list:
+    """`rows` (pairs) with their reference log-probabilities (`Pair.reference`), computed in micro-batches of
+    train.batch_size under the steps' autocast, so that they are the values a step's own reference pass gives."""
+    import dataclasses
+
+    from tqdm import tqdm
+
+    device, out = model_device(model), []
+    with tqdm(total=len(rows), desc="reference", unit="pair", disable=rank != 0, leave=False) as bar:
+        for i in range(0, len(rows), t.batch_size):
+            part = rows[i : i + t.batch_size]
+            batch = to_device(collate(objective.encoded(part), pad_id), device)
+            with autocast(device, compute):
+                ref = objective.reference_logprobs(model, batch, fused=t.fused).tolist()
+            n = len(part)
+            out += [dataclasses.replace(p, reference=(ref[j], ref[n + j])) for j, p in enumerate(part)]
+            bar.update(n)
+    return out
 
 
 def _base_dtype(model: nn.Module) -> torch.dtype:

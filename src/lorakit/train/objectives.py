@@ -67,6 +67,10 @@ class Objective:
         """The token rows a micro-batch of training rows collates into."""
         return rows
 
+    def extras(self, rows: list[Any]) -> dict[str, torch.Tensor]:
+        """Tensors of a micro-batch beside its collated token rows (none here)."""
+        return {}
+
     def loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool
     ) -> tuple[torch.Tensor, dict]:
@@ -113,6 +117,7 @@ class DpoObjective(PreferenceObjective):
         self.beta, self.kind = d.beta, d.loss
         self.smoothing, self.sft_weight = d.label_smoothing, d.sft_weight
         self.reference_adapter = REFERENCE_ADAPTER if cfg.train.init_adapter else None
+        self.precompute = d.precompute_reference
 
     @contextmanager
     def reference(self, model: nn.Module) -> Iterator[None]:
@@ -136,10 +141,26 @@ class DpoObjective(PreferenceObjective):
             for m, mode in modes.items():
                 m.training = mode
 
-    def scores(self, model, batch, *, fused=True):
+    def reference_logprobs(self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool = True):
+        """The summed log-probability of each row's answer under the reference (no gradients)."""
         inner = getattr(model, "module", model)  # under DDP the reference needs no gradient sync
         with torch.no_grad(), self.reference(inner):
-            ref, _ = sequence_logprobs(inner, batch, fused=fused)
+            return sequence_logprobs(inner, batch, fused=fused)[0]
+
+    def extras(self, rows: list[Pair]) -> dict[str, torch.Tensor]:
+        """The rows' precomputed reference log-probabilities (dpo.precompute_reference), chosen sides first."""
+        if not rows or rows[0].reference is None:
+            return {}
+        return {
+            "reference_logprobs": torch.tensor(
+                [p.reference[0] for p in rows] + [p.reference[1] for p in rows]
+            )
+        }
+
+    def scores(self, model, batch, *, fused=True):
+        ref = batch.get("reference_logprobs")
+        if ref is None:
+            ref = self.reference_logprobs(model, batch, fused=fused)
         policy, count = sequence_logprobs(model, batch, fused=fused)
         return (*self.losses(policy, ref, count), policy, count)
 

@@ -17,7 +17,7 @@ from lorakit.head import head_sequence_logprobs, sequence_logprobs
 from lorakit.train.config import load_config
 from lorakit.train.objectives import dpo_losses
 
-from tiny import pairs_run, tiny_llama, write_jsonl
+from tiny import eval_pairs_setup, pairs_run, tiny_llama
 
 # -- log-probabilities and the loss -----------------------------------------------------------------------------------
 
@@ -306,31 +306,14 @@ def test_the_reference_pass_has_no_dropout():
 def test_lorakit_eval_measures_an_adapter_on_pairs(tmp_path, capsys):
     """`lorakit eval --data pairs.jsonl --adapter A`: the chosen answers' loss and exact match for base and adapter,
     and the adapter's implicit rewards against the base, as `preference_eval` computes them at --beta."""
-    from fsdp_worker import char_tokenizer
-
     from lorakit.cli import main
     from lorakit.train.config import DpoSection, RunConfig
     from lorakit.train.evaluate import preference_eval
     from lorakit.train.objectives import DpoObjective
 
-    model = tiny_llama()
-    model.save_pretrained(tmp_path / "model")
-    tok = char_tokenizer()
-    tok.save_pretrained(tmp_path / "model")
+    model, tok, data, args = eval_pairs_setup(tmp_path)
     lorakit.inject(model, LoraConfig(r=4, alpha=8, targets="all-linear", init="random"))
     lorakit.save_adapter(model, tmp_path / "adapter")
-    pairs = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": f"{i}+1"} for i in range(5)]
-    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    args = [
-        "eval",
-        "--model",
-        str(tmp_path / "model"),
-        "--data",
-        str(data),
-        "--no-chat",
-        "--max-new-tokens",
-        "2",
-    ]
     assert (
         main([*args, "--adapter", str(tmp_path / "adapter"), "--compare-base", "--beta", "0.5", "--json"])
         == 0

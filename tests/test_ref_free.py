@@ -141,8 +141,6 @@ def test_lorakit_eval_measures_simpo_and_orpo_on_the_base_and_the_adapter(tmp_pa
     objective's own beta unless --beta is given. --objective without a file of pairs is refused."""
     import json
 
-    from fsdp_worker import char_tokenizer
-
     import lorakit
     from lorakit.cli import main
     from lorakit.config import LoraConfig
@@ -151,25 +149,10 @@ def test_lorakit_eval_measures_simpo_and_orpo_on_the_base_and_the_adapter(tmp_pa
     from lorakit.train.evaluate import preference_eval
     from lorakit.train.objectives import make_objective
 
-    from tiny import tiny_llama, write_jsonl
+    from tiny import eval_pairs_setup, tiny_llama
 
-    model = tiny_llama()
-    model.save_pretrained(tmp_path / "model")
-    tok = char_tokenizer()
-    tok.save_pretrained(tmp_path / "model")
-    pairs = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": f"{i}+1"} for i in range(5)]
-    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    model, tok, data, args = eval_pairs_setup(tmp_path)
     rows, _ = encode_pairs(tok, read_pairs(data), max_len=256, chat=False)
-    args = [
-        "eval",
-        "--model",
-        str(tmp_path / "model"),
-        "--data",
-        str(data),
-        "--no-chat",
-        "--max-new-tokens",
-        "2",
-    ]
     want = {}
     for objective, beta in (("orpo", None), ("simpo", 3.0)):
         cfg = RunConfig(train=TrainSection(objective=objective))

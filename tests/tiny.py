@@ -290,6 +290,31 @@ def pairs_run(tmp_path, *overrides: str, objective: str = "dpo", callbacks=None)
     return run_training(cfg, model=model, tokenizer=char_tokenizer(), callbacks=callbacks), model
 
 
+def eval_pairs_setup(tmp_path):
+    """For `lorakit eval` on pairs: a tiny Llama saved with a character tokenizer in tmp_path/model, a file of 5
+    addition pairs ("i+1=": the sum preferred to the echo). (model, tokenizer, pairs file, the eval arguments
+    without --adapter)."""
+    from fsdp_worker import char_tokenizer
+
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "model")
+    tok = char_tokenizer()
+    tok.save_pretrained(tmp_path / "model")
+    pairs = [{"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": f"{i}+1"} for i in range(5)]
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    args = [
+        "eval",
+        "--model",
+        str(tmp_path / "model"),
+        "--data",
+        str(data),
+        "--no-chat",
+        "--max-new-tokens",
+        "2",
+    ]
+    return model, tok, data, args
+
+
 def resumed_equals_uninterrupted(
     tmp_path, lora, *, data_init: bool, make=None, **train
 ) -> tuple[nn.Module, nn.Module]:

@@ -39,10 +39,10 @@ from lorakit.bench import (  # noqa: E402
     write_docs,
 )
 from lorakit.bench_worker import TARGETS, hwm_gb, peak_rss_gb, reset_peak_rss  # noqa: E402
+from lorakit.train.objectives import NAMES  # noqa: E402
 
 LIBS = ("lorakit", "trl")
 TRAINERS = {"dpo": "DPOTrainer", "simpo": "CPOTrainer", "orpo": "ORPOTrainer"}
-NAMES = {"dpo": "DPO", "simpo": "SimPO", "orpo": "ORPO"}
 DOC = ROOT / "docs" / "dpo.md"
 WORDS = [
     "the",

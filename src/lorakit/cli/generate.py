@@ -72,9 +72,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-NAMES = {"dpo": "DPO", "simpo": "SimPO", "orpo": "ORPO"}
-
-
 def configure_eval(p: argparse.ArgumentParser) -> None:
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument(
@@ -147,7 +144,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lorakit.errors import ConfigError
     from lorakit.train.config import RunConfig, TrainSection
     from lorakit.train.evaluate import eval_loss, exact_match, preference_eval
-    from lorakit.train.objectives import make_objective
+    from lorakit.train.objectives import NAMES, make_objective
 
     if args.compare_base and not args.adapter:
         raise ConfigError("--compare-base compares an adapter with its base: give --adapter too")

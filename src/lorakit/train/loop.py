@@ -143,7 +143,7 @@ def train_loop(
     device, compute = model_device(inner), _base_dtype(inner)
     probe = objective.encoded(train_rows[:1])
     with _training(model, probe, pad_id, t, sharded), checkpoints.on_interrupt(start, sharded) as guard:
-        if getattr(objective, "precompute", False):  # DPO's reference, once for all pairs
+        if objective.precompute:  # DPO's reference, once for all pairs
             train_rows = _with_reference(inner, train_rows, objective, pad_id, compute, t, rank)
         for step in range(start, t.steps):
             torch.manual_seed(t.seed * 7919 + step)  # dropout masks depend on the step only: exact resume

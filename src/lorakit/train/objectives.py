@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 OBJECTIVES = ("sft", "dpo", "simpo", "orpo")
 PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo")
 """The objectives that train on preference pairs (each has a config section of its own name)."""
+NAMES = {"sft": "SFT", "dpo": "DPO", "simpo": "SimPO", "orpo": "ORPO"}
+"""How each objective is written in reports."""
 REFERENCE_ADAPTER = "reference"
 """With train.init_adapter, the name of its frozen copy: DPO's reference (`DpoObjective.reference`)."""
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
@@ -62,6 +64,9 @@ class Objective:
     name = "sft"
     pairs = False
     """Whether the training rows are preference pairs (`Pair`), else examples."""
+    precompute = False
+    """Whether the loop computes each row's reference log-probabilities once before training (DPO's
+    dpo.precompute_reference; `DpoObjective.reference_logprobs`)."""
 
     def encoded(self, rows: list[Any]) -> list[Encoded]:
         """The token rows a micro-batch of training rows collates into."""

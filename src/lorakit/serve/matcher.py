@@ -31,7 +31,9 @@ from lorakit.serve.schema import AnyOf, Arr, Grammar, Lit, Obj, Ref, Rx, Str
 MAX_ALTERNATIVES = 64
 """Most parser stacks followed at once (more are dropped: what is generated stays valid, only less varied)."""
 
-_WS = " \t\n\r"
+_WS = " \t\n"
+"""The whitespace generated between tokens of a document. JSON allows a carriage return too; it is never generated:
+no one wants one in an answer, and a reader that splits lines on it (Python's `splitlines`) would cut the document."""
 _HEX = frozenset("0123456789abcdefABCDEF")
 
 

@@ -15,7 +15,8 @@ the automaton produces a subset of what the schema allows (no extra properties, 
 canonical spelling of keys and enum values).
 
 Outside strings at most `MAX_SPACE` whitespace characters may follow one another (none in a list of choices), so
-that a model cannot pad its answer with blank lines.
+that a model cannot pad its answer with blank lines; they are spaces, tabs and newlines (JSON's carriage return is
+never generated).
 """
 
 from __future__ import annotations

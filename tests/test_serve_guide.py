@@ -101,7 +101,7 @@ def test_random_documents_and_corruptions_agree_with_json_loads():
         ('"a"', 0),
         ("1", 0),
         ("{" + " " * (MAX_SPACE + 1), MAX_SPACE + 1),  # the whitespace cap
-        ('{\r\n"a": 1}', 1),  # JSON's carriage return: never generated (a line reader would split the document)
+        ('{\r\n"a": 1}', 1),  # JSON's carriage return: never generated (it splits lines)
         ('{"a": 1,\r"b": 2}', 8),
         ('{"a": 01', 7),  # no leading zero
         ('{"a": 1.}', 8),  # a fraction needs a digit

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     schema = json.loads((HERE / "cat.schema.json").read_text())
     fmt = {"type": "json_schema", "json_schema": {"name": "cat", "schema": schema}}
     r = client.chat.completions.create(model=args.model, messages=ask, response_format=fmt, max_tokens=200)
-    print("1. json_schema:", json.dumps(json.loads(r.choices[0].message.content)))  # the document, on one line
+    doc = json.loads(r.choices[0].message.content)
+    print("1. json_schema:", json.dumps(doc))  # the document, on one line
 
     parsed = client.chat.completions.parse(
         model=args.model, messages=ask, response_format=Cat, max_tokens=200

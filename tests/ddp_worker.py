@@ -2,7 +2,7 @@
 
 Arguments: the output folder, grad_accum, and the variant ("lora"; "kasa": its regulariser joins the loss; "dpo":
 the rows are preference pairs and the loss DPO's, its reference the base with the adapters off; "orpo": the same
-pairs, ORPO's loss, no reference).
+pairs, ORPO's loss, no reference; "kto": the rows alone, every other one desirable, KTO's loss and KL estimate).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parent))
 
 import lorakit  # noqa: E402
+from lorakit.data.feedback import Feedback  # noqa: E402
 from lorakit.data.preference import Pair  # noqa: E402
 from lorakit.data.tokenize import IGNORE, Encoded  # noqa: E402
 from lorakit.train.config import RunConfig, TrainSection  # noqa: E402
@@ -44,11 +45,14 @@ if pairs:  # each row against the next one, on the same 3-token prompt
         Pair(a, Encoded(a.input_ids[:3] + b.input_ids[3:], a.labels[:3] + b.labels[3:]))
         for a, b in zip(rows, rows[1:] + rows[:1], strict=True)
     ]
+if variant == "kto":  # each micro-batch's KL estimate from its own rows: the same on one process and on two
+    rows = [Feedback(r, i % 2 == 0) for i, r in enumerate(rows)]
+preference = pairs or variant == "kto"
 cfg = RunConfig(  # its lora section is the default: the loop adds KaSA's regulariser because the model has it
     train=TrainSection(
         out_dir=str(out), steps=4, batch_size=2, grad_accum=accum, lr=1e-2, warmup_steps=1, save_every=0,
-        objective=variant if pairs else "sft",
-        fused=not pairs,  # pairs under DDP take the model's logits; so does the one process held to them
+        objective=variant if preference else "sft",
+        fused=not preference,  # preferences under DDP take the model's logits; so does the one process held to them
     )
 )
 trained = model

@@ -8,6 +8,10 @@ DPO's loss is a mean over a micro-batch's pairs, as the token loss is over its t
 log-probabilities come from the model's logits (the wrapper's forward), so the one process takes them from its
 logits too (train.fused false): the chunked head sums in another order, which 4 AdamW steps amplify to ~3e-6.
 
+KTO's KL estimate is a micro-batch's own: two processes with a micro-batch each estimate it from the rows one process
+has in its two micro-batches (TRL averages it over the processes instead; lorakit keeps torchrun equal to one
+process with gradient accumulation).
+
 KaSA's regulariser is computed outside the DDP forward, from the whole A, B and d every process holds, and added to
 each micro-batch's loss: one process adds it once per half and divides by grad_accum, two processes add it once
 and DDP averages, so the sums agree as for the task loss.
@@ -30,7 +34,9 @@ from tiny import tiny_llama
 WORKER = str(Path(__file__).parent / "ddp_worker.py")
 
 
-@pytest.mark.parametrize(("variant", "port"), [("lora", 29531), ("kasa", 29532), ("dpo", 29533), ("orpo", 29534)])
+@pytest.mark.parametrize(
+    ("variant", "port"), [("lora", 29531), ("kasa", 29532), ("dpo", 29533), ("orpo", 29534), ("kto", 29535)]
+)
 def test_two_processes_equal_one_process(tmp_path, variant, port):
     one = subprocess.run(
         [sys.executable, WORKER, str(tmp_path / "one"), "2", variant], capture_output=True, text=True, timeout=300

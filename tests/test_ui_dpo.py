@@ -14,8 +14,8 @@ PAIR = {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Lyon"}
 def test_the_form_has_the_objective_and_a_section_shown_by_each(http):
     sections = {s["name"]: s for s in http.get("/api/schema").json()["sections"]}
     objective = next(f for f in sections["train"]["fields"] if f["name"] == "objective")
-    assert objective["choices"] == ["sft", "dpo", "simpo", "orpo"] and objective["default"] == "sft"
-    for name in ("dpo", "simpo", "orpo"):
+    assert objective["choices"] == ["sft", "dpo", "simpo", "orpo", "kto"] and objective["default"] == "sft"
+    for name in ("dpo", "simpo", "orpo", "kto"):
         assert sections[name]["objective"] == name and sections[name]["method"] is None
     assert "objective" not in sections["lora"] and "objective" not in sections["train"]
     loss = next(f for f in sections["dpo"]["fields"] if f["name"] == "loss")
@@ -33,7 +33,7 @@ def test_preference_files_upload_and_preview_as_pairs(http):
     assert [e["side"] for e in out["examples"]] == ["chosen", "rejected"]
     learned = ["".join(s["text"] for s in e["segments"] if s["learned"]) for e in out["examples"]]
     assert learned[0].startswith("Paris") and learned[1].startswith("Lyon")
-    for objective in ("dpo", "orpo"):
+    for objective in ("dpo", "orpo", "kto"):  # KTO trains on each side of the built-in pairs
         task = http.post("/api/preview", json={"task": "dates", "n": 2, "objective": objective}).json()
         assert task["pairs"] is True and len(task["examples"]) == 4
     bad = b'{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": 1, "rejected": "c"}\n'

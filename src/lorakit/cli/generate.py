@@ -106,17 +106,18 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument(
         "--objective",
-        choices=("dpo", "simpo", "orpo"),
+        choices=("dpo", "simpo", "orpo", "kto"),
         default=None,
         help="with a --data file of preference pairs: the preference loss and rewards to measure: dpo (the "
-        "adapter's against the base, the default), simpo or orpo (no reference: the base's too)",
+        "adapter's against the base, the default), simpo or orpo (no reference: the base's too); kto: of a file "
+        "of answers labelled desirable or not (or of pairs), the adapter's against the base",
     )
     p.add_argument(
         "--beta",
         type=float,
         default=None,
         help="with --objective: its beta (ORPO's lambda), for the rewards and the loss (default: the objective's, "
-        "as lorakit train's: dpo 0.1, simpo 2, orpo 0.1)",
+        "as lorakit train's: dpo 0.1, simpo 2, orpo 0.1, kto 0.1)",
     )
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -138,13 +139,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     import lorakit
+    from lorakit.data.feedback import encode_feedback, read_feedback
     from lorakit.data.preference import encode_pairs, read_any
     from lorakit.data.tasks import make_task
     from lorakit.data.tokenize import encode_dataset
     from lorakit.errors import ConfigError
-    from lorakit.train.config import RunConfig, TrainSection
+    from lorakit.train.config import DataSection, RunConfig, TrainSection
     from lorakit.train.evaluate import eval_loss, exact_match, preference_eval
-    from lorakit.train.objectives import NAMES, make_objective
+    from lorakit.train.objectives import NAMES, REFERENCE_OBJECTIVES, make_objective
 
     if args.compare_base and not args.adapter:
         raise ConfigError("--compare-base compares an adapter with its base: give --adapter too")
@@ -153,28 +155,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("--fields names the columns of a --data file: give --data too")
     if args.beta is not None and not args.beta > 0:
         raise ConfigError(f"--beta must be > 0, got {args.beta}")
-    items, pairs = (
-        read_any(args.data, args.fields)
-        if args.data
-        else (make_task(args.task, n_train=0, n_eval=args.limit)[1], False)
-    )
+    kto = args.objective == "kto"
+    if kto and not args.data:
+        raise ConfigError(
+            "--objective kto measures answers labelled desirable or not: give a --data file of them (or of pairs)"
+        )
+    if kto:
+        items, pairs = read_feedback(args.data, args.fields), True
+    else:
+        items, pairs = (
+            read_any(args.data, args.fields)
+            if args.data
+            else (make_task(args.task, n_train=0, n_eval=args.limit)[1], False)
+        )
     if (args.objective or args.beta is not None) and not pairs:
         raise ConfigError("--objective and --beta measure preference pairs: give a --data file of pairs")
     name = args.objective or "dpo"
-    examples = (
-        [p["chosen"] for p in items] if pairs else items
-    )  # pairs: loss and accuracy of the chosen answers
+    # pairs: loss and accuracy of the chosen answers; KTO's feedback: of the desirable ones
+    if kto:
+        examples = [f["example"] for f in items if f["desirable"]]
+    else:
+        examples = [p["chosen"] for p in items] if pairs else items
     model, tok = load(args.model, args.device, args.dtype)
     rows, stats = encode_dataset(tok, examples, max_len=args.max_len, chat=not args.no_chat)
     report = {"examples": len(rows), "truncated": stats["truncated"], "max_len": args.max_len}
     if pairs:
-        pair_rows, _ = encode_pairs(tok, items, max_len=args.max_len, chat=not args.no_chat)
-        cfg = RunConfig(train=TrainSection(objective=name))
+        encode = encode_feedback if kto else encode_pairs
+        pair_rows, _ = encode(tok, items, max_len=args.max_len, chat=not args.no_chat)
+        cfg = RunConfig(train=TrainSection(objective=name), data=DataSection(max_len=args.max_len))
         if args.beta is not None:
             getattr(cfg, name).beta = args.beta
         objective = make_objective(cfg)
         beta = getattr(cfg, name).beta
-        report.update({"pairs": len(pair_rows), "objective": name, "beta": beta})
+        report.update({"answers" if kto else "pairs": len(pair_rows), "objective": name, "beta": beta})
 
     def measure(label: str) -> dict:
         loss = eval_loss(model, rows, tok.pad_token_id)
@@ -187,7 +200,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "accuracy_examples": len(samples),
             "samples": samples[:3],
         }
-        if pairs and (label == "adapter" or name != "dpo"):  # DPO: the adapter against the base as reference
+        # DPO and KTO: the adapter against the base as reference
+        if pairs and (label == "adapter" or name not in REFERENCE_OBJECTIVES):
             report[label].update(
                 {
                     f"preference_{k}": v
@@ -205,7 +219,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(json.dumps(report))
         return 0
     print(f"{len(rows)} examples ({stats['truncated']} truncated to {args.max_len} tokens)")
-    if pairs:
+    if kto:
+        print(f"{len(pair_rows)} rated answers: the loss and accuracy below are of the desirable ones")
+    elif pairs:
         print(f"{len(pair_rows)} preference pairs: the loss and accuracy below are of the chosen answers")
     for label in ("base", "adapter"):
         if label not in report:
@@ -223,7 +239,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
             for s in m["samples"]:
                 print(f"  expected {s['expected']!r}, got {s['got']!r}")
-        if "preference_reward_accuracy" in m:
+        if "preference_kl" in m:  # KTO: a reward is right on its label's side of the reference point beta z
+            print(
+                f"{who}reward accuracy: {100 * m['preference_reward_accuracy']:.1f}% on their label's side "
+                f"(margin {m['preference_reward_margin']:.3f}, KL estimate {m['preference_kl']:.4f}), KTO loss "
+                f"{m['preference_loss']:.4f} at beta {beta:g}"
+            )
+        elif "preference_reward_accuracy" in m:
             print(
                 f"{who}reward accuracy: {100 * m['preference_reward_accuracy']:.1f}% (margin "
                 f"{m['preference_reward_margin']:.3f}), {NAMES[name]} loss {m['preference_loss']:.4f} at beta {beta:g}"

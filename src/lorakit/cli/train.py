@@ -89,6 +89,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             shown = {"loss": f"{rec['loss']:.4f}", "tok_s": f"{rec['tokens_per_s']:.0f}"}
             if "reward_accuracy" in rec:  # DPO, SimPO, ORPO: how often the chosen answer's reward is the higher
                 shown["reward_acc"] = f"{100 * rec['reward_accuracy']:.0f}%"
+            if "kl" in rec:  # KTO: the micro-batches' KL estimate
+                shown["kl"] = f"{rec['kl']:.3f}"
             bars[0].set_postfix(shown)
             bars[0].refresh()
         elif "eval_loss" in rec:
@@ -121,6 +123,8 @@ def _print_summary(summary: dict) -> None:
     if "reward_accuracy" in a:  # a preference objective
         print(f"reward acc.  {100 * b['reward_accuracy']:7.1f}%   {100 * a['reward_accuracy']:7.1f}%")
         print(f"reward margin{b['reward_margin']:8.3f}   {a['reward_margin']:8.3f}")
+    if "kl" in a:  # KTO
+        print(f"KL estimate  {b['kl']:8.4f}   {a['kl']:8.4f}")
     if "loss" in a:
         print(f"eval loss    {b['loss']:8.4f}   {a['loss']:8.4f}")
     else:

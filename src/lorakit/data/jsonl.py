@@ -45,15 +45,29 @@ def shape_of(example: dict[str, Any]) -> str | None:
 def read_examples(path: str | os.PathLike, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """All examples of a data file (JSONL, JSON, CSV, TSV or Parquet), validated, in lorakit's shapes. `fields`
     renames the file's columns first ({lorakit's key: the file's column}). Raises DataError naming the file and
-    the line."""
+    the line; also for records of KTO's feedback (a boolean 'label' or a 'kto_tag'), whose undesirable answers
+    supervised fine-tuning would learn."""
     _check_fields(fields, str(path))
-    return examples_of(read_records(path), str(path), fields or {})
+    return examples_of(_not_feedback(read_records(path), fields or {}), str(path), fields or {})
 
 
 def parse_examples(data: bytes, source: str, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """All examples of a data file's bytes, read as `source`'s suffix says; see `read_examples`."""
     _check_fields(fields, source)
-    return examples_of(parse_records(data, source), source, fields or {})
+    return examples_of(_not_feedback(parse_records(data, source), fields or {}), source, fields or {})
+
+
+def _not_feedback(records: list[tuple[str, Any]], fields: dict[str, str]) -> list[tuple[str, Any]]:
+    """`records`, unless one is KTO's feedback (`lorakit.data.feedback`): DataError naming it."""
+    label = fields.get("label", "label")
+    for where, record in records:
+        if isinstance(record, dict) and ("kto_tag" in record or isinstance(record.get(label), bool)):
+            key = "kto_tag" if "kto_tag" in record else label
+            raise DataError(
+                f"{where}: {key!r} marks an answer desirable or not (KTO's feedback), which supervised "
+                "fine-tuning would learn either way: train it with train.objective kto, or drop the column"
+            )
+    return records
 
 
 read_jsonl = read_examples

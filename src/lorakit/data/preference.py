@@ -44,6 +44,7 @@ __all__ = [
     "encode_pairs",
     "is_pair",
     "pair_shape",
+    "pairs_of",
     "parse_any",
     "parse_pairs",
     "read_any",
@@ -64,13 +65,13 @@ def read_pairs(path: str | os.PathLike, fields: dict[str, str] | None = None) ->
     """All preference pairs of a data file (JSONL, JSON, CSV, TSV or Parquet) as {"chosen": example, "rejected":
     example}, validated. `fields` renames the file's columns first. DataError naming the file and the record."""
     _check_fields(fields, str(path))
-    return _pairs(read_records(path), str(path), fields or {})
+    return pairs_of(read_records(path), str(path), fields or {})
 
 
 def parse_pairs(data: bytes, source: str, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """`read_pairs` of a file's bytes, read as `source`'s suffix says."""
     _check_fields(fields, source)
-    return _pairs(parse_records(data, source), source, fields or {})
+    return pairs_of(parse_records(data, source), source, fields or {})
 
 
 def read_any(
@@ -94,7 +95,7 @@ def _any(
     records: list[tuple[str, Any]], source: str, fields: dict[str, str]
 ) -> tuple[list[dict[str, Any]], bool]:
     if records and isinstance(records[0][1], dict) and is_pair(renamed(records[0][1], fields, records[0][0])):
-        return _pairs(records, source, fields), True
+        return pairs_of(records, source, fields), True
     return examples_of(records, source, fields), False
 
 
@@ -104,7 +105,9 @@ def _check_fields(fields: Any, source: str) -> None:
         raise DataError(f"{source}: data.fields {problem}")
 
 
-def _pairs(records: list[tuple[str, Any]], source: str, fields: dict[str, str]) -> list[dict[str, Any]]:
+def pairs_of(records: list[tuple[str, Any]], source: str, fields: dict[str, str]) -> list[dict[str, Any]]:
+    """The preference pairs of a file's records ((where, record) pairs, as `lorakit.data.files` reads them),
+    validated, as {"chosen": example, "rejected": example}."""
     pairs: list[dict[str, Any]] = []
     shape: str | None = None
     for where, record in records:

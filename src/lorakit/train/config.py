@@ -203,6 +203,19 @@ class OrpoSection:
 
 
 @dataclass
+class KtoSection:
+    beta: float = 0.1
+    """KTO: how far the model may move from the reference (the base): larger keeps it closer."""
+    desirable_weight: float = 1.0
+    """KTO: weight of the desirable answers' loss (the paper's lambda_D); with fewer desirable than undesirable
+    answers, raise it so that weight x count is 1 to 4/3 times the undesirable side's."""
+    undesirable_weight: float = 1.0
+    """KTO: weight of the undesirable answers' loss (the paper's lambda_U)."""
+    sft_weight: float = 0.0
+    """KTO: weight of the desirable answers' token loss added to the KTO loss."""
+
+
+@dataclass
 class EvalSection:
     max_new_tokens: int = 16
     """Tokens generated per eval example for exact-match accuracy."""
@@ -224,6 +237,7 @@ class RunConfig:
     dpo: DpoSection = field(default_factory=DpoSection)
     simpo: SimpoSection = field(default_factory=SimpoSection)
     orpo: OrpoSection = field(default_factory=OrpoSection)
+    kto: KtoSection = field(default_factory=KtoSection)
 
     @property
     def methods(self) -> tuple[str, bool]:

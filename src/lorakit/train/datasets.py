@@ -1,4 +1,4 @@
-"""A run's data: the data section's examples or preference pairs, read, split and tokenized."""
+"""A run's data: the data section's examples, preference pairs or feedback (KTO), read, split and tokenized."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from lorakit.data.feedback import Feedback, encode_feedback, read_feedback, unpaired
 from lorakit.data.jsonl import DataError, read_examples
 from lorakit.data.preference import Pair, as_pair, encode_pairs, read_pairs
 from lorakit.data.tasks import make_pairs, make_task
@@ -34,6 +35,18 @@ def load_pairs(cfg: RunConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any
     return _load(cfg, read_pairs, task_pairs)
 
 
+def load_feedback(cfg: RunConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """(train, eval, description) feedback ({"example", "desirable"}) from the data section: a built-in task's
+    preference pairs, each side on its own (the answer desirable, the plausible wrong one not), or data files
+    (`lorakit.data.feedback`)."""
+
+    def task_feedback(name: str, **kw: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        train, ev = make_pairs(name, **kw)
+        return tuple(unpaired([as_pair(r, "explicit", name) for r in part]) for part in (train, ev))
+
+    return _load(cfg, read_feedback, task_feedback)
+
+
 def _load(
     cfg: RunConfig, read: Callable, task: Callable
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
@@ -58,8 +71,8 @@ def _load(
 class RunData:
     """A run's tokenized data."""
 
-    train_rows: list[Encoded] | list[Pair]
-    eval_rows: list[Encoded] | list[Pair]
+    train_rows: list[Encoded] | list[Pair] | list[Feedback]
+    eval_rows: list[Encoded] | list[Pair] | list[Feedback]
     eval_examples: list[dict[str, Any]]
     """The eval examples as read (exact-match accuracy generates from their prompts; of pairs, the chosen
     sides)."""
@@ -115,3 +128,46 @@ def encode_preferences(cfg: RunConfig, tokenizer, say) -> RunData:
         f"{eval_stats['dropped']} eval dropped"
     )
     return RunData(train_rows, eval_rows, [p["chosen"] for p in eval_p], {"train": stats, "eval": eval_stats})
+
+
+def encode_feedback_data(cfg: RunConfig, tokenizer, say) -> RunData:
+    """The data section's feedback, tokenized (exact match generates from the desirable eval answers' prompts);
+    DataError if no answer is left to learn from. Warns where the desirable and undesirable answers' weighted
+    counts are out of the KTO paper's balance."""
+    d = cfg.data
+    train_f, eval_f, source = load_feedback(cfg)
+    train_rows, stats = encode_feedback(tokenizer, train_f, max_len=d.max_len, chat=d.chat)
+    eval_rows, eval_stats = encode_feedback(tokenizer, eval_f, max_len=d.max_len, chat=d.chat)
+    if not train_rows:
+        raise DataError(
+            f"{source}: no answer is left to learn from ({stats['dropped']} of {len(train_f)} dropped: truncated "
+            f"away at data.max_len {d.max_len})"
+        )
+    say(
+        f"data: {source}: {len(train_rows)} train answers ({stats['desirable']} desirable, {stats['undesirable']} "
+        f"undesirable), {len(eval_rows)} eval; {stats['truncated']} train / {eval_stats['truncated']} eval "
+        f"truncated to {d.max_len} tokens, {stats['dropped']} train / {eval_stats['dropped']} eval dropped"
+    )
+    advice = kto_balance(
+        stats["desirable"], stats["undesirable"], cfg.kto.desirable_weight, cfg.kto.undesirable_weight
+    )
+    if advice:
+        log.warning(advice)
+    wanted = [f["example"] for f in eval_f if f["desirable"]]
+    return RunData(train_rows, eval_rows, wanted, {"train": stats, "eval": eval_stats})
+
+
+def kto_balance(desirable: int, undesirable: int, w_d: float, w_u: float) -> str | None:
+    """Advice when the desirable side's weighted count is not 1 to 4/3 times the undesirable side's (the KTO
+    paper's eq. 8, as TRL checks it), else None."""
+    if not desirable or not undesirable:
+        side = "desirable" if not desirable else "undesirable"
+        return f"KTO: the train data has no {side} answer; the loss then only pushes the other side"
+    ratio = (desirable * w_d) / (undesirable * w_u)
+    if 1.0 <= ratio <= 4 / 3 + 1e-9:
+        return None
+    low, high = undesirable * w_u / desirable, undesirable * w_u / desirable * 4 / 3
+    return (
+        f"KTO: {desirable} desirable x weight {w_d:g} against {undesirable} undesirable x weight {w_u:g} is a "
+        f"ratio of {ratio:.2f}; the KTO paper advises 1 to 4/3: set kto.desirable_weight in [{low:.2f}, {high:.2f}]"
+    )

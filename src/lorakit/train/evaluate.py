@@ -15,7 +15,7 @@ from lorakit.data.tokenize import IGNORE, Encoded, chat_messages
 from lorakit.device import model_device, to_device
 from lorakit.generate import format_prompt
 from lorakit.inject import adapter_names
-from lorakit.train.objectives import PreferenceObjective, pair_stats
+from lorakit.train.objectives import PreferenceObjective, feedback_stats, pair_stats
 
 
 @torch.no_grad()
@@ -134,6 +134,8 @@ def preference_eval(
 
     if not pairs:
         return {}
+    if objective.rows == "feedback":
+        return feedback_eval(model, pairs, pad_id, objective, batch_size)
     was_training = model.training
     model.eval()
     device = model_device(model)
@@ -151,3 +153,32 @@ def preference_eval(
         "reward_accuracy": stats["reward_accuracy"],
         "reward_margin": stats["reward_margin"],
     }
+
+
+@torch.no_grad()
+def feedback_eval(
+    model: nn.Module, rows: list, pad_id: int, objective, batch_size: int = 8
+) -> dict[str, float]:
+    """KTO's loss, the KL estimate and the rewards' accuracy and margin (`feedback_stats`) over feedback `rows`,
+    in eval mode, in batches of `batch_size` (a last batch of one row joins the one before: its KL estimate
+    needs another answer)."""
+    from lorakit.train.loop import collate
+
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    starts = list(range(0, len(rows), batch_size))
+    if len(starts) > 1 and len(rows) - starts[-1] == 1:
+        starts.pop()
+    losses, rewards, kls, desirable = [], [], [], []
+    for i, start in enumerate(starts):
+        part = rows[start : starts[i + 1] if i + 1 < len(starts) else len(rows)]
+        batch = to_device({**collate(objective.encoded(part), pad_id), **objective.extras(part)}, device)
+        loss, reward, kl, _, _ = objective.scores(model, batch)
+        losses.append(loss)
+        rewards.append(reward)
+        kls.append(kl.expand(len(part)))
+        desirable.append(batch["desirable"])
+    model.train(was_training)
+    stats = feedback_stats(torch.cat(rewards), torch.cat(kls), torch.cat(desirable), objective.beta)
+    return {"loss": float(torch.cat(losses).mean()), **stats}

@@ -1,5 +1,5 @@
-"""What a training step minimises: supervised fine-tuning's token loss, or a preference loss on pairs (DPO,
-SimPO, ORPO).
+"""What a training step minimises: supervised fine-tuning's token loss, a preference loss on pairs (DPO, SimPO,
+ORPO), or KTO's on answers marked desirable or not.
 
 The loop asks the objective for a micro-batch's tensors and its loss; everything else (the optimizer, the methods'
 hooks, checkpoints, resume) is the same for all.
@@ -26,6 +26,14 @@ Two objectives need no reference at all, so no second forward and no condition o
     orpo:  loss = −ℓ(chosen) − λ·log σ(log odds(chosen) − log odds(rejected)),  odds(y) = e^ℓ / (1 − e^ℓ)
                                                               (ORPO, Hong et al., 2024; λ: orpo.beta; reward λ·ℓ)
 
+KTO (Ethayarajh et al., 2024) learns from single answers marked desirable or not (`lorakit.data.feedback`),
+not pairs. With r(y) = log πθ(y) − log πref(y) (summed) and z the batch's KL estimate, the mean of r over each
+prompt paired with another row's answer (the micro-batch's answers rotated by one, as TRL builds them; no
+gradient, clamped at 0):
+
+    kto:   loss = λD·(1 − σ(β·(r − z)))  for a desirable answer,  λU·(1 − σ(β·(z − r)))  for an undesirable one,
+           averaged over the rows (λD, λU: kto.desirable_weight, kto.undesirable_weight; reward β·r)
+
 The log-probabilities come from the chunked LM head (`lorakit.head.sequence_logprobs`): the batch × seq × vocab
 logits are never held.
 """
@@ -41,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.control import active_adapters, disabled, set_active
+from lorakit.data.feedback import Feedback, mismatched
 from lorakit.data.preference import Pair
 from lorakit.data.tokenize import Encoded
 from lorakit.head import causal_lm_loss, sequence_logprobs
@@ -48,10 +57,15 @@ from lorakit.head import causal_lm_loss, sequence_logprobs
 if TYPE_CHECKING:
     from lorakit.train.config import RunConfig
 
-OBJECTIVES = ("sft", "dpo", "simpo", "orpo")
-PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo")
-"""The objectives that train on preference pairs (each has a config section of its own name)."""
-NAMES = {"sft": "SFT", "dpo": "DPO", "simpo": "SimPO", "orpo": "ORPO"}
+OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "kto")
+PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo", "kto")
+"""The objectives that learn from preferences (each has a config section of its own name): pairs, or KTO's
+feedback."""
+PAIR_OBJECTIVES = ("dpo", "simpo", "orpo")
+"""The preference objectives that train on pairs."""
+REFERENCE_OBJECTIVES = ("dpo", "kto")
+"""The objectives that compare the model with a reference: the model training starts from."""
+NAMES = {"sft": "SFT", "dpo": "DPO", "simpo": "SimPO", "orpo": "ORPO", "kto": "KTO"}
 """How each objective is written in reports."""
 REFERENCE_ADAPTER = "reference"
 """With train.init_adapter, the name of its frozen copy: DPO's reference (`DpoObjective.reference`)."""
@@ -62,8 +76,8 @@ class Objective:
     """Supervised fine-tuning: the mean cross-entropy of the learned tokens (chunked LM head where it can)."""
 
     name = "sft"
-    pairs = False
-    """Whether the training rows are preference pairs (`Pair`), else examples."""
+    rows = "examples"
+    """What a training row is: "examples" (`Encoded`), "pairs" (`Pair`) or "feedback" (`Feedback`)."""
     precompute = False
     """Whether the loop computes each row's reference log-probabilities once before training (DPO's
     dpo.precompute_reference; `DpoObjective.reference_logprobs`)."""
@@ -89,7 +103,7 @@ class PreferenceObjective(Objective):
     answers' token loss, each answer's mean over its tokens, averaged over the pairs (RPO's length-normalised
     NLL)."""
 
-    pairs = True
+    rows = "pairs"
     sft_weight = 0.0
 
     def encoded(self, rows: list[Pair]) -> list[Encoded]:
@@ -112,17 +126,11 @@ class PreferenceObjective(Objective):
         return loss, pair_stats(chosen, rejected)
 
 
-class DpoObjective(PreferenceObjective):
-    """DPO on `Pair` rows, the reference with the adapters off (see the module docstring)."""
+class Reference:
+    """The reference of DPO and KTO: the model training starts from. That is the base with the adapters off, or,
+    when training started from an adapter (train.init_adapter), that adapter's frozen copy."""
 
-    name = "dpo"
-
-    def __init__(self, cfg: RunConfig) -> None:
-        d = cfg.dpo
-        self.beta, self.kind = d.beta, d.loss
-        self.smoothing, self.sft_weight = d.label_smoothing, d.sft_weight
-        self.reference_adapter = REFERENCE_ADAPTER if cfg.train.init_adapter else None
-        self.precompute = d.precompute_reference
+    reference_adapter: str | None = None
 
     @contextmanager
     def reference(self, model: nn.Module) -> Iterator[None]:
@@ -151,6 +159,19 @@ class DpoObjective(PreferenceObjective):
         inner = getattr(model, "module", model)  # under DDP the reference needs no gradient sync
         with torch.no_grad(), self.reference(inner):
             return sequence_logprobs(inner, batch, fused=fused)[0]
+
+
+class DpoObjective(Reference, PreferenceObjective):
+    """DPO on `Pair` rows, the reference with the adapters off (see the module docstring)."""
+
+    name = "dpo"
+
+    def __init__(self, cfg: RunConfig) -> None:
+        d = cfg.dpo
+        self.beta, self.kind = d.beta, d.loss
+        self.smoothing, self.sft_weight = d.label_smoothing, d.sft_weight
+        self.reference_adapter = REFERENCE_ADAPTER if cfg.train.init_adapter else None
+        self.precompute = d.precompute_reference
 
     def extras(self, rows: list[Pair]) -> dict[str, torch.Tensor]:
         """The rows' precomputed reference log-probabilities (dpo.precompute_reference), chosen sides first."""
@@ -203,6 +224,103 @@ class OrpoObjective(PreferenceObjective):
     def scores(self, model, batch, *, fused=True):
         policy, count = sequence_logprobs(model, batch, fused=fused)
         return (*orpo_losses(policy, count, weight=self.weight), policy, count)
+
+
+class KtoObjective(Reference, Objective):
+    """KTO on `Feedback` rows (see the module docstring). A micro-batch holds its rows, then as many rows of the KL
+    estimate: row i's prompt with row i−1's answer. `kto.sft_weight` adds the desirable answers' token loss (each
+    one's mean over its tokens, averaged over them; nothing in a micro-batch without one)."""
+
+    name = "kto"
+    rows = "feedback"
+
+    def __init__(self, cfg: RunConfig) -> None:
+        k = cfg.kto
+        self.beta, self.sft_weight = k.beta, k.sft_weight
+        self.weights = (k.desirable_weight, k.undesirable_weight)
+        self.reference_adapter = REFERENCE_ADAPTER if cfg.train.init_adapter else None
+        self.max_len = cfg.data.max_len
+
+    def encoded(self, rows: list[Feedback]) -> list[Encoded]:
+        kl = [mismatched(rows[i], rows[i - 1], self.max_len) for i in range(len(rows))]
+        return [r.row for r in rows] + kl
+
+    def extras(self, rows: list[Feedback]) -> dict[str, torch.Tensor]:
+        return {"desirable": torch.tensor([r.desirable for r in rows])}
+
+    def scores(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(each row's loss, its reward (detached), the batch's KL estimate z, and the policy's summed
+        log-probability and answer-token count of each row)."""
+        desirable = batch["desirable"]
+        n = len(desirable)
+        rows, kl_rows = _half(batch, slice(0, n)), _half(batch, slice(n, 2 * n))
+        ref = self.reference_logprobs(model, batch, fused=fused)
+        inner = getattr(model, "module", model)
+        with torch.no_grad():
+            kl_policy = sequence_logprobs(inner, kl_rows, fused=fused)[0]
+        policy, count = sequence_logprobs(model, rows, fused=fused)
+        losses, rewards, kl = kto_losses(
+            policy, ref[:n], kl_policy, ref[n:], desirable, beta=self.beta, weights=self.weights
+        )
+        return losses, rewards, kl, policy, count
+
+    def loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool
+    ) -> tuple[torch.Tensor, dict]:
+        losses, rewards, kl, policy, count = self.scores(model, batch, fused=fused)
+        loss = losses.mean()
+        desirable = batch["desirable"].to(policy.device).bool()
+        if self.sft_weight and desirable.any():
+            loss = loss - self.sft_weight * mean_logprobs(policy[desirable], count[desirable]).mean()
+        return loss, feedback_stats(rewards, kl, batch["desirable"], self.beta)
+
+
+def _half(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+    """The token tensors of `batch`'s rows `rows`, cut to their longest row (the batch is right-padded)."""
+    mask = batch["attention_mask"][rows]
+    width = int(mask.sum(-1).max())
+    return {k: batch[k][rows, :width] for k in ("input_ids", "attention_mask", "labels")}
+
+
+def kto_losses(
+    policy: torch.Tensor,
+    ref: torch.Tensor,
+    kl_policy: torch.Tensor,
+    kl_ref: torch.Tensor,
+    desirable: torch.Tensor,
+    *,
+    beta: float,
+    weights: tuple[float, float] = (1.0, 1.0),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(each row's KTO loss, its reward β·r (detached), the KL estimate z) from the summed log-probabilities of
+    n rows' answers under the policy and the reference, the same of the n mismatched rows of the KL estimate, and
+    whether each answer is desirable; `weights` = (λD, λU). See the module docstring."""
+    diff = policy.float() - ref.float().to(policy.device)
+    kl = (kl_policy.float() - kl_ref.float().to(policy.device)).mean().detach().clamp(min=0)
+    good = desirable.to(policy.device).bool()
+    losses = torch.where(
+        good,
+        weights[0] * (1 - torch.sigmoid(beta * (diff - kl))),
+        weights[1] * (1 - torch.sigmoid(beta * (kl - diff))),
+    )
+    return losses, beta * diff.detach(), kl
+
+
+def feedback_stats(
+    rewards: torch.Tensor, kl: torch.Tensor, desirable: torch.Tensor, beta: float
+) -> dict[str, float]:
+    """KTO's statistics of a batch: how often a row's reward lies on its label's side of the reference point β·z
+    (above it for a desirable answer, below for an undesirable one), the mean distance on that side (negative:
+    the wrong side), and the KL estimate z (`kl`: one for the batch, or each row's)."""
+    sign = desirable.to(rewards.device).float() * 2 - 1
+    side = sign * (rewards - beta * kl)
+    return {
+        "reward_accuracy": float((side > 0).float().mean()),
+        "reward_margin": float(side.mean()),
+        "kl": float(kl.float().mean()),
+    }
 
 
 def dpo_losses(
@@ -291,6 +409,6 @@ def chosen_nll(policy: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 
 def make_objective(cfg: RunConfig) -> Objective:
     """The objective `cfg.train.objective` names."""
-    kinds = {"dpo": DpoObjective, "simpo": SimpoObjective, "orpo": OrpoObjective}
+    kinds = {"dpo": DpoObjective, "simpo": SimpoObjective, "orpo": OrpoObjective, "kto": KtoObjective}
     kind = kinds.get(cfg.train.objective)
     return kind(cfg) if kind else Objective()

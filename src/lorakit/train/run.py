@@ -26,11 +26,20 @@ from lorakit.quant.load import load_quantized
 from lorakit.report import parameter_report
 from lorakit.train.checkpoint import full_parameters
 from lorakit.train.config import RunConfig, save_config
-from lorakit.train.datasets import RunData, encode_examples, encode_preferences, load_examples
+from lorakit.train.datasets import (
+    RunData,
+    encode_examples,
+    encode_feedback_data,
+    encode_preferences,
+    load_examples,
+)
 from lorakit.train.evaluate import eval_loss, exact_match, preference_eval
 from lorakit.train.loop import Callback, init_batches, read_metrics, train_loop
 from lorakit.train.methods import Method, make_method
-from lorakit.train.objectives import PREFERENCE_OBJECTIVES, Objective, make_objective
+from lorakit.train.objectives import Objective, make_objective
+
+ROW_NAMES = {"examples": "examples", "pairs": "pairs", "feedback": "rated answers"}
+"""How a log line counts an objective's training rows."""
 
 __all__ = ["evaluate", "load_examples", "run_training"]
 
@@ -48,12 +57,13 @@ def evaluate(
     can_merge: bool = True,
     objective: Objective | None = None,
 ) -> dict[str, float]:
-    """Eval loss and exact-match accuracy; with a preference `objective` (DPO, SimPO, ORPO), its loss and the
-    implicit rewards' accuracy and margin on the eval pairs, and exact match of the chosen answers. `sharded`
+    """Eval loss and exact-match accuracy; with a preference `objective` (DPO, SimPO, ORPO, KTO), its loss and the
+    implicit rewards' accuracy and margin on the eval pairs (KTO: answers), and exact match of the chosen
+    (desirable) answers. `sharded`
     (FSDP2): every rank calls this with the same data and gets the same numbers; adapters are not merged (the
     base weights are shards) and generation runs in lockstep."""
     out: dict[str, float] = {}
-    if objective is not None and objective.pairs:
+    if objective is not None and objective.rows != "examples":
         out.update(preference_eval(model, eval_rows, tokenizer.pad_token_id, objective))
     else:
         loss = eval_loss(model, eval_rows, tokenizer.pad_token_id)
@@ -90,7 +100,8 @@ def run_training(
         ids = tokenizer.encode(cfg.data.alora_invocation, add_special_tokens=False)
         cfg = dataclasses.replace(cfg, lora=cfg.lora.replace(alora_invocation_tokens=ids))
     objective = make_objective(cfg)
-    data = (encode_preferences if objective.pairs else encode_examples)(cfg, tokenizer, say)
+    encode = {"examples": encode_examples, "pairs": encode_preferences, "feedback": encode_feedback_data}
+    data = encode[objective.rows](cfg, tokenizer, say)
     method = make_method(cfg)
     init_rows = objective.encoded(data.train_rows)  # a data-driven init (EVA, CorDA) reads token rows
     method.batches = lambda: init_batches(init_rows, cfg, tokenizer.pad_token_id)
@@ -182,7 +193,7 @@ def _prepare(
     )
     say(
         f"global batch: {t.batch_size} per process x {t.grad_accum} accumulation x {world} process(es) = "
-        f"{t.batch_size * t.grad_accum * world} {'pairs' if t.objective in PREFERENCE_OBJECTIVES else 'examples'} per step"
+        f"{t.batch_size * t.grad_accum * world} {ROW_NAMES[make_objective(cfg).rows]} per step"
     )
     return report
 

@@ -131,8 +131,15 @@ _NONZERO_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq", "random")
 
 def _validate_objective(cfg: RunConfig) -> None:
     """train.objective is known; a preference objective's section is set only for it, with values in range; the
-    data keeps pairs whole; DPO's reference is the base model, so its adapter must start as a zero update."""
-    from lorakit.train.objectives import DPO_LOSSES, OBJECTIVES, PREFERENCE_OBJECTIVES
+    data keeps pairs whole; DPO's and KTO's reference is the base model, so their adapter must start as a zero
+    update."""
+    from lorakit.train.objectives import (
+        DPO_LOSSES,
+        NAMES,
+        OBJECTIVES,
+        PREFERENCE_OBJECTIVES,
+        REFERENCE_OBJECTIVES,
+    )
 
     t, dsec, objective = cfg.train, cfg.data, cfg.train.objective
     if objective not in OBJECTIVES:
@@ -145,7 +152,8 @@ def _validate_objective(cfg: RunConfig) -> None:
             )
     if objective not in PREFERENCE_OBJECTIVES:
         return
-    d, s, o = cfg.dpo, cfg.simpo, cfg.orpo
+    d, s, o, k = cfg.dpo, cfg.simpo, cfg.orpo, cfg.kto
+    name = NAMES[objective]
     alora = dsec.alora_invocation is not None or cfg.lora.alora_invocation_tokens is not None
     checks = {
         "dpo": [
@@ -160,21 +168,6 @@ def _validate_objective(cfg: RunConfig) -> None:
                 f"dpo.label_smoothing works with dpo.loss sigmoid, not {d.loss!r}",
             ),
             (d.sft_weight >= 0, f"dpo.sft_weight must be >= 0, got {d.sft_weight}"),
-            (
-                cfg.lora.init not in _NONZERO_INITS,
-                f"lora.init {cfg.lora.init} starts the adapter away from the base, which DPO takes as its "
-                "reference; use default, gaussian, orthogonal, eva or mica, or train.objective simpo or orpo",
-            ),
-            (
-                cfg.methods[0] != "ladder",
-                "train.objective dpo takes the base as its reference by turning adapters off, which a ladder is "
-                "not; use method lora, dylora or adalora, or train.objective simpo or orpo",
-            ),
-            (
-                not cfg.lora.use_kasa,
-                "lora.use_kasa does not work with train.objective dpo (KaSA changes the base, DPO's reference); "
-                "use train.objective simpo or orpo",
-            ),
         ],
         "simpo": [
             (s.beta > 0, f"simpo.beta must be > 0, got {s.beta}"),
@@ -182,11 +175,40 @@ def _validate_objective(cfg: RunConfig) -> None:
             (s.sft_weight >= 0, f"simpo.sft_weight must be >= 0, got {s.sft_weight}"),
         ],
         "orpo": [(o.beta > 0, f"orpo.beta must be > 0, got {o.beta}")],
+        "kto": [
+            (k.beta > 0, f"kto.beta must be > 0, got {k.beta}"),
+            (k.desirable_weight > 0, f"kto.desirable_weight must be > 0, got {k.desirable_weight}"),
+            (k.undesirable_weight > 0, f"kto.undesirable_weight must be > 0, got {k.undesirable_weight}"),
+            (k.sft_weight >= 0, f"kto.sft_weight must be >= 0, got {k.sft_weight}"),
+            (
+                t.batch_size >= 2,
+                "train.objective kto needs train.batch_size >= 2: its KL estimate pairs each prompt with another "
+                f"answer of the micro-batch (got {t.batch_size})",
+            ),
+        ],
     }[objective]
+    if objective in REFERENCE_OBJECTIVES:  # the reference is the model training starts from, adapters off
+        checks += [
+            (
+                cfg.lora.init not in _NONZERO_INITS,
+                f"lora.init {cfg.lora.init} starts the adapter away from the base, which {name} takes as its "
+                "reference; use default, gaussian, orthogonal, eva or mica, or train.objective simpo or orpo",
+            ),
+            (
+                cfg.methods[0] != "ladder",
+                f"train.objective {objective} takes the base as its reference by turning adapters off, which a "
+                "ladder is not; use method lora, dylora or adalora, or train.objective simpo or orpo",
+            ),
+            (
+                not cfg.lora.use_kasa,
+                f"lora.use_kasa does not work with train.objective {objective} (KaSA changes the base, {name}'s "
+                "reference); use train.objective simpo or orpo",
+            ),
+        ]
     checks += [
         (
             not dsec.pack,
-            f"data.pack does not work with train.objective {objective} (a pair's answers stay apart)",
+            f"data.pack does not work with train.objective {objective} (each answer is scored on its own)",
         ),
         (
             not dsec.train_on_all,

@@ -12,7 +12,7 @@ from torch import nn
 from lorakit.inject import inject
 from lorakit.io import load_adapter, save_adapter
 from lorakit.registry import lora_layers
-from lorakit.train.objectives import REFERENCE_ADAPTER
+from lorakit.train.objectives import REFERENCE_ADAPTER, REFERENCE_OBJECTIVES
 from lorakit.variants.corda import CordaResult, inject_corda
 from lorakit.variants.eva import EvaResult, inject_eva
 from lorakit.variants.kasa import kasa_loss, trained_kasa
@@ -47,11 +47,11 @@ class Method:
 
     def prepare(self, model: nn.Module, base_model_id: str | None) -> None:
         """Put the trainable adapter(s) on `model` (and freeze everything else): a new one as `cfg.lora` says, or
-        train.init_adapter's, loaded trainable (and for DPO once more, frozen and inactive: the reference)."""
+        train.init_adapter's, loaded trainable (and for DPO and KTO once more, frozen and inactive: the reference)."""
         start = self.cfg.train.init_adapter
         if start:
             load_adapter(model, start, trainable=True)
-            if self.cfg.train.objective == "dpo":
+            if self.cfg.train.objective in REFERENCE_OBJECTIVES:
                 load_adapter(model, start, REFERENCE_ADAPTER, activate=False)
             return
         config = self.cfg.lora.replace(base_model=base_model_id)

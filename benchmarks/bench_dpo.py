@@ -1,5 +1,6 @@
 """Benchmark: a preference step, lorakit (`lorakit train --objective dpo`'s loop) against TRL's DPOTrainer with PEFT;
-with ``--objective simpo`` or ``orpo``, against TRL's CPOTrainer (loss_type simpo) or ORPOTrainer.
+with ``--objective simpo``, ``orpo`` or ``kto``, against TRL's CPOTrainer (loss_type simpo), ORPOTrainer or
+KTOTrainer.
 
 Both train a LoRA (r=16, alpha=16, the seven projections, no dropout) on the default SmolLM2-135M (or
 ``--model``), AdamW, a constant learning rate, no gradient checkpointing. DPO's reference is the base model,
@@ -7,7 +8,9 @@ adapters off, for both (TRL's choice for a PEFT model with ``ref_model=None``); 
 CPO and ORPO trainers tokenize their older way (a BOS where the tokenizer has one, an EOS after each answer): a
 token more or less per row than lorakit, out of about 130. The data: ``--batch`` pairs of
 random words, a prompt of about ``--prompt`` tokens and two answers of about ``--answer`` tokens each, as text
-(no chat template), the same for both. Each worker warms up one step, then times ``--steps`` steps and reports the
+(no chat template), the same for both. KTO trains on both sides of each pair as rated answers (TRL's unpairing,
+lorakit's `lorakit.data.feedback.unpaired`): a step holds 2 x ``--batch`` answers, the tokens of ``--batch``
+pairs, each with its KL row. Each worker warms up one step, then times ``--steps`` steps and reports the
 median step time and the peak RSS of the whole process (model, data, both libraries' imports included) and of
 the timed steps (the high-water mark after a reset). Rounds interleave the two in rotating order
 (`lorakit.bench.round_order`); ratios are lorakit/TRL per round, reported as median [min–max].
@@ -42,7 +45,7 @@ from lorakit.bench_worker import TARGETS, hwm_gb, peak_rss_gb, reset_peak_rss  #
 from lorakit.train.objectives import NAMES  # noqa: E402
 
 LIBS = ("lorakit", "trl")
-TRAINERS = {"dpo": "DPOTrainer", "simpo": "CPOTrainer", "orpo": "ORPOTrainer"}
+TRAINERS = {"dpo": "DPOTrainer", "simpo": "CPOTrainer", "orpo": "ORPOTrainer", "kto": "KTOTrainer"}
 DOC = ROOT / "docs" / "dpo.md"
 WORDS = [
     "the",
@@ -88,6 +91,7 @@ def _lorakit(args, pairs, tmp: str) -> tuple[list[float], bool]:
     import torch
 
     import lorakit
+    from lorakit.data.feedback import encode_feedback, unpaired
     from lorakit.data.preference import as_pair, encode_pairs
     from lorakit.device import placement, upcast_trainable
     from lorakit.train.config import RunConfig, TrainSection
@@ -98,12 +102,16 @@ def _lorakit(args, pairs, tmp: str) -> tuple[list[float], bool]:
     model, tok = lorakit.load_model(args.model, dtype=dtype, device=device)
     lorakit.inject(model, lorakit.LoraConfig(r=args.r, alpha=args.r, targets=TARGETS))
     upcast_trainable(model)
-    rows, _ = encode_pairs(tok, [as_pair(p, "explicit", "pair") for p in pairs], max_len=4096, chat=False)
+    given = [as_pair(p, "explicit", "pair") for p in pairs]
+    if args.objective == "kto":
+        rows, _ = encode_feedback(tok, unpaired(given), max_len=4096, chat=False)
+    else:
+        rows, _ = encode_pairs(tok, given, max_len=4096, chat=False)
     cfg = RunConfig(
         train=TrainSection(
             out_dir=tmp,
             steps=args.steps + 1,
-            batch_size=args.batch,
+            batch_size=_rows_per_step(args),
             lr=1e-5,
             schedule="constant",
             warmup_steps=0,
@@ -139,7 +147,7 @@ def _trl(args, pairs, tmp: str) -> tuple[list[float], bool]:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import PrinterCallback, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
     from trl.experimental.cpo import CPOConfig, CPOTrainer
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
@@ -162,7 +170,7 @@ def _trl(args, pairs, tmp: str) -> tuple[list[float], bool]:
 
     common = dict(
         output_dir=tmp,
-        per_device_train_batch_size=args.batch,
+        per_device_train_batch_size=_rows_per_step(args),
         max_steps=args.steps + 1,
         learning_rate=1e-5,
         lr_scheduler_type="constant",
@@ -182,6 +190,9 @@ def _trl(args, pairs, tmp: str) -> tuple[list[float], bool]:
             DPOConfig(**common, max_length=None, precompute_ref_log_probs=False),
             DPOTrainer,
         )
+    elif args.objective == "kto":  # TRL unpairs the pairs itself, chosen answers first as lorakit
+        config = KTOConfig(**common, max_length=None, precompute_ref_log_probs=False, loss_type="kto")
+        trainer_class = KTOTrainer
     elif args.objective == "orpo":
         config, trainer_class = ORPOConfig(**common, max_length=4096), ORPOTrainer
     else:  # lorakit's SimPO defaults: beta 2, gamma 1, no token loss
@@ -202,6 +213,11 @@ def _trl(args, pairs, tmp: str) -> tuple[list[float], bool]:
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     return times, state["reset"]
+
+
+def _rows_per_step(args) -> int:
+    """A step's rows: --batch pairs, or for KTO both answers of each as rows of their own."""
+    return args.batch * (2 if args.objective == "kto" else 1)
 
 
 def worker(args) -> dict:
@@ -253,7 +269,7 @@ def spawn(args, lib: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--objective", choices=("dpo", "simpo", "orpo"), default="dpo")
+    p.add_argument("--objective", choices=("dpo", "simpo", "orpo", "kto"), default="dpo")
     p.add_argument("--batch", type=int, default=4, help="pairs per step")
     p.add_argument("--prompt", type=int, default=64, help="words per prompt (about one token each)")
     p.add_argument("--answer", type=int, default=64, help="words per answer")
@@ -289,11 +305,17 @@ def main() -> None:
         write_docs(DOC, table, f"<!-- bench_dpo:{key}:begin -->", f"<!-- bench_dpo:{key}:end -->")
 
 
+def _per_step(args) -> str:
+    if args.objective == "kto":
+        return f"{2 * args.batch} rated answers per step (both sides of {args.batch} pairs)"
+    return f"{args.batch} pairs per step"
+
+
 def _table(args, rounds) -> str:
     head = (
         f"{NAMES[args.objective]}. CPU: {cpu_name()} (torch capability {torch_capability()}), {args.threads} "
         "threads; base dtype "
-        f"{args.dtype}; {args.batch} pairs per step, prompts of {args.prompt} words and answers of {args.answer}; "
+        f"{args.dtype}; {_per_step(args)}, prompts of {args.prompt} words and answers of {args.answer}; "
         f"r={args.r} on the seven projections; {args.rounds} rounds x {args.steps} steps.\n\n"
         f"| | TRL {TRAINERS[args.objective]} + PEFT | lorakit | lorakit/TRL |\n|---|---:|---:|---:|"
     )

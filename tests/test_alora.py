@@ -23,7 +23,8 @@ from lorakit.export import merged_model
 from lorakit.memory import enable_checkpointing
 from lorakit.variants.alora import Activation, invocation_mask
 
-from tiny import addition_run, both_ways_with_peft, ids, randomize, snapshot, tiny_gpt2, tiny_llama, unchanged
+from runs import addition_run
+from tiny import both_ways_with_peft, ids, randomize, snapshot, tiny_gpt2, tiny_llama, unchanged
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,9 +19,9 @@ import lorakit
 from lorakit import AdapterError, ConfigError, LoraConfig, TargetError
 from lorakit.variants.bdlora import BdLoraVariant
 
+from runs import addition_run
 from tiny import (
     SEVEN,
-    addition_run,
     both_ways_with_peft,
     each_row_alone,
     ids,

@@ -21,7 +21,8 @@ from lorakit.errors import AdapterError, ConfigError
 from lorakit.train.config import RunConfig, load_config
 from lorakit.train.loop import init_batches
 
-from tiny import addition_run, ids, peft_config, resumed_equals_uninterrupted, tiny_llama
+from runs import addition_run, resumed_equals_uninterrupted
+from tiny import ids, peft_config, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

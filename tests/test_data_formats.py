@@ -376,7 +376,7 @@ def test_weight_zero_leaves_an_assistant_message_unlearned(tok):
 
 def test_training_from_a_csv_with_renamed_columns_equals_training_fromwrite_jsonl(tmp_path):
     """The same examples in another file type are the same run: equal losses at every step (tiny Llama)."""
-    from tiny import addition_run
+    from runs import addition_run
 
     (tmp_path / "a").mkdir()
     reference, _ = addition_run(tmp_path / "a", "--train.steps", "3")

@@ -15,7 +15,8 @@ from lorakit.device import autocast, dtype_name, resolve_device, resolve_dtype, 
 from lorakit.errors import ConfigError
 from lorakit.train.config import load_config
 
-from tiny import addition_run, tiny_llama
+from runs import addition_run
+from tiny import tiny_llama
 
 HAS_CUDA = torch.cuda.is_available()
 

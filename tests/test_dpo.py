@@ -17,7 +17,8 @@ from lorakit.head import head_sequence_logprobs, sequence_logprobs
 from lorakit.train.config import load_config
 from lorakit.train.objectives import dpo_losses
 
-from tiny import eval_pairs_setup, pairs_run, tiny_llama
+from runs import answer_nll, eval_pairs_setup, pairs_run
+from tiny import tiny_llama
 
 # -- log-probabilities and the loss -----------------------------------------------------------------------------------
 
@@ -191,12 +192,7 @@ def test_sft_weight_adds_the_chosen_answers_token_loss(objective):
         rows.append(Encoded(ids, [IGNORE] * 3 + ids[3:]))
     batch = collate(rows + rows[::-1], 0)  # two pairs: chosen rows first
     plain, weighted = loss(), loss(sft_weight=0.7)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:2, :-1]
-    labels = batch["labels"][:2, 1:]
-    nll = torch.nn.functional.cross_entropy(
-        logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none"
-    )
-    per_answer = nll.sum(1) / (labels != IGNORE).sum(1)
+    per_answer = answer_nll(model, {k: v[:2] for k, v in batch.items()})  # the chosen rows
     assert float(weighted - plain) == pytest.approx(0.7 * float(per_answer.mean()), abs=1e-5)
 
 
@@ -338,7 +334,7 @@ def test_init_adapter_starts_where_the_adapter_ended(tmp_path):
     """SFT, then SFT again from its adapter: the second run's evaluation before training is the first run's after
     (the same weights, read back from the file: 1e-6), and it trains that adapter further (same keys and shapes,
     new values)."""
-    from tiny import addition_run
+    from runs import addition_run
 
     for name in ("a", "b"):
         (tmp_path / name).mkdir()

@@ -20,7 +20,8 @@ from lorakit.data.jsonl import DataError
 from lorakit.registry import registry
 from lorakit.variants.eva import _IncrementalPCA
 
-from tiny import addition_run, perturb_peft, randomize, snapshot, tiny_llama, tiny_qwen2
+from runs import addition_run
+from tiny import perturb_peft, randomize, snapshot, tiny_llama, tiny_qwen2
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install -e '.[test]'")
 

@@ -243,7 +243,7 @@ def test_a_4_bit_base_loads_onto_the_device_as_on_the_cpu(device, tmp_path):
     ids=["lora-checkpointing", "dora", "kasa", "dylora", "adalora", "loraplus", "ladder"],
 )
 def test_every_method_trains_and_evaluates_on_the_device(device, method, tmp_path, one_thread):
-    from tiny import addition_run
+    from runs import addition_run
 
     summary, model = addition_run(tmp_path, "--train.steps", "4", *method, device=str(resolve_device(device)))
     assert summary["last"]["loss"] == summary["last"]["loss"]  # finite: the loop stops on NaN anyway

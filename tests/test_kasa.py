@@ -26,9 +26,9 @@ from lorakit.train.config import RunConfig
 from lorakit.train.methods import Method
 from lorakit.variants.kasa import KasaVariant
 
+from runs import addition_run, resumed_equals_uninterrupted
 from tiny import (
     SEVEN,
-    addition_run,
     both_ways_with_peft,
     each_row_alone,
     graph_names,
@@ -37,7 +37,6 @@ from tiny import (
     peft_config,
     randomize,
     refused_untouched,
-    resumed_equals_uninterrupted,
     served_as_offline,
     tiny_llama,
 )

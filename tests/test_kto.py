@@ -17,7 +17,8 @@ from lorakit.train.config import load_config
 from lorakit.train.datasets import kto_balance
 from lorakit.train.objectives import kto_losses
 
-from tiny import pairs_run, write_jsonl
+from runs import answer_nll, pairs_run
+from tiny import write_jsonl
 
 
 def test_feedback_files_in_each_shape(tmp_path):
@@ -229,7 +230,6 @@ def test_from_an_adapter_that_adapter_is_the_reference(tmp_path):
 def test_sft_weight_adds_the_desirable_answers_token_loss(tmp_path):
     """kto.sft_weight w: a batch's loss grows by w times the mean over its desirable rows of each answer's mean
     token loss, computed here from the model's logits (1e-5)."""
-    import torch.nn.functional as F
     from fsdp_worker import char_tokenizer
 
     import lorakit
@@ -254,13 +254,7 @@ def test_sft_weight_adds_the_desirable_answers_token_loss(tmp_path):
         objective = make_objective(cfg)
         batch = {**collate(objective.encoded(rows), 0), **objective.extras(rows)}
         losses[weight] = float(objective.loss(model, batch, fused=True)[0].detach())
-    good = [r.row for r in rows if r.desirable]
-    batch = collate(good, 0)
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
-    per_answer = nll.sum(1) / (labels != IGNORE).sum(1)
+    per_answer = answer_nll(model, collate([r.row for r in rows if r.desirable], 0))
     assert losses[0.7] - losses[0.0] == pytest.approx(0.7 * float(per_answer.mean()), abs=1e-5)
 
 
@@ -306,7 +300,8 @@ def test_lorakit_eval_measures_kto_against_the_base(tmp_path, capsys):
     from lorakit.train.evaluate import feedback_eval
     from lorakit.train.objectives import make_objective
 
-    from tiny import eval_pairs_setup, tiny_llama
+    from runs import eval_pairs_setup
+    from tiny import tiny_llama
 
     model, tok, _, args = eval_pairs_setup(tmp_path)
     rated = [

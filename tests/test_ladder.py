@@ -12,7 +12,8 @@ from lorakit import LadderConfig, attach_ladder
 from lorakit.head import causal_lm_loss
 from lorakit.variants.ladder import ladder_of
 
-from tiny import ConvNet, addition_run, ids, tiny_gpt2, tiny_llama
+from runs import addition_run
+from tiny import ConvNet, ids, tiny_gpt2, tiny_llama
 
 BLOCKS = ["mlp", "transformer"]
 

@@ -16,12 +16,11 @@ import lorakit
 from lorakit import LoraConfig
 from lorakit.errors import AdapterError, ConfigError
 
+from runs import addition_run, resumed_equals_uninterrupted
 from tiny import (
-    addition_run,
     ids,
     peft_config,
     perturb_peft,
-    resumed_equals_uninterrupted,
     tiny_llama,
 )
 

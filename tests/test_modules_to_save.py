@@ -236,7 +236,7 @@ def test_inspect_shows_the_saved_modules(tmp_path):
 
 def test_train_with_modules_to_save_writes_a_head_peft_loads(tmp_path):
     """`lorakit train --lora.modules_to_save lm_head`: the head's copy trains, is saved, and PEFT gets our logits."""
-    from tiny import addition_run
+    from runs import addition_run
 
     summary, model = addition_run(tmp_path, "--train.steps", "3", "--lora.modules_to_save", "lm_head")
     adapter = tmp_path / "run" / "adapter"

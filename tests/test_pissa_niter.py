@@ -17,7 +17,8 @@ from lorakit import LoraConfig
 from lorakit.errors import ConfigError
 from lorakit.variants.pissa import svd_lowrank
 
-from tiny import addition_run, ids, peft_config, tiny_llama
+from runs import addition_run
+from tiny import ids, peft_config, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

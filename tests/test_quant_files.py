@@ -20,7 +20,8 @@ from lorakit import LoraConfig
 from lorakit.export import merge_to_folder
 from lorakit.quant.nf4 import NF4Linear
 
-from tiny import addition_run, ids, randomize, tiny_llama
+from runs import addition_run
+from tiny import ids, randomize, tiny_llama
 
 
 def test_adapter_from_a_4bit_base_is_plain_peft_layout_and_loads_on_full_precision(tmp_path, caplog):

@@ -10,7 +10,7 @@ from lorakit.errors import ConfigError
 from lorakit.train.config import load_config
 from lorakit.train.objectives import orpo_losses, simpo_losses
 
-from tiny import pairs_run
+from runs import pairs_run
 
 
 def _sums(seed: int = 0):
@@ -149,7 +149,8 @@ def test_lorakit_eval_measures_simpo_and_orpo_on_the_base_and_the_adapter(tmp_pa
     from lorakit.train.evaluate import preference_eval
     from lorakit.train.objectives import make_objective
 
-    from tiny import eval_pairs_setup, tiny_llama
+    from runs import eval_pairs_setup
+    from tiny import tiny_llama
 
     model, tok, data, args = eval_pairs_setup(tmp_path)
     rows, _ = encode_pairs(tok, read_pairs(data), max_len=256, chat=False)

@@ -17,7 +17,8 @@ from lorakit.control import merged
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.export import merged_model
 
-from tiny import addition_run, ids, peft_config, perturb_peft, randomize, tiny_llama
+from runs import addition_run
+from tiny import ids, peft_config, perturb_peft, randomize, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,8 +19,8 @@ import lorakit
 from lorakit import AdapterError, ConfigError, LoraConfig, TargetError
 from lorakit.saved import TokenRows
 
+from runs import addition_run
 from tiny import (
-    addition_run,
     both_ways_with_peft,
     ids,
     inspect_stdout,

@@ -251,7 +251,7 @@ def test_resume_from_a_named_truncated_checkpoint_is_one_line(tmp_path):
 def test_an_eval_set_emptied_by_truncation_reports_no_loss_not_zero(tmp_path, caplog):
     """Every eval prompt is longer than data.max_len (16), so truncation leaves no eval token to score: the run
     warns at the start and reports no eval loss, instead of a mean over nothing printed as 0.0000."""
-    from tiny import addition_run
+    from runs import addition_run
 
     long = [{"prompt": "what is " * 3 + f"{i}+1=", "completion": str(i + 1)} for i in range(4)]
     (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in long))

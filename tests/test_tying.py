@@ -209,7 +209,7 @@ def test_the_report_counts_the_one_weight_once(kind):
 def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
     """Checkpoints hold the embedding's A and B once, with their optimizer state; a resumed run ties the head
     again and ends where the uninterrupted run ends (1e-6)."""
-    from tiny import resumed_equals_uninterrupted
+    from runs import resumed_equals_uninterrupted
 
     full, resumed = resumed_equals_uninterrupted(tmp_path, config("lora-head"), data_init=False, make=tied)
     assert isinstance(resumed.lm_head.adapters["default"], TiedAdapter)

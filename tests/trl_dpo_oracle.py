@@ -171,6 +171,32 @@ def trained(trainer, steps: int) -> tuple[list[dict], dict]:
     return logs, adapter
 
 
+def train_saved_adapter(trainer_class, args, model_dir: str, adapter_dir: str, records: list[dict]):
+    """TRL's `trainer_class` with `args` on `records`, training a new PEFT adapter of adapter_dir's config (dropout
+    0) that starts with adapter_dir's weights, on the fp32 model in model_dir; a reference, where the trainer has
+    one, is the base with the adapter off. Returns the trainer, trained."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+    config = LoraConfig.from_pretrained(adapter_dir)
+    config.lora_dropout = 0.0
+    config.inference_mode = False
+    dataset = Dataset.from_list([dict(r) for r in records])
+    trainer = trainer_class(
+        model=base, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=config
+    )
+    _load_adapter(trainer.model, adapter_dir)
+    if "ref" in trainer.model.peft_config:
+        raise RuntimeError("TRL made a reference adapter: the reference would not be the base")
+    trainer.remove_callback(PrinterCallback)  # disable_tqdm=True would print every log
+    trainer.train()
+    return trainer
+
+
 def _load_adapter(model, adapter_dir: str) -> None:
     """Overwrite the "default" adapter that TRL made from the config with the weights saved in adapter_dir."""
     import torch
@@ -218,7 +244,7 @@ def trl_dpo(
     with _quiet():
         import torch
         from datasets import Dataset
-        from peft import LoraConfig, PeftModel
+        from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
         from trl import DPOConfig, DPOTrainer
 
@@ -237,24 +263,17 @@ def trl_dpo(
             disable_dropout=True,
             dataset_num_proc=None,
         )
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
-        dataset = Dataset.from_list([dict(pair) for pair in pairs])
         if reference == "base":
-            config = LoraConfig.from_pretrained(adapter_dir)
-            config.lora_dropout = 0.0
-            config.inference_mode = False
-            trainer = DPOTrainer(
-                model=base, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=config
-            )
-            _load_adapter(trainer.model, adapter_dir)
-            assert "ref" not in trainer.model.peft_config
+            trainer = train_saved_adapter(DPOTrainer, args, model_dir, adapter_dir, pairs)
         else:
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
             policy = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+            dataset = Dataset.from_list([dict(pair) for pair in pairs])
             trainer = DPOTrainer(model=policy, args=args, train_dataset=dataset, processing_class=tokenizer)
             assert "ref" in trainer.model.peft_config
-        trainer.remove_callback(PrinterCallback)  # disable_tqdm=True would print every log
-        trainer.train()
+            trainer.remove_callback(PrinterCallback)  # disable_tqdm=True would print every log
+            trainer.train()
 
     logs, adapter = trained(trainer, steps)
     data = trainer.train_dataset

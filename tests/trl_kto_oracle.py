@@ -29,7 +29,7 @@ precomputed), seed 0.
 
 from __future__ import annotations
 
-from trl_dpo_oracle import _load_adapter, _quiet, trained, training_args
+from trl_dpo_oracle import _quiet, train_saved_adapter, trained, training_args
 
 
 def trl_kto(
@@ -53,10 +53,6 @@ def trl_kto(
     if size < 2 or any(len(b) != size for b in batches):
         raise ValueError("batches must all have the same size, at least 2")
     with _quiet():
-        import torch
-        from datasets import Dataset
-        from peft import LoraConfig
-        from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
         from trl import KTOConfig, KTOTrainer
 
         args = KTOConfig(
@@ -74,19 +70,8 @@ def trl_kto(
         )
         if args.train_sampling_strategy != "sequential":
             raise RuntimeError("TRL's KTO no longer samples sequentially: the KL rows would not be lorakit's")
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
-        dataset = Dataset.from_list([dict(row) for batch in batches for row in batch])
-        config = LoraConfig.from_pretrained(adapter_dir)
-        config.lora_dropout = 0.0
-        config.inference_mode = False
-        trainer = KTOTrainer(
-            model=base, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=config
-        )
-        _load_adapter(trainer.model, adapter_dir)
-        assert "ref" not in trainer.model.peft_config
-        trainer.remove_callback(PrinterCallback)
-        trainer.train()
+        rows = [row for batch in batches for row in batch]
+        trainer = train_saved_adapter(KTOTrainer, args, model_dir, adapter_dir, rows)
 
     logs, adapter = trained(trainer, len(batches))
     data = trainer.train_dataset

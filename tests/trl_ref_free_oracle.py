@@ -31,7 +31,7 @@ norm clipped to ``max_grad_norm``, dropout off, fp32 on CPU, no gradient checkpo
 
 from __future__ import annotations
 
-from trl_dpo_oracle import _load_adapter, _quiet, trained, training_args
+from trl_dpo_oracle import _quiet, train_saved_adapter, trained, training_args
 
 
 def _given_ids(feature, model=None) -> dict:
@@ -78,10 +78,6 @@ def trl_ref_free(
     if kind not in ("orpo", "simpo"):
         raise ValueError(f"kind must be 'orpo' or 'simpo', got {kind!r}")
     with _quiet():
-        import torch
-        from datasets import Dataset
-        from peft import LoraConfig
-        from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
         from trl.experimental.cpo import CPOConfig, CPOTrainer
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
@@ -105,30 +101,11 @@ def trl_ref_free(
                 "concatenated_forward": _answer_nll(base_trainer.concatenated_forward),
             },
         )
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
-        dataset = Dataset.from_list(
-            [
-                {
-                    "prompt": "",
-                    "chosen": "",
-                    "rejected": "",
-                    "prompt_ids": p,
-                    "chosen_ids": c,
-                    "rejected_ids": r,
-                }
-                for p, c, r in token_ids
-            ]
-        )
-        config = LoraConfig.from_pretrained(adapter_dir)
-        config.lora_dropout = 0.0
-        config.inference_mode = False
-        trainer = trainer_class(
-            model=base, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=config
-        )
-        _load_adapter(trainer.model, adapter_dir)
-        trainer.remove_callback(PrinterCallback)
-        trainer.train()
+        rows = [
+            {"prompt": "", "chosen": "", "rejected": "", "prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+            for p, c, r in token_ids
+        ]
+        trainer = train_saved_adapter(trainer_class, args, model_dir, adapter_dir, rows)
 
     logs, adapter = trained(trainer, steps)
     return {"logs": logs, "adapter": adapter}

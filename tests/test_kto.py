@@ -41,6 +41,15 @@ def test_feedback_files_in_each_shape(tmp_path):
         "user",
         "assistant",
     ]
+    talk = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"},
+        {"role": "assistant", "content": "whatever"},
+    ]
+    (item,) = read_feedback(write_jsonl(tmp_path / "talk.jsonl", [{"messages": talk, "label": False}]))
+    # the label rates the last answer: the earlier assistant turn is the prompt's, not learned
+    assert [m.get("weight") for m in item["example"]["messages"]] == [None, 0, None, None]
     sharegpt = write_jsonl(
         tmp_path / "lf.jsonl",
         [
@@ -359,3 +368,17 @@ def test_kto_on_the_default_model(tmp_path):
     assert after["loss"] < 0.45 and after["reward_accuracy"] >= 0.75 and after["reward_margin"] > 0
     assert summary["data"]["train"]["rows"] == 64
     assert lorakit.read_adapter(tmp_path / "adapter")[0].r == 16
+
+
+def test_a_data_driven_init_reads_the_answers_not_the_kl_rows(tmp_path):
+    """EVA (an init KTO accepts: it starts at zero) reads the run's token rows: the answers, without the KL rows
+    that only the loss needs; the run trains."""
+    from lorakit.train.config import RunConfig, TrainSection
+    from lorakit.train.objectives import make_objective
+
+    rows = [Feedback(Encoded([5, 6, 7, i], [IGNORE, IGNORE, 7, i]), i % 2 == 0) for i in range(4)]
+    objective = make_objective(RunConfig(train=TrainSection(objective="kto")))
+    assert objective.token_rows(rows) == [r.row for r in rows] and len(objective.encoded(rows)) == 8
+    eva = ("--lora.init", "eva", "--lora.eva_label_mask", "false")  # every token: the tiny answers are short
+    summary, _ = pairs_run(tmp_path, "--train.steps", "2", *eva, objective="kto")
+    assert summary["steps"] == 2 and (tmp_path / "run" / "adapter").is_dir()

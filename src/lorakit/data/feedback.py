@@ -14,7 +14,8 @@ any of its shapes) is read as feedback too: each pair gives its chosen answer as
 as undesirable (TRL's `unpair_preference_dataset`), all the chosen answers first, so that rows next to each other
 rarely share a prompt.
 
-The answer is the example's learned part (the completion, or the last assistant turn that is learned): what KTO
+The label rates the example's answer: its completion, or its last assistant turn (a conversation's earlier
+assistant turns are the prompt's, not learned, as the turns before a pair's answers are). That answer is what KTO
 scores, as the pairs' objectives score each side of a pair.
 """
 
@@ -85,7 +86,21 @@ def _feedback(records: list[tuple[str, Any]], source: str, fields: dict[str, str
         labels.append(_label(record[key], key, where))
         rest.append((where, {k: v for k, v in record.items() if k != key}))
     examples = examples_of(rest, source, {})
-    return [{"example": ex, "desirable": label} for ex, label in zip(examples, labels, strict=True)]
+    return [
+        {"example": _last_answer(ex), "desirable": label} for ex, label in zip(examples, labels, strict=True)
+    ]
+
+
+def _last_answer(example: dict[str, Any]) -> dict[str, Any]:
+    """A conversation with only its last assistant turn learned (the one the label rates); other shapes as given."""
+    msgs = example.get("messages")
+    if not isinstance(msgs, list):
+        return example
+    last = max((i for i, m in enumerate(msgs) if m.get("role") == "assistant"), default=-1)
+    turns = [
+        {**m, "weight": 0} if m.get("role") == "assistant" and i != last else m for i, m in enumerate(msgs)
+    ]
+    return {**example, "messages": turns}
 
 
 def _label(value: Any, key: str, where: str) -> bool:

@@ -86,6 +86,11 @@ class Objective:
         """The token rows a micro-batch of training rows collates into."""
         return rows
 
+    def token_rows(self, rows: list[Any]) -> list[Encoded]:
+        """The training rows' own token rows, what a data-driven init (EVA, CorDA, LoRA-GA) reads: `encoded`'s,
+        less rows made for the loss alone (KTO's KL rows)."""
+        return self.encoded(rows)
+
     def extras(self, rows: list[Any]) -> dict[str, torch.Tensor]:
         """Tensors of a micro-batch beside its collated token rows (none here)."""
         return {}
@@ -244,6 +249,9 @@ class KtoObjective(Reference, Objective):
     def encoded(self, rows: list[Feedback]) -> list[Encoded]:
         kl = [mismatched(rows[i], rows[i - 1], self.max_len) for i in range(len(rows))]
         return [r.row for r in rows] + kl
+
+    def token_rows(self, rows: list[Feedback]) -> list[Encoded]:
+        return [r.row for r in rows]
 
     def extras(self, rows: list[Feedback]) -> dict[str, torch.Tensor]:
         return {"desirable": torch.tensor([r.desirable for r in rows])}

@@ -103,7 +103,7 @@ def run_training(
     encode = {"examples": encode_examples, "pairs": encode_preferences, "feedback": encode_feedback_data}
     data = encode[objective.rows](cfg, tokenizer, say)
     method = make_method(cfg)
-    init_rows = objective.encoded(data.train_rows)  # a data-driven init (EVA, CorDA) reads token rows
+    init_rows = objective.token_rows(data.train_rows)  # a data-driven init (EVA, CorDA) reads token rows
     method.batches = lambda: init_batches(init_rows, cfg, tokenizer.pad_token_id)
     report = _prepare(method, model, base_id, cfg, world, say)
     if rank == 0:

@@ -129,7 +129,8 @@ def preference_eval(
     model: nn.Module, pairs: list[Pair], pad_id: int, objective: PreferenceObjective, batch_size: int = 8
 ):
     """The objective's preference loss (DPO, SimPO or ORPO; without an sft_weight's term) and the implicit
-    rewards' accuracy and margin over `pairs`, in eval mode (no dropout); {} for no pairs."""
+    rewards' accuracy and margin over `pairs`, in eval mode (no dropout); {} for no pairs. With KTO, `pairs` are
+    its `Feedback` rows and the measures `feedback_eval`'s."""
     from lorakit.train.loop import collate
 
     if not pairs:

@@ -102,9 +102,11 @@ def test_structured_output_and_tool_calls_through_the_openai_client(tmp_path, de
 
 def test_the_example_data_files_are_the_dates_task_in_three_formats():
     """examples/data: what make_files.py writes (so the files and the script agree), read back as the same
-    conversations from an Alpaca JSON array, ShareGPT lines and a CSV whose columns --data.fields renames."""
+    conversations from an Alpaca JSON array, ShareGPT lines and a CSV whose columns --data.fields renames; and the
+    rated answers for KTO, each prompt once, the desirable ones the task's answers."""
     import importlib.util
 
+    from lorakit.data.feedback import read_feedback
     from lorakit.data.jsonl import read_examples
 
     spec = importlib.util.spec_from_file_location(
@@ -124,6 +126,15 @@ def test_the_example_data_files_are_the_dates_task_in_three_formats():
         assert s["messages"] == [{"role": "system", "content": make.SYSTEM}, *a["messages"]]
         user, answer = a["messages"]
         assert user["content"].replace("\n", " ") == t["prompt"] and answer["content"] == t["completion"]
+    # KTO's rated answers: half desirable, every prompt once, the desirable answers the task's own
+    rated = read_feedback(data / "dates_rated.jsonl")
+    assert len(rated) == make.N and sum(f["desirable"] for f in rated) == make.N // 2
+    assert len({f["example"]["prompt"] for f in rated}) == make.N
+    answers = {t["prompt"]: t["completion"] for t in table}
+    for f in rated:
+        ex = f["example"]
+        question = ex["prompt"]
+        assert (ex["completion"] == answers[question]) == f["desirable"], ex
 
 
 @pytest.mark.real_model

@@ -3,8 +3,10 @@
 - dates_alpaca.json     Alpaca records in a JSON array (LLaMA-Factory's and Stanford Alpaca's layout)
 - dates_sharegpt.jsonl  ShareGPT conversations, with a system prompt, one per line
 - dates.csv             a spreadsheet with its own column names (question, answer): --data.fields renames them
+- dates_rated.jsonl     answers rated one at a time for KTO (TRL's {"prompt", "completion", "label"}): every other
+                        example's answer is replaced by a plausible wrong one and rated false; no prompt has both
 
-    python examples/data/make_files.py            # rewrites the three files next to this script
+    python examples/data/make_files.py            # rewrites the four files next to this script
 
 The examples are the task's first 320 training examples (seed 0), the same in every file.
 """
@@ -17,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from lorakit.data.tasks import make_task
+from lorakit.data.tasks import make_pairs, make_task
 
 HERE = Path(__file__).resolve().parent
 N = 320
@@ -42,10 +44,19 @@ def files() -> dict[str, str]:
     table = io.StringIO(newline="")
     writer = csv.writer(table, lineterminator="\n")
     writer.writerows([("question", "answer"), *((f"{i} {d}", a) for i, d, a in pairs)])
+    rated = [
+        {
+            "prompt": p["prompt"],
+            "completion": p["chosen"] if i % 2 == 0 else p["rejected"],
+            "label": i % 2 == 0,
+        }
+        for i, p in enumerate(make_pairs("dates", n_train=N, n_eval=1, seed=0)[0])
+    ]
     return {
         "dates_alpaca.json": json.dumps(alpaca, indent=1, ensure_ascii=False) + "\n",
         "dates_sharegpt.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sharegpt),
         "dates.csv": table.getvalue(),
+        "dates_rated.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rated),
     }
 
 

@@ -61,8 +61,6 @@ OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "kto")
 PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo", "kto")
 """The objectives that learn from preferences (each has a config section of its own name): pairs, or KTO's
 feedback."""
-PAIR_OBJECTIVES = ("dpo", "simpo", "orpo")
-"""The preference objectives that train on pairs."""
 REFERENCE_OBJECTIVES = ("dpo", "kto")
 """The objectives that compare the model with a reference: the model training starts from."""
 NAMES = {"sft": "SFT", "dpo": "DPO", "simpo": "SimPO", "orpo": "ORPO", "kto": "KTO"}

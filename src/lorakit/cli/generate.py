@@ -155,27 +155,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("--fields names the columns of a --data file: give --data too")
     if args.beta is not None and not args.beta > 0:
         raise ConfigError(f"--beta must be > 0, got {args.beta}")
+    # pairs: loss and accuracy of the chosen answers; KTO's feedback: of the desirable ones
     kto = args.objective == "kto"
-    if kto and not args.data:
-        raise ConfigError(
-            "--objective kto measures answers labelled desirable or not: give a --data file of them (or of pairs)"
-        )
     if kto:
+        if not args.data:
+            raise ConfigError(
+                "--objective kto measures answers labelled desirable or not: give a --data file of them (or of "
+                "pairs)"
+            )
         items, pairs = read_feedback(args.data, args.fields), True
+        examples = [f["example"] for f in items if f["desirable"]]
     else:
         items, pairs = (
             read_any(args.data, args.fields)
             if args.data
             else (make_task(args.task, n_train=0, n_eval=args.limit)[1], False)
         )
+        examples = [p["chosen"] for p in items] if pairs else items
     if (args.objective or args.beta is not None) and not pairs:
         raise ConfigError("--objective and --beta measure preference pairs: give a --data file of pairs")
     name = args.objective or "dpo"
-    # pairs: loss and accuracy of the chosen answers; KTO's feedback: of the desirable ones
-    if kto:
-        examples = [f["example"] for f in items if f["desirable"]]
-    else:
-        examples = [p["chosen"] for p in items] if pairs else items
     model, tok = load(args.model, args.device, args.dtype)
     rows, stats = encode_dataset(tok, examples, max_len=args.max_len, chat=not args.no_chat)
     report = {"examples": len(rows), "truncated": stats["truncated"], "max_len": args.max_len}

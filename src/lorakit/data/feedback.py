@@ -28,7 +28,7 @@ from typing import Any
 from lorakit.data.files import DataError, parse_records, read_records
 from lorakit.data.jsonl import examples_of
 from lorakit.data.preference import is_pair, pairs_of
-from lorakit.data.shapes import fields_problem, renamed
+from lorakit.data.shapes import check_fields, renamed
 from lorakit.data.tokenize import IGNORE, Encoded, encode_example
 
 LABEL_KEYS = ("label", "kto_tag")
@@ -42,13 +42,13 @@ def read_feedback(path: str | os.PathLike, fields: dict[str, str] | None = None)
     """All feedback of a data file (JSONL, JSON, CSV, TSV or Parquet) as {"example": example, "desirable": bool},
     validated; a file of preference pairs gives two items per pair. `fields` renames the file's columns first.
     DataError naming the file and the record."""
-    _check_fields(fields, str(path))
+    check_fields(fields, str(path))
     return _feedback(read_records(path), str(path), fields or {})
 
 
 def parse_feedback(data: bytes, source: str, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """`read_feedback` of a file's bytes, read as `source`'s suffix says."""
-    _check_fields(fields, source)
+    check_fields(fields, source)
     return _feedback(parse_records(data, source), source, fields or {})
 
 
@@ -58,12 +58,6 @@ def unpaired(pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"example": p["chosen"], "desirable": True} for p in pairs] + [
         {"example": p["rejected"], "desirable": False} for p in pairs
     ]
-
-
-def _check_fields(fields: Any, source: str) -> None:
-    problem = None if fields is None else fields_problem(fields)
-    if problem:
-        raise DataError(f"{source}: data.fields {problem}")
 
 
 def _feedback(records: list[tuple[str, Any]], source: str, fields: dict[str, str]) -> list[dict[str, Any]]:

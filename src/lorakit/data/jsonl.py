@@ -18,7 +18,7 @@ import os
 from typing import Any
 
 from lorakit.data.files import DataError, parse_records, read_records
-from lorakit.data.shapes import NATIVE, as_native, fields_problem, renamed
+from lorakit.data.shapes import NATIVE, as_native, check_fields, renamed
 from lorakit.data.shapes import shape_of as any_shape
 
 SHAPES = NATIVE
@@ -47,13 +47,13 @@ def read_examples(path: str | os.PathLike, fields: dict[str, str] | None = None)
     renames the file's columns first ({lorakit's key: the file's column}). Raises DataError naming the file and
     the line; also for records of KTO's feedback (a boolean 'label' or a 'kto_tag'), whose undesirable answers
     supervised fine-tuning would learn."""
-    _check_fields(fields, str(path))
+    check_fields(fields, str(path))
     return examples_of(_not_feedback(read_records(path), fields or {}), str(path), fields or {})
 
 
 def parse_examples(data: bytes, source: str, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """All examples of a data file's bytes, read as `source`'s suffix says; see `read_examples`."""
-    _check_fields(fields, source)
+    check_fields(fields, source)
     return examples_of(_not_feedback(parse_records(data, source), fields or {}), source, fields or {})
 
 
@@ -72,12 +72,6 @@ def _not_feedback(records: list[tuple[str, Any]], fields: dict[str, str]) -> lis
 
 read_jsonl = read_examples
 parse_jsonl = parse_examples
-
-
-def _check_fields(fields: Any, source: str) -> None:
-    problem = None if fields is None else fields_problem(fields)
-    if problem:
-        raise DataError(f"{source}: data.fields {problem}")
 
 
 def examples_of(records: list[tuple[str, Any]], source: str, fields: dict[str, str]) -> list[dict[str, Any]]:

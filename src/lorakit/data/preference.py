@@ -25,7 +25,7 @@ from typing import Any
 
 from lorakit.data.files import DataError, parse_records, read_records
 from lorakit.data.jsonl import check_example, examples_of, shape_of
-from lorakit.data.shapes import as_native, fields_problem, renamed
+from lorakit.data.shapes import as_native, check_fields, renamed
 from lorakit.data.shapes import shape_of as any_shape
 from lorakit.data.tokenize import IGNORE, Encoded, encode_example
 
@@ -64,13 +64,13 @@ def is_pair(record: Any) -> bool:
 def read_pairs(path: str | os.PathLike, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """All preference pairs of a data file (JSONL, JSON, CSV, TSV or Parquet) as {"chosen": example, "rejected":
     example}, validated. `fields` renames the file's columns first. DataError naming the file and the record."""
-    _check_fields(fields, str(path))
+    check_fields(fields, str(path))
     return pairs_of(read_records(path), str(path), fields or {})
 
 
 def parse_pairs(data: bytes, source: str, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """`read_pairs` of a file's bytes, read as `source`'s suffix says."""
-    _check_fields(fields, source)
+    check_fields(fields, source)
     return pairs_of(parse_records(data, source), source, fields or {})
 
 
@@ -79,7 +79,7 @@ def read_any(
 ) -> tuple[list[dict[str, Any]], bool]:
     """(the file's items, whether they are preference pairs): pairs when its first record is one (`read_pairs`),
     else examples (`lorakit.data.jsonl.read_examples`). For a tool that takes either (the playground)."""
-    _check_fields(fields, str(path))
+    check_fields(fields, str(path))
     return _any(read_records(path), str(path), fields or {})
 
 
@@ -87,7 +87,7 @@ def parse_any(
     data: bytes, source: str, fields: dict[str, str] | None = None
 ) -> tuple[list[dict[str, Any]], bool]:
     """`read_any` of a file's bytes, read as `source`'s suffix says."""
-    _check_fields(fields, source)
+    check_fields(fields, source)
     return _any(parse_records(data, source), source, fields or {})
 
 
@@ -97,12 +97,6 @@ def _any(
     if records and isinstance(records[0][1], dict) and is_pair(renamed(records[0][1], fields, records[0][0])):
         return pairs_of(records, source, fields), True
     return examples_of(records, source, fields), False
-
-
-def _check_fields(fields: Any, source: str) -> None:
-    problem = None if fields is None else fields_problem(fields)
-    if problem:
-        raise DataError(f"{source}: data.fields {problem}")
 
 
 def pairs_of(records: list[tuple[str, Any]], source: str, fields: dict[str, str]) -> list[dict[str, Any]]:

@@ -75,6 +75,13 @@ def fields_problem(fields: Any) -> str | None:
     return None
 
 
+def check_fields(fields: Any, source: str) -> None:
+    """DataError naming `source` unless `fields` (data.fields; None: none) maps lorakit's keys to column names."""
+    problem = None if fields is None else fields_problem(fields)
+    if problem:
+        raise DataError(f"{source}: data.fields {problem}")
+
+
 def parse_fields(value: Any) -> dict[str, str]:
     """data.fields as a command line or a form gives it (YAML text) or as a mapping; {} for none. ValueError
     saying what is wrong (the text `fields_problem` gives)."""

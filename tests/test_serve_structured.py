@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -21,6 +22,14 @@ CHAT = [{"role": "user", "content": "List three colours, then list them again."}
 JSON_QUESTIONS = ["Describe a cat as a JSON object with its name and age.", "List three fruits.", "Hello!"]
 
 
+def together(*calls):
+    """The calls' results, the calls made at once as concurrent clients make them: the server decodes them in one
+    batch, which is faster than one after another, and each answer is the one it gets alone (test_serve's
+    test_concurrent_adapters_match_offline, test_serve_choices' test_a_batch_of_prompts_answers_each_as_alone)."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return [f.result() for f in [pool.submit(call) for call in calls]]
+
+
 @pytest.mark.parametrize("temperature", [0, 1.0])
 def test_json_mode_answers_are_json_objects(client, base, temperature):  # noqa: F811
     """Whatever the question, the answer is one JSON object (a prefix of one when max_tokens cuts it), on the base
@@ -28,30 +37,27 @@ def test_json_mode_answers_are_json_objects(client, base, temperature):  # noqa:
     from lorakit.serve.guide import JsonPrefix
 
     fmt = {"type": "json_object"}
-    stopped = 0
-    for model in (base, "a"):
-        for q in JSON_QUESTIONS:
-            messages = [{"role": "user", "content": q}]
-            kw = {
-                "model": model,
-                "messages": messages,
-                "max_tokens": 120,
-                "temperature": temperature,
-                "seed": 3,
-            }
-            choice = client.chat.completions.create(**kw, response_format=fmt).choices[0]
-            text = choice.message.content
-            if choice.finish_reason == "stop":
-                assert isinstance(json.loads(text), dict), text
-                stopped += 1
-            else:
-                assert choice.finish_reason == "length" and JsonPrefix().feed(text), text
-    assert stopped >= 3, "most answers should end as whole objects within 120 tokens"
-    plain = client.chat.completions.create(
-        model=base, messages=[{"role": "user", "content": "Hello!"}], max_tokens=40, temperature=0
+
+    def ask(model, q, **kw):
+        messages = [{"role": "user", "content": q}]
+        return lambda: client.chat.completions.create(model=model, messages=messages, **kw).choices[0]
+
+    kw = {"max_tokens": 120, "temperature": temperature, "seed": 3, "response_format": fmt}
+    *answers, plain = together(
+        *(ask(model, q, **kw) for model in (base, "a") for q in JSON_QUESTIONS),
+        ask(base, "Hello!", max_tokens=40, temperature=0),
     )
+    stopped = 0
+    for choice in answers:
+        text = choice.message.content
+        if choice.finish_reason == "stop":
+            assert isinstance(json.loads(text), dict), text
+            stopped += 1
+        else:
+            assert choice.finish_reason == "length" and JsonPrefix().feed(text), text
+    assert stopped >= 3, "most answers should end as whole objects within 120 tokens"
     with pytest.raises(ValueError):
-        json.loads(plain.choices[0].message.content)
+        json.loads(plain.message.content)
 
 
 def test_json_mode_streams_and_works_on_completions(client, base):  # noqa: F811
@@ -93,66 +99,24 @@ def test_json_schema_answers_validate(client, base):  # noqa: F811
     answers one of its choices."""
     import jsonschema
 
+    class Trip(pydantic.BaseModel):  # formats as pydantic writes them: duration, uri (1 to 2083 characters)
+        flight: timedelta
+        airline: pydantic.HttpUrl
+
+    def chat(model, content, **kw):
+        messages = [{"role": "user", "content": content}]
+        return lambda: client.chat.completions.create(model=model, messages=messages, **kw).choices[0]
+
+    def text(model, prompt, **kw):
+        return lambda: client.completions.create(model=model, prompt=prompt, **kw).choices[0]
+
     fmt = {"type": "json_schema", "json_schema": {"name": "cat", "schema": CAT, "strict": True}}
-    ask = [{"role": "user", "content": "Describe a cat."}]
-    for model in (base, "a"):
-        for temperature in (0, 1.0):
-            choice = client.chat.completions.create(
-                model=model,
-                messages=ask,
-                max_tokens=150,
-                temperature=temperature,
-                seed=5,
-                response_format=fmt,
-            ).choices[0]
-            assert choice.finish_reason == "stop", choice
-            jsonschema.validate(json.loads(choice.message.content), CAT)
-    whole = client.chat.completions.create(
-        model=base, messages=ask, max_tokens=150, temperature=0, response_format=fmt
-    )
-    chunks = client.chat.completions.create(
-        model=base, messages=ask, max_tokens=150, temperature=0, response_format=fmt, stream=True
-    )
-    assert (
-        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-        == whole.choices[0].message.content
-    )
-    done = client.completions.create(
-        model="a", prompt="A cat:", max_tokens=150, temperature=0, extra_body={"guided_json": json.dumps(CAT)}
-    ).choices[0]
-    assert done.finish_reason == "stop"
-    jsonschema.validate(json.loads(done.text), CAT)
     phone = r"\(\d{3}\) \d{3}-\d{4}"
-    number = client.completions.create(
-        model=base, prompt="Call us at", max_tokens=20, temperature=0, extra_body={"guided_regex": phone}
-    ).choices[0]
-    assert re.fullmatch(phone, number.text) and number.finish_reason == "stop", number
     dated = {
         "type": "object",
         "properties": {"day": {"type": "string", "format": "date"}},
         "required": ["day"],
     }
-    day = client.chat.completions.create(
-        model=base,
-        messages=[{"role": "user", "content": "When did the Berlin wall fall?"}],
-        max_tokens=40,
-        temperature=0,
-        response_format={"type": "json_schema", "json_schema": {"name": "day", "schema": dated}},
-    ).choices[0]
-    date.fromisoformat(json.loads(day.message.content)["day"])  # a real calendar date
-
-    class Trip(pydantic.BaseModel):  # formats as pydantic writes them: duration, uri (1 to 2083 characters)
-        flight: timedelta
-        airline: pydantic.HttpUrl
-
-    trip = client.chat.completions.parse(  # (the small model writes long URLs: ~70 tokens here)
-        model=base,
-        messages=[{"role": "user", "content": "Describe a trip: its flight time and the airline's website."}],
-        max_tokens=200,
-        temperature=0,
-        response_format=Trip,
-    ).choices[0]
-    assert trip.finish_reason == "stop" and isinstance(trip.message.parsed, Trip), trip  # pydantic read it
     rated = {
         "type": "object",
         "properties": {
@@ -162,26 +126,70 @@ def test_json_schema_answers_validate(client, base):  # noqa: F811
         },
         "required": ["stars", "confidence", "half_stars"],
     }
-    for temperature in (0, 1.0):
-        rating = client.chat.completions.create(
-            model="a",
-            messages=[{"role": "user", "content": "Rate the film Casablanca."}],
-            max_tokens=60,
-            temperature=temperature,
-            seed=3,
-            response_format={"type": "json_schema", "json_schema": {"name": "rating", "schema": rated}},
-        ).choices[0]
+    choices = ["positive", "negative", "neutral"]
+    trip_question = [
+        {"role": "user", "content": "Describe a trip: its flight time and the airline's website."}
+    ]
+    day_format = {"type": "json_schema", "json_schema": {"name": "day", "schema": dated}}
+    rating_format = {"type": "json_schema", "json_schema": {"name": "rating", "schema": rated}}
+    *cats, done, number, day, trip, rating0, rating1, yes, no = together(
+        *(
+            chat(m, "Describe a cat.", max_tokens=150, temperature=t, seed=5, response_format=fmt)
+            for m in (base, "a")
+            for t in (0, 1.0)
+        ),
+        text("a", "A cat:", max_tokens=150, temperature=0, extra_body={"guided_json": json.dumps(CAT)}),
+        text(base, "Call us at", max_tokens=20, temperature=0, extra_body={"guided_regex": phone}),
+        chat(
+            base, "When did the Berlin wall fall?", max_tokens=40, temperature=0, response_format=day_format
+        ),
+        lambda: client.chat.completions.parse(  # (the small model writes long URLs: ~70 tokens here)
+            model=base, messages=trip_question, max_tokens=200, temperature=0, response_format=Trip
+        ).choices[0],
+        *(
+            chat(
+                "a",
+                "Rate the film Casablanca.",
+                max_tokens=60,
+                temperature=t,
+                seed=3,
+                response_format=rating_format,
+            )
+            for t in (0, 1.0)
+        ),
+        *(
+            chat(
+                base,
+                f"Sentiment of: {s}",
+                max_tokens=10,
+                temperature=0,
+                extra_body={"guided_choice": choices},
+            )
+            for s in ("I love this!", "This is awful.")
+        ),
+    )
+    for choice in cats:
+        assert choice.finish_reason == "stop", choice
+        jsonschema.validate(json.loads(choice.message.content), CAT)
+    whole = chat(base, "Describe a cat.", max_tokens=150, temperature=0, response_format=fmt)()
+    chunks = client.chat.completions.create(
+        model=base,
+        messages=[{"role": "user", "content": "Describe a cat."}],
+        max_tokens=150,
+        temperature=0,
+        response_format=fmt,
+        stream=True,
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.message.content
+    assert done.finish_reason == "stop"
+    jsonschema.validate(json.loads(done.text), CAT)
+    assert re.fullmatch(phone, number.text) and number.finish_reason == "stop", number
+    date.fromisoformat(json.loads(day.message.content)["day"])  # a real calendar date
+    assert trip.finish_reason == "stop" and isinstance(trip.message.parsed, Trip), trip  # pydantic read it
+    for rating in (rating0, rating1):
         assert rating.finish_reason == "stop", rating
         jsonschema.validate(json.loads(rating.message.content), rated)  # within the bounds, in half stars
-    choices = ["positive", "negative", "neutral"]
-    for text in ("I love this!", "This is awful."):
-        answer = client.chat.completions.create(
-            model=base,
-            messages=[{"role": "user", "content": f"Sentiment of: {text}"}],
-            max_tokens=10,
-            temperature=0,
-            extra_body={"guided_choice": choices},
-        ).choices[0]
+    for answer in (yes, no):
         assert answer.message.content in choices and answer.finish_reason == "stop", answer
 
 

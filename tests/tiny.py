@@ -130,6 +130,16 @@ def ids(batch: int = 2, seq: int = 12, vocab: int = 128, seed: int = 1) -> torch
     return torch.randint(0, vocab, (batch, seq), generator=g)
 
 
+def first_layers(model: nn.Module, n: int) -> nn.Module:
+    """`model` (a Hugging Face decoder) cut to its first `n` decoder layers, in place: for a real-model test that
+    looks only at those layers' inputs, the layers after them are work without a check."""
+    model.model.layers = model.model.layers[:n]
+    model.config.num_hidden_layers = n
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:n]
+    return model
+
+
 def randomize(model: nn.Module, std: float = 0.1, seed: int = 3) -> None:
     """Give every adapter parameter a random value so that adapters change the output."""
     from lorakit import adapter_parameters

@@ -174,7 +174,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-TRAINED_STEPS, TRAINED_EVAL, TRAINED_SAVE_EVERY = 20, 40, 10
+TRAINED_STEPS, TRAINED_EVAL, TRAINED_SAVE_EVERY = 12, 40, 10
 
 
 @pytest.fixture(scope="session")

@@ -34,9 +34,16 @@ def logits(model: str, ids: list[int], lora: str | None = None) -> np.ndarray:
 
 
 def greedy(llm, ids: list[int], max_new_tokens: int, eos: int | None) -> list[int]:
-    """llama.cpp's greedy continuation of `ids` (argmax of its own logits), stopping after `eos`."""
-    llm.reset()
-    llm.eval(ids)
+    """llama.cpp's greedy continuation of `ids` (argmax of its own logits), stopping after `eos`. The start of
+    `ids` that the previous call evaluated is kept in llama.cpp's KV cache rather than computed again, as
+    llama-cpp-python's own generate does (a chat template's prompts share most of their tokens)."""
+    keep = 0
+    for had, want in zip(llm.input_ids[: llm.n_tokens].tolist(), ids[:-1], strict=False):  # (not the last id)
+        if had != want:
+            break
+        keep += 1
+    llm.n_tokens = keep  # eval drops the cache after it
+    llm.eval(ids[keep:])
     out: list[int] = []
     for _ in range(max_new_tokens):
         nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))

@@ -7,9 +7,6 @@ line and leave nothing behind.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import gguf
 import pytest
 import torch
@@ -22,7 +19,7 @@ from lorakit.ondevice.model import save_model_gguf, tokenizer_entries
 from lorakit.ondevice.modelfile import modelfile_text
 from lorakit.ondevice.names import ExportError, NameMap, permute_rows, unpermute_rows
 
-from tiny import SEVEN, every_kind_of_lora, ids, randomize, tiny_gpt2, tiny_llama, tiny_qwen2
+from tiny import SEVEN, cli_here, every_kind_of_lora, ids, randomize, tiny_gpt2, tiny_llama, tiny_qwen2
 
 FULL = every_kind_of_lora()
 
@@ -278,10 +275,6 @@ def test_the_modelfile_carries_smollm2s_chat_template_and_system_prompt(default_
     assert 'TEMPLATE """' not in modelfile_text("m.gguf", None, None)  # no template known: none guessed
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True)
-
-
 @pytest.mark.real_model
 def test_cli_export_inspect_and_its_errors(tmp_path, default_model_dir, capsys):
     from lorakit import cli
@@ -290,20 +283,23 @@ def test_cli_export_inspect_and_its_errors(tmp_path, default_model_dir, capsys):
     lorakit.inject(model, LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"]))
     randomize(model, std=0.02)
     lorakit.save_adapter(model, tmp_path / "adapter")
-    proc = _cli("export", "gguf", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "a.gguf"))
+    proc = cli_here(
+        capsys, "export", "gguf", "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "a.gguf")
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "a GGUF LoRA adapter, 120 tensors (f32)" in proc.stdout and "ollama create" in proc.stdout
     mf = (tmp_path / "a.Modelfile").read_text()
     assert (
         "ADAPTER ./a.gguf" in mf and "FROM /" in mf and mf.split("FROM ")[1].split("\n")[0].endswith(".gguf")
     )
-    proc = _cli("inspect", str(tmp_path / "a.gguf"), "--rows", "2")
+    proc = cli_here(capsys, "inspect", str(tmp_path / "a.gguf"), "--rows", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "architecture llama, alpha 8" in proc.stdout and "60 weights, 230,400 parameters" in proc.stdout
     # the GGUF adapter loads back onto the model, and inspect reports what it adds
-    proc = _cli("inspect", str(tmp_path / "a.gguf"), "--model", str(default_model_dir))
+    proc = cli_here(capsys, "inspect", str(tmp_path / "a.gguf"), "--model", str(default_model_dir))
     assert proc.returncode == 0 and "230,400" in proc.stdout, proc.stderr[-2000:]
-    proc = _cli(
+    proc = cli_here(
+        capsys,
         "generate",
         "--model",
         str(default_model_dir),
@@ -314,7 +310,6 @@ def test_cli_export_inspect_and_its_errors(tmp_path, default_model_dir, capsys):
         "Hi",
     )
     assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
-    capsys.readouterr()  # what the loads above printed
     for args, match in [
         (["export", "gguf", "--out", str(tmp_path / "x.gguf")], "an adapter is needed"),
         (

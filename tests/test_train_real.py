@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -12,11 +10,9 @@ from conftest import TRAINED_SAVE_EVERY, TRAINED_STEPS
 
 from lorakit.data.tasks import make_task
 
+from tiny import cli_here
+
 pytestmark = pytest.mark.real_model
-
-
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "lorakit", *args], capture_output=True, text=True)
 
 
 def test_train_writes_the_run_folder_and_improves(trained_run):
@@ -40,9 +36,10 @@ def test_train_writes_the_run_folder_and_improves(trained_run):
     assert cfg["train"]["steps"] == TRAINED_STEPS and cfg["lora"]["r"] == 16
 
 
-def test_saved_config_reruns_as_a_config(trained_run, tmp_path):
+def test_saved_config_reruns_as_a_config(trained_run, tmp_path, capsys):
     out, _ = trained_run
-    proc = _cli(
+    proc = cli_here(
+        capsys,
         "train",
         str(out / "config.yaml"),
         "--train.out_dir",
@@ -60,20 +57,24 @@ def test_saved_config_reruns_as_a_config(trained_run, tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_eval_and_generate_with_the_adapter(trained_run, tmp_path):
+def test_eval_and_generate_with_the_adapter(trained_run, tmp_path, capsys):
     out, _ = trained_run
     _, ev = make_task("dates", n_train=1, n_eval=8, seed=99)
     data = tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps(e) + "\n" for e in ev))
-    proc = _cli("eval", "--data", str(data), "--adapter", str(out / "adapter"), "--max-new-tokens", "16")
+    proc = cli_here(
+        capsys, "eval", "--data", str(data), "--adapter", str(out / "adapter"), "--max-new-tokens", "16"
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "exact-match accuracy" in proc.stdout and "eval loss" in proc.stdout
-    proc = _cli("generate", "--adapter", str(out / "adapter"), "--max-new-tokens", "12", ev[0]["prompt"])
+    proc = cli_here(
+        capsys, "generate", "--adapter", str(out / "adapter"), "--max-new-tokens", "12", ev[0]["prompt"]
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip()[:4].isdigit()  # an ISO date starts with the year
 
 
-def test_eval_reads_alpaca_and_csv_files_as_their_jsonl_twin(trained_run, tmp_path):
+def test_eval_reads_alpaca_and_csv_files_as_their_jsonl_twin(trained_run, tmp_path, capsys):
     """The same eval examples as JSONL prompt/completion, as an Alpaca JSON array and as a CSV whose columns
     --fields renames: the same loss and accuracy with the trained adapter (the same tokens, so exactly)."""
     import csv
@@ -92,25 +93,32 @@ def test_eval_reads_alpaca_and_csv_files_as_their_jsonl_twin(trained_run, tmp_pa
         ("ev.json", ()),
         ("ev.csv", ("--fields", "{prompt: question, completion: answer}")),
     ):
-        proc = _cli(
-            "eval", "--data", str(tmp_path / name), *extra, "--adapter", str(out / "adapter"), "--json"
+        proc = cli_here(
+            capsys,
+            "eval",
+            "--data",
+            str(tmp_path / name),
+            *extra,
+            "--adapter",
+            str(out / "adapter"),
+            "--json",
         )
         assert proc.returncode == 0, proc.stderr[-2000:]
         report = json.loads(proc.stdout)
         reports[name] = (report["examples"], report["adapter"]["loss"], report["adapter"]["accuracy"])
     assert reports["ev.jsonl"][0] == 6 and reports["ev.jsonl"][2] > 0
     assert reports["ev.json"] == reports["ev.jsonl"] == reports["ev.csv"]
-    proc = _cli("eval", "--data", str(tmp_path / "ev.csv"), "--fields", "{prompt: q}")
+    proc = cli_here(capsys, "eval", "--data", str(tmp_path / "ev.csv"), "--fields", "{prompt: q}")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("lorakit eval: error:")
     assert "ev.csv:2: no column 'q' (data.fields maps 'prompt' to it)" in proc.stderr
 
 
-def test_train_bad_input_is_one_clear_line(tmp_path):
+def test_train_bad_input_is_one_clear_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"question": "x"}\n')
-    proc = _cli("train", "--data.train_file", str(bad), "--train.out_dir", str(tmp_path / "o"))
+    proc = cli_here(capsys, "train", "--data.train_file", str(bad), "--train.out_dir", str(tmp_path / "o"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("lorakit train: error:")
     assert "bad.jsonl:2: unknown fields" in proc.stderr
-    proc = _cli("train", "--train.lrr", "1")
+    proc = cli_here(capsys, "train", "--train.lrr", "1")
     assert proc.returncode == 2 and "did you mean 'lr'?" in proc.stderr

@@ -190,6 +190,22 @@ def inspect_stdout(path) -> str:
     return out.stdout
 
 
+def cli_here(capsys, *args: str):
+    """`lorakit ARGS` run in this process through the console script's entry point (without the seconds a new
+    Python takes to import torch): a subprocess.CompletedProcess with its exit code and what it printed."""
+    import subprocess
+
+    from lorakit import cli
+
+    capsys.readouterr()  # what the test printed before
+    try:
+        code = cli.main(list(args))
+    except SystemExit as e:  # argparse's own errors and --help
+        code = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["lorakit", *args], code or 0, out.out, out.err)
+
+
 def both_ways_with_peft(make, cfg, folder, x: torch.Tensor, *, std: float = 0.1, atol: float = 1e-5) -> None:
     """lorakit's adapter (random values of `std`) loads in PEFT, and PEFT's (perturbed the same way) in lorakit,
     with the same logits on `x` within `atol`; the adapter must move the logits by more than 1e-3. Writes

@@ -56,18 +56,27 @@ def whole(model, bank):  # noqa: F811
     eng.stop()
 
 
+LONG_CASES = ((None, {}), ("a", {}), ("a", {"temperature": 0.8, "seed": 4}))
+SCORED = {"prompt_logprobs": 1, "max_tokens": 2}
+
+
+@pytest.fixture(scope="module")
+def long_wanted(model, whole):  # noqa: F811
+    """LONG's ids, and what the whole-prompt engine answers to it in each of LONG_CASES and when scoring it: the
+    references of both parametrizations below, computed once."""
+    ids = _ids(model[1], LONG)
+    want = [_result(_submit(whole, ids, adapter, **params)) for adapter, params in LONG_CASES]
+    return ids, want, _result(_submit(whole, ids, "a", **SCORED))
+
+
 @pytest.mark.real_model
 @pytest.mark.parametrize("cache_bytes", [0, 1 << 30])
-def test_a_long_prompt_prefilled_in_chunks_answers_as_prefilled_whole(model, bank, whole, cache_bytes):  # noqa: F811
+def test_a_long_prompt_prefilled_in_chunks_answers_as_prefilled_whole(model, bank, long_wanted, cache_bytes):  # noqa: F811
     """Base and adapter, greedy and sampled, with the prefix cache and without: the same answers; the prompt's
     own chunks are not reported as cached; a prompt to score runs whole."""
-    tok = model[1]
-    ids = _ids(tok, LONG)
+    ids, want, want_scored = long_wanted
     assert len(ids) > 4 * CHUNK
-    cases = ((None, {}), ("a", {}), ("a", {"temperature": 0.8, "seed": 4}))
-    want = [_result(_submit(whole, ids, adapter, **params)) for adapter, params in cases]
-    scored = {"prompt_logprobs": 1, "max_tokens": 2}
-    want_scored = _result(_submit(whole, ids, "a", **scored))
+    cases, scored = LONG_CASES, SCORED
     with _busy_engine(model, bank, cache_bytes, prefill_chunk=CHUNK) as eng:
         for (adapter, params), w in zip(cases, want, strict=True):
             chunks = eng.stats["prefill_chunks"]

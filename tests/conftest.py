@@ -26,6 +26,7 @@ SHARED_SCOPES = {
     "tests/test_train_real.py": "trained_run",
     "tests/test_gguf_llamacpp.py": "trained_run",
     "tests/test_ui.py": "ui",
+    "tests/test_ui_adapters.py": "ui",
     "tests/test_ui_jobs.py": "ui",
     "tests/test_ui_dpo.py": "ui",
     "tests/test_ui_browser.py": "ui",

@@ -26,6 +26,8 @@ from lorakit import bench, cli
 from lorakit.errors import LorakitError
 from lorakit.train.config import load_config
 
+from tiny import cli_here
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^\s*```")
@@ -250,12 +252,8 @@ def test_readme_main_commands_run(tmp_path, monkeypatch, capsys):
         argv = _lorakit_argv(_argv(command))
         if argv[0] == "train" and "--help" not in argv:
             argv += SMALL
-        try:
-            code = cli.main(argv)
-        except SystemExit as e:  # --help
-            code = e.code
-        captured = capsys.readouterr()
-        assert code in (0, None), f"{command}: exit {code}: {captured.err.strip()[-2000:]}"
+        proc = cli_here(capsys, *argv)
+        assert proc.returncode == 0, f"{command}: exit {proc.returncode}: {proc.stderr.strip()[-2000:]}"
         _after(command, tmp_path)
     assert (tmp_path / "r4/adapter_config.json").is_file() and (tmp_path / "ab/adapter_config.json").is_file()
     assert (tmp_path / "merged/config.json").is_file() and (tmp_path / "back/extract.json").is_file()

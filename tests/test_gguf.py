@@ -277,8 +277,6 @@ def test_the_modelfile_carries_smollm2s_chat_template_and_system_prompt(default_
 
 @pytest.mark.real_model
 def test_cli_export_inspect_and_its_errors(tmp_path, default_model_dir, capsys):
-    from lorakit import cli
-
     model, _ = lorakit.load_model(default_model_dir)
     lorakit.inject(model, LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj"]))
     randomize(model, std=0.02)
@@ -321,12 +319,9 @@ def test_cli_export_inspect_and_its_errors(tmp_path, default_model_dir, capsys):
             "not an adapter folder",
         ),
     ]:
-        try:  # in-process: the same entry point as the console script, without a start-up
-            code = cli.main(args)
-        except SystemExit as e:  # argparse's own errors
-            code = e.code
-        err = capsys.readouterr().err
-        assert code == 2 and match in err, err
+        proc = cli_here(capsys, *args)
+        err = proc.stderr
+        assert proc.returncode == 2 and match in err, err
         assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "x.gguf").exists()
 

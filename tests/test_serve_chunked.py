@@ -76,9 +76,8 @@ def test_a_long_prompt_prefilled_in_chunks_answers_as_prefilled_whole(model, ban
     own chunks are not reported as cached; a prompt to score runs whole."""
     ids, want, want_scored = long_wanted
     assert len(ids) > 4 * CHUNK
-    cases, scored = LONG_CASES, SCORED
     with _busy_engine(model, bank, cache_bytes, prefill_chunk=CHUNK) as eng:
-        for (adapter, params), w in zip(cases, want, strict=True):
+        for (adapter, params), w in zip(LONG_CASES, want, strict=True):
             chunks = eng.stats["prefill_chunks"]
             got = _result(_submit(eng, ids, adapter, **params))
             _same(got, w)
@@ -86,7 +85,7 @@ def test_a_long_prompt_prefilled_in_chunks_answers_as_prefilled_whole(model, ban
                 assert eng.stats["prefill_chunks"] - chunks == (len(ids) - 1) // CHUNK
                 assert got[3].cached_tokens == 0
         chunks = eng.stats["prefill_chunks"]
-        _same(_result(_submit(eng, ids, "a", **scored)), want_scored)
+        _same(_result(_submit(eng, ids, "a", **SCORED)), want_scored)
         assert eng.stats["prefill_chunks"] == chunks
 
 

@@ -44,8 +44,8 @@ def init_child(tool: str, out: Path) -> None:
     import lorakit
     from lorakit.data.tokenize import encode_dataset
     from lorakit.train.config import RunConfig
-    from lorakit.train.loop import init_batches
     from lorakit.train.run import load_examples
+    from lorakit.train.schedule import init_batches
 
     torch.manual_seed(0)
     model, tok = lorakit.load_model()
@@ -161,8 +161,8 @@ def run_sensitivity() -> list[tuple[str, float, float]]:
     import lorakit
     from lorakit.data.tokenize import encode_dataset
     from lorakit.train.config import RunConfig
-    from lorakit.train.loop import init_batches
     from lorakit.train.run import load_examples
+    from lorakit.train.schedule import init_batches
 
     model, tok = lorakit.load_model()
     cfg = RunConfig(lora=lorakit.LoraConfig(init="corda", corda_batches=3))

@@ -117,8 +117,8 @@ def quality_worker(args: argparse.Namespace) -> dict[str, Any]:
     from lorakit.head import causal_lm_loss
     from lorakit.train.config import RunConfig
     from lorakit.train.evaluate import exact_match
-    from lorakit.train.loop import batch_order, collate
     from lorakit.train.run import load_examples
+    from lorakit.train.schedule import batch_order, collate
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -44,8 +44,8 @@ def init_child(tool: str, out: Path) -> None:
     import lorakit
     from lorakit.data.tokenize import encode_dataset
     from lorakit.train.config import RunConfig
-    from lorakit.train.loop import init_batches
     from lorakit.train.run import load_examples
+    from lorakit.train.schedule import init_batches
     from lorakit.variants.loraga import svd_lowrank
 
     torch.manual_seed(0)

@@ -113,8 +113,9 @@ def resumed_equals_uninterrupted(
 
     import lorakit
     from lorakit.train.config import RunConfig, TrainSection
-    from lorakit.train.loop import TrainingError, init_batches, train_loop
+    from lorakit.train.loop import TrainingError, train_loop
     from lorakit.train.methods import make_method
+    from lorakit.train.schedule import init_batches
 
     def cfg(out, **kw):
         base = dict(out_dir=str(out), steps=6, batch_size=4, lr=1e-2, warmup_steps=0, save_every=0, **train)

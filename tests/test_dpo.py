@@ -173,8 +173,8 @@ def test_sft_weight_adds_the_chosen_answers_token_loss(objective):
     """dpo.sft_weight (and simpo.sft_weight) w adds w × the chosen answers' mean token loss (each answer's own mean, then the batch's:
     RPO's length-normalised NLL), computed here from the model's full logits (float32, 1e-5)."""
     from lorakit.train.config import DpoSection, RunConfig, SimpoSection
-    from lorakit.train.loop import collate
     from lorakit.train.objectives import make_objective
+    from lorakit.train.schedule import collate
 
     section = {"dpo": DpoSection, "simpo": SimpoSection}[objective]
 
@@ -250,8 +250,8 @@ def test_the_reference_is_where_training_starts(settings, starts_at_base):
     KaSA), it is not, which is why they are refused."""
     from lorakit.quant import quantize
     from lorakit.train.config import DpoSection, RunConfig
-    from lorakit.train.loop import collate
     from lorakit.train.objectives import DpoObjective
+    from lorakit.train.schedule import collate
 
     settings = dict(settings)
     model = tiny_llama()
@@ -273,8 +273,8 @@ def test_the_reference_pass_has_no_dropout():
     module is back in train mode after the block."""
     from lorakit.head import sequence_logprobs
     from lorakit.train.config import RunConfig
-    from lorakit.train.loop import collate
     from lorakit.train.objectives import DpoObjective
+    from lorakit.train.schedule import collate
 
     from tiny import tiny_gpt2
 

@@ -314,8 +314,8 @@ def test_real_model_eva_matches_peft(default_model_dir):
 
     from lorakit.data.tokenize import encode_dataset
     from lorakit.train.config import RunConfig
-    from lorakit.train.loop import init_batches
     from lorakit.train.run import load_examples
+    from lorakit.train.schedule import init_batches
 
     model, tok = lorakit.load_model(str(default_model_dir))
     first_layers(model, 3)

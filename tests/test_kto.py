@@ -222,7 +222,7 @@ def test_from_an_adapter_that_adapter_is_the_reference(tmp_path):
         callbacks=[records.append],
     )
     from lorakit.train.config import RunConfig, TrainSection
-    from lorakit.train.loop import batch_order
+    from lorakit.train.schedule import batch_order
 
     first = next(r for r in records if "loss" in r)
     # the 64 rows are the 32 sums (desirable) then the 32 echoes: the first micro-batch's weights, halved
@@ -244,8 +244,8 @@ def test_sft_weight_adds_the_desirable_answers_token_loss(tmp_path):
     import lorakit
     from lorakit.data.feedback import encode_feedback
     from lorakit.train.config import KtoSection, RunConfig, TrainSection
-    from lorakit.train.loop import collate
     from lorakit.train.objectives import make_objective
+    from lorakit.train.schedule import collate
 
     from tiny import tiny_llama
 

@@ -20,8 +20,9 @@ from lorakit.data.feedback import encode_feedback
 from lorakit.data.tokenize import IGNORE
 from lorakit.models import load_model
 from lorakit.train.config import KtoSection, RunConfig, TrainSection
-from lorakit.train.loop import batch_order, train_loop
+from lorakit.train.loop import train_loop
 from lorakit.train.objectives import make_objective
+from lorakit.train.schedule import batch_order
 
 from test_dpo_trl import CHAT_PAIRS, LR, STEPS, TEXT_PAIRS
 from trl_dpo_oracle import build_peft_adapter, build_tiny_model

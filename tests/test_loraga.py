@@ -19,7 +19,7 @@ from lorakit.data.jsonl import DataError
 from lorakit.data.tokenize import IGNORE
 from lorakit.errors import AdapterError, ConfigError
 from lorakit.train.config import RunConfig, load_config
-from lorakit.train.loop import init_batches
+from lorakit.train.schedule import init_batches
 from lorakit.variants.loraga import svd_lowrank
 
 from runs import addition_run, resumed_equals_uninterrupted

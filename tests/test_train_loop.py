@@ -13,7 +13,8 @@ import lorakit
 from lorakit import LoraConfig
 from lorakit.train.checkpoint import CheckpointError, latest_checkpoint
 from lorakit.train.config import RunConfig, TrainSection
-from lorakit.train.loop import TrainingError, batch_order, lr_factor, train_loop
+from lorakit.train.loop import TrainingError, train_loop
+from lorakit.train.schedule import batch_order, lr_factor
 
 from tiny import tiny_llama, token_rows
 

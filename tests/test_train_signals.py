@@ -29,7 +29,8 @@ from lorakit.errors import LorakitError
 from lorakit.train import checkpoint
 from lorakit.train.checkpoint import CheckpointError, latest_checkpoint
 from lorakit.train.config import RunConfig, TrainSection
-from lorakit.train.loop import TrainingError, read_metrics, train_loop
+from lorakit.train.loop import TrainingError, train_loop
+from lorakit.train.metrics import read_metrics
 
 from tiny import tiny_llama, token_rows
 

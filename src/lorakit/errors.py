@@ -47,3 +47,7 @@ class DiskFullError(LorakitError, OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+class TrainingError(LorakitError, RuntimeError):
+    """Training cannot go on (non-finite loss, bad resume)."""

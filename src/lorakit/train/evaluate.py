@@ -16,14 +16,13 @@ from lorakit.device import model_device, to_device
 from lorakit.generate import format_prompt
 from lorakit.inject import adapter_names
 from lorakit.train.objectives import PreferenceObjective, feedback_stats, pair_stats
+from lorakit.train.schedule import collate
 
 
 @torch.no_grad()
 def eval_loss(model: nn.Module, rows: list[Encoded], pad_id: int, batch_size: int = 8) -> float | None:
     """Mean cross-entropy per learned token over `rows`; None when they hold no learned token (nothing to
     evaluate: a mean over nothing is not a loss of 0)."""
-    from lorakit.train.loop import collate
-
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -131,8 +130,6 @@ def preference_eval(
     """The objective's preference loss (DPO, SimPO or ORPO; without an sft_weight's term) and the implicit
     rewards' accuracy and margin over `pairs`, in eval mode (no dropout); {} for no pairs. With KTO, `pairs` are
     its `Feedback` rows and the measures `feedback_eval`'s."""
-    from lorakit.train.loop import collate
-
     if not pairs:
         return {}
     if objective.rows == "feedback":
@@ -163,8 +160,6 @@ def feedback_eval(
     """KTO's loss, the KL estimate and the rewards' accuracy and margin (`feedback_stats`) over feedback `rows`,
     in eval mode, in batches of `batch_size` (a last batch of one row joins the one before: its KL estimate
     needs another answer)."""
-    from lorakit.train.loop import collate
-
     was_training = model.training
     model.eval()
     device = model_device(model)

@@ -34,9 +34,11 @@ from lorakit.train.datasets import (
     load_examples,
 )
 from lorakit.train.evaluate import eval_loss, exact_match, preference_eval
-from lorakit.train.loop import Callback, init_batches, read_metrics, train_loop
+from lorakit.train.loop import train_loop
 from lorakit.train.methods import Method, make_method
+from lorakit.train.metrics import Callback, read_metrics
 from lorakit.train.objectives import Objective, make_objective
+from lorakit.train.schedule import init_batches
 
 ROW_NAMES = {"examples": "examples", "pairs": "pairs", "feedback": "rated answers"}
 """How a log line counts an objective's training rows."""

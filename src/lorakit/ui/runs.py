@@ -29,7 +29,7 @@ from lorakit.errors import LorakitError
 from lorakit.serve import protocol as P
 from lorakit.train.checkpoint import latest_checkpoint
 from lorakit.train.config import SHORTHANDS, load_config, read_yaml, save_config
-from lorakit.train.loop import read_metrics
+from lorakit.train.metrics import read_metrics
 from lorakit.ui.procs import Adopted, adopt, child_env, error_line, interrupt, record_process, stop_all, tail
 from lorakit.ui.workspace import Workspace, check_name, discard
 

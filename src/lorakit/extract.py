@@ -11,7 +11,7 @@ a rank_pattern/alpha_pattern entry for every module off the most common rank). k
 - with `energy`, the fewest that keep that fraction of ‖ΔW‖²_F.
 What each module loses is reported: ‖ΔW − B·A‖_F / ‖ΔW‖_F, from the dropped singular values. With `niter`, a
 seeded randomised SVD computes only the top r + 10 triplets, for large models. The arithmetic is
-`lorakit.extract_math`.
+`lorakit.extract_math`; reading both models and finding what changed is `lorakit.extract_plan`.
 
 What else changed is carried as PEFT carries it, so that base + adapter is the tuned model wherever it can be:
 - a changed bias of a module that gets a LoRA: `bias="lora_only"` (every such module's bias, from the tuned model);
@@ -50,12 +50,12 @@ from tqdm import tqdm
 from lorakit.atomic import atomic_dir
 from lorakit.checks import is_int, is_number
 from lorakit.config import LoraConfig
-from lorakit.errors import AdapterError, ConfigError, ModelLoadError
+from lorakit.errors import AdapterError, ConfigError
 from lorakit.extract_math import flips, rank_of, svd, svd_once
+from lorakit.extract_plan import Plan, compare, model_folder, parameters, read_tensor, same_keys, skeleton_of
 from lorakit.formats import CONFIG_NAME, PREFIX, WEIGHTS_NAME, targets_for_file
 from lorakit.handlers import handler_for
 from lorakit.readers import ModelTensors
-from lorakit.targeting import select_modules
 from lorakit.tying import tied_heads
 
 log = logging.getLogger(__name__)
@@ -120,17 +120,17 @@ def extract(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise AdapterError(f"{out}: exists and is not a folder")
-    base_dir, tuned_dir = _folder(base, "base"), _folder(tuned, "tuned")
+    base_dir, tuned_dir = model_folder(base, "base"), model_folder(tuned, "tuned")
     if base_dir.resolve() == tuned_dir.resolve():
         raise ConfigError(
             f"the base and the tuned model are the same folder ({base_dir}): nothing to extract"
         )
-    skeleton = _skeleton(base_dir, tuned_dir)
+    skeleton = skeleton_of(base_dir, tuned_dir)
     old, new = ModelTensors(base_dir), ModelTensors(tuned_dir)
-    _same_keys(old, new)
-    plan = _Plan(skeleton, targets)
-    for pname, param in _bar(_parameters(skeleton), progress, "comparing"):
-        _compare(plan, pname, param, old, new)
+    same_keys(old, new)
+    plan = Plan(skeleton, targets)
+    for pname, param in _bar(parameters(skeleton), progress, "comparing"):
+        compare(plan, pname, param, old, new)
     tensors, loras = _factors(plan, old, new, r, energy, niter, progress)
     copies = _copies(plan, new, copy_small, tensors)
     if not loras:
@@ -172,7 +172,7 @@ def _record(base_dir, tuned_dir, r, energy, niter, loras, copies, bias, lora_bia
     }
 
 
-def _warn(plan: _Plan, out: Path) -> None:
+def _warn(plan: Plan, out: Path) -> None:
     if plan.dtypes:
         log.warning(
             "the base holds %s and the tuned model %s: differences of rounding count as changes", *plan.dtypes
@@ -202,123 +202,8 @@ def _check_options(r: int, energy: float | None, niter: int | None, lora_bias: b
         raise ConfigError(f"niter must be a whole number of at least 0, got {niter!r}")
 
 
-def _folder(spec: str | os.PathLike | None, which: str) -> Path:
-    from lorakit.models import resolve_model_dir  # transformers, only when a model is read
-
-    try:
-        return resolve_model_dir(spec)
-    except ModelLoadError as e:
-        raise ModelLoadError(f"the {which} model: {e}") from e
-
-
-def _skeleton(base_dir: Path, tuned_dir: Path) -> nn.Module:
-    """The base's module tree without weights (on the meta device): module types and tied parameters."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    configs = []
-    for d in (base_dir, tuned_dir):
-        try:
-            configs.append(AutoConfig.from_pretrained(d, local_files_only=True))
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelLoadError(f"{d}: cannot read config.json: {str(e).splitlines()[0]}") from e
-    kinds = [(c.model_type, tuple(c.architectures or ())) for c in configs]
-    if kinds[0] != kinds[1]:
-        raise ConfigError(
-            f"the base ({base_dir}) is {kinds[0][0]} {list(kinds[0][1])} and the tuned model ({tuned_dir}) is "
-            f"{kinds[1][0]} {list(kinds[1][1])}: extraction needs one architecture"
-        )
-    try:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(configs[0])
-    except (ValueError, KeyError) as e:
-        raise ModelLoadError(
-            f"{base_dir}: not a causal LM transformers can build: {str(e).splitlines()[0]}"
-        ) from e
-
-
-def _same_keys(old: ModelTensors, new: ModelTensors) -> None:
-    """Both checkpoints hold the same tensor names (a tied head in one and not the other differs here)."""
-    for a, b in ((old, new), (new, old)):
-        extra = sorted(set(a.keys()) - set(b.keys()))
-        if extra:
-            raise ModelLoadError(
-                f"{a.folder} has {extra[0]}, which {b.folder} has not: not the same architecture"
-            )
-
-
-def _parameters(skeleton: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return list(skeleton.named_parameters())  # a tied parameter once, under its first name
-
-
 def _bar(items, progress: bool, desc: str):
     return tqdm(items, desc=desc, unit="tensor", disable=not progress, leave=False)
-
-
-# -- what changed ---------------------------------------------------------------------------------------------
-
-
-class _Plan:
-    """What changed, and how the adapter carries each change."""
-
-    def __init__(self, skeleton: nn.Module, targets: str | list[str] | None) -> None:
-        self.modules = dict(skeleton.named_modules())
-        self.owners: dict[int, list[str]] = {}  # id(parameter) -> the modules that hold it as their weight
-        for name, module in self.modules.items():
-            w = getattr(module, "weight", None)
-            if isinstance(w, nn.Parameter) and handler_for(module) is not None:
-                self.owners.setdefault(id(w), []).append(name)
-        self.allowed = None if targets is None else set(_select(skeleton, targets))
-        self.key_prefix = getattr(skeleton, "base_model_prefix", "") or ""
-        self.loras: dict[str, str] = {}  # module -> the parameter name its ΔW is read from
-        self.biases: list[str] = []  # LoRA-able modules whose bias changed
-        self.other: dict[str, float] = {}  # modules with other changed parameters -> their largest change
-        self.left_out: dict[str, float] = {}
-        self.dtypes: tuple[str, str] | None = None  # (base, tuned) where a tensor's dtypes differ
-        self.numel = sum(p.numel() for _, p in _parameters(skeleton))
-
-    def lora_ok(self, module: str) -> bool:
-        return self.allowed is None or module in self.allowed
-
-
-def _select(skeleton: nn.Module, targets: str | list[str]) -> list[str]:
-    return select_modules(skeleton, LoraConfig(targets=targets))
-
-
-def _read(plan: _Plan, ckpt: ModelTensors, pname: str) -> torch.Tensor:
-    key = ckpt.key(pname, plan.key_prefix)
-    if key is None:
-        raise ModelLoadError(f"{ckpt.folder}: has no tensor {pname}, which its config's model has")
-    return ckpt.get(key)
-
-
-def _compare(plan: _Plan, pname: str, param: nn.Parameter, old: ModelTensors, new: ModelTensors) -> None:
-    a, b = _read(plan, old, pname), _read(plan, new, pname)
-    for which, t, ckpt in (("base", a, old), ("tuned", b, new)):
-        if tuple(t.shape) != tuple(param.shape):
-            raise ModelLoadError(
-                f"{ckpt.folder}: {pname} has shape {tuple(t.shape)}, the {which} config says {tuple(param.shape)}"
-            )
-    if a.dtype != b.dtype and plan.dtypes is None:
-        plan.dtypes = (str(a.dtype).removeprefix("torch."), str(b.dtype).removeprefix("torch."))
-    if torch.equal(a, b):
-        return
-    module, _, leaf = pname.rpartition(".")
-
-    def change() -> float:  # ‖ΔW‖/‖W‖, for the report: only for what the adapter may not carry
-        return (b.float() - a.float()).norm().item() / max(a.float().norm().item(), 1e-30)
-
-    owners = plan.owners.get(id(param), []) if leaf == "weight" else []
-    for m in owners:  # a weight LoRA can carry (several modules' weight, if tied)
-        if plan.lora_ok(m):
-            plan.loras[m] = pname
-        else:
-            plan.left_out[m] = change()
-    if owners:
-        return
-    if leaf == "bias" and handler_for(plan.modules[module]) is not None:
-        plan.biases.append(module)
-    else:
-        plan.other[module] = max(plan.other.get(module, 0.0), change())
 
 
 # -- the adapter's tensors ------------------------------------------------------------------------------------
@@ -326,7 +211,7 @@ def _compare(plan: _Plan, pname: str, param: nn.Parameter, old: ModelTensors, ne
 
 @torch.no_grad()
 def _factors(
-    plan: _Plan,
+    plan: Plan,
     old: ModelTensors,
     new: ModelTensors,
     r: int,
@@ -339,7 +224,7 @@ def _factors(
     shared: dict[str, tuple] = {}  # a tied parameter's SVD, for its other modules
     sharers = Counter(plan.loras.values())
     for module, pname in _bar(list(plan.loras.items()), progress, "SVD"):
-        w_old, w_new = _read(plan, old, pname), _read(plan, new, pname)
+        w_old, w_new = read_tensor(plan, old, pname), read_tensor(plan, new, pname)
         base = plan.modules[module]
         h = handler_for(base)
         delta = h.to_2d(w_new.float() - w_old.float()).reshape(h.dims(base))
@@ -365,7 +250,7 @@ def _factors(
     return tensors, loras
 
 
-def _copies(plan: _Plan, new: ModelTensors, copy_small: bool, tensors: dict[str, torch.Tensor]) -> list[str]:
+def _copies(plan: Plan, new: ModelTensors, copy_small: bool, tensors: dict[str, torch.Tensor]) -> list[str]:
     """Modules with other changed parameters: copied whole when they hold vectors only (norms) and `copy_small`;
     else left out."""
     copies = []
@@ -374,14 +259,14 @@ def _copies(plan: _Plan, new: ModelTensors, copy_small: bool, tensors: dict[str,
         if copy_small and all(p.dim() <= 1 for p in params.values()):
             for leaf in params:
                 pname = f"{module}.{leaf}" if module else leaf
-                tensors[f"{PREFIX}{pname}"] = _read(plan, new, pname).contiguous()
+                tensors[f"{PREFIX}{pname}"] = read_tensor(plan, new, pname).contiguous()
             copies.append(module)
         else:
             plan.left_out[module] = change
     return copies
 
 
-def _biases(plan: _Plan, new: ModelTensors, loras: list[ModuleLora], tensors: dict[str, torch.Tensor]) -> str:
+def _biases(plan: Plan, new: ModelTensors, loras: list[ModuleLora], tensors: dict[str, torch.Tensor]) -> str:
     """PEFT's bias mode that carries every changed bias of a LoRA-able module, and the bias tensors it saves:
     "lora_only" (the biases of the modules with a LoRA) when that is enough, else "all" (every bias)."""
     if not plan.biases:
@@ -397,12 +282,12 @@ def _biases(plan: _Plan, new: ModelTensors, loras: list[ModuleLora], tensors: di
             where = f"{module}.bias"
         else:
             continue
-        tensors[f"{PREFIX}{where}"] = _read(plan, new, f"{module}.bias").contiguous()
+        tensors[f"{PREFIX}{where}"] = read_tensor(plan, new, f"{module}.bias").contiguous()
     return mode
 
 
 def _biases_on_b(
-    plan: _Plan,
+    plan: Plan,
     old: ModelTensors,
     new: ModelTensors,
     loras: list[ModuleLora],
@@ -427,7 +312,7 @@ def _biases_on_b(
         like = tensors[a_key]
         if m.module in plan.biases:
             bias = f"{m.module}.bias"
-            delta = _read(plan, new, bias).float() - _read(plan, old, bias).float()
+            delta = read_tensor(plan, new, bias).float() - read_tensor(plan, old, bias).float()
         else:
             delta = torch.zeros(tensors[f"{PREFIX}{m.module}.lora_B.weight"].shape[0])
         tensors[f"{PREFIX}{m.module}.lora_B.bias"] = delta.to(like.dtype).contiguous()
@@ -454,7 +339,7 @@ def _config(
     return config.replace(targets=targets_for_file(skeleton, config, modules) if modules else [])
 
 
-def _nothing_message(plan: _Plan, copies: list[str], base_dir: Path, tuned_dir: Path) -> str:
+def _nothing_message(plan: Plan, copies: list[str], base_dir: Path, tuned_dir: Path) -> str:
     changed = sorted({*plan.left_out, *copies, *plan.biases})
     if not changed:
         return f"{tuned_dir} has the same weights as {base_dir}: nothing to extract"

@@ -32,6 +32,7 @@ CORE = [  # bottom up: each may import only what stands before it (and the found
     "blocks",
     "layers",
     "task_types",
+    "token_rows",
     "saved",
     "params",
     "targeting",

@@ -343,7 +343,7 @@ def test_the_serving_engine_batches_adapters_with_head_copies_and_token_rows(def
 
 def randomize_one(model, name: str) -> None:
     """Random values for adapter `name` (LoRA factors, head copy, token rows) big enough to change greedy text."""
-    from lorakit.saved import token_parameters
+    from lorakit.token_rows import token_parameters
 
     g = torch.Generator().manual_seed(len(name))
     rows = {id(p) for p in token_parameters(model, name)}

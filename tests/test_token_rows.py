@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
 from lorakit import AdapterError, ConfigError, LoraConfig, TargetError
-from lorakit.saved import TokenRows
+from lorakit.token_rows import TokenRows
 
 from runs import addition_run
 from tiny import (

@@ -80,7 +80,8 @@ def adapter_parameters(model, name: str | None = None):
     copies of the modules it saves whole (modules_to_save), its token rows and its factors on parameters
     (target_parameters), not found by name."""
     from lorakit.params import param_parameters
-    from lorakit.saved import copy_parameters, token_parameters
+    from lorakit.saved import copy_parameters
+    from lorakit.token_rows import token_parameters
 
     for _, layer in lora_layers(model):
         for aname, adapter in layer.adapters.items():

@@ -33,23 +33,19 @@ from lorakit.registry import AdapterInfo, Registry, adapter_names, lora_layers, 
 from lorakit.replicate import replicate_layers, restore_layers
 from lorakit.saved import (
     SavedModule,
-    TokenRows,
     add_copies,
-    add_token_rows,
     check_targets,
     copy_parameters,
     remove_copies,
-    remove_token_rows,
-    token_parameters,
     unwrap_all,
-    unwrap_tokens,
 )
 from lorakit.siblings import assign_sibling_groups
 from lorakit.targeting import select_modules, select_saved
 from lorakit.task_types import CLASSIFICATION, task_heads, task_type_for
+from lorakit.token_rows import TokenRows, add_token_rows, remove_token_rows, token_parameters, unwrap_tokens
 from lorakit.tying import add_tied_adapter, add_tied_copy
 from lorakit.tying import plan as tie_plan
-from lorakit.walk import base_modules, base_parameters
+from lorakit.walk import base_modules, base_parameters, set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -350,7 +346,7 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         for aname in list(layer.adapters):
             if aname not in merged:  # gives back what PiSSA moved from W0 into B·A
                 layer.remove_adapter(aname)
-        _set_submodule(model, name, layer.base_layer)
+        set_submodule(model, name, layer.base_layer)
     restore_layers(model, reg)
     _restore_requires_grad(model, reg)
     del model.__dict__["_lorakit"]
@@ -377,13 +373,7 @@ def _remove_from_layers(model: nn.Module, name: str) -> None:
         if name in layer.adapters:
             layer.remove_adapter(name)
         if not layer.adapters:
-            _set_submodule(model, lname, layer.base_layer)
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+            set_submodule(model, lname, layer.base_layer)
 
 
 def _restore_requires_grad(model: nn.Module, reg: Registry) -> None:

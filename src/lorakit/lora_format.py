@@ -43,9 +43,10 @@ from lorakit.peft_keys import TRAINING_ONLY_TENSORS
 from lorakit.plain_lora import as_plain_lora, plain_file, with_starts
 from lorakit.registry import adapter_layers, lora_layers, registry
 from lorakit.replicate import replicated
-from lorakit.saved import copies_of, in_saved_module, token_rows_of
+from lorakit.saved import copies_of, in_saved_module
 from lorakit.saved_plan import TOKEN_KEY, plan_saved
 from lorakit.targeting import select_modules
+from lorakit.token_rows import token_rows_of
 from lorakit.tying import as_peft_ties, check_file
 from lorakit.tying import plan as tie_plan
 from lorakit.walk import base_parameters

@@ -26,8 +26,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterError, TargetError
-from lorakit.saved import Wrapper
-from lorakit.walk import base_modules
+from lorakit.walk import Wrapper, base_modules, set_submodule
 
 
 class ParamFactors(nn.Module):
@@ -187,18 +186,12 @@ def file_keys(owner: str, params: list[str]) -> dict[str, str]:
     return {p: owner + ".base_layer" * (n - 1 - i) for i, p in enumerate(params)}
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def add_param_adapters(model: nn.Module, adapter: str, plan: dict[str, list[str]], config) -> None:
     for m, params in plan.items():
         wrapper = model.get_submodule(m)
         if not isinstance(wrapper, ParamLora):
             wrapper = ParamLora(wrapper)
-            _set_submodule(model, m, wrapper)
+            set_submodule(model, m, wrapper)
         wrapper.add(adapter, params, config.rank_for(m), config.alpha_for(m), config.scaling_for(m), config.init)
 
 
@@ -208,7 +201,7 @@ def remove_param_adapters(model: nn.Module, adapter: str) -> None:
             del wrapper.lora[adapter]
             wrapper.active.pop(adapter, None)
         if not len(wrapper.lora):
-            _set_submodule(model, n, wrapper.base_layer)
+            set_submodule(model, n, wrapper.base_layer)
 
 
 def unwrap_params(model: nn.Module, merge: bool) -> None:
@@ -217,7 +210,7 @@ def unwrap_params(model: nn.Module, merge: bool) -> None:
             wrapper.merge()
         else:
             wrapper.unmerge()
-        _set_submodule(model, n, wrapper.base_layer)
+        set_submodule(model, n, wrapper.base_layer)
 
 
 def param_parameters(model: nn.Module, adapter: str | None = None) -> Iterator[nn.Parameter]:

@@ -9,7 +9,8 @@ from torch import nn
 from lorakit.inject import lora_layers
 from lorakit.params import param_wrappers
 from lorakit.quant import quant_stats, quantized_modules
-from lorakit.saved import saved_modules, token_wrappers
+from lorakit.saved import saved_modules
+from lorakit.token_rows import token_wrappers
 from lorakit.tying import TiedAdapter
 
 

@@ -19,8 +19,9 @@ from lorakit.errors import TargetError
 from lorakit.handlers import handler_for, supported_type_names
 from lorakit.layers import LoraLayer
 from lorakit.params import ParamLora
-from lorakit.saved import SavedModule, TokenRows
+from lorakit.saved import SavedModule
 from lorakit.task_types import CLASSIFICATION, task_heads, task_type_for
+from lorakit.token_rows import TokenRows
 from lorakit.walk import base_modules
 
 

@@ -30,7 +30,8 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, TargetError
 from lorakit.layers import LoraAdapter, LoraLayer, Variant
-from lorakit.saved import SavedModule, TokenRows
+from lorakit.saved import SavedModule
+from lorakit.token_rows import TokenRows
 from lorakit.walk import base_modules
 
 _PEFT_NAMES = ("embed_tokens", "lm_head")  # the names by which PEFT finds what to tie

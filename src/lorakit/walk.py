@@ -7,6 +7,9 @@ visits the same modules in the same order, but not the per-adapter containers of
 class names them in its `per_adapter` attribute (a LoRA layer's `adapters`, a saved module's copies, token rows'
 deltas, a parameter wrapper's factors). What lies there belongs to one adapter, and the callers that want it ask
 the wrapper for it by adapter name.
+
+`Wrapper` is the base of the wrappers that stand where a model's module was (saved copies, token rows, a
+parameter's factors), and `set_submodule` puts a module at a dotted name.
 """
 
 from __future__ import annotations
@@ -55,3 +58,29 @@ def parameter_uses(model: nn.Module) -> Counter[int]:
     """id(parameter) -> how many names the model gives it: above 1 for a weight two modules share (a tied
     embedding and output head). The base's weights only: adapters share none."""
     return Counter(id(p) for _, p in base_parameters(model, remove_duplicate=False))
+
+
+class Wrapper(nn.Module):
+    """A module that stands where another was: attribute reads it lacks (`weight`, `out_features`, ...) go to the
+    module it wraps (`target()`), so code that inspects the model keeps working."""
+
+    # the submodule that must exist before reads are forwarded (during __init__ it does not yet)
+    _inner = "base_layer"
+
+    def target(self) -> nn.Module:
+        return self.base_layer
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or self._inner not in self.__dict__["_modules"]:
+                raise
+            return getattr(self.target(), name)
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at `name` ("model.layers.0.mlp.up_proj"; "" is not a submodule) in `model`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

@@ -26,7 +26,7 @@ from lorakit.layers import LoraLayer
 from lorakit.quant import bnb
 from lorakit.quant.nf4 import BLOCK_SIZE, NF4Linear
 from lorakit.readers import safetensors_metadata
-from lorakit.walk import base_modules, parameter_uses
+from lorakit.walk import base_modules, parameter_uses, set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def quantize(
         if source is not None:
             m.weight.data = torch.empty(0, dtype=m.weight.dtype)  # free the full-precision copy now
             q.source = functools.partial(source, f"{name}.weight")  # W0 read again on demand (LoftQ init)
-        _set_submodule(model, name, q)
+        set_submodule(model, name, q)
         report.quantized.append(name)
         report.bytes_after += q.storage_bytes()
     if not report.quantized:
@@ -194,12 +194,6 @@ def _shared_weights(model: nn.Module) -> set[int]:
     return {k for k, uses in parameter_uses(model).items() if uses > 1}
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 @torch.no_grad()
 def dequantize(model: nn.Module) -> nn.Module:
     """Replace every 4-bit linear layer (ours or bitsandbytes') with an `nn.Linear` holding its dequantized
@@ -215,7 +209,7 @@ def dequantize(model: nn.Module) -> nn.Module:
             layer.base_layer = lin
             layer.handler = handler_for(lin)
         else:
-            _set_submodule(model, name, lin)
+            set_submodule(model, name, lin)
     model.__dict__.pop("_lorakit_quant", None)
     return model
 

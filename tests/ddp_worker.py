@@ -20,9 +20,9 @@ from lorakit.data.feedback import Feedback  # noqa: E402
 from lorakit.data.preference import Pair  # noqa: E402
 from lorakit.data.tokenize import IGNORE, Encoded  # noqa: E402
 from lorakit.train.config import RunConfig, TrainSection  # noqa: E402
+from lorakit.train.distributed import finish_distributed, init_distributed  # noqa: E402
 from lorakit.train.loop import train_loop  # noqa: E402
 from lorakit.train.objectives import make_objective  # noqa: E402
-from lorakit.train.run import finish_distributed, init_distributed  # noqa: E402
 
 from tiny import tiny_llama  # noqa: E402
 

@@ -17,7 +17,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from lorakit import LoraConfig  # noqa: E402
 from lorakit.train.config import DataSection, EvalSection, RunConfig, TrainSection  # noqa: E402
-from lorakit.train.run import finish_distributed, run_training  # noqa: E402
+from lorakit.train.distributed import finish_distributed  # noqa: E402
+from lorakit.train.run import run_training  # noqa: E402
 
 from tiny import tiny_llama  # noqa: E402
 

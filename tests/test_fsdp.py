@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 import lorakit
-from lorakit.train.run import transformer_blocks
+from lorakit.train.distributed import transformer_blocks
 
 from tiny import tiny_gpt2, tiny_llama
 
@@ -157,8 +157,8 @@ def test_ctrl_c_under_fsdp_writes_no_checkpoint_and_names_the_newest(one_process
     from lorakit.data.tokenize import IGNORE, Encoded
     from lorakit.train.checkpoint import is_sharded, latest_checkpoint
     from lorakit.train.config import RunConfig, TrainSection
+    from lorakit.train.distributed import shard_model
     from lorakit.train.loop import TrainingError, train_loop
-    from lorakit.train.run import shard_model
 
     model = tiny_llama()
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"))

@@ -64,7 +64,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from lorakit.train.config import load_config
-    from lorakit.train.run import finish_distributed, run_training
+    from lorakit.train.distributed import finish_distributed
+    from lorakit.train.run import run_training
 
     rest = args.extra  # lorakit train [CONFIG.yaml] [--section.key value ...]
     has_config = bool(rest) and not rest[0].startswith("--")

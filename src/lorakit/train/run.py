@@ -20,7 +20,6 @@ from lorakit.device import (
     upcast_trainable,
 )
 from lorakit.errors import ConfigError
-from lorakit.layers import LoraLayer
 from lorakit.quant import is_quantized, quantize
 from lorakit.quant.load import load_quantized
 from lorakit.report import parameter_report
@@ -33,6 +32,7 @@ from lorakit.train.datasets import (
     encode_preferences,
     load_examples,
 )
+from lorakit.train.distributed import distribute, init_distributed
 from lorakit.train.evaluate import eval_loss, exact_match, preference_eval
 from lorakit.train.loop import train_loop
 from lorakit.train.methods import Method, make_method
@@ -126,7 +126,7 @@ def run_training(
     say(f"before: {_fmt(before)}" if before else "before: (rank 0 evaluates)")
     if rank == 0:
         _record_before(out_dir, before)
-    trained = _distribute(model, world, fsdp, broadcast_buffers=quant is None, say=say)
+    trained = distribute(model, world, fsdp, broadcast_buffers=quant is None, say=say)
     result = train_loop(
         trained,
         data.train_rows,
@@ -245,21 +245,6 @@ def _base_model(cfg: RunConfig, model, tokenizer, say) -> tuple[nn.Module, Any, 
     return model, tokenizer, quant
 
 
-def _distribute(model: nn.Module, world: int, fsdp: bool, *, broadcast_buffers: bool, say) -> nn.Module:
-    """The model the loop trains: sharded in place with FSDP2, wrapped in DDP with several processes, or itself.
-    `broadcast_buffers` is off for a 4-bit base, whose codes are constant."""
-    if fsdp:
-        blocks = shard_model(model)
-        say(f"FSDP2: {blocks} blocks and the rest of the model sharded across {world} processes")
-    elif world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        device = model_device(model)
-        ids = [device.index] if device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=broadcast_buffers)
-    return model
-
-
 def _write_summary(
     out_dir: Path,
     cfg: RunConfig,
@@ -309,67 +294,6 @@ def _record_before(out_dir: Path, before: dict[str, float]) -> None:
 def _append_eval(out_dir: Path, step: int, measured: dict[str, float]) -> None:
     with (out_dir / "metrics.jsonl").open("a") as f:
         f.write(json.dumps({"step": step, **{f"eval_{k}": v for k, v in measured.items()}}) + "\n")
-
-
-def init_distributed() -> tuple[int, int]:
-    """(world size, rank); starts the process group under torchrun (gloo on CPU, nccl on GPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 1, 0
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if torch.cuda.is_available():  # one GPU per process: cuda:LOCAL_RANK
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        _STARTED.append(True)
-    return world, dist.get_rank()
-
-
-_STARTED: list[bool] = []  # whether init_distributed started the process group (and so ends it)
-
-
-def finish_distributed() -> None:
-    """End the process group `init_distributed` started, once every rank is here: what a process does before it
-    exits (`lorakit train` does), after its last run. Without it, a process can exit while gloo's threads still
-    run, and die with "terminate called without an active exception"."""
-    if not _STARTED:
-        return
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    _STARTED.clear()
-
-
-def shard_model(model: nn.Module) -> int:
-    """Apply FSDP2 `fully_shard` to each transformer block, then to the whole model (in place); returns the
-    number of blocks. Blocks: the items of every outermost nn.ModuleList that holds LoRA layers (for Hugging
-    Face decoders, `model.model.layers`)."""
-    from torch.distributed.fsdp import fully_shard
-
-    blocks = transformer_blocks(model)
-    if not blocks:
-        log.warning(
-            "FSDP2: no list of transformer blocks with LoRA layers found; sharding the model as one unit"
-        )
-    for block in blocks:
-        fully_shard(block)
-    fully_shard(model)
-    return len(blocks)
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The items of every outermost nn.ModuleList whose items contain LoRA layers, in model order."""
-    lists = [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.ModuleList)
-        and any(isinstance(x, LoraLayer) for item in m for x in item.modules())
-    ]
-    outer = [(n, m) for n, m in lists if not any(n.startswith(o + ".") for o, _ in lists if o != n)]
-    return [item for _, m in outer for item in m]
 
 
 def _fmt(m: dict[str, float]) -> str:

@@ -17,8 +17,8 @@ from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError
 from lorakit.formats import CONFIG_NAME, PREFIX
 from lorakit.layers import INIT_FACTORS
-from lorakit.lora_format import TOKEN_KEY, saved_tensors, token_tensors
 from lorakit.peft_keys import TRAINING_ONLY_TENSORS
+from lorakit.saved_plan import TOKEN_KEY, saved_tensors, token_tensors
 from lorakit.variants.bdlora import BdLoraVariant
 
 log = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ from lorakit.plain_lora import as_plain_lora, plain_file, with_starts
 from lorakit.registry import adapter_layers, lora_layers, registry
 from lorakit.replicate import replicated
 from lorakit.saved import copies_of, in_saved_module
-from lorakit.saved_plan import TOKEN_KEY, plan_saved
+from lorakit.saved_plan import TOKEN_KEY, plan_saved, saved_tensors, token_tensors
 from lorakit.targeting import select_modules
 from lorakit.token_rows import token_rows_of
 from lorakit.tying import as_peft_ties, check_file
@@ -385,32 +385,6 @@ def _describe_lora(path: Path, raw: dict[str, Any]) -> dict[str, Any]:
         "tensors": len(tensors),
         "parameters": sum(t.numel() for t in tensors.values()),
     }
-
-
-def saved_tensors(config: LoraConfig, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """The file's tensors of the modules it saves whole (modules_to_save), without a model: module name ->
-    {tensor name within the module: tensor}."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        k = key.removeprefix(PREFIX)
-        for w in config.modules_to_save or []:
-            tail = _after(k, w)
-            if tail is not None and "lora_" not in tail:
-                out.setdefault(k[: -len(tail) - 1], {})[tail] = t
-                break
-    return out
-
-
-def token_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The file's token rows (trainable_token_indices): module name -> (n, dim) rows."""
-    suffix = "." + TOKEN_KEY
-    return {k.removeprefix(PREFIX)[: -len(suffix)]: t for k, t in tensors.items() if k.endswith(suffix)}
-
-
-def _after(key: str, module: str) -> str | None:
-    """The tensor name in `key` after the first module whose name ends with `module` (PEFT's rule), or None."""
-    i = key.find(module + ".")
-    return key[i + len(module) + 1 :] if i >= 0 else None
 
 
 apply_lora_plan = _apply_lora

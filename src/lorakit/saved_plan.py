@@ -1,6 +1,7 @@
 """The tensors of an adapter file beyond its LoRA pairs, planned before the model changes: the modules it saves
 whole (PEFT's modules_to_save), the embedding rows it trains alone (trainable_token_indices) and the parameters it
-adapts (target_parameters). `lora_format` plans the LoRA pairs and applies both, all or nothing.
+adapts (target_parameters). `lora_format` plans the LoRA pairs and applies both, all or nothing. Without a model,
+`saved_tensors` and `token_tensors` pick a file's whole modules and token rows out (describe, combine).
 """
 
 from __future__ import annotations
@@ -103,3 +104,29 @@ def plan_saved(
     if config.modules_to_save is not None:
         config = config.replace(modules_to_save=modules)
     return config, saved, rest
+
+
+def saved_tensors(config: LoraConfig, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The file's tensors of the modules it saves whole (modules_to_save), without a model: module name ->
+    {tensor name within the module: tensor}."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        k = key.removeprefix(PREFIX)
+        for w in config.modules_to_save or []:
+            tail = _after(k, w)
+            if tail is not None and "lora_" not in tail:
+                out.setdefault(k[: -len(tail) - 1], {})[tail] = t
+                break
+    return out
+
+
+def token_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's token rows (trainable_token_indices): module name -> (n, dim) rows."""
+    suffix = "." + TOKEN_KEY
+    return {k.removeprefix(PREFIX)[: -len(suffix)]: t for k, t in tensors.items() if k.endswith(suffix)}
+
+
+def _after(key: str, module: str) -> str | None:
+    """The tensor name in `key` after the first module whose name ends with `module` (PEFT's rule), or None."""
+    i = key.find(module + ".")
+    return key[i + len(module) + 1 :] if i >= 0 else None

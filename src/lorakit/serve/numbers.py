@@ -15,7 +15,7 @@ without an exponent and never as -0, and a bounded `number` with at most `DIGITS
 
 `multipleOf` counts exactly, as JSON Schema means it: 0.3 is a multiple of 0.1 (a validator that divides floats,
 as Python's jsonschema does, says it is not). The integers that are multiples of 2.5 are those of 5: an integer
-node's step is the numerator of its multipleOf (`schema._number`).
+node's step is the numerator of its multipleOf (`schema_keywords.number`).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from lorakit.data.tokenize import IGNORE, Encoded
 from lorakit.errors import ConfigError
 from lorakit.head import head_sequence_logprobs, sequence_logprobs
 from lorakit.train.config import load_config
-from lorakit.train.objectives import dpo_losses
+from lorakit.train.losses import dpo_losses
 
 from runs import answer_nll, eval_pairs_setup, pairs_run
 from tiny import tiny_llama

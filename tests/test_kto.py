@@ -15,7 +15,7 @@ from lorakit.data.tokenize import IGNORE, Encoded
 from lorakit.errors import ConfigError
 from lorakit.train.config import load_config
 from lorakit.train.datasets import kto_balance
-from lorakit.train.objectives import kto_losses
+from lorakit.train.losses import kto_losses
 
 from runs import answer_nll, pairs_run
 from tiny import write_jsonl

@@ -8,7 +8,7 @@ import torch
 
 from lorakit.errors import ConfigError
 from lorakit.train.config import load_config
-from lorakit.train.objectives import orpo_losses, simpo_losses
+from lorakit.train.losses import orpo_losses, simpo_losses
 
 from runs import pairs_run
 

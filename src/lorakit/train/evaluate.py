@@ -15,7 +15,8 @@ from lorakit.data.tokenize import IGNORE, Encoded, chat_messages
 from lorakit.device import model_device, to_device
 from lorakit.generate import format_prompt
 from lorakit.inject import adapter_names
-from lorakit.train.objectives import PreferenceObjective, feedback_stats, pair_stats
+from lorakit.train.losses import feedback_stats, pair_stats
+from lorakit.train.objectives import PreferenceObjective
 from lorakit.train.schedule import collate
 
 

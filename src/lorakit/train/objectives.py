@@ -35,7 +35,7 @@ gradient, clamped at 0):
            averaged over the rows (λD, λU: kto.desirable_weight, kto.undesirable_weight; reward β·r)
 
 The log-probabilities come from the chunked LM head (`lorakit.head.sequence_logprobs`): the batch × seq × vocab
-logits are never held.
+logits are never held. The losses themselves, on those log-probabilities, are `lorakit.train.losses`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lorakit.control import active_adapters, disabled, set_active
@@ -53,6 +52,16 @@ from lorakit.data.feedback import Feedback, mismatched
 from lorakit.data.preference import Pair
 from lorakit.data.tokenize import Encoded
 from lorakit.head import causal_lm_loss, sequence_logprobs
+from lorakit.train.losses import (
+    chosen_nll,
+    dpo_losses,
+    feedback_stats,
+    kto_losses,
+    mean_logprobs,
+    orpo_losses,
+    pair_stats,
+    simpo_losses,
+)
 
 if TYPE_CHECKING:
     from lorakit.train.config import RunConfig
@@ -288,129 +297,6 @@ def _half(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor
     mask = batch["attention_mask"][rows]
     width = int(mask.sum(-1).max())
     return {k: batch[k][rows, :width] for k in ("input_ids", "attention_mask", "labels")}
-
-
-def kto_losses(
-    policy: torch.Tensor,
-    ref: torch.Tensor,
-    kl_policy: torch.Tensor,
-    kl_ref: torch.Tensor,
-    desirable: torch.Tensor,
-    *,
-    beta: float,
-    weights: tuple[float, float] = (1.0, 1.0),
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(each row's KTO loss, its reward β·r (detached), the KL estimate z) from the summed log-probabilities of
-    n rows' answers under the policy and the reference, the same of the n mismatched rows of the KL estimate, and
-    whether each answer is desirable; `weights` = (λD, λU). See the module docstring."""
-    diff = policy.float() - ref.float().to(policy.device)
-    kl = (kl_policy.float() - kl_ref.float().to(policy.device)).mean().detach().clamp(min=0)
-    good = desirable.to(policy.device).bool()
-    losses = torch.where(
-        good,
-        weights[0] * (1 - torch.sigmoid(beta * (diff - kl))),
-        weights[1] * (1 - torch.sigmoid(beta * (kl - diff))),
-    )
-    return losses, beta * diff.detach(), kl
-
-
-def feedback_stats(
-    rewards: torch.Tensor, kl: torch.Tensor, desirable: torch.Tensor, beta: float
-) -> dict[str, float]:
-    """KTO's statistics of a batch: how often a row's reward lies on its label's side of the reference point β·z
-    (above it for a desirable answer, below for an undesirable one), the mean distance on that side (negative:
-    the wrong side), and the KL estimate z (`kl`: one for the batch, or each row's)."""
-    sign = desirable.to(rewards.device).float() * 2 - 1
-    side = sign * (rewards - beta * kl)
-    return {
-        "reward_accuracy": float((side > 0).float().mean()),
-        "reward_margin": float(side.mean()),
-        "kl": float(kl.float().mean()),
-    }
-
-
-def dpo_losses(
-    policy: torch.Tensor,
-    ref: torch.Tensor,
-    count: torch.Tensor,
-    *,
-    beta: float,
-    kind: str = "sigmoid",
-    label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(each pair's DPO loss, the chosen answers' rewards, the rejected ones', both detached) from the summed
-    log-probabilities of 2·n rows, the n chosen first: `policy` under the model, `ref` under the reference, and
-    `count`, each row's number of answer tokens (IPO averages over them). See the module docstring."""
-    n = len(policy) // 2
-    policy, ref = policy.float(), ref.float().to(policy.device)
-    diff = policy - ref
-    if kind == "ipo":
-        per_token = diff / count.to(policy.device).clamp(min=1)
-        logits = per_token[:n] - per_token[n:]
-        losses = (logits - 1 / (2 * beta)) ** 2
-    else:
-        logits = beta * (diff[:n] - diff[n:])
-        if kind == "hinge":
-            losses = torch.relu(1 - logits)
-        else:
-            losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
-    rewards = beta * diff.detach()
-    return losses, rewards[:n], rewards[n:]
-
-
-def pair_stats(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]:
-    """The means of a batch's implicit rewards: how often the chosen answer's is the higher, their margin, and
-    each side's."""
-    return {
-        "reward_accuracy": float((chosen > rejected).float().mean()),
-        "reward_margin": float((chosen - rejected).mean()),
-        "reward_chosen": float(chosen.mean()),
-        "reward_rejected": float(rejected.mean()),
-    }
-
-
-def simpo_losses(
-    policy: torch.Tensor, count: torch.Tensor, *, beta: float, gamma: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(each pair's SimPO loss, the chosen answers' rewards, the rejected ones', both detached) from the summed
-    log-probabilities of 2·n rows (the n chosen first) and their answer-token counts."""
-    n = len(policy) // 2
-    rewards = beta * mean_logprobs(policy, count)
-    losses = -F.logsigmoid(rewards[:n] - rewards[n:] - gamma)
-    return losses, rewards[:n].detach(), rewards[n:].detach()
-
-
-def orpo_losses(
-    policy: torch.Tensor, count: torch.Tensor, *, weight: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(each pair's ORPO loss: the chosen answer's mean token loss plus `weight` times the odds-ratio loss; the
-    chosen answers' rewards, the rejected ones', both `weight` times the mean log-probability, detached), from
-    the summed log-probabilities of 2·n rows (the n chosen first) and their answer-token counts."""
-    n = len(policy) // 2
-    mean = mean_logprobs(policy, count)
-    # log(p / (1 - p)) with p = exp(mean); an answer certain to float32 (mean 0: every token's log-softmax rounds to
-    # 0) would give infinite odds and a NaN gradient, so the odds stop at p = 1 - 1e-6 (log odds 13.8)
-    capped = mean.clamp(max=-1e-6)
-    log_odds = capped - _log1mexp(capped)
-    losses = -mean[:n] - weight * F.logsigmoid(log_odds[:n] - log_odds[n:])
-    rewards = weight * mean.detach()
-    return losses, rewards[:n], rewards[n:]
-
-
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 − exp(x)) for x < 0, without cancellation on either side of −log 2 (Mächler, 2012)."""
-    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
-
-
-def mean_logprobs(policy: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """Each row's mean log-probability per answer token (float32), from its sum and its token count."""
-    return policy.float() / count.to(policy.device).clamp(min=1)
-
-
-def chosen_nll(policy: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """The chosen answers' token loss (the first half of the rows): each one's mean over its tokens, averaged."""
-    n = len(policy) // 2
-    return -mean_logprobs(policy[:n], count[:n]).mean()
 
 
 def make_objective(cfg: RunConfig) -> Objective:

@@ -24,7 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lorakit.serve import protocol as P
 from lorakit.serve.adapters import AdapterRoutes
 from lorakit.serve.engine import Engine
-from lorakit.serve.generation import ClientGone, GenerationRoutes
+from lorakit.serve.generation import GenerationRoutes
+from lorakit.serve.inflight import ClientGone
 from lorakit.serve.metrics import render as render_metrics
 
 log = logging.getLogger(__name__)

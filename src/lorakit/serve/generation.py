@@ -2,8 +2,8 @@
 vLLM's /tokenize and /detokenize.
 
 Handlers validate and tokenize, hand the request to the engine thread as one row per choice of each prompt, and
-read the rows' events back from an asyncio queue the engine feeds (`loop.call_soon_threadsafe`). A client that
-goes away cancels its rows.
+read the rows' events back from an asyncio queue the engine feeds (`loop.call_soon_threadsafe`;
+`lorakit.serve.inflight`). A client that goes away cancels its rows.
 """
 
 from __future__ import annotations
@@ -12,66 +12,22 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from lorakit.data.toolcalls import renders_tools
 from lorakit.serve import protocol as P
 from lorakit.serve import responses as R
 from lorakit.serve.adapters import AdapterRoutes
 from lorakit.serve.engine import Engine
+from lorakit.serve.inflight import Run, collect, sse_response, unless_gone, usage
 from lorakit.serve.metrics import Latency
 from lorakit.serve.requests import Delta, Done, Event, Failed, GenRequest, Prompt, TokenLogprob
 from lorakit.serve.tools import ToolStream, with_tools
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-DISCONNECT_POLL_S = 0.2
-"""How often a handler waiting for the engine checks whether its client is still there."""
-
-
-class ClientGone(Exception):
-    """The client closed the connection before its answer was ready; its request was cancelled."""
-
-
-@dataclass
-class _Run:
-    """A request handed to the engine, one row per choice generated (`width` per prompt, prompt by prompt): its
-    events arrive on `events` as (row, event) pairs; `first` is already taken from it."""
-
-    reqs: list[GenRequest]
-    events: asyncio.Queue
-    first: tuple[int, Event]
-    model: str  # the name answered in responses
-    width: int  # rows per prompt: best_of (n unless set)
-    endpoint: str  # "completions" or "chat", for the latency metrics
-    started: float  # time.monotonic() when the handler had read the request
-
-    def cancel(self) -> None:
-        """Every choice's row leaves the batch (a no-op for those already done)."""
-        for req in self.reqs:
-            req.cancelled = True
-
-    async def events_until_done(self) -> AsyncIterator[tuple[int, Event]]:
-        """`first`, then the rest, until every choice is Done or one has Failed."""
-        left, item = len(self.reqs), self.first
-        while True:
-            yield item
-            if isinstance(item[1], Failed):
-                return
-            if isinstance(item[1], Done):
-                left -= 1
-                if not left:
-                    return
-            item = await self.events.get()
-
-
-_Result = tuple[str, Done, list[TokenLogprob]]
-"""One choice's text, its end, and its log-probabilities (the prompt's first, with echo)."""
 
 
 class GenerationRoutes:
@@ -79,7 +35,6 @@ class GenerationRoutes:
         self.engine, self.adapters, self.tok = engine, adapters, engine.tokenizer
         self.latency = Latency()
         self.max_waiting = max_waiting
-        # whether the chat template renders `tools` (found on first use)
 
     async def completions(self, request: Request) -> Response:
         parsed = P.parse_completion(await P.read_json(request))
@@ -103,8 +58,8 @@ class GenerationRoutes:
                 return R.completion_body(rid, run.model, [R.completion_choice(i, text, finish, lps)], None)
 
             stream = self._stream(run, rid, chunk, parsed.include_usage, chat=False, echoed=echoed)
-            return _sse_response(stream)
-        results = await _unless_gone(request, run.reqs, _collect(run))
+            return sse_response(stream)
+        results = await unless_gone(request, run.reqs, collect(run))
         choices = []
         for p in range(len(results) // run.width):  # choices of prompt p: indices p*n to p*n + n - 1
             rows = results[p * run.width : (p + 1) * run.width]
@@ -118,7 +73,7 @@ class GenerationRoutes:
                 head = echoed[p] if echoed else ""
                 choices.append(R.completion_choice(len(choices), head + text, done.finish_reason, lps))
         self._observe_total(run)
-        return JSONResponse(R.completion_body(rid, run.model, choices, _usage(results, run.width)))
+        return JSONResponse(R.completion_body(rid, run.model, choices, usage(results, run.width)))
 
     def _prompt_text(self, prompt: str | list[int], ids: list[int]) -> str:
         """What `echo` puts first: the prompt as given, or its token ids' text."""
@@ -158,17 +113,17 @@ class GenerationRoutes:
                     out.append(R.chat_chunk(rid, run.model, {}, reason, None, i))
                 return out
 
-            return _sse_response(self._stream(run, rid, chunk, parsed.include_usage, chat=True))
-        results = await _unless_gone(request, run.reqs, _collect(run))
+            return sse_response(self._stream(run, rid, chunk, parsed.include_usage, chat=True))
+        results = await unless_gone(request, run.reqs, collect(run))
         choices = []
         for i, (text, done, entries) in enumerate(results):
             calls = tools.calls_of(text) if tools is not None and done.finish_reason == "stop" else []
             lps = R.chat_logprobs(entries, token_text) if wanted else None
             choices.append(R.chat_choice(i, text, done.finish_reason, lps, calls))
         self._observe_total(run)
-        return JSONResponse(R.chat_body(rid, run.model, choices, _usage(results, run.width)))
+        return JSONResponse(R.chat_body(rid, run.model, choices, usage(results, run.width)))
 
-    def _observe_total(self, run: _Run) -> None:
+    def _observe_total(self, run: Run) -> None:
         self.latency.observe(run.endpoint, "total", time.monotonic() - run.started)
 
     async def tokenize(self, request: Request) -> dict:
@@ -204,7 +159,7 @@ class GenerationRoutes:
 
         return {"prompt": await asyncio.to_thread(decode)}
 
-    async def _start(self, parsed: P.Parsed, request: Request, endpoint: str) -> _Run:
+    async def _start(self, parsed: P.Parsed, request: Request, endpoint: str) -> Run:
         """Submit the request (a row per choice of each prompt) and wait for its first event, so that early
         failures get their own status.
 
@@ -244,7 +199,7 @@ class GenerationRoutes:
         ]
         for req in reqs:  # submitted together: the rows of one prompt share its prefill (the engine's rule)
             self.engine.submit(req)  # (the engine owns each row's hold from here)
-        first = await _unless_gone(request, reqs, events.get())
+        first = await unless_gone(request, reqs, events.get())
         if isinstance(first[1], Failed):
             for req in reqs:
                 req.cancelled = True
@@ -252,7 +207,7 @@ class GenerationRoutes:
         self.latency.observe(endpoint, "first_event", time.monotonic() - started)
         width = len(reqs) // len(prompts)
         model = parsed.model or self.adapters.base_name
-        return _Run(reqs, events, first, model, width, endpoint, started)
+        return Run(reqs, events, first, model, width, endpoint, started)
 
     def _room_for(self, rows: int) -> None:
         """400 if `rows` sequences could never fit (the batch plus the queue), 503 if they do not fit now: the
@@ -339,7 +294,7 @@ class GenerationRoutes:
 
     async def _stream(
         self,
-        run: _Run,
+        run: Run,
         rid: str,
         chunk: Callable[..., dict],
         include_usage: bool,
@@ -375,66 +330,9 @@ class GenerationRoutes:
                 # a Failed event: the openai client raises APIError on an "error" event
                 yield R.sse(P.APIError(event.status, event.message, event.code).body())
             if include_usage and len(dones) == len(run.reqs):
-                use = _usage([(None, dones[i], None) for i in range(len(run.reqs))], run.width)
+                use = usage([(None, dones[i], None) for i in range(len(run.reqs))], run.width)
                 yield R.sse(R.usage_chunk(rid, run.model, chat, use))
             yield "data: [DONE]\n\n"
             self._observe_total(run)
         finally:
             run.cancel()  # done (no-op), or the client went away: the rows leave the batch
-
-
-async def _unless_gone(request: Request, reqs: list[GenRequest], waiting: Awaitable[T]) -> T:
-    """`await waiting`, unless the client disconnects first: then `reqs` are cancelled (their rows leave the batch
-    at the next step; the engine sends them nothing more) and ClientGone is raised. Streams need none of this:
-    Starlette ends a stream whose client went away, and `_stream`'s `finally` cancels the request."""
-    task = asyncio.ensure_future(waiting)
-
-    async def watch() -> None:
-        while not await request.is_disconnected():
-            await asyncio.sleep(DISCONNECT_POLL_S)
-
-    watcher = asyncio.ensure_future(watch())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            for req in reqs:
-                req.cancelled = True
-            task.cancel()
-    if not task.done() or task.cancelled():
-        raise ClientGone
-    return task.result()
-
-
-async def _collect(run: _Run) -> list[_Result]:
-    """Each choice's result, in choice order; the first failure fails the request (and cancels the rest)."""
-    parts: list[list[str]] = [[] for _ in run.reqs]
-    entries: list[list[TokenLogprob]] = [[] for _ in run.reqs]
-    dones: dict[int, Done] = {}
-    try:
-        async for i, event in run.events_until_done():
-            if isinstance(event, Prompt):
-                entries[i].extend(event.logprobs)
-            elif isinstance(event, Delta):
-                parts[i].append(event.text)
-                entries[i].extend(event.logprobs)
-            elif isinstance(event, Done):
-                dones[i] = event
-            else:
-                raise P.APIError(event.status, event.message, event.code)
-    finally:
-        run.cancel()
-    return [("".join(parts[i]), dones[i], entries[i]) for i in range(len(run.reqs))]
-
-
-def _usage(results: list[_Result], width: int) -> dict[str, Any]:
-    """Each prompt once, and every choice's tokens (with best_of, those not returned too: they were generated).
-    A prompt's cached tokens are its first choice's (its choices share one prefill)."""
-    prompt_tokens = sum(done.prompt_tokens for _, done, _ in results[::width])
-    cached = sum(done.cached_tokens for _, done, _ in results[::width])
-    return R.usage(prompt_tokens, sum(done.completion_tokens for _, done, _ in results), cached)
-
-
-def _sse_response(body: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

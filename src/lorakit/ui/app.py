@@ -3,8 +3,9 @@
 The chat goes through serve's own /v1/chat/completions (so the page's side-by-side requests are batched by the
 same engine, in one mixed batch), and loading and unloading adapters through serve's /v1/load_lora_adapter and
 /v1/unload_lora_adapter with the workspace as the adapter root. The routes here add what only the page needs:
-the training form's schema, uploads, data previews, runs and their live curves (SSE, in run_routes), weighted
-mixes, combining, exports and evaluations (jobs, listed and deletable), and downloads. Every /api route takes the
+the training form's schema, uploads, data previews, runs and their live curves (SSE, in run_routes), the adapters,
+weighted mixes and combining (in adapter_routes), exports and evaluations (jobs, listed and deletable), and
+downloads. Every /api route takes the
 same API key as /v1; the page and its static files do not (they hold no data). Errors are OpenAI-shaped JSON,
 one line, as in serve.
 """
@@ -12,8 +13,6 @@ one line, as in serve.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,10 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
-from lorakit.errors import LorakitError
 from lorakit.serve import protocol as P
 from lorakit.serve.app import require_key
-from lorakit.serve.engine import Engine, EngineStopped
+from lorakit.serve.engine import Engine
+from lorakit.ui.adapter_routes import AdapterPanel
 from lorakit.ui.jobs import Jobs
 from lorakit.ui.run_routes import RunRoutes
 from lorakit.ui.runs import Runs
@@ -62,9 +61,7 @@ class _Routes:
     def __init__(self, engine: Engine, ws: Workspace, runs: Runs, jobs: Jobs, settings: Settings) -> None:
         self.engine, self.bank, self.ws, self.runs, self.jobs = engine, engine.bank, ws, runs, jobs
         self.settings = settings
-        self.mix_lock = asyncio.Lock()
-        self.mixes: dict[str, str] = {}
-        """label -> loaded adapter name of each weighted mix made here"""
+        self.panel = AdapterPanel(engine, ws, settings.base_name)
 
     def router(self) -> APIRouter:
         r = APIRouter(prefix="/api")
@@ -75,9 +72,7 @@ class _Routes:
             ("/upload", self.upload, "POST"),
             ("/preview", self.preview, "POST"),
             *RunRoutes(self.runs, self._loaded_from).routes(),
-            ("/adapters", self.adapters, "GET"),
-            ("/mix", self.mix, "POST"),
-            ("/combine", self.combine, "POST"),
+            *self.panel.routes(),
             ("/export", self.export, "POST"),
             ("/eval", self.evaluate, "POST"),
             ("/jobs", self.list_jobs, "GET"),
@@ -189,136 +184,9 @@ class _Routes:
                 )
         return {"total": len(items), "examples": out, "pairs": pairs}
 
-    # -- adapters ----------------------------------------------------------------------------------------------
-
-    async def adapters(self) -> dict[str, Any]:
-        return {"base": self.settings.base_name, "adapters": await asyncio.to_thread(self._adapter_rows)}
-
-    def _adapter_rows(self) -> list[dict[str, Any]]:
-        from lorakit.io import describe_adapter, folder_format
-
-        rows = []
-        for name in self.bank.names():
-            path = self.bank.paths.get(name)
-            row: dict[str, Any] = {"name": name, "path": self._shown(path)}
-            label = next((k for k, v in self.mixes.items() if v == name), None)
-            if label is not None:
-                row["mix"] = label
-            if path is not None:
-                try:
-                    info, (fmt, _) = describe_adapter(path), folder_format(path)
-                except LorakitError as e:  # the folder changed since it was loaded: say so, list the rest
-                    row["error"] = str(e)
-                else:
-                    cfg = info.get("config")
-                    row.update(
-                        rank=getattr(cfg, "r", None),
-                        alpha=getattr(cfg, "alpha", None),
-                        targets=sorted({m.rsplit(".", 1)[-1] for m in info.get("modules", {})})
-                        or getattr(cfg, "targets", None),
-                        params=info.get("parameters"),
-                        kind=fmt.label
-                        + (" + DoRA" if getattr(cfg, "use_dora", False) else "")
-                        + (" + lora_bias" if getattr(cfg, "lora_bias", False) else "")
-                        + (" + KaSA" if getattr(cfg, "use_kasa", False) else "")
-                        + (" + BD-LoRA" if getattr(cfg, "use_bdlora", None) else ""),
-                        size_bytes=sum(f.stat().st_size for f in Path(path).iterdir() if f.is_file()),
-                    )
-            rows.append(row)
-        return rows
-
-    def _shown(self, path: Path | None) -> str | None:
-        if path is None:
-            return None
-        return self.ws.rel(path) if self.ws.inside(Path(path).resolve()) else str(path)
-
-    def _adapter_path(self, ref: Any) -> Path:
-        """A loaded adapter's folder, or a workspace folder the page names."""
-        if isinstance(ref, str) and ref in self.bank and self.bank.paths.get(ref) is not None:
-            return Path(self.bank.paths[ref])
-        path = self.ws.path(ref, what="adapter")
-        if not path.is_dir():
-            raise P.bad(f"adapter {ref!r} is neither a loaded adapter nor an adapter folder", "adapter")
-        return path
-
-    async def mix(self, request: Request) -> dict[str, Any]:
-        """Load the weighted sum of loaded adapters' ΔW as one adapter, exactly (`combine` with method cat, written
-        to mixes/): {"name": "mix_1", "label": "a=0.7 + b=0.3"}. The same weights again give the same adapter."""
-        from lorakit.combine import combine
-
-        body = await P.read_json(request)
-        weights = body.get("weights")
-        if not isinstance(weights, dict) or not weights:
-            raise P.bad(
-                '\'weights\' must map loaded adapters to numbers, e.g. {"a": 0.7, "b": 0.3}', "weights"
-            )
-        for n, w in weights.items():
-            if n not in self.bank:
-                raise P.APIError(
-                    404,
-                    f"mix: {n!r} is not a loaded adapter; loaded: {self.bank.names()}",
-                    "not_found",
-                    "weights",
-                )
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-                raise P.bad(f"mix: the weight of {n!r} must be a finite number, got {w!r}", "weights")
-        label = " + ".join(f"{n}={w:g}" for n, w in weights.items())
-        async with self.mix_lock:
-            name = self.mixes.get(label)
-            if name is not None and name in self.bank:
-                return {"name": name, "label": label}
-            sources = [self._adapter_path(n) for n in weights]
-            name = next(
-                f"mix_{i}"
-                for i in itertools.count(1)
-                if f"mix_{i}" not in self.bank and not (self.ws.root / "mixes" / f"mix_{i}").exists()
-            )
-            out = self.ws.root / "mixes" / name
-            try:
-                await asyncio.to_thread(combine, sources, list(weights.values()), "cat", out)
-                await asyncio.wrap_future(self.engine.call(lambda: self.bank.load(name, out)))
-            except EngineStopped:
-                raise P.APIError(503, "the engine is not running", "server_error") from None
-            except LorakitError as e:
-                raise P.bad(f"mix {label}: {e}", "weights") from None
-            self.mixes[label] = name
-        return {"name": name, "label": label}
-
-    async def combine(self, request: Request) -> dict[str, Any]:
-        from lorakit.combine import combine
-
-        body = await P.read_json(request)
-        sources = body.get("sources")
-        if not isinstance(sources, list) or len(sources) < 1:
-            raise P.bad("'sources' must list loaded adapters or adapter folders", "sources")
-        paths = [self._adapter_path(s) for s in sources]
-        out_name = check_name(body.get("out"), "out")
-        out = self.ws.root / "adapters" / out_name
-        if out.exists():
-            raise P.APIError(409, f"adapters/{out_name} exists already: pick another name", "exists", "out")
-        weights = body.get("weights")
-        if weights is not None and (
-            not isinstance(weights, list)
-            or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)
-        ):
-            raise P.bad("'weights' must be a list of numbers, one per source", "weights")
-        try:
-            await asyncio.to_thread(
-                combine,
-                paths,
-                weights,
-                str(body.get("method") or "linear"),
-                out,
-                density=body.get("density"),
-                svd_rank=body.get("svd_rank"),
-            )
-        except LorakitError as e:
-            raise P.bad(f"combine: {str(e).replace(str(self.ws.root) + '/', '')}", "sources") from None
-        return {"path": self.ws.rel(out)}
-
     async def export(self, request: Request) -> dict[str, Any]:
         body = await P.read_json(request)
-        adapter = self._adapter_path(body.get("adapter"))
+        adapter = self.panel.path(body.get("adapter"))
         kind = body.get("kind", "gguf")
         if kind not in ("merged", "gguf", "gguf-merged"):
             raise P.bad(f"kind must be merged, gguf or gguf-merged, got {kind!r}", "kind")
@@ -346,7 +214,7 @@ class _Routes:
         from lorakit.data.tasks import TASKS
 
         body = await P.read_json(request)
-        adapter = self._adapter_path(body.get("adapter"))
+        adapter = self.panel.path(body.get("adapter"))
         limit = _int(body.get("limit", 50), "limit", 1, 10_000)
         if body.get("file"):
             data = ["--data", str(self.ws.path(body["file"], what="file"))]

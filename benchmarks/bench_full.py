@@ -44,10 +44,11 @@ def _data_overrides() -> list[str]:
 
 def _setup(cfg):
     import lorakit
-    from lorakit.train.run import _encode, evaluate
+    from lorakit.train.datasets import encode_examples
+    from lorakit.train.run import evaluate
 
     model, tok = lorakit.load_model(cfg.model.path)
-    data = _encode(cfg, tok, lambda s: None)
+    data = encode_examples(cfg, tok, lambda s: None)
 
     def measure(m) -> dict:
         return evaluate(m, tok, data.eval_rows, data.eval_examples, cfg, can_merge=False)

@@ -1,6 +1,6 @@
 """The benchmarks, examples and scripts run outside the suite (minutes each, some against PEFT), so a name they import
-from lorakit that a refactor moved would only fail when someone next runs them: `bench_full.py` imported
-`lorakit.train.run._encode` for two weeks after it had become `lorakit.train.datasets.encode_examples`. This reads
+from lorakit that a refactor moved would only fail when someone next runs them: `bench_full.py` still imported
+`lorakit.train.run._encode` after it had become `lorakit.train.datasets.encode_examples`. This reads
 every `from lorakit... import name` in them with `ast` and checks that the module has the name."""
 
 from __future__ import annotations

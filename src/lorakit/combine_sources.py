@@ -102,9 +102,8 @@ def module_table(
             have = next(iter(parts))
             raise AdapterError(f"{name}: {m} has lora_{have} but no lora_{'B' if have == 'A' else 'A'}")
         (A, emb_a), (B, emb_b) = parts["A"], parts["B"]
-        if (
-            config.use_bdlora
-        ):  # the stored blocks as the dense factor they stand for: the result is plain LoRA
+        # BD-LoRA: the stored blocks as the dense factor they stand for; the result is plain LoRA
+        if config.use_bdlora:
             A, B = BdLoraVariant.create(config, m).dense(A, B)
         if (
             emb_a != emb_b

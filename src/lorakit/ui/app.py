@@ -5,9 +5,8 @@ same engine, in one mixed batch), and loading and unloading adapters through ser
 /v1/unload_lora_adapter with the workspace as the adapter root. The routes here add what only the page needs:
 the training form's schema, uploads, data previews, runs and their live curves (SSE, in run_routes), the adapters,
 weighted mixes and combining (in adapter_routes), exports and evaluations (jobs, listed and deletable), and
-downloads. Every /api route takes the
-same API key as /v1; the page and its static files do not (they hold no data). Errors are OpenAI-shaped JSON,
-one line, as in serve.
+downloads. Every /api route takes the same API key as /v1; the page and its static files do not (they hold no
+data). Errors are OpenAI-shaped JSON, one line, as in serve.
 """
 
 from __future__ import annotations

@@ -175,7 +175,10 @@ def test_runs_and_workspace_entries_can_be_deleted_and_nothing_else(ui, http, tr
 
 
 def test_the_workspace_lists_what_the_page_can_pick(http, trained):
+    # its own upload, so that the file passes alone too (test_ui.py's uploads may be there as well)
+    line = b'{"prompt": "1+1?", "completion": "2"}\n'
+    assert http.post("/api/upload", params={"name": "listed.jsonl"}, content=line).status_code == 200
     listing = http.get("/api/workspace").json()
     assert {"path": "runs/t1/adapter"} in listing["adapters"]
     assert all("/checkpoints/" not in a["path"] for a in listing["adapters"])
-    assert "t1" in listing["runs"] and any(d["path"] == "data/sums.jsonl" for d in listing["data"])
+    assert "t1" in listing["runs"] and any(d["path"] == "data/listed.jsonl" for d in listing["data"])

@@ -79,7 +79,7 @@ def test_loss_at_the_start_is_log_two():
 @pytest.mark.parametrize(
     "overrides, words",
     [
-        (["--objective", "ppo"], "train.objective must be one of sft, dpo, simpo, orpo, kto, got 'ppo'"),
+        (["--objective", "ppo"], "train.objective must be one of sft, dpo, simpo, orpo, cpo, kto, got 'ppo'"),
         (["--dpo.beta", "0.5"], "dpo.beta is set but train.objective is 'sft'; use --train.objective dpo"),
         (["--objective", "dpo", "--dpo.beta", "0"], "dpo.beta must be > 0"),
         (["--objective", "dpo", "--dpo.loss", "kto"], "dpo.loss must be one of sigmoid, ipo, hinge"),
@@ -168,15 +168,16 @@ def test_a_precomputed_reference_trains_as_the_per_step_one(tmp_path, start):
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("objective", ["dpo", "simpo"])
+@pytest.mark.parametrize("objective", ["dpo", "simpo", "cpo"])
 def test_sft_weight_adds_the_chosen_answers_token_loss(objective):
-    """dpo.sft_weight (and simpo.sft_weight) w adds w × the chosen answers' mean token loss (each answer's own mean, then the batch's:
-    RPO's length-normalised NLL), computed here from the model's full logits (float32, 1e-5)."""
-    from lorakit.train.config import DpoSection, RunConfig, SimpoSection
+    """dpo.sft_weight (and simpo's, cpo's) w adds w × the chosen answers' mean token loss (each answer's own
+    mean, then the batch's: RPO's length-normalised NLL), computed here from the model's full logits (float32,
+    1e-5)."""
+    from lorakit.train.config import CpoSection, DpoSection, RunConfig, SimpoSection
     from lorakit.train.objectives import make_objective
     from lorakit.train.schedule import collate
 
-    section = {"dpo": DpoSection, "simpo": SimpoSection}[objective]
+    section = {"dpo": DpoSection, "simpo": SimpoSection, "cpo": CpoSection}[objective]
 
     def loss(**settings):
         cfg = RunConfig(**{objective: section(**settings)})
@@ -191,7 +192,7 @@ def test_sft_weight_adds_the_chosen_answers_token_loss(objective):
         ids = torch.randint(2, 128, (n,), generator=g).tolist()
         rows.append(Encoded(ids, [IGNORE] * 3 + ids[3:]))
     batch = collate(rows + rows[::-1], 0)  # two pairs: chosen rows first
-    plain, weighted = loss(), loss(sft_weight=0.7)
+    plain, weighted = loss(sft_weight=0.0), loss(sft_weight=0.7)  # CPO's default is 1
     per_answer = answer_nll(model, {k: v[:2] for k, v in batch.items()})  # the chosen rows
     assert float(weighted - plain) == pytest.approx(0.7 * float(per_answer.mean()), abs=1e-5)
 

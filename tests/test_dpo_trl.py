@@ -1,5 +1,5 @@
-"""lorakit's DPO against TRL's DPOTrainer (the peer and oracle), and its SimPO and ORPO against TRL's CPOTrainer and
-ORPOTrainer, from the same PEFT adapter on the same model.
+"""lorakit's DPO against TRL's DPOTrainer (the peer and oracle), and its SimPO, CPO and ORPO against TRL's
+CPOTrainer and ORPOTrainer, from the same PEFT adapter on the same model.
 
 A tiny random Llama with SmolLM2's real tokenizer and chat template, and a PEFT adapter whose A and B are both
 random (so the policy differs from the reference at step 1 and the first loss is not log 2). Both train 3 AdamW
@@ -22,7 +22,7 @@ import lorakit
 from lorakit.data.preference import as_pair, encode_pairs
 from lorakit.data.tokenize import IGNORE
 from lorakit.models import load_model
-from lorakit.train.config import DpoSection, OrpoSection, RunConfig, SimpoSection, TrainSection
+from lorakit.train.config import CpoSection, DpoSection, OrpoSection, RunConfig, SimpoSection, TrainSection
 from lorakit.train.loop import train_loop
 from lorakit.train.objectives import REFERENCE_ADAPTER, make_objective
 
@@ -60,7 +60,7 @@ def folders(tmp_path_factory, default_model_dir):
     return model_dir, build_peft_adapter(model_dir, root / "adapter")
 
 
-SECTIONS = {"dpo": DpoSection, "simpo": SimpoSection, "orpo": OrpoSection}
+SECTIONS = {"dpo": DpoSection, "simpo": SimpoSection, "orpo": OrpoSection, "cpo": CpoSection}
 
 
 def _lorakit(
@@ -196,13 +196,27 @@ def test_dpo_from_an_adapter_equals_trl(folders, tmp_path):
         (CHAT_PAIRS, True, "orpo", {"beta": 0.5}),
         (TEXT_PAIRS, False, "simpo", {"beta": 2.0, "gamma": 1.0}),
         (CHAT_PAIRS, True, "simpo", {"beta": 2.5, "gamma": 0.5, "sft_weight": 1.0}),
+        (CHAT_PAIRS, True, "cpo", {"beta": 0.1, "sft_weight": 1.0}),  # the paper's CPO
+        (TEXT_PAIRS, False, "cpo", {"beta": 0.1, "label_smoothing": 0.1, "sft_weight": 0.0}),
+        (TEXT_PAIRS, False, "cpo", {"beta": 0.5, "loss": "ipo", "sft_weight": 0.5}),
+        (CHAT_PAIRS, True, "cpo", {"beta": 0.2, "loss": "hinge", "sft_weight": 0.0}),
     ],
-    ids=["text-orpo", "chat-orpo", "text-simpo", "chat-simpo-sft"],
+    ids=[
+        "text-orpo",
+        "chat-orpo",
+        "text-simpo",
+        "chat-simpo-sft",
+        "chat-cpo",
+        "text-cpo-smoothed",
+        "text-cpo-ipo",
+        "chat-cpo-hinge",
+    ],
 )
 def test_reference_free_objectives_equal_trl(folders, tmp_path, pairs, chat, objective, settings):
-    """SimPO (TRL's CPOTrainer) and ORPO (TRL's ORPOTrainer) on lorakit's token ids (those trainers tokenize
-    their older way; tests/trl_ref_free_oracle.py says how it is replaced, and why the chosen answers' token loss
-    is the ORPO paper's). Each step's loss and rewards to 1e-4, the adapter to 2e-4, as for DPO."""
+    """SimPO and CPO (TRL's CPOTrainer) and ORPO (TRL's ORPOTrainer) on lorakit's token ids (those trainers
+    tokenize their older way; tests/trl_ref_free_oracle.py says how it is replaced, and why the chosen
+    answers' token loss is the ORPO paper's). Each step's loss and rewards to 1e-4, the adapter to 2e-4, as
+    for DPO."""
     model_dir, adapter_dir = folders
     rows, records, adapter = _lorakit(
         model_dir, adapter_dir, pairs, chat=chat, out=tmp_path / "ours", objective=objective, **settings
@@ -223,6 +237,8 @@ def test_reference_free_objectives_equal_trl(folders, tmp_path, pairs, chat, obj
         beta=settings["beta"],
         gamma=settings.get("gamma", 0.0),
         sft_weight=settings.get("sft_weight", 0.0),
+        loss=settings.get("loss", "sigmoid"),
+        label_smoothing=settings.get("label_smoothing", 0.0),
         out_dir=str(tmp_path / "trl"),
     )
     _same_as_trl(records, adapter, theirs)

@@ -1,5 +1,5 @@
-"""SimPO and ORPO, the preference objectives without a reference model: their losses, the config, runs that learn,
-and the settings they train with that DPO refuses (against TRL: test_dpo_trl.py)."""
+"""SimPO, ORPO and CPO, the preference objectives without a reference model: their losses, the config, runs
+that learn, and the settings they train with that DPO refuses (against TRL: test_dpo_trl.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from lorakit.errors import ConfigError
 from lorakit.train.config import load_config
-from lorakit.train.losses import orpo_losses, simpo_losses
+from lorakit.train.losses import cpo_losses, orpo_losses, simpo_losses
 
 from runs import pairs_run
 
@@ -57,6 +57,31 @@ def test_orpo_loss_is_the_papers_and_stable_near_certainty():
 
 
 @pytest.mark.parametrize(
+    "kind, smoothing", [("sigmoid", 0.0), ("sigmoid", 0.2), ("hinge", 0.0), ("ipo", 0.0)]
+)
+def test_cpo_loss_is_the_papers(kind, smoothing):
+    """With x = Lc - Lr the summed log-probabilities' difference (IPO: ℓc - ℓr, the means'):
+    -(1 - ε) log σ(βx) - ε log σ(-βx), max(0, 1 - βx) or (x - 1/(2β))², and rewards β L (IPO: β ℓ); float64
+    here, float32 there (1e-5: sums of up to 8 tokens' log-probabilities near -24 in float32)."""
+    policy, count = _sums(1)
+    beta = 0.3
+    losses, chosen, rejected = cpo_losses(
+        policy.float(), count, beta=beta, kind=kind, label_smoothing=smoothing
+    )
+    logsigmoid = torch.nn.functional.logsigmoid
+    scores = policy / count if kind == "ipo" else policy
+    x = scores[:3] - scores[3:]
+    want = {
+        "sigmoid": -(1 - smoothing) * logsigmoid(beta * x) - smoothing * logsigmoid(-beta * x),
+        "hinge": torch.relu(1 - beta * x),
+        "ipo": (x - 1 / (2 * beta)) ** 2,
+    }[kind]
+    torch.testing.assert_close(losses.double(), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(chosen.double(), beta * scores[:3], atol=1e-5, rtol=0)
+    torch.testing.assert_close(rejected.double(), beta * scores[3:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
     "overrides, words",
     [
         (
@@ -72,12 +97,31 @@ def test_orpo_loss_is_the_papers_and_stable_near_certainty():
         (["--objective", "orpo", "--data.pack", "true"], "data.pack does not work with train.objective orpo"),
         (["--objective", "simpo", "--data.train_on_all", "true"], "data.train_on_all does not work"),
         (
+            ["--objective", "simpo", "--cpo.sft_weight", "0"],
+            "cpo.sft_weight is set but train.objective is 'simpo'",
+        ),
+        (["--objective", "cpo", "--cpo.beta", "0"], "cpo.beta must be > 0, got 0.0"),
+        (
+            ["--objective", "cpo", "--cpo.loss", "robust"],
+            "cpo.loss must be one of sigmoid, ipo, hinge, got 'robust'",
+        ),
+        (
+            ["--objective", "cpo", "--cpo.label_smoothing", "0.5"],
+            "cpo.label_smoothing must be in [0, 0.5), got 0.5",
+        ),
+        (
+            ["--objective", "cpo", "--cpo.loss", "ipo", "--cpo.label_smoothing", "0.1"],
+            "cpo.label_smoothing works with cpo.loss sigmoid, not 'ipo'",
+        ),
+        (["--objective", "cpo", "--cpo.sft_weight", "-1"], "cpo.sft_weight must be >= 0, got -1.0"),
+        (["--objective", "cpo", "--data.pack", "true"], "data.pack does not work with train.objective cpo"),
+        (
             ["--objective", "simpo", "--train.fsdp", "true"],
             "train.fsdp does not work with train.objective simpo",
         ),
     ],
 )
-def test_bad_simpo_and_orpo_settings_are_refused(overrides, words):
+def test_bad_simpo_orpo_and_cpo_settings_are_refused(overrides, words):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
     assert words in str(e.value)
@@ -95,16 +139,20 @@ def test_bad_simpo_and_orpo_settings_are_refused(overrides, words):
 )
 def test_what_dpo_refuses_for_its_reference_the_reference_free_objectives_accept(overrides):
     """DPO refuses these (its reference, the model with the adapters off, would not be where training starts);
-    SimPO and ORPO have no reference."""
+    SimPO, ORPO and CPO have no reference."""
     with pytest.raises(ConfigError):
         load_config(None, ["--objective", "dpo", *overrides])
-    for objective in ("simpo", "orpo"):
+    for objective in ("simpo", "orpo", "cpo"):
         assert load_config(None, ["--objective", objective, *overrides]).train.objective == objective
 
 
 @pytest.mark.parametrize(
     "objective, settings",
-    [("simpo", ("--simpo.beta", "2", "--simpo.gamma", "0.5")), ("orpo", ("--orpo.beta", "0.5"))],
+    [
+        ("simpo", ("--simpo.beta", "2", "--simpo.gamma", "0.5")),
+        ("orpo", ("--orpo.beta", "0.5")),
+        ("cpo", ("--cpo.beta", "0.1")),  # the paper's, with its token loss (cpo.sft_weight 1)
+    ],
 )
 def test_a_run_learns_the_preference(tmp_path, objective, settings):
     """12 steps on the tiny addition pairs: the held-out pairs' loss falls, the rewards rank the chosen answer
@@ -125,8 +173,9 @@ def test_a_run_learns_the_preference(tmp_path, objective, settings):
         ("orpo", ("--method", "ladder")),
         ("simpo", ("--method", "dylora")),
         ("orpo", ("--method", "adalora+loraplus")),
+        ("cpo", ("--lora.init", "olora", "--cpo.loss", "ipo", "--cpo.beta", "0.5")),
     ],
-    ids=["simpo-pissa", "orpo-kasa", "orpo-ladder", "simpo-dylora", "orpo-adalora-loraplus"],
+    ids=["simpo-pissa", "orpo-kasa", "orpo-ladder", "simpo-dylora", "orpo-adalora-loraplus", "cpo-ipo-olora"],
 )
 def test_the_reference_free_objectives_train_with_each_method(tmp_path, objective, overrides):
     """8 steps: the held-out pairs' preference loss falls, and the adapter saved loads back."""
@@ -135,10 +184,11 @@ def test_the_reference_free_objectives_train_with_each_method(tmp_path, objectiv
     assert (tmp_path / "run" / "adapter").is_dir()
 
 
-def test_lorakit_eval_measures_simpo_and_orpo_on_the_base_and_the_adapter(tmp_path, capsys):
-    """`lorakit eval --data pairs --objective orpo|simpo --compare-base`: with no reference, the base has rewards
-    too; both sides' loss, reward accuracy and margin are `preference_eval`'s with that objective (1e-5), at the
-    objective's own beta unless --beta is given. --objective without a file of pairs is refused."""
+def test_lorakit_eval_measures_simpo_orpo_and_cpo_on_the_base_and_the_adapter(tmp_path, capsys):
+    """`lorakit eval --data pairs --objective orpo|simpo|cpo --compare-base`: with no reference, the base has
+    rewards too; both sides' loss, reward accuracy and margin are `preference_eval`'s with that objective
+    (1e-5), at the objective's own beta unless --beta is given. --objective without a file of pairs is
+    refused."""
     import json
 
     import lorakit
@@ -155,7 +205,7 @@ def test_lorakit_eval_measures_simpo_and_orpo_on_the_base_and_the_adapter(tmp_pa
     model, tok, data, args = eval_pairs_setup(tmp_path)
     rows, _ = encode_pairs(tok, read_pairs(data), max_len=256, chat=False)
     want = {}
-    for objective, beta in (("orpo", None), ("simpo", 3.0)):
+    for objective, beta in (("orpo", None), ("simpo", 3.0), ("cpo", None)):
         cfg = RunConfig(train=TrainSection(objective=objective))
         getattr(cfg, objective).beta = beta or getattr(cfg, objective).beta
         want["base"] = preference_eval(model, rows, tok.pad_token_id, make_objective(cfg))

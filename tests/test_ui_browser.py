@@ -74,9 +74,11 @@ def _walk(page, url: str, model_dir) -> None:
     page.click("#tab-train")
     page.wait_for_selector("[name='train.steps']")
     # the objective shows its own section and no other's
-    for objective in ("orpo", "kto", "dpo", "sft"):
+    for objective in ("orpo", "cpo", "kto", "dpo", "sft"):
         page.select_option("[name='train.objective']", objective)
-        shown = [s for s in ("dpo", "simpo", "orpo", "kto") if page.is_visible(f"details[data-section={s}]")]
+        shown = [
+            s for s in ("dpo", "simpo", "orpo", "cpo", "kto") if page.is_visible(f"details[data-section={s}]")
+        ]
         assert shown == ([] if objective == "sft" else [objective]), (objective, shown)
     # first, a spreadsheet of the user's own: its columns named in data.fields, uploaded, previewed
     page.fill("[name='data.fields']", "{prompt: question, completion: answer}")

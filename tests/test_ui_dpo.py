@@ -1,6 +1,6 @@
-"""The playground with DPO (and SimPO, ORPO): the form's objective and the section it shows, preference files
-uploaded and previewed side by side, and a DPO run started from the form (on the session's `lorakit ui`, a tiny
-model with the real tokenizer)."""
+"""The playground with DPO (and SimPO, ORPO, CPO, KTO): the form's objective and the section it shows,
+preference files uploaded and previewed side by side, and a DPO run started from the form (on the session's
+`lorakit ui`, a tiny model with the real tokenizer)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,16 @@ PAIR = {"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Lyon"}
 def test_the_form_has_the_objective_and_a_section_shown_by_each(http):
     sections = {s["name"]: s for s in http.get("/api/schema").json()["sections"]}
     objective = next(f for f in sections["train"]["fields"] if f["name"] == "objective")
-    assert objective["choices"] == ["sft", "dpo", "simpo", "orpo", "kto"] and objective["default"] == "sft"
-    for name in ("dpo", "simpo", "orpo", "kto"):
+    assert (
+        objective["choices"] == ["sft", "dpo", "simpo", "orpo", "cpo", "kto"]
+        and objective["default"] == "sft"
+    )
+    for name in ("dpo", "simpo", "orpo", "cpo", "kto"):
         assert sections[name]["objective"] == name and sections[name]["method"] is None
     assert "objective" not in sections["lora"] and "objective" not in sections["train"]
-    loss = next(f for f in sections["dpo"]["fields"] if f["name"] == "loss")
-    assert loss["choices"] == ["sigmoid", "ipo", "hinge"]
+    for name in ("dpo", "cpo"):
+        loss = next(f for f in sections[name]["fields"] if f["name"] == "loss")
+        assert loss["choices"] == ["sigmoid", "ipo", "hinge"]
 
 
 def test_preference_files_upload_and_preview_as_pairs(http):

@@ -1,5 +1,5 @@
-"""TRL's ORPOTrainer and CPOTrainer (SimPO) of trl 1.16.0 (``trl.experimental``) on a PEFT LoRA adapter, as the
-oracle for lorakit's reference-free preference objectives.
+"""TRL's ORPOTrainer and CPOTrainer (SimPO, CPO) of trl 1.16.0 (``trl.experimental``) on a PEFT LoRA adapter,
+as the oracle for lorakit's reference-free preference objectives.
 
 `trl_ref_free` trains a saved PEFT adapter with TRL for `steps` optimizer steps, each on ALL pairs as one batch,
 and returns TRL's per-step logs and the trained adapter. What follows was read in trl/experimental/orpo/
@@ -11,16 +11,20 @@ orpo_trainer.py and trl/experimental/cpo/cpo_trainer.py of trl 1.16.0.
   ``tokenize_row`` is replaced by one that returns the given prompt, chosen and rejected ids, with the labels -100
   on the prompt. Everything after it (collation, padding, forward, log-probabilities, losses, optimizer) is TRL's.
 * Log-probabilities: ``get_batch_logps(..., average_log_prob=True)``, each answer's MEAN token log-probability
-  ℓ (ORPO always; CPO for loss_type "simpo").
+  ℓ (ORPO always; CPO for loss_type "simpo" and "ipo"); otherwise (CPO's "sigmoid" and "hinge") the SUM L.
 * SimPO (CPOTrainer, loss_type "simpo"): per pair -logsigmoid(beta (ℓc - ℓr) - simpo_gamma) (label_smoothing 0);
   rewards beta ℓ. Loss = mean + cpo_alpha nll_loss.
+* CPO (CPOTrainer, loss_type "sigmoid", "hinge" or "ipo"): with x = Lc - Lr (ℓc - ℓr for ipo), per pair
+  -(1 - ε) logsigmoid(beta x) - ε logsigmoid(-beta x), relu(1 - beta x), or (x - 1/(2 beta))²; rewards beta L
+  (beta ℓ for ipo). Loss = mean + cpo_alpha nll_loss.
 * ORPO: log_odds = (ℓc - ℓr) - (log1mexp(ℓc) - log1mexp(ℓr)); loss = nll_loss - beta mean(logsigmoid(log_odds));
   rewards beta ℓ.
 * ``nll_loss``: TRL's ORPO takes the cross-entropy of the chosen rows over ALL their tokens, the prompt's included
   ("computed over the full prompt and response", as the ORPO authors' code does), token-averaged over the batch;
   TRL's CPO over the answer tokens, token-averaged over the batch. lorakit follows the ORPO paper's formula (as
   LLaMA-Factory does): each chosen answer's mean token loss, averaged over the pairs, i.e. -mean(ℓc). The oracle
-  replaces TRL's ``nll_loss`` by that term, so the rest is checked against TRL unchanged.
+  replaces TRL's ``nll_loss`` by that term (ℓc = Lc / its answer-token count where TRL's log-probabilities are
+  sums), so the rest is checked against TRL unchanged.
 * Logged: ``loss`` (that step's batch, before the update), ``rewards/chosen``, ``rewards/rejected``,
   ``rewards/margins``, ``rewards/accuracies`` (strict >), ``nll_loss``; ORPO also ``log_odds_ratio`` (the mean of
   logsigmoid(log_odds)) and ``log_odds_chosen``.
@@ -46,12 +50,16 @@ def _given_ids(feature, model=None) -> dict:
     return out
 
 
-def _answer_nll(forward):
-    """A concatenated_forward whose nll_loss is -mean(ℓ chosen), the chosen answers' mean token loss per pair."""
+def _answer_nll(forward, summed: bool):
+    """A concatenated_forward whose nll_loss is -mean(ℓ chosen), the chosen answers' mean token loss per pair
+    (`summed`: TRL's chosen log-probabilities are sums, divided here by each answer's token count)."""
 
     def concatenated_forward(self, model, batch):
         out = list(forward(self, model, batch))
-        out[4] = -out[0].mean()
+        chosen = out[0]
+        if summed:  # TRL's labels: the prompt -100, then the answer; padding -100 too
+            chosen = chosen / (batch["chosen_labels"][:, 1:] != -100).sum(-1).to(chosen.device)
+        out[4] = -chosen.mean()
         return tuple(out)
 
     return concatenated_forward
@@ -68,15 +76,19 @@ def trl_ref_free(
     beta: float,
     gamma: float = 0.0,
     sft_weight: float = 0.0,
+    loss: str = "sigmoid",
+    label_smoothing: float = 0.0,
     max_grad_norm: float | None = 1.0,
     out_dir: str,
 ) -> dict:
     """Train the PEFT adapter in adapter_dir (on the HF model folder model_dir) with TRL: `kind` "orpo"
-    (ORPOTrainer, `beta` its lambda) or "simpo" (CPOTrainer, loss_type simpo, `gamma` its simpo_gamma,
-    `sft_weight` its cpo_alpha), on the pairs `token_ids` = [(prompt ids, chosen ids, rejected ids)]. Returns
+    (ORPOTrainer, `beta` its lambda), "simpo" (CPOTrainer, loss_type simpo, `gamma` its simpo_gamma) or "cpo"
+    (CPOTrainer, `loss` its loss_type: sigmoid, hinge or ipo, with `label_smoothing`), `sft_weight`
+    CPOTrainer's cpo_alpha, on the pairs `token_ids` = [(prompt ids, chosen ids, rejected ids)]. Returns
     {"logs": [TRL's logged metrics of each step], "adapter": {PEFT state-dict key: trained tensor}}."""
-    if kind not in ("orpo", "simpo"):
-        raise ValueError(f"kind must be 'orpo' or 'simpo', got {kind!r}")
+    if kind not in ("orpo", "simpo", "cpo"):
+        raise ValueError(f"kind must be 'orpo', 'simpo' or 'cpo', got {kind!r}")
+    loss_type = loss if kind == "cpo" else "simpo"
     with _quiet():
         from trl.experimental.cpo import CPOConfig, CPOTrainer
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
@@ -91,14 +103,22 @@ def trl_ref_free(
             args = ORPOConfig(**common)
             base_trainer = ORPOTrainer
         else:
-            args = CPOConfig(**common, loss_type="simpo", simpo_gamma=gamma, cpo_alpha=sft_weight)
+            args = CPOConfig(
+                **common,
+                loss_type=loss_type,
+                simpo_gamma=gamma,
+                cpo_alpha=sft_weight,
+                label_smoothing=label_smoothing,
+            )
             base_trainer = CPOTrainer
         trainer_class = type(
             f"Given{base_trainer.__name__}",
             (base_trainer,),
             {
                 "tokenize_row": staticmethod(_given_ids),
-                "concatenated_forward": _answer_nll(base_trainer.concatenated_forward),
+                "concatenated_forward": _answer_nll(
+                    base_trainer.concatenated_forward, summed=kind == "cpo" and loss_type != "ipo"
+                ),
             },
         )
         rows = [

@@ -106,18 +106,18 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument(
         "--objective",
-        choices=("dpo", "simpo", "orpo", "kto"),
+        choices=("dpo", "simpo", "orpo", "cpo", "kto"),
         default=None,
         help="with a --data file of preference pairs: the preference loss and rewards to measure: dpo (the "
-        "adapter's against the base, the default), simpo or orpo (no reference: the base's too); kto: of a file "
-        "of answers labelled desirable or not (or of pairs), the adapter's against the base",
+        "adapter's against the base, the default), simpo, orpo or cpo (no reference: the base's too); kto: "
+        "of a file of answers labelled desirable or not (or of pairs), the adapter's against the base",
     )
     p.add_argument(
         "--beta",
         type=float,
         default=None,
         help="with --objective: its beta (ORPO's lambda), for the rewards and the loss (default: the objective's, "
-        "as lorakit train's: dpo 0.1, simpo 2, orpo 0.1, kto 0.1)",
+        "as lorakit train's: dpo 0.1, simpo 2, orpo 0.1, cpo 0.1, kto 0.1)",
     )
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")

@@ -88,7 +88,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 )
             bars[0].n = rec["step"]
             shown = {"loss": f"{rec['loss']:.4f}", "tok_s": f"{rec['tokens_per_s']:.0f}"}
-            if "reward_accuracy" in rec:  # DPO, SimPO, ORPO: how often the chosen answer's reward is the higher
+            # DPO, SimPO, ORPO, CPO: how often the chosen answer's reward is the higher
+            if "reward_accuracy" in rec:
                 shown["reward_acc"] = f"{100 * rec['reward_accuracy']:.0f}%"
             if "kl" in rec:  # KTO: the micro-batches' KL estimate
                 shown["kl"] = f"{rec['kl']:.3f}"

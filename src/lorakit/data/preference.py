@@ -1,5 +1,5 @@
-"""Preference pairs, for DPO, SimPO and ORPO: a prompt, the answer to prefer (`chosen`) and the answer to avoid
-(`rejected`).
+"""Preference pairs, for DPO, SimPO, ORPO and CPO: a prompt, the answer to prefer (`chosen`) and the answer to
+avoid (`rejected`).
 
 A file's records are in one of these shapes (the first that fits is taken, all records of a file in one):
 

@@ -119,8 +119,9 @@ class TrainSection:
     method: str = "lora"
     """Training method: lora, dylora, adalora or ladder; add "+loraplus" (or give just loraplus) for LoRA+."""
     objective: str = "sft"
-    """What training minimises: sft (the answers' token loss), or on preference pairs dpo, simpo or orpo (each
-    with its own section; simpo and orpo need no reference model)."""
+    """What training minimises: sft (the answers' token loss), on preference pairs dpo, simpo, orpo or cpo
+    (each with its own section; simpo, orpo and cpo need no reference model), or kto on answers marked
+    desirable or not."""
     init_adapter: str | None = None
     """An adapter folder (PEFT layout) to train further instead of a new adapter, with its own r, alpha and
     targets (method lora); with objective dpo it is also the reference."""
@@ -203,6 +204,19 @@ class OrpoSection:
 
 
 @dataclass
+class CpoSection:
+    beta: float = 0.1
+    """CPO: scale of the reward, beta times an answer's summed log-probability (the paper's and TRL's 0.1)."""
+    loss: str = "sigmoid"
+    """CPO's loss: sigmoid (the paper's), ipo (on per-token mean log-probabilities) or hinge, as DPO's."""
+    label_smoothing: float = 0.0
+    """CPO (sigmoid loss): the assumed share of pairs whose preference is wrong, in [0, 0.5)."""
+    sft_weight: float = 1.0
+    """CPO: weight of the chosen answers' token loss added to the preference loss (the paper's NLL term, TRL's
+    cpo_alpha); 0 leaves the preference loss alone."""
+
+
+@dataclass
 class KtoSection:
     beta: float = 0.1
     """KTO: how far the model may move from the reference (the base): larger keeps it closer."""
@@ -237,6 +251,7 @@ class RunConfig:
     dpo: DpoSection = field(default_factory=DpoSection)
     simpo: SimpoSection = field(default_factory=SimpoSection)
     orpo: OrpoSection = field(default_factory=OrpoSection)
+    cpo: CpoSection = field(default_factory=CpoSection)
     kto: KtoSection = field(default_factory=KtoSection)
 
     @property

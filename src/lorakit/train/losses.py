@@ -1,7 +1,7 @@
 """The preference losses on sequence log-probabilities, and the statistics logged beside them: DPO's (sigmoid,
-IPO, hinge), SimPO's, ORPO's and KTO's, as `lorakit.train.objectives` defines them. Plain tensor functions, no
-model: tests/test_dpo.py, test_ref_free.py and test_kto.py test them, test_dpo_trl.py and test_kto_trl.py train
-against TRL."""
+IPO, hinge), SimPO's, ORPO's, CPO's and KTO's, as `lorakit.train.objectives` defines them. Plain tensor
+functions, no model: tests/test_dpo.py, test_ref_free.py and test_kto.py test them, test_dpo_trl.py and
+test_kto_trl.py train against TRL."""
 
 from __future__ import annotations
 
@@ -97,6 +97,29 @@ def simpo_losses(
     rewards = beta * mean_logprobs(policy, count)
     losses = -F.logsigmoid(rewards[:n] - rewards[n:] - gamma)
     return losses, rewards[:n].detach(), rewards[n:].detach()
+
+
+def cpo_losses(
+    policy: torch.Tensor,
+    count: torch.Tensor,
+    *,
+    beta: float,
+    kind: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(each pair's CPO loss, the chosen answers' rewards, the rejected ones', both detached) from the summed
+    log-probabilities of 2·n rows (the n chosen first) and their answer-token counts. CPO's preference loss is
+    DPO's with no reference (its log-probabilities taken as 0): the same `kind`s and label smoothing, IPO's on
+    the mean log-probabilities. The rewards are β times the log-probabilities the loss compares (summed, or
+    IPO's means), as TRL's CPOTrainer logs them."""
+    losses, chosen, rejected = dpo_losses(
+        policy, torch.zeros_like(policy), count, beta=beta, kind=kind, label_smoothing=label_smoothing
+    )
+    if kind == "ipo":
+        n = len(policy) // 2
+        rewards = beta * mean_logprobs(policy, count).detach()
+        chosen, rejected = rewards[:n], rewards[n:]
+    return losses, chosen, rejected
 
 
 def orpo_losses(

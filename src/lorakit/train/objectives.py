@@ -1,5 +1,5 @@
 """What a training step minimises: supervised fine-tuning's token loss, a preference loss on pairs (DPO, SimPO,
-ORPO), or KTO's on answers marked desirable or not.
+ORPO, CPO), or KTO's on answers marked desirable or not.
 
 The loop asks the objective for a micro-batch's tensors and its loss; everything else (the optimizer, the methods'
 hooks, checkpoints, resume) is the same for all.
@@ -19,12 +19,17 @@ update of zero, so πref is the base model, and its log-probabilities are one mo
 off (`lorakit.control.disabled`), without gradients. `dpo.sft_weight` adds the chosen answers' token loss (RPO's
 α, TRL's `rpo_alpha`).
 
-Two objectives need no reference at all, so no second forward and no condition on where the adapter starts. With
-ℓ(y) = the mean log-probability of answer y's tokens under πθ:
+Three objectives need no reference at all, so no second forward and no condition on where the adapter starts.
+With ℓ(y) = the mean log-probability of answer y's tokens under πθ, and L(y) their sum:
 
     simpo: loss = −log σ(β·ℓ(chosen) − β·ℓ(rejected) − γ)      (SimPO, Meng et al., 2024; reward β·ℓ)
     orpo:  loss = −ℓ(chosen) − λ·log σ(log odds(chosen) − log odds(rejected)),  odds(y) = e^ℓ / (1 − e^ℓ)
                                                               (ORPO, Hong et al., 2024; λ: orpo.beta; reward λ·ℓ)
+    cpo:   loss = −log σ(β·L(chosen) − β·L(rejected)) − α·ℓ(chosen)
+                                                              (CPO, Xu et al., 2024; α: cpo.sft_weight)
+
+CPO's first term is DPO's loss with no reference: cpo.loss ipo (on ℓ) or hinge, and label smoothing, as DPO's;
+its reward is β·L (IPO: β·ℓ).
 
 KTO (Ethayarajh et al., 2024) learns from single answers marked desirable or not (`lorakit.data.feedback`),
 not pairs. With r(y) = log πθ(y) − log πref(y) (summed) and z the batch's KL estimate, the mean of r over each
@@ -54,6 +59,7 @@ from lorakit.data.tokenize import Encoded
 from lorakit.head import causal_lm_loss, sequence_logprobs
 from lorakit.train.losses import (
     chosen_nll,
+    cpo_losses,
     dpo_losses,
     feedback_stats,
     kto_losses,
@@ -66,13 +72,13 @@ from lorakit.train.losses import (
 if TYPE_CHECKING:
     from lorakit.train.config import RunConfig
 
-OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "kto")
-PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo", "kto")
+OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "cpo", "kto")
+PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo", "cpo", "kto")
 """The objectives that learn from preferences (each has a config section of its own name): pairs, or KTO's
 feedback."""
 REFERENCE_OBJECTIVES = ("dpo", "kto")
 """The objectives that compare the model with a reference: the model training starts from."""
-NAMES = {"sft": "SFT", "dpo": "DPO", "simpo": "SimPO", "orpo": "ORPO", "kto": "KTO"}
+NAMES = {"sft": "SFT", "dpo": "DPO", "simpo": "SimPO", "orpo": "ORPO", "cpo": "CPO", "kto": "KTO"}
 """How each objective is written in reports."""
 REFERENCE_ADAPTER = "reference"
 """With train.init_adapter, the name of its frozen copy: DPO's reference (`DpoObjective.reference`)."""
@@ -238,6 +244,23 @@ class OrpoObjective(PreferenceObjective):
         return (*orpo_losses(policy, count, weight=self.weight), policy, count)
 
 
+class CpoObjective(PreferenceObjective):
+    """CPO: no reference; DPO's loss on the policy's summed log-probabilities alone, plus the chosen answers'
+    token loss (cpo.sft_weight, 1 by default as in the paper; see the module docstring)."""
+
+    name = "cpo"
+
+    def __init__(self, cfg: RunConfig) -> None:
+        c = cfg.cpo
+        self.beta, self.kind = c.beta, c.loss
+        self.smoothing, self.sft_weight = c.label_smoothing, c.sft_weight
+
+    def scores(self, model, batch, *, fused=True):
+        policy, count = sequence_logprobs(model, batch, fused=fused)
+        losses = cpo_losses(policy, count, beta=self.beta, kind=self.kind, label_smoothing=self.smoothing)
+        return (*losses, policy, count)
+
+
 class KtoObjective(Reference, Objective):
     """KTO on `Feedback` rows (see the module docstring). A micro-batch holds its rows, then as many rows of the KL
     estimate: row i's prompt with row i−1's answer. `kto.sft_weight` adds the desirable answers' token loss (each
@@ -301,6 +324,12 @@ def _half(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor
 
 def make_objective(cfg: RunConfig) -> Objective:
     """The objective `cfg.train.objective` names."""
-    kinds = {"dpo": DpoObjective, "simpo": SimpoObjective, "orpo": OrpoObjective, "kto": KtoObjective}
+    kinds = {
+        "dpo": DpoObjective,
+        "simpo": SimpoObjective,
+        "orpo": OrpoObjective,
+        "cpo": CpoObjective,
+        "kto": KtoObjective,
+    }
     kind = kinds.get(cfg.train.objective)
     return kind(cfg) if kind else Objective()

@@ -59,10 +59,10 @@ def evaluate(
     can_merge: bool = True,
     objective: Objective | None = None,
 ) -> dict[str, float]:
-    """Eval loss and exact-match accuracy; with a preference `objective` (DPO, SimPO, ORPO, KTO), its loss and the
-    implicit rewards' accuracy and margin on the eval pairs (KTO: answers), and exact match of the chosen
-    (desirable) answers. `sharded` (FSDP2): every rank calls this with the same data and gets the same numbers;
-    adapters are not merged (the base weights are shards) and generation runs in lockstep."""
+    """Eval loss and exact-match accuracy; with a preference `objective` (DPO, SimPO, ORPO, CPO, KTO), its
+    loss and the implicit rewards' accuracy and margin on the eval pairs (KTO: answers), and exact match of
+    the chosen (desirable) answers. `sharded` (FSDP2): every rank calls this with the same data and gets the
+    same numbers; adapters are not merged (the base weights are shards) and generation runs in lockstep."""
     out: dict[str, float] = {}
     if objective is not None and objective.rows != "examples":
         out.update(preference_eval(model, eval_rows, tokenizer.pad_token_id, objective))

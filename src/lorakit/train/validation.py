@@ -152,7 +152,7 @@ def _validate_objective(cfg: RunConfig) -> None:
             )
     if objective not in PREFERENCE_OBJECTIVES:
         return
-    d, s, o, k = cfg.dpo, cfg.simpo, cfg.orpo, cfg.kto
+    d, s, o, c, k = cfg.dpo, cfg.simpo, cfg.orpo, cfg.cpo, cfg.kto
     name = NAMES[objective]
     alora = dsec.alora_invocation is not None or cfg.lora.alora_invocation_tokens is not None
     checks = {
@@ -175,6 +175,19 @@ def _validate_objective(cfg: RunConfig) -> None:
             (s.sft_weight >= 0, f"simpo.sft_weight must be >= 0, got {s.sft_weight}"),
         ],
         "orpo": [(o.beta > 0, f"orpo.beta must be > 0, got {o.beta}")],
+        "cpo": [
+            (c.beta > 0, f"cpo.beta must be > 0, got {c.beta}"),
+            (c.loss in DPO_LOSSES, f"cpo.loss must be one of {', '.join(DPO_LOSSES)}, got {c.loss!r}"),
+            (
+                0 <= c.label_smoothing < 0.5,
+                f"cpo.label_smoothing must be in [0, 0.5), got {c.label_smoothing}",
+            ),
+            (
+                not c.label_smoothing or c.loss == "sigmoid",
+                f"cpo.label_smoothing works with cpo.loss sigmoid, not {c.loss!r}",
+            ),
+            (c.sft_weight >= 0, f"cpo.sft_weight must be >= 0, got {c.sft_weight}"),
+        ],
         "kto": [
             (k.beta > 0, f"kto.beta must be > 0, got {k.beta}"),
             (k.desirable_weight > 0, f"kto.desirable_weight must be > 0, got {k.desirable_weight}"),
@@ -192,17 +205,18 @@ def _validate_objective(cfg: RunConfig) -> None:
             (
                 cfg.lora.init not in _NONZERO_INITS,
                 f"lora.init {cfg.lora.init} starts the adapter away from the base, which {name} takes as its "
-                "reference; use default, gaussian, orthogonal, eva or mica, or train.objective simpo or orpo",
+                "reference; use default, gaussian, orthogonal, eva or mica, or train.objective simpo, orpo "
+                "or cpo",
             ),
             (
                 cfg.methods[0] != "ladder",
                 f"train.objective {objective} takes the base as its reference by turning adapters off, which a "
-                "ladder is not; use method lora, dylora or adalora, or train.objective simpo or orpo",
+                "ladder is not; use method lora, dylora or adalora, or train.objective simpo, orpo or cpo",
             ),
             (
                 not cfg.lora.use_kasa,
                 f"lora.use_kasa does not work with train.objective {objective} (KaSA changes the base, {name}'s "
-                "reference); use train.objective simpo or orpo",
+                "reference); use train.objective simpo, orpo or cpo",
             ),
         ]
     checks += [

@@ -37,6 +37,7 @@ def form_schema() -> dict[str, Any]:
         ("train", "method"): [*METHODS, "loraplus", *(f"{m}+loraplus" for m in METHODS)],
         ("train", "objective"): list(OBJECTIVES),
         ("dpo", "loss"): list(DPO_LOSSES),
+        ("cpo", "loss"): list(DPO_LOSSES),
     }
     sections = []
     for section, specs in field_specs().items():
@@ -54,7 +55,7 @@ def form_schema() -> dict[str, Any]:
                     "locked": (section, spec.name) in LOCKED,
                 }
             )
-        # a preference objective's section (dpo, simpo, orpo) is shown when train.objective names it
+        # a preference objective's section (dpo, simpo, orpo, cpo, kto) is shown when train.objective names it
         shown = {"objective": section} if section in PREFERENCE_OBJECTIVES else {}
         sections.append({"name": section, "method": SECTION_METHOD.get(section), **shown, "fields": fields})
     return {"sections": sections}

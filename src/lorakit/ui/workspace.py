@@ -158,10 +158,11 @@ class Workspace:
     def save_upload(
         self, name: Any, data: bytes, fields: dict[str, str] | None = None
     ) -> tuple[str, int, bool]:
-        """Check `data` as a training file (JSONL, JSON, CSV, TSV or Parquet, by its name's suffix) of examples
-        or of preference pairs (for DPO, SimPO, ORPO), and write it to data/<name> atomically: (path, examples or
-        pairs, whether pairs). A bad file is a 400 whose message names the line ("chat.jsonl:3: not valid JSON ..."); nothing is
-        written. `fields`: data.fields, the file's column names."""
+        """Check `data` as a training file (JSONL, JSON, CSV, TSV or Parquet, by its name's suffix) of
+        examples or of preference pairs (DPO, SimPO, ORPO, CPO), and write it to data/<name> atomically:
+        (path, examples or pairs, whether pairs). A bad file is a 400 whose message names the line
+        ("chat.jsonl:3: not valid JSON ..."); nothing is written. `fields`: data.fields, the file's column
+        names."""
         name = check_name(name, "name")
         if Path(name).suffix.lower() not in SUFFIXES:
             raise P.bad(f"upload {name!r}: the file name must end in one of {', '.join(SUFFIXES)}", "name")

@@ -465,7 +465,7 @@ function setField(name, text) {
 }
 
 /** Show the sections of the methods train.method names ("adalora+loraplus"), and the section of the
- * preference objective train.objective names (dpo, simpo, orpo); a section that appears opens. */
+ * preference objective train.objective names (dpo, simpo, orpo, cpo, kto); a section that appears opens. */
 function updateMethodSections() {
   const method = controls.get("train.method");
   const methods = (method ? controlText(method) : "lora").split("+").map((m) => m.trim());
@@ -551,7 +551,7 @@ $("#preview-btn").addEventListener("click", (event) =>
     if (!choice) throw new Error("choose a task or a data file first");
     const body = { [choice.kind]: choice.value, n: 3 };
     const objective = controls.get("train.objective");
-    if (objective) body.objective = controlText(objective); // dpo, simpo, orpo: the built-in task's pairs
+    if (objective) body.objective = controlText(objective); // dpo, simpo, orpo, cpo, kto: the built-in task's pairs
     for (const key of ["chat", "train_on_all"]) {
       const c = controls.get(`data.${key}`);
       if (c) body[key] = c.checked;

@@ -1,12 +1,12 @@
 """Benchmark: a preference step, lorakit (`lorakit train --objective dpo`'s loop) against TRL's DPOTrainer with PEFT;
-with ``--objective simpo``, ``orpo`` or ``kto``, against TRL's CPOTrainer (loss_type simpo), ORPOTrainer or
-KTOTrainer.
+with ``--objective simpo``, ``cpo``, ``orpo`` or ``kto``, against TRL's CPOTrainer (loss_type simpo; or
+sigmoid with cpo_alpha 1, CPO's defaults on both sides), ORPOTrainer or KTOTrainer.
 
 Both train a LoRA (r=16, alpha=16, the seven projections, no dropout) on the default SmolLM2-135M (or
 ``--model``), AdamW, a constant learning rate, no gradient checkpointing. DPO's reference is the base model,
-adapters off, for both (TRL's choice for a PEFT model with ``ref_model=None``); SimPO and ORPO have none. TRL's
-CPO and ORPO trainers tokenize their older way (a BOS where the tokenizer has one, an EOS after each answer): a
-token more or less per row than lorakit, out of about 130. The data: ``--batch`` pairs of
+adapters off, for both (TRL's choice for a PEFT model with ``ref_model=None``); SimPO, CPO and ORPO have none.
+TRL's CPO and ORPO trainers tokenize their older way (a BOS where the tokenizer has one, an EOS after each
+answer): a token more or less per row than lorakit, out of about 130. The data: ``--batch`` pairs of
 random words, a prompt of about ``--prompt`` tokens and two answers of about ``--answer`` tokens each, as text
 (no chat template), the same for both. KTO trains on both sides of each pair as rated answers (TRL's unpairing,
 lorakit's `lorakit.data.feedback.unpaired`): a step holds 2 x ``--batch`` answers, the tokens of ``--batch``
@@ -45,7 +45,13 @@ from lorakit.bench_worker import TARGETS, hwm_gb, peak_rss_gb, reset_peak_rss  #
 from lorakit.train.objectives import NAMES  # noqa: E402
 
 LIBS = ("lorakit", "trl")
-TRAINERS = {"dpo": "DPOTrainer", "simpo": "CPOTrainer", "orpo": "ORPOTrainer", "kto": "KTOTrainer"}
+TRAINERS = {
+    "dpo": "DPOTrainer",
+    "simpo": "CPOTrainer",
+    "cpo": "CPOTrainer",
+    "orpo": "ORPOTrainer",
+    "kto": "KTOTrainer",
+}
 DOC = ROOT / "docs" / "dpo.md"
 WORDS = [
     "the",
@@ -195,6 +201,9 @@ def _trl(args, pairs, tmp: str) -> tuple[list[float], bool]:
         trainer_class = KTOTrainer
     elif args.objective == "orpo":
         config, trainer_class = ORPOConfig(**common, max_length=4096), ORPOTrainer
+    elif args.objective == "cpo":  # lorakit's CPO defaults: sigmoid, beta 0.1, the token loss at weight 1
+        config = CPOConfig(**common, max_length=4096, loss_type="sigmoid", beta=0.1, cpo_alpha=1.0)
+        trainer_class = CPOTrainer
     else:  # lorakit's SimPO defaults: beta 2, gamma 1, no token loss
         config = CPOConfig(
             **common, max_length=4096, loss_type="simpo", beta=2.0, simpo_gamma=1.0, cpo_alpha=0.0
@@ -269,7 +278,7 @@ def spawn(args, lib: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--objective", choices=("dpo", "simpo", "orpo", "kto"), default="dpo")
+    p.add_argument("--objective", choices=("dpo", "simpo", "cpo", "orpo", "kto"), default="dpo")
     p.add_argument("--batch", type=int, default=4, help="pairs per step")
     p.add_argument("--prompt", type=int, default=64, help="words per prompt (about one token each)")
     p.add_argument("--answer", type=int, default=64, help="words per answer")

@@ -139,7 +139,7 @@ def test_a_byte_order_mark_is_accepted(tmp_path):
 
 def test_a_folder_is_not_a_data_file(tmp_path):
     (tmp_path / "d.jsonl").mkdir()
-    with pytest.raises(DataError, match=r"d\.jsonl: not a file \(a folder\)"):
+    with pytest.raises(DataError, match=r"d\.jsonl: a folder, neither a data file nor a `datasets` folder"):
         read_jsonl(tmp_path / "d.jsonl")
 
 

@@ -67,7 +67,8 @@ COMMANDS: dict[str, Command] = {
         adapters.cmd_convert,
     ),
     "eval": Command(
-        "eval loss and exact-match accuracy of a model (+ adapter) on a data file (JSONL, JSON, CSV, Parquet)",
+        "eval loss and exact-match accuracy of a model (+ adapter) on a data file (JSONL, JSON, CSV, "
+        "Parquet, a datasets folder)",
         generate.configure_eval,
         generate.cmd_eval,
     ),

@@ -76,9 +76,10 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     data = p.add_mutually_exclusive_group(required=True)
     data.add_argument(
         "--data",
-        help="data file: JSONL, a JSON array, CSV/TSV or Parquet of {prompt,completion}, {messages} or {text} "
-        "records, or Alpaca's or ShareGPT's (docs/data.md); or of preference pairs (docs/dpo.md): then an "
-        "adapter's implicit rewards are measured too",
+        help="data file: JSONL, a JSON array, CSV/TSV, Parquet or Arrow, or a datasets folder "
+        "(save_to_disk's), of {prompt,completion}, {messages} or {text} records, or Alpaca's or ShareGPT's "
+        "(docs/data.md); or of preference pairs (docs/dpo.md): then an adapter's implicit rewards are "
+        "measured too",
     )
     data.add_argument(
         "--task", help="a built-in task's held-out examples (as lorakit train holds them out: 'dates')"

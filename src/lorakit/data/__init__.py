@@ -1,5 +1,6 @@
-"""Training data: files (JSONL, JSON, CSV, Parquet) in lorakit's three shapes or Alpaca's, ShareGPT's and TRL's,
-preference pairs for DPO, chat templates, label masking, packing, built-in tasks."""
+"""Training data: files (JSONL, JSON, CSV, Parquet, Arrow, `datasets` folders) in lorakit's three shapes or
+Alpaca's, ShareGPT's and TRL's, preference pairs for DPO, chat templates, label masking, packing, built-in
+tasks."""
 
 from lorakit.data.jsonl import DataError, read_examples, read_jsonl
 from lorakit.data.preference import Pair, encode_pairs, read_pairs

@@ -39,9 +39,9 @@ __all__ = ["LABEL_KEYS", "Feedback", "encode_feedback", "parse_feedback", "read_
 
 
 def read_feedback(path: str | os.PathLike, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """All feedback of a data file (JSONL, JSON, CSV, TSV or Parquet) as {"example": example, "desirable": bool},
-    validated; a file of preference pairs gives two items per pair. `fields` renames the file's columns first.
-    DataError naming the file and the record."""
+    """All feedback of a data file (JSONL, JSON, CSV, TSV, Parquet or Arrow, or a `datasets` folder) as
+    {"example": example, "desirable": bool}, validated; a file of preference pairs gives two items per pair.
+    `fields` renames the file's columns first. DataError naming the file and the record."""
     check_fields(fields, str(path))
     return _feedback(read_records(path), str(path), fields or {})
 

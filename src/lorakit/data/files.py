@@ -1,13 +1,17 @@
-"""Data files as records: JSON Lines, JSON arrays, CSV/TSV and Parquet, each record with where it came from.
+"""Data files as records: JSON Lines, JSON arrays, CSV/TSV, Parquet and Arrow, and `datasets` folders, each
+record with where it came from.
 
     read_records("train.jsonl")    # [("train.jsonl:1", {...}), ("train.jsonl:2", {...}), ...]
     read_records("alpaca.json")    # a JSON array (LLaMA-Factory's and Stanford Alpaca's files): "alpaca.json: record 1"
     read_records("qa.csv")         # a header row, then one record per row: "qa.csv:2"
     read_records("hub.parquet")    # what the Hugging Face Hub serves datasets as (needs pyarrow): "hub.parquet: row 1"
+    read_records("ds/train")       # a folder Dataset.save_to_disk wrote (needs pyarrow): "ds/train: row 1"
 
-The file's suffix picks the reader; any other suffix is read as JSON Lines. In CSV files, the cells of the columns
-that hold lists (`LIST_COLUMNS`: messages, conversations, history) are JSON text. What a record must hold is
-`lorakit.data.jsonl`'s business; this module only reads. Errors name the file and the line, record or row.
+The file's suffix picks the reader; any other suffix is read as JSON Lines. A folder is read as `datasets`
+writes one (its state.json lists its Arrow files, in order), without importing `datasets`. In CSV files, the
+cells of the columns that hold lists (`LIST_COLUMNS`: messages, conversations, history) are JSON text. What a
+record must hold is `lorakit.data.jsonl`'s business; this module only reads. Errors name the file and the
+line, record or row.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from lorakit.errors import LorakitError
 
 LIST_COLUMNS = ("messages", "conversations", "history")
 """Columns whose CSV cells are JSON lists."""
-SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet")
+SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv", ".parquet", ".arrow")
 """The suffixes with a reader of their own (others are read as JSON Lines)."""
 
 Record = tuple[str, Any]
@@ -36,12 +40,15 @@ class DataError(LorakitError, ValueError):
 
 
 def read_records(path: str | os.PathLike) -> list[Record]:
-    """The records of a data file, by its suffix. Raises DataError naming the file."""
+    """The records of a data file, by its suffix, or of a `datasets` folder. Raises DataError naming the
+    file."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: data file not found")
+    if path.is_dir():
+        return _datasets_folder(path)
     if not path.is_file():
-        raise DataError(f"{path}: not a file ({'a folder' if path.is_dir() else 'a special file'})")
+        raise DataError(f"{path}: not a file (a special file)")
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -54,6 +61,8 @@ def parse_records(data: bytes, source: str) -> list[Record]:
     suffix = Path(source).suffix.lower()
     if suffix == ".parquet":
         return _parquet(data, source)
+    if suffix == ".arrow":
+        return [(f"{source}: row {i}", r) for i, r in enumerate(_arrow_rows(data, source), 1)]
     text = _text(data, source)
     if suffix in (".csv", ".tsv"):
         return _csv(text, source, "\t" if suffix == ".tsv" else ",")
@@ -160,3 +169,82 @@ def _parquet(data: bytes, source: str) -> list[Record]:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DataError(f"{source}: not a readable Parquet file ({reason})") from None
     return [(f"{source}: row {i}", r) for i, r in enumerate(rows, 1)]
+
+
+def _pyarrow(source: str, what: str):
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise DataError(f"{source}: reading {what} needs pyarrow (pip install pyarrow)") from None
+    return pa
+
+
+def _arrow_rows(data: bytes, source: str) -> list[dict]:
+    """The rows of an Arrow IPC file's bytes: the stream format (what `datasets` writes) or the file format
+    (Feather v2, `pyarrow.ipc.new_file`)."""
+    pa = _pyarrow(source, "Arrow files")
+    try:
+        try:
+            table = pa.ipc.open_stream(pa.BufferReader(data)).read_all()
+        except pa.ArrowInvalid:
+            table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
+    except (pa.ArrowException, OSError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{source}: not a readable Arrow file ({reason})") from None
+    return table.to_pylist()
+
+
+def _datasets_folder(path: Path) -> list[Record]:
+    """The rows of a folder `Dataset.save_to_disk` wrote: its Arrow files, in the order its state.json lists
+    them (the dataset's own order: save_to_disk writes a shuffled or selected dataset's rows in order)."""
+    if (path / "dataset_dict.json").is_file():
+        splits = _json_file(path / "dataset_dict.json").get("splits")
+        if isinstance(splits, list) and splits and all(isinstance(x, str) for x in splits):
+            raise DataError(
+                f"{path}: a DatasetDict folder with the splits {splits}; give one split's folder, "
+                f"e.g. {path / splits[0]}"
+            )
+        raise DataError(f"{path / 'dataset_dict.json'}: 'splits' must be a list of split names")
+    state_file = path / "state.json"
+    if not state_file.is_file():
+        raise DataError(
+            f"{path}: a folder, neither a data file nor a `datasets` folder (Dataset.save_to_disk's, with a "
+            "state.json)"
+        )
+    state = _json_file(state_file)
+    files = state.get("_data_files")
+    if not (
+        isinstance(files, list)
+        and all(isinstance(f, dict) and isinstance(f.get("filename"), str) for f in files)
+    ):
+        raise DataError(f"{state_file}: '_data_files' must be a list of {{\"filename\": ...}}")
+    if state.get("_indices_data_files"):
+        raise DataError(
+            f"{state_file}: an indices mapping (an old `datasets` save); load and save it again with "
+            "datasets >= 2"
+        )
+    rows: list[dict] = []
+    for entry in files:
+        name = entry["filename"]
+        file = path / name
+        if Path(name).name != name or name in ("", ".", "..") or not file.is_file():
+            raise DataError(f"{state_file}: lists {name!r}, which is not a file of {path}")
+        try:
+            data = file.read_bytes()
+        except OSError as e:
+            raise DataError(f"{file}: cannot be read ({e.strerror})") from None
+        rows += _arrow_rows(data, str(file))
+    return [(f"{path}: row {i}", r) for i, r in enumerate(rows, 1)]
+
+
+def _json_file(path: Path) -> dict:
+    """A JSON object file of a `datasets` folder; DataError naming it if it is not one."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value

@@ -7,8 +7,8 @@
 
 or in another tool's shape that is rewritten into messages as it is read (`lorakit.data.shapes`: Alpaca and
 ShareGPT as LLaMA-Factory reads them, TRL's conversational prompt/completion). Files are JSON Lines, JSON arrays,
-CSV/TSV or Parquet (`lorakit.data.files`). All records of a file have one shape. Errors name the file and the line
-(or record, or row).
+CSV/TSV, Parquet or Arrow, or `datasets` folders (`lorakit.data.files`). All records of a file have one shape.
+Errors name the file and the line (or record, or row).
 """
 
 from __future__ import annotations
@@ -43,10 +43,10 @@ def shape_of(example: dict[str, Any]) -> str | None:
 
 
 def read_examples(path: str | os.PathLike, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """All examples of a data file (JSONL, JSON, CSV, TSV or Parquet), validated, in lorakit's shapes. `fields`
-    renames the file's columns first ({lorakit's key: the file's column}). Raises DataError naming the file and
-    the line; also for records of KTO's feedback (a boolean 'label' or a 'kto_tag'), whose undesirable answers
-    supervised fine-tuning would learn."""
+    """All examples of a data file (JSONL, JSON, CSV, TSV, Parquet or Arrow, or a `datasets` folder),
+    validated, in lorakit's shapes. `fields` renames the file's columns first ({lorakit's key: the file's
+    column}). Raises DataError naming the file and the line; also for records of KTO's feedback (a boolean
+    'label' or a 'kto_tag'), whose undesirable answers supervised fine-tuning would learn."""
     check_fields(fields, str(path))
     return examples_of(_not_feedback(read_records(path), fields or {}), str(path), fields or {})
 

@@ -62,8 +62,9 @@ def is_pair(record: Any) -> bool:
 
 
 def read_pairs(path: str | os.PathLike, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """All preference pairs of a data file (JSONL, JSON, CSV, TSV or Parquet) as {"chosen": example, "rejected":
-    example}, validated. `fields` renames the file's columns first. DataError naming the file and the record."""
+    """All preference pairs of a data file (JSONL, JSON, CSV, TSV, Parquet or Arrow, or a `datasets` folder)
+    as {"chosen": example, "rejected": example}, validated. `fields` renames the file's columns first.
+    DataError naming the file and the record."""
     check_fields(fields, str(path))
     return pairs_of(read_records(path), str(path), fields or {})
 

@@ -50,8 +50,9 @@ class DataSection:
     task: str | None = "dates"
     """Built-in task to train on when no train_file is given ("dates")."""
     train_file: str | None = None
-    """Training file: JSONL, a JSON array, CSV/TSV or Parquet, of {prompt,completion}, {messages} or {text}
-    records, or Alpaca's {instruction,input,output} or ShareGPT's {conversations} (docs/data.md)."""
+    """Training file: JSONL, a JSON array, CSV/TSV, Parquet or Arrow, or a folder `datasets`' save_to_disk
+    wrote, of {prompt,completion}, {messages} or {text} records, or Alpaca's {instruction,input,output} or
+    ShareGPT's {conversations} (docs/data.md)."""
     eval_file: str | None = None
     """Evaluation file, in the same formats; if empty, eval_split of the training data is held out."""
     fields: dict[str, str] = field(default_factory=dict)

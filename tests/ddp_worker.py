@@ -2,7 +2,9 @@
 
 Arguments: the output folder, grad_accum, and the variant ("lora"; "kasa": its regulariser joins the loss; "dpo":
 the rows are preference pairs and the loss DPO's, its reference the base with the adapters off; "orpo": the same
-pairs, ORPO's loss, no reference; "kto": the rows alone, every other one desirable, KTO's loss and KL estimate).
+pairs, ORPO's loss, no reference; "kto": the rows alone, every other one desirable, KTO's loss and KL
+estimate; "stop": train.early_stop 1 on rank 0's evaluations, scripted to rise at step 3, so that each process
+must stop there).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import lorakit  # noqa: E402
 from lorakit.data.feedback import Feedback  # noqa: E402
 from lorakit.data.preference import Pair  # noqa: E402
 from lorakit.data.tokenize import IGNORE, Encoded  # noqa: E402
+from lorakit.train.best import Best  # noqa: E402
 from lorakit.train.config import RunConfig, TrainSection  # noqa: E402
 from lorakit.train.distributed import finish_distributed, init_distributed  # noqa: E402
 from lorakit.train.loop import train_loop  # noqa: E402
@@ -55,10 +58,20 @@ cfg = RunConfig(  # its lora section is the default: the loop adds KaSA's regula
         fused=not preference,  # preferences under DDP take the model's logits; so does the one process held to them
     )
 )
+evaluate, best = None, None
+if variant == "stop":  # only rank 0 evaluates (as run_training under DDP): the others learn its decision
+    losses = iter([3.0, 2.0, 2.5])
+    evaluate = (lambda: {"loss": next(losses)}) if rank == 0 else None
+    cfg.train.eval_every, cfg.train.early_stop = 1, 1
+    best = Best(cfg.train)
 trained = model
 if world > 1:
     trained = torch.nn.parallel.DistributedDataParallel(model)
-train_loop(trained, rows, cfg, pad_id=0, out_dir=out, world=world, rank=rank, objective=make_objective(cfg))
+result = train_loop(
+    trained, rows, cfg, pad_id=0, out_dir=out, world=world, rank=rank, objective=make_objective(cfg),
+    evaluate=evaluate, best=best,
+)
+(out / f"steps-{rank}.txt").write_text(str(result["steps"]))
 if rank == 0:
     save_file(lorakit.adapter_state_dict(model), str(out / "adapter.safetensors"))
 finish_distributed()

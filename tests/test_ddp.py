@@ -35,7 +35,8 @@ WORKER = str(Path(__file__).parent / "ddp_worker.py")
 
 
 @pytest.mark.parametrize(
-    ("variant", "port"), [("lora", 29531), ("kasa", 29532), ("dpo", 29533), ("orpo", 29534), ("kto", 29535)]
+    ("variant", "port"),
+    [("lora", 29531), ("kasa", 29532), ("dpo", 29533), ("orpo", 29534), ("kto", 29535), ("stop", 29536)],
 )
 def test_two_processes_equal_one_process(tmp_path, variant, port):
     one = subprocess.run(
@@ -67,6 +68,10 @@ def test_two_processes_equal_one_process(tmp_path, variant, port):
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
     assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)  # training moved B off zero
+    if variant == "stop":  # train.early_stop: both processes left the loop after step 3, as one process did
+        for folder, ranks in (("one", (0,)), ("two", (0, 1))):
+            for r in ranks:
+                assert (tmp_path / folder / f"steps-{r}.txt").read_text() == "3", (folder, r)
     if variant == "kasa":  # d is trained too: it moved off the start the worker's seed gives it
         torch.manual_seed(0)
         model = tiny_llama()

@@ -16,7 +16,7 @@ import io
 import json
 import logging
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -103,11 +103,14 @@ def save_checkpoint(
     base_model_id: str | None,
     rank: int = 0,
     method=None,
+    extra: Callable[[Path], dict[str, Any]] | None = None,
 ) -> Path | None:
     """Write `checkpoints/step-NNNNNN` (rank 0) and return its path; other ranks return None.
 
     Under FSDP2 every rank must call this (the tensors are gathered first). A full disk is a CheckpointError
-    that names the folder; the previous checkpoints are left as they were.
+    that names the folder; the previous checkpoints are left as they were. `extra(folder)` writes more files
+    into the folder being written and returns more keys for its state.json (the run's best state,
+    `lorakit.train.best`).
     """
     sharded = is_sharded(model)
     if rank != 0 and not sharded:
@@ -118,8 +121,8 @@ def save_checkpoint(
     optimizer = _full_optimizer_state(opt) if sharded else opt.state_dict()
     if rank != 0:
         return None
-    extra = method.state_dict() if method is not None else {}  # e.g. AdaLoRA's importance EMAs
-    extra_tensors = {k: v.detach().contiguous() for k, v in extra.items() if isinstance(v, torch.Tensor)}
+    own = method.state_dict() if method is not None else {}  # e.g. AdaLoRA's importance EMAs
+    extra_tensors = {k: v.detach().contiguous() for k, v in own.items() if isinstance(v, torch.Tensor)}
 
     def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
@@ -128,10 +131,12 @@ def save_checkpoint(
         with (tmp / "optimizer.pt").open("wb") as f:
             f.write(buf.getbuffer())
         state: dict[str, Any] = {"step": step, "base_model": base_model_id, "config": cfg.to_dict()}
-        if extra:
-            state["method"] = {k: v for k, v in extra.items() if k not in extra_tensors}
+        if own:
+            state["method"] = {k: v for k, v in own.items() if k not in extra_tensors}
         if extra_tensors:
             save_file(extra_tensors, str(tmp / "method.safetensors"), metadata={"format": "pt"})
+        if extra is not None:
+            state.update(extra(tmp))
         (tmp / "state.json").write_text(json.dumps(state, indent=2, default=str))
 
     remove_stale_temporaries(root, "step-*")  # a killed save of an earlier step left its temporary

@@ -105,6 +105,11 @@ class TrainSection:
     """Seed for initialisation, data order and dropout."""
     eval_every: int = 0
     """Evaluate every N steps (0: only before and after training)."""
+    keep_best: bool = False
+    """With eval_every: end with the evaluated state of the lowest eval loss (the periodic evaluations and the
+    last state): the saved adapter and the "after" evaluation are the best's."""
+    early_stop: int = 0
+    """With eval_every: stop once this many evaluations in a row have not lowered the eval loss (0: never)."""
     save_every: int = 20
     """Write a resumable checkpoint every N steps (0: never)."""
     log_every: int = 1

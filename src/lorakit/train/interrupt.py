@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from lorakit.errors import TrainingError
-from lorakit.train.checkpoint import latest_checkpoint, resume_from, save_checkpoint
+from lorakit.readers import read_json
+from lorakit.train.best import STATE_KEY as BEST_KEY
+from lorakit.train.checkpoint import CheckpointError, latest_checkpoint, resume_from, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +22,10 @@ log = logging.getLogger(__name__)
 class RunCheckpoints:
     """A run's resumable checkpoints: resuming at the start, saving on the cadence, and what a Ctrl-C leaves."""
 
-    def __init__(self, out_dir, model, opt, sched, cfg, method, base_model_id, rank) -> None:
+    def __init__(self, out_dir, model, opt, sched, cfg, method, base_model_id, rank, best=None) -> None:
         self.out_dir, self.model, self.opt, self.sched, self.cfg = out_dir, model, opt, sched, cfg
         self.method, self.base_model_id, self.rank = method, base_model_id, rank
+        self.best = best if best is not None and best.active else None  # saved with each checkpoint
 
     def resume(self) -> int:
         """The step to start from: 0, or that of the checkpoint train.resume names ("auto": the newest intact
@@ -40,6 +43,9 @@ class RunCheckpoints:
         )
         if resumed is not None:
             log.info("resumed from %s at step %d", resumed, start)
+            if self.best is not None:
+                state = read_json(resumed / "state.json", CheckpointError)
+                self.best.load(resumed, state.get(BEST_KEY), self.model)
         return start
 
     def save(self, step: int) -> Path | None:
@@ -54,6 +60,7 @@ class RunCheckpoints:
             base_model_id=self.base_model_id,
             rank=self.rank,
             method=self.method,
+            extra=self.best.checkpoint_files if self.best is not None else None,
         )
 
     @contextmanager

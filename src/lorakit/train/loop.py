@@ -25,6 +25,7 @@ from lorakit.errors import TrainingError
 from lorakit.fused import groups_enabled, set_fused
 from lorakit.memory import enable_checkpointing, trim_between_layers
 from lorakit.siblings import probe_groups
+from lorakit.train.best import Best
 from lorakit.train.checkpoint import full_tensor, is_sharded
 from lorakit.train.config import RunConfig, TrainSection
 from lorakit.train.interrupt import RunCheckpoints
@@ -57,6 +58,7 @@ def train_loop(
     base_model_id: str | None = None,
     method: Method | None = None,
     objective: Objective | None = None,
+    best: Best | None = None,
 ) -> dict[str, Any]:
     """Train the model's trainable parameters on `train_rows`. Returns a summary dict.
 
@@ -64,14 +66,16 @@ def train_loop(
     passes are collectives); rank 0 alone writes metrics and checkpoint files. `method` (default: plain LoRA)
     gets its hooks called around each step (see lorakit.train.methods). `objective` (default: supervised
     fine-tuning on `Encoded` rows) computes each micro-batch's loss: the preference objectives (DPO, SimPO,
-    ORPO) take `Pair` rows (lorakit.train.objectives).
+    ORPO) take `Pair` rows (lorakit.train.objectives). `best` (train.keep_best, train.early_stop) takes each
+    periodic evaluation, and stops the run early (lorakit.train.best).
     """
     t, method, objective = cfg.train, method or Method(cfg), objective or Objective()
     inner = getattr(model, "module", model)  # under DDP, the wrapped model
     params, opt, sched = _optimizer(inner, cfg)
     sharded = is_sharded(inner)  # FSDP2: saving is a collective, every rank takes part
-    checkpoints = RunCheckpoints(out_dir, inner, opt, sched, cfg, method, base_model_id, rank)
+    checkpoints = RunCheckpoints(out_dir, inner, opt, sched, cfg, method, base_model_id, rank, best)
     start = checkpoints.resume()
+    done, stopped = start, False
     metrics = Metrics(out_dir, rank, callbacks, t)
     device, compute = model_device(inner), _base_dtype(inner)
     probe = objective.encoded(train_rows[:1])
@@ -115,10 +119,13 @@ def train_loop(
             guard.complete(done)  # weights, optimizer, scheduler and hooks agree: an interrupt now saves `done`
             metrics.step(done, loss_sum, sched.get_last_lr()[0], n_tok * world, grad_norm, stats)  # on record...
             guard.leave(done)  # ... a Ctrl-C held since the step began is raised here
-            _periodic(done, t, model, evaluate, metrics, checkpoints)
+            stopped = _periodic(done, t, model, evaluate, metrics, checkpoints, best, method, world)
+            if stopped:
+                break
     method.finish(inner)
     model.eval()
-    return {"steps": t.steps, "resumed_from": start, **metrics.summary()}
+    early = {"stopped_early": True} if stopped else {}
+    return {"steps": done, "resumed_from": start, **early, **metrics.summary()}
 
 
 _ADVICE = "lower train.lr (now %s) or check the data"
@@ -196,14 +203,35 @@ def _periodic(
     evaluate: Callable[[], dict[str, float]] | None,
     metrics: Metrics,
     checkpoints: RunCheckpoints,
-) -> None:
-    """After step `done`: the evaluation every train.eval_every steps and the checkpoint every train.save_every
-    steps (none after the last step: the run's end evaluates, and saves the adapter)."""
-    if evaluate and _due(t.eval_every, done, t.steps):
-        metrics.eval(done, evaluate())
-        model.train()
+    best: Best | None,
+    method: Method,
+    world: int,
+) -> bool:
+    """After step `done`: the evaluation every train.eval_every steps (taken by `best`) and the checkpoint
+    every train.save_every steps (none after the last step: the run's end evaluates, and saves the adapter).
+    True when the run stops here (train.early_stop; every process gets rank 0's decision)."""
+    stop = False
+    if _due(t.eval_every, done, t.steps):
+        if evaluate:
+            measured = evaluate()
+            metrics.eval(done, measured)
+            model.train()
+            if best is not None and best.active:
+                stop = best.observe(done, measured, getattr(model, "module", model), method)
+        if best is not None and best.patience and world > 1:
+            stop = _from_rank_0(stop)
     if _due(t.save_every, done, t.steps):
         checkpoints.save(done)
+    return stop
+
+
+def _from_rank_0(flag: bool) -> bool:
+    """Rank 0's `flag`, on every process (only rank 0 evaluates under DDP)."""
+    import torch.distributed as dist
+
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
 
 
 def _due(every: int, done: int, steps: int) -> bool:

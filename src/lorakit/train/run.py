@@ -23,6 +23,7 @@ from lorakit.errors import ConfigError
 from lorakit.quant import is_quantized, quantize
 from lorakit.quant.load import load_quantized
 from lorakit.report import parameter_report
+from lorakit.train.best import Best
 from lorakit.train.checkpoint import full_parameters
 from lorakit.train.config import RunConfig, save_config
 from lorakit.train.datasets import (
@@ -127,6 +128,7 @@ def run_training(
     if rank == 0:
         _record_before(out_dir, before)
     trained = distribute(model, world, fsdp, broadcast_buffers=quant is None, say=say)
+    best = Best(cfg.train)
     result = train_loop(
         trained,
         data.train_rows,
@@ -140,8 +142,23 @@ def run_training(
         rank=rank,
         method=method,
         objective=objective,
+        best=best,
     )
     after = evaluate_now() if rank == 0 or fsdp else {}
+    last = after
+    if result.get("stopped_early") and rank == 0:
+        say(
+            f"stopped early after step {result['steps']}: {cfg.train.early_stop} evaluation(s) in a row "
+            f"without a lower eval loss than {best.loss:.4f} (step {best.step})"
+        )
+    if rank == 0 and best.keep and best.better_than(after):  # keep_best: end with the best evaluated state
+        best.restore(model, method)
+        after = evaluate_now()
+        say(f"best:   step {best.step} (eval loss {best.loss:.4f}); the last state's was {_fmt(last)}")
+    elif rank == 0 and best.active:
+        best.take_last(result["steps"], after)
+    if best.active:
+        result["best"] = {**best.record(), "restored": after is not last}
     with full_parameters(model):  # FSDP2: every rank gathers the adapter, rank 0 writes it
         adapter_dir = method.save(model, out_dir / "adapter") if rank == 0 else None
     if adapter_dir is not None and cfg.data.add_tokens:  # the new tokens' ids live in this tokenizer
@@ -149,7 +166,7 @@ def run_training(
     if rank != 0:
         return {"rank": rank, **result}
     say(f"after:  {_fmt(after)}")
-    return _write_summary(out_dir, cfg, result, before, after, data, report, adapter_dir)
+    return _write_summary(out_dir, cfg, result, before, after, data, report, adapter_dir, last)
 
 
 def _add_tokens(cfg: RunConfig, model: nn.Module, tokenizer, say) -> RunConfig:
@@ -254,9 +271,13 @@ def _write_summary(
     data: RunData,
     report: dict[str, Any],
     adapter_dir: Path | None,
+    last: dict[str, float],
 ) -> dict[str, Any]:
-    """Rank 0's end of a run: the eval after on the curve of metrics.jsonl, loss.png, summary.json."""
-    _append_eval(out_dir, cfg.train.steps, after)
+    """Rank 0's end of a run: the last state's eval on the curve of metrics.jsonl (at the step the run ended,
+    unless a periodic evaluation measured it there: a run stopped early), loss.png, summary.json ("after": the
+    adapter saved, the best state's with train.keep_best)."""
+    if not _evaluated_at(out_dir, result["steps"]) or not result.get("stopped_early"):
+        _append_eval(out_dir, result["steps"], last)
     plot = plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
     summary = {
         "before": before,
@@ -289,6 +310,14 @@ def _record_before(out_dir: Path, before: dict[str, float]) -> None:
     )
     if before and not recorded:
         _append_eval(out_dir, 0, before)
+
+
+def _evaluated_at(out_dir: Path, step: int) -> bool:
+    """Whether metrics.jsonl holds an evaluation of step `step`."""
+    return any(
+        r.get("step") == step and any(k.startswith("eval_") for k in r)
+        for r in read_metrics(out_dir / "metrics.jsonl")
+    )
 
 
 def _append_eval(out_dir: Path, step: int, measured: dict[str, float]) -> None:

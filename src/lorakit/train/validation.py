@@ -30,6 +30,7 @@ def validate(cfg: RunConfig) -> None:
     """Raise ConfigError, naming the setting, for the first check `cfg` fails: ranges and choices, settings that
     do not work together, the objective's (`_validate_objective`), train.init_adapter's and the method's."""
     t, dsec = cfg.train, cfg.data
+    best = "keep_best" if t.keep_best else "early_stop"  # the setting that needs periodic evaluations
     checks = [
         (t.steps >= 1, f"train.steps must be >= 1, got {t.steps}"),
         (t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}"),
@@ -62,6 +63,15 @@ def validate(cfg: RunConfig) -> None:
         (dsec.max_len >= 8, f"data.max_len must be >= 8, got {dsec.max_len}"),
         (0 < dsec.eval_split < 1, f"data.eval_split must be in (0, 1), got {dsec.eval_split}"),
         (dsec.train_file or dsec.task, "set data.train_file or data.task"),
+        (t.early_stop >= 0, f"train.early_stop must be >= 0, got {t.early_stop}"),
+        (
+            t.eval_every > 0 or not (t.keep_best or t.early_stop),
+            f"train.{best} compares the periodic evaluations: set train.eval_every too",
+        ),
+        (
+            not t.fsdp or not (t.keep_best or t.early_stop),
+            f"train.{best} does not work with train.fsdp yet (the best state would be shards); use DDP",
+        ),
         (not fields_problem(dsec.fields), f"data.fields {fields_problem(dsec.fields)}"),
         (
             cfg.lora.init != "loftq" or cfg.model.quantize,

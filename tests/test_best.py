@@ -1,0 +1,147 @@
+"""train.keep_best and train.early_stop: the run ends with its best evaluated state, or stops when evaluations
+stop improving (tiny Llama, the addition task, a constant learning rate of 0.05 whose eval loss is lowest at step
+4 of 16 and then rises).
+
+The oracle is a plain run of as many steps as the best state had: the same seed and constant learning rate take
+the same steps, so its adapter is the best state's, bit for bit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.errors import ConfigError
+from lorakit.train.config import load_config
+
+from runs import addition_run
+
+RUN = ("--train.eval_every", "2", "--train.lr", "0.05", "--train.schedule", "constant")
+
+
+def _evals(run_dir) -> list[tuple[int, float]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["eval_loss"]) for r in map(json.loads, lines) if "eval_loss" in r]
+
+
+def _adapter(run_dir) -> dict[str, torch.Tensor]:
+    return lorakit.read_adapter(run_dir / "adapter")[1]
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """The run without either setting, 16 steps (its evaluations), and the 4-step run (the best state's adapter)."""
+    root = tmp_path_factory.mktemp("best")
+    (root / "full").mkdir()
+    (root / "four").mkdir()
+    addition_run(root / "full", "--train.steps", "16", *RUN)
+    addition_run(root / "four", "--train.steps", "4", *RUN)
+    evals = _evals(root / "full" / "run")
+    assert min(evals[1:], key=lambda e: e[1])[0] == 4, evals  # the scenario: lowest at step 4, higher after
+    return {"evals": evals, "four": _adapter(root / "four" / "run")}
+
+
+def test_keep_best_ends_with_the_lowest_evaluated_state(tmp_path, plain):
+    """The adapter saved is the step-4 state's (bitwise: the 4-step run's), the "after" evaluation is its eval
+    loss (1e-6: the same state evaluated again), and the curve keeps the last state's evaluation at step 16."""
+    summary, _ = addition_run(tmp_path, "--train.steps", "16", *RUN, "--train.keep_best", "true")
+    best = dict(plain["evals"][1:])[4]
+    assert summary["best"]["step"] == 4 and summary["best"]["restored"] is True
+    assert summary["best"]["loss"] == pytest.approx(best, abs=1e-9)
+    assert summary["after"]["loss"] == pytest.approx(best, abs=1e-6)
+    assert _same(_adapter(tmp_path / "run"), plain["four"])
+    assert _evals(tmp_path / "run") == plain["evals"]  # the training itself is the plain run's
+
+
+def test_the_last_state_is_kept_when_it_is_the_best(tmp_path):
+    """A run whose eval loss falls to the end (lr 0.01, cosine) keeps its last state: nothing is restored, and
+    the best is the last step's evaluation."""
+    summary, _ = addition_run(
+        tmp_path, "--train.steps", "8", "--train.eval_every", "2", "--train.keep_best", "true"
+    )
+    evals = _evals(tmp_path / "run")
+    assert evals[-1][0] == 8 and evals[-1][1] < min(loss for step, loss in evals[1:-1])
+    assert summary["best"] == {"loss": evals[-1][1], "step": 8, "since": 0, "kept": True, "restored": False}
+    assert summary["after"]["loss"] == evals[-1][1]
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["stop", "stop-and-keep"])
+def test_early_stop_after_evaluations_without_improvement(tmp_path, plain, keep):
+    """early_stop 2: steps 6 and 8 do not lower step 4's eval loss, so the run stops after step 8 with the
+    plain run's evaluations up to there; with keep_best too, it ends with the step-4 state."""
+    extra = ("--train.keep_best", "true") if keep else ()
+    summary, _ = addition_run(tmp_path, "--train.steps", "16", *RUN, "--train.early_stop", "2", *extra)
+    assert summary["steps"] == 8 and summary["stopped_early"] is True
+    assert _evals(tmp_path / "run") == plain["evals"][:5]  # steps 0, 2, 4, 6 and 8
+    assert summary["best"]["step"] == 4 and summary["best"]["since"] == 2
+    assert _same(_adapter(tmp_path / "run"), plain["four"]) is keep
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["stopped_early"] is True
+
+
+def test_a_resumed_run_keeps_the_best_of_the_steps_before_it(tmp_path, plain):
+    """Interrupted in step 11 (Ctrl-C: the checkpoint of step 11 is written) and resumed: the checkpoint
+    carried the step-4 state (best.safetensors), so the run ends with it, as the uninterrupted run does; and
+    early_stop's count of evaluations without improvement goes on from the checkpoint's (3: steps 6, 8 and 10;
+    with early_stop 4 the run stops after step 12's)."""
+    from lorakit.train.loop import TrainingError
+
+    def interrupt(rec):
+        if rec.get("step") == 11 and "loss" in rec:
+            raise KeyboardInterrupt
+
+    args = ("--train.steps", "16", *RUN, "--train.keep_best", "true", "--train.save_every", "5")
+    with pytest.raises(TrainingError, match="interrupted at step 11"):
+        addition_run(tmp_path, *args, callbacks=[interrupt])
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-000011"
+    state = json.loads((checkpoint / "state.json").read_text())
+    assert state["best"]["step"] == 4 and state["best"]["since"] == 3 and state["best"]["kept"] is True
+    assert (checkpoint / "best.safetensors").is_file()
+    summary, _ = addition_run(tmp_path, *args, "--train.resume", "auto", "--train.early_stop", "4")
+    assert summary["resumed_from"] == 11 and summary["steps"] == 12 and summary["stopped_early"] is True
+    assert summary["best"]["step"] == 4 and summary["best"]["restored"] is True
+    assert _same(_adapter(tmp_path / "run"), plain["four"])
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (
+            ["--train.keep_best", "true"],
+            "train.keep_best compares the periodic evaluations: set train.eval_every",
+        ),
+        (
+            ["--train.early_stop", "3"],
+            "train.early_stop compares the periodic evaluations: set train.eval_every",
+        ),
+        (["--train.early_stop", "-1"], "train.early_stop must be >= 0, got -1"),
+        (
+            ["--train.eval_every", "5", "--train.keep_best", "true", "--train.fsdp", "true"],
+            "train.keep_best does not work with train.fsdp yet",
+        ),
+    ],
+)
+def test_settings_that_cannot_work_are_refused(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert words in str(e.value)
+
+
+@pytest.mark.parametrize("method", ["dylora", "adalora", "ladder", "lora+loraplus"])
+def test_keep_best_with_each_method(tmp_path, plain, method):
+    """The other methods keep their best state too: the run restores the step-4 state (its "after" eval loss is
+    the step-4 evaluation's, 1e-6) and saves it in the method's own layout."""
+    extra = ("--adalora.tinit", "1", "--adalora.tfinal", "2") if method == "adalora" else ()
+    summary, _ = addition_run(
+        tmp_path, "--train.steps", "12", *RUN, "--train.keep_best", "true", "--method", method, *extra
+    )
+    evals = dict(_evals(tmp_path / "run"))
+    step = min((s for s in evals if s > 0), key=evals.get)
+    assert summary["best"]["step"] == step and summary["best"]["restored"] is (step != 12)
+    assert summary["after"]["loss"] == pytest.approx(evals[step], abs=1e-6)
+    assert (tmp_path / "run" / "adapter").is_dir()

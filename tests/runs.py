@@ -9,7 +9,7 @@ from torch import nn
 from tiny import tiny_llama, token_rows, write_jsonl
 
 
-def addition_run(tmp_path, *overrides: str, device: str | None = None, callbacks=None):
+def addition_run(tmp_path, *overrides: str, device: str | None = None, callbacks=None, dtype=None):
     """`lorakit train` through `run_training` on a tiny Llama with a character tokenizer, learning "i+1=" ->
     "i+1" from JSONL files in tmp_path (32 train, 8 eval rows); `overrides` are more `--section.key value`s.
     Returns (summary, model)."""
@@ -42,6 +42,8 @@ def addition_run(tmp_path, *overrides: str, device: str | None = None, callbacks
     model.generation_config.pad_token_id = model.config.pad_token_id = 0
     if device is not None:
         model.to(device)
+    if dtype is not None:
+        model.to(dtype)
     return run_training(cfg, model=model, tokenizer=char_tokenizer(), callbacks=callbacks), model
 
 

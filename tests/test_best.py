@@ -145,3 +145,19 @@ def test_keep_best_with_each_method(tmp_path, plain, method):
     assert summary["best"]["step"] == step and summary["best"]["restored"] is (step != 12)
     assert summary["after"]["loss"] == pytest.approx(evals[step], abs=1e-6)
     assert (tmp_path / "run" / "adapter").is_dir()
+
+
+def test_evaluations_leave_a_bf16_base_as_it_was(tmp_path):
+    """A merge and unmerge would round a bfloat16 base (by up to 1e-3 here), and training goes on from the
+    evaluated model: the evaluations decode unmerged on a 16-bit base, so the frozen weights stay bitwise those
+    training started from, and keep_best's "after" evaluation repeats the best step's exactly."""
+    from tiny import tiny_llama
+
+    summary, model = addition_run(
+        tmp_path, "--train.steps", "12", *RUN, "--train.keep_best", "true", dtype=torch.bfloat16
+    )
+    start = tiny_llama().to(torch.bfloat16).state_dict()
+    frozen = {n.replace(".base_layer", ""): p for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(torch.equal(p, start[n]) for n, p in frozen.items())
+    if summary["best"]["restored"]:
+        assert summary["after"]["loss"] == summary["best"]["loss"]

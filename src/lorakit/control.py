@@ -109,6 +109,9 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 def merged(model: nn.Module, *, or_unmerged: bool = False) -> Iterator[nn.Module]:
     """Run the block with the active adapters merged (fast inference), then restore the previous state.
 
+    The unmerge subtracts what the merge added, so the base weights come back within a rounding of their dtype,
+    not always bitwise: 1.5e-8 apart at most on a tiny Llama in float32, 1e-3 in bfloat16.
+
     `or_unmerged`: when the adapters cannot be merged (a lora_bias on a layer without a bias, a 4-bit base, ...),
     run the block with the model as it is instead of raising; for inference that merges only to be faster. A
     refused merge changes nothing."""

@@ -77,12 +77,23 @@ def evaluate(
         eval_examples[: cfg.eval.limit],
         max_new_tokens=cfg.eval.max_new_tokens,
         chat=cfg.data.chat,
-        merge=can_merge and not sharded and not is_quantized(model),  # a 4-bit base cannot take a merge
+        merge=can_merge and not sharded and _merges_back(model),
         synced=sharded,
     )
     if acc is not None:
         out["accuracy"] = acc
     return out
+
+
+def _merges_back(model: nn.Module) -> bool:
+    """Whether the evaluation may merge the adapters to decode faster: a float32 base, whose weights the unmerge
+    gives back within a float32 rounding (~1e-8). A 16-bit base would not be given back bitwise (bf16: up to
+    ~1e-3 on SmolLM2's weights), and training goes on from the evaluated model, so there the answers are decoded
+    unmerged; a 4-bit base cannot take a merge."""
+    if is_quantized(model):
+        return False
+    frozen = (p for p in model.parameters() if not p.requires_grad and p.is_floating_point())
+    return next((p.dtype for p in frozen), torch.float32) == torch.float32
 
 
 def run_training(

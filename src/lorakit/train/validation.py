@@ -144,7 +144,6 @@ def _validate_objective(cfg: RunConfig) -> None:
     data keeps pairs whole; DPO's and KTO's reference is the base model, so their adapter must start as a zero
     update."""
     from lorakit.train.objectives import (
-        DPO_LOSSES,
         NAMES,
         OBJECTIVES,
         PREFERENCE_OBJECTIVES,
@@ -166,38 +165,14 @@ def _validate_objective(cfg: RunConfig) -> None:
     name = NAMES[objective]
     alora = dsec.alora_invocation is not None or cfg.lora.alora_invocation_tokens is not None
     checks = {
-        "dpo": [
-            (d.beta > 0, f"dpo.beta must be > 0, got {d.beta}"),
-            (d.loss in DPO_LOSSES, f"dpo.loss must be one of {', '.join(DPO_LOSSES)}, got {d.loss!r}"),
-            (
-                0 <= d.label_smoothing < 0.5,
-                f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}",
-            ),
-            (
-                not d.label_smoothing or d.loss == "sigmoid",
-                f"dpo.label_smoothing works with dpo.loss sigmoid, not {d.loss!r}",
-            ),
-            (d.sft_weight >= 0, f"dpo.sft_weight must be >= 0, got {d.sft_weight}"),
-        ],
+        "dpo": _dpo_loss_checks("dpo", d),
         "simpo": [
             (s.beta > 0, f"simpo.beta must be > 0, got {s.beta}"),
             (s.gamma >= 0, f"simpo.gamma must be >= 0, got {s.gamma}"),
             (s.sft_weight >= 0, f"simpo.sft_weight must be >= 0, got {s.sft_weight}"),
         ],
         "orpo": [(o.beta > 0, f"orpo.beta must be > 0, got {o.beta}")],
-        "cpo": [
-            (c.beta > 0, f"cpo.beta must be > 0, got {c.beta}"),
-            (c.loss in DPO_LOSSES, f"cpo.loss must be one of {', '.join(DPO_LOSSES)}, got {c.loss!r}"),
-            (
-                0 <= c.label_smoothing < 0.5,
-                f"cpo.label_smoothing must be in [0, 0.5), got {c.label_smoothing}",
-            ),
-            (
-                not c.label_smoothing or c.loss == "sigmoid",
-                f"cpo.label_smoothing works with cpo.loss sigmoid, not {c.loss!r}",
-            ),
-            (c.sft_weight >= 0, f"cpo.sft_weight must be >= 0, got {c.sft_weight}"),
-        ],
+        "cpo": _dpo_loss_checks("cpo", c),
         "kto": [
             (k.beta > 0, f"kto.beta must be > 0, got {k.beta}"),
             (k.desirable_weight > 0, f"kto.desirable_weight must be > 0, got {k.desirable_weight}"),
@@ -304,3 +279,22 @@ def _validate_init_adapter(cfg: RunConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+
+
+def _dpo_loss_checks(name: str, sec: Any) -> list[tuple[bool, str]]:
+    """The checks of a section with DPO's loss settings (dpo's, cpo's): beta, loss, label_smoothing, sft_weight."""
+    from lorakit.train.objectives import DPO_LOSSES
+
+    return [
+        (sec.beta > 0, f"{name}.beta must be > 0, got {sec.beta}"),
+        (sec.loss in DPO_LOSSES, f"{name}.loss must be one of {', '.join(DPO_LOSSES)}, got {sec.loss!r}"),
+        (
+            0 <= sec.label_smoothing < 0.5,
+            f"{name}.label_smoothing must be in [0, 0.5), got {sec.label_smoothing}",
+        ),
+        (
+            not sec.label_smoothing or sec.loss == "sigmoid",
+            f"{name}.label_smoothing works with {name}.loss sigmoid, not {sec.loss!r}",
+        ),
+        (sec.sft_weight >= 0, f"{name}.sft_weight must be >= 0, got {sec.sft_weight}"),
+    ]

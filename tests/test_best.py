@@ -53,7 +53,7 @@ def test_keep_best_ends_with_the_lowest_evaluated_state(tmp_path, plain):
     summary, _ = addition_run(tmp_path, "--train.steps", "16", *RUN, "--train.keep_best", "true")
     best = dict(plain["evals"][1:])[4]
     assert summary["best"]["step"] == 4 and summary["best"]["restored"] is True
-    assert summary["best"]["loss"] == pytest.approx(best, abs=1e-9)
+    assert summary["best"]["metric"] == "loss" and summary["best"]["value"] == pytest.approx(best, abs=1e-9)
     assert summary["after"]["loss"] == pytest.approx(best, abs=1e-6)
     assert _same(_adapter(tmp_path / "run"), plain["four"])
     assert _evals(tmp_path / "run") == plain["evals"]  # the training itself is the plain run's
@@ -67,7 +67,14 @@ def test_the_last_state_is_kept_when_it_is_the_best(tmp_path):
     )
     evals = _evals(tmp_path / "run")
     assert evals[-1][0] == 8 and evals[-1][1] < min(loss for step, loss in evals[1:-1])
-    assert summary["best"] == {"loss": evals[-1][1], "step": 8, "since": 0, "kept": True, "restored": False}
+    assert summary["best"] == {
+        "metric": "loss",
+        "value": evals[-1][1],
+        "step": 8,
+        "since": 0,
+        "kept": True,
+        "restored": False,
+    }
     assert summary["after"]["loss"] == evals[-1][1]
 
 
@@ -121,6 +128,14 @@ def test_a_resumed_run_keeps_the_best_of_the_steps_before_it(tmp_path, plain):
         ),
         (["--train.early_stop", "-1"], "train.early_stop must be >= 0, got -1"),
         (
+            ["--train.best_metric", "bleu"],
+            "train.best_metric must be one of loss, accuracy, reward_accuracy, reward_margin, got 'bleu'",
+        ),
+        (
+            ["--train.best_metric", "reward_margin"],
+            "train.best_metric reward_margin is measured with a preference objective, not 'sft'",
+        ),
+        (
             ["--train.eval_every", "5", "--train.keep_best", "true", "--train.fsdp", "true"],
             "train.keep_best does not work with train.fsdp yet",
         ),
@@ -160,4 +175,54 @@ def test_evaluations_leave_a_bf16_base_as_it_was(tmp_path):
     frozen = {n.replace(".base_layer", ""): p for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen and all(torch.equal(p, start[n]) for n, p in frozen.items())
     if summary["best"]["restored"]:
-        assert summary["after"]["loss"] == summary["best"]["loss"]
+        assert summary["after"]["loss"] == summary["best"]["value"]
+
+
+@pytest.mark.parametrize(
+    "metric, values, best_step, stop_step",
+    [
+        ("loss", [3.0, 2.0, 2.0, 2.5, 1.0], 2, 4),  # a tie is no improvement
+        ("accuracy", [0.2, 0.5, 0.4, 0.5, 0.9], 2, 4),
+        ("reward_margin", [-1.0, 0.5, float("nan"), 0.7, 0.6], 4, None),  # NaN: no better
+    ],
+)
+def test_the_metric_and_its_direction(metric, values, best_step, stop_step):
+    """`Best` on a sequence of evaluations of a tiny model: lower loss or higher accuracy and rewards is better;
+    ties, NaN and a missing value are not; with early_stop 2 it stops at the second evaluation in a row without a
+    better value, and keep_best's snapshot is the state of the best step (its tensors as they were then)."""
+    from lorakit.train.best import Best
+    from lorakit.train.config import TrainSection
+
+    from tiny import tiny_llama
+
+    model = tiny_llama()
+    lorakit.inject(model, lorakit.LoraConfig(r=2, targets=["q_proj"]))
+    best = Best(TrainSection(eval_every=1, keep_best=True, early_stop=2, best_metric=metric))
+    stopped = None
+    for step, value in enumerate(values, 1):
+        with torch.no_grad():
+            for p in lorakit.adapter_parameters(model):
+                p.fill_(step)  # the state of each step tells itself apart
+        if best.observe(step, {metric: value}, model, None):
+            stopped = step
+            break  # the run stops here
+    assert best.step == best_step and stopped == stop_step
+    assert all(bool((t == best_step).all()) for t in best.tensors.values())
+    assert not best.better_than({metric: values[best_step - 1]})  # as good as the kept state: keep the last
+    assert best.better_than({}) and best.better_than({metric: float("nan")})
+
+
+def test_a_preference_run_keeps_its_best_reward_margin(tmp_path):
+    """DPO with best_metric reward_margin: the state kept is the evaluation of the highest margin on the eval
+    pairs, periodic or last, and the "after" evaluation repeats it (1e-6)."""
+    from runs import pairs_run
+
+    args = ("--train.steps", "8", "--train.eval_every", "2", "--train.keep_best", "true")
+    summary, _ = pairs_run(tmp_path, *args, "--train.best_metric", "reward_margin")
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    margins = {
+        r["step"]: r["eval_reward_margin"] for r in map(json.loads, lines) if "eval_reward_margin" in r
+    }
+    step = max((s for s in margins if s > 0), key=margins.get)
+    assert summary["best"]["metric"] == "reward_margin" and summary["best"]["step"] == step
+    assert summary["after"]["reward_margin"] == pytest.approx(margins[step], abs=1e-6)

@@ -1,10 +1,12 @@
 """The best evaluated state of a run (train.keep_best) and early stopping (train.early_stop).
 
-Each periodic evaluation (train.eval_every) gives an eval loss: the objective's own, as the run reports it. The
-lowest one so far is the best; with keep_best its trainable tensors (and the method's state, as a checkpoint
-holds them) are kept in memory, and at the end of the run, when the last state evaluates worse, they are put
-back, so that the adapter saved and the "after" evaluation are the best's. With early_stop N the run stops once
-N evaluations in a row have not lowered the best. Checkpoints carry the tracker (best.safetensors, and its numbers
+Each periodic evaluation (train.eval_every) measures the train.best_metric: the eval loss by default (the
+objective's own, as the run reports it; lower is better), or the exact-match accuracy, or a preference
+objective's reward accuracy or margin (higher is better). The best value so far marks the best state; with
+keep_best its trainable tensors (and the method's state, as a checkpoint holds them) are kept in memory, and at
+the end of the run, when the last state evaluates worse, they are put back, so that the adapter saved and the
+"after" evaluation are the best's. With early_stop N the run stops once N evaluations in a row have not bettered
+the best. Checkpoints carry the tracker (best.safetensors, and its numbers
 in state.json), so a resumed run keeps the best of the steps before it.
 
 Rank 0 evaluates (under DDP the others do not); its decision to stop is broadcast so that every process leaves
@@ -29,12 +31,18 @@ FILE = "best.safetensors"
 """The tracker's tensors in a checkpoint folder: the best state's trainable tensors."""
 
 
+BEST_METRICS = {"loss": False, "accuracy": True, "reward_accuracy": True, "reward_margin": True}
+"""The measures train.best_metric may name, and whether higher is better."""
+
+
 class Best:
-    """The lowest eval loss seen, its step, the evaluations since it, and (keep_best) the state that gave it."""
+    """The best value of the metric seen, its step, the evaluations since it, and (keep_best) the state that
+    gave it."""
 
     def __init__(self, t: TrainSection) -> None:
         self.keep, self.patience = t.keep_best, t.early_stop
-        self.loss: float | None = None
+        self.metric, self.higher = t.best_metric, BEST_METRICS.get(t.best_metric, False)
+        self.value: float | None = None
         self.step: int | None = None
         self.since = 0
         self.tensors: dict[str, torch.Tensor] | None = None
@@ -46,10 +54,10 @@ class Best:
 
     def observe(self, step: int, measured: dict[str, float], model: nn.Module, method) -> bool:
         """Take the evaluation of step `step`; True when the run should stop (early_stop evaluations in a row
-        without a lower loss). An evaluation without a loss (nothing left to evaluate) counts as no better."""
-        loss = measured.get("loss")
-        if loss is not None and math.isfinite(loss) and (self.loss is None or loss < self.loss):
-            self.loss, self.step, self.since = float(loss), step, 0
+        without a better value). An evaluation without the metric (nothing left to evaluate) counts as no
+        better."""
+        if self._better(measured, strict=True):
+            self.value, self.step, self.since = float(measured[self.metric]), step, 0
             if self.keep:
                 self.tensors = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
                 self.method_state = _copied(method.state_dict()) if method is not None else None
@@ -58,17 +66,26 @@ class Best:
         return self.patience > 0 and self.since >= self.patience
 
     def better_than(self, measured: dict[str, float]) -> bool:
-        """Whether the kept state evaluated lower than `measured` (the last state's evaluation)."""
-        last = measured.get("loss")
-        if self.tensors is None or self.loss is None:
+        """Whether the kept state evaluated better than `measured` (the last state's evaluation)."""
+        if self.tensors is None or self.value is None:
             return False
-        return last is None or not math.isfinite(last) or self.loss < last
+        return not self._better(measured, strict=False)
 
     def take_last(self, step: int, measured: dict[str, float]) -> None:
-        """The last state's evaluation (the run's end, `step`): the best when it is lower than the kept one."""
-        loss = measured.get("loss")
-        if loss is not None and math.isfinite(loss) and (self.loss is None or loss <= self.loss):
-            self.loss, self.step, self.since = float(loss), step, 0
+        """The last state's evaluation (the run's end, `step`): the best when it is as good as the kept one."""
+        if self._better(measured, strict=False):
+            self.value, self.step, self.since = float(measured[self.metric]), step, 0
+
+    def _better(self, measured: dict[str, float], *, strict: bool) -> bool:
+        """Whether `measured` has a finite value of the metric better than the best (`strict`) or as good."""
+        value = measured.get(self.metric)
+        if value is None or not math.isfinite(value):
+            return False
+        if self.value is None:
+            return True
+        if value == self.value:
+            return not strict
+        return value > self.value if self.higher else value < self.value
 
     def restore(self, model: nn.Module, method) -> None:
         """Put the kept state back into `model`'s trainable tensors (and the method's state)."""
@@ -82,7 +99,13 @@ class Best:
 
     def record(self) -> dict[str, Any]:
         """The numbers a checkpoint's state.json and the run's summary carry."""
-        return {"loss": self.loss, "step": self.step, "since": self.since, "kept": self.tensors is not None}
+        return {
+            "metric": self.metric,
+            "value": self.value,
+            "step": self.step,
+            "since": self.since,
+            "kept": self.tensors is not None,
+        }
 
     def checkpoint_files(self, folder: Path) -> dict[str, Any]:
         """Write the kept tensors into a checkpoint folder being written (`save_checkpoint`'s `extra`), and
@@ -104,7 +127,13 @@ class Best:
 
         if not isinstance(state, dict):
             return  # a checkpoint of a run without the tracker: start afresh from here
-        self.loss, self.step, self.since = state.get("loss"), state.get("step"), int(state.get("since") or 0)
+        if state.get("metric") != self.metric:  # a run resumed with another metric starts its count afresh
+            return
+        self.value, self.step, self.since = (
+            state.get("value"),
+            state.get("step"),
+            int(state.get("since") or 0),
+        )
         if not (state.get("kept") and self.keep):
             return
         tensors = read_safetensors(folder / FILE, CheckpointError)

@@ -106,10 +106,13 @@ class TrainSection:
     eval_every: int = 0
     """Evaluate every N steps (0: only before and after training)."""
     keep_best: bool = False
-    """With eval_every: end with the evaluated state of the lowest eval loss (the periodic evaluations and the
+    """With eval_every: end with the evaluated state of the best best_metric (the periodic evaluations and the
     last state): the saved adapter and the "after" evaluation are the best's."""
     early_stop: int = 0
-    """With eval_every: stop once this many evaluations in a row have not lowered the eval loss (0: never)."""
+    """With eval_every: stop once this many evaluations in a row have not bettered best_metric (0: never)."""
+    best_metric: str = "loss"
+    """What keep_best and early_stop compare: loss (the eval loss, lower is better), accuracy (exact match), or
+    with a preference objective reward_accuracy or reward_margin (higher is better)."""
     save_every: int = 20
     """Write a resumable checkpoint every N steps (0: never)."""
     log_every: int = 1

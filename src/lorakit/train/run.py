@@ -161,12 +161,13 @@ def run_training(
     if result.get("stopped_early") and rank == 0:
         say(
             f"stopped early after step {result['steps']}: {cfg.train.early_stop} evaluation(s) in a row "
-            f"without a lower eval loss than {best.loss:.4f} (step {best.step})"
+            f"without a better eval {best.metric} than {best.value:.4f} (step {best.step})"
         )
     if rank == 0 and best.keep and best.better_than(after):  # keep_best: end with the best evaluated state
         best.restore(model, method)
         after = evaluate_now()
-        say(f"best:   step {best.step} (eval loss {best.loss:.4f}); the last state's was {_fmt(last)}")
+        kept = f"step {best.step} (eval {best.metric} {best.value:.4f})"
+        say(f"best:   {kept}; the last state's was {_fmt(last)}")
     elif rank == 0 and best.active:
         best.take_last(result["steps"], after)
     if best.active:

@@ -29,6 +29,8 @@ def did_you_mean(word: str, options: list[str]) -> str:
 def validate(cfg: RunConfig) -> None:
     """Raise ConfigError, naming the setting, for the first check `cfg` fails: ranges and choices, settings that
     do not work together, the objective's (`_validate_objective`), train.init_adapter's and the method's."""
+    from lorakit.train.best import BEST_METRICS
+
     t, dsec = cfg.train, cfg.data
     best = "keep_best" if t.keep_best else "early_stop"  # the setting that needs periodic evaluations
     checks = [
@@ -64,6 +66,14 @@ def validate(cfg: RunConfig) -> None:
         (0 < dsec.eval_split < 1, f"data.eval_split must be in (0, 1), got {dsec.eval_split}"),
         (dsec.train_file or dsec.task, "set data.train_file or data.task"),
         (t.early_stop >= 0, f"train.early_stop must be >= 0, got {t.early_stop}"),
+        (
+            t.best_metric in BEST_METRICS,
+            f"train.best_metric must be one of {', '.join(BEST_METRICS)}, got {t.best_metric!r}",
+        ),
+        (
+            not t.best_metric.startswith("reward_") or t.objective != "sft",
+            f"train.best_metric {t.best_metric} is measured with a preference objective, not {t.objective!r}",
+        ),
         (
             t.eval_every > 0 or not (t.keep_best or t.early_stop),
             f"train.{best} compares the periodic evaluations: set train.eval_every too",

@@ -18,12 +18,13 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from lorakit.train.config import TrainSection
+if TYPE_CHECKING:
+    from lorakit.train.config import TrainSection
 
 STATE_KEY = "best"
 """The key of the tracker's numbers in a checkpoint's state.json."""

@@ -158,25 +158,27 @@ def _cell(name: str, cell: str, where: str) -> Any:
 
 
 def _parquet(data: bytes, source: str) -> list[Record]:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(f"{source}: reading Parquet files needs pyarrow (pip install pyarrow)") from None
+    pa = _pyarrow(source, "Parquet files")
+    import pyarrow.parquet as pq
+
     try:
         rows = pq.read_table(pa.BufferReader(data)).to_pylist()
     except (pa.ArrowException, OSError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{source}: not a readable Parquet file ({reason})") from None
+        raise DataError(f"{source}: not a readable Parquet file ({_first_line(e)})") from None
     return [(f"{source}: row {i}", r) for i, r in enumerate(rows, 1)]
 
 
 def _pyarrow(source: str, what: str):
+    """The pyarrow module; DataError naming `source` and what needs it where it is not installed."""
     try:
         import pyarrow as pa
     except ImportError:
         raise DataError(f"{source}: reading {what} needs pyarrow (pip install pyarrow)") from None
     return pa
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def _arrow_rows(data: bytes, source: str) -> list[dict]:
@@ -189,8 +191,7 @@ def _arrow_rows(data: bytes, source: str) -> list[dict]:
         except pa.ArrowInvalid:
             table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
     except (pa.ArrowException, OSError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise DataError(f"{source}: not a readable Arrow file ({reason})") from None
+        raise DataError(f"{source}: not a readable Arrow file ({_first_line(e)})") from None
     return table.to_pylist()
 
 
@@ -239,12 +240,10 @@ def _datasets_folder(path: Path) -> list[Record]:
 
 def _json_file(path: Path) -> dict:
     """A JSON object file of a `datasets` folder; DataError naming it if it is not one."""
-    try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+    # imported here: lorakit.readers imports torch, which reading a JSON Lines file does not need
+    from lorakit.readers import read_json
+
+    value = read_json(path, DataError)
     if not isinstance(value, dict):
         raise DataError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from lorakit.train.checkpoint import trainable_state
+
 if TYPE_CHECKING:
     from lorakit.train.config import TrainSection
 
@@ -48,6 +50,8 @@ class Best:
         self.since = 0
         self.tensors: dict[str, torch.Tensor] | None = None
         self.method_state: dict[str, Any] | None = None
+        self.last: tuple[int, dict[str, float]] | None = None
+        """The latest evaluation taken: (its step, what it measured)."""
 
     @property
     def active(self) -> bool:
@@ -57,10 +61,11 @@ class Best:
         """Take the evaluation of step `step`; True when the run should stop (early_stop evaluations in a row
         without a better value). An evaluation without the metric (nothing left to evaluate) counts as no
         better."""
+        self.last = (step, measured)
         if self._better(measured, strict=True):
             self.value, self.step, self.since = float(measured[self.metric]), step, 0
             if self.keep:
-                self.tensors = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                self.tensors = trainable_state(model)
                 self.method_state = _copied(method.state_dict()) if method is not None else None
         else:
             self.since += 1

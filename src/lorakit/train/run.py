@@ -156,7 +156,9 @@ def run_training(
         objective=objective,
         best=best,
     )
-    after = evaluate_now() if rank == 0 or fsdp else {}
+    # a run stopped early at an evaluation ends with the state just evaluated: not evaluated twice
+    measured_last = best.last is not None and best.last[0] == result["steps"]
+    after = best.last[1] if measured_last else (evaluate_now() if rank == 0 or fsdp else {})
     last = after
     if result.get("stopped_early") and rank == 0:
         say(
@@ -179,7 +181,7 @@ def run_training(
     if rank != 0:
         return {"rank": rank, **result}
     say(f"after:  {_fmt(after)}")
-    return _write_summary(out_dir, cfg, result, before, after, data, report, adapter_dir, last)
+    return _write_summary(out_dir, cfg, result, before, after, data, report, adapter_dir, last, measured_last)
 
 
 def _add_tokens(cfg: RunConfig, model: nn.Module, tokenizer, say) -> RunConfig:
@@ -285,11 +287,12 @@ def _write_summary(
     report: dict[str, Any],
     adapter_dir: Path | None,
     last: dict[str, float],
+    on_curve: bool,
 ) -> dict[str, Any]:
     """Rank 0's end of a run: the last state's eval on the curve of metrics.jsonl (at the step the run ended,
-    unless a periodic evaluation measured it there: a run stopped early), loss.png, summary.json ("after": the
-    adapter saved, the best state's with train.keep_best)."""
-    if not _evaluated_at(out_dir, result["steps"]) or not result.get("stopped_early"):
+    unless it is there already, `on_curve`: a run stopped early at a periodic evaluation), loss.png,
+    summary.json ("after": the adapter saved, the best state's with train.keep_best)."""
+    if not on_curve:
         _append_eval(out_dir, result["steps"], last)
     plot = plot_losses(out_dir / "metrics.jsonl", out_dir / "loss.png")
     summary = {
@@ -323,14 +326,6 @@ def _record_before(out_dir: Path, before: dict[str, float]) -> None:
     )
     if before and not recorded:
         _append_eval(out_dir, 0, before)
-
-
-def _evaluated_at(out_dir: Path, step: int) -> bool:
-    """Whether metrics.jsonl holds an evaluation of step `step`."""
-    return any(
-        r.get("step") == step and any(k.startswith("eval_") for k in r)
-        for r in read_metrics(out_dir / "metrics.jsonl")
-    )
 
 
 def _append_eval(out_dir: Path, step: int, measured: dict[str, float]) -> None:

@@ -87,10 +87,10 @@ def evaluate(
 
 def _merges_back(model: nn.Module) -> bool:
     """Whether the evaluation may merge the adapters to decode faster: a float32 base, whose weights the unmerge
-    gives back within a float32 rounding (1.5e-8 at most on a tiny Llama). A 16-bit base is not given back
-    bitwise (bf16 SmolLM2, a random adapter on every linear layer: 12% of those weights changed, by up to
-    0.016), and training goes on from the evaluated model, so there the answers are decoded unmerged; a 4-bit
-    base cannot take a merge."""
+    gives back within a float32 rounding (2.4e-7 at most on SmolLM2). A 16-bit base is not given back bitwise
+    (bf16 SmolLM2, a random adapter on every linear layer: 11.8% of those weights changed, by up to 0.016;
+    benchmarks/merge_roundtrip.py), and training goes on from the evaluated model, so there the answers are
+    decoded unmerged; a 4-bit base cannot take a merge."""
     if is_quantized(model):
         return False
     frozen = (p for p in model.parameters() if not p.requires_grad and p.is_floating_point())

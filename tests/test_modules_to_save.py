@@ -15,6 +15,7 @@ from torch import nn
 
 import lorakit
 from lorakit import AdapterError, LoraConfig, TargetError
+from lorakit.device import upcast_trainable
 from lorakit.saved import SavedModule
 
 from tiny import (
@@ -351,3 +352,21 @@ def randomize_one(model, name: str) -> None:
         for p in lorakit.adapter_parameters(model, name):
             std = 1.0 if id(p) in rows else 0.02 if p.shape[0] > 1000 else 0.05  # rows, the head copy, A and B
             p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def test_a_float32_copy_runs_on_a_bf16_base_outside_autocast():
+    """`lorakit train` keeps an adapter's copies in float32 on a 16-bit base (the optimizer's master weights);
+    its evaluations run outside autocast. The copy then computes in float32 on the input cast up, and hands its
+    output on in the input's dtype, as the base's module would: the logits equal those of the bf16 model whose
+    head holds the copy's weights rounded to bf16, to bf16 rounding (2e-2 on logits of size ~1)."""
+    model = tiny_llama().to(torch.bfloat16)
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets=["q_proj"], modules_to_save=["lm_head"]))
+    upcast_trainable(model)
+    copy = model.lm_head.modules_to_save["default"]
+    assert copy.weight.dtype == torch.float32
+    with torch.no_grad():
+        copy.weight.add_(0.05 * torch.randn_like(copy.weight))
+        out = model(ids()).logits
+        assert out.dtype == torch.bfloat16
+        want = nn.functional.linear(model.model(ids()).last_hidden_state, copy.weight.bfloat16())
+    torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=0)

@@ -59,7 +59,7 @@ class SavedModule(Wrapper):
     def forward(self, *args, **kwargs):
         if self.row_names is not None and not self.disabled:
             return self._rows_forward(*args, **kwargs)
-        return self.current()(*args, **kwargs)
+        return _run(self.current(), *args, **kwargs)
 
     def _rows_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         names = [n if n in self.modules_to_save else None for n in self.row_names]
@@ -68,12 +68,12 @@ class SavedModule(Wrapper):
         groups = list(dict.fromkeys(names))
         if len(groups) == 1:
             module = self.original_module if groups[0] is None else self.modules_to_save[groups[0]]
-            return module(x, *args, **kwargs)
+            return _run(module, x, *args, **kwargs)
         out = None
         for g in groups:
             rows = torch.tensor([i for i, n in enumerate(names) if n == g], device=x.device)
             module = self.original_module if g is None else self.modules_to_save[g]
-            y = module(x.index_select(0, rows), *args, **kwargs)
+            y = _run(module, x.index_select(0, rows), *args, **kwargs)
             if not isinstance(y, torch.Tensor):
                 raise AdapterError(
                     f"row adapters: {type(self.original_module).__name__} returns {type(y).__name__}, not a "
@@ -89,6 +89,24 @@ class SavedModule(Wrapper):
 
     def extra_repr(self) -> str:
         return f"copies={list(self.modules_to_save)}, active={self.active!r}"
+
+
+def _run(module: nn.Module, *args, **kwargs):
+    """`module(x, ...)`, where a copy whose weights are in another dtype than `x` (an adapter's float32 copy on
+    a 16-bit base, `lorakit.device.upcast_trainable`) computes in its own dtype and answers in `x`'s, as the
+    base's module would; under autocast, autocast decides."""
+    x = args[0] if args else None
+    p = next(module.parameters(), None)
+    if (
+        p is None
+        or not isinstance(x, torch.Tensor)
+        or not x.is_floating_point()
+        or x.dtype == p.dtype
+        or torch.is_autocast_enabled(x.device.type)
+    ):
+        return module(*args, **kwargs)
+    y = module(x.to(p.dtype), *args[1:], **kwargs)
+    return y.to(x.dtype) if isinstance(y, torch.Tensor) and y.is_floating_point() else y
 
 
 def in_saved_module(name: str) -> bool:

@@ -27,7 +27,13 @@ from typing import Any
 import torch
 import transformers
 from packaging.version import Version
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from lorakit.device import resolve_device
 from lorakit.envflags import CACHE_ENV, cache_root
@@ -135,17 +141,25 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
+    num_labels: int | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in ``eval()`` mode, in ``dtype``, on ``device``.
 
     ``spec`` is ``None`` (the default SmolLM2-135M-Instruct), a ``.gguf`` file (dequantised once and cached
     under ``cache_dir``) or a local Hugging Face folder. ``device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``
     (lorakit.device); None keeps the CPU. The tokenizer always has a pad token.
+
+    ``num_labels``: load the model as a sequence classifier with that many outputs instead
+    (``AutoModelForSequenceClassification``; a reward model has 1): the same body, and on the last token a
+    linear head (``score`` on decoders), new and random (from torch's seed) unless the folder holds one of that
+    size. Its config's pad token is set, which the head needs to find each row's last token in a padded batch.
     """
+    if num_labels is not None and num_labels < 1:
+        raise ValueError(f"num_labels must be >= 1, got {num_labels}")
     target = None if device is None else resolve_device(device)  # a missing GPU fails before the load
     folder = resolve_model_dir(spec, cache_dir)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **_dtype_kwargs(dtype))
+        model = _from_pretrained(folder, dtype, num_labels)
     except _LOAD_ERRORS as exc:
         raise ModelLoadError(f"cannot load the model in {str(folder)!r}: {_one_line(exc)}") from exc
     try:
@@ -267,6 +281,31 @@ def _publish(tmp: Path, target: Path) -> None:
         logger.info("another process cached %s first; discarding this conversion", target)
 
 
+def _from_pretrained(folder: Path, dtype: torch.dtype, num_labels: int | None) -> PreTrainedModel:
+    """The causal LM in `folder`, or with `num_labels` its sequence classifier (a head of another size than the
+    folder's is an error, not silently replaced)."""
+    if num_labels is None:
+        return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **_dtype_kwargs(dtype))
+    with _quiet_new_head():
+        return AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=num_labels, local_files_only=True, **_dtype_kwargs(dtype)
+        )
+
+
+@contextlib.contextmanager
+def _quiet_new_head():
+    """transformers' report of the weights a causal LM's folder lacks for its sequence classifier (the new head)
+    and has beyond it (the LM head) goes to lorakit's debug log: a new head is what num_labels asks for."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def _dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
     """``from_pretrained`` dtype keyword: ``dtype`` since transformers 4.56, ``torch_dtype`` before."""
     key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
@@ -280,6 +319,12 @@ def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None and tokenizer.pad_token_id is not None:
         gen.pad_token_id = tokenizer.pad_token_id
+    if getattr(model.config, "num_labels", None) is not None and type(model).__name__.endswith(
+        "ForSequenceClassification"
+    ):
+        text = model.config.get_text_config()  # a sequence classifier finds each row's last token by it
+        if getattr(text, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+            text.pad_token_id = tokenizer.pad_token_id
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:

@@ -26,6 +26,7 @@ from lorakit.layers import LoraLayer
 from lorakit.quant import bnb
 from lorakit.quant.nf4 import BLOCK_SIZE, NF4Linear
 from lorakit.readers import safetensors_metadata
+from lorakit.task_types import task_heads, task_type_for
 from lorakit.walk import base_modules, parameter_uses, set_submodule
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,8 @@ def quantize(
     """Replace the model's `nn.Linear` layers in place with 4-bit `NF4Linear` ones (QLoRA's frozen base).
 
     `skip`: module names (exact, or a suffix after a dot) to keep in full precision; the output head by default.
-    Quantize before injecting LoRA. Raises QuantizationError on an unknown method, a model that is already
+    A classification model's task head (a reward model's `score`) is never quantized: it is new and trained
+    whole. Quantize before injecting LoRA. Raises QuantizationError on an unknown method, a model that is already
     quantized, or one that already carries LoRA adapters.
 
     `source` (used by `load_quantized`): called with "<module>.weight" to read each weight just before it is
@@ -116,6 +118,7 @@ def quantize(
     _check_quantizable(model, method)
     if isinstance(skip, str):
         skip = (skip,)
+    skip = (*skip, *(h for h in task_heads(model, task_type_for(model)) if h not in skip))
     report = QuantReport(method=method, double_quant=double_quant, block_size=block_size)
     shared = _shared_weights(model)
     for name, m in list(model.named_modules()):

@@ -155,11 +155,15 @@ def load_quantized(
     dtype: torch.dtype = torch.float32,
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
+    num_labels: int | None = None,
 ) -> tuple[nn.Module, object, QuantReport]:
     """`(model, tokenizer, report)`: `lorakit.load_model(spec)` followed by `lorakit.quantize(model, ...)`, with
     the same result (tested bit for bit) but without the full-precision model ever in memory. With `device`
     (a GPU), each linear weight goes there alone and is quantized there, then the rest of the model follows: no
-    full-precision copy of the linear layers exists on the GPU or the CPU."""
+    full-precision copy of the linear layers exists on the GPU or the CPU.
+
+    `num_labels`: a sequence classifier (`load_model`'s), loaded in full precision and then quantized (its head
+    is new, which the 4-bit load's skeleton cannot take from the checkpoint); the head stays in `dtype`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
@@ -168,6 +172,10 @@ def load_quantized(
 
     target = None if device is None else resolve_device(device)  # a missing GPU fails before the load
     folder = resolve_model_dir(spec, cache_dir)
+    if num_labels is not None:
+        model, tokenizer = load_model(folder, dtype=dtype, num_labels=num_labels)
+        report = quantize(model, method, double_quant, skip)  # the head is never quantized
+        return _moved(model, target), tokenizer, report
     index = TensorIndex.of_folder(folder)
     model = None
     if index is not None:

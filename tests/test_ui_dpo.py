@@ -15,10 +15,10 @@ def test_the_form_has_the_objective_and_a_section_shown_by_each(http):
     sections = {s["name"]: s for s in http.get("/api/schema").json()["sections"]}
     objective = next(f for f in sections["train"]["fields"] if f["name"] == "objective")
     assert (
-        objective["choices"] == ["sft", "dpo", "simpo", "orpo", "cpo", "kto"]
+        objective["choices"] == ["sft", "dpo", "simpo", "orpo", "cpo", "kto", "reward"]
         and objective["default"] == "sft"
     )
-    for name in ("dpo", "simpo", "orpo", "cpo", "kto"):
+    for name in ("dpo", "simpo", "orpo", "cpo", "kto", "reward"):
         assert sections[name]["objective"] == name and sections[name]["method"] is None
     assert "objective" not in sections["lora"] and "objective" not in sections["train"]
     for name in ("dpo", "cpo"):

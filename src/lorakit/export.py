@@ -11,7 +11,7 @@ import torch
 
 from lorakit.atomic import atomic_dir
 from lorakit.errors import AdapterError
-from lorakit.formats import folder_refusal
+from lorakit.formats import adapter_num_labels, folder_refusal
 from lorakit.inject import unload
 from lorakit.io import load_adapter
 from lorakit.quant import adapter_base_quantization, dequantize, quantize
@@ -30,7 +30,8 @@ def merged_model(
     dequantized_base: bool = True,
     device: str | None = None,
 ):
-    """(the base with `adapter` merged in, as a plain transformers model; its tokenizer).
+    """(the base with `adapter` merged in, as a plain transformers model; its tokenizer). A sequence
+    classifier's adapter (a reward model's, task_type SEQ_CLS) gives the classifier, its head the adapter's.
 
     An adapter trained on a 4-bit base (QLoRA; recorded in its safetensors metadata) learned ΔW against the
     dequantized weights. With `dequantized_base` the base is quantized the same way and dequantized again before
@@ -46,7 +47,9 @@ def merged_model(
     reason = folder_refusal(adapter, "merge")
     if reason:
         raise AdapterError(reason)
-    model, tokenizer = load_model(model_spec, dtype=dtype, device=device)
+    # a reward model's adapter (SEQ_CLS) goes on the base loaded as the classifier it was trained on
+    num_labels = adapter_num_labels(adapter)
+    model, tokenizer = load_model(model_spec, dtype=dtype, device=device, num_labels=num_labels)
     if quant and dequantized_base:
         if quant.get("method") in ("nf4", "bitsandbytes-nf4"):  # our NF4 is bitsandbytes' (CPU) bit for bit
             quantize(

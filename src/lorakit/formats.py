@@ -143,6 +143,30 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
     return raw
 
 
+_HEAD_KEY = re.compile(r"base_model\.model\.(?:score|classifier)(?:\.out_proj)?\.weight")
+
+
+def adapter_num_labels(path: str | os.PathLike) -> int | None:
+    """How many outputs the head of a sequence-classification adapter (task_type SEQ_CLS: a reward model has 1)
+    has, from its saved copy's shape in the safetensors header (no tensor is read); None for any other adapter,
+    which goes on a causal LM. Lets `lorakit merge`, `eval` and the others load the base as the classifier it
+    was trained on (`lorakit.load_model(num_labels=...)`)."""
+    path = Path(path)
+    if path.is_file() or read_config_json(path).get("task_type") != "SEQ_CLS":
+        return None
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            shapes = [f.get_slice(k).get_shape() for k in f.keys() if _HEAD_KEY.fullmatch(k)]  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own SafetensorError
+        raise AdapterFileError(f"{weights}: not a readable safetensors file ({e})") from None
+    return int(shapes[0][0]) if shapes and len(shapes[0]) == 2 else None
+
+
 def read_tensors(path: Path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """The adapter folder's tensors, each a floating-point tensor of finite values (else AdapterFileError)."""
     tensors = _read_tensor_file(Path(path), allow_pickle)

@@ -48,6 +48,7 @@ def plan_saved(
         params = param_plan(model, config, lora_modules, [*modules, *tokens, *tied])
     except TargetError as e:
         raise AdapterError(f"{path}: adapter does not fit {type(model).__name__}: {e}") from None
+    _check_heads(model, config, modules, tensors, path)
     rest = dict(tensors)
     saved: list[tuple[str, str, torch.Tensor]] = []
     for m, ids in tokens.items():
@@ -130,3 +131,26 @@ def _after(key: str, module: str) -> str | None:
     """The tensor name in `key` after the first module whose name ends with `module` (PEFT's rule), or None."""
     i = key.find(module + ".")
     return key[i + len(module) + 1 :] if i >= 0 else None
+
+
+def _check_heads(
+    model: nn.Module, config: LoraConfig, modules: list[str], tensors: dict[str, torch.Tensor], path: Path
+) -> None:
+    """A module the file saves whole at the model's top level (a classifier's head: "score") that the model lacks
+    is an error, not a tensor left out: without it a reward model's adapter on a causal LM would run the LM head
+    and answer nonsense. Names that match nothing and have no tensors (PEFT lists both "classifier" and "score")
+    are fine."""
+    for name in config.modules_to_save or []:
+        if any(m == name or m.endswith("." + name) for m in modules):
+            continue
+        if any(k.startswith(f"{PREFIX}{name}.") for k in tensors):
+            hint = (
+                f": it is a {config.task_type} adapter (a sequence classifier's, e.g. a reward model's); load the "
+                "base as one, lorakit.load_model(..., num_labels=N)"
+                if config.task_type == "SEQ_CLS"
+                else ""
+            )
+            raise AdapterError(
+                f"{path}: the file holds a trained {name!r} (modules_to_save), which {type(model).__name__} "
+                f"lacks{hint}"
+            )

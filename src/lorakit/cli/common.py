@@ -9,15 +9,18 @@ import time
 MODEL_HELP = "a Hugging Face model folder or a .gguf file (default: the bundled SmolLM2-135M-Instruct)"
 
 
-def load(model_spec: str | None, device: str | None = None, dtype: str | None = None):
+def load(
+    model_spec: str | None, device: str | None = None, dtype: str | None = None, num_labels: int | None = None
+):
     """`lorakit.models.load_model` on `device` (auto: a GPU if there is one) in `dtype` (auto: bf16 on a GPU,
-    and on a CPU with native bf16; else fp32), saying on stderr what was loaded, where, and how long it took."""
+    and on a CPU with native bf16; else fp32), saying on stderr what was loaded, where, and how long it took.
+    `num_labels`: as a sequence classifier (a reward model: 1)."""
     from lorakit.device import dtype_name, placement
     from lorakit.models import load_model
 
     t0 = time.perf_counter()
     where, precision = placement(device, dtype)
-    model, tok = load_model(model_spec, dtype=precision, device=where)
+    model, tok = load_model(model_spec, dtype=precision, device=where, num_labels=num_labels)
     print(
         f"loaded {model_spec or 'SmolLM2-135M-Instruct (default)'} in {time.perf_counter() - t0:.1f} s"
         + ("" if where.type == "cpu" else f" on {where} in {dtype_name(precision)}"),

@@ -107,11 +107,12 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument(
         "--objective",
-        choices=("dpo", "simpo", "orpo", "cpo", "kto"),
+        choices=("dpo", "simpo", "orpo", "cpo", "kto", "reward"),
         default=None,
         help="with a --data file of preference pairs: the preference loss and rewards to measure: dpo (the "
         "adapter's against the base, the default), simpo, orpo or cpo (no reference: the base's too); kto: "
-        "of a file of answers labelled desirable or not (or of pairs), the adapter's against the base",
+        "of a file of answers labelled desirable or not (or of pairs), the adapter's against the base; reward: "
+        "a reward model's --adapter (chosen automatically for one), on --data's pairs or --task's",
     )
     p.add_argument(
         "--beta",
@@ -140,6 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     import lorakit
+    from lorakit.cli.reward import eval_reward, reward_adapter
     from lorakit.data.feedback import encode_feedback, read_feedback
     from lorakit.data.preference import encode_pairs, read_any
     from lorakit.data.tasks import make_task
@@ -151,6 +153,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.compare_base and not args.adapter:
         raise ConfigError("--compare-base compares an adapter with its base: give --adapter too")
+    labels = reward_adapter(args)
+    if labels is not None:  # a reward model's adapter: it ranks pairs, it generates nothing
+        return eval_reward(args, labels)
     # a task: the held-out examples `lorakit train` evaluates on (seed 0, generated first)
     if args.fields and not args.data:
         raise ConfigError("--fields names the columns of a --data file: give --data too")

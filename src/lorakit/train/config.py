@@ -129,8 +129,8 @@ class TrainSection:
     """Training method: lora, dylora, adalora or ladder; add "+loraplus" (or give just loraplus) for LoRA+."""
     objective: str = "sft"
     """What training minimises: sft (the answers' token loss), on preference pairs dpo, simpo, orpo or cpo
-    (each with its own section; simpo, orpo and cpo need no reference model), or kto on answers marked
-    desirable or not."""
+    (each with its own section; simpo, orpo and cpo need no reference model), kto on answers marked
+    desirable or not, or reward: a reward model (the model with a one-output head, trained on pairs)."""
     init_adapter: str | None = None
     """An adapter folder (PEFT layout) to train further instead of a new adapter, with its own r, alpha and
     targets (method lora); with objective dpo it is also the reference."""
@@ -239,6 +239,13 @@ class KtoSection:
 
 
 @dataclass
+class RewardSection:
+    center_weight: float = 0.0
+    """Reward model: weight of the mean squared reward added to the pairwise loss, which keeps the rewards
+    centred on 0 (Eisenstein et al., 2023; TRL's center_rewards_coefficient, 0.01 there); 0: none."""
+
+
+@dataclass
 class EvalSection:
     max_new_tokens: int = 16
     """Tokens generated per eval example for exact-match accuracy."""
@@ -262,6 +269,7 @@ class RunConfig:
     orpo: OrpoSection = field(default_factory=OrpoSection)
     cpo: CpoSection = field(default_factory=CpoSection)
     kto: KtoSection = field(default_factory=KtoSection)
+    reward: RewardSection = field(default_factory=RewardSection)
 
     @property
     def methods(self) -> tuple[str, bool]:

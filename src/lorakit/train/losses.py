@@ -88,6 +88,20 @@ def pair_stats(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]
     }
 
 
+def reward_losses(
+    rewards: torch.Tensor, *, center_weight: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the batch's reward-model loss, the chosen answers' rewards, the rejected ones', both detached) from the
+    rewards of 2·n rows (the n chosen first): the Bradley-Terry loss −log σ(r_chosen − r_rejected) averaged over
+    the pairs, plus `center_weight` times the mean of (r_chosen + r_rejected)², as TRL's RewardTrainer adds it."""
+    n = len(rewards) // 2
+    chosen, rejected = rewards[:n], rewards[n:]
+    loss = -F.logsigmoid(chosen - rejected).mean()
+    if center_weight:
+        loss = loss + center_weight * ((chosen + rejected) ** 2).mean()
+    return loss, chosen.detach(), rejected.detach()
+
+
 def simpo_losses(
     policy: torch.Tensor, count: torch.Tensor, *, beta: float, gamma: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -39,6 +39,16 @@ gradient, clamped at 0):
     kto:   loss = λD·(1 − σ(β·(r − z)))  for a desirable answer,  λU·(1 − σ(β·(z − r)))  for an undesirable one,
            averaged over the rows (λD, λU: kto.desirable_weight, kto.undesirable_weight; reward β·r)
 
+A reward model (`reward`, as in InstructGPT, Ouyang et al., 2022) is the model with a one-output head on its last
+token instead of the LM head (`lorakit.load_model(num_labels=1)`, transformers' ...ForSequenceClassification):
+its output r(y) is the answer's reward, trained on pairs to rank the chosen answer above the rejected one:
+
+    reward: loss = −log σ(r(chosen) − r(rejected)) + w·mean((r(chosen) + r(rejected))²)
+                                                              (w: reward.center_weight, 0 by default)
+
+The head is new and trained whole with the LoRA (saved as PEFT's modules_to_save); the rewards are the head's
+outputs, so they need no β.
+
 The log-probabilities come from the chunked LM head (`lorakit.head.sequence_logprobs`): the batch × seq × vocab
 logits are never held. The losses themselves, on those log-probabilities, are `lorakit.train.losses`.
 """
@@ -50,6 +60,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lorakit.control import active_adapters, disabled, set_active
@@ -66,19 +77,28 @@ from lorakit.train.losses import (
     mean_logprobs,
     orpo_losses,
     pair_stats,
+    reward_losses,
     simpo_losses,
 )
 
 if TYPE_CHECKING:
     from lorakit.train.config import RunConfig
 
-OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "cpo", "kto")
-PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo", "cpo", "kto")
+OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "cpo", "kto", "reward")
+PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo", "cpo", "kto", "reward")
 """The objectives that learn from preferences (each has a config section of its own name): pairs, or KTO's
 feedback."""
 REFERENCE_OBJECTIVES = ("dpo", "kto")
 """The objectives that compare the model with a reference: the model training starts from."""
-NAMES = {"sft": "SFT", "dpo": "DPO", "simpo": "SimPO", "orpo": "ORPO", "cpo": "CPO", "kto": "KTO"}
+NAMES = {
+    "sft": "SFT",
+    "dpo": "DPO",
+    "simpo": "SimPO",
+    "orpo": "ORPO",
+    "cpo": "CPO",
+    "kto": "KTO",
+    "reward": "reward model",
+}
 """How each objective is written in reports."""
 REFERENCE_ADAPTER = "reference"
 """With train.init_adapter, the name of its frozen copy: DPO's reference (`DpoObjective.reference`)."""
@@ -94,6 +114,9 @@ class Objective:
     precompute = False
     """Whether the loop computes each row's reference log-probabilities once before training (DPO's
     dpo.precompute_reference; `DpoObjective.reference_logprobs`)."""
+    num_labels: int | None = None
+    """None: the model is a causal LM; else it is a sequence classifier with this many outputs (a reward model's
+    1), loaded as `lorakit.load_model(num_labels=...)`: it generates nothing, so no exact match is measured."""
 
     def encoded(self, rows: list[Any]) -> list[Encoded]:
         """The token rows a micro-batch of training rows collates into."""
@@ -315,6 +338,40 @@ class KtoObjective(Reference, Objective):
         return loss, feedback_stats(rewards, kl, batch["desirable"], self.beta)
 
 
+class RewardObjective(PreferenceObjective):
+    """A reward model on `Pair` rows: the model's one output on each row's last token is the answer's reward, and
+    the chosen answer's must beat the rejected one's (see the module docstring)."""
+
+    name = "reward"
+    num_labels = 1
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.center_weight = cfg.reward.center_weight
+
+    def rewards(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each row's reward, in float32: the model's output at its last token that is not padding (the head's
+        own pooling, as transformers and PEFT compute it at inference)."""
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        logits = out.logits
+        if logits.dim() != 2 or logits.shape[-1] != 1:
+            raise ValueError(
+                f"train.objective reward needs a model with one output per row (num_labels=1), got logits of "
+                f"shape {tuple(logits.shape)}"
+            )
+        return logits[:, 0].float()
+
+    def scores(self, model, batch, *, fused=True):
+        n = len(batch["input_ids"]) // 2
+        chosen, rejected = self.rewards(model, batch).detach().split(n)
+        return -F.logsigmoid(chosen - rejected), chosen, rejected, None, None
+
+    def loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool
+    ) -> tuple[torch.Tensor, dict]:
+        loss, chosen, rejected = reward_losses(self.rewards(model, batch), center_weight=self.center_weight)
+        return loss, pair_stats(chosen, rejected)
+
+
 def _half(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
     """The token tensors of `batch`'s rows `rows`, cut to their longest row (the batch is right-padded)."""
     mask = batch["attention_mask"][rows]
@@ -330,6 +387,7 @@ def make_objective(cfg: RunConfig) -> Objective:
         "orpo": OrpoObjective,
         "cpo": CpoObjective,
         "kto": KtoObjective,
+        "reward": RewardObjective,
     }
     kind = kinds.get(cfg.train.objective)
     return kind(cfg) if kind else Objective()

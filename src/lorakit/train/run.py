@@ -62,7 +62,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Eval loss and exact-match accuracy; with a preference `objective` (DPO, SimPO, ORPO, CPO, KTO), its
     loss and the implicit rewards' accuracy and margin on the eval pairs (KTO: answers), and exact match of
-    the chosen (desirable) answers. `sharded` (FSDP2): every rank calls this with the same data and gets the
+    the chosen (desirable) answers; a reward model's loss and its rewards' accuracy and margin alone. `sharded` (FSDP2): every rank calls this with the same data and gets the
     same numbers; adapters are not merged (the base weights are shards) and generation runs in lockstep."""
     out: dict[str, float] = {}
     if objective is not None and objective.rows != "examples":
@@ -71,6 +71,8 @@ def evaluate(
         loss = eval_loss(model, eval_rows, tokenizer.pad_token_id)
         if loss is not None:  # None: truncation left no eval token (warned at the start)
             out["loss"] = loss
+    if objective is not None and objective.num_labels is not None:  # a reward model generates nothing
+        return out
     acc, _ = exact_match(
         model,
         tokenizer,
@@ -255,6 +257,7 @@ def _base_model(cfg: RunConfig, model, tokenizer, say) -> tuple[nn.Module, Any, 
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     q.device, q.dtype = str(device), dtype_name(dtype)  # config.yaml records what was chosen
     quant = None
+    num_labels = make_objective(cfg).num_labels  # a reward model: the model with a one-output head
     if model is None and q.quantize:
         model, tokenizer, quant = load_quantized(
             q.path,
@@ -263,13 +266,21 @@ def _base_model(cfg: RunConfig, model, tokenizer, say) -> tuple[nn.Module, Any, 
             skip=q.quantize_skip,
             dtype=dtype,
             device=device,
+            num_labels=num_labels,
         )
     elif model is None:
         from lorakit.models import load_model
 
-        model, tokenizer = load_model(q.path, dtype=dtype, device=device)
+        model, tokenizer = load_model(q.path, dtype=dtype, device=device, num_labels=num_labels)
     elif q.quantize:  # a model passed in: quantize it in place
         quant = quantize(model, q.quantize, q.double_quant, q.quantize_skip)
+    if num_labels is not None and not (
+        type(model).__name__.endswith("ForSequenceClassification") and model.config.num_labels == num_labels
+    ):
+        raise ConfigError(
+            f"train.objective {cfg.train.objective} trains a model with a {num_labels}-output head, not a "
+            f"{type(model).__name__}: load it with lorakit.load_model(..., num_labels={num_labels})"
+        )
     if device.type != "cpu":
         say(f"device: {device} ({torch.cuda.get_device_name(device)}), base in {q.dtype}")
     if quant is not None:

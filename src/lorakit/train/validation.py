@@ -4,8 +4,10 @@ refused in one line that names them, before any model is loaded. `lorakit.train.
 from __future__ import annotations
 
 import difflib
+import json
 import re
 from dataclasses import fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lorakit.data.shapes import fields_problem
@@ -73,6 +75,11 @@ def validate(cfg: RunConfig) -> None:
         (
             not t.best_metric.startswith("reward_") or t.objective != "sft",
             f"train.best_metric {t.best_metric} is measured with a preference objective, not {t.objective!r}",
+        ),
+        (
+            t.best_metric != "accuracy" or t.objective != "reward",
+            "train.best_metric accuracy is the exact match of generated answers, which a reward model does not "
+            "generate; use loss, reward_accuracy or reward_margin",
         ),
         (
             t.eval_every > 0 or not (t.keep_best or t.early_stop),
@@ -171,7 +178,8 @@ def _validate_objective(cfg: RunConfig) -> None:
             )
     if objective not in PREFERENCE_OBJECTIVES:
         return
-    d, s, o, c, k = cfg.dpo, cfg.simpo, cfg.orpo, cfg.cpo, cfg.kto
+    d, s, o, c, k, r = cfg.dpo, cfg.simpo, cfg.orpo, cfg.cpo, cfg.kto, cfg.reward
+    start = _adapter_task(t.init_adapter) if objective == "reward" and t.init_adapter else None
     name = NAMES[objective]
     alora = dsec.alora_invocation is not None or cfg.lora.alora_invocation_tokens is not None
     checks = {
@@ -192,6 +200,25 @@ def _validate_objective(cfg: RunConfig) -> None:
                 t.batch_size >= 2,
                 "train.objective kto needs train.batch_size >= 2: its KL estimate pairs each prompt with another "
                 f"answer of the micro-batch (got {t.batch_size})",
+            ),
+        ],
+        "reward": [
+            (r.center_weight >= 0, f"reward.center_weight must be >= 0, got {r.center_weight}"),
+            (
+                cfg.methods[0] != "ladder",
+                "train.objective reward puts a head on the model's last hidden state, which a ladder's side "
+                "network does not feed; use method lora, dylora or adalora",
+            ),
+            (
+                cfg.lora.init != "lora_ga",
+                "lora.init lora_ga starts from the gradient of the language-model loss, which a reward model "
+                "does not have; use another lora.init",
+            ),
+            (
+                start in (None, "SEQ_CLS"),
+                f"train.init_adapter {t.init_adapter} is a {start} adapter; "
+                "train.objective reward trains further a reward model's adapter (task_type SEQ_CLS): to start "
+                "from a fine-tuned causal LM adapter, merge it (lorakit merge) and train on the merged model",
             ),
         ],
     }[objective]
@@ -233,6 +260,17 @@ def _validate_objective(cfg: RunConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+
+
+def _adapter_task(folder: str) -> str | None:
+    """The task_type an adapter folder's adapter_config.json names, None where there is none to read (the load
+    then says what is wrong)."""
+    path = Path(folder) / "adapter_config.json"
+    try:
+        found = json.loads(path.read_text()).get("task_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None
 
 
 # which method each variant section belongs to; loraplus composes with any base method

@@ -3,7 +3,7 @@
 Arguments: the output folder, grad_accum, and the variant ("lora"; "kasa": its regulariser joins the loss; "dpo":
 the rows are preference pairs and the loss DPO's, its reference the base with the adapters off; "orpo": the same
 pairs, ORPO's loss, no reference; "kto": the rows alone, every other one desirable, KTO's loss and KL
-estimate; "stop": train.early_stop 1 on rank 0's evaluations, scripted to rise at step 3, so that each process
+estimate; "reward": the pairs, on the tiny model with a one-output head, a reward model's loss; "stop": train.early_stop 1 on rank 0's evaluations, scripted to rise at step 3, so that each process
 must stop there).
 """
 
@@ -34,6 +34,12 @@ torch.set_num_threads(1)
 world, rank = init_distributed()
 torch.manual_seed(0)
 model = tiny_llama()
+if variant == "reward":  # the same body with a one-output head (its own random init, from the same seed)
+    from transformers import LlamaForSequenceClassification
+
+    model.config.num_labels, model.config.pad_token_id = 1, 0
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(model.config)
 # KaSA's regulariser weighted 0.1 (not 1e-4/1e-3): large beside the task loss, so that a mistake in adding it shows
 kasa = {"use_kasa": True, "kasa_beta": 0.1, "kasa_gamma": 0.1} if variant == "kasa" else {}
 lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets="all-linear", **kasa))
@@ -42,7 +48,7 @@ rows = []
 for _ in range(16):
     ids = torch.randint(0, 128, (10,), generator=g).tolist()
     rows.append(Encoded(ids, [IGNORE] * 3 + ids[3:]))
-pairs = variant in ("dpo", "orpo")
+pairs = variant in ("dpo", "orpo", "reward")
 if pairs:  # each row against the next one, on the same 3-token prompt
     rows = [
         Pair(a, Encoded(a.input_ids[:3] + b.input_ids[3:], a.labels[:3] + b.labels[3:]))

@@ -36,7 +36,15 @@ WORKER = str(Path(__file__).parent / "ddp_worker.py")
 
 @pytest.mark.parametrize(
     ("variant", "port"),
-    [("lora", 29531), ("kasa", 29532), ("dpo", 29533), ("orpo", 29534), ("kto", 29535), ("stop", 29536)],
+    [
+        ("lora", 29531),
+        ("kasa", 29532),
+        ("dpo", 29533),
+        ("orpo", 29534),
+        ("kto", 29535),
+        ("stop", 29536),
+        ("reward", 29537),
+    ],
 )
 def test_two_processes_equal_one_process(tmp_path, variant, port):
     one = subprocess.run(

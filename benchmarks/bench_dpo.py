@@ -1,6 +1,8 @@
 """Benchmark: a preference step, lorakit (`lorakit train --objective dpo`'s loop) against TRL's DPOTrainer with PEFT;
 with ``--objective simpo``, ``cpo``, ``orpo`` or ``kto``, against TRL's CPOTrainer (loss_type simpo; or
-sigmoid with cpo_alpha 1, CPO's defaults on both sides), ORPOTrainer or KTOTrainer.
+sigmoid with cpo_alpha 1, CPO's defaults on both sides), ORPOTrainer or KTOTrainer; with ``--objective reward``,
+a reward model's step against TRL's RewardTrainer (the model with a one-output head on both sides, PEFT's
+task_type SEQ_CLS, which trains the head whole as lorakit does).
 
 Both train a LoRA (r=16, alpha=16, the seven projections, no dropout) on the default SmolLM2-135M (or
 ``--model``), AdamW, a constant learning rate, no gradient checkpointing. DPO's reference is the base model,
@@ -51,6 +53,7 @@ TRAINERS = {
     "cpo": "CPOTrainer",
     "orpo": "ORPOTrainer",
     "kto": "KTOTrainer",
+    "reward": "RewardTrainer",
 }
 DOC = ROOT / "docs" / "dpo.md"
 WORDS = [
@@ -105,7 +108,7 @@ def _lorakit(args, pairs, tmp: str) -> tuple[list[float], bool]:
     from lorakit.train.objectives import make_objective
 
     device, dtype = placement("cpu", args.dtype)
-    model, tok = lorakit.load_model(args.model, dtype=dtype, device=device)
+    model, tok = lorakit.load_model(args.model, dtype=dtype, device=device, num_labels=_labels(args))
     lorakit.inject(model, lorakit.LoraConfig(r=args.r, alpha=args.r, targets=TARGETS))
     upcast_trainable(model)
     given = [as_pair(p, "explicit", "pair") for p in pairs]
@@ -153,7 +156,7 @@ def _trl(args, pairs, tmp: str) -> tuple[list[float], bool]:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import PrinterCallback, TrainerCallback
-    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
+    from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer, RewardConfig, RewardTrainer
     from trl.experimental.cpo import CPOConfig, CPOTrainer
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
@@ -161,7 +164,7 @@ def _trl(args, pairs, tmp: str) -> tuple[list[float], bool]:
     from lorakit.device import placement
 
     device, dtype = placement("cpu", args.dtype)
-    model, tok = lorakit.load_model(args.model, dtype=dtype, device=device)
+    model, tok = lorakit.load_model(args.model, dtype=dtype, device=device, num_labels=_labels(args))
     times: list[float] = []
     state = {"t0": 0.0, "reset": False}
 
@@ -199,6 +202,8 @@ def _trl(args, pairs, tmp: str) -> tuple[list[float], bool]:
     elif args.objective == "kto":  # TRL unpairs the pairs itself, chosen answers first as lorakit
         config = KTOConfig(**common, max_length=None, precompute_ref_log_probs=False, loss_type="kto")
         trainer_class = KTOTrainer
+    elif args.objective == "reward":  # TRL adds an EOS to each text answer: a token more per row
+        config, trainer_class = RewardConfig(**common, max_length=None), RewardTrainer
     elif args.objective == "orpo":
         config, trainer_class = ORPOConfig(**common, max_length=4096), ORPOTrainer
     elif args.objective == "cpo":  # lorakit's CPO defaults: sigmoid, beta 0.1, the token loss at weight 1
@@ -209,7 +214,13 @@ def _trl(args, pairs, tmp: str) -> tuple[list[float], bool]:
             **common, max_length=4096, loss_type="simpo", beta=2.0, simpo_gamma=1.0, cpo_alpha=0.0
         )
         trainer_class = CPOTrainer
-    peft_config = LoraConfig(r=args.r, lora_alpha=args.r, target_modules=TARGETS, lora_dropout=0.0)
+    peft_config = LoraConfig(
+        r=args.r,
+        lora_alpha=args.r,
+        target_modules=TARGETS,
+        lora_dropout=0.0,
+        task_type="SEQ_CLS" if _labels(args) else None,  # the head trained whole (modules_to_save)
+    )
     torch.manual_seed(0)
     trainer = trainer_class(
         model=model,
@@ -222,6 +233,11 @@ def _trl(args, pairs, tmp: str) -> tuple[list[float], bool]:
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     return times, state["reset"]
+
+
+def _labels(args) -> int | None:
+    """A reward model's one output, or None: a causal LM."""
+    return 1 if args.objective == "reward" else None
 
 
 def _rows_per_step(args) -> int:
@@ -278,7 +294,7 @@ def spawn(args, lib: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--objective", choices=("dpo", "simpo", "cpo", "orpo", "kto"), default="dpo")
+    p.add_argument("--objective", choices=("dpo", "simpo", "cpo", "orpo", "kto", "reward"), default="dpo")
     p.add_argument("--batch", type=int, default=4, help="pairs per step")
     p.add_argument("--prompt", type=int, default=64, help="words per prompt (about one token each)")
     p.add_argument("--answer", type=int, default=64, help="words per answer")

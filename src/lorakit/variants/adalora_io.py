@@ -5,6 +5,7 @@
 "<module>.lora_E" -> one bool per initial rank row, True where the triplet was kept. Tensors (no ".weight"):
 `base_model.model.<module>.lora_A` (r, in), `.lora_E` (r, 1), `.lora_B` (out, r). As PEFT does, only the kept
 rows are saved (r = the number of True values; 0 is possible), and the scaling stays alpha / (init_r + 1e-5).
+Modules saved whole (`modules_to_save`: a classifier's or reward model's head) are keyed as in a LoRA file.
 
 Registered in lorakit.formats as the format of peft_type "ADALORA": `save_adapter`, `load_adapter`,
 `check_adapter` and `describe_adapter` hand such folders and adapters over to the hooks here.
@@ -36,6 +37,8 @@ from lorakit.handlers import handler_for
 from lorakit.inject import check_new_name, delete_adapter
 from lorakit.lora_format import read_adapter
 from lorakit.registry import adapter_layers, lora_layers, registry
+from lorakit.saved import copies_of
+from lorakit.saved_plan import plan_saved
 from lorakit.targeting import select_modules
 from lorakit.variants.adalora import (
     ADALORA_KEYS,
@@ -72,6 +75,9 @@ def adalora_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
             A, E, B = A[idx], E[idx], B[:, idx]
         for pname, t in (("lora_A", A), ("lora_B", B), ("lora_E", E)):
             out[f"{PREFIX}{m}.{pname}"] = t.clone().contiguous()
+    for mname, module in copies_of(model, name).items():  # modules_to_save, keyed as PEFT saves them
+        for k, t in module.state_dict().items():
+            out[f"{PREFIX}{mname}.{k}"] = t.detach().clone().contiguous()
     return out
 
 
@@ -82,6 +88,9 @@ def peft_config_dict(model: nn.Module, name: str = "default") -> dict[str, Any]:
     d.update(config.to_dict())
     # PEFT's default r, which AdaLoRA ignores (init_r and rank_pattern give the shapes); another value warns
     d.update(peft_type="ADALORA", r=8, alpha_pattern={})
+    saved = registry(model).adapters[name].saved
+    if saved:
+        d["modules_to_save"] = list(saved)
     return d
 
 
@@ -120,13 +129,21 @@ def _module_of(key: str) -> str:
 
 def plan_load(
     model: nn.Module, raw: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path
-) -> tuple[LoraConfig, AdaLoraConfig, dict[str, int], list[tuple[str, str, torch.Tensor]]]:
-    """Check the file against the model without changing it: (lora, config, ranks, (module, param, tensor))."""
+) -> tuple[
+    LoraConfig,
+    AdaLoraConfig,
+    dict[str, int],
+    list[tuple[str, str, torch.Tensor]],
+    list[tuple[str, str, torch.Tensor]],
+]:
+    """Check the file against the model without changing it: (lora, config, ranks, (module, param, tensor) of
+    the triplets, (module, key, tensor) of the modules saved whole)."""
     lora, config = parse_config(raw, str(path / CONFIG_NAME))
     try:
         check_lora_for_adalora(lora)
     except ConfigError as e:
         raise ConfigError(f"{path / CONFIG_NAME}: {e}") from None
+    lora, saved, tensors = plan_saved(model, lora, tensors, path)  # a classifier's head, saved whole
     try:
         modules = select_modules(model, lora)
     except TargetError as e:
@@ -165,7 +182,7 @@ def plan_load(
                     f"r={r} (init_r={config.init_r}, rank_pattern) needs {shape}"
                 )
             plan.append((m, param, t))
-    return lora, config, ranks, plan
+    return lora, config, ranks, plan, saved
 
 
 @dataclass
@@ -174,6 +191,7 @@ class _Plan:
     config: AdaLoraConfig
     ranks: dict[str, int]
     copies: list[tuple[str, str, torch.Tensor]]
+    saved: list[tuple[str, str, torch.Tensor]]
 
 
 def _plan(model: nn.Module, path: Path, raw: dict[str, Any], name: str, allow_pickle: bool) -> _Plan:
@@ -188,6 +206,10 @@ def _apply(model: nn.Module, plan: _Plan, name: str, trainable: bool) -> str:
         with torch.no_grad():
             for module, param, tensor in plan.copies:
                 target = getattr(model.get_submodule(module).adapters[name], param)
+                target.copy_(tensor.to(target.dtype))
+            copies = copies_of(model, name)
+            for module, key, tensor in plan.saved:
+                target = copies[module].state_dict()[key]
                 target.copy_(tensor.to(target.dtype))
     except Exception:
         delete_adapter(model, name)

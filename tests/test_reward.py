@@ -411,3 +411,75 @@ def test_eval_measures_a_reward_adapter(folders, trained, tmp_path, capsys):
         capsys, "eval", "--model", str(model_dir), "--task", "dates", "--objective", "reward"
     )
     assert no_adapter.returncode != 0 and "give --adapter with one" in no_adapter.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("--lora.use_dora", "true"),
+        ("--lora.init", "pissa"),
+        ("--lora.init", "eva"),
+        ("--train.method", "dylora"),
+        ("--train.method", "adalora"),
+        ("--train.method", "lora+loraplus"),
+    ],
+    ids=lambda o: " ".join(o),
+)
+def test_methods_and_inits_train_a_reward_model(folders, tmp_path, overrides):
+    """Each trains (the loss falls over 12 steps) and saves a SEQ_CLS adapter with the head."""
+    model_dir, _ = folders
+    summary = _tiny_run(
+        model_dir, tmp_path, "--model.dtype", "float32", "--train.save_every", "0", *overrides
+    )
+    assert summary["after"]["loss"] < summary["before"]["loss"], summary
+    from safetensors.torch import load_file
+
+    tensors = load_file(Path(summary["adapter"]) / "adapter_model.safetensors")  # AdaLoRA's too
+    assert "base_model.model.score.weight" in tensors
+
+
+def test_a_reward_adapter_trains_further(folders, trained, tmp_path):
+    """train.init_adapter with a reward model's adapter: it starts where that one ended (the same eval)."""
+    model_dir, _ = folders
+    summary = _tiny_run(
+        model_dir,
+        tmp_path,
+        "--model.dtype",
+        "float32",
+        "--train.init_adapter",
+        str(trained),
+        "--train.steps",
+        "2",
+    )
+    model = _loaded(model_dir, trained)
+    tok = lorakit.load_model(str(model_dir))[1]
+    cfg = load_config(None, ["--objective", "reward", "--data.n_train", "32", "--data.n_eval", "16"])
+    from lorakit.train.datasets import encode_preferences
+    from lorakit.train.evaluate import preference_eval
+
+    rows = encode_preferences(cfg, tok, lambda _: None).eval_rows
+    want = preference_eval(model, rows, tok.pad_token_id, make_objective(cfg))
+    assert summary["before"]["loss"] == pytest.approx(want["loss"], abs=1e-5)
+
+
+def test_an_adalora_reward_adapter_keeps_its_head_in_peft_s_layout(folders, tmp_path):
+    """AdaLoRA's file carries the head (modules_to_save) as PEFT's does: PEFT and lorakit load it with the same
+    rewards (1e-5, float32), and without the head's key lorakit's load would have nothing to put on `score`."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    model_dir, _ = folders
+    summary = _tiny_run(model_dir, tmp_path, "--model.dtype", "float32", "--train.method", "adalora")
+    adapter = Path(summary["adapter"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "ADALORA" and config["modules_to_save"] == ["score"]
+    ours = _loaded(model_dir, adapter).eval()
+    tok = lorakit.load_model(str(model_dir))[1]
+    batch = tok(_texts(tok), return_tensors="pt", padding=True)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=1, dtype=torch.float32, local_files_only=True
+    )
+    base.config.pad_token_id = tok.pad_token_id
+    theirs = PeftModel.from_pretrained(base, adapter).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**batch).logits, theirs(**batch).logits, atol=1e-5, rtol=0)

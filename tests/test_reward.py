@@ -380,6 +380,7 @@ def test_merge_writes_a_reward_model_transformers_loads(folders, trained, tmp_pa
 def test_eval_measures_a_reward_adapter(folders, trained, tmp_path, capsys):
     """`lorakit eval --adapter` of a reward model: its rewards' accuracy and margin on a pairs file, as the
     training run's evaluation computes them (`preference_eval`, the same rows), and the refused options."""
+    from lorakit.train.datasets import encode_preferences
     from lorakit.train.evaluate import preference_eval
 
     model_dir, _ = folders
@@ -400,6 +401,11 @@ def test_eval_measures_a_reward_adapter(folders, trained, tmp_path, capsys):
     assert len(report["adapter"]["samples"]) == 3
     text = cli_here(capsys, *common, "--task", "dates", "--limit", "8")
     assert text.returncode == 0 and "reward accuracy:" in text.stdout and "8 preference pairs" in text.stdout
+    # --task: the first of the pairs a default run holds out (their rejected answers drawn after the train pairs')
+    task = json.loads(cli_here(capsys, *common, "--task", "dates", "--limit", "8", "--json").stdout)
+    held_out = encode_preferences(load_config(None, ["--objective", "reward"]), tok, lambda _: None).eval_rows
+    want = preference_eval(model, held_out[:8], tok.pad_token_id, make_objective(cfg))
+    assert task["adapter"]["loss"] == pytest.approx(want["loss"], abs=1e-5)
     for extra, words in (
         (("--compare-base",), "--compare-base: a reward model's base"),
         (("--objective", "dpo"), "measure it with --objective reward"),

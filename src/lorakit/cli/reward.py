@@ -36,7 +36,7 @@ def eval_reward(args: argparse.Namespace, labels: int) -> int:
     from lorakit.data.tasks import make_pairs
     from lorakit.device import model_device, to_device
     from lorakit.errors import ConfigError
-    from lorakit.train.config import RunConfig, TrainSection
+    from lorakit.train.config import DataSection, RunConfig, TrainSection
     from lorakit.train.evaluate import preference_eval
     from lorakit.train.objectives import make_objective
     from lorakit.train.schedule import collate
@@ -59,10 +59,10 @@ def eval_reward(args: argparse.Namespace, labels: int) -> int:
             raise ConfigError(message)
     if args.data:
         pairs = read_pairs(args.data, args.fields)
-    else:
-        pairs = [
-            as_pair(r, "explicit", args.task) for r in make_pairs(args.task, n_train=0, n_eval=args.limit)[1]
-        ]
+    else:  # the pairs a default `lorakit train` holds out (each rejected answer drawn after the train pairs')
+        d = DataSection()
+        held_out = make_pairs(args.task, n_train=d.n_train, n_eval=max(d.n_eval, args.limit))[1]
+        pairs = [as_pair(r, "explicit", args.task) for r in held_out[: args.limit]]
     model, tok = load(args.model, args.device, args.dtype, num_labels=labels)
     lorakit.load_adapter(model, args.adapter, allow_pickle=args.allow_pickle)
     rows, stats = encode_pairs(tok, pairs, max_len=args.max_len, chat=not args.no_chat)

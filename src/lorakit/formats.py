@@ -235,12 +235,44 @@ def write_folder(
     return path
 
 
+LABELS_KEY = "lorakit.labels"
+"""Safetensors metadata of a classifier's adapter: its class names by id (a JSON list), which PEFT's files lack."""
+
+
 def file_metadata(model: nn.Module, name: str) -> dict[str, str]:
-    """The safetensors metadata of a saved adapter: "format": "pt" plus what the plug-ins record."""
+    """The safetensors metadata of a saved adapter: "format": "pt", a sequence classifier's class names (when
+    they are not transformers' LABEL_0, LABEL_1, ...), plus what the plug-ins record."""
     out = {"format": "pt"}
+    names = class_names_of(model)
+    if names is not None:
+        out[LABELS_KEY] = json.dumps(names)
     for provider in METADATA:
         out.update(provider(model, name))
     return out
+
+
+def class_names_of(model: nn.Module) -> list[str] | None:
+    """A sequence classifier's class names by id from its config (id2label), or None for another model or for
+    transformers' default names."""
+    config = getattr(model, "config", None)
+    if not type(model).__name__.endswith("ForSequenceClassification") or config is None:
+        return None
+    id2label = getattr(config, "id2label", None) or {}
+    names = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(len(id2label))]
+    return None if names == [f"LABEL_{i}" for i in range(len(names))] else names
+
+
+def adapter_class_names(path: str | os.PathLike) -> list[str] | None:
+    """The class names a classifier's adapter folder recorded (`file_metadata`), or None."""
+    weights = Path(path) / WEIGHTS_NAME
+    if not weights.is_file():
+        return None
+    raw = safetensors_metadata(weights).get(LABELS_KEY)
+    try:
+        names = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return [str(n) for n in names] if isinstance(names, list) else None
 
 
 def after_load(model: nn.Module, path: Path) -> None:

@@ -107,12 +107,13 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument(
         "--objective",
-        choices=("dpo", "simpo", "orpo", "cpo", "kto", "reward"),
+        choices=("dpo", "simpo", "orpo", "cpo", "kto", "reward", "classify"),
         default=None,
         help="with a --data file of preference pairs: the preference loss and rewards to measure: dpo (the "
         "adapter's against the base, the default), simpo, orpo or cpo (no reference: the base's too); kto: "
         "of a file of answers labelled desirable or not (or of pairs), the adapter's against the base; reward: "
-        "a reward model's --adapter (chosen automatically for one), on --data's pairs or --task's",
+        "a reward model's --adapter (chosen automatically for one), on --data's pairs or --task's; classify: a "
+        "classifier's --adapter (chosen automatically too), on --data's labelled texts or --task's",
     )
     p.add_argument(
         "--beta",
@@ -141,7 +142,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     import lorakit
-    from lorakit.cli.reward import eval_reward, reward_adapter
+    from lorakit.cli.classify import eval_classifier
+    from lorakit.cli.reward import classifier_adapter, eval_reward
     from lorakit.data.feedback import encode_feedback, read_feedback
     from lorakit.data.preference import encode_pairs, read_any
     from lorakit.data.tasks import make_task
@@ -153,9 +155,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.compare_base and not args.adapter:
         raise ConfigError("--compare-base compares an adapter with its base: give --adapter too")
-    labels = reward_adapter(args)
-    if labels is not None:  # a reward model's adapter: it ranks pairs, it generates nothing
-        return eval_reward(args, labels)
+    labels = classifier_adapter(args)
+    if labels is not None:  # a reward model's or a classifier's adapter: it generates nothing
+        return eval_reward(args, labels) if labels == 1 else eval_classifier(args, labels)
     # a task: the held-out examples `lorakit train` evaluates on (seed 0, generated first)
     if args.fields and not args.data:
         raise ConfigError("--fields names the columns of a --data file: give --data too")

@@ -1,5 +1,6 @@
-"""`lorakit eval` of a reward model's adapter (task_type SEQ_CLS, one output): on preference pairs, how often its
-reward ranks the chosen answer above the rejected one, by how much, and the pairwise loss it trained on."""
+"""`lorakit eval` of a sequence classifier's adapter (task_type SEQ_CLS). A reward model's (one output): on
+preference pairs, how often its reward ranks the chosen answer above the rejected one, by how much, and the
+pairwise loss it trained on. A text classifier's (`lorakit.cli.classify`): its accuracy on labelled texts."""
 
 from __future__ import annotations
 
@@ -11,17 +12,22 @@ SAMPLES = 3
 """Pairs whose two rewards the report shows."""
 
 
-def reward_adapter(args: argparse.Namespace) -> int | None:
-    """The number of outputs of --adapter's head when it is a sequence classifier's adapter (SEQ_CLS), else None;
-    ConfigError where --objective reward names an adapter that is not one."""
+def classifier_adapter(args: argparse.Namespace) -> int | None:
+    """The number of outputs of --adapter's head when it is a sequence classifier's adapter (SEQ_CLS: a reward
+    model has 1), else None; ConfigError where --objective reward or classify names an adapter that is not one."""
     from lorakit.errors import ConfigError
     from lorakit.formats import adapter_num_labels
 
     labels = adapter_num_labels(args.adapter) if args.adapter and Path(args.adapter).is_dir() else None
-    if args.objective == "reward" and labels is None:
+    wanted = {
+        "reward": (labels == 1, "a reward model"),
+        "classify": (bool(labels and labels > 1), "a classifier"),
+    }
+    ok, what = wanted.get(args.objective, (True, ""))
+    if not ok:
         raise ConfigError(
-            "--objective reward measures a reward model: give --adapter with one (task_type SEQ_CLS, as "
-            "lorakit train --objective reward saves it)"
+            f"--objective {args.objective} measures {what}: give --adapter with one (task_type SEQ_CLS, as "
+            f"lorakit train --objective {args.objective} saves it)"
         )
     return labels
 

@@ -91,6 +91,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             # DPO, SimPO, ORPO, CPO: how often the chosen answer's reward is the higher
             if "reward_accuracy" in rec:
                 shown["reward_acc"] = f"{100 * rec['reward_accuracy']:.0f}%"
+            if "accuracy" in rec:  # a classifier: the micro-batches' accuracy
+                shown["acc"] = f"{100 * rec['accuracy']:.0f}%"
             if "kl" in rec:  # KTO: the micro-batches' KL estimate
                 shown["kl"] = f"{rec['kl']:.3f}"
             bars[0].set_postfix(shown)

@@ -39,7 +39,7 @@ FIELDS = tuple(
         for keys in (
             *NATIVE.values(),
             *FOREIGN.values(),
-            ("input", "system", "history", "tools", "chosen", "rejected", "label"),
+            ("input", "system", "history", "tools", "chosen", "rejected", "label", "text_pair"),
         )
         for k in keys
     )

@@ -88,3 +88,37 @@ def make_pairs(name: str = "dates", *, n_train: int = 2000, n_eval: int = 100, s
         ]
         for part in (train, eval_set)
     )
+
+
+# `dates` as text classification (train.objective classify): which way a date is written
+WRITTEN = {
+    "iso": lambda d, m, y: f"{y:04d}-{m:02d}-{d:02d}",
+    "us": lambda d, m, y: f"{m:02d}/{d:02d}/{y}",
+    "european": lambda d, m, y: f"{d:02d}.{m:02d}.{y}",
+    "words": lambda d, m, y: FORMATS[(d + m + y) % len(FORMATS)](d, m, y),
+}
+
+
+def make_labelled(name: str = "dates", *, n_train: int = 2000, n_eval: int = 100, seed: int = 0):
+    """(train, eval) classification records {"text", "text_pair": None, "label"} for built-in task `name`: for
+    `dates`, the task's dates each written one of four ways (ISO, US, European, in words), the label saying
+    which; eval texts never occur in train."""
+    train, eval_set = make_task(name, n_train=n_train, n_eval=n_eval, seed=seed)
+    rng = random.Random(seed + 2)
+    seen: set[str] = set()
+
+    def labelled(part: list[dict[str, Any]], held_out: bool) -> list[dict[str, Any]]:
+        out = []
+        for ex in part:
+            y, m, d = (int(x) for x in ex["completion"].split("-"))
+            label = rng.choice(sorted(WRITTEN))
+            text = WRITTEN[label](d, m, y)
+            if held_out:
+                seen.add(text)
+            elif text in seen:
+                continue
+            out.append({"text": text, "text_pair": None, "label": label})
+        return out
+
+    held_out = labelled(eval_set, True)
+    return labelled(train, False), held_out

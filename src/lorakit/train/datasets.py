@@ -1,4 +1,5 @@
-"""A run's data: the data section's examples, preference pairs or feedback (KTO), read, split and tokenized."""
+"""A run's data: the data section's examples, preference pairs, feedback (KTO) or labelled texts (a classifier),
+read, split and tokenized."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from typing import Any
 
 from lorakit.data.feedback import Feedback, encode_feedback, read_feedback, unpaired
 from lorakit.data.jsonl import DataError, read_examples
+from lorakit.data.labels import class_names, encode_labelled, read_labelled
 from lorakit.data.preference import Pair, as_pair, encode_pairs, read_pairs
-from lorakit.data.tasks import make_pairs, make_task
+from lorakit.data.tasks import make_labelled, make_pairs, make_task
 from lorakit.data.tokenize import IGNORE, Encoded, encode_dataset, pack
 from lorakit.train.config import RunConfig
 from lorakit.variants.alora import check_invocation
@@ -171,3 +173,49 @@ def kto_balance(desirable: int, undesirable: int, w_d: float, w_u: float) -> str
         f"KTO: {desirable} desirable x weight {w_d:g} against {undesirable} undesirable x weight {w_u:g} is a "
         f"ratio of {ratio:.2f}; the KTO paper advises 1 to 4/3: set kto.desirable_weight in [{low:.2f}, {high:.2f}]"
     )
+
+
+@dataclass
+class Classes:
+    """A classifier's data as read: train and eval items, where they came from, and the class names by id."""
+
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    source: str
+    names: list[str]
+
+
+def load_classes(cfg: RunConfig) -> Classes:
+    """The data section's classification examples (`lorakit.data.labels`; the built-in task's dates, each labelled
+    by how it is written) and the train data's classes. Read before the model, whose head has one output per
+    class."""
+    train, ev, source = _load(cfg, read_labelled, make_labelled)
+    return Classes(train, ev, source, class_names(train, source))
+
+
+def name_classes(model, names: list[str]) -> None:
+    """Put the class names in the model's config (id2label, label2id), as transformers keeps them: a merged model
+    and its predictions carry them."""
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {n: i for i, n in enumerate(names)}
+
+
+def encode_classes(cfg: RunConfig, tokenizer, say, classes: Classes) -> RunData:
+    """The classification examples, tokenized; an eval label the train data lacks is a DataError naming it."""
+    d = cfg.data
+    enc = dict(max_len=d.max_len)
+    train_rows, stats = encode_labelled(tokenizer, classes.train, classes.names, **enc, source=classes.source)
+    eval_rows, eval_stats = encode_labelled(
+        tokenizer, classes.eval, classes.names, **enc, source=f"{classes.source}, eval"
+    )
+    counts = [0] * len(classes.names)
+    for r in train_rows:
+        counts[r.label] += 1
+    stats["per_class"] = dict(zip(classes.names, counts, strict=True))
+    shown = ", ".join(f"{n} {c}" for n, c in list(stats["per_class"].items())[:8])
+    more = f", ... ({len(classes.names)} in all)" if len(classes.names) > 8 else ""
+    say(
+        f"data: {classes.source}: {len(train_rows)} train examples ({shown}{more}), {len(eval_rows)} eval; "
+        f"{stats['truncated']} train / {eval_stats['truncated']} eval truncated to {d.max_len} tokens"
+    )
+    return RunData(train_rows, eval_rows, [], {"train": stats, "eval": eval_stats})

@@ -179,3 +179,26 @@ def feedback_eval(
     model.train(was_training)
     stats = feedback_stats(torch.cat(rewards), torch.cat(kls), torch.cat(desirable), objective.beta)
     return {"loss": float(torch.cat(losses).mean()), **stats}
+
+
+@torch.no_grad()
+def classify_eval(
+    model: nn.Module, rows: list, pad_id: int, objective, batch_size: int = 16
+) -> dict[str, float]:
+    """A classifier's mean cross-entropy and accuracy (the share of rows whose highest logit is their class) over
+    `Labelled` rows, in eval mode; {} for no rows."""
+    if not rows:
+        return {}
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    total, right = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        part = rows[i : i + batch_size]
+        batch = to_device({**collate(objective.encoded(part), pad_id), **objective.extras(part)}, device)
+        logits = objective.logits(model, batch)
+        target = batch["class_labels"]
+        total += float(F.cross_entropy(logits, target, reduction="sum"))
+        right += int((logits.argmax(-1) == target).sum())
+    model.train(was_training)
+    return {"loss": total / len(rows), "accuracy": right / len(rows)}

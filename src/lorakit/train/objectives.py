@@ -1,5 +1,6 @@
 """What a training step minimises: supervised fine-tuning's token loss, a preference loss on pairs (DPO, SimPO,
-ORPO, CPO), or KTO's on answers marked desirable or not.
+ORPO, CPO), KTO's on answers marked desirable or not, a reward model's on pairs, or a text classifier's
+cross-entropy on labelled texts (`classify`: the model with a head of one output per class, as for reward models).
 
 The loop asks the objective for a micro-batch's tensors and its loss; everything else (the optimizer, the methods'
 hooks, checkpoints, resume) is the same for all.
@@ -65,6 +66,7 @@ from torch import nn
 
 from lorakit.control import active_adapters, disabled, set_active
 from lorakit.data.feedback import Feedback, mismatched
+from lorakit.data.labels import Labelled
 from lorakit.data.preference import Pair
 from lorakit.data.tokenize import Encoded
 from lorakit.head import causal_lm_loss, sequence_logprobs
@@ -84,7 +86,7 @@ from lorakit.train.losses import (
 if TYPE_CHECKING:
     from lorakit.train.config import RunConfig
 
-OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "cpo", "kto", "reward")
+OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "cpo", "kto", "reward", "classify")
 PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo", "cpo", "kto", "reward")
 """The objectives that learn from preferences (each has a config section of its own name): pairs, or KTO's
 feedback."""
@@ -98,6 +100,7 @@ NAMES = {
     "cpo": "CPO",
     "kto": "KTO",
     "reward": "reward model",
+    "classify": "classifier",
 }
 """How each objective is written in reports."""
 REFERENCE_ADAPTER = "reference"
@@ -116,7 +119,9 @@ class Objective:
     dpo.precompute_reference; `DpoObjective.reference_logprobs`)."""
     num_labels: int | None = None
     """None: the model is a causal LM; else it is a sequence classifier with this many outputs (a reward model's
-    1), loaded as `lorakit.load_model(num_labels=...)`: it generates nothing, so no exact match is measured."""
+    1; a classifier's, its classes, set once the data is read), loaded as `lorakit.load_model(num_labels=...)`."""
+    generates = True
+    """Whether the evaluation decodes answers for exact match (a sequence classifier generates nothing)."""
 
     def encoded(self, rows: list[Any]) -> list[Encoded]:
         """The token rows a micro-batch of training rows collates into."""
@@ -344,6 +349,7 @@ class RewardObjective(PreferenceObjective):
 
     name = "reward"
     num_labels = 1
+    generates = False
 
     def __init__(self, cfg: RunConfig) -> None:
         self.center_weight = cfg.reward.center_weight
@@ -372,6 +378,43 @@ class RewardObjective(PreferenceObjective):
         return loss, pair_stats(chosen, rejected)
 
 
+class ClassifyObjective(Objective):
+    """Text classification on `Labelled` rows: the cross-entropy of the model's class logits (a sequence
+    classifier's head on the last token, or an encoder's pooled output) against each row's class."""
+
+    name = "classify"
+    rows = "labelled"
+    generates = False
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.num_labels = None  # the classes of the train data: set by the run once it has read them
+
+    def encoded(self, rows: list[Labelled]) -> list[Encoded]:
+        return [r.row for r in rows]
+
+    def extras(self, rows: list[Labelled]) -> dict[str, torch.Tensor]:
+        return {"class_labels": torch.tensor([r.label for r in rows])}
+
+    def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each row's class logits, in float32."""
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = out.logits
+        if logits.dim() != 2:
+            raise ValueError(
+                "train.objective classify needs a sequence classifier (one row of class logits per example), "
+                f"got logits of shape {tuple(logits.shape)}"
+            )
+        return logits.float()
+
+    def loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool
+    ) -> tuple[torch.Tensor, dict]:
+        logits = self.logits(model, batch)
+        target = batch["class_labels"].to(logits.device)
+        loss = F.cross_entropy(logits, target)
+        return loss, {"accuracy": float((logits.detach().argmax(-1) == target).float().mean())}
+
+
 def _half(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
     """The token tensors of `batch`'s rows `rows`, cut to their longest row (the batch is right-padded)."""
     mask = batch["attention_mask"][rows]
@@ -388,6 +431,7 @@ def make_objective(cfg: RunConfig) -> Objective:
         "cpo": CpoObjective,
         "kto": KtoObjective,
         "reward": RewardObjective,
+        "classify": ClassifyObjective,
     }
     kind = kinds.get(cfg.train.objective)
     return kind(cfg) if kind else Objective()

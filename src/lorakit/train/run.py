@@ -28,20 +28,23 @@ from lorakit.train.checkpoint import full_parameters
 from lorakit.train.config import RunConfig, save_config
 from lorakit.train.datasets import (
     RunData,
+    encode_classes,
     encode_examples,
     encode_feedback_data,
     encode_preferences,
+    load_classes,
     load_examples,
+    name_classes,
 )
 from lorakit.train.distributed import distribute, init_distributed
-from lorakit.train.evaluate import eval_loss, exact_match, preference_eval
+from lorakit.train.evaluate import classify_eval, eval_loss, exact_match, preference_eval
 from lorakit.train.loop import train_loop
 from lorakit.train.methods import Method, make_method
 from lorakit.train.metrics import Callback, read_metrics
 from lorakit.train.objectives import Objective, make_objective
 from lorakit.train.schedule import init_batches
 
-ROW_NAMES = {"examples": "examples", "pairs": "pairs", "feedback": "rated answers"}
+ROW_NAMES = {"examples": "examples", "pairs": "pairs", "feedback": "rated answers", "labelled": "examples"}
 """How a log line counts an objective's training rows."""
 
 __all__ = ["evaluate", "load_examples", "run_training"]
@@ -65,13 +68,15 @@ def evaluate(
     the chosen (desirable) answers; a reward model's loss and its rewards' accuracy and margin alone. `sharded` (FSDP2): every rank calls this with the same data and gets the
     same numbers; adapters are not merged (the base weights are shards) and generation runs in lockstep."""
     out: dict[str, float] = {}
-    if objective is not None and objective.rows != "examples":
+    if objective is not None and objective.rows == "labelled":
+        out.update(classify_eval(model, eval_rows, tokenizer.pad_token_id, objective))
+    elif objective is not None and objective.rows != "examples":
         out.update(preference_eval(model, eval_rows, tokenizer.pad_token_id, objective))
     else:
         loss = eval_loss(model, eval_rows, tokenizer.pad_token_id)
         if loss is not None:  # None: truncation left no eval token (warned at the start)
             out["loss"] = loss
-    if objective is not None and objective.num_labels is not None:  # a reward model generates nothing
+    if objective is not None and not objective.generates:  # a reward model or a classifier
         return out
     acc, _ = exact_match(
         model,
@@ -109,15 +114,24 @@ def run_training(
     out_dir = Path(cfg.train.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base_id = cfg.model.path or "SmolLM2-135M-Instruct"
-    model, tokenizer, quant = _base_model(cfg, model, tokenizer, say)
+    objective = make_objective(cfg)
+    classes = load_classes(cfg) if objective.rows == "labelled" else None  # a classifier's, before its model
+    if classes is not None:
+        objective.num_labels = len(classes.names)
+    model, tokenizer, quant = _base_model(cfg, model, tokenizer, say, objective.num_labels)
+    if classes is not None:
+        name_classes(model, classes.names)
     if cfg.data.add_tokens:
         cfg = _add_tokens(cfg, model, tokenizer, say)
     if cfg.data.alora_invocation is not None:
         ids = tokenizer.encode(cfg.data.alora_invocation, add_special_tokens=False)
         cfg = dataclasses.replace(cfg, lora=cfg.lora.replace(alora_invocation_tokens=ids))
-    objective = make_objective(cfg)
+        objective = make_objective(cfg)
     encode = {"examples": encode_examples, "pairs": encode_preferences, "feedback": encode_feedback_data}
-    data = encode[objective.rows](cfg, tokenizer, say)
+    if classes is not None:
+        data = encode_classes(cfg, tokenizer, say, classes)
+    else:
+        data = encode[objective.rows](cfg, tokenizer, say)
     method = make_method(cfg)
     init_rows = objective.token_rows(data.train_rows)  # a data-driven init (EVA, CorDA) reads token rows
     method.batches = lambda: init_batches(init_rows, cfg, tokenizer.pad_token_id)
@@ -246,9 +260,12 @@ def _process_settings(cfg: RunConfig, world: int) -> bool:
     return cfg.train.fsdp and world > 1
 
 
-def _base_model(cfg: RunConfig, model, tokenizer, say) -> tuple[nn.Module, Any, Any]:
+def _base_model(
+    cfg: RunConfig, model, tokenizer, say, num_labels: int | None = None
+) -> tuple[nn.Module, Any, Any]:
     """(model, tokenizer, quantization report or None): the model passed in, or the one model.path names; QLoRA
-    (model.quantize) quantizes it, loading a model straight into 4 bits, never whole in full precision."""
+    (model.quantize) quantizes it, loading a model straight into 4 bits, never whole in full precision.
+    `num_labels`: a sequence classifier with that many outputs (a reward model's 1, a classifier's classes)."""
     q = cfg.model
     if model is None:
         device, dtype = placement(q.device, q.dtype)
@@ -257,7 +274,6 @@ def _base_model(cfg: RunConfig, model, tokenizer, say) -> tuple[nn.Module, Any, 
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     q.device, q.dtype = str(device), dtype_name(dtype)  # config.yaml records what was chosen
     quant = None
-    num_labels = make_objective(cfg).num_labels  # a reward model: the model with a one-output head
     if model is None and q.quantize:
         model, tokenizer, quant = load_quantized(
             q.path,

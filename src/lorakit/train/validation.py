@@ -73,7 +73,7 @@ def validate(cfg: RunConfig) -> None:
             f"train.best_metric must be one of {', '.join(BEST_METRICS)}, got {t.best_metric!r}",
         ),
         (
-            not t.best_metric.startswith("reward_") or t.objective != "sft",
+            not t.best_metric.startswith("reward_") or t.objective not in ("sft", "classify"),
             f"train.best_metric {t.best_metric} is measured with a preference objective, not {t.objective!r}",
         ),
         (
@@ -176,6 +176,8 @@ def _validate_objective(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"{name}.{changed[0]} is set but train.objective is {objective!r}; use --train.objective {name}"
             )
+    if objective == "classify":
+        _validate_classify(cfg)
     if objective not in PREFERENCE_OBJECTIVES:
         return
     d, s, o, c, k, r = cfg.dpo, cfg.simpo, cfg.orpo, cfg.cpo, cfg.kto, cfg.reward
@@ -255,6 +257,50 @@ def _validate_objective(cfg: RunConfig) -> None:
         (
             not t.fsdp,
             f"train.fsdp does not work with train.objective {objective}; use DDP (torchrun without train.fsdp)",
+        ),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def _validate_classify(cfg: RunConfig) -> None:
+    """A classifier trains a head on the last token (an encoder's pooled output): what feeds or saves something
+    else is refused."""
+    t, dsec = cfg.train, cfg.data
+    start = _adapter_task(t.init_adapter) if t.init_adapter else None
+    checks = [
+        (
+            not dsec.pack,
+            "data.pack does not work with train.objective classify (each example has its own label)",
+        ),
+        (
+            not dsec.train_on_all,
+            "data.train_on_all does not work with train.objective classify (it learns labels, not tokens)",
+        ),
+        (
+            dsec.alora_invocation is None and cfg.lora.alora_invocation_tokens is None,
+            "aLoRA does not work with train.objective classify",
+        ),
+        (not dsec.add_tokens, "data.add_tokens does not work with train.objective classify"),
+        (
+            not t.fsdp,
+            "train.fsdp does not work with train.objective classify; use DDP (torchrun without train.fsdp)",
+        ),
+        (
+            cfg.methods[0] != "ladder",
+            "train.objective classify puts a head on the model's last hidden state, which a ladder's side network "
+            "does not feed; use method lora, dylora or adalora",
+        ),
+        (
+            cfg.lora.init != "lora_ga",
+            "lora.init lora_ga starts from the gradient of the language-model loss, which a classifier does not "
+            "have; use another lora.init",
+        ),
+        (
+            start in (None, "SEQ_CLS"),
+            f"train.init_adapter {t.init_adapter} is a {start} adapter; train.objective classify trains further a "
+            "classifier's adapter (task_type SEQ_CLS)",
         ),
     ]
     for ok, msg in checks:

@@ -1,0 +1,97 @@
+"""`lorakit eval` of a text classifier's adapter (task_type SEQ_CLS, two outputs or more): on labelled texts, its
+accuracy, cross-entropy and the accuracy of each class, and the first predictions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+SAMPLES = 3
+"""Examples whose prediction the report shows."""
+
+
+def eval_classifier(args: argparse.Namespace, labels: int) -> int:
+    """Measure the classifier of --adapter on --data's labelled texts (or the built-in task's held-out ones)."""
+    import torch
+
+    import lorakit
+    from lorakit.cli.common import load
+    from lorakit.data.labels import encode_labelled, read_labelled
+    from lorakit.data.tasks import make_labelled
+    from lorakit.device import model_device, to_device
+    from lorakit.errors import ConfigError
+    from lorakit.formats import adapter_class_names
+    from lorakit.train.config import DataSection, RunConfig, TrainSection
+    from lorakit.train.evaluate import classify_eval
+    from lorakit.train.objectives import make_objective
+    from lorakit.train.schedule import collate
+
+    problems = [
+        (
+            args.objective not in (None, "classify"),
+            f"{args.adapter} is a classifier's adapter: measure it with --objective classify (or none), not "
+            f"{args.objective}",
+        ),
+        (args.beta is not None, "--beta: a classifier has no beta"),
+        (
+            args.compare_base,
+            "--compare-base: a classifier's base has no trained head to compare with (its head is the adapter's)",
+        ),
+    ]
+    for bad, message in problems:
+        if bad:
+            raise ConfigError(message)
+    names = adapter_class_names(args.adapter) or [str(i) for i in range(labels)]
+    if len(names) != labels:
+        raise ConfigError(f"{args.adapter}: its head has {labels} outputs but it names {len(names)} classes")
+    if args.data:
+        items, source = read_labelled(args.data, args.fields), str(args.data)
+    else:  # the texts a default `lorakit train --objective classify` holds out
+        d = DataSection()
+        items = make_labelled(args.task, n_train=d.n_train, n_eval=max(d.n_eval, args.limit))[1][: args.limit]
+        source = f"built-in task {args.task!r}"
+    model, tok = load(args.model, args.device, args.dtype, num_labels=labels)
+    lorakit.load_adapter(model, args.adapter, allow_pickle=args.allow_pickle)
+    rows, stats = encode_labelled(tok, items, names, max_len=args.max_len, source=source)
+    objective = make_objective(RunConfig(train=TrainSection(objective="classify")))
+    measured = classify_eval(model, rows, tok.pad_token_id, objective)
+    per_class: dict[str, float] = {}
+    samples = []
+    if rows:
+        model.eval()
+        predicted = []
+        with torch.no_grad():
+            for i in range(0, len(rows), 16):
+                part = rows[i : i + 16]
+                batch = to_device(collate(objective.encoded(part), tok.pad_token_id), model_device(model))
+                predicted += objective.logits(model, batch).argmax(-1).tolist()
+        for c, name in enumerate(names):
+            mine = [p == c for p, r in zip(predicted, rows, strict=True) if r.label == c]
+            if mine:
+                per_class[name] = sum(mine) / len(mine)
+        samples = [
+            {"text": it["text"], "expected": names[r.label], "predicted": names[p]}
+            for it, r, p in list(zip(items, rows, predicted, strict=True))[:SAMPLES]
+        ]
+    report = {
+        "objective": "classify",
+        "examples": len(rows),
+        "truncated": stats["truncated"],
+        "max_len": args.max_len,
+        "classes": names,
+        "adapter": {**measured, "per_class_accuracy": per_class, "samples": samples},
+    }
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(
+        f"{len(rows)} examples ({stats['truncated']} truncated to {args.max_len} tokens), {len(names)} classes"
+    )
+    if not rows:
+        print("nothing to measure")
+        return 0
+    print(f"accuracy: {100 * measured['accuracy']:.1f}%, cross-entropy {measured['loss']:.4f}")
+    print("per class: " + ", ".join(f"{n} {100 * a:.1f}%" for n, a in per_class.items()))
+    for s in samples:
+        print(f"  {s['text']!r}: expected {s['expected']}, predicted {s['predicted']}")
+    return 0

@@ -1,0 +1,139 @@
+"""Text classification data (`train.objective classify`): records of a text, optionally a second text, and a label.
+
+    {"text": "The food was great.", "label": "positive"}
+    {"text": "A man plays a guitar.", "text_pair": "Someone makes music.", "label": 0}
+
+`data.fields` maps other column names onto these (GLUE's `{text: sentence}`, `{text: sentence1, text_pair:
+sentence2}`). A label is a name (a string) or a class id (an integer >= 0, as in Hugging Face datasets; digits in
+a CSV cell too; true and false are 1 and 0). The classes: with names, the train data's names in sorted order; with ids, 0 to the largest id.
+Every record is checked, and an error names the file, the record and what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from lorakit.data.files import DataError, parse_records, read_records
+from lorakit.data.shapes import check_fields, renamed
+from lorakit.data.tokenize import IGNORE, Encoded
+
+KEYS = ("text", "text_pair", "label")
+
+
+@dataclass
+class Labelled:
+    """One tokenized classification example: its token row (no token is learned: `labels` all IGNORE) and its
+    class id."""
+
+    row: Encoded
+    label: int
+
+
+def read_labelled(path: str | os.PathLike, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """All classification records of a data file (JSONL, JSON, CSV, TSV, Parquet or Arrow, or a `datasets`
+    folder) as {"text", "text_pair" (None if absent), "label"}, validated; DataError naming the record."""
+    check_fields(fields, str(path))
+    return labelled_of(read_records(path), str(path), fields or {})
+
+
+def parse_labelled(data: bytes, source: str, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """`read_labelled` of a file's bytes, read as `source`'s suffix says."""
+    check_fields(fields, source)
+    return labelled_of(parse_records(data, source), source, fields or {})
+
+
+def labelled_of(records: list[tuple[str, Any]], source: str, fields: dict[str, str]) -> list[dict[str, Any]]:
+    if not records:
+        raise DataError(f"{source}: no examples (the file is empty)")
+    out = []
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        record = renamed(record, fields, where)
+        text, pair = record.get("text"), record.get("text_pair")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(
+                f"{where}: a classification example needs a non-empty 'text' string (data.fields maps another "
+                f"column to it, e.g. '{{text: sentence}}'); has {sorted(record)}"
+            )
+        if pair is not None and not isinstance(pair, str):
+            raise DataError(f"{where}: 'text_pair' must be a string, got {type(pair).__name__}")
+        if "label" not in record:
+            raise DataError(f"{where}: no 'label' (a class name, or a class id >= 0); has {sorted(record)}")
+        out.append({"text": text, "text_pair": pair, "label": _label(record["label"], where)})
+    return out
+
+
+def _label(value: Any, where: str) -> str | int:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # a Parquet column of whole numbers
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)  # a CSV cell of digits: a class id
+    if isinstance(value, int):
+        if value < 0:
+            raise DataError(f"{where}: label {value} is negative; a class id is >= 0")
+        return value
+    if isinstance(value, str) and value.strip():
+        return value
+    raise DataError(
+        f"{where}: label {value!r} is neither a class name (a string) nor a class id (an integer >= 0)"
+    )
+
+
+def class_names(items: list[dict[str, Any]], source: str) -> list[str]:
+    """The classes of the train examples, by id: their sorted label names, or for integer labels "0" to the largest
+    id. DataError where the labels mix names and ids, or where there is one class only."""
+    labels = {it["label"] for it in items}
+    kinds = {type(v) for v in labels}
+    if len(kinds) > 1:
+        raise DataError(
+            f"{source}: the labels mix class names and class ids ({sorted(map(str, labels))[:4]}...)"
+        )
+    names = [str(i) for i in range(max(labels) + 1)] if kinds == {int} else sorted(labels)
+    if len(names) < 2:
+        raise DataError(
+            f"{source}: every example has the label {names[0]!r}; a classifier needs two classes or more"
+        )
+    return names
+
+
+def class_ids(items: list[dict[str, Any]], names: list[str], source: str) -> list[int]:
+    """Each item's class id among `names`; DataError naming the first label that is not one of them."""
+    index = {n: i for i, n in enumerate(names)}
+    out = []
+    for i, it in enumerate(items):
+        key = str(it["label"])
+        if key not in index:
+            raise DataError(
+                f"{source}: example {i + 1} has the label {it['label']!r}, which the train data does not have "
+                f"(its classes: {', '.join(names)})"
+            )
+        out.append(index[key])
+    return out
+
+
+def encode_labelled(
+    tokenizer, items: list[dict[str, Any]], names: list[str], *, max_len: int, source: str = "data"
+) -> tuple[list[Labelled], dict[str, int]]:
+    """Tokenize classification items as the tokenizer's own classification input (its special tokens, a pair
+    joined its way), cut to `max_len` tokens; returns the rows and counts: examples, truncated, tokens."""
+    ids = class_ids(items, names, source)
+    out: list[Labelled] = []
+    stats = {"examples": len(items), "truncated": 0, "tokens": 0}
+    for it, label in zip(items, ids, strict=True):
+        args = (it["text"],) if it["text_pair"] is None else (it["text"], it["text_pair"])
+        full = tokenizer(*args)["input_ids"]
+        cut = (
+            full
+            if len(full) <= max_len
+            else tokenizer(*args, truncation=True, max_length=max_len)["input_ids"]
+        )
+        truncated = len(cut) < len(full)
+        stats["truncated"] += truncated
+        stats["tokens"] += len(cut)
+        out.append(Labelled(Encoded(list(cut), [IGNORE] * len(cut), truncated), label))
+    return out, stats

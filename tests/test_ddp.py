@@ -44,6 +44,7 @@ WORKER = str(Path(__file__).parent / "ddp_worker.py")
         ("kto", 29535),
         ("stop", 29536),
         ("reward", 29537),
+        ("classify", 29538),
     ],
 )
 def test_two_processes_equal_one_process(tmp_path, variant, port):

@@ -356,3 +356,13 @@ def test_smollm2_learns_the_built_in_classes(tmp_path):
     assert summary["after"]["accuracy"] >= 0.9 and summary["after"]["loss"] < summary["before"]["loss"], (
         summary
     )
+
+
+def test_the_example_review_files_read_as_two_classes():
+    """examples/data/reviews_*.jsonl (make_files.py writes them; test_examples checks they agree): 96 train and
+    32 eval reviews, positive and negative, no eval text in the train file."""
+    data = Path(__file__).parent.parent / "examples" / "data"
+    train, held_out = read_labelled(data / "reviews_train.jsonl"), read_labelled(data / "reviews_eval.jsonl")
+    assert (len(train), len(held_out)) == (96, 32)
+    assert class_names(train, "train") == class_names(held_out, "eval") == ["negative", "positive"]
+    assert not {r["text"] for r in train} & {r["text"] for r in held_out}

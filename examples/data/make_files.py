@@ -5,10 +5,12 @@
 - dates.csv             a spreadsheet with its own column names (question, answer): --data.fields renames them
 - dates_rated.jsonl     answers rated one at a time for KTO (TRL's {"prompt", "completion", "label"}): every other
                         example's answer is replaced by a plausible wrong one and rated false; no prompt has both
+- reviews_train.jsonl,  short reviews labelled positive or negative, for a text classifier (`--objective
+  reviews_eval.jsonl    classify`): examples/classify.py's, the eval file's sentiment words never in the train file's
 
     python examples/data/make_files.py            # rewrites the four files next to this script
 
-The examples are the task's first 320 training examples (seed 0), the same in every file.
+The dates examples are the task's first 320 training examples (seed 0), the same in every file.
 """
 
 from __future__ import annotations
@@ -52,11 +54,21 @@ def files() -> dict[str, str]:
         }
         for i, p in enumerate(make_pairs("dates", n_train=N, n_eval=1, seed=0)[0])
     ]
+    sys.path.insert(0, str(HERE.parent))  # examples/classify.py: its reviews
+    from classify import BAD, GOOD, reviews
+
+    sentiment = {1: "positive", 0: "negative"}
+    train_reviews, eval_reviews = (
+        [{"text": t, "label": sentiment[y]} for t, y in part]
+        for part in (reviews(GOOD[:6], BAD[:6]), reviews(GOOD[6:], BAD[6:]))
+    )
     return {
         "dates_alpaca.json": json.dumps(alpaca, indent=1, ensure_ascii=False) + "\n",
         "dates_sharegpt.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sharegpt),
         "dates.csv": table.getvalue(),
         "dates_rated.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rated),
+        "reviews_train.jsonl": "".join(json.dumps(r) + "\n" for r in train_reviews),
+        "reviews_eval.jsonl": "".join(json.dumps(r) + "\n" for r in eval_reviews),
     }
 
 

@@ -366,3 +366,20 @@ def test_the_example_review_files_read_as_two_classes():
     assert (len(train), len(held_out)) == (96, 32)
     assert class_names(train, "train") == class_names(held_out, "eval") == ["negative", "positive"]
     assert not {r["text"] for r in train} & {r["text"] for r in held_out}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [("--model.quantize", "nf4"), ("--train.grad_checkpointing", "true")],
+    ids=["qlora", "checkpointing"],
+)
+def test_qlora_and_checkpointing_train_a_classifier(model_dir, tmp_path, overrides):
+    summary = _run(model_dir, tmp_path, *overrides)
+    assert summary["after"]["loss"] < summary["before"]["loss"], summary
+
+
+def test_a_classifier_adapter_trains_further(trained, model_dir, tmp_path):
+    """train.init_adapter with a classifier's adapter: the run starts where that one ended (the same eval)."""
+    summary = _run(model_dir, tmp_path, "--train.init_adapter", trained["adapter"], "--train.steps", "2")
+    assert summary["before"]["loss"] == pytest.approx(trained["after"]["loss"], abs=1e-5)
+    assert summary["before"]["accuracy"] == trained["after"]["accuracy"]

@@ -90,7 +90,7 @@ def _tiny_loader(monkeypatch, hidden: int = 32):
     monkeypatch.setattr(
         lorakit.models,
         "load_model",
-        lambda spec, dtype, device=None: (tiny_llama(hidden=hidden), _NoTokenizer()),
+        lambda spec, dtype, device=None, num_labels=None: (tiny_llama(hidden=hidden), _NoTokenizer()),
     )
 
 

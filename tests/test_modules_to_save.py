@@ -16,6 +16,7 @@ from torch import nn
 import lorakit
 from lorakit import AdapterError, LoraConfig, TargetError
 from lorakit.device import upcast_trainable
+from lorakit.registry import registry
 from lorakit.saved import SavedModule
 
 from tiny import (
@@ -370,3 +371,23 @@ def test_a_float32_copy_runs_on_a_bf16_base_outside_autocast():
         assert out.dtype == torch.bfloat16
         want = nn.functional.linear(model.model(ids()).last_hidden_state, copy.weight.bfloat16())
     torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=0)
+
+
+def test_a_peft_0_21_file_that_saved_every_norm_loads_whole(tmp_path):
+    """peft 0.21 and earlier selected modules_to_save ["norm"] as every *norm (input_layernorm too); peft 0.22 and
+    lorakit select the modules named norm. A file of the older rule lists ["norm"] and holds every norm's copy: all
+    of them load (the outputs equal the saving model's, 1e-5), none is dropped."""
+    model = tiny_llama()
+    norms = [n for n, _ in model.named_modules() if n.endswith("norm")]
+    assert len(norms) > 1
+    lorakit.inject(model, LoraConfig(r=4, alpha=8, targets=["q_proj"], modules_to_save=norms))
+    randomize(model)
+    folder = lorakit.save_adapter(model, tmp_path / "a")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["modules_to_save"] = ["norm"]  # as peft 0.21 wrote it
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    fresh = tiny_llama()
+    lorakit.load_adapter(fresh, folder)
+    assert sorted(registry(fresh).adapters["default"].saved) == sorted(norms)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids()).logits, model(ids()).logits, atol=ATOL, rtol=0)

@@ -42,7 +42,13 @@ def test_the_start_is_peft_pissa_niter_for_the_same_draws(monkeypatch):
     lorakit.inject(ours, CFG)
     # PEFT's draws come from torch's global generator; here they come from a generator seeded with 0 for each layer,
     # as ours (ours is torch.svd_lowrank's operations: test_loraga.py::test_svd_lowrank_is_torchs...)
-    monkeypatch.setattr(peft_layer, "svd_lowrank", lambda a, q, niter: svd_lowrank(a, q, niter, torch.Generator().manual_seed(0)))
+    def draws(a, q, niter):
+        return svd_lowrank(a, q, niter, torch.Generator().manual_seed(0))
+
+    if hasattr(peft_layer, "svd_lowrank"):  # peft < 0.22 calls the name it imported into its LoRA layer module
+        monkeypatch.setattr(peft_layer, "svd_lowrank", draws)
+    else:  # peft 0.22 calls torch.svd_lowrank (peft.utils.loftq_utils._pissa_decomposition)
+        monkeypatch.setattr(torch, "svd_lowrank", draws)
     theirs = peft.get_peft_model(tiny_llama(), peft_config(CFG))
     assert peft_config(CFG).init_lora_weights == "pissa_niter_4"
     exact = tiny_llama()

@@ -165,7 +165,7 @@ def test_combine_carries_rows_of_one_source_and_refuses_two(tmp_path):
         (
             {"norm": [1]},
             TargetError,
-            r"'model\.layers\.0\.input_layernorm' is a LlamaRMSNorm, not an embedding",
+            r"'model\.norm' is a LlamaRMSNorm, not an embedding",
         ),
         ({"q_proj": [1]}, TargetError, r"also saved whole or adapted with LoRA"),
         ([1, 1], ConfigError, r"names token id 1 more than once"),

@@ -45,6 +45,7 @@ _PEFT_IGNORED_KEYS = {
     "lora_dropout",
     "corda_config",  # PEFT ignores it unless init_lora_weights is "corda", which is refused (from_peft_dict)
     "lora_ga_config",  # the same, for "lora_ga"
+    "astra_config",  # the same, for "astra" (peft 0.22), an init lorakit refuses
     "modules_to_tie",  # PEFT's own record of the tied modules it found; it finds them again at load, as lorakit does
     "target_modules_to_tie",
 }

@@ -40,7 +40,16 @@ def plan_saved(
         lora_modules = (
             [] if config.target_parameters and not config.targets else select_modules(model, config)
         )
-        modules = select_saved(model, config.modules_to_save or [], strict=False)
+        names = config.modules_to_save or []
+        modules = select_saved(model, names, strict=False)
+        # a file of peft <= 0.21, which selected "norm" as any *norm: the modules it holds tensors for
+        legacy = [
+            m
+            for m in select_saved(model, names, strict=False, legacy=True)
+            if m not in modules and any(k.startswith(f"{PREFIX}{m}.") for k in tensors)
+        ]
+        if legacy:
+            modules = select_saved(model, [*modules, *legacy], strict=False)  # in model order
         tie = tie_plan(model, config, lora_modules, modules, warn=False)
         lora_modules, modules = tie.names, tie.saved
         check_targets(model, modules, lora_modules)

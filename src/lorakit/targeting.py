@@ -79,15 +79,21 @@ def all_linear_names(model: nn.Module) -> list[str]:
 
 
 def select_saved(
-    model: nn.Module, names: list[str], *, strict: bool = True, what: str = "modules_to_save"
+    model: nn.Module,
+    names: list[str],
+    *,
+    strict: bool = True,
+    what: str = "modules_to_save",
+    legacy: bool = False,
 ) -> list[str]:
-    """The modules `names` select to save whole (modules_to_save), in model order. PEFT's rule: a module is selected
-    when its full name ends with one of `names` (so "norm" selects every `*norm`, "lm_head" the head). With
-    `strict`, a name that matches nothing is an error."""
+    """The modules `names` select to save whole (modules_to_save), in model order. PEFT's rule (since peft 0.22): a
+    module is selected when its full name is one of `names` or ends with "." + one of them (so "norm" selects
+    `model.norm`, not `input_layernorm`; "lm_head" the head). With `strict`, a name that matches nothing is an
+    error. `legacy`: also select by a bare suffix (`*norm`), as peft 0.21 and earlier did."""
     found: set[str] = set()
     candidates = candidate_names(model)
     for want in names:
-        hits = [n for n in candidates if n.endswith(want)]
+        hits = [n for n in candidates if n == want or n.endswith("." + want) or (legacy and n.endswith(want))]
         if not hits and strict:
             near = difflib.get_close_matches(want, sorted({n.rsplit(".", 1)[-1] for n in candidates}), n=3)
             raise TargetError(

@@ -106,7 +106,7 @@ class LoraConfig:
     """Name or path of the base model, written to adapter_config.json as base_model_name_or_path."""
     modules_to_save: list[str] | None = None
     """Modules the adapter trains and saves whole, each in its own copy (PEFT's modules_to_save): a module is
-    saved when its name ends with one of these, as in PEFT, e.g. ["score"] or ["lm_head"]. None: a classification model's head (score/classifier/qa_outputs),
+    saved when its name is one of these or ends with "." + one, as in PEFT 0.22, e.g. ["score"] or ["lm_head"]. None: a classification model's head (score/classifier/qa_outputs),
     as PEFT adds it, and nothing for other models."""
     target_parameters: list[str] | None = None
     """Parameters to adapt that are no Linear (PEFT's target_parameters): `<module>.<parameter>` names or their

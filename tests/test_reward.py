@@ -22,24 +22,11 @@ from lorakit.train.losses import reward_losses
 from lorakit.train.objectives import make_objective
 from lorakit.train.run import run_training
 
+from test_dpo_trl import CHAT_PAIRS, TEXT_PAIRS
 from tiny import cli_here, snapshot, unchanged
 from trl_dpo_oracle import build_tiny_model
 from trl_reward_oracle import trl_reward
 
-TEXT_PAIRS = [
-    {"prompt": "Q: the capital of France?\nA:", "chosen": " Paris", "rejected": " Lyon"},
-    {"prompt": "Q: two plus two?\nA:", "chosen": " four", "rejected": " five, or maybe six"},
-    {"prompt": "Q: the colour of the sky?\nA:", "chosen": " blue", "rejected": " green"},
-    {"prompt": "Q: a cat says?\nA:", "chosen": " meow", "rejected": " woof woof"},
-]
-CHAT_PAIRS = [
-    {
-        "prompt": [{"role": "user", "content": p["prompt"][3:-3]}],
-        "chosen": [{"role": "assistant", "content": p["chosen"].strip()}],
-        "rejected": [{"role": "assistant", "content": p["rejected"].strip()}],
-    }
-    for p in TEXT_PAIRS
-]
 STEPS, LR = 3, 5e-3
 
 

@@ -16,6 +16,7 @@ def eval_classifier(args: argparse.Namespace, labels: int) -> int:
 
     import lorakit
     from lorakit.cli.common import load
+    from lorakit.cli.reward import refuse_first
     from lorakit.data.labels import encode_labelled, read_labelled
     from lorakit.data.tasks import make_labelled
     from lorakit.device import model_device, to_device
@@ -38,9 +39,7 @@ def eval_classifier(args: argparse.Namespace, labels: int) -> int:
             "--compare-base: a classifier's base has no trained head to compare with (its head is the adapter's)",
         ),
     ]
-    for bad, message in problems:
-        if bad:
-            raise ConfigError(message)
+    refuse_first(problems)
     names = adapter_class_names(args.adapter) or [str(i) for i in range(labels)]
     if len(names) != labels:
         raise ConfigError(f"{args.adapter}: its head has {labels} outputs but it names {len(names)} classes")

@@ -32,6 +32,15 @@ def classifier_adapter(args: argparse.Namespace) -> int | None:
     return labels
 
 
+def refuse_first(problems: list[tuple[bool, str]]) -> None:
+    """ConfigError with the message of the first (bad, message) whose bad is true."""
+    from lorakit.errors import ConfigError
+
+    for bad, message in problems:
+        if bad:
+            raise ConfigError(message)
+
+
 def eval_reward(args: argparse.Namespace, labels: int) -> int:
     """Measure the reward model of --adapter on --data's pairs (or the built-in task's held-out pairs)."""
     import torch
@@ -41,7 +50,6 @@ def eval_reward(args: argparse.Namespace, labels: int) -> int:
     from lorakit.data.preference import as_pair, encode_pairs, read_pairs
     from lorakit.data.tasks import make_pairs
     from lorakit.device import model_device, to_device
-    from lorakit.errors import ConfigError
     from lorakit.train.config import DataSection, RunConfig, TrainSection
     from lorakit.train.evaluate import preference_eval
     from lorakit.train.objectives import make_objective
@@ -60,9 +68,7 @@ def eval_reward(args: argparse.Namespace, labels: int) -> int:
             "--compare-base: a reward model's base has no trained head to compare with (its head is the adapter's)",
         ),
     ]
-    for bad, message in problems:
-        if bad:
-            raise ConfigError(message)
+    refuse_first(problems)
     if args.data:
         pairs = read_pairs(args.data, args.fields)
     else:  # the pairs a default `lorakit train` holds out (each rejected answer drawn after the train pairs')

@@ -181,7 +181,6 @@ def _validate_objective(cfg: RunConfig) -> None:
     if objective not in PREFERENCE_OBJECTIVES:
         return
     d, s, o, c, k, r = cfg.dpo, cfg.simpo, cfg.orpo, cfg.cpo, cfg.kto, cfg.reward
-    start = _adapter_task(t.init_adapter) if objective == "reward" and t.init_adapter else None
     name = NAMES[objective]
     alora = dsec.alora_invocation is not None or cfg.lora.alora_invocation_tokens is not None
     checks = {
@@ -206,22 +205,7 @@ def _validate_objective(cfg: RunConfig) -> None:
         ],
         "reward": [
             (r.center_weight >= 0, f"reward.center_weight must be >= 0, got {r.center_weight}"),
-            (
-                cfg.methods[0] != "ladder",
-                "train.objective reward puts a head on the model's last hidden state, which a ladder's side "
-                "network does not feed; use method lora, dylora or adalora",
-            ),
-            (
-                cfg.lora.init != "lora_ga",
-                "lora.init lora_ga starts from the gradient of the language-model loss, which a reward model "
-                "does not have; use another lora.init",
-            ),
-            (
-                start in (None, "SEQ_CLS"),
-                f"train.init_adapter {t.init_adapter} is a {start} adapter; "
-                "train.objective reward trains further a reward model's adapter (task_type SEQ_CLS): to start "
-                "from a fine-tuned causal LM adapter, merge it (lorakit merge) and train on the merged model",
-            ),
+            *_head_checks(cfg, "a reward model"),
         ],
     }[objective]
     if objective in REFERENCE_OBJECTIVES:  # the reference is the model training starts from, adapters off
@@ -268,7 +252,6 @@ def _validate_classify(cfg: RunConfig) -> None:
     """A classifier trains a head on the last token (an encoder's pooled output): what feeds or saves something
     else is refused."""
     t, dsec = cfg.train, cfg.data
-    start = _adapter_task(t.init_adapter) if t.init_adapter else None
     checks = [
         (
             not dsec.pack,
@@ -287,25 +270,37 @@ def _validate_classify(cfg: RunConfig) -> None:
             not t.fsdp,
             "train.fsdp does not work with train.objective classify; use DDP (torchrun without train.fsdp)",
         ),
-        (
-            cfg.methods[0] != "ladder",
-            "train.objective classify puts a head on the model's last hidden state, which a ladder's side network "
-            "does not feed; use method lora, dylora or adalora",
-        ),
-        (
-            cfg.lora.init != "lora_ga",
-            "lora.init lora_ga starts from the gradient of the language-model loss, which a classifier does not "
-            "have; use another lora.init",
-        ),
-        (
-            start in (None, "SEQ_CLS"),
-            f"train.init_adapter {t.init_adapter} is a {start} adapter; train.objective classify trains further a "
-            "classifier's adapter (task_type SEQ_CLS)",
-        ),
+        *_head_checks(cfg, "a classifier"),
     ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)
+
+
+def _head_checks(cfg: RunConfig, what: str) -> list[tuple[bool, str]]:
+    """The checks of an objective that trains a sequence classifier's head (`what`: "a reward model", "a
+    classifier"): the head reads the model's last hidden state, its loss is no language model's, and an adapter
+    to train further must be one of its kind."""
+    t, objective = cfg.train, cfg.train.objective
+    start = _adapter_task(t.init_adapter) if t.init_adapter else None
+    return [
+        (
+            cfg.methods[0] != "ladder",
+            f"train.objective {objective} puts a head on the model's last hidden state, which a ladder's side "
+            "network does not feed; use method lora, dylora or adalora",
+        ),
+        (
+            cfg.lora.init != "lora_ga",
+            "lora.init lora_ga starts from the gradient of the language-model loss, which "
+            f"{what} does not have; use another lora.init",
+        ),
+        (
+            start in (None, "SEQ_CLS"),
+            f"train.init_adapter {t.init_adapter} is a {start} adapter; train.objective {objective} trains "
+            f"further {what}'s adapter (task_type SEQ_CLS): to start from a fine-tuned causal LM adapter, merge "
+            "it (lorakit merge) and train on the merged model",
+        ),
+    ]
 
 
 def _adapter_task(folder: str) -> str | None:

@@ -297,7 +297,10 @@ def test_a_causal_lm_passed_in_is_refused(folders, tmp_path):
     model_dir, _ = folders
     model, tok = load_model(str(model_dir))
     before = snapshot(model)
-    cfg = load_config(None, ["--train.objective", "reward", "--train.out_dir", str(tmp_path / "run")])
+    cfg = load_config(  # with QLoRA too: refused before the model would be quantized in place
+        None,
+        ["--train.objective", "reward", "--train.out_dir", str(tmp_path / "run"), "--model.quantize", "nf4"],
+    )
     with pytest.raises(ConfigError, match=r"load_model\(\.\.\., num_labels=1\)"):
         run_training(cfg, model=model, tokenizer=tok)
     assert unchanged(model, before) and not lorakit.adapter_names(model)

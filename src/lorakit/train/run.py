@@ -65,8 +65,10 @@ def evaluate(
 ) -> dict[str, float]:
     """Eval loss and exact-match accuracy; with a preference `objective` (DPO, SimPO, ORPO, CPO, KTO), its
     loss and the implicit rewards' accuracy and margin on the eval pairs (KTO: answers), and exact match of
-    the chosen (desirable) answers; a reward model's loss and its rewards' accuracy and margin alone. `sharded` (FSDP2): every rank calls this with the same data and gets the
-    same numbers; adapters are not merged (the base weights are shards) and generation runs in lockstep."""
+    the chosen (desirable) answers; a reward model's loss and its rewards' accuracy and margin alone, a
+    classifier's cross-entropy and accuracy alone. `sharded` (FSDP2): every rank calls this with the same data
+    and gets the same numbers; adapters are not merged (the base weights are shards) and generation runs in
+    lockstep."""
     out: dict[str, float] = {}
     if objective is not None and objective.rows == "labelled":
         out.update(classify_eval(model, eval_rows, tokenizer.pad_token_id, objective))
@@ -288,15 +290,15 @@ def _base_model(
         from lorakit.models import load_model
 
         model, tokenizer = load_model(q.path, dtype=dtype, device=device, num_labels=num_labels)
-    elif q.quantize:  # a model passed in: quantize it in place
-        quant = quantize(model, q.quantize, q.double_quant, q.quantize_skip)
-    if num_labels is not None and not (
+    if num_labels is not None and not (  # a model passed in is refused before it is quantized
         type(model).__name__.endswith("ForSequenceClassification") and model.config.num_labels == num_labels
     ):
         raise ConfigError(
             f"train.objective {cfg.train.objective} trains a model with a {num_labels}-output head, not a "
             f"{type(model).__name__}: load it with lorakit.load_model(..., num_labels={num_labels})"
         )
+    if quant is None and q.quantize:  # a model passed in: quantize it in place
+        quant = quantize(model, q.quantize, q.double_quant, q.quantize_skip)
     if device.type != "cpu":
         say(f"device: {device} ({torch.cuda.get_device_name(device)}), base in {q.dtype}")
     if quant is not None:

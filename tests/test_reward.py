@@ -57,6 +57,21 @@ def test_the_loss_is_bradley_terry_plus_the_centring_term():
     centred, _, _ = reward_losses(rewards, center_weight=0.25)
     extra = 0.25 * sum((c[i] + r[i]) ** 2 for i in range(3)) / 3
     assert float(centred) == pytest.approx(float(want + extra), abs=1e-12)
+    m = torch.tensor([0.5, 0.0, 2.0], dtype=torch.float64)
+    with_margin, _, _ = reward_losses(rewards, margin=m)
+    want_m = sum(-torch.log(torch.sigmoid(c[i] - r[i] - m[i])) for i in range(3)) / 3
+    assert float(with_margin) == pytest.approx(float(want_m), abs=1e-12)
+
+
+@pytest.mark.parametrize("margin", ["1", True, float("nan"), [1]])
+def test_a_bad_margin_is_refused_naming_the_record(tmp_path, margin):
+    from lorakit.data.files import DataError
+    from lorakit.data.preference import read_pairs
+
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "margin": margin}) + "\n")
+    with pytest.raises(DataError, match=r"m.jsonl:1: 'margin' must be a finite number"):
+        read_pairs(path)
 
 
 def _lorakit(model_dir: Path, adapter_dir: Path, pairs, *, chat: bool, out: Path, center_weight: float = 0.0):
@@ -90,10 +105,18 @@ def _lorakit(model_dir: Path, adapter_dir: Path, pairs, *, chat: bool, out: Path
     return rows, records, model, tok
 
 
+MARGINS = [1.0, 0.5, 2.0, 0.0]
+
+
 @pytest.mark.parametrize(
     "pairs, chat, center_weight",
-    [(CHAT_PAIRS, True, 0.0), (TEXT_PAIRS, False, 0.01), (CHAT_PAIRS, True, 0.5)],
-    ids=["chat", "text-centred", "chat-centred"],
+    [
+        (CHAT_PAIRS, True, 0.0),
+        (TEXT_PAIRS, False, 0.01),
+        (CHAT_PAIRS, True, 0.5),
+        ([{**p, "margin": m} for p, m in zip(CHAT_PAIRS, MARGINS, strict=True)], True, 0.0),
+    ],
+    ids=["chat", "text-centred", "chat-centred", "chat-margin"],
 )
 def test_reward_training_equals_trl(folders, tmp_path, pairs, chat, center_weight):
     """Every step's loss, accuracy and margin to 1e-5 and the trained adapter (LoRA and the head) to 1e-5: both
@@ -111,6 +134,7 @@ def test_reward_training_equals_trl(folders, tmp_path, pairs, chat, center_weigh
         steps=STEPS,
         lr=LR,
         center_weight=center_weight,
+        margins=[p["margin"] for p in pairs] if "margin" in pairs[0] else None,
         out_dir=str(tmp_path / "trl"),
     )
     steps = [r for r in records if "loss" in r]

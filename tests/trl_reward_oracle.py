@@ -8,7 +8,7 @@ logs and the trained adapter. What follows was read in trl/trainer/reward_traine
   is, so the oracle hands TRL lorakit's token ids (no EOS added, no chat template applied).
 * Collation (``DataCollatorForPreference``): the chosen rows, then the rejected ones, right-padded with the pad
   token; the model's ``config.pad_token_id`` is the tokenizer's, by which the head finds each row's last token.
-* Loss: ``-logsigmoid(r_chosen - r_rejected).mean()`` plus ``center_rewards_coefficient * mean((r_chosen +
+* Loss: ``-logsigmoid(r_chosen - r_rejected - margin).mean()`` (the dataset's ``margin`` column, if any) plus ``center_rewards_coefficient * mean((r_chosen +
   r_rejected) ** 2)``; logged as ``loss`` with ``accuracy`` (strict >) and ``margin`` (the mean difference).
 
 Pinned as in trl_dpo_oracle: torch AdamW (0.9, 0.999, eps 1e-8), no weight decay, constant lr, no warmup, gradient
@@ -28,12 +28,13 @@ def trl_reward(
     steps: int,
     lr: float,
     center_weight: float = 0.0,
+    margins: list[float] | None = None,
     max_grad_norm: float | None = 1.0,
     out_dir: str,
 ) -> dict:
     """Train the PEFT adapter in adapter_dir (on the HF model folder model_dir, loaded as a one-output sequence
     classifier) with TRL's RewardTrainer on the pairs `token_ids` = [(chosen ids, rejected ids)]; `center_weight`
-    is its center_rewards_coefficient. Returns {"logs": [TRL's logged metrics of each step], "adapter": {PEFT
+    is its center_rewards_coefficient, `margins` its dataset's margin column. Returns {"logs": [TRL's logged metrics of each step], "adapter": {PEFT
     state-dict key: trained tensor}}."""
     import torch
     from datasets import Dataset
@@ -56,7 +57,10 @@ def trl_reward(
         config = LoraConfig.from_pretrained(adapter_dir)
         config.lora_dropout = 0.0
         config.inference_mode = False
-        dataset = Dataset.from_list([{"chosen_ids": c, "rejected_ids": r} for c, r in token_ids])
+        rows = [{"chosen_ids": c, "rejected_ids": r} for c, r in token_ids]
+        for row, m in zip(rows, margins or [], strict=False):
+            row["margin"] = m
+        dataset = Dataset.from_list(rows)
         trainer = RewardTrainer(
             model=base, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=config
         )

@@ -19,6 +19,7 @@ calls), and the labels mark the answer's tokens only: the log-probabilities DPO 
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -132,12 +133,18 @@ def pairs_of(records: list[tuple[str, Any]], source: str, fields: dict[str, str]
 
 
 def as_pair(record: dict[str, Any], shape: str, where: str) -> dict[str, Any]:
-    """A preference record of `shape` as {"chosen": example, "rejected": example}, both checked."""
+    """A preference record of `shape` as {"chosen": example, "rejected": example}, both checked; with the record's
+    "margin" (how much better the chosen answer is: a reward model's margin, TRL's column) where it has one."""
     out = {}
     for side, key in _SIDES[shape]:
         example = _SIDE[shape](record, key, where)
         check_example(example, shape_of(example) or "messages", f"{where}: {side}")
         out[side] = example
+    if record.get("margin") is not None:
+        margin = record["margin"]
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+            raise DataError(f"{where}: 'margin' must be a finite number, got {margin!r}")
+        out["margin"] = float(margin)
     return out
 
 
@@ -250,6 +257,9 @@ class Pair:
     reference: tuple[float, float] | None = None
     """The reference model's summed log-probabilities of the chosen and the rejected answer, where they were
     computed ahead of training (DPO's dpo.precompute_reference); else None."""
+    margin: float | None = None
+    """The record's margin: by how much a reward model's reward of the chosen answer must beat the rejected one's
+    (TRL's `margin` column); None where the record has none."""
 
     @property
     def truncated(self) -> bool:
@@ -266,7 +276,8 @@ def encode_pairs(
     stats = {"pairs": len(pairs), "truncated": 0, "tokens": 0, "learned_tokens": 0, "dropped": 0}
     for p in pairs:
         pair = Pair(
-            *(encode_example(tokenizer, p[s], max_len=max_len, chat=chat) for s in ("chosen", "rejected"))
+            *(encode_example(tokenizer, p[s], max_len=max_len, chat=chat) for s in ("chosen", "rejected")),
+            margin=p.get("margin"),
         )
         stats["truncated"] += pair.truncated
         sides = (pair.chosen, pair.rejected)

@@ -39,7 +39,7 @@ FIELDS = tuple(
         for keys in (
             *NATIVE.values(),
             *FOREIGN.values(),
-            ("input", "system", "history", "tools", "chosen", "rejected", "label", "text_pair"),
+            ("input", "system", "history", "tools", "chosen", "rejected", "label", "text_pair", "margin"),
         )
         for k in keys
     )

@@ -140,7 +140,8 @@ def preference_eval(
     device = model_device(model)
     losses, chosen, rejected = [], [], []
     for i in range(0, len(pairs), batch_size):
-        batch = to_device(collate(objective.encoded(pairs[i : i + batch_size]), pad_id), device)
+        part = pairs[i : i + batch_size]
+        batch = to_device({**collate(objective.encoded(part), pad_id), **objective.extras(part)}, device)
         loss, c, r, _, _ = objective.scores(model, batch)
         losses.append(loss)
         chosen.append(c)

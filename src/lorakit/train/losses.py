@@ -89,14 +89,16 @@ def pair_stats(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, float]
 
 
 def reward_losses(
-    rewards: torch.Tensor, *, center_weight: float = 0.0
+    rewards: torch.Tensor, *, center_weight: float = 0.0, margin: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(the batch's reward-model loss, the chosen answers' rewards, the rejected ones', both detached) from the
-    rewards of 2·n rows (the n chosen first): the Bradley-Terry loss −log σ(r_chosen − r_rejected) averaged over
-    the pairs, plus `center_weight` times the mean of (r_chosen + r_rejected)², as TRL's RewardTrainer adds it."""
+    rewards of 2·n rows (the n chosen first): the Bradley-Terry loss −log σ(r_chosen − r_rejected − m) averaged
+    over the pairs (m: each pair's `margin`, Llama 2's margin loss; 0 without), plus `center_weight` times the mean
+    of (r_chosen + r_rejected)², as TRL's RewardTrainer computes them."""
     n = len(rewards) // 2
     chosen, rejected = rewards[:n], rewards[n:]
-    loss = -F.logsigmoid(chosen - rejected).mean()
+    gap = chosen - rejected if margin is None else chosen - rejected - margin.to(rewards)
+    loss = -F.logsigmoid(gap).mean()
     if center_weight:
         loss = loss + center_weight * ((chosen + rejected) ** 2).mean()
     return loss, chosen.detach(), rejected.detach()

@@ -44,8 +44,8 @@ A reward model (`reward`, as in InstructGPT, Ouyang et al., 2022) is the model w
 token instead of the LM head (`lorakit.load_model(num_labels=1)`, transformers' ...ForSequenceClassification):
 its output r(y) is the answer's reward, trained on pairs to rank the chosen answer above the rejected one:
 
-    reward: loss = −log σ(r(chosen) − r(rejected)) + w·mean((r(chosen) + r(rejected))²)
-                                                              (w: reward.center_weight, 0 by default)
+    reward: loss = −log σ(r(chosen) − r(rejected) − m) + w·mean((r(chosen) + r(rejected))²)
+                                  (m: the pair's margin, 0 without; w: reward.center_weight, 0 by default)
 
 The head is new and trained whole with the LoRA (saved as PEFT's modules_to_save); the rewards are the head's
 outputs, so they need no β.
@@ -366,15 +366,25 @@ class RewardObjective(PreferenceObjective):
             )
         return logits[:, 0].float()
 
+    def extras(self, rows: list[Pair]) -> dict[str, torch.Tensor]:
+        """The pairs' margins (a pair without one: 0), where any pair has one."""
+        if not any(p.margin is not None for p in rows):
+            return {}
+        return {"margin": torch.tensor([p.margin or 0.0 for p in rows])}
+
     def scores(self, model, batch, *, fused=True):
         n = len(batch["input_ids"]) // 2
         chosen, rejected = self.rewards(model, batch).detach().split(n)
-        return -F.logsigmoid(chosen - rejected), chosen, rejected, None, None
+        margin = batch.get("margin")
+        gap = chosen - rejected if margin is None else chosen - rejected - margin.to(chosen)
+        return -F.logsigmoid(gap), chosen, rejected, None, None
 
     def loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool
     ) -> tuple[torch.Tensor, dict]:
-        loss, chosen, rejected = reward_losses(self.rewards(model, batch), center_weight=self.center_weight)
+        loss, chosen, rejected = reward_losses(
+            self.rewards(model, batch), center_weight=self.center_weight, margin=batch.get("margin")
+        )
         return loss, pair_stats(chosen, rejected)
 
 

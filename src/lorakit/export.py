@@ -11,7 +11,7 @@ import torch
 
 from lorakit.atomic import atomic_dir
 from lorakit.errors import AdapterError
-from lorakit.formats import adapter_class_names, adapter_num_labels, folder_refusal
+from lorakit.formats import adapter_class_names, adapter_num_labels, folder_refusal, name_classes
 from lorakit.inject import unload
 from lorakit.io import load_adapter
 from lorakit.quant import adapter_base_quantization, dequantize, quantize
@@ -52,8 +52,7 @@ def merged_model(
     model, tokenizer = load_model(model_spec, dtype=dtype, device=device, num_labels=num_labels)
     names = adapter_class_names(adapter) if num_labels else None
     if names is not None and len(names) == num_labels:  # a classifier's class names go into config.json
-        model.config.id2label = dict(enumerate(names))
-        model.config.label2id = {n: i for i, n in enumerate(names)}
+        name_classes(model, names)
     if quant and dequantized_base:
         if quant.get("method") in ("nf4", "bitsandbytes-nf4"):  # our NF4 is bitsandbytes' (CPU) bit for bit
             quantize(

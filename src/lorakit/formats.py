@@ -255,11 +255,18 @@ def class_names_of(model: nn.Module) -> list[str] | None:
     """A sequence classifier's class names by id from its config (id2label), or None for another model or for
     transformers' default names."""
     config = getattr(model, "config", None)
-    if not type(model).__name__.endswith("ForSequenceClassification") or config is None:
+    if task_type_for(model) != "SEQ_CLS" or config is None:
         return None
     id2label = getattr(config, "id2label", None) or {}
     names = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(len(id2label))]
     return None if names == [f"LABEL_{i}" for i in range(len(names))] else names
+
+
+def name_classes(model: nn.Module, names: list[str]) -> None:
+    """Put a classifier's class names in its config (id2label, label2id), as transformers keeps them: a saved
+    adapter's metadata (`file_metadata`) and a merged model's config.json carry them."""
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {n: i for i, n in enumerate(names)}
 
 
 def adapter_class_names(path: str | os.PathLike) -> list[str] | None:

@@ -38,6 +38,7 @@ from transformers import (
 from lorakit.device import resolve_device
 from lorakit.envflags import CACHE_ENV, cache_root
 from lorakit.errors import ModelLoadError
+from lorakit.task_types import task_type_for
 
 logger = logging.getLogger(__name__)
 
@@ -319,9 +320,7 @@ def _ensure_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None and tokenizer.pad_token_id is not None:
         gen.pad_token_id = tokenizer.pad_token_id
-    if getattr(model.config, "num_labels", None) is not None and type(model).__name__.endswith(
-        "ForSequenceClassification"
-    ):
+    if task_type_for(model) == "SEQ_CLS":
         text = model.config.get_text_config()  # a sequence classifier finds each row's last token by it
         if getattr(text, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
             text.pad_token_id = tokenizer.pad_token_id

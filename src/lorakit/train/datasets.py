@@ -193,13 +193,6 @@ def load_classes(cfg: RunConfig) -> Classes:
     return Classes(train, ev, source, class_names(train, source))
 
 
-def name_classes(model, names: list[str]) -> None:
-    """Put the class names in the model's config (id2label, label2id), as transformers keeps them: a merged model
-    and its predictions carry them."""
-    model.config.id2label = dict(enumerate(names))
-    model.config.label2id = {n: i for i, n in enumerate(names)}
-
-
 def encode_classes(cfg: RunConfig, tokenizer, say, classes: Classes) -> RunData:
     """The classification examples, tokenized; an eval label the train data lacks is a DataError naming it."""
     d = cfg.data

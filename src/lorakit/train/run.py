@@ -20,9 +20,11 @@ from lorakit.device import (
     upcast_trainable,
 )
 from lorakit.errors import ConfigError
+from lorakit.formats import name_classes
 from lorakit.quant import is_quantized, quantize
 from lorakit.quant.load import load_quantized
 from lorakit.report import parameter_report
+from lorakit.task_types import task_type_for
 from lorakit.train.best import Best
 from lorakit.train.checkpoint import full_parameters
 from lorakit.train.config import RunConfig, save_config
@@ -34,7 +36,6 @@ from lorakit.train.datasets import (
     encode_preferences,
     load_classes,
     load_examples,
-    name_classes,
 )
 from lorakit.train.distributed import distribute, init_distributed
 from lorakit.train.evaluate import classify_eval, eval_loss, exact_match, preference_eval
@@ -291,7 +292,7 @@ def _base_model(
 
         model, tokenizer = load_model(q.path, dtype=dtype, device=device, num_labels=num_labels)
     if num_labels is not None and not (  # a model passed in is refused before it is quantized
-        type(model).__name__.endswith("ForSequenceClassification") and model.config.num_labels == num_labels
+        task_type_for(model) == "SEQ_CLS" and model.config.num_labels == num_labels
     ):
         raise ConfigError(
             f"train.objective {cfg.train.objective} trains a model with a {num_labels}-output head, not a "

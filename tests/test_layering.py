@@ -43,6 +43,7 @@ CORE = [  # bottom up: each may import only what stands before it (and the found
     "replicate",
     "inject",
     "formats",
+    "classifier_heads",
     "plain_lora",
     "saved_plan",
     "lora_format",

@@ -21,6 +21,11 @@ and a name can be loaded again at once:
 
 A lease (`hold`, `use`) takes the slots its names have when it starts and keeps them until it ends.
 
+With `heads=True` the bank also serves classifier adapters (task_type SEQ_CLS: reward models, text classifiers,
+as `lorakit train --objective reward|classify` saves them) over the same causal LM: their LoRA pairs load like any
+other's, and their heads are kept beside the model (`bank.head(name)`, scored with
+`lorakit.classifier_heads.head_scores`), so that one base in memory generates and classifies.
+
 One ladder adapter (a side network with mlp blocks, `lorakit.variants.ladder`) may be loaded too: it is attached
 once, and its output reaches only the rows that name it (`ladder_rows`); for LoRA routing those rows are base rows.
 """
@@ -38,6 +43,7 @@ from pathlib import Path
 
 from torch import nn
 
+from lorakit.classifier_heads import Head, keep_heads_beside, read_head
 from lorakit.control import active_adapters, disabled, set_active
 from lorakit.errors import AdapterError
 from lorakit.formats import folder_refusal
@@ -50,11 +56,16 @@ from lorakit.variants.ladder import detach_ladder, ladder_of, ladder_rows
 
 
 class AdapterBank:
-    def __init__(self, model: nn.Module, *, max_adapters: int | None = None) -> None:
+    def __init__(self, model: nn.Module, *, max_adapters: int | None = None, heads: bool = False) -> None:
         if max_adapters is not None and max_adapters < 1:
             raise AdapterError(f"max_adapters must be at least 1, got {max_adapters}")
         self.model = model
         self.max_adapters = max_adapters
+        self.heads: dict[str, Head] = {}
+        """Slot -> the head of the classifier adapter it holds (with `heads`)."""
+        self._keeps_heads = heads
+        if heads:
+            keep_heads_beside(model)
         self.paths: dict[str, Path | None] = {n: None for n in adapter_names(model)}
         """The folder each name was loaded from (None: on the model before the bank)."""
         self.pinned: set[str] = set()
@@ -94,6 +105,10 @@ class AdapterBank:
         with self._lock:
             return list(self._slots.values())
 
+    def head(self, name: str) -> Head | None:
+        """The head of classifier adapter `name`, None for another adapter (AdapterError if `name` is not loaded)."""
+        return self.heads.get(self.slot(name))
+
     def unloading(self) -> list[str]:
         """The names whose old adapter is kept for requests in flight: unloaded, or loaded again in place."""
         with self._lock:
@@ -130,11 +145,14 @@ class AdapterBank:
                 slot = self._free_slot(name)
                 # the file is read and checked, and refusals made, before evicting: a bad file must not evict
                 plan = plan_adapter(self.model, path, slot, allow_pickle=allow_pickle)
+                head = read_head(self.model, path, allow_pickle=allow_pickle) if self._keeps_heads else None
                 if plan.peft_type == LADDER:
                     self._check_ladder(plan, replacing=old)
                 if old is None and self.max_adapters is not None and len(self._slots) >= self.max_adapters:
                     self._evict_one()
                 apply_plan(self.model, plan, slot, activate=False)
+                if head is not None:
+                    self.heads[slot] = head
             except Exception:
                 self.stats["refused"] += 1
                 raise
@@ -312,6 +330,7 @@ class AdapterBank:
         else:
             delete_adapter(self.model, slot)
         self.serials.pop(slot, None)
+        self.heads.pop(slot, None)
         self._retired.pop(slot, None)
         self._in_use.pop(slot, None)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorakit.classifier_heads import head_modules, heads_beside
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, TargetError
 from lorakit.formats import PREFIX
@@ -57,8 +58,9 @@ def plan_saved(
         params = param_plan(model, config, lora_modules, [*modules, *tokens, *tied])
     except TargetError as e:
         raise AdapterError(f"{path}: adapter does not fit {type(model).__name__}: {e}") from None
-    _check_heads(model, config, modules, tensors, path)
     rest = dict(tensors)
+    for head in _check_heads(model, config, modules, tensors, path):  # kept beside: `classifier_heads`
+        rest = {k: t for k, t in rest.items() if not k.startswith(f"{PREFIX}{head}.")}
     saved: list[tuple[str, str, torch.Tensor]] = []
     for m, ids in tokens.items():
         key = f"{PREFIX}{m}.{TOKEN_KEY}"
@@ -144,11 +146,15 @@ def _after(key: str, module: str) -> str | None:
 
 def _check_heads(
     model: nn.Module, config: LoraConfig, modules: list[str], tensors: dict[str, torch.Tensor], path: Path
-) -> None:
+) -> list[str]:
     """A module the file saves whole at the model's top level (a classifier's head: "score") that the model lacks
     is an error, not a tensor left out: without it a reward model's adapter on a causal LM would run the LM head
     and answer nonsense. Names that match nothing and have no tensors (PEFT lists both "classifier" and "score")
-    are fine."""
+    are fine. On a causal LM that keeps classifiers' heads beside it (`lorakit.classifier_heads`), a classifier's
+    heads are no error: returns their names, whose tensors the load leaves out."""
+    heads = head_modules(model, config.modules_to_save, tensors)
+    if heads and config.task_type == "SEQ_CLS" and heads_beside(model):
+        return heads
     for name in config.modules_to_save or []:
         if any(m == name or m.endswith("." + name) for m in modules):
             continue
@@ -163,3 +169,4 @@ def _check_heads(
                 f"{path}: the file holds a trained {name!r} (modules_to_save), which {type(model).__name__} "
                 f"lacks{hint}"
             )
+    return []

@@ -130,7 +130,7 @@ def build(config: ServeConfig) -> FastAPI:
 
     device, dtype = placement(config.device, config.dtype)
     model, tokenizer = load_model(config.model, dtype=dtype, device=device)
-    bank = AdapterBank(model, max_adapters=config.max_adapters)
+    bank = AdapterBank(model, max_adapters=config.max_adapters, heads=True)  # classifiers: /v1/classify
     for name, path in config.adapters.items():
         seconds = bank.load(name, Path(path).resolve())
         log.info("loaded adapter %r from %s in %.2f s", name, path, seconds)

@@ -3,7 +3,8 @@
     app = create_app(engine, AppConfig(base_name="SmolLM2-135M-Instruct", base_path="...", api_key="sk-1"))
 
 Routes: the generation routes of `lorakit.serve.generation` (POST /v1/completions and /v1/chat/completions, both
-streaming with SSE; POST /tokenize and /detokenize), the adapter routes of `lorakit.serve.adapters`, GET /health
+streaming with SSE; POST /tokenize and /detokenize), the classification route of `lorakit.serve.classify` (POST
+/classify and /v1/classify: a reward model's or a classifier's scores), the adapter routes of `lorakit.serve.adapters`, GET /health
 and GET /metrics (Prometheus). The request's `model` names the adapter; the base model's name means no adapter.
 Every error is JSON in OpenAI's shape, and nothing a client sends stops the server.
 """
@@ -23,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorakit.serve import protocol as P
 from lorakit.serve.adapters import AdapterRoutes
+from lorakit.serve.classify import ClassifyRoutes
 from lorakit.serve.engine import Engine
 from lorakit.serve.generation import GenerationRoutes
 from lorakit.serve.inflight import ClientGone
@@ -72,6 +74,9 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
     app.add_api_route(
         "/v1/chat/completions", generation.chat_completions, methods=["POST"], dependencies=auth
     )
+    classify = ClassifyRoutes(engine, adapters, generation.latency)
+    for path in ("/classify", "/v1/classify"):  # vLLM's path, SGLang's
+        app.add_api_route(path, classify.classify, methods=["POST"], dependencies=auth)
     app.add_api_route("/tokenize", generation.tokenize, methods=["POST"], dependencies=auth)
     app.add_api_route("/detokenize", generation.detokenize, methods=["POST"], dependencies=auth)
     app.include_router(adapters.router(), dependencies=auth)

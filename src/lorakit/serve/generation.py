@@ -168,6 +168,12 @@ class GenerationRoutes:
         started = time.monotonic()
         adapter, hold = await self.adapters.resolve(parsed.model)
         with hold:  # until each row holds the adapter itself
+            if adapter is not None and self.engine.bank.head(adapter) is not None:
+                raise P.bad(
+                    f"the model {adapter!r} is a classifier's adapter (a reward model's or a classifier's): it "
+                    "scores texts at /v1/classify and does not generate",
+                    "model",
+                )
             # long prompts must not stall the event loop
             prompts = await asyncio.to_thread(self._encode, parsed)
             batch = len(prompts) > 1

@@ -149,10 +149,7 @@ def parse_chat(body: dict[str, Any]) -> Parsed:
     logprobs = boolean(body, "logprobs")
     if top is not None and not logprobs:
         raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    raw = body.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise bad("'messages' must be a non-empty list of {role, content} objects", "messages")
-    messages = [_message(m, i) for i, m in enumerate(raw)]
+    messages = parse_messages(body.get("messages"))
     max_tokens = integer(body, "max_completion_tokens", default=None, low=1)
     if max_tokens is None:
         max_tokens = integer(body, "max_tokens", default=None, low=1)
@@ -168,10 +165,7 @@ def parse_tokenize(body: dict[str, Any]) -> Parsed:
     """vLLM's /tokenize: {"prompt": text} (`add_special_tokens`, default true) or {"messages": [...]} through the
     chat template (`add_generation_prompt`, default true)."""
     if body.get("messages") is not None:
-        raw = body["messages"]
-        if not isinstance(raw, list) or not raw:
-            raise bad("'messages' must be a non-empty list of {role, content} objects", "messages")
-        messages = [_message(m, i) for i, m in enumerate(raw)]
+        messages = parse_messages(body["messages"])
         add = body.get("add_generation_prompt")
         params = {"add_generation_prompt": True if add is None else boolean(body, "add_generation_prompt")}
         return Parsed(_model(body), None, messages, None, params, False, False)
@@ -181,6 +175,13 @@ def parse_tokenize(body: dict[str, Any]) -> Parsed:
     add = body.get("add_special_tokens")
     params = {"add_special_tokens": True if add is None else boolean(body, "add_special_tokens")}
     return Parsed(_model(body), [prompt], None, None, params, False, False)
+
+
+def parse_messages(raw: Any) -> list[dict[str, Any]]:
+    """A request's chat `messages`: each {role, content} with text content; 400 naming the bad one."""
+    if not isinstance(raw, list) or not raw:
+        raise bad("'messages' must be a non-empty list of {role, content} objects", "messages")
+    return [_message(m, i) for i, m in enumerate(raw)]
 
 
 def _message(m: Any, i: int) -> dict[str, Any]:

@@ -1,0 +1,161 @@
+"""Sequence classifiers' heads kept beside a causal LM, so that one model in memory serves generation adapters and
+classifier adapters (reward models, text classifiers) together.
+
+    keep_heads_beside(model)                  # a causal LM now takes SEQ_CLS adapters, heads kept apart
+    head = read_head(model, "out/reward")     # the adapter's head: its own Linear, class names, pad id
+    load_adapter(model, "out/reward", "rm")   # its LoRA pairs, on the shared backbone
+    scores = head_scores(model, head, [[1, 2, 3], [4, 5]])   # (2, outputs), float32; route "rm" first
+
+A classifier adapter (PEFT's task_type SEQ_CLS, as `lorakit train --objective reward|classify` saves one) adapts
+the same backbone as a causal LM's adapter (transformers' `...ForSequenceClassification.model` is
+`...ForCausalLM.model`) and saves its head whole (modules_to_save: "score"). On a model marked here, a load
+takes the LoRA pairs and leaves the head to `read_head` (`lorakit.saved_plan`); unmarked, such a load is refused,
+as a head the model lacks would silently be lost. `head_scores` computes what the classifier's own forward does:
+the backbone's last hidden state at each row's last token that is not the pad token (transformers' pooling), times
+the head, in float32.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.errors import AdapterError
+from lorakit.formats import PREFIX, adapter_class_names, read_config_json, read_tensors
+
+MARK = "_lorakit_heads_beside"
+
+
+def keep_heads_beside(model: nn.Module) -> None:
+    """Let `model` (a causal LM) take classifier adapters: their LoRA pairs load, their heads are left to
+    `read_head`."""
+    model.__dict__[MARK] = True
+
+
+def heads_beside(model: nn.Module) -> bool:
+    return bool(model.__dict__.get(MARK))
+
+
+@dataclass(frozen=True)
+class Head:
+    """A classifier adapter's head: one linear layer on the backbone's pooled hidden state."""
+
+    module: str
+    """Its name in the classifier ("score")."""
+    weight: torch.Tensor
+    """(outputs, hidden), float32, on the model's device."""
+    bias: torch.Tensor | None
+    classes: tuple[str, ...]
+    """The name of each output (the adapter's recorded class names, else transformers' LABEL_i)."""
+
+    @property
+    def outputs(self) -> int:
+        return int(self.weight.shape[0])
+
+
+def is_classifier(path: str | os.PathLike) -> bool:
+    """Whether `path` is an adapter folder of a sequence classifier (task_type SEQ_CLS)."""
+    path = Path(path)
+    return path.is_dir() and read_config_json(path).get("task_type") == "SEQ_CLS"
+
+
+def head_modules(model: nn.Module, modules_to_save: list[str] | None, keys) -> list[str]:
+    """The top-level modules a file saves whole that `model` lacks and the file holds tensors for: its heads."""
+    return [
+        name
+        for name in modules_to_save or []
+        if "." not in name
+        and not hasattr(model, name)
+        and any(k.startswith(f"{PREFIX}{name}.") for k in keys)
+    ]
+
+
+def read_head(model: nn.Module, path: str | os.PathLike, *, allow_pickle: bool = False) -> Head | None:
+    """The head of classifier adapter `path`, to go beside `model`'s backbone; None for any other adapter.
+    AdapterError in one line for a head that is not one linear layer of the model's width, or is missing."""
+    path = Path(path)
+    if not is_classifier(path):
+        return None
+    raw = read_config_json(path)
+    tensors = read_tensors(path, allow_pickle)
+    saved = raw.get("modules_to_save")
+    names = head_modules(model, saved if isinstance(saved, list) else None, tensors)
+    if not names:
+        raise AdapterError(
+            f"{path}: a sequence classifier's adapter (task_type SEQ_CLS) without its head (modules_to_save "
+            '"score" with its tensors): nothing to classify with'
+        )
+    if len(names) > 1:
+        raise AdapterError(f"{path}: the file holds {len(names)} heads ({names}); a classifier has one")
+    (name,) = names
+    own = {
+        k[len(PREFIX) + len(name) + 1 :]: t for k, t in tensors.items() if k.startswith(f"{PREFIX}{name}.")
+    }
+    hidden = _hidden_size(model)
+    weight, bias = own.pop("weight", None), own.pop("bias", None)
+    if own or weight is None or weight.dim() != 2 or weight.shape[1] != hidden:
+        shapes = {
+            k: tuple(t.shape) for k, t in {"weight": weight, "bias": bias, **own}.items() if t is not None
+        }
+        raise AdapterError(
+            f"{path}: its head {name!r} is not one linear layer from the model's {hidden}-wide hidden state to the "
+            f"outputs (it holds {shapes}); a decoder LM's classifier head (score) is"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise AdapterError(f"{path}: its head's bias has shape {tuple(bias.shape)}, not ({weight.shape[0]},)")
+    outputs = int(weight.shape[0])
+    classes = adapter_class_names(path) or [f"LABEL_{i}" for i in range(outputs)]
+    if len(classes) != outputs:
+        raise AdapterError(f"{path}: its head has {outputs} outputs but it names {len(classes)} classes")
+    device = next(model.parameters()).device
+    return Head(
+        name,
+        weight.detach().to(device, torch.float32),
+        None if bias is None else bias.detach().to(device, torch.float32),
+        tuple(classes),
+    )
+
+
+def _hidden_size(model: nn.Module) -> int:
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return int(text.hidden_size)
+
+
+def pooled_positions(ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """Each row's position that a sequence classifier reads: the rightmost token that is not the pad token
+    (transformers' rule, with left or right padding; 0 for a row of pad tokens only), or the last one where the
+    model has no pad token."""
+    if pad_id is None:
+        return torch.full((ids.shape[0],), ids.shape[1] - 1, dtype=torch.long, device=ids.device)
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    return (positions * (ids != pad_id)).argmax(-1)
+
+
+@torch.inference_mode()
+def head_scores(model: nn.Module, head: Head, rows: list[list[int]], pad_id: int | None) -> torch.Tensor:
+    """The head's outputs (rows, outputs), float32, for token-id rows, as the classifier's forward computes them:
+    the rows right-padded with `pad_id` into one batch through the backbone (`model.base_model`) with whatever
+    adapter is active on it, pooled (`pooled_positions`), then the head. `pad_id` is the pad id the classifier was
+    trained with (its config's: the tokenizer's)."""
+    if not rows or any(not r for r in rows):
+        raise ValueError("head_scores needs non-empty token-id rows")
+    if pad_id is None and len(rows) > 1:
+        raise ValueError("rows of a model without a pad token are scored one at a time")
+    device = head.weight.device
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id if pad_id is not None else 0, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    # a row's pooled position comes from its own tokens: padding only ever follows them
+    at = torch.stack([pooled_positions(ids[i : i + 1, : len(r)], pad_id)[0] for i, r in enumerate(rows)])
+    pooled = hidden[torch.arange(len(rows), device=device), at].float()
+    return nn.functional.linear(pooled, head.weight, head.bias)

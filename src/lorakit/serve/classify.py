@@ -1,0 +1,227 @@
+"""vLLM's (and SGLang's) classification route, POST /classify and /v1/classify: the scores of a classifier adapter
+(a reward model, a text classifier: task_type SEQ_CLS) served over the same base model as the generation adapters.
+
+    {"model": "sentiment", "input": ["great film", "dull"]}            # texts, token-id lists, or
+    {"model": "sentiment", "input": [{"text": "...", "text_pair": "..."}]}      # pairs (lorakit's extension)
+    {"model": "rm", "messages": [{"role": "user", ...}, {"role": "assistant", ...}]}   # a conversation's reward
+    -> {"id": "classify-...", "object": "list", "created", "model",
+        "data": [{"index": 0, "label": "positive", "probs": [...], "num_classes": 2, "logits": [...]}], "usage"}
+
+Inputs are tokenized as training tokenized them, so that the scores are the trained classifier's: a classifier's
+texts as the tokenizer's own classification input (`lorakit.data.labels.encode_labelled`); a reward model's text
+as a text example (the text, then the end-of-text token) and its conversation through the chat template, ending
+with the answer to score (`lorakit.data.tokenize.encode_example`); token ids as given. `probs` is the softmax of
+the logits (for a head with one output, a reward model's, its sigmoid, as vLLM answers); `logits` (lorakit's
+extension) are the head's raw outputs: a reward model's reward is `logits[0]`.
+
+The scoring runs on the engine thread between decode steps (`Engine.call`), a chunk of rows at a time (at most
+the engine's `max_prefill_tokens` padded tokens), so answers streaming meanwhile pause for one chunk at a time.
+The request holds its adapter until it is answered, as a generation request does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from lorakit.classifier_heads import Head, head_scores
+from lorakit.data.tokenize import encode_example
+from lorakit.serve import protocol as P
+from lorakit.serve import responses as R
+from lorakit.serve.adapters import AdapterRoutes
+from lorakit.serve.api_errors import boolean
+from lorakit.serve.engine import Engine, EngineStopped
+from lorakit.serve.metrics import Latency
+from lorakit.serve.routing import route
+
+MAX_INPUTS = P.MAX_ROWS
+"""Most inputs of one request."""
+
+
+@dataclass
+class Parsed:
+    model: str | None
+    inputs: list[str | list[int] | tuple[str, str]] | None
+    messages: list[dict[str, Any]] | None
+    add_special_tokens: bool
+
+
+def parse_classify(body: dict[str, Any]) -> Parsed:
+    """{"model", "input"} or {"model", "messages"}: 400 naming the bad field."""
+    has_input, has_messages = body.get("input") is not None, body.get("messages") is not None
+    if has_input == has_messages:
+        raise P.bad(
+            "send 'input' (texts or token ids) or 'messages' (a conversation), one of the two", "input"
+        )
+    add = True if body.get("add_special_tokens") is None else boolean(body, "add_special_tokens")
+    if has_messages:
+        messages = P.parse_messages(body["messages"])
+        if messages[-1]["role"] != "assistant":
+            raise P.bad(
+                "'messages' must end with the assistant's answer, which a reward model scores", "messages"
+            )
+        return Parsed(P.model_of(body), None, messages, add)
+    raw = body["input"]
+    items = raw if isinstance(raw, list) and raw and not _token_ids(raw) else [raw]
+    if len(items) > MAX_INPUTS:
+        raise P.bad(f"{len(items)} inputs in one request, over {MAX_INPUTS}: send fewer", "input")
+    return Parsed(P.model_of(body), [_item(x, i, len(items)) for i, x in enumerate(items)], None, add)
+
+
+def _token_ids(x: Any) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def _item(x: Any, i: int, n: int) -> str | list[int] | tuple[str, str]:
+    where = f"input[{i}]" if n > 1 else "input"
+    if isinstance(x, str):
+        if not x:
+            raise P.bad(f"{where} is empty", "input")
+        return x
+    if _token_ids(x):
+        return list(x)
+    if isinstance(x, dict) and isinstance(x.get("text"), str) and isinstance(x.get("text_pair"), str):
+        if set(x) != {"text", "text_pair"}:
+            raise P.bad(f"{where}: a pair has the keys text and text_pair only, got {sorted(x)}", "input")
+        return x["text"], x["text_pair"]
+    raise P.bad(
+        f"{where} must be a text, a list of token ids, or a pair {{text, text_pair}}; 'input' is one of these or "
+        "a non-empty list of them",
+        "input",
+    )
+
+
+class ClassifyRoutes:
+    def __init__(self, engine: Engine, adapters: AdapterRoutes, latency: Latency) -> None:
+        self.engine, self.adapters, self.bank, self.tok = engine, adapters, engine.bank, engine.tokenizer
+        self.latency = latency
+        config = engine.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        # the pad id the classifier pooled with in training (transformers' rule): its config's, as here
+        self.pad_id = getattr(text, "pad_token_id", None)
+
+    async def classify(self, request: Request) -> JSONResponse:
+        started = time.monotonic()
+        parsed = parse_classify(await P.read_json(request))
+        adapter, hold = await self.adapters.resolve(parsed.model)
+        model = parsed.model or self.adapters.base_name
+        with hold:
+            if adapter is None:
+                raise P.bad(
+                    f"the base model {model!r} has no classifier head: name a classifier's or reward model's "
+                    f"adapter (loaded: {self.bank.names()})",
+                    "model",
+                )
+            ((lease, slot),) = self.adapters.leases(adapter, 1)
+        with lease:
+            head = self.bank.heads.get(slot)
+            if head is None:
+                raise P.bad(
+                    f"the model {model!r} is not a classifier's adapter (task_type SEQ_CLS, as lorakit train "
+                    "--objective reward or classify saves one): it generates, at /v1/completions",
+                    "model",
+                )
+            rows = await asyncio.to_thread(self._encode, parsed, head)
+            if not self.engine.alive:
+                raise P.APIError(503, "the engine is not running", "server_error")
+            scores = []
+            for chunk in self._chunks(rows):
+                future = self.engine.call(lambda chunk=chunk: self._score(slot, head, chunk))
+                try:
+                    scores.append(await asyncio.wrap_future(future))
+                except EngineStopped:
+                    raise P.APIError(503, "the engine has stopped", "server_error") from None
+        logits = torch.cat(scores)
+        probs = torch.sigmoid(logits) if head.outputs == 1 else torch.softmax(logits, -1)
+        data = [
+            {
+                "index": i,
+                "label": head.classes[int(row.argmax())],
+                "probs": p.tolist(),
+                "num_classes": head.outputs,
+                "logits": row.tolist(),
+            }
+            for i, (row, p) in enumerate(zip(logits, probs, strict=True))
+        ]
+        tokens = sum(len(r) for r in rows)
+        self.latency.observe("classify", "total", time.monotonic() - started)
+        body = {
+            "id": R.new_id("classify"),
+            "object": "list",
+            "created": int(time.time()),
+            "model": model,
+            "data": data,
+            "usage": {**R.usage(tokens, 0), "prompt_tokens_details": None},
+        }
+        return JSONResponse(body)
+
+    def _score(self, slot: str, head: Head, rows: list[list[int]]) -> torch.Tensor:
+        """On the engine thread: the head's outputs for `rows` with adapter `slot` on the backbone."""
+        with route(self.engine.model, self.bank, [slot] * len(rows)):
+            return head_scores(self.engine.model, head, rows, self.pad_id).cpu()
+
+    def _chunks(self, rows: list[list[int]]) -> list[list[list[int]]]:
+        """Consecutive rows, as many per forward as fit the engine's padded-token budget (at least one)."""
+        budget = self.engine.config.max_prefill_tokens
+        out: list[list[list[int]]] = []
+        longest = 0
+        for r in rows:
+            longest_if = max(longest, len(r))
+            if out and out[-1] and longest_if * (len(out[-1]) + 1) <= budget:
+                out[-1].append(r)
+                longest = longest_if
+            else:
+                out.append([r])
+                longest = len(r)
+        return out
+
+    def _encode(self, parsed: Parsed, head: Head) -> list[list[int]]:
+        """Each input's token ids, as training encoded the classifier's data; 400 naming a bad or overlong one."""
+        tok, reward = self.tok, head.outputs == 1
+        limit, vocab = self.engine.max_model_len, self.engine.vocab_size
+        with self.engine.tokenizer_lock:
+            if parsed.messages is not None:
+                if not reward:
+                    raise P.bad(
+                        "this classifier was trained on texts, not conversations: send 'input'", "messages"
+                    )
+                try:
+                    ids = encode_example(tok, {"messages": parsed.messages}, max_len=limit + 1).input_ids
+                except Exception as e:  # noqa: BLE001 - the chat template rejects these messages (jinja errors)
+                    raise P.bad(f"the chat template rejects these messages: {e}", "messages") from None
+                rows, names = [ids], ["messages"]
+            else:
+                rows, names = [], []
+                n = len(parsed.inputs or [])
+                for i, x in enumerate(parsed.inputs or []):
+                    names.append(f"input[{i}]" if n > 1 else "input")
+                    if isinstance(x, list):
+                        wrong = [t for t in x if not 0 <= t < vocab]
+                        if wrong:
+                            raise P.bad(
+                                f"{names[-1]}: token ids out of range [0, {vocab}): {wrong[:5]}", "input"
+                            )
+                        rows.append(x)
+                    elif isinstance(x, tuple):
+                        if reward:
+                            raise P.bad(f"{names[-1]}: a reward model scores one text, not a pair", "input")
+                        rows.append(tok(*x, add_special_tokens=parsed.add_special_tokens)["input_ids"])
+                    elif reward:
+                        rows.append(encode_example(tok, {"text": x}, max_len=limit + 1, chat=False).input_ids)
+                    else:
+                        rows.append(tok(x, add_special_tokens=parsed.add_special_tokens)["input_ids"])
+        for ids, where in zip(rows, names, strict=True):
+            if not ids:
+                raise P.bad(f"{where} has no tokens", where.split("[")[0])
+            if len(ids) > limit:
+                raise P.bad(
+                    f"{where} is {len(ids)} tokens, over the context length {limit} (--max-model-len)",
+                    where.split("[")[0],
+                )
+        return rows

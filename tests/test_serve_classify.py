@@ -138,6 +138,7 @@ def test_a_classifier_scores_texts_as_peft_does(http, oracle, tok):
             assert d["index"] == i and d["num_classes"] == 3
             assert d["label"] == CLASSES[int(want[i].argmax())]
             torch.testing.assert_close(torch.tensor(d["probs"]), want[i].softmax(-1), atol=1e-4, rtol=0)
+    assert 'lorakit_request_seconds_count{endpoint="classify",phase="total"}' in http.get("/metrics").text
 
 
 def test_one_text_pairs_and_token_ids(http, oracle, tok):

@@ -1,0 +1,319 @@
+"""Benchmark: a text classifier's training step, lorakit (`lorakit train --objective classify`'s loop) against PEFT
+with transformers' Trainer (the classification recipe of PEFT's and transformers' guides).
+
+Both train a LoRA (r=16, alpha=16, the seven projections, no dropout) and a new head with ``--classes`` outputs,
+trained whole (PEFT's task_type SEQ_CLS, modules_to_save), on the default SmolLM2-135M (or ``--model``) loaded as
+transformers' ``...ForSequenceClassification``; AdamW, a constant learning rate, no gradient checkpointing, the
+model's own cross-entropy on the last token that is not padding. The data: ``--batch`` texts per step of random
+words, ``--words`` words each give or take a quarter (so rows are padded), their labels cycling through the
+classes, tokenized the same way for both (the tokenizer's classification input); the Trainer pads each batch
+with `DataCollatorWithPadding`, lorakit with its own collate. Each worker warms up one step, then times
+``--steps`` steps and reports the median step time and the peak RSS of the whole process and of the timed steps
+(the high-water mark after a reset). Rounds interleave the two in rotating order (`lorakit.bench.round_order`);
+ratios are lorakit/PEFT per round, reported as median [min–max].
+
+    .venv/bin/python benchmarks/bench_classify.py --rounds 3 --write-docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from lorakit.bench import (  # noqa: E402
+    cpu_name,
+    display_command,
+    round_order,
+    spawn_worker,
+    spread,
+    torch_capability,
+    write_docs,
+)
+from lorakit.bench_worker import TARGETS, hwm_gb, peak_rss_gb, reset_peak_rss  # noqa: E402
+
+LIBS = ("lorakit", "peft")
+DOC = ROOT / "docs" / "classify.md"
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "his",
+    "her",
+    "an",
+    "were",
+    "are",
+    "which",
+    "this",
+    "be",
+]
+
+
+def _items(args) -> list[dict]:
+    rng = random.Random(1234)
+    n = args.batch * (args.steps + 1)
+    items = []
+    for i in range(n):
+        k = rng.randint(args.words * 3 // 4, args.words * 5 // 4)
+        items.append(
+            {
+                "text": " ".join(rng.choice(WORDS) for _ in range(k)),
+                "text_pair": None,
+                "label": i % args.classes,
+            }
+        )
+    return items
+
+
+def _model(args):
+    import lorakit
+    from lorakit.device import placement
+
+    device, dtype = placement("cpu", args.dtype)
+    return lorakit.load_model(args.model, dtype=dtype, device=device, num_labels=args.classes)
+
+
+def _lorakit(args, items, tmp: str) -> tuple[list[float], bool]:
+    import torch
+
+    import lorakit
+    from lorakit.data.labels import encode_labelled
+    from lorakit.device import upcast_trainable
+    from lorakit.train.config import RunConfig, TrainSection
+    from lorakit.train.loop import train_loop
+    from lorakit.train.objectives import make_objective
+
+    model, tok = _model(args)
+    names = [str(c) for c in range(args.classes)]
+    config = lorakit.LoraConfig(r=args.r, alpha=args.r, targets=TARGETS, modules_to_save=["score"])
+    lorakit.inject(model, config)
+    upcast_trainable(model)
+    rows, _ = encode_labelled(tok, [{**it, "label": names[it["label"]]} for it in items], names, max_len=4096)
+    cfg = RunConfig(
+        train=TrainSection(
+            out_dir=tmp,
+            steps=args.steps + 1,
+            batch_size=args.batch,
+            lr=1e-5,
+            schedule="constant",
+            warmup_steps=0,
+            save_every=0,
+            objective="classify",
+        )
+    )
+    ends: list[float] = []
+    state = {"reset": False}
+
+    def on_record(rec: dict) -> None:
+        ends.append(time.perf_counter())
+        if rec["step"] == 1:
+            state["reset"] = reset_peak_rss()
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    train_loop(
+        model,
+        rows,
+        cfg,
+        pad_id=tok.pad_token_id,
+        out_dir=Path(tmp),
+        objective=make_objective(cfg),
+        callbacks=[on_record],
+    )
+    marks = [t0, *ends]
+    return [b - a for a, b in zip(marks, marks[1:], strict=False)], state["reset"]
+
+
+def _peft(args, items, tmp: str) -> tuple[list[float], bool]:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        DataCollatorWithPadding,
+        PrinterCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    model, tok = _model(args)
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=args.r, lora_alpha=args.r, target_modules=TARGETS, lora_dropout=0.0, task_type="SEQ_CLS"
+        ),
+    )
+    encoded = [{**tok(it["text"]), "labels": it["label"]} for it in items]
+    times: list[float] = []
+    state = {"t0": 0.0, "reset": False}
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, s, c, **kw):
+            if s.global_step == 1 and not state["reset"]:
+                state["reset"] = reset_peak_rss()
+            state["t0"] = time.perf_counter()
+
+        def on_step_end(self, a, s, c, **kw):
+            times.append(time.perf_counter() - state["t0"])
+
+    config = TrainingArguments(
+        output_dir=tmp,
+        per_device_train_batch_size=args.batch,
+        max_steps=args.steps + 1,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        bf16=args.dtype == "bfloat16",
+        gradient_checkpointing=False,
+        seed=0,
+        remove_unused_columns=False,
+    )
+    torch.manual_seed(0)
+    trainer = Trainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(encoded),
+        data_collator=DataCollatorWithPadding(tok),
+        callbacks=[Timer()],
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    return times, state["reset"]
+
+
+def worker(args) -> dict:
+    import tempfile
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    items = _items(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        times, reset = (_lorakit if args.lib == "lorakit" else _peft)(args, items, tmp)
+    timed = times[1:]
+    return {
+        "lib": args.lib,
+        "step_s": statistics.median(timed),
+        "steps_s": timed,
+        "peak_rss_gb": peak_rss_gb(),
+        "train_peak_gb": hwm_gb() if reset else None,
+    }
+
+
+def spawn(args, lib: str) -> dict:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--lib",
+        lib,
+        "--batch",
+        str(args.batch),
+        "--steps",
+        str(args.steps),
+    ]
+    cmd += [
+        "--words",
+        str(args.words),
+        "--classes",
+        str(args.classes),
+        "--r",
+        str(args.r),
+        "--dtype",
+        args.dtype,
+    ]
+    cmd += ["--threads", str(args.threads)] + (["--model", args.model] if args.model else [])
+    return spawn_worker(cmd, lib)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=8, help="texts per step")
+    p.add_argument("--words", type=int, default=128, help="words per text, about (about one token each)")
+    p.add_argument("--classes", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--dtype", default="float32", help="the base's dtype: float32 or bfloat16")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--model", default=None)
+    p.add_argument("--write-docs", action="store_true")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--lib", choices=LIBS, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    rounds = []
+    for i in range(args.rounds):
+        res = {}
+        for lib in round_order(list(LIBS), i):
+            res[lib] = r = spawn(args, lib)
+            print(
+                f"round {i + 1} {lib:8s} step {r['step_s']:.3f} s, peak {r['peak_rss_gb']:.3f} GB, "
+                f"timed steps' peak {r['train_peak_gb']} GB",
+                file=sys.stderr,
+                flush=True,
+            )
+        rounds.append(res)
+    table = _table(args, rounds)
+    print(table)
+    if args.write_docs:
+        write_docs(
+            DOC,
+            table,
+            f"<!-- bench_classify:{args.dtype}:begin -->",
+            f"<!-- bench_classify:{args.dtype}:end -->",
+        )
+
+
+def _table(args, rounds) -> str:
+    head = (
+        f"CPU: {cpu_name()} (torch capability {torch_capability()}), {args.threads} threads; base dtype {args.dtype}; "
+        f"{args.batch} texts of about {args.words} words per step, {args.classes} classes; r={args.r} on the seven "
+        f"projections and the head trained whole; {args.rounds} rounds x {args.steps} steps.\n\n"
+        "| | PEFT + transformers Trainer | lorakit | lorakit/PEFT |\n|---|---:|---:|---:|"
+    )
+    lines = [head]
+    for label, key, fmt in (
+        ("step time, s", "step_s", ".2f"),
+        ("peak RSS of the process, GB", "peak_rss_gb", ".2f"),
+        ("peak RSS of the timed steps, GB", "train_peak_gb", ".2f"),
+    ):
+        if any(r[lib][key] is None for r in rounds for lib in LIBS):
+            continue
+        t = [r["peft"][key] for r in rounds]
+        lk = [r["lorakit"][key] for r in rounds]
+        ratio = [a / b for a, b in zip(lk, t, strict=True)]
+        lines.append(f"| {label} | {spread(t, fmt)} | {spread(lk, fmt)} | {spread(ratio, '.3f', '×')} |")
+    return "\n".join(lines) + f"\n\nCommand: `{display_command()}`"
+
+
+if __name__ == "__main__":
+    main()

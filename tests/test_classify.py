@@ -224,7 +224,7 @@ def test_a_run_learns_and_saves_a_classifier_with_its_class_names(trained, model
     from transformers import AutoModelForSequenceClassification
 
     before, after = trained["before"], trained["after"]
-    assert set(before) == {"loss", "accuracy"} and after["loss"] < before["loss"]
+    assert set(before) == {"loss", "accuracy", "balanced_accuracy"} and after["loss"] < before["loss"]
     adapter = Path(trained["adapter"])
     assert json.loads((adapter / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
     assert lorakit.formats.adapter_class_names(adapter) == ["european", "iso", "us", "words"]

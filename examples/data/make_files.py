@@ -7,8 +7,10 @@
                         example's answer is replaced by a plausible wrong one and rated false; no prompt has both
 - reviews_train.jsonl,  short reviews labelled positive or negative, for a text classifier (`--objective
   reviews_eval.jsonl    classify`): examples/classify.py's, the eval file's sentiment words never in the train file's
+- reviews_imbalanced.jsonl  the train reviews with one negative review in eight kept (48 positive, 6 negative), for
+                        `--classify.class_weights balanced`
 
-    python examples/data/make_files.py            # rewrites the four files next to this script
+    python examples/data/make_files.py            # rewrites the files next to this script
 
 The dates examples are the task's first 320 training examples (seed 0), the same in every file.
 """
@@ -62,6 +64,9 @@ def files() -> dict[str, str]:
         [{"text": t, "label": sentiment[y]} for t, y in part]
         for part in (reviews(GOOD[:6], BAD[:6]), reviews(GOOD[6:], BAD[6:]))
     )
+    negatives = [i for i, r in enumerate(train_reviews) if r["label"] == "negative"]
+    dropped = set(negatives) - set(negatives[::8])
+    imbalanced = [r for i, r in enumerate(train_reviews) if i not in dropped]
     return {
         "dates_alpaca.json": json.dumps(alpaca, indent=1, ensure_ascii=False) + "\n",
         "dates_sharegpt.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sharegpt),
@@ -69,6 +74,7 @@ def files() -> dict[str, str]:
         "dates_rated.jsonl": "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rated),
         "reviews_train.jsonl": "".join(json.dumps(r) + "\n" for r in train_reviews),
         "reviews_eval.jsonl": "".join(json.dumps(r) + "\n" for r in eval_reviews),
+        "reviews_imbalanced.jsonl": "".join(json.dumps(r) + "\n" for r in imbalanced),
     }
 
 

@@ -89,7 +89,10 @@ def eval_classifier(args: argparse.Namespace, labels: int) -> int:
     if not rows:
         print("nothing to measure")
         return 0
-    print(f"accuracy: {100 * measured['accuracy']:.1f}%, cross-entropy {measured['loss']:.4f}")
+    print(
+        f"accuracy: {100 * measured['accuracy']:.1f}% (balanced: {100 * measured['balanced_accuracy']:.1f}%), "
+        f"cross-entropy {measured['loss']:.4f}"
+    )
     print("per class: " + ", ".join(f"{n} {100 * a:.1f}%" for n, a in per_class.items()))
     for s in samples:
         print(f"  {s['text']!r}: expected {s['expected']}, predicted {s['predicted']}")

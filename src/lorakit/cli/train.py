@@ -124,6 +124,8 @@ def _print_summary(summary: dict) -> None:
     print("\n               before      after")
     if "accuracy" in a:
         print(f"accuracy     {100 * b['accuracy']:7.1f}%   {100 * a['accuracy']:7.1f}%")
+    if "balanced_accuracy" in a:  # a classifier
+        print(f"balanced acc.{100 * b['balanced_accuracy']:7.1f}%   {100 * a['balanced_accuracy']:7.1f}%")
     if "reward_accuracy" in a:  # a preference objective
         print(f"reward acc.  {100 * b['reward_accuracy']:7.1f}%   {100 * a['reward_accuracy']:7.1f}%")
         print(f"reward margin{b['reward_margin']:8.3f}   {a['reward_margin']:8.3f}")

@@ -246,6 +246,15 @@ class RewardSection:
 
 
 @dataclass
+class ClassifySection:
+    class_weights: str | dict[str, float] = "none"
+    """Classifier: how much each class's examples weigh in the loss. none: all 1; balanced: n / (classes x the
+    class's count in the train data), so rare classes weigh more (scikit-learn's rule); or {class name: weight},
+    classes not named weighing 1. The loss is the mean over examples of weight x cross-entropy (Keras'
+    class_weight), so gradient accumulation and DDP give the loss of one large batch."""
+
+
+@dataclass
 class EvalSection:
     max_new_tokens: int = 16
     """Tokens generated per eval example for exact-match accuracy."""
@@ -270,6 +279,7 @@ class RunConfig:
     cpo: CpoSection = field(default_factory=CpoSection)
     kto: KtoSection = field(default_factory=KtoSection)
     reward: RewardSection = field(default_factory=RewardSection)
+    classify: ClassifySection = field(default_factory=ClassifySection)
 
     @property
     def methods(self) -> tuple[str, bool]:

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from lorakit.data.feedback import Feedback, encode_feedback, read_feedback, unpaired
 from lorakit.data.jsonl import DataError, read_examples
-from lorakit.data.labels import class_names, encode_labelled, read_labelled
+from lorakit.data.labels import class_ids, class_names, encode_labelled, read_labelled
 from lorakit.data.preference import Pair, as_pair, encode_pairs, read_pairs
 from lorakit.data.tasks import make_labelled, make_pairs, make_task
 from lorakit.data.tokenize import IGNORE, Encoded, encode_dataset, pack
+from lorakit.errors import ConfigError
 from lorakit.train.config import RunConfig
 from lorakit.variants.alora import check_invocation
 
@@ -191,6 +193,25 @@ def load_classes(cfg: RunConfig) -> Classes:
     class."""
     train, ev, source = _load(cfg, read_labelled, make_labelled)
     return Classes(train, ev, source, class_names(train, source))
+
+
+def class_weights(cfg: RunConfig, classes: Classes) -> list[float] | None:
+    """Each class's weight in the loss (`classify.class_weights`), by class id; None: all 1. A named class the
+    train data lacks is a ConfigError naming it and the classes."""
+    weights = cfg.classify.class_weights
+    if weights == "none":
+        return None
+    if weights == "balanced":
+        counts = Counter(class_ids(classes.train, classes.names, classes.source))
+        n, k = len(classes.train), len(classes.names)
+        return [n / (k * counts[c]) for c in range(k)]
+    unknown = [c for c in weights if c not in classes.names]
+    if unknown:
+        raise ConfigError(
+            f"classify.class_weights names {unknown[0]!r}, which is no class of {classes.source} "
+            f"(classes: {', '.join(classes.names[:12])})"
+        )
+    return [float(weights.get(c, 1.0)) for c in classes.names]
 
 
 def encode_classes(cfg: RunConfig, tokenizer, say, classes: Classes) -> RunData:

@@ -186,20 +186,25 @@ def feedback_eval(
 def classify_eval(
     model: nn.Module, rows: list, pad_id: int, objective, batch_size: int = 16
 ) -> dict[str, float]:
-    """A classifier's mean cross-entropy and accuracy (the share of rows whose highest logit is their class) over
-    `Labelled` rows, in eval mode; {} for no rows."""
+    """A classifier's mean cross-entropy (unweighted, whatever the class weights), accuracy (the share of rows whose
+    highest logit is their class) and balanced accuracy (the mean over the classes present of each one's accuracy,
+    which a majority class cannot carry alone) over `Labelled` rows, in eval mode; {} for no rows."""
     if not rows:
         return {}
     was_training = model.training
     model.eval()
     device = model_device(model)
-    total, right = 0.0, 0
+    total = 0.0
+    hits: dict[int, list[bool]] = {}
     for i in range(0, len(rows), batch_size):
         part = rows[i : i + batch_size]
         batch = to_device({**collate(objective.encoded(part), pad_id), **objective.extras(part)}, device)
         logits = objective.logits(model, batch)
         target = batch["class_labels"]
         total += float(F.cross_entropy(logits, target, reduction="sum"))
-        right += int((logits.argmax(-1) == target).sum())
+        for t, ok in zip(target.tolist(), (logits.argmax(-1) == target).tolist(), strict=True):
+            hits.setdefault(t, []).append(ok)
     model.train(was_training)
-    return {"loss": total / len(rows), "accuracy": right / len(rows)}
+    right = sum(sum(h) for h in hits.values())
+    balanced = sum(sum(h) / len(h) for h in hits.values()) / len(hits)
+    return {"loss": total / len(rows), "accuracy": right / len(rows), "balanced_accuracy": balanced}

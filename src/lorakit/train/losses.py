@@ -104,6 +104,19 @@ def reward_losses(
     return loss, chosen.detach(), rejected.detach()
 
 
+def class_loss(
+    logits: torch.Tensor, target: torch.Tensor, weights: list[float] | None = None
+) -> torch.Tensor:
+    """A classifier's loss: the cross-entropy of each row's class logits against its class, averaged over the rows;
+    with class `weights`, each row's cross-entropy times its class's weight, averaged over the rows (Keras'
+    class_weight; not torch's weighted mean, which divides by the weights' sum, so that micro-batches of equal size
+    average to the large batch's loss)."""
+    if weights is None:
+        return F.cross_entropy(logits, target)
+    w = torch.tensor(weights, dtype=logits.dtype, device=logits.device)
+    return (F.cross_entropy(logits, target, reduction="none") * w[target]).mean()
+
+
 def simpo_losses(
     policy: torch.Tensor, count: torch.Tensor, *, beta: float, gamma: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

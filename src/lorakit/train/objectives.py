@@ -72,6 +72,7 @@ from lorakit.data.tokenize import Encoded
 from lorakit.head import causal_lm_loss, sequence_logprobs
 from lorakit.train.losses import (
     chosen_nll,
+    class_loss,
     cpo_losses,
     dpo_losses,
     feedback_stats,
@@ -398,6 +399,9 @@ class ClassifyObjective(Objective):
 
     def __init__(self, cfg: RunConfig) -> None:
         self.num_labels = None  # the classes of the train data: set by the run once it has read them
+        self.class_weights: list[float] | None = (
+            None  # each class's weight in the loss (classify.class_weights)
+        )
 
     def encoded(self, rows: list[Labelled]) -> list[Encoded]:
         return [r.row for r in rows]
@@ -421,7 +425,7 @@ class ClassifyObjective(Objective):
     ) -> tuple[torch.Tensor, dict]:
         logits = self.logits(model, batch)
         target = batch["class_labels"].to(logits.device)
-        loss = F.cross_entropy(logits, target)
+        loss = class_loss(logits, target, self.class_weights)
         return loss, {"accuracy": float((logits.detach().argmax(-1) == target).float().mean())}
 
 

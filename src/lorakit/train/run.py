@@ -30,6 +30,7 @@ from lorakit.train.checkpoint import full_parameters
 from lorakit.train.config import RunConfig, save_config
 from lorakit.train.datasets import (
     RunData,
+    class_weights,
     encode_classes,
     encode_examples,
     encode_feedback_data,
@@ -121,6 +122,7 @@ def run_training(
     classes = load_classes(cfg) if objective.rows == "labelled" else None  # a classifier's, before its model
     if classes is not None:
         objective.num_labels = len(classes.names)
+        objective.class_weights = class_weights(cfg, classes)
     model, tokenizer, quant = _base_model(cfg, model, tokenizer, say, objective.num_labels)
     if classes is not None:
         name_classes(model, classes.names)

@@ -170,7 +170,7 @@ def _validate_objective(cfg: RunConfig) -> None:
     t, dsec, objective = cfg.train, cfg.data, cfg.train.objective
     if objective not in OBJECTIVES:
         raise ConfigError(f"train.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    for name in PREFERENCE_OBJECTIVES:
+    for name in (*PREFERENCE_OBJECTIVES, "classify"):  # the objectives with a config section of their own
         changed = changed_fields(getattr(cfg, name))
         if changed and name != objective:
             raise ConfigError(
@@ -272,6 +272,19 @@ def _validate_classify(cfg: RunConfig) -> None:
         ),
         *_head_checks(cfg, "a classifier"),
     ]
+    weights = cfg.classify.class_weights
+    if isinstance(weights, dict):
+        checks += [
+            (w > 0, f"classify.class_weights: the weight of class {c!r} must be > 0, got {w}")
+            for c, w in weights.items()
+        ]
+    else:
+        checks.append(
+            (
+                weights in ("none", "balanced"),
+                f"classify.class_weights must be none, balanced or a mapping of class name -> weight, got {weights!r}",
+            )
+        )
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)

@@ -82,7 +82,10 @@ def test_a_mapping_names_classes_and_the_others_weigh_one():
         (["--objective", "classify", "--classify.class_weights", "equal"], "none, balanced or a mapping"),
         (["--objective", "classify", "--classify.class_weights", "{a: 0}"], "class 'a' must be > 0"),
         (["--objective", "classify", "--classify.class_weights", "{a: -1}"], "class 'a' must be > 0"),
-        (["--objective", "classify", "--classify.class_weights", "{a: .inf}"], "a mapping of string -> number"),
+        (
+            ["--objective", "classify", "--classify.class_weights", "{a: .inf}"],
+            "a mapping of string -> number",
+        ),
     ],
 )
 def test_bad_settings_are_refused(overrides, words):
@@ -161,3 +164,21 @@ def test_balanced_accuracy_is_the_mean_of_the_classes_accuracies(model_dir):
     assert measured["accuracy"] == pytest.approx(sum(right) / len(rows))
     assert measured["balanced_accuracy"] == pytest.approx(sum(per_class) / 3)
     assert len(set(predicted)) > 1  # a model that answers one class would make the two checks alike
+
+
+def test_keep_best_by_balanced_accuracy(model_dir, tmp_path):
+    """`train.best_metric balanced_accuracy` keeps the evaluation with the highest balanced accuracy; other
+    objectives refuse it."""
+    summary = _run(
+        model_dir,
+        tmp_path,
+        *("--train.steps", "6", "--train.eval_every", "2", "--train.keep_best", "true"),
+        *("--train.best_metric", "balanced_accuracy", "--train.lr", "2e-2"),
+    )
+    lines = (Path(summary["adapter"]).parent / "metrics.jsonl").read_text().splitlines()
+    evals = [json.loads(line) for line in lines if "eval_balanced_accuracy" in line]
+    assert len(evals) >= 3
+    assert summary["after"]["balanced_accuracy"] == max(e["eval_balanced_accuracy"] for e in evals)
+    assert summary["best"]["metric"] == "balanced_accuracy"
+    with pytest.raises(ConfigError, match="balanced_accuracy is measured with train.objective classify"):
+        load_config(None, ["--train.best_metric", "balanced_accuracy"])

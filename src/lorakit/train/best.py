@@ -34,7 +34,13 @@ FILE = "best.safetensors"
 """The tracker's tensors in a checkpoint folder: the best state's trainable tensors."""
 
 
-BEST_METRICS = {"loss": False, "accuracy": True, "reward_accuracy": True, "reward_margin": True}
+BEST_METRICS = {
+    "loss": False,
+    "accuracy": True,
+    "balanced_accuracy": True,
+    "reward_accuracy": True,
+    "reward_margin": True,
+}
 """The measures train.best_metric may name, and whether higher is better."""
 
 

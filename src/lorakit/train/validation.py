@@ -77,6 +77,10 @@ def validate(cfg: RunConfig) -> None:
             f"train.best_metric {t.best_metric} is measured with a preference objective, not {t.objective!r}",
         ),
         (
+            t.best_metric != "balanced_accuracy" or t.objective == "classify",
+            f"train.best_metric balanced_accuracy is measured with train.objective classify, not {t.objective!r}",
+        ),
+        (
             t.best_metric != "accuracy" or t.objective != "reward",
             "train.best_metric accuracy is the exact match of generated answers, which a reward model does not "
             "generate; use loss, reward_accuracy or reward_margin",

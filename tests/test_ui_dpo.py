@@ -18,7 +18,7 @@ def test_the_form_has_the_objective_and_a_section_shown_by_each(http):
         objective["choices"] == ["sft", "dpo", "simpo", "orpo", "cpo", "kto", "reward", "classify"]
         and objective["default"] == "sft"
     )
-    for name in ("dpo", "simpo", "orpo", "cpo", "kto", "reward"):
+    for name in ("dpo", "simpo", "orpo", "cpo", "kto", "reward", "classify"):
         assert sections[name]["objective"] == name and sections[name]["method"] is None
     assert "objective" not in sections["lora"] and "objective" not in sections["train"]
     for name in ("dpo", "cpo"):

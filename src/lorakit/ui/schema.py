@@ -55,8 +55,8 @@ def form_schema() -> dict[str, Any]:
                     "locked": (section, spec.name) in LOCKED,
                 }
             )
-        # a preference objective's section (dpo, simpo, orpo, cpo, kto) is shown when train.objective names it
-        shown = {"objective": section} if section in PREFERENCE_OBJECTIVES else {}
+        # an objective's own section (dpo, simpo, orpo, cpo, kto, reward, classify) shows when train.objective names it
+        shown = {"objective": section} if section in (*PREFERENCE_OBJECTIVES, "classify") else {}
         sections.append({"name": section, "method": SECTION_METHOD.get(section), **shown, "fields": fields})
     return {"sections": sections}
 

@@ -4,7 +4,8 @@ Arguments: the output folder, grad_accum, and the variant ("lora"; "kasa": its r
 the rows are preference pairs and the loss DPO's, its reference the base with the adapters off; "orpo": the same
 pairs, ORPO's loss, no reference; "kto": the rows alone, every other one desirable, KTO's loss and KL
 estimate; "reward": the pairs, on the tiny model with a one-output head, a reward model's loss; "classify": the
-rows labelled one of 3 classes, on the tiny model with a 3-output head; "stop": train.early_stop 1 on rank 0's evaluations, scripted to rise at step 3, so that each process
+rows labelled one of 3 classes, on the tiny model with a 3-output head; "weighted": the same, with class weights;
+"regression": the rows labelled with numbers, on the tiny model with a one-output head; "stop": train.early_stop 1 on rank 0's evaluations, scripted to rise at step 3, so that each process
 must stop there).
 """
 
@@ -36,10 +37,11 @@ torch.set_num_threads(1)
 world, rank = init_distributed()
 torch.manual_seed(0)
 model = tiny_llama()
-if variant in ("reward", "classify"):  # the same body with a head of 1 or 3 outputs (its own init, same seed)
+HEADS = {"reward": 1, "classify": 3, "weighted": 3, "regression": 1}
+if variant in HEADS:  # the same body with a head of 1 or 3 outputs (its own init, same seed)
     from transformers import LlamaForSequenceClassification
 
-    model.config.num_labels, model.config.pad_token_id = (1 if variant == "reward" else 3), 0
+    model.config.num_labels, model.config.pad_token_id = HEADS[variant], 0
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(model.config)
 # KaSA's regulariser weighted 0.1 (not 1e-4/1e-3): large beside the task loss, so that a mistake in adding it shows
@@ -58,13 +60,15 @@ if pairs:  # each row against the next one, on the same 3-token prompt
     ]
 if variant == "kto":  # each micro-batch's KL estimate from its own rows: the same on one process and on two
     rows = [Feedback(r, i % 2 == 0) for i, r in enumerate(rows)]
-if variant == "classify":  # each row labelled one of 3 classes
+if variant in ("classify", "weighted"):  # each row labelled one of 3 classes
     rows = [Labelled(r, i % 3) for i, r in enumerate(rows)]
-preference = pairs or variant in ("kto", "classify")
+if variant == "regression":  # each row labelled with a number
+    rows = [Labelled(r, (i % 5) / 2 - 1) for i, r in enumerate(rows)]
+preference = pairs or variant in ("kto", "classify", "weighted", "regression")
 cfg = RunConfig(  # its lora section is the default: the loop adds KaSA's regulariser because the model has it
     train=TrainSection(
         out_dir=str(out), steps=4, batch_size=2, grad_accum=accum, lr=1e-2, warmup_steps=1, save_every=0,
-        objective=variant if preference else "sft",
+        objective=("classify" if variant == "weighted" else variant) if preference else "sft",
         fused=not preference,  # preferences under DDP take the model's logits; so does the one process held to them
     )
 )
@@ -77,8 +81,11 @@ if variant == "stop":  # only rank 0 evaluates (as run_training under DDP): the 
 trained = model
 if world > 1:
     trained = torch.nn.parallel.DistributedDataParallel(model)
+objective = make_objective(cfg)
+if variant == "weighted":  # weights unlike the batch's shares, so that a normalisation per process would show
+    objective.class_weights = [0.5, 2.0, 4.0]
 result = train_loop(
-    trained, rows, cfg, pad_id=0, out_dir=out, world=world, rank=rank, objective=make_objective(cfg),
+    trained, rows, cfg, pad_id=0, out_dir=out, world=world, rank=rank, objective=objective,
     evaluate=evaluate, best=best,
 )
 (out / f"steps-{rank}.txt").write_text(str(result["steps"]))

@@ -45,6 +45,8 @@ WORKER = str(Path(__file__).parent / "ddp_worker.py")
         ("stop", 29536),
         ("reward", 29537),
         ("classify", 29538),
+        ("weighted", 29539),
+        ("regression", 29540),
     ],
 )
 def test_two_processes_equal_one_process(tmp_path, variant, port):

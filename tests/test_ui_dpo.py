@@ -15,7 +15,8 @@ def test_the_form_has_the_objective_and_a_section_shown_by_each(http):
     sections = {s["name"]: s for s in http.get("/api/schema").json()["sections"]}
     objective = next(f for f in sections["train"]["fields"] if f["name"] == "objective")
     assert (
-        objective["choices"] == ["sft", "dpo", "simpo", "orpo", "cpo", "kto", "reward", "classify"]
+        objective["choices"]
+        == ["sft", "dpo", "simpo", "orpo", "cpo", "kto", "reward", "classify", "regression"]
         and objective["default"] == "sft"
     )
     for name in ("dpo", "simpo", "orpo", "cpo", "kto", "reward", "classify"):

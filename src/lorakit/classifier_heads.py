@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import AdapterError
-from lorakit.formats import PREFIX, adapter_class_names, read_config_json, read_tensors
+from lorakit.formats import PREFIX, adapter_class_names, adapter_problem, read_config_json, read_tensors
 
 MARK = "_lorakit_heads_beside"
 
@@ -51,6 +51,8 @@ class Head:
     bias: torch.Tensor | None
     classes: tuple[str, ...]
     """The name of each output (the adapter's recorded class names, else transformers' LABEL_i)."""
+    problem: str | None = None
+    """"regression" for a regression's head (one output, a number to predict), else None."""
 
     @property
     def outputs(self) -> int:
@@ -117,6 +119,7 @@ def read_head(model: nn.Module, path: str | os.PathLike, *, allow_pickle: bool =
         weight.detach().to(device, torch.float32),
         None if bias is None else bias.detach().to(device, torch.float32),
         tuple(classes),
+        adapter_problem(path),
     )
 
 

@@ -11,7 +11,13 @@ import torch
 
 from lorakit.atomic import atomic_dir
 from lorakit.errors import AdapterError
-from lorakit.formats import adapter_class_names, adapter_num_labels, folder_refusal, name_classes
+from lorakit.formats import (
+    adapter_class_names,
+    adapter_num_labels,
+    adapter_problem,
+    folder_refusal,
+    name_classes,
+)
 from lorakit.inject import unload
 from lorakit.io import load_adapter
 from lorakit.quant import adapter_base_quantization, dequantize, quantize
@@ -53,6 +59,8 @@ def merged_model(
     names = adapter_class_names(adapter) if num_labels else None
     if names is not None and len(names) == num_labels:  # a classifier's class names go into config.json
         name_classes(model, names)
+    if num_labels and adapter_problem(adapter) == "regression":  # config.json says what its one output is
+        model.config.problem_type = "regression"
     if quant and dequantized_base:
         if quant.get("method") in ("nf4", "bitsandbytes-nf4"):  # our NF4 is bitsandbytes' (CPU) bit for bit
             quantize(

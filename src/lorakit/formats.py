@@ -237,6 +237,9 @@ def write_folder(
 
 LABELS_KEY = "lorakit.labels"
 """Safetensors metadata of a classifier's adapter: its class names by id (a JSON list), which PEFT's files lack."""
+PROBLEM_KEY = "lorakit.problem"
+"""Safetensors metadata of a regression's adapter: "regression" (transformers' problem_type), which tells it from
+a reward model's (one output too)."""
 
 
 def file_metadata(model: nn.Module, name: str) -> dict[str, str]:
@@ -246,6 +249,8 @@ def file_metadata(model: nn.Module, name: str) -> dict[str, str]:
     names = class_names_of(model)
     if names is not None:
         out[LABELS_KEY] = json.dumps(names)
+    if task_type_for(model) == "SEQ_CLS" and getattr(model.config, "problem_type", None) == "regression":
+        out[PROBLEM_KEY] = "regression"
     for provider in METADATA:
         out.update(provider(model, name))
     return out
@@ -280,6 +285,14 @@ def adapter_class_names(path: str | os.PathLike) -> list[str] | None:
     except ValueError:
         return None
     return [str(n) for n in names] if isinstance(names, list) else None
+
+
+def adapter_problem(path: str | os.PathLike) -> str | None:
+    """"regression" for a regression's adapter folder (its metadata says so), else None."""
+    weights = Path(path) / WEIGHTS_NAME
+    if not weights.is_file():
+        return None
+    return "regression" if safetensors_metadata(weights).get(PROBLEM_KEY) == "regression" else None
 
 
 def after_load(model: nn.Module, path: Path) -> None:

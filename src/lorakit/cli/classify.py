@@ -1,5 +1,6 @@
 """`lorakit eval` of a text classifier's adapter (task_type SEQ_CLS, two outputs or more): on labelled texts, its
-accuracy, cross-entropy and the accuracy of each class, and the first predictions."""
+accuracy, cross-entropy and the accuracy of each class, and the first predictions; and of a regression's (one
+output, its metadata saying regression): on texts labelled with numbers, its squared error and correlations."""
 
 from __future__ import annotations
 
@@ -96,4 +97,70 @@ def eval_classifier(args: argparse.Namespace, labels: int) -> int:
     print("per class: " + ", ".join(f"{n} {100 * a:.1f}%" for n, a in per_class.items()))
     for s in samples:
         print(f"  {s['text']!r}: expected {s['expected']}, predicted {s['predicted']}")
+    return 0
+
+
+def eval_regression(args: argparse.Namespace) -> int:
+    """Measure the regression of --adapter on --data's texts labelled with numbers (or the built-in task's
+    held-out ones)."""
+    import torch
+
+    import lorakit
+    from lorakit.cli.common import load
+    from lorakit.cli.reward import refuse_first
+    from lorakit.data.labels import encode_targets, read_labelled
+    from lorakit.data.tasks import make_scored
+    from lorakit.device import model_device, to_device
+    from lorakit.train.config import DataSection, RunConfig, TrainSection
+    from lorakit.train.evaluate import regression_eval
+    from lorakit.train.objectives import make_objective
+    from lorakit.train.schedule import collate
+
+    refuse_first(
+        [
+            (
+                args.objective not in (None, "regression"),
+                f"{args.adapter} is a regression's adapter: measure it with --objective regression (or none), "
+                f"not {args.objective}",
+            ),
+            (args.beta is not None, "--beta: a regression has no beta"),
+            (args.compare_base, "--compare-base: a regression's base has no trained head to compare with"),
+        ]
+    )
+    if args.data:
+        items = read_labelled(args.data, args.fields, scores=True)
+    else:  # the texts a default `lorakit train --objective regression` holds out
+        d = DataSection()
+        items = make_scored(args.task, n_train=d.n_train, n_eval=max(d.n_eval, args.limit))[1][: args.limit]
+    model, tok = load(args.model, args.device, args.dtype, num_labels=1)
+    lorakit.load_adapter(model, args.adapter, allow_pickle=args.allow_pickle)
+    rows, stats = encode_targets(tok, items, [it["label"] for it in items], max_len=args.max_len)
+    objective = make_objective(RunConfig(train=TrainSection(objective="regression")))
+    measured = regression_eval(model, rows, tok.pad_token_id, objective)
+    samples = []
+    if rows:
+        batch = to_device(collate(objective.encoded(rows[:SAMPLES]), tok.pad_token_id), model_device(model))
+        with torch.no_grad():
+            predicted = objective.logits(model.eval(), batch)[:, 0].tolist()
+        samples = [
+            {"text": it["text"], "expected": it["label"], "predicted": p}
+            for it, p in zip(items[:SAMPLES], predicted, strict=True)
+        ]
+    report = {
+        "objective": "regression",
+        "examples": len(rows),
+        "truncated": stats["truncated"],
+        "max_len": args.max_len,
+        "adapter": {**measured, "samples": samples},
+    }
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{len(rows)} examples ({stats['truncated']} truncated to {args.max_len} tokens)")
+    print(
+        f"mean squared error {measured['loss']:.4f}, Pearson {measured['pearson']:.4f}, Spearman "
+        f"{measured['spearman']:.4f}"
+    )
+    for s in samples:
+        print(f"  {s['text']!r}: expected {s['expected']:.4g}, predicted {s['predicted']:.4g}")
     return 0

@@ -107,13 +107,14 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument(
         "--objective",
-        choices=("dpo", "simpo", "orpo", "cpo", "kto", "reward", "classify"),
+        choices=("dpo", "simpo", "orpo", "cpo", "kto", "reward", "classify", "regression"),
         default=None,
         help="with a --data file of preference pairs: the preference loss and rewards to measure: dpo (the "
         "adapter's against the base, the default), simpo, orpo or cpo (no reference: the base's too); kto: "
         "of a file of answers labelled desirable or not (or of pairs), the adapter's against the base; reward: "
         "a reward model's --adapter (chosen automatically for one), on --data's pairs or --task's; classify: a "
-        "classifier's --adapter (chosen automatically too), on --data's labelled texts or --task's",
+        "classifier's --adapter (chosen automatically too), on --data's labelled texts or --task's; regression: a "
+        "regression's --adapter (chosen automatically too), on --data's texts labelled with numbers or --task's",
     )
     p.add_argument(
         "--beta",
@@ -142,13 +143,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
     import lorakit
-    from lorakit.cli.classify import eval_classifier
+    from lorakit.cli.classify import eval_classifier, eval_regression
     from lorakit.cli.reward import classifier_adapter, eval_reward
     from lorakit.data.feedback import encode_feedback, read_feedback
     from lorakit.data.preference import encode_pairs, read_any
     from lorakit.data.tasks import make_task
     from lorakit.data.tokenize import encode_dataset
     from lorakit.errors import ConfigError
+    from lorakit.formats import adapter_problem
     from lorakit.train.config import DataSection, RunConfig, TrainSection
     from lorakit.train.evaluate import eval_loss, exact_match, preference_eval
     from lorakit.train.objectives import NAMES, REFERENCE_OBJECTIVES, make_objective
@@ -156,7 +158,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.compare_base and not args.adapter:
         raise ConfigError("--compare-base compares an adapter with its base: give --adapter too")
     labels = classifier_adapter(args)
-    if labels is not None:  # a reward model's or a classifier's adapter: it generates nothing
+    if labels is not None:  # a reward model's, a classifier's or a regression's adapter: it generates nothing
+        if labels == 1 and adapter_problem(args.adapter) == "regression":
+            return eval_regression(args)
         return eval_reward(args, labels) if labels == 1 else eval_classifier(args, labels)
     # a task: the held-out examples `lorakit train` evaluates on (seed 0, generated first)
     if args.fields and not args.data:

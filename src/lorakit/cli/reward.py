@@ -14,14 +14,17 @@ SAMPLES = 3
 
 def classifier_adapter(args: argparse.Namespace) -> int | None:
     """The number of outputs of --adapter's head when it is a sequence classifier's adapter (SEQ_CLS: a reward
-    model has 1), else None; ConfigError where --objective reward or classify names an adapter that is not one."""
+    model and a regression have 1), else None; ConfigError where --objective reward, classify or regression names
+    an adapter that is not one."""
     from lorakit.errors import ConfigError
-    from lorakit.formats import adapter_num_labels
+    from lorakit.formats import adapter_num_labels, adapter_problem
 
     labels = adapter_num_labels(args.adapter) if args.adapter and Path(args.adapter).is_dir() else None
+    regression = labels == 1 and adapter_problem(args.adapter) == "regression"
     wanted = {
-        "reward": (labels == 1, "a reward model"),
+        "reward": (labels == 1 and not regression, "a reward model"),
         "classify": (bool(labels and labels > 1), "a classifier"),
+        "regression": (regression, "a regression"),
     }
     ok, what = wanted.get(args.objective, (True, ""))
     if not ok:

@@ -129,6 +129,9 @@ def _print_summary(summary: dict) -> None:
     if "reward_accuracy" in a:  # a preference objective
         print(f"reward acc.  {100 * b['reward_accuracy']:7.1f}%   {100 * a['reward_accuracy']:7.1f}%")
         print(f"reward margin{b['reward_margin']:8.3f}   {a['reward_margin']:8.3f}")
+    if "pearson" in a:  # a regression
+        print(f"Pearson      {b['pearson']:8.4f}   {a['pearson']:8.4f}")
+        print(f"Spearman     {b['spearman']:8.4f}   {a['spearman']:8.4f}")
     if "kl" in a:  # KTO
         print(f"KL estimate  {b['kl']:8.4f}   {a['kl']:8.4f}")
     if "loss" in a:

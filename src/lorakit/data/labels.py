@@ -1,4 +1,5 @@
-"""Text classification data (`train.objective classify`): records of a text, optionally a second text, and a label.
+"""Text classification data (`train.objective classify`): records of a text, optionally a second text, and a label;
+and regression data (`train.objective regression`), whose label is a number to predict (GLUE's STS-B).
 
     {"text": "The food was great.", "label": "positive"}
     {"text": "A man plays a guitar.", "text_pair": "Someone makes music.", "label": 0}
@@ -6,11 +7,13 @@
 `data.fields` maps other column names onto these (GLUE's `{text: sentence}`, `{text: sentence1, text_pair:
 sentence2}`). A label is a name (a string) or a class id (an integer >= 0, as in Hugging Face datasets; digits in
 a CSV cell too; true and false are 1 and 0). The classes: with names, the train data's names in sorted order; with ids, 0 to the largest id.
+A regression label is a finite number (an integer or a float, or its digits in a CSV cell).
 Every record is checked, and an error names the file, the record and what is wrong.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -28,14 +31,18 @@ class Labelled:
     class id."""
 
     row: Encoded
-    label: int
+    label: int | float
+    """The class id; a regression's target."""
 
 
-def read_labelled(path: str | os.PathLike, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
+def read_labelled(
+    path: str | os.PathLike, fields: dict[str, str] | None = None, *, scores: bool = False
+) -> list[dict[str, Any]]:
     """All classification records of a data file (JSONL, JSON, CSV, TSV, Parquet or Arrow, or a `datasets`
-    folder) as {"text", "text_pair" (None if absent), "label"}, validated; DataError naming the record."""
+    folder) as {"text", "text_pair" (None if absent), "label"}, validated; DataError naming the record. `scores`:
+    regression records, whose label is a number."""
     check_fields(fields, str(path))
-    return labelled_of(read_records(path), str(path), fields or {})
+    return labelled_of(read_records(path), str(path), fields or {}, scores=scores)
 
 
 def parse_labelled(data: bytes, source: str, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
@@ -44,7 +51,9 @@ def parse_labelled(data: bytes, source: str, fields: dict[str, str] | None = Non
     return labelled_of(parse_records(data, source), source, fields or {})
 
 
-def labelled_of(records: list[tuple[str, Any]], source: str, fields: dict[str, str]) -> list[dict[str, Any]]:
+def labelled_of(
+    records: list[tuple[str, Any]], source: str, fields: dict[str, str], *, scores: bool = False
+) -> list[dict[str, Any]]:
     if not records:
         raise DataError(f"{source}: no examples (the file is empty)")
     out = []
@@ -61,9 +70,25 @@ def labelled_of(records: list[tuple[str, Any]], source: str, fields: dict[str, s
         if pair is not None and not isinstance(pair, str):
             raise DataError(f"{where}: 'text_pair' must be a string, got {type(pair).__name__}")
         if "label" not in record:
-            raise DataError(f"{where}: no 'label' (a class name, or a class id >= 0); has {sorted(record)}")
-        out.append({"text": text, "text_pair": pair, "label": _label(record["label"], where)})
+            what = "a number to predict" if scores else "a class name, or a class id >= 0"
+            raise DataError(f"{where}: no 'label' ({what}); has {sorted(record)}")
+        label = _score(record["label"], where) if scores else _label(record["label"], where)
+        out.append({"text": text, "text_pair": pair, "label": label})
     return out
+
+
+def _score(value: Any, where: str) -> float:
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            number = None
+    if number is None or not math.isfinite(number):
+        raise DataError(f"{where}: label {value!r} is not a finite number, which a regression predicts")
+    return number
 
 
 def _label(value: Any, where: str) -> str | int:
@@ -121,10 +146,16 @@ def encode_labelled(
 ) -> tuple[list[Labelled], dict[str, int]]:
     """Tokenize classification items as the tokenizer's own classification input (its special tokens, a pair
     joined its way), cut to `max_len` tokens; returns the rows and counts: examples, truncated, tokens."""
-    ids = class_ids(items, names, source)
+    return encode_targets(tokenizer, items, class_ids(items, names, source), max_len=max_len)
+
+
+def encode_targets(
+    tokenizer, items: list[dict[str, Any]], targets: list[int] | list[float], *, max_len: int
+) -> tuple[list[Labelled], dict[str, int]]:
+    """`encode_labelled` with each item's target given: its class id, or a regression's number."""
     out: list[Labelled] = []
     stats = {"examples": len(items), "truncated": 0, "tokens": 0}
-    for it, label in zip(items, ids, strict=True):
+    for it, label in zip(items, targets, strict=True):
         args = (it["text"],) if it["text_pair"] is None else (it["text"], it["text_pair"])
         full = tokenizer(*args)["input_ids"]
         cut = (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import calendar
 import random
+import re
 from typing import Any
 
 MONTHS = list(calendar.month_name)[1:]
@@ -122,3 +123,16 @@ def make_labelled(name: str = "dates", *, n_train: int = 2000, n_eval: int = 100
 
     held_out = labelled(eval_set, True)
     return labelled(train, False), held_out
+
+
+def make_scored(name: str = "dates", *, n_train: int = 2000, n_eval: int = 100, seed: int = 0):
+    """(train, eval) regression records {"text", "text_pair": None, "label"} for built-in task `name`: for `dates`,
+    `make_labelled`'s texts (a date written one of four ways), each labelled with its year as a number,
+    (year - 2000) / 100, from -1 (1900) to 0.99 (2099)."""
+    train, eval_set = make_labelled(name, n_train=n_train, n_eval=n_eval, seed=seed)
+    return [_year(it) for it in train], [_year(it) for it in eval_set]
+
+
+def _year(item: dict[str, Any]) -> dict[str, Any]:
+    year = int(re.search(r"\b(1[89]|20)\d\d\b", item["text"]).group(0))
+    return {"text": item["text"], "text_pair": None, "label": (year - 2000) / 100}

@@ -8,11 +8,12 @@
         "data": [{"index": 0, "label": "positive", "probs": [...], "num_classes": 2, "logits": [...]}], "usage"}
 
 Inputs are tokenized as training tokenized them, so that the scores are the trained classifier's: a classifier's
-texts as the tokenizer's own classification input (`lorakit.data.labels.encode_labelled`); a reward model's text
+(and a regression's) texts as the tokenizer's own classification input (`lorakit.data.labels.encode_labelled`); a
+reward model's text
 as a text example (the text, then the end-of-text token) and its conversation through the chat template, ending
 with the answer to score (`lorakit.data.tokenize.encode_example`); token ids as given. `probs` is the softmax of
 the logits (for a head with one output, a reward model's, its sigmoid, as vLLM answers); `logits` (lorakit's
-extension) are the head's raw outputs: a reward model's reward is `logits[0]`.
+extension) are the head's raw outputs: a reward model's reward, and a regression's prediction, is `logits[0]`.
 
 The scoring runs on the engine thread between decode steps (`Engine.call`), a chunk of rows at a time (at most
 the engine's `max_prefill_tokens` padded tokens), so answers streaming meanwhile pause for one chunk at a time.
@@ -183,7 +184,7 @@ class ClassifyRoutes:
 
     def _encode(self, parsed: Parsed, head: Head) -> list[list[int]]:
         """Each input's token ids, as training encoded the classifier's data; 400 naming a bad or overlong one."""
-        tok, reward = self.tok, head.outputs == 1
+        tok, reward = self.tok, head.outputs == 1 and head.problem != "regression"
         limit, vocab = self.engine.max_model_len, self.engine.vocab_size
         with self.engine.tokenizer_lock:
             if parsed.messages is not None:

@@ -12,9 +12,9 @@ from typing import Any
 
 from lorakit.data.feedback import Feedback, encode_feedback, read_feedback, unpaired
 from lorakit.data.jsonl import DataError, read_examples
-from lorakit.data.labels import class_ids, class_names, encode_labelled, read_labelled
+from lorakit.data.labels import class_ids, class_names, encode_labelled, encode_targets, read_labelled
 from lorakit.data.preference import Pair, as_pair, encode_pairs, read_pairs
-from lorakit.data.tasks import make_labelled, make_pairs, make_task
+from lorakit.data.tasks import make_labelled, make_pairs, make_scored, make_task
 from lorakit.data.tokenize import IGNORE, Encoded, encode_dataset, pack
 from lorakit.errors import ConfigError
 from lorakit.train.config import RunConfig
@@ -231,5 +231,35 @@ def encode_classes(cfg: RunConfig, tokenizer, say, classes: Classes) -> RunData:
     say(
         f"data: {classes.source}: {len(train_rows)} train examples ({shown}{more}), {len(eval_rows)} eval; "
         f"{stats['truncated']} train / {eval_stats['truncated']} eval truncated to {d.max_len} tokens"
+    )
+    return RunData(train_rows, eval_rows, [], {"train": stats, "eval": eval_stats})
+
+
+def load_scored(cfg: RunConfig) -> Classes:
+    """The data section's regression examples (`lorakit.data.labels`, each label a number; the built-in task's
+    dates, each labelled with its year), as `Classes` with no class names. DataError where every train target is
+    the same: there is nothing to learn."""
+    train, ev, source = _load(cfg, lambda path, fields: read_labelled(path, fields, scores=True), make_scored)
+    if len({it["label"] for it in train}) < 2:
+        raise DataError(
+            f"{source}: every example has the label {train[0]['label']!r}; a regression needs two values"
+        )
+    return Classes(train, ev, source, [])
+
+
+def encode_scored(cfg: RunConfig, tokenizer, say, scored: Classes) -> RunData:
+    """The regression examples, tokenized as a classifier's are."""
+    d = cfg.data
+
+    def encode(items: list[dict[str, Any]]) -> tuple[list, dict[str, Any]]:
+        return encode_targets(tokenizer, items, [it["label"] for it in items], max_len=d.max_len)
+
+    (train_rows, stats), (eval_rows, eval_stats) = encode(scored.train), encode(scored.eval)
+    targets = [r.label for r in train_rows]
+    stats["targets"] = {"min": min(targets), "max": max(targets), "mean": sum(targets) / len(targets)}
+    say(
+        f"data: {scored.source}: {len(train_rows)} train examples (targets {min(targets):.4g} to "
+        f"{max(targets):.4g}, mean {stats['targets']['mean']:.4g}), {len(eval_rows)} eval; {stats['truncated']} "
+        f"train / {eval_stats['truncated']} eval truncated to {d.max_len} tokens"
     )
     return RunData(train_rows, eval_rows, [], {"train": stats, "eval": eval_stats})

@@ -208,3 +208,48 @@ def classify_eval(
     right = sum(sum(h) for h in hits.values())
     balanced = sum(sum(h) / len(h) for h in hits.values()) / len(hits)
     return {"loss": total / len(rows), "accuracy": right / len(rows), "balanced_accuracy": balanced}
+
+
+def regression_eval(
+    model: nn.Module, rows: list, pad_id: int, objective, batch_size: int = 16
+) -> dict[str, float]:
+    """A regression's mean squared error (`loss`), Pearson's and Spearman's correlations of its predictions with
+    the targets (GLUE's STS-B metrics; 0 where the predictions or the targets are all equal: nothing to
+    correlate), over `Labelled` rows with numeric labels, in eval mode; {} for no rows."""
+    if not rows:
+        return {}
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    predicted: list[float] = []
+    for i in range(0, len(rows), batch_size):
+        part = rows[i : i + batch_size]
+        batch = to_device({**collate(objective.encoded(part), pad_id), **objective.extras(part)}, device)
+        predicted += objective.logits(model, batch)[:, 0].tolist()
+    model.train(was_training)
+    p = torch.tensor(predicted, dtype=torch.float64)
+    t = torch.tensor([float(r.label) for r in rows], dtype=torch.float64)
+    return {
+        "loss": float(((p - t) ** 2).mean()),
+        "pearson": pearson(p, t),
+        "spearman": pearson(_ranks(p), _ranks(t)),
+    }
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson's correlation of two 1-D tensors; 0 where either is constant."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    scale = float(x.norm() * y.norm())
+    return float((x * y).sum()) / scale if scale > 0 else 0.0
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    """Each value's rank, 1 to n, ties sharing their mean rank (Spearman's rule)."""
+    order = torch.argsort(x, stable=True)
+    ranks = torch.empty_like(x, dtype=torch.float64)
+    ranks[order] = torch.arange(1, len(x) + 1, dtype=torch.float64)
+    for value in torch.unique(x):
+        tied = x == value
+        if int(tied.sum()) > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks

@@ -1,6 +1,7 @@
 """What a training step minimises: supervised fine-tuning's token loss, a preference loss on pairs (DPO, SimPO,
 ORPO, CPO), KTO's on answers marked desirable or not, a reward model's on pairs, or a text classifier's
-cross-entropy on labelled texts (`classify`: the model with a head of one output per class, as for reward models).
+cross-entropy on labelled texts (`classify`: the model with a head of one output per class, as for reward models),
+or a regression's squared error on texts labelled with numbers (`regression`: a head with one output).
 
 The loop asks the objective for a micro-batch's tensors and its loss; everything else (the optimizer, the methods'
 hooks, checkpoints, resume) is the same for all.
@@ -87,7 +88,7 @@ from lorakit.train.losses import (
 if TYPE_CHECKING:
     from lorakit.train.config import RunConfig
 
-OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "cpo", "kto", "reward", "classify")
+OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "cpo", "kto", "reward", "classify", "regression")
 PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo", "cpo", "kto", "reward")
 """The objectives that learn from preferences (each has a config section of its own name): pairs, or KTO's
 feedback."""
@@ -102,6 +103,7 @@ NAMES = {
     "kto": "KTO",
     "reward": "reward model",
     "classify": "classifier",
+    "regression": "regression",
 }
 """How each objective is written in reports."""
 REFERENCE_ADAPTER = "reference"
@@ -429,6 +431,27 @@ class ClassifyObjective(Objective):
         return loss, {"accuracy": float((logits.detach().argmax(-1) == target).float().mean())}
 
 
+class RegressionObjective(ClassifyObjective):
+    """Regression on `Labelled` rows whose label is a number: the mean squared error of the model's one output (a
+    sequence classifier's head with one output: transformers' problem_type "regression", its own loss) against
+    each row's target."""
+
+    name = "regression"
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__(cfg)
+        self.num_labels = 1
+
+    def extras(self, rows: list[Labelled]) -> dict[str, torch.Tensor]:
+        return {"targets": torch.tensor([float(r.label) for r in rows])}
+
+    def loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool
+    ) -> tuple[torch.Tensor, dict]:
+        predicted = self.logits(model, batch)[:, 0]
+        return F.mse_loss(predicted, batch["targets"].to(predicted)), {}
+
+
 def _half(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
     """The token tensors of `batch`'s rows `rows`, cut to their longest row (the batch is right-padded)."""
     mask = batch["attention_mask"][rows]
@@ -446,6 +469,7 @@ def make_objective(cfg: RunConfig) -> Objective:
         "kto": KtoObjective,
         "reward": RewardObjective,
         "classify": ClassifyObjective,
+        "regression": RegressionObjective,
     }
     kind = kinds.get(cfg.train.objective)
     return kind(cfg) if kind else Objective()

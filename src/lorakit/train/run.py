@@ -35,11 +35,13 @@ from lorakit.train.datasets import (
     encode_examples,
     encode_feedback_data,
     encode_preferences,
+    encode_scored,
     load_classes,
     load_examples,
+    load_scored,
 )
 from lorakit.train.distributed import distribute, init_distributed
-from lorakit.train.evaluate import classify_eval, eval_loss, exact_match, preference_eval
+from lorakit.train.evaluate import classify_eval, eval_loss, exact_match, preference_eval, regression_eval
 from lorakit.train.loop import train_loop
 from lorakit.train.methods import Method, make_method
 from lorakit.train.metrics import Callback, read_metrics
@@ -73,7 +75,8 @@ def evaluate(
     lockstep."""
     out: dict[str, float] = {}
     if objective is not None and objective.rows == "labelled":
-        out.update(classify_eval(model, eval_rows, tokenizer.pad_token_id, objective))
+        measure = regression_eval if objective.name == "regression" else classify_eval
+        out.update(measure(model, eval_rows, tokenizer.pad_token_id, objective))
     elif objective is not None and objective.rows != "examples":
         out.update(preference_eval(model, eval_rows, tokenizer.pad_token_id, objective))
     else:
@@ -119,12 +122,19 @@ def run_training(
     out_dir.mkdir(parents=True, exist_ok=True)
     base_id = cfg.model.path or "SmolLM2-135M-Instruct"
     objective = make_objective(cfg)
-    classes = load_classes(cfg) if objective.rows == "labelled" else None  # a classifier's, before its model
-    if classes is not None:
+    regression = objective.name == "regression"
+    classes = None  # a classifier's (a regression's) data, read before its model: the head's size
+    if objective.rows == "labelled":
+        classes = load_scored(cfg) if regression else load_classes(cfg)
+    if classes is not None and not regression:
         objective.num_labels = len(classes.names)
         objective.class_weights = class_weights(cfg, classes)
     model, tokenizer, quant = _base_model(cfg, model, tokenizer, say, objective.num_labels)
-    if classes is not None:
+    if regression:
+        model.config.problem_type = (
+            "regression"  # transformers' own loss is then the squared error; and saved
+        )
+    elif classes is not None:
         name_classes(model, classes.names)
     if cfg.data.add_tokens:
         cfg = _add_tokens(cfg, model, tokenizer, say)
@@ -134,7 +144,7 @@ def run_training(
         objective = make_objective(cfg)
     encode = {"examples": encode_examples, "pairs": encode_preferences, "feedback": encode_feedback_data}
     if classes is not None:
-        data = encode_classes(cfg, tokenizer, say, classes)
+        data = (encode_scored if regression else encode_classes)(cfg, tokenizer, say, classes)
     else:
         data = encode[objective.rows](cfg, tokenizer, say)
     method = make_method(cfg)
@@ -369,6 +379,8 @@ def _fmt(m: dict[str, float]) -> str:
     acc = f"accuracy {100 * m['accuracy']:.1f}%, " if "accuracy" in m else ""
     if "reward_accuracy" in m:
         acc += f"reward accuracy {100 * m['reward_accuracy']:.1f}% (margin {m['reward_margin']:.3f}), "
+    if "pearson" in m:
+        acc += f"Pearson {m['pearson']:.4f}, Spearman {m['spearman']:.4f}, "
     return f"{acc}eval loss {m['loss']:.4f}" if "loss" in m else f"{acc}no eval loss (nothing to evaluate)"
 
 

@@ -77,7 +77,11 @@ def validate(cfg: RunConfig) -> None:
             f"train.best_metric {t.best_metric} is measured with a preference objective, not {t.objective!r}",
         ),
         (
-            t.best_metric != "balanced_accuracy" or t.objective == "classify",
+            t.best_metric != "pearson" or t.objective == "regression",
+            f"train.best_metric pearson is measured with train.objective regression, not {t.objective!r}",
+        ),
+        (
+            t.best_metric != "balanced_accuracy" or t.objective in ("classify", "regression"),
             f"train.best_metric balanced_accuracy is measured with train.objective classify, not {t.objective!r}",
         ),
         (
@@ -180,7 +184,7 @@ def _validate_objective(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"{name}.{changed[0]} is set but train.objective is {objective!r}; use --train.objective {name}"
             )
-    if objective == "classify":
+    if objective in ("classify", "regression"):
         _validate_classify(cfg)
     if objective not in PREFERENCE_OBJECTIVES:
         return
@@ -253,28 +257,31 @@ def _validate_objective(cfg: RunConfig) -> None:
 
 
 def _validate_classify(cfg: RunConfig) -> None:
-    """A classifier trains a head on the last token (an encoder's pooled output): what feeds or saves something
-    else is refused."""
+    """A classifier (a regression) trains a head on the last token (an encoder's pooled output): what feeds or
+    saves something else is refused."""
     t, dsec = cfg.train, cfg.data
+    o = t.objective
     checks = [
-        (
-            not dsec.pack,
-            "data.pack does not work with train.objective classify (each example has its own label)",
-        ),
+        (not dsec.pack, f"data.pack does not work with train.objective {o} (each example has its own label)"),
         (
             not dsec.train_on_all,
-            "data.train_on_all does not work with train.objective classify (it learns labels, not tokens)",
+            f"data.train_on_all does not work with train.objective {o} (it learns labels, not tokens)",
         ),
         (
             dsec.alora_invocation is None and cfg.lora.alora_invocation_tokens is None,
-            "aLoRA does not work with train.objective classify",
+            f"aLoRA does not work with train.objective {o}",
         ),
-        (not dsec.add_tokens, "data.add_tokens does not work with train.objective classify"),
+        (not dsec.add_tokens, f"data.add_tokens does not work with train.objective {o}"),
         (
             not t.fsdp,
-            "train.fsdp does not work with train.objective classify; use DDP (torchrun without train.fsdp)",
+            f"train.fsdp does not work with train.objective {o}; use DDP (torchrun without train.fsdp)",
         ),
-        *_head_checks(cfg, "a classifier"),
+        (
+            t.best_metric not in ("accuracy", "balanced_accuracy") or o == "classify",
+            f"train.best_metric {t.best_metric} is a classifier's; a regression's are loss (its squared error) and "
+            "pearson",
+        ),
+        *_head_checks(cfg, "a classifier" if o == "classify" else "a regression"),
     ]
     weights = cfg.classify.class_weights
     if isinstance(weights, dict):

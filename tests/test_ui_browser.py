@@ -80,6 +80,14 @@ def _walk(page, url: str, model_dir) -> None:
             s for s in ("dpo", "simpo", "orpo", "cpo", "kto") if page.is_visible(f"details[data-section={s}]")
         ]
         assert shown == ([] if objective == "sft" else [objective]), (objective, shown)
+    # a classifier's data previews as texts with their labels
+    page.select_option("[name='train.objective']", "classify")
+    page.select_option("#data-source", "task:dates")
+    page.click("#preview-btn")
+    page.wait_for_function(
+        "[...document.querySelectorAll('#preview .note')].some(n => /label (iso|us|european|words)/.test(n.textContent))"
+    )
+    page.select_option("[name='train.objective']", "sft")
     # first, a spreadsheet of the user's own: its columns named in data.fields, uploaded, previewed
     page.fill("[name='data.fields']", "{prompt: question, completion: answer}")
     csv = b"question,answer\nCapital of Spain?,Madrid\n"

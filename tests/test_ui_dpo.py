@@ -47,6 +47,33 @@ def test_preference_files_upload_and_preview_as_pairs(http):
     assert "bad.jsonl" not in {d["path"].split("/")[-1] for d in http.get("/api/workspace").json()["data"]}
 
 
+def test_labelled_data_previews_as_the_classifier_reads_it(http):
+    """With train.objective classify (regression), the preview shows each text as the classifier reads it (the
+    tokenizer's classification input, nothing learned) and its label; a file with a bad label is a 400 naming it."""
+    rows = [{"text": "Great food.", "label": "positive"}, {"text": "Awful.", "label": "negative"}]
+    r = http.post(
+        "/api/upload",
+        params={"name": "reviews.jsonl"},
+        content="".join(json.dumps(x) + "\n" for x in rows).encode(),
+    )
+    assert r.status_code == 200, r.text
+    out = http.post(
+        "/api/preview", json={"file": "data/reviews.jsonl", "n": 2, "objective": "classify"}
+    ).json()
+    assert out["total"] == 2 and out["pairs"] is False
+    assert [e["label"] for e in out["examples"]] == ["positive", "negative"]
+    assert [e["segments"][0]["text"] for e in out["examples"]] == ["Great food.", "Awful."]
+    assert all(e["learned_tokens"] == 0 and not e["segments"][0]["learned"] for e in out["examples"])
+    task = http.post("/api/preview", json={"task": "dates", "n": 3, "objective": "classify"}).json()
+    assert {e["label"] for e in task["examples"]} <= {"iso", "us", "european", "words"}
+    years = http.post("/api/preview", json={"task": "dates", "n": 3, "objective": "regression"}).json()
+    assert all(isinstance(e["label"], float) and -1 <= e["label"] < 1 for e in years["examples"])
+    message = error(
+        http.post("/api/preview", json={"file": "data/reviews.jsonl", "objective": "regression"}), 400
+    )
+    assert message.startswith("data/reviews.jsonl:1") and "not a finite number" in message
+
+
 def test_a_dpo_run_from_the_form(ui, http):
     """The built-in task's pairs, 4 steps: the run finishes, its steps carry the rewards, its summary the
     preference accuracy before and after."""

@@ -125,7 +125,7 @@ class ClassifyRoutes:
             if head is None:
                 raise P.bad(
                     f"the model {model!r} is not a classifier's adapter (task_type SEQ_CLS, as lorakit train "
-                    "--objective reward or classify saves one): it generates, at /v1/completions",
+                    "--objective reward, classify or regression saves one): it generates, at /v1/completions",
                     "model",
                 )
             rows = await asyncio.to_thread(self._encode, parsed, head)
@@ -168,7 +168,10 @@ class ClassifyRoutes:
             return head_scores(self.engine.model, head, rows, self.pad_id).cpu()
 
     def _chunks(self, rows: list[list[int]]) -> list[list[list[int]]]:
-        """Consecutive rows, as many per forward as fit the engine's padded-token budget (at least one)."""
+        """Consecutive rows, as many per forward as fit the engine's padded-token budget (at least one; one at a
+        time where the model has no pad token to pad them with)."""
+        if self.pad_id is None:
+            return [[r] for r in rows]
         budget = self.engine.config.max_prefill_tokens
         out: list[list[list[int]]] = []
         longest = 0

@@ -146,6 +146,8 @@ class _Routes:
         max_len = _int(body.get("max_len", 256), "max_len", 8, 1 << 20)
         chat, on_all = bool(body.get("chat", True)), bool(body.get("train_on_all", False))
         fields = _fields(body.get("fields"))
+        if body.get("objective") in ("classify", "regression"):
+            return await asyncio.to_thread(self._preview_labelled, body, n, max_len, fields)
         try:
             if body.get("file"):
                 path = self.ws.path(body["file"], what="file")
@@ -182,6 +184,40 @@ class _Routes:
                     | ({"side": side} if side else {})
                 )
         return {"total": len(items), "examples": out, "pairs": pairs}
+
+    def _preview_labelled(
+        self, body: dict[str, Any], n: int, max_len: int, fields: dict[str, str] | None
+    ) -> dict[str, Any]:
+        """A classifier's (a regression's) first examples as the run reads them: the text the model sees (the
+        tokenizer's classification input, no chat template, nothing learned) and its label."""
+        from lorakit.data.jsonl import DataError
+        from lorakit.data.labels import encode_targets, read_labelled
+        from lorakit.data.tasks import make_labelled, make_scored
+
+        scores = body["objective"] == "regression"
+        try:
+            if body.get("file"):
+                items = read_labelled(self.ws.path(body["file"], what="file"), fields, scores=scores)
+            else:
+                make = make_scored if scores else make_labelled
+                items = make(str(body.get("task") or "dates"), n_train=0, n_eval=n)[1]
+        except DataError as e:
+            raise P.bad(str(e).replace(str(self.ws.root) + "/", ""), "file") from None
+        shown = items[:n]
+        with self.engine.tokenizer_lock:
+            rows, _ = encode_targets(self.engine.tokenizer, shown, [0] * len(shown), max_len=max_len)
+            texts = [self.engine.tokenizer.decode(r.row.input_ids) for r in rows]
+        out = [
+            {
+                "segments": [{"text": text, "learned": False}],
+                "tokens": len(r.row.input_ids),
+                "learned_tokens": 0,
+                "truncated": r.row.truncated,
+                "label": it["label"],
+            }
+            for it, r, text in zip(shown, rows, texts, strict=True)
+        ]
+        return {"total": len(items), "examples": out, "pairs": False}
 
     async def export(self, request: Request) -> dict[str, Any]:
         body = await P.read_json(request)

@@ -551,7 +551,8 @@ $("#preview-btn").addEventListener("click", (event) =>
     if (!choice) throw new Error("choose a task or a data file first");
     const body = { [choice.kind]: choice.value, n: 3 };
     const objective = controls.get("train.objective");
-    if (objective) body.objective = controlText(objective); // dpo, simpo, orpo, cpo, kto: the built-in task's pairs
+    // dpo, simpo, orpo, cpo, kto: the built-in task's pairs; classify, regression: labelled texts
+    if (objective) body.objective = controlText(objective);
     for (const key of ["chat", "train_on_all"]) {
       const c = controls.get(`data.${key}`);
       if (c) body[key] = c.checked;
@@ -574,7 +575,10 @@ function renderPreview({ total, examples, pairs }) {
         class: "note",
         text:
           `#${pairs ? Math.floor(i / 2) + 1 : i + 1}${ex.side ? ` ${ex.side}` : ""}: ${ex.tokens} tokens, ` +
-          `${ex.learned_tokens} learned${ex.truncated ? ", truncated" : ""}`,
+          (ex.label !== undefined // a classifier's (a regression's) example: its label, no token learned
+            ? `label ${ex.label}`
+            : `${ex.learned_tokens} learned`) +
+          `${ex.truncated ? ", truncated" : ""}`,
       }),
       el("pre", { class: "example" }, ...ex.segments.map((s) => (s.learned ? el("span", { class: "learned", text: s.text }) : s.text))),
     ),

@@ -237,6 +237,8 @@ def _walk(page, url: str, model_dir) -> None:
     page.wait_for_function(f"document.querySelectorAll('{history}').length === 1")
     assert cancelled not in [j["id"] for j in _get(url, "/api/jobs")["jobs"]]
 
+    _evaluate_a_classifier(page, model_dir)
+
     # 6. unload it again
     page.click("#tab-adapters")
     page.click("#adapters-table tr:has-text('b1') .unload-btn")
@@ -331,6 +333,37 @@ def _get(url: str, path: str) -> dict:
     r = httpx.get(url + path, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()
+
+
+def _evaluate_a_classifier(page, model_dir) -> None:
+    """A classifier's adapter (its LoRA random, its head new) loaded from the page and evaluated: the result table
+    shows a classifier's measures, and the samples its predictions."""
+    import torch
+
+    import lorakit
+
+    torch.manual_seed(0)
+    model, _ = lorakit.load_model(str(model_dir), num_labels=4, dtype=torch.float32)
+    lorakit.formats.name_classes(model, ["european", "iso", "us", "words"])
+    lorakit.inject(model, lorakit.LoraConfig(r=2, targets=["q_proj", "v_proj"]))
+    lorakit.save_adapter(model, model_dir.parent / "ws" / "adapters" / "cls")
+    _load(page, "cls", "adapters/cls")
+    page.wait_for_selector("#adapters-table >> text=cls")
+    page.click("#tab-eval")
+    page.wait_for_selector("#eval-adapter option[value='cls']", state="attached")
+    page.select_option("#eval-adapter", "cls")
+    page.select_option("#eval-data", "task:dates")
+    page.fill("#eval-limit", "4")
+    page.click("#eval-btn")
+    page.wait_for_function(
+        "document.querySelector('#eval-status').textContent.startsWith('done: 4 examples')"
+    )
+    labels = page.eval_on_selector_all("#eval-result tbody th", "cells => cells.map(c => c.textContent)")
+    assert labels == ["cross-entropy", "accuracy", "balanced accuracy"], labels
+    predicted = page.eval_on_selector_all(
+        "#eval-samples tbody tr", "rows => rows.map(r => r.cells[2].textContent)"
+    )
+    assert predicted and set(predicted) <= {"european", "iso", "us", "words"}, predicted
 
 
 def _load(page, name: str, path: str) -> None:

@@ -88,3 +88,23 @@ def test_a_dpo_run_from_the_form(ui, http):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["before"]["reward_accuracy"] == 0.0 and "reward_accuracy" in summary["after"]
     assert "objective: dpo" in (run / "config.yaml").read_text()
+
+
+def test_a_classifier_run_from_the_form_and_its_evaluation(ui, http):
+    """train.objective classify on the built-in dates, 4 steps: the run finishes with the classifier's measures;
+    the Evaluate view's job measures its adapter as a classifier (no base to compare with: its head is new)."""
+    values = {**SMALL_RUN, "train": {"steps": "4", "batch_size": "4", "lr": "0.01", "objective": "classify"}}
+    assert http.post("/api/runs", json={"name": "cls1", "values": values}).status_code == 200
+    state = wait_for(http, "/api/runs/cls1", lambda s: s["status"] not in ("starting", "running"))
+    assert state["status"] == "finished", state
+    summary = json.loads((ui["ws"] / "runs" / "cls1" / "summary.json").read_text())
+    assert {"loss", "accuracy", "balanced_accuracy"} <= set(summary["after"])
+    job = http.post("/api/eval", json={"adapter": "runs/cls1/adapter", "task": "dates", "limit": 8}).json()[
+        "job"
+    ]
+    done = wait_for(http, f"/api/jobs/{job}", lambda s: s["status"] != "running")
+    assert done["status"] == "done", done
+    result = done["result"]
+    assert result["objective"] == "classify" and result["examples"] == 8 and "base" not in result
+    assert 0 <= result["adapter"]["balanced_accuracy"] <= 1
+    assert result["adapter"]["samples"][0]["predicted"] in result["classes"]

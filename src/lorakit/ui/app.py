@@ -260,17 +260,12 @@ class _Routes:
                 raise P.bad(f"unknown built-in task {task!r}; available: {sorted(TASKS)}", "task")
             data, shown = ["--task", task], f"task:{task}"
         model = ["--model", self.settings.model] if self.settings.model else []
-        argv = [
-            "eval",
-            *data,
-            "--adapter",
-            str(adapter),
-            "--compare-base",
-            "--json",
-            "--limit",
-            str(limit),
-            *model,
-        ]
+        # a classifier's, reward model's or regression's adapter: its base has no trained head to compare with
+        from lorakit.formats import adapter_num_labels
+
+        heads = await asyncio.to_thread(adapter_num_labels, adapter)
+        compare = [] if heads else ["--compare-base"]
+        argv = ["eval", *data, "--adapter", str(adapter), *compare, "--json", "--limit", str(limit), *model]
         summary = {"adapter": body.get("adapter"), "data": shown, "limit": limit}
         return {"job": self.jobs.start("eval", argv, summary=summary)}
 

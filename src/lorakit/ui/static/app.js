@@ -1310,20 +1310,31 @@ $("#eval-form").addEventListener("submit", (event) => {
   });
 });
 
+// what an evaluation measures, by the adapter's kind: a classifier's, reward model's or regression's has no base
+const EVAL_ROWS = {
+  classify: [["cross-entropy", "loss", fmtLoss], ["accuracy", "accuracy", fmtPercent], ["balanced accuracy", "balanced_accuracy", fmtPercent]],
+  reward: [["loss", "loss", fmtLoss], ["reward accuracy", "reward_accuracy", fmtPercent], ["reward margin", "reward_margin", fmtLoss]],
+  regression: [["squared error", "loss", fmtLoss], ["Pearson", "pearson", fmtLoss], ["Spearman", "spearman", fmtLoss]],
+};
+
 function renderEval(result) {
   const row = (label, key, fmt) =>
     el("tr", {}, el("th", { text: label }), el("td", { class: "num", text: fmt(result.base?.[key]) }), el("td", { class: "num", text: fmt(result.adapter?.[key]) }));
-  $("#eval-result tbody").replaceChildren(row("loss", "loss", fmtLoss), row("accuracy", "accuracy", fmtPercent));
+  const rows = EVAL_ROWS[result.objective] || [["loss", "loss", fmtLoss], ["accuracy", "accuracy", fmtPercent]];
+  $("#eval-result tbody").replaceChildren(...rows.map(([label, key, fmt]) => row(label, key, fmt)));
   $("#eval-result").hidden = false;
-  // the first examples side by side: what was expected, what each model generated
+  // the first examples side by side: what was expected, what each model generated (a classifier: predicted)
   const base = result.base?.samples || [];
   const adapted = result.adapter?.samples || [];
+  const text = (v) => (typeof v === "number" ? v.toFixed(4) : String(v ?? ""));
+  const shown = (s) =>
+    s.chosen !== undefined ? `chosen ${s.chosen.toFixed(3)}, rejected ${s.rejected.toFixed(3)}` : text(s.got ?? s.predicted);
   const samples = adapted.map((s, i) =>
-    el("tr", {}, el("td", { class: "mono nowrap", text: s.expected }), el("td", { class: "mono", text: base[i]?.got ?? "" }), el("td", { class: "mono", text: s.got })),
+    el("tr", {}, el("td", { class: "mono nowrap", text: s.expected === undefined ? "chosen > rejected" : text(s.expected) }), el("td", { class: "mono", text: base[i]?.got ?? "" }), el("td", { class: "mono", text: shown(s) })),
   );
   $("#eval-samples tbody").replaceChildren(...samples);
   $("#eval-samples").hidden = samples.length === 0;
-  $("#eval-status").textContent = `done: ${fmtInt(result.examples)} examples`;
+  $("#eval-status").textContent = `done: ${fmtInt(result.examples ?? result.pairs)} ${result.pairs !== undefined ? "pairs" : "examples"}`;
 }
 
 // ---------------------------------------------------------------------------------------------------------

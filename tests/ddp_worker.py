@@ -5,7 +5,8 @@ the rows are preference pairs and the loss DPO's, its reference the base with th
 pairs, ORPO's loss, no reference; "kto": the rows alone, every other one desirable, KTO's loss and KL
 estimate; "reward": the pairs, on the tiny model with a one-output head, a reward model's loss; "classify": the
 rows labelled one of 3 classes, on the tiny model with a 3-output head; "weighted": the same, with class weights;
-"regression": the rows labelled with numbers, on the tiny model with a one-output head; "stop": train.early_stop 1 on rank 0's evaluations, scripted to rise at step 3, so that each process
+"regression": the rows labelled with numbers, on the tiny model with a one-output head; "multi": each row labelled
+with a set of the 3 classes (multi-label); "stop": train.early_stop 1 on rank 0's evaluations, scripted to rise at step 3, so that each process
 must stop there).
 """
 
@@ -37,7 +38,7 @@ torch.set_num_threads(1)
 world, rank = init_distributed()
 torch.manual_seed(0)
 model = tiny_llama()
-HEADS = {"reward": 1, "classify": 3, "weighted": 3, "regression": 1}
+HEADS = {"reward": 1, "classify": 3, "weighted": 3, "regression": 1, "multi": 3}
 if variant in HEADS:  # the same body with a head of 1 or 3 outputs (its own init, same seed)
     from transformers import LlamaForSequenceClassification
 
@@ -64,11 +65,13 @@ if variant in ("classify", "weighted"):  # each row labelled one of 3 classes
     rows = [Labelled(r, i % 3) for i, r in enumerate(rows)]
 if variant == "regression":  # each row labelled with a number
     rows = [Labelled(r, (i % 5) / 2 - 1) for i, r in enumerate(rows)]
-preference = pairs or variant in ("kto", "classify", "weighted", "regression")
+if variant == "multi":  # each row labelled with a set of classes, some empty
+    rows = [Labelled(r, tuple(c for c in range(3) if (i >> c) & 1)) for i, r in enumerate(rows)]
+preference = pairs or variant in ("kto", "classify", "weighted", "regression", "multi")
 cfg = RunConfig(  # its lora section is the default: the loop adds KaSA's regulariser because the model has it
     train=TrainSection(
         out_dir=str(out), steps=4, batch_size=2, grad_accum=accum, lr=1e-2, warmup_steps=1, save_every=0,
-        objective=("classify" if variant == "weighted" else variant) if preference else "sft",
+        objective=("classify" if variant in ("weighted", "multi") else variant) if preference else "sft",
         fused=not preference,  # preferences under DDP take the model's logits; so does the one process held to them
     )
 )
@@ -84,6 +87,8 @@ if world > 1:
 objective = make_objective(cfg)
 if variant == "weighted":  # weights unlike the batch's shares, so that a normalisation per process would show
     objective.class_weights = [0.5, 2.0, 4.0]
+if variant == "multi":
+    objective.num_labels, objective.multi_label = 3, True
 result = train_loop(
     trained, rows, cfg, pad_id=0, out_dir=out, world=world, rank=rank, objective=objective,
     evaluate=evaluate, best=best,

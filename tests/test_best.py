@@ -129,7 +129,7 @@ def test_a_resumed_run_keeps_the_best_of_the_steps_before_it(tmp_path, plain):
         (["--train.early_stop", "-1"], "train.early_stop must be >= 0, got -1"),
         (
             ["--train.best_metric", "bleu"],
-            "train.best_metric must be one of loss, accuracy, balanced_accuracy, pearson, reward_accuracy, reward_margin, got 'bleu'",
+            "train.best_metric must be one of loss, accuracy, balanced_accuracy, f1, pearson, reward_accuracy, reward_margin, got 'bleu'",
         ),
         (
             ["--train.best_metric", "reward_margin"],

@@ -47,6 +47,7 @@ WORKER = str(Path(__file__).parent / "ddp_worker.py")
         ("classify", 29538),
         ("weighted", 29539),
         ("regression", 29540),
+        ("multi", 29551),
     ],
 )
 def test_two_processes_equal_one_process(tmp_path, variant, port):

@@ -35,11 +35,12 @@ CHAT = [
 TOKENS = 8
 
 
-def _classifier(model_dir: Path, out: Path, labels: int, seed: int, names=None) -> Path:
+def _classifier(model_dir: Path, out: Path, labels: int, seed: int, names=None, problem=None) -> Path:
     torch.manual_seed(seed)
     model, _ = load_model(str(model_dir), num_labels=labels, dtype=torch.float32)
     if names:
         name_classes(model, names)
+    model.config.problem_type = problem  # recorded in the adapter's metadata (multi-label)
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -56,6 +57,9 @@ def dirs(tmp_path_factory, default_model_dir) -> dict[str, Path]:
     root = tmp / "root"
     _classifier(default_model_dir, root / "sentiment", 3, seed=1, names=CLASSES)
     _classifier(default_model_dir, root / "rm", 1, seed=2)
+    _classifier(
+        default_model_dir, root / "tags", 3, seed=3, names=CLASSES, problem="multi_label_classification"
+    )
     model, _ = lorakit.load_model(str(default_model_dir))
     _random_adapter(model, "gen", seed=0)
     lorakit.save_adapter(model, root / "gen", "gen")
@@ -79,7 +83,7 @@ def url(dirs, default_model_dir):
         "--adapter-root",
         str(root),
     ]
-    for name in ("sentiment", "rm", "gen"):
+    for name in ("sentiment", "rm", "gen", "tags"):
         args += ["--adapter", f"{name}={root / name}"]
     log = dirs["tmp"] / "server.log"
     with serve_process(args, log) as (base, proc):
@@ -98,7 +102,7 @@ def oracle(url, dirs, default_model_dir):
     from peft import PeftModel
 
     models = {}
-    for name, labels in (("sentiment", 3), ("rm", 1)):
+    for name, labels in (("sentiment", 3), ("rm", 1), ("tags", 3)):
         base, _ = load_model(str(default_model_dir), num_labels=labels, dtype=torch.float32)
         models[name] = PeftModel.from_pretrained(base, dirs["root"] / name).eval()
 
@@ -139,6 +143,20 @@ def test_a_classifier_scores_texts_as_peft_does(http, oracle, tok):
             assert d["label"] == CLASSES[int(want[i].argmax())]
             torch.testing.assert_close(torch.tensor(d["probs"]), want[i].softmax(-1), atol=1e-4, rtol=0)
     assert 'lorakit_request_seconds_count{endpoint="classify",phase="total"}' in http.get("/metrics").text
+
+
+def test_a_multi_label_classifier_answers_each_class_yes_or_no(http, oracle, tok):
+    """A multi-label classifier's adapter (its metadata says so): each class's sigmoid, and the classes whose logit
+    is over 0 in lorakit's `labels`."""
+    answer = _classify(http, model="tags", input=TEXTS)
+    want = oracle("tags", [tok(t)["input_ids"] for t in TEXTS])
+    torch.testing.assert_close(_logits(answer), want, atol=1e-4, rtol=0)
+    for d, row in zip(answer["data"], want, strict=True):
+        torch.testing.assert_close(torch.tensor(d["probs"]), torch.sigmoid(row), atol=1e-4, rtol=0)
+        assert d["labels"] == [c for c, v in zip(CLASSES, row, strict=True) if v > 0]
+    said = [len(d["labels"]) for d in answer["data"]]
+    assert max(said) > 0 and min(said) < len(CLASSES), said  # the rule is seen to pick, not all or nothing
+    assert "labels" not in _classify(http, model="sentiment", input=TEXTS[0])["data"][0]
 
 
 def test_one_text_pairs_and_token_ids(http, oracle, tok):

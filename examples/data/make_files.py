@@ -9,6 +9,8 @@
   reviews_eval.jsonl    classify`): examples/classify.py's, the eval file's sentiment words never in the train file's
 - reviews_imbalanced.jsonl  the train reviews with one negative review in eight kept (48 positive, 6 negative), for
                         `--classify.class_weights balanced`
+- reviews_tags_train.jsonl, the same reviews with several classes each (multi-label): the sentiment, and
+  reviews_tags_eval.jsonl   "entertainment" (film, book, concert, game) or "hospitality" (food, hotel, service)
 
     python examples/data/make_files.py            # rewrites the files next to this script
 
@@ -57,13 +59,20 @@ def files() -> dict[str, str]:
         for i, p in enumerate(make_pairs("dates", n_train=N, n_eval=1, seed=0)[0])
     ]
     sys.path.insert(0, str(HERE.parent))  # examples/classify.py: its reviews
-    from classify import BAD, GOOD, reviews
+    from classify import BAD, GOOD, THINGS, reviews
+
+    GROUPS = {"entertainment": ("film", "book", "concert", "game"), "hospitality": ("food", "hotel", "service")}
 
     sentiment = {1: "positive", 0: "negative"}
     train_reviews, eval_reviews = (
         [{"text": t, "label": sentiment[y]} for t, y in part]
         for part in (reviews(GOOD[:6], BAD[:6]), reviews(GOOD[6:], BAD[6:]))
     )
+    def tags(r: dict) -> dict:
+        thing = next(t for t in THINGS if t in r["text"])
+        group = [g for g, things in GROUPS.items() if thing in things]
+        return {"text": r["text"], "label": [r["label"], *group]}
+
     negatives = [i for i, r in enumerate(train_reviews) if r["label"] == "negative"]
     dropped = set(negatives) - set(negatives[::8])
     imbalanced = [r for i, r in enumerate(train_reviews) if i not in dropped]
@@ -75,6 +84,8 @@ def files() -> dict[str, str]:
         "reviews_train.jsonl": "".join(json.dumps(r) + "\n" for r in train_reviews),
         "reviews_eval.jsonl": "".join(json.dumps(r) + "\n" for r in eval_reviews),
         "reviews_imbalanced.jsonl": "".join(json.dumps(r) + "\n" for r in imbalanced),
+        "reviews_tags_train.jsonl": "".join(json.dumps(tags(r)) + "\n" for r in train_reviews),
+        "reviews_tags_eval.jsonl": "".join(json.dumps(tags(r)) + "\n" for r in eval_reviews),
     }
 
 

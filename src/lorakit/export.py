@@ -59,8 +59,9 @@ def merged_model(
     names = adapter_class_names(adapter) if num_labels else None
     if names is not None and len(names) == num_labels:  # a classifier's class names go into config.json
         name_classes(model, names)
-    if num_labels and adapter_problem(adapter) == "regression":  # config.json says what its one output is
-        model.config.problem_type = "regression"
+    problem = adapter_problem(adapter) if num_labels else None
+    if problem is not None:  # config.json says what the outputs are (a regression's, a multi-label's)
+        model.config.problem_type = problem
     if quant and dequantized_base:
         if quant.get("method") in ("nf4", "bitsandbytes-nf4"):  # our NF4 is bitsandbytes' (CPU) bit for bit
             quantize(

@@ -238,8 +238,9 @@ def write_folder(
 LABELS_KEY = "lorakit.labels"
 """Safetensors metadata of a classifier's adapter: its class names by id (a JSON list), which PEFT's files lack."""
 PROBLEM_KEY = "lorakit.problem"
-"""Safetensors metadata of a regression's adapter: "regression" (transformers' problem_type), which tells it from
-a reward model's (one output too)."""
+"""Safetensors metadata of a regression's adapter, "regression", which tells it from a reward model's (one output
+too), and of a multi-label classifier's, "multi_label_classification" (transformers' problem_type, either)."""
+PROBLEMS = ("regression", "multi_label_classification")
 
 
 def file_metadata(model: nn.Module, name: str) -> dict[str, str]:
@@ -249,8 +250,9 @@ def file_metadata(model: nn.Module, name: str) -> dict[str, str]:
     names = class_names_of(model)
     if names is not None:
         out[LABELS_KEY] = json.dumps(names)
-    if task_type_for(model) == "SEQ_CLS" and getattr(model.config, "problem_type", None) == "regression":
-        out[PROBLEM_KEY] = "regression"
+    problem = getattr(model.config, "problem_type", None)
+    if task_type_for(model) == "SEQ_CLS" and problem in PROBLEMS:
+        out[PROBLEM_KEY] = problem
     for provider in METADATA:
         out.update(provider(model, name))
     return out
@@ -288,11 +290,13 @@ def adapter_class_names(path: str | os.PathLike) -> list[str] | None:
 
 
 def adapter_problem(path: str | os.PathLike) -> str | None:
-    """"regression" for a regression's adapter folder (its metadata says so), else None."""
+    """What a classifier's adapter folder predicts, as its metadata says: "regression", "multi_label_classification"
+    (transformers' problem_type), else None (one class per text, or a reward model's score)."""
     weights = Path(path) / WEIGHTS_NAME
     if not weights.is_file():
         return None
-    return "regression" if safetensors_metadata(weights).get(PROBLEM_KEY) == "regression" else None
+    problem = safetensors_metadata(weights).get(PROBLEM_KEY)
+    return problem if problem in PROBLEMS else None
 
 
 def after_load(model: nn.Module, path: Path) -> None:

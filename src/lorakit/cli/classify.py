@@ -22,7 +22,7 @@ def eval_classifier(args: argparse.Namespace, labels: int) -> int:
     from lorakit.data.tasks import make_labelled
     from lorakit.device import model_device, to_device
     from lorakit.errors import ConfigError
-    from lorakit.formats import adapter_class_names
+    from lorakit.formats import adapter_class_names, adapter_problem
     from lorakit.train.config import DataSection, RunConfig, TrainSection
     from lorakit.train.evaluate import classify_eval
     from lorakit.train.objectives import make_objective
@@ -52,29 +52,55 @@ def eval_classifier(args: argparse.Namespace, labels: int) -> int:
         source = f"built-in task {args.task!r}"
     model, tok = load(args.model, args.device, args.dtype, num_labels=labels)
     lorakit.load_adapter(model, args.adapter, allow_pickle=args.allow_pickle)
+    multi = adapter_problem(args.adapter) == "multi_label_classification"
+    if items and isinstance(items[0]["label"], list) != multi:
+        kinds = ("lists of classes (several per text)", "single classes")
+        raise ConfigError(
+            f"{source}: its labels are {kinds[not isinstance(items[0]['label'], list)]}, but {args.adapter} is a "
+            f"classifier of {kinds[not multi]}"
+        )
     rows, stats = encode_labelled(tok, items, names, max_len=args.max_len, source=source)
     objective = make_objective(RunConfig(train=TrainSection(objective="classify")))
+    objective.num_labels, objective.multi_label = labels, multi
     measured = classify_eval(model, rows, tok.pad_token_id, objective)
     per_class: dict[str, float] = {}
     samples = []
     if rows:
         model.eval()
-        predicted = []
+        logits = []
         with torch.no_grad():
             for i in range(0, len(rows), 16):
                 part = rows[i : i + 16]
                 batch = to_device(collate(objective.encoded(part), tok.pad_token_id), model_device(model))
-                predicted += objective.logits(model, batch).argmax(-1).tolist()
-        for c, name in enumerate(names):
-            mine = [p == c for p, r in zip(predicted, rows, strict=True) if r.label == c]
-            if mine:
-                per_class[name] = sum(mine) / len(mine)
-        samples = [
-            {"text": it["text"], "expected": names[r.label], "predicted": names[p]}
-            for it, r, p in list(zip(items, rows, predicted, strict=True))[:SAMPLES]
-        ]
+                logits.append(objective.logits(model, batch).cpu())
+        every = torch.cat(logits)
+        if multi:  # a class is said where its logit is over 0; its accuracy: rows whose yes or no is right
+            said = [set(torch.nonzero(row > 0).flatten().tolist()) for row in every]
+            for c, name in enumerate(names):
+                per_class[name] = sum(
+                    (c in s) == (c in r.label) for s, r in zip(said, rows, strict=True)
+                ) / len(rows)
+            samples = [
+                {
+                    "text": it["text"],
+                    "expected": [names[c] for c in r.label],
+                    "predicted": [names[c] for c in sorted(s)],
+                }
+                for it, r, s in list(zip(items, rows, said, strict=True))[:SAMPLES]
+            ]
+        else:
+            predicted = every.argmax(-1).tolist()
+            for c, name in enumerate(names):
+                mine = [p == c for p, r in zip(predicted, rows, strict=True) if r.label == c]
+                if mine:
+                    per_class[name] = sum(mine) / len(mine)
+            samples = [
+                {"text": it["text"], "expected": names[r.label], "predicted": names[p]}
+                for it, r, p in list(zip(items, rows, predicted, strict=True))[:SAMPLES]
+            ]
     report = {
         "objective": "classify",
+        "multi_label": multi,
         "examples": len(rows),
         "truncated": stats["truncated"],
         "max_len": args.max_len,
@@ -90,10 +116,16 @@ def eval_classifier(args: argparse.Namespace, labels: int) -> int:
     if not rows:
         print("nothing to measure")
         return 0
-    print(
-        f"accuracy: {100 * measured['accuracy']:.1f}% (balanced: {100 * measured['balanced_accuracy']:.1f}%), "
-        f"cross-entropy {measured['loss']:.4f}"
-    )
+    if multi:
+        print(
+            f"accuracy (every class right): {100 * measured['accuracy']:.1f}%, micro-F1 {measured['f1']:.4f}, "
+            f"binary cross-entropy {measured['loss']:.4f}"
+        )
+    else:
+        print(
+            f"accuracy: {100 * measured['accuracy']:.1f}% (balanced: {100 * measured['balanced_accuracy']:.1f}%), "
+            f"cross-entropy {measured['loss']:.4f}"
+        )
     print("per class: " + ", ".join(f"{n} {100 * a:.1f}%" for n, a in per_class.items()))
     for s in samples:
         print(f"  {s['text']!r}: expected {s['expected']}, predicted {s['predicted']}")

@@ -129,6 +129,8 @@ def _print_summary(summary: dict) -> None:
     if "reward_accuracy" in a:  # a preference objective
         print(f"reward acc.  {100 * b['reward_accuracy']:7.1f}%   {100 * a['reward_accuracy']:7.1f}%")
         print(f"reward margin{b['reward_margin']:8.3f}   {a['reward_margin']:8.3f}")
+    if "f1" in a:  # a multi-label classifier
+        print(f"F1 (micro)   {b['f1']:8.4f}   {a['f1']:8.4f}")
     if "pearson" in a:  # a regression
         print(f"Pearson      {b['pearson']:8.4f}   {a['pearson']:8.4f}")
         print(f"Spearman     {b['spearman']:8.4f}   {a['spearman']:8.4f}")

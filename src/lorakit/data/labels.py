@@ -7,7 +7,9 @@ and regression data (`train.objective regression`), whose label is a number to p
 `data.fields` maps other column names onto these (GLUE's `{text: sentence}`, `{text: sentence1, text_pair:
 sentence2}`). A label is a name (a string) or a class id (an integer >= 0, as in Hugging Face datasets; digits in
 a CSV cell too; true and false are 1 and 0). The classes: with names, the train data's names in sorted order; with ids, 0 to the largest id.
-A regression label is a finite number (an integer or a float, or its digits in a CSV cell).
+A multi-label example's label is a list of classes (names or ids; empty where none applies): several classes per
+text, each a yes or no (`is_multi_label`). A regression label is a finite number (an integer or a float, or its
+digits in a CSV cell).
 Every record is checked, and an error names the file, the record and what is wrong.
 """
 
@@ -72,7 +74,15 @@ def labelled_of(
         if "label" not in record:
             what = "a number to predict" if scores else "a class name, or a class id >= 0"
             raise DataError(f"{where}: no 'label' ({what}); has {sorted(record)}")
-        label = _score(record["label"], where) if scores else _label(record["label"], where)
+        raw = record["label"]
+        if scores:
+            label = _score(raw, where)
+        elif isinstance(raw, (list, tuple)):  # several classes per text (multi-label)
+            label = sorted({_label(v, where) for v in raw}, key=str)
+            if len({type(v) for v in label}) > 1:
+                raise DataError(f"{where}: label {list(raw)!r} mixes class names and class ids")
+        else:
+            label = _label(raw, where)
         out.append({"text": text, "text_pair": pair, "label": label})
     return out
 
@@ -109,10 +119,31 @@ def _label(value: Any, where: str) -> str | int:
     )
 
 
+def is_multi_label(items: list[dict[str, Any]], source: str) -> bool:
+    """Whether the examples' labels are lists of classes (several per text); DataError where some are and some
+    are not."""
+    lists = {isinstance(it["label"], list) for it in items}
+    if len(lists) > 1:
+        first = next(
+            i
+            for i, it in enumerate(items)
+            if isinstance(it["label"], list) != isinstance(items[0]["label"], list)
+        )
+        raise DataError(
+            f"{source}: example {first + 1}'s label {items[first]['label']!r} and example 1's "
+            f"{items[0]['label']!r}: the labels mix lists of classes (several per text) and single classes"
+        )
+    return lists == {True}
+
+
 def class_names(items: list[dict[str, Any]], source: str) -> list[str]:
     """The classes of the train examples, by id: their sorted label names, or for integer labels "0" to the largest
-    id. DataError where the labels mix names and ids, or where there is one class only."""
-    labels = {it["label"] for it in items}
+    id (of multi-label examples, of every list). DataError where the labels mix names and ids, or lists and single
+    classes, or where there is one class only."""
+    multi = is_multi_label(items, source)
+    labels = {v for it in items for v in it["label"]} if multi else {it["label"] for it in items}
+    if not labels:
+        raise DataError(f"{source}: every example's list of classes is empty; a classifier needs classes")
     kinds = {type(v) for v in labels}
     if len(kinds) > 1:
         raise DataError(
@@ -126,9 +157,23 @@ def class_names(items: list[dict[str, Any]], source: str) -> list[str]:
     return names
 
 
-def class_ids(items: list[dict[str, Any]], names: list[str], source: str) -> list[int]:
-    """Each item's class id among `names`; DataError naming the first label that is not one of them."""
+def class_ids(
+    items: list[dict[str, Any]], names: list[str], source: str
+) -> list[int] | list[tuple[int, ...]]:
+    """Each item's class id among `names` (a multi-label item's: the tuple of its classes' ids); DataError naming
+    the first label that is not one of them."""
     index = {n: i for i, n in enumerate(names)}
+    if items and isinstance(items[0]["label"], list):
+        ids = []
+        for i, it in enumerate(items):
+            unknown = [v for v in it["label"] if str(v) not in index]
+            if unknown:
+                raise DataError(
+                    f"{source}: example {i + 1} has the label {unknown[0]!r}, which the train data does not have "
+                    f"(its classes: {', '.join(names)})"
+                )
+            ids.append(tuple(index[str(v)] for v in it["label"]))
+        return ids
     out = []
     for i, it in enumerate(items):
         key = str(it["label"])

@@ -12,7 +12,8 @@ Inputs are tokenized as training tokenized them, so that the scores are the trai
 reward model's text
 as a text example (the text, then the end-of-text token) and its conversation through the chat template, ending
 with the answer to score (`lorakit.data.tokenize.encode_example`); token ids as given. `probs` is the softmax of
-the logits (for a head with one output, a reward model's, its sigmoid, as vLLM answers); `logits` (lorakit's
+the logits (for a head with one output, a reward model's, its sigmoid, as vLLM answers; a multi-label
+classifier's, each class's sigmoid, and lorakit's `labels`: the classes whose logit is over 0); `logits` (lorakit's
 extension) are the head's raw outputs: a reward model's reward, and a regression's prediction, is `logits[0]`.
 
 The scoring runs on the engine thread between decode steps (`Engine.call`), a chunk of rows at a time (at most
@@ -139,7 +140,8 @@ class ClassifyRoutes:
                 except EngineStopped:
                     raise P.APIError(503, "the engine has stopped", "server_error") from None
         logits = torch.cat(scores)
-        probs = torch.sigmoid(logits) if head.outputs == 1 else torch.softmax(logits, -1)
+        multi = head.problem == "multi_label_classification"  # each class a yes or no
+        probs = torch.sigmoid(logits) if head.outputs == 1 or multi else torch.softmax(logits, -1)
         data = [
             {
                 "index": i,
@@ -147,6 +149,7 @@ class ClassifyRoutes:
                 "probs": p.tolist(),
                 "num_classes": head.outputs,
                 "logits": row.tolist(),
+                **({"labels": [head.classes[c] for c in range(head.outputs) if row[c] > 0]} if multi else {}),
             }
             for i, (row, p) in enumerate(zip(logits, probs, strict=True))
         ]

@@ -38,6 +38,7 @@ BEST_METRICS = {
     "loss": False,
     "accuracy": True,
     "balanced_accuracy": True,
+    "f1": True,
     "pearson": True,
     "reward_accuracy": True,
     "reward_margin": True,

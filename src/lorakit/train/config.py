@@ -112,8 +112,9 @@ class TrainSection:
     """With eval_every: stop once this many evaluations in a row have not bettered best_metric (0: never)."""
     best_metric: str = "loss"
     """What keep_best and early_stop compare: loss (the eval loss, lower is better), accuracy (exact match; a
-    classifier's accuracy), with train.objective classify balanced_accuracy, with regression pearson, or with a
-    preference objective reward_accuracy or reward_margin (higher is better)."""
+    classifier's accuracy), with train.objective classify balanced_accuracy (one class per text) or f1 (several),
+    with regression pearson, or with a preference objective reward_accuracy or reward_margin (higher is
+    better)."""
     save_every: int = 20
     """Write a resumable checkpoint every N steps (0: never)."""
     log_every: int = 1

@@ -12,7 +12,14 @@ from typing import Any
 
 from lorakit.data.feedback import Feedback, encode_feedback, read_feedback, unpaired
 from lorakit.data.jsonl import DataError, read_examples
-from lorakit.data.labels import class_ids, class_names, encode_labelled, encode_targets, read_labelled
+from lorakit.data.labels import (
+    class_ids,
+    class_names,
+    encode_labelled,
+    encode_targets,
+    is_multi_label,
+    read_labelled,
+)
 from lorakit.data.preference import Pair, as_pair, encode_pairs, read_pairs
 from lorakit.data.tasks import make_labelled, make_pairs, make_scored, make_task
 from lorakit.data.tokenize import IGNORE, Encoded, encode_dataset, pack
@@ -185,14 +192,23 @@ class Classes:
     eval: list[dict[str, Any]]
     source: str
     names: list[str]
+    multi_label: bool = False
+    """Each example's label is a list of classes (several per text)."""
 
 
 def load_classes(cfg: RunConfig) -> Classes:
     """The data section's classification examples (`lorakit.data.labels`; the built-in task's dates, each labelled
     by how it is written) and the train data's classes. Read before the model, whose head has one output per
-    class."""
+    class. DataError where the eval labels are lists and the train labels not, or the other way round."""
     train, ev, source = _load(cfg, read_labelled, make_labelled)
-    return Classes(train, ev, source, class_names(train, source))
+    names = class_names(train, source)
+    multi = is_multi_label(train, source)
+    if ev and is_multi_label(ev, f"{source}, eval") != multi:
+        kinds = ("lists of classes", "single classes")
+        raise DataError(
+            f"{source}: the train labels are {kinds[not multi]} but the eval labels are {kinds[multi]}"
+        )
+    return Classes(train, ev, source, names, multi)
 
 
 def class_weights(cfg: RunConfig, classes: Classes) -> list[float] | None:
@@ -201,6 +217,11 @@ def class_weights(cfg: RunConfig, classes: Classes) -> list[float] | None:
     weights = cfg.classify.class_weights
     if weights == "none":
         return None
+    if classes.multi_label:
+        raise ConfigError(
+            f"classify.class_weights weighs one class per text; {classes.source} has several per text (multi-label), "
+            "which class weights do not support yet"
+        )
     if weights == "balanced":
         counts = Counter(class_ids(classes.train, classes.names, classes.source))
         n, k = len(classes.train), len(classes.names)
@@ -224,7 +245,8 @@ def encode_classes(cfg: RunConfig, tokenizer, say, classes: Classes) -> RunData:
     )
     counts = [0] * len(classes.names)
     for r in train_rows:
-        counts[r.label] += 1
+        for c in r.label if classes.multi_label else [r.label]:
+            counts[c] += 1
     stats["per_class"] = dict(zip(classes.names, counts, strict=True))
     shown = ", ".join(f"{n} {c}" for n, c in list(stats["per_class"].items())[:8])
     more = f", ... ({len(classes.names)} in all)" if len(classes.names) > 8 else ""

@@ -191,6 +191,8 @@ def classify_eval(
     which a majority class cannot carry alone) over `Labelled` rows, in eval mode; {} for no rows."""
     if not rows:
         return {}
+    if getattr(objective, "multi_label", False):
+        return _multi_label_eval(model, rows, pad_id, objective, batch_size)
     was_training = model.training
     model.eval()
     device = model_device(model)
@@ -208,6 +210,34 @@ def classify_eval(
     right = sum(sum(h) for h in hits.values())
     balanced = sum(sum(h) / len(h) for h in hits.values()) / len(hits)
     return {"loss": total / len(rows), "accuracy": right / len(rows), "balanced_accuracy": balanced}
+
+
+def _multi_label_eval(
+    model: nn.Module, rows: list, pad_id: int, objective, batch_size: int
+) -> dict[str, float]:
+    """A multi-label classifier's mean binary cross-entropy (over rows and classes, transformers' loss), its
+    accuracy (the share of rows whose every class is right: a class is predicted where its logit is over 0) and
+    micro-F1 (over all the rows' classes: 2·TP / (2·TP + FP + FN); 1 where nothing is there to find or find)."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    total, exact, tp, fp, fn = 0.0, 0, 0, 0, 0
+    for i in range(0, len(rows), batch_size):
+        part = rows[i : i + batch_size]
+        batch = to_device({**collate(objective.encoded(part), pad_id), **objective.extras(part)}, device)
+        logits = objective.logits(model, batch)
+        hot = batch["class_targets"].to(logits) > 0.5
+        total += float(
+            F.binary_cross_entropy_with_logits(logits, hot.float(), reduction="none").mean(-1).sum()
+        )
+        said = logits > 0
+        exact += int((said == hot).all(-1).sum())
+        tp += int((said & hot).sum())
+        fp += int((said & ~hot).sum())
+        fn += int((~said & hot).sum())
+    model.train(was_training)
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+    return {"loss": total / len(rows), "accuracy": exact / len(rows), "f1": f1}
 
 
 def regression_eval(

@@ -401,14 +401,19 @@ class ClassifyObjective(Objective):
 
     def __init__(self, cfg: RunConfig) -> None:
         self.num_labels = None  # the classes of the train data: set by the run once it has read them
-        self.class_weights: list[float] | None = (
-            None  # each class's weight in the loss (classify.class_weights)
-        )
+        # each class's weight in the loss (classify.class_weights)
+        self.class_weights: list[float] | None = None
+        self.multi_label = False  # several classes per text (each row's label a tuple of ids): set by the run
 
     def encoded(self, rows: list[Labelled]) -> list[Encoded]:
         return [r.row for r in rows]
 
     def extras(self, rows: list[Labelled]) -> dict[str, torch.Tensor]:
+        if self.multi_label:  # each row's classes as 0/1 per output
+            hot = torch.zeros(len(rows), self.num_labels)
+            for i, r in enumerate(rows):
+                hot[i, list(r.label)] = 1.0
+            return {"class_targets": hot}
         return {"class_labels": torch.tensor([r.label for r in rows])}
 
     def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -426,6 +431,11 @@ class ClassifyObjective(Objective):
         self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool
     ) -> tuple[torch.Tensor, dict]:
         logits = self.logits(model, batch)
+        if self.multi_label:  # each class a yes or no: transformers' multi_label_classification loss
+            hot = batch["class_targets"].to(logits)
+            loss = F.binary_cross_entropy_with_logits(logits, hot)
+            exact = ((logits.detach() > 0) == (hot > 0.5)).all(-1)
+            return loss, {"accuracy": float(exact.float().mean())}
         target = batch["class_labels"].to(logits.device)
         loss = class_loss(logits, target, self.class_weights)
         return loss, {"accuracy": float((logits.detach().argmax(-1) == target).float().mean())}

@@ -129,6 +129,17 @@ def run_training(
     if classes is not None and not regression:
         objective.num_labels = len(classes.names)
         objective.class_weights = class_weights(cfg, classes)
+        objective.multi_label = classes.multi_label
+        if classes.multi_label and cfg.train.best_metric == "balanced_accuracy":
+            raise ConfigError(
+                f"train.best_metric balanced_accuracy is a single-label classifier's; {classes.source} has several "
+                "classes per text: use accuracy (every class right), loss, or f1"
+            )
+        if not classes.multi_label and cfg.train.best_metric == "f1":
+            raise ConfigError(
+                f"train.best_metric f1 is a multi-label classifier's; {classes.source} has one class per text: use "
+                "accuracy, balanced_accuracy or loss"
+            )
     model, tokenizer, quant = _base_model(cfg, model, tokenizer, say, objective.num_labels)
     if regression:
         model.config.problem_type = (
@@ -136,6 +147,8 @@ def run_training(
         )
     elif classes is not None:
         name_classes(model, classes.names)
+        if classes.multi_label:  # transformers' own loss is then the binary cross-entropy; and saved
+            model.config.problem_type = "multi_label_classification"
     if cfg.data.add_tokens:
         cfg = _add_tokens(cfg, model, tokenizer, say)
     if cfg.data.alora_invocation is not None:
@@ -379,6 +392,8 @@ def _fmt(m: dict[str, float]) -> str:
     acc = f"accuracy {100 * m['accuracy']:.1f}%, " if "accuracy" in m else ""
     if "reward_accuracy" in m:
         acc += f"reward accuracy {100 * m['reward_accuracy']:.1f}% (margin {m['reward_margin']:.3f}), "
+    if "f1" in m:
+        acc += f"F1 {m['f1']:.4f}, "
     if "pearson" in m:
         acc += f"Pearson {m['pearson']:.4f}, Spearman {m['spearman']:.4f}, "
     return f"{acc}eval loss {m['loss']:.4f}" if "loss" in m else f"{acc}no eval loss (nothing to evaluate)"

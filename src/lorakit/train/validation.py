@@ -77,6 +77,10 @@ def validate(cfg: RunConfig) -> None:
             f"train.best_metric {t.best_metric} is measured with a preference objective, not {t.objective!r}",
         ),
         (
+            t.best_metric != "f1" or t.objective in ("classify", "regression"),
+            f"train.best_metric f1 is measured with train.objective classify (multi-label), not {t.objective!r}",
+        ),
+        (
             t.best_metric != "pearson" or t.objective == "regression",
             f"train.best_metric pearson is measured with train.objective regression, not {t.objective!r}",
         ),
@@ -277,7 +281,7 @@ def _validate_classify(cfg: RunConfig) -> None:
             f"train.fsdp does not work with train.objective {o}; use DDP (torchrun without train.fsdp)",
         ),
         (
-            t.best_metric not in ("accuracy", "balanced_accuracy") or o == "classify",
+            t.best_metric not in ("accuracy", "balanced_accuracy", "f1") or o == "classify",
             f"train.best_metric {t.best_metric} is a classifier's; a regression's are loss (its squared error) and "
             "pearson",
         ),

@@ -23,6 +23,7 @@ from lorakit.train.loop import train_loop
 from lorakit.train.objectives import make_objective
 from lorakit.train.run import run_training
 
+from seqcls_oracle import merge_matches, peft_steps, random_start
 from tiny import cli_here
 from trl_dpo_oracle import build_tiny_model
 
@@ -108,35 +109,6 @@ def test_pairs_are_joined_and_truncated_the_tokenizer_s_way(default_model_dir):
 # -- training ----------------------------------------------------------------------------------------------------
 
 
-def _peft_oracle(
-    model_dir: Path, adapter_dir: Path, batch: dict, labels: torch.Tensor, steps: int, lr: float
-):
-    """PEFT's model from the same adapter, transformers' own classification loss, torch's AdamW (lorakit's
-    settings: betas 0.9/0.999, eps 1e-8, no weight decay), clipping at 1, `steps` steps on one batch."""
-    from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification
-
-    base = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, num_labels=3, dtype=torch.float32, local_files_only=True
-    )
-    base.config.pad_token_id = 2
-    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    losses = []
-    model.train()
-    for _ in range(steps):
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss))
-    from peft import get_peft_model_state_dict
-
-    return losses, get_peft_model_state_dict(model)
-
-
 def test_training_equals_peft_with_transformers_loss(model_dir, tmp_path):
     """3 steps on one batch: every step's loss to 1e-5 and the trained adapter (LoRA and the head) to 1e-5 against
     PEFT + transformers' classification loss + torch's AdamW (float32, the same forward; only kernels' summation
@@ -144,14 +116,7 @@ def test_training_equals_peft_with_transformers_loss(model_dir, tmp_path):
     from lorakit.data.labels import labelled_of
     from lorakit.train.schedule import collate
 
-    torch.manual_seed(4)
-    model, tok = load_model(str(model_dir), num_labels=3)
-    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    start = lorakit.save_adapter(model, tmp_path / "start")
+    model, tok, start = random_start(model_dir, tmp_path / "start", 3)
     items = labelled_of([(f"r{i}", r) for i, r in enumerate(ROWS)], "rows", {})
     names = class_names(items, "rows")
     rows, _ = encode_labelled(tok, items, names, max_len=64)
@@ -180,7 +145,8 @@ def test_training_equals_peft_with_transformers_loss(model_dir, tmp_path):
         callbacks=[records.append],
     )
     batch = collate(objective.encoded(rows), tok.pad_token_id)
-    losses, theirs = _peft_oracle(model_dir, start, batch, torch.tensor([r.label for r in rows]), 3, 5e-3)
+    labels = torch.tensor([r.label for r in rows])
+    losses, theirs = peft_steps(model_dir, start, batch, labels, steps=3, lr=5e-3, num_labels=3)
     steps = [r for r in records if "loss" in r]
     assert [r["loss"] for r in steps] == pytest.approx(losses, abs=1e-5)
     ours = lorakit.adapter_state_dict(model)
@@ -221,25 +187,14 @@ def test_a_run_learns_and_saves_a_classifier_with_its_class_names(trained, model
     """The built-in task's dates, labelled by how each is written: the loss falls, the eval reports accuracy and
     loss, the adapter is PEFT's SEQ_CLS layout with the class names in its metadata; `lorakit merge` writes a
     ...ForSequenceClassification folder whose config names the classes and whose logits are the adapter's."""
-    from transformers import AutoModelForSequenceClassification
-
     before, after = trained["before"], trained["after"]
     assert set(before) == {"loss", "accuracy", "balanced_accuracy"} and after["loss"] < before["loss"]
     adapter = Path(trained["adapter"])
     assert json.loads((adapter / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
     assert lorakit.formats.adapter_class_names(adapter) == ["european", "iso", "us", "words"]
-    out = tmp_path / "merged"
-    proc = cli_here(capsys, "merge", "--model", str(model_dir), "--adapter", str(adapter), "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    config = json.loads((out / "config.json").read_text())
+    texts = ["2020-01-02", "03/04/1999", "5 May 1950"]
+    config = merge_matches(capsys, model_dir, adapter, tmp_path / "merged", texts, 4)
     assert config["id2label"] == {"0": "european", "1": "iso", "2": "us", "3": "words"}
-    tok = load_model(str(model_dir))[1]
-    batch = tok(["2020-01-02", "03/04/1999", "5 May 1950"], return_tensors="pt", padding=True)
-    ours, _ = load_model(str(model_dir), num_labels=4)
-    lorakit.load_adapter(ours, adapter)
-    merged = AutoModelForSequenceClassification.from_pretrained(out, local_files_only=True).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(merged(**batch).logits, ours.eval()(**batch).logits, atol=1e-5, rtol=0)
 
 
 def test_eval_measures_a_classifier_adapter(trained, model_dir, tmp_path, capsys):

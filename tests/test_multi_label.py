@@ -25,6 +25,7 @@ from lorakit.train.loop import train_loop
 from lorakit.train.objectives import make_objective
 from lorakit.train.run import run_training
 
+from seqcls_oracle import merge_matches, peft_steps, random_start
 from tiny import cli_here
 from trl_dpo_oracle import build_tiny_model
 
@@ -97,48 +98,12 @@ def test_eval_labels_must_be_lists_too_and_known(model_dir, tmp_path):
     assert not (tmp_path / "run" / "adapter").exists()
 
 
-def _peft_oracle(model_dir: Path, adapter_dir: Path, batch: dict, hot: torch.Tensor, steps: int, lr: float):
-    """PEFT's model from the same adapter with problem_type multi_label_classification (transformers' own
-    BCEWithLogitsLoss), torch's AdamW (lorakit's settings), clipping at 1, `steps` steps on one batch."""
-    from peft import PeftModel, get_peft_model_state_dict
-    from transformers import AutoModelForSequenceClassification
-
-    base = AutoModelForSequenceClassification.from_pretrained(
-        model_dir,
-        num_labels=4,
-        problem_type="multi_label_classification",
-        dtype=torch.float32,
-        local_files_only=True,
-    )
-    base.config.pad_token_id = 2
-    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    losses = []
-    model.train()
-    for _ in range(steps):
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=hot).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss))
-    return losses, get_peft_model_state_dict(model)
-
-
 def test_training_equals_peft_with_transformers_multi_label_loss(model_dir, tmp_path):
     """3 steps on one batch: every step's loss and the trained adapter (LoRA and head) to 1e-5 against PEFT +
     transformers' multi-label loss + torch's AdamW (float32, the same forward; only summation order differs)."""
     from lorakit.train.schedule import collate
 
-    torch.manual_seed(4)
-    model, tok = load_model(str(model_dir), num_labels=4)
-    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    start = lorakit.save_adapter(model, tmp_path / "start")
+    model, tok, start = random_start(model_dir, tmp_path / "start", 4)
     items = labelled_of([(f"r{i}", r) for i, r in enumerate(ROWS)], "rows", {})
     rows, _ = encode_labelled(tok, items, CLASSES, max_len=64)
     cfg = RunConfig(
@@ -168,7 +133,16 @@ def test_training_equals_peft_with_transformers_multi_label_loss(model_dir, tmp_
     batch = collate(objective.encoded(rows), tok.pad_token_id)
     hot = objective.extras(rows)["class_targets"]
     assert hot.sum(0).tolist() == [2.0, 2.0, 2.0, 3.0]  # the lists as 0/1 per class
-    losses, theirs = _peft_oracle(model_dir, start, batch, hot, 3, 5e-3)
+    losses, theirs = peft_steps(
+        model_dir,
+        start,
+        batch,
+        hot,
+        steps=3,
+        lr=5e-3,
+        num_labels=4,
+        problem_type="multi_label_classification",
+    )
     assert [r["loss"] for r in records if "loss" in r] == pytest.approx(losses, abs=1e-5)
     ours = lorakit.adapter_state_dict(model)
     assert set(ours) == set(theirs)
@@ -213,8 +187,6 @@ def _run(model_dir: Path, tmp_path: Path, *overrides: str) -> dict:
 
 
 def test_a_run_saves_a_multi_label_classifier_that_eval_and_merge_read(model_dir, tmp_path, capsys):
-    from transformers import AutoModelForSequenceClassification
-
     summary = _run(model_dir, tmp_path)
     assert (
         set(summary["after"]) == {"loss", "accuracy", "f1"}
@@ -240,17 +212,10 @@ def test_a_run_saves_a_multi_label_classifier_that_eval_and_merge_read(model_dir
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["multi_label"] is True and set(report["adapter"]["per_class_accuracy"]) == set(CLASSES)
     assert isinstance(report["adapter"]["samples"][0]["predicted"], list)
-    out = tmp_path / "merged"
-    proc = cli_here(capsys, "merge", "--model", str(model_dir), "--adapter", str(adapter), "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads((out / "config.json").read_text())["problem_type"] == "multi_label_classification"
-    tok = load_model(str(model_dir))[1]
-    batch = tok(["The film was great.", "Rain."], return_tensors="pt", padding=True)
-    ours, _ = load_model(str(model_dir), num_labels=4)
-    lorakit.load_adapter(ours, adapter)
-    merged = AutoModelForSequenceClassification.from_pretrained(out, local_files_only=True).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(merged(**batch).logits, ours.eval()(**batch).logits, atol=1e-5, rtol=0)
+    config = merge_matches(
+        capsys, model_dir, adapter, tmp_path / "merged", ["The film was great.", "Rain."], 4
+    )
+    assert config["problem_type"] == "multi_label_classification"
 
 
 def test_settings_that_need_one_class_per_text_are_refused(model_dir, tmp_path):

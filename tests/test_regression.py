@@ -27,6 +27,7 @@ from lorakit.train.loop import train_loop
 from lorakit.train.objectives import make_objective
 from lorakit.train.run import run_training
 
+from seqcls_oracle import merge_matches, peft_steps, random_start
 from tiny import cli_here
 from trl_dpo_oracle import build_tiny_model
 
@@ -108,49 +109,13 @@ def test_the_correlations_are_pearson_s_and_spearman_s():
     )  # a constant: nothing to correlate
 
 
-def _peft_oracle(
-    model_dir: Path, adapter_dir: Path, batch: dict, targets: torch.Tensor, steps: int, lr: float
-):
-    """PEFT's model from the same adapter with problem_type regression (transformers' own MSE loss), torch's
-    AdamW (lorakit's settings), clipping at 1, `steps` steps on one batch."""
-    from peft import PeftModel, get_peft_model_state_dict
-    from transformers import AutoModelForSequenceClassification
-
-    base = AutoModelForSequenceClassification.from_pretrained(
-        model_dir, num_labels=1, problem_type="regression", dtype=torch.float32, local_files_only=True
-    )
-    base.config.pad_token_id = 2
-    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    losses = []
-    model.train()
-    for _ in range(steps):
-        loss = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=targets
-        ).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss))
-    return losses, get_peft_model_state_dict(model)
-
-
 def test_training_equals_peft_with_transformers_regression_loss(model_dir, tmp_path):
     """3 steps on one batch of text pairs: every step's loss and the trained adapter (LoRA and head) to 1e-5
     against PEFT + transformers' regression loss + torch's AdamW (float32, the same forward; only kernels'
     summation order differs)."""
     from lorakit.train.schedule import collate
 
-    torch.manual_seed(4)
-    model, tok = load_model(str(model_dir), num_labels=1)
-    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    start = lorakit.save_adapter(model, tmp_path / "start")
+    model, tok, start = random_start(model_dir, tmp_path / "start", 1)
     items = labelled_of([(f"r{i}", r) for i, r in enumerate(ROWS)], "rows", {}, scores=True)
     rows, _ = encode_targets(tok, items, [it["label"] for it in items], max_len=64)
     cfg = RunConfig(
@@ -178,7 +143,9 @@ def test_training_equals_peft_with_transformers_regression_loss(model_dir, tmp_p
     )
     batch = collate(objective.encoded(rows), tok.pad_token_id)
     targets = torch.tensor([float(r.label) for r in rows])
-    losses, theirs = _peft_oracle(model_dir, start, batch, targets, 3, 5e-3)
+    losses, theirs = peft_steps(
+        model_dir, start, batch, targets, steps=3, lr=5e-3, num_labels=1, problem_type="regression"
+    )
     assert [r["loss"] for r in records if "loss" in r] == pytest.approx(losses, abs=1e-5)
     ours = lorakit.adapter_state_dict(model)
     assert set(ours) == set(theirs) and "base_model.model.score.weight" in ours
@@ -204,8 +171,6 @@ def test_a_run_learns_and_saves_a_regression(trained, model_dir, tmp_path, capsy
     correlations, the adapter says it is a regression's (PEFT's SEQ_CLS layout, one output); lorakit eval
     measures it as the run did; `lorakit merge` writes a classifier whose config says regression and whose outputs
     are the adapter's."""
-    from transformers import AutoModelForSequenceClassification
-
     before, after = trained["before"], trained["after"]
     assert set(before) == {"loss", "pearson", "spearman"} and after["loss"] < before["loss"]
     assert after["pearson"] > before["pearson"] + 0.1
@@ -231,17 +196,8 @@ def test_a_run_learns_and_saves_a_regression(trained, model_dir, tmp_path, capsy
     report = json.loads(proc.stdout.strip().splitlines()[-1])["adapter"]
     for k in ("loss", "pearson", "spearman"):
         assert report[k] == pytest.approx(after[k], abs=1e-4), k
-    out = tmp_path / "merged"
-    proc = cli_here(capsys, "merge", "--model", str(model_dir), "--adapter", str(adapter), "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads((out / "config.json").read_text())["problem_type"] == "regression"
-    tok = load_model(str(model_dir))[1]
-    batch = tok(["2020-01-02", "03/04/1999"], return_tensors="pt", padding=True)
-    ours, _ = load_model(str(model_dir), num_labels=1)
-    lorakit.load_adapter(ours, adapter)
-    merged = AutoModelForSequenceClassification.from_pretrained(out, local_files_only=True).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(merged(**batch).logits, ours.eval()(**batch).logits, atol=1e-5, rtol=0)
+    config = merge_matches(capsys, model_dir, adapter, tmp_path / "merged", ["2020-01-02", "03/04/1999"], 1)
+    assert config["problem_type"] == "regression"
 
 
 def test_a_served_regression_reads_texts_as_training_did(trained, model_dir):

@@ -28,6 +28,37 @@ def random_start(model_dir: Path, folder: Path, num_labels: int):
     return model, tok, lorakit.save_adapter(model, folder)
 
 
+def lorakit_steps(
+    model, tok, rows: list, out: Path, objective: str, **settings
+) -> tuple[list[float], object]:
+    """3 steps of lorakit's loop on one batch of all `rows` (lr 5e-3, constant), the objective's attributes set
+    from `settings` (num_labels, multi_label): (each step's loss, the objective)."""
+    from lorakit.train.config import RunConfig, TrainSection
+    from lorakit.train.loop import train_loop
+    from lorakit.train.objectives import make_objective
+
+    cfg = RunConfig(
+        train=TrainSection(
+            out_dir=str(out),
+            steps=3,
+            batch_size=len(rows),
+            lr=5e-3,
+            schedule="constant",
+            warmup_steps=0,
+            save_every=0,
+            objective=objective,
+        )
+    )
+    made = make_objective(cfg)
+    for key, value in settings.items():
+        setattr(made, key, value)
+    records: list[dict] = []
+    train_loop(
+        model, rows, cfg, pad_id=tok.pad_token_id, out_dir=out, objective=made, callbacks=[records.append]
+    )
+    return [r["loss"] for r in records if "loss" in r], made
+
+
 def peft_steps(
     model_dir: Path,
     adapter_dir: Path,

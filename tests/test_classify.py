@@ -18,12 +18,10 @@ from lorakit.data.files import DataError
 from lorakit.data.labels import class_names, encode_labelled, read_labelled
 from lorakit.errors import ConfigError
 from lorakit.models import load_model
-from lorakit.train.config import RunConfig, TrainSection, load_config
-from lorakit.train.loop import train_loop
-from lorakit.train.objectives import make_objective
+from lorakit.train.config import load_config
 from lorakit.train.run import run_training
 
-from seqcls_oracle import merge_matches, peft_steps, random_start
+from seqcls_oracle import lorakit_steps, merge_matches, peft_steps, random_start
 from tiny import cli_here
 from trl_dpo_oracle import build_tiny_model
 
@@ -120,35 +118,11 @@ def test_training_equals_peft_with_transformers_loss(model_dir, tmp_path):
     items = labelled_of([(f"r{i}", r) for i, r in enumerate(ROWS)], "rows", {})
     names = class_names(items, "rows")
     rows, _ = encode_labelled(tok, items, names, max_len=64)
-    cfg = RunConfig(
-        train=TrainSection(
-            out_dir=str(tmp_path / "run"),
-            steps=3,
-            batch_size=len(rows),
-            lr=5e-3,
-            schedule="constant",
-            warmup_steps=0,
-            save_every=0,
-            objective="classify",
-        )
-    )
-    objective = make_objective(cfg)
-    objective.num_labels = 3
-    records: list[dict] = []
-    train_loop(
-        model,
-        rows,
-        cfg,
-        pad_id=tok.pad_token_id,
-        out_dir=tmp_path / "run",
-        objective=objective,
-        callbacks=[records.append],
-    )
+    ours_losses, objective = lorakit_steps(model, tok, rows, tmp_path / "run", "classify", num_labels=3)
     batch = collate(objective.encoded(rows), tok.pad_token_id)
     labels = torch.tensor([r.label for r in rows])
     losses, theirs = peft_steps(model_dir, start, batch, labels, steps=3, lr=5e-3, num_labels=3)
-    steps = [r for r in records if "loss" in r]
-    assert [r["loss"] for r in steps] == pytest.approx(losses, abs=1e-5)
+    assert ours_losses == pytest.approx(losses, abs=1e-5)
     ours = lorakit.adapter_state_dict(model)
     assert set(ours) == set(theirs) and "base_model.model.score.weight" in ours
     for k, v in theirs.items():

@@ -19,13 +19,12 @@ from lorakit.data.labels import class_ids, class_names, encode_labelled, labelle
 from lorakit.errors import ConfigError
 from lorakit.formats import adapter_problem
 from lorakit.models import load_model
-from lorakit.train.config import RunConfig, TrainSection, load_config
+from lorakit.train.config import load_config
 from lorakit.train.evaluate import classify_eval
-from lorakit.train.loop import train_loop
 from lorakit.train.objectives import make_objective
 from lorakit.train.run import run_training
 
-from seqcls_oracle import merge_matches, peft_steps, random_start
+from seqcls_oracle import lorakit_steps, merge_matches, peft_steps, random_start
 from tiny import cli_here
 from trl_dpo_oracle import build_tiny_model
 
@@ -106,29 +105,8 @@ def test_training_equals_peft_with_transformers_multi_label_loss(model_dir, tmp_
     model, tok, start = random_start(model_dir, tmp_path / "start", 4)
     items = labelled_of([(f"r{i}", r) for i, r in enumerate(ROWS)], "rows", {})
     rows, _ = encode_labelled(tok, items, CLASSES, max_len=64)
-    cfg = RunConfig(
-        train=TrainSection(
-            out_dir=str(tmp_path / "run"),
-            steps=3,
-            batch_size=len(rows),
-            lr=5e-3,
-            schedule="constant",
-            warmup_steps=0,
-            save_every=0,
-            objective="classify",
-        )
-    )
-    objective = make_objective(cfg)
-    objective.num_labels, objective.multi_label = 4, True
-    records: list[dict] = []
-    train_loop(
-        model,
-        rows,
-        cfg,
-        pad_id=tok.pad_token_id,
-        out_dir=tmp_path / "run",
-        objective=objective,
-        callbacks=[records.append],
+    ours_losses, objective = lorakit_steps(
+        model, tok, rows, tmp_path / "run", "classify", num_labels=4, multi_label=True
     )
     batch = collate(objective.encoded(rows), tok.pad_token_id)
     hot = objective.extras(rows)["class_targets"]
@@ -143,7 +121,7 @@ def test_training_equals_peft_with_transformers_multi_label_loss(model_dir, tmp_
         num_labels=4,
         problem_type="multi_label_classification",
     )
-    assert [r["loss"] for r in records if "loss" in r] == pytest.approx(losses, abs=1e-5)
+    assert ours_losses == pytest.approx(losses, abs=1e-5)
     ours = lorakit.adapter_state_dict(model)
     assert set(ours) == set(theirs)
     for k, v in theirs.items():

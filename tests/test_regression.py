@@ -23,11 +23,10 @@ from lorakit.formats import adapter_problem
 from lorakit.models import load_model
 from lorakit.train.config import RunConfig, TrainSection, load_config
 from lorakit.train.evaluate import pearson, regression_eval
-from lorakit.train.loop import train_loop
 from lorakit.train.objectives import make_objective
 from lorakit.train.run import run_training
 
-from seqcls_oracle import merge_matches, peft_steps, random_start
+from seqcls_oracle import lorakit_steps, merge_matches, peft_steps, random_start
 from tiny import cli_here
 from trl_dpo_oracle import build_tiny_model
 
@@ -118,35 +117,13 @@ def test_training_equals_peft_with_transformers_regression_loss(model_dir, tmp_p
     model, tok, start = random_start(model_dir, tmp_path / "start", 1)
     items = labelled_of([(f"r{i}", r) for i, r in enumerate(ROWS)], "rows", {}, scores=True)
     rows, _ = encode_targets(tok, items, [it["label"] for it in items], max_len=64)
-    cfg = RunConfig(
-        train=TrainSection(
-            out_dir=str(tmp_path / "run"),
-            steps=3,
-            batch_size=len(rows),
-            lr=5e-3,
-            schedule="constant",
-            warmup_steps=0,
-            save_every=0,
-            objective="regression",
-        )
-    )
-    records: list[dict] = []
-    objective = make_objective(cfg)
-    train_loop(
-        model,
-        rows,
-        cfg,
-        pad_id=tok.pad_token_id,
-        out_dir=tmp_path / "run",
-        objective=objective,
-        callbacks=[records.append],
-    )
+    ours_losses, objective = lorakit_steps(model, tok, rows, tmp_path / "run", "regression")
     batch = collate(objective.encoded(rows), tok.pad_token_id)
     targets = torch.tensor([float(r.label) for r in rows])
     losses, theirs = peft_steps(
         model_dir, start, batch, targets, steps=3, lr=5e-3, num_labels=1, problem_type="regression"
     )
-    assert [r["loss"] for r in records if "loss" in r] == pytest.approx(losses, abs=1e-5)
+    assert ours_losses == pytest.approx(losses, abs=1e-5)
     ours = lorakit.adapter_state_dict(model)
     assert set(ours) == set(theirs) and "base_model.model.score.weight" in ours
     for k, v in theirs.items():

@@ -159,6 +159,14 @@ def test_a_multi_label_classifier_answers_each_class_yes_or_no(http, oracle, tok
     assert "labels" not in _classify(http, model="sentiment", input=TEXTS[0])["data"][0]
 
 
+def test_model_cards_say_which_adapters_classify(http):
+    cards = {c["id"]: c for c in http.get("/v1/models").json()["data"]}
+    assert cards["sentiment"]["classifier"] == {"kind": "single_label_classification", "classes": CLASSES}
+    assert cards["tags"]["classifier"] == {"kind": "multi_label_classification", "classes": CLASSES}
+    assert cards["rm"]["classifier"] == {"kind": "reward", "classes": ["LABEL_0"]}
+    assert "classifier" not in cards["gen"] and "classifier" not in http.get("/v1/models/gen").json()
+
+
 def test_one_text_pairs_and_token_ids(http, oracle, tok):
     one = _classify(http, model="sentiment", input=TEXTS[0])
     assert len(one["data"]) == 1

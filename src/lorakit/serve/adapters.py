@@ -194,7 +194,15 @@ class AdapterRoutes:
     def cards(self) -> list[dict[str, Any]]:
         out = [self._card(self.base_name, self.base_path, None)]
         for name in self.bank.names():
-            out.append(self._card(name, str(self.bank.paths.get(name) or ""), self.base_name))
+            card = self._card(name, str(self.bank.paths.get(name) or ""), self.base_name)
+            out.append(card)
+            try:
+                head = self.bank.head(name)
+            except AdapterError:  # unloaded since names() was read
+                continue
+            if head is not None:  # lorakit's extension: a classifier's adapter, served at /v1/classify
+                kind = head.problem or ("reward" if head.outputs == 1 else "single_label_classification")
+                card["classifier"] = {"kind": kind, "classes": list(head.classes)}
         return out
 
     def _card(self, name: str, root: str, parent: str | None) -> dict[str, Any]:

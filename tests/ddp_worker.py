@@ -6,7 +6,7 @@ pairs, ORPO's loss, no reference; "kto": the rows alone, every other one desirab
 estimate; "reward": the pairs, on the tiny model with a one-output head, a reward model's loss; "classify": the
 rows labelled one of 3 classes, on the tiny model with a 3-output head; "weighted": the same, with class weights;
 "regression": the rows labelled with numbers, on the tiny model with a one-output head; "multi": each row labelled
-with a set of the 3 classes (multi-label); "stop": train.early_stop 1 on rank 0's evaluations, scripted to rise at step 3, so that each process
+with a set of the 3 classes (multi-label), with class weights; "stop": train.early_stop 1 on rank 0's evaluations, scripted to rise at step 3, so that each process
 must stop there).
 """
 
@@ -87,8 +87,8 @@ if world > 1:
 objective = make_objective(cfg)
 if variant == "weighted":  # weights unlike the batch's shares, so that a normalisation per process would show
     objective.class_weights = [0.5, 2.0, 4.0]
-if variant == "multi":
-    objective.num_labels, objective.multi_label = 3, True
+if variant == "multi":  # with each class's positives weighted (pos_weight), unlike the batch's shares
+    objective.num_labels, objective.multi_label, objective.class_weights = 3, True, [0.5, 2.0, 4.0]
 result = train_loop(
     trained, rows, cfg, pad_id=0, out_dir=out, world=world, rank=rank, objective=objective,
     evaluate=evaluate, best=best,

@@ -196,9 +196,49 @@ def test_a_run_saves_a_multi_label_classifier_that_eval_and_merge_read(model_dir
     assert config["problem_type"] == "multi_label_classification"
 
 
-def test_settings_that_need_one_class_per_text_are_refused(model_dir, tmp_path):
-    with pytest.raises(ConfigError, match="several per text"):
-        _run(model_dir, tmp_path / "a", "--classify.class_weights", "balanced")
+def test_the_loss_with_class_weights_weighs_each_class_s_positives():
+    """float64 by hand: the mean over rows and classes of −(w_c·y·log σ(x) + (1 − y)·log(1 − σ(x))); two
+    micro-batches of 2 average to the batch of 4."""
+    from lorakit.train.losses import multi_label_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    hot = torch.tensor([[1, 0, 1], [0, 0, 0], [1, 1, 0], [0, 1, 1]], dtype=torch.float64)
+    w = [2.0, 0.5, 3.0]
+    by_hand = (
+        sum(
+            -(
+                w[c] * hot[i, c] * torch.log(torch.sigmoid(logits[i, c]))
+                + (1 - hot[i, c]) * torch.log(torch.sigmoid(-logits[i, c]))
+            )
+            for i in range(4)
+            for c in range(3)
+        )
+        / 12
+    )
+    torch.testing.assert_close(multi_label_loss(logits, hot, w), by_hand, atol=1e-12, rtol=0)
+    halves = (multi_label_loss(logits[:2], hot[:2], w) + multi_label_loss(logits[2:], hot[2:], w)) / 2
+    torch.testing.assert_close(halves, by_hand, atol=1e-12, rtol=0)
+    plain = multi_label_loss(logits, hot)
+    assert abs(float(plain - by_hand)) > 1e-3
+
+
+def test_balanced_weights_are_each_class_s_negatives_over_its_positives():
+    from lorakit.train.datasets import Classes, class_weights
+
+    items = labelled_of([(f"r{i}", r) for i, r in enumerate(ROWS)], "rows", {})
+    cfg = load_config(None, ["--objective", "classify", "--classify.class_weights", "balanced"])
+    # 6 texts: entertainment 2 (4 without), hospitality 2, negative 2, positive 3
+    assert class_weights(cfg, Classes(items, [], "rows", CLASSES, True)) == [2.0, 2.0, 2.0, 1.0]
+    named = load_config(None, ["--objective", "classify", "--classify.class_weights", "{positive: 4}"])
+    assert class_weights(named, Classes(items, [], "rows", CLASSES, True)) == [1.0, 1.0, 1.0, 4.0]
+
+
+def test_weighted_runs_differ_and_settings_that_need_one_class_per_text_are_refused(model_dir, tmp_path):
+    plain = lorakit.read_adapter(_run(model_dir, tmp_path / "p")["adapter"])[1]
+    weighted = _run(model_dir, tmp_path / "a", "--classify.class_weights", "balanced")
+    weighted = lorakit.read_adapter(weighted["adapter"])[1]
+    assert any(not torch.allclose(plain[k], weighted[k], atol=1e-4) for k in plain)
     with pytest.raises(ConfigError, match="balanced_accuracy is a single-label classifier's"):
         _run(model_dir, tmp_path / "b", "--train.best_metric", "balanced_accuracy", "--train.eval_every", "2")
     summary = _run(model_dir, tmp_path / "c", "--train.best_metric", "f1", "--train.eval_every", "4")

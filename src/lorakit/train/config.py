@@ -253,7 +253,8 @@ class ClassifySection:
     """Classifier: how much each class's examples weigh in the loss. none: all 1; balanced: n / (classes x the
     class's count in the train data), so rare classes weigh more (scikit-learn's rule); or {class name: weight},
     classes not named weighing 1. The loss is the mean over examples of weight x cross-entropy (Keras'
-    class_weight), so gradient accumulation and DDP give the loss of one large batch."""
+    class_weight), so gradient accumulation and DDP give the loss of one large batch. Of multi-label data, the
+    weights are each class's positives' (pos_weight): balanced is the class's negatives over its positives."""
 
 
 @dataclass

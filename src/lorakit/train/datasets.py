@@ -212,19 +212,19 @@ def load_classes(cfg: RunConfig) -> Classes:
 
 
 def class_weights(cfg: RunConfig, classes: Classes) -> list[float] | None:
-    """Each class's weight in the loss (`classify.class_weights`), by class id; None: all 1. A named class the
-    train data lacks is a ConfigError naming it and the classes."""
+    """Each class's weight in the loss (`classify.class_weights`), by class id; None: all 1. Of multi-label data,
+    the weight of each class's positive examples (BCEWithLogitsLoss's pos_weight; balanced: the class's negatives
+    over its positives). A named class the train data lacks is a ConfigError naming it and the classes."""
     weights = cfg.classify.class_weights
     if weights == "none":
         return None
-    if classes.multi_label:
-        raise ConfigError(
-            f"classify.class_weights weighs one class per text; {classes.source} has several per text (multi-label), "
-            "which class weights do not support yet"
-        )
+    ids = class_ids(classes.train, classes.names, classes.source)
+    n, k = len(classes.train), len(classes.names)
+    if weights == "balanced" and classes.multi_label:
+        counts = Counter(c for row in ids for c in row)
+        return [(n - counts[c]) / counts[c] if counts[c] else 1.0 for c in range(k)]
     if weights == "balanced":
-        counts = Counter(class_ids(classes.train, classes.names, classes.source))
-        n, k = len(classes.train), len(classes.names)
+        counts = Counter(ids)
         return [n / (k * counts[c]) for c in range(k)]
     unknown = [c for c in weights if c not in classes.names]
     if unknown:

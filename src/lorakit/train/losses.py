@@ -117,6 +117,17 @@ def class_loss(
     return (F.cross_entropy(logits, target, reduction="none") * w[target]).mean()
 
 
+def multi_label_loss(
+    logits: torch.Tensor, hot: torch.Tensor, weights: list[float] | None = None
+) -> torch.Tensor:
+    """A multi-label classifier's loss: each class's binary cross-entropy against whether the row has it (`hot`:
+    0 or 1 per class), averaged over rows and classes (transformers' loss); with `weights`, each class's positive
+    terms times its weight (BCEWithLogitsLoss's pos_weight), still averaged over rows and classes, so that
+    micro-batches of equal size average to the large batch's loss."""
+    pos = None if weights is None else torch.tensor(weights, dtype=logits.dtype, device=logits.device)
+    return F.binary_cross_entropy_with_logits(logits, hot.to(logits), pos_weight=pos)
+
+
 def simpo_losses(
     policy: torch.Tensor, count: torch.Tensor, *, beta: float, gamma: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

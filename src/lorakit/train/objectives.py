@@ -79,6 +79,7 @@ from lorakit.train.losses import (
     feedback_stats,
     kto_losses,
     mean_logprobs,
+    multi_label_loss,
     orpo_losses,
     pair_stats,
     reward_losses,
@@ -393,7 +394,9 @@ class RewardObjective(PreferenceObjective):
 
 class ClassifyObjective(Objective):
     """Text classification on `Labelled` rows: the cross-entropy of the model's class logits (a sequence
-    classifier's head on the last token, or an encoder's pooled output) against each row's class."""
+    classifier's head on the last token, or an encoder's pooled output) against each row's class (weighted by
+    class with `class_weights`); with `multi_label`, each class's binary cross-entropy against whether the row has
+    it (transformers' multi_label_classification loss; `class_weights` weigh each class's positives, pos_weight)."""
 
     name = "classify"
     rows = "labelled"
@@ -433,7 +436,7 @@ class ClassifyObjective(Objective):
         logits = self.logits(model, batch)
         if self.multi_label:  # each class a yes or no: transformers' multi_label_classification loss
             hot = batch["class_targets"].to(logits)
-            loss = F.binary_cross_entropy_with_logits(logits, hot)
+            loss = multi_label_loss(logits, hot, self.class_weights)
             exact = ((logits.detach() > 0) == (hot > 0.5)).all(-1)
             return loss, {"accuracy": float(exact.float().mean())}
         target = batch["class_labels"].to(logits.device)

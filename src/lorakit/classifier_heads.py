@@ -124,9 +124,14 @@ def read_head(model: nn.Module, path: str | os.PathLike, *, allow_pickle: bool =
 
 
 def _hidden_size(model: nn.Module) -> int:
-    config = model.config
+    config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return int(text.hidden_size)
+    size = getattr(text, "hidden_size", None)
+    if size is None:
+        raise AdapterError(
+            f"a classifier's head goes beside a transformers model with a hidden_size, not {type(model).__name__}"
+        )
+    return int(size)
 
 
 def pooled_positions(ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:

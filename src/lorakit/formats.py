@@ -250,7 +250,7 @@ def file_metadata(model: nn.Module, name: str) -> dict[str, str]:
     names = class_names_of(model)
     if names is not None:
         out[LABELS_KEY] = json.dumps(names)
-    problem = getattr(model.config, "problem_type", None)
+    problem = getattr(getattr(model, "config", None), "problem_type", None)  # a plain nn.Module has no config
     if task_type_for(model) == "SEQ_CLS" and problem in PROBLEMS:
         out[PROBLEM_KEY] = problem
     for provider in METADATA:

@@ -28,6 +28,37 @@ def random_start(model_dir: Path, folder: Path, num_labels: int):
     return model, tok, lorakit.save_adapter(model, folder)
 
 
+def random_classifier(
+    model_dir: Path,
+    out: Path,
+    labels: int,
+    seed: int,
+    *,
+    names: list[str] | None = None,
+    problem: str | None = None,
+    targets: str | list[str] = "all-linear",
+    b_std: float = 0.05,
+    head_std: float = 0.5,
+) -> Path:
+    """A classifier's adapter with `labels` outputs saved to `out`: LoRA of r=4 on `targets` with random B, a random
+    head, the class `names` and the `problem` (transformers' problem_type) in its metadata."""
+    from lorakit.formats import name_classes
+
+    torch.manual_seed(seed)
+    model, _ = load_model(str(model_dir), num_labels=labels, dtype=torch.float32)
+    if names:
+        name_classes(model, names)
+    model.config.problem_type = problem
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets=targets))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, b_std)
+            if "score" in name:
+                p.normal_(0, head_std)
+    return lorakit.save_adapter(model, out)
+
+
 def lorakit_steps(
     model, tok, rows: list, out: Path, objective: str, **settings
 ) -> tuple[list[float], object]:

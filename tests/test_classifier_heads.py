@@ -20,29 +20,14 @@ import lorakit
 from lorakit.bank import AdapterBank
 from lorakit.classifier_heads import head_scores, pooled_positions, read_head
 from lorakit.errors import AdapterError
-from lorakit.formats import name_classes
 from lorakit.models import load_model
 
+from seqcls_oracle import random_classifier
 from tiny import snapshot, unchanged
 from trl_dpo_oracle import build_tiny_model
 
 TEXTS = ["great", "a much longer sentence, about nothing at all", "so-so, I guess"]
 CLASSES = ["negative", "neutral", "positive"]
-
-
-def _classifier(model_dir: Path, out: Path, labels: int, seed: int, names=None) -> Path:
-    torch.manual_seed(seed)
-    model, _ = load_model(str(model_dir), num_labels=labels, dtype=torch.float32)
-    if names:
-        name_classes(model, names)
-    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-            if "score" in name:
-                p.normal_(0, 0.5)
-    return lorakit.save_adapter(model, out)
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +36,9 @@ def folders(tmp_path_factory, default_model_dir):
     model_dir = build_tiny_model(default_model_dir, root / "model")
     return {
         "model": model_dir,
-        "cls": _classifier(model_dir, root / "cls", 3, seed=1, names=CLASSES),
-        "cls2": _classifier(model_dir, root / "cls2", 3, seed=2, names=CLASSES),
-        "rm": _classifier(model_dir, root / "rm", 1, seed=3),
+        "cls": random_classifier(model_dir, root / "cls", 3, seed=1, names=CLASSES),
+        "cls2": random_classifier(model_dir, root / "cls2", 3, seed=2, names=CLASSES),
+        "rm": random_classifier(model_dir, root / "rm", 1, seed=3),
         "root": root,
     }
 

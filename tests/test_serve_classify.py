@@ -20,9 +20,10 @@ from test_serve import KEY, PROMPT, _random_adapter, serve_process, wait_until_u
 
 import lorakit
 from lorakit.data.tokenize import encode_example
-from lorakit.formats import name_classes
 from lorakit.generate import generate
 from lorakit.models import load_model
+
+from seqcls_oracle import random_classifier
 
 pytestmark = pytest.mark.real_model
 
@@ -36,19 +37,10 @@ TOKENS = 8
 
 
 def _classifier(model_dir: Path, out: Path, labels: int, seed: int, names=None, problem=None) -> Path:
-    torch.manual_seed(seed)
-    model, _ = load_model(str(model_dir), num_labels=labels, dtype=torch.float32)
-    if names:
-        name_classes(model, names)
-    model.config.problem_type = problem  # recorded in the adapter's metadata (multi-label)
-    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
-            if "score" in name:
-                p.normal_(0, 0.05)
-    return lorakit.save_adapter(model, out)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    return random_classifier(
+        model_dir, out, labels, seed, names=names, problem=problem, targets=targets, b_std=0.02, head_std=0.05
+    )
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
-from lorakit.errors import AdapterError
-from lorakit.formats import PREFIX, adapter_class_names, adapter_problem, read_config_json, read_tensors
+from lorakit.errors import AdapterError, AdapterFileError
+from lorakit.formats import (
+    PREFIX,
+    WEIGHTS_NAME,
+    adapter_class_names,
+    adapter_problem,
+    read_config_json,
+    read_tensors,
+)
 
 MARK = "_lorakit_heads_beside"
 
@@ -82,9 +90,8 @@ def read_head(model: nn.Module, path: str | os.PathLike, *, allow_pickle: bool =
     path = Path(path)
     if not is_classifier(path):
         return None
-    raw = read_config_json(path)
-    tensors = read_tensors(path, allow_pickle)
-    saved = raw.get("modules_to_save")
+    saved = read_config_json(path).get("modules_to_save")
+    tensors = _head_tensors(model, path, saved if isinstance(saved, list) else [], allow_pickle)
     names = head_modules(model, saved if isinstance(saved, list) else None, tensors)
     if not names:
         raise AdapterError(
@@ -121,6 +128,22 @@ def read_head(model: nn.Module, path: str | os.PathLike, *, allow_pickle: bool =
         tuple(classes),
         adapter_problem(path),
     )
+
+
+def _head_tensors(
+    model: nn.Module, path: Path, saved: list[str], allow_pickle: bool
+) -> dict[str, torch.Tensor]:
+    """The file's tensors of the top-level modules it saves whole that `model` lacks: from a safetensors file those
+    alone (the load that planned the LoRA pairs read and checked the whole file already), else all of them."""
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        return read_tensors(path, allow_pickle)
+    prefixes = tuple(f"{PREFIX}{n}." for n in saved if "." not in n and not hasattr(model, n))
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefixes)}  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own SafetensorError
+        raise AdapterFileError(f"{weights}: not a readable safetensors file ({e})") from None
 
 
 def _hidden_size(model: nn.Module) -> int:

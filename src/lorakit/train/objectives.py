@@ -1,7 +1,7 @@
 """What a training step minimises: supervised fine-tuning's token loss, a preference loss on pairs (DPO, SimPO,
-ORPO, CPO), KTO's on answers marked desirable or not, a reward model's on pairs, or a text classifier's
-cross-entropy on labelled texts (`classify`: the model with a head of one output per class, as for reward models),
-or a regression's squared error on texts labelled with numbers (`regression`: a head with one output).
+ORPO, CPO), KTO's on answers marked desirable or not, or a reward model's on pairs. Supervised fine-tuning's is
+`lorakit.train.objective_base.Objective`, which all build on; the classifiers' (classify, regression, token_classify:
+a head of one output per class) are `lorakit.train.classifier_objectives`. `make_objective` gives each by name.
 
 The loop asks the objective for a micro-batch's tensors and its loss; everything else (the optimizer, the methods'
 hooks, checkpoints, resume) is the same for all.
@@ -59,7 +59,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -67,24 +67,22 @@ from torch import nn
 
 from lorakit.control import active_adapters, disabled, set_active
 from lorakit.data.feedback import Feedback, mismatched
-from lorakit.data.labels import Labelled
 from lorakit.data.preference import Pair
 from lorakit.data.tokenize import Encoded
-from lorakit.head import causal_lm_loss, sequence_logprobs
+from lorakit.head import sequence_logprobs
 from lorakit.train.losses import (
     chosen_nll,
-    class_loss,
     cpo_losses,
     dpo_losses,
     feedback_stats,
     kto_losses,
     mean_logprobs,
-    multi_label_loss,
     orpo_losses,
     pair_stats,
     reward_losses,
     simpo_losses,
 )
+from lorakit.train.objective_base import Objective
 
 if TYPE_CHECKING:
     from lorakit.train.config import RunConfig
@@ -110,41 +108,6 @@ NAMES = {
 REFERENCE_ADAPTER = "reference"
 """With train.init_adapter, the name of its frozen copy: DPO's reference (`DpoObjective.reference`)."""
 DPO_LOSSES = ("sigmoid", "ipo", "hinge")
-
-
-class Objective:
-    """Supervised fine-tuning: the mean cross-entropy of the learned tokens (chunked LM head where it can)."""
-
-    name = "sft"
-    rows = "examples"
-    """What a training row is: "examples" (`Encoded`), "pairs" (`Pair`) or "feedback" (`Feedback`)."""
-    precompute = False
-    """Whether the loop computes each row's reference log-probabilities once before training (DPO's
-    dpo.precompute_reference; `DpoObjective.reference_logprobs`)."""
-    num_labels: int | None = None
-    """None: the model is a causal LM; else it is a sequence classifier with this many outputs (a reward model's
-    1; a classifier's, its classes, set once the data is read), loaded as `lorakit.load_model(num_labels=...)`."""
-    generates = True
-    """Whether the evaluation decodes answers for exact match (a sequence classifier generates nothing)."""
-
-    def encoded(self, rows: list[Any]) -> list[Encoded]:
-        """The token rows a micro-batch of training rows collates into."""
-        return rows
-
-    def token_rows(self, rows: list[Any]) -> list[Encoded]:
-        """The training rows' own token rows, what a data-driven init (EVA, CorDA, LoRA-GA) reads: `encoded`'s,
-        less rows made for the loss alone (KTO's KL rows)."""
-        return self.encoded(rows)
-
-    def extras(self, rows: list[Any]) -> dict[str, torch.Tensor]:
-        """Tensors of a micro-batch beside its collated token rows (none here)."""
-        return {}
-
-    def loss(
-        self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool
-    ) -> tuple[torch.Tensor, dict]:
-        """(the micro-batch's loss, its statistics to log: floats)."""
-        return causal_lm_loss(model, batch, fused=fused), {}
 
 
 class PreferenceObjective(Objective):
@@ -392,79 +355,6 @@ class RewardObjective(PreferenceObjective):
         return loss, pair_stats(chosen, rejected)
 
 
-class ClassifyObjective(Objective):
-    """Text classification on `Labelled` rows: the cross-entropy of the model's class logits (a sequence
-    classifier's head on the last token, or an encoder's pooled output) against each row's class (weighted by
-    class with `class_weights`); with `multi_label`, each class's binary cross-entropy against whether the row has
-    it (transformers' multi_label_classification loss; `class_weights` weigh each class's positives, pos_weight)."""
-
-    name = "classify"
-    rows = "labelled"
-    generates = False
-
-    def __init__(self, cfg: RunConfig) -> None:
-        self.num_labels = None  # the classes of the train data: set by the run once it has read them
-        # each class's weight in the loss (classify.class_weights)
-        self.class_weights: list[float] | None = None
-        self.multi_label = False  # several classes per text (each row's label a tuple of ids): set by the run
-
-    def encoded(self, rows: list[Labelled]) -> list[Encoded]:
-        return [r.row for r in rows]
-
-    def extras(self, rows: list[Labelled]) -> dict[str, torch.Tensor]:
-        if self.multi_label:  # each row's classes as 0/1 per output
-            hot = torch.zeros(len(rows), self.num_labels)
-            for i, r in enumerate(rows):
-                hot[i, list(r.label)] = 1.0
-            return {"class_targets": hot}
-        return {"class_labels": torch.tensor([r.label for r in rows])}
-
-    def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Each row's class logits, in float32."""
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logits = out.logits
-        if logits.dim() != 2:
-            raise ValueError(
-                "train.objective classify needs a sequence classifier (one row of class logits per example), "
-                f"got logits of shape {tuple(logits.shape)}"
-            )
-        return logits.float()
-
-    def loss(
-        self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool
-    ) -> tuple[torch.Tensor, dict]:
-        logits = self.logits(model, batch)
-        if self.multi_label:  # each class a yes or no: transformers' multi_label_classification loss
-            hot = batch["class_targets"].to(logits)
-            loss = multi_label_loss(logits, hot, self.class_weights)
-            exact = ((logits.detach() > 0) == (hot > 0.5)).all(-1)
-            return loss, {"accuracy": float(exact.float().mean())}
-        target = batch["class_labels"].to(logits.device)
-        loss = class_loss(logits, target, self.class_weights)
-        return loss, {"accuracy": float((logits.detach().argmax(-1) == target).float().mean())}
-
-
-class RegressionObjective(ClassifyObjective):
-    """Regression on `Labelled` rows whose label is a number: the mean squared error of the model's one output (a
-    sequence classifier's head with one output: transformers' problem_type "regression", its own loss) against
-    each row's target."""
-
-    name = "regression"
-
-    def __init__(self, cfg: RunConfig) -> None:
-        super().__init__(cfg)
-        self.num_labels = 1
-
-    def extras(self, rows: list[Labelled]) -> dict[str, torch.Tensor]:
-        return {"targets": torch.tensor([float(r.label) for r in rows])}
-
-    def loss(
-        self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool
-    ) -> tuple[torch.Tensor, dict]:
-        predicted = self.logits(model, batch)[:, 0]
-        return F.mse_loss(predicted, batch["targets"].to(predicted)), {}
-
-
 def _half(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
     """The token tensors of `batch`'s rows `rows`, cut to their longest row (the batch is right-padded)."""
     mask = batch["attention_mask"][rows]
@@ -474,6 +364,8 @@ def _half(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor
 
 def make_objective(cfg: RunConfig) -> Objective:
     """The objective `cfg.train.objective` names."""
+    from lorakit.train.classifier_objectives import ClassifyObjective, RegressionObjective
+
     kinds = {
         "dpo": DpoObjective,
         "simpo": SimpoObjective,

@@ -1,5 +1,5 @@
-"""What the sequence-classifier tests share (test_classify, test_regression, test_multi_label): a random LoRA start
-on a classifier, PEFT + transformers' own loss + torch's AdamW as the training oracle, and the check that a merged
+"""What the classifier tests share (test_classify, test_regression, test_multi_label, test_token_classify): a random
+LoRA start on a classifier (`per_token`: a token classifier), PEFT + transformers' own loss + torch's AdamW as the training oracle, and the check that a merged
 classifier folder computes what the adapter does."""
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from lorakit.models import load_model
 from tiny import cli_here
 
 
-def random_start(model_dir: Path, folder: Path, num_labels: int):
+def random_start(model_dir: Path, folder: Path, num_labels: int, *, per_token: bool = False):
     """(model, tokenizer, saved folder): the tiny classifier with `num_labels` outputs and a LoRA of r=4 on every
     linear layer whose B is random (seed 4), saved to `folder` as the oracle's start."""
     torch.manual_seed(4)
-    model, tok = load_model(str(model_dir), num_labels=num_labels)
+    model, tok = load_model(str(model_dir), num_labels=num_labels, per_token=per_token)
     lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -100,15 +100,18 @@ def peft_steps(
     lr: float,
     num_labels: int,
     problem_type: str | None = None,
+    per_token: bool = False,
 ) -> tuple[list[float], dict[str, torch.Tensor]]:
     """PEFT's model from the same adapter, transformers' own loss for `problem_type` (single-label, regression or
     multi-label classification), torch's AdamW (lorakit's settings: betas 0.9/0.999, eps 1e-8, no weight decay),
-    clipping at 1, `steps` steps on one batch: (each step's loss, the trained adapter's tensors)."""
+    clipping at 1, `steps` steps on one batch: (each step's loss, the trained adapter's tensors). `per_token`: a
+    token classifier, `labels` a tag per token."""
     from peft import PeftModel, get_peft_model_state_dict
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     kw = {"problem_type": problem_type} if problem_type else {}
-    base = AutoModelForSequenceClassification.from_pretrained(
+    auto = AutoModelForTokenClassification if per_token else AutoModelForSequenceClassification
+    base = auto.from_pretrained(
         model_dir, num_labels=num_labels, dtype=torch.float32, local_files_only=True, **kw
     )
     base.config.pad_token_id = 2
@@ -128,19 +131,27 @@ def peft_steps(
 
 
 def merge_matches(
-    capsys, model_dir: Path, adapter: Path, out: Path, texts: list[str], num_labels: int
+    capsys,
+    model_dir: Path,
+    adapter: Path,
+    out: Path,
+    texts: list[str],
+    num_labels: int,
+    *,
+    per_token: bool = False,
 ) -> dict:
     """`lorakit merge` of a classifier's adapter: the folder transformers loads computes the adapter's logits on
     `texts` (1e-5, float32); returns the merged config.json."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     proc = cli_here(capsys, "merge", "--model", str(model_dir), "--adapter", str(adapter), "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-2000:]
     tok = load_model(str(model_dir))[1]
     batch = tok(texts, return_tensors="pt", padding=True)
-    ours, _ = load_model(str(model_dir), num_labels=num_labels)
+    ours, _ = load_model(str(model_dir), num_labels=num_labels, per_token=per_token)
     lorakit.load_adapter(ours, adapter)
-    merged = AutoModelForSequenceClassification.from_pretrained(out, local_files_only=True).eval()
+    auto = AutoModelForTokenClassification if per_token else AutoModelForSequenceClassification
+    merged = auto.from_pretrained(out, local_files_only=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, ours.eval()(**batch).logits, atol=1e-5, rtol=0)
     return json.loads((out / "config.json").read_text())

@@ -16,7 +16,7 @@ def test_the_form_has_the_objective_and_a_section_shown_by_each(http):
     objective = next(f for f in sections["train"]["fields"] if f["name"] == "objective")
     assert (
         objective["choices"]
-        == ["sft", "dpo", "simpo", "orpo", "cpo", "kto", "reward", "classify", "regression"]
+        == ["sft", "dpo", "simpo", "orpo", "cpo", "kto", "reward", "classify", "regression", "token_classify"]
         and objective["default"] == "sft"
     )
     for name in ("dpo", "simpo", "orpo", "cpo", "kto", "reward", "classify"):
@@ -108,3 +108,52 @@ def test_a_classifier_run_from_the_form_and_its_evaluation(ui, http):
     assert result["objective"] == "classify" and result["examples"] == 8 and "base" not in result
     assert 0 <= result["adapter"]["balanced_accuracy"] <= 1
     assert result["adapter"]["samples"][0]["predicted"] in result["classes"]
+
+
+def test_tagged_data_previews_with_its_entities_marked(http):
+    """With train.objective token_classify, the preview shows each text with its entities marked and, as its
+    label, each entity's type and words (a file of words and tags, and the built-in sentences); uploading a file
+    whose tags do not match its words is a 400 naming the record, and nothing is written."""
+    rows = [{"tokens": ["Anna", "met", "Bob", "."], "tags": ["B-PER", "O", "B-PER", "O"]}]
+    r = http.post("/api/upload", params={"name": "ner.jsonl"}, content=json.dumps(rows[0]).encode() + b"\n")
+    assert r.status_code == 200, r.text
+    out = http.post("/api/preview", json={"file": "data/ner.jsonl", "objective": "token_classify"}).json()
+    (shown,) = out["examples"]
+    assert [(s["text"], s["learned"]) for s in shown["segments"]] == [
+        ("Anna", True),
+        (" met ", False),
+        ("Bob", True),
+        (" .", False),
+    ]
+    assert shown["label"] == "PER 'Anna'; PER 'Bob'"
+    task = http.post("/api/preview", json={"task": "dates", "n": 2, "objective": "token_classify"}).json()
+    assert all(e["label"].count("numeric") + e["label"].count("words") == 2 for e in task["examples"])
+    bad = json.dumps({"tokens": ["a", "b"], "tags": ["O"]}).encode()
+    message = error(http.post("/api/upload", params={"name": "bad_ner.jsonl"}, content=bad), 400)
+    assert message.startswith("bad_ner.jsonl:1") and "one tag per word" in message
+    assert "bad_ner.jsonl" not in {
+        d["path"].split("/")[-1] for d in http.get("/api/workspace").json()["data"]
+    }
+
+
+def test_a_token_classifier_run_from_the_form_and_its_evaluation(ui, http):
+    """train.objective token_classify on the built-in sentences, 4 steps: the run finishes with the entities' F1;
+    the Evaluate view's job measures its adapter as a token classifier (no base to compare with)."""
+    values = {
+        **SMALL_RUN,
+        "train": {"steps": "4", "batch_size": "4", "lr": "0.01", "objective": "token_classify"},
+    }
+    assert http.post("/api/runs", json={"name": "tok1", "values": values}).status_code == 200
+    state = wait_for(http, "/api/runs/tok1", lambda s: s["status"] not in ("starting", "running"))
+    assert state["status"] == "finished", state
+    summary = json.loads((ui["ws"] / "runs" / "tok1" / "summary.json").read_text())
+    assert {"loss", "accuracy", "precision", "recall", "f1"} <= set(summary["after"])
+    job = http.post("/api/eval", json={"adapter": "runs/tok1/adapter", "task": "dates", "limit": 4}).json()[
+        "job"
+    ]
+    done = wait_for(http, f"/api/jobs/{job}", lambda s: s["status"] != "running")
+    assert done["status"] == "done", done
+    result = done["result"]
+    assert result["objective"] == "token_classify" and result["examples"] == 4 and "base" not in result
+    assert result["tags"] == ["O", "B-numeric", "I-numeric", "B-words", "I-words"]
+    assert len(result["adapter"]["samples"][0]["expected"]) == 2

@@ -37,7 +37,8 @@ def merged_model(
     device: str | None = None,
 ):
     """(the base with `adapter` merged in, as a plain transformers model; its tokenizer). A sequence
-    classifier's adapter (a reward model's, task_type SEQ_CLS) gives the classifier, its head the adapter's.
+    classifier's adapter (a reward model's, task_type SEQ_CLS) gives the classifier, its head the adapter's; a
+    token classifier's (TOKEN_CLS) the token classifier.
 
     An adapter trained on a 4-bit base (QLoRA; recorded in its safetensors metadata) learned ΔW against the
     dequantized weights. With `dequantized_base` the base is quantized the same way and dequantized again before
@@ -53,9 +54,13 @@ def merged_model(
     reason = folder_refusal(adapter, "merge")
     if reason:
         raise AdapterError(reason)
-    # a reward model's adapter (SEQ_CLS) goes on the base loaded as the classifier it was trained on
-    num_labels = adapter_num_labels(adapter)
-    model, tokenizer = load_model(model_spec, dtype=dtype, device=device, num_labels=num_labels)
+    # a reward model's adapter (SEQ_CLS) goes on the base loaded as the classifier it was trained on; a token
+    # classifier's (TOKEN_CLS) on the base loaded as a token classifier
+    tags = adapter_num_labels(adapter, task="TOKEN_CLS")
+    num_labels = tags or adapter_num_labels(adapter)
+    model, tokenizer = load_model(
+        model_spec, dtype=dtype, device=device, num_labels=num_labels, per_token=tags is not None
+    )
     names = adapter_class_names(adapter) if num_labels else None
     if names is not None and len(names) == num_labels:  # a classifier's class names go into config.json
         name_classes(model, names)

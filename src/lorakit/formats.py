@@ -146,13 +146,14 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
 _HEAD_KEY = re.compile(r"base_model\.model\.(?:score|classifier)(?:\.out_proj)?\.weight")
 
 
-def adapter_num_labels(path: str | os.PathLike) -> int | None:
+def adapter_num_labels(path: str | os.PathLike, task: str = "SEQ_CLS") -> int | None:
     """How many outputs the head of a sequence-classification adapter (task_type SEQ_CLS: a reward model has 1)
     has, from its saved copy's shape in the safetensors header (no tensor is read); None for any other adapter,
     which goes on a causal LM. Lets `lorakit merge`, `eval` and the others load the base as the classifier it
-    was trained on (`lorakit.load_model(num_labels=...)`)."""
+    was trained on (`lorakit.load_model(num_labels=...)`). `task` TOKEN_CLS: the tags of a token classifier's
+    adapter instead (`lorakit.load_model(num_labels=..., per_token=True)`)."""
     path = Path(path)
-    if path.is_file() or read_config_json(path).get("task_type") != "SEQ_CLS":
+    if path.is_file() or read_config_json(path).get("task_type") != task:
         return None
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
@@ -259,10 +260,10 @@ def file_metadata(model: nn.Module, name: str) -> dict[str, str]:
 
 
 def class_names_of(model: nn.Module) -> list[str] | None:
-    """A sequence classifier's class names by id from its config (id2label), or None for another model or for
-    transformers' default names."""
+    """A sequence classifier's class names (a token classifier's tags) by id from its config (id2label), or None
+    for another model or for transformers' default names."""
     config = getattr(model, "config", None)
-    if task_type_for(model) != "SEQ_CLS" or config is None:
+    if task_type_for(model) not in ("SEQ_CLS", "TOKEN_CLS") or config is None:
         return None
     id2label = getattr(config, "id2label", None) or {}
     names = [str(id2label.get(i, id2label.get(str(i), f"LABEL_{i}"))) for i in range(len(id2label))]

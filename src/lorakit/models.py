@@ -30,6 +30,7 @@ from packaging.version import Version
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -143,6 +144,7 @@ def load_model(
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     num_labels: int | None = None,
+    per_token: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in ``eval()`` mode, in ``dtype``, on ``device``.
 
@@ -154,13 +156,17 @@ def load_model(
     (``AutoModelForSequenceClassification``; a reward model has 1): the same body, and on the last token a
     linear head (``score`` on decoders), new and random (from torch's seed) unless the folder holds one of that
     size. Its config's pad token is set, which the head needs to find each row's last token in a padded batch.
+    With ``per_token`` the head is on every token instead (``AutoModelForTokenClassification``: a token
+    classifier, as for named entities).
     """
     if num_labels is not None and num_labels < 1:
         raise ValueError(f"num_labels must be >= 1, got {num_labels}")
+    if per_token and num_labels is None:
+        raise ValueError("per_token loads a token classifier: give num_labels, its number of tags")
     target = None if device is None else resolve_device(device)  # a missing GPU fails before the load
     folder = resolve_model_dir(spec, cache_dir)
     try:
-        model = _from_pretrained(folder, dtype, num_labels)
+        model = _from_pretrained(folder, dtype, num_labels, per_token)
     except _LOAD_ERRORS as exc:
         raise ModelLoadError(f"cannot load the model in {str(folder)!r}: {_one_line(exc)}") from exc
     try:
@@ -282,13 +288,16 @@ def _publish(tmp: Path, target: Path) -> None:
         logger.info("another process cached %s first; discarding this conversion", target)
 
 
-def _from_pretrained(folder: Path, dtype: torch.dtype, num_labels: int | None) -> PreTrainedModel:
-    """The causal LM in `folder`, or with `num_labels` its sequence classifier (a head of another size than the
-    folder's is an error, not silently replaced)."""
+def _from_pretrained(
+    folder: Path, dtype: torch.dtype, num_labels: int | None, per_token: bool = False
+) -> PreTrainedModel:
+    """The causal LM in `folder`, or with `num_labels` its sequence classifier (`per_token`: its token
+    classifier; a head of another size than the folder's is an error, not silently replaced)."""
     if num_labels is None:
         return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **_dtype_kwargs(dtype))
+    auto = AutoModelForTokenClassification if per_token else AutoModelForSequenceClassification
     with _quiet_new_head():
-        return AutoModelForSequenceClassification.from_pretrained(
+        return auto.from_pretrained(
             folder, num_labels=num_labels, local_files_only=True, **_dtype_kwargs(dtype)
         )
 

@@ -10,17 +10,23 @@ MODEL_HELP = "a Hugging Face model folder or a .gguf file (default: the bundled 
 
 
 def load(
-    model_spec: str | None, device: str | None = None, dtype: str | None = None, num_labels: int | None = None
+    model_spec: str | None,
+    device: str | None = None,
+    dtype: str | None = None,
+    num_labels: int | None = None,
+    per_token: bool = False,
 ):
     """`lorakit.models.load_model` on `device` (auto: a GPU if there is one) in `dtype` (auto: bf16 on a GPU,
     and on a CPU with native bf16; else fp32), saying on stderr what was loaded, where, and how long it took.
-    `num_labels`: as a sequence classifier (a reward model: 1)."""
+    `num_labels`: as a sequence classifier (a reward model: 1); with `per_token`, as a token classifier."""
     from lorakit.device import dtype_name, placement
     from lorakit.models import load_model
 
     t0 = time.perf_counter()
     where, precision = placement(device, dtype)
-    model, tok = load_model(model_spec, dtype=precision, device=where, num_labels=num_labels)
+    model, tok = load_model(
+        model_spec, dtype=precision, device=where, num_labels=num_labels, per_token=per_token
+    )
     print(
         f"loaded {model_spec or 'SmolLM2-135M-Instruct (default)'} in {time.perf_counter() - t0:.1f} s"
         + ("" if where.type == "cpu" else f" on {where} in {dtype_name(precision)}"),

@@ -107,14 +107,16 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument(
         "--objective",
-        choices=("dpo", "simpo", "orpo", "cpo", "kto", "reward", "classify", "regression"),
+        choices=("dpo", "simpo", "orpo", "cpo", "kto", "reward", "classify", "regression", "token_classify"),
         default=None,
         help="with a --data file of preference pairs: the preference loss and rewards to measure: dpo (the "
         "adapter's against the base, the default), simpo, orpo or cpo (no reference: the base's too); kto: "
         "of a file of answers labelled desirable or not (or of pairs), the adapter's against the base; reward: "
         "a reward model's --adapter (chosen automatically for one), on --data's pairs or --task's; classify: a "
         "classifier's --adapter (chosen automatically too), on --data's labelled texts or --task's; regression: a "
-        "regression's --adapter (chosen automatically too), on --data's texts labelled with numbers or --task's",
+        "regression's --adapter (chosen automatically too), on --data's texts labelled with numbers or --task's; "
+        "token_classify: a token classifier's --adapter (chosen automatically too), on --data's tagged texts or "
+        "--task's",
     )
     p.add_argument(
         "--beta",
@@ -145,6 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import lorakit
     from lorakit.cli.classify import eval_classifier, eval_regression
     from lorakit.cli.reward import classifier_adapter, eval_reward
+    from lorakit.cli.tagging import eval_tagger, tagger_adapter
     from lorakit.data.feedback import encode_feedback, read_feedback
     from lorakit.data.preference import encode_pairs, read_any
     from lorakit.data.tasks import make_task
@@ -157,6 +160,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.compare_base and not args.adapter:
         raise ConfigError("--compare-base compares an adapter with its base: give --adapter too")
+    tags = tagger_adapter(args)
+    if tags is not None:  # a token classifier's adapter
+        return eval_tagger(args, tags)
     labels = classifier_adapter(args)
     if labels is not None:  # a reward model's, a classifier's or a regression's adapter: it generates nothing
         if labels == 1 and adapter_problem(args.adapter) == "regression":

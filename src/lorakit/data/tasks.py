@@ -136,3 +136,51 @@ def make_scored(name: str = "dates", *, n_train: int = 2000, n_eval: int = 100, 
 def _year(item: dict[str, Any]) -> dict[str, Any]:
     year = int(re.search(r"\b(1[89]|20)\d\d\b", item["text"]).group(0))
     return {"text": item["text"], "text_pair": None, "label": (year - 2000) / 100}
+
+
+# `dates` as token classification (train.objective token_classify): find the dates in a sentence, numeric or in
+# words
+SENTENCES = [
+    "The contract was signed on {} and renewed on {}.",
+    "Anna was born {}, her brother {}.",
+    "Please move the meeting from {} to {}.",
+    "Shipped {}; delivered {}, two weeks late.",
+    "The museum opened on {} and closed on {}.",
+    "Our records say {} but the invoice says {}.",
+    "Between {} and {} the shop was shut.",
+    "He wrote {} on the form, then crossed it out and wrote {}.",
+]
+
+
+def make_tagged(name: str = "dates", *, n_train: int = 2000, n_eval: int = 100, seed: int = 0):
+    """(train, eval) token-classification records {"text", "spans"} for built-in task `name`: for `dates`, a
+    sentence holding two of the task's dates, each written one of four ways (`make_labelled`'s: ISO, US,
+    European, in words), each date an entity typed `numeric` (the first three) or `words`; eval texts never occur
+    in train. (Not typed by the four ways: a causal LM tags each token seeing only what comes before it, and
+    "02" begins a US date as it begins a European one.)"""
+    train, eval_set = make_task(name, n_train=2 * n_train, n_eval=2 * n_eval, seed=seed)
+    rng = random.Random(seed + 3)
+    seen: set[str] = set()
+
+    def tagged(part: list[dict[str, Any]], held_out: bool) -> list[dict[str, Any]]:
+        out = []
+        for first, second in zip(part[::2], part[1::2], strict=False):
+            template, spans, pieces = rng.choice(SENTENCES), [], []
+            for ex in (first, second):
+                y, m, d = (int(x) for x in ex["completion"].split("-"))
+                kind = rng.choice(sorted(WRITTEN))
+                pieces.append((WRITTEN[kind](d, m, y), "words" if kind == "words" else "numeric"))
+            head, middle, tail = template.split("{}")
+            text = head + pieces[0][0] + middle + pieces[1][0] + tail
+            spans = [(len(head), len(head) + len(pieces[0][0]), pieces[0][1])]
+            at = spans[0][1] + len(middle)
+            spans.append((at, at + len(pieces[1][0]), pieces[1][1]))
+            if held_out:
+                seen.add(text)
+            elif text in seen:
+                continue
+            out.append({"text": text, "spans": spans})
+        return out
+
+    held_out = tagged(eval_set, True)
+    return tagged(train, False), held_out

@@ -156,6 +156,7 @@ def load_quantized(
     cache_dir: str | os.PathLike | None = None,
     device: str | torch.device | None = None,
     num_labels: int | None = None,
+    per_token: bool = False,
 ) -> tuple[nn.Module, object, QuantReport]:
     """`(model, tokenizer, report)`: `lorakit.load_model(spec)` followed by `lorakit.quantize(model, ...)`, with
     the same result (tested bit for bit) but without the full-precision model ever in memory. With `device`
@@ -163,7 +164,8 @@ def load_quantized(
     full-precision copy of the linear layers exists on the GPU or the CPU.
 
     `num_labels`: a sequence classifier (`load_model`'s), loaded in full precision and then quantized (its head
-    is new, which the 4-bit load's skeleton cannot take from the checkpoint); the head stays in `dtype`."""
+    is new, which the 4-bit load's skeleton cannot take from the checkpoint; `per_token`: a token classifier);
+    the head stays in `dtype`."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
@@ -173,7 +175,7 @@ def load_quantized(
     target = None if device is None else resolve_device(device)  # a missing GPU fails before the load
     folder = resolve_model_dir(spec, cache_dir)
     if num_labels is not None:
-        model, tokenizer = load_model(folder, dtype=dtype, num_labels=num_labels)
+        model, tokenizer = load_model(folder, dtype=dtype, num_labels=num_labels, per_token=per_token)
         report = quantize(model, method, double_quant, skip)  # the head is never quantized
         return _moved(model, target), tokenizer, report
     index = TensorIndex.of_folder(folder)

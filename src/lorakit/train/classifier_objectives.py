@@ -2,7 +2,8 @@
 
 `classify`: a text classifier's cross-entropy on labelled texts (a sequence classifier's head on the last token,
 or an encoder's pooled output); with several classes per text, each class's binary cross-entropy. `regression`:
-the squared error of a head with one output against texts labelled with numbers.
+the squared error of a head with one output against texts labelled with numbers. `token_classify`: a token
+classifier's cross-entropy of each token's tag (named entities, or any typed spans of a text).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.data.labels import Labelled
-from lorakit.data.tokenize import Encoded
+from lorakit.data.tokenize import IGNORE, Encoded
 from lorakit.train.losses import class_loss, multi_label_loss
 from lorakit.train.objective_base import Objective
 
@@ -93,3 +94,43 @@ class RegressionObjective(ClassifyObjective):
     ) -> tuple[torch.Tensor, dict]:
         predicted = self.logits(model, batch)[:, 0]
         return F.mse_loss(predicted, batch["targets"].to(predicted)), {}
+
+
+class TokenClassifyObjective(Objective):
+    """Token classification on `Tagged` rows (`lorakit.data.tagging`): the mean cross-entropy of each token's tag
+    logits (a token classifier's head on every token) against its tag, over the tokens that have one (the
+    tokenizer's special tokens and the padding have none): transformers' ...ForTokenClassification loss."""
+
+    name = "token_classify"
+    rows = "tagged"
+    generates = False
+
+    def __init__(self, cfg: RunConfig) -> None:
+        # the tags of the train data's entity types, by id ("O", "B-...", "I-...": tagging.tag_names), and their
+        # number: set by the run once it has read them
+        self.names: list[str] = []
+        self.num_labels = None
+
+    def encoded(self, rows: list) -> list[Encoded]:
+        return [r.row for r in rows]
+
+    def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Each token's tag logits (batch × tokens × tags), in float32."""
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = out.logits
+        if logits.dim() != 3:
+            raise ValueError(
+                "train.objective token_classify needs a token classifier (a row of tag logits per token), got "
+                f"logits of shape {tuple(logits.shape)}"
+            )
+        return logits.float()
+
+    def loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool
+    ) -> tuple[torch.Tensor, dict]:
+        logits = self.logits(model, batch)
+        target = batch["labels"].to(logits.device)
+        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE)
+        tagged = target != IGNORE
+        right = (logits.detach().argmax(-1) == target) & tagged
+        return loss, {"accuracy": float(right.sum() / tagged.sum().clamp(min=1))}

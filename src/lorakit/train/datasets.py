@@ -21,7 +21,8 @@ from lorakit.data.labels import (
     read_labelled,
 )
 from lorakit.data.preference import Pair, as_pair, encode_pairs, read_pairs
-from lorakit.data.tasks import make_labelled, make_pairs, make_scored, make_task
+from lorakit.data.tagging import encode_tagged, read_tagged, tag_names
+from lorakit.data.tasks import make_labelled, make_pairs, make_scored, make_tagged, make_task
 from lorakit.data.tokenize import IGNORE, Encoded, encode_dataset, pack
 from lorakit.errors import ConfigError
 from lorakit.train.config import RunConfig
@@ -283,5 +284,34 @@ def encode_scored(cfg: RunConfig, tokenizer, say, scored: Classes) -> RunData:
         f"data: {scored.source}: {len(train_rows)} train examples (targets {min(targets):.4g} to "
         f"{max(targets):.4g}, mean {stats['targets']['mean']:.4g}), {len(eval_rows)} eval; {stats['truncated']} "
         f"train / {eval_stats['truncated']} eval truncated to {d.max_len} tokens"
+    )
+    return RunData(train_rows, eval_rows, [], {"train": stats, "eval": eval_stats})
+
+
+def load_tagged(cfg: RunConfig) -> Classes:
+    """The data section's token-classification examples (`lorakit.data.tagging`: words and their tags, or texts
+    and their entities' spans; the built-in task's sentences, each date an entity typed by how it is written), as
+    `Classes` whose names are the model's tags ("O", then "B-" and "I-" of each entity type). Read before the
+    model, whose head has one output per tag."""
+    train, ev, source = _load(cfg, read_tagged, make_tagged)
+    return Classes(train, ev, source, tag_names(train, source))
+
+
+def encode_tagged_data(cfg: RunConfig, tokenizer, say, tagged: Classes) -> RunData:
+    """The token-classification examples, tokenized with each token's tag; an eval entity type the train data
+    lacks is a DataError naming it."""
+    d = cfg.data
+    train_rows, stats = encode_tagged(
+        tokenizer, tagged.train, tagged.names, max_len=d.max_len, source=tagged.source
+    )
+    eval_rows, eval_stats = encode_tagged(
+        tokenizer, tagged.eval, tagged.names, max_len=d.max_len, source=f"{tagged.source}, eval"
+    )
+    shown = ", ".join(f"{n} {k}" for k, n in list(stats["entities"].items())[:8])
+    more = f", ... ({len(stats['entities'])} types in all)" if len(stats["entities"]) > 8 else ""
+    say(
+        f"data: {tagged.source}: {len(train_rows)} train examples ({sum(stats['entities'].values())} entities: "
+        f"{shown}{more}), {len(eval_rows)} eval; {stats['truncated']} train / {eval_stats['truncated']} eval "
+        f"truncated to {d.max_len} tokens"
     )
     return RunData(train_rows, eval_rows, [], {"train": stats, "eval": eval_stats})

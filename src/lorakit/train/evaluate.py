@@ -11,6 +11,7 @@ from torch import nn
 
 from lorakit.control import merged
 from lorakit.data.preference import Pair
+from lorakit.data.tagging import decode_tags, entity_counts, f1_of
 from lorakit.data.tokenize import IGNORE, Encoded, chat_messages
 from lorakit.device import model_device, to_device
 from lorakit.generate import format_prompt
@@ -263,6 +264,59 @@ def regression_eval(
         "loss": float(((p - t) ** 2).mean()),
         "pearson": pearson(p, t),
         "spearman": pearson(_ranks(p), _ranks(t)),
+    }
+
+
+@torch.no_grad()
+def tagged_predictions(
+    model: nn.Module, rows: list, pad_id: int, objective, batch_size: int = 16
+) -> tuple[list[list[tuple[int, int, str]]], float, int, int]:
+    """A token classifier's reading of `Tagged` rows, in eval mode: each row's predicted entity spans (its tokens'
+    highest tag logits, `decode_tags`), and over all rows the summed cross-entropy of the tagged tokens, their
+    number and how many got their tag right."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    names = objective.names
+    spans, total, tokens, right = [], 0.0, 0, 0
+    for i in range(0, len(rows), batch_size):
+        part = rows[i : i + batch_size]
+        batch = to_device(collate(objective.encoded(part), pad_id), device)
+        logits = objective.logits(model, batch)
+        target = batch["labels"]
+        tagged = target != IGNORE
+        total += float(
+            F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="sum")
+        )
+        tokens += int(tagged.sum())
+        said = logits.argmax(-1)
+        right += int(((said == target) & tagged).sum())
+        for r, tags in zip(part, said.tolist(), strict=True):
+            spans.append(decode_tags(tags[: len(r.offsets)], r.offsets, names))
+    model.train(was_training)
+    return spans, total, tokens, right
+
+
+def tagging_eval(
+    model: nn.Module, rows: list, pad_id: int, objective, batch_size: int = 16
+) -> dict[str, float]:
+    """A token classifier's mean cross-entropy over the tagged tokens (`loss`), the share of those tokens tagged
+    right (`accuracy`), and the entities' micro precision, recall and F1 (an entity found only when its start,
+    end and type are all right, seqeval's strict count) over `Tagged` rows; {} for no rows."""
+    if not rows:
+        return {}
+    spans, total, tokens, right = tagged_predictions(model, rows, pad_id, objective, batch_size)
+    tp = fp = fn = 0
+    for said, r in zip(spans, rows, strict=True):
+        c = entity_counts(said, r.spans)
+        tp, fp, fn = tp + c["tp"].total(), fp + c["fp"].total(), fn + c["fn"].total()
+    precision, recall, f1 = f1_of(tp, fp, fn)
+    return {
+        "loss": total / max(tokens, 1),
+        "accuracy": right / max(tokens, 1),
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
     }
 
 

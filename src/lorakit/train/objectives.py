@@ -87,7 +87,18 @@ from lorakit.train.objective_base import Objective
 if TYPE_CHECKING:
     from lorakit.train.config import RunConfig
 
-OBJECTIVES = ("sft", "dpo", "simpo", "orpo", "cpo", "kto", "reward", "classify", "regression")
+OBJECTIVES = (
+    "sft",
+    "dpo",
+    "simpo",
+    "orpo",
+    "cpo",
+    "kto",
+    "reward",
+    "classify",
+    "regression",
+    "token_classify",
+)
 PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo", "cpo", "kto", "reward")
 """The objectives that learn from preferences (each has a config section of its own name): pairs, or KTO's
 feedback."""
@@ -103,6 +114,7 @@ NAMES = {
     "reward": "reward model",
     "classify": "classifier",
     "regression": "regression",
+    "token_classify": "token classifier",
 }
 """How each objective is written in reports."""
 REFERENCE_ADAPTER = "reference"
@@ -364,7 +376,11 @@ def _half(batch: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor
 
 def make_objective(cfg: RunConfig) -> Objective:
     """The objective `cfg.train.objective` names."""
-    from lorakit.train.classifier_objectives import ClassifyObjective, RegressionObjective
+    from lorakit.train.classifier_objectives import (
+        ClassifyObjective,
+        RegressionObjective,
+        TokenClassifyObjective,
+    )
 
     kinds = {
         "dpo": DpoObjective,
@@ -375,6 +391,7 @@ def make_objective(cfg: RunConfig) -> Objective:
         "reward": RewardObjective,
         "classify": ClassifyObjective,
         "regression": RegressionObjective,
+        "token_classify": TokenClassifyObjective,
     }
     kind = kinds.get(cfg.train.objective)
     return kind(cfg) if kind else Objective()

@@ -36,19 +36,34 @@ from lorakit.train.datasets import (
     encode_feedback_data,
     encode_preferences,
     encode_scored,
+    encode_tagged_data,
     load_classes,
     load_examples,
     load_scored,
+    load_tagged,
 )
 from lorakit.train.distributed import distribute, init_distributed
-from lorakit.train.evaluate import classify_eval, eval_loss, exact_match, preference_eval, regression_eval
+from lorakit.train.evaluate import (
+    classify_eval,
+    eval_loss,
+    exact_match,
+    preference_eval,
+    regression_eval,
+    tagging_eval,
+)
 from lorakit.train.loop import train_loop
 from lorakit.train.methods import Method, make_method
 from lorakit.train.metrics import Callback, read_metrics
 from lorakit.train.objectives import Objective, make_objective
 from lorakit.train.schedule import init_batches
 
-ROW_NAMES = {"examples": "examples", "pairs": "pairs", "feedback": "rated answers", "labelled": "examples"}
+ROW_NAMES = {
+    "examples": "examples",
+    "pairs": "pairs",
+    "feedback": "rated answers",
+    "labelled": "examples",
+    "tagged": "examples",
+}
 """How a log line counts an objective's training rows."""
 
 __all__ = ["evaluate", "load_examples", "run_training"]
@@ -74,7 +89,9 @@ def evaluate(
     and gets the same numbers; adapters are not merged (the base weights are shards) and generation runs in
     lockstep."""
     out: dict[str, float] = {}
-    if objective is not None and objective.rows == "labelled":
+    if objective is not None and objective.rows == "tagged":
+        out.update(tagging_eval(model, eval_rows, tokenizer.pad_token_id, objective))
+    elif objective is not None and objective.rows == "labelled":
         measure = regression_eval if objective.name == "regression" else classify_eval
         out.update(measure(model, eval_rows, tokenizer.pad_token_id, objective))
     elif objective is not None and objective.rows != "examples":
@@ -126,7 +143,11 @@ def run_training(
     classes = None  # a classifier's (a regression's) data, read before its model: the head's size
     if objective.rows == "labelled":
         classes = load_scored(cfg) if regression else load_classes(cfg)
-    if classes is not None and not regression:
+    tagging = objective.rows == "tagged"
+    if tagging:
+        classes = load_tagged(cfg)
+        objective.num_labels, objective.names = len(classes.names), classes.names
+    if classes is not None and not regression and not tagging:
         objective.num_labels = len(classes.names)
         objective.class_weights = class_weights(cfg, classes)
         objective.multi_label = classes.multi_label
@@ -140,7 +161,7 @@ def run_training(
                 f"train.best_metric f1 is a multi-label classifier's; {classes.source} has one class per text: use "
                 "accuracy, balanced_accuracy or loss"
             )
-    model, tokenizer, quant = _base_model(cfg, model, tokenizer, say, objective.num_labels)
+    model, tokenizer, quant = _base_model(cfg, model, tokenizer, say, objective.num_labels, per_token=tagging)
     if regression:
         model.config.problem_type = (
             "regression"  # transformers' own loss is then the squared error; and saved
@@ -156,7 +177,9 @@ def run_training(
         cfg = dataclasses.replace(cfg, lora=cfg.lora.replace(alora_invocation_tokens=ids))
         objective = make_objective(cfg)
     encode = {"examples": encode_examples, "pairs": encode_preferences, "feedback": encode_feedback_data}
-    if classes is not None:
+    if tagging:
+        data = encode_tagged_data(cfg, tokenizer, say, classes)
+    elif classes is not None:
         data = (encode_scored if regression else encode_classes)(cfg, tokenizer, say, classes)
     else:
         data = encode[objective.rows](cfg, tokenizer, say)
@@ -289,11 +312,12 @@ def _process_settings(cfg: RunConfig, world: int) -> bool:
 
 
 def _base_model(
-    cfg: RunConfig, model, tokenizer, say, num_labels: int | None = None
+    cfg: RunConfig, model, tokenizer, say, num_labels: int | None = None, *, per_token: bool = False
 ) -> tuple[nn.Module, Any, Any]:
     """(model, tokenizer, quantization report or None): the model passed in, or the one model.path names; QLoRA
     (model.quantize) quantizes it, loading a model straight into 4 bits, never whole in full precision.
-    `num_labels`: a sequence classifier with that many outputs (a reward model's 1, a classifier's classes)."""
+    `num_labels`: a sequence classifier with that many outputs (a reward model's 1, a classifier's classes);
+    with `per_token`, a token classifier with that many tags."""
     q = cfg.model
     if model is None:
         device, dtype = placement(q.device, q.dtype)
@@ -311,17 +335,22 @@ def _base_model(
             dtype=dtype,
             device=device,
             num_labels=num_labels,
+            per_token=per_token,
         )
     elif model is None:
         from lorakit.models import load_model
 
-        model, tokenizer = load_model(q.path, dtype=dtype, device=device, num_labels=num_labels)
+        model, tokenizer = load_model(
+            q.path, dtype=dtype, device=device, num_labels=num_labels, per_token=per_token
+        )
+    task = "TOKEN_CLS" if per_token else "SEQ_CLS"
     if num_labels is not None and not (  # a model passed in is refused before it is quantized
-        task_type_for(model) == "SEQ_CLS" and model.config.num_labels == num_labels
+        task_type_for(model) == task and model.config.num_labels == num_labels
     ):
+        how = f"num_labels={num_labels}, per_token=True" if per_token else f"num_labels={num_labels}"
         raise ConfigError(
             f"train.objective {cfg.train.objective} trains a model with a {num_labels}-output head, not a "
-            f"{type(model).__name__}: load it with lorakit.load_model(..., num_labels={num_labels})"
+            f"{type(model).__name__}: load it with lorakit.load_model(..., {how})"
         )
     if quant is None and q.quantize:  # a model passed in: quantize it in place
         quant = quantize(model, q.quantize, q.double_quant, q.quantize_skip)

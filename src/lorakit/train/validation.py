@@ -73,12 +73,14 @@ def validate(cfg: RunConfig) -> None:
             f"train.best_metric must be one of {', '.join(BEST_METRICS)}, got {t.best_metric!r}",
         ),
         (
-            not t.best_metric.startswith("reward_") or t.objective not in ("sft", "classify"),
+            not t.best_metric.startswith("reward_")
+            or t.objective not in ("sft", "classify", "token_classify"),
             f"train.best_metric {t.best_metric} is measured with a preference objective, not {t.objective!r}",
         ),
         (
-            t.best_metric != "f1" or t.objective in ("classify", "regression"),
-            f"train.best_metric f1 is measured with train.objective classify (multi-label), not {t.objective!r}",
+            t.best_metric != "f1" or t.objective in ("classify", "regression", "token_classify"),
+            "train.best_metric f1 is measured with train.objective classify (multi-label) or token_classify, not "
+            f"{t.objective!r}",
         ),
         (
             t.best_metric != "pearson" or t.objective == "regression",
@@ -188,7 +190,7 @@ def _validate_objective(cfg: RunConfig) -> None:
             raise ConfigError(
                 f"{name}.{changed[0]} is set but train.objective is {objective!r}; use --train.objective {name}"
             )
-    if objective in ("classify", "regression"):
+    if objective in ("classify", "regression", "token_classify"):
         _validate_classify(cfg)
     if objective not in PREFERENCE_OBJECTIVES:
         return
@@ -261,8 +263,8 @@ def _validate_objective(cfg: RunConfig) -> None:
 
 
 def _validate_classify(cfg: RunConfig) -> None:
-    """A classifier (a regression) trains a head on the last token (an encoder's pooled output): what feeds or
-    saves something else is refused."""
+    """A classifier (a regression) trains a head on the last token (an encoder's pooled output), a token
+    classifier a head on every token: what feeds or saves something else is refused."""
     t, dsec = cfg.train, cfg.data
     o = t.objective
     checks = [
@@ -281,11 +283,13 @@ def _validate_classify(cfg: RunConfig) -> None:
             f"train.fsdp does not work with train.objective {o}; use DDP (torchrun without train.fsdp)",
         ),
         (
-            t.best_metric not in ("accuracy", "balanced_accuracy", "f1") or o == "classify",
+            t.best_metric not in ("accuracy", "balanced_accuracy", "f1") or o != "regression",
             f"train.best_metric {t.best_metric} is a classifier's; a regression's are loss (its squared error) and "
             "pearson",
         ),
-        *_head_checks(cfg, "a classifier" if o == "classify" else "a regression"),
+        *_head_checks(
+            cfg, {"classify": "a classifier", "regression": "a regression"}.get(o, "a token classifier")
+        ),
     ]
     weights = cfg.classify.class_weights
     if isinstance(weights, dict):
@@ -311,6 +315,7 @@ def _head_checks(cfg: RunConfig, what: str) -> list[tuple[bool, str]]:
     to train further must be one of its kind."""
     t, objective = cfg.train, cfg.train.objective
     start = _adapter_task(t.init_adapter) if t.init_adapter else None
+    task = "TOKEN_CLS" if objective == "token_classify" else "SEQ_CLS"
     return [
         (
             cfg.methods[0] != "ladder",
@@ -323,9 +328,9 @@ def _head_checks(cfg: RunConfig, what: str) -> list[tuple[bool, str]]:
             f"{what} does not have; use another lora.init",
         ),
         (
-            start in (None, "SEQ_CLS"),
+            start in (None, task),
             f"train.init_adapter {t.init_adapter} is a {start} adapter; train.objective {objective} trains "
-            f"further {what}'s adapter (task_type SEQ_CLS): to start from a fine-tuned causal LM adapter, merge "
+            f"further {what}'s adapter (task_type {task}): to start from a fine-tuned causal LM adapter, merge "
             "it (lorakit merge) and train on the merged model",
         ),
     ]

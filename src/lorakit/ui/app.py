@@ -148,6 +148,8 @@ class _Routes:
         fields = _fields(body.get("fields"))
         if body.get("objective") in ("classify", "regression"):
             return await asyncio.to_thread(self._preview_labelled, body, n, max_len, fields)
+        if body.get("objective") == "token_classify":
+            return await asyncio.to_thread(self._preview_tagged, body, n, max_len, fields)
         try:
             if body.get("file"):
                 path = self.ws.path(body["file"], what="file")
@@ -219,6 +221,44 @@ class _Routes:
         ]
         return {"total": len(items), "examples": out, "pairs": False}
 
+    def _preview_tagged(
+        self, body: dict[str, Any], n: int, max_len: int, fields: dict[str, str] | None
+    ) -> dict[str, Any]:
+        """A token classifier's first examples as the run reads them: each text with its entities marked (the
+        spans the tags are learned from) and, as its label, each entity's type and words."""
+        from lorakit.data.jsonl import DataError
+        from lorakit.data.tagging import encode_tagged, read_tagged, tag_names
+        from lorakit.data.tasks import make_tagged
+
+        try:
+            if body.get("file"):
+                items = read_tagged(self.ws.path(body["file"], what="file"), fields)
+            else:
+                items = make_tagged(str(body.get("task") or "dates"), n_train=0, n_eval=n)[1]
+            names = tag_names(items, "the data")
+        except DataError as e:
+            raise P.bad(str(e).replace(str(self.ws.root) + "/", ""), "file") from None
+        shown = items[:n]
+        with self.engine.tokenizer_lock:
+            rows, _ = encode_tagged(self.engine.tokenizer, shown, names, max_len=max_len)
+        out = []
+        for r in rows:
+            segments, at = [], 0
+            for s, e, _ in r.spans:
+                segments += [{"text": r.text[at:s], "learned": False}, {"text": r.text[s:e], "learned": True}]
+                at = e
+            segments.append({"text": r.text[at:], "learned": False})
+            out.append(
+                {
+                    "segments": [g for g in segments if g["text"]],
+                    "tokens": len(r.row.input_ids),
+                    "learned_tokens": sum(o is not None for o in r.offsets),
+                    "truncated": r.row.truncated,
+                    "label": "; ".join(f"{kind} {r.text[s:e]!r}" for s, e, kind in r.spans) or "no entity",
+                }
+            )
+        return {"total": len(items), "examples": out, "pairs": False}
+
     async def export(self, request: Request) -> dict[str, Any]:
         body = await P.read_json(request)
         adapter = self.panel.path(body.get("adapter"))
@@ -260,10 +300,13 @@ class _Routes:
                 raise P.bad(f"unknown built-in task {task!r}; available: {sorted(TASKS)}", "task")
             data, shown = ["--task", task], f"task:{task}"
         model = ["--model", self.settings.model] if self.settings.model else []
-        # a classifier's, reward model's or regression's adapter: its base has no trained head to compare with
+        # a classifier's, reward model's, regression's or token classifier's adapter: its base has no trained
+        # head to compare with
         from lorakit.formats import adapter_num_labels
 
-        heads = await asyncio.to_thread(adapter_num_labels, adapter)
+        heads = await asyncio.to_thread(adapter_num_labels, adapter) or await asyncio.to_thread(
+            adapter_num_labels, adapter, "TOKEN_CLS"
+        )
         compare = [] if heads else ["--compare-base"]
         argv = ["eval", *data, "--adapter", str(adapter), *compare, "--json", "--limit", str(limit), *model]
         summary = {"adapter": body.get("adapter"), "data": shown, "limit": limit}

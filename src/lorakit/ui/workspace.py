@@ -159,7 +159,8 @@ class Workspace:
         self, name: Any, data: bytes, fields: dict[str, str] | None = None
     ) -> tuple[str, int, bool]:
         """Check `data` as a training file (JSONL, JSON, CSV, TSV or Parquet, by its name's suffix) of
-        examples or of preference pairs (DPO, SimPO, ORPO, CPO), and write it to data/<name> atomically:
+        examples, of preference pairs (DPO, SimPO, ORPO, CPO) or of tagged texts (token classification), and write
+        it to data/<name> atomically:
         (path, examples or pairs, whether pairs). A bad file is a 400 whose message names the line
         ("chat.jsonl:3: not valid JSON ..."); nothing is written. `fields`: data.fields, the file's column
         names."""
@@ -169,7 +170,9 @@ class Workspace:
         try:
             examples, pairs = parse_any(data, name, fields)
         except DataError as e:
-            raise P.bad(str(e), "file") from None
+            examples, pairs = _tagged(data, name, fields), False
+            if examples is None:
+                raise P.bad(str(e), "file") from None
         out = self.root / "data" / name
         if out.exists():
             raise P.APIError(409, f"data/{name} exists already: pick another name", "exists", "name")
@@ -209,3 +212,24 @@ def discard(path: Path) -> None:
 
 
 __all__ = ["Workspace", "check_name"]
+
+
+def _tagged(data: bytes, name: str, fields: dict[str, str] | None) -> list[dict[str, Any]] | None:
+    """A file of tagged texts (`lorakit.data.tagging`: words and tags, or texts and entities), read; None where
+    its first record is not shaped as one (then the file's error is the examples' or pairs'); a 400 naming the
+    record where it is shaped so but wrong."""
+    from lorakit.data.files import parse_records
+    from lorakit.data.tagging import tagged_of
+
+    try:
+        records = parse_records(data, name)
+    except DataError:
+        return None
+    first = records[0][1] if records else None
+    keys = set(first) | set(fields or {}) if isinstance(first, dict) else set()
+    if not keys & {"tokens", "tags", "ner_tags", "entities"}:
+        return None
+    try:
+        return tagged_of(records, name, fields or {})
+    except DataError as e:
+        raise P.bad(str(e), "file") from None

@@ -1315,6 +1315,13 @@ const EVAL_ROWS = {
   classify: [["cross-entropy", "loss", fmtLoss], ["accuracy", "accuracy", fmtPercent], ["balanced accuracy", "balanced_accuracy", fmtPercent]],
   reward: [["loss", "loss", fmtLoss], ["reward accuracy", "reward_accuracy", fmtPercent], ["reward margin", "reward_margin", fmtLoss]],
   regression: [["squared error", "loss", fmtLoss], ["Pearson", "pearson", fmtLoss], ["Spearman", "spearman", fmtLoss]],
+  token_classify: [
+    ["cross-entropy", "loss", fmtLoss],
+    ["tokens tagged right", "accuracy", fmtPercent],
+    ["entity precision", "precision", fmtLoss],
+    ["entity recall", "recall", fmtLoss],
+    ["entity F1", "f1", fmtLoss],
+  ],
 };
 
 function renderEval(result) {
@@ -1326,7 +1333,9 @@ function renderEval(result) {
   // the first examples side by side: what was expected, what each model generated (a classifier: predicted)
   const base = result.base?.samples || [];
   const adapted = result.adapter?.samples || [];
-  const text = (v) => (typeof v === "number" ? v.toFixed(4) : String(v ?? ""));
+  // a number; a token classifier's entities ([[words, type], ...]); anything else as it is
+  const text = (v) =>
+    typeof v === "number" ? v.toFixed(4) : Array.isArray(v) ? v.map((e) => (Array.isArray(e) ? `${e[1]}: ${e[0]}` : String(e))).join("; ") : String(v ?? "");
   const shown = (s) =>
     s.chosen !== undefined ? `chosen ${s.chosen.toFixed(3)}, rejected ${s.rejected.toFixed(3)}` : text(s.got ?? s.predicted);
   const samples = adapted.map((s, i) =>

@@ -6,7 +6,9 @@ pairs, ORPO's loss, no reference; "kto": the rows alone, every other one desirab
 estimate; "reward": the pairs, on the tiny model with a one-output head, a reward model's loss; "classify": the
 rows labelled one of 3 classes, on the tiny model with a 3-output head; "weighted": the same, with class weights;
 "regression": the rows labelled with numbers, on the tiny model with a one-output head; "multi": each row labelled
-with a set of the 3 classes (multi-label), with class weights; "stop": train.early_stop 1 on rank 0's evaluations, scripted to rise at step 3, so that each process
+with a set of the 3 classes (multi-label), with class weights; "tokens": each row's tokens tagged one of 3 tags
+(the first untagged; every row has as many tagged tokens, as SFT's rows have learned ones), on the tiny model as a
+token classifier; "stop": train.early_stop 1 on rank 0's evaluations, scripted to rise at step 3, so that each process
 must stop there).
 """
 
@@ -24,6 +26,7 @@ import lorakit  # noqa: E402
 from lorakit.data.feedback import Feedback  # noqa: E402
 from lorakit.data.labels import Labelled  # noqa: E402
 from lorakit.data.preference import Pair  # noqa: E402
+from lorakit.data.tagging import Tagged  # noqa: E402
 from lorakit.data.tokenize import IGNORE, Encoded  # noqa: E402
 from lorakit.train.best import Best  # noqa: E402
 from lorakit.train.config import RunConfig, TrainSection  # noqa: E402
@@ -39,6 +42,12 @@ world, rank = init_distributed()
 torch.manual_seed(0)
 model = tiny_llama()
 HEADS = {"reward": 1, "classify": 3, "weighted": 3, "regression": 1, "multi": 3}
+if variant == "tokens":  # the same body with a head on every token (its own init, same seed), no head dropout
+    from transformers import LlamaForTokenClassification
+
+    model.config.num_labels, model.config.classifier_dropout = 3, 0.0
+    torch.manual_seed(0)
+    model = LlamaForTokenClassification(model.config)
 if variant in HEADS:  # the same body with a head of 1 or 3 outputs (its own init, same seed)
     from transformers import LlamaForSequenceClassification
 
@@ -67,11 +76,20 @@ if variant == "regression":  # each row labelled with a number
     rows = [Labelled(r, (i % 5) / 2 - 1) for i, r in enumerate(rows)]
 if variant == "multi":  # each row labelled with a set of classes, some empty
     rows = [Labelled(r, tuple(c for c in range(3) if (i >> c) & 1)) for i, r in enumerate(rows)]
-preference = pairs or variant in ("kto", "classify", "weighted", "regression", "multi")
+if variant == "tokens":  # each token but the first tagged
+    rows = [
+        Tagged(Encoded(r.input_ids, [IGNORE] + [(i + t) % 3 for t in range(1, 10)]), "", [], [])
+        for i, r in enumerate(rows)
+    ]
+preference = pairs or variant in ("kto", "classify", "weighted", "regression", "multi", "tokens")
 cfg = RunConfig(  # its lora section is the default: the loop adds KaSA's regulariser because the model has it
     train=TrainSection(
         out_dir=str(out), steps=4, batch_size=2, grad_accum=accum, lr=1e-2, warmup_steps=1, save_every=0,
-        objective=("classify" if variant in ("weighted", "multi") else variant) if preference else "sft",
+        objective=(
+            {"weighted": "classify", "multi": "classify", "tokens": "token_classify"}.get(variant, variant)
+            if preference
+            else "sft"
+        ),
         fused=not preference,  # preferences under DDP take the model's logits; so does the one process held to them
     )
 )

@@ -1,18 +1,19 @@
-"""Sequence classifiers' heads kept beside a causal LM, so that one model in memory serves generation adapters and
-classifier adapters (reward models, text classifiers) together.
+"""Classifiers' heads kept beside a causal LM, so that one model in memory serves generation adapters and
+classifier adapters (reward models, text classifiers, token classifiers) together.
 
     keep_heads_beside(model)                  # a causal LM now takes SEQ_CLS adapters, heads kept apart
     head = read_head(model, "out/reward")     # the adapter's head: its own Linear, class names, pad id
     load_adapter(model, "out/reward", "rm")   # its LoRA pairs, on the shared backbone
     scores = head_scores(model, head, [[1, 2, 3], [4, 5]])   # (2, outputs), float32; route "rm" first
 
-A classifier adapter (PEFT's task_type SEQ_CLS, as `lorakit train --objective reward|classify` saves one) adapts
-the same backbone as a causal LM's adapter (transformers' `...ForSequenceClassification.model` is
-`...ForCausalLM.model`) and saves its head whole (modules_to_save: "score"). On a model marked here, a load
+A classifier adapter (PEFT's task_type SEQ_CLS, as `lorakit train --objective reward|classify` saves one; or
+TOKEN_CLS, a token classifier's, `--objective token_classify`) adapts the same backbone as a causal LM's adapter
+(transformers' `...ForSequenceClassification.model` is `...ForCausalLM.model`) and saves its head whole
+(modules_to_save: "score"). On a model marked here, a load
 takes the LoRA pairs and leaves the head to `read_head` (`lorakit.saved_plan`); unmarked, such a load is refused,
 as a head the model lacks would silently be lost. `head_scores` computes what the classifier's own forward does:
 the backbone's last hidden state at each row's last token that is not the pad token (transformers' pooling), times
-the head, in float32.
+the head, in float32; `token_scores` a token classifier's, the head on every token's last hidden state.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from lorakit.formats import (
 )
 
 MARK = "_lorakit_heads_beside"
+TASKS = ("SEQ_CLS", "TOKEN_CLS")
+"""The task types whose adapters are classifiers with a head: a sequence classifier's, a token classifier's."""
 
 
 def keep_heads_beside(model: nn.Module) -> None:
@@ -61,6 +64,8 @@ class Head:
     """The name of each output (the adapter's recorded class names, else transformers' LABEL_i)."""
     problem: str | None = None
     """"regression" for a regression's head (one output, a number to predict), else None."""
+    per_token: bool = False
+    """A token classifier's head (TOKEN_CLS): on every token, its outputs the tags."""
 
     @property
     def outputs(self) -> int:
@@ -68,9 +73,9 @@ class Head:
 
 
 def is_classifier(path: str | os.PathLike) -> bool:
-    """Whether `path` is an adapter folder of a sequence classifier (task_type SEQ_CLS)."""
+    """Whether `path` is an adapter folder of a classifier (task_type SEQ_CLS, or TOKEN_CLS)."""
     path = Path(path)
-    return path.is_dir() and read_config_json(path).get("task_type") == "SEQ_CLS"
+    return path.is_dir() and read_config_json(path).get("task_type") in TASKS
 
 
 def head_modules(model: nn.Module, modules_to_save: list[str] | None, keys) -> list[str]:
@@ -90,12 +95,13 @@ def read_head(model: nn.Module, path: str | os.PathLike, *, allow_pickle: bool =
     path = Path(path)
     if not is_classifier(path):
         return None
-    saved = read_config_json(path).get("modules_to_save")
+    config = read_config_json(path)
+    saved = config.get("modules_to_save")
     tensors = _head_tensors(model, path, saved if isinstance(saved, list) else [], allow_pickle)
     names = head_modules(model, saved if isinstance(saved, list) else None, tensors)
     if not names:
         raise AdapterError(
-            f"{path}: a sequence classifier's adapter (task_type SEQ_CLS) without its head (modules_to_save "
+            f"{path}: a classifier's adapter (task_type {config.get('task_type')}) without its head (modules_to_save "
             '"score" with its tensors): nothing to classify with'
         )
     if len(names) > 1:
@@ -127,6 +133,7 @@ def read_head(model: nn.Module, path: str | os.PathLike, *, allow_pickle: bool =
         None if bias is None else bias.detach().to(device, torch.float32),
         tuple(classes),
         adapter_problem(path),
+        config.get("task_type") == "TOKEN_CLS",
     )
 
 
@@ -190,3 +197,24 @@ def head_scores(model: nn.Module, head: Head, rows: list[list[int]], pad_id: int
     at = torch.stack([pooled_positions(ids[i : i + 1, : len(r)], pad_id)[0] for i, r in enumerate(rows)])
     pooled = hidden[torch.arange(len(rows), device=device), at].float()
     return nn.functional.linear(pooled, head.weight, head.bias)
+
+
+@torch.inference_mode()
+def token_scores(
+    model: nn.Module, head: Head, rows: list[list[int]], pad_id: int | None
+) -> list[torch.Tensor]:
+    """A token classifier's head outputs for token-id rows, one (tokens, tags) float32 tensor per row, as the
+    token classifier's forward computes them: the rows right-padded into one batch through the backbone
+    (`model.base_model`) with whatever adapter is active on it, the head on every token's last hidden state."""
+    if not rows or any(not r for r in rows):
+        raise ValueError("token_scores needs non-empty token-id rows")
+    device = head.weight.device
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id if pad_id is not None else 0, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    logits = nn.functional.linear(hidden.last_hidden_state.float(), head.weight, head.bias)
+    return [logits[i, : len(r)] for i, r in enumerate(rows)]

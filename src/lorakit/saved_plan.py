@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lorakit.classifier_heads import head_modules, heads_beside
+from lorakit.classifier_heads import TASKS, head_modules, heads_beside
 from lorakit.config import LoraConfig
 from lorakit.errors import AdapterError, TargetError
 from lorakit.formats import PREFIX
@@ -153,18 +153,18 @@ def _check_heads(
     are fine. On a causal LM that keeps classifiers' heads beside it (`lorakit.classifier_heads`), a classifier's
     heads are no error: returns their names, whose tensors the load leaves out."""
     heads = head_modules(model, config.modules_to_save, tensors)
-    if heads and config.task_type == "SEQ_CLS" and heads_beside(model):
+    if heads and config.task_type in TASKS and heads_beside(model):
         return heads
     for name in config.modules_to_save or []:
         if any(m == name or m.endswith("." + name) for m in modules):
             continue
         if any(k.startswith(f"{PREFIX}{name}.") for k in tensors):
-            hint = (
-                f": it is a {config.task_type} adapter (a sequence classifier's, e.g. a reward model's); load the "
-                "base as one, lorakit.load_model(..., num_labels=N)"
-                if config.task_type == "SEQ_CLS"
-                else ""
-            )
+            hint = {
+                "SEQ_CLS": f": it is a {config.task_type} adapter (a sequence classifier's, e.g. a reward model's); "
+                "load the base as one, lorakit.load_model(..., num_labels=N)",
+                "TOKEN_CLS": f": it is a {config.task_type} adapter (a token classifier's); load the base as one, "
+                "lorakit.load_model(..., num_labels=N, per_token=True)",
+            }.get(config.task_type, "")
             raise AdapterError(
                 f"{path}: the file holds a trained {name!r} (modules_to_save), which {type(model).__name__} "
                 f"lacks{hint}"

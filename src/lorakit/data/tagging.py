@@ -183,24 +183,7 @@ def encode_tagged(
                 f"{source}, example {n + 1}: the entity type {unknown!r} is not one of the train data's "
                 f"({', '.join(sorted(known))})"
             )
-        try:
-            enc = tokenizer(
-                text,
-                return_offsets_mapping=True,
-                return_special_tokens_mask=True,
-                truncation=True,
-                max_length=max_len,
-            )
-        except NotImplementedError as exc:
-            raise DataError(
-                f"token classification needs each token's character offsets, which the tokenizer "
-                f"{type(tokenizer).__name__} does not give (use a fast tokenizer)"
-            ) from exc
-        ids, special = enc["input_ids"], enc["special_tokens_mask"]
-        offsets = [
-            None if s else _trimmed(text, a, b)
-            for (a, b), s in zip(enc["offset_mapping"], special, strict=True)
-        ]
+        ids, offsets = token_offsets(tokenizer, text, max_len)
         labels = [
             IGNORE if o is None else index[tag]
             for o, tag in zip(offsets, _token_tags(offsets, spans), strict=True)
@@ -214,6 +197,27 @@ def encode_tagged(
         rows.append(Tagged(Encoded(list(ids), labels, truncated), text, offsets, list(spans)))
     stats["entities"] = dict(sorted(stats["entities"].items()))
     return rows, stats
+
+
+def token_offsets(
+    tokenizer, text: str, max_len: int | None = None
+) -> tuple[list[int], list[tuple[int, int] | None]]:
+    """`text`'s token ids as a token classifier reads them (the tokenizer's special tokens; cut to `max_len`) and
+    each token's character range in it, without the spaces a byte-level tokenizer counts in a token (None for a
+    special token). DataError for a tokenizer that gives no offsets (not a fast tokenizer)."""
+    cut = {"truncation": True, "max_length": max_len} if max_len else {}
+    try:
+        enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True, **cut)
+    except NotImplementedError as exc:
+        raise DataError(
+            f"token classification needs each token's character offsets, which the tokenizer "
+            f"{type(tokenizer).__name__} does not give (use a fast tokenizer)"
+        ) from exc
+    special = enc["special_tokens_mask"]
+    offsets = [
+        None if s else _trimmed(text, a, b) for (a, b), s in zip(enc["offset_mapping"], special, strict=True)
+    ]
+    return list(enc["input_ids"]), offsets
 
 
 def _trimmed(text: str, a: int, b: int) -> tuple[int, int]:
@@ -243,7 +247,8 @@ def _token_tags(offsets: list[tuple[int, int] | None], spans: list[Span]) -> lis
 
 def decode_tags(tags: list[int], offsets: list[tuple[int, int] | None], names: list[str]) -> list[Span]:
     """The typed character spans that tokens' tag ids say: an entity starts at a "B-" tag, or at an "I-" tag that
-    does not continue an entity of its type (seqeval's default reading), and runs to its last "I-" token."""
+    does not continue an entity of its type (seqeval's default reading), and runs to its last "I-" token. Tags
+    without a prefix (a PEFT adapter's LABEL_i, plain types) are types whose runs of tokens are entities."""
     spans: list[Span] = []
     open_: list[Any] | None = None
     for tag, o in zip(tags, offsets, strict=True):
@@ -255,8 +260,9 @@ def decode_tags(tags: list[int], offsets: list[tuple[int, int] | None], names: l
                 spans.append(tuple(open_))
             open_ = None
             continue
-        prefix, kind = name[0], name[2:]
-        if prefix == "B" or open_ is None or open_[2] != kind:
+        tagged = len(name) > 2 and name[0] in "BIES" and name[1] in "-_"
+        prefix, kind = (name[0], name[2:]) if tagged else (None, name)  # a plain type (IO): runs join
+        if prefix in ("B", "S") or open_ is None or open_[2] != kind:
             if open_ is not None:
                 spans.append(tuple(open_))
             open_ = [o[0], o[1], kind]

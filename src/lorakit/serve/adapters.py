@@ -201,7 +201,11 @@ class AdapterRoutes:
             except AdapterError:  # unloaded since names() was read
                 continue
             if head is not None:  # lorakit's extension: a classifier's adapter, served at /v1/classify
-                kind = head.problem or ("reward" if head.outputs == 1 else "single_label_classification")
+                kind = (
+                    "token_classification"
+                    if head.per_token
+                    else head.problem or ("reward" if head.outputs == 1 else "single_label_classification")
+                )
                 card["classifier"] = {"kind": kind, "classes": list(head.classes)}
         return out
 

@@ -16,6 +16,16 @@ the logits (for a head with one output, a reward model's, its sigmoid, as vLLM a
 classifier's, each class's sigmoid, and lorakit's `labels`: the classes whose logit is over 0); `logits` (lorakit's
 extension) are the head's raw outputs: a reward model's reward, and a regression's prediction, is `logits[0]`.
 
+A token classifier's adapter (task_type TOKEN_CLS, `lorakit train --objective token_classify`) takes texts only,
+tokenized as training tokenized them (`lorakit.data.tagging.token_offsets`), and answers each text's entities as
+transformers' token-classification pipeline groups them (`entities`: `entity_group`, `word`, `start`, `end` in
+characters, `score`: the mean probability of its tokens' tags) and each token's tag (`tokens`: `id`, `start`,
+`end`, `label`, `score`):
+
+    {"model": "ner", "input": ["Anna flew to New York."]}
+    -> "data": [{"index": 0, "num_classes": 5, "entities": [{"entity_group": "LOC", "word": "New York", ...}],
+                 "tokens": [...]}]
+
 The scoring runs on the engine thread between decode steps (`Engine.call`), a chunk of rows at a time (at most
 the engine's `max_prefill_tokens` padded tokens), so answers streaming meanwhile pause for one chunk at a time.
 The request holds its adapter until it is answered, as a generation request does.
@@ -32,7 +42,9 @@ import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from lorakit.classifier_heads import Head, head_scores
+from lorakit.classifier_heads import Head, head_scores, token_scores
+from lorakit.data.files import DataError
+from lorakit.data.tagging import decode_tags, token_offsets
 from lorakit.data.tokenize import encode_example
 from lorakit.serve import protocol as P
 from lorakit.serve import responses as R
@@ -125,11 +137,16 @@ class ClassifyRoutes:
             head = self.bank.heads.get(slot)
             if head is None:
                 raise P.bad(
-                    f"the model {model!r} is not a classifier's adapter (task_type SEQ_CLS, as lorakit train "
-                    "--objective reward, classify or regression saves one): it generates, at /v1/completions",
+                    f"the model {model!r} is not a classifier's adapter (task_type SEQ_CLS or TOKEN_CLS, as lorakit "
+                    "train --objective reward, classify, regression or token_classify saves one): it generates, at "
+                    "/v1/completions",
                     "model",
                 )
-            rows = await asyncio.to_thread(self._encode, parsed, head)
+            if head.per_token:
+                texts = self._texts(parsed)
+                rows, offsets = await asyncio.to_thread(self._encode_tagged, texts)
+            else:
+                rows = await asyncio.to_thread(self._encode, parsed, head)
             if not self.engine.alive:
                 raise P.APIError(503, "the engine is not running", "server_error")
             scores = []
@@ -139,6 +156,13 @@ class ClassifyRoutes:
                     scores.append(await asyncio.wrap_future(future))
                 except EngineStopped:
                     raise P.APIError(503, "the engine has stopped", "server_error") from None
+        if head.per_token:
+            every = [t for chunk in scores for t in chunk]
+            data = [
+                {"index": i, "num_classes": head.outputs, **_tagged(head, t, r, o, logits)}
+                for i, (t, r, o, logits) in enumerate(zip(texts, rows, offsets, every, strict=True))
+            ]
+            return self._answer(model, data, rows, started)
         logits = torch.cat(scores)
         multi = head.problem == "multi_label_classification"  # each class a yes or no
         probs = torch.sigmoid(logits) if head.outputs == 1 or multi else torch.softmax(logits, -1)
@@ -153,6 +177,11 @@ class ClassifyRoutes:
             }
             for i, (row, p) in enumerate(zip(logits, probs, strict=True))
         ]
+        return self._answer(model, data, rows, started)
+
+    def _answer(
+        self, model: str, data: list[dict[str, Any]], rows: list[list[int]], started: float
+    ) -> JSONResponse:
         tokens = sum(len(r) for r in rows)
         self.latency.observe("classify", "total", time.monotonic() - started)
         body = {
@@ -165,10 +194,52 @@ class ClassifyRoutes:
         }
         return JSONResponse(body)
 
-    def _score(self, slot: str, head: Head, rows: list[list[int]]) -> torch.Tensor:
-        """On the engine thread: the head's outputs for `rows` with adapter `slot` on the backbone."""
+    def _score(self, slot: str, head: Head, rows: list[list[int]]) -> torch.Tensor | list[torch.Tensor]:
+        """On the engine thread: the head's outputs for `rows` with adapter `slot` on the backbone (a token
+        classifier's: one tensor of each token's tags per row)."""
         with route(self.engine.model, self.bank, [slot] * len(rows)):
+            if head.per_token:
+                return [t.cpu() for t in token_scores(self.engine.model, head, rows, self.pad_id)]
             return head_scores(self.engine.model, head, rows, self.pad_id).cpu()
+
+    @staticmethod
+    def _texts(parsed: Parsed) -> list[str]:
+        """A token classifier's inputs: texts only (its answer is in characters of them); 400 otherwise."""
+        if parsed.messages is not None:
+            raise P.bad("a token classifier tags texts, not conversations: send 'input'", "messages")
+        n = len(parsed.inputs or [])
+        for i, x in enumerate(parsed.inputs or []):
+            if not isinstance(x, str):
+                where = f"input[{i}]" if n > 1 else "input"
+                raise P.bad(
+                    f"{where}: a token classifier tags texts (its entities are spans of characters), not "
+                    f"{'token ids' if isinstance(x, list) else 'pairs'}",
+                    "input",
+                )
+        return list(parsed.inputs or [])
+
+    def _encode_tagged(self, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int] | None]]]:
+        """Each text's token ids and their character ranges, as training read a token classifier's texts; 400
+        naming an overlong text."""
+        limit = self.engine.max_model_len
+        rows, offsets = [], []
+        with self.engine.tokenizer_lock:
+            for i, text in enumerate(texts):
+                try:
+                    ids, where = token_offsets(self.tok, text)
+                except DataError as e:
+                    raise P.bad(str(e), "model") from None
+                name = f"input[{i}]" if len(texts) > 1 else "input"
+                if not ids:
+                    raise P.bad(f"{name} has no tokens", "input")
+                if len(ids) > limit:
+                    raise P.bad(
+                        f"{name} is {len(ids)} tokens, over the context length {limit} (--max-model-len)",
+                        "input",
+                    )
+                rows.append(ids)
+                offsets.append(where)
+        return rows, offsets
 
     def _chunks(self, rows: list[list[int]]) -> list[list[list[int]]]:
         """Consecutive rows, as many per forward as fit the engine's padded-token budget (at least one; one at a
@@ -232,3 +303,37 @@ class ClassifyRoutes:
                     where.split("[")[0],
                 )
         return rows
+
+
+def _tagged(
+    head: Head, text: str, ids: list[int], offsets: list[tuple[int, int] | None], logits: torch.Tensor
+) -> dict[str, Any]:
+    """A token classifier's answer for one text: its entities (transformers' pipeline's grouping: each a span of
+    tokens that `decode_tags` reads from the tags, scored by the mean probability of those tokens' tags) and each
+    token's tag."""
+    probs = torch.softmax(logits, -1)
+    tags = logits.argmax(-1).tolist()
+    score = [float(probs[i, t]) for i, t in enumerate(tags)]
+    entities = []
+    for start, end, kind in decode_tags(tags, offsets, list(head.classes)):
+        inside = [score[i] for i, o in enumerate(offsets) if o is not None and start <= o[0] and o[1] <= end]
+        entities.append(
+            {
+                "entity_group": kind,
+                "word": text[start:end],
+                "start": start,
+                "end": end,
+                "score": sum(inside) / max(len(inside), 1),
+            }
+        )
+    tokens = [
+        {
+            "id": t,
+            "start": None if o is None else o[0],
+            "end": None if o is None else o[1],
+            "label": head.classes[tag],
+            "score": s,
+        }
+        for t, o, tag, s in zip(ids, offsets, tags, score, strict=True)
+    ]
+    return {"entities": entities, "tokens": tokens}

@@ -170,8 +170,8 @@ class GenerationRoutes:
         with hold:  # until each row holds the adapter itself
             if adapter is not None and self.engine.bank.head(adapter) is not None:
                 raise P.bad(
-                    f"the model {adapter!r} is a classifier's adapter (a reward model's or a classifier's): it "
-                    "scores texts at /v1/classify and does not generate",
+                    f"the model {adapter!r} is a classifier's adapter (a reward model's, a classifier's or a token "
+                    "classifier's): it scores texts at /v1/classify and does not generate",
                     "model",
                 )
             # long prompts must not stall the event loop

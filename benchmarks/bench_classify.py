@@ -12,7 +12,14 @@ with `DataCollatorWithPadding`, lorakit with its own collate. Each worker warms 
 (the high-water mark after a reset). Rounds interleave the two in rotating order (`lorakit.bench.round_order`);
 ratios are lorakit/PEFT per round, reported as median [min–max].
 
+With ``--tokens`` it is a token classifier's step instead (`lorakit train --objective token_classify` against
+PEFT's task_type TOKEN_CLS with the Trainer and `DataCollatorForTokenClassification`, the recipe of transformers'
+token-classification guide): ``--classes`` entity types (4, as CoNLL-2003: 9 tags with O), every fourth word an
+entity, the same tagged token rows for both (`lorakit.data.tagging.encode_tagged`), each token's tag's
+cross-entropy.
+
     .venv/bin/python benchmarks/bench_classify.py --rounds 3 --write-docs
+    .venv/bin/python benchmarks/bench_classify.py --rounds 3 --tokens --write-docs
 """
 
 from __future__ import annotations
@@ -75,14 +82,25 @@ def _items(args) -> list[dict]:
     items = []
     for i in range(n):
         k = rng.randint(args.words * 3 // 4, args.words * 5 // 4)
-        items.append(
-            {
-                "text": " ".join(rng.choice(WORDS) for _ in range(k)),
-                "text_pair": None,
-                "label": i % args.classes,
-            }
-        )
+        words = [rng.choice(WORDS) for _ in range(k)]
+        if args.tokens:  # every fourth word an entity, its type cycling
+            text, spans, at = " ".join(words), [], 0
+            for j, w in enumerate(words):
+                if j % 4 == 3:
+                    spans.append((at, at + len(w), f"T{j % args.classes}"))
+                at += len(w) + 1
+            items.append({"text": text, "spans": spans})
+            continue
+        items.append({"text": " ".join(words), "text_pair": None, "label": i % args.classes})
     return items
+
+
+def _tag_names(args) -> list[str]:
+    return ["O"] + [f"{p}-T{c}" for c in range(args.classes) for p in ("B", "I")]
+
+
+def _outputs(args) -> int:
+    return len(_tag_names(args)) if args.tokens else args.classes
 
 
 def _model(args):
@@ -90,25 +108,37 @@ def _model(args):
     from lorakit.device import placement
 
     device, dtype = placement("cpu", args.dtype)
-    return lorakit.load_model(args.model, dtype=dtype, device=device, num_labels=args.classes)
+    return lorakit.load_model(
+        args.model, dtype=dtype, device=device, num_labels=_outputs(args), per_token=args.tokens
+    )
+
+
+def _rows(args, items, tok) -> list:
+    """lorakit's rows of `items`: labelled texts, or with --tokens tagged ones (each token's tag)."""
+    if args.tokens:
+        from lorakit.data.tagging import encode_tagged
+
+        return encode_tagged(tok, items, _tag_names(args), max_len=4096)[0]
+    from lorakit.data.labels import encode_labelled
+
+    names = [str(c) for c in range(args.classes)]
+    return encode_labelled(tok, [{**it, "label": names[it["label"]]} for it in items], names, max_len=4096)[0]
 
 
 def _lorakit(args, items, tmp: str) -> tuple[list[float], bool]:
     import torch
 
     import lorakit
-    from lorakit.data.labels import encode_labelled
     from lorakit.device import upcast_trainable
     from lorakit.train.config import RunConfig, TrainSection
     from lorakit.train.loop import train_loop
     from lorakit.train.objectives import make_objective
 
     model, tok = _model(args)
-    names = [str(c) for c in range(args.classes)]
     config = lorakit.LoraConfig(r=args.r, alpha=args.r, targets=TARGETS, modules_to_save=["score"])
     lorakit.inject(model, config)
     upcast_trainable(model)
-    rows, _ = encode_labelled(tok, [{**it, "label": names[it["label"]]} for it in items], names, max_len=4096)
+    rows = _rows(args, items, tok)
     cfg = RunConfig(
         train=TrainSection(
             out_dir=tmp,
@@ -118,9 +148,12 @@ def _lorakit(args, items, tmp: str) -> tuple[list[float], bool]:
             schedule="constant",
             warmup_steps=0,
             save_every=0,
-            objective="classify",
+            objective="token_classify" if args.tokens else "classify",
         )
     )
+    objective = make_objective(cfg)
+    if args.tokens:
+        objective.names, objective.num_labels = _tag_names(args), _outputs(args)
     ends: list[float] = []
     state = {"reset": False}
 
@@ -137,7 +170,7 @@ def _lorakit(args, items, tmp: str) -> tuple[list[float], bool]:
         cfg,
         pad_id=tok.pad_token_id,
         out_dir=Path(tmp),
-        objective=make_objective(cfg),
+        objective=objective,
         callbacks=[on_record],
     )
     marks = [t0, *ends]
@@ -149,6 +182,7 @@ def _peft(args, items, tmp: str) -> tuple[list[float], bool]:
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
     from transformers import (
+        DataCollatorForTokenClassification,
         DataCollatorWithPadding,
         PrinterCallback,
         Trainer,
@@ -160,10 +194,24 @@ def _peft(args, items, tmp: str) -> tuple[list[float], bool]:
     model = get_peft_model(
         model,
         LoraConfig(
-            r=args.r, lora_alpha=args.r, target_modules=TARGETS, lora_dropout=0.0, task_type="SEQ_CLS"
+            r=args.r,
+            lora_alpha=args.r,
+            target_modules=TARGETS,
+            lora_dropout=0.0,
+            task_type="TOKEN_CLS" if args.tokens else "SEQ_CLS",
         ),
     )
-    encoded = [{**tok(it["text"]), "labels": it["label"]} for it in items]
+    if args.tokens:  # the same tagged token rows as lorakit's
+        encoded = [
+            {
+                "input_ids": r.row.input_ids,
+                "attention_mask": [1] * len(r.row.input_ids),
+                "labels": r.row.labels,
+            }
+            for r in _rows(args, items, tok)
+        ]
+    else:
+        encoded = [{**tok(it["text"]), "labels": it["label"]} for it in items]
     times: list[float] = []
     state = {"t0": 0.0, "reset": False}
 
@@ -199,7 +247,9 @@ def _peft(args, items, tmp: str) -> tuple[list[float], bool]:
         model=model,
         args=config,
         train_dataset=Dataset.from_list(encoded),
-        data_collator=DataCollatorWithPadding(tok),
+        data_collator=DataCollatorForTokenClassification(tok)
+        if args.tokens
+        else DataCollatorWithPadding(tok),
         callbacks=[Timer()],
     )
     trainer.remove_callback(PrinterCallback)
@@ -249,6 +299,7 @@ def spawn(args, lib: str) -> dict:
         args.dtype,
     ]
     cmd += ["--threads", str(args.threads)] + (["--model", args.model] if args.model else [])
+    cmd += ["--tokens"] if args.tokens else []
     return spawn_worker(cmd, lib)
 
 
@@ -256,7 +307,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=8, help="texts per step")
     p.add_argument("--words", type=int, default=128, help="words per text, about (about one token each)")
-    p.add_argument("--classes", type=int, default=4)
+    p.add_argument("--classes", type=int, default=4, help="classes; with --tokens, entity types")
+    p.add_argument("--tokens", action="store_true", help="a token classifier's step (TOKEN_CLS)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--r", type=int, default=16)
@@ -286,17 +338,22 @@ def main() -> None:
     print(table)
     if args.write_docs:
         write_docs(
-            DOC,
+            ROOT / "docs" / "token_classify.md" if args.tokens else DOC,
             table,
-            f"<!-- bench_classify:{args.dtype}:begin -->",
-            f"<!-- bench_classify:{args.dtype}:end -->",
+            f"<!-- bench_classify:{'tokens:' if args.tokens else ''}{args.dtype}:begin -->",
+            f"<!-- bench_classify:{'tokens:' if args.tokens else ''}{args.dtype}:end -->",
         )
 
 
 def _table(args, rounds) -> str:
+    what = (
+        f"a token classifier, {args.classes} entity types ({_outputs(args)} tags), every fourth word an entity"
+        if args.tokens
+        else f"{args.classes} classes"
+    )
     head = (
         f"CPU: {cpu_name()} (torch capability {torch_capability()}), {args.threads} threads; base dtype {args.dtype}; "
-        f"{args.batch} texts of about {args.words} words per step, {args.classes} classes; r={args.r} on the seven "
+        f"{args.batch} texts of about {args.words} words per step, {what}; r={args.r} on the seven "
         f"projections and the head trained whole; {args.rounds} rounds x {args.steps} steps.\n\n"
         "| | PEFT + transformers Trainer | lorakit | lorakit/PEFT |\n|---|---:|---:|---:|"
     )

@@ -35,8 +35,8 @@ Span = tuple[int, int, str]
 @dataclass
 class Tagged:
     """One tokenized token-classification example: its token row (`labels`: each token's tag id, IGNORE for the
-    tokenizer's special tokens), each token's character range in `text` (None for a special token), and the
-    text's entities as spans."""
+    tokenizer's special tokens and tokens of spaces only), each token's character range in `text` (None for a token
+    that carries no tag: a special token, or one of spaces only), and the text's entities as spans."""
 
     row: Encoded
     text: str
@@ -168,7 +168,8 @@ def encode_tagged(
     tokenizer, items: list[dict[str, Any]], names: list[str], *, max_len: int, source: str = "data"
 ) -> tuple[list[Tagged], dict[str, Any]]:
     """Tokenize each text with its tokens' character offsets, cut to `max_len` tokens, and tag each token: "B-"
-    on the first token of an entity that overlaps it, "I-" on the others, "O" outside, IGNORE on special tokens.
+    on the first token of an entity that overlaps it, "I-" on the others, "O" outside, IGNORE on special tokens
+    and tokens of spaces only (a byte-level tokenizer's space before digits: its tag would say nothing).
     Returns the rows and counts: examples, truncated, tokens, entities per type. An entity type `names` lacks is a
     DataError naming it; a tokenizer without offsets (not a fast tokenizer) is a DataError too."""
     index = {n: i for i, n in enumerate(names)}
@@ -204,7 +205,9 @@ def token_offsets(
 ) -> tuple[list[int], list[tuple[int, int] | None]]:
     """`text`'s token ids as a token classifier reads them (the tokenizer's special tokens; cut to `max_len`) and
     each token's character range in it, without the spaces a byte-level tokenizer counts in a token (None for a
-    special token). DataError for a tokenizer that gives no offsets (not a fast tokenizer)."""
+    token that carries no tag: a special token, or a token of spaces only, which SmolLM2's tokenizer makes of
+    the space before a number: tagged, it would have to say whether the space belongs to an entity). DataError
+    for a tokenizer that gives no offsets (not a fast tokenizer)."""
     cut = {"truncation": True, "max_length": max_len} if max_len else {}
     try:
         enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True, **cut)
@@ -220,12 +223,12 @@ def token_offsets(
     return list(enc["input_ids"]), offsets
 
 
-def _trimmed(text: str, a: int, b: int) -> tuple[int, int]:
-    """A token's character range without the spaces a byte-level tokenizer counts in it (" York" -> "York"); a
-    token of spaces only keeps its range."""
+def _trimmed(text: str, a: int, b: int) -> tuple[int, int] | None:
+    """A token's character range without the spaces a byte-level tokenizer counts in it (" York" -> "York"); None
+    for a token of spaces only (or of no characters)."""
     piece = text[a:b]
     if not piece.strip():
-        return a, b
+        return None
     return a + len(piece) - len(piece.lstrip()), b - (len(piece) - len(piece.rstrip()))
 
 
@@ -236,8 +239,7 @@ def _token_tags(offsets: list[tuple[int, int] | None], spans: list[Span]) -> lis
         tag = OUTSIDE
         if o is not None:
             for k, (s, e, kind) in enumerate(spans):
-                inside = o[0] < e and s < o[1] if o[1] > o[0] else s < o[0] < e
-                if inside:
+                if o[0] < e and s < o[1]:
                     tag = ("I-" if k in begun else "B-") + kind
                     begun.add(k)
                     break

@@ -89,7 +89,7 @@ def test_tags_and_entities_are_peft_s(http, dirs, default_model_dir):
         assert [t["label"] for t in item["tokens"]] == [TAGS[t] for t in tags]
         for t, p, tag in zip(item["tokens"], probs, tags, strict=True):
             assert t["score"] == pytest.approx(float(p[tag]), abs=1e-4)
-        want = decode_tags(tags, offsets, TAGS)
+        want = decode_tags(tags, offsets, TAGS, text)
         assert [(e["start"], e["end"], e["entity_group"]) for e in item["entities"]] == want
         assert all(e["word"] == text[e["start"] : e["end"]] and 0 < e["score"] <= 1 for e in item["entities"])
         found_any |= bool(want)

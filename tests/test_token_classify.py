@@ -191,7 +191,10 @@ def test_tags_decode_back_to_the_spans_with_real_tokenizers(default_model_dir):
         assert stats["truncated"] == 0
         spaces = 0
         for r, it in zip(rows, items, strict=True):
-            assert decode_tags([max(t, 0) for t in r.row.labels], r.offsets, names) == it["spans"], (what, it)
+            for text in (None, r.text):  # with the text: no gold entity begins inside a word
+                assert (
+                    decode_tags([max(t, 0) for t in r.row.labels], r.offsets, names, text) == it["spans"]
+                ), it
             enc = tok(it["text"], return_offsets_mapping=True, return_special_tokens_mask=True)
             untagged = [
                 bool(m) or not it["text"][x:y].strip()
@@ -219,6 +222,42 @@ def test_truncation_drops_the_entities_cut_away(default_model_dir):
         max_len=8,
     )
     assert stats["truncated"] == 1 and rows[0].spans == [(0, 4, "PER")] and len(rows[0].row.input_ids) <= 8
+
+
+def test_a_b_tag_inside_a_word_continues_its_entity_given_the_text():
+    """A word cut in pieces ("Aisha" as "Ai" + "sha") whose second piece is tagged B- stays one entity when the text
+    is known; a piece of another type, a piece after a gap or after punctuation begins its own."""
+    names = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    text = "Aisha Bello met Tom-Lee in Oslo."
+    offsets = [
+        None,
+        (0, 2),
+        (2, 5),
+        (6, 11),
+        (12, 15),
+        (16, 19),
+        (19, 20),
+        (20, 23),
+        (24, 26),
+        (27, 29),
+        (29, 31),
+    ]
+    tags = [0, 1, 1, 2, 0, 1, 2, 1, 0, 3, 1]
+    assert decode_tags(tags, offsets, names) == [
+        (0, 2, "PER"),
+        (2, 11, "PER"),
+        (16, 20, "PER"),
+        (20, 23, "PER"),
+        (27, 29, "LOC"),
+        (29, 31, "PER"),
+    ]
+    assert decode_tags(tags, offsets, names, text) == [
+        (0, 11, "PER"),
+        (16, 20, "PER"),
+        (20, 23, "PER"),
+        (27, 29, "LOC"),
+        (29, 31, "PER"),
+    ]
 
 
 def test_entity_counts_are_strict_and_f1_is_micro():
@@ -462,3 +501,16 @@ def test_smollm2_finds_the_dates(tmp_path):
     )
     assert summary["after"]["f1"] > 0.85 > summary["before"]["f1"] + 0.5, summary
     assert summary["after"]["loss"] < summary["before"]["loss"] / 10
+
+
+def test_the_example_entity_files_read_as_three_types_with_unseen_names():
+    """examples/data/entities_*.jsonl (make_files.py writes them; test_examples checks they agree): 96 train
+    sentences as CoNLL words and tags, 32 held-out ones as texts and spans, whose people, places and companies
+    never occur in the train file."""
+    data = Path(__file__).parent.parent / "examples" / "data"
+    train, held_out = read_tagged(data / "entities_train.jsonl"), read_tagged(data / "entities_eval.jsonl")
+    assert (len(train), len(held_out)) == (96, 32)
+    assert tag_names(train, "train") == ["O", "B-LOC", "I-LOC", "B-ORG", "I-ORG", "B-PER", "I-PER"]
+    seen = {it["text"][s:e] for it in train for s, e, _ in it["spans"]}
+    unseen = {it["text"][s:e] for it in held_out for s, e, _ in it["spans"]}
+    assert len(seen) == 16 and len(unseen) == 10 and not seen & unseen

@@ -11,6 +11,10 @@
                         `--classify.class_weights balanced`
 - reviews_tags_train.jsonl, the same reviews with several classes each (multi-label): the sentiment, and
   reviews_tags_eval.jsonl   "entertainment" (film, book, concert, game) or "hospitality" (food, hotel, service)
+- entities_train.jsonl  sentences whose people (PER), places (LOC) and companies (ORG) are tagged, for a token
+                        classifier (`--objective token_classify`): as CoNLL words and BIO tags
+- entities_eval.jsonl   held-out sentences as texts and character spans (doccano's shape), their people, places
+                        and companies never in the train file
 
     python examples/data/make_files.py            # rewrites the files next to this script
 
@@ -86,7 +90,67 @@ def files() -> dict[str, str]:
         "reviews_imbalanced.jsonl": "".join(json.dumps(r) + "\n" for r in imbalanced),
         "reviews_tags_train.jsonl": "".join(json.dumps(tags(r)) + "\n" for r in train_reviews),
         "reviews_tags_eval.jsonl": "".join(json.dumps(tags(r)) + "\n" for r in eval_reviews),
+        "entities_train.jsonl": "".join(json.dumps(conll(e)) + "\n" for e in entities(96, False, 5)),
+        "entities_eval.jsonl": "".join(
+            json.dumps({"text": e["text"], "entities": e["spans"]}) + "\n" for e in entities(32, True, 6)
+        ),
     }
+
+
+# entities: the train file's names, places and companies, and the eval file's (never in the train file)
+PEOPLE = (["Anna Schmidt", "Bob Jones", "Maria Garcia", "Kenji Tanaka", "Fatima Khan", "Lars Olsen"],
+          ["Chloe Martin", "Ivan Petrov", "Aisha Bello", "Tom Walsh"])
+PLACES = (["Paris", "New York", "Berlin", "Lagos", "Osaka", "Lima"], ["Madrid", "Cairo", "Toronto", "Hanoi"])
+COMPANIES = (["Siemens", "Nokia", "Airbus", "Unilever"], ["Toyota", "Philips"])
+SENTENCES = [
+    "{PER} flew to {LOC} for {ORG} on Monday.",
+    "{ORG} opened an office in {LOC} last year.",
+    "{PER} works for {ORG} in {LOC}.",
+    "{PER} met {PER} in {LOC}.",
+    "After the talks in {LOC}, {PER} left {ORG}.",
+    "{ORG} hired {PER} to run its {LOC} branch.",
+    "In {LOC}, {PER} and {PER} founded a startup.",
+    "{PER} said {ORG} would build a plant near {LOC}.",
+]
+
+
+def entities(n: int, held_out: bool, seed: int) -> list[dict]:
+    """`n` sentences with their entities as {"text", "spans"} (the train names, or the held-out ones)."""
+    import random
+
+    rng = random.Random(seed)
+    pools = {"PER": PEOPLE[held_out], "LOC": PLACES[held_out], "ORG": COMPANIES[held_out]}
+    out = []
+    for i in range(n):
+        template, text, spans = SENTENCES[i % len(SENTENCES)], "", []
+        for j, piece in enumerate(template.replace("}", "{").split("{")):
+            if j % 2 == 0:
+                text += piece
+                continue
+            name = rng.choice(pools[piece])
+            spans.append([len(text), len(text) + len(name), piece])
+            text += name
+        out.append({"text": text, "spans": spans})
+    return out
+
+
+def conll(item: dict) -> dict:
+    """A {"text", "spans"} sentence as CoNLL's words and BIO tags (commas and full stops words of their own)."""
+    text, words, tags, at = item["text"], [], [], 0
+
+    def outside(part: str) -> None:
+        for w in part.replace(",", " ,").replace(".", " .").split():
+            words.append(w)
+            tags.append("O")
+
+    for start, end, kind in item["spans"]:
+        outside(text[at:start])
+        name = text[start:end].split(" ")
+        words.extend(name)
+        tags.extend([f"B-{kind}"] + [f"I-{kind}"] * (len(name) - 1))
+        at = end
+    outside(text[at:])
+    return {"tokens": words, "tags": tags}
 
 
 def main() -> int:

@@ -247,10 +247,17 @@ def _token_tags(offsets: list[tuple[int, int] | None], spans: list[Span]) -> lis
     return tags
 
 
-def decode_tags(tags: list[int], offsets: list[tuple[int, int] | None], names: list[str]) -> list[Span]:
+def decode_tags(
+    tags: list[int], offsets: list[tuple[int, int] | None], names: list[str], text: str | None = None
+) -> list[Span]:
     """The typed character spans that tokens' tag ids say: an entity starts at a "B-" tag, or at an "I-" tag that
     does not continue an entity of its type (seqeval's default reading), and runs to its last "I-" token. Tags
-    without a prefix (a PEFT adapter's LABEL_i, plain types) are types whose runs of tokens are entities."""
+    without a prefix (a PEFT adapter's LABEL_i, plain types) are types whose runs of tokens are entities.
+
+    With the `text`, a "B-" tag inside a word (its token follows the entity's last one with no character between,
+    a letter or digit on each side) continues the entity of its type instead of beginning another: a word cut in
+    pieces ("Aisha" as "ai", "##sha") is one entity or none, as transformers' pipeline reads a word by its first
+    piece."""
     spans: list[Span] = []
     open_: list[Any] | None = None
     for tag, o in zip(tags, offsets, strict=True):
@@ -264,7 +271,16 @@ def decode_tags(tags: list[int], offsets: list[tuple[int, int] | None], names: l
             continue
         tagged = len(name) > 2 and name[0] in "BIES" and name[1] in "-_"
         prefix, kind = (name[0], name[2:]) if tagged else (None, name)  # a plain type (IO): runs join
-        if prefix in ("B", "S") or open_ is None or open_[2] != kind:
+        inside_word = (
+            text is not None
+            and open_ is not None
+            and open_[1] == o[0] > 0
+            and text[o[0] - 1].isalnum()
+            and text[o[0]].isalnum()
+        )
+        if prefix == "B" and inside_word and open_[2] == kind:
+            open_[1] = max(open_[1], o[1])
+        elif prefix in ("B", "S") or open_ is None or open_[2] != kind:
             if open_ is not None:
                 spans.append(tuple(open_))
             open_ = [o[0], o[1], kind]

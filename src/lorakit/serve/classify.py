@@ -315,7 +315,7 @@ def _tagged(
     tags = logits.argmax(-1).tolist()
     score = [float(probs[i, t]) for i, t in enumerate(tags)]
     entities = []
-    for start, end, kind in decode_tags(tags, offsets, list(head.classes)):
+    for start, end, kind in decode_tags(tags, offsets, list(head.classes), text):
         inside = [score[i] for i, o in enumerate(offsets) if o is not None and start <= o[0] and o[1] <= end]
         entities.append(
             {

@@ -292,7 +292,7 @@ def tagged_predictions(
         said = logits.argmax(-1)
         right += int(((said == target) & tagged).sum())
         for r, tags in zip(part, said.tolist(), strict=True):
-            spans.append(decode_tags(tags[: len(r.offsets)], r.offsets, names))
+            spans.append(decode_tags(tags[: len(r.offsets)], r.offsets, names, r.text))
     model.train(was_training)
     return spans, total, tokens, right
 

@@ -9,6 +9,7 @@ delete them, load and unload an adapter, see a path out of the workspace refused
 
 from __future__ import annotations
 
+import re
 import time
 
 import httpx
@@ -86,6 +87,12 @@ def _walk(page, url: str, model_dir) -> None:
     page.click("#preview-btn")
     page.wait_for_function(
         "[...document.querySelectorAll('#preview .note')].some(n => /label (iso|us|european|words)/.test(n.textContent))"
+    )
+    # a token classifier's: texts with their entities highlighted, their types and words as the label
+    page.select_option("[name='train.objective']", "token_classify")
+    page.click("#preview-btn")
+    page.wait_for_function(
+        "[...document.querySelectorAll('#preview .note')].some(n => /label (numeric|words) '/.test(n.textContent))"
     )
     page.select_option("[name='train.objective']", "sft")
     # first, a spreadsheet of the user's own: its columns named in data.fields, uploaded, previewed
@@ -238,6 +245,7 @@ def _walk(page, url: str, model_dir) -> None:
     assert cancelled not in [j["id"] for j in _get(url, "/api/jobs")["jobs"]]
 
     _evaluate_a_classifier(page, model_dir)
+    _evaluate_a_token_classifier(page, model_dir)
 
     # 6. unload it again
     page.click("#tab-adapters")
@@ -364,6 +372,45 @@ def _evaluate_a_classifier(page, model_dir) -> None:
         "#eval-samples tbody tr", "rows => rows.map(r => r.cells[2].textContent)"
     )
     assert predicted and set(predicted) <= {"european", "iso", "us", "words"}, predicted
+
+
+def _evaluate_a_token_classifier(page, model_dir) -> None:
+    """A token classifier's adapter (random LoRA, new head) loaded from the page and evaluated: the result table
+    shows a token classifier's measures, and the samples the entities expected, as "type: words"."""
+    import torch
+
+    import lorakit
+
+    torch.manual_seed(0)
+    model, _ = lorakit.load_model(str(model_dir), num_labels=5, per_token=True, dtype=torch.float32)
+    lorakit.formats.name_classes(model, ["O", "B-numeric", "I-numeric", "B-words", "I-words"])
+    lorakit.inject(model, lorakit.LoraConfig(r=2, targets=["q_proj", "v_proj"]))
+    lorakit.save_adapter(model, model_dir.parent / "ws" / "adapters" / "tagger")
+    _load(page, "tagger", "adapters/tagger")
+    page.wait_for_selector("#adapters-table >> text=tagger")
+    page.click("#tab-eval")
+    page.wait_for_selector("#eval-adapter option[value='tagger']", state="attached")
+    page.select_option("#eval-adapter", "tagger")
+    page.select_option("#eval-data", "task:dates")
+    page.fill("#eval-limit", "3")
+    page.click("#eval-btn")
+    page.wait_for_function(
+        "document.querySelector('#eval-status').textContent.startsWith('done: 3 examples')"
+    )
+    labels = page.eval_on_selector_all("#eval-result tbody th", "cells => cells.map(c => c.textContent)")
+    assert labels == [
+        "cross-entropy",
+        "tokens tagged right",
+        "entity precision",
+        "entity recall",
+        "entity F1",
+    ]
+    expected = page.eval_on_selector_all(
+        "#eval-samples tbody tr", "rows => rows.map(r => r.cells[0].textContent)"
+    )
+    assert len(expected) == 3 and all(
+        re.fullmatch(r"(numeric|words): .+; (numeric|words): .+", e) for e in expected
+    )
 
 
 def _load(page, name: str, path: str) -> None:

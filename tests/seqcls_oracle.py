@@ -130,6 +130,22 @@ def peft_steps(
     return losses, get_peft_model_state_dict(model)
 
 
+def matches_peft(
+    ours_losses: list[float], losses: list[float], model, theirs: dict[str, torch.Tensor]
+) -> None:
+    """lorakit's steps against PEFT's (`peft_steps`): every step's loss and every trained tensor of the adapter,
+    the LoRA pairs and the head, to 1e-5 (float32, the same forward; only kernels' summation order differs); and
+    the loss fell."""
+    import pytest
+
+    assert ours_losses == pytest.approx(losses, abs=1e-5)
+    ours = lorakit.adapter_state_dict(model)
+    assert set(ours) == set(theirs) and "base_model.model.score.weight" in ours
+    for k, v in theirs.items():
+        torch.testing.assert_close(ours[k], v, atol=1e-5, rtol=0, msg=k)
+    assert losses[-1] < losses[0]
+
+
 def merge_matches(
     capsys,
     model_dir: Path,

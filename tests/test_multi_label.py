@@ -24,7 +24,7 @@ from lorakit.train.evaluate import classify_eval
 from lorakit.train.objectives import make_objective
 from lorakit.train.run import run_training
 
-from seqcls_oracle import lorakit_steps, merge_matches, peft_steps, random_start
+from seqcls_oracle import lorakit_steps, matches_peft, merge_matches, peft_steps, random_start
 from tiny import cli_here
 from trl_dpo_oracle import build_tiny_model
 
@@ -121,11 +121,7 @@ def test_training_equals_peft_with_transformers_multi_label_loss(model_dir, tmp_
         num_labels=4,
         problem_type="multi_label_classification",
     )
-    assert ours_losses == pytest.approx(losses, abs=1e-5)
-    ours = lorakit.adapter_state_dict(model)
-    assert set(ours) == set(theirs)
-    for k, v in theirs.items():
-        torch.testing.assert_close(ours[k], v, atol=1e-5, rtol=0, msg=k)
+    matches_peft(ours_losses, losses, model, theirs)
 
 
 def test_the_measures_are_subset_accuracy_and_micro_f1(model_dir):

@@ -26,7 +26,7 @@ from lorakit.train.evaluate import pearson, regression_eval
 from lorakit.train.objectives import make_objective
 from lorakit.train.run import run_training
 
-from seqcls_oracle import lorakit_steps, merge_matches, peft_steps, random_start
+from seqcls_oracle import lorakit_steps, matches_peft, merge_matches, peft_steps, random_start
 from tiny import cli_here
 from trl_dpo_oracle import build_tiny_model
 
@@ -123,12 +123,7 @@ def test_training_equals_peft_with_transformers_regression_loss(model_dir, tmp_p
     losses, theirs = peft_steps(
         model_dir, start, batch, targets, steps=3, lr=5e-3, num_labels=1, problem_type="regression"
     )
-    assert ours_losses == pytest.approx(losses, abs=1e-5)
-    ours = lorakit.adapter_state_dict(model)
-    assert set(ours) == set(theirs) and "base_model.model.score.weight" in ours
-    for k, v in theirs.items():
-        torch.testing.assert_close(ours[k], v, atol=1e-5, rtol=0, msg=k)
-    assert losses[-1] < losses[0]
+    matches_peft(ours_losses, losses, model, theirs)
 
 
 def _run(model_dir: Path, tmp_path: Path, *overrides: str) -> dict:

@@ -355,17 +355,7 @@ def _evaluate_a_classifier(page, model_dir) -> None:
     lorakit.formats.name_classes(model, ["european", "iso", "us", "words"])
     lorakit.inject(model, lorakit.LoraConfig(r=2, targets=["q_proj", "v_proj"]))
     lorakit.save_adapter(model, model_dir.parent / "ws" / "adapters" / "cls")
-    _load(page, "cls", "adapters/cls")
-    page.wait_for_selector("#adapters-table >> text=cls")
-    page.click("#tab-eval")
-    page.wait_for_selector("#eval-adapter option[value='cls']", state="attached")
-    page.select_option("#eval-adapter", "cls")
-    page.select_option("#eval-data", "task:dates")
-    page.fill("#eval-limit", "4")
-    page.click("#eval-btn")
-    page.wait_for_function(
-        "document.querySelector('#eval-status').textContent.startsWith('done: 4 examples')"
-    )
+    _load_and_evaluate(page, "cls", 4)
     labels = page.eval_on_selector_all("#eval-result tbody th", "cells => cells.map(c => c.textContent)")
     assert labels == ["cross-entropy", "accuracy", "balanced accuracy"], labels
     predicted = page.eval_on_selector_all(
@@ -386,17 +376,7 @@ def _evaluate_a_token_classifier(page, model_dir) -> None:
     lorakit.formats.name_classes(model, ["O", "B-numeric", "I-numeric", "B-words", "I-words"])
     lorakit.inject(model, lorakit.LoraConfig(r=2, targets=["q_proj", "v_proj"]))
     lorakit.save_adapter(model, model_dir.parent / "ws" / "adapters" / "tagger")
-    _load(page, "tagger", "adapters/tagger")
-    page.wait_for_selector("#adapters-table >> text=tagger")
-    page.click("#tab-eval")
-    page.wait_for_selector("#eval-adapter option[value='tagger']", state="attached")
-    page.select_option("#eval-adapter", "tagger")
-    page.select_option("#eval-data", "task:dates")
-    page.fill("#eval-limit", "3")
-    page.click("#eval-btn")
-    page.wait_for_function(
-        "document.querySelector('#eval-status').textContent.startsWith('done: 3 examples')"
-    )
+    _load_and_evaluate(page, "tagger", 3)
     labels = page.eval_on_selector_all("#eval-result tbody th", "cells => cells.map(c => c.textContent)")
     assert labels == [
         "cross-entropy",
@@ -410,6 +390,22 @@ def _evaluate_a_token_classifier(page, model_dir) -> None:
     )
     assert len(expected) == 3 and all(
         re.fullmatch(r"(numeric|words): .+; (numeric|words): .+", e) for e in expected
+    )
+
+
+def _load_and_evaluate(page, name: str, limit: int) -> None:
+    """Load workspace adapter adapters/NAME from the Adapters view, then evaluate it from the Evaluate view on
+    `limit` of the built-in task's held-out examples, until its result shows."""
+    _load(page, name, f"adapters/{name}")
+    page.wait_for_selector(f"#adapters-table >> text={name}")
+    page.click("#tab-eval")
+    page.wait_for_selector(f"#eval-adapter option[value='{name}']", state="attached")
+    page.select_option("#eval-adapter", name)
+    page.select_option("#eval-data", "task:dates")
+    page.fill("#eval-limit", str(limit))
+    page.click("#eval-btn")
+    page.wait_for_function(
+        f"document.querySelector('#eval-status').textContent.startsWith('done: {limit} examples')"
     )
 
 

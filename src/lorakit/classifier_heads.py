@@ -185,13 +185,7 @@ def head_scores(model: nn.Module, head: Head, rows: list[list[int]], pad_id: int
     if pad_id is None and len(rows) > 1:
         raise ValueError("rows of a model without a pad token are scored one at a time")
     device = head.weight.device
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id if pad_id is not None else 0, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = _padded(rows, pad_id, device)
     hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     # a row's pooled position comes from its own tokens: padding only ever follows them
     at = torch.stack([pooled_positions(ids[i : i + 1, : len(r)], pad_id)[0] for i, r in enumerate(rows)])
@@ -208,13 +202,20 @@ def token_scores(
     (`model.base_model`) with whatever adapter is active on it, the head on every token's last hidden state."""
     if not rows or any(not r for r in rows):
         raise ValueError("token_scores needs non-empty token-id rows")
-    device = head.weight.device
+    ids, mask = _padded(rows, pad_id, head.weight.device)
+    hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    logits = nn.functional.linear(hidden.float(), head.weight, head.bias)
+    return [logits[i, : len(r)] for i, r in enumerate(rows)]
+
+
+def _padded(
+    rows: list[list[int]], pad_id: int | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token-id rows right-padded with `pad_id` (0 without one) into one batch."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id if pad_id is not None else 0, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, : len(r)] = 1
-    hidden = model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-    logits = nn.functional.linear(hidden.last_hidden_state.float(), head.weight, head.bias)
-    return [logits[i, : len(r)] for i, r in enumerate(rows)]
+    return ids.to(device), mask.to(device)

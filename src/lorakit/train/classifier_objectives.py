@@ -23,6 +23,19 @@ if TYPE_CHECKING:
     from lorakit.train.config import RunConfig
 
 
+def head_logits(
+    model: nn.Module, batch: dict[str, torch.Tensor], dims: int, objective: str, what: str
+) -> torch.Tensor:
+    """The model's head outputs for a micro-batch, in float32; ValueError naming `what` the objective needs where
+    they do not have `dims` dimensions (a causal LM's logits, say)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if logits.dim() != dims:
+        raise ValueError(
+            f"train.objective {objective} needs {what}, got logits of shape {tuple(logits.shape)}"
+        )
+    return logits.float()
+
+
 class ClassifyObjective(Objective):
     """Text classification on `Labelled` rows: the cross-entropy of the model's class logits (a sequence
     classifier's head on the last token, or an encoder's pooled output) against each row's class (weighted by
@@ -52,14 +65,9 @@ class ClassifyObjective(Objective):
 
     def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Each row's class logits, in float32."""
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logits = out.logits
-        if logits.dim() != 2:
-            raise ValueError(
-                "train.objective classify needs a sequence classifier (one row of class logits per example), "
-                f"got logits of shape {tuple(logits.shape)}"
-            )
-        return logits.float()
+        return head_logits(
+            model, batch, 2, "classify", "a sequence classifier (one row of class logits per example)"
+        )
 
     def loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool
@@ -116,14 +124,9 @@ class TokenClassifyObjective(Objective):
 
     def logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Each token's tag logits (batch × tokens × tags), in float32."""
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logits = out.logits
-        if logits.dim() != 3:
-            raise ValueError(
-                "train.objective token_classify needs a token classifier (a row of tag logits per token), got "
-                f"logits of shape {tuple(logits.shape)}"
-            )
-        return logits.float()
+        return head_logits(
+            model, batch, 3, "token_classify", "a token classifier (a row of tag logits per token)"
+        )
 
     def loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool

@@ -139,6 +139,56 @@ def test_bad_records_are_refused_naming_them(tmp_path, row, words):
     assert "bad.jsonl:2:" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_tag_ids_read_as_the_names_a_datasets_folder_or_hub_parquet_gives_them(tmp_path):
+    """CoNLL-2003's shape as Hugging Face `datasets` saves it: `ner_tags` (and `pos_tags`) as ids whose names sit in
+    the ClassLabel feature. A `datasets` folder and the Parquet file `Dataset.to_parquet` writes (the Hub's format)
+    read as tag names; another tag column named by data.fields too; an id past the names is refused naming the
+    row; without the names (JSON Lines) ids are refused with the hint."""
+    from datasets import ClassLabel, Dataset, Features, Sequence, Value
+
+    ner = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    features = Features(
+        {
+            "tokens": Sequence(Value("string")),
+            "pos_tags": Sequence(ClassLabel(names=["NNP", "VBD", "IN", "."])),
+            "ner_tags": Sequence(ClassLabel(names=ner)),
+        }
+    )
+    rows = {
+        "tokens": [["Anna", "Smith", "flew", "to", "Oslo", "."]],
+        "pos_tags": [[0, 0, 1, 2, 0, 3]],
+        "ner_tags": [[1, 2, 0, 0, 3, 0]],
+    }
+    ds = Dataset.from_dict(rows, features=features)
+    ds.save_to_disk(str(tmp_path / "conll"))
+    ds.to_parquet(str(tmp_path / "conll.parquet"))
+    want = [{"text": "Anna Smith flew to Oslo .", "spans": [(0, 10, "PER"), (19, 23, "LOC")]}]
+    assert read_tagged(tmp_path / "conll") == want
+    assert read_tagged(tmp_path / "conll.parquet") == want
+    renamed = Dataset.from_dict(
+        {"words": rows["tokens"], "labels": rows["ner_tags"]},
+        features=Features({"words": Sequence(Value("string")), "labels": Sequence(ClassLabel(names=ner))}),
+    )
+    renamed.save_to_disk(str(tmp_path / "renamed"))
+    assert read_tagged(tmp_path / "renamed", {"tokens": "words", "tags": "labels"}) == want
+    wrong = Dataset.from_dict(
+        {**rows, "ner_tags": [[1, 2, 0, 0, 7, 0]]},
+        features=Features(
+            {**features, "ner_tags": Sequence(ClassLabel(names=ner + ["B-ORG", "I-ORG", "X"]))}
+        ),
+    )
+    wrong.save_to_disk(str(tmp_path / "more"))
+    assert read_tagged(tmp_path / "more")[0]["spans"] == [(0, 10, "PER"), (19, 23, "X")]
+    ds.save_to_disk(str(tmp_path / "few"))  # its info edited to name fewer tags than its ids use
+    info = json.loads((tmp_path / "few" / "dataset_info.json").read_text())
+    info["features"]["ner_tags"]["feature"]["names"] = ner[:3]
+    (tmp_path / "few" / "dataset_info.json").write_text(json.dumps(info))
+    with pytest.raises(DataError, match="row 1: the tag id 3 is not one of the data's 3 tag names"):
+        read_tagged(tmp_path / "few")
+    with pytest.raises(DataError, match="tag ids need their names"):
+        read_tagged(_jsonl(tmp_path / "ids.jsonl", [{"tokens": ["Anna"], "ner_tags": [1]}]))
+
+
 def test_data_without_entities_and_unknown_eval_types_are_refused(default_model_dir):
     with pytest.raises(DataError, match="no example has an entity"):
         tag_names([{"text": "a", "spans": []}], "f")

@@ -247,3 +247,34 @@ def _json_file(path: Path) -> dict:
     if not isinstance(value, dict):
         raise DataError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def label_names(path: str | os.PathLike) -> dict[str, list[str]]:
+    """The class names of a dataset's `ClassLabel` columns, as Hugging Face `datasets` records them beside the
+    data (a `datasets` folder's dataset_info.json; a Parquet file's schema metadata, as `Dataset.to_parquet` and
+    the Hub write it): column -> names by id, for a column of class ids or of lists of them (CoNLL's `ner_tags`).
+    {} where the data says none, or says it in a way this does not read: the ids then stay ids."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            info = json.loads((path / "dataset_info.json").read_text())
+            features = info.get("features") if isinstance(info, dict) else None
+        elif path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            meta = pq.read_schema(path).metadata or {}
+            features = json.loads(meta.get(b"huggingface", b"{}")).get("info", {}).get("features")
+        else:
+            return {}
+    except (OSError, ValueError, ImportError, AttributeError):
+        return {}
+    out: dict[str, list[str]] = {}
+    for column, feature in (features or {}).items() if isinstance(features, dict) else ():
+        inner = feature.get("feature", feature) if isinstance(feature, dict) else None
+        if (
+            isinstance(inner, dict)
+            and inner.get("_type") == "ClassLabel"
+            and isinstance(inner.get("names"), list)
+        ):
+            out[column] = [str(n) for n in inner["names"]]
+    return out

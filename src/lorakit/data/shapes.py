@@ -40,6 +40,7 @@ FIELDS = tuple(
             *NATIVE.values(),
             *FOREIGN.values(),
             ("input", "system", "history", "tools", "chosen", "rejected", "label", "text_pair", "margin"),
+            ("tokens", "tags", "entities"),  # token classification's (lorakit.data.tagging)
         )
         for k in keys
     )

@@ -3,8 +3,9 @@ and type). A record is words with a tag each, as CoNLL files and Hugging Face's 
 
     {"tokens": ["Anna", "flew", "to", "New", "York", "."], "tags": ["B-PER", "O", "O", "B-LOC", "I-LOC", "O"]}
 
-(`ner_tags` is read as `tags`; tags are names: BIO, IOB1, BIOES or plain types, "O" outside), or a text with its
-entities as character spans, as span annotators (doccano, Label Studio) export them:
+(`ner_tags` is read as `tags`; tags are names: BIO, IOB1, BIOES or plain types, "O" outside; tag ids where the
+data names them, as a `datasets` folder or a Hub Parquet file of CoNLL-2003 or WikiANN does in its `ClassLabel`
+feature), or a text with its entities as character spans, as span annotators (doccano, Label Studio) export them:
 
     {"text": "Anna flew to New York.", "entities": [{"start": 13, "end": 21, "label": "LOC"}, [0, 4, "PER"]]}
 
@@ -24,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from lorakit.data.files import DataError, read_records
+from lorakit.data.files import DataError, label_names, read_records
 from lorakit.data.shapes import check_fields, renamed
 from lorakit.data.tokenize import IGNORE, Encoded
 
@@ -46,12 +47,18 @@ class Tagged:
 
 def read_tagged(path: str | os.PathLike, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """All token-classification records of a data file (JSONL, JSON, CSV cells of JSON lists, Parquet or Arrow, or
-    a `datasets` folder) as {"text", "spans"}, validated; DataError naming the record."""
+    a `datasets` folder) as {"text", "spans"}, validated; DataError naming the record. Tag ids are read as the
+    names the data gives its tag column (`label_names`)."""
     check_fields(fields, str(path))
-    return tagged_of(read_records(path), str(path), fields or {})
+    names = label_names(path)
+    column = (fields or {}).get("tags") or next((c for c in ("tags", "ner_tags") if c in names), None)
+    return tagged_of(read_records(path), str(path), fields or {}, names.get(column))
 
 
-def tagged_of(records: list[tuple[str, Any]], source: str, fields: dict[str, str]) -> list[dict[str, Any]]:
+def tagged_of(
+    records: list[tuple[str, Any]], source: str, fields: dict[str, str], tags: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """`read_tagged` of records as read; `tags`: the names of tag ids, where the data gives them."""
     if not records:
         raise DataError(f"{source}: no examples (the file is empty)")
     out = []
@@ -62,7 +69,7 @@ def tagged_of(records: list[tuple[str, Any]], source: str, fields: dict[str, str
         if "tags" not in record and "ner_tags" in record:
             record = {**record, "tags": record["ner_tags"]}
         if "tokens" in record or "tags" in record:
-            out.append(_from_words(record, where))
+            out.append(_from_words(record, where, tags))
         elif "text" in record and "entities" in record:
             out.append(_from_spans(record, where))
         else:
@@ -73,8 +80,13 @@ def tagged_of(records: list[tuple[str, Any]], source: str, fields: dict[str, str
     return out
 
 
-def _from_words(record: dict[str, Any], where: str) -> dict[str, Any]:
+def _from_words(record: dict[str, Any], where: str, names: list[str] | None = None) -> dict[str, Any]:
     words, tags = record.get("tokens"), record.get("tags")
+    if names and isinstance(tags, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in tags):
+        wrong = next((t for t in tags if not 0 <= t < len(names)), None)
+        if wrong is not None:
+            raise DataError(f"{where}: the tag id {wrong} is not one of the data's {len(names)} tag names")
+        tags = [names[t] for t in tags]
     if not isinstance(words, list) or not words or not all(isinstance(w, str) and w.strip() for w in words):
         raise DataError(f"{where}: 'tokens' must be a non-empty list of non-empty words, got {words!r:.80}")
     if not isinstance(tags, list) or len(tags) != len(words):

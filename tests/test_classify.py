@@ -63,6 +63,37 @@ def test_names_ids_pairs_and_columns_are_read(tmp_path):
     assert class_names(read_labelled(tmp_path / "c.csv"), "c") == ["0", "1", "2"]  # ids 0..max, 1 unused
 
 
+def test_class_ids_read_as_the_names_a_datasets_folder_or_hub_parquet_gives_them(tmp_path):
+    """GLUE's SST-2 as Hugging Face `datasets` saves it: `label` ids whose names sit in the ClassLabel feature (in
+    the folder's dataset_info.json, in the Parquet file's schema metadata): read as the names, so the classes are
+    named; a multi-label column of ClassLabel lists too."""
+    from datasets import ClassLabel, Dataset, Features, Sequence, Value
+
+    rows = {"sentence": ["a gripping film", "dull and long"], "label": [1, 0]}
+    features = Features({"sentence": Value("string"), "label": ClassLabel(names=["negative", "positive"])})
+    ds = Dataset.from_dict(rows, features=features)
+    ds.save_to_disk(str(tmp_path / "sst2"))
+    ds.to_parquet(str(tmp_path / "sst2.parquet"))
+    for path in (tmp_path / "sst2", tmp_path / "sst2.parquet"):
+        items = read_labelled(path, {"text": "sentence"})
+        assert [it["label"] for it in items] == ["positive", "negative"]
+        assert class_names(items, "sst2") == ["negative", "positive"]
+    tags = Dataset.from_dict(
+        {"text": ["a", "b"], "topics": [[2, 0], []]},
+        features=Features(
+            {"text": Value("string"), "topics": Sequence(ClassLabel(names=["art", "food", "sport"]))}
+        ),
+    )
+    tags.save_to_disk(str(tmp_path / "topics"))
+    assert [it["label"] for it in read_labelled(tmp_path / "topics", {"label": "topics"})] == [
+        ["art", "sport"],
+        [],
+    ]
+    assert [
+        it["label"] for it in read_labelled(_jsonl(tmp_path / "ids.jsonl", [{"text": "a", "label": 1}]))
+    ] == [1]
+
+
 @pytest.mark.parametrize(
     "rows, words",
     [

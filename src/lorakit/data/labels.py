@@ -20,7 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from lorakit.data.files import DataError, parse_records, read_records
+from lorakit.data.files import DataError, label_names, parse_records, read_records
 from lorakit.data.shapes import check_fields, renamed
 from lorakit.data.tokenize import IGNORE, Encoded
 
@@ -42,9 +42,29 @@ def read_labelled(
 ) -> list[dict[str, Any]]:
     """All classification records of a data file (JSONL, JSON, CSV, TSV, Parquet or Arrow, or a `datasets`
     folder) as {"text", "text_pair" (None if absent), "label"}, validated; DataError naming the record. `scores`:
-    regression records, whose label is a number."""
+    regression records, whose label is a number. Class ids are read as the names the data gives its label column
+    (a `datasets` folder's or a Hub Parquet file's `ClassLabel` feature, as GLUE's have; `label_names`)."""
     check_fields(fields, str(path))
-    return labelled_of(read_records(path), str(path), fields or {}, scores=scores)
+    items = labelled_of(read_records(path), str(path), fields or {}, scores=scores)
+    names = None if scores else label_names(path).get((fields or {}).get("label", "label"))
+    return items if not names else [_named(it, names, str(path), i) for i, it in enumerate(items, 1)]
+
+
+def _named(item: dict[str, Any], names: list[str], source: str, row: int) -> dict[str, Any]:
+    """`item` with its class ids (or list of them) as the data's class names."""
+
+    def name(c: Any) -> Any:
+        if not isinstance(c, int):
+            return c
+        if c >= len(names):
+            raise DataError(
+                f"{source}: row {row}: the class id {c} is not one of the data's {len(names)} class names"
+            )
+        return names[c]
+
+    label = item["label"]
+    named = sorted({name(c) for c in label}, key=str) if isinstance(label, list) else name(label)
+    return {**item, "label": named}
 
 
 def parse_labelled(data: bytes, source: str, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:

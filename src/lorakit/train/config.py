@@ -112,9 +112,9 @@ class TrainSection:
     """With eval_every: stop once this many evaluations in a row have not bettered best_metric (0: never)."""
     best_metric: str = "loss"
     """What keep_best and early_stop compare: loss (the eval loss, lower is better), accuracy (exact match; a
-    classifier's accuracy), with train.objective classify balanced_accuracy (one class per text) or f1 (several),
-    with regression pearson, or with a preference objective reward_accuracy or reward_margin (higher is
-    better)."""
+    classifier's accuracy; a token classifier's, of its tags), with train.objective classify balanced_accuracy (one
+    class per text) or f1 (several), with token_classify f1 (of the entities), with regression pearson, or with a
+    preference objective reward_accuracy or reward_margin (higher is better)."""
     save_every: int = 20
     """Write a resumable checkpoint every N steps (0: never)."""
     log_every: int = 1
@@ -132,7 +132,9 @@ class TrainSection:
     objective: str = "sft"
     """What training minimises: sft (the answers' token loss), on preference pairs dpo, simpo, orpo or cpo
     (each with its own section; simpo, orpo and cpo need no reference model), kto on answers marked
-    desirable or not, or reward: a reward model (the model with a one-output head, trained on pairs)."""
+    desirable or not, or reward: a reward model (the model with a one-output head, trained on pairs); classify: a
+    text classifier (labelled texts), regression: a number per text, token_classify: a token classifier (tagged
+    texts: named entities; docs/token_classify.md)."""
     init_adapter: str | None = None
     """An adapter folder (PEFT layout) to train further instead of a new adapter, with its own r, alpha and
     targets (method lora); with objective dpo it is also the reference."""

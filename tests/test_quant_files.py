@@ -90,7 +90,10 @@ def _tiny_loader(monkeypatch, hidden: int = 32):
     monkeypatch.setattr(
         lorakit.models,
         "load_model",
-        lambda spec, dtype, device=None, num_labels=None: (tiny_llama(hidden=hidden), _NoTokenizer()),
+        lambda spec, dtype, device=None, num_labels=None, per_token=False: (
+            tiny_llama(hidden=hidden),
+            _NoTokenizer(),
+        ),
     )
 
 

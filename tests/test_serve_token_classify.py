@@ -78,7 +78,7 @@ def test_tags_and_entities_are_peft_s(http, dirs, default_model_dir):
     assert r.status_code == 200, r.text
     answer = r.json()
     assert answer["usage"]["prompt_tokens"] == sum(len(token_offsets(tok, t)[0]) for t in TEXTS)
-    found_any = False
+    found_any, untagged = False, 0
     for text, item in zip(TEXTS, answer["data"], strict=True):
         ids, offsets = token_offsets(tok, text)
         with torch.no_grad():
@@ -86,14 +86,20 @@ def test_tags_and_entities_are_peft_s(http, dirs, default_model_dir):
         tags = probs.argmax(-1).tolist()
         assert item["num_classes"] == len(TAGS)
         assert [t["id"] for t in item["tokens"]] == ids
-        assert [t["label"] for t in item["tokens"]] == [TAGS[t] for t in tags]
-        for t, p, tag in zip(item["tokens"], probs, tags, strict=True):
-            assert t["score"] == pytest.approx(float(p[tag]), abs=1e-4)
+        # a token that carries no tag (special, or spaces only: training tagged none of these) answers none
+        assert [t["label"] for t in item["tokens"]] == [
+            None if o is None else TAGS[t] for t, o in zip(tags, offsets, strict=True)
+        ]
+        untagged += sum(o is None for o in offsets)
+        for t, p, tag, o in zip(item["tokens"], probs, tags, offsets, strict=True):
+            assert t["score"] is None if o is None else t["score"] == pytest.approx(float(p[tag]), abs=1e-4)
+            assert (t["start"], t["end"]) == ((None, None) if o is None else o)
         want = decode_tags(tags, offsets, TAGS, text)
         assert [(e["start"], e["end"], e["entity_group"]) for e in item["entities"]] == want
         assert all(e["word"] == text[e["start"] : e["end"]] and 0 < e["score"] <= 1 for e in item["entities"])
         found_any |= bool(want)
     assert found_any  # the random head tags some entity, so the grouping is exercised
+    assert untagged  # the space before a number is a token of its own: it answers no tag
 
 
 def test_the_card_says_token_classification_and_generation_is_refused(http):

@@ -20,7 +20,7 @@ A token classifier's adapter (task_type TOKEN_CLS, `lorakit train --objective to
 tokenized as training tokenized them (`lorakit.data.tagging.token_offsets`), and answers each text's entities as
 transformers' token-classification pipeline groups them (`entities`: `entity_group`, `word`, `start`, `end` in
 characters, `score`: the mean probability of its tokens' tags) and each token's tag (`tokens`: `id`, `start`,
-`end`, `label`, `score`):
+`end`, `label`, `score`; null for the tokens training tags none of: special tokens, tokens of spaces only):
 
     {"model": "ner", "input": ["Anna flew to New York."]}
     -> "data": [{"index": 0, "num_classes": 5, "entities": [{"entity_group": "LOC", "word": "New York", ...}],
@@ -310,7 +310,8 @@ def _tagged(
 ) -> dict[str, Any]:
     """A token classifier's answer for one text: its entities (transformers' pipeline's grouping: each a span of
     tokens that `decode_tags` reads from the tags, scored by the mean probability of those tokens' tags) and each
-    token's tag."""
+    token's tag (null, with its score and characters, for a token that carries none: a special token, or one of
+    spaces only, which training did not tag either)."""
     probs = torch.softmax(logits, -1)
     tags = logits.argmax(-1).tolist()
     score = [float(probs[i, t]) for i, t in enumerate(tags)]
@@ -331,8 +332,8 @@ def _tagged(
             "id": t,
             "start": None if o is None else o[0],
             "end": None if o is None else o[1],
-            "label": head.classes[tag],
-            "score": s,
+            "label": None if o is None else head.classes[tag],
+            "score": None if o is None else s,
         }
         for t, o, tag, s in zip(ids, offsets, tags, score, strict=True)
     ]

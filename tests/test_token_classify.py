@@ -455,7 +455,6 @@ def test_eval_types_the_train_data_lacks_are_refused_before_training(model_dir, 
 @pytest.mark.parametrize(
     ("overrides", "words"),
     [
-        (["--classify.class_weights", "balanced"], "classify.class_weights is set but train.objective is"),
         (
             ["--train.best_metric", "balanced_accuracy"],
             "balanced_accuracy is measured with train.objective classify",
@@ -469,6 +468,60 @@ def test_eval_types_the_train_data_lacks_are_refused_before_training(model_dir, 
 def test_refused_settings(overrides, words):
     with pytest.raises(ConfigError, match=words):
         load_config(None, ["--objective", "token_classify", *overrides])
+
+
+def test_class_weights_weigh_each_tagged_token_by_its_tag():
+    """classify.class_weights on a token classifier: each tagged token's cross-entropy times its tag's weight,
+    averaged over the tagged tokens (against a sum by hand in float64; untagged tokens count nowhere); balanced weights
+    from the train rows' tag counts; an entity type weighs its B- and I- tags; an unknown name is refused."""
+    from lorakit.data.tagging import Tagged
+    from lorakit.data.tokenize import Encoded
+    from lorakit.train.config import RunConfig, TrainSection
+    from lorakit.train.datasets import RunData, tag_weights
+    from lorakit.train.objectives import make_objective
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 3, dtype=torch.float64)
+    labels = torch.tensor([[IGNORE, 0, 1, 2, 0], [IGNORE, 2, 2, IGNORE, IGNORE]])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return type("Out", (), {"logits": logits})()
+
+    objective = make_objective(RunConfig(train=TrainSection(objective="token_classify")))
+    objective.class_weights = [0.5, 2.0, 4.0]
+    batch = {
+        "input_ids": torch.zeros(2, 5, dtype=torch.long),
+        "attention_mask": torch.ones(2, 5),
+        "labels": labels,
+    }
+    loss, stats = objective.loss(Fixed(), batch, fused=True)
+    terms = [
+        objective.class_weights[t] * -torch.log_softmax(logits[i, j], -1)[t]
+        for i in range(2)
+        for j in range(5)
+        if (t := int(labels[i, j])) != IGNORE
+    ]
+    # the objective computes in float32 (its logits are cast so): 1e-6 on a loss of about 2
+    assert float(loss) == pytest.approx(float(sum(terms) / len(terms)), abs=1e-6)
+    right = (logits.argmax(-1) == labels)[labels != IGNORE]
+    assert stats["accuracy"] == pytest.approx(float(right.float().mean()))
+    names = ["O", "B-PER", "I-PER"]
+    rows = [Tagged(Encoded([1] * 5, row.tolist()), "", [], []) for row in labels]
+    data = RunData(rows, [], [], {})
+    cfg = load_config(None, ["--objective", "token_classify", "--classify.class_weights", "balanced"])
+    assert tag_weights(cfg, data, names) == [6 / (3 * 2), 6 / (3 * 1), 6 / (3 * 3)]  # O 2, B-PER 1, I-PER 3
+    cfg = load_config(None, ["--objective", "token_classify", "--classify.class_weights", "{PER: 3, O: 0.5}"])
+    assert tag_weights(cfg, data, names) == [0.5, 3.0, 3.0]
+    cfg = load_config(None, ["--objective", "token_classify", "--classify.class_weights", "{LOC: 2}"])
+    with pytest.raises(ConfigError, match="names 'LOC', which is no tag or entity type"):
+        tag_weights(cfg, data, names)
+
+
+def test_a_run_with_balanced_tags_trains(model_dir, tmp_path):
+    summary = _run(model_dir, tmp_path, "--classify.class_weights", "balanced", "--train.steps", "3")
+    assert summary["after"]["loss"] < summary["before"]["loss"]
+    assert "class_weights: balanced" in (tmp_path / "run" / "config.yaml").read_text()
 
 
 def test_f1_is_a_token_classifier_s_best_metric():

@@ -90,6 +90,7 @@ def _walk(page, url: str, model_dir) -> None:
     )
     # a token classifier's: texts with their entities highlighted, their types and words as the label
     page.select_option("[name='train.objective']", "token_classify")
+    assert page.is_visible("details[data-section=classify]")  # its class weights weigh the tags
     page.click("#preview-btn")
     page.wait_for_function(
         "[...document.querySelectorAll('#preview .note')].some(n => /label (numeric|words) '/.test(n.textContent))"

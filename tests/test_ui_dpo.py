@@ -21,6 +21,7 @@ def test_the_form_has_the_objective_and_a_section_shown_by_each(http):
     )
     for name in ("dpo", "simpo", "orpo", "cpo", "kto", "reward", "classify"):
         assert sections[name]["objective"] == name and sections[name]["method"] is None
+        assert sections[name]["objectives"] == ([name, "token_classify"] if name == "classify" else [name])
     assert "objective" not in sections["lora"] and "objective" not in sections["train"]
     for name in ("dpo", "cpo"):
         loss = next(f for f in sections[name]["fields"] if f["name"] == "loss")

@@ -107,7 +107,8 @@ class RegressionObjective(ClassifyObjective):
 class TokenClassifyObjective(Objective):
     """Token classification on `Tagged` rows (`lorakit.data.tagging`): the mean cross-entropy of each token's tag
     logits (a token classifier's head on every token) against its tag, over the tokens that have one (the
-    tokenizer's special tokens and the padding have none): transformers' ...ForTokenClassification loss."""
+    tokenizer's special tokens and the padding have none): transformers' ...ForTokenClassification loss; with
+    `class_weights`, each token's cross-entropy times its tag's weight, still averaged over the tagged tokens."""
 
     name = "token_classify"
     rows = "tagged"
@@ -118,6 +119,9 @@ class TokenClassifyObjective(Objective):
         # number: set by the run once it has read them
         self.names: list[str] = []
         self.num_labels = None
+        self.class_weights: list[float] | None = (
+            None  # each tag's weight in the loss (classify.class_weights)
+        )
 
     def encoded(self, rows: list) -> list[Encoded]:
         return [r.row for r in rows]
@@ -133,7 +137,15 @@ class TokenClassifyObjective(Objective):
     ) -> tuple[torch.Tensor, dict]:
         logits = self.logits(model, batch)
         target = batch["labels"].to(logits.device)
-        loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE)
         tagged = target != IGNORE
+        if self.class_weights is None:
+            loss = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE)
+        else:  # each tagged token's cross-entropy times its tag's weight, averaged over the tagged tokens
+            w = torch.tensor(self.class_weights, dtype=logits.dtype, device=logits.device)
+            ce = F.cross_entropy(
+                logits.flatten(0, 1), target.flatten(), ignore_index=IGNORE, reduction="none"
+            )
+            weighted = ce * w[target.flatten().clamp(min=0)] * tagged.flatten()
+            loss = weighted.sum() / tagged.sum().clamp(min=1)
         right = (logits.detach().argmax(-1) == target) & tagged
         return loss, {"accuracy": float(right.sum() / tagged.sum().clamp(min=1))}

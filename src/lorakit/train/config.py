@@ -256,7 +256,9 @@ class ClassifySection:
     class's count in the train data), so rare classes weigh more (scikit-learn's rule); or {class name: weight},
     classes not named weighing 1. The loss is the mean over examples of weight x cross-entropy (Keras'
     class_weight), so gradient accumulation and DDP give the loss of one large batch. Of multi-label data, the
-    weights are each class's positives' (pos_weight): balanced is the class's negatives over its positives."""
+    weights are each class's positives' (pos_weight): balanced is the class's negatives over its positives. Of a
+    token classifier (train.objective token_classify), the weights are its tags' ({B-PER: 2}), counted over the
+    tagged tokens of the train data, and the loss the mean over those tokens."""
 
 
 @dataclass

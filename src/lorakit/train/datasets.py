@@ -315,3 +315,27 @@ def encode_tagged_data(cfg: RunConfig, tokenizer, say, tagged: Classes) -> RunDa
         f"truncated to {d.max_len} tokens"
     )
     return RunData(train_rows, eval_rows, [], {"train": stats, "eval": eval_stats})
+
+
+def tag_weights(cfg: RunConfig, data: RunData, names: list[str]) -> list[float] | None:
+    """Each tag's weight in a token classifier's loss (`classify.class_weights`), by tag id; None: all 1.
+    balanced: n / (tags x the tag's count), over the train rows' tagged tokens and the tags that occur there (a
+    tag that never occurs weighs 1); or {tag or entity type: weight}, an entity type weighing its B- and I- tags.
+    A name that is neither is a ConfigError naming it and the tags."""
+    weights = cfg.classify.class_weights
+    if weights == "none":
+        return None
+    if weights == "balanced":
+        counts = Counter(t for r in data.train_rows for t in r.row.labels if t != IGNORE)
+        n, k = sum(counts.values()), len(counts)
+        return [n / (k * counts[t]) if counts[t] else 1.0 for t in range(len(names))]
+    by_tag: dict[str, float] = {}
+    for key, w in weights.items():  # an entity type weighs its B- and I- tags
+        tags = [key] if key in names else [t for t in (f"B-{key}", f"I-{key}") if t in names]
+        if not tags:
+            raise ConfigError(
+                f"classify.class_weights names {key!r}, which is no tag or entity type of the token classifier "
+                f"(tags: {', '.join(names[:12])})"
+            )
+        by_tag.update(dict.fromkeys(tags, float(w)))
+    return [by_tag.get(t, 1.0) for t in names]

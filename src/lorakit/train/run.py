@@ -41,6 +41,7 @@ from lorakit.train.datasets import (
     load_examples,
     load_scored,
     load_tagged,
+    tag_weights,
 )
 from lorakit.train.distributed import distribute, init_distributed
 from lorakit.train.evaluate import (
@@ -179,6 +180,7 @@ def run_training(
     encode = {"examples": encode_examples, "pairs": encode_preferences, "feedback": encode_feedback_data}
     if tagging:
         data = encode_tagged_data(cfg, tokenizer, say, classes)
+        objective.class_weights = tag_weights(cfg, data, classes.names)
     elif classes is not None:
         data = (encode_scored if regression else encode_classes)(cfg, tokenizer, say, classes)
     else:

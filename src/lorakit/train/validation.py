@@ -186,7 +186,8 @@ def _validate_objective(cfg: RunConfig) -> None:
         raise ConfigError(f"train.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     for name in (*PREFERENCE_OBJECTIVES, "classify"):  # the objectives with a config section of their own
         changed = changed_fields(getattr(cfg, name))
-        if changed and name != objective:
+        shared = name == "classify" and objective == "token_classify"  # a token classifier's tags weigh too
+        if changed and name != objective and not shared:
             raise ConfigError(
                 f"{name}.{changed[0]} is set but train.objective is {objective!r}; use --train.objective {name}"
             )

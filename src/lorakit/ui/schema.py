@@ -15,6 +15,8 @@ CHOICES: dict[tuple[str, str], list[Any]] = {
     ("model", "quantize"): [None, "nf4"],
     ("train", "schedule"): ["cosine", "linear", "constant"],
 }
+SECTION_OBJECTIVES = {"classify": ["classify", "token_classify"]}
+"""The objectives whose form shows a section other than their own (classify's class weights weigh tags too)."""
 
 
 def form_schema() -> dict[str, Any]:
@@ -56,7 +58,12 @@ def form_schema() -> dict[str, Any]:
                 }
             )
         # an objective's own section (dpo, simpo, orpo, cpo, kto, reward, classify) shows when train.objective names it
-        shown = {"objective": section} if section in (*PREFERENCE_OBJECTIVES, "classify") else {}
+        # (`objectives`: every objective it shows for; classify's class weights weigh a token classifier's tags too)
+        shown = (
+            {"objective": section, "objectives": SECTION_OBJECTIVES.get(section, [section])}
+            if section in (*PREFERENCE_OBJECTIVES, "classify")
+            else {}
+        )
         sections.append({"name": section, "method": SECTION_METHOD.get(section), **shown, "fields": fields})
     return {"sections": sections}
 

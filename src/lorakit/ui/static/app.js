@@ -407,7 +407,8 @@ function sectionElement(section) {
       class: "section",
       open: OPEN_SECTIONS.has(section.name),
       hidden: Boolean(gate), // shown by updateMethodSections when train.method (or train.objective) asks for it
-      dataset: { section: section.name, method: section.method || "", objective: section.objective || "" },
+      // objective: every train.objective the section shows for, space-separated
+      dataset: { section: section.name, method: section.method || "", objective: (section.objectives || [section.objective || ""]).join(" ") },
     },
     summary,
     fieldset,
@@ -473,7 +474,7 @@ function updateMethodSections() {
   for (const details of document.querySelectorAll("#train-fields details.section")) {
     const { method: wants, objective: needs } = details.dataset;
     if (!wants && !needs) continue;
-    const show = wants ? methods.includes(wants) : (objective ? controlText(objective) : "sft") === needs;
+    const show = wants ? methods.includes(wants) : needs.split(" ").includes(objective ? controlText(objective) : "sft");
     if (show && details.hidden) details.open = true;
     details.hidden = !show;
   }

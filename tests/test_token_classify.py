@@ -56,6 +56,10 @@ SPANS = [
 ]
 
 
+WORD_TAGS = ["O", "B-DATE", "I-DATE", "B-LOC", "I-LOC", "B-PER", "I-PER"]
+"""The tags of WORDS (and SPANS), as the run names them."""
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, default_model_dir):
     folder = build_tiny_model(default_model_dir, tmp_path_factory.mktemp("tokcls") / "model")
@@ -224,13 +228,7 @@ def test_tags_decode_back_to_the_spans_with_real_tokenizers(default_model_dir):
     of spaces only, and nothing else, are IGNORE."""
     items = make_tagged(n_train=60, n_eval=0)[0] + tagged_of(_records(WORDS + SPANS), "hand", {})
     names = [
-        "O",
-        "B-DATE",
-        "I-DATE",
-        "B-LOC",
-        "I-LOC",
-        "B-PER",
-        "I-PER",
+        *WORD_TAGS,
         "B-numeric",
         "I-numeric",
         "B-words",
@@ -432,15 +430,7 @@ def test_a_file_of_words_and_tags_trains(model_dir, tmp_path):
         "--train.steps",
         "2",
     )
-    assert adapter_class_names(summary["adapter"]) == [
-        "O",
-        "B-DATE",
-        "I-DATE",
-        "B-LOC",
-        "I-LOC",
-        "B-PER",
-        "I-PER",
-    ]
+    assert adapter_class_names(summary["adapter"]) == WORD_TAGS
     assert 0.0 <= summary["after"]["f1"] <= 1.0
 
 

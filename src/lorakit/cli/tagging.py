@@ -31,17 +31,15 @@ def tagger_adapter(args: argparse.Namespace) -> int | None:
 def eval_tagger(args: argparse.Namespace, tags: int) -> int:
     """Measure the token classifier of --adapter on --data's tagged texts (or the built-in task's held-out
     sentences)."""
-    from collections import Counter
-
     import lorakit
     from lorakit.cli.common import load
     from lorakit.cli.reward import refuse_first
-    from lorakit.data.tagging import encode_tagged, entity_counts, entity_types, f1_of, read_tagged
+    from lorakit.data.tagging import encode_tagged, entity_types, f1_of, read_tagged
     from lorakit.data.tasks import make_tagged
     from lorakit.errors import ConfigError
     from lorakit.formats import adapter_class_names
     from lorakit.train.config import DataSection, RunConfig, TrainSection
-    from lorakit.train.evaluate import tagged_predictions, tagging_eval
+    from lorakit.train.evaluate import entity_tally, tagged_predictions, tagging_measures
     from lorakit.train.objectives import make_objective
 
     refuse_first(
@@ -71,12 +69,10 @@ def eval_tagger(args: argparse.Namespace, tags: int) -> int:
     rows, stats = encode_tagged(tok, items, names, max_len=args.max_len, source=source)
     objective = make_objective(RunConfig(train=TrainSection(objective="token_classify")))
     objective.num_labels, objective.names = tags, names
-    measured = tagging_eval(model, rows, tok.pad_token_id, objective)
-    found = tagged_predictions(model, rows, tok.pad_token_id, objective)[0] if rows else []
-    counts = {"tp": Counter(), "fp": Counter(), "fn": Counter()}
-    for said, r in zip(found, rows, strict=True):
-        for k, c in entity_counts(said, r.spans).items():
-            counts[k].update(c)
+    predicted = tagged_predictions(model, rows, tok.pad_token_id, objective)  # one pass for all the measures
+    measured = tagging_measures(rows, predicted) if rows else {}
+    found = predicted[0]
+    counts = entity_tally(found, rows)
     per_type = {}
     for kind in entity_types(names):
         p, r, f = f1_of(counts["tp"][kind], counts["fp"][kind], counts["fn"][kind])

@@ -96,38 +96,58 @@ def _from_words(record: dict[str, Any], where: str, names: list[str] | None = No
     if bad is not None or None in tags:
         hint = " (tag ids need their names: map them first)" if isinstance(bad, int) else ""
         raise DataError(f"{where}: every tag must be a tag name such as B-PER, I-PER or O, got {bad!r}{hint}")
-    starts, at = [], 0
-    for w in words:
-        starts.append(at)
-        at += len(w) + 1
+    pieces, at = [], 0
+    for word, tag in zip(words, tags, strict=True):
+        pieces.append((at, at + len(word), *_split_tag(tag, where)))
+        at += len(word) + 1
+    return {"text": " ".join(words), "spans": _read_spans(pieces)}
+
+
+def _split_tag(tag: str, where: str | None = None) -> tuple[str | None, str | None]:
+    """(prefix, type) of a tag: ("B", "PER") of "B-PER"; (None, "PER") of a plain "PER" (a PEFT adapter's LABEL_i
+    too); (None, None) of "O". With `where` (a data record), a prefix without a type is a DataError naming it."""
+    if tag == OUTSIDE:
+        return None, None
+    if len(tag) > 2 and tag[0] in "BIES" and tag[1] in "-_":
+        return tag[0], tag[2:]
+    if where is not None and tag[:2] in ("B-", "I-", "E-", "S-"):
+        raise DataError(f"{where}: the tag {tag!r} has no type after its prefix")
+    return None, tag
+
+
+def _read_spans(pieces, text: str | None = None) -> list[Span]:
+    """The typed spans that pieces of a text say, each (start, end, prefix, type) in order (`_split_tag`'s prefix
+    and type; type None: outside): an entity begins at "B-" or "S-", or at a piece whose type is not the open
+    entity's (an "I-" after "O" too, seqeval's reading; plain types join while they run), runs over the pieces of
+    its type, and ends after "E-" or "S-". With the `text`, a "B-" inside a word (its piece follows the entity's
+    last one with no character between, a letter or digit on each side) continues its entity."""
     spans: list[Span] = []
     open_: list[Any] | None = None  # [start, end, type] of the entity being read
-    for word, start, tag in zip(words, starts, tags, strict=True):
-        prefix, kind = _split_tag(tag, where)
-        end = start + len(word)
-        if kind is None or prefix in ("B", "S") or open_ is None or open_[2] != kind:
+    for start, end, prefix, kind in pieces:
+        inside_word = (
+            text is not None
+            and open_ is not None
+            and open_[1] == start > 0
+            and text[start - 1].isalnum()
+            and text[start].isalnum()
+        )
+        if (
+            kind is not None
+            and open_ is not None
+            and open_[2] == kind
+            and (prefix not in ("B", "S") or (prefix == "B" and inside_word))
+        ):
+            open_[1] = max(open_[1], end)
+        else:
             if open_ is not None:
                 spans.append(tuple(open_))
             open_ = None if kind is None else [start, end, kind]
-        else:
-            open_[1] = end
         if open_ is not None and prefix in ("E", "S"):
             spans.append(tuple(open_))
             open_ = None
     if open_ is not None:
         spans.append(tuple(open_))
-    return {"text": " ".join(words), "spans": spans}
-
-
-def _split_tag(tag: str, where: str) -> tuple[str | None, str | None]:
-    """(prefix, type) of a tag: ("B", "PER") of "B-PER"; (None, "PER") of a plain "PER"; (None, None) of "O"."""
-    if tag == OUTSIDE:
-        return None, None
-    if len(tag) > 2 and tag[0] in "BIES" and tag[1] in "-_":
-        return tag[0], tag[2:]
-    if tag[:2] in ("B-", "I-", "E-", "S-"):
-        raise DataError(f"{where}: the tag {tag!r} has no type after its prefix")
-    return None, tag
+    return spans
 
 
 def _from_spans(record: dict[str, Any], where: str) -> dict[str, Any]:
@@ -270,37 +290,8 @@ def decode_tags(
     a letter or digit on each side) continues the entity of its type instead of beginning another: a word cut in
     pieces ("Aisha" as "ai", "##sha") is one entity or none, as transformers' pipeline reads a word by its first
     piece."""
-    spans: list[Span] = []
-    open_: list[Any] | None = None
-    for tag, o in zip(tags, offsets, strict=True):
-        if o is None:
-            continue
-        name = names[tag]
-        if name == OUTSIDE:
-            if open_ is not None:
-                spans.append(tuple(open_))
-            open_ = None
-            continue
-        tagged = len(name) > 2 and name[0] in "BIES" and name[1] in "-_"
-        prefix, kind = (name[0], name[2:]) if tagged else (None, name)  # a plain type (IO): runs join
-        inside_word = (
-            text is not None
-            and open_ is not None
-            and open_[1] == o[0] > 0
-            and text[o[0] - 1].isalnum()
-            and text[o[0]].isalnum()
-        )
-        if prefix == "B" and inside_word and open_[2] == kind:
-            open_[1] = max(open_[1], o[1])
-        elif prefix in ("B", "S") or open_ is None or open_[2] != kind:
-            if open_ is not None:
-                spans.append(tuple(open_))
-            open_ = [o[0], o[1], kind]
-        else:
-            open_[1] = max(open_[1], o[1])
-    if open_ is not None:
-        spans.append(tuple(open_))
-    return spans
+    pieces = ((*o, *_split_tag(names[t])) for t, o in zip(tags, offsets, strict=True) if o is not None)
+    return _read_spans(pieces, text)
 
 
 def entity_counts(predicted: list[Span], truth: list[Span]) -> dict[str, Counter]:

@@ -339,3 +339,44 @@ def tag_weights(cfg: RunConfig, data: RunData, names: list[str]) -> list[float] 
             )
         by_tag.update(dict.fromkeys(tags, float(w)))
     return [by_tag.get(t, 1.0) for t in names]
+
+
+def head_data(cfg: RunConfig, objective) -> Classes | None:
+    """The data of an objective that trains a head (classify, regression, token_classify), read before the model,
+    whose head's size it sets on `objective` (with a classifier's class weights and whether it is multi-label, a
+    token classifier's tag names); None for any other objective. ConfigError where train.best_metric does not fit
+    the labels (balanced_accuracy of several classes per text, f1 of one)."""
+    if objective.rows == "tagged":
+        tagged = load_tagged(cfg)
+        objective.num_labels, objective.names = len(tagged.names), tagged.names
+        return tagged
+    if objective.rows != "labelled":
+        return None
+    if objective.name == "regression":
+        return load_scored(cfg)
+    classes = load_classes(cfg)
+    objective.num_labels = len(classes.names)
+    objective.class_weights = class_weights(cfg, classes)
+    objective.multi_label = classes.multi_label
+    if classes.multi_label and cfg.train.best_metric == "balanced_accuracy":
+        raise ConfigError(
+            f"train.best_metric balanced_accuracy is a single-label classifier's; {classes.source} has several "
+            "classes per text: use accuracy (every class right), loss, or f1"
+        )
+    if not classes.multi_label and cfg.train.best_metric == "f1":
+        raise ConfigError(
+            f"train.best_metric f1 is a multi-label classifier's; {classes.source} has one class per text: use "
+            "accuracy, balanced_accuracy or loss"
+        )
+    return classes
+
+
+def encode_head_data(cfg: RunConfig, tokenizer, say, objective, classes: Classes) -> RunData:
+    """`head_data`'s examples, tokenized for the objective (a token classifier's class weights, which count its
+    tagged tokens, set on it)."""
+    if objective.rows == "tagged":
+        data = encode_tagged_data(cfg, tokenizer, say, classes)
+        objective.class_weights = tag_weights(cfg, data, classes.names)
+        return data
+    encode = encode_scored if objective.name == "regression" else encode_classes
+    return encode(cfg, tokenizer, say, classes)

@@ -30,18 +30,12 @@ from lorakit.train.checkpoint import full_parameters
 from lorakit.train.config import RunConfig, save_config
 from lorakit.train.datasets import (
     RunData,
-    class_weights,
-    encode_classes,
     encode_examples,
     encode_feedback_data,
+    encode_head_data,
     encode_preferences,
-    encode_scored,
-    encode_tagged_data,
-    load_classes,
+    head_data,
     load_examples,
-    load_scored,
-    load_tagged,
-    tag_weights,
 )
 from lorakit.train.distributed import distribute, init_distributed
 from lorakit.train.evaluate import (
@@ -141,28 +135,11 @@ def run_training(
     base_id = cfg.model.path or "SmolLM2-135M-Instruct"
     objective = make_objective(cfg)
     regression = objective.name == "regression"
-    classes = None  # a classifier's (a regression's) data, read before its model: the head's size
-    if objective.rows == "labelled":
-        classes = load_scored(cfg) if regression else load_classes(cfg)
-    tagging = objective.rows == "tagged"
-    if tagging:
-        classes = load_tagged(cfg)
-        objective.num_labels, objective.names = len(classes.names), classes.names
-    if classes is not None and not regression and not tagging:
-        objective.num_labels = len(classes.names)
-        objective.class_weights = class_weights(cfg, classes)
-        objective.multi_label = classes.multi_label
-        if classes.multi_label and cfg.train.best_metric == "balanced_accuracy":
-            raise ConfigError(
-                f"train.best_metric balanced_accuracy is a single-label classifier's; {classes.source} has several "
-                "classes per text: use accuracy (every class right), loss, or f1"
-            )
-        if not classes.multi_label and cfg.train.best_metric == "f1":
-            raise ConfigError(
-                f"train.best_metric f1 is a multi-label classifier's; {classes.source} has one class per text: use "
-                "accuracy, balanced_accuracy or loss"
-            )
-    model, tokenizer, quant = _base_model(cfg, model, tokenizer, say, objective.num_labels, per_token=tagging)
+    classes = head_data(cfg, objective)  # a classifier's data, read before its model: the head's size
+    per_token = objective.rows == "tagged"
+    model, tokenizer, quant = _base_model(
+        cfg, model, tokenizer, say, objective.num_labels, per_token=per_token
+    )
     if regression:
         model.config.problem_type = (
             "regression"  # transformers' own loss is then the squared error; and saved
@@ -178,11 +155,8 @@ def run_training(
         cfg = dataclasses.replace(cfg, lora=cfg.lora.replace(alora_invocation_tokens=ids))
         objective = make_objective(cfg)
     encode = {"examples": encode_examples, "pairs": encode_preferences, "feedback": encode_feedback_data}
-    if tagging:
-        data = encode_tagged_data(cfg, tokenizer, say, classes)
-        objective.class_weights = tag_weights(cfg, data, classes.names)
-    elif classes is not None:
-        data = (encode_scored if regression else encode_classes)(cfg, tokenizer, say, classes)
+    if classes is not None:
+        data = encode_head_data(cfg, tokenizer, say, objective, classes)
     else:
         data = encode[objective.rows](cfg, tokenizer, say)
     method = make_method(cfg)

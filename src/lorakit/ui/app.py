@@ -302,11 +302,9 @@ class _Routes:
         model = ["--model", self.settings.model] if self.settings.model else []
         # a classifier's, reward model's, regression's or token classifier's adapter: its base has no trained
         # head to compare with
-        from lorakit.formats import adapter_num_labels
+        from lorakit.classifier_heads import is_classifier
 
-        heads = await asyncio.to_thread(adapter_num_labels, adapter) or await asyncio.to_thread(
-            adapter_num_labels, adapter, "TOKEN_CLS"
-        )
+        heads = await asyncio.to_thread(is_classifier, adapter)
         compare = [] if heads else ["--compare-base"]
         argv = ["eval", *data, "--adapter", str(adapter), *compare, "--json", "--limit", str(limit), *model]
         summary = {"adapter": body.get("adapter"), "data": shown, "limit": limit}

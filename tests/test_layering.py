@@ -44,6 +44,7 @@ CORE = [  # bottom up: each may import only what stands before it (and the found
     "inject",
     "formats",
     "classifier_heads",
+    "embeddings",
     "plain_lora",
     "saved_plan",
     "lora_format",

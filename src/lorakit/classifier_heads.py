@@ -72,6 +72,23 @@ class Head:
         return int(self.weight.shape[0])
 
 
+def backbone_tensors(
+    model: nn.Module, task_type: str | None, tensors: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """An embedding model's adapter (task_type FEATURE_EXTRACTION) names the bare model's modules
+    (`base_model.model.layers.0...`); on a causal LM that keeps heads beside it, the same modules are its body's
+    (`base_model.model.model.layers.0...`): the tensors keyed so. Any other adapter or model: `tensors` as they are."""
+    prefix = getattr(model, "base_model_prefix", "")
+    body = getattr(model, prefix, None) if prefix else None
+    if task_type != "FEATURE_EXTRACTION" or not heads_beside(model) or not isinstance(body, nn.Module):
+        return tensors
+    inner = f"{PREFIX}{prefix}."
+    return {
+        k if k.startswith(inner) or not k.startswith(PREFIX) else inner + k[len(PREFIX) :]: t
+        for k, t in tensors.items()
+    }
+
+
 def is_classifier(path: str | os.PathLike) -> bool:
     """Whether `path` is an adapter folder of a classifier (task_type SEQ_CLS, or TOKEN_CLS)."""
     path = Path(path)
@@ -185,7 +202,7 @@ def head_scores(model: nn.Module, head: Head, rows: list[list[int]], pad_id: int
     if pad_id is None and len(rows) > 1:
         raise ValueError("rows of a model without a pad token are scored one at a time")
     device = head.weight.device
-    ids, mask = _padded(rows, pad_id, device)
+    ids, mask = padded(rows, pad_id, device)
     hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     # a row's pooled position comes from its own tokens: padding only ever follows them
     at = torch.stack([pooled_positions(ids[i : i + 1, : len(r)], pad_id)[0] for i, r in enumerate(rows)])
@@ -202,13 +219,13 @@ def token_scores(
     (`model.base_model`) with whatever adapter is active on it, the head on every token's last hidden state."""
     if not rows or any(not r for r in rows):
         raise ValueError("token_scores needs non-empty token-id rows")
-    ids, mask = _padded(rows, pad_id, head.weight.device)
+    ids, mask = padded(rows, pad_id, head.weight.device)
     hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     logits = nn.functional.linear(hidden.float(), head.weight, head.bias)
     return [logits[i, : len(r)] for i, r in enumerate(rows)]
 
 
-def _padded(
+def padded(
     rows: list[list[int]], pad_id: int | None, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention mask) of token-id rows right-padded with `pad_id` (0 without one) into one batch."""

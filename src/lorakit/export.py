@@ -14,13 +14,16 @@ from lorakit.errors import AdapterError
 from lorakit.formats import (
     adapter_class_names,
     adapter_num_labels,
+    adapter_pooling,
     adapter_problem,
     folder_refusal,
     name_classes,
+    read_config_json,
 )
 from lorakit.inject import unload
 from lorakit.io import load_adapter
 from lorakit.quant import adapter_base_quantization, dequantize, quantize
+from lorakit.task_types import pooling_of
 from lorakit.variants.ladder import MERGE_REFUSAL
 from lorakit.variants.ladder_io import is_ladder_folder
 
@@ -38,7 +41,8 @@ def merged_model(
 ):
     """(the base with `adapter` merged in, as a plain transformers model; its tokenizer). A sequence
     classifier's adapter (a reward model's, task_type SEQ_CLS) gives the classifier, its head the adapter's; a
-    token classifier's (TOKEN_CLS) the token classifier.
+    token classifier's (TOKEN_CLS) the token classifier; an embedding model's (FEATURE_EXTRACTION) the bare model
+    (transformers' AutoModel), its pooling in `embedding_pooling(model)`.
 
     An adapter trained on a 4-bit base (QLoRA; recorded in its safetensors metadata) learned ΔW against the
     dequantized weights. With `dequantized_base` the base is quantized the same way and dequantized again before
@@ -58,9 +62,22 @@ def merged_model(
     # classifier's (TOKEN_CLS) on the base loaded as a token classifier
     tags = adapter_num_labels(adapter, task="TOKEN_CLS")
     num_labels = tags or adapter_num_labels(adapter)
+    embedder = Path(adapter).is_dir() and read_config_json(adapter).get("task_type") == "FEATURE_EXTRACTION"
     model, tokenizer = load_model(
-        model_spec, dtype=dtype, device=device, num_labels=num_labels, per_token=tags is not None
+        model_spec,
+        dtype=dtype,
+        device=device,
+        num_labels=num_labels,
+        per_token=tags is not None,
+        bare=embedder,
     )
+    if embedder:  # its pooling as trained (PEFT's own files do not say: the model's own)
+        from lorakit.embeddings import default_pooling
+        from lorakit.task_types import mark_embedder
+
+        folder = getattr(model.config, "_name_or_path", None)
+        auto = default_pooling(model, folder if folder and Path(folder).is_dir() else None)
+        mark_embedder(model, adapter_pooling(adapter) or auto)
     names = adapter_class_names(adapter) if num_labels else None
     if names is not None and len(names) == num_labels:  # a classifier's class names go into config.json
         name_classes(model, names)
@@ -100,7 +117,8 @@ def merge_to_folder(
     device: str | None = None,
 ) -> Path:
     """Load the base model, merge `adapter` into it (`merged_model`), and write model + tokenizer to `out`
-    atomically: a plain Hugging Face folder."""
+    atomically: a plain Hugging Face folder; of an embedding model's adapter, also a sentence-transformers model
+    (its modules.json, pooling and normalization), which `SentenceTransformer(out)` loads as it was trained."""
     model, tokenizer = merged_model(
         model_spec,
         adapter,
@@ -110,9 +128,16 @@ def merge_to_folder(
         device=device,
     )
 
+    pooling = pooling_of(model)
+
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if pooling is not None:  # an embedding model: a folder sentence-transformers loads as one
+            from lorakit.embeddings import write_st_modules
+
+            chat = bool(getattr(tokenizer, "chat_template", None))
+            write_st_modules(tmp, pooling, int(model.config.hidden_size), chat_template=chat)
 
     out = Path(out)
     atomic_dir(out, write)

@@ -28,7 +28,7 @@ from lorakit.errors import AdapterFileError, ConfigError, TargetError
 from lorakit.readers import load_weights_only, read_json, read_safetensors, safetensors_metadata
 from lorakit.registry import AdapterInfo
 from lorakit.targeting import select_modules
-from lorakit.task_types import task_heads, task_type_for  # noqa: F401  (re-exported: the formats' users)
+from lorakit.task_types import POOLINGS, pooling_of, task_heads, task_type_for  # noqa: F401  (re-exported: the formats' users)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -242,6 +242,9 @@ PROBLEM_KEY = "lorakit.problem"
 """Safetensors metadata of a regression's adapter, "regression", which tells it from a reward model's (one output
 too), and of a multi-label classifier's, "multi_label_classification" (transformers' problem_type, either)."""
 PROBLEMS = ("regression", "multi_label_classification")
+POOLING_KEY = "lorakit.pooling"
+"""Safetensors metadata of an embedding model's adapter (task_type FEATURE_EXTRACTION): how it pools the hidden
+states into one vector per text ("mean", "last", "cls"; `task_types.POOLINGS`)."""
 
 
 def file_metadata(model: nn.Module, name: str) -> dict[str, str]:
@@ -254,6 +257,9 @@ def file_metadata(model: nn.Module, name: str) -> dict[str, str]:
     problem = getattr(getattr(model, "config", None), "problem_type", None)  # a plain nn.Module has no config
     if task_type_for(model) == "SEQ_CLS" and problem in PROBLEMS:
         out[PROBLEM_KEY] = problem
+    pooling = pooling_of(model)
+    if pooling is not None:
+        out[POOLING_KEY] = pooling
     for provider in METADATA:
         out.update(provider(model, name))
     return out
@@ -298,6 +304,17 @@ def adapter_problem(path: str | os.PathLike) -> str | None:
         return None
     problem = safetensors_metadata(weights).get(PROBLEM_KEY)
     return problem if problem in PROBLEMS else None
+
+
+def adapter_pooling(path: str | os.PathLike) -> str | None:
+    """How an embedding model's adapter folder (task_type FEATURE_EXTRACTION) pools, as its metadata says; None for
+    any other folder, or one that does not say (PEFT's own files)."""
+    path = Path(path)
+    weights = path / WEIGHTS_NAME
+    if path.is_file() or read_config_json(path).get("task_type") != "FEATURE_EXTRACTION" or not weights.is_file():
+        return None
+    pooling = safetensors_metadata(weights).get(POOLING_KEY)
+    return pooling if pooling in POOLINGS else None
 
 
 def after_load(model: nn.Module, path: Path) -> None:

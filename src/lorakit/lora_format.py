@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.classifier_heads import backbone_tensors
 from lorakit.config import INITS_IN_WEIGHTS, LoraConfig
 from lorakit.errors import AdapterError, AdapterFileError, TargetError
 from lorakit.formats import (
@@ -166,7 +167,7 @@ class LoraPlan:
 def _plan_lora(model: nn.Module, path: Path, raw: dict[str, Any], name: str, allow_pickle: bool) -> LoraPlan:
     check_new_name(model, name)
     config = as_peft_ties(LoraConfig.from_peft_dict(raw, source=str(path / CONFIG_NAME)))
-    tensors = read_tensors(path, allow_pickle)
+    tensors = backbone_tensors(model, config.task_type, read_tensors(path, allow_pickle))
     meta = read_metadata(path)
     variant = _recorded_variant(meta)
     cls = variant_class(config, variant)

@@ -28,6 +28,7 @@ import torch
 import transformers
 from packaging.version import Version
 from transformers import (
+    AutoModel,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
@@ -145,6 +146,7 @@ def load_model(
     device: str | torch.device | None = None,
     num_labels: int | None = None,
     per_token: bool = False,
+    bare: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, in ``eval()`` mode, in ``dtype``, on ``device``.
 
@@ -158,7 +160,12 @@ def load_model(
     size. Its config's pad token is set, which the head needs to find each row's last token in a padded batch.
     With ``per_token`` the head is on every token instead (``AutoModelForTokenClassification``: a token
     classifier, as for named entities).
+
+    ``bare``: the model without any head (``AutoModel``: ``LlamaModel``, ``BertModel``), whose last hidden states
+    an embedding model pools (``lorakit.embeddings``; ``lorakit train --objective embed``).
     """
+    if bare and num_labels is not None:
+        raise ValueError("bare loads the model without a head: give num_labels or bare, not both")
     if num_labels is not None and num_labels < 1:
         raise ValueError(f"num_labels must be >= 1, got {num_labels}")
     if per_token and num_labels is None:
@@ -166,7 +173,7 @@ def load_model(
     target = None if device is None else resolve_device(device)  # a missing GPU fails before the load
     folder = resolve_model_dir(spec, cache_dir)
     try:
-        model = _from_pretrained(folder, dtype, num_labels, per_token)
+        model = _from_pretrained(folder, dtype, num_labels, per_token, bare)
     except _LOAD_ERRORS as exc:
         raise ModelLoadError(f"cannot load the model in {str(folder)!r}: {_one_line(exc)}") from exc
     try:
@@ -289,10 +296,14 @@ def _publish(tmp: Path, target: Path) -> None:
 
 
 def _from_pretrained(
-    folder: Path, dtype: torch.dtype, num_labels: int | None, per_token: bool = False
+    folder: Path, dtype: torch.dtype, num_labels: int | None, per_token: bool = False, bare: bool = False
 ) -> PreTrainedModel:
     """The causal LM in `folder`, or with `num_labels` its sequence classifier (`per_token`: its token
-    classifier; a head of another size than the folder's is an error, not silently replaced)."""
+    classifier; a head of another size than the folder's is an error, not silently replaced); `bare`: the model
+    without a head (AutoModel)."""
+    if bare:
+        with _quiet_new_head():  # a causal LM's folder holds an LM head the bare model does not take
+            return AutoModel.from_pretrained(folder, local_files_only=True, **_dtype_kwargs(dtype))
     if num_labels is None:
         return AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, **_dtype_kwargs(dtype))
     auto = AutoModelForTokenClassification if per_token else AutoModelForSequenceClassification

@@ -16,11 +16,34 @@ _TASK_SUFFIXES = {
 }
 
 
+POOLINGS = ("mean", "last", "cls")
+"""How an embedding model reads one vector out of a text's hidden states: the mean over its tokens (BERT-like
+encoders, sentence-transformers' default), its last token (decoders: E5-Mistral, Qwen3-Embedding), or its first
+token (BERT's [CLS])."""
+_POOLING = "_lorakit_pooling"
+
+
+def mark_embedder(model: nn.Module, pooling: str) -> None:
+    """Mark bare `model` (transformers' AutoModel: BertModel, LlamaModel) as an embedding model that pools its last
+    hidden states with `pooling`: its adapters are saved as PEFT's FEATURE_EXTRACTION, with the pooling recorded."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    model.__dict__[_POOLING] = pooling
+
+
+def pooling_of(model: nn.Module) -> str | None:
+    """The pooling of an embedding model marked by `mark_embedder`, else None."""
+    return model.__dict__.get(_POOLING)
+
+
 def task_type_for(model: nn.Module) -> str | None:
     """The PEFT task_type that fits `model`, so that PEFT wraps it in the right class when loading the adapter.
 
-    None (PEFT's default, the plain PeftModel) for a bare encoder/decoder or anything else: PEFT's CAUSAL_LM
-    wrapper needs `prepare_inputs_for_generation`, which e.g. BertModel lacks."""
+    FEATURE_EXTRACTION for a model marked as an embedding model (`mark_embedder`). None (PEFT's default, the plain
+    PeftModel) for a bare encoder/decoder or anything else: PEFT's CAUSAL_LM wrapper needs
+    `prepare_inputs_for_generation`, which e.g. BertModel lacks."""
+    if pooling_of(model) is not None:
+        return "FEATURE_EXTRACTION"
     name = type(model).__name__
     # ...ForConditionalGeneration: T5 and BART are seq2seq; multimodal decoders generate like an LM
     if name.endswith("ForConditionalGeneration"):

@@ -15,17 +15,19 @@ def load(
     dtype: str | None = None,
     num_labels: int | None = None,
     per_token: bool = False,
+    bare: bool = False,
 ):
     """`lorakit.models.load_model` on `device` (auto: a GPU if there is one) in `dtype` (auto: bf16 on a GPU,
     and on a CPU with native bf16; else fp32), saying on stderr what was loaded, where, and how long it took.
-    `num_labels`: as a sequence classifier (a reward model: 1); with `per_token`, as a token classifier."""
+    `num_labels`: as a sequence classifier (a reward model: 1); with `per_token`, as a token classifier; `bare`:
+    without a head (an embedding model's)."""
     from lorakit.device import dtype_name, placement
     from lorakit.models import load_model
 
     t0 = time.perf_counter()
     where, precision = placement(device, dtype)
     model, tok = load_model(
-        model_spec, dtype=precision, device=where, num_labels=num_labels, per_token=per_token
+        model_spec, dtype=precision, device=where, num_labels=num_labels, per_token=per_token, bare=bare
     )
     print(
         f"loaded {model_spec or 'SmolLM2-135M-Instruct (default)'} in {time.perf_counter() - t0:.1f} s"

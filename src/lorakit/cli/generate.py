@@ -107,7 +107,18 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument(
         "--objective",
-        choices=("dpo", "simpo", "orpo", "cpo", "kto", "reward", "classify", "regression", "token_classify"),
+        choices=(
+            "dpo",
+            "simpo",
+            "orpo",
+            "cpo",
+            "kto",
+            "reward",
+            "classify",
+            "regression",
+            "token_classify",
+            "embed",
+        ),
         default=None,
         help="with a --data file of preference pairs: the preference loss and rewards to measure: dpo (the "
         "adapter's against the base, the default), simpo, orpo or cpo (no reference: the base's too); kto: "
@@ -116,7 +127,8 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
         "classifier's --adapter (chosen automatically too), on --data's labelled texts or --task's; regression: a "
         "regression's --adapter (chosen automatically too), on --data's texts labelled with numbers or --task's; "
         "token_classify: a token classifier's --adapter (chosen automatically too), on --data's tagged texts or "
-        "--task's",
+        "--task's; embed: an embedding model's --adapter (chosen automatically too), how well each anchor of --data "
+        "(or --task) finds its positive",
     )
     p.add_argument(
         "--beta",
@@ -146,6 +158,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     import lorakit
     from lorakit.cli.classify import eval_classifier, eval_regression
+    from lorakit.cli.embed import embedding_adapter, eval_embedder
     from lorakit.cli.reward import classifier_adapter, eval_reward
     from lorakit.cli.tagging import eval_tagger, tagger_adapter
     from lorakit.data.feedback import encode_feedback, read_feedback
@@ -160,6 +173,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     if args.compare_base and not args.adapter:
         raise ConfigError("--compare-base compares an adapter with its base: give --adapter too")
+    pooling = embedding_adapter(args)
+    if pooling is not None:  # an embedding model's adapter
+        return eval_embedder(args, pooling)
     tags = tagger_adapter(args)
     if tags is not None:  # a token classifier's adapter
         return eval_tagger(args, tags)

@@ -8,6 +8,7 @@ mapping in a few hundred short steps.
 from __future__ import annotations
 
 import calendar
+import datetime
 import random
 import re
 from typing import Any
@@ -184,3 +185,25 @@ def make_tagged(name: str = "dates", *, n_train: int = 2000, n_eval: int = 100, 
 
     held_out = tagged(eval_set, True)
     return tagged(train, False), held_out
+
+
+def make_text_pairs(name: str = "dates", *, n_train: int = 2000, n_eval: int = 100, seed: int = 0):
+    """(train, eval) embedding records {"anchor", "positive", "negative"} for built-in task `name`: for `dates`, a
+    date in words (the task's prompt less its instruction) and the same date in ISO 8601, with a near miss in ISO
+    as its hard negative (day and month swapped where both are <= 12, else the day after); eval anchors never occur
+    in train."""
+    train, eval_set = make_task(name, n_train=n_train, n_eval=n_eval, seed=seed)
+
+    def pair(ex: dict[str, Any]) -> dict[str, Any]:
+        y, m, d = (int(x) for x in ex["completion"].split("-"))
+        if d <= 12 and d != m:
+            near = f"{y:04d}-{d:02d}-{m:02d}"
+        else:
+            near = (datetime.date(y, m, d) + datetime.timedelta(days=1)).isoformat()
+        return {
+            "anchor": ex["prompt"].removeprefix(INSTRUCTION),
+            "positive": ex["completion"],
+            "negative": near,
+        }
+
+    return [pair(ex) for ex in train], [pair(ex) for ex in eval_set]

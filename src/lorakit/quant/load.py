@@ -157,6 +157,7 @@ def load_quantized(
     device: str | torch.device | None = None,
     num_labels: int | None = None,
     per_token: bool = False,
+    bare: bool = False,
 ) -> tuple[nn.Module, object, QuantReport]:
     """`(model, tokenizer, report)`: `lorakit.load_model(spec)` followed by `lorakit.quantize(model, ...)`, with
     the same result (tested bit for bit) but without the full-precision model ever in memory. With `device`
@@ -165,7 +166,7 @@ def load_quantized(
 
     `num_labels`: a sequence classifier (`load_model`'s), loaded in full precision and then quantized (its head
     is new, which the 4-bit load's skeleton cannot take from the checkpoint; `per_token`: a token classifier);
-    the head stays in `dtype`."""
+    the head stays in `dtype`. `bare`: the model without a head (an embedding model's), loaded so too."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights
 
@@ -174,8 +175,10 @@ def load_quantized(
 
     target = None if device is None else resolve_device(device)  # a missing GPU fails before the load
     folder = resolve_model_dir(spec, cache_dir)
-    if num_labels is not None:
-        model, tokenizer = load_model(folder, dtype=dtype, num_labels=num_labels, per_token=per_token)
+    if num_labels is not None or bare:
+        model, tokenizer = load_model(
+            folder, dtype=dtype, num_labels=num_labels, per_token=per_token, bare=bare
+        )
         report = quantize(model, method, double_quant, skip)  # the head is never quantized
         return _moved(model, target), tokenizer, report
     index = TensorIndex.of_folder(folder)

@@ -134,7 +134,8 @@ class TrainSection:
     (each with its own section; simpo, orpo and cpo need no reference model), kto on answers marked
     desirable or not, or reward: a reward model (the model with a one-output head, trained on pairs); classify: a
     text classifier (labelled texts), regression: a number per text, token_classify: a token classifier (tagged
-    texts: named entities; docs/token_classify.md)."""
+    texts: named entities; docs/token_classify.md), embed: an embedding model (texts and the texts that belong
+    with them; docs/embeddings.md)."""
     init_adapter: str | None = None
     """An adapter folder (PEFT layout) to train further instead of a new adapter, with its own r, alpha and
     targets (method lora); with objective dpo it is also the reference."""
@@ -262,6 +263,20 @@ class ClassifySection:
 
 
 @dataclass
+class EmbedSection:
+    pooling: str = "auto"
+    """Embedding model (train.objective embed): how one vector is read from a text's last hidden states. auto: what
+    the model folder's sentence-transformers Pooling module says (MiniLM: mean), else mean for an encoder and last
+    (the last token) for a decoder; or mean, last, cls."""
+    scale: float = 20.0
+    """The in-batch contrastive loss's scale on the cosine similarities (1 / temperature; sentence-transformers'
+    MultipleNegativesRankingLoss uses 20)."""
+    symmetric: bool = False
+    """Also the loss of each positive finding its anchor among the batch's anchors (the mean of both directions),
+    as CLIP's and sentence-transformers' MultipleNegativesSymmetricRankingLoss."""
+
+
+@dataclass
 class EvalSection:
     max_new_tokens: int = 16
     """Tokens generated per eval example for exact-match accuracy."""
@@ -287,6 +302,7 @@ class RunConfig:
     kto: KtoSection = field(default_factory=KtoSection)
     reward: RewardSection = field(default_factory=RewardSection)
     classify: ClassifySection = field(default_factory=ClassifySection)
+    embed: EmbedSection = field(default_factory=EmbedSection)
 
     @property
     def methods(self) -> tuple[str, bool]:

@@ -22,10 +22,13 @@ from lorakit.data.labels import (
 )
 from lorakit.data.preference import Pair, as_pair, encode_pairs, read_pairs
 from lorakit.data.tagging import encode_tagged, read_tagged, tag_names
-from lorakit.data.tasks import make_labelled, make_pairs, make_scored, make_tagged, make_task
+from lorakit.data.tasks import make_labelled, make_pairs, make_scored, make_tagged, make_task, make_text_pairs
+from lorakit.data.textpairs import read_text_pairs
 from lorakit.data.tokenize import IGNORE, Encoded, encode_dataset, pack
+from lorakit.embeddings import encode_texts
 from lorakit.errors import ConfigError
 from lorakit.train.config import RunConfig
+from lorakit.train.embed_objective import TextPair
 from lorakit.variants.alora import check_invocation
 
 log = logging.getLogger(__name__)
@@ -380,3 +383,37 @@ def encode_head_data(cfg: RunConfig, tokenizer, say, objective, classes: Classes
         return data
     encode = encode_scored if objective.name == "regression" else encode_classes
     return encode(cfg, tokenizer, say, classes)
+
+
+def encode_text_pair_data(cfg: RunConfig, tokenizer, say) -> RunData:
+    """An embedding model's examples (`lorakit.data.textpairs`; the built-in task's dates in words and in ISO),
+    each text tokenized as the tokenizer does by itself (`lorakit.embeddings.encode_texts`) and cut to
+    data.max_len tokens."""
+    d = cfg.data
+    train, ev, source = _load(cfg, read_text_pairs, make_text_pairs)
+
+    def encode(items: list[dict[str, Any]]) -> tuple[list[TextPair], dict[str, Any]]:
+        texts = [t for it in items for t in (it["anchor"], it["positive"], it["negative"]) if t is not None]
+        ids = iter(
+            encode_texts(tokenizer, texts, d.max_len)
+        )  # cut as the tokenizer cuts: its own tokens kept
+        cut = iter(len(x) > d.max_len for x in tokenizer(texts)["input_ids"])
+        rows = []
+        for it in items:
+            n = 2 if it["negative"] is None else 3
+            texts_of = [next(ids) for _ in range(n)]
+            rows.append(TextPair(*texts_of, truncated=any([next(cut) for _ in range(n)])))
+        negatives = sum(r.negative is not None for r in rows)
+        return rows, {
+            "examples": len(rows),
+            "negatives": negatives,
+            "truncated": sum(r.truncated for r in rows),
+        }
+
+    (train_rows, stats), (eval_rows, eval_stats) = encode(train), encode(ev)
+    say(
+        f"data: {source}: {len(train_rows)} train pairs ({stats['negatives']} with a hard negative), "
+        f"{len(eval_rows)} eval; {stats['truncated']} train / {eval_stats['truncated']} eval truncated to "
+        f"{d.max_len} tokens"
+    )
+    return RunData(train_rows, eval_rows, [], {"train": stats, "eval": eval_stats})

@@ -98,6 +98,7 @@ OBJECTIVES = (
     "classify",
     "regression",
     "token_classify",
+    "embed",
 )
 PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo", "cpo", "kto", "reward")
 """The objectives that learn from preferences (each has a config section of its own name): pairs, or KTO's
@@ -115,6 +116,7 @@ NAMES = {
     "classify": "classifier",
     "regression": "regression",
     "token_classify": "token classifier",
+    "embed": "embedding model",
 }
 """How each objective is written in reports."""
 REFERENCE_ADAPTER = "reference"
@@ -381,6 +383,7 @@ def make_objective(cfg: RunConfig) -> Objective:
         RegressionObjective,
         TokenClassifyObjective,
     )
+    from lorakit.train.embed_objective import EmbedObjective
 
     kinds = {
         "dpo": DpoObjective,
@@ -392,6 +395,7 @@ def make_objective(cfg: RunConfig) -> Objective:
         "classify": ClassifyObjective,
         "regression": RegressionObjective,
         "token_classify": TokenClassifyObjective,
+        "embed": EmbedObjective,
     }
     kind = kinds.get(cfg.train.objective)
     return kind(cfg) if kind else Objective()

@@ -19,12 +19,13 @@ from lorakit.device import (
     placement,
     upcast_trainable,
 )
+from lorakit.embeddings import default_pooling
 from lorakit.errors import ConfigError
 from lorakit.formats import name_classes
 from lorakit.quant import is_quantized, quantize
 from lorakit.quant.load import load_quantized
 from lorakit.report import parameter_report
-from lorakit.task_types import task_type_for
+from lorakit.task_types import mark_embedder, task_type_for
 from lorakit.train.best import Best
 from lorakit.train.checkpoint import full_parameters
 from lorakit.train.config import RunConfig, save_config
@@ -34,10 +35,12 @@ from lorakit.train.datasets import (
     encode_feedback_data,
     encode_head_data,
     encode_preferences,
+    encode_text_pair_data,
     head_data,
     load_examples,
 )
 from lorakit.train.distributed import distribute, init_distributed
+from lorakit.train.embed_objective import retrieval_measures
 from lorakit.train.evaluate import (
     classify_eval,
     eval_loss,
@@ -58,6 +61,7 @@ ROW_NAMES = {
     "feedback": "rated answers",
     "labelled": "examples",
     "tagged": "examples",
+    "text_pairs": "pairs",
 }
 """How a log line counts an objective's training rows."""
 
@@ -84,7 +88,10 @@ def evaluate(
     and gets the same numbers; adapters are not merged (the base weights are shards) and generation runs in
     lockstep."""
     out: dict[str, float] = {}
-    if objective is not None and objective.rows == "tagged":
+    if objective is not None and objective.rows == "text_pairs":
+        pad = tokenizer.pad_token_id
+        out.update(retrieval_measures(model, eval_rows, pad, objective.pooling, objective.scale))
+    elif objective is not None and objective.rows == "tagged":
         out.update(tagging_eval(model, eval_rows, tokenizer.pad_token_id, objective))
     elif objective is not None and objective.rows == "labelled":
         measure = regression_eval if objective.name == "regression" else classify_eval
@@ -138,8 +145,10 @@ def run_training(
     classes = head_data(cfg, objective)  # a classifier's data, read before its model: the head's size
     per_token = objective.rows == "tagged"
     model, tokenizer, quant = _base_model(
-        cfg, model, tokenizer, say, objective.num_labels, per_token=per_token
+        cfg, model, tokenizer, say, objective.num_labels, per_token=per_token, bare=objective.name == "embed"
     )
+    if objective.name == "embed":
+        objective.pooling = _pooling(cfg, model, say)
     if regression:
         model.config.problem_type = (
             "regression"  # transformers' own loss is then the squared error; and saved
@@ -154,7 +163,12 @@ def run_training(
         ids = tokenizer.encode(cfg.data.alora_invocation, add_special_tokens=False)
         cfg = dataclasses.replace(cfg, lora=cfg.lora.replace(alora_invocation_tokens=ids))
         objective = make_objective(cfg)
-    encode = {"examples": encode_examples, "pairs": encode_preferences, "feedback": encode_feedback_data}
+    encode = {
+        "examples": encode_examples,
+        "pairs": encode_preferences,
+        "feedback": encode_feedback_data,
+        "text_pairs": encode_text_pair_data,
+    }
     if classes is not None:
         data = encode_head_data(cfg, tokenizer, say, objective, classes)
     else:
@@ -287,13 +301,36 @@ def _process_settings(cfg: RunConfig, world: int) -> bool:
     return cfg.train.fsdp and world > 1
 
 
+def _pooling(cfg: RunConfig, model: nn.Module, say) -> str:
+    """An embedding model's pooling (embed.pooling, or with auto the model's own: `default_pooling`), marked on the
+    model so that its adapter is saved as PEFT's FEATURE_EXTRACTION with the pooling recorded."""
+    pooling = cfg.embed.pooling
+    if pooling == "auto":
+        folder = getattr(getattr(model, "config", None), "_name_or_path", None)
+        try:
+            pooling = default_pooling(model, folder if folder and Path(folder).is_dir() else None)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    mark_embedder(model, pooling)
+    say(f"embedding: {pooling} pooling of the last hidden states, L2-normalized")
+    return pooling
+
+
 def _base_model(
-    cfg: RunConfig, model, tokenizer, say, num_labels: int | None = None, *, per_token: bool = False
+    cfg: RunConfig,
+    model,
+    tokenizer,
+    say,
+    num_labels: int | None = None,
+    *,
+    per_token: bool = False,
+    bare: bool = False,
 ) -> tuple[nn.Module, Any, Any]:
     """(model, tokenizer, quantization report or None): the model passed in, or the one model.path names; QLoRA
     (model.quantize) quantizes it, loading a model straight into 4 bits, never whole in full precision.
     `num_labels`: a sequence classifier with that many outputs (a reward model's 1, a classifier's classes);
-    with `per_token`, a token classifier with that many tags."""
+    with `per_token`, a token classifier with that many tags; `bare`: the model without a head (an embedding
+    model's)."""
     q = cfg.model
     if model is None:
         device, dtype = placement(q.device, q.dtype)
@@ -312,12 +349,18 @@ def _base_model(
             device=device,
             num_labels=num_labels,
             per_token=per_token,
+            bare=bare,
         )
     elif model is None:
         from lorakit.models import load_model
 
         model, tokenizer = load_model(
-            q.path, dtype=dtype, device=device, num_labels=num_labels, per_token=per_token
+            q.path, dtype=dtype, device=device, num_labels=num_labels, per_token=per_token, bare=bare
+        )
+    if bare and task_type_for(model) not in (None, "FEATURE_EXTRACTION"):
+        raise ConfigError(
+            f"train.objective embed trains a model without a head (transformers' AutoModel), not a "
+            f"{type(model).__name__}: load it with lorakit.load_model(..., bare=True)"
         )
     task = "TOKEN_CLS" if per_token else "SEQ_CLS"
     if num_labels is not None and not (  # a model passed in is refused before it is quantized
@@ -399,6 +442,8 @@ def _fmt(m: dict[str, float]) -> str:
         acc += f"reward accuracy {100 * m['reward_accuracy']:.1f}% (margin {m['reward_margin']:.3f}), "
     if "f1" in m:
         acc += f"F1 {m['f1']:.4f}, "
+    if "mrr_at_10" in m:
+        acc += f"recall@10 {100 * m['recall_at_10']:.1f}%, MRR@10 {m['mrr_at_10']:.4f}, "
     if "pearson" in m:
         acc += f"Pearson {m['pearson']:.4f}, Spearman {m['spearman']:.4f}, "
     return f"{acc}eval loss {m['loss']:.4f}" if "loss" in m else f"{acc}no eval loss (nothing to evaluate)"

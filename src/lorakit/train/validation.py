@@ -74,7 +74,7 @@ def validate(cfg: RunConfig) -> None:
         ),
         (
             not t.best_metric.startswith("reward_")
-            or t.objective not in ("sft", "classify", "token_classify"),
+            or t.objective not in ("sft", "classify", "token_classify", "embed"),
             f"train.best_metric {t.best_metric} is measured with a preference objective, not {t.objective!r}",
         ),
         (
@@ -184,7 +184,11 @@ def _validate_objective(cfg: RunConfig) -> None:
     t, dsec, objective = cfg.train, cfg.data, cfg.train.objective
     if objective not in OBJECTIVES:
         raise ConfigError(f"train.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    for name in (*PREFERENCE_OBJECTIVES, "classify"):  # the objectives with a config section of their own
+    for name in (
+        *PREFERENCE_OBJECTIVES,
+        "classify",
+        "embed",
+    ):  # the objectives with a config section of their own
         changed = changed_fields(getattr(cfg, name))
         shared = name == "classify" and objective == "token_classify"  # a token classifier's tags weigh too
         if changed and name != objective and not shared:
@@ -193,6 +197,8 @@ def _validate_objective(cfg: RunConfig) -> None:
             )
     if objective in ("classify", "regression", "token_classify"):
         _validate_classify(cfg)
+    if objective == "embed":
+        _validate_embed(cfg)
     if objective not in PREFERENCE_OBJECTIVES:
         return
     d, s, o, c, k, r = cfg.dpo, cfg.simpo, cfg.orpo, cfg.cpo, cfg.kto, cfg.reward
@@ -305,6 +311,60 @@ def _validate_classify(cfg: RunConfig) -> None:
                 f"classify.class_weights must be none, balanced or a mapping of class name -> weight, got {weights!r}",
             )
         )
+    for ok, msg in checks:
+        if not ok:
+            raise ConfigError(msg)
+
+
+def _validate_embed(cfg: RunConfig) -> None:
+    """An embedding model is trained on its texts' pooled last hidden states, contrasting each anchor with the
+    batch's other texts: what feeds or saves something else is refused."""
+    t, dsec, e = cfg.train, cfg.data, cfg.embed
+    start = _adapter_task(t.init_adapter) if t.init_adapter else None
+    checks = [
+        (
+            e.pooling in ("auto", "mean", "last", "cls"),
+            f"embed.pooling must be auto, mean, last or cls, got {e.pooling!r}",
+        ),
+        (e.scale > 0, f"embed.scale must be > 0, got {e.scale}"),
+        (
+            t.batch_size >= 2,
+            "train.objective embed needs train.batch_size >= 2: each anchor is contrasted with the other rows of "
+            f"its micro-batch (got {t.batch_size})",
+        ),
+        (
+            not dsec.pack,
+            "data.pack does not work with train.objective embed (each text is embedded on its own)",
+        ),
+        (
+            not dsec.train_on_all,
+            "data.train_on_all does not work with train.objective embed (it learns no tokens)",
+        ),
+        (
+            dsec.alora_invocation is None and cfg.lora.alora_invocation_tokens is None,
+            "aLoRA does not work with train.objective embed",
+        ),
+        (not dsec.add_tokens, "data.add_tokens does not work with train.objective embed"),
+        (
+            not t.fsdp,
+            "train.fsdp does not work with train.objective embed; use DDP (torchrun without train.fsdp)",
+        ),
+        (
+            cfg.methods[0] != "ladder",
+            "train.objective embed pools the model's last hidden states, which a ladder's side network does not "
+            "feed; use method lora, dylora or adalora",
+        ),
+        (
+            cfg.lora.init != "lora_ga",
+            "lora.init lora_ga starts from the gradient of the language-model loss, which an embedding model does "
+            "not have; use another lora.init",
+        ),
+        (
+            start in (None, "FEATURE_EXTRACTION"),
+            f"train.init_adapter {t.init_adapter} is a {start} adapter; train.objective embed trains further an "
+            "embedding model's adapter (task_type FEATURE_EXTRACTION)",
+        ),
+    ]
     for ok, msg in checks:
         if not ok:
             raise ConfigError(msg)

@@ -1,0 +1,118 @@
+"""An embedding model's objective (`train.objective embed`): in-batch contrastive learning on texts and the texts
+that belong with them, sentence-transformers' MultipleNegativesRankingLoss (InfoNCE).
+
+Each micro-batch's anchors, positives and hard negatives (where the data has them) go through the model in one
+padded batch; each is pooled (`lorakit.embeddings.pool`) and L2-normalized. Anchor i's scores are its cosine
+similarities, times `embed.scale`, to every positive and negative of the micro-batch; the loss is the
+cross-entropy of finding its own positive among them. With `embed.symmetric`, the mean with each positive finding
+its anchor among the anchors. The other rows are the negatives, so the micro-batch is the pool: gradient
+accumulation does not widen it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.data.tokenize import IGNORE, Encoded
+from lorakit.embeddings import embed_batch, embed_rows
+from lorakit.train.objective_base import Objective
+
+if TYPE_CHECKING:
+    from lorakit.train.config import RunConfig
+
+
+@dataclass
+class TextPair:
+    """One tokenized embedding example: the anchor's token ids, its positive's, and a hard negative's (or None)."""
+
+    anchor: list[int]
+    positive: list[int]
+    negative: list[int] | None = None
+    truncated: bool = False
+
+
+def _row(ids: list[int]) -> Encoded:
+    return Encoded(list(ids), [IGNORE] * len(ids))
+
+
+class EmbedObjective(Objective):
+    """In-batch contrastive loss of an embedding model (a bare transformers model, AutoModel) on `TextPair` rows."""
+
+    name = "embed"
+    rows = "text_pairs"
+    generates = False
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.scale = cfg.embed.scale
+        self.symmetric = cfg.embed.symmetric
+        self.pooling = None  # set by the run once the model is loaded (embed.pooling, or the model's own)
+
+    def encoded(self, rows: list[TextPair]) -> list[Encoded]:
+        """The anchors, then the positives, then the hard negatives that the rows have: one padded batch."""
+        return [
+            *(_row(r.anchor) for r in rows),
+            *(_row(r.positive) for r in rows),
+            *(_row(r.negative) for r in rows if r.negative is not None),
+        ]
+
+    def token_rows(self, rows: list[TextPair]) -> list[Encoded]:
+        return self.encoded(rows)
+
+    def extras(self, rows: list[TextPair]) -> dict[str, torch.Tensor]:
+        return {"pairs": torch.tensor(len(rows))}
+
+    def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scaled cosine similarities of each anchor to every positive and negative of the batch (n, n +
+        negatives), and of each positive to every anchor (n, n); row i's right answer is column i."""
+        vectors = embed_batch(model, batch["input_ids"], batch["attention_mask"], self.pooling)
+        n = int(batch["pairs"])
+        anchors, candidates = vectors[:n], vectors[n:]
+        return self.scale * anchors @ candidates.T, self.scale * candidates[:n] @ anchors.T
+
+    def loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool
+    ) -> tuple[torch.Tensor, dict]:
+        forward, backward = self.scores(model, batch)
+        target = torch.arange(forward.shape[0], device=forward.device)
+        loss = F.cross_entropy(forward, target)
+        if self.symmetric:
+            loss = (loss + F.cross_entropy(backward, target)) / 2
+        right = (forward.detach().argmax(-1) == target).float().mean()
+        return loss, {"accuracy": float(right)}
+
+
+@torch.no_grad()
+def retrieval_measures(
+    model: nn.Module, rows: list[TextPair], pad_id: int | None, pooling: str, scale: float
+) -> dict[str, float]:
+    """How well each anchor of `rows` finds its positive among all their positives and negatives (each distinct
+    text once, as sentence-transformers' InformationRetrievalEvaluator ranks a corpus), by cosine similarity:
+    `accuracy` (the positive ranked first), `recall_at_10`, `mrr_at_10` (the mean of 1 / its rank, 0 past 10), and
+    `loss`, the contrastive loss of the whole set as one batch (`scale` on the similarities)."""
+    was_training = model.training
+    model.eval()
+    try:
+        anchors = embed_rows(model, [r.anchor for r in rows], pad_id, pooling)
+        corpus: dict[tuple[int, ...], int] = {}
+        for r in rows:
+            for ids in (r.positive, r.negative):
+                if ids is not None:
+                    corpus.setdefault(tuple(ids), len(corpus))
+        candidates = embed_rows(model, [list(k) for k in corpus], pad_id, pooling)
+    finally:
+        model.train(was_training)
+    scores = anchors @ candidates.T
+    target = torch.tensor([corpus[tuple(r.positive)] for r in rows], device=scores.device)
+    rank = (scores > scores.gather(1, target[:, None])).sum(1)  # 0: ranked first
+    first10 = rank < 10
+    return {
+        "loss": float(F.cross_entropy(scale * scores, target)),
+        "accuracy": float((rank == 0).float().mean()),
+        "recall_at_10": float(first10.float().mean()),
+        "mrr_at_10": float(torch.where(first10, 1.0 / (rank + 1).float(), 0.0).mean()),
+    }

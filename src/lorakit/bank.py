@@ -45,6 +45,7 @@ from torch import nn
 
 from lorakit.classifier_heads import Head, keep_heads_beside, read_head
 from lorakit.control import active_adapters, disabled, set_active
+from lorakit.embeddings import embedding_pooling
 from lorakit.errors import AdapterError
 from lorakit.formats import folder_refusal
 from lorakit.inject import ADAPTER_NAME, delete_adapter
@@ -63,6 +64,9 @@ class AdapterBank:
         self.max_adapters = max_adapters
         self.heads: dict[str, Head] = {}
         """Slot -> the head of the classifier adapter it holds (with `heads`)."""
+        self.poolings: dict[str, str] = {}
+        """Slot -> the pooling of the embedding model's adapter it holds (task_type FEATURE_EXTRACTION; with
+        `heads`)."""
         self._keeps_heads = heads
         if heads:
             keep_heads_beside(model)
@@ -109,6 +113,11 @@ class AdapterBank:
         """The head of classifier adapter `name`, None for another adapter (AdapterError if `name` is not loaded)."""
         return self.heads.get(self.slot(name))
 
+    def pooling(self, name: str) -> str | None:
+        """The pooling of embedding model adapter `name`, None for another adapter (AdapterError if `name` is not
+        loaded)."""
+        return self.poolings.get(self.slot(name))
+
     def unloading(self) -> list[str]:
         """The names whose old adapter is kept for requests in flight: unloaded, or loaded again in place."""
         with self._lock:
@@ -146,6 +155,7 @@ class AdapterBank:
                 # the file is read and checked, and refusals made, before evicting: a bad file must not evict
                 plan = plan_adapter(self.model, path, slot, allow_pickle=allow_pickle)
                 head = read_head(self.model, path, allow_pickle=allow_pickle) if self._keeps_heads else None
+                pooling = embedding_pooling(self.model, path) if self._keeps_heads else None
                 if plan.peft_type == LADDER:
                     self._check_ladder(plan, replacing=old)
                 if old is None and self.max_adapters is not None and len(self._slots) >= self.max_adapters:
@@ -153,6 +163,8 @@ class AdapterBank:
                 apply_plan(self.model, plan, slot, activate=False)
                 if head is not None:
                     self.heads[slot] = head
+                if pooling is not None:
+                    self.poolings[slot] = pooling
             except Exception:
                 self.stats["refused"] += 1
                 raise
@@ -331,6 +343,7 @@ class AdapterBank:
             delete_adapter(self.model, slot)
         self.serials.pop(slot, None)
         self.heads.pop(slot, None)
+        self.poolings.pop(slot, None)
         self._retired.pop(slot, None)
         self._in_use.pop(slot, None)
 

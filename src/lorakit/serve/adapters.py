@@ -197,7 +197,7 @@ class AdapterRoutes:
             card = self._card(name, str(self.bank.paths.get(name) or ""), self.base_name)
             out.append(card)
             try:
-                head = self.bank.head(name)
+                head, pooling = self.bank.head(name), self.bank.pooling(name)
             except AdapterError:  # unloaded since names() was read
                 continue
             if head is not None:  # lorakit's extension: a classifier's adapter, served at /v1/classify
@@ -207,6 +207,10 @@ class AdapterRoutes:
                     else head.problem or ("reward" if head.outputs == 1 else "single_label_classification")
                 )
                 card["classifier"] = {"kind": kind, "classes": list(head.classes)}
+            if (
+                pooling is not None
+            ):  # lorakit's extension: an embedding model's adapter, served at /v1/embeddings
+                card["embedding"] = {"pooling": pooling}
         return out
 
     def _card(self, name: str, root: str, parent: str | None) -> dict[str, Any]:

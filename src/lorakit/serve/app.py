@@ -4,8 +4,9 @@
 
 Routes: the generation routes of `lorakit.serve.generation` (POST /v1/completions and /v1/chat/completions, both
 streaming with SSE; POST /tokenize and /detokenize), the classification route of `lorakit.serve.classify` (POST
-/classify and /v1/classify: a reward model's or a classifier's scores), the adapter routes of `lorakit.serve.adapters`, GET /health
-and GET /metrics (Prometheus). The request's `model` names the adapter; the base model's name means no adapter.
+/classify and /v1/classify: a reward model's or a classifier's scores), OpenAI's POST /v1/embeddings
+(`lorakit.serve.embeddings`: an embedding model's adapter's vectors), the adapter routes of
+`lorakit.serve.adapters`, GET /health and GET /metrics (Prometheus). The request's `model` names the adapter; the base model's name means no adapter.
 Every error is JSON in OpenAI's shape, and nothing a client sends stops the server.
 """
 
@@ -25,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lorakit.serve import protocol as P
 from lorakit.serve.adapters import AdapterRoutes
 from lorakit.serve.classify import ClassifyRoutes
+from lorakit.serve.embeddings import EmbeddingRoutes
 from lorakit.serve.engine import Engine
 from lorakit.serve.generation import GenerationRoutes
 from lorakit.serve.inflight import ClientGone
@@ -77,6 +79,8 @@ def create_app(engine: Engine, config: AppConfig) -> FastAPI:
     classify = ClassifyRoutes(engine, adapters, generation.latency)
     for path in ("/classify", "/v1/classify"):  # vLLM's path, SGLang's
         app.add_api_route(path, classify.classify, methods=["POST"], dependencies=auth)
+    embeddings = EmbeddingRoutes(engine, adapters, generation.latency)
+    app.add_api_route("/v1/embeddings", embeddings.embeddings, methods=["POST"], dependencies=auth)
     app.add_api_route("/tokenize", generation.tokenize, methods=["POST"], dependencies=auth)
     app.add_api_route("/detokenize", generation.detokenize, methods=["POST"], dependencies=auth)
     app.include_router(adapters.router(), dependencies=auth)

@@ -136,10 +136,14 @@ class ClassifyRoutes:
         with lease:
             head = self.bank.heads.get(slot)
             if head is None:
+                does = (
+                    "embeds, at /v1/embeddings"
+                    if slot in self.bank.poolings
+                    else "generates, at /v1/completions"
+                )
                 raise P.bad(
                     f"the model {model!r} is not a classifier's adapter (task_type SEQ_CLS or TOKEN_CLS, as lorakit "
-                    "train --objective reward, classify, regression or token_classify saves one): it generates, at "
-                    "/v1/completions",
+                    f"train --objective reward, classify, regression or token_classify saves one): it {does}",
                     "model",
                 )
             if head.per_token:
@@ -150,7 +154,7 @@ class ClassifyRoutes:
             if not self.engine.alive:
                 raise P.APIError(503, "the engine is not running", "server_error")
             scores = []
-            for chunk in self._chunks(rows):
+            for chunk in chunks(rows, self.pad_id, self.engine.config.max_prefill_tokens):
                 future = self.engine.call(lambda chunk=chunk: self._score(slot, head, chunk))
                 try:
                     scores.append(await asyncio.wrap_future(future))
@@ -241,24 +245,6 @@ class ClassifyRoutes:
                 offsets.append(where)
         return rows, offsets
 
-    def _chunks(self, rows: list[list[int]]) -> list[list[list[int]]]:
-        """Consecutive rows, as many per forward as fit the engine's padded-token budget (at least one; one at a
-        time where the model has no pad token to pad them with)."""
-        if self.pad_id is None:
-            return [[r] for r in rows]
-        budget = self.engine.config.max_prefill_tokens
-        out: list[list[list[int]]] = []
-        longest = 0
-        for r in rows:
-            longest_if = max(longest, len(r))
-            if out and out[-1] and longest_if * (len(out[-1]) + 1) <= budget:
-                out[-1].append(r)
-                longest = longest_if
-            else:
-                out.append([r])
-                longest = len(r)
-        return out
-
     def _encode(self, parsed: Parsed, head: Head) -> list[list[int]]:
         """Each input's token ids, as training encoded the classifier's data; 400 naming a bad or overlong one."""
         tok, reward = self.tok, head.outputs == 1 and head.problem != "regression"
@@ -338,3 +324,21 @@ def _tagged(
         for t, o, tag, s in zip(ids, offsets, tags, score, strict=True)
     ]
     return {"entities": entities, "tokens": tokens}
+
+
+def chunks(rows: list[list[int]], pad_id: int | None, budget: int) -> list[list[list[int]]]:
+    """Consecutive rows, as many per forward as fit a padded-token `budget` (the engine's max_prefill_tokens; at
+    least one; one at a time where the model has no pad token to pad them with)."""
+    if pad_id is None:
+        return [[r] for r in rows]
+    out: list[list[list[int]]] = []
+    longest = 0
+    for r in rows:
+        longest_if = max(longest, len(r))
+        if out and out[-1] and longest_if * (len(out[-1]) + 1) <= budget:
+            out[-1].append(r)
+            longest = longest_if
+        else:
+            out.append([r])
+            longest = len(r)
+    return out

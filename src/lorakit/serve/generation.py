@@ -174,6 +174,12 @@ class GenerationRoutes:
                     "classifier's): it scores texts at /v1/classify and does not generate",
                     "model",
                 )
+            if adapter is not None and self.engine.bank.pooling(adapter) is not None:
+                raise P.bad(
+                    f"the model {adapter!r} is an embedding model's adapter: it embeds texts at /v1/embeddings and "
+                    "does not generate",
+                    "model",
+                )
             # long prompts must not stall the event loop
             prompts = await asyncio.to_thread(self._encode, parsed)
             batch = len(prompts) > 1

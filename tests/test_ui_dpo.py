@@ -5,6 +5,7 @@ preference files uploaded and previewed side by side, and a DPO run started from
 from __future__ import annotations
 
 import json
+import re
 
 from uiserver import SMALL_RUN, error, wait_for
 
@@ -16,10 +17,22 @@ def test_the_form_has_the_objective_and_a_section_shown_by_each(http):
     objective = next(f for f in sections["train"]["fields"] if f["name"] == "objective")
     assert (
         objective["choices"]
-        == ["sft", "dpo", "simpo", "orpo", "cpo", "kto", "reward", "classify", "regression", "token_classify"]
+        == [
+            "sft",
+            "dpo",
+            "simpo",
+            "orpo",
+            "cpo",
+            "kto",
+            "reward",
+            "classify",
+            "regression",
+            "token_classify",
+            "embed",
+        ]
         and objective["default"] == "sft"
     )
-    for name in ("dpo", "simpo", "orpo", "cpo", "kto", "reward", "classify"):
+    for name in ("dpo", "simpo", "orpo", "cpo", "kto", "reward", "classify", "embed"):
         assert sections[name]["objective"] == name and sections[name]["method"] is None
         assert sections[name]["objectives"] == ([name, "token_classify"] if name == "classify" else [name])
     assert "objective" not in sections["lora"] and "objective" not in sections["train"]
@@ -158,3 +171,46 @@ def test_a_token_classifier_run_from_the_form_and_its_evaluation(ui, http):
     assert result["objective"] == "token_classify" and result["examples"] == 4 and "base" not in result
     assert result["tags"] == ["O", "B-numeric", "I-numeric", "B-words", "I-words"]
     assert len(result["adapter"]["samples"][0]["expected"]) == 2
+
+
+def test_text_pairs_preview_and_upload(http):
+    """With train.objective embed, the preview shows each anchor with its positive and hard negative as its label
+    (an uploaded file with common column names, and the built-in dates); a file of pairs with a bad record is a
+    400 naming it, and nothing is written."""
+    rows = [{"query": "How do I reset my password?", "document": "Open Settings, then Account."}]
+    r = http.post("/api/upload", params={"name": "pairs.jsonl"}, content=json.dumps(rows[0]).encode() + b"\n")
+    assert r.status_code == 200, r.text
+    out = http.post("/api/preview", json={"file": "data/pairs.jsonl", "objective": "embed"}).json()
+    (shown,) = out["examples"]
+    assert shown["segments"] == [{"text": "How do I reset my password?", "learned": False}]
+    assert shown["label"] == "positive: 'Open Settings, then Account.'" and shown["tokens"] > 0
+    task = http.post("/api/preview", json={"task": "dates", "n": 2, "objective": "embed"}).json()
+    assert all(
+        re.fullmatch(r"positive: '\d{4}-\d\d-\d\d'; negative: '\d{4}-\d\d-\d\d'", e["label"])
+        for e in task["examples"]
+    )
+    bad = json.dumps({"anchor": "same", "positive": "same"}).encode()
+    message = error(http.post("/api/upload", params={"name": "bad_pairs.jsonl"}, content=bad), 400)
+    assert message.startswith("bad_pairs.jsonl:1") and "the same text" in message
+    assert "bad_pairs.jsonl" not in {
+        d["path"].split("/")[-1] for d in http.get("/api/workspace").json()["data"]
+    }
+
+
+def test_an_embedding_model_run_from_the_form_and_its_evaluation(ui, http):
+    """train.objective embed on the built-in dates, 4 steps on the tiny model: the run finishes with the
+    retrieval measures; the Evaluate view's job measures its adapter beside the base."""
+    values = {**SMALL_RUN, "train": {"steps": "4", "batch_size": "4", "lr": "0.001", "objective": "embed"}}
+    assert http.post("/api/runs", json={"name": "emb1", "values": values}).status_code == 200
+    state = wait_for(http, "/api/runs/emb1", lambda s: s["status"] not in ("starting", "running"))
+    assert state["status"] == "finished", state
+    summary = json.loads((ui["ws"] / "runs" / "emb1" / "summary.json").read_text())
+    assert {"loss", "accuracy", "recall_at_10", "mrr_at_10"} <= set(summary["after"])
+    job = http.post("/api/eval", json={"adapter": "runs/emb1/adapter", "task": "dates", "limit": 8}).json()[
+        "job"
+    ]
+    done = wait_for(http, f"/api/jobs/{job}", lambda s: s["status"] != "running")
+    assert done["status"] == "done", done
+    result = done["result"]
+    assert result["objective"] == "embed" and result["examples"] == 8 and result["pooling"] == "last"
+    assert 0 <= result["base"]["accuracy"] <= 1 and 0 <= result["adapter"]["mrr_at_10"] <= 1

@@ -150,6 +150,8 @@ class _Routes:
             return await asyncio.to_thread(self._preview_labelled, body, n, max_len, fields)
         if body.get("objective") == "token_classify":
             return await asyncio.to_thread(self._preview_tagged, body, n, max_len, fields)
+        if body.get("objective") == "embed":
+            return await asyncio.to_thread(self._preview_text_pairs, body, n, max_len, fields)
         try:
             if body.get("file"):
                 path = self.ws.path(body["file"], what="file")
@@ -255,6 +257,40 @@ class _Routes:
                     "learned_tokens": sum(o is not None for o in r.offsets),
                     "truncated": r.row.truncated,
                     "label": "; ".join(f"{kind} {r.text[s:e]!r}" for s, e, kind in r.spans) or "no entity",
+                }
+            )
+        return {"total": len(items), "examples": out, "pairs": False}
+
+    def _preview_text_pairs(
+        self, body: dict[str, Any], n: int, max_len: int, fields: dict[str, str] | None
+    ) -> dict[str, Any]:
+        """An embedding model's first examples as the run reads them: each anchor (the text embedded, as the
+        tokenizer encodes it alone) and, as its label, the positive it is trained to lie near and the hard
+        negative, if any."""
+        from lorakit.data.jsonl import DataError
+        from lorakit.data.tasks import make_text_pairs
+        from lorakit.data.textpairs import read_text_pairs
+
+        try:
+            if body.get("file"):
+                items = read_text_pairs(self.ws.path(body["file"], what="file"), fields)
+            else:
+                items = make_text_pairs(str(body.get("task") or "dates"), n_train=0, n_eval=n)[1]
+        except DataError as e:
+            raise P.bad(str(e).replace(str(self.ws.root) + "/", ""), "file") from None
+        shown = items[:n]
+        with self.engine.tokenizer_lock:
+            lengths = [len(ids) for ids in self.engine.tokenizer([it["anchor"] for it in shown])["input_ids"]]
+        out = []
+        for it, length in zip(shown, lengths, strict=True):
+            negative = f"; negative: {it['negative']!r}" if it["negative"] is not None else ""
+            out.append(
+                {
+                    "segments": [{"text": it["anchor"], "learned": False}],
+                    "tokens": min(length, max_len),
+                    "learned_tokens": 0,
+                    "truncated": length > max_len,
+                    "label": f"positive: {it['positive']!r}{negative}",
                 }
             )
         return {"total": len(items), "examples": out, "pairs": False}

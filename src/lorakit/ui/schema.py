@@ -57,11 +57,12 @@ def form_schema() -> dict[str, Any]:
                     "locked": (section, spec.name) in LOCKED,
                 }
             )
-        # an objective's own section (dpo, simpo, orpo, cpo, kto, reward, classify) shows when train.objective names it
+        # an objective's own section (dpo, simpo, orpo, cpo, kto, reward, classify, embed) shows when train.objective
+        # names it
         # (`objectives`: every objective it shows for; classify's class weights weigh a token classifier's tags too)
         shown = (
             {"objective": section, "objectives": SECTION_OBJECTIVES.get(section, [section])}
-            if section in (*PREFERENCE_OBJECTIVES, "classify")
+            if section in (*PREFERENCE_OBJECTIVES, "classify", "embed")
             else {}
         )
         sections.append({"name": section, "method": SECTION_METHOD.get(section), **shown, "fields": fields})

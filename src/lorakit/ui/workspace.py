@@ -159,7 +159,8 @@ class Workspace:
         self, name: Any, data: bytes, fields: dict[str, str] | None = None
     ) -> tuple[str, int, bool]:
         """Check `data` as a training file (JSONL, JSON, CSV, TSV or Parquet, by its name's suffix) of
-        examples, of preference pairs (DPO, SimPO, ORPO, CPO) or of tagged texts (token classification), and write
+        examples, of preference pairs (DPO, SimPO, ORPO, CPO), of tagged texts (token classification) or of text
+        pairs (an embedding model's), and write
         it to data/<name> atomically:
         (path, examples or pairs, whether pairs). A bad file is a 400 whose message names the line
         ("chat.jsonl:3: not valid JSON ..."); nothing is written. `fields`: data.fields, the file's column
@@ -170,7 +171,7 @@ class Workspace:
         try:
             examples, pairs = parse_any(data, name, fields)
         except DataError as e:
-            examples, pairs = _tagged(data, name, fields), False
+            examples, pairs = _tagged(data, name, fields) or _text_pairs(data, name, fields), False
             if examples is None:
                 raise P.bad(str(e), "file") from None
         out = self.root / "data" / name
@@ -231,5 +232,28 @@ def _tagged(data: bytes, name: str, fields: dict[str, str] | None) -> list[dict[
         return None
     try:
         return tagged_of(records, name, fields or {})
+    except DataError as e:
+        raise P.bad(str(e), "file") from None
+
+
+def _text_pairs(data: bytes, name: str, fields: dict[str, str] | None) -> list[dict[str, Any]] | None:
+    """A file of an embedding model's text pairs (`lorakit.data.textpairs`), read; None where its first record is
+    not shaped as one (anchor and positive, or their common other names); a 400 naming the record where it is
+    shaped so but wrong."""
+    from lorakit.data.files import parse_records
+    from lorakit.data.textpairs import ALIASES, text_pairs_of
+
+    try:
+        records = parse_records(data, name)
+    except DataError:
+        return None
+    first = records[0][1] if records else None
+    keys = set(first) | set(fields or {}) if isinstance(first, dict) else set()
+    if not any(k in keys for k in ("anchor", *ALIASES["anchor"])) or not any(
+        k in keys for k in ("positive", *ALIASES["positive"])
+    ):
+        return None
+    try:
+        return text_pairs_of(records, name, fields or {})
     except DataError as e:
         raise P.bad(str(e), "file") from None

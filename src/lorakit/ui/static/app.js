@@ -1323,6 +1323,12 @@ const EVAL_ROWS = {
     ["entity recall", "recall", fmtLoss],
     ["entity F1", "f1", fmtLoss],
   ],
+  embed: [
+    ["contrastive loss", "loss", fmtLoss],
+    ["positive ranked first", "accuracy", fmtPercent],
+    ["recall@10", "recall_at_10", fmtPercent],
+    ["MRR@10", "mrr_at_10", fmtLoss],
+  ],
 };
 
 function renderEval(result) {

@@ -8,7 +8,9 @@ rows labelled one of 3 classes, on the tiny model with a 3-output head; "weighte
 "regression": the rows labelled with numbers, on the tiny model with a one-output head; "multi": each row labelled
 with a set of the 3 classes (multi-label), with class weights; "tokens": each row's tokens tagged one of 3 tags
 (the first untagged; every row has as many tagged tokens, as SFT's rows have learned ones), on the tiny model as a
-token classifier; "stop": train.early_stop 1 on rank 0's evaluations, scripted to rise at step 3, so that each process
+token classifier; "embed": each row split into an anchor and its positive, every other one with a hard negative,
+on the tiny model's body (a bare LlamaModel) as an embedding model: each micro-batch is its own pool of negatives, on
+one process as on two; "stop": train.early_stop 1 on rank 0's evaluations, scripted to rise at step 3, so that each process
 must stop there).
 """
 
@@ -48,6 +50,11 @@ if variant == "tokens":  # the same body with a head on every token (its own ini
     model.config.num_labels, model.config.classifier_dropout = 3, 0.0
     torch.manual_seed(0)
     model = LlamaForTokenClassification(model.config)
+if variant == "embed":  # the body alone (a bare LlamaModel), mean-pooled
+    from lorakit.task_types import mark_embedder
+
+    model = model.model
+    mark_embedder(model, "mean")
 if variant in HEADS:  # the same body with a head of 1 or 3 outputs (its own init, same seed)
     from transformers import LlamaForSequenceClassification
 
@@ -81,7 +88,13 @@ if variant == "tokens":  # each token but the first tagged
         Tagged(Encoded(r.input_ids, [IGNORE] + [(i + t) % 3 for t in range(1, 10)]), "", [], [])
         for i, r in enumerate(rows)
     ]
-preference = pairs or variant in ("kto", "classify", "weighted", "regression", "multi", "tokens")
+if variant == "embed":  # the first 5 tokens the anchor, the rest its positive; every other row a hard negative
+    from lorakit.train.embed_objective import TextPair
+
+    rows = [
+        TextPair(r.input_ids[:5], r.input_ids[5:], r.input_ids[2:8] if i % 2 else None) for i, r in enumerate(rows)
+    ]
+preference = pairs or variant in ("kto", "classify", "weighted", "regression", "multi", "tokens", "embed")
 cfg = RunConfig(  # its lora section is the default: the loop adds KaSA's regulariser because the model has it
     train=TrainSection(
         out_dir=str(out), steps=4, batch_size=2, grad_accum=accum, lr=1e-2, warmup_steps=1, save_every=0,
@@ -103,6 +116,8 @@ trained = model
 if world > 1:
     trained = torch.nn.parallel.DistributedDataParallel(model)
 objective = make_objective(cfg)
+if variant == "embed":
+    objective.pooling = "mean"
 if variant == "weighted":  # weights unlike the batch's shares, so that a normalisation per process would show
     objective.class_weights = [0.5, 2.0, 4.0]
 if variant == "multi":  # with each class's positives weighted (pos_weight), unlike the batch's shares

@@ -49,6 +49,7 @@ WORKER = str(Path(__file__).parent / "ddp_worker.py")
         ("regression", 29540),
         ("multi", 29551),
         ("tokens", 29552),
+        ("embed", 29553),
     ],
 )
 def test_two_processes_equal_one_process(tmp_path, variant, port):

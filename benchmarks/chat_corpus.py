@@ -7,6 +7,11 @@ the eval file; the rest to the train file. The package is data only (`pip instal
 `bench` extra).
 
     .venv/bin/python benchmarks/chat_corpus.py --out /tmp/chat      # writes train.jsonl and eval.jsonl
+
+With `--pairs`, each conversation's first exchange becomes an embedding model's pair instead (`lorakit train
+--objective embed`, docs/embeddings.md): `{"anchor": what the user says, "positive": the answer}`, so that a
+question finds its answer among all the answers; a pair whose question or answer occurs in an earlier
+conversation is left out (the corpus repeats some), so that each held-out answer is one the training never saw.
 """
 
 from __future__ import annotations
@@ -34,14 +39,22 @@ def conversations() -> list[list[str]]:
     return out
 
 
-def write(out: Path) -> tuple[Path, Path, int, int]:
+def write(out: Path, pairs: bool = False) -> tuple[Path, Path, int, int]:
     out.mkdir(parents=True, exist_ok=True)
     convs = conversations()
-    lines = {"train": [], "eval": []}
+    lines: dict[str, list[str]] = {"train": [], "eval": []}
+    seen: set[str] = set()
     for i, turns in enumerate(convs):
-        roles = ["user", "assistant"] * (len(turns) // 2)
-        messages = [{"role": r, "content": t} for r, t in zip(roles, turns, strict=True)]
-        lines["eval" if i % 10 == 0 else "train"].append(json.dumps({"messages": messages}))
+        if pairs:
+            question, answer = turns[0], turns[1]
+            if question in seen or answer in seen or question == answer:
+                continue
+            seen.update((question, answer))
+            record = {"anchor": question, "positive": answer}
+        else:
+            roles = ["user", "assistant"] * (len(turns) // 2)
+            record = {"messages": [{"role": r, "content": t} for r, t in zip(roles, turns, strict=True)]}
+        lines["eval" if i % 10 == 0 else "train"].append(json.dumps(record))
     paths = []
     for split, rows in lines.items():
         path = out / f"{split}.jsonl"
@@ -53,9 +66,11 @@ def write(out: Path) -> tuple[Path, Path, int, int]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="folder for train.jsonl and eval.jsonl")
+    p.add_argument("--pairs", action="store_true", help="question and answer pairs, for an embedding model")
     args = p.parse_args()
-    train, dev, n_train, n_eval = write(args.out)
-    print(f"{train}: {n_train} conversations; {dev}: {n_eval}")
+    train, dev, n_train, n_eval = write(args.out, args.pairs)
+    what = "pairs" if args.pairs else "conversations"
+    print(f"{train}: {n_train} {what}; {dev}: {n_eval}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.classifier_heads import padded
+from lorakit.errors import AdapterError
 from lorakit.formats import adapter_pooling, read_config_json
 from lorakit.task_types import POOLINGS
 
@@ -37,9 +38,12 @@ ST_POOLING = {
 
 def default_pooling(model: nn.Module, folder: str | os.PathLike | None = None) -> str:
     """The pooling an embedding model of `model` uses by default: what a sentence-transformers folder's Pooling
-    module says (`folder`'s modules.json), else the mean for an encoder (a model type with a masked-LM head, as
-    BERT) and the last token for a decoder (SmolLM2, Llama, Qwen). ValueError for a folder whose pooling lorakit
-    does not compute (max, weighted mean)."""
+    module says (`folder`'s modules.json; by default the folder the model was loaded from), else the mean for an
+    encoder (a model type with a masked-LM head, as BERT) and the last token for a decoder (SmolLM2, Llama, Qwen).
+    ValueError for a folder whose pooling lorakit does not compute (max, weighted mean)."""
+    if folder is None:
+        loaded = getattr(getattr(model, "config", None), "_name_or_path", None)
+        folder = loaded if loaded and Path(loaded).is_dir() else None
     said = st_pooling(folder) if folder is not None else None
     if said is not None:
         return said
@@ -126,7 +130,9 @@ def embed_rows(
     return torch.cat(out)
 
 
-def write_st_modules(folder: str | os.PathLike, pooling: str, dim: int, *, chat_template: bool = False) -> None:
+def write_st_modules(
+    folder: str | os.PathLike, pooling: str, dim: int, *, chat_template: bool = False
+) -> None:
     """Make a merged model's folder a sentence-transformers model that embeds as lorakit does: modules.json (the
     transformer, then `pooling`, then L2 normalization) with the Pooling module's config.json. lorakit embeds a
     text as it is; sentence-transformers 6 wraps a text in the tokenizer's chat template where it has one, unless
@@ -160,4 +166,9 @@ def embedding_pooling(model: nn.Module, path: str | os.PathLike) -> str | None:
     path = Path(path)
     if not path.is_dir() or read_config_json(path).get("task_type") != "FEATURE_EXTRACTION":
         return None
-    return adapter_pooling(path) or default_pooling(model)
+    try:
+        return adapter_pooling(path) or default_pooling(model)
+    except ValueError as e:
+        raise AdapterError(
+            f"{path}: an embedding model's adapter that records no pooling, on a model whose {e}"
+        ) from None

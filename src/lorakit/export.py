@@ -42,7 +42,7 @@ def merged_model(
     """(the base with `adapter` merged in, as a plain transformers model; its tokenizer). A sequence
     classifier's adapter (a reward model's, task_type SEQ_CLS) gives the classifier, its head the adapter's; a
     token classifier's (TOKEN_CLS) the token classifier; an embedding model's (FEATURE_EXTRACTION) the bare model
-    (transformers' AutoModel), its pooling in `embedding_pooling(model)`.
+    (transformers' AutoModel), marked with its pooling (`task_types.pooling_of`).
 
     An adapter trained on a 4-bit base (QLoRA; recorded in its safetensors metadata) learned ΔW against the
     dequantized weights. With `dequantized_base` the base is quantized the same way and dequantized again before
@@ -75,9 +75,7 @@ def merged_model(
         from lorakit.embeddings import default_pooling
         from lorakit.task_types import mark_embedder
 
-        folder = getattr(model.config, "_name_or_path", None)
-        auto = default_pooling(model, folder if folder and Path(folder).is_dir() else None)
-        mark_embedder(model, adapter_pooling(adapter) or auto)
+        mark_embedder(model, adapter_pooling(adapter) or default_pooling(model))
     names = adapter_class_names(adapter) if num_labels else None
     if names is not None and len(names) == num_labels:  # a classifier's class names go into config.json
         name_classes(model, names)

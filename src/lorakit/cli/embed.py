@@ -49,8 +49,7 @@ def eval_embedder(args: argparse.Namespace, pooling: str) -> int:
         source = f"built-in task {args.task!r}"
     model, tok = load(args.model, args.device, args.dtype, bare=True)
     if pooling == "auto":
-        folder = getattr(model.config, "_name_or_path", None)
-        pooling = default_pooling(model, folder if folder and Path(folder).is_dir() else None)
+        pooling = default_pooling(model)
     texts = [t for it in items for t in (it["anchor"], it["positive"], it["negative"]) if t is not None]
     ids = iter(encode_texts(tok, texts, args.max_len))
     rows = [TextPair(next(ids), next(ids), next(ids) if it["negative"] is not None else None) for it in items]

@@ -70,7 +70,10 @@ class EmbeddingRoutes:
     def __init__(self, engine: Engine, adapters: AdapterRoutes, latency: Latency) -> None:
         self.engine, self.adapters, self.bank, self.tok = engine, adapters, engine.bank, engine.tokenizer
         self.latency = latency
-        self.base_pooling = default_pooling(engine.model)
+        try:  # the base model's own vectors: its folder's pooling, else its last token
+            self.base_pooling: str | None = default_pooling(engine.model)
+        except ValueError:  # a folder that pools as lorakit does not: the base model embeds nothing
+            self.base_pooling = None
         self.pad_id = self.tok.pad_token_id
         self.width = int(engine.model.config.get_text_config().hidden_size)
 

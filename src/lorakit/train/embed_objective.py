@@ -1,8 +1,9 @@
 """An embedding model's objective (`train.objective embed`): in-batch contrastive learning on texts and the texts
 that belong with them, sentence-transformers' MultipleNegativesRankingLoss (InfoNCE).
 
-Each micro-batch's anchors, positives and hard negatives (where the data has them) go through the model in one
-padded batch; each is pooled (`lorakit.embeddings.pool`) and L2-normalized. Anchor i's scores are its cosine
+Each micro-batch's anchors, positives and hard negatives (where the data has them) go through the model a column at
+a time, each column padded to its own longest text (under DDP, whose gradient sync takes one forward per step, in
+one batch); each text is pooled (`lorakit.embeddings.pool`) and L2-normalized. Anchor i's scores are its cosine
 similarities, times `embed.scale`, to every positive and negative of the micro-batch; the loss is the
 cross-entropy of finding its own positive among them. With `embed.symmetric`, the mean with each positive finding
 its anchor among the anchors. The other rows are the negatives, so the micro-batch is the pool: gradient
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from lorakit.data.tokenize import IGNORE, Encoded
 from lorakit.embeddings import embed_batch, embed_rows
@@ -53,7 +55,8 @@ class EmbedObjective(Objective):
         self.pooling = None  # set by the run once the model is loaded (embed.pooling, or the model's own)
 
     def encoded(self, rows: list[TextPair]) -> list[Encoded]:
-        """The anchors, then the positives, then the hard negatives that the rows have: one padded batch."""
+        """The anchors, then the positives, then the hard negatives that the rows have (collated into one batch,
+        whose columns `loss` embeds each at its own width)."""
         return [
             *(_row(r.anchor) for r in rows),
             *(_row(r.positive) for r in rows),
@@ -69,10 +72,21 @@ class EmbedObjective(Objective):
     def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The scaled cosine similarities of each anchor to every positive and negative of the batch (n, n +
         negatives), and of each positive to every anchor (n, n); row i's right answer is column i."""
-        vectors = embed_batch(model, batch["input_ids"], batch["attention_mask"], self.pooling)
-        n = int(batch["pairs"])
+        n, total = int(batch["pairs"]), batch["input_ids"].shape[0]
+        if isinstance(model, DistributedDataParallel):  # DDP syncs the gradients of one forward per step
+            vectors = self._embed(model, batch, slice(0, total))
+        else:
+            groups = (slice(0, n), slice(n, 2 * n), slice(2 * n, total))
+            vectors = torch.cat([self._embed(model, batch, rows) for rows in groups if rows.stop > rows.start])
         anchors, candidates = vectors[:n], vectors[n:]
         return self.scale * anchors @ candidates.T, self.scale * candidates[:n] @ anchors.T
+
+    def _embed(self, model: nn.Module, batch: dict[str, torch.Tensor], rows: slice) -> torch.Tensor:
+        """The embeddings of one column's rows (the anchors, the positives or the negatives), cut to their own
+        longest row: short anchors are not padded to the documents' length."""
+        mask = batch["attention_mask"][rows]
+        width = int(mask.sum(-1).max())
+        return embed_batch(model, batch["input_ids"][rows, :width], mask[:, :width], self.pooling)
 
     def loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool

@@ -306,9 +306,8 @@ def _pooling(cfg: RunConfig, model: nn.Module, say) -> str:
     model so that its adapter is saved as PEFT's FEATURE_EXTRACTION with the pooling recorded."""
     pooling = cfg.embed.pooling
     if pooling == "auto":
-        folder = getattr(getattr(model, "config", None), "_name_or_path", None)
         try:
-            pooling = default_pooling(model, folder if folder and Path(folder).is_dir() else None)
+            pooling = default_pooling(model)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     mark_embedder(model, pooling)

@@ -94,8 +94,8 @@ def test_default_pooling(model_dir, tmp_path):
 def test_training_equals_sentence_transformers_loss_on_peft(model_dir, tmp_path):
     """3 steps on one batch of anchors, positives and hard negatives: every step's loss and the trained adapter to
     1e-5 against sentence-transformers' MultipleNegativesRankingLoss (scale 20, cosine) on PEFT's model from the
-    same start, with torch's AdamW (float32, the same forward; only the batch's padding width differs: lorakit
-    embeds the three columns in one batch, sentence-transformers each alone)."""
+    same start, with torch's AdamW (float32, the same forward: both embed each column alone, padded to its
+    longest text; only kernels' summation order differs)."""
     from peft import get_peft_model_state_dict
     from sentence_transformers.losses import MultipleNegativesRankingLoss
 
@@ -172,7 +172,7 @@ def test_rows_without_a_hard_negative_are_contrasted_with_the_others_alone(model
     candidates = torch.cat([p, p1, n])
     scores = 20 * torch.cat([a, a1]) @ candidates.T
     expected = torch.nn.functional.cross_entropy(scores, torch.tensor([0, 1]))
-    assert float(loss) == pytest.approx(float(expected), abs=1e-4)  # one padded batch against rows alone
+    assert float(loss) == pytest.approx(float(expected), abs=1e-4)  # padded columns against rows alone
     assert 0 <= stats["accuracy"] <= 1
 
 

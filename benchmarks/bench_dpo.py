@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,16 +33,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
+from stepbench import interleave, ratio_rows, step_result  # noqa: E402
+
 from lorakit.bench import (  # noqa: E402
     cpu_name,
     display_command,
-    round_order,
     spawn_worker,
-    spread,
     torch_capability,
     write_docs,
 )
-from lorakit.bench_worker import TARGETS, hwm_gb, peak_rss_gb, reset_peak_rss  # noqa: E402
+from lorakit.bench_worker import TARGETS, reset_peak_rss  # noqa: E402
 from lorakit.train.objectives import NAMES  # noqa: E402
 
 LIBS = ("lorakit", "trl")
@@ -254,14 +253,7 @@ def worker(args) -> dict:
     pairs = _pairs(args)
     with tempfile.TemporaryDirectory() as tmp:
         times, reset = (_lorakit if args.lib == "lorakit" else _trl)(args, pairs, tmp)
-    timed = times[1:]
-    return {
-        "lib": args.lib,
-        "step_s": statistics.median(timed),
-        "steps_s": timed,
-        "peak_rss_gb": peak_rss_gb(),
-        "train_peak_gb": hwm_gb() if reset else None,
-    }
+    return step_result(args.lib, times, reset)
 
 
 def spawn(args, lib: str) -> dict:
@@ -311,18 +303,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args)))
         return
-    rounds = []
-    for i in range(args.rounds):
-        res = {}
-        for lib in round_order(list(LIBS), i):
-            res[lib] = r = spawn(args, lib)
-            print(
-                f"round {i + 1} {lib:8s} step {r['step_s']:.3f} s, peak {r['peak_rss_gb']:.3f} GB, "
-                f"timed steps' peak {r['train_peak_gb']} GB",
-                file=sys.stderr,
-                flush=True,
-            )
-        rounds.append(res)
+    rounds = interleave(LIBS, args.rounds, lambda lib: spawn(args, lib))
     table = _table(args, rounds)
     print(table)
     if args.write_docs:
@@ -344,18 +325,7 @@ def _table(args, rounds) -> str:
         f"r={args.r} on the seven projections; {args.rounds} rounds x {args.steps} steps.\n\n"
         f"| | TRL {TRAINERS[args.objective]} + PEFT | lorakit | lorakit/TRL |\n|---|---:|---:|---:|"
     )
-    lines = [head]
-    for label, key, fmt in (
-        ("step time, s", "step_s", ".2f"),
-        ("peak RSS of the process, GB", "peak_rss_gb", ".2f"),
-        ("peak RSS of the timed steps, GB", "train_peak_gb", ".2f"),
-    ):
-        if any(r[lib][key] is None for r in rounds for lib in LIBS):
-            continue
-        t = [r["trl"][key] for r in rounds]
-        lk = [r["lorakit"][key] for r in rounds]
-        ratio = [a / b for a, b in zip(lk, t, strict=True)]
-        lines.append(f"| {label} | {spread(t, fmt)} | {spread(lk, fmt)} | {spread(ratio, '.3f', '×')} |")
+    lines = [head, *ratio_rows(rounds, "lorakit", "trl", time_format=".2f")]
     return "\n".join(lines) + f"\n\nCommand: `{display_command()}`"
 
 

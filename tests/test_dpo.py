@@ -79,7 +79,7 @@ def test_loss_at_the_start_is_log_two():
 @pytest.mark.parametrize(
     "overrides, words",
     [
-        (["--objective", "ppo"], "train.objective must be one of sft, dpo, simpo, orpo, cpo, kto, reward, classify, regression, token_classify, got 'ppo'"),
+        (["--objective", "ppo"], "train.objective must be one of sft, dpo, simpo, orpo, cpo, kto, reward, classify, regression, token_classify, embed, got 'ppo'"),
         (["--dpo.beta", "0.5"], "dpo.beta is set but train.objective is 'sft'; use --train.objective dpo"),
         (["--objective", "dpo", "--dpo.beta", "0"], "dpo.beta must be > 0"),
         (["--objective", "dpo", "--dpo.loss", "kto"], "dpo.loss must be one of sigmoid, ipo, hinge"),

@@ -176,6 +176,49 @@ def test_rows_without_a_hard_negative_are_contrasted_with_the_others_alone(model
     assert 0 <= stats["accuracy"] <= 1
 
 
+def test_chunks_under_checkpoints_give_the_whole_batch_s_loss_and_gradients(model_dir):
+    """embed.chunk_size (GradCache): the columns embedded 2 texts at a time under checkpoints give the loss and
+    every LoRA gradient of the whole micro-batch embedded at once (1e-5: float32, other batch widths only), with
+    hard negatives on some rows."""
+    from lorakit.train.config import EmbedSection, RunConfig, TrainSection
+    from lorakit.train.objectives import make_objective
+    from lorakit.train.schedule import collate
+
+    torch.manual_seed(4)
+    model, tok = load_model(str(model_dir), bare=True)
+    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+
+    def ids(text: str) -> list[int]:
+        return encode_texts(tok, [text], 64)[0]
+
+    rows = [
+        TextPair(ids(a), ids(p), ids(n) if i % 2 else None)
+        for i, (a, p, n) in enumerate(zip(ANCHORS, POSITIVES, NEGATIVES, strict=True))
+    ]
+    results = []
+    for chunk in (0, 2):
+        cfg = RunConfig(
+            train=TrainSection(objective="embed"), embed=EmbedSection(chunk_size=chunk, symmetric=True)
+        )
+        objective = make_objective(cfg)
+        objective.pooling = "last"
+        batch = {**collate(objective.encoded(rows), tok.pad_token_id), **objective.extras(rows)}
+        model.zero_grad()
+        loss, _ = objective.loss(model, batch, fused=True)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((float(loss), grads))
+    (whole, whole_grads), (chunked, chunked_grads) = results
+    assert chunked == pytest.approx(whole, abs=1e-5)
+    assert whole_grads.keys() == chunked_grads.keys() and len(whole_grads) > 0
+    for name, g in whole_grads.items():
+        torch.testing.assert_close(chunked_grads[name], g, atol=1e-5, rtol=0, msg=name)
+
+
 @pytest.fixture(scope="module")
 def minilm_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("minilm")
@@ -343,6 +386,7 @@ def test_a_missing_file_and_a_bad_fields_mapping(tmp_path):
     [
         (["--embed.pooling", "max"], "embed.pooling must be auto, mean, last or cls, got 'max'"),
         (["--embed.scale", "0"], "embed.scale must be > 0"),
+        (["--embed.chunk_size", "-1"], "embed.chunk_size must be >= 0"),
         (["--train.batch_size", "1"], "needs train.batch_size >= 2"),
         (["--data.pack", "true"], "data.pack does not work with train.objective embed"),
         (["--data.train_on_all", "true"], "data.train_on_all does not work with train.objective embed"),

@@ -90,7 +90,7 @@ def _tiny_loader(monkeypatch, hidden: int = 32):
     monkeypatch.setattr(
         lorakit.models,
         "load_model",
-        lambda spec, dtype, device=None, num_labels=None, per_token=False: (
+        lambda spec, dtype, device=None, num_labels=None, per_token=False, bare=False: (
             tiny_llama(hidden=hidden),
             _NoTokenizer(),
         ),

@@ -175,13 +175,20 @@ def test_a_token_classifier_run_from_the_form_and_its_evaluation(ui, http):
 
 def test_text_pairs_preview_and_upload(http):
     """With train.objective embed, the preview shows each anchor with its positive and hard negative as its label
-    (an uploaded file with common column names, and the built-in dates); a file of pairs with a bad record is a
-    400 naming it, and nothing is written."""
-    rows = [{"query": "How do I reset my password?", "document": "Open Settings, then Account."}]
-    r = http.post("/api/upload", params={"name": "pairs.jsonl"}, content=json.dumps(rows[0]).encode() + b"\n")
+    (an uploaded file with columns of its own, read through data.fields, and the built-in dates); a file of pairs
+    with a bad record is a 400 naming it, and nothing is written. An upload is read as text pairs by the names
+    anchor and positive (or data.fields'): a question-and-answer file stays fine-tuning data to map."""
+    body = json.dumps(
+        {"query": "How do I reset my password?", "document": "Open Settings, then Account."}
+    ).encode()
+    assert "unknown fields" in error(
+        http.post("/api/upload", params={"name": "pairs.jsonl"}, content=body), 400
+    )
+    fields = "{anchor: query, positive: document}"
+    r = http.post("/api/upload", params={"name": "pairs.jsonl", "fields": fields}, content=body + b"\n")
     assert r.status_code == 200, r.text
     out = http.post("/api/preview", json={"file": "data/pairs.jsonl", "objective": "embed"}).json()
-    (shown,) = out["examples"]
+    (shown,) = out["examples"]  # the preview reads query and document as anchor and positive by themselves
     assert shown["segments"] == [{"text": "How do I reset my password?", "learned": False}]
     assert shown["label"] == "positive: 'Open Settings, then Account.'" and shown["tokens"] > 0
     task = http.post("/api/preview", json={"task": "dates", "n": 2, "objective": "embed"}).json()

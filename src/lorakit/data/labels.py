@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorakit.data.files import DataError, label_names, parse_records, read_records
-from lorakit.data.shapes import check_fields, renamed
+from lorakit.data.shapes import check_fields, named_records
 from lorakit.data.tokenize import IGNORE, Encoded
 
 KEYS = ("text", "text_pair", "label")
@@ -76,13 +76,8 @@ def parse_labelled(data: bytes, source: str, fields: dict[str, str] | None = Non
 def labelled_of(
     records: list[tuple[str, Any]], source: str, fields: dict[str, str], *, scores: bool = False
 ) -> list[dict[str, Any]]:
-    if not records:
-        raise DataError(f"{source}: no examples (the file is empty)")
     out = []
-    for where, record in records:
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        record = renamed(record, fields, where)
+    for where, record in named_records(records, source, fields):
         text, pair = record.get("text"), record.get("text_pair")
         if not isinstance(text, str) or not text.strip():
             raise DataError(

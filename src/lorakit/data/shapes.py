@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
@@ -114,6 +115,19 @@ def renamed(record: dict[str, Any], fields: dict[str, str], where: str) -> dict[
     out = {k: v for k, v in record.items() if k not in taken and k not in fields}
     out.update({ours: record[theirs] for ours, theirs in fields.items()})
     return out
+
+
+def named_records(
+    records: list[tuple[str, Any]], source: str, fields: dict[str, str]
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, record with its columns renamed to lorakit's keys) of each record of a file as read; DataError for
+    a file without records and for a record that is not an object, naming it."""
+    if not records:
+        raise DataError(f"{source}: no examples (the file is empty)")
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        yield where, renamed(record, fields, where)
 
 
 def shape_of(record: dict[str, Any]) -> str | None:

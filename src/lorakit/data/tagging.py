@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorakit.data.files import DataError, label_names, read_records
-from lorakit.data.shapes import check_fields, renamed
+from lorakit.data.shapes import check_fields, named_records
 from lorakit.data.tokenize import IGNORE, Encoded
 
 OUTSIDE = "O"
@@ -59,13 +59,8 @@ def tagged_of(
     records: list[tuple[str, Any]], source: str, fields: dict[str, str], tags: list[str] | None = None
 ) -> list[dict[str, Any]]:
     """`read_tagged` of records as read; `tags`: the names of tag ids, where the data gives them."""
-    if not records:
-        raise DataError(f"{source}: no examples (the file is empty)")
     out = []
-    for where, record in records:
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        record = renamed(record, fields, where)
+    for where, record in named_records(records, source, fields):
         if "tags" not in record and "ner_tags" in record:
             record = {**record, "tags": record["ner_tags"]}
         if "tokens" in record or "tags" in record:

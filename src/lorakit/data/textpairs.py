@@ -18,7 +18,7 @@ import os
 from typing import Any
 
 from lorakit.data.files import DataError, parse_records, read_records
-from lorakit.data.shapes import check_fields, renamed
+from lorakit.data.shapes import check_fields, named_records
 
 KEYS = ("anchor", "positive", "negative")
 ALIASES = {
@@ -45,13 +45,9 @@ def parse_text_pairs(data: bytes, source: str, fields: dict[str, str] | None = N
 def text_pairs_of(
     records: list[tuple[str, Any]], source: str, fields: dict[str, str]
 ) -> list[dict[str, Any]]:
-    if not records:
-        raise DataError(f"{source}: no examples (the file is empty)")
     out = []
-    for where, record in records:
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        record = _aliased(renamed(record, fields, where))
+    for where, named in named_records(records, source, fields):
+        record = _aliased(named)
         for key in KEYS:
             value = record.get(key)
             if key == "negative" and value is None:

@@ -274,6 +274,11 @@ class EmbedSection:
     symmetric: bool = False
     """Also the loss of each positive finding its anchor among the batch's anchors (the mean of both directions),
     as CLIP's and sentence-transformers' MultipleNegativesSymmetricRankingLoss."""
+    chunk_size: int = 0
+    """Embed each column this many texts at a time, under a checkpoint (GradCache, sentence-transformers'
+    CachedMultipleNegativesRankingLoss): the same loss and gradients as the whole micro-batch, with one chunk's
+    activations in memory, for a second forward pass; so a large train.batch_size, a large pool of negatives,
+    fits. 0: each column in one forward."""
 
 
 @dataclass

@@ -7,7 +7,9 @@ one batch); each text is pooled (`lorakit.embeddings.pool`) and L2-normalized. A
 similarities, times `embed.scale`, to every positive and negative of the micro-batch; the loss is the
 cross-entropy of finding its own positive among them. With `embed.symmetric`, the mean with each positive finding
 its anchor among the anchors. The other rows are the negatives, so the micro-batch is the pool: gradient
-accumulation does not widen it.
+accumulation does not widen it. With `embed.chunk_size`, a column is embedded a chunk of rows at a time under a
+checkpoint (sentence-transformers' CachedMultipleNegativesRankingLoss, GradCache): a large micro-batch, a large
+pool, in the activation memory of one chunk, for a second forward pass.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 
 from lorakit.data.tokenize import IGNORE, Encoded
 from lorakit.embeddings import embed_batch, embed_rows
+from lorakit.errors import ConfigError
 from lorakit.train.objective_base import Objective
 
 if TYPE_CHECKING:
@@ -52,6 +56,7 @@ class EmbedObjective(Objective):
     def __init__(self, cfg: RunConfig) -> None:
         self.scale = cfg.embed.scale
         self.symmetric = cfg.embed.symmetric
+        self.chunk_size = cfg.embed.chunk_size
         self.pooling = None  # set by the run once the model is loaded (embed.pooling, or the model's own)
 
     def encoded(self, rows: list[TextPair]) -> list[Encoded]:
@@ -74,12 +79,30 @@ class EmbedObjective(Objective):
         negatives), and of each positive to every anchor (n, n); row i's right answer is column i."""
         n, total = int(batch["pairs"]), batch["input_ids"].shape[0]
         if isinstance(model, DistributedDataParallel):  # DDP syncs the gradients of one forward per step
+            if self.chunk_size:
+                raise ConfigError(
+                    "embed.chunk_size does not work under DDP (its gradient sync takes one forward per step); "
+                    "use one process, or embed.chunk_size 0"
+                )
             vectors = self._embed(model, batch, slice(0, total))
         else:
-            groups = (slice(0, n), slice(n, 2 * n), slice(2 * n, total))
-            vectors = torch.cat([self._embed(model, batch, rows) for rows in groups if rows.stop > rows.start])
+            step = self.chunk_size or total
+            parts = [
+                slice(start, min(start + step, group.stop))
+                for group in (slice(0, n), slice(n, 2 * n), slice(2 * n, total))
+                for start in range(group.start, group.stop, step)
+            ]
+            vectors = torch.cat([self._chunk(model, batch, rows) for rows in parts])
         anchors, candidates = vectors[:n], vectors[n:]
         return self.scale * anchors @ candidates.T, self.scale * candidates[:n] @ anchors.T
+
+    def _chunk(self, model: nn.Module, batch: dict[str, torch.Tensor], rows: slice) -> torch.Tensor:
+        """`_embed` of `rows`; with `embed.chunk_size`, through a checkpoint: only the vectors are kept, and the
+        backward computes the chunk's forward again (GradCache: the loss and gradients of the whole batch, with
+        one chunk's activations in memory at a time)."""
+        if not self.chunk_size or not torch.is_grad_enabled():
+            return self._embed(model, batch, rows)
+        return checkpoint(self._embed, model, batch, rows, use_reentrant=False)
 
     def _embed(self, model: nn.Module, batch: dict[str, torch.Tensor], rows: slice) -> torch.Tensor:
         """The embeddings of one column's rows (the anchors, the positives or the negatives), cut to their own

@@ -327,6 +327,7 @@ def _validate_embed(cfg: RunConfig) -> None:
             f"embed.pooling must be auto, mean, last or cls, got {e.pooling!r}",
         ),
         (e.scale > 0, f"embed.scale must be > 0, got {e.scale}"),
+        (e.chunk_size >= 0, f"embed.chunk_size must be >= 0, got {e.chunk_size}"),
         (
             t.batch_size >= 2,
             "train.objective embed needs train.batch_size >= 2: each anchor is contrasted with the other rows of "

@@ -171,7 +171,7 @@ class Workspace:
         try:
             examples, pairs = parse_any(data, name, fields)
         except DataError as e:
-            examples, pairs = _tagged(data, name, fields) or _text_pairs(data, name, fields), False
+            examples, pairs = _other_shape(data, name, fields), False
             if examples is None:
                 raise P.bad(str(e), "file") from None
         out = self.root / "data" / name
@@ -215,12 +215,16 @@ def discard(path: Path) -> None:
 __all__ = ["Workspace", "check_name"]
 
 
-def _tagged(data: bytes, name: str, fields: dict[str, str] | None) -> list[dict[str, Any]] | None:
-    """A file of tagged texts (`lorakit.data.tagging`: words and tags, or texts and entities), read; None where
-    its first record is not shaped as one (then the file's error is the examples' or pairs'); a 400 naming the
-    record where it is shaped so but wrong."""
+def _other_shape(data: bytes, name: str, fields: dict[str, str] | None) -> list[dict[str, Any]] | None:
+    """A file that is neither examples nor pairs, read as the first of the other shapes its first record has the
+    keys of: tagged texts (`lorakit.data.tagging`: words and tags, or texts and entities) or an embedding model's
+    text pairs (`lorakit.data.textpairs`: `anchor` and `positive`, by those names or data.fields'; not their other
+    names, which an upload cannot tell from a question-and-answer file for fine-tuning). None where it has none of
+    them (then the file's error is the examples' or pairs'); a 400 naming the record where it is shaped so but
+    wrong."""
     from lorakit.data.files import parse_records
     from lorakit.data.tagging import tagged_of
+    from lorakit.data.textpairs import text_pairs_of
 
     try:
         records = parse_records(data, name)
@@ -228,32 +232,14 @@ def _tagged(data: bytes, name: str, fields: dict[str, str] | None) -> list[dict[
         return None
     first = records[0][1] if records else None
     keys = set(first) | set(fields or {}) if isinstance(first, dict) else set()
-    if not keys & {"tokens", "tags", "ner_tags", "entities"}:
+    shapes = [
+        (bool(keys & {"tokens", "tags", "ner_tags", "entities"}), tagged_of),
+        ({"anchor", "positive"} <= keys, text_pairs_of),
+    ]
+    read = next((read for shaped, read in shapes if shaped), None)
+    if read is None:
         return None
     try:
-        return tagged_of(records, name, fields or {})
-    except DataError as e:
-        raise P.bad(str(e), "file") from None
-
-
-def _text_pairs(data: bytes, name: str, fields: dict[str, str] | None) -> list[dict[str, Any]] | None:
-    """A file of an embedding model's text pairs (`lorakit.data.textpairs`), read; None where its first record is
-    not shaped as one (anchor and positive, or their common other names); a 400 naming the record where it is
-    shaped so but wrong."""
-    from lorakit.data.files import parse_records
-    from lorakit.data.textpairs import ALIASES, text_pairs_of
-
-    try:
-        records = parse_records(data, name)
-    except DataError:
-        return None
-    first = records[0][1] if records else None
-    keys = set(first) | set(fields or {}) if isinstance(first, dict) else set()
-    if not any(k in keys for k in ("anchor", *ALIASES["anchor"])) or not any(
-        k in keys for k in ("positive", *ALIASES["positive"])
-    ):
-        return None
-    try:
-        return text_pairs_of(records, name, fields or {})
+        return read(records, name, fields or {})
     except DataError as e:
         raise P.bad(str(e), "file") from None

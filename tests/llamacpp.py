@@ -1,14 +1,19 @@
 """llama.cpp itself, through llama-cpp-python, as the oracle for the GGUF files lorakit writes.
 
 Logits are read for every position with an f32 KV cache (llama.cpp's default f16 cache alone moves SmolLM2's
-logits by about 0.05), on 2 threads, so that an f32 model computes in f32 throughout.
+logits by about 0.05), so that an f32 model computes in f32 throughout; on 2 threads, or on the one thread an xdist
+worker has (conftest sets OMP_NUM_THREADS=1 there: llama.cpp's threads spin at each op's barrier, and two of them
+beside another worker's on 2 cores wait on each other).
 """
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 F32 = 0  # GGML_TYPE_F32
+THREADS = int(os.environ.get("OMP_NUM_THREADS") or 2)
 
 
 def llama(model: str, lora: str | None = None, n_ctx: int = 256):
@@ -20,7 +25,7 @@ def llama(model: str, lora: str | None = None, n_ctx: int = 256):
         n_ctx=n_ctx,
         logits_all=True,
         verbose=False,
-        n_threads=2,
+        n_threads=THREADS,
         type_k=F32,
         type_v=F32,
     )

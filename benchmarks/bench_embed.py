@@ -98,10 +98,10 @@ def _lorakit(args, items, tmp: str) -> tuple[list[float], bool]:
 
     import lorakit
     from lorakit.device import placement, upcast_trainable
-    from lorakit.embeddings import default_pooling, encode_texts
+    from lorakit.embeddings import default_pooling
     from lorakit.task_types import mark_embedder
     from lorakit.train.config import RunConfig, TrainSection
-    from lorakit.train.embed_objective import TextPair
+    from lorakit.train.embed_objective import encode_text_pairs
     from lorakit.train.loop import train_loop
     from lorakit.train.objectives import make_objective
 
@@ -113,9 +113,7 @@ def _lorakit(args, items, tmp: str) -> tuple[list[float], bool]:
     targets = TARGETS if pooling == "last" else BERT_TARGETS
     lorakit.inject(model, lorakit.LoraConfig(r=args.r, alpha=args.r, targets=targets))
     upcast_trainable(model)
-    texts = [it[k] for it in items for k in ("anchor", "positive", "negative")]
-    ids = iter(encode_texts(tok, texts, 512))
-    rows = [TextPair(next(ids), next(ids), next(ids)) for _ in items]
+    rows = encode_text_pairs(tok, items, 512)
     cfg = RunConfig(
         train=TrainSection(
             out_dir=tmp,

@@ -436,3 +436,24 @@ def test_init_adapter_of_another_kind_and_eval_of_a_non_embedding_adapter(tmp_pa
         "dates",
     )
     assert proc.returncode != 0 and "--objective embed measures an embedding model" in proc.stderr
+
+
+def test_an_embedding_adapter_on_a_model_with_a_head_says_how_to_load_it(model_dir, tmp_path):
+    """An embedding model's adapter names the bare model's modules: on the causal LM (its body under `model.`) the
+    load is refused in one line that says to load the base bare, and the causal LM is left as it was."""
+    from lorakit.errors import AdapterError
+
+    bare, _ = load_model(str(model_dir), bare=True)
+    mark_embedder(bare, "last")
+    lorakit.inject(bare, lorakit.LoraConfig(r=2, targets=["q_proj"]))
+    adapter = lorakit.save_adapter(bare, tmp_path / "embed")
+    causal, _ = load_model(str(model_dir))
+    before = {k: v.clone() for k, v in causal.state_dict().items()}
+    with pytest.raises(
+        AdapterError,
+        match=r"FEATURE_EXTRACTION.*lorakit.load_model\(\.\.\., bare=True\), not as a LlamaForCausalLM",
+    ) as e:
+        lorakit.load_adapter(causal, adapter)
+    assert "\n" not in str(e.value)
+    after = causal.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -73,16 +73,25 @@ class Head:
 
 
 def backbone_tensors(
-    model: nn.Module, task_type: str | None, tensors: dict[str, torch.Tensor]
+    model: nn.Module, task_type: str | None, tensors: dict[str, torch.Tensor], path: Path
 ) -> dict[str, torch.Tensor]:
     """An embedding model's adapter (task_type FEATURE_EXTRACTION) names the bare model's modules
     (`base_model.model.layers.0...`); on a causal LM that keeps heads beside it, the same modules are its body's
-    (`base_model.model.model.layers.0...`): the tensors keyed so. Any other adapter or model: `tensors` as they are."""
+    (`base_model.model.model.layers.0...`): the tensors keyed so. Any other adapter or model: `tensors` as they are;
+    on a model with a head that does not keep heads beside it, AdapterError in one line saying how to load it."""
     prefix = getattr(model, "base_model_prefix", "")
     body = getattr(model, prefix, None) if prefix else None
-    if task_type != "FEATURE_EXTRACTION" or not heads_beside(model) or not isinstance(body, nn.Module):
+    if task_type != "FEATURE_EXTRACTION" or not isinstance(body, nn.Module):
         return tensors
     inner = f"{PREFIX}{prefix}."
+    if all(k.startswith(inner) for k in tensors if k.startswith(PREFIX)):  # saved from a model with the head
+        return tensors
+    if not heads_beside(model):
+        raise AdapterError(
+            f"{path}: an embedding model's adapter (task_type FEATURE_EXTRACTION), of the model without a head; load "
+            f"the base so, lorakit.load_model(..., bare=True), not as a {type(model).__name__} (lorakit serve "
+            "embeds with it at /v1/embeddings)"
+        )
     return {
         k if k.startswith(inner) or not k.startswith(PREFIX) else inner + k[len(PREFIX) :]: t
         for k, t in tensors.items()

@@ -167,7 +167,7 @@ class LoraPlan:
 def _plan_lora(model: nn.Module, path: Path, raw: dict[str, Any], name: str, allow_pickle: bool) -> LoraPlan:
     check_new_name(model, name)
     config = as_peft_ties(LoraConfig.from_peft_dict(raw, source=str(path / CONFIG_NAME)))
-    tensors = backbone_tensors(model, config.task_type, read_tensors(path, allow_pickle))
+    tensors = backbone_tensors(model, config.task_type, read_tensors(path, allow_pickle), path)
     meta = read_metadata(path)
     variant = _recorded_variant(meta)
     cls = variant_class(config, variant)

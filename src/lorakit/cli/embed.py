@@ -34,9 +34,9 @@ def eval_embedder(args: argparse.Namespace, pooling: str) -> int:
     from lorakit.cli.reward import refuse_first
     from lorakit.data.tasks import make_text_pairs
     from lorakit.data.textpairs import read_text_pairs
-    from lorakit.embeddings import default_pooling, encode_texts
+    from lorakit.embeddings import default_pooling
     from lorakit.train.config import DataSection, EmbedSection
-    from lorakit.train.embed_objective import TextPair, retrieval_measures
+    from lorakit.train.embed_objective import encode_text_pairs, retrieval_measures
 
     refuse_first([(args.beta is not None, "--beta: an embedding model has no beta")])
     if args.data:
@@ -50,9 +50,7 @@ def eval_embedder(args: argparse.Namespace, pooling: str) -> int:
     model, tok = load(args.model, args.device, args.dtype, bare=True)
     if pooling == "auto":
         pooling = default_pooling(model)
-    texts = [t for it in items for t in (it["anchor"], it["positive"], it["negative"]) if t is not None]
-    ids = iter(encode_texts(tok, texts, args.max_len))
-    rows = [TextPair(next(ids), next(ids), next(ids) if it["negative"] is not None else None) for it in items]
+    rows = encode_text_pairs(tok, items, args.max_len)
     scale = EmbedSection().scale
     report = {"objective": "embed", "examples": len(rows), "source": source, "pooling": pooling}
     if args.compare_base:

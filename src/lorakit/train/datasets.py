@@ -25,10 +25,9 @@ from lorakit.data.tagging import encode_tagged, read_tagged, tag_names
 from lorakit.data.tasks import make_labelled, make_pairs, make_scored, make_tagged, make_task, make_text_pairs
 from lorakit.data.textpairs import read_text_pairs
 from lorakit.data.tokenize import IGNORE, Encoded, encode_dataset, pack
-from lorakit.embeddings import encode_texts
 from lorakit.errors import ConfigError
 from lorakit.train.config import RunConfig
-from lorakit.train.embed_objective import TextPair
+from lorakit.train.embed_objective import TextPair, encode_text_pairs
 from lorakit.variants.alora import check_invocation
 
 log = logging.getLogger(__name__)
@@ -393,16 +392,7 @@ def encode_text_pair_data(cfg: RunConfig, tokenizer, say) -> RunData:
     train, ev, source = _load(cfg, read_text_pairs, make_text_pairs)
 
     def encode(items: list[dict[str, Any]]) -> tuple[list[TextPair], dict[str, Any]]:
-        texts = [t for it in items for t in (it["anchor"], it["positive"], it["negative"]) if t is not None]
-        ids = iter(
-            encode_texts(tokenizer, texts, d.max_len)
-        )  # cut as the tokenizer cuts: its own tokens kept
-        cut = iter(len(x) > d.max_len for x in tokenizer(texts)["input_ids"])
-        rows = []
-        for it in items:
-            n = 2 if it["negative"] is None else 3
-            texts_of = [next(ids) for _ in range(n)]
-            rows.append(TextPair(*texts_of, truncated=any([next(cut) for _ in range(n)])))
+        rows = encode_text_pairs(tokenizer, items, d.max_len)
         negatives = sum(r.negative is not None for r in rows)
         return rows, {
             "examples": len(rows),

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from lorakit.data.tokenize import IGNORE, Encoded
-from lorakit.embeddings import embed_batch, embed_rows
+from lorakit.embeddings import embed_batch, embed_rows, encode_texts
 from lorakit.errors import ConfigError
 from lorakit.train.objective_base import Objective
 
@@ -40,6 +40,20 @@ class TextPair:
     positive: list[int]
     negative: list[int] | None = None
     truncated: bool = False
+
+
+def encode_text_pairs(tokenizer, items: list[dict], max_len: int) -> list[TextPair]:
+    """`lorakit.data.textpairs` records as `TextPair`s: each text tokenized as the tokenizer does by itself
+    (`lorakit.embeddings.encode_texts`: cut to `max_len` tokens, its own special tokens kept), marked truncated
+    where one of its texts was cut."""
+    texts = [t for it in items for t in (it["anchor"], it["positive"], it["negative"]) if t is not None]
+    ids = iter(encode_texts(tokenizer, texts, max_len))
+    cut = iter(len(x) > max_len for x in tokenizer(texts)["input_ids"])
+    rows = []
+    for it in items:
+        n = 2 if it["negative"] is None else 3
+        rows.append(TextPair(*[next(ids) for _ in range(n)], truncated=any([next(cut) for _ in range(n)])))
+    return rows
 
 
 def _row(ids: list[int]) -> Encoded:

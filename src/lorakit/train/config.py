@@ -112,7 +112,8 @@ class TrainSection:
     """With eval_every: stop once this many evaluations in a row have not bettered best_metric (0: never)."""
     best_metric: str = "loss"
     """What keep_best and early_stop compare: loss (the eval loss, lower is better), accuracy (exact match; a
-    classifier's accuracy; a token classifier's, of its tags), with train.objective classify balanced_accuracy (one
+    classifier's accuracy; a token classifier's, of its tags; an embedding model's, the held-out anchors whose
+    positive ranks first), with train.objective classify balanced_accuracy (one
     class per text) or f1 (several), with token_classify f1 (of the entities), with regression pearson, or with a
     preference objective reward_accuracy or reward_margin (higher is better)."""
     save_every: int = 20

@@ -24,8 +24,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from lorakit.data.tokenize import IGNORE, Encoded
-from lorakit.embeddings import embed_batch, embed_rows, encode_texts
+from lorakit.embeddings import default_pooling, embed_batch, embed_rows, encode_texts
 from lorakit.errors import ConfigError
+from lorakit.task_types import mark_embedder
 from lorakit.train.objective_base import Objective
 
 if TYPE_CHECKING:
@@ -40,6 +41,21 @@ class TextPair:
     positive: list[int]
     negative: list[int] | None = None
     truncated: bool = False
+
+
+def choose_pooling(setting: str, model: nn.Module, say) -> str:
+    """An embedding model's pooling (embed.pooling `setting`, or with auto the model's own: `default_pooling`),
+    marked on the model so that its adapter is saved as PEFT's FEATURE_EXTRACTION with the pooling recorded;
+    ConfigError for a model folder whose pooling lorakit does not compute."""
+    pooling = setting
+    if pooling == "auto":
+        try:
+            pooling = default_pooling(model)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    mark_embedder(model, pooling)
+    say(f"embedding: {pooling} pooling of the last hidden states, L2-normalized")
+    return pooling
 
 
 def encode_text_pairs(tokenizer, items: list[dict], max_len: int) -> list[TextPair]:

@@ -19,13 +19,12 @@ from lorakit.device import (
     placement,
     upcast_trainable,
 )
-from lorakit.embeddings import default_pooling
 from lorakit.errors import ConfigError
 from lorakit.formats import name_classes
 from lorakit.quant import is_quantized, quantize
 from lorakit.quant.load import load_quantized
 from lorakit.report import parameter_report
-from lorakit.task_types import mark_embedder, task_type_for
+from lorakit.task_types import task_type_for
 from lorakit.train.best import Best
 from lorakit.train.checkpoint import full_parameters
 from lorakit.train.config import RunConfig, save_config
@@ -40,7 +39,7 @@ from lorakit.train.datasets import (
     load_examples,
 )
 from lorakit.train.distributed import distribute, init_distributed
-from lorakit.train.embed_objective import retrieval_measures
+from lorakit.train.embed_objective import choose_pooling, retrieval_measures
 from lorakit.train.evaluate import (
     classify_eval,
     eval_loss,
@@ -148,7 +147,7 @@ def run_training(
         cfg, model, tokenizer, say, objective.num_labels, per_token=per_token, bare=objective.name == "embed"
     )
     if objective.name == "embed":
-        objective.pooling = _pooling(cfg, model, say)
+        objective.pooling = choose_pooling(cfg.embed.pooling, model, say)
     if regression:
         model.config.problem_type = (
             "regression"  # transformers' own loss is then the squared error; and saved
@@ -299,20 +298,6 @@ def _process_settings(cfg: RunConfig, world: int) -> bool:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     return cfg.train.fsdp and world > 1
-
-
-def _pooling(cfg: RunConfig, model: nn.Module, say) -> str:
-    """An embedding model's pooling (embed.pooling, or with auto the model's own: `default_pooling`), marked on the
-    model so that its adapter is saved as PEFT's FEATURE_EXTRACTION with the pooling recorded."""
-    pooling = cfg.embed.pooling
-    if pooling == "auto":
-        try:
-            pooling = default_pooling(model)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    mark_embedder(model, pooling)
-    say(f"embedding: {pooling} pooling of the last hidden states, L2-normalized")
-    return pooling
 
 
 def _base_model(

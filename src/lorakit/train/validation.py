@@ -269,26 +269,33 @@ def _validate_objective(cfg: RunConfig) -> None:
             raise ConfigError(msg)
 
 
-def _validate_classify(cfg: RunConfig) -> None:
-    """A classifier (a regression) trains a head on the last token (an encoder's pooled output), a token
-    classifier a head on every token: what feeds or saves something else is refused."""
-    t, dsec = cfg.train, cfg.data
-    o = t.objective
-    checks = [
-        (not dsec.pack, f"data.pack does not work with train.objective {o} (each example has its own label)"),
-        (
-            not dsec.train_on_all,
-            f"data.train_on_all does not work with train.objective {o} (it learns labels, not tokens)",
-        ),
+def _whole_rows_checks(cfg: RunConfig, no_pack: str, no_all: str) -> list[tuple[bool, str]]:
+    """The checks of an objective whose rows are whole texts, not a language model's tokens (the classifiers, an
+    embedding model): no packing (`no_pack` says why), no train_on_all (`no_all`), no aLoRA, no new tokens, no
+    FSDP."""
+    dsec, o = cfg.data, cfg.train.objective
+    return [
+        (not dsec.pack, f"data.pack does not work with train.objective {o} ({no_pack})"),
+        (not dsec.train_on_all, f"data.train_on_all does not work with train.objective {o} ({no_all})"),
         (
             dsec.alora_invocation is None and cfg.lora.alora_invocation_tokens is None,
             f"aLoRA does not work with train.objective {o}",
         ),
         (not dsec.add_tokens, f"data.add_tokens does not work with train.objective {o}"),
         (
-            not t.fsdp,
+            not cfg.train.fsdp,
             f"train.fsdp does not work with train.objective {o}; use DDP (torchrun without train.fsdp)",
         ),
+    ]
+
+
+def _validate_classify(cfg: RunConfig) -> None:
+    """A classifier (a regression) trains a head on the last token (an encoder's pooled output), a token
+    classifier a head on every token: what feeds or saves something else is refused."""
+    t = cfg.train
+    o = t.objective
+    checks = [
+        *_whole_rows_checks(cfg, "each example has its own label", "it learns labels, not tokens"),
         (
             t.best_metric not in ("accuracy", "balanced_accuracy", "f1") or o != "regression",
             f"train.best_metric {t.best_metric} is a classifier's; a regression's are loss (its squared error) and "
@@ -319,9 +326,10 @@ def _validate_classify(cfg: RunConfig) -> None:
 def _validate_embed(cfg: RunConfig) -> None:
     """An embedding model is trained on its texts' pooled last hidden states, contrasting each anchor with the
     batch's other texts: what feeds or saves something else is refused."""
-    t, dsec, e = cfg.train, cfg.data, cfg.embed
+    t, e = cfg.train, cfg.embed
     start = _adapter_task(t.init_adapter) if t.init_adapter else None
     checks = [
+        *_whole_rows_checks(cfg, "each text is embedded on its own", "it learns no tokens"),
         (
             e.pooling in ("auto", "mean", "last", "cls"),
             f"embed.pooling must be auto, mean, last or cls, got {e.pooling!r}",
@@ -332,23 +340,6 @@ def _validate_embed(cfg: RunConfig) -> None:
             t.batch_size >= 2,
             "train.objective embed needs train.batch_size >= 2: each anchor is contrasted with the other rows of "
             f"its micro-batch (got {t.batch_size})",
-        ),
-        (
-            not dsec.pack,
-            "data.pack does not work with train.objective embed (each text is embedded on its own)",
-        ),
-        (
-            not dsec.train_on_all,
-            "data.train_on_all does not work with train.objective embed (it learns no tokens)",
-        ),
-        (
-            dsec.alora_invocation is None and cfg.lora.alora_invocation_tokens is None,
-            "aLoRA does not work with train.objective embed",
-        ),
-        (not dsec.add_tokens, "data.add_tokens does not work with train.objective embed"),
-        (
-            not t.fsdp,
-            "train.fsdp does not work with train.objective embed; use DDP (torchrun without train.fsdp)",
         ),
         (
             cfg.methods[0] != "ladder",

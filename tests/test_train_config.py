@@ -164,6 +164,13 @@ def test_override_values_typed_by_the_field():
         and cfg.lora.modules_to_save == ["lm_head", "score"]
     )
     assert cfg.train.max_grad_norm == 0.0 and cfg.adalora.total_step is None and cfg.data.eval_split == 0.1
+    # a list of numbers takes a,b too (YAML alone would read "64,32" as the number 6432), each item checked
+    cfg = load_config(
+        None, ["--objective", "embed", "--embed.matryoshka_dims", "64,32", "--embed.matryoshka_weights", "1, 0.5"]
+    )
+    assert cfg.embed.matryoshka_dims == [64, 32] and cfg.embed.matryoshka_weights == [1.0, 0.5]
+    with pytest.raises(ConfigError, match=r"^--embed\.matryoshka_dims: expected a list of integers, got '64,x'$"):
+        load_config(None, ["--objective", "embed", "--embed.matryoshka_dims", "64,x"])
 
 
 @pytest.mark.parametrize(

@@ -129,8 +129,9 @@ def _union(value: Any, args: tuple[Any, ...], cli: bool) -> Any:
 def _container(value: Any, origin: type, args: tuple[Any, ...], cli: bool) -> Any:
     """A list or dict, its items converted by their declared types."""
     parsed = _parse(value) if cli else value
-    if cli and origin is list and isinstance(parsed, str):  # "--x a,b": the list [a, b]
-        parsed = [p.strip() for p in parsed.split(",") if p.strip()]
+    if cli and origin is list and not isinstance(parsed, (list, dict, type(None))):
+        # "--x a,b" (or "--x a"): the list [a, b], each item text as on the command line (YAML reads "64,32" as 6432)
+        parsed = [CommandLineValue(p.strip()) for p in str(value).split(",") if p.strip()]
     if not isinstance(parsed, origin):
         raise _Mismatch
     if not args:

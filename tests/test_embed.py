@@ -91,13 +91,17 @@ def test_default_pooling(model_dir, tmp_path):
         st_pooling(tmp_path)
 
 
-def test_training_equals_sentence_transformers_loss_on_peft(model_dir, tmp_path):
+@pytest.mark.parametrize("matryoshka", [None, ([16, 64, 8], [0.5, 1.0, 2.0])], ids=["plain", "matryoshka"])
+def test_training_equals_sentence_transformers_loss_on_peft(model_dir, tmp_path, matryoshka):
     """3 steps on one batch of anchors, positives and hard negatives: every step's loss and the trained adapter to
     1e-5 against sentence-transformers' MultipleNegativesRankingLoss (scale 20, cosine) on PEFT's model from the
     same start, with torch's AdamW (float32, the same forward: both embed each column alone, padded to its
-    longest text; only kernels' summation order differs)."""
+    longest text; only kernels' summation order differs). With embed.matryoshka_dims and unequal weights (the
+    full 64 dimensions listed between the cuts): against its MatryoshkaLoss around that loss."""
     from peft import get_peft_model_state_dict
-    from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
+
+    from lorakit.train.embed_objective import matryoshka_pairs
 
     torch.manual_seed(4)
     model, tok = load_model(str(model_dir), bare=True)
@@ -114,9 +118,14 @@ def test_training_equals_sentence_transformers_loss_on_peft(model_dir, tmp_path)
         return encode_texts(tok, [text], 64)[0]
 
     rows = [TextPair(ids(a), ids(p), ids(n)) for a, p, n in zip(ANCHORS, POSITIVES, NEGATIVES, strict=True)]
-    ours_losses, _ = lorakit_steps(model, tok, rows, tmp_path / "run", "embed", pooling="last")
+    cuts = matryoshka_pairs(*matryoshka) if matryoshka else []
+    ours_losses, _ = lorakit_steps(
+        model, tok, rows, tmp_path / "run", "embed", pooling="last", matryoshka=cuts
+    )
     peer = _st_model(model_dir, "lasttoken", start, trainable=True)
     loss_fn = MultipleNegativesRankingLoss(peer)
+    if matryoshka:
+        loss_fn = MatryoshkaLoss(peer, loss_fn, *matryoshka)
     params = [p for p in peer.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=5e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
     features = [peer.preprocess(texts) for texts in (ANCHORS, POSITIVES, NEGATIVES)]
@@ -176,10 +185,11 @@ def test_rows_without_a_hard_negative_are_contrasted_with_the_others_alone(model
     assert 0 <= stats["accuracy"] <= 1
 
 
-def test_chunks_under_checkpoints_give_the_whole_batch_s_loss_and_gradients(model_dir):
+@pytest.mark.parametrize("matryoshka", [[], [64, 16]], ids=["plain", "matryoshka"])
+def test_chunks_under_checkpoints_give_the_whole_batch_s_loss_and_gradients(model_dir, matryoshka):
     """embed.chunk_size (GradCache): the columns embedded 2 texts at a time under checkpoints give the loss and
     every LoRA gradient of the whole micro-batch embedded at once (1e-5: float32, other batch widths only), with
-    hard negatives on some rows."""
+    hard negatives on some rows; with embed.matryoshka_dims too."""
     from lorakit.train.config import EmbedSection, RunConfig, TrainSection
     from lorakit.train.objectives import make_objective
     from lorakit.train.schedule import collate
@@ -202,7 +212,8 @@ def test_chunks_under_checkpoints_give_the_whole_batch_s_loss_and_gradients(mode
     results = []
     for chunk in (0, 2):
         cfg = RunConfig(
-            train=TrainSection(objective="embed"), embed=EmbedSection(chunk_size=chunk, symmetric=True)
+            train=TrainSection(objective="embed"),
+            embed=EmbedSection(chunk_size=chunk, symmetric=True, matryoshka_dims=matryoshka),
         )
         objective = make_objective(cfg)
         objective.pooling = "last"
@@ -224,6 +235,7 @@ def minilm_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("minilm")
     args = ["--objective", "embed", "--model.path", MINILM, "--train.steps", "20", "--train.lr", "2e-3"]
     args += ["--train.out_dir", str(out / "run"), "--train.save_every", "0", "--data.n_train", "400"]
+    args += ["--embed.matryoshka_dims", "[384, 32]"]  # the loss of the full vectors and of their first 32
     return run_training(load_config(None, args)), out
 
 
@@ -239,11 +251,17 @@ def test_minilm_learns_the_dates_and_its_adapter_loads_in_peft_and_sentence_tran
     summary, _ = minilm_run
     before, after = summary["before"], summary["after"]
     assert before["accuracy"] < 0.6 and after["accuracy"] > 0.85, (before, after)
+    assert after["dim32_accuracy"] > before["dim32_accuracy"] + 0.2, (before, after)  # embed.matryoshka_dims
     assert after["mrr_at_10"] > before["mrr_at_10"] and after["loss"] < before["loss"]
     adapter = Path(summary["adapter"])
     assert (
         read_config_json(adapter)["task_type"] == "FEATURE_EXTRACTION" and adapter_pooling(adapter) == "mean"
     )
+    from safetensors import safe_open
+
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:  # all-linear, less BERT's pooler
+        keys = list(f.keys())
+    assert any(".attention.self.query.lora_A" in k for k in keys) and not any("pooler" in k for k in keys)
     model, tok = load_model(MINILM, bare=True)
     lorakit.load_adapter(model, adapter)
     ours = embed_rows(model, encode_texts(tok, TEXTS, 256), tok.pad_token_id, "mean")
@@ -261,21 +279,32 @@ def test_minilm_learns_the_dates_and_its_adapter_loads_in_peft_and_sentence_tran
 
 
 def test_eval_and_merge_of_an_embedding_adapter(minilm_run, capsys):
-    """`lorakit eval` measures the adapter as the run's last evaluation did (and the base with --compare-base);
-    `lorakit merge` writes a folder that sentence-transformers loads as a model embedding as the adapter does
+    """`lorakit eval` measures the adapter as the run's last evaluation did (and the base with --compare-base), the
+    vectors cut to 32 dimensions too (--dimensions, as the run's embed.matryoshka_dims); `lorakit merge` writes a folder that sentence-transformers loads as a model embedding as the adapter does
     (1e-5: the merge rounds W0 + ΔW in float32)."""
     from sentence_transformers import SentenceTransformer
 
     summary, out = minilm_run
     adapter = summary["adapter"]
     proc = cli_here(
-        capsys, "eval", "--model", MINILM, "--adapter", adapter, "--task", "dates", "--compare-base", "--json"
+        capsys,
+        "eval",
+        "--model",
+        MINILM,
+        "--adapter",
+        adapter,
+        "--task",
+        "dates",
+        "--compare-base",
+        "--json",
+        "--dimensions",
+        "32",
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert report["pooling"] == "mean" and report["examples"] == 100
     for who, key in (("base", "before"), ("adapter", "after")):
-        for measure in ("accuracy", "recall_at_10", "mrr_at_10", "loss"):
+        for measure in ("accuracy", "recall_at_10", "mrr_at_10", "loss", "dim32_accuracy", "dim32_mrr_at_10"):
             assert report[who][measure] == pytest.approx(summary[key][measure], abs=1e-4), (who, measure)
     proc = cli_here(capsys, "merge", "--model", MINILM, "--adapter", adapter, "--out", str(out / "merged"))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -284,6 +313,47 @@ def test_eval_and_merge_of_an_embedding_adapter(minilm_run, capsys):
     ours = embed_rows(model, encode_texts(tok, TEXTS, 256), tok.pad_token_id, "mean")
     merged = SentenceTransformer(str(out / "merged"), device="cpu")
     torch.testing.assert_close(merged.encode(TEXTS, convert_to_tensor=True), ours, atol=1e-5, rtol=0)
+
+
+def test_retrieval_measures_are_sentence_transformers_information_retrieval_evaluator_s(minilm_run):
+    """The trained MiniLM adapter's accuracy, recall@10 and MRR@10 on 100 held-out dates searching their 200
+    distinct ISO dates, of the full vectors and of the vectors cut to 32 dimensions, as sentence-transformers'
+    InformationRetrievalEvaluator (truncate_dim) measures them on its own model of the same adapter: to 1e-6
+    (counts of 100 queries: a rank that differed would move them by 1e-2; the vectors agree to 1e-5)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.evaluation import InformationRetrievalEvaluator
+
+    from lorakit.data.tasks import make_text_pairs
+    from lorakit.train.embed_objective import encode_text_pairs, retrieval_measures
+
+    summary, _ = minilm_run
+    items = make_text_pairs("dates", n_train=400, n_eval=100)[1]
+    model, tok = load_model(MINILM, bare=True)
+    lorakit.load_adapter(model, summary["adapter"])
+    ours = retrieval_measures(model, encode_text_pairs(tok, items, 256), tok.pad_token_id, "mean", 20.0, [32])
+    peer = SentenceTransformer(MINILM, device="cpu")
+    peer.load_adapter(summary["adapter"])
+    corpus = {t: t for it in items for t in (it["positive"], it["negative"]) if t is not None}
+    queries = {str(i): it["anchor"] for i, it in enumerate(items)}
+    relevant = {str(i): {it["positive"]} for i, it in enumerate(items)}
+    assert len(corpus) == 200 and ours["accuracy"] < 1 and ours["dim32_accuracy"] < ours["accuracy"]
+    for dim, prefix in ((None, ""), (32, "dim32_")):
+        evaluator = InformationRetrievalEvaluator(
+            queries,
+            corpus,
+            relevant,
+            accuracy_at_k=[1],
+            precision_recall_at_k=[10],
+            mrr_at_k=[10],
+            ndcg_at_k=[10],
+            map_at_k=[10],
+            truncate_dim=dim,
+            write_csv=False,
+        )
+        theirs = evaluator(peer)
+        assert ours[f"{prefix}accuracy"] == pytest.approx(theirs["cosine_accuracy@1"], abs=1e-6)
+        assert ours[f"{prefix}recall_at_10"] == pytest.approx(theirs["cosine_recall@10"], abs=1e-6)
+        assert ours[f"{prefix}mrr_at_10"] == pytest.approx(theirs["cosine_mrr@10"], abs=1e-6)
 
 
 def test_peft_own_embedding_adapter_loads_in_lorakit(tmp_path, capsys):
@@ -394,6 +464,19 @@ def test_a_missing_file_and_a_bad_fields_mapping(tmp_path):
         (["--lora.init", "lora_ga"], "lora.init lora_ga starts from the gradient of the language-model loss"),
         (["--train.best_metric", "f1"], "train.best_metric f1 is measured with"),
         (["--train.best_metric", "reward_accuracy"], "is measured with a preference objective"),
+        (
+            ["--embed.matryoshka_dims", "64,0"],
+            r"embed.matryoshka_dims must be distinct dimensions > 0, got \[64, 0\]",
+        ),
+        (["--embed.matryoshka_dims", "[64, 64]"], "embed.matryoshka_dims must be distinct dimensions > 0"),
+        (
+            ["--embed.matryoshka_dims", "64,32", "--embed.matryoshka_weights", "1"],
+            r"embed.matryoshka_weights must be one weight > 0 for each of embed.matryoshka_dims \[64, 32\]",
+        ),
+        (
+            ["--embed.matryoshka_dims", "64", "--embed.matryoshka_weights", "-1"],
+            "embed.matryoshka_weights must be one weight > 0",
+        ),
     ],
 )
 def test_refused_settings(overrides, message, tmp_path):
@@ -436,6 +519,29 @@ def test_init_adapter_of_another_kind_and_eval_of_a_non_embedding_adapter(tmp_pa
         "dates",
     )
     assert proc.returncode != 0 and "--objective embed measures an embedding model" in proc.stderr
+    argv = ["eval", "--model", str(model_dir), "--adapter", str(causal), "--task", "dates"]
+    proc = cli_here(capsys, *argv, "--dimensions", "8")
+    assert proc.returncode != 0 and "--dimensions measures an embedding model's vectors" in proc.stderr
+
+
+def test_matryoshka_wider_than_the_model_and_dimensions_as_wide(tmp_path, model_dir, capsys):
+    """embed.matryoshka_dims wider than the model's vectors are refused once the model is loaded (the tiny model's
+    are 64 wide), in one line naming them; `lorakit eval --dimensions` as wide as the vectors measures nothing
+    new and is refused too."""
+    args = ["--objective", "embed", "--model.path", str(model_dir), "--train.out_dir", str(tmp_path / "run")]
+    cfg = load_config(None, [*args, "--embed.matryoshka_dims", "128,64,32", "--train.steps", "1"])
+    with pytest.raises(
+        ConfigError,
+        match=r"^embed.matryoshka_dims \[128\] are wider than the model's 64-dimensional vectors$",
+    ):
+        run_training(cfg)
+    bare, _ = load_model(str(model_dir), bare=True)
+    mark_embedder(bare, "last")
+    lorakit.inject(bare, lorakit.LoraConfig(r=2, targets=["q_proj"]))
+    adapter = lorakit.save_adapter(bare, tmp_path / "embed")
+    argv = ["eval", "--model", str(model_dir), "--adapter", str(adapter), "--task", "dates", "--limit", "4"]
+    proc = cli_here(capsys, *argv, "--dimensions", "64")
+    assert proc.returncode != 0 and "--dimensions 64: the model's vectors have 64 dimensions" in proc.stderr
 
 
 def test_an_embedding_adapter_on_a_model_with_a_head_says_how_to_load_it(model_dir, tmp_path):

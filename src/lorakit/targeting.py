@@ -20,7 +20,7 @@ from lorakit.handlers import handler_for, supported_type_names
 from lorakit.layers import LoraLayer
 from lorakit.params import ParamLora
 from lorakit.saved import SavedModule
-from lorakit.task_types import CLASSIFICATION, task_heads, task_type_for
+from lorakit.task_types import CLASSIFICATION, pooling_of, task_heads, task_type_for
 from lorakit.token_rows import TokenRows
 from lorakit.walk import base_modules
 
@@ -63,10 +63,15 @@ def candidate_names(model: nn.Module) -> list[str]:
 
 def all_linear_names(model: nn.Module) -> list[str]:
     """Every linear layer (per the handler table) except the model's output head, or, in a classification model,
-    its classification head (which the adapter saves whole instead, as in PEFT)."""
+    its classification head (which the adapter saves whole instead, as in PEFT), or, in an embedding model
+    (`mark_embedder`), the bare encoder's pooler (BERT's dense layer over [CLS], which lorakit's pooling of the last
+    hidden states never reads: an adapter there would train nothing, and DDP refuses parameters without gradients)."""
     head = _output_head(model)
     task = task_type_for(model)
     heads = {id(_base(m)) for m in task_heads(model, task).values()} if task in CLASSIFICATION else set()
+    pooler = getattr(model, "pooler", None) if pooling_of(model) is not None else None
+    if isinstance(pooler, nn.Module):
+        heads |= {id(_base(m)) for m in pooler.modules()}
     out = []
     for name in candidate_names(model):
         module = model.get_submodule(name)

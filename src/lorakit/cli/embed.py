@@ -35,6 +35,7 @@ def eval_embedder(args: argparse.Namespace, pooling: str) -> int:
     from lorakit.data.tasks import make_text_pairs
     from lorakit.data.textpairs import read_text_pairs
     from lorakit.embeddings import default_pooling
+    from lorakit.errors import ConfigError
     from lorakit.train.config import DataSection, EmbedSection
     from lorakit.train.embed_objective import encode_text_pairs, retrieval_measures
 
@@ -50,13 +51,17 @@ def eval_embedder(args: argparse.Namespace, pooling: str) -> int:
     model, tok = load(args.model, args.device, args.dtype, bare=True)
     if pooling == "auto":
         pooling = default_pooling(model)
+    dims = sorted(set(args.dimensions or ()), reverse=True)
+    width = model.get_input_embeddings().embedding_dim
+    if dims and dims[0] >= width:
+        raise ConfigError(f"--dimensions {dims[0]}: the model's vectors have {width} dimensions; give fewer")
     rows = encode_text_pairs(tok, items, args.max_len)
     scale = EmbedSection().scale
     report = {"objective": "embed", "examples": len(rows), "source": source, "pooling": pooling}
     if args.compare_base:
-        report["base"] = retrieval_measures(model, rows, tok.pad_token_id, pooling, scale)
+        report["base"] = retrieval_measures(model, rows, tok.pad_token_id, pooling, scale, dims)
     lorakit.load_adapter(model, args.adapter, allow_pickle=args.allow_pickle)
-    report["adapter"] = retrieval_measures(model, rows, tok.pad_token_id, pooling, scale)
+    report["adapter"] = retrieval_measures(model, rows, tok.pad_token_id, pooling, scale, dims)
     if args.json:
         print(json.dumps(report))
         return 0
@@ -69,4 +74,9 @@ def eval_embedder(args: argparse.Namespace, pooling: str) -> int:
                 f"{who:8} accuracy {100 * m['accuracy']:.1f}% (the positive ranked first), recall@10 "
                 f"{100 * m['recall_at_10']:.1f}%, MRR@10 {m['mrr_at_10']:.4f}, loss {m['loss']:.4f}"
             )
+            for d in dims:
+                print(
+                    f"{'':8} {d} dimensions: accuracy {100 * m[f'dim{d}_accuracy']:.1f}%, recall@10 "
+                    f"{100 * m[f'dim{d}_recall_at_10']:.1f}%, MRR@10 {m[f'dim{d}_mrr_at_10']:.4f}"
+                )
     return 0

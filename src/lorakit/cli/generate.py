@@ -137,6 +137,14 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
         help="with --objective: its beta (ORPO's lambda), for the rewards and the loss (default: the objective's, "
         "as lorakit train's: dpo 0.1, simpo 2, orpo 0.1, cpo 0.1, kto 0.1)",
     )
+    p.add_argument(
+        "--dimensions",
+        type=positive_int,
+        action="append",
+        metavar="N",
+        help="an embedding model's --adapter: also measure its vectors cut to their first N dimensions "
+        "(renormalized, as /v1/embeddings' dimensions; embed.matryoshka_dims trains for it); repeat for more",
+    )
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     add_device(p)
@@ -176,6 +184,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     pooling = embedding_adapter(args)
     if pooling is not None:  # an embedding model's adapter
         return eval_embedder(args, pooling)
+    if args.dimensions:
+        raise ConfigError("--dimensions measures an embedding model's vectors: give --adapter with one")
     tags = tagger_adapter(args)
     if tags is not None:  # a token classifier's adapter
         return eval_tagger(args, tags)

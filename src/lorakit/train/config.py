@@ -280,6 +280,17 @@ class EmbedSection:
     CachedMultipleNegativesRankingLoss): the same loss and gradients as the whole micro-batch, with one chunk's
     activations in memory, for a second forward pass; so a large train.batch_size, a large pool of negatives,
     fits. 0: each column in one forward."""
+    matryoshka_dims: list[int] = field(default_factory=list)
+    """Matryoshka training (sentence-transformers' MatryoshkaLoss): the loss is the sum of the contrastive loss of
+    the vectors cut to each of these first dimensions (renormalized), e.g. [576, 256, 64] for SmolLM2, so that a
+    vector cut short (/v1/embeddings' dimensions, lorakit eval --dimensions) keeps its quality. List the model's
+    full width too, or it is not trained for itself. Empty: the full vector alone."""
+    matryoshka_weights: list[float] = field(default_factory=list)
+    """Each matryoshka_dims' loss's weight in the sum, in the same order. Empty: 1 each."""
+    gather: bool = False
+    """Under torchrun (DDP): contrast each anchor with every process's positives and negatives, not its own
+    process's alone (sentence-transformers' gather_across_devices): a pool of processes x train.batch_size, for
+    the cost of sending the vectors. Exact: each process's vectors get the gradients every process's loss sends."""
 
 
 @dataclass

@@ -47,6 +47,45 @@ def finish_distributed() -> None:
     _STARTED.clear()
 
 
+class _GatherRows(torch.autograd.Function):
+    """All processes' equally many rows, in rank order; the backward sums every process's gradient of the whole
+    and hands each process its own rows' part (an all-reduce: every backend has it, gloo included)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, rows.contiguous())
+        ctx.mine = slice(dist.get_rank() * rows.shape[0], (dist.get_rank() + 1) * rows.shape[0])
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.mine]
+
+
+def gather_rows(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every process's rows of `rows` (n, d; n may differ between processes) in rank order, and the index where
+    this process's own start. Differentiable: each process's rows receive the gradients that every process's loss
+    sends them, so a loss over the whole is trained exactly as on one process."""
+    import torch.distributed as dist
+
+    count = torch.tensor([rows.shape[0]], device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    most = max(sizes)
+    padded = torch.cat([rows, rows.new_zeros(most - rows.shape[0], *rows.shape[1:])])
+    every = _GatherRows.apply(padded)
+    keep = torch.cat([torch.arange(r * most, r * most + n, device=rows.device) for r, n in enumerate(sizes)])
+    return every[keep], sum(sizes[: dist.get_rank()])
+
+
 def shard_model(model: nn.Module) -> int:
     """Apply FSDP2 `fully_shard` to each transformer block, then to the whole model (in place); returns the
     number of blocks. Blocks: the items of every outermost nn.ModuleList that holds LoRA layers (for Hugging

@@ -27,6 +27,7 @@ from lorakit.data.tokenize import IGNORE, Encoded
 from lorakit.embeddings import default_pooling, embed_batch, embed_rows, encode_texts
 from lorakit.errors import ConfigError
 from lorakit.task_types import mark_embedder
+from lorakit.train.distributed import gather_rows
 from lorakit.train.objective_base import Objective
 
 if TYPE_CHECKING:
@@ -58,6 +59,12 @@ def choose_pooling(setting: str, model: nn.Module, say) -> str:
     return pooling
 
 
+def matryoshka_pairs(dims: list[int], weights: list[float]) -> list[tuple[int, float]]:
+    """embed.matryoshka_dims with their weights (1 each where none are given), widest first, as
+    sentence-transformers' MatryoshkaLoss sums them; [] without Matryoshka training."""
+    return sorted(zip(dims, weights or [1.0] * len(dims), strict=True), key=lambda dw: -dw[0])
+
+
 def encode_text_pairs(tokenizer, items: list[dict], max_len: int) -> list[TextPair]:
     """`lorakit.data.textpairs` records as `TextPair`s: each text tokenized as the tokenizer does by itself
     (`lorakit.embeddings.encode_texts`: cut to `max_len` tokens, its own special tokens kept), marked truncated
@@ -87,7 +94,30 @@ class EmbedObjective(Objective):
         self.scale = cfg.embed.scale
         self.symmetric = cfg.embed.symmetric
         self.chunk_size = cfg.embed.chunk_size
-        self.pooling = None  # set by the run once the model is loaded (embed.pooling, or the model's own)
+        self.matryoshka = matryoshka_pairs(cfg.embed.matryoshka_dims, cfg.embed.matryoshka_weights)
+        self.gather = cfg.embed.gather
+        self.pooling = None  # set by `attach` once the model is loaded (embed.pooling, or the model's own)
+        self.width = None  # the model's vectors' width, set by `attach`
+
+    def attach(self, model: nn.Module, pooling: str, say) -> None:
+        """Set the pooling (`choose_pooling` of embed.pooling `pooling`) and the vectors' width from the loaded
+        `model`; ConfigError for embed.matryoshka_dims wider than the model's vectors."""
+        self.pooling = choose_pooling(pooling, model, say)
+        self.width = model.get_input_embeddings().embedding_dim
+        wider = [d for d, _ in self.matryoshka if d > self.width]
+        if wider:
+            raise ConfigError(
+                f"embed.matryoshka_dims {wider} are wider than the model's {self.width}-dimensional vectors"
+            )
+        if self.matryoshka:
+            say(
+                f"matryoshka: the loss summed over the vectors cut to {[d for d, _ in self.matryoshka]} dimensions"
+            )
+
+    @property
+    def cut_dims(self) -> list[int]:
+        """The Matryoshka dimensions narrower than the model's vectors, which evaluation measures apart."""
+        return [d for d, _ in self.matryoshka if self.width is None or d < self.width]
 
     def encoded(self, rows: list[TextPair]) -> list[Encoded]:
         """The anchors, then the positives, then the hard negatives that the rows have (collated into one batch,
@@ -104,27 +134,23 @@ class EmbedObjective(Objective):
     def extras(self, rows: list[TextPair]) -> dict[str, torch.Tensor]:
         return {"pairs": torch.tensor(len(rows))}
 
-    def scores(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The scaled cosine similarities of each anchor to every positive and negative of the batch (n, n +
-        negatives), and of each positive to every anchor (n, n); row i's right answer is column i."""
-        n, total = int(batch["pairs"]), batch["input_ids"].shape[0]
+    def vectors(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The normalized embeddings of the batch's anchors, then its positives, then its hard negatives."""
+        total = batch["input_ids"].shape[0]
         if isinstance(model, DistributedDataParallel):  # DDP syncs the gradients of one forward per step
             if self.chunk_size:
                 raise ConfigError(
                     "embed.chunk_size does not work under DDP (its gradient sync takes one forward per step); "
                     "use one process, or embed.chunk_size 0"
                 )
-            vectors = self._embed(model, batch, slice(0, total))
-        else:
-            step = self.chunk_size or total
-            parts = [
-                slice(start, min(start + step, group.stop))
-                for group in (slice(0, n), slice(n, 2 * n), slice(2 * n, total))
-                for start in range(group.start, group.stop, step)
-            ]
-            vectors = torch.cat([self._chunk(model, batch, rows) for rows in parts])
-        anchors, candidates = vectors[:n], vectors[n:]
-        return self.scale * anchors @ candidates.T, self.scale * candidates[:n] @ anchors.T
+            return self._embed(model, batch, slice(0, total))
+        n, step = int(batch["pairs"]), self.chunk_size or total
+        parts = [
+            slice(start, min(start + step, group.stop))
+            for group in (slice(0, n), slice(n, 2 * n), slice(2 * n, total))
+            for start in range(group.start, group.stop, step)
+        ]
+        return torch.cat([self._chunk(model, batch, rows) for rows in parts])
 
     def _chunk(self, model: nn.Module, batch: dict[str, torch.Tensor], rows: slice) -> torch.Tensor:
         """`_embed` of `rows`; with `embed.chunk_size`, through a checkpoint: only the vectors are kept, and the
@@ -144,23 +170,43 @@ class EmbedObjective(Objective):
     def loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool
     ) -> tuple[torch.Tensor, dict]:
-        forward, backward = self.scores(model, batch)
-        target = torch.arange(forward.shape[0], device=forward.device)
-        loss = F.cross_entropy(forward, target)
-        if self.symmetric:
-            loss = (loss + F.cross_entropy(backward, target)) / 2
-        right = (forward.detach().argmax(-1) == target).float().mean()
-        return loss, {"accuracy": float(right)}
+        vectors, n = self.vectors(model, batch), int(batch["pairs"])
+        anchors, candidates = vectors[:n], vectors[n:]  # candidates: the positives, then the hard negatives
+        pool, pool_anchors, at, anchors_at = candidates, anchors, 0, 0
+        if self.gather and isinstance(model, DistributedDataParallel):  # every process's candidates
+            pool, at = gather_rows(candidates)
+            if self.symmetric:
+                pool_anchors, anchors_at = gather_rows(anchors)
+        target = torch.arange(n, device=vectors.device)
+        loss = torch.zeros((), device=vectors.device)
+        for dim, weight in self.matryoshka or [(None, 1.0)]:
+            a, c, aa = (
+                t if dim is None else F.normalize(t[:, :dim], dim=-1) for t in (anchors, pool, pool_anchors)
+            )
+            part = F.cross_entropy(
+                self.scale * a @ c.T, at + target
+            )  # anchor i's positive: the pool's row at + i
+            if self.symmetric:  # each positive finding its anchor
+                part = (part + F.cross_entropy(self.scale * c[at : at + n] @ aa.T, anchors_at + target)) / 2
+            loss = loss + weight * part
+        right = (anchors @ pool.T).detach().argmax(-1) == at + target  # the full vectors
+        return loss, {"accuracy": float(right.float().mean())}
 
 
 @torch.no_grad()
 def retrieval_measures(
-    model: nn.Module, rows: list[TextPair], pad_id: int | None, pooling: str, scale: float
+    model: nn.Module,
+    rows: list[TextPair],
+    pad_id: int | None,
+    pooling: str,
+    scale: float,
+    dims: list[int] | tuple[int, ...] = (),
 ) -> dict[str, float]:
     """How well each anchor of `rows` finds its positive among all their positives and negatives (each distinct
     text once, as sentence-transformers' InformationRetrievalEvaluator ranks a corpus), by cosine similarity:
     `accuracy` (the positive ranked first), `recall_at_10`, `mrr_at_10` (the mean of 1 / its rank, 0 past 10), and
-    `loss`, the contrastive loss of the whole set as one batch (`scale` on the similarities)."""
+    `loss`, the contrastive loss of the whole set as one batch (`scale` on the similarities). For each of `dims`,
+    the same of the vectors cut to their first `d` dimensions (renormalized), as `dim{d}_accuracy` and so on."""
     was_training = model.training
     model.eval()
     try:
@@ -173,8 +219,20 @@ def retrieval_measures(
         candidates = embed_rows(model, [list(k) for k in corpus], pad_id, pooling)
     finally:
         model.train(was_training)
+    target = torch.tensor([corpus[tuple(r.positive)] for r in rows], device=anchors.device)
+    out = _ranked(anchors, candidates, target, scale)
+    for d in dims:
+        cut = _ranked(
+            F.normalize(anchors[:, :d], dim=-1), F.normalize(candidates[:, :d], dim=-1), target, scale
+        )
+        out.update({f"dim{d}_{k}": v for k, v in cut.items()})
+    return out
+
+
+def _ranked(anchors: torch.Tensor, candidates: torch.Tensor, target: torch.Tensor, scale: float) -> dict:
+    """retrieval_measures' four measures of normalized `anchors` searching `candidates` (`target`: each anchor's
+    positive's row)."""
     scores = anchors @ candidates.T
-    target = torch.tensor([corpus[tuple(r.positive)] for r in rows], device=scores.device)
     rank = (scores > scores.gather(1, target[:, None])).sum(1)  # 0: ranked first
     first10 = rank < 10
     return {

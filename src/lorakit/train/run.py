@@ -39,7 +39,7 @@ from lorakit.train.datasets import (
     load_examples,
 )
 from lorakit.train.distributed import distribute, init_distributed
-from lorakit.train.embed_objective import choose_pooling, retrieval_measures
+from lorakit.train.embed_objective import retrieval_measures
 from lorakit.train.evaluate import (
     classify_eval,
     eval_loss,
@@ -89,7 +89,8 @@ def evaluate(
     out: dict[str, float] = {}
     if objective is not None and objective.rows == "text_pairs":
         pad = tokenizer.pad_token_id
-        out.update(retrieval_measures(model, eval_rows, pad, objective.pooling, objective.scale))
+        dims = objective.cut_dims
+        out.update(retrieval_measures(model, eval_rows, pad, objective.pooling, objective.scale, dims))
     elif objective is not None and objective.rows == "tagged":
         out.update(tagging_eval(model, eval_rows, tokenizer.pad_token_id, objective))
     elif objective is not None and objective.rows == "labelled":
@@ -147,7 +148,7 @@ def run_training(
         cfg, model, tokenizer, say, objective.num_labels, per_token=per_token, bare=objective.name == "embed"
     )
     if objective.name == "embed":
-        objective.pooling = choose_pooling(cfg.embed.pooling, model, say)
+        objective.attach(model, cfg.embed.pooling, say)
     if regression:
         model.config.problem_type = (
             "regression"  # transformers' own loss is then the squared error; and saved
@@ -428,6 +429,10 @@ def _fmt(m: dict[str, float]) -> str:
         acc += f"F1 {m['f1']:.4f}, "
     if "mrr_at_10" in m:
         acc += f"recall@10 {100 * m['recall_at_10']:.1f}%, MRR@10 {m['mrr_at_10']:.4f}, "
+        for d in sorted(
+            (int(k[3:-9]) for k in m if k.startswith("dim") and k.endswith("_accuracy")), reverse=True
+        ):
+            acc += f"{d} dims {100 * m[f'dim{d}_accuracy']:.1f}% (MRR@10 {m[f'dim{d}_mrr_at_10']:.4f}), "
     if "pearson" in m:
         acc += f"Pearson {m['pearson']:.4f}, Spearman {m['spearman']:.4f}, "
     return f"{acc}eval loss {m['loss']:.4f}" if "loss" in m else f"{acc}no eval loss (nothing to evaluate)"

@@ -337,6 +337,16 @@ def _validate_embed(cfg: RunConfig) -> None:
         (e.scale > 0, f"embed.scale must be > 0, got {e.scale}"),
         (e.chunk_size >= 0, f"embed.chunk_size must be >= 0, got {e.chunk_size}"),
         (
+            all(d > 0 for d in e.matryoshka_dims) and len(set(e.matryoshka_dims)) == len(e.matryoshka_dims),
+            f"embed.matryoshka_dims must be distinct dimensions > 0, got {e.matryoshka_dims}",
+        ),
+        (
+            len(e.matryoshka_weights) in (0, len(e.matryoshka_dims))
+            and all(w > 0 for w in e.matryoshka_weights),
+            f"embed.matryoshka_weights must be one weight > 0 for each of embed.matryoshka_dims "
+            f"{e.matryoshka_dims} (or none: 1 each), got {e.matryoshka_weights}",
+        ),
+        (
             t.batch_size >= 2,
             "train.objective embed needs train.batch_size >= 2: each anchor is contrasted with the other rows of "
             f"its micro-batch (got {t.batch_size})",

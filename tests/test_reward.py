@@ -337,12 +337,14 @@ def test_num_labels_must_be_positive(folders):
 
 @pytest.mark.real_model
 def test_a_reward_model_of_smollm2_ranks_the_answers(tmp_path):
-    """The real default model, float32, 10 steps on the built-in task's pairs (each ISO date preferred to the
-    same date written another way): held-out reward accuracy at least 90 % after, and the loss lower."""
+    """The real default model, float32, 6 steps of 4 pairs of the built-in task (each ISO date preferred to the
+    same date written another way): held-out reward accuracy at least 90 % after (95 % seen), and the loss
+    lower."""
     cfg = load_config(
         None,
         [
-            *("--train.objective", "reward", "--model.dtype", "float32", "--train.steps", "10"),
+            *("--train.objective", "reward", "--model.dtype", "float32", "--train.steps", "6"),
+            *("--train.batch_size", "4"),
             *("--data.n_train", "80", "--data.n_eval", "20", "--train.save_every", "0"),
             *("--train.out_dir", str(tmp_path / "run")),
         ],

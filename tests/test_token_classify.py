@@ -296,13 +296,15 @@ def test_a_real_encoder_finds_the_dates(tmp_path):
 
 @pytest.mark.real_model
 def test_smollm2_finds_the_dates(tmp_path):
-    """The real default model, float32, 40 steps on the built-in sentences: held-out entity F1 from 0 to over
-    0.85 (0.94 when written; a causal LM tags each token seeing only what comes before it)."""
+    """The real default model, float32, 25 steps on the built-in sentences: held-out entity F1 from 0 to over
+    0.85 (0.88 seen; 0.92 after 40 steps at the default lr; a causal LM tags each token seeing only what comes
+    before it)."""
     summary = run_training(
         load_config(
             None,
             [
-                *("--objective", "token_classify", "--model.dtype", "float32", "--train.steps", "40"),
+                *("--objective", "token_classify", "--model.dtype", "float32", "--train.steps", "25"),
+                *("--train.lr", "4e-3"),
                 *("--data.n_train", "120", "--data.n_eval", "24", "--train.save_every", "0"),
                 *("--train.out_dir", str(tmp_path / "run")),
             ],

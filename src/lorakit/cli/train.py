@@ -136,8 +136,9 @@ def _print_summary(summary: dict) -> None:
         print(f"Spearman     {b['spearman']:8.4f}   {a['spearman']:8.4f}")
     if "mrr_at_10" in a:  # an embedding model, and its vectors cut short (embed.matryoshka_dims)
         print(f"MRR@10       {b['mrr_at_10']:8.4f}   {a['mrr_at_10']:8.4f}")
-        cuts = sorted((int(k[3:-9]) for k in a if k.startswith("dim") and k.endswith("_accuracy")), reverse=True)
-        for d in cuts:
+        from lorakit.train.embed_objective import measured_widths
+
+        for d in measured_widths(a):
             label = f"acc. {d} dims"
             print(f"{label:13}{100 * b[f'dim{d}_accuracy']:7.1f}%   {100 * a[f'dim{d}_accuracy']:7.1f}%")
     if "kl" in a:  # KTO

@@ -183,9 +183,8 @@ class EmbedObjective(Objective):
             a, c, aa = (
                 t if dim is None else F.normalize(t[:, :dim], dim=-1) for t in (anchors, pool, pool_anchors)
             )
-            part = F.cross_entropy(
-                self.scale * a @ c.T, at + target
-            )  # anchor i's positive: the pool's row at + i
+            # anchor i's positive: the pool's row at + i
+            part = F.cross_entropy(self.scale * a @ c.T, at + target)
             if self.symmetric:  # each positive finding its anchor
                 part = (part + F.cross_entropy(self.scale * c[at : at + n] @ aa.T, anchors_at + target)) / 2
             loss = loss + weight * part
@@ -227,6 +226,14 @@ def retrieval_measures(
         )
         out.update({f"dim{d}_{k}": v for k, v in cut.items()})
     return out
+
+
+def measured_widths(measures: dict) -> list[int]:
+    """The widths that `retrieval_measures` measured apart in `measures` (its `dim{d}_accuracy` keys), widest
+    first."""
+    return sorted(
+        (int(k[3:-9]) for k in measures if k.startswith("dim") and k.endswith("_accuracy")), reverse=True
+    )
 
 
 def _ranked(anchors: torch.Tensor, candidates: torch.Tensor, target: torch.Tensor, scale: float) -> dict:

@@ -39,7 +39,7 @@ from lorakit.train.datasets import (
     load_examples,
 )
 from lorakit.train.distributed import distribute, init_distributed
-from lorakit.train.embed_objective import retrieval_measures
+from lorakit.train.embed_objective import measured_widths, retrieval_measures
 from lorakit.train.evaluate import (
     classify_eval,
     eval_loss,
@@ -429,9 +429,7 @@ def _fmt(m: dict[str, float]) -> str:
         acc += f"F1 {m['f1']:.4f}, "
     if "mrr_at_10" in m:
         acc += f"recall@10 {100 * m['recall_at_10']:.1f}%, MRR@10 {m['mrr_at_10']:.4f}, "
-        for d in sorted(
-            (int(k[3:-9]) for k in m if k.startswith("dim") and k.endswith("_accuracy")), reverse=True
-        ):
+        for d in measured_widths(m):
             acc += f"{d} dims {100 * m[f'dim{d}_accuracy']:.1f}% (MRR@10 {m[f'dim{d}_mrr_at_10']:.4f}), "
     if "pearson" in m:
         acc += f"Pearson {m['pearson']:.4f}, Spearman {m['spearman']:.4f}, "

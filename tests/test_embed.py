@@ -433,6 +433,11 @@ def test_text_pairs_are_read_with_common_column_names_and_checked():
         ),
         (b'["a", "b"]\n', r"pairs.jsonl:1: expected a JSON object, got list"),
         (
+            b'{"sentence1": "a cat", "sentence2": "a car", "score": 0.1}\n',
+            r"pairs.jsonl:1: has a 'score' \('0.1'\): a scored pair \(STS, NLI\), which train.objective embed would",
+        ),
+        (b'{"question": "q", "answer": "a", "label": 0}\n', r"pairs.jsonl:1: has a 'label' \('0'\)"),
+        (
             b'{"anchor": "a", "positive": "p"}\n{"text": "t"}\n',
             r"pairs.jsonl:2: .*'anchor' string .*has \['text'\]",
         ),

@@ -9,7 +9,8 @@ positives, and each row's `negative`, a hard negative, where given). Common colu
 the record has no `anchor`/`positive`/`negative`: query, question, sentence1, text1 as the anchor; pos, document,
 passage, answer, response, sentence2, text2 as the positive; neg as the negative. `data.fields` maps any other
 (`{anchor: title, positive: abstract}`). Every record is checked, and an error names the file, the record and
-what is wrong.
+what is wrong; a record with a score or a label (STS's, NLI's pairs) is refused, because every pair here is taken
+as one that belongs together.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ ALIASES = {
     "negative": ("neg",),
 }
 """Other column names read as lorakit's keys where a record lacks them (the first one present)."""
+SCORES = ("score", "label", "labels", "similarity", "similarity_score", "relatedness_score")
+"""Columns that make a pair a scored one (STS's similarity, NLI's or pair classification's label): refused, since
+the loss would take a pair scored as unrelated for one that belongs together."""
 
 
 def read_text_pairs(path: str | os.PathLike, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
@@ -58,6 +62,13 @@ def text_pairs_of(
                     f"{where}: an embedding example needs a non-empty {key!r} string (got {got}; has "
                     f"{sorted(record)}; data.fields maps another column to it, e.g. '{{{key}: {_example(key)}}}')"
                 )
+        scored = next((k for k in SCORES if k in record), None)
+        if scored is not None:
+            raise DataError(
+                f"{where}: has a {scored!r} ({str(record[scored])[:20]!r}): a scored pair (STS, NLI), which "
+                "train.objective embed would learn as a pair that belongs together whatever its score; keep the "
+                f"pairs that belong together and drop the {scored!r} column (scored-pair losses are not built yet)"
+            )
         if record["anchor"] == record["positive"]:
             raise DataError(f"{where}: the anchor and the positive are the same text, which teaches nothing")
         out.append(

@@ -432,10 +432,6 @@ def test_text_pairs_are_read_with_common_column_names_and_checked():
             r"pairs.jsonl:1: the anchor and the positive are the same text",
         ),
         (b'["a", "b"]\n', r"pairs.jsonl:1: expected a JSON object, got list"),
-        (
-            b'{"sentence1": "a cat", "sentence2": "a car", "score": 0.1}\n',
-            r"pairs.jsonl:1: has a 'score' \('0.1'\): a scored pair \(STS, NLI\), which train.objective embed would",
-        ),
         (b'{"question": "q", "answer": "a", "label": 0}\n', r"pairs.jsonl:1: has a 'label' \('0'\)"),
         (
             b'{"anchor": "a", "positive": "p"}\n{"text": "t"}\n',

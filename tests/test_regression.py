@@ -99,9 +99,9 @@ def test_the_correlations_are_pearson_s_and_spearman_s():
     x = [1.0, 2.0, 2.0, 5.0, 3.5, -1.0]
     y = [10.0, 30.0, 20.0, 40.0, 40.0, 0.0]
     assert pearson(torch.tensor(x), torch.tensor(y)) == pytest.approx(statistics.correlation(x, y), abs=1e-12)
-    from lorakit.train.evaluate import _ranks
+    from lorakit.train.evaluate import ranks
 
-    spearman = pearson(_ranks(torch.tensor(x)), _ranks(torch.tensor(y)))
+    spearman = pearson(ranks(torch.tensor(x)), ranks(torch.tensor(y)))
     assert spearman == pytest.approx(_spearman_by_hand(x, y), abs=1e-12)
     assert (
         pearson(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 2.0])) == 0.0

@@ -1,6 +1,7 @@
 """`lorakit eval` of an embedding model's adapter (task_type FEATURE_EXTRACTION): how well each anchor of a file of
 text pairs (or the built-in task's held-out dates) finds its positive among all their positives and negatives:
-accuracy (ranked first), recall@10, MRR@10, the contrastive loss; with --compare-base, the base model's too."""
+accuracy (ranked first), recall@10, MRR@10, the contrastive loss; of a file of scored pairs, how well their cosine
+similarities follow the scores (Pearson, Spearman, the CoSENT loss); with --compare-base, the base model's too."""
 
 from __future__ import annotations
 
@@ -37,16 +38,20 @@ def eval_embedder(args: argparse.Namespace, pooling: str) -> int:
     from lorakit.embeddings import default_pooling
     from lorakit.errors import ConfigError
     from lorakit.train.config import DataSection, EmbedSection
-    from lorakit.train.embed_objective import encode_text_pairs, retrieval_measures
+    from lorakit.train.embed_objective import embedding_measures, encode_text_pairs
 
     refuse_first([(args.beta is not None, "--beta: an embedding model has no beta")])
     if args.data:
         items, source = read_text_pairs(args.data, args.fields), str(args.data)
     else:  # the pairs a default `lorakit train --objective embed` holds out
         d = DataSection()
-        items = make_text_pairs(args.task, n_train=d.n_train, n_eval=max(d.n_eval, args.limit))[1][
-            : args.limit
-        ]
+        if args.task.endswith(
+            "-scored"
+        ):  # three scored pairs per held-out date: as a run of data.n_eval --limit
+            items = make_text_pairs(args.task, n_train=d.n_train, n_eval=args.limit)[1]
+        else:
+            items = make_text_pairs(args.task, n_train=d.n_train, n_eval=max(d.n_eval, args.limit))[1]
+            items = items[: args.limit]
         source = f"built-in task {args.task!r}"
     model, tok = load(args.model, args.device, args.dtype, bare=True)
     if pooling == "auto":
@@ -59,16 +64,25 @@ def eval_embedder(args: argparse.Namespace, pooling: str) -> int:
     scale = EmbedSection().scale
     report = {"objective": "embed", "examples": len(rows), "source": source, "pooling": pooling}
     if args.compare_base:
-        report["base"] = retrieval_measures(model, rows, tok.pad_token_id, pooling, scale, dims)
+        report["base"] = embedding_measures(model, rows, tok.pad_token_id, pooling, scale, dims)
     lorakit.load_adapter(model, args.adapter, allow_pickle=args.allow_pickle)
-    report["adapter"] = retrieval_measures(model, rows, tok.pad_token_id, pooling, scale, dims)
+    report["adapter"] = embedding_measures(model, rows, tok.pad_token_id, pooling, scale, dims)
     if args.json:
         print(json.dumps(report))
         return 0
     negatives = sum(r.negative is not None for r in rows)
-    print(f"{len(rows)} pairs of {source} ({negatives} with a hard negative), {pooling} pooling")
+    scored = bool(rows) and rows[0].score is not None
+    kind = "scored for similarity" if scored else f"{negatives} with a hard negative"
+    print(f"{len(rows)} pairs of {source} ({kind}), {pooling} pooling")
     for who in ("base", "adapter"):
-        if who in report:
+        if who in report and scored:  # how the cosine similarities follow the scores
+            m = report[who]
+            print(f"{who:8} Pearson {m['pearson']:.4f}, Spearman {m['spearman']:.4f}, loss {m['loss']:.4f}")
+            for d in dims:
+                print(
+                    f"{'':8} {d} dimensions: Pearson {m[f'dim{d}_pearson']:.4f}, Spearman {m[f'dim{d}_spearman']:.4f}"
+                )
+        elif who in report:
             m = report[who]
             print(
                 f"{who:8} accuracy {100 * m['accuracy']:.1f}% (the positive ranked first), recall@10 "

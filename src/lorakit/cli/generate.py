@@ -82,7 +82,9 @@ def configure_eval(p: argparse.ArgumentParser) -> None:
         "measured too",
     )
     data.add_argument(
-        "--task", help="a built-in task's held-out examples (as lorakit train holds them out: 'dates')"
+        "--task",
+        help="a built-in task's held-out examples (as lorakit train holds them out: 'dates'; of an embedding "
+        "model's adapter, 'dates-scored' too: scored pairs, --limit dates of 3 pairs each)",
     )
     p.add_argument(
         "--fields",

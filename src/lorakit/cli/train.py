@@ -134,6 +134,11 @@ def _print_summary(summary: dict) -> None:
     if "pearson" in a:  # a regression
         print(f"Pearson      {b['pearson']:8.4f}   {a['pearson']:8.4f}")
         print(f"Spearman     {b['spearman']:8.4f}   {a['spearman']:8.4f}")
+        from lorakit.train.embed_objective import measured_widths
+
+        for d in measured_widths(a):  # an embedding model's scored pairs, its vectors cut short
+            label = f"Sp. {d} dims"
+            print(f"{label:13}{b[f'dim{d}_spearman']:8.4f}   {a[f'dim{d}_spearman']:8.4f}")
     if "mrr_at_10" in a:  # an embedding model, and its vectors cut short (embed.matryoshka_dims)
         print(f"MRR@10       {b['mrr_at_10']:8.4f}   {a['mrr_at_10']:8.4f}")
         from lorakit.train.embed_objective import measured_widths

@@ -42,7 +42,7 @@ FIELDS = tuple(
             *FOREIGN.values(),
             ("input", "system", "history", "tools", "chosen", "rejected", "label", "text_pair", "margin"),
             ("tokens", "tags", "entities"),  # token classification's (lorakit.data.tagging)
-            ("anchor", "positive", "negative"),  # an embedding model's (lorakit.data.textpairs)
+            ("anchor", "positive", "negative", "score"),  # an embedding model's (lorakit.data.textpairs)
         )
         for k in keys
     )

@@ -191,7 +191,13 @@ def make_text_pairs(name: str = "dates", *, n_train: int = 2000, n_eval: int = 1
     """(train, eval) embedding records {"anchor", "positive", "negative"} for built-in task `name`: for `dates`, a
     date in words (the task's prompt less its instruction) and the same date in ISO 8601, with a near miss in ISO
     as its hard negative (day and month swapped where both are <= 12, else the day after); eval anchors never occur
-    in train."""
+    in train. `dates-scored`: scored pairs {"anchor", "positive", "score"} instead, three per date: the same date
+    (score 1), the near miss (0.5) and another date of the same set (0), `n_train` and `n_eval` dates each."""
+    if name.endswith("-scored"):
+        return tuple(
+            _scored(part, seed)
+            for part in make_text_pairs(name[: -len("-scored")], n_train=n_train, n_eval=n_eval, seed=seed)
+        )
     train, eval_set = make_task(name, n_train=n_train, n_eval=n_eval, seed=seed)
 
     def pair(ex: dict[str, Any]) -> dict[str, Any]:
@@ -207,3 +213,17 @@ def make_text_pairs(name: str = "dates", *, n_train: int = 2000, n_eval: int = 1
         }
 
     return [pair(ex) for ex in train], [pair(ex) for ex in eval_set]
+
+
+def _scored(pairs: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """Each pair of `pairs` as three scored ones: its positive (1), its negative (0.5), another pair's positive
+    (0)."""
+    rng = random.Random(seed)
+    out = []
+    for i, p in enumerate(pairs):
+        other = pairs[(i + rng.randrange(1, len(pairs))) % len(pairs)]["positive"] if len(pairs) > 1 else None
+        out.append({"anchor": p["anchor"], "positive": p["positive"], "negative": None, "score": 1.0})
+        out.append({"anchor": p["anchor"], "positive": p["negative"], "negative": None, "score": 0.5})
+        if other is not None and other != p["positive"]:
+            out.append({"anchor": p["anchor"], "positive": other, "negative": None, "score": 0.0})
+    return out

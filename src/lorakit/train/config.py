@@ -48,7 +48,8 @@ class ModelSection:
 @dataclass
 class DataSection:
     task: str | None = "dates"
-    """Built-in task to train on when no train_file is given ("dates")."""
+    """Built-in task to train on when no train_file is given ("dates"; an embedding model: "dates-scored" too, pairs
+    scored for similarity)."""
     train_file: str | None = None
     """Training file: JSONL, a JSON array, CSV/TSV, Parquet or Arrow, or a folder `datasets`' save_to_disk
     wrote, of {prompt,completion}, {messages} or {text} records, or Alpaca's {instruction,input,output} or

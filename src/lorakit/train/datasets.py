@@ -401,9 +401,45 @@ def encode_text_pair_data(cfg: RunConfig, tokenizer, say) -> RunData:
         }
 
     (train_rows, stats), (eval_rows, eval_stats) = encode(train), encode(ev)
+    scored = _scored_checks(cfg, train, ev, source)
     say(
-        f"data: {source}: {len(train_rows)} train pairs ({stats['negatives']} with a hard negative), "
-        f"{len(eval_rows)} eval; {stats['truncated']} train / {eval_stats['truncated']} eval truncated to "
+        f"data: {source}: {len(train_rows)} train pairs "
+        + (
+            "(scored for similarity: CoSENT), "
+            if scored
+            else f"({stats['negatives']} with a hard negative), "
+        )
+        + f"{len(eval_rows)} eval; {stats['truncated']} train / {eval_stats['truncated']} eval truncated to "
         f"{d.max_len} tokens"
     )
     return RunData(train_rows, eval_rows, [], {"train": stats, "eval": eval_stats})
+
+
+def _scored_checks(cfg: RunConfig, train: list[dict], ev: list[dict], source: str) -> bool:
+    """Whether the data are scored pairs (CoSENT); ConfigError for what does not go with the data's kind: a train
+    and an eval file of different kinds, and settings of the in-batch contrastive loss (embed.symmetric,
+    embed.gather, train.best_metric accuracy) with scored pairs, train.best_metric pearson without."""
+    scored = bool(train) and "score" in train[0]
+    if ev and ("score" in ev[0]) != scored:
+        raise ConfigError(
+            f"{source}: the train pairs are {'' if scored else 'not '}scored for similarity and the eval pairs "
+            f"are {'not ' if scored else ''}; give both files of one kind"
+        )
+    e, best = cfg.embed, cfg.train.best_metric
+    problems = [
+        (scored and e.symmetric, "embed.symmetric"),
+        (scored and e.gather, "embed.gather"),
+        (scored and best == "accuracy", "train.best_metric accuracy"),
+    ]
+    for wrong, setting in problems:
+        if wrong:
+            raise ConfigError(
+                f"{setting} belongs to the in-batch contrastive loss of pairs that belong together; {source} has "
+                "scored pairs (CoSENT), measured by Pearson and Spearman (train.best_metric pearson or loss)"
+            )
+    if not scored and best == "pearson":
+        raise ConfigError(
+            f"train.best_metric pearson measures scored pairs; {source} has pairs that belong together (use "
+            "accuracy or loss)"
+        )
+    return scored

@@ -42,6 +42,9 @@ class TextPair:
     positive: list[int]
     negative: list[int] | None = None
     truncated: bool = False
+    score: float | None = None
+    """A scored pair's similarity (higher: more alike; CoSENT orders the pairs by it), None for a pair that belongs
+    together."""
 
 
 def choose_pooling(setting: str, model: nn.Module, say) -> str:
@@ -75,7 +78,8 @@ def encode_text_pairs(tokenizer, items: list[dict], max_len: int) -> list[TextPa
     rows = []
     for it in items:
         n = 2 if it["negative"] is None else 3
-        rows.append(TextPair(*[next(ids) for _ in range(n)], truncated=any([next(cut) for _ in range(n)])))
+        texts = [next(ids) for _ in range(n)]
+        rows.append(TextPair(*texts, truncated=any([next(cut) for _ in range(n)]), score=it.get("score")))
     return rows
 
 
@@ -132,7 +136,10 @@ class EmbedObjective(Objective):
         return self.encoded(rows)
 
     def extras(self, rows: list[TextPair]) -> dict[str, torch.Tensor]:
-        return {"pairs": torch.tensor(len(rows))}
+        out = {"pairs": torch.tensor(len(rows))}
+        if rows and rows[0].score is not None:  # scored pairs (a file is all scored or none)
+            out["scores"] = torch.tensor([r.score for r in rows], dtype=torch.float32)
+        return out
 
     def vectors(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The normalized embeddings of the batch's anchors, then its positives, then its hard negatives."""
@@ -171,6 +178,12 @@ class EmbedObjective(Objective):
         self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool
     ) -> tuple[torch.Tensor, dict]:
         vectors, n = self.vectors(model, batch), int(batch["pairs"])
+        if "scores" in batch:  # scored pairs: CoSENT
+            loss = torch.zeros((), device=vectors.device)
+            for dim, weight in self.matryoshka or [(None, 1.0)]:
+                cut = vectors if dim is None else F.normalize(vectors[:, :dim], dim=-1)
+                loss = loss + weight * cosent(cut[:n], cut[n : 2 * n], batch["scores"], self.scale)
+            return loss, {}
         anchors, candidates = vectors[:n], vectors[n:]  # candidates: the positives, then the hard negatives
         pool, pool_anchors, at, anchors_at = candidates, anchors, 0, 0
         if self.gather and isinstance(model, DistributedDataParallel):  # every process's candidates
@@ -228,12 +241,72 @@ def retrieval_measures(
     return out
 
 
+def cosent(
+    anchors: torch.Tensor, positives: torch.Tensor, scores: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """CoSENT's loss of scored pairs (sentence-transformers' CoSENTLoss): log(1 + the sum, over every two pairs i, j
+    with scores[i] < scores[j], of exp(scale * (cos_i - cos_j))), so that the pairs' cosine similarities come in the
+    order of their scores. `anchors`, `positives`: normalized vectors, one row per pair."""
+    cos = scale * (anchors * positives).sum(-1)
+    gaps = cos[:, None] - cos[None, :]  # cos_i - cos_j
+    wrong_way = (scores[:, None] < scores[None, :]).to(gaps.dtype)
+    gaps = gaps - (1 - wrong_way) * 1e12  # only the pairs scored lower than another count
+    return torch.logsumexp(torch.cat([gaps.new_zeros(1), gaps.flatten()]), dim=0)
+
+
+def embedding_measures(
+    model: nn.Module,
+    rows: list[TextPair],
+    pad_id: int | None,
+    pooling: str,
+    scale: float,
+    dims: list[int] | tuple[int, ...] = (),
+) -> dict[str, float]:
+    """`similarity_measures` of scored pairs, else `retrieval_measures`."""
+    measure = similarity_measures if rows and rows[0].score is not None else retrieval_measures
+    return measure(model, rows, pad_id, pooling, scale, dims)
+
+
+@torch.no_grad()
+def similarity_measures(
+    model: nn.Module,
+    rows: list[TextPair],
+    pad_id: int | None,
+    pooling: str,
+    scale: float,
+    dims: list[int] | tuple[int, ...] = (),
+) -> dict[str, float]:
+    """How well the cosine similarity of each scored pair of `rows` follows its score (as sentence-transformers'
+    EmbeddingSimilarityEvaluator): `pearson` and `spearman` (the correlation of their ranks), and `loss`, the
+    CoSENT loss of the whole set as one batch (`scale`). For each of `dims`, the same of the vectors cut to their
+    first `d` dimensions, as `dim{d}_spearman` and so on."""
+    from lorakit.train.evaluate import pearson, ranks
+
+    was_training = model.training
+    model.eval()
+    try:
+        anchors = embed_rows(model, [r.anchor for r in rows], pad_id, pooling)
+        positives = embed_rows(model, [r.positive for r in rows], pad_id, pooling)
+    finally:
+        model.train(was_training)
+    gold = torch.tensor([r.score for r in rows], dtype=torch.float64)
+    out: dict[str, float] = {}
+    for d in (None, *dims):
+        a, p = (v if d is None else F.normalize(v[:, :d], dim=-1) for v in (anchors, positives))
+        cos = (a * p).sum(-1).double().cpu()
+        measured = {
+            "loss": float(cosent(a, p, gold.to(a.device, torch.float32), scale)),
+            "pearson": pearson(cos, gold),
+            "spearman": pearson(ranks(cos), ranks(gold)),
+        }
+        out.update({(k if d is None else f"dim{d}_{k}"): v for k, v in measured.items()})
+    return out
+
+
 def measured_widths(measures: dict) -> list[int]:
-    """The widths that `retrieval_measures` measured apart in `measures` (its `dim{d}_accuracy` keys), widest
-    first."""
-    return sorted(
-        (int(k[3:-9]) for k in measures if k.startswith("dim") and k.endswith("_accuracy")), reverse=True
-    )
+    """The widths that `retrieval_measures` or `similarity_measures` measured apart in `measures` (their `dim{d}_`
+    keys), widest first."""
+    return sorted({int(k[3:].split("_")[0]) for k in measures if k.startswith("dim")}, reverse=True)
 
 
 def _ranked(anchors: torch.Tensor, candidates: torch.Tensor, target: torch.Tensor, scale: float) -> dict:

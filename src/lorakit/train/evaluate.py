@@ -264,7 +264,7 @@ def regression_eval(
     return {
         "loss": float(((p - t) ** 2).mean()),
         "pearson": pearson(p, t),
-        "spearman": pearson(_ranks(p), _ranks(t)),
+        "spearman": pearson(ranks(p), ranks(t)),
     }
 
 
@@ -340,7 +340,7 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x * y).sum()) / scale if scale > 0 else 0.0
 
 
-def _ranks(x: torch.Tensor) -> torch.Tensor:
+def ranks(x: torch.Tensor) -> torch.Tensor:
     """Each value's rank, 1 to n, ties sharing their mean rank (Spearman's rule)."""
     order = torch.argsort(x, stable=True)
     ranks = torch.empty_like(x, dtype=torch.float64)

@@ -39,7 +39,7 @@ from lorakit.train.datasets import (
     load_examples,
 )
 from lorakit.train.distributed import distribute, init_distributed
-from lorakit.train.embed_objective import measured_widths, retrieval_measures
+from lorakit.train.embed_objective import embedding_measures, measured_widths
 from lorakit.train.evaluate import (
     classify_eval,
     eval_loss,
@@ -90,7 +90,7 @@ def evaluate(
     if objective is not None and objective.rows == "text_pairs":
         pad = tokenizer.pad_token_id
         dims = objective.cut_dims
-        out.update(retrieval_measures(model, eval_rows, pad, objective.pooling, objective.scale, dims))
+        out.update(embedding_measures(model, eval_rows, pad, objective.pooling, objective.scale, dims))
     elif objective is not None and objective.rows == "tagged":
         out.update(tagging_eval(model, eval_rows, tokenizer.pad_token_id, objective))
     elif objective is not None and objective.rows == "labelled":
@@ -433,6 +433,8 @@ def _fmt(m: dict[str, float]) -> str:
             acc += f"{d} dims {100 * m[f'dim{d}_accuracy']:.1f}% (MRR@10 {m[f'dim{d}_mrr_at_10']:.4f}), "
     if "pearson" in m:
         acc += f"Pearson {m['pearson']:.4f}, Spearman {m['spearman']:.4f}, "
+        for d in measured_widths(m):  # an embedding model's scored pairs, its vectors cut short
+            acc += f"{d} dims Spearman {m[f'dim{d}_spearman']:.4f}, "
     return f"{acc}eval loss {m['loss']:.4f}" if "loss" in m else f"{acc}no eval loss (nothing to evaluate)"
 
 

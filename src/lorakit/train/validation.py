@@ -83,8 +83,9 @@ def validate(cfg: RunConfig) -> None:
             f"{t.objective!r}",
         ),
         (
-            t.best_metric != "pearson" or t.objective == "regression",
-            f"train.best_metric pearson is measured with train.objective regression, not {t.objective!r}",
+            t.best_metric != "pearson" or t.objective in ("regression", "embed"),
+            "train.best_metric pearson is measured with train.objective regression (or embed, of scored pairs), "
+            f"not {t.objective!r}",
         ),
         (
             t.best_metric != "balanced_accuracy" or t.objective in ("classify", "regression"),

@@ -1329,12 +1329,14 @@ const EVAL_ROWS = {
     ["recall@10", "recall_at_10", fmtPercent],
     ["MRR@10", "mrr_at_10", fmtLoss],
   ],
+  embed_scored: [["CoSENT loss", "loss", fmtLoss], ["Pearson", "pearson", fmtLoss], ["Spearman", "spearman", fmtLoss]],
 };
 
 function renderEval(result) {
   const row = (label, key, fmt) =>
     el("tr", {}, el("th", { text: label }), el("td", { class: "num", text: fmt(result.base?.[key]) }), el("td", { class: "num", text: fmt(result.adapter?.[key]) }));
-  const rows = EVAL_ROWS[result.objective] || [["loss", "loss", fmtLoss], ["accuracy", "accuracy", fmtPercent]];
+  const scored = result.objective === "embed" && result.adapter?.spearman !== undefined; // scored pairs (STS)
+  const rows = EVAL_ROWS[scored ? "embed_scored" : result.objective] || [["loss", "loss", fmtLoss], ["accuracy", "accuracy", fmtPercent]];
   $("#eval-result tbody").replaceChildren(...rows.map(([label, key, fmt]) => row(label, key, fmt)));
   $("#eval-result").hidden = false;
   // the first examples side by side: what was expected, what each model generated (a classifier: predicted)

@@ -45,9 +45,7 @@ def eval_embedder(args: argparse.Namespace, pooling: str) -> int:
         items, source = read_text_pairs(args.data, args.fields), str(args.data)
     else:  # the pairs a default `lorakit train --objective embed` holds out
         d = DataSection()
-        if args.task.endswith(
-            "-scored"
-        ):  # three scored pairs per held-out date: as a run of data.n_eval --limit
+        if args.task.endswith("-scored"):  # 3 scored pairs per held-out date, as a run of data.n_eval --limit
             items = make_text_pairs(args.task, n_train=d.n_train, n_eval=args.limit)[1]
         else:
             items = make_text_pairs(args.task, n_train=d.n_train, n_eval=max(d.n_eval, args.limit))[1]

@@ -61,7 +61,7 @@ def text_pairs_of(
     records: list[tuple[str, Any]], source: str, fields: dict[str, str]
 ) -> list[dict[str, Any]]:
     out = []
-    first_scored: str | None = None
+    scored: bool | None = None  # whether the file's records are scored pairs (its first record says)
     for where, named in named_records(records, source, fields):
         record = _aliased(named)
         for key in KEYS:
@@ -82,9 +82,9 @@ def text_pairs_of(
                 "more alike, or drop it"
             )
         score = _score(record, where)
-        if first_scored is None:
-            first_scored = "scored" if score is not None else "unscored"
-        elif (score is not None) != (first_scored == "scored"):
+        if scored is None:
+            scored = score is not None
+        elif (score is not None) != scored:
             raise DataError(
                 f"{where}: {'has' if score is not None else 'has no'} 'score', unlike the records before it: a "
                 "file is either pairs that belong together or pairs scored for similarity, not both"

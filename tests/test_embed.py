@@ -27,6 +27,7 @@ from lorakit.train.embed_objective import TextPair
 from lorakit.train.run import run_training
 
 from seqcls_oracle import lorakit_steps
+from st_oracle import peft_adapter, st_model, st_train, tiny_embedder
 from tiny import cli_here
 from trl_dpo_oracle import build_tiny_model
 
@@ -44,21 +45,6 @@ def model_dir(tmp_path_factory, default_model_dir):
     return build_tiny_model(default_model_dir, tmp_path_factory.mktemp("embed") / "model")
 
 
-def _st_model(folder, pooling: str, adapter: Path | None = None, trainable: bool = False):
-    """sentence-transformers' own model of `folder`: its transformer (with PEFT's `adapter`), `pooling`
-    (sentence-transformers' name), L2 normalization. Texts go in as they are (sentence-transformers 6 otherwise
-    wraps a decoder's texts in its chat template)."""
-    from peft import PeftModel
-    from sentence_transformers import SentenceTransformer, models
-
-    tr = models.Transformer(str(folder))
-    tr.modality_config.pop("message", None)
-    if adapter is not None:
-        tr.auto_model = PeftModel.from_pretrained(tr.auto_model, adapter, is_trainable=trainable)
-    dim = tr.auto_model.config.hidden_size
-    return SentenceTransformer(modules=[tr, models.Pooling(dim, pooling), models.Normalize()], device="cpu")
-
-
 @pytest.mark.parametrize("pooling", ["mean", "last", "cls"])
 def test_pooling_is_sentence_transformers_own(pooling):
     """The real MiniLM-L6, texts of different lengths in one padded batch: lorakit's vectors are
@@ -66,7 +52,7 @@ def test_pooling_is_sentence_transformers_own(pooling):
     differ)."""
     model, tok = load_model(MINILM, bare=True)
     ours = embed_rows(model, encode_texts(tok, TEXTS, 256), tok.pad_token_id, pooling)
-    theirs = _st_model(MINILM, {"last": "lasttoken"}.get(pooling, pooling)).encode(
+    theirs = st_model(MINILM, {"last": "lasttoken"}.get(pooling, pooling)).encode(
         TEXTS, convert_to_tensor=True
     )
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
@@ -98,20 +84,11 @@ def test_training_equals_sentence_transformers_loss_on_peft(model_dir, tmp_path,
     same start, with torch's AdamW (float32, the same forward: both embed each column alone, padded to its
     longest text; only kernels' summation order differs). With embed.matryoshka_dims and unequal weights (the
     full 64 dimensions listed between the cuts): against its MatryoshkaLoss around that loss."""
-    from peft import get_peft_model_state_dict
     from sentence_transformers.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
 
     from lorakit.train.embed_objective import matryoshka_pairs
 
-    torch.manual_seed(4)
-    model, tok = load_model(str(model_dir), bare=True)
-    mark_embedder(model, "last")
-    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    start = lorakit.save_adapter(model, tmp_path / "start")
+    model, tok, start = tiny_embedder(model_dir, tmp_path / "start")
     assert read_config_json(start)["task_type"] == "FEATURE_EXTRACTION" and adapter_pooling(start) == "last"
 
     def ids(text: str) -> list[int]:
@@ -122,28 +99,14 @@ def test_training_equals_sentence_transformers_loss_on_peft(model_dir, tmp_path,
     ours_losses, _ = lorakit_steps(
         model, tok, rows, tmp_path / "run", "embed", pooling="last", matryoshka=cuts
     )
-    peer = _st_model(model_dir, "lasttoken", start, trainable=True)
+    peer = st_model(model_dir, "lasttoken", start, trainable=True)
     loss_fn = MultipleNegativesRankingLoss(peer)
     if matryoshka:
         loss_fn = MatryoshkaLoss(peer, loss_fn, *matryoshka)
-    params = [p for p in peer.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=5e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    features = [peer.preprocess(texts) for texts in (ANCHORS, POSITIVES, NEGATIVES)]
-    peer.train()
-    losses = []
-    for _ in range(3):
-        loss = loss_fn(features, None)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss))
+    losses = st_train(peer, loss_fn, [ANCHORS, POSITIVES, NEGATIVES], None)
     assert ours_losses == pytest.approx(losses, abs=1e-5)
     assert losses[-1] < losses[0]
-    theirs = get_peft_model_state_dict(peer[0].auto_model)  # keyed from the bare model, less PEFT's prefix
-    theirs = {
-        k if k.startswith("base_model.model.") else f"base_model.model.{k}": v for k, v in theirs.items()
-    }
+    theirs = peft_adapter(peer)
     ours = lorakit.adapter_state_dict(model)
     assert set(ours) == set(theirs)
     for k, v in theirs.items():

@@ -19,12 +19,12 @@ from lorakit.data.textpairs import parse_text_pairs
 from lorakit.embeddings import encode_texts
 from lorakit.errors import ConfigError
 from lorakit.models import load_model
-from lorakit.task_types import mark_embedder
 from lorakit.train.config import load_config
 from lorakit.train.embed_objective import TextPair, encode_text_pairs, matryoshka_pairs, similarity_measures
 from lorakit.train.run import run_training
 
 from seqcls_oracle import lorakit_steps
+from st_oracle import peft_adapter, st_model, st_train, tiny_embedder
 from tiny import cli_here
 from trl_dpo_oracle import build_tiny_model
 
@@ -48,19 +48,9 @@ def test_training_equals_sentence_transformers_cosent_loss_on_peft(model_dir, tm
     5e-5 (the same terms, which sentence-transformers sums in O(n log n) with logcumsumexp and lorakit over every
     two pairs; 1.3e-5 seen on a loss of 2, the cosine gaps times 20 in a log-sum-exp). With embed.matryoshka_dims,
     against its MatryoshkaLoss around CoSENT."""
-    from peft import PeftModel, get_peft_model_state_dict
-    from sentence_transformers import SentenceTransformer, models
     from sentence_transformers.losses import CoSENTLoss, MatryoshkaLoss
 
-    torch.manual_seed(4)
-    model, tok = load_model(str(model_dir), bare=True)
-    mark_embedder(model, "last")
-    lorakit.inject(model, lorakit.LoraConfig(r=4, alpha=8, targets="all-linear"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    start = lorakit.save_adapter(model, tmp_path / "start")
+    model, tok, start = tiny_embedder(model_dir, tmp_path / "start")
     rows = [
         TextPair(encode_texts(tok, [a], 64)[0], encode_texts(tok, [b], 64)[0], score=s)
         for a, b, s in zip(FIRST, SECOND, SCORES, strict=True)
@@ -68,34 +58,14 @@ def test_training_equals_sentence_transformers_cosent_loss_on_peft(model_dir, tm
     cuts = matryoshka_pairs(*matryoshka) if matryoshka else []
     ours, _ = lorakit_steps(model, tok, rows, tmp_path / "run", "embed", pooling="last", matryoshka=cuts)
 
-    tr = models.Transformer(str(model_dir))
-    tr.modality_config.pop("message", None)  # texts as they are, not as chat messages
-    tr.auto_model = PeftModel.from_pretrained(tr.auto_model, start, is_trainable=True)
-    peer = SentenceTransformer(
-        modules=[tr, models.Pooling(64, "lasttoken"), models.Normalize()], device="cpu"
-    )
+    peer = st_model(model_dir, "lasttoken", start, trainable=True)
     loss_fn = CoSENTLoss(peer)
     if matryoshka:
         loss_fn = MatryoshkaLoss(peer, loss_fn, *matryoshka)
-    params = [p for p in peer.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=5e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    features = [peer.preprocess(texts) for texts in (FIRST, SECOND)]
-    labels = torch.tensor(SCORES)
-    peer.train()
-    theirs = []
-    for _ in range(3):
-        loss = loss_fn(features, labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad()
-        theirs.append(float(loss))
+    theirs = st_train(peer, loss_fn, [FIRST, SECOND], torch.tensor(SCORES))
     assert ours == pytest.approx(theirs, abs=5e-5)
     assert theirs[-1] < theirs[0]
-    peer_state = get_peft_model_state_dict(tr.auto_model)
-    peer_state = {
-        k if k.startswith("base_model.model.") else f"base_model.model.{k}": v for k, v in peer_state.items()
-    }
+    peer_state = peft_adapter(peer)
     mine = lorakit.adapter_state_dict(model)
     assert set(mine) == set(peer_state)
     for k, v in peer_state.items():

@@ -196,6 +196,11 @@ def test_text_pairs_preview_and_upload(http):
         re.fullmatch(r"positive: '\d{4}-\d\d-\d\d'; negative: '\d{4}-\d\d-\d\d'", e["label"])
         for e in task["examples"]
     )
+    scored = json.dumps({"anchor": "A cat sleeps.", "positive": "A cat is asleep.", "score": 4.5}).encode()
+    r = http.post("/api/upload", params={"name": "sts.jsonl"}, content=scored + b"\n")
+    assert r.status_code == 200, r.text  # scored pairs (STS): the preview shows each score
+    out = http.post("/api/preview", json={"file": "data/sts.jsonl", "objective": "embed"}).json()
+    assert out["examples"][0]["label"] == "paired with: 'A cat is asleep.'; score 4.5"
     bad = json.dumps({"anchor": "same", "positive": "same"}).encode()
     message = error(http.post("/api/upload", params={"name": "bad_pairs.jsonl"}, content=bad), 400)
     assert message.startswith("bad_pairs.jsonl:1") and "the same text" in message

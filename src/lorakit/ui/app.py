@@ -266,7 +266,7 @@ class _Routes:
     ) -> dict[str, Any]:
         """An embedding model's first examples as the run reads them: each anchor (the text embedded, as the
         tokenizer encodes it alone) and, as its label, the positive it is trained to lie near and the hard
-        negative, if any."""
+        negative, if any (of a scored pair: the other text and its score)."""
         from lorakit.data.jsonl import DataError
         from lorakit.data.tasks import make_text_pairs
         from lorakit.data.textpairs import read_text_pairs
@@ -284,13 +284,16 @@ class _Routes:
         out = []
         for it, length in zip(shown, lengths, strict=True):
             negative = f"; negative: {it['negative']!r}" if it["negative"] is not None else ""
+            label = f"positive: {it['positive']!r}{negative}"
+            if "score" in it:  # a scored pair (STS): the other text and how alike the two are
+                label = f"paired with: {it['positive']!r}; score {it['score']:g}"
             out.append(
                 {
                     "segments": [{"text": it["anchor"], "learned": False}],
                     "tokens": min(length, max_len),
                     "learned_tokens": 0,
                     "truncated": length > max_len,
-                    "label": f"positive: {it['positive']!r}{negative}",
+                    "label": label,
                 }
             )
         return {"total": len(items), "examples": out, "pairs": False}

@@ -1,7 +1,7 @@
 """Embedding models (`train.objective embed`, PEFT's FEATURE_EXTRACTION): the pooling against sentence-transformers
 itself, training against sentence-transformers' MultipleNegativesRankingLoss on a PEFT model, the real MiniLM-L6
 learning the dates, the adapter in PEFT and in sentence-transformers, `lorakit eval` and `lorakit merge` (a folder
-sentence-transformers loads), the data, and the refused settings.
+sentence-transformers loads), and the refused settings (the data: test_textpairs_data).
 
 The tiny model is a random 2-layer Llama with SmolLM2's real tokenizer (trl_dpo_oracle's), loaded bare
 (transformers' LlamaModel)."""
@@ -15,8 +15,6 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.data.files import DataError
-from lorakit.data.textpairs import parse_text_pairs, read_text_pairs
 from lorakit.embeddings import default_pooling, embed_rows, encode_texts, st_pooling
 from lorakit.errors import ConfigError
 from lorakit.formats import adapter_pooling, read_config_json
@@ -356,63 +354,6 @@ def test_peft_own_embedding_adapter_loads_in_lorakit(tmp_path, capsys):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "8 pairs of built-in task 'dates' (8 with a hard negative), mean pooling" in proc.stdout
-
-
-def test_text_pairs_are_read_with_common_column_names_and_checked():
-    rows = parse_text_pairs(
-        b'{"query": "q1", "document": "d1"}\n{"anchor": "a", "positive": "p", "negative": "n"}\n'
-        b'{"question": "why?", "answer": "because", "neg": "no"}\n',
-        "pairs.jsonl",
-    )
-    assert rows == [
-        {"anchor": "q1", "positive": "d1", "negative": None},
-        {"anchor": "a", "positive": "p", "negative": "n"},
-        {"anchor": "why?", "positive": "because", "negative": "no"},
-    ]
-    assert (
-        parse_text_pairs(
-            b'{"title": "t", "abstract": "b"}\n', "x.jsonl", {"anchor": "title", "positive": "abstract"}
-        )[0]["positive"]
-        == "b"
-    )
-    assert parse_text_pairs(b"sentence1,sentence2\nhi,hello\n", "x.csv")[0] == {
-        "anchor": "hi",
-        "positive": "hello",
-        "negative": None,
-    }
-
-
-@pytest.mark.parametrize(
-    "data, message",
-    [
-        (b"", r"pairs.jsonl: no examples"),
-        (b'{"anchor": "a"}\n', r"pairs.jsonl:1: an embedding example needs a non-empty 'positive' string"),
-        (b'{"anchor": " ", "positive": "p"}\n', r"pairs.jsonl:1: .* non-empty 'anchor' string"),
-        (b'{"anchor": "a", "positive": 3}\n', r"pairs.jsonl:1: .*'positive' string \(got int '3'"),
-        (b'{"anchor": "a", "positive": "p", "negative": ""}\n', r"pairs.jsonl:1: .*'negative' string"),
-        (
-            b'{"anchor": "a", "positive": "a"}\n',
-            r"pairs.jsonl:1: the anchor and the positive are the same text",
-        ),
-        (b'["a", "b"]\n', r"pairs.jsonl:1: expected a JSON object, got list"),
-        (b'{"question": "q", "answer": "a", "label": 0}\n', r"pairs.jsonl:1: has a 'label' \('0'\)"),
-        (
-            b'{"anchor": "a", "positive": "p"}\n{"text": "t"}\n',
-            r"pairs.jsonl:2: .*'anchor' string .*has \['text'\]",
-        ),
-    ],
-)
-def test_bad_text_pairs_are_one_line_naming_the_record(data, message):
-    with pytest.raises(DataError, match=message) as e:
-        parse_text_pairs(data, "pairs.jsonl")
-    assert "\n" not in str(e.value)
-
-
-def test_a_missing_file_and_a_bad_fields_mapping(tmp_path):
-    with pytest.raises(DataError, match="nowhere.jsonl: data file not found"):
-        read_text_pairs(tmp_path / "nowhere.jsonl")
-    with pytest.raises(DataError, match="data.fields maps 'query'"):
-        read_text_pairs(tmp_path / "nowhere.jsonl", {"query": "q"})
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Scored pairs (STS) for an embedding model (`train.objective embed` on records with a `score`): training against
 sentence-transformers' CoSENTLoss on a PEFT model, the measures against its EmbeddingSimilarityEvaluator on the
-real MiniLM-L6, the real MiniLM-L6 learning the built-in scored dates, `lorakit eval`, the data and the refused
-settings.
+real MiniLM-L6, the real MiniLM-L6 learning the built-in scored dates, `lorakit eval` and the refused settings
+(the data: test_textpairs_data).
 
 The tiny model is a random 2-layer Llama with SmolLM2's real tokenizer (trl_dpo_oracle's), loaded bare."""
 
@@ -13,9 +13,7 @@ import pytest
 import torch
 
 import lorakit
-from lorakit.data.files import DataError
 from lorakit.data.tasks import make_text_pairs
-from lorakit.data.textpairs import parse_text_pairs
 from lorakit.embeddings import encode_texts
 from lorakit.errors import ConfigError
 from lorakit.models import load_model
@@ -130,58 +128,6 @@ def test_minilm_learns_the_scored_dates_and_lorakit_eval_measures_as_the_run(min
         and "(scored for similarity)" in proc.stdout
         and "32 dimensions: Pearson" in proc.stdout
     )
-
-
-def test_scored_pairs_are_read_with_their_aliases():
-    got = parse_text_pairs(
-        b'{"sentence1": "a", "sentence2": "b", "similarity": 3}\n{"anchor": "c", "positive": "c", "score": "5"}\n',
-        "sts.jsonl",
-    )
-    assert got == [  # a scored pair may pair a text with itself (the top of the scale)
-        {"anchor": "a", "positive": "b", "negative": None, "score": 3.0},
-        {"anchor": "c", "positive": "c", "negative": None, "score": 5.0},
-    ]
-    got = parse_text_pairs(b"text1,text2,label\na,b,0.5\n", "sts.csv", {"score": "label"})
-    assert got == [{"anchor": "a", "positive": "b", "negative": None, "score": 0.5}]
-
-
-@pytest.mark.parametrize(
-    "data, message",
-    [
-        (
-            b'{"anchor": "a", "positive": "b", "score": "high"}\n',
-            r"sts.jsonl:1: 'score' must be a finite number",
-        ),
-        (
-            b'{"anchor": "a", "positive": "b", "score": true}\n',
-            r"sts.jsonl:1: 'score' must be a finite number",
-        ),
-        (
-            b'{"anchor": "a", "positive": "b", "score": NaN}\n',
-            r"sts.jsonl:1: 'score' must be a finite number",
-        ),
-        (
-            b'{"anchor": "a", "positive": "b", "score": 1}\n{"anchor": "a", "positive": "c"}\n',
-            r"sts.jsonl:2: has no 'score', unlike the records before it",
-        ),
-        (
-            b'{"anchor": "a", "positive": "b"}\n{"anchor": "a", "positive": "c", "score": 1}\n',
-            r"sts.jsonl:2: has 'score', unlike the records before it",
-        ),
-        (
-            b'{"anchor": "a", "positive": "b", "negative": "c", "score": 1}\n',
-            r"sts.jsonl:1: a scored pair has no hard negative",
-        ),
-        (
-            b'{"sentence1": "a", "sentence2": "b", "label": 2}\n',
-            r"sts.jsonl:1: has a 'label' \('2'\), which is no similarity .*data.fields '\{score: label\}'",
-        ),
-    ],
-)
-def test_bad_scored_pairs_are_one_line_naming_the_record(data, message):
-    with pytest.raises(DataError, match=message) as e:
-        parse_text_pairs(data, "sts.jsonl")
-    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize(

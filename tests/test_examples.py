@@ -140,13 +140,14 @@ def test_the_example_data_files_are_the_dates_task_in_three_formats():
 @pytest.mark.real_model
 def test_an_adapter_trained_on_tool_calls_makes_them_through_the_server(tmp_path):
     """examples/tools/call.py, 8 steps (its default is 12; 8 gave 6 of 6 too, and the loss was below 0.02 by then)
-    on OpenAI-format function-calling conversations, then `lorakit serve` with tool_choice auto on questions the
-    training never saw: the adapter's answers come back as the right calls (name and arguments), the base model's
-    do not. One miss of six is allowed: the run's precision is the CPU's (bf16 where it is native, else fp32), and
-    the last digits of a step differ between them."""
+    evaluated on 4 held-out conversations (its default 8), on OpenAI-format function-calling conversations, then
+    `lorakit serve` with tool_choice auto on questions the training never saw: the adapter's answers come back as
+    the right calls (name and arguments), the base model's do not. One miss of six is allowed: the run's precision
+    is the CPU's (bf16 where it is native, else fp32), and the last digits of a step differ between them."""
     pytest.importorskip("openai")
+    example = [sys.executable, str(ROOT / "examples" / "tools" / "call.py"), str(tmp_path)]
     run = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "tools" / "call.py"), str(tmp_path), "--steps", "8"],
+        [*example, "--steps", "8", "--eval-limit", "4"],
         capture_output=True,
         text=True,
         timeout=1200,

@@ -22,7 +22,8 @@ from lorakit.errors import ConfigError
 from lorakit.formats import adapter_problem
 from lorakit.models import load_model
 from lorakit.train.config import RunConfig, TrainSection, load_config
-from lorakit.train.evaluate import pearson, regression_eval
+from lorakit.train.correlation import pearson, ranks
+from lorakit.train.evaluate import regression_eval
 from lorakit.train.objectives import make_objective
 from lorakit.train.run import run_training
 
@@ -99,7 +100,6 @@ def test_the_correlations_are_pearson_s_and_spearman_s():
     x = [1.0, 2.0, 2.0, 5.0, 3.5, -1.0]
     y = [10.0, 30.0, 20.0, 40.0, 40.0, 0.0]
     assert pearson(torch.tensor(x), torch.tensor(y)) == pytest.approx(statistics.correlation(x, y), abs=1e-12)
-    from lorakit.train.evaluate import ranks
 
     spearman = pearson(ranks(torch.tensor(x)), ranks(torch.tensor(y)))
     assert spearman == pytest.approx(_spearman_by_hand(x, y), abs=1e-12)

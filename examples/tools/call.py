@@ -131,7 +131,7 @@ def ask_all(client: OpenAI, model: str) -> list[tuple[str, bool]]:
         return list(pool.map(ask, HELD_OUT))
 
 
-def main(out: Path, steps: int = 12) -> int:
+def main(out: Path, steps: int = 12, eval_limit: int = 8) -> int:
     out.mkdir(parents=True, exist_ok=True)
     data = out / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in conversations(320)))
@@ -153,7 +153,7 @@ def main(out: Path, steps: int = 12) -> int:
         "--eval.max_new_tokens",
         "48",
         "--eval.limit",
-        "8",
+        str(eval_limit),
         "--train.steps",
         str(steps),
     ]
@@ -206,5 +206,11 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", nargs="?", default="runs/tools", help="where the data, the run and the log go")
     p.add_argument("--steps", type=int, default=12, help="training steps (default: 12)")
+    p.add_argument(
+        "--eval-limit",
+        type=int,
+        default=8,
+        help="held-out conversations the run evaluates, before and after (8)",
+    )
     args = p.parse_args()
-    sys.exit(main(Path(args.out), args.steps))
+    sys.exit(main(Path(args.out), args.steps, args.eval_limit))

@@ -27,6 +27,7 @@ from lorakit.data.tokenize import IGNORE, Encoded
 from lorakit.embeddings import default_pooling, embed_batch, embed_rows, encode_texts
 from lorakit.errors import ConfigError
 from lorakit.task_types import mark_embedder
+from lorakit.train.correlation import pearson, ranks
 from lorakit.train.distributed import gather_rows
 from lorakit.train.objective_base import Objective
 
@@ -280,8 +281,6 @@ def similarity_measures(
     EmbeddingSimilarityEvaluator): `pearson` and `spearman` (the correlation of their ranks), and `loss`, the
     CoSENT loss of the whole set as one batch (`scale`). For each of `dims`, the same of the vectors cut to their
     first `d` dimensions, as `dim{d}_spearman` and so on."""
-    from lorakit.train.evaluate import pearson, ranks
-
     was_training = model.training
     model.eval()
     try:

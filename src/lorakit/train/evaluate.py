@@ -17,6 +17,7 @@ from lorakit.data.tokenize import IGNORE, Encoded, chat_messages
 from lorakit.device import model_device, to_device
 from lorakit.generate import format_prompt
 from lorakit.inject import adapter_names
+from lorakit.train.correlation import pearson, ranks
 from lorakit.train.losses import feedback_stats, pair_stats
 from lorakit.train.objectives import PreferenceObjective
 from lorakit.train.schedule import collate
@@ -331,22 +332,3 @@ def entity_tally(spans: list[list[tuple[int, int, str]]], rows: list) -> dict[st
         for k, c in entity_counts(said, r.spans).items():
             out[k].update(c)
     return out
-
-
-def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Pearson's correlation of two 1-D tensors; 0 where either is constant."""
-    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
-    scale = float(x.norm() * y.norm())
-    return float((x * y).sum()) / scale if scale > 0 else 0.0
-
-
-def ranks(x: torch.Tensor) -> torch.Tensor:
-    """Each value's rank, 1 to n, ties sharing their mean rank (Spearman's rule)."""
-    order = torch.argsort(x, stable=True)
-    ranks = torch.empty_like(x, dtype=torch.float64)
-    ranks[order] = torch.arange(1, len(x) + 1, dtype=torch.float64)
-    for value in torch.unique(x):
-        tied = x == value
-        if int(tied.sum()) > 1:
-            ranks[tied] = ranks[tied].mean()
-    return ranks

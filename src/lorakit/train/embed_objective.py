@@ -63,6 +63,12 @@ def choose_pooling(setting: str, model: nn.Module, say) -> str:
     return pooling
 
 
+def cut(vectors: torch.Tensor, width: int | None) -> torch.Tensor:
+    """Normalized `vectors` cut to their first `width` dimensions and normalized again (as /v1/embeddings'
+    dimensions and sentence-transformers' truncate_dim); None: as they are."""
+    return vectors if width is None else F.normalize(vectors[:, :width], dim=-1)
+
+
 def matryoshka_pairs(dims: list[int], weights: list[float]) -> list[tuple[int, float]]:
     """embed.matryoshka_dims with their weights (1 each where none are given), widest first, as
     sentence-transformers' MatryoshkaLoss sums them; [] without Matryoshka training."""
@@ -75,12 +81,14 @@ def encode_text_pairs(tokenizer, items: list[dict], max_len: int) -> list[TextPa
     where one of its texts was cut."""
     texts = [t for it in items for t in (it["anchor"], it["positive"], it["negative"]) if t is not None]
     ids = iter(encode_texts(tokenizer, texts, max_len))
-    cut = iter(len(x) > max_len for x in tokenizer(texts)["input_ids"])
+    too_long = iter(len(x) > max_len for x in tokenizer(texts)["input_ids"])
     rows = []
     for it in items:
         n = 2 if it["negative"] is None else 3
         texts = [next(ids) for _ in range(n)]
-        rows.append(TextPair(*texts, truncated=any([next(cut) for _ in range(n)]), score=it.get("score")))
+        rows.append(
+            TextPair(*texts, truncated=any([next(too_long) for _ in range(n)]), score=it.get("score"))
+        )
     return rows
 
 
@@ -179,12 +187,10 @@ class EmbedObjective(Objective):
         self, model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool
     ) -> tuple[torch.Tensor, dict]:
         vectors, n = self.vectors(model, batch), int(batch["pairs"])
+        widths = self.matryoshka or [(None, 1.0)]  # (the width the vectors are cut to, its loss's weight)
         if "scores" in batch:  # scored pairs: CoSENT
-            loss = torch.zeros((), device=vectors.device)
-            for dim, weight in self.matryoshka or [(None, 1.0)]:
-                cut = vectors if dim is None else F.normalize(vectors[:, :dim], dim=-1)
-                loss = loss + weight * cosent(cut[:n], cut[n : 2 * n], batch["scores"], self.scale)
-            return loss, {}
+            first, second, scores = vectors[:n], vectors[n : 2 * n], batch["scores"]
+            return sum(w * cosent(cut(first, d), cut(second, d), scores, self.scale) for d, w in widths), {}
         anchors, candidates = vectors[:n], vectors[n:]  # candidates: the positives, then the hard negatives
         pool, pool_anchors, at, anchors_at = candidates, anchors, 0, 0
         if self.gather and isinstance(model, DistributedDataParallel):  # every process's candidates
@@ -192,18 +198,17 @@ class EmbedObjective(Objective):
             if self.symmetric:
                 pool_anchors, anchors_at = gather_rows(anchors)
         target = torch.arange(n, device=vectors.device)
-        loss = torch.zeros((), device=vectors.device)
-        for dim, weight in self.matryoshka or [(None, 1.0)]:
-            a, c, aa = (
-                t if dim is None else F.normalize(t[:, :dim], dim=-1) for t in (anchors, pool, pool_anchors)
-            )
+
+        def part(d: int | None) -> torch.Tensor:
+            a, c, aa = cut(anchors, d), cut(pool, d), cut(pool_anchors, d)
             # anchor i's positive: the pool's row at + i
-            part = F.cross_entropy(self.scale * a @ c.T, at + target)
-            if self.symmetric:  # each positive finding its anchor
-                part = (part + F.cross_entropy(self.scale * c[at : at + n] @ aa.T, anchors_at + target)) / 2
-            loss = loss + weight * part
+            forward = F.cross_entropy(self.scale * a @ c.T, at + target)
+            if not self.symmetric:
+                return forward
+            return (forward + F.cross_entropy(self.scale * c[at : at + n] @ aa.T, anchors_at + target)) / 2
+
         right = (anchors @ pool.T).detach().argmax(-1) == at + target  # the full vectors
-        return loss, {"accuracy": float(right.float().mean())}
+        return sum(w * part(d) for d, w in widths), {"accuracy": float(right.float().mean())}
 
 
 @torch.no_grad()
@@ -235,10 +240,8 @@ def retrieval_measures(
     target = torch.tensor([corpus[tuple(r.positive)] for r in rows], device=anchors.device)
     out = _ranked(anchors, candidates, target, scale)
     for d in dims:
-        cut = _ranked(
-            F.normalize(anchors[:, :d], dim=-1), F.normalize(candidates[:, :d], dim=-1), target, scale
-        )
-        out.update({f"dim{d}_{k}": v for k, v in cut.items()})
+        measured = _ranked(cut(anchors, d), cut(candidates, d), target, scale)
+        out.update({f"dim{d}_{k}": v for k, v in measured.items()})
     return out
 
 
@@ -291,7 +294,7 @@ def similarity_measures(
     gold = torch.tensor([r.score for r in rows], dtype=torch.float64)
     out: dict[str, float] = {}
     for d in (None, *dims):
-        a, p = (v if d is None else F.normalize(v[:, :d], dim=-1) for v in (anchors, positives))
+        a, p = cut(anchors, d), cut(positives, d)
         cos = (a * p).sum(-1).double().cpu()
         measured = {
             "loss": float(cosent(a, p, gold.to(a.device, torch.float32), scale)),
